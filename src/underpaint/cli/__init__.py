@@ -1,0 +1,1 @@
+"""The `underpaint` command line: arguments to GenerationParams to the engine."""

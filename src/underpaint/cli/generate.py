@@ -1,0 +1,189 @@
+"""``underpaint img2img`` and ``underpaint txt2img``: flags → GenerationParams → engine → files."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..errors import ImageError, InvalidParameter
+from ..params import GenerationParams, SamplerOptions
+from .outputs import plan_outputs
+from .progress import ProgressBar
+
+RESIZE_MODES = {"just-resize": 0, "crop-and-resize": 1, "resize-and-fill": 2, "latent-upscale": 3,
+                "0": 0, "1": 1, "2": 2, "3": 3}
+
+
+def add_commands(sub) -> None:
+    img = sub.add_parser("img2img", help="transform a picture (or every picture in a folder) with a prompt",
+                         description="Transform a picture with a prompt, keeping its composition.")
+    img.add_argument("input", metavar="INPUT", help="an image file, or a folder of images to process in turn")
+    _add_generation_args(img, img2img=True)
+    img.set_defaults(func=run_img2img)
+
+    txt = sub.add_parser("txt2img", help="make a picture from a prompt alone",
+                         description="Make a picture from a prompt (img2img at full strength, from noise).")
+    _add_generation_args(txt, img2img=False)
+    txt.set_defaults(func=run_txt2img)
+
+
+def _add_generation_args(p: argparse.ArgumentParser, *, img2img: bool) -> None:
+    g = p.add_argument_group("prompt")
+    g.add_argument("-p", "--prompt", default="", help="what the picture should show")
+    g.add_argument("-n", "--negative-prompt", default="", help="what it should not show")
+
+    s = p.add_argument_group("sampling")
+    if img2img:
+        s.add_argument("-s", "--strength", "--denoising-strength", dest="strength", type=float, default=0.75,
+                       help="denoising strength 0-1: 0 keeps the input, 1 ignores it (default 0.75)")
+        s.add_argument("--fix-steps", action="store_true",
+                       help="run exactly --steps steps whatever the strength (A1111's img2img_fix_steps)")
+    s.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
+    s.add_argument("--cfg", "--cfg-scale", dest="cfg_scale", type=float, default=7.0,
+                   help="CFG scale: how strictly to follow the prompt (default 7)")
+    s.add_argument("--sampler", default="DPM++ 2M", help='sampler by its A1111 or ComfyUI name (default "DPM++ 2M")')
+    s.add_argument("--scheduler", "--schedule-type", dest="scheduler", default="Automatic",
+                   help="schedule type: Automatic, Karras, Exponential, ... (default Automatic)")
+    s.add_argument("--clip-skip", type=int, default=1, help="stop the text encoder this many layers early (default 1)")
+    s.add_argument("--eta", type=float, default=None, help="noise multiplier for ancestral/SDE samplers")
+    s.add_argument("--s-churn", type=float, default=0.0)
+    s.add_argument("--s-noise", type=float, default=1.0)
+
+    r = p.add_argument_group("seed")
+    r.add_argument("--seed", type=int, default=-1, help="-1 picks a random seed, which is recorded")
+    r.add_argument("--subseed", "--variation-seed", dest="subseed", type=int, default=-1)
+    r.add_argument("--subseed-strength", "--variation-strength", dest="subseed_strength", type=float, default=0.0)
+    r.add_argument("--seed-resize-from", metavar="WxH", default=None, help="make the noise at this size (A1111)")
+    r.add_argument("--rng", choices=("gpu", "cpu", "nv"), default="gpu",
+                   help="noise source: gpu (torch on the device), cpu, or nv (NVIDIA's numbers on any device)")
+    r.add_argument("--ensd", "--eta-noise-seed-delta", dest="ensd", type=int, default=0)
+
+    o = p.add_argument_group("size and output")
+    o.add_argument("-W", "--width", type=int, default=None, help="output width (default: the input's, rounded to 8)")
+    o.add_argument("-H", "--height", type=int, default=None, help="output height")
+    if img2img:
+        o.add_argument("--resize-mode", default="just-resize", choices=sorted(RESIZE_MODES),
+                       help="how the input fits the output size (A1111 resize modes)")
+    o.add_argument("--batch-size", type=int, default=1, help="images made together in one batch")
+    o.add_argument("--count", "--batch-count", "--n-iter", dest="count", type=int, default=1,
+                   help="how many batches to run one after another")
+    o.add_argument("-o", "--output", default=None,
+                   help="output file (several images get -1, -2, ... suffixes) or folder (default ./outputs/<command>/)")
+    o.add_argument("--overwrite", action="store_true", help="replace existing output files")
+
+    m = p.add_argument_group("model")
+    m.add_argument("-m", "--model", default=None, help="checkpoint: a path, or a name in the models folder")
+    m.add_argument("--models-dir", default=None, help="models folder (default $UNDERPAINT_MODELS_DIR or ~/.local/share/underpaint/models)")
+    m.add_argument("--vae", default=None, help="a separate VAE file to use instead of the checkpoint's")
+    m.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    m.add_argument("--dtype", default="auto", help="auto (fp16 on GPU, fp32 on CPU), fp16, bf16 or fp32")
+    m.add_argument("--prediction", choices=("eps", "v"), default=None, help="override the detected prediction type")
+
+
+def _seed_resize(value: str | None) -> tuple[int, int]:
+    if not value:
+        return 0, 0
+    try:
+        w, h = value.lower().split("x")
+        return int(w), int(h)
+    except ValueError:
+        raise InvalidParameter("--seed-resize-from", value, "WIDTHxHEIGHT, e.g. 512x768") from None
+
+
+def params_from_args(args: argparse.Namespace, init_images: tuple = ()) -> GenerationParams:
+    w, h = _seed_resize(args.seed_resize_from)
+    return GenerationParams(
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        init_images=init_images,
+        strength=getattr(args, "strength", 1.0),
+        steps=args.steps,
+        cfg_scale=args.cfg_scale,
+        sampler=args.sampler,
+        scheduler=args.scheduler,
+        seed=args.seed,
+        subseed=args.subseed,
+        subseed_strength=args.subseed_strength,
+        seed_resize_from_w=w,
+        seed_resize_from_h=h,
+        width=args.width,
+        height=args.height,
+        resize_mode=RESIZE_MODES[getattr(args, "resize_mode", "just-resize")],
+        batch_size=args.batch_size,
+        n_iter=args.count,
+        clip_skip=args.clip_skip,
+        rng=args.rng,
+        eta_noise_seed_delta=args.ensd,
+        fix_steps=getattr(args, "fix_steps", False),
+        sampler_options=SamplerOptions(eta=args.eta, s_churn=args.s_churn, s_noise=args.s_noise),
+    )
+
+
+def _load_engine(args: argparse.Namespace):
+    from ..models.registry import ModelsDir, default_models_dir
+    from ..pipeline.engine import Engine
+
+    folder = ModelsDir(Path(args.models_dir) if args.models_dir else default_models_dir())
+    model = args.model or folder.default_checkpoint_name()
+    return Engine.load(model, models_dir=folder.root, device=args.device, dtype=args.dtype, vae=args.vae,
+                       prediction=args.prediction)
+
+
+def _inputs(path: str) -> list[Path]:
+    from ..imageio.load import list_images
+
+    source = Path(path).expanduser()
+    if source.is_dir():
+        found = list_images(source)
+        if not found:
+            raise ImageError(f"{source}: the folder has no images (expected .png, .jpg, .jpeg or .webp files)")
+        return found
+    return [source]
+
+
+def run_img2img(args: argparse.Namespace) -> int:
+    from ..imageio.load import load_image
+
+    sources = _inputs(args.input)
+    batch_mode = len(sources) > 1 or Path(args.input).is_dir()
+    # Check every flag against the first image before the (slow) model load.
+    first = load_image(sources[0], field="INPUT") if not batch_mode else None
+    probe = params_from_args(args, (first,) if first is not None else ())
+    if first is not None:
+        plan_outputs(args.output, "img2img", probe.batch_size * probe.n_iter, overwrite=args.overwrite, source=None)
+    engine = _load_engine(args)
+    failures = 0
+    for source in sources:
+        try:
+            image = first if first is not None else load_image(source, field="INPUT")
+        except ImageError as exc:
+            if not batch_mode:
+                raise
+            print(f"underpaint: skipping {source}: {exc}", file=sys.stderr)
+            failures += 1
+            continue
+        params = params_from_args(args, (image,))
+        _run_and_save(engine, params, args, "img2img", source if batch_mode else None)
+    if failures:
+        print(f"underpaint: {failures} of {len(sources)} inputs were skipped", file=sys.stderr)
+    return 0
+
+
+def run_txt2img(args: argparse.Namespace) -> int:
+    params = params_from_args(args)
+    plan_outputs(args.output, "txt2img", params.batch_size * params.n_iter, overwrite=args.overwrite, source=None)
+    engine = _load_engine(args)
+    _run_and_save(engine, params, args, "txt2img", None)
+    return 0
+
+
+def _run_and_save(engine, params: GenerationParams, args: argparse.Namespace, command: str, source: Path | None) -> None:
+    from ..imageio.metadata import save_image
+
+    with ProgressBar(label=source.name if source else command) as bar:
+        result = engine.generate(params, progress=bar.update)
+    paths = plan_outputs(args.output, command, len(result.images), overwrite=args.overwrite, source=source,
+                         seeds=result.seeds)
+    for image, infotext, path in zip(result.images, result.infotexts, paths):
+        print(save_image(image, path, infotext=infotext, overwrite=args.overwrite))

@@ -1,0 +1,99 @@
+"""Typed errors. Each one carries a single-line message that names the offending value.
+
+The edges translate them: the CLI prints ``error: <message>`` and exits with status 2,
+the HTTP server answers 4xx with ``{"error": <kind>, "field": ..., "detail": <message>}``.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class UnderpaintError(Exception):
+    """Base class: an error the user can fix, with a one-line message."""
+
+    #: HTTP status used by the server for this kind of error.
+    http_status = 400
+    #: Short machine-readable kind, used in JSON error bodies.
+    kind = "error"
+
+    def __init__(self, message: str, *, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0])
+
+
+class InvalidParameter(UnderpaintError):
+    """A request field has a value outside what is accepted."""
+
+    http_status = 422
+    kind = "invalid_parameter"
+
+    def __init__(self, field: str, value: object, expected: str):
+        super().__init__(f"{field}: got {value!r}, expected {expected}", field=field)
+        self.value = value
+        self.expected = expected
+
+
+class UnknownName(InvalidParameter):
+    """A name (sampler, schedule, model, ...) that is not in a known list; suggests the nearest."""
+
+    def __init__(self, field: str, value: str, choices: Iterable[str]):
+        choices = list(choices)
+        close = difflib.get_close_matches(str(value), choices, n=3, cutoff=0.5)
+        if close:
+            expected = "one of the known names; did you mean " + " or ".join(repr(c) for c in close) + "?"
+        elif len(choices) <= 30:
+            expected = "one of " + ", ".join(repr(c) for c in choices) if choices else "a known name (none are available)"
+        else:
+            expected = f"one of {len(choices)} known names"
+        super().__init__(field, value, expected)
+        self.choices = choices
+
+
+class ImageError(UnderpaintError):
+    """An input image (or mask) that is missing, unreadable, too large or the wrong shape."""
+
+    http_status = 422
+    kind = "invalid_image"
+
+
+class ModelError(UnderpaintError):
+    """A checkpoint or other model file that is missing, corrupt, unsafe or of an unknown kind."""
+
+    http_status = 422
+    kind = "model_error"
+
+
+class ModelNotFound(ModelError):
+    http_status = 404
+    kind = "model_not_found"
+
+
+class UnsafeModelFile(ModelError):
+    """A pickle-based file that needs arbitrary code execution to load: always refused."""
+
+    kind = "unsafe_model_file"
+
+
+class OutputExists(UnderpaintError):
+    """An output path already exists and overwriting was not asked for."""
+
+    http_status = 409
+    kind = "output_exists"
+
+
+class DownloadError(UnderpaintError):
+    http_status = 502
+    kind = "download_error"
+
+
+class Interrupted(UnderpaintError):
+    """A job was interrupted by the user; carries whatever was finished."""
+
+    http_status = 200
+    kind = "interrupted"

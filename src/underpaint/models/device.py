@@ -1,0 +1,49 @@
+"""Which device and dtype to run on: CUDA in fp16 by default, MPS in fp16, CPU in fp32."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import InvalidParameter
+
+DTYPES = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16,
+          "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class Placement:
+    device: torch.device
+    dtype: torch.dtype
+
+
+def pick_device(name: str | None = None) -> torch.device:
+    """The requested device, or the best one present: cuda, then mps, then cpu."""
+    if name in (None, "", "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise InvalidParameter("device", name, "auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidParameter("device", name, "a device that exists here (CUDA is not available)")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise InvalidParameter("device", name, "a device that exists here (MPS is not available)")
+    return device
+
+
+def pick_placement(device: str | None = None, dtype: str | None = None) -> Placement:
+    """fp16 on accelerators (half the memory, tensor cores), fp32 on CPU where fp16 is slow."""
+    dev = pick_device(device)
+    if dtype in (None, "", "auto"):
+        chosen = torch.float32 if dev.type == "cpu" else torch.float16
+    else:
+        if dtype not in DTYPES:
+            raise InvalidParameter("dtype", dtype, "auto, fp16, bf16 or fp32")
+        chosen = DTYPES[dtype]
+    return Placement(dev, chosen)

@@ -1,0 +1,1 @@
+"""generate(): the one path from request to images."""

@@ -1,0 +1,69 @@
+"""Prompts to per-step conditioning: A1111 prompt editing picks the conditioning by step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..params import GenerationParams
+from ..prompts.encoder import Conditioning, PromptEncoder
+from ..prompts.parser import extract_extra_networks, prompt_schedule
+
+
+@dataclass
+class CondSchedule:
+    """Conditioning for the positive and negative prompt as (end_step, Conditioning) lists.
+
+    ``step`` is the only mutable field: the denoiser advances it once per evaluation, as
+    A1111's CFG denoiser does, so ``[from:to:when]`` switches where it does there (the
+    schedule spans twice the steps for second-order samplers, which evaluate twice).
+    """
+
+    cond: list[tuple[int, Conditioning]]
+    uncond: list[tuple[int, Conditioning]]
+    #: SDXL micro-conditioning (original size, crop, target size), one row per image.
+    time_ids: torch.Tensor | None = None
+    step: int = field(default=0)
+
+    def current(self) -> tuple[Conditioning, Conditioning]:
+        return _at(self.cond, self.step), _at(self.uncond, self.step)
+
+
+def _at(schedule: list[tuple[int, Conditioning]], step: int) -> Conditioning:
+    for end, cond in schedule:
+        if step <= end:
+            return cond
+    return schedule[-1][1]
+
+
+def prompt_encoder(model, clip_skip: int) -> PromptEncoder:
+    return PromptEncoder(model.text_encoders, model.tokenizers, family=model.spec.family.value, clip_skip=clip_skip)
+
+
+def encode_prompts(model, params: GenerationParams, steps: int, *, batch: int, width: int, height: int) -> CondSchedule:
+    """Encode each distinct segment of the prompt schedules once and repeat it for the batch."""
+    encoder = prompt_encoder(model, params.clip_skip)
+    positive, _ = extract_extra_networks(params.prompt)
+    negative, _ = extract_extra_networks(params.negative_prompt)
+    cache: dict[str, Conditioning] = {}
+
+    def encode(text: str) -> Conditioning:
+        if text not in cache:
+            with torch.inference_mode():
+                cache[text] = encoder.encode([text])
+        return cache[text]
+
+    def schedule(prompt: str) -> list[tuple[int, Conditioning]]:
+        return [(end, _repeat(encode(text), batch)) for end, text in prompt_schedule(prompt, steps)]
+
+    time_ids = None
+    if model.spec.family.value == "sdxl":
+        # A1111 conditions SDXL on the generation size as both original and target size, no crop.
+        row = torch.tensor([height, width, 0, 0, height, width], dtype=torch.float32)
+        time_ids = row.repeat(batch, 1)
+    return CondSchedule(schedule(positive), schedule(negative), time_ids=time_ids)
+
+
+def _repeat(cond: Conditioning, batch: int) -> Conditioning:
+    return Conditioning.cat([cond] * batch) if batch > 1 else cond

@@ -1,0 +1,216 @@
+"""generate(): img2img and txt2img as numbered steps, each a small helper.
+
+txt2img is the same path from pure noise. The semantics follow AUTOMATIC1111 1.10 so that
+an infotext written there reproduces here: strength → steps, seeds → noise, uint8 truncation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..imageio.convert import images_to_tensor, tensor_to_images
+from ..imageio.resize import output_size, resize_image
+from ..params import GenerationParams
+from ..sampling import noise as noise_mod
+from ..sampling.names import sampler_info
+from ..sampling.samplers import STOP, run_sampler
+from ..sampling.schedules import ModelSchedule, build_sigmas, img2img_sigmas
+from .conditioning import encode_prompts
+from .denoise import make_denoiser
+from .infotext import build_infotext
+from .records import Cancellation, ModelInfo, Progress, Result
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a request resolves to before any tensor work: size, seeds, sigmas."""
+
+    params: GenerationParams
+    width: int
+    height: int
+    sigmas: torch.Tensor
+    steps_run: int
+    seeds: tuple[int, ...]
+    subseeds: tuple[int, ...]
+
+
+def generate(model, params: GenerationParams, *, info: ModelInfo, progress, cancel: Cancellation) -> Result:
+    """Run ``n_iter`` batches of ``batch_size`` images; batch image i uses seed + i."""
+    # 1. Check inputs and fix the random seeds so they can be recorded.
+    params = params.with_seed()
+    plan = _plan(model, params)
+
+    # 2. strength 0 keeps the picture: return the input as it is (resized only if asked).
+    if params.is_img2img and params.strength == 0:
+        return _identity_result(plan, info)
+
+    images, infotexts, seeds, subseeds = [], [], [], []
+    interrupted = False
+    for job in range(params.n_iter):
+        if cancel.interrupted:
+            interrupted = True
+            break
+        lo = job * params.batch_size
+        batch_seeds = plan.seeds[lo : lo + params.batch_size]
+        batch_subseeds = plan.subseeds[lo : lo + params.batch_size]
+        batch = _run_batch(model, plan, job, batch_seeds, batch_subseeds, progress, cancel)
+        cancel.clear_skip()
+        if batch is None:  # skipped
+            continue
+        images.extend(batch)
+        seeds.extend(batch_seeds)
+        subseeds.extend(batch_subseeds)
+        for seed, subseed in zip(batch_seeds, batch_subseeds):
+            infotexts.append(build_infotext(plan.params, info, width=plan.width, height=plan.height, seed=seed, subseed=subseed))
+        if cancel.interrupted:
+            interrupted = True
+            break
+    n = len(images)
+    return Result(
+        images=tuple(images),
+        infotexts=tuple(infotexts),
+        seeds=tuple(seeds),
+        subseeds=tuple(subseeds),
+        params=params,
+        model=info,
+        interrupted=interrupted,
+        prompts=(params.prompt,) * n,
+        negative_prompts=(params.negative_prompt,) * n,
+    )
+
+
+def _plan(model, params: GenerationParams) -> Plan:
+    """Output size, per-image seeds and the sigma list (cut by strength for img2img)."""
+    if params.is_img2img:
+        width, height = output_size(params.init_images[0].size, params.width, params.height)
+    else:
+        default = 1024 if model.spec.family.value == "sdxl" else 512
+        width, height = (params.width or default) // 8 * 8, (params.height or default) // 8 * 8
+    schedule = model_schedule(model)
+
+    def full(n: int) -> torch.Tensor:
+        return build_sigmas(params.sampler, params.scheduler, n, schedule, params.sampler_options, family=model.spec.family.value)
+
+    if params.is_img2img and params.strength < 1:
+        sigmas = img2img_sigmas(full, params.steps, params.strength, params.fix_steps)
+    else:
+        sigmas = full(params.steps)
+    total = params.batch_size * params.n_iter
+    seeds = tuple((params.seed + i) % 2**32 for i in range(total))
+    subseeds = tuple((params.subseed + i) % 2**32 for i in range(total))
+    return Plan(params, width, height, sigmas, len(sigmas) - 1, seeds, subseeds)
+
+
+def model_schedule(model) -> ModelSchedule:
+    """The discrete sigmas of the model's training schedule (cached on the model)."""
+    cached = getattr(model, "_schedule", None)
+    if cached is None:
+        cached = ModelSchedule.from_alphas_cumprod(model.alphas_cumprod)
+        try:
+            model._schedule = cached
+        except AttributeError:
+            pass
+    return cached
+
+
+def _identity_result(plan: Plan, info: ModelInfo) -> Result:
+    p = plan.params
+    total = p.batch_size * p.n_iter
+    asked = p.width is not None or p.height is not None
+    base = [resize_image(img, plan.width, plan.height, p.resize_mode) if asked else img.copy() for img in p.init_images]
+    images = tuple(base[i % len(base)] for i in range(total))
+    width, height = images[0].size
+    infotexts = tuple(build_infotext(p, info, width=width, height=height, seed=s, subseed=u)
+                      for s, u in zip(plan.seeds, plan.subseeds))
+    return Result(images, infotexts, plan.seeds, plan.subseeds, p, info,
+                  prompts=(p.prompt,) * total, negative_prompts=(p.negative_prompt,) * total)
+
+
+def _run_batch(model, plan: Plan, job: int, seeds, subseeds, progress, cancel: Cancellation):
+    """One batch: encode prompts, make the start latent, sample, decode."""
+    p = plan.params
+    device, dtype = model.device, model.dtype
+    b = len(seeds)
+    latent_shape = (model.spec.latent_channels, plan.height // 8, plan.width // 8)
+
+    # 3. Encode the prompts (prompt-editing schedules become per-step conditioning).
+    evaluations = p.steps * (2 if "second_order" in sampler_info(p.sampler).flags else 1)
+    conds = encode_prompts(model, p, evaluations, batch=b, width=plan.width, height=plan.height)
+
+    # 4. Prepare the start latent: VAE-encoded picture plus noise at the first sigma.
+    noise = noise_mod.image_noise(
+        seeds, latent_shape, rng=p.rng, device=device,
+        subseeds=subseeds if p.subseed_strength > 0 else None, subseed_strength=p.subseed_strength,
+        seed_resize_from=(p.seed_resize_from_w, p.seed_resize_from_h),
+    ).to(torch.float32)
+    sigmas = plan.sigmas.to(device)
+    if p.is_img2img and p.strength < 1:
+        init = encode_images(model, p.init_images, plan, b)
+        x = init + noise * sigmas[0]
+    else:
+        x = noise * sigmas[0]
+
+    # 5. Denoiser: model wrapper ∘ CFG (∘ inpaint blend ∘ ControlNet, later).
+    denoiser = make_denoiser(model, conds, p.cfg_scale, model_schedule(model))
+    info = sampler_info(p.sampler)
+    noise_sampler = _noise_sampler(info, x, sigmas, seeds, p, device)
+
+    # 6. Denoising loop.
+    callback = _callback(model, plan, job, progress, cancel)
+    with torch.inference_mode():
+        latents = run_sampler(p.sampler, denoiser, x, sigmas, noise_sampler=noise_sampler, callback=callback,
+                              options=p.sampler_options, model_schedule=model_schedule(model))
+    if cancel.skipped and not cancel.interrupted:
+        return None
+
+    # 7. Decode to pixels with A1111's uint8 truncation.
+    return decode_latents(model, latents)
+
+
+def _noise_sampler(info, x, sigmas, seeds, p: GenerationParams, device):
+    if "brownian" in info.flags or "sde" in info.flags:
+        return noise_mod.brownian_noise(x, sigmas, [s + p.eta_noise_seed_delta for s in seeds])
+    if "ancestral" in info.flags or "stochastic" in info.flags:
+        return noise_mod.ancestral_noise(seeds, tuple(x.shape[1:]), rng=p.rng, device=device,
+                                         eta_noise_seed_delta=p.eta_noise_seed_delta)
+    return None
+
+
+def _callback(model, plan: Plan, job: int, progress, cancel: Cancellation) -> Callable:
+    total = plan.steps_run
+
+    def on_step(step: int, _total: int, x: torch.Tensor, denoised: torch.Tensor):
+        if progress is not None:
+            preview = (lambda d=denoised: decode_latents(model, d)) if denoised is not None else None
+            progress(Progress(job=job, job_count=plan.params.n_iter, step=step + 1, steps=total, preview=preview))
+        if cancel.interrupted or cancel.skipped:
+            return STOP
+        return None
+
+    return on_step
+
+
+def encode_images(model, images, plan: Plan, batch: int) -> torch.Tensor:
+    """Resize as asked and VAE-encode to scaled latents (posterior mean: deterministic)."""
+    p = plan.params
+    resized = [resize_image(img.convert("RGB"), plan.width, plan.height, p.resize_mode) for img in images]
+    chosen = [resized[i % len(resized)] for i in range(batch)]
+    vae = model.vae
+    pixels = images_to_tensor(chosen, device=model.device, dtype=_vae_dtype(model))
+    with torch.inference_mode():
+        mean = vae.encode(pixels).latent_dist.mean
+    return mean.to(torch.float32) * model.spec.scaling_factor
+
+
+def decode_latents(model, latents: torch.Tensor):
+    vae = model.vae
+    with torch.inference_mode():
+        pixels = vae.decode((latents / model.spec.scaling_factor).to(_vae_dtype(model))).sample
+    return tensor_to_images(pixels.float())
+
+
+def _vae_dtype(model) -> torch.dtype:
+    return next(model.vae.parameters()).dtype

@@ -1,0 +1,88 @@
+"""Typed records that cross the pipeline boundary: progress reports, cancellation, results."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+    from ..params import GenerationParams
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One sampling step finished. ``preview()`` decodes the current estimate on demand."""
+
+    job: int
+    job_count: int
+    step: int
+    steps: int
+    preview: Callable[[], "list[Image]"] | None = None
+
+    @property
+    def fraction(self) -> float:
+        """Overall progress in [0, 1] across all jobs (A1111's ``progress``)."""
+        if self.job_count <= 0 or self.steps <= 0:
+            return 0.0
+        return min(1.0, (self.job + self.step / self.steps) / self.job_count)
+
+
+class Cancellation:
+    """Thread-safe interrupt/skip flags checked once per sampling step (A1111's interrupt and skip).
+
+    Interrupt stops the whole request and returns what is finished; skip abandons only the
+    current batch and goes on with the next one.
+    """
+
+    def __init__(self) -> None:
+        self._interrupt = threading.Event()
+        self._skip = threading.Event()
+
+    def interrupt(self) -> None:
+        self._interrupt.set()
+
+    def skip(self) -> None:
+        self._skip.set()
+
+    @property
+    def interrupted(self) -> bool:
+        return self._interrupt.is_set()
+
+    @property
+    def skipped(self) -> bool:
+        return self._skip.is_set()
+
+    def clear_skip(self) -> None:
+        self._skip.clear()
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the infotext and the API say about the loaded checkpoint."""
+
+    name: str
+    path: str
+    family: str
+    prediction: str
+    short_hash: str | None = None
+    vae_name: str | None = None
+    vae_hash: str | None = None
+
+
+@dataclass(frozen=True)
+class Result:
+    """The images of one request, each with its infotext and the seeds that made it."""
+
+    images: tuple["Image", ...]
+    infotexts: tuple[str, ...]
+    seeds: tuple[int, ...]
+    subseeds: tuple[int, ...]
+    params: "GenerationParams"
+    model: ModelInfo
+    interrupted: bool = False
+    prompts: tuple[str, ...] = field(default=())
+    negative_prompts: tuple[str, ...] = field(default=())

@@ -1,0 +1,1 @@
+"""The A1111 prompt language: parser (no torch) and text encoder."""

@@ -1,0 +1,1 @@
+"""Sigma schedules, samplers (pure functions), the name table, denoiser wrappers, noise sources."""
