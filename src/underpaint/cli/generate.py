@@ -121,13 +121,38 @@ def params_from_args(args: argparse.Namespace, init_images: tuple = ()) -> Gener
 
 
 def _load_engine(args: argparse.Namespace):
-    from ..models.registry import ModelsDir, default_models_dir
     from ..pipeline.engine import Engine
 
-    folder = ModelsDir(Path(args.models_dir) if args.models_dir else default_models_dir())
-    model = args.model or folder.default_checkpoint_name()
-    return Engine.load(model, models_dir=folder.root, device=args.device, dtype=args.dtype, vae=args.vae,
-                       prediction=args.prediction)
+    folder = models_folder(args)
+    return Engine.load(resolve_model(args.model, folder), models_dir=folder.root, device=args.device,
+                       dtype=args.dtype, vae=args.vae, prediction=args.prediction)
+
+
+def models_folder(args: argparse.Namespace):
+    from ..models.registry import ModelsDir, default_models_dir
+
+    return ModelsDir(Path(args.models_dir).expanduser() if args.models_dir else default_models_dir())
+
+
+def resolve_model(name: str | None, folder) -> Path:
+    """The checkpoint to load: the named one, a known hub model fetched on first use, or the first on disk."""
+    from ..errors import ModelNotFound
+    from ..models.download import KNOWN_MODELS, download
+
+    if name is None:
+        entries = folder.list_checkpoints()
+        if not entries:
+            raise ModelNotFound(
+                f"no checkpoint found in {folder.root}: pass --model PATH, put a .safetensors file in its "
+                "checkpoints/ folder, or run `underpaint download sd15`"
+            )
+        return Path(entries[0].path)
+    try:
+        return Path(folder.resolve_checkpoint(name))
+    except ModelNotFound:
+        if name in KNOWN_MODELS:
+            return Path(download(name, folder.root))
+        raise
 
 
 def _inputs(path: str) -> list[Path]:

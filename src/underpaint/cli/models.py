@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 
 def add_commands(sub) -> None:
@@ -20,9 +19,9 @@ def add_commands(sub) -> None:
 
 
 def _folder(args: argparse.Namespace):
-    from ..models.registry import ModelsDir, default_models_dir
+    from .generate import models_folder
 
-    return ModelsDir(Path(args.models_dir) if args.models_dir else default_models_dir())
+    return models_folder(args)
 
 
 def run_models(args: argparse.Namespace) -> int:

@@ -1,0 +1,101 @@
+"""Server settings as frozen records: where to listen, who may call, how much a request may ask for.
+
+Every default is the safe one: loopback only, no CORS, uploads and workloads bounded, image
+URLs refused. Loosening any of them is an explicit flag.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import InvalidParameter, UnderpaintError
+
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for; each refusal is a 4xx naming the field and the limit."""
+
+    max_body_bytes: int = 50 * 1024 * 1024
+    max_image_pixels: int = 4096 * 4096
+    max_steps: int = 150
+    max_width: int = 4096
+    max_height: int = 4096
+    max_batch_size: int = 8
+    max_images: int = 64  # batch_size * n_iter
+
+
+@dataclass(frozen=True)
+class Credential:
+    """One ``user:password`` pair for HTTP Basic."""
+
+    user: str
+    password: str
+
+    def __repr__(self) -> str:  # never print a password in a traceback or a log
+        return f"Credential(user={self.user!r}, password=***)"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything ``underpaint serve`` needs; built by the CLI, or directly in Python."""
+
+    models_dir: Path | None = None
+    model: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 7860
+    api_auth: tuple[Credential, ...] = ()
+    cors_allow_origins: tuple[str, ...] = ()
+    limits: Limits = field(default_factory=Limits)
+    queue_size: int = 16
+    allow_image_urls: bool = False
+    insecure: bool = False
+    preload: bool = True  # load the model at startup, as A1111 does, rather than on the first request
+    #: Host header values accepted; empty means "loopback names when bound to loopback, anything otherwise".
+    allowed_hosts: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise InvalidParameter("port", self.port, "a TCP port from 0 to 65535")
+        if self.queue_size < 0:
+            raise InvalidParameter("queue_size", self.queue_size, "0 or more waiting jobs")
+
+    @property
+    def is_loopback(self) -> bool:
+        return is_loopback_host(self.host)
+
+    def check_exposure(self) -> None:
+        """Refuse to serve beyond this machine without a password, unless told it is on purpose."""
+        if self.is_loopback or self.api_auth or self.insecure:
+            return
+        raise UnderpaintError(
+            f"refusing to listen on {self.host} without --api-auth: anyone on the network could use this "
+            "machine's GPU and read its models; add --api-auth user:password, or --insecure if that is intended"
+        )
+
+
+def is_loopback_host(host: str) -> bool:
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def parse_api_auth(text: str) -> tuple[Credential, ...]:
+    """``user:pass[,user2:pass2]`` (A1111's --api-auth syntax); the password may contain ':'."""
+    credentials = []
+    for item in text.split(","):
+        item = item.strip()
+        user, sep, password = item.partition(":")
+        if not sep or not user or not password:
+            shown = f"{user}:***" if sep else "***"  # never echo what may be a password
+            raise InvalidParameter("api_auth", shown, "user:password pairs separated by commas")
+        credentials.append(Credential(user, password))
+    return tuple(credentials)
