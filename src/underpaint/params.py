@@ -62,7 +62,17 @@ class InpaintOptions:
     full_res_padding: int = 32
     invert: bool = False
     mask_weight: float = 1.0  # "Conditional mask weight" for 9-channel models
-    soft: bool = False
+    soft: bool = False  # grey levels mean partial change (differential inpainting)
+    mask_round: bool = True  # A1111's mask_round: alpha masks and the latent mask rounded to 0/1
+    color_correction: bool = False  # match the result's colours to the original where unmasked
+
+    def __post_init__(self) -> None:
+        for name in ("mask_blur_x", "mask_blur_y"):
+            _check_range(name, getattr(self, name), 0, 256)
+        _check_range("full_res_padding", self.full_res_padding, 0, 4096, integer=True)
+        _check_range("mask_weight", self.mask_weight, 0.0, 1.0)
+        if self.masked_content not in MASKED_CONTENT:
+            raise InvalidParameter("masked_content", self.masked_content, "one of " + ", ".join(MASKED_CONTENT))
 
 
 @dataclass(frozen=True)

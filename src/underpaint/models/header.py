@@ -20,10 +20,12 @@ import pickle
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import ModelError, UnsafeModelFile
+
+if TYPE_CHECKING:  # torch is imported where tensors are made, so header-only work stays light
+    import torch
 
 #: Bytes per element of each safetensors dtype (used to check that byte ranges match shapes).
 _ITEMSIZE = {
@@ -33,10 +35,9 @@ _ITEMSIZE = {
     "I64": 8, "U64": 8, "F64": 8,
 }
 
-_TORCH_TO_SAFETENSORS = {
-    torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16",
-    torch.int32: "I32", torch.int64: "I64", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.float32: "F32", torch.float64: "F64",
+_TORCH_DTYPE_NAMES = {
+    "bool": "BOOL", "uint8": "U8", "int8": "I8", "int16": "I16", "int32": "I32", "int64": "I64",
+    "float16": "F16", "bfloat16": "BF16", "float32": "F32", "float64": "F64",
 }
 
 #: A header larger than this is not a checkpoint header (real SDXL headers are ~200 kB).
@@ -89,8 +90,10 @@ def sniff_format(path: str | os.PathLike) -> str:
         return "zip"
     if len(head) >= 9 and head[8:9] == b"{":
         return "safetensors"
-    if head[0] == _PICKLE_PROTO:
+    if len(head) >= 2 and head[0] == _PICKLE_PROTO and 2 <= head[1] <= 5:
         return "pickle"
+    if len(head) < 9:
+        raise ModelError(f"{p}: only {size} bytes: truncated, or not a checkpoint")
     raise ModelError(f"{p}: not a safetensors or torch checkpoint (unrecognised first bytes {head[:8].hex()})")
 
 
@@ -107,10 +110,15 @@ def header_from_state_dict(state_dict: dict[str, torch.Tensor], *, metadata: dic
                            format: str = "torch") -> CheckpointHeader:
     """A header built from loaded tensors, so torch files are detected exactly like safetensors."""
     tensors = {
-        name: TensorInfo(_TORCH_TO_SAFETENSORS.get(t.dtype, str(t.dtype)), tuple(int(d) for d in t.shape))
-        for name, t in state_dict.items()
+        name: TensorInfo(_dtype_name(t.dtype), tuple(int(d) for d in t.shape)) for name, t in state_dict.items()
     }
     return CheckpointHeader(tensors=tensors, metadata=dict(metadata or {}), format=format)
+
+
+def _dtype_name(dtype) -> str:
+    """safetensors' name for a torch dtype (``torch.float16`` → ``F16``)."""
+    plain = str(dtype).removeprefix("torch.")
+    return _TORCH_DTYPE_NAMES.get(plain, plain)
 
 
 def load_state_dict(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
@@ -125,6 +133,8 @@ def load_state_dict(path: str | os.PathLike, *, device: str | torch.device = "cp
             return load_file(str(p), device=str(device))
         except Exception as exc:  # safetensors raises its own SafetensorError / OSError
             raise ModelError(f"{p}: cannot read the safetensors data ({exc})") from None
+    import torch
+
     state_dict = _torch_load(p, kind)
     if torch.device(device).type != "cpu":
         state_dict = {k: v.to(device) for k, v in state_dict.items()}
@@ -204,8 +214,14 @@ def _tensor_info(p: Path, name: str, entry: object, body: int) -> TensorInfo:
 
 def _torch_load(p: Path, kind: str) -> dict[str, torch.Tensor]:
     """torch.load restricted to tensors and plain containers; code-carrying pickles are refused."""
+    import torch
+
     try:
-        obj = torch.load(str(p), map_location="cpu", weights_only=True, mmap=(kind == "zip"))
+        if p.suffix.lower() == ".safetensors":  # torch.load would hand this name to safetensors: pass the bytes
+            with open(p, "rb") as f:
+                obj = torch.load(f, map_location="cpu", weights_only=True)
+        else:
+            obj = torch.load(str(p), map_location="cpu", weights_only=True, mmap=(kind == "zip"))
     except pickle.UnpicklingError as exc:
         raise UnsafeModelFile(
             f"{p}: refused: this pickle-based file needs arbitrary code to load "
@@ -218,6 +234,8 @@ def _torch_load(p: Path, kind: str) -> dict[str, torch.Tensor]:
 
 def _tensors_of(p: Path, obj: object) -> dict[str, torch.Tensor]:
     """The flat name → tensor mapping inside a loaded torch file (Lightning files nest it under 'state_dict')."""
+    import torch
+
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):

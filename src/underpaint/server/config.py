@@ -56,6 +56,7 @@ class ServerConfig:
     allow_image_urls: bool = False
     insecure: bool = False
     preload: bool = True  # load the model at startup, as A1111 does, rather than on the first request
+    webui: bool = True  # serve the browser UI at /
     #: Host header values accepted; empty means "loopback names when bound to loopback, anything otherwise".
     allowed_hosts: tuple[str, ...] = ()
 

@@ -1,0 +1,294 @@
+"""Which model a checkpoint holds, decided from tensor names and shapes alone.
+
+Original single-file checkpoints (CompVis LDM for SD1/SD2, Stability's SGM for SDXL) keep
+each component under a fixed prefix, and each family's text encoder has a tell-tale layout:
+SD1 stores OpenAI CLIP-L in transformers' names, SD2 stores OpenCLIP ViT-H in OpenCLIP's own
+names, SDXL stores both CLIP-L and OpenCLIP bigG under ``conditioner.embedders.{0,1}`` and adds
+the size/crop embedding ``label_emb``. :data:`FAMILIES` is that table; :func:`detect` walks it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from enum import Enum
+from pathlib import Path
+
+from ..errors import InvalidParameter, ModelError
+from .header import CheckpointHeader
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+
+
+class Family(str, Enum):
+    SD1 = "sd1"
+    SD2 = "sd2"
+    SDXL = "sdxl"
+
+
+@dataclass(frozen=True)
+class TextEncoderLayout:
+    """Where one text encoder lives in a single-file checkpoint and how it is built."""
+
+    #: Key prefix in the checkpoint.
+    prefix: str
+    #: "hf": transformers' CLIP names (``text_model.*``); "openclip": OpenCLIP names (``transformer.resblocks.*``).
+    naming: str
+    #: The key whose shape gives (vocab, hidden).
+    token_embedding: str
+    #: Activation of the MLP: OpenAI CLIP uses quick_gelu, OpenCLIP exact gelu.
+    hidden_act: str
+    #: Build ``CLIPTextModelWithProjection`` (SDXL's bigG, whose pooled output conditions the UNet).
+    with_projection: bool
+    #: SD2 is conditioned on the penultimate layer (then ln_final): the last block is not built, as in diffusers.
+    drop_last_layer: bool
+    #: Padding token of this encoder's tokenizer.
+    pad_token: str
+
+
+@dataclass(frozen=True)
+class FamilyLayout:
+    family: Family
+    text_encoders: tuple[TextEncoderLayout, ...]
+    #: Keys that must all be present for this family to match.
+    markers: tuple[str, ...]
+    scaling_factor: float
+    #: Native training resolution of the eps model (SD2 v models are 768).
+    default_size: int
+    #: SD2 checkpoints come as eps (512 base) or v (768): only SD2 gets the probing forward pass
+    #: (not its 9-channel inpainting model, which is eps like A1111 assumes).
+    probe_prediction: bool
+    #: What the text hidden size is in real files, for messages only (tiny test files differ).
+    real_context_dim: int
+
+
+def _clip_l(prefix: str) -> TextEncoderLayout:
+    """OpenAI CLIP ViT-L/14's text model, stored in transformers' names (SD1, SDXL's first encoder)."""
+    return TextEncoderLayout(prefix=prefix, naming="hf", token_embedding="text_model.embeddings.token_embedding.weight",
+                             hidden_act="quick_gelu", with_projection=False, drop_last_layer=False,
+                             pad_token="<|endoftext|>")
+
+
+FAMILIES: tuple[FamilyLayout, ...] = (
+    FamilyLayout(
+        family=Family.SDXL,
+        text_encoders=(
+            _clip_l("conditioner.embedders.0.transformer."),
+            TextEncoderLayout(prefix="conditioner.embedders.1.model.", naming="openclip",
+                              token_embedding="token_embedding.weight", hidden_act="gelu", with_projection=True,
+                              drop_last_layer=False, pad_token="!"),
+        ),
+        markers=("conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight",
+                 "conditioner.embedders.1.model.token_embedding.weight", UNET_PREFIX + "label_emb.0.0.weight"),
+        scaling_factor=0.13025, default_size=1024, probe_prediction=False, real_context_dim=2048,
+    ),
+    FamilyLayout(
+        family=Family.SD2,
+        text_encoders=(
+            TextEncoderLayout(prefix="cond_stage_model.model.", naming="openclip",
+                              token_embedding="token_embedding.weight", hidden_act="gelu", with_projection=False,
+                              drop_last_layer=True, pad_token="!"),
+        ),
+        markers=("cond_stage_model.model.token_embedding.weight",),
+        scaling_factor=0.18215, default_size=512, probe_prediction=True, real_context_dim=1024,
+    ),
+    FamilyLayout(
+        family=Family.SD1,
+        text_encoders=(_clip_l("cond_stage_model.transformer."),),
+        markers=("cond_stage_model.transformer.text_model.embeddings.token_embedding.weight",),
+        scaling_factor=0.18215, default_size=512, probe_prediction=False, real_context_dim=768,
+    ),
+)
+
+
+def layout_of(family: Family) -> FamilyLayout:
+    return next(f for f in FAMILIES if f.family == family)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the sampler and the pipeline need to know about a checkpoint."""
+
+    family: Family
+    #: "eps" (predicts the noise) or "v" (velocity, Salimans & Ho 2022).
+    prediction: str
+    #: 4, or 9 for inpainting models ([latent, mask, masked-image latent]).
+    in_channels: int
+    latent_channels: int = 4
+    scaling_factor: float = 0.18215
+    #: Why ``prediction`` has its value: "override", "v_pred key", "metadata", "probe", "config" or "default".
+    prediction_source: str = "default"
+
+    @property
+    def is_inpaint(self) -> bool:
+        return self.in_channels == 9
+
+    @property
+    def default_size(self) -> int:
+        """The resolution the model was trained at: 512 SD1, 768 SD2-v (512 SD2 base), 1024 SDXL."""
+        if self.family == Family.SD2 and self.prediction == "v":
+            return 768
+        return layout_of(self.family).default_size
+
+
+# Recognisable files that are not a supported checkpoint: (what it looks like, any of these keys).
+_UNSUPPORTED: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("an SDXL refiner (only an OpenCLIP bigG encoder)", ("conditioner.embedders.0.model.text_projection",)),
+    ("a FLUX model", ("double_blocks.0.img_attn.norm.key_norm.scale",
+                      UNET_PREFIX + "double_blocks.0.img_attn.norm.key_norm.scale")),
+    ("an SD3 model", ("joint_blocks.0.context_block.adaLN_modulation.1.bias",
+                      UNET_PREFIX + "joint_blocks.0.context_block.adaLN_modulation.1.bias")),
+    ("an SD2 depth-to-image model", ("depth_model.model.pretrained.act_postprocess3.0.project.0.weight",)),
+    ("a Stable Cascade model", ("clip_txt_mapper.weight", "down_blocks.1.0.channelwise.0.weight")),
+)
+
+# Files that are something other than a full checkpoint: (what it looks like, predicate on names).
+_NOT_CHECKPOINTS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("a LoRA/LyCORIS file", ("lora_unet_", "lora_te", ".lora_down.", ".lora_up.", ".lora_A.", ".lora_B.",
+                             ".hada_w1_a", ".lokr_w1")),
+    ("a ControlNet", ("control_model.", "input_hint_block.", "controlnet_cond_embedding.")),
+    ("a textual-inversion embedding", ("string_to_param.", "emb_params", "clip_l", "clip_g")),
+)
+
+
+def detect(header: CheckpointHeader, *, prediction: str | None = None) -> ModelSpec:
+    """Family, prediction type and channels of a single-file checkpoint, from its header."""
+    names = header.tensors
+    _refuse_unsupported(names)
+    layout = next((f for f in FAMILIES if all(m in names for m in f.markers)), None)
+    if layout is None:
+        raise ModelError(f"not a Stable Diffusion checkpoint: {describe_tensors(names)}; expected an SD1, SD2 or SDXL "
+                         "single-file checkpoint (model.diffusion_model.* with its text encoder)")
+    conv_in = UNET_PREFIX + "input_blocks.0.0.weight"
+    if conv_in not in names:
+        raise ModelError(f"the {layout.family.value} checkpoint has no UNet ({conv_in} is missing); "
+                         "it looks like a text encoder or VAE extracted on its own")
+    in_channels = names[conv_in].shape[1]
+    if in_channels == 8:
+        raise ModelError("unsupported: looks like an InstructPix2Pix model (8 input channels); "
+                         "expected 4 (normal) or 9 (inpainting)")
+    if in_channels not in (4, 9):
+        raise ModelError(f"unsupported: the UNet takes {in_channels} input channels; "
+                         "expected 4 (normal) or 9 (inpainting)")
+    _check_context_dim(header, layout)
+    conv_out = names.get(UNET_PREFIX + "out.2.weight")
+    spec = ModelSpec(family=layout.family, prediction="eps", in_channels=in_channels,
+                     latent_channels=conv_out.shape[0] if conv_out else 4, scaling_factor=layout.scaling_factor)
+    pred, source = prediction_hint(header, prediction)
+    return replace(spec, prediction=pred, prediction_source=source) if pred else spec
+
+
+def prediction_hint(header: CheckpointHeader, prediction: str | None = None) -> tuple[str | None, str]:
+    """eps or v from what the file says: an explicit override, a ``v_pred`` key, then modelspec metadata.
+
+    Returns ``(None, "default")`` when nothing tells; SD2 then needs :func:`probe_prediction`.
+    """
+    if prediction is not None:
+        return normalise_prediction(prediction, "prediction"), "override"
+    if "v_pred" in header.tensors:
+        return "v", "v_pred key"
+    meta = header.metadata.get("modelspec.prediction_type")
+    if meta:
+        return normalise_prediction(meta, "modelspec.prediction_type metadata"), "metadata"
+    return None, "default"
+
+
+def normalise_prediction(value: str, field: str) -> str:
+    v = str(value).strip().lower().replace("-", "_")
+    if v in ("eps", "epsilon"):
+        return "eps"
+    if v in ("v", "v_prediction", "vpred", "v_pred"):
+        return "v"
+    raise InvalidParameter(field, value, "'eps' (epsilon) or 'v' (v_prediction)")
+
+
+def probe_prediction(unet_forward, context_dim: int) -> str:
+    """Tell SD2 v models from eps ones with one forward pass, as A1111 does for SD2 files.
+
+    At the last timestep (t = 999) the latent is almost pure noise. An eps model then returns
+    roughly its input (the noise it sees); a v model returns roughly ``-x0``, far from it.
+    Feeding a constant 0.5 latent (1x4x8x8) and a constant 0.5 context of two tokens, A1111
+    calls the model v-prediction when the mean of (output - input) is below -1.
+
+    ``unet_forward(sample, timestep, context) -> Tensor`` runs the UNet in float32.
+    """
+    import torch
+
+    with torch.no_grad():
+        x = torch.full((1, 4, 8, 8), 0.5)
+        context = torch.full((1, 2, context_dim), 0.5)
+        out = unet_forward(x, torch.tensor([999]), context)
+        return "v" if (out.float() - x).mean().item() < -1 else "eps"
+
+
+def _refuse_unsupported(names: dict) -> None:
+    for what, keys in _UNSUPPORTED:
+        if any(k in names for k in keys):
+            raise ModelError(f"unsupported: looks like {what}; underpaint loads SD1, SD2 and SDXL base checkpoints")
+
+
+def describe_tensors(names: dict) -> str:
+    """A short guess of what a file that is not a full checkpoint is, for error messages."""
+    if not names:
+        return "it holds no tensors"
+    for what, fragments in _NOT_CHECKPOINTS:
+        if any(any(f in n for f in fragments) for n in names):
+            return f"it looks like {what}"
+    if any(n.startswith(("encoder.down.", "decoder.up.", "encoder.down_blocks.", "decoder.up_blocks.",
+                         VAE_PREFIX + "encoder.")) for n in names) and not any(n.startswith(UNET_PREFIX) for n in names):
+        return "it looks like a VAE on its own (use it with --vae / vae=)"
+    if any(n.startswith(("down_blocks.", "conv_in.")) for n in names):
+        return "it looks like a UNet in diffusers' names without its text encoder and VAE"
+    if any(n.startswith(UNET_PREFIX) for n in names):
+        return "it has a UNet but no text encoder this loader recognises"
+    sample = ", ".join(sorted(names)[:3])
+    return f"its {len(names)} tensors ({sample}, ...) match no known layout"
+
+
+def _check_context_dim(header: CheckpointHeader, layout: FamilyLayout) -> None:
+    """The UNet's cross-attention width must equal the text encoders' hidden sizes added up."""
+    k_keys = [k for k in header.tensors if k.startswith(UNET_PREFIX) and k.endswith("attn2.to_k.weight")]
+    if not k_keys:
+        raise ModelError(f"the {layout.family.value} checkpoint's UNet has no cross-attention (attn2) layers")
+    context_dim = header.tensors[k_keys[0]].shape[1]
+    hidden = sum(header.tensors[t.prefix + t.token_embedding].shape[1] for t in layout.text_encoders)
+    if context_dim != hidden:
+        raise ModelError(f"the {layout.family.value} checkpoint's UNet expects text features of width {context_dim} "
+                         f"but its text encoder gives {hidden} (real {layout.family.value} files use "
+                         f"{layout.real_context_dim}); the file mixes parts of different models")
+
+
+def detect_diffusers_folder(folder: str | Path, *, prediction: str | None = None) -> ModelSpec:
+    """Family and prediction of a diffusers pipeline folder, from its JSON configs."""
+    folder = Path(folder)
+    unet_cfg = _read_json(folder / "unet" / "config.json")
+    vae_cfg = _read_json(folder / "vae" / "config.json")
+    if unet_cfg.get("addition_embed_type") == "text_time" or (folder / "text_encoder_2").is_dir():
+        if not (folder / "text_encoder").is_dir():
+            raise ModelError(f"unsupported: {folder} looks like an SDXL refiner (no first text encoder)")
+        family = Family.SDXL
+    else:
+        te_cfg = _read_json(folder / "text_encoder" / "config.json")
+        family = Family.SD2 if te_cfg.get("hidden_act") == "gelu" else Family.SD1
+    layout = layout_of(family)
+    if prediction is not None:
+        pred, source = normalise_prediction(prediction, "prediction"), "override"
+    else:
+        sched = folder / "scheduler" / "scheduler_config.json"
+        kind = _read_json(sched).get("prediction_type", "epsilon") if sched.exists() else "epsilon"
+        pred, source = normalise_prediction(kind, "scheduler prediction_type"), "config"
+    return ModelSpec(family=family, prediction=pred, in_channels=int(unet_cfg.get("in_channels", 4)),
+                     latent_channels=int(vae_cfg.get("latent_channels", 4)),
+                     scaling_factor=float(vae_cfg.get("scaling_factor", layout.scaling_factor)),
+                     prediction_source=source)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelError(f"{path.parent.parent}: not a diffusers model folder ({path.relative_to(path.parent.parent)} "
+                         "is missing)") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{path}: unreadable config ({exc})") from None

@@ -1,0 +1,91 @@
+"""The explicit ``underpaint download NAME`` command: a few well-known checkpoints from the Hugging Face Hub.
+
+Nothing else in underpaint touches the network. When the download cannot happen (offline,
+``HF_HUB_OFFLINE=1``, a gated repository, a moved file), the error says in one line which file
+to fetch by hand and where to put it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+
+from ..errors import DownloadError, UnknownName
+from .registry import ModelsDir
+
+
+@dataclass(frozen=True)
+class KnownModel:
+    name: str
+    repo_id: str
+    filename: str
+    #: Which models-folder kind it goes into ("checkpoints" or "vae").
+    kind: str
+    description: str
+
+    @property
+    def url(self) -> str:
+        return f"https://huggingface.co/{self.repo_id}/resolve/main/{self.filename}"
+
+
+_TABLE = (
+    KnownModel("sd15", "stable-diffusion-v1-5/stable-diffusion-v1-5", "v1-5-pruned-emaonly.safetensors",
+               "checkpoints", "Stable Diffusion 1.5 (512 px, eps)"),
+    KnownModel("sd21", "stabilityai/stable-diffusion-2-1", "v2-1_768-ema-pruned.safetensors",
+               "checkpoints", "Stable Diffusion 2.1 (768 px, v-prediction)"),
+    KnownModel("sdxl", "stabilityai/stable-diffusion-xl-base-1.0", "sd_xl_base_1.0.safetensors",
+               "checkpoints", "SDXL base 1.0 (1024 px)"),
+    KnownModel("sd-turbo", "stabilityai/sd-turbo", "sd_turbo.safetensors",
+               "checkpoints", "SD-Turbo (SD2.1 distilled, 512 px, 1-4 steps)"),
+    KnownModel("sdxl-turbo", "stabilityai/sdxl-turbo", "sd_xl_turbo_1.0_fp16.safetensors",
+               "checkpoints", "SDXL-Turbo (512 px, 1-4 steps)"),
+    KnownModel("vae-ft-mse", "stabilityai/sd-vae-ft-mse-original", "vae-ft-mse-840000-ema-pruned.safetensors",
+               "vae", "SD1 VAE fine-tuned on MSE (sharper faces)"),
+)
+
+#: name → KnownModel, read-only (the CLI lists it and the API validates against it).
+KNOWN_MODELS: Mapping[str, KnownModel] = MappingProxyType({m.name: m for m in _TABLE})
+
+
+def known_model(name: str) -> KnownModel:
+    if name not in KNOWN_MODELS:
+        raise UnknownName("model", name, list(KNOWN_MODELS))
+    return KNOWN_MODELS[name]
+
+
+def download(name: str, models_dir: ModelsDir | str | os.PathLike, *, progress: bool = True) -> Path:
+    """Fetch a known model into the models folder (``checkpoints/`` or ``vae/``) and return its path."""
+    model = known_model(name)
+    folders = models_dir if isinstance(models_dir, ModelsDir) else ModelsDir(Path(models_dir))
+    target = folders.folder(model.kind)
+    done = target / model.filename
+    if done.is_file():
+        return done
+    try:
+        from huggingface_hub import hf_hub_download
+
+        kwargs = {}
+        if not progress:
+            kwargs["tqdm_class"] = _silent_progress()
+        target.mkdir(parents=True, exist_ok=True)
+        return Path(hf_hub_download(model.repo_id, model.filename, local_dir=target, **kwargs))
+    except Exception as exc:  # offline, HTTP errors, disk full: all become the same instruction
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise DownloadError(f"could not download {model.name} ({exc.__class__.__name__}: {reason[:160]}); "
+                            f"get {model.url} and put it in {target}") from None
+
+
+def _silent_progress():
+    """A tqdm class that never draws (hf_hub_download takes a class, not a flag)."""
+    from tqdm.auto import tqdm
+
+    class Silent(tqdm):
+        def __init__(self, *args, **kwargs):
+            kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+
+    return Silent
+

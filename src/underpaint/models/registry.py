@@ -1,0 +1,208 @@
+"""The models folder: where checkpoints, VAEs, LoRAs, embeddings and ControlNets are found by name.
+
+Two layouts are read. underpaint's own (``checkpoints/ vae/ loras/ embeddings/ controlnet/``)
+and an existing AUTOMATIC1111 install's (``models/Stable-diffusion``, ``models/VAE``,
+``models/Lora``, ``embeddings/``, ``models/ControlNet``), given either the install's root or its
+``models/`` folder, so people can point underpaint at the files they already have. Names follow
+A1111: a checkpoint's name is its path relative to the checkpoints folder without the extension,
+its title is the file name with the short hash in brackets when it is known.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import ModelNotFound
+from .hashes import cached_model_hash
+
+CHECKPOINT_EXTENSIONS = (".safetensors", ".ckpt")
+VAE_EXTENSIONS = (".safetensors", ".ckpt", ".pt")
+
+# kind → (underpaint folder, A1111 folders relative to an A1111 root)
+_FOLDERS = {
+    "checkpoints": ("checkpoints", ("models/Stable-diffusion",)),
+    "vae": ("vae", ("models/VAE",)),
+    "loras": ("loras", ("models/Lora", "models/LyCORIS")),
+    "embeddings": ("embeddings", ("embeddings",)),
+    "controlnet": ("controlnet", ("models/ControlNet",)),
+}
+
+_TITLE_HASH = re.compile(r"^(.*?)\s*\[([0-9a-fA-F]{8,64})\]$")
+
+
+def default_models_dir() -> Path:
+    """``$UNDERPAINT_MODELS_DIR``, else ``$XDG_DATA_HOME/underpaint/models`` (``~/.local/share/...``)."""
+    env = os.environ.get("UNDERPAINT_MODELS_DIR")
+    if env:
+        return Path(env).expanduser()
+    data = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(data) / "underpaint" / "models"
+
+
+@dataclass(frozen=True)
+class CheckpointEntry:
+    #: Path relative to its folder without the extension, '/'-separated: A1111's model name
+    #: (what infotext writes as ``Model:``), e.g. ``sub/dreamy``.
+    name: str
+    path: Path
+    #: A1111's title: the file name with extension, plus ``[short hash]`` when the hash is cached.
+    title: str
+    #: Path relative to its folder with the extension (``sub/dreamy.ckpt``); a diffusers folder's own name.
+    filename: str = ""
+    #: First 10 hex digits of the sha256 when already cached (listing never hashes).
+    short_hash: str | None = None
+
+    @property
+    def model_name(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True)
+class ModelsDir:
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root).expanduser())
+
+    def _a1111_root(self) -> Path | None:
+        """The A1111 install root when ``root`` is one (or is its ``models/`` folder)."""
+        if (self.root / "models" / "Stable-diffusion").is_dir():
+            return self.root
+        if (self.root / "Stable-diffusion").is_dir() and self.root.name == "models":
+            return self.root.parent
+        return None
+
+    def folders(self, kind: str) -> tuple[Path, ...]:
+        """Existing folders of ``kind`` (checkpoints, vae, loras, embeddings, controlnet), own layout first."""
+        own, a1111 = _FOLDERS[kind]
+        candidates = [self.root / own]
+        a_root = self._a1111_root()
+        if a_root is not None:
+            candidates += [a_root / rel for rel in a1111]
+        found: dict[Path, Path] = {}
+        for p in candidates:  # in an A1111 root, its embeddings/ is also ours: list it once
+            if p.is_dir():
+                found.setdefault(p.resolve(), p)
+        return tuple(found.values())
+
+    def folder(self, kind: str) -> Path:
+        """Where new files of ``kind`` go: the A1111 folder in an A1111 install, else underpaint's."""
+        own, a1111 = _FOLDERS[kind]
+        a_root = self._a1111_root()
+        return a_root / a1111[0] if a_root is not None else self.root / own
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.folder("checkpoints")
+
+    @property
+    def vae_dir(self) -> Path:
+        return self.folder("vae")
+
+    @property
+    def loras_dir(self) -> Path:
+        return self.folder("loras")
+
+    @property
+    def embeddings_dir(self) -> Path:
+        return self.folder("embeddings")
+
+    @property
+    def controlnet_dir(self) -> Path:
+        return self.folder("controlnet")
+
+    def list_checkpoints(self) -> list[CheckpointEntry]:
+        """Checkpoint files and diffusers folders, sorted by name (hashes only from the cache)."""
+        return self._entries("checkpoints", CHECKPOINT_EXTENSIONS, diffusers_folders=True)
+
+    def list_vaes(self) -> list[CheckpointEntry]:
+        return self._entries("vae", VAE_EXTENSIONS, diffusers_folders=False)
+
+    def resolve_checkpoint(self, name_or_path: str | os.PathLike) -> Path:
+        """A path as given, or a name (with or without extension, or an A1111 title/short hash)."""
+        return self._resolve("checkpoint", name_or_path, self.list_checkpoints(), "checkpoints")
+
+    def resolve_vae(self, name_or_path: str | os.PathLike) -> Path:
+        return self._resolve("VAE", name_or_path, self.list_vaes(), "vae")
+
+    def _entries(self, kind: str, extensions: tuple[str, ...], *, diffusers_folders: bool) -> list[CheckpointEntry]:
+        seen: dict[str, CheckpointEntry] = {}
+        for base in self.folders(kind):
+            for path in _walk(base, extensions, diffusers_folders):
+                filename = path.relative_to(base).as_posix()
+                if filename in seen:
+                    continue
+                name = filename if path.is_dir() else filename[: len(filename) - len(path.suffix)]
+                short = None if path.is_dir() else cached_model_hash(path)
+                title = f"{filename} [{short}]" if short else filename
+                seen[filename] = CheckpointEntry(name, path, title, filename, short)
+        return sorted(seen.values(), key=lambda e: e.filename.lower())
+
+    def _resolve(self, what: str, name_or_path: str | os.PathLike, entries: list[CheckpointEntry], kind: str) -> Path:
+        given = Path(name_or_path).expanduser()
+        marker = "model_index.json" if kind == "checkpoints" else "config.json"  # diffusers model folders
+        if given.is_file() or (given.is_dir() and (given / marker).is_file()):
+            return given
+        text = str(name_or_path).strip()
+        wanted_hash = None
+        if m := _TITLE_HASH.match(text):
+            text, wanted_hash = m.group(1), m.group(2).lower()
+        match = _find(entries, text, wanted_hash)
+        if match is not None:
+            return match.path
+        raise ModelNotFound(self._not_found(what, str(name_or_path), entries, kind), field=kind)
+
+    def _not_found(self, what: str, name: str, entries: list[CheckpointEntry], kind: str) -> str:
+        where = self.folder(kind)
+        if not entries:
+            how = ("run `underpaint download sd15` or put a .safetensors checkpoint in " if kind == "checkpoints"
+                   else "put a .safetensors VAE in ")
+            return f"{what} {name!r} not found: no {kind} in {where}; {how}{where}"
+        names = [e.filename for e in entries]
+        close = difflib.get_close_matches(name, names + [e.name for e in entries], n=3, cutoff=0.5)
+        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        listed = ", ".join(names[:10]) + (f", ... ({len(names)} in all)" if len(names) > 10 else "")
+        return f"{what} {name!r} not found in {where}{hint} (available: {listed})"
+
+
+def _walk(base: Path, extensions: tuple[str, ...], diffusers_folders: bool):
+    """Model files under ``base`` (recursively, as A1111 does) and diffusers folders (not entered)."""
+    for dirpath, dirnames, filenames in os.walk(base, followlinks=True):
+        here = Path(dirpath)
+        if diffusers_folders:
+            for d in list(dirnames):
+                if (here / d / "model_index.json").is_file():
+                    dirnames.remove(d)
+                    yield here / d
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for f in filenames:
+            if f.lower().endswith(extensions) and not f.startswith("."):
+                yield here / f
+
+
+def _find(entries: list[CheckpointEntry], text: str, wanted_hash: str | None) -> CheckpointEntry | None:
+    """Exact name, then name without extension, then a unique file stem, then a cached short hash."""
+    norm = text.replace("\\", "/")
+    tiers = (
+        [e for e in entries if e.filename == norm],
+        [e for e in entries if e.name == norm],
+        [e for e in entries if e.path.stem == norm or e.path.name == norm],
+    )
+    for found in tiers:
+        if wanted_hash:
+            found = [e for e in found if e.short_hash == wanted_hash] or found
+        if len(found) == 1:
+            return found[0]
+        if len(found) > 1:
+            raise ModelNotFound(f"{text!r} is ambiguous: " + ", ".join(e.filename for e in found[:5])
+                                + "; give the path relative to the models folder")
+    if wanted_hash or re.fullmatch(r"[0-9a-fA-F]{10}", norm):
+        h = (wanted_hash or norm).lower()
+        by_hash = [e for e in entries if e.short_hash == h]
+        if len(by_hash) == 1:
+            return by_hash[0]
+    return None

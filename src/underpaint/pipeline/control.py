@@ -1,0 +1,387 @@
+"""ControlNet units: the request record, the control map for the generation size, and the
+residuals each unit adds to the UNet's skip connections at every step.
+
+Behaviour follows A1111's ControlNet extension (sd-webui-controlnet):
+
+- a unit runs between ``guidance_start`` and ``guidance_end``, fractions of the steps run: at
+  each model call the extension compares ``step / steps`` with them, where ``step`` is the
+  index of the last finished sampler step (0 until step 0 is done, so steps 0 and 1 both see 0);
+- "Balanced" scales every residual by the weight; "My prompt is more important" decays them
+  towards the shallow layers, residual i of n getting ``weight * 0.825 ** (12 - i)`` (the
+  middle block last; SDXL's 10 residuals take the first 10 of SD1's 13 factors);
+  "ControlNet is more important" does the same and gives the negative prompt no control at all,
+  so classifier-free guidance pushes towards the control;
+- residuals of several units add up; the ControlNet sees the same latent, timestep, text and
+  SDXL size embedding as the UNet (for a 9-channel inpainting UNet, the first 4 channels).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from ..errors import ImageError, InvalidParameter
+from ..preprocess.common import CROP_AND_RESIZE, AnnotatorContext, fit_map, pixel_perfect_resolution, resize_mode_name
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+    from ..models.controlnet import LoadedControlNet
+
+BALANCED = "Balanced"
+PROMPT_MORE_IMPORTANT = "My prompt is more important"
+CONTROL_MORE_IMPORTANT = "ControlNet is more important"
+CONTROL_MODES = (BALANCED, PROMPT_MORE_IMPORTANT, CONTROL_MORE_IMPORTANT)
+_MODE_ALIASES = {"balanced": BALANCED, "prompt": PROMPT_MORE_IMPORTANT, "my prompt is more important": PROMPT_MORE_IMPORTANT,
+                 "control": CONTROL_MORE_IMPORTANT, "controlnet": CONTROL_MORE_IMPORTANT,
+                 "controlnet is more important": CONTROL_MORE_IMPORTANT}
+#: The soft-injection decay of the original ControlNet's guess mode, over SD1's 13 residuals.
+SOFT_DECAY = 0.825
+_SD1_RESIDUALS = 13
+
+
+def control_mode_name(value: str | int) -> str:
+    """The extension's control mode for an index (0-2) or any spelling ("prompt", "controlnet", ...)."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(CONTROL_MODES):
+        return CONTROL_MODES[value]
+    if isinstance(value, str):
+        text = value.strip()
+        if text.isdigit():
+            return control_mode_name(int(text))
+        found = _MODE_ALIASES.get(text.lower())
+        if found:
+            return found
+    raise InvalidParameter("control_mode", value, "0, 1, 2 or one of " + ", ".join(repr(m) for m in CONTROL_MODES))
+
+
+@dataclass(frozen=True)
+class ControlUnit:
+    """One ControlNet unit, with A1111's ControlNet extension's fields and defaults.
+
+    ``image`` None means the img2img input picture; ``module`` is a preprocessor name (or
+    "none" for a ready-made map); ``model`` a ControlNet name or path (None: the one in
+    ``models/controlnet/`` whose name matches the module and the checkpoint's family);
+    ``threshold_a``/``threshold_b`` None take the module's defaults.
+    """
+
+    image: "Image | None" = None
+    module: str = "none"
+    model: str | None = None
+    weight: float = 1.0
+    guidance_start: float = 0.0
+    guidance_end: float = 1.0
+    control_mode: str = BALANCED
+    resize_mode: str = CROP_AND_RESIZE
+    processor_res: int = 512
+    threshold_a: float | None = None
+    threshold_b: float | None = None
+    pixel_perfect: bool = False
+
+    def __post_init__(self) -> None:
+        from ..params import _check_range
+        from ..preprocess.registry import get_preprocessor
+
+        object.__setattr__(self, "module", get_preprocessor(self.module).name)
+        object.__setattr__(self, "control_mode", control_mode_name(self.control_mode))
+        object.__setattr__(self, "resize_mode", resize_mode_name(self.resize_mode))
+        _check_range("control weight", self.weight, 0.0, 2.0)
+        _check_range("guidance_start", self.guidance_start, 0.0, 1.0)
+        _check_range("guidance_end", self.guidance_end, 0.0, 1.0)
+        if self.guidance_start > self.guidance_end:
+            raise InvalidParameter("guidance_start", self.guidance_start,
+                                   f"at most guidance_end ({self.guidance_end})")
+        _check_range("processor_res", self.processor_res, 64, 4096, integer=True)
+        if self.image is not None and not hasattr(self.image, "size"):
+            raise ImageError(f"control image: expected a picture, got {type(self.image).__name__}")
+
+    @property
+    def preprocessor(self):
+        from ..preprocess.registry import get_preprocessor
+
+        return get_preprocessor(self.module)
+
+    @property
+    def thresholds(self) -> tuple[float | None, float | None]:
+        pre = self.preprocessor
+        return (pre.a if self.threshold_a is None else self.threshold_a,
+                pre.b if self.threshold_b is None else self.threshold_b)
+
+
+def unit_from_api(fields, decode_image=None) -> ControlUnit | None:
+    """A unit from one entry of A1111's ``alwayson_scripts.controlnet.args`` (None when not enabled).
+
+    -1 for ``processor_res``/``threshold_a``/``threshold_b`` means the module's default, as in the
+    extension; ``model`` "None" means the default ControlNet for the module; ``image`` may be a
+    base64 string (decoded with ``decode_image``), ``{"image": ..., "mask": ...}`` or a picture.
+    """
+    if not fields.get("enabled", True):
+        return None
+    image = fields.get("image", fields.get("input_image"))
+    mask = fields.get("mask") or fields.get("mask_image")
+    if isinstance(image, dict):
+        image, mask = image.get("image"), image.get("mask", mask)
+    if isinstance(image, str) and decode_image is not None:
+        image = decode_image(image)
+    if isinstance(mask, str) and decode_image is not None:
+        mask = decode_image(mask)
+    if image is not None and mask is not None and hasattr(image, "convert"):
+        rgba = image.convert("RGBA")
+        from PIL import ImageOps
+
+        rgba.putalpha(ImageOps.invert(mask.convert("L").resize(image.size)))
+        image = rgba
+    model = fields.get("model")
+    res, a, b = (fields.get(k, -1) for k in ("processor_res", "threshold_a", "threshold_b"))
+    return ControlUnit(
+        image=image, module=fields.get("module") or "none",
+        model=None if model in (None, "", "None", "none") else model,
+        weight=float(fields.get("weight", 1.0)), guidance_start=float(fields.get("guidance_start", 0.0)),
+        guidance_end=float(fields.get("guidance_end", fields.get("guidance", 1.0))),
+        control_mode=fields.get("control_mode", BALANCED), resize_mode=fields.get("resize_mode", CROP_AND_RESIZE),
+        processor_res=512 if res in (None, -1) else int(res),
+        threshold_a=None if a in (None, -1) else float(a), threshold_b=None if b in (None, -1) else float(b),
+        pixel_perfect=bool(fields.get("pixel_perfect", False)),
+    )
+
+
+# --- the control map ----------------------------------------------------------------------------------------
+
+
+def control_map(unit: ControlUnit, width: int, height: int, *, init_image: "Image | None" = None,
+                mask: "Image | None" = None, ctx: AnnotatorContext | None = None, seed: int = 0) -> np.ndarray:
+    """The unit's preprocessed map fitted to the generation size: uint8 H x W x 3 (x 4 for inpaint)."""
+    from ..preprocess.registry import run_preprocessor
+
+    source = unit.image if unit.image is not None else init_image
+    if source is None:
+        raise ImageError(f"ControlNet unit ({unit.module}): no control image and no img2img input to use instead")
+    pixels = _unit_pixels(unit, source, mask)
+    res = unit.processor_res
+    if unit.pixel_perfect:
+        res = max(64, pixel_perfect_resolution(pixels.shape[:2], width, height, unit.resize_mode))
+    a, b = unit.thresholds
+    detected = run_preprocessor(unit.module, pixels, res=res, a=a, b=b, seed=seed, ctx=ctx)
+    return fit_map(detected, width, height, unit.resize_mode)
+
+
+def _unit_pixels(unit: ControlUnit, image: "Image", mask: "Image | None") -> np.ndarray:
+    """RGB pixels; for inpaint modules RGB plus the mask (255 = repaint) from ``mask`` or transparency."""
+    if not unit.module.startswith("inpaint"):
+        return np.asarray(image.convert("RGB"))
+    rgb = np.asarray(image.convert("RGB"))
+    if mask is not None:
+        m = np.asarray(mask.convert("L").resize(image.size))
+    elif image.mode in ("RGBA", "LA") or "transparency" in image.info:
+        m = 255 - np.asarray(image.convert("RGBA"))[:, :, 3]
+    else:
+        m = np.zeros(rgb.shape[:2], dtype=np.uint8)
+    return np.concatenate([rgb, m[:, :, None]], axis=2)
+
+
+def hint_tensor(detected: np.ndarray, *, device, dtype) -> torch.Tensor:
+    """The map as the ControlNet's input: 1 x 3 x H x W in [0, 1]. A 4-channel inpaint map becomes
+    the picture with masked pixels set to -1, the inpaint ControlNet's convention."""
+    x = torch.from_numpy(np.array(detected, dtype=np.float32)) / 255.0
+    x = x.permute(2, 0, 1)[None]
+    if x.shape[1] == 4:
+        colour, m = x[:, :3], (x[:, 3:4] > 0.5).float()
+        x = colour * (1 - m) - m
+    return x.to(device=device, dtype=dtype)
+
+
+# --- residuals ------------------------------------------------------------------------------------------------
+
+
+def layer_scales(weight: float, n: int, mode: str) -> list[float]:
+    """Per-residual factors: the weight everywhere (Balanced), or decayed towards shallow layers."""
+    if mode == BALANCED:
+        return [weight] * n
+    return [weight * SOFT_DECAY ** float(_SD1_RESIDUALS - 1 - i) for i in range(max(n, _SD1_RESIDUALS))][:n]
+
+
+def unit_active(unit: ControlUnit, step: int, steps: int) -> bool:
+    """Whether the unit runs when the last finished step is ``step`` of ``steps`` run (A1111's rule)."""
+    fraction = step / steps if steps else 0.0
+    return unit.guidance_start <= fraction <= unit.guidance_end and unit.weight != 0
+
+
+@dataclass
+class ActiveUnit:
+    """A unit ready to run: its ControlNet, its hint at the generation size, its settings."""
+
+    unit: ControlUnit
+    net: "LoadedControlNet"
+    hint: torch.Tensor
+
+
+@dataclass
+class ControlStack:
+    """The ControlNet part of the denoiser: residuals for one UNet call, from every active unit.
+
+    ``step`` is the only mutable field: the sampler's step callback sets it to the index of the
+    step just finished (:meth:`on_step`), which is what A1111 compares with guidance start/end.
+    """
+
+    units: list[ActiveUnit]
+    steps: int
+    step: int = field(default=0)
+    #: The conditioning objects of the current evaluation (set by the denoiser), to tell prompt rows.
+    prompt: object = field(default=None, repr=False)
+    negative: object = field(default=None, repr=False)
+
+    def on_step(self, step: int) -> None:
+        self.step = step
+
+    def set_conds(self, prompt: object, negative: object) -> None:
+        self.prompt, self.negative = prompt, negative
+
+    def prompt_rows(self, cond: object, n: int, device=None) -> torch.Tensor:
+        """1 for rows conditioned on the prompt, 0 for the negative prompt. A call with the prompt's
+        or the negative's own conditioning is all one or the other; a joint call is [prompt; negative],
+        the order classifier-free guidance batches them in."""
+        if cond is self.prompt:
+            return torch.ones(n, device=device)
+        if cond is self.negative:
+            return torch.zeros(n, device=device)
+        return torch.cat([torch.ones(n - n // 2, device=device), torch.zeros(n // 2, device=device)])
+
+    def residuals(self, x_in: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                  added_cond_kwargs: dict | None = None, cond_rows: torch.Tensor | None = None):
+        """``(down_residuals, mid_residual)`` to pass to the UNet, or ``(None, None)`` when no unit runs.
+
+        ``cond_rows`` (B,) is 1 for rows conditioned on the prompt and 0 for the negative prompt
+        (None: all prompt rows); "ControlNet is more important" zeroes the residuals of the others.
+        """
+        down: list[torch.Tensor] | None = None
+        mid: torch.Tensor | None = None
+        for active in self.units:
+            if not unit_active(active.unit, self.step, self.steps):
+                continue
+            d, m = run_unit(active, x_in, t, context, added_cond_kwargs, cond_rows)
+            down = d if down is None else [a + b for a, b in zip(down, d)]
+            mid = m if mid is None else mid + m
+        return down, mid
+
+
+def run_unit(active: ActiveUnit, x_in: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+             added_cond_kwargs: dict | None, cond_rows: torch.Tensor | None):
+    """One ControlNet's residuals for a batch, scaled per layer by the unit's weight and mode."""
+    net, unit = active.net, active.unit
+    dtype = net.dtype
+    sample = x_in[:, : net.module.config.in_channels]
+    hint = active.hint.expand(sample.shape[0], -1, -1, -1)
+    extra = None
+    if added_cond_kwargs is not None and net.module.config.addition_embed_type == "text_time":
+        extra = {k: v.to(dtype) for k, v in added_cond_kwargs.items()}
+    down, mid = net.module(sample.to(dtype), t, encoder_hidden_states=context.to(dtype), controlnet_cond=hint,
+                           conditioning_scale=1.0, added_cond_kwargs=extra, return_dict=False)
+    scales = layer_scales(unit.weight, len(down) + 1, unit.control_mode)
+    out = [r * s for r, s in zip([*down, mid], scales)]
+    if unit.control_mode == CONTROL_MORE_IMPORTANT and cond_rows is not None:
+        keep = cond_rows.to(out[0].dtype).view(-1, 1, 1, 1)
+        out = [r * keep for r in out]
+    return out[:-1], out[-1]
+
+
+# --- assembling the stack ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ControlSetup:
+    """What a request's units resolve to before sampling: loaded nets, maps, names for infotext."""
+
+    stack: ControlStack
+    maps: tuple[np.ndarray, ...]
+    model_names: tuple[str, ...]
+
+    def with_infotext(self, params):
+        """``params`` with the units' ``ControlNet i`` entries added to its extra infotext."""
+        units = params.control_units
+        return params.replace(extra_infotext=params.extra_infotext + control_infotext(units, self.model_names))
+
+
+def request_control(model, params, *, width: int, height: int, steps: int) -> ControlSetup | None:
+    """The ControlNet setup of a request (None without units): nets from the model's cache and
+    folders, maps from the control images or the img2img input, the request's seed for shuffle."""
+    if not params.control_units:
+        return None
+    cache, folders, ctx = control_resources(model)
+    init = params.init_images[0] if params.init_images else None
+    return prepare_control(model, params.control_units, width=width, height=height, steps=steps, cache=cache,
+                           folders=folders, init_image=init, mask=params.mask, ctx=ctx, seed=max(params.seed, 0))
+
+
+def control_resources(model) -> tuple:
+    """(ControlNet cache, ControlNet folders, annotator context) for a loaded checkpoint.
+
+    The cache and the annotator context live on the model object, like its other caches, so
+    they last as long as the engine that holds it; folders come from ``model.models_dir`` (a
+    ``ModelsDir``) when the engine set it, else from the default models folder.
+    """
+    from ..models.controlnet import ControlNetCache
+    from ..models.registry import ModelsDir, default_models_dir
+
+    models_dir = getattr(model, "models_dir", None) or ModelsDir(default_models_dir())
+    cache = getattr(model, "_controlnets", None)
+    ctx = getattr(model, "_annotators", None)
+    if cache is None or ctx is None:
+        cache = ControlNetCache()
+        ctx = AnnotatorContext(annotators_dir=models_dir.root / "annotators", device=str(model.device))
+        try:
+            model._controlnets, model._annotators = cache, ctx
+        except AttributeError:
+            pass
+    return cache, models_dir.folders("controlnet"), ctx
+
+
+def prepare_control(model, units, *, width: int, height: int, steps: int, cache, folders=(),
+                    init_image: "Image | None" = None, mask: "Image | None" = None,
+                    ctx: AnnotatorContext | None = None, seed: int = 0) -> ControlSetup:
+    """Resolve, load (through ``cache``) and check each unit's ControlNet, and make its hint.
+
+    ``model`` is the loaded checkpoint (its UNet config and family decide which ControlNets fit);
+    ``folders`` are the ControlNet folders searched by name; ``steps`` the sampler steps run.
+    """
+    from ..models.controlnet import check_compatible, infotext_name, resolve_controlnet
+
+    unet_config = model.unet.config
+    time_dim = getattr(unet_config, "addition_time_embed_dim", None)
+    active, maps, names = [], [], []
+    for unit in units:
+        path = resolve_controlnet(unit.model, folders, kind=unit.preprocessor.kind, family=model.spec.family)
+        net = cache.get(path, device=model.device, dtype=model.dtype, time_embed_dim=time_dim)
+        check_compatible(net, unet_config)
+        detected = control_map(unit, width, height, init_image=init_image, mask=mask, ctx=ctx, seed=seed)
+        active.append(ActiveUnit(unit, net, hint_tensor(detected, device=model.device, dtype=model.dtype)))
+        maps.append(detected)
+        names.append(infotext_name(path))
+    return ControlSetup(ControlStack(active, steps), tuple(maps), tuple(names))
+
+
+# --- infotext ---------------------------------------------------------------------------------------------------
+
+
+def _number(value: float | None) -> str:
+    return "-1" if value is None else str(float(value))
+
+
+def unit_infotext(unit: ControlUnit, model_name: str) -> str:
+    """One unit as the extension writes it: ``Module: ..., Model: ..., Weight: ..., ...``."""
+    a, b = unit.thresholds
+    pre = unit.preprocessor
+    fields = (
+        ("Module", unit.module), ("Model", model_name), ("Weight", _number(unit.weight)),
+        ("Resize Mode", unit.resize_mode), ("Processor Res", str(unit.processor_res if pre.uses_resolution else -1)),
+        ("Threshold A", _number(a)), ("Threshold B", _number(b)),
+        ("Guidance Start", _number(unit.guidance_start)), ("Guidance End", _number(unit.guidance_end)),
+        ("Pixel Perfect", str(bool(unit.pixel_perfect))), ("Control Mode", unit.control_mode),
+    )
+    return ", ".join(f"{k}: {v}" for k, v in fields)
+
+
+def control_infotext(units, model_names) -> tuple[tuple[str, str], ...]:
+    """``ControlNet 0``, ``ControlNet 1``, ... entries for the infotext's extra parameters."""
+    return tuple((f"ControlNet {i}", unit_infotext(u, name)) for i, (u, name) in enumerate(zip(units, model_names)))

@@ -1,0 +1,60 @@
+"""Pieces every sampler shares: the stop signal, the callback call, the ancestral split."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+#: ``noise(sigma, sigma_next) -> Tensor like x``: fresh noise for one step.
+NoiseSampler = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+#: ``callback(step_index, total, x, denoised)``; returning ``STOP`` ends sampling early.
+Callback = Callable[[int, int, torch.Tensor, torch.Tensor], Any]
+
+
+class Signal(enum.Enum):
+    STOP = "stop"
+
+
+#: Return this from a sampler callback to stop: the sampler then returns its latest ``denoised``.
+STOP = Signal.STOP
+
+
+def stopped(callback: Callback | None, step: int, total: int, x: torch.Tensor, denoised: torch.Tensor) -> bool:
+    """Report one step; True when the callback asked to stop."""
+    return callback is not None and callback(step, total, x, denoised) is STOP
+
+
+def require_noise(noise: NoiseSampler | None, sampler: str) -> NoiseSampler:
+    if noise is None:
+        raise ValueError(f"{sampler} adds noise while sampling and needs a noise source (noise=...)")
+    return noise
+
+
+def ancestral_step(sigma_from: torch.Tensor, sigma_to: torch.Tensor, eta: float = 1.0):
+    """Split a step to sigma_to into a deterministic step down to sigma_down and fresh noise sigma_up.
+
+    sigma_down² + sigma_up² = sigma_to²; eta 0 is a plain ODE step (k-diffusion's get_ancestral_step).
+    """
+    if not eta:
+        return sigma_to, 0.0
+    sigma_up = torch.minimum(sigma_to, eta * (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5)
+    sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
+    return sigma_down, sigma_up
+
+
+def batch_sigma(sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """One sigma per image of the batch."""
+    return sigma * x.new_ones([x.shape[0]])
+
+
+def sigma_of(t: torch.Tensor) -> torch.Tensor:
+    """σ from DPM-Solver's time t = −log σ."""
+    return t.neg().exp()
+
+
+def time_of(sigma: torch.Tensor) -> torch.Tensor:
+    """DPM-Solver's time t = −log σ."""
+    return sigma.log().neg()

@@ -1,0 +1,130 @@
+"""ControlNet units as A1111's ControlNet extension takes them in ``alwayson_scripts.controlnet.args``.
+
+Each unit dict becomes a :class:`~underpaint.pipeline.control.ControlUnit`: images decoded with
+the server's limits, the extension's "-1 means default" values mapped to None, and the model
+name matched against the files in the models folder only (never a path from the request).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ...errors import InvalidParameter, UnknownName
+from ..config import Limits
+from ..images import decode_image
+
+_HASH_SUFFIX = re.compile(r"\s*\[[0-9a-fA-F]{8,10}\]$")
+_NO_MODEL = ("", "none", "None")
+
+
+def controlnet_available() -> bool:
+    """Whether a generation can take ControlNet units (``GenerationParams.control_units``)."""
+    from ...params import GenerationParams
+
+    return "control_units" in GenerationParams.field_names()
+
+
+def resolve_model(name: str, files: Sequence[Path], *, field: str) -> Path:
+    """A model name from /controlnet/model_list (``name [hash]``, a stem or a file name) → its file."""
+    cleaned = _HASH_SUFFIX.sub("", name.strip())
+    for exact in (True, False):
+        for path in files:
+            names = (path.name, path.stem)
+            if (cleaned in names) if exact else (cleaned.lower() in (n.lower() for n in names)):
+                return path
+    raise UnknownName(field, name, [p.stem for p in files])
+
+
+def enabled_units(args: Sequence[Any]) -> list[int]:
+    """Indexes of the units that are on (the extension's default is on)."""
+    return [i for i, raw in enumerate(args)
+            if not (raw is False or raw is None or (isinstance(raw, Mapping) and raw.get("enabled", True) is False))]
+
+
+def control_units(args: Sequence[Any], *, prefix: str, limits: Limits, allow_urls: bool,
+                  files: Callable[[], Sequence[Path]], needs_image: bool = False) -> tuple:
+    """The enabled units of a request, checked; disabled ones (``enabled: false``) are dropped."""
+    units = []
+    for i in enabled_units(args):
+        raw, field = args[i], f"{prefix}[{i}]"
+        if not isinstance(raw, Mapping):
+            raise InvalidParameter(field, type(raw).__name__, "a ControlNet unit object")
+        unit = _unit(raw, field, limits=limits, allow_urls=allow_urls, files=files)
+        if needs_image and unit.image is None:
+            raise InvalidParameter(f"{field}.image", None, "a base64 image (txt2img has no input picture to use)")
+        units.append(unit)
+    return tuple(units)
+
+
+def _unit(raw: Mapping[str, Any], field: str, *, limits: Limits, allow_urls: bool,
+          files: Callable[[], Sequence[Path]]):
+    from ...pipeline.control import ControlUnit
+
+    module = str(raw.get("module") or "none")
+    image = _unit_image(raw, field, module, limits=limits, allow_urls=allow_urls)
+    model = raw.get("model")
+    model_path = None if model in _NO_MODEL or model is None else resolve_model(str(model), files(), field=f"{field}.model")
+    values = {
+        "image": image,
+        "module": module,
+        "model": str(model_path) if model_path else None,
+        "weight": _number(raw, "weight", 1.0, field),
+        "guidance_start": _number(raw, "guidance_start", 0.0, field),
+        "guidance_end": _number(raw, "guidance_end", 1.0, field),
+        "control_mode": raw.get("control_mode", 0),
+        "resize_mode": raw.get("resize_mode", 1),
+        "processor_res": int(_number(raw, "processor_res", -1, field)),
+        "threshold_a": _number(raw, "threshold_a", -1, field),
+        "threshold_b": _number(raw, "threshold_b", -1, field),
+        "pixel_perfect": bool(raw.get("pixel_perfect", False)),
+    }
+    if values["processor_res"] < 0:
+        values["processor_res"] = 512
+    for name in ("threshold_a", "threshold_b"):
+        if values[name] < 0:  # the extension's "use the module's default"
+            values[name] = None
+    try:
+        return ControlUnit(**values)
+    except InvalidParameter as exc:
+        inner = "weight" if exc.field == "control weight" else exc.field or "unit"
+        inner = {"control_model": "model"}.get(inner, inner)
+        if isinstance(exc, UnknownName):
+            raise UnknownName(f"{field}.{inner}", exc.value, exc.choices) from None
+        raise InvalidParameter(f"{field}.{inner}", exc.value, exc.expected) from None
+
+
+def _number(raw: Mapping[str, Any], key: str, default: float, field: str) -> float:
+    value = raw.get(key, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidParameter(f"{field}.{key}", value, "a number")
+    return value
+
+
+def _unit_image(raw: Mapping[str, Any], field: str, module: str, *, limits: Limits, allow_urls: bool):
+    """The unit's picture (None: the img2img input); a unit mask becomes transparency for inpaint modules."""
+    source = raw.get("image", raw.get("input_image"))
+    mask_data = raw.get("mask") or raw.get("mask_image")
+    if isinstance(source, Mapping):  # the extension's {"image": ..., "mask": ...} form
+        mask_data = mask_data or source.get("mask")
+        source = source.get("image")
+    if not source:
+        if mask_data:
+            raise InvalidParameter(f"{field}.mask", "<image>", "no mask without a unit image")
+        return None
+    image = decode_image(source, field=f"{field}.image", limits=limits, allow_urls=allow_urls)
+    if not mask_data:
+        return image
+    if not module.lower().startswith("inpaint"):
+        raise InvalidParameter(f"{field}.mask", "<image>", "no mask (only inpaint units take one)")
+    mask = decode_image(mask_data, field=f"{field}.mask", limits=limits, allow_urls=allow_urls)
+    from PIL import ImageOps
+
+    alpha = ImageOps.invert(mask.convert("L").resize(image.size))  # white = repaint = transparent
+    rgba = image.convert("RGBA")
+    rgba.putalpha(alpha)
+    return rgba

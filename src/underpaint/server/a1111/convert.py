@@ -1,0 +1,500 @@
+"""A1111 request → :class:`GenerationParams`, checked against the server's limits; result → A1111 response.
+
+Everything here runs before the job is queued (in the request's thread), so a bad field is a
+422 naming it and never reaches the engine.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from ...errors import InvalidParameter, UnknownName
+from ...params import MASKED_CONTENT, GenerationParams, InpaintOptions, SamplerOptions
+from ..config import Limits
+from ..images import decode_image
+from ..state import ServerOptions
+from .requests import GenerationRequest, Img2ImgRequest, Txt2ImgRequest
+
+RNG_NAMES = {"gpu": "gpu", "cpu": "cpu", "nv": "nv"}
+#: Always-on script names understood here (compared lowercased; the extension registers "ControlNet").
+CONTROLNET_SCRIPT = "controlnet"
+SOFT_INPAINTING_SCRIPT = "soft inpainting"
+
+
+@dataclass(frozen=True)
+class ConvertContext:
+    """What a conversion needs from the server: limits, defaults from /options, model lookup."""
+
+    limits: Limits
+    options: ServerOptions
+    resolve_model: Callable[[str], Path]
+    allow_image_urls: bool = False
+    controlnet_files: Callable[[], Sequence[Path]] = tuple
+
+
+@dataclass(frozen=True)
+class PreparedJob:
+    """A checked request, images decoded, ready for the queue."""
+
+    kind: str  # "txt2img" or "img2img"
+    params: GenerationParams
+    model: Path | None  # checkpoint for this job only (override_settings), None: the selected one
+    keep_model: bool  # override_settings_restore_afterwards false: the override stays selected
+    send_images: bool
+    parameters: dict[str, Any]  # the request as echoed back
+    styles: tuple[str, ...]
+    denoising_strength: float | None
+    task_id: str | None
+
+
+# --------------------------------------------------------------------------- request → params
+
+
+def prepare_txt2img(req: Txt2ImgRequest, ctx: ConvertContext) -> PreparedJob:
+    req = apply_infotext(req)
+    _refuse_unsupported(req)
+    if req.enable_hr:
+        raise InvalidParameter("enable_hr", True, "false (hires. fix is not available in underpaint yet)")
+    if req.firstpass_image:
+        raise InvalidParameter("firstpass_image", "<image>", "absent (hires. fix is not available)")
+    fields = _common_fields(req, ctx, img2img=False)
+    params = _build_params(fields, strength=1.0)
+    return _prepared("txt2img", req, params, fields, req.model_dump(mode="json"))
+
+
+def prepare_img2img(req: Img2ImgRequest, ctx: ConvertContext) -> PreparedJob:
+    req = apply_infotext(req)
+    _refuse_unsupported(req)
+    if req.initial_noise_multiplier is not None and req.initial_noise_multiplier != 1:
+        raise InvalidParameter("initial_noise_multiplier", req.initial_noise_multiplier, "1 (other values are not available)")
+    if req.latent_mask:
+        raise InvalidParameter("latent_mask", "<image>", "absent (a separate latent mask is not available)")
+    if not req.init_images:
+        raise InvalidParameter("init_images", req.init_images, "a list with at least one base64 image")
+    fields = _common_fields(req, ctx, img2img=True)
+    strength = 0.75 if req.denoising_strength is None else req.denoising_strength
+    fields["init_images"] = tuple(
+        decode_image(data, field=f"init_images[{i}]", limits=ctx.limits, allow_urls=ctx.allow_image_urls)
+        for i, data in enumerate(req.init_images)
+    )
+    if req.mask:
+        fields["mask"] = decode_image(req.mask, field="mask", limits=ctx.limits, allow_urls=ctx.allow_image_urls)
+    fields["resize_mode"] = req.resize_mode
+    fields["inpaint"] = _inpaint_options(req)
+    params = _build_params(fields, strength=strength)
+    echo = req.model_dump(mode="json", exclude={"include_init_images"})
+    if not req.include_init_images:
+        echo["init_images"] = None
+        echo["mask"] = None
+    return _prepared("img2img", req, params, fields, echo)
+
+
+def _prepared(kind: str, req: GenerationRequest, params: GenerationParams, fields: dict, echo: dict) -> PreparedJob:
+    return PreparedJob(
+        kind=kind, params=params, model=fields.pop("_model"), keep_model=not req.override_settings_restore_afterwards,
+        send_images=req.send_images, parameters=echo, styles=tuple(req.styles or ()),
+        denoising_strength=req.denoising_strength, task_id=req.force_task_id,
+    )
+
+
+def _build_params(fields: dict[str, Any], *, strength: float) -> GenerationParams:
+    fields = {k: v for k, v in fields.items() if not k.startswith("_")}
+    try:
+        return GenerationParams(strength=strength, **fields)
+    except InvalidParameter as exc:
+        raise _renamed(exc) from None
+
+
+# GenerationParams' own names for fields the API spells differently.
+_API_FIELD = {"strength": "denoising_strength", "sampler": "sampler_name", "clip_skip": "override_settings.CLIP_stop_at_last_layers",
+              "rng": "override_settings.randn_source", "masked_content": "inpainting_fill",
+              "full_res_padding": "inpaint_full_res_padding"}
+
+
+def _renamed(exc: InvalidParameter) -> InvalidParameter:
+    """Name the field as the API client knows it (denoising_strength, not strength)."""
+    api = _API_FIELD.get(exc.field or "")
+    if api is None:
+        return exc
+    if isinstance(exc, UnknownName):
+        return UnknownName(api, exc.value, exc.choices)
+    return InvalidParameter(api, exc.value, exc.expected)
+
+
+def _refuse_unsupported(req: GenerationRequest) -> None:
+    """Features A1111 has and underpaint does not: refuse a request that turns one on."""
+    for name in ("restore_faces", "tiling"):
+        if getattr(req, name):
+            raise InvalidParameter(name, True, f"false ({name.replace('_', ' ')} is not available in underpaint)")
+    if req.s_min_uncond:
+        raise InvalidParameter("s_min_uncond", req.s_min_uncond, "0 (skipping the negative prompt is not available)")
+    if req.refiner_checkpoint:
+        raise InvalidParameter("refiner_checkpoint", req.refiner_checkpoint, "absent (refiners are not available yet)")
+    if req.styles:
+        raise UnknownName("styles", req.styles[0], [])
+    if req.script_name:
+        raise UnknownName("script_name", req.script_name, [])
+    _check_alwayson(req.alwayson_scripts)
+
+
+def _script_args(name: str, value: Any) -> list:
+    args = value.get("args", []) if isinstance(value, Mapping) else value
+    if not isinstance(args, list):
+        raise InvalidParameter(f"alwayson_scripts.{name}.args", type(args).__name__, "a list")
+    return args
+
+
+def _check_alwayson(scripts: Mapping[str, Any]) -> None:
+    """Always-on scripts understood here are ControlNet and Soft Inpainting; others only if disabled."""
+    from .control_units import controlnet_available, enabled_units
+
+    for name, value in scripts.items():
+        args = _script_args(name, value)
+        if name.lower() == CONTROLNET_SCRIPT:
+            on = enabled_units(args)
+            if on and not controlnet_available():
+                raise InvalidParameter(f"alwayson_scripts.{name}.args[{on[0]}]", "an enabled unit",
+                                       "no enabled units (ControlNet is not available in this version)")
+            continue
+        if name.lower() == SOFT_INPAINTING_SCRIPT:
+            continue
+        # A disabled extension does nothing, so clients that always send e.g. {"args": [false]} still work.
+        if args and not (args[0] is False or args[0] is None):
+            raise UnknownName("alwayson_scripts", name, [CONTROLNET_SCRIPT, SOFT_INPAINTING_SCRIPT])
+
+
+def _control_fields(req: GenerationRequest, ctx: ConvertContext, *, img2img: bool) -> dict[str, Any]:
+    """``control_units`` for GenerationParams from the ControlNet script's args (images decoded here)."""
+    from .control_units import control_units
+
+    for name, value in req.alwayson_scripts.items():
+        if name.lower() == CONTROLNET_SCRIPT:
+            units = control_units(_script_args(name, value), prefix=f"alwayson_scripts.{name}.args",
+                                  limits=ctx.limits, allow_urls=ctx.allow_image_urls, files=ctx.controlnet_files,
+                                  needs_image=not img2img)
+            return {"control_units": units} if units else {}
+    return {}
+
+
+def _common_fields(req: GenerationRequest, ctx: ConvertContext, *, img2img: bool) -> dict[str, Any]:
+    limits = ctx.limits
+    _check_limits(req, limits)
+    overrides = _Overrides(req.override_settings or {}, ctx)
+    sampler = _sampler_name(req)
+    return {
+        "prompt": req.prompt or "",
+        "negative_prompt": req.negative_prompt or "",
+        "steps": req.steps,
+        "cfg_scale": req.cfg_scale,
+        "sampler": sampler,
+        "scheduler": req.scheduler or "Automatic",
+        "seed": req.seed,
+        "subseed": req.subseed,
+        "subseed_strength": req.subseed_strength,
+        "seed_resize_from_w": max(0, req.seed_resize_from_w),
+        "seed_resize_from_h": max(0, req.seed_resize_from_h),
+        "width": req.width,
+        "height": req.height,
+        "batch_size": req.batch_size,
+        "n_iter": req.n_iter,
+        "clip_skip": overrides.int("CLIP_stop_at_last_layers", ctx.options.clip_skip),
+        "eta_noise_seed_delta": overrides.int("eta_noise_seed_delta", ctx.options.eta_noise_seed_delta),
+        "rng": overrides.rng(ctx.options.rng),
+        "fix_steps": overrides.bool("img2img_fix_steps", ctx.options.img2img_fix_steps) if img2img else False,
+        "sampler_options": _sampler_options(req, overrides, sampler),
+        "_model": overrides.model(),
+        **_control_fields(req, ctx, img2img=img2img),
+    }
+
+
+def _check_limits(req: GenerationRequest, limits: Limits) -> None:
+    """The server's limits, each named in the error so a client knows what to change."""
+    checks = (
+        ("steps", req.steps, limits.max_steps),
+        ("width", req.width, limits.max_width),
+        ("height", req.height, limits.max_height),
+        ("batch_size", req.batch_size, limits.max_batch_size),
+    )
+    for name, value, most in checks:
+        if value > most:
+            raise InvalidParameter(name, value, f"at most {most} (this server's limit)")
+    if req.width * req.height > limits.max_image_pixels:
+        raise InvalidParameter("width", f"{req.width}x{req.height}", f"at most {limits.max_image_pixels} pixels in all")
+    if req.batch_size > 0 and req.n_iter > 0 and req.batch_size * req.n_iter > limits.max_images:
+        raise InvalidParameter("n_iter", req.n_iter, f"batch_size x n_iter at most {limits.max_images} (this server's limit)")
+
+
+def _sampler_name(req: GenerationRequest) -> str:
+    """``sampler_name or sampler_index`` (A1111); an integer index picks from /samplers' list."""
+    from ...sampling.names import SAMPLERS
+
+    if req.sampler_name:
+        return req.sampler_name
+    index = req.sampler_index
+    if isinstance(index, int):
+        if not 0 <= index < len(SAMPLERS):
+            raise InvalidParameter("sampler_index", index, f"an index from 0 to {len(SAMPLERS) - 1}, or a sampler name")
+        return SAMPLERS[index].label
+    return index or "Euler"
+
+
+def _sampler_options(req: GenerationRequest, overrides: "_Overrides", sampler: str) -> SamplerOptions:
+    eta = req.eta
+    if eta is None:
+        eta = overrides.float("eta_ddim" if sampler.strip().upper() == "DDIM" else "eta_ancestral", None)
+    values = {
+        "eta": eta,
+        "s_churn": _first(req.s_churn, overrides.float("s_churn", None), 0.0),
+        "s_tmin": _first(req.s_tmin, overrides.float("s_tmin", None), 0.0),
+        "s_tmax": _first(req.s_tmax, overrides.float("s_tmax", None), 0.0) or math.inf,  # A1111: 0 means no upper bound
+        "s_noise": _first(req.s_noise, overrides.float("s_noise", None), 1.0),
+    }
+    for name, value in values.items():
+        if value is not None and value < 0:
+            raise InvalidParameter(name, value, "a number of 0 or more")
+    extra: dict[str, Any] = {}
+    for key, name in (("sigma_min", "sigma_min"), ("sigma_max", "sigma_max"), ("rho", "rho")):
+        value = overrides.float(key, None)
+        if value:
+            if value < 0:
+                raise InvalidParameter(f"override_settings.{key}", value, "a number of 0 or more")
+            extra[name] = value
+    if overrides.has("always_discard_next_to_last_sigma"):
+        extra["discard_penultimate_sigma"] = overrides.bool("always_discard_next_to_last_sigma", False)
+    return SamplerOptions(**values, **extra)
+
+
+def _first(*values):
+    for value in values:
+        if value is not None:
+            return value
+    return None
+
+
+def _inpaint_options(req: Img2ImgRequest) -> InpaintOptions:
+    blur_x = req.mask_blur if req.mask_blur is not None else req.mask_blur_x
+    blur_y = req.mask_blur if req.mask_blur is not None else req.mask_blur_y
+    if not 0 <= req.inpainting_fill < len(MASKED_CONTENT):
+        raise InvalidParameter("inpainting_fill", req.inpainting_fill,
+                               "0 (fill), 1 (original), 2 (latent noise) or 3 (latent nothing)")
+    if req.inpainting_mask_invert not in (0, 1):
+        raise InvalidParameter("inpainting_mask_invert", req.inpainting_mask_invert, "0 (inpaint masked) or 1 (inpaint not masked)")
+    try:
+        return InpaintOptions(
+            mask_blur_x=blur_x, mask_blur_y=blur_y, masked_content=MASKED_CONTENT[req.inpainting_fill],
+            full_res=req.inpaint_full_res, full_res_padding=req.inpaint_full_res_padding,
+            invert=bool(req.inpainting_mask_invert), mask_round=req.mask_round, soft=_soft_inpainting(req.alwayson_scripts),
+        )
+    except InvalidParameter as exc:
+        if req.mask_blur is not None and exc.field in ("mask_blur_x", "mask_blur_y"):
+            raise InvalidParameter("mask_blur", exc.value, exc.expected) from None
+        raise _renamed(exc) from None
+
+
+def _soft_inpainting(scripts: Mapping[str, Any]) -> bool:
+    """A1111 1.10's built-in "Soft Inpainting" script: its first argument turns it on."""
+    for name, value in scripts.items():
+        if name.lower() == SOFT_INPAINTING_SCRIPT:
+            args = value.get("args", []) if isinstance(value, Mapping) else value
+            return bool(args) and args[0] is True
+    return False
+
+
+class _Overrides:
+    """``override_settings``: the A1111 settings that change generation are read, others ignored (as A1111)."""
+
+    def __init__(self, values: Mapping[str, Any], ctx: ConvertContext):
+        self.values = values
+        self.ctx = ctx
+
+    def has(self, key: str) -> bool:
+        return self.values.get(key) is not None
+
+    def _bad(self, key: str, expected: str) -> InvalidParameter:
+        return InvalidParameter(f"override_settings.{key}", self.values[key], expected)
+
+    def int(self, key: str, default: int) -> int:
+        value = self.values.get(key)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise self._bad(key, "an integer")
+        try:
+            number = float(value)
+        except ValueError:
+            raise self._bad(key, "an integer") from None
+        if not number.is_integer():
+            raise self._bad(key, "an integer")
+        return int(number)
+
+    def float(self, key: str, default: float | None) -> float | None:
+        value = self.values.get(key)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise self._bad(key, "a number")
+        try:
+            number = float(value)
+        except ValueError:
+            raise self._bad(key, "a number") from None
+        if not math.isfinite(number):
+            raise self._bad(key, "a finite number")
+        return number
+
+    def bool(self, key: str, default: bool) -> bool:
+        value = self.values.get(key)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise self._bad(key, "true or false")
+        return value
+
+    def rng(self, default: str) -> str:
+        value = self.values.get("randn_source")
+        if value is None:
+            return default
+        found = RNG_NAMES.get(str(value).lower())
+        if found is None:
+            raise self._bad("randn_source", "GPU, CPU or NV")
+        return found
+
+    def model(self) -> Path | None:
+        for key in ("sd_vae",):
+            value = self.values.get(key)
+            if value is not None and str(value) not in ("Automatic", "None", ""):
+                raise self._bad(key, "'Automatic' (choosing a VAE per request is not available yet)")
+        value = self.values.get("sd_model_checkpoint")
+        if value is None or value == "":
+            return None
+        if not isinstance(value, str):
+            raise self._bad("sd_model_checkpoint", "a checkpoint title from /sdapi/v1/sd-models")
+        return self.ctx.resolve_model(value)
+
+
+# --------------------------------------------------------------------------- infotext
+
+# Infotext keys (as A1111's reader splits them) → request fields, with their types.
+_INFOTEXT_FIELDS: tuple[tuple[str, str, type], ...] = (
+    ("Steps", "steps", int), ("Sampler", "sampler_name", str), ("Schedule type", "scheduler", str),
+    ("CFG scale", "cfg_scale", float), ("Seed", "seed", int), ("Size-1", "width", int), ("Size-2", "height", int),
+    ("Batch size", "batch_size", int), ("Variation seed", "subseed", int),
+    ("Variation seed strength", "subseed_strength", float), ("Seed resize from-1", "seed_resize_from_w", int),
+    ("Seed resize from-2", "seed_resize_from_h", int), ("Denoising strength", "denoising_strength", float),
+    ("Eta", "eta", float), ("Mask blur", "mask_blur", int),
+)
+# Infotext keys that A1111 turns into override_settings.
+_INFOTEXT_SETTINGS = (("Clip skip", "CLIP_stop_at_last_layers"), ("ENSD", "eta_noise_seed_delta"),
+                      ("RNG", "randn_source"))
+
+
+def apply_infotext(req: GenerationRequest) -> GenerationRequest:
+    """A1111 1.10's ``infotext`` field: its values fill in every field the request did not set."""
+    if not req.infotext:
+        return req
+    from ...imageio.infotext import parse_infotext
+
+    parsed = parse_infotext(req.infotext)
+    given = req.model_fields_set
+    updates: dict[str, Any] = {}
+    if "prompt" not in given:
+        updates["prompt"] = parsed.prompt
+    if "negative_prompt" not in given:
+        updates["negative_prompt"] = parsed.negative_prompt
+    for key, name, kind in _INFOTEXT_FIELDS:
+        if key in parsed.params and name not in given and name in type(req).model_fields:
+            updates[name] = _typed(parsed.params[key], kind, key)
+    overrides = dict(req.override_settings or {})
+    for key, setting in _INFOTEXT_SETTINGS:
+        if key in parsed.params and setting not in overrides:
+            overrides[setting] = _typed(parsed.params[key], int, key) if setting != "randn_source" else parsed.params[key]
+    updates["override_settings"] = overrides
+    try:
+        return type(req).model_validate({**req.model_dump(), **updates})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise InvalidParameter("infotext", first.get("input"), f"values a request accepts ({first.get('msg')})") from None
+
+
+def _typed(text: str, kind: type, key: str):
+    try:
+        if kind is int:
+            number = float(text)
+            if not number.is_integer():
+                raise ValueError(text)
+            return int(number)
+        return kind(text)
+    except ValueError:
+        raise InvalidParameter(f"infotext.{key}", text, "a number" if kind is not str else "text") from None
+
+
+# --------------------------------------------------------------------------- result → response
+
+_TOP_LEVEL_KEYS = frozenset({
+    "Steps", "Sampler", "CFG scale", "Seed", "Size-1", "Size-2", "Model hash", "Model", "VAE hash", "VAE",
+    "Variation seed", "Variation seed strength", "Seed resize from-1", "Seed resize from-2", "Denoising strength",
+    "Clip skip", "Version", "Face restoration",
+})
+
+
+def extra_generation_params(infotext: str | None) -> dict[str, str]:
+    """What the infotext holds beyond A1111's own top-level keys (Schedule type, Mask blur, ...)."""
+    if not infotext:
+        return {}
+    from ...imageio.infotext import parse_infotext
+
+    return {k: v for k, v in parse_infotext(infotext).params.items() if k not in _TOP_LEVEL_KEYS}
+
+
+def info_json(job: PreparedJob, result, *, job_timestamp: str) -> str:
+    """The ``info`` string of A1111's response: ``Processed.js()``'s keys, as JSON text."""
+    from ...pipeline.infotext import VERSION
+
+    p = result.params
+    width, height = result.images[0].size if result.images else (p.width or 512, p.height or 512)
+    prompts = list(result.prompts) or [p.prompt]
+    negatives = list(result.negative_prompts) or [p.negative_prompt]
+    seeds = list(result.seeds) or [p.seed]
+    subseeds = list(result.subseeds) or [p.subseed]
+    model = result.model
+    info = {
+        "prompt": prompts[0],
+        "all_prompts": prompts,
+        "negative_prompt": negatives[0],
+        "all_negative_prompts": negatives,
+        "seed": seeds[0],
+        "all_seeds": seeds,
+        "subseed": subseeds[0],
+        "all_subseeds": subseeds,
+        "subseed_strength": p.subseed_strength,
+        "width": width,
+        "height": height,
+        "sampler_name": p.sampler,
+        "cfg_scale": p.cfg_scale,
+        "steps": p.steps,
+        "batch_size": p.batch_size,
+        "restore_faces": False,
+        "face_restoration_model": None,
+        "sd_model_name": model.name if model else None,
+        "sd_model_hash": model.short_hash if model else None,
+        "sd_vae_name": model.vae_name if model else None,
+        "sd_vae_hash": model.vae_hash if model else None,
+        "seed_resize_from_w": p.seed_resize_from_w or -1,
+        "seed_resize_from_h": p.seed_resize_from_h or -1,
+        "denoising_strength": p.strength if job.kind == "img2img" else job.denoising_strength,
+        "extra_generation_params": extra_generation_params(result.infotexts[0] if result.infotexts else None),
+        "index_of_first_image": 0,
+        "infotexts": list(result.infotexts),
+        "styles": list(job.styles),
+        "job_timestamp": job_timestamp,
+        "clip_skip": p.clip_skip,
+        "is_using_inpainting_conditioning": bool(model and "inpaint" in (model.family or "")),
+        "version": VERSION,
+    }
+    return json.dumps(info, default=lambda _: None, ensure_ascii=False)

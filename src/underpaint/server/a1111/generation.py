@@ -1,0 +1,158 @@
+"""A1111's generation routes: txt2img, img2img, progress, interrupt and skip, over the job queue."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from fastapi import APIRouter, Query, Request, Response
+from starlette.concurrency import run_in_threadpool
+
+from ...errors import UnderpaintError
+from ...pipeline.records import ModelInfo, Result
+from ..errors import ServerError
+from ..images import encode_image
+from ..jobs import Job, JobCancelled
+from ..state import ServerState, server_state
+from .convert import ConvertContext, PreparedJob, info_json, prepare_img2img, prepare_txt2img
+from .requests import Img2ImgRequest, Txt2ImgRequest
+from .responses import ImageToImageResponse, ProgressResponse, ProgressState, TextToImageResponse
+
+log = logging.getLogger("underpaint.server")
+
+router = APIRouter(prefix="/sdapi/v1", tags=["generation"])
+
+JOB_HEADER = "X-Underpaint-Job"
+
+
+def convert_context(state: ServerState) -> ConvertContext:
+    return ConvertContext(limits=state.config.limits, options=state.options, resolve_model=state.catalog.resolve,
+                          allow_image_urls=state.config.allow_image_urls, controlnet_files=state.catalog.controlnets)
+
+
+@router.post("/txt2img", response_model=TextToImageResponse, summary="Make images from a prompt")
+async def txt2img(body: Txt2ImgRequest, request: Request, response: Response) -> TextToImageResponse:
+    state = server_state(request)
+    prepared = await run_in_threadpool(prepare_txt2img, body, convert_context(state))
+    return TextToImageResponse(**await run_prepared(state, prepared, response))
+
+
+@router.post("/img2img", response_model=ImageToImageResponse, summary="Transform images (and inpaint with a mask)")
+async def img2img(body: Img2ImgRequest, request: Request, response: Response) -> ImageToImageResponse:
+    state = server_state(request)
+    prepared = await run_in_threadpool(prepare_img2img, body, convert_context(state))
+    return ImageToImageResponse(**await run_prepared(state, prepared, response))
+
+
+def _work(state: ServerState, prepared: PreparedJob):
+    """The job body, run by the queue's worker thread: pick the model, then generate."""
+
+    def work(job: Job) -> Result:
+        engine = state.slot.engine_for(prepared.model)
+        if prepared.keep_model and prepared.model is not None:
+            state.slot.selected = prepared.model
+        return engine.generate(prepared.params, progress=job.report, cancel=job.cancel)
+
+    return work
+
+
+async def run_prepared(state: ServerState, prepared: PreparedJob, response: Response) -> dict:
+    """Queue the job, wait for it without holding the event loop, and build A1111's response."""
+    job = state.queue.submit(prepared.kind, _work(state, prepared), job_id=prepared.task_id,
+                             job_count=prepared.params.n_iter)
+    response.headers[JOB_HEADER] = job.id
+    try:
+        result = await await_job(state, job)
+    except JobCancelled:
+        result = _nothing_done(state, prepared)
+    return await run_in_threadpool(_response_fields, prepared, result, job)
+
+
+async def await_job(state: ServerState, job: Job):
+    """Wait for a queued job without holding the event loop; its failure becomes a structured error."""
+    try:
+        return await asyncio.wrap_future(job.future)
+    except asyncio.CancelledError:  # the client went away: don't keep its job waiting
+        state.queue.cancel(job.id)
+        raise
+    except UnderpaintError:
+        raise
+    except Exception as exc:
+        raise job_failure(exc, job) from exc
+
+
+def _nothing_done(state: ServerState, prepared: PreparedJob) -> Result:
+    """A job cancelled before it started answers like an interrupted one with nothing finished."""
+    info = state.slot.info or ModelInfo(name="", path="", family="", prediction="")
+    return Result(images=(), infotexts=(), seeds=(), subseeds=(), params=prepared.params, model=info, interrupted=True)
+
+
+def job_failure(exc: BaseException, job: Job) -> ServerError:
+    """A failed job becomes a structured 5xx for its own caller; the queue goes on with the next."""
+    name = type(exc).__name__
+    text = str(exc)
+    if "OutOfMemory" in name or "out of memory" in text.lower():
+        log.warning("job %s ran out of memory: %s", job.id, text)
+        return ServerError(f"the job ran out of memory ({text[:300]}); try a smaller size or batch",
+                           status=507, kind="out_of_memory", headers={JOB_HEADER: job.id})
+    log.error("job %s failed", job.id, exc_info=exc)
+    return ServerError(f"the job failed: {name}: {text[:500]}", status=500, kind="generation_failed",
+                       headers={JOB_HEADER: job.id})
+
+
+def _response_fields(prepared: PreparedJob, result: Result, job: Job) -> dict:
+    images = []
+    if prepared.send_images:
+        texts = list(result.infotexts) + [None] * (len(result.images) - len(result.infotexts))
+        images = [encode_image(image, text) for image, text in zip(result.images, texts)]
+    return {"images": images, "parameters": prepared.parameters,
+            "info": info_json(prepared, result, job_timestamp=job.timestamp)}
+
+
+# --------------------------------------------------------------------------- progress
+
+
+@router.get("/progress", response_model=ProgressResponse, summary="Progress of the running job")
+async def progress(request: Request, skip_current_image: bool = Query(False)) -> ProgressResponse:
+    job = server_state(request).queue.current
+    if job is None:
+        return ProgressResponse(progress=0.0, eta_relative=0.0, state=ProgressState())
+    if not skip_current_image:
+        job.want_preview = True
+    p = job.progress
+    job_count = p.job_count if p else job.job_count
+    fraction = 0.0
+    if job_count > 0:
+        fraction = 0.01 + (p.job / job_count + (p.step / p.steps / job_count if p.steps else 0) if p else 0.0)
+    fraction = min(fraction, 1.0)
+    elapsed = time.time() - (job.started_at or time.time())
+    eta = elapsed / fraction - elapsed if fraction > 0 else 0.0
+    state = ProgressState(
+        skipped=job.cancel.skipped, interrupted=job.cancel.interrupted, job=_job_label(job),
+        job_count=job_count, job_timestamp=job.timestamp, job_no=p.job if p else 0,
+        sampling_step=p.step if p else 0, sampling_steps=p.steps if p else 0,
+    )
+    preview = job.preview
+    current = None if skip_current_image or preview is None else await run_in_threadpool(encode_image, preview)
+    return ProgressResponse(progress=fraction, eta_relative=max(0.0, eta), state=state, current_image=current,
+                            textinfo=None if p else "Waiting for the model")
+
+
+def _job_label(job: Job) -> str:
+    return f"scripts_{job.kind}" if job.kind in ("txt2img", "img2img") else job.kind
+
+
+@router.post("/interrupt", summary="Stop the running job; it returns the images finished so far")
+async def interrupt(request: Request) -> dict:
+    job = server_state(request).queue.current
+    if job is not None:
+        job.cancel.interrupt()
+    return {}
+
+
+@router.post("/skip", summary="Abandon the running job's current batch and go on with the next")
+async def skip(request: Request) -> None:
+    job = server_state(request).queue.current
+    if job is not None:
+        job.cancel.skip()

@@ -1,0 +1,229 @@
+"""A1111's read-only lists (samplers, schedulers, LoRAs, ...), /memory and /png-info.
+
+Lists for things underpaint does not have (upscalers, face restorers, styles, scripts, ...)
+answer with empty lists, so clients that read them at start-up keep working.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
+
+from ...errors import ImageError
+from ..state import server_state
+from .requests import PNGInfoRequest
+from .responses import (
+    EmbeddingItem, EmbeddingsResponse, ExtensionItem, FaceRestorerItem, HypernetworkItem, LatentUpscalerModeItem, LoraItem,
+    MemoryResponse, PNGInfoResponse, PromptStyleItem, RealesrganItem, SamplerItem, SchedulerItem, ScriptInfo,
+    ScriptsList, UpscalerItem,
+)
+
+router = APIRouter(prefix="/sdapi/v1", tags=["lists"])
+
+LORA_EXTENSIONS = (".safetensors", ".pt", ".ckpt")
+
+
+def sampler_items() -> list[SamplerItem]:
+    """The sampler table in A1111's shape: options say the default schedule and the noise it draws."""
+    from ...sampling.names import SAMPLERS
+
+    items = []
+    for info in SAMPLERS:
+        options: dict[str, Any] = dict(info.options)
+        if info.default_schedule != "Automatic":
+            options["scheduler"] = info.default_schedule.lower()
+        if {"ancestral", "sde"} & info.flags:
+            options["uses_ensd"] = True
+        if "second_order" in info.flags:
+            options["second_order"] = True
+        if "brownian" in info.flags:
+            options["brownian_noise"] = True
+        if "discard_penultimate" in info.flags:
+            options["discard_next_to_last_sigma"] = True
+        items.append(SamplerItem(name=info.label, aliases=list(info.aliases), options=options))
+    return items
+
+
+def scheduler_items() -> list[SchedulerItem]:
+    from ...sampling.names import SCHEDULES
+
+    items = []
+    for info in SCHEDULES:
+        name = info.aliases[0] if info.aliases else info.label.lower()
+        items.append(SchedulerItem(name=name, label=info.label, aliases=list(info.aliases[1:]) or None,
+                                   default_rho=info.default_rho, need_inner_model=info.needs_model))
+    return items
+
+
+@router.get("/samplers", response_model=list[SamplerItem], summary="Samplers, with their aliases")
+async def samplers() -> list[SamplerItem]:
+    return sampler_items()
+
+
+@router.get("/schedulers", response_model=list[SchedulerItem], summary="Schedule types")
+async def schedulers() -> list[SchedulerItem]:
+    return scheduler_items()
+
+
+@router.get("/loras", response_model=list[LoraItem], summary="LoRA files in the models folder")
+def loras(request: Request) -> list[LoraItem]:
+    folder = server_state(request).catalog.folder
+    items: dict[str, LoraItem] = {}
+    for base in folder.folders("loras"):
+        for path in sorted(base.rglob("*")):
+            if path.suffix.lower() in LORA_EXTENSIONS and path.is_file() and path.stem not in items:
+                rel = Path(os.path.relpath(path, folder.root)).as_posix()
+                items[path.stem] = LoraItem(name=path.stem, alias=path.stem, path=rel, metadata={})
+    return list(items.values())
+
+
+#: Text encoder widths per family: an embedding fits a model when it has one tensor of each width.
+_TEXT_WIDTHS = {"sd1": (768,), "sd2": (1024,), "sdxl": (768, 1280)}
+
+
+@router.get("/embeddings", response_model=EmbeddingsResponse, summary="Textual-inversion embeddings")
+def embeddings(request: Request) -> EmbeddingsResponse:
+    """Embedding files, split as A1111 does: those that fit the loaded model, and the others."""
+    from ...errors import UnderpaintError
+    from ...prompts.embeddings import EMBEDDING_SUFFIXES, load_embedding
+
+    state = server_state(request)
+    info = state.slot.info
+    widths = _TEXT_WIDTHS.get(info.family) if info else None
+    answer = EmbeddingsResponse()
+    for base in state.catalog.folder.folders("embeddings"):
+        for path in sorted(base.rglob("*")):
+            if path.suffix.lower() not in EMBEDDING_SUFFIXES or not path.is_file():
+                continue
+            try:
+                embedding = load_embedding(path)
+            except UnderpaintError:  # unreadable or unsafe files are left out, as A1111 leaves them out
+                continue
+            item = EmbeddingItem(shape=int(embedding.vectors[0].shape[-1]), vectors=embedding.count)
+            fits = widths is None or embedding.fits(widths)
+            (answer.loaded if fits else answer.skipped).setdefault(embedding.name, item)
+    return answer
+
+
+def _empty(path: str, model: type, summary: str) -> None:
+    async def endpoint() -> list:
+        return []
+
+    endpoint.__name__ = "list_" + re.sub(r"\W", "_", path.strip("/"))
+    router.add_api_route(path, endpoint, methods=["GET"], response_model=list[model], summary=summary)
+
+
+for _path, _model, _summary in (
+    ("/upscalers", UpscalerItem, "Upscalers (none yet)"),
+    ("/latent-upscale-modes", LatentUpscalerModeItem, "Latent upscale modes for hires. fix (none yet)"),
+    ("/prompt-styles", PromptStyleItem, "Saved prompt styles (none)"),
+    ("/face-restorers", FaceRestorerItem, "Face restorers (none)"),
+    ("/hypernetworks", HypernetworkItem, "Hypernetworks (none)"),
+    ("/realesrgan-models", RealesrganItem, "Real-ESRGAN models (none)"),
+    ("/script-info", ScriptInfo, "Scripts and their arguments (none)"),
+    ("/extensions", ExtensionItem, "Installed extensions (none)"),
+):
+    _empty(_path, _model, _summary)
+
+
+@router.get("/scripts", response_model=ScriptsList, summary="Selectable scripts (none)")
+async def scripts() -> ScriptsList:
+    return ScriptsList()
+
+
+@router.get("/memory", response_model=MemoryResponse, summary="System and GPU memory")
+async def memory() -> MemoryResponse:
+    return MemoryResponse(ram=_ram(), cuda=_cuda())
+
+
+def _ram() -> dict[str, Any]:
+    try:
+        page = os.sysconf("SC_PAGE_SIZE")
+        total = os.sysconf("SC_PHYS_PAGES") * page
+        free = os.sysconf("SC_AVPHYS_PAGES") * page
+    except (ValueError, OSError, AttributeError):
+        return {"error": "unavailable"}
+    return {"free": free, "used": total - free, "total": total}
+
+
+def _cuda() -> dict[str, Any]:
+    torch = sys.modules.get("torch")  # never import torch just to answer this
+    if torch is None or not torch.cuda.is_available():
+        return {"error": "unavailable"}
+    free, total = torch.cuda.mem_get_info()
+    stats = torch.cuda.memory_stats()
+
+    def pair(name: str) -> dict[str, int]:
+        return {"current": stats.get(f"{name}.all.current", 0), "peak": stats.get(f"{name}.all.peak", 0)}
+
+    return {
+        "system": {"free": free, "used": total - free, "total": total},
+        "active": pair("active_bytes"), "allocated": pair("allocated_bytes"),
+        "reserved": pair("reserved_bytes"), "inactive": pair("inactive_split_bytes"),
+        "events": {"retries": stats.get("num_alloc_retries", 0), "oom": stats.get("num_ooms", 0)},
+    }
+
+
+# --------------------------------------------------------------------------- png-info
+
+_DATA_URL = re.compile(r"data:[\w/.+-]+;base64,", re.IGNORECASE)
+
+
+def base64_bytes(data: str, *, field: str, max_bytes: int) -> bytes:
+    """Raw bytes of a base64 field (``data:`` prefix accepted), bounded; errors name the field."""
+    text = data.strip()
+    prefix = _DATA_URL.match(text)
+    if prefix:
+        text = text[prefix.end():]
+    text = "".join(text.split())
+    if not text:
+        raise ImageError(f"{field}: empty, expected a base64-encoded image", field=field)
+    if len(text) // 4 * 3 > max_bytes:
+        raise ImageError(f"{field}: more than {max_bytes} bytes of image data", field=field)
+    try:
+        return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ImageError(f"{field}: not valid base64 ({exc})", field=field) from exc
+
+
+def png_info(data: str, *, max_bytes: int) -> PNGInfoResponse:
+    """The infotext stored in an image, raw and parsed into A1111's keys (with its defaults)."""
+    from ...imageio.infotext import apply_defaults, parse_infotext
+    from ...imageio.metadata import read_metadata
+    from ...imageio.pil_open import open_header
+
+    raw = base64_bytes(data, field="image", max_bytes=max_bytes)
+    with open_header(io.BytesIO(raw), "image", "image"):  # a picture at all? (header only, no pixels)
+        pass
+    try:
+        meta = read_metadata(raw)
+    except ImageError:
+        raise
+    except Exception as exc:  # damaged containers surface as many exception types
+        raise ImageError(f"image: unreadable image data ({type(exc).__name__}: {exc})", field="image") from exc
+    items: dict[str, Any] = dict(meta.other)
+    if meta.comfy_prompt is not None:
+        items["prompt"] = meta.comfy_prompt
+    if meta.comfy_workflow is not None:
+        items["workflow"] = meta.comfy_workflow
+    if not meta.infotext:
+        return PNGInfoResponse(info="", items=items, parameters={})
+    parsed = parse_infotext(meta.infotext)
+    parameters = {"Prompt": parsed.prompt, "Negative prompt": parsed.negative_prompt,
+                  **apply_defaults(parsed.params, prompt=parsed.prompt)}
+    return PNGInfoResponse(info=meta.infotext, items=items, parameters=parameters)
+
+
+@router.post("/png-info", response_model=PNGInfoResponse, summary="Read the generation parameters stored in an image")
+async def png_info_route(body: PNGInfoRequest, request: Request) -> PNGInfoResponse:
+    limits = server_state(request).config.limits
+    return await run_in_threadpool(png_info, body.image, max_bytes=limits.max_body_bytes)

@@ -1,0 +1,135 @@
+"""Request bodies of AUTOMATIC1111 1.10's ``/sdapi/v1`` API, written out by hand.
+
+Field names, types and defaults are what A1111's API accepts, so existing clients send the
+same JSON. Fields for features underpaint does not have are still accepted; a request that
+actually asks for one (``restore_faces: true``, ``enable_hr: true``, a script) is refused with
+a 422 naming the field rather than silently ignored. Unknown fields are ignored, as A1111 does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class WireModel(BaseModel):
+    """Base for every wire model: no NaN or infinity, no 'model_' namespace warnings."""
+
+    model_config = ConfigDict(allow_inf_nan=False, protected_namespaces=(), extra="ignore")
+
+
+class GenerationRequest(WireModel):
+    """Fields shared by txt2img and img2img."""
+
+    prompt: str = Field("", description="What the picture should show, in A1111's prompt syntax.")
+    negative_prompt: str = Field("", description="What it should not show.")
+    styles: list[str] | None = Field(None, description="Saved prompt styles to apply (none are defined here).")
+    seed: int = Field(-1, description="-1 picks a random seed; the seed used is reported in `info`.")
+    subseed: int = Field(-1, description="Variation seed; -1 picks a random one.")
+    subseed_strength: float = Field(0.0, description="How far to move from `seed` towards `subseed` (0-1).")
+    seed_resize_from_h: int = Field(-1, description="Make the noise at this height (0 or -1: off).")
+    seed_resize_from_w: int = Field(-1, description="Make the noise at this width (0 or -1: off).")
+    sampler_name: str | None = Field(None, description="Sampler, e.g. 'Euler a' or 'DPM++ 2M'; see /samplers.")
+    scheduler: str | None = Field(None, description="Schedule type, e.g. 'Automatic' or 'Karras'; see /schedulers.")
+    batch_size: int = Field(1, description="Images per batch (made together).")
+    n_iter: int = Field(1, description="Number of batches (made one after another).")
+    steps: int = Field(50, description="Sampling steps.")
+    cfg_scale: float = Field(7.0, description="Classifier-free guidance scale.")
+    width: int = Field(512, description="Output width in pixels.")
+    height: int = Field(512, description="Output height in pixels.")
+    restore_faces: bool | None = Field(None, description="Not available here: must be false or absent.")
+    tiling: bool | None = Field(None, description="Not available here: must be false or absent.")
+    do_not_save_samples: bool = Field(False, description="Accepted for compatibility; nothing is saved on the server.")
+    do_not_save_grid: bool = Field(False, description="Accepted for compatibility; no grid is made.")
+    eta: float | None = Field(None, description="Noise multiplier for ancestral and SDE samplers (and DDIM).")
+    denoising_strength: float | None = Field(None, description="img2img: how much to change the input (0-1).")
+    s_min_uncond: float | None = Field(None, description="Not available here: must be 0 or absent.")
+    s_churn: float | None = Field(None, description="Karras et al. stochasticity (Euler, Heun, DPM2).")
+    s_tmax: float | None = Field(None, description="Upper sigma for s_churn; 0 or absent means infinity.")
+    s_tmin: float | None = Field(None, description="Lower sigma for s_churn.")
+    s_noise: float | None = Field(None, description="Noise scale for s_churn and ancestral steps.")
+    override_settings: dict[str, Any] | None = Field(
+        None, description="Per-request settings, e.g. {'sd_model_checkpoint': ..., 'CLIP_stop_at_last_layers': 2}."
+    )
+    override_settings_restore_afterwards: bool = Field(True, description="Keep the per-request model afterwards if false.")
+    refiner_checkpoint: str | None = Field(None, description="Not available here: must be absent.")
+    refiner_switch_at: float | None = Field(None, description="Not available here.")
+    disable_extra_networks: bool = Field(False, description="Leave <lora:...> tags in the prompt unapplied.")
+    firstpass_image: str | None = Field(None, description="Not available here: must be absent.")
+    comments: dict[str, Any] | None = Field(None, description="Ignored.")
+    sampler_index: str | int = Field("Euler", description="Legacy sampler field, used when sampler_name is empty.")
+    script_name: str | None = Field(None, description="Not available here: no selectable scripts are installed.")
+    script_args: list[Any] = Field(default_factory=list, description="Arguments of script_name.")
+    send_images: bool = Field(True, description="Return the images in the response.")
+    save_images: bool = Field(False, description="Accepted for compatibility; the server never writes images to disk.")
+    alwayson_scripts: dict[str, Any] = Field(
+        default_factory=dict, description="Extension arguments; `controlnet` units are understood."
+    )
+    force_task_id: str | None = Field(None, description="Job id to use (1-64 of A-Z a-z 0-9 _ . : -).")
+    infotext: str | None = Field(None, description="An A1111 infotext whose values fill the fields not given.")
+
+
+class Txt2ImgRequest(GenerationRequest):
+    """POST /sdapi/v1/txt2img."""
+
+    enable_hr: bool = Field(False, description="Hires. fix: not available here, must be false.")
+    denoising_strength: float | None = Field(0.75, description="Hires. fix strength (unused without enable_hr).")
+    firstphase_width: int = 0
+    firstphase_height: int = 0
+    hr_scale: float = 2.0
+    hr_upscaler: str | None = None
+    hr_second_pass_steps: int = 0
+    hr_resize_x: int = 0
+    hr_resize_y: int = 0
+    hr_checkpoint_name: str | None = None
+    hr_sampler_name: str | None = None
+    hr_scheduler: str | None = None
+    hr_prompt: str = ""
+    hr_negative_prompt: str = ""
+
+
+class Img2ImgRequest(GenerationRequest):
+    """POST /sdapi/v1/img2img."""
+
+    init_images: list[str] | None = Field(
+        None, description="Base64 images (a 'data:image/...;base64,' prefix is accepted); the first is used."
+    )
+    resize_mode: int = Field(0, description="0 just resize, 1 crop and resize, 2 resize and fill, 3 latent upscale.")
+    denoising_strength: float | None = Field(0.75, description="How much to change the input: 0 keeps it, 1 ignores it.")
+    image_cfg_scale: float | None = Field(None, description="Instruct-pix2pix image guidance (unused by other models).")
+    mask: str | None = Field(None, description="Base64 mask: white is repainted; an image with transparency uses its alpha.")
+    mask_blur_x: int = Field(4, description="Mask blur, horizontal (pixels).")
+    mask_blur_y: int = Field(4, description="Mask blur, vertical (pixels).")
+    mask_blur: int | None = Field(None, description="Sets both mask_blur_x and mask_blur_y.")
+    mask_round: bool = Field(True, description="Round the mask to 0/1 for inpainting models.")
+    inpainting_fill: int = Field(0, description="Masked content: 0 fill, 1 original, 2 latent noise, 3 latent nothing.")
+    inpaint_full_res: bool = Field(True, description="Inpaint area: true 'only masked', false 'whole picture'.")
+    inpaint_full_res_padding: int = Field(0, description="Padding around the mask for 'only masked' (pixels).")
+    inpainting_mask_invert: int = Field(0, description="1 repaints the black part of the mask instead.")
+    initial_noise_multiplier: float | None = Field(None, description="Not available here: must be 1 or absent.")
+    latent_mask: str | None = Field(None, description="Not available here: must be absent.")
+    include_init_images: bool = Field(False, description="Echo init_images and mask back in `parameters`.")
+
+
+class PNGInfoRequest(WireModel):
+    """POST /sdapi/v1/png-info."""
+
+    image: str = Field(description="A base64 image (PNG, JPEG or WebP) whose generation parameters to read.")
+
+
+class ProgressQuery(WireModel):
+    skip_current_image: bool = False
+
+
+class ControlNetDetectRequest(WireModel):
+    """POST /controlnet/detect (the ControlNet extension's preprocessor endpoint)."""
+
+    controlnet_module: str = Field("none", description="Preprocessor name; see /controlnet/module_list.")
+    controlnet_input_images: list[str] = Field(default_factory=list, description="Base64 images.")
+    controlnet_images: list[str] | None = Field(None, description="Older name of controlnet_input_images.")
+    controlnet_masks: list[str] | None = None
+    controlnet_processor_res: int = 512
+    controlnet_threshold_a: float = Field(-1, description="-1: the module's default.")
+    controlnet_threshold_b: float = Field(-1, description="-1: the module's default.")
+    low_vram: bool = False

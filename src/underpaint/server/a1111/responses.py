@@ -1,0 +1,231 @@
+"""Response bodies of AUTOMATIC1111 1.10's ``/sdapi/v1`` API (and the ControlNet extension's), by hand.
+
+Shapes and key names are what A1111 clients read; lists underpaint has nothing for are empty.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import ConfigDict, Field
+
+from .requests import WireModel
+
+
+class GenerationResponse(WireModel):
+    images: list[str] | None = Field(None, description="Base64 PNGs (no 'data:' prefix), each with its infotext.")
+    parameters: dict[str, Any] = Field(description="The request as received (images left out unless asked for).")
+    info: str = Field(description="A JSON string: prompts, seeds, sizes, model, infotexts and more, as A1111 sends.")
+
+
+class TextToImageResponse(GenerationResponse):
+    pass
+
+
+class ImageToImageResponse(GenerationResponse):
+    pass
+
+
+class ProgressState(WireModel):
+    skipped: bool = False
+    interrupted: bool = False
+    stopping_generation: bool = False
+    job: str = ""
+    job_count: int = 0
+    job_timestamp: str = "0"
+    job_no: int = 0
+    sampling_step: int = 0
+    sampling_steps: int = 0
+
+
+class ProgressResponse(WireModel):
+    progress: float = Field(description="Share of the running job done, 0-1.")
+    eta_relative: float = Field(description="Estimated seconds left.")
+    state: ProgressState
+    current_image: str | None = Field(None, description="A base64 preview of the running job, when one is ready.")
+    textinfo: str | None = None
+
+
+class PNGInfoResponse(WireModel):
+    info: str = Field(description="The infotext found in the image ('' when none).")
+    items: dict[str, Any] = Field(description="Other text stored in the image.")
+    parameters: dict[str, Any] = Field(description="The infotext parsed into A1111's keys.")
+
+
+class SamplerItem(WireModel):
+    name: str
+    aliases: list[str]
+    options: dict[str, Any]
+
+
+class SchedulerItem(WireModel):
+    name: str
+    label: str
+    aliases: list[str] | None = None
+    default_rho: float | None = None
+    need_inner_model: bool | None = None
+
+
+class UpscalerItem(WireModel):
+    name: str
+    model_name: str | None = None
+    model_path: str | None = None
+    model_url: str | None = None
+    scale: float | None = None
+
+
+class LatentUpscalerModeItem(WireModel):
+    name: str
+
+
+class SDModelItem(WireModel):
+    title: str = Field(description="'file.safetensors [shorthash]', what /options' sd_model_checkpoint takes.")
+    model_name: str
+    hash: str | None = None
+    sha256: str | None = None
+    filename: str = Field(description="The file, relative to the models folder.")
+    config: str | None = None
+
+
+class SDVaeItem(WireModel):
+    model_name: str
+    filename: str
+
+
+class SDModuleItem(WireModel):
+    model_name: str
+    filename: str
+
+
+class HypernetworkItem(WireModel):
+    name: str
+    path: str | None = None
+
+
+class FaceRestorerItem(WireModel):
+    name: str
+    cmd_dir: str | None = None
+
+
+class RealesrganItem(WireModel):
+    name: str
+    path: str | None = None
+    scale: int | None = None
+
+
+class PromptStyleItem(WireModel):
+    name: str
+    prompt: str | None = None
+    negative_prompt: str | None = None
+
+
+class LoraItem(WireModel):
+    name: str
+    alias: str
+    path: str
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class EmbeddingItem(WireModel):
+    step: int | None = None
+    sd_checkpoint: str | None = None
+    sd_checkpoint_name: str | None = None
+    shape: int
+    vectors: int
+
+
+class EmbeddingsResponse(WireModel):
+    loaded: dict[str, EmbeddingItem] = Field(default_factory=dict)
+    skipped: dict[str, EmbeddingItem] = Field(default_factory=dict)
+
+
+class MemoryResponse(WireModel):
+    ram: dict[str, Any] = Field(description="System memory in bytes: free, used, total.")
+    cuda: dict[str, Any] = Field(description="GPU memory in bytes, or {'error': 'unavailable'}.")
+
+
+class ScriptsList(WireModel):
+    txt2img: list[str] = Field(default_factory=list)
+    img2img: list[str] = Field(default_factory=list)
+
+
+class ScriptArg(WireModel):
+    label: str | None = None
+    value: Any = None
+    minimum: Any = None
+    maximum: Any = None
+    step: Any = None
+    choices: list[str] | None = None
+
+
+class ScriptInfo(WireModel):
+    name: str | None = None
+    is_alwayson: bool | None = None
+    is_img2img: bool | None = None
+    args: list[ScriptArg] = Field(default_factory=list)
+
+
+class ExtensionItem(WireModel):
+    name: str
+    remote: str
+    branch: str
+    commit_hash: str
+    version: str
+    commit_date: str
+    enabled: bool
+
+
+class Options(WireModel):
+    """GET/POST /sdapi/v1/options: the settings underpaint has. Others are accepted and ignored, as A1111 does."""
+
+    model_config = ConfigDict(allow_inf_nan=False, protected_namespaces=(), extra="allow")
+
+    sd_model_checkpoint: str | None = Field(None, description="The checkpoint title; setting it loads that model.")
+    sd_checkpoint_hash: str | None = Field(None, description="sha256 of the loaded checkpoint, when known (read-only).")
+    sd_vae: str = Field("Automatic", description="Only 'Automatic' (the checkpoint's own VAE) for now.")
+    CLIP_stop_at_last_layers: int = Field(1, ge=1, le=12, description="Clip skip used when a request does not say.")
+    eta_noise_seed_delta: int = Field(0, ge=0, le=2**32 - 1, description="ENSD used when a request does not say.")
+    randn_source: str = Field("GPU", description="Noise source: GPU, CPU or NV.")
+    img2img_fix_steps: bool = Field(False, description="img2img runs exactly `steps` whatever the strength.")
+    samples_format: str = Field("png", description="Format of returned images (png only).")
+
+
+class CommandFlags(WireModel):
+    """GET /sdapi/v1/cmd-flags: the server's start-up flags (never the credentials)."""
+
+    api: bool = True
+    nowebui: bool = False
+    listen: bool = False
+    port: int = 7860
+    api_auth: bool = Field(False, description="Whether HTTP Basic is required (the credentials are never shown).")
+    cors_allow_origins: str | None = None
+    device: str | None = None
+    precision: str | None = None
+    queue_size: int = 16
+    allow_image_urls: bool = False
+
+
+class ControlNetVersion(WireModel):
+    version: int
+
+
+class ControlNetModelList(WireModel):
+    model_list: list[str]
+
+
+class ControlNetModuleList(WireModel):
+    module_list: list[str]
+    module_detail: dict[str, Any] = Field(default_factory=dict)
+
+
+class ControlNetControlTypes(WireModel):
+    control_types: dict[str, Any]
+
+
+class ControlNetSettings(WireModel):
+    control_net_unit_count: int
+
+
+class ControlNetDetectResponse(WireModel):
+    images: list[str]
+    info: str

@@ -1,0 +1,153 @@
+"""A1111's settings and model routes: /options, /cmd-flags, /sd-models, refresh, unload and reload.
+
+Switching, unloading and reloading a checkpoint are jobs on the queue like generations, so
+they wait their turn instead of pulling the model out from under a running job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import APIRouter, Body, Request
+from starlette.concurrency import run_in_threadpool
+
+from ...errors import InvalidParameter
+from ..jobs import Job
+from ..state import ServerState, server_state
+from .generation import await_job
+from .responses import CommandFlags, Options, SDModelItem, SDModuleItem, SDVaeItem
+
+router = APIRouter(prefix="/sdapi/v1", tags=["settings"])
+
+_RNG_LABELS = {"gpu": "GPU", "cpu": "CPU", "nv": "NV"}
+
+
+async def run_model_job(state: ServerState, kind: str, action: Callable[[Job], Any]) -> None:
+    """Queue a model operation and wait for it; its failure is reported like a failed generation."""
+    await await_job(state, state.queue.submit(kind, action))
+
+
+# Routes that read the models folder are plain functions: FastAPI runs them on its thread pool,
+# so a slow disk never stalls the event loop.
+
+
+@router.get("/options", response_model=Options, summary="Current settings")
+def get_options(request: Request) -> Options:
+    state = server_state(request)
+    slot = state.slot
+    current = slot.selected or slot.loaded
+    if current is None:
+        try:
+            current = state.default_model()
+        except Exception:  # an unresolvable --model is reported when a job needs it, not here
+            current = None
+    opts = state.options
+    return Options(
+        sd_model_checkpoint=state.catalog.title_of(current) if current else None,
+        sd_checkpoint_hash=None,
+        CLIP_stop_at_last_layers=opts.clip_skip,
+        eta_noise_seed_delta=opts.eta_noise_seed_delta,
+        randn_source=_RNG_LABELS[opts.rng],
+        img2img_fix_steps=opts.img2img_fix_steps,
+    )
+
+
+def _option_changes(body: dict[str, Any]) -> dict[str, Any]:
+    """Check every known setting before changing any; unknown settings are ignored, as A1111 does."""
+    changes: dict[str, Any] = {}
+    if "CLIP_stop_at_last_layers" in body:
+        changes["clip_skip"] = _int_option(body, "CLIP_stop_at_last_layers", 1, 12)
+    if "eta_noise_seed_delta" in body:
+        changes["eta_noise_seed_delta"] = _int_option(body, "eta_noise_seed_delta", 0, 2**32 - 1)
+    if "randn_source" in body:
+        value = str(body["randn_source"]).lower()
+        if value not in _RNG_LABELS:
+            raise InvalidParameter("randn_source", body["randn_source"], "GPU, CPU or NV")
+        changes["rng"] = value
+    if "img2img_fix_steps" in body:
+        if not isinstance(body["img2img_fix_steps"], bool):
+            raise InvalidParameter("img2img_fix_steps", body["img2img_fix_steps"], "true or false")
+        changes["img2img_fix_steps"] = body["img2img_fix_steps"]
+    if body.get("sd_vae") not in (None, "Automatic", "None"):
+        raise InvalidParameter("sd_vae", body["sd_vae"], "'Automatic' (choosing a VAE is not available yet)")
+    if body.get("samples_format") not in (None, "png", "PNG"):
+        raise InvalidParameter("samples_format", body["samples_format"], "'png'")
+    return changes
+
+
+def _int_option(body: dict[str, Any], key: str, lo: int, hi: int) -> int:
+    value = body[key]
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise InvalidParameter(key, value, f"an integer from {lo} to {hi}")
+    return value
+
+
+@router.post("/options", summary="Change settings; sd_model_checkpoint loads that checkpoint")
+async def set_options(request: Request, body: dict[str, Any] = Body(...)) -> None:
+    state = server_state(request)
+    changes = _option_changes(body)
+    checkpoint = body.get("sd_model_checkpoint")
+    if checkpoint is not None:
+        if not isinstance(checkpoint, str):
+            raise InvalidParameter("sd_model_checkpoint", checkpoint, "a checkpoint title from /sdapi/v1/sd-models")
+        path = await run_in_threadpool(state.catalog.resolve, checkpoint)
+        await run_model_job(state, "load_checkpoint", lambda job: state.slot.select(path))
+    if changes:
+        state.options = state.options.replace(**changes)
+
+
+@router.get("/cmd-flags", response_model=CommandFlags, summary="How the server was started")
+async def cmd_flags(request: Request) -> CommandFlags:
+    config = server_state(request).config
+    return CommandFlags(
+        nowebui=not config.webui, listen=not config.is_loopback, port=config.port, api_auth=bool(config.api_auth),
+        cors_allow_origins=",".join(config.cors_allow_origins) or None, device=config.device,
+        precision=config.dtype, queue_size=config.queue_size, allow_image_urls=config.allow_image_urls,
+    )
+
+
+@router.get("/sd-models", response_model=list[SDModelItem], summary="Checkpoints in the models folder")
+def sd_models(request: Request) -> list[SDModelItem]:
+    views = server_state(request).catalog.checkpoints()
+    return [SDModelItem(title=v.title, model_name=v.model_name, hash=v.short_hash, sha256=None,
+                        filename=v.relative, config=None) for v in views]
+
+
+@router.get("/sd-vae", response_model=list[SDVaeItem], summary="VAEs in the models folder")
+def sd_vae(request: Request) -> list[SDVaeItem]:
+    return [SDVaeItem(model_name=name, filename=rel) for name, rel in server_state(request).catalog.vaes()]
+
+
+@router.get("/sd-modules", response_model=list[SDModuleItem], summary="Separate text encoders and other modules")
+async def sd_modules() -> list[SDModuleItem]:
+    return []
+
+
+@router.post("/refresh-checkpoints", summary="Rescan checkpoints (listings are always fresh here)")
+async def refresh_checkpoints() -> None:
+    return None
+
+
+@router.post("/refresh-vae", summary="Rescan VAEs (listings are always fresh here)")
+async def refresh_vae() -> None:
+    return None
+
+
+@router.post("/refresh-loras", summary="Rescan LoRAs (listings are always fresh here)")
+async def refresh_loras() -> None:
+    return None
+
+
+@router.post("/unload-checkpoint", summary="Free the checkpoint's memory (it loads again when needed)")
+async def unload_checkpoint(request: Request) -> dict:
+    state = server_state(request)
+    await run_model_job(state, "unload_checkpoint", lambda job: state.slot.unload())
+    return {}
+
+
+@router.post("/reload-checkpoint", summary="Load the selected checkpoint again")
+async def reload_checkpoint(request: Request) -> dict:
+    state = server_state(request)
+    await run_model_job(state, "reload_checkpoint", lambda job: state.slot.reload())
+    return {}

@@ -1,0 +1,93 @@
+"""underpaint's own thin JSON API beside A1111's: the queue, one job's progress, per-job cancel.
+
+A1111's /progress and /interrupt only know "the running job"; with a queue, a client also
+wants its position and a way to cancel its own job. Every generation response carries its
+job id in the ``X-Underpaint-Job`` header (or use ``force_task_id``).
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from pydantic import Field
+
+from .. import __version__
+from ..errors import UnderpaintError
+from .a1111.requests import WireModel
+from .jobs import Job
+from .state import server_state
+
+router = APIRouter(prefix="/underpaint/v1", tags=["underpaint"])
+
+
+class JobView(WireModel):
+    id: str
+    kind: str
+    state: str = Field(description="queued, running, done, failed or cancelled")
+    position: int | None = Field(description="0 running, 1 next, ...; null once finished")
+    job_no: int
+    job_count: int
+    step: int
+    steps: int
+    progress: float
+    eta_seconds: float | None
+    submitted_at: float
+    started_at: float | None
+    finished_at: float | None
+
+
+class QueueView(WireModel):
+    running: JobView | None
+    waiting: list[JobView]
+    max_waiting: int
+
+
+class CancelResult(WireModel):
+    cancelled: bool
+
+
+class ServerInfo(WireModel):
+    name: str = "underpaint"
+    version: str
+    model: str | None
+
+
+class JobNotFound(UnderpaintError):
+    http_status = 404
+    kind = "job_not_found"
+
+
+def _view(job: Job, position: int | None) -> JobView:
+    s = job.status(position)
+    return JobView(id=s.id, kind=s.kind, state=s.state, position=s.position, job_no=s.job_no, job_count=s.job_count,
+                   step=s.step, steps=s.steps, progress=s.fraction, eta_seconds=s.eta_seconds,
+                   submitted_at=s.submitted_at, started_at=s.started_at, finished_at=s.finished_at)
+
+
+@router.get("/info", response_model=ServerInfo, summary="Server version and loaded model")
+async def info(request: Request) -> ServerInfo:
+    slot = server_state(request).slot
+    return ServerInfo(version=__version__, model=slot.info.name if slot.info else None)
+
+
+@router.get("/queue", response_model=QueueView, summary="The running job and the jobs waiting, in order")
+async def queue(request: Request) -> QueueView:
+    jobs = server_state(request).queue
+    current = jobs.current
+    return QueueView(running=_view(current, 0) if current else None,
+                     waiting=[_view(job, i) for i, job in enumerate(jobs.waiting(), start=1)],
+                     max_waiting=jobs.max_waiting)
+
+
+@router.get("/jobs/{job_id}", response_model=JobView, summary="One job's state and progress")
+async def job(job_id: str, request: Request) -> JobView:
+    jobs = server_state(request).queue
+    found = jobs.get(job_id)
+    if found is None:
+        raise JobNotFound(f"job_id: no job {job_id[:80]!r} (finished jobs are kept for a while only)", field="job_id")
+    return _view(found, jobs.position(found))
+
+
+@router.post("/jobs/{job_id}/cancel", response_model=CancelResult,
+             summary="Cancel a waiting job, or interrupt it if it is running")
+async def cancel(job_id: str, request: Request) -> CancelResult:
+    return CancelResult(cancelled=server_state(request).queue.cancel(job_id))

@@ -1,0 +1,51 @@
+"""What one running server holds: its settings, queue, engine slot, models folder and options.
+
+One :class:`ServerState` per app (``app.state.underpaint``), made by ``create_app``; nothing
+lives at module level, so two apps in one process (as in the tests) never share anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from fastapi import Request
+
+from .catalog import Catalog
+from .config import ServerConfig
+from .engine_slot import EngineLoader, EngineSlot
+from .jobs import JobQueue
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """The A1111 settings that change generation, as /options sets them; requests may override each."""
+
+    clip_skip: int = 1
+    eta_noise_seed_delta: int = 0
+    rng: str = "gpu"
+    img2img_fix_steps: bool = False
+
+    def replace(self, **changes) -> "ServerOptions":
+        return replace(self, **changes)
+
+
+class ServerState:
+    def __init__(self, config: ServerConfig, loader: EngineLoader):
+        self.config = config
+        self.catalog = Catalog(config.models_dir)
+        self.queue = JobQueue(max_waiting=config.queue_size)
+        self.slot = EngineSlot(loader, self.default_model)
+        self.options = ServerOptions()
+        #: Annotator networks for /controlnet/detect, made on first use by the worker thread.
+        self.annotators = None
+
+    def default_model(self) -> Path | None:
+        """The checkpoint loaded when nothing else was asked for: --model, else the first listed."""
+        if self.config.model:
+            return self.catalog.folder.resolve_checkpoint(self.config.model)
+        return self.catalog.first()
+
+
+def server_state(request: Request) -> ServerState:
+    return request.app.state.underpaint

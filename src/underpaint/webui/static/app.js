@@ -1,0 +1,290 @@
+// Wires the page together: tabs, lists from the API, generate / interrupt, results, send-to.
+
+import { ApiError, get, getOptional, post } from "./api.js";
+import { loadCheckpoints, setupCheckpointSwitch } from "./checkpoints.js";
+import { $, $$, numberValue, setNumber, syncSliders } from "./dom.js";
+import { ControlNetSection } from "./controlnet.js";
+import { clearFieldErrors, showFieldErrors } from "./fielderrors.js";
+import { GenerationForm } from "./form.js";
+import { Gallery, entriesFromResponse } from "./gallery.js";
+import { ImageInput, imageFileFrom, stripDataUrl } from "./images.js";
+import { setupInpaint } from "./inpaint.js";
+import { setupPngInfo } from "./pnginfo.js";
+import { ProgressView, formatSeconds } from "./progress.js";
+
+const panel = $("#panel-generate");
+const generalBox = $("#general-error");
+const notice = $("#notice");
+const form = new GenerationForm(panel);
+const state = { tab: "img2img", busy: false, interrupted: false, lastSeed: null };
+
+// -- tabs ------------------------------------------------------------------------------------
+const tabs = $$('[role="tab"]');
+
+function selectTab(name, focus = false) {
+  state.tab = name;
+  for (const tab of tabs) {
+    const on = tab.dataset.tab === name;
+    tab.setAttribute("aria-selected", String(on));
+    tab.tabIndex = on ? 0 : -1;
+    if (on && focus) tab.focus();
+  }
+  const generating = name !== "pnginfo";
+  panel.hidden = !generating;
+  $("#panel-pnginfo").hidden = generating;
+  if (generating) {
+    panel.dataset.mode = name;
+    panel.setAttribute("aria-labelledby", `tab-${name}`);
+    $$("[data-show]", panel).forEach((node) => { node.hidden = node.dataset.show !== name; });
+    if (name === "inpaint" && editor.hasImage) editor.fit();
+  }
+  if (location.hash !== `#${name}`) history.replaceState(null, "", `#${name}`);
+}
+
+tabs.forEach((tab, i) => {
+  tab.addEventListener("click", () => selectTab(tab.dataset.tab));
+  tab.addEventListener("keydown", (e) => {
+    const to = { ArrowRight: i + 1, ArrowLeft: i - 1, Home: 0, End: tabs.length - 1 }[e.key];
+    if (to === undefined) return;
+    e.preventDefault();
+    selectTab(tabs[(to + tabs.length) % tabs.length].dataset.tab, true);
+  });
+});
+
+// -- source images -----------------------------------------------------------------------------
+const img2img = new ImageInput({
+  zone: $("#img2img-drop"),
+  fileInput: $("#img2img-file"),
+  preview: $("#img2img-preview"),
+  onChange: (input) => { $("#img2img-size").textContent = input.width ? `${input.width}×${input.height} px` : ""; },
+});
+$("#img2img-clear").addEventListener("click", () => img2img.clear());
+
+const { editor, setImageFile: setInpaintImage } = setupInpaint({ active: () => state.tab === "inpaint" });
+
+/** The picture the current tab works on. */
+function sourceImage() {
+  return state.tab === "inpaint" ? editor.dataUrl : img2img.dataUrl;
+}
+function sourceSize() {
+  return state.tab === "inpaint" ? [editor.width, editor.height] : [img2img.width, img2img.height];
+}
+
+// -- ControlNet and PNG Info ----------------------------------------------------------------------
+const controlnet = new ControlNetSection({
+  section: $("#controlnet-section"),
+  container: $("#controlnet-units"),
+  addButton: $("#controlnet-add"),
+  template: $("#controlnet-unit-template"),
+  sourceImage,
+});
+
+const pngInput = setupPngInfo({
+  onSend: async (dataUrl, fields, target) => {
+    const notes = form.apply(fields);
+    if (fields.sd_model_name && $("#checkpoint").value && !$("#checkpoint").value.includes(fields.sd_model_name)) {
+      notes.push(`made with the model "${fields.sd_model_name}"`);
+    }
+    notice.textContent = notes.length ? `Parameters set; note: ${notes.join("; ")}.` : "Parameters set.";
+    await sendImage(dataUrl, target);
+  },
+});
+
+async function sendImage(dataUrl, target) {
+  selectTab(target);
+  if (target === "inpaint") await editor.setImage(dataUrl);
+  else await img2img.set(dataUrl, "result.png");
+}
+
+/** A pasted or stray-dropped picture goes to the focused ControlNet unit, else to the current tab's image. */
+function takeImage(file, focused) {
+  const unitZone = focused?.closest?.(".cn-drop");
+  const unit = unitZone && controlnet.units.find((u) => u.root.contains(unitZone));
+  if (unit) unit.image.setFile(file);
+  else if (state.tab === "inpaint") setInpaintImage(file);
+  else if (state.tab === "pnginfo") pngInput.setFile(file);
+  else img2img.setFile(file);
+}
+
+document.addEventListener("paste", (event) => {
+  const file = imageFileFrom(event.clipboardData);
+  if (!file) return;
+  event.preventDefault();
+  takeImage(file, document.activeElement);
+});
+// A file dropped outside a drop zone would make the browser leave the page (and lose the work).
+document.addEventListener("dragover", (event) => event.preventDefault());
+document.addEventListener("drop", (event) => {
+  if (event.defaultPrevented) return;
+  event.preventDefault();
+  const file = imageFileFrom(event.dataTransfer);
+  if (file) takeImage(file, null);
+});
+
+// -- lists from the API ------------------------------------------------------------------------
+async function loadLists() {
+  generalBox.hidden = true;
+  const failures = [];
+  const attempt = (what, promise) => promise.catch((err) => failures.push(`${what}: ${err.message}`));
+  await Promise.all([
+    attempt("samplers", get("/sdapi/v1/samplers").then((s) => form.fillSamplers(s ?? []))),
+    attempt("schedules", getOptional("/sdapi/v1/schedulers", []).then((s) => form.fillSchedulers(s ?? []))),
+    attempt("checkpoints", loadCheckpoints()),
+    attempt("ControlNet", controlnet.load()),
+  ]);
+  if (failures.length) {
+    generalBox.textContent = `Could not load ${failures.join("; ")}`;
+    generalBox.hidden = false;
+  }
+}
+
+$("#refresh-models").addEventListener("click", async () => {
+  await post("/sdapi/v1/refresh-checkpoints").catch(() => {});
+  await loadLists();
+});
+
+setupCheckpointSwitch({
+  onSwitching: (switching) => {
+    $("#checkpoint").disabled = switching || state.busy;
+    $("#generate").disabled = switching || state.busy;
+  },
+});
+
+// -- generating ------------------------------------------------------------------------------
+const progress = new ProgressView({
+  box: $("#progress"), bar: $("#progress-bar"), text: $("#progress-text"), preview: $("#progress-preview"),
+});
+
+function inputError(field, message) {
+  showFieldErrors({ errors: [{ field, message }] }, { root: panel })?.focus();
+  return null;
+}
+
+/** The A1111 request for the current tab, or null after marking what is missing. */
+function buildRequest() {
+  const source = sourceImage();
+  if (!source) return inputError("init_images", "Drop, paste or pick an image first.");
+  const request = {
+    ...form.values(),
+    init_images: [stripDataUrl(source)],
+    send_images: true,
+    save_images: false,
+  };
+  if (state.tab === "inpaint") {
+    const inpaint = form.inpaintValues();
+    if (editor.coverage() === 0 && !inpaint.inpainting_mask_invert) {
+      return inputError("mask", "Paint over the area to repaint first (or choose “Inpaint not masked”).");
+    }
+    Object.assign(request, inpaint, { mask: stripDataUrl(editor.maskDataUrl()) });
+  }
+  const cn = controlnet.payload();
+  if (cn.args.length) request.alwayson_scripts = { controlnet: { args: cn.args } };
+  return { request, rename: cn.rename };
+}
+
+function setBusy(busy) {
+  state.busy = busy;
+  $("#generate").disabled = busy;
+  $("#generate").textContent = busy ? "Generating…" : "Generate";
+  $("#interrupt").disabled = !busy;
+  $("#skip").disabled = !busy;
+  $("#checkpoint").disabled = busy;
+}
+
+async function generate() {
+  if (state.busy) return;
+  clearFieldErrors(panel);
+  generalBox.hidden = true;
+  notice.textContent = "";
+  const built = buildRequest();
+  if (!built) return;
+  setBusy(true);
+  state.interrupted = false;
+  progress.start();
+  const started = performance.now();
+  try {
+    const response = await post("/sdapi/v1/img2img", built.request);
+    const entries = entriesFromResponse(response);
+    gallery.add(entries);
+    if (entries.length && $("#gallery-main").getBoundingClientRect().top > window.innerHeight) {
+      $("#gallery-main").scrollIntoView({ block: "nearest" });  // one-column layout: results are below
+    }
+    const seconds = formatSeconds((performance.now() - started) / 1000);
+    const what = entries.length === 1 ? "1 image" : `${entries.length} images`;
+    progress.stop(state.interrupted ? `Interrupted after ${seconds}: ${what} returned` : `Done in ${seconds}: ${what}`);
+  } catch (err) {
+    progress.stop(state.interrupted ? "Interrupted" : "");
+    if (err instanceof ApiError) {
+      showFieldErrors(err, { root: panel, generalBox, rename: built.rename })?.focus();
+    } else {
+      generalBox.textContent = String(err.message ?? err);
+      generalBox.hidden = false;
+    }
+  } finally {
+    setBusy(false);
+  }
+}
+
+$("#generate").addEventListener("click", generate);
+$("#interrupt").addEventListener("click", async () => {
+  state.interrupted = true;
+  $("#interrupt").disabled = true;
+  await post("/sdapi/v1/interrupt").catch((err) => { notice.textContent = `Interrupt failed: ${err.message}`; });
+});
+$("#skip").addEventListener("click", () => post("/sdapi/v1/skip").catch(() => {}));
+
+document.addEventListener("keydown", (e) => {
+  if (state.tab === "pnginfo") return;
+  if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) {
+    e.preventDefault();
+    generate();
+    return;
+  }
+});
+
+// -- results ------------------------------------------------------------------------------------
+const resultButtons = ["#send-img2img", "#send-inpaint", "#send-pnginfo"].map((id) => $(id));
+const gallery = new Gallery({
+  main: $("#gallery-main"),
+  thumbs: $("#gallery-thumbs"),
+  infotext: $("#result-infotext"),
+  download: $("#result-download"),
+  onSelect: (entry) => {
+    resultButtons.forEach((b) => { b.disabled = false; });
+    $("#result-seed").disabled = entry.seed === null;
+    if (entry.seed !== null) state.lastSeed = entry.seed;
+  },
+});
+$("#send-img2img").addEventListener("click", () => sendImage(gallery.selected.dataUrl, "img2img"));
+$("#send-inpaint").addEventListener("click", () => sendImage(gallery.selected.dataUrl, "inpaint"));
+$("#send-pnginfo").addEventListener("click", async () => {
+  selectTab("pnginfo");
+  await pngInput.set(gallery.selected.dataUrl, gallery.selected.fileName);
+});
+$("#result-seed").addEventListener("click", () => setNumber($("#seed"), gallery.selected.seed));
+
+// -- seed and size helpers ------------------------------------------------------------------------
+$("#seed-random").addEventListener("click", () => setNumber($("#seed"), -1));
+$("#seed-reuse").addEventListener("click", () => {
+  const seed = gallery.selected?.seed ?? state.lastSeed;
+  if (seed !== null && seed !== undefined) setNumber($("#seed"), seed);
+  else notice.textContent = "No result yet whose seed could be reused.";
+});
+$("#swap-size").addEventListener("click", () => {
+  const [w, h] = [numberValue($("#width")), numberValue($("#height"))];
+  setNumber($("#width"), h);
+  setNumber($("#height"), w);
+});
+$("#size-from-image").addEventListener("click", () => {
+  const [w, h] = sourceSize();
+  if (!w) return;
+  const round8 = (v) => Math.max(64, Math.round(v / 8) * 8);
+  setNumber($("#width"), round8(w));
+  setNumber($("#height"), round8(h));
+});
+
+// -- start ------------------------------------------------------------------------------------
+syncSliders();
+const initial = location.hash.slice(1);
+selectTab(tabs.some((t) => t.dataset.tab === initial) ? initial : "img2img");
+loadLists().finally(() => { document.body.dataset.ready = "true"; });

@@ -1,0 +1,231 @@
+// The inpainting canvas: the picture with a mask layer painted over it at the picture's own
+// resolution, so the mask sent to the API lines up pixel for pixel whatever the zoom.
+
+import { loadImage } from "./images.js";
+
+const MAX_HISTORY = 30;
+/** How the mask is shown over the picture; only its alpha matters for the mask sent. */
+const MASK_RGB = [255, 60, 170];
+const ZOOM_STEPS = [0.1, 0.125, 0.25, 0.33, 0.5, 0.67, 0.75, 1, 1.5, 2, 3, 4, 6, 8];
+
+export class MaskEditor {
+  constructor({ stage, layer, imageCanvas, maskCanvas, cursor, hint, onChange = () => {}, onZoom = () => {} }) {
+    Object.assign(this, { stage, layer, imageCanvas, maskCanvas, cursor, hint, onChange, onZoom });
+    this.ctx = maskCanvas.getContext("2d", { willReadFrequently: true });
+    this.tool = "brush";
+    this.brushSize = 40;
+    this.zoom = 1;
+    this.undoStack = [];
+    this.redoStack = [];
+    this.dataUrl = null;
+    this.stroke = null;
+    this.bindPointer();
+  }
+
+  get width() { return this.maskCanvas.width; }
+  get height() { return this.maskCanvas.height; }
+  get hasImage() { return this.dataUrl !== null; }
+
+  /** Load the picture to paint on; the mask starts empty. */
+  async setImage(dataUrl) {
+    const img = await loadImage(dataUrl);
+    for (const canvas of [this.imageCanvas, this.maskCanvas]) {
+      canvas.width = img.naturalWidth;
+      canvas.height = img.naturalHeight;
+    }
+    this.imageCanvas.getContext("2d").drawImage(img, 0, 0);
+    this.dataUrl = dataUrl;
+    this.undoStack = [];
+    this.redoStack = [];
+    this.layer.hidden = false;
+    this.hint.hidden = true;
+    this.fit();
+    this.onChange(this);
+  }
+
+  /** Load a mask picture: white (or opaque, for RGBA masks with transparency) = repaint. */
+  async loadMask(dataUrl) {
+    if (!this.hasImage) return;
+    const img = await loadImage(dataUrl);
+    const scratch = document.createElement("canvas");
+    scratch.width = this.width;
+    scratch.height = this.height;
+    const sctx = scratch.getContext("2d", { willReadFrequently: true });
+    sctx.drawImage(img, 0, 0, this.width, this.height);
+    const src = sctx.getImageData(0, 0, this.width, this.height);
+    this.remember();
+    const out = this.ctx.createImageData(this.width, this.height);
+    for (let i = 0; i < src.data.length; i += 4) {
+      const d = src.data;
+      const luminance = (d[i] * 299 + d[i + 1] * 587 + d[i + 2] * 114) / 1000;
+      out.data.set(MASK_RGB, i);
+      out.data[i + 3] = d[i + 3] < 255 ? 255 - d[i + 3] : luminance;
+    }
+    this.ctx.putImageData(out, 0, 0);
+    this.onChange(this);
+  }
+
+  // -- painting --------------------------------------------------------------------------
+  bindPointer() {
+    const canvas = this.maskCanvas;
+    canvas.addEventListener("pointerdown", (e) => {
+      if (e.button !== 0 || !this.hasImage) return;
+      e.preventDefault();
+      canvas.setPointerCapture(e.pointerId);
+      this.remember();
+      this.stroke = this.toImage(e);
+      this.paint(this.stroke, this.stroke);
+    });
+    canvas.addEventListener("pointermove", (e) => {
+      this.moveCursor(e);
+      if (!this.stroke) return;
+      const point = this.toImage(e);
+      this.paint(this.stroke, point);
+      this.stroke = point;
+    });
+    const end = () => {
+      if (this.stroke) {
+        this.stroke = null;
+        this.onChange(this);
+      }
+    };
+    canvas.addEventListener("pointerup", end);
+    canvas.addEventListener("pointercancel", end);
+    canvas.addEventListener("pointerleave", () => { this.cursor.hidden = true; });
+    this.stage.addEventListener("wheel", (e) => {
+      if (!e.ctrlKey || !this.hasImage) return;  // plain wheel scrolls; Ctrl+wheel zooms
+      e.preventDefault();
+      this.stepZoom(e.deltaY < 0 ? 1 : -1);
+    }, { passive: false });
+  }
+
+  /** Pointer position in picture pixels. */
+  toImage(e) {
+    const rect = this.maskCanvas.getBoundingClientRect();
+    return {
+      x: ((e.clientX - rect.left) * this.width) / rect.width,
+      y: ((e.clientY - rect.top) * this.height) / rect.height,
+    };
+  }
+
+  moveCursor(e) {
+    if (!this.hasImage) return;
+    const rect = this.maskCanvas.getBoundingClientRect();
+    const size = (this.brushSize * rect.width) / this.width;
+    Object.assign(this.cursor.style, {
+      left: `${e.clientX - rect.left}px`, top: `${e.clientY - rect.top}px`, width: `${size}px`, height: `${size}px`,
+    });
+    this.cursor.hidden = false;
+  }
+
+  paint(from, to) {
+    const ctx = this.ctx;
+    ctx.save();
+    ctx.globalCompositeOperation = this.tool === "eraser" ? "destination-out" : "source-over";
+    ctx.strokeStyle = ctx.fillStyle = `rgb(${MASK_RGB.join(",")})`;
+    ctx.lineWidth = this.brushSize;
+    ctx.lineCap = ctx.lineJoin = "round";
+    ctx.beginPath();
+    if (from.x === to.x && from.y === to.y) {
+      ctx.arc(to.x, to.y, this.brushSize / 2, 0, Math.PI * 2);
+      ctx.fill();
+    } else {
+      ctx.moveTo(from.x, from.y);
+      ctx.lineTo(to.x, to.y);
+      ctx.stroke();
+    }
+    ctx.restore();
+  }
+
+  // -- history and whole-mask edits ---------------------------------------------------------
+  snapshot() {
+    return this.ctx.getImageData(0, 0, this.width, this.height);
+  }
+
+  remember() {
+    this.undoStack.push(this.snapshot());
+    if (this.undoStack.length > MAX_HISTORY) this.undoStack.shift();
+    this.redoStack = [];
+  }
+
+  undo() { this.travel(this.undoStack, this.redoStack); }
+  redo() { this.travel(this.redoStack, this.undoStack); }
+
+  travel(from, to) {
+    if (!from.length) return;
+    to.push(this.snapshot());
+    this.ctx.putImageData(from.pop(), 0, 0);
+    this.onChange(this);
+  }
+
+  invert() {
+    if (!this.hasImage) return;
+    this.remember();
+    const data = this.snapshot();
+    for (let i = 0; i < data.data.length; i += 4) {
+      data.data.set(MASK_RGB, i);
+      data.data[i + 3] = 255 - data.data[i + 3];
+    }
+    this.ctx.putImageData(data, 0, 0);
+    this.onChange(this);
+  }
+
+  clear() {
+    if (!this.hasImage) return;
+    this.remember();
+    this.ctx.clearRect(0, 0, this.width, this.height);
+    this.onChange(this);
+  }
+
+  /** Share of the picture that is masked, 0..1 (partly painted pixels count in part). */
+  coverage() {
+    if (!this.hasImage) return 0;
+    const data = this.snapshot().data;
+    let sum = 0;
+    for (let i = 3; i < data.length; i += 4) sum += data[i];
+    return sum / 255 / (this.width * this.height);
+  }
+
+  /** The mask as the API wants it: a black picture, white where to repaint; PNG data URL. */
+  maskDataUrl() {
+    const out = document.createElement("canvas");
+    out.width = this.width;
+    out.height = this.height;
+    const octx = out.getContext("2d");
+    const pixels = this.snapshot();
+    for (let i = 0; i < pixels.data.length; i += 4) {
+      const a = pixels.data[i + 3];
+      pixels.data[i] = pixels.data[i + 1] = pixels.data[i + 2] = a;
+      pixels.data[i + 3] = 255;
+    }
+    octx.putImageData(pixels, 0, 0);
+    return out.toDataURL("image/png");
+  }
+
+  // -- zoom ---------------------------------------------------------------------------------
+  setZoom(zoom) {
+    this.zoom = Math.min(8, Math.max(0.05, zoom));
+    this.layer.style.width = `${Math.round(this.width * this.zoom)}px`;
+    this.layer.style.height = `${Math.round(this.height * this.zoom)}px`;
+    this.onZoom(this.zoom);
+  }
+
+  stepZoom(direction) {
+    const next = direction > 0
+      ? ZOOM_STEPS.find((z) => z > this.zoom + 1e-6)
+      : [...ZOOM_STEPS].reverse().find((z) => z < this.zoom - 1e-6);
+    if (next) {
+      this.fitted = false;
+      this.setZoom(next);
+    }
+  }
+
+  /** The zoom at which the whole picture fills the stage (large pictures shrink, small ones grow). */
+  fit() {
+    if (!this.hasImage) return;
+    const maxWidth = Math.max(100, this.stage.clientWidth - 8);
+    const maxHeight = Math.max(100, Math.min(window.innerHeight * 0.65, 560) - 8);
+    this.fitted = true;
+    this.setZoom(Math.min(maxWidth / this.width, maxHeight / this.height));
+  }
+}

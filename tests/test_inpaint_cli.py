@@ -1,0 +1,103 @@
+"""`underpaint inpaint` and `underpaint outpaint`: real processes, real files, one-line errors with exit status 2."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "underpaint", *args], capture_output=True, text=True,
+                          env=dict(os.environ), timeout=300)
+
+
+def assert_clean_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("underpaint: error:")]
+    assert len(errors) == 1, proc.stderr
+    for needle in needles:
+        assert needle in errors[0], (needle, proc.stderr)
+
+
+@pytest.fixture
+def files(tmp_path, photo) -> dict[str, Path]:
+    picture = photo.crop((24, 16, 72, 48))  # 48x32: quick on a CPU
+    paths = {"photo": tmp_path / "photo.png", "mask": tmp_path / "mask.png", "out": tmp_path / "out.png"}
+    picture.save(paths["photo"])
+    mask = Image.new("L", (48, 32), 0)
+    mask.paste(255, (12, 6, 30, 22))
+    mask.save(paths["mask"])
+    return paths
+
+
+def test_inpaint_keeps_unmasked_pixels_and_records_settings(files, sd1_file):
+    proc = run_cli("inpaint", str(files["photo"]), "--mask", str(files["mask"]), "-p", "a golden necklace",
+                   "--mask-blur", "0", "--masked-content", "fill", "--inpaint-area", "only-masked", "--padding", "8",
+                   "--steps", "1", "--seed", "9", "--model", str(sd1_file), "-o", str(files["out"]))
+    assert proc.returncode == 0, proc.stderr
+    out, src = Image.open(files["out"]), Image.open(files["photo"])
+    keep = np.asarray(Image.open(files["mask"])) == 0
+    assert np.array_equal(np.asarray(out.convert("RGB"))[keep], np.asarray(src.convert("RGB"))[keep])
+    text = out.text["parameters"]
+    assert "Inpaint area: Only masked, Masked area padding: 8, Masked content: fill" in text
+    assert "Mask blur" not in text
+
+
+def test_inpaint_from_alpha(tmp_path, photo, sd1_file):
+    rgba = photo.crop((24, 16, 72, 48)).convert("RGBA")
+    alpha = np.full((32, 48), 255, np.uint8)
+    alpha[8:24, 10:30] = 0
+    rgba.putalpha(Image.fromarray(alpha))
+    source, out = tmp_path / "erased.png", tmp_path / "filled.png"
+    rgba.save(source)
+    proc = run_cli("inpaint", str(source), "--mask-from-alpha", "--mask-blur", "0", "--steps", "1", "--seed", "1",
+                   "--model", str(sd1_file), "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    keep = alpha == 255
+    assert np.array_equal(np.asarray(Image.open(out).convert("RGB"))[keep], np.asarray(rgba.convert("RGB"))[keep])
+
+
+def test_outpaint_extends_the_picture(files, sd1_file):
+    proc = run_cli("outpaint", str(files["photo"]), "--left", "16", "--up", "30", "--fill", "edge", "--steps", "1",
+                   "--seed", "2", "--model", str(sd1_file), "-o", str(files["out"]))
+    assert proc.returncode == 0, proc.stderr
+    out = Image.open(files["out"])
+    assert out.size == (64, 64)  # 30 rows round up to 32
+    assert np.array_equal(np.asarray(out.convert("RGB"))[32:, 16:], np.asarray(Image.open(files["photo"]).convert("RGB")))
+
+
+def test_mask_of_another_size_warns_in_one_line(tmp_path, files, sd1_file):
+    small = tmp_path / "small.png"
+    Image.open(files["mask"]).resize((24, 16)).save(small)
+    proc = run_cli("inpaint", str(files["photo"]), "--mask", str(small), "--steps", "1", "--seed", "1",
+                   "--model", str(sd1_file), "-o", str(files["out"]))
+    assert proc.returncode == 0, proc.stderr
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("underpaint: warning:")]
+    assert len(warnings) == 1 and "24x16" in warnings[0] and "48x32" in warnings[0], proc.stderr
+
+
+def test_bad_mask_inputs_fail_in_one_line(tmp_path, files, sd1_file):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"definitely not a png")
+    assert_clean_error(run_cli("inpaint", str(files["photo"]), "--mask", str(broken), "--model", str(sd1_file)),
+                       "broken.png")
+    assert_clean_error(run_cli("inpaint", str(files["photo"]), "--mask", str(tmp_path / "nope.png"),
+                               "--model", str(sd1_file)), "nope.png", "not found")
+    assert_clean_error(run_cli("inpaint", str(files["photo"]), "--mask-from-alpha", "--model", str(sd1_file)),
+                       "no alpha channel")
+    assert_clean_error(run_cli("inpaint", str(files["photo"]), "--mask", str(files["mask"]), "--mask-weight", "2",
+                               "--model", str(sd1_file)), "mask_weight")
+    assert_clean_error(run_cli("outpaint", str(files["photo"]), "--model", str(sd1_file)), "at least one side")
+    assert not files["out"].exists()
+
+
+def test_inpaint_needs_a_mask_source(files):
+    proc = run_cli("inpaint", str(files["photo"]))
+    assert proc.returncode == 2 and "--mask" in proc.stderr

@@ -1,0 +1,240 @@
+"""The models folder (own and A1111 layouts), A1111 hashes with their cache, and the offline download path."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import struct
+from pathlib import Path
+
+import pytest
+
+from underpaint.errors import DownloadError, ModelNotFound, UnknownName
+from underpaint.models import hashes
+from underpaint.models.download import KNOWN_MODELS, download, known_model
+from underpaint.models.registry import ModelsDir, default_models_dir
+
+
+def _touch(path: Path, data: bytes = b"x") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+@pytest.fixture
+def cache(tmp_path):
+    return tmp_path / "hash-cache.json"
+
+
+# --- hashes ------------------------------------------------------------------------------------------
+
+
+def test_model_hash_is_sha256_prefix(sd1_file, cache):
+    data = sd1_file.read_bytes()
+    assert hashes.file_sha256(sd1_file, cache=cache) == hashlib.sha256(data).hexdigest()
+    assert hashes.model_hash(sd1_file, cache=cache) == hashlib.sha256(data).hexdigest()[:10]
+
+
+def test_addnet_hash_covers_the_body_only(sd1_file, tmp_path, cache):
+    data = sd1_file.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    assert hashes.addnet_hash(sd1_file, cache=cache) == hashlib.sha256(data[8 + n:]).hexdigest()[:12]
+    # The same tensors with different metadata: same addnet hash, different model hash.
+    from safetensors.torch import load_file, save_file
+
+    other = tmp_path / "other.safetensors"
+    save_file(load_file(str(sd1_file)), str(other), metadata={"ss_output_name": "x"})
+    assert hashes.addnet_hash(other, cache=cache) == hashes.addnet_hash(sd1_file, cache=cache)
+    assert hashes.model_hash(other, cache=cache) != hashes.model_hash(sd1_file, cache=cache)
+
+
+def test_hash_cache_is_used_until_size_or_mtime_change(tmp_path, cache):
+    path = _touch(tmp_path / "m.safetensors", b"A" * 4096)
+    first = hashes.model_hash(path, cache=cache)
+    assert first == hashlib.sha256(b"A" * 4096).hexdigest()[:10]
+    assert hashes.cached_model_hash(path, cache=cache) == first
+    st = path.stat()
+    path.write_bytes(b"B" * 4096)  # same size; put the old mtime back: the cache must answer
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert hashes.model_hash(path, cache=cache) == first
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert hashes.cached_model_hash(path, cache=cache) is None
+    assert hashes.model_hash(path, cache=cache) == hashlib.sha256(b"B" * 4096).hexdigest()[:10]
+
+
+def test_hash_reads_the_file_once(tmp_path, cache, monkeypatch):
+    path = _touch(tmp_path / "m.ckpt", b"C" * 100)
+    calls = []
+    real = hashes.sha256_of
+    monkeypatch.setattr(hashes, "sha256_of", lambda p, **kw: calls.append(p) or real(p, **kw))
+    for _ in range(3):
+        hashes.model_hash(path, cache=cache)
+    assert len(calls) == 1
+
+
+def test_default_hash_cache_location(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    path = _touch(tmp_path / "m.safetensors", b"D" * 10)
+    hashes.model_hash(path)
+    assert (tmp_path / "xdg" / "underpaint" / "hashes.json").is_file()
+
+
+# --- models folder ----------------------------------------------------------------------------------
+
+
+def test_default_models_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("UNDERPAINT_MODELS_DIR", str(tmp_path / "m"))
+    assert default_models_dir() == tmp_path / "m"
+    monkeypatch.delenv("UNDERPAINT_MODELS_DIR")
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    assert default_models_dir() == tmp_path / "data" / "underpaint" / "models"
+    monkeypatch.delenv("XDG_DATA_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_models_dir() == tmp_path / "home" / ".local" / "share" / "underpaint" / "models"
+
+
+@pytest.fixture
+def own(tmp_path):
+    root = tmp_path / "models"
+    _touch(root / "checkpoints" / "v1-5-pruned-emaonly.safetensors", b"one")
+    _touch(root / "checkpoints" / "sub" / "dreamy.ckpt", b"two")
+    _touch(root / "checkpoints" / "notes.txt")
+    _touch(root / "checkpoints" / "folder-model" / "model_index.json", b"{}")
+    _touch(root / "checkpoints" / "folder-model" / "unet" / "diffusion_pytorch_model.safetensors")
+    _touch(root / "vae" / "vae-ft-mse-840000-ema-pruned.safetensors")
+    return ModelsDir(root)
+
+
+def test_list_checkpoints(own, monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    entries = own.list_checkpoints()
+    assert [e.filename for e in entries] == ["folder-model", "sub/dreamy.ckpt", "v1-5-pruned-emaonly.safetensors"]
+    assert [e.name for e in entries] == ["folder-model", "sub/dreamy", "v1-5-pruned-emaonly"]
+    assert [e.title for e in entries] == [e.filename for e in entries]  # no hash known yet: none computed
+    assert all(e.short_hash is None for e in entries)
+    assert entries[1].model_name == "sub/dreamy"
+    h = hashes.model_hash(entries[2].path)
+    listed = own.list_checkpoints()[2]
+    assert listed.title == f"v1-5-pruned-emaonly.safetensors [{h}]" and listed.short_hash == h
+    assert [e.filename for e in own.list_vaes()] == ["vae-ft-mse-840000-ema-pruned.safetensors"]
+
+
+def test_resolve_checkpoint_by_name_path_title_and_hash(own, monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    ckpts = own.root / "checkpoints"
+    target = ckpts / "v1-5-pruned-emaonly.safetensors"
+    assert own.resolve_checkpoint("v1-5-pruned-emaonly.safetensors") == target
+    assert own.resolve_checkpoint("v1-5-pruned-emaonly") == target
+    assert own.resolve_checkpoint(str(target)) == target
+    assert own.resolve_checkpoint("sub/dreamy") == ckpts / "sub" / "dreamy.ckpt"
+    assert own.resolve_checkpoint("dreamy") == ckpts / "sub" / "dreamy.ckpt"
+    assert own.resolve_checkpoint("folder-model") == ckpts / "folder-model"
+    elsewhere = _touch(tmp_path / "elsewhere" / "x.safetensors")
+    assert own.resolve_checkpoint(elsewhere) == elsewhere
+    h = hashes.model_hash(target)
+    assert own.resolve_checkpoint(f"v1-5-pruned-emaonly.safetensors [{h}]") == target
+    assert own.resolve_checkpoint(h) == target
+
+
+def test_unknown_checkpoint_lists_what_exists(own):
+    with pytest.raises(ModelNotFound) as err:
+        own.resolve_checkpoint("v1-5-pruned")
+    msg = str(err.value)
+    assert "'v1-5-pruned' not found" in msg and "v1-5-pruned-emaonly" in msg and "did you mean" in msg
+    assert "sub/dreamy.ckpt" in msg and "\n" not in msg
+    assert err.value.http_status == 404
+
+
+def test_empty_folder_says_how_to_get_a_model(tmp_path):
+    with pytest.raises(ModelNotFound) as err:
+        ModelsDir(tmp_path / "nothing").resolve_checkpoint("sd15")
+    assert "underpaint download sd15" in str(err.value)
+    assert ModelsDir(tmp_path / "nothing").checkpoints_dir == tmp_path / "nothing" / "checkpoints"
+    assert str(tmp_path / "nothing" / "checkpoints") in str(err.value)
+    with pytest.raises(ModelNotFound, match="VAE 'x' not found: no vae in"):
+        ModelsDir(tmp_path / "nothing").resolve_vae("x")
+
+
+def test_ambiguous_stem(tmp_path):
+    root = tmp_path / "m"
+    _touch(root / "checkpoints" / "a" / "same.safetensors")
+    _touch(root / "checkpoints" / "b" / "same.safetensors")
+    with pytest.raises(ModelNotFound, match="ambiguous"):
+        ModelsDir(root).resolve_checkpoint("same")
+    assert ModelsDir(root).resolve_checkpoint("b/same") == root / "checkpoints" / "b" / "same.safetensors"
+
+
+@pytest.mark.parametrize("point_at", ["root", "models"])
+def test_a1111_layout(tmp_path, point_at):
+    a = tmp_path / "stable-diffusion-webui"
+    _touch(a / "models" / "Stable-diffusion" / "anything-v3.safetensors")
+    _touch(a / "models" / "VAE" / "kl-f8-anime.ckpt")
+    (a / "models" / "Lora").mkdir(parents=True)
+    (a / "embeddings").mkdir()
+    (a / "models" / "ControlNet").mkdir()
+    md = ModelsDir(a if point_at == "root" else a / "models")
+    assert [e.title for e in md.list_checkpoints()] == ["anything-v3.safetensors"]
+    assert md.resolve_checkpoint("anything-v3") == a / "models" / "Stable-diffusion" / "anything-v3.safetensors"
+    assert md.resolve_vae("kl-f8-anime.ckpt") == a / "models" / "VAE" / "kl-f8-anime.ckpt"
+    assert md.folders("loras") == (a / "models" / "Lora",)
+    assert md.folders("embeddings") == (a / "embeddings",)
+    assert md.folders("controlnet") == (a / "models" / "ControlNet",)
+    assert md.folder("checkpoints") == md.checkpoints_dir == a / "models" / "Stable-diffusion"
+    assert md.vae_dir == a / "models" / "VAE" and md.loras_dir == a / "models" / "Lora"
+
+
+# --- downloads -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a network connection was attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+def test_offline_download_fails_with_one_line_instruction(tmp_path, no_network):
+    with pytest.raises(DownloadError) as err:
+        download("sd15", tmp_path / "models", progress=False)
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert ("https://huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1-5/resolve/main/"
+            "v1-5-pruned-emaonly.safetensors") in msg
+    assert str(tmp_path / "models" / "checkpoints") in msg
+    assert "AssertionError" not in msg
+
+
+def test_vae_download_goes_to_the_vae_folder(tmp_path, no_network):
+    with pytest.raises(DownloadError, match=str(tmp_path / "m" / "vae")):
+        download("vae-ft-mse", ModelsDir(tmp_path / "m"))
+
+
+def test_already_downloaded_file_is_returned(tmp_path, no_network):
+    done = _touch(tmp_path / "m" / "checkpoints" / "sd_xl_base_1.0.safetensors")
+    assert download("sdxl", tmp_path / "m") == done
+
+
+def test_known_model_table():
+    assert {"sd15", "sd21", "sdxl", "sd-turbo", "sdxl-turbo"} <= set(KNOWN_MODELS)
+    assert all(name == m.name for name, m in KNOWN_MODELS.items())
+    assert all(m.filename.endswith(".safetensors") and "/" in m.repo_id and m.description
+               for m in KNOWN_MODELS.values())
+    with pytest.raises(TypeError):
+        KNOWN_MODELS["mine"] = KNOWN_MODELS["sd15"]  # read-only table
+    with pytest.raises(UnknownName, match="sd15"):
+        known_model("sd1.5")
+
+
+def test_vae_folder_path_resolves(tmp_path):
+    folder = _touch(tmp_path / "sdxl-vae-fp16-fix" / "config.json", b"{}").parent
+    assert ModelsDir(tmp_path / "m").resolve_vae(folder) == folder
+    with pytest.raises(ModelNotFound):
+        ModelsDir(tmp_path / "m").resolve_checkpoint(folder)  # a checkpoint folder needs model_index.json

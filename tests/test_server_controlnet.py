@@ -1,0 +1,83 @@
+"""ControlNet units as the A1111 extension's API sends them → underpaint's ControlUnit records."""
+
+from __future__ import annotations
+
+import pytest
+from PIL import Image
+
+from test_server_support import png_b64
+from underpaint.errors import InvalidParameter, UnderpaintError
+from underpaint.server.a1111.control_units import control_units, enabled_units, resolve_model
+from underpaint.server.config import Limits
+
+PREFIX = "alwayson_scripts.controlnet.args"
+
+
+def _units(args, files=()):
+    return control_units(args, prefix=PREFIX, limits=Limits(), allow_urls=False, files=lambda: list(files))
+
+
+def test_webuiapi_unit_becomes_a_control_unit(tmp_path, photo):
+    model = tmp_path / "control_v11p_sd15_canny.safetensors"
+    model.write_bytes(b"x")
+    raw = {"image": png_b64(photo), "mask": None, "module": "canny", "model": "control_v11p_sd15_canny [d14c016b]",
+           "weight": 0.8, "resize_mode": "Resize and Fill", "low_vram": False, "processor_res": 256,
+           "threshold_a": 64, "threshold_b": -1, "guidance_start": 0.1, "guidance_end": 0.9,
+           "control_mode": "My prompt is more important", "pixel_perfect": True, "hr_option": "Both", "enabled": True}
+    (unit,) = _units([raw], [model])
+    assert unit.image.size == photo.size and unit.module == "canny" and unit.model == str(model)
+    assert (unit.weight, unit.guidance_start, unit.guidance_end) == (0.8, 0.1, 0.9)
+    assert unit.resize_mode == "Resize and Fill" and unit.control_mode == "My prompt is more important"
+    assert (unit.processor_res, unit.threshold_a, unit.threshold_b, unit.pixel_perfect) == (256, 64, None, True)
+
+
+def test_disabled_units_are_dropped_and_defaults_apply():
+    units = _units([False, {"enabled": False, "module": "canny"}, {"module": "depth", "processor_res": -1}])
+    assert len(units) == 1
+    unit = units[0]
+    assert unit.module == "depth_midas" and unit.image is None and unit.model is None
+    assert unit.processor_res == 512 and unit.threshold_a is None and unit.control_mode == "Balanced"
+    assert enabled_units([False, {"enabled": False}, {}, None]) == [2]
+
+
+def test_inpaint_unit_mask_becomes_transparency(photo):
+    mask = Image.new("L", photo.size, 0)
+    mask.paste(255, (10, 10, 20, 20))
+    (unit,) = _units([{"module": "inpaint_only", "image": {"image": png_b64(photo), "mask": png_b64(mask)}}])
+    assert unit.image.mode == "RGBA"
+    assert unit.image.getpixel((15, 15))[3] == 0 and unit.image.getpixel((40, 40))[3] == 255
+
+
+@pytest.mark.parametrize(("raw", "field"), [
+    ({"module": "cany"}, f"{PREFIX}[0].module"),
+    ({"module": "canny", "weight": 5}, f"{PREFIX}[0].weight"),
+    ({"module": "canny", "weight": "heavy"}, f"{PREFIX}[0].weight"),
+    ({"module": "canny", "guidance_start": 0.8, "guidance_end": 0.2}, f"{PREFIX}[0].guidance_start"),
+    ({"module": "canny", "control_mode": 7}, f"{PREFIX}[0].control_mode"),
+    ({"module": "canny", "image": "!!"}, f"{PREFIX}[0].image"),
+    ({"module": "canny", "image": "http://10.0.0.1/a.png"}, f"{PREFIX}[0].image"),
+    ({"module": "canny", "model": "/etc/passwd"}, f"{PREFIX}[0].model"),
+    ({"module": "canny", "model": "../checkpoints/x"}, f"{PREFIX}[0].model"),
+    ("canny", f"{PREFIX}[0]"),
+])
+def test_bad_units_name_the_field(raw, field, tmp_path):
+    model = tmp_path / "control_v11p_sd15_canny.safetensors"
+    model.write_bytes(b"x")
+    with pytest.raises(UnderpaintError) as exc:
+        _units([raw], [model])
+    assert exc.value.field == field
+
+
+def test_txt2img_units_need_their_own_image():
+    with pytest.raises(InvalidParameter) as exc:
+        control_units([{"module": "canny"}], prefix=PREFIX, limits=Limits(), allow_urls=False, files=list,
+                      needs_image=True)
+    assert exc.value.field == f"{PREFIX}[0].image"
+
+
+def test_model_names_resolve_only_to_listed_files(tmp_path):
+    files = [tmp_path / "control_v11p_sd15_canny.safetensors", tmp_path / "Depth-XL.pth"]
+    assert resolve_model("control_v11p_sd15_canny [d14c016b]", files, field="m") == files[0]
+    assert resolve_model("depth-xl", files, field="m") == files[1]
+    with pytest.raises(InvalidParameter):
+        resolve_model(str(files[0].parent / ".." / files[0].name), files, field="m")

@@ -1,0 +1,385 @@
+"""Each safety rule of the server has a test: auth, origins, hosts, body size, pixel bombs, base64, URLs."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import socket
+import struct
+import zlib
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from test_server_support import FakeBackend, live_server, make_models_dir, png_b64
+from underpaint.errors import UnderpaintError
+from underpaint.server.app import create_app
+from underpaint.server.config import Limits, ServerConfig, parse_api_auth
+
+SMALL = {"width": 64, "height": 64, "steps": 1}
+
+
+def _app(tmp_path, **config):
+    return create_app(ServerConfig(models_dir=make_models_dir(tmp_path), preload=False, **config), loader=FakeBackend())
+
+
+@pytest.fixture()
+def client(tmp_path):
+    with TestClient(_app(tmp_path), base_url="http://127.0.0.1") as c:
+        yield c
+
+
+def _routes(app):
+    """Every (method, path) the app serves, with path parameters filled in: the API from its
+    OpenAPI document (independent of how FastAPI stores included routers), plus the docs."""
+    for path, operations in app.openapi()["paths"].items():
+        for method in operations:
+            yield method.upper(), path.replace("{job_id}", "some-job")
+    yield from (("GET", "/docs"), ("GET", "/openapi.json"), ("GET", "/docs/oauth2-redirect"))
+
+
+# --------------------------------------------------------------------------- HTTP Basic
+
+
+def test_auth_is_required_on_every_route(tmp_path):
+    app = _app(tmp_path, api_auth=parse_api_auth("alice:wonder:land,bob:builder"))
+    routes = list(_routes(app))
+    assert len(routes) > 40 and ("GET", "/docs") in routes and ("GET", "/openapi.json") in routes
+    with TestClient(app, base_url="http://127.0.0.1") as c:
+        for method, path in routes + [("GET", "/no/such/route")]:
+            for auth in (None, ("alice", "wrong"), ("mallory", "wonder:land"), ("bob", "wonder:land")):
+                r = c.request(method, path, auth=auth, json={})
+                assert r.status_code == 401, (method, path, auth, r.status_code)
+                assert r.headers["WWW-Authenticate"].startswith("Basic")
+                assert r.json()["error"] == "unauthorized"
+        # The right passwords (one containing ':') open every route.
+        assert c.get("/sdapi/v1/sd-models", auth=("alice", "wonder:land")).status_code == 200
+        assert c.get("/openapi.json", auth=("bob", "builder")).status_code == 200
+        r = c.post("/sdapi/v1/txt2img", json=SMALL, auth=("bob", "builder"))
+        assert r.status_code == 200
+        # Malformed headers are refused, not crashed on.
+        for header in ("Basic", "Basic !!!", "Bearer abc", "Basic " + base64.b64encode(b"nocolon").decode()):
+            assert c.get("/sdapi/v1/options", headers={"Authorization": header}).status_code == 401
+
+
+def test_listen_without_auth_refuses_to_start():
+    with pytest.raises(UnderpaintError, match="--api-auth"):
+        ServerConfig(host="0.0.0.0").check_exposure()
+    ServerConfig(host="0.0.0.0", insecure=True).check_exposure()
+    ServerConfig(host="0.0.0.0", api_auth=parse_api_auth("a:b")).check_exposure()
+    ServerConfig().check_exposure()  # 127.0.0.1
+
+
+def test_serve_cli_refuses_listen_without_auth(monkeypatch):
+    from underpaint.cli.main import main
+
+    monkeypatch.delenv("UNDERPAINT_API_AUTH", raising=False)
+    assert main(["serve", "--listen"]) == 2
+
+
+def test_serve_cli_builds_the_config(monkeypatch):
+    import argparse
+
+    from underpaint.server.cli import add_serve_command, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_serve_command(parser.add_subparsers())
+    monkeypatch.setenv("UNDERPAINT_API_AUTH", "u:hunter2")
+    args = parser.parse_args(["serve", "--listen", "--port", "9000", "--cors-allow-origins", "http://a.test, http://b.test",
+                              "--queue-size", "3", "--max-steps", "40", "--max-body-mb", "2"])
+    config = config_from_args(args)
+    assert (config.host, config.port, config.queue_size) == ("0.0.0.0", 9000, 3)
+    assert config.api_auth[0].user == "u" and "hunter2" not in repr(config.api_auth)
+    assert config.cors_allow_origins == ("http://a.test", "http://b.test")
+    assert config.limits.max_steps == 40 and config.limits.max_body_bytes == 2 * 2**20
+    config.check_exposure()
+
+
+@pytest.mark.parametrize(("text", "secret"), [("nocolon", "nocolon"), ("user:", None), (":hunter2", "hunter2"),
+                                              ("a:b,,", None)])
+def test_bad_api_auth_never_echoes_the_password(text, secret):
+    with pytest.raises(UnderpaintError) as exc:
+        parse_api_auth(text)
+    assert "api_auth" in str(exc.value)
+    if secret:
+        assert secret not in str(exc.value)
+
+
+# --------------------------------------------------------------------------- origins, CORS, hosts
+
+
+def test_cross_origin_state_changes_are_refused(client):
+    for headers in ({"Origin": "http://evil.example"}, {"Origin": "http://localhost:3000"}, {"Origin": "null"},
+                    {"Sec-Fetch-Site": "cross-site"}, {"Sec-Fetch-Site": "same-site"}):
+        for path in ("/sdapi/v1/txt2img", "/sdapi/v1/options", "/sdapi/v1/interrupt"):
+            r = client.post(path, json=SMALL, headers=headers)
+            assert r.status_code == 403, (path, headers)
+            assert r.json()["error"] == "cross_origin"
+    # Reading is not a state change; same-origin pages and non-browser clients may post.
+    assert client.get("/sdapi/v1/options", headers={"Origin": "http://evil.example"}).status_code == 200
+    assert client.post("/sdapi/v1/txt2img", json=SMALL, headers={"Origin": "http://127.0.0.1"}).status_code == 200
+    assert client.post("/sdapi/v1/txt2img", json=SMALL, headers={"Sec-Fetch-Site": "same-origin"}).status_code == 200
+    assert client.post("/sdapi/v1/txt2img", json=SMALL).status_code == 200
+
+
+def test_cors_is_off_by_default(client):
+    r = client.options("/sdapi/v1/txt2img", headers={"Origin": "http://app.example",
+                                                    "Access-Control-Request-Method": "POST"})
+    assert "access-control-allow-origin" not in r.headers
+    r = client.get("/sdapi/v1/options", headers={"Origin": "http://app.example"})
+    assert "access-control-allow-origin" not in r.headers
+
+
+def test_configured_cors_origin_may_call(tmp_path):
+    app = _app(tmp_path, cors_allow_origins=("http://app.example",))
+    with TestClient(app, base_url="http://127.0.0.1") as c:
+        pre = c.options("/sdapi/v1/txt2img", headers={"Origin": "http://app.example",
+                                                     "Access-Control-Request-Method": "POST"})
+        assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == "http://app.example"
+        r = c.post("/sdapi/v1/txt2img", json=SMALL, headers={"Origin": "http://app.example"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://app.example"
+        assert c.post("/sdapi/v1/txt2img", json=SMALL, headers={"Origin": "http://other.example"}).status_code == 403
+
+
+def test_foreign_host_names_are_refused_on_loopback(tmp_path):
+    """DNS rebinding: a page whose name resolves to 127.0.0.1 sends its own name as Host."""
+    with TestClient(_app(tmp_path), base_url="http://attacker.example:7860") as c:
+        r = c.get("/sdapi/v1/options")
+        assert r.status_code == 403 and r.json()["error"] == "forbidden_host"
+    for base in ("http://localhost:7860", "http://127.0.0.1", "http://[::1]:7860"):
+        with TestClient(_app(tmp_path), base_url=base) as c:
+            assert c.get("/sdapi/v1/options").status_code == 200, base
+    with TestClient(_app(tmp_path, allowed_hosts=("sd.example",)), base_url="http://sd.example") as c:
+        assert c.get("/sdapi/v1/options").status_code == 200
+
+
+# --------------------------------------------------------------------------- body size
+
+
+def _asgi_post(app, chunks, headers=()):
+    """Drive the ASGI app directly with a streamed body; returns (status, body, bytes the app pulled)."""
+    sent = {"count": 0, "status": None, "body": b""}
+    pending = list(chunks)
+
+    async def receive():
+        if pending:
+            chunk = pending.pop(0)
+            sent["count"] += len(chunk)
+            return {"type": "http.request", "body": chunk, "more_body": bool(pending)}
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        if message["type"] == "http.response.start":
+            sent["status"] = message["status"]
+        elif message["type"] == "http.response.body":
+            sent["body"] += message.get("body", b"")
+
+    scope = {"type": "http", "method": "POST", "path": "/sdapi/v1/txt2img", "raw_path": b"/sdapi/v1/txt2img",
+             "query_string": b"", "headers": [(b"host", b"127.0.0.1"), (b"content-type", b"application/json"),
+                                              *headers], "scheme": "http", "http_version": "1.1",
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80), "root_path": ""}
+    asyncio.run(app(scope, receive, send))
+    return sent["status"], sent["body"], sent["count"]
+
+
+def test_body_limit_counts_streamed_bytes(tmp_path):
+    limit = 1 << 20
+    app = _app(tmp_path, limits=Limits(max_body_bytes=limit))
+    chunk = b" " * 65536
+    chunks = [chunk] * (100 * 16)  # 100 MiB, but only references to one 64 KiB buffer
+    status, body, pulled = _asgi_post(app, chunks)
+    assert status == 413 and b"body_too_large" in body
+    assert pulled <= limit + len(chunk)  # stopped reading right after the limit
+
+
+def test_body_limit_trusts_a_large_content_length_at_once(tmp_path):
+    app = _app(tmp_path, limits=Limits(max_body_bytes=1 << 20))
+    status, body, pulled = _asgi_post(app, [b"{}"], headers=[(b"content-length", str(100 << 20).encode())])
+    assert status == 413 and pulled == 0
+
+
+def _raw_http(port: int, head: bytes, body_chunks=(), chunked=False) -> tuple[bytes, int]:
+    """Send a request by hand (the body from a second thread, as a client streaming an upload would);
+    returns the response and how many body bytes the server took before answering."""
+    import threading
+
+    written = {"bytes": 0}
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(head)
+
+        def upload():
+            try:
+                for chunk in body_chunks:
+                    s.sendall((b"%x\r\n" % len(chunk) + chunk + b"\r\n") if chunked else chunk)
+                    written["bytes"] += len(chunk)
+            except OSError:  # the server answered and closed: stop uploading
+                pass
+
+        sender = threading.Thread(target=upload, daemon=True)
+        sender.start()
+        response = b""
+        try:
+            while not response.endswith(b"}"):
+                more = s.recv(65536)
+                if not more:
+                    break
+                response += more
+        except (ConnectionResetError, socket.timeout):
+            pass
+        s.shutdown(socket.SHUT_RDWR)
+        sender.join(30)
+    return response, written["bytes"]
+
+
+def test_100_mb_body_is_refused_by_the_real_server(tmp_path):
+    app = _app(tmp_path)  # default limit: 50 MiB
+    with live_server(app) as base:
+        port = int(base.rsplit(":", 1)[1])
+        head = (b"POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n" % (100 << 20))
+        response, _ = _raw_http(port, head)
+        assert response.startswith(b"HTTP/1.1 413"), response[:200]
+        # Without a Content-Length (chunked), the server counts and answers once past the limit.
+        head = (b"POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n")
+        chunk = b" " * (1 << 20)
+        response, written = _raw_http(port, head, [chunk] * 100, chunked=True)
+        assert response.startswith(b"HTTP/1.1 413"), response[:200]
+        assert written < 100 << 20
+        assert httpx.get(base + "/sdapi/v1/options").status_code == 200  # still serving
+
+
+# --------------------------------------------------------------------------- images
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims width x height (a decompression bomb's calling card)."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+
+
+def test_pixel_bomb_is_refused_before_decoding(client):
+    bomb = base64.b64encode(_png_claiming(100_000, 100_000)).decode()
+    r = client.post("/sdapi/v1/img2img", json={"init_images": [bomb], **SMALL})
+    assert r.status_code == 422 and r.json()["field"] == "init_images[0]"
+    assert "pixels" in r.json()["detail"]
+    r = client.post("/sdapi/v1/img2img", json={"init_images": [png_b64(Image.new("RGB", (8, 8)))], "mask": bomb, **SMALL})
+    assert r.status_code == 422 and r.json()["field"] == "mask"
+
+
+def test_server_pixel_limit_applies(tmp_path):
+    with TestClient(_app(tmp_path, limits=Limits(max_image_pixels=100 * 100)), base_url="http://127.0.0.1") as c:
+        r = c.post("/sdapi/v1/img2img", json={"init_images": [png_b64(Image.new("RGB", (101, 100)))], **SMALL})
+        assert r.status_code == 422 and r.json()["field"] == "init_images[0]"
+
+
+@pytest.mark.parametrize("data", ["not base64 at all!", "aGVsbG8gd29ybGQ=", "", "data:image/png;base64,@@@@",
+                                  base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\0" * 40).decode()])
+def test_bad_base64_and_bad_images_name_the_field(client, data):
+    good = png_b64(Image.new("RGB", (8, 8)))
+    r = client.post("/sdapi/v1/img2img", json={"init_images": [good, data], **SMALL})
+    assert r.status_code == 422, r.text
+    assert r.json()["field"] == "init_images[1]"
+    r = client.post("/sdapi/v1/img2img", json={"init_images": [good], "mask": data or "x", **SMALL})
+    assert r.status_code == 422 and r.json()["field"] == "mask"
+    r = client.post("/sdapi/v1/png-info", json={"image": data})
+    assert r.status_code == 422 and r.json()["field"] == "image"
+
+
+def test_wrong_types_are_422_not_500(client):
+    for payload in ({"init_images": "abc"}, {"init_images": [1, 2]}, {"mask": 5}, {"steps": [1]},
+                    {"override_settings": []}, {"alwayson_scripts": {"controlnet": {"args": "x"}}}):
+        r = client.post("/sdapi/v1/img2img", json={"init_images": [png_b64(Image.new("RGB", (8, 8)))], **SMALL, **payload})
+        assert r.status_code == 422, (payload, r.text)
+        assert r.json()["field"]
+    for raw in (b"{", b"[]", b"null", b"\xff\xfe"):
+        r = client.post("/sdapi/v1/txt2img", content=raw, headers={"Content-Type": "application/json"})
+        assert r.status_code == 422, raw
+
+
+@pytest.mark.parametrize(("payload", "field"), [
+    ({"steps": 151}, "steps"), ({"width": 8192}, "width"), ({"height": 5000}, "height"),
+    ({"batch_size": 9}, "batch_size"), ({"batch_size": 8, "n_iter": 9}, "n_iter"),
+])
+def test_workload_limits(client, payload, field):
+    r = client.post("/sdapi/v1/txt2img", json={**SMALL, **payload})
+    assert r.status_code == 422 and r.json()["field"] == field
+    assert "limit" in r.json()["detail"]
+
+
+def test_image_urls_are_refused_by_default(client):
+    r = client.post("/sdapi/v1/img2img", json={"init_images": ["http://169.254.169.254/latest/meta-data"], **SMALL})
+    assert r.status_code == 422 and r.json()["field"] == "init_images[0]" and "URL" in r.json()["detail"]
+
+
+def test_allowed_image_urls_still_never_reach_private_addresses(tmp_path):
+    with TestClient(_app(tmp_path, allow_image_urls=True), base_url="http://127.0.0.1") as c:
+        for url in ("http://127.0.0.1:1/x.png", "http://169.254.169.254/", "https://10.0.0.1/a.png",
+                    "http://[::1]/a.png", "http://localhost/a.png"):
+            r = c.post("/sdapi/v1/img2img", json={"init_images": [url], **SMALL})
+            assert r.status_code == 422 and "private or local" in r.json()["detail"], (url, r.text)
+
+
+def test_no_route_serves_files_by_path(client):
+    from starlette.routing import Mount
+
+    from underpaint.webui import static_dir
+
+    app = client.app
+    mounts = [route for route in app.routes if isinstance(route, Mount)]
+    assert [(m.path, str(m.app.directory)) for m in mounts] == [("", str(static_dir()))]  # the UI's own folder only
+    for path, operations in app.openapi()["paths"].items():
+        for operation in operations.values():
+            for param in operation.get("parameters", []):
+                assert param["in"] != "path" or param["name"] == "job_id", (path, param)
+    for path in ("/file=/etc/passwd", "/sdapi/v1/../../etc/passwd", "/static/../../etc/passwd", "/..%2f..%2fetc/passwd",
+                 "/%2e%2e/%2e%2e/etc/passwd", "/../pyproject.toml", "/..%2f__init__.py"):
+        r = client.get(path)
+        assert r.status_code == 404 and "root:" not in r.text and "underpaint" not in r.text.lower(), path
+        assert r.json()["error"] == "not_found"
+    assert client.get("/").status_code == 200 and "<html" in client.get("/").text.lower()  # the UI itself
+
+
+def test_errors_are_json_everywhere(client):
+    assert client.get("/nope").json()["error"] == "not_found"
+    assert client.put("/sdapi/v1/txt2img").json()["error"] == "method_not_allowed"
+    assert client.get("/sdapi/v1/nope").json()["error"] == "not_found"
+
+
+def test_underpaint_serve_starts_on_loopback_and_stops(tmp_path):
+    """The real command in a subprocess: binds 127.0.0.1 by default, answers, and shuts down cleanly."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from test_server_support import free_port
+
+    port = free_port()
+    env = {**os.environ, "UNDERPAINT_API_AUTH": ""}
+    proc = subprocess.Popen([sys.executable, "-m", "underpaint", "serve", "--port", str(port), "--models-dir",
+                             str(tmp_path), "--nowebui"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                r = httpx.get(f"http://127.0.0.1:{port}/sdapi/v1/sd-models", timeout=2)
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()
+                time.sleep(0.2)
+        assert r.status_code == 200 and r.json() == []
+        flags = httpx.get(f"http://127.0.0.1:{port}/sdapi/v1/cmd-flags").json()
+        assert flags["listen"] is False and flags["nowebui"] is True and flags["port"] == port
+        assert httpx.get(f"http://127.0.0.1:{port}/").status_code == 404  # --nowebui
+    finally:
+        proc.send_signal(signal.SIGINT)
+        output = proc.communicate(timeout=30)[0].decode()
+    assert proc.returncode in (0, 130), output
+    assert "no model loaded at start-up" in output  # an empty folder is reported, not fatal

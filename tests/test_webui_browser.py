@@ -1,0 +1,563 @@
+"""The browser UI in Debian's headless Chromium, against a running server with a tiny checkpoint.
+
+The server is the real app (``create_app``) on a real port, serving the UI at ``/``; Playwright
+drives the page the way a user would: pick files, type, drag on the mask canvas, press buttons.
+Screenshots of every tab go to ``test-artifacts/`` for a person to look at.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, PngImagePlugin
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="the UI tests need playwright (.ci/ui-deps.sh)")
+expect = sync_api.expect
+
+CHROMIUM = os.environ.get("UNDERPAINT_CHROMIUM", "/usr/bin/chromium")
+if not Path(CHROMIUM).exists():
+    pytest.skip(f"no Chromium at {CHROMIUM} (.ci/ui-deps.sh installs Debian's)", allow_module_level=True)
+
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+GENERATION_TIMEOUT = 90_000  # ms; the first request also waits for the model to load
+
+pytestmark = pytest.mark.slow
+
+
+# --------------------------------------------------------------------------- the server
+
+
+def mount_ui(app) -> None:
+    """Serve the UI at / unless the app already does (``underpaint serve`` mounts it itself)."""
+    from fastapi.staticfiles import StaticFiles
+
+    from underpaint.webui import static_dir
+
+    if not any(getattr(route, "path", None) in ("", "/") for route in app.routes):
+        app.mount("/", StaticFiles(directory=static_dir(), html=True), name="webui")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, sd1_file):
+    """``underpaint serve`` in a thread: the real app, uvicorn, a models folder with one tiny checkpoint."""
+    import uvicorn
+
+    from underpaint.server.app import create_app
+    from underpaint.server.config import ServerConfig
+
+    models = tmp_path_factory.mktemp("webui-models")
+    (models / "checkpoints").mkdir()
+    shutil.copy(sd1_file, models / "checkpoints" / "tiny-sd1.safetensors")
+    shutil.copy(sd1_file, models / "checkpoints" / "tiny-sd1-copy.safetensors")
+    port = free_port()
+    config = ServerConfig(models_dir=models, device="cpu", dtype="fp32", port=port)
+    app = create_app(config)
+    mount_ui(app)
+    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=uv.run, name="webui-test-server", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not uv.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    uv.should_exit = True
+    thread.join(15)
+
+
+@pytest.fixture(scope="module")
+def context(tmp_path_factory):
+    """A fresh Chromium profile at 1280×800 (the size the page is laid out for)."""
+    with sync_api.sync_playwright() as pw:
+        ctx = pw.chromium.launch_persistent_context(
+            str(tmp_path_factory.mktemp("chromium-profile")), executable_path=CHROMIUM, headless=True,
+            args=CHROMIUM_ARGS, viewport={"width": 1280, "height": 800}, accept_downloads=True,
+        )
+        ctx.set_default_timeout(20_000)
+        yield ctx
+        ctx.close()
+
+
+@pytest.fixture
+def page(context, server):
+    """The UI loaded and its lists filled; fails the test on any uncaught script error."""
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(server + "/")
+    page.wait_for_selector("body[data-ready=true]")
+    yield page
+    page.close()
+    assert not errors, f"script errors in the page: {errors}"
+
+
+def screenshot(page, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"webui-{name}.png"), full_page=True)
+
+
+@pytest.fixture(scope="module")
+def photo_file(tmp_path_factory, photo) -> Path:
+    path = tmp_path_factory.mktemp("webui-inputs") / "photo.png"
+    photo.resize((64, 64)).save(path)
+    return path
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def set_value(page, name: str, value) -> None:
+    """Type into a control the way a user does; for slider fields, into the number box beside the slider."""
+    box = page.locator(f'input[data-sync="{name}"]')
+    target = box if box.count() else page.locator(f"#{name}")
+    target.fill(str(value))
+
+
+def fast_settings(page, *, seed: int, steps: int = 3, size: int = 64) -> None:
+    set_value(page, "steps", steps)
+    set_value(page, "width", size)
+    set_value(page, "height", size)
+    set_value(page, "seed", seed)
+
+
+def decode(b64: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(b64)))
+
+
+MASK_COVERAGE = """() => {
+  const c = document.querySelector('#inpaint-mask');
+  const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+  let n = 0; for (let i = 3; i < d.length; i += 4) n += d[i] > 127;
+  return n / (c.width * c.height);
+}"""
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def test_img2img_generate_shows_result_and_parameters(page, photo_file):
+    expect(page.locator("#sampler_name option")).not_to_have_count(0)
+    expect(page.locator("#checkpoint option")).to_have_count(2)
+    page.set_input_files("#img2img-file", str(photo_file))
+    expect(page.locator("#img2img-preview")).to_be_visible()
+    page.fill("#prompt", "a red fox in the snow")
+    set_value(page, "denoising_strength", "0.5")
+    expect(page.locator("#denoise-hint")).to_contain_text("balanced")
+    fast_settings(page, seed=1234)
+    with page.expect_response("**/sdapi/v1/img2img", timeout=GENERATION_TIMEOUT) as answer:
+        page.click("#generate")
+    assert answer.value.ok, answer.value.text()
+    sent = json.loads(answer.value.request.post_data)
+    assert sent["denoising_strength"] == 0.5 and sent["seed"] == 1234 and sent["steps"] == 3
+    assert decode(sent["init_images"][0]).size == (64, 64)
+
+    expect(page.locator("#result-image")).to_be_visible()
+    size = page.eval_on_selector("#result-image", "img => [img.naturalWidth, img.naturalHeight]")
+    assert size == [64, 64]
+    infotext = page.input_value("#result-infotext")
+    assert infotext.startswith("a red fox in the snow")
+    for part in ("Steps: 3", "Seed: 1234", "Size: 64x64", "Denoising strength: 0.5"):
+        assert part in infotext
+    expect(page.locator("#progress-text")).to_contain_text("Done")
+    assert page.get_attribute("#result-download", "href").startswith("blob:")
+
+    # 🎲 sets -1, ♻ brings back the seed of the selected result.
+    page.click("#seed-random")
+    expect(page.locator("#seed")).to_have_value("-1")
+    page.click("#seed-reuse")
+    expect(page.locator("#seed")).to_have_value("1234")
+    screenshot(page, "img2img")
+
+    page.click("#send-inpaint")
+    expect(page.locator("#tab-inpaint")).to_have_attribute("aria-selected", "true")
+    expect(page.locator("#inpaint-mask")).to_be_visible()
+    assert page.eval_on_selector("#inpaint-image", "c => [c.width, c.height]") == [64, 64]
+
+
+def test_inpaint_paints_mask_and_sends_it(page, photo_file, tmp_path):
+    page.click("#tab-inpaint")
+    page.set_input_files("#inpaint-file", str(photo_file))
+    canvas = page.locator("#inpaint-mask")
+    expect(canvas).to_be_visible()
+    box = canvas.bounding_box()
+    page.locator("#brush-size").fill("12")
+    expect(page.locator("#brush-size-value")).to_have_text("12")
+    # A horizontal stroke across the middle of the picture.
+    y = box["y"] + box["height"] * 0.5
+    page.mouse.move(box["x"] + box["width"] * 0.25, y)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.75, y, steps=8)
+    page.mouse.up()
+    painted = page.evaluate(MASK_COVERAGE)
+    assert 0.05 < painted < 0.5
+
+    page.click("#mask-undo")
+    assert page.evaluate(MASK_COVERAGE) == 0
+    page.click("#mask-redo")
+    assert page.evaluate(MASK_COVERAGE) == pytest.approx(painted)
+    page.click("#mask-invert")
+    assert page.evaluate(MASK_COVERAGE) == pytest.approx(1 - painted, abs=0.02)
+    page.click("#mask-invert")
+    page.click("#mask-clear")
+    assert page.evaluate(MASK_COVERAGE) == 0
+    page.click("#mask-undo")
+    assert page.evaluate(MASK_COVERAGE) == pytest.approx(painted)
+    # A mask picture (white = repaint) loads onto the canvas; the eraser takes paint away; undo restores.
+    half = Image.new("L", (64, 64), 0)
+    half.paste(255, (0, 0, 32, 64))
+    half.save(tmp_path / "left-half.png")
+    page.set_input_files("#inpaint-mask-file", str(tmp_path / "left-half.png"))
+    page.wait_for_function(f"({MASK_COVERAGE})() > 0.45")
+    assert page.evaluate(MASK_COVERAGE) == pytest.approx(0.5, abs=0.01)
+    page.check('input[name="mask-tool"][value="eraser"]')
+    page.mouse.move(box["x"] + 2, box["y"] + box["height"] * 0.2)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.45, box["y"] + box["height"] * 0.2, steps=6)
+    page.mouse.up()
+    assert page.evaluate(MASK_COVERAGE) < 0.47
+    page.click("#mask-undo")
+    page.click("#mask-undo")
+    assert page.evaluate(MASK_COVERAGE) == pytest.approx(painted)
+    page.check('input[name="mask-tool"][value="brush"]')
+
+    before = page.text_content("#zoom-value")
+    page.click("#zoom-out")
+    assert page.text_content("#zoom-value") != before
+    page.click("#zoom-fit")
+    expect(page.locator("#zoom-value")).to_have_text(before)
+
+    page.fill("#prompt", "a stone bridge")
+    set_value(page, "denoising_strength", "0.9")
+    page.check('input[name="inpainting_fill"][value="1"]')
+    fast_settings(page, seed=99)
+    with page.expect_response("**/sdapi/v1/img2img", timeout=GENERATION_TIMEOUT) as answer:
+        page.click("#generate")
+    response = answer.value
+    assert response.ok, response.text()
+    sent = json.loads(response.request.post_data)
+    assert sent["inpainting_fill"] == 1 and sent["inpaint_full_res"] is False and sent["mask_blur"] == 4
+    mask = np.asarray(decode(sent["mask"]).convert("L"))
+    assert mask.shape == (64, 64)
+    assert mask[32, 32] == 255 and mask[32, 20] == 255  # under the stroke
+    assert mask[4, 4] == 0 and mask[60, 60] == 0  # far from it
+    expect(page.locator("#result-image")).to_be_visible()
+
+    screenshot(page, "inpaint")
+    if "Mask blur: 4" not in page.input_value("#result-infotext"):
+        pytest.xfail("the pipeline does not apply masks yet (no inpaint keys in the infotext)")
+    # Away from the mask the original pixels come back unchanged (A1111's overlay of the original).
+    result = np.asarray(decode(response.json()["images"][0]).convert("RGB")).astype(int)
+    original = np.asarray(Image.open(photo_file).convert("RGB")).astype(int)
+    outside = int(np.abs(result[:12, :12] - original[:12, :12]).max())
+    assert outside <= 2, f"pixels far from the mask changed by up to {outside}: the original was not overlaid"
+    assert np.abs(result[28:36, 24:40] - original[28:36, 24:40]).mean() > 1  # the masked band changed
+
+
+def test_interrupt_stops_a_long_job(page, photo_file):
+    page.set_input_files("#img2img-file", str(photo_file))
+    set_value(page, "denoising_strength", "1")
+    fast_settings(page, seed=5, steps=150, size=256)
+    set_value(page, "n_iter", 8)
+    started = time.monotonic()
+    with page.expect_response("**/sdapi/v1/img2img", timeout=GENERATION_TIMEOUT) as answer:
+        page.click("#generate")
+        expect(page.locator("#progress-text")).to_contain_text("Step", timeout=GENERATION_TIMEOUT)
+        expect(page.locator("#progress-text")).to_contain_text("ETA")
+        expect(page.locator("#progress-preview")).to_be_visible()  # the live preview
+        expect(page.locator("#interrupt")).to_be_enabled()
+        page.click("#interrupt")
+    assert answer.value.ok
+    expect(page.locator("#progress-text")).to_contain_text("Interrupted")
+    expect(page.locator("#generate")).to_be_enabled()
+    info = json.loads(answer.value.json()["info"])
+    assert len(info["all_seeds"]) < 8  # not every batch ran
+    assert time.monotonic() - started < 60
+    screenshot(page, "interrupted")
+
+
+def test_png_info_of_a_generated_image(page, photo_file, tmp_path):
+    page.set_input_files("#img2img-file", str(photo_file))
+    page.fill("#prompt", "castle on a hill, golden hour")
+    page.fill("#negative_prompt", "blurry")
+    fast_settings(page, seed=777)
+    page.locator("#prompt").press("Control+Enter")
+    expect(page.locator("#result-image")).to_be_visible(timeout=GENERATION_TIMEOUT)
+    with page.expect_download() as download:
+        page.click("#result-download")
+    saved = tmp_path / download.value.suggested_filename
+    download.value.save_as(saved)
+    assert saved.suffix == ".png"
+    assert "Seed: 777" in Image.open(saved).text["parameters"]
+
+    page.click("#tab-pnginfo")
+    page.set_input_files("#pnginfo-file", str(saved))
+    parameters = page.locator("#pnginfo-parameters")
+    expect(parameters).to_have_value(lambda_text := Image.open(saved).text["parameters"])
+    assert "castle on a hill, golden hour\nNegative prompt: blurry\n" in lambda_text
+    expect(page.locator("#pnginfo-source")).to_contain_text("A1111")
+    screenshot(page, "pnginfo")
+
+    # Send the parameters (and the picture) to img2img.
+    page.click("#tab-img2img")
+    page.fill("#prompt", "")
+    set_value(page, "seed", -1)
+    set_value(page, "steps", 20)
+    page.click("#tab-pnginfo")
+    page.click("#pnginfo-send-img2img")
+    expect(page.locator("#tab-img2img")).to_have_attribute("aria-selected", "true")
+    expect(page.locator("#prompt")).to_have_value("castle on a hill, golden hour")
+    expect(page.locator("#negative_prompt")).to_have_value("blurry")
+    expect(page.locator("#seed")).to_have_value("777")
+    expect(page.locator('input[data-sync="steps"]')).to_have_value("3")
+    expect(page.locator("#img2img-preview")).to_be_visible()
+
+
+def test_png_info_reads_comfyui_and_exif(page, tmp_path):
+    graph = {
+        "3": {"class_type": "KSampler", "inputs": {"seed": 42, "steps": 25, "cfg": 6.5, "sampler_name": "dpmpp_2m",
+                                                   "scheduler": "karras", "denoise": 0.6, "model": ["4", 0],
+                                                   "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["5", 0]}},
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "dreamshaper_8.safetensors"}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a lighthouse at dusk", "clip": ["4", 1]}},
+        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "text, watermark", "clip": ["4", 1]}},
+    }
+    meta = PngImagePlugin.PngInfo()
+    meta.add_text("prompt", json.dumps(graph))
+    meta.add_text("workflow", json.dumps({"nodes": []}), zip=True)
+    comfy = tmp_path / "comfy.png"
+    Image.new("RGB", (32, 32), (10, 80, 160)).save(comfy, pnginfo=meta)
+
+    page.click("#tab-pnginfo")
+    page.set_input_files("#pnginfo-file", str(comfy))
+    expect(page.locator("#pnginfo-source")).to_contain_text("ComfyUI")
+    text = page.input_value("#pnginfo-parameters")
+    assert text.startswith("a lighthouse at dusk\nNegative prompt: text, watermark\n")
+    for part in ("Steps: 25", "Sampler: dpmpp_2m", "CFG scale: 6.5", "Seed: 42", "Denoising strength: 0.6"):
+        assert part in text
+    expect(page.locator("#pnginfo-items dt")).to_have_count(2)
+    page.click("#pnginfo-send-img2img")
+    expect(page.locator("#sampler_name")).to_have_value("DPM++ 2M")  # ComfyUI's name, matched by alias
+    expect(page.locator("#scheduler")).to_have_value("Karras")
+    expect(page.locator("#seed")).to_have_value("42")
+
+    # A JPEG keeps its infotext in EXIF; the browser asks the server (POST /png-info).
+    import piexif
+    import piexif.helper
+
+    infotext = "a red barn\nSteps: 12, Sampler: Euler a, CFG scale: 5, Seed: 31337, Size: 32x32"
+    exif = piexif.dump({"Exif": {piexif.ExifIFD.UserComment: piexif.helper.UserComment.dump(infotext, "unicode")}})
+    jpeg = tmp_path / "barn.jpg"
+    Image.new("RGB", (32, 32), (160, 30, 30)).save(jpeg, exif=exif)
+    page.click("#tab-pnginfo")
+    with page.expect_response("**/sdapi/v1/png-info"):
+        page.set_input_files("#pnginfo-file", str(jpeg))
+    expect(page.locator("#pnginfo-parameters")).to_have_value(infotext)
+
+
+def test_errors_appear_next_to_their_field(page, photo_file):
+    page.click("#generate")
+    image_error = page.locator('.source:not([hidden]) .field-error')
+    expect(image_error).to_contain_text("image first")
+
+    page.set_input_files("#img2img-file", str(photo_file))
+    expect(page.locator(".field-error")).to_have_count(0)  # the image fixed it
+    fast_settings(page, seed=1)
+    set_value(page, "steps", 1000)
+    with page.expect_response("**/sdapi/v1/img2img") as answer:
+        page.click("#generate")
+    assert answer.value.status == 422
+    steps_error = page.locator(".field:has(#steps) .field-error")
+    expect(steps_error).to_contain_text("got 1000, expected at most 150")
+    expect(page.locator("#steps")).to_have_attribute("aria-invalid", "true")
+    assert page.locator(".field-error").count() == 1
+    assert page.locator("#general-error").is_hidden()
+    screenshot(page, "error")
+
+    set_value(page, "steps", 3)
+    expect(page.locator(".field-error")).to_have_count(0)  # editing the field clears its message
+    set_value(page, "width", 5000)
+    page.click("#generate")
+    expect(page.locator(".field:has(#width) .field-error")).to_contain_text("at most 4096")
+
+
+def test_controlnet_units_preview_and_errors(context, server, photo_file):
+    """ControlNet lists, the detect preview and per-unit errors, with the extension's answers stubbed."""
+    page = context.new_page()
+    detect_calls: list[dict] = []
+    sent: list[dict] = []
+    edge = Image.new("L", (64, 64), 0)
+    edge.paste(255, (10, 10, 54, 12))
+    buf = io.BytesIO()
+    edge.save(buf, "PNG")
+    canny = {"model_free": False, "sliders": [
+        {"name": "Preprocessor resolution", "value": 512, "min": 64, "max": 2048},
+        {"name": "Canny Low Threshold", "value": 100, "min": 1, "max": 255},
+        {"name": "Canny High Threshold", "value": 200, "min": 1, "max": 255}]}
+    page.route("**/controlnet/module_list*", lambda r: r.fulfill(
+        json={"module_list": ["none", "canny"], "module_detail": {"none": {"sliders": []}, "canny": canny}}))
+    page.route("**/controlnet/model_list*", lambda r: r.fulfill(json={"model_list": ["control_canny [abc12345]"]}))
+
+    def fake_detect(route):
+        detect_calls.append(json.loads(route.request.post_data))
+        route.fulfill(json={"images": [base64.b64encode(buf.getvalue()).decode()], "info": "Success"})
+
+    def refuse_weight(route):
+        sent.append(json.loads(route.request.post_data))
+        route.fulfill(status=422, json={"error": "invalid_parameter", "field": "alwayson_scripts.controlnet.args[0].weight",
+                                         "detail": "alwayson_scripts.controlnet.args[0].weight: got 2, expected at most 1.5"})
+
+    page.route("**/controlnet/detect", fake_detect)
+    page.route("**/sdapi/v1/img2img", refuse_weight)
+    page.goto(server + "/")
+    page.wait_for_selector("body[data-ready=true]")
+
+    section = page.locator("#controlnet-section")
+    expect(section).to_be_visible()
+    section.locator("summary").click()
+    units = page.locator(".cn-unit")
+    expect(units).to_have_count(1)
+    page.click("#controlnet-add")
+    expect(units).to_have_count(2)
+    first, second = units.nth(0), units.nth(1)
+    expect(second.locator(".cn-title")).to_have_text("ControlNet Unit 1")
+    assert not first.locator(".cn-enabled").is_checked()  # the first unit starts off, as in A1111
+
+    second.get_by_label("Preprocessor").select_option("canny")
+    expect(second.locator(".cn-sliders .field")).to_have_count(6)  # weight, start, end + the module's three
+    second.get_by_label("Model").select_option("control_canny [abc12345]")
+    second.locator(".cn-file").set_input_files(str(photo_file))
+    second.locator(".cn-detect").click()
+    expect(second.locator(".cn-map")).to_be_visible()
+    assert detect_calls[0]["controlnet_module"] == "canny"
+    assert detect_calls[0]["controlnet_threshold_a"] == 100 and detect_calls[0]["controlnet_processor_res"] == 512
+
+    second.get_by_label("Control Weight value").fill("2")
+    second.get_by_label("My prompt is more important").check()
+    page.set_input_files("#img2img-file", str(photo_file))
+    page.click("#generate")
+    # Only the enabled unit is sent, as args[0]; the error for args[0] lands on the second unit shown.
+    weight_error = second.locator(".field-error")
+    expect(weight_error).to_contain_text("at most 1.5")
+    assert first.locator(".field-error").count() == 0
+    args = sent[0]["alwayson_scripts"]["controlnet"]["args"]
+    assert len(args) == 1
+    assert args[0]["module"] == "canny" and args[0]["model"] == "control_canny [abc12345]"
+    assert args[0]["weight"] == 2 and args[0]["control_mode"] == "My prompt is more important"
+    assert decode(args[0]["image"]).size == (64, 64)
+    screenshot(page, "controlnet")
+    page.close()
+
+
+def test_controlnet_hidden_without_models(page):
+    expect(page.locator("#controlnet-section")).to_be_hidden()
+
+
+def test_layout_labels_and_keyboard(page):
+    unlabeled = page.evaluate("""() => Array.from(document.querySelectorAll('input, select, textarea, button'))
+      .filter((el) => !(el.labels && el.labels.length) && !el.getAttribute('aria-label')
+                      && !el.getAttribute('aria-labelledby') && !(el.textContent || '').trim() && !el.title)
+      .map((el) => el.outerHTML.slice(0, 120))""")
+    assert unlabeled == []
+    box = page.locator("#generate").bounding_box()
+    assert box["y"] + box["height"] < 800  # Generate is in view at 1280×800
+
+    page.focus("#tab-img2img")
+    page.keyboard.press("ArrowRight")
+    expect(page.locator("#tab-inpaint")).to_have_attribute("aria-selected", "true")
+    expect(page.locator("#tab-inpaint")).to_be_focused()
+    expect(page.locator("#mask-stage")).to_be_visible()
+    page.keyboard.press("ArrowRight")
+    expect(page.locator("#panel-pnginfo")).to_be_visible()
+
+    page.set_viewport_size({"width": 390, "height": 844})
+    for tab in ("img2img", "inpaint", "pnginfo"):
+        page.click(f"#tab-{tab}")
+        overflow = page.evaluate("() => document.documentElement.scrollWidth - document.documentElement.clientWidth")
+        assert overflow <= 0, f"{tab} scrolls sideways on a narrow window"
+    page.click("#tab-img2img")
+    screenshot(page, "narrow")
+
+
+def test_infotext_parser_matches_the_python_one(page):
+    """The page parses infotext itself (PNG Info works offline); it must split it as the package does."""
+    from underpaint.imageio.infotext import parse_infotext
+
+    samples = [
+        "a cat\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 512x768",
+        "line one\nline two, with: colon\nNegative prompt: ugly\nbad hands\n"
+        'Steps: 5, Sampler: DPM++ 2M, Lora hashes: "a: 0123, b: 4567", Seed: 9, Version: v1.10.0',
+        "just a prompt: with a colon",
+        'x\nSteps: 3, Prompt note: "say \\"hi\\"", Seed: 2, Mask blur: 4',
+    ]
+    got = page.evaluate("""async (samples) => {
+      const { parseInfotext } = await import('./infotext.js');
+      return samples.map((s) => parseInfotext(s));
+    }""", samples)
+    for text, js in zip(samples, got):
+        ref = parse_infotext(text)
+        assert js["prompt"] == ref.prompt
+        assert js["negativePrompt"] == ref.negative_prompt
+        # The package splits "WxH" values into "Key-1"/"Key-2" as A1111 does; the page keeps "WxH".
+        params = dict(ref.params)
+        for key in [k[:-2] for k in params if k.endswith("-1") and k[:-2] + "-2" in params]:
+            params[key] = f"{params.pop(key + '-1')}x{params.pop(key + '-2')}"
+        assert js["params"] == params
+
+
+def test_drop_and_paste_images(page, photo_file):
+    """Files dropped on a zone or pasted from the clipboard land in the current tab's image."""
+    data = list(photo_file.read_bytes())
+    page.evaluate("""(bytes) => {
+      const file = new File([new Uint8Array(bytes)], 'dropped.png', { type: 'image/png' });
+      const dt = new DataTransfer();
+      dt.items.add(file);
+      document.querySelector('#img2img-drop').dispatchEvent(new DragEvent('drop', { dataTransfer: dt, bubbles: true, cancelable: true }));
+    }""", data)
+    expect(page.locator("#img2img-preview")).to_be_visible()
+    expect(page.locator("#img2img-size")).to_have_text("64×64 px")
+
+    page.click("#tab-inpaint")
+    page.evaluate("""(bytes) => {
+      const file = new File([new Uint8Array(bytes)], 'pasted.png', { type: 'image/png' });
+      const dt = new DataTransfer();
+      dt.items.add(file);
+      document.dispatchEvent(new ClipboardEvent('paste', { clipboardData: dt, bubbles: true, cancelable: true }));
+    }""", data)
+    expect(page.locator("#inpaint-mask")).to_be_visible()
+
+
+def test_switching_checkpoint(page, server):
+    """The checkpoint drop-down loads the chosen model through POST /options (A1111's way)."""
+    select = page.locator("#checkpoint")
+    other = next(v for v in select.locator("option").all_text_contents() if v != select.input_value())
+    with page.expect_response("**/sdapi/v1/options", timeout=GENERATION_TIMEOUT) as answer:
+        select.select_option(other)
+    assert answer.value.request.method == "POST" and answer.value.ok
+    assert json.loads(answer.value.request.post_data) == {"sd_model_checkpoint": other}
+    expect(select).to_be_enabled(timeout=GENERATION_TIMEOUT)
+    expect(page.locator("#checkpoint-status")).to_have_text("")
+    page.reload()
+    page.wait_for_selector("body[data-ready=true]")
+    # Once loaded, its title carries its short hash (A1111's "name [hash]").
+    assert page.input_value("#checkpoint").split(" [")[0] == other.split(" [")[0]

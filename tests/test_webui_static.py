@@ -1,0 +1,82 @@
+"""The UI's static files, checked without a browser: everything they reference exists, nothing is fetched
+from outside the server, and every module import names something the imported module exports."""
+
+from __future__ import annotations
+
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from underpaint.webui import static_dir
+
+STATIC = static_dir()
+SCRIPTS = sorted(STATIC.glob("*.js"))
+INDEX = STATIC / "index.html"
+
+IMPORT = re.compile(r"""^\s*import\s*\{([^}]*)\}\s*from\s*["'](\.[^"']+)["']""", re.MULTILINE)
+EXPORT = re.compile(r"^export\s+(?:async\s+)?(?:function\*?|class|const|let)\s+([A-Za-z_$][\w$]*)", re.MULTILINE)
+
+
+class _Collector(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.ids: set[str] = set()
+        self.references: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if attrs.get("id"):
+            self.ids.add(attrs["id"])
+        for name in ("src", "href"):
+            if attrs.get(name) and tag in ("script", "link", "img"):
+                self.references.append(attrs[name])
+
+
+def parsed_index() -> _Collector:
+    collector = _Collector()
+    collector.feed(INDEX.read_text(encoding="utf-8"))
+    return collector
+
+
+def test_static_dir_holds_the_page_and_its_modules():
+    assert STATIC.is_dir() and INDEX.is_file()
+    assert {"app.js", "api.js", "maskcanvas.js", "style.css"} <= {p.name for p in STATIC.iterdir()}
+
+
+def test_page_references_only_local_files():
+    for ref in parsed_index().references:
+        if ref.startswith("data:"):
+            continue
+        assert not re.match(r"^(?:[a-z]+:)?//", ref), f"index.html loads {ref} from elsewhere"
+        assert (STATIC / ref).is_file(), f"index.html references missing {ref}"
+
+
+@pytest.mark.parametrize("path", [*SCRIPTS, STATIC / "style.css", INDEX], ids=lambda p: p.name)
+def test_nothing_is_fetched_from_another_origin(path):
+    text = path.read_text(encoding="utf-8")
+    assert not re.search(r"""(?:https?:)?//[a-z0-9.-]+\.[a-z]{2,}""", text, re.IGNORECASE), \
+        f"{path.name} mentions an external URL; the UI must work offline"
+    assert "@import" not in text and "fonts.googleapis" not in text
+
+
+@pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: p.name)
+def test_every_import_is_exported_by_its_module(path):
+    for names, target in IMPORT.findall(path.read_text(encoding="utf-8")):
+        module = (path.parent / target).resolve()
+        assert module.is_file(), f"{path.name} imports missing {target}"
+        exported = set(EXPORT.findall(module.read_text(encoding="utf-8")))
+        for name in (n.strip().split(" as ")[0] for n in names.split(",") if n.strip()):
+            assert name in exported, f"{path.name} imports {name} from {target}, which does not export it"
+
+
+def test_ids_used_by_scripts_exist_in_the_page():
+    ids = parsed_index().ids
+    used = set()
+    for path in SCRIPTS:
+        text = path.read_text(encoding="utf-8")
+        used |= set(re.findall(r"""\$\(\s*["']#([\w-]+)["']""", text))
+        used |= set(re.findall(r"""getElementById\(\s*["']([\w-]+)["']""", text))
+    missing = sorted(used - ids)
+    assert not missing, f"scripts look up ids that index.html does not have: {missing}"

@@ -1,0 +1,148 @@
+"""Tiny ControlNets in the layouts people download, matching the tiny checkpoints of ``tiny_models``.
+
+The original layout follows lllyasviel's ``cldm.ControlNet``: the UNet's encoder half
+(``time_embed``, ``label_emb`` for SDXL, ``input_blocks``, ``middle_block``) plus the hint encoder
+``input_hint_block`` (conv, then a conv and a stride-2 conv per width step, SiLUs at the odd
+indices, a zero conv last), one 1x1 ``zero_convs.i.0`` per skip connection and
+``middle_block_out.0``. Shapes come from ``tiny_models``' helpers, not from underpaint.
+
+The diffusers layouts are produced from that file by diffusers' own converter
+(``ControlNetModel.from_single_file`` with a hand-written local config), so the two layouts hold
+the same weights by an independent route. Weights are seeded random numbers; the zero convs are
+random too (real trained ones are not zero), so residuals are non-zero.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from tiny_models import (SD1_UNET, SD2_UNET, SDXL_TIME_IDS, SDXL_UNET, TinyUNet, _conv, _linear, _resblock,
+                         _save, _transformer, materialise)
+
+#: Widths of the hint encoder (real models: 16, 32, 96, 256); four widths downsample by 8, as in real files.
+HINT_WIDTHS = (8, 8, 16, 16)
+UNETS = {"sd1": SD1_UNET, "sd2": SD2_UNET, "sdxl": SDXL_UNET}
+
+
+def controlnet_shapes(u: TinyUNet, *, prefix: str = "control_model.", hint_channels: int = 3,
+                      hint_widths: tuple[int, ...] = HINT_WIDTHS) -> dict:
+    out: dict = {}
+    c0 = u.channels[0]
+    emb = 4 * c0
+    _linear(out, "time_embed.0", emb, c0)
+    _linear(out, "time_embed.2", emb, emb)
+    if u.adm_in:
+        _linear(out, "label_emb.0.0", emb, u.adm_in)
+        _linear(out, "label_emb.0.2", emb, emb)
+    # Hint encoder: indices 0, 2, 4, ... are convs (the odd ones are SiLUs without weights).
+    convs = [(hint_widths[0], hint_channels)]
+    for a, b in zip(hint_widths[:-1], hint_widths[1:]):
+        convs += [(a, a), (b, a)]
+    convs.append((c0, hint_widths[-1]))
+    for k, (n_out, n_in) in enumerate(convs):
+        _conv(out, f"input_hint_block.{2 * k}", n_out, n_in)
+    _conv(out, "input_blocks.0.0", c0, u.in_channels)
+    _conv(out, "zero_convs.0.0", c0, c0, k=1)
+    prev, i = c0, 1
+    for level, ch in enumerate(u.channels):
+        for _ in range(u.layers):
+            _resblock(out, f"input_blocks.{i}.0", prev, ch, emb)
+            if u.depth[level]:
+                _transformer(out, f"input_blocks.{i}.1", ch, u.depth[level], u.context_dim, u.linear_proj)
+            _conv(out, f"zero_convs.{i}.0", ch, ch, k=1)
+            prev = ch
+            i += 1
+        if level < len(u.channels) - 1:
+            _conv(out, f"input_blocks.{i}.0.op", ch, ch)
+            _conv(out, f"zero_convs.{i}.0", ch, ch, k=1)
+            i += 1
+    _resblock(out, "middle_block.0", prev, prev, emb)
+    _transformer(out, "middle_block.1", prev, u.mid_depth, u.context_dim, u.linear_proj)
+    _resblock(out, "middle_block.2", prev, prev, emb)
+    _conv(out, "middle_block_out.0", prev, prev, k=1)
+    return {prefix + k: v for k, v in out.items()}
+
+
+def write_controlnet(path, family: str = "sd1", *, prefix: str = "control_model.", seed: int = 11,
+                     dtype: torch.dtype = torch.float32) -> Path:
+    """An original-layout ControlNet (``.safetensors``, or ``.pth`` via torch.save of the bare dict)."""
+    tensors = materialise(controlnet_shapes(UNETS[family], prefix=prefix), seed, dtype)
+    path = Path(path)
+    if path.suffix == ".pth":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(tensors, path)
+        return path
+    return _save(path, tensors)
+
+
+def controlnet_config(family: str) -> dict:
+    """diffusers' ControlNetModel config for the tiny ControlNet of ``family``, written by hand."""
+    u = UNETS[family]
+    cfg = {
+        "_class_name": "ControlNetModel", "in_channels": u.in_channels, "conditioning_channels": 3,
+        "down_block_types": ["CrossAttnDownBlock2D" if d else "DownBlock2D" for d in u.depth],
+        "block_out_channels": list(u.channels), "layers_per_block": u.layers,
+        "cross_attention_dim": u.context_dim,
+        "attention_head_dim": u.heads if isinstance(u.heads, int) else list(u.heads),
+        "use_linear_projection": u.linear_proj, "norm_num_groups": 32,
+        "transformer_layers_per_block": [d or 1 for d in u.depth[:-1]] + [u.mid_depth],
+        "conditioning_embedding_out_channels": list(HINT_WIDTHS),
+        "upcast_attention": family == "sd2",
+    }
+    if u.adm_in:
+        cfg.update(addition_embed_type="text_time", addition_time_embed_dim=SDXL_TIME_IDS,
+                   projection_class_embeddings_input_dim=u.adm_in)
+    return cfg
+
+
+def write_config_dir(folder, family: str) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(controlnet_config(family), indent=1))
+    return folder
+
+
+#: diffusers' single-file ControlNet converter (0.42) does not map SDXL's size/crop embedding.
+LABEL_EMB = {"add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
+
+
+def diffusers_reference(original: Path, family: str, config_dir: Path, *, fill_label_emb: bool = False):
+    """The original file loaded by diffusers' own single-file converter (offline, local config).
+
+    That converter leaves SDXL's ``add_embedding`` (original ``label_emb``) at its random
+    initialisation; ``fill_label_emb`` copies it over by its plain one-to-one name mapping.
+    """
+    from diffusers import ControlNetModel
+    from safetensors.torch import load_file
+
+    write_config_dir(config_dir, family)
+    model = ControlNetModel.from_single_file(str(original), config=str(config_dir), local_files_only=True)
+    if fill_label_emb and UNETS[family].adm_in:
+        sd = load_file(str(original)) if original.suffix == ".safetensors" else torch.load(original, weights_only=True)
+        prefix = "control_model." if any(k.startswith("control_model.") for k in sd) else ""
+        with torch.no_grad():
+            for new, old in LABEL_EMB.items():
+                module = model.get_submodule(new)
+                module.weight.copy_(sd[f"{prefix}{old}.weight"])
+                module.bias.copy_(sd[f"{prefix}{old}.bias"])
+    return model
+
+
+def write_diffusers_folder(folder, original: Path, family: str) -> Path:
+    """A diffusers ControlNet folder holding the same weights as ``original`` (converted by diffusers)."""
+    folder = Path(folder)
+    model = diffusers_reference(original, family, folder.parent / (folder.name + "-config"), fill_label_emb=True)
+    model.save_pretrained(str(folder))
+    return folder
+
+
+def write_diffusers_file(path, folder: Path) -> Path:
+    """A single file in diffusers' names (as ``diffusers_xl_canny_full.safetensors`` ships): a folder's weights."""
+    import shutil
+
+    path = Path(path)
+    shutil.copyfile(Path(folder) / "diffusion_pytorch_model.safetensors", path)
+    return path
