@@ -44,25 +44,21 @@ def prompt_encoder(model, clip_skip: int) -> PromptEncoder:
 def encode_prompts(model, params: GenerationParams, steps: int, *, batch: int, width: int, height: int) -> CondSchedule:
     """Encode each distinct segment of the prompt schedules once and repeat it for the batch."""
     encoder = prompt_encoder(model, params.clip_skip)
+    # Extra-network tags (<lora:...>) come out of the prompt only; A1111 leaves the negative as written.
     positive, _ = extract_extra_networks(params.prompt)
-    negative, _ = extract_extra_networks(params.negative_prompt)
-    cache: dict[str, Conditioning] = {}
 
-    def encode(text: str) -> Conditioning:
-        if text not in cache:
-            with torch.inference_mode():
-                cache[text] = encoder.encode([text])
-        return cache[text]
-
-    def schedule(prompt: str) -> list[tuple[int, Conditioning]]:
-        return [(end, _repeat(encode(text), batch)) for end, text in prompt_schedule(prompt, steps)]
+    def schedule(prompt: str, negative: bool) -> list[tuple[int, Conditioning]]:
+        # One batch per schedule, as A1111: equal chunk counts and emphasis normalised together.
+        with torch.inference_mode():
+            encoded = encoder.encode_schedule(prompt_schedule(prompt, steps), negative=negative)
+        return [(end, _repeat(cond, batch)) for end, cond in encoded]
 
     time_ids = None
     if model.spec.family.value == "sdxl":
         # A1111 conditions SDXL on the generation size as both original and target size, no crop.
         row = torch.tensor([height, width, 0, 0, height, width], dtype=torch.float32)
         time_ids = row.repeat(batch, 1)
-    return CondSchedule(schedule(positive), schedule(negative), time_ids=time_ids)
+    return CondSchedule(schedule(positive, False), schedule(params.negative_prompt, True), time_ids=time_ids)
 
 
 def _repeat(cond: Conditioning, batch: int) -> Conditioning:

@@ -110,43 +110,6 @@ class ControlUnit:
                 pre.b if self.threshold_b is None else self.threshold_b)
 
 
-def unit_from_api(fields, decode_image=None) -> ControlUnit | None:
-    """A unit from one entry of A1111's ``alwayson_scripts.controlnet.args`` (None when not enabled).
-
-    -1 for ``processor_res``/``threshold_a``/``threshold_b`` means the module's default, as in the
-    extension; ``model`` "None" means the default ControlNet for the module; ``image`` may be a
-    base64 string (decoded with ``decode_image``), ``{"image": ..., "mask": ...}`` or a picture.
-    """
-    if not fields.get("enabled", True):
-        return None
-    image = fields.get("image", fields.get("input_image"))
-    mask = fields.get("mask") or fields.get("mask_image")
-    if isinstance(image, dict):
-        image, mask = image.get("image"), image.get("mask", mask)
-    if isinstance(image, str) and decode_image is not None:
-        image = decode_image(image)
-    if isinstance(mask, str) and decode_image is not None:
-        mask = decode_image(mask)
-    if image is not None and mask is not None and hasattr(image, "convert"):
-        rgba = image.convert("RGBA")
-        from PIL import ImageOps
-
-        rgba.putalpha(ImageOps.invert(mask.convert("L").resize(image.size)))
-        image = rgba
-    model = fields.get("model")
-    res, a, b = (fields.get(k, -1) for k in ("processor_res", "threshold_a", "threshold_b"))
-    return ControlUnit(
-        image=image, module=fields.get("module") or "none",
-        model=None if model in (None, "", "None", "none") else model,
-        weight=float(fields.get("weight", 1.0)), guidance_start=float(fields.get("guidance_start", 0.0)),
-        guidance_end=float(fields.get("guidance_end", fields.get("guidance", 1.0))),
-        control_mode=fields.get("control_mode", BALANCED), resize_mode=fields.get("resize_mode", CROP_AND_RESIZE),
-        processor_res=512 if res in (None, -1) else int(res),
-        threshold_a=None if a in (None, -1) else float(a), threshold_b=None if b in (None, -1) else float(b),
-        pixel_perfect=bool(fields.get("pixel_perfect", False)),
-    )
-
-
 # --- the control map ----------------------------------------------------------------------------------------
 
 

@@ -7,7 +7,8 @@ from collections.abc import Callable
 import torch
 
 from ..prompts.encoder import Conditioning
-from ..sampling.denoisers import cfg_denoiser, eps_denoiser, v_denoiser
+from ..sampling.denoisers import cfg_denoiser, eps_denoiser, lcm_denoiser, v_denoiser
+from ..sampling.names import sampler_info
 from ..sampling.schedules import ModelSchedule
 from .conditioning import CondSchedule
 
@@ -35,9 +36,12 @@ def unet_fn(model, conds: CondSchedule) -> Callable[[torch.Tensor, torch.Tensor,
     return call
 
 
-def make_denoiser(model, conds: CondSchedule, cfg_scale: float, schedule: ModelSchedule) -> Callable:
+def make_denoiser(model, conds: CondSchedule, cfg_scale: float, schedule: ModelSchedule, sampler: str) -> Callable:
     """``denoiser(x, sigma) -> denoised`` with guidance against the step's negative prompt."""
-    wrap = v_denoiser if model.spec.prediction == "v" else eps_denoiser
+    if "lcm" in sampler_info(sampler).flags:
+        wrap = lcm_denoiser
+    else:
+        wrap = v_denoiser if model.spec.prediction == "v" else eps_denoiser
     base = wrap(unet_fn(model, conds), schedule)
 
     def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

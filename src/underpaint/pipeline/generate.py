@@ -16,7 +16,7 @@ from ..imageio.resize import output_size, resize_image
 from ..params import GenerationParams
 from ..sampling import noise as noise_mod
 from ..sampling.names import sampler_info
-from ..sampling.samplers import STOP, run_sampler
+from ..sampling.samplers import STOP, prepare_start, run_sampler
 from ..sampling.schedules import ModelSchedule, build_sigmas, img2img_sigmas
 from .conditioning import encode_prompts
 from .denoise import make_denoiser
@@ -32,6 +32,8 @@ class Plan:
     width: int
     height: int
     sigmas: torch.Tensor
+    #: The uncut schedule the cut was taken from: SDE samplers span their Brownian trees over it.
+    full_sigmas: torch.Tensor
     steps_run: int
     seeds: tuple[int, ...]
     subseeds: tuple[int, ...]
@@ -91,17 +93,22 @@ def _plan(model, params: GenerationParams) -> Plan:
         width, height = (params.width or default) // 8 * 8, (params.height or default) // 8 * 8
     schedule = model_schedule(model)
 
+    built: list[torch.Tensor] = []
+
     def full(n: int) -> torch.Tensor:
-        return build_sigmas(params.sampler, params.scheduler, n, schedule, params.sampler_options, family=model.spec.family.value)
+        built.append(build_sigmas(params.sampler, params.scheduler, n, schedule, params.sampler_options,
+                                  family=model.spec.family.value))
+        return built[-1]
 
     if params.is_img2img and params.strength < 1:
-        sigmas = img2img_sigmas(full, params.steps, params.strength, params.fix_steps)
+        timestep = "timestep" in sampler_info(params.sampler).flags
+        sigmas = img2img_sigmas(full, params.steps, params.strength, params.fix_steps, count_from_end=timestep)
     else:
         sigmas = full(params.steps)
     total = params.batch_size * params.n_iter
     seeds = tuple((params.seed + i) % 2**32 for i in range(total))
     subseeds = tuple((params.subseed + i) % 2**32 for i in range(total))
-    return Plan(params, width, height, sigmas, len(sigmas) - 1, seeds, subseeds)
+    return Plan(params, width, height, sigmas, built[-1], len(sigmas) - 1, seeds, subseeds)
 
 
 def model_schedule(model) -> ModelSchedule:
@@ -146,17 +153,13 @@ def _run_batch(model, plan: Plan, job: int, seeds, subseeds, progress, cancel: C
         subseeds=subseeds if p.subseed_strength > 0 else None, subseed_strength=p.subseed_strength,
         seed_resize_from=(p.seed_resize_from_w, p.seed_resize_from_h),
     ).to(torch.float32)
-    sigmas = plan.sigmas.to(device)
-    if p.is_img2img and p.strength < 1:
-        init = encode_images(model, p.init_images, plan, b)
-        x = init + noise * sigmas[0]
-    else:
-        x = noise * sigmas[0]
+    init = encode_images(model, p.init_images, plan, b) if p.is_img2img and p.strength < 1 else None
+    x, sigmas = prepare_start(p.sampler, noise, plan.sigmas.to(device), init=init, model_schedule=model_schedule(model))
 
     # 5. Denoiser: model wrapper ∘ CFG (∘ inpaint blend ∘ ControlNet, later).
-    denoiser = make_denoiser(model, conds, p.cfg_scale, model_schedule(model))
+    denoiser = make_denoiser(model, conds, p.cfg_scale, model_schedule(model), p.sampler)
     info = sampler_info(p.sampler)
-    noise_sampler = _noise_sampler(info, x, sigmas, seeds, p, device)
+    noise_sampler = _noise_sampler(info, x, plan.full_sigmas.to(device), seeds, p, device)
 
     # 6. Denoising loop.
     callback = _callback(model, plan, job, progress, cancel)
@@ -170,9 +173,11 @@ def _run_batch(model, plan: Plan, job: int, seeds, subseeds, progress, cancel: C
     return decode_latents(model, latents)
 
 
-def _noise_sampler(info, x, sigmas, seeds, p: GenerationParams, device):
-    if "brownian" in info.flags or "sde" in info.flags:
-        return noise_mod.brownian_noise(x, sigmas, [s + p.eta_noise_seed_delta for s in seeds])
+def _noise_sampler(info, x, full_sigmas, seeds, p: GenerationParams, device):
+    """Per-image noise for stochastic samplers: Brownian trees (seeded without ENSD, over the
+    uncut schedule, as A1111) for the SDE ones, seeded generators for the ancestral ones."""
+    if "brownian" in info.flags:
+        return noise_mod.brownian_noise(x, full_sigmas, list(seeds))
     if "ancestral" in info.flags or "stochastic" in info.flags:
         return noise_mod.ancestral_noise(seeds, tuple(x.shape[1:]), rng=p.rng, device=device,
                                          eta_noise_seed_delta=p.eta_noise_seed_delta)

@@ -5,29 +5,20 @@ from __future__ import annotations
 from .. import __version__
 from ..imageio.infotext import format_infotext, order_params
 from ..params import GenerationParams
-from ..sampling.names import sampler_info
+from ..sampling.names import infotext_schedule, infotext_writes_ensd
 from .records import ModelInfo
 
 VERSION = f"underpaint {__version__}"
-
-
-def schedule_label(params: GenerationParams) -> str | None:
-    """The schedule A1111 records: the resolved one, or none when Automatic means the model's own."""
-    if params.scheduler != "Automatic":
-        return params.scheduler
-    default = sampler_info(params.sampler).default_schedule
-    return None if default == "Automatic" else default
 
 
 def infotext_params(params: GenerationParams, info: ModelInfo, *, width: int, height: int, seed: int, subseed: int) -> dict:
     """Key/value pairs in A1111 1.10's order; None values are left out when written."""
     p, opts = params, params.sampler_options
     variation = p.subseed_strength > 0
-    uses_ensd = {"ancestral", "sde", "brownian", "stochastic"} & set(sampler_info(p.sampler).flags)
     values = {
         "Steps": p.steps,
         "Sampler": p.sampler,
-        "Schedule type": schedule_label(p),
+        "Schedule type": infotext_schedule(p.sampler, p.scheduler),
         "CFG scale": p.cfg_scale,
         "Seed": seed,
         "Size": f"{width}x{height}",
@@ -40,7 +31,7 @@ def infotext_params(params: GenerationParams, info: ModelInfo, *, width: int, he
         "Seed resize from": f"{p.seed_resize_from_w}x{p.seed_resize_from_h}" if p.seed_resize_from_w > 0 and p.seed_resize_from_h > 0 else None,
         "Denoising strength": p.strength if p.is_img2img else None,
         "Clip skip": p.clip_skip if p.clip_skip > 1 else None,
-        "ENSD": p.eta_noise_seed_delta if p.eta_noise_seed_delta and uses_ensd else None,
+        "ENSD": p.eta_noise_seed_delta if p.eta_noise_seed_delta and infotext_writes_ensd(p.sampler, opts.eta) else None,
         "RNG": {"cpu": "CPU", "nv": "NV"}.get(p.rng),
         "Eta": opts.eta,
         "Schedule min sigma": opts.sigma_min,
