@@ -154,3 +154,19 @@ def test_default_model_is_found_by_module_in_the_models_folder(sd1_engine, sd1_c
     finally:
         sd1_engine.model.models_dir = previous
     assert "Model: control_v11p_sd15_canny [" in text
+
+
+def test_controlnet_with_a_9_channel_inpainting_model(tmp_path, photo, sd1_controlnet, control_map):
+    """The ControlNet sees the 4 latent channels of an inpainting UNet's 9-channel input."""
+    from tiny_models import write_sd1
+    from underpaint.pipeline.engine import Engine
+
+    engine = Engine.load(write_sd1(tmp_path / "tiny-inpaint.safetensors", inpaint=True), device="cpu", dtype="fp32")
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    common = dict(prompt="a door", init_images=(photo.resize((64, 64)),), mask=mask, strength=0.8, steps=2,
+                  sampler="Euler", seed=4)
+    plain = engine.generate(GenerationParams(**common)).images[0]
+    unit = ControlUnit(image=control_map, module="none", model=str(sd1_controlnet))
+    steered = engine.generate(GenerationParams(control_units=(unit,), **common)).images[0]
+    assert steered.size == plain.size and np.abs(_pixels(plain) - _pixels(steered)).max() > 2

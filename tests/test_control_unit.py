@@ -206,19 +206,3 @@ def test_sdxl_residuals_see_the_size_embedding(tmp_path):
     other = dict(added, time_ids=torch.tensor([[32.0, 32, 0, 0, 32, 32]] * 2))
     assert not torch.allclose(_stack(net, hint).residuals(x, t, ctx, other)[1], _stack(net, hint).residuals(x, t, ctx, added)[1])
 
-
-def test_unit_from_the_a1111_api():
-    from underpaint.pipeline.control import unit_from_api
-
-    assert unit_from_api({"enabled": False, "module": "canny"}) is None
-    picture = Image.new("RGB", (8, 8), "white")
-    unit = unit_from_api({"enabled": True, "module": "canny", "model": "control_v11p_sd15_canny [d14c016b]",
-                          "weight": 0.6, "image": "b64", "resize_mode": 2, "processor_res": -1, "threshold_a": -1,
-                          "threshold_b": 150, "guidance_start": 0.1, "guidance_end": 0.9, "pixel_perfect": True,
-                          "control_mode": 1}, decode_image=lambda text: picture)
-    assert unit.image is picture and unit.model == "control_v11p_sd15_canny [d14c016b]"
-    assert (unit.resize_mode, unit.processor_res, unit.thresholds) == ("Resize and Fill", 512, (100, 150.0))
-    assert unit.control_mode == PROMPT_MORE_IMPORTANT and unit.pixel_perfect
-    masked = unit_from_api({"module": "inpaint_only", "model": "None",
-                            "image": {"image": picture, "mask": Image.new("L", (8, 8), 255)}})
-    assert masked.model is None and masked.image.mode == "RGBA" and masked.image.getpixel((0, 0))[3] == 0

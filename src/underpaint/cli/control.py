@@ -65,7 +65,8 @@ def add_control_arguments(parser: argparse.ArgumentParser) -> None:
                    help="preprocessor (canny, depth, openpose, lineart, softedge, scribble, tile, none, ...) "
                         "and control image (default: the img2img input)")
     for flag, (field, convert, text) in _MODIFIERS.items():
-        g.add_argument(flag, action=_Modify, field=field, convert=convert, dest=_DEST, help=text)
+        g.add_argument(flag, action=_Modify, field=field, convert=convert, dest=_DEST, help=text,
+                       metavar=flag.removeprefix("--control-").replace("-", "_").upper())
     g.add_argument("--pixel-perfect", action=_Modify, field="pixel_perfect", convert=bool, nargs=0, dest=_DEST,
                    help="choose the preprocessor resolution from the output size (the unit before it)")
     g.add_argument("--annotators-dir", default=None,

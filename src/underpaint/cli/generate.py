@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..errors import ImageError, InvalidParameter
 from ..params import GenerationParams, SamplerOptions
+from .control import control_units_from_args
 from .outputs import plan_outputs
 from .progress import ProgressBar
 
@@ -80,6 +81,10 @@ def _add_generation_args(p: argparse.ArgumentParser, *, img2img: bool) -> None:
     m.add_argument("--dtype", default="auto", help="auto (fp16 on GPU, fp32 on CPU), fp16, bf16 or fp32")
     m.add_argument("--prediction", choices=("eps", "v"), default=None, help="override the detected prediction type")
 
+    from .control import add_control_arguments
+
+    add_control_arguments(p)
+
 
 def _seed_resize(value: str | None) -> tuple[int, int]:
     if not value:
@@ -117,6 +122,7 @@ def params_from_args(args: argparse.Namespace, init_images: tuple = ()) -> Gener
         eta_noise_seed_delta=args.ensd,
         fix_steps=getattr(args, "fix_steps", False),
         sampler_options=SamplerOptions(eta=args.eta, s_churn=args.s_churn, s_noise=args.s_noise),
+        control_units=control_units_from_args(args),
     )
 
 

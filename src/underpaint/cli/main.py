@@ -12,7 +12,7 @@ from ..errors import UnderpaintError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import generate, info, models
+    from . import control, generate, info, models
 
     parser = argparse.ArgumentParser(
         prog="underpaint",
@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_commands(sub)
     info.add_command(sub)
     models.add_commands(sub)
+    control.add_commands(sub)
     _add_serve(sub)
     return parser
 
