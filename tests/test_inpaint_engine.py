@@ -68,6 +68,14 @@ def test_nine_channel_model_keeps_pixels_outside_the_mask(inpaint_engine, small)
     assert "Conditional mask weight: 1.0" in result.infotexts[0]
 
 
+def test_nine_channel_model_runs_without_a_mask(inpaint_engine, small):
+    """An inpainting checkpoint is fed "everything masked" for txt2img and plain img2img, as in A1111."""
+    txt = inpaint_engine.generate(GenerationParams(prompt="a cat", steps=1, seed=1, width=64, height=64))
+    img = inpaint_engine.generate(GenerationParams(init_images=(small,), **{**COMMON, "steps": 1}))
+    assert txt.images[0].size == (64, 64) and img.images[0].size == small.size
+    assert "Conditional mask weight: 1.0" in txt.infotexts[0] and "Mask blur" not in img.infotexts[0]
+
+
 def test_blurred_mask_keeps_pixels_beyond_the_blur(sd1_engine, small):
     mask = _mask(small.size, (20, 10, 30, 20))
     params = GenerationParams(init_images=(small,), mask=mask, **COMMON, inpaint=InpaintOptions(mask_blur_x=2, mask_blur_y=2))

@@ -16,6 +16,8 @@ from .errors import InvalidParameter
 if TYPE_CHECKING:  # PIL is only needed for type hints here
     from PIL.Image import Image
 
+    from .pipeline.control import ControlUnit
+
 #: A1111's random seeds are drawn from [0, 4294967294).
 MAX_SEED = 4294967294
 RESIZE_MODES = {0: "Just resize", 1: "Crop and resize", 2: "Resize and fill", 3: "Just resize (latent upscale)"}
@@ -106,6 +108,8 @@ class GenerationParams:
     inpaint: InpaintOptions = field(default_factory=InpaintOptions)
     #: Extra infotext entries supplied by callers (kept in order, written after the standard keys).
     extra_infotext: tuple[tuple[str, str], ...] = ()
+    #: ControlNet units (A1111's ControlNet extension), applied in order; see pipeline.control.
+    control_units: tuple["ControlUnit", ...] = ()
 
     def __post_init__(self) -> None:
         from .sampling.names import resolve_sampler  # torch-free table
@@ -134,6 +138,13 @@ class GenerationParams:
             raise InvalidParameter("prompt", type(self.prompt).__name__, "a string")
         if self.inpaint.masked_content not in MASKED_CONTENT:
             raise InvalidParameter("masked_content", self.inpaint.masked_content, "one of " + ", ".join(MASKED_CONTENT))
+        if self.control_units:
+            from .pipeline.control import ControlUnit
+
+            units = tuple(self.control_units)
+            if not all(isinstance(u, ControlUnit) for u in units):
+                raise InvalidParameter("control_units", units, "ControlUnit records")
+            object.__setattr__(self, "control_units", units)
         # Canonicalise names so infotext and caches see one spelling; legacy combined names
         # ("DPM++ 2M Karras") split into sampler + schedule.
         sampler, schedule = resolve_sampler(self.sampler, self.scheduler)

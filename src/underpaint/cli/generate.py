@@ -33,6 +33,12 @@ def _add_generation_args(p: argparse.ArgumentParser, *, img2img: bool) -> None:
     g = p.add_argument_group("prompt")
     g.add_argument("-p", "--prompt", default="", help="what the picture should show")
     g.add_argument("-n", "--negative-prompt", default="", help="what it should not show")
+    g.add_argument("--from-infotext", "--params-from", dest="from_infotext", metavar="IMAGE_OR_TXT", default=None,
+                   help="take prompt, seed, sampler, size, ... (and the checkpoint, without --model) from the A1111 "
+                        "parameters in a PNG, JPEG or WebP file or a text file; flags given here override them")
+    g.add_argument("--lora", action="append", metavar="NAME:WEIGHT", default=None,
+                   help="apply a LoRA from the models folder's loras/ (repeatable); the same as <lora:NAME:WEIGHT> "
+                        "in the prompt, also NAME:TE_WEIGHT:UNET_WEIGHT")
 
     s = p.add_argument_group("sampling")
     if img2img:
@@ -84,6 +90,35 @@ def _add_generation_args(p: argparse.ArgumentParser, *, img2img: bool) -> None:
     from .control import add_control_arguments
 
     add_control_arguments(p)
+    _record_defaults(p, img2img=img2img)
+
+
+# Flags an infotext can set; ``--from-infotext`` uses its values except for the flags given.
+_OVERRIDABLE = ("prompt", "negative_prompt", "strength", "steps", "cfg_scale", "sampler", "scheduler", "clip_skip",
+                "eta", "s_churn", "s_noise", "seed", "subseed", "subseed_strength", "seed_resize_from", "rng", "ensd",
+                "width", "height")
+# GenerationParams field → the flag that sets it (where the names differ).
+_FLAG_OF_FIELD = {"seed_resize_from_w": "seed_resize_from", "seed_resize_from_h": "seed_resize_from",
+                  "eta_noise_seed_delta": "ensd"}
+
+
+def _record_defaults(p: argparse.ArgumentParser, *, img2img: bool) -> None:
+    """Parse the flags an infotext can set with None as default, keeping the real defaults aside
+    (``flag_defaults``), so that a flag the user gave is told apart from one left at its default."""
+    dests = [d for d in _OVERRIDABLE if img2img or d != "strength"]
+    defaults = {d: p.get_default(d) for d in dests}
+    p.set_defaults(**dict.fromkeys(dests), flag_defaults=defaults)
+
+
+def _resolve_defaults(args: argparse.Namespace) -> tuple[argparse.Namespace, set[str]]:
+    """The arguments with recorded defaults filled in, and the flags the user gave."""
+    defaults = getattr(args, "flag_defaults", None) or {}
+    given = {d for d in defaults if getattr(args, d, None) is not None}
+    resolved = argparse.Namespace(**vars(args))
+    for dest, value in defaults.items():
+        if getattr(resolved, dest, None) is None:
+            setattr(resolved, dest, value)
+    return resolved, given
 
 
 def _seed_resize(value: str | None) -> tuple[int, int]:
@@ -97,8 +132,9 @@ def _seed_resize(value: str | None) -> tuple[int, int]:
 
 
 def params_from_args(args: argparse.Namespace, init_images: tuple = ()) -> GenerationParams:
+    args, given = _resolve_defaults(args)
     w, h = _seed_resize(args.seed_resize_from)
-    return GenerationParams(
+    params = GenerationParams(
         prompt=args.prompt,
         negative_prompt=args.negative_prompt,
         init_images=init_images,
@@ -124,14 +160,57 @@ def params_from_args(args: argparse.Namespace, init_images: tuple = ()) -> Gener
         sampler_options=SamplerOptions(eta=args.eta, s_churn=args.s_churn, s_noise=args.s_noise),
         control_units=control_units_from_args(args),
     )
+    if getattr(args, "from_infotext", None):
+        params = _with_infotext(params, args, given)
+    return _with_loras(params, getattr(args, "lora", None))
+
+
+def _with_infotext(params: GenerationParams, args: argparse.Namespace, given: set[str]) -> GenerationParams:
+    """The infotext's values for every field whose flag was not given (A1111's "Send to img2img")."""
+    from dataclasses import replace
+
+    from ..pipeline.reproduce import params_from_infotext, read_infotext
+
+    fields = params_from_infotext(read_infotext(args.from_infotext))
+    if not params.is_img2img:
+        fields.pop("strength", None)
+    fields = {k: v for k, v in fields.items() if _FLAG_OF_FIELD.get(k, k) not in given}
+    options = fields.pop("sampler_options")
+    fields["sampler_options"] = replace(options, **{k: getattr(args, k) for k in ("eta", "s_churn", "s_noise") if k in given})
+    return params.replace(**fields)
+
+
+def _with_loras(params: GenerationParams, loras: list[str] | None) -> GenerationParams:
+    """``--lora NAME:WEIGHT`` as A1111 adds a LoRA chosen outside the prompt: its tag appended to the prompt."""
+    if not loras:
+        return params
+    from ..models.lora import LoraRequest
+
+    return params.replace(prompt=params.prompt + "".join(LoraRequest.parse(text).tag() for text in loras))
 
 
 def _load_engine(args: argparse.Namespace):
     from ..pipeline.engine import Engine
 
     folder = models_folder(args)
-    return Engine.load(resolve_model(args.model, folder), models_dir=folder.root, device=args.device,
+    return Engine.load(_checkpoint(args, folder), models_dir=folder.root, device=args.device,
                        dtype=args.dtype, vae=args.vae, prediction=args.prediction)
+
+
+def _checkpoint(args: argparse.Namespace, folder) -> Path:
+    """``--model``, else the checkpoint ``--from-infotext`` names, else the first one on disk."""
+    from ..errors import ModelNotFound
+
+    if args.model is not None or not getattr(args, "from_infotext", None):
+        return resolve_model(args.model, folder)
+    from ..pipeline.reproduce import checkpoint_from_infotext, read_infotext
+
+    name = checkpoint_from_infotext(read_infotext(args.from_infotext))
+    try:
+        return resolve_model(name, folder)
+    except ModelNotFound as exc:
+        raise ModelNotFound(f"{exc.message} (named by --from-infotext; pass --model to use another)",
+                            field=exc.field) from None
 
 
 def models_folder(args: argparse.Namespace):

@@ -12,7 +12,7 @@ from ..errors import UnderpaintError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import control, generate, info, models
+    from . import control, generate, info, inpaint, models
 
     parser = argparse.ArgumentParser(
         prog="underpaint",
@@ -22,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     generate.add_commands(sub)
+    inpaint.add_commands(sub)
     info.add_command(sub)
     models.add_commands(sub)
     control.add_commands(sub)

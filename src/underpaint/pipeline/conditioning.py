@@ -8,7 +8,8 @@ import torch
 
 from ..params import GenerationParams
 from ..prompts.encoder import Conditioning, PromptEncoder
-from ..prompts.parser import extract_extra_networks, prompt_schedule
+from ..prompts.parser import extract_extra_networks, prompt_schedule, split_and
+from .networks import available_embeddings
 
 
 @dataclass
@@ -25,9 +26,18 @@ class CondSchedule:
     #: SDXL micro-conditioning (original size, crop, target size), one row per image.
     time_ids: torch.Tensor | None = None
     step: int = field(default=0)
+    #: Composable diffusion (``a AND b :0.5``): (weight, schedule) of every part, ``cond`` being
+    #: the first one's schedule; empty for a plain prompt (one part of weight 1).
+    parts: tuple[tuple[float, list[tuple[int, Conditioning]]], ...] = ()
 
     def current(self) -> tuple[Conditioning, Conditioning]:
         return _at(self.cond, self.step), _at(self.uncond, self.step)
+
+    def current_parts(self) -> list[tuple[Conditioning, float]]:
+        """Each ``AND`` part's conditioning at this step with its weight."""
+        if not self.parts:
+            return [(_at(self.cond, self.step), 1.0)]
+        return [(_at(schedule, self.step), weight) for weight, schedule in self.parts]
 
 
 def _at(schedule: list[tuple[int, Conditioning]], step: int) -> Conditioning:
@@ -38,7 +48,9 @@ def _at(schedule: list[tuple[int, Conditioning]], step: int) -> Conditioning:
 
 
 def prompt_encoder(model, clip_skip: int) -> PromptEncoder:
-    return PromptEncoder(model.text_encoders, model.tokenizers, family=model.spec.family.value, clip_skip=clip_skip)
+    """The model's prompt encoder, with the textual-inversion embeddings of its models folder."""
+    return PromptEncoder(model.text_encoders, model.tokenizers, family=model.spec.family.value, clip_skip=clip_skip,
+                         embeddings=available_embeddings(model))
 
 
 def encode_prompts(model, params: GenerationParams, steps: int, *, batch: int, width: int, height: int) -> CondSchedule:
@@ -58,7 +70,11 @@ def encode_prompts(model, params: GenerationParams, steps: int, *, batch: int, w
         # A1111 conditions SDXL on the generation size as both original and target size, no crop.
         row = torch.tensor([height, width, 0, 0, height, width], dtype=torch.float32)
         time_ids = row.repeat(batch, 1)
-    return CondSchedule(schedule(positive, False), schedule(params.negative_prompt, True), time_ids=time_ids)
+    # Composable diffusion: each AND part has its own schedule, as A1111 encodes them.
+    parts = tuple((weight, schedule(text, False)) for text, weight in split_and(positive))
+    plain = len(parts) == 1 and parts[0][0] == 1.0
+    return CondSchedule(parts[0][1], schedule(params.negative_prompt, True), time_ids=time_ids,
+                        parts=() if plain else parts)
 
 
 def _repeat(cond: Conditioning, batch: int) -> Conditioning:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -11,24 +11,37 @@ from ..sampling.denoisers import cfg_denoiser, eps_denoiser, lcm_denoiser, v_den
 from ..sampling.names import sampler_info
 from ..sampling.schedules import ModelSchedule
 from .conditioning import CondSchedule
+from .inpaint import concat_channels
 
 
-def unet_fn(model, conds: CondSchedule) -> Callable[[torch.Tensor, torch.Tensor, Conditioning], torch.Tensor]:
-    """``model_fn(x_in, t, cond)``: the diffusers UNet in its dtype, answering in float32."""
+def unet_fn(model, conds: CondSchedule, control=None) -> Callable[[torch.Tensor, torch.Tensor, Conditioning], torch.Tensor]:
+    """``model_fn(x_in, t, cond)``: the diffusers UNet in its dtype, answering in float32; ``control``
+    (a :class:`~underpaint.pipeline.control.ControlStack`) adds its ControlNet residuals."""
     unet = model.unet
     dtype = model.dtype
+    # SDXL's size ids are made on the host: copy them to the device once per batch shape, not
+    # at every step (each copy would make the step wait for the GPU).
+    placed_ids: dict[tuple[int, torch.device], torch.Tensor] = {}
 
     def call(x_in: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         extra = None
         if conds.time_ids is not None:
             rows = x_in.shape[0] // conds.time_ids.shape[0]
-            time_ids = conds.time_ids.repeat(rows, 1).to(x_in.device, dtype)
-            extra = {"text_embeds": cond.pooled.to(dtype), "time_ids": time_ids}
+            key = (rows, x_in.device)
+            if key not in placed_ids:
+                placed_ids[key] = conds.time_ids.repeat(rows, 1).to(x_in.device, dtype)
+            extra = {"text_embeds": cond.pooled.to(dtype), "time_ids": placed_ids[key]}
+        down = mid = None
+        if control is not None:
+            is_prompt = control.prompt_rows(cond, x_in.shape[0], device=x_in.device)
+            down, mid = control.residuals(x_in.to(dtype), t.to(x_in.device), cond.cross_attn.to(dtype), extra, is_prompt)
         out = unet(
             x_in.to(dtype),
             t.to(x_in.device),
             encoder_hidden_states=cond.cross_attn.to(dtype),
             added_cond_kwargs=extra,
+            down_block_additional_residuals=down,
+            mid_block_additional_residual=mid,
             return_dict=False,
         )[0]
         return out.float()
@@ -36,18 +49,64 @@ def unet_fn(model, conds: CondSchedule) -> Callable[[torch.Tensor, torch.Tensor,
     return call
 
 
-def make_denoiser(model, conds: CondSchedule, cfg_scale: float, schedule: ModelSchedule, sampler: str) -> Callable:
-    """``denoiser(x, sigma) -> denoised`` with guidance against the step's negative prompt."""
+def make_denoiser(model, conds: CondSchedule, cfg_scale: float, schedule: ModelSchedule, sampler: str, *,
+                  image_conditioning: torch.Tensor | None = None, control=None) -> Callable:
+    """``denoiser(x, sigma) -> denoised`` with guidance against the step's negative prompt.
+
+    ``image_conditioning`` is appended to the UNet's input channels after the input scaling
+    (a 9-channel inpainting checkpoint's mask and masked-picture latents); ``control`` adds
+    ControlNet residuals (pipeline/control.py).
+    """
     if "lcm" in sampler_info(sampler).flags:
         wrap = lcm_denoiser
     else:
         wrap = v_denoiser if model.spec.prediction == "v" else eps_denoiser
-    base = wrap(unet_fn(model, conds), schedule)
+    model_fn = unet_fn(model, conds, control)
+    if image_conditioning is not None:
+        model_fn = concat_channels(model_fn, image_conditioning)
+    base = wrap(model_fn, schedule)
 
     def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         cond, uncond = conds.current()
+        if conds.parts:  # composable diffusion: every AND part, stacked
+            cond, weights = stack_parts(conds.current_parts())
+        if control is not None:
+            control.set_conds(cond, uncond)
         # A1111 advances prompt editing once per model evaluation, not per sampler step.
         conds.step += 1
+        if conds.parts:
+            return composable_cfg(base, cond, weights, uncond, cfg_scale, joint=control is None)(x, sigma)
         return cfg_denoiser(base, cond, uncond, cfg_scale)(x, sigma)
 
     return denoise
+
+
+def stack_parts(parts: Sequence[tuple[Conditioning, float]]) -> tuple[Conditioning, tuple[float, ...]]:
+    """The ``AND`` parts as one conditioning, part-major (all images of part 1, then part 2, ...);
+    shorter parts repeat their last token vector up to the longest, as A1111 pads them."""
+    return Conditioning.cat_padded([cond for cond, _ in parts]), tuple(weight for _, weight in parts)
+
+
+def composable_cfg(denoiser: Callable, parts: Conditioning, weights: Sequence[float], uncond: Conditioning,
+                   scale: float, *, joint: bool = True) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Composable diffusion (Liu et al. 2022) as A1111 guides it: uncond + Σ wᵢ·scale·(condᵢ − uncond).
+
+    ``parts`` stacks the parts' rows (:func:`stack_parts`). Like A1111, the parts and the
+    negative prompt go through the model as one batch when their token lengths match, else
+    as two calls (``joint=False`` always makes two), and the terms are added in part order.
+    """
+
+    def guided(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        n, b = len(weights), x.shape[0]
+        xs, sigmas = x.repeat(n, *[1] * (x.ndim - 1)), sigma.repeat(n)
+        if joint and parts.tokens == uncond.tokens:
+            out = denoiser(torch.cat([xs, x]), torch.cat([sigmas, sigma]), Conditioning.cat([parts, uncond]))
+            on_parts, on_uncond = out[: n * b], out[n * b :]
+        else:
+            on_parts, on_uncond = denoiser(xs, sigmas, parts), denoiser(x, sigma, uncond)
+        result = on_uncond
+        for i, weight in enumerate(weights):
+            result = result + (on_parts[i * b : (i + 1) * b] - on_uncond) * (weight * scale)
+        return result
+
+    return guided

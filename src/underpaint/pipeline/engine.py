@@ -26,6 +26,9 @@ class Engine:
     def __init__(self, model: "LoadedModel", *, models_dir: Any = None):
         self.model = model
         self.models_dir = models_dir
+        if models_dir is not None:
+            # LoRAs, embeddings and ControlNets of a request are found in the engine's models folder.
+            model.models_dir = models_dir
 
     @classmethod
     def load(

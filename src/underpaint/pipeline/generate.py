@@ -7,7 +7,7 @@ an infotext written there reproduces here: strength → steps, seeds → noise, 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -18,9 +18,12 @@ from ..sampling import noise as noise_mod
 from ..sampling.names import sampler_info
 from ..sampling.samplers import STOP, prepare_start, run_sampler
 from ..sampling.schedules import ModelSchedule, build_sigmas, img2img_sigmas
-from .conditioning import encode_prompts
+from .conditioning import encode_prompts, prompt_encoder
+from .control import request_control
 from .denoise import make_denoiser
+from . import inpaint
 from .infotext import build_infotext
+from .networks import ActiveNetworks, request_networks
 from .records import Cancellation, ModelInfo, Progress, Result
 
 
@@ -37,10 +40,19 @@ class Plan:
     steps_run: int
     seeds: tuple[int, ...]
     subseeds: tuple[int, ...]
+    #: The prepared mask, crop and pictures when inpainting.
+    inpaint: inpaint.InpaintJob | None = None
 
 
 def generate(model, params: GenerationParams, *, info: ModelInfo, progress, cancel: Cancellation) -> Result:
     """Run ``n_iter`` batches of ``batch_size`` images; batch image i uses seed + i."""
+    # 0. Extra networks: the prompt's LoRAs are merged into the weights for this request only.
+    with request_networks(model, params, encoder=prompt_encoder(model, params.clip_skip)) as networks:
+        return _generate(model, params, networks, info=info, progress=progress, cancel=cancel)
+
+
+def _generate(model, params: GenerationParams, networks: ActiveNetworks, *, info: ModelInfo, progress,
+              cancel: Cancellation) -> Result:
     # 1. Check inputs and fix the random seeds so they can be recorded.
     params = params.with_seed()
     plan = _plan(model, params)
@@ -48,6 +60,21 @@ def generate(model, params: GenerationParams, *, info: ModelInfo, progress, canc
     # 2. strength 0 keeps the picture: return the input as it is (resized only if asked).
     if params.is_img2img and params.strength == 0:
         return _identity_result(plan, info)
+
+    # 2b. A mask: crop, masks and masked content (inpaint.py); an empty mask keeps the picture.
+    if params.mask is not None:
+        job = inpaint.prepare_inpaint(params, plan.width, plan.height)
+        if job is None:
+            return _identity_result(plan, info)
+        plan = replace(plan, inpaint=job)
+    plan = _with_inpaint_infotext(model, plan)
+
+    # 2c. ControlNet units: load their nets, make their maps, record them in the infotext.
+    control = request_control(model, params, width=plan.width, height=plan.height, steps=plan.steps_run)
+    if control is not None:
+        plan = replace(plan, params=control.with_infotext(plan.params))
+    # 2d. LoRA and embedding hashes, after the inpaint and ControlNet keys as A1111 orders them.
+    plan = replace(plan, params=networks.with_infotext(plan.params))
 
     images, infotexts, seeds, subseeds = [], [], [], []
     interrupted = False
@@ -58,7 +85,8 @@ def generate(model, params: GenerationParams, *, info: ModelInfo, progress, canc
         lo = job * params.batch_size
         batch_seeds = plan.seeds[lo : lo + params.batch_size]
         batch_subseeds = plan.subseeds[lo : lo + params.batch_size]
-        batch = _run_batch(model, plan, job, batch_seeds, batch_subseeds, progress, cancel)
+        batch = _run_batch(model, plan, job, batch_seeds, batch_subseeds, progress, cancel,
+                           control.stack if control else None)
         cancel.clear_skip()
         if batch is None:  # skipped
             continue
@@ -136,7 +164,7 @@ def _identity_result(plan: Plan, info: ModelInfo) -> Result:
                   prompts=(p.prompt,) * total, negative_prompts=(p.negative_prompt,) * total)
 
 
-def _run_batch(model, plan: Plan, job: int, seeds, subseeds, progress, cancel: Cancellation):
+def _run_batch(model, plan: Plan, job: int, seeds, subseeds, progress, cancel: Cancellation, control=None):
     """One batch: encode prompts, make the start latent, sample, decode."""
     p = plan.params
     device, dtype = model.device, model.dtype
@@ -153,24 +181,65 @@ def _run_batch(model, plan: Plan, job: int, seeds, subseeds, progress, cancel: C
         subseeds=subseeds if p.subseed_strength > 0 else None, subseed_strength=p.subseed_strength,
         seed_resize_from=(p.seed_resize_from_w, p.seed_resize_from_h),
     ).to(torch.float32)
-    init = encode_images(model, p.init_images, plan, b) if p.is_img2img and p.strength < 1 else None
+    encode = lambda pixels: encode_pixels(model, pixels)  # noqa: E731
+    masked = None if plan.inpaint is None else inpaint.job_latents(
+        plan.inpaint, encode, batch=b, noise=_content_noise(p, seeds, latent_shape, device))
+    init = None
+    if p.is_img2img and p.strength < 1:
+        init = masked.init if masked is not None else encode_images(model, p.init_images, plan, b)
     x, sigmas = prepare_start(p.sampler, noise, plan.sigmas.to(device), init=init, model_schedule=model_schedule(model))
 
-    # 5. Denoiser: model wrapper ∘ CFG (∘ inpaint blend ∘ ControlNet, later).
-    denoiser = make_denoiser(model, conds, p.cfg_scale, model_schedule(model), p.sampler)
+    # 5. Denoiser: model wrapper ∘ CFG ∘ inpaint blend (∘ ControlNet); a 9-channel
+    #    inpainting checkpoint also sees the mask and the masked picture.
+    extra = _inpaint_channels(model, plan, b, encode) if model.spec.is_inpaint else None
+    if control is not None:
+        control.on_step(0)
+    denoiser = make_denoiser(model, conds, p.cfg_scale, model_schedule(model), p.sampler, image_conditioning=extra,
+                             control=control)
+    if masked is not None:
+        denoiser = masked.wrap(denoiser, sigmas)
     info = sampler_info(p.sampler)
     noise_sampler = _noise_sampler(info, x, plan.full_sigmas.to(device), seeds, p, device)
 
     # 6. Denoising loop.
-    callback = _callback(model, plan, job, progress, cancel)
+    callback = _callback(model, plan, job, progress, cancel, control)
     with torch.inference_mode():
         latents = run_sampler(p.sampler, denoiser, x, sigmas, noise_sampler=noise_sampler, callback=callback,
                               options=p.sampler_options, model_schedule=model_schedule(model))
     if cancel.skipped and not cancel.interrupted:
         return None
 
-    # 7. Decode to pixels with A1111's uint8 truncation.
-    return decode_latents(model, latents)
+    # 7. Decode to pixels with A1111's uint8 truncation; inpainting pastes the result back
+    #    and lays the original pixels over everything outside the mask.
+    if masked is None:
+        return decode_latents(model, latents)
+    images = decode_latents(model, masked.finish(latents))
+    return [inpaint.composite(image, plan.inpaint, i) for i, image in enumerate(images)]
+
+
+def _with_inpaint_infotext(model, plan: Plan) -> Plan:
+    """Add A1111's inpaint keys (Mask blur, Masked content, ..., Conditional mask weight)."""
+    p = plan.params
+    if p.mask is None and not model.spec.is_inpaint:
+        return plan
+    entries = inpaint.inpaint_infotext(p.inpaint, cropped=plan.inpaint is not None and plan.inpaint.crop is not None,
+                                       conditioning=model.spec.is_inpaint, masked=plan.inpaint is not None)
+    return replace(plan, params=p.replace(extra_infotext=p.extra_infotext + entries))
+
+
+def _content_noise(p: GenerationParams, seeds, shape, device) -> torch.Tensor | None:
+    """A1111's "latent noise" masked content: each image's seed noise, without variation."""
+    if p.inpaint.masked_content != "latent noise":
+        return None
+    return noise_mod.image_noise(seeds, shape, rng=p.rng, device=device).to(torch.float32)
+
+
+def _inpaint_channels(model, plan: Plan, batch: int, encode) -> torch.Tensor:
+    """The mask and masked-picture channels of a 9-channel inpainting checkpoint (txt2img: grey, all masked)."""
+    p = plan.params
+    pixels = init_pixels(p.init_images, plan, batch) if plan.inpaint is None and p.is_img2img else None
+    return inpaint.image_conditioning(encode, job=plan.inpaint, pixels=pixels, weight=p.inpaint.mask_weight,
+                                      batch=batch, size=(plan.width, plan.height)).to(model.device)
 
 
 def _noise_sampler(info, x, full_sigmas, seeds, p: GenerationParams, device):
@@ -184,10 +253,12 @@ def _noise_sampler(info, x, full_sigmas, seeds, p: GenerationParams, device):
     return None
 
 
-def _callback(model, plan: Plan, job: int, progress, cancel: Cancellation) -> Callable:
+def _callback(model, plan: Plan, job: int, progress, cancel: Cancellation, control=None) -> Callable:
     total = plan.steps_run
 
     def on_step(step: int, _total: int, x: torch.Tensor, denoised: torch.Tensor):
+        if control is not None:  # A1111's ControlNet guidance window counts finished steps
+            control.on_step(step)
         if progress is not None:
             preview = (lambda d=denoised: decode_latents(model, d)) if denoised is not None else None
             progress(Progress(job=job, job_count=plan.params.n_iter, step=step + 1, steps=total, preview=preview))
@@ -198,15 +269,22 @@ def _callback(model, plan: Plan, job: int, progress, cancel: Cancellation) -> Ca
     return on_step
 
 
-def encode_images(model, images, plan: Plan, batch: int) -> torch.Tensor:
-    """Resize as asked and VAE-encode to scaled latents (posterior mean: deterministic)."""
+def init_pixels(images, plan: Plan, batch: int) -> torch.Tensor:
+    """The init pictures resized as asked, image i of the batch from picture i mod n, in [-1, 1]."""
     p = plan.params
     resized = [resize_image(img.convert("RGB"), plan.width, plan.height, p.resize_mode) for img in images]
-    chosen = [resized[i % len(resized)] for i in range(batch)]
-    vae = model.vae
-    pixels = images_to_tensor(chosen, device=model.device, dtype=_vae_dtype(model))
+    return images_to_tensor([resized[i % len(resized)] for i in range(batch)])
+
+
+def encode_images(model, images, plan: Plan, batch: int) -> torch.Tensor:
+    """Resize as asked and VAE-encode to scaled latents (posterior mean: deterministic)."""
+    return encode_pixels(model, init_pixels(images, plan, batch))
+
+
+def encode_pixels(model, pixels: torch.Tensor) -> torch.Tensor:
+    """VAE-encode pictures in [-1, 1] to scaled latents (posterior mean: deterministic)."""
     with torch.inference_mode():
-        mean = vae.encode(pixels).latent_dist.mean
+        mean = model.vae.encode(pixels.to(model.device, _vae_dtype(model))).latent_dist.mean
     return mean.to(torch.float32) * model.spec.scaling_factor
 
 

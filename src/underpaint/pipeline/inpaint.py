@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageFilter, ImageOps
+from PIL import Image, ImageFilter
 
 from ..errors import ImageError, InvalidParameter
 from ..imageio.mask import blur_kernel_size, blur_mask, fit_mask, invert_mask, is_empty, mask_box, to_mask

@@ -39,13 +39,26 @@ def _expand(v: torch.Tensor, ndim: int) -> torch.Tensor:
     return v[(...,) + (None,) * (ndim - v.ndim)]
 
 
+def _placed(schedule: ModelSchedule) -> Callable[[torch.device], ModelSchedule]:
+    """``schedule`` on a device, copied there on first use only (a per-step copy would sync the GPU)."""
+    copies: dict[torch.device, ModelSchedule] = {}
+
+    def on(device: torch.device) -> ModelSchedule:
+        if device not in copies:
+            copies[device] = schedule.to(device)
+        return copies[device]
+
+    return on
+
+
 def eps_denoiser(model_fn: ModelFn, schedule: ModelSchedule) -> CondDenoiser:
     """ε-prediction: input scaled by 1/sqrt(σ²+1), denoised = x − σ·ε (k-diffusion's CompVisDenoiser)."""
+    on = _placed(schedule)
 
     def denoise(x: torch.Tensor, sigma: torch.Tensor, cond: Any) -> torch.Tensor:
         c_out = _expand(-sigma, x.ndim)
         c_in = _expand(1 / (sigma**2 + 1.0) ** 0.5, x.ndim)
-        eps = model_fn(x * c_in, schedule.sigma_to_t(sigma), cond)
+        eps = model_fn(x * c_in, on(sigma.device).sigma_to_t(sigma), cond)
         return x + eps * c_out
 
     return denoise
@@ -53,12 +66,13 @@ def eps_denoiser(model_fn: ModelFn, schedule: ModelSchedule) -> CondDenoiser:
 
 def v_denoiser(model_fn: ModelFn, schedule: ModelSchedule) -> CondDenoiser:
     """v-prediction (SD 2.x 768): c_skip = 1/(σ²+1), c_out = −σ/sqrt(σ²+1) (k-diffusion's CompVisVDenoiser)."""
+    on = _placed(schedule)
 
     def denoise(x: torch.Tensor, sigma: torch.Tensor, cond: Any) -> torch.Tensor:
         c_skip = _expand(1.0 / (sigma**2 + 1.0), x.ndim)
         c_out = _expand(-sigma * 1.0 / (sigma**2 + 1.0) ** 0.5, x.ndim)
         c_in = _expand(1 / (sigma**2 + 1.0) ** 0.5, x.ndim)
-        return model_fn(x * c_in, schedule.sigma_to_t(sigma), cond) * c_out + x * c_skip
+        return model_fn(x * c_in, on(sigma.device).sigma_to_t(sigma), cond) * c_out + x * c_skip
 
     return denoise
 
@@ -70,11 +84,11 @@ def lcm_denoiser(model_fn: ModelFn, schedule: ModelSchedule, original_steps: int
     ε estimate is turned into x0 as usual, and the consistency boundary condition blends it
     with the input: c_skip = σ_d²/((10t)² + σ_d²), c_out = 10t/sqrt((10t)² + σ_d²), σ_d = 0.5.
     """
-    grid = lcm_grid(schedule, original_steps)
+    on = _placed(lcm_grid(schedule, original_steps))
     skip = len(schedule.alphas_cumprod) // original_steps
 
     def denoise(x: torch.Tensor, sigma: torch.Tensor, cond: Any) -> torch.Tensor:
-        log_grid = grid.log_sigmas.to(sigma.device)
+        log_grid = on(sigma.device).log_sigmas
         t = (sigma.log() - log_grid[:, None]).abs().argmin(dim=0).view(sigma.shape) * skip + (skip - 1)
         c_in = _expand(1 / (sigma**2 + 1.0) ** 0.5, x.ndim)
         eps = model_fn(x * c_in, t, cond)

@@ -74,6 +74,8 @@ def sample_dpmpp_sde(denoiser, x, sigmas, *, noise: NoiseSampler | None = None, 
 def sample_dpmpp_2m(denoiser, x, sigmas, *, noise: NoiseSampler | None = None, callback: Callback | None = None):
     """DPM-Solver++(2M): second order from the previous step's estimate (first and last step first order)."""
     total = len(sigmas) - 1
+    # Branch on a host copy: testing a GPU tensor in ``if`` would wait for the GPU at every step.
+    last_step = (sigmas[1:] == 0).tolist()
     old_denoised = None
     for i in range(total):
         denoised = denoiser(x, batch_sigma(sigmas[i], x))
@@ -81,7 +83,7 @@ def sample_dpmpp_2m(denoiser, x, sigmas, *, noise: NoiseSampler | None = None, c
             return denoised
         t, t_next = time_of(sigmas[i]), time_of(sigmas[i + 1])
         h = t_next - t
-        if old_denoised is None or sigmas[i + 1] == 0:
+        if old_denoised is None or last_step[i]:
             estimate = denoised
         else:
             r = (t - time_of(sigmas[i - 1])) / h

@@ -58,6 +58,14 @@ class ModelSchedule:
         sigmas = ((1 - ac) / ac) ** 0.5
         return cls(ac, sigmas, sigmas.log())
 
+    def to(self, device: torch.device | str) -> "ModelSchedule":
+        """The same schedule with its tables on ``device``.
+
+        Denoisers place it once per request: copying the table to the GPU at every step would
+        make each step wait for the GPU to finish the previous one.
+        """
+        return ModelSchedule(self.alphas_cumprod.to(device), self.sigmas.to(device), self.log_sigmas.to(device))
+
     @property
     def sigma_min(self) -> float:
         return self.sigmas[0].item()

@@ -1,0 +1,664 @@
+"""img2img speed, underpaint against diffusers, on the real SD 1.5 and SDXL architectures.
+
+One process builds each architecture once with random weights (timing does not depend on
+weight values, so no checkpoint and no network are needed), hands the *same* module objects
+to underpaint's engine and to diffusers' img2img pipelines, runs both on identical settings
+and prints a table last. Run it from a source checkout::
+
+    PYTHONPATH=src python bench/gpu_img2img.py                       # the three GPU cases
+    PYTHONPATH=src python bench/gpu_img2img.py --compile-diffusers   # plus diffusers + torch.compile
+    PYTHONPATH=src python bench/gpu_img2img.py --tiny                # tiny models on the CPU, ~1 minute
+
+Settings follow the performance issue: img2img, 30 steps at strength 0.65 (19 denoising steps
+in diffusers), CFG 7, DPM++ 2M Karras, fp16 on CUDA. underpaint counts img2img steps as
+AUTOMATIC1111 does (int(strength·steps) + 1), so it is given the strength that runs the same
+number of steps on the same Karras grid; the UNet call count per run is recorded to prove it.
+
+``--optimize`` applies module transforms (channels-last, fused QKV, torch.compile) to
+underpaint's model for one extra row, and checks that its pictures equal the plain run's
+within fp16 tolerance. They are stand-ins until the engine has switches of its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+PROMPT = "a lighthouse on a cliff at sunset, oil painting, detailed brushwork"
+NEGATIVE = "blurry, low quality, watermark"
+SEED = 1234
+
+# --- architectures ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Arch:
+    """The module configs of one model architecture (diffusers/transformers keyword arguments)."""
+
+    name: str
+    family: str  # "sd1" or "sdxl"
+    unet: dict
+    vae: dict
+    #: One CLIPTextConfig dict per text encoder; SDXL's second one has a projection.
+    text: tuple[dict, ...]
+    #: Published parameter counts (UNet, VAE, text encoders), checked before a full-size run.
+    params: tuple[int, int, tuple[int, ...]] | None = None
+
+
+def _vae(channels: tuple[int, ...], layers: int, scaling: float, sample: int, upcast: bool) -> dict:
+    n = len(channels)
+    return dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * n,
+                up_block_types=["UpDecoderBlock2D"] * n, block_out_channels=list(channels), layers_per_block=layers,
+                latent_channels=4, norm_num_groups=min(32, channels[0]), sample_size=sample, scaling_factor=scaling,
+                force_upcast=upcast)
+
+
+def _clip(hidden: int, layers: int, act: str, *, intermediate: int | None = None, projection: int | None = None,
+          pad_token_id: int = 49407) -> dict:
+    return dict(vocab_size=49408, hidden_size=hidden, intermediate_size=intermediate or 4 * hidden,
+                num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64), max_position_embeddings=77,
+                hidden_act=act, layer_norm_eps=1e-5, projection_dim=projection or hidden, bos_token_id=49406,
+                eos_token_id=49407, pad_token_id=pad_token_id)
+
+
+def _sd1_unet(channels, layers, context, groups=32) -> dict:
+    n = len(channels)
+    return dict(sample_size=64, in_channels=4, out_channels=4,
+                down_block_types=["CrossAttnDownBlock2D"] * (n - 1) + ["DownBlock2D"],
+                up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * (n - 1),
+                block_out_channels=list(channels), layers_per_block=layers, cross_attention_dim=context,
+                attention_head_dim=8, norm_num_groups=groups)
+
+
+def _sdxl_unet(channels, depth, heads, context, time_dim, pooled, groups=32) -> dict:
+    n = len(channels)
+    return dict(sample_size=128, in_channels=4, out_channels=4,
+                down_block_types=["DownBlock2D"] + ["CrossAttnDownBlock2D"] * (n - 1),
+                up_block_types=["CrossAttnUpBlock2D"] * (n - 1) + ["UpBlock2D"],
+                block_out_channels=list(channels), layers_per_block=2, transformer_layers_per_block=list(depth),
+                attention_head_dim=list(heads), cross_attention_dim=context, use_linear_projection=True,
+                addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+                projection_class_embeddings_input_dim=pooled + 6 * time_dim, norm_num_groups=groups)
+
+
+# The "!" padding token of OpenCLIP's tokenizer has id 0.
+ARCHS = {
+    "sd15": Arch("sd15", "sd1", _sd1_unet((320, 640, 1280, 1280), 2, 768),
+                 _vae((128, 256, 512, 512), 2, 0.18215, 512, False), (_clip(768, 12, "quick_gelu"),),
+                 params=(859_520_964, 83_653_863, (123_060_480,))),
+    "sdxl": Arch("sdxl", "sdxl", _sdxl_unet((320, 640, 1280), (1, 2, 10), (5, 10, 20), 2048, 256, 1280),
+                 _vae((128, 256, 512, 512), 2, 0.13025, 1024, True),
+                 (_clip(768, 12, "quick_gelu"), _clip(1280, 32, "gelu", projection=1280, pad_token_id=0)),
+                 params=(2_567_463_684, 83_653_863, (123_060_480, 694_659_840))),
+}
+TINY_ARCHS = {
+    "sd15": Arch("sd15-tiny", "sd1", _sd1_unet((32, 64), 2, 32, groups=16), _vae((32, 32, 32, 32), 1, 0.18215, 64, False),
+                 (_clip(32, 2, "quick_gelu"),)),
+    "sdxl": Arch("sdxl-tiny", "sdxl", _sdxl_unet((32, 64), (1, 2), (1, 1), 32 + 64, 8, 64, groups=16),
+                 _vae((32, 32, 32, 32), 1, 0.13025, 64, True),
+                 (_clip(32, 2, "quick_gelu"), _clip(64, 2, "gelu", projection=64, pad_token_id=0))),
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    arch: str
+    size: int
+    batch: int
+
+
+CASES = (Case("sd15", "sd15", 512, 1), Case("sd15-b16", "sd15", 512, 16), Case("sdxl", "sdxl", 1024, 1))
+TINY_SIZES = {"sd15": 64, "sd15-b16": 64, "sdxl": 128}
+
+
+# --- settings ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Settings:
+    device: torch.device
+    dtype: torch.dtype
+    steps: int
+    strength: float
+    cfg: float
+    runs: int
+    warmup: int
+    optimize: tuple[str, ...]
+    compile_diffusers: bool
+    compile_mode: str
+
+    @property
+    def steps_run(self) -> int:
+        """Denoising steps diffusers runs: int(steps · strength)."""
+        return min(int(self.steps * self.strength), self.steps)
+
+    @property
+    def underpaint_strength(self) -> float:
+        """The strength at which A1111's count, int(strength · steps) + 1, equals ``steps_run``."""
+        return (self.steps_run - 0.5) / self.steps
+
+
+# --- random weights ---------------------------------------------------------------------------
+
+
+def _fill(name: str, p: torch.Tensor, gen: torch.Generator) -> None:
+    """Variance-preserving uniform weights, unit norms, zero biases, CLIP-like 0.02 embeddings."""
+    if "embedding" in name and p.ndim == 2:
+        p.normal_(0.0, 0.02, generator=gen)
+    elif p.ndim == 1:
+        p.zero_() if name.endswith("bias") else p.fill_(1.0)
+    else:
+        bound = math.sqrt(3.0 / p[0].numel())
+        p.uniform_(-bound, bound, generator=gen)
+
+
+def materialise(module: torch.nn.Module, device: torch.device, dtype: torch.dtype, seed: int) -> torch.nn.Module:
+    """A meta-device module given random weights in place on ``device``, in ``dtype``."""
+    # nn.Module.to, not diffusers' override, which warns about modules it would keep in float32.
+    module = torch.nn.Module.to(module.to_empty(device=device), dtype)
+    gen = torch.Generator(device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            _fill(name, p, gen)
+        for mod_name, mod in module.named_modules():
+            for name, buf in mod.named_buffers(recurse=False):
+                if name != "position_ids":
+                    raise RuntimeError(f"no rule to initialise buffer {mod_name}.{name}")
+                buf.copy_(torch.arange(buf.shape[-1], device=device).expand(buf.shape))
+    return module.eval().requires_grad_(False)
+
+
+@dataclass
+class Components:
+    """One architecture's modules, shared by both libraries so that they run the same weights."""
+
+    arch: Arch
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoders: tuple
+    tokenizers: tuple
+
+
+def _meta_modules(arch: Arch, vae_upcast: bool):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**arch.unet)
+        vae = AutoencoderKL(**{**arch.vae, "force_upcast": arch.vae["force_upcast"] and vae_upcast})
+        texts = tuple((CLIPTextModelWithProjection if i else CLIPTextModel)(CLIPTextConfig(**cfg))
+                      for i, cfg in enumerate(arch.text))
+    return unet, vae, texts
+
+
+def check_param_counts(arch: Arch) -> None:
+    """The configs above are the published architectures: same parameter counts (no memory used)."""
+    if arch.params is None:
+        return
+    unet, vae, texts = _meta_modules(arch, True)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    found = (count(unet), count(vae), tuple(count(t) for t in texts))
+    if found != arch.params:
+        raise SystemExit(f"{arch.name}: parameter counts {found} differ from the published {arch.params}")
+
+
+def build_components(arch: Arch, settings: Settings, *, vae_upcast: bool) -> Components:
+    from underpaint.models.tokenizer import clip_tokenizer
+
+    unet, vae, texts = _meta_modules(arch, vae_upcast)
+    dev, dt = settings.device, settings.dtype
+    unet = materialise(unet, dev, dt, SEED)
+    vae = materialise(vae, dev, dt, SEED + 1)
+    texts = tuple(materialise(t, dev, dt, SEED + 2 + i) for i, t in enumerate(texts))
+    pads = ("<|endoftext|>", "!")[: len(texts)]
+    return Components(arch, unet, vae, texts, tuple(clip_tokenizer(p) for p in pads))
+
+
+# --- the two libraries ------------------------------------------------------------------------
+
+
+def init_image(size: int):
+    """A deterministic picture with structure: colour ramps and a disc."""
+    from PIL import Image
+
+    yy, xx = np.mgrid[0:size, 0:size]
+    r = xx * 255 // max(size - 1, 1)
+    g = yy * 255 // max(size - 1, 1)
+    b = (((xx - size / 2) ** 2 + (yy - size / 2) ** 2) < (size / 4) ** 2) * 220
+    return Image.fromarray(np.stack([r, g, b], -1).astype(np.uint8), "RGB")
+
+
+def underpaint_model(comps: Components, settings: Settings):
+    """A ``LoadedModel`` around the shared modules, as the loader would build from a checkpoint."""
+    from underpaint.models.detect import Family, ModelSpec
+    from underpaint.models.loader import LoadedModel, scaled_linear_alphas_cumprod
+
+    family = Family(comps.arch.family)
+    spec = ModelSpec(family=family, prediction="eps", in_channels=4, latent_channels=4,
+                     scaling_factor=comps.arch.vae["scaling_factor"])
+    model = LoadedModel(spec=spec, unet=comps.unet, vae=comps.vae, text_encoders=comps.text_encoders,
+                        tokenizers=comps.tokenizers, alphas_cumprod=scaled_linear_alphas_cumprod(),
+                        name=f"random-{comps.arch.name}", path=Path(f"random-{comps.arch.name}.safetensors"),
+                        device=settings.device, dtype=settings.dtype)
+    vars(model)["short_hash"] = None  # there is no file to hash (a cached_property)
+    return model
+
+
+def underpaint_runner(model, case: Case, settings: Settings) -> Callable[[], list]:
+    from underpaint.params import GenerationParams
+    from underpaint.pipeline.engine import Engine
+
+    engine = Engine(model)
+    params = GenerationParams(
+        prompt=PROMPT, negative_prompt=NEGATIVE, init_images=(init_image(case.size),), steps=settings.steps,
+        strength=settings.underpaint_strength, cfg_scale=settings.cfg, sampler="DPM++ 2M", scheduler="Karras",
+        seed=SEED, batch_size=case.batch, rng="cpu" if settings.device.type == "cpu" else "gpu",
+    )
+    return lambda: list(engine.generate(params).images)
+
+
+def diffusers_pipeline(comps: Components):
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline
+
+    scheduler = DPMSolverMultistepScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                            algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=True,
+                                            steps_offset=1)
+    if comps.arch.family == "sdxl":
+        pipe = StableDiffusionXLImg2ImgPipeline(
+            vae=comps.vae, text_encoder=comps.text_encoders[0], text_encoder_2=comps.text_encoders[1],
+            tokenizer=comps.tokenizers[0], tokenizer_2=comps.tokenizers[1], unet=comps.unet, scheduler=scheduler,
+            add_watermarker=False)
+    else:
+        pipe = StableDiffusionImg2ImgPipeline(
+            vae=comps.vae, text_encoder=comps.text_encoders[0], tokenizer=comps.tokenizers[0], unet=comps.unet,
+            scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def diffusers_runner(pipe, case: Case, settings: Settings) -> Callable[[], list]:
+    image = init_image(case.size)
+    gen_device = "cpu" if settings.device.type == "cpu" else settings.device
+
+    def run() -> list:
+        generator = torch.Generator(gen_device).manual_seed(SEED)
+        return list(pipe(prompt=PROMPT, negative_prompt=NEGATIVE, image=image, strength=settings.strength,
+                         num_inference_steps=settings.steps, guidance_scale=settings.cfg,
+                         num_images_per_prompt=case.batch, generator=generator, output_type="pil").images)
+
+    return run
+
+
+# --- optimizations (module transforms, toggled by --optimize) -------------------------------------
+
+
+def _channels_last(model, settings: Settings) -> Callable[[], None]:
+    model.unet.to(memory_format=torch.channels_last)
+    return lambda: model.unet.to(memory_format=torch.contiguous_format)
+
+
+def _fused_qkv(model, settings: Settings) -> Callable[[], None]:
+    model.unet.fuse_qkv_projections()
+    return model.unet.unfuse_qkv_projections
+
+
+def _compile(model, settings: Settings) -> Callable[[], None]:
+    plain = model.unet
+    model.unet = torch.compile(plain, mode=settings.compile_mode)
+
+    def undo() -> None:
+        model.unet = plain
+
+    return undo
+
+
+#: name → transform(model, settings) -> undo. Applied in the order given on the command line.
+OPTIMIZATIONS: dict[str, Callable] = {"channels_last": _channels_last, "fused_qkv": _fused_qkv, "compile": _compile}
+
+
+@contextmanager
+def optimized(model, settings: Settings) -> Iterator[None]:
+    undo = [OPTIMIZATIONS[name](model, settings) for name in settings.optimize]
+    try:
+        yield
+    finally:
+        for step in reversed(undo):
+            step()
+
+
+@contextmanager
+def compiled_unet(pipe, settings: Settings) -> Iterator[None]:
+    """diffusers' own recipe: channels-last UNet under torch.compile (restored afterwards)."""
+    plain = pipe.unet
+    plain.to(memory_format=torch.channels_last)
+    pipe.unet = torch.compile(plain, mode=settings.compile_mode, fullgraph=True)
+    try:
+        yield
+    finally:
+        pipe.unet = plain
+        plain.to(memory_format=torch.contiguous_format)
+
+
+# --- measuring --------------------------------------------------------------------------------
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class UNetClock:
+    """Wall time inside the UNet's forward, from hooks on the module the pipeline calls.
+
+    CUDA events keep the loop free of host syncs; on the CPU the clock is read directly.
+    """
+
+    def __init__(self, module: torch.nn.Module, device: torch.device):
+        self.device, self.calls, self._pairs, self._cpu_s = device, 0, [], 0.0
+        self._handles = [module.register_forward_pre_hook(self._start), module.register_forward_hook(self._stop)]
+
+    def _start(self, *_):
+        if self.device.type == "cuda":
+            self._pairs.append([torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)])
+            self._pairs[-1][0].record()
+        else:
+            self._t0 = time.perf_counter()
+
+    def _stop(self, *_):
+        self.calls += 1
+        if self.device.type == "cuda":
+            self._pairs[-1][1].record()
+        else:
+            self._cpu_s += time.perf_counter() - self._t0
+
+    def close(self) -> float:
+        """Remove the hooks; total seconds spent in the UNet."""
+        for h in self._handles:
+            h.remove()
+        sync(self.device)
+        return sum(a.elapsed_time(b) for a, b in self._pairs) / 1000 if self._pairs else self._cpu_s
+
+
+@dataclass
+class Measurement:
+    case: str
+    runner: str
+    batch: int
+    first_call_s: float
+    latencies_s: list[float]
+    unet_ms_per_step: float
+    unet_calls_per_run: float
+    peak_vram_gib: float | None
+    vs_diffusers: float | None = None
+    vs_diffusers_compiled: float | None = None
+
+    @property
+    def latency_s(self) -> float:
+        return statistics.median(self.latencies_s)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.batch / self.latency_s
+
+
+def _timed(call: Callable[[], list], device: torch.device) -> tuple[float, list]:
+    sync(device)
+    t0 = time.perf_counter()
+    out = call()
+    sync(device)
+    return time.perf_counter() - t0, out
+
+
+def measure(name: str, case: Case, call: Callable[[], list], unet: Callable[[], torch.nn.Module],
+            settings: Settings) -> tuple[Measurement, list]:
+    """First call, ``warmup`` more, then ``runs`` timed calls with the UNet clocked and peak memory tracked."""
+    dev = settings.device
+    first, out = _timed(call, dev)
+    for _ in range(settings.warmup):
+        call()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    clock = UNetClock(unet(), dev)
+    latencies = [_timed(call, dev)[0] for _ in range(settings.runs)]
+    unet_s = clock.close()
+    peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
+    m = Measurement(case.name, name, case.batch, first, latencies,
+                    unet_s * 1000 / (settings.runs * settings.steps_run), clock.calls / settings.runs, peak)
+    _log(f"  {name:<22} median {m.latency_s:.3f} s  first {first:.2f} s  unet {m.unet_ms_per_step:.1f} ms/step"
+         f"  ({m.unet_calls_per_run:g} calls/run)")
+    return m, out
+
+
+@dataclass
+class Check:
+    """Optimized pictures against the plain run's, same seed (uint8 levels)."""
+
+    case: str
+    optimizations: str
+    max_abs: int
+    mean_abs: float
+    psnr_db: float
+    passed: bool
+
+
+#: fp16 tolerance over a whole img2img run: rounding differences of the kernels may shift a few
+#: pixels by several levels, but on average a picture must stay within one level and 40 dB.
+MEAN_ABS_LIMIT, PSNR_LIMIT = 1.0, 40.0
+
+
+def compare(case: Case, names: str, plain: list, fast: list) -> Check:
+    a = np.stack([np.asarray(i, dtype=np.int16) for i in plain])
+    b = np.stack([np.asarray(i, dtype=np.int16) for i in fast])
+    diff = np.abs(a - b)
+    mse = float((diff.astype(np.float64) ** 2).mean())
+    psnr = math.inf if mse == 0 else 10 * math.log10(255**2 / mse)
+    ok = bool(diff.mean() <= MEAN_ABS_LIMIT and psnr >= PSNR_LIMIT)
+    return Check(case.name, names, int(diff.max()), float(diff.mean()), psnr, ok)
+
+
+# --- one case ---------------------------------------------------------------------------------
+
+
+def run_case(case: Case, comps: Components, settings: Settings) -> tuple[list[Measurement], list[Check]]:
+    """underpaint (plain, then optimized), then diffusers (eager, then compiled), on the same modules."""
+    _log(f"{case.name}: {case.size}x{case.size}, batch {case.batch}, {settings.steps_run} steps")
+    model = underpaint_model(comps, settings)
+    results, checks = [], []
+    plain, plain_out = measure("underpaint", case, underpaint_runner(model, case, settings), lambda: model.unet,
+                               settings)
+    results.append(plain)
+    if settings.optimize:
+        label = "underpaint+" + "+".join(settings.optimize)
+        with optimized(model, settings):
+            fast, fast_out = measure(label, case, underpaint_runner(model, case, settings), lambda: model.unet,
+                                     settings)
+        results.append(fast)
+        checks.append(compare(case, "+".join(settings.optimize), plain_out, fast_out))
+        _log(f"  output check: {asdict(checks[-1])}")
+    pipe = diffusers_pipeline(comps)
+    eager, _ = measure("diffusers", case, diffusers_runner(pipe, case, settings), lambda: pipe.unet, settings)
+    results.append(eager)
+    compiled = None
+    if settings.compile_diffusers:
+        with compiled_unet(pipe, settings):
+            compiled, _ = measure("diffusers+compile", case, diffusers_runner(pipe, case, settings),
+                                  lambda: pipe.unet, settings)
+        results.append(compiled)
+    for m in results:
+        m.vs_diffusers = eager.latency_s / m.latency_s
+        m.vs_diffusers_compiled = compiled.latency_s / m.latency_s if compiled else None
+    return results, checks
+
+
+# --- output -----------------------------------------------------------------------------------
+
+
+def machine_info(settings: Settings) -> dict:
+    import diffusers
+    import transformers
+
+    dev = settings.device
+    card = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({platform.processor() or platform.machine()})"
+    return dict(device=card, torch=torch.__version__, diffusers=diffusers.__version__,
+                transformers=transformers.__version__, python=platform.python_version(),
+                cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
+                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def table(results: list[Measurement], settings: Settings) -> str:
+    head = ["case", "runner", "latency s (median)", "images/s", "UNet ms/step", "peak VRAM GiB", "first call s",
+            "× diffusers"]
+    if settings.compile_diffusers:
+        head.append("× diffusers+compile")
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for m in results:
+        row = [m.case, m.runner, _fmt(m.latency_s, ".3f"), _fmt(m.images_per_s, ".2f"), _fmt(m.unet_ms_per_step, ".1f"),
+               _fmt(m.peak_vram_gib, ".2f"), _fmt(m.first_call_s, ".2f"), _fmt(m.vs_diffusers, ".2f")]
+        if settings.compile_diffusers:
+            row.append(_fmt(m.vs_diffusers_compiled, ".2f"))
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def _quiet() -> None:
+    """diffusers warns on every SDXL call that upcasts the VAE, and on every batch made from one
+    picture (num_images_per_prompt, the way its documentation asks for several images)."""
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning, module="diffusers")
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# --- command line -----------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="tiny models on the CPU in fp32 (tests the script)")
+    p.add_argument("--cases", default=",".join(c.name for c in CASES), help="comma-separated: sd15, sd15-b16, sdxl")
+    p.add_argument("--runs", type=int, default=5, help="timed runs per row (the median is reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls after the first call")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--strength", type=float, default=0.65)
+    p.add_argument("--cfg", type=float, default=7.0)
+    p.add_argument("--size", type=int, help="override every case's picture size (pixels, square)")
+    p.add_argument("--batch", type=int, help="override every case's batch size")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp16", "bf16", "fp32"], help="auto: fp16 on CUDA, fp32 on CPU")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 with --tiny)")
+    p.add_argument("--optimize", default="", help="comma-separated module transforms for an extra underpaint row: "
+                   + ", ".join(OPTIMIZATIONS))
+    p.add_argument("--compile-diffusers", action="store_true", help="add a diffusers + torch.compile row")
+    p.add_argument("--compile-mode", default="default", help="torch.compile mode (default, max-autotune, ...)")
+    p.add_argument("--fp16-vae", action="store_true", help="do not let diffusers upcast the SDXL VAE to fp32 "
+                   "(as with an fp16-safe VAE; underpaint does not upcast it)")
+    p.add_argument("--json", type=Path, help="also write the results here")
+    return p.parse_args(argv)
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    device = torch.device("cpu" if args.tiny else ("cuda" if args.device == "auto" and torch.cuda.is_available()
+                                                    else ("cpu" if args.device == "auto" else args.device)))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: CUDA is not available here")
+    names = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+    dtype = names.get(args.dtype) or (torch.float16 if device.type == "cuda" else torch.float32)
+    optimize = tuple(n for n in args.optimize.split(",") if n)
+    unknown = [n for n in optimize if n not in OPTIMIZATIONS]
+    if unknown:
+        raise SystemExit(f"--optimize: unknown {', '.join(unknown)}; expected {', '.join(OPTIMIZATIONS)}")
+    s = Settings(device, dtype, args.steps, args.strength, args.cfg, args.runs, args.warmup, optimize,
+                 args.compile_diffusers, args.compile_mode)
+    if s.steps_run < 1 or args.runs < 1:
+        raise SystemExit("steps × strength must give at least one denoising step, and --runs at least 1")
+    return s
+
+
+def select_cases(args: argparse.Namespace) -> list[Case]:
+    by_name = {c.name: c for c in CASES}
+    chosen = []
+    for name in (n for n in args.cases.split(",") if n):
+        if name not in by_name:
+            raise SystemExit(f"--cases: unknown {name}; expected {', '.join(by_name)}")
+        case = by_name[name]
+        size = args.size or (TINY_SIZES[name] if args.tiny else case.size)
+        chosen.append(replace(case, size=size, batch=args.batch or case.batch))
+    return chosen
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads or args.tiny:
+        # One thread by default for --tiny: on a busy machine two spinning threads can run 10x slower.
+        torch.set_num_threads(args.threads or 1)
+    _quiet()
+    settings = settings_from(args)
+    cases = select_cases(args)
+    archs = TINY_ARCHS if args.tiny else ARCHS
+    info = machine_info(settings)
+    _log(f"{info['device']}, torch {info['torch']}, diffusers {info['diffusers']}, {info['date']}")
+    results, checks = [], []
+    for arch_name in dict.fromkeys(c.arch for c in cases):  # one architecture in memory at a time
+        arch = archs[arch_name]
+        check_param_counts(arch)
+        t0 = time.perf_counter()
+        comps = build_components(arch, settings, vae_upcast=not args.fp16_vae)
+        _log(f"{arch.name}: random weights built in {time.perf_counter() - t0:.1f} s")
+        for case in (c for c in cases if c.arch == arch_name):
+            r, c = run_case(case, comps, settings)
+            results += r
+            checks += c
+        del comps
+        gc.collect()
+        if settings.device.type == "cuda":
+            torch.cuda.empty_cache()
+    if args.json:
+        payload = dict(machine=info, settings=_settings_json(settings, args), checks=[asdict(c) for c in checks],
+                       results=[dict(asdict(m), latency_s=m.latency_s, images_per_s=m.images_per_s) for m in results])
+        args.json.write_text(json.dumps(payload, indent=2))
+    for c in checks:
+        print(f"output check {c.case} ({c.optimizations}): max |Δ| {c.max_abs}, mean |Δ| {c.mean_abs:.3f}, "
+              f"PSNR {c.psnr_db:.1f} dB: {'ok' if c.passed else 'FAILED'}")
+    print(f"{info['device']}; torch {info['torch']}, diffusers {info['diffusers']}; {info['date']}; "
+          f"{str(settings.dtype).removeprefix('torch.')}; {settings.steps} steps at strength {settings.strength} "
+          f"({settings.steps_run} run), CFG {settings.cfg}, DPM++ 2M Karras; median of {settings.runs} runs")
+    print(table(results, settings))
+    return 0 if all(c.passed for c in checks) else 1
+
+
+def _settings_json(settings: Settings, args: argparse.Namespace) -> dict:
+    return dict(tiny=args.tiny, device=str(settings.device), dtype=str(settings.dtype).removeprefix("torch."),
+                steps=settings.steps, strength=settings.strength, steps_run=settings.steps_run,
+                underpaint_strength=settings.underpaint_strength, cfg=settings.cfg, runs=settings.runs,
+                warmup=settings.warmup, optimize=list(settings.optimize), compile_diffusers=settings.compile_diffusers,
+                compile_mode=settings.compile_mode, fp16_vae=args.fp16_vae,
+                sampler="DPM++ 2M Karras (diffusers: DPMSolverMultistepScheduler, use_karras_sigmas)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

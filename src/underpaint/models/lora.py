@@ -1,0 +1,672 @@
+"""LoRA and LyCORIS networks merged into a loaded model's weights for the length of one request.
+
+Files read (safetensors, or torch files opened with ``weights_only``):
+
+- kohya / A1111: ``lora_unet_<module>``, ``lora_te_<module>`` (SD1/SD2), ``lora_te1_``/``lora_te2_``
+  (SDXL's two encoders), each with ``.lora_down.weight``, ``.lora_up.weight`` and ``.alpha``;
+  LoCon convolutions (a k×k down and a 1×1 up), LyCORIS ``lora_mid`` (CP decomposition),
+  LoHa (``hada_w1_a`` …, ``hada_t1``), LoKr (``lokr_w1`` or ``lokr_w1_a``/``_b``, ``lokr_w2`` …),
+  full differences (``diff``, ``diff_b``) and DoRA magnitudes (``dora_scale``);
+- diffusers / PEFT: ``unet.<module>.lora_A.weight`` / ``lora_B.weight`` (also ``text_encoder.``,
+  ``text_encoder_2.``, the older ``lora.down``/``lora.up`` and attention-processor names).
+
+A kohya name is a module path with its dots turned into underscores, in either of two
+spellings: diffusers' (``lora_unet_down_blocks_1_attentions_0_proj_in``) or the original LDM
+one (``lora_unet_input_blocks_4_1_proj_in``, which SDXL trainers write). :class:`ModuleIndex`
+lists both spellings for every Linear and Conv2d the loader built, deriving the LDM names
+from :func:`underpaint.models.convert.unet_module_map`, so any UNet depth is covered.
+
+The arithmetic is A1111 1.10's (its built-in Lora extension): ΔW = up·down (or the LoHa/LoKr
+product) reshaped to the weight, times alpha/rank (or a stored ``scale``), re-normalised by
+DoRA when present, times the multiplier: the text-encoder one for text-encoder modules, the
+UNet one otherwise. Several networks add up in prompt order. A1111 adds each ΔW in the
+model's dtype; here the sum is formed in float32 and cast once (identical for fp32 models).
+
+Reversibility: before a weight is changed its original values are copied to the CPU, and
+:meth:`LoraPatcher.restore` copies them back, so the base weights are bit-identical afterwards.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import InvalidParameter, ModelError, UnknownName
+
+#: File suffixes A1111 lists in its Lora folder.
+LORA_EXTENSIONS = (".safetensors", ".ckpt", ".pt")
+#: The model parts a network can patch: the UNet and up to two text encoders.
+UNET = "unet"
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+
+# Tensor names after the module part, normalised to kohya's spelling.
+_PART_ALIASES = {
+    "lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight",
+    "lora.down.weight": "lora_down.weight", "lora.up.weight": "lora_up.weight",
+    "lora_linear_layer.down.weight": "lora_down.weight", "lora_linear_layer.up.weight": "lora_up.weight",
+    "down.weight": "lora_down.weight", "up.weight": "lora_up.weight",
+}
+_PARTS = frozenset({
+    "lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha", "scale", "dora_scale", "diff", "diff_b",
+    "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
+    "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2",
+})
+# Other LyCORIS kinds A1111 knows but underpaint does not merge (reported, not guessed at).
+_OTHER_PARTS = ("oft_", "weight", "bias", "w_norm", "b_norm", "on_input", "a1.weight", "a2.weight",
+                "b1.weight", "b2.weight", "oft_blocks", "oft_diag")
+# kohya prefix → index of the text encoder (None: the UNet), by how many encoders the model has.
+_KOHYA_PREFIXES = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te_")
+# The attention-processor LoRA of older diffusers files: ``attn1.processor.to_q_lora.down.weight``
+# in the UNet, ``self_attn.to_q_lora.down.weight`` in a text encoder.
+_PROCESSOR_LORA = {"to_q_lora": "to_q", "to_k_lora": "to_k", "to_v_lora": "to_v", "to_out_lora": "to_out.0"}
+_TEXT_PROCESSOR_LORA = {"to_q_lora": "q_proj", "to_k_lora": "k_proj", "to_v_lora": "v_proj", "to_out_lora": "out_proj"}
+
+
+class LoraWarning(UserWarning):
+    """Part of a LoRA file could not be used (unknown modules, shapes, kinds); the rest is applied."""
+
+
+# --------------------------------------------------------------------------- requests
+
+
+@dataclass(frozen=True)
+class LoraRequest:
+    """One LoRA asked for by ``<lora:name:te:unet>`` or ``--lora name:weight``, with A1111's multipliers.
+
+    The first number multiplies the text-encoder patches, the second the UNet's (default: the
+    first); ``te=``, ``unet=`` and ``dyn=`` (keep only the first ``dyn`` ranks) override them.
+    """
+
+    name: str
+    te: float = 1.0
+    unet: float = 1.0
+    dyn: int | None = None
+
+    @classmethod
+    def from_args(cls, name: str, positional: Sequence[str] = (), named: Mapping[str, str] | None = None) -> LoraRequest:
+        """From a tag's fields after the name, as A1111's ``ExtraNetworkLora`` reads them.
+
+        >>> LoraRequest.from_args("film", ("0.8",))
+        LoraRequest(name='film', te=0.8, unet=0.8, dyn=None)
+        >>> LoraRequest.from_args("film", ("0.8", "0.5"))
+        LoraRequest(name='film', te=0.8, unet=0.5, dyn=None)
+        >>> LoraRequest.from_args("film", (), {"unet": "0.3"})
+        LoraRequest(name='film', te=1.0, unet=0.3, dyn=None)
+        """
+        named = dict(named or {})
+        te = _number(name, named.get("te", positional[0] if positional else 1.0))
+        unet = _number(name, named.get("unet", positional[1] if len(positional) > 1 else te))
+        dyn_text = named.get("dyn", positional[2] if len(positional) > 2 else None)
+        dyn = None if dyn_text is None else int(_number(name, dyn_text, whole=True))
+        return cls(name.strip(), te, unet, dyn)
+
+    @classmethod
+    def parse(cls, text: str) -> LoraRequest:
+        """``name``, ``name:weight``, ``name:te:unet`` or ``name:unet=0.5`` (the ``--lora`` flag).
+
+        >>> LoraRequest.parse("detail tweaker:0.6")
+        LoraRequest(name='detail tweaker', te=0.6, unet=0.6, dyn=None)
+        """
+        name, *args = str(text).split(":")
+        if not name.strip():
+            raise InvalidParameter("lora", text, "NAME or NAME:WEIGHT, e.g. film-grain:0.8")
+        positional = tuple(a for a in args if len(a.split("=", 2)) != 2)
+        named = dict(p for p in (a.split("=", 2) for a in args) if len(p) == 2)
+        return cls.from_args(name, positional, named)
+
+    def tag(self) -> str:
+        """The prompt tag that asks for the same thing (``<lora:name:0.8>``)."""
+        fields = [self.name, _short(self.te)]
+        if self.unet != self.te or self.dyn is not None:
+            fields.append(_short(self.unet))
+        if self.dyn is not None:
+            fields.append(str(self.dyn))
+        return "<lora:" + ":".join(fields) + ">"
+
+
+def _number(name: str, value: object, *, whole: bool = False) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number) or (whole and (number != int(number) or number < 1)):
+        kind = "a whole number of ranks (dyn)" if whole else "a number (the multiplier)"
+        raise InvalidParameter("lora", f"{name}:{value}", kind) from None
+    return number
+
+
+def _short(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+# --------------------------------------------------------------------------- files on disk
+
+
+@dataclass(frozen=True)
+class LoraFile:
+    """A LoRA file in the models folder; ``name`` is the file name without suffix (A1111's name)."""
+
+    name: str
+    path: Path
+    #: Path relative to its folder, '/'-separated, without the suffix.
+    relative: str
+
+
+def list_loras(folders: Iterable[Path]) -> list[LoraFile]:
+    """Every LoRA file under ``folders`` (recursively, as A1111 does), sorted by relative name."""
+    seen: dict[str, LoraFile] = {}
+    for base in folders:
+        for dirpath, dirnames, filenames in os.walk(base, followlinks=True):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for f in sorted(filenames):
+                if f.lower().endswith(LORA_EXTENSIONS) and not f.startswith("."):
+                    path = Path(dirpath) / f
+                    relative = path.relative_to(base).with_suffix("").as_posix()
+                    seen.setdefault(relative, LoraFile(path.stem, path, relative))
+    return sorted(seen.values(), key=lambda e: e.relative.lower())
+
+
+def resolve_lora(name: str, folders: Iterable[Path]) -> Path:
+    """The file a tag names: by file name (A1111), relative path, or the ``ss_output_name`` alias.
+
+    An unknown name is an :class:`UnknownName` error that lists the LoRAs there are.
+    """
+    entries = list_loras(folders)
+    wanted = name.strip().replace("\\", "/")
+    for matches in ([e for e in entries if e.relative == wanted],
+                    [e for e in entries if e.name == wanted or e.path.name == wanted],
+                    [e for e in entries if _alias(e.path) == wanted]):
+        if matches:
+            return matches[0].path
+    raise UnknownName("lora", name, [e.name for e in entries])
+
+
+def _alias(path: Path) -> str | None:
+    """The name the trainer stored (kohya's ``ss_output_name``), which A1111 also accepts."""
+    if path.suffix.lower() != ".safetensors":
+        return None
+    from .header import read_header
+
+    try:
+        return read_header(path).metadata.get("ss_output_name")
+    except ModelError:
+        return None
+
+
+def lora_short_hash(path: str | os.PathLike) -> str:
+    """A1111's hash for ``Lora hashes``: the trainer's ``sshs_model_hash`` if stored, else the
+    addnet hash (sha256 of the tensor bytes) of a safetensors file, else the file's sha256; 12 hex."""
+    from .hashes import addnet_hash, file_sha256
+    from .header import read_header, sniff_format
+
+    path = Path(path)
+    if sniff_format(path) == "safetensors":
+        stored = read_header(path).metadata.get("sshs_model_hash")
+        return (stored or addnet_hash(path))[:12]
+    return file_sha256(path)[:12]
+
+
+# --------------------------------------------------------------------------- module index
+
+
+@dataclass(frozen=True, eq=False)
+class Target:
+    """A module a network patches: which part of the model, its dotted path there, the module."""
+
+    component: str
+    path: str
+    module: torch.nn.Module
+
+
+class ModuleIndex:
+    """Network names (underscored module paths, per model part) → the loaded Linear/Conv2d modules."""
+
+    def __init__(self, model) -> None:
+        self.encoders = len(model.text_encoders)
+        self._targets: dict[tuple[str, str], Target] = {}
+        self._add_unet(model.unet)
+        for component, encoder in zip(TEXT_ENCODERS, model.text_encoders):
+            for path, module in _patchable(encoder):
+                if not path.startswith(("text_model.", "text_projection")):
+                    path = "text_model." + path  # transformers 5 flattened CLIPTextModel
+                self._add(Target(component, path, module), path)
+
+    def _add_unet(self, unet: torch.nn.Module) -> None:
+        original = _original_unet_names(unet.config)
+        for path, module in _patchable(unet):
+            target = Target(UNET, path, module)
+            self._add(target, path)
+            ldm = original(path)
+            if ldm is not None:
+                self._add(target, ldm)
+
+    def _add(self, target: Target, dotted: str) -> None:
+        self._targets.setdefault((target.component, dotted.replace(".", "_")), target)
+
+    def find(self, component: str, name: str) -> Target | None:
+        """The module for an underscored name (``down_blocks_0_attentions_0_proj_in``) in ``component``."""
+        return self._targets.get((component, name))
+
+    def __len__(self) -> int:
+        return len({id(t.module) for t in self._targets.values()})
+
+
+def _patchable(module: torch.nn.Module):
+    for path, child in module.named_modules():
+        if isinstance(child, (torch.nn.Linear, torch.nn.Conv2d)):
+            yield path, child
+
+
+def _original_unet_names(config) -> Callable[[str], str | None]:
+    """A function from a diffusers UNet module path to its original LDM path (None if it has none)."""
+    from .configs import UNetLayout
+    from .convert import unet_module_map
+
+    per_block = config.layers_per_block
+    if not isinstance(per_block, int):
+        if len(set(per_block)) != 1:
+            return lambda path: None
+        per_block = per_block[0]
+    levels = len(config.block_out_channels)
+    up_depth = tuple(1 if "CrossAttn" in t else 0 for t in config.up_block_types)
+    down_depth = tuple(1 if "CrossAttn" in t else 0 for t in config.down_block_types)
+    layout = UNetLayout(levels, per_block, tuple(config.block_out_channels), down_depth, up_depth, 1)
+    inverse = {new: (old, {v: k for k, v in inner.items()}) for old, (new, inner) in unet_module_map(layout).items()}
+
+    def original(path: str) -> str | None:
+        parts = path.split(".")
+        for i in range(len(parts), 0, -1):
+            prefix = ".".join(parts[:i])
+            if prefix in inverse:
+                old, inner = inverse[prefix]
+                rest = ".".join(parts[i:])
+                for new_name, old_name in inner.items():
+                    if rest == new_name or rest.startswith(new_name + "."):
+                        rest = old_name + rest[len(new_name):]
+                        break
+                return f"{old}.{rest}" if rest else old
+        return None
+
+    return original
+
+
+# --------------------------------------------------------------------------- key names
+
+
+@dataclass(frozen=True)
+class _Key:
+    component: str
+    module: str  # underscored
+    part: str
+
+
+def split_key(key: str, encoders: int) -> _Key | None:
+    """(model part, underscored module name, tensor part) of a network tensor name, or None.
+
+    >>> split_key("lora_unet_input_blocks_4_1_proj_in.lora_down.weight", 1)
+    _Key(component='unet', module='input_blocks_4_1_proj_in', part='lora_down.weight')
+    >>> split_key("lora_te2_text_model_encoder_layers_0_mlp_fc1.alpha", 2)
+    _Key(component='text_encoder_2', module='text_model_encoder_layers_0_mlp_fc1', part='alpha')
+    >>> split_key("unet.down_blocks.0.attentions.0.proj_in.lora_A.weight", 1)
+    _Key(component='unet', module='down_blocks_0_attentions_0_proj_in', part='lora_down.weight')
+    """
+    for prefix in _KOHYA_PREFIXES:
+        if key.startswith(prefix):
+            module, _, part = key[len(prefix):].partition(".")
+            component = _kohya_component(prefix, encoders)
+            part = _PART_ALIASES.get(part, part)
+            return _Key(component, module, part) if component and module and part else None
+    return _split_dotted(key)
+
+
+def _kohya_component(prefix: str, encoders: int) -> str | None:
+    """``lora_te_`` is the single encoder of SD1/SD2 (A1111 does not match it on SDXL)."""
+    if prefix == "lora_unet_":
+        return UNET
+    if prefix == "lora_te1_":
+        return TEXT_ENCODERS[0]
+    if prefix == "lora_te2_":
+        return TEXT_ENCODERS[1] if encoders > 1 else None
+    return TEXT_ENCODERS[0] if encoders == 1 else None
+
+
+def _split_dotted(key: str) -> _Key | None:
+    """diffusers/PEFT names: ``<part of the model>.<module path>.<tensor part>``."""
+    key = key.removeprefix("base_model.model.")
+    head, _, rest = key.partition(".")
+    if head not in (UNET, *TEXT_ENCODERS) or not rest:
+        return None
+    for part in sorted((*_PART_ALIASES, *_PARTS), key=len, reverse=True):
+        if rest.endswith("." + part):
+            module = rest[: -len(part) - 1]
+            break
+    else:
+        return None
+    module = module.replace(".processor.", ".")
+    parent, _, last = module.rpartition(".")
+    renames = _PROCESSOR_LORA if head == UNET else _TEXT_PROCESSOR_LORA
+    if last in renames:
+        module = f"{parent}.{renames[last]}" if parent else renames[last]
+    return _Key(head, module.replace(".", "_"), _PART_ALIASES.get(part, part))
+
+
+# --------------------------------------------------------------------------- weight updates
+
+
+@dataclass(frozen=True, eq=False)
+class ModulePatch:
+    """One module's stored update: its kind (lora, loha, lokr, full) and tensors by part name."""
+
+    target: Target
+    kind: str
+    tensors: Mapping[str, torch.Tensor]
+
+    @property
+    def rank(self) -> int | None:
+        """A1111's ``dim``: the rank that alpha is divided by."""
+        t = self.tensors
+        if self.kind == "lora":
+            return int(t["lora_down.weight"].shape[0])
+        if self.kind == "loha":
+            return int(t["hada_w1_b"].shape[0])
+        if self.kind == "lokr":
+            for name in ("lokr_w2_b", "lokr_w1_b"):
+                if name in t:
+                    return int(t[name].shape[0])
+        return None
+
+    @property
+    def scale(self) -> float:
+        """A stored ``scale``, else alpha / rank, else 1 (A1111's ``calc_scale``)."""
+        if "scale" in self.tensors:
+            return float(self.tensors["scale"])
+        alpha, rank = self.tensors.get("alpha"), self.rank
+        if alpha is not None and rank:
+            return float(alpha) / rank
+        return 1.0
+
+    def delta(self, weight: torch.Tensor, *, dyn: int | None = None) -> torch.Tensor:
+        """ΔW for ``weight`` (the current values, float32), before the multiplier.
+
+        Raises ValueError when the update does not fit the weight's shape.
+        """
+        t = {k: v.to(weight.device, torch.float32) for k, v in self.tensors.items()}
+        if self.kind == "lora":
+            updown, shape = _lora_updown(t, dyn)
+        elif self.kind == "loha":
+            updown, shape = _loha_updown(t)
+        elif self.kind == "lokr":
+            updown, shape = _lokr_updown(t, weight.shape)
+        else:
+            updown, shape = t["diff"], list(t["diff"].shape)
+        updown = _fit(updown.reshape(shape) if len(shape) == 4 else updown, weight.shape)
+        updown = updown * self.scale
+        if "dora_scale" in t:
+            updown = _weight_decompose(updown, weight, t["dora_scale"])
+        return updown
+
+    def bias_delta(self) -> torch.Tensor | None:
+        """A full-difference network's bias change (``diff_b``), before the multiplier."""
+        return self.tensors.get("diff_b")
+
+
+def _kind(parts: Mapping[str, torch.Tensor]) -> str | None:
+    """Which update the tensors make, tried in A1111's order."""
+    if "lora_up.weight" in parts and "lora_down.weight" in parts:
+        return "lora"
+    if all(f"hada_w{i}_{ab}" in parts for i in (1, 2) for ab in "ab"):
+        return "loha"
+    has = lambda i: f"lokr_w{i}" in parts or (f"lokr_w{i}_a" in parts and f"lokr_w{i}_b" in parts)  # noqa: E731
+    if has(1) and has(2):
+        return "lokr"
+    if "diff" in parts:
+        return "full"
+    return None
+
+
+def _lora_updown(t: dict[str, torch.Tensor], dyn: int | None) -> tuple[torch.Tensor, list[int]]:
+    """up·down, through the kernel for LoCon convolutions and the CP core when ``lora_mid`` is present."""
+    up, down = t["lora_up.weight"], t["lora_down.weight"]
+    shape = [up.shape[0], down.shape[1]]
+    up2, down2 = up.reshape(up.shape[0], -1), down.reshape(down.shape[0], -1)
+    if "lora_mid.weight" in t:
+        mid = t["lora_mid.weight"]
+        return torch.einsum("nmkl,in,mj->ijkl", mid, up2, down2), shape + list(mid.shape[2:])
+    if down.ndim == 4:
+        shape += list(down.shape[2:])
+    if dyn is not None:
+        up2, down2 = up2[:, :dyn], down2[:dyn]
+    return (up2 @ down2).reshape(shape), shape
+
+
+def _cp(core: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
+    """A Tucker/CP core expanded with its two factor matrices (LyCORIS ``make_weight_cp``)."""
+    return torch.einsum("ijkl,jr,ip->prkl", core, wb, wa)
+
+
+def _loha_updown(t: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
+    """LoHa (Hyeon-Woo et al. 2022, FedPara): the Hadamard product of two low-rank products."""
+    w1a, w1b, w2a, w2b = (t[f"hada_w{n}"] for n in ("1_a", "1_b", "2_a", "2_b"))
+    if "hada_t1" in t:
+        shape = [w1a.shape[1], w1b.shape[1], *t["hada_t1"].shape[2:]]
+        first = _cp(t["hada_t1"], w1a, w1b)
+    else:
+        shape = [w1a.shape[0], w1b.shape[1], *w1b.shape[2:]]
+        first = (w1a.reshape(w1a.shape[0], -1) @ w1b.reshape(w1b.shape[0], -1)).reshape(shape)
+    if "hada_t2" in t:
+        second = _cp(t["hada_t2"], w2a, w2b)
+    else:
+        second = (w2a.reshape(w2a.shape[0], -1) @ w2b.reshape(w2b.shape[0], -1)).reshape(shape)
+    return first * second, shape
+
+
+def _lokr_updown(t: dict[str, torch.Tensor], weight_shape: torch.Size) -> tuple[torch.Tensor, list[int]]:
+    """LoKr (LyCORIS): the Kronecker product of two factors, each stored whole or as a low-rank pair."""
+    w1 = t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"] @ t["lokr_w1_b"]
+    if "lokr_w2" in t:
+        w2 = t["lokr_w2"]
+    elif "lokr_t2" in t:
+        w2 = _cp(t["lokr_t2"], t["lokr_w2_a"], t["lokr_w2_b"])
+    else:
+        w2 = t["lokr_w2_a"] @ t["lokr_w2_b"]
+    shape = list(weight_shape) if len(weight_shape) == 4 else [w1.shape[0] * w2.shape[0], w1.shape[1] * w2.shape[1]]
+    if w2.ndim == 4:
+        w1 = w1[:, :, None, None]
+    return torch.kron(w1, w2.contiguous()).reshape(shape), shape
+
+
+def _fit(updown: torch.Tensor, weight_shape: torch.Size) -> torch.Tensor:
+    """Reshape to the weight (1×1 convs vs linear); a 4-channel update on a 9-channel inpainting
+    input is zero-padded, as A1111 does."""
+    if updown.shape == weight_shape:
+        return updown
+    if updown.numel() == math.prod(weight_shape):
+        return updown.reshape(weight_shape)
+    if len(weight_shape) == 4 and updown.ndim == 4 and weight_shape[1] == 9 and updown.shape[1] == 4 \
+            and updown.shape[0] == weight_shape[0] and updown.shape[2:] == weight_shape[2:]:
+        return torch.nn.functional.pad(updown, (0, 0, 0, 0, 0, 5))
+    raise ValueError(f"update of shape {tuple(updown.shape)} does not fit weight {tuple(weight_shape)}")
+
+
+def _weight_decompose(updown: torch.Tensor, weight: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """DoRA (Liu et al. 2024): rescale W+ΔW so each input column has the stored magnitude."""
+    merged = weight + updown
+    columns = merged.transpose(0, 1).reshape(merged.shape[1], -1).norm(dim=1, keepdim=True)
+    norm = columns.reshape(merged.shape[1], *[1] * (merged.ndim - 1)).transpose(0, 1)
+    return merged * (magnitude / norm) - weight
+
+
+# --------------------------------------------------------------------------- networks
+
+
+@dataclass(frozen=True, eq=False)
+class LoraNetwork:
+    """A LoRA file matched against one model: the patches it makes and what did not match."""
+
+    name: str
+    path: Path
+    patches: tuple[ModulePatch, ...]
+    #: Network tensor names that name no module of this model.
+    unmatched: tuple[str, ...] = ()
+    #: Modules whose tensors make no update kind underpaint merges (OFT, IA3, GLoRA, norm).
+    unsupported: tuple[str, ...] = ()
+
+
+def load_lora(path: str | os.PathLike, index: ModuleIndex, *, name: str | None = None) -> LoraNetwork:
+    """Read a LoRA file and match its tensors to ``index``'s modules.
+
+    A file with no network tensors at all is a :class:`ModelError`; tensors that match no
+    module, and modules with an update kind that is not supported, give a :class:`LoraWarning`
+    (as A1111 logs them) and are left out.
+    """
+    from .header import load_state_dict
+
+    path = Path(path)
+    tensors = load_state_dict(path)
+    groups: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    unmatched, recognised = [], 0
+    for key, value in tensors.items():
+        parsed = split_key(key, index.encoders)
+        if parsed is None or not _known_part(parsed.part):
+            unmatched.append(key)
+            continue
+        recognised += 1
+        groups.setdefault((parsed.component, parsed.module), {})[parsed.part] = value
+    if not recognised:
+        raise ModelError(f"{path}: not a LoRA file: none of its {len(tensors)} tensors is a network weight "
+                         f"(e.g. {', '.join(sorted(tensors)[:3])}); expected lora_unet_*/lora_te_* "
+                         "lora_down/lora_up tensors or diffusers lora_A/lora_B ones")
+    patches, unsupported = [], []
+    for (component, module), parts in groups.items():
+        target = index.find(component, module)
+        kind = _kind(parts)
+        if target is None:
+            unmatched.extend(f"{component}:{module}.{p}" for p in parts)
+        elif kind is None:
+            unsupported.append(f"{component}:{module} ({', '.join(sorted(parts))})")
+        else:
+            patches.append(ModulePatch(target, kind, parts))
+    network = LoraNetwork(name or path.stem, path, tuple(patches), tuple(unmatched), tuple(unsupported))
+    _warn_leftovers(network)
+    return network
+
+
+def _known_part(part: str) -> bool:
+    return part in _PARTS or part.startswith(_OTHER_PARTS)
+
+
+def _warn_leftovers(network: LoraNetwork) -> None:
+    if network.unmatched:
+        warnings.warn(f"LoRA {network.name}: {len(network.unmatched)} tensors match no module of this model and "
+                      f"are ignored (e.g. {', '.join(sorted(network.unmatched)[:4])}); "
+                      f"{len(network.patches)} modules matched", LoraWarning, stacklevel=3)
+    if network.unsupported:
+        warnings.warn(f"LoRA {network.name}: {len(network.unsupported)} modules use an update kind underpaint "
+                      f"does not merge and are ignored (e.g. {'; '.join(network.unsupported[:2])})",
+                      LoraWarning, stacklevel=3)
+
+
+# --------------------------------------------------------------------------- merging
+
+
+@dataclass
+class LoraPatcher:
+    """Merges networks into a model's weights and restores the originals exactly.
+
+    ``apply`` copies each weight it changes to the CPU first; ``restore`` copies them back.
+    The backups are the only state, and ``restore`` is safe to call at any time.
+    """
+
+    _backups: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    @property
+    def active(self) -> bool:
+        return bool(self._backups)
+
+    def apply(self, networks: Sequence[tuple[LoraNetwork, LoraRequest]]) -> int:
+        """Restore, then merge ``networks`` (each with its request's multipliers); returns modules changed."""
+        self.restore()
+        per_module: dict[int, list[tuple[ModulePatch, float, int | None]]] = OrderedDict()
+        modules: dict[int, torch.nn.Module] = {}
+        for network, request in networks:
+            for patch in network.patches:
+                multiplier = request.unet if patch.target.component == UNET else request.te
+                if multiplier == 0:
+                    continue
+                key = id(patch.target.module)
+                modules[key] = patch.target.module
+                per_module.setdefault(key, []).append((patch, multiplier, request.dyn))
+        failed: list[str] = []
+        try:
+            with torch.no_grad():
+                for key, items in per_module.items():
+                    failed += self._merge(modules[key], items)
+        except BaseException:
+            self.restore()
+            raise
+        if failed:
+            warnings.warn(f"LoRA: {len(failed)} updates do not fit this model's weights and are skipped "
+                          f"(e.g. {'; '.join(failed[:2])})", LoraWarning, stacklevel=2)
+        return len(self._backups)
+
+    def _merge(self, module: torch.nn.Module, items: list[tuple[ModulePatch, float, int | None]]) -> list[str]:
+        weight, bias = module.weight, module.bias
+        new_weight, new_bias = weight.detach().float(), None
+        failed = []
+        for patch, multiplier, dyn in items:
+            try:
+                delta = patch.delta(new_weight, dyn=dyn)
+            except (ValueError, RuntimeError) as exc:
+                failed.append(f"{patch.target.component}:{patch.target.path}: {exc}")
+                continue
+            new_weight = new_weight + delta * multiplier
+            extra = patch.bias_delta()
+            if extra is not None and bias is not None:
+                base = bias.detach().float() if new_bias is None else new_bias
+                new_bias = base + extra.to(base) * multiplier
+        if len(failed) < len(items):
+            self._write(weight, new_weight)
+        if new_bias is not None:
+            self._write(bias, new_bias)
+        return failed
+
+    def _write(self, param: torch.Tensor, value: torch.Tensor) -> None:
+        key = id(param)
+        if key not in self._backups:
+            self._backups[key] = (param, param.detach().to("cpu", copy=True))
+        param.data.copy_(value.to(param.dtype))
+
+    def restore(self) -> None:
+        """Put every changed weight back to its original values."""
+        with torch.no_grad():
+            while self._backups:
+                _, (param, original) = self._backups.popitem()
+                param.data.copy_(original.to(param.device))
+
+
+@dataclass
+class LoraCache:
+    """Networks already read for one model, by path (re-read when the file changes), newest last."""
+
+    limit: int = 8
+    _entries: OrderedDict = field(default_factory=OrderedDict)
+
+    def get(self, path: Path, index: ModuleIndex, *, name: str | None = None) -> LoraNetwork:
+        path = Path(path)
+        stat = path.stat()
+        stamp = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, name)
+        found = self._entries.get(stamp)
+        if found is None:
+            found = load_lora(path, index, name=name)
+            self._entries[stamp] = found
+            while len(self._entries) > self.limit:
+                self._entries.popitem(last=False)
+        self._entries.move_to_end(stamp)
+        return found

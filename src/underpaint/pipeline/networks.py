@@ -1,0 +1,227 @@
+"""Extra networks for one request: LoRAs merged into the weights and restored, textual-inversion
+embeddings from the models folder, and the ``Lora hashes`` / ``TI hashes`` A1111 records for them.
+
+A1111 takes ``<lora:name:te:unet>`` tags (and their ``<lyco:...>`` alias) out of the positive
+prompt, merges the named networks into the model for the request, and finds embeddings by
+name in the prompt text. The per-model caches (module index, networks read, embeddings read)
+live on the loaded model object, as its other caches do, so they last as long as its engine.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..models.lora import (LoraCache, LoraNetwork, LoraPatcher, LoraRequest, ModuleIndex, lora_short_hash,
+                           resolve_lora)
+from ..params import GenerationParams
+from ..prompts.embeddings import EMBEDDING_SUFFIXES, Embedding, load_embedding
+from ..prompts.parser import extract_extra_networks, prompt_schedule, split_and
+
+#: Extra-network kinds that name a LoRA (A1111 accepts ``lyco`` as an alias of ``lora``).
+LORA_KINDS = ("lora", "lyco")
+
+
+class ExtraNetworkWarning(UserWarning):
+    """An extra-network tag or embedding file that is ignored."""
+
+
+@dataclass
+class NetworkState:
+    """One loaded model's extra-network caches and the patcher holding its weight backups."""
+
+    index: ModuleIndex | None = None
+    loras: LoraCache = field(default_factory=LoraCache)
+    patcher: LoraPatcher = field(default_factory=LoraPatcher)
+    #: path → ((size, mtime), Embedding or None when the file could not be read)
+    embeddings: dict[Path, tuple[tuple[int, int], Embedding | None]] = field(default_factory=dict)
+
+    def module_index(self, model) -> ModuleIndex:
+        if self.index is None:
+            self.index = ModuleIndex(model)
+        return self.index
+
+
+def network_state(model) -> NetworkState:
+    """The model's :class:`NetworkState`, created on first use."""
+    state = getattr(model, "_networks", None)
+    if state is None:
+        state = NetworkState()
+        try:
+            model._networks = state
+        except AttributeError:
+            pass
+    return state
+
+
+def models_dir_of(model):
+    """The engine's models folder (set on the model as ``models_dir``), else the default one."""
+    from ..models.registry import ModelsDir, default_models_dir
+
+    return getattr(model, "models_dir", None) or ModelsDir(default_models_dir())
+
+
+# --------------------------------------------------------------------------- LoRA
+
+
+def lora_requests(prompt: str) -> list[LoraRequest]:
+    """The LoRAs the prompt's tags ask for, in order; other tag kinds are ignored with a warning."""
+    _, tags = extract_extra_networks(prompt)
+    requests, ignored = [], []
+    for tag in tags:
+        if tag.kind in LORA_KINDS:
+            requests.append(LoraRequest.from_args(tag.name, tag.positional, tag.named))
+        else:
+            ignored.append(f"<{tag.kind}:{tag.name}>")
+    if ignored:
+        warnings.warn(f"extra networks not supported, ignored: {', '.join(ignored)}", ExtraNetworkWarning, stacklevel=3)
+    return requests
+
+
+def load_requested(model, requests: Sequence[LoraRequest]) -> list[tuple[LoraNetwork, LoraRequest]]:
+    """Resolve each request's file in the models folder and read it (cached per model)."""
+    if not requests:
+        return []
+    state = network_state(model)
+    folders = models_dir_of(model).folders("loras")
+    index = state.module_index(model)
+    return [(state.loras.get(resolve_lora(r.name, folders), index, name=r.name), r) for r in requests]
+
+
+def lora_hashes(loaded: Sequence[tuple[LoraNetwork, LoraRequest]]) -> str | None:
+    """A1111's ``Lora hashes`` value: ``name: hash`` per network as named in the prompt (``:`` and
+    ``,`` removed from the name), each name once."""
+    hashes: dict[str, str] = {}
+    for network, request in loaded:
+        short = lora_short_hash(network.path)
+        if short:
+            hashes[_infotext_name(request.name)] = short
+    return ", ".join(f"{name}: {short}" for name, short in hashes.items()) or None
+
+
+def _infotext_name(name: str) -> str:
+    return name.replace(":", "").replace(",", "")
+
+
+# --------------------------------------------------------------------------- embeddings
+
+
+def available_embeddings(model) -> dict[str, Embedding]:
+    """Every readable embedding in the models folder's ``embeddings/``, by file name.
+
+    Files are read once and again only when they change; an unreadable one is skipped with a
+    warning (A1111 reports and skips it too). Embeddings that do not fit the model's text
+    encoders are left to :class:`~underpaint.prompts.encoder.PromptEncoder`, which skips them.
+    """
+    state = network_state(model)
+    found: dict[str, Embedding] = {}
+    seen: set[Path] = set()
+    for path in _embedding_files(models_dir_of(model).folders("embeddings")):
+        seen.add(path)
+        embedding = _read_embedding(state, path)
+        if embedding is not None:
+            found.setdefault(embedding.name, embedding)
+    for gone in set(state.embeddings) - seen:
+        del state.embeddings[gone]
+    return found
+
+
+def embedding_paths(model) -> dict[str, Path]:
+    """Name → file of the embeddings :func:`available_embeddings` returned (for their hashes)."""
+    state = network_state(model)
+    paths: dict[str, Path] = {}
+    for path, (_, embedding) in state.embeddings.items():
+        if embedding is not None:
+            paths.setdefault(embedding.name, path)
+    return paths
+
+
+def _embedding_files(folders: Sequence[Path]) -> Iterator[Path]:
+    for base in folders:
+        for dirpath, dirnames, filenames in os.walk(base, followlinks=True):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for name in sorted(filenames):
+                if name.lower().endswith(EMBEDDING_SUFFIXES) and not name.startswith("."):
+                    yield Path(dirpath) / name
+
+
+def _read_embedding(state: NetworkState, path: Path) -> Embedding | None:
+    from ..errors import ModelError
+
+    stat = path.stat()
+    stamp = (stat.st_size, stat.st_mtime_ns)
+    cached = state.embeddings.get(path)
+    if cached is not None and cached[0] == stamp:
+        return cached[1]
+    try:
+        embedding = load_embedding(path)
+    except ModelError as exc:
+        warnings.warn(f"embedding skipped: {exc}", ExtraNetworkWarning, stacklevel=4)
+        embedding = None
+    state.embeddings[path] = (stamp, embedding)
+    return embedding
+
+
+def ti_hashes(encoder, paths: dict[str, Path], params: GenerationParams) -> str | None:
+    """A1111's ``TI hashes``: ``name: sha256[:12]`` of each embedding the prompts use.
+
+    A1111 adds the names of each encoding call in front of those already recorded, and it
+    encodes the negative prompt first, then each ``AND`` part of the prompt; so the last part's
+    embeddings come first and the negative prompt's last, a name repeated where two calls use it.
+    """
+    from ..models.hashes import file_sha256
+
+    positive, _ = extract_extra_networks(params.prompt)
+    calls = [params.negative_prompt] + [part for part, _ in split_and(positive)]
+    entries: list[str] = []
+    for text in calls:
+        names: dict[str, None] = {}
+        for _, scheduled in prompt_schedule(text, params.steps):
+            for chunk in encoder.chunks(scheduled):
+                names.update((slot.name, None) for slot in chunk.embeddings)
+        entries[:0] = [f"{_infotext_name(n)}: {file_sha256(paths[n])[:12]}" for n in names if n in paths]
+    return ", ".join(entries) or None
+
+
+# --------------------------------------------------------------------------- one request
+
+
+@dataclass(frozen=True)
+class ActiveNetworks:
+    """The extra networks of the request in progress and the infotext entries they add."""
+
+    loras: tuple[LoraRequest, ...] = ()
+    infotext: tuple[tuple[str, str], ...] = ()
+
+    def with_infotext(self, params: GenerationParams) -> GenerationParams:
+        """``params`` with ``Lora hashes`` / ``TI hashes`` added to its infotext entries."""
+        if not self.infotext:
+            return params
+        return params.replace(extra_infotext=params.extra_infotext + self.infotext)
+
+
+@contextmanager
+def request_networks(model, params: GenerationParams, *, encoder=None) -> Iterator[ActiveNetworks]:
+    """Merge the prompt's LoRAs into ``model`` for the duration of the block.
+
+    The original weights come back when the block ends, also on an error or an interrupt.
+    ``encoder`` (a PromptEncoder with the model's embeddings) finds the embeddings in use for
+    the ``TI hashes`` entry.
+    """
+    loaded = load_requested(model, lora_requests(params.prompt))
+    entries = []
+    if (value := lora_hashes(loaded)) is not None:
+        entries.append(("Lora hashes", value))
+    if encoder is not None and encoder.embeddings:
+        if (value := ti_hashes(encoder, embedding_paths(model), params)) is not None:
+            entries.append(("TI hashes", value))
+    patcher = network_state(model).patcher
+    try:
+        patcher.apply(loaded)
+        yield ActiveNetworks(tuple(r for _, r in loaded), tuple(entries))
+    finally:
+        patcher.restore()

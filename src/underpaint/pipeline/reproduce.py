@@ -1,0 +1,159 @@
+"""An A1111 infotext turned back into a request: what ``--from-infotext`` and the server apply.
+
+A1111's "PNG Info → Send to img2img" fills its controls from the infotext's keys; keys it does
+not find keep their A1111 defaults (:func:`~underpaint.imageio.infotext.apply_defaults`), and
+keys with no default (Steps, CFG scale, Seed, Size, ...) leave the control as it was. Here the
+result is a plain mapping of :class:`~underpaint.params.GenerationParams` field names, so each
+caller decides what its own request overrides; prompts keep their ``<lora:...>`` tags, so the
+LoRAs of the original run are applied again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from ..errors import ImageError, InvalidParameter
+from ..imageio.infotext import ParsedInfotext, apply_defaults, parse_infotext
+from ..params import InpaintOptions, SamplerOptions
+
+# infotext key → (GenerationParams field, parser); the ``-1``/``-2`` keys are split ``WxH`` values.
+_FIELDS: tuple[tuple[str, str, Callable[[str], Any]], ...] = (
+    ("Steps", "steps", int),
+    ("Sampler", "sampler", str),
+    ("Schedule type", "scheduler", str),
+    ("CFG scale", "cfg_scale", float),
+    ("Seed", "seed", int),
+    ("Size-1", "width", int),
+    ("Size-2", "height", int),
+    ("Variation seed", "subseed", int),
+    ("Variation seed strength", "subseed_strength", float),
+    ("Seed resize from-1", "seed_resize_from_w", int),
+    ("Seed resize from-2", "seed_resize_from_h", int),
+    ("Denoising strength", "strength", float),
+    ("Clip skip", "clip_skip", int),
+    ("ENSD", "eta_noise_seed_delta", int),
+)
+_RNG = {"GPU": "gpu", "CPU": "cpu", "NV": "nv"}
+# Sampler options: underpaint's spelling first, then A1111's ("Sigma churn", "Eta DDIM", ...).
+_OPTION_KEYS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("eta", ("Eta", "Eta DDIM")),
+    ("s_churn", ("s_churn", "Sigma churn")),
+    ("s_tmin", ("s_tmin", "Sigma tmin")),
+    ("s_tmax", ("s_tmax", "Sigma tmax")),
+    ("s_noise", ("s_noise", "Sigma noise")),
+)
+# A1111 writes 0 for "no override" of the schedule's sigma range and rho.
+_SCHEDULE_OVERRIDES = (("sigma_min", "Schedule min sigma"), ("sigma_max", "Schedule max sigma"),
+                       ("rho", "Schedule rho"))
+_IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8", b"RIFF", b"GIF8", b"II*\x00", b"MM\x00*")
+
+
+def params_from_infotext(parsed: ParsedInfotext) -> dict[str, Any]:
+    """``GenerationParams`` keyword arguments for what an A1111 infotext records.
+
+    Always holds the prompts, ``clip_skip``, ``rng``, ``scheduler``, ``sampler_options`` and
+    ``inpaint`` (A1111 has defaults for those); the other fields only when their key is there.
+    A value that does not parse is an :class:`InvalidParameter` naming the key; names (sampler,
+    schedule) are checked when the ``GenerationParams`` is made.
+    """
+    values = apply_defaults(parsed.params, prompt=parsed.prompt)
+    fields: dict[str, Any] = {"prompt": parsed.prompt, "negative_prompt": parsed.negative_prompt}
+    for key, name, kind in _FIELDS:
+        if key in values:
+            fields[name] = _parse(values, key, kind)
+    rng = values.get("RNG", "GPU")
+    if rng not in _RNG:
+        raise InvalidParameter("RNG", rng, "GPU, CPU or NV")
+    fields["rng"] = _RNG[rng]
+    fields["sampler_options"] = sampler_options(values)
+    fields["inpaint"] = inpaint_options(values)
+    return fields
+
+
+def sampler_options(values: Mapping[str, str]) -> SamplerOptions:
+    """Eta, sigma churn/tmin/tmax/noise, schedule sigma/rho overrides, discard-penultimate-sigma."""
+    found: dict[str, Any] = {}
+    for name, keys in _OPTION_KEYS:
+        key = next((k for k in keys if k in values), None)
+        if key is not None:
+            found[name] = _parse(values, key, float)
+    for name, key in _SCHEDULE_OVERRIDES:
+        if key in values:
+            number = _parse(values, key, float)
+            found[name] = number if number != 0 else None
+    if "Discard penultimate sigma" in values:
+        found["discard_penultimate_sigma"] = _parse(values, "Discard penultimate sigma", _boolean)
+    return SamplerOptions(**found)
+
+
+def inpaint_options(values: Mapping[str, str]) -> InpaintOptions:
+    """A1111's inpaint keys (Mask blur, Mask mode, Inpaint area, Masked area padding, Masked content,
+    Soft inpainting enabled, Conditional mask weight) as :class:`InpaintOptions`."""
+    found: dict[str, Any] = {}
+    if "Mask blur" in values:
+        found["mask_blur_x"] = found["mask_blur_y"] = _parse(values, "Mask blur", int)
+    if "Mask mode" in values:
+        found["invert"] = values["Mask mode"] == "Inpaint not masked"
+    if "Inpaint area" in values:
+        found["full_res"] = values["Inpaint area"] == "Only masked"
+    if "Masked area padding" in values:
+        found["full_res_padding"] = _parse(values, "Masked area padding", int)
+    if "Masked content" in values:
+        found["masked_content"] = values["Masked content"]
+    if "Soft inpainting enabled" in values:
+        found["soft"] = _parse(values, "Soft inpainting enabled", _boolean)
+    if "Conditional mask weight" in values:
+        found["mask_weight"] = _parse(values, "Conditional mask weight", float)
+    return InpaintOptions(**found)
+
+
+def checkpoint_from_infotext(parsed: ParsedInfotext) -> str | None:
+    """The checkpoint the infotext names, as the models folder resolves it: ``name [hash]``, or
+    either part alone (a name is tried first, then a known file with that short hash)."""
+    name, short = parsed.params.get("Model"), parsed.params.get("Model hash")
+    if name and short:
+        return f"{name} [{short}]"
+    return name or short or None
+
+
+def read_infotext(source: str | Path) -> ParsedInfotext:
+    """The infotext in a PNG (``parameters``), JPEG or WebP (EXIF UserComment), or a text file."""
+    from ..imageio.metadata import read_metadata
+
+    path = Path(source).expanduser()
+    try:
+        with open(path, "rb") as f:
+            head = f.read(12)
+    except FileNotFoundError:
+        raise ImageError(f"{path}: file not found", field="from_infotext") from None
+    except OSError as exc:
+        raise ImageError(f"{path}: cannot read ({exc.strerror or exc})", field="from_infotext") from None
+    if head.startswith(_IMAGE_MAGIC):
+        text = read_metadata(path).infotext
+        if not text:
+            raise ImageError(f"{path}: the image holds no A1111 generation parameters", field="from_infotext")
+    else:
+        try:
+            text = path.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError:
+            raise ImageError(f"{path}: neither an image nor a UTF-8 text file", field="from_infotext") from None
+    return parse_infotext(text)
+
+
+def _parse(values: Mapping[str, str], key: str, kind: Callable[[str], Any]) -> Any:
+    text = values[key]
+    try:
+        return kind(text)
+    except ValueError:
+        expected = {int: "a whole number", float: "a number", _boolean: "True or False"}.get(kind, "a value")
+        raise InvalidParameter(key, text, expected) from None
+
+
+def _boolean(text: str) -> bool:
+    if text in ("True", "true"):
+        return True
+    if text in ("False", "false"):
+        return False
+    raise ValueError(text)
