@@ -135,8 +135,9 @@ def test_infotext_field_fills_unset_fields(client):
     ({"styles": ["cinematic"]}, "styles"),
     ({"script_name": "x/y/z plot"}, "script_name"),
     ({"alwayson_scripts": {"ADetailer": {"args": [True, {}]}}}, "alwayson_scripts"),
+    # ControlNet is available: an unknown ControlNet model is named down to the unit's field.
     ({"alwayson_scripts": {"controlnet": {"args": [{"module": "canny", "model": "x"}]}}},
-     "alwayson_scripts.controlnet.args[0]"),
+     "alwayson_scripts.controlnet.args[0].model"),
     ({"override_settings": {"CLIP_stop_at_last_layers": "two"}}, "override_settings.CLIP_stop_at_last_layers"),
     ({"override_settings": {"sd_model_checkpoint": "nope.safetensors"}}, "sd_model_checkpoint"),
     ({"override_settings": {"sd_model_checkpoint": "/etc/passwd"}}, "sd_model_checkpoint"),

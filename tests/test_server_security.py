@@ -326,13 +326,18 @@ def test_allowed_image_urls_still_never_reach_private_addresses(tmp_path):
 
 
 def test_no_route_serves_files_by_path(client):
+    from pathlib import Path
+
     from starlette.routing import Mount
 
+    import underpaint.server.app
     from underpaint.webui import static_dir
 
     app = client.app
     mounts = [route for route in app.routes if isinstance(route, Mount)]
-    assert [(m.path, str(m.app.directory)) for m in mounts] == [("", str(static_dir()))]  # the UI's own folder only
+    docs = Path(underpaint.server.app.__file__).with_name("docs_assets")
+    # Only fixed folders of the package: the API docs' assets and the UI.
+    assert [(m.path, str(m.app.directory)) for m in mounts] == [("/docs-assets", str(docs)), ("", str(static_dir()))]
     for path, operations in app.openapi()["paths"].items():
         for operation in operations.values():
             for param in operation.get("parameters", []):

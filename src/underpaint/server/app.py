@@ -48,15 +48,32 @@ def create_app(config: ServerConfig | None = None, *, loader: EngineLoader | Non
     config = config or ServerConfig()
     state = ServerState(config, loader or engine_loader(config))
     app = FastAPI(title="underpaint", version=__version__, description=DESCRIPTION, lifespan=_lifespan,
-                  docs_url="/docs", redoc_url=None, openapi_url="/openapi.json")
+                  docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.state.underpaint = state
     install_handlers(app)
     for router in (generation.router, settings.router, lists.router, controlnet.router, native_router):
         app.include_router(router)
+    _add_docs(app)
     if config.webui:
         _mount_webui(app)
     _add_guards(app, config)
     return app
+
+
+def _add_docs(app: FastAPI) -> None:
+    """Interactive API docs at ``/docs`` from Swagger UI files shipped in the package (no CDN: offline)."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.staticfiles import StaticFiles
+
+    assets = Path(__file__).with_name("docs_assets")
+    app.mount("/docs-assets", StaticFiles(directory=assets), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    def docs():
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="underpaint API",
+                                   swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+                                   swagger_css_url="/docs-assets/swagger-ui.css",
+                                   swagger_favicon_url="/docs-assets/favicon-32x32.png")
 
 
 def _mount_webui(app: FastAPI) -> None:
