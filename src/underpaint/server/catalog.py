@@ -51,8 +51,7 @@ class Catalog:
     def checkpoints(self) -> list[CheckpointView]:
         views = []
         for entry in self.folder.list_checkpoints():
-            short = entry.title[len(entry.name):].strip(" []") or None
-            views.append(CheckpointView(entry.title, entry.name, entry.model_name, short, entry.path,
+            views.append(CheckpointView(entry.title, entry.name, entry.model_name, entry.short_hash, entry.path,
                                         self._relative(entry.path)))
         return views
 
