@@ -158,7 +158,7 @@ def test_kohya_names_agree_with_diffusers_converter(tmp_path, family, request):
     """Both kohya spellings land on the modules diffusers' own converter names, with the same ΔW."""
     model = request.getfixturevalue(family)
     index = ModuleIndex(model)
-    targets = {t.path: t for t in index._targets.values() if t.component == "unet"}
+    targets = {t.path: t for t in index.targets("unet")}
     paths = [p for p in targets if ("attentions" in p and p.endswith(("to_q", "to_out.0", "proj_in", "ff.net.2")))
              or p.endswith(("resnets.0.conv1", "resnets.1.conv_shortcut", "downsamplers.0.conv"))]
     assert len(paths) > 10
@@ -515,3 +515,24 @@ def test_same_weights_as_diffusers_load_lora_weights(tmp_path, family, request):
     assert mine.keys() == reference.keys()
     for key, value in mine.items():  # the same products, scaled in another order: float32 rounding only
         torch.testing.assert_close(value, reference[key], rtol=0, atol=2e-7, msg=key)
+
+
+def test_sd2_last_text_layer_is_skipped_quietly(tmp_path, sd2v_file):
+    """SD2 conditions on OpenCLIP's penultimate layer, so the model has no last layer; a LoRA for it
+    (kohya trains all of them) changes nothing and needs no warning."""
+    model = load_model(sd2v_file)
+    layers = model.text_encoders[0].config.num_hidden_layers
+    hidden = model.text_encoders[0].config.hidden_size
+    sd = _kohya({f"lora_te_text_model_encoder_layers_{i}_mlp_fc1": (4 * hidden, hidden) for i in range(layers + 1)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        network = load_lora(_save(tmp_path, "sd2", sd), ModuleIndex(model))
+    assert len(network.patches) == layers and not network.unmatched
+
+
+def test_doctests():
+    import doctest
+
+    import underpaint.models.lora as lora
+
+    assert doctest.testmod(lora).failed == 0

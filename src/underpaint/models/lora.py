@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -67,6 +68,9 @@ _KOHYA_PREFIXES = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te_")
 # in the UNet, ``self_attn.to_q_lora.down.weight`` in a text encoder.
 _PROCESSOR_LORA = {"to_q_lora": "to_q", "to_k_lora": "to_k", "to_v_lora": "to_v", "to_out_lora": "to_out.0"}
 _TEXT_PROCESSOR_LORA = {"to_q_lora": "q_proj", "to_k_lora": "k_proj", "to_v_lora": "v_proj", "to_out_lora": "out_proj"}
+
+
+_LAYER = re.compile(r"text_model_encoder_layers_(\d+)_")
 
 
 class LoraWarning(UserWarning):
@@ -218,7 +222,8 @@ def lora_short_hash(path: str | os.PathLike) -> str:
 
 @dataclass(frozen=True, eq=False)
 class Target:
-    """A module a network patches: which part of the model, its dotted path there, the module."""
+    """A module a network patches: which part of the model, its dotted path there (text-encoder
+    paths always start with ``text_model.``, as in transformers 4 and the LoRA files), the module."""
 
     component: str
     path: str
@@ -231,6 +236,7 @@ class ModuleIndex:
     def __init__(self, model) -> None:
         self.encoders = len(model.text_encoders)
         self._targets: dict[tuple[str, str], Target] = {}
+        self._layers = {c: int(e.config.num_hidden_layers) for c, e in zip(TEXT_ENCODERS, model.text_encoders)}
         self._add_unet(model.unet)
         for component, encoder in zip(TEXT_ENCODERS, model.text_encoders):
             for path, module in _patchable(encoder):
@@ -254,8 +260,19 @@ class ModuleIndex:
         """The module for an underscored name (``down_blocks_0_attentions_0_proj_in``) in ``component``."""
         return self._targets.get((component, name))
 
+    def targets(self, component: str | None = None) -> list[Target]:
+        """Every patchable module once (of ``component`` only, when given)."""
+        unique = {id(t.module): t for t in self._targets.values() if component in (None, t.component)}
+        return list(unique.values())
+
+    def left_out(self, component: str, name: str) -> bool:
+        """A text-encoder layer the model does not build because its output is never used (SD2 stops
+        at OpenCLIP's penultimate layer): LoRA tensors for it change nothing and are skipped quietly."""
+        match = _LAYER.match(name)
+        return component in self._layers and match is not None and int(match.group(1)) >= self._layers[component]
+
     def __len__(self) -> int:
-        return len({id(t.module) for t in self._targets.values()})
+        return len(self.targets())
 
 
 def _patchable(module: torch.nn.Module):
@@ -301,28 +318,30 @@ def _original_unet_names(config) -> Callable[[str], str | None]:
 
 
 @dataclass(frozen=True)
-class _Key:
+class NetworkKey:
+    """A network tensor name split into the model part, the module (underscored) and the tensor part."""
+
     component: str
     module: str  # underscored
     part: str
 
 
-def split_key(key: str, encoders: int) -> _Key | None:
+def split_key(key: str, encoders: int) -> NetworkKey | None:
     """(model part, underscored module name, tensor part) of a network tensor name, or None.
 
     >>> split_key("lora_unet_input_blocks_4_1_proj_in.lora_down.weight", 1)
-    _Key(component='unet', module='input_blocks_4_1_proj_in', part='lora_down.weight')
+    NetworkKey(component='unet', module='input_blocks_4_1_proj_in', part='lora_down.weight')
     >>> split_key("lora_te2_text_model_encoder_layers_0_mlp_fc1.alpha", 2)
-    _Key(component='text_encoder_2', module='text_model_encoder_layers_0_mlp_fc1', part='alpha')
+    NetworkKey(component='text_encoder_2', module='text_model_encoder_layers_0_mlp_fc1', part='alpha')
     >>> split_key("unet.down_blocks.0.attentions.0.proj_in.lora_A.weight", 1)
-    _Key(component='unet', module='down_blocks_0_attentions_0_proj_in', part='lora_down.weight')
+    NetworkKey(component='unet', module='down_blocks_0_attentions_0_proj_in', part='lora_down.weight')
     """
     for prefix in _KOHYA_PREFIXES:
         if key.startswith(prefix):
             module, _, part = key[len(prefix):].partition(".")
             component = _kohya_component(prefix, encoders)
             part = _PART_ALIASES.get(part, part)
-            return _Key(component, module, part) if component and module and part else None
+            return NetworkKey(component, module, part) if component and module and part else None
     return _split_dotted(key)
 
 
@@ -337,7 +356,7 @@ def _kohya_component(prefix: str, encoders: int) -> str | None:
     return TEXT_ENCODERS[0] if encoders == 1 else None
 
 
-def _split_dotted(key: str) -> _Key | None:
+def _split_dotted(key: str) -> NetworkKey | None:
     """diffusers/PEFT names: ``<part of the model>.<module path>.<tensor part>``."""
     key = key.removeprefix("base_model.model.")
     head, _, rest = key.partition(".")
@@ -354,7 +373,7 @@ def _split_dotted(key: str) -> _Key | None:
     renames = _PROCESSOR_LORA if head == UNET else _TEXT_PROCESSOR_LORA
     if last in renames:
         module = f"{parent}.{renames[last]}" if parent else renames[last]
-    return _Key(head, module.replace(".", "_"), _PART_ALIASES.get(part, part))
+    return NetworkKey(head, module.replace(".", "_"), _PART_ALIASES.get(part, part))
 
 
 # --------------------------------------------------------------------------- weight updates
@@ -548,7 +567,8 @@ def load_lora(path: str | os.PathLike, index: ModuleIndex, *, name: str | None =
         target = index.find(component, module)
         kind = _kind(parts)
         if target is None:
-            unmatched.extend(f"{component}:{module}.{p}" for p in parts)
+            if not index.left_out(component, module):
+                unmatched.extend(f"{component}:{module}.{p}" for p in parts)
         elif kind is None:
             unsupported.append(f"{component}:{module} ({', '.join(sorted(parts))})")
         else:

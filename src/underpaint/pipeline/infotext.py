@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from .. import __version__
 from ..imageio.infotext import format_infotext, order_params
 from ..params import GenerationParams
@@ -37,8 +39,11 @@ def infotext_params(params: GenerationParams, info: ModelInfo, *, width: int, he
         "Schedule min sigma": opts.sigma_min,
         "Schedule max sigma": opts.sigma_max,
         "Schedule rho": opts.rho,
-        "s_churn": opts.s_churn or None,
-        "s_noise": opts.s_noise if opts.s_noise != 1.0 else None,
+        # A1111 1.10's names for the churn settings of Euler, Heun and DPM2.
+        "Sigma churn": opts.s_churn or None,
+        "Sigma tmin": opts.s_tmin or None,
+        "Sigma tmax": opts.s_tmax if opts.s_tmax != math.inf else None,
+        "Sigma noise": opts.s_noise if opts.s_noise != 1.0 else None,
         "Discard penultimate sigma": True if opts.discard_penultimate_sigma else None,
     }
     values.update(dict(p.extra_infotext))
