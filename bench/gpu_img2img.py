@@ -160,7 +160,7 @@ class Settings:
 
 def _fill(name: str, p: torch.Tensor, gen: torch.Generator) -> None:
     """Variance-preserving uniform weights, unit norms, zero biases, CLIP-like 0.02 embeddings."""
-    if "embedding" in name and p.ndim == 2:
+    if name.endswith(("token_embedding.weight", "position_embedding.weight")):
         p.normal_(0.0, 0.02, generator=gen)
     elif p.ndim == 1:
         p.zero_() if name.endswith("bias") else p.fill_(1.0)
@@ -229,6 +229,19 @@ def build_components(arch: Arch, settings: Settings, *, vae_upcast: bool) -> Com
     texts = tuple(materialise(t, dev, dt, SEED + 2 + i) for i, t in enumerate(texts))
     pads = ("<|endoftext|>", "!")[: len(texts)]
     return Components(arch, unet, vae, texts, tuple(clip_tokenizer(p) for p in pads))
+
+
+def stub_unet(unet: torch.nn.Module) -> None:
+    """Make the UNet answer half its input at once, so what remains is each library's own work
+    around it (per-step overhead, text encoders, VAE). Not a speed figure."""
+
+    def forward(sample, timestep, encoder_hidden_states=None, *args, return_dict=True, **kwargs):
+        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+        out = sample * 0.5
+        return UNet2DConditionOutput(sample=out) if return_dict else (out,)
+
+    unet.forward = forward
 
 
 # --- the two libraries ------------------------------------------------------------------------
@@ -359,6 +372,17 @@ def compiled_unet(pipe, settings: Settings) -> Iterator[None]:
 # --- measuring --------------------------------------------------------------------------------
 
 
+def device_warmup(settings: Settings) -> None:
+    """Create the BLAS/cuDNN/attention handles before any timing, so no runner pays for them."""
+    dev, dt = settings.device, settings.dtype
+    x = torch.randn(2, 64, 32, 32, device=dev, dtype=dt)
+    torch.nn.functional.conv2d(x, torch.randn(64, 64, 3, 3, device=dev, dtype=dt), padding=1)
+    q = x.flatten(2).transpose(1, 2).reshape(2, 1024, 1, 64).transpose(1, 2)
+    torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    x.flatten(1) @ torch.randn(64 * 32 * 32, 8, device=dev, dtype=dt)
+    sync(dev)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -418,32 +442,56 @@ class Measurement:
         return self.batch / self.latency_s
 
 
-def _timed(call: Callable[[], list], device: torch.device) -> tuple[float, list]:
+@dataclass(frozen=True)
+class Runner:
+    """One row of the table: a call that makes the case's pictures, and the UNet object it calls."""
+
+    name: str
+    call: Callable[[], list]
+    unet: Callable[[], torch.nn.Module]
+
+
+def _timed(runner: Runner, device: torch.device) -> tuple[float, float, int, float | None, list]:
+    """One call: seconds, seconds inside the UNet, UNet calls, peak GiB (CUDA), pictures."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    clock = UNetClock(runner.unet(), device)
     sync(device)
     t0 = time.perf_counter()
-    out = call()
+    out = runner.call()
     sync(device)
-    return time.perf_counter() - t0, out
-
-
-def measure(name: str, case: Case, call: Callable[[], list], unet: Callable[[], torch.nn.Module],
-            settings: Settings) -> tuple[Measurement, list]:
-    """First call, ``warmup`` more, then ``runs`` timed calls with the UNet clocked and peak memory tracked."""
-    dev = settings.device
-    first, out = _timed(call, dev)
-    for _ in range(settings.warmup):
-        call()
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-    clock = UNetClock(unet(), dev)
-    latencies = [_timed(call, dev)[0] for _ in range(settings.runs)]
+    seconds = time.perf_counter() - t0
     unet_s = clock.close()
-    peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
-    m = Measurement(case.name, name, case.batch, first, latencies,
-                    unet_s * 1000 / (settings.runs * settings.steps_run), clock.calls / settings.runs, peak)
-    _log(f"  {name:<22} median {m.latency_s:.3f} s  first {first:.2f} s  unet {m.unet_ms_per_step:.1f} ms/step"
-         f"  ({m.unet_calls_per_run:g} calls/run)")
-    return m, out
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return seconds, unet_s, clock.calls, peak, out
+
+
+def measure(runners: list[Runner], case: Case, settings: Settings) -> list[tuple[Measurement, list]]:
+    """First call of each, ``warmup`` more, then ``runs`` rounds of one timed call each.
+
+    Several runners take turns within each round, so a machine that gets busier or quieter
+    during the measurement (a shared CPU, clocks) affects them alike.
+    """
+    dev = settings.device
+    firsts = [_timed(r, dev) for r in runners]
+    for _ in range(settings.warmup):
+        for r in runners:
+            r.call()
+    timed = [[] for _ in runners]
+    for _ in range(settings.runs):
+        for r, record in zip(runners, timed):
+            record.append(_timed(r, dev))
+    results = []
+    for r, first, record in zip(runners, firsts, timed):
+        latencies = [t[0] for t in record]
+        peaks = [t[3] for t in record if t[3] is not None]
+        m = Measurement(case.name, r.name, case.batch, first[0], latencies,
+                        sum(t[1] for t in record) * 1000 / (settings.runs * settings.steps_run),
+                        sum(t[2] for t in record) / settings.runs, max(peaks) if peaks else None)
+        _log(f"  {r.name:<22} median {m.latency_s:.3f} s  first {m.first_call_s:.2f} s  "
+             f"unet {m.unet_ms_per_step:.1f} ms/step  ({m.unet_calls_per_run:g} calls/run)")
+        results.append((m, first[4]))
+    return results
 
 
 @dataclass
@@ -477,29 +525,32 @@ def compare(case: Case, names: str, plain: list, fast: list) -> Check:
 
 
 def run_case(case: Case, comps: Components, settings: Settings) -> tuple[list[Measurement], list[Check]]:
-    """underpaint (plain, then optimized), then diffusers (eager, then compiled), on the same modules."""
+    """underpaint and diffusers eager taking turns, then underpaint optimized, then diffusers compiled.
+
+    The optimized and compiled rows change the shared modules, so they run alone and undo it after.
+    """
     _log(f"{case.name}: {case.size}x{case.size}, batch {case.batch}, {settings.steps_run} steps")
     model = underpaint_model(comps, settings)
-    results, checks = [], []
-    plain, plain_out = measure("underpaint", case, underpaint_runner(model, case, settings), lambda: model.unet,
-                               settings)
-    results.append(plain)
-    if settings.optimize:
-        label = "underpaint+" + "+".join(settings.optimize)
-        with optimized(model, settings):
-            fast, fast_out = measure(label, case, underpaint_runner(model, case, settings), lambda: model.unet,
-                                     settings)
-        results.append(fast)
-        checks.append(compare(case, "+".join(settings.optimize), plain_out, fast_out))
-        _log(f"  output check: {asdict(checks[-1])}")
     pipe = diffusers_pipeline(comps)
-    eager, _ = measure("diffusers", case, diffusers_runner(pipe, case, settings), lambda: pipe.unet, settings)
+    (plain, plain_out), (eager, _) = measure([
+        Runner("underpaint", underpaint_runner(model, case, settings), lambda: model.unet),
+        Runner("diffusers", diffusers_runner(pipe, case, settings), lambda: pipe.unet),
+    ], case, settings)
+    results, checks = [plain], []
+    if settings.optimize:
+        names = "+".join(settings.optimize)
+        with optimized(model, settings):
+            [(fast, fast_out)] = measure([Runner(f"underpaint+{names}", underpaint_runner(model, case, settings),
+                                                 lambda: model.unet)], case, settings)
+        results.append(fast)
+        checks.append(compare(case, names, plain_out, fast_out))
+        _log(f"  output check: {asdict(checks[-1])}")
     results.append(eager)
     compiled = None
     if settings.compile_diffusers:
         with compiled_unet(pipe, settings):
-            compiled, _ = measure("diffusers+compile", case, diffusers_runner(pipe, case, settings),
-                                  lambda: pipe.unet, settings)
+            [(compiled, _)] = measure([Runner("diffusers+compile", diffusers_runner(pipe, case, settings),
+                                              lambda: pipe.unet)], case, settings)
         results.append(compiled)
     for m in results:
         m.vs_diffusers = eager.latency_s / m.latency_s
@@ -577,6 +628,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile-mode", default="default", help="torch.compile mode (default, max-autotune, ...)")
     p.add_argument("--fp16-vae", action="store_true", help="do not let diffusers upcast the SDXL VAE to fp32 "
                    "(as with an fp16-safe VAE; underpaint does not upcast it)")
+    p.add_argument("--stub-unet", action="store_true", help="replace the UNet by a stand-in that answers at once, "
+                   "to time each library's overhead around it (not a speed figure)")
     p.add_argument("--json", type=Path, help="also write the results here")
     return p.parse_args(argv)
 
@@ -622,18 +675,22 @@ def main(argv: list[str] | None = None) -> int:
     archs = TINY_ARCHS if args.tiny else ARCHS
     info = machine_info(settings)
     _log(f"{info['device']}, torch {info['torch']}, diffusers {info['diffusers']}, {info['date']}")
+    device_warmup(settings)
     results, checks = [], []
     for arch_name in dict.fromkeys(c.arch for c in cases):  # one architecture in memory at a time
         arch = archs[arch_name]
         check_param_counts(arch)
         t0 = time.perf_counter()
         comps = build_components(arch, settings, vae_upcast=not args.fp16_vae)
+        if args.stub_unet:
+            stub_unet(comps.unet)
         _log(f"{arch.name}: random weights built in {time.perf_counter() - t0:.1f} s")
         for case in (c for c in cases if c.arch == arch_name):
             r, c = run_case(case, comps, settings)
             results += r
             checks += c
         del comps
+        torch._dynamo.reset()  # compiled graphs would keep the modules alive
         gc.collect()
         if settings.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -656,7 +713,7 @@ def _settings_json(settings: Settings, args: argparse.Namespace) -> dict:
                 steps=settings.steps, strength=settings.strength, steps_run=settings.steps_run,
                 underpaint_strength=settings.underpaint_strength, cfg=settings.cfg, runs=settings.runs,
                 warmup=settings.warmup, optimize=list(settings.optimize), compile_diffusers=settings.compile_diffusers,
-                compile_mode=settings.compile_mode, fp16_vae=args.fp16_vae,
+                compile_mode=settings.compile_mode, fp16_vae=args.fp16_vae, stub_unet=args.stub_unet,
                 sampler="DPM++ 2M Karras (diffusers: DPMSolverMultistepScheduler, use_karras_sigmas)")
 
 

@@ -121,3 +121,21 @@ def test_oversized_embedding_is_a_typed_error():
     index = EmbeddingIndex.build([EmbeddingWord((DOG,), "huge", 76)])
     with pytest.raises(InvalidParameter, match="huge"):
         chunks_of([DOG], embeddings=index)
+
+
+def test_comma_id_is_a_token_lookup_matching_the_vocabulary(tokenizer):
+    from underpaint.prompts.encoder import _comma_id
+
+    assert _comma_id(tokenizer) == tokenizer.get_vocab()[",</w>"] == COMMA
+
+
+def test_comma_id_is_none_without_a_comma_token():
+    from underpaint.prompts.encoder import _comma_id
+
+    class NoComma:
+        unk_token, unk_token_id = "<|endoftext|>", 49407
+
+        def convert_tokens_to_ids(self, token):
+            return self.unk_token_id
+
+    assert _comma_id(NoComma()) is None

@@ -277,8 +277,16 @@ def init_pixels(images, plan: Plan, batch: int) -> torch.Tensor:
 
 
 def encode_images(model, images, plan: Plan, batch: int) -> torch.Tensor:
-    """Resize as asked and VAE-encode to scaled latents (posterior mean: deterministic)."""
-    return encode_pixels(model, init_pixels(images, plan, batch))
+    """Resize as asked and VAE-encode to scaled latents (posterior mean: deterministic).
+
+    Each distinct picture is encoded once; a batch larger than the pictures given repeats
+    their latents (image i from picture i mod n), as the pixels would be repeated.
+    """
+    distinct = init_pixels(images, plan, min(len(images), batch))
+    latents = encode_pixels(model, distinct)
+    if latents.shape[0] == batch:
+        return latents
+    return latents[torch.arange(batch) % latents.shape[0]]
 
 
 def encode_pixels(model, pixels: torch.Tensor) -> torch.Tensor:

@@ -323,9 +323,21 @@ def _make_tower(family: str, index: int, model, tokenizer, layer: int,
         index=index, model=model, tokenizer=tokenizer, hidden_layer=layer,
         final_norm=family != "sdxl", pad_id=0 if openclip else eos,
         pooled=family == "sdxl" and index == 1,
-        bos=int(tokenizer.bos_token_id), eos=eos, comma=tokenizer.get_vocab().get(",</w>"),
+        bos=int(tokenizer.bos_token_id), eos=eos, comma=_comma_id(tokenizer),
         vocabulary=EmbeddingIndex.build(words),
     )
+
+
+def _comma_id(tokenizer) -> int | None:
+    """The id of ``,</w>``, or None where the vocabulary has no such token.
+
+    A token lookup, not ``get_vocab()``: turning the 49,408-entry vocabulary into a dict
+    costs tens of milliseconds per prompt encoder.
+    """
+    found = tokenizer.convert_tokens_to_ids(",</w>")
+    if found is None or (found == tokenizer.unk_token_id and tokenizer.unk_token != ",</w>"):
+        return None
+    return int(found)
 
 
 def _text_model(model):
