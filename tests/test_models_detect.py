@@ -82,8 +82,6 @@ def test_probe_follows_a1111_rule():
 
 @pytest.mark.parametrize(("marker", "what"), [
     ("conditioner.embedders.0.model.text_projection", "SDXL refiner"),
-    ("double_blocks.0.img_attn.norm.key_norm.scale", "FLUX"),
-    ("model.diffusion_model.double_blocks.0.img_attn.norm.key_norm.scale", "FLUX"),
     ("model.diffusion_model.joint_blocks.0.context_block.adaLN_modulation.1.bias", "SD3"),
 ])
 def test_recognisable_unsupported_models(marker, what):

@@ -5,6 +5,12 @@ each component under a fixed prefix, and each family's text encoder has a tell-t
 SD1 stores OpenAI CLIP-L in transformers' names, SD2 stores OpenCLIP ViT-H in OpenCLIP's own
 names, SDXL stores both CLIP-L and OpenCLIP bigG under ``conditioner.embedders.{0,1}`` and adds
 the size/crop embedding ``label_emb``. :data:`FAMILIES` is that table; :func:`detect` walks it.
+
+FLUX.1 is told apart by its transformer alone (``double_blocks.*``, in Black Forest Labs' names,
+bare or under ``model.diffusion_model.``; or diffusers' ``transformer_blocks.*`` with
+``x_embedder``): its text encoders and VAE usually come as separate files. The variant follows
+from two tensors: a guidance embedding (``guidance_in``) means dev, none means schnell, and an
+image input of 384 features (latent, masked-image latent and the 8x8-packed mask) means Fill.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ class Family(str, Enum):
     SD1 = "sd1"
     SD2 = "sd2"
     SDXL = "sdxl"
+    FLUX = "flux"
 
 
 @dataclass(frozen=True)
@@ -103,7 +110,11 @@ FAMILIES: tuple[FamilyLayout, ...] = (
 
 
 def layout_of(family: Family) -> FamilyLayout:
-    return next(f for f in FAMILIES if f.family == family)
+    """The single-file layout of an SD family (FLUX has its own loader and no entry here)."""
+    layout = next((f for f in FAMILIES if f.family == family), None)
+    if layout is None:
+        raise ModelError(f"{family.value} models have no Stable Diffusion single-file layout")
+    return layout
 
 
 @dataclass(frozen=True)
@@ -111,32 +122,120 @@ class ModelSpec:
     """What the sampler and the pipeline need to know about a checkpoint."""
 
     family: Family
-    #: "eps" (predicts the noise) or "v" (velocity, Salimans & Ho 2022).
+    #: "eps" (predicts the noise), "v" (velocity, Salimans & Ho 2022) or "flow" (FLUX: rectified-flow velocity).
     prediction: str
-    #: 4, or 9 for inpainting models ([latent, mask, masked-image latent]).
+    #: 4, or 9 for inpainting models ([latent, mask, masked-image latent]); for FLUX the transformer's
+    #: packed input features: 64 (16 latent channels x 2x2 patches), 384 for Fill.
     in_channels: int
     latent_channels: int = 4
     scaling_factor: float = 0.18215
     #: Why ``prediction`` has its value: "override", "v_pred key", "metadata", "probe", "config" or "default".
     prediction_source: str = "default"
+    #: The latent the model sees is ``(z - shift_factor) * scaling_factor`` (0 for SD, 0.1159 for FLUX's VAE).
+    shift_factor: float = 0.0
+    #: FLUX: "dev" (guidance-distilled), "schnell" (timestep-distilled, no guidance input) or "fill"; SD: "".
+    variant: str = ""
 
     @property
     def is_inpaint(self) -> bool:
-        return self.in_channels == 9
+        return self.in_channels == 9 or self.variant == "fill"
 
     @property
     def default_size(self) -> int:
-        """The resolution the model was trained at: 512 SD1, 768 SD2-v (512 SD2 base), 1024 SDXL."""
+        """The resolution the model was trained at: 512 SD1, 768 SD2-v (512 SD2 base), 1024 SDXL and FLUX."""
+        if self.family == Family.FLUX:
+            return FLUX_DEFAULT_SIZE
         if self.family == Family.SD2 and self.prediction == "v":
             return 768
         return layout_of(self.family).default_size
 
 
+# --- FLUX.1 ----------------------------------------------------------------------------------------
+
+#: The FLUX.1 autoencoder's latent statistics (Black Forest Labs' ``ae.safetensors``): z → (z - shift) * scale.
+FLUX_SCALING_FACTOR = 0.3611
+FLUX_SHIFT_FACTOR = 0.1159
+FLUX_LATENT_CHANNELS = 16
+FLUX_DEFAULT_SIZE = 1024
+#: A tensor only FLUX transformers have, in each naming (the BFL name's prefix varies by file).
+FLUX_MARKER = "double_blocks.0.img_attn.norm.key_norm.scale"
+FLUX_DIFFUSERS_MARKER = "transformer_blocks.0.attn.norm_added_k.weight"
+#: Image-input features: 16 latent channels in 2x2 patches; Fill adds the masked-image latent and the packed mask.
+FLUX_IN_FEATURES = {64: "normal", 384: "fill"}
+
+
+@dataclass(frozen=True)
+class FluxLayout:
+    """Where a FLUX transformer sits in a file and which names it uses."""
+
+    #: Key prefix of the transformer ("" or "model.diffusion_model." in the files seen so far).
+    prefix: str
+    #: "bfl" (Black Forest Labs' original names) or "diffusers" (``FluxTransformer2DModel`` names).
+    naming: str
+
+    def key(self, bfl: str, diffusers: str) -> str:
+        return self.prefix + (bfl if self.naming == "bfl" else diffusers)
+
+    @property
+    def img_in(self) -> str:
+        return self.key("img_in.weight", "x_embedder.weight")
+
+    @property
+    def guidance_in(self) -> str:
+        return self.key("guidance_in.in_layer.weight", "time_text_embed.guidance_embedder.linear_1.weight")
+
+
+def flux_layout(names: dict | set) -> FluxLayout | None:
+    """The FLUX transformer's prefix and naming in a file, or None when it holds none."""
+    for key in names:
+        if key.endswith(FLUX_MARKER):
+            prefix = key[: -len(FLUX_MARKER)]
+            if prefix == "" or prefix.endswith("."):
+                return FluxLayout(prefix, "bfl")
+    if FLUX_DIFFUSERS_MARKER in names and "x_embedder.weight" in names:
+        return FluxLayout("", "diffusers")
+    return None
+
+
+def flux_spec(in_features: int, has_guidance: bool, *, prediction: str | None = None,
+              source: str = "default") -> ModelSpec:
+    """The FLUX ModelSpec for a transformer with ``in_features`` image inputs and/or a guidance embedding."""
+    kind = FLUX_IN_FEATURES.get(in_features)
+    if kind is None:
+        what = " (a FLUX Canny/Depth control model)" if in_features == 128 else ""
+        raise ModelError(f"unsupported: the FLUX transformer takes {in_features} image features{what}; "
+                         "expected 64 (dev, schnell) or 384 (Fill)")
+    if prediction is not None and str(prediction).strip().lower() not in ("flow", "flow_match", "rectified_flow"):
+        raise InvalidParameter("prediction", prediction, "'flow' (or nothing) for a FLUX model")
+    variant = "fill" if kind == "fill" else ("dev" if has_guidance else "schnell")
+    return ModelSpec(family=Family.FLUX, prediction="flow", in_channels=in_features,
+                     latent_channels=FLUX_LATENT_CHANNELS, scaling_factor=FLUX_SCALING_FACTOR,
+                     prediction_source="override" if prediction is not None else source,
+                     shift_factor=FLUX_SHIFT_FACTOR, variant=variant)
+
+
+def detect_flux(header: CheckpointHeader, *, prediction: str | None = None) -> ModelSpec:
+    """The FLUX ModelSpec of a file holding a FLUX transformer (raises when it holds none)."""
+    layout = flux_layout(header.tensors)
+    if layout is None:
+        raise ModelError(f"not a FLUX model: {describe_tensors(header.tensors)}; expected a FLUX transformer "
+                         f"({FLUX_MARKER}, ...)")
+    _refuse_bnb(header.tensors)
+    if layout.img_in not in header.tensors:
+        raise ModelError(f"the FLUX transformer has no image input {layout.img_in}; the file is incomplete")
+    return flux_spec(header.tensors[layout.img_in].shape[1], layout.guidance_in in header.tensors,
+                     prediction=prediction)
+
+
+def _refuse_bnb(names: dict) -> None:
+    if any(k.endswith((".absmax", ".quant_map")) or ".quant_state." in k for k in names):
+        raise ModelError("unsupported: a bitsandbytes (NF4/FP4) quantized FLUX file; use its fp16/bf16, fp8 "
+                         "or GGUF version")
+
+
 # Recognisable files that are not a supported checkpoint: (what it looks like, any of these keys).
 _UNSUPPORTED: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("an SDXL refiner (only an OpenCLIP bigG encoder)", ("conditioner.embedders.0.model.text_projection",)),
-    ("a FLUX model", ("double_blocks.0.img_attn.norm.key_norm.scale",
-                      UNET_PREFIX + "double_blocks.0.img_attn.norm.key_norm.scale")),
     ("an SD3 model", ("joint_blocks.0.context_block.adaLN_modulation.1.bias",
                       UNET_PREFIX + "joint_blocks.0.context_block.adaLN_modulation.1.bias")),
     ("an SD2 depth-to-image model", ("depth_model.model.pretrained.act_postprocess3.0.project.0.weight",)),
@@ -155,6 +254,8 @@ _NOT_CHECKPOINTS: tuple[tuple[str, tuple[str, ...]], ...] = (
 def detect(header: CheckpointHeader, *, prediction: str | None = None) -> ModelSpec:
     """Family, prediction type and channels of a single-file checkpoint, from its header."""
     names = header.tensors
+    if flux_layout(names) is not None:
+        return detect_flux(header, prediction=prediction)
     _refuse_unsupported(names)
     layout = next((f for f in FAMILIES if all(m in names for m in f.markers)), None)
     if layout is None:
@@ -225,7 +326,7 @@ def probe_prediction(unet_forward, context_dim: int) -> str:
 def _refuse_unsupported(names: dict) -> None:
     for what, keys in _UNSUPPORTED:
         if any(k in names for k in keys):
-            raise ModelError(f"unsupported: looks like {what}; underpaint loads SD1, SD2 and SDXL base checkpoints")
+            raise ModelError(f"unsupported: looks like {what}; underpaint loads SD1, SD2, SDXL and FLUX.1 checkpoints")
 
 
 def describe_tensors(names: dict) -> str:
@@ -262,6 +363,8 @@ def _check_context_dim(header: CheckpointHeader, layout: FamilyLayout) -> None:
 def detect_diffusers_folder(folder: str | Path, *, prediction: str | None = None) -> ModelSpec:
     """Family and prediction of a diffusers pipeline folder, from its JSON configs."""
     folder = Path(folder)
+    if (folder / "transformer").is_dir() and not (folder / "unet").is_dir():
+        return _detect_flux_folder(folder, prediction)
     unet_cfg = _read_json(folder / "unet" / "config.json")
     vae_cfg = _read_json(folder / "vae" / "config.json")
     if unet_cfg.get("addition_embed_type") == "text_time" or (folder / "text_encoder_2").is_dir():
@@ -282,6 +385,20 @@ def detect_diffusers_folder(folder: str | Path, *, prediction: str | None = None
                      latent_channels=int(vae_cfg.get("latent_channels", 4)),
                      scaling_factor=float(vae_cfg.get("scaling_factor", layout.scaling_factor)),
                      prediction_source=source)
+
+
+def _detect_flux_folder(folder: Path, prediction: str | None) -> ModelSpec:
+    """A diffusers FLUX folder: the variant from the transformer's config, the latent statistics from the VAE's."""
+    cfg = _read_json(folder / "transformer" / "config.json")
+    if cfg.get("_class_name") != "FluxTransformer2DModel":
+        raise ModelError(f"unsupported: {folder} holds a {cfg.get('_class_name', 'unknown')} transformer; "
+                         "expected FluxTransformer2DModel (FLUX.1)")
+    spec = flux_spec(int(cfg.get("in_channels", 64)), bool(cfg.get("guidance_embeds", False)), prediction=prediction,
+                     source="config")
+    vae_cfg = _read_json(folder / "vae" / "config.json")
+    return replace(spec, latent_channels=int(vae_cfg.get("latent_channels", spec.latent_channels)),
+                   scaling_factor=float(vae_cfg.get("scaling_factor", spec.scaling_factor)),
+                   shift_factor=float(vae_cfg.get("shift_factor") or 0.0))
 
 
 def _read_json(path: Path) -> dict:
