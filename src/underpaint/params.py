@@ -88,6 +88,9 @@ class GenerationParams:
     strength: float = 0.75
     steps: int = 20
     cfg_scale: float = 7.0
+    #: FLUX.1-dev's built-in guidance (Forge's "Distilled CFG Scale"); None = 3.5. Ignored by
+    #: models without a guidance input (SD, FLUX.1-schnell).
+    distilled_cfg_scale: float | None = None
     sampler: str = "DPM++ 2M"
     scheduler: str = "Automatic"
     seed: int = -1
@@ -117,6 +120,8 @@ class GenerationParams:
         _check_range("strength", self.strength, 0.0, 1.0)
         _check_range("steps", self.steps, 1, 1000, integer=True)
         _check_range("cfg_scale", self.cfg_scale, 0.0, 100.0)
+        if self.distilled_cfg_scale is not None:
+            _check_range("distilled_cfg_scale", self.distilled_cfg_scale, 0.0, 100.0)
         _check_range("seed", self.seed, -1, 2**32 - 1, integer=True)
         _check_range("subseed", self.subseed, -1, 2**32 - 1, integer=True)
         _check_range("subseed_strength", self.subseed_strength, 0.0, 1.0)

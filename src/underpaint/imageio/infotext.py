@@ -36,6 +36,7 @@ STANDARD_KEY_ORDER: tuple[str, ...] = (
     "Sampler",
     "Schedule type",
     "CFG scale",
+    "Distilled CFG Scale",
     "Image CFG scale",
     "Seed",
     "Face restoration",

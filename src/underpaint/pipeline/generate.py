@@ -18,6 +18,9 @@ from ..sampling import noise as noise_mod
 from ..sampling.names import sampler_info
 from ..sampling.samplers import STOP, prepare_start, run_sampler
 from ..sampling.schedules import ModelSchedule, build_sigmas, img2img_sigmas
+from ..errors import InvalidParameter
+from ..sampling.flow import flow_sigmas, flow_start, image_seq_len, shift_mu
+from . import flux
 from .conditioning import encode_prompts, prompt_encoder
 from .control import request_control
 from .denoise import make_denoiser
@@ -46,9 +49,27 @@ class Plan:
 
 def generate(model, params: GenerationParams, *, info: ModelInfo, progress, cancel: Cancellation) -> Result:
     """Run ``n_iter`` batches of ``batch_size`` images; batch image i uses seed + i."""
+    if flux.is_flux(model):
+        _check_flux_request(params)
+        return _generate(model, params, ActiveNetworks((), ()), info=info, progress=progress, cancel=cancel)
     # 0. Extra networks: the prompt's LoRAs are merged into the weights for this request only.
     with request_networks(model, params, encoder=prompt_encoder(model, params.clip_skip)) as networks:
         return _generate(model, params, networks, info=info, progress=progress, cancel=cancel)
+
+
+def _check_flux_request(params: GenerationParams) -> None:
+    """What FLUX does not do yet, refused up front with the field that asks for it."""
+    from ..prompts.parser import extract_extra_networks
+    from ..sampling.flow import check_flow_sampler
+
+    check_flow_sampler(params.sampler)
+    if params.control_units:
+        raise InvalidParameter("control_units", len(params.control_units),
+                               "no ControlNet units with a FLUX model (FLUX ControlNets are not supported yet)")
+    _, networks = extract_extra_networks(params.prompt)
+    if networks:
+        raise InvalidParameter("prompt", f"<{networks[0].kind}:{networks[0].name}>",
+                               "no extra networks with a FLUX model (FLUX LoRAs are not supported yet)")
 
 
 def _generate(model, params: GenerationParams, networks: ActiveNetworks, *, info: ModelInfo, progress,
@@ -68,6 +89,8 @@ def _generate(model, params: GenerationParams, networks: ActiveNetworks, *, info
             return _identity_result(plan, info)
         plan = replace(plan, inpaint=job)
     plan = _with_inpaint_infotext(model, plan)
+    if flux.is_flux(model):
+        plan = replace(plan, params=flux.with_infotext(model, plan.params))
 
     # 2c. ControlNet units: load their nets, make their maps, record them in the infotext.
     control = request_control(model, params, width=plan.width, height=plan.height, steps=plan.steps_run)
@@ -117,15 +140,22 @@ def _plan(model, params: GenerationParams) -> Plan:
     if params.is_img2img:
         width, height = output_size(params.init_images[0].size, params.width, params.height)
     else:
-        default = 1024 if model.spec.family.value == "sdxl" else 512
+        default = 1024 if model.spec.family.value in ("sdxl", "flux") else 512
         width, height = (params.width or default) // 8 * 8, (params.height or default) // 8 * 8
-    schedule = model_schedule(model)
+    if flux.is_flux(model):
+        width, height = width // 16 * 16, height // 16 * 16  # whole 2×2 patches of the latent
+        if width < 16 or height < 16:
+            raise InvalidParameter("width" if width < 16 else "height", width if width < 16 else height,
+                                   "at least 16 pixels for a FLUX model")
 
     built: list[torch.Tensor] = []
 
     def full(n: int) -> torch.Tensor:
-        built.append(build_sigmas(params.sampler, params.scheduler, n, schedule, params.sampler_options,
-                                  family=model.spec.family.value))
+        if flux.is_flux(model):
+            built.append(flux_schedule(model, params, n, width, height))
+        else:
+            built.append(build_sigmas(params.sampler, params.scheduler, n, model_schedule(model),
+                                      params.sampler_options, family=model.spec.family.value))
         return built[-1]
 
     if params.is_img2img and params.strength < 1:
@@ -137,6 +167,15 @@ def _plan(model, params: GenerationParams) -> Plan:
     seeds = tuple((params.seed + i) % 2**32 for i in range(total))
     subseeds = tuple((params.subseed + i) % 2**32 for i in range(total))
     return Plan(params, width, height, sigmas, built[-1], len(sigmas) - 1, seeds, subseeds)
+
+
+def flux_schedule(model, params: GenerationParams, steps: int, width: int, height: int) -> torch.Tensor:
+    """A flow model's σ list: shifted by the picture size for guidance-distilled FLUX.1-dev (and
+    Fill), unshifted for schnell, as the reference code samples them."""
+    shifted = bool(getattr(model.unet.config, "guidance_embeds", False))
+    mu = shift_mu(image_seq_len(width, height)) if shifted else None
+    return flow_sigmas(steps, mu=mu, schedule=params.scheduler, sampler=params.sampler,
+                       rho=params.sampler_options.rho)
 
 
 def model_schedule(model) -> ModelSchedule:
@@ -170,10 +209,14 @@ def _run_batch(model, plan: Plan, job: int, seeds, subseeds, progress, cancel: C
     device, dtype = model.device, model.dtype
     b = len(seeds)
     latent_shape = (model.spec.latent_channels, plan.height // 8, plan.width // 8)
+    is_flux = flux.is_flux(model)
 
     # 3. Encode the prompts (prompt-editing schedules become per-step conditioning).
     evaluations = p.steps * (2 if "second_order" in sampler_info(p.sampler).flags else 1)
-    conds = encode_prompts(model, p, evaluations, batch=b, width=plan.width, height=plan.height)
+    if is_flux:
+        conds = flux.encode_prompts(model, p, evaluations, batch=b)
+    else:
+        conds = encode_prompts(model, p, evaluations, batch=b, width=plan.width, height=plan.height)
 
     # 4. Prepare the start latent: VAE-encoded picture plus noise at the first sigma.
     noise = noise_mod.image_noise(
@@ -187,15 +230,24 @@ def _run_batch(model, plan: Plan, job: int, seeds, subseeds, progress, cancel: C
     init = None
     if p.is_img2img and p.strength < 1:
         init = masked.init if masked is not None else encode_images(model, p.init_images, plan, b)
-    x, sigmas = prepare_start(p.sampler, noise, plan.sigmas.to(device), init=init, model_schedule=model_schedule(model))
+    if is_flux:
+        sigmas = plan.sigmas.to(device)
+        x = flow_start(noise, sigmas, init)
+    else:
+        x, sigmas = prepare_start(p.sampler, noise, plan.sigmas.to(device), init=init,
+                                  model_schedule=model_schedule(model))
 
     # 5. Denoiser: model wrapper ∘ CFG ∘ inpaint blend (∘ ControlNet); a 9-channel
     #    inpainting checkpoint also sees the mask and the masked picture.
-    extra = _inpaint_channels(model, plan, b, encode) if model.spec.is_inpaint else None
-    if control is not None:
-        control.on_step(0)
-    denoiser = make_denoiser(model, conds, p.cfg_scale, model_schedule(model), p.sampler, image_conditioning=extra,
-                             control=control)
+    if is_flux:
+        extra = flux_fill_channels(model, plan, b, encode) if model.spec.is_inpaint else None
+        denoiser = flux.make_denoiser(model, conds, p, extra_channels=extra)
+    else:
+        extra = _inpaint_channels(model, plan, b, encode) if model.spec.is_inpaint else None
+        if control is not None:
+            control.on_step(0)
+        denoiser = make_denoiser(model, conds, p.cfg_scale, model_schedule(model), p.sampler,
+                                 image_conditioning=extra, control=control)
     if masked is not None:
         denoiser = masked.wrap(denoiser, sigmas)
     info = sampler_info(p.sampler)
@@ -205,7 +257,7 @@ def _run_batch(model, plan: Plan, job: int, seeds, subseeds, progress, cancel: C
     callback = _callback(model, plan, job, progress, cancel, control)
     with torch.inference_mode():
         latents = run_sampler(p.sampler, denoiser, x, sigmas, noise_sampler=noise_sampler, callback=callback,
-                              options=p.sampler_options, model_schedule=model_schedule(model))
+                              options=p.sampler_options, model_schedule=None if is_flux else model_schedule(model))
     if cancel.skipped and not cancel.interrupted:
         return None
 
@@ -293,14 +345,38 @@ def encode_pixels(model, pixels: torch.Tensor) -> torch.Tensor:
     """VAE-encode pictures in [-1, 1] to scaled latents (posterior mean: deterministic)."""
     with torch.inference_mode():
         mean = model.vae.encode(pixels.to(model.device, _vae_dtype(model))).latent_dist.mean
-    return mean.to(torch.float32) * model.spec.scaling_factor
+    return (mean.to(torch.float32) - _shift(model)) * model.spec.scaling_factor
 
 
 def decode_latents(model, latents: torch.Tensor):
     vae = model.vae
     with torch.inference_mode():
-        pixels = vae.decode((latents / model.spec.scaling_factor).to(_vae_dtype(model))).sample
+        pixels = vae.decode((latents / model.spec.scaling_factor + _shift(model)).to(_vae_dtype(model))).sample
     return tensor_to_images(pixels.float())
+
+
+def _shift(model) -> float:
+    """The latent shift of the model's autoencoder (FLUX: 0.1159; SD: none)."""
+    return float(getattr(model.spec, "shift_factor", 0.0) or 0.0)
+
+
+def flux_fill_channels(model, plan: Plan, batch: int, encode) -> torch.Tensor:
+    """FLUX Fill's extra inputs, packed: the masked picture's latent, then the pixel mask as
+    8×8 values per latent cell (without a mask everything is repainted, as for txt2img)."""
+    p = plan.params
+    width, height = plan.width, plan.height
+    if plan.inpaint is not None:
+        job = plan.inpaint
+        pixels = inpaint.job_pixels(job, batch)
+        mask = inpaint.conditioning_mask(job.mask, round_mask=True).to(pixels)
+    else:
+        pixels = init_pixels(p.init_images, plan, batch) if p.is_img2img else torch.zeros(batch, 3, height, width)
+        mask = torch.ones(1, 1, height, width)
+    mask = mask.expand(batch, 1, *pixels.shape[-2:])
+    masked = encode(pixels * (1 - mask))
+    h, w = masked.shape[-2:]
+    cells = mask.reshape(batch, h, 8, w, 8).permute(0, 2, 4, 1, 3).reshape(batch, 64, h, w)
+    return torch.cat([flux.pack(masked), flux.pack(cells.to(masked))], dim=-1).to(model.device)
 
 
 def _vae_dtype(model) -> torch.dtype:

@@ -24,6 +24,7 @@ _FIELDS: tuple[tuple[str, str, Callable[[str], Any]], ...] = (
     ("Sampler", "sampler", str),
     ("Schedule type", "scheduler", str),
     ("CFG scale", "cfg_scale", float),
+    ("Distilled CFG Scale", "distilled_cfg_scale", float),
     ("Seed", "seed", int),
     ("Size-1", "width", int),
     ("Size-2", "height", int),

@@ -1,0 +1,195 @@
+"""FLUX.1 in the one generate() path: its conditioning, its transformer call and its denoiser.
+
+FLUX is conditioned on T5-XXL's token embeddings (up to 512 tokens, 256 for schnell, as the
+reference code uses) and on CLIP-L's pooled embedding. FLUX.1-dev is guidance-distilled: the
+guidance strength goes in as an input (Forge's "Distilled CFG Scale", default 3.5) and one
+model call per step suffices; real classifier-free guidance against the negative prompt runs
+only when the CFG scale is above 1, as in Forge. The transformer works on 2×2 patches of
+the 16-channel latent, addressed by (0, row, column) position ids.
+
+A1111 prompt syntax is read as for the other models, except that T5 has no 75-token
+chunks, so attention weights like ``(word:1.2)`` are not applied (the text is kept) and
+``BREAK`` is dropped; prompt editing ``[a:b:when]`` and ``<lora:...>`` tags work as usual.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+import torch
+
+from ..params import GenerationParams
+from ..prompts.parser import extract_extra_networks, parse_attention, prompt_schedule
+from ..sampling.denoisers import cfg_denoiser
+from ..sampling.flow import velocity_denoiser
+from .conditioning import CondSchedule
+
+#: Forge's default "Distilled CFG Scale" for FLUX.1-dev.
+DEFAULT_GUIDANCE = 3.5
+#: Token budgets of the reference code: 512 for dev (and Fill), 256 for schnell.
+T5_TOKENS = {"schnell": 256}
+T5_TOKENS_DEFAULT = 512
+CLIP_TOKENS = 77
+
+
+@dataclass(frozen=True)
+class FluxConditioning:
+    """One prompt's FLUX conditioning, batch-first: T5 token embeddings and CLIP-L's pooled vector."""
+
+    t5: torch.Tensor
+    pooled: torch.Tensor
+
+    @classmethod
+    def cat(cls, items) -> "FluxConditioning":
+        return cls(torch.cat([c.t5 for c in items]), torch.cat([c.pooled for c in items]))
+
+    def repeat(self, n: int) -> "FluxConditioning":
+        return self if n == 1 else FluxConditioning(self.t5.repeat(n, 1, 1), self.pooled.repeat(n, 1))
+
+
+def is_flux(model) -> bool:
+    return getattr(model.spec.family, "value", model.spec.family) == "flux"
+
+
+def t5_tokens(model) -> int:
+    return T5_TOKENS.get(getattr(model.spec, "variant", ""), T5_TOKENS_DEFAULT)
+
+
+def guidance_value(model, params: GenerationParams) -> float | None:
+    """The distilled guidance a guidance-embedding model gets (None for schnell, which has none)."""
+    if not getattr(model.unet.config, "guidance_embeds", False):
+        return None
+    value = getattr(params, "distilled_cfg_scale", None)
+    return DEFAULT_GUIDANCE if value is None else float(value)
+
+
+def with_infotext(model, params: GenerationParams) -> GenerationParams:
+    """Forge's FLUX keys: "Distilled CFG Scale" for models with a guidance input, and the
+    schedule the flow path really ran ("Simple" for "Automatic")."""
+    entries = []
+    value = guidance_value(model, params)
+    if value is not None:
+        entries.append(("Distilled CFG Scale", value))
+    if params.scheduler in ("Automatic", "automatic"):
+        entries.append(("Schedule type", "Simple"))
+    return params.replace(extra_infotext=tuple(entries) + params.extra_infotext) if entries else params
+
+
+def plain_text(prompt: str) -> str:
+    """The words of an (already scheduled) A1111 prompt: emphasis brackets and BREAK removed."""
+    return "".join(text for text, weight in parse_attention(prompt) if weight >= 0)
+
+
+def encode_texts(model, texts: list[str]) -> FluxConditioning:
+    """CLIP-L pooled and T5 embeddings of each text, on the model's device."""
+    clip, t5 = model.text_encoders
+    clip_tok, t5_tok = model.tokenizers
+    device = model.device
+    with torch.inference_mode():
+        ids = clip_tok(texts, padding="max_length", max_length=CLIP_TOKENS, truncation=True,
+                       return_tensors="pt").input_ids.to(device)
+        pooled = clip(ids, output_hidden_states=False).pooler_output
+        ids = t5_tok(texts, padding="max_length", max_length=t5_tokens(model), truncation=True,
+                     return_tensors="pt").input_ids.to(device)
+        embeds = t5(ids, output_hidden_states=False)[0]
+    return FluxConditioning(embeds.float(), pooled.float())
+
+
+def encode_prompts(model, params: GenerationParams, steps: int, *, batch: int) -> CondSchedule:
+    """Per-step conditioning for the prompt and the negative prompt (prompt editing included)."""
+    positive, _ = extract_extra_networks(params.prompt)
+    cache: dict[str, FluxConditioning] = {}
+
+    def schedule(prompt: str) -> list[tuple[int, FluxConditioning]]:
+        out = []
+        for end, text in prompt_schedule(prompt, steps):
+            words = plain_text(text)
+            if words not in cache:
+                cache[words] = encode_texts(model, [words])
+            out.append((end, cache[words].repeat(batch)))
+        return out
+
+    uncond = schedule(params.negative_prompt) if params.cfg_scale != 1 else schedule("")
+    return CondSchedule(schedule(positive), uncond)
+
+
+def pack(latents: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] → [B, (H/2)(W/2), 4C]: 2×2 patches, row-major, channels outermost in a patch."""
+    b, c, h, w = latents.shape
+    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The inverse of :func:`pack` for a latent of ``height`` × ``width``."""
+    b, _, d = tokens.shape
+    c = d // 4
+    x = tokens.view(b, height // 2, width // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, c, height, width)
+
+
+def image_ids(height: int, width: int, device) -> torch.Tensor:
+    """Position ids (0, row, column) of the 2×2 patches of a ``height`` × ``width`` latent."""
+    rows = torch.arange(height // 2, dtype=torch.float32)[:, None].expand(height // 2, width // 2)
+    cols = torch.arange(width // 2, dtype=torch.float32)[None, :].expand(height // 2, width // 2)
+    ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1)
+    return ids.reshape(-1, 3).to(device)
+
+
+def transformer_fn(model, guidance: float | None, *, extra_channels: torch.Tensor | None = None
+                   ) -> Callable[[torch.Tensor, torch.Tensor, FluxConditioning], torch.Tensor]:
+    """``fn(x, σ, cond) -> v``: the FLUX transformer on an unpacked latent, answering in float32.
+
+    ``extra_channels`` (FLUX Fill's masked-picture latent and mask, already packed, one row per
+    image) are appended to each row's patch features.
+    """
+    transformer = model.unet
+    dtype = model.dtype
+    placed: dict[tuple, torch.Tensor] = {}
+
+    def ids_for(key, make):
+        if key not in placed:
+            placed[key] = make()
+        return placed[key]
+
+    def call(x: torch.Tensor, sigma: torch.Tensor, cond: FluxConditioning) -> torch.Tensor:
+        b, _, h, w = x.shape
+        tokens = pack(x)
+        if extra_channels is not None:
+            rows = b // extra_channels.shape[0]
+            tokens = torch.cat([tokens, extra_channels.repeat(rows, 1, 1).to(tokens)], dim=-1)
+        img_ids = ids_for(("img", h, w, x.device), lambda: image_ids(h, w, x.device).to(dtype))
+        txt_ids = ids_for(("txt", cond.t5.shape[1], x.device),
+                          lambda: torch.zeros(cond.t5.shape[1], 3, device=x.device, dtype=dtype))
+        g = None
+        if guidance is not None:
+            g = ids_for(("g", b, x.device), lambda: torch.full((b,), guidance, device=x.device, dtype=torch.float32))
+        out = transformer(
+            hidden_states=tokens.to(dtype),
+            encoder_hidden_states=cond.t5.to(x.device, dtype),
+            pooled_projections=cond.pooled.to(x.device, dtype),
+            timestep=sigma.to(dtype),
+            img_ids=img_ids,
+            txt_ids=txt_ids,
+            guidance=g,
+            return_dict=False,
+        )[0]
+        return unpack(out.float(), h, w)
+
+    return call
+
+
+def make_denoiser(model, conds: CondSchedule, params: GenerationParams, *,
+                  extra_channels: torch.Tensor | None = None) -> Callable:
+    """``denoiser(x, σ) -> x0`` for FLUX: distilled guidance always, true CFG when the scale is not 1."""
+    base = velocity_denoiser(transformer_fn(model, guidance_value(model, params), extra_channels=extra_channels))
+    scale = params.cfg_scale
+
+    def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        cond, uncond = conds.current()
+        conds.step += 1
+        if scale == 1:
+            return base(x, sigma, cond)
+        return cfg_denoiser(base, cond, uncond, scale)(x, sigma)
+
+    return denoise
