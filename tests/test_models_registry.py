@@ -222,11 +222,19 @@ def test_already_downloaded_file_is_returned(tmp_path, no_network):
     assert download("sdxl", tmp_path / "m") == done
 
 
+def test_downloaded_diffusers_folder_is_returned_and_offline_names_the_repository(tmp_path, no_network):
+    done = _touch(tmp_path / "m" / "checkpoints" / "FLUX.1-schnell" / "model_index.json", b"{}").parent
+    assert download("flux-schnell", tmp_path / "m") == done
+    with pytest.raises(DownloadError, match="black-forest-labs/FLUX.1-dev"):
+        download("flux-dev", tmp_path / "m")
+
+
 def test_known_model_table():
     assert {"sd15", "sd21", "sdxl", "sd-turbo", "sdxl-turbo"} <= set(KNOWN_MODELS)
     assert all(name == m.name for name, m in KNOWN_MODELS.items())
-    assert all(m.filename.endswith(".safetensors") and "/" in m.repo_id and m.description
+    assert all((m.folder or m.filename.endswith(".safetensors")) and "/" in m.repo_id and m.description
                for m in KNOWN_MODELS.values())
+    assert {"flux-dev", "flux-schnell"} <= {name for name, m in KNOWN_MODELS.items() if m.folder}
     with pytest.raises(TypeError):
         KNOWN_MODELS["mine"] = KNOWN_MODELS["sd15"]  # read-only table
     with pytest.raises(UnknownName, match="sd15"):

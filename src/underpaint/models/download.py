@@ -25,9 +25,14 @@ class KnownModel:
     #: Which models-folder kind it goes into ("checkpoints" or "vae").
     kind: str
     description: str
+    #: A whole diffusers folder (``filename`` is then the folder's name): the repository's
+    #: subfolders only, not the single files beside them.
+    folder: bool = False
 
     @property
     def url(self) -> str:
+        if self.folder:
+            return f"https://huggingface.co/{self.repo_id}/tree/main"
         return f"https://huggingface.co/{self.repo_id}/resolve/main/{self.filename}"
 
 
@@ -42,6 +47,12 @@ _TABLE = (
                "checkpoints", "SD-Turbo (SD2.1 distilled, 512 px, 1-4 steps)"),
     KnownModel("sdxl-turbo", "stabilityai/sdxl-turbo", "sd_xl_turbo_1.0_fp16.safetensors",
                "checkpoints", "SDXL-Turbo (512 px, 1-4 steps)"),
+    KnownModel("flux-schnell", "black-forest-labs/FLUX.1-schnell", "FLUX.1-schnell", "checkpoints",
+               "FLUX.1 [schnell] as a diffusers folder (transformer, autoencoder, CLIP-L, T5-XXL and its "
+               "spiece.model; 1024 px, 1-4 steps)", folder=True),
+    KnownModel("flux-dev", "black-forest-labs/FLUX.1-dev", "FLUX.1-dev", "checkpoints",
+               "FLUX.1 [dev] as a diffusers folder (gated: accept its licence on the hub and log in first)",
+               folder=True),
     KnownModel("vae-ft-mse", "stabilityai/sd-vae-ft-mse-original", "vae-ft-mse-840000-ema-pruned.safetensors",
                "vae", "SD1 VAE fine-tuned on MSE (sharper faces)"),
 )
@@ -62,20 +73,25 @@ def download(name: str, models_dir: ModelsDir | str | os.PathLike, *, progress: 
     folders = models_dir if isinstance(models_dir, ModelsDir) else ModelsDir(Path(models_dir))
     target = folders.folder(model.kind)
     done = target / model.filename
-    if done.is_file():
+    if done.is_file() or (model.folder and (done / "model_index.json").is_file()):
         return done
     try:
-        from huggingface_hub import hf_hub_download
+        from huggingface_hub import hf_hub_download, snapshot_download
 
         kwargs = {}
         if not progress:
             kwargs["tqdm_class"] = _silent_progress()
         target.mkdir(parents=True, exist_ok=True)
+        if model.folder:
+            # The diffusers subfolders and model_index.json; not the multi-GB single files at the top.
+            snapshot_download(model.repo_id, local_dir=done, allow_patterns=["model_index.json", "*/*"], **kwargs)
+            return done
         return Path(hf_hub_download(model.repo_id, model.filename, local_dir=target, **kwargs))
     except Exception as exc:  # offline, HTTP errors, disk full: all become the same instruction
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        where = f"put model_index.json and its subfolders in {done}" if model.folder else f"put it in {target}"
         raise DownloadError(f"could not download {model.name} ({exc.__class__.__name__}: {reason[:160]}); "
-                            f"get {model.url} and put it in {target}") from None
+                            f"get {model.url} and {where}") from None
 
 
 def _silent_progress():

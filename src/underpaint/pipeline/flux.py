@@ -47,6 +47,15 @@ class FluxConditioning:
         return self if n == 1 else FluxConditioning(self.t5.repeat(n, 1, 1), self.pooled.repeat(n, 1))
 
 
+def family_defaults(model) -> dict:
+    """The controls a FLUX user expects when they set none (Forge's FLUX preset): Euler on the
+    simple schedule, CFG 1 (distilled guidance only), 20 steps for dev and 4 for schnell."""
+    if not is_flux(model):
+        return {}
+    steps = 4 if getattr(model.spec, "variant", "") == "schnell" else 20
+    return {"cfg_scale": 1.0, "sampler": "Euler", "scheduler": "Simple", "steps": steps}
+
+
 def is_flux(model) -> bool:
     return getattr(model.spec.family, "value", model.spec.family) == "flux"
 

@@ -193,6 +193,7 @@ def _common_fields(req: GenerationRequest, ctx: ConvertContext, *, img2img: bool
         "negative_prompt": req.negative_prompt or "",
         "steps": req.steps,
         "cfg_scale": req.cfg_scale,
+        "distilled_cfg_scale": req.distilled_cfg_scale,
         "sampler": sampler,
         "scheduler": req.scheduler or "Automatic",
         "seed": req.seed,
@@ -383,7 +384,8 @@ class _Overrides:
 # Infotext keys (as A1111's reader splits them) → request fields, with their types.
 _INFOTEXT_FIELDS: tuple[tuple[str, str, type], ...] = (
     ("Steps", "steps", int), ("Sampler", "sampler_name", str), ("Schedule type", "scheduler", str),
-    ("CFG scale", "cfg_scale", float), ("Seed", "seed", int), ("Size-1", "width", int), ("Size-2", "height", int),
+    ("CFG scale", "cfg_scale", float), ("Distilled CFG Scale", "distilled_cfg_scale", float), ("Seed", "seed", int),
+    ("Size-1", "width", int), ("Size-2", "height", int),
     ("Batch size", "batch_size", int), ("Variation seed", "subseed", int),
     ("Variation seed strength", "subseed_strength", float), ("Seed resize from-1", "seed_resize_from_w", int),
     ("Seed resize from-2", "seed_resize_from_h", int), ("Denoising strength", "denoising_strength", float),

@@ -36,6 +36,9 @@ class GenerationRequest(WireModel):
     n_iter: int = Field(1, description="Number of batches (made one after another).")
     steps: int = Field(50, description="Sampling steps.")
     cfg_scale: float = Field(7.0, description="Classifier-free guidance scale.")
+    distilled_cfg_scale: float | None = Field(
+        None, description="FLUX.1-dev's built-in guidance (Forge's Distilled CFG Scale); absent means 3.5. "
+                          "Ignored by other models.")
     width: int = Field(512, description="Output width in pixels.")
     height: int = Field(512, description="Output height in pixels.")
     restore_faces: bool | None = Field(None, description="Not available here: must be false or absent.")
