@@ -87,13 +87,19 @@ def build_lineart():
     return Generator()
 
 
-def load_network(build, path, device: str = "cpu"):
-    """``build()`` filled with a file's weights; names and shapes must match exactly."""
+def load_network(build, path, device: str = "cpu", convert=None):
+    """``build()`` filled with a file's weights; names and shapes must match exactly.
+
+    ``convert(sd, path)``, when given, turns the file's tensors into the network's (checking the file's
+    own layout first) before they are matched.
+    """
     import torch
 
     with torch.device("meta"):
         model = build()
     sd = load_annotator_weights(path)
+    if convert is not None:
+        sd = convert(sd, path)
     expected = model.state_dict()
     missing, extra = sorted(expected.keys() - sd.keys()), sorted(sd.keys() - expected.keys())
     if missing or extra:

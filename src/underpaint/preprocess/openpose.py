@@ -15,7 +15,8 @@ mean score are dropped.
 
 Hands (``hand_pose_model.pth``, Simon et al. 2017) are looked for in square boxes placed from
 each arm's wrist, elbow and shoulder; the hand network's 21 belief maps (averaged over four
-scales) give one point each. Faces are not detected.
+scales) give one point each. Faces (``facenet.pth``, 70 points) are found the same way from the
+nose, eyes and ears: see :mod:`underpaint.preprocess.face`.
 """
 
 from __future__ import annotations
@@ -315,22 +316,65 @@ def openpose(img: np.ndarray, p: Params) -> np.ndarray:
     return draw_bodies(people, *picture.shape[:2])
 
 
-def openpose_hand(img: np.ndarray, p: Params) -> np.ndarray:
-    """Body keypoints plus 21 keypoints per hand (Simon et al. 2017) where hands are found."""
-    path = annotator_file(p.ctx, HAND_FILE, what="openpose_hand")
-    hand_model = cached(p.ctx, f"openpose-hand:{path}", lambda: load_hand_model(path, p.ctx.device))
+def _hand_model(p: Params, what: str):
+    path = annotator_file(p.ctx, HAND_FILE, what=what)
+    return cached(p.ctx, f"openpose-hand:{path}", lambda: load_hand_model(path, p.ctx.device))
+
+
+def _face_model(p: Params, what: str, *, required: bool = True):
+    """The face network; ``required=False`` gives None when ``facenet.pth`` is not there."""
+    from .face import FACE_FILE, load_face_model
+
+    try:
+        path = annotator_file(p.ctx, FACE_FILE, what=what)
+    except ModelError:
+        if required:
+            raise
+        return None
+    return cached(p.ctx, f"openpose-face:{path}", lambda: load_face_model(path, p.ctx.device))
+
+
+def _pose_map(img: np.ndarray, p: Params, *, body: bool, hand_model=None, face_model=None) -> np.ndarray:
+    """Bodies are always detected (hands and faces are placed from them); what is drawn is chosen here."""
     padded = resize_with_pad(img, p.res)
     picture = padded.crop(padded.image)
+    h, w = picture.shape[:2]
     people = detect_bodies(_body_model(p), picture, p.ctx.device)
-    hands = []
-    for x, y, w in hand_boxes(people, *picture.shape[:2]):
-        peaks = hand_peaks(hand_maps(hand_model, np.ascontiguousarray(picture[y : y + w, x : x + w, ::-1]), p.ctx.device))
-        hands.append([(px + x, py + y) if px or py else None for px, py in peaks])
-    canvas = draw_bodies(people, *picture.shape[:2])
-    return draw_hands(canvas, hands)
+    canvas = draw_bodies(people, h, w) if body else np.zeros((h, w, 3), dtype=np.uint8)
+    if hand_model is not None:
+        hands = []
+        for x, y, side in hand_boxes(people, h, w):
+            crop = np.ascontiguousarray(picture[y : y + side, x : x + side, ::-1])
+            peaks = hand_peaks(hand_maps(hand_model, crop, p.ctx.device))
+            hands.append([(px + x, py + y) if px or py else None for px, py in peaks])
+        canvas = draw_hands(canvas, hands)
+    if face_model is not None:
+        from .face import detect_faces, draw_faces
+
+        canvas = draw_faces(canvas, detect_faces(face_model, picture, people, p.ctx.device))
+    return canvas
 
 
-openpose_full = openpose_hand
+def openpose_hand(img: np.ndarray, p: Params) -> np.ndarray:
+    """Body keypoints plus 21 keypoints per hand (Simon et al. 2017) where hands are found."""
+    return _pose_map(img, p, body=True, hand_model=_hand_model(p, "openpose_hand"))
+
+
+def openpose_face(img: np.ndarray, p: Params) -> np.ndarray:
+    """Body keypoints plus 70 face keypoints per person whose face shows (white dots)."""
+    return _pose_map(img, p, body=True, face_model=_face_model(p, "openpose_face"))
+
+
+def openpose_faceonly(img: np.ndarray, p: Params) -> np.ndarray:
+    """Only the face keypoints, on black (the body is detected to place the faces, and not drawn)."""
+    return _pose_map(img, p, body=False, face_model=_face_model(p, "openpose_faceonly"))
+
+
+def openpose_full(img: np.ndarray, p: Params) -> np.ndarray:
+    """Body, hands and, when ``facenet.pth`` is in the annotators folder, faces."""
+    hand_model = _hand_model(p, "openpose_full")
+    return _pose_map(img, p, body=True, hand_model=hand_model,
+                     face_model=_face_model(p, "openpose_full", required=False))
 
 
 # --- hands ------------------------------------------------------------------------------------------------
@@ -340,23 +384,30 @@ HAND_POINTS = 21
 HAND_EDGES = tuple((0 if j == 0 else 4 * f + j, 4 * f + j + 1) for f in range(5) for j in range(4))
 
 
-def _hand_layers() -> tuple[list, list]:
+def _hand_layers(maps: int = HAND_POINTS + 1) -> tuple[list, list]:
     front = [("conv1_1", 3, 64, 3), ("conv1_2", 64, 64, 3), ("pool", 0, 0, 0),
              ("conv2_1", 64, 128, 3), ("conv2_2", 128, 128, 3), ("pool", 0, 0, 0),
              ("conv3_1", 128, 256, 3), ("conv3_2", 256, 256, 3), ("conv3_3", 256, 256, 3), ("conv3_4", 256, 256, 3),
              ("pool", 0, 0, 0), ("conv4_1", 256, 512, 3), ("conv4_2", 512, 512, 3), ("conv4_3", 512, 512, 3),
              ("conv4_4", 512, 512, 3), ("conv5_1", 512, 512, 3), ("conv5_2", 512, 512, 3), ("conv5_3_CPM", 512, 128, 3)]
-    first = [("conv6_1_CPM", 128, 512, 1), ("conv6_2_CPM", 512, HAND_POINTS + 1, 1)]
+    first = [("conv6_1_CPM", 128, 512, 1), ("conv6_2_CPM", 512, maps, 1)]
     return front, first
 
 
 def build_hand_model():
     """The hand network of ``hand_pose_model.pth``: a VGG front end, a first guess, five refinement stages
     (7x7 convs on features + previous belief maps), 22 maps (21 points + background)."""
+    return build_cpm_model(HAND_POINTS + 1)
+
+
+def build_cpm_model(maps: int):
+    """The convolutional pose machine of OpenPose's hand and face networks, giving ``maps`` belief maps:
+    the VGG front end to 128 features at 1/8 size, a first guess (1x1 convs), then five stages of
+    7x7 convs on the previous maps joined with the features; the file's flat layer names."""
     import torch
     from torch import nn
 
-    front, first = _hand_layers()
+    front, first = _hand_layers(maps)
 
     class Chain(nn.Module):
         def __init__(self, layers, relu_last: bool):
@@ -376,12 +427,12 @@ def build_hand_model():
                     x = torch.relu(x) if relu else x
             return x
 
-    class HandPose(nn.Module):
+    class PoseMachine(nn.Module):
         def __init__(self):
             super().__init__()
             self.front = Chain(front, relu_last=True)
             self.first = Chain(first, relu_last=False)
-            shapes = [(128 + HAND_POINTS + 1, 128, 7)] + [(128, 128, 7)] * 4 + [(128, 128, 1), (128, HAND_POINTS + 1, 1)]
+            shapes = [(128 + maps, 128, 7)] + [(128, 128, 7)] * 4 + [(128, 128, 1), (128, maps, 1)]
             self.stages = nn.ModuleList(
                 Chain([(f"Mconv{i + 1}_stage{s}", a, b, k) for i, (a, b, k) in enumerate(shapes)], relu_last=False)
                 for s in range(2, 7))
@@ -393,7 +444,7 @@ def build_hand_model():
                 belief = stage(torch.cat([belief, features], dim=1))
             return belief
 
-    return HandPose()
+    return PoseMachine()
 
 
 def _short_name(full: str) -> str:
@@ -404,16 +455,21 @@ def _short_name(full: str) -> str:
 
 
 def load_hand_model(path, device: str = "cpu"):
+    return load_cpm_model(path, build_hand_model, "an OpenPose hand model", device)
+
+
+def load_cpm_model(path, build, what: str, device: str = "cpu"):
+    """``build()`` (a pose machine) filled from a file with flat layer names; ``what`` names it in errors."""
     import torch
 
     with torch.device("meta"):
-        model = build_hand_model()
+        model = build()
     sd = load_annotator_weights(path)
     expected = model.state_dict()
     names = {_short_name(k): k for k in expected}
     missing = sorted(set(names) - set(sd))
     if missing:
-        raise ModelError(f"{path}: not an OpenPose hand model ({len(missing)} layers missing, e.g. {missing[0]})")
+        raise ModelError(f"{path}: not {what} ({len(missing)} layers missing, e.g. {missing[0]})")
     for short, full in names.items():
         if tuple(sd[short].shape) != tuple(expected[full].shape):
             raise ModelError(f"{path}: layer {short} has shape {tuple(sd[short].shape)}, expected {tuple(expected[full].shape)}")

@@ -47,6 +47,8 @@ _B = "underpaint.preprocess.basic."
 _D = "underpaint.preprocess.depth."
 _P = "underpaint.preprocess.openpose."
 _N = "underpaint.preprocess.networks."
+_PI = "underpaint.preprocess.pidinet."
+_M = "underpaint.preprocess.mlsd."
 
 PREPROCESSORS: tuple[Preprocessor, ...] = (
     Preprocessor("none", _B + "none", ("ready", "map"), uses_resolution=False),
@@ -72,12 +74,23 @@ PREPROCESSORS: tuple[Preprocessor, ...] = (
                  weights=("body_pose_model.pth",)),
     Preprocessor("openpose_hand", _P + "openpose_hand", (), "openpose",
                  weights=("body_pose_model.pth", "hand_pose_model.pth")),
+    # openpose_full draws faces too when facenet.pth is there, and goes without them otherwise.
     Preprocessor("openpose_full", _P + "openpose_full", (), "openpose",
-                 weights=("body_pose_model.pth", "hand_pose_model.pth")),
+                 weights=("body_pose_model.pth", "hand_pose_model.pth", "facenet.pth")),
+    Preprocessor("openpose_face", _P + "openpose_face", (), "openpose", weights=("body_pose_model.pth", "facenet.pth")),
+    Preprocessor("openpose_faceonly", _P + "openpose_faceonly", (), "openpose",
+                 weights=("body_pose_model.pth", "facenet.pth")),
     Preprocessor("softedge_hed", _N + "softedge_hed", ("hed", "softedge"), "softedge", weights=("ControlNetHED.pth",)),
     Preprocessor("softedge_hedsafe", _N + "softedge_hedsafe", ("hed_safe",), "softedge",
                  weights=("ControlNetHED.pth",)),
     Preprocessor("scribble_hed", _N + "scribble_hed", ("fake_scribble",), "scribble", weights=("ControlNetHED.pth",)),
+    Preprocessor("softedge_pidinet", _PI + "softedge_pidinet", ("pidinet",), "softedge",
+                 weights=("table5_pidinet.pth",)),
+    Preprocessor("softedge_pidisafe", _PI + "softedge_pidisafe", ("pidinet_safe",), "softedge",
+                 weights=("table5_pidinet.pth",)),
+    Preprocessor("scribble_pidinet", _PI + "scribble_pidinet", ("pidinet_scribble",), "scribble",
+                 weights=("table5_pidinet.pth",)),
+    Preprocessor("mlsd", _M + "mlsd", ("straight_lines",), "mlsd", a=0.1, b=0.1, weights=("mlsd_large_512_fp32.pth",)),
     Preprocessor("lineart_realistic", _N + "lineart_realistic", ("lineart",), "lineart", weights=("sk_model.pth",)),
     Preprocessor("lineart_coarse", _N + "lineart_coarse", (), "lineart", weights=("sk_model2.pth",)),
 )
