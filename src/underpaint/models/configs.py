@@ -22,7 +22,7 @@ from .header import CheckpointHeader
 
 #: Default sample sizes (latent pixels) of diffusers' configs for each family.
 _SAMPLE_SIZE = {Family.SD1: 64, Family.SD2: 96, Family.SDXL: 128}
-_VAE_SAMPLE_SIZE = {Family.SD1: 512, Family.SD2: 768, Family.SDXL: 1024}
+_VAE_SAMPLE_SIZE = {Family.SD1: 512, Family.SD2: 768, Family.SDXL: 1024, Family.FLUX: 1024}
 
 
 @dataclass(frozen=True)
@@ -115,15 +115,21 @@ def unet_config(header: CheckpointHeader, family: Family, *, pooled_dim: int | N
     return config
 
 
-def vae_config(header: CheckpointHeader, prefix: str, *, scaling_factor: float, family: Family = Family.SD1) -> dict:
-    """``AutoencoderKL`` keyword arguments for an original-layout VAE under ``prefix``."""
+def vae_config(header: CheckpointHeader, prefix: str, *, scaling_factor: float, family: Family = Family.SD1,
+               shift_factor: float | None = None) -> dict:
+    """``AutoencoderKL`` keyword arguments for an original-layout VAE under ``prefix``.
+
+    FLUX's autoencoder has no ``quant_conv``/``post_quant_conv`` (its encoder's ``conv_out`` gives the
+    moments directly) and a latent shift: those settings are added only when they apply, so SD
+    configs are unchanged.
+    """
     names = [k[len(prefix):] for k in header.tensors if k.startswith(prefix)]
     levels = sorted(_indices(names, r"encoder\.down\.(\d+)\."))
     if not levels:
         raise ModelError(f"no VAE encoder under {prefix or 'the top level'!r}")
     channels = [header.shape(f"{prefix}encoder.down.{b}.block.0.conv1.weight")[0] for b in levels]
     layers = len(_indices(names, r"encoder\.down\.0\.block\.(\d+)\."))
-    return dict(
+    config = dict(
         in_channels=header.shape(prefix + "encoder.conv_in.weight")[1],
         out_channels=header.shape(prefix + "decoder.conv_out.weight")[0],
         down_block_types=["DownEncoderBlock2D"] * len(channels),
@@ -134,16 +140,29 @@ def vae_config(header: CheckpointHeader, prefix: str, *, scaling_factor: float, 
         norm_num_groups=32,
         sample_size=_VAE_SAMPLE_SIZE[family],
         scaling_factor=scaling_factor,
-        force_upcast=family == Family.SDXL,
+        force_upcast=family in (Family.SDXL, Family.FLUX),
     )
+    return _vae_extras(config, header, prefix, shift_factor)
 
 
-def vae_config_diffusers_names(header: CheckpointHeader, *, scaling_factor: float, family: Family = Family.SD1) -> dict:
+def _vae_extras(config: dict, header: CheckpointHeader, prefix: str, shift_factor: float | None) -> dict:
+    """Settings only some VAEs need: no quant convs (FLUX), a latent shift."""
+    if not header.has(prefix + "quant_conv.weight"):
+        config["use_quant_conv"] = False
+    if not header.has(prefix + "post_quant_conv.weight"):
+        config["use_post_quant_conv"] = False
+    if shift_factor:
+        config["shift_factor"] = shift_factor
+    return config
+
+
+def vae_config_diffusers_names(header: CheckpointHeader, *, scaling_factor: float, family: Family = Family.SD1,
+                               shift_factor: float | None = None) -> dict:
     """``AutoencoderKL`` keyword arguments for a standalone VAE saved in diffusers' names."""
     names = list(header.tensors)
     levels = sorted(_indices(names, r"encoder\.down_blocks\.(\d+)\."))
     channels = [header.shape(f"encoder.down_blocks.{b}.resnets.0.conv1.weight")[0] for b in levels]
-    return dict(
+    config = dict(
         in_channels=header.shape("encoder.conv_in.weight")[1],
         out_channels=header.shape("decoder.conv_out.weight")[0],
         down_block_types=["DownEncoderBlock2D"] * len(channels),
@@ -154,8 +173,9 @@ def vae_config_diffusers_names(header: CheckpointHeader, *, scaling_factor: floa
         norm_num_groups=32,
         sample_size=_VAE_SAMPLE_SIZE[family],
         scaling_factor=scaling_factor,
-        force_upcast=family == Family.SDXL,
+        force_upcast=family in (Family.SDXL, Family.FLUX),
     )
+    return _vae_extras(config, header, "", shift_factor)
 
 
 def text_encoder_config(header: CheckpointHeader, te: TextEncoderLayout, *, pad_token_id: int):
