@@ -5,6 +5,7 @@
 - ``configs`` / ``convert``: diffusers/transformers configs from shapes, original → diffusers names
 - ``tokenizer``: offline CLIP tokenizers from the shipped BPE file
 - ``loader``: ``load_model(path) -> LoadedModel`` for single files and diffusers folders
+- ``flux`` / ``t5`` / ``gguf`` / ``flux_loader``: FLUX.1 (transformer, T5 encoder, GGUF files, ``load_flux``)
 - ``hashes``, ``registry``, ``download``: A1111 hashes, the models folder, explicit hub downloads
 
 Nothing is imported here, so ``import underpaint.models.registry`` stays light.

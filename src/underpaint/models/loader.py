@@ -33,10 +33,12 @@ class LoadedModel:
     spec: ModelSpec
     unet: torch.nn.Module
     vae: torch.nn.Module
-    #: SD1 (CLIP-L,), SD2 (OpenCLIP-H as CLIPTextModel,), SDXL (CLIP-L, bigG CLIPTextModelWithProjection).
+    #: SD1 (CLIP-L,), SD2 (OpenCLIP-H as CLIPTextModel,), SDXL (CLIP-L, bigG CLIPTextModelWithProjection),
+    #: FLUX (CLIP-L CLIPTextModel, T5EncoderModel); ``unet`` is FLUX's FluxTransformer2DModel.
     text_encoders: tuple
     tokenizers: tuple
-    #: ᾱ_t for t = 0..999, float64 holding the float32 values the original code trains and samples with.
+    #: ᾱ_t for t = 0..999, float64 holding the float32 values the original code trains and samples with;
+    #: empty for FLUX (a flow model has no DDPM schedule).
     alphas_cumprod: torch.Tensor
     name: str
     path: Path
@@ -64,12 +66,23 @@ class LoadedModel:
 
 
 def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.float32,
-               vae: str | os.PathLike | None = None, prediction: str | None = None) -> LoadedModel:
-    """Load a single-file checkpoint (.safetensors/.ckpt) or a diffusers folder, offline."""
+               vae: str | os.PathLike | None = None, prediction: str | None = None,
+               clip_l: str | os.PathLike | None = None, t5: str | os.PathLike | None = None,
+               tokenizer_dir: str | os.PathLike | None = None) -> LoadedModel:
+    """Load a single-file checkpoint (.safetensors/.ckpt/.gguf) or a diffusers folder, offline.
+
+    FLUX.1 models go to :func:`load_flux`, with ``clip_l``, ``t5`` and ``tokenizer_dir``;
+    Stable Diffusion checkpoints ignore those three.
+    """
     path = Path(path)
     device = torch.device(device)
     if isinstance(dtype, str):
         dtype = _dtype(dtype)
+    from .flux_loader import is_flux, load_flux as _load_flux
+
+    if is_flux(path):
+        return _load_flux(path, clip_l=clip_l, t5=t5, vae=vae, tokenizer_dir=tokenizer_dir, device=device,
+                          dtype=dtype, prediction=prediction)
     if path.is_dir():
         model = _load_folder(path, device, dtype, prediction)
     else:
@@ -78,6 +91,17 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu", d
         model.vae = load_vae(vae, model.spec, device=device, dtype=dtype)
         model.vae_path = Path(vae)
     return model
+
+
+def load_flux(path: str | os.PathLike, *, clip_l: str | os.PathLike | None = None,
+              t5: str | os.PathLike | None = None, vae: str | os.PathLike | None = None,
+              tokenizer_dir: str | os.PathLike | None = None, device: str | torch.device = "cpu",
+              dtype: torch.dtype | str = torch.bfloat16, prediction: str | None = None) -> LoadedModel:
+    """A FLUX.1 model (transformer file, GGUF, all-in-one file or diffusers folder); see :mod:`.flux_loader`."""
+    from .flux_loader import load_flux as _load_flux
+
+    return _load_flux(path, clip_l=clip_l, t5=t5, vae=vae, tokenizer_dir=tokenizer_dir, device=device,
+                      dtype=dtype, prediction=prediction)
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -130,6 +154,8 @@ def assemble(header: CheckpointHeader, sd: dict[str, torch.Tensor], *, path: Pat
     meta tensors this checks a full-size layout without allocating any memory.
     """
     spec = detect(header, prediction=prediction)
+    if spec.family == Family.FLUX:
+        raise ModelError(f"{path}: a FLUX model in a pickle-based torch file; use its .safetensors or .gguf version")
     layout = layout_of(spec.family)
     if build_vae and not header.with_prefix(VAE_PREFIX):
         raise ModelError(f"{path}: the checkpoint has no VAE ({VAE_PREFIX}*); pass a VAE file with vae=")
@@ -180,7 +206,8 @@ def _build_unet(header: CheckpointHeader, sd: dict, family: Family, pooled_dim: 
 
 def _build_vae_original(header: CheckpointHeader, sd: dict, prefix: str, spec: ModelSpec,
                         device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    config = configs.vae_config(header, prefix, scaling_factor=spec.scaling_factor, family=spec.family)
+    config = configs.vae_config(header, prefix, scaling_factor=spec.scaling_factor, family=spec.family,
+                                shift_factor=spec.shift_factor or None)
     parts = _take(sd, prefix)
     parts = {k: v for k, v in parts.items() if k.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv."))}
     weights = convert.vae_to_diffusers(parts, len(config["block_out_channels"]), config["layers_per_block"])
@@ -225,7 +252,8 @@ def _build_vae_file(path: Path, spec: ModelSpec, device: torch.device, dtype: to
     if "encoder.down.0.block.0.conv1.weight" in names:
         return _build_vae_original(header, sd, "", spec, device, dtype)
     if "encoder.down_blocks.0.resnets.0.conv1.weight" in names:
-        config = configs.vae_config_diffusers_names(header, scaling_factor=spec.scaling_factor, family=spec.family)
+        config = configs.vae_config_diffusers_names(header, scaling_factor=spec.scaling_factor, family=spec.family,
+                                                    shift_factor=spec.shift_factor or None)
         parts = {k: v for k, v in sd.items() if k.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv."))}
         return _vae_module(config, convert.vae_diffusers_names(parts), what, spec, device, dtype)
     raise ModelError(f"not a VAE: {describe_tensors(names)}; expected encoder.*/decoder.* tensors")

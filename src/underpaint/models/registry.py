@@ -19,8 +19,10 @@ from pathlib import Path
 from ..errors import ModelNotFound
 from .hashes import cached_model_hash
 
-CHECKPOINT_EXTENSIONS = (".safetensors", ".ckpt")
+CHECKPOINT_EXTENSIONS = (".safetensors", ".ckpt", ".gguf")
 VAE_EXTENSIONS = (".safetensors", ".ckpt", ".pt")
+#: FLUX.1's CLIP-L and T5 files (and T5's spiece.model beside them).
+TEXT_ENCODER_EXTENSIONS = (".safetensors",)
 
 # kind → (underpaint folder, A1111 folders relative to an A1111 root)
 _FOLDERS = {
@@ -29,6 +31,7 @@ _FOLDERS = {
     "loras": ("loras", ("models/Lora", "models/LyCORIS")),
     "embeddings": ("embeddings", ("embeddings",)),
     "controlnet": ("controlnet", ("models/ControlNet",)),
+    "text_encoders": ("text_encoders", ("models/text_encoder",)),
 }
 
 _TITLE_HASH = re.compile(r"^(.*?)\s*\[([0-9a-fA-F]{8,64})\]$")
@@ -115,6 +118,10 @@ class ModelsDir:
     def controlnet_dir(self) -> Path:
         return self.folder("controlnet")
 
+    @property
+    def text_encoders_dir(self) -> Path:
+        return self.folder("text_encoders")
+
     def list_checkpoints(self) -> list[CheckpointEntry]:
         """Checkpoint files and diffusers folders, sorted by name (hashes only from the cache)."""
         return self._entries("checkpoints", CHECKPOINT_EXTENSIONS, diffusers_folders=True)
@@ -128,6 +135,13 @@ class ModelsDir:
 
     def resolve_vae(self, name_or_path: str | os.PathLike) -> Path:
         return self._resolve("VAE", name_or_path, self.list_vaes(), "vae")
+
+    def list_text_encoders(self) -> list[CheckpointEntry]:
+        """Single-file text encoders for FLUX.1 (``clip_l.safetensors``, ``t5xxl_fp16.safetensors``, ...)."""
+        return self._entries("text_encoders", TEXT_ENCODER_EXTENSIONS, diffusers_folders=False)
+
+    def resolve_text_encoder(self, name_or_path: str | os.PathLike) -> Path:
+        return self._resolve("text encoder", name_or_path, self.list_text_encoders(), "text_encoders")
 
     def _entries(self, kind: str, extensions: tuple[str, ...], *, diffusers_folders: bool) -> list[CheckpointEntry]:
         seen: dict[str, CheckpointEntry] = {}
@@ -159,8 +173,9 @@ class ModelsDir:
     def _not_found(self, what: str, name: str, entries: list[CheckpointEntry], kind: str) -> str:
         where = self.folder(kind)
         if not entries:
-            how = ("run `underpaint download sd15` or put a .safetensors checkpoint in " if kind == "checkpoints"
-                   else "put a .safetensors VAE in ")
+            how = {"checkpoints": "run `underpaint download sd15` or put a .safetensors checkpoint in ",
+                   "text_encoders": "put clip_l.safetensors and a T5 file (t5xxl_fp16.safetensors) in "}.get(
+                kind, "put a .safetensors VAE in ")
             return f"{what} {name!r} not found: no {kind} in {where}; {how}{where}"
         names = [e.filename for e in entries]
         close = difflib.get_close_matches(name, names + [e.name for e in entries], n=3, cutoff=0.5)

@@ -1,0 +1,105 @@
+"""GGUF files (``flux1-dev-Q8_0.gguf`` and the like): tensor names and shapes, and dequantized weights.
+
+GGUF is llama.cpp's container: a header of key/value metadata, then tensor descriptions, then
+the data, each tensor in a GGML type (F32, F16, BF16, or a block quantization such as Q8_0,
+Q5_0, Q4_K). FLUX GGUFs keep the transformer's original names. GGML lists a tensor's
+dimensions fastest-varying first, the reverse of torch's order; the ``gguf`` package's reader
+already hands the data over in torch (row-major) order with quantized rows as raw bytes, so
+the torch shape is the listed one reversed.
+
+Weights are dequantized with the ``gguf`` package's own reference code, one tensor at a time,
+straight to the compute dtype: the module then holds ordinary tensors. Running on the
+quantized blocks (less memory, dequantizing per layer) would be a separate memory mode.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from ..errors import ModelError
+from .header import CheckpointHeader, TensorInfo
+
+MAGIC = b"GGUF"
+#: Metadata key some converters write when they had to store a tensor reshaped.
+_ORIG_SHAPE = "comfy.gguf.orig_shape."
+
+
+def is_gguf(path: str | os.PathLike) -> bool:
+    p = Path(path)
+    if not p.is_file():
+        return False
+    with open(p, "rb") as f:
+        return f.read(4) == MAGIC
+
+
+def _reader(path: Path):
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        raise ModelError(f"{path}: reading GGUF files needs the 'gguf' package "
+                         "(pip install 'underpaint[flux]')") from None
+    try:
+        return GGUFReader(str(path))
+    except Exception as exc:  # truncated or damaged files raise ValueError, IndexError, ...
+        raise ModelError(f"{path}: cannot read this GGUF file ({type(exc).__name__}: {exc})") from None
+
+
+def _field_value(reader, name: str):
+    field = reader.fields.get(name)
+    if field is None:
+        return None
+    try:
+        return field.contents()
+    except Exception:  # older gguf versions: the last part holds the value
+        return field.parts[-1].tolist()
+
+
+def _torch_shape(reader, tensor) -> tuple[int, ...]:
+    orig = _field_value(reader, _ORIG_SHAPE + tensor.name)
+    if orig:
+        return tuple(int(d) for d in orig)
+    return tuple(int(d) for d in reversed(tensor.shape.tolist()))
+
+
+def read_gguf_header(path: str | os.PathLike) -> CheckpointHeader:
+    """Every tensor's name, torch-order shape and GGML type, plus the string metadata; no data is read."""
+    p = Path(path)
+    reader = _reader(p)
+    tensors = {t.name: TensorInfo(t.tensor_type.name, _torch_shape(reader, t)) for t in reader.tensors}
+    metadata = {}
+    for name in reader.fields:
+        if name.startswith("general."):
+            value = _field_value(reader, name)
+            if isinstance(value, str):
+                metadata[name] = value
+    return CheckpointHeader(tensors=tensors, metadata=metadata, format="gguf")
+
+
+def load_gguf(path: str | os.PathLike, *,
+              dtype: torch.dtype = torch.float32) -> tuple[CheckpointHeader, dict[str, torch.Tensor]]:
+    """The header and every tensor dequantized to ``dtype`` (integer tensors keep their type)."""
+    import numpy as np
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import dequantize
+
+    p = Path(path)
+    reader = _reader(p)
+    header = read_gguf_header(p)
+    out: dict[str, torch.Tensor] = {}
+    for t in reader.tensors:
+        shape = header.tensors[t.name].shape
+        if t.tensor_type in (Q.I8, Q.I16, Q.I32, Q.I64):
+            out[t.name] = torch.from_numpy(np.array(t.data)).reshape(shape)
+            continue
+        try:
+            values = dequantize(t.data, t.tensor_type)
+        except NotImplementedError:
+            raise ModelError(f"{p}: tensor {t.name} is stored as {t.tensor_type.name}, which the gguf package cannot "
+                             "dequantize") from None
+        if values.size != int(np.prod(shape)):
+            raise ModelError(f"{p}: tensor {t.name} holds {values.size} values, expected {shape}")
+        out[t.name] = torch.from_numpy(np.array(values, dtype=np.float32)).reshape(shape).to(dtype)  # a writable copy
+    return header, out
