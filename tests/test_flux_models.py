@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 import tiny_flux as tf
 import tiny_models as tm
+from flux_fixtures import flux_dev, flux_files  # noqa: F401  (fixtures)
 from underpaint.errors import InvalidParameter, ModelError
 from underpaint.models import flux as flux_mod
 from underpaint.models.detect import Family, detect, detect_diffusers_folder, flux_layout
@@ -27,15 +28,14 @@ from underpaint.models.loader import load_flux, load_model, load_vae
 
 
 @pytest.fixture(scope="session")
-def files(tmp_path_factory) -> dict[str, Path]:
-    return tf.tiny_flux_set(tmp_path_factory.mktemp("tiny-flux"))
+def files(flux_files) -> dict[str, Path]:
+    return flux_files
 
 
 @pytest.fixture(scope="session")
-def dev(files):
+def dev(flux_dev):
     """The dev transformer with separate CLIP-L, T5 and ae files, in float32."""
-    return load_flux(files["transformer"], clip_l=files["clip_l"], t5=files["t5"], vae=files["ae"],
-                     dtype=torch.float32)
+    return flux_dev
 
 
 # --- witnesses ----------------------------------------------------------------------------------------
@@ -213,6 +213,16 @@ def test_fp8_transformer_is_upcast(files, monkeypatch):
     assert_same_weights(model.unet, ref, "fp8 transformer")
     inputs = transformer_inputs()
     torch.testing.assert_close(run(model.unet, inputs), run(ref, inputs), rtol=0, atol=1e-6)
+
+
+def test_transformer_in_diffusers_names(dev, files, tmp_path):
+    """A transformer saved in FluxTransformer2DModel's own names (one file) loads without conversion."""
+    path = tmp_path / "flux-diffusers-names.safetensors"
+    save_file({k: v.contiguous() for k, v in dev.unet.state_dict().items()}, str(path))
+    assert detect(read_header(path)).variant == "dev"
+    model = load_flux(path, clip_l=files["clip_l"], t5=files["t5"], vae=files["ae"], dtype=torch.float32)
+    assert model.unet.config.axes_dims_rope == (4, 6, 6)
+    assert_same_weights(model.unet, dev.unet, "diffusers-named transformer")
 
 
 def test_bf16_load(files):
@@ -418,6 +428,27 @@ def test_spiece_lookup_order(files, tmp_path):
     tf.write_spiece(t5_dir, vocab_size=36)  # a different model next to the T5 file wins
     near = load_flux(files["transformer"], tokenizer_dir=files["spiece_dir"], **kwargs).tokenizers[1]
     assert len(near) != 140
+
+
+def test_spiece_from_the_models_folder(files, tmp_path, monkeypatch):
+    """With nothing beside the files, the models folder's text_encoders/ is used, then a downloaded FLUX folder's
+    tokenizer_2/."""
+    import shutil
+
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    t5_path = alone / "t5.safetensors"
+    shutil.copy(files["t5"], t5_path)
+    models = tmp_path / "models"
+    monkeypatch.setenv("UNDERPAINT_MODELS_DIR", str(models))
+    kwargs = dict(clip_l=files["clip_l"], t5=t5_path, vae=files["ae"])
+    with pytest.raises(ModelError, match=f"in {models / 'text_encoders'}"):
+        load_flux(files["transformer"], **kwargs)
+    downloaded = models / "checkpoints" / "FLUX.1-dev"
+    shutil.copytree(files["diffusers"], downloaded)
+    assert len(load_flux(files["transformer"], **kwargs).tokenizers[1]) == 140
+    tf.write_spiece(models / "text_encoders", vocab_size=36)  # text_encoders/ comes first
+    assert len(load_flux(files["transformer"], **kwargs).tokenizers[1]) != 140
 
 
 # --- assembling ------------------------------------------------------------------------------------------

@@ -111,7 +111,8 @@ def build_t5(header: CheckpointHeader, state_dict: dict[str, torch.Tensor], pref
 
 def spiece_candidates(near: list[Path], tokenizer_dir: str | os.PathLike | None) -> list[Path]:
     """Where ``spiece.model`` is looked for, in order: next to the given files, the given folder
-    (or its ``tokenizer_2/``), then the models folder's ``text_encoders/``."""
+    (or its ``tokenizer_2/``), the models folder's ``text_encoders/``, then the ``tokenizer_2/`` of
+    FLUX diffusers folders in its ``checkpoints/`` (where ``underpaint download flux-dev`` puts one)."""
     dirs: list[Path] = [p if p.is_dir() else p.parent for p in near]
     if tokenizer_dir is not None:
         dirs += [Path(tokenizer_dir), Path(tokenizer_dir) / "tokenizer_2"]
@@ -119,13 +120,28 @@ def spiece_candidates(near: list[Path], tokenizer_dir: str | os.PathLike | None)
     seen: dict[Path, None] = {}
     for d in dirs:
         seen.setdefault(d / SPIECE, None)
+    for found in _downloaded_spiece():
+        seen.setdefault(found, None)
     return list(seen)
 
 
-def _default_text_encoders_dir() -> Path:
+def _models_dir():
     from .registry import ModelsDir, default_models_dir
 
-    return ModelsDir(default_models_dir()).folder("text_encoders")
+    return ModelsDir(default_models_dir())
+
+
+def _default_text_encoders_dir() -> Path:
+    return _models_dir().folder("text_encoders")
+
+
+def _downloaded_spiece() -> list[Path]:
+    """``spiece.model`` files of diffusers folders directly inside the models folder's checkpoint folders."""
+    found: list[Path] = []
+    for base in _models_dir().folders("checkpoints"):
+        found += sorted(p for p in base.glob(f"*/tokenizer_2/{SPIECE}")
+                        if (p.parent.parent / "model_index.json").is_file())
+    return found
 
 
 def find_spiece(near: list[Path], tokenizer_dir: str | os.PathLike | None) -> Path:
@@ -134,7 +150,7 @@ def find_spiece(near: list[Path], tokenizer_dir: str | os.PathLike | None) -> Pa
     for c in candidates:
         if c.is_file():
             return c
-    looked = ", ".join(str(c.parent) for c in candidates)
+    looked = ", ".join(str(c.parent) for c in candidates if c.parent.name != "tokenizer_2")
     raise ModelError(f"the T5 tokenizer file {SPIECE} is missing (looked in {looked}); put {SPIECE} from the "
                      f"FLUX.1 repository's tokenizer_2/ folder next to the T5 file or in "
                      f"{_default_text_encoders_dir()} (`underpaint download flux-dev` fetches it)", field="t5")
