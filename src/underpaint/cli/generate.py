@@ -46,12 +46,16 @@ def _add_generation_args(p: argparse.ArgumentParser, *, img2img: bool) -> None:
                        help="denoising strength 0-1: 0 keeps the input, 1 ignores it (default 0.75)")
         s.add_argument("--fix-steps", action="store_true",
                        help="run exactly --steps steps whatever the strength (A1111's img2img_fix_steps)")
-    s.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
+    s.add_argument("--steps", type=int, default=20, help="sampling steps (default 20; FLUX.1-schnell: 4)")
     s.add_argument("--cfg", "--cfg-scale", dest="cfg_scale", type=float, default=7.0,
-                   help="CFG scale: how strictly to follow the prompt (default 7)")
-    s.add_argument("--sampler", default="DPM++ 2M", help='sampler by its A1111 or ComfyUI name (default "DPM++ 2M")')
+                   help="CFG scale: how strictly to follow the prompt (default 7; FLUX: 1, which skips the "
+                        "negative prompt)")
+    s.add_argument("--guidance", "--distilled-cfg-scale", dest="distilled_cfg_scale", type=float, default=None,
+                   help="FLUX.1-dev's built-in guidance, Forge's Distilled CFG Scale (default 3.5)")
+    s.add_argument("--sampler", default="DPM++ 2M",
+                   help='sampler by its A1111 or ComfyUI name (default "DPM++ 2M"; FLUX: "Euler")')
     s.add_argument("--scheduler", "--schedule-type", dest="scheduler", default="Automatic",
-                   help="schedule type: Automatic, Karras, Exponential, ... (default Automatic)")
+                   help="schedule type: Automatic, Karras, Exponential, ... (default Automatic; FLUX: Simple)")
     s.add_argument("--clip-skip", type=int, default=1, help="stop the text encoder this many layers early (default 1)")
     s.add_argument("--eta", type=float, default=None, help="noise multiplier for ancestral/SDE samplers")
     s.add_argument("--s-churn", type=float, default=0.0)
@@ -83,6 +87,10 @@ def _add_generation_args(p: argparse.ArgumentParser, *, img2img: bool) -> None:
     m.add_argument("-m", "--model", default=None, help="checkpoint: a path, or a name in the models folder")
     m.add_argument("--models-dir", default=None, help="models folder (default $UNDERPAINT_MODELS_DIR or ~/.local/share/underpaint/models)")
     m.add_argument("--vae", default=None, help="a separate VAE file to use instead of the checkpoint's")
+    m.add_argument("--clip-l", dest="clip_l", default=None,
+                   help="FLUX: the CLIP-L text encoder file (a path, or a name in the models folder's text_encoders/)")
+    m.add_argument("--t5", default=None,
+                   help="FLUX: the T5-XXL text encoder file (a path, or a name in the models folder's text_encoders/)")
     m.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     m.add_argument("--dtype", default="auto", help="auto (fp16 on GPU, fp32 on CPU), fp16, bf16 or fp32")
     m.add_argument("--prediction", choices=("eps", "v"), default=None, help="override the detected prediction type")
@@ -94,7 +102,8 @@ def _add_generation_args(p: argparse.ArgumentParser, *, img2img: bool) -> None:
 
 
 # Flags an infotext can set; ``--from-infotext`` uses its values except for the flags given.
-_OVERRIDABLE = ("prompt", "negative_prompt", "strength", "steps", "cfg_scale", "sampler", "scheduler", "clip_skip",
+_OVERRIDABLE = ("prompt", "negative_prompt", "strength", "steps", "cfg_scale", "distilled_cfg_scale", "sampler",
+                "scheduler", "clip_skip",
                 "eta", "s_churn", "s_noise", "seed", "subseed", "subseed_strength", "seed_resize_from", "rng", "ensd",
                 "width", "height")
 # GenerationParams field → the flag that sets it (where the names differ).
@@ -110,9 +119,15 @@ def _record_defaults(p: argparse.ArgumentParser, *, img2img: bool) -> None:
     p.set_defaults(**dict.fromkeys(dests), flag_defaults=defaults)
 
 
-def _resolve_defaults(args: argparse.Namespace) -> tuple[argparse.Namespace, set[str]]:
-    """The arguments with recorded defaults filled in, and the flags the user gave."""
+def _resolve_defaults(args: argparse.Namespace, model_defaults: dict | None = None
+                      ) -> tuple[argparse.Namespace, set[str]]:
+    """The arguments with recorded defaults filled in, and the flags the user gave.
+
+    ``model_defaults`` replace the generic defaults for the loaded model's family (FLUX).
+    """
     defaults = getattr(args, "flag_defaults", None) or {}
+    if model_defaults:
+        defaults = {**defaults, **{k: v for k, v in model_defaults.items() if k in defaults}}
     given = {d for d in defaults if getattr(args, d, None) is not None}
     resolved = argparse.Namespace(**vars(args))
     for dest, value in defaults.items():
@@ -131,8 +146,11 @@ def _seed_resize(value: str | None) -> tuple[int, int]:
         raise InvalidParameter("--seed-resize-from", value, "WIDTHxHEIGHT, e.g. 512x768") from None
 
 
-def params_from_args(args: argparse.Namespace, init_images: tuple = ()) -> GenerationParams:
-    args, given = _resolve_defaults(args)
+def params_from_args(args: argparse.Namespace, init_images: tuple = (), *, model=None) -> GenerationParams:
+    """The request the flags describe; with the loaded ``model``, unset flags take its family's defaults."""
+    from ..pipeline.flux import family_defaults
+
+    args, given = _resolve_defaults(args, family_defaults(model) if model is not None else None)
     w, h = _seed_resize(args.seed_resize_from)
     params = GenerationParams(
         prompt=args.prompt,
@@ -141,6 +159,7 @@ def params_from_args(args: argparse.Namespace, init_images: tuple = ()) -> Gener
         strength=getattr(args, "strength", 1.0),
         steps=args.steps,
         cfg_scale=args.cfg_scale,
+        distilled_cfg_scale=args.distilled_cfg_scale,
         sampler=args.sampler,
         scheduler=args.scheduler,
         seed=args.seed,
@@ -194,7 +213,8 @@ def _load_engine(args: argparse.Namespace):
 
     folder = models_folder(args)
     return Engine.load(_checkpoint(args, folder), models_dir=folder.root, device=args.device,
-                       dtype=args.dtype, vae=args.vae, prediction=args.prediction)
+                       dtype=args.dtype, vae=args.vae, prediction=args.prediction,
+                       clip_l=getattr(args, "clip_l", None), t5=getattr(args, "t5", None))
 
 
 def _checkpoint(args: argparse.Namespace, folder) -> Path:
@@ -273,7 +293,7 @@ def run_img2img(args: argparse.Namespace) -> int:
             print(f"underpaint: skipping {source}: {exc}", file=sys.stderr)
             failures += 1
             continue
-        params = params_from_args(args, (image,))
+        params = params_from_args(args, (image,), model=engine.model)
         _run_and_save(engine, params, args, "img2img", source if batch_mode else None)
     if failures:
         print(f"underpaint: {failures} of {len(sources)} inputs were skipped", file=sys.stderr)
@@ -284,6 +304,7 @@ def run_txt2img(args: argparse.Namespace) -> int:
     params = params_from_args(args)
     plan_outputs(args.output, "txt2img", params.batch_size * params.n_iter, overwrite=args.overwrite, source=None)
     engine = _load_engine(args)
+    params = params_from_args(args, model=engine.model)
     _run_and_save(engine, params, args, "txt2img", None)
     return 0
 

@@ -106,8 +106,10 @@ def run_inpaint(args: argparse.Namespace) -> int:
 
     image = load_image(args.input, field="IMAGE")
     mask = mask_from_alpha(image, field="IMAGE") if args.mask_from_alpha else load_image(args.mask, field="--mask")
-    params = params_from_args(args, (image,)).replace(mask=mask, inpaint=inpaint_options(args))
-    return _run(args, params, "inpaint")
+    def make(model=None) -> GenerationParams:
+        return params_from_args(args, (image,), model=model).replace(mask=mask, inpaint=inpaint_options(args))
+
+    return _run(args, make, "inpaint")
 
 
 def run_outpaint(args: argparse.Namespace) -> int:
@@ -116,21 +118,29 @@ def run_outpaint(args: argparse.Namespace) -> int:
 
     image = load_image(args.input, field="IMAGE")
     sides = OutpaintOptions(left=args.left, right=args.right, up=args.up, down=args.down, fill=args.fill)
-    params = outpaint_params(params_from_args(args, (image,)).replace(inpaint=inpaint_options(args)), sides)
-    return _run(args, params, "outpaint")
+    def make(model=None) -> GenerationParams:
+        return outpaint_params(params_from_args(args, (image,), model=model).replace(inpaint=inpaint_options(args)),
+                               sides)
+
+    return _run(args, make, "outpaint")
 
 
-def _run(args: argparse.Namespace, params: GenerationParams, command: str) -> int:
-    """Check the mask against the picture before the (slow) model load, then generate and save."""
+def _run(args: argparse.Namespace, make, command: str) -> int:
+    """Check the mask against the picture before the (slow) model load, then generate and save.
+
+    ``make(model)`` builds the request; with the loaded model its family's defaults apply.
+    """
     from ..pipeline.inpaint import prepare_mask
     from ..imageio.mask import is_empty
 
+    params = make()
     with _warnings_as_lines():
         if is_empty(prepare_mask(params)):
             print("underpaint: warning: the mask is empty (nothing to repaint): the picture comes back unchanged",
                   file=sys.stderr)
         plan_outputs(args.output, command, params.batch_size * params.n_iter, overwrite=args.overwrite, source=None)
         engine = _load_engine(args)
+        params = make(engine.model)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # already reported above
             _run_and_save(engine, params, args, command, None)

@@ -37,13 +37,24 @@ def pick_device(name: str | None = None) -> torch.device:
     return device
 
 
-def pick_placement(device: str | None = None, dtype: str | None = None) -> Placement:
-    """fp16 on accelerators (half the memory, tensor cores), fp32 on CPU where fp16 is slow."""
+def pick_placement(device: str | None = None, dtype: str | None = None, *, family: str | None = None) -> Placement:
+    """fp16 on accelerators (half the memory, tensor cores), fp32 on CPU where fp16 is slow.
+
+    FLUX gets bf16 on accelerators that have it: its T5 encoder and transformer overflow fp16.
+    """
     dev = pick_device(device)
     if dtype in (None, "", "auto"):
         chosen = torch.float32 if dev.type == "cpu" else torch.float16
+        if family == "flux" and dev.type != "cpu" and _has_bf16(dev):
+            chosen = torch.bfloat16
     else:
         if dtype not in DTYPES:
             raise InvalidParameter("dtype", dtype, "auto, fp16, bf16 or fp32")
         chosen = DTYPES[dtype]
     return Placement(dev, chosen)
+
+
+def _has_bf16(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    return device.type == "mps"

@@ -327,3 +327,15 @@ def _check_widths(transformer, ae, clip, t5_model, t5_tok, spec: ModelSpec) -> N
 
 
 __all__ = ["is_flux", "load_flux", "load_clip_l", "load_t5", "read_weights", "read_any_header", "upcast_fp8"]
+
+
+def components_needed(path: str | os.PathLike) -> set[str]:
+    """Which of "clip_l", "t5" and "vae" a FLUX file does not carry itself (empty for a diffusers folder)."""
+    p = Path(path)
+    if p.is_dir():
+        return set()
+    header = read_any_header(p)
+    layout = flux_layout(header.tensors)
+    if layout is None:
+        return set()
+    return {name for name, prefix in _bundled(header, layout).items() if prefix is None}

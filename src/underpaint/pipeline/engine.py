@@ -40,8 +40,14 @@ class Engine:
         dtype: str | None = None,
         vae: str | Path | None = None,
         prediction: str | None = None,
+        clip_l: str | Path | None = None,
+        t5: str | Path | None = None,
     ) -> "Engine":
-        """Load a checkpoint by path or by name from the models folder; never touches the network."""
+        """Load a checkpoint by path or by name from the models folder; never touches the network.
+
+        ``clip_l`` and ``t5`` are FLUX's separate text encoder files (paths, or names in the
+        models folder's ``text_encoders/``); SD checkpoints carry their own.
+        """
         from ..models.device import pick_placement
         from ..models.loader import load_model
         from ..models.registry import ModelsDir, default_models_dir
@@ -49,8 +55,19 @@ class Engine:
         folder = ModelsDir(Path(models_dir) if models_dir else default_models_dir())
         path = folder.resolve_checkpoint(str(model))
         vae_path = folder.resolve_vae(str(vae)) if vae else None
-        placement = pick_placement(device, dtype)
-        loaded = load_model(path, device=placement.device, dtype=placement.dtype, vae=vae_path, prediction=prediction)
+        encoders = {key: folder.resolve_text_encoder(str(value)) for key, value in (("clip_l", clip_l), ("t5", t5))
+                    if value}
+        from ..models.flux_loader import is_flux
+
+        flux = is_flux(path)
+        placement = pick_placement(device, dtype, family="flux" if flux else None)
+        if flux:
+            encoders["tokenizer_dir"] = folder.text_encoders_dir
+            found = _flux_companions(path, folder, given={**encoders, "vae": vae_path})
+            encoders.update({k: v for k, v in found.items() if k != "vae"})
+            vae_path = found.get("vae", vae_path)
+        loaded = load_model(path, device=placement.device, dtype=placement.dtype, vae=vae_path, prediction=prediction,
+                            **encoders)
         return cls(loaded, models_dir=folder)
 
     @property
@@ -84,7 +101,39 @@ class Engine:
 
         if not hasattr(image, "size"):
             image = load_image(image)
-        return self.generate(GenerationParams(init_images=(image,), **fields))
+        return self.generate(GenerationParams(init_images=(image,), **self._defaults(fields)))
 
     def txt2img(self, **fields: Any) -> Result:
-        return self.generate(GenerationParams(**fields))
+        return self.generate(GenerationParams(**self._defaults(fields)))
+
+    def _defaults(self, fields: dict) -> dict:
+        """The fields given, over the model family's defaults (FLUX: Euler, Simple, CFG 1, ...)."""
+        from .flux import family_defaults
+
+        return {**family_defaults(self.model), **fields}
+
+
+#: What each FLUX companion file is called in the models folder, as people download them.
+_COMPANIONS = {"clip_l": ("text_encoders", ("clip_l",)), "t5": ("text_encoders", ("t5",)),
+               "vae": ("vae", ("ae", "flux"))}
+
+
+def _flux_companions(path: Path, folder, *, given: dict) -> dict[str, Path]:
+    """The CLIP-L, T5 and autoencoder files a FLUX transformer file lacks, when the models folder has
+    exactly one candidate for each (``clip_l*``, ``t5*`` in text_encoders/, ``ae*``/``flux*`` in vae/).
+
+    Two or more candidates pick nothing: the loader's error then asks for the flag, rather than
+    guessing between, say, an fp16 and an fp8 T5.
+    """
+    from ..models.flux_loader import components_needed
+
+    found: dict[str, Path] = {}
+    for part in components_needed(path):
+        if given.get(part) is not None:
+            continue
+        kind, stems = _COMPANIONS[part]
+        entries = folder.list_text_encoders() if kind == "text_encoders" else folder.list_vaes()
+        matches = [e.path for e in entries if Path(e.filename).name.lower().startswith(stems)]
+        if len(matches) == 1:
+            found[part] = Path(matches[0])
+    return found
