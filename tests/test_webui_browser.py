@@ -164,12 +164,14 @@ def test_img2img_generate_shows_result_and_parameters(page, photo_file):
     page.fill("#prompt", "a red fox in the snow")
     set_value(page, "denoising_strength", "0.5")
     expect(page.locator("#denoise-hint")).to_contain_text("balanced")
+    set_value(page, "distilled_cfg_scale", "2.5")
     fast_settings(page, seed=1234)
     with page.expect_response("**/sdapi/v1/img2img", timeout=GENERATION_TIMEOUT) as answer:
         page.click("#generate")
     assert answer.value.ok, answer.value.text()
     sent = json.loads(answer.value.request.post_data)
     assert sent["denoising_strength"] == 0.5 and sent["seed"] == 1234 and sent["steps"] == 3
+    assert sent["distilled_cfg_scale"] == 2.5  # FLUX's guidance; an SD checkpoint ignores it
     assert decode(sent["init_images"][0]).size == (64, 64)
 
     expect(page.locator("#result-image")).to_be_visible()

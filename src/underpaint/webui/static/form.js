@@ -32,7 +32,8 @@ export class GenerationForm {
     this.root = root;
     this.controls = {};
     for (const name of ["prompt", "negative_prompt", "sampler_name", "scheduler", "steps", "width", "height",
-      "n_iter", "batch_size", "cfg_scale", "denoising_strength", "seed", "mask_blur", "inpaint_full_res_padding"]) {
+      "n_iter", "batch_size", "cfg_scale", "distilled_cfg_scale", "denoising_strength", "seed", "mask_blur",
+      "inpaint_full_res_padding"]) {
       this.controls[name] = $(`#${name}`, root);
     }
     this.hint = $("#denoise-hint", root);
@@ -75,6 +76,7 @@ export class GenerationForm {
       scheduler: c.scheduler.value || undefined,
       steps: numberValue(c.steps),
       cfg_scale: numberValue(c.cfg_scale),
+      distilled_cfg_scale: numberValue(c.distilled_cfg_scale),
       denoising_strength: numberValue(c.denoising_strength),
       seed: numberValue(c.seed) ?? -1,
       width: numberValue(c.width),
@@ -102,7 +104,8 @@ export class GenerationForm {
     for (const name of ["prompt", "negative_prompt"]) {
       if (fields[name] !== undefined) c[name].value = fields[name];
     }
-    for (const name of ["steps", "cfg_scale", "denoising_strength", "seed", "width", "height", "batch_size",
+    for (const name of ["steps", "cfg_scale", "distilled_cfg_scale", "denoising_strength", "seed", "width", "height",
+      "batch_size",
       "mask_blur", "inpaint_full_res_padding"]) {
       if (typeof fields[name] === "number") setNumber(c[name], fields[name]);
     }

@@ -81,6 +81,7 @@ export function infotextToFields({ prompt, negativePrompt, params }) {
   set("sampler_name", params.Sampler);
   set("scheduler", params["Schedule type"]);
   set("cfg_scale", number(params["CFG scale"]));
+  set("distilled_cfg_scale", number(params["Distilled CFG Scale"]));
   set("seed", number(params.Seed));
   if (size) {
     fields.width = Number(size[1]);
