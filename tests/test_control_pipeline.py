@@ -170,3 +170,34 @@ def test_controlnet_with_a_9_channel_inpainting_model(tmp_path, photo, sd1_contr
     unit = ControlUnit(image=control_map, module="none", model=str(sd1_controlnet))
     steered = engine.generate(GenerationParams(control_units=(unit,), **common)).images[0]
     assert steered.size == plain.size and np.abs(_pixels(plain) - _pixels(steered)).max() > 2
+
+
+def test_only_masked_inpainting_crops_the_control_map_with_the_picture(sd1_engine, photo, sd1_controlnet, control_map,
+                                                                      monkeypatch):
+    from underpaint.params import InpaintOptions
+    from underpaint.pipeline import control as control_mod
+    from underpaint.pipeline.inpaint import prepare_inpaint
+    from underpaint.preprocess.common import fit_map
+
+    seen = []
+    real = control_mod.prepare_control
+
+    def spy(*args, **kwargs):
+        setup = real(*args, **kwargs)
+        seen.append(setup.maps[0])
+        return setup
+
+    monkeypatch.setattr(control_mod, "prepare_control", spy)
+    image = photo.resize((64, 64))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (8, 40, 24, 56))
+    params = GenerationParams(prompt="a window", init_images=(image,), mask=mask, strength=0.75, steps=2, seed=1,
+                              width=64, height=64, inpaint=InpaintOptions(full_res=True, full_res_padding=4),
+                              control_units=(ControlUnit(image=control_map, module="none", model=str(sd1_controlnet)),))
+    sd1_engine.generate(params)
+    box = prepare_inpaint(params, 64, 64).crop
+    assert (box.x2 - box.x1) < 64  # a real crop
+    expected = fit_map(np.asarray(control_map.crop((box.x1, box.y1, box.x2, box.y2))), 64, 64, "Crop and Resize")
+    assert np.array_equal(seen[0], expected)
+    whole = fit_map(np.asarray(control_map), 64, 64, "Crop and Resize")
+    assert not np.array_equal(seen[0], whole)

@@ -266,15 +266,43 @@ class ControlSetup:
         return params.replace(extra_infotext=params.extra_infotext + control_infotext(units, self.model_names))
 
 
-def request_control(model, params, *, width: int, height: int, steps: int) -> ControlSetup | None:
+def request_control(model, params, *, width: int, height: int, steps: int, crop=None) -> ControlSetup | None:
     """The ControlNet setup of a request (None without units): nets from the model's cache and
-    folders, maps from the control images or the img2img input, the request's seed for shuffle."""
+    folders, maps from the control images or the img2img input, the request's seed for shuffle.
+
+    ``crop`` is ``(box, size)`` for "only masked" inpainting: the region of the ``size`` picture
+    that is generated; each control image is then cropped to the same region (after being
+    stretched to the picture's size), as A1111's ControlNet extension does, so the map lines up
+    with the crop instead of squeezing the whole picture into it.
+    """
     if not params.control_units:
         return None
     cache, folders, ctx = control_resources(model)
     init = params.init_images[0] if params.init_images else None
-    return prepare_control(model, params.control_units, width=width, height=height, steps=steps, cache=cache,
-                           folders=folders, init_image=init, mask=params.mask, ctx=ctx, seed=max(params.seed, 0))
+    units, mask = params.control_units, params.mask
+    if crop is not None:
+        units, init, mask = crop_to_region(units, init, mask, *crop)
+    return prepare_control(model, units, width=width, height=height, steps=steps, cache=cache,
+                           folders=folders, init_image=init, mask=mask, ctx=ctx, seed=max(params.seed, 0))
+
+
+def crop_to_region(units, init: "Image | None", mask: "Image | None", box, size: tuple[int, int]):
+    """The units' images, the init picture and the mask, each stretched to ``size`` and cropped to ``box``."""
+    from dataclasses import replace
+
+    from PIL import Image as PILImage
+
+    region = (box.x1, box.y1, box.x2, box.y2)
+
+    def cut(image):
+        if image is None:
+            return None
+        if image.size != size:
+            image = image.resize(size, PILImage.Resampling.LANCZOS)
+        return image.crop(region)
+
+    cropped = tuple(replace(u, image=cut(u.image)) if u.image is not None else u for u in units)
+    return cropped, cut(init), cut(mask)
 
 
 def control_resources(model) -> tuple:

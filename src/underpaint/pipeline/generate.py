@@ -93,7 +93,10 @@ def _generate(model, params: GenerationParams, networks: ActiveNetworks, *, info
         plan = replace(plan, params=flux.with_infotext(model, plan.params))
 
     # 2c. ControlNet units: load their nets, make their maps, record them in the infotext.
-    control = request_control(model, params, width=plan.width, height=plan.height, steps=plan.steps_run)
+    crop = None
+    if plan.inpaint is not None and plan.inpaint.crop is not None:
+        crop = (plan.inpaint.crop, plan.inpaint.output_size)
+    control = request_control(model, params, width=plan.width, height=plan.height, steps=plan.steps_run, crop=crop)
     if control is not None:
         plan = replace(plan, params=control.with_infotext(plan.params))
     # 2d. LoRA and embedding hashes, after the inpaint and ControlNet keys as A1111 orders them.
