@@ -1,4 +1,4 @@
-"""img2img speed, underpaint against diffusers, on the real SD 1.5 and SDXL architectures.
+"""img2img speed, underpaint against diffusers, on the real SD 1.5, SDXL and FLUX.1 architectures.
 
 One process builds each architecture once with random weights (timing does not depend on
 weight values, so no checkpoint and no network are needed), hands the *same* module objects
@@ -8,11 +8,19 @@ and prints a table last. Run it from a source checkout::
     PYTHONPATH=src python bench/gpu_img2img.py                       # the three GPU cases
     PYTHONPATH=src python bench/gpu_img2img.py --compile-diffusers   # plus diffusers + torch.compile
     PYTHONPATH=src python bench/gpu_img2img.py --tiny                # tiny models on the CPU, ~1 minute
+    PYTHONPATH=src python bench/gpu_img2img.py --cases flux-dev,flux-schnell   # FLUX.1, opt-in
 
 Settings follow the performance issue: img2img, 30 steps at strength 0.65 (19 denoising steps
 in diffusers), CFG 7, DPM++ 2M Karras, fp16 on CUDA. underpaint counts img2img steps as
 AUTOMATIC1111 does (int(strength·steps) + 1), so it is given the strength that runs the same
 number of steps on the same Karras grid; the UNet call count per run is recorded to prove it.
+
+The FLUX cases (opt-in, ``--cases flux-dev,flux-schnell``) follow the FLUX model cards instead:
+dev 28 steps at strength 0.65 with distilled guidance 3.5, schnell 4 steps at strength 0.75
+without guidance, Euler on the simple schedule, bf16 on CUDA, against diffusers'
+FluxImg2ImgPipeline on the same transformer, T5, CLIP-L and VAE objects. Their pictures are also
+checked against diffusers' (same seed and noise; diffusers made to take the VAE posterior's
+mean, as underpaint does).
 
 ``--optimize`` applies module transforms (channels-last, fused QKV, torch.compile) to
 underpaint's model for one extra row, and checks that its pictures equal the plain run's
@@ -33,7 +41,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -52,21 +60,45 @@ class Arch:
     """The module configs of one model architecture (diffusers/transformers keyword arguments)."""
 
     name: str
-    family: str  # "sd1" or "sdxl"
+    family: str  # "sd1", "sdxl" or "flux"
+    #: UNet2DConditionModel's config; FLUX: FluxTransformer2DModel's.
     unet: dict
     vae: dict
     #: One CLIPTextConfig dict per text encoder; SDXL's second one has a projection.
     text: tuple[dict, ...]
     #: Published parameter counts (UNet, VAE, text encoders), checked before a full-size run.
     params: tuple[int, int, tuple[int, ...]] | None = None
+    #: FLUX: the T5 encoder's T5Config (it follows the CLIP-L encoder), and "dev" or "schnell".
+    t5: dict | None = None
+    variant: str = ""
 
 
-def _vae(channels: tuple[int, ...], layers: int, scaling: float, sample: int, upcast: bool) -> dict:
+def _vae(channels: tuple[int, ...], layers: int, scaling: float, sample: int, upcast: bool, groups: int = 32) -> dict:
     n = len(channels)
     return dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * n,
                 up_block_types=["UpDecoderBlock2D"] * n, block_out_channels=list(channels), layers_per_block=layers,
-                latent_channels=4, norm_num_groups=min(32, channels[0]), sample_size=sample, scaling_factor=scaling,
-                force_upcast=upcast)
+                latent_channels=4, norm_num_groups=min(groups, channels[0]), sample_size=sample,
+                scaling_factor=scaling, force_upcast=upcast)
+
+
+def _flux_vae(channels: tuple[int, ...], layers: int, sample: int, groups: int = 32) -> dict:
+    """FLUX.1's autoencoder: 16 latent channels, no quant convs, latents shifted then scaled."""
+    return {**_vae(channels, layers, 0.3611, sample, False, groups), "latent_channels": 16, "use_quant_conv": False,
+            "use_post_quant_conv": False, "shift_factor": 0.1159}
+
+
+def _flux_transformer(layers: int, single: int, head_dim: int, heads: int, joint: int, pooled: int, rope: tuple,
+                      guidance: bool) -> dict:
+    return dict(patch_size=1, in_channels=64, num_layers=layers, num_single_layers=single,
+                attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=joint,
+                pooled_projection_dim=pooled, guidance_embeds=guidance, axes_dims_rope=rope)
+
+
+def _t5(d_model: int, d_kv: int, heads: int, d_ff: int, layers: int, vocab: int, buckets: int = 32,
+        distance: int = 128) -> dict:
+    return dict(vocab_size=vocab, d_model=d_model, d_kv=d_kv, d_ff=d_ff, num_layers=layers, num_heads=heads,
+                feed_forward_proj="gated-gelu", relative_attention_num_buckets=buckets,
+                relative_attention_max_distance=distance)
 
 
 def _clip(hidden: int, layers: int, act: str, *, intermediate: int | None = None, projection: int | None = None,
@@ -107,6 +139,13 @@ ARCHS = {
                  (_clip(768, 12, "quick_gelu"), _clip(1280, 32, "gelu", projection=1280, pad_token_id=0)),
                  params=(2_567_463_684, 83_653_863, (123_060_480, 694_659_840))),
 }
+# FLUX.1 as published: 19 double + 38 single blocks of 24 heads x 128, T5-XXL (encoder only) and CLIP-L.
+_FLUX_T5 = _t5(4096, 64, 64, 10240, 24, 32128)
+for _variant, _guidance in (("dev", True), ("schnell", False)):
+    ARCHS[f"flux-{_variant}"] = Arch(
+        f"flux-{_variant}", "flux", _flux_transformer(19, 38, 128, 24, 4096, 768, (16, 56, 56), _guidance),
+        _flux_vae((128, 256, 512, 512), 2, 1024), (_clip(768, 12, "quick_gelu"),), t5=_FLUX_T5, variant=_variant,
+        params=(11_901_408_320 if _guidance else 11_891_178_560, 83_819_683, (123_060_480, 4_762_310_656)))
 TINY_ARCHS = {
     "sd15": Arch("sd15-tiny", "sd1", _sd1_unet((32, 64), 2, 32, groups=16), _vae((32, 32, 32, 32), 1, 0.18215, 64, False),
                  (_clip(32, 2, "quick_gelu"),)),
@@ -114,6 +153,11 @@ TINY_ARCHS = {
                  _vae((32, 32, 32, 32), 1, 0.13025, 64, True),
                  (_clip(32, 2, "quick_gelu"), _clip(64, 2, "gelu", projection=64, pad_token_id=0))),
 }
+for _variant, _guidance in (("dev", True), ("schnell", False)):
+    TINY_ARCHS[f"flux-{_variant}"] = Arch(
+        f"flux-{_variant}-tiny", "flux", _flux_transformer(1, 1, 16, 2, 32, 32, (4, 6, 6), _guidance),
+        _flux_vae((8, 16, 16, 16), 1, 64, groups=8), (_clip(32, 2, "quick_gelu"),),
+        t5=_t5(32, 8, 4, 64, 2, 60, buckets=8, distance=16), variant=_variant)
 
 
 @dataclass(frozen=True)
@@ -122,13 +166,25 @@ class Case:
     arch: str
     size: int
     batch: int
+    #: The case's own steps, strength, CFG and distilled guidance, where they differ from the
+    #: command line's defaults (FLUX); --steps, --strength and --cfg given explicitly win.
+    steps: int | None = None
+    strength: float | None = None
+    cfg: float | None = None
+    guidance: float | None = None
 
 
 CASES = (Case("sd15", "sd15", 512, 1), Case("sd15-b16", "sd15", 512, 16), Case("sdxl", "sdxl", 1024, 1))
-TINY_SIZES = {"sd15": 64, "sd15-b16": 64, "sdxl": 128}
+#: Opt-in (--cases): with T5-XXL they need ~35 GB of weights in bf16 and would push the default run past 10 minutes.
+FLUX_CASES = (Case("flux-dev", "flux-dev", 1024, 1, steps=28, strength=0.65, cfg=1.0, guidance=3.5),
+              Case("flux-schnell", "flux-schnell", 1024, 1, steps=4, strength=0.75, cfg=1.0))
+TINY_SIZES = {"sd15": 64, "sd15-b16": 64, "sdxl": 128, "flux-dev": 64, "flux-schnell": 64}
 
 
 # --- settings ---------------------------------------------------------------------------------
+
+#: The SD cases' settings (the performance issue's); the FLUX cases carry their own.
+SD_STEPS, SD_STRENGTH, SD_CFG = 30, 0.65, 7.0
 
 
 @dataclass(frozen=True)
@@ -143,10 +199,25 @@ class Settings:
     optimize: tuple[str, ...]
     compile_diffusers: bool
     compile_mode: str
+    #: FLUX.1-dev's distilled guidance (None: schnell, or SD).
+    guidance: float | None = None
+    #: FLUX cases: "dev" or "schnell"; "" for SD.
+    flux: str = ""
+
+    @property
+    def recipe(self) -> str:
+        """Sampler and guidance in words, for the printed settings."""
+        if not self.flux:
+            return f"CFG {self.cfg}, DPM++ 2M Karras"
+        guidance = "no distilled guidance" if self.guidance is None else f"distilled guidance {self.guidance}"
+        return f"CFG {self.cfg}, {guidance}, Euler/Simple"
 
     @property
     def steps_run(self) -> int:
-        """Denoising steps diffusers runs: int(steps · strength)."""
+        """Denoising steps diffusers runs: int(steps · strength); its FLUX img2img pipeline starts at
+        int(steps - steps · strength) instead, which runs one more when steps · strength is fractional."""
+        if self.flux:
+            return self.steps - int(max(self.steps - self.steps * self.strength, 0))
         return min(int(self.steps * self.strength), self.steps)
 
     @property
@@ -197,14 +268,16 @@ class Components:
 
 
 def _meta_modules(arch: Arch, vae_upcast: bool):
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from diffusers import AutoencoderKL, FluxTransformer2DModel, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**arch.unet)
+        unet = (FluxTransformer2DModel if arch.family == "flux" else UNet2DConditionModel)(**arch.unet)
         vae = AutoencoderKL(**{**arch.vae, "force_upcast": arch.vae["force_upcast"] and vae_upcast})
         texts = tuple((CLIPTextModelWithProjection if i else CLIPTextModel)(CLIPTextConfig(**cfg))
                       for i, cfg in enumerate(arch.text))
+        if arch.t5 is not None:
+            texts += (T5EncoderModel(T5Config(**arch.t5)),)
     return unet, vae, texts
 
 
@@ -227,13 +300,46 @@ def build_components(arch: Arch, settings: Settings, *, vae_upcast: bool) -> Com
     unet = materialise(unet, dev, dt, SEED)
     vae = materialise(vae, dev, dt, SEED + 1)
     texts = tuple(materialise(t, dev, dt, SEED + 2 + i) for i, t in enumerate(texts))
+    if arch.family == "flux":
+        return Components(arch, unet, vae, texts, (clip_tokenizer(), t5_tokenizer()))
     pads = ("<|endoftext|>", "!")[: len(texts)]
     return Components(arch, unet, vae, texts, tuple(clip_tokenizer(p) for p in pads))
 
 
+#: What the stand-in T5 tokenizer is trained on. Its ids (< 60) are valid rows of any T5 vocabulary,
+#: and the prompt is padded to the same 512 (256) tokens either way, so the work is T5-XXL's.
+T5_CORPUS = (PROMPT, "a photo of a cat sitting on a red chair in the sun", "the same street at night, rain, neon lights",
+             "an oil painting of mountains and a lake at dawn", "portrait of an old man with a beard, studio light")
+
+
+def t5_tokenizer():
+    """A T5 tokenizer from a small sentencepiece model trained here (no download needed)."""
+    import tempfile
+
+    import sentencepiece as spm
+    from transformers import T5TokenizerFast
+
+    with tempfile.TemporaryDirectory() as folder:
+        corpus = Path(folder) / "corpus.txt"
+        corpus.write_text("\n".join(T5_CORPUS * 30), encoding="utf-8")
+        spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(Path(folder) / "spiece"), vocab_size=60,
+                                       model_type="bpe", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
+        return T5TokenizerFast(vocab_file=str(Path(folder) / "spiece.model"), extra_ids=0)
+
+
 def stub_unet(unet: torch.nn.Module) -> None:
-    """Make the UNet answer half its input at once, so what remains is each library's own work
-    around it (per-step overhead, text encoders, VAE). Not a speed figure."""
+    """Make the UNet (FLUX: transformer) answer half its input at once, so what remains is each
+    library's own work around it (per-step overhead, text encoders, VAE). Not a speed figure."""
+    if type(unet).__name__ == "FluxTransformer2DModel":
+
+        def flux_forward(hidden_states, *args, return_dict=True, **kwargs):
+            from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+            out = hidden_states * 0.5
+            return Transformer2DModelOutput(sample=out) if return_dict else (out,)
+
+        unet.forward = flux_forward
+        return
 
     def forward(sample, timestep, encoder_hidden_states=None, *args, return_dict=True, **kwargs):
         from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
@@ -264,10 +370,18 @@ def underpaint_model(comps: Components, settings: Settings):
     from underpaint.models.loader import LoadedModel, scaled_linear_alphas_cumprod
 
     family = Family(comps.arch.family)
-    spec = ModelSpec(family=family, prediction="eps", in_channels=4, latent_channels=4,
-                     scaling_factor=comps.arch.vae["scaling_factor"])
+    vae = comps.arch.vae
+    if family == Family.FLUX:
+        spec = ModelSpec(family=family, prediction="flow", in_channels=comps.arch.unet["in_channels"],
+                         latent_channels=vae["latent_channels"], scaling_factor=vae["scaling_factor"],
+                         shift_factor=vae["shift_factor"], variant=comps.arch.variant)
+        alphas = torch.empty(0, dtype=torch.float64)  # a flow model has no DDPM schedule
+    else:
+        spec = ModelSpec(family=family, prediction="eps", in_channels=4, latent_channels=4,
+                         scaling_factor=vae["scaling_factor"])
+        alphas = scaled_linear_alphas_cumprod()
     model = LoadedModel(spec=spec, unet=comps.unet, vae=comps.vae, text_encoders=comps.text_encoders,
-                        tokenizers=comps.tokenizers, alphas_cumprod=scaled_linear_alphas_cumprod(),
+                        tokenizers=comps.tokenizers, alphas_cumprod=alphas,
                         name=f"random-{comps.arch.name}", path=Path(f"random-{comps.arch.name}.safetensors"),
                         device=settings.device, dtype=settings.dtype)
     vars(model)["short_hash"] = None  # there is no file to hash (a cached_property)
@@ -279,10 +393,12 @@ def underpaint_runner(model, case: Case, settings: Settings) -> Callable[[], lis
     from underpaint.pipeline.engine import Engine
 
     engine = Engine(model)
+    flux = dict(negative_prompt="", sampler="Euler", scheduler="Simple", distilled_cfg_scale=settings.guidance)
+    sd = dict(negative_prompt=NEGATIVE, sampler="DPM++ 2M", scheduler="Karras")
     params = GenerationParams(
-        prompt=PROMPT, negative_prompt=NEGATIVE, init_images=(init_image(case.size),), steps=settings.steps,
-        strength=settings.underpaint_strength, cfg_scale=settings.cfg, sampler="DPM++ 2M", scheduler="Karras",
-        seed=SEED, batch_size=case.batch, rng="cpu" if settings.device.type == "cpu" else "gpu",
+        prompt=PROMPT, init_images=(init_image(case.size),), steps=settings.steps,
+        strength=settings.underpaint_strength, cfg_scale=settings.cfg, seed=SEED, batch_size=case.batch,
+        rng="cpu" if settings.device.type == "cpu" else "gpu", **(flux if settings.flux else sd),
     )
     return lambda: list(engine.generate(params).images)
 
@@ -290,6 +406,8 @@ def underpaint_runner(model, case: Case, settings: Settings) -> Callable[[], lis
 def diffusers_pipeline(comps: Components):
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline
 
+    if comps.arch.family == "flux":
+        return _flux_pipeline(comps)
     scheduler = DPMSolverMultistepScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                             algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=True,
                                             steps_offset=1)
@@ -306,9 +424,59 @@ def diffusers_pipeline(comps: Components):
     return pipe
 
 
+def _flux_pipeline(comps: Components):
+    """FluxImg2ImgPipeline with FLUX.1's flow-match Euler scheduler: resolution-shifted for dev,
+    unshifted for schnell (their published scheduler configs)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxImg2ImgPipeline
+
+    if comps.arch.variant == "schnell":
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
+    else:
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                    max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+    clip, t5 = comps.text_encoders
+    pipe = FluxImg2ImgPipeline(scheduler=scheduler, vae=comps.vae, text_encoder=clip, tokenizer=comps.tokenizers[0],
+                               text_encoder_2=t5, tokenizer_2=comps.tokenizers[1], transformer=comps.unet)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@contextmanager
+def posterior_mean() -> Iterator[None]:
+    """diffusers' FLUX img2img samples the VAE posterior; underpaint (like A1111) takes its mean.
+    Make diffusers take the mean too, so the pictures can be compared (the cost is the same)."""
+    from diffusers.pipelines.flux import pipeline_flux_img2img as module
+
+    original = module.retrieve_latents
+    module.retrieve_latents = lambda enc, generator=None, sample_mode="sample": original(enc, generator, "argmax")
+    try:
+        yield
+    finally:
+        module.retrieve_latents = original
+
+
+def denoiser(pipe) -> torch.nn.Module:
+    """The module a diffusers pipeline calls each step: its UNet, or FLUX's transformer."""
+    return pipe.transformer if hasattr(pipe, "transformer") else pipe.unet
+
+
 def diffusers_runner(pipe, case: Case, settings: Settings) -> Callable[[], list]:
     image = init_image(case.size)
     gen_device = "cpu" if settings.device.type == "cpu" else settings.device
+
+    if settings.flux:
+        from underpaint.pipeline.flux import T5_TOKENS, T5_TOKENS_DEFAULT
+
+        tokens = T5_TOKENS.get(settings.flux, T5_TOKENS_DEFAULT)  # as underpaint pads the prompt
+
+        def run_flux() -> list:
+            generator = torch.Generator(gen_device).manual_seed(SEED)
+            return list(pipe(prompt=PROMPT, image=image, strength=settings.strength, height=case.size,
+                             width=case.size, num_inference_steps=settings.steps,
+                             guidance_scale=settings.guidance or 0.0, num_images_per_prompt=case.batch,
+                             generator=generator, max_sequence_length=tokens, output_type="pil").images)
+
+        return run_flux
 
     def run() -> list:
         generator = torch.Generator(gen_device).manual_seed(SEED)
@@ -358,14 +526,15 @@ def optimized(model, settings: Settings) -> Iterator[None]:
 
 @contextmanager
 def compiled_unet(pipe, settings: Settings) -> Iterator[None]:
-    """diffusers' own recipe: channels-last UNet under torch.compile (restored afterwards)."""
-    plain = pipe.unet
+    """diffusers' own recipe: channels-last UNet (FLUX: the transformer) under torch.compile (restored afterwards)."""
+    attr = "transformer" if hasattr(pipe, "transformer") else "unet"
+    plain = getattr(pipe, attr)
     plain.to(memory_format=torch.channels_last)
-    pipe.unet = torch.compile(plain, mode=settings.compile_mode, fullgraph=True)
+    setattr(pipe, attr, torch.compile(plain, mode=settings.compile_mode, fullgraph=True))
     try:
         yield
     finally:
-        pipe.unet = plain
+        setattr(pipe, attr, plain)
         plain.to(memory_format=torch.contiguous_format)
 
 
@@ -496,7 +665,7 @@ def measure(runners: list[Runner], case: Case, settings: Settings) -> list[tuple
 
 @dataclass
 class Check:
-    """Optimized pictures against the plain run's, same seed (uint8 levels)."""
+    """Optimized pictures against the plain run's, or (FLUX) underpaint's against diffusers', same seed (uint8 levels)."""
 
     case: str
     optimizations: str
@@ -521,6 +690,19 @@ def compare(case: Case, names: str, plain: list, fast: list) -> Check:
     return Check(case.name, names, int(diff.max()), float(diff.mean()), psnr, ok)
 
 
+#: fp32 witness check of underpaint's FLUX pictures against diffusers' on the same weights, seed and
+#: noise: diffusers rounds to uint8 where underpaint (like A1111) truncates, so one level, and one
+#: more for summation order. In bf16/fp16 the two paths' rounding differs more; the fp16 limits apply.
+WITNESS_MAX_ABS_FP32 = 2
+
+
+def witness(case: Case, settings: Settings, ours: list, theirs: list) -> Check:
+    check = compare(case, "vs diffusers", ours, theirs)
+    if settings.dtype == torch.float32:
+        check.passed = check.max_abs <= WITNESS_MAX_ABS_FP32
+    return check
+
+
 # --- one case ---------------------------------------------------------------------------------
 
 
@@ -532,11 +714,15 @@ def run_case(case: Case, comps: Components, settings: Settings) -> tuple[list[Me
     _log(f"{case.name}: {case.size}x{case.size}, batch {case.batch}, {settings.steps_run} steps")
     model = underpaint_model(comps, settings)
     pipe = diffusers_pipeline(comps)
-    (plain, plain_out), (eager, _) = measure([
-        Runner("underpaint", underpaint_runner(model, case, settings), lambda: model.unet),
-        Runner("diffusers", diffusers_runner(pipe, case, settings), lambda: pipe.unet),
-    ], case, settings)
+    with posterior_mean() if settings.flux else nullcontext():
+        (plain, plain_out), (eager, eager_out) = measure([
+            Runner("underpaint", underpaint_runner(model, case, settings), lambda: model.unet),
+            Runner("diffusers", diffusers_runner(pipe, case, settings), lambda: denoiser(pipe)),
+        ], case, settings)
     results, checks = [plain], []
+    if settings.flux:
+        checks.append(witness(case, settings, plain_out, eager_out))
+        _log(f"  output check: {asdict(checks[-1])}")
     if settings.optimize:
         names = "+".join(settings.optimize)
         with optimized(model, settings):
@@ -550,7 +736,7 @@ def run_case(case: Case, comps: Components, settings: Settings) -> tuple[list[Me
     if settings.compile_diffusers:
         with compiled_unet(pipe, settings):
             [(compiled, _)] = measure([Runner("diffusers+compile", diffusers_runner(pipe, case, settings),
-                                              lambda: pipe.unet)], case, settings)
+                                              lambda: denoiser(pipe))], case, settings)
         results.append(compiled)
     for m in results:
         m.vs_diffusers = eager.latency_s / m.latency_s
@@ -611,16 +797,18 @@ def _log(msg: str) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="tiny models on the CPU in fp32 (tests the script)")
-    p.add_argument("--cases", default=",".join(c.name for c in CASES), help="comma-separated: sd15, sd15-b16, sdxl")
+    p.add_argument("--cases", default=",".join(c.name for c in CASES),
+                   help="comma-separated: " + ", ".join(c.name for c in CASES + FLUX_CASES) + " (FLUX: opt-in)")
     p.add_argument("--runs", type=int, default=5, help="timed runs per row (the median is reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls after the first call")
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--strength", type=float, default=0.65)
-    p.add_argument("--cfg", type=float, default=7.0)
+    p.add_argument("--steps", type=int, help=f"default {SD_STEPS}; FLUX cases: their own (dev 28, schnell 4)")
+    p.add_argument("--strength", type=float, help=f"default {SD_STRENGTH}; FLUX cases: dev 0.65, schnell 0.75")
+    p.add_argument("--cfg", type=float, help=f"default {SD_CFG}; FLUX cases: 1 (distilled guidance only)")
     p.add_argument("--size", type=int, help="override every case's picture size (pixels, square)")
     p.add_argument("--batch", type=int, help="override every case's batch size")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp16", "bf16", "fp32"], help="auto: fp16 on CUDA, fp32 on CPU")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp16", "bf16", "fp32"],
+                   help="auto: fp16 on CUDA (bf16 for FLUX), fp32 on CPU")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 with --tiny)")
     p.add_argument("--optimize", default="", help="comma-separated module transforms for an extra underpaint row: "
                    + ", ".join(OPTIMIZATIONS))
@@ -645,15 +833,35 @@ def settings_from(args: argparse.Namespace) -> Settings:
     unknown = [n for n in optimize if n not in OPTIMIZATIONS]
     if unknown:
         raise SystemExit(f"--optimize: unknown {', '.join(unknown)}; expected {', '.join(OPTIMIZATIONS)}")
-    s = Settings(device, dtype, args.steps, args.strength, args.cfg, args.runs, args.warmup, optimize,
-                 args.compile_diffusers, args.compile_mode)
+    s = Settings(device, dtype, _given(args.steps, SD_STEPS), _given(args.strength, SD_STRENGTH),
+                 _given(args.cfg, SD_CFG), args.runs, args.warmup, optimize, args.compile_diffusers, args.compile_mode)
+    _check_steps(s, args)
+    return s
+
+
+def _given(value, default):
+    return default if value is None else value
+
+
+def _check_steps(s: Settings, args: argparse.Namespace) -> None:
     if s.steps_run < 1 or args.runs < 1:
         raise SystemExit("steps × strength must give at least one denoising step, and --runs at least 1")
+
+
+def case_settings(case: Case, arch: Arch, settings: Settings, args: argparse.Namespace) -> Settings:
+    """The settings one case runs with: its own steps, strength, CFG and guidance unless given on the
+    command line; FLUX in bf16 on CUDA unless --dtype says otherwise."""
+    if arch.family != "flux":
+        return settings
+    dtype = torch.bfloat16 if args.dtype == "auto" and settings.device.type == "cuda" else settings.dtype
+    s = replace(settings, dtype=dtype, steps=_given(args.steps, case.steps), strength=_given(args.strength, case.strength),
+                cfg=_given(args.cfg, case.cfg), guidance=case.guidance, flux=arch.variant)
+    _check_steps(s, args)
     return s
 
 
 def select_cases(args: argparse.Namespace) -> list[Case]:
-    by_name = {c.name: c for c in CASES}
+    by_name = {c.name: c for c in CASES + FLUX_CASES}
     chosen = []
     for name in (n for n in args.cases.split(",") if n):
         if name not in by_name:
@@ -677,16 +885,18 @@ def main(argv: list[str] | None = None) -> int:
     _log(f"{info['device']}, torch {info['torch']}, diffusers {info['diffusers']}, {info['date']}")
     device_warmup(settings)
     results, checks = [], []
+    per_case = {c.name: case_settings(c, archs[c.arch], settings, args) for c in cases}
     for arch_name in dict.fromkeys(c.arch for c in cases):  # one architecture in memory at a time
         arch = archs[arch_name]
+        arch_cases = [c for c in cases if c.arch == arch_name]
         check_param_counts(arch)
         t0 = time.perf_counter()
-        comps = build_components(arch, settings, vae_upcast=not args.fp16_vae)
+        comps = build_components(arch, per_case[arch_cases[0].name], vae_upcast=not args.fp16_vae)
         if args.stub_unet:
             stub_unet(comps.unet)
         _log(f"{arch.name}: random weights built in {time.perf_counter() - t0:.1f} s")
-        for case in (c for c in cases if c.arch == arch_name):
-            r, c = run_case(case, comps, settings)
+        for case in arch_cases:
+            r, c = run_case(case, comps, per_case[case.name])
             results += r
             checks += c
         del comps
@@ -696,16 +906,26 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.empty_cache()
     if args.json:
         payload = dict(machine=info, settings=_settings_json(settings, args), checks=[asdict(c) for c in checks],
+                       cases={name: _settings_json(s, args) for name, s in per_case.items()},
                        results=[dict(asdict(m), latency_s=m.latency_s, images_per_s=m.images_per_s) for m in results])
         args.json.write_text(json.dumps(payload, indent=2))
     for c in checks:
         print(f"output check {c.case} ({c.optimizations}): max |Δ| {c.max_abs}, mean |Δ| {c.mean_abs:.3f}, "
               f"PSNR {c.psnr_db:.1f} dB: {'ok' if c.passed else 'FAILED'}")
     print(f"{info['device']}; torch {info['torch']}, diffusers {info['diffusers']}; {info['date']}; "
-          f"{str(settings.dtype).removeprefix('torch.')}; {settings.steps} steps at strength {settings.strength} "
-          f"({settings.steps_run} run), CFG {settings.cfg}, DPM++ 2M Karras; median of {settings.runs} runs")
+          f"median of {settings.runs} runs")
+    groups: dict[str, list[str]] = {}
+    for name, s in per_case.items():
+        groups.setdefault(_settings_line(s), []).append(name)
+    for line, names in groups.items():
+        print(f"  {', '.join(names)}: {line}")
     print(table(results, settings))
     return 0 if all(c.passed for c in checks) else 1
+
+
+def _settings_line(s: Settings) -> str:
+    return (f"{str(s.dtype).removeprefix('torch.')}; {s.steps} steps at strength {s.strength} ({s.steps_run} run), "
+            f"{s.recipe}")
 
 
 def _settings_json(settings: Settings, args: argparse.Namespace) -> dict:
@@ -714,7 +934,9 @@ def _settings_json(settings: Settings, args: argparse.Namespace) -> dict:
                 underpaint_strength=settings.underpaint_strength, cfg=settings.cfg, runs=settings.runs,
                 warmup=settings.warmup, optimize=list(settings.optimize), compile_diffusers=settings.compile_diffusers,
                 compile_mode=settings.compile_mode, fp16_vae=args.fp16_vae, stub_unet=args.stub_unet,
-                sampler="DPM++ 2M Karras (diffusers: DPMSolverMultistepScheduler, use_karras_sigmas)")
+                guidance=settings.guidance,
+                sampler=("Euler/Simple (diffusers: FlowMatchEulerDiscreteScheduler)" if settings.flux else
+                         "DPM++ 2M Karras (diffusers: DPMSolverMultistepScheduler, use_karras_sigmas)"))
 
 
 if __name__ == "__main__":

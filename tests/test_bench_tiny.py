@@ -49,6 +49,17 @@ def tiny_run(tmp_path_factory):
     return proc.stdout, json.loads(out.read_text())
 
 
+@pytest.fixture(scope="module")
+def tiny_flux_run(tmp_path_factory):
+    """Both FLUX cases, tiny, one timed run each (a few seconds)."""
+    out = tmp_path_factory.mktemp("bench") / "flux.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, str(SCRIPT), "--tiny", "--cases", "flux-dev,flux-schnell", "--runs", "1", "--warmup", "0",
+           "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    return proc, json.loads(out.read_text()) if out.exists() else None
+
+
 def test_table_is_printed_last(tiny_run):
     stdout, _ = tiny_run
     lines = stdout.strip().splitlines()
@@ -85,6 +96,52 @@ def test_optimized_output_equals_plain(tiny_run):
     assert check["mean_abs"] <= 0.05  # fp32 on the CPU: only summation order changes
 
 
+def test_flux_rows_and_settings(tiny_flux_run):
+    proc, data = tiny_flux_run
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = proc.stdout.strip().splitlines()
+    rows = [line for line in lines if line.startswith("| flux-")]
+    assert lines[-len(rows):] == rows
+    assert [(r.split("|")[1].strip(), r.split("|")[2].strip()) for r in rows] == [
+        ("flux-dev", "underpaint"), ("flux-dev", "diffusers"), ("flux-schnell", "underpaint"),
+        ("flux-schnell", "diffusers")]
+    cases = data["cases"]
+    assert (cases["flux-dev"]["steps"], cases["flux-dev"]["strength"], cases["flux-dev"]["guidance"]) == (28, 0.65, 3.5)
+    assert (cases["flux-schnell"]["steps"], cases["flux-schnell"]["strength"]) == (4, 0.75)
+    assert cases["flux-schnell"]["guidance"] is None
+    for r in data["results"]:
+        # One transformer call per step in both libraries (distilled guidance, no CFG batch).
+        assert r["unet_calls_per_run"] == cases[r["case"]]["steps_run"] and r["unet_ms_per_step"] > 0
+
+
+def test_flux_pictures_match_diffusers(tiny_flux_run):
+    """Same weights, seed and noise; diffusers made to take the VAE posterior's mean: within 2 levels."""
+    _, data = tiny_flux_run
+    checks = {c["case"]: c for c in data["checks"]}
+    assert set(checks) == {"flux-dev", "flux-schnell"}
+    for check in checks.values():
+        assert check["optimizations"] == "vs diffusers" and check["passed"]
+        assert check["max_abs"] <= 2 and check["mean_abs"] < 1
+
+
+@pytest.mark.parametrize(("steps", "strength"), [(28, 0.65), (4, 0.75), (10, 0.6), (20, 0.33), (7, 1.0)])
+def test_flux_cases_run_the_same_steps(steps, strength):
+    """diffusers' FLUX img2img starts at int(steps - steps·strength), not int(steps·strength) from the end;
+    underpaint is given the strength that runs as many steps."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxImg2ImgPipeline
+
+    from underpaint.sampling.schedules import img2img_steps
+
+    bench = _bench_module()
+    settings = bench.Settings(torch.device("cpu"), torch.float32, steps, strength, 1.0, 1, 0, (), False, "default",
+                              guidance=3.5, flux="dev")
+    scheduler = FlowMatchEulerDiscreteScheduler()
+    scheduler.set_timesteps(steps)
+    _, diffusers_steps = FluxImg2ImgPipeline.get_timesteps(SimpleNamespace(scheduler=scheduler), steps, strength, "cpu")
+    _, t_enc = img2img_steps(steps, settings.underpaint_strength, False)
+    assert t_enc + 1 == diffusers_steps == settings.steps_run
+
+
 @pytest.mark.parametrize(("steps", "strength"), [(30, 0.65), (2, 0.65), (20, 0.5), (50, 0.3), (30, 1.0), (7, 0.99)])
 def test_both_libraries_run_the_same_steps(steps, strength):
     """underpaint's strength (A1111's count) runs as many steps as diffusers' get_timesteps at ``strength``."""
@@ -106,12 +163,14 @@ def test_unknown_case_and_optimization_are_refused():
     bench = _bench_module()
     with pytest.raises(SystemExit, match="unknown sd3"):
         bench.select_cases(bench.parse_args(["--cases", "sd3"]))
+    # FLUX is opt-in: the default cases stay SD's three.
+    assert [c.name for c in bench.select_cases(bench.parse_args([]))] == ["sd15", "sd15-b16", "sdxl"]
     with pytest.raises(SystemExit, match="unknown cudagraphs"):
         bench.settings_from(bench.parse_args(["--tiny", "--optimize", "cudagraphs"]))
 
 
 def test_full_size_configs_are_the_published_architectures():
-    """Parameter counts of the random-weight modules equal the released SD 1.5 / SDXL ones (meta device)."""
+    """Parameter counts of the random-weight modules equal the released SD 1.5 / SDXL / FLUX.1 ones (meta device)."""
     bench = _bench_module()
     for arch in bench.ARCHS.values():
         bench.check_param_counts(arch)
