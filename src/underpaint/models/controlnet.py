@@ -405,7 +405,7 @@ MODEL_KEYWORDS: dict[str, tuple[str, ...]] = {
     "seg": ("seg",), "ip2p": ("ip2p",),
 }
 _FAMILY_WORDS = {Family.SD1: ("sd15", "sd1.5", "v11", "sd14", "v1"), Family.SD2: ("sd21", "sd2"),
-                 Family.SDXL: ("sdxl", "xl")}
+                 Family.SDXL: ("sdxl", "xl"), Family.FLUX: ("flux",)}
 
 
 def resolve_controlnet(name: str | None, folders, *, kind: str | None, family: Family | None) -> Path:
@@ -458,7 +458,7 @@ def _default_controlnet(folders, kind: str | None, family: Family | None) -> Pat
 
 
 def _mentions_family(lowered: str, family: Family) -> bool:
-    words = _FAMILY_WORDS[family]
+    words = _FAMILY_WORDS.get(family, (family.value,))
     if family == Family.SD1 and "xl" in lowered:
         return False
     return any(w in lowered for w in words)
