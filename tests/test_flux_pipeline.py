@@ -263,7 +263,6 @@ def test_infotext_records_guidance_and_reads_back(dev, picture):
     ({"sampler": "Euler a"}, "sampler"),
     ({"sampler": "DDIM"}, "sampler"),
     ({"scheduler": "Align Your Steps"}, "scheduler"),
-    ({"prompt": "a cat <lora:film:0.8>"}, "prompt"),
 ])
 def test_what_flux_cannot_do_is_refused_by_field(dev, fields, field):
     with pytest.raises(InvalidParameter) as caught:

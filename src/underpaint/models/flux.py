@@ -210,3 +210,35 @@ def build_transformer(header: CheckpointHeader, state_dict: dict[str, torch.Tens
     weights = transformer_to_diffusers(state_dict, hidden) if layout.naming == "bfl" else state_dict
     what = f"FLUX transformer ({layout.prefix}*)" if layout.prefix else "FLUX transformer"
     return _assign(module, weights, what, device, dtype)
+
+
+# --- LoRA support: the same renaming, applied to module names and output rows ------------------------
+
+
+def original_module_names(config) -> list[str]:
+    """Every original (BFL) Linear module name of a transformer with ``config``, for matching LoRA keys."""
+    names = [m for m in _TOP if m != "guidance_in.in_layer" and m != "guidance_in.out_layer"]
+    if getattr(config, "guidance_embeds", False):
+        names += ["guidance_in.in_layer", "guidance_in.out_layer"]
+    names.append("final_layer.adaLN_modulation.1")
+    linear_double = [k for k in _DOUBLE if "norm" not in k] + list(_DOUBLE_QKV)
+    linear_single = [k for k in _SINGLE if "norm" not in k] + ["linear1"]
+    for i in range(config.num_layers):
+        names += [f"double_blocks.{i}.{inner}" for inner in linear_double]
+    for i in range(config.num_single_layers):
+        names += [f"single_blocks.{i}.{inner}" for inner in linear_single]
+    return names
+
+
+def row_map(module: str, rows: int, hidden: int) -> dict[str, torch.Tensor]:
+    """Where the ``rows`` output rows of original module ``module`` go: diffusers module → row indices.
+
+    Computed by renaming a column of row numbers exactly as :func:`transformer_to_diffusers`
+    renames a weight, so fused projections split (and the final modulation's halves swap) the
+    same way for a LoRA update as for the checkpoint's weights.
+    """
+    numbers = torch.arange(rows).unsqueeze(1)
+    renamed = _rename(module, "weight", numbers, hidden, module)
+    if renamed is None:
+        raise ModelError(f"{module!r} is not a FLUX transformer module")
+    return {name.removesuffix(".weight"): index[:, 0] for name, index in renamed.items()}

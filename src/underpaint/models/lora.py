@@ -8,7 +8,13 @@ Files read (safetensors, or torch files opened with ``weights_only``):
   LoHa (``hada_w1_a`` …, ``hada_t1``), LoKr (``lokr_w1`` or ``lokr_w1_a``/``_b``, ``lokr_w2`` …),
   full differences (``diff``, ``diff_b``) and DoRA magnitudes (``dora_scale``);
 - diffusers / PEFT: ``unet.<module>.lora_A.weight`` / ``lora_B.weight`` (also ``text_encoder.``,
-  ``text_encoder_2.``, the older ``lora.down``/``lora.up`` and attention-processor names).
+  ``text_encoder_2.``, the older ``lora.down``/``lora.up`` and attention-processor names);
+- FLUX.1: diffusers' ``transformer.<module>`` names, and the original (BFL) module names as kohya
+  (``lora_unet_double_blocks_0_img_attn_qkv``), ComfyUI (``diffusion_model.double_blocks.0...``)
+  and other trainers write them. The original fused projections (double blocks' ``qkv``, single
+  blocks' ``linear1`` = q, k, v and the MLP input) are split over the separate diffusers modules
+  by rows, with exactly the row map the checkpoint loader uses (``final_layer.adaLN_modulation``'s
+  halves swapped), so a fused LoRA update lands where its full-weight counterpart would.
 
 A kohya name is a module path with its dots turned into underscores, in either of two
 spellings: diffusers' (``lora_unet_down_blocks_1_attentions_0_proj_in``) or the original LDM
@@ -237,12 +243,21 @@ class ModuleIndex:
         self.encoders = len(model.text_encoders)
         self._targets: dict[tuple[str, str], Target] = {}
         self._layers = {c: int(e.config.num_hidden_layers) for c, e in zip(TEXT_ENCODERS, model.text_encoders)}
-        self._add_unet(model.unet)
+        #: FLUX: the transformer width and the original (BFL) module names, underscored → dotted.
+        self._flux_hidden: int | None = None
+        self._flux_names: dict[str, str] = {}
+        if _is_flux(model.unet):
+            self._add_flux(model.unet)
+        else:
+            self._add_unet(model.unet)
         for component, encoder in zip(TEXT_ENCODERS, model.text_encoders):
             for path, module in _patchable(encoder):
+                raw = path
                 if not path.startswith(("text_model.", "text_projection")):
                     path = "text_model." + path  # transformers 5 flattened CLIPTextModel
-                self._add(Target(component, path, module), path)
+                target = Target(component, path, module)
+                self._add(target, path)
+                self._add(target, raw)  # T5 (FLUX's second encoder) keys use its own module paths
 
     def _add_unet(self, unet: torch.nn.Module) -> None:
         original = _original_unet_names(unet.config)
@@ -252,6 +267,35 @@ class ModuleIndex:
             ldm = original(path)
             if ldm is not None:
                 self._add(target, ldm)
+
+    def _add_flux(self, transformer: torch.nn.Module) -> None:
+        from .flux import original_module_names
+
+        for path, module in _patchable(transformer):
+            self._add(Target(UNET, path, module), path)
+        config = transformer.config
+        self._flux_hidden = int(config.num_attention_heads * config.attention_head_dim)
+        self._flux_names = {n.replace(".", "_"): n for n in original_module_names(config)}
+
+    def fused(self, component: str, name: str, rows: int) -> list[tuple[Target, torch.Tensor]] | None:
+        """For an original FLUX module name: the diffusers modules its ``rows`` output rows go to,
+        each with the row indices it takes (None for any other name)."""
+        dotted = self._flux_names.get(name) if component == UNET else None
+        if dotted is None:
+            return None
+        from .flux import row_map
+
+        try:
+            mapping = row_map(dotted, rows, self._flux_hidden)
+        except ModelError:
+            return None
+        found = []
+        for path, index in mapping.items():
+            target = self.find(UNET, path.replace(".", "_"))
+            if target is None:
+                return None
+            found.append((target, index))
+        return found
 
     def _add(self, target: Target, dotted: str) -> None:
         self._targets.setdefault((target.component, dotted.replace(".", "_")), target)
@@ -273,6 +317,10 @@ class ModuleIndex:
 
     def __len__(self) -> int:
         return len(self.targets())
+
+
+def _is_flux(unet: torch.nn.Module) -> bool:
+    return hasattr(getattr(unet, "config", None), "num_single_layers")
 
 
 def _patchable(module: torch.nn.Module):
@@ -356,12 +404,23 @@ def _kohya_component(prefix: str, encoders: int) -> str | None:
     return TEXT_ENCODERS[0] if encoders == 1 else None
 
 
+#: Where the model's denoiser is named in dotted LoRA keys: diffusers' UNet and FLUX transformer, and
+#: ComfyUI's ``diffusion_model``; original FLUX names may also come with no head at all.
+_DENOISER_HEADS = (UNET, "transformer", "diffusion_model")
+_FLUX_TOP = ("double_blocks.", "single_blocks.", "img_in.", "txt_in.", "time_in.", "vector_in.", "guidance_in.",
+             "final_layer.")
+
+
 def _split_dotted(key: str) -> NetworkKey | None:
     """diffusers/PEFT names: ``<part of the model>.<module path>.<tensor part>``."""
     key = key.removeprefix("base_model.model.")
+    if key.startswith(_FLUX_TOP):
+        key = "diffusion_model." + key
     head, _, rest = key.partition(".")
-    if head not in (UNET, *TEXT_ENCODERS) or not rest:
+    if head not in (*_DENOISER_HEADS, *TEXT_ENCODERS) or not rest:
         return None
+    if head in _DENOISER_HEADS:
+        head = UNET
     for part in sorted((*_PART_ALIASES, *_PARTS), key=len, reverse=True):
         if rest.endswith("." + part):
             module = rest[: -len(part) - 1]
@@ -566,6 +625,11 @@ def load_lora(path: str | os.PathLike, index: ModuleIndex, *, name: str | None =
     for (component, module), parts in groups.items():
         target = index.find(component, module)
         kind = _kind(parts)
+        if target is None and kind is not None:
+            split = _split_fused(index, component, module, kind, parts)
+            if split is not None:
+                patches.extend(split)
+                continue
         if target is None:
             if not index.left_out(component, module):
                 unmatched.extend(f"{component}:{module}.{p}" for p in parts)
@@ -576,6 +640,24 @@ def load_lora(path: str | os.PathLike, index: ModuleIndex, *, name: str | None =
     network = LoraNetwork(name or path.stem, path, tuple(patches), tuple(unmatched), tuple(unsupported))
     _warn_leftovers(network)
     return network
+
+
+# Tensors whose first dimension runs over the module's output rows (sliced when a fused module is split).
+_ROW_PARTS = ("lora_up.weight", "diff", "diff_b", "hada_w1_a", "hada_w2_a")
+
+
+def _split_fused(index: ModuleIndex, component: str, module: str, kind: str,
+                 parts: Mapping[str, torch.Tensor]) -> list[ModulePatch] | None:
+    """One update of an original fused FLUX module as updates of the diffusers modules it became."""
+    if kind not in ("lora", "loha", "full") or "lora_mid.weight" in parts or "dora_scale" in parts:
+        return None
+    rows_of = next((parts[p].shape[0] for p in _ROW_PARTS if p in parts), None)
+    mapping = index.fused(component, module, int(rows_of)) if rows_of is not None else None
+    if mapping is None:
+        return None
+    return [ModulePatch(target, kind, {name: (value[rows] if name in _ROW_PARTS else value)
+                                       for name, value in parts.items()})
+            for target, rows in mapping]
 
 
 def _known_part(part: str) -> bool:

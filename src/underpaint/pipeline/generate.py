@@ -51,25 +51,20 @@ def generate(model, params: GenerationParams, *, info: ModelInfo, progress, canc
     """Run ``n_iter`` batches of ``batch_size`` images; batch image i uses seed + i."""
     if flux.is_flux(model):
         _check_flux_request(params)
-        return _generate(model, params, ActiveNetworks((), ()), info=info, progress=progress, cancel=cancel)
     # 0. Extra networks: the prompt's LoRAs are merged into the weights for this request only.
-    with request_networks(model, params, encoder=prompt_encoder(model, params.clip_skip)) as networks:
+    encoder = None if flux.is_flux(model) else prompt_encoder(model, params.clip_skip)
+    with request_networks(model, params, encoder=encoder) as networks:
         return _generate(model, params, networks, info=info, progress=progress, cancel=cancel)
 
 
 def _check_flux_request(params: GenerationParams) -> None:
     """What FLUX does not do yet, refused up front with the field that asks for it."""
-    from ..prompts.parser import extract_extra_networks
     from ..sampling.flow import check_flow_sampler
 
     check_flow_sampler(params.sampler)
     if params.control_units:
         raise InvalidParameter("control_units", len(params.control_units),
                                "no ControlNet units with a FLUX model (FLUX ControlNets are not supported yet)")
-    _, networks = extract_extra_networks(params.prompt)
-    if networks:
-        raise InvalidParameter("prompt", f"<{networks[0].kind}:{networks[0].name}>",
-                               "no extra networks with a FLUX model (FLUX LoRAs are not supported yet)")
 
 
 def _generate(model, params: GenerationParams, networks: ActiveNetworks, *, info: ModelInfo, progress,
