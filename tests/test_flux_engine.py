@@ -100,3 +100,29 @@ def test_engine_conveniences_take_the_flux_defaults(flux_files, models_dir):  # 
     engine = Engine.load(flux_files["schnell"], models_dir=models_dir, device="cpu", dtype="fp32")
     result = engine.txt2img(prompt="a lighthouse", seed=2, width=64, height=64)
     assert "Steps: 4, Sampler: Euler, Schedule type: Simple, CFG scale: 1, Seed: 2" in result.infotexts[0]
+
+
+def test_a1111_api_serves_flux_with_distilled_cfg_scale(models_dir, photo):
+    import base64
+    import io
+    import json
+
+    from fastapi.testclient import TestClient
+
+    from underpaint.server.app import create_app
+    from underpaint.server.config import ServerConfig
+
+    buffer = io.BytesIO()
+    photo.resize((64, 64)).save(buffer, format="PNG")
+    picture = base64.b64encode(buffer.getvalue()).decode()
+    app = create_app(ServerConfig(models_dir=models_dir, model="flux1-dev-tiny", device="cpu", dtype="fp32"))
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        payload = {"init_images": [picture], "prompt": "a boat", "denoising_strength": 0.6, "steps": 3, "seed": 8,
+                   "width": 64, "height": 64, "sampler_name": "Euler", "cfg_scale": 1, "distilled_cfg_scale": 2.0}
+        r = client.post("/sdapi/v1/img2img", json=payload)
+        assert r.status_code == 200, r.text
+        info = json.loads(r.json()["info"])
+        assert "Distilled CFG Scale: 2, " in info["infotexts"][0] and info["sd_model_name"] == "flux1-dev-tiny"
+        # a sampler that does not run on the flow path is a 422 naming the field
+        r = client.post("/sdapi/v1/img2img", json={**payload, "sampler_name": "Euler a"})
+        assert r.status_code == 422 and "sampler" in r.text
