@@ -97,3 +97,14 @@ class Interrupted(UnderpaintError):
 
     http_status = 200
     kind = "interrupted"
+
+
+class OutOfMemory(UnderpaintError):
+    """The GPU ran out of memory while generating; the message says at what size and what to try.
+
+    The server answers 507 (Insufficient Storage) rather than 4xx: the same request can succeed
+    with a lower ``--vram`` mode or on a larger GPU, and clients can tell it from other failures.
+    """
+
+    http_status = 507
+    kind = "out_of_memory"

@@ -94,6 +94,10 @@ def _add_generation_args(p: argparse.ArgumentParser, *, img2img: bool) -> None:
     m.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     m.add_argument("--dtype", default="auto", help="auto (fp16 on GPU, fp32 on CPU), fp16, bf16 or fp32")
     m.add_argument("--prediction", choices=("eps", "v"), default=None, help="override the detected prediction type")
+    m.add_argument("--vram", choices=("high", "medium", "low"), default="high",
+                   help="GPU memory mode: high keeps everything on the GPU (default); medium keeps the text "
+                        "encoders and VAE in RAM until they run; low also moves the UNet to the GPU block by block "
+                        "and decodes in tiles (slowest, least memory)")
 
     from .control import add_control_arguments
 
@@ -214,7 +218,8 @@ def _load_engine(args: argparse.Namespace):
     folder = models_folder(args)
     return Engine.load(_checkpoint(args, folder), models_dir=folder.root, device=args.device,
                        dtype=args.dtype, vae=args.vae, prediction=args.prediction,
-                       clip_l=getattr(args, "clip_l", None), t5=getattr(args, "t5", None))
+                       clip_l=getattr(args, "clip_l", None), t5=getattr(args, "t5", None),
+                       vram=getattr(args, "vram", "high"))
 
 
 def _checkpoint(args: argparse.Namespace, folder) -> Path:

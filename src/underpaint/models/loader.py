@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -45,6 +46,8 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     vae_path: Path | None = field(default=None)
+    #: Where the parts are kept between uses (``--vram``; models/offload.py); None: all on ``device``.
+    offload: Any = field(default=None, repr=False)
 
     @cached_property
     def short_hash(self) -> str | None:

@@ -12,6 +12,7 @@ from .records import Cancellation, ModelInfo, Progress, Result
 if TYPE_CHECKING:
     from PIL.Image import Image
 
+    from ..errors import OutOfMemory
     from ..models.loader import LoadedModel
 
 
@@ -42,16 +43,22 @@ class Engine:
         prediction: str | None = None,
         clip_l: str | Path | None = None,
         t5: str | Path | None = None,
+        vram: str = "high",
     ) -> "Engine":
         """Load a checkpoint by path or by name from the models folder; never touches the network.
 
         ``clip_l`` and ``t5`` are FLUX's separate text encoder files (paths, or names in the
         models folder's ``text_encoders/``); SD checkpoints carry their own.
+        ``vram`` is the memory mode (high, medium or low; see :mod:`underpaint.models.offload`):
+        below high the weights are read into host memory and only the parts the mode keeps
+        on the device go there.
         """
         from ..models.device import pick_placement
         from ..models.loader import load_model
+        from ..models.offload import check_vram, place
         from ..models.registry import ModelsDir, default_models_dir
 
+        vram = check_vram(vram)
         folder = ModelsDir(Path(models_dir) if models_dir else default_models_dir())
         path = folder.resolve_checkpoint(str(model))
         vae_path = folder.resolve_vae(str(vae)) if vae else None
@@ -66,8 +73,10 @@ class Engine:
             found = _flux_companions(path, folder, given={**encoders, "vae": vae_path})
             encoders.update({k: v for k, v in found.items() if k != "vae"})
             vae_path = found.get("vae", vae_path)
-        loaded = load_model(path, device=placement.device, dtype=placement.dtype, vae=vae_path, prediction=prediction,
+        load_to = placement.device if vram == "high" else "cpu"
+        loaded = load_model(path, device=load_to, dtype=placement.dtype, vae=vae_path, prediction=prediction,
                             **encoders)
+        place(loaded, vram, device=placement.device)
         return cls(loaded, models_dir=folder)
 
     @property
@@ -90,10 +99,24 @@ class Engine:
         progress: Callable[[Progress], None] | None = None,
         cancel: Cancellation | None = None,
     ) -> Result:
-        """Run a request: ``n_iter`` batches of ``batch_size`` images."""
+        """Run a request: ``n_iter`` batches of ``batch_size`` images.
+
+        A GPU out-of-memory error that the VAE's tiled retry does not absorb (the sampling loop,
+        prompt encoding) ends the request as :class:`~underpaint.errors.OutOfMemory`, after every
+        offloaded block is back home and the cache is freed, so the next request can run.
+        """
+        from ..models.offload import free_cache, is_out_of_memory, settle
         from .generate import generate
 
-        return generate(self.model, params, info=self.info, progress=progress, cancel=cancel or Cancellation())
+        try:
+            return generate(self.model, params, info=self.info, progress=progress, cancel=cancel or Cancellation())
+        except Exception as exc:  # noqa: BLE001 - only out-of-memory errors are translated
+            if not is_out_of_memory(exc):
+                raise
+        # Outside the except block, so the failed call's frames (and their tensors) are gone.
+        settle(self.model)
+        free_cache()
+        raise out_of_memory_error(self.model, params)
 
     def img2img(self, image: "Image | str | Path", **fields: Any) -> Result:
         """Convenience: ``engine.img2img(image, prompt=..., strength=...)``."""
@@ -111,6 +134,23 @@ class Engine:
         from .flux import family_defaults
 
         return {**family_defaults(self.model), **fields}
+
+
+def out_of_memory_error(model: "LoadedModel", params: GenerationParams) -> "OutOfMemory":
+    """The one-line error for a request the GPU had no room for: its size, batch and what to try."""
+    from ..errors import OutOfMemory
+    from ..imageio.resize import output_size
+
+    if params.is_img2img:
+        width, height = output_size(params.init_images[0].size, params.width, params.height)
+    else:
+        default = 1024 if model.spec.family.value in ("sdxl", "flux") else 512
+        width, height = params.width or default, params.height or default
+    plan = getattr(model, "offload", None)
+    mode = plan.mode if plan is not None else "high"
+    lower = {"high": "try --vram medium or low, ", "medium": "try --vram low, "}.get(mode, "try ")
+    return OutOfMemory(f"the GPU ran out of memory at {width}x{height}, batch {params.batch_size}: "
+                       f"{lower}a smaller size or batch")
 
 
 #: What each FLUX companion file is called in the models folder, as people download them.

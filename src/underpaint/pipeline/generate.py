@@ -210,11 +210,15 @@ def _run_batch(model, plan: Plan, job: int, seeds, subseeds, progress, cancel: C
     is_flux = flux.is_flux(model)
 
     # 3. Encode the prompts (prompt-editing schedules become per-step conditioning).
+    #    In the medium and low memory modes the text encoders visit the device for this only.
+    from ..models.offload import on_device
+
     evaluations = p.steps * (2 if "second_order" in sampler_info(p.sampler).flags else 1)
-    if is_flux:
-        conds = flux.encode_prompts(model, p, evaluations, batch=b)
-    else:
-        conds = encode_prompts(model, p, evaluations, batch=b, width=plan.width, height=plan.height)
+    with on_device(model, "text"):
+        if is_flux:
+            conds = flux.encode_prompts(model, p, evaluations, batch=b)
+        else:
+            conds = encode_prompts(model, p, evaluations, batch=b, width=plan.width, height=plan.height)
 
     # 4. Prepare the start latent: VAE-encoded picture plus noise at the first sigma.
     noise = noise_mod.image_noise(
@@ -340,16 +344,23 @@ def encode_images(model, images, plan: Plan, batch: int) -> torch.Tensor:
 
 
 def encode_pixels(model, pixels: torch.Tensor) -> torch.Tensor:
-    """VAE-encode pictures in [-1, 1] to scaled latents (posterior mean: deterministic)."""
-    with torch.inference_mode():
-        mean = model.vae.encode(pixels.to(model.device, _vae_dtype(model))).latent_dist.mean
+    """VAE-encode pictures in [-1, 1] to scaled latents (posterior mean: deterministic).
+
+    The VAE runs where the memory mode puts it, upcast to float32 where fp16 would overflow, and
+    retries in tiles after an out-of-memory error (models/offload.py: ``run_vae``).
+    """
+    from ..models.offload import run_vae
+
+    mean = run_vae(model, lambda vae, device, dtype: vae.encode(pixels.to(device, dtype)).latent_dist.mean)
     return (mean.to(torch.float32) - _shift(model)) * model.spec.scaling_factor
 
 
 def decode_latents(model, latents: torch.Tensor):
-    vae = model.vae
-    with torch.inference_mode():
-        pixels = vae.decode((latents / model.spec.scaling_factor + _shift(model)).to(_vae_dtype(model))).sample
+    """Decode scaled latents to pictures; a half-precision decode that gives NaNs runs again in float32."""
+    from ..models.offload import run_vae
+
+    z = latents / model.spec.scaling_factor + _shift(model)
+    pixels = run_vae(model, lambda vae, device, dtype: vae.decode(z.to(device, dtype)).sample, nan_check=True)
     return tensor_to_images(pixels.float())
 
 
@@ -375,7 +386,3 @@ def flux_fill_channels(model, plan: Plan, batch: int, encode) -> torch.Tensor:
     h, w = masked.shape[-2:]
     cells = mask.reshape(batch, h, 8, w, 8).permute(0, 2, 4, 1, 3).reshape(batch, 64, h, w)
     return torch.cat([flux.pack(masked), flux.pack(cells.to(masked))], dim=-1).to(model.device)
-
-
-def _vae_dtype(model) -> torch.dtype:
-    return next(model.vae.parameters()).dtype

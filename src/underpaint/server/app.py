@@ -33,12 +33,13 @@ Errors are JSON: `{"error": kind, "field": name or null, "detail": message}`.
 
 
 def engine_loader(config: ServerConfig) -> EngineLoader:
-    """Load checkpoints with the server's device and dtype (torch is imported only here, on first load)."""
+    """Load checkpoints with the server's device, dtype and memory mode (torch is imported only here, on first load)."""
 
     def load(path: Path):
         from ..pipeline.engine import Engine
 
-        return Engine.load(path, models_dir=config.models_dir, device=config.device, dtype=config.dtype)
+        return Engine.load(path, models_dir=config.models_dir, device=config.device, dtype=config.dtype,
+                           vram=config.vram)
 
     return load
 

@@ -41,6 +41,9 @@ def add_serve_command(sub) -> argparse.ArgumentParser:
     model.add_argument("--model", default=None, help="checkpoint to load at start (default: the first in the folder)")
     model.add_argument("--device", default=None, help="cuda, cuda:1, mps or cpu (default: the best available)")
     model.add_argument("--dtype", default=None, help="fp16, bf16 or fp32 (default: what the device does best)")
+    model.add_argument("--vram", choices=("high", "medium", "low"), default="high",
+                       help="GPU memory mode: high (all on the GPU, default), medium (text encoders and VAE in RAM "
+                            "until they run), low (also the UNet block by block, tiled VAE)")
 
     lim = p.add_argument_group("limits")
     defaults = Limits()
@@ -72,7 +75,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     )
     return ServerConfig(
         models_dir=Path(args.models_dir).expanduser() if args.models_dir else None,
-        model=args.model, device=args.device, dtype=args.dtype, host=host, port=args.port,
+        model=args.model, device=args.device, dtype=args.dtype, vram=getattr(args, "vram", "high"), host=host,
+        port=args.port,
         api_auth=parse_api_auth(auth_text) if auth_text else (),
         cors_allow_origins=_split(args.cors_allow_origins), allowed_hosts=_split(args.allowed_hosts),
         limits=limits, queue_size=args.queue_size, allow_image_urls=args.allow_image_urls, insecure=args.insecure,

@@ -47,6 +47,8 @@ class ServerConfig:
     model: str | None = None
     device: str | None = None
     dtype: str | None = None
+    #: GPU memory mode for loaded checkpoints: high, medium or low (models/offload.py).
+    vram: str = "high"
     host: str = "127.0.0.1"
     port: int = 7860
     api_auth: tuple[Credential, ...] = ()
@@ -65,6 +67,8 @@ class ServerConfig:
             raise InvalidParameter("port", self.port, "a TCP port from 0 to 65535")
         if self.queue_size < 0:
             raise InvalidParameter("queue_size", self.queue_size, "0 or more waiting jobs")
+        if self.vram not in ("high", "medium", "low"):
+            raise InvalidParameter("vram", self.vram, "high, medium or low")
 
     @property
     def is_loopback(self) -> bool:

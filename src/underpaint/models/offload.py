@@ -1,0 +1,375 @@
+"""Memory modes (``--vram high|medium|low``): which parts of a model live on the GPU, and when.
+
+* ``high``: everything stays on the device (the fastest; the most memory).
+* ``medium``: the text encoders and the VAE rest in host memory and visit the device only while
+  they run (prompt encoding, VAE encode, VAE decode); the UNet/transformer stays on the device.
+* ``low``: ``medium``, plus the UNet/transformer rests in host memory too and each of its
+  top-level blocks (``down_blocks[i]``, ``mid_block``, ``up_blocks[i]``, FLUX's
+  ``transformer_blocks[i]`` ...) visits the device only for its own forward, through forward
+  pre/post hooks; and the VAE works in tiles, so its activations stay small at any picture size.
+
+A visit swaps each weight's ``.data`` for a device copy and swaps the resting copy back
+afterwards: nothing is copied back to the host (weights do not change while they run), and a
+LoRA merged into the resting copy between visits is what the next visit takes along. The
+same swap runs a half-precision VAE in float32 for one call (SDXL's VAE overflows in fp16).
+
+Where the device is the host itself (CPU), every visit is a no-op ``.to()``, but the same code
+runs: tests use the CPU as both ``home`` and ``device`` and watch the visits through
+``observer`` or a ``transfer`` of their own.
+
+Out of memory: :func:`is_out_of_memory` recognises CUDA's errors; the VAE helpers retry once
+in tiles (:func:`run_vae`); an error anywhere else becomes :class:`~underpaint.errors.OutOfMemory`
+at the engine, which names the size and batch and suggests a lower mode.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import InvalidParameter
+
+VRAM_MODES = ("high", "medium", "low")
+#: Picture-side length of a VAE tile in low mode (and in the out-of-memory retry). 512 px is
+#: what the SD VAEs were trained at; SDXL's and FLUX's work as well at 512, and a 1024² decode
+#: in 512 px tiles keeps the VAE's activations a quarter of the size.
+DEFAULT_TILE_PX = 512
+#: Fraction of a tile shared with its neighbours, blended across (diffusers' default).
+TILE_OVERLAP = 0.25
+
+#: ``transfer(tensor, device, dtype)`` returns the tensor as it should be while its module runs.
+Transfer = Callable[[torch.Tensor, torch.device, "torch.dtype | None"], torch.Tensor]
+#: ``observer(event, part)``: event "in" or "out"; part "text", "vae" or "unet.<block name>".
+Observer = Callable[[str, str], None]
+
+
+def _transfer(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:
+    return tensor.to(device=device, dtype=dtype) if dtype is not None else tensor.to(device=device)
+
+
+def check_vram(mode: str | None) -> str:
+    """The memory mode named, ``high`` for None; anything else is an :class:`InvalidParameter`."""
+    mode = "high" if mode in (None, "") else str(mode).lower()
+    if mode not in VRAM_MODES:
+        raise InvalidParameter("vram", mode, "high, medium or low")
+    return mode
+
+
+@dataclass(eq=False)
+class Offload:
+    """Where a model's parts are kept; installed by :func:`place` as ``model.offload``."""
+
+    mode: str
+    #: Where the parts run.
+    device: torch.device
+    #: Where offloaded parts rest between visits (host memory; the CPU in tests too).
+    home: torch.device
+    tile_px: int = DEFAULT_TILE_PX
+    transfer: Transfer = _transfer
+    observer: Observer | None = None
+    hooks: list = field(default_factory=list, repr=False)
+    #: Blocks on a visit now: name → (tensor, resting data) pairs to swap back.
+    resident: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict, repr=False)
+
+    @property
+    def offloads_encoders(self) -> bool:
+        """Text encoders and VAE rest at home (medium and low)."""
+        return self.mode in ("medium", "low")
+
+    @property
+    def offloads_unet(self) -> bool:
+        """The UNet/transformer rests at home and visits block by block (low)."""
+        return self.mode == "low"
+
+    def notify(self, event: str, part: str) -> None:
+        if self.observer is not None:
+            self.observer(event, part)
+
+
+def offload_of(model: Any) -> Offload | None:
+    """The model's memory mode, None for a model never :func:`place`\\ d (everything on its device)."""
+    return getattr(model, "offload", None)
+
+
+# --- placing a model --------------------------------------------------------------------------
+
+
+def place(model: Any, mode: str = "high", *, device: str | torch.device | None = None,
+          home: str | torch.device = "cpu", tile_px: int = DEFAULT_TILE_PX, transfer: Transfer | None = None,
+          observer: Observer | None = None) -> Offload:
+    """Put ``model``'s parts where ``mode`` keeps them and install the hooks it needs.
+
+    ``device`` defaults to ``model.device``; afterwards ``model.device`` is the device the work
+    runs on, whatever rests at ``home``. Placing again replaces the previous mode.
+    """
+    mode = check_vram(mode)
+    if tile_px < 64 or tile_px % 8:
+        raise InvalidParameter("tile_px", tile_px, "a multiple of 8, at least 64")
+    release(model)
+    plan = Offload(mode, torch.device(device if device is not None else model.device), torch.device(home),
+                   tile_px=tile_px, transfer=transfer or _transfer, observer=observer)
+    encoders_at = plan.home if plan.offloads_encoders else plan.device
+    for module in (*model.text_encoders, model.vae):
+        module.to(encoders_at)
+    if plan.offloads_unet:
+        model.unet.to(plan.home)
+        _install_block_hooks(model.unet, plan)
+    else:
+        model.unet.to(plan.device)
+    if mode == "low":
+        configure_tiling(model.vae, plan.tile_px)
+    elif hasattr(model.vae, "disable_tiling"):
+        model.vae.disable_tiling()
+    model.device = plan.device
+    model.offload = plan
+    return plan
+
+
+def release(model: Any) -> None:
+    """Remove a previous :func:`place`'s hooks and return every visiting block home."""
+    plan = offload_of(model)
+    if plan is None:
+        return
+    settle(model)
+    for handle in plan.hooks:
+        handle.remove()
+    plan.hooks.clear()
+
+
+def settle(model: Any) -> None:
+    """Send home every block still on a visit (after a forward that raised, e.g. out of memory)."""
+    plan = offload_of(model)
+    if plan is None:
+        return
+    for name in list(plan.resident):
+        _swap_out(plan.resident.pop(name))
+        plan.notify("out", name)
+
+
+# --- model-level visits: text encoders, VAE ---------------------------------------------------
+
+
+@contextmanager
+def on_device(model: Any, part: str, *, dtype: torch.dtype | None = None) -> Iterator[None]:
+    """Bring the text encoders (``part="text"``) or the VAE (``"vae"``) to the device for the
+    ``with`` body, in ``dtype`` when given (floating tensors only), and send them back after.
+
+    In high mode without a dtype this does nothing.
+    """
+    if part == "text":
+        modules: tuple = tuple(model.text_encoders)
+    elif part == "vae":
+        modules = (model.vae,)
+    else:
+        raise ValueError(f"part must be 'text' or 'vae', not {part!r}")
+    plan = offload_of(model)
+    visits = plan is not None and plan.offloads_encoders
+    if not visits and dtype is None:
+        yield
+        return
+    target = plan.device if visits else _device_of(modules[0], model.device)
+    transfer = plan.transfer if plan is not None else _transfer
+    swapped = _swap_in(modules, target, dtype, transfer)
+    if plan is not None:
+        plan.notify("in", part)
+    try:
+        yield
+    finally:
+        _swap_out(swapped)
+        if plan is not None:
+            plan.notify("out", part)
+
+
+def _device_of(module: torch.nn.Module, default: torch.device) -> torch.device:
+    for tensor in module.parameters():
+        return tensor.device
+    return torch.device(default)
+
+
+def _tensors(modules: Iterable[torch.nn.Module]) -> list[torch.Tensor]:
+    """Every parameter and buffer of ``modules``, each once (tied weights are one tensor)."""
+    seen: set[int] = set()
+    found = []
+    for module in modules:
+        for tensor in (*module.parameters(), *module.buffers()):
+            if id(tensor) not in seen:
+                seen.add(id(tensor))
+                found.append(tensor)
+    return found
+
+
+def _swap_in(modules: Iterable[torch.nn.Module], device: torch.device, dtype: torch.dtype | None,
+             transfer: Transfer) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Give each tensor a copy on ``device`` (in ``dtype``); return what to swap back."""
+    swapped = []
+    with torch.inference_mode(False), torch.no_grad():  # plain tensors, even when called while sampling
+        for tensor in _tensors(modules):
+            resting = tensor.data
+            visiting = transfer(resting, device, dtype if tensor.is_floating_point() else None)
+            if visiting is not resting:
+                tensor.data = visiting
+                swapped.append((tensor, resting))
+    return swapped
+
+
+def _swap_out(swapped: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    with torch.inference_mode(False), torch.no_grad():
+        for tensor, resting in swapped:
+            tensor.data = resting
+
+
+# --- sequential offload of the UNet/transformer -------------------------------------------------
+
+
+def offload_blocks(root: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """The top-level children that hold weights, the items of a ModuleList/ModuleDict one by one
+    (``down_blocks.0``, ``mid_block``, ``transformer_blocks.7``, ``conv_out`` ...)."""
+    blocks = []
+    for name, child in root.named_children():
+        if isinstance(child, (torch.nn.ModuleList, torch.nn.ModuleDict)):
+            blocks.extend((f"{name}.{sub}", item) for sub, item in child.named_children() if _holds_tensors(item))
+        elif _holds_tensors(child):
+            blocks.append((name, child))
+    return blocks
+
+
+def _holds_tensors(module: torch.nn.Module) -> bool:
+    return any(True for _ in module.parameters()) or any(True for _ in module.buffers())
+
+
+def _install_block_hooks(root: torch.nn.Module, plan: Offload) -> None:
+    # Weights of the root itself (none in diffusers' UNet and FLUX transformer) stay on the device.
+    for tensor in (*root._parameters.values(), *root._buffers.values()):
+        if tensor is not None:
+            tensor.data = tensor.data.to(plan.device)
+    for name, block in offload_blocks(root):
+        part = f"unet.{name}"
+        plan.hooks.append(block.register_forward_pre_hook(_arrive(plan, part, block)))
+        plan.hooks.append(block.register_forward_hook(_leave(plan, part), always_call=True))
+
+
+def _arrive(plan: Offload, part: str, block: torch.nn.Module) -> Callable:
+    def hook(module, args):
+        if part not in plan.resident:
+            plan.resident[part] = _swap_in((block,), plan.device, None, plan.transfer)
+            plan.notify("in", part)
+
+    return hook
+
+
+def _leave(plan: Offload, part: str) -> Callable:
+    def hook(module, args, output):
+        swapped = plan.resident.pop(part, None)
+        if swapped is not None:
+            _swap_out(swapped)
+            plan.notify("out", part)
+
+    return hook
+
+
+# --- VAE: tiling, precision, out-of-memory retry ------------------------------------------------
+
+
+def configure_tiling(vae: torch.nn.Module, tile_px: int = DEFAULT_TILE_PX) -> None:
+    """Turn on diffusers' tiled encode/decode with ``tile_px`` picture tiles (latent tiles 1/8 of
+    that for the SD/FLUX VAEs), overlapping by :data:`TILE_OVERLAP`."""
+    if not hasattr(vae, "enable_tiling"):
+        return
+    vae.tile_sample_min_size = int(tile_px)
+    vae.tile_latent_min_size = int(tile_px) // vae_scale(vae)
+    vae.tile_overlap_factor = TILE_OVERLAP
+    vae.enable_tiling()
+
+
+def vae_scale(vae: torch.nn.Module) -> int:
+    """Pixels per latent cell along a side: 2 per downsampling level (8 for every SD/FLUX VAE)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+@contextmanager
+def tiled(vae: torch.nn.Module, tile_px: int) -> Iterator[None]:
+    """Tiling with ``tile_px`` tiles for the ``with`` body; the previous settings after."""
+    keys = ("use_tiling", "tile_sample_min_size", "tile_latent_min_size", "tile_overlap_factor")
+    before = {k: getattr(vae, k) for k in keys if hasattr(vae, k)}
+    configure_tiling(vae, tile_px)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            setattr(vae, key, value)
+
+
+def vae_compute_dtype(stored: torch.dtype, force_upcast: bool) -> torch.dtype:
+    """The dtype a VAE stored in ``stored`` runs in: float32 for a half-precision VAE whose
+    config says it overflows in fp16 (``force_upcast``, set for SDXL's and FLUX's), else as stored.
+
+    A VAE known to be fp16-safe (``force_upcast`` False, as madebyollin's sdxl-vae-fp16-fix)
+    runs in fp16; bf16 has float32's range and is never upcast.
+    """
+    if stored == torch.float16 and force_upcast:
+        return torch.float32
+    return stored
+
+
+def model_vae_dtype(model: Any) -> torch.dtype:
+    """:func:`vae_compute_dtype` for ``model.vae``."""
+    stored = next(model.vae.parameters()).dtype
+    return vae_compute_dtype(stored, bool(getattr(model.vae.config, "force_upcast", False)))
+
+
+def run_vae(model: Any, call: Callable[[torch.nn.Module, torch.device, torch.dtype], torch.Tensor], *,
+            nan_check: bool = False) -> torch.Tensor:
+    """``call(vae, device, dtype)`` with the VAE on the device in its compute dtype.
+
+    Out of memory: the cache is emptied and the call retried once in tiles (half the mode's tile
+    size when it already tiles). ``nan_check``: a half-precision result with NaNs (the VAE
+    overflowed) is computed again in float32.
+    """
+    dtype = model_vae_dtype(model)
+    try:
+        out = _vae_once(model, call, dtype)
+    except Exception as exc:  # noqa: BLE001 - only out-of-memory errors are handled, the rest re-raised
+        if not is_out_of_memory(exc):
+            raise
+        out = None
+    if out is None:  # outside the except block: the failed call's tensors are freed first
+        settle(model)
+        free_cache()
+        plan = offload_of(model)
+        tile = plan.tile_px if plan is not None else DEFAULT_TILE_PX
+        if getattr(model.vae, "use_tiling", False):
+            tile = max(64, int(getattr(model.vae, "tile_sample_min_size", tile)) // 2 // 8 * 8)
+        with tiled(model.vae, tile):
+            out = _vae_once(model, call, dtype)
+    if nan_check and dtype == torch.float16 and bool(torch.isnan(out).any()):
+        out = _vae_once(model, call, torch.float32)
+    return out
+
+
+def _vae_once(model: Any, call: Callable, dtype: torch.dtype) -> torch.Tensor:
+    with on_device(model, "vae", dtype=dtype if dtype != next(model.vae.parameters()).dtype else None):
+        with torch.inference_mode():
+            return call(model.vae, model.device, dtype)
+
+
+# --- out of memory ------------------------------------------------------------------------------
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA's out-of-memory error (``torch.cuda.OutOfMemoryError``, or a RuntimeError saying so)."""
+    oom = getattr(torch.cuda, "OutOfMemoryError", None) or getattr(torch, "OutOfMemoryError", None)
+    if oom is not None and isinstance(exc, oom):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def free_cache() -> None:
+    """Give cached, unused GPU memory back (after an out-of-memory error)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
