@@ -15,6 +15,10 @@ differences of form:
 
 Every width is read from the file (hidden size from ``img_in``, head size from the RMS-norm
 scales, MLP width from ``linear1``), so checkpoints of any size load without a config file.
+
+Weights kept as stored (fp8 or GGUF blocks, :class:`~.quantized.StoredWeight`) go through the
+same renaming and splitting: both are cut by output rows, so q, k, v and the MLP input of a fused
+projection are row ranges of its bytes. They end up in :class:`~.quantized.StoredLinear` layers.
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ import torch
 from ..errors import ModelError
 from .detect import FluxLayout
 from .header import CheckpointHeader
+from .quantized import StoredWeight, swap_linears, weight_storage
+
+Weight = torch.Tensor | StoredWeight
 
 #: Rotary-embedding split of a 128-wide head over (text index, image row, image column), as in FLUX.1.
 FLUX_AXES_DIMS = (16, 56, 56)
@@ -125,26 +132,30 @@ def transformer_config(header: CheckpointHeader, layout: FluxLayout) -> dict:
     )
 
 
-def _swap_halves(t: torch.Tensor) -> torch.Tensor:
+def _swap_halves(t: Weight) -> Weight:
     """(shift, scale) stacked along dim 0 → (scale, shift)."""
+    if isinstance(t, StoredWeight):
+        return t.swap_halves()
     first, second = t.chunk(2, dim=0)
     return torch.cat([second, first], dim=0)
 
 
-def _split_rows(t: torch.Tensor, sizes: tuple[int, ...], name: str) -> tuple[torch.Tensor, ...]:
+def _split_rows(t: Weight, sizes: tuple[int, ...], name: str) -> tuple[Weight, ...]:
     if t.shape[0] != sum(sizes):
         parts = " + ".join(map(str, sizes))
         raise ModelError(f"FLUX tensor {name} has {t.shape[0]} rows, expected {sum(sizes)} ({parts})")
+    if isinstance(t, StoredWeight):
+        return t.split_rows(sizes)
     return tuple(part.contiguous() for part in torch.split(t, list(sizes), dim=0))
 
 
-def transformer_to_diffusers(state_dict: dict[str, torch.Tensor], hidden: int) -> dict[str, torch.Tensor]:
+def transformer_to_diffusers(state_dict: dict[str, Weight], hidden: int) -> dict[str, Weight]:
     """A FLUX transformer's original weights (prefix removed) in ``FluxTransformer2DModel`` names.
 
     ``state_dict`` is consumed. ``hidden`` is the model width; a single block's MLP width is what
     ``linear1`` holds beyond q, k and v.
     """
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, Weight] = {}
     unknown: list[str] = []
     for key in list(state_dict):
         value = state_dict.pop(key)
@@ -161,7 +172,7 @@ def transformer_to_diffusers(state_dict: dict[str, torch.Tensor], hidden: int) -
     return out
 
 
-def _rename(module: str, param: str, value: torch.Tensor, hidden: int, key: str) -> dict[str, torch.Tensor] | None:
+def _rename(module: str, param: str, value: Weight, hidden: int, key: str) -> dict[str, Weight] | None:
     if module in _TOP:
         return {f"{_TOP[module]}.{param}": value}
     if module == "final_layer.adaLN_modulation.1":
@@ -190,14 +201,15 @@ def _rename(module: str, param: str, value: torch.Tensor, hidden: int, key: str)
     return None
 
 
-def build_transformer(header: CheckpointHeader, state_dict: dict[str, torch.Tensor], layout: FluxLayout, *,
+def build_transformer(header: CheckpointHeader, state_dict: dict[str, Weight], layout: FluxLayout, *,
                       device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     """``FluxTransformer2DModel`` built on the meta device, then given the file's tensors (which are consumed).
 
-    ``state_dict`` holds the transformer's tensors with the layout's prefix removed. Tensors
-    stored as fp8 (``float8_e4m3fn``/``e5m2``) or dequantized from GGUF are cast to ``dtype``
-    here, so the module computes in ``dtype``; keeping fp8 storage in memory (casting per layer
-    at run time) is a separate memory mode.
+    ``state_dict`` holds the transformer's tensors with the layout's prefix removed. Plain tensors
+    (including fp8 or GGUF ones already expanded) are cast to ``dtype``. :class:`~.quantized.StoredWeight`
+    values stay as stored in :class:`~.quantized.StoredLinear` layers that compute in ``dtype``; one
+    that does not land on a linear layer's weight is expanded instead. The module's
+    ``weight_storage`` says how its weights are held (``"bf16"``, ``"fp8_e4m3fn"``, ``"gguf:Q8_0"``, ...).
     """
     from diffusers import FluxTransformer2DModel
 
@@ -209,7 +221,27 @@ def build_transformer(header: CheckpointHeader, state_dict: dict[str, torch.Tens
     hidden = config["num_attention_heads"] * config["attention_head_dim"]
     weights = transformer_to_diffusers(state_dict, hidden) if layout.naming == "bfl" else state_dict
     what = f"FLUX transformer ({layout.prefix}*)" if layout.prefix else "FLUX transformer"
-    return _assign(module, weights, what, device, dtype)
+    stored = {k: v for k, v in weights.items() if isinstance(v, StoredWeight)}
+    for key in [k for k in stored if not _is_linear_weight(module, k)]:
+        weights[key] = stored.pop(key).dequantize(dtype)
+    for key in stored:
+        del weights[key]
+    layers = swap_linears(module, stored, what)
+    module = _assign(module, weights, what, device, dtype)
+    for key in list(stored):  # one at a time: each source copy is freed once placed
+        layer = layers[key]
+        layer.store(stored.pop(key).to(device))
+        layer.compute_dtype = dtype
+    module.weight_storage = weight_storage(module, dtype)
+    return module
+
+
+def _is_linear_weight(module: torch.nn.Module, key: str) -> bool:
+    path, _, param = key.rpartition(".")
+    try:
+        return param == "weight" and isinstance(module.get_submodule(path), torch.nn.Linear)
+    except AttributeError:
+        return False
 
 
 # --- LoRA support: the same renaming, applied to module names and output rows ------------------------

@@ -14,9 +14,14 @@ explicitly wins over a bundled one. Every module is built on the meta device wit
 from shapes and then given the file's tensors (see :mod:`.loader`).
 
 fp8 tensors (``float8_e4m3fn``/``e5m2``, including ComfyUI's "scaled" fp8 files whose weights
-carry a ``scale_weight`` factor) and GGUF blocks are converted to the compute dtype as they are
-read: the modules hold ordinary bf16/fp16/fp32 weights. Keeping fp8 or quantized storage in memory
-is a later memory mode.
+carry a ``scale_weight`` factor) and GGUF blocks are, by default (``keep_quantized=True``), kept
+as stored for the transformer's linear layers (:class:`~.quantized.StoredLinear`): they are
+expanded to the compute dtype one layer at a time as the model runs, so a 12B transformer takes
+about 12 GB in fp8 or 6.6-12.7 GB in GGUF Q4_0-Q8_0 instead of 24 GB in bf16. Everything else
+(norms, biases, the text encoders, the autoencoder, GGUF types without an on-the-fly dequantizer)
+is converted to the compute dtype as it is read; ``keep_quantized=False`` converts everything.
+``unet.weight_storage`` says which way the transformer went (``"bf16"``, ``"fp8_e4m3fn"``,
+``"gguf:Q8_0"``, ...).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from .gguf import is_gguf, load_gguf, read_gguf_header
 from .header import CheckpointHeader, read_header, sniff_format
 from .loader import (LoadedModel, _build_text_encoder, _build_vae_original, _dtype, _from_pretrained, _naming, _read,
                      _take, load_vae)
+from .quantized import StoredWeight, weight_storage
 from .tokenizer import clip_tokenizer
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -65,7 +71,8 @@ def is_flux(path: str | os.PathLike) -> bool:
 def load_flux(path: str | os.PathLike, *, clip_l: str | os.PathLike | None = None,
               t5: str | os.PathLike | None = None, vae: str | os.PathLike | None = None,
               tokenizer_dir: str | os.PathLike | None = None, device: str | torch.device = "cpu",
-              dtype: torch.dtype | str = torch.bfloat16, prediction: str | None = None) -> LoadedModel:
+              dtype: torch.dtype | str = torch.bfloat16, prediction: str | None = None,
+              keep_quantized: bool = True) -> LoadedModel:
     """A FLUX.1 model, offline, from a transformer or all-in-one file (.safetensors, .gguf) or a diffusers folder.
 
     ``clip_l``, ``t5`` and ``vae`` name separate component files (or a diffusers VAE folder);
@@ -73,6 +80,9 @@ def load_flux(path: str | os.PathLike, *, clip_l: str | os.PathLike | None = Non
     T5 file, or of ``path`` when T5 is bundled). ``spec.family`` is FLUX; ``unet`` is the
     ``FluxTransformer2DModel``; ``text_encoders`` are (CLIPTextModel, T5EncoderModel) with their
     tokenizers; ``alphas_cumprod`` is empty (flow models have no DDPM schedule).
+
+    ``keep_quantized`` keeps the transformer's fp8 or GGUF-quantized linear weights as stored,
+    expanded per layer at run time; False expands them to ``dtype`` at load.
     """
     path = Path(path)
     device = torch.device(device)
@@ -84,7 +94,7 @@ def load_flux(path: str | os.PathLike, *, clip_l: str | os.PathLike | None = Non
     if not path.exists():
         raise ModelError(f"{path}: no such file")
     with _naming(path):
-        header, sd = read_weights(path, dtype)
+        header, sd = read_weights(path, dtype, keep_quantized=keep_quantized)
         spec = detect_flux(header, prediction=prediction)
         layout = flux_layout(header.tensors)
         assert layout is not None  # detect_flux checked
@@ -93,6 +103,7 @@ def load_flux(path: str | os.PathLike, *, clip_l: str | os.PathLike | None = Non
         spiece = t5mod.find_spiece([parts["t5"] or path], tokenizer_dir)
         transformer = flux.build_transformer(header, _transformer_tensors(sd, layout, bundled), layout,
                                              device=device, dtype=dtype)
+        expand_stored(sd, dtype)  # bundled text encoders and autoencoder hold ordinary tensors
         clip = (_build_clip(header, sd, bundled["clip_l"], device, dtype, "CLIP-L text encoder "
                             f"({bundled['clip_l']}*)") if parts["clip_l"] is None else None)
         t5_model = (t5mod.build_t5(header, sd, bundled["t5"], device=device, dtype=dtype,
@@ -116,12 +127,46 @@ def _opt_path(p: str | os.PathLike | None) -> Path | None:
 # --- reading ------------------------------------------------------------------------------------------
 
 
-def read_weights(path: Path, dtype: torch.dtype) -> tuple[CheckpointHeader, dict[str, torch.Tensor]]:
-    """Header and tensors of a safetensors, torch or GGUF file; fp8 and GGUF tensors come back in ``dtype``."""
+def read_weights(path: Path, dtype: torch.dtype, *,
+                 keep_quantized: bool = False) -> tuple[CheckpointHeader, dict[str, torch.Tensor | StoredWeight]]:
+    """Header and tensors of a safetensors, torch or GGUF file; fp8 and GGUF tensors come back in ``dtype``.
+
+    With ``keep_quantized``, 2-D fp8 and GGUF-quantized weights come back as
+    :class:`~.quantized.StoredWeight` instead (see :func:`keep_fp8` and :func:`.gguf.load_gguf`).
+    """
     if is_gguf(path):
-        return load_gguf(path, dtype=dtype)
+        return load_gguf(path, dtype=dtype, keep_quantized=keep_quantized)
     header, sd = _read(path)
-    return header, upcast_fp8(sd, dtype)
+    return header, keep_fp8(sd, dtype) if keep_quantized else upcast_fp8(sd, dtype)
+
+
+def keep_fp8(sd: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor | StoredWeight]:
+    """2-D fp8 ``*.weight`` tensors as :class:`~.quantized.StoredWeight` (with their ``scale_weight``
+    factor, when it is a single number), in place; every other fp8 tensor to ``dtype`` as
+    :func:`upcast_fp8` does."""
+    for key in [k for k in sd if k.endswith(".scale_weight")]:
+        weight_key = key[: -len("scale_weight")] + "weight"
+        if _keepable(weight_key, sd.get(weight_key)) and sd[key].numel() == 1:
+            sd[weight_key] = StoredWeight.fp8(sd[weight_key], float(sd.pop(key).float().item()))
+    for key in [k for k in sd if _keepable(k, sd[k]) and k[: -len("weight")] + "scale_weight" not in sd]:
+        sd[key] = StoredWeight.fp8(sd[key])
+    stored = {k: sd.pop(k) for k in [k for k in sd if isinstance(sd[k], StoredWeight)]}
+    upcast_fp8(sd, dtype)  # the remaining scale factors, markers and fp8 tensors
+    sd.update(stored)
+    return sd
+
+
+def _keepable(key: str, value) -> bool:
+    return (isinstance(value, torch.Tensor) and value.dtype in FP8_DTYPES and value.ndim == 2
+            and key.endswith(".weight"))
+
+
+def expand_stored(sd: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every :class:`~.quantized.StoredWeight` in ``sd`` expanded to a ``dtype`` tensor, in place."""
+    for key, value in sd.items():
+        if isinstance(value, StoredWeight):
+            sd[key] = value.dequantize(dtype)
+    return sd
 
 
 def read_any_header(path: Path) -> CheckpointHeader:
@@ -300,6 +345,8 @@ def _check_index(folder: Path) -> None:
 def _finish(spec: ModelSpec, transformer, ae, clip, t5_model, clip_tok, t5_tok, path: Path, vae_path: Path | None,
             device: torch.device, dtype: torch.dtype) -> LoadedModel:
     _check_widths(transformer, ae, clip, t5_model, t5_tok, spec)
+    if not hasattr(transformer, "weight_storage"):  # diffusers folders: ordinary tensors
+        transformer.weight_storage = weight_storage(transformer, dtype)
     return LoadedModel(spec=spec, unet=transformer, vae=ae, text_encoders=(clip, t5_model),
                        tokenizers=(clip_tok, t5_tok), alphas_cumprod=torch.empty(0, dtype=torch.float64),
                        name=path.stem if path.is_file() else path.name, path=path, device=device, dtype=dtype,
@@ -326,7 +373,8 @@ def _check_widths(transformer, ae, clip, t5_model, t5_tok, spec: ModelSpec) -> N
                          f"{t5_model.config.vocab_size}; the spiece.model does not belong to this encoder", field="t5")
 
 
-__all__ = ["is_flux", "load_flux", "load_clip_l", "load_t5", "read_weights", "read_any_header", "upcast_fp8"]
+__all__ = ["is_flux", "load_flux", "load_clip_l", "load_t5", "read_weights", "read_any_header", "upcast_fp8",
+           "keep_fp8", "expand_stored"]
 
 
 def components_needed(path: str | os.PathLike) -> set[str]:

@@ -8,8 +8,11 @@ already hands the data over in torch (row-major) order with quantized rows as ra
 the torch shape is the listed one reversed.
 
 Weights are dequantized with the ``gguf`` package's own reference code, one tensor at a time,
-straight to the compute dtype: the module then holds ordinary tensors. Running on the
-quantized blocks (less memory, dequantizing per layer) would be a separate memory mode.
+straight to the compute dtype: the module then holds ordinary tensors. With
+``keep_quantized=True`` the 2-D weights in a type :mod:`.quantized` can expand on the fly (Q8_0,
+Q5_0/Q5_1, Q4_0/Q4_1, Q4_K, Q5_K, Q6_K) come back as :class:`~.quantized.StoredWeight` (the raw
+blocks, one row of bytes per output row) for :class:`~.quantized.StoredLinear` layers; other
+types are still expanded here.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 
 from ..errors import ModelError
 from .header import CheckpointHeader, TensorInfo
+from .quantized import GGUF_BLOCKS, StoredWeight
 
 MAGIC = b"GGUF"
 #: Metadata key some converters write when they had to store a tensor reshaped.
@@ -78,9 +82,13 @@ def read_gguf_header(path: str | os.PathLike) -> CheckpointHeader:
     return CheckpointHeader(tensors=tensors, metadata=metadata, format="gguf")
 
 
-def load_gguf(path: str | os.PathLike, *,
-              dtype: torch.dtype = torch.float32) -> tuple[CheckpointHeader, dict[str, torch.Tensor]]:
-    """The header and every tensor dequantized to ``dtype`` (integer tensors keep their type)."""
+def load_gguf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
+              keep_quantized: bool = False) -> tuple[CheckpointHeader, dict[str, torch.Tensor | StoredWeight]]:
+    """The header and every tensor dequantized to ``dtype`` (integer tensors keep their type).
+
+    With ``keep_quantized``, 2-D tensors of a type in :data:`.quantized.GGUF_BLOCKS` are returned
+    as :class:`~.quantized.StoredWeight` instead (copied into memory as stored).
+    """
     import numpy as np
     from gguf import GGMLQuantizationType as Q
     from gguf.quants import dequantize
@@ -94,6 +102,11 @@ def load_gguf(path: str | os.PathLike, *,
         if t.tensor_type in (Q.I8, Q.I16, Q.I32, Q.I64):
             out[t.name] = torch.from_numpy(np.array(t.data)).reshape(shape)
             continue
+        if keep_quantized and t.tensor_type.name in GGUF_BLOCKS and len(shape) == 2:
+            stored = _stored(t, shape)
+            if stored is not None:
+                out[t.name] = stored
+                continue
         try:
             values = dequantize(t.data, t.tensor_type)
         except NotImplementedError:
@@ -103,3 +116,17 @@ def load_gguf(path: str | os.PathLike, *,
             raise ModelError(f"{p}: tensor {t.name} holds {values.size} values, expected {shape}")
         out[t.name] = torch.from_numpy(np.array(values, dtype=np.float32)).reshape(shape).to(dtype)  # a writable copy
     return header, out
+
+
+def _stored(tensor, shape: tuple[int, ...]) -> StoredWeight | None:
+    """A quantized 2-D tensor's blocks as rows of bytes, or None where its rows do not hold whole blocks
+    (a tensor a converter stored reshaped), which is then expanded at load instead."""
+    import numpy as np
+
+    block, size = GGUF_BLOCKS[tensor.tensor_type.name]
+    rows, cols = shape
+    data = np.array(tensor.data, dtype=np.uint8)  # a copy in memory, as stored
+    if cols % block or data.size != rows * (cols // block) * size:
+        return None
+    return StoredWeight(torch.from_numpy(data).reshape(rows, cols // block * size), tensor.tensor_type.name,
+                        (rows, cols))
