@@ -374,3 +374,75 @@ def tiny_flux_set(tmp_dir) -> dict[str, Path]:
     write_gguf(paths["gguf"], DEV)
     done.write_text("ok")
     return paths
+
+
+# --- stored-weight variants: scaled fp8, GGUF of many block types ------------------------------------------
+
+#: Where each GGUF block type keeps its float16 scale fields (byte offsets in a block), from GGML's block layouts.
+GGUF_F16_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,), "Q2_K": (80, 82),
+                   "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+
+
+def random_blocks(qtype: str, n_blocks: int, seed: int = 0):
+    """``n_blocks`` blocks of GGUF type ``qtype`` with random quant bits and small finite float16 scales
+    (a stand-in for types the ``gguf`` package can read but not write, such as the K-quants)."""
+    import gguf
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    _, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]]
+    blocks = rng.integers(0, 256, size=(n_blocks, size), dtype=np.uint8)
+    for offset in GGUF_F16_FIELDS[qtype]:
+        scales = (rng.uniform(0.001, 0.02, n_blocks) * rng.choice([-1, 1], n_blocks)).astype(np.float16)
+        blocks[:, offset:offset + 2] = scales.view(np.uint8).reshape(n_blocks, 2)
+    return blocks
+
+
+def write_scaled_fp8_transformer(path, f: TinyFlux = DEV, *, seed: int = 11) -> Path:
+    """ComfyUI's "scaled fp8" transformer: each 2-D weight of the blocks stored as fp8(w / s) with the
+    per-tensor factor s (float32) beside it as ``<layer>.scale_weight``, and a ``scaled_fp8`` marker."""
+    tensors = materialise(transformer_shapes(f), seed)
+    for k in [k for k in tensors if "blocks." in k and k.endswith(".weight") and tensors[k].ndim == 2]:
+        scale = tensors[k].abs().max() / 448.0
+        tensors[k] = (tensors[k] / scale).to(torch.float8_e4m3fn)
+        tensors[k[: -len("weight")] + "scale_weight"] = scale.reshape(()).float()
+    tensors["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    return tm._save(path, tensors)
+
+
+#: A GGUF of many types: legacy quants on fused and swapped tensors, a K-quant, and Q2_K (which underpaint
+#: expands at load), over the Q8_0 plan of :func:`gguf_quant_plan`.
+GGUF_MIXED = {"double_blocks.0.img_attn.qkv.weight": "Q4_1", "single_blocks.1.linear1.weight": "Q5_1",
+              "double_blocks.1.txt_attn.qkv.weight": "Q5_0", "final_layer.adaLN_modulation.1.weight": "Q4_0",
+              "time_in.in_layer.weight": "Q6_K", "guidance_in.in_layer.weight": "Q2_K"}
+
+
+def write_gguf_mixed(path, f: TinyFlux = DEV, *, seed: int = 11, overrides: dict[str, str] = GGUF_MIXED) -> Path:
+    """:func:`write_gguf` with some tensors in other types; types the ``gguf`` package cannot quantize
+    (K-quants) are written as :func:`random_blocks`."""
+    import gguf
+    import numpy as np
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shapes = transformer_shapes(f)
+    tensors = materialise(shapes, seed)
+    plan = {**gguf_quant_plan(shapes), **overrides}
+    writer = gguf.GGUFWriter(str(path), "flux")
+    for i, name in enumerate(sorted(tensors)):
+        arr, kind = tensors[name].numpy(), plan[name]
+        if kind in ("F32", "F16"):
+            writer.add_tensor(name, arr.astype(np.float32 if kind == "F32" else np.float16))
+            continue
+        qtype = gguf.GGMLQuantizationType[kind]
+        try:
+            q = gguf.quants.quantize(arr, qtype)
+        except NotImplementedError:
+            block, _ = gguf.GGML_QUANT_SIZES[qtype]
+            q = random_blocks(kind, arr.size // block, seed=i).reshape(arr.shape[0], -1)
+        writer.add_tensor(name, q, raw_shape=q.shape, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
