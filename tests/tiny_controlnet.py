@@ -146,3 +146,92 @@ def write_diffusers_file(path, folder: Path) -> Path:
     path = Path(path)
     shutil.copyfile(Path(folder) / "diffusion_pytorch_model.safetensors", path)
     return path
+
+
+# --- T2I-Adapters ---------------------------------------------------------------------------------------
+#
+# The original layouts follow TencentARC's ``ldm/modules/encoders/adapter.py`` as released (``sk=True``,
+# ``ksize=1``, average-pool downsampling): ``Adapter`` is ``conv_in`` after a pixel unshuffle, then a flat
+# ``body`` of ResnetBlocks, ``nums_rb`` per level, each ``block1`` 3x3 and ``block2`` 1x1, with a 1x1
+# ``in_conv`` where the width changes (at each new level; for SDXL's ``Adapter_XL`` at level 1, without
+# downsampling, and level 2). ``Adapter_light`` is one ``extractor`` per level: ``in_conv`` to a quarter
+# width, ``body`` of light ResnetBlocks (two 3x3 convs) and ``out_conv``.
+
+#: Levels of each tiny adapter: widths match the tiny UNets' levels.
+ADAPTER_WIDTHS = {"full": SD1_UNET.channels, "light": SD1_UNET.channels + SD1_UNET.channels[-1:],
+                  "xl": SDXL_UNET.channels}
+ADAPTER_RES_BLOCKS = {"full": 2, "light": 3, "xl": 2}
+
+
+def t2i_adapter_shapes(kind: str = "full", *, in_channels: int = 3) -> dict:
+    widths = ADAPTER_WIDTHS[kind]
+    rb = ADAPTER_RES_BLOCKS[kind]
+    factor = 16 if kind == "xl" else 8
+    cin = in_channels * factor * factor
+    out: dict = {}
+    if kind == "light":
+        for i, ch in enumerate(widths):
+            inter = ch // 4
+            _conv(out, f"body.{i}.in_conv", inter, cin if i == 0 else widths[i - 1], k=1)
+            for j in range(rb):
+                _conv(out, f"body.{i}.body.{j}.block1", inter, inter)
+                _conv(out, f"body.{i}.body.{j}.block2", inter, inter)
+            _conv(out, f"body.{i}.out_conv", ch, inter, k=1)
+        return out
+    _conv(out, "conv_in", widths[0], cin)
+    for i, ch in enumerate(widths):
+        for j in range(rb):
+            k = i * rb + j
+            if j == 0 and i > 0 and widths[i - 1] != ch:
+                _conv(out, f"body.{k}.in_conv", ch, widths[i - 1], k=1)
+            _conv(out, f"body.{k}.block1", ch, ch)
+            _conv(out, f"body.{k}.block2", ch, ch, k=1)
+    return out
+
+
+def write_t2i_adapter(path, kind: str = "full", *, in_channels: int = 3, seed: int = 21) -> Path:
+    """An original-layout T2I-Adapter (``.safetensors``, or ``.pth``: torch.save of the bare dict, as released)."""
+    tensors = materialise(t2i_adapter_shapes(kind, in_channels=in_channels), seed)
+    path = Path(path)
+    if path.suffix == ".pth":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(tensors, path)
+        return path
+    return _save(path, tensors)
+
+
+def t2i_adapter_config(kind: str = "full", *, in_channels: int = 3) -> dict:
+    """diffusers' T2IAdapter config for the tiny adapter of ``kind``, written by hand."""
+    widths = list(ADAPTER_WIDTHS[kind])
+    return {"_class_name": "T2IAdapter", "in_channels": in_channels,
+            "channels": widths[:-1] if kind == "light" else widths, "num_res_blocks": ADAPTER_RES_BLOCKS[kind],
+            "downscale_factor": 16 if kind == "xl" else 8,
+            "adapter_type": {"full": "full_adapter", "light": "light_adapter", "xl": "full_adapter_xl"}[kind]}
+
+
+def _adapter_diffusers_name(key: str, kind: str) -> str:
+    """TencentARC's names → diffusers' (``adapter.body.<level>.resnets.<j>...``), by the classes' structure."""
+    parts = key.split(".")
+    if parts[0] == "conv_in":
+        return "adapter." + key
+    if kind == "light":
+        if parts[2] == "body":  # body.i.body.j.blockN.weight
+            return f"adapter.body.{parts[1]}.resnets.{parts[3]}.{parts[4]}.{parts[5]}"
+        return "adapter." + key
+    level, j = divmod(int(parts[1]), ADAPTER_RES_BLOCKS[kind])
+    if parts[2] == "in_conv":
+        return f"adapter.body.{level}.in_conv.{parts[3]}"
+    return f"adapter.body.{level}.resnets.{j}.{parts[2]}.{parts[3]}"
+
+
+def write_t2i_adapter_folder(folder, original: Path, kind: str = "full", *, in_channels: int = 3) -> Path:
+    """A diffusers T2IAdapter folder with the original file's weights (diffusers builds and saves it, strictly)."""
+    from diffusers import T2IAdapter
+    from safetensors.torch import load_file
+
+    sd = load_file(str(original)) if original.suffix == ".safetensors" else torch.load(original, weights_only=True)
+    config = {k: v for k, v in t2i_adapter_config(kind, in_channels=in_channels).items() if not k.startswith("_")}
+    model = T2IAdapter(**config)
+    model.load_state_dict({_adapter_diffusers_name(k, kind): v for k, v in sd.items()}, strict=True)
+    model.save_pretrained(str(folder))
+    return Path(folder)

@@ -9,6 +9,10 @@ Three layouts are read, all offline:
 - a single file in diffusers' names (``controlnet_cond_embedding.*``, the common SDXL download);
 - a diffusers folder (``config.json`` + weights).
 
+T2I-Adapters (``models/t2i_adapter.py``) are recognised by their keys (``body.0.block1.weight``,
+``adapter.body.*``) or a ``T2IAdapter`` config and load through the same functions, so a unit
+names either kind of model the same way; ``ControlNetInfo.kind`` tells them apart.
+
 As for checkpoints, the config comes from the tensor shapes (:func:`controlnet_config`), the
 family from the layout (size/crop embedding → SDXL, linear attention projections → SD2, else
 SD1), and pickle files are read only with ``weights_only``. Loaded units are kept in a
@@ -45,7 +49,6 @@ _SDXL_TIME_EMBED_DIM = 256
 _OTHER_CONTROL_FILES: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
     ("a Control-LoRA (control-lora)", ("lora_controlnet",), ()),
     ("a ControlNet union/promax model", ("task_embedding", "spatial_ch_projs.weight"), ("transformer_layes.",)),
-    ("a T2I-Adapter", ("body.0.block1.weight", "adapter.conv_in.weight"), ("adapter.body.",)),
     ("a ControlLLLite model", (), ("lllite_unet_",)),
 )
 
@@ -60,8 +63,14 @@ class ControlNetInfo:
     layout: str
     #: Key prefix of the original layout ("control_model." or "").
     prefix: str = ""
-    #: ``ControlNetModel`` keyword arguments (for a folder: its config.json).
+    #: ``ControlNetModel`` keyword arguments (for a folder: its config.json); for an adapter ``T2IAdapter``'s.
     config: dict = field(default_factory=dict, compare=False, hash=False)
+    #: "controlnet" or "t2i-adapter".
+    kind: str = "controlnet"
+
+    @property
+    def is_adapter(self) -> bool:
+        return self.kind == "t2i-adapter"
 
     @property
     def name(self) -> str:
@@ -100,11 +109,20 @@ def inspect_controlnet(path: str | os.PathLike, *, time_embed_dim: int | None = 
 
 
 def info_from_header(path: Path, header: CheckpointHeader, *, time_embed_dim: int | None = None) -> ControlNetInfo:
+    from . import t2i_adapter
+
     names = header.tensors
+    try:
+        adapter = t2i_adapter.adapter_layout(names)
+    except ModelError as exc:
+        raise ModelError(f"{path}: {exc}") from None
+    if adapter is not None:
+        config = t2i_adapter.adapter_config(header, adapter, f"T2I-Adapter {path}")
+        return ControlNetInfo(path, t2i_adapter.adapter_family(config), adapter, "", config, kind="t2i-adapter")
     for what, keys, prefixes in _OTHER_CONTROL_FILES:
         if any(k in names for k in keys) or (prefixes and any(n.startswith(prefixes) for n in names)):
             raise ModelError(f"{path}: unsupported: looks like {what}; underpaint loads full ControlNets "
-                             "(original control_model.* or diffusers layout)")
+                             "(original control_model.* or diffusers layout) and T2I-Adapters")
     for prefix in _ORIGINAL_PREFIXES:
         if prefix + "input_hint_block.0.weight" in names:
             config = controlnet_config(header, prefix, time_embed_dim=time_embed_dim)
@@ -129,9 +147,14 @@ def _inspect_folder(folder: Path) -> ControlNetInfo:
     except (OSError, json.JSONDecodeError) as exc:
         raise ModelError(f"{cfg_path}: unreadable config ({exc})") from None
     cls = raw.get("_class_name", "ControlNetModel")
-    if cls != "ControlNetModel":
-        raise ModelError(f"{folder}: unsupported: config.json describes a {cls}; expected a ControlNetModel")
     config = {k: v for k, v in raw.items() if not k.startswith("_")}
+    if cls == "T2IAdapter":
+        from .t2i_adapter import adapter_family
+
+        return ControlNetInfo(folder, adapter_family(config), "diffusers-folder", "", config, kind="t2i-adapter")
+    if cls != "ControlNetModel":
+        raise ModelError(f"{folder}: unsupported: config.json describes a {cls}; expected a ControlNetModel "
+                         "or a T2IAdapter")
     return ControlNetInfo(folder, _family_of(config), "diffusers-folder", "", config)
 
 
@@ -308,8 +331,18 @@ def load_controlnet(path: str | os.PathLike, *, device: str | torch.device = "cp
             raise ModelNotFound(f"{p}: no such ControlNet file")
         header, sd = _read(p)
         info = info_from_header(p, header, time_embed_dim=time_embed_dim)
-        weights = original_to_diffusers(sd, header, info.prefix) if info.layout == "original" else sd
-    module = _build(info, weights, device, dtype)
+        if info.is_adapter:
+            from .t2i_adapter import original_to_diffusers as adapter_names
+
+            weights = adapter_names(sd, info.config, f"T2I-Adapter {p}") if info.layout == "original" else sd
+        else:
+            weights = original_to_diffusers(sd, header, info.prefix) if info.layout == "original" else sd
+    if info.is_adapter:
+        from .t2i_adapter import build_adapter
+
+        module = build_adapter(info.config, weights, f"T2I-Adapter {info.path}", device, dtype)
+    else:
+        module = _build(info, weights, device, dtype)
     return LoadedControlNet(info=info, module=module, device=device, dtype=dtype)
 
 
@@ -344,6 +377,11 @@ def _build(info: ControlNetInfo, weights: dict[str, torch.Tensor], device: torch
 def check_compatible(control: LoadedControlNet | ControlNetInfo, unet_config) -> None:
     """A ControlNet feeds the UNet's skip connections: widths, levels and text width must match."""
     info = control.info if isinstance(control, LoadedControlNet) else control
+    if info.is_adapter:
+        from .t2i_adapter import check_adapter_compatible
+
+        check_adapter_compatible(info.name, info.config, unet_config)
+        return
     cfg = info.config
     ours = list(cfg.get("block_out_channels", ()))
     theirs = list(unet_config.block_out_channels if hasattr(unet_config, "block_out_channels")

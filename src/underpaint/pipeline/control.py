@@ -12,7 +12,12 @@ Behaviour follows A1111's ControlNet extension (sd-webui-controlnet):
   "ControlNet is more important" does the same and gives the negative prompt no control at all,
   so classifier-free guidance pushes towards the control;
 - residuals of several units add up; the ControlNet sees the same latent, timestep, text and
-  SDXL size embedding as the UNet (for a 9-channel inpainting UNet, the first 4 channels).
+  SDXL size embedding as the UNet (for a 9-channel inpainting UNet, the first 4 channels);
+- a unit whose model is a T2I-Adapter computes the adapter's features once per map (they do
+  not depend on the latent) and, in its guidance window, adds them inside the UNet's encoder
+  (diffusers' ``down_intrablock_additional_residuals``) times the weight, as diffusers'
+  ``StableDiffusionAdapterPipeline`` does; the two non-balanced modes use the extension's
+  soft-injection ramp for adapters (0.25, 0.62, 0.825, 1.0 of the weight, shallow first).
 """
 
 from __future__ import annotations
@@ -178,6 +183,8 @@ class ActiveUnit:
     unit: ControlUnit
     net: "LoadedControlNet"
     hint: torch.Tensor
+    #: A T2I-Adapter's features for the hint (batch 1, unscaled); None for a ControlNet.
+    features: list[torch.Tensor] | None = None
 
 
 @dataclass
@@ -221,12 +228,37 @@ class ControlStack:
         down: list[torch.Tensor] | None = None
         mid: torch.Tensor | None = None
         for active in self.units:
-            if not unit_active(active.unit, self.step, self.steps):
+            if active.features is not None or not unit_active(active.unit, self.step, self.steps):
                 continue
             d, m = run_unit(active, x_in, t, context, added_cond_kwargs, cond_rows)
             down = d if down is None else [a + b for a, b in zip(down, d)]
             mid = m if mid is None else mid + m
         return down, mid
+
+    def intrablock(self, n: int, cond_rows: torch.Tensor | None = None) -> list[torch.Tensor] | None:
+        """The T2I-Adapter features for a batch of ``n`` rows (a new list at every call: the UNet
+        consumes it), summed over the active adapter units; None when none runs."""
+        total: list[torch.Tensor] | None = None
+        for active in self.units:
+            if active.features is None or not unit_active(active.unit, self.step, self.steps):
+                continue
+            feats = adapter_unit_features(active, n, cond_rows)
+            total = feats if total is None else [a + b for a, b in zip(total, feats)]
+        return total
+
+
+def adapter_unit_features(active: ActiveUnit, n: int, cond_rows: torch.Tensor | None) -> list[torch.Tensor]:
+    """One adapter unit's features for ``n`` rows, scaled by the weight (and the mode's ramp)."""
+    from ..models.t2i_adapter import feature_scales
+
+    unit = active.unit
+    feats = active.features or []
+    scales = feature_scales(unit.weight, len(feats), unit.control_mode != BALANCED)
+    out = [(f * s).expand(n, *f.shape[1:]) for f, s in zip(feats, scales)]
+    if unit.control_mode == CONTROL_MORE_IMPORTANT and cond_rows is not None:
+        keep = cond_rows.to(out[0].dtype).view(-1, 1, 1, 1)
+        out = [r * keep for r in out]
+    return out
 
 
 def run_unit(active: ActiveUnit, x_in: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
@@ -346,7 +378,13 @@ def prepare_control(model, units, *, width: int, height: int, steps: int, cache,
         net = cache.get(path, device=model.device, dtype=model.dtype, time_embed_dim=time_dim)
         check_compatible(net, unet_config)
         detected = control_map(unit, width, height, init_image=init_image, mask=mask, ctx=ctx, seed=seed)
-        active.append(ActiveUnit(unit, net, hint_tensor(detected, device=model.device, dtype=model.dtype)))
+        hint = hint_tensor(detected, device=model.device, dtype=model.dtype)
+        features = None
+        if net.info.is_adapter:
+            from ..models.t2i_adapter import adapter_features
+
+            features = adapter_features(net.module, hint.to(net.dtype), net.name)
+        active.append(ActiveUnit(unit, net, hint, features))
         maps.append(detected)
         names.append(infotext_name(path))
     return ControlSetup(ControlStack(active, steps), tuple(maps), tuple(names))

@@ -31,10 +31,11 @@ def unet_fn(model, conds: CondSchedule, control=None) -> Callable[[torch.Tensor,
             if key not in placed_ids:
                 placed_ids[key] = conds.time_ids.repeat(rows, 1).to(x_in.device, dtype)
             extra = {"text_embeds": cond.pooled.to(dtype), "time_ids": placed_ids[key]}
-        down = mid = None
+        down = mid = intra = None
         if control is not None:
             is_prompt = control.prompt_rows(cond, x_in.shape[0], device=x_in.device)
             down, mid = control.residuals(x_in.to(dtype), t.to(x_in.device), cond.cross_attn.to(dtype), extra, is_prompt)
+            intra = control.intrablock(x_in.shape[0], is_prompt)  # T2I-Adapter features
         out = unet(
             x_in.to(dtype),
             t.to(x_in.device),
@@ -42,6 +43,7 @@ def unet_fn(model, conds: CondSchedule, control=None) -> Callable[[torch.Tensor,
             added_cond_kwargs=extra,
             down_block_additional_residuals=down,
             mid_block_additional_residual=mid,
+            down_intrablock_additional_residuals=intra,
             return_dict=False,
         )[0]
         return out.float()

@@ -1,0 +1,160 @@
+"""Control models that are not full ControlNets: T2I-Adapters (and Control-LoRAs), loaded from the
+layouts people download and run as ControlNet units.
+
+References: diffusers' ``T2IAdapter.from_pretrained`` for the adapter weights (the folder is written
+by diffusers itself from the original file, renamed by the structure of TencentARC's classes), and
+diffusers' ``StableDiffusionAdapterPipeline`` for a whole generation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tiny_controlnet import t2i_adapter_config, write_t2i_adapter, write_t2i_adapter_folder
+from underpaint.errors import ModelError
+from underpaint.models.controlnet import inspect_controlnet, list_controlnets, load_controlnet, resolve_controlnet
+from underpaint.models.detect import Family
+from underpaint.params import GenerationParams
+from underpaint.pipeline.control import ControlUnit
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("adapters")
+
+
+@pytest.fixture(scope="module")
+def sd1_adapter(adapter_dir):
+    return write_t2i_adapter(adapter_dir / "t2iadapter_canny_sd15v2.safetensors", "full")
+
+
+@pytest.fixture(scope="module")
+def control_map() -> Image.Image:
+    a = np.zeros((64, 64, 3), dtype=np.uint8)
+    a[10:20, 5:60] = 255
+    a[30:60, 30:34] = 255
+    return Image.fromarray(a)
+
+
+def _pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+# --- loading ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["full", "light", "xl"])
+def test_original_adapter_loads_to_the_module_diffusers_loads_from_its_folder(adapter_dir, kind):
+    from diffusers import T2IAdapter
+
+    original = write_t2i_adapter(adapter_dir / f"orig-{kind}.pth", kind)  # torch file, as TencentARC ships them
+    folder = write_t2i_adapter_folder(adapter_dir / f"folder-{kind}", original, kind)
+    reference = T2IAdapter.from_pretrained(str(folder), local_files_only=True).state_dict()
+    for path, layout in ((original, "original"), (folder, "diffusers-folder"),
+                         (folder / "diffusion_pytorch_model.safetensors", "diffusers-file")):
+        info = inspect_controlnet(path)
+        assert info.kind == "t2i-adapter" and info.layout == layout
+        expected = {k: v for k, v in t2i_adapter_config(kind).items() if not k.startswith("_")}
+        assert {k: info.config[k] for k in expected} == expected
+        assert info.family == (Family.SDXL if kind == "xl" else Family.SD1)
+        ours = load_controlnet(path).module.state_dict()
+        assert ours.keys() == reference.keys(), layout
+        assert all(torch.equal(ours[k], reference[k]) for k in ours), layout
+
+
+def test_grey_map_adapter_takes_one_channel(adapter_dir):
+    path = write_t2i_adapter(adapter_dir / "t2iadapter_sketch_sd15v2.safetensors", "full", in_channels=1)
+    info = inspect_controlnet(path)
+    assert info.config["in_channels"] == 1 and info.config["downscale_factor"] == 8
+
+
+def test_adapters_are_listed_and_named_like_controlnets(adapter_dir, sd1_adapter):
+    assert sd1_adapter in list_controlnets(adapter_dir)
+    assert resolve_controlnet("t2iadapter_canny_sd15v2", adapter_dir, kind=None, family=None) == sd1_adapter
+
+
+def test_style_adapter_is_refused_by_name(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "t2iadapter_style_sd14v1.safetensors"
+    save_file({"style_embedding": torch.zeros(1, 8, 16), "ln_post.weight": torch.ones(16)}, str(path))
+    with pytest.raises(ModelError, match="style adapter"):
+        inspect_controlnet(path)
+
+
+# --- generation -----------------------------------------------------------------------------------------------
+
+
+def test_adapter_unit_equals_diffusers_adapter_pipeline(sd1_engine, sd1_adapter, control_map):
+    from diffusers import EulerDiscreteScheduler, StableDiffusionAdapterPipeline
+
+    steps, weight, seed, cfg = 4, 0.8, 123, 6.0
+    prompt, negative = "a lighthouse at dusk", "blurry"
+    unit = ControlUnit(image=control_map, module="none", model=str(sd1_adapter), weight=weight)
+    ours = sd1_engine.generate(GenerationParams(
+        prompt=prompt, negative_prompt=negative, width=64, height=64, steps=steps, cfg_scale=cfg, sampler="Euler",
+        scheduler="Automatic", seed=seed, rng="cpu", control_units=(unit,))).images[0]
+
+    m = sd1_engine.model
+    pipe = StableDiffusionAdapterPipeline(
+        vae=m.vae, text_encoder=m.text_encoders[0], tokenizer=m.tokenizers[0], unet=m.unet,
+        adapter=load_controlnet(sd1_adapter).module,
+        scheduler=EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                         num_train_timesteps=1000, timestep_spacing="linspace"),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(prompt=prompt, negative_prompt=negative, image=control_map, height=64, width=64,
+               num_inference_steps=steps, guidance_scale=cfg, adapter_conditioning_scale=weight,
+               generator=torch.Generator().manual_seed(seed), output_type="np").images[0]
+    ref_u8 = (np.clip(ref, 0, 1) * 255).astype(np.uint8).astype(np.int16)
+    diff = np.abs(_pixels(ours) - ref_u8)
+    assert diff.max() <= 1, diff.max()
+    plain = sd1_engine.generate(GenerationParams(
+        prompt=prompt, negative_prompt=negative, width=64, height=64, steps=steps, cfg_scale=cfg, sampler="Euler",
+        seed=seed, rng="cpu")).images[0]
+    assert np.abs(_pixels(plain) - _pixels(ours)).max() > 2  # the adapter did something
+
+
+def _txt2img(engine, units, **extra):
+    return engine.generate(GenerationParams(prompt="a castle", steps=extra.pop("steps", 3), sampler="Euler",
+                                            seed=9, width=64, height=64, control_units=tuple(units), **extra))
+
+
+def test_adapter_weight_zero_equals_no_adapter(sd1_engine, sd1_adapter, control_map):
+    unit = ControlUnit(image=control_map, module="none", model=str(sd1_adapter), weight=0.0)
+    assert _txt2img(sd1_engine, [unit]).images[0].tobytes() == _txt2img(sd1_engine, []).images[0].tobytes()
+
+
+def test_adapter_guidance_window_and_infotext(sd1_engine, sd1_adapter, control_map):
+    from underpaint.models.controlnet import infotext_name
+
+    full = ControlUnit(image=control_map, module="none", model=str(sd1_adapter))
+    late = ControlUnit(image=control_map, module="none", model=str(sd1_adapter), guidance_start=0.9)
+    plain = _txt2img(sd1_engine, []).images[0]
+    result = _txt2img(sd1_engine, [full])
+    assert np.abs(_pixels(result.images[0]) - _pixels(plain)).max() > 2
+    # A window that no step reaches (3 steps: counters 0, 0, 1) is the same as no adapter.
+    assert _txt2img(sd1_engine, [late]).images[0].tobytes() == plain.tobytes()
+    assert f"Model: {infotext_name(sd1_adapter)}" in result.infotexts[0]
+
+
+def test_adapter_of_another_family_is_refused(sd1_engine, adapter_dir, control_map):
+    xl = write_t2i_adapter(adapter_dir / "t2i-adapter_xl_canny.safetensors", "xl")
+    with pytest.raises(ModelError, match="sdxl"):
+        _txt2img(sd1_engine, [ControlUnit(image=control_map, module="none", model=str(xl))])
+
+
+def test_sdxl_adapter_steers_an_sdxl_model(sdxl_file, adapter_dir, control_map):
+    from underpaint.pipeline.engine import Engine
+
+    engine = Engine.load(sdxl_file, device="cpu", dtype="fp32")
+    xl = write_t2i_adapter(adapter_dir / "t2i-adapter_xl_sketch.safetensors", "xl")
+    common = dict(prompt="a castle", steps=2, sampler="Euler", seed=3, width=64, height=64)
+    plain = engine.generate(GenerationParams(**common)).images[0]
+    steered = engine.generate(GenerationParams(
+        control_units=(ControlUnit(image=control_map, module="none", model=str(xl)),), **common)).images[0]
+    assert np.abs(_pixels(plain) - _pixels(steered)).max() > 2
