@@ -276,3 +276,73 @@ def test_other_flow_samplers_run_and_are_seeded(dev, picture, sampler):
     b = _run(dev, init_images=(picture,), strength=0.6, steps=6, sampler=sampler)
     assert a.images[0].tobytes() == b.images[0].tobytes()
     assert f"Sampler: {sampler}" in a.infotexts[0]
+
+
+def _tiny_controlnet(folder, *, num_mode=None, seed=4):
+    from diffusers import FluxControlNetModel
+
+    torch.manual_seed(seed)
+    net = FluxControlNetModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                              num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+                              guidance_embeds=True, axes_dims_rope=(4, 6, 6), num_mode=num_mode).eval()
+    with torch.no_grad():  # the zero-initialised parts would make every residual zero
+        for p in net.parameters():
+            p.normal_(0.0, 0.05)
+    net.save_pretrained(folder)
+    return net
+
+
+@pytest.fixture(scope="module")
+def control_picture():
+    a = np.zeros((HEIGHT, WIDTH, 3), dtype=np.uint8)
+    a[10:20, 5:60] = 255
+    a[30:60, 30:34] = 255
+    return Image.fromarray(a)
+
+
+def test_controlnet_matches_diffusers_flux_controlnet_img2img(dev, picture, control_picture, tmp_path, monkeypatch):
+    from diffusers import FluxControlNetImg2ImgPipeline
+
+    from underpaint.pipeline.control import ControlUnit
+
+    net = _tiny_controlnet(tmp_path / "flux-controlnet-canny")
+    unit = ControlUnit(image=control_picture, module="none", model=str(tmp_path / "flux-controlnet-canny"), weight=0.8)
+    ours = _run(dev, init_images=(picture,), strength=0.5, control_units=(unit,))
+    plain = _run(dev, init_images=(picture,), strength=0.5)
+    assert np.abs(_pixels(ours.images[0]) - _pixels(plain.images[0])).max() > 1  # the unit does something
+    assert 'ControlNet 0: "Module: none, Model: flux-controlnet-canny' in ours.infotexts[0]
+
+    _mean_latents(monkeypatch, "diffusers.pipelines.flux.pipeline_flux_controlnet_image_to_image")
+    pipe = FluxControlNetImg2ImgPipeline(scheduler=_scheduler(True), vae=dev.vae, text_encoder=dev.text_encoders[0],
+                                         tokenizer=dev.tokenizers[0], text_encoder_2=dev.text_encoders[1],
+                                         tokenizer_2=dev.tokenizers[1], transformer=dev.unet, controlnet=net)
+    theirs = pipe(prompt=PROMPT, image=picture, control_image=control_picture, strength=0.6, num_inference_steps=10,
+                  guidance_scale=3.5, controlnet_conditioning_scale=0.8, generator=torch.Generator().manual_seed(7),
+                  height=HEIGHT, width=WIDTH, max_sequence_length=512).images[0]
+    _close(ours.images[0], theirs)
+
+
+def test_union_controlnet_gets_the_control_type_and_weight_zero_is_no_controlnet(dev, picture, control_picture,
+                                                                                 tmp_path, monkeypatch):
+    from diffusers import FluxControlNetModel
+
+    from underpaint.pipeline.control import ControlUnit
+
+    _tiny_controlnet(tmp_path / "flux-controlnet-union", num_mode=7)
+    folder = str(tmp_path / "flux-controlnet-union")
+    modes = []
+    forward = FluxControlNetModel.forward
+
+    def spy(self, *args, controlnet_mode=None, **kwargs):
+        modes.append(None if controlnet_mode is None else controlnet_mode.flatten().tolist())
+        return forward(self, *args, controlnet_mode=controlnet_mode, **kwargs)
+
+    monkeypatch.setattr(FluxControlNetModel, "forward", spy)
+    _run(dev, init_images=(picture,), strength=0.5, steps=2,
+         control_units=(ControlUnit(image=control_picture, module="none", model=folder),
+                        ControlUnit(image=control_picture, module="tile_resample", model=folder)))
+    assert modes[:2] == [[0], [1]]  # a ready map counts as canny (0); tile is 1, as the union models number them
+    off = _run(dev, init_images=(picture,), strength=0.5,
+               control_units=(ControlUnit(image=control_picture, module="none", model=folder, weight=0.0),))
+    plain = _run(dev, init_images=(picture,), strength=0.5)
+    assert off.images[0].tobytes() == plain.images[0].tobytes()

@@ -145,12 +145,13 @@ def image_ids(height: int, width: int, device) -> torch.Tensor:
     return ids.reshape(-1, 3).to(device)
 
 
-def transformer_fn(model, guidance: float | None, *, extra_channels: torch.Tensor | None = None
+def transformer_fn(model, guidance: float | None, *, extra_channels: torch.Tensor | None = None, control=None
                    ) -> Callable[[torch.Tensor, torch.Tensor, FluxConditioning], torch.Tensor]:
     """``fn(x, σ, cond) -> v``: the FLUX transformer on an unpacked latent, answering in float32.
 
     ``extra_channels`` (FLUX Fill's masked-picture latent and mask, already packed, one row per
-    image) are appended to each row's patch features.
+    image) are appended to each row's patch features; ``control`` (a
+    :class:`~underpaint.pipeline.flux_control.FluxControl`) adds its ControlNets' residuals.
     """
     transformer = model.unet
     dtype = model.dtype
@@ -164,6 +165,7 @@ def transformer_fn(model, guidance: float | None, *, extra_channels: torch.Tenso
     def call(x: torch.Tensor, sigma: torch.Tensor, cond: FluxConditioning) -> torch.Tensor:
         b, _, h, w = x.shape
         tokens = pack(x)
+        latent_tokens = tokens
         if extra_channels is not None:
             rows = b // extra_channels.shape[0]
             tokens = torch.cat([tokens, extra_channels.repeat(rows, 1, 1).to(tokens)], dim=-1)
@@ -173,6 +175,9 @@ def transformer_fn(model, guidance: float | None, *, extra_channels: torch.Tenso
         g = None
         if guidance is not None:
             g = ids_for(("g", b, x.device), lambda: torch.full((b,), guidance, device=x.device, dtype=torch.float32))
+        blocks = singles = None
+        if control is not None:
+            blocks, singles = control.residuals(latent_tokens, sigma, cond, img_ids, txt_ids, guidance, dtype)
         out = transformer(
             hidden_states=tokens.to(dtype),
             encoder_hidden_states=cond.t5.to(x.device, dtype),
@@ -181,6 +186,8 @@ def transformer_fn(model, guidance: float | None, *, extra_channels: torch.Tenso
             img_ids=img_ids,
             txt_ids=txt_ids,
             guidance=g,
+            controlnet_block_samples=blocks,
+            controlnet_single_block_samples=singles,
             return_dict=False,
         )[0]
         return unpack(out.float(), h, w)
@@ -189,9 +196,10 @@ def transformer_fn(model, guidance: float | None, *, extra_channels: torch.Tenso
 
 
 def make_denoiser(model, conds: CondSchedule, params: GenerationParams, *,
-                  extra_channels: torch.Tensor | None = None) -> Callable:
+                  extra_channels: torch.Tensor | None = None, control=None) -> Callable:
     """``denoiser(x, σ) -> x0`` for FLUX: distilled guidance always, true CFG when the scale is not 1."""
-    base = velocity_denoiser(transformer_fn(model, guidance_value(model, params), extra_channels=extra_channels))
+    base = velocity_denoiser(transformer_fn(model, guidance_value(model, params), extra_channels=extra_channels,
+                                            control=control))
     scale = params.cfg_scale
 
     def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

@@ -62,9 +62,6 @@ def _check_flux_request(params: GenerationParams) -> None:
     from ..sampling.flow import check_flow_sampler
 
     check_flow_sampler(params.sampler)
-    if params.control_units:
-        raise InvalidParameter("control_units", len(params.control_units),
-                               "no ControlNet units with a FLUX model (FLUX ControlNets are not supported yet)")
 
 
 def _generate(model, params: GenerationParams, networks: ActiveNetworks, *, info: ModelInfo, progress,
@@ -91,7 +88,14 @@ def _generate(model, params: GenerationParams, networks: ActiveNetworks, *, info
     crop = None
     if plan.inpaint is not None and plan.inpaint.crop is not None:
         crop = (plan.inpaint.crop, plan.inpaint.output_size)
-    control = request_control(model, params, width=plan.width, height=plan.height, steps=plan.steps_run, crop=crop)
+    if flux.is_flux(model):
+        from . import flux_control
+
+        control = flux_control.prepare(model, params, width=plan.width, height=plan.height, steps=plan.steps_run,
+                                       encode=lambda pixels: encode_pixels(model, pixels), crop=crop)
+    else:
+        control = request_control(model, params, width=plan.width, height=plan.height, steps=plan.steps_run,
+                                  crop=crop)
     if control is not None:
         plan = replace(plan, params=control.with_infotext(plan.params))
     # 2d. LoRA and embedding hashes, after the inpaint and ControlNet keys as A1111 orders them.
@@ -107,7 +111,7 @@ def _generate(model, params: GenerationParams, networks: ActiveNetworks, *, info
         batch_seeds = plan.seeds[lo : lo + params.batch_size]
         batch_subseeds = plan.subseeds[lo : lo + params.batch_size]
         batch = _run_batch(model, plan, job, batch_seeds, batch_subseeds, progress, cancel,
-                           control.stack if control else None)
+                           getattr(control, "stack", control))
         cancel.clear_skip()
         if batch is None:  # skipped
             continue
@@ -243,7 +247,9 @@ def _run_batch(model, plan: Plan, job: int, seeds, subseeds, progress, cancel: C
     #    inpainting checkpoint also sees the mask and the masked picture.
     if is_flux:
         extra = flux_fill_channels(model, plan, b, encode) if model.spec.is_inpaint else None
-        denoiser = flux.make_denoiser(model, conds, p, extra_channels=extra)
+        if control is not None:
+            control.on_step(0)
+        denoiser = flux.make_denoiser(model, conds, p, extra_channels=extra, control=control)
     else:
         extra = _inpaint_channels(model, plan, b, encode) if model.spec.is_inpaint else None
         if control is not None:
