@@ -16,12 +16,12 @@ from shapes and then given the file's tensors (see :mod:`.loader`).
 fp8 tensors (``float8_e4m3fn``/``e5m2``, including ComfyUI's "scaled" fp8 files whose weights
 carry a ``scale_weight`` factor) and GGUF blocks are, by default (``keep_quantized=True``), kept
 as stored for the transformer's linear layers (:class:`~.quantized.StoredLinear`): they are
-expanded to the compute dtype one layer at a time as the model runs, so a 12B transformer takes
-about 12 GB in fp8 or 6.6-12.7 GB in GGUF Q4_0-Q8_0 instead of 24 GB in bf16. Everything else
-(norms, biases, the text encoders, the autoencoder, GGUF types without an on-the-fly dequantizer)
-is converted to the compute dtype as it is read; ``keep_quantized=False`` converts everything.
-``unet.weight_storage`` says which way the transformer went (``"bf16"``, ``"fp8_e4m3fn"``,
-``"gguf:Q8_0"``, ...).
+expanded to the compute dtype one layer at a time as the model runs, so a 12B transformer holds
+about 11.9 GB in fp8 or 6.7-12.7 GB in GGUF Q4_0-Q8_0 instead of 23.8 GB in bf16 (computed from
+FLUX.1's shapes). Everything else (norms, biases, the text encoders, the autoencoder, GGUF types
+without an on-the-fly dequantizer) is converted to the compute dtype as it is read;
+``keep_quantized=False`` converts everything. ``unet.weight_storage`` says which way the
+transformer went (``"bf16"``, ``"fp8_e4m3fn"``, ``"gguf:Q8_0"``, ...).
 """
 
 from __future__ import annotations
