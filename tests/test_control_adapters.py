@@ -158,3 +158,80 @@ def test_sdxl_adapter_steers_an_sdxl_model(sdxl_file, adapter_dir, control_map):
     steered = engine.generate(GenerationParams(
         control_units=(ControlUnit(image=control_map, module="none", model=str(xl)),), **common)).images[0]
     assert np.abs(_pixels(plain) - _pixels(steered)).max() > 2
+
+
+# --- Control-LoRA -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sdxl_engine(sdxl_file):
+    from underpaint.pipeline.engine import Engine
+
+    return Engine.load(sdxl_file, device="cpu", dtype="fp32")
+
+
+@pytest.fixture(scope="module")
+def control_lora(adapter_dir):
+    from tiny_controlnet import write_control_lora
+
+    return write_control_lora(adapter_dir / "control-lora-canny-rank4.safetensors", "sdxl")
+
+
+@pytest.fixture(scope="module")
+def merged_file(adapter_dir, control_lora, sdxl_file):
+    """The same ControlNet written out in full (original layout), from the checkpoint file's own weights."""
+    from safetensors.torch import save_file
+
+    from tiny_controlnet import merged_control_lora
+
+    path = adapter_dir / "control-lora-merged.safetensors"
+    save_file(merged_control_lora(control_lora, sdxl_file), str(path))
+    return path
+
+
+def test_control_lora_is_detected_by_its_marker(control_lora):
+    info = inspect_controlnet(control_lora)
+    assert info.kind == "control-lora" and info.family == Family.SDXL
+    with pytest.raises(ModelError, match="base model"):
+        load_controlnet(control_lora)  # it needs a UNet to be built on
+
+
+def test_control_lora_weights_are_base_plus_up_down(sdxl_engine, control_lora, merged_file, adapter_dir):
+    from safetensors.torch import load_file
+
+    from tiny_controlnet import SDXL_TIME_IDS, diffusers_reference
+
+    built = load_controlnet(control_lora, base_unet=sdxl_engine.model.unet).module.state_dict()
+    reference = diffusers_reference(merged_file, "sdxl", adapter_dir / "merged-config", fill_label_emb=True)
+    ref = reference.state_dict()
+    assert built.keys() == ref.keys()
+    for key in built:
+        assert torch.equal(built[key], ref[key]), key
+    # Full tensors are the file's own values; low-rank ones really moved away from the base.
+    raw = load_file(str(control_lora))
+    assert torch.equal(built["controlnet_cond_embedding.conv_in.weight"], raw["input_hint_block.0.weight"])
+    base = sdxl_engine.model.unet.state_dict()
+    assert not torch.equal(built["down_blocks.1.attentions.0.proj_in.weight"],
+                           base["down_blocks.1.attentions.0.proj_in.weight"])
+    assert reference.config.addition_time_embed_dim == SDXL_TIME_IDS
+
+
+def test_control_lora_unit_equals_the_full_controlnet_it_stands_for(sdxl_engine, control_lora, merged_file,
+                                                                   control_map):
+    common = dict(prompt="a castle", steps=2, sampler="Euler", seed=3, width=64, height=64)
+
+    def run(model, weight=1.0):
+        unit = ControlUnit(image=control_map, module="none", model=str(model), weight=weight)
+        return sdxl_engine.generate(GenerationParams(control_units=(unit,), **common))
+
+    lora_result = run(control_lora)
+    assert lora_result.images[0].tobytes() == run(merged_file).images[0].tobytes()
+    plain = sdxl_engine.generate(GenerationParams(**common)).images[0]
+    assert np.abs(_pixels(plain) - _pixels(lora_result.images[0])).max() > 2
+    assert run(control_lora, 0.0).images[0].tobytes() == plain.tobytes()
+    assert "Model: control-lora-canny-rank4 [" in lora_result.infotexts[0]
+
+
+def test_control_lora_on_an_sd1_checkpoint_is_refused(sd1_engine, control_lora, control_map):
+    with pytest.raises(ModelError, match="Control-LoRA control-lora-canny-rank4 is made for sdxl"):
+        _txt2img(sd1_engine, [ControlUnit(image=control_map, module="none", model=str(control_lora))])

@@ -235,3 +235,52 @@ def write_t2i_adapter_folder(folder, original: Path, kind: str = "full", *, in_c
     model.load_state_dict({_adapter_diffusers_name(k, kind): v for k, v in sd.items()}, strict=True)
     model.save_pretrained(str(folder))
     return Path(folder)
+
+
+# --- Control-LoRA -----------------------------------------------------------------------------------------
+#
+# Stability's layout: a ControlNet in the original names without a prefix plus a ``lora_controlnet``
+# marker; each Linear/Conv2d weight of the encoder copy is a low-rank pair ``<module>.up`` (out x r,
+# 1x1 for convs) and ``<module>.down`` (r x in, k x k for convs); the hint encoder, zero convs,
+# middle_block_out, norms and biases are stored in full.
+
+_CONTROL_LORA_FULL = ("input_hint_block.", "zero_convs.", "middle_block_out.")
+
+
+def control_lora_tensors(family: str = "sdxl", *, rank: int = 4, seed: int = 31) -> dict[str, torch.Tensor]:
+    shapes = controlnet_shapes(UNETS[family], prefix="")
+    values = materialise(shapes, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    out = {"lora_controlnet": torch.zeros(1)}
+    for name in sorted(shapes):
+        shape = shapes[name][1]
+        if name.startswith(_CONTROL_LORA_FULL) or len(shape) < 2:
+            out[name] = values[name]
+            continue
+        module, n_out = name[: -len(".weight")], shape[0]
+        r = min(rank, n_out)
+        up = 0.1 * torch.randn(n_out, r, generator=g)
+        out[f"{module}.up"] = up.reshape(n_out, r, 1, 1) if len(shape) == 4 else up
+        out[f"{module}.down"] = 0.1 * torch.randn(r, *shape[1:], generator=g)
+    return out
+
+
+def write_control_lora(path, family: str = "sdxl", **kwargs) -> Path:
+    return _save(Path(path), control_lora_tensors(family, **kwargs))
+
+
+def merged_control_lora(lora: Path, checkpoint: Path, family: str = "sdxl") -> dict[str, torch.Tensor]:
+    """The full original-layout ControlNet a Control-LoRA stands for on ``checkpoint`` (``control_model.``
+    names): the checkpoint's UNet weight + up @ down for low-rank pairs, the stored tensor otherwise."""
+    from safetensors.torch import load_file
+
+    sd, base = load_file(str(lora)), load_file(str(checkpoint))
+    out = {}
+    for name, (_, shape) in controlnet_shapes(UNETS[family], prefix="").items():
+        if name in sd:
+            out["control_model." + name] = sd[name]
+        else:
+            module = name[: -len(".weight")]
+            up, down = sd[module + ".up"].flatten(1).float(), sd[module + ".down"].flatten(1).float()
+            out["control_model." + name] = base["model.diffusion_model." + name].float() + (up @ down).reshape(shape)
+    return out

@@ -11,7 +11,9 @@ Three layouts are read, all offline:
 
 T2I-Adapters (``models/t2i_adapter.py``) are recognised by their keys (``body.0.block1.weight``,
 ``adapter.body.*``) or a ``T2IAdapter`` config and load through the same functions, so a unit
-names either kind of model the same way; ``ControlNetInfo.kind`` tells them apart.
+names either kind of model the same way; ``ControlNetInfo.kind`` tells them apart. Control-LoRAs
+(``models/control_lora.py``, marked by a ``lora_controlnet`` tensor) are ControlNets stored as
+differences against the base UNet: they are built when a generation loads them, on its UNet.
 
 As for checkpoints, the config comes from the tensor shapes (:func:`controlnet_config`), the
 family from the layout (size/crop embedding → SDXL, linear attention projections → SD2, else
@@ -47,7 +49,6 @@ _SDXL_TIME_EMBED_DIM = 256
 
 # Recognisable control files that are not a full ControlNet: (what, exact keys, key prefixes).
 _OTHER_CONTROL_FILES: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
-    ("a Control-LoRA (control-lora)", ("lora_controlnet",), ()),
     ("a ControlNet union/promax model", ("task_embedding", "spatial_ch_projs.weight"), ("transformer_layes.",)),
     ("a ControlLLLite model", (), ("lllite_unet_",)),
 )
@@ -65,7 +66,7 @@ class ControlNetInfo:
     prefix: str = ""
     #: ``ControlNetModel`` keyword arguments (for a folder: its config.json); for an adapter ``T2IAdapter``'s.
     config: dict = field(default_factory=dict, compare=False, hash=False)
-    #: "controlnet" or "t2i-adapter".
+    #: "controlnet", "t2i-adapter" or "control-lora".
     kind: str = "controlnet"
 
     @property
@@ -109,7 +110,7 @@ def inspect_controlnet(path: str | os.PathLike, *, time_embed_dim: int | None = 
 
 
 def info_from_header(path: Path, header: CheckpointHeader, *, time_embed_dim: int | None = None) -> ControlNetInfo:
-    from . import t2i_adapter
+    from . import control_lora, t2i_adapter
 
     names = header.tensors
     try:
@@ -119,6 +120,9 @@ def info_from_header(path: Path, header: CheckpointHeader, *, time_embed_dim: in
     if adapter is not None:
         config = t2i_adapter.adapter_config(header, adapter, f"T2I-Adapter {path}")
         return ControlNetInfo(path, t2i_adapter.adapter_family(config), adapter, "", config, kind="t2i-adapter")
+    if control_lora.is_control_lora(names):
+        config = control_lora.hint_config(header, f"Control-LoRA {path}")
+        return ControlNetInfo(path, control_lora.file_family(names), "control-lora", "", config, kind="control-lora")
     for what, keys, prefixes in _OTHER_CONTROL_FILES:
         if any(k in names for k in keys) or (prefixes and any(n.startswith(prefixes) for n in names)):
             raise ModelError(f"{path}: unsupported: looks like {what}; underpaint loads full ControlNets "
@@ -318,8 +322,10 @@ def original_to_diffusers(state_dict: dict[str, torch.Tensor], header: Checkpoin
 
 
 def load_controlnet(path: str | os.PathLike, *, device: str | torch.device = "cpu",
-                    dtype: torch.dtype = torch.float32, time_embed_dim: int | None = None) -> LoadedControlNet:
-    """Build and fill a ``ControlNetModel`` from any of the three layouts; never touches the network."""
+                    dtype: torch.dtype = torch.float32, time_embed_dim: int | None = None,
+                    base_unet=None) -> LoadedControlNet:
+    """Build and fill a ``ControlNetModel`` (or ``T2IAdapter``) from any of the layouts; never touches
+    the network. A Control-LoRA is built on ``base_unet`` (the checkpoint's diffusers UNet)."""
     p = Path(path)
     device = torch.device(device)
     if p.is_dir():
@@ -331,6 +337,14 @@ def load_controlnet(path: str | os.PathLike, *, device: str | torch.device = "cp
             raise ModelNotFound(f"{p}: no such ControlNet file")
         header, sd = _read(p)
         info = info_from_header(p, header, time_embed_dim=time_embed_dim)
+        if info.kind == "control-lora":
+            from .control_lora import build_control_lora
+
+            if base_unet is None:
+                raise ModelError(f"{p}: a Control-LoRA is built on the base model's UNet; load it for a checkpoint")
+            module = build_control_lora(info.name, header, sd, base_unet, device, dtype)
+            info = ControlNetInfo(p, info.family, info.layout, "", dict(module.config), kind="control-lora")
+            return LoadedControlNet(info=info, module=module, device=device, dtype=dtype)
         if info.is_adapter:
             from .t2i_adapter import original_to_diffusers as adapter_names
 
@@ -381,6 +395,11 @@ def check_compatible(control: LoadedControlNet | ControlNetInfo, unet_config) ->
         from .t2i_adapter import check_adapter_compatible
 
         check_adapter_compatible(info.name, info.config, unet_config)
+        return
+    if info.kind == "control-lora":
+        from .control_lora import check_base
+
+        check_base(info.name, info.family, unet_config)
         return
     cfg = info.config
     ours = list(cfg.get("block_out_channels", ()))
@@ -510,14 +529,18 @@ class ControlNetCache:
         self._items: OrderedDict[tuple, LoadedControlNet] = OrderedDict()
 
     def get(self, path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-            time_embed_dim: int | None = None) -> LoadedControlNet:
+            time_embed_dim: int | None = None, base_unet=None) -> LoadedControlNet:
+        """``base_unet`` is the checkpoint's UNet, which Control-LoRAs are built on: their entries
+        are kept per UNet, the others whatever the UNet."""
         p = Path(path).resolve()
         stamp = p.stat().st_mtime_ns if p.exists() else 0
-        key = (str(p), stamp, str(torch.device(device)), dtype, time_embed_dim)
-        if key in self._items:
-            self._items.move_to_end(key)
-            return self._items[key]
-        loaded = load_controlnet(p, device=device, dtype=dtype, time_embed_dim=time_embed_dim)
+        plain = (str(p), stamp, str(torch.device(device)), dtype, time_embed_dim)
+        for key in (plain, (*plain, id(base_unet))):
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        loaded = load_controlnet(p, device=device, dtype=dtype, time_embed_dim=time_embed_dim, base_unet=base_unet)
+        key = (*plain, id(base_unet)) if loaded.info.kind == "control-lora" else plain
         self._items[key] = loaded
         while len(self._items) > self.capacity:
             self._items.popitem(last=False)
