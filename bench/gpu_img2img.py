@@ -203,6 +203,8 @@ class Settings:
     guidance: float | None = None
     #: FLUX cases: "dev" or "schnell"; "" for SD.
     flux: str = ""
+    #: underpaint's memory mode for an extra row (``--vram``); "high" adds none.
+    vram: str = "high"
 
     @property
     def recipe(self) -> str:
@@ -525,6 +527,21 @@ def optimized(model, settings: Settings) -> Iterator[None]:
 
 
 @contextmanager
+def vram_mode(model, settings: Settings) -> Iterator[None]:
+    """underpaint's memory mode (``--vram``) for one row; everything is back on the device after,
+    as the diffusers rows share the modules."""
+    from underpaint.models.offload import place
+
+    place(model, settings.vram, device=settings.device)
+    if settings.device.type == "cuda":
+        torch.cuda.empty_cache()
+    try:
+        yield
+    finally:
+        place(model, "high", device=settings.device)
+
+
+@contextmanager
 def compiled_unet(pipe, settings: Settings) -> Iterator[None]:
     """diffusers' own recipe: channels-last UNet (FLUX: the transformer) under torch.compile (restored afterwards)."""
     attr = "transformer" if hasattr(pipe, "transformer") else "unet"
@@ -731,6 +748,11 @@ def run_case(case: Case, comps: Components, settings: Settings) -> tuple[list[Me
         results.append(fast)
         checks.append(compare(case, names, plain_out, fast_out))
         _log(f"  output check: {asdict(checks[-1])}")
+    if settings.vram != "high":
+        with vram_mode(model, settings):
+            [(offloaded, _)] = measure([Runner(f"underpaint vram={settings.vram}", underpaint_runner(model, case, settings),
+                                               lambda: model.unet)], case, settings)
+        results.append(offloaded)
     results.append(eager)
     compiled = None
     if settings.compile_diffusers:
@@ -812,6 +834,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 with --tiny)")
     p.add_argument("--optimize", default="", help="comma-separated module transforms for an extra underpaint row: "
                    + ", ".join(OPTIMIZATIONS))
+    p.add_argument("--vram", default="high", choices=["high", "medium", "low"],
+                   help="add an underpaint row in this memory mode, run alone (its peak VRAM shows the mode's effect)")
     p.add_argument("--compile-diffusers", action="store_true", help="add a diffusers + torch.compile row")
     p.add_argument("--compile-mode", default="default", help="torch.compile mode (default, max-autotune, ...)")
     p.add_argument("--fp16-vae", action="store_true", help="do not let diffusers upcast the SDXL VAE to fp32 "
@@ -834,7 +858,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
     if unknown:
         raise SystemExit(f"--optimize: unknown {', '.join(unknown)}; expected {', '.join(OPTIMIZATIONS)}")
     s = Settings(device, dtype, _given(args.steps, SD_STEPS), _given(args.strength, SD_STRENGTH),
-                 _given(args.cfg, SD_CFG), args.runs, args.warmup, optimize, args.compile_diffusers, args.compile_mode)
+                 _given(args.cfg, SD_CFG), args.runs, args.warmup, optimize, args.compile_diffusers, args.compile_mode,
+                 vram=args.vram)
     _check_steps(s, args)
     return s
 
@@ -933,7 +958,7 @@ def _settings_json(settings: Settings, args: argparse.Namespace) -> dict:
                 steps=settings.steps, strength=settings.strength, steps_run=settings.steps_run,
                 underpaint_strength=settings.underpaint_strength, cfg=settings.cfg, runs=settings.runs,
                 warmup=settings.warmup, optimize=list(settings.optimize), compile_diffusers=settings.compile_diffusers,
-                compile_mode=settings.compile_mode, fp16_vae=args.fp16_vae, stub_unet=args.stub_unet,
+                compile_mode=settings.compile_mode, fp16_vae=args.fp16_vae, stub_unet=args.stub_unet, vram=settings.vram,
                 guidance=settings.guidance,
                 sampler=("Euler/Simple (diffusers: FlowMatchEulerDiscreteScheduler)" if settings.flux else
                          "DPM++ 2M Karras (diffusers: DPMSolverMultistepScheduler, use_karras_sigmas)"))
