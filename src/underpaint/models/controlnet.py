@@ -48,10 +48,24 @@ _WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model
 _SDXL_TIME_EMBED_DIM = 256
 
 # Recognisable control files that are not a full ControlNet: (what, exact keys, key prefixes).
+# Union models (xinsir's controlnet-union-sdxl-1.0 and its promax version) add a control-type
+# embedding and a small transformer over the hint features (diffusers' ControlNetUnionModel).
 _OTHER_CONTROL_FILES: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
-    ("a ControlNet union/promax model", ("task_embedding", "spatial_ch_projs.weight"), ("transformer_layes.",)),
+    ("a ControlNet union/promax model (controlnet-union-sdxl-1.0)",
+     ("task_embedding", "spatial_ch_projs.weight", "control_add_embedding.linear_1.weight"), ("transformer_layes.",)),
     ("a ControlLLLite model", (), ("lllite_unet_",)),
 )
+#: config.json classes of control models that are recognised but not loaded.
+_OTHER_CONTROL_CLASSES = {"ControlNetUnionModel": "a ControlNet union/promax model (controlnet-union-sdxl-1.0)",
+                          "MultiAdapter": "several T2I-Adapters saved together (MultiAdapter)"}
+
+
+def _refuse_other_kinds(path: Path, names) -> None:
+    """A clear "not supported yet" for control files recognised by their keys but not loaded."""
+    for what, keys, prefixes in _OTHER_CONTROL_FILES:
+        if any(k in names for k in keys) or (prefixes and any(n.startswith(prefixes) for n in names)):
+            raise ModelError(f"{path}: {what} is not supported yet; underpaint loads full ControlNets "
+                             "(original control_model.* or diffusers layout), T2I-Adapters and Control-LoRAs")
 
 
 @dataclass(frozen=True)
@@ -123,10 +137,7 @@ def info_from_header(path: Path, header: CheckpointHeader, *, time_embed_dim: in
     if control_lora.is_control_lora(names):
         config = control_lora.hint_config(header, f"Control-LoRA {path}")
         return ControlNetInfo(path, control_lora.file_family(names), "control-lora", "", config, kind="control-lora")
-    for what, keys, prefixes in _OTHER_CONTROL_FILES:
-        if any(k in names for k in keys) or (prefixes and any(n.startswith(prefixes) for n in names)):
-            raise ModelError(f"{path}: unsupported: looks like {what}; underpaint loads full ControlNets "
-                             "(original control_model.* or diffusers layout) and T2I-Adapters")
+    _refuse_other_kinds(path, names)
     for prefix in _ORIGINAL_PREFIXES:
         if prefix + "input_hint_block.0.weight" in names:
             config = controlnet_config(header, prefix, time_embed_dim=time_embed_dim)
@@ -156,6 +167,11 @@ def _inspect_folder(folder: Path) -> ControlNetInfo:
         from .t2i_adapter import adapter_family
 
         return ControlNetInfo(folder, adapter_family(config), "diffusers-folder", "", config, kind="t2i-adapter")
+    if cls in _OTHER_CONTROL_CLASSES:
+        raise ModelError(f"{folder}: {_OTHER_CONTROL_CLASSES[cls]} is not supported yet")
+    weights = next((folder / n for n in _WEIGHT_FILES if (folder / n).is_file()), None)
+    if weights is not None and sniff_format(weights) == "safetensors":
+        _refuse_other_kinds(folder, read_header(weights).tensors)
     if cls != "ControlNetModel":
         raise ModelError(f"{folder}: unsupported: config.json describes a {cls}; expected a ControlNetModel "
                          "or a T2IAdapter")
