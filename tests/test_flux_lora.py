@@ -124,3 +124,38 @@ def test_lora_tag_in_a_flux_prompt_changes_the_picture_and_is_recorded(flux_file
     assert styled.images[0].tobytes() != plain.images[0].tobytes()
     assert again.images[0].tobytes() == plain.images[0].tobytes()  # the weights came back
     assert "Lora hashes: \"inkstyle: " in styled.infotexts[0]
+
+
+@pytest.mark.parametrize("style", ["kohya", "comfyui"])
+def test_lora_on_compressed_weights_runs_at_run_time_and_equals_merging(style, flux_files, original, tmp_path):  # noqa: F811
+    from underpaint.models.loader import load_flux
+    from underpaint.models.lora import LoraPatcher, LoraRequest, ModuleIndex, load_lora
+
+    parts = dict(clip_l=flux_files["clip_l"], t5=flux_files["t5"], vae=flux_files["ae"], dtype=torch.float32)
+    kept = load_flux(flux_files["gguf"], keep_quantized=True, **parts)
+    expanded = load_flux(flux_files["gguf"], keep_quantized=False, **parts)
+    assert kept.unet.weight_storage.startswith("gguf")
+    path = _write(tmp_path / f"q_{style}.safetensors", _updates(original, seed=9), style)
+    torch.manual_seed(0)
+    tokens, text = torch.randn(1, 16, 64), torch.randn(1, 7, 32)
+    inputs = dict(hidden_states=tokens, encoder_hidden_states=text, pooled_projections=torch.randn(1, 16),
+                  timestep=torch.tensor([0.5]), img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(7, 3),
+                  guidance=torch.tensor([3.5]), return_dict=False)
+    with torch.no_grad():
+        before = kept.unet(**inputs)[0]
+    outputs = []
+    patchers = []
+    for model in (kept, expanded):
+        patcher = LoraPatcher()
+        patcher.apply([(load_lora(path, ModuleIndex(model)), LoraRequest("q", te=0.7, unet=0.7))])
+        patchers.append(patcher)
+        with torch.no_grad():
+            outputs.append(model.unet(**inputs)[0])
+    runtime = [m for m in kept.unet.modules() if getattr(m, "low_rank", None)]
+    assert len(runtime) >= 4  # fused qkv / linear1 updates split over compressed layers, applied at run time
+    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-4, rtol=1e-4)
+    assert (outputs[0] - before).abs().max() > 1e-3  # the LoRA changed the answer
+    for patcher in patchers:
+        patcher.restore()
+    with torch.no_grad():
+        torch.testing.assert_close(kept.unet(**inputs)[0], before, atol=0, rtol=0)

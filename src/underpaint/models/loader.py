@@ -99,12 +99,17 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu", d
 def load_flux(path: str | os.PathLike, *, clip_l: str | os.PathLike | None = None,
               t5: str | os.PathLike | None = None, vae: str | os.PathLike | None = None,
               tokenizer_dir: str | os.PathLike | None = None, device: str | torch.device = "cpu",
-              dtype: torch.dtype | str = torch.bfloat16, prediction: str | None = None) -> LoadedModel:
-    """A FLUX.1 model (transformer file, GGUF, all-in-one file or diffusers folder); see :mod:`.flux_loader`."""
+              dtype: torch.dtype | str = torch.bfloat16, prediction: str | None = None,
+              keep_quantized: bool = True) -> LoadedModel:
+    """A FLUX.1 model (transformer file, GGUF, all-in-one file or diffusers folder); see :mod:`.flux_loader`.
+
+    ``keep_quantized`` keeps fp8 and GGUF transformer weights compressed in memory (expanded per
+    layer as it runs); False expands them to ``dtype`` once, at load.
+    """
     from .flux_loader import load_flux as _load_flux
 
     return _load_flux(path, clip_l=clip_l, t5=t5, vae=vae, tokenizer_dir=tokenizer_dir, device=device,
-                      dtype=dtype, prediction=prediction)
+                      dtype=dtype, prediction=prediction, keep_quantized=keep_quantized)
 
 
 def _dtype(name: str) -> torch.dtype:

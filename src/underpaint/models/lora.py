@@ -325,8 +325,13 @@ def _is_flux(unet: torch.nn.Module) -> bool:
 
 def _patchable(module: torch.nn.Module):
     for path, child in module.named_modules():
-        if isinstance(child, (torch.nn.Linear, torch.nn.Conv2d)):
+        if isinstance(child, (torch.nn.Linear, torch.nn.Conv2d)) or _is_stored(child):
             yield path, child
+
+
+def _is_stored(module: torch.nn.Module) -> bool:
+    """A layer whose weight stays compressed (fp8, GGUF): LoRA updates are added at run time instead."""
+    return hasattr(module, "dequantized_weight") and hasattr(module, "low_rank")
 
 
 def _original_unet_names(config) -> Callable[[str], str | None]:
@@ -687,10 +692,12 @@ class LoraPatcher:
     """
 
     _backups: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    #: Compressed-weight layers given run-time updates (cleared by ``restore``).
+    _stored: dict[int, torch.nn.Module] = field(default_factory=dict)
 
     @property
     def active(self) -> bool:
-        return bool(self._backups)
+        return bool(self._backups) or bool(self._stored)
 
     def apply(self, networks: Sequence[tuple[LoraNetwork, LoraRequest]]) -> int:
         """Restore, then merge ``networks`` (each with its request's multipliers); returns modules changed."""
@@ -716,9 +723,11 @@ class LoraPatcher:
         if failed:
             warnings.warn(f"LoRA: {len(failed)} updates do not fit this model's weights and are skipped "
                           f"(e.g. {'; '.join(failed[:2])})", LoraWarning, stacklevel=2)
-        return len(self._backups)
+        return len(self._backups) + len([m for m in self._stored.values() if id(m.bias) not in self._backups])
 
     def _merge(self, module: torch.nn.Module, items: list[tuple[ModulePatch, float, int | None]]) -> list[str]:
+        if _is_stored(module):
+            return self._add_runtime(module, items)
         weight, bias = module.weight, module.bias
         new_weight, new_bias = weight.detach().float(), None
         failed = []
@@ -739,6 +748,38 @@ class LoraPatcher:
             self._write(bias, new_bias)
         return failed
 
+    def _add_runtime(self, module: torch.nn.Module, items: list[tuple[ModulePatch, float, int | None]]) -> list[str]:
+        """Updates for a compressed-weight layer, added to its output at run time: plain LoRAs as
+        low-rank pairs (no memory beyond the pair), other kinds as one dense difference."""
+        failed: list[str] = []
+        self._stored[id(module)] = module
+        weight = None
+        for patch, multiplier, dyn in items:
+            t = patch.tensors
+            try:
+                if patch.kind == "lora" and "lora_mid.weight" not in t and "dora_scale" not in t \
+                        and t["lora_down.weight"].ndim == 2:
+                    up, down = t["lora_up.weight"], t["lora_down.weight"]
+                    if dyn is not None:
+                        up, down = up[:, :dyn], down[:dyn]
+                    if tuple(up.shape[:1]) + tuple(down.shape[1:]) != (module.out_features, module.in_features):
+                        raise ValueError(f"update {tuple(up.shape[:1]) + tuple(down.shape[1:])} does not fit "
+                                         f"({module.out_features}, {module.in_features})")
+                    device = module.packed.device
+                    module.low_rank.append((up.to(device, torch.float32), down.to(device, torch.float32),
+                                            patch.scale * multiplier))
+                else:
+                    if weight is None:
+                        weight = module.dequantized_weight(torch.float32)
+                    delta = patch.delta(weight, dyn=dyn) * multiplier
+                    module.dense_delta = delta if module.dense_delta is None else module.dense_delta + delta
+                extra = patch.bias_delta()
+                if extra is not None and module.bias is not None:
+                    self._write(module.bias, module.bias.detach().float() + extra.to(module.bias.device) * multiplier)
+            except (ValueError, RuntimeError) as exc:
+                failed.append(f"{patch.target.component}:{patch.target.path}: {exc}")
+        return failed
+
     def _write(self, param: torch.Tensor, value: torch.Tensor) -> None:
         key = id(param)
         if key not in self._backups:
@@ -751,6 +792,9 @@ class LoraPatcher:
             while self._backups:
                 _, (param, original) = self._backups.popitem()
                 param.data.copy_(original.to(param.device))
+            while self._stored:
+                _, module = self._stored.popitem()
+                module.clear_updates()
 
 
 @dataclass

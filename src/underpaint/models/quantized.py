@@ -271,6 +271,10 @@ class StoredLinear(torch.nn.Module):
         self.kind, self.scale = kind, scale
         self.compute_dtype = dtype or torch.get_default_dtype()
         self.register_buffer("packed", None, persistent=False)
+        #: LoRA updates applied at run time, since the stored weight cannot take them: low-rank
+        #: pairs (up, down, factor) and one dense difference for other network kinds.
+        self.low_rank: list[tuple[torch.Tensor, torch.Tensor, float]] = []
+        self.dense_delta: torch.Tensor | None = None
         if bias:
             self.bias = torch.nn.Parameter(torch.empty(out_features, device=device, dtype=dtype))
         else:
@@ -301,7 +305,17 @@ class StoredLinear(torch.nn.Module):
         bias = self.bias
         if bias is not None and bias.dtype != x.dtype:
             bias = bias.to(x.dtype)
-        return F.linear(x, self.dequantized_weight(x.dtype), bias)
+        out = F.linear(x, self.dequantized_weight(x.dtype), bias)
+        for up, down, factor in self.low_rank:
+            out = out + F.linear(F.linear(x, down.to(x.dtype)), up.to(x.dtype)) * factor
+        if self.dense_delta is not None:
+            out = out + F.linear(x, self.dense_delta.to(x.dtype))
+        return out
+
+    def clear_updates(self) -> None:
+        """Drop the run-time LoRA updates (the stored weight itself is never changed)."""
+        self.low_rank = []
+        self.dense_delta = None
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
         if self.packed is not None:

@@ -162,8 +162,8 @@ def _flux_companions(path: Path, folder, *, given: dict) -> dict[str, Path]:
     """The CLIP-L, T5 and autoencoder files a FLUX transformer file lacks, when the models folder has
     exactly one candidate for each (``clip_l*``, ``t5*`` in text_encoders/, ``ae*``/``flux*`` in vae/).
 
-    Two or more candidates pick nothing: the loader's error then asks for the flag, rather than
-    guessing between, say, an fp16 and an fp8 T5.
+    Two or more candidates are an error that lists them and names the flag, rather than a guess
+    between, say, an fp16 and an fp8 T5.
     """
     from ..models.flux_loader import components_needed
 
@@ -173,7 +173,14 @@ def _flux_companions(path: Path, folder, *, given: dict) -> dict[str, Path]:
             continue
         kind, stems = _COMPANIONS[part]
         entries = folder.list_text_encoders() if kind == "text_encoders" else folder.list_vaes()
-        matches = [e.path for e in entries if Path(e.filename).name.lower().startswith(stems)]
+        matches = [e for e in entries if Path(e.filename).name.lower().startswith(stems)]
         if len(matches) == 1:
-            found[part] = Path(matches[0])
+            found[part] = Path(matches[0].path)
+        elif matches:
+            from ..errors import ModelError
+
+            flag = {"clip_l": "--clip-l", "t5": "--t5", "vae": "--vae"}[part]
+            names = ", ".join(e.filename for e in matches)
+            raise ModelError(f"{path.name} needs a separate {part} file and the models folder has several "
+                             f"({names}): pass {flag} NAME to choose", field=part)
     return found
