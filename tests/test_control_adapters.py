@@ -65,6 +65,17 @@ def test_original_adapter_loads_to_the_module_diffusers_loads_from_its_folder(ad
         assert all(torch.equal(ours[k], reference[k]) for k in ours), layout
 
 
+def test_original_names_under_adapter_prefix_load_the_same(adapter_dir, sd1_adapter):
+    from safetensors.torch import load_file, save_file
+
+    prefixed = adapter_dir / "t2iadapter_prefixed.safetensors"
+    save_file({"adapter." + k: v for k, v in load_file(str(sd1_adapter)).items()}, str(prefixed))
+    info = inspect_controlnet(prefixed)
+    assert (info.kind, info.layout, info.prefix) == ("t2i-adapter", "original", "adapter.")
+    ours, plain = load_controlnet(prefixed).module.state_dict(), load_controlnet(sd1_adapter).module.state_dict()
+    assert ours.keys() == plain.keys() and all(torch.equal(ours[k], plain[k]) for k in ours)
+
+
 def test_grey_map_adapter_takes_one_channel(adapter_dir):
     path = write_t2i_adapter(adapter_dir / "t2iadapter_sketch_sd15v2.safetensors", "full", in_channels=1)
     info = inspect_controlnet(path)
@@ -117,6 +128,43 @@ def test_adapter_unit_equals_diffusers_adapter_pipeline(sd1_engine, sd1_adapter,
         prompt=prompt, negative_prompt=negative, width=64, height=64, steps=steps, cfg_scale=cfg, sampler="Euler",
         seed=seed, rng="cpu")).images[0]
     assert np.abs(_pixels(plain) - _pixels(ours)).max() > 2  # the adapter did something
+
+
+def test_adapter_modes_scale_features_as_the_extension_does(sd1_adapter, control_map):
+    """Balanced: weight x features; the other two modes: the extension's soft ramp (0.25, 0.62, 0.825, 1.0
+    of the weight, shallow first); "ControlNet is more important" also gives the negative prompt nothing."""
+    from underpaint.models.t2i_adapter import adapter_features
+    from underpaint.pipeline.control import (BALANCED, CONTROL_MORE_IMPORTANT, PROMPT_MORE_IMPORTANT, ActiveUnit,
+                                             ControlStack, hint_tensor)
+
+    net = load_controlnet(sd1_adapter)
+    hint = hint_tensor(np.asarray(control_map), device="cpu", dtype=torch.float32)
+    with torch.no_grad():
+        reference = net.module(hint)  # diffusers' T2IAdapter forward
+
+    def stack(mode):
+        unit = ControlUnit(image=control_map, module="none", model=str(sd1_adapter), weight=0.5, control_mode=mode)
+        return ControlStack([ActiveUnit(unit, net, hint, adapter_features(net.module, hint, "x"))], steps=4)
+
+    for mode, ramp in ((BALANCED, (1.0, 1.0)), (PROMPT_MORE_IMPORTANT, (0.25, 0.62))):
+        got = stack(mode).intrablock(2)
+        assert len(got) == len(reference) == 2
+        for g, r, k in zip(got, reference, ramp):
+            assert g.shape == (2, *r.shape[1:])
+            torch.testing.assert_close(g, (r * (0.5 * k)).expand(2, -1, -1, -1), rtol=1e-6, atol=0)
+    rows = torch.tensor([1.0, 0.0])
+    strong = stack(CONTROL_MORE_IMPORTANT).intrablock(2, rows)
+    soft = stack(PROMPT_MORE_IMPORTANT).intrablock(2)
+    for g, s in zip(strong, soft):
+        assert torch.equal(g[0], s[0]) and not g[1].any()
+    # Outside the guidance window nothing is added; each call returns a fresh list (the UNet pops it).
+    late = ControlStack([ActiveUnit(ControlUnit(image=control_map, module="none", guidance_start=0.5), net, hint,
+                                    adapter_features(net.module, hint, "x"))], steps=4)
+    assert late.intrablock(2) is None
+    late.on_step(2)
+    first = late.intrablock(2)
+    first.pop(0)
+    assert len(late.intrablock(2)) == 2
 
 
 def _txt2img(engine, units, **extra):

@@ -132,8 +132,9 @@ def info_from_header(path: Path, header: CheckpointHeader, *, time_embed_dim: in
     except ModelError as exc:
         raise ModelError(f"{path}: {exc}") from None
     if adapter is not None:
-        config = t2i_adapter.adapter_config(header, adapter, f"T2I-Adapter {path}")
-        return ControlNetInfo(path, t2i_adapter.adapter_family(config), adapter, "", config, kind="t2i-adapter")
+        layout, prefix = adapter
+        config = t2i_adapter.adapter_config(header, layout, f"T2I-Adapter {path}", prefix)
+        return ControlNetInfo(path, t2i_adapter.adapter_family(config), layout, prefix, config, kind="t2i-adapter")
     if control_lora.is_control_lora(names):
         config = control_lora.hint_config(header, f"Control-LoRA {path}")
         return ControlNetInfo(path, control_lora.file_family(names), "control-lora", "", config, kind="control-lora")
@@ -364,7 +365,7 @@ def load_controlnet(path: str | os.PathLike, *, device: str | torch.device = "cp
         if info.is_adapter:
             from .t2i_adapter import original_to_diffusers as adapter_names
 
-            weights = adapter_names(sd, info.config, f"T2I-Adapter {p}") if info.layout == "original" else sd
+            weights = adapter_names(sd, info.config, f"T2I-Adapter {p}", info.prefix) if info.layout == "original" else sd
         else:
             weights = original_to_diffusers(sd, header, info.prefix) if info.layout == "original" else sd
     if info.is_adapter:

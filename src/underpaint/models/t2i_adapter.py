@@ -8,7 +8,7 @@ timestep or the prompt, so its features are computed once per map.
 Layouts read (all offline, config from the tensor shapes):
 
 - the original single files (``t2iadapter_canny_sd15v2.pth``, ``t2iadapter_color_sd14v1.pth``,
-  the SDXL ``adapter-xl`` files): the full adapter is ``conv_in`` (after a pixel unshuffle)
+  the SDXL ``adapter-xl`` files; names bare or under ``adapter.``): the full adapter is ``conv_in`` (after a pixel unshuffle)
   and a flat list ``body.N`` of residual blocks (``block1`` 3x3, ``block2`` 1x1, ``in_conv``
   1x1 where the width changes), ``num_res_blocks`` per level; the light adapter (colour) is
   ``body.L`` extractors each with ``in_conv``, ``body.J.block1/block2`` and ``out_conv``;
@@ -40,15 +40,20 @@ STYLE_MARKER = "style_embedding"
 SOFT_FACTORS = (0.25, 0.62, 0.825, 1.0)
 
 
-def adapter_layout(names) -> str | None:
-    """"original" or "diffusers-file" when the tensor names are a T2I-Adapter's, else None."""
+#: Prefixes the original names are found under.
+ORIGINAL_PREFIXES = ("", "adapter.")
+
+
+def adapter_layout(names) -> tuple[str, str] | None:
+    """("original", prefix) or ("diffusers-file", "") when the tensor names are a T2I-Adapter's, else None."""
     names = set(names)
     if STYLE_MARKER in names:
         raise ModelError("unsupported: a T2I style adapter (it needs CLIP vision features, not a control map)")
-    if ORIGINAL_FULL_MARKER in names or ORIGINAL_LIGHT_MARKER in names:
-        return "original"
     if DIFFUSERS_MARKER in names:
-        return "diffusers-file"
+        return "diffusers-file", ""
+    for prefix in ORIGINAL_PREFIXES:
+        if prefix + ORIGINAL_FULL_MARKER in names or prefix + ORIGINAL_LIGHT_MARKER in names:
+            return "original", prefix
     return None
 
 
@@ -67,8 +72,11 @@ def _unshuffle(total: int, what: str) -> tuple[int, int]:
                      "unshuffled by 8 (SD1.5 adapters: 192 or 64) or by 16 (SDXL adapters: 768 or 256)")
 
 
-def adapter_config(header: CheckpointHeader, layout: str, what: str = "T2I-Adapter") -> dict:
-    """``T2IAdapter`` keyword arguments from the shapes of an original or diffusers-named file."""
+def adapter_config(header: CheckpointHeader, layout: str, what: str = "T2I-Adapter", prefix: str = "") -> dict:
+    """``T2IAdapter`` keyword arguments from the shapes of an original (names under ``prefix``)
+    or diffusers-named file."""
+    if layout == "original" and prefix:
+        header = _strip(header, prefix)
     names = list(header.tensors)
     p = "adapter." if layout == "diffusers-file" else ""
     light = (f"{p}body.0.out_conv.weight" in header.tensors)
@@ -105,8 +113,16 @@ def adapter_config(header: CheckpointHeader, layout: str, what: str = "T2I-Adapt
                 adapter_type=kind)
 
 
-def original_to_diffusers(state_dict: dict[str, torch.Tensor], config: dict, what: str) -> dict[str, torch.Tensor]:
-    """Original adapter weights in ``T2IAdapter`` names."""
+def _strip(header: CheckpointHeader, prefix: str) -> CheckpointHeader:
+    from dataclasses import replace
+
+    return replace(header, tensors={k[len(prefix):]: v for k, v in header.tensors.items() if k.startswith(prefix)})
+
+
+def original_to_diffusers(state_dict: dict[str, torch.Tensor], config: dict, what: str,
+                          prefix: str = "") -> dict[str, torch.Tensor]:
+    """Original adapter weights (names under ``prefix``) in ``T2IAdapter`` names."""
+    state_dict = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state_dict.items()}
     res = config["num_res_blocks"]
     light = config["adapter_type"] == "light_adapter"
     full_rx = re.compile(r"body\.(\d+)\.(block1|block2|in_conv)\.(weight|bias)$")
