@@ -315,3 +315,28 @@ def test_union_promax_file_is_named_as_not_supported_yet(tmp_path, sdxl_engine, 
     with pytest.raises(ModelError, match="not supported yet"):
         sdxl_engine.generate(GenerationParams(prompt="a castle", steps=1, width=64, height=64, control_units=(
             ControlUnit(image=control_map, module="none", model=str(single)),)))
+
+
+def test_control_lora_is_built_on_the_checkpoint_not_on_a_request_lora(sdxl_file, control_lora, merged_file,
+                                                                       control_map, tmp_path):
+    from safetensors.torch import save_file
+
+    from underpaint.pipeline.engine import Engine
+
+    models = tmp_path / "models"
+    (models / "loras").mkdir(parents=True)
+    engine = Engine.load(sdxl_file, models_dir=models, device="cpu", dtype="fp32")
+    weight = engine.model.unet.get_submodule("down_blocks.1.attentions.0.proj_in").weight
+    g = torch.Generator().manual_seed(0)
+    key = "lora_unet_down_blocks_1_attentions_0_proj_in"
+    save_file({f"{key}.lora_up.weight": torch.randn(weight.shape[0], 4, generator=g),
+               f"{key}.lora_down.weight": torch.randn(4, weight.shape[1], generator=g),
+               f"{key}.alpha": torch.tensor(4.0)}, str(models / "loras" / "strong.safetensors"))
+    common = dict(steps=2, sampler="Euler", seed=3, width=64, height=64)
+
+    def run(model, prompt="a castle"):
+        unit = ControlUnit(image=control_map, module="none", model=str(model))
+        return engine.generate(GenerationParams(prompt=prompt, control_units=(unit,), **common)).images[0]
+
+    run(control_lora, "a castle <lora:strong:1>")  # the Control-LoRA is first built while the LoRA is merged
+    assert run(control_lora).tobytes() == run(merged_file).tobytes()

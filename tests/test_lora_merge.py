@@ -536,3 +536,20 @@ def test_doctests():
     import underpaint.models.lora as lora
 
     assert doctest.testmod(lora).failed == 0
+
+
+def test_suspended_shows_the_original_weights_and_puts_the_merged_ones_back(tmp_path, sd1, sd1_file):
+    header = read_header(sd1_file)
+    name = SD1_ORIGINAL[0]
+    sd = _kohya({"lora_unet_" + name.replace(".", "_"): header.shape(f"{PREFIX}{name}.weight")})
+    before = _snapshot(sd1)
+    patcher, _ = _apply(sd1, _save(tmp_path, "one", sd))
+    merged = _snapshot(sd1)
+    assert any(not torch.equal(merged[k], before[k]) for k in before)
+    with patcher.suspended():
+        _assert_unchanged(sd1, before)
+    assert all(torch.equal(_snapshot(sd1)[k], merged[k]) for k in merged)
+    patcher.restore()
+    _assert_unchanged(sd1, before)
+    with patcher.suspended():  # nothing merged: nothing to do
+        _assert_unchanged(sd1, before)

@@ -549,6 +549,23 @@ class ControlNetCache:
             time_embed_dim: int | None = None, base_unet=None) -> LoadedControlNet:
         """``base_unet`` is the checkpoint's UNet, which Control-LoRAs are built on: their entries
         are kept per UNet, the others whatever the UNet."""
+        found = self.cached(path, device=device, dtype=dtype, time_embed_dim=time_embed_dim, base_unet=base_unet)
+        if found is not None:
+            return found
+        p = Path(path).resolve()
+        stamp = p.stat().st_mtime_ns if p.exists() else 0
+        plain = (str(p), stamp, str(torch.device(device)), dtype, time_embed_dim)
+        loaded = load_controlnet(p, device=device, dtype=dtype, time_embed_dim=time_embed_dim, base_unet=base_unet)
+        key = (*plain, id(base_unet)) if loaded.info.kind == "control-lora" else plain
+        self._items[key] = loaded
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+        return loaded
+
+    def cached(self, path: str | os.PathLike, *, device: str | torch.device = "cpu",
+               dtype: torch.dtype = torch.float32, time_embed_dim: int | None = None,
+               base_unet=None) -> LoadedControlNet | None:
+        """The entry :meth:`get` would return without loading anything, or None."""
         p = Path(path).resolve()
         stamp = p.stat().st_mtime_ns if p.exists() else 0
         plain = (str(p), stamp, str(torch.device(device)), dtype, time_embed_dim)
@@ -556,12 +573,7 @@ class ControlNetCache:
             if key in self._items:
                 self._items.move_to_end(key)
                 return self._items[key]
-        loaded = load_controlnet(p, device=device, dtype=dtype, time_embed_dim=time_embed_dim, base_unet=base_unet)
-        key = (*plain, id(base_unet)) if loaded.info.kind == "control-lora" else plain
-        self._items[key] = loaded
-        while len(self._items) > self.capacity:
-            self._items.popitem(last=False)
-        return loaded
+        return None
 
     def clear(self) -> None:
         self._items.clear()

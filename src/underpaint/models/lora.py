@@ -39,6 +39,7 @@ import os
 import re
 import warnings
 from collections import OrderedDict
+from contextlib import contextmanager
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -785,6 +786,24 @@ class LoraPatcher:
         if key not in self._backups:
             self._backups[key] = (param, param.detach().to("cpu", copy=True))
         param.data.copy_(value.to(param.dtype))
+
+    @contextmanager
+    def suspended(self):
+        """The original weights for the length of the block, the merged ones again after it
+        (for what must be built from the checkpoint's own weights, such as a Control-LoRA)."""
+        if not self._backups:
+            yield
+            return
+        merged = {key: param.detach().to("cpu", copy=True) for key, (param, _) in self._backups.items()}
+        with torch.no_grad():
+            for param, original in self._backups.values():
+                param.data.copy_(original.to(param.device))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for key, (param, _) in self._backups.items():
+                    param.data.copy_(merged[key].to(param.device))
 
     def restore(self) -> None:
         """Put every changed weight back to its original values."""

@@ -375,7 +375,14 @@ def prepare_control(model, units, *, width: int, height: int, steps: int, cache,
     active, maps, names = [], [], []
     for unit in units:
         path = resolve_controlnet(unit.model, folders, kind=unit.preprocessor.kind, family=model.spec.family)
-        net = cache.get(path, device=model.device, dtype=model.dtype, time_embed_dim=time_dim, base_unet=model.unet)
+        where = dict(device=model.device, dtype=model.dtype, time_embed_dim=time_dim, base_unet=model.unet)
+        net = cache.cached(path, **where)
+        if net is None:
+            from .networks import network_state
+
+            # A Control-LoRA is built on the checkpoint's own UNet weights, not on this request's LoRAs.
+            with network_state(model).patcher.suspended():
+                net = cache.get(path, **where)
         check_compatible(net, unet_config)
         detected = control_map(unit, width, height, init_image=init_image, mask=mask, ctx=ctx, seed=seed)
         hint = hint_tensor(detected, device=model.device, dtype=model.dtype)
