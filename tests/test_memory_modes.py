@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from flux_fixtures import flux_files  # noqa: F401 - a session fixture
 from underpaint.errors import OutOfMemory
 from underpaint.models import offload
 from underpaint.params import GenerationParams
@@ -55,12 +56,8 @@ def test_modes_give_the_same_bytes_as_high(sd1_file, photo, reference, vram):
     assert _bytes(engine.generate(_request(photo))) == reference
 
 
-def test_modes_compute_only_with_weights_on_a_visit(sd1_file, photo, reference):
-    """Low mode with every resting weight replaced by NaN and the real ones handed out only by
-    the offload's transfer: the output is still exactly high mode's, so no text encoder, VAE or
-    UNet block ever computed outside its visit (and visits restore the resting data)."""
-    engine = _load(sd1_file, "low")
-    model = engine.model
+def _poison_and_place(model, mode: str) -> None:
+    """Replace every resting floating weight by NaN; only the offload's transfer hands out the real ones."""
     real: dict[int, torch.Tensor] = {}
     for module in (*model.text_encoders, model.vae, model.unet):
         for tensor in (*module.parameters(), *module.buffers()):
@@ -72,10 +69,39 @@ def test_modes_compute_only_with_weights_on_a_visit(sd1_file, photo, reference):
     def transfer(tensor, device, dtype):
         return real.get(tensor.data_ptr(), tensor).to(device=device, dtype=dtype or tensor.dtype)
 
-    offload.place(model, "low", device="cpu", home="cpu", transfer=transfer)
+    offload.place(model, mode, device="cpu", home="cpu", transfer=transfer)
+
+
+def test_modes_compute_only_with_weights_on_a_visit(sd1_file, photo, reference):
+    """Low mode with every resting weight replaced by NaN and the real ones handed out only by
+    the offload's transfer: the output is still exactly high mode's, so no text encoder, VAE or
+    UNet block ever computed outside its visit (and visits restore the resting data)."""
+    engine = _load(sd1_file, "low")
+    model = engine.model
+    _poison_and_place(model, "low")
     assert _bytes(engine.generate(_request(photo))) == reference
     resting = next(model.unet.parameters())
     assert torch.isnan(resting).all()  # back home after the request
+
+
+def test_flux_transformer_blocks_visit_one_by_one(flux_files, photo):
+    """The same check on a tiny FLUX.1-dev: CLIP-L and T5, the autoencoder and every
+    ``transformer_blocks[i]`` / ``single_transformer_blocks[i]`` only compute on a visit."""
+    from underpaint.models.loader import load_flux
+    from underpaint.pipeline.engine import Engine
+
+    def engine():
+        return Engine(load_flux(flux_files["transformer"], clip_l=flux_files["clip_l"], t5=flux_files["t5"],
+                                vae=flux_files["ae"], dtype=torch.float32))
+
+    request = dict(prompt="a red house", steps=3, strength=0.7, seed=5, rng="cpu")
+    picture = photo.resize((64, 64))
+    expected = _bytes(engine().img2img(picture, **request))
+    low = engine()
+    _poison_and_place(low.model, "low")
+    names = [name for name, _ in offload.offload_blocks(low.model.unet)]
+    assert "transformer_blocks.0" in names and "single_transformer_blocks.0" in names
+    assert _bytes(low.img2img(picture, **request)) == expected
 
 
 def test_medium_visits_text_encoders_and_vae_around_their_calls(sd1_file, photo):
