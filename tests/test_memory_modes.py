@@ -310,6 +310,25 @@ def test_out_of_memory_message_names_size_batch_and_lower_modes(sd1_engine, phot
     assert OutOfMemory("x").http_status == 507
 
 
+def test_a_visit_that_runs_out_of_memory_half_way_leaves_everything_home(sd1_file, photo):
+    engine = _load(sd1_file, "medium")
+    model = engine.model
+    before = [t.data_ptr() for t in model.text_encoders[0].parameters()]
+    copies: list[int] = []
+
+    def transfer(tensor, device, dtype):
+        copies.append(1)
+        if len(copies) == 5:
+            raise _oom()
+        return tensor.clone()  # a "device copy": a new tensor
+
+    offload.place(model, "medium", transfer=transfer)
+    with pytest.raises(OutOfMemory, match="64x64, batch 2: try --vram low"):
+        engine.generate(_request(photo))
+    assert len(copies) == 5
+    assert [t.data_ptr() for t in model.text_encoders[0].parameters()] == before
+
+
 def test_runtime_error_saying_out_of_memory_counts():
     assert offload.is_out_of_memory(_oom())
     assert offload.is_out_of_memory(RuntimeError("CUDA error: out of memory"))

@@ -205,15 +205,22 @@ def _tensors(modules: Iterable[torch.nn.Module]) -> list[torch.Tensor]:
 
 def _swap_in(modules: Iterable[torch.nn.Module], device: torch.device, dtype: torch.dtype | None,
              transfer: Transfer) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Give each tensor a copy on ``device`` (in ``dtype``); return what to swap back."""
-    swapped = []
+    """Give each tensor a copy on ``device`` (in ``dtype``); return what to swap back.
+
+    A copy that fails (out of memory half-way) sends the ones already made back before raising.
+    """
+    swapped: list[tuple[torch.Tensor, torch.Tensor]] = []
     with torch.inference_mode(False), torch.no_grad():  # plain tensors, even when called while sampling
-        for tensor in _tensors(modules):
-            resting = tensor.data
-            visiting = transfer(resting, device, dtype if tensor.is_floating_point() else None)
-            if visiting is not resting:
-                tensor.data = visiting
-                swapped.append((tensor, resting))
+        try:
+            for tensor in _tensors(modules):
+                resting = tensor.data
+                visiting = transfer(resting, device, dtype if tensor.is_floating_point() else None)
+                if visiting is not resting:
+                    tensor.data = visiting
+                    swapped.append((tensor, resting))
+        except BaseException:
+            _swap_out(swapped)
+            raise
     return swapped
 
 
