@@ -306,10 +306,10 @@ class StoredLinear(torch.nn.Module):
         if bias is not None and bias.dtype != x.dtype:
             bias = bias.to(x.dtype)
         out = F.linear(x, self.dequantized_weight(x.dtype), bias)
-        for up, down, factor in self.low_rank:
-            out = out + F.linear(F.linear(x, down.to(x.dtype)), up.to(x.dtype)) * factor
+        for up, down, factor in self.low_rank:  # kept where they were made: moved with the input (offload)
+            out = out + F.linear(F.linear(x, down.to(x.device, x.dtype)), up.to(x.device, x.dtype)) * factor
         if self.dense_delta is not None:
-            out = out + F.linear(x, self.dense_delta.to(x.dtype))
+            out = out + F.linear(x, self.dense_delta.to(x.device, x.dtype))
         return out
 
     def clear_updates(self) -> None:
