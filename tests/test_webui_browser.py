@@ -60,15 +60,20 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, sd1_file):
     """``underpaint serve`` in a thread: the real app, uvicorn, a models folder with one tiny checkpoint."""
+    models = tmp_path_factory.mktemp("webui-models")
+    (models / "checkpoints").mkdir()
+    shutil.copy(sd1_file, models / "checkpoints" / "tiny-sd1.safetensors")
+    shutil.copy(sd1_file, models / "checkpoints" / "tiny-sd1-copy.safetensors")
+    yield from serve(models)
+
+
+def serve(models: Path):
+    """Run the real app with uvicorn on a free port over ``models``; yields its base URL."""
     import uvicorn
 
     from underpaint.server.app import create_app
     from underpaint.server.config import ServerConfig
 
-    models = tmp_path_factory.mktemp("webui-models")
-    (models / "checkpoints").mkdir()
-    shutil.copy(sd1_file, models / "checkpoints" / "tiny-sd1.safetensors")
-    shutil.copy(sd1_file, models / "checkpoints" / "tiny-sd1-copy.safetensors")
     port = free_port()
     config = ServerConfig(models_dir=models, device="cpu", dtype="fp32", port=port)
     app = create_app(config)
@@ -164,14 +169,14 @@ def test_img2img_generate_shows_result_and_parameters(page, photo_file):
     page.fill("#prompt", "a red fox in the snow")
     set_value(page, "denoising_strength", "0.5")
     expect(page.locator("#denoise-hint")).to_contain_text("balanced")
-    set_value(page, "distilled_cfg_scale", "2.5")
+    expect(page.locator("#distilled-field")).to_be_hidden()  # FLUX only
     fast_settings(page, seed=1234)
     with page.expect_response("**/sdapi/v1/img2img", timeout=GENERATION_TIMEOUT) as answer:
         page.click("#generate")
     assert answer.value.ok, answer.value.text()
     sent = json.loads(answer.value.request.post_data)
     assert sent["denoising_strength"] == 0.5 and sent["seed"] == 1234 and sent["steps"] == 3
-    assert sent["distilled_cfg_scale"] == 2.5  # FLUX's guidance; an SD checkpoint ignores it
+    assert "distilled_cfg_scale" not in sent  # FLUX's guidance, not sent for an SD checkpoint
     assert decode(sent["init_images"][0]).size == (64, 64)
 
     expect(page.locator("#result-image")).to_be_visible()
@@ -563,3 +568,67 @@ def test_switching_checkpoint(page, server):
     page.wait_for_selector("body[data-ready=true]")
     # Once loaded, its title carries its short hash (A1111's "name [hash]").
     assert page.input_value("#checkpoint").split(" [")[0] == other.split(" [")[0]
+
+
+# --------------------------------------------------------------------------- FLUX
+
+
+@pytest.fixture(scope="module")
+def flux_server(tmp_path_factory, sd1_file):
+    from flux_fixtures import tiny_flux_set
+
+    files = tiny_flux_set(tmp_path_factory.getbasetemp() / "tiny-flux")
+    models = tmp_path_factory.mktemp("webui-flux-models")
+    for sub in ("checkpoints", "text_encoders", "vae"):
+        (models / sub).mkdir()
+    shutil.copy(sd1_file, models / "checkpoints" / "a-tiny-sd1.safetensors")
+    shutil.copy(files["transformer"], models / "checkpoints" / "flux1-dev-tiny.safetensors")
+    for key in ("clip_l", "t5"):
+        shutil.copy(files[key], models / "text_encoders" / files[key].name)
+    shutil.copy(files["spiece_dir"] / "spiece.model", models / "text_encoders" / "spiece.model")
+    shutil.copy(files["ae"], models / "vae" / "ae.safetensors")
+    yield from serve(models)
+
+
+def test_flux_checkpoint_switches_to_flux_settings_and_back(context, flux_server, photo_file):
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(flux_server + "/")
+    page.wait_for_selector("body[data-ready=true]")
+    select = page.locator("#checkpoint")
+    flux = next(v for v in select.locator("option").all_text_contents() if v.startswith("flux1-dev-tiny"))
+    sd = next(v for v in select.locator("option").all_text_contents() if v.startswith("a-tiny-sd1"))
+    if select.input_value() != sd:  # start from the SD checkpoint
+        select.select_option(sd)
+        expect(select).to_be_enabled(timeout=GENERATION_TIMEOUT)
+    expect(page.locator("#distilled-field")).to_be_hidden()
+    set_value(page, "cfg_scale", 5)
+
+    with page.expect_response("**/sdapi/v1/options", timeout=GENERATION_TIMEOUT):
+        select.select_option(flux)
+    expect(select).to_be_enabled(timeout=GENERATION_TIMEOUT)
+    expect(page.locator("#distilled-field")).to_be_visible()
+    expect(page.locator('input[data-sync="cfg_scale"]')).to_have_value("1")
+    expect(page.locator("#sampler_name")).to_have_value("Euler")
+    expect(page.locator("#scheduler")).to_have_value("Simple")
+
+    page.set_input_files("#img2img-file", str(photo_file))
+    page.fill("#prompt", "a harbour at night")
+    set_value(page, "distilled_cfg_scale", "2.5")
+    fast_settings(page, seed=5, steps=2)
+    with page.expect_response("**/sdapi/v1/img2img", timeout=GENERATION_TIMEOUT) as answer:
+        page.click("#generate")
+    assert answer.value.ok, answer.value.text()
+    assert json.loads(answer.value.request.post_data)["distilled_cfg_scale"] == 2.5
+    expect(page.locator("#result-image")).to_be_visible()
+    assert "Distilled CFG Scale: 2.5" in page.input_value("#result-infotext")
+    screenshot(page, "flux")
+
+    select.select_option(sd)
+    expect(select).to_be_enabled(timeout=GENERATION_TIMEOUT)
+    expect(page.locator("#distilled-field")).to_be_hidden()
+    expect(page.locator('input[data-sync="cfg_scale"]')).to_have_value("7")
+    expect(page.locator("#sampler_name")).to_have_value("DPM++ 2M")
+    page.close()
+    assert not errors, errors

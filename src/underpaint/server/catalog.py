@@ -24,6 +24,8 @@ class CheckpointView:
     short_hash: str | None
     path: Path
     relative: str
+    #: "flux" or "sd", read from the file's tensor names.
+    family: str = "sd"
 
 
 class Catalog:
@@ -49,10 +51,12 @@ class Catalog:
             return path.name
 
     def checkpoints(self) -> list[CheckpointView]:
+        from ..models.flux_loader import is_flux
+
         views = []
         for entry in self.folder.list_checkpoints():
             views.append(CheckpointView(entry.title, entry.name, entry.model_name, entry.short_hash, entry.path,
-                                        self._relative(entry.path)))
+                                        self._relative(entry.path), "flux" if is_flux(entry.path) else "sd"))
         return views
 
     def vaes(self) -> list[tuple[str, str]]:

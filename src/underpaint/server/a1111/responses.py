@@ -85,6 +85,8 @@ class SDModelItem(WireModel):
     sha256: str | None = None
     filename: str = Field(description="The file, relative to the models folder.")
     config: str | None = None
+    family: str | None = Field(None, description="Not in A1111's API: 'flux' for FLUX.1 checkpoints, 'sd' for the "
+                                                 "Stable Diffusion families (the browser UI picks its defaults by it).")
 
 
 class SDVaeItem(WireModel):

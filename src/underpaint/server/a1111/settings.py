@@ -111,7 +111,7 @@ async def cmd_flags(request: Request) -> CommandFlags:
 def sd_models(request: Request) -> list[SDModelItem]:
     views = server_state(request).catalog.checkpoints()
     return [SDModelItem(title=v.title, model_name=v.model_name, hash=v.short_hash, sha256=None,
-                        filename=v.relative, config=None) for v in views]
+                        filename=v.relative, config=None, family=v.family) for v in views]
 
 
 @router.get("/sd-vae", response_model=list[SDVaeItem], summary="VAEs in the models folder")

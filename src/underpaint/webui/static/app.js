@@ -1,7 +1,7 @@
 // Wires the page together: tabs, lists from the API, generate / interrupt, results, send-to.
 
 import { ApiError, get, getOptional, post } from "./api.js";
-import { loadCheckpoints, setupCheckpointSwitch } from "./checkpoints.js";
+import { loadCheckpoints, onFamily, setupCheckpointSwitch } from "./checkpoints.js";
 import { $, $$, numberValue, setNumber, syncSliders } from "./dom.js";
 import { ControlNetSection } from "./controlnet.js";
 import { clearFieldErrors, showFieldErrors } from "./fielderrors.js";
@@ -17,6 +17,7 @@ const generalBox = $("#general-error");
 const notice = $("#notice");
 const form = new GenerationForm(panel);
 const state = { tab: "img2img", busy: false, interrupted: false, lastSeed: null };
+onFamily((family) => form.applyFamily(family));
 
 // -- tabs ------------------------------------------------------------------------------------
 const tabs = $$('[role="tab"]');

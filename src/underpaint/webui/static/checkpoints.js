@@ -4,13 +4,30 @@ import { get, post } from "./api.js";
 import { $, fillSelect } from "./dom.js";
 import { clearFieldErrors, showFieldErrors } from "./fielderrors.js";
 
+// title → model family ("flux" or "sd", as the server reads it from each file).
+const families = new Map();
+const familyListeners = [];
+
+/** `listener(family)` runs when the selected checkpoint's family is known, and again when it changes. */
+export function onFamily(listener) {
+  familyListeners.push(listener);
+}
+
+function announceFamily() {
+  const family = families.get($("#checkpoint").value) ?? "sd";
+  familyListeners.forEach((listener) => listener(family));
+}
+
 export async function loadCheckpoints() {
   const [models, options] = await Promise.all([get("/sdapi/v1/sd-models"), get("/sdapi/v1/options")]);
   const items = (models ?? []).map((m) => ({ value: m.title ?? m.model_name, label: m.title ?? m.model_name }));
+  families.clear();
+  (models ?? []).forEach((m) => families.set(m.title ?? m.model_name, m.family ?? "sd"));
   const current = options?.sd_model_checkpoint;
   const match = items.find((i) => i.value === current) ?? items.find((i) => current && i.value.startsWith(current));
   fillSelect($("#checkpoint"), items, match?.value);
   $("#checkpoint-status").textContent = items.length ? "" : "No checkpoints found in the models folder.";
+  announceFamily();
 }
 
 /** Loading a checkpoint waits its turn in the server's queue; `onSwitching(true/false)` brackets it. */
@@ -25,6 +42,7 @@ export function setupCheckpointSwitch({ onSwitching }) {
     try {
       await post("/sdapi/v1/options", { sd_model_checkpoint: select.value });
       status.textContent = "";
+      announceFamily();
     } catch (err) {
       status.textContent = "";
       showFieldErrors(err, { root: topbar, rename: () => "sd_model_checkpoint" });

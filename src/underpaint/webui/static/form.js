@@ -37,6 +37,7 @@ export class GenerationForm {
       this.controls[name] = $(`#${name}`, root);
     }
     this.hint = $("#denoise-hint", root);
+    this.family = "sd";
     this.controls.denoising_strength.addEventListener("input", () => this.updateDenoiseHint());
     $('input[data-sync="denoising_strength"]', root).addEventListener("input", () => this.updateDenoiseHint());
     this.updateDenoiseHint();
@@ -44,15 +45,32 @@ export class GenerationForm {
 
   fillSamplers(samplers) {
     const select = this.controls.sampler_name;
-    fillSelect(select, samplers.map((s) => ({ value: s.name, label: s.name })), "DPM++ 2M");
+    fillSelect(select, samplers.map((s) => ({ value: s.name, label: s.name })), this.family === "flux" ? "Euler" : "DPM++ 2M");
     samplers.forEach((s, i) => { select.options[i].dataset.aliases = (s.aliases ?? []).join("|"); });
   }
 
   fillSchedulers(schedulers) {
     const select = this.controls.scheduler;
     const items = schedulers.map((s) => ({ value: s.label ?? s.name, label: s.label ?? s.name }));
-    fillSelect(select, items, "Automatic");
+    fillSelect(select, items, this.family === "flux" ? "Simple" : "Automatic");
     schedulers.forEach((s, i) => { select.options[i].dataset.aliases = [s.name, ...(s.aliases ?? [])].join("|"); });
+  }
+
+  /**
+   * Switch the controls to a model family's usual settings when the family changes, as Forge's
+   * presets do: FLUX runs Euler on the simple schedule at CFG 1 with its distilled guidance shown;
+   * Stable Diffusion goes back to DPM++ 2M, Automatic, CFG 7. Settings within a family are kept.
+   */
+  applyFamily(family) {
+    if (family === this.family) return;
+    this.family = family;
+    const c = this.controls;
+    const flux = family === "flux";
+    $("#distilled-field", this.root).hidden = !flux;
+    setNumber(c.cfg_scale, flux ? 1 : 7);
+    for (const [select, value] of [[c.sampler_name, flux ? "Euler" : "DPM++ 2M"], [c.scheduler, flux ? "Simple" : "Automatic"]]) {
+      if (matchOption(select, value) !== null) select.value = matchOption(select, value);
+    }
   }
 
   /** The denoising strength's band (subtle / balanced / overhaul) in words, for the hint under the slider. */
@@ -76,7 +94,7 @@ export class GenerationForm {
       scheduler: c.scheduler.value || undefined,
       steps: numberValue(c.steps),
       cfg_scale: numberValue(c.cfg_scale),
-      distilled_cfg_scale: numberValue(c.distilled_cfg_scale),
+      distilled_cfg_scale: this.family === "flux" ? numberValue(c.distilled_cfg_scale) : undefined,
       denoising_strength: numberValue(c.denoising_strength),
       seed: numberValue(c.seed) ?? -1,
       width: numberValue(c.width),
