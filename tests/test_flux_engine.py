@@ -126,3 +126,18 @@ def test_a1111_api_serves_flux_with_distilled_cfg_scale(models_dir, photo):
         # a sampler that does not run on the flow path is a 422 naming the field
         r = client.post("/sdapi/v1/img2img", json={**payload, "sampler_name": "Euler a"})
         assert r.status_code == 422 and "sampler" in r.text
+
+
+def test_sd_models_and_sd_modules_list_flux_files(models_dir):
+    from fastapi.testclient import TestClient
+
+    from underpaint.server.app import create_app
+    from underpaint.server.config import ServerConfig
+
+    app = create_app(ServerConfig(models_dir=models_dir, device="cpu", dtype="fp32", preload=False))
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        models = {m["model_name"]: m["family"] for m in client.get("/sdapi/v1/sd-models").json()}
+        assert models["flux1-dev-tiny"] == "flux" and models["flux1-schnell-tiny"] == "flux"
+        modules = {m["filename"] for m in client.get("/sdapi/v1/sd-modules").json()}
+        assert {"text_encoders/clip_l.safetensors", "text_encoders/t5xxl_fp16.safetensors",
+                "vae/ae.safetensors"} <= modules

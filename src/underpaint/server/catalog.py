@@ -62,6 +62,10 @@ class Catalog:
     def vaes(self) -> list[tuple[str, str]]:
         return [(entry.name, self._relative(entry.path)) for entry in self.folder.list_vaes()]
 
+    def text_encoders(self) -> list[tuple[str, str]]:
+        """FLUX's separate text encoder files (name, path relative to the models folder)."""
+        return [(entry.name, self._relative(entry.path)) for entry in self.folder.list_text_encoders()]
+
     def resolve(self, name: str, *, field: str = "sd_model_checkpoint") -> Path:
         """The listed checkpoint a client means by ``name``; anything else is ModelNotFound (404)."""
         listed = {entry.path.resolve(): entry.path for entry in self.folder.list_checkpoints()}

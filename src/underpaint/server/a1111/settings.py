@@ -120,8 +120,10 @@ def sd_vae(request: Request) -> list[SDVaeItem]:
 
 
 @router.get("/sd-modules", response_model=list[SDModuleItem], summary="Separate text encoders and other modules")
-async def sd_modules() -> list[SDModuleItem]:
-    return []
+def sd_modules(request: Request) -> list[SDModuleItem]:
+    """Forge's list of modules a checkpoint can be combined with: FLUX's text encoders, and VAEs."""
+    catalog = server_state(request).catalog
+    return [SDModuleItem(model_name=name, filename=rel) for name, rel in (*catalog.text_encoders(), *catalog.vaes())]
 
 
 @router.post("/refresh-checkpoints", summary="Rescan checkpoints (listings are always fresh here)")
