@@ -346,3 +346,26 @@ def test_union_controlnet_gets_the_control_type_and_weight_zero_is_no_controlnet
                control_units=(ControlUnit(image=control_picture, module="none", model=folder, weight=0.0),))
     plain = _run(dev, init_images=(picture,), strength=0.5)
     assert off.images[0].tobytes() == plain.images[0].tobytes()
+
+
+def test_attention_weights_scale_t5_tokens_with_a1111_mean_restoration(dev):
+    from underpaint.pipeline.flux import encode_prompt, encode_texts
+
+    tok, t5 = dev.tokenizers[1], dev.text_encoders[1]
+    weighted = encode_prompt(dev, "a (red:1.5) cat on a [chair]")
+    plain = encode_texts(dev, ["a red cat on a chair"])
+    assert torch.equal(weighted.pooled, plain.pooled)  # CLIP-L reads the words
+    # by hand: each run tokenized alone, its tokens scaled, the mean put back
+    ids, weights = [], []
+    for text, weight in [("a ", 1.0), ("red", 1.5), (" cat on a ", 1.0), ("chair", 1 / 1.1)]:
+        piece = tok(text, add_special_tokens=False).input_ids
+        ids, weights = ids + piece, weights + [weight] * len(piece)
+    ids, weights = ids + [tok.eos_token_id], weights + [1.0]
+    ids, weights = ids + [tok.pad_token_id] * (512 - len(ids)), weights + [1.0] * (512 - len(weights))
+    with torch.no_grad():
+        z = t5(torch.tensor([ids]))[0]
+    scaled = z * torch.tensor(weights)[None, :, None]
+    torch.testing.assert_close(weighted.t5, scaled * (z.mean() / scaled.mean()))
+    assert not torch.allclose(weighted.t5, plain.t5)
+    # weight 1 everywhere is the plain encoding, exactly
+    assert torch.equal(encode_prompt(dev, "a (red:1.0) cat").t5, encode_texts(dev, ["a red cat"]).t5)

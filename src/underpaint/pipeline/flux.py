@@ -7,9 +7,11 @@ model call per step suffices; real classifier-free guidance against the negative
 only when the CFG scale is above 1, as in Forge. The transformer works on 2×2 patches of
 the 16-channel latent, addressed by (0, row, column) position ids.
 
-A1111 prompt syntax is read as for the other models, except that T5 has no 75-token
-chunks, so attention weights like ``(word:1.2)`` are not applied (the text is kept) and
-``BREAK`` is dropped; prompt editing ``[a:b:when]`` and ``<lora:...>`` tags work as usual.
+A1111 prompt syntax is read as for the other models. T5 has no 75-token chunks: the whole
+prompt is one sequence and ``BREAK`` is dropped. Attention weights like ``(word:1.2)`` scale
+their tokens' T5 embeddings, then the whole is rescaled to its unweighted mean (A1111's
+"Original" emphasis, which Forge applies to T5 too); CLIP-L's pooled vector reads the plain
+words. Prompt editing ``[a:b:when]`` and ``<lora:...>`` tags work as usual.
 """
 
 from __future__ import annotations
@@ -89,8 +91,40 @@ def plain_text(prompt: str) -> str:
     return "".join(text for text, weight in parse_attention(prompt) if weight >= 0)
 
 
-def encode_texts(model, texts: list[str]) -> FluxConditioning:
-    """CLIP-L pooled and T5 embeddings of each text, on the model's device."""
+def t5_tokens_and_weights(tokenizer, prompt: str, length: int) -> tuple[list[int], list[float]]:
+    """T5 ids of an (already scheduled) prompt, each run of text tokenized with its attention
+    weight, then EOS and padding to ``length`` (weight 1), as the tokenizer itself would pad."""
+    ids: list[int] = []
+    weights: list[float] = []
+    for text, weight in parse_attention(prompt):
+        if weight < 0:  # BREAK
+            continue
+        piece = tokenizer(text, add_special_tokens=False).input_ids
+        ids += piece
+        weights += [weight] * len(piece)
+    ids, weights = ids[: length - 1] + [tokenizer.eos_token_id], weights[: length - 1] + [1.0]
+    pad = length - len(ids)
+    return ids + [tokenizer.pad_token_id] * pad, weights + [1.0] * pad
+
+
+def encode_prompt(model, prompt: str) -> FluxConditioning:
+    """One scheduled prompt: plain-text CLIP-L pooled vector, T5 embeddings with A1111 emphasis."""
+    runs = parse_attention(prompt)
+    if all(weight in (1.0, -1.0) for _, weight in runs):
+        return encode_texts(model, [plain_text(prompt)])
+    plain = encode_texts(model, [plain_text(prompt)], with_t5=False)
+    t5 = model.text_encoders[1]
+    ids, weights = t5_tokens_and_weights(model.tokenizers[1], prompt, t5_tokens(model))
+    with torch.inference_mode():
+        z = t5(torch.tensor([ids], device=model.device), output_hidden_states=False)[0].float()
+        original_mean = z.mean()
+        z = z * torch.tensor(weights, device=z.device, dtype=z.dtype)[None, :, None]
+        z = z * (original_mean / z.mean())
+    return FluxConditioning(z, plain.pooled)
+
+
+def encode_texts(model, texts: list[str], *, with_t5: bool = True) -> FluxConditioning:
+    """CLIP-L pooled and T5 embeddings of each text, on the model's device (``with_t5=False``: pooled only)."""
     clip, t5 = model.text_encoders
     clip_tok, t5_tok = model.tokenizers
     device = model.device
@@ -98,6 +132,8 @@ def encode_texts(model, texts: list[str]) -> FluxConditioning:
         ids = clip_tok(texts, padding="max_length", max_length=CLIP_TOKENS, truncation=True,
                        return_tensors="pt").input_ids.to(device)
         pooled = clip(ids, output_hidden_states=False).pooler_output
+        if not with_t5:
+            return FluxConditioning(torch.empty(0), pooled.float())
         ids = t5_tok(texts, padding="max_length", max_length=t5_tokens(model), truncation=True,
                      return_tensors="pt").input_ids.to(device)
         embeds = t5(ids, output_hidden_states=False)[0]
@@ -112,10 +148,9 @@ def encode_prompts(model, params: GenerationParams, steps: int, *, batch: int) -
     def schedule(prompt: str) -> list[tuple[int, FluxConditioning]]:
         out = []
         for end, text in prompt_schedule(prompt, steps):
-            words = plain_text(text)
-            if words not in cache:
-                cache[words] = encode_texts(model, [words])
-            out.append((end, cache[words].repeat(batch)))
+            if text not in cache:
+                cache[text] = encode_prompt(model, text)
+            out.append((end, cache[text].repeat(batch)))
         return out
 
     uncond = schedule(params.negative_prompt) if params.cfg_scale != 1 else schedule("")
