@@ -446,3 +446,24 @@ def write_gguf_mixed(path, f: TinyFlux = DEV, *, seed: int = 11, overrides: dict
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+#: The linear layers of a T5 v1.1 block, as tensor-name endings.
+T5_LINEARS = ("SelfAttention.q.weight", "SelfAttention.k.weight", "SelfAttention.v.weight", "SelfAttention.o.weight",
+              "DenseReluDense.wi_0.weight", "DenseReluDense.wi_1.weight", "DenseReluDense.wo.weight")
+
+
+def write_scaled_fp8_t5(path, *, seed: int = 14) -> Path:
+    """ComfyUI's "scaled fp8" T5 (``t5xxl_fp8_e4m3fn_scaled``): each linear weight stored as fp8(w / s)
+    with its float32 factor s as ``<layer>.scale_weight`` (and a ``scale_input`` of 1), a ``scaled_fp8``
+    marker; embeddings, the position bias and norms in float16."""
+    tensors = materialise(t5_shapes(), seed)
+    for k in [k for k in tensors if k.endswith(T5_LINEARS)]:
+        scale = tensors[k].abs().max() / 448.0
+        tensors[k] = (tensors[k] / scale).to(torch.float8_e4m3fn)
+        tensors[k[: -len("weight")] + "scale_weight"] = scale.reshape(()).float()
+        tensors[k[: -len("weight")] + "scale_input"] = torch.ones((), dtype=torch.float32)
+    tensors = {k: v.half() if v.dtype == torch.float32 and not k.endswith(("scale_weight", "scale_input")) else v
+               for k, v in tensors.items()}
+    tensors["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    return tm._save(path, tensors)

@@ -18,9 +18,12 @@ carry a ``scale_weight`` factor) and GGUF blocks are, by default (``keep_quantiz
 as stored for the transformer's linear layers (:class:`~.quantized.StoredLinear`): they are
 expanded to the compute dtype one layer at a time as the model runs, so a 12B transformer holds
 about 11.9 GB in fp8 or 6.7-12.7 GB in GGUF Q4_0-Q8_0 instead of 23.8 GB in bf16 (computed from
-FLUX.1's shapes). Everything else (norms, biases, the text encoders, the autoencoder, GGUF types
-without an on-the-fly dequantizer) is converted to the compute dtype as it is read;
-``keep_quantized=False`` converts everything. ``unet.weight_storage`` says which way the
+FLUX.1's shapes). The same holds for the linear layers of a separate fp8 T5 file
+(``t5xxl_fp8_e4m3fn.safetensors``, scaled or not): T5-XXL's 4.76B parameters take 9.5 GB in
+bf16 and 4.9 GB with its 4.63B linear weights kept in fp8 (computed from its shapes).
+Everything else (norms, biases, embeddings, CLIP-L, a T5 inside an all-in-one file, the
+autoencoder, GGUF types without an on-the-fly dequantizer) is converted to the compute dtype as
+it is read; ``keep_quantized=False`` converts everything. ``unet.weight_storage`` says which way the
 transformer went (``"bf16"``, ``"fp8_e4m3fn"``, ``"gguf:Q8_0"``, ...).
 """
 
@@ -81,8 +84,9 @@ def load_flux(path: str | os.PathLike, *, clip_l: str | os.PathLike | None = Non
     ``FluxTransformer2DModel``; ``text_encoders`` are (CLIPTextModel, T5EncoderModel) with their
     tokenizers; ``alphas_cumprod`` is empty (flow models have no DDPM schedule).
 
-    ``keep_quantized`` keeps the transformer's fp8 or GGUF-quantized linear weights as stored,
-    expanded per layer at run time; False expands them to ``dtype`` at load.
+    ``keep_quantized`` keeps the transformer's fp8 or GGUF-quantized linear weights, and those
+    of a separate fp8 T5 file, as stored, expanded per layer at run time; False expands them to
+    ``dtype`` at load.
     """
     path = Path(path)
     device = torch.device(device)
@@ -90,7 +94,7 @@ def load_flux(path: str | os.PathLike, *, clip_l: str | os.PathLike | None = Non
         dtype = _dtype(dtype)
     parts = {"clip_l": _opt_path(clip_l), "t5": _opt_path(t5), "vae": _opt_path(vae)}
     if path.is_dir():
-        return _load_folder(path, parts, tokenizer_dir, device, dtype, prediction)
+        return _load_folder(path, parts, tokenizer_dir, device, dtype, prediction, keep_quantized)
     if not path.exists():
         raise ModelError(f"{path}: no such file")
     with _naming(path):
@@ -113,7 +117,7 @@ def load_flux(path: str | os.PathLike, *, clip_l: str | os.PathLike | None = Non
     if clip is None:
         clip = load_clip_l(parts["clip_l"], device=device, dtype=dtype)
     if t5_model is None:
-        t5_model = load_t5(parts["t5"], device=device, dtype=dtype)
+        t5_model = load_t5(parts["t5"], device=device, dtype=dtype, keep_quantized=keep_quantized)
     if ae is None:
         ae = load_vae(parts["vae"], spec, device=device, dtype=dtype)
     t5_tok = t5mod.t5_tokenizer(spiece)
@@ -272,8 +276,13 @@ def load_clip_l(path: str | os.PathLike, *, device: str | torch.device = "cpu",
 
 
 def load_t5(path: str | os.PathLike, *, device: str | torch.device = "cpu",
-            dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
-    """The T5 encoder from a single file in transformers' names (``t5xxl_fp16.safetensors``, fp8 copies), any prefix."""
+            dtype: torch.dtype = torch.bfloat16, keep_quantized: bool = True) -> torch.nn.Module:
+    """The T5 encoder from a single file in transformers' names (``t5xxl_fp16.safetensors``, fp8 copies), any prefix.
+
+    ``keep_quantized`` keeps an fp8 file's linear weights (``t5xxl_fp8_e4m3fn.safetensors``, and
+    "scaled fp8" copies with their ``scale_weight`` factors) as stored, expanded per layer at run
+    time, as :func:`load_flux` does for the transformer; False expands them to ``dtype`` at load.
+    """
     path = Path(path)
     with _naming(path):
         if path.is_dir():
@@ -282,7 +291,7 @@ def load_t5(path: str | os.PathLike, *, device: str | torch.device = "cpu",
             return _from_pretrained(T5EncoderModel, path, dtype).to(device).eval().requires_grad_(False)
         if is_gguf(path):
             raise ModelError("a GGUF T5 encoder; use t5xxl_fp16.safetensors or t5xxl_fp8_e4m3fn.safetensors")
-        header, sd = read_weights(path, dtype)
+        header, sd = read_weights(path, dtype, keep_quantized=keep_quantized)
         prefix = t5mod.t5_prefix(header.tensors)
         if prefix is None:
             raise ModelError(f"not a T5 encoder: {describe_tensors(header.tensors)}; expected "
@@ -294,8 +303,9 @@ def load_t5(path: str | os.PathLike, *, device: str | torch.device = "cpu",
 
 
 def _load_folder(folder: Path, parts: dict[str, Path | None], tokenizer_dir, device: torch.device,
-                 dtype: torch.dtype, prediction: str | None) -> LoadedModel:
-    """A diffusers FLUX folder (FluxPipeline, FluxImg2ImgPipeline, FluxFillPipeline, ...)."""
+                 dtype: torch.dtype, prediction: str | None, keep_quantized: bool = True) -> LoadedModel:
+    """A diffusers FLUX folder (FluxPipeline, FluxImg2ImgPipeline, FluxFillPipeline, ...);
+    ``keep_quantized`` applies to a separate fp8 T5 file."""
     from diffusers import AutoencoderKL, FluxTransformer2DModel
     from transformers import CLIPTextModel, T5EncoderModel
 
@@ -314,7 +324,7 @@ def _load_folder(folder: Path, parts: dict[str, Path | None], tokenizer_dir, dev
     if clip is None:
         clip = load_clip_l(parts["clip_l"], device=device, dtype=dtype)
     if t5_model is None:
-        t5_model = load_t5(parts["t5"], device=device, dtype=dtype)
+        t5_model = load_t5(parts["t5"], device=device, dtype=dtype, keep_quantized=keep_quantized)
     tok_dir = folder / "tokenizer"
     clip_tok = clip_tokenizer(folder=tok_dir if (tok_dir / "vocab.json").exists() and (tok_dir / "merges.txt").exists()
                               else None)

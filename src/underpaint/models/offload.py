@@ -7,6 +7,9 @@
   top-level blocks (``down_blocks[i]``, ``mid_block``, ``up_blocks[i]``, FLUX's
   ``transformer_blocks[i]`` ...) visits the device only for its own forward, through forward
   pre/post hooks; and the VAE works in tiles, so its activations stay small at any picture size.
+  A T5 encoder (FLUX's, 4.76B parameters) is not brought over whole either: its token
+  embedding and final norm visit for the prompt encoding, and each ``encoder.block[i]`` only
+  for its own forward, through the same hooks.
 
 A visit swaps each weight's ``.data`` for a device copy and swaps the resting copy back
 afterwards: nothing is copied back to the host (weights do not change while they run), and a
@@ -44,7 +47,8 @@ TILE_OVERLAP = 0.25
 
 #: ``transfer(tensor, device, dtype)`` returns the tensor as it should be while its module runs.
 Transfer = Callable[[torch.Tensor, torch.device, "torch.dtype | None"], torch.Tensor]
-#: ``observer(event, part)``: event "in" or "out"; part "text", "vae" or "unet.<block name>".
+#: ``observer(event, part)``: event "in" or "out"; part "text", "vae", "unet.<block name>" or
+#: "text<i>.<block name>" (block by block text encoder ``i`` of ``model.text_encoders``, as "text1.encoder.block.0").
 Observer = Callable[[str, str], None]
 
 
@@ -117,6 +121,9 @@ def place(model: Any, mode: str = "high", *, device: str | torch.device | None =
     for module in (*model.text_encoders, model.vae):
         module.to(encoders_at)
     if plan.offloads_unet:
+        for index, encoder in enumerate(model.text_encoders):
+            for name, block in text_encoder_blocks(encoder):
+                _install_hooks(block, plan, f"text{index}.{name}")
         model.unet.to(plan.home)
         _install_block_hooks(model.unet, plan)
     else:
@@ -174,7 +181,11 @@ def on_device(model: Any, part: str, *, dtype: torch.dtype | None = None) -> Ite
         return
     target = plan.device if visits else _device_of(modules[0], model.device)
     transfer = plan.transfer if plan is not None else _transfer
-    swapped = _swap_in(modules, target, dtype, transfer)
+    own_visits: list[torch.nn.Module] = []
+    if part == "text" and visits and plan.offloads_unet and dtype is None:
+        # blocks with visits of their own (a T5 encoder's in low mode) stay home until their forward
+        own_visits = [block for m in modules for _, block in text_encoder_blocks(m)]
+    swapped = _swap_in(modules, target, dtype, transfer, skip=own_visits)
     if plan is not None:
         plan.notify("in", part)
     try:
@@ -191,9 +202,10 @@ def _device_of(module: torch.nn.Module, default: torch.device) -> torch.device:
     return torch.device(default)
 
 
-def _tensors(modules: Iterable[torch.nn.Module]) -> list[torch.Tensor]:
-    """Every parameter and buffer of ``modules``, each once (tied weights are one tensor)."""
-    seen: set[int] = set()
+def _tensors(modules: Iterable[torch.nn.Module], skip: Iterable[torch.nn.Module] = ()) -> list[torch.Tensor]:
+    """Every parameter and buffer of ``modules``, each once (tied weights are one tensor), less
+    those of the ``skip`` modules."""
+    seen: set[int] = {id(t) for m in skip for t in (*m.parameters(), *m.buffers())}
     found = []
     for module in modules:
         for tensor in (*module.parameters(), *module.buffers()):
@@ -204,15 +216,15 @@ def _tensors(modules: Iterable[torch.nn.Module]) -> list[torch.Tensor]:
 
 
 def _swap_in(modules: Iterable[torch.nn.Module], device: torch.device, dtype: torch.dtype | None,
-             transfer: Transfer) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Give each tensor a copy on ``device`` (in ``dtype``); return what to swap back.
+             transfer: Transfer, skip: Iterable[torch.nn.Module] = ()) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Give each tensor (but those of ``skip``) a copy on ``device`` (in ``dtype``); return what to swap back.
 
     A copy that fails (out of memory half-way) sends the ones already made back before raising.
     """
     swapped: list[tuple[torch.Tensor, torch.Tensor]] = []
     with torch.inference_mode(False), torch.no_grad():  # plain tensors, even when called while sampling
         try:
-            for tensor in _tensors(modules):
+            for tensor in _tensors(modules, skip):
                 resting = tensor.data
                 visiting = transfer(resting, device, dtype if tensor.is_floating_point() else None)
                 if visiting is not resting:
@@ -249,15 +261,29 @@ def _holds_tensors(module: torch.nn.Module) -> bool:
     return any(True for _ in module.parameters()) or any(True for _ in module.buffers())
 
 
+def text_encoder_blocks(encoder: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """The blocks a text encoder visits the device with one by one in low mode: a T5 stack's
+    ``encoder.block[i]`` (transformers' ``T5EncoderModel``); none for other encoders (CLIP)."""
+    stack = getattr(encoder, "encoder", None)
+    blocks = getattr(stack, "block", None) if isinstance(stack, torch.nn.Module) else None
+    if not isinstance(blocks, torch.nn.ModuleList):
+        return []
+    return [(f"encoder.block.{i}", block) for i, block in enumerate(blocks) if _holds_tensors(block)]
+
+
 def _install_block_hooks(root: torch.nn.Module, plan: Offload) -> None:
     # Weights of the root itself (none in diffusers' UNet and FLUX transformer) stay on the device.
     for tensor in (*root._parameters.values(), *root._buffers.values()):
         if tensor is not None:
             tensor.data = tensor.data.to(plan.device)
     for name, block in offload_blocks(root):
-        part = f"unet.{name}"
-        plan.hooks.append(block.register_forward_pre_hook(_arrive(plan, part, block)))
-        plan.hooks.append(block.register_forward_hook(_leave(plan, part), always_call=True))
+        _install_hooks(block, plan, f"unet.{name}")
+
+
+def _install_hooks(block: torch.nn.Module, plan: Offload, part: str) -> None:
+    """``block`` visits the device for each of its forwards, as ``part``."""
+    plan.hooks.append(block.register_forward_pre_hook(_arrive(plan, part, block)))
+    plan.hooks.append(block.register_forward_hook(_leave(plan, part), always_call=True))
 
 
 def _arrive(plan: Offload, part: str, block: torch.nn.Module) -> Callable:

@@ -358,6 +358,38 @@ def swap_linears(module: torch.nn.Module, stored: dict[str, StoredWeight], what:
     return layers
 
 
+def take_stored(module: torch.nn.Module, weights: dict, dtype: torch.dtype) -> dict[str, StoredWeight]:
+    """Remove from ``weights`` the :class:`StoredWeight` values that are the weight of one of
+    ``module``'s ``nn.Linear`` layers and return them; every other stored value (an embedding,
+    a norm, a bias) is expanded to ``dtype`` in place, since only linear layers compute from
+    stored bytes."""
+    stored: dict[str, StoredWeight] = {}
+    for key in [k for k, v in weights.items() if isinstance(v, StoredWeight)]:
+        if _is_linear_weight(module, key):
+            stored[key] = weights.pop(key)
+        else:
+            weights[key] = weights[key].dequantize(dtype)
+    return stored
+
+
+def fill_stored(layers: dict[str, StoredLinear], stored: dict[str, StoredWeight], device: torch.device,
+                dtype: torch.dtype) -> None:
+    """Give each layer of :func:`swap_linears` its weight (consuming ``stored``, one at a time so that a
+    source copy is freed once placed) and ``dtype`` as its compute dtype."""
+    for key in list(stored):
+        layer = layers[key]
+        layer.store(stored.pop(key).to(device))
+        layer.compute_dtype = dtype
+
+
+def _is_linear_weight(module: torch.nn.Module, key: str) -> bool:
+    path, _, param = key.rpartition(".")
+    try:
+        return param == "weight" and isinstance(module.get_submodule(path), torch.nn.Linear)
+    except AttributeError:
+        return False
+
+
 def weight_storage(module: torch.nn.Module, dtype: torch.dtype) -> str:
     """How ``module``'s weights are held: the stored kind of most of its :class:`StoredLinear` bytes
     (``"fp8_e4m3fn"``, ``"gguf:Q8_0"``, ...), or the compute dtype's short name (``"bf16"``) when none are."""
@@ -376,5 +408,5 @@ def module_bytes(module: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-__all__ = ["StoredLinear", "StoredWeight", "dequantize_gguf", "module_bytes", "row_bytes", "swap_linears",
-           "weight_storage", "GGUF_BLOCKS"]
+__all__ = ["StoredLinear", "StoredWeight", "dequantize_gguf", "fill_stored", "module_bytes", "row_bytes",
+           "swap_linears", "take_stored", "weight_storage", "GGUF_BLOCKS"]

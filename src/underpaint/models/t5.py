@@ -90,19 +90,36 @@ def t5_weights(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def build_t5(header: CheckpointHeader, state_dict: dict[str, torch.Tensor], prefix: str, *, device: torch.device,
+def build_t5(header: CheckpointHeader, state_dict: dict, prefix: str, *, device: torch.device,
              dtype: torch.dtype, what: str = "T5 encoder") -> torch.nn.Module:
     """``T5EncoderModel`` built on the meta device from the tensors under ``prefix`` (which are taken from
-    ``state_dict``)."""
+    ``state_dict``).
+
+    :class:`~.quantized.StoredWeight` values (fp8 kept as stored) that are the weights of the
+    attention and feed-forward linear layers stay as stored in :class:`~.quantized.StoredLinear`
+    layers computing in ``dtype``; stored embeddings and norms are expanded to ``dtype``. The
+    module's ``weight_storage`` says how its weights are held (``"bf16"``, ``"fp8_e4m3fn"``, ...).
+    """
     from transformers import T5EncoderModel
 
     from .loader import _assign, _take
+    from .quantized import fill_stored, swap_linears, take_stored, weight_storage
 
     config = t5_config(header, prefix)
     with torch.device("meta"):
         module = T5EncoderModel(config)
-    module = _assign(module, t5_weights(_take(state_dict, prefix)), what, device, dtype)
+    weights = {k: v for k, v in _take(state_dict, prefix).items() if not k.startswith(_IGNORED_PREFIXES)}
+    stored = take_stored(module, weights, dtype)  # before the embedding is tied: it is expanded once
+    layers = swap_linears(module, stored, what)
+    for name, layer in layers.items():
+        if name.endswith(".DenseReluDense.wo.weight"):
+            # transformers' feed-forward casts its input to ``wo.weight.dtype`` when that is a tensor;
+            # a stored layer computes in its input's dtype, so there is nothing to cast to.
+            layer.weight = None
+    module = _assign(module, t5_weights(weights), what, device, dtype)
+    fill_stored(layers, stored, device, dtype)
     module.encoder.set_input_embeddings(module.shared)  # one matrix, as in the trained model
+    module.weight_storage = weight_storage(module, dtype)
     return module
 
 
