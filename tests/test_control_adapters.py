@@ -285,38 +285,6 @@ def test_control_lora_on_an_sd1_checkpoint_is_refused(sd1_engine, control_lora, 
         _txt2img(sd1_engine, [ControlUnit(image=control_map, module="none", model=str(control_lora))])
 
 
-# --- recognised, not supported yet -------------------------------------------------------------------------
-
-
-def _union_tensors() -> dict[str, torch.Tensor]:
-    """Names of xinsir's controlnet-union-sdxl-1.0 weights (diffusers' ControlNetUnionModel), tiny shapes."""
-    return {"controlnet_cond_embedding.conv_in.weight": torch.zeros(8, 3, 3, 3), "task_embedding": torch.zeros(6, 32),
-            "transformer_layes.0.attn.in_proj_weight": torch.zeros(96, 32), "spatial_ch_projs.weight": torch.zeros(32, 32),
-            "control_add_embedding.linear_1.weight": torch.zeros(128, 48), "conv_in.weight": torch.zeros(32, 4, 3, 3)}
-
-
-def test_union_promax_file_is_named_as_not_supported_yet(tmp_path, sdxl_engine, control_map):
-    import json
-
-    from safetensors.torch import save_file
-
-    single = tmp_path / "controlnet-union-sdxl-promax.safetensors"
-    save_file(_union_tensors(), str(single))
-    with pytest.raises(ModelError, match=r"controlnet-union-sdxl-promax\.safetensors: a ControlNet union/promax .*"
-                                         r"not supported yet"):
-        inspect_controlnet(single)
-    for cls in ("ControlNetUnionModel", "ControlNetModel"):  # xinsir's folders: either class name
-        folder = tmp_path / f"controlnet-union-sdxl-1.0-{cls}"
-        folder.mkdir()
-        (folder / "config.json").write_text(json.dumps({"_class_name": cls, "num_control_type": 6}))
-        save_file(_union_tensors(), str(folder / "diffusion_pytorch_model.safetensors"))
-        with pytest.raises(ModelError, match=f"{folder.name}: a ControlNet union/promax .*not supported yet"):
-            inspect_controlnet(folder)
-    with pytest.raises(ModelError, match="not supported yet"):
-        sdxl_engine.generate(GenerationParams(prompt="a castle", steps=1, width=64, height=64, control_units=(
-            ControlUnit(image=control_map, module="none", model=str(single)),)))
-
-
 def test_control_lora_is_built_on_the_checkpoint_not_on_a_request_lora(sdxl_file, control_lora, merged_file,
                                                                        control_map, tmp_path):
     from safetensors.torch import save_file

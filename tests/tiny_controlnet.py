@@ -284,3 +284,45 @@ def merged_control_lora(lora: Path, checkpoint: Path, family: str = "sdxl") -> d
             up, down = sd[module + ".up"].flatten(1).float(), sd[module + ".down"].flatten(1).float()
             out["control_model." + name] = base["model.diffusion_model." + name].float() + (up @ down).reshape(shape)
     return out
+
+
+# --- union ControlNets (xinsir's controlnet-union-sdxl-1.0 / promax) --------------------------------------
+#
+# diffusers' ControlNetUnionModel built from a hand-written config (the tiny SDXL ControlNet's plus the
+# union sizes) and saved by diffusers itself. The condition transformer is as wide as the first UNet
+# level, as in the real model (320). Parts diffusers initialises to zero (zero convs, the hint encoder's
+# last conv, the transformer's output projection) get seeded random values, else the residuals are zero.
+
+
+def union_config(num_control_type: int = 8) -> dict:
+    c0 = SDXL_UNET.channels[0]
+    cfg = controlnet_config("sdxl")
+    cfg.update(_class_name="ControlNetUnionModel", num_control_type=num_control_type, num_trans_channel=c0,
+               num_trans_head=8, num_trans_layer=1, num_proj_channel=c0)
+    return cfg
+
+
+def union_model(num_control_type: int = 8, *, seed: int = 41):
+    from diffusers import ControlNetUnionModel
+
+    config = {k: v for k, v in union_config(num_control_type).items() if not k.startswith("_")}
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = ControlNetUnionModel(**config)
+        with torch.no_grad():
+            for p in model.parameters():
+                if not p.any():
+                    p.copy_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+def write_union_folder(folder, num_control_type: int = 8, *, class_name: str = "ControlNetUnionModel",
+                       seed: int = 41) -> Path:
+    """A diffusers folder; ``class_name="ControlNetModel"`` writes it as xinsir's own folders name the class."""
+    folder = Path(folder)
+    union_model(num_control_type, seed=seed).save_pretrained(str(folder))
+    if class_name != "ControlNetUnionModel":
+        cfg = json.loads((folder / "config.json").read_text())
+        cfg["_class_name"] = class_name
+        (folder / "config.json").write_text(json.dumps(cfg, indent=1))
+    return folder

@@ -9,6 +9,10 @@ Three layouts are read, all offline:
 - a single file in diffusers' names (``controlnet_cond_embedding.*``, the common SDXL download);
 - a diffusers folder (``config.json`` + weights).
 
+xinsir's SDXL union ControlNets (``controlnet-union-sdxl-1.0``, ``promax``), one model for several
+control types, load from a folder or their weights file into diffusers' ``ControlNetUnionModel``
+(``models/controlnet_union.py``); ``ControlNetInfo.kind`` is then "union".
+
 T2I-Adapters (``models/t2i_adapter.py``) are recognised by their keys (``body.0.block1.weight``,
 ``adapter.body.*``) or a ``T2IAdapter`` config and load through the same functions, so a unit
 names either kind of model the same way; ``ControlNetInfo.kind`` tells them apart. Control-LoRAs
@@ -48,16 +52,11 @@ _WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model
 _SDXL_TIME_EMBED_DIM = 256
 
 # Recognisable control files that are not a full ControlNet: (what, exact keys, key prefixes).
-# Union models (xinsir's controlnet-union-sdxl-1.0 and its promax version) add a control-type
-# embedding and a small transformer over the hint features (diffusers' ControlNetUnionModel).
 _OTHER_CONTROL_FILES: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
-    ("a ControlNet union/promax model (controlnet-union-sdxl-1.0)",
-     ("task_embedding", "spatial_ch_projs.weight", "control_add_embedding.linear_1.weight"), ("transformer_layes.",)),
     ("a ControlLLLite model", (), ("lllite_unet_",)),
 )
 #: config.json classes of control models that are recognised but not loaded.
-_OTHER_CONTROL_CLASSES = {"ControlNetUnionModel": "a ControlNet union/promax model (controlnet-union-sdxl-1.0)",
-                          "MultiAdapter": "several T2I-Adapters saved together (MultiAdapter)"}
+_OTHER_CONTROL_CLASSES = {"MultiAdapter": "several T2I-Adapters saved together (MultiAdapter)"}
 
 
 def _refuse_other_kinds(path: Path, names) -> None:
@@ -80,7 +79,7 @@ class ControlNetInfo:
     prefix: str = ""
     #: ``ControlNetModel`` keyword arguments (for a folder: its config.json); for an adapter ``T2IAdapter``'s.
     config: dict = field(default_factory=dict, compare=False, hash=False)
-    #: "controlnet", "t2i-adapter" or "control-lora".
+    #: "controlnet", "union" (xinsir's union models), "t2i-adapter" or "control-lora".
     kind: str = "controlnet"
 
     @property
@@ -139,6 +138,11 @@ def info_from_header(path: Path, header: CheckpointHeader, *, time_embed_dim: in
         config = control_lora.hint_config(header, f"Control-LoRA {path}")
         return ControlNetInfo(path, control_lora.file_family(names), "control-lora", "", config, kind="control-lora")
     _refuse_other_kinds(path, names)
+    from .controlnet_union import is_union, union_config
+
+    if is_union(names):
+        config = union_config(header, str(path))
+        return ControlNetInfo(path, _family_of(config), "diffusers-file", "", config, kind="union")
     for prefix in _ORIGINAL_PREFIXES:
         if prefix + "input_hint_block.0.weight" in names:
             config = controlnet_config(header, prefix, time_embed_dim=time_embed_dim)
@@ -171,11 +175,19 @@ def _inspect_folder(folder: Path) -> ControlNetInfo:
     if cls in _OTHER_CONTROL_CLASSES:
         raise ModelError(f"{folder}: {_OTHER_CONTROL_CLASSES[cls]} is not supported yet")
     weights = next((folder / n for n in _WEIGHT_FILES if (folder / n).is_file()), None)
-    if weights is not None and sniff_format(weights) == "safetensors":
-        _refuse_other_kinds(folder, read_header(weights).tensors)
+    header = read_header(weights) if weights is not None and sniff_format(weights) == "safetensors" else None
+    if header is not None:
+        _refuse_other_kinds(folder, header.tensors)
+    from .controlnet_union import accepted_config, is_union, union_config
+
+    # xinsir's own folders name the class ControlNetModel; the weights tell a union model apart.
+    union_weights = header is not None and is_union(header.tensors)
+    if cls == "ControlNetUnionModel" or (cls == "ControlNetModel" and union_weights):
+        config = union_config(header, str(folder), config) if header is not None else accepted_config(config)
+        return ControlNetInfo(folder, _family_of(config), "diffusers-folder", "", config, kind="union")
     if cls != "ControlNetModel":
-        raise ModelError(f"{folder}: unsupported: config.json describes a {cls}; expected a ControlNetModel "
-                         "or a T2IAdapter")
+        raise ModelError(f"{folder}: unsupported: config.json describes a {cls}; expected a ControlNetModel, "
+                         "a ControlNetUnionModel or a T2IAdapter")
     return ControlNetInfo(folder, _family_of(config), "diffusers-folder", "", config)
 
 
@@ -372,6 +384,10 @@ def load_controlnet(path: str | os.PathLike, *, device: str | torch.device = "cp
         from .t2i_adapter import build_adapter
 
         module = build_adapter(info.config, weights, f"T2I-Adapter {info.path}", device, dtype)
+    elif info.kind == "union":
+        from .controlnet_union import build_union
+
+        module = build_union(info.path, info.config, weights, device, dtype)
     else:
         module = _build(info, weights, device, dtype)
     return LoadedControlNet(info=info, module=module, device=device, dtype=dtype)

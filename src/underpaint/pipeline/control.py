@@ -17,7 +17,11 @@ Behaviour follows A1111's ControlNet extension (sd-webui-controlnet):
   not depend on the latent) and, in its guidance window, adds them inside the UNet's encoder
   (diffusers' ``down_intrablock_additional_residuals``) times the weight, as diffusers'
   ``StableDiffusionAdapterPipeline`` does; the two non-balanced modes use the extension's
-  soft-injection ramp for adapters (0.25, 0.62, 0.825, 1.0 of the weight, shallow first).
+  soft-injection ramp for adapters (0.25, 0.62, 0.825, 1.0 of the weight, shallow first);
+- a unit whose model is one of xinsir's SDXL union ControlNets runs it as the control type of
+  its preprocessor (canny → canny/lineart/mlsd, depth → depth, ...; models/controlnet_union.py):
+  the hint fills that type's slot and the 0/1 type vector marks it; its residuals are then
+  weighted, windowed and moded as any ControlNet's.
 """
 
 from __future__ import annotations
@@ -185,6 +189,8 @@ class ActiveUnit:
     hint: torch.Tensor
     #: A T2I-Adapter's features for the hint (batch 1, unscaled); None for a ControlNet.
     features: list[torch.Tensor] | None = None
+    #: For a union ControlNet, the control-type slot of the unit's preprocessor; None otherwise.
+    control_type: int | None = None
 
 
 @dataclass
@@ -271,14 +277,29 @@ def run_unit(active: ActiveUnit, x_in: torch.Tensor, t: torch.Tensor, context: t
     extra = None
     if added_cond_kwargs is not None and net.module.config.addition_embed_type == "text_time":
         extra = {k: v.to(dtype) for k, v in added_cond_kwargs.items()}
-    down, mid = net.module(sample.to(dtype), t, encoder_hidden_states=context.to(dtype), controlnet_cond=hint,
-                           conditioning_scale=1.0, added_cond_kwargs=extra, return_dict=False)
+    if active.control_type is None:
+        down, mid = net.module(sample.to(dtype), t, encoder_hidden_states=context.to(dtype), controlnet_cond=hint,
+                               conditioning_scale=1.0, added_cond_kwargs=extra, return_dict=False)
+    else:
+        # one conditioning image, in the slot of the unit's type; the 0/1 vector marks that type
+        down, mid = net.module(sample.to(dtype), t, encoder_hidden_states=context.to(dtype),
+                               controlnet_cond=[hint.to(dtype)], control_type=union_type_vector(active, len(sample)),
+                               control_type_idx=[active.control_type], conditioning_scale=1.0,
+                               added_cond_kwargs=extra, return_dict=False)
     scales = layer_scales(unit.weight, len(down) + 1, unit.control_mode)
     out = [r * s for r, s in zip([*down, mid], scales)]
     if unit.control_mode == CONTROL_MORE_IMPORTANT and cond_rows is not None:
         keep = cond_rows.to(out[0].dtype).view(-1, 1, 1, 1)
         out = [r * keep for r in out]
     return out[:-1], out[-1]
+
+
+def union_type_vector(active: ActiveUnit, rows: int) -> torch.Tensor:
+    """The union model's control-type input: one 0/1 row per batch row, 1 at the unit's type."""
+    n = active.net.module.config.num_control_type
+    vector = torch.zeros(rows, n, device=active.hint.device, dtype=active.net.dtype)
+    vector[:, active.control_type] = 1
+    return vector
 
 
 # --- assembling the stack ------------------------------------------------------------------------------------
@@ -384,6 +405,12 @@ def prepare_control(model, units, *, width: int, height: int, steps: int, cache,
             with network_state(model).patcher.suspended():
                 net = cache.get(path, **where)
         check_compatible(net, unet_config)
+        control_type = None
+        if net.info.kind == "union":  # before the preprocessor runs: a kind without a slot is refused
+            from ..models.controlnet_union import union_type_index
+
+            control_type = union_type_index(unit.module, unit.preprocessor.kind,
+                                            net.module.config.num_control_type, net.name)
         detected = control_map(unit, width, height, init_image=init_image, mask=mask, ctx=ctx, seed=seed)
         hint = hint_tensor(detected, device=model.device, dtype=model.dtype)
         features = None
@@ -391,7 +418,7 @@ def prepare_control(model, units, *, width: int, height: int, steps: int, cache,
             from ..models.t2i_adapter import adapter_features
 
             features = adapter_features(net.module, hint.to(net.dtype), net.name)
-        active.append(ActiveUnit(unit, net, hint, features))
+        active.append(ActiveUnit(unit, net, hint, features, control_type))
         maps.append(detected)
         names.append(infotext_name(path))
     return ControlSetup(ControlStack(active, steps), tuple(maps), tuple(names))

@@ -1,0 +1,228 @@
+"""xinsir's SDXL union ControlNets (controlnet-union-sdxl-1.0, promax): loading the layouts people
+download, and a unit run as the control type of its preprocessor.
+
+References: diffusers' ``ControlNetUnionModel`` (built and saved by diffusers in ``tiny_controlnet``)
+for the weights, and diffusers' ``StableDiffusionXLControlNetUnionPipeline`` for a whole generation.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tiny_controlnet import write_union_folder
+from underpaint.errors import InvalidParameter, ModelError
+from underpaint.models.controlnet import inspect_controlnet, load_controlnet
+from underpaint.models.detect import Family
+from underpaint.params import GenerationParams
+from underpaint.pipeline.control import ControlUnit
+
+
+@pytest.fixture(scope="module")
+def union_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("union")
+
+
+@pytest.fixture(scope="module")
+def promax_folder(union_dir):
+    return write_union_folder(union_dir / "controlnet-union-sdxl-promax")
+
+
+@pytest.fixture(scope="module")
+def promax_file(union_dir, promax_folder):
+    """The weights file alone, as people download ``diffusion_pytorch_model_promax.safetensors``."""
+    path = union_dir / "diffusion_pytorch_model_promax.safetensors"
+    shutil.copyfile(promax_folder / "diffusion_pytorch_model.safetensors", path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def union6_file(union_dir):
+    """The first release's 6 control types (no tile, no inpaint)."""
+    folder = write_union_folder(union_dir / "union6", 6, seed=43)
+    path = union_dir / "controlnet-union-sdxl-1.0.safetensors"
+    shutil.copyfile(folder / "diffusion_pytorch_model.safetensors", path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def sdxl_engine(sdxl_file):
+    from underpaint.pipeline.engine import Engine
+
+    return Engine.load(sdxl_file, device="cpu", dtype="fp32")
+
+
+@pytest.fixture(scope="module")
+def lines() -> Image.Image:
+    """White lines on black: a ready edge/scribble map, which tile, threshold and invert (of its
+    negative) all turn into itself."""
+    a = np.zeros((64, 64, 3), dtype=np.uint8)
+    a[10:20, 5:60] = 255
+    a[30:60, 30:34] = 255
+    return Image.fromarray(a)
+
+
+def _pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+COMMON = dict(prompt="a lighthouse at dusk", negative_prompt="blurry", steps=3, cfg_scale=6.0, sampler="Euler",
+              scheduler="Automatic", seed=77, rng="cpu", width=64, height=64)
+
+
+def _generate(engine, *units):
+    return engine.generate(GenerationParams(control_units=tuple(units), **COMMON))
+
+
+# --- loading ---------------------------------------------------------------------------------------------------
+
+
+def test_folder_single_file_and_xinsir_folder_load_the_same_module(union_dir, promax_folder, promax_file):
+    from diffusers import ControlNetUnionModel
+
+    reference = ControlNetUnionModel.from_pretrained(str(promax_folder), local_files_only=True)
+    ref = reference.state_dict()
+    xinsir = union_dir / "xinsir-folder"  # xinsir's own config.json names the class ControlNetModel
+    shutil.copytree(promax_folder, xinsir)
+    cfg = json.loads((xinsir / "config.json").read_text())
+    cfg["_class_name"] = "ControlNetModel"
+    (xinsir / "config.json").write_text(json.dumps(cfg))
+    for path in (promax_folder, promax_file, xinsir):
+        info = inspect_controlnet(path)
+        assert (info.kind, info.family) == ("union", Family.SDXL), path
+        net = load_controlnet(path)
+        assert type(net.module) is ControlNetUnionModel
+        ours = net.module.state_dict()
+        assert ours.keys() == ref.keys(), path
+        assert all(torch.equal(ours[k], ref[k]) for k in ours), path
+        for key in ("num_control_type", "num_trans_channel", "num_trans_head", "num_trans_layer", "num_proj_channel",
+                    "addition_time_embed_dim", "block_out_channels", "transformer_layers_per_block",
+                    "conditioning_embedding_out_channels", "attention_head_dim", "cross_attention_dim"):
+            assert net.module.config[key] == reference.config[key], (path, key)
+    assert inspect_controlnet(promax_file).config["num_control_type"] == 8
+
+
+def test_six_type_file_is_read_from_its_shapes(union6_file):
+    info = inspect_controlnet(union6_file)
+    assert info.kind == "union" and info.config["num_control_type"] == 6
+
+
+def test_an_incomplete_union_file_is_refused(tmp_path, promax_file):
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(str(promax_file))
+    del sd["spatial_ch_projs.weight"]
+    path = tmp_path / "broken-union.safetensors"
+    save_file(sd, str(path))
+    with pytest.raises(ModelError, match=r"broken-union\.safetensors: .*without spatial_ch_projs\.weight"):
+        inspect_controlnet(path)
+
+
+# --- generation ------------------------------------------------------------------------------------------------
+
+
+def test_union_unit_equals_diffusers_union_pipeline(sdxl_engine, promax_file, lines):
+    """A tile unit through the engine against diffusers' union pipeline with control mode 6 (tile), the
+    same UNet, VAE, text embeddings (taken from the engine's first UNet call), noise and schedule."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLControlNetUnionPipeline
+
+    m = sdxl_engine.model
+    weight = 0.8
+    unit = ControlUnit(image=lines, module="tile_resample", model=str(promax_file), weight=weight)
+    seen = []
+    hook = m.unet.register_forward_pre_hook(lambda mod, args, kwargs: seen.append(kwargs), with_kwargs=True)
+    try:
+        ours = _generate(sdxl_engine, unit).images[0]
+    finally:
+        hook.remove()
+    first = seen[0]
+    context, extra = first["encoder_hidden_states"], first["added_cond_kwargs"]
+    assert context.shape[0] == 2  # [prompt; negative] in one call
+    assert extra["time_ids"][0].tolist() == [64, 64, 0, 0, 64, 64]  # what diffusers uses for 64x64
+
+    pipe = StableDiffusionXLControlNetUnionPipeline(
+        vae=m.vae, text_encoder=m.text_encoders[0], text_encoder_2=m.text_encoders[1], tokenizer=m.tokenizers[0],
+        tokenizer_2=m.tokenizers[1], unet=m.unet, controlnet=load_controlnet(promax_file).module,
+        scheduler=EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                         num_train_timesteps=1000, timestep_spacing="linspace"),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(prompt_embeds=context[:1], negative_prompt_embeds=context[1:],
+               pooled_prompt_embeds=extra["text_embeds"][:1], negative_pooled_prompt_embeds=extra["text_embeds"][1:],
+               control_image=[lines], control_mode=[6], height=64, width=64, num_inference_steps=COMMON["steps"],
+               guidance_scale=COMMON["cfg_scale"], controlnet_conditioning_scale=weight,
+               generator=torch.Generator().manual_seed(COMMON["seed"]), output_type="np").images[0]
+    ref_u8 = (np.clip(ref, 0, 1) * 255).astype(np.uint8).astype(np.int16)
+    diff = np.abs(_pixels(ours) - ref_u8)
+    assert diff.max() <= 1, diff.max()
+    plain = _generate(sdxl_engine).images[0]
+    assert np.abs(_pixels(plain) - _pixels(ours)).max() > 2  # the union model did something
+
+
+def test_each_preprocessor_kind_selects_its_control_type(sdxl_engine, promax_file, lines, monkeypatch):
+    """The same map (tile of the map, threshold of it, invert of its negative) as three control types:
+    the model sees three type vectors and makes three pictures."""
+    from diffusers import ControlNetUnionModel
+
+    from underpaint.pipeline.control import control_map
+
+    negative = Image.fromarray(255 - np.asarray(lines))
+    units = {6: ControlUnit(image=lines, module="tile_resample", model=str(promax_file)),
+             2: ControlUnit(image=lines, module="threshold", model=str(promax_file), processor_res=64),
+             3: ControlUnit(image=negative, module="invert", model=str(promax_file))}
+    for unit in units.values():
+        assert np.array_equal(control_map(unit, 64, 64), np.asarray(lines))
+    calls = []
+    real = ControlNetUnionModel.forward
+
+    def spy(self, *args, **kwargs):
+        calls.append((kwargs["control_type"].clone(), list(kwargs["control_type_idx"])))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(ControlNetUnionModel, "forward", spy)
+    pictures = {}
+    for index, unit in units.items():
+        calls.clear()
+        pictures[index] = _pixels(_generate(sdxl_engine, unit).images[0])
+        assert calls, unit.module
+        for control_type, idx in calls:
+            expected = torch.zeros(control_type.shape[0], 8)
+            expected[:, index] = 1
+            assert torch.equal(control_type, expected) and idx == [index], unit.module
+    assert np.abs(pictures[6] - pictures[2]).max() > 2
+    assert np.abs(pictures[6] - pictures[3]).max() > 2
+    assert np.abs(pictures[2] - pictures[3]).max() > 2
+
+
+def test_weight_zero_equals_no_controlnet(sdxl_engine, promax_file, lines):
+    unit = ControlUnit(image=lines, module="tile_resample", model=str(promax_file), weight=0.0)
+    assert _generate(sdxl_engine, unit).images[0].tobytes() == _generate(sdxl_engine).images[0].tobytes()
+
+
+def test_kind_without_a_slot_is_refused_on_the_module_field(sdxl_engine, promax_file, union6_file, lines):
+    with pytest.raises(InvalidParameter, match=r"module: got 'none'.*3 canny/lineart/mlsd.*7 inpaint") as exc:
+        _generate(sdxl_engine, ControlUnit(image=lines, module="none", model=str(promax_file)))
+    assert exc.value.field == "module"
+    with pytest.raises(InvalidParameter, match=r"module: got 'shuffle'.*kind 'shuffle'"):
+        _generate(sdxl_engine, ControlUnit(image=lines, module="shuffle", model=str(promax_file)))
+    # the 6-type model has no tile slot
+    with pytest.raises(InvalidParameter, match=r"module: got 'tile_resample'.*6 types.*5 segmentation") as exc:
+        _generate(sdxl_engine, ControlUnit(image=lines, module="tile_resample", model=str(union6_file)))
+    assert "6 tile" not in str(exc.value)
+
+
+def test_six_type_model_runs_a_canny_unit(sdxl_engine, union6_file, lines):
+    unit = ControlUnit(image=lines, module="canny", model=str(union6_file))
+    plain = _generate(sdxl_engine).images[0]
+    assert np.abs(_pixels(plain) - _pixels(_generate(sdxl_engine, unit).images[0])).max() > 2
+
+
+def test_sdxl_union_on_an_sd1_checkpoint_is_refused(sd1_engine, promax_file, lines):
+    unit = ControlUnit(image=lines, module="tile_resample", model=str(promax_file))
+    with pytest.raises(ModelError, match=r"diffusion_pytorch_model_promax is a sdxl model.*does not fit"):
+        sd1_engine.generate(GenerationParams(prompt="a castle", steps=1, width=64, height=64, control_units=(unit,)))
