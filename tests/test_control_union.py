@@ -199,6 +199,34 @@ def test_each_preprocessor_kind_selects_its_control_type(sdxl_engine, promax_fil
     assert np.abs(pictures[2] - pictures[3]).max() > 2
 
 
+def test_inpaint_unit_uses_the_repaint_type_with_masked_pixels_black(sdxl_engine, promax_file, photo,
+                                                                      monkeypatch):
+    """xinsir's repaint type (7) was trained on the picture with the masked area black (0), not the
+    -1 of lllyasviel's inpaint ControlNet."""
+    from diffusers import ControlNetUnionModel
+
+    rgba = photo.resize((64, 64)).convert("RGBA")
+    alpha = np.full((64, 64), 255, dtype=np.uint8)
+    alpha[16:40, 8:48] = 0  # transparent = to repaint
+    rgba.putalpha(Image.fromarray(alpha))
+    seen = []
+    real = ControlNetUnionModel.forward
+
+    def spy(self, *args, **kwargs):
+        seen.append((kwargs["controlnet_cond"][0].clone(), list(kwargs["control_type_idx"])))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(ControlNetUnionModel, "forward", spy)
+    _generate(sdxl_engine, ControlUnit(image=rgba, module="inpaint_only", model=str(promax_file)))
+    hint, idx = seen[0]
+    assert idx == [7]
+    colour = torch.from_numpy(np.asarray(rgba.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
+    hole = torch.from_numpy(alpha == 0)
+    assert torch.equal(hint[0][:, hole], torch.zeros(3, int(hole.sum())))
+    assert torch.equal(hint[0][:, ~hole], colour[:, ~hole])
+    assert hint.shape[0] == 2 and torch.equal(hint[0], hint[1])
+
+
 def test_weight_zero_equals_no_controlnet(sdxl_engine, promax_file, lines):
     unit = ControlUnit(image=lines, module="tile_resample", model=str(promax_file), weight=0.0)
     assert _generate(sdxl_engine, unit).images[0].tobytes() == _generate(sdxl_engine).images[0].tobytes()

@@ -153,14 +153,15 @@ def _unit_pixels(unit: ControlUnit, image: "Image", mask: "Image | None") -> np.
     return np.concatenate([rgb, m[:, :, None]], axis=2)
 
 
-def hint_tensor(detected: np.ndarray, *, device, dtype) -> torch.Tensor:
+def hint_tensor(detected: np.ndarray, *, device, dtype, masked: float = -1.0) -> torch.Tensor:
     """The map as the ControlNet's input: 1 x 3 x H x W in [0, 1]. A 4-channel inpaint map becomes
-    the picture with masked pixels set to -1, the inpaint ControlNet's convention."""
+    the picture with masked pixels set to ``masked``: -1 is the inpaint ControlNet's convention,
+    0 (black) the one xinsir's union models were trained with for their repaint type."""
     x = torch.from_numpy(np.array(detected, dtype=np.float32)) / 255.0
     x = x.permute(2, 0, 1)[None]
     if x.shape[1] == 4:
         colour, m = x[:, :3], (x[:, 3:4] > 0.5).float()
-        x = colour * (1 - m) - m
+        x = colour * (1 - m) + masked * m
     return x.to(device=device, dtype=dtype)
 
 
@@ -412,7 +413,8 @@ def prepare_control(model, units, *, width: int, height: int, steps: int, cache,
             control_type = union_type_index(unit.module, unit.preprocessor.kind,
                                             net.module.config.num_control_type, net.name)
         detected = control_map(unit, width, height, init_image=init_image, mask=mask, ctx=ctx, seed=seed)
-        hint = hint_tensor(detected, device=model.device, dtype=model.dtype)
+        hint = hint_tensor(detected, device=model.device, dtype=model.dtype,
+                           masked=-1.0 if control_type is None else 0.0)
         features = None
         if net.info.is_adapter:
             from ..models.t2i_adapter import adapter_features
