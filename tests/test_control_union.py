@@ -227,6 +227,43 @@ def test_inpaint_unit_uses_the_repaint_type_with_masked_pixels_black(sdxl_engine
     assert hint.shape[0] == 2 and torch.equal(hint[0], hint[1])
 
 
+def test_control_modes_scale_union_residuals_as_for_any_controlnet(promax_file, lines):
+    """Residuals of diffusers' forward (tile type), times the weight (Balanced) or the extension's
+    soft decay 0.825 ** (12 - i) (the other two modes; "ControlNet is more important" also leaves the
+    negative prompt's rows without control)."""
+    from underpaint.pipeline.control import (BALANCED, CONTROL_MORE_IMPORTANT, PROMPT_MORE_IMPORTANT, ActiveUnit,
+                                             ControlStack)
+
+    net = load_controlnet(promax_file)
+    g = torch.Generator().manual_seed(5)
+    x, context = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 48, generator=g)
+    extra = {"text_embeds": torch.randn(2, 16, generator=g), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)}
+    t = torch.tensor([500.0, 500.0])
+    hint = torch.from_numpy(np.asarray(lines, dtype=np.float32) / 255).permute(2, 0, 1)[None]
+    tile = torch.zeros(2, 8)
+    tile[:, 6] = 1
+    with torch.no_grad():
+        down, mid = net.module(x, t, encoder_hidden_states=context, controlnet_cond=[hint.expand(2, -1, -1, -1)],
+                               control_type=tile, control_type_idx=[6], added_cond_kwargs=extra, return_dict=False)
+    reference = [*down, mid]
+    n = len(reference)
+    for mode, factors in ((BALANCED, [0.5] * n), (PROMPT_MORE_IMPORTANT, [0.5 * 0.825 ** (12 - i) for i in range(n)])):
+        unit = ControlUnit(image=lines, module="tile_resample", model=str(promax_file), weight=0.5, control_mode=mode)
+        with torch.no_grad():
+            got_down, got_mid = ControlStack([ActiveUnit(unit, net, hint, control_type=6)], steps=4).residuals(
+                x, t, context, extra)
+        for got, ref, k in zip([*got_down, got_mid], reference, factors):
+            torch.testing.assert_close(got, ref * k, rtol=1e-5, atol=1e-6)
+    unit = ControlUnit(image=lines, module="tile_resample", model=str(promax_file), weight=0.5,
+                       control_mode=CONTROL_MORE_IMPORTANT)
+    with torch.no_grad():
+        strong = ControlStack([ActiveUnit(unit, net, hint, control_type=6)], steps=4).residuals(
+            x, t, context, extra, torch.tensor([1.0, 0.0]))
+    for got, ref, i in zip([*strong[0], strong[1]], reference, range(n)):
+        torch.testing.assert_close(got[0], ref[0] * 0.5 * 0.825 ** (12 - i), rtol=1e-5, atol=1e-6)
+        assert not got[1].any()
+
+
 def test_weight_zero_equals_no_controlnet(sdxl_engine, promax_file, lines):
     unit = ControlUnit(image=lines, module="tile_resample", model=str(promax_file), weight=0.0)
     assert _generate(sdxl_engine, unit).images[0].tobytes() == _generate(sdxl_engine).images[0].tobytes()
