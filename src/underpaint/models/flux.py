@@ -30,7 +30,7 @@ import torch
 from ..errors import ModelError
 from .detect import FluxLayout
 from .header import CheckpointHeader
-from .quantized import StoredWeight, swap_linears, weight_storage
+from .quantized import StoredWeight, _is_linear_weight, swap_linears, weight_storage
 
 Weight = torch.Tensor | StoredWeight
 
@@ -234,14 +234,6 @@ def build_transformer(header: CheckpointHeader, state_dict: dict[str, Weight], l
         layer.compute_dtype = dtype
     module.weight_storage = weight_storage(module, dtype)
     return module
-
-
-def _is_linear_weight(module: torch.nn.Module, key: str) -> bool:
-    path, _, param = key.rpartition(".")
-    try:
-        return param == "weight" and isinstance(module.get_submodule(path), torch.nn.Linear)
-    except AttributeError:
-        return False
 
 
 # --- LoRA support: the same renaming, applied to module names and output rows ------------------------

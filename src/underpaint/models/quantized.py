@@ -383,6 +383,7 @@ def fill_stored(layers: dict[str, StoredLinear], stored: dict[str, StoredWeight]
 
 
 def _is_linear_weight(module: torch.nn.Module, key: str) -> bool:
+    """Whether ``key`` ("<path>.weight") is the weight of an ``nn.Linear`` in ``module``."""
     path, _, param = key.rpartition(".")
     try:
         return param == "weight" and isinstance(module.get_submodule(path), torch.nn.Linear)
