@@ -33,10 +33,9 @@ def sd1_adapter(adapter_dir):
 
 @pytest.fixture(scope="module")
 def control_map() -> Image.Image:
-    a = np.zeros((64, 64, 3), dtype=np.uint8)
-    a[10:20, 5:60] = 255
-    a[30:60, 30:34] = 255
-    return Image.fromarray(a)
+    from tiny_controlnet import ready_map
+
+    return ready_map()
 
 
 def _pixels(image: Image.Image) -> np.ndarray:

@@ -61,10 +61,9 @@ def sdxl_engine(sdxl_file):
 def lines() -> Image.Image:
     """White lines on black: a ready edge/scribble map, which tile, threshold and invert (of its
     negative) all turn into itself."""
-    a = np.zeros((64, 64, 3), dtype=np.uint8)
-    a[10:20, 5:60] = 255
-    a[30:60, 30:34] = 255
-    return Image.fromarray(a)
+    from tiny_controlnet import ready_map
+
+    return ready_map()
 
 
 def _pixels(image: Image.Image) -> np.ndarray:

@@ -326,3 +326,14 @@ def write_union_folder(folder, num_control_type: int = 8, *, class_name: str = "
         cfg["_class_name"] = class_name
         (folder / "config.json").write_text(json.dumps(cfg, indent=1))
     return folder
+
+
+def ready_map(size: int = 64):
+    """A ready-made control map: white lines on black, as an edge or scribble map looks."""
+    import numpy as np
+    from PIL import Image
+
+    a = np.zeros((size, size, 3), dtype=np.uint8)
+    a[10:20, 5:60] = 255
+    a[30:60, 30:34] = 255
+    return Image.fromarray(a)
