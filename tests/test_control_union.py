@@ -1,5 +1,5 @@
 """xinsir's SDXL union ControlNets (controlnet-union-sdxl-1.0, promax): loading the layouts people
-download, and a unit run as the control type of its preprocessor.
+download, and a unit run as its explicit ``union_control_type`` or the control type of its preprocessor.
 
 References: diffusers' ``ControlNetUnionModel`` (built and saved by diffusers in ``tiny_controlnet``)
 for the weights, and diffusers' ``StableDiffusionXLControlNetUnionPipeline`` for a whole generation.
@@ -125,14 +125,17 @@ def test_an_incomplete_union_file_is_refused(tmp_path, promax_file):
 # --- generation ------------------------------------------------------------------------------------------------
 
 
-def test_union_unit_equals_diffusers_union_pipeline(sdxl_engine, promax_file, lines):
+@pytest.mark.parametrize("fields", [{"module": "tile_resample"}, {"module": "none", "union_control_type": "Tile"}],
+                         ids=["tile-preprocessor", "ready-map-typed-tile"])
+def test_union_unit_equals_diffusers_union_pipeline(sdxl_engine, promax_file, lines, fields):
     """A tile unit through the engine against diffusers' union pipeline with control mode 6 (tile), the
-    same UNet, VAE, text embeddings (taken from the engine's first UNet call), noise and schedule."""
+    same UNet, VAE, text embeddings (taken from the engine's first UNet call), noise and schedule; the
+    tile preprocessor leaves the map as it is, so a ready-made map typed "Tile" must match as well."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLControlNetUnionPipeline
 
     m = sdxl_engine.model
     weight = 0.8
-    unit = ControlUnit(image=lines, module="tile_resample", model=str(promax_file), weight=weight)
+    unit = ControlUnit(image=lines, model=str(promax_file), weight=weight, **fields)
     seen = []
     hook = m.unet.register_forward_pre_hook(lambda mod, args, kwargs: seen.append(kwargs), with_kwargs=True)
     try:
@@ -268,16 +271,110 @@ def test_weight_zero_equals_no_controlnet(sdxl_engine, promax_file, lines):
     assert _generate(sdxl_engine, unit).images[0].tobytes() == _generate(sdxl_engine).images[0].tobytes()
 
 
-def test_kind_without_a_slot_is_refused_on_the_module_field(sdxl_engine, promax_file, union6_file, lines):
-    with pytest.raises(InvalidParameter, match=r"module: got 'none'.*3 canny/lineart/mlsd.*7 inpaint") as exc:
-        _generate(sdxl_engine, ControlUnit(image=lines, module="none", model=str(promax_file)))
-    assert exc.value.field == "module"
-    with pytest.raises(InvalidParameter, match=r"module: got 'shuffle'.*kind 'shuffle'"):
+def test_explicit_type_equals_the_preprocessor_type_for_the_same_map(sdxl_engine, promax_file, lines, monkeypatch):
+    """A ready-made map (module "none") with the type named runs exactly as the preprocessor whose
+    output is that same map: threshold → Soft Edge (2), invert of the negative → Hard Edge (3,
+    named by its alias "canny"), tile → Tile (6). Same type vector, same picture, byte for byte."""
+    from diffusers import ControlNetUnionModel
+
+    from underpaint.pipeline.control import control_map
+
+    negative = Image.fromarray(255 - np.asarray(lines))
+    pairs = [
+        (2, ControlUnit(image=lines, module="threshold", model=str(promax_file), processor_res=64),
+         ControlUnit(image=lines, module="none", model=str(promax_file), union_control_type="Soft Edge")),
+        (3, ControlUnit(image=negative, module="invert", model=str(promax_file)),
+         ControlUnit(image=lines, module="none", model=str(promax_file), union_control_type="canny")),
+        (6, ControlUnit(image=lines, module="tile_resample", model=str(promax_file)),
+         ControlUnit(image=lines, module="none", model=str(promax_file), union_control_type="tile")),
+    ]
+    calls = []
+    real = ControlNetUnionModel.forward
+
+    def spy(self, *args, **kwargs):
+        calls.append(list(kwargs["control_type_idx"]))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(ControlNetUnionModel, "forward", spy)
+    for index, derived, explicit in pairs:
+        assert np.array_equal(control_map(derived, 64, 64), control_map(explicit, 64, 64))
+        calls.clear()
+        by_preprocessor = _generate(sdxl_engine, derived).images[0]
+        assert calls and all(c == [index] for c in calls), derived.module
+        calls.clear()
+        by_type = _generate(sdxl_engine, explicit).images[0]
+        assert calls and all(c == [index] for c in calls), explicit.union_control_type
+        assert by_type.tobytes() == by_preprocessor.tobytes(), explicit.union_control_type
+
+
+def test_explicit_type_overrides_the_preprocessor(sdxl_engine, promax_file, lines, monkeypatch):
+    from diffusers import ControlNetUnionModel
+
+    calls = []
+    real = ControlNetUnionModel.forward
+
+    def spy(self, *args, **kwargs):
+        calls.append(list(kwargs["control_type_idx"]))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(ControlNetUnionModel, "forward", spy)
+    tile_as_depth = _generate(sdxl_engine, ControlUnit(image=lines, module="tile_resample", model=str(promax_file),
+                                                       union_control_type="Depth")).images[0]
+    assert calls and all(c == [1] for c in calls)
+    depth = _generate(sdxl_engine, ControlUnit(image=lines, module="none", model=str(promax_file),
+                                               union_control_type="Depth")).images[0]
+    tile = _generate(sdxl_engine, ControlUnit(image=lines, module="tile_resample", model=str(promax_file))).images[0]
+    assert tile_as_depth.tobytes() == depth.tobytes()
+    assert np.abs(_pixels(tile_as_depth) - _pixels(tile)).max() > 2
+    # "Unknown" (the extension's default) is the preprocessor's type
+    unknown = ControlUnit(image=lines, module="tile_resample", model=str(promax_file), union_control_type="Unknown")
+    assert unknown.union_control_type is None
+    assert _generate(sdxl_engine, unknown).images[0].tobytes() == tile.tobytes()
+
+
+def test_a_plain_controlnet_ignores_the_union_type(sdxl_engine, tmp_path, lines):
+    """Clients send the extension's whole unit, union_control_type included, for any model."""
+    from tiny_controlnet import write_controlnet
+
+    path = write_controlnet(tmp_path / "control-sdxl-canny.safetensors", "sdxl")
+    plain = ControlUnit(image=lines, module="none", model=str(path))
+    typed = ControlUnit(image=lines, module="none", model=str(path), union_control_type="OpenPose")
+    assert _generate(sdxl_engine, typed).images[0].tobytes() == _generate(sdxl_engine, plain).images[0].tobytes()
+
+
+def test_a_ready_map_without_a_type_is_refused_naming_the_field(sdxl_engine, promax_file, lines):
+    unit = ControlUnit(image=lines, module="none", model=str(promax_file))
+    with pytest.raises(InvalidParameter, match=r"control_units\[1\]\.union_control_type: got None, .*ready-made map"
+                                               r".*3 Hard Edge.*7 Inpaint.*--control-type") as exc:
+        _generate(sdxl_engine, ControlUnit(image=lines, module="tile_resample", model=str(promax_file)), unit)
+    assert exc.value.field == "control_units[1].union_control_type"
+
+
+def test_a_type_or_kind_without_a_slot_is_refused(sdxl_engine, promax_file, union6_file, lines):
+    with pytest.raises(InvalidParameter, match=r"module: got 'shuffle'.*kind 'shuffle'.*union_control_type") as exc:
         _generate(sdxl_engine, ControlUnit(image=lines, module="shuffle", model=str(promax_file)))
-    # the 6-type model has no tile slot
-    with pytest.raises(InvalidParameter, match=r"module: got 'tile_resample'.*6 types.*5 segmentation") as exc:
+    assert exc.value.field == "control_units[0].module"
+    # the 6-type model has no tile slot, whether the type comes from the preprocessor or is named
+    with pytest.raises(InvalidParameter, match=r"module: got 'tile_resample'.*Tile type.*5 Segmentation") as exc:
         _generate(sdxl_engine, ControlUnit(image=lines, module="tile_resample", model=str(union6_file)))
-    assert "6 tile" not in str(exc.value)
+    assert "6 Tile" not in str(exc.value) and exc.value.field == "control_units[0].module"
+    with pytest.raises(InvalidParameter, match=r"union_control_type: got 'Tile', .*union-sdxl-1\.0 has: 0 OpenPose"
+                                               r".*5 Segmentation$") as exc:
+        _generate(sdxl_engine, ControlUnit(image=lines, module="none", model=str(union6_file),
+                                           union_control_type="tile"))
+    assert exc.value.field == "control_units[0].union_control_type"
+    # FLUX union models' own types are not SDXL's
+    with pytest.raises(InvalidParameter, match=r"union_control_type: got 'Blur'.*7 Inpaint"):
+        _generate(sdxl_engine, ControlUnit(image=lines, module="none", model=str(promax_file),
+                                           union_control_type="blur"))
+
+
+def test_an_unknown_type_name_is_refused_with_the_allowed_values(promax_file, lines):
+    with pytest.raises(InvalidParameter, match=r"union_control_type: got 'Sketch'.*'Hard Edge'.*'Unknown'") as exc:
+        ControlUnit(image=lines, module="none", model=str(promax_file), union_control_type="Sketch")
+    assert exc.value.field == "union_control_type"
+    with pytest.raises(InvalidParameter, match="union_control_type: got 3"):
+        ControlUnit(image=lines, module="none", union_control_type=3)
 
 
 def test_six_type_model_runs_a_canny_unit(sdxl_engine, union6_file, lines):

@@ -339,11 +339,12 @@ def test_union_controlnet_gets_the_control_type_and_weight_zero_is_no_controlnet
 
     monkeypatch.setattr(FluxControlNetModel, "forward", spy)
     _run(dev, init_images=(picture,), strength=0.5, steps=2,
-         control_units=(ControlUnit(image=control_picture, module="none", model=folder),
+         control_units=(ControlUnit(image=control_picture, module="none", model=folder, union_control_type="Hard Edge"),
                         ControlUnit(image=control_picture, module="tile_resample", model=folder)))
-    assert modes[:2] == [[0], [1]]  # a ready map counts as canny (0); tile is 1, as the union models number them
+    assert modes[:2] == [[0], [1]]  # a ready map typed Hard Edge is canny (0); tile is 1, as the union models number them
     off = _run(dev, init_images=(picture,), strength=0.5,
-               control_units=(ControlUnit(image=control_picture, module="none", model=folder, weight=0.0),))
+               control_units=(ControlUnit(image=control_picture, module="none", model=folder, weight=0.0,
+                                          union_control_type="Hard Edge"),))
     plain = _run(dev, init_images=(picture,), strength=0.5)
     assert off.images[0].tobytes() == plain.images[0].tobytes()
 

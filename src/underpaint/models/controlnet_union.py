@@ -7,10 +7,11 @@ features (``spatial_ch_projs``), and an embedding of the 0/1 control-type vector
 time embedding (``control_add_embedding.*``). diffusers' ``ControlNetUnionModel`` is that model;
 this module recognises the files, derives its config and maps a unit's preprocessor to a type.
 
-As in A1111's ControlNet extension and Forge, the type comes from the unit's preprocessor: a
-canny unit runs the model as a canny ControlNet, a depth unit as a depth one. The types, in
-xinsir's order (the promax version adds the last two): openpose, depth, soft edge/scribble,
-canny/lineart/mlsd, normal, segmentation, tile, inpaint.
+As in A1111's ControlNet extension, the type is the unit's ``union_control_type`` when it has one,
+else the type of its preprocessor: a canny unit runs the model as a canny ControlNet, a depth unit
+as a depth one (models/union_types.py). The types, in xinsir's order (the promax version adds the
+last two): OpenPose, Depth, Soft Edge (softedge/scribble), Hard Edge (canny/lineart/mlsd), Normal
+Map, Segmentation, Tile, Inpaint.
 
 Real files come as diffusers folders (``config.json`` naming ``ControlNetUnionModel``, or
 ``ControlNetModel`` with the union keys) or as the weights file alone, in diffusers' names. Shapes
@@ -23,7 +24,7 @@ import inspect
 import re
 from pathlib import Path
 
-from ..errors import InvalidParameter, ModelError
+from ..errors import ModelError
 from .header import CheckpointHeader
 
 #: Tensors only a union model has.
@@ -32,17 +33,6 @@ _TRANSFORMER_PREFIX = "transformer_layes."
 #: Heads of the condition transformer: not recorded in the weights; 8 in every released model.
 DEFAULT_TRANSFORMER_HEADS = 8
 
-#: xinsir's control types in index order: (name shown in messages, preprocessor kinds it serves).
-UNION_TYPES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("openpose", ("openpose",)),
-    ("depth", ("depth",)),
-    ("softedge/scribble", ("softedge", "scribble")),
-    ("canny/lineart/mlsd", ("canny", "lineart", "mlsd")),
-    ("normal", ("normal",)),
-    ("segmentation", ("seg", "segmentation")),
-    ("tile", ("tile",)),
-    ("inpaint", ("inpaint",)),
-)
 #: The keys of a union config that plain ControlNet configs do not have.
 UNION_KEYS = ("num_control_type", "num_trans_channel", "num_trans_head", "num_trans_layer", "num_proj_channel")
 
@@ -103,21 +93,9 @@ def build_union(path: Path, config: dict, weights: dict, device, dtype):
     return _assign(module, weights, f"ControlNet union model {path}", device, dtype)
 
 
-def supported_types(num_types: int) -> str:
-    """``"openpose (openpose), depth (depth), ..."``: the types a model with ``num_types`` slots has."""
-    return ", ".join(f"{i} {name} ({'/'.join(kinds)})" for i, (name, kinds) in enumerate(UNION_TYPES[:num_types]))
+def union_type_index(unit, num_types: int, model_name: str, index: int = 0) -> int:
+    """The control-type slot unit number ``index`` uses in a union model with ``num_types`` types:
+    its ``union_control_type``, else its preprocessor's type (errors: :func:`union_types.union_slot`)."""
+    from .union_types import sdxl_slots, union_slot
 
-
-def union_type_index(module: str, kind: str, num_types: int, model_name: str) -> int:
-    """The control-type slot a unit's preprocessor (``module``, of ``kind``) uses in a union model.
-
-    A preprocessor whose kind has no slot in the model (a ready-made map with module "none",
-    shuffle, or tile/inpaint on the 6-type model) is an :class:`InvalidParameter` on ``module``.
-    """
-    for index, (_, kinds) in enumerate(UNION_TYPES[:num_types]):
-        if kind and kind in kinds:
-            return index
-    what = f"kind {kind!r}" if kind else "no control type"
-    raise InvalidParameter("module", module,
-                           f"a preprocessor of a control type the union model {model_name} has ({module!r} is of "
-                           f"{what}); its {num_types} types are: {supported_types(num_types)}")
+    return union_slot(unit, sdxl_slots(num_types), model_name, index)

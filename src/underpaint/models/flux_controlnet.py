@@ -22,9 +22,7 @@ from .header import read_header, sniff_format
 
 #: Keys that mark a diffusers-layout FLUX ControlNet.
 MARKERS = ("controlnet_x_embedder.weight", "x_embedder.weight")
-#: The union models' control types, in the order of their mode embedding (InstantX / Shakker-Labs).
-UNION_MODES = {"canny": 0, "lineart": 0, "softedge": 0, "scribble": 0, "mlsd": 0, "tile": 1, "depth": 2,
-               "normal": 2, "blur": 3, "openpose": 4, "gray": 5, "lq": 6}
+#: The union models' control types and mode ids (InstantX / Shakker-Labs): union_types.FLUX_TYPES.
 
 
 def is_flux_controlnet(names) -> bool:

@@ -18,10 +18,11 @@ Behaviour follows A1111's ControlNet extension (sd-webui-controlnet):
   (diffusers' ``down_intrablock_additional_residuals``) times the weight, as diffusers'
   ``StableDiffusionAdapterPipeline`` does; the two non-balanced modes use the extension's
   soft-injection ramp for adapters (0.25, 0.62, 0.825, 1.0 of the weight, shallow first);
-- a unit whose model is one of xinsir's SDXL union ControlNets runs it as the control type of
-  its preprocessor (canny → canny/lineart/mlsd, depth → depth, ...; models/controlnet_union.py):
-  the hint fills that type's slot and the 0/1 type vector marks it; its residuals are then
-  weighted, windowed and moded as any ControlNet's.
+- a unit whose model is one of xinsir's SDXL union ControlNets runs it as the unit's
+  ``union_control_type`` (the extension's field: "Hard Edge", "Depth", ...), else as the type of
+  its preprocessor (canny → Hard Edge, depth → Depth, ...; models/union_types.py); a ready-made
+  map (module "none") needs the explicit type. The hint fills that type's slot and the 0/1 type
+  vector marks it; its residuals are then weighted, windowed and moded as any ControlNet's.
 """
 
 from __future__ import annotations
@@ -73,7 +74,9 @@ class ControlUnit:
     ``image`` None means the img2img input picture; ``module`` is a preprocessor name (or
     "none" for a ready-made map); ``model`` a ControlNet name or path (None: the one in
     ``models/controlnet/`` whose name matches the module and the checkpoint's family);
-    ``threshold_a``/``threshold_b`` None take the module's defaults.
+    ``threshold_a``/``threshold_b`` None take the module's defaults; ``union_control_type`` is
+    the control type a union model runs as (the extension's names, "Hard Edge", "Depth", ...;
+    None or "Unknown": the preprocessor's type), ignored by other models.
     """
 
     image: "Image | None" = None
@@ -88,12 +91,15 @@ class ControlUnit:
     threshold_a: float | None = None
     threshold_b: float | None = None
     pixel_perfect: bool = False
+    union_control_type: str | None = None
 
     def __post_init__(self) -> None:
+        from ..models.union_types import union_type_name
         from ..params import _check_range
         from ..preprocess.registry import get_preprocessor
 
         object.__setattr__(self, "module", get_preprocessor(self.module).name)
+        object.__setattr__(self, "union_control_type", union_type_name(self.union_control_type))
         object.__setattr__(self, "control_mode", control_mode_name(self.control_mode))
         object.__setattr__(self, "resize_mode", resize_mode_name(self.resize_mode))
         _check_range("control weight", self.weight, 0.0, 2.0)
@@ -190,7 +196,7 @@ class ActiveUnit:
     hint: torch.Tensor
     #: A T2I-Adapter's features for the hint (batch 1, unscaled); None for a ControlNet.
     features: list[torch.Tensor] | None = None
-    #: For a union ControlNet, the control-type slot of the unit's preprocessor; None otherwise.
+    #: For a union ControlNet, the unit's control-type slot; None otherwise.
     control_type: int | None = None
 
 
@@ -395,7 +401,7 @@ def prepare_control(model, units, *, width: int, height: int, steps: int, cache,
     unet_config = model.unet.config
     time_dim = getattr(unet_config, "addition_time_embed_dim", None)
     active, maps, names = [], [], []
-    for unit in units:
+    for index, unit in enumerate(units):
         path = resolve_controlnet(unit.model, folders, kind=unit.preprocessor.kind, family=model.spec.family)
         where = dict(device=model.device, dtype=model.dtype, time_embed_dim=time_dim, base_unet=model.unet)
         net = cache.cached(path, **where)
@@ -407,11 +413,10 @@ def prepare_control(model, units, *, width: int, height: int, steps: int, cache,
                 net = cache.get(path, **where)
         check_compatible(net, unet_config)
         control_type = None
-        if net.info.kind == "union":  # before the preprocessor runs: a kind without a slot is refused
+        if net.info.kind == "union":  # before the preprocessor runs: a type without a slot is refused
             from ..models.controlnet_union import union_type_index
 
-            control_type = union_type_index(unit.module, unit.preprocessor.kind,
-                                            net.module.config.num_control_type, net.name)
+            control_type = union_type_index(unit, net.module.config.num_control_type, net.name, index)
         detected = control_map(unit, width, height, init_image=init_image, mask=mask, ctx=ctx, seed=seed)
         hint = hint_tensor(detected, device=model.device, dtype=model.dtype,
                            masked=-1.0 if control_type is None else 0.0)

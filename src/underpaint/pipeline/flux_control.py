@@ -4,8 +4,10 @@ A unit's map (from its preprocessor, as for SD) is VAE-encoded, shifted and scal
 latent and packed into 2×2 patches; the ControlNet turns it, with the noisy latent and the
 prompt, into residuals for the transformer's double and single blocks. Several units add their
 residuals; each counts only inside its guidance window (A1111's rule, as for SD) and is scaled by
-its weight. Union models also get the control type of the unit's preprocessor (canny 0, tile 1,
-depth 2, blur 3, pose 4, gray 5, low quality 6). The control modes of SD's extension (prompt /
+its weight. Union models also get the unit's control type as a mode id (canny 0, tile 1, depth 2,
+blur 3, pose 4, gray 5, low quality 6): its ``union_control_type`` when set, else its
+preprocessor's, as for SDXL's union models; a ready-made map (module "none") needs the explicit
+type (models/union_types.py). The control modes of SD's extension (prompt /
 ControlNet more important) weigh CFG's two halves and have no counterpart here: FLUX runs
 without CFG by default, so the weight alone applies.
 """
@@ -96,7 +98,8 @@ def prepare(model, params, *, width: int, height: int, steps: int, encode, crop=
     if not params.control_units:
         return None
     from ..models.controlnet import infotext_name, resolve_controlnet
-    from ..models.flux_controlnet import UNION_MODES, load_flux_controlnet
+    from ..models.flux_controlnet import load_flux_controlnet
+    from ..models.union_types import flux_slots, union_slot
     from ..imageio.convert import images_to_tensor
     from .control import control_map, control_resources, crop_to_region
     from .flux import pack
@@ -114,6 +117,11 @@ def prepare(model, params, *, width: int, height: int, steps: int, encode, crop=
         if key not in cache:
             cache[key] = load_flux_controlnet(path, device=model.device, dtype=model.dtype)
         net = cache[key]
+        mode = None
+        if net.config.num_mode:  # before the preprocessor runs: a type without a slot is refused
+            name = path.stem if path.is_file() else path.name
+            slot = union_slot(unit, flux_slots(net.config.num_mode), name, index)
+            mode = torch.tensor([[slot]], dtype=torch.long)
         detected = control_map(unit, width, height, init_image=init, mask=mask, ctx=ctx, seed=max(params.seed, 0))
         if detected.shape[2] != 3:
             raise InvalidParameter(f"control_units[{index}].module", unit.module,
@@ -121,13 +129,6 @@ def prepare(model, params, *, width: int, height: int, steps: int, encode, crop=
         from PIL import Image
 
         latent = encode(images_to_tensor([Image.fromarray(detected)]))
-        mode = None
-        if net.config.num_mode:
-            kind = unit.preprocessor.kind or "canny"
-            if kind not in UNION_MODES:
-                raise InvalidParameter(f"control_units[{index}].module", unit.module,
-                                       "a control type the union model knows: " + ", ".join(sorted(UNION_MODES)))
-            mode = torch.tensor([[UNION_MODES[kind]]], dtype=torch.long)
         active.append(FluxUnit(unit, net, pack(latent), mode))
         maps.append(detected)
         names.append(infotext_name(path))
