@@ -58,6 +58,75 @@ def test_unknown_type_suggests():
         control_units_from_args(args, load=_fake_load)
 
 
+# --- --control-type (union ControlNets) ------------------------------------------------------------------------
+
+
+def test_control_type_sets_the_unit_union_type():
+    args = _parser().parse_args([
+        "--control", "none:room.jpg", "--control-model", "promax", "--control-type", "hard edge",
+        "--control", "tile:room.jpg", "--control-type", "Unknown",
+        "--control", "depth:room.jpg",
+    ])
+    units = control_units_from_args(args, load=_fake_load)
+    assert [u.union_control_type for u in units] == ["Hard Edge", None, None]
+    assert units[0].module == "none" and units[0].model == "promax"
+
+
+def test_control_type_is_in_the_help(capsys):
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--control-type TYPE" in text and "Hard Edge" in text and "Low Quality" in text
+
+
+@pytest.mark.parametrize(("argv", "needles"), [
+    (["--control", "none:room.jpg", "--control-type", "sketch"], ["--control-type: got 'sketch'", "'Hard Edge'"]),
+    (["--control-type", "depth"], ["--control-type must come after the --control"]),
+])
+def test_bad_control_type_exits_2_naming_the_option(argv, needles, capsys):
+    with pytest.raises(SystemExit) as exc:
+        _parser().parse_args(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    for needle in needles:
+        assert needle in err, err
+
+
+@pytest.fixture(scope="module")
+def promax_file(tmp_path_factory):
+    import shutil
+
+    from tiny_controlnet import write_union_folder
+
+    root = tmp_path_factory.mktemp("cli-union")
+    folder = write_union_folder(root / "promax")
+    path = root / "union-promax.safetensors"
+    shutil.copyfile(folder / "diffusion_pytorch_model.safetensors", path)
+    return path
+
+
+def test_union_unit_on_the_command_line(tmp_path, photo, sdxl_file, promax_file, capsys):
+    """A ready-made map with a union model: refused (exit 2, naming --control-type) without a type, run with one."""
+    from tiny_controlnet import ready_map
+    from underpaint.cli.main import main
+
+    src, edges = tmp_path / "in.png", tmp_path / "edges.png"
+    photo.resize((64, 64)).save(src)
+    ready_map().save(edges)
+    common = [str(src), "-p", "a lighthouse", "--model", str(sdxl_file), "--steps", "2", "-W", "64", "-H", "64",
+              "--device", "cpu", "--dtype", "fp32", "--seed", "3", "--control", f"none:{edges}",
+              "--control-model", str(promax_file)]
+    out = tmp_path / "out.png"
+    assert main(["img2img", *common, "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "union_control_type: got None" in err and "--control-type" in err and "3 Hard Edge" in err, err
+    assert not out.exists()
+    assert main(["img2img", *common, "--control-type", "Hard Edge", "-o", str(out)]) == 0
+    assert Image.open(out).size == (64, 64)
+    assert main(["img2img", *common, "--control-type", "Blur", "-o", str(tmp_path / "blur.png")]) == 2
+    assert "union_control_type: got 'Blur'" in capsys.readouterr().err
+
+
 def _detect_parser():
     p = argparse.ArgumentParser(prog="underpaint")
     add_commands(p.add_subparsers(dest="command"))

@@ -5,6 +5,11 @@ Flags such as ``--control-model`` and ``--control-start`` apply to the ``--contr
 so several units are written one after another::
 
     --control depth:room.jpg --control-end 0.6 --control canny:room.jpg:0.6 --control-mode prompt
+
+With a union ControlNet, ``--control-type`` says which control type the unit's map is (A1111's
+``union_control_type``); a ready-made map needs it::
+
+    --control none:edges.png --control-model promax --control-type "Hard Edge"
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import sys
 from pathlib import Path
 
 from ..errors import InvalidParameter
+from ..models.union_types import CONTROL_TYPES, SDXL_TYPES, union_type_name
 
 _DEST = "control_drafts"
 
@@ -30,6 +36,11 @@ _MODIFIERS = {
     "--control-res": ("processor_res", int, "preprocessor resolution (default 512)"),
     "--control-threshold-a": ("threshold_a", float, "the preprocessor's first threshold (e.g. canny low)"),
     "--control-threshold-b": ("threshold_b", float, "the preprocessor's second threshold (e.g. canny high)"),
+    "--control-type": ("union_control_type", union_type_name,
+                       "for a union ControlNet, the control type of the unit's map: " + ", ".join(SDXL_TYPES)
+                       + "; FLUX union models also " + ", ".join(CONTROL_TYPES[len(SDXL_TYPES):])
+                       + " (any case; canny, scribble, ... also work). Default: the preprocessor's type; "
+                       "a ready-made map (none) needs this"),
 }
 
 
@@ -54,6 +65,8 @@ class _Modify(argparse.Action):
             value = self.convert(value)
         except ValueError:
             parser.error(f"{option_string}: invalid value {values!r}")
+        except InvalidParameter as exc:
+            parser.error(f"{option_string}: got {values!r}, expected {exc.expected}")
         drafts[-1] = {**drafts[-1], self.field: value}
         setattr(namespace, _DEST, drafts)
 
