@@ -377,6 +377,40 @@ def test_an_unknown_type_name_is_refused_with_the_allowed_values(promax_file, li
         ControlUnit(image=lines, module="none", union_control_type=3)
 
 
+def test_api_refuses_a_ready_map_without_a_type_with_422_naming_the_field(sdxl_file, promax_file, lines,
+                                                                           tmp_path):
+    """Through the A1111 API on a real engine: the extension's field, per request unit."""
+    from fastapi.testclient import TestClient
+
+    from test_server_support import png_b64
+    from underpaint.server.app import create_app
+    from underpaint.server.config import ServerConfig
+
+    models = tmp_path / "models"
+    (models / "checkpoints").mkdir(parents=True)
+    (models / "controlnet").mkdir()
+    (models / "checkpoints" / "tiny-sdxl.safetensors").symlink_to(sdxl_file)
+    (models / "controlnet" / "union-promax.safetensors").symlink_to(promax_file)
+    app = create_app(ServerConfig(models_dir=models, device="cpu", dtype="fp32"))
+    unit = {"enabled": True, "image": png_b64(lines), "module": "none", "model": "union-promax [0123abcd]"}
+    body = {"prompt": "a lighthouse", "steps": 1, "width": 64, "height": 64, "sampler_name": "Euler",
+            "alwayson_scripts": {"controlnet": {"args": [{"enabled": False}, unit]}}}
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        r = client.post("/sdapi/v1/txt2img", json=body)
+        assert r.status_code == 422, r.text
+        answer = r.json()
+        assert answer["field"] == "alwayson_scripts.controlnet.args[1].union_control_type"
+        assert "ready-made map" in answer["detail"] and "3 Hard Edge" in answer["detail"]
+        body["alwayson_scripts"]["controlnet"]["args"][1] = {**unit, "union_control_type": "Gray"}
+        r = client.post("/sdapi/v1/txt2img", json=body)
+        assert r.status_code == 422 and r.json()["field"] == "alwayson_scripts.controlnet.args[1].union_control_type"
+        assert "got 'Gray'" in r.json()["detail"] and "7 Inpaint" in r.json()["detail"]
+        body["alwayson_scripts"]["controlnet"]["args"][1] = {**unit, "union_control_type": "Hard Edge"}
+        r = client.post("/sdapi/v1/txt2img", json=body)
+        assert r.status_code == 200, r.text
+        assert len(r.json()["images"]) >= 1
+
+
 def test_six_type_model_runs_a_canny_unit(sdxl_engine, union6_file, lines):
     unit = ControlUnit(image=lines, module="canny", model=str(union6_file))
     plain = _generate(sdxl_engine).images[0]

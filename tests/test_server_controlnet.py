@@ -58,6 +58,8 @@ def test_inpaint_unit_mask_becomes_transparency(photo):
     ({"module": "canny", "image": "http://10.0.0.1/a.png"}, f"{PREFIX}[0].image"),
     ({"module": "canny", "model": "/etc/passwd"}, f"{PREFIX}[0].model"),
     ({"module": "canny", "model": "../checkpoints/x"}, f"{PREFIX}[0].model"),
+    ({"module": "none", "union_control_type": "Sketch"}, f"{PREFIX}[0].union_control_type"),
+    ({"module": "none", "union_control_type": 3}, f"{PREFIX}[0].union_control_type"),
     ("canny", f"{PREFIX}[0]"),
 ])
 def test_bad_units_name_the_field(raw, field, tmp_path):
@@ -66,6 +68,33 @@ def test_bad_units_name_the_field(raw, field, tmp_path):
     with pytest.raises(UnderpaintError) as exc:
         _units([raw], [model])
     assert exc.value.field == field
+
+
+@pytest.mark.parametrize(("sent", "kept"), [
+    ("Hard Edge", "Hard Edge"), ("Soft Edge", "Soft Edge"), ("Normal Map", "Normal Map"),
+    ("Segmentation", "Segmentation"), ("OpenPose", "OpenPose"), ("Tile", "Tile"), ("Inpaint", "Inpaint"), ("canny", "Hard Edge"), ("Unknown", None),
+    (None, None),
+])
+def test_union_control_type_takes_the_extension_values(sent, kept):
+    """The extension's ControlNetUnionControlType values (and "Unknown", its default) as clients send them."""
+    (unit,) = _units([{"module": "none", "union_control_type": sent}])
+    assert unit.union_control_type == kept
+    (unit,) = _units([{"module": "none"}])
+    assert unit.union_control_type is None
+
+
+def test_engine_errors_about_a_unit_name_the_request_field():
+    from underpaint.errors import UnknownName
+    from underpaint.server.a1111.control_units import request_field, unit_fields
+
+    fields = unit_fields([{"enabled": False}, {"module": "canny"}, False, {"module": "none"}], PREFIX)
+    assert fields == (f"{PREFIX}[1]", f"{PREFIX}[3]")
+    renamed = request_field(InvalidParameter("control_units[1].union_control_type", None, "a type"), fields)
+    assert renamed.field == f"{PREFIX}[3].union_control_type" and renamed.expected == "a type"
+    unknown = request_field(UnknownName("control_units[0].model", "x", ["canny"]), fields)
+    assert isinstance(unknown, UnknownName) and unknown.field == f"{PREFIX}[1].model"
+    other = InvalidParameter("steps", 0, "at least 1")
+    assert request_field(other, fields) is other
 
 
 def test_txt2img_units_need_their_own_image():

@@ -1,11 +1,11 @@
 """The models folder: where checkpoints, VAEs, LoRAs, embeddings and ControlNets are found by name.
 
-Two layouts are read. underpaint's own (``checkpoints/ vae/ loras/ embeddings/ controlnet/``)
-and an existing AUTOMATIC1111 install's (``models/Stable-diffusion``, ``models/VAE``,
-``models/Lora``, ``embeddings/``, ``models/ControlNet``), given either the install's root or its
-``models/`` folder, so people can point underpaint at the files they already have. Names follow
-A1111: a checkpoint's name is its path relative to the checkpoints folder without the extension,
-its title is the file name with the short hash in brackets when it is known.
+Two layouts are read. underpaint's own (``checkpoints/ vae/ loras/ embeddings/ controlnet/
+VAE-approx/``) and an existing AUTOMATIC1111 install's (``models/Stable-diffusion``, ``models/VAE``,
+``models/Lora``, ``embeddings/``, ``models/ControlNet``, ``models/VAE-approx``), given either the
+install's root or its ``models/`` folder, so people can point underpaint at the files they already
+have. Names follow A1111: a checkpoint's name is its path relative to the checkpoints folder
+without the extension, its title is the file name with the short hash in brackets when it is known.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ _FOLDERS = {
     "embeddings": ("embeddings", ("embeddings",)),
     "controlnet": ("controlnet", ("models/ControlNet",)),
     "text_encoders": ("text_encoders", ("models/text_encoder",)),
+    # Tiny preview decoders (TAESD); A1111 keeps them in models/VAE-approx.
+    "vae_approx": ("VAE-approx", ("models/VAE-approx",)),
 }
 
 _TITLE_HASH = re.compile(r"^(.*?)\s*\[([0-9a-fA-F]{8,64})\]$")
@@ -80,7 +82,7 @@ class ModelsDir:
         return None
 
     def folders(self, kind: str) -> tuple[Path, ...]:
-        """Existing folders of ``kind`` (checkpoints, vae, loras, embeddings, controlnet), own layout first."""
+        """Existing folders of ``kind`` (checkpoints, vae, loras, embeddings, controlnet, ...), own layout first."""
         own, a1111 = _FOLDERS[kind]
         candidates = [self.root / own]
         a_root = self._a1111_root()
@@ -121,6 +123,24 @@ class ModelsDir:
     @property
     def text_encoders_dir(self) -> Path:
         return self.folder("text_encoders")
+
+    @property
+    def vae_approx_dir(self) -> Path:
+        return self.folder("vae_approx")
+
+    def find_vae_approx(self, name: str) -> Path | None:
+        """A tiny preview decoder by its base name (``taesd``, ``taesdxl``, ``taef1``), or None.
+
+        Looked for in each VAE-approx folder as ``<name>_decoder.safetensors`` (madebyollin's
+        decoder file), then as a diffusers folder ``<name>/diffusion_pytorch_model.safetensors``.
+        Only safetensors: A1111's ``.pth`` files are pickles and are never read.
+        """
+        for base in self.folders("vae_approx"):
+            for candidate in (base / f"{name}_decoder.safetensors",
+                              base / name / "diffusion_pytorch_model.safetensors"):
+                if candidate.is_file():
+                    return candidate
+        return None
 
     def list_checkpoints(self) -> list[CheckpointEntry]:
         """Checkpoint files and diffusers folders, sorted by name (hashes only from the cache)."""

@@ -1,8 +1,11 @@
 """ControlNet units as A1111's ControlNet extension takes them in ``alwayson_scripts.controlnet.args``.
 
 Each unit dict becomes a :class:`~underpaint.pipeline.control.ControlUnit`: images decoded with
-the server's limits, the extension's "-1 means default" values mapped to None, and the model
-name matched against the files in the models folder only (never a path from the request).
+the server's limits, the extension's "-1 means default" values mapped to None, the model name
+matched against the files in the models folder only (never a path from the request), and the
+extension's ``union_control_type`` ("Hard Edge", "Depth", ...; "Unknown": from the preprocessor)
+kept for union models. Errors the engine finds later about ``control_units[k]`` are renamed to the
+k-th enabled unit of the request (:func:`request_field`).
 """
 
 from __future__ import annotations
@@ -80,6 +83,7 @@ def _unit(raw: Mapping[str, Any], field: str, *, limits: Limits, allow_urls: boo
         "threshold_a": _number(raw, "threshold_a", -1, field),
         "threshold_b": _number(raw, "threshold_b", -1, field),
         "pixel_perfect": bool(raw.get("pixel_perfect", False)),
+        "union_control_type": raw.get("union_control_type"),
     }
     if values["processor_res"] < 0:
         values["processor_res"] = 512
@@ -94,6 +98,25 @@ def _unit(raw: Mapping[str, Any], field: str, *, limits: Limits, allow_urls: boo
         if isinstance(exc, UnknownName):
             raise UnknownName(f"{field}.{inner}", exc.value, exc.choices) from None
         raise InvalidParameter(f"{field}.{inner}", exc.value, exc.expected) from None
+
+
+_ENGINE_UNIT = re.compile(r"^control_units\[(\d+)\]")
+
+
+def unit_fields(args: Sequence[Any], prefix: str) -> tuple[str, ...]:
+    """The request's name of each unit the engine gets (``control_units[k]`` is the k-th enabled one)."""
+    return tuple(f"{prefix}[{i}]" for i in enabled_units(args))
+
+
+def request_field(exc: InvalidParameter, fields: Sequence[str]) -> InvalidParameter:
+    """An engine error on ``control_units[k]...`` named as the request's unit field (else unchanged)."""
+    match = _ENGINE_UNIT.match(exc.field or "")
+    if not match or int(match.group(1)) >= len(fields):
+        return exc
+    name = fields[int(match.group(1))] + exc.field[match.end():]
+    if isinstance(exc, UnknownName):
+        return UnknownName(name, exc.value, exc.choices)
+    return InvalidParameter(name, exc.value, exc.expected)
 
 
 def _number(raw: Mapping[str, Any], key: str, default: float, field: str) -> float:

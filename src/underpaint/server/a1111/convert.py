@@ -52,6 +52,8 @@ class PreparedJob:
     styles: tuple[str, ...]
     denoising_strength: float | None
     task_id: str | None
+    #: The request's field of each ControlNet unit sent to the engine, to name the engine's errors.
+    control_fields: tuple[str, ...] = ()
 
 
 # --------------------------------------------------------------------------- request → params
@@ -101,7 +103,17 @@ def _prepared(kind: str, req: GenerationRequest, params: GenerationParams, field
         kind=kind, params=params, model=fields.pop("_model"), keep_model=not req.override_settings_restore_afterwards,
         send_images=req.send_images, parameters=echo, styles=tuple(req.styles or ()),
         denoising_strength=req.denoising_strength, task_id=req.force_task_id,
+        control_fields=_control_unit_fields(req),
     )
+
+
+def _control_unit_fields(req: GenerationRequest) -> tuple[str, ...]:
+    from .control_units import unit_fields
+
+    for name, value in req.alwayson_scripts.items():
+        if name.lower() == CONTROLNET_SCRIPT:
+            return unit_fields(_script_args(name, value), f"alwayson_scripts.{name}.args")
+    return ()
 
 
 def _build_params(fields: dict[str, Any], *, strength: float) -> GenerationParams:

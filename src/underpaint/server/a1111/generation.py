@@ -9,7 +9,7 @@ import time
 from fastapi import APIRouter, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from ...errors import UnderpaintError
+from ...errors import InvalidParameter, UnderpaintError
 from ...pipeline.records import ModelInfo, Result
 from ..errors import ServerError
 from ..images import encode_image
@@ -66,6 +66,13 @@ async def run_prepared(state: ServerState, prepared: PreparedJob, response: Resp
         result = await await_job(state, job)
     except JobCancelled:
         result = _nothing_done(state, prepared)
+    except InvalidParameter as exc:  # the engine names units control_units[k]; the request, args[i]
+        from .control_units import request_field
+
+        renamed = request_field(exc, prepared.control_fields)
+        if renamed is exc:
+            raise
+        raise renamed from None
     return await run_in_threadpool(_response_fields, prepared, result, job)
 
 
