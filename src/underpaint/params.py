@@ -23,6 +23,17 @@ MAX_SEED = 4294967294
 RESIZE_MODES = {0: "Just resize", 1: "Crop and resize", 2: "Resize and fill", 3: "Just resize (latent upscale)"}
 RNG_SOURCES = ("gpu", "cpu", "nv")
 MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")
+#: A1111's "Live preview method" values (``show_progress_type``); pipeline/preview.py says what each does.
+PREVIEW_METHODS = ("Full", "Approx NN", "Approx cheap", "TAESD")
+
+
+def preview_method_name(value: object, field: str = "preview_method") -> str:
+    """A live preview method in A1111's spelling (matched without regard to case)."""
+    if isinstance(value, str):
+        for name in PREVIEW_METHODS:
+            if value.strip().lower() == name.lower():
+                return name
+    raise InvalidParameter(field, value, "one of " + ", ".join(PREVIEW_METHODS))
 
 
 def random_seed() -> int:
@@ -113,6 +124,9 @@ class GenerationParams:
     extra_infotext: tuple[tuple[str, str], ...] = ()
     #: ControlNet units (A1111's ControlNet extension), applied in order; see pipeline.control.
     control_units: tuple["ControlUnit", ...] = ()
+    #: How ``Progress.preview()`` pictures a step (A1111's "Live preview method"). The default,
+    #: "Approx NN", is TAESD when its decoder file is in the models folder, else Approx cheap.
+    preview_method: str = "Approx NN"
 
     def __post_init__(self) -> None:
         from .sampling.names import resolve_sampler  # torch-free table
@@ -143,6 +157,7 @@ class GenerationParams:
             raise InvalidParameter("prompt", type(self.prompt).__name__, "a string")
         if self.inpaint.masked_content not in MASKED_CONTENT:
             raise InvalidParameter("masked_content", self.inpaint.masked_content, "one of " + ", ".join(MASKED_CONTENT))
+        object.__setattr__(self, "preview_method", preview_method_name(self.preview_method))
         if self.control_units:
             from .pipeline.control import ControlUnit
 

@@ -27,6 +27,7 @@ from .denoise import make_denoiser
 from . import inpaint
 from .infotext import build_infotext
 from .networks import ActiveNetworks, request_networks
+from .preview import preview_images
 from .records import Cancellation, ModelInfo, Progress, Result
 
 
@@ -320,7 +321,8 @@ def _callback(model, plan: Plan, job: int, progress, cancel: Cancellation, contr
         if control is not None:  # A1111's ControlNet guidance window counts finished steps
             control.on_step(step)
         if progress is not None:
-            preview = (lambda d=denoised: decode_latents(model, d)) if denoised is not None else None
+            method = plan.params.preview_method  # pipeline/preview.py: Full, Approx NN, Approx cheap, TAESD
+            preview = (lambda d=denoised: preview_images(model, d, method)) if denoised is not None else None
             progress(Progress(job=job, job_count=plan.params.n_iter, step=step + 1, steps=total, preview=preview))
         if cancel.interrupted or cancel.skipped:
             return STOP
