@@ -1,15 +1,20 @@
 """Live previews (pipeline/preview.py): the linear tables, TAESD from madebyollin's and diffusers'
-file layouts, the fallback when the file is missing, and previews through generate()."""
+file layouts, the fallback when the file is missing, and previews through generate() and the server."""
 
 from __future__ import annotations
 
+import base64
+import io
 import logging
+import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 
@@ -282,4 +287,81 @@ def test_generate_previews_each_step_by_the_method_asked(sd1_file, tmp_path):
         else:
             assert FINGERPRINT not in colours
     assert sizes == {"Full": (64, 64), "Approx cheap": (8, 8), "TAESD": (64, 64), "Approx NN": (64, 64)}
+
+
+# --------------------------------------------------------------------------- the server
+
+
+@pytest.fixture(scope="module")
+def served(sd1_file, tmp_path_factory):
+    from test_server_support import live_server
+    from underpaint.server.app import create_app
+    from underpaint.server.config import ServerConfig
+
+    models = tmp_path_factory.mktemp("preview-models")
+    (models / "checkpoints").mkdir()
+    (models / "checkpoints" / "tiny-sd1.safetensors").symlink_to(sd1_file)
+    _fingerprint_decoder(models / "VAE-approx" / "taesd_decoder.safetensors")
+    app = create_app(ServerConfig(models_dir=models, device="cpu", dtype="fp32", webui=False))
+    with live_server(app) as base:
+        yield base
+
+
+def _preview_during_a_job(base: str, *, expect_image: bool = True) -> tuple[Image.Image | None, list[dict]]:
+    """Start a long job and poll /progress: until a picture comes, or (``expect_image`` false) until a
+    few steps have run with previews asked for at each poll; then interrupt the job."""
+    import httpx
+
+    done = {}
+    job = threading.Thread(target=lambda: done.setdefault("r", httpx.post(
+        base + "/sdapi/v1/txt2img", json={"prompt": "a slow sunset", "steps": 150, "width": 64, "height": 64,
+                                          "sampler_name": "Euler", "seed": 5}, timeout=120)))
+    job.start()
+    seen, image = [], None
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            p = httpx.get(base + "/sdapi/v1/progress", timeout=30).json()
+            seen.append(p)
+            if p["current_image"]:
+                image = Image.open(io.BytesIO(base64.b64decode(p["current_image"])))
+                break
+            steps = [s["state"]["sampling_step"] for s in seen if s["state"]["sampling_step"] >= 1]
+            if not expect_image and len(steps) >= 3 and steps[-1] > steps[0]:
+                break
+            time.sleep(0.02)
+    finally:
+        httpx.post(base + "/sdapi/v1/interrupt", timeout=30)
+        job.join(120)
+    assert done["r"].status_code == 200
+    return image, seen
+
+
+@pytest.mark.parametrize("method, size, fingerprint", [
+    ("Full", (64, 64), False), ("Approx cheap", (8, 8), False), ("TAESD", (64, 64), True),
+    ("Approx NN", (64, 64), True)])
+def test_server_previews_by_show_progress_type(served, method, size, fingerprint):
+    import httpx
+
+    r = httpx.post(served + "/sdapi/v1/options", json={"show_progress_type": method, "live_previews_enable": True})
+    assert r.status_code == 200, r.text
+    assert httpx.get(served + "/sdapi/v1/options").json()["show_progress_type"] == method
+    image, _ = _preview_during_a_job(served)
+    assert image is not None, "a preview arrives while the job runs"
+    assert image.size == size
+    assert (set(image.convert("RGB").getdata()) == {FINGERPRINT}) is fingerprint
+
+
+def test_server_without_live_previews_sends_none(served):
+    import httpx
+
+    r = httpx.post(served + "/sdapi/v1/options", json={"show_progress_type": "Approx cheap",
+                                                       "live_previews_enable": False})
+    assert r.status_code == 200, r.text
+    try:
+        image, seen = _preview_during_a_job(served, expect_image=False)
+    finally:
+        httpx.post(served + "/sdapi/v1/options", json={"live_previews_enable": True})
+    assert image is None and all(s["current_image"] is None for s in seen)
+    assert len([s for s in seen if s["state"]["sampling_step"] >= 1]) >= 3
 

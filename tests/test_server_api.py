@@ -344,3 +344,47 @@ def test_options_can_be_posted_back_as_read(client, backend):
     r = client.post("/sdapi/v1/options", json=options)
     assert r.status_code == 200, r.text
     assert client.get("/sdapi/v1/options").json()["eta_noise_seed_delta"] == 31337
+
+
+def test_live_preview_options_round_trip_and_reach_the_job(tmp_path):
+    seen = []
+
+    class Recording(FakeBackend):
+        def __call__(self, path):
+            engine = super().__call__(path)
+            real = engine.generate
+
+            def generate(params, **kw):
+                seen.append(params.preview_method)
+                return real(params, **kw)
+
+            engine.generate = generate
+            return engine
+
+    app = create_app(ServerConfig(models_dir=make_models_dir(tmp_path), preload=False), loader=Recording())
+    with TestClient(app, base_url="http://127.0.0.1") as c:
+        options = c.get("/sdapi/v1/options").json()
+        assert (options["show_progress_type"], options["live_previews_enable"]) == ("Approx NN", True)
+        c.post("/sdapi/v1/txt2img", json={"steps": 1, "width": 64, "height": 64})
+        r = c.post("/sdapi/v1/options", json={"show_progress_type": "taesd", "live_previews_enable": False})
+        assert r.status_code == 200, r.text
+        options = c.get("/sdapi/v1/options").json()
+        assert (options["show_progress_type"], options["live_previews_enable"]) == ("TAESD", False)
+        c.post("/sdapi/v1/txt2img", json={"steps": 1, "width": 64, "height": 64})
+        assert c.post("/sdapi/v1/options", json=options).status_code == 200  # posted back as read
+    assert seen == ["Approx NN", "TAESD"]
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"show_progress_type": "Approx fancy"}, "show_progress_type"),
+    ({"show_progress_type": 2}, "show_progress_type"),
+    ({"live_previews_enable": "yes"}, "live_previews_enable"),
+    ({"live_previews_enable": 1}, "live_previews_enable"),
+])
+def test_live_preview_options_refuse_bad_values_without_changing_anything(client, body, field):
+    r = client.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 4, **body})
+    assert r.status_code == 422 and r.json()["field"] == field, r.text
+    assert field in r.json()["detail"] and ("Approx cheap" in r.json()["detail"]) == (field == "show_progress_type")
+    options = client.get("/sdapi/v1/options").json()
+    assert (options["CLIP_stop_at_last_layers"], options["show_progress_type"], options["live_previews_enable"]) == (
+        1, "Approx NN", True)

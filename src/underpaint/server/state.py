@@ -25,6 +25,10 @@ class ServerOptions:
     eta_noise_seed_delta: int = 0
     rng: str = "gpu"
     img2img_fix_steps: bool = False
+    #: A1111's "Live preview method": Full, Approx NN, Approx cheap or TAESD (pipeline/preview.py).
+    show_progress_type: str = "Approx NN"
+    #: False: /progress never makes or returns a preview picture.
+    live_previews_enable: bool = True
 
     def replace(self, **changes) -> "ServerOptions":
         return replace(self, **changes)

@@ -52,7 +52,9 @@ def _work(state: ServerState, prepared: PreparedJob):
         engine = state.slot.engine_for(prepared.model)
         if prepared.keep_model and prepared.model is not None:
             state.slot.selected = prepared.model
-        return engine.generate(prepared.params, progress=job.report, cancel=job.cancel)
+        # The live preview method is the one set when the job starts, as A1111 reads it while sampling.
+        params = prepared.params.replace(preview_method=state.options.show_progress_type)
+        return engine.generate(params, progress=job.report, cancel=job.cancel)
 
     return work
 
@@ -122,10 +124,12 @@ def _response_fields(prepared: PreparedJob, result: Result, job: Job) -> dict:
 
 @router.get("/progress", response_model=ProgressResponse, summary="Progress of the running job")
 async def progress(request: Request, skip_current_image: bool = Query(False)) -> ProgressResponse:
-    job = server_state(request).queue.current
+    state = server_state(request)
+    job = state.queue.current
     if job is None:
         return ProgressResponse(progress=0.0, eta_relative=0.0, state=ProgressState())
-    if not skip_current_image:
+    previews = state.options.live_previews_enable and not skip_current_image
+    if previews:
         job.want_preview = True
     p = job.progress
     job_count = p.job_count if p else job.job_count
@@ -135,14 +139,14 @@ async def progress(request: Request, skip_current_image: bool = Query(False)) ->
     fraction = min(fraction, 1.0)
     elapsed = time.time() - (job.started_at or time.time())
     eta = elapsed / fraction - elapsed if fraction > 0 else 0.0
-    state = ProgressState(
+    progress_state = ProgressState(
         skipped=job.cancel.skipped, interrupted=job.cancel.interrupted, job=_job_label(job),
         job_count=job_count, job_timestamp=job.timestamp, job_no=p.job if p else 0,
         sampling_step=p.step if p else 0, sampling_steps=p.steps if p else 0,
     )
     preview = job.preview
-    current = None if skip_current_image or preview is None else await run_in_threadpool(encode_image, preview)
-    return ProgressResponse(progress=fraction, eta_relative=max(0.0, eta), state=state, current_image=current,
+    current = None if not previews or preview is None else await run_in_threadpool(encode_image, preview)
+    return ProgressResponse(progress=fraction, eta_relative=max(0.0, eta), state=progress_state, current_image=current,
                             textinfo=None if p else "Waiting for the model")
 
 

@@ -190,6 +190,11 @@ class Options(WireModel):
     randn_source: str = Field("GPU", description="Noise source: GPU, CPU or NV.")
     img2img_fix_steps: bool = Field(False, description="img2img runs exactly `steps` whatever the strength.")
     samples_format: str = Field("png", description="Format of returned images (png only).")
+    show_progress_type: str = Field("Approx NN", description=(
+        "Live preview method: Full (the VAE), Approx cheap (a linear map, 1/8 size), TAESD (the tiny "
+        "decoder in the models folder's VAE-approx/), or Approx NN (TAESD when its file is there, else "
+        "Approx cheap)."))
+    live_previews_enable: bool = Field(True, description="Whether /progress makes live previews at all.")
 
 
 class CommandFlags(WireModel):

@@ -13,6 +13,7 @@ from fastapi import APIRouter, Body, Request
 from starlette.concurrency import run_in_threadpool
 
 from ...errors import InvalidParameter
+from ...params import preview_method_name
 from ..jobs import Job
 from ..state import ServerState, server_state
 from .generation import await_job
@@ -50,6 +51,8 @@ def get_options(request: Request) -> Options:
         eta_noise_seed_delta=opts.eta_noise_seed_delta,
         randn_source=_RNG_LABELS[opts.rng],
         img2img_fix_steps=opts.img2img_fix_steps,
+        show_progress_type=opts.show_progress_type,
+        live_previews_enable=opts.live_previews_enable,
     )
 
 
@@ -69,6 +72,12 @@ def _option_changes(body: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(body["img2img_fix_steps"], bool):
             raise InvalidParameter("img2img_fix_steps", body["img2img_fix_steps"], "true or false")
         changes["img2img_fix_steps"] = body["img2img_fix_steps"]
+    if "show_progress_type" in body:
+        changes["show_progress_type"] = preview_method_name(body["show_progress_type"], "show_progress_type")
+    if "live_previews_enable" in body:
+        if not isinstance(body["live_previews_enable"], bool):
+            raise InvalidParameter("live_previews_enable", body["live_previews_enable"], "true or false")
+        changes["live_previews_enable"] = body["live_previews_enable"]
     if body.get("sd_vae") not in (None, "Automatic", "None"):
         raise InvalidParameter("sd_vae", body["sd_vae"], "'Automatic' (choosing a VAE is not available yet)")
     if body.get("samples_format") not in (None, "png", "PNG"):
