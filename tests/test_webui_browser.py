@@ -476,6 +476,44 @@ def test_controlnet_units_preview_and_errors(context, server, photo_file):
     page.close()
 
 
+def test_controlnet_union_control_type(context, server, photo_file):
+    """Each unit offers the union control type ("Automatic" first, then the extension's values); a chosen one
+    is sent as union_control_type, and an error on that field lands on the unit's select."""
+    page = context.new_page()
+    sent: list[dict] = []
+    page.route("**/controlnet/module_list*", lambda r: r.fulfill(
+        json={"module_list": ["none", "canny"], "module_detail": {"none": {"sliders": []}}}))
+    page.route("**/controlnet/model_list*", lambda r: r.fulfill(json={"model_list": ["union-promax [abc12345]"]}))
+
+    def refuse_type(route):
+        sent.append(json.loads(route.request.post_data))
+        field = "alwayson_scripts.controlnet.args[0].union_control_type"
+        route.fulfill(status=422, json={"error": "invalid_parameter", "field": field,
+                                         "detail": f"{field}: got None, expected the control type of the ready-made map"})
+
+    page.route("**/sdapi/v1/img2img", refuse_type)
+    page.goto(server + "/")
+    page.wait_for_selector("body[data-ready=true]")
+    page.locator("#controlnet-section summary").click()
+    unit = page.locator(".cn-unit").nth(0)
+    unit.locator(".cn-enabled").check()
+    unit.get_by_label("Model").select_option("union-promax [abc12345]")
+    control_type = unit.get_by_label("Control Type")
+    options = control_type.locator("option").all_inner_texts()
+    assert options[0] == "Automatic" and control_type.input_value() == ""
+    assert options[1:9] == ["OpenPose", "Depth", "Soft Edge", "Hard Edge", "Normal Map", "Segmentation", "Tile", "Inpaint"]
+    page.set_input_files("#img2img-file", str(photo_file))
+    page.click("#generate")
+    expect(unit.locator(".field:has(.cn-union-type) .field-error")).to_contain_text("ready-made map")
+    assert "union_control_type" not in sent[0]["alwayson_scripts"]["controlnet"]["args"][0]  # Automatic: not sent
+
+    control_type.select_option("Hard Edge")
+    page.click("#generate")
+    expect(page.locator(".field-error")).to_have_count(1)
+    assert sent[1]["alwayson_scripts"]["controlnet"]["args"][0]["union_control_type"] == "Hard Edge"
+    page.close()
+
+
 def test_controlnet_hidden_without_models(page):
     expect(page.locator("#controlnet-section")).to_be_hidden()
 

@@ -7,6 +7,9 @@ import { ImageInput, pngDataUrl, stripDataUrl } from "./images.js";
 
 const CONTROL_MODES = ["Balanced", "My prompt is more important", "ControlNet is more important"];
 const RESIZE_MODES = ["Just Resize", "Crop and Resize", "Resize and Fill"];
+/** The extension's union_control_type values (xinsir's SDXL order), then the FLUX union models' own. */
+const UNION_TYPES = ["OpenPose", "Depth", "Soft Edge", "Hard Edge", "Normal Map", "Segmentation", "Tile", "Inpaint",
+  "Blur", "Gray", "Low Quality"];
 const BASE_SLIDERS = [
   { key: "weight", name: "Control Weight", min: 0, max: 2, step: 0.05, value: 1 },
   { key: "guidance_start", name: "Starting Control Step", min: 0, max: 1, step: 0.01, value: 0 },
@@ -40,7 +43,7 @@ class Unit {
     this.root = section.template.content.firstElementChild.cloneNode(true);
     const r = this.root;
     $(".cn-enabled", r).checked = enabled;
-    for (const [cls, key] of [["cn-module", "module"], ["cn-model", "model"]]) {
+    for (const [cls, key] of [["cn-module", "module"], ["cn-model", "model"], ["cn-union-type", "union-type"]]) {
       $(`.${cls}`, r).id = `cn-${this.id}-${key}`;
       $(`.${cls}-label`, r).htmlFor = `cn-${this.id}-${key}`;
     }
@@ -50,6 +53,8 @@ class Unit {
     this.image = new ImageInput({ zone: $(".cn-drop", r), fileInput: $(".cn-file", r), preview: $(".cn-preview", r) });
     radios($('[data-key="control_mode"]', r), `cn-${this.id}-control-mode`, CONTROL_MODES, CONTROL_MODES[0]);
     radios($('[data-key="resize_mode"]', r), `cn-${this.id}-resize-mode`, RESIZE_MODES, RESIZE_MODES[1]);
+    // The model list does not say which models are union ones, so the choice is always offered.
+    fillSelect($(".cn-union-type", r), [{ value: "", label: "Automatic" }, ...UNION_TYPES.map((value) => ({ value }))], "");
     $(".cn-sliders", r).append(...BASE_SLIDERS.map((s) => slider(this.id, s)));
     $(".cn-remove", r).addEventListener("click", () => section.remove(this));
     $(".cn-detect", r).addEventListener("click", () => this.detect());
@@ -93,6 +98,7 @@ class Unit {
   }
 
   toArg() {
+    const unionType = $(".cn-union-type", this.root).value;
     return {
       enabled: true,
       image: this.image.dataUrl ? stripDataUrl(this.image.dataUrl) : null,
@@ -107,6 +113,7 @@ class Unit {
       pixel_perfect: $(".cn-pixel-perfect", this.root).checked,
       control_mode: radioValue(this.root, `cn-${this.id}-control-mode`),
       resize_mode: radioValue(this.root, `cn-${this.id}-resize-mode`),
+      ...(unionType ? { union_control_type: unionType } : {}),
     };
   }
 
