@@ -55,7 +55,7 @@ KIND_TYPES: Mapping[str, str] = {
 
 _AUTOMATIC = ("", "unknown", "auto", "automatic")
 _ALIASES: Mapping[str, str] = {
-    **{k: v for k, v in KIND_TYPES.items()},
+    **KIND_TYPES,
     "pose": OPENPOSE, "normalmap": NORMAL_MAP, "segment": SEGMENTATION, "repaint": INPAINT, "grey": GRAY,
     "lq": LOW_QUALITY, "lowquality": LOW_QUALITY,
 }
