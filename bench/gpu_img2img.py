@@ -22,9 +22,10 @@ FluxImg2ImgPipeline on the same transformer, T5, CLIP-L and VAE objects. Their p
 checked against diffusers' (same seed and noise; diffusers made to take the VAE posterior's
 mean, as underpaint does).
 
-``--optimize`` applies module transforms (channels-last, fused QKV, torch.compile) to
-underpaint's model for one extra row, and checks that its pictures equal the plain run's
-within fp16 tolerance. They are stand-ins until the engine has switches of its own.
+``--optimize`` (and ``--attention``) turns on the engine's speed switches
+(underpaint.models.optimize: channels_last, fused_qkv, compile, cuda_graphs; the attention
+kernel) for one extra underpaint row, and checks that its pictures equal the plain run's
+within fp16 tolerance.
 """
 
 from __future__ import annotations
@@ -205,6 +206,16 @@ class Settings:
     flux: str = ""
     #: underpaint's memory mode for an extra row (``--vram``); "high" adds none.
     vram: str = "high"
+    #: The attention kernel for the optimized row (``--attention``; "auto": PyTorch's choice).
+    attention: str = "auto"
+
+    @property
+    def speed(self):
+        """The engine's speed switches for the optimized row."""
+        from underpaint.models.optimize import SpeedOptions
+
+        return SpeedOptions.parse(self.optimize, attention=self.attention,
+                                  compile_mode=None if self.compile_mode == "default" else self.compile_mode)
 
     @property
     def recipe(self) -> str:
@@ -489,41 +500,22 @@ def diffusers_runner(pipe, case: Case, settings: Settings) -> Callable[[], list]
     return run
 
 
-# --- optimizations (module transforms, toggled by --optimize) -------------------------------------
+# --- optimizations (the engine's speed switches, toggled by --optimize / --attention) -------------
 
-
-def _channels_last(model, settings: Settings) -> Callable[[], None]:
-    model.unet.to(memory_format=torch.channels_last)
-    return lambda: model.unet.to(memory_format=torch.contiguous_format)
-
-
-def _fused_qkv(model, settings: Settings) -> Callable[[], None]:
-    model.unet.fuse_qkv_projections()
-    return model.unet.unfuse_qkv_projections
-
-
-def _compile(model, settings: Settings) -> Callable[[], None]:
-    plain = model.unet
-    model.unet = torch.compile(plain, mode=settings.compile_mode)
-
-    def undo() -> None:
-        model.unet = plain
-
-    return undo
-
-
-#: name → transform(model, settings) -> undo. Applied in the order given on the command line.
-OPTIMIZATIONS: dict[str, Callable] = {"channels_last": _channels_last, "fused_qkv": _fused_qkv, "compile": _compile}
+#: The names ``--optimize`` takes: the engine's own.
+OPTIMIZATIONS = ("channels_last", "fused_qkv", "compile", "cuda_graphs")
 
 
 @contextmanager
 def optimized(model, settings: Settings) -> Iterator[None]:
-    undo = [OPTIMIZATIONS[name](model, settings) for name in settings.optimize]
+    """The switches on for the block, the model as built after it (the diffusers rows share it)."""
+    from underpaint.models.optimize import apply, undo
+
+    apply(model, settings.speed)
     try:
         yield
     finally:
-        for step in reversed(undo):
-            step()
+        undo(model)
 
 
 @contextmanager
@@ -740,8 +732,8 @@ def run_case(case: Case, comps: Components, settings: Settings) -> tuple[list[Me
     if settings.flux:
         checks.append(witness(case, settings, plain_out, eager_out))
         _log(f"  output check: {asdict(checks[-1])}")
-    if settings.optimize:
-        names = "+".join(settings.optimize)
+    if settings.speed.describe() != "none":
+        names = "+".join(settings.speed.describe().split(","))
         with optimized(model, settings):
             [(fast, fast_out)] = measure([Runner(f"underpaint+{names}", underpaint_runner(model, case, settings),
                                                  lambda: model.unet)], case, settings)
@@ -832,8 +824,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="auto", choices=["auto", "fp16", "bf16", "fp32"],
                    help="auto: fp16 on CUDA (bf16 for FLUX), fp32 on CPU")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 with --tiny)")
-    p.add_argument("--optimize", default="", help="comma-separated module transforms for an extra underpaint row: "
+    p.add_argument("--optimize", default="", help="comma-separated speed switches for an extra underpaint row: "
                    + ", ".join(OPTIMIZATIONS))
+    p.add_argument("--attention", default="auto", choices=["auto", "flash", "efficient", "cudnn", "math"],
+                   help="attention kernel for the optimized row (adds the row by itself when not auto)")
     p.add_argument("--vram", default="high", choices=["high", "medium", "low"],
                    help="add an underpaint row in this memory mode, run alone (its peak VRAM shows the mode's effect)")
     p.add_argument("--compile-diffusers", action="store_true", help="add a diffusers + torch.compile row")
@@ -859,7 +853,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         raise SystemExit(f"--optimize: unknown {', '.join(unknown)}; expected {', '.join(OPTIMIZATIONS)}")
     s = Settings(device, dtype, _given(args.steps, SD_STEPS), _given(args.strength, SD_STRENGTH),
                  _given(args.cfg, SD_CFG), args.runs, args.warmup, optimize, args.compile_diffusers, args.compile_mode,
-                 vram=args.vram)
+                 vram=args.vram, attention=args.attention)
     _check_steps(s, args)
     return s
 
@@ -957,7 +951,8 @@ def _settings_json(settings: Settings, args: argparse.Namespace) -> dict:
     return dict(tiny=args.tiny, device=str(settings.device), dtype=str(settings.dtype).removeprefix("torch."),
                 steps=settings.steps, strength=settings.strength, steps_run=settings.steps_run,
                 underpaint_strength=settings.underpaint_strength, cfg=settings.cfg, runs=settings.runs,
-                warmup=settings.warmup, optimize=list(settings.optimize), compile_diffusers=settings.compile_diffusers,
+                warmup=settings.warmup, optimize=list(settings.optimize), attention=settings.attention,
+                compile_diffusers=settings.compile_diffusers,
                 compile_mode=settings.compile_mode, fp16_vae=args.fp16_vae, stub_unet=args.stub_unet, vram=settings.vram,
                 guidance=settings.guidance,
                 sampler=("Euler/Simple (diffusers: FlowMatchEulerDiscreteScheduler)" if settings.flux else

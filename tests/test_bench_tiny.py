@@ -43,7 +43,7 @@ def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "results.json"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, str(SCRIPT), "--tiny", "--cases", "sd15", "--runs", "2", "--warmup", "0",
-           "--optimize", "channels_last,fused_qkv", "--json", str(out)]
+           "--optimize", "channels_last,fused_qkv", "--attention", "math", "--json", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc.stdout, json.loads(out.read_text())
@@ -68,7 +68,7 @@ def test_table_is_printed_last(tiny_run):
     header = [cell.strip() for cell in lines[-len(rows) - 2].strip("|").split("|")]
     assert header == HEADER
     runners = [row.split("|")[2].strip() for row in rows]
-    assert runners == ["underpaint", "underpaint+channels_last+fused_qkv", "diffusers"]
+    assert runners == ["underpaint", "underpaint+channels_last+fused_qkv+attention=math", "diffusers"]
     assert all(len(row.strip("|").split("|")) == len(HEADER) for row in rows)
 
 
@@ -77,7 +77,7 @@ def test_json_results(tiny_run):
     assert data["settings"]["steps_run"] == 19 and data["settings"]["dtype"] == "float32"
     assert {"device", "torch", "diffusers", "date"} <= data["machine"].keys()
     results = {r["runner"]: r for r in data["results"]}
-    assert set(results) == {"underpaint", "underpaint+channels_last+fused_qkv", "diffusers"}
+    assert set(results) == {"underpaint", "underpaint+channels_last+fused_qkv+attention=math", "diffusers"}
     for r in results.values():
         assert len(r["latencies_s"]) == 2 and r["latency_s"] > 0 and r["first_call_s"] > 0
         assert r["images_per_s"] == pytest.approx(1 / r["latency_s"])
@@ -92,7 +92,7 @@ def test_json_results(tiny_run):
 def test_optimized_output_equals_plain(tiny_run):
     _, data = tiny_run
     (check,) = data["checks"]
-    assert check["passed"] and check["optimizations"] == "channels_last+fused_qkv"
+    assert check["passed"] and check["optimizations"] == "channels_last+fused_qkv+attention=math"
     assert check["mean_abs"] <= 0.05  # fp32 on the CPU: only summation order changes
 
 

@@ -98,6 +98,11 @@ def _add_generation_args(p: argparse.ArgumentParser, *, img2img: bool) -> None:
                    help="GPU memory mode: high keeps everything on the GPU (default); medium keeps the text "
                         "encoders and VAE in RAM until they run; low also moves the UNet to the GPU block by block "
                         "and decodes in tiles (slowest, least memory)")
+    m.add_argument("--optimize", default=None, metavar="LIST",
+                   help="speed switches, comma-separated: channels_last, fused_qkv, compile (torch.compile, "
+                        "kernels cached on disk), cuda_graphs (CUDA only); none by default")
+    m.add_argument("--attention", default="auto", choices=("auto", "flash", "efficient", "cudnn", "math"),
+                   help="attention kernel for the UNet/transformer (default auto: PyTorch picks per shape)")
 
     from .control import add_control_arguments
 
@@ -219,7 +224,8 @@ def _load_engine(args: argparse.Namespace):
     return Engine.load(_checkpoint(args, folder), models_dir=folder.root, device=args.device,
                        dtype=args.dtype, vae=args.vae, prediction=args.prediction,
                        clip_l=getattr(args, "clip_l", None), t5=getattr(args, "t5", None),
-                       vram=getattr(args, "vram", "high"))
+                       vram=getattr(args, "vram", "high"), optimize=getattr(args, "optimize", None),
+                       attention=getattr(args, "attention", None))
 
 
 def _checkpoint(args: argparse.Namespace, folder) -> Path:

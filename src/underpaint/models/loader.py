@@ -48,6 +48,8 @@ class LoadedModel:
     vae_path: Path | None = field(default=None)
     #: Where the parts are kept between uses (``--vram``; models/offload.py); None: all on ``device``.
     offload: Any = field(default=None, repr=False)
+    #: The speed switches applied (``--optimize``; models/optimize.py); None: none.
+    speed: Any = field(default=None, repr=False)
 
     @cached_property
     def short_hash(self) -> str | None:

@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from ..models.optimize import attention_for
 from ..prompts.encoder import Conditioning
 from ..sampling.denoisers import cfg_denoiser, eps_denoiser, lcm_denoiser, v_denoiser
 from ..sampling.names import sampler_info
@@ -36,16 +37,17 @@ def unet_fn(model, conds: CondSchedule, control=None) -> Callable[[torch.Tensor,
             is_prompt = control.prompt_rows(cond, x_in.shape[0], device=x_in.device)
             down, mid = control.residuals(x_in.to(dtype), t.to(x_in.device), cond.cross_attn.to(dtype), extra, is_prompt)
             intra = control.intrablock(x_in.shape[0], is_prompt)  # T2I-Adapter features
-        out = unet(
-            x_in.to(dtype),
-            t.to(x_in.device),
-            encoder_hidden_states=cond.cross_attn.to(dtype),
-            added_cond_kwargs=extra,
-            down_block_additional_residuals=down,
-            mid_block_additional_residual=mid,
-            down_intrablock_additional_residuals=intra,
-            return_dict=False,
-        )[0]
+        with attention_for(model):
+            out = unet(
+                x_in.to(dtype),
+                t.to(x_in.device),
+                encoder_hidden_states=cond.cross_attn.to(dtype),
+                added_cond_kwargs=extra,
+                down_block_additional_residuals=down,
+                mid_block_additional_residual=mid,
+                down_intrablock_additional_residuals=intra,
+                return_dict=False,
+            )[0]
         return out.float()
 
     return call

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 
     from ..errors import OutOfMemory
     from ..models.loader import LoadedModel
+    from ..models.optimize import SpeedOptions
 
 
 class Engine:
@@ -44,6 +45,8 @@ class Engine:
         clip_l: str | Path | None = None,
         t5: str | Path | None = None,
         vram: str = "high",
+        optimize: "str | SpeedOptions | None" = None,
+        attention: str | None = None,
     ) -> "Engine":
         """Load a checkpoint by path or by name from the models folder; never touches the network.
 
@@ -52,13 +55,19 @@ class Engine:
         ``vram`` is the memory mode (high, medium or low; see :mod:`underpaint.models.offload`):
         below high the weights are read into host memory and only the parts the mode keeps
         on the device go there.
+        ``optimize`` (``"channels_last,fused_qkv,compile,cuda_graphs"``, any of them, or a
+        :class:`~underpaint.models.optimize.SpeedOptions`) and ``attention`` (auto, flash,
+        efficient, cudnn, math) are the speed switches of :mod:`underpaint.models.optimize`;
+        none is on by default.
         """
         from ..models.device import pick_placement
         from ..models.loader import load_model
         from ..models.offload import check_vram, place
+        from ..models.optimize import SpeedOptions, apply, check
         from ..models.registry import ModelsDir, default_models_dir
 
         vram = check_vram(vram)
+        speed = optimize if isinstance(optimize, SpeedOptions) else SpeedOptions.parse(optimize, attention=attention)
         folder = ModelsDir(Path(models_dir) if models_dir else default_models_dir())
         path = folder.resolve_checkpoint(str(model))
         vae_path = folder.resolve_vae(str(vae)) if vae else None
@@ -73,10 +82,13 @@ class Engine:
             found = _flux_companions(path, folder, given={**encoders, "vae": vae_path})
             encoders.update({k: v for k, v in found.items() if k != "vae"})
             vae_path = found.get("vae", vae_path)
+        check(speed, device=placement.device, vram=vram)  # before the slow part
         load_to = placement.device if vram == "high" else "cpu"
         loaded = load_model(path, device=load_to, dtype=placement.dtype, vae=vae_path, prediction=prediction,
                             **encoders)
         place(loaded, vram, device=placement.device)
+        if speed != SpeedOptions():
+            apply(loaded, speed)
         return cls(loaded, models_dir=folder)
 
     @property

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 import torch
 
+from ..models.optimize import attention_for
 from ..params import GenerationParams
 from ..prompts.parser import extract_extra_networks, parse_attention, prompt_schedule
 from ..sampling.denoisers import cfg_denoiser
@@ -213,18 +214,19 @@ def transformer_fn(model, guidance: float | None, *, extra_channels: torch.Tenso
         blocks = singles = None
         if control is not None:
             blocks, singles = control.residuals(latent_tokens, sigma, cond, img_ids, txt_ids, guidance, dtype)
-        out = transformer(
-            hidden_states=tokens.to(dtype),
-            encoder_hidden_states=cond.t5.to(x.device, dtype),
-            pooled_projections=cond.pooled.to(x.device, dtype),
-            timestep=sigma.to(dtype),
-            img_ids=img_ids,
-            txt_ids=txt_ids,
-            guidance=g,
-            controlnet_block_samples=blocks,
-            controlnet_single_block_samples=singles,
-            return_dict=False,
-        )[0]
+        with attention_for(model):
+            out = transformer(
+                hidden_states=tokens.to(dtype),
+                encoder_hidden_states=cond.t5.to(x.device, dtype),
+                pooled_projections=cond.pooled.to(x.device, dtype),
+                timestep=sigma.to(dtype),
+                img_ids=img_ids,
+                txt_ids=txt_ids,
+                guidance=g,
+                controlnet_block_samples=blocks,
+                controlnet_single_block_samples=singles,
+                return_dict=False,
+            )[0]
         return unpack(out.float(), h, w)
 
     return call

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ..models.lora import (LoraCache, LoraNetwork, LoraPatcher, LoraRequest, ModuleIndex, lora_short_hash,
                            resolve_lora)
+from ..models.optimize import weights_changed
 from ..params import GenerationParams
 from ..prompts.embeddings import EMBEDDING_SUFFIXES, Embedding, load_embedding
 from ..prompts.parser import extract_extra_networks, prompt_schedule, split_and
@@ -222,6 +223,11 @@ def request_networks(model, params: GenerationParams, *, encoder=None) -> Iterat
     patcher = network_state(model).patcher
     try:
         patcher.apply(loaded)
+        if patcher.active:
+            weights_changed(model)
         yield ActiveNetworks(tuple(r for _, r in loaded), tuple(entries))
     finally:
+        merged = patcher.active
         patcher.restore()
+        if merged:
+            weights_changed(model)

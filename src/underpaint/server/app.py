@@ -39,7 +39,7 @@ def engine_loader(config: ServerConfig) -> EngineLoader:
         from ..pipeline.engine import Engine
 
         return Engine.load(path, models_dir=config.models_dir, device=config.device, dtype=config.dtype,
-                           vram=config.vram)
+                           vram=config.vram, optimize=config.optimize, attention=config.attention)
 
     return load
 

@@ -44,6 +44,11 @@ def add_serve_command(sub) -> argparse.ArgumentParser:
     model.add_argument("--vram", choices=("high", "medium", "low"), default="high",
                        help="GPU memory mode: high (all on the GPU, default), medium (text encoders and VAE in RAM "
                             "until they run), low (also the UNet block by block, tiled VAE)")
+    model.add_argument("--optimize", default="", metavar="LIST",
+                       help="speed switches, comma-separated: channels_last, fused_qkv, compile, cuda_graphs "
+                            "(CUDA only); none by default")
+    model.add_argument("--attention", default="auto", choices=("auto", "flash", "efficient", "cudnn", "math"),
+                       help="attention kernel for the UNet/transformer (default auto)")
 
     lim = p.add_argument_group("limits")
     defaults = Limits()
@@ -75,7 +80,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     )
     return ServerConfig(
         models_dir=Path(args.models_dir).expanduser() if args.models_dir else None,
-        model=args.model, device=args.device, dtype=args.dtype, vram=getattr(args, "vram", "high"), host=host,
+        model=args.model, device=args.device, dtype=args.dtype, vram=getattr(args, "vram", "high"),
+        optimize=getattr(args, "optimize", "") or "", attention=getattr(args, "attention", "auto"), host=host,
         port=args.port,
         api_auth=parse_api_auth(auth_text) if auth_text else (),
         cors_allow_origins=_split(args.cors_allow_origins), allowed_hosts=_split(args.allowed_hosts),

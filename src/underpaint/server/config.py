@@ -49,6 +49,9 @@ class ServerConfig:
     dtype: str | None = None
     #: GPU memory mode for loaded checkpoints: high, medium or low (models/offload.py).
     vram: str = "high"
+    #: Speed switches for loaded checkpoints (``--optimize``, ``--attention``; models/optimize.py).
+    optimize: str = ""
+    attention: str = "auto"
     host: str = "127.0.0.1"
     port: int = 7860
     api_auth: tuple[Credential, ...] = ()
@@ -69,6 +72,9 @@ class ServerConfig:
             raise InvalidParameter("queue_size", self.queue_size, "0 or more waiting jobs")
         if self.vram not in ("high", "medium", "low"):
             raise InvalidParameter("vram", self.vram, "high, medium or low")
+        from ..models.optimize import SpeedOptions
+
+        SpeedOptions.parse(self.optimize, attention=self.attention)  # names checked at start, not at first load
 
     @property
     def is_loopback(self) -> bool:

@@ -1,0 +1,298 @@
+"""Speed switches (``--optimize``, ``--attention``): transforms of a loaded model that change how
+fast it runs, not what it computes.
+
+* ``channels_last``: the UNet's and the VAE's weights in NHWC order, which cuDNN's fp16/bf16
+  convolutions prefer on recent GPUs (the pictures are the same to within rounding).
+* ``fused_qkv``: each self-attention's query, key and value projections as one matrix product
+  (cross-attention: key and value), through diffusers' fused projections. The separate weights
+  stay where they are, because LoRAs are merged into them; :func:`weights_changed` copies them
+  into the fused ones after every merge and restore.
+* ``compile``: ``torch.compile`` of the ``forward`` of the UNet (FLUX: the transformer) and of
+  the VAE's encoder and decoder, in place, so every name, hook and weight stays where the rest
+  of the engine finds it. Compiled kernels are cached on disk (:func:`compile_cache_dir`),
+  so a restart with the same architecture, dtype and picture sizes skips code generation; weights
+  are inputs of the compiled graph, so a LoRA merged in place or another checkpoint of the same
+  architecture reuses it.
+* ``cuda_graphs``: ``compile`` in its ``reduce-overhead`` mode for the UNet/transformer: each
+  denoising step is replayed as one recorded CUDA graph, without a kernel launch per layer
+  (CUDA only; weights changed in place by a LoRA are read by the replay, since the graph holds
+  their addresses, not their values).
+* ``--attention auto|flash|efficient|cudnn|math``: the scaled-dot-product attention kernel the
+  UNet/transformer uses (``auto`` lets PyTorch choose per shape); chosen around each model call
+  with :func:`attention`, so it also holds while ``compile`` traces.
+
+None is on by default: each is a measured choice (docs/performance.md). They apply to the model
+that generates; ControlNets, adapters and the text encoders are left as loaded. ``fused_qkv`` is
+refused below ``--vram high`` (its extra weights would travel with every offloaded block), and
+``compile``/``cuda_graphs`` with ``--vram low`` (the block-by-block hooks move weights inside
+the compiled region).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import InvalidParameter
+
+#: ``--optimize`` names, in the order they are applied.
+OPTIMIZATIONS = ("channels_last", "fused_qkv", "compile", "cuda_graphs")
+ATTENTION_BACKENDS = ("auto", "flash", "efficient", "cudnn", "math")
+_CUDA_ONLY_ATTENTION = ("efficient", "cudnn")
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True)
+class SpeedOptions:
+    """Which switches are on. ``compile_backend``/``compile_mode`` are passed to ``torch.compile``
+    (tests use the ``aot_eager`` backend, which needs no C++ or Triton compiler)."""
+
+    channels_last: bool = False
+    fused_qkv: bool = False
+    compile: bool = False
+    cuda_graphs: bool = False
+    attention: str = "auto"
+    compile_backend: str = "inductor"
+    compile_mode: str | None = None
+
+    @classmethod
+    def parse(cls, names: str | Iterable[str] | None = None, *, attention: str | None = None,
+              **extra: Any) -> "SpeedOptions":
+        """From ``--optimize`` (comma-separated names, or ``none``) and ``--attention``."""
+        if names is None:
+            items: list[str] = []
+        elif isinstance(names, str):
+            items = [n.strip().lower().replace("-", "_") for n in names.split(",") if n.strip()]
+        else:
+            items = [str(n).strip().lower().replace("-", "_") for n in names]
+        items = [n for n in items if n != "none"]
+        unknown = [n for n in items if n not in OPTIMIZATIONS]
+        if unknown:
+            raise InvalidParameter("optimize", ",".join(unknown), "a comma-separated list of " + ", ".join(OPTIMIZATIONS)
+                                   + " (or none)")
+        backend = "auto" if attention in (None, "") else str(attention).lower()
+        if backend not in ATTENTION_BACKENDS:
+            raise InvalidParameter("attention", attention, ", ".join(ATTENTION_BACKENDS))
+        return cls(**{name: True for name in items}, attention=backend, **extra)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(name for name in OPTIMIZATIONS if getattr(self, name))
+
+    @property
+    def compiles(self) -> bool:
+        return self.compile or self.cuda_graphs
+
+    def describe(self) -> str:
+        """``channels_last,compile`` plus ``attention=flash`` when not auto; ``none`` when nothing is on."""
+        parts = list(self.names) + ([f"attention={self.attention}"] if self.attention != "auto" else [])
+        return ",".join(parts) or "none"
+
+
+def speed_of(model: Any) -> SpeedOptions:
+    """The switches applied to ``model`` (all off for a model never optimized)."""
+    return getattr(model, "speed", None) or SpeedOptions()
+
+
+def check(options: SpeedOptions, *, device: torch.device, vram: str = "high") -> None:
+    """Refuse a combination that cannot run here, naming the switch and what it needs."""
+    import torch
+
+    cuda = torch.device(device).type == "cuda"
+    if options.cuda_graphs and not cuda:
+        raise InvalidParameter("optimize", "cuda_graphs", f"a CUDA device (this model runs on {device})")
+    if options.attention in _CUDA_ONLY_ATTENTION and not cuda:
+        raise InvalidParameter("attention", options.attention, f"auto, flash or math on {device} "
+                               f"({options.attention} kernels exist for CUDA only)")
+    if options.fused_qkv and vram != "high":
+        raise InvalidParameter("optimize", "fused_qkv", "--vram high (the fused weights would be offloaded too)")
+    if options.compiles and vram == "low":
+        name = "cuda_graphs" if options.cuda_graphs else "compile"
+        raise InvalidParameter("optimize", name, "--vram high or medium (low moves weights inside the compiled model)")
+
+
+def apply(model: Any, options: SpeedOptions) -> SpeedOptions:
+    """Switch ``model`` (a LoadedModel, placed) to ``options``, undoing what was on before."""
+    import torch
+
+    from .offload import offload_of
+
+    plan = offload_of(model)
+    check(options, device=model.device, vram=plan.mode if plan is not None else "high")
+    undo(model)
+    model.speed = options
+    if options.channels_last:
+        for module in _conv_modules(model):
+            module.to(memory_format=torch.channels_last)
+    if options.fused_qkv:
+        _fuse(model.unet)
+    if options.compiles:
+        compile_cache_dir()
+        unet_mode = options.compile_mode or ("reduce-overhead" if options.cuda_graphs else None)
+        _compile_forward(model.unet, backend=options.compile_backend, mode=unet_mode)
+        for part in _vae_parts(model):
+            # The VAE runs once or twice per request, often at another size: no CUDA graphs for it.
+            _compile_forward(part, backend=options.compile_backend,
+                             mode=None if options.compile_mode == "reduce-overhead" else options.compile_mode)
+    return options
+
+
+def undo(model: Any) -> None:
+    """Back to the model as loaded (compiled code dropped, weights contiguous, projections unfused)."""
+    import torch
+
+    options = getattr(model, "speed", None)
+    if options is None:
+        return
+    if options.compiles:
+        for module in (model.unet, *_vae_parts(model)):
+            module.__dict__.pop("forward", None)
+    if options.fused_qkv:
+        _unfuse(model.unet)
+    if options.channels_last:
+        for module in _conv_modules(model):
+            module.to(memory_format=torch.contiguous_format)
+    model.speed = None
+
+
+def weights_changed(model: Any) -> None:
+    """Call after weights were written in place (a LoRA merged or restored): refresh what is derived
+    from them (the fused projections)."""
+    if speed_of(model).fused_qkv:
+        _refresh_fused(model.unet)
+
+
+@contextmanager
+def attention(model: Any) -> Iterator[None]:
+    """The model's attention backend around one call of its UNet/transformer."""
+    backend = speed_of(model).attention
+    if backend == "auto":
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    kernel = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+              "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[backend]
+    with sdpa_kernel([kernel]):
+        yield
+
+
+def attention_for(model: Any):
+    """:func:`attention`, or a no-op context for a model without a speed setting (cheaper per step)."""
+    return attention(model) if speed_of(model).attention != "auto" else nullcontext()
+
+
+def compile_cache_dir() -> Path:
+    """Where compiled kernels persist between runs: ``$TORCHINDUCTOR_CACHE_DIR`` when set, else
+    ``$XDG_CACHE_HOME/underpaint/torch-compile`` (instead of a temporary folder that a reboot empties)."""
+    given = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if given and not _is_torch_default(given):  # importing torch may have filled in its own default
+        return Path(given)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    path = Path(base) / "underpaint" / "torch-compile"
+    path.mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
+    return path
+
+
+def is_compiled(module: Any) -> bool:
+    return "forward" in getattr(module, "__dict__", {})
+
+
+def _compile_forward(module: torch.nn.Module, **options: Any) -> None:
+    """Compile the module's ``forward`` in place. Unlike ``module.compile()``, hooks registered on
+    the module itself (timing, offload) run outside the compiled region and cannot break it."""
+    import torch
+
+    module.forward = torch.compile(module.forward, **options)
+
+
+def _is_torch_default(path: str) -> bool:
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    except ImportError:  # another torch layout: trust the variable
+        return False
+    return os.path.abspath(path) == os.path.abspath(default_cache_dir())
+
+
+# --- parts ------------------------------------------------------------------------------------
+
+
+def _vae_parts(model: Any) -> list[torch.nn.Module]:
+    vae = model.vae
+    return [part for part in (getattr(vae, "encoder", None), getattr(vae, "decoder", None)) if part is not None]
+
+
+def _conv_modules(model: Any) -> list[torch.nn.Module]:
+    """The modules whose 4-D weights channels-last reorders (FLUX's transformer has none: only its VAE)."""
+    return [model.unet, model.vae]
+
+
+# --- fused projections ------------------------------------------------------------------------
+
+_FUSED = {"to_qkv": ("to_q", "to_k", "to_v"), "to_kv": ("to_k", "to_v"),
+          "to_added_qkv": ("add_q_proj", "add_k_proj", "add_v_proj")}
+
+
+def _fusable(module: torch.nn.Module) -> bool:
+    """An attention layer whose projections are plain linear layers (not compressed fp8/GGUF ones)."""
+    import torch
+
+    if not hasattr(module, "fuse_projections") or not getattr(module, "_supports_qkv_fusion", True):
+        return False
+    names = ("to_k", "to_v") if getattr(module, "is_cross_attention", False) else ("to_q", "to_k", "to_v")
+    return all(type(getattr(module, n, None)) is torch.nn.Linear for n in names)
+
+
+def _fuse(root: torch.nn.Module) -> None:
+    import torch
+    from diffusers.models.attention_processor import Attention, FusedAttnProcessor2_0
+
+    layers = [m for m in root.modules() if _fusable(m)]
+    with torch.no_grad():
+        for layer in layers:
+            if isinstance(layer, Attention):  # UNet attention: fused weights plus the fused processor
+                layer.original_processor = layer.processor
+                layer.fuse_projections(fuse=True)
+                layer.set_processor(FusedAttnProcessor2_0())
+            else:  # FLUX's attention reads the flag in its own processor
+                layer.fuse_projections()
+
+
+def _unfuse(root: torch.nn.Module) -> None:
+    for layer in root.modules():
+        if not getattr(layer, "fused_projections", False):
+            continue
+        original = getattr(layer, "original_processor", None)
+        if original is not None:
+            layer.set_processor(original)
+            del layer.original_processor
+        for name in _FUSED:
+            if hasattr(layer, name):
+                delattr(layer, name)
+        layer.fused_projections = False
+
+
+def _refresh_fused(root: torch.nn.Module) -> None:
+    """Copy the separate projections into the fused ones, in place (compiled code and CUDA graphs
+    keep pointing at the same storage)."""
+    import torch
+
+    with torch.no_grad():
+        for layer in root.modules():
+            if not getattr(layer, "fused_projections", False):
+                continue
+            for fused_name, parts in _FUSED.items():
+                fused = getattr(layer, fused_name, None)
+                if fused is None:
+                    continue
+                sources = [getattr(layer, p) for p in parts]
+                fused.weight.copy_(torch.cat([s.weight for s in sources]))
+                if fused.bias is not None:
+                    fused.bias.copy_(torch.cat([s.bias for s in sources]))
