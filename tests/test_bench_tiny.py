@@ -234,3 +234,21 @@ def test_sampling_loop_has_no_per_step_host_device_traffic():
     short, long = Counter(_sdxl_like_run(2)), Counter(_sdxl_like_run(12))
     assert short == long, (short, long)
     assert sum(long.values()) <= 6, long
+
+
+def test_first_image_after_restart(tmp_path):
+    """bench/first_image.py: two fresh processes, the second with the first one's cache folder,
+    the same pictures from both (eager backend: the script's plumbing, not inductor's speed)."""
+    out = tmp_path / "first.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, str(ROOT / "bench" / "first_image.py"), "--tiny", "--optimize", "compile",
+           "--compile-backend", "eager", "--runs", "2", "--cache-dir", str(tmp_path / "cache"), "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    data = json.loads(out.read_text())
+    assert data["identical"] and len(data["runs"]) == 2
+    for run in data["runs"]:
+        assert run["to_first_image_s"] == pytest.approx(run["import_s"] + run["first_s"])
+        assert run["first_s"] > run["steady_s"] > 0  # the first call compiles
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| 1 ") or line.startswith("| 2 ")]
+    assert len(rows) == 2 and "pictures identical across runs: yes" in proc.stdout
