@@ -832,8 +832,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="add an underpaint row in this memory mode, run alone (its peak VRAM shows the mode's effect)")
     p.add_argument("--compile-diffusers", action="store_true", help="add a diffusers + torch.compile row")
     p.add_argument("--compile-mode", default="default", help="torch.compile mode (default, max-autotune, ...)")
-    p.add_argument("--fp16-vae", action="store_true", help="do not let diffusers upcast the SDXL VAE to fp32 "
-                   "(as with an fp16-safe VAE; underpaint does not upcast it)")
+    p.add_argument("--fp16-vae", action="store_true", help="clear the SDXL VAE's force_upcast, so neither library "
+                   "runs it in fp32 (as with an fp16-safe VAE)")
     p.add_argument("--stub-unet", action="store_true", help="replace the UNet by a stand-in that answers at once, "
                    "to time each library's overhead around it (not a speed figure)")
     p.add_argument("--json", type=Path, help="also write the results here")
