@@ -159,6 +159,59 @@ def test_low_visits_each_unet_block_for_its_forward_only(sd1_file, photo):
     assert not model.offload.resident
 
 
+# --- pinned host memory ------------------------------------------------------------------------
+
+
+class _Pinner:
+    """Stands in for ``pin_memory`` (which needs CUDA): records each tensor and returns a copy;
+    after ``limit`` tensors it fails, as the system does when no more memory may be locked."""
+
+    def __init__(self, limit: int | None = None):
+        self.seen: list[int] = []
+        self.limit = limit
+
+    def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.limit is not None and len(self.seen) >= self.limit:
+            raise RuntimeError("CUDA error: out of memory (cudaHostAlloc)")
+        self.seen.append(id(tensor))
+        return tensor.clone()
+
+
+def _resting_tensors(*modules) -> int:
+    return len(offload._tensors(modules))
+
+
+@pytest.mark.parametrize("vram", ["medium", "low"])
+def test_offloaded_weights_are_pinned_and_nothing_else(sd1_file, photo, reference, vram):
+    engine = _load(sd1_file)
+    model = engine.model
+    pinner = _Pinner()
+    offload.place(model, vram, device="cpu", pin=True, pinner=pinner)
+    encoders = _resting_tensors(*model.text_encoders, model.vae)
+    expected = encoders + (_resting_tensors(model.unet) if vram == "low" else 0)
+    assert len(pinner.seen) == expected
+    # The copies that rest now are what every visit takes along: the same pictures.
+    assert _bytes(engine.generate(_request(photo))) == reference
+
+
+def test_pinning_stops_where_the_system_refuses(sd1_file, photo, reference, caplog):
+    engine = _load(sd1_file)
+    pinner = _Pinner(limit=5)
+    with caplog.at_level("WARNING", logger="underpaint.models.offload"):
+        offload.place(engine.model, "low", device="cpu", pin=True, pinner=pinner)
+    assert len(pinner.seen) == 5
+    assert any("could not pin" in r.getMessage() for r in caplog.records)
+    assert _bytes(engine.generate(_request(photo))) == reference
+
+
+def test_pinning_is_for_cuda_devices_and_can_be_turned_off(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.delenv(offload.PIN_ENV, raising=False)
+    assert offload.pins_by_default(cuda, cpu) and not offload.pins_by_default(cpu, cpu)
+    monkeypatch.setenv(offload.PIN_ENV, "0")
+    assert not offload.pins_by_default(cuda, cpu)
+
+
 def test_vram_is_checked(sd1_file):
     from underpaint.errors import InvalidParameter
 
