@@ -18,6 +18,7 @@ types are still expanded here.
 from __future__ import annotations
 
 import os
+from collections.abc import Collection
 from pathlib import Path
 
 import torch
@@ -82,12 +83,13 @@ def read_gguf_header(path: str | os.PathLike) -> CheckpointHeader:
     return CheckpointHeader(tensors=tensors, metadata=metadata, format="gguf")
 
 
-def load_gguf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
-              keep_quantized: bool = False) -> tuple[CheckpointHeader, dict[str, torch.Tensor | StoredWeight]]:
+def load_gguf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, keep_quantized: bool = False,
+              only: Collection[str] | None = None) -> tuple[CheckpointHeader, dict[str, torch.Tensor | StoredWeight]]:
     """The header and every tensor dequantized to ``dtype`` (integer tensors keep their type).
 
     With ``keep_quantized``, 2-D tensors of a type in :data:`.quantized.GGUF_BLOCKS` are returned
-    as :class:`~.quantized.StoredWeight` instead (copied into memory as stored).
+    as :class:`~.quantized.StoredWeight` instead (copied into memory as stored). ``only`` names the
+    tensors to read (the header still lists them all); the others are not read at all.
     """
     import numpy as np
     from gguf import GGMLQuantizationType as Q
@@ -98,6 +100,8 @@ def load_gguf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
     header = read_gguf_header(p)
     out: dict[str, torch.Tensor] = {}
     for t in reader.tensors:
+        if only is not None and t.name not in only:
+            continue
         shape = header.tensors[t.name].shape
         if t.tensor_type in (Q.I8, Q.I16, Q.I32, Q.I64):
             out[t.name] = torch.from_numpy(np.array(t.data)).reshape(shape)

@@ -10,6 +10,15 @@ GELU in v1.1) or ``wi`` (ReLU in the original T5).
 The token embedding is one matrix that transformers names twice (``shared`` and
 ``encoder.embed_tokens``); files carry either or both, and the module gets one tensor for both.
 
+GGUF T5 encoders (city96's ``t5-v1_1-xxl-encoder-Q8_0.gguf``, ``-Q5_K_M``, ``-Q4_K_M`` ...) are
+llama.cpp conversions (``general.architecture`` ``t5encoder``, or ``t5`` with a decoder beside
+it) and use llama.cpp's names: ``token_embd``, ``enc.blk.{i}.attn_q``/``attn_k``/``attn_v``/
+``attn_o``, ``attn_rel_b`` (block 0's position bias), ``attn_norm``, ``ffn_gate``/``ffn_up``/
+``ffn_down``, ``ffn_norm`` and ``enc.output_norm``. :func:`gguf_t5_names` maps them onto
+transformers' names (the ``gguf`` package's ``TensorNameMap`` for ``MODEL_ARCH.T5ENCODER`` is the
+table they come from); shapes are the same once GGML's reversed dimension order is undone.
+:func:`read_gguf_t5` reads such a file with its quantized linear weights kept as stored.
+
 The tokenizer is T5's sentencepiece model, ``spiece.model``. It is not inside any weights file:
 diffusers folders keep it in ``tokenizer_2/``; for single files it is looked for next to the
 T5 file (or the all-in-one checkpoint), then in the folder the caller names, then in the models
@@ -48,6 +57,82 @@ def t5_prefix(names) -> str | None:
             if prefix == "" or prefix.endswith("."):
                 return prefix
     return None
+
+
+#: A tensor every llama.cpp T5 encoder GGUF has (transformers' ``encoder.block.0.layer.0.SelfAttention.q``).
+GGUF_T5_MARKER = "enc.blk.0.attn_q.weight"
+#: llama.cpp's names for the tensors of encoder block ``i`` (``enc.blk.{i}.<name>.weight``) → transformers'
+#: (``encoder.block.{i}.<name>.weight``). ``ffn_up`` is ``wi_1`` beside a ``ffn_gate`` (``wi_0``), else ``wi``.
+_GGUF_T5_BLOCK = {
+    "attn_q": "layer.0.SelfAttention.q",
+    "attn_k": "layer.0.SelfAttention.k",
+    "attn_v": "layer.0.SelfAttention.v",
+    "attn_o": "layer.0.SelfAttention.o",
+    "attn_rel_b": "layer.0.SelfAttention.relative_attention_bias",
+    "attn_norm": "layer.0.layer_norm",
+    "ffn_gate": "layer.1.DenseReluDense.wi_0",
+    "ffn_up": "layer.1.DenseReluDense.wi_1",
+    "ffn_down": "layer.1.DenseReluDense.wo",
+    "ffn_norm": "layer.1.layer_norm",
+}
+_GGUF_T5_GLOBAL = {"token_embd.weight": "shared.weight", "enc.output_norm.weight": "encoder.final_layer_norm.weight"}
+#: Parts of a whole T5 in GGUF (``t5``: decoder blocks, decoder norm, LM head) that an encoder has no place for.
+_GGUF_T5_IGNORED = ("dec.", "output.")
+_GGUF_T5_BLOCK_NAME = re.compile(r"enc\.blk\.(\d+)\.(\w+)\.weight")
+
+
+def gguf_t5_names(names) -> dict[str, str] | None:
+    """llama.cpp T5 encoder tensor names → transformers' ``T5EncoderModel`` names, for every tensor the
+    encoder uses (a decoder and LM head are left out); None when ``names`` are not llama.cpp's T5
+    encoder's. A tensor of the encoder that has no place in the model is a :class:`ModelError`."""
+    names = list(names)
+    if GGUF_T5_MARKER not in names:
+        return None
+    present = set(names)
+    out: dict[str, str] = {}
+    for name in names:
+        if name.startswith(_GGUF_T5_IGNORED):
+            continue
+        if name in _GGUF_T5_GLOBAL:
+            out[name] = _GGUF_T5_GLOBAL[name]
+            continue
+        m = _GGUF_T5_BLOCK_NAME.fullmatch(name)
+        if m is None or m.group(2) not in _GGUF_T5_BLOCK:
+            raise ModelError(f"unexpected tensor {name} in a GGUF T5 encoder; expected token_embd.weight, "
+                             f"enc.output_norm.weight and enc.blk.N.{{{','.join(_GGUF_T5_BLOCK)}}}.weight")
+        i, part = m.group(1), _GGUF_T5_BLOCK[m.group(2)]
+        if m.group(2) == "ffn_up" and f"enc.blk.{i}.ffn_gate.weight" not in present:
+            part = "layer.1.DenseReluDense.wi"  # the original T5's ReLU feed-forward has no gate
+        out[name] = f"encoder.block.{i}.{part}.weight"
+    return out
+
+
+def read_gguf_t5(path: str | os.PathLike, *, dtype: torch.dtype,
+                 keep_quantized: bool) -> tuple[CheckpointHeader, dict]:
+    """A GGUF T5 encoder's header and tensors in transformers' names (see :func:`gguf_t5_names`).
+
+    With ``keep_quantized`` the 2-D weights in a type :mod:`.quantized` expands on the fly stay
+    as stored (:class:`~.quantized.StoredWeight`; :func:`build_t5` keeps those of linear layers and
+    expands the token embedding); everything else comes in ``dtype``. A GGUF that holds something
+    else (a FLUX transformer) is a :class:`ModelError` saying what was expected.
+    """
+    from .detect import describe_tensors
+    from .gguf import load_gguf, read_gguf_header
+
+    header = read_gguf_header(path)
+    names = gguf_t5_names(header.tensors)
+    if names is None:
+        if t5_prefix(header.tensors) is not None:  # transformers' own names in a GGUF container
+            return load_gguf(path, dtype=dtype, keep_quantized=keep_quantized)
+        arch = header.metadata.get("general.architecture")
+        what = f"general.architecture {arch!r}; " if arch else ""
+        raise ModelError(f"not a T5 encoder GGUF ({what}{describe_tensors(header.tensors)}); expected llama.cpp's "
+                         f"T5 encoder tensors ({GGUF_T5_MARKER}, token_embd.weight, ...) as in "
+                         "t5-v1_1-xxl-encoder-Q8_0.gguf", field="t5")
+    _, tensors = load_gguf(path, dtype=dtype, keep_quantized=keep_quantized, only=names)
+    renamed = CheckpointHeader(tensors={names[k]: v for k, v in header.tensors.items() if k in names},
+                               metadata=header.metadata, format=header.format)
+    return renamed, {names[k]: v for k, v in tensors.items()}
 
 
 def t5_config(header: CheckpointHeader, prefix: str = ""):
