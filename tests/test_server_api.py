@@ -202,6 +202,22 @@ def test_sd_models_lists_titles_and_relative_files(client):
     assert models[0]["model_name"] == "alpha" and models[0]["filename"] == "checkpoints/alpha.safetensors"
 
 
+def test_sd_models_show_the_sha256_once_known(client, tmp_path):
+    """Listing never hashes a file; once the file was hashed (as a generation does for its infotext),
+    its sha256 is listed, and the loaded checkpoint's in /options."""
+    import hashlib
+
+    from underpaint.models.hashes import file_sha256
+
+    assert all(m["sha256"] is None for m in client.get("/sdapi/v1/sd-models").json())
+    path = tmp_path / "checkpoints" / "alpha.safetensors"
+    assert file_sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+    alpha, beta = client.get("/sdapi/v1/sd-models").json()
+    assert alpha["sha256"] == hashlib.sha256(b"placeholder").hexdigest() and alpha["hash"] == alpha["sha256"][:10]
+    assert beta["sha256"] is None
+    assert client.get("/sdapi/v1/options").json()["sd_checkpoint_hash"] == alpha["sha256"]
+
+
 def test_options_switch_model_through_the_queue(client, backend):
     assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == "alpha.safetensors"
     r = client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "beta.safetensors",

@@ -55,13 +55,19 @@ def addnet_hash(path: str | os.PathLike, *, cache: str | os.PathLike | None = No
     return _cached(Path(path), "addnet", lambda p: sha256_of(p, start=safetensors_body_offset(p)), cache)[:12]
 
 
-def cached_model_hash(path: str | os.PathLike, *, cache: str | os.PathLike | None = None) -> str | None:
-    """The model hash if it is already in the cache (never reads the file): for fast listings."""
+def cached_sha256(path: str | os.PathLike, *, cache: str | os.PathLike | None = None) -> str | None:
+    """The file's full sha256 if it is already in the cache (never reads the file): for fast listings."""
     p = Path(path)
     entry = _load(Path(cache) if cache else hash_cache_path()).get(str(p.resolve()))
     if entry and entry.get("sha256") and _stamp(p) == (entry.get("size"), entry.get("mtime_ns")):
-        return entry["sha256"][:10]
+        return entry["sha256"]
     return None
+
+
+def cached_model_hash(path: str | os.PathLike, *, cache: str | os.PathLike | None = None) -> str | None:
+    """The model hash if it is already in the cache (never reads the file): for fast listings."""
+    full = cached_sha256(path, cache=cache)
+    return full[:10] if full else None
 
 
 def _stamp(p: Path) -> tuple[int, int] | None:

@@ -7,6 +7,7 @@ they wait their turn instead of pulling the model out from under a running job.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Body, Request
@@ -46,7 +47,7 @@ def get_options(request: Request) -> Options:
     opts = state.options
     return Options(
         sd_model_checkpoint=state.catalog.title_of(current) if current else None,
-        sd_checkpoint_hash=None,
+        sd_checkpoint_hash=_known_sha256(current) if current else None,
         CLIP_stop_at_last_layers=opts.clip_skip,
         eta_noise_seed_delta=opts.eta_noise_seed_delta,
         randn_source=_RNG_LABELS[opts.rng],
@@ -119,8 +120,18 @@ async def cmd_flags(request: Request) -> CommandFlags:
 @router.get("/sd-models", response_model=list[SDModelItem], summary="Checkpoints in the models folder")
 def sd_models(request: Request) -> list[SDModelItem]:
     views = server_state(request).catalog.checkpoints()
-    return [SDModelItem(title=v.title, model_name=v.model_name, hash=v.short_hash, sha256=None,
+    return [SDModelItem(title=v.title, model_name=v.model_name, hash=v.short_hash, sha256=_known_sha256(v.path),
                         filename=v.relative, config=None, family=v.family) for v in views]
+
+
+def _known_sha256(path: Path | None) -> str | None:
+    """The file's sha256 once something hashed it (a generation writes the model hash); listing
+    never reads a multi-gigabyte file. None for a diffusers folder."""
+    if path is None or not path.is_file():
+        return None
+    from ...models.hashes import cached_sha256
+
+    return cached_sha256(path)
 
 
 @router.get("/sd-vae", response_model=list[SDVaeItem], summary="VAEs in the models folder")
