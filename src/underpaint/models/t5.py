@@ -116,7 +116,7 @@ def read_gguf_t5(path: str | os.PathLike, *, dtype: torch.dtype,
     expands the token embedding); everything else comes in ``dtype``. A GGUF that holds something
     else (a FLUX transformer) is a :class:`ModelError` saying what was expected.
     """
-    from .detect import describe_tensors
+    from .detect import describe_tensors, flux_layout
     from .gguf import load_gguf, read_gguf_header
 
     header = read_gguf_header(path)
@@ -126,7 +126,9 @@ def read_gguf_t5(path: str | os.PathLike, *, dtype: torch.dtype,
             return load_gguf(path, dtype=dtype, keep_quantized=keep_quantized)
         arch = header.metadata.get("general.architecture")
         what = f"general.architecture {arch!r}; " if arch else ""
-        raise ModelError(f"not a T5 encoder GGUF ({what}{describe_tensors(header.tensors)}); expected llama.cpp's "
+        looks = ("it looks like a FLUX transformer, a --model file" if flux_layout(header.tensors) is not None
+                 else describe_tensors(header.tensors))
+        raise ModelError(f"not a T5 encoder GGUF ({what}{looks}); expected llama.cpp's "
                          f"T5 encoder tensors ({GGUF_T5_MARKER}, token_embd.weight, ...) as in "
                          "t5-v1_1-xxl-encoder-Q8_0.gguf", field="t5")
     _, tensors = load_gguf(path, dtype=dtype, keep_quantized=keep_quantized, only=names)
