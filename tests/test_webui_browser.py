@@ -608,6 +608,26 @@ def test_switching_checkpoint(page, server):
     assert page.input_value("#checkpoint").split(" [")[0] == other.split(" [")[0]
 
 
+def test_live_preview_setting_is_saved_in_the_server_options(page, server):
+    """The Live preview select reads and writes A1111's show_progress_type / live_previews_enable."""
+    select = page.locator("#preview-method")
+    expect(select).to_have_value("Approx NN")  # A1111's default: TAESD when its file is there
+    for choice, sent in (("Approx cheap", {"live_previews_enable": True, "show_progress_type": "Approx cheap"}),
+                         ("off", {"live_previews_enable": False})):
+        with page.expect_response("**/sdapi/v1/options") as answer:
+            select.select_option(choice)
+        assert answer.value.request.method == "POST" and answer.value.ok
+        assert json.loads(answer.value.request.post_data) == sent
+    options = page.request.get(f"{server}/sdapi/v1/options").json()
+    assert options["live_previews_enable"] is False and options["show_progress_type"] == "Approx cheap"
+    page.reload()
+    page.wait_for_selector("body[data-ready=true]")
+    expect(select).to_have_value("off")
+    with page.expect_response("**/sdapi/v1/options"):
+        select.select_option("Approx NN")  # back to the default for the tests after this one
+    assert page.request.get(f"{server}/sdapi/v1/options").json()["live_previews_enable"] is True
+
+
 # --------------------------------------------------------------------------- FLUX
 
 

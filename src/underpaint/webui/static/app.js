@@ -2,6 +2,7 @@
 
 import { ApiError, get, getOptional, post } from "./api.js";
 import { loadCheckpoints, onFamily, setupCheckpointSwitch } from "./checkpoints.js";
+import { loadPreviewSetting, setupPreviewSetting } from "./previewsetting.js";
 import { $, $$, numberValue, setNumber, syncSliders } from "./dom.js";
 import { ControlNetSection } from "./controlnet.js";
 import { clearFieldErrors, showFieldErrors } from "./fielderrors.js";
@@ -131,6 +132,7 @@ async function loadLists() {
     attempt("samplers", get("/sdapi/v1/samplers").then((s) => form.fillSamplers(s ?? []))),
     attempt("schedules", getOptional("/sdapi/v1/schedulers", []).then((s) => form.fillSchedulers(s ?? []))),
     attempt("checkpoints", loadCheckpoints()),
+    attempt("live preview setting", loadPreviewSetting()),
     attempt("ControlNet", controlnet.load()),
   ]);
   if (failures.length) {
@@ -143,6 +145,8 @@ $("#refresh-models").addEventListener("click", async () => {
   await post("/sdapi/v1/refresh-checkpoints").catch(() => {});
   await loadLists();
 });
+
+setupPreviewSetting();
 
 setupCheckpointSwitch({
   onSwitching: (switching) => {

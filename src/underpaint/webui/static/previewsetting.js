@@ -1,0 +1,36 @@
+// The live preview method (A1111's "Live preview" settings): read from and saved to /options, so it
+// holds for every client of the server, as in A1111.
+
+import { get, post } from "./api.js";
+import { $ } from "./dom.js";
+import { clearFieldErrors, showFieldErrors } from "./fielderrors.js";
+
+const OFF = "off";
+
+/** The select's value for the server's two settings. */
+function valueFor(options) {
+  if (options?.live_previews_enable === false) return OFF;
+  return options?.show_progress_type ?? "Approx NN";
+}
+
+export async function loadPreviewSetting() {
+  const options = await get("/sdapi/v1/options");
+  $("#preview-method").value = valueFor(options);
+}
+
+export function setupPreviewSetting() {
+  const select = $("#preview-method");
+  const field = select.closest(".field");
+  select.addEventListener("change", async () => {
+    clearFieldErrors(field);
+    const body = select.value === OFF
+      ? { live_previews_enable: false }
+      : { live_previews_enable: true, show_progress_type: select.value };
+    try {
+      await post("/sdapi/v1/options", body);
+    } catch (err) {
+      showFieldErrors(err, { root: field, rename: () => "show_progress_type" });
+      await loadPreviewSetting().catch(() => {});
+    }
+  });
+}
