@@ -252,3 +252,51 @@ def test_first_image_after_restart(tmp_path):
         assert run["first_s"] > run["steady_s"] > 0  # the first call compiles
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| 1 ") or line.startswith("| 2 ")]
     assert len(rows) == 2 and "pictures identical across runs: yes" in proc.stdout
+
+
+def _gpu_run_module():
+    name = "underpaint_bench_gpu_run"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / "gpu_run.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def test_gpu_run_steps_are_valid_commands(capsys):
+    """Every step of the one-command GPU run parses with its own script's options (a typo there
+    would waste a GPU run), and unknown step names are refused."""
+    runner = _gpu_run_module()
+    bench = _bench_module()
+    first = importlib.util.module_from_spec(importlib.util.spec_from_file_location("first_image_check",
+                                                                                 ROOT / "bench" / "first_image.py"))
+    first.__spec__.loader.exec_module(first)
+    for step in runner.STEPS:
+        if step.script == "gpu_img2img.py":
+            args = bench.parse_args(list(step.args))
+            bench.select_cases(args)
+            bench.settings_from(bench.parse_args([*step.args, "--device", "cpu"]))
+        else:
+            first.parse_args(list(step.args))
+    assert runner.main(["--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert all(f"# {step.name} " in printed for step in runner.STEPS)
+    with pytest.raises(SystemExit, match="unknown step"):
+        runner.main(["--dry-run", "--only", "tabel"])
+
+
+def test_gpu_run_keeps_going_past_a_stopped_step(tmp_path, monkeypatch):
+    runner = _gpu_run_module()
+    monkeypatch.setattr(runner, "STEPS", (
+        runner.Step("slow", "gpu_img2img.py", ("--tiny", "--cases", "sd15", "--runs", "5"), 1, "stopped"),
+        runner.Step("tiny", "gpu_img2img.py", ("--tiny", "--cases", "sd15", "--runs", "1", "--warmup", "0"), 300,
+                    "runs"),
+        runner.Step("late", "gpu_img2img.py", ("--tiny",), 10_000, "does not fit the budget"),
+    ))
+    assert runner.main(["--out", str(tmp_path)]) == 1
+    summary = {s["step"]: s for s in json.loads((tmp_path / "summary.json").read_text())}
+    assert summary["slow"]["status"] == "stopped at its limit"
+    assert summary["tiny"]["status"] == 0 and json.loads((tmp_path / "tiny.json").read_text())["results"]
+    assert summary["late"]["status"].startswith("not run")
+    assert "| sd15 " in (tmp_path / "tiny.log").read_text()
