@@ -166,11 +166,25 @@ def test_union_unit_equals_diffusers_union_pipeline(sdxl_engine, promax_file, li
     assert np.abs(_pixels(plain) - _pixels(ours)).max() > 2  # the union model did something
 
 
-def test_each_preprocessor_kind_selects_its_control_type(sdxl_engine, promax_file, lines, monkeypatch):
-    """The same map (tile of the map, threshold of it, invert of its negative) as three control types:
-    the model sees three type vectors and makes three pictures."""
+@pytest.fixture
+def union_calls(monkeypatch) -> list[dict]:
+    """The keyword arguments of every union ControlNet call (control type, hint, ...) while the test runs."""
     from diffusers import ControlNetUnionModel
 
+    calls: list[dict] = []
+    real = ControlNetUnionModel.forward
+
+    def spy(self, *args, **kwargs):
+        calls.append({key: value.clone() if isinstance(value, torch.Tensor) else value for key, value in kwargs.items()})
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(ControlNetUnionModel, "forward", spy)
+    return calls
+
+
+def test_each_preprocessor_kind_selects_its_control_type(sdxl_engine, promax_file, lines, union_calls):
+    """The same map (tile of the map, threshold of it, invert of its negative) as three control types:
+    the model sees three type vectors and makes three pictures."""
     from underpaint.pipeline.control import control_map
 
     negative = Image.fromarray(255 - np.asarray(lines))
@@ -179,20 +193,12 @@ def test_each_preprocessor_kind_selects_its_control_type(sdxl_engine, promax_fil
              3: ControlUnit(image=negative, module="invert", model=str(promax_file))}
     for unit in units.values():
         assert np.array_equal(control_map(unit, 64, 64), np.asarray(lines))
-    calls = []
-    real = ControlNetUnionModel.forward
-
-    def spy(self, *args, **kwargs):
-        calls.append((kwargs["control_type"].clone(), list(kwargs["control_type_idx"])))
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(ControlNetUnionModel, "forward", spy)
     pictures = {}
     for index, unit in units.items():
-        calls.clear()
+        union_calls.clear()
         pictures[index] = _pixels(_generate(sdxl_engine, unit).images[0])
-        assert calls, unit.module
-        for control_type, idx in calls:
+        assert union_calls, unit.module
+        for control_type, idx in ((c["control_type"], list(c["control_type_idx"])) for c in union_calls):
             expected = torch.zeros(control_type.shape[0], 8)
             expected[:, index] = 1
             assert torch.equal(control_type, expected) and idx == [index], unit.module
@@ -202,25 +208,15 @@ def test_each_preprocessor_kind_selects_its_control_type(sdxl_engine, promax_fil
 
 
 def test_inpaint_unit_uses_the_repaint_type_with_masked_pixels_black(sdxl_engine, promax_file, photo,
-                                                                      monkeypatch):
+                                                                      union_calls):
     """xinsir's repaint type (7) was trained on the picture with the masked area black (0), not the
     -1 of lllyasviel's inpaint ControlNet."""
-    from diffusers import ControlNetUnionModel
-
     rgba = photo.resize((64, 64)).convert("RGBA")
     alpha = np.full((64, 64), 255, dtype=np.uint8)
     alpha[16:40, 8:48] = 0  # transparent = to repaint
     rgba.putalpha(Image.fromarray(alpha))
-    seen = []
-    real = ControlNetUnionModel.forward
-
-    def spy(self, *args, **kwargs):
-        seen.append((kwargs["controlnet_cond"][0].clone(), list(kwargs["control_type_idx"])))
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(ControlNetUnionModel, "forward", spy)
     _generate(sdxl_engine, ControlUnit(image=rgba, module="inpaint_only", model=str(promax_file)))
-    hint, idx = seen[0]
+    hint, idx = union_calls[0]["controlnet_cond"][0], list(union_calls[0]["control_type_idx"])
     assert idx == [7]
     colour = torch.from_numpy(np.asarray(rgba.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
     hole = torch.from_numpy(alpha == 0)
@@ -271,12 +267,10 @@ def test_weight_zero_equals_no_controlnet(sdxl_engine, promax_file, lines):
     assert _generate(sdxl_engine, unit).images[0].tobytes() == _generate(sdxl_engine).images[0].tobytes()
 
 
-def test_explicit_type_equals_the_preprocessor_type_for_the_same_map(sdxl_engine, promax_file, lines, monkeypatch):
+def test_explicit_type_equals_the_preprocessor_type_for_the_same_map(sdxl_engine, promax_file, lines, union_calls):
     """A ready-made map (module "none") with the type named runs exactly as the preprocessor whose
     output is that same map: threshold → Soft Edge (2), invert of the negative → Hard Edge (3,
     named by its alias "canny"), tile → Tile (6). Same type vector, same picture, byte for byte."""
-    from diffusers import ControlNetUnionModel
-
     from underpaint.pipeline.control import control_map
 
     negative = Image.fromarray(255 - np.asarray(lines))
@@ -288,39 +282,23 @@ def test_explicit_type_equals_the_preprocessor_type_for_the_same_map(sdxl_engine
         (6, ControlUnit(image=lines, module="tile_resample", model=str(promax_file)),
          ControlUnit(image=lines, module="none", model=str(promax_file), union_control_type="tile")),
     ]
-    calls = []
-    real = ControlNetUnionModel.forward
-
-    def spy(self, *args, **kwargs):
-        calls.append(list(kwargs["control_type_idx"]))
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(ControlNetUnionModel, "forward", spy)
+    calls = union_calls
     for index, derived, explicit in pairs:
         assert np.array_equal(control_map(derived, 64, 64), control_map(explicit, 64, 64))
         calls.clear()
         by_preprocessor = _generate(sdxl_engine, derived).images[0]
-        assert calls and all(c == [index] for c in calls), derived.module
+        assert calls and all(list(c["control_type_idx"]) == [index] for c in calls), derived.module
         calls.clear()
         by_type = _generate(sdxl_engine, explicit).images[0]
-        assert calls and all(c == [index] for c in calls), explicit.union_control_type
+        assert calls and all(list(c["control_type_idx"]) == [index] for c in calls), explicit.union_control_type
         assert by_type.tobytes() == by_preprocessor.tobytes(), explicit.union_control_type
 
 
-def test_explicit_type_overrides_the_preprocessor(sdxl_engine, promax_file, lines, monkeypatch):
-    from diffusers import ControlNetUnionModel
-
-    calls = []
-    real = ControlNetUnionModel.forward
-
-    def spy(self, *args, **kwargs):
-        calls.append(list(kwargs["control_type_idx"]))
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(ControlNetUnionModel, "forward", spy)
+def test_explicit_type_overrides_the_preprocessor(sdxl_engine, promax_file, lines, union_calls):
+    calls = union_calls
     tile_as_depth = _generate(sdxl_engine, ControlUnit(image=lines, module="tile_resample", model=str(promax_file),
                                                        union_control_type="Depth")).images[0]
-    assert calls and all(c == [1] for c in calls)
+    assert calls and all(list(c["control_type_idx"]) == [1] for c in calls)
     depth = _generate(sdxl_engine, ControlUnit(image=lines, module="none", model=str(promax_file),
                                                union_control_type="Depth")).images[0]
     tile = _generate(sdxl_engine, ControlUnit(image=lines, module="tile_resample", model=str(promax_file))).images[0]
