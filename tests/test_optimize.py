@@ -132,6 +132,25 @@ def test_channels_last_gives_the_same_pictures(sd1_file, photo, reference):
     _assert_close(_pixels(engine.generate(_request(photo))), reference["plain"])
 
 
+def test_channels_last_weights_are_pinned_again_where_the_mode_pins(sd1_file, photo, reference):
+    """Reordering makes new tensors; those resting in host memory are pinned again (pinning itself
+    needs CUDA: a recording stand-in here)."""
+    from underpaint.models import offload
+
+    engine = _load(sd1_file)
+    model = engine.model
+    pinned: list[torch.Tensor] = []
+    offload.place(model, "low", device="cpu", pin=True, pinner=lambda t: pinned.append(t.clone()) or pinned[-1])
+    first = len(pinned)
+    optimize.apply(model, SpeedOptions(channels_last=True))
+    reordered = [t for m in (model.unet, model.vae) for t in m.parameters() if t.dim() == 4]
+    # (the stand-in's copies do not say they are pinned, so everything goes through it again)
+    again = {p.data_ptr() for p in pinned[first:]}
+    assert reordered and all(t.data_ptr() in again for t in reordered)
+    assert all(t.is_contiguous(memory_format=torch.channels_last) for t in reordered)
+    _assert_close(_pixels(engine.generate(_request(photo))), reference["plain"])
+
+
 def test_fused_projections_follow_loras(sd1_file, models_dir, photo, reference):
     engine = _load(sd1_file, models_dir, optimize="fused_qkv")
     unet = engine.model.unet

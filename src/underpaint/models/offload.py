@@ -162,16 +162,24 @@ def place(model: Any, mode: str = "high", *, device: str | torch.device | None =
         _install_block_hooks(model.unet, plan)
     else:
         model.unet.to(plan.device)
-    if plan.pin:
-        resting = [*model.text_encoders, model.vae] if plan.offloads_encoders else []
-        pin_resting([*resting, model.unet] if plan.offloads_unet else resting, plan.pinner)
+    model.offload = plan
+    pin_model(model)
     if mode == "low":
         configure_tiling(model.vae, plan.tile_px)
     elif hasattr(model.vae, "disable_tiling"):
         model.vae.disable_tiling()
     model.device = plan.device
-    model.offload = plan
     return plan
+
+
+def pin_model(model: Any) -> int:
+    """Pin what the model's memory mode keeps in host memory (again after a transform that made
+    new tensors, such as channels-last); 0 where the mode does not pin."""
+    plan = offload_of(model)
+    if plan is None or not plan.pin:
+        return 0
+    resting = [*model.text_encoders, model.vae] if plan.offloads_encoders else []
+    return pin_resting([*resting, model.unet] if plan.offloads_unet else resting, plan.pinner)
 
 
 def pin_resting(modules: Iterable[torch.nn.Module], pinner: Callable[[torch.Tensor], torch.Tensor] = _pin) -> int:

@@ -121,7 +121,7 @@ def apply(model: Any, options: SpeedOptions) -> SpeedOptions:
     """Switch ``model`` (a LoadedModel, placed) to ``options``, undoing what was on before."""
     import torch
 
-    from .offload import offload_of
+    from .offload import offload_of, pin_model
 
     plan = offload_of(model)
     check(options, device=model.device, vram=plan.mode if plan is not None else "high")
@@ -130,6 +130,7 @@ def apply(model: Any, options: SpeedOptions) -> SpeedOptions:
     if options.channels_last:
         for module in _conv_modules(model):
             module.to(memory_format=torch.channels_last)
+        pin_model(model)  # reordered weights are new tensors: pinned again where the mode pins
     if options.fused_qkv:
         _fuse(model.unet)
     if options.compiles:
@@ -158,6 +159,9 @@ def undo(model: Any) -> None:
     if options.channels_last:
         for module in _conv_modules(model):
             module.to(memory_format=torch.contiguous_format)
+        from .offload import pin_model
+
+        pin_model(model)
     model.speed = None
 
 
