@@ -16,9 +16,11 @@ differences of form:
 Every width is read from the file (hidden size from ``img_in``, head size from the RMS-norm
 scales, MLP width from ``linear1``), so checkpoints of any size load without a config file.
 
-Weights kept as stored (fp8 or GGUF blocks, :class:`~.quantized.StoredWeight`) go through the
-same renaming and splitting: both are cut by output rows, so q, k, v and the MLP input of a fused
-projection are row ranges of its bytes. They end up in :class:`~.quantized.StoredLinear` layers.
+Weights kept as stored (fp8, GGUF blocks or bitsandbytes 4-bit codes, :class:`~.quantized.StoredWeight`)
+go through the same renaming and splitting: all are cut by output rows, so q, k, v and the MLP
+input of a fused projection are row ranges of its bytes (a 4-bit part that would begin inside a
+block of scales comes back expanded instead; FLUX.1's never do). They end up in
+:class:`~.quantized.StoredLinear` layers.
 """
 
 from __future__ import annotations
