@@ -47,6 +47,18 @@ def test_txt2img_is_reproducible_and_carries_its_infotext(server):
     assert first.parameters["prompt"] == "a lighthouse at dusk"
 
 
+def test_txt2img_with_hires_fix(server):
+    result = server.txt2img(prompt="a lighthouse at dusk", seed=5, enable_hr=True, hr_scale=1.5,
+                            hr_upscaler=webuiapi.HiResUpscaler.LatentNearestExact, hr_second_pass_steps=2,
+                            denoising_strength=0.5, **SIZE)
+    assert result.image.size == (96, 96)
+    assert (result.info["width"], result.info["height"]) == (64, 64)  # A1111 reports the first pass's size
+    assert "Denoising strength: 0.5, Hires upscale: 1.5, Hires steps: 2, Hires upscaler: Latent (nearest-exact)" \
+        in result.image.info["parameters"]
+    assert "Lanczos" in [u["name"] for u in server.get_upscalers()]
+    assert "Latent (bicubic antialiased)" in [m["name"] for m in server.get_latent_upscale_modes()]
+
+
 def test_img2img_and_inpaint_with_a_mask(server, photo):
     result = server.img2img(images=[photo], prompt="an oil painting", denoising_strength=0.5, seed=7,
                             width=96, height=64)

@@ -25,6 +25,23 @@ RNG_SOURCES = ("gpu", "cpu", "nv")
 MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")
 #: A1111's "Live preview method" values (``show_progress_type``); pipeline/preview.py says what each does.
 PREVIEW_METHODS = ("Full", "Approx NN", "Approx cheap", "TAESD")
+#: Hires. fix upscalers that work on the latent (A1111's ``latent_upscale_modes``): the name →
+#: (``torch.nn.functional.interpolate`` mode, antialias). "Latent" is A1111's default.
+HIRES_LATENT_MODES: dict[str, tuple[str, bool]] = {
+    "Latent": ("bilinear", False),
+    "Latent (antialiased)": ("bilinear", True),
+    "Latent (bicubic)": ("bicubic", False),
+    "Latent (bicubic antialiased)": ("bicubic", True),
+    "Latent (nearest)": ("nearest", False),
+    "Latent (nearest-exact)": ("nearest-exact", False),
+}
+#: Hires. fix upscalers that work on the decoded first-pass picture: A1111's built-in ones (no
+#: upscaling model files such as ESRGAN).
+HIRES_PIXEL_UPSCALERS = ("None", "Lanczos", "Nearest")
+HIRES_UPSCALERS = (*HIRES_LATENT_MODES, *HIRES_PIXEL_UPSCALERS)
+DEFAULT_HIRES_UPSCALER = "Latent"
+#: The values A1111's infotexts and UI use for "the same as the first pass".
+_SAME_AS_FIRST_PASS = ("", "use same sampler", "use same scheduler", "use same checkpoint")
 
 
 def preview_method_name(value: object, field: str = "preview_method") -> str:
@@ -88,6 +105,103 @@ class InpaintOptions:
             raise InvalidParameter("masked_content", self.masked_content, "one of " + ", ".join(MASKED_CONTENT))
 
 
+def hires_upscaler_name(value: object, field: str = "hires_upscaler") -> str:
+    """A hires. fix upscaler in A1111's spelling (matched without regard to case)."""
+    if isinstance(value, str):
+        for name in HIRES_UPSCALERS:
+            if value.strip().lower() == name.lower():
+                return name
+    raise InvalidParameter(field, value, "one of " + ", ".join(HIRES_UPSCALERS)
+                           + " (upscaling models such as ESRGAN are not available)")
+
+
+@dataclass(frozen=True)
+class HiresOptions:
+    """A1111's "Hires. fix" for txt2img: a second pass over the first picture, upscaled.
+
+    The first pass runs at the request's size; its latent (Latent modes) or its decoded picture
+    (None, Lanczos, Nearest) is upscaled to the hires size, and an img2img pass at ``strength``
+    runs exactly ``steps`` steps on it (0: as many as the first pass), with the same seeds.
+    The size is ``scale`` times the first pass's, unless ``resize_x``/``resize_y`` are given (one of
+    them 0 keeps the aspect ratio; both given crop to that size after covering it).
+    ``sampler``, ``scheduler`` and the prompts default (None, "") to the first pass's.
+    """
+
+    scale: float = 2.0
+    resize_x: int = 0
+    resize_y: int = 0
+    #: None is A1111's default, "Latent", and is not written to the infotext (as an API request
+    #: without ``hr_upscaler``).
+    upscaler: str | None = None
+    steps: int = 0
+    strength: float = 0.7
+    sampler: str | None = None
+    scheduler: str | None = None
+    prompt: str = ""
+    negative_prompt: str = ""
+
+    def __post_init__(self) -> None:
+        _check_range("hires_scale", self.scale, 0.25, 8.0)
+        for name in ("resize_x", "resize_y"):
+            _check_range(f"hires_{name}", getattr(self, name), 0, 8192, integer=True)
+        _check_range("hires_steps", self.steps, 0, 1000, integer=True)
+        _check_range("hires_strength", self.strength, 0.0, 1.0)
+        if self.strength == 0:
+            raise InvalidParameter("hires_strength", self.strength,
+                                   "a number above 0 and at most 1 (0 would skip the hires pass)")
+        if self.upscaler is not None:
+            object.__setattr__(self, "upscaler", hires_upscaler_name(self.upscaler))
+        for name in ("sampler", "scheduler"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise InvalidParameter(f"hires_{name}", value, "a name")
+            if isinstance(value, str) and value.strip().lower() in _SAME_AS_FIRST_PASS:
+                object.__setattr__(self, name, None)
+        for name in ("prompt", "negative_prompt"):
+            if not isinstance(getattr(self, name), str):
+                raise InvalidParameter(f"hires_{name}", type(getattr(self, name)).__name__, "a string")
+
+    @property
+    def upscaler_name(self) -> str:
+        """The upscaler that runs: "Latent" when none was named."""
+        return self.upscaler or DEFAULT_HIRES_UPSCALER
+
+    @property
+    def in_latent_space(self) -> bool:
+        return self.upscaler_name in HIRES_LATENT_MODES
+
+    def target(self, width: int, height: int) -> tuple[int, int, int, int]:
+        """(upscale width, upscale height, latent columns to crop, latent rows to crop), as A1111's
+        ``calculate_target_resolution`` works them out from the first pass's requested size.
+
+        ``scale``: ``int(size * scale)``. One of ``resize_x``/``resize_y`` 0: the other side keeps
+        the aspect ratio (floor division). Both: scale to cover that size, then crop the excess
+        in the latent, ``excess // 8`` cells, half (rounded down) from the left or top.
+        """
+        rx, ry = self.resize_x, self.resize_y
+        if rx == 0 and ry == 0:
+            return int(width * self.scale), int(height * self.scale), 0, 0
+        if ry == 0:
+            return rx, rx * height // width, 0, 0
+        if rx == 0:
+            return ry * width // height, ry, 0, 0
+        if width / height < rx / ry:
+            up_w, up_h = rx, rx * height // width
+        else:
+            up_w, up_h = ry * width // height, ry
+        return up_w, up_h, (up_w - rx) // 8, (up_h - ry) // 8
+
+    def output_size(self, width: int, height: int, *, multiple: int = 8) -> tuple[int, int]:
+        """The size of the final pictures: the cropped latent's, whole ``multiple`` blocks (8; FLUX 16)."""
+        up_w, up_h, crop_x, crop_y = self.target(width, height)
+        cells = multiple // 8
+        return ((up_w // 8 - crop_x) // cells * multiple, (up_h // 8 - crop_y) // cells * multiple)
+
+    def size_field(self) -> str:
+        """The field that decides the hires size, to name in errors."""
+        return "hires_scale" if self.resize_x == 0 and self.resize_y == 0 else "hires_resize_x"
+
+
 @dataclass(frozen=True)
 class GenerationParams:
     """Everything that decides an image. txt2img is img2img with no init image (strength 1)."""
@@ -127,6 +241,8 @@ class GenerationParams:
     #: How ``Progress.preview()`` pictures a step (A1111's "Live preview method"). The default,
     #: "Approx NN", is TAESD when its decoder file is in the models folder, else Approx cheap.
     preview_method: str = "Approx NN"
+    #: A1111's "Hires. fix" (txt2img only); None: off.
+    hires: HiresOptions | None = None
 
     def __post_init__(self) -> None:
         from .sampling.names import resolve_sampler  # torch-free table
@@ -168,8 +284,45 @@ class GenerationParams:
         # Canonicalise names so infotext and caches see one spelling; legacy combined names
         # ("DPM++ 2M Karras") split into sampler + schedule.
         sampler, schedule = resolve_sampler(self.sampler, self.scheduler)
+        if self.hires is not None:
+            object.__setattr__(self, "hires", self._checked_hires(sampler, schedule))
         object.__setattr__(self, "sampler", sampler)
         object.__setattr__(self, "scheduler", schedule)
+
+    def _checked_hires(self, sampler: str, schedule: str) -> HiresOptions:
+        """The hires options checked against the rest of the request, their names canonical."""
+        h = self.hires
+        if not isinstance(h, HiresOptions):
+            raise InvalidParameter("hires", type(h).__name__, "HiresOptions")
+        if self.init_images:
+            raise InvalidParameter("hires", "with init_images", "txt2img only (hires. fix is a txt2img option)")
+        if self.control_units:
+            raise InvalidParameter("hires", "with ControlNet units",
+                                   "no ControlNet units (hires. fix with ControlNet is not available yet)")
+        if self.width is not None and self.height is not None:
+            check_hires_size(h, self.width, self.height)
+        if h.prompt:
+            _check_hires_loras(self.prompt, h.prompt)
+        if h.sampler is None and h.scheduler is None:
+            return h
+        from .errors import UnknownName
+        from .sampling.names import resolve_sampler
+
+        default = _first_pass_schedule(self.sampler, self.scheduler, sampler, schedule)
+        try:
+            hires_sampler, hires_schedule = resolve_sampler(h.sampler or sampler, h.scheduler or default)
+        except UnknownName as exc:
+            raise UnknownName(f"hires_{exc.field}", exc.value, exc.choices) from None
+        return replace(h, sampler=hires_sampler if h.sampler is not None else None, scheduler=hires_schedule)
+
+    @property
+    def hires_sampler(self) -> str:
+        """The second pass's sampler (the first pass's unless the hires options name one)."""
+        return (self.hires.sampler if self.hires is not None else None) or self.sampler
+
+    @property
+    def hires_scheduler(self) -> str:
+        return (self.hires.scheduler if self.hires is not None else None) or self.scheduler
 
     @property
     def is_img2img(self) -> bool:
@@ -187,3 +340,45 @@ class GenerationParams:
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
+
+
+def check_hires_size(hires: HiresOptions, width: int, height: int, *, multiple: int = 8) -> None:
+    """The hires pictures must be 64 to 8192 pixels a side, as any other."""
+    out_w, out_h = hires.output_size(width, height, multiple=multiple)
+    if not (64 <= out_w <= 8192 and 64 <= out_h <= 8192):
+        raise InvalidParameter(hires.size_field(), hires.scale if hires.size_field() == "hires_scale"
+                               else f"{hires.resize_x}x{hires.resize_y}",
+                               f"a hires size from 64 to 8192 pixels a side (this one gives {out_w}x{out_h} "
+                               f"from {width}x{height})")
+
+
+def _check_hires_loras(prompt: str, hires_prompt: str) -> None:
+    """A hires prompt may not ask for other LoRAs: the weights are merged once for the request."""
+    from .prompts.parser import extract_extra_networks
+
+    def loras(text: str) -> list:
+        return [tag for tag in extract_extra_networks(text)[1] if tag.kind in ("lora", "lyco")]
+
+    if loras(hires_prompt) != loras(prompt):
+        raise InvalidParameter("hires_prompt", hires_prompt,
+                               "the same <lora:...> tags as the prompt (other LoRAs for the second pass are "
+                               "not available)")
+
+
+def _first_pass_schedule(raw_sampler: str, raw_schedule: str | None, sampler: str, schedule: str) -> str:
+    """The first pass's schedule as the request named it, which a second pass with another
+    sampler inherits (A1111: ``hr_scheduler`` None is ``p.scheduler``). The canonical ``schedule``
+    says "Automatic" where the named one was the first sampler's own default (Karras for
+    DPM++ 2M): another sampler must still get Karras.
+    """
+    from .sampling.names import sampler_info, schedule_info
+
+    if schedule != "Automatic":
+        return schedule
+    default = sampler_info(sampler).default_schedule
+    if default == "Automatic":
+        return schedule
+    named = schedule_info(raw_schedule).label if raw_schedule else "Automatic"
+    if named == default or str(raw_sampler).strip().lower().endswith(" " + default.lower()):
+        return default
+    return schedule

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from ..errors import ImageError, InvalidParameter
-from ..params import GenerationParams, SamplerOptions
+from ..params import HIRES_UPSCALERS, GenerationParams, HiresOptions, SamplerOptions
 from .control import control_units_from_args
 from .outputs import plan_outputs
 from .progress import ProgressBar
@@ -83,6 +83,9 @@ def _add_generation_args(p: argparse.ArgumentParser, *, img2img: bool) -> None:
                    help="output file (several images get -1, -2, ... suffixes) or folder (default ./outputs/<command>/)")
     o.add_argument("--overwrite", action="store_true", help="replace existing output files")
 
+    if not img2img:
+        _add_hires_args(p)
+
     m = p.add_argument_group("model")
     m.add_argument("-m", "--model", default=None, help="checkpoint: a path, or a name in the models folder")
     m.add_argument("--models-dir", default=None, help="models folder (default $UNDERPAINT_MODELS_DIR or ~/.local/share/underpaint/models)")
@@ -108,6 +111,38 @@ def _add_generation_args(p: argparse.ArgumentParser, *, img2img: bool) -> None:
 
     add_control_arguments(p)
     _record_defaults(p, img2img=img2img)
+
+
+def _add_hires_args(p: argparse.ArgumentParser) -> None:
+    h = p.add_argument_group("hires. fix", "A1111's Hires. fix: the first picture is upscaled and painted over "
+                                           "again at the larger size (any --hires-* flag turns it on)")
+    h.add_argument("--hires", action=argparse.BooleanOptionalAction, default=None,
+                   help="turn hires. fix on with its defaults; --no-hires turns off one taken from --from-infotext")
+    h.add_argument("--hires-scale", type=float, default=None, metavar="X",
+                   help="upscale the first picture by this (default 2)")
+    h.add_argument("--hires-resize", metavar="WxH", default=None,
+                   help="upscale to this size instead; 0 for one side keeps the aspect ratio, both given crop "
+                        "to fit (A1111's 'Resize width/height to')")
+    h.add_argument("--hires-upscaler", default=None, metavar="NAME",
+                   help="how to upscale: " + ", ".join(HIRES_UPSCALERS) + " (default Latent)")
+    h.add_argument("--hires-steps", type=int, default=None, metavar="N",
+                   help="steps of the second pass, run whatever the strength (default 0: as many as --steps)")
+    h.add_argument("--hires-strength", "--hires-denoising-strength", dest="hires_strength", type=float,
+                   default=None, metavar="S", help="denoising strength of the second pass (default 0.7)")
+    h.add_argument("--hires-sampler", default=None, metavar="NAME",
+                   help="sampler of the second pass (default: --sampler)")
+    h.add_argument("--hires-scheduler", "--hires-schedule-type", dest="hires_scheduler", default=None,
+                   metavar="NAME",
+                   help="schedule type of the second pass (default: --scheduler)")
+    h.add_argument("--hires-prompt", default=None, metavar="TEXT", help="prompt of the second pass (default: --prompt)")
+    h.add_argument("--hires-negative-prompt", default=None, metavar="TEXT",
+                   help="negative prompt of the second pass (default: --negative-prompt)")
+
+
+# --hires-* flag → HiresOptions field.
+_HIRES_FLAGS = (("hires_scale", "scale"), ("hires_upscaler", "upscaler"), ("hires_steps", "steps"),
+                ("hires_strength", "strength"), ("hires_sampler", "sampler"), ("hires_scheduler", "scheduler"),
+                ("hires_prompt", "prompt"), ("hires_negative_prompt", "negative_prompt"))
 
 
 # Flags an infotext can set; ``--from-infotext`` uses its values except for the flags given.
@@ -148,11 +183,15 @@ def _resolve_defaults(args: argparse.Namespace, model_defaults: dict | None = No
 def _seed_resize(value: str | None) -> tuple[int, int]:
     if not value:
         return 0, 0
+    return _size_flag("--seed-resize-from", value)
+
+
+def _size_flag(flag: str, value: str) -> tuple[int, int]:
     try:
         w, h = value.lower().split("x")
         return int(w), int(h)
     except ValueError:
-        raise InvalidParameter("--seed-resize-from", value, "WIDTHxHEIGHT, e.g. 512x768") from None
+        raise InvalidParameter(flag, value, "WIDTHxHEIGHT, e.g. 512x768") from None
 
 
 def params_from_args(args: argparse.Namespace, init_images: tuple = (), *, model=None) -> GenerationParams:
@@ -190,7 +229,25 @@ def params_from_args(args: argparse.Namespace, init_images: tuple = (), *, model
     )
     if getattr(args, "from_infotext", None):
         params = _with_infotext(params, args, given)
+    params = _with_hires(params, args)
     return _with_loras(params, getattr(args, "lora", None))
+
+
+def _with_hires(params: GenerationParams, args: argparse.Namespace) -> GenerationParams:
+    """The --hires-* flags over the hires. fix an infotext brought (or over the defaults)."""
+    from dataclasses import replace
+
+    switch = getattr(args, "hires", None)
+    if switch is False:
+        return params.replace(hires=None)
+    changes = {name: getattr(args, dest) for dest, name in _HIRES_FLAGS if getattr(args, dest, None) is not None}
+    if getattr(args, "hires_resize", None) is not None:
+        changes["resize_x"], changes["resize_y"] = _size_flag("--hires-resize", args.hires_resize)
+    elif "scale" in changes:  # a scale given here wins over a resize from an infotext
+        changes["resize_x"] = changes["resize_y"] = 0
+    if not changes and not switch:
+        return params
+    return params.replace(hires=replace(params.hires or HiresOptions(), **changes))
 
 
 def _with_infotext(params: GenerationParams, args: argparse.Namespace, given: set[str]) -> GenerationParams:
@@ -201,7 +258,9 @@ def _with_infotext(params: GenerationParams, args: argparse.Namespace, given: se
 
     fields = params_from_infotext(read_infotext(args.from_infotext))
     if not params.is_img2img:
-        fields.pop("strength", None)
+        fields.pop("strength", None)  # txt2img: the hires. fix strength, in fields["hires"]
+    else:
+        fields.pop("hires", None)
     fields = {k: v for k, v in fields.items() if _FLAG_OF_FIELD.get(k, k) not in given}
     options = fields.pop("sampler_options")
     fields["sampler_options"] = replace(options, **{k: getattr(args, k) for k in ("eta", "s_churn", "s_noise") if k in given})

@@ -53,8 +53,13 @@ def prompt_encoder(model, clip_skip: int) -> PromptEncoder:
                          embeddings=available_embeddings(model))
 
 
-def encode_prompts(model, params: GenerationParams, steps: int, *, batch: int, width: int, height: int) -> CondSchedule:
-    """Encode each distinct segment of the prompt schedules once and repeat it for the batch."""
+def encode_prompts(model, params: GenerationParams, steps: int, *, batch: int, width: int, height: int,
+                   hires_steps: int | None = None) -> CondSchedule:
+    """Encode each distinct segment of the prompt schedules once and repeat it for the batch.
+
+    ``hires_steps``: the schedule is for a hires. fix second pass of that many evaluations,
+    after a first pass of ``steps`` (A1111 counts prompt editing on from the first pass).
+    """
     encoder = prompt_encoder(model, params.clip_skip)
     # Extra-network tags (<lora:...>) come out of the prompt only; A1111 leaves the negative as written.
     positive, _ = extract_extra_networks(params.prompt)
@@ -62,7 +67,8 @@ def encode_prompts(model, params: GenerationParams, steps: int, *, batch: int, w
     def schedule(prompt: str, negative: bool) -> list[tuple[int, Conditioning]]:
         # One batch per schedule, as A1111: equal chunk counts and emphasis normalised together.
         with torch.inference_mode():
-            encoded = encoder.encode_schedule(prompt_schedule(prompt, steps), negative=negative)
+            encoded = encoder.encode_schedule(prompt_schedule(prompt, steps, hires_steps=hires_steps),
+                                             negative=negative)
         return [(end, _repeat(cond, batch)) for end, cond in encoded]
 
     time_ids = None

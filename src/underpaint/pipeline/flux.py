@@ -141,14 +141,16 @@ def encode_texts(model, texts: list[str], *, with_t5: bool = True) -> FluxCondit
     return FluxConditioning(embeds.float(), pooled.float())
 
 
-def encode_prompts(model, params: GenerationParams, steps: int, *, batch: int) -> CondSchedule:
-    """Per-step conditioning for the prompt and the negative prompt (prompt editing included)."""
+def encode_prompts(model, params: GenerationParams, steps: int, *, batch: int,
+                   hires_steps: int | None = None) -> CondSchedule:
+    """Per-step conditioning for the prompt and the negative prompt (prompt editing included;
+    ``hires_steps``: for a hires. fix second pass after a first pass of ``steps``)."""
     positive, _ = extract_extra_networks(params.prompt)
     cache: dict[str, FluxConditioning] = {}
 
     def schedule(prompt: str) -> list[tuple[int, FluxConditioning]]:
         out = []
-        for end, text in prompt_schedule(prompt, steps):
+        for end, text in prompt_schedule(prompt, steps, hires_steps=hires_steps):
             if text not in cache:
                 cache[text] = encode_prompt(model, text)
             out.append((end, cache[text].repeat(batch)))

@@ -1,6 +1,7 @@
 """generate(): img2img and txt2img as numbered steps, each a small helper.
 
-txt2img is the same path from pure noise. The semantics follow AUTOMATIC1111 1.10 so that
+txt2img is the same path from pure noise; with hires. fix (pipeline/hires.py) its latents go
+on to an img2img pass at the hires size. The semantics follow AUTOMATIC1111 1.10 so that
 an infotext written there reproduces here: strength → steps, seeds → noise, uint8 truncation.
 """
 
@@ -13,7 +14,7 @@ import torch
 
 from ..imageio.convert import images_to_tensor, tensor_to_images
 from ..imageio.resize import output_size, resize_image
-from ..params import GenerationParams
+from ..params import GenerationParams, check_hires_size
 from ..sampling import noise as noise_mod
 from ..sampling.names import sampler_info
 from ..sampling.samplers import STOP, prepare_start, run_sampler
@@ -21,6 +22,7 @@ from ..sampling.schedules import ModelSchedule, build_sigmas, img2img_sigmas
 from ..errors import InvalidParameter
 from ..sampling.flow import flow_sigmas, flow_start, image_seq_len, shift_mu
 from . import flux
+from . import hires as hires_mod
 from .conditioning import encode_prompts, prompt_encoder
 from .control import request_control
 from .denoise import make_denoiser
@@ -48,6 +50,24 @@ class Plan:
     inpaint: inpaint.InpaintJob | None = None
 
 
+@dataclass(frozen=True)
+class HiresPlan:
+    """The second pass of a hires. fix request: an img2img plan at the hires size."""
+
+    plan: Plan
+    size: hires_mod.HiresSize
+
+
+@dataclass(frozen=True)
+class SecondPassStart:
+    """What the second pass starts from instead of an init picture."""
+
+    init: torch.Tensor  # the upscaled, cropped first-pass latents
+    pixels: torch.Tensor | None  # the upscaled pictures in [-1, 1] (picture upscalers), for inpainting models
+    first_evaluations: int  # the first pass's model evaluations: prompt editing counts on from there
+    cond_size: tuple[int, int]  # SDXL's size conditioning: the upscale size, as A1111 (hr_upscale_to_x/y)
+
+
 def generate(model, params: GenerationParams, *, info: ModelInfo, progress, cancel: Cancellation) -> Result:
     """Run ``n_iter`` batches of ``batch_size`` images; batch image i uses seed + i."""
     if flux.is_flux(model):
@@ -63,6 +83,11 @@ def _check_flux_request(params: GenerationParams) -> None:
     from ..sampling.flow import check_flow_sampler
 
     check_flow_sampler(params.sampler)
+    if params.hires is not None and params.hires.sampler is not None:
+        try:
+            check_flow_sampler(params.hires.sampler)
+        except InvalidParameter as exc:
+            raise InvalidParameter("hires_sampler", exc.value, exc.expected) from None
 
 
 def _generate(model, params: GenerationParams, networks: ActiveNetworks, *, info: ModelInfo, progress,
@@ -70,6 +95,7 @@ def _generate(model, params: GenerationParams, networks: ActiveNetworks, *, info
     # 1. Check inputs and fix the random seeds so they can be recorded.
     params = params.with_seed()
     plan = _plan(model, params)
+    hires = _hires_plan(model, plan) if params.hires is not None else None
 
     # 2. strength 0 keeps the picture: return the input as it is (resized only if asked).
     if params.is_img2img and params.strength == 0:
@@ -111,8 +137,11 @@ def _generate(model, params: GenerationParams, networks: ActiveNetworks, *, info
         lo = job * params.batch_size
         batch_seeds = plan.seeds[lo : lo + params.batch_size]
         batch_subseeds = plan.subseeds[lo : lo + params.batch_size]
-        batch = _run_batch(model, plan, job, batch_seeds, batch_subseeds, progress, cancel,
-                           getattr(control, "stack", control))
+        if hires is None:
+            batch = _run_batch(model, plan, job, batch_seeds, batch_subseeds, progress, cancel,
+                               getattr(control, "stack", control))
+        else:
+            batch = _run_hires_batch(model, plan, hires, job, batch_seeds, batch_subseeds, progress, cancel)
         cancel.clear_skip()
         if batch is None:  # skipped
             continue
@@ -143,14 +172,50 @@ def _plan(model, params: GenerationParams) -> Plan:
     if params.is_img2img:
         width, height = output_size(params.init_images[0].size, params.width, params.height)
     else:
-        default = 1024 if model.spec.family.value in ("sdxl", "flux") else 512
-        width, height = (params.width or default) // 8 * 8, (params.height or default) // 8 * 8
+        requested_w, requested_h = _requested_size(model, params)
+        width, height = requested_w // 8 * 8, requested_h // 8 * 8
     if flux.is_flux(model):
         width, height = width // 16 * 16, height // 16 * 16  # whole 2×2 patches of the latent
         if width < 16 or height < 16:
             raise InvalidParameter("width" if width < 16 else "height", width if width < 16 else height,
                                    "at least 16 pixels for a FLUX model")
+    sigmas, full = _schedule(model, params, width, height, img2img=params.is_img2img)
+    total = params.batch_size * params.n_iter
+    seeds = tuple((params.seed + i) % 2**32 for i in range(total))
+    subseeds = tuple((params.subseed + i) % 2**32 for i in range(total))
+    return Plan(params, width, height, sigmas, full, len(sigmas) - 1, seeds, subseeds)
 
+
+def _requested_size(model, params: GenerationParams) -> tuple[int, int]:
+    """txt2img's size as asked (the family's default where none is given), before rounding."""
+    default = 1024 if model.spec.family.value in ("sdxl", "flux") else 512
+    return params.width or default, params.height or default
+
+
+def _hires_plan(model, plan: Plan) -> HiresPlan:
+    """The hires pass: its size from the first pass's requested size (as A1111 works it out),
+    its sigmas as img2img with fixed steps, the same seeds."""
+    p = plan.params
+    assert p.hires is not None
+    width, height = _requested_size(model, p)
+    multiple = 16 if flux.is_flux(model) else 8
+    check_hires_size(p.hires, width, height, multiple=multiple)
+    size = hires_mod.hires_size(p.hires, width, height, multiple=multiple)
+    second = hires_mod.second_pass_params(p, size)
+    try:
+        sigmas, full = _schedule(model, second, size.width, size.height, img2img=True, fixed=True)
+    except InvalidParameter as exc:  # the second pass's own sampler or schedule
+        if exc.field not in ("sampler", "scheduler"):
+            raise
+        raise InvalidParameter(f"hires_{exc.field}", exc.value, exc.expected) from None
+    return HiresPlan(replace(plan, params=second, width=size.width, height=size.height, sigmas=sigmas,
+                             full_sigmas=full, steps_run=len(sigmas) - 1), size)
+
+
+def _schedule(model, params: GenerationParams, width: int, height: int, *, img2img: bool,
+              fixed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sigmas to run and the uncut schedule they come from; img2img cuts by strength
+    (``fixed``: always through that rule, as a hires pass at strength 1 too)."""
     built: list[torch.Tensor] = []
 
     def full(n: int) -> torch.Tensor:
@@ -161,15 +226,12 @@ def _plan(model, params: GenerationParams) -> Plan:
                                       params.sampler_options, family=model.spec.family.value))
         return built[-1]
 
-    if params.is_img2img and params.strength < 1:
+    if img2img and (params.strength < 1 or fixed):
         timestep = "timestep" in sampler_info(params.sampler).flags
         sigmas = img2img_sigmas(full, params.steps, params.strength, params.fix_steps, count_from_end=timestep)
     else:
         sigmas = full(params.steps)
-    total = params.batch_size * params.n_iter
-    seeds = tuple((params.seed + i) % 2**32 for i in range(total))
-    subseeds = tuple((params.subseed + i) % 2**32 for i in range(total))
-    return Plan(params, width, height, sigmas, built[-1], len(sigmas) - 1, seeds, subseeds)
+    return sigmas, built[-1]
 
 
 def flux_schedule(model, params: GenerationParams, steps: int, width: int, height: int) -> torch.Tensor:
@@ -206,8 +268,54 @@ def _identity_result(plan: Plan, info: ModelInfo) -> Result:
                   prompts=(p.prompt,) * total, negative_prompts=(p.negative_prompt,) * total)
 
 
-def _run_batch(model, plan: Plan, job: int, seeds, subseeds, progress, cancel: Cancellation, control=None):
-    """One batch: encode prompts, make the start latent, sample, decode."""
+def _run_hires_batch(model, plan: Plan, hires: HiresPlan, job: int, seeds, subseeds, progress,
+                     cancel: Cancellation):
+    """One batch of a hires. fix request: the first pass, the upscale, the second pass.
+
+    Progress counts the steps of both passes. An interrupt during the first pass returns its
+    pictures as they stand, at the first size (A1111 skips the second pass then too).
+    """
+    total = plan.steps_run + hires.plan.steps_run
+    latents = _run_batch(model, plan, job, seeds, subseeds, progress, cancel, keep_latents=True, window=(0, total))
+    if latents is None:
+        return None
+    if cancel.interrupted:
+        return decode_latents(model, latents)
+    start = _second_pass_start(model, plan, hires, latents)
+    return _run_batch(model, hires.plan, job, seeds, subseeds, progress, cancel, start=start,
+                      window=(plan.steps_run, total))
+
+
+def _second_pass_start(model, plan: Plan, hires: HiresPlan, latents: torch.Tensor) -> SecondPassStart:
+    """Upscale the first pass: in latent space, or decoded, resized with Pillow and encoded again;
+    then crop to the hires size."""
+    p = plan.params
+    assert p.hires is not None
+    size, upscaler = hires.size, p.hires.upscaler_name
+    pixels = None
+    if p.hires.in_latent_space:
+        init = hires_mod.upscale_latents(latents, upscaler, size.upscale_width, size.upscale_height)
+    else:
+        pictures = [hires_mod.upscale_picture(image, size.upscale_width, size.upscale_height, upscaler)
+                    for image in decode_latents(model, latents)]
+        pixels = images_to_tensor(pictures)
+        init = encode_pixels(model, pixels)
+    init = hires_mod.crop_latents(init, size)
+    if pixels is not None:
+        top, left = size.crop_y // 2 * 8, size.crop_x // 2 * 8
+        pixels = pixels[..., top : top + size.height, left : left + size.width]
+    evaluations = p.steps * (2 if "second_order" in sampler_info(p.sampler).flags else 1)
+    return SecondPassStart(init.to(torch.float32), pixels, evaluations, (size.upscale_width, size.upscale_height))
+
+
+def _run_batch(model, plan: Plan, job: int, seeds, subseeds, progress, cancel: Cancellation, control=None, *,
+               start: SecondPassStart | None = None, keep_latents: bool = False,
+               window: tuple[int, int] | None = None):
+    """One batch: encode prompts, make the start latent, sample, decode.
+
+    ``start`` makes it a hires. fix second pass from those latents; ``keep_latents`` returns the
+    latents undecoded; ``window`` is (steps before, steps in all) for progress across passes.
+    """
     p = plan.params
     device, dtype = model.device, model.dtype
     b = len(seeds)
@@ -219,11 +327,14 @@ def _run_batch(model, plan: Plan, job: int, seeds, subseeds, progress, cancel: C
     from ..models.offload import on_device
 
     evaluations = p.steps * (2 if "second_order" in sampler_info(p.sampler).flags else 1)
+    # A hires pass schedules prompt editing past the first pass's evaluations (A1111's hires_steps).
+    steps, hires_steps = (evaluations, None) if start is None else (start.first_evaluations, evaluations)
+    cond_w, cond_h = (plan.width, plan.height) if start is None else start.cond_size
     with on_device(model, "text"):
         if is_flux:
-            conds = flux.encode_prompts(model, p, evaluations, batch=b)
+            conds = flux.encode_prompts(model, p, steps, batch=b, hires_steps=hires_steps)
         else:
-            conds = encode_prompts(model, p, evaluations, batch=b, width=plan.width, height=plan.height)
+            conds = encode_prompts(model, p, steps, batch=b, width=cond_w, height=cond_h, hires_steps=hires_steps)
 
     # 4. Prepare the start latent: VAE-encoded picture plus noise at the first sigma.
     noise = noise_mod.image_noise(
@@ -235,7 +346,9 @@ def _run_batch(model, plan: Plan, job: int, seeds, subseeds, progress, cancel: C
     masked = None if plan.inpaint is None else inpaint.job_latents(
         plan.inpaint, encode, batch=b, noise=_content_noise(p, seeds, latent_shape, device))
     init = None
-    if p.is_img2img and p.strength < 1:
+    if start is not None:
+        init = start.init.to(device)
+    elif p.is_img2img and p.strength < 1:
         init = masked.init if masked is not None else encode_images(model, p.init_images, plan, b)
     if is_flux:
         sigmas = plan.sigmas.to(device)
@@ -246,13 +359,14 @@ def _run_batch(model, plan: Plan, job: int, seeds, subseeds, progress, cancel: C
 
     # 5. Denoiser: model wrapper ∘ CFG ∘ inpaint blend (∘ ControlNet); a 9-channel
     #    inpainting checkpoint also sees the mask and the masked picture.
+    pixels = None if start is None else start.pixels
     if is_flux:
-        extra = flux_fill_channels(model, plan, b, encode) if model.spec.is_inpaint else None
+        extra = flux_fill_channels(model, plan, b, encode, pixels=pixels) if model.spec.is_inpaint else None
         if control is not None:
             control.on_step(0)
         denoiser = flux.make_denoiser(model, conds, p, extra_channels=extra, control=control)
     else:
-        extra = _inpaint_channels(model, plan, b, encode) if model.spec.is_inpaint else None
+        extra = _inpaint_channels(model, plan, b, encode, pixels=pixels) if model.spec.is_inpaint else None
         if control is not None:
             control.on_step(0)
         denoiser = make_denoiser(model, conds, p.cfg_scale, model_schedule(model), p.sampler,
@@ -263,12 +377,14 @@ def _run_batch(model, plan: Plan, job: int, seeds, subseeds, progress, cancel: C
     noise_sampler = _noise_sampler(info, x, plan.full_sigmas.to(device), seeds, p, device)
 
     # 6. Denoising loop.
-    callback = _callback(model, plan, job, progress, cancel, control)
+    callback = _callback(model, plan, job, progress, cancel, control, window=window)
     with torch.inference_mode():
         latents = run_sampler(p.sampler, denoiser, x, sigmas, noise_sampler=noise_sampler, callback=callback,
                               options=p.sampler_options, model_schedule=None if is_flux else model_schedule(model))
     if cancel.skipped and not cancel.interrupted:
         return None
+    if keep_latents:
+        return latents
 
     # 7. Decode to pixels with A1111's uint8 truncation; inpainting pastes the result back
     #    and lays the original pixels over everything outside the mask.
@@ -295,10 +411,12 @@ def _content_noise(p: GenerationParams, seeds, shape, device) -> torch.Tensor | 
     return noise_mod.image_noise(seeds, shape, rng=p.rng, device=device).to(torch.float32)
 
 
-def _inpaint_channels(model, plan: Plan, batch: int, encode) -> torch.Tensor:
-    """The mask and masked-picture channels of a 9-channel inpainting checkpoint (txt2img: grey, all masked)."""
+def _inpaint_channels(model, plan: Plan, batch: int, encode, *, pixels: torch.Tensor | None = None) -> torch.Tensor:
+    """The mask and masked-picture channels of a 9-channel inpainting checkpoint (txt2img: grey, all masked;
+    ``pixels``: a hires pass's upscaled pictures)."""
     p = plan.params
-    pixels = init_pixels(p.init_images, plan, batch) if plan.inpaint is None and p.is_img2img else None
+    if plan.inpaint is None and p.is_img2img:
+        pixels = init_pixels(p.init_images, plan, batch)
     return inpaint.image_conditioning(encode, job=plan.inpaint, pixels=pixels, weight=p.inpaint.mask_weight,
                                       batch=batch, size=(plan.width, plan.height)).to(model.device)
 
@@ -314,8 +432,9 @@ def _noise_sampler(info, x, full_sigmas, seeds, p: GenerationParams, device):
     return None
 
 
-def _callback(model, plan: Plan, job: int, progress, cancel: Cancellation, control=None) -> Callable:
-    total = plan.steps_run
+def _callback(model, plan: Plan, job: int, progress, cancel: Cancellation, control=None, *,
+              window: tuple[int, int] | None = None) -> Callable:
+    offset, total = window if window is not None else (0, plan.steps_run)
 
     def on_step(step: int, _total: int, x: torch.Tensor, denoised: torch.Tensor):
         if control is not None:  # A1111's ControlNet guidance window counts finished steps
@@ -323,7 +442,8 @@ def _callback(model, plan: Plan, job: int, progress, cancel: Cancellation, contr
         if progress is not None:
             method = plan.params.preview_method  # pipeline/preview.py: Full, Approx NN, Approx cheap, TAESD
             preview = (lambda d=denoised: preview_images(model, d, method)) if denoised is not None else None
-            progress(Progress(job=job, job_count=plan.params.n_iter, step=step + 1, steps=total, preview=preview))
+            progress(Progress(job=job, job_count=plan.params.n_iter, step=offset + step + 1, steps=total,
+                              preview=preview))
         if cancel.interrupted or cancel.skipped:
             return STOP
         return None
@@ -377,9 +497,10 @@ def _shift(model) -> float:
     return float(getattr(model.spec, "shift_factor", 0.0) or 0.0)
 
 
-def flux_fill_channels(model, plan: Plan, batch: int, encode) -> torch.Tensor:
+def flux_fill_channels(model, plan: Plan, batch: int, encode, *, pixels: torch.Tensor | None = None) -> torch.Tensor:
     """FLUX Fill's extra inputs, packed: the masked picture's latent, then the pixel mask as
-    8×8 values per latent cell (without a mask everything is repainted, as for txt2img)."""
+    8×8 values per latent cell (without a mask everything is repainted, as for txt2img;
+    ``pixels``: a hires pass's upscaled pictures)."""
     p = plan.params
     width, height = plan.width, plan.height
     if plan.inpaint is not None:
@@ -387,7 +508,10 @@ def flux_fill_channels(model, plan: Plan, batch: int, encode) -> torch.Tensor:
         pixels = inpaint.job_pixels(job, batch)
         mask = inpaint.conditioning_mask(job.mask, round_mask=True).to(pixels)
     else:
-        pixels = init_pixels(p.init_images, plan, batch) if p.is_img2img else torch.zeros(batch, 3, height, width)
+        if p.is_img2img:
+            pixels = init_pixels(p.init_images, plan, batch)
+        elif pixels is None:
+            pixels = torch.zeros(batch, 3, height, width)
         mask = torch.ones(1, 1, height, width)
     mask = mask.expand(batch, 1, *pixels.shape[-2:])
     masked = encode(pixels * (1 - mask))

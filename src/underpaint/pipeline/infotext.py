@@ -8,6 +8,7 @@ from .. import __version__
 from ..imageio.infotext import format_infotext, order_params
 from ..params import GenerationParams
 from ..sampling.names import infotext_schedule, infotext_writes_ensd
+from .hires import hires_infotext
 from .records import ModelInfo
 
 VERSION = f"underpaint {__version__}"
@@ -31,10 +32,13 @@ def infotext_params(params: GenerationParams, info: ModelInfo, *, width: int, he
         "Variation seed": subseed if variation else None,
         "Variation seed strength": p.subseed_strength if variation else None,
         "Seed resize from": f"{p.seed_resize_from_w}x{p.seed_resize_from_h}" if p.seed_resize_from_w > 0 and p.seed_resize_from_h > 0 else None,
-        "Denoising strength": p.strength if p.is_img2img else None,
+        # txt2img records its hires. fix strength here (A1111 writes it only with hires. fix).
+        "Denoising strength": p.strength if p.is_img2img else (p.hires.strength if p.hires is not None else None),
         "Clip skip": p.clip_skip if p.clip_skip > 1 else None,
         "ENSD": p.eta_noise_seed_delta if p.eta_noise_seed_delta and infotext_writes_ensd(p.sampler, opts.eta) else None,
         "RNG": {"cpu": "CPU", "nv": "NV"}.get(p.rng),
+        # A1111's txt2img adds its hires keys before sampling, the sampler's own keys during it.
+        **hires_infotext(p),
         "Eta": opts.eta,
         "Schedule min sigma": opts.sigma_min,
         "Schedule max sigma": opts.sigma_max,

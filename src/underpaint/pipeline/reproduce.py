@@ -16,7 +16,7 @@ from typing import Any
 
 from ..errors import ImageError, InvalidParameter
 from ..imageio.infotext import ParsedInfotext, apply_defaults, parse_infotext
-from ..params import InpaintOptions, SamplerOptions
+from ..params import HiresOptions, InpaintOptions, SamplerOptions
 
 # infotext key → (GenerationParams field, parser); the ``-1``/``-2`` keys are split ``WxH`` values.
 _FIELDS: tuple[tuple[str, str, Callable[[str], Any]], ...] = (
@@ -48,6 +48,20 @@ _OPTION_KEYS: tuple[tuple[str, tuple[str, ...]], ...] = (
 # A1111 writes 0 for "no override" of the schedule's sigma range and rho.
 _SCHEDULE_OVERRIDES = (("sigma_min", "Schedule min sigma"), ("sigma_max", "Schedule max sigma"),
                        ("rho", "Schedule rho"))
+# Hires. fix keys → HiresOptions fields; A1111 turns hires. fix on from an infotext with a
+# "Denoising strength" and any of the first three.
+_HIRES_FIELDS: tuple[tuple[str, str, Callable[[str], Any]], ...] = (
+    ("Hires upscale", "scale", float),
+    ("Hires upscaler", "upscaler", str),
+    ("Hires resize-1", "resize_x", int),
+    ("Hires resize-2", "resize_y", int),
+    ("Hires steps", "steps", int),
+    ("Denoising strength", "strength", float),
+    ("Hires sampler", "sampler", str),
+    ("Hires schedule type", "scheduler", str),
+    ("Hires prompt", "prompt", str),
+    ("Hires negative prompt", "negative_prompt", str),
+)
 _IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8", b"RIFF", b"GIF8", b"II*\x00", b"MM\x00*")
 
 
@@ -70,7 +84,30 @@ def params_from_infotext(parsed: ParsedInfotext) -> dict[str, Any]:
     fields["rng"] = _RNG[rng]
     fields["sampler_options"] = sampler_options(values)
     fields["inpaint"] = inpaint_options(values)
+    hires = hires_options(parsed.params)
+    if hires is not None:
+        fields["hires"] = hires
     return fields
+
+
+def hires_options(params: Mapping[str, str]) -> HiresOptions | None:
+    """The hires. fix an infotext records, or None. As A1111's "Send to txt2img": on when there is a
+    "Denoising strength" and a "Hires upscale", "Hires upscaler" or "Hires resize" (given in the
+    text, not filled in as a default, so that an img2img infotext does not turn it on).
+    """
+    if "Denoising strength" not in params or not any(
+            key in params for key in ("Hires upscale", "Hires upscaler", "Hires resize-1")):
+        return None
+    checkpoint = params.get("Hires checkpoint", "Use same checkpoint")
+    if checkpoint != "Use same checkpoint":
+        raise InvalidParameter("Hires checkpoint", checkpoint,
+                               "Use same checkpoint (another checkpoint for the second pass is not available)")
+    found = {name: _parse(params, key, kind) for key, name, kind in _HIRES_FIELDS if key in params}
+    try:
+        return HiresOptions(**found)
+    except InvalidParameter as exc:
+        key = next((k for k, name, _ in _HIRES_FIELDS if exc.field == f"hires_{name}"), exc.field or "Hires")
+        raise InvalidParameter(key, exc.value, exc.expected) from None
 
 
 def sampler_options(values: Mapping[str, str]) -> SamplerOptions:

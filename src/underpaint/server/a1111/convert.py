@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from ...errors import InvalidParameter, UnknownName
-from ...params import MASKED_CONTENT, GenerationParams, InpaintOptions, SamplerOptions
+from ...params import MASKED_CONTENT, GenerationParams, HiresOptions, InpaintOptions, SamplerOptions
 from ..config import Limits
 from ..images import decode_image
 from ..state import ServerOptions
@@ -62,13 +62,54 @@ class PreparedJob:
 def prepare_txt2img(req: Txt2ImgRequest, ctx: ConvertContext) -> PreparedJob:
     req = apply_infotext(req)
     _refuse_unsupported(req)
-    if req.enable_hr:
-        raise InvalidParameter("enable_hr", True, "false (hires. fix is not available in underpaint yet)")
     if req.firstpass_image:
-        raise InvalidParameter("firstpass_image", "<image>", "absent (hires. fix is not available)")
+        raise InvalidParameter("firstpass_image", "<image>", "absent (a hires. fix over a given first picture "
+                                                             "is not available)")
     fields = _common_fields(req, ctx, img2img=False)
+    fields.update(_first_phase_size(req, ctx.limits))
+    if req.enable_hr:
+        fields["hires"] = _hires_options(req, ctx.limits, fields["width"], fields["height"])
     params = _build_params(fields, strength=1.0)
     return _prepared("txt2img", req, params, fields, req.model_dump(mode="json"))
+
+
+def _first_phase_size(req: Txt2ImgRequest, limits: Limits) -> dict[str, int]:
+    """A1111's legacy ``firstphase_width``/``firstphase_height``: when set they replace the size of
+    the (first) pass, hires. fix or not, as A1111 1.x does."""
+    if not req.firstphase_width and not req.firstphase_height:
+        return {}
+    for name, value, most in (("firstphase_width", req.firstphase_width, limits.max_width),
+                              ("firstphase_height", req.firstphase_height, limits.max_height)):
+        if not 64 <= value <= most:
+            raise InvalidParameter(name, value, f"0 (not used; with its partner 0 too) or 64 to {most} pixels")
+    return {"width": req.firstphase_width, "height": req.firstphase_height}
+
+
+def _hires_options(req: Txt2ImgRequest, limits: Limits, width: int, height: int) -> HiresOptions:
+    """``enable_hr`` and the ``hr_*`` fields as :class:`HiresOptions`, the hires size within the limits."""
+    if req.hr_checkpoint_name not in (None, "", "Use same checkpoint"):
+        raise InvalidParameter("hr_checkpoint_name", req.hr_checkpoint_name,
+                               "absent or 'Use same checkpoint' (another checkpoint for the second pass is not "
+                               "available)")
+    if req.hr_second_pass_steps > limits.max_steps:
+        raise InvalidParameter("hr_second_pass_steps", req.hr_second_pass_steps,
+                               f"at most {limits.max_steps} (this server's limit)")
+    try:
+        hires = HiresOptions(
+            scale=req.hr_scale, resize_x=req.hr_resize_x, resize_y=req.hr_resize_y, upscaler=req.hr_upscaler or None,
+            steps=req.hr_second_pass_steps, strength=0.75 if req.denoising_strength is None else req.denoising_strength,
+            sampler=req.hr_sampler_name, scheduler=req.hr_scheduler, prompt=req.hr_prompt or "",
+            negative_prompt=req.hr_negative_prompt or "")
+    except InvalidParameter as exc:
+        raise _renamed(exc) from None
+    out_w, out_h = hires.output_size(width, height)
+    field = _API_FIELD[hires.size_field()]
+    value = req.hr_scale if field == "hr_scale" else f"{req.hr_resize_x}x{req.hr_resize_y}"
+    if out_w > limits.max_width or out_h > limits.max_height or out_w * out_h > limits.max_image_pixels:
+        raise InvalidParameter(field, value, f"a hires size of at most {limits.max_width}x{limits.max_height} and "
+                                             f"{limits.max_image_pixels} pixels (this server's limits; this one "
+                                             f"gives {out_w}x{out_h})")
+    return hires
 
 
 def prepare_img2img(req: Img2ImgRequest, ctx: ConvertContext) -> PreparedJob:
@@ -127,7 +168,12 @@ def _build_params(fields: dict[str, Any], *, strength: float) -> GenerationParam
 # GenerationParams' own names for fields the API spells differently.
 _API_FIELD = {"strength": "denoising_strength", "sampler": "sampler_name", "clip_skip": "override_settings.CLIP_stop_at_last_layers",
               "rng": "override_settings.randn_source", "masked_content": "inpainting_fill",
-              "full_res_padding": "inpaint_full_res_padding"}
+              "full_res_padding": "inpaint_full_res_padding",
+              "hires": "enable_hr", "hires_scale": "hr_scale", "hires_resize_x": "hr_resize_x",
+              "hires_resize_y": "hr_resize_y", "hires_upscaler": "hr_upscaler", "hires_steps": "hr_second_pass_steps",
+              "hires_strength": "denoising_strength", "hires_sampler": "hr_sampler_name",
+              "hires_scheduler": "hr_scheduler", "hires_prompt": "hr_prompt",
+              "hires_negative_prompt": "hr_negative_prompt"}
 
 
 def _renamed(exc: InvalidParameter) -> InvalidParameter:
@@ -402,6 +448,11 @@ _INFOTEXT_FIELDS: tuple[tuple[str, str, type], ...] = (
     ("Variation seed strength", "subseed_strength", float), ("Seed resize from-1", "seed_resize_from_w", int),
     ("Seed resize from-2", "seed_resize_from_h", int), ("Denoising strength", "denoising_strength", float),
     ("Eta", "eta", float), ("Mask blur", "mask_blur", int),
+    ("Hires upscale", "hr_scale", float), ("Hires upscaler", "hr_upscaler", str),
+    ("Hires resize-1", "hr_resize_x", int), ("Hires resize-2", "hr_resize_y", int),
+    ("Hires steps", "hr_second_pass_steps", int), ("Hires sampler", "hr_sampler_name", str),
+    ("Hires schedule type", "hr_scheduler", str), ("Hires prompt", "hr_prompt", str),
+    ("Hires negative prompt", "hr_negative_prompt", str), ("Hires checkpoint", "hr_checkpoint_name", str),
 )
 # Infotext keys that A1111 turns into override_settings.
 _INFOTEXT_SETTINGS = (("Clip skip", "CLIP_stop_at_last_layers"), ("ENSD", "eta_noise_seed_delta"),
@@ -424,6 +475,10 @@ def apply_infotext(req: GenerationRequest) -> GenerationRequest:
     for key, name, kind in _INFOTEXT_FIELDS:
         if key in parsed.params and name not in given and name in type(req).model_fields:
             updates[name] = _typed(parsed.params[key], kind, key)
+    if "enable_hr" in type(req).model_fields and "enable_hr" not in given:
+        # A1111's paste rule: a "Denoising strength" and a hires size or upscaler in the text.
+        updates["enable_hr"] = "Denoising strength" in parsed.params and any(
+            key in parsed.params for key in ("Hires upscale", "Hires upscaler", "Hires resize-1"))
     overrides = dict(req.override_settings or {})
     for key, setting in _INFOTEXT_SETTINGS:
         if key in parsed.params and setting not in overrides:
@@ -457,13 +512,15 @@ _TOP_LEVEL_KEYS = frozenset({
 })
 
 
-def extra_generation_params(infotext: str | None) -> dict[str, str]:
-    """What the infotext holds beyond A1111's own top-level keys (Schedule type, Mask blur, ...)."""
+def extra_generation_params(infotext: str | None, *, keep: frozenset[str] = frozenset()) -> dict[str, str]:
+    """What the infotext holds beyond A1111's own top-level keys (Schedule type, Mask blur, ...);
+    ``keep``: top-level keys that are extra parameters here (a hires. fix's Denoising strength)."""
     if not infotext:
         return {}
     from ...imageio.infotext import parse_infotext
 
-    return {k: v for k, v in parse_infotext(infotext).params.items() if k not in _TOP_LEVEL_KEYS}
+    top = _TOP_LEVEL_KEYS - keep
+    return {k: v for k, v in parse_infotext(infotext).params.items() if k not in top}
 
 
 def info_json(job: PreparedJob, result, *, job_timestamp: str) -> str:
@@ -472,6 +529,8 @@ def info_json(job: PreparedJob, result, *, job_timestamp: str) -> str:
 
     p = result.params
     width, height = result.images[0].size if result.images else (p.width or 512, p.height or 512)
+    if p.hires is not None:  # A1111 reports the first pass's size (p.width, p.height)
+        width, height = p.width or width, p.height or height
     prompts = list(result.prompts) or [p.prompt]
     negatives = list(result.negative_prompts) or [p.negative_prompt]
     seeds = list(result.seeds) or [p.seed]
@@ -502,7 +561,9 @@ def info_json(job: PreparedJob, result, *, job_timestamp: str) -> str:
         "seed_resize_from_w": p.seed_resize_from_w or -1,
         "seed_resize_from_h": p.seed_resize_from_h or -1,
         "denoising_strength": p.strength if job.kind == "img2img" else job.denoising_strength,
-        "extra_generation_params": extra_generation_params(result.infotexts[0] if result.infotexts else None),
+        "extra_generation_params": extra_generation_params(
+            result.infotexts[0] if result.infotexts else None,
+            keep=frozenset({"Denoising strength"}) if p.hires is not None else frozenset()),
         "index_of_first_image": 0,
         "infotexts": list(result.infotexts),
         "styles": list(job.styles),

@@ -1,7 +1,8 @@
 """A1111's read-only lists (samplers, schedulers, LoRAs, ...), /memory and /png-info.
 
-Lists for things underpaint does not have (upscalers, face restorers, styles, scripts, ...)
-answer with empty lists, so clients that read them at start-up keep working.
+Lists for things underpaint does not have (face restorers, styles, scripts, ...) answer with
+empty lists, so clients that read them at start-up keep working. The upscalers are the hires.
+fix ones: A1111's built-in picture upscalers and its latent upscale modes.
 """
 
 from __future__ import annotations
@@ -122,9 +123,24 @@ def _empty(path: str, model: type, summary: str) -> None:
     router.add_api_route(path, endpoint, methods=["GET"], response_model=list[model], summary=summary)
 
 
+@router.get("/upscalers", response_model=list[UpscalerItem], summary="Upscalers for hires. fix (built-in, no models)")
+async def upscalers() -> list[UpscalerItem]:
+    """A1111's built-in upscalers, as it lists them (scale 4, no model); upscaling models are not available."""
+    from ...params import HIRES_PIXEL_UPSCALERS
+
+    return [UpscalerItem(name=name, model_name=None, model_path=None, model_url=None, scale=4)
+            for name in HIRES_PIXEL_UPSCALERS]
+
+
+@router.get("/latent-upscale-modes", response_model=list[LatentUpscalerModeItem],
+            summary="Latent upscale modes for hires. fix")
+async def latent_upscale_modes() -> list[LatentUpscalerModeItem]:
+    from ...params import HIRES_LATENT_MODES
+
+    return [LatentUpscalerModeItem(name=name) for name in HIRES_LATENT_MODES]
+
+
 for _path, _model, _summary in (
-    ("/upscalers", UpscalerItem, "Upscalers (none yet)"),
-    ("/latent-upscale-modes", LatentUpscalerModeItem, "Latent upscale modes for hires. fix (none yet)"),
     ("/prompt-styles", PromptStyleItem, "Saved prompt styles (none)"),
     ("/face-restorers", FaceRestorerItem, "Face restorers (none)"),
     ("/hypernetworks", HypernetworkItem, "Hypernetworks (none)"),

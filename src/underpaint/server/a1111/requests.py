@@ -2,7 +2,7 @@
 
 Field names, types and defaults are what A1111's API accepts, so existing clients send the
 same JSON. Fields for features underpaint does not have are still accepted; a request that
-actually asks for one (``restore_faces: true``, ``enable_hr: true``, a script) is refused with
+actually asks for one (``restore_faces: true``, a script) is refused with
 a 422 naming the field rather than silently ignored. Unknown fields are ignored, as A1111 does.
 """
 
@@ -76,20 +76,28 @@ class GenerationRequest(WireModel):
 class Txt2ImgRequest(GenerationRequest):
     """POST /sdapi/v1/txt2img."""
 
-    enable_hr: bool = Field(False, description="Hires. fix: not available here, must be false.")
-    denoising_strength: float | None = Field(0.75, description="Hires. fix strength (unused without enable_hr).")
-    firstphase_width: int = 0
-    firstphase_height: int = 0
-    hr_scale: float = 2.0
-    hr_upscaler: str | None = None
-    hr_second_pass_steps: int = 0
-    hr_resize_x: int = 0
-    hr_resize_y: int = 0
-    hr_checkpoint_name: str | None = None
-    hr_sampler_name: str | None = None
-    hr_scheduler: str | None = None
-    hr_prompt: str = ""
-    hr_negative_prompt: str = ""
+    enable_hr: bool = Field(False, description="Hires. fix: upscale the first picture and paint over it again at "
+                                                "the larger size with an img2img pass.")
+    denoising_strength: float | None = Field(0.75, description="Hires. fix: the second pass's strength (0-1; unused "
+                                                               "without enable_hr).")
+    firstphase_width: int = Field(0, description="Legacy: when set (with firstphase_height) it replaces `width`.")
+    firstphase_height: int = Field(0, description="Legacy: when set (with firstphase_width) it replaces `height`.")
+    hr_scale: float = Field(2.0, description="Hires. fix: upscale by this factor (when hr_resize_x/y are 0).")
+    hr_upscaler: str | None = Field(None, description="Hires. fix upscaler: a name from /latent-upscale-modes or "
+                                                      "/upscalers; absent means 'Latent'.")
+    hr_second_pass_steps: int = Field(0, description="Hires. fix: steps of the second pass, run whatever the "
+                                                     "strength; 0 means `steps`.")
+    hr_resize_x: int = Field(0, description="Hires. fix: upscale to this width instead (0 with hr_resize_y set: "
+                                            "keep the aspect ratio).")
+    hr_resize_y: int = Field(0, description="Hires. fix: upscale to this height instead; both set crop to fit.")
+    hr_checkpoint_name: str | None = Field(None, description="Not available here: absent or 'Use same checkpoint'.")
+    hr_sampler_name: str | None = Field(None, description="Hires. fix: the second pass's sampler; absent means "
+                                                          "`sampler_name`.")
+    hr_scheduler: str | None = Field(None, description="Hires. fix: the second pass's schedule type; absent means "
+                                                       "`scheduler`.")
+    hr_prompt: str = Field("", description="Hires. fix: the second pass's prompt; empty means `prompt`.")
+    hr_negative_prompt: str = Field("", description="Hires. fix: the second pass's negative prompt; empty means "
+                                                    "`negative_prompt`.")
 
 
 class Img2ImgRequest(GenerationRequest):
