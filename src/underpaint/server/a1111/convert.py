@@ -102,6 +102,8 @@ def _hires_options(req: Txt2ImgRequest, limits: Limits, width: int, height: int)
             negative_prompt=req.hr_negative_prompt or "")
     except InvalidParameter as exc:
         raise _renamed(exc) from None
+    if width < 64 or height < 64:  # refused by name when the request is built
+        return hires
     out_w, out_h = hires.output_size(width, height)
     field = _API_FIELD[hires.size_field()]
     value = req.hr_scale if field == "hr_scale" else f"{req.hr_resize_x}x{req.hr_resize_y}"
