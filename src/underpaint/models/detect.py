@@ -229,8 +229,8 @@ def detect_flux(header: CheckpointHeader, *, prediction: str | None = None) -> M
 
 def _refuse_bnb(names: dict) -> None:
     if any(k.endswith((".absmax", ".quant_map")) or ".quant_state." in k for k in names):
-        raise ModelError("unsupported: a bitsandbytes (NF4/FP4) quantized FLUX file; use its fp16/bf16, fp8 "
-                         "or GGUF version")
+        raise ModelError("a bitsandbytes (NF4/FP4) quantized FLUX file read without its quantization states: "
+                         "its weights' shapes are in them (read it with flux_loader.read_any_header or load_flux)")
 
 
 # Recognisable files that are not a supported checkpoint: (what it looks like, any of these keys).

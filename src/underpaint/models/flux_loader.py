@@ -14,17 +14,19 @@ explicitly wins over a bundled one. Every module is built on the meta device wit
 from shapes and then given the file's tensors (see :mod:`.loader`).
 
 fp8 tensors (``float8_e4m3fn``/``e5m2``, including ComfyUI's "scaled" fp8 files whose weights
-carry a ``scale_weight`` factor) and GGUF blocks are, by default (``keep_quantized=True``), kept
-as stored for the transformer's linear layers (:class:`~.quantized.StoredLinear`): they are
-expanded to the compute dtype one layer at a time as the model runs, so a 12B transformer holds
-about 11.9 GB in fp8 or 6.7-12.7 GB in GGUF Q4_0-Q8_0 instead of 23.8 GB in bf16 (computed from
-FLUX.1's shapes). The same holds for the linear layers of a separate fp8 T5 file
+carry a ``scale_weight`` factor), GGUF blocks and bitsandbytes 4-bit weights (NF4/FP4, as in
+Forge's all-in-one ``flux1-dev-bnb-nf4-v2.safetensors``; see :mod:`.bnb4`) are, by default
+(``keep_quantized=True``), kept as stored for the transformer's linear layers
+(:class:`~.quantized.StoredLinear`): they are expanded to the compute dtype one layer at a time as
+the model runs, so a 12B transformer holds about 11.9 GB in fp8, 6.7-12.7 GB in GGUF Q4_0-Q8_0
+or 6.1-6.7 GB in NF4 instead of 23.8 GB in bf16 (computed from FLUX.1's shapes). The same holds for the linear layers of a separate fp8 T5 file
 (``t5xxl_fp8_e4m3fn.safetensors``, scaled or not): T5-XXL's 4.76B parameters take 9.5 GB in
-bf16 and 4.9 GB with its 4.63B linear weights kept in fp8 (computed from its shapes).
+bf16 and 4.9 GB with its 4.63B linear weights kept in fp8 (computed from its shapes), and for a
+GGUF T5 in llama.cpp's names (``t5-v1_1-xxl-encoder-Q8_0.gguf``: 5.2 GB; Q4_K_M: 3.0 GB, computed).
 Everything else (norms, biases, embeddings, CLIP-L, a T5 inside an all-in-one file, the
 autoencoder, GGUF types without an on-the-fly dequantizer) is converted to the compute dtype as
 it is read; ``keep_quantized=False`` converts everything. ``unet.weight_storage`` says which way the
-transformer went (``"bf16"``, ``"fp8_e4m3fn"``, ``"gguf:Q8_0"``, ...).
+transformer went (``"bf16"``, ``"fp8_e4m3fn"``, ``"gguf:Q8_0"``, ``"nf4"``, ...).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelError
-from . import flux
+from . import bnb4, flux
 from . import t5 as t5mod
 from .detect import (FluxLayout, ModelSpec, _clip_l, describe_tensors, detect_diffusers_folder, detect_flux,
                      flux_layout)
@@ -84,7 +86,7 @@ def load_flux(path: str | os.PathLike, *, clip_l: str | os.PathLike | None = Non
     ``FluxTransformer2DModel``; ``text_encoders`` are (CLIPTextModel, T5EncoderModel) with their
     tokenizers; ``alphas_cumprod`` is empty (flow models have no DDPM schedule).
 
-    ``keep_quantized`` keeps the transformer's fp8 or GGUF-quantized linear weights, and those
+    ``keep_quantized`` keeps the transformer's fp8, GGUF or 4-bit (NF4/FP4) linear weights, and those
     of a separate fp8 T5 file, as stored, expanded per layer at run time; False expands them to
     ``dtype`` at load.
     """
@@ -133,14 +135,18 @@ def _opt_path(p: str | os.PathLike | None) -> Path | None:
 
 def read_weights(path: Path, dtype: torch.dtype, *,
                  keep_quantized: bool = False) -> tuple[CheckpointHeader, dict[str, torch.Tensor | StoredWeight]]:
-    """Header and tensors of a safetensors, torch or GGUF file; fp8 and GGUF tensors come back in ``dtype``.
+    """Header and tensors of a safetensors, torch or GGUF file; fp8, GGUF and bitsandbytes 4-bit
+    (NF4/FP4) tensors come back in ``dtype``.
 
-    With ``keep_quantized``, 2-D fp8 and GGUF-quantized weights come back as
-    :class:`~.quantized.StoredWeight` instead (see :func:`keep_fp8` and :func:`.gguf.load_gguf`).
+    With ``keep_quantized``, 2-D fp8, GGUF-quantized and 4-bit weights come back as
+    :class:`~.quantized.StoredWeight` instead (see :func:`keep_fp8`, :func:`.gguf.load_gguf` and
+    :func:`.bnb4.take_4bit`). A 4-bit file's header lists its weights at their logical shapes.
     """
     if is_gguf(path):
         return load_gguf(path, dtype=dtype, keep_quantized=keep_quantized)
     header, sd = _read(path)
+    if bnb4.holds_4bit(header.tensors):
+        header, sd = bnb4.take_4bit(header, sd, dtype, keep=keep_quantized)
     return header, keep_fp8(sd, dtype) if keep_quantized else upcast_fp8(sd, dtype)
 
 
@@ -174,8 +180,12 @@ def expand_stored(sd: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
 
 
 def read_any_header(path: Path) -> CheckpointHeader:
-    """Tensor names and shapes of a safetensors, torch or GGUF file, without dequantizing anything."""
-    return read_gguf_header(path) if is_gguf(path) else read_header(path)
+    """Tensor names and shapes of a safetensors, torch or GGUF file, without dequantizing anything
+    (bitsandbytes 4-bit weights at their logical shapes, see :func:`.bnb4.read_4bit_header`)."""
+    if is_gguf(path):
+        return read_gguf_header(path)
+    header = read_header(path)
+    return bnb4.read_4bit_header(path, header) if bnb4.holds_4bit(header.tensors) else header
 
 
 def upcast_fp8(sd: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -277,11 +287,13 @@ def load_clip_l(path: str | os.PathLike, *, device: str | torch.device = "cpu",
 
 def load_t5(path: str | os.PathLike, *, device: str | torch.device = "cpu",
             dtype: torch.dtype = torch.bfloat16, keep_quantized: bool = True) -> torch.nn.Module:
-    """The T5 encoder from a single file in transformers' names (``t5xxl_fp16.safetensors``, fp8 copies), any prefix.
+    """The T5 encoder from a single file in transformers' names (``t5xxl_fp16.safetensors``, fp8 copies), any prefix,
+    or a GGUF in llama.cpp's names (``t5-v1_1-xxl-encoder-Q8_0.gguf``, see :func:`.t5.read_gguf_t5`).
 
     ``keep_quantized`` keeps an fp8 file's linear weights (``t5xxl_fp8_e4m3fn.safetensors``, and
-    "scaled fp8" copies with their ``scale_weight`` factors) as stored, expanded per layer at run
-    time, as :func:`load_flux` does for the transformer; False expands them to ``dtype`` at load.
+    "scaled fp8" copies with their ``scale_weight`` factors), and a GGUF's quantized ones, as stored,
+    expanded per layer at run time, as :func:`load_flux` does for the transformer; False expands
+    them to ``dtype`` at load.
     """
     path = Path(path)
     with _naming(path):
@@ -289,9 +301,10 @@ def load_t5(path: str | os.PathLike, *, device: str | torch.device = "cpu",
             from transformers import T5EncoderModel
 
             return _from_pretrained(T5EncoderModel, path, dtype).to(device).eval().requires_grad_(False)
-        if is_gguf(path):
-            raise ModelError("a GGUF T5 encoder; use t5xxl_fp16.safetensors or t5xxl_fp8_e4m3fn.safetensors")
-        header, sd = read_weights(path, dtype, keep_quantized=keep_quantized)
+        if is_gguf(path):  # llama.cpp's names (t5-v1_1-xxl-encoder-Q8_0.gguf), renamed to transformers'
+            header, sd = t5mod.read_gguf_t5(path, dtype=dtype, keep_quantized=keep_quantized)
+        else:
+            header, sd = read_weights(path, dtype, keep_quantized=keep_quantized)
         prefix = t5mod.t5_prefix(header.tensors)
         if prefix is None:
             raise ModelError(f"not a T5 encoder: {describe_tensors(header.tensors)}; expected "

@@ -105,8 +105,8 @@ def load_flux(path: str | os.PathLike, *, clip_l: str | os.PathLike | None = Non
               keep_quantized: bool = True) -> LoadedModel:
     """A FLUX.1 model (transformer file, GGUF, all-in-one file or diffusers folder); see :mod:`.flux_loader`.
 
-    ``keep_quantized`` keeps fp8 and GGUF transformer weights compressed in memory (expanded per
-    layer as it runs); False expands them to ``dtype`` once, at load.
+    ``keep_quantized`` keeps fp8, GGUF and bitsandbytes NF4/FP4 transformer weights compressed in
+    memory (expanded per layer as it runs); False expands them to ``dtype`` once, at load.
     """
     from .flux_loader import load_flux as _load_flux
 
