@@ -340,3 +340,21 @@ def test_low_mode_moves_the_gguf_t5_blocks(models_dir, photo):
     assert np.array_equal(np.asarray(low.img2img(picture, **request).images[0]), expected)
     layer = _stored(low.model.text_encoders[1])["encoder.block.1.layer.1.DenseReluDense.wo"]
     assert layer.kind == "Q6_K" and bool((layer.packed == 0xFF).all())  # back home, poisoned, after the run
+
+
+def test_a_gguf_t5_in_the_models_folder_is_found_by_name_and_by_itself(models_dir, tmp_path):
+    from underpaint.models.registry import ModelsDir
+    from underpaint.pipeline.engine import Engine
+
+    by_name = Engine.load("flux1-dev-tiny", models_dir=models_dir, device="cpu", dtype="fp32",
+                          t5="t5-v1_1-tiny-encoder-Q8_0")
+    assert by_name.model.text_encoders[1].weight_storage == "gguf:Q8_0"
+    # A folder whose only T5 is a GGUF file: found without --t5, as a .safetensors T5 would be.
+    alone = tmp_path / "models"
+    shutil.copytree(models_dir, alone)
+    for extra in ("t5-v1_1-tiny-encoder-K.gguf", "t5-tiny-Q8_0-expanded.safetensors", "t5-tiny-K-expanded.safetensors"):
+        (alone / "text_encoders" / extra).unlink()
+    assert [e.filename for e in ModelsDir(alone).list_text_encoders()] == [
+        "clip_l.safetensors", "t5-v1_1-tiny-encoder-Q8_0.gguf"]
+    found = Engine.load("flux1-dev-tiny", models_dir=alone, device="cpu", dtype="fp32")
+    assert found.model.text_encoders[1].weight_storage == "gguf:Q8_0"

@@ -22,7 +22,7 @@ from .hashes import cached_model_hash
 CHECKPOINT_EXTENSIONS = (".safetensors", ".ckpt", ".gguf")
 VAE_EXTENSIONS = (".safetensors", ".ckpt", ".pt")
 #: FLUX.1's CLIP-L and T5 files (and T5's spiece.model beside them).
-TEXT_ENCODER_EXTENSIONS = (".safetensors",)
+TEXT_ENCODER_EXTENSIONS = (".safetensors", ".gguf")  # GGUF: T5 encoders in llama.cpp's layout
 
 # kind → (underpaint folder, A1111 folders relative to an A1111 root)
 _FOLDERS = {
@@ -157,7 +157,8 @@ class ModelsDir:
         return self._resolve("VAE", name_or_path, self.list_vaes(), "vae")
 
     def list_text_encoders(self) -> list[CheckpointEntry]:
-        """Single-file text encoders for FLUX.1 (``clip_l.safetensors``, ``t5xxl_fp16.safetensors``, ...)."""
+        """Single-file text encoders for FLUX.1 (``clip_l.safetensors``, ``t5xxl_fp16.safetensors``,
+        ``t5-v1_1-xxl-encoder-Q8_0.gguf``, ...)."""
         return self._entries("text_encoders", TEXT_ENCODER_EXTENSIONS, diffusers_folders=False)
 
     def resolve_text_encoder(self, name_or_path: str | os.PathLike) -> Path:
