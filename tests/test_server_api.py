@@ -74,21 +74,9 @@ def test_img2img_echo_leaves_images_out_unless_asked(client, photo):
 
 
 def test_img2img_fields_reach_generation_params(tmp_path, photo):
-    seen = []
-
-    class Recording(FakeBackend):
-        def __call__(self, path):
-            engine = super().__call__(path)
-            real = engine.generate
-
-            def generate(params, **kw):
-                seen.append(params)
-                return real(params, **kw)
-
-            engine.generate = generate
-            return engine
-
-    app = create_app(ServerConfig(models_dir=make_models_dir(tmp_path), preload=False), loader=Recording())
+    backend = FakeBackend()
+    seen = backend.params
+    app = create_app(ServerConfig(models_dir=make_models_dir(tmp_path), preload=False), loader=backend)
     with TestClient(app, base_url="http://127.0.0.1") as c:
         r = c.post("/sdapi/v1/img2img", json={
             "init_images": [png_b64(photo)], "mask": png_b64(photo.convert("L")), "denoising_strength": 0.3,
@@ -372,21 +360,8 @@ def test_options_can_be_posted_back_as_read(client, backend):
 
 
 def test_live_preview_options_round_trip_and_reach_the_job(tmp_path):
-    seen = []
-
-    class Recording(FakeBackend):
-        def __call__(self, path):
-            engine = super().__call__(path)
-            real = engine.generate
-
-            def generate(params, **kw):
-                seen.append(params.preview_method)
-                return real(params, **kw)
-
-            engine.generate = generate
-            return engine
-
-    app = create_app(ServerConfig(models_dir=make_models_dir(tmp_path), preload=False), loader=Recording())
+    backend = FakeBackend()
+    app = create_app(ServerConfig(models_dir=make_models_dir(tmp_path), preload=False), loader=backend)
     with TestClient(app, base_url="http://127.0.0.1") as c:
         options = c.get("/sdapi/v1/options").json()
         assert (options["show_progress_type"], options["live_previews_enable"]) == ("Approx NN", True)
@@ -397,7 +372,7 @@ def test_live_preview_options_round_trip_and_reach_the_job(tmp_path):
         assert (options["show_progress_type"], options["live_previews_enable"]) == ("TAESD", False)
         c.post("/sdapi/v1/txt2img", json={"steps": 1, "width": 64, "height": 64})
         assert c.post("/sdapi/v1/options", json=options).status_code == 200  # posted back as read
-    assert seen == ["Approx NN", "TAESD"]
+    assert [p.preview_method for p in backend.params] == ["Approx NN", "TAESD"]
 
 
 @pytest.mark.parametrize("body, field", [

@@ -31,6 +31,7 @@ class FakeBackend:
     scripted: bool = True  # prompts "raise" and "oom" make generate() fail
     loads: list[Path] = field(default_factory=list)
     calls: list[str] = field(default_factory=list)  # prompts, in the order generate() started them
+    params: list = field(default_factory=list)  # the GenerationParams of each generate(), likewise
     gate: threading.Event | None = None  # when set up, generate() waits for it before sampling
     started: threading.Event = field(default_factory=threading.Event)
 
@@ -54,6 +55,7 @@ class FakeEngine:
 
         b = self.backend
         b.calls.append(params.prompt)
+        b.params.append(params)
         b.started.set()
         if b.scripted and params.prompt == "raise":
             raise RuntimeError("the fake engine was told to fail")
