@@ -39,6 +39,12 @@ def _add_generation_args(p: argparse.ArgumentParser, *, img2img: bool) -> None:
     g.add_argument("--lora", action="append", metavar="NAME:WEIGHT", default=None,
                    help="apply a LoRA from the models folder's loras/ (repeatable); the same as <lora:NAME:WEIGHT> "
                         "in the prompt, also NAME:TE_WEIGHT:UNET_WEIGHT")
+    g.add_argument("--style", dest="styles", action="append", metavar="NAME", default=None,
+                   help="apply a prompt style from styles.csv (repeatable, applied in order): its text is added "
+                        "to the prompt after ', ', or the prompt goes where it says {prompt}; likewise its "
+                        "negative text")
+    g.add_argument("--styles-file", default=None, metavar="CSV",
+                   help="A1111's styles.csv to take --style from (default: styles.csv beside the models folder)")
 
     s = p.add_argument_group("sampling")
     if img2img:
@@ -230,7 +236,38 @@ def params_from_args(args: argparse.Namespace, init_images: tuple = (), *, model
     if getattr(args, "from_infotext", None):
         params = _with_infotext(params, args, given)
     params = _with_hires(params, args)
-    return _with_loras(params, getattr(args, "lora", None))
+    params = _with_loras(params, getattr(args, "lora", None))
+    return _with_styles(params, args)
+
+
+def _with_styles(params: GenerationParams, args: argparse.Namespace) -> GenerationParams:
+    """``--style NAME``s applied in order to the prompts, as A1111 applies the styles chosen in its UI
+    (prompts/styles.py); a hires. prompt of its own is styled too, an empty one follows the prompt."""
+    names = getattr(args, "styles", None)
+    if not names:
+        return params
+    from dataclasses import replace
+
+    from ..prompts.styles import read_styles
+
+    book = read_styles(styles_file(args))
+    prompt, negative_prompt = book.apply(names, params.prompt, params.negative_prompt, field="--style")
+    params = params.replace(prompt=prompt, negative_prompt=negative_prompt)
+    hires = params.hires
+    if hires is not None and (hires.prompt or hires.negative_prompt):
+        hr_prompt, hr_negative = book.apply(names, hires.prompt, hires.negative_prompt, field="--style")
+        params = params.replace(hires=replace(hires, prompt=hr_prompt if hires.prompt else "",
+                                              negative_prompt=hr_negative if hires.negative_prompt else ""))
+    return params
+
+
+def styles_file(args: argparse.Namespace) -> Path:
+    """``--styles-file``, else styles.csv beside the models folder (underpaint/locations.py)."""
+    from ..locations import default_styles_file
+
+    if getattr(args, "styles_file", None):
+        return Path(args.styles_file).expanduser()
+    return default_styles_file(Path(args.models_dir).expanduser() if getattr(args, "models_dir", None) else None)
 
 
 def _with_hires(params: GenerationParams, args: argparse.Namespace) -> GenerationParams:

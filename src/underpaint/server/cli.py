@@ -50,6 +50,15 @@ def add_serve_command(sub) -> argparse.ArgumentParser:
     model.add_argument("--attention", default="auto", choices=("auto", "flash", "efficient", "cudnn", "math"),
                        help="attention kernel for the UNet/transformer (default auto)")
 
+    files = p.add_argument_group("files")
+    files.add_argument("--outdir", default=None, metavar="FOLDER",
+                       help="where requests with save_images write their pictures (txt2img-images/, "
+                            "img2img-images/, a folder per day; default: outputs/ beside the models folder); "
+                            "a request can only choose whether to save, never where")
+    files.add_argument("--styles-file", default=None, metavar="CSV",
+                       help="A1111's styles.csv for `styles` in requests (default: styles.csv beside the models "
+                            "folder, when it exists)")
+
     lim = p.add_argument_group("limits")
     defaults = Limits()
     lim.add_argument("--queue-size", type=int, default=16, help="jobs that may wait; more get 503 (default 16)")
@@ -87,7 +96,12 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         cors_allow_origins=_split(args.cors_allow_origins), allowed_hosts=_split(args.allowed_hosts),
         limits=limits, queue_size=args.queue_size, allow_image_urls=args.allow_image_urls, insecure=args.insecure,
         webui=not args.nowebui,
+        outdir=_path(getattr(args, "outdir", None)), styles_file=_path(getattr(args, "styles_file", None)),
     )
+
+
+def _path(text: str | None) -> Path | None:
+    return Path(text).expanduser() if text else None
 
 
 def serve_main(args: argparse.Namespace) -> int:

@@ -64,6 +64,12 @@ class ServerConfig:
     webui: bool = True  # serve the browser UI at /
     #: Host header values accepted; empty means "loopback names when bound to loopback, anything otherwise".
     allowed_hosts: tuple[str, ...] = ()
+    #: Where ``save_images`` requests write (``txt2img-images/``, ``img2img-images/``); None: ``outputs/``
+    #: beside the models folder (underpaint/locations.py). Only this setting chooses it, never a request.
+    outdir: Path | None = None
+    #: A1111's ``styles.csv`` for ``styles`` in requests and ``/prompt-styles``; None: ``styles.csv``
+    #: beside the models folder, used when it exists.
+    styles_file: Path | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -75,6 +81,29 @@ class ServerConfig:
         from ..models.optimize import SpeedOptions
 
         SpeedOptions.parse(self.optimize, attention=self.attention)  # names checked at start, not at first load
+        outdir = Path(self.outdir).expanduser() if self.outdir is not None else None
+        if outdir is not None and outdir.exists() and not outdir.is_dir():
+            raise InvalidParameter("outdir", str(self.outdir), "a folder (or a path where one can be made)")
+        if self.styles_file is not None and not Path(self.styles_file).expanduser().is_file():
+            raise InvalidParameter("styles_file", str(self.styles_file), "an existing styles.csv file")
+
+    @property
+    def resolved_outdir(self) -> Path:
+        """``outdir``, else ``outputs/`` beside the models folder."""
+        from ..locations import default_outdir
+
+        if self.outdir is not None:
+            return Path(self.outdir).expanduser()
+        return default_outdir(self.models_dir)
+
+    @property
+    def resolved_styles_file(self) -> Path:
+        """``styles_file``, else ``styles.csv`` beside the models folder."""
+        from ..locations import default_styles_file
+
+        if self.styles_file is not None:
+            return Path(self.styles_file).expanduser()
+        return default_styles_file(self.models_dir)
 
     @property
     def is_loopback(self) -> bool:

@@ -1,4 +1,5 @@
-"""What one running server holds: its settings, queue, engine slot, models folder and options.
+"""What one running server holds: its settings, queue, engine slot, models folder, options, output
+folder and prompt styles.
 
 One :class:`ServerState` per app (``app.state.underpaint``), made by ``create_app``; nothing
 lives at module level, so two apps in one process (as in the tests) never share anything.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fastapi import Request
 
@@ -15,6 +17,10 @@ from .catalog import Catalog
 from .config import ServerConfig
 from .engine_slot import EngineLoader, EngineSlot
 from .jobs import JobQueue
+from .saving import SampleFolders
+
+if TYPE_CHECKING:
+    from ..prompts.styles import StylesFile
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,9 @@ class ServerState:
         self.queue = JobQueue(max_waiting=config.queue_size)
         self.slot = EngineSlot(loader, self.default_model)
         self.options = ServerOptions()
+        #: Where ``save_images`` writes: only the server's configuration decides.
+        self.outputs = SampleFolders(config.resolved_outdir)
+        self.styles = _styles_file(config.resolved_styles_file)
         #: Annotator networks for /controlnet/detect, made on first use by the worker thread.
         self.annotators = None
 
@@ -49,6 +58,12 @@ class ServerState:
         if self.config.model:
             return self.catalog.folder.resolve_checkpoint(self.config.model)
         return self.catalog.first()
+
+
+def _styles_file(path: Path) -> "StylesFile":
+    from ..prompts.styles import StylesFile
+
+    return StylesFile(path, source=path.name)  # messages name the file, not where it is on the server
 
 
 def server_state(request: Request) -> ServerState:

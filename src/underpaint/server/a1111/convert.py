@@ -17,8 +17,10 @@ from pydantic import ValidationError
 
 from ...errors import InvalidParameter, UnknownName
 from ...params import MASKED_CONTENT, GenerationParams, HiresOptions, InpaintOptions, SamplerOptions
+from ...prompts.styles import StyleBook
 from ..config import Limits
 from ..images import decode_image
+from ..saving import SampleFolders
 from ..state import ServerOptions
 from .requests import GenerationRequest, Img2ImgRequest, Txt2ImgRequest
 
@@ -37,6 +39,10 @@ class ConvertContext:
     resolve_model: Callable[[str], Path]
     allow_image_urls: bool = False
     controlnet_files: Callable[[], Sequence[Path]] = tuple
+    #: The server's prompt styles (styles.csv), read when a request names styles.
+    styles: Callable[[], StyleBook] | None = None
+    #: The server's output folder, whose path settings a request may not change.
+    outputs: SampleFolders | None = None
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,8 @@ class PreparedJob:
     task_id: str | None
     #: The request's field of each ControlNet unit sent to the engine, to name the engine's errors.
     control_fields: tuple[str, ...] = ()
+    #: Keep the pictures in the server's output folder (A1111's ``save_images``).
+    save_images: bool = False
 
 
 # --------------------------------------------------------------------------- request → params
@@ -68,7 +76,7 @@ def prepare_txt2img(req: Txt2ImgRequest, ctx: ConvertContext) -> PreparedJob:
     fields = _common_fields(req, ctx, img2img=False)
     fields.update(_first_phase_size(req, ctx.limits))
     if req.enable_hr:
-        fields["hires"] = _hires_options(req, ctx.limits, fields["width"], fields["height"])
+        fields["hires"] = _hires_options(req, ctx, fields["width"], fields["height"])
     params = _build_params(fields, strength=1.0)
     return _prepared("txt2img", req, params, fields, req.model_dump(mode="json"))
 
@@ -85,8 +93,13 @@ def _first_phase_size(req: Txt2ImgRequest, limits: Limits) -> dict[str, int]:
     return {"width": req.firstphase_width, "height": req.firstphase_height}
 
 
-def _hires_options(req: Txt2ImgRequest, limits: Limits, width: int, height: int) -> HiresOptions:
-    """``enable_hr`` and the ``hr_*`` fields as :class:`HiresOptions`, the hires size within the limits."""
+def _hires_options(req: Txt2ImgRequest, ctx: ConvertContext, width: int, height: int) -> HiresOptions:
+    """``enable_hr`` and the ``hr_*`` fields as :class:`HiresOptions`, the hires size within the limits.
+
+    Styles apply to a hires. prompt of its own as to the main one (A1111); an empty one follows the
+    main prompt, styles and all.
+    """
+    limits = ctx.limits
     if req.hr_checkpoint_name not in (None, "", "Use same checkpoint"):
         raise InvalidParameter("hr_checkpoint_name", req.hr_checkpoint_name,
                                "absent or 'Use same checkpoint' (another checkpoint for the second pass is not "
@@ -98,8 +111,8 @@ def _hires_options(req: Txt2ImgRequest, limits: Limits, width: int, height: int)
         hires = HiresOptions(
             scale=req.hr_scale, resize_x=req.hr_resize_x, resize_y=req.hr_resize_y, upscaler=req.hr_upscaler or None,
             steps=req.hr_second_pass_steps, strength=0.75 if req.denoising_strength is None else req.denoising_strength,
-            sampler=req.hr_sampler_name, scheduler=req.hr_scheduler, prompt=req.hr_prompt or "",
-            negative_prompt=req.hr_negative_prompt or "")
+            sampler=req.hr_sampler_name, scheduler=req.hr_scheduler,
+            **_styled_hires_prompts(req, ctx))
     except InvalidParameter as exc:
         raise _renamed(exc) from None
     if width < 64 or height < 64:  # refused by name when the request is built
@@ -146,7 +159,7 @@ def _prepared(kind: str, req: GenerationRequest, params: GenerationParams, field
         kind=kind, params=params, model=fields.pop("_model"), keep_model=not req.override_settings_restore_afterwards,
         send_images=req.send_images, parameters=echo, styles=tuple(req.styles or ()),
         denoising_strength=req.denoising_strength, task_id=req.force_task_id,
-        control_fields=_control_unit_fields(req),
+        control_fields=_control_unit_fields(req), save_images=req.save_images,
     )
 
 
@@ -197,8 +210,6 @@ def _refuse_unsupported(req: GenerationRequest) -> None:
         raise InvalidParameter("s_min_uncond", req.s_min_uncond, "0 (skipping the negative prompt is not available)")
     if req.refiner_checkpoint:
         raise InvalidParameter("refiner_checkpoint", req.refiner_checkpoint, "absent (refiners are not available yet)")
-    if req.styles:
-        raise UnknownName("styles", req.styles[0], [])
     if req.script_name:
         raise UnknownName("script_name", req.script_name, [])
     _check_alwayson(req.alwayson_scripts)
@@ -246,11 +257,14 @@ def _control_fields(req: GenerationRequest, ctx: ConvertContext, *, img2img: boo
 def _common_fields(req: GenerationRequest, ctx: ConvertContext, *, img2img: bool) -> dict[str, Any]:
     limits = ctx.limits
     _check_limits(req, limits)
+    if ctx.outputs is not None:  # a request may not point the server's writes elsewhere either
+        ctx.outputs.refuse_changes(req.override_settings or {}, prefix="override_settings.")
     overrides = _Overrides(req.override_settings or {}, ctx)
     sampler = _sampler_name(req)
+    prompt, negative_prompt = _styled(req, ctx, req.prompt or "", req.negative_prompt or "")
     return {
-        "prompt": req.prompt or "",
-        "negative_prompt": req.negative_prompt or "",
+        "prompt": prompt,
+        "negative_prompt": negative_prompt,
         "steps": req.steps,
         "cfg_scale": req.cfg_scale,
         "distilled_cfg_scale": req.distilled_cfg_scale,
@@ -273,6 +287,22 @@ def _common_fields(req: GenerationRequest, ctx: ConvertContext, *, img2img: bool
         "_model": overrides.model(),
         **_control_fields(req, ctx, img2img=img2img),
     }
+
+
+def _styled(req: GenerationRequest, ctx: ConvertContext, prompt: str, negative_prompt: str) -> tuple[str, str]:
+    """The prompts with the request's ``styles`` applied in order (A1111's rules, prompts/styles.py)."""
+    if not req.styles:
+        return prompt, negative_prompt
+    if ctx.styles is None:
+        raise InvalidParameter("styles", req.styles[0], "no styles (this server has no styles file)")
+    return ctx.styles().apply(req.styles, prompt, negative_prompt, field="styles")
+
+
+def _styled_hires_prompts(req: Txt2ImgRequest, ctx: ConvertContext) -> dict[str, str]:
+    """``hr_prompt``/``hr_negative_prompt`` styled when given; empty ones stay empty (they follow the main prompts)."""
+    prompt, negative_prompt = req.hr_prompt or "", req.hr_negative_prompt or ""
+    styled_prompt, styled_negative = _styled(req, ctx, prompt, negative_prompt)
+    return {"prompt": styled_prompt if prompt else "", "negative_prompt": styled_negative if negative_prompt else ""}
 
 
 def _check_limits(req: GenerationRequest, limits: Limits) -> None:
@@ -525,8 +555,9 @@ def extra_generation_params(infotext: str | None, *, keep: frozenset[str] = froz
     return {k: v for k, v in parse_infotext(infotext).params.items() if k not in top}
 
 
-def info_json(job: PreparedJob, result, *, job_timestamp: str) -> str:
-    """The ``info`` string of A1111's response: ``Processed.js()``'s keys, as JSON text."""
+def info_json(job: PreparedJob, result, *, job_timestamp: str, save_error: str | None = None) -> str:
+    """The ``info`` string of A1111's response: ``Processed.js()``'s keys, as JSON text; with
+    ``save_error`` when ``save_images`` could not write every picture (not an A1111 key)."""
     from ...pipeline.infotext import VERSION
 
     p = result.params
@@ -574,4 +605,6 @@ def info_json(job: PreparedJob, result, *, job_timestamp: str) -> str:
         "is_using_inpainting_conditioning": bool(model and "inpaint" in (model.family or "")),
         "version": VERSION,
     }
+    if save_error is not None:
+        info["save_error"] = save_error
     return json.dumps(info, default=lambda _: None, ensure_ascii=False)

@@ -1,10 +1,15 @@
-"""A1111's generation routes: txt2img, img2img, progress, interrupt and skip, over the job queue."""
+"""A1111's generation routes: txt2img, img2img, progress, interrupt and skip, over the job queue.
+
+A job with ``save_images`` also keeps its pictures in the server's output folder (saving.py),
+in the worker thread right after generating, so saves happen one job at a time, in order.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 
 from fastapi import APIRouter, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
@@ -14,6 +19,7 @@ from ...pipeline.records import ModelInfo, Result
 from ..errors import ServerError
 from ..images import encode_image
 from ..jobs import Job, JobCancelled
+from ..saving import SaveReport
 from ..state import ServerState, server_state
 from .convert import ConvertContext, PreparedJob, info_json, prepare_img2img, prepare_txt2img
 from .requests import Img2ImgRequest, Txt2ImgRequest
@@ -28,7 +34,16 @@ JOB_HEADER = "X-Underpaint-Job"
 
 def convert_context(state: ServerState) -> ConvertContext:
     return ConvertContext(limits=state.config.limits, options=state.options, resolve_model=state.catalog.resolve,
-                          allow_image_urls=state.config.allow_image_urls, controlnet_files=state.catalog.controlnets)
+                          allow_image_urls=state.config.allow_image_urls, controlnet_files=state.catalog.controlnets,
+                          styles=state.styles.book, outputs=state.outputs)
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A generation job's result and, when it was asked to save, what the save wrote."""
+
+    result: Result
+    saved: SaveReport | None = None
 
 
 @router.post("/txt2img", response_model=TextToImageResponse, summary="Make images from a prompt")
@@ -46,17 +61,31 @@ async def img2img(body: Img2ImgRequest, request: Request, response: Response) ->
 
 
 def _work(state: ServerState, prepared: PreparedJob):
-    """The job body, run by the queue's worker thread: pick the model, then generate."""
+    """The job body, run by the queue's worker thread: pick the model, generate, save if asked."""
 
-    def work(job: Job) -> Result:
+    def work(job: Job) -> Finished:
         engine = state.slot.engine_for(prepared.model)
         if prepared.keep_model and prepared.model is not None:
             state.slot.selected = prepared.model
         # The live preview method is the one set when the job starts, as A1111 reads it while sampling.
         params = prepared.params.replace(preview_method=state.options.show_progress_type)
-        return engine.generate(params, progress=job.report, cancel=job.cancel)
+        result = engine.generate(params, progress=job.report, cancel=job.cancel)
+        if not prepared.save_images:
+            return Finished(result)
+        count = _finished_count(result, prepared.params.batch_size)
+        return Finished(result, state.outputs.save(prepared.kind, result.images[:count], result.infotexts[:count],
+                                                   result.seeds[:count]))
 
     return work
+
+
+def _finished_count(result: Result, batch_size: int) -> int:
+    """How many pictures are finished: an interrupted job's last batch stopped part way and is not
+    saved (A1111 saves no picture of a batch during which the job was interrupted)."""
+    count = min(len(result.images), len(result.infotexts), len(result.seeds))
+    if result.interrupted:
+        count = max(0, count - max(1, batch_size))
+    return count
 
 
 async def run_prepared(state: ServerState, prepared: PreparedJob, response: Response) -> dict:
@@ -65,9 +94,9 @@ async def run_prepared(state: ServerState, prepared: PreparedJob, response: Resp
                              job_count=prepared.params.n_iter)
     response.headers[JOB_HEADER] = job.id
     try:
-        result = await await_job(state, job)
+        finished = await await_job(state, job)
     except JobCancelled:
-        result = _nothing_done(state, prepared)
+        finished = Finished(_nothing_done(state, prepared))
     except InvalidParameter as exc:  # the engine names units control_units[k]; the request, args[i]
         from .control_units import request_field
 
@@ -75,7 +104,7 @@ async def run_prepared(state: ServerState, prepared: PreparedJob, response: Resp
         if renamed is exc:
             raise
         raise renamed from None
-    return await run_in_threadpool(_response_fields, prepared, result, job)
+    return await run_in_threadpool(_response_fields, prepared, finished, job)
 
 
 async def await_job(state: ServerState, job: Job):
@@ -110,13 +139,15 @@ def job_failure(exc: BaseException, job: Job) -> ServerError:
                        headers={JOB_HEADER: job.id})
 
 
-def _response_fields(prepared: PreparedJob, result: Result, job: Job) -> dict:
+def _response_fields(prepared: PreparedJob, finished: Finished, job: Job) -> dict:
+    result = finished.result
     images = []
     if prepared.send_images:
         texts = list(result.infotexts) + [None] * (len(result.images) - len(result.infotexts))
         images = [encode_image(image, text) for image, text in zip(result.images, texts)]
+    save_error = finished.saved.error if finished.saved is not None else None
     return {"images": images, "parameters": prepared.parameters,
-            "info": info_json(prepared, result, job_timestamp=job.timestamp)}
+            "info": info_json(prepared, result, job_timestamp=job.timestamp, save_error=save_error)}
 
 
 # --------------------------------------------------------------------------- progress

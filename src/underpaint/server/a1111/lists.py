@@ -1,8 +1,9 @@
 """A1111's read-only lists (samplers, schedulers, LoRAs, ...), /memory and /png-info.
 
-Lists for things underpaint does not have (face restorers, styles, scripts, ...) answer with
-empty lists, so clients that read them at start-up keep working. The upscalers are the hires.
-fix ones: A1111's built-in picture upscalers and its latent upscale modes.
+Lists for things underpaint does not have (face restorers, scripts, ...) answer with empty
+lists, so clients that read them at start-up keep working. Prompt styles come from the
+server's styles.csv. The upscalers are the hires. fix ones: A1111's built-in picture
+upscalers and its latent upscale modes.
 """
 
 from __future__ import annotations
@@ -140,8 +141,15 @@ async def latent_upscale_modes() -> list[LatentUpscalerModeItem]:
     return [LatentUpscalerModeItem(name=name) for name in HIRES_LATENT_MODES]
 
 
+@router.get("/prompt-styles", response_model=list[PromptStyleItem], summary="Prompt styles from styles.csv")
+def prompt_styles(request: Request) -> list[PromptStyleItem]:
+    """The styles a request's ``styles`` may name, in file order (read again when the file changes)."""
+    book = server_state(request).styles.book()
+    return [PromptStyleItem(name=s.name, prompt=s.prompt, negative_prompt=s.negative_prompt)
+            for s in book.styles.values()]
+
+
 for _path, _model, _summary in (
-    ("/prompt-styles", PromptStyleItem, "Saved prompt styles (none)"),
     ("/face-restorers", FaceRestorerItem, "Face restorers (none)"),
     ("/hypernetworks", HypernetworkItem, "Hypernetworks (none)"),
     ("/realesrgan-models", RealesrganItem, "Real-ESRGAN models (none)"),

@@ -24,7 +24,9 @@ class GenerationRequest(WireModel):
 
     prompt: str = Field("", description="What the picture should show, in A1111's prompt syntax.")
     negative_prompt: str = Field("", description="What it should not show.")
-    styles: list[str] | None = Field(None, description="Saved prompt styles to apply (none are defined here).")
+    styles: list[str] | None = Field(None, description=(
+        "Prompt styles to apply, in order, by name from /prompt-styles (the server's styles.csv); an unknown "
+        "name is refused."))
     seed: int = Field(-1, description="-1 picks a random seed; the seed used is reported in `info`.")
     subseed: int = Field(-1, description="Variation seed; -1 picks a random one.")
     subseed_strength: float = Field(0.0, description="How far to move from `seed` towards `subseed` (0-1).")
@@ -43,7 +45,7 @@ class GenerationRequest(WireModel):
     height: int = Field(512, description="Output height in pixels.")
     restore_faces: bool | None = Field(None, description="Not available here: must be false or absent.")
     tiling: bool | None = Field(None, description="Not available here: must be false or absent.")
-    do_not_save_samples: bool = Field(False, description="Accepted for compatibility; nothing is saved on the server.")
+    do_not_save_samples: bool = Field(False, description="Ignored, as in A1111's API: save_images decides.")
     do_not_save_grid: bool = Field(False, description="Accepted for compatibility; no grid is made.")
     eta: float | None = Field(None, description="Noise multiplier for ancestral and SDE samplers (and DDIM).")
     denoising_strength: float | None = Field(None, description="img2img: how much to change the input (0-1).")
@@ -65,7 +67,9 @@ class GenerationRequest(WireModel):
     script_name: str | None = Field(None, description="Not available here: no selectable scripts are installed.")
     script_args: list[Any] = Field(default_factory=list, description="Arguments of script_name.")
     send_images: bool = Field(True, description="Return the images in the response.")
-    save_images: bool = Field(False, description="Accepted for compatibility; the server never writes images to disk.")
+    save_images: bool = Field(False, description=(
+        "Also keep the pictures on the server, in its output folder (txt2img-images/ or img2img-images/, a folder "
+        "per day, files like 00012-1234567.png with their infotext). Only the server chooses the folder."))
     alwayson_scripts: dict[str, Any] = Field(
         default_factory=dict, description="Extension arguments; `controlnet` units are understood."
     )

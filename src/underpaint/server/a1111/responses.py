@@ -195,6 +195,12 @@ class Options(WireModel):
         "decoder in the models folder's VAE-approx/), or Approx NN (TAESD when its file is there, else "
         "Approx cheap)."))
     live_previews_enable: bool = Field(True, description="Whether /progress makes live previews at all.")
+    outdir_samples: str = Field("", description="Read-only. Empty: each kind is saved in its own folder below.")
+    outdir_txt2img_samples: str = Field("", description=(
+        "Read-only: where txt2img requests with save_images write (the server's --outdir decides; a folder per "
+        "day inside)."))
+    outdir_img2img_samples: str = Field("", description=(
+        "Read-only: where img2img requests with save_images write (the server's --outdir decides)."))
 
 
 class CommandFlags(WireModel):

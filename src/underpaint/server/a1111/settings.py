@@ -54,6 +54,7 @@ def get_options(request: Request) -> Options:
         img2img_fix_steps=opts.img2img_fix_steps,
         show_progress_type=opts.show_progress_type,
         live_previews_enable=opts.live_previews_enable,
+        **state.outputs.options(),
     )
 
 
@@ -96,6 +97,7 @@ def _int_option(body: dict[str, Any], key: str, lo: int, hi: int) -> int:
 @router.post("/options", summary="Change settings; sd_model_checkpoint loads that checkpoint")
 async def set_options(request: Request, body: dict[str, Any] = Body(...)) -> None:
     state = server_state(request)
+    state.outputs.refuse_changes(body)  # the output folders are the server's to choose, not a client's
     changes = _option_changes(body)
     checkpoint = body.get("sd_model_checkpoint")
     if checkpoint is not None:

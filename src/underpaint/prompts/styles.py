@@ -1,0 +1,165 @@
+"""Prompt styles: A1111's ``styles.csv``, read safely, and styles applied to prompts as A1111 1.10 does.
+
+A style is a name with a prompt text and a negative prompt text. Applying one to a prompt:
+
+- when the style's text contains ``{prompt}``, every ``{prompt}`` in it is replaced by the prompt
+  as it stands (even an empty one);
+- otherwise the prompt and the style's text, each stripped of surrounding white space, are joined
+  with ``", "``, an empty one left out (so an empty style text still strips the prompt).
+
+Several styles apply in the order given, each to the result of the one before; the negative
+prompt takes the styles' negative texts by the same rule. The results are the prompts the model
+sees and the infotext records; A1111 writes no key naming the styles (its "Styles array" is
+inferred when an infotext is read back), and neither does underpaint.
+
+The file is A1111's: UTF-8 (a byte-order mark is fine), a header row naming the columns ``name``,
+``prompt`` (or the older ``text``) and, optionally, ``negative_prompt``. Rows whose name is empty
+or starts with ``#`` are skipped, and a later row of the same name replaces an earlier one, as in
+A1111. Unlike A1111, which quietly drops a style name it does not know, an unknown name is an
+error that names it and lists the known ones. The file is read with :mod:`csv`, at most
+:data:`MAX_STYLES_FILE_BYTES` of it, and never executed or evaluated.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import InvalidParameter
+
+#: A styles file larger than this is refused (A1111's own files are a few hundred kilobytes at most).
+MAX_STYLES_FILE_BYTES = 8 * 1024 * 1024
+#: At most this many names are listed in an "unknown style" error.
+MAX_LISTED_NAMES = 100
+PROMPT_MARK = "{prompt}"
+
+
+@dataclass(frozen=True)
+class PromptStyle:
+    """One row of ``styles.csv``."""
+
+    name: str
+    prompt: str = ""
+    negative_prompt: str = ""
+
+
+def merge_style(style_text: str, prompt: str) -> str:
+    """One style's text applied to a prompt (A1111's rule; see the module docstring)."""
+    if PROMPT_MARK in style_text:
+        return style_text.replace(PROMPT_MARK, prompt)
+    return ", ".join(part for part in (prompt.strip(), style_text.strip()) if part)
+
+
+def apply_style_texts(prompt: str, texts: Iterable[str]) -> str:
+    """Style texts applied in order, each to the result of the one before."""
+    for text in texts:
+        prompt = merge_style(text, prompt)
+    return prompt
+
+
+@dataclass(frozen=True)
+class StyleBook:
+    """The styles of one file, in file order; ``source`` names the file in messages."""
+
+    styles: Mapping[str, PromptStyle]
+    source: str = "styles.csv"
+    missing: bool = False  # the file does not exist (no styles)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.styles)
+
+    def find(self, names: Sequence[str], *, field: str) -> list[PromptStyle]:
+        """The styles of these names, in the order given; an unknown name is an error naming ``field``."""
+        found = []
+        for name in names:
+            style = self.styles.get(name)
+            if style is None:
+                raise InvalidParameter(field, name, self._expected())
+            found.append(style)
+        return found
+
+    def apply(self, names: Sequence[str], prompt: str, negative_prompt: str, *, field: str) -> tuple[str, str]:
+        """The prompt and negative prompt with the named styles applied in order."""
+        chosen = self.find(names, field=field)
+        return (apply_style_texts(prompt, (s.prompt for s in chosen)),
+                apply_style_texts(negative_prompt, (s.negative_prompt for s in chosen)))
+
+    def _expected(self) -> str:
+        if self.missing:
+            return f"a style from {self.source}, which does not exist"
+        if not self.styles:
+            return f"a style from {self.source}, which has none"
+        names = self.names
+        shown = ", ".join(repr(n) for n in names[:MAX_LISTED_NAMES])
+        more = f" and {len(names) - MAX_LISTED_NAMES} more" if len(names) > MAX_LISTED_NAMES else ""
+        return f"one of the styles in {self.source}: {shown}{more}"
+
+
+def parse_styles(text: str, *, source: str = "styles.csv") -> StyleBook:
+    """Styles from the text of a styles file; a file without a ``name`` or prompt column is an error."""
+    bad = "a CSV file whose header row names the columns name, prompt and negative_prompt"
+    reader = csv.DictReader(io.StringIO(text, newline=""), skipinitialspace=True)
+    styles: dict[str, PromptStyle] = {}
+    try:
+        columns = reader.fieldnames or []
+        if not columns:  # an empty file: no styles
+            return StyleBook({}, source)
+        prompt_column = "prompt" if "prompt" in columns else "text" if "text" in columns else None
+        if "name" not in columns or prompt_column is None:
+            raise InvalidParameter("styles_file", source, f"{bad} (its header is {', '.join(map(str, columns))})")
+        for row in reader:
+            name = row.get("name") or ""
+            if not name or name.startswith("#"):
+                continue
+            styles[name] = PromptStyle(name, row.get(prompt_column) or "", row.get("negative_prompt") or "")
+    except csv.Error as exc:
+        raise InvalidParameter("styles_file", source, f"{bad} (line {reader.line_num}: {exc})") from None
+    return StyleBook(styles, source)
+
+
+def read_styles(path: Path, *, source: str | None = None) -> StyleBook:
+    """The styles in ``path``; a file that does not exist has none."""
+    source = source or str(path)
+    try:
+        with open(path, "rb") as file:
+            data = file.read(MAX_STYLES_FILE_BYTES + 1)
+    except FileNotFoundError:
+        return StyleBook({}, source, missing=True)
+    except OSError as exc:
+        raise InvalidParameter("styles_file", source, f"a readable file ({exc.strerror or exc})") from None
+    if len(data) > MAX_STYLES_FILE_BYTES:
+        raise InvalidParameter("styles_file", source, f"a file of at most {MAX_STYLES_FILE_BYTES // 2**20} MiB")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise InvalidParameter("styles_file", source, f"UTF-8 text (byte {exc.start} is not)") from None
+    return parse_styles(text, source=source)
+
+
+class StylesFile:
+    """A styles file read again whenever it changes on disk (a stat per use), safe across threads."""
+
+    def __init__(self, path: Path, *, source: str | None = None):
+        self.path = Path(path)
+        self.source = source or str(self.path)
+        self._lock = threading.Lock()
+        self._stamp: tuple[int, int] | None = None
+        self._book: StyleBook | None = None
+
+    def book(self) -> StyleBook:
+        try:
+            st = os.stat(self.path)
+            stamp: tuple[int, int] | None = (st.st_mtime_ns, st.st_size)
+        except OSError:
+            stamp = None
+        with self._lock:
+            if self._book is None or stamp != self._stamp or stamp is None:
+                self._book = read_styles(self.path, source=self.source)
+                self._stamp = stamp
+            return self._book
