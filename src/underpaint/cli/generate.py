@@ -103,15 +103,7 @@ def _add_generation_args(p: argparse.ArgumentParser, *, img2img: bool) -> None:
     m.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     m.add_argument("--dtype", default="auto", help="auto (fp16 on GPU, fp32 on CPU), fp16, bf16 or fp32")
     m.add_argument("--prediction", choices=("eps", "v"), default=None, help="override the detected prediction type")
-    m.add_argument("--vram", choices=("high", "medium", "low"), default="high",
-                   help="GPU memory mode: high keeps everything on the GPU (default); medium keeps the text "
-                        "encoders and VAE in RAM until they run; low also moves the UNet to the GPU block by block "
-                        "and decodes in tiles (slowest, least memory)")
-    m.add_argument("--optimize", default=None, metavar="LIST",
-                   help="speed switches, comma-separated: channels_last, fused_qkv, compile (torch.compile, "
-                        "kernels cached on disk), cuda_graphs (CUDA only); none by default")
-    m.add_argument("--attention", default="auto", choices=("auto", "flash", "efficient", "cudnn", "math"),
-                   help="attention kernel for the UNet/transformer (default auto: PyTorch picks per shape)")
+    add_memory_and_speed_arguments(m)
 
     from .control import add_control_arguments
 
@@ -149,6 +141,19 @@ def _add_hires_args(p: argparse.ArgumentParser) -> None:
 _HIRES_FLAGS = (("hires_scale", "scale"), ("hires_upscaler", "upscaler"), ("hires_steps", "steps"),
                 ("hires_strength", "strength"), ("hires_sampler", "sampler"), ("hires_scheduler", "scheduler"),
                 ("hires_prompt", "prompt"), ("hires_negative_prompt", "negative_prompt"))
+
+
+def add_memory_and_speed_arguments(group) -> None:
+    """``--vram``, ``--optimize`` and ``--attention``: how a loaded model uses the GPU (also ``serve``'s)."""
+    group.add_argument("--vram", choices=("high", "medium", "low"), default="high",
+                       help="GPU memory mode: high keeps everything on the GPU (default); medium keeps the text "
+                            "encoders and VAE in RAM until they run; low also moves the UNet to the GPU block by "
+                            "block and decodes in tiles (slowest, least memory)")
+    group.add_argument("--optimize", default="", metavar="LIST",
+                       help="speed switches, comma-separated: channels_last, fused_qkv, compile (torch.compile, "
+                            "kernels cached on disk), cuda_graphs (CUDA only); none by default")
+    group.add_argument("--attention", default="auto", choices=("auto", "flash", "efficient", "cudnn", "math"),
+                       help="attention kernel for the UNet/transformer (default auto: PyTorch picks per shape)")
 
 
 # Flags an infotext can set; ``--from-infotext`` uses its values except for the flags given.

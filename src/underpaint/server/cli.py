@@ -41,14 +41,9 @@ def add_serve_command(sub) -> argparse.ArgumentParser:
     model.add_argument("--model", default=None, help="checkpoint to load at start (default: the first in the folder)")
     model.add_argument("--device", default=None, help="cuda, cuda:1, mps or cpu (default: the best available)")
     model.add_argument("--dtype", default=None, help="fp16, bf16 or fp32 (default: what the device does best)")
-    model.add_argument("--vram", choices=("high", "medium", "low"), default="high",
-                       help="GPU memory mode: high (all on the GPU, default), medium (text encoders and VAE in RAM "
-                            "until they run), low (also the UNet block by block, tiled VAE)")
-    model.add_argument("--optimize", default="", metavar="LIST",
-                       help="speed switches, comma-separated: channels_last, fused_qkv, compile, cuda_graphs "
-                            "(CUDA only); none by default")
-    model.add_argument("--attention", default="auto", choices=("auto", "flash", "efficient", "cudnn", "math"),
-                       help="attention kernel for the UNet/transformer (default auto)")
+    from ..cli.generate import add_memory_and_speed_arguments
+
+    add_memory_and_speed_arguments(model)
 
     files = p.add_argument_group("files")
     files.add_argument("--outdir", default=None, metavar="FOLDER",
