@@ -89,13 +89,16 @@ def inpaint_options(args: argparse.Namespace) -> InpaintOptions:
 
 @contextlib.contextmanager
 def _warnings_as_lines() -> Iterator[None]:
-    """Library warnings (a resized mask, ...) as one ``underpaint: warning:`` line each."""
+    """Library warnings (a resized mask, ...) as one ``underpaint: warning:`` line each; deprecation
+    notices that libraries give their programmers (torch, diffusers) are not for the person painting."""
 
     def show(message, category, filename, lineno, file=None, line=None):
         print(f"underpaint: warning: {message}", file=sys.stderr)
 
     with warnings.catch_warnings():
         warnings.simplefilter("always")
+        for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
+            warnings.filterwarnings("ignore", category=category)
         warnings.showwarning = show
         yield
 
