@@ -307,15 +307,18 @@ def served(sd1_file, tmp_path_factory):
         yield base
 
 
-def _preview_during_a_job(base: str, *, expect_image: bool = True) -> tuple[Image.Image | None, list[dict]]:
-    """Start a long job and poll /progress: until a picture comes, or (``expect_image`` false) until a
-    few steps have run with previews asked for at each poll; then interrupt the job."""
+def _preview_during_a_job(base: str, *, expect_image: bool = True,
+                          overrides: dict | None = None) -> tuple[Image.Image | None, list[dict]]:
+    """Start a long job (with ``overrides`` as its override_settings) and poll /progress: until a picture
+    comes, or (``expect_image`` false) until a few steps have run with previews asked for at each poll;
+    then interrupt the job."""
     import httpx
 
     done = {}
+    body = {"prompt": "a slow sunset", "steps": 150, "width": 64, "height": 64, "sampler_name": "Euler", "seed": 5,
+            "override_settings": overrides or {}}
     job = threading.Thread(target=lambda: done.setdefault("r", httpx.post(
-        base + "/sdapi/v1/txt2img", json={"prompt": "a slow sunset", "steps": 150, "width": 64, "height": 64,
-                                          "sampler_name": "Euler", "seed": 5}, timeout=120)))
+        base + "/sdapi/v1/txt2img", json=body, timeout=120)))
     job.start()
     seen, image = [], None
     try:
@@ -365,3 +368,19 @@ def test_server_without_live_previews_sends_none(served):
     assert image is None and all(s["current_image"] is None for s in seen)
     assert len([s for s in seen if s["state"]["sampling_step"] >= 1]) >= 3
 
+
+
+def test_a_request_overrides_the_preview_settings_for_itself(served):
+    """``override_settings`` may choose the method or turn previews off (or on) for one job only."""
+    import httpx
+
+    r = httpx.post(served + "/sdapi/v1/options", json={"show_progress_type": "Full", "live_previews_enable": True})
+    assert r.status_code == 200, r.text
+    image, _ = _preview_during_a_job(served, overrides={"show_progress_type": "approx cheap"})
+    assert image is not None and image.size == (8, 8)  # Approx cheap's 1/8 size, not Full's 64x64
+    image, seen = _preview_during_a_job(served, expect_image=False, overrides={"live_previews_enable": False})
+    assert image is None and all(s["current_image"] is None for s in seen)
+    assert httpx.get(served + "/sdapi/v1/options").json()["show_progress_type"] == "Full"  # settings untouched
+    bad = httpx.post(served + "/sdapi/v1/txt2img", json={"steps": 1, "width": 64, "height": 64,
+                                                          "override_settings": {"show_progress_type": "Fast"}})
+    assert bad.status_code == 422 and bad.json()["field"] == "override_settings.show_progress_type"

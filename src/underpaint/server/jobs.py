@@ -85,6 +85,8 @@ class Job:
         self.progress: Progress | None = None
         self.preview: "Image | None" = None
         self.want_preview = False
+        #: The request's own live-preview switch (``override_settings``); None: the server's option.
+        self.live_previews: bool | None = None
         self.preview_interval = preview_interval
         self._preview_at = 0.0
         self.state = "queued"

@@ -16,7 +16,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from ...errors import InvalidParameter, UnknownName
-from ...params import MASKED_CONTENT, GenerationParams, HiresOptions, InpaintOptions, SamplerOptions
+from ...params import (MASKED_CONTENT, GenerationParams, HiresOptions, InpaintOptions, SamplerOptions,
+                       preview_method_name)
 from ...prompts.styles import StyleBook
 from ..config import Limits
 from ..images import decode_image
@@ -62,6 +63,9 @@ class PreparedJob:
     control_fields: tuple[str, ...] = ()
     #: Keep the pictures in the server's output folder (A1111's ``save_images``).
     save_images: bool = False
+    #: ``override_settings``' live preview method and switch for this job (None: the server's options).
+    preview_method: str | None = None
+    live_previews: bool | None = None
 
 
 # --------------------------------------------------------------------------- request → params
@@ -159,8 +163,22 @@ def _prepared(kind: str, req: GenerationRequest, params: GenerationParams, field
         kind=kind, params=params, model=fields.pop("_model"), keep_model=not req.override_settings_restore_afterwards,
         send_images=req.send_images, parameters=echo, styles=tuple(req.styles or ()),
         denoising_strength=req.denoising_strength, task_id=req.force_task_id,
-        control_fields=_control_unit_fields(req), save_images=req.save_images,
+        control_fields=_control_unit_fields(req), save_images=req.save_images, **_preview_overrides(req),
     )
+
+
+def _preview_overrides(req: GenerationRequest) -> dict[str, Any]:
+    """``show_progress_type`` / ``live_previews_enable`` in ``override_settings``, for this job only."""
+    values = req.override_settings or {}
+    out: dict[str, Any] = {}
+    if values.get("show_progress_type") is not None:
+        out["preview_method"] = preview_method_name(values["show_progress_type"], "override_settings.show_progress_type")
+    if values.get("live_previews_enable") is not None:
+        if not isinstance(values["live_previews_enable"], bool):
+            raise InvalidParameter("override_settings.live_previews_enable", values["live_previews_enable"],
+                                   "true or false")
+        out["live_previews"] = values["live_previews_enable"]
+    return out
 
 
 def _control_unit_fields(req: GenerationRequest) -> tuple[str, ...]:

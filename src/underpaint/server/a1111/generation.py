@@ -67,8 +67,9 @@ def _work(state: ServerState, prepared: PreparedJob):
         engine = state.slot.engine_for(prepared.model)
         if prepared.keep_model and prepared.model is not None:
             state.slot.selected = prepared.model
-        # The live preview method is the one set when the job starts, as A1111 reads it while sampling.
-        params = prepared.params.replace(preview_method=state.options.show_progress_type)
+        # The live preview method is the request's override, else the one set when the job starts.
+        params = prepared.params.replace(preview_method=prepared.preview_method or state.options.show_progress_type)
+        job.live_previews = prepared.live_previews
         result = engine.generate(params, progress=job.report, cancel=job.cancel)
         if not prepared.save_images:
             return Finished(result)
@@ -159,7 +160,8 @@ async def progress(request: Request, skip_current_image: bool = Query(False)) ->
     job = state.queue.current
     if job is None:
         return ProgressResponse(progress=0.0, eta_relative=0.0, state=ProgressState())
-    previews = state.options.live_previews_enable and not skip_current_image
+    enabled = job.live_previews if job.live_previews is not None else state.options.live_previews_enable
+    previews = enabled and not skip_current_image
     if previews:
         job.want_preview = True
     p = job.progress
