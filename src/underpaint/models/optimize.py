@@ -19,7 +19,7 @@ fast it runs, not what it computes.
   their addresses, not their values).
 * ``--attention auto|flash|efficient|cudnn|math``: the scaled-dot-product attention kernel the
   UNet/transformer uses (``auto`` lets PyTorch choose per shape); chosen around each model call
-  with :func:`attention`, so it also holds while ``compile`` traces.
+  with :func:`attention_for`, so it also holds while ``compile`` traces.
 
 None is on by default: each is a measured choice (docs/performance.md). They apply to the model
 that generates; ControlNets, adapters and the text encoders are left as loaded. ``fused_qkv`` is
@@ -31,8 +31,8 @@ the compiled region).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -172,24 +172,17 @@ def weights_changed(model: Any) -> None:
         _refresh_fused(model.unet)
 
 
-@contextmanager
-def attention(model: Any) -> Iterator[None]:
-    """The model's attention backend around one call of its UNet/transformer."""
+def attention_for(model: Any):
+    """The context for one call of the model's UNet/transformer: only the chosen SDPA kernel
+    enabled, or nothing at all for ``auto``."""
     backend = speed_of(model).attention
     if backend == "auto":
-        yield
-        return
+        return nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     kernel = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
               "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[backend]
-    with sdpa_kernel([kernel]):
-        yield
-
-
-def attention_for(model: Any):
-    """:func:`attention`, or a no-op context for a model without a speed setting (cheaper per step)."""
-    return attention(model) if speed_of(model).attention != "auto" else nullcontext()
+    return sdpa_kernel([kernel])
 
 
 def compile_cache_dir() -> Path:

@@ -373,9 +373,9 @@ def control_resources(model) -> tuple:
     ``ModelsDir``) when the engine set it, else from the default models folder.
     """
     from ..models.controlnet import ControlNetCache
-    from ..models.registry import ModelsDir, default_models_dir
+    from .networks import models_dir_of
 
-    models_dir = getattr(model, "models_dir", None) or ModelsDir(default_models_dir())
+    models_dir = models_dir_of(model)
     cache = getattr(model, "_controlnets", None)
     ctx = getattr(model, "_annotators", None)
     if cache is None or ctx is None:

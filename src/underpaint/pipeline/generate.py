@@ -304,8 +304,14 @@ def _second_pass_start(model, plan: Plan, hires: HiresPlan, latents: torch.Tenso
     if pixels is not None:
         top, left = size.crop_y // 2 * 8, size.crop_x // 2 * 8
         pixels = pixels[..., top : top + size.height, left : left + size.width]
-    evaluations = p.steps * (2 if "second_order" in sampler_info(p.sampler).flags else 1)
-    return SecondPassStart(init.to(torch.float32), pixels, evaluations, (size.upscale_width, size.upscale_height))
+    return SecondPassStart(init.to(torch.float32), pixels, model_evaluations(p),
+                           (size.upscale_width, size.upscale_height))
+
+
+def model_evaluations(p: GenerationParams) -> int:
+    """The model evaluations ``p.steps`` make (second-order samplers: two a step); prompt editing
+    is scheduled over these, as A1111 does."""
+    return p.steps * (2 if "second_order" in sampler_info(p.sampler).flags else 1)
 
 
 def _run_batch(model, plan: Plan, job: int, seeds, subseeds, progress, cancel: Cancellation, control=None, *,
@@ -326,7 +332,7 @@ def _run_batch(model, plan: Plan, job: int, seeds, subseeds, progress, cancel: C
     #    In the medium and low memory modes the text encoders visit the device for this only.
     from ..models.offload import on_device
 
-    evaluations = p.steps * (2 if "second_order" in sampler_info(p.sampler).flags else 1)
+    evaluations = model_evaluations(p)
     # A hires pass schedules prompt editing past the first pass's evaluations (A1111's hires_steps).
     steps, hires_steps = (evaluations, None) if start is None else (start.first_evaluations, evaluations)
     cond_w, cond_h = (plan.width, plan.height) if start is None else start.cond_size

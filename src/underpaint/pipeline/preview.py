@@ -40,6 +40,7 @@ from ..errors import ModelError
 from ..imageio.convert import tensor_to_images
 from ..models.detect import Family
 from ..params import preview_method_name
+from .networks import models_dir_of
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -165,13 +166,13 @@ def taesd_decoder(model, *, warn: bool = True) -> torch.nn.Module | None:
     slot = _slot(model)
     family = Family(model.spec.family)
     name = TAESD_NAMES[family]
-    path = _models_dir(model).find_vae_approx(name)
+    path = models_dir_of(model).find_vae_approx(name)
     if path is not None and path == slot.path:
         return slot.decoder
     if path is None:
         if warn and not slot.warned:
             slot.warned = True
-            where = _models_dir(model).vae_approx_dir
+            where = models_dir_of(model).vae_approx_dir
             log.warning("live preview method TAESD: no %s_decoder.safetensors (or %s/ diffusers folder) in %s; "
                         "showing Approx cheap previews instead", name, name, where)
         return None
@@ -263,13 +264,6 @@ def _slot(model) -> _TaesdSlot:
         slot = _TaesdSlot()
         model._preview_taesd = slot
     return slot
-
-
-def _models_dir(model):
-    """The engine's models folder (set on the model as ``models_dir``), else the default one."""
-    from ..models.registry import ModelsDir, default_models_dir
-
-    return getattr(model, "models_dir", None) or ModelsDir(default_models_dir())
 
 
 def _preview_dtype(model) -> torch.dtype:
