@@ -40,6 +40,8 @@ HIRES_LATENT_MODES: dict[str, tuple[str, bool]] = {
 HIRES_PIXEL_UPSCALERS = ("None", "Lanczos", "Nearest")
 HIRES_UPSCALERS = (*HIRES_LATENT_MODES, *HIRES_PIXEL_UPSCALERS)
 DEFAULT_HIRES_UPSCALER = "Latent"
+#: The largest token merging ratio A1111's settings allow (models/tome.py).
+MAX_TOKEN_MERGING_RATIO = 0.9
 #: The values A1111's infotexts and UI use for "the same as the first pass".
 _SAME_AS_FIRST_PASS = ("", "use same sampler", "use same scheduler", "use same checkpoint")
 
@@ -139,9 +141,12 @@ class HiresOptions:
     scheduler: str | None = None
     prompt: str = ""
     negative_prompt: str = ""
+    #: Token merging in the second pass (A1111's ``token_merging_ratio_hr``); 0: the first pass's.
+    token_merging_ratio: float = 0.0
 
     def __post_init__(self) -> None:
         _check_range("hires_scale", self.scale, 0.25, 8.0)
+        _check_range("hires_token_merging_ratio", self.token_merging_ratio, 0.0, MAX_TOKEN_MERGING_RATIO)
         for name in ("resize_x", "resize_y"):
             _check_range(f"hires_{name}", getattr(self, name), 0, 8192, integer=True)
         _check_range("hires_steps", self.steps, 0, 1000, integer=True)
@@ -243,6 +248,9 @@ class GenerationParams:
     preview_method: str = "Approx NN"
     #: A1111's "Hires. fix" (txt2img only); None: off.
     hires: HiresOptions | None = None
+    #: Token merging (ToMe for SD, models/tome.py): the share of self-attention tokens merged in
+    #: the UNet's full-resolution blocks, 0 (off) to 0.9. Faster, less faithful; FLUX ignores it.
+    token_merging_ratio: float = 0.0
 
     def __post_init__(self) -> None:
         from .sampling.names import resolve_sampler  # torch-free table
@@ -259,6 +267,7 @@ class GenerationParams:
         _check_range("n_iter", self.n_iter, 1, 10000, integer=True)
         _check_range("clip_skip", self.clip_skip, 1, 12, integer=True)
         _check_range("eta_noise_seed_delta", self.eta_noise_seed_delta, 0, 2**32 - 1, integer=True)
+        _check_range("token_merging_ratio", self.token_merging_ratio, 0.0, MAX_TOKEN_MERGING_RATIO)
         for name in ("seed_resize_from_w", "seed_resize_from_h"):
             _check_range(name, getattr(self, name), 0, 8192, integer=True)
         for name in ("width", "height"):
@@ -323,6 +332,11 @@ class GenerationParams:
     @property
     def hires_scheduler(self) -> str:
         return (self.hires.scheduler if self.hires is not None else None) or self.scheduler
+
+    @property
+    def hires_token_merging_ratio(self) -> float:
+        """The second pass's token merging ratio (the first pass's unless the hires options give one)."""
+        return (self.hires.token_merging_ratio if self.hires is not None else 0.0) or self.token_merging_ratio
 
     @property
     def is_img2img(self) -> bool:

@@ -66,6 +66,12 @@ def _add_generation_args(p: argparse.ArgumentParser, *, img2img: bool) -> None:
     s.add_argument("--eta", type=float, default=None, help="noise multiplier for ancestral/SDE samplers")
     s.add_argument("--s-churn", type=float, default=0.0)
     s.add_argument("--s-noise", type=float, default=1.0)
+    s.add_argument("--token-merging", "--token-merging-ratio", dest="token_merging", type=float, default=0.0,
+                   metavar="RATIO",
+                   help="token merging (ToMe, A1111's Token merging ratio): merge this share of the tokens, 0-0.9, "
+                        "before self-attention in the UNet's full-resolution blocks; faster at large sizes, less "
+                        "faithful (0.3-0.5 is typical). Default 0 (off). Changes nothing on SDXL (no attention "
+                        "there); ignored for FLUX")
 
     r = p.add_argument_group("seed")
     r.add_argument("--seed", type=int, default=-1, help="-1 picks a random seed, which is recorded")
@@ -135,12 +141,16 @@ def _add_hires_args(p: argparse.ArgumentParser) -> None:
     h.add_argument("--hires-prompt", default=None, metavar="TEXT", help="prompt of the second pass (default: --prompt)")
     h.add_argument("--hires-negative-prompt", default=None, metavar="TEXT",
                    help="negative prompt of the second pass (default: --negative-prompt)")
+    h.add_argument("--hires-token-merging", "--hires-token-merging-ratio", dest="hires_token_merging", type=float,
+                   default=None, metavar="RATIO",
+                   help="token merging ratio of the second pass, 0-0.9 (default 0: as --token-merging)")
 
 
 # --hires-* flag → HiresOptions field.
 _HIRES_FLAGS = (("hires_scale", "scale"), ("hires_upscaler", "upscaler"), ("hires_steps", "steps"),
                 ("hires_strength", "strength"), ("hires_sampler", "sampler"), ("hires_scheduler", "scheduler"),
-                ("hires_prompt", "prompt"), ("hires_negative_prompt", "negative_prompt"))
+                ("hires_prompt", "prompt"), ("hires_negative_prompt", "negative_prompt"),
+                ("hires_token_merging", "token_merging_ratio"))
 
 
 def add_memory_and_speed_arguments(group) -> None:
@@ -160,10 +170,10 @@ def add_memory_and_speed_arguments(group) -> None:
 _OVERRIDABLE = ("prompt", "negative_prompt", "strength", "steps", "cfg_scale", "distilled_cfg_scale", "sampler",
                 "scheduler", "clip_skip",
                 "eta", "s_churn", "s_noise", "seed", "subseed", "subseed_strength", "seed_resize_from", "rng", "ensd",
-                "width", "height")
+                "width", "height", "token_merging")
 # GenerationParams field → the flag that sets it (where the names differ).
 _FLAG_OF_FIELD = {"seed_resize_from_w": "seed_resize_from", "seed_resize_from_h": "seed_resize_from",
-                  "eta_noise_seed_delta": "ensd"}
+                  "eta_noise_seed_delta": "ensd", "token_merging_ratio": "token_merging"}
 
 
 def _record_defaults(p: argparse.ArgumentParser, *, img2img: bool) -> None:
@@ -234,6 +244,7 @@ def params_from_args(args: argparse.Namespace, init_images: tuple = (), *, model
         clip_skip=args.clip_skip,
         rng=args.rng,
         eta_noise_seed_delta=args.ensd,
+        token_merging_ratio=args.token_merging,
         fix_steps=getattr(args, "fix_steps", False),
         sampler_options=SamplerOptions(eta=args.eta, s_churn=args.s_churn, s_noise=args.s_noise),
         control_units=control_units_from_args(args),

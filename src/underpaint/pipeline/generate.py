@@ -14,6 +14,7 @@ import torch
 
 from ..imageio.convert import images_to_tensor, tensor_to_images
 from ..imageio.resize import output_size, resize_image
+from ..models.tome import request_token_merging
 from ..params import GenerationParams, check_hires_size
 from ..sampling import noise as noise_mod
 from ..sampling.names import sampler_info
@@ -72,6 +73,7 @@ def generate(model, params: GenerationParams, *, info: ModelInfo, progress, canc
     """Run ``n_iter`` batches of ``batch_size`` images; batch image i uses seed + i."""
     if flux.is_flux(model):
         _check_flux_request(params)
+        params = _without_token_merging(params)
     # 0. Extra networks: the prompt's LoRAs are merged into the weights for this request only.
     encoder = None if flux.is_flux(model) else prompt_encoder(model, params.clip_skip)
     with request_networks(model, params, encoder=encoder) as networks:
@@ -88,6 +90,15 @@ def _check_flux_request(params: GenerationParams) -> None:
             check_flow_sampler(params.hires.sampler)
         except InvalidParameter as exc:
             raise InvalidParameter("hires_sampler", exc.value, exc.expected) from None
+
+
+def _without_token_merging(params: GenerationParams) -> GenerationParams:
+    """FLUX has no UNet to merge tokens in (models/tome.py): the ratios are dropped, so the
+    infotext records none."""
+    if not params.token_merging_ratio and not (params.hires and params.hires.token_merging_ratio):
+        return params
+    hires = replace(params.hires, token_merging_ratio=0.0) if params.hires is not None else None
+    return params.replace(token_merging_ratio=0.0, hires=hires)
 
 
 def _generate(model, params: GenerationParams, networks: ActiveNetworks, *, info: ModelInfo, progress,
@@ -382,9 +393,9 @@ def _run_batch(model, plan: Plan, job: int, seeds, subseeds, progress, cancel: C
     info = sampler_info(p.sampler)
     noise_sampler = _noise_sampler(info, x, plan.full_sigmas.to(device), seeds, p, device)
 
-    # 6. Denoising loop.
+    # 6. Denoising loop, with the request's token merging in the UNet (a hires pass: its own ratio).
     callback = _callback(model, plan, job, progress, cancel, control, window=window)
-    with torch.inference_mode():
+    with torch.inference_mode(), request_token_merging(model, p.token_merging_ratio):
         latents = run_sampler(p.sampler, denoiser, x, sigmas, noise_sampler=noise_sampler, callback=callback,
                               options=p.sampler_options, model_schedule=None if is_flux else model_schedule(model))
     if cancel.skipped and not cancel.interrupted:

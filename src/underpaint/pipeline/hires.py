@@ -84,14 +84,16 @@ def upscale_picture(image: Image.Image, width: int, height: int, upscaler: str) 
 
 
 def second_pass_params(params: GenerationParams, size: HiresSize) -> GenerationParams:
-    """The second pass as an img2img request: hires prompts, sampler, steps and strength, exactly
-    ``steps`` steps (fix_steps), at the final size. Its pictures come from the first pass."""
+    """The second pass as an img2img request: hires prompts, sampler, steps, strength and token
+    merging ratio, exactly ``steps`` steps (fix_steps), at the final size. Its pictures come from
+    the first pass."""
     h = params.hires
     assert h is not None
     return params.replace(
         prompt=h.prompt or params.prompt, negative_prompt=h.negative_prompt or params.negative_prompt,
         sampler=params.hires_sampler, scheduler=params.hires_scheduler, steps=h.steps or params.steps,
         strength=h.strength, fix_steps=True, width=size.width, height=size.height, hires=None,
+        token_merging_ratio=params.hires_token_merging_ratio,
     )
 
 

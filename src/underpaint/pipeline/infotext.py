@@ -36,6 +36,10 @@ def infotext_params(params: GenerationParams, info: ModelInfo, *, width: int, he
         "Denoising strength": p.strength if p.is_img2img else (p.hires.strength if p.hires is not None else None),
         "Clip skip": p.clip_skip if p.clip_skip > 1 else None,
         "ENSD": p.eta_noise_seed_delta if p.eta_noise_seed_delta and infotext_writes_ensd(p.sampler, opts.eta) else None,
+        # A1111 writes the ratio used (img2img: its own setting when that applied), and the hires
+        # pass's (its own, else the first pass's) with hires. fix; neither when 0.
+        "Token merging ratio": p.token_merging_ratio or None,
+        "Token merging ratio hr": (p.hires_token_merging_ratio or None) if p.hires is not None else None,
         "RNG": {"cpu": "CPU", "nv": "NV"}.get(p.rng),
         # A1111's txt2img adds its hires keys before sampling, the sampler's own keys during it.
         **hires_infotext(p),

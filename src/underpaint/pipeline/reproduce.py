@@ -35,6 +35,7 @@ _FIELDS: tuple[tuple[str, str, Callable[[str], Any]], ...] = (
     ("Denoising strength", "strength", float),
     ("Clip skip", "clip_skip", int),
     ("ENSD", "eta_noise_seed_delta", int),
+    ("Token merging ratio", "token_merging_ratio", float),
 )
 _RNG = {"GPU": "gpu", "CPU": "cpu", "NV": "nv"}
 # Sampler options: underpaint's spelling first, then A1111's ("Sigma churn", "Eta DDIM", ...).
@@ -61,6 +62,7 @@ _HIRES_FIELDS: tuple[tuple[str, str, Callable[[str], Any]], ...] = (
     ("Hires schedule type", "scheduler", str),
     ("Hires prompt", "prompt", str),
     ("Hires negative prompt", "negative_prompt", str),
+    ("Token merging ratio hr", "token_merging_ratio", float),
 )
 _IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8", b"RIFF", b"GIF8", b"II*\x00", b"MM\x00*")
 

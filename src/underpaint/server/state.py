@@ -35,6 +35,11 @@ class ServerOptions:
     show_progress_type: str = "Approx NN"
     #: False: /progress never makes or returns a preview picture.
     live_previews_enable: bool = True
+    #: A1111's token merging ratios (models/tome.py): txt2img and the default; img2img's own
+    #: when not 0; the hires. fix pass's when not 0.
+    token_merging_ratio: float = 0.0
+    token_merging_ratio_img2img: float = 0.0
+    token_merging_ratio_hr: float = 0.0
 
     def replace(self, **changes) -> "ServerOptions":
         return replace(self, **changes)

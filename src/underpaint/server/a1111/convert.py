@@ -16,8 +16,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from ...errors import InvalidParameter, UnknownName
-from ...params import (MASKED_CONTENT, GenerationParams, HiresOptions, InpaintOptions, SamplerOptions,
-                       preview_method_name)
+from ...params import (MASKED_CONTENT, MAX_TOKEN_MERGING_RATIO, GenerationParams, HiresOptions, InpaintOptions,
+                       SamplerOptions, preview_method_name)
 from ...prompts.styles import StyleBook
 from ..config import Limits
 from ..images import decode_image
@@ -116,6 +116,8 @@ def _hires_options(req: Txt2ImgRequest, ctx: ConvertContext, width: int, height:
             scale=req.hr_scale, resize_x=req.hr_resize_x, resize_y=req.hr_resize_y, upscaler=req.hr_upscaler or None,
             steps=req.hr_second_pass_steps, strength=0.75 if req.denoising_strength is None else req.denoising_strength,
             sampler=req.hr_sampler_name, scheduler=req.hr_scheduler,
+            token_merging_ratio=_Overrides(req.override_settings or {}, ctx).ratio(
+                "token_merging_ratio_hr", ctx.options.token_merging_ratio_hr),
             **_styled_hires_prompts(req, ctx))
     except InvalidParameter as exc:
         raise _renamed(exc) from None
@@ -206,7 +208,9 @@ _API_FIELD = {"strength": "denoising_strength", "sampler": "sampler_name", "clip
               "hires_resize_y": "hr_resize_y", "hires_upscaler": "hr_upscaler", "hires_steps": "hr_second_pass_steps",
               "hires_strength": "denoising_strength", "hires_sampler": "hr_sampler_name",
               "hires_scheduler": "hr_scheduler", "hires_prompt": "hr_prompt",
-              "hires_negative_prompt": "hr_negative_prompt"}
+              "hires_negative_prompt": "hr_negative_prompt",
+              "token_merging_ratio": "override_settings.token_merging_ratio",
+              "hires_token_merging_ratio": "override_settings.token_merging_ratio_hr"}
 
 
 def _renamed(exc: InvalidParameter) -> InvalidParameter:
@@ -301,10 +305,25 @@ def _common_fields(req: GenerationRequest, ctx: ConvertContext, *, img2img: bool
         "eta_noise_seed_delta": overrides.int("eta_noise_seed_delta", ctx.options.eta_noise_seed_delta),
         "rng": overrides.rng(ctx.options.rng),
         "fix_steps": overrides.bool("img2img_fix_steps", ctx.options.img2img_fix_steps) if img2img else False,
+        "token_merging_ratio": _token_merging_ratio(overrides, ctx.options, img2img=img2img),
         "sampler_options": _sampler_options(req, overrides, sampler),
         "_model": overrides.model(),
         **_control_fields(req, ctx, img2img=img2img),
     }
+
+
+def _token_merging_ratio(overrides: "_Overrides", options: ServerOptions, *, img2img: bool) -> float:
+    """The first pass's token merging ratio, as A1111 1.10 picks it: ``token_merging_ratio`` (the
+    request's override, else the setting); for img2img and inpainting a non-zero override of it
+    first, then ``token_merging_ratio_img2img`` when not 0, then ``token_merging_ratio``. (A1111
+    tests the override by its value: an override of 0 lets a non-zero img2img setting apply.)
+    Every ratio the overrides give is checked, used or not."""
+    base = overrides.ratio("token_merging_ratio", options.token_merging_ratio)
+    own = overrides.ratio("token_merging_ratio_img2img", options.token_merging_ratio_img2img)
+    overrides.ratio("token_merging_ratio_hr", options.token_merging_ratio_hr)
+    if not img2img or (overrides.has("token_merging_ratio") and base):
+        return base
+    return own or base
 
 
 def _styled(req: GenerationRequest, ctx: ConvertContext, prompt: str, negative_prompt: str) -> tuple[str, str]:
@@ -457,6 +476,15 @@ class _Overrides:
             raise self._bad(key, "a finite number")
         return number
 
+    def ratio(self, key: str, default: float) -> float:
+        """A token merging ratio: a number from 0 to 0.9."""
+        value = self.float(key, None)
+        if value is None:
+            return default
+        if not 0 <= value <= MAX_TOKEN_MERGING_RATIO:
+            raise self._bad(key, f"a number from 0 to {MAX_TOKEN_MERGING_RATIO}")
+        return value
+
     def bool(self, key: str, default: bool) -> bool:
         value = self.values.get(key)
         if value is None:
@@ -505,8 +533,9 @@ _INFOTEXT_FIELDS: tuple[tuple[str, str, type], ...] = (
     ("Hires negative prompt", "hr_negative_prompt", str), ("Hires checkpoint", "hr_checkpoint_name", str),
 )
 # Infotext keys that A1111 turns into override_settings.
-_INFOTEXT_SETTINGS = (("Clip skip", "CLIP_stop_at_last_layers"), ("ENSD", "eta_noise_seed_delta"),
-                      ("RNG", "randn_source"))
+_INFOTEXT_SETTINGS: tuple[tuple[str, str, type], ...] = (
+    ("Clip skip", "CLIP_stop_at_last_layers", int), ("ENSD", "eta_noise_seed_delta", int), ("RNG", "randn_source", str),
+    ("Token merging ratio", "token_merging_ratio", float), ("Token merging ratio hr", "token_merging_ratio_hr", float))
 
 
 def apply_infotext(req: GenerationRequest) -> GenerationRequest:
@@ -530,9 +559,9 @@ def apply_infotext(req: GenerationRequest) -> GenerationRequest:
         updates["enable_hr"] = "Denoising strength" in parsed.params and any(
             key in parsed.params for key in ("Hires upscale", "Hires upscaler", "Hires resize-1"))
     overrides = dict(req.override_settings or {})
-    for key, setting in _INFOTEXT_SETTINGS:
+    for key, setting, kind in _INFOTEXT_SETTINGS:
         if key in parsed.params and setting not in overrides:
-            overrides[setting] = _typed(parsed.params[key], int, key) if setting != "randn_source" else parsed.params[key]
+            overrides[setting] = _typed(parsed.params[key], kind, key)
     updates["override_settings"] = overrides
     try:
         return type(req).model_validate({**req.model_dump(), **updates})

@@ -195,6 +195,14 @@ class Options(WireModel):
         "decoder in the models folder's VAE-approx/), or Approx NN (TAESD when its file is there, else "
         "Approx cheap)."))
     live_previews_enable: bool = Field(True, description="Whether /progress makes live previews at all.")
+    token_merging_ratio: float = Field(0.0, ge=0, le=0.9, description=(
+        "Token merging (ToMe): the share of tokens merged before self-attention in the UNet's full-resolution "
+        "blocks, 0 (off) to 0.9; faster, less faithful. Nothing merges on SDXL; FLUX ignores it."))
+    token_merging_ratio_img2img: float = Field(0.0, ge=0, le=0.9, description=(
+        "img2img and inpainting use this ratio instead when it is not 0 (and the request does not override "
+        "token_merging_ratio)."))
+    token_merging_ratio_hr: float = Field(0.0, ge=0, le=0.9, description=(
+        "The hires. fix pass uses this ratio instead when it is not 0."))
     outdir_samples: str = Field("", description="Read-only. Empty: each kind is saved in its own folder below.")
     outdir_txt2img_samples: str = Field("", description=(
         "Read-only: where txt2img requests with save_images write (the server's --outdir decides; a folder per "

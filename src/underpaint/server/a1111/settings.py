@@ -6,6 +6,7 @@ they wait their turn instead of pulling the model out from under a running job.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from fastapi import APIRouter, Body, Request
 from starlette.concurrency import run_in_threadpool
 
 from ...errors import InvalidParameter
-from ...params import preview_method_name
+from ...params import MAX_TOKEN_MERGING_RATIO, preview_method_name
 from ..jobs import Job
 from ..state import ServerState, server_state
 from .generation import await_job
@@ -23,6 +24,8 @@ from .responses import CommandFlags, Options, SDModelItem, SDModuleItem, SDVaeIt
 router = APIRouter(prefix="/sdapi/v1", tags=["settings"])
 
 _RNG_LABELS = {"gpu": "GPU", "cpu": "CPU", "nv": "NV"}
+#: A1111's token merging settings, named as ServerOptions names them.
+TOKEN_MERGING_SETTINGS = ("token_merging_ratio", "token_merging_ratio_img2img", "token_merging_ratio_hr")
 
 
 async def run_model_job(state: ServerState, kind: str, action: Callable[[Job], Any]) -> None:
@@ -54,6 +57,9 @@ def get_options(request: Request) -> Options:
         img2img_fix_steps=opts.img2img_fix_steps,
         show_progress_type=opts.show_progress_type,
         live_previews_enable=opts.live_previews_enable,
+        token_merging_ratio=opts.token_merging_ratio,
+        token_merging_ratio_img2img=opts.token_merging_ratio_img2img,
+        token_merging_ratio_hr=opts.token_merging_ratio_hr,
         **state.outputs.options(),
     )
 
@@ -80,11 +86,22 @@ def _option_changes(body: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(body["live_previews_enable"], bool):
             raise InvalidParameter("live_previews_enable", body["live_previews_enable"], "true or false")
         changes["live_previews_enable"] = body["live_previews_enable"]
+    for key in TOKEN_MERGING_SETTINGS:
+        if key in body:
+            changes[key] = token_merging_setting(key, body[key])
     if body.get("sd_vae") not in (None, "Automatic", "None"):
         raise InvalidParameter("sd_vae", body["sd_vae"], "'Automatic' (choosing a VAE is not available yet)")
     if body.get("samples_format") not in (None, "png", "PNG"):
         raise InvalidParameter("samples_format", body["samples_format"], "'png'")
     return changes
+
+
+def token_merging_setting(key: str, value: Any) -> float:
+    """A token merging ratio setting: a number from 0 to 0.9 (A1111's slider), else a 422 naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not 0 <= value <= MAX_TOKEN_MERGING_RATIO:
+        raise InvalidParameter(key, value, f"a number from 0 to {MAX_TOKEN_MERGING_RATIO}")
+    return float(value)
 
 
 def _int_option(body: dict[str, Any], key: str, lo: int, hi: int) -> int:
