@@ -25,7 +25,9 @@ mean, as underpaint does).
 ``--optimize`` (and ``--attention``) turns on the engine's speed switches
 (underpaint.models.optimize: channels_last, fused_qkv, compile, cuda_graphs; the attention
 kernel) for one extra underpaint row, and checks that its pictures equal the plain run's
-within fp16 tolerance.
+within fp16 tolerance. ``--token-merging R`` adds an underpaint row with token merging at ratio R
+(SD cases only), timed in turn with the plain rows; its pictures differ by design, so their
+difference to the plain run's is reported, not judged (random weights say nothing of quality).
 """
 
 from __future__ import annotations
@@ -208,6 +210,8 @@ class Settings:
     vram: str = "high"
     #: The attention kernel for the optimized row (``--attention``; "auto": PyTorch's choice).
     attention: str = "auto"
+    #: Token merging ratio for an extra underpaint row (``--token-merging``); 0 adds none.
+    token_merging: float = 0.0
 
     @property
     def speed(self):
@@ -401,7 +405,7 @@ def underpaint_model(comps: Components, settings: Settings):
     return model
 
 
-def underpaint_runner(model, case: Case, settings: Settings) -> Callable[[], list]:
+def underpaint_runner(model, case: Case, settings: Settings, *, token_merging: float = 0.0) -> Callable[[], list]:
     from underpaint.params import GenerationParams
     from underpaint.pipeline.engine import Engine
 
@@ -411,7 +415,8 @@ def underpaint_runner(model, case: Case, settings: Settings) -> Callable[[], lis
     params = GenerationParams(
         prompt=PROMPT, init_images=(init_image(case.size),), steps=settings.steps,
         strength=settings.underpaint_strength, cfg_scale=settings.cfg, seed=SEED, batch_size=case.batch,
-        rng="cpu" if settings.device.type == "cpu" else "gpu", **(flux if settings.flux else sd),
+        rng="cpu" if settings.device.type == "cpu" else "gpu", token_merging_ratio=token_merging,
+        **(flux if settings.flux else sd),
     )
     return lambda: list(engine.generate(params).images)
 
@@ -723,12 +728,23 @@ def run_case(case: Case, comps: Components, settings: Settings) -> tuple[list[Me
     _log(f"{case.name}: {case.size}x{case.size}, batch {case.batch}, {settings.steps_run} steps")
     model = underpaint_model(comps, settings)
     pipe = diffusers_pipeline(comps)
+    runners = [Runner("underpaint", underpaint_runner(model, case, settings), lambda: model.unet),
+               Runner("diffusers", diffusers_runner(pipe, case, settings), lambda: denoiser(pipe))]
+    merging = bool(settings.token_merging) and not settings.flux  # FLUX ignores token merging
+    if merging:  # hooks for the request only: it can take turns with the plain rows
+        runners.append(Runner(f"underpaint tome={settings.token_merging:g}",
+                              underpaint_runner(model, case, settings, token_merging=settings.token_merging),
+                              lambda: model.unet))
     with posterior_mean() if settings.flux else nullcontext():
-        (plain, plain_out), (eager, eager_out) = measure([
-            Runner("underpaint", underpaint_runner(model, case, settings), lambda: model.unet),
-            Runner("diffusers", diffusers_runner(pipe, case, settings), lambda: denoiser(pipe)),
-        ], case, settings)
+        measured = measure(runners, case, settings)
+    (plain, plain_out), (eager, eager_out) = measured[:2]
     results, checks = [plain], []
+    if merging:
+        merged, merged_out = measured[2]
+        results.append(merged)
+        checks.append(replace(compare(case, f"token merging {settings.token_merging:g}", plain_out, merged_out),
+                              passed=True))  # a different picture by design: reported, not judged
+        _log(f"  output difference: {asdict(checks[-1])}")
     if settings.flux:
         checks.append(witness(case, settings, plain_out, eager_out))
         _log(f"  output check: {asdict(checks[-1])}")
@@ -828,6 +844,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    + ", ".join(OPTIMIZATIONS))
     p.add_argument("--attention", default="auto", choices=["auto", "flash", "efficient", "cudnn", "math"],
                    help="attention kernel for the optimized row (adds the row by itself when not auto)")
+    p.add_argument("--token-merging", type=float, default=0.0, metavar="RATIO",
+                   help="add an underpaint row with token merging at this ratio (0-0.9; SD cases only)")
     p.add_argument("--vram", default="high", choices=["high", "medium", "low"],
                    help="add an underpaint row in this memory mode, run alone (its peak VRAM shows the mode's effect)")
     p.add_argument("--compile-diffusers", action="store_true", help="add a diffusers + torch.compile row")
@@ -853,7 +871,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
         raise SystemExit(f"--optimize: unknown {', '.join(unknown)}; expected {', '.join(OPTIMIZATIONS)}")
     s = Settings(device, dtype, _given(args.steps, SD_STEPS), _given(args.strength, SD_STRENGTH),
                  _given(args.cfg, SD_CFG), args.runs, args.warmup, optimize, args.compile_diffusers, args.compile_mode,
-                 vram=args.vram, attention=args.attention)
+                 vram=args.vram, attention=args.attention, token_merging=args.token_merging)
+    if not 0 <= s.token_merging <= 0.9:
+        raise SystemExit("--token-merging: a ratio from 0 to 0.9")
     _check_steps(s, args)
     return s
 
@@ -952,6 +972,7 @@ def _settings_json(settings: Settings, args: argparse.Namespace) -> dict:
                 steps=settings.steps, strength=settings.strength, steps_run=settings.steps_run,
                 underpaint_strength=settings.underpaint_strength, cfg=settings.cfg, runs=settings.runs,
                 warmup=settings.warmup, optimize=list(settings.optimize), attention=settings.attention,
+                token_merging=settings.token_merging,
                 compile_diffusers=settings.compile_diffusers,
                 compile_mode=settings.compile_mode, fp16_vae=args.fp16_vae, stub_unet=args.stub_unet, vram=settings.vram,
                 guidance=settings.guidance,

@@ -136,6 +136,8 @@ def test_infotext_field_fills_unset_fields(client):
     ({"alwayson_scripts": {"controlnet": {"args": [{"module": "canny", "model": "x"}]}}},
      "alwayson_scripts.controlnet.args[0].model"),
     ({"override_settings": {"CLIP_stop_at_last_layers": "two"}}, "override_settings.CLIP_stop_at_last_layers"),
+    ({"override_settings": {"token_merging_ratio": 0.95}}, "override_settings.token_merging_ratio"),
+    ({"enable_hr": True, "override_settings": {"token_merging_ratio_hr": "x"}}, "override_settings.token_merging_ratio_hr"),
     ({"override_settings": {"sd_model_checkpoint": "nope.safetensors"}}, "sd_model_checkpoint"),
     ({"override_settings": {"sd_model_checkpoint": "/etc/passwd"}}, "sd_model_checkpoint"),
     ({"sampler_index": 99}, "sampler_index"),
