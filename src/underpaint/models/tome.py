@@ -12,8 +12,9 @@ only; blocks with no downsampling, the library's ``max_downsample`` 1).
 
 What that means per model family:
 
-* SD 1.x/2.x: the four (SD2: four) transformer levels at 64×64 latent cells for 512² pictures merge;
-  deeper levels, where attention is already cheap, do not.
+* SD 1.x/2.x: the five transformer blocks at the latent's full resolution (two on the way down,
+  three on the way up; 64×64 cells for a 512² picture) merge; the deeper ones, where attention is
+  already cheap, do not.
 * SDXL: its full-resolution level has no attention at all, so nothing merges and the pictures are
   the same as without merging (as in A1111, where the setting does nothing for SDXL).
 * FLUX: its transformer has no UNet levels; A1111/Forge offer token merging for SD UNets only,
