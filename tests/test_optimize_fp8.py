@@ -186,6 +186,16 @@ def plain(engine, photo):
     return _pixels(engine.generate(_request(photo)))
 
 
+@pytest.fixture(scope="module")
+def fp8_picture(engine, photo):
+    """The picture of :func:`_request` with fp8 on (undone afterwards)."""
+    optimize.apply(engine.model, SpeedOptions(fp8=True))
+    try:
+        return _pixels(engine.generate(_request(photo)))
+    finally:
+        optimize.undo(engine.model)
+
+
 @pytest.fixture()
 def fp8_on(engine):
     optimize.apply(engine.model, SpeedOptions(fp8=True))
@@ -230,12 +240,7 @@ def test_unet_output_error_is_a_few_percent(engine):
     assert 0.005 < relative < 0.15, relative
 
 
-def test_fp8_after_fused_projections_converts_them_and_computes_the_same(engine, photo):
-    optimize.apply(engine.model, SpeedOptions(fp8=True))
-    try:
-        alone = _pixels(engine.generate(_request(photo)))
-    finally:
-        optimize.undo(engine.model)
+def test_fp8_after_fused_projections_converts_them_and_computes_the_same(engine, photo, fp8_picture):
     optimize.apply(engine.model, SpeedOptions(fused_qkv=True, fp8=True))
     try:
         attn = engine.model.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1
@@ -245,13 +250,12 @@ def test_fp8_after_fused_projections_converts_them_and_computes_the_same(engine,
         optimize.undo(engine.model)
     assert not hasattr(attn, "to_qkv") and type(attn.to_q) is torch.nn.Linear
     # one scale per output row and per token: the fused product is the three products side by side
-    assert np.abs(alone - fused).mean() <= 0.05, np.abs(alone - fused).mean()
+    assert np.abs(fp8_picture - fused).mean() <= 0.05, np.abs(fp8_picture - fused).mean()
 
 
-def test_fp8_in_vram_low_gives_the_same_picture(sd1_file, photo):
-    fast = _load(sd1_file, optimize="fp8")
+def test_fp8_in_vram_low_gives_the_same_picture(sd1_file, photo, fp8_picture):
     low = _load(sd1_file, optimize="fp8", vram="low")
-    assert np.array_equal(_pixels(low.generate(_request(photo))), _pixels(fast.generate(_request(photo))))
+    assert np.array_equal(_pixels(low.generate(_request(photo))), fp8_picture)
     assert all(m.fp8_weight.device.type == "cpu" for m in fp8.fp8_layers(low.model.unet))
 
 
@@ -289,11 +293,10 @@ def test_lora_refreshes_the_fp8_copies_and_restores_them(fp8_on, models_dir, pho
         assert torch.equal(layer.fp8_weight, before[name][0]) and torch.equal(layer.fp8_scale, before[name][1])
 
 
-def test_fp8_with_a_lora_equals_fp8_of_the_merged_weights(engine, models_dir, photo):
+def test_fp8_with_a_lora_equals_fp8_of_the_merged_weights(engine, models_dir, photo, fp8_picture):
     optimize.apply(engine.model, SpeedOptions(fp8=True))
     try:
         with_lora = _pixels(engine.generate(_request(photo, prompt="a red house by the sea" + LORA_TAG)))
-        without = _pixels(engine.generate(_request(photo)))
     finally:
         optimize.undo(engine.model)
     merged = _merged_by_hand(engine, models_dir, 0.3)
@@ -311,7 +314,7 @@ def test_fp8_with_a_lora_equals_fp8_of_the_merged_weights(engine, models_dir, ph
             for path, weight in originals.items():
                 unet.get_submodule(path).weight.copy_(weight)
     assert np.abs(with_lora - by_hand).mean() <= 0.05
-    assert np.abs(with_lora - without).mean() > 1  # the LoRA does change the picture
+    assert np.abs(with_lora - fp8_picture).mean() > 1  # the LoRA does change the picture
 
 
 # --- checkpoint fp8 bytes (tiny FLUX) ---------------------------------------------------------
