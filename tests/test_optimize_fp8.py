@@ -378,3 +378,29 @@ def test_gguf_layers_are_left_as_they_are(flux_files):  # noqa: F811
         assert all(type(m) is StoredLinear for m in stored)
     finally:
         optimize.undo(model)
+
+
+# --- the GPU benchmark ------------------------------------------------------------------------
+
+
+def test_benchmark_measures_an_fp8_row_instead_of_checking_it():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    name = "underpaint_bench_gpu_img2img"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "bench" / "gpu_img2img.py")
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    bench = sys.modules[name]
+    settings = bench.settings_from(bench.parse_args(["--tiny", "--optimize", "fp8"]))
+    assert settings.speed.fp8
+    case = bench.select_cases(bench.parse_args(["--tiny", "--cases", "sd15"]))[0]
+    g = np.random.default_rng(3)
+    plain = [g.integers(0, 256, (8, 8, 3), dtype=np.uint8)]
+    changed = [np.clip(plain[0].astype(np.int16) + g.integers(-12, 13, (8, 8, 3)), 0, 255).astype(np.uint8)]
+    lossless = bench.compare(case, "fp8", plain, changed)
+    lossy = bench.compare(case, "fp8", plain, changed, lossy=True)
+    assert not lossless.passed and lossy.passed and lossy.lossy
+    assert (lossy.mean_abs, lossy.psnr_db) == (lossless.mean_abs, lossless.psnr_db) and lossy.psnr_db < 40

@@ -31,7 +31,8 @@ None is on by default: each is a measured choice (docs/performance.md). They app
 that generates; ControlNets, adapters and the text encoders are left as loaded. ``fused_qkv`` is
 refused below ``--vram high`` (its extra weights would travel with every offloaded block), and
 ``compile``/``cuda_graphs`` with ``--vram low`` (the block-by-block hooks move weights inside
-the compiled region).
+the compiled region), ``fp8`` on a CUDA GPU below compute capability 8.9 (no fp8 tensor cores)
+and on devices other than CUDA and the CPU.
 """
 
 from __future__ import annotations
