@@ -131,10 +131,16 @@ def test_fp8_runs_on_the_cpu_and_nowhere_else_without_cuda():
         optimize.check(options, device=torch.device("mps"))
 
 
-def test_fp8_is_named_and_labelled_lossy():
+def test_fp8_is_named_and_labelled_lossy(capsys):
+    from underpaint.cli.main import build_parser
+
     options = SpeedOptions.parse("compile,fp8,fused_qkv")
     assert options.describe() == "fused_qkv,fp8,compile"  # applied in this order
     assert optimize.LOSSY == ("fp8",)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["img2img", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "fp8 (LOSSY, changes the picture: a speed/quality trade-off" in text
 
 
 # --- through the engine (tiny SD1) ------------------------------------------------------------
