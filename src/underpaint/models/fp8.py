@@ -14,9 +14,9 @@ one byte each.
   GGUF, bitsandbytes 4-bit and ``float8_e5m2`` layers are left as they are (``_scaled_mm`` has no
   use for the first two, and e5m2 weights would need an e4m3 requantization, a second rounding).
 * **Activations**: quantized on every call, one scale per token (row), the same rule.
-* **Product**: ``torch._scaled_mm`` with row-wise scales, accumulated in fp32 by the tensor cores
-  (``use_fast_accum``: Hopper's fast accumulation mode, as fp8 inference libraries use for
-  forward passes), written in the compute dtype. PyTorch's CUDA kernel for row-wise scales has
+* **Product**: ``torch._scaled_mm`` with row-wise scales, in the tensor cores' fast accumulation
+  mode (``use_fast_accum``: Hopper promotes partial sums to fp32 less often; fp8 inference
+  libraries use it for forward passes; :data:`FAST_ACCUM`), written in the compute dtype. PyTorch's CUDA kernel for row-wise scales has
   written only bf16 in older releases (fp16 and fp32 in newer ones, or on Hopper with a recent
   cuBLAS): :func:`output_dtype` tries the compute dtype once per device and falls back to bf16
   plus a cast (for an fp16 model the extra bf16 rounding, 2⁻⁹ relative, is small beside fp8's own
@@ -24,7 +24,9 @@ one byte each.
   would then cost every other token its precision. The bias is added afterwards in the compute dtype.
 * **Memory**: the full-precision weight of a converted layer leaves the device: it is kept in
   host memory (``full_weight``, the very ``Parameter`` object), where LoRAs merge into it, and
-  :func:`restore` puts it back where the layer's fp8 copy rests. The host copy costs host RAM
+  :func:`restore` puts it back where the layer's fp8 copy rests. Every ``--vram`` mode works: in
+  ``low`` the fp8 copies rest in host memory and visit the device with their blocks (half the
+  bytes of an fp16 visit). The host copy costs host RAM
   (2 bytes a weight in fp16/bf16) in exchange for an exact undo without reading the file again.
 * **LoRAs**: merged into the host copies as into any weight; :func:`refresh` then quantizes the
   converted layers again in place (compiled code keeps the same buffers). Layers computing from
