@@ -29,7 +29,9 @@ one byte each.
   bytes of an fp16 visit). The host copy costs host RAM
   (2 bytes a weight in fp16/bf16) in exchange for an exact undo without reading the file again.
 * **LoRAs**: merged into the host copies as into any weight; :func:`refresh` then quantizes the
-  converted layers again in place (compiled code keeps the same buffers). Layers computing from
+  converted layers again in place (compiled code keeps the same buffers). It takes all of them,
+  not only those a LoRA touched: one pass over the host copies after the merge and one after
+  the restore, the price of a request with a LoRA. Layers computing from
   the checkpoint's own fp8 bytes take their LoRAs at run time, as stored layers always do.
 
 The converted layers keep their identity: each changes class (:class:`Fp8Linear`, a
