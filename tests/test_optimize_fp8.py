@@ -330,7 +330,8 @@ def test_fp8_with_a_lora_equals_fp8_of_the_merged_weights(engine, models_dir, ph
 def scaled_fp8(flux_files, tmp_path_factory):  # noqa: F811
     import tiny_flux as tf
 
-    return tf.write_scaled_fp8_transformer(tmp_path_factory.mktemp("fp8-flux") / "flux1-dev-tiny-scaled-fp8.safetensors")
+    folder = tmp_path_factory.mktemp("fp8-flux")
+    return tf.write_scaled_fp8_transformer(folder / "flux1-dev-tiny-scaled-fp8.safetensors")
 
 
 @pytest.mark.parametrize("key", ["transformer_fp8", "scaled_fp8"])
@@ -396,7 +397,8 @@ def test_benchmark_measures_an_fp8_row_instead_of_checking_it():
 
     name = "underpaint_bench_gpu_img2img"
     if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "bench" / "gpu_img2img.py")
+        script = Path(__file__).resolve().parents[1] / "bench" / "gpu_img2img.py"
+        spec = importlib.util.spec_from_file_location(name, script)
         sys.modules[name] = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(sys.modules[name])
     bench = sys.modules[name]

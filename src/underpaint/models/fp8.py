@@ -6,7 +6,7 @@ GPUs with fp8 tensor cores (compute capability 8.9 or newer: Ada, Hopper, Blackw
 one byte each.
 
 * **Weights**: each ``nn.Linear`` whose input and output widths are multiples of 16 (what
-  ``_scaled_mm`` needs; others stay as they are) gets an ``float8_e4m3fn`` copy of its weight with
+  ``_scaled_mm`` needs; others stay as they are) gets a ``float8_e4m3fn`` copy of its weight with
   one float32 scale per output channel (the row's largest magnitude maps to 448, e4m3's largest
   value). Layers that an fp8 checkpoint already keeps as ``float8_e4m3fn`` bytes
   (:class:`~underpaint.models.quantized.StoredLinear`) compute from those very bytes, with the
@@ -16,23 +16,24 @@ one byte each.
 * **Activations**: quantized on every call, one scale per token (row), the same rule.
 * **Product**: ``torch._scaled_mm`` with row-wise scales, in the tensor cores' fast accumulation
   mode (``use_fast_accum``: Hopper promotes partial sums to fp32 less often; fp8 inference
-  libraries use it for forward passes; :data:`FAST_ACCUM`), written in the compute dtype. PyTorch's CUDA kernel for row-wise scales has
-  written only bf16 in older releases (fp16 and fp32 in newer ones, or on Hopper with a recent
-  cuBLAS): :func:`output_dtype` tries the compute dtype once per device and falls back to bf16
-  plus a cast (for an fp16 model the extra bf16 rounding, 2⁻⁹ relative, is small beside fp8's own
-  2⁻⁴). Per-tensor scales would allow any output dtype, but one outlier in a token's activation
-  would then cost every other token its precision. The bias is added afterwards in the compute dtype.
+  libraries use it for forward passes; :data:`FAST_ACCUM`), written in the compute dtype.
+  PyTorch's CUDA kernels for row-wise scales write only bf16 in older releases, also fp16 in
+  newer ones, and fp32 only through cuBLAS on Hopper (CUDA 12.9+): :func:`output_dtype` tries the
+  compute dtype once per device and falls back to bf16 plus a cast (for an fp16 model the extra
+  bf16 rounding, 2⁻⁹ relative, is small beside fp8's own 2⁻⁴). Per-tensor scales would allow any
+  output dtype, but one outlier in a token's activation would then cost every other token its
+  precision. The bias is added afterwards in the compute dtype.
 * **Memory**: the full-precision weight of a converted layer leaves the device: it is kept in
   host memory (``full_weight``, the very ``Parameter`` object), where LoRAs merge into it, and
   :func:`restore` puts it back where the layer's fp8 copy rests. Every ``--vram`` mode works: in
   ``low`` the fp8 copies rest in host memory and visit the device with their blocks (half the
-  bytes of an fp16 visit). The host copy costs host RAM
-  (2 bytes a weight in fp16/bf16) in exchange for an exact undo without reading the file again.
+  bytes of an fp16 visit). The host copy costs host RAM (2 bytes a weight in fp16/bf16) in
+  exchange for an exact undo without reading the file again.
 * **LoRAs**: merged into the host copies as into any weight; :func:`refresh` then quantizes the
   converted layers again in place (compiled code keeps the same buffers). It takes all of them,
   not only those a LoRA touched: one pass over the host copies after the merge and one after
-  the restore, the price of a request with a LoRA. Layers computing from
-  the checkpoint's own fp8 bytes take their LoRAs at run time, as stored layers always do.
+  the restore, the price of a request with a LoRA. Layers computing from the checkpoint's own
+  fp8 bytes take their LoRAs at run time, as stored layers always do.
 
 The converted layers keep their identity: each changes class (:class:`Fp8Linear`, a
 ``nn.Linear``; :class:`Fp8StoredLinear`, a ``StoredLinear``) and back, so that a LoRA index,
@@ -259,7 +260,8 @@ def capability_problem(device: torch.device) -> str | None:
     if device.type == "cpu":
         return None  # emulated: correct, slow; allowed so that the code can be checked without a GPU
     if device.type != "cuda":
-        return f"a CUDA GPU of compute capability {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} or newer (this model runs on {device})"
+        return (f"a CUDA GPU of compute capability {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} or newer "
+                f"(this model runs on {device})")
     major, minor = torch.cuda.get_device_capability(device)
     if (major, minor) < MIN_CAPABILITY:
         return (f"a GPU with fp8 tensor cores, compute capability {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} or newer "
