@@ -52,6 +52,8 @@ STEPS = (
          "the cuDNN attention kernel against PyTorch's own choice"),
     Step("fused", "gpu_img2img.py", ("--cases", "sd15", "--optimize", "channels_last,fused_qkv"), 90,
          "channels-last and fused projections, eager"),
+    Step("fp8", "gpu_img2img.py", ("--cases", "sd15,sdxl", "--optimize", "fp8"), 180,
+         "fp8 matmuls (lossy): speed against the plain row, and its pictures' mean |Δ| and PSNR against it"),
     Step("stub", "gpu_img2img.py", ("--cases", "sd15,sdxl", "--stub-unet"), 120,
          "everything but the UNet, per library: the part no UNet optimization closes"),
     Step("vram-low", "gpu_img2img.py", ("--cases", "sd15,sdxl", "--vram", "low"), 240,

@@ -1,5 +1,5 @@
 """Speed switches (``--optimize``, ``--attention``): transforms of a loaded model that change how
-fast it runs, not what it computes.
+fast it runs, not what it computes (all but ``fp8``, a speed/quality trade-off).
 
 * ``channels_last``: the UNet's and the VAE's weights in NHWC order, which cuDNN's fp16/bf16
   convolutions prefer on recent GPUs (the pictures are the same to within rounding).
@@ -7,6 +7,12 @@ fast it runs, not what it computes.
   (cross-attention: key and value), through diffusers' fused projections. The separate weights
   stay where they are, because LoRAs are merged into them; :func:`weights_changed` copies them
   into the fused ones after every merge and restore.
+* ``fp8`` (**lossy**): the UNet's/transformer's linear layers multiply in fp8 on GPUs with fp8
+  tensor cores (compute capability 8.9 or newer), weights quantized per output channel and
+  activations per token (:mod:`.fp8`); the full-precision weights wait in host memory for
+  :func:`undo` and for LoRA merges, after which :func:`weights_changed` quantizes them again.
+  Allowed on the CPU, where PyTorch emulates it slowly, so that it can be checked without a GPU.
+  Applied after ``fused_qkv`` (the fused projections are converted too).
 * ``compile``: ``torch.compile`` of the ``forward`` of the UNet (FLUX: the transformer) and of
   the VAE's encoder and decoder, in place, so every name, hook and weight stays where the rest
   of the engine finds it. Compiled kernels are cached on disk (:func:`compile_cache_dir`),
@@ -25,7 +31,8 @@ None is on by default: each is a measured choice (docs/performance.md). They app
 that generates; ControlNets, adapters and the text encoders are left as loaded. ``fused_qkv`` is
 refused below ``--vram high`` (its extra weights would travel with every offloaded block), and
 ``compile``/``cuda_graphs`` with ``--vram low`` (the block-by-block hooks move weights inside
-the compiled region).
+the compiled region), ``fp8`` on a CUDA GPU below compute capability 8.9 (no fp8 tensor cores)
+and on devices other than CUDA and the CPU.
 """
 
 from __future__ import annotations
@@ -40,7 +47,9 @@ from typing import TYPE_CHECKING, Any
 from ..errors import InvalidParameter
 
 #: ``--optimize`` names, in the order they are applied.
-OPTIMIZATIONS = ("channels_last", "fused_qkv", "compile", "cuda_graphs")
+OPTIMIZATIONS = ("channels_last", "fused_qkv", "fp8", "compile", "cuda_graphs")
+#: Switches that change the picture (the others are checked equal within rounding).
+LOSSY = ("fp8",)
 ATTENTION_BACKENDS = ("auto", "flash", "efficient", "cudnn", "math")
 _CUDA_ONLY_ATTENTION = ("efficient", "cudnn")
 
@@ -55,6 +64,7 @@ class SpeedOptions:
 
     channels_last: bool = False
     fused_qkv: bool = False
+    fp8: bool = False
     compile: bool = False
     cuda_graphs: bool = False
     attention: str = "auto"
@@ -112,6 +122,8 @@ def check(options: SpeedOptions, *, device: torch.device, vram: str = "high") ->
                                f"({options.attention} kernels exist for CUDA only)")
     if options.fused_qkv and vram != "high":
         raise InvalidParameter("optimize", "fused_qkv", "--vram high (the fused weights would be offloaded too)")
+    if options.fp8 and (problem := _fp8_problem(device)) is not None:
+        raise InvalidParameter("optimize", "fp8", problem)
     if options.compiles and vram == "low":
         name = "cuda_graphs" if options.cuda_graphs else "compile"
         raise InvalidParameter("optimize", name, "--vram high or medium (low moves weights inside the compiled model)")
@@ -133,6 +145,11 @@ def apply(model: Any, options: SpeedOptions) -> SpeedOptions:
         pin_model(model)  # reordered weights are new tensors: pinned again where the mode pins
     if options.fused_qkv:
         _fuse(model.unet)
+    if options.fp8:
+        from . import fp8
+
+        fp8.convert(model.unet, device=model.device, dtype=model.dtype)
+        pin_model(model)  # new host-memory tensors in --vram low
     if options.compiles:
         compile_cache_dir()
         unet_mode = options.compile_mode or ("reduce-overhead" if options.cuda_graphs else None)
@@ -154,6 +171,10 @@ def undo(model: Any) -> None:
     if options.compiles:
         for module in (model.unet, *_vae_parts(model)):
             module.__dict__.pop("forward", None)
+    if options.fp8:
+        from . import fp8
+
+        fp8.restore(model.unet)
     if options.fused_qkv:
         _unfuse(model.unet)
     if options.channels_last:
@@ -167,9 +188,14 @@ def undo(model: Any) -> None:
 
 def weights_changed(model: Any) -> None:
     """Call after weights were written in place (a LoRA merged or restored): refresh what is derived
-    from them (the fused projections)."""
-    if speed_of(model).fused_qkv:
+    from them (the fused projections, then the fp8 copies, which may be of fused projections)."""
+    speed = speed_of(model)
+    if speed.fused_qkv:
         _refresh_fused(model.unet)
+    if speed.fp8:
+        from . import fp8
+
+        fp8.refresh(model.unet, device=model.device)
 
 
 def attention_for(model: Any):
@@ -208,6 +234,12 @@ def _compile_forward(module: torch.nn.Module, **options: Any) -> None:
     import torch
 
     module.forward = torch.compile(module.forward, **options)
+
+
+def _fp8_problem(device: Any) -> str | None:
+    from .fp8 import capability_problem
+
+    return capability_problem(device)
 
 
 def _is_torch_default(path: str) -> bool:
