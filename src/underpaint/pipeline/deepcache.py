@@ -278,3 +278,38 @@ def for_request(model: Any, options: DeepCacheOptions | None) -> DeepCache | Non
                                f"1 (off) with --optimize {name} (cached steps swap UNet modules, which "
                                "the compiled model would compile again for every request)")
     return DeepCache(unet, options)
+
+
+# --- infotext -----------------------------------------------------------------------------------
+
+#: Infotext key → DeepCacheOptions field. Interval and branch are always written when it is on;
+#: start and end only when set.
+INFOTEXT_KEYS = (("DeepCache interval", "interval"), ("DeepCache branch", "branch"),
+                 ("DeepCache start", "start"), ("DeepCache end", "end"))
+
+
+def infotext_entries(options: DeepCacheOptions | None) -> dict[str, int]:
+    """The infotext keys that record ``options`` (none when off)."""
+    if options is None or options.interval <= 1:
+        return {}
+    values = {"DeepCache interval": options.interval, "DeepCache branch": options.branch,
+              "DeepCache start": options.start or None, "DeepCache end": options.end}
+    return {key: value for key, value in values.items() if value is not None}
+
+
+def options_from_infotext(values: dict[str, str]) -> DeepCacheOptions | None:
+    """The DeepCache an infotext records, or None; a value that is not a whole number names its key."""
+    if "DeepCache interval" not in values:
+        return None
+    found: dict[str, int] = {}
+    for key, name in INFOTEXT_KEYS:
+        if key in values:
+            try:
+                found[name] = int(values[key])
+            except ValueError:
+                raise InvalidParameter(key, values[key], "a whole number") from None
+    try:
+        return DeepCacheOptions(**found)
+    except InvalidParameter as exc:
+        key = next((k for k, name in INFOTEXT_KEYS if exc.field == f"deepcache_{name}"), "DeepCache interval")
+        raise InvalidParameter(key, exc.value, exc.expected) from None
