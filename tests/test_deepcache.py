@@ -248,6 +248,23 @@ def test_engine_counts_unet_calls_per_sampler_step(sd1_engine, fields, unet_call
     assert counts == {"unet": unet_calls, "mid": full_calls}
 
 
+def test_hires_fix_starts_each_pass_with_a_full_step(sd1_engine):
+    from underpaint.params import HiresOptions
+
+    params = GenerationParams(prompt="a boat", steps=4, width=64, height=64, seed=5, sampler="Euler",
+                              hires=HiresOptions(scale=1.5, steps=3, strength=0.6),
+                              deepcache=DeepCacheOptions(interval=2))
+    counts, handles = _count_calls(sd1_engine)
+    try:
+        result = sd1_engine.generate(params)
+    finally:
+        for h in handles:
+            h.remove()
+    # First pass: steps 0-3, full at 0, 2. Second pass, 3 steps of its own: full at 0, 2.
+    assert counts == {"unet": 7, "mid": 4}
+    assert result.images[0].size == (96, 96)
+
+
 def test_interval_one_and_off_are_bit_identical_to_the_plain_path(sd1_engine):
     params = _img2img(steps=6, strength=0.7, sampler="DPM++ 2M", batch_size=2)
     plain = sd1_engine.generate(params)
