@@ -107,6 +107,31 @@ class InpaintOptions:
             raise InvalidParameter("masked_content", self.masked_content, "one of " + ", ".join(MASKED_CONTENT))
 
 
+@dataclass(frozen=True)
+class DeepCacheOptions:
+    """DeepCache for SD/SDXL UNets (pipeline/deepcache.py): every ``interval``-th sampler step runs the
+    whole UNet, the steps between reuse its deep features and run only the shallow ``branch``.
+
+    Steps before ``start`` and from ``end`` on (None: the last step) always run in full; the
+    first step always does. Interval 1 caches nothing. A speed/quality trade-off, off by default.
+    """
+
+    interval: int = 3
+    branch: int = 0
+    start: int = 0
+    end: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_range("deepcache_interval", self.interval, 1, 1000, integer=True)
+        # 0-11 on SD 1.x/2.x, 0-8 on SDXL: checked against the UNet when the request runs.
+        _check_range("deepcache_branch", self.branch, 0, 63, integer=True)
+        _check_range("deepcache_start", self.start, 0, 1000, integer=True)
+        if self.end is not None:
+            _check_range("deepcache_end", self.end, 1, 1000, integer=True)
+            if self.end <= self.start:
+                raise InvalidParameter("deepcache_end", self.end, f"a step after deepcache_start ({self.start})")
+
+
 def hires_upscaler_name(value: object, field: str = "hires_upscaler") -> str:
     """A hires. fix upscaler in A1111's spelling (matched without regard to case)."""
     if isinstance(value, str):
@@ -251,6 +276,8 @@ class GenerationParams:
     #: Token merging (ToMe for SD, models/tome.py): the share of self-attention tokens merged in
     #: the UNet's full-resolution blocks, 0 (off) to 0.9. Faster, less faithful; FLUX ignores it.
     token_merging_ratio: float = 0.0
+    #: DeepCache (SD/SDXL UNets; pipeline/deepcache.py); None: off.
+    deepcache: DeepCacheOptions | None = None
 
     def __post_init__(self) -> None:
         from .sampling.names import resolve_sampler  # torch-free table
@@ -283,6 +310,8 @@ class GenerationParams:
         if self.inpaint.masked_content not in MASKED_CONTENT:
             raise InvalidParameter("masked_content", self.inpaint.masked_content, "one of " + ", ".join(MASKED_CONTENT))
         object.__setattr__(self, "preview_method", preview_method_name(self.preview_method))
+        if self.deepcache is not None and not isinstance(self.deepcache, DeepCacheOptions):
+            raise InvalidParameter("deepcache", type(self.deepcache).__name__, "DeepCacheOptions or None")
         if self.control_units:
             from .pipeline.control import ControlUnit
 

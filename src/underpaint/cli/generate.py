@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..errors import ImageError, InvalidParameter
 from ..params import HIRES_UPSCALERS, GenerationParams, HiresOptions, SamplerOptions
+from .cache import add_cache_arguments, with_cache
 from .control import control_units_from_args
 from .outputs import plan_outputs
 from .progress import ProgressBar
@@ -97,6 +98,7 @@ def _add_generation_args(p: argparse.ArgumentParser, *, img2img: bool) -> None:
 
     if not img2img:
         _add_hires_args(p)
+    add_cache_arguments(p)
 
     m = p.add_argument_group("model")
     m.add_argument("-m", "--model", default=None, help="checkpoint: a path, or a name in the models folder")
@@ -253,6 +255,7 @@ def params_from_args(args: argparse.Namespace, init_images: tuple = (), *, model
     if getattr(args, "from_infotext", None):
         params = _with_infotext(params, args, given)
     params = _with_hires(params, args)
+    params = with_cache(params, args)
     params = _with_loras(params, getattr(args, "lora", None))
     return _with_styles(params, args)
 

@@ -8,6 +8,7 @@ an infotext written there reproduces here: strength → steps, seeds → noise, 
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 
 import torch
@@ -23,6 +24,7 @@ from ..sampling.schedules import ModelSchedule, build_sigmas, img2img_sigmas
 from ..errors import InvalidParameter
 from ..sampling.flow import flow_sigmas, flow_start, image_seq_len, shift_mu
 from . import flux
+from . import deepcache
 from . import hires as hires_mod
 from .conditioning import encode_prompts, prompt_encoder
 from .control import request_control
@@ -85,6 +87,9 @@ def _check_flux_request(params: GenerationParams) -> None:
     from ..sampling.flow import check_flow_sampler
 
     check_flow_sampler(params.sampler)
+    if params.deepcache is not None and params.deepcache.interval > 1:
+        raise InvalidParameter("deepcache_interval", params.deepcache.interval,
+                               "1 (off) for a FLUX model (DeepCache splits SD/SDXL UNets; FLUX has first_block_cache)")
     if params.hires is not None and params.hires.sampler is not None:
         try:
             check_flow_sampler(params.hires.sampler)
@@ -107,6 +112,8 @@ def _generate(model, params: GenerationParams, networks: ActiveNetworks, *, info
     params = params.with_seed()
     plan = _plan(model, params)
     hires = _hires_plan(model, plan) if params.hires is not None else None
+    if not flux.is_flux(model):
+        deepcache.for_request(model, params.deepcache)  # a branch this UNet lacks is refused before any work
 
     # 2. strength 0 keeps the picture: return the input as it is (resized only if asked).
     if params.is_img2img and params.strength == 0:
@@ -393,9 +400,14 @@ def _run_batch(model, plan: Plan, job: int, seeds, subseeds, progress, cancel: C
     info = sampler_info(p.sampler)
     noise_sampler = _noise_sampler(info, x, plan.full_sigmas.to(device), seeds, p, device)
 
-    # 6. Denoising loop, with the request's token merging in the UNet (a hires pass: its own ratio).
+    # 6. Denoising loop, with the request's token merging in the UNet (a hires pass: its own ratio) and,
+    # when asked for, DeepCache hooking the UNet for this loop only.
     callback = _callback(model, plan, job, progress, cancel, control, window=window)
-    with torch.inference_mode(), request_token_merging(model, p.token_merging_ratio):
+    cache = None if is_flux else deepcache.for_request(model, p.deepcache)
+    if cache is not None:
+        denoiser, callback = cache.wrap_denoiser(denoiser), cache.wrap_callback(callback)
+    with (torch.inference_mode(), request_token_merging(model, p.token_merging_ratio),
+          cache.installed() if cache is not None else nullcontext()):
         latents = run_sampler(p.sampler, denoiser, x, sigmas, noise_sampler=noise_sampler, callback=callback,
                               options=p.sampler_options, model_schedule=None if is_flux else model_schedule(model))
     if cancel.skipped and not cancel.interrupted:

@@ -8,6 +8,7 @@ from .. import __version__
 from ..imageio.infotext import format_infotext, order_params
 from ..params import GenerationParams
 from ..sampling.names import infotext_schedule, infotext_writes_ensd
+from .deepcache import infotext_entries as deepcache_infotext
 from .hires import hires_infotext
 from .records import ModelInfo
 
@@ -53,6 +54,7 @@ def infotext_params(params: GenerationParams, info: ModelInfo, *, width: int, he
         "Sigma tmax": opts.s_tmax if opts.s_tmax != math.inf else None,
         "Sigma noise": opts.s_noise if opts.s_noise != 1.0 else None,
         "Discard penultimate sigma": True if opts.discard_penultimate_sigma else None,
+        **deepcache_infotext(p.deepcache),
     }
     values.update(dict(p.extra_infotext))
     values["Version"] = VERSION

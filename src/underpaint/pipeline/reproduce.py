@@ -89,6 +89,11 @@ def params_from_infotext(parsed: ParsedInfotext) -> dict[str, Any]:
     hires = hires_options(parsed.params)
     if hires is not None:
         fields["hires"] = hires
+    from .deepcache import options_from_infotext
+
+    deepcache = options_from_infotext(parsed.params)
+    if deepcache is not None:
+        fields["deepcache"] = deepcache
     return fields
 
 

@@ -16,8 +16,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from ...errors import InvalidParameter, UnknownName
-from ...params import (MASKED_CONTENT, MAX_TOKEN_MERGING_RATIO, GenerationParams, HiresOptions, InpaintOptions,
-                       SamplerOptions, preview_method_name)
+from ...params import (MASKED_CONTENT, MAX_TOKEN_MERGING_RATIO, DeepCacheOptions, GenerationParams, HiresOptions,
+                       InpaintOptions, SamplerOptions, preview_method_name)
 from ...prompts.styles import StyleBook
 from ..config import Limits
 from ..images import decode_image
@@ -307,6 +307,7 @@ def _common_fields(req: GenerationRequest, ctx: ConvertContext, *, img2img: bool
         "fix_steps": overrides.bool("img2img_fix_steps", ctx.options.img2img_fix_steps) if img2img else False,
         "token_merging_ratio": _token_merging_ratio(overrides, ctx.options, img2img=img2img),
         "sampler_options": _sampler_options(req, overrides, sampler),
+        "deepcache": _deepcache(overrides),
         "_model": overrides.model(),
         **_control_fields(req, ctx, img2img=img2img),
     }
@@ -371,6 +372,28 @@ def _sampler_name(req: GenerationRequest) -> str:
             raise InvalidParameter("sampler_index", index, f"an index from 0 to {len(SAMPLERS) - 1}, or a sampler name")
         return SAMPLERS[index].label
     return index or "Euler"
+
+
+#: ``override_settings`` keys of underpaint's own for DeepCache (SD/SDXL UNets), for one job.
+DEEPCACHE_SETTINGS = (("deepcache_interval", "interval"), ("deepcache_branch", "branch"),
+                      ("deepcache_start", "start"), ("deepcache_end", "end"))
+
+
+def _deepcache(overrides: "_Overrides") -> DeepCacheOptions | None:
+    """DeepCache from ``override_settings``: on with a ``deepcache_interval`` of 2 or more."""
+    interval = overrides.int("deepcache_interval", 1)
+    given = {name: overrides.int(key, 0) for key, name in DEEPCACHE_SETTINGS[1:] if overrides.has(key)}
+    if interval <= 1:
+        if interval < 0:
+            raise overrides._bad("deepcache_interval", "an interval of 2 or more (0 or 1: off)")
+        if given:
+            key = next(key for key, name in DEEPCACHE_SETTINGS if name in given)
+            raise overrides._bad(key, "used with a deepcache_interval of 2 or more")
+        return None
+    try:
+        return DeepCacheOptions(interval=interval, **given)
+    except InvalidParameter as exc:
+        raise InvalidParameter(f"override_settings.{exc.field}", exc.value, exc.expected) from None
 
 
 def _sampler_options(req: GenerationRequest, overrides: "_Overrides", sampler: str) -> SamplerOptions:
@@ -535,7 +558,9 @@ _INFOTEXT_FIELDS: tuple[tuple[str, str, type], ...] = (
 # Infotext keys that A1111 turns into override_settings.
 _INFOTEXT_SETTINGS: tuple[tuple[str, str, type], ...] = (
     ("Clip skip", "CLIP_stop_at_last_layers", int), ("ENSD", "eta_noise_seed_delta", int), ("RNG", "randn_source", str),
-    ("Token merging ratio", "token_merging_ratio", float), ("Token merging ratio hr", "token_merging_ratio_hr", float))
+    ("Token merging ratio", "token_merging_ratio", float), ("Token merging ratio hr", "token_merging_ratio_hr", float),
+    ("DeepCache interval", "deepcache_interval", int), ("DeepCache branch", "deepcache_branch", int),
+    ("DeepCache start", "deepcache_start", int), ("DeepCache end", "deepcache_end", int))
 
 
 def apply_infotext(req: GenerationRequest) -> GenerationRequest:

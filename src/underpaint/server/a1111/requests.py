@@ -55,7 +55,9 @@ class GenerationRequest(WireModel):
     s_tmin: float | None = Field(None, description="Lower sigma for s_churn.")
     s_noise: float | None = Field(None, description="Noise scale for s_churn and ancestral steps.")
     override_settings: dict[str, Any] | None = Field(
-        None, description="Per-request settings, e.g. {'sd_model_checkpoint': ..., 'CLIP_stop_at_last_layers': 2}."
+        None, description="Per-request settings, e.g. {'sd_model_checkpoint': ..., 'CLIP_stop_at_last_layers': 2}. "
+                          "underpaint's own: deepcache_interval (2 or more turns DeepCache on for SD/SDXL), "
+                          "deepcache_branch, deepcache_start, deepcache_end."
     )
     override_settings_restore_afterwards: bool = Field(True, description="Keep the per-request model afterwards if false.")
     refiner_checkpoint: str | None = Field(None, description="Not available here: must be absent.")
