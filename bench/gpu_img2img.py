@@ -27,9 +27,10 @@ mean, as underpaint does).
 kernel) for one extra underpaint row, and checks that its pictures equal the plain run's
 within fp16 tolerance. ``fp8`` is lossy (a speed/quality trade-off): a row with it reports its
 pictures' mean |Δ| and PSNR against the plain row's as a measure, not as a pass/fail check.
-``--token-merging R`` adds an underpaint row with token merging at ratio R
-(SD cases only), timed in turn with the plain rows; its pictures differ by design, so their
-difference to the plain run's is reported, not judged (random weights say nothing of quality).
+``--token-merging R`` and ``--deepcache N`` each add an underpaint row with that trade-off (token
+merging at ratio R; DeepCache with a full UNet step every N steps; SD cases only), timed in turn with
+the plain rows; their pictures differ by design, so their difference to the plain run's is reported,
+not judged (random weights say nothing of quality).
 """
 
 from __future__ import annotations
@@ -214,6 +215,21 @@ class Settings:
     attention: str = "auto"
     #: Token merging ratio for an extra underpaint row (``--token-merging``); 0 adds none.
     token_merging: float = 0.0
+    #: DeepCache interval for an extra underpaint row (``--deepcache``); 0 adds none.
+    deepcache: int = 0
+
+    def tradeoffs(self) -> list[tuple[str, dict]]:
+        """The extra underpaint rows that change the picture by design: (label, request fields)."""
+        from underpaint.params import DeepCacheOptions
+
+        if self.flux:  # both are for SD UNets
+            return []
+        rows = []
+        if self.token_merging:
+            rows.append((f"tome={self.token_merging:g}", dict(token_merging_ratio=self.token_merging)))
+        if self.deepcache > 1:
+            rows.append((f"deepcache={self.deepcache}", dict(deepcache=DeepCacheOptions(interval=self.deepcache))))
+        return rows
 
     @property
     def speed(self):
@@ -407,7 +423,8 @@ def underpaint_model(comps: Components, settings: Settings):
     return model
 
 
-def underpaint_runner(model, case: Case, settings: Settings, *, token_merging: float = 0.0) -> Callable[[], list]:
+def underpaint_runner(model, case: Case, settings: Settings, **fields) -> Callable[[], list]:
+    """underpaint's img2img for the case; ``fields`` are extra GenerationParams fields (a trade-off row)."""
     from underpaint.params import GenerationParams
     from underpaint.pipeline.engine import Engine
 
@@ -417,8 +434,7 @@ def underpaint_runner(model, case: Case, settings: Settings, *, token_merging: f
     params = GenerationParams(
         prompt=PROMPT, init_images=(init_image(case.size),), steps=settings.steps,
         strength=settings.underpaint_strength, cfg_scale=settings.cfg, seed=SEED, batch_size=case.batch,
-        rng="cpu" if settings.device.type == "cpu" else "gpu", token_merging_ratio=token_merging,
-        **(flux if settings.flux else sd),
+        rng="cpu" if settings.device.type == "cpu" else "gpu", **(flux if settings.flux else sd), **fields,
     )
     return lambda: list(engine.generate(params).images)
 
@@ -736,20 +752,17 @@ def run_case(case: Case, comps: Components, settings: Settings) -> tuple[list[Me
     pipe = diffusers_pipeline(comps)
     runners = [Runner("underpaint", underpaint_runner(model, case, settings), lambda: model.unet),
                Runner("diffusers", diffusers_runner(pipe, case, settings), lambda: denoiser(pipe))]
-    merging = bool(settings.token_merging) and not settings.flux  # FLUX ignores token merging
-    if merging:  # hooks for the request only: it can take turns with the plain rows
-        runners.append(Runner(f"underpaint tome={settings.token_merging:g}",
-                              underpaint_runner(model, case, settings, token_merging=settings.token_merging),
+    tradeoffs = settings.tradeoffs()
+    for label, fields in tradeoffs:  # per request only: they can take turns with the plain rows
+        runners.append(Runner(f"underpaint {label}", underpaint_runner(model, case, settings, **fields),
                               lambda: model.unet))
     with posterior_mean() if settings.flux else nullcontext():
         measured = measure(runners, case, settings)
     (plain, plain_out), (eager, eager_out) = measured[:2]
     results, checks = [plain], []
-    if merging:
-        merged, merged_out = measured[2]
-        results.append(merged)
-        checks.append(compare(case, f"token merging {settings.token_merging:g}", plain_out, merged_out,
-                              lossy=True))  # a different picture by design: reported, not judged
+    for (label, _), (row, row_out) in zip(tradeoffs, measured[2:]):
+        results.append(row)
+        checks.append(compare(case, label, plain_out, row_out, lossy=True))  # different by design: reported
         _log(f"  output difference: {asdict(checks[-1])}")
     if settings.flux:
         checks.append(witness(case, settings, plain_out, eager_out))
@@ -853,6 +866,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="attention kernel for the optimized row (adds the row by itself when not auto)")
     p.add_argument("--token-merging", type=float, default=0.0, metavar="RATIO",
                    help="add an underpaint row with token merging at this ratio (0-0.9; SD cases only)")
+    p.add_argument("--deepcache", type=int, default=0, metavar="INTERVAL",
+                   help="add an underpaint row with DeepCache, a full UNet step every INTERVAL steps (SD cases only)")
     p.add_argument("--vram", default="high", choices=["high", "medium", "low"],
                    help="add an underpaint row in this memory mode, run alone (its peak VRAM shows the mode's effect)")
     p.add_argument("--compile-diffusers", action="store_true", help="add a diffusers + torch.compile row")
@@ -878,9 +893,11 @@ def settings_from(args: argparse.Namespace) -> Settings:
         raise SystemExit(f"--optimize: unknown {', '.join(unknown)}; expected {', '.join(OPTIMIZATIONS)}")
     s = Settings(device, dtype, _given(args.steps, SD_STEPS), _given(args.strength, SD_STRENGTH),
                  _given(args.cfg, SD_CFG), args.runs, args.warmup, optimize, args.compile_diffusers, args.compile_mode,
-                 vram=args.vram, attention=args.attention, token_merging=args.token_merging)
+                 vram=args.vram, attention=args.attention, token_merging=args.token_merging, deepcache=args.deepcache)
     if not 0 <= s.token_merging <= 0.9:
         raise SystemExit("--token-merging: a ratio from 0 to 0.9")
+    if s.deepcache < 0:
+        raise SystemExit("--deepcache: an interval of 2 or more (0: no DeepCache row)")
     _check_steps(s, args)
     return s
 
@@ -980,7 +997,7 @@ def _settings_json(settings: Settings, args: argparse.Namespace) -> dict:
                 steps=settings.steps, strength=settings.strength, steps_run=settings.steps_run,
                 underpaint_strength=settings.underpaint_strength, cfg=settings.cfg, runs=settings.runs,
                 warmup=settings.warmup, optimize=list(settings.optimize), attention=settings.attention,
-                token_merging=settings.token_merging,
+                token_merging=settings.token_merging, deepcache=settings.deepcache,
                 compile_diffusers=settings.compile_diffusers,
                 compile_mode=settings.compile_mode, fp16_vae=args.fp16_vae, stub_unet=args.stub_unet, vram=settings.vram,
                 guidance=settings.guidance,

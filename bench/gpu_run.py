@@ -54,6 +54,8 @@ STEPS = (
          "channels-last and fused projections, eager"),
     Step("fp8", "gpu_img2img.py", ("--cases", "sd15,sdxl", "--optimize", "fp8"), 180,
          "fp8 matmuls (lossy): speed against the plain row, and its pictures' mean |Δ| and PSNR against it"),
+    Step("tradeoffs", "gpu_img2img.py", ("--cases", "sd15", "--token-merging", "0.5", "--deepcache", "3"), 150,
+         "token merging 0.5 and DeepCache interval 3 (lossy): speed against the plain row, pictures' difference"),
     Step("stub", "gpu_img2img.py", ("--cases", "sd15,sdxl", "--stub-unet"), 120,
          "everything but the UNet, per library: the part no UNet optimization closes"),
     Step("vram-low", "gpu_img2img.py", ("--cases", "sd15,sdxl", "--vram", "low"), 240,
