@@ -628,6 +628,114 @@ def test_live_preview_setting_is_saved_in_the_server_options(page, server):
     assert page.request.get(f"{server}/sdapi/v1/options").json()["live_previews_enable"] is True
 
 
+def test_token_merging_setting_is_saved_in_the_server_options(page, server):
+    """The Token merging select shows the ratio img2img runs with (its own setting when not 0, else the
+    general one) and saves A1111's token_merging_ratio_img2img; Off clears both, so img2img really stops."""
+    select = page.locator("#token-merging")
+    expect(select).to_have_value("0")
+    with page.expect_response("**/sdapi/v1/options") as answer:
+        select.select_option("0.5")
+    assert answer.value.request.method == "POST" and answer.value.ok
+    assert json.loads(answer.value.request.post_data) == {"token_merging_ratio_img2img": 0.5}
+    assert page.request.get(f"{server}/sdapi/v1/options").json()["token_merging_ratio_img2img"] == 0.5
+    page.reload()
+    page.wait_for_selector("body[data-ready=true]")
+    expect(select).to_have_value("0.5")
+
+    # Set by another client: img2img's own 0 falls back to the general ratio, shown even off the list.
+    assert page.request.post(f"{server}/sdapi/v1/options",
+                             data={"token_merging_ratio": 0.35, "token_merging_ratio_img2img": 0}).ok
+    page.reload()
+    page.wait_for_selector("body[data-ready=true]")
+    expect(select).to_have_value("0.35")
+    with page.expect_response("**/sdapi/v1/options") as answer:
+        select.select_option("0")
+    assert json.loads(answer.value.request.post_data) == {"token_merging_ratio_img2img": 0, "token_merging_ratio": 0}
+    options = page.request.get(f"{server}/sdapi/v1/options").json()
+    assert options["token_merging_ratio"] == 0 and options["token_merging_ratio_img2img"] == 0
+
+    # A refusal lands beside the select, which goes back to the server's value.
+    page.route("**/sdapi/v1/options", lambda r: r.fulfill(status=422, json={
+        "error": "invalid_parameter", "field": "token_merging_ratio_img2img",
+        "detail": "token_merging_ratio_img2img: got 0.9, expected a ratio from 0 to 0.5"}) if r.request.method == "POST"
+        else r.continue_())
+    select.select_option("0.9")
+    expect(page.locator(".tome-field .field-error")).to_contain_text("got 0.9, expected a ratio from 0 to 0.5")
+    expect(select).to_have_value("0")
+
+
+def test_deepcache_is_sent_per_request_and_recorded(page, photo_file):
+    """DeepCache interval ≥ 2 goes out as override_settings (nothing at 0); a refused branch is marked beside
+    its field; the result's infotext records both."""
+    interval, branch = page.locator("#deepcache_interval"), page.locator("#deepcache_branch")
+    expect(interval).to_have_value("0")
+    expect(branch).to_be_disabled()  # means nothing while DeepCache is off
+    page.set_input_files("#img2img-file", str(photo_file))
+    fast_settings(page, seed=21, steps=4)
+    set_value(page, "deepcache_interval", 3)
+    expect(branch).to_be_enabled()
+    set_value(page, "deepcache_branch", 99)
+    with page.expect_response("**/sdapi/v1/img2img") as answer:
+        page.click("#generate")
+    assert answer.value.status == 422
+    assert json.loads(answer.value.request.post_data)["override_settings"] == {"deepcache_interval": 3, "deepcache_branch": 99}
+    expect(page.locator(".field:has(#deepcache_branch) .field-error")).to_contain_text("99")
+    expect(branch).to_have_attribute("aria-invalid", "true")
+    assert page.locator("#general-error").is_hidden()
+
+    set_value(page, "deepcache_branch", 1)
+    expect(page.locator(".field-error")).to_have_count(0)
+    with page.expect_response("**/sdapi/v1/img2img", timeout=GENERATION_TIMEOUT) as answer:
+        page.click("#generate")
+    assert answer.value.ok, answer.value.text()
+    assert json.loads(answer.value.request.post_data)["override_settings"] == {"deepcache_interval": 3, "deepcache_branch": 1}
+    expect(page.locator("#result-image")).to_be_visible()
+    infotext = page.input_value("#result-infotext")
+    assert "DeepCache interval: 3" in infotext and "DeepCache branch: 1" in infotext
+
+    set_value(page, "deepcache_interval", 1)  # 1 is off as well: the plain path
+    expect(branch).to_be_disabled()
+    with page.expect_response("**/sdapi/v1/img2img", timeout=GENERATION_TIMEOUT) as answer:
+        page.click("#generate")
+    assert answer.value.ok and "override_settings" not in json.loads(answer.value.request.post_data)
+
+
+def test_pasted_infotext_sets_deepcache(page, tmp_path):
+    """A picture pasted into PNG Info with DeepCache in its infotext fills the fields; one made without
+    DeepCache turns it off again."""
+    def paste(path: Path) -> None:
+        page.evaluate("""(bytes) => {
+          const dt = new DataTransfer();
+          dt.items.add(new File([new Uint8Array(bytes)], 'pasted.png', { type: 'image/png' }));
+          document.dispatchEvent(new ClipboardEvent('paste', { clipboardData: dt, bubbles: true, cancelable: true }));
+        }""", list(path.read_bytes()))
+
+    texts = {"cached": "a quiet pond\nSteps: 4, Sampler: Euler a, CFG scale: 5, Seed: 11, Size: 64x64, "
+                       "DeepCache interval: 4, DeepCache branch: 2",
+             "plain": "a quiet pond\nSteps: 4, Sampler: Euler a, CFG scale: 5, Seed: 11, Size: 64x64"}
+    files = {}
+    for name, text in texts.items():
+        meta = PngImagePlugin.PngInfo()
+        meta.add_text("parameters", text)
+        files[name] = tmp_path / f"{name}.png"
+        Image.new("RGB", (64, 64), (40, 90, 60)).save(files[name], pnginfo=meta)
+
+    page.click("#tab-pnginfo")
+    paste(files["cached"])
+    expect(page.locator("#pnginfo-parameters")).to_have_value(texts["cached"])
+    page.click("#pnginfo-send-img2img")
+    expect(page.locator("#deepcache_interval")).to_have_value("4")
+    expect(page.locator("#deepcache_branch")).to_have_value("2")
+    expect(page.locator("#deepcache_branch")).to_be_enabled()
+
+    page.click("#tab-pnginfo")
+    paste(files["plain"])
+    expect(page.locator("#pnginfo-parameters")).to_have_value(texts["plain"])
+    page.click("#pnginfo-send-img2img")
+    expect(page.locator("#deepcache_interval")).to_have_value("0")
+    expect(page.locator("#deepcache_branch")).to_be_disabled()
+
+
 # --------------------------------------------------------------------------- FLUX
 
 

@@ -3,6 +3,7 @@
 import { ApiError, get, getOptional, post } from "./api.js";
 import { loadCheckpoints, onFamily, setupCheckpointSwitch } from "./checkpoints.js";
 import { loadPreviewSetting, setupPreviewSetting } from "./previewsetting.js";
+import { loadTokenMerging, setupTokenMerging } from "./tomesetting.js";
 import { $, $$, numberValue, setNumber, syncSliders } from "./dom.js";
 import { ControlNetSection } from "./controlnet.js";
 import { clearFieldErrors, showFieldErrors } from "./fielderrors.js";
@@ -133,6 +134,7 @@ async function loadLists() {
     attempt("schedules", getOptional("/sdapi/v1/schedulers", []).then((s) => form.fillSchedulers(s ?? []))),
     attempt("checkpoints", loadCheckpoints()),
     attempt("live preview setting", loadPreviewSetting()),
+    attempt("token merging setting", loadTokenMerging()),
     attempt("ControlNet", controlnet.load()),
   ]);
   if (failures.length) {
@@ -147,6 +149,7 @@ $("#refresh-models").addEventListener("click", async () => {
 });
 
 setupPreviewSetting();
+setupTokenMerging();
 
 setupCheckpointSwitch({
   onSwitching: (switching) => {

@@ -33,7 +33,7 @@ export class GenerationForm {
     this.controls = {};
     for (const name of ["prompt", "negative_prompt", "sampler_name", "scheduler", "steps", "width", "height",
       "n_iter", "batch_size", "cfg_scale", "distilled_cfg_scale", "denoising_strength", "seed", "mask_blur",
-      "inpaint_full_res_padding"]) {
+      "inpaint_full_res_padding", "deepcache_interval", "deepcache_branch"]) {
       this.controls[name] = $(`#${name}`, root);
     }
     this.hint = $("#denoise-hint", root);
@@ -41,6 +41,19 @@ export class GenerationForm {
     this.controls.denoising_strength.addEventListener("input", () => this.updateDenoiseHint());
     $('input[data-sync="denoising_strength"]', root).addEventListener("input", () => this.updateDenoiseHint());
     this.updateDenoiseHint();
+    this.controls.deepcache_interval.addEventListener("input", () => this.updateDeepCache());
+    this.updateDeepCache();
+  }
+
+  /** DeepCache's interval when it is on (2 or more), else null: 0 and 1 both run every step in full. */
+  deepCacheInterval() {
+    const interval = numberValue(this.controls.deepcache_interval);
+    return interval !== null && interval >= 2 ? interval : null;
+  }
+
+  /** The branch only means something while DeepCache is on. */
+  updateDeepCache() {
+    this.controls.deepcache_branch.disabled = this.deepCacheInterval() === null;
   }
 
   fillSamplers(samplers) {
@@ -67,6 +80,7 @@ export class GenerationForm {
     const c = this.controls;
     const flux = family === "flux";
     $("#distilled-field", this.root).hidden = !flux;
+    $("#deepcache-row", this.root).hidden = flux;  // FLUX has no UNet to cache
     setNumber(c.cfg_scale, flux ? 1 : 7);
     for (const [select, value] of [[c.sampler_name, flux ? "Euler" : "DPM++ 2M"], [c.scheduler, flux ? "Simple" : "Automatic"]]) {
       if (matchOption(select, value) !== null) select.value = matchOption(select, value);
@@ -82,6 +96,13 @@ export class GenerationForm {
     else if (value <= 0.7) text = "balanced: keeps the composition, repaints details and style";
     else text = "overhaul: only the rough layout of the input survives";
     this.hint.textContent = `${value.toFixed(2)} — ${text}`;
+  }
+
+  /** Per-request settings (A1111's override_settings), or undefined when there are none. */
+  overrideSettings() {
+    const interval = this.family === "flux" ? null : this.deepCacheInterval();
+    if (interval === null) return undefined;
+    return { deepcache_interval: interval, deepcache_branch: numberValue(this.controls.deepcache_branch) ?? 0 };
   }
 
   /** Fields shared by img2img and inpaint, with A1111's request names. */
@@ -102,6 +123,7 @@ export class GenerationForm {
       resize_mode: Number(radioValue(this.root, "resize_mode") ?? 0),
       batch_size: numberValue(c.batch_size),
       n_iter: numberValue(c.n_iter),
+      override_settings: this.overrideSettings(),
     };
   }
 
@@ -124,7 +146,7 @@ export class GenerationForm {
     }
     for (const name of ["steps", "cfg_scale", "distilled_cfg_scale", "denoising_strength", "seed", "width", "height",
       "batch_size",
-      "mask_blur", "inpaint_full_res_padding"]) {
+      "mask_blur", "inpaint_full_res_padding", "deepcache_interval", "deepcache_branch"]) {
       if (typeof fields[name] === "number") setNumber(c[name], fields[name]);
     }
     let { sampler_name: sampler, scheduler } = fields;
