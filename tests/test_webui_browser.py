@@ -534,9 +534,20 @@ def test_layout_labels_and_keyboard(page):
     expect(page.locator("#mask-stage")).to_be_visible()
     page.keyboard.press("ArrowRight")
     expect(page.locator("#panel-pnginfo")).to_be_visible()
+    page.keyboard.press("ArrowRight")  # wraps round to the first tab, txt2img
+    expect(page.locator("#tab-txt2img")).to_have_attribute("aria-selected", "true")
+    expect(page.locator("#tab-txt2img")).to_be_focused()
+    expect(page.locator("#hires-section")).to_be_visible()
+    page.keyboard.press("ArrowRight")
+    expect(page.locator("#tab-img2img")).to_be_focused()
+    expect(page.locator("#img2img-drop")).to_be_visible()
+    page.keyboard.press("Home")
+    expect(page.locator("#tab-txt2img")).to_have_attribute("aria-selected", "true")
 
     page.set_viewport_size({"width": 390, "height": 844})
-    for tab in ("img2img", "inpaint", "pnginfo"):
+    page.click("#tab-txt2img")
+    page.check("#enable_hr")  # the open Hires. fix section must fit as well
+    for tab in ("txt2img", "img2img", "inpaint", "pnginfo"):
         page.click(f"#tab-{tab}")
         overflow = page.evaluate("() => document.documentElement.scrollWidth - document.documentElement.clientWidth")
         assert overflow <= 0, f"{tab} scrolls sideways on a narrow window"
@@ -734,6 +745,185 @@ def test_pasted_infotext_sets_deepcache(page, tmp_path):
     page.click("#pnginfo-send-img2img")
     expect(page.locator("#deepcache_interval")).to_have_value("0")
     expect(page.locator("#deepcache_branch")).to_be_disabled()
+
+
+# --------------------------------------------------------------------------- txt2img and Hires. fix
+
+
+def result_size(page) -> list[int]:
+    return page.eval_on_selector("#result-image", "img => [img.naturalWidth, img.naturalHeight]")
+
+
+def test_txt2img_and_hires_fix(page):
+    """txt2img posts no picture and makes one of the requested size; Hires. fix, off by default, is sent only
+    when on, and doubles it. Its result, read back through PNG Info and sent to txt2img, makes the same picture."""
+    page.click("#tab-txt2img")
+    expect(page.locator("#panel-generate")).to_have_attribute("data-mode", "txt2img")
+    for img2img_only in ("#img2img-drop", "#denoising_strength", "#size-from-image", 'input[name="resize_mode"]'):
+        expect(page.locator(img2img_only).first).to_be_hidden()
+    expect(page.locator("#enable_hr")).not_to_be_checked()
+    expect(page.locator("#hr_scale")).to_be_hidden()
+    upscalers = page.locator("#hr_upscaler option").all_inner_texts()
+    listed = [u["name"] for u in page.request.get(page.url.split("#")[0] + "sdapi/v1/latent-upscale-modes").json()]
+    listed += [u["name"] for u in page.request.get(page.url.split("#")[0] + "sdapi/v1/upscalers").json()]
+    assert upscalers == listed and page.input_value("#hr_upscaler") == "Latent"
+
+    page.fill("#prompt", "a lighthouse on a cliff")
+    fast_settings(page, seed=4242, steps=2)
+    set_value(page, "height", 96)
+    with page.expect_response("**/sdapi/v1/txt2img", timeout=GENERATION_TIMEOUT) as answer:
+        page.click("#generate")
+    assert answer.value.ok, answer.value.text()
+    sent = json.loads(answer.value.request.post_data)
+    assert sent["width"] == 64 and sent["height"] == 96 and sent["seed"] == 4242 and sent["steps"] == 2
+    for absent in ("init_images", "enable_hr", "denoising_strength", "resize_mode", "hr_scale"):
+        assert absent not in sent
+    expect(page.locator("#result-image")).to_be_visible()
+    assert result_size(page) == [64, 96]
+    infotext = page.input_value("#result-infotext")
+    assert infotext.startswith("a lighthouse on a cliff") and "Size: 64x96" in infotext and "Hires" not in infotext
+
+    page.check("#enable_hr")
+    expect(page.locator("#hr_scale")).to_be_visible()
+    expect(page.locator("#hires-size")).to_have_text("Upscale from 64×96 to 128×192")
+    page.select_option("#hr_upscaler", "Latent (nearest-exact)")
+    set_value(page, "hr_second_pass_steps", 1)
+    set_value(page, "hr_denoising_strength", 0.5)
+    with page.expect_response("**/sdapi/v1/txt2img", timeout=GENERATION_TIMEOUT) as answer:
+        page.click("#generate")
+    assert answer.value.ok, answer.value.text()
+    sent = json.loads(answer.value.request.post_data)
+    assert sent["enable_hr"] is True and sent["hr_scale"] == 2 and sent["denoising_strength"] == 0.5
+    assert sent["hr_upscaler"] == "Latent (nearest-exact)" and sent["hr_second_pass_steps"] == 1
+    assert "hr_sampler_name" not in sent  # "Use same sampler"
+    expect(page.locator("#result-image")).to_be_visible()
+    assert result_size(page) == [128, 192]  # what the hint under the checkbox said
+    infotext = page.input_value("#result-infotext")
+    for part in ("Size: 64x96", "Denoising strength: 0.5", "Hires upscale: 2", "Hires steps: 1",
+                 "Hires upscaler: Latent (nearest-exact)"):
+        assert part in infotext, part
+    first = answer.value.json()["images"][0]
+    screenshot(page, "txt2img-hires")
+
+    # Reset what the infotext holds, then restore it from the picture through PNG Info.
+    page.select_option("#hr_upscaler", "Latent")
+    for name, value in (("hr_second_pass_steps", 0), ("hr_denoising_strength", 0.7), ("seed", -1),
+                        ("steps", 20), ("width", 512), ("height", 512)):
+        set_value(page, name, value)
+    page.uncheck("#enable_hr")
+    page.click("#send-pnginfo")
+    expect(page.locator("#pnginfo-parameters")).to_have_value(infotext)
+    page.click("#pnginfo-send-txt2img")
+    expect(page.locator("#tab-txt2img")).to_have_attribute("aria-selected", "true")
+    expect(page.locator("#enable_hr")).to_be_checked()
+    expect(page.locator("#hr_upscaler")).to_have_value("Latent (nearest-exact)")
+    expect(page.locator('input[data-sync="hr_denoising_strength"]')).to_have_value("0.5")
+    expect(page.locator('input[data-sync="width"]')).to_have_value("64")
+    with page.expect_response("**/sdapi/v1/txt2img", timeout=GENERATION_TIMEOUT) as answer:
+        page.click("#generate")
+    assert answer.value.ok, answer.value.text()
+    again = np.asarray(decode(answer.value.json()["images"][0]).convert("RGB")).astype(int)
+    assert np.abs(again - np.asarray(decode(first).convert("RGB")).astype(int)).max() <= 1
+
+
+def test_hires_size_hint_matches_the_package(page):
+    """The size shown under Hires. fix is the one the server makes (HiresOptions.output_size), FLUX's too."""
+    from underpaint.params import HiresOptions
+
+    cases = [(512, 512, 2, 0, 0), (64, 96, 1.5, 0, 0), (512, 768, 1.35, 0, 0), (96, 64, 2, 150, 108),
+             (512, 512, 2, 1000, 0), (512, 768, 2, 0, 900), (832, 1216, 2, 900, 700), (504, 504, 1.7, 0, 0)]
+    for multiple in (8, 16):
+        got = page.evaluate("""async ([cases, multiple]) => {
+          const { hiresOutputSize } = await import('./form.js');
+          return cases.map(([w, h, scale, resizeX, resizeY]) => hiresOutputSize(w, h, { scale, resizeX, resizeY, multiple }));
+        }""", [cases, multiple])
+        expected = [list(HiresOptions(scale=scale, resize_x=rx, resize_y=ry).output_size(w, h, multiple=multiple))
+                    for w, h, scale, rx, ry in cases]
+        assert got == expected
+
+
+def test_hires_errors_appear_beside_their_fields(page):
+    """The server's 422s for Hires. fix fields land beside them, the strength on Hires. fix's slider (img2img's
+    slider of the same name is on another tab)."""
+    page.click("#tab-txt2img")
+    fast_settings(page, seed=3, steps=2)
+    page.check("#enable_hr")
+    set_value(page, "hr_scale", 9)
+    with page.expect_response("**/sdapi/v1/txt2img") as answer:
+        page.click("#generate")
+    assert answer.value.status == 422
+    expect(page.locator(".field:has(#hr_scale) .field-error")).to_contain_text("got 9")
+    expect(page.locator("#hr_scale")).to_have_attribute("aria-invalid", "true")
+    assert page.locator("#general-error").is_hidden()
+
+    set_value(page, "hr_scale", 2)
+    expect(page.locator(".field-error")).to_have_count(0)
+    set_value(page, "hr_denoising_strength", 0)
+    with page.expect_response("**/sdapi/v1/txt2img") as answer:
+        page.click("#generate")
+    assert answer.value.status == 422
+    expect(page.locator(".field:has(#hr_denoising_strength) .field-error")).to_contain_text("above 0")
+    expect(page.locator(".field-error")).to_have_count(1)
+
+    # A field in the closed "second pass" section: the section opens to show the message.
+    set_value(page, "hr_denoising_strength", 0.5)
+    page.evaluate("""() => {
+      const select = document.querySelector('#hr_sampler_name');
+      select.append(new Option('No such sampler', 'No such sampler', true, true));
+    }""")
+    expect(page.locator("#hires-more")).not_to_have_attribute("open", "")
+    with page.expect_response("**/sdapi/v1/txt2img") as answer:
+        page.click("#generate")
+    assert answer.value.status == 422
+    expect(page.locator(".field:has(#hr_sampler_name) .field-error")).to_be_visible()
+    expect(page.locator("#hr_sampler_name")).to_be_focused()
+
+
+def test_send_to_txt2img_restores_hires_fields(page, tmp_path):
+    """PNG Info → txt2img fills the prompt, size, seed, sampler and Hires. fix fields; a picture without
+    Hires. fix turns it off."""
+    texts = {
+        "hires": "a misty valley\nNegative prompt: fog\nSteps: 5, Sampler: Euler a, Schedule type: Karras, CFG scale: 6, "
+                 "Seed: 321, Size: 64x96, Denoising strength: 0.45, Hires sampler: DPM++ 2M, Hires prompt: sharp valley, "
+                 "Hires resize: 128x160, Hires steps: 2, Hires upscaler: Lanczos, Version: v1.10.1",
+        "plain": "a misty valley\nSteps: 5, Sampler: Euler a, CFG scale: 6, Seed: 321, Size: 64x96",
+    }
+    files = {}
+    for name, text in texts.items():
+        meta = PngImagePlugin.PngInfo()
+        meta.add_text("parameters", text)
+        files[name] = tmp_path / f"{name}.png"
+        Image.new("RGB", (64, 96), (90, 90, 120)).save(files[name], pnginfo=meta)
+
+    page.click("#tab-pnginfo")
+    page.set_input_files("#pnginfo-file", str(files["hires"]))
+    expect(page.locator("#pnginfo-parameters")).to_have_value(texts["hires"])
+    page.click("#pnginfo-send-txt2img")
+    expect(page.locator("#tab-txt2img")).to_have_attribute("aria-selected", "true")
+    expect(page.locator("#prompt")).to_have_value("a misty valley")
+    expect(page.locator("#negative_prompt")).to_have_value("fog")
+    for name, value in (("steps", "5"), ("width", "64"), ("height", "96"), ("cfg_scale", "6"),
+                        ("hr_denoising_strength", "0.45"), ("hr_resize_x", "128"), ("hr_resize_y", "160"),
+                        ("hr_second_pass_steps", "2")):
+        expect(page.locator(f'input[data-sync="{name}"]')).to_have_value(value)
+    expect(page.locator("#seed")).to_have_value("321")
+    expect(page.locator("#sampler_name")).to_have_value("Euler a")
+    expect(page.locator("#scheduler")).to_have_value("Karras")
+    expect(page.locator("#enable_hr")).to_be_checked()
+    expect(page.locator("#hr_upscaler")).to_have_value("Lanczos")
+    expect(page.locator("#hr_sampler_name")).to_have_value("DPM++ 2M")
+    expect(page.locator("#hr_scheduler")).to_have_value("")  # the first pass's
+    expect(page.locator("#hr_prompt")).to_have_value("sharp valley")
+    # Both sides given: cover 128x160 (at 128x192), then crop to it.
+    expect(page.locator("#hires-size")).to_have_text("Upscale from 64×96 to 128×160")
+    expect(page.locator("#notice")).to_have_text("Parameters set.")
+
+    page.click("#tab-pnginfo")
+    page.set_input_files("#pnginfo-file", str(files["plain"]))
+    expect(page.locator("#pnginfo-parameters")).to_have_value(texts["plain"])
+    page.click("#pnginfo-send-txt2img")
+    expect(page.locator("#enable_hr")).not_to_be_checked()
+    expect(page.locator("#hr_scale")).to_be_hidden()
 
 
 # --------------------------------------------------------------------------- FLUX

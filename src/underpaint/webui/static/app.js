@@ -38,7 +38,8 @@ function selectTab(name, focus = false) {
   if (generating) {
     panel.dataset.mode = name;
     panel.setAttribute("aria-labelledby", `tab-${name}`);
-    $$("[data-show]", panel).forEach((node) => { node.hidden = node.dataset.show !== name; });
+    // data-show lists the tabs a part belongs to ("img2img inpaint").
+    $$("[data-show]", panel).forEach((node) => { node.hidden = !node.dataset.show.split(" ").includes(name); });
     if (name === "inpaint" && editor.hasImage) editor.fit();
   }
   if (location.hash !== `#${name}`) history.replaceState(null, "", `#${name}`);
@@ -65,8 +66,9 @@ $("#img2img-clear").addEventListener("click", () => img2img.clear());
 
 const { editor, setImageFile: setInpaintImage } = setupInpaint({ active: () => state.tab === "inpaint" });
 
-/** The picture the current tab works on. */
+/** The picture the current tab works on (none in txt2img). */
 function sourceImage() {
+  if (state.tab === "txt2img") return null;
   return state.tab === "inpaint" ? editor.dataUrl : img2img.dataUrl;
 }
 function sourceSize() {
@@ -84,7 +86,7 @@ const controlnet = new ControlNetSection({
 
 const pngInput = setupPngInfo({
   onSend: async (dataUrl, fields, target) => {
-    const notes = form.apply(fields);
+    const notes = form.apply(fields, target);
     if (fields.sd_model_name && $("#checkpoint").value && !$("#checkpoint").value.includes(fields.sd_model_name)) {
       notes.push(`made with the model "${fields.sd_model_name}"`);
     }
@@ -95,6 +97,7 @@ const pngInput = setupPngInfo({
 
 async function sendImage(dataUrl, target) {
   selectTab(target);
+  if (target === "txt2img") return;  // the parameters only: txt2img starts from noise
   if (target === "inpaint") await editor.setImage(dataUrl);
   else await img2img.set(dataUrl, "result.png");
 }
@@ -106,6 +109,7 @@ function takeImage(file, focused) {
   if (unit) unit.image.setFile(file);
   else if (state.tab === "inpaint") setInpaintImage(file);
   else if (state.tab === "pnginfo") pngInput.setFile(file);
+  else if (state.tab === "txt2img") notice.textContent = "txt2img takes no picture: drop it on img2img, Inpaint or PNG Info.";
   else img2img.setFile(file);
 }
 
@@ -125,6 +129,14 @@ document.addEventListener("drop", (event) => {
 });
 
 // -- lists from the API ------------------------------------------------------------------------
+/** Hires. fix's upscalers: GET /latent-upscale-modes, then GET /upscalers (A1111's order). */
+async function loadUpscalers() {
+  const [latent, pictures] = await Promise.all([
+    getOptional("/sdapi/v1/latent-upscale-modes", []), getOptional("/sdapi/v1/upscalers", []),
+  ]);
+  form.fillUpscalers([...(latent ?? []), ...(pictures ?? [])].map((u) => u.name).filter(Boolean));
+}
+
 async function loadLists() {
   generalBox.hidden = true;
   const failures = [];
@@ -132,6 +144,7 @@ async function loadLists() {
   await Promise.all([
     attempt("samplers", get("/sdapi/v1/samplers").then((s) => form.fillSamplers(s ?? []))),
     attempt("schedules", getOptional("/sdapi/v1/schedulers", []).then((s) => form.fillSchedulers(s ?? []))),
+    attempt("upscalers", loadUpscalers()),
     attempt("checkpoints", loadCheckpoints()),
     attempt("live preview setting", loadPreviewSetting()),
     attempt("token merging setting", loadTokenMerging()),
@@ -168,16 +181,11 @@ function inputError(field, message) {
   return null;
 }
 
-/** The A1111 request for the current tab, or null after marking what is missing. */
-function buildRequest() {
+/** The img2img / inpaint request fields, or null after marking what is missing. */
+function img2imgRequest() {
   const source = sourceImage();
   if (!source) return inputError("init_images", "Drop, paste or pick an image first.");
-  const request = {
-    ...form.values(),
-    init_images: [stripDataUrl(source)],
-    send_images: true,
-    save_images: false,
-  };
+  const request = { ...form.values(state.tab), init_images: [stripDataUrl(source)] };
   if (state.tab === "inpaint") {
     const inpaint = form.inpaintValues();
     if (editor.coverage() === 0 && !inpaint.inpainting_mask_invert) {
@@ -185,9 +193,18 @@ function buildRequest() {
     }
     Object.assign(request, inpaint, { mask: stripDataUrl(editor.maskDataUrl()) });
   }
+  return request;
+}
+
+/** The A1111 request for the current tab and the route it goes to, or null after marking what is missing. */
+function buildRequest() {
+  const txt2img = state.tab === "txt2img";
+  const request = txt2img ? form.values("txt2img") : img2imgRequest();
+  if (!request) return null;
+  Object.assign(request, { send_images: true, save_images: false });
   const cn = controlnet.payload();
   if (cn.args.length) request.alwayson_scripts = { controlnet: { args: cn.args } };
-  return { request, rename: cn.rename };
+  return { request, rename: cn.rename, path: txt2img ? "/sdapi/v1/txt2img" : "/sdapi/v1/img2img" };
 }
 
 function setBusy(busy) {
@@ -211,7 +228,7 @@ async function generate() {
   progress.start();
   const started = performance.now();
   try {
-    const response = await post("/sdapi/v1/img2img", built.request);
+    const response = await post(built.path, built.request);
     const entries = entriesFromResponse(response);
     gallery.add(entries);
     if (entries.length && $("#gallery-main").getBoundingClientRect().top > window.innerHeight) {

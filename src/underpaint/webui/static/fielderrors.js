@@ -31,13 +31,18 @@ export function candidateNames(field) {
 }
 
 const isShown = (node) => node.getClientRects().length > 0;
+// Hidden only by a closed <details> (which showFieldErrors opens), not by another tab's section.
+const isAvailable = (node) => !node.closest("[hidden]");
 
-/** The visible control (or group) that stands for `field`, or null. */
+/**
+ * The control (or group) that stands for `field`, or null: the visible one when several share the
+ * name (txt2img's Hires. fix denoising strength and img2img's), else one in a closed section.
+ */
 export function controlFor(field, root = document) {
   if (!field) return null;
   for (const name of candidateNames(field)) {
     const matches = Array.from(root.querySelectorAll(`[data-field="${CSS.escape(name)}"]`));
-    const found = matches.find(isShown) ?? matches[0];
+    const found = matches.find(isShown) ?? matches.find(isAvailable) ?? matches[0];
     if (found) return found;
   }
   return null;
@@ -64,7 +69,15 @@ function unmark(target) {
   }
 }
 
+/** Open the closed <details> around `control`, so its message can be seen and the control focused. */
+function reveal(control) {
+  for (let node = control.closest("details:not([open])"); node; node = node.parentElement?.closest("details:not([open])")) {
+    node.open = true;
+  }
+}
+
 function attachMessage(control, message) {
+  reveal(control);
   const holder = control.closest(".field") ?? control.parentElement;
   const note = document.createElement("p");
   note.className = "field-error";

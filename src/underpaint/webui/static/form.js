@@ -1,7 +1,13 @@
 // The generation settings: fill the drop-downs from the API, read the form into A1111 request
-// fields, and set it back from fields (infotext, PNG Info).
+// fields (txt2img with its Hires. fix, img2img, inpaint), and set it back from fields (infotext,
+// PNG Info).
 
 import { $, fillSelect, numberValue, radioValue, setNumber, setRadio } from "./dom.js";
+
+/** Give each option of `select` its other names ("a|b"), for matchOption. */
+function setAliases(select, aliases) {
+  aliases.forEach((names, i) => { if (select.options[i]) select.options[i].dataset.aliases = names; });
+}
 
 /** Spellings that name the same sampler or schedule: "DPM++ 2M", "dpmpp_2m", "k_dpmpp_2m", "Euler a"/"euler_ancestral". */
 export function normalizeName(name) {
@@ -27,13 +33,49 @@ export function matchOption(select, wanted) {
 
 const SCHEDULE_SUFFIXES = ["Karras", "Exponential", "Uniform", "SGM Uniform", "Polyexponential"];
 
+/** A legacy combined name ("DPM++ 2M Karras") split into [sampler, schedule]; others come back whole. */
+function splitLegacySampler(select, sampler) {
+  if (sampler === undefined || sampler === "" || matchOption(select, sampler) !== null) return [sampler, undefined];
+  const suffix = SCHEDULE_SUFFIXES.find((s) => sampler.endsWith(` ${s}`));
+  return suffix ? [sampler.slice(0, -suffix.length - 1), suffix] : [sampler, undefined];
+}
+
+/**
+ * The Hires. fix pass's size for a first pass of `width` x `height`, as the server works it out
+ * (A1111's rule): `scale` times the size, unless a resize width/height is given (the other 0 keeps
+ * the aspect ratio; both: cover that size, then crop), in whole blocks of `multiple` pixels (8; FLUX 16).
+ */
+export function hiresOutputSize(width, height, { scale, resizeX, resizeY, multiple = 8 }) {
+  let upW;
+  let upH;
+  let cropX = 0;
+  let cropY = 0;
+  if (!resizeX && !resizeY) {
+    [upW, upH] = [Math.floor(width * scale), Math.floor(height * scale)];
+  } else if (!resizeY) {
+    [upW, upH] = [resizeX, Math.floor((resizeX * height) / width)];
+  } else if (!resizeX) {
+    [upW, upH] = [Math.floor((resizeY * width) / height), resizeY];
+  } else {
+    if (width / height < resizeX / resizeY) [upW, upH] = [resizeX, Math.floor((resizeX * height) / width)];
+    else [upW, upH] = [Math.floor((resizeY * width) / height), resizeY];
+    [cropX, cropY] = [Math.floor((upW - resizeX) / 8), Math.floor((upH - resizeY) / 8)];
+  }
+  const cells = multiple / 8;
+  return [Math.floor((Math.floor(upW / 8) - cropX) / cells) * multiple,
+    Math.floor((Math.floor(upH / 8) - cropY) / cells) * multiple];
+}
+
+const HIRES_NUMBERS = ["hr_scale", "hr_resize_x", "hr_resize_y", "hr_second_pass_steps", "hr_denoising_strength"];
+
 export class GenerationForm {
   constructor(root = document) {
     this.root = root;
     this.controls = {};
     for (const name of ["prompt", "negative_prompt", "sampler_name", "scheduler", "steps", "width", "height",
       "n_iter", "batch_size", "cfg_scale", "distilled_cfg_scale", "denoising_strength", "seed", "mask_blur",
-      "inpaint_full_res_padding", "deepcache_interval", "deepcache_branch"]) {
+      "inpaint_full_res_padding", "deepcache_interval", "deepcache_branch", "enable_hr", "hr_upscaler",
+      ...HIRES_NUMBERS, "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt"]) {
       this.controls[name] = $(`#${name}`, root);
     }
     this.hint = $("#denoise-hint", root);
@@ -43,6 +85,33 @@ export class GenerationForm {
     this.updateDenoiseHint();
     this.controls.deepcache_interval.addEventListener("input", () => this.updateDeepCache());
     this.updateDeepCache();
+    this.controls.enable_hr.addEventListener("change", () => this.updateHires());
+    const sizeInputs = ["width", "height", "hr_scale", "hr_resize_x", "hr_resize_y"]
+      .flatMap((name) => [this.controls[name], $(`input[data-sync="${name}"]`, root)]);
+    sizeInputs.forEach((input) => input.addEventListener("input", () => this.updateHiresSize()));
+    this.updateHires();
+  }
+
+  /** The Hires. fix settings show (and are sent) only while it is on, as A1111's accordion. */
+  updateHires() {
+    $("#hires-body", this.root).hidden = !this.controls.enable_hr.checked;
+    this.updateHiresSize();
+  }
+
+  /** "64×96 → 128×192": the size the second pass will make, under the Hires. fix checkbox. */
+  updateHiresSize() {
+    const c = this.controls;
+    const [width, height] = [numberValue(c.width), numberValue(c.height)];
+    const out = $("#hires-size", this.root);
+    if (!width || !height) {
+      out.textContent = "";
+      return;
+    }
+    const [w, h] = hiresOutputSize(width, height, {
+      scale: numberValue(c.hr_scale) ?? 0, resizeX: numberValue(c.hr_resize_x) ?? 0, resizeY: numberValue(c.hr_resize_y) ?? 0,
+      multiple: this.family === "flux" ? 16 : 8,
+    });
+    out.textContent = `Upscale from ${width}×${height} to ${w}×${h}`;
   }
 
   /** DeepCache's interval when it is on (2 or more), else null: 0 and 1 both run every step in full. */
@@ -57,16 +126,27 @@ export class GenerationForm {
   }
 
   fillSamplers(samplers) {
-    const select = this.controls.sampler_name;
-    fillSelect(select, samplers.map((s) => ({ value: s.name, label: s.name })), this.family === "flux" ? "Euler" : "DPM++ 2M");
-    samplers.forEach((s, i) => { select.options[i].dataset.aliases = (s.aliases ?? []).join("|"); });
+    const items = samplers.map((s) => ({ value: s.name, label: s.name }));
+    const aliases = samplers.map((s) => (s.aliases ?? []).join("|"));
+    fillSelect(this.controls.sampler_name, items, this.family === "flux" ? "Euler" : "DPM++ 2M");
+    fillSelect(this.controls.hr_sampler_name, [{ value: "", label: "Use same sampler" }, ...items], "");
+    setAliases(this.controls.sampler_name, aliases);
+    setAliases(this.controls.hr_sampler_name, ["", ...aliases]);
   }
 
   fillSchedulers(schedulers) {
-    const select = this.controls.scheduler;
     const items = schedulers.map((s) => ({ value: s.label ?? s.name, label: s.label ?? s.name }));
-    fillSelect(select, items, this.family === "flux" ? "Simple" : "Automatic");
-    schedulers.forEach((s, i) => { select.options[i].dataset.aliases = [s.name, ...(s.aliases ?? [])].join("|"); });
+    const aliases = schedulers.map((s) => [s.name, ...(s.aliases ?? [])].join("|"));
+    fillSelect(this.controls.scheduler, items, this.family === "flux" ? "Simple" : "Automatic");
+    fillSelect(this.controls.hr_scheduler, [{ value: "", label: "Use same scheduler" }, ...items], "");
+    setAliases(this.controls.scheduler, aliases);
+    setAliases(this.controls.hr_scheduler, ["", ...aliases]);
+  }
+
+  /** The Hires. fix upscalers: the latent modes first, then the picture upscalers (A1111's order). */
+  fillUpscalers(names) {
+    if (!names.length) return;  // keep the built-in list the page starts with
+    fillSelect(this.controls.hr_upscaler, names.map((name) => ({ value: name, label: name })), "Latent");
   }
 
   /**
@@ -81,6 +161,7 @@ export class GenerationForm {
     const flux = family === "flux";
     $("#distilled-field", this.root).hidden = !flux;
     $("#deepcache-row", this.root).hidden = flux;  // FLUX has no UNet to cache
+    this.updateHiresSize();  // FLUX's latent patches make sizes whole blocks of 16
     setNumber(c.cfg_scale, flux ? 1 : 7);
     for (const [select, value] of [[c.sampler_name, flux ? "Euler" : "DPM++ 2M"], [c.scheduler, flux ? "Simple" : "Automatic"]]) {
       if (matchOption(select, value) !== null) select.value = matchOption(select, value);
@@ -105,9 +186,27 @@ export class GenerationForm {
     return { deepcache_interval: interval, deepcache_branch: numberValue(this.controls.deepcache_branch) ?? 0 };
   }
 
-  /** Fields shared by img2img and inpaint, with A1111's request names. */
-  values() {
+  /** The request fields of `mode` (txt2img, img2img, inpaint), with A1111's names. */
+  values(mode = "img2img") {
     const c = this.controls;
+    if (mode === "txt2img") {
+      return {
+        prompt: c.prompt.value,
+        negative_prompt: c.negative_prompt.value,
+        sampler_name: c.sampler_name.value || undefined,
+        scheduler: c.scheduler.value || undefined,
+        steps: numberValue(c.steps),
+        cfg_scale: numberValue(c.cfg_scale),
+        distilled_cfg_scale: this.family === "flux" ? numberValue(c.distilled_cfg_scale) : undefined,
+        seed: numberValue(c.seed) ?? -1,
+        width: numberValue(c.width),
+        height: numberValue(c.height),
+        batch_size: numberValue(c.batch_size),
+        n_iter: numberValue(c.n_iter),
+        override_settings: this.overrideSettings(),
+        ...this.hiresValues(),
+      };
+    }
     return {
       prompt: c.prompt.value,
       negative_prompt: c.negative_prompt.value,
@@ -127,6 +226,25 @@ export class GenerationForm {
     };
   }
 
+  /** Hires. fix's fields while it is on, else none (the server's default is off). */
+  hiresValues() {
+    const c = this.controls;
+    if (!c.enable_hr.checked) return {};
+    return {
+      enable_hr: true,
+      hr_upscaler: c.hr_upscaler.value,
+      hr_second_pass_steps: numberValue(c.hr_second_pass_steps),
+      denoising_strength: numberValue(c.hr_denoising_strength),  // txt2img's strength is the second pass's
+      hr_scale: numberValue(c.hr_scale),
+      hr_resize_x: numberValue(c.hr_resize_x),
+      hr_resize_y: numberValue(c.hr_resize_y),
+      hr_sampler_name: c.hr_sampler_name.value || undefined,
+      hr_scheduler: c.hr_scheduler.value || undefined,
+      hr_prompt: c.hr_prompt.value,
+      hr_negative_prompt: c.hr_negative_prompt.value,
+    };
+  }
+
   inpaintValues() {
     return {
       mask_blur: numberValue(this.controls.mask_blur),
@@ -137,30 +255,37 @@ export class GenerationForm {
     };
   }
 
-  /** Set every control named in `fields`; returns notes about values this server does not offer. */
-  apply(fields) {
+  /**
+   * Set every control named in `fields` for the `target` tab; returns notes about values this server
+   * does not offer. In txt2img the denoising strength is Hires. fix's (as A1111 reads infotext).
+   */
+  apply(fields, target = "img2img") {
     const c = this.controls;
     const notes = [];
-    for (const name of ["prompt", "negative_prompt"]) {
+    for (const name of ["prompt", "negative_prompt", "hr_prompt", "hr_negative_prompt"]) {
       if (fields[name] !== undefined) c[name].value = fields[name];
+    }
+    const numbers = { ...fields };
+    if (target === "txt2img") {
+      numbers.hr_denoising_strength = fields.denoising_strength;
+      delete numbers.denoising_strength;
     }
     for (const name of ["steps", "cfg_scale", "distilled_cfg_scale", "denoising_strength", "seed", "width", "height",
       "batch_size",
-      "mask_blur", "inpaint_full_res_padding", "deepcache_interval", "deepcache_branch"]) {
-      if (typeof fields[name] === "number") setNumber(c[name], fields[name]);
+      "mask_blur", "inpaint_full_res_padding", "deepcache_interval", "deepcache_branch", ...HIRES_NUMBERS]) {
+      if (typeof numbers[name] === "number") setNumber(c[name], numbers[name]);
     }
-    let { sampler_name: sampler, scheduler } = fields;
-    if (sampler !== undefined && matchOption(c.sampler_name, sampler) === null) {
-      // Legacy combined names ("DPM++ 2M Karras") carry the schedule in the sampler.
-      const suffix = SCHEDULE_SUFFIXES.find((s) => sampler.endsWith(` ${s}`));
-      if (suffix) {
-        scheduler ??= suffix;
-        sampler = sampler.slice(0, -suffix.length - 1);
-      }
-    }
-    for (const [select, wanted, label] of [[c.sampler_name, sampler, "sampler"], [c.scheduler, scheduler, "schedule"]]) {
+    // Legacy combined names ("DPM++ 2M Karras") carry the schedule in the sampler.
+    const [sampler, legacySchedule] = splitLegacySampler(c.sampler_name, fields.sampler_name);
+    const scheduler = fields.scheduler ?? legacySchedule;
+    const [hiresSampler, hiresLegacySchedule] = splitLegacySampler(c.hr_sampler_name, fields.hr_sampler_name);
+    // Infotext without "Hires schedule type" reads "" (the first pass's), unless the hires sampler carries one.
+    const hiresScheduler = (fields.hr_scheduler || hiresLegacySchedule) ?? fields.hr_scheduler;
+    for (const [select, wanted, label] of [[c.sampler_name, sampler, "sampler"], [c.scheduler, scheduler, "schedule"],
+      [c.hr_sampler_name, hiresSampler, "hires sampler"], [c.hr_scheduler, hiresScheduler, "hires schedule"],
+      [c.hr_upscaler, fields.hr_upscaler, "hires upscaler"]]) {
       if (wanted === undefined) continue;
-      const value = matchOption(select, wanted);
+      const value = wanted === "" ? "" : matchOption(select, wanted);
       if (value !== null) select.value = value;
       else notes.push(`${label} "${wanted}" is not offered by this server`);
     }
@@ -172,6 +297,8 @@ export class GenerationForm {
       if (fields[name] !== undefined) setRadio(this.root, name, Number(fields[name]));
     }
     if (fields.inpaint_full_res !== undefined) setRadio(this.root, "inpaint_full_res", fields.inpaint_full_res ? 1 : 0);
+    if (typeof fields.enable_hr === "boolean") c.enable_hr.checked = fields.enable_hr;
+    this.updateHires();
     this.updateDenoiseHint();
     return notes;
   }

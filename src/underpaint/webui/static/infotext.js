@@ -97,8 +97,36 @@ export function infotextToFields({ prompt, negativePrompt, params }) {
   // A picture made without DeepCache says nothing of it: reproducing it means turning it off.
   set("deepcache_interval", number(params["DeepCache interval"]) ?? 0);
   set("deepcache_branch", number(params["DeepCache branch"]));
+  Object.assign(fields, hiresFields(params));
   set("sd_model_hash", params["Model hash"]);
   set("sd_model_name", params.Model);
+  return fields;
+}
+
+const HIRES_KEYS = ["Hires upscale", "Hires upscaler", "Hires resize"];
+
+/**
+ * Hires. fix's fields from infotext: on when any of its size or upscaler keys is there (the keys
+ * A1111's txt2img always writes with it), off otherwise. The keys A1111 leaves out when they
+ * equal the default or the first pass's value come back as that default: upscaler "Latent",
+ * steps 0 (as many as the first pass), no resize, the first pass's sampler, schedule and prompts.
+ */
+export function hiresFields(params) {
+  if (!HIRES_KEYS.some((key) => params[key] !== undefined)) return { enable_hr: false };
+  const resize = /^(\d+)\s*x\s*(\d+)$/.exec(params["Hires resize"] ?? "");
+  const fields = {
+    enable_hr: true,
+    hr_upscaler: params["Hires upscaler"] ?? "Latent",
+    hr_second_pass_steps: number(params["Hires steps"]) ?? 0,
+    hr_resize_x: resize ? Number(resize[1]) : 0,
+    hr_resize_y: resize ? Number(resize[2]) : 0,
+    hr_sampler_name: params["Hires sampler"] ?? "",
+    hr_scheduler: params["Hires schedule type"] ?? "",
+    hr_prompt: params["Hires prompt"] ?? "",
+    hr_negative_prompt: params["Hires negative prompt"] ?? "",
+  };
+  const scale = number(params["Hires upscale"]);
+  if (scale !== undefined) fields.hr_scale = scale;
   return fields;
 }
 

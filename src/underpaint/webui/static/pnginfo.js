@@ -1,4 +1,4 @@
-// The PNG Info tab: read any image's generation parameters and send them to img2img / inpaint.
+// The PNG Info tab: read any image's generation parameters and send them to txt2img / img2img / inpaint.
 
 import { ApiError, post } from "./api.js";
 import { $, el } from "./dom.js";
@@ -37,7 +37,8 @@ export function setupPngInfo({ onSend }) {
   const source = $("#pnginfo-source");
   const list = $("#pnginfo-items");
   const errorBox = $("#pnginfo-error");
-  const sendButtons = [$("#pnginfo-send-img2img"), $("#pnginfo-send-inpaint")];
+  const targets = ["txt2img", "img2img", "inpaint"];
+  const sendButtons = targets.map((target) => $(`#pnginfo-send-${target}`));
   let found = null;
 
   const show = async (input) => {
@@ -73,7 +74,6 @@ export function setupPngInfo({ onSend }) {
     preview: $("#pnginfo-preview"),
     onChange: show,
   });
-  sendButtons[0].addEventListener("click", () => onSend(input.dataUrl, found?.fields ?? {}, "img2img"));
-  sendButtons[1].addEventListener("click", () => onSend(input.dataUrl, found?.fields ?? {}, "inpaint"));
+  sendButtons.forEach((button, i) => button.addEventListener("click", () => onSend(input.dataUrl, found?.fields ?? {}, targets[i])));
   return input;
 }
