@@ -665,6 +665,24 @@ def test_token_merging_setting_is_saved_in_the_server_options(page, server):
     options = page.request.get(f"{server}/sdapi/v1/options").json()
     assert options["token_merging_ratio"] == 0 and options["token_merging_ratio_img2img"] == 0
 
+    # txt2img runs with the general ratio: the select shows and saves that one on its tab.
+    assert page.request.post(f"{server}/sdapi/v1/options", data={"token_merging_ratio_img2img": 0.7}).ok
+    page.reload()
+    page.wait_for_selector("body[data-ready=true]")
+    expect(select).to_have_value("0.7")
+    page.click("#tab-txt2img")
+    expect(select).to_have_value("0")
+    with page.expect_response("**/sdapi/v1/options") as answer:
+        select.select_option("0.3")
+    assert json.loads(answer.value.request.post_data) == {"token_merging_ratio": 0.3}
+    page.click("#tab-img2img")
+    expect(select).to_have_value("0.7")
+    options = page.request.get(f"{server}/sdapi/v1/options").json()
+    assert options["token_merging_ratio"] == 0.3 and options["token_merging_ratio_img2img"] == 0.7
+    with page.expect_response("**/sdapi/v1/options") as answer:
+        select.select_option("0")
+    assert json.loads(answer.value.request.post_data) == {"token_merging_ratio_img2img": 0, "token_merging_ratio": 0}
+
     # A refusal lands beside the select, which goes back to the server's value.
     page.route("**/sdapi/v1/options", lambda r: r.fulfill(status=422, json={
         "error": "invalid_parameter", "field": "token_merging_ratio_img2img",

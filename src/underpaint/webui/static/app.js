@@ -3,7 +3,7 @@
 import { ApiError, get, getOptional, post } from "./api.js";
 import { loadCheckpoints, onFamily, setupCheckpointSwitch } from "./checkpoints.js";
 import { loadPreviewSetting, setupPreviewSetting } from "./previewsetting.js";
-import { loadTokenMerging, setupTokenMerging } from "./tomesetting.js";
+import { loadTokenMerging, setupTokenMerging, tokenMergingFor } from "./tomesetting.js";
 import { $, $$, numberValue, setNumber, syncSliders } from "./dom.js";
 import { ControlNetSection } from "./controlnet.js";
 import { clearFieldErrors, showFieldErrors } from "./fielderrors.js";
@@ -33,6 +33,7 @@ function selectTab(name, focus = false) {
     if (on && focus) tab.focus();
   }
   const generating = name !== "pnginfo";
+  tokenMergingFor(name);
   panel.hidden = !generating;
   $("#panel-pnginfo").hidden = generating;
   if (generating) {

@@ -1,16 +1,19 @@
-// The token merging ratio img2img and inpaint use (A1111's Settings → Optimizations): read from and
-// saved to /options, so it holds for every client of the server, as in A1111.
+// The token merging ratio (A1111's Settings → Optimizations): read from and saved to /options, so it
+// holds for every client of the server, as in A1111. txt2img runs with token_merging_ratio; img2img
+// and inpaint with token_merging_ratio_img2img when it is not 0, else the same general ratio. The
+// select shows and saves the one the current tab runs with.
 
 import { get, post } from "./api.js";
 import { $, el } from "./dom.js";
 import { clearFieldErrors, showFieldErrors } from "./fielderrors.js";
 
-const SETTING = "token_merging_ratio_img2img";
+const GENERAL = "token_merging_ratio";
+const IMG2IMG = "token_merging_ratio_img2img";
 
 /** The ratio img2img runs with: its own setting when not 0, else the general one (A1111's order). */
 export function img2imgRatio(options) {
-  const own = Number(options?.token_merging_ratio_img2img ?? 0);
-  return own || Number(options?.token_merging_ratio ?? 0);
+  const own = Number(options?.[IMG2IMG] ?? 0);
+  return own || Number(options?.[GENERAL] ?? 0);
 }
 
 /** Show `ratio` in the select, adding an option for a value set elsewhere (0.35 through the API). */
@@ -23,12 +26,29 @@ function showRatio(select, ratio) {
   select.value = value;
 }
 
-let general = 0;  // the server's token_merging_ratio, as last read
+const current = { [GENERAL]: 0, [IMG2IMG]: 0 };  // the server's two settings, as last read or saved
+let txt2img = false;  // which tab's ratio the select shows
+
+const setting = () => (txt2img ? GENERAL : IMG2IMG);
+
+function show() {
+  const select = $("#token-merging");
+  select.dataset.field = setting();
+  showRatio(select, txt2img ? current[GENERAL] : img2imgRatio(current));
+}
 
 export async function loadTokenMerging() {
   const options = await get("/sdapi/v1/options");
-  general = Number(options?.token_merging_ratio ?? 0);
-  showRatio($("#token-merging"), img2imgRatio(options));
+  for (const key of [GENERAL, IMG2IMG]) current[key] = Number(options?.[key] ?? 0);
+  show();
+}
+
+/** Follow the generate tab: "txt2img" shows the general ratio, img2img and inpaint their own. */
+export function tokenMergingFor(tab) {
+  const next = tab === "txt2img";
+  if (next === txt2img || tab === "pnginfo") return;
+  txt2img = next;
+  show();
 }
 
 export function setupTokenMerging() {
@@ -37,14 +57,15 @@ export function setupTokenMerging() {
   select.addEventListener("change", async () => {
     clearFieldErrors(field);
     const ratio = Number(select.value);
-    const body = { [SETTING]: ratio };
+    const body = { [setting()]: ratio };
     // img2img's 0 means "use token_merging_ratio": Off must clear that one too, or img2img still merges.
-    if (ratio === 0 && general !== 0) body.token_merging_ratio = 0;
+    if (!txt2img && ratio === 0 && current[GENERAL] !== 0) body[GENERAL] = 0;
     try {
       await post("/sdapi/v1/options", body);
-      if (body.token_merging_ratio === 0) general = 0;
+      Object.assign(current, body);
     } catch (err) {
-      showFieldErrors(err, { root: field, rename: () => SETTING });
+      const name = setting();
+      showFieldErrors(err, { root: field, rename: () => name });
       await loadTokenMerging().catch(() => {});
     }
   });
