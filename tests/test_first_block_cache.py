@@ -289,6 +289,34 @@ def test_refusals(flux_dev, sd1_engine, picture, flux_files):  # noqa: F811
     with pytest.raises(InvalidParameter) as exc:
         compiled.generate(_img2img(picture, steps=2, first_block_cache=0.12))
     assert exc.value.field == "first_block_cache" and "compile" in str(exc.value)
+    from underpaint.pipeline.first_block_cache import for_request
+
+    with pytest.raises(InvalidParameter) as exc:  # a FLUX ControlNet's residuals join after every block
+        for_request(flux_dev, 0.12, control=object())
+    assert exc.value.field == "first_block_cache" and "ControlNet" in str(exc.value)
+    assert for_request(flux_dev, 0.0, control=object()) is None
+
+
+def test_low_vram_mode_gives_the_same_picture_and_skipped_blocks_stay_home(one_thread, flux_files, picture):  # noqa: F811
+    from underpaint.pipeline.engine import Engine
+
+    files = dict(clip_l=flux_files["clip_l"], t5=flux_files["t5"], vae=flux_files["ae"], device="cpu", dtype="fp32")
+    params = _img2img(picture, first_block_cache=0.8)
+    high = Engine.load(flux_files["transformer"], **files).generate(params)
+    low_engine = Engine.load(flux_files["transformer"], vram="low", **files)
+    visits: list[str] = []
+    low_engine.model.offload.observer = lambda event, part: visits.append(part) if event == "in" else None
+    head, tail, hooks = _head_calls(low_engine.model)
+    try:
+        low = low_engine.generate(params)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert np.array_equal(np.asarray(high.images[0]), np.asarray(low.images[0]))
+    assert head[0] == 6 and tail[0] < 6
+    assert visits.count("unet.transformer_blocks.0") == 6
+    for block in ("transformer_blocks.1", "single_transformer_blocks.0", "single_transformer_blocks.1"):
+        assert visits.count(f"unet.{block}") == tail[0], block
 
 
 @pytest.mark.parametrize("value", [-0.1, 1.5, float("nan"), "0.1", True])
