@@ -148,7 +148,8 @@ class FirstBlockCache:
     def __init__(self, transformer: torch.nn.Module, threshold: float):
         self.transformer = transformer
         self.threshold = float(threshold)
-        self.sites = [(getattr(transformer, name), i) for name in BLOCK_LISTS for i in range(len(getattr(transformer, name)))]
+        lists = [getattr(transformer, name) for name in BLOCK_LISTS]
+        self.sites = [(blocks, i) for blocks in lists for i in range(len(blocks))]
         if len(self.sites) < 2:
             raise InvalidParameter("first_block_cache", threshold, "0 (off) for a transformer of fewer than two blocks")
         self.stats = CacheStats()
