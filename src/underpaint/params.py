@@ -278,6 +278,10 @@ class GenerationParams:
     token_merging_ratio: float = 0.0
     #: DeepCache (SD/SDXL UNets; pipeline/deepcache.py); None: off.
     deepcache: DeepCacheOptions | None = None
+    #: First Block Cache (FLUX transformers; pipeline/first_block_cache.py): the threshold of the
+    #: first block's relative change under which the other blocks are skipped, 0 (off) to 1
+    #: (0.12 is ComfyUI-WaveSpeed's suggestion for FLUX.1-dev).
+    first_block_cache: float = 0.0
 
     def __post_init__(self) -> None:
         from .sampling.names import resolve_sampler  # torch-free table
@@ -295,6 +299,7 @@ class GenerationParams:
         _check_range("clip_skip", self.clip_skip, 1, 12, integer=True)
         _check_range("eta_noise_seed_delta", self.eta_noise_seed_delta, 0, 2**32 - 1, integer=True)
         _check_range("token_merging_ratio", self.token_merging_ratio, 0.0, MAX_TOKEN_MERGING_RATIO)
+        _check_range("first_block_cache", self.first_block_cache, 0.0, 1.0)
         for name in ("seed_resize_from_w", "seed_resize_from_h"):
             _check_range(name, getattr(self, name), 0, 8192, integer=True)
         for name in ("width", "height"):

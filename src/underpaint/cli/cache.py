@@ -1,7 +1,8 @@
 """The feature-caching flags of the generation commands: DeepCache (SD/SDXL) and First Block Cache (FLUX).
 
 Both trade picture quality for speed and are off unless asked for. A flag given here wins over
-what ``--from-infotext`` brings; ``--deepcache 0`` turns an infotext's DeepCache off.
+what ``--from-infotext`` brings; ``--deepcache 0`` and ``--first-block-cache 0`` turn an
+infotext's cache off.
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ def add_cache_arguments(p: argparse.ArgumentParser) -> None:
                    help="DeepCache: steps before this one always run in full (default 0)")
     g.add_argument("--deepcache-end", type=int, default=None, metavar="STEP",
                    help="DeepCache: this step and the ones after it run in full (default: none)")
+    g.add_argument("--first-block-cache", type=float, default=None, metavar="THRESHOLD",
+                   help="First Block Cache (FLUX): skip the transformer blocks after the first while its "
+                        "output changes by at most THRESHOLD relative to the last full step (0.12 is a common "
+                        "choice for FLUX.1-dev; larger is faster and drifts further; 0: off)")
 
 
 def with_cache(params: GenerationParams, args: argparse.Namespace) -> GenerationParams:
@@ -45,4 +50,11 @@ def with_cache(params: GenerationParams, args: argparse.Namespace) -> Generation
             flag = next(flag for dest, _, flag in _DEEPCACHE_DETAIL if getattr(args, dest, None) is not None)
             raise InvalidParameter(flag, getattr(args, flag[2:].replace("-", "_")), "used with --deepcache INTERVAL")
         deepcache = replace(deepcache, **changes)
-    return params if deepcache is params.deepcache else params.replace(deepcache=deepcache)
+    if deepcache is not params.deepcache:
+        params = params.replace(deepcache=deepcache)
+    threshold = getattr(args, "first_block_cache", None)
+    if threshold is not None:
+        if not 0 <= threshold <= 1:
+            raise InvalidParameter("--first-block-cache", threshold, "a threshold from 0 (off) to 1")
+        params = params.replace(first_block_cache=threshold)
+    return params

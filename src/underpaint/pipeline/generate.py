@@ -25,6 +25,7 @@ from ..errors import InvalidParameter
 from ..sampling.flow import flow_sigmas, flow_start, image_seq_len, shift_mu
 from . import flux
 from . import deepcache
+from . import first_block_cache
 from . import hires as hires_mod
 from .conditioning import encode_prompts, prompt_encoder
 from .control import request_control
@@ -143,6 +144,7 @@ def _generate(model, params: GenerationParams, networks: ActiveNetworks, *, info
                                   crop=crop)
     if control is not None:
         plan = replace(plan, params=control.with_infotext(plan.params))
+    first_block_cache.for_request(model, params.first_block_cache, control=control)  # refused before any work
     # 2d. LoRA and embedding hashes, after the inpaint and ControlNet keys as A1111 orders them.
     plan = replace(plan, params=networks.with_infotext(plan.params))
 
@@ -406,8 +408,13 @@ def _run_batch(model, plan: Plan, job: int, seeds, subseeds, progress, cancel: C
     cache = None if is_flux else deepcache.for_request(model, p.deepcache)
     if cache is not None:
         denoiser, callback = cache.wrap_denoiser(denoiser), cache.wrap_callback(callback)
+    # FLUX: First Block Cache, when asked for, for this loop only (a hires pass starts it afresh).
+    fbc = first_block_cache.for_request(model, p.first_block_cache, control=control) if is_flux else None
+    if fbc is not None:
+        denoiser = fbc.wrap_denoiser(denoiser)
     with (torch.inference_mode(), request_token_merging(model, p.token_merging_ratio),
-          cache.installed() if cache is not None else nullcontext()):
+          cache.installed() if cache is not None else nullcontext(),
+          fbc.installed() if fbc is not None else nullcontext()):
         latents = run_sampler(p.sampler, denoiser, x, sigmas, noise_sampler=noise_sampler, callback=callback,
                               options=p.sampler_options, model_schedule=None if is_flux else model_schedule(model))
     if cancel.skipped and not cancel.interrupted:

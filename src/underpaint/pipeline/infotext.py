@@ -9,6 +9,7 @@ from ..imageio.infotext import format_infotext, order_params
 from ..params import GenerationParams
 from ..sampling.names import infotext_schedule, infotext_writes_ensd
 from .deepcache import infotext_entries as deepcache_infotext
+from .first_block_cache import infotext_entries as first_block_cache_infotext
 from .hires import hires_infotext
 from .records import ModelInfo
 
@@ -55,6 +56,7 @@ def infotext_params(params: GenerationParams, info: ModelInfo, *, width: int, he
         "Sigma noise": opts.s_noise if opts.s_noise != 1.0 else None,
         "Discard penultimate sigma": True if opts.discard_penultimate_sigma else None,
         **deepcache_infotext(p.deepcache),
+        **first_block_cache_infotext(p.first_block_cache),
     }
     values.update(dict(p.extra_infotext))
     values["Version"] = VERSION

@@ -94,6 +94,11 @@ def params_from_infotext(parsed: ParsedInfotext) -> dict[str, Any]:
     deepcache = options_from_infotext(parsed.params)
     if deepcache is not None:
         fields["deepcache"] = deepcache
+    from .first_block_cache import threshold_from_infotext
+
+    threshold = threshold_from_infotext(parsed.params)
+    if threshold is not None:
+        fields["first_block_cache"] = threshold
     return fields
 
 

@@ -308,6 +308,7 @@ def _common_fields(req: GenerationRequest, ctx: ConvertContext, *, img2img: bool
         "token_merging_ratio": _token_merging_ratio(overrides, ctx.options, img2img=img2img),
         "sampler_options": _sampler_options(req, overrides, sampler),
         "deepcache": _deepcache(overrides),
+        "first_block_cache": _first_block_cache(overrides),
         "_model": overrides.model(),
         **_control_fields(req, ctx, img2img=img2img),
     }
@@ -394,6 +395,14 @@ def _deepcache(overrides: "_Overrides") -> DeepCacheOptions | None:
         return DeepCacheOptions(interval=interval, **given)
     except InvalidParameter as exc:
         raise InvalidParameter(f"override_settings.{exc.field}", exc.value, exc.expected) from None
+
+
+def _first_block_cache(overrides: "_Overrides") -> float:
+    """First Block Cache (FLUX) from ``override_settings``: ``first_block_cache_threshold``, 0 (off) to 1."""
+    value = overrides.float("first_block_cache_threshold", 0.0)
+    if not 0 <= value <= 1:
+        raise overrides._bad("first_block_cache_threshold", "a number from 0 (off) to 1")
+    return value
 
 
 def _sampler_options(req: GenerationRequest, overrides: "_Overrides", sampler: str) -> SamplerOptions:
@@ -560,7 +569,8 @@ _INFOTEXT_SETTINGS: tuple[tuple[str, str, type], ...] = (
     ("Clip skip", "CLIP_stop_at_last_layers", int), ("ENSD", "eta_noise_seed_delta", int), ("RNG", "randn_source", str),
     ("Token merging ratio", "token_merging_ratio", float), ("Token merging ratio hr", "token_merging_ratio_hr", float),
     ("DeepCache interval", "deepcache_interval", int), ("DeepCache branch", "deepcache_branch", int),
-    ("DeepCache start", "deepcache_start", int), ("DeepCache end", "deepcache_end", int))
+    ("DeepCache start", "deepcache_start", int), ("DeepCache end", "deepcache_end", int),
+    ("First block cache", "first_block_cache_threshold", float))
 
 
 def apply_infotext(req: GenerationRequest) -> GenerationRequest:

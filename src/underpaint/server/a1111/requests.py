@@ -57,7 +57,8 @@ class GenerationRequest(WireModel):
     override_settings: dict[str, Any] | None = Field(
         None, description="Per-request settings, e.g. {'sd_model_checkpoint': ..., 'CLIP_stop_at_last_layers': 2}. "
                           "underpaint's own: deepcache_interval (2 or more turns DeepCache on for SD/SDXL), "
-                          "deepcache_branch, deepcache_start, deepcache_end."
+                          "deepcache_branch, deepcache_start, deepcache_end; first_block_cache_threshold "
+                          "(FLUX: 0 off to 1, e.g. 0.12)."
     )
     override_settings_restore_afterwards: bool = Field(True, description="Keep the per-request model afterwards if false.")
     refiner_checkpoint: str | None = Field(None, description="Not available here: must be absent.")
