@@ -986,17 +986,23 @@ def test_flux_checkpoint_switches_to_flux_settings_and_back(context, flux_server
     expect(page.locator('input[data-sync="cfg_scale"]')).to_have_value("1")
     expect(page.locator("#sampler_name")).to_have_value("Euler")
     expect(page.locator("#scheduler")).to_have_value("Simple")
+    # The UNet's DeepCache gives way to the transformer's First Block Cache.
+    expect(page.locator("#deepcache-row")).to_be_hidden()
+    expect(page.locator("#fbcache-row")).to_be_visible()
 
     page.set_input_files("#img2img-file", str(photo_file))
     page.fill("#prompt", "a harbour at night")
     set_value(page, "distilled_cfg_scale", "2.5")
+    set_value(page, "first_block_cache", "0.5")
     fast_settings(page, seed=5, steps=2)
     with page.expect_response("**/sdapi/v1/img2img", timeout=GENERATION_TIMEOUT) as answer:
         page.click("#generate")
     assert answer.value.ok, answer.value.text()
-    assert json.loads(answer.value.request.post_data)["distilled_cfg_scale"] == 2.5
+    sent = json.loads(answer.value.request.post_data)
+    assert sent["distilled_cfg_scale"] == 2.5 and sent["override_settings"] == {"first_block_cache_threshold": 0.5}
     expect(page.locator("#result-image")).to_be_visible()
-    assert "Distilled CFG Scale: 2.5" in page.input_value("#result-infotext")
+    infotext = page.input_value("#result-infotext")
+    assert "Distilled CFG Scale: 2.5" in infotext and "First block cache: 0.5" in infotext
     screenshot(page, "flux")
 
     select.select_option(sd)
@@ -1004,5 +1010,7 @@ def test_flux_checkpoint_switches_to_flux_settings_and_back(context, flux_server
     expect(page.locator("#distilled-field")).to_be_hidden()
     expect(page.locator('input[data-sync="cfg_scale"]')).to_have_value("7")
     expect(page.locator("#sampler_name")).to_have_value("DPM++ 2M")
+    expect(page.locator("#fbcache-row")).to_be_hidden()
+    expect(page.locator("#deepcache-row")).to_be_visible()
     page.close()
     assert not errors, errors

@@ -74,7 +74,7 @@ export class GenerationForm {
     this.controls = {};
     for (const name of ["prompt", "negative_prompt", "sampler_name", "scheduler", "steps", "width", "height",
       "n_iter", "batch_size", "cfg_scale", "distilled_cfg_scale", "denoising_strength", "seed", "mask_blur",
-      "inpaint_full_res_padding", "deepcache_interval", "deepcache_branch", "enable_hr", "hr_upscaler",
+      "inpaint_full_res_padding", "deepcache_interval", "deepcache_branch", "first_block_cache", "enable_hr", "hr_upscaler",
       ...HIRES_NUMBERS, "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt"]) {
       this.controls[name] = $(`#${name}`, root);
     }
@@ -161,6 +161,7 @@ export class GenerationForm {
     const flux = family === "flux";
     $("#distilled-field", this.root).hidden = !flux;
     $("#deepcache-row", this.root).hidden = flux;  // FLUX has no UNet to cache
+    $("#fbcache-row", this.root).hidden = !flux;  // and First Block Cache is for its transformer only
     this.updateHiresSize();  // FLUX's latent patches make sizes whole blocks of 16
     setNumber(c.cfg_scale, flux ? 1 : 7);
     for (const [select, value] of [[c.sampler_name, flux ? "Euler" : "DPM++ 2M"], [c.scheduler, flux ? "Simple" : "Automatic"]]) {
@@ -181,7 +182,11 @@ export class GenerationForm {
 
   /** Per-request settings (A1111's override_settings), or undefined when there are none. */
   overrideSettings() {
-    const interval = this.family === "flux" ? null : this.deepCacheInterval();
+    if (this.family === "flux") {
+      const threshold = numberValue(this.controls.first_block_cache);
+      return threshold ? { first_block_cache_threshold: threshold } : undefined;
+    }
+    const interval = this.deepCacheInterval();
     if (interval === null) return undefined;
     return { deepcache_interval: interval, deepcache_branch: numberValue(this.controls.deepcache_branch) ?? 0 };
   }
@@ -272,7 +277,8 @@ export class GenerationForm {
     }
     for (const name of ["steps", "cfg_scale", "distilled_cfg_scale", "denoising_strength", "seed", "width", "height",
       "batch_size",
-      "mask_blur", "inpaint_full_res_padding", "deepcache_interval", "deepcache_branch", ...HIRES_NUMBERS]) {
+      "mask_blur", "inpaint_full_res_padding", "deepcache_interval", "deepcache_branch", "first_block_cache",
+      ...HIRES_NUMBERS]) {
       if (typeof numbers[name] === "number") setNumber(c[name], numbers[name]);
     }
     // Legacy combined names ("DPM++ 2M Karras") carry the schedule in the sampler.

@@ -97,6 +97,7 @@ export function infotextToFields({ prompt, negativePrompt, params }) {
   // A picture made without DeepCache says nothing of it: reproducing it means turning it off.
   set("deepcache_interval", number(params["DeepCache interval"]) ?? 0);
   set("deepcache_branch", number(params["DeepCache branch"]));
+  set("first_block_cache", number(params["First block cache"]) ?? 0);
   Object.assign(fields, hiresFields(params));
   set("sd_model_hash", params["Model hash"]);
   set("sd_model_name", params.Model);
