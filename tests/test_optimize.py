@@ -59,18 +59,23 @@ def models_dir(tmp_path_factory, sd1_file):
     grows to a different picture, with or without any switch."""
     root = tmp_path_factory.mktemp("speed-models")
     (root / "loras").mkdir()
-    plain = _load(sd1_file).model
+    write_attention_lora(_load(sd1_file).model.unet, root / "loras" / "strong.safetensors")
+    return root
+
+
+def write_attention_lora(unet: torch.nn.Module, path) -> None:
+    """A kohya LoRA (rank 4, random) over every attention projection of ``unet``: each ``nn.Linear``
+    whose name has ``.attn`` (self- and cross-attention q, k, v, out)."""
     gen = torch.Generator().manual_seed(7)
     sd = {}
-    for path, module in plain.unet.named_modules():
-        if isinstance(module, torch.nn.Linear) and ".attn" in path:
-            name = "lora_unet_" + path.replace(".", "_")
+    for name, module in unet.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".attn" in name:
+            key = "lora_unet_" + name.replace(".", "_")
             out_features, in_features = module.weight.shape
-            sd[f"{name}.lora_down.weight"] = torch.randn(4, in_features, generator=gen)
-            sd[f"{name}.lora_up.weight"] = torch.randn(out_features, 4, generator=gen) * 0.5
-            sd[f"{name}.alpha"] = torch.tensor(4.0)
-    save_file(sd, str(root / "loras" / "strong.safetensors"))
-    return root
+            sd[f"{key}.lora_down.weight"] = torch.randn(4, in_features, generator=gen)
+            sd[f"{key}.lora_up.weight"] = torch.randn(out_features, 4, generator=gen) * 0.5
+            sd[f"{key}.alpha"] = torch.tensor(4.0)
+    save_file(sd, str(path))
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from flux_fixtures import flux_files  # noqa: F401 - a session fixture
+from test_optimize import write_attention_lora
 from underpaint.errors import InvalidParameter
 from underpaint.models import fp8, optimize
 from underpaint.models.fp8 import Fp8Linear, Fp8StoredLinear
@@ -168,17 +169,7 @@ def models_dir(tmp_path_factory, sd1_file):
     """A LoRA over every UNet attention projection (as in tests/test_optimize.py)."""
     root = tmp_path_factory.mktemp("fp8-models")
     (root / "loras").mkdir()
-    plain = _load(sd1_file).model
-    gen = torch.Generator().manual_seed(7)
-    sd = {}
-    for path, module in plain.unet.named_modules():
-        if isinstance(module, torch.nn.Linear) and ".attn" in path:
-            name = "lora_unet_" + path.replace(".", "_")
-            out_features, in_features = module.weight.shape
-            sd[f"{name}.lora_down.weight"] = torch.randn(4, in_features, generator=gen)
-            sd[f"{name}.lora_up.weight"] = torch.randn(out_features, 4, generator=gen) * 0.5
-            sd[f"{name}.alpha"] = torch.tensor(4.0)
-    save_file(sd, str(root / "loras" / "strong.safetensors"))
+    write_attention_lora(_load(sd1_file).model.unet, root / "loras" / "strong.safetensors")
     return root
 
 

@@ -693,6 +693,17 @@ def test_token_merging_setting_is_saved_in_the_server_options(page, server):
     expect(select).to_have_value("0")
 
 
+def infotext_pngs(folder, texts: dict[str, str], size: tuple[int, int]) -> dict:
+    """A plain PNG per entry of ``texts`` carrying that text as A1111's "parameters" chunk."""
+    files = {}
+    for name, text in texts.items():
+        meta = PngImagePlugin.PngInfo()
+        meta.add_text("parameters", text)
+        files[name] = folder / f"{name}.png"
+        Image.new("RGB", size, (60, 90, 110)).save(files[name], pnginfo=meta)
+    return files
+
+
 def test_deepcache_is_sent_per_request_and_recorded(page, photo_file):
     """DeepCache interval ≥ 2 goes out as override_settings (nothing at 0); a refused branch is marked beside
     its field; the result's infotext records both."""
@@ -742,12 +753,7 @@ def test_pasted_infotext_sets_deepcache(page, tmp_path):
     texts = {"cached": "a quiet pond\nSteps: 4, Sampler: Euler a, CFG scale: 5, Seed: 11, Size: 64x64, "
                        "DeepCache interval: 4, DeepCache branch: 2",
              "plain": "a quiet pond\nSteps: 4, Sampler: Euler a, CFG scale: 5, Seed: 11, Size: 64x64"}
-    files = {}
-    for name, text in texts.items():
-        meta = PngImagePlugin.PngInfo()
-        meta.add_text("parameters", text)
-        files[name] = tmp_path / f"{name}.png"
-        Image.new("RGB", (64, 64), (40, 90, 60)).save(files[name], pnginfo=meta)
+    files = infotext_pngs(tmp_path, texts, (64, 64))
 
     page.click("#tab-pnginfo")
     paste(files["cached"])
@@ -906,12 +912,7 @@ def test_send_to_txt2img_restores_hires_fields(page, tmp_path):
                  "Hires resize: 128x160, Hires steps: 2, Hires upscaler: Lanczos, Version: v1.10.1",
         "plain": "a misty valley\nSteps: 5, Sampler: Euler a, CFG scale: 6, Seed: 321, Size: 64x96",
     }
-    files = {}
-    for name, text in texts.items():
-        meta = PngImagePlugin.PngInfo()
-        meta.add_text("parameters", text)
-        files[name] = tmp_path / f"{name}.png"
-        Image.new("RGB", (64, 96), (90, 90, 120)).save(files[name], pnginfo=meta)
+    files = infotext_pngs(tmp_path, texts, (64, 96))
 
     page.click("#tab-pnginfo")
     page.set_input_files("#pnginfo-file", str(files["hires"]))

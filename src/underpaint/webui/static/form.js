@@ -194,25 +194,7 @@ export class GenerationForm {
   /** The request fields of `mode` (txt2img, img2img, inpaint), with A1111's names. */
   values(mode = "img2img") {
     const c = this.controls;
-    if (mode === "txt2img") {
-      return {
-        prompt: c.prompt.value,
-        negative_prompt: c.negative_prompt.value,
-        sampler_name: c.sampler_name.value || undefined,
-        scheduler: c.scheduler.value || undefined,
-        steps: numberValue(c.steps),
-        cfg_scale: numberValue(c.cfg_scale),
-        distilled_cfg_scale: this.family === "flux" ? numberValue(c.distilled_cfg_scale) : undefined,
-        seed: numberValue(c.seed) ?? -1,
-        width: numberValue(c.width),
-        height: numberValue(c.height),
-        batch_size: numberValue(c.batch_size),
-        n_iter: numberValue(c.n_iter),
-        override_settings: this.overrideSettings(),
-        ...this.hiresValues(),
-      };
-    }
-    return {
+    const common = {
       prompt: c.prompt.value,
       negative_prompt: c.negative_prompt.value,
       sampler_name: c.sampler_name.value || undefined,
@@ -220,14 +202,18 @@ export class GenerationForm {
       steps: numberValue(c.steps),
       cfg_scale: numberValue(c.cfg_scale),
       distilled_cfg_scale: this.family === "flux" ? numberValue(c.distilled_cfg_scale) : undefined,
-      denoising_strength: numberValue(c.denoising_strength),
       seed: numberValue(c.seed) ?? -1,
       width: numberValue(c.width),
       height: numberValue(c.height),
-      resize_mode: Number(radioValue(this.root, "resize_mode") ?? 0),
       batch_size: numberValue(c.batch_size),
       n_iter: numberValue(c.n_iter),
       override_settings: this.overrideSettings(),
+    };
+    if (mode === "txt2img") return { ...common, ...this.hiresValues() };
+    return {
+      ...common,
+      denoising_strength: numberValue(c.denoising_strength),
+      resize_mode: Number(radioValue(this.root, "resize_mode") ?? 0),
     };
   }
 
