@@ -214,10 +214,13 @@ def test_calls_outside_the_package_run_eager(sd15, tmp_path):
     # ControlNet residuals at the packaged shape: eager (the package has no residual inputs).
     inputs = _sd15_inputs()
     with torch.inference_mode():
-        skips = reference(**inputs, return_dict=False, down_block_additional_residuals=None)[0]
+        skips = reference(**inputs, return_dict=False)[0]
+        # diffusers adds residuals only when both are given: zeros for the down blocks of this UNet.
+        down = tuple(torch.zeros(2, ch, size, size) for ch, size in ((32, 8),) * 3 + ((32, 4), (64, 4), (64, 4)))
         mid = torch.randn(2, 64, 4, 4, generator=torch.Generator().manual_seed(4))  # not constant: norms remove that
-        got = unet(**inputs, mid_block_additional_residual=mid, return_dict=False)[0]
-        want = reference(**inputs, mid_block_additional_residual=mid, return_dict=False)[0]
+        control = dict(down_block_additional_residuals=down, mid_block_additional_residual=mid)
+        got = unet(**inputs, **control, return_dict=False)[0]
+        want = reference(**inputs, **control, return_dict=False)[0]
     assert aot.stats["eager_calls"] == eager + 2
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert (got - skips).abs().max() > 1e-4
