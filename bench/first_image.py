@@ -3,6 +3,7 @@
     PYTHONPATH=src python bench/first_image.py --case sd15 --optimize compile
     PYTHONPATH=src python bench/first_image.py --case sd15 --optimize compile,cuda_graphs --runs 3
     PYTHONPATH=src python bench/first_image.py --tiny --optimize compile        # CPU, tiny model
+    PYTHONPATH=src python bench/first_image.py --case sd15 --optimize channels_last,aot
 
 Each run is a fresh Python process, as a restart is: it imports torch, diffusers and underpaint,
 builds the case's model with random weights (as ``bench/gpu_img2img.py`` does; reported apart,
@@ -11,6 +12,9 @@ speed switches, and makes the case's img2img picture twice: the first call pays 
 (or finds the kernels in the cache), the second is the steady speed. The first run starts with
 an empty cache folder, the later runs reuse it: run 1 is the first start on a new machine,
 run 2 onwards a restart. The compile cache hits and misses come from torch's own counters.
+With ``aot`` the UNet packages go to ``CACHE/aot`` (``UNDERPAINT_AOT_CACHE_DIR``), and the rows
+also count the packages built and loaded, and the Dynamo frames traced (0 when a restart skips
+tracing).
 
 The pictures of every run must be identical to the first run's (same seed and weights): the
 script exits non-zero otherwise.
@@ -50,6 +54,8 @@ def child(args: argparse.Namespace) -> dict:
     import torch
     from torch._dynamo.utils import counters
 
+    from underpaint.models import aot
+
     import underpaint.pipeline.generate  # noqa: F401
     from underpaint.models.optimize import SpeedOptions, apply
 
@@ -80,7 +86,8 @@ def child(args: argparse.Namespace) -> dict:
     return dict(import_s=imported - started, build_s=built - imported, first_s=first_done - built,
                 steady_s=second_done - first_done, to_first_image_s=(imported - started) + (first_done - built),
                 cache_hits=counters["inductor"]["fxgraph_cache_hit"],
-                cache_misses=counters["inductor"]["fxgraph_cache_miss"], pictures=digest)
+                cache_misses=counters["inductor"]["fxgraph_cache_miss"], aot_built=aot.stats["built"],
+                aot_loaded=aot.stats["loaded"], dynamo_frames=counters["stats"]["unique_graphs"], pictures=digest)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -106,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cache = args.cache_dir or Path(tempfile.mkdtemp(prefix="underpaint-compile-cache-"))
     cache.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache)}
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache), "UNDERPAINT_AOT_CACHE_DIR": str(cache / "aot")}
     own = ["--case", args.case, "--device", args.device, "--optimize", args.optimize, "--attention", args.attention,
            "--compile-backend", args.compile_backend] + (["--tiny"] if args.tiny else [])
     rows = []
@@ -122,12 +129,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"case {args.case}{' (tiny)' if args.tiny else ''}, --optimize {args.optimize}, attention "
           f"{args.attention}, backend {args.compile_backend}; cache {cache}")
     print("| run | cache | import s | build weights s | first picture s | steady s | import + first s | "
-          "cache hits | misses |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "cache hits | misses | aot built | aot loaded | graphs traced |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for i, r in enumerate(rows):
         print(f"| {i + 1} | {'empty' if i == 0 and not args.cache_dir else 'warm'} | {r['import_s']:.1f} | "
               f"{r['build_s']:.1f} | {r['first_s']:.2f} | {r['steady_s']:.3f} | {r['to_first_image_s']:.1f} | "
-              f"{r['cache_hits']} | {r['cache_misses']} |")
+              f"{r['cache_hits']} | {r['cache_misses']} | {r['aot_built']} | {r['aot_loaded']} | "
+              f"{r['dynamo_frames']} |")
     print(f"pictures identical across runs: {'yes' if same else 'NO'}")
     if args.json:
         args.json.write_text(json.dumps(dict(case=args.case, tiny=args.tiny, optimize=args.optimize,

@@ -44,6 +44,8 @@ STEPS = (
          "the issue's table: SD 1.5 b1, b16, SDXL against diffusers eager, plus underpaint compiled"),
     Step("restart", "first_image.py", ("--case", "sd15", "--optimize", "channels_last,compile", "--runs", "2"), 240,
          "the first picture after a restart, compile cache empty then warm (target <= 15 s warm)"),
+    Step("restart-aot", "first_image.py", ("--case", "sd15", "--optimize", "channels_last,aot", "--runs", "2"), 300,
+         "the first picture after a restart with AOTInductor UNet packages: built, then loaded without tracing"),
     Step("graphs", "gpu_img2img.py", ("--cases", "sd15", "--optimize", "channels_last,compile,cuda_graphs"), 240,
          "CUDA graphs on top of compile at batch 1, where launches cost the most"),
     Step("diffusers-compile", "gpu_img2img.py", ("--cases", "sd15,sdxl", "--compile-diffusers"), 360,

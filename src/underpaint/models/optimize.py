@@ -23,6 +23,11 @@ fast it runs, not what it computes (all but ``fp8``, a speed/quality trade-off).
   denoising step is replayed as one recorded CUDA graph, without a kernel launch per layer
   (CUDA only; weights changed in place by a LoRA are read by the replay, since the graph holds
   their addresses, not their values).
+* ``aot``: the UNet's forward exported and compiled ahead of time by AOTInductor into a package
+  on disk (:mod:`.aot`), one per input signature, without its weights: a restart loads it instead
+  of tracing, and the model's own parameters are bound to it (a LoRA merged in place is what it
+  reads). Calls that do not match a package (ControlNet residuals, hooks, other arguments) run
+  eager. SD/SDXL UNets only; the VAE stays eager.
 * ``--attention auto|flash|efficient|cudnn|math``: the scaled-dot-product attention kernel the
   UNet/transformer uses (``auto`` lets PyTorch choose per shape); chosen around each model call
   with :func:`attention_for`, so it also holds while ``compile`` traces.
@@ -32,7 +37,9 @@ that generates; ControlNets, adapters and the text encoders are left as loaded. 
 refused below ``--vram high`` (its extra weights would travel with every offloaded block), and
 ``compile``/``cuda_graphs`` with ``--vram low`` (the block-by-block hooks move weights inside
 the compiled region), ``fp8`` on a CUDA GPU below compute capability 8.9 (no fp8 tensor cores)
-and on devices other than CUDA and the CPU.
+and on devices other than CUDA and the CPU. ``aot`` is refused with ``compile``/``cuda_graphs``
+(two compilers for one UNet), with ``fp8``, with ``--vram low`` (weights move inside the
+compiled model) and on devices other than CUDA and the CPU.
 """
 
 from __future__ import annotations
@@ -47,7 +54,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import InvalidParameter
 
 #: ``--optimize`` names, in the order they are applied.
-OPTIMIZATIONS = ("channels_last", "fused_qkv", "fp8", "compile", "cuda_graphs")
+OPTIMIZATIONS = ("channels_last", "fused_qkv", "fp8", "compile", "cuda_graphs", "aot")
 #: Switches that change the picture (the others are checked equal within rounding).
 LOSSY = ("fp8",)
 ATTENTION_BACKENDS = ("auto", "flash", "efficient", "cudnn", "math")
@@ -60,16 +67,20 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class SpeedOptions:
     """Which switches are on. ``compile_backend``/``compile_mode`` are passed to ``torch.compile``
-    (tests use the ``aot_eager`` backend, which needs no C++ or Triton compiler)."""
+    (tests use the ``aot_eager`` backend, which needs no C++ or Triton compiler). ``aot_build``
+    off: ``aot`` uses packages already on disk and runs other input shapes eager instead of
+    compiling new packages."""
 
     channels_last: bool = False
     fused_qkv: bool = False
     fp8: bool = False
     compile: bool = False
     cuda_graphs: bool = False
+    aot: bool = False
     attention: str = "auto"
     compile_backend: str = "inductor"
     compile_mode: str | None = None
+    aot_build: bool = True
 
     @classmethod
     def parse(cls, names: str | Iterable[str] | None = None, *, attention: str | None = None,
@@ -127,6 +138,20 @@ def check(options: SpeedOptions, *, device: torch.device, vram: str = "high") ->
     if options.compiles and vram == "low":
         name = "cuda_graphs" if options.cuda_graphs else "compile"
         raise InvalidParameter("optimize", name, "--vram high or medium (low moves weights inside the compiled model)")
+    if options.aot:
+        _check_aot(options, device=torch.device(device), vram=vram)
+
+
+def _check_aot(options: SpeedOptions, *, device: torch.device, vram: str) -> None:
+    if options.compiles:
+        other = "cuda_graphs" if options.cuda_graphs else "compile"
+        raise InvalidParameter("optimize", f"aot,{other}", f"one of aot and {other} (both compile the UNet)")
+    if options.fp8:
+        raise InvalidParameter("optimize", "aot,fp8", "aot without fp8 (fp8 layers are not exported)")
+    if vram == "low":
+        raise InvalidParameter("optimize", "aot", "--vram high or medium (low moves weights inside the compiled model)")
+    if device.type not in ("cpu", "cuda"):
+        raise InvalidParameter("optimize", "aot", f"a CUDA device or the CPU (this model runs on {device})")
 
 
 def apply(model: Any, options: SpeedOptions) -> SpeedOptions:
@@ -158,6 +183,8 @@ def apply(model: Any, options: SpeedOptions) -> SpeedOptions:
             # The VAE runs once or twice per request, often at another size: no CUDA graphs for it.
             _compile_forward(part, backend=options.compile_backend,
                              mode=None if options.compile_mode == "reduce-overhead" else options.compile_mode)
+    if options.aot:
+        _install_aot(model, options)
     return options
 
 
@@ -171,6 +198,10 @@ def undo(model: Any) -> None:
     if options.compiles:
         for module in (model.unet, *_vae_parts(model)):
             module.__dict__.pop("forward", None)
+    if options.aot:
+        from .aot import uninstall
+
+        uninstall(model.unet)
     if options.fp8:
         from . import fp8
 
@@ -196,6 +227,8 @@ def weights_changed(model: Any) -> None:
         from . import fp8
 
         fp8.refresh(model.unet, device=model.device)
+    if speed.aot and hasattr(forward := model.unet.__dict__.get("forward"), "weights_changed"):
+        forward.weights_changed()
 
 
 def attention_for(model: Any):
@@ -234,6 +267,20 @@ def _compile_forward(module: torch.nn.Module, **options: Any) -> None:
     import torch
 
     module.forward = torch.compile(module.forward, **options)
+
+
+def _install_aot(model: Any, options: SpeedOptions) -> None:
+    """Give the UNet its package-running forward (:mod:`.aot`); the flags that change the
+    compiled code are part of each package's key."""
+    from diffusers import UNet2DConditionModel
+
+    from .aot import install
+
+    if not isinstance(model.unet, UNet2DConditionModel):
+        raise InvalidParameter("optimize", "aot", f"an SD/SDXL UNet (this model's is a {type(model.unet).__name__}; "
+                               "use compile)")
+    flags = {"channels_last": options.channels_last, "fused_qkv": options.fused_qkv, "attention": options.attention}
+    install(model.unet, flags=flags, build_new=options.aot_build)
 
 
 def _fp8_problem(device: Any) -> str | None:
