@@ -55,7 +55,7 @@ class Engine:
         ``vram`` is the memory mode (high, medium or low; see :mod:`underpaint.models.offload`):
         below high the weights are read into host memory and only the parts the mode keeps
         on the device go there.
-        ``optimize`` (``"channels_last,fused_qkv,fp8,compile,cuda_graphs"``, any of them, or a
+        ``optimize`` (``"channels_last,fused_qkv,fp8,compile,cuda_graphs,aot"``, any that go together, or a
         :class:`~underpaint.models.optimize.SpeedOptions`) and ``attention`` (auto, flash,
         efficient, cudnn, math) are the speed switches of :mod:`underpaint.models.optimize`;
         none is on by default (``fp8`` changes the picture: a speed/quality trade-off).
