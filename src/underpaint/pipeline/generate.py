@@ -7,8 +7,8 @@ an infotext written there reproduces here: strength → steps, seeds → noise, 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 
 import torch
@@ -402,19 +402,9 @@ def _run_batch(model, plan: Plan, job: int, seeds, subseeds, progress, cancel: C
     info = sampler_info(p.sampler)
     noise_sampler = _noise_sampler(info, x, plan.full_sigmas.to(device), seeds, p, device)
 
-    # 6. Denoising loop, with the request's token merging in the UNet (a hires pass: its own ratio) and,
-    # when asked for, DeepCache hooking the UNet for this loop only.
+    # 6. Denoising loop, with the request's speed/quality trade-offs for this loop only.
     callback = _callback(model, plan, job, progress, cancel, control, window=window)
-    cache = None if is_flux else deepcache.for_request(model, p.deepcache)
-    if cache is not None:
-        denoiser, callback = cache.wrap_denoiser(denoiser), cache.wrap_callback(callback)
-    # FLUX: First Block Cache, when asked for, for this loop only (a hires pass starts it afresh).
-    fbc = first_block_cache.for_request(model, p.first_block_cache, control=control) if is_flux else None
-    if fbc is not None:
-        denoiser = fbc.wrap_denoiser(denoiser)
-    with (torch.inference_mode(), request_token_merging(model, p.token_merging_ratio),
-          cache.installed() if cache is not None else nullcontext(),
-          fbc.installed() if fbc is not None else nullcontext()):
+    with torch.inference_mode(), _tradeoffs(model, p, denoiser, callback, control=control) as (denoiser, callback):
         latents = run_sampler(p.sampler, denoiser, x, sigmas, noise_sampler=noise_sampler, callback=callback,
                               options=p.sampler_options, model_schedule=None if is_flux else model_schedule(model))
     if cancel.skipped and not cancel.interrupted:
@@ -438,6 +428,26 @@ def _with_inpaint_infotext(model, plan: Plan) -> Plan:
     entries = inpaint.inpaint_infotext(p.inpaint, cropped=plan.inpaint is not None and plan.inpaint.crop is not None,
                                        conditioning=model.spec.is_inpaint, masked=plan.inpaint is not None)
     return replace(plan, params=p.replace(extra_infotext=p.extra_infotext + entries))
+
+
+@contextmanager
+def _tradeoffs(model, p: GenerationParams, denoiser, callback, *, control=None) -> Iterator[tuple[Callable, Callable]]:
+    """The request's opt-in speed/quality trade-offs around one sampling loop (a hires pass has its
+    own): token merging and DeepCache on SD/SDXL UNets, First Block Cache on FLUX. Yields the
+    denoiser and step callback to sample with (DeepCache counts steps through the callback)."""
+    with ExitStack() as stack:
+        stack.enter_context(request_token_merging(model, p.token_merging_ratio))
+        if flux.is_flux(model):
+            fbc = first_block_cache.for_request(model, p.first_block_cache, control=control)
+            if fbc is not None:
+                denoiser = fbc.wrap_denoiser(denoiser)
+                stack.enter_context(fbc.installed())
+        else:
+            cache = deepcache.for_request(model, p.deepcache)
+            if cache is not None:
+                denoiser, callback = cache.wrap_denoiser(denoiser), cache.wrap_callback(callback)
+                stack.enter_context(cache.installed())
+        yield denoiser, callback
 
 
 def _content_noise(p: GenerationParams, seeds, shape, device) -> torch.Tensor | None:
