@@ -61,27 +61,26 @@ def _run(unet, inputs: dict) -> torch.Tensor:
         return unet(**inputs, return_dict=False)[0]
 
 
-@pytest.fixture(scope="module")
-def sd15(tmp_path_factory):
-    """A tiny SD 1.5 UNet with its package compiled (the first call builds it)."""
-    folder = tmp_path_factory.mktemp("aot-sd15")
-    unet = _unet(SD1_UNET, seed=1)
+def _compiled(tmp_path_factory, name: str, config, seed: int, inputs: dict) -> dict:
+    """A tiny UNet with aot installed, its eager twin, and the first call's output (which builds the package)."""
+    folder = tmp_path_factory.mktemp(f"aot-{name}")
+    unet = _unet(config, seed=seed)
     reference = _twin(unet)
     aot.install(unet, flags=FLAGS, folder=folder)
     before = aot.stats["built"]
-    out = _run(unet, _sd15_inputs())
+    out = _run(unet, inputs)
     assert aot.stats["built"] == before + 1
     return dict(unet=unet, reference=reference, folder=folder, first=out)
 
 
 @pytest.fixture(scope="module")
+def sd15(tmp_path_factory):
+    return _compiled(tmp_path_factory, "sd15", SD1_UNET, 1, _sd15_inputs())
+
+
+@pytest.fixture(scope="module")
 def sdxl(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("aot-sdxl")
-    unet = _unet(SDXL_UNET, seed=3)
-    reference = _twin(unet)
-    aot.install(unet, flags=FLAGS, folder=folder)
-    out = _run(unet, _sdxl_inputs())
-    return dict(unet=unet, reference=reference, folder=folder, first=out)
+    return _compiled(tmp_path_factory, "sdxl", SDXL_UNET, 3, _sdxl_inputs())
 
 
 def test_sd15_package_matches_eager_and_holds_no_weights(sd15):

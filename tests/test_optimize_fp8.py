@@ -16,14 +16,12 @@ import torch
 from safetensors.torch import load_file
 
 from flux_fixtures import flux_files  # noqa: F401 - a session fixture
-from test_optimize import write_attention_lora
+from test_optimize import _load, _pixels, _request, write_attention_lora
 from underpaint.errors import InvalidParameter
 from underpaint.models import fp8, optimize
 from underpaint.models.fp8 import Fp8Linear, Fp8StoredLinear
 from underpaint.models.optimize import SpeedOptions
 from underpaint.models.quantized import StoredLinear
-from underpaint.params import GenerationParams
-from underpaint.pipeline.engine import Engine
 from underpaint.pipeline.networks import request_networks
 
 E4M3 = torch.float8_e4m3fn
@@ -145,20 +143,6 @@ def test_fp8_is_named_and_labelled_lossy(capsys):
 
 
 # --- through the engine (tiny SD1) ------------------------------------------------------------
-
-
-def _load(path, models_dir=None, **fields):
-    return Engine.load(path, device="cpu", dtype="fp32", models_dir=models_dir, **fields)
-
-
-def _request(photo, **fields) -> GenerationParams:
-    base = dict(prompt="a red house by the sea", negative_prompt="blurry", init_images=(photo.resize((64, 64)),),
-                strength=0.6, steps=4, cfg_scale=7.0, sampler="DPM++ 2M", seed=1234, rng="cpu", batch_size=2)
-    return GenerationParams(**{**base, **fields})
-
-
-def _pixels(result) -> np.ndarray:
-    return np.stack([np.asarray(image, dtype=np.int16) for image in result.images])
 
 
 LORA_TAG = " <lora:strong:0.3>"
