@@ -534,6 +534,9 @@ def optimized(model, settings: Settings) -> Iterator[None]:
     """The switches on for the block, the model as built after it (the diffusers rows share it)."""
     from underpaint.models.optimize import apply, undo
 
+    # Each case compiles for its own shapes, as a fresh process would: without this, the second
+    # case's new batch size would make Dynamo recompile the first one's graphs with dynamic shapes.
+    torch._dynamo.reset()
     apply(model, settings.speed)
     try:
         yield

@@ -320,3 +320,23 @@ def test_gpu_run_keeps_going_past_a_stopped_step(tmp_path, monkeypatch):
     assert summary["tiny"]["status"] == 0 and json.loads((tmp_path / "tiny.json").read_text())["results"]
     assert summary["late"]["status"].startswith("not run")
     assert "| sd15 " in (tmp_path / "tiny.log").read_text()
+
+
+def test_gpu_run_state_file_carries_on_where_a_call_stopped(tmp_path, monkeypatch, capsys):
+    """A second call with the same --state leaves out the steps the first one ran, whatever
+    their result, and runs the rest."""
+    runner = _gpu_run_module()
+    monkeypatch.setattr(runner, "STEPS", (
+        runner.Step("first", "gpu_img2img.py", ("--tiny", "--cases", "sd15", "--runs", "1", "--warmup", "0"), 300,
+                    "runs in the first call"),
+        runner.Step("second", "gpu_img2img.py", ("--tiny", "--cases", "sd15", "--runs", "1", "--warmup", "0"), 300,
+                    "runs in the second call"),
+    ))
+    state = tmp_path / "state.json"
+    assert runner.main(["--out", str(tmp_path / "a"), "--state", str(state), "--only", "first"]) == 0
+    assert json.loads(state.read_text()) == ["first"]
+    assert runner.main(["--out", str(tmp_path / "b"), "--state", str(state)]) == 0
+    assert json.loads(state.read_text()) == ["first", "second"]
+    assert [s["step"] for s in json.loads((tmp_path / "b" / "summary.json").read_text())] == ["second"]
+    runner.main(["--dry-run", "--state", str(state)])
+    assert "# first" not in capsys.readouterr().out
