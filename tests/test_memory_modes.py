@@ -512,3 +512,43 @@ def test_sdxl_vae_in_an_fp16_model_decodes_in_fp32(sdxl_file):
         handle.remove()
     assert seen == [(torch.float32, torch.float32)]
     assert next(model.vae.parameters()).dtype == torch.float16
+
+
+def test_vae_upcast_holds_the_weights_once_and_restores_them_exactly(sdxl_file):
+    """The fp16 weights of an upcast VAE are not kept beside their float32 copy while it runs (the
+    VRAM peak would hold them twice), and come back bit for bit, in fp16, afterwards."""
+    import gc
+
+    from underpaint.models.loader import load_model
+    from underpaint.pipeline.generate import decode_latents
+
+    model = load_model(sdxl_file, device="cpu", dtype=torch.float16)
+    before = {name: p.detach().clone() for name, p in model.vae.named_parameters()}
+    half_storages = {p.untyped_storage().data_ptr() for p in model.vae.parameters()}
+    kept: list[int] = []
+
+    def count_half_copies(mod, args):
+        gc.collect()
+        kept.append(sum(1 for t in gc.get_objects() if isinstance(t, torch.Tensor) and t.dtype == torch.float16
+                        and t.untyped_storage().data_ptr() in half_storages))
+
+    handle = model.vae.decoder.register_forward_pre_hook(count_half_copies)
+    try:
+        decode_latents(model, torch.zeros(1, 4, 4, 4))
+    finally:
+        handle.remove()
+    assert kept == [0]
+    for name, p in model.vae.named_parameters():
+        assert p.dtype == torch.float16 and torch.equal(p, before[name]), name
+
+
+def test_a_narrowing_visit_keeps_the_original():
+    """float32 weights visiting in fp16 come back as they were (a cast back could not restore them)."""
+    layer = torch.nn.Linear(4, 4)
+    with torch.no_grad():
+        layer.weight.mul_(1 + 1e-4)  # values fp16 cannot hold exactly
+    weight = layer.weight.detach().clone()
+    swapped = offload._swap_in((layer,), torch.device("cpu"), torch.float16, offload._transfer)
+    assert layer.weight.dtype == torch.float16
+    offload._swap_out(swapped)
+    assert layer.weight.dtype == torch.float32 and torch.equal(layer.weight, weight)

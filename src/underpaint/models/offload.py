@@ -109,7 +109,7 @@ class Offload:
     pinner: Callable[[torch.Tensor], torch.Tensor] = _pin
     hooks: list = field(default_factory=list, repr=False)
     #: Blocks on a visit now: name → (tensor, resting data) pairs to swap back.
-    resident: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict, repr=False)
+    resident: dict[str, Swapped] = field(default_factory=dict, repr=False)
 
     @property
     def offloads_encoders(self) -> bool:
@@ -278,31 +278,47 @@ def _tensors(modules: Iterable[torch.nn.Module], skip: Iterable[torch.nn.Module]
     return found
 
 
+#: Casts that float32 undoes exactly (every fp16 and bf16 value is a float32 value): a tensor cast
+#: this way on its own device need not keep its original, which is cast back afterwards.
+_EXACT_WIDENING = {(torch.float16, torch.float32), (torch.bfloat16, torch.float32)}
+
+#: What ``_swap_out`` restores: the tensor and either its original data, or (cast on its own device
+#: by an exact widening) the dtype to cast it back to.
+Swapped = list[tuple[torch.Tensor, "torch.Tensor | torch.dtype"]]
+
+
 def _swap_in(modules: Iterable[torch.nn.Module], device: torch.device, dtype: torch.dtype | None,
-             transfer: Transfer, skip: Iterable[torch.nn.Module] = ()) -> list[tuple[torch.Tensor, torch.Tensor]]:
+             transfer: Transfer, skip: Iterable[torch.nn.Module] = ()) -> Swapped:
     """Give each tensor (but those of ``skip``) a copy on ``device`` (in ``dtype``); return what to swap back.
 
-    A copy that fails (out of memory half-way) sends the ones already made back before raising.
+    A tensor widened in place (an fp16/bf16 VAE upcast to float32 on the device it lives on) does not
+    keep its original: both at once would hold the weights twice at the VAE's peak, where diffusers'
+    upcast (``vae.to(float32)`` and back) holds them once. A copy that fails (out of memory half-way)
+    sends the ones already made back before raising.
     """
-    swapped: list[tuple[torch.Tensor, torch.Tensor]] = []
+    swapped: Swapped = []
     with torch.inference_mode(False), torch.no_grad():  # plain tensors, even when called while sampling
         try:
             for tensor in _tensors(modules, skip):
                 resting = tensor.data
-                visiting = transfer(resting, device, dtype if tensor.is_floating_point() else None)
+                cast = dtype if tensor.is_floating_point() else None
+                visiting = transfer(resting, device, cast)
                 if visiting is not resting:
                     tensor.data = visiting
-                    swapped.append((tensor, resting))
+                    widened = (visiting.device == resting.device and (resting.dtype, visiting.dtype) in _EXACT_WIDENING
+                               and not resting.is_pinned())
+                    swapped.append((tensor, resting.dtype if widened else resting))
+                    del resting
         except BaseException:
             _swap_out(swapped)
             raise
     return swapped
 
 
-def _swap_out(swapped: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+def _swap_out(swapped: Swapped) -> None:
     with torch.inference_mode(False), torch.no_grad():
         for tensor, resting in swapped:
-            tensor.data = resting
+            tensor.data = tensor.data.to(resting) if isinstance(resting, torch.dtype) else resting
 
 
 # --- sequential offload of the UNet/transformer -------------------------------------------------
