@@ -244,6 +244,26 @@ def attention_for(model: Any):
     return sdpa_kernel([kernel])
 
 
+def begin_call(model: Any) -> None:
+    """Before each UNet/transformer call. With ``cuda_graphs``: a new step begins, so the recorded
+    graph is replayed into the same output buffer (without this, an earlier call's output still
+    referenced would make the CUDA-graph runtime record another graph for the next call)."""
+    if speed_of(model).cuda_graphs:
+        import torch
+
+        torch.compiler.cudagraph_mark_step_begin()
+
+
+def owned(out: torch.Tensor, model: Any) -> torch.Tensor:
+    """The model's output in float32, as a tensor of its own: with ``cuda_graphs`` the output is
+    the graph's buffer, which the next step overwrites, while samplers keep earlier steps' results."""
+    import torch
+
+    if out.dtype != torch.float32:
+        return out.float()
+    return out.clone() if speed_of(model).cuda_graphs else out
+
+
 def compile_cache_dir() -> Path:
     """Where compiled kernels persist between runs: ``$TORCHINDUCTOR_CACHE_DIR`` when set, else
     ``$XDG_CACHE_HOME/underpaint/torch-compile`` (instead of a temporary folder that a reboot empties)."""

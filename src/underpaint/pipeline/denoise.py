@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ..models.optimize import attention_for
+from ..models.optimize import attention_for, begin_call, owned
 from ..prompts.encoder import Conditioning
 from ..sampling.denoisers import cfg_denoiser, eps_denoiser, lcm_denoiser, v_denoiser
 from ..sampling.names import sampler_info
@@ -37,6 +37,7 @@ def unet_fn(model, conds: CondSchedule, control=None) -> Callable[[torch.Tensor,
             is_prompt = control.prompt_rows(cond, x_in.shape[0], device=x_in.device)
             down, mid = control.residuals(x_in.to(dtype), t.to(x_in.device), cond.cross_attn.to(dtype), extra, is_prompt)
             intra = control.intrablock(x_in.shape[0], is_prompt)  # T2I-Adapter features
+        begin_call(model)
         with attention_for(model):
             out = unet(
                 x_in.to(dtype),
@@ -48,7 +49,7 @@ def unet_fn(model, conds: CondSchedule, control=None) -> Callable[[torch.Tensor,
                 down_intrablock_additional_residuals=intra,
                 return_dict=False,
             )[0]
-        return out.float()
+        return owned(out, model)
 
     return call
 

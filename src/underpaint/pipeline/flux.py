@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 import torch
 
-from ..models.optimize import attention_for
+from ..models.optimize import attention_for, begin_call, owned
 from ..params import GenerationParams
 from ..prompts.parser import extract_extra_networks, parse_attention, prompt_schedule
 from ..sampling.denoisers import cfg_denoiser
@@ -216,6 +216,7 @@ def transformer_fn(model, guidance: float | None, *, extra_channels: torch.Tenso
         blocks = singles = None
         if control is not None:
             blocks, singles = control.residuals(latent_tokens, sigma, cond, img_ids, txt_ids, guidance, dtype)
+        begin_call(model)
         with attention_for(model):
             out = transformer(
                 hidden_states=tokens.to(dtype),
@@ -229,7 +230,7 @@ def transformer_fn(model, guidance: float | None, *, extra_channels: torch.Tenso
                 controlnet_single_block_samples=singles,
                 return_dict=False,
             )[0]
-        return unpack(out.float(), h, w)
+        return unpack(owned(out, model), h, w)
 
     return call
 
