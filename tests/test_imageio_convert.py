@@ -98,3 +98,15 @@ def test_tensor_to_images_refuses_nan_and_bad_shapes():
         tensor_to_images(torch.full((1, 3, 2, 2), float("nan")))
     with pytest.raises(ImageError, match="expected"):
         tensor_to_images(torch.zeros(1, 4, 2, 2))
+
+
+def test_conversion_equals_a1111s_float_then_truncate_formula():
+    """The conversion runs on the tensor's device; it must equal A1111's numpy formula bit for bit,
+    level boundaries and out-of-range values included."""
+    torch.manual_seed(0)
+    edges = torch.tensor([-1.0, 1.0, 0.0, -0.99999994, 0.99999994, 2 / 255 - 1, 6 / 255 - 1, 0.5, -3.0, 3.0])
+    x = torch.cat([torch.randn(2 * 3 * 16 * 16) * 0.8, edges.repeat(6 * 16 * 16 // 10 + 1)[: 2 * 3 * 16 * 16]])
+    x = x.reshape(4, 3, 16, 16)
+    expected = (255.0 * torch.clamp((x + 1.0) / 2.0, min=0.0, max=1.0).permute(0, 2, 3, 1).numpy()).astype(np.uint8)
+    got = np.stack([np.asarray(image) for image in tensor_to_images(x)])
+    assert got.dtype == np.uint8 and np.array_equal(got, expected)
