@@ -24,13 +24,20 @@ mean, as underpaint does).
 
 ``--optimize`` (and ``--attention``) turns on the engine's speed switches
 (underpaint.models.optimize: channels_last, fused_qkv, compile, cuda_graphs; the attention
-kernel) for one extra underpaint row, and checks that its pictures equal the plain run's
-within fp16 tolerance. ``fp8`` is lossy (a speed/quality trade-off): a row with it reports its
-pictures' mean |Δ| and PSNR against the plain row's as a measure, not as a pass/fail check.
+kernel) for an extra underpaint row, and checks that its pictures equal the plain run's
+within fp16 tolerance. Given more than once, each ``--optimize`` adds a row of its own (measured
+alone, undone afterwards, checked on its own); ``--attention`` applies to every one of them.
+``fp8`` is lossy (a speed/quality trade-off): a row with it reports its pictures' mean |Δ| and
+PSNR against the plain row's as a measure, not as a pass/fail check.
 ``--token-merging R`` and ``--deepcache N`` each add an underpaint row with that trade-off (token
 merging at ratio R; DeepCache with a full UNet step every N steps; SD cases only), timed in turn with
 the plain rows; their pictures differ by design, so their difference to the plain run's is reported,
 not judged (random weights say nothing of quality).
+
+``--profile DIR`` runs each row once more after its timed runs under torch.profiler and writes
+``DIR/<case>--<row>.txt`` (the top ops/kernels and a summary: device busy and idle time, kernels,
+ops, host-device syncs, device time by kind of work); the summary also goes into the log and into
+the JSON under each result's ``profile``.
 """
 
 from __future__ import annotations
@@ -42,10 +49,12 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import sys
 import time
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, replace
@@ -202,7 +211,8 @@ class Settings:
     cfg: float
     runs: int
     warmup: int
-    optimize: tuple[str, ...]
+    #: One set of speed switch names per optimized row (``--optimize``, once per row).
+    optimize: tuple[tuple[str, ...], ...]
     compile_diffusers: bool
     compile_mode: str
     #: FLUX.1-dev's distilled guidance (None: schnell, or SD).
@@ -217,6 +227,8 @@ class Settings:
     token_merging: float = 0.0
     #: DeepCache interval for an extra underpaint row (``--deepcache``); 0 adds none.
     deepcache: int = 0
+    #: Folder for one profiled call per row (``--profile``); None: no profiling.
+    profile: Path | None = None
 
     def tradeoffs(self) -> list[tuple[str, dict]]:
         """The extra underpaint rows that change the picture by design: (label, request fields)."""
@@ -232,12 +244,15 @@ class Settings:
         return rows
 
     @property
-    def speed(self):
-        """The engine's speed switches for the optimized row."""
+    def speeds(self) -> list:
+        """The engine's speed switches, one SpeedOptions per optimized row: each ``--optimize`` set
+        with ``--attention``; ``--attention`` alone when no set is given; none when nothing is on."""
         from underpaint.models.optimize import SpeedOptions
 
-        return SpeedOptions.parse(self.optimize, attention=self.attention,
-                                  compile_mode=None if self.compile_mode == "default" else self.compile_mode)
+        mode = None if self.compile_mode == "default" else self.compile_mode
+        speeds = [SpeedOptions.parse(names, attention=self.attention, compile_mode=mode)
+                  for names in self.optimize or ((),)]
+        return [s for s in speeds if s.describe() != "none"]
 
     @property
     def recipe(self) -> str:
@@ -530,14 +545,15 @@ OPTIMIZATIONS = ("channels_last", "fused_qkv", "fp8", "compile", "cuda_graphs")
 
 
 @contextmanager
-def optimized(model, settings: Settings) -> Iterator[None]:
-    """The switches on for the block, the model as built after it (the diffusers rows share it)."""
+def optimized(model, speed) -> Iterator[None]:
+    """The switches ``speed`` (a SpeedOptions) on for the block, the model as built after it (the
+    diffusers rows and the other optimized rows share it)."""
     from underpaint.models.optimize import apply, undo
 
-    # Each case compiles for its own shapes, as a fresh process would: without this, the second
+    # Each row compiles for its own shapes, as a fresh process would: without this, the second
     # case's new batch size would make Dynamo recompile the first one's graphs with dynamic shapes.
     torch._dynamo.reset()
-    apply(model, settings.speed)
+    apply(model, speed)
     try:
         yield
     finally:
@@ -636,6 +652,8 @@ class Measurement:
     peak_vram_gib: float | None
     vs_diffusers: float | None = None
     vs_diffusers_compiled: float | None = None
+    #: ``--profile``: the summary of one more call under torch.profiler (see ``profile_summary``).
+    profile: dict | None = None
 
     @property
     def latency_s(self) -> float:
@@ -695,7 +713,258 @@ def measure(runners: list[Runner], case: Case, settings: Settings) -> list[tuple
         _log(f"  {r.name:<22} median {m.latency_s:.3f} s  first {m.first_call_s:.2f} s  "
              f"unet {m.unet_ms_per_step:.1f} ms/step  ({m.unet_calls_per_run:g} calls/run)")
         results.append((m, first[4]))
+    if settings.profile is not None:  # after every timed call of these rows, so the timings stay as they were
+        for r, (m, _) in zip(runners, results):
+            m.profile = profile_row(r, case, settings, m.latency_s)
     return results
+
+
+# --- profiling (--profile) --------------------------------------------------------------------
+
+#: What each kernel (CUDA) or op (CPU) is counted as, from its lower-cased name: the first rule
+#: that matches wins, anything else is "elementwise/other". Names only, so the split is
+#: approximate: cuDNN may run a 1x1 convolution as a GEMM kernel (counted as matmul), and a group
+#: norm's affine step runs in an elementwise kernel; inductor's fused kernels are named after the
+#: ops they fuse (``triton_red_fused_native_group_norm_0``: normalization; its templates
+#: ``triton_tem_*``: matmul).
+CATEGORIES = (
+    # DMA copies and memsets, copy kernels (casts, .contiguous()), cuDNN's layout transposes; CPU: aten::copy_.
+    ("memory copy", re.compile(r"^memcpy|^memset|direct_copy|copy_kernel|nchwtonhwc|nhwctonchw|^aten::copy_$")),
+    ("attention", re.compile(r"attention|flash|fmha|sdpa|softmax")),
+    ("normalization", re.compile(r"norm(?!al)|rowwisemoments|computefusedparams")),
+    # cuDNN/CUTLASS forward convolutions are "...fprop..." (their implicit GEMMs too).
+    ("convolution", re.compile(r"conv(?!ert)|fprop|winograd")),
+    # cuBLAS(Lt) kernels on Hopper are "nvjet_*"; fp8 runs aten::_scaled_mm.
+    ("matmul/gemm", re.compile(r"gemm|gemv|matmul|cublas|cutlass|nvjet|splitkreduce|triton_tem|"
+                               r"^aten::(mm|addmm|bmm|baddbmm|_scaled_mm)$")),
+)
+OTHER = "elementwise/other"
+#: CUDA runtime calls that make the host wait for the device (cudaMemcpy: the synchronous copy).
+SYNC_CALLS = ("cudaDeviceSynchronize", "cudaStreamSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+#: The record_function range around the profiled call: its wall time, and which thread made it.
+CALL_MARKER = "bench::call"
+
+
+def category(name: str) -> str:
+    lowered = name.lower()
+    return next((label for label, rule in CATEGORIES if rule.search(lowered)), OTHER)
+
+
+def _merge(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    merged: list[list[float]] = []
+    for start, end in sorted(intervals):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return [(a, b) for a, b in merged]
+
+
+def _annotation(event) -> bool:
+    """A record_function range (ours, torch.compile's), or its copy on the device's timeline."""
+    return bool(getattr(event, "is_user_annotation", False)) or "annotation" in str(getattr(event, "activity_type", ""))
+
+
+def _aten_parent(event) -> str:
+    """The nearest enclosing aten op's name (where a runtime call such as a sync came from)."""
+    parent = event.cpu_parent
+    while parent is not None and not parent.name.startswith("aten::"):
+        parent = parent.cpu_parent
+    return parent.name if parent is not None else "(no aten op)"
+
+
+def profile_summary(events, *, cuda: bool, wall_s: float) -> dict:
+    """Numbers from one profiled call's events (torch.profiler FunctionEvents), all times in seconds.
+
+    busy: CUDA, the union of the kernel and copy intervals on the device (``busy_sum_s`` adds their
+    durations instead, which exceeds the union where kernels overlap); CPU, the time inside top-level
+    aten ops on the calling thread. ``idle_fraction`` is the rest of the call's wall time (on the
+    CPU: Python, PIL and everything else outside ops); ``lead_s``/``tail_s`` the idle time before the
+    first and after the last busy interval, ``gaps_s`` the idle time between them by gap length.
+    ``ops``: top-level aten ops (called from Python, not from inside another op). ``categories_s``:
+    device time (CPU: op self time) by ``category``.
+    """
+    from torch.autograd import DeviceType
+
+    marker = next((e for e in events if e.name == CALL_MARKER and e.device_type == DeviceType.CPU), None)
+    cpu = [e for e in events if e.device_type == DeviceType.CPU]
+    # A record_function range's copy on the device timeline (gpu_user_annotation) spans the kernels
+    # launched inside it: it is no kernel. (Not every CPU-side name: inductor names the CPU-side range
+    # that launches a Triton kernel after the kernel.)
+    ranges = {e.name for e in cpu if _annotation(e)} | {CALL_MARKER}
+    device = [e for e in events if e.device_type != DeviceType.CPU and not _annotation(e) and e.name not in ranges]
+    aten = [e for e in cpu if e.name.startswith("aten::")]
+    top = [e for e in aten if _aten_parent(e) == "(no aten op)"]
+    if marker is not None:
+        start, end = marker.time_range.start, marker.time_range.end
+        wall_s = (end - start) / 1e6
+        top = [e for e in top if e.thread == marker.thread]
+    if cuda:
+        busy_events = device
+        by_kind = Counter()
+        for e in device:
+            by_kind[category(e.name)] += e.time_range.elapsed_us()
+    else:
+        busy_events = top
+        by_kind = Counter()
+        for e in aten:
+            by_kind[category(e.name)] += e.self_cpu_time_total
+    spans = _merge([(e.time_range.start, e.time_range.end) for e in busy_events])
+    if marker is None:  # the call's own range is unknown: taken to start at the first busy interval
+        start = spans[0][0] if spans else 0.0
+        end = start + wall_s * 1e6
+    spans = [(max(a, start), min(b, end)) for a, b in spans if b > start and a < end]
+    busy_us = sum(b - a for a, b in spans)
+    gaps = [(prev - start, a - prev) for prev, (a, _) in zip([b for _, b in spans], spans[1:])]  # (at, length)
+    copies = Counter()
+    for e in device:
+        if e.name.lower().startswith("memset"):
+            copies["memset"] += 1
+        elif e.name.lower().startswith("memcpy"):
+            copies[(e.name.split() + ["?"])[1]] += 1  # "Memcpy DtoH (Device -> Pageable)"
+    runtime = Counter(e.name for e in cpu if e.name.startswith(("cuda", "cu")))
+    syncs = {name: runtime[name] for name in SYNC_CALLS if runtime[name]}
+    sync_ops = Counter(_aten_parent(e) for e in cpu if e.name in SYNC_CALLS)
+    categories = {label: round(by_kind[label] / 1e6, 6) for label, _ in CATEGORIES + ((OTHER, None),)}
+    return dict(
+        device="cuda" if cuda else "cpu",
+        wall_s=round(wall_s, 6),
+        busy_s=round(busy_us / 1e6, 6),
+        busy_sum_s=round(sum(e.time_range.elapsed_us() for e in busy_events) / 1e6, 6),
+        idle_fraction=round(max(0.0, 1 - busy_us / 1e6 / wall_s), 4) if wall_s > 0 else None,
+        lead_s=round(((spans[0][0] if spans else end) - start) / 1e6, 6),
+        tail_s=round((end - (spans[-1][1] if spans else end)) / 1e6, 6),
+        gaps_s={"under_10us": round(sum(g for _, g in gaps if g < 10) / 1e6, 6),
+                "10us_to_1ms": round(sum(g for _, g in gaps if 10 <= g < 1000) / 1e6, 6),
+                "over_1ms": round(sum(g for _, g in gaps if g >= 1000) / 1e6, 6)},
+        gaps_over_1ms=sum(1 for _, g in gaps if g >= 1000),
+        #: [offset from the call's start, length] in ms, the longest first.
+        largest_gaps_ms=[[round(at / 1e3, 3), round(g / 1e3, 3)] for at, g in sorted(gaps, key=lambda x: -x[1])[:5]],
+        kernels=sum(1 for e in device if not e.name.lower().startswith(("memcpy", "memset"))) if cuda else None,
+        launches=sum(n for name, n in runtime.items() if name.startswith(("cudaLaunch", "cuLaunch"))) if cuda else None,
+        graph_launches=runtime["cudaGraphLaunch"] if cuda else None,
+        ops=len(top),
+        host_device_syncs=sum(syncs.values()) if cuda else None,
+        syncs=syncs,
+        sync_ops=dict(sync_ops.most_common(8)),
+        copies=dict(copies),
+        categories_s=categories,
+    )
+
+
+@contextmanager
+def sync_sites(device: torch.device) -> Iterator[Counter]:
+    """CUDA: where in the Python code the block makes the host wait for the device, from
+    ``torch.cuda.set_sync_debug_mode("warn")``'s warnings (file:line of the calling frame: count)."""
+    sites: Counter = Counter()
+    if device.type != "cuda":
+        yield sites
+        return
+    previous = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield sites
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+    for w in caught:
+        if "synchroniz" in str(w.message):
+            sites[f"{'/'.join(Path(w.filename).parts[-3:])}:{w.lineno}"] += 1
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9_]+", "-", name.lower()).strip("-")
+
+
+def profile_row(runner: Runner, case: Case, settings: Settings, median_s: float) -> dict | None:
+    """One more call of the row under torch.profiler; its text file, its summary (None if profiling failed:
+    the row's timings stand either way)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    dev = settings.device
+    cuda = dev.type == "cuda"
+    path = settings.profile / f"{case.name}--{_slug(runner.name)}.txt"
+    t_start = time.perf_counter()
+    try:
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        sync(dev)
+        with profile(activities=activities) as prof:
+            t0 = time.perf_counter()
+            with record_function(CALL_MARKER):
+                with sync_sites(dev) as sites:
+                    runner.call()
+                sync(dev)
+            wall_s = time.perf_counter() - t0
+        summary = profile_summary(prof.events(), cuda=cuda, wall_s=wall_s)
+        averages = prof.key_averages()
+        by_device = averages.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=40,
+                                   max_name_column_width=90)
+        by_cpu = averages.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=90) if cuda else ""
+    except Exception as exc:  # a profiler problem must not cost the run its other results
+        _log(f"  profile {runner.name}: failed: {type(exc).__name__}: {exc}")
+        return dict(error=f"{type(exc).__name__}: {exc}")
+    summary.update(timed_median_s=round(median_s, 6), sync_sites=dict(sites.most_common(10)),
+                   profiling_s=round(time.perf_counter() - t_start, 1), file=path.name)
+    path.write_text(_profile_text(case, runner.name, summary, sites, by_device, by_cpu))
+    _log(f"  profile {runner.name}: {_profile_line(summary)} -> {path}")
+    return summary
+
+
+def _profile_line(p: dict) -> str:
+    """The summary in one log line."""
+    ms = lambda s: f"{s * 1000:.1f}"  # noqa: E731
+    kinds = ", ".join(f"{label.split('/')[0]} {ms(v)}" for label, v in p["categories_s"].items())
+    count = f"{p['kernels']} kernels, {p['ops']} ops, {p['host_device_syncs']} syncs" if p["device"] == "cuda" \
+        else f"{p['ops']} ops"
+    if p["device"] == "cuda" and not p["kernels"]:
+        count += " (no kernels recorded: is CUPTI available?)"
+    return (f"wall {ms(p['wall_s'])} ms, busy {ms(p['busy_s'])} ms (idle {p['idle_fraction']:.0%}: lead "
+            f"{ms(p['lead_s'])}, tail {ms(p['tail_s'])}, {p['gaps_over_1ms']} gaps > 1 ms), {count}; "
+            f"ms by kind: {kinds}")
+
+
+def _profile_text(case: Case, row: str, p: dict, sites: Counter, by_device: str, by_cpu: str) -> str:
+    ms = lambda s: f"{s * 1000:.2f} ms"  # noqa: E731
+    cuda = p["device"] == "cuda"
+    busy = ("device busy (union of kernel/copy intervals)" if cuda else "inside top-level aten ops")
+    lines = [
+        f"{case.name} ({case.size}x{case.size}, batch {case.batch}) / {row}: one call under torch.profiler, "
+        f"after the row's timed runs",
+        "",
+        f"wall time of the call      {ms(p['wall_s'])} (profiler overhead included; the row's timed median: "
+        f"{ms(p['timed_median_s'])})",
+        f"{busy:<27}{ms(p['busy_s'])}; durations summed: {ms(p['busy_sum_s'])}"
+        + (" (above the union where kernels overlap)" if cuda else ""),
+        f"idle                       {p['idle_fraction']:.1%} of the wall time: {ms(p['lead_s'])} before the first "
+        f"busy interval, {ms(p['tail_s'])} after the last; gaps between: < 10 us {ms(p['gaps_s']['under_10us'])}, "
+        f"10 us-1 ms {ms(p['gaps_s']['10us_to_1ms'])}, > 1 ms {ms(p['gaps_s']['over_1ms'])} "
+        f"({p['gaps_over_1ms']} of them)",
+        "largest gaps (at ms from the call's start: length ms): "
+        + (", ".join(f"{at}: {g}" for at, g in p["largest_gaps_ms"]) or "none"),
+    ]
+    if cuda:
+        lines += [
+            f"kernels                    {p['kernels']} (launch calls {p['launches']}, CUDA graph launches "
+            f"{p['graph_launches']})",
+            f"host-device syncs          {p['host_device_syncs']}: "
+            + (", ".join(f"{k} {v}" for k, v in p["syncs"].items()) or "none")
+            + " (one cudaDeviceSynchronize is the benchmark's own, closing the call)",
+            "  issued inside            " + (", ".join(f"{k} {v}" for k, v in p["sync_ops"].items()) or "-"),
+            "  device copies            " + (", ".join(f"{k} {v}" for k, v in p["copies"].items()) or "none"),
+            "  Python lines that synced (torch.cuda.set_sync_debug_mode):",
+            *(f"    {n:>5}  {site}" for site, n in sites.most_common(15)),
+        ]
+    lines += [f"ops                        {p['ops']} top-level aten ops (called from Python, not inside another op)",
+              "time by kind ({}, from names; bench/gpu_img2img.py CATEGORIES):".format(
+                  "device time of kernels and copies" if cuda else "self CPU time of aten ops")]
+    total = sum(p["categories_s"].values()) or 1.0
+    lines += [f"  {label:<20}{ms(v):>14}  {v / total:6.1%}" for label, v in p["categories_s"].items()]
+    lines += ["", f"profiling took {p['profiling_s']} s (not part of any timing)", "",
+              "top 40 by self {} time:".format("device" if cuda else "CPU"), by_device]
+    if by_cpu:
+        lines += ["", "top 20 by self CPU time (host work: launches, Python-driven ops):", by_cpu]
+    return "\n".join(lines) + "\n"
 
 
 @dataclass
@@ -744,9 +1013,9 @@ def witness(case: Case, settings: Settings, ours: list, theirs: list) -> Check:
 
 
 def run_case(case: Case, comps: Components, settings: Settings) -> tuple[list[Measurement], list[Check]]:
-    """underpaint and diffusers eager taking turns, then underpaint optimized, then diffusers compiled.
+    """underpaint and diffusers eager taking turns, then each underpaint optimized row, then diffusers compiled.
 
-    The optimized and compiled rows change the shared modules, so they run alone and undo it after.
+    The optimized and compiled rows change the shared modules, so each runs alone and undoes it after.
     """
     _log(f"{case.name}: {case.size}x{case.size}, batch {case.batch}, {settings.steps_run} steps")
     model = underpaint_model(comps, settings)
@@ -768,16 +1037,15 @@ def run_case(case: Case, comps: Components, settings: Settings) -> tuple[list[Me
     if settings.flux:
         checks.append(witness(case, settings, plain_out, eager_out))
         _log(f"  output check: {asdict(checks[-1])}")
-    if settings.speed.describe() != "none":
-        names = "+".join(settings.speed.describe().split(","))
-        with optimized(model, settings):
+    from underpaint.models.optimize import LOSSY  # switches that change the picture: measured, not checked
+
+    for speed in settings.speeds:  # each set alone, undone before the next
+        names = "+".join(speed.describe().split(","))
+        with optimized(model, speed):
             [(fast, fast_out)] = measure([Runner(f"underpaint+{names}", underpaint_runner(model, case, settings),
                                                  lambda: model.unet)], case, settings)
         results.append(fast)
-        from underpaint.models.optimize import LOSSY  # switches that change the picture: measured, not checked
-
-        checks.append(compare(case, names, plain_out, fast_out,
-                              lossy=any(n in LOSSY for n in settings.speed.names)))
+        checks.append(compare(case, names, plain_out, fast_out, lossy=any(n in LOSSY for n in speed.names)))
         _log(f"  output check: {asdict(checks[-1])}")
     if settings.vram != "high":
         with vram_mode(model, settings):
@@ -863,10 +1131,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="auto", choices=["auto", "fp16", "bf16", "fp32"],
                    help="auto: fp16 on CUDA (bf16 for FLUX), fp32 on CPU")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 with --tiny)")
-    p.add_argument("--optimize", default="", help="comma-separated speed switches for an extra underpaint row: "
-                   + ", ".join(OPTIMIZATIONS))
+    p.add_argument("--optimize", action="append", default=[], metavar="LIST",
+                   help="comma-separated speed switches for an extra underpaint row: " + ", ".join(OPTIMIZATIONS)
+                   + "; give it again for another row (each measured alone)")
     p.add_argument("--attention", default="auto", choices=["auto", "flash", "efficient", "cudnn", "math"],
-                   help="attention kernel for the optimized row (adds the row by itself when not auto)")
+                   help="attention kernel for every optimized row (adds a row by itself when not auto and no "
+                   "--optimize is given)")
     p.add_argument("--token-merging", type=float, default=0.0, metavar="RATIO",
                    help="add an underpaint row with token merging at this ratio (0-0.9; SD cases only)")
     p.add_argument("--deepcache", type=int, default=0, metavar="INTERVAL",
@@ -879,6 +1149,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "runs it in fp32 (as with an fp16-safe VAE)")
     p.add_argument("--stub-unet", action="store_true", help="replace the UNet by a stand-in that answers at once, "
                    "to time each library's overhead around it (not a speed figure)")
+    p.add_argument("--profile", type=Path, metavar="DIR", help="after each row's timed runs, profile one more call "
+                   "(torch.profiler) and write DIR/<case>--<row>.txt; its summary also goes into the log and JSON")
     p.add_argument("--json", type=Path, help="also write the results here")
     return p.parse_args(argv)
 
@@ -890,13 +1162,19 @@ def settings_from(args: argparse.Namespace) -> Settings:
         raise SystemExit("--device cuda: CUDA is not available here")
     names = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
     dtype = names.get(args.dtype) or (torch.float16 if device.type == "cuda" else torch.float32)
-    optimize = tuple(n for n in args.optimize.split(",") if n)
-    unknown = [n for n in optimize if n not in OPTIMIZATIONS]
+    optimize = tuple(tuple(n for n in given.split(",") if n) for given in args.optimize)
+    unknown = [n for names in optimize for n in names if n not in OPTIMIZATIONS]
     if unknown:
         raise SystemExit(f"--optimize: unknown {', '.join(unknown)}; expected {', '.join(OPTIMIZATIONS)}")
     s = Settings(device, dtype, _given(args.steps, SD_STEPS), _given(args.strength, SD_STRENGTH),
                  _given(args.cfg, SD_CFG), args.runs, args.warmup, optimize, args.compile_diffusers, args.compile_mode,
-                 vram=args.vram, attention=args.attention, token_merging=args.token_merging, deepcache=args.deepcache)
+                 vram=args.vram, attention=args.attention, token_merging=args.token_merging, deepcache=args.deepcache,
+                 profile=args.profile)
+    rows = [speed.describe() for speed in s.speeds]
+    twice = sorted({row for row in rows if rows.count(row) > 1})
+    if twice:
+        raise SystemExit(f"--optimize: {'; '.join(twice)} given twice (the same switches in any order make the "
+                         "same row)")
     if not 0 <= s.token_merging <= 0.9:
         raise SystemExit("--token-merging: a ratio from 0 to 0.9")
     if s.deepcache < 0:
@@ -948,6 +1226,8 @@ def main(argv: list[str] | None = None) -> int:
     cases = select_cases(args)
     archs = TINY_ARCHS if args.tiny else ARCHS
     info = machine_info(settings)
+    if settings.profile is not None:
+        settings.profile.mkdir(parents=True, exist_ok=True)
     _log(f"{info['device']}, torch {info['torch']}, diffusers {info['diffusers']}, {info['date']}")
     device_warmup(settings)
     results, checks = [], []
@@ -999,7 +1279,8 @@ def _settings_json(settings: Settings, args: argparse.Namespace) -> dict:
     return dict(tiny=args.tiny, device=str(settings.device), dtype=str(settings.dtype).removeprefix("torch."),
                 steps=settings.steps, strength=settings.strength, steps_run=settings.steps_run,
                 underpaint_strength=settings.underpaint_strength, cfg=settings.cfg, runs=settings.runs,
-                warmup=settings.warmup, optimize=list(settings.optimize), attention=settings.attention,
+                warmup=settings.warmup, optimize=[list(names) for names in settings.optimize],
+                attention=settings.attention, profile=str(settings.profile) if settings.profile else None,
                 token_merging=settings.token_merging, deepcache=settings.deepcache,
                 compile_diffusers=settings.compile_diffusers,
                 compile_mode=settings.compile_mode, fp16_vae=args.fp16_vae, stub_unet=args.stub_unet, vram=settings.vram,

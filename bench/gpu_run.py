@@ -1,4 +1,4 @@
-"""The first GPU run in one command: every measurement docs/performance.md asks for, in order of
+"""The next GPU run in one command: every measurement docs/performance.md asks for, in order of
 importance, each with its own time limit, so that whatever the time allows is kept.
 
     PYTHONPATH=src python bench/gpu_run.py --out results/          # on the GPU machine
@@ -6,7 +6,8 @@ importance, each with its own time limit, so that whatever the time allows is ke
     PYTHONPATH=src python bench/gpu_run.py --only table,restart     # some steps
 
 Each step's output goes to ``OUT/<step>.log`` (and its JSON, when it writes one, to
-``OUT/<step>.json``); ``OUT/summary.json`` lists the steps with their exit status and time. A step
+``OUT/<step>.json``; a step's own files, such as ``--profile``'s, to a folder under ``OUT``, named in
+its arguments with ``{out}``); ``OUT/summary.json`` lists the steps with their exit status and time. A step
 that runs past its limit is stopped and the next one starts. ``--budget`` (seconds, default 560,
 so that one call fits a 10-minute command limit) skips a step whose limit would not fit in what is
 left; the next call picks up with ``--skip`` or ``--only``, or by itself with ``--state FILE``:
@@ -33,6 +34,7 @@ ROOT = HERE.parent
 class Step:
     name: str
     script: str
+    #: The script's options; ``{out}`` in one stands for the run's --out folder.
     args: tuple[str, ...]
     #: Seconds before the step is stopped.
     limit: int
@@ -41,39 +43,55 @@ class Step:
     json: bool = True
 
 
+#: What the first H100 run (2026-11-27: table, fused, attention, restart, stub, vram-low) left open, most
+#: important first.
 STEPS = (
-    Step("table", "gpu_img2img.py", ("--optimize", "channels_last,compile"), 420,
-         "the issue's table: SD 1.5 b1, b16, SDXL against diffusers eager, plus underpaint compiled"),
-    Step("restart", "first_image.py", ("--case", "sd15", "--optimize", "channels_last,compile", "--runs", "2"), 240,
-         "the first picture after a restart, compile cache empty then warm (target <= 15 s warm)"),
-    Step("vram-low", "gpu_img2img.py", ("--cases", "sd15,sdxl", "--vram", "low"), 240,
-         "the low memory mode's peak VRAM (targets: SD 1.5 < 3 GB, SDXL 1024² < 6 GB) and its cost"),
-    Step("stub", "gpu_img2img.py", ("--cases", "sd15,sdxl", "--stub-unet"), 120,
-         "everything but the UNet, per library: the part no UNet optimization closes"),
-    Step("graphs", "gpu_img2img.py", ("--cases", "sd15", "--optimize", "channels_last,compile,cuda_graphs"), 240,
-         "CUDA graphs on top of compile at batch 1, where launches cost the most"),
-    Step("diffusers-compile", "gpu_img2img.py", ("--cases", "sd15,sdxl", "--compile-diffusers"), 360,
-         "diffusers with torch.compile in the same run, for the x diffusers+compile column"),
+    Step("graphs", "gpu_img2img.py", ("--cases", "sd15", "--optimize", "channels_last,compile",
+                                      "--optimize", "channels_last,compile,cuda_graphs"), 300,
+         "CUDA graphs on top of compile at SD 1.5 batch 1, side by side with compile alone: the first run found "
+         "batch 1 launch-bound (compiled UNet 17.4 ms/step for the CFG batch of 2, 69.2 ms for 32)"),
     Step("fp8", "gpu_img2img.py", ("--cases", "sd15,sdxl", "--optimize", "fp8"), 180,
          "fp8 matmuls (lossy): speed against the plain row, and its pictures' mean |Δ| and PSNR against it"),
-    Step("attention", "gpu_img2img.py", ("--cases", "sd15,sdxl", "--attention", "cudnn"), 150,
-         "the cuDNN attention kernel against PyTorch's own choice"),
+    Step("profile", "gpu_img2img.py", ("--cases", "sd15,sdxl", "--runs", "2", "--warmup", "1",
+                                       "--profile", "{out}/profile"), 150,
+         "one torch.profiler call per row (files in profile/): where underpaint's ~21 ms more than diffusers "
+         "outside the UNet at SD 1.5 goes (syncs, device idle, copies), and how idle the device is at batch 1"),
+    Step("switches", "gpu_img2img.py", ("--cases", "sd15,sdxl", "--optimize", "channels_last",
+                                        "--optimize", "fused_qkv"), 150,
+         "channels-last and fused projections apart, eager (the first run measured them only together: "
+         "+13 % at SD 1.5 batch 1), on SDXL too"),
+    Step("restart-aot", "first_image.py", ("--case", "sd15", "--optimize", "channels_last,aot", "--runs", "2"), 300,
+         "the first picture after a restart with AOTInductor UNet packages: built, then loaded without tracing "
+         "(compile's warm restart took 17.6 s against the 15 s target)"),
+    Step("diffusers-compile", "gpu_img2img.py", ("--cases", "sd15,sdxl", "--compile-diffusers"), 360,
+         "diffusers with torch.compile in the same run, for the x diffusers+compile column"),
+    Step("vram-low", "gpu_img2img.py", ("--cases", "sd15,sdxl", "--vram", "low"), 240,
+         "the low memory mode's peak VRAM (targets: SD 1.5 < 3 GB, SDXL 1024² < 6 GB) and its cost; SDXL's "
+         "did not fit in the first run"),
+    Step("stub", "gpu_img2img.py", ("--cases", "sd15,sdxl", "--stub-unet", "--profile", "{out}/profile-stub"), 120,
+         "everything but the UNet, per library, each row profiled (files in profile-stub/): the part no UNet "
+         "optimization closes"),
     Step("tradeoffs", "gpu_img2img.py", ("--cases", "sd15", "--token-merging", "0.5", "--deepcache", "3"), 150,
          "token merging 0.5 and DeepCache interval 3 (lossy): speed against the plain row, pictures' difference"),
-    Step("fused", "gpu_img2img.py", ("--cases", "sd15", "--optimize", "channels_last,fused_qkv"), 90,
-         "channels-last and fused projections, eager"),
-    Step("restart-aot", "first_image.py", ("--case", "sd15", "--optimize", "channels_last,aot", "--runs", "2"), 300,
-         "the first picture after a restart with AOTInductor UNet packages: built, then loaded without tracing"),
     Step("vram-medium", "gpu_img2img.py", ("--cases", "sd15,sdxl", "--vram", "medium"), 150,
          "the medium memory mode"),
+    Step("attention", "gpu_img2img.py", ("--cases", "sd15,sdxl", "--attention", "flash"), 150,
+         "the flash attention kernel against PyTorch's own choice (cuDNN's, the first run showed: --attention "
+         "cudnn gave identical pictures and no gain)"),
+    Step("restart", "first_image.py", ("--case", "sd15", "--optimize", "channels_last,compile", "--runs", "2"), 240,
+         "the first picture after a restart, compile cache empty then warm (target <= 15 s warm; 17.6 s before)"),
+    Step("table", "gpu_img2img.py", ("--optimize", "channels_last,compile"), 480,
+         "the issue's table again: SD 1.5 b1, b16, SDXL against diffusers eager, plus underpaint compiled "
+         "(410 s on an H100)"),
     Step("flux", "gpu_img2img.py", ("--cases", "flux-dev,flux-schnell", "--runs", "3"), 540,
          "FLUX.1 dev and schnell in bf16 against FluxImg2ImgPipeline (a run of its own)"),
 )
 
 
-def command(step: Step, out: Path | None) -> list[str]:
-    cmd = [sys.executable, str(HERE / step.script), *step.args]
-    if step.json and out is not None:
+def command(step: Step, out: Path) -> list[str]:
+    """The step's command line, ``{out}`` in its arguments replaced by the run's --out folder."""
+    cmd = [sys.executable, str(HERE / step.script), *(a.replace("{out}", str(out)) for a in step.args)]
+    if step.json:
         cmd += ["--json", str(out / f"{step.name}.json")]
     return cmd
 

@@ -37,16 +37,25 @@ def _bench_module():
     return sys.modules[name]
 
 
+#: The rows of ``tiny_run``: two --optimize sets, --attention applying to both.
+OPTIMIZED = ["channels_last+fused_qkv+attention=math", "fused_qkv+attention=math"]
+RUNNERS = ["underpaint", *(f"underpaint+{names}" for names in OPTIMIZED), "diffusers"]
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """One subprocess run, as a user runs it: source checkout, PYTHONPATH=src, no install."""
-    out = tmp_path_factory.mktemp("bench") / "results.json"
+    """One subprocess run, as a user runs it: source checkout, PYTHONPATH=src, no install; two optimized
+    rows (--optimize given twice) and every row profiled."""
+    folder = tmp_path_factory.mktemp("bench")
+    out = folder / "results.json"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, str(SCRIPT), "--tiny", "--cases", "sd15", "--runs", "2", "--warmup", "0",
-           "--optimize", "channels_last,fused_qkv", "--attention", "math", "--json", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+           "--optimize", "channels_last,fused_qkv", "--optimize", "fused_qkv", "--attention", "math",
+           "--profile", str(folder / "profile"), "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc.stdout, json.loads(out.read_text())
+    return SimpleNamespace(stdout=proc.stdout, stderr=proc.stderr, data=json.loads(out.read_text()),
+                           profile=folder / "profile")
 
 
 @pytest.fixture(scope="module")
@@ -61,23 +70,23 @@ def tiny_flux_run(tmp_path_factory):
 
 
 def test_table_is_printed_last(tiny_run):
-    stdout, _ = tiny_run
-    lines = stdout.strip().splitlines()
+    lines = tiny_run.stdout.strip().splitlines()
     rows = [line for line in lines if line.startswith("| sd15 |")]
-    assert lines[-len(rows):] == rows and len(rows) == 3
+    assert lines[-len(rows):] == rows and len(rows) == 4
     header = [cell.strip() for cell in lines[-len(rows) - 2].strip("|").split("|")]
     assert header == HEADER
     runners = [row.split("|")[2].strip() for row in rows]
-    assert runners == ["underpaint", "underpaint+channels_last+fused_qkv+attention=math", "diffusers"]
+    assert runners == RUNNERS
     assert all(len(row.strip("|").split("|")) == len(HEADER) for row in rows)
 
 
 def test_json_results(tiny_run):
-    _, data = tiny_run
+    data = tiny_run.data
     assert data["settings"]["steps_run"] == 19 and data["settings"]["dtype"] == "float32"
+    assert data["settings"]["optimize"] == [["channels_last", "fused_qkv"], ["fused_qkv"]]
     assert {"device", "torch", "diffusers", "date"} <= data["machine"].keys()
     results = {r["runner"]: r for r in data["results"]}
-    assert set(results) == {"underpaint", "underpaint+channels_last+fused_qkv+attention=math", "diffusers"}
+    assert list(results) == RUNNERS
     for r in results.values():
         assert len(r["latencies_s"]) == 2 and r["latency_s"] > 0 and r["first_call_s"] > 0
         assert r["images_per_s"] == pytest.approx(1 / r["latency_s"])
@@ -90,10 +99,48 @@ def test_json_results(tiny_run):
 
 
 def test_optimized_output_equals_plain(tiny_run):
-    _, data = tiny_run
-    (check,) = data["checks"]
-    assert check["passed"] and check["optimizations"] == "channels_last+fused_qkv+attention=math"
-    assert check["mean_abs"] <= 0.05  # fp32 on the CPU: only summation order changes
+    """Each --optimize set has its own output check against the plain row."""
+    checks = tiny_run.data["checks"]
+    assert [c["optimizations"] for c in checks] == OPTIMIZED
+    for check in checks:
+        assert check["passed"] and not check["lossy"]
+        assert check["mean_abs"] <= 0.05  # fp32 on the CPU: only summation order changes
+
+
+PROFILE_FIELDS = {"device", "wall_s", "busy_s", "busy_sum_s", "idle_fraction", "lead_s", "tail_s", "gaps_s",
+                  "gaps_over_1ms", "largest_gaps_ms", "kernels", "launches", "graph_launches", "ops",
+                  "host_device_syncs", "syncs", "sync_ops", "copies", "categories_s", "timed_median_s", "sync_sites",
+                  "profiling_s", "file"}
+
+
+def test_profile_files_and_summaries(tiny_run):
+    """--profile: one text file per row in the one folder, its summary in the JSON and one log line per row."""
+    files = sorted(p.name for p in tiny_run.profile.iterdir())
+    assert files == sorted(["sd15--underpaint.txt", "sd15--diffusers.txt",
+                            "sd15--underpaint-channels_last-fused_qkv-attention-math.txt",
+                            "sd15--underpaint-fused_qkv-attention-math.txt"])
+    for result in tiny_run.data["results"]:
+        p = result["profile"]
+        assert set(p) == PROFILE_FIELDS, set(p) ^ PROFILE_FIELDS
+        assert p["device"] == "cpu" and p["kernels"] is None and p["host_device_syncs"] is None
+        assert 0 < p["busy_s"] <= p["wall_s"] and 0 <= p["idle_fraction"] < 1
+        assert p["idle_fraction"] == pytest.approx(1 - p["busy_s"] / p["wall_s"], abs=1e-3)
+        assert p["lead_s"] >= 0 and p["tail_s"] >= 0
+        idle = p["lead_s"] + p["tail_s"] + sum(p["gaps_s"].values())
+        assert idle == pytest.approx(p["wall_s"] - p["busy_s"], abs=1e-4)
+        assert p["ops"] > 19 * 50  # 19 UNet calls of dozens of ops each, plus the VAE and text encoder
+        kinds = p["categories_s"]
+        assert set(kinds) == {"convolution", "matmul/gemm", "attention", "normalization", "elementwise/other",
+                              "memory copy"}
+        # A UNet convolves, multiplies matrices, attends and normalises; on one CPU thread the op self
+        # times add up to the time inside top-level ops.
+        assert all(kinds[k] > 0 for k in ("convolution", "matmul/gemm", "attention", "normalization"))
+        assert sum(kinds.values()) == pytest.approx(p["busy_s"], rel=0.05)
+        assert p["timed_median_s"] == pytest.approx(result["latency_s"], abs=1e-6)
+        text = (tiny_run.profile / p["file"]).read_text()
+        assert f"/ {result['runner']}: one call under torch.profiler" in text
+        assert "top 40 by self CPU time:" in text and "aten::" in text
+        assert f"profile {result['runner']}: wall " in tiny_run.stderr
 
 
 def test_tradeoff_rows_are_measured_not_judged(tmp_path):
@@ -177,6 +224,119 @@ def test_both_libraries_run_the_same_steps(steps, strength):
         SimpleNamespace(scheduler=scheduler), steps, strength, "cpu")
     _, t_enc = img2img_steps(steps, settings.underpaint_strength, False)
     assert t_enc + 1 == diffusers_steps == settings.steps_run
+
+
+def test_repeated_optimize_gives_one_row_per_set():
+    """--optimize once per row (the comma form within one); --attention joins every set, and adds a row
+    of its own only when no --optimize is given; the same set twice is refused."""
+    bench = _bench_module()
+
+    def rows(*argv):
+        return [s.describe() for s in bench.settings_from(bench.parse_args(["--tiny", *argv])).speeds]
+
+    assert rows() == []
+    assert rows("--optimize", "channels_last,fused_qkv") == ["channels_last,fused_qkv"]
+    assert rows("--optimize", "channels_last", "--optimize", "fused_qkv", "--optimize", "channels_last,fused_qkv") == [
+        "channels_last", "fused_qkv", "channels_last,fused_qkv"]
+    assert rows("--attention", "math") == ["attention=math"]
+    assert rows("--optimize", "fused_qkv", "--optimize", "channels_last", "--attention", "math") == [
+        "fused_qkv,attention=math", "channels_last,attention=math"]
+    with pytest.raises(SystemExit, match="channels_last,fused_qkv given twice"):
+        bench.settings_from(bench.parse_args(["--tiny", "--optimize", "channels_last,fused_qkv",
+                                              "--optimize", "fused_qkv,channels_last"]))
+    with pytest.raises(SystemExit, match="unknown cudagraphs"):
+        bench.settings_from(bench.parse_args(["--tiny", "--optimize", "compile", "--optimize", "cudagraphs"]))
+
+
+def _event(name, start, end, *, cuda=False, parent=None, thread=1, activity=None):
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import FunctionEvent
+
+    event = FunctionEvent(id=0, name=name, thread=thread, start_us=start, end_us=end, use_device="cuda",
+                          device_type=DeviceType.CUDA if cuda else DeviceType.CPU,
+                          activity_type=activity or ("kernel" if cuda else "cpu_op"))
+    if parent is not None:
+        event.set_cpu_parent(parent)
+        parent.append_cpu_child(event)
+    return event
+
+
+def test_profile_summary_of_a_cuda_call():
+    """The CUDA summary from hand-made profiler events: busy time is the union of the device intervals
+    (overlapping kernels counted once), the call's own range comes from its marker, the device copy of
+    that range (a GPU user annotation) is no kernel while a Triton kernel named like its CPU-side launch
+    range is one, and syncs are counted with the op that issued them."""
+    bench = _bench_module()
+    call = _event("bench::call", 0, 1000, activity="user_annotation")
+    conv = _event("aten::conv2d", 10, 100, parent=call)
+    _event("cudaLaunchKernel", 20, 30, parent=conv)
+    item = _event("aten::_local_scalar_dense", 500, 600, parent=call)
+    sync = _event("cudaStreamSynchronize", 510, 590, parent=item)
+    events = [call, conv, *conv.cpu_children, item, sync, _event("cudaDeviceSynchronize", 900, 990, parent=call),
+              _event("triton_poi_fused_add_0", 40, 45, parent=call),  # inductor's launch range, an op's
+              _event("triton_poi_fused_add_0", 440, 455, cuda=True),
+              _event("bench::call", 50, 508, cuda=True, activity="gpu_user_annotation"),
+              _event("sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_nhwckrsc_nhwc", 50, 250, cuda=True),
+              _event("nvjet_hsh_128x256_64x4_2x1_v_bz_coopB_NTN", 200, 300, cuda=True),  # overlaps the conv
+              _event("Memset (Device)", 300, 302, cuda=True, activity="gpu_memset"),
+              _event("void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl>", 400, 450,
+                     cuda=True),
+              _event("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits>", 460, 480, cuda=True),
+              _event("Memcpy DtoH (Device -> Pageable)", 505, 508, cuda=True, activity="gpu_memcpy")]
+    p = bench.profile_summary(events, cuda=True, wall_s=5.0)
+    assert p["wall_s"] == pytest.approx(1000e-6)  # the marker's range, not the fallback
+    # Union: [50, 302] + [400, 455] + [460, 480] + [505, 508] = 252 + 55 + 20 + 3 us; summed: 390 us.
+    assert p["busy_s"] == pytest.approx(330e-6) and p["busy_sum_s"] == pytest.approx(390e-6)
+    assert p["idle_fraction"] == pytest.approx(0.67)
+    assert p["lead_s"] == pytest.approx(50e-6) and p["tail_s"] == pytest.approx(492e-6)
+    # Gaps of 98, 5 and 25 us between the busy intervals.
+    assert p["gaps_s"] == {"under_10us": pytest.approx(5e-6), "10us_to_1ms": pytest.approx(123e-6), "over_1ms": 0.0}
+    assert p["largest_gaps_ms"] == [[0.302, 0.098], [0.48, 0.025], [0.455, 0.005]]
+    assert (p["kernels"], p["launches"], p["graph_launches"], p["ops"]) == (5, 1, 0, 2)
+    assert p["host_device_syncs"] == 2
+    assert p["syncs"] == {"cudaDeviceSynchronize": 1, "cudaStreamSynchronize": 1}
+    assert p["sync_ops"] == {"aten::_local_scalar_dense": 1, "(no aten op)": 1}
+    assert p["copies"] == {"memset": 1, "DtoH": 1}
+    assert p["categories_s"] == {"memory copy": pytest.approx(5e-6), "attention": pytest.approx(20e-6),
+                                 "normalization": 0.0, "convolution": pytest.approx(200e-6),
+                                 "matmul/gemm": pytest.approx(100e-6), "elementwise/other": pytest.approx(65e-6)}
+
+
+@pytest.mark.parametrize(("name", "kind"), [
+    ("sm90_xmma_fprop_implicit_gemm_indexed_wo_smem_f16f16_f16f32_f32_nhwckrsc_nhwc_tilesize128x128x64", "convolution"),
+    ("cutlass_tensorop_f16_s16816fprop_optimized_f16_64x64_64x4_nhwc_align8", "convolution"),
+    ("implicit_convolve_hhgemm", "convolution"),
+    ("aten::mkldnn_convolution", "convolution"),
+    ("triton_poi_fused_convolution_0", "convolution"),
+    ("nvjet_hsh_128x256_64x4_2x1_v_bz_coopB_NTN", "matmul/gemm"),
+    ("sm90_xmma_gemm_f16f16_f16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1", "matmul/gemm"),
+    ("ampere_fp16_s16816gemm_fp16_128x128_ldg8_f2f_stages_32x5_tn", "matmul/gemm"),
+    ("triton_tem_fused_addmm_0", "matmul/gemm"),
+    ("aten::addmm", "matmul/gemm"),
+    ("aten::bmm", "matmul/gemm"),
+    ("fmha_cutlassF_f16_aligned_64x64_rf_sm80(PyTorchMemEffAttention::AttentionKernel::Params)", "attention"),
+    ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 128, 4>>", "attention"),
+    ("cudnn_generated_fort_native_sdpa_sm90_knob_7_64x128x64_4x1x1_kernel0_0", "attention"),
+    ("void (anonymous namespace)::cunn_SoftMaxForward<4, c10::Half, float, float>", "attention"),
+    ("aten::_scaled_dot_product_flash_attention_for_cpu", "attention"),
+    ("void at::native::(anonymous namespace)::RowwiseMomentsCUDAKernel<c10::Half, float>", "normalization"),
+    ("void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::Half, float>", "normalization"),
+    ("triton_red_fused__to_copy_add_convert_element_type_native_group_norm_0", "normalization"),
+    ("aten::native_group_norm", "normalization"),
+    ("Memcpy HtoD (Pageable -> Device)", "memory copy"),
+    ("Memset (Device)", "memory copy"),
+    ("void cudnn::ops::nchwToNhwcKernel<__half, __half, float, false, true>", "memory copy"),
+    ("void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda>", "memory copy"),
+    ("aten::copy_", "memory copy"),
+    # Not what they seem by a substring: random normal noise, a dtype conversion, a plain elementwise op.
+    ("void at::native::distribution_elementwise_grid_stride_kernel<float, 4, normal_and_transform>",
+     "elementwise/other"),
+    ("triton_poi_fused_add_convert_element_type_mul_0", "elementwise/other"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl>", "elementwise/other"),
+    ("aten::silu", "elementwise/other"),
+])
+def test_profile_categories_by_name(name, kind):
+    assert _bench_module().category(name) == kind
 
 
 def test_unknown_case_and_optimization_are_refused():
@@ -284,24 +444,33 @@ def _gpu_run_module():
     return sys.modules[name]
 
 
-def test_gpu_run_steps_are_valid_commands(capsys):
-    """Every step of the one-command GPU run parses with its own script's options (a typo there
-    would waste a GPU run), and unknown step names are refused."""
+def test_gpu_run_steps_are_valid_commands(capsys, tmp_path):
+    """Every step of the one-command GPU run parses with its own script's options, as its command
+    line will give them (a typo there would waste a GPU run); ``{out}`` becomes the --out folder;
+    unknown step names are refused."""
     runner = _gpu_run_module()
     bench = _bench_module()
     first = importlib.util.module_from_spec(importlib.util.spec_from_file_location("first_image_check",
                                                                                  ROOT / "bench" / "first_image.py"))
     first.__spec__.loader.exec_module(first)
+    profiled = []
     for step in runner.STEPS:
+        cmd = runner.command(step, tmp_path)
+        assert cmd[1] == str(ROOT / "bench" / step.script) and not any("{out}" in a for a in cmd)
         if step.script == "gpu_img2img.py":
-            args = bench.parse_args(list(step.args))
+            args = bench.parse_args(cmd[2:])
             bench.select_cases(args)
-            bench.settings_from(bench.parse_args([*step.args, "--device", "cpu"]))
+            settings = bench.settings_from(bench.parse_args([*cmd[2:], "--device", "cpu"]))
+            if settings.profile is not None:
+                assert settings.profile.parent == tmp_path  # the run's own folder, which comes back
+                profiled.append(settings.profile)
         else:
-            first.parse_args(list(step.args))
-    assert runner.main(["--dry-run"]) == 0
+            first.parse_args(cmd[2:])
+    assert len(set(profiled)) == len(profiled) == 2  # profile and stub: one folder each, no file clobbered
+    assert runner.main(["--dry-run", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     assert all(f"# {step.name} " in printed for step in runner.STEPS)
+    assert f"--profile {tmp_path / 'profile'} " in printed
     with pytest.raises(SystemExit, match="unknown step"):
         runner.main(["--dry-run", "--only", "tabel"])
 
