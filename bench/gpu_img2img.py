@@ -38,6 +38,11 @@ not judged (random weights say nothing of quality).
 ``DIR/<case>--<row>.txt`` (the top ops/kernels and a summary: device busy and idle time, kernels,
 ops, host-device syncs, device time by kind of work); the summary also goes into the log and into
 the JSON under each result's ``profile``.
+
+``--vae-precision P`` (fp32, fp16, bf16) adds an underpaint row whose VAE encode and decode run at
+that precision (the engine's ``vae_precision``; the plain row's is auto: SDXL's VAE in float32). It
+takes turns with the plain rows like the trade-off rows, and its pictures' difference is reported
+the same way (fp16/bf16 change the picture slightly; random weights say nothing of quality).
 """
 
 from __future__ import annotations
@@ -221,6 +226,8 @@ class Settings:
     flux: str = ""
     #: underpaint's memory mode for an extra row (``--vram``); "high" adds none.
     vram: str = "high"
+    #: The VAE precision for an extra underpaint row (``--vae-precision``); "" adds none.
+    vae_precision: str = ""
     #: The attention kernel for the optimized row (``--attention``; "auto": PyTorch's choice).
     attention: str = "auto"
     #: Token merging ratio for an extra underpaint row (``--token-merging``); 0 adds none.
@@ -452,6 +459,21 @@ def underpaint_runner(model, case: Case, settings: Settings, **fields) -> Callab
         rng="cpu" if settings.device.type == "cpu" else "gpu", **(flux if settings.flux else sd), **fields,
     )
     return lambda: list(engine.generate(params).images)
+
+
+def with_vae_precision(model, precision: str, call: Callable[[], list]) -> Callable[[], list]:
+    """``call`` with the model's VAE precision (``--vae-precision``) set for its duration, the plain one after."""
+    from underpaint.models.offload import set_vae_precision, vae_precision_of
+
+    def run() -> list:
+        before = vae_precision_of(model)
+        set_vae_precision(model, precision)
+        try:
+            return call()
+        finally:
+            set_vae_precision(model, before)
+
+    return run
 
 
 def diffusers_pipeline(comps: Components):
@@ -1026,6 +1048,11 @@ def run_case(case: Case, comps: Components, settings: Settings) -> tuple[list[Me
     for label, fields in tradeoffs:  # per request only: they can take turns with the plain rows
         runners.append(Runner(f"underpaint {label}", underpaint_runner(model, case, settings, **fields),
                               lambda: model.unet))
+    if settings.vae_precision:  # set for this row's calls only: it takes turns too, compared as a trade-off
+        tradeoffs.append((f"vae={settings.vae_precision}", {}))
+        plain_call = underpaint_runner(model, case, settings)
+        runners.append(Runner(f"underpaint vae={settings.vae_precision}",
+                              with_vae_precision(model, settings.vae_precision, plain_call), lambda: model.unet))
     with posterior_mean() if settings.flux else nullcontext():
         measured = measure(runners, case, settings)
     (plain, plain_out), (eager, eager_out) = measured[:2]
@@ -1143,6 +1170,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="add an underpaint row with DeepCache, a full UNet step every INTERVAL steps (SD cases only)")
     p.add_argument("--vram", default="high", choices=["high", "medium", "low"],
                    help="add an underpaint row in this memory mode, run alone (its peak VRAM shows the mode's effect)")
+    p.add_argument("--vae-precision", default="", choices=["fp32", "fp16", "bf16"],
+                   help="add an underpaint row with its VAE at this precision, taking turns with the plain rows "
+                        "(fp16/bf16 change the picture: the difference is reported, not judged)")
     p.add_argument("--compile-diffusers", action="store_true", help="add a diffusers + torch.compile row")
     p.add_argument("--compile-mode", default="default", help="torch.compile mode (default, max-autotune, ...)")
     p.add_argument("--fp16-vae", action="store_true", help="clear the SDXL VAE's force_upcast, so neither library "
@@ -1170,6 +1200,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
                  _given(args.cfg, SD_CFG), args.runs, args.warmup, optimize, args.compile_diffusers, args.compile_mode,
                  vram=args.vram, attention=args.attention, token_merging=args.token_merging, deepcache=args.deepcache,
                  profile=args.profile)
+    s = replace(s, vae_precision=args.vae_precision)
     rows = [speed.describe() for speed in s.speeds]
     twice = sorted({row for row in rows if rows.count(row) > 1})
     if twice:

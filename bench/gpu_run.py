@@ -50,19 +50,22 @@ STEPS = (
                                       "--optimize", "channels_last,compile,cuda_graphs"), 300,
          "CUDA graphs on top of compile at SD 1.5 batch 1, side by side with compile alone: the first run found "
          "batch 1 launch-bound (compiled UNet 17.4 ms/step for the CFG batch of 2, 69.2 ms for 32)"),
-    Step("fp8", "gpu_img2img.py", ("--cases", "sd15,sdxl", "--optimize", "fp8"), 180,
-         "fp8 matmuls (lossy): speed against the plain row, and its pictures' mean |Δ| and PSNR against it"),
+    Step("restart-aot", "first_image.py", ("--case", "sd15", "--optimize", "channels_last,aot", "--runs", "2"), 300,
+         "the first picture after a restart with AOTInductor UNet packages: built, then loaded without tracing "
+         "(compile's warm restart took 17.6 s against the 15 s target)"),
     Step("profile", "gpu_img2img.py", ("--cases", "sd15,sdxl", "--runs", "2", "--warmup", "1",
                                        "--profile", "{out}/profile"), 150,
          "one torch.profiler call per row (files in profile/): where underpaint's ~21 ms more than diffusers "
          "outside the UNet at SD 1.5 goes (syncs, device idle, copies), and how idle the device is at batch 1"),
+    Step("fp8", "gpu_img2img.py", ("--cases", "sd15,sdxl", "--optimize", "fp8"), 180,
+         "fp8 matmuls (lossy): speed against the plain row, and its pictures' mean |Δ| and PSNR against it"),
+    Step("vae", "gpu_img2img.py", ("--cases", "sdxl", "--vae-precision", "bf16"), 120,
+         "SDXL with its VAE in bf16 (--vae-precision bf16, as ComfyUI's --bf16-vae) against float32 (diffusers' "
+         "and underpaint's default): the first run spent 0.30 s of each SDXL picture outside the UNet, mostly the VAE"),
     Step("switches", "gpu_img2img.py", ("--cases", "sd15,sdxl", "--optimize", "channels_last",
                                         "--optimize", "fused_qkv"), 150,
          "channels-last and fused projections apart, eager (the first run measured them only together: "
          "+13 % at SD 1.5 batch 1), on SDXL too"),
-    Step("restart-aot", "first_image.py", ("--case", "sd15", "--optimize", "channels_last,aot", "--runs", "2"), 300,
-         "the first picture after a restart with AOTInductor UNet packages: built, then loaded without tracing "
-         "(compile's warm restart took 17.6 s against the 15 s target)"),
     Step("diffusers-compile", "gpu_img2img.py", ("--cases", "sd15,sdxl", "--compile-diffusers"), 360,
          "diffusers with torch.compile in the same run, for the x diffusers+compile column"),
     Step("vram-low", "gpu_img2img.py", ("--cases", "sd15,sdxl", "--vram", "low"), 240,

@@ -156,7 +156,8 @@ _HIRES_FLAGS = (("hires_scale", "scale"), ("hires_upscaler", "upscaler"), ("hire
 
 
 def add_memory_and_speed_arguments(group) -> None:
-    """``--vram``, ``--optimize`` and ``--attention``: how a loaded model uses the GPU (also ``serve``'s)."""
+    """``--vram``, ``--optimize``, ``--attention`` and ``--vae-precision``: how a loaded model uses the GPU
+    (also ``serve``'s)."""
     group.add_argument("--vram", choices=("high", "medium", "low"), default="high",
                        help="GPU memory mode: high keeps everything on the GPU (default); medium keeps the text "
                             "encoders and VAE in RAM until they run; low also moves the UNet to the GPU block by "
@@ -169,6 +170,13 @@ def add_memory_and_speed_arguments(group) -> None:
                             "none by default")
     group.add_argument("--attention", default="auto", choices=("auto", "flash", "efficient", "cudnn", "math"),
                        help="attention kernel for the UNet/transformer (default auto: PyTorch picks per shape)")
+    group.add_argument("--vae-precision", dest="vae_precision", default="auto",
+                       choices=("auto", "fp32", "fp16", "bf16"),
+                       help="dtype of the VAE's encode and decode: auto (default) runs SDXL's and FLUX's VAE in "
+                            "fp32 when the model is fp16, others in the model's dtype; fp32 always (A1111's "
+                            "--no-half-vae); fp16 even for SDXL's, faster, a result with NaN/inf is redone in fp32; "
+                            "bf16 (ComfyUI's --bf16-vae), faster and does not overflow. fp16 and bf16 change the "
+                            "picture slightly")
 
 
 # Flags an infotext can set; ``--from-infotext`` uses its values except for the flags given.
@@ -343,7 +351,8 @@ def _load_engine(args: argparse.Namespace):
                        dtype=args.dtype, vae=args.vae, prediction=args.prediction,
                        clip_l=getattr(args, "clip_l", None), t5=getattr(args, "t5", None),
                        vram=getattr(args, "vram", "high"), optimize=getattr(args, "optimize", None),
-                       attention=getattr(args, "attention", None))
+                       attention=getattr(args, "attention", None),
+                       vae_precision=getattr(args, "vae_precision", None))
 
 
 def _checkpoint(args: argparse.Namespace, folder) -> Path:

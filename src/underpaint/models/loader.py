@@ -50,6 +50,9 @@ class LoadedModel:
     offload: Any = field(default=None, repr=False)
     #: The speed switches applied (``--optimize``; models/optimize.py); None: none.
     speed: Any = field(default=None, repr=False)
+    #: The dtype every VAE call runs in (``--vae-precision``: auto, fp32, fp16 or bf16;
+    #: models/offload.py: ``set_vae_precision``, which checks it against the device).
+    vae_precision: str = "auto"
 
     @cached_property
     def short_hash(self) -> str | None:

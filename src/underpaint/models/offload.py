@@ -14,7 +14,8 @@
 A visit swaps each weight's ``.data`` for a device copy and swaps the resting copy back
 afterwards: nothing is copied back to the host (weights do not change while they run), and a
 LoRA merged into the resting copy between visits is what the next visit takes along. The
-same swap runs a half-precision VAE in float32 for one call (SDXL's VAE overflows in fp16).
+same swap runs the VAE in another dtype for one call: a half-precision VAE in float32 (SDXL's
+VAE overflows in fp16), or whatever the model's ``vae_precision`` asks (:func:`set_vae_precision`).
 
 On a CUDA device the resting weights are pinned (page-locked host memory, :func:`pin_resting`),
 so each visit's copy runs at full bus speed and is queued without stopping the host;
@@ -416,33 +417,104 @@ def tiled(vae: torch.nn.Module, tile_px: int) -> Iterator[None]:
             setattr(vae, key, value)
 
 
-def vae_compute_dtype(stored: torch.dtype, force_upcast: bool) -> torch.dtype:
-    """The dtype a VAE stored in ``stored`` runs in: float32 for a half-precision VAE whose
-    config says it overflows in fp16 (``force_upcast``, set for SDXL's and FLUX's), else as stored.
+#: ``vae_precision`` values (``--vae-precision``): the dtype every VAE call of a model runs in.
+#:
+#: * ``auto``: :func:`vae_compute_dtype`'s rule (float32 for a half-precision VAE with
+#:   ``force_upcast``, as diffusers; otherwise the stored dtype), and an fp16 decode with NaNs
+#:   computed again in float32.
+#: * ``fp32``: always float32 (AUTOMATIC1111's ``--no-half-vae``).
+#: * ``fp16``: half precision even for a ``force_upcast`` VAE (faster; SDXL's may overflow): an
+#:   encode or decode whose result has NaN or inf is computed again in float32, as AUTOMATIC1111
+#:   reverts the VAE to 32 bits when it produces NaNs.
+#: * ``bf16``: bfloat16, which has float32's range and so does not overflow, at a coarser
+#:   rounding (ComfyUI's ``--bf16-vae``); refused on a CUDA device without bfloat16.
+VAE_PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+_PRECISION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
-    A VAE known to be fp16-safe (``force_upcast`` False, as madebyollin's sdxl-vae-fp16-fix)
-    runs in fp16; bf16 has float32's range and is never upcast.
+
+def check_vae_precision(precision: str | None, device: str | torch.device | None = None) -> str:
+    """The VAE precision named (``auto`` for None); an unknown name, or ``bf16`` on a CUDA device
+    without bfloat16 support (``torch.cuda.is_bf16_supported()``), is an :class:`InvalidParameter`.
+
+    The CPU runs bfloat16 (slowly, but correctly), so it is allowed there; so is MPS.
     """
+    precision = "auto" if precision in (None, "") else str(precision).lower()
+    if precision not in VAE_PRECISIONS:
+        raise InvalidParameter("vae_precision", precision, "auto, fp32, fp16 or bf16")
+    if precision == "bf16" and device is not None:
+        device = torch.device(device)
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise InvalidParameter("vae_precision", precision,
+                                   f"auto, fp32 or fp16 on {device}, which does not support bfloat16")
+    return precision
+
+
+def vae_precision_of(model: Any) -> str:
+    """The model's ``vae_precision``: ``auto`` where none was set."""
+    return getattr(model, "vae_precision", None) or "auto"
+
+
+def set_vae_precision(model: Any, precision: str | None) -> str:
+    """Make every later VAE call of ``model`` (encode, decode, previews, hires) run at
+    ``precision`` (:data:`VAE_PRECISIONS`), checked against the device the VAE runs on.
+
+    Nothing is converted here: the weights stay as stored and each call takes a copy in the
+    precision's dtype along (:func:`run_vae`), so the setting can change between requests.
+    """
+    precision = check_vae_precision(precision, model.device)
+    model.vae_precision = precision
+    return precision
+
+
+def vae_compute_dtype(stored: torch.dtype, force_upcast: bool, precision: str = "auto") -> torch.dtype:
+    """The dtype a VAE stored in ``stored`` runs in at ``precision`` (:data:`VAE_PRECISIONS`).
+
+    ``auto``: float32 for a half-precision VAE whose config says it overflows in fp16
+    (``force_upcast``, set for SDXL's and FLUX's), else as stored. A VAE known to be fp16-safe
+    (``force_upcast`` False, as madebyollin's sdxl-vae-fp16-fix) runs in fp16; bf16 has
+    float32's range and is never upcast. Any other precision is its dtype, whatever is stored.
+    """
+    if precision != "auto":
+        return _PRECISION_DTYPES[precision]
     if stored == torch.float16 and force_upcast:
         return torch.float32
     return stored
 
 
 def model_vae_dtype(model: Any) -> torch.dtype:
-    """:func:`vae_compute_dtype` for ``model.vae``."""
+    """:func:`vae_compute_dtype` for ``model.vae`` at the model's ``vae_precision``."""
     stored = next(model.vae.parameters()).dtype
-    return vae_compute_dtype(stored, bool(getattr(model.vae.config, "force_upcast", False)))
+    return vae_compute_dtype(stored, bool(getattr(model.vae.config, "force_upcast", False)), vae_precision_of(model))
 
 
 def run_vae(model: Any, call: Callable[[torch.nn.Module, torch.device, torch.dtype], torch.Tensor], *,
-            nan_check: bool = False) -> torch.Tensor:
-    """``call(vae, device, dtype)`` with the VAE on the device in its compute dtype.
+            nan_check: bool = False, what: str = "call") -> torch.Tensor:
+    """``call(vae, device, dtype)`` with the VAE on the device in its compute dtype (:func:`model_vae_dtype`).
 
     Out of memory: the cache is emptied and the call retried once in tiles (half the mode's tile
-    size when it already tiles). ``nan_check``: a half-precision result with NaNs (the VAE
-    overflowed) is computed again in float32.
+    size when it already tiles). Overflow: at ``vae_precision`` ``fp16`` a result with NaN or
+    inf is computed again in float32; at ``auto``, with ``nan_check``, a half-precision result
+    with NaNs is. ``what`` ("encode", "decode") names the call in the log line that says so.
     """
+    precision = vae_precision_of(model)
     dtype = model_vae_dtype(model)
+    out = _vae_with_retry(model, call, dtype)
+    if dtype == torch.float16 and _overflowed(out, precision, nan_check):
+        log.info("the VAE %s in float16 gave NaN or inf values (an overflow): computed again in float32", what)
+        del out  # the float32 call may need the memory
+        out = _vae_with_retry(model, call, torch.float32)
+    return out
+
+
+def _overflowed(out: torch.Tensor, precision: str, nan_check: bool) -> bool:
+    """Whether a half-precision result is to be computed again in float32 (see :func:`run_vae`)."""
+    if precision == "fp16":
+        return not bool(torch.isfinite(out).all())
+    return precision == "auto" and nan_check and bool(torch.isnan(out).any())
+
+
+def _vae_with_retry(model: Any, call: Callable, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`_vae_once`, and once more in tiles after an out-of-memory error."""
     try:
         out = _vae_once(model, call, dtype)
     except Exception as exc:  # noqa: BLE001 - only out-of-memory errors are handled, the rest re-raised
@@ -458,8 +530,6 @@ def run_vae(model: Any, call: Callable[[torch.nn.Module, torch.device, torch.dty
             tile = max(64, int(getattr(model.vae, "tile_sample_min_size", tile)) // 2 // 8 * 8)
         with tiled(model.vae, tile):
             out = _vae_once(model, call, dtype)
-    if nan_check and dtype == torch.float16 and bool(torch.isnan(out).any()):
-        out = _vae_once(model, call, torch.float32)
     return out
 
 

@@ -47,6 +47,7 @@ class Engine:
         vram: str = "high",
         optimize: "str | SpeedOptions | None" = None,
         attention: str | None = None,
+        vae_precision: str = "auto",
     ) -> "Engine":
         """Load a checkpoint by path or by name from the models folder; never touches the network.
 
@@ -59,10 +60,15 @@ class Engine:
         :class:`~underpaint.models.optimize.SpeedOptions`) and ``attention`` (auto, flash,
         efficient, cudnn, math) are the speed switches of :mod:`underpaint.models.optimize`;
         none is on by default (``fp8`` changes the picture: a speed/quality trade-off).
+        ``vae_precision`` is the dtype of every VAE call (auto, fp32, fp16 or bf16; see
+        :data:`underpaint.models.offload.VAE_PRECISIONS`; :attr:`vae_precision` changes it later):
+        ``auto`` runs SDXL's and FLUX's VAE in float32 when the model is fp16, as diffusers does;
+        ``fp16`` and ``bf16`` are faster and change the picture slightly; ``bf16`` is refused on a
+        CUDA device without it.
         """
         from ..models.device import pick_placement
         from ..models.loader import load_model
-        from ..models.offload import check_vram, place
+        from ..models.offload import check_vae_precision, check_vram, place, set_vae_precision
         from ..models.optimize import SpeedOptions, apply, check
         from ..models.registry import ModelsDir, default_models_dir
 
@@ -83,13 +89,28 @@ class Engine:
             encoders.update({k: v for k, v in found.items() if k != "vae"})
             vae_path = found.get("vae", vae_path)
         check(speed, device=placement.device, vram=vram)  # before the slow part
+        vae_precision = check_vae_precision(vae_precision, placement.device)
         load_to = placement.device if vram == "high" else "cpu"
         loaded = load_model(path, device=load_to, dtype=placement.dtype, vae=vae_path, prediction=prediction,
                             **encoders)
         place(loaded, vram, device=placement.device)
+        set_vae_precision(loaded, vae_precision)
         if speed != SpeedOptions():
             apply(loaded, speed)
         return cls(loaded, models_dir=folder)
+
+    @property
+    def vae_precision(self) -> str:
+        """The dtype every VAE call runs in: auto, fp32, fp16 or bf16 (``--vae-precision``)."""
+        from ..models.offload import vae_precision_of
+
+        return vae_precision_of(self.model)
+
+    @vae_precision.setter
+    def vae_precision(self, precision: str) -> None:
+        from ..models.offload import set_vae_precision
+
+        set_vae_precision(self.model, precision)
 
     @property
     def info(self) -> ModelInfo:

@@ -520,12 +520,14 @@ def encode_images(model, images, plan: Plan, batch: int) -> torch.Tensor:
 def encode_pixels(model, pixels: torch.Tensor) -> torch.Tensor:
     """VAE-encode pictures in [-1, 1] to scaled latents (posterior mean: deterministic).
 
-    The VAE runs where the memory mode puts it, upcast to float32 where fp16 would overflow, and
-    retries in tiles after an out-of-memory error (models/offload.py: ``run_vae``).
+    The VAE runs where the memory mode puts it, in the dtype of the model's VAE precision
+    (upcast to float32 where fp16 would overflow, by default), and retries in tiles after an
+    out-of-memory error (models/offload.py: ``run_vae``).
     """
     from ..models.offload import run_vae
 
-    mean = run_vae(model, lambda vae, device, dtype: vae.encode(pixels.to(device, dtype)).latent_dist.mean)
+    mean = run_vae(model, lambda vae, device, dtype: vae.encode(pixels.to(device, dtype)).latent_dist.mean,
+                   what="encode")
     return (mean.to(torch.float32) - _shift(model)) * model.spec.scaling_factor
 
 
@@ -534,7 +536,8 @@ def decode_latents(model, latents: torch.Tensor):
     from ..models.offload import run_vae
 
     z = latents / model.spec.scaling_factor + _shift(model)
-    pixels = run_vae(model, lambda vae, device, dtype: vae.decode(z.to(device, dtype)).sample, nan_check=True)
+    pixels = run_vae(model, lambda vae, device, dtype: vae.decode(z.to(device, dtype)).sample, nan_check=True,
+                     what="decode")
     return tensor_to_images(pixels.float())
 
 

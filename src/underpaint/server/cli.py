@@ -85,7 +85,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(
         models_dir=Path(args.models_dir).expanduser() if args.models_dir else None,
         model=args.model, device=args.device, dtype=args.dtype, vram=getattr(args, "vram", "high"),
-        optimize=getattr(args, "optimize", "") or "", attention=getattr(args, "attention", "auto"), host=host,
+        optimize=getattr(args, "optimize", "") or "", attention=getattr(args, "attention", "auto"),
+        vae_precision=getattr(args, "vae_precision", "auto") or "auto", host=host,
         port=args.port,
         api_auth=parse_api_auth(auth_text) if auth_text else (),
         cors_allow_origins=_split(args.cors_allow_origins), allowed_hosts=_split(args.allowed_hosts),

@@ -52,6 +52,8 @@ class ServerConfig:
     #: Speed switches for loaded checkpoints (``--optimize``, ``--attention``; models/optimize.py).
     optimize: str = ""
     attention: str = "auto"
+    #: The dtype of loaded checkpoints' VAE calls (``--vae-precision``: auto, fp32, fp16, bf16; models/offload.py).
+    vae_precision: str = "auto"
     host: str = "127.0.0.1"
     port: int = 7860
     api_auth: tuple[Credential, ...] = ()
@@ -81,6 +83,8 @@ class ServerConfig:
         from ..models.optimize import SpeedOptions
 
         SpeedOptions.parse(self.optimize, attention=self.attention)  # names checked at start, not at first load
+        if self.vae_precision not in ("auto", "fp32", "fp16", "bf16"):  # the device is checked at load
+            raise InvalidParameter("vae_precision", self.vae_precision, "auto, fp32, fp16 or bf16")
         outdir = Path(self.outdir).expanduser() if self.outdir is not None else None
         if outdir is not None and outdir.exists() and not outdir.is_dir():
             raise InvalidParameter("outdir", str(self.outdir), "a folder (or a path where one can be made)")
