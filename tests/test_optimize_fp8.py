@@ -378,7 +378,7 @@ def test_benchmark_measures_an_fp8_row_instead_of_checking_it():
         spec.loader.exec_module(sys.modules[name])
     bench = sys.modules[name]
     settings = bench.settings_from(bench.parse_args(["--tiny", "--optimize", "fp8"]))
-    assert settings.speed.fp8
+    assert [speed.fp8 for speed in settings.speeds] == [True]
     case = bench.select_cases(bench.parse_args(["--tiny", "--cases", "sd15"]))[0]
     g = np.random.default_rng(3)
     plain = [g.integers(0, 256, (8, 8, 3), dtype=np.uint8)]
