@@ -619,6 +619,21 @@ def test_switching_checkpoint(page, server):
     assert page.input_value("#checkpoint").split(" [")[0] == other.split(" [")[0]
 
 
+def test_opening_the_page_reads_the_options_once(context, server):
+    """The checkpoint, live preview and token merging settings all come from one GET /options."""
+    page = context.new_page()
+    reads = []
+    page.on("request", lambda r: reads.append(r.method) if r.url.endswith("/sdapi/v1/options") else None)
+    try:
+        page.goto(server + "/")
+        page.wait_for_selector("body[data-ready=true]")
+        assert reads == ["GET"]
+        expect(page.locator("#preview-method")).to_have_value("Approx NN")  # filled from that one answer
+        expect(page.locator("#checkpoint")).not_to_have_value("")
+    finally:
+        page.close()
+
+
 def test_live_preview_setting_is_saved_in_the_server_options(page, server):
     """The Live preview select reads and writes A1111's show_progress_type / live_previews_enable."""
     select = page.locator("#preview-method")

@@ -142,13 +142,15 @@ async function loadLists() {
   generalBox.hidden = true;
   const failures = [];
   const attempt = (what, promise) => promise.catch((err) => failures.push(`${what}: ${err.message}`));
+  const options = get("/sdapi/v1/options");  // one request for the three settings below
+  options.catch(() => {});  // each of them reports a failure in its own words
   await Promise.all([
     attempt("samplers", get("/sdapi/v1/samplers").then((s) => form.fillSamplers(s ?? []))),
     attempt("schedules", getOptional("/sdapi/v1/schedulers", []).then((s) => form.fillSchedulers(s ?? []))),
     attempt("upscalers", loadUpscalers()),
-    attempt("checkpoints", loadCheckpoints()),
-    attempt("live preview setting", loadPreviewSetting()),
-    attempt("token merging setting", loadTokenMerging()),
+    attempt("checkpoints", loadCheckpoints(options)),
+    attempt("live preview setting", loadPreviewSetting(options)),
+    attempt("token merging setting", loadTokenMerging(options)),
     attempt("ControlNet", controlnet.load()),
   ]);
   if (failures.length) {

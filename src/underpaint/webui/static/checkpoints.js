@@ -18,12 +18,13 @@ function announceFamily() {
   familyListeners.forEach((listener) => listener(family));
 }
 
-export async function loadCheckpoints() {
-  const [models, options] = await Promise.all([get("/sdapi/v1/sd-models"), get("/sdapi/v1/options")]);
+/** ``options``: a pending GET /options to share (the page's first load asks once for every setting). */
+export async function loadCheckpoints(options = get("/sdapi/v1/options")) {
+  const [models, settings] = await Promise.all([get("/sdapi/v1/sd-models"), options]);
   const items = (models ?? []).map((m) => ({ value: m.title ?? m.model_name, label: m.title ?? m.model_name }));
   families.clear();
   (models ?? []).forEach((m) => families.set(m.title ?? m.model_name, m.family ?? "sd"));
-  const current = options?.sd_model_checkpoint;
+  const current = settings?.sd_model_checkpoint;
   const match = items.find((i) => i.value === current) ?? items.find((i) => current && i.value.startsWith(current));
   fillSelect($("#checkpoint"), items, match?.value);
   $("#checkpoint-status").textContent = items.length ? "" : "No checkpoints found in the models folder.";

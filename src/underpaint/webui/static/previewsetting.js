@@ -13,9 +13,9 @@ function valueFor(options) {
   return options?.show_progress_type ?? "Approx NN";
 }
 
-export async function loadPreviewSetting() {
-  const options = await get("/sdapi/v1/options");
-  $("#preview-method").value = valueFor(options);
+/** ``options``: a pending GET /options to share (the page's first load asks once for every setting). */
+export async function loadPreviewSetting(options = get("/sdapi/v1/options")) {
+  $("#preview-method").value = valueFor(await options);
 }
 
 export function setupPreviewSetting() {

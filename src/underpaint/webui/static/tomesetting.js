@@ -37,9 +37,10 @@ function show() {
   showRatio(select, txt2img ? current[GENERAL] : img2imgRatio(current));
 }
 
-export async function loadTokenMerging() {
-  const options = await get("/sdapi/v1/options");
-  for (const key of [GENERAL, IMG2IMG]) current[key] = Number(options?.[key] ?? 0);
+/** ``options``: a pending GET /options to share (the page's first load asks once for every setting). */
+export async function loadTokenMerging(options = get("/sdapi/v1/options")) {
+  const settings = await options;
+  for (const key of [GENERAL, IMG2IMG]) current[key] = Number(settings?.[key] ?? 0);
   show();
 }
 
