@@ -54,7 +54,7 @@ STEPS = (
          "the first picture after a restart with AOTInductor UNet packages: built, then loaded without tracing "
          "(compile's warm restart took 17.6 s against the 15 s target)"),
     Step("profile", "gpu_img2img.py", ("--cases", "sd15,sdxl", "--runs", "2", "--warmup", "1",
-                                       "--profile", "{out}/profile"), 150,
+                                       "--profile", "{out}/profile"), 210,
          "one torch.profiler call per row (files in profile/): where underpaint's ~21 ms more than diffusers "
          "outside the UNet at SD 1.5 goes (syncs, device idle, copies), and how idle the device is at batch 1"),
     Step("fp8", "gpu_img2img.py", ("--cases", "sd15,sdxl", "--optimize", "fp8"), 180,
