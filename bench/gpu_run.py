@@ -62,6 +62,10 @@ STEPS = (
     Step("vae", "gpu_img2img.py", ("--cases", "sdxl", "--vae-precision", "bf16"), 120,
          "SDXL with its VAE in bf16 (--vae-precision bf16, as ComfyUI's --bf16-vae) against float32 (diffusers' "
          "and underpaint's default): the first run spent 0.30 s of each SDXL picture outside the UNet, mostly the VAE"),
+    Step("fp8-compile", "gpu_img2img.py", ("--cases", "sd15-b16", "--optimize", "channels_last,compile",
+                                           "--optimize", "channels_last,fp8,compile"), 300,
+         "fp8 matmuls under compile at batch 16 (lossy), against compile alone: batch 16 is compute-bound "
+         "(373 TFLOP/s compiled in the first run) and 16 images/s needs about 45 ms per step"),
     Step("switches", "gpu_img2img.py", ("--cases", "sd15,sdxl", "--optimize", "channels_last",
                                         "--optimize", "fused_qkv"), 150,
          "channels-last and fused projections apart, eager (the first run measured them only together: "
