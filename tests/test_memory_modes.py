@@ -354,6 +354,76 @@ def test_sampling_out_of_memory_is_a_clear_error_and_the_engine_goes_on(sd1_file
     assert _bytes(engine.generate(_request(photo))) == reference  # the next request works
 
 
+def _as_if_on_a_gpu(monkeypatch):
+    """Let the out-of-memory fallback run on the CPU: it asks ``lower_vram_mode`` as for a CUDA model."""
+    from underpaint.models.optimize import speed_of
+    from underpaint.pipeline import engine as engine_module
+
+    real = engine_module.lower_vram_mode
+    monkeypatch.setattr(engine_module, "lower_vram_mode", lambda model: real(SimpleNamespace(
+        device=torch.device("cuda"), offload=getattr(model, "offload", None), speed=speed_of(model))))
+
+
+def _failing_in(engine, monkeypatch, modes: tuple[str, ...]) -> list[str]:
+    """The UNet's mid block runs out of memory while the engine is in one of ``modes``; returns the
+    mode of every failed try."""
+    mid = engine.model.unet.mid_block
+    forward = mid.forward
+    failures: list[str] = []
+
+    def flaky(*args, **kwargs):
+        mode = engine.model.offload.mode
+        if mode in modes:
+            failures.append(mode)
+            raise _oom()
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(mid, "forward", flaky)
+    return failures
+
+
+def test_out_of_memory_moves_down_a_memory_mode_and_runs_the_request_again(sd1_file, photo, reference, monkeypatch,
+                                                                          caplog):
+    _as_if_on_a_gpu(monkeypatch)
+    engine = _load(sd1_file, "high")
+    failures = _failing_in(engine, monkeypatch, ("high",))
+    with caplog.at_level("WARNING", logger="underpaint.pipeline.engine"):
+        result = engine.generate(_request(photo))
+    assert failures == ["high"] and engine.model.offload.mode == "medium"
+    assert _bytes(result) == reference  # the same picture, from the start again
+    assert "switching to --vram medium" in caplog.text
+    assert next(engine.model.text_encoders[0].parameters()).device.type == "cpu"  # medium's home
+    assert _bytes(engine.generate(_request(photo))) == reference and failures == ["high"]  # it stays there
+
+
+def test_out_of_memory_in_every_mode_is_the_clear_error(sd1_file, photo, reference, monkeypatch):
+    _as_if_on_a_gpu(monkeypatch)
+    engine = _load(sd1_file, "high")
+    failures = _failing_in(engine, monkeypatch, ("high", "medium", "low"))
+    with pytest.raises(OutOfMemory, match=r"64x64, batch 2: try a smaller size or batch$"):
+        engine.generate(_request(photo))
+    assert failures == ["high", "medium", "low"] and not engine.model.offload.resident
+    monkeypatch.undo()
+    assert _bytes(engine.generate(_request(photo))) == reference  # the engine goes on, in low mode
+
+
+def test_lower_vram_mode_respects_the_speed_switches_and_the_cpu():
+    from underpaint.models.optimize import SpeedOptions
+    from underpaint.pipeline.engine import lower_vram_mode
+
+    def model(mode, device="cuda", **switches):
+        return SimpleNamespace(device=torch.device(device), offload=SimpleNamespace(mode=mode),
+                               speed=SpeedOptions(**switches))
+
+    assert lower_vram_mode(model("high")) == "medium"
+    assert lower_vram_mode(model("medium")) == "low"
+    assert lower_vram_mode(model("low")) is None
+    assert lower_vram_mode(model("high", fused_qkv=True)) is None  # fused projections need high
+    assert lower_vram_mode(model("medium", compile=True)) is None  # compile refuses low
+    assert lower_vram_mode(model("high", compile=True)) == "medium"
+    assert lower_vram_mode(model("high", device="cpu")) is None  # nowhere else to rest
+
+
 def test_out_of_memory_message_names_size_batch_and_lower_modes(sd1_engine, photo):
     from underpaint.pipeline.engine import out_of_memory_error
 

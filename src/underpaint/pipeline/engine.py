@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..params import GenerationParams
 from .records import Cancellation, ModelInfo, Progress, Result
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -135,21 +138,32 @@ class Engine:
         """Run a request: ``n_iter`` batches of ``batch_size`` images.
 
         A GPU out-of-memory error that the VAE's tiled retry does not absorb (the sampling loop,
-        prompt encoding) ends the request as :class:`~underpaint.errors.OutOfMemory`, after every
-        offloaded block is back home and the cache is freed, so the next request can run.
+        prompt encoding) makes the engine move down a memory mode (``--vram`` high → medium → low,
+        as far as the speed switches allow: :func:`lower_vram_mode`) and run the request again from
+        the start; the engine stays in that mode, and a warning says so. Where no lower mode is left
+        (or on the CPU, where there is nothing to offload to), the request ends as
+        :class:`~underpaint.errors.OutOfMemory`, after every offloaded block is back home and the
+        cache is freed, so the next request can run.
         """
-        from ..models.offload import free_cache, is_out_of_memory, settle
+        from ..models.offload import free_cache, is_out_of_memory, place, settle
         from .generate import generate
 
-        try:
-            return generate(self.model, params, info=self.info, progress=progress, cancel=cancel or Cancellation())
-        except Exception as exc:  # noqa: BLE001 - only out-of-memory errors are translated
-            if not is_out_of_memory(exc):
-                raise
-        # Outside the except block, so the failed call's frames (and their tensors) are gone.
-        settle(self.model)
-        free_cache()
-        raise out_of_memory_error(self.model, params)
+        cancel = cancel or Cancellation()
+        while True:
+            try:
+                return generate(self.model, params, info=self.info, progress=progress, cancel=cancel)
+            except Exception as exc:  # noqa: BLE001 - only out-of-memory errors are translated
+                if not is_out_of_memory(exc):
+                    raise
+            # Outside the except block, so the failed call's frames (and their tensors) are gone.
+            settle(self.model)
+            free_cache()
+            lower = lower_vram_mode(self.model)
+            if lower is None:
+                raise out_of_memory_error(self.model, params)
+            log.warning("the GPU ran out of memory; switching to --vram %s and running the request again", lower)
+            place(self.model, lower, device=self.model.device)
+            free_cache()
 
     def img2img(self, image: "Image | str | Path", **fields: Any) -> Result:
         """Convenience: ``engine.img2img(image, prompt=..., strength=...)``."""
@@ -167,6 +181,31 @@ class Engine:
         from .flux import family_defaults
 
         return {**family_defaults(self.model), **fields}
+
+
+#: The memory modes below each one, in the order an out-of-memory error tries them.
+_LOWER_MODES = {"high": ("medium", "low"), "medium": ("low",), "low": ()}
+
+
+def lower_vram_mode(model: "LoadedModel") -> str | None:
+    """The memory mode to fall back to after running out of GPU memory: the next one down that the
+    model's speed switches allow (``fused_qkv`` needs high, ``compile`` not low); None at low, when
+    none is allowed, and on the CPU, where the weights have nowhere else to rest."""
+    import torch
+
+    from ..errors import InvalidParameter
+    from ..models.optimize import check, speed_of
+
+    if torch.device(model.device).type == "cpu":
+        return None
+    plan = getattr(model, "offload", None)
+    for mode in _LOWER_MODES[plan.mode if plan is not None else "high"]:
+        try:
+            check(speed_of(model), device=model.device, vram=mode)
+        except InvalidParameter:
+            continue
+        return mode
+    return None
 
 
 def out_of_memory_error(model: "LoadedModel", params: GenerationParams) -> "OutOfMemory":
