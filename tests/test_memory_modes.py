@@ -433,6 +433,20 @@ def test_out_of_memory_message_names_size_batch_and_lower_modes(sd1_engine, phot
     assert OutOfMemory("x").http_status == 507
 
 
+def test_out_of_memory_message_names_the_switch_that_kept_the_mode(sd1_file):
+    from underpaint.models.optimize import SpeedOptions, apply
+    from underpaint.pipeline.engine import out_of_memory_error
+
+    engine = _load(sd1_file, "high")
+    params = GenerationParams(prompt="x", width=512, height=512)
+    apply(engine.model, SpeedOptions(fused_qkv=True, channels_last=True))
+    assert str(out_of_memory_error(engine.model, params)).endswith(
+        "try --vram medium or low without --optimize fused_qkv, a smaller size or batch")
+    apply(engine.model, SpeedOptions())
+    offload.place(engine.model, "low", device="cpu")
+    assert str(out_of_memory_error(engine.model, params)).endswith(": try a smaller size or batch")
+
+
 def test_a_visit_that_runs_out_of_memory_half_way_leaves_everything_home(sd1_file, photo):
     engine = _load(sd1_file, "medium")
     model = engine.model

@@ -219,10 +219,37 @@ def out_of_memory_error(model: "LoadedModel", params: GenerationParams) -> "OutO
         default = 1024 if model.spec.family.value in ("sdxl", "flux") else 512
         width, height = params.width or default, params.height or default
     plan = getattr(model, "offload", None)
-    mode = plan.mode if plan is not None else "high"
-    lower = {"high": "try --vram medium or low, ", "medium": "try --vram low, "}.get(mode, "try ")
+    below = _LOWER_MODES[plan.mode if plan is not None else "high"]
+    hint = "try "
+    if below:
+        hint = f"try --vram {' or '.join(below)}, "
+        blocking = _switches_refusing(model, below)
+        if blocking:  # the engine could not move down by itself: say what stands in the way
+            hint = f"try --vram {' or '.join(below)} without --optimize {','.join(blocking)}, "
     return OutOfMemory(f"the GPU ran out of memory at {width}x{height}, batch {params.batch_size}: "
-                       f"{lower}a smaller size or batch")
+                       f"{hint}a smaller size or batch")
+
+
+def _switches_refusing(model: "LoadedModel", modes: tuple[str, ...]) -> list[str]:
+    """The speed switches on ``model`` without which one of ``modes`` would be allowed (empty when
+    some mode is allowed as it is)."""
+    from dataclasses import replace
+
+    from ..errors import InvalidParameter
+    from ..models.optimize import check, speed_of
+
+    speed = speed_of(model)
+
+    def allowed(options, mode) -> bool:
+        try:
+            check(options, device=model.device, vram=mode)
+        except InvalidParameter:
+            return False
+        return True
+
+    if any(allowed(speed, mode) for mode in modes):
+        return []
+    return [name for name in speed.names if any(allowed(replace(speed, **{name: False}), mode) for mode in modes)]
 
 
 #: What each FLUX companion file is called in the models folder, as people download them.
