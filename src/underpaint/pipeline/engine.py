@@ -193,19 +193,26 @@ def lower_vram_mode(model: "LoadedModel") -> str | None:
     none is allowed, and on the CPU, where the weights have nowhere else to rest."""
     import torch
 
-    from ..errors import InvalidParameter
-    from ..models.optimize import check, speed_of
+    from ..models.optimize import speed_of
 
     if torch.device(model.device).type == "cpu":
         return None
     plan = getattr(model, "offload", None)
-    for mode in _LOWER_MODES[plan.mode if plan is not None else "high"]:
-        try:
-            check(speed_of(model), device=model.device, vram=mode)
-        except InvalidParameter:
-            continue
-        return mode
-    return None
+    speed = speed_of(model)
+    return next((mode for mode in _LOWER_MODES[plan.mode if plan is not None else "high"]
+                 if _allowed(model, speed, mode)), None)
+
+
+def _allowed(model: "LoadedModel", speed: "SpeedOptions", mode: str) -> bool:
+    """Whether the speed switches ``speed`` may run on ``model``'s device in memory mode ``mode``."""
+    from ..errors import InvalidParameter
+    from ..models.optimize import check
+
+    try:
+        check(speed, device=model.device, vram=mode)
+    except InvalidParameter:
+        return False
+    return True
 
 
 def out_of_memory_error(model: "LoadedModel", params: GenerationParams) -> "OutOfMemory":
@@ -235,21 +242,13 @@ def _switches_refusing(model: "LoadedModel", modes: tuple[str, ...]) -> list[str
     some mode is allowed as it is)."""
     from dataclasses import replace
 
-    from ..errors import InvalidParameter
-    from ..models.optimize import check, speed_of
+    from ..models.optimize import speed_of
 
     speed = speed_of(model)
-
-    def allowed(options, mode) -> bool:
-        try:
-            check(options, device=model.device, vram=mode)
-        except InvalidParameter:
-            return False
-        return True
-
-    if any(allowed(speed, mode) for mode in modes):
+    if any(_allowed(model, speed, mode) for mode in modes):
         return []
-    return [name for name in speed.names if any(allowed(replace(speed, **{name: False}), mode) for mode in modes)]
+    return [name for name in speed.names
+            if any(_allowed(model, replace(speed, **{name: False}), mode) for mode in modes)]
 
 
 #: What each FLUX companion file is called in the models folder, as people download them.
