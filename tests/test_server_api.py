@@ -281,6 +281,16 @@ def test_cmd_flags_never_show_credentials(tmp_path, backend):
     assert r.status_code == 200 and "s3cret" not in r.text and r.json()["api_auth"] is True
 
 
+@pytest.mark.parametrize(("vram", "vae_precision", "flags"), [
+    ("high", "auto", (False, False, False)), ("medium", "fp32", (True, False, True)),
+    ("low", "bf16", (False, True, False))])
+def test_cmd_flags_name_the_memory_mode_and_vae_precision_as_a1111(tmp_path, backend, vram, vae_precision, flags):
+    config = ServerConfig(models_dir=make_models_dir(tmp_path), preload=False, vram=vram, vae_precision=vae_precision)
+    with TestClient(create_app(config, loader=backend), base_url="http://127.0.0.1") as c:
+        body = c.get("/sdapi/v1/cmd-flags").json()
+    assert (body["medvram"], body["lowvram"], body["no_half_vae"]) == flags
+
+
 def test_controlnet_routes(client, photo):
     assert client.get("/controlnet/version").json() == {"version": 2}
     assert client.get("/controlnet/model_list").json() == {"model_list": []}

@@ -224,6 +224,9 @@ class CommandFlags(WireModel):
     precision: str | None = None
     queue_size: int = 16
     allow_image_urls: bool = False
+    medvram: bool = Field(False, description="Started with --vram medium (A1111's --medvram).")
+    lowvram: bool = Field(False, description="Started with --vram low (A1111's --lowvram).")
+    no_half_vae: bool = Field(False, description="Started with --vae-precision fp32 (A1111's --no-half-vae).")
 
 
 class ControlNetVersion(WireModel):

@@ -133,6 +133,7 @@ async def cmd_flags(request: Request) -> CommandFlags:
         nowebui=not config.webui, listen=not config.is_loopback, port=config.port, api_auth=bool(config.api_auth),
         cors_allow_origins=",".join(config.cors_allow_origins) or None, device=config.device,
         precision=config.dtype, queue_size=config.queue_size, allow_image_urls=config.allow_image_urls,
+        medvram=config.vram == "medium", lowvram=config.vram == "low", no_half_vae=config.vae_precision == "fp32",
     )
 
 
