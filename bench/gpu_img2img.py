@@ -1199,8 +1199,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
     s = Settings(device, dtype, _given(args.steps, SD_STEPS), _given(args.strength, SD_STRENGTH),
                  _given(args.cfg, SD_CFG), args.runs, args.warmup, optimize, args.compile_diffusers, args.compile_mode,
                  vram=args.vram, attention=args.attention, token_merging=args.token_merging, deepcache=args.deepcache,
-                 profile=args.profile)
-    s = replace(s, vae_precision=args.vae_precision)
+                 profile=args.profile, vae_precision=args.vae_precision)
     rows = [speed.describe() for speed in s.speeds]
     twice = sorted({row for row in rows if rows.count(row) > 1})
     if twice:
