@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 
 from ..errors import ImageError, InvalidParameter
+from ..models.modes import VAE_PRECISIONS, VRAM_MODES
+from ..models.optimize import ATTENTION_BACKENDS
 from ..params import HIRES_UPSCALERS, GenerationParams, HiresOptions, SamplerOptions
 from .cache import add_cache_arguments, with_cache
 from .control import control_units_from_args
@@ -158,7 +160,7 @@ _HIRES_FLAGS = (("hires_scale", "scale"), ("hires_upscaler", "upscaler"), ("hire
 def add_memory_and_speed_arguments(group) -> None:
     """``--vram``, ``--optimize``, ``--attention`` and ``--vae-precision``: how a loaded model uses the GPU
     (also ``serve``'s)."""
-    group.add_argument("--vram", choices=("high", "medium", "low"), default="high",
+    group.add_argument("--vram", choices=VRAM_MODES, default="high",
                        help="GPU memory mode: high keeps everything on the GPU (default); medium keeps the text "
                             "encoders and VAE in RAM until they run; low also moves the UNet to the GPU block by "
                             "block and decodes in tiles (slowest, least memory)")
@@ -168,10 +170,10 @@ def add_memory_and_speed_arguments(group) -> None:
                             "time into packages on disk: a restart loads them without tracing), fp8 (LOSSY, changes "
                             "the picture: a speed/quality trade-off, fp8 matmuls on GPUs of compute capability 8.9+); "
                             "none by default")
-    group.add_argument("--attention", default="auto", choices=("auto", "flash", "efficient", "cudnn", "math"),
+    group.add_argument("--attention", default="auto", choices=ATTENTION_BACKENDS,
                        help="attention kernel for the UNet/transformer (default auto: PyTorch picks per shape)")
     group.add_argument("--vae-precision", dest="vae_precision", default="auto",
-                       choices=("auto", "fp32", "fp16", "bf16"),
+                       choices=VAE_PRECISIONS,
                        help="dtype of the VAE's encode and decode: auto (default) runs SDXL's and FLUX's VAE in "
                             "fp32 when the model is fp16, others in the model's dtype; fp32 always (A1111's "
                             "--no-half-vae); fp16 even for SDXL's, faster, a result with NaN/inf is redone in fp32; "

@@ -43,10 +43,10 @@ from typing import Any
 import torch
 
 from ..errors import InvalidParameter
+from .modes import VAE_PRECISIONS, VRAM_MODES, spoken
 
 log = logging.getLogger(__name__)
 
-VRAM_MODES = ("high", "medium", "low")
 #: Picture-side length of a VAE tile in low mode (and in the out-of-memory retry). 512 px is
 #: what the SD VAEs were trained at; SDXL's and FLUX's work as well at 512, and a 1024² decode
 #: in 512 px tiles keeps the VAE's activations a quarter of the size.
@@ -89,7 +89,7 @@ def check_vram(mode: str | None) -> str:
     """The memory mode named, ``high`` for None; anything else is an :class:`InvalidParameter`."""
     mode = "high" if mode in (None, "") else str(mode).lower()
     if mode not in VRAM_MODES:
-        raise InvalidParameter("vram", mode, "high, medium or low")
+        raise InvalidParameter("vram", mode, spoken(VRAM_MODES))
     return mode
 
 
@@ -417,7 +417,8 @@ def tiled(vae: torch.nn.Module, tile_px: int) -> Iterator[None]:
             setattr(vae, key, value)
 
 
-#: ``vae_precision`` values (``--vae-precision``): the dtype every VAE call of a model runs in.
+#: The dtypes of the ``vae_precision`` values (``--vae-precision``, :data:`.modes.VAE_PRECISIONS`)
+#: other than ``auto``. Each value means:
 #:
 #: * ``auto``: :func:`vae_compute_dtype`'s rule (float32 for a half-precision VAE with
 #:   ``force_upcast``, as diffusers; otherwise the stored dtype), and an fp16 decode with NaNs
@@ -428,7 +429,6 @@ def tiled(vae: torch.nn.Module, tile_px: int) -> Iterator[None]:
 #:   reverts the VAE to 32 bits when it produces NaNs.
 #: * ``bf16``: bfloat16, which has float32's range and so does not overflow, at a coarser
 #:   rounding (ComfyUI's ``--bf16-vae``); refused on a CUDA device without bfloat16.
-VAE_PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 _PRECISION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -440,7 +440,7 @@ def check_vae_precision(precision: str | None, device: str | torch.device | None
     """
     precision = "auto" if precision in (None, "") else str(precision).lower()
     if precision not in VAE_PRECISIONS:
-        raise InvalidParameter("vae_precision", precision, "auto, fp32, fp16 or bf16")
+        raise InvalidParameter("vae_precision", precision, spoken(VAE_PRECISIONS))
     if precision == "bf16" and device is not None:
         device = torch.device(device)
         if device.type == "cuda" and not torch.cuda.is_bf16_supported():
@@ -456,7 +456,7 @@ def vae_precision_of(model: Any) -> str:
 
 def set_vae_precision(model: Any, precision: str | None) -> str:
     """Make every later VAE call of ``model`` (encode, decode, previews, hires) run at
-    ``precision`` (:data:`VAE_PRECISIONS`), checked against the device the VAE runs on.
+    ``precision`` (:data:`.modes.VAE_PRECISIONS`), checked against the device the VAE runs on.
 
     Nothing is converted here: the weights stay as stored and each call takes a copy in the
     precision's dtype along (:func:`run_vae`), so the setting can change between requests.
@@ -467,7 +467,7 @@ def set_vae_precision(model: Any, precision: str | None) -> str:
 
 
 def vae_compute_dtype(stored: torch.dtype, force_upcast: bool, precision: str = "auto") -> torch.dtype:
-    """The dtype a VAE stored in ``stored`` runs in at ``precision`` (:data:`VAE_PRECISIONS`).
+    """The dtype a VAE stored in ``stored`` runs in at ``precision`` (:data:`.modes.VAE_PRECISIONS`).
 
     ``auto``: float32 for a half-precision VAE whose config says it overflows in fp16
     (``force_upcast``, set for SDXL's and FLUX's), else as stored. A VAE known to be fp16-safe

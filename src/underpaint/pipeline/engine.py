@@ -64,7 +64,7 @@ class Engine:
         efficient, cudnn, math) are the speed switches of :mod:`underpaint.models.optimize`;
         none is on by default (``fp8`` changes the picture: a speed/quality trade-off).
         ``vae_precision`` is the dtype of every VAE call (auto, fp32, fp16 or bf16; see
-        :data:`underpaint.models.offload.VAE_PRECISIONS`; :attr:`vae_precision` changes it later):
+        :data:`underpaint.models.modes.VAE_PRECISIONS`; :attr:`vae_precision` changes it later):
         ``auto`` runs SDXL's and FLUX's VAE in float32 when the model is fp16, as diffusers does;
         ``fp16`` and ``bf16`` are faster and change the picture slightly; ``bf16`` is refused on a
         CUDA device without it.

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InvalidParameter, UnderpaintError
+from ..models.modes import VAE_PRECISIONS, VRAM_MODES, spoken
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
 
@@ -78,13 +79,13 @@ class ServerConfig:
             raise InvalidParameter("port", self.port, "a TCP port from 0 to 65535")
         if self.queue_size < 0:
             raise InvalidParameter("queue_size", self.queue_size, "0 or more waiting jobs")
-        if self.vram not in ("high", "medium", "low"):
-            raise InvalidParameter("vram", self.vram, "high, medium or low")
+        if self.vram not in VRAM_MODES:
+            raise InvalidParameter("vram", self.vram, spoken(VRAM_MODES))
         from ..models.optimize import SpeedOptions
 
         SpeedOptions.parse(self.optimize, attention=self.attention)  # names checked at start, not at first load
-        if self.vae_precision not in ("auto", "fp32", "fp16", "bf16"):  # the device is checked at load
-            raise InvalidParameter("vae_precision", self.vae_precision, "auto, fp32, fp16 or bf16")
+        if self.vae_precision not in VAE_PRECISIONS:  # the device is checked at load
+            raise InvalidParameter("vae_precision", self.vae_precision, spoken(VAE_PRECISIONS))
         outdir = Path(self.outdir).expanduser() if self.outdir is not None else None
         if outdir is not None and outdir.exists() and not outdir.is_dir():
             raise InvalidParameter("outdir", str(self.outdir), "a folder (or a path where one can be made)")
