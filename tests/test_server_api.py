@@ -400,3 +400,207 @@ def test_live_preview_options_refuse_bad_values_without_changing_anything(client
     options = client.get("/sdapi/v1/options").json()
     assert (options["CLIP_stop_at_last_layers"], options["show_progress_type"], options["live_previews_enable"]) == (
         1, "Approx NN", True)
+
+
+# --------------------------------------------------------------------------- A1111's reading of the JSON
+
+
+def test_null_fields_take_their_defaults_as_in_a1111(client, backend):
+    """A1111 declares its processing fields Optional: null means "not given" (generated and
+    JavaScript clients send it for unset values); its API-only fields refuse null."""
+    nulls = {k: None for k in ("negative_prompt", "seed", "subseed", "subseed_strength", "cfg_scale", "batch_size",
+                               "n_iter", "restore_faces", "tiling", "styles", "override_settings", "enable_hr",
+                               "hr_scale", "firstphase_width", "do_not_save_samples", "disable_extra_networks",
+                               "override_settings_restore_afterwards", "hr_prompt")}
+    r = client.post("/sdapi/v1/txt2img", json={"prompt": "a kite", "steps": 2, "width": 64, "height": 64, **nulls})
+    assert r.status_code == 200, r.text
+    p = backend.params[-1]
+    assert (p.negative_prompt, p.cfg_scale, p.batch_size, p.n_iter, p.subseed_strength, p.hires) == ("", 7.0, 1, 1,
+                                                                                                     0.0, None)
+    assert 0 <= json.loads(r.json()["info"])["seed"] < 2**32  # a random seed, as for -1
+    assert r.json()["parameters"]["cfg_scale"] == 7.0
+    for field in ("send_images", "script_args", "alwayson_scripts"):
+        r = client.post("/sdapi/v1/txt2img", json={"steps": 1, "width": 64, "height": 64, field: None})
+        assert r.status_code == 422 and r.json()["field"] == field, r.text
+
+
+def test_fractions_for_integer_fields_are_cut_as_in_a1111(client, backend, photo):
+    r = client.post("/sdapi/v1/txt2img", json={"steps": 2.9, "width": 64.7, "height": 72.2, "seed": 12.5,
+                                               "cfg_scale": 6.5})
+    assert r.status_code == 200, r.text
+    p = backend.params[-1]
+    assert (p.steps, p.width, p.height, p.seed, p.cfg_scale) == (2, 64, 72, 12, 6.5)
+    r = client.post("/sdapi/v1/img2img", json={"init_images": [png_b64(photo)], "steps": 1, "width": 64, "height": 64,
+                                               "mask": png_b64(photo.convert("L")), "mask_blur": 3.6,
+                                               "inpainting_fill": 1.0})
+    assert r.status_code == 200, r.text
+    assert backend.params[-1].inpaint.mask_blur_x == 3 and backend.params[-1].inpaint.masked_content == "original"
+
+
+SOFT_DEFAULTS = [1, 0.5, 4, 0, 0.5, 2]
+
+
+@pytest.mark.parametrize(("args", "soft", "field"), [
+    ([True, *SOFT_DEFAULTS], True, None),
+    ([True], True, None),
+    ([1, None, 0.5], True, None),  # A1111 tests the switch for truth; null settings keep their defaults
+    ([False, 3, 3, 3], False, None),  # off: its settings do nothing
+    ([True, 1, 0.8], None, "alwayson_scripts.Soft Inpainting.args[2]"),
+    ([True, 1, 0.5, 4, 0, 0.5, "2"], None, "alwayson_scripts.Soft Inpainting.args[6]"),
+])
+def test_soft_inpainting_takes_only_its_default_settings(client, backend, photo, args, soft, field):
+    r = client.post("/sdapi/v1/img2img", json={
+        "init_images": [png_b64(photo)], "mask": png_b64(photo.convert("L")), "steps": 1, "width": 64, "height": 64,
+        "alwayson_scripts": {"Soft Inpainting": {"args": args}}})
+    if field is None:
+        assert r.status_code == 200, r.text
+        assert backend.params[-1].inpaint.soft is soft
+    else:
+        assert r.status_code == 422 and r.json()["field"] == field, r.text
+        assert "default" in r.json()["detail"]
+
+
+# --------------------------------------------------------------------------- endpoints
+
+
+def test_unknown_endpoints_are_404_and_wrong_methods_405(client):
+    """The browser UI's files (served at /) never answer for an API path."""
+    for path in ("/sdapi/v1/server-kill", "/sdapi/v1/create/embedding", "/controlnet/txt2img", "/underpaint/v1/x"):
+        r = client.post(path, json={})
+        assert r.status_code == 404 and r.json()["detail"] == "Not Found", (path, r.text)
+    assert client.get("/sdapi/v1/txt2img").status_code == 405
+    assert client.post("/sdapi/v1/samplers").status_code == 405
+    assert client.get("/").status_code == 200  # the browser UI is still there
+
+
+def test_scripts_list_the_always_on_scripts_requests_may_use(client):
+    assert client.get("/sdapi/v1/scripts").json() == {"txt2img": ["controlnet"],
+                                                      "img2img": ["controlnet", "soft inpainting"]}
+    info = {(s["name"], s["is_img2img"]): s for s in client.get("/sdapi/v1/script-info").json()}
+    assert set(info) == {("controlnet", False), ("controlnet", True), ("soft inpainting", True)}
+    soft = info[("soft inpainting", True)]["args"]
+    assert [a["label"] for a in soft][:2] == ["Soft inpainting", "Schedule bias"] and len(soft) == 7
+    assert [a["value"] for a in soft[1:]] == SOFT_DEFAULTS == [a["maximum"] for a in soft[1:]]
+
+
+def test_refresh_embeddings_and_interrogate(client, photo):
+    assert client.post("/sdapi/v1/refresh-embeddings").status_code == 200
+    r = client.post("/sdapi/v1/interrogate", json={"image": png_b64(photo), "model": "deepdanbooru"})
+    assert r.status_code == 422 and r.json()["field"] == "model" and "not available" in r.json()["detail"]
+
+
+def _extras(client, picture, **fields):
+    return client.post("/sdapi/v1/extra-single-image", json={"image": png_b64(picture), **fields})
+
+
+def test_extras_nearest_by_2_repeats_each_pixel_and_records_it(client, photo):
+    r = _extras(client, photo, upscaler_1="Nearest", upscaling_resize=2)
+    assert r.status_code == 200, r.text
+    out = decode_b64(r.json()["image"])
+    src = np.asarray(photo)
+    assert np.array_equal(np.asarray(out.convert("RGB")), src.repeat(2, axis=0).repeat(2, axis=1))
+    assert out.info["postprocessing"] == "Postprocess upscale by: 2.0, Postprocess upscaler: Nearest"
+    assert r.json()["html_info"] == "<p>Postprocess upscale by: 2.0, Postprocess upscaler: Nearest</p>"
+
+
+def test_extras_keep_the_infotext_and_blend_a_second_upscaler(client, photo):
+    made = client.post("/sdapi/v1/txt2img", json={"prompt": "a fox", "steps": 1, "width": 64, "height": 64}).json()
+    original = decode_b64(made["images"][0])
+    r = client.post("/sdapi/v1/extra-single-image", json={
+        "image": made["images"][0], "upscaler_1": "lanczos", "upscaling_resize": 1.5, "upscaler_2": "Nearest",
+        "extras_upscaler_2_visibility": 0.25})
+    assert r.status_code == 200, r.text
+    out = decode_b64(r.json()["image"])
+    assert out.size == (96, 96) and out.info["parameters"] == original.info["parameters"]
+    assert out.info["postprocessing"] == ("Postprocess upscale by: 1.5, Postprocess upscaler: Lanczos, "
+                                          "Postprocess upscaler 2: Nearest")
+    rgb = original.convert("RGB")
+    lanczos = rgb.resize((96, 96), Image.Resampling.LANCZOS)
+    nearest = rgb.resize((96, 96), Image.Resampling.NEAREST)
+    assert np.array_equal(np.asarray(out), np.asarray(Image.blend(lanczos, nearest, 0.25)))
+
+
+def test_extras_scale_to_a_size_rounds_to_8_and_centres_the_crop(client, photo):
+    """96x64 to 100x100: scale 1.5625, upscaled to 150x100, then to 144x96 (multiples of 8),
+    centred on a black 100x100 canvas, as A1111's Extras tab does."""
+    r = _extras(client, photo, upscaler_1="Lanczos", resize_mode=1, upscaling_resize_w=100, upscaling_resize_h=100)
+    assert r.status_code == 200, r.text
+    out = np.asarray(decode_b64(r.json()["image"]).convert("RGB"))
+    assert out.shape == (100, 100, 3)
+    assert not out[:2].any() and not out[98:].any() and out[2:98].any()  # 96 rows centred: 2 black above and below
+    assert "Postprocess upscale to: 100x100, Postprocess crop to: 100x100" in r.json()["html_info"]
+
+
+def test_extras_none_upscaler_changes_nothing_and_batch_keeps_order(client, photo):
+    r = _extras(client, photo)  # A1111's default upscaler_1 is "None"
+    assert np.array_equal(np.asarray(decode_b64(r.json()["image"])), np.asarray(photo))
+    small = photo.resize((48, 32))
+    r = client.post("/sdapi/v1/extra-batch-images", json={
+        "upscaler_1": "Lanczos", "upscaling_resize": 2,
+        "imageList": [{"data": png_b64(photo), "name": "a.png"}, {"data": png_b64(small), "name": "b.png"}]})
+    assert r.status_code == 200, r.text
+    assert [decode_b64(i).size for i in r.json()["images"]] == [(192, 128), (96, 64)]
+
+
+@pytest.mark.parametrize(("fields", "field"), [
+    ({"gfpgan_visibility": 0.5}, "gfpgan_visibility"),
+    ({"codeformer_visibility": 1}, "codeformer_visibility"),
+    ({"upscaler_1": "R-ESRGAN 4x+"}, "upscaler_1"),
+    ({"upscaler_1": "Lanczos", "upscaler_2": "ScuNET"}, "upscaler_2"),
+    ({"upscaler_1": "Lanczos", "upscaling_resize": 100}, "upscaling_resize"),
+    ({"upscaler_1": "Lanczos", "resize_mode": 1, "upscaling_resize_w": 9000}, "upscaling_resize_w"),
+    ({"resize_mode": 2}, "resize_mode"),
+    ({"image": "not base64!"}, "image"),
+])
+def test_extras_refusals_name_the_field(client, photo, fields, field):
+    r = _extras(client, photo, **fields)
+    assert r.status_code == 422 and r.json()["field"] == field, r.text
+
+
+def test_controlnet_detect_reads_masks_and_the_extension_defaults(client, photo):
+    mask = Image.new("L", photo.size, 0)
+    mask.paste(255, (10, 8, 30, 24))
+    body = {"controlnet_module": "inpaint_only", "controlnet_input_images": [png_b64(photo)],
+            "controlnet_processor_res": -1}
+    r = client.post("/controlnet/detect", json={**body, "controlnet_masks": [png_b64(mask)]})
+    assert r.status_code == 200, r.text
+    detected = np.asarray(decode_b64(r.json()["images"][0]))
+    assert np.array_equal(detected[:, :, 3], np.asarray(mask)) and np.array_equal(detected[:, :, :3], np.asarray(photo))
+    unmasked = np.asarray(decode_b64(client.post("/controlnet/detect", json=body).json()["images"][0]))
+    assert not unmasked[:, :, 3].any()  # an opaque picture without a mask: nothing to repaint
+    holed = photo.convert("RGBA")
+    holed.putalpha(Image.eval(mask, lambda v: 255 - v))
+    r = client.post("/controlnet/detect", json={**body, "controlnet_input_images": [png_b64(holed)]})
+    assert np.array_equal(np.asarray(decode_b64(r.json()["images"][0]))[:, :, 3], np.asarray(mask))
+    r = client.post("/controlnet/detect", json={**body, "controlnet_module": "canny"})  # -1: 512
+    assert r.status_code == 200 and min(decode_b64(r.json()["images"][0]).size) == 512
+
+
+def test_controlnet_control_types(client):
+    types = client.get("/controlnet/control_types").json()["control_types"]
+    assert {"All", "Canny", "Depth", "OpenPose", "Inpaint"} <= set(types)
+    canny = types["Canny"]
+    assert canny["module_list"][:2] == ["none", "canny"] and canny["model_list"] == ["None"]
+    assert (canny["default_option"], canny["default_model"]) == ("canny", "None")
+    assert types["All"]["default_option"] == "none" and "depth_midas" in types["All"]["module_list"]
+
+
+def test_overrides_stay_set_when_not_restored_afterwards(client, backend):
+    """override_settings_restore_afterwards false keeps the overridden settings for later jobs (A1111)."""
+    overrides = {"CLIP_stop_at_last_layers": 2, "eta_noise_seed_delta": 31337, "randn_source": "CPU",
+                 "token_merging_ratio": 0.3, "sd_model_checkpoint": "beta"}
+    base = {"steps": 1, "width": 64, "height": 64}
+    r = client.post("/sdapi/v1/txt2img", json={**base, "override_settings": overrides})
+    assert r.status_code == 200, r.text
+    options = client.get("/sdapi/v1/options").json()
+    assert (options["CLIP_stop_at_last_layers"], options["eta_noise_seed_delta"]) == (1, 0)  # restored (the default)
+    r = client.post("/sdapi/v1/txt2img", json={**base, "override_settings": overrides,
+                                               "override_settings_restore_afterwards": False})
+    assert r.status_code == 200, r.text
+    options = client.get("/sdapi/v1/options").json()
+    assert (options["CLIP_stop_at_last_layers"], options["eta_noise_seed_delta"], options["randn_source"],
+            options["token_merging_ratio"]) == (2, 31337, "CPU", 0.3)
+    assert options["sd_model_checkpoint"] == "beta.safetensors"
+    client.post("/sdapi/v1/txt2img", json=base)
+    p = backend.params[-1]
+    assert (p.clip_skip, p.eta_noise_seed_delta, p.rng, p.token_merging_ratio) == (2, 31337, "cpu", 0.3)

@@ -110,3 +110,21 @@ def test_model_names_resolve_only_to_listed_files(tmp_path):
     assert resolve_model("depth-xl", files, field="m") == files[1]
     with pytest.raises(InvalidParameter):
         resolve_model(str(files[0].parent / ".." / files[0].name), files, field="m")
+
+
+def test_control_types_group_models_by_their_file_names():
+    from underpaint.server.a1111.controlnet import control_type_table
+
+    models = ["control_v11p_sd15_canny [d14c016b]", "control_v11f1p_sd15_depth [cfd03158]",
+              "xinsir_controlnet_union_sdxl [a1b2c3d4]"]
+    table = control_type_table(models)
+    assert table["All"]["model_list"] == ["None", *models]
+    canny = table["Canny"]
+    assert canny["model_list"] == ["None", models[0], models[2]]  # a union model serves every type
+    assert canny["default_model"] == models[0] and canny["default_option"] == "canny"
+    assert "invert (from white bg & black line)" in canny["module_list"]
+    assert table["Depth"]["module_list"][0] == "none" and table["Depth"]["default_option"] == "depth_midas"
+    assert all(m == "none" or "openpose" in m for m in table["OpenPose"]["module_list"])
+    assert table["NormalMap"]["default_option"] == "normal_midas"
+    only_depth = control_type_table([models[1]])["Canny"]
+    assert only_depth["model_list"] == ["None", models[1]] and only_depth["default_model"] == "None"

@@ -86,7 +86,7 @@ def test_lists_options_and_png_info(server):
     for listing in (server.get_sd_vae(), server.get_upscalers(), server.get_loras(), server.get_prompt_styles(),
                     server.get_hypernetworks(), server.get_face_restorers(), server.get_realesrgan_models()):
         assert isinstance(listing, list)
-    assert server.get_scripts() == {"txt2img": [], "img2img": []}
+    assert server.get_scripts() == {"txt2img": ["controlnet"], "img2img": ["controlnet", "soft inpainting"]}
     assert "ram" in server.get_memory()
     assert server.controlnet_version() == 2
 
@@ -94,6 +94,18 @@ def test_lists_options_and_png_info(server):
     info = server.png_info(made.image)
     assert info.info == made.image.info["parameters"]
     assert info.parameters["Prompt"] == "a red kite" and info.parameters["Seed"] == "3"
+
+
+def test_extras_and_interrogate(server, photo):
+    """webuiapi's Extras call upscales with a built-in upscaler; interrogation is refused by name."""
+    result = server.extra_single_image(image=photo, upscaler_1=webuiapi.Upscaler.Lanczos, upscaling_resize=2)
+    assert result.image.size == (192, 128)
+    assert result.info == "<p>Postprocess upscale by: 2.0, Postprocess upscaler: Lanczos</p>"
+    batch = server.extra_batch_images(images=[photo, photo.transpose(0)], upscaler_1=webuiapi.Upscaler.Nearest,
+                                      resize_mode=1, upscaling_resize_w=48, upscaling_resize_h=32)
+    assert [image.size for image in batch.images] == [(48, 32), (48, 32)]
+    with pytest.raises(RuntimeError, match="422.*model"):
+        server.interrogate(photo)
 
 
 def test_progress_and_interrupt_mid_job(server):

@@ -146,8 +146,14 @@ def control_map(unit: ControlUnit, width: int, height: int, *, init_image: "Imag
 
 
 def _unit_pixels(unit: ControlUnit, image: "Image", mask: "Image | None") -> np.ndarray:
-    """RGB pixels; for inpaint modules RGB plus the mask (255 = repaint) from ``mask`` or transparency."""
-    if not unit.module.startswith("inpaint"):
+    return module_pixels(unit.module, image, mask)
+
+
+def module_pixels(module: str, image: "Image", mask: "Image | None" = None) -> np.ndarray:
+    """RGB pixels; for inpaint modules RGB plus the mask (255 = repaint) from ``mask`` (white =
+    repaint) or transparency (transparent = repaint), else nothing to repaint. /controlnet/detect
+    reads its pictures the same way."""
+    if not module.startswith("inpaint"):
         return np.asarray(image.convert("RGB"))
     rgb = np.asarray(image.convert("RGB"))
     if mask is not None:

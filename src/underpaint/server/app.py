@@ -15,7 +15,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from .. import __version__
-from .a1111 import controlnet, generation, lists, settings
+from .a1111 import controlnet, extras, generation, lists, settings
 from .config import LOOPBACK_NAMES, ServerConfig
 from .engine_slot import EngineLoader
 from .errors import install_handlers
@@ -54,7 +54,8 @@ def create_app(config: ServerConfig | None = None, *, loader: EngineLoader | Non
                   docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.state.underpaint = state
     install_handlers(app)
-    for router in (generation.router, settings.router, lists.router, controlnet.router, native_router):
+    for router in (generation.router, settings.router, lists.router, extras.router, controlnet.router,
+                   native_router):
         app.include_router(router)
     _add_docs(app)
     if config.webui:
@@ -79,18 +80,31 @@ def _add_docs(app: FastAPI) -> None:
                                    swagger_favicon_url="/docs-assets/favicon-32x32.png")
 
 
+#: Paths that are the API's alone: the browser UI's files never answer for them.
+API_PREFIXES = ("/sdapi/", "/controlnet/", "/underpaint/")
+
+
 def _mount_webui(app: FastAPI) -> None:
     """The browser UI's static files at ``/``, after every API route so those match first.
 
     Starlette's StaticFiles serves only files inside its folder (it refuses ``..`` and links out).
+    API paths are left to the API routes, so an unknown endpoint is a 404 and a known one called
+    with the wrong method a 405, as in A1111 (not the static files' 405 or 404).
     """
     from fastapi.staticfiles import StaticFiles
+    from starlette.routing import Match, Mount
 
     from ..webui import static_dir
 
+    class WebUIMount(Mount):
+        def matches(self, scope):
+            if scope["type"] == "http" and scope["path"].startswith(API_PREFIXES):
+                return Match.NONE, {}
+            return super().matches(scope)
+
     folder = static_dir()
     if (folder / "index.html").is_file():
-        app.mount("/", StaticFiles(directory=folder, html=True), name="webui")
+        app.router.routes.append(WebUIMount("/", app=StaticFiles(directory=folder, html=True), name="webui"))
 
 
 def _add_guards(app: FastAPI, config: ServerConfig) -> None:

@@ -1,7 +1,7 @@
 """The ControlNet extension's routes, which A1111 clients probe to decide what to offer.
 
 /detect runs underpaint's preprocessors (canny, depth, openpose, ...) on the queue; the model
-list is empty while generations cannot take ControlNet units.
+list and control types are empty while generations cannot take ControlNet units.
 """
 
 from __future__ import annotations
@@ -66,9 +66,55 @@ def _sliders(pre) -> list[dict]:
     return sliders
 
 
+#: The extension's control types that underpaint has preprocessors for: the type → the
+#: preprocessor kinds it groups (registry.py), the words that mark its models' file names, and
+#: its default preprocessor when underpaint has the extension's own default.
+CONTROL_TYPES: tuple[tuple[str, tuple[str, ...], tuple[str, ...], str | None], ...] = (
+    ("Canny", ("canny",), ("canny",), "canny"),
+    ("Depth", ("depth",), ("depth",), "depth_midas"),
+    ("NormalMap", ("normal",), ("normal",), None),
+    ("OpenPose", ("openpose",), ("openpose", "pose"), "openpose_full"),
+    ("MLSD", ("mlsd",), ("mlsd",), "mlsd"),
+    ("Lineart", ("lineart",), ("lineart",), "lineart_standard (from white bg & black line)"),
+    ("SoftEdge", ("softedge",), ("softedge", "hed", "pidi"), "softedge_pidinet"),
+    ("Scribble/Sketch", ("scribble",), ("scribble", "sketch"), "scribble_pidinet"),
+    ("Shuffle", ("shuffle",), ("shuffle",), "shuffle"),
+    ("Tile/Blur", ("tile",), ("tile", "blur"), "tile_resample"),
+    ("Inpaint", ("inpaint",), ("inpaint",), "inpaint_only"),
+)
+#: Types whose list also offers the "invert" preprocessor (line drawings on white), as the extension's does.
+_WITH_INVERT = ("Canny", "Lineart", "Scribble/Sketch", "MLSD")
+
+
+def control_type_table(models: list[str]) -> dict[str, dict]:
+    """The extension's /control_types answer for these model names: per type its preprocessors
+    ("none" first), its models ("None" first; every model when none matches the type's words, a
+    union model in every type), the default preprocessor and the default model."""
+    from ...preprocess.registry import PREPROCESSORS
+
+    names = [p.name for p in PREPROCESSORS]
+    table = {"All": {"module_list": names, "model_list": ["None", *models], "default_option": "none",
+                     "default_model": "None"}}
+    for label, kinds, words, default in CONTROL_TYPES:
+        modules = ["none", *(p.name for p in PREPROCESSORS if p.kind in kinds)]
+        if label in _WITH_INVERT:
+            modules += [p.name for p in PREPROCESSORS if p.name.startswith("invert") and p.name not in modules]
+        matched = [m for m in models if any(w in m.lower() for w in (*words, "union"))]
+        table[label] = {"module_list": modules, "model_list": ["None", *(matched or models)],
+                        "default_option": default if default in modules else modules[1],
+                        "default_model": matched[0] if matched else "None"}
+    return table
+
+
 @router.get("/control_types", response_model=ControlNetControlTypes)
-async def control_types() -> ControlNetControlTypes:
-    return ControlNetControlTypes(control_types={})
+async def control_types(request: Request) -> ControlNetControlTypes:
+    """Preprocessors and models grouped by what they control ("Canny", "Depth", ...), for clients'
+    menus; empty while generations cannot take ControlNet units."""
+    if not controlnet_available():
+        return ControlNetControlTypes(control_types={})
+    catalog = server_state(request).catalog
+    models = await run_in_threadpool(_model_names, catalog.controlnets())
+    return ControlNetControlTypes(control_types=control_type_table(models))
 
 
 @router.get("/settings", response_model=ControlNetSettings)
@@ -85,6 +131,9 @@ class DetectJob:
     res: int
     a: float | None
     b: float | None
+    #: ``controlnet_masks`` decoded (None where empty), one per picture from the first; inpaint
+    #: modules take them as the area to repaint, others ignore them (as the extension does).
+    masks: tuple = ()
 
 
 def prepare_detect(body: ControlNetDetectRequest, state: ServerState) -> DetectJob:
@@ -98,21 +147,26 @@ def prepare_detect(body: ControlNetDetectRequest, state: ServerState) -> DetectJ
     sources = body.controlnet_input_images or body.controlnet_images or []
     if not sources:
         raise InvalidParameter("controlnet_input_images", sources, "a list with at least one base64 image")
-    if not 64 <= body.controlnet_processor_res <= 4096:
-        raise InvalidParameter("controlnet_processor_res", body.controlnet_processor_res, "a resolution from 64 to 4096")
+    res = body.controlnet_processor_res
+    if res < 0:  # the extension's default, -1: the module's own resolution
+        res = 512
+    if not 64 <= res <= 4096:
+        raise InvalidParameter("controlnet_processor_res", res, "a resolution from 64 to 4096 (or -1: 512)")
     limits = state.config.limits
-    images = tuple(decode_image(data, field=f"controlnet_input_images[{i}]", limits=limits,
-                                allow_urls=state.config.allow_image_urls) for i, data in enumerate(sources))
+    allow_urls = state.config.allow_image_urls
+    images = tuple(decode_image(data, field=f"controlnet_input_images[{i}]", limits=limits, allow_urls=allow_urls)
+                   for i, data in enumerate(sources))
+    masks = tuple(decode_image(data, field=f"controlnet_masks[{i}]", limits=limits, allow_urls=allow_urls) if data
+                  else None for i, data in enumerate((body.controlnet_masks or [])[:len(images)]))
     # The extension sends -1 (older clients 64) for "the module's default".
     a = body.controlnet_threshold_a if body.controlnet_threshold_a >= 0 else None
     b = body.controlnet_threshold_b if body.controlnet_threshold_b >= 0 else None
-    return DetectJob(module, images, body.controlnet_processor_res, a, b)
+    return DetectJob(module, images, res, a, b, masks)
 
 
 def _run_detect(state: ServerState, job: DetectJob) -> list:
     """On the worker thread (annotators may use the GPU): one map per picture."""
-    import numpy as np
-
+    from ...pipeline.control import module_pixels
     from ...preprocess.common import AnnotatorContext
     from ...preprocess.registry import run_preprocessor
 
@@ -120,8 +174,8 @@ def _run_detect(state: ServerState, job: DetectJob) -> list:
         root = state.catalog.folder.root
         state.annotators = AnnotatorContext(annotators_dir=root / "annotators", device=state.config.device or "cpu")
     maps = []
-    for image in job.images:
-        pixels = np.asarray(image.convert("RGBA" if job.module.startswith("inpaint") else "RGB"))
+    for i, image in enumerate(job.images):
+        pixels = module_pixels(job.module, image, job.masks[i] if i < len(job.masks) else None)
         maps.append(run_preprocessor(job.module, pixels, res=job.res, a=job.a, b=job.b, ctx=state.annotators))
     return maps
 

@@ -66,6 +66,9 @@ class PreparedJob:
     #: ``override_settings``' live preview method and switch for this job (None: the server's options).
     preview_method: str | None = None
     live_previews: bool | None = None
+    #: ``override_settings_restore_afterwards`` false: the overridden /options settings, named as
+    #: :class:`ServerOptions` names them, which stay set once the job starts (A1111 keeps them).
+    kept_options: tuple[tuple[str, Any], ...] = ()
 
 
 # --------------------------------------------------------------------------- request → params
@@ -82,7 +85,7 @@ def prepare_txt2img(req: Txt2ImgRequest, ctx: ConvertContext) -> PreparedJob:
     if req.enable_hr:
         fields["hires"] = _hires_options(req, ctx, fields["width"], fields["height"])
     params = _build_params(fields, strength=1.0)
-    return _prepared("txt2img", req, params, fields, req.model_dump(mode="json"))
+    return _prepared("txt2img", req, params, fields, req.model_dump(mode="json"), _kept_options(req, ctx))
 
 
 def _first_phase_size(req: Txt2ImgRequest, limits: Limits) -> dict[str, int]:
@@ -157,16 +160,47 @@ def prepare_img2img(req: Img2ImgRequest, ctx: ConvertContext) -> PreparedJob:
     if not req.include_init_images:
         echo["init_images"] = None
         echo["mask"] = None
-    return _prepared("img2img", req, params, fields, echo)
+    return _prepared("img2img", req, params, fields, echo, _kept_options(req, ctx))
 
 
-def _prepared(kind: str, req: GenerationRequest, params: GenerationParams, fields: dict, echo: dict) -> PreparedJob:
+def _prepared(kind: str, req: GenerationRequest, params: GenerationParams, fields: dict, echo: dict,
+              kept_options: Mapping[str, Any]) -> PreparedJob:
     return PreparedJob(
         kind=kind, params=params, model=fields.pop("_model"), keep_model=not req.override_settings_restore_afterwards,
         send_images=req.send_images, parameters=echo, styles=tuple(req.styles or ()),
         denoising_strength=req.denoising_strength, task_id=req.force_task_id,
-        control_fields=_control_unit_fields(req), save_images=req.save_images, **_preview_overrides(req),
+        control_fields=_control_unit_fields(req), save_images=req.save_images,
+        kept_options=tuple(kept_options.items()),
+        **_preview_overrides(req),
     )
+
+
+def _kept_options(req: GenerationRequest, ctx: ConvertContext) -> dict[str, Any]:
+    """With ``override_settings_restore_afterwards`` false, A1111 leaves every overridden setting
+    set after the job; these are the ones underpaint's /options has (the checkpoint stays
+    selected through ``keep_model``)."""
+    if req.override_settings_restore_afterwards or not req.override_settings:
+        return {}
+    overrides = _Overrides(req.override_settings, ctx)
+    options = ctx.options
+    kept: dict[str, Any] = {}
+    readers = {
+        "CLIP_stop_at_last_layers": ("clip_skip", lambda key: overrides.int(key, options.clip_skip)),
+        "eta_noise_seed_delta": ("eta_noise_seed_delta", lambda key: overrides.int(key, options.eta_noise_seed_delta)),
+        "randn_source": ("rng", lambda key: overrides.rng(options.rng)),
+        "img2img_fix_steps": ("img2img_fix_steps", lambda key: overrides.bool(key, options.img2img_fix_steps)),
+        **{key: (key, lambda key: overrides.ratio(key, 0.0)) for key in
+           ("token_merging_ratio", "token_merging_ratio_img2img", "token_merging_ratio_hr")},
+    }
+    for key, (name, read) in readers.items():
+        if overrides.has(key):
+            kept[name] = read(key)
+    previews = _preview_overrides(req)
+    if "preview_method" in previews:
+        kept["show_progress_type"] = previews["preview_method"]
+    if "live_previews" in previews:
+        kept["live_previews_enable"] = previews["live_previews"]
+    return kept
 
 
 def _preview_overrides(req: GenerationRequest) -> dict[str, Any]:
@@ -458,12 +492,30 @@ def _inpaint_options(req: Img2ImgRequest) -> InpaintOptions:
         raise _renamed(exc) from None
 
 
+#: A1111 1.10's Soft Inpainting arguments after the on/off switch, with its defaults. underpaint's
+#: soft inpainting has none of these settings: it works as A1111's does at its defaults.
+SOFT_INPAINTING_SETTINGS = (("schedule bias", 1.0), ("preservation strength", 0.5), ("transition contrast boost", 4.0),
+                            ("mask influence", 0.0), ("difference threshold", 0.5), ("difference contrast", 2.0))
+
+
 def _soft_inpainting(scripts: Mapping[str, Any]) -> bool:
-    """A1111 1.10's built-in "Soft Inpainting" script: its first argument turns it on."""
+    """A1111 1.10's built-in "Soft Inpainting" script: a true first argument turns it on (A1111
+    tests it for truth); a setting after it other than its default is refused by name, since
+    underpaint would silently paint with the default."""
     for name, value in scripts.items():
-        if name.lower() == SOFT_INPAINTING_SCRIPT:
-            args = value.get("args", []) if isinstance(value, Mapping) else value
-            return bool(args) and args[0] is True
+        if name.lower() != SOFT_INPAINTING_SCRIPT:
+            continue
+        args = _script_args(name, value)
+        if not args or not args[0]:
+            return False
+        for index, ((label, default), given) in enumerate(zip(SOFT_INPAINTING_SETTINGS, args[1:]), start=1):
+            if given is None:
+                continue
+            if isinstance(given, bool) or not isinstance(given, (int, float)) or not math.isclose(given, default):
+                raise InvalidParameter(f"alwayson_scripts.{name}.args[{index}]", given,
+                                       f"{default:g} (the {label} default; other soft inpainting settings "
+                                       "are not available)")
+        return True
     return False
 
 

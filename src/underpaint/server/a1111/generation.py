@@ -64,6 +64,8 @@ def _work(state: ServerState, prepared: PreparedJob):
     """The job body, run by the queue's worker thread: pick the model, generate, save if asked."""
 
     def work(job: Job) -> Finished:
+        if prepared.kept_options:  # A1111 keeps them even when the job then fails
+            state.options = state.options.replace(**dict(prepared.kept_options))
         engine = state.slot.engine_for(prepared.model)
         if prepared.keep_model and prepared.model is not None:
             state.slot.selected = prepared.model

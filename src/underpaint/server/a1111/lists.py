@@ -1,7 +1,8 @@
 """A1111's read-only lists (samplers, schedulers, LoRAs, ...), /memory and /png-info.
 
-Lists for things underpaint does not have (face restorers, scripts, ...) answer with empty
-lists, so clients that read them at start-up keep working. Prompt styles come from the
+Lists for things underpaint does not have (face restorers, hypernetworks, ...) answer with
+empty lists, so clients that read them at start-up keep working; /interrogate, which it cannot
+do, is refused naming ``model``. Prompt styles come from the
 server's styles.csv. The upscalers are the hires. fix ones: A1111's built-in picture
 upscalers and its latent upscale modes.
 """
@@ -20,13 +21,13 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
-from ...errors import ImageError
+from ...errors import ImageError, InvalidParameter
 from ..state import server_state
-from .requests import PNGInfoRequest
+from .requests import InterrogateRequest, PNGInfoRequest
 from .responses import (
-    EmbeddingItem, EmbeddingsResponse, ExtensionItem, FaceRestorerItem, HypernetworkItem, LatentUpscalerModeItem, LoraItem,
-    MemoryResponse, PNGInfoResponse, PromptStyleItem, RealesrganItem, SamplerItem, SchedulerItem, ScriptInfo,
-    ScriptsList, UpscalerItem,
+    EmbeddingItem, EmbeddingsResponse, ExtensionItem, FaceRestorerItem, HypernetworkItem, InterrogateResponse,
+    LatentUpscalerModeItem, LoraItem, MemoryResponse, PNGInfoResponse, PromptStyleItem, RealesrganItem, SamplerItem,
+    SchedulerItem, ScriptArg, ScriptInfo, ScriptsList, UpscalerItem,
 )
 
 router = APIRouter(prefix="/sdapi/v1", tags=["lists"])
@@ -153,15 +154,54 @@ for _path, _model, _summary in (
     ("/face-restorers", FaceRestorerItem, "Face restorers (none)"),
     ("/hypernetworks", HypernetworkItem, "Hypernetworks (none)"),
     ("/realesrgan-models", RealesrganItem, "Real-ESRGAN models (none)"),
-    ("/script-info", ScriptInfo, "Scripts and their arguments (none)"),
     ("/extensions", ExtensionItem, "Installed extensions (none)"),
 ):
     _empty(_path, _model, _summary)
 
 
-@router.get("/scripts", response_model=ScriptsList, summary="Selectable scripts (none)")
+def _always_on(img2img: bool) -> list[str]:
+    """The always-on scripts a request's ``alwayson_scripts`` may turn on, named as A1111 lists them:
+    ControlNet (when generations take units) on both tabs, Soft Inpainting on img2img only."""
+    from .control_units import controlnet_available
+    from .convert import CONTROLNET_SCRIPT, SOFT_INPAINTING_SCRIPT
+
+    names = [CONTROLNET_SCRIPT] if controlnet_available() else []
+    return names + [SOFT_INPAINTING_SCRIPT] if img2img else names
+
+
+@router.get("/scripts", response_model=ScriptsList, summary="Scripts by tab: no selectable ones; the always-on "
+                                                            "ones underpaint understands")
 async def scripts() -> ScriptsList:
-    return ScriptsList()
+    """Clients look here to learn whether an extension is installed (ControlNet, ADetailer, ...)."""
+    return ScriptsList(txt2img=_always_on(False), img2img=_always_on(True))
+
+
+def _soft_inpainting_args() -> list[ScriptArg]:
+    """The switch, then each setting at its only accepted value (minimum = maximum = the default)."""
+    from .convert import SOFT_INPAINTING_SETTINGS
+
+    settings = [ScriptArg(label=label.capitalize(), value=value, minimum=value, maximum=value)
+                for label, value in SOFT_INPAINTING_SETTINGS]
+    return [ScriptArg(label="Soft inpainting", value=False), *settings]
+
+
+@router.get("/script-info", response_model=list[ScriptInfo], summary="The scripts of /scripts and their arguments")
+async def script_info() -> list[ScriptInfo]:
+    """Each always-on script per tab, as A1111 lists them. ControlNet's arguments are unit objects
+    (see the ControlNet API), so none are described."""
+    from .convert import SOFT_INPAINTING_SCRIPT
+
+    return [ScriptInfo(name=name, is_alwayson=True, is_img2img=img2img,
+                       args=_soft_inpainting_args() if name == SOFT_INPAINTING_SCRIPT else [])
+            for img2img in (False, True) for name in _always_on(img2img)]
+
+
+@router.post("/interrogate", summary="Caption a picture (not available: refused naming `model`)")
+async def interrogate(body: InterrogateRequest) -> InterrogateResponse:
+    """A1111 captions with CLIP or DeepDanbooru; underpaint has no captioning model, so every
+    request is refused with a 422 naming ``model`` rather than an unexplained 404."""
+    raise InvalidParameter("model", body.model, "an interrogation model (captioning pictures, with 'clip' or "
+                                                "'deepdanbooru', is not available in underpaint)")
 
 
 @router.get("/memory", response_model=MemoryResponse, summary="System and GPU memory")

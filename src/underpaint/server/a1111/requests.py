@@ -4,13 +4,19 @@ Field names, types and defaults are what A1111's API accepts, so existing client
 same JSON. Fields for features underpaint does not have are still accepted; a request that
 actually asks for one (``restore_faces: true``, a script) is refused with
 a 422 naming the field rather than silently ignored. Unknown fields are ignored, as A1111 does.
+
+A1111 1.10 validates with pydantic 1, whose models read some JSON more loosely than pydantic 2
+does by default; generation requests read it the same way (:meth:`GenerationRequest._as_a1111_reads_it`).
 """
 
 from __future__ import annotations
 
+import math
+import types
+import typing
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class WireModel(BaseModel):
@@ -19,8 +25,53 @@ class WireModel(BaseModel):
     model_config = ConfigDict(allow_inf_nan=False, protected_namespaces=(), extra="ignore")
 
 
+#: Fields A1111's request models declare without ``Optional`` (its API-only additions): there, as
+#: here, JSON null is refused for them. Every other field of A1111's models takes null as "not given".
+NOT_NULLABLE = frozenset({"sampler_index", "script_args", "send_images", "save_images", "alwayson_scripts",
+                          "include_init_images"})
+
+
+def _accepts_none(annotation: Any) -> bool:
+    return annotation is None or type(None) in typing.get_args(annotation)
+
+
+def _is_int(annotation: Any) -> bool:
+    """``int`` or ``int | None`` (not ``str | int``, whose integers mean something else)."""
+    if annotation is int:
+        return True
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return set(typing.get_args(annotation)) == {int, type(None)}
+    return False
+
+
 class GenerationRequest(WireModel):
     """Fields shared by txt2img and img2img."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _as_a1111_reads_it(cls, data: Any) -> Any:
+        """Read the JSON as A1111 1.10's pydantic 1 models do, where pydantic 2 would refuse it.
+
+        - null for a field that A1111 declares ``Optional`` (all but :data:`NOT_NULLABLE`) means
+          "not given": the field keeps its default. Generated clients and JavaScript ones send
+          null for values left unset.
+        - a finite number with a fraction for an integer field is cut to its integer part
+          (``"width": 682.67`` is 682), as pydantic 1 does.
+        """
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        read: dict[str, Any] = {}
+        for key, value in data.items():
+            field = fields.get(key)
+            if field is not None:
+                if value is None and key not in NOT_NULLABLE and not _accepts_none(field.annotation):
+                    continue
+                if (isinstance(value, float) and math.isfinite(value) and not value.is_integer()
+                        and _is_int(field.annotation)):
+                    value = math.trunc(value)
+            read[key] = value
+        return read
 
     prompt: str = Field("", description="What the picture should show, in A1111's prompt syntax.")
     negative_prompt: str = Field("", description="What it should not show.")
@@ -60,7 +111,8 @@ class GenerationRequest(WireModel):
                           "deepcache_branch, deepcache_start, deepcache_end; first_block_cache_threshold "
                           "(FLUX: 0 off to 1, e.g. 0.12)."
     )
-    override_settings_restore_afterwards: bool = Field(True, description="Keep the per-request model afterwards if false.")
+    override_settings_restore_afterwards: bool = Field(True, description=(
+        "false: the overridden settings (the checkpoint, clip skip, ENSD, ...) stay set afterwards, as in A1111."))
     refiner_checkpoint: str | None = Field(None, description="Not available here: must be absent.")
     refiner_switch_at: float | None = Field(None, description="Not available here.")
     disable_extra_networks: bool = Field(False, description="Leave <lora:...> tags in the prompt unapplied.")
@@ -136,6 +188,51 @@ class PNGInfoRequest(WireModel):
     image: str = Field(description="A base64 image (PNG, JPEG or WebP) whose generation parameters to read.")
 
 
+class ExtrasRequest(WireModel):
+    """The settings shared by /extra-single-image and /extra-batch-images (A1111's Extras tab)."""
+
+    resize_mode: int = Field(0, ge=0, le=1, description="0: upscale by `upscaling_resize`; 1: to "
+                                                        "`upscaling_resize_w` x `upscaling_resize_h`.")
+    show_extras_results: bool = Field(True, description="Ignored, as in A1111's API: the pictures are always returned.")
+    gfpgan_visibility: float = Field(0, ge=0, le=1, description="Not available here: must be 0.")
+    codeformer_visibility: float = Field(0, ge=0, le=1, description="Not available here: must be 0.")
+    codeformer_weight: float = Field(0, ge=0, le=1, description="Unused (CodeFormer is not available).")
+    upscaling_resize: float = Field(2, gt=0, description="Scale factor for resize_mode 0.")
+    upscaling_resize_w: int = Field(512, ge=1, description="Target width for resize_mode 1.")
+    upscaling_resize_h: int = Field(512, ge=1, description="Target height for resize_mode 1.")
+    upscaling_crop: bool = Field(True, description="resize_mode 1: crop the upscaled picture to the target size.")
+    upscaler_1: str = Field("None", description="'None' (leave the picture as it is), 'Lanczos' or 'Nearest'; "
+                                                "see /upscalers.")
+    upscaler_2: str = Field("None", description="A second upscaler blended in at `extras_upscaler_2_visibility`.")
+    extras_upscaler_2_visibility: float = Field(0, ge=0, le=1, description="How much of upscaler_2's picture to "
+                                                                          "blend in (0-1).")
+    upscale_first: bool = Field(False, description="Unused (face restoration is not available).")
+
+
+class ExtrasSingleImageRequest(ExtrasRequest):
+    """POST /sdapi/v1/extra-single-image."""
+
+    image: str = Field("", description="A base64 image.")
+
+
+class ExtrasFile(WireModel):
+    data: str = Field(description="A base64 image.")
+    name: str = Field(description="Its file name (unused).")
+
+
+class ExtrasBatchImagesRequest(ExtrasRequest):
+    """POST /sdapi/v1/extra-batch-images."""
+
+    imageList: list[ExtrasFile] = Field(description="The pictures to work on.")
+
+
+class InterrogateRequest(WireModel):
+    """POST /sdapi/v1/interrogate (refused: underpaint has no captioning model)."""
+
+    image: str = Field("", description="A base64 image.")
+    model: str = Field("clip", description="'clip' or 'deepdanbooru' in A1111; none is available here.")
+
+
 class ProgressQuery(WireModel):
     skip_current_image: bool = False
 
@@ -146,8 +243,10 @@ class ControlNetDetectRequest(WireModel):
     controlnet_module: str = Field("none", description="Preprocessor name; see /controlnet/module_list.")
     controlnet_input_images: list[str] = Field(default_factory=list, description="Base64 images.")
     controlnet_images: list[str] | None = Field(None, description="Older name of controlnet_input_images.")
-    controlnet_masks: list[str] | None = None
-    controlnet_processor_res: int = 512
+    controlnet_masks: list[str] | None = Field(None, description=(
+        "Base64 masks, one per image: for inpaint modules, white marks what to repaint (else the image's "
+        "transparency does); other modules ignore them."))
+    controlnet_processor_res: int = Field(512, description="Working resolution; -1 (the extension's default): 512.")
     controlnet_threshold_a: float = Field(-1, description="-1: the module's default.")
     controlnet_threshold_b: float = Field(-1, description="-1: the module's default.")
     low_vram: bool = False

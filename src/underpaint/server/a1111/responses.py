@@ -52,6 +52,20 @@ class PNGInfoResponse(WireModel):
     parameters: dict[str, Any] = Field(description="The infotext parsed into A1111's keys.")
 
 
+class ExtrasSingleImageResponse(WireModel):
+    html_info: str = Field(description="What was done, as A1111's Extras tab shows it (HTML).")
+    image: str | None = Field(None, description="The picture, base64 PNG.")
+
+
+class ExtrasBatchImagesResponse(WireModel):
+    html_info: str = Field(description="What was done to the last picture (HTML).")
+    images: list[str] = Field(description="The pictures, base64 PNGs, in the order sent.")
+
+
+class InterrogateResponse(WireModel):
+    caption: str | None = None
+
+
 class SamplerItem(WireModel):
     name: str
     aliases: list[str]

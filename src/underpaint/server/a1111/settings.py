@@ -181,6 +181,11 @@ async def refresh_loras() -> None:
     return None
 
 
+@router.post("/refresh-embeddings", summary="Rescan embeddings (listings are always fresh here)")
+async def refresh_embeddings() -> None:
+    return None
+
+
 @router.post("/unload-checkpoint", summary="Free the checkpoint's memory (it loads again when needed)")
 async def unload_checkpoint(request: Request) -> dict:
     state = server_state(request)
