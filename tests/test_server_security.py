@@ -312,6 +312,33 @@ def test_workload_limits(client, payload, field):
     assert "limit" in r.json()["detail"]
 
 
+def test_checkpoint_names_are_never_paths(tmp_path):
+    """A checkpoint is named as /sd-models lists it; a path in a request is never looked up on the
+    server's disk (an absolute path, a Windows share, a name longer than the file system takes),
+    and the answer does not say whether the file exists or where the models folder is."""
+    there, missing = tmp_path / "zz1.safetensors", tmp_path / "zz2.safetensors"
+    there.write_bytes(b"placeholder")
+    backend = FakeBackend()
+    models = make_models_dir(tmp_path / "models")
+    app = create_app(ServerConfig(models_dir=models, preload=False), loader=backend)
+    with TestClient(app, base_url="http://127.0.0.1") as c:
+        def refusals(name):
+            for r in (c.post("/sdapi/v1/txt2img", json={**SMALL, "override_settings": {"sd_model_checkpoint": name}}),
+                      c.post("/sdapi/v1/options", json={"sd_model_checkpoint": name})):
+                assert r.status_code == 404 and r.json()["field"] == "sd_model_checkpoint", (name[:80], r.text[:300])
+                assert str(models) not in r.json()["detail"].replace(name, ""), r.json()["detail"]
+                yield r.json()["detail"]
+
+        for name in (str(models / "checkpoints" / "alpha.safetensors"), "../zz1.safetensors",
+                     "\\\\server\\share\\alpha.safetensors", "a" * 300, "b/" * 3000):
+            assert all("is not a checkpoint in the models folder" in d for d in refusals(name))
+        # The same answer whether the file exists or not.
+        assert [d.replace("zz1", "zzN") for d in refusals(str(there))] == \
+            [d.replace("zz2", "zzN") for d in refusals(str(missing))]
+        assert backend.loads == []
+        assert c.post("/sdapi/v1/options", json={"sd_model_checkpoint": "alpha.safetensors"}).status_code == 200
+
+
 def test_image_urls_are_refused_by_default(client):
     r = client.post("/sdapi/v1/img2img", json={"init_images": ["http://169.254.169.254/latest/meta-data"], **SMALL})
     assert r.status_code == 422 and r.json()["field"] == "init_images[0]" and "URL" in r.json()["detail"]
