@@ -352,6 +352,58 @@ def test_allowed_image_urls_still_never_reach_private_addresses(tmp_path):
             assert r.status_code == 422 and "private or local" in r.json()["detail"], (url, r.text)
 
 
+@pytest.mark.parametrize("drip", ["headers", "body", "none"])
+def test_an_allowed_image_url_has_a_deadline(monkeypatch, drip):
+    """The socket timeout bounds each read, not the fetch: a server sending a byte now and then
+    held a request thread for as long as it liked. (The public-address check is bypassed so
+    the test can serve from 127.0.0.1.)"""
+    import threading
+    import time
+
+    from underpaint.errors import ImageError
+    from underpaint.server import fetch
+
+    monkeypatch.setattr(fetch, "_public_addresses", lambda host, port, field: ["127.0.0.1"])
+    done = threading.Event()
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve():
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            head = b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n"
+            if drip == "none":
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nimage")
+                return
+            data = head + b"x" * 100000 if drip == "body" else head
+            sent = len(head) if drip == "body" else 0
+            if drip == "body":
+                conn.sendall(head)
+            try:
+                while not done.is_set() and sent < len(data):
+                    conn.sendall(data[sent:sent + 1])
+                    sent += 1
+                    time.sleep(0.05)
+            except OSError:
+                pass
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    try:
+        url = f"http://images.example:{port}/a.png"
+        if drip == "none":
+            assert fetch.fetch_image_bytes(url, field="init_images[0]", max_bytes=100, deadline=5) == b"image"
+        else:
+            with pytest.raises(ImageError, match="did not arrive within 0.5 s") as exc:
+                fetch.fetch_image_bytes(url, field="init_images[0]", max_bytes=1 << 20, timeout=5, deadline=0.5)
+            assert exc.value.field == "init_images[0]"
+    finally:
+        done.set()
+        server.join(5)
+        listener.close()
+
+
 def test_no_route_serves_files_by_path(client):
     from pathlib import Path
 
