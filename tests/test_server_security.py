@@ -312,6 +312,24 @@ def test_workload_limits(client, payload, field):
     assert "limit" in r.json()["detail"]
 
 
+def test_text_must_be_valid_unicode(tmp_path):
+    """JSON may hold a lone surrogate, which no UTF-8 encoder takes: it used to run the job, then
+    fail writing the infotext or the response with a 500."""
+    backend = FakeBackend()
+    app = create_app(ServerConfig(models_dir=make_models_dir(tmp_path), preload=False), loader=backend)
+    with TestClient(app, base_url="http://127.0.0.1") as c:
+        for field, value in (("prompt", '"a \\ud800 cat"'), ("negative_prompt", '"\\udfff"'),
+                             ("hr_prompt", '"\\ud83d"'), ("infotext", '"x \\ud800"'),
+                             ("override_settings", '{"note": ["\\ud800"]}')):
+            body = '{"width": 64, "height": 64, "steps": 1, "enable_hr": true, "%s": %s}' % (field, value)
+            r = c.post("/sdapi/v1/txt2img", content=body, headers={"Content-Type": "application/json"})
+            assert r.status_code == 422 and r.json()["field"] == field, (field, r.text[:300])
+            assert "lone surrogate" in r.json()["detail"]
+        assert backend.calls == []
+        ok = c.post("/sdapi/v1/txt2img", json={**SMALL, "prompt": "a cat \U0001f431 é"})  # a real emoji is fine
+        assert ok.status_code == 200 and backend.calls == ["a cat \U0001f431 é"]
+
+
 def test_checkpoint_names_are_never_paths(tmp_path):
     """A checkpoint is named as /sd-models lists it; a path in a request is never looked up on the
     server's disk (an absolute path, a Windows share, a name longer than the file system takes),

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 
 class WireModel(BaseModel):
@@ -19,7 +20,42 @@ class WireModel(BaseModel):
     model_config = ConfigDict(allow_inf_nan=False, protected_namespaces=(), extra="ignore")
 
 
-class GenerationRequest(WireModel):
+class RequestModel(WireModel):
+    """Base for request bodies: every text in them, nested ones included, must be valid Unicode.
+
+    JSON may carry a lone UTF-16 surrogate (``"\\ud800"``), which Python's parser accepts but no
+    UTF-8 encoder does: a prompt holding one ran the whole job and then failed with a 500 when
+    the infotext or the response was written. Such text is a 422 naming the field instead.
+    """
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _valid_unicode(cls, value: Any) -> Any:
+        pending = [value]
+        while pending:
+            item = pending.pop()
+            if isinstance(item, str):
+                _check_unicode(item)
+            elif isinstance(item, dict):
+                pending.extend(item.keys())
+                pending.extend(item.values())
+            elif isinstance(item, (list, tuple)):
+                pending.extend(item)
+        return value
+
+
+def _check_unicode(text: str) -> None:
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise PydanticCustomError(
+            "invalid_unicode", "expected valid Unicode text; {char} at position {position} is a lone surrogate",
+            {"char": ascii(text[exc.start]), "position": exc.start}) from None
+
+
+class GenerationRequest(RequestModel):
     """Fields shared by txt2img and img2img."""
 
     prompt: str = Field("", description="What the picture should show, in A1111's prompt syntax.")
@@ -130,7 +166,7 @@ class Img2ImgRequest(GenerationRequest):
     include_init_images: bool = Field(False, description="Echo init_images and mask back in `parameters`.")
 
 
-class PNGInfoRequest(WireModel):
+class PNGInfoRequest(RequestModel):
     """POST /sdapi/v1/png-info."""
 
     image: str = Field(description="A base64 image (PNG, JPEG or WebP) whose generation parameters to read.")
@@ -140,7 +176,7 @@ class ProgressQuery(WireModel):
     skip_current_image: bool = False
 
 
-class ControlNetDetectRequest(WireModel):
+class ControlNetDetectRequest(RequestModel):
     """POST /controlnet/detect (the ControlNet extension's preprocessor endpoint)."""
 
     controlnet_module: str = Field("none", description="Preprocessor name; see /controlnet/module_list.")
