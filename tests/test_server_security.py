@@ -330,6 +330,18 @@ def test_text_must_be_valid_unicode(tmp_path):
         assert ok.status_code == 200 and backend.calls == ["a cat \U0001f431 é"]
 
 
+def test_non_finite_numbers_in_controlnet_units_are_422(client):
+    """Python clients may send NaN or Infinity inside the free-form ControlNet units."""
+    tiny = png_b64(Image.new("RGB", (8, 8)))
+    for key in ("processor_res", "threshold_a", "threshold_b", "weight", "guidance_end"):
+        for value in ("NaN", "Infinity", "-Infinity"):
+            body = ('{"width": 64, "height": 64, "steps": 1, "init_images": ["%s"], "alwayson_scripts": '
+                    '{"controlnet": {"args": [{"image": "%s", "module": "none", "%s": %s}]}}}' % (tiny, tiny, key, value))
+            r = client.post("/sdapi/v1/img2img", content=body, headers={"Content-Type": "application/json"})
+            assert r.status_code == 422, (key, value, r.text[:300])
+            assert r.json()["field"] == f"alwayson_scripts.controlnet.args[0].{key}"
+
+
 def test_checkpoint_names_are_never_paths(tmp_path):
     """A checkpoint is named as /sd-models lists it; a path in a request is never looked up on the
     server's disk (an absolute path, a Windows share, a name longer than the file system takes),

@@ -10,6 +10,7 @@ k-th enabled unit of the request (:func:`request_field`).
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -125,6 +126,8 @@ def _number(raw: Mapping[str, Any], key: str, default: float, field: str) -> flo
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InvalidParameter(f"{field}.{key}", value, "a number")
+    if not math.isfinite(value):  # JSON from Python clients may hold NaN or Infinity here
+        raise InvalidParameter(f"{field}.{key}", value, "a finite number")
     return value
 
 
