@@ -200,6 +200,29 @@ def test_body_limit_trusts_a_large_content_length_at_once(tmp_path):
     assert status == 413 and pulled == 0
 
 
+def test_json_values_are_bounded_before_parsing(tmp_path):
+    """50 MB of "{}," parses into 17 million objects (over a gigabyte, half a minute of the event
+    loop): a body may hold at most max_json_values values; text in strings does not count."""
+    backend = FakeBackend()
+    app = create_app(ServerConfig(models_dir=make_models_dir(tmp_path), preload=False,
+                                  limits=Limits(max_json_values=50)), loader=backend)
+    with TestClient(app, base_url="http://127.0.0.1") as c:
+        for path, payload in (("/sdapi/v1/txt2img", {**SMALL, "script_args": [1] * 60}),
+                              ("/sdapi/v1/txt2img", {**SMALL, "comments": {"a": [{}] * 30, "b": [[]] * 30}}),
+                              ("/sdapi/v1/options", {f"setting{i}": i for i in range(60)}),
+                              ("/sdapi/v1/png-info", {"image": "x", "more": [0] * 60})):
+            r = c.post(path, json=payload)
+            assert r.status_code == 413 and r.json()["field"] == "body", (path, r.text[:200])
+            assert "at most 50" in r.json()["detail"]
+        r = c.post("/sdapi/v1/txt2img", json={**SMALL, "prompt": "[a|b], {c}, " * 200, "script_args": [1] * 20})
+        assert r.status_code == 200, r.text[:200]
+        assert len(backend.calls) == 1
+    with TestClient(_app(tmp_path), base_url="http://127.0.0.1") as c:  # the default limit: 100000
+        r = c.post("/sdapi/v1/txt2img", content=b'{"comments": [' + b"{}," * 200_000 + b"{}]}",
+                   headers={"Content-Type": "application/json"})
+        assert r.status_code == 413 and "at most 100000" in r.json()["detail"]
+
+
 def _raw_http(port: int, head: bytes, body_chunks=(), chunked=False) -> tuple[bytes, int]:
     """Send a request by hand (the body from a second thread, as a client streaming an upload would);
     returns the response and how many body bytes the server took before answering."""
@@ -310,6 +333,60 @@ def test_workload_limits(client, payload, field):
     r = client.post("/sdapi/v1/txt2img", json={**SMALL, **payload})
     assert r.status_code == 422 and r.json()["field"] == field
     assert "limit" in r.json()["detail"]
+
+
+def test_pictures_per_request_are_counted_before_decoding(tmp_path):
+    """Thousands of small PNGs that each decode to the pixel limit would take all the memory: a
+    request carries at most max_input_images pictures, whichever fields they are in."""
+    tiny = png_b64(Image.new("RGB", (8, 8)))
+    with TestClient(_app(tmp_path, limits=Limits(max_input_images=3)), base_url="http://127.0.0.1") as c:
+        assert c.post("/sdapi/v1/img2img", json={"init_images": [tiny] * 3, **SMALL}).status_code == 200
+        unit = {"image": tiny, "module": "none"}
+        for payload, field in (({"init_images": [tiny] * 4}, "init_images"),
+                               ({"init_images": [tiny] * 3, "mask": tiny}, "mask"),
+                               ({"init_images": [tiny] * 2, "alwayson_scripts": {"controlnet": {"args": [unit, unit]}}},
+                                "alwayson_scripts.controlnet.args[1].image")):
+            r = c.post("/sdapi/v1/img2img", json={**payload, **SMALL})
+            assert r.status_code == 422 and r.json()["field"] == field, (field, r.text[:300])
+            assert "at most 3 pictures" in r.json()["detail"]
+        r = c.post("/sdapi/v1/txt2img", json={**SMALL, "alwayson_scripts": {"controlnet": {"args": [unit] * 4}}})
+        assert r.status_code == 422 and r.json()["field"] == "alwayson_scripts.controlnet.args[3].image"
+        r = c.post("/controlnet/detect", json={"controlnet_module": "none", "controlnet_input_images": [tiny] * 4})
+        assert r.status_code == 422 and r.json()["field"] == "controlnet_input_images"
+    with TestClient(_app(tmp_path), base_url="http://127.0.0.1") as c:  # the default limit: 16
+        r = c.post("/sdapi/v1/img2img", json={"init_images": [tiny] * 17, **SMALL})
+        assert r.status_code == 422 and "at most 16 pictures" in r.json()["detail"]
+
+
+def test_prompt_text_styles_and_lora_tags_are_bounded(tmp_path):
+    """A megabyte prompt (encoded again for each step of an alternation), styles that grow the
+    prompt each time they apply, or thousands of LoRA merges would hold the engine for hours."""
+    styles = tmp_path / "styles.csv"
+    styles.write_text("name,prompt,negative_prompt\nplain,film grain,\ntwice,{prompt} {prompt},\n")
+    limits = Limits(max_prompt_chars=100, max_styles=3, max_lora_tags=2)
+    backend = FakeBackend()
+    app = create_app(ServerConfig(models_dir=make_models_dir(tmp_path), preload=False, styles_file=styles,
+                                  limits=limits), loader=backend)
+    with TestClient(app, base_url="http://127.0.0.1") as c:
+        def refused(payload, field, words):
+            r = c.post("/sdapi/v1/txt2img", json={**SMALL, **payload})
+            assert r.status_code == 422 and r.json()["field"] == field, (payload, r.text[:300])
+            assert words in r.json()["detail"], r.json()["detail"]
+
+        for field in ("prompt", "negative_prompt", "hr_prompt", "hr_negative_prompt"):
+            refused({field: "x" * 101, "enable_hr": True}, field, "at most 100 characters")
+        refused({"styles": ["plain"] * 4}, "styles", "at most 3")
+        refused({"prompt": "a cat " * 5, "styles": ["twice"] * 3}, "styles", "within 100 characters")
+        refused({"prompt": "<lora:a:1> <lyco:b:1> <lora:a:0.5>"}, "prompt", "at most 2")
+        assert backend.calls == []
+        ok = c.post("/sdapi/v1/txt2img", json={**SMALL, "prompt": "a cat", "negative_prompt": "y" * 100,
+                                               "styles": ["twice", "plain", "twice"]})
+        assert ok.status_code == 200 and backend.calls == ["a cat a cat, film grain a cat a cat, film grain"]
+        assert c.post("/sdapi/v1/txt2img", json={**SMALL, "prompt": "<lora:a:1> <hypernet:b:1> <lora:c:1>"}
+                      ).status_code == 200  # only LoRA tags count
+    with TestClient(_app(tmp_path), base_url="http://127.0.0.1") as c:  # the default limit: 32768 characters
+        r = c.post("/sdapi/v1/txt2img", json={**SMALL, "prompt": "[cat|dog] " * 100_000})
+        assert r.status_code == 422 and r.json()["field"] == "prompt" and "32768" in r.json()["detail"]
 
 
 def test_text_must_be_valid_unicode(tmp_path):

@@ -12,7 +12,8 @@ from fastapi import APIRouter, Query, Request
 from starlette.concurrency import run_in_threadpool
 
 from ...errors import UnknownName
-from ..images import decode_image, encode_image
+from ..images import PictureBudget, decode_image, encode_image
+from ..security import JSONValueLimitRoute
 from ..state import ServerState, server_state
 from .control_units import controlnet_available
 from .generation import await_job
@@ -22,7 +23,7 @@ from .responses import (
     ControlNetVersion,
 )
 
-router = APIRouter(prefix="/controlnet", tags=["controlnet"])
+router = APIRouter(prefix="/controlnet", tags=["controlnet"], route_class=JSONValueLimitRoute)
 
 #: The extension's API version that clients check for (the sd-webui-controlnet API of A1111 1.x).
 API_VERSION = 2
@@ -101,6 +102,7 @@ def prepare_detect(body: ControlNetDetectRequest, state: ServerState) -> DetectJ
     if not 64 <= body.controlnet_processor_res <= 4096:
         raise InvalidParameter("controlnet_processor_res", body.controlnet_processor_res, "a resolution from 64 to 4096")
     limits = state.config.limits
+    PictureBudget(limits).take("controlnet_input_images", len(sources))  # counted before any is decoded
     images = tuple(decode_image(data, field=f"controlnet_input_images[{i}]", limits=limits,
                                 allow_urls=state.config.allow_image_urls) for i, data in enumerate(sources))
     # The extension sends -1 (older clients 64) for "the module's default".

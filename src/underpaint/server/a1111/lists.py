@@ -21,6 +21,7 @@ from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
 from ...errors import ImageError
+from ..security import JSONValueLimitRoute
 from ..state import server_state
 from .requests import PNGInfoRequest
 from .responses import (
@@ -29,7 +30,7 @@ from .responses import (
     ScriptsList, UpscalerItem,
 )
 
-router = APIRouter(prefix="/sdapi/v1", tags=["lists"])
+router = APIRouter(prefix="/sdapi/v1", tags=["lists"], route_class=JSONValueLimitRoute)
 
 LORA_EXTENSIONS = (".safetensors", ".pt", ".ckpt")
 
