@@ -157,6 +157,21 @@ def test_attention_edge_cases(text, expected):
     assert parse_attention(text) == expected
 
 
+def test_emphasis_keeps_at_most_max_nesting_brackets_open():
+    """Each bracket rescales the runs since it opened, so brackets that never close ("(a]" over and
+    over) made a long prompt quadratic; prompt editing lets them through as literal text."""
+    text = "(a]" * MAX_NESTING
+    runs = parse_attention(text)
+    assert len(runs) == MAX_NESTING and runs[0] == ("a]", 1.1)
+    assert runs[-1][1] == pytest.approx(1.1 ** MAX_NESTING)
+    for too_many in (text + "(a]", "|" + "(" * (MAX_NESTING + 1) + "a"):
+        assert prompt_schedule(too_many, 10) == [(10, too_many)]
+        with pytest.raises(InvalidParameter, match="open at once"):
+            parse_attention(too_many)
+    # Brackets that close do not add up: many in a row are fine.
+    assert parse_attention("(a)" * (MAX_NESTING * 3)) == [("a" * MAX_NESTING * 3, 1.1)]
+
+
 def test_bad_explicit_weight_is_a_typed_error():
     with pytest.raises(InvalidParameter, match="number"):
         parse_attention("(a:1.2.3)")

@@ -200,6 +200,29 @@ def test_body_limit_trusts_a_large_content_length_at_once(tmp_path):
     assert status == 413 and pulled == 0
 
 
+def test_json_values_are_bounded_before_parsing(tmp_path):
+    """50 MB of "{}," parses into 17 million objects (over a gigabyte, half a minute of the event
+    loop): a body may hold at most max_json_values values; text in strings does not count."""
+    backend = FakeBackend()
+    app = create_app(ServerConfig(models_dir=make_models_dir(tmp_path), preload=False,
+                                  limits=Limits(max_json_values=50)), loader=backend)
+    with TestClient(app, base_url="http://127.0.0.1") as c:
+        for path, payload in (("/sdapi/v1/txt2img", {**SMALL, "script_args": [1] * 60}),
+                              ("/sdapi/v1/txt2img", {**SMALL, "comments": {"a": [{}] * 30, "b": [[]] * 30}}),
+                              ("/sdapi/v1/options", {f"setting{i}": i for i in range(60)}),
+                              ("/sdapi/v1/png-info", {"image": "x", "more": [0] * 60})):
+            r = c.post(path, json=payload)
+            assert r.status_code == 413 and r.json()["field"] == "body", (path, r.text[:200])
+            assert "at most 50" in r.json()["detail"]
+        r = c.post("/sdapi/v1/txt2img", json={**SMALL, "prompt": "[a|b], {c}, " * 200, "script_args": [1] * 20})
+        assert r.status_code == 200, r.text[:200]
+        assert len(backend.calls) == 1
+    with TestClient(_app(tmp_path), base_url="http://127.0.0.1") as c:  # the default limit: 100000
+        r = c.post("/sdapi/v1/txt2img", content=b'{"comments": [' + b"{}," * 200_000 + b"{}]}",
+                   headers={"Content-Type": "application/json"})
+        assert r.status_code == 413 and "at most 100000" in r.json()["detail"]
+
+
 def _raw_http(port: int, head: bytes, body_chunks=(), chunked=False) -> tuple[bytes, int]:
     """Send a request by hand (the body from a second thread, as a client streaming an upload would);
     returns the response and how many body bytes the server took before answering."""
@@ -312,6 +335,124 @@ def test_workload_limits(client, payload, field):
     assert "limit" in r.json()["detail"]
 
 
+def test_pictures_per_request_are_counted_before_decoding(tmp_path):
+    """Thousands of small PNGs that each decode to the pixel limit would take all the memory: a
+    request carries at most max_input_images pictures, whichever fields they are in."""
+    tiny = png_b64(Image.new("RGB", (8, 8)))
+    with TestClient(_app(tmp_path, limits=Limits(max_input_images=3)), base_url="http://127.0.0.1") as c:
+        assert c.post("/sdapi/v1/img2img", json={"init_images": [tiny] * 3, **SMALL}).status_code == 200
+        unit = {"image": tiny, "module": "none"}
+        for payload, field in (({"init_images": [tiny] * 4}, "init_images"),
+                               ({"init_images": [tiny] * 3, "mask": tiny}, "mask"),
+                               ({"init_images": [tiny] * 2, "alwayson_scripts": {"controlnet": {"args": [unit, unit]}}},
+                                "alwayson_scripts.controlnet.args[1].image")):
+            r = c.post("/sdapi/v1/img2img", json={**payload, **SMALL})
+            assert r.status_code == 422 and r.json()["field"] == field, (field, r.text[:300])
+            assert "at most 3 pictures" in r.json()["detail"]
+        r = c.post("/sdapi/v1/txt2img", json={**SMALL, "alwayson_scripts": {"controlnet": {"args": [unit] * 4}}})
+        assert r.status_code == 422 and r.json()["field"] == "alwayson_scripts.controlnet.args[3].image"
+        r = c.post("/controlnet/detect", json={"controlnet_module": "none", "controlnet_input_images": [tiny] * 4})
+        assert r.status_code == 422 and r.json()["field"] == "controlnet_input_images"
+        r = c.post("/controlnet/detect", json={"controlnet_module": "none", "controlnet_input_images": [tiny] * 2,
+                                               "controlnet_masks": [tiny] * 2})
+        assert r.status_code == 422 and r.json()["field"] == "controlnet_masks"
+        files = [{"data": tiny, "name": f"{i}.png"} for i in range(4)]
+        r = c.post("/sdapi/v1/extra-batch-images", json={"imageList": files, "upscaler_1": "Nearest"})
+        assert r.status_code == 422 and r.json()["field"] == "imageList"
+        assert c.post("/sdapi/v1/extra-batch-images", json={"imageList": files[:3], "upscaler_1": "Nearest"}).status_code == 200
+    with TestClient(_app(tmp_path), base_url="http://127.0.0.1") as c:  # the default limit: 16
+        r = c.post("/sdapi/v1/img2img", json={"init_images": [tiny] * 17, **SMALL})
+        assert r.status_code == 422 and "at most 16 pictures" in r.json()["detail"]
+
+
+def test_prompt_text_styles_and_lora_tags_are_bounded(tmp_path):
+    """A megabyte prompt (encoded again for each step of an alternation), styles that grow the
+    prompt each time they apply, or thousands of LoRA merges would hold the engine for hours."""
+    styles = tmp_path / "styles.csv"
+    styles.write_text("name,prompt,negative_prompt\nplain,film grain,\ntwice,{prompt} {prompt},\n")
+    limits = Limits(max_prompt_chars=100, max_styles=3, max_lora_tags=2)
+    backend = FakeBackend()
+    app = create_app(ServerConfig(models_dir=make_models_dir(tmp_path), preload=False, styles_file=styles,
+                                  limits=limits), loader=backend)
+    with TestClient(app, base_url="http://127.0.0.1") as c:
+        def refused(payload, field, words):
+            r = c.post("/sdapi/v1/txt2img", json={**SMALL, **payload})
+            assert r.status_code == 422 and r.json()["field"] == field, (payload, r.text[:300])
+            assert words in r.json()["detail"], r.json()["detail"]
+
+        for field in ("prompt", "negative_prompt", "hr_prompt", "hr_negative_prompt"):
+            refused({field: "x" * 101, "enable_hr": True}, field, "at most 100 characters")
+        refused({"styles": ["plain"] * 4}, "styles", "at most 3")
+        refused({"prompt": "a cat " * 5, "styles": ["twice"] * 3}, "styles", "within 100 characters")
+        refused({"prompt": "<lora:a:1> <lyco:b:1> <lora:a:0.5>"}, "prompt", "at most 2")
+        assert backend.calls == []
+        ok = c.post("/sdapi/v1/txt2img", json={**SMALL, "prompt": "a cat", "negative_prompt": "y" * 100,
+                                               "styles": ["twice", "plain", "twice"]})
+        assert ok.status_code == 200 and backend.calls == ["a cat a cat, film grain a cat a cat, film grain"]
+        assert c.post("/sdapi/v1/txt2img", json={**SMALL, "prompt": "<lora:a:1> <hypernet:b:1> <lora:c:1>"}
+                      ).status_code == 200  # only LoRA tags count
+    with TestClient(_app(tmp_path), base_url="http://127.0.0.1") as c:  # the default limit: 32768 characters
+        r = c.post("/sdapi/v1/txt2img", json={**SMALL, "prompt": "[cat|dog] " * 100_000})
+        assert r.status_code == 422 and r.json()["field"] == "prompt" and "32768" in r.json()["detail"]
+
+
+def test_text_must_be_valid_unicode(tmp_path):
+    """JSON may hold a lone surrogate, which no UTF-8 encoder takes: it used to run the job, then
+    fail writing the infotext or the response with a 500."""
+    backend = FakeBackend()
+    app = create_app(ServerConfig(models_dir=make_models_dir(tmp_path), preload=False), loader=backend)
+    with TestClient(app, base_url="http://127.0.0.1") as c:
+        for field, value in (("prompt", '"a \\ud800 cat"'), ("negative_prompt", '"\\udfff"'),
+                             ("hr_prompt", '"\\ud83d"'), ("infotext", '"x \\ud800"'),
+                             ("override_settings", '{"note": ["\\ud800"]}')):
+            body = '{"width": 64, "height": 64, "steps": 1, "enable_hr": true, "%s": %s}' % (field, value)
+            r = c.post("/sdapi/v1/txt2img", content=body, headers={"Content-Type": "application/json"})
+            assert r.status_code == 422 and r.json()["field"] == field, (field, r.text[:300])
+            assert "lone surrogate" in r.json()["detail"]
+        assert backend.calls == []
+        ok = c.post("/sdapi/v1/txt2img", json={**SMALL, "prompt": "a cat \U0001f431 é"})  # a real emoji is fine
+        assert ok.status_code == 200 and backend.calls == ["a cat \U0001f431 é"]
+
+
+def test_non_finite_numbers_in_controlnet_units_are_422(client):
+    """Python clients may send NaN or Infinity inside the free-form ControlNet units."""
+    tiny = png_b64(Image.new("RGB", (8, 8)))
+    for key in ("processor_res", "threshold_a", "threshold_b", "weight", "guidance_end"):
+        for value in ("NaN", "Infinity", "-Infinity"):
+            body = ('{"width": 64, "height": 64, "steps": 1, "init_images": ["%s"], "alwayson_scripts": '
+                    '{"controlnet": {"args": [{"image": "%s", "module": "none", "%s": %s}]}}}' % (tiny, tiny, key, value))
+            r = client.post("/sdapi/v1/img2img", content=body, headers={"Content-Type": "application/json"})
+            assert r.status_code == 422, (key, value, r.text[:300])
+            assert r.json()["field"] == f"alwayson_scripts.controlnet.args[0].{key}"
+
+
+def test_checkpoint_names_are_never_paths(tmp_path):
+    """A checkpoint is named as /sd-models lists it; a path in a request is never looked up on the
+    server's disk (an absolute path, a Windows share, a name longer than the file system takes),
+    and the answer does not say whether the file exists or where the models folder is."""
+    there, missing = tmp_path / "zz1.safetensors", tmp_path / "zz2.safetensors"
+    there.write_bytes(b"placeholder")
+    backend = FakeBackend()
+    models = make_models_dir(tmp_path / "models")
+    app = create_app(ServerConfig(models_dir=models, preload=False), loader=backend)
+    with TestClient(app, base_url="http://127.0.0.1") as c:
+        def refusals(name):
+            for r in (c.post("/sdapi/v1/txt2img", json={**SMALL, "override_settings": {"sd_model_checkpoint": name}}),
+                      c.post("/sdapi/v1/options", json={"sd_model_checkpoint": name})):
+                assert r.status_code == 404 and r.json()["field"] == "sd_model_checkpoint", (name[:80], r.text[:300])
+                assert str(models) not in r.json()["detail"].replace(name, ""), r.json()["detail"]
+                yield r.json()["detail"]
+
+        for name in (str(models / "checkpoints" / "alpha.safetensors"), "../zz1.safetensors",
+                     "\\\\server\\share\\alpha.safetensors", "a" * 300, "b/" * 3000):
+            assert all("is not a checkpoint in the models folder" in d for d in refusals(name))
+        # The same answer whether the file exists or not.
+        assert [d.replace("zz1", "zzN") for d in refusals(str(there))] == \
+            [d.replace("zz2", "zzN") for d in refusals(str(missing))]
+        assert backend.loads == []
+        assert c.post("/sdapi/v1/options", json={"sd_model_checkpoint": "alpha.safetensors"}).status_code == 200
+
+
 def test_image_urls_are_refused_by_default(client):
     r = client.post("/sdapi/v1/img2img", json={"init_images": ["http://169.254.169.254/latest/meta-data"], **SMALL})
     assert r.status_code == 422 and r.json()["field"] == "init_images[0]" and "URL" in r.json()["detail"]
@@ -323,6 +464,58 @@ def test_allowed_image_urls_still_never_reach_private_addresses(tmp_path):
                     "http://[::1]/a.png", "http://localhost/a.png"):
             r = c.post("/sdapi/v1/img2img", json={"init_images": [url], **SMALL})
             assert r.status_code == 422 and "private or local" in r.json()["detail"], (url, r.text)
+
+
+@pytest.mark.parametrize("drip", ["headers", "body", "none"])
+def test_an_allowed_image_url_has_a_deadline(monkeypatch, drip):
+    """The socket timeout bounds each read, not the fetch: a server sending a byte now and then
+    held a request thread for as long as it liked. (The public-address check is bypassed so
+    the test can serve from 127.0.0.1.)"""
+    import threading
+    import time
+
+    from underpaint.errors import ImageError
+    from underpaint.server import fetch
+
+    monkeypatch.setattr(fetch, "_public_addresses", lambda host, port, field: ["127.0.0.1"])
+    done = threading.Event()
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve():
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            head = b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n"
+            if drip == "none":
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nimage")
+                return
+            data = head + b"x" * 100000 if drip == "body" else head
+            sent = len(head) if drip == "body" else 0
+            if drip == "body":
+                conn.sendall(head)
+            try:
+                while not done.is_set() and sent < len(data):
+                    conn.sendall(data[sent:sent + 1])
+                    sent += 1
+                    time.sleep(0.05)
+            except OSError:
+                pass
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    try:
+        url = f"http://images.example:{port}/a.png"
+        if drip == "none":
+            assert fetch.fetch_image_bytes(url, field="init_images[0]", max_bytes=100, deadline=5) == b"image"
+        else:
+            with pytest.raises(ImageError, match="did not arrive within 0.5 s") as exc:
+                fetch.fetch_image_bytes(url, field="init_images[0]", max_bytes=1 << 20, timeout=5, deadline=0.5)
+            assert exc.value.field == "init_images[0]"
+    finally:
+        done.set()
+        server.join(5)
+        listener.close()
 
 
 def test_no_route_serves_files_by_path(client):

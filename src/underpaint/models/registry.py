@@ -153,6 +153,13 @@ class ModelsDir:
         """A path as given, or a name (with or without extension, or an A1111 title/short hash)."""
         return self._resolve("checkpoint", name_or_path, self.list_checkpoints(), "checkpoints")
 
+    def find_checkpoint(self, name: str, entries: list[CheckpointEntry] | None = None) -> Path | None:
+        """The listed checkpoint ``name`` means (file name, name, stem, A1111 title or short hash),
+        or None. Unlike :meth:`resolve_checkpoint` it never tries ``name`` as a path, so a name
+        from an HTTP request never reaches the file system. ``entries``: a listing already made."""
+        entry = _match(self.list_checkpoints() if entries is None else entries, str(name))
+        return entry.path if entry is not None else None
+
     def resolve_vae(self, name_or_path: str | os.PathLike) -> Path:
         return self._resolve("VAE", name_or_path, self.list_vaes(), "vae")
 
@@ -182,11 +189,7 @@ class ModelsDir:
         marker = "model_index.json" if kind == "checkpoints" else "config.json"  # diffusers model folders
         if given.is_file() or (given.is_dir() and (given / marker).is_file()):
             return given
-        text = str(name_or_path).strip()
-        wanted_hash = None
-        if m := _TITLE_HASH.match(text):
-            text, wanted_hash = m.group(1), m.group(2).lower()
-        match = _find(entries, text, wanted_hash)
+        match = _match(entries, str(name_or_path))
         if match is not None:
             return match.path
         raise ModelNotFound(self._not_found(what, str(name_or_path), entries, kind), field=kind)
@@ -218,6 +221,15 @@ def _walk(base: Path, extensions: tuple[str, ...], diffusers_folders: bool):
         for f in filenames:
             if f.lower().endswith(extensions) and not f.startswith("."):
                 yield here / f
+
+
+def _match(entries: list[CheckpointEntry], name: str) -> CheckpointEntry | None:
+    """The entry a name (or an A1111 title, ``name [short hash]``) means, by :func:`_find`'s rules."""
+    text = name.strip()
+    wanted_hash = None
+    if m := _TITLE_HASH.match(text):
+        text, wanted_hash = m.group(1), m.group(2).lower()
+    return _find(entries, text, wanted_hash)
 
 
 def _find(entries: list[CheckpointEntry], text: str, wanted_hash: str | None) -> CheckpointEntry | None:

@@ -89,7 +89,8 @@ __all__ = [
     "MAX_NESTING",
 ]
 
-#: Deepest nesting of ``[...]``/``(...)`` that prompt editing reads; deeper text is refused.
+#: Deepest nesting of ``[...]``/``(...)`` that prompt editing reads, and the most brackets
+#: emphasis keeps open at once; deeper text is refused.
 MAX_NESTING = 100
 
 
@@ -456,6 +457,10 @@ def parse_attention(text: str) -> list[tuple[str, float]]:
     weights are merged. The word ``BREAK`` becomes the marker ``("BREAK", -1.0)``, which starts
     a new 75-token chunk.
 
+    At most :data:`MAX_NESTING` brackets may be open at once (a typed error otherwise): closing a
+    bracket rescales every run since it opened, so unbounded open brackets (``(a]`` repeated, which
+    never close) would make this quadratic in the prompt's length.
+
     >>> parse_attention("normal text")
     [('normal text', 1.0)]
     >>> parse_attention("an (important) word")
@@ -495,6 +500,9 @@ def parse_attention(text: str) -> list[tuple[str, float]]:
         elif kind == "backslash":
             runs.append(["", 1.0])
         elif kind == "open":
+            if len(open_round) + len(open_square) >= MAX_NESTING:
+                raise InvalidParameter("prompt", _excerpt(text),
+                                       f"at most {MAX_NESTING} brackets open at once")
             (open_round if match.group("open") == "(" else open_square).append(len(runs))
         elif kind == "weight" and open_round:
             _scale(runs, open_round.pop(), _weight_value(match))

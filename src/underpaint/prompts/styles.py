@@ -55,10 +55,19 @@ def merge_style(style_text: str, prompt: str) -> str:
     return ", ".join(part for part in (prompt.strip(), style_text.strip()) if part)
 
 
-def apply_style_texts(prompt: str, texts: Iterable[str]) -> str:
-    """Style texts applied in order, each to the result of the one before."""
+def apply_style_texts(prompt: str, texts: Iterable[str], *, max_chars: int | None = None,
+                      field: str = "styles") -> str:
+    """Style texts applied in order, each to the result of the one before.
+
+    ``max_chars``: the longest result allowed, checked after each style, so that styles which grow
+    the prompt (a text with ``{prompt}`` twice doubles it each time) are refused, naming ``field``,
+    before they take the memory.
+    """
     for text in texts:
         prompt = merge_style(text, prompt)
+        if max_chars is not None and len(prompt) > max_chars:
+            raise InvalidParameter(field, f"a prompt of {len(prompt)} characters",
+                                   f"styles that keep the prompt within {max_chars} characters (this server's limit)")
     return prompt
 
 
@@ -84,11 +93,14 @@ class StyleBook:
             found.append(style)
         return found
 
-    def apply(self, names: Sequence[str], prompt: str, negative_prompt: str, *, field: str) -> tuple[str, str]:
-        """The prompt and negative prompt with the named styles applied in order."""
+    def apply(self, names: Sequence[str], prompt: str, negative_prompt: str, *, field: str,
+              max_chars: int | None = None) -> tuple[str, str]:
+        """The prompt and negative prompt with the named styles applied in order (each result at
+        most ``max_chars`` long, see :func:`apply_style_texts`)."""
         chosen = self.find(names, field=field)
-        return (apply_style_texts(prompt, (s.prompt for s in chosen)),
-                apply_style_texts(negative_prompt, (s.negative_prompt for s in chosen)))
+        return (apply_style_texts(prompt, (s.prompt for s in chosen), max_chars=max_chars, field=field),
+                apply_style_texts(negative_prompt, (s.negative_prompt for s in chosen), max_chars=max_chars,
+                                  field=field))
 
     def _expected(self) -> str:
         if self.missing:

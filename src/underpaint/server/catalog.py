@@ -7,6 +7,7 @@ the server open an arbitrary file.
 
 from __future__ import annotations
 
+import difflib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,20 @@ class CheckpointView:
     relative: str
     #: "flux" or "sd", read from the file's tensor names.
     family: str = "sd"
+
+
+def _shown(name: object, limit: int = 120) -> str:
+    text = str(name)
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+def _hint(name: str, entries) -> str:
+    """A "did you mean" for a near miss among the listed names (short names only: difflib is quadratic)."""
+    if len(name) > 256:
+        return ""
+    close = difflib.get_close_matches(name, [e.filename for e in entries] + [e.name for e in entries], n=3,
+                                      cutoff=0.5)
+    return f"; did you mean {' or '.join(repr(c) for c in dict.fromkeys(close))}?" if close else ""
 
 
 class Catalog:
@@ -67,17 +82,22 @@ class Catalog:
         return [(entry.name, self._relative(entry.path)) for entry in self.folder.list_text_encoders()]
 
     def resolve(self, name: str, *, field: str = "sd_model_checkpoint") -> Path:
-        """The listed checkpoint a client means by ``name``; anything else is ModelNotFound (404)."""
-        listed = {entry.path.resolve(): entry.path for entry in self.folder.list_checkpoints()}
+        """The listed checkpoint a client means by ``name``; anything else is ModelNotFound (404).
+
+        Only names are matched, against the folder's listing: whatever the request sends (an
+        absolute path, ``../``, a Windows share, a name too long for the file system) is never
+        looked up on the server's disk, not even to say whether it exists, and the answer never
+        shows where the models folder is.
+        """
+        entries = self.folder.list_checkpoints()
         try:
-            found = self.folder.resolve_checkpoint(str(name))
-        except ModelNotFound as exc:
-            raise ModelNotFound(exc.message, field=field) from None
-        path = listed.get(Path(found).resolve())
-        if path is None:
-            raise ModelNotFound(f"{field}: {name!r} is not a checkpoint in the models folder "
-                                f"(see /sdapi/v1/sd-models)", field=field)
-        return path
+            found = self.folder.find_checkpoint(str(name), entries)
+        except ModelNotFound as exc:  # a name that fits several files
+            raise ModelNotFound(f"{field}: {exc.message}", field=field) from None
+        if found is None:
+            raise ModelNotFound(f"{field}: {_shown(name)} is not a checkpoint in the models folder"
+                                f"{_hint(str(name), entries)} (see /sdapi/v1/sd-models)", field=field)
+        return found
 
     def controlnets(self) -> list[Path]:
         """ControlNet files and folders in the models folder (what unit model names may refer to)."""

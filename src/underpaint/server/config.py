@@ -18,7 +18,13 @@ LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
 
 @dataclass(frozen=True)
 class Limits:
-    """What one request may ask for; each refusal is a 4xx naming the field and the limit."""
+    """What one request may ask for; each refusal is a 4xx naming the field and the limit.
+
+    The text and picture limits are far beyond what A1111 users send (a long prompt is a few
+    thousand characters, a request a handful of pictures); they stop a single request from
+    holding the engine or the memory for hours, e.g. a megabyte prompt that is encoded once per
+    step by prompt alternation, or thousands of small PNGs that each decode to 4096 x 4096.
+    """
 
     max_body_bytes: int = 50 * 1024 * 1024
     max_image_pixels: int = 4096 * 4096
@@ -27,6 +33,19 @@ class Limits:
     max_height: int = 4096
     max_batch_size: int = 8
     max_images: int = 64  # batch_size * n_iter
+    #: Characters in one prompt (prompt, negative_prompt, hr_prompt, hr_negative_prompt), also
+    #: after the request's styles are applied: about 100 of CLIP's 75-token chunks.
+    max_prompt_chars: int = 32768
+    #: Names in a request's ``styles``.
+    max_styles: int = 32
+    #: ``<lora:...>``/``<lyco:...>`` tags in a prompt (each one is merged into the weights).
+    max_lora_tags: int = 32
+    #: Pictures decoded from one request: init images, mask, ControlNet unit images and masks,
+    #: /controlnet/detect inputs (counted before decoding; each may have up to max_image_pixels).
+    max_input_images: int = 16
+    #: Values in a JSON body (counted as its commas, objects and arrays outside strings; see
+    #: security.JSONValueLimitRoute): what the body limit's bytes may turn into once parsed.
+    max_json_values: int = 100_000
 
 
 @dataclass(frozen=True)

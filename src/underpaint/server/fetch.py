@@ -3,7 +3,9 @@
 A1111 fetched any URL a request named, which let a caller make the server read from its own
 network (SSRF). Here URLs are off by default; when allowed, the host's addresses must all be
 public, the connection goes to the address that was checked (no second DNS answer), redirects
-are not followed and the size is capped.
+are not followed, the size is capped and the whole fetch has a deadline (a server that sends a
+byte every few seconds would otherwise hold a request thread for as long as it liked, as the
+socket timeout only bounds each read).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import http.client
 import ipaddress
 import socket
+import threading
 from urllib.parse import urlsplit
 
 from ..errors import ImageError
@@ -39,8 +42,17 @@ def _pinned(conn: http.client.HTTPConnection, address: str) -> http.client.HTTPC
     return conn
 
 
-def fetch_image_bytes(url: str, *, field: str, max_bytes: int, timeout: float = 15.0) -> bytes:
-    """GET ``url`` and return at most ``max_bytes`` of body; anything unexpected is an ImageError."""
+#: Seconds a whole fetch may take, from connecting to the last byte.
+FETCH_DEADLINE = 30.0
+
+
+def fetch_image_bytes(url: str, *, field: str, max_bytes: int, timeout: float = 15.0,
+                      deadline: float = FETCH_DEADLINE) -> bytes:
+    """GET ``url`` and return at most ``max_bytes`` of body; anything unexpected is an ImageError.
+
+    ``timeout`` bounds each network operation, ``deadline`` the whole fetch: when it passes the
+    connection is shut down, which ends any read in progress.
+    """
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ImageError(f"{field}: expected an http(s) URL, got {url[:80]!r}", field=field)
@@ -51,7 +63,24 @@ def fetch_image_bytes(url: str, *, field: str, max_bytes: int, timeout: float = 
     path = parts.path or "/"
     if parts.query:
         path += "?" + parts.query
+    expired = threading.Event()
+
+    def cut_off() -> None:
+        expired.set()
+        sock = conn.sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    timer = threading.Timer(deadline, cut_off)
+    timer.daemon = True
+    timer.start()
     try:
+        conn.connect()
+        if expired.is_set():  # connecting took it all (cut_off had no socket to shut down yet)
+            raise TimeoutError()
         conn.request("GET", path, headers={"User-Agent": "underpaint", "Accept": "image/*"})
         response = conn.getresponse()
         if response.status != 200:
@@ -59,9 +88,14 @@ def fetch_image_bytes(url: str, *, field: str, max_bytes: int, timeout: float = 
                              field=field)
         body = response.read(max_bytes + 1)
     except (OSError, http.client.HTTPException) as exc:
+        if expired.is_set():
+            raise ImageError(f"{field}: {url[:80]} did not arrive within {deadline:g} s", field=field) from None
         raise ImageError(f"{field}: cannot fetch {url[:80]} ({exc})", field=field) from exc
     finally:
+        timer.cancel()
         conn.close()
+    if expired.is_set():  # the shutdown ended the read early: what came is not the whole picture
+        raise ImageError(f"{field}: {url[:80]} did not arrive within {deadline:g} s", field=field)
     if len(body) > max_bytes:
         raise ImageError(f"{field}: the image at {url[:80]} is larger than {max_bytes} bytes", field=field)
     return body

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..errors import ImageError
+from ..errors import ImageError, InvalidParameter
 from .config import Limits
 from .fetch import fetch_image_bytes
 
@@ -44,6 +44,29 @@ def _decode_bytes(raw: bytes, *, field: str, limits: Limits) -> "Image":
 
     return decode_base64_image(base64.b64encode(raw).decode("ascii"), field=field,
                                max_bytes=limits.max_body_bytes * 2, max_pixels=limits.max_image_pixels)
+
+
+class PictureBudget:
+    """The pictures one request may carry (``Limits.max_input_images``), counted before each is
+    decoded: every picture may decode to ``max_image_pixels``, so their number bounds the memory a
+    request takes however well its PNGs compress."""
+
+    def __init__(self, limits: Limits):
+        self.limits = limits
+        self.used = 0
+
+    def take(self, field: str, count: int = 1) -> None:
+        """Count ``count`` more pictures, named ``field`` in the refusal when they are too many."""
+        most = self.limits.max_input_images
+        if self.used + count > most:
+            raise InvalidParameter(field, f"{self.used + count} pictures",
+                                   f"at most {most} pictures in one request (this server's limit)")
+        self.used += count
+
+    def decode(self, data: object, *, field: str, allow_urls: bool = False) -> "Image":
+        """:func:`decode_image` for one more picture of the request."""
+        self.take(field)
+        return decode_image(data, field=field, limits=self.limits, allow_urls=allow_urls)
 
 
 def encode_image(image: "Image", infotext: str | None = None) -> str:

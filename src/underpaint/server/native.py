@@ -14,9 +14,10 @@ from .. import __version__
 from ..errors import UnderpaintError
 from .a1111.requests import WireModel
 from .jobs import Job
+from .security import JSONValueLimitRoute
 from .state import server_state
 
-router = APIRouter(prefix="/underpaint/v1", tags=["underpaint"])
+router = APIRouter(prefix="/underpaint/v1", tags=["underpaint"], route_class=JSONValueLimitRoute)
 
 
 class JobView(WireModel):

@@ -10,6 +10,7 @@ k-th enabled unit of the request (:func:`request_field`).
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 
 from ...errors import InvalidParameter, UnknownName
 from ..config import Limits
-from ..images import decode_image
+from ..images import PictureBudget
 
 _HASH_SUFFIX = re.compile(r"\s*\[[0-9a-fA-F]{8,10}\]$")
 _NO_MODEL = ("", "none", "None")
@@ -48,26 +49,31 @@ def enabled_units(args: Sequence[Any]) -> list[int]:
 
 
 def control_units(args: Sequence[Any], *, prefix: str, limits: Limits, allow_urls: bool,
-                  files: Callable[[], Sequence[Path]], needs_image: bool = False) -> tuple:
-    """The enabled units of a request, checked; disabled ones (``enabled: false``) are dropped."""
+                  files: Callable[[], Sequence[Path]], needs_image: bool = False,
+                  pictures: PictureBudget | None = None) -> tuple:
+    """The enabled units of a request, checked; disabled ones (``enabled: false``) are dropped.
+
+    ``pictures``: the request's picture count, which the units' images and masks add to.
+    """
+    pictures = pictures or PictureBudget(limits)
     units = []
     for i in enabled_units(args):
         raw, field = args[i], f"{prefix}[{i}]"
         if not isinstance(raw, Mapping):
             raise InvalidParameter(field, type(raw).__name__, "a ControlNet unit object")
-        unit = _unit(raw, field, limits=limits, allow_urls=allow_urls, files=files)
+        unit = _unit(raw, field, pictures=pictures, allow_urls=allow_urls, files=files)
         if needs_image and unit.image is None:
             raise InvalidParameter(f"{field}.image", None, "a base64 image (txt2img has no input picture to use)")
         units.append(unit)
     return tuple(units)
 
 
-def _unit(raw: Mapping[str, Any], field: str, *, limits: Limits, allow_urls: bool,
+def _unit(raw: Mapping[str, Any], field: str, *, pictures: PictureBudget, allow_urls: bool,
           files: Callable[[], Sequence[Path]]):
     from ...pipeline.control import ControlUnit
 
     module = str(raw.get("module") or "none")
-    image = _unit_image(raw, field, module, limits=limits, allow_urls=allow_urls)
+    image = _unit_image(raw, field, module, pictures=pictures, allow_urls=allow_urls)
     model = raw.get("model")
     model_path = None if model in _NO_MODEL or model is None else resolve_model(str(model), files(), field=f"{field}.model")
     values = {
@@ -125,10 +131,12 @@ def _number(raw: Mapping[str, Any], key: str, default: float, field: str) -> flo
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InvalidParameter(f"{field}.{key}", value, "a number")
+    if not math.isfinite(value):  # JSON from Python clients may hold NaN or Infinity here
+        raise InvalidParameter(f"{field}.{key}", value, "a finite number")
     return value
 
 
-def _unit_image(raw: Mapping[str, Any], field: str, module: str, *, limits: Limits, allow_urls: bool):
+def _unit_image(raw: Mapping[str, Any], field: str, module: str, *, pictures: PictureBudget, allow_urls: bool):
     """The unit's picture (None: the img2img input); a unit mask becomes transparency for inpaint modules."""
     source = raw.get("image", raw.get("input_image"))
     mask_data = raw.get("mask") or raw.get("mask_image")
@@ -139,12 +147,12 @@ def _unit_image(raw: Mapping[str, Any], field: str, module: str, *, limits: Limi
         if mask_data:
             raise InvalidParameter(f"{field}.mask", "<image>", "no mask without a unit image")
         return None
-    image = decode_image(source, field=f"{field}.image", limits=limits, allow_urls=allow_urls)
+    image = pictures.decode(source, field=f"{field}.image", allow_urls=allow_urls)
     if not mask_data:
         return image
     if not module.lower().startswith("inpaint"):
         raise InvalidParameter(f"{field}.mask", "<image>", "no mask (only inpaint units take one)")
-    mask = decode_image(mask_data, field=f"{field}.mask", limits=limits, allow_urls=allow_urls)
+    mask = pictures.decode(mask_data, field=f"{field}.mask", allow_urls=allow_urls)
     from PIL import ImageOps
 
     alpha = ImageOps.invert(mask.convert("L").resize(image.size))  # white = repaint = transparent

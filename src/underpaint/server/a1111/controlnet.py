@@ -12,7 +12,8 @@ from fastapi import APIRouter, Query, Request
 from starlette.concurrency import run_in_threadpool
 
 from ...errors import UnknownName
-from ..images import decode_image, encode_image
+from ..images import PictureBudget, decode_image, encode_image
+from ..security import JSONValueLimitRoute
 from ..state import ServerState, server_state
 from .control_units import controlnet_available
 from .generation import await_job
@@ -22,7 +23,7 @@ from .responses import (
     ControlNetVersion,
 )
 
-router = APIRouter(prefix="/controlnet", tags=["controlnet"])
+router = APIRouter(prefix="/controlnet", tags=["controlnet"], route_class=JSONValueLimitRoute)
 
 #: The extension's API version that clients check for (the sd-webui-controlnet API of A1111 1.x).
 API_VERSION = 2
@@ -154,10 +155,14 @@ def prepare_detect(body: ControlNetDetectRequest, state: ServerState) -> DetectJ
         raise InvalidParameter("controlnet_processor_res", res, "a resolution from 64 to 4096 (or -1: 512)")
     limits = state.config.limits
     allow_urls = state.config.allow_image_urls
+    masks_given = (body.controlnet_masks or [])[:len(sources)]
+    budget = PictureBudget(limits)  # every picture counted before any is decoded
+    budget.take("controlnet_input_images", len(sources))
+    budget.take("controlnet_masks", sum(1 for data in masks_given if data))
     images = tuple(decode_image(data, field=f"controlnet_input_images[{i}]", limits=limits, allow_urls=allow_urls)
                    for i, data in enumerate(sources))
     masks = tuple(decode_image(data, field=f"controlnet_masks[{i}]", limits=limits, allow_urls=allow_urls) if data
-                  else None for i, data in enumerate((body.controlnet_masks or [])[:len(images)]))
+                  else None for i, data in enumerate(masks_given))
     # The extension sends -1 (older clients 64) for "the module's default".
     a = body.controlnet_threshold_a if body.controlnet_threshold_a >= 0 else None
     b = body.controlnet_threshold_b if body.controlnet_threshold_b >= 0 else None

@@ -20,7 +20,7 @@ from ...params import (MASKED_CONTENT, MAX_TOKEN_MERGING_RATIO, DeepCacheOptions
                        InpaintOptions, SamplerOptions, preview_method_name)
 from ...prompts.styles import StyleBook
 from ..config import Limits
-from ..images import decode_image
+from ..images import PictureBudget, decode_image
 from ..saving import SampleFolders
 from ..state import ServerOptions
 from .requests import GenerationRequest, Img2ImgRequest, Txt2ImgRequest
@@ -80,7 +80,7 @@ def prepare_txt2img(req: Txt2ImgRequest, ctx: ConvertContext) -> PreparedJob:
     if req.firstpass_image:
         raise InvalidParameter("firstpass_image", "<image>", "absent (a hires. fix over a given first picture "
                                                              "is not available)")
-    fields = _common_fields(req, ctx, img2img=False)
+    fields = _common_fields(req, ctx, PictureBudget(ctx.limits), img2img=False)
     fields.update(_first_phase_size(req, ctx.limits))
     if req.enable_hr:
         fields["hires"] = _hires_options(req, ctx, fields["width"], fields["height"])
@@ -145,14 +145,16 @@ def prepare_img2img(req: Img2ImgRequest, ctx: ConvertContext) -> PreparedJob:
         raise InvalidParameter("latent_mask", "<image>", "absent (a separate latent mask is not available)")
     if not req.init_images:
         raise InvalidParameter("init_images", req.init_images, "a list with at least one base64 image")
-    fields = _common_fields(req, ctx, img2img=True)
+    pictures = PictureBudget(ctx.limits)
+    pictures.take("init_images", len(req.init_images))  # all of them counted before any is decoded
+    fields = _common_fields(req, ctx, pictures, img2img=True)
     strength = 0.75 if req.denoising_strength is None else req.denoising_strength
     fields["init_images"] = tuple(
         decode_image(data, field=f"init_images[{i}]", limits=ctx.limits, allow_urls=ctx.allow_image_urls)
         for i, data in enumerate(req.init_images)
     )
     if req.mask:
-        fields["mask"] = decode_image(req.mask, field="mask", limits=ctx.limits, allow_urls=ctx.allow_image_urls)
+        fields["mask"] = pictures.decode(req.mask, field="mask", allow_urls=ctx.allow_image_urls)
     fields["resize_mode"] = req.resize_mode
     fields["inpaint"] = _inpaint_options(req)
     params = _build_params(fields, strength=strength)
@@ -297,7 +299,8 @@ def _check_alwayson(scripts: Mapping[str, Any]) -> None:
             raise UnknownName("alwayson_scripts", name, [CONTROLNET_SCRIPT, SOFT_INPAINTING_SCRIPT])
 
 
-def _control_fields(req: GenerationRequest, ctx: ConvertContext, *, img2img: bool) -> dict[str, Any]:
+def _control_fields(req: GenerationRequest, ctx: ConvertContext, pictures: PictureBudget, *,
+                    img2img: bool) -> dict[str, Any]:
     """``control_units`` for GenerationParams from the ControlNet script's args (images decoded here)."""
     from .control_units import control_units
 
@@ -305,12 +308,13 @@ def _control_fields(req: GenerationRequest, ctx: ConvertContext, *, img2img: boo
         if name.lower() == CONTROLNET_SCRIPT:
             units = control_units(_script_args(name, value), prefix=f"alwayson_scripts.{name}.args",
                                   limits=ctx.limits, allow_urls=ctx.allow_image_urls, files=ctx.controlnet_files,
-                                  needs_image=not img2img)
+                                  needs_image=not img2img, pictures=pictures)
             return {"control_units": units} if units else {}
     return {}
 
 
-def _common_fields(req: GenerationRequest, ctx: ConvertContext, *, img2img: bool) -> dict[str, Any]:
+def _common_fields(req: GenerationRequest, ctx: ConvertContext, pictures: PictureBudget, *,
+                   img2img: bool) -> dict[str, Any]:
     limits = ctx.limits
     _check_limits(req, limits)
     if ctx.outputs is not None:  # a request may not point the server's writes elsewhere either
@@ -318,6 +322,7 @@ def _common_fields(req: GenerationRequest, ctx: ConvertContext, *, img2img: bool
     overrides = _Overrides(req.override_settings or {}, ctx)
     sampler = _sampler_name(req)
     prompt, negative_prompt = _styled(req, ctx, req.prompt or "", req.negative_prompt or "")
+    _check_lora_tags(prompt, limits)
     return {
         "prompt": prompt,
         "negative_prompt": negative_prompt,
@@ -344,7 +349,7 @@ def _common_fields(req: GenerationRequest, ctx: ConvertContext, *, img2img: bool
         "deepcache": _deepcache(overrides),
         "first_block_cache": _first_block_cache(overrides),
         "_model": overrides.model(),
-        **_control_fields(req, ctx, img2img=img2img),
+        **_control_fields(req, ctx, pictures, img2img=img2img),
     }
 
 
@@ -368,7 +373,8 @@ def _styled(req: GenerationRequest, ctx: ConvertContext, prompt: str, negative_p
         return prompt, negative_prompt
     if ctx.styles is None:
         raise InvalidParameter("styles", req.styles[0], "no styles (this server has no styles file)")
-    return ctx.styles().apply(req.styles, prompt, negative_prompt, field="styles")
+    return ctx.styles().apply(req.styles, prompt, negative_prompt, field="styles",
+                              max_chars=ctx.limits.max_prompt_chars)
 
 
 def _styled_hires_prompts(req: Txt2ImgRequest, ctx: ConvertContext) -> dict[str, str]:
@@ -389,10 +395,26 @@ def _check_limits(req: GenerationRequest, limits: Limits) -> None:
     for name, value, most in checks:
         if value > most:
             raise InvalidParameter(name, value, f"at most {most} (this server's limit)")
+    for name in ("prompt", "negative_prompt", "hr_prompt", "hr_negative_prompt"):
+        text = getattr(req, name, None) or ""
+        if len(text) > limits.max_prompt_chars:
+            raise InvalidParameter(name, f"{len(text)} characters",
+                                   f"at most {limits.max_prompt_chars} characters (this server's limit)")
+    if req.styles and len(req.styles) > limits.max_styles:
+        raise InvalidParameter("styles", f"{len(req.styles)} names", f"at most {limits.max_styles} (this server's limit)")
     if req.width * req.height > limits.max_image_pixels:
         raise InvalidParameter("width", f"{req.width}x{req.height}", f"at most {limits.max_image_pixels} pixels in all")
     if req.batch_size > 0 and req.n_iter > 0 and req.batch_size * req.n_iter > limits.max_images:
         raise InvalidParameter("n_iter", req.n_iter, f"batch_size x n_iter at most {limits.max_images} (this server's limit)")
+
+
+def _check_lora_tags(prompt: str, limits: Limits) -> None:
+    """At most ``max_lora_tags`` LoRA tags in the (styled) prompt: each one is merged into the weights."""
+    from ...prompts.parser import extract_extra_networks
+
+    count = sum(tag.kind in ("lora", "lyco") for tag in extract_extra_networks(prompt)[1])  # as pipeline/networks.py
+    if count > limits.max_lora_tags:
+        raise InvalidParameter("prompt", f"{count} <lora:...> tags", f"at most {limits.max_lora_tags} (this server's limit)")
 
 
 def _sampler_name(req: GenerationRequest) -> str:

@@ -32,7 +32,8 @@ from starlette.concurrency import run_in_threadpool
 from ...errors import InvalidParameter, UnknownName
 from ...params import HIRES_PIXEL_UPSCALERS
 from ..config import Limits
-from ..images import decode_image
+from ..images import PictureBudget, decode_image
+from ..security import JSONValueLimitRoute
 from ..state import server_state
 from .requests import ExtrasBatchImagesRequest, ExtrasRequest, ExtrasSingleImageRequest
 from .responses import ExtrasBatchImagesResponse, ExtrasSingleImageResponse
@@ -40,7 +41,7 @@ from .responses import ExtrasBatchImagesResponse, ExtrasSingleImageResponse
 if TYPE_CHECKING:
     from PIL.Image import Image
 
-router = APIRouter(prefix="/sdapi/v1", tags=["extras"])
+router = APIRouter(prefix="/sdapi/v1", tags=["extras"], route_class=JSONValueLimitRoute)
 
 
 @dataclass(frozen=True)
@@ -171,6 +172,7 @@ def html_info(text: str) -> str:
 def _process(job: ExtrasJob, sources: list[tuple[str, str]], limits: Limits, allow_urls: bool) -> tuple[list[str], str]:
     """Decode every picture and check its result size first, then upscale and encode each."""
     pictures = []
+    PictureBudget(limits).take(sources[0][1] if len(sources) == 1 else "imageList", len(sources))  # before decoding
     for data, field in sources:
         image = decode_image(data, field=field, limits=limits, allow_urls=allow_urls)
         if job.upscaler is not None:

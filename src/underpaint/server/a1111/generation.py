@@ -20,6 +20,7 @@ from ..errors import ServerError
 from ..images import encode_image
 from ..jobs import Job, JobCancelled
 from ..saving import SaveReport
+from ..security import JSONValueLimitRoute
 from ..state import ServerState, server_state
 from .convert import ConvertContext, PreparedJob, info_json, prepare_img2img, prepare_txt2img
 from .requests import Img2ImgRequest, Txt2ImgRequest
@@ -27,7 +28,7 @@ from .responses import ImageToImageResponse, ProgressResponse, ProgressState, Te
 
 log = logging.getLogger("underpaint.server")
 
-router = APIRouter(prefix="/sdapi/v1", tags=["generation"])
+router = APIRouter(prefix="/sdapi/v1", tags=["generation"], route_class=JSONValueLimitRoute)
 
 JOB_HEADER = "X-Underpaint-Job"
 

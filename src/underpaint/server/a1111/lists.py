@@ -22,6 +22,7 @@ from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
 from ...errors import ImageError, InvalidParameter
+from ..security import JSONValueLimitRoute
 from ..state import server_state
 from .requests import InterrogateRequest, PNGInfoRequest
 from .responses import (
@@ -30,7 +31,7 @@ from .responses import (
     SchedulerItem, ScriptArg, ScriptInfo, ScriptsList, UpscalerItem,
 )
 
-router = APIRouter(prefix="/sdapi/v1", tags=["lists"])
+router = APIRouter(prefix="/sdapi/v1", tags=["lists"], route_class=JSONValueLimitRoute)
 
 LORA_EXTENSIONS = (".safetensors", ".pt", ".ckpt")
 

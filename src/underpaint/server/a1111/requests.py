@@ -16,7 +16,8 @@ import types
 import typing
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 
 class WireModel(BaseModel):
@@ -44,7 +45,42 @@ def _is_int(annotation: Any) -> bool:
     return False
 
 
-class GenerationRequest(WireModel):
+class RequestModel(WireModel):
+    """Base for request bodies: every text in them, nested ones included, must be valid Unicode.
+
+    JSON may carry a lone UTF-16 surrogate (``"\\ud800"``), which Python's parser accepts but no
+    UTF-8 encoder does: a prompt holding one ran the whole job and then failed with a 500 when
+    the infotext or the response was written. Such text is a 422 naming the field instead.
+    """
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _valid_unicode(cls, value: Any) -> Any:
+        pending = [value]
+        while pending:
+            item = pending.pop()
+            if isinstance(item, str):
+                _check_unicode(item)
+            elif isinstance(item, dict):
+                pending.extend(item.keys())
+                pending.extend(item.values())
+            elif isinstance(item, (list, tuple)):
+                pending.extend(item)
+        return value
+
+
+def _check_unicode(text: str) -> None:
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise PydanticCustomError(
+            "invalid_unicode", "expected valid Unicode text; {char} at position {position} is a lone surrogate",
+            {"char": ascii(text[exc.start]), "position": exc.start}) from None
+
+
+class GenerationRequest(RequestModel):
     """Fields shared by txt2img and img2img."""
 
     @model_validator(mode="before")
@@ -182,13 +218,13 @@ class Img2ImgRequest(GenerationRequest):
     include_init_images: bool = Field(False, description="Echo init_images and mask back in `parameters`.")
 
 
-class PNGInfoRequest(WireModel):
+class PNGInfoRequest(RequestModel):
     """POST /sdapi/v1/png-info."""
 
     image: str = Field(description="A base64 image (PNG, JPEG or WebP) whose generation parameters to read.")
 
 
-class ExtrasRequest(WireModel):
+class ExtrasRequest(RequestModel):
     """The settings shared by /extra-single-image and /extra-batch-images (A1111's Extras tab)."""
 
     resize_mode: int = Field(0, ge=0, le=1, description="0: upscale by `upscaling_resize`; 1: to "
@@ -215,7 +251,7 @@ class ExtrasSingleImageRequest(ExtrasRequest):
     image: str = Field("", description="A base64 image.")
 
 
-class ExtrasFile(WireModel):
+class ExtrasFile(RequestModel):
     data: str = Field(description="A base64 image.")
     name: str = Field(description="Its file name (unused).")
 
@@ -226,7 +262,7 @@ class ExtrasBatchImagesRequest(ExtrasRequest):
     imageList: list[ExtrasFile] = Field(description="The pictures to work on.")
 
 
-class InterrogateRequest(WireModel):
+class InterrogateRequest(RequestModel):
     """POST /sdapi/v1/interrogate (refused: underpaint has no captioning model)."""
 
     image: str = Field("", description="A base64 image.")
@@ -237,7 +273,7 @@ class ProgressQuery(WireModel):
     skip_current_image: bool = False
 
 
-class ControlNetDetectRequest(WireModel):
+class ControlNetDetectRequest(RequestModel):
     """POST /controlnet/detect (the ControlNet extension's preprocessor endpoint)."""
 
     controlnet_module: str = Field("none", description="Preprocessor name; see /controlnet/module_list.")

@@ -17,11 +17,12 @@ from starlette.concurrency import run_in_threadpool
 from ...errors import InvalidParameter
 from ...params import MAX_TOKEN_MERGING_RATIO, preview_method_name
 from ..jobs import Job
+from ..security import JSONValueLimitRoute
 from ..state import ServerState, server_state
 from .generation import await_job
 from .responses import CommandFlags, Options, SDModelItem, SDModuleItem, SDVaeItem
 
-router = APIRouter(prefix="/sdapi/v1", tags=["settings"])
+router = APIRouter(prefix="/sdapi/v1", tags=["settings"], route_class=JSONValueLimitRoute)
 
 _RNG_LABELS = {"gpu": "GPU", "cpu": "CPU", "nv": "NV"}
 #: A1111's token merging settings, named as ServerOptions names them.
