@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
 import socket
 import struct
 import zlib
@@ -581,3 +582,28 @@ def test_underpaint_serve_starts_on_loopback_and_stops(tmp_path):
         output = proc.communicate(timeout=30)[0].decode()
     assert proc.returncode in (0, 130), output
     assert "no model loaded at start-up" in output  # an empty folder is reported, not fatal
+
+
+def test_model_files_whose_names_are_not_utf8_are_left_out_of_listings(tmp_path, caplog):
+    """POSIX file names are bytes: one that is not UTF-8 cannot be sent as JSON, so it is left out
+    (with a warning) instead of turning the whole listing into a 500."""
+    root = make_models_dir(tmp_path)
+    for sub, good in (("checkpoints", None), ("loras", "ink.safetensors"), ("embeddings", "grain.pt"),
+                      ("controlnet", "control_canny.safetensors")):
+        (root / sub).mkdir(exist_ok=True)
+        if good:
+            (root / sub / good).write_bytes(b"placeholder")
+        try:
+            with open(os.path.join(os.fsencode(root / sub), b"caf\xff.safetensors"), "wb") as f:
+                f.write(b"placeholder")
+        except OSError:
+            pytest.skip("this file system refuses names that are not UTF-8")
+    with TestClient(create_app(ServerConfig(models_dir=root, preload=False)), base_url="http://127.0.0.1") as c:
+        r = c.get("/sdapi/v1/sd-models")
+        assert r.status_code == 200 and sorted(m["model_name"] for m in r.json()) == ["alpha", "beta"]
+        r = c.get("/sdapi/v1/loras")
+        assert r.status_code == 200 and [m["name"] for m in r.json()] == ["ink"]
+        r = c.get("/controlnet/model_list")
+        assert r.status_code == 200 and all("caf" not in m for m in r.json()["model_list"])
+        assert c.get("/sdapi/v1/embeddings").status_code == 200
+    assert "not valid UTF-8" in caplog.text

@@ -40,6 +40,7 @@ import torch
 from ..errors import ModelError, ModelNotFound
 from .configs import UNetLayout
 from .detect import Family
+from .registry import listable
 from .header import CheckpointHeader, header_from_state_dict, load_state_dict, read_header, sniff_format
 
 #: File name endings of ControlNet weights in a models folder (A1111's list).
@@ -476,6 +477,8 @@ def list_controlnets(folders) -> list[Path]:
         if not root.is_dir():
             continue
         for p in sorted(root.rglob("*")):
+            if not listable(p):
+                continue
             if p.is_file() and p.suffix.lower() in CONTROLNET_EXTENSIONS and not _inside_folder_model(p, root):
                 found.append(p)
             elif p.is_dir() and (p / "config.json").is_file():

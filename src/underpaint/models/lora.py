@@ -47,6 +47,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InvalidParameter, ModelError, UnknownName
+from .registry import listable
 
 #: File suffixes A1111 lists in its Lora folder.
 LORA_EXTENSIONS = (".safetensors", ".ckpt", ".pt")
@@ -177,8 +178,8 @@ def list_loras(folders: Iterable[Path]) -> list[LoraFile]:
         for dirpath, dirnames, filenames in os.walk(base, followlinks=True):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             for f in sorted(filenames):
-                if f.lower().endswith(LORA_EXTENSIONS) and not f.startswith("."):
-                    path = Path(dirpath) / f
+                path = Path(dirpath) / f
+                if f.lower().endswith(LORA_EXTENSIONS) and not f.startswith(".") and listable(path):
                     relative = path.relative_to(base).with_suffix("").as_posix()
                     seen.setdefault(relative, LoraFile(path.stem, path, relative))
     return sorted(seen.values(), key=lambda e: e.relative.lower())

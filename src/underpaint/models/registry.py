@@ -11,6 +11,7 @@ without the extension, its title is the file name with the short hash in bracket
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -18,6 +19,25 @@ from pathlib import Path
 
 from ..errors import ModelNotFound
 from .hashes import cached_model_hash
+
+log = logging.getLogger(__name__)
+_warned_names: set[str] = set()
+
+
+def listable(path: Path) -> bool:
+    """Whether a model file's path is text. POSIX file names are bytes; a name that is not valid
+    UTF-8 reaches Python with stand-in characters that no JSON answer, terminal or request can
+    carry, so such a file is left out of every listing (with a warning, once, that says to rename
+    it) instead of failing the listing."""
+    text = str(path)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        if text not in _warned_names:
+            _warned_names.add(text)
+            log.warning("left out %s: its name is not valid UTF-8; rename the file to use it", ascii(text))
+        return False
+    return True
 
 CHECKPOINT_EXTENSIONS = (".safetensors", ".ckpt", ".gguf")
 VAE_EXTENSIONS = (".safetensors", ".ckpt", ".pt")
@@ -214,12 +234,12 @@ def _walk(base: Path, extensions: tuple[str, ...], diffusers_folders: bool):
         here = Path(dirpath)
         if diffusers_folders:
             for d in list(dirnames):
-                if (here / d / "model_index.json").is_file():
+                if (here / d / "model_index.json").is_file() and listable(here / d):
                     dirnames.remove(d)
                     yield here / d
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         for f in filenames:
-            if f.lower().endswith(extensions) and not f.startswith("."):
+            if f.lower().endswith(extensions) and not f.startswith(".") and listable(here / f):
                 yield here / f
 
 

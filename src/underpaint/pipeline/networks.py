@@ -19,6 +19,7 @@ from pathlib import Path
 from ..models.lora import (LoraCache, LoraNetwork, LoraPatcher, LoraRequest, ModuleIndex, lora_short_hash,
                            resolve_lora)
 from ..models.optimize import weights_changed
+from ..models.registry import listable
 from ..params import GenerationParams
 from ..prompts.embeddings import EMBEDDING_SUFFIXES, Embedding, load_embedding
 from ..prompts.parser import extract_extra_networks, prompt_schedule, split_and
@@ -146,7 +147,8 @@ def _embedding_files(folders: Sequence[Path]) -> Iterator[Path]:
         for dirpath, dirnames, filenames in os.walk(base, followlinks=True):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             for name in sorted(filenames):
-                if name.lower().endswith(EMBEDDING_SUFFIXES) and not name.startswith("."):
+                if name.lower().endswith(EMBEDDING_SUFFIXES) and not name.startswith(".") \
+                        and listable(Path(dirpath) / name):
                     yield Path(dirpath) / name
 
 

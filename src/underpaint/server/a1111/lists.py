@@ -22,6 +22,7 @@ from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
 from ...errors import ImageError, InvalidParameter
+from ...models.registry import listable
 from ..security import JSONValueLimitRoute
 from ..state import server_state
 from .requests import InterrogateRequest, PNGInfoRequest
@@ -84,7 +85,7 @@ def loras(request: Request) -> list[LoraItem]:
     items: dict[str, LoraItem] = {}
     for base in folder.folders("loras"):
         for path in sorted(base.rglob("*")):
-            if path.suffix.lower() in LORA_EXTENSIONS and path.is_file() and path.stem not in items:
+            if path.suffix.lower() in LORA_EXTENSIONS and path.is_file() and path.stem not in items and listable(path):
                 rel = Path(os.path.relpath(path, folder.root)).as_posix()
                 items[path.stem] = LoraItem(name=path.stem, alias=path.stem, path=rel, metadata={})
     return list(items.values())
@@ -106,7 +107,7 @@ def embeddings(request: Request) -> EmbeddingsResponse:
     answer = EmbeddingsResponse()
     for base in state.catalog.folder.folders("embeddings"):
         for path in sorted(base.rglob("*")):
-            if path.suffix.lower() not in EMBEDDING_SUFFIXES or not path.is_file():
+            if path.suffix.lower() not in EMBEDDING_SUFFIXES or not path.is_file() or not listable(path):
                 continue
             try:
                 embedding = load_embedding(path)
