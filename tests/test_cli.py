@@ -266,3 +266,32 @@ def test_warnings_for_what_will_not_happen_as_asked(tmp_path, capsys):
                  ["--sampler", "Euler", "--scheduler", "exponential"], ["--from-infotext", str(text)]):
         warn_about_request(build_parser().parse_args(["img2img", "x.png", *argv]))
         assert capsys.readouterr().err == "", argv
+
+
+def test_ctrl_c_saves_the_finished_batches(tmp_path, photo_file, sd1_file, monkeypatch, capsys):
+    """Ctrl-C during the second of three batches: the first batch's pictures are saved, whole (as a
+    run of that batch alone makes them); the stopped batch's are not, and the command ends as
+    interrupted (130)."""
+    import signal
+
+    from underpaint.cli import progress
+    from underpaint.cli.main import main
+
+    def press_ctrl_c_in_batch_two(self, report):
+        if report.job == 1 and report.step == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(progress.ProgressBar, "update", press_ctrl_c_in_batch_two)
+    out = tmp_path / "out"
+    common = [str(photo_file), "-p", "a boat", "--steps", "4", "--sampler", "Euler", "--model", str(sd1_file)]
+    code = main(["img2img", *common, "--seed", "7", "--batch-size", "2", "--count", "3", "-o", f"{out}/"])
+    captured = capsys.readouterr()
+    assert code == 130, captured.err
+    assert "finished pictures will be saved" in captured.err and "underpaint: interrupted" in captured.err
+    assert sorted(p.name for p in out.iterdir()) == ["00000-7.png", "00001-8.png"]  # no temporary files either
+
+    monkeypatch.undo()
+    single = tmp_path / "single.png"
+    assert main(["img2img", *common, "--seed", "8", "-o", str(single)]) == 0
+    diff = np.abs(np.asarray(Image.open(single), np.int16) - np.asarray(Image.open(out / "00001-8.png"), np.int16))
+    assert diff.max() <= 1

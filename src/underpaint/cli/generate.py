@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import ImageError, InvalidParameter
@@ -531,11 +533,51 @@ def run_txt2img(args: argparse.Namespace) -> int:
 
 
 def _run_and_save(engine, params: GenerationParams, args: argparse.Namespace, command: str, source: Path | None) -> None:
+    """Generate and save. Ctrl-C stops the run at the next step and still saves the pictures of the
+    batches that finished (those of the batch it stopped are not, as in A1111), then ends the
+    command as interrupted; a second Ctrl-C stops at once."""
     from ..imageio.metadata import save_image
+    from ..pipeline.records import Cancellation
 
-    with ProgressBar(label=source.name if source else command) as bar:
-        result = engine.generate(params, progress=bar.update)
-    paths = plan_outputs(args.output, command, len(result.images), overwrite=args.overwrite, source=source,
-                         seeds=result.seeds)
-    for image, infotext, path in zip(result.images, result.infotexts, paths):
+    cancel = Cancellation()
+    with ProgressBar(label=source.name if source else command) as bar, _ctrl_c_interrupts(cancel):
+        result = engine.generate(params, progress=bar.update, cancel=cancel)
+    count = min(len(result.images), len(result.infotexts), len(result.seeds))
+    if result.interrupted:
+        count = max(0, count - params.batch_size)
+    paths = plan_outputs(args.output, command, count, overwrite=args.overwrite, source=source,
+                         seeds=result.seeds[:count])
+    for image, infotext, path in zip(result.images[:count], result.infotexts[:count], paths):
         print(save_image(image, path, infotext=infotext, overwrite=args.overwrite))
+    if result.interrupted:
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _ctrl_c_interrupts(cancel) -> Iterator[None]:
+    """While the body runs, the first Ctrl-C interrupts ``cancel`` (the engine stops after the step it
+    is on) instead of abandoning everything; the second raises KeyboardInterrupt as usual. Outside
+    the main thread, or where Ctrl-C is ignored (a background job), nothing changes."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is signal.SIG_IGN:
+        yield
+        return
+
+    def on_ctrl_c(signum, frame):
+        if cancel.interrupted:
+            raise KeyboardInterrupt
+        cancel.interrupt()
+        print("underpaint: stopping after this step; the finished pictures will be saved "
+              "(Ctrl-C again to stop at once)", file=sys.stderr)
+
+    signal.signal(signal.SIGINT, on_ctrl_c)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
