@@ -109,6 +109,10 @@ def test_txt2img(tmp_path, sd1_file):
         # Suggestions ignore case, and a misspelt schedule in an A1111 sampler name is suggested whole.
         (["--scheduler", "expo"], ["did you mean 'Exponential'"]),
         (["--sampler", "DPM++ 2M Karas"], ["did you mean 'DPM++ 2M Karras'"]),
+        # ControlNet unit settings by their flags too (not img2img's --resize-mode).
+        (["--control", "canny", "--control-weight", "5"], ["--control-weight: got 5.0"]),
+        (["--control", "canny", "--control-resize", "sideways"], ["--control-resize: got 'sideways'"]),
+        (["--control", "cany"], ["--control: got 'cany'", "'canny'"]),
     ],
 )
 def test_bad_parameters(extra, needles, photo_file, sd1_file, tmp_path):

@@ -86,22 +86,28 @@ def _no_server(args: argparse.Namespace) -> int:
     raise UnderpaintError("the HTTP server needs FastAPI and uvicorn: pip install 'underpaint[server]'")
 
 
-#: Request fields (as the library's errors name them) → the ``dest`` of the flag or argument that
-#: sets them on the command line, where the two differ.
-_DEST_OF_FIELD = {
-    "n_iter": "count", "eta_noise_seed_delta": "ensd", "token_merging_ratio": "token_merging",
-    "seed_resize_from_w": "seed_resize_from", "seed_resize_from_h": "seed_resize_from",
-    "hires_resize_x": "hires_resize", "hires_resize_y": "hires_resize",
-    "hires_token_merging_ratio": "hires_token_merging",
-    "mask_blur_x": "mask_blur", "mask_blur_y": "mask_blur", "full_res_padding": "padding",
-    "deepcache_interval": "deepcache", "init_images": "input",
+#: Request fields (as the library's errors name them) → where the two differ, what sets them on the
+#: command line: flags, or the ``dest`` of an argument (a positional's is shown by its name, INPUT),
+#: the first one the command has. ``resize_mode`` is ControlNet's before img2img's, whose own
+#: ``--resize-mode`` cannot give a bad value (argparse checks its choices).
+_FIELD_FLAGS: dict[str, tuple[str, ...]] = {
+    "n_iter": ("--count",), "eta_noise_seed_delta": ("--ensd",), "token_merging_ratio": ("--token-merging",),
+    "seed_resize_from_w": ("--seed-resize-from",), "seed_resize_from_h": ("--seed-resize-from",),
+    "hires_resize_x": ("--hires-resize",), "hires_resize_y": ("--hires-resize",),
+    "hires_token_merging_ratio": ("--hires-token-merging",),
+    "mask_blur_x": ("--mask-blur",), "mask_blur_y": ("--mask-blur",), "full_res_padding": ("--padding",),
+    "deepcache_interval": ("--deepcache",), "init_images": ("input",),
+    # ControlNet units (pipeline/control.py) and `underpaint detect`.
+    "module": ("type", "--control"), "control weight": ("--control-weight",), "guidance_start": ("--control-start",),
+    "guidance_end": ("--control-end",), "control_mode": ("--control-mode",), "processor_res": ("--control-res",),
+    "resize_mode": ("--control-resize", "--resize-mode"),
 }
 #: Fields named the same as their flag's ``dest`` (``strength`` is ``--strength``). Only these and
 #: the ones above are renamed: other errors name things that are not flags (a ``<lora:...>`` tag in
 #: the prompt, a ControlNet unit's model, an infotext key).
 _SAME_NAME = frozenset({
     "prompt", "negative_prompt", "strength", "steps", "cfg_scale", "distilled_cfg_scale", "sampler",
-    "scheduler", "seed", "subseed", "subseed_strength", "width", "height", "resize_mode", "batch_size",
+    "scheduler", "seed", "subseed", "subseed_strength", "width", "height", "batch_size",
     "clip_skip", "rng", "eta", "s_churn", "s_noise", "hires_scale", "hires_upscaler", "hires_steps",
     "hires_strength", "hires_sampler", "hires_scheduler", "hires_prompt", "hires_negative_prompt",
     "masked_content", "mask_weight", "deepcache_branch", "deepcache_start", "deepcache_end",
@@ -111,17 +117,22 @@ _SAME_NAME = frozenset({
 
 
 def _flag_of(parser: argparse.ArgumentParser | None, field: str | None) -> str | None:
-    """How ``parser``'s command spells the request field ``field``: its first long flag (``--count``
-    for ``n_iter``), a positional's name (``INPUT``), or None where it has none."""
+    """How ``parser``'s command spells the request field ``field``: a flag (``--count`` for
+    ``n_iter``, the first long one of an argument), a positional's name (``INPUT``), or None where
+    it has none."""
     if parser is None or not field:
         return None
-    dest = _DEST_OF_FIELD.get(field, field if field in _SAME_NAME else None)
-    for action in parser._actions:  # noqa: SLF001 - argparse keeps its arguments here
-        if action.dest != dest:
+    actions = parser._actions  # noqa: SLF001 - argparse keeps its arguments here
+    for candidate in _FIELD_FLAGS.get(field, (field,) if field in _SAME_NAME else ()):
+        if candidate.startswith("-"):
+            if any(candidate in action.option_strings for action in actions):
+                return candidate
             continue
-        if not action.option_strings:
-            return action.metavar or dest.upper()
-        return next((s for s in action.option_strings if s.startswith("--")), action.option_strings[0])
+        for action in actions:
+            if action.dest == candidate:
+                if not action.option_strings:
+                    return action.metavar or candidate.upper()
+                return next((s for s in action.option_strings if s.startswith("--")), action.option_strings[0])
     return None
 
 
