@@ -149,6 +149,25 @@ def test_detect_writes_the_map(tmp_path, photo):
         args.func(args)
 
 
+def test_detect_checks_the_output_before_the_work(tmp_path, photo, monkeypatch):
+    """An output that cannot be written is refused before the preprocessor runs, and a map is
+    never written in another format than its extension says."""
+    from underpaint.errors import InvalidParameter
+    from underpaint.preprocess import registry
+
+    ran = []
+    monkeypatch.setattr(registry, "run_preprocessor", lambda *args, **kwargs: ran.append(args))
+    src = tmp_path / "in.png"
+    photo.save(src)
+    (tmp_path / "file.txt").write_text("a file, not a folder")
+    for target, needle in ((tmp_path / "map.gif", ".png"), (tmp_path / "file.txt" / "map.png", "is a file")):
+        args = _detect_parser().parse_args(["detect", "canny", str(src), "-o", str(target)])
+        with pytest.raises(InvalidParameter, match="output") as err:
+            args.func(args)
+        assert needle in str(err.value)
+    assert ran == [] and not (tmp_path / "map.gif").exists()
+
+
 def test_detect_fits_to_a_size(tmp_path, photo):
     pytest.importorskip("cv2")
     src = tmp_path / "in.png"

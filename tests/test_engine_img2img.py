@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from underpaint.params import GenerationParams
+from underpaint.params import GenerationParams, SamplerOptions
 
 
 def _pixels(image: Image.Image) -> np.ndarray:
@@ -166,3 +166,55 @@ def test_other_families_generate(request, fixture, photo):
                                               steps=3, strength=0.6, seed=9, sampler="Euler a"))
     pixels = np.asarray(result.images[0])
     assert pixels.shape == (64, 64, 3) and pixels.std() > 0
+
+
+def test_convenience_calls_take_a1111_names(sd1_engine, photo):
+    """``engine.img2img`` as an A1111 API user writes it: ``denoising_strength``, ``sampler_name``, ``eta``."""
+    image = photo.resize((64, 64))
+    ours = sd1_engine.img2img(image, prompt="a barn", strength=0.5, sampler="Euler a", seed=3, steps=2,
+                              sampler_options=SamplerOptions(eta=0.5))
+    a1111 = sd1_engine.img2img(image, prompt="a barn", denoising_strength=0.5, sampler_name="Euler a", seed=3,
+                               steps=2, eta=0.5)
+    assert a1111.infotexts == ours.infotexts and "Denoising strength: 0.5" in a1111.infotexts[0]
+    assert "Eta: 0.5" in a1111.infotexts[0]
+    assert a1111.images[0].tobytes() == ours.images[0].tobytes()
+
+
+def test_convenience_calls_refuse_unknown_fields_by_name(sd1_engine, photo):
+    from underpaint.errors import InvalidParameter, UnknownName
+
+    with pytest.raises(UnknownName, match="'strenght'.*did you mean 'strength'"):
+        sd1_engine.img2img(photo, strenght=0.5)
+    with pytest.raises(InvalidParameter, match="not both"):
+        sd1_engine.img2img(photo, strength=0.5, denoising_strength=0.4)
+    with pytest.raises(InvalidParameter, match="^image: got 'int', expected a PIL image or the path"):
+        sd1_engine.img2img(42)
+
+
+@pytest.mark.parametrize(("fields", "pattern"), [
+    ({"init_images": ("photo.png",)}, r"^init_images\[0\]: got 'photo.png', expected a PIL image"),
+    ({"init_images": Image.new("RGB", (64, 64))}, r"^init_images: got '\w*Image', expected a tuple of PIL images"),
+    ({"init_images": (Image.new("RGB", (64, 64)),), "mask": "mask.png"}, r"^mask: got 'mask.png'"),
+])
+def test_request_images_must_be_pictures(fields, pattern):
+    from underpaint.errors import InvalidParameter
+
+    with pytest.raises(InvalidParameter, match=pattern):
+        GenerationParams(**fields)
+
+
+def test_a_list_of_init_images_is_taken():
+    image = Image.new("RGB", (64, 64))
+    assert GenerationParams(init_images=[image]).init_images == (image,)
+
+
+def test_a_picture_too_small_to_paint_is_refused(sd1_engine):
+    from underpaint.errors import InvalidParameter
+
+    tiny = Image.new("RGB", (10, 10), (120, 30, 200))
+    with pytest.raises(InvalidParameter, match=r"^init_images: got '10x10 picture', expected a picture larger than 8"):
+        sd1_engine.generate(GenerationParams(init_images=(tiny,), steps=1, seed=1))
+    # Strength 0 still hands the picture back, and a size asked for is painted at that size.
+    assert sd1_engine.generate(GenerationParams(init_images=(tiny,), strength=0)).images[0].size == (10, 10)
+    made = sd1_engine.generate(GenerationParams(init_images=(tiny,), steps=1, seed=1, width=64, height=64))
+    assert made.images[0].size == (64, 64)

@@ -347,10 +347,10 @@ def test_cli_hires_writes_the_hires_picture_and_reproduces_it(tmp_path, sd1_file
     capsys.readouterr()
 
 
-@pytest.mark.parametrize(("flags", "needle"), [(["--hires-upscaler", "ESRGAN_4x"], "hires_upscaler"),
-                                               (["--hires-strength", "0"], "hires_strength"),
+@pytest.mark.parametrize(("flags", "needle"), [(["--hires-upscaler", "ESRGAN_4x"], "--hires-upscaler"),
+                                               (["--hires-strength", "0"], "--hires-strength"),
                                                (["--hires-resize", "big"], "--hires-resize"),
-                                               (["-W", "512", "--hires-scale", "20"], "hires_scale")])
+                                               (["-W", "512", "--hires-scale", "20"], "--hires-scale")])
 def test_cli_bad_hires_values_exit_2(tmp_path, flags, needle, capsys):
     from underpaint.cli.main import main
 

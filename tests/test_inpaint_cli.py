@@ -93,7 +93,7 @@ def test_bad_mask_inputs_fail_in_one_line(tmp_path, files, sd1_file):
     assert_clean_error(run_cli("inpaint", str(files["photo"]), "--mask-from-alpha", "--model", str(sd1_file)),
                        "no alpha channel")
     assert_clean_error(run_cli("inpaint", str(files["photo"]), "--mask", str(files["mask"]), "--mask-weight", "2",
-                               "--model", str(sd1_file)), "mask_weight")
+                               "--model", str(sd1_file)), "--mask-weight: got 2.0")
     assert_clean_error(run_cli("outpaint", str(files["photo"]), "--model", str(sd1_file)), "at least one side")
     assert not files["out"].exists()
 
@@ -101,3 +101,16 @@ def test_bad_mask_inputs_fail_in_one_line(tmp_path, files, sd1_file):
 def test_inpaint_needs_a_mask_source(files):
     proc = run_cli("inpaint", str(files["photo"]))
     assert proc.returncode == 2 and "--mask" in proc.stderr
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["--masked-content", "latent noise", "--inpaint-area", "Only masked"], ("latent noise", True)),
+    (["--masked-content", "Latent Nothing", "--inpaint-area", "Whole picture"], ("latent nothing", False)),
+    (["--masked-content", "fill", "--inpaint-area", "only-masked"], ("fill", True)),
+])
+def test_inpaint_choices_take_a1111_spellings(argv, expected):
+    from underpaint.cli.inpaint import inpaint_options
+    from underpaint.cli.main import build_parser
+
+    options = inpaint_options(build_parser().parse_args(["inpaint", "photo.png", "--mask", "m.png", *argv]))
+    assert (options.masked_content, options.full_res) == expected

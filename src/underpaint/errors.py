@@ -44,7 +44,7 @@ class UnknownName(InvalidParameter):
 
     def __init__(self, field: str, value: str, choices: Iterable[str]):
         choices = list(choices)
-        close = difflib.get_close_matches(str(value), choices, n=3, cutoff=0.5)
+        close = nearest_names(str(value), choices)
         if close:
             expected = "one of the known names; did you mean " + " or ".join(repr(c) for c in close) + "?"
         elif len(choices) <= 30:
@@ -53,6 +53,18 @@ class UnknownName(InvalidParameter):
             expected = f"one of {len(choices)} known names"
         super().__init__(field, value, expected)
         self.choices = choices
+
+
+def nearest_names(value: str, choices: list[str], n: int = 3) -> list[str]:
+    """Up to ``n`` of ``choices`` that ``value`` most likely meant, compared without regard to case
+    ("expo" → "Exponential", "karas" → "Karras"); choices that start with it come first."""
+    lowered = {}
+    for choice in choices:
+        lowered.setdefault(str(choice).lower(), choice)
+    wanted = value.strip().lower()
+    starts = [c for low, c in lowered.items() if len(wanted) >= 3 and low.startswith(wanted)]
+    similar = [lowered[low] for low in difflib.get_close_matches(wanted, list(lowered), n=n, cutoff=0.5)]
+    return list(dict.fromkeys(starts + similar))[:n]
 
 
 class ImageError(UnderpaintError):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, field, fields, replace
+from os import PathLike
 from typing import TYPE_CHECKING, Any
 
 from .errors import InvalidParameter
@@ -58,6 +59,18 @@ def preview_method_name(value: object, field: str = "preview_method") -> str:
 def random_seed() -> int:
     """A fresh seed in A1111's range; what gets recorded is this value, never -1."""
     return random.randrange(MAX_SEED)
+
+
+def _is_image(value: object) -> bool:
+    """A PIL image, told by what the pipeline uses of one (PIL itself is not imported here)."""
+    return all(hasattr(value, name) for name in ("size", "mode", "convert"))
+
+
+def _check_image(name: str, value: object) -> None:
+    if not _is_image(value):
+        shown = str(value) if isinstance(value, (str, PathLike)) else type(value).__name__
+        raise InvalidParameter(name, shown, "a PIL image (for a file, use PIL.Image.open or "
+                                            "underpaint.imageio.load.load_image; Engine.img2img takes paths)")
 
 
 def _check_range(name: str, value: float, lo: float, hi: float, *, integer: bool = False) -> None:
@@ -286,6 +299,15 @@ class GenerationParams:
     def __post_init__(self) -> None:
         from .sampling.names import resolve_sampler  # torch-free table
 
+        images = self.init_images
+        if _is_image(images) or not isinstance(images, (tuple, list)):
+            raise InvalidParameter("init_images", type(images).__name__,
+                                   "a tuple of PIL images, e.g. init_images=(image,)")
+        for i, image in enumerate(images):
+            _check_image(f"init_images[{i}]", image)
+        object.__setattr__(self, "init_images", tuple(images))
+        if self.mask is not None:
+            _check_image("mask", self.mask)
         _check_range("strength", self.strength, 0.0, 1.0)
         _check_range("steps", self.steps, 1, 1000, integer=True)
         _check_range("cfg_scale", self.cfg_scale, 0.0, 100.0)
@@ -388,6 +410,41 @@ class GenerationParams:
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
+
+
+#: A1111's API names for the fields :class:`GenerationParams` spells otherwise; the engine's
+#: ``img2img``/``txt2img`` calls take either (:func:`request_fields`).
+A1111_FIELD_NAMES = {"denoising_strength": "strength", "sampler_name": "sampler"}
+#: A1111's top-level sampler settings, which :class:`GenerationParams` keeps in ``sampler_options``.
+SAMPLER_OPTION_FIELDS = ("eta", "s_churn", "s_tmin", "s_tmax", "s_noise")
+
+
+def request_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    """:class:`GenerationParams` keyword arguments from ones that may use A1111's API names
+    (``denoising_strength``, ``sampler_name``, and ``eta``/``s_churn``/... beside the other fields).
+
+    A name that is neither is an :class:`~underpaint.errors.UnknownName` suggesting the nearest
+    field (``strenght``: did you mean ``strength``?), rather than Python's TypeError.
+    """
+    from .errors import UnknownName
+
+    known = GenerationParams.field_names()
+    out: dict[str, Any] = {}
+    options: dict[str, Any] = {}
+    for name, value in fields.items():
+        if name in SAMPLER_OPTION_FIELDS:
+            options[name] = value
+            continue
+        target = A1111_FIELD_NAMES.get(name, name)
+        if target not in known:
+            raise UnknownName("field", name, [*known, *A1111_FIELD_NAMES, *SAMPLER_OPTION_FIELDS])
+        if target in out:
+            other = next(n for n in fields if n != name and A1111_FIELD_NAMES.get(n, n) == target)
+            raise InvalidParameter(name, value, f"either {name} or {other}, not both")
+        out[target] = value
+    if options:
+        out["sampler_options"] = replace(out.get("sampler_options") or SamplerOptions(), **options)
+    return out
 
 
 def check_hires_size(hires: HiresOptions, width: int, height: int, *, multiple: int = 8) -> None:

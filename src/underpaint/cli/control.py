@@ -137,7 +137,8 @@ def add_commands(sub) -> None:
                        description="Run a ControlNet preprocessor (canny, depth, openpose, ...) on a picture.")
     p.add_argument("type", metavar="TYPE", help="preprocessor name, e.g. canny, depth, openpose, lineart")
     p.add_argument("image", metavar="IMAGE", help="the picture to analyse")
-    p.add_argument("-o", "--output", required=True, help="where to write the map (PNG)")
+    p.add_argument("-o", "--output", required=True,
+                   help="where to write the map (.png, or .jpg/.webp; an existing file is kept unless --overwrite)")
     p.add_argument("--res", type=int, default=512, help="preprocessor resolution (default 512)")
     p.add_argument("--threshold-a", type=float, default=None, help="first threshold (module default)")
     p.add_argument("--threshold-b", type=float, default=None, help="second threshold (module default)")
@@ -156,14 +157,14 @@ def run_detect(args: argparse.Namespace) -> int:
     import numpy as np
     from PIL import Image
 
-    from ..errors import OutputExists
     from ..imageio.load import load_image
+    from ..imageio.metadata import save_image
     from ..preprocess.common import AnnotatorContext, fit_map
     from ..preprocess.registry import run_preprocessor
+    from .outputs import plan_outputs
 
-    out = Path(args.output).expanduser()
-    if out.exists() and not args.overwrite:
-        raise OutputExists(f"{out}: already exists (pass --overwrite to replace it)")
+    # The extension, the folder and an existing file are checked before the work, as for img2img.
+    out = plan_outputs(args.output, "detect", 1, overwrite=args.overwrite, source=None)[0]
     if (args.width is None) != (args.height is None):
         raise InvalidParameter("--width/--height", args.width or args.height, "both or neither")
     image = load_image(args.image, field="IMAGE")
@@ -175,7 +176,7 @@ def run_detect(args: argparse.Namespace) -> int:
                                 seed=args.seed, ctx=ctx)
     if args.width is not None:
         detected = fit_map(detected, args.width, args.height, args.resize_mode)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(detected, "RGBA" if detected.shape[2] == 4 else "RGB").save(out)
-    print(out, file=sys.stdout)
+    # Written atomically and never over an existing file unless asked (imageio/metadata.py).
+    print(save_image(Image.fromarray(detected, "RGBA" if detected.shape[2] == 4 else "RGB"), out,
+                     overwrite=args.overwrite), file=sys.stdout)
     return 0

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import ImageError, InvalidParameter
@@ -17,6 +19,34 @@ from .progress import ProgressBar
 
 RESIZE_MODES = {"just-resize": 0, "crop-and-resize": 1, "resize-and-fill": 2, "latent-upscale": 3,
                 "0": 0, "1": 1, "2": 2, "3": 3}
+#: A1111's labels that do not become a choice above by :func:`a1111_choice`'s spelling rules.
+_RESIZE_LABELS = {"just-resize-latent-upscale": "latent-upscale"}
+
+
+def a1111_choice(choices, aliases: dict[str, str] | None = None):
+    """An argparse ``type`` for a flag with fixed choices that also takes them as A1111's UI labels
+    them: in any case, with spaces for dashes and without parentheses ("Crop and resize" is
+    ``crop-and-resize``, "Just resize (latent upscale)" is ``latent-upscale``). Anything else is
+    passed on unchanged for argparse to refuse, listing the choices."""
+
+    def convert(text: str) -> str:
+        key = "-".join(text.lower().replace("(", " ").replace(")", " ").replace("_", " ").replace("-", " ").split())
+        key = (aliases or {}).get(key, key)
+        return key if key in choices else text
+
+    return convert
+
+
+class NotAvailable(argparse.Action):
+    """A flag for an A1111 feature underpaint does not have: listed in ``--help`` so that it is
+    found, and refused in one line when given, rather than "unrecognized arguments"."""
+
+    def __init__(self, option_strings, dest, *, feature: str, **kwargs):
+        super().__init__(option_strings, dest, default=argparse.SUPPRESS, **kwargs)
+        self.feature = feature
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string}: {self.feature} is not available in underpaint")
 
 
 def add_commands(sub) -> None:
@@ -55,20 +85,28 @@ def _add_generation_args(p: argparse.ArgumentParser, *, img2img: bool) -> None:
                        help="denoising strength 0-1: 0 keeps the input, 1 ignores it (default 0.75)")
         s.add_argument("--fix-steps", action="store_true",
                        help="run exactly --steps steps whatever the strength (A1111's img2img_fix_steps)")
-    s.add_argument("--steps", type=int, default=20, help="sampling steps (default 20; FLUX.1-schnell: 4)")
+    s.add_argument("--steps", "--sampling-steps", dest="steps", type=int, default=20,
+                   help="sampling steps (default 20; FLUX.1-schnell: 4)")
     s.add_argument("--cfg", "--cfg-scale", dest="cfg_scale", type=float, default=7.0,
                    help="CFG scale: how strictly to follow the prompt (default 7; FLUX: 1, which skips the "
                         "negative prompt)")
     s.add_argument("--guidance", "--distilled-cfg-scale", dest="distilled_cfg_scale", type=float, default=None,
                    help="FLUX.1-dev's built-in guidance, Forge's Distilled CFG Scale (default 3.5)")
-    s.add_argument("--sampler", default="DPM++ 2M",
-                   help='sampler by its A1111 or ComfyUI name (default "DPM++ 2M"; FLUX: "Euler")')
+    s.add_argument("--sampler", "--sampler-name", "--sampling-method", dest="sampler", default="DPM++ 2M",
+                   help='sampling method by its A1111 or ComfyUI name, any case: "Euler a", "DPM++ 2M SDE", '
+                        '"dpmpp_2m", ...; an A1111 name with a schedule, "DPM++ 2M Karras", also sets the '
+                        'schedule type, over --scheduler as in A1111 (default "DPM++ 2M"; FLUX: "Euler")')
     s.add_argument("--scheduler", "--schedule-type", dest="scheduler", default="Automatic",
-                   help="schedule type: Automatic, Karras, Exponential, ... (default Automatic; FLUX: Simple)")
-    s.add_argument("--clip-skip", type=int, default=1, help="stop the text encoder this many layers early (default 1)")
-    s.add_argument("--eta", type=float, default=None, help="noise multiplier for ancestral/SDE samplers")
-    s.add_argument("--s-churn", type=float, default=0.0)
-    s.add_argument("--s-noise", type=float, default=1.0)
+                   help="schedule type: Automatic, Uniform, Karras, Exponential, Polyexponential, SGM Uniform, "
+                        "KL Optimal, Align Your Steps, Simple, Normal, DDIM, Beta (default Automatic: the "
+                        "sampler's own, Karras for DPM++ 2M; FLUX: Simple)")
+    s.add_argument("--clip-skip", type=int, default=1,
+                   help="A1111's Clip skip: stop the text encoder this many layers early, 1-12 (default 1)")
+    s.add_argument("--eta", type=float, default=None,
+                   help="noise multiplier for ancestral/SDE samplers and DDIM (A1111's Eta; default: the "
+                        "sampler's own, 1 for ancestral, 0 for DDIM)")
+    s.add_argument("--s-churn", type=float, default=0.0, help="A1111's Sigma churn (Euler, Heun, DPM2; default 0)")
+    s.add_argument("--s-noise", type=float, default=1.0, help="A1111's Sigma noise (default 1)")
     s.add_argument("--token-merging", "--token-merging-ratio", dest="token_merging", type=float, default=0.0,
                    metavar="RATIO",
                    help="token merging (ToMe, A1111's Token merging ratio): merge this share of the tokens, 0-0.9, "
@@ -77,23 +115,32 @@ def _add_generation_args(p: argparse.ArgumentParser, *, img2img: bool) -> None:
                         "there); ignored for FLUX")
 
     r = p.add_argument_group("seed")
-    r.add_argument("--seed", type=int, default=-1, help="-1 picks a random seed, which is recorded")
-    r.add_argument("--subseed", "--variation-seed", dest="subseed", type=int, default=-1)
-    r.add_argument("--subseed-strength", "--variation-strength", dest="subseed_strength", type=float, default=0.0)
+    r.add_argument("--seed", type=int, default=-1,
+                   help="-1 (default) picks a random seed, which is recorded; the i-th picture of a run uses "
+                        "seed + i, as in A1111")
+    r.add_argument("--subseed", "--variation-seed", dest="subseed", type=int, default=-1,
+                   help="A1111's Variation seed, mixed in by --subseed-strength (default -1: random)")
+    r.add_argument("--subseed-strength", "--variation-strength", dest="subseed_strength", type=float, default=0.0,
+                   help="A1111's Variation strength, 0-1: how much of the variation seed's noise (default 0: off)")
     r.add_argument("--seed-resize-from", metavar="WxH", default=None, help="make the noise at this size (A1111)")
     r.add_argument("--rng", choices=("gpu", "cpu", "nv"), default="gpu",
                    help="noise source: gpu (torch on the device), cpu, or nv (NVIDIA's numbers on any device)")
-    r.add_argument("--ensd", "--eta-noise-seed-delta", dest="ensd", type=int, default=0)
+    r.add_argument("--ensd", "--eta-noise-seed-delta", dest="ensd", type=int, default=0,
+                   help="A1111's Eta noise seed delta (ENSD): added to the seed of ancestral/SDE samplers' "
+                        "noise (default 0)")
 
     o = p.add_argument_group("size and output")
     o.add_argument("-W", "--width", type=int, default=None, help="output width (default: the input's, rounded to 8)")
     o.add_argument("-H", "--height", type=int, default=None, help="output height")
     if img2img:
         o.add_argument("--resize-mode", default="just-resize", choices=sorted(RESIZE_MODES),
-                       help="how the input fits the output size (A1111 resize modes)")
-    o.add_argument("--batch-size", type=int, default=1, help="images made together in one batch")
+                       type=a1111_choice(RESIZE_MODES, _RESIZE_LABELS),
+                       help="how the input fits the output size (A1111's resize modes, also as A1111 spells "
+                            "them: \"Crop and resize\")")
+    o.add_argument("--batch-size", type=int, default=1,
+                   help="A1111's Batch size: pictures made together in one batch, 1-64 (default 1)")
     o.add_argument("--count", "--batch-count", "--n-iter", dest="count", type=int, default=1,
-                   help="how many batches to run one after another")
+                   help="A1111's Batch count: how many batches to run one after another (default 1)")
     o.add_argument("-o", "--output", default=None,
                    help="output file (several images get -1, -2, ... suffixes) or folder (default ./outputs/<command>/)")
     o.add_argument("--overwrite", action="store_true", help="replace existing output files")
@@ -101,6 +148,7 @@ def _add_generation_args(p: argparse.ArgumentParser, *, img2img: bool) -> None:
     if not img2img:
         _add_hires_args(p)
     add_cache_arguments(p)
+    _add_unavailable_args(p)
 
     m = p.add_argument_group("model")
     m.add_argument("-m", "--model", default=None, help="checkpoint: a path, or a name in the models folder")
@@ -148,6 +196,16 @@ def _add_hires_args(p: argparse.ArgumentParser) -> None:
     h.add_argument("--hires-token-merging", "--hires-token-merging-ratio", dest="hires_token_merging", type=float,
                    default=None, metavar="RATIO",
                    help="token merging ratio of the second pass, 0-0.9 (default 0: as --token-merging)")
+
+
+def _add_unavailable_args(p: argparse.ArgumentParser) -> None:
+    u = p.add_argument_group("not available", "A1111 features underpaint does not have; each is refused")
+    u.add_argument("--restore-faces", nargs=0, action=NotAvailable, feature="face restoration (A1111's Restore "
+                   "faces with GFPGAN or CodeFormer)", help="not available: face restoration")
+    u.add_argument("--tiling", nargs=0, action=NotAvailable, feature="tiling (A1111's seamless Tiling)",
+                   help="not available: seamless tiling")
+    u.add_argument("--refiner", nargs="?", metavar="CHECKPOINT", action=NotAvailable,
+                   feature="a refiner checkpoint (A1111's Refiner)", help="not available: a refiner checkpoint")
 
 
 # --hires-* flag → HiresOptions field.
@@ -412,16 +470,42 @@ def _inputs(path: str) -> list[Path]:
     return [source]
 
 
+def warn_about_request(args: argparse.Namespace) -> None:
+    """One ``underpaint: warning:`` line for each thing in the request that will not do what its
+    words suggest: an infotext recording an A1111 feature underpaint lacks (the picture will differ
+    from the one it came from), and a schedule in the sampler's name overruling ``--scheduler``."""
+    from ..sampling.names import schedule_in_name, schedule_info
+
+    if getattr(args, "from_infotext", None):
+        from ..pipeline.reproduce import read_infotext, unavailable_features
+
+        missing = unavailable_features(read_infotext(args.from_infotext))
+        if missing:
+            print(f"underpaint: warning: --from-infotext: {args.from_infotext} was made with {' and '.join(missing)}, "
+                  "which underpaint does not have: the picture will differ", file=sys.stderr)
+    sampler, scheduler = getattr(args, "sampler", None), getattr(args, "scheduler", None)
+    if sampler is not None and scheduler is not None:  # both given (unset flags are None here)
+        named = schedule_in_name(sampler)
+        try:
+            asked = schedule_info(scheduler).label
+        except InvalidParameter:
+            return  # an unknown name: the request's own error says so
+        if named is not None and asked not in ("Automatic", named):
+            print(f"underpaint: warning: --sampler {sampler!r} names the {named} schedule, which is used instead "
+                  f"of --scheduler {scheduler!r} (as in A1111): pass the sampler without it", file=sys.stderr)
+
+
 def run_img2img(args: argparse.Namespace) -> int:
     from ..imageio.load import load_image
 
+    warn_about_request(args)
     sources = _inputs(args.input)
     batch_mode = len(sources) > 1 or Path(args.input).is_dir()
     # Check every flag against the first image before the (slow) model load.
     first = load_image(sources[0], field="INPUT") if not batch_mode else None
     probe = params_from_args(args, (first,) if first is not None else ())
-    if first is not None:
-        plan_outputs(args.output, "img2img", probe.batch_size * probe.n_iter, overwrite=args.overwrite, source=None)
+    plan_outputs(args.output, "img2img", probe.batch_size * probe.n_iter, overwrite=args.overwrite,
+                 source=sources[0] if batch_mode else None)
     engine = _load_engine(args)
     failures = 0
     for source in sources:
@@ -441,6 +525,7 @@ def run_img2img(args: argparse.Namespace) -> int:
 
 
 def run_txt2img(args: argparse.Namespace) -> int:
+    warn_about_request(args)
     params = params_from_args(args)
     plan_outputs(args.output, "txt2img", params.batch_size * params.n_iter, overwrite=args.overwrite, source=None)
     engine = _load_engine(args)
@@ -450,11 +535,51 @@ def run_txt2img(args: argparse.Namespace) -> int:
 
 
 def _run_and_save(engine, params: GenerationParams, args: argparse.Namespace, command: str, source: Path | None) -> None:
+    """Generate and save. Ctrl-C stops the run at the next step and still saves the pictures of the
+    batches that finished (those of the batch it stopped are not, as in A1111), then ends the
+    command as interrupted; a second Ctrl-C stops at once."""
     from ..imageio.metadata import save_image
+    from ..pipeline.records import Cancellation
 
-    with ProgressBar(label=source.name if source else command) as bar:
-        result = engine.generate(params, progress=bar.update)
-    paths = plan_outputs(args.output, command, len(result.images), overwrite=args.overwrite, source=source,
-                         seeds=result.seeds)
-    for image, infotext, path in zip(result.images, result.infotexts, paths):
+    cancel = Cancellation()
+    with ProgressBar(label=source.name if source else command) as bar, _ctrl_c_interrupts(cancel):
+        result = engine.generate(params, progress=bar.update, cancel=cancel)
+    count = min(len(result.images), len(result.infotexts), len(result.seeds))
+    if result.interrupted:
+        count = max(0, count - params.batch_size)
+    paths = plan_outputs(args.output, command, count, overwrite=args.overwrite, source=source,
+                         seeds=result.seeds[:count])
+    for image, infotext, path in zip(result.images[:count], result.infotexts[:count], paths):
         print(save_image(image, path, infotext=infotext, overwrite=args.overwrite))
+    if result.interrupted:
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _ctrl_c_interrupts(cancel) -> Iterator[None]:
+    """While the body runs, the first Ctrl-C interrupts ``cancel`` (the engine stops after the step it
+    is on) instead of abandoning everything; the second raises KeyboardInterrupt as usual. Outside
+    the main thread, or where Ctrl-C is ignored (a background job), nothing changes."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is signal.SIG_IGN:
+        yield
+        return
+
+    def on_ctrl_c(signum, frame):
+        if cancel.interrupted:
+            raise KeyboardInterrupt
+        cancel.interrupt()
+        print("underpaint: stopping after this step; the finished pictures will be saved "
+              "(Ctrl-C again to stop at once)", file=sys.stderr)
+
+    signal.signal(signal.SIGINT, on_ctrl_c)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -11,7 +11,7 @@ from ..errors import ImageError
 def add_command(sub) -> None:
     p = sub.add_parser("info", help="print the generation parameters stored in an image (A1111 or ComfyUI)",
                        description="Print the generation parameters stored in an image.")
-    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("image", metavar="IMAGE", help="a PNG, JPEG or WebP picture (A1111's PNG Info)")
     p.add_argument("--json", action="store_true", help="print the parsed parameters as JSON")
     p.set_defaults(func=run_info)
 

@@ -9,13 +9,16 @@ import warnings
 from collections.abc import Iterator
 
 from ..params import GenerationParams, InpaintOptions
-from .generate import _add_generation_args, _load_engine, _run_and_save, params_from_args
+from .generate import (_add_generation_args, _load_engine, _run_and_save, a1111_choice, params_from_args,
+                       warn_about_request)
 from .outputs import plan_outputs
 
 #: CLI spellings of A1111's "Masked content" values.
 MASKED_CONTENT = {"fill": "fill", "original": "original", "latent-noise": "latent noise", "latent-nothing": "latent nothing"}
 #: CLI spellings of A1111's "Inpaint area": whole picture, or only the masked region at full resolution.
 INPAINT_AREAS = {"whole": False, "only-masked": True}
+#: A1111's "Inpaint area" label for the whole picture.
+_AREA_LABELS = {"whole-picture": "whole"}
 
 
 def add_commands(sub) -> None:
@@ -55,12 +58,16 @@ def _add_inpaint_args(p: argparse.ArgumentParser, *, outpaint: bool) -> None:
     g.add_argument("--mask-blur-x", type=int, default=None, metavar="N", help="horizontal mask blur (default --mask-blur)")
     g.add_argument("--mask-blur-y", type=int, default=None, metavar="N", help="vertical mask blur (default --mask-blur)")
     g.add_argument("--masked-content", choices=sorted(MASKED_CONTENT), default="original",
+                   type=a1111_choice(MASKED_CONTENT),
                    help="what the masked area starts from: the original pixels (default), fill (surrounding "
-                        "colours), latent-noise or latent-nothing")
+                        "colours), latent-noise or latent-nothing (A1111's spellings, \"latent noise\", work too)")
     g.add_argument("--inpaint-area", choices=sorted(INPAINT_AREAS), default="whole",
-                   help="work on the whole picture (default) or only the masked region, enlarged to the output size")
-    g.add_argument("--padding", type=int, default=32, metavar="N",
-                   help="pixels of context around the mask for --inpaint-area only-masked (default 32)")
+                   type=a1111_choice(INPAINT_AREAS, _AREA_LABELS),
+                   help="work on the whole picture (default) or only the masked region, enlarged to the output "
+                        "size (A1111's \"Whole picture\" and \"Only masked\" work too)")
+    g.add_argument("--padding", "--only-masked-padding", dest="padding", type=int, default=32, metavar="N",
+                   help="A1111's Only masked padding: pixels of context around the mask for --inpaint-area "
+                        "only-masked (default 32)")
     if not outpaint:
         g.add_argument("--invert-mask", action="store_true", help="repaint everything except the masked area")
     g.add_argument("--mask-weight", type=float, default=1.0, metavar="W",
@@ -136,6 +143,7 @@ def _run(args: argparse.Namespace, make, command: str) -> int:
     from ..pipeline.inpaint import prepare_mask
     from ..imageio.mask import is_empty
 
+    warn_about_request(args)
     params = make()
     with _warnings_as_lines():
         if is_empty(prepare_mask(params)):

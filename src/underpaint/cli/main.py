@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import sys
 from collections.abc import Sequence
@@ -11,10 +12,49 @@ from .. import __version__
 from ..errors import UnderpaintError
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser with its usage errors in one line, as every other error is: the full usage
+    of ``img2img`` is a screenful in which the one line that matters is easily missed (``--help``
+    still shows it)."""
+
+    def error(self, message: str):
+        self.exit(2, f"underpaint: error: {message} (see `{self.prog} --help`)\n")
+
+    def parse_args(self, args=None, namespace=None):
+        """As argparse's, but flags it does not know are reported by the command they were given to,
+        with the nearest flag it has (``--cfg_scale``: did you mean ``--cfg-scale``?)."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            parser = getattr(parsed, "command_parser", None) or self
+            message = "unrecognized arguments: " + " ".join(extras)
+            flag = next((e.split("=", 1)[0] for e in extras if e.startswith("--")), None)
+            if flag is not None:
+                message += self._hint(parser, flag.replace("_", "-").lower())
+            parser.error(message)
+        return parsed
+
+    def _hint(self, parser: argparse.ArgumentParser, flag: str) -> str:
+        """A near miss of one of the command's flags, or the other commands that have this flag."""
+        known = [s for action in parser._actions for s in action.option_strings]  # noqa: SLF001
+        if flag in known:
+            return f"; did you mean {flag}?"
+        # Of the similar flags, the one that starts most like it (--denoise: --denoising-strength, not
+        # --device or --s-noise); none that shares only the dashes.
+        close = difflib.get_close_matches(flag, known, n=5, cutoff=0.6)
+        best = max(close, key=lambda s: len(os.path.commonprefix([s, flag])), default=None)
+        if best is not None and len(os.path.commonprefix([best, flag])) > 2:
+            return f"; did you mean {best}?"
+        commands = next((a.choices for a in self._actions  # noqa: SLF001
+                         if isinstance(a, argparse._SubParsersAction)), {})  # noqa: SLF001
+        having = [name for name, command in commands.items()
+                  if any(flag in action.option_strings for action in command._actions)]  # noqa: SLF001
+        return f" ({flag} is a flag of `underpaint {' / '.join(having)}`)" if having else ""
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import control, generate, info, inpaint, models
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="underpaint",
         description="Stable Diffusion image-to-image with the controls AUTOMATIC1111 users know.",
     )
@@ -27,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_commands(sub)
     control.add_commands(sub)
     _add_serve(sub)
+    for command in sub.choices.values():
+        command.set_defaults(command_parser=command)  # errors name the flags of the command that ran
     return parser
 
 
@@ -44,13 +86,78 @@ def _no_server(args: argparse.Namespace) -> int:
     raise UnderpaintError("the HTTP server needs FastAPI and uvicorn: pip install 'underpaint[server]'")
 
 
+#: Request fields (as the library's errors name them) → where the two differ, what sets them on the
+#: command line: flags, or the ``dest`` of an argument (a positional's is shown by its name, INPUT),
+#: the first one the command has. ``resize_mode`` is ControlNet's before img2img's, whose own
+#: ``--resize-mode`` cannot give a bad value (argparse checks its choices).
+_FIELD_FLAGS: dict[str, tuple[str, ...]] = {
+    "n_iter": ("--count",), "eta_noise_seed_delta": ("--ensd",), "token_merging_ratio": ("--token-merging",),
+    "seed_resize_from_w": ("--seed-resize-from",), "seed_resize_from_h": ("--seed-resize-from",),
+    "hires_resize_x": ("--hires-resize",), "hires_resize_y": ("--hires-resize",),
+    "hires_token_merging_ratio": ("--hires-token-merging",),
+    "mask_blur_x": ("--mask-blur",), "mask_blur_y": ("--mask-blur",), "full_res_padding": ("--padding",),
+    "deepcache_interval": ("--deepcache",), "init_images": ("input",),
+    # ControlNet units (pipeline/control.py) and `underpaint detect`.
+    "module": ("type", "--control"), "control weight": ("--control-weight",), "guidance_start": ("--control-start",),
+    "guidance_end": ("--control-end",), "control_mode": ("--control-mode",), "processor_res": ("--control-res",),
+    "resize_mode": ("--control-resize", "--resize-mode"),
+}
+#: Fields named the same as their flag's ``dest`` (``strength`` is ``--strength``). Only these and
+#: the ones above are renamed: other errors name things that are not flags (a ``<lora:...>`` tag in
+#: the prompt, a ControlNet unit's model, an infotext key).
+_SAME_NAME = frozenset({
+    "prompt", "negative_prompt", "strength", "steps", "cfg_scale", "distilled_cfg_scale", "sampler",
+    "scheduler", "seed", "subseed", "subseed_strength", "width", "height", "batch_size",
+    "clip_skip", "rng", "eta", "s_churn", "s_noise", "hires_scale", "hires_upscaler", "hires_steps",
+    "hires_strength", "hires_sampler", "hires_scheduler", "hires_prompt", "hires_negative_prompt",
+    "masked_content", "mask_weight", "deepcache_branch", "deepcache_start", "deepcache_end",
+    "first_block_cache", "output", "from_infotext", "styles_file", "vram", "optimize", "attention",
+    "vae_precision", "device", "dtype", "prediction", "fill",
+})
+
+
+def _flag_of(parser: argparse.ArgumentParser | None, field: str | None) -> str | None:
+    """How ``parser``'s command spells the request field ``field``: a flag (``--count`` for
+    ``n_iter``, the first long one of an argument), a positional's name (``INPUT``), or None where
+    it has none."""
+    if parser is None or not field:
+        return None
+    actions = parser._actions  # noqa: SLF001 - argparse keeps its arguments here
+    for candidate in _FIELD_FLAGS.get(field, (field,) if field in _SAME_NAME else ()):
+        if candidate.startswith("-"):
+            if any(candidate in action.option_strings for action in actions):
+                return candidate
+            continue
+        for action in actions:
+            if action.dest == candidate:
+                if not action.option_strings:
+                    return action.metavar or candidate.upper()
+                return next((s for s in action.option_strings if s.startswith("--")), action.option_strings[0])
+    return None
+
+
+def error_line(exc: UnderpaintError, parser: argparse.ArgumentParser | None = None) -> str:
+    """The error's one-line message, with the request field it names spelled as the command's flag:
+    ``--count: got 0, ...`` rather than ``n_iter: got 0, ...``; a message that names a file but not
+    its flag (``--from-infotext``, ``--output``) gets the flag in front."""
+    message = exc.message
+    flag = _flag_of(parser, exc.field)
+    if flag is None:
+        return message
+    if message.startswith(f"{exc.field}: "):
+        return flag + message[len(exc.field):]
+    if exc.field in ("from_infotext", "output") and flag not in message:
+        return f"{flag}: {message}"
+    return message
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except UnderpaintError as exc:
-        print(f"underpaint: error: {exc}", file=sys.stderr)
+        print(f"underpaint: error: {error_line(exc, getattr(args, 'command_parser', None))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("underpaint: interrupted", file=sys.stderr)

@@ -7,14 +7,16 @@ import argparse
 
 def add_commands(sub) -> None:
     p = sub.add_parser("models", help="list the checkpoints in the models folder with their A1111 short hash")
-    p.add_argument("--models-dir", default=None)
+    p.add_argument("--models-dir", default=None,
+                   help="models folder (default $UNDERPAINT_MODELS_DIR or ~/.local/share/underpaint/models)")
     p.add_argument("--no-hash", action="store_true", help="don't hash files that have no cached hash yet")
     p.set_defaults(func=run_models)
 
     d = sub.add_parser("download", help="fetch a known model from the hub into the models folder")
     d.add_argument("name", help="a known model name (see `underpaint download --list`)", nargs="?")
     d.add_argument("--list", action="store_true", help="list the known model names")
-    d.add_argument("--models-dir", default=None)
+    d.add_argument("--models-dir", default=None,
+                   help="models folder (default $UNDERPAINT_MODELS_DIR or ~/.local/share/underpaint/models)")
     d.set_defaults(func=run_download)
 
 

@@ -6,7 +6,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..errors import OutputExists
+from ..errors import InvalidParameter, OutputExists
 
 _NUMBERED = re.compile(r"^(\d{5})-")
 
@@ -22,9 +22,14 @@ def plan_outputs(output: str | None, command: str, count: int, *, overwrite: boo
     """
     if output is None or output.endswith(("/", "\\")) or Path(output).is_dir() or source is not None:
         folder = Path(output or Path("outputs") / command).expanduser()
+        _check_folder(folder, output)
         return _in_folder(folder, count, source, seeds)
+    from ..imageio.metadata import output_format
+
     target = Path(output).expanduser()
     suffix = target.suffix or ".png"
+    output_format(target.with_suffix(suffix))  # an unknown extension is refused before any work, not after
+    _check_folder(target.parent, output)
     if count == 1:
         paths = [target.with_suffix(suffix)]
     else:
@@ -34,6 +39,16 @@ def plan_outputs(output: str | None, command: str, count: int, *, overwrite: boo
             if path.exists():
                 raise OutputExists(f"{path} already exists (use --overwrite to replace it, or choose another -o)")
     return paths
+
+
+def _check_folder(folder: Path, output: str | None) -> None:
+    """Refuse a folder that cannot be made because a file stands where it or a folder above it
+    would be: found now, before the pictures are made, rather than when they are saved."""
+    for path in (folder, *folder.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise InvalidParameter("output", output, f"a file or folder that can be created ({path} is a file)")
+            return
 
 
 def _in_folder(folder: Path, count: int, source: Path | None, seeds: Sequence[int] | None) -> list[Path]:

@@ -212,6 +212,9 @@ class ModelsDir:
         match = _match(entries, str(name_or_path))
         if match is not None:
             return match.path
+        if given.is_dir():  # a folder that is there, but not a model: say so rather than "not found"
+            raise ModelNotFound(f"{given}: a folder without {marker}, expected a {what} file or a diffusers "
+                                f"folder", field=kind)
         raise ModelNotFound(self._not_found(what, str(name_or_path), entries, kind), field=kind)
 
     def _not_found(self, what: str, name: str, entries: list[CheckpointEntry], kind: str) -> str:

@@ -166,21 +166,37 @@ class Engine:
             free_cache()
 
     def img2img(self, image: "Image | str | Path", **fields: Any) -> Result:
-        """Convenience: ``engine.img2img(image, prompt=..., strength=...)``."""
+        """Convenience: ``engine.img2img(image, prompt=..., strength=...)``.
+
+        ``image`` is a PIL image or the path of an image file. ``fields`` are
+        :class:`GenerationParams` fields, or A1111's API names for them (``denoising_strength``,
+        ``sampler_name``, ``eta``, ...; :func:`~underpaint.params.request_fields`); fields not
+        given take the model family's defaults. The :class:`Result` holds PIL images and, for each,
+        its infotext and seed.
+        """
+        from os import PathLike
+
+        from ..errors import InvalidParameter
         from ..imageio.load import load_image
 
-        if not hasattr(image, "size"):
+        if isinstance(image, (str, PathLike)):
             image = load_image(image)
+        elif not hasattr(image, "size"):
+            raise InvalidParameter("image", type(image).__name__, "a PIL image or the path of an image file")
         return self.generate(GenerationParams(init_images=(image,), **self._defaults(fields)))
 
     def txt2img(self, **fields: Any) -> Result:
+        """Convenience: ``engine.txt2img(prompt=..., width=..., height=...)``; ``fields`` as for
+        :meth:`img2img`."""
         return self.generate(GenerationParams(**self._defaults(fields)))
 
     def _defaults(self, fields: dict) -> dict:
-        """The fields given, over the model family's defaults (FLUX: Euler, Simple, CFG 1, ...)."""
+        """The fields given (A1111's names renamed), over the model family's defaults (FLUX: Euler,
+        Simple, CFG 1, ...)."""
+        from ..params import request_fields
         from .flux import family_defaults
 
-        return {**family_defaults(self.model), **fields}
+        return {**family_defaults(self.model), **request_fields(fields)}
 
 
 #: The memory modes below each one, in the order an out-of-memory error tries them.

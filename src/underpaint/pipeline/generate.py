@@ -119,6 +119,7 @@ def _generate(model, params: GenerationParams, networks: ActiveNetworks, *, info
     # 2. strength 0 keeps the picture: return the input as it is (resized only if asked).
     if params.is_img2img and params.strength == 0:
         return _identity_result(plan, info)
+    _check_size_from_picture(plan)
 
     # 2b. A mask: crop, masks and masked content (inpaint.py); an empty mask keeps the picture.
     if params.mask is not None:
@@ -204,6 +205,18 @@ def _plan(model, params: GenerationParams) -> Plan:
     seeds = tuple((params.seed + i) % 2**32 for i in range(total))
     subseeds = tuple((params.subseed + i) % 2**32 for i in range(total))
     return Plan(params, width, height, sigmas, full, len(sigmas) - 1, seeds, subseeds)
+
+
+def _check_size_from_picture(plan: Plan) -> None:
+    """An output size taken from a tiny picture, 8x8 pixels (one latent cell), leaves the VAE's group
+    norms a single value to normalise, which fails deep inside torch: refused here instead, naming
+    the picture. Sizes asked for are checked as fields (64 and up)."""
+    if plan.params.is_img2img and plan.width <= 8 and plan.height <= 8:
+        iw, ih = plan.params.init_images[0].size
+        raise InvalidParameter("init_images", f"{iw}x{ih} picture",
+                               f"a picture larger than {plan.width}x{plan.height} pixels once rounded down to "
+                               f"multiples of 8 (a single latent cell cannot be painted): set width and height, "
+                               f"or use a larger picture")
 
 
 def _requested_size(model, params: GenerationParams) -> tuple[int, int]:

@@ -159,6 +159,23 @@ def inpaint_options(values: Mapping[str, str]) -> InpaintOptions:
     return InpaintOptions(**found)
 
 
+#: Infotext keys of A1111 features underpaint does not have → what to call them; a picture made
+#: with one of them is not reproduced exactly.
+_UNAVAILABLE = (("Face restoration", "face restoration"), ("Tiling", "tiling"), ("Refiner", "a refiner"))
+
+
+def unavailable_features(parsed: ParsedInfotext) -> list[str]:
+    """The A1111 features an infotext records that underpaint cannot run again, each as
+    ``face restoration (CodeFormer)``; empty when the picture can be reproduced as it was made."""
+    found = []
+    for key, name in _UNAVAILABLE:
+        value = parsed.params.get(key)
+        if value is None or (key == "Tiling" and value.strip().lower() != "true"):
+            continue
+        found.append(name if key == "Tiling" else f"{name} ({value})")
+    return found
+
+
 def checkpoint_from_infotext(parsed: ParsedInfotext) -> str | None:
     """The checkpoint the infotext names, as the models folder resolves it: ``name [hash]``, or
     either part alone (a name is tried first, then a known file with that short hash)."""

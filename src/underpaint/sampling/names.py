@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import UnknownName
+from ..errors import UnknownName, nearest_names
 
 #: Flags a sampler may carry.
 #:  ancestral            adds fresh noise from the per-image generators after each step
@@ -179,6 +179,27 @@ def _split_legacy(name: str) -> tuple[SamplerInfo, ScheduleInfo] | None:
     return None
 
 
+def _legacy_guess(name: str) -> tuple[str, ...]:
+    """For a misspelt legacy name whose sampler part is right ("DPM++ 2M Karas"), the combined name
+    it most likely meant ("DPM++ 2M Karras"), so that the error can suggest it; else nothing."""
+    lowered = " ".join(name.lower().split())
+    for sampler in sorted(SAMPLERS, key=lambda s: -len(s.label)):  # "DPM++ 2M SDE" before "DPM++ 2M"
+        for option in sampler.names():
+            if lowered.startswith(option.lower() + " "):
+                close = nearest_names(lowered[len(option) + 1:], [s.label for s in SCHEDULES[1:]], n=1)
+                return tuple(f"{sampler.label} {label}" for label in close)
+    return ()
+
+
+def schedule_in_name(name: str) -> str | None:
+    """The schedule label an A1111 legacy sampler name carries ("DPM++ 2M Karras" → "Karras"), or
+    None for a plain sampler name or an unknown one."""
+    if _find_sampler(str(name)) is not None:
+        return None
+    split = _split_legacy(str(name))
+    return split[1].label if split is not None else None
+
+
 def resolve_sampler(name: str, scheduler: str | None = "Automatic") -> tuple[str, str]:
     """Canonical (sampler label, schedule label) for any accepted spelling, as A1111 1.10 resolves it.
 
@@ -192,7 +213,7 @@ def resolve_sampler(name: str, scheduler: str | None = "Automatic") -> tuple[str
     if sampler is None:
         split = _split_legacy(str(name))
         if split is None:
-            raise UnknownName("sampler", name, sampler_labels())
+            raise UnknownName("sampler", name, sampler_labels() + _legacy_guess(str(name)))
         sampler, schedule = split
     if schedule.label == sampler.default_schedule:
         schedule = SCHEDULES[0]
