@@ -117,10 +117,13 @@ def context(tmp_path_factory):
 
 @pytest.fixture
 def page(context, server):
-    """The UI loaded and its lists filled; fails the test on any uncaught script error."""
+    """The UI loaded and its lists filled; fails the test on any uncaught script error or logged console error."""
     page = context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
+    # The browser logs each 4xx answer as an error; the tests that provoke one check what the page shows.
+    page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error"
+            and not msg.text.startswith("Failed to load resource") else None)
     page.goto(server + "/")
     page.wait_for_selector("body[data-ready=true]")
     yield page
@@ -319,15 +322,23 @@ def test_interrupt_stops_a_long_job(page, photo_file):
 
 
 def test_escape_interrupts_and_alt_enter_skips(page, photo_file):
-    """A1111's keys while a picture is being made: Escape presses Interrupt and Alt+Enter Skip; with nothing
-    running, Escape sends nothing. (The generation is held open by the test, and the two calls answered by it.)"""
-    pending, calls = [], []
-    page.route("**/sdapi/v1/img2img", lambda route: pending.append(route))
+    """A1111's keys while a picture is being made: Escape presses Interrupt and Alt+Enter Skip; Ctrl+Enter
+    interrupts it and starts again with the settings now shown. With nothing running, Escape sends nothing.
+    (The test holds the first two generations open, and answers them and the two buttons' calls itself.)"""
+    held, sent, calls = [], [], []
+
+    def hold(route):
+        sent.append(json.loads(route.request.post_data))
+        if len(held) < 2:
+            held.append(route)
+        else:
+            route.fulfill(json={"images": [], "info": "{}"})
 
     def answer(route):
         calls.append(route.request.url.rsplit("/", 1)[1])
         route.fulfill(status=200, content_type="application/json", body="{}")
 
+    page.route("**/sdapi/v1/img2img", hold)
     page.route("**/sdapi/v1/interrupt", answer)
     page.route("**/sdapi/v1/skip", answer)
     page.set_input_files("#img2img-file", str(photo_file))
@@ -341,11 +352,20 @@ def test_escape_interrupts_and_alt_enter_skips(page, photo_file):
     with page.expect_request("**/sdapi/v1/interrupt"):
         prompt.press("Escape")
     expect(page.locator("#interrupt")).to_be_disabled()
-    pending[0].fulfill(json={"images": [], "info": "{}"})
+    held[0].fulfill(json={"images": [], "info": "{}"})
     expect(page.locator("#progress-text")).to_contain_text("Interrupted")
     expect(page.locator("#generate")).to_be_enabled()
     assert calls == ["skip", "interrupt"]
     assert prompt.input_value() == ""  # the keys typed nothing
+
+    prompt.press("Control+Enter")
+    expect(page.locator("#interrupt")).to_be_enabled()
+    prompt.fill("a second try")
+    with page.expect_request("**/sdapi/v1/interrupt"):
+        prompt.press("Control+Enter")
+    held[1].fulfill(json={"images": [], "info": "{}"})
+    expect(page.locator("#generate")).to_be_enabled()  # after the third request, answered at once
+    assert [s["prompt"] for s in sent] == ["", "", "a second try"]
 
 
 def test_png_info_of_a_generated_image(page, photo_file, tmp_path):
@@ -1132,6 +1152,17 @@ def test_read_parameters_from_the_prompt_or_a_dropped_picture(page, server, tmp_
     expect(page.locator("#seed")).to_have_value("9090")
     expect(page.locator("#clip-skip")).to_have_value("1")
     assert page.request.get(f"{server}/sdapi/v1/options").json()["CLIP_stop_at_last_layers"] == 1
+
+    # A picture without parameters, sent on from PNG Info, says so rather than "Parameters set."
+    plain = tmp_path / "plain.png"
+    Image.new("RGB", (64, 64), (200, 200, 200)).save(plain)
+    page.click("#tab-pnginfo")
+    page.set_input_files("#pnginfo-file", str(plain))
+    expect(page.locator("#pnginfo-source")).to_contain_text("no generation parameters")
+    page.click("#pnginfo-send-img2img")
+    expect(page.locator("#img2img-preview")).to_be_visible()
+    expect(page.locator("#notice")).to_contain_text("holds no generation parameters")
+    expect(page.locator("#prompt")).to_have_value("a calm lake")
 
 
 # --------------------------------------------------------------------------- FLUX

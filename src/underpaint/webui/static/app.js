@@ -22,7 +22,7 @@ const panel = $("#panel-generate");
 const generalBox = $("#general-error");
 const notice = $("#notice");
 const form = new GenerationForm(panel);
-const state = { tab: "img2img", busy: false, interrupted: false, lastSeed: null, outdirs: {} };
+const state = { tab: "img2img", busy: false, interrupted: false, again: false, lastSeed: null, outdirs: {} };
 const store = new SettingsStore(panel, { family: () => form.family });
 onFamily((family) => form.applyFamily(family));
 
@@ -103,7 +103,8 @@ async function applyFields(fields, target) {
 
 const pngInput = setupPngInfo({
   onSend: async (dataUrl, fields, target) => {
-    await applyFields(fields, target);
+    if (Object.keys(fields).length) await applyFields(fields, target);
+    else notice.textContent = "The picture holds no generation parameters: the settings are unchanged.";
     await sendImage(dataUrl, target);
   },
 });
@@ -306,6 +307,10 @@ async function generate() {
   } finally {
     setBusy(false);
   }
+  if (state.again) {  // Ctrl+Enter came while it ran: start again with the settings now shown
+    state.again = false;
+    generate();
+  }
 }
 
 $("#generate").addEventListener("click", generate);
@@ -316,12 +321,18 @@ $("#interrupt").addEventListener("click", async () => {
 });
 $("#skip").addEventListener("click", () => post("/sdapi/v1/skip").catch(() => {}));
 
-// A1111's keys: Ctrl+Enter generates, Alt+Enter skips the current picture, Escape interrupts.
+// A1111's keys: Ctrl+Enter generates (while a picture is being made: interrupts it and starts
+// again), Alt+Enter skips the current picture, Escape interrupts.
 document.addEventListener("keydown", (e) => {
   if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) {
     if (state.tab === "pnginfo") return;
     e.preventDefault();
-    generate();
+    if (!state.busy) {
+      generate();
+      return;
+    }
+    state.again = true;
+    if (!$("#interrupt").disabled) $("#interrupt").click();
   } else if (e.key === "Enter" && e.altKey && state.busy) {
     e.preventDefault();
     $("#skip").click();
