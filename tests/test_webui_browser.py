@@ -91,6 +91,16 @@ def serve(models: Path):
     thread.join(15)
 
 
+# The page keeps its last used settings in localStorage; each new tab of the tests starts from the page's
+# defaults (a reload keeps them: sessionStorage marks the tab as started).
+FRESH_SETTINGS = """try {
+  if (!sessionStorage.getItem('underpaint-test-tab')) {
+    localStorage.clear();
+    sessionStorage.setItem('underpaint-test-tab', '1');
+  }
+} catch (e) {}"""
+
+
 @pytest.fixture(scope="module")
 def context(tmp_path_factory):
     """A fresh Chromium profile at 1280×800 (the size the page is laid out for)."""
@@ -100,16 +110,20 @@ def context(tmp_path_factory):
             args=CHROMIUM_ARGS, viewport={"width": 1280, "height": 800}, accept_downloads=True,
         )
         ctx.set_default_timeout(20_000)
+        ctx.add_init_script(FRESH_SETTINGS)
         yield ctx
         ctx.close()
 
 
 @pytest.fixture
 def page(context, server):
-    """The UI loaded and its lists filled; fails the test on any uncaught script error."""
+    """The UI loaded and its lists filled; fails the test on any uncaught script error or logged console error."""
     page = context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
+    # The browser logs each 4xx answer as an error; the tests that provoke one check what the page shows.
+    page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error"
+            and not msg.text.startswith("Failed to load resource") else None)
     page.goto(server + "/")
     page.wait_for_selector("body[data-ready=true]")
     yield page
@@ -161,7 +175,7 @@ MASK_COVERAGE = """() => {
 # --------------------------------------------------------------------------- tests
 
 
-def test_img2img_generate_shows_result_and_parameters(page, photo_file):
+def test_img2img_generate_shows_result_and_parameters(page, server, photo_file):
     expect(page.locator("#sampler_name option")).not_to_have_count(0)
     expect(page.locator("#checkpoint option")).to_have_count(2)
     page.set_input_files("#img2img-file", str(photo_file))
@@ -178,6 +192,7 @@ def test_img2img_generate_shows_result_and_parameters(page, photo_file):
     assert sent["denoising_strength"] == 0.5 and sent["seed"] == 1234 and sent["steps"] == 3
     assert "distilled_cfg_scale" not in sent  # FLUX's guidance, not sent for an SD checkpoint
     assert decode(sent["init_images"][0]).size == (64, 64)
+    assert sent["save_images"] is True  # as A1111 keeps every picture in its outputs folder
 
     expect(page.locator("#result-image")).to_be_visible()
     size = page.eval_on_selector("#result-image", "img => [img.naturalWidth, img.naturalHeight]")
@@ -188,6 +203,9 @@ def test_img2img_generate_shows_result_and_parameters(page, photo_file):
         assert part in infotext
     expect(page.locator("#progress-text")).to_contain_text("Done")
     assert page.get_attribute("#result-download", "href").startswith("blob:")
+    outdir = Path(page.request.get(f"{server}/sdapi/v1/options").json()["outdir_img2img_samples"])
+    expect(page.locator("#progress-text")).to_contain_text(f"saved in {outdir}")
+    assert any("Seed: 1234" in Image.open(f).text.get("parameters", "") for f in outdir.rglob("*.png"))
 
     # 🎲 sets -1, ♻ brings back the seed of the selected result.
     page.click("#seed-random")
@@ -303,12 +321,62 @@ def test_interrupt_stops_a_long_job(page, photo_file):
     screenshot(page, "interrupted")
 
 
+def test_escape_interrupts_and_alt_enter_skips(page, photo_file):
+    """A1111's keys while a picture is being made: Escape presses Interrupt and Alt+Enter Skip; Ctrl+Enter
+    interrupts it and starts again with the settings now shown. With nothing running, Escape sends nothing.
+    (The test holds the first two generations open, and answers them and the two buttons' calls itself.)"""
+    held, sent, calls = [], [], []
+
+    def hold(route):
+        sent.append(json.loads(route.request.post_data))
+        if len(held) < 2:
+            held.append(route)
+        else:
+            route.fulfill(json={"images": [], "info": "{}"})
+
+    def answer(route):
+        calls.append(route.request.url.rsplit("/", 1)[1])
+        route.fulfill(status=200, content_type="application/json", body="{}")
+
+    page.route("**/sdapi/v1/img2img", hold)
+    page.route("**/sdapi/v1/interrupt", answer)
+    page.route("**/sdapi/v1/skip", answer)
+    page.set_input_files("#img2img-file", str(photo_file))
+    prompt = page.locator("#prompt")
+    prompt.press("Escape")  # nothing is running: nothing to interrupt
+    prompt.press("Control+Enter")
+    expect(page.locator("#interrupt")).to_be_enabled()
+    with page.expect_request("**/sdapi/v1/skip"):
+        prompt.press("Alt+Enter")
+    expect(page.locator("#interrupt")).to_be_enabled()  # skipping one picture goes on with the others
+    with page.expect_request("**/sdapi/v1/interrupt"):
+        prompt.press("Escape")
+    expect(page.locator("#interrupt")).to_be_disabled()
+    held[0].fulfill(json={"images": [], "info": "{}"})
+    expect(page.locator("#progress-text")).to_contain_text("Interrupted")
+    expect(page.locator("#generate")).to_be_enabled()
+    assert calls == ["skip", "interrupt"]
+    assert prompt.input_value() == ""  # the keys typed nothing
+
+    prompt.press("Control+Enter")
+    expect(page.locator("#interrupt")).to_be_enabled()
+    prompt.fill("a second try")
+    with page.expect_request("**/sdapi/v1/interrupt"):
+        prompt.press("Control+Enter")
+    held[1].fulfill(json={"images": [], "info": "{}"})
+    expect(page.locator("#generate")).to_be_enabled()  # after the third request, answered at once
+    assert [s["prompt"] for s in sent] == ["", "", "a second try"]
+
+
 def test_png_info_of_a_generated_image(page, photo_file, tmp_path):
     page.set_input_files("#img2img-file", str(photo_file))
     page.fill("#prompt", "castle on a hill, golden hour")
     page.fill("#negative_prompt", "blurry")
     fast_settings(page, seed=777)
-    page.locator("#prompt").press("Control+Enter")
+    page.uncheck("#save_images")  # the Download button only
+    with page.expect_request("**/sdapi/v1/img2img") as request:
+        page.locator("#prompt").press("Control+Enter")
+    assert json.loads(request.value.post_data)["save_images"] is False
     expect(page.locator("#result-image")).to_be_visible(timeout=GENERATION_TIMEOUT)
     with page.expect_download() as download:
         page.click("#result-download")
@@ -496,6 +564,9 @@ def test_controlnet_union_control_type(context, server, photo_file):
     page.wait_for_selector("body[data-ready=true]")
     page.locator("#controlnet-section summary").click()
     unit = page.locator(".cn-unit").nth(0)
+    expect(unit.locator(".cn-enabled")).not_to_be_checked()
+    unit.locator(".cn-file").set_input_files(str(photo_file))  # its own control image turns the unit on
+    expect(unit.locator(".cn-enabled")).to_be_checked()
     unit.locator(".cn-enabled").check()
     unit.get_by_label("Model").select_option("union-promax [abc12345]")
     control_type = unit.get_by_label("Control Type")
@@ -526,6 +597,34 @@ def test_layout_labels_and_keyboard(page):
     assert unlabeled == []
     box = page.locator("#generate").bounding_box()
     assert box["y"] + box["height"] < 800  # Generate is in view at 1280×800
+    # The quick settings line up (the checkpoint's status line under its select must not lift it).
+    tops = page.evaluate("""() => ['#checkpoint', '#clip-skip', '#preview-method', '#token-merging']
+      .map((s) => document.querySelector(s).getBoundingClientRect().top)""")
+    assert max(tops) - min(tops) < 4, tops
+
+    # Ctrl+↑ / Ctrl+↓ weigh the word at the caret in A1111's syntax; back at 1 the brackets go.
+    prompt = page.locator("#prompt")
+    prompt.fill("a red fox")
+    prompt.press("End")
+    for _ in range(4):
+        prompt.press("ArrowLeft")  # the caret just after "red"
+    prompt.press("Control+ArrowUp")
+    prompt.press("Control+ArrowUp")
+    expect(prompt).to_have_value("a (red:1.2) fox")
+    assert page.evaluate("() => { const p = document.querySelector('#prompt'); return p.value.slice(p.selectionStart, p.selectionEnd); }") == "red"
+    for _ in range(3):
+        prompt.press("Control+ArrowDown")
+    expect(prompt).to_have_value("a (red:0.9) fox")
+    cases = [("a red fox", 2, 9, 1, "a (red fox:1.1)"),  # a selection of several words
+             ("a (red fox:1.1) b", 9, 9, 1, "a (red fox:1.2) b"),  # the caret inside a weighted group
+             ("a (red:1.1) fox", 2, 11, -1, "a red fox"),  # the whole group selected
+             ("x, (a b:1.25)", 6, 6, -1, "x, (a b:1.15)"), ("a , b", 2, 2, 1, None)]
+    got = page.evaluate("""async (cases) => {
+      const { adjustAttention } = await import('./attention.js');
+      return cases.map(([text, start, end, direction]) => adjustAttention(text, start, end, direction)?.text ?? null);
+    }""", [c[:4] for c in cases])
+    assert got == [c[4] for c in cases]
+    prompt.fill("")
 
     page.focus("#tab-img2img")
     page.keyboard.press("ArrowRight")
@@ -553,6 +652,48 @@ def test_layout_labels_and_keyboard(page):
         assert overflow <= 0, f"{tab} scrolls sideways on a narrow window"
     page.click("#tab-img2img")
     screenshot(page, "narrow")
+
+
+def test_last_used_settings_survive_a_reload(page):
+    """As A1111 starts from its saved UI settings, a reload comes back to the last used values (prompts,
+    sliders, numbers past a slider's range, drop-downs, radio buttons, Hires. fix), not the page's defaults."""
+    page.fill("#prompt", "a windmill at dawn")
+    page.fill("#negative_prompt", "lowres")
+    page.select_option("#sampler_name", "Euler a")
+    page.select_option("#scheduler", "Karras")
+    for name, value in (("steps", 12), ("width", 3072), ("height", 320), ("cfg_scale", 4.5), ("seed", 42),
+                        ("n_iter", 3), ("denoising_strength", 0.35)):
+        set_value(page, name, value)
+    page.check('input[name="resize_mode"][value="2"]')
+    page.click("#tab-inpaint")
+    set_value(page, "mask_blur", 9)
+    page.check('input[name="inpainting_fill"][value="2"]')
+    page.check('input[name="inpaint_full_res"][value="1"]')
+    page.click("#tab-txt2img")
+    page.check("#enable_hr")
+    set_value(page, "hr_scale", 1.5)
+
+    page.reload()
+    page.wait_for_selector("body[data-ready=true]")
+    expect(page.locator("#tab-txt2img")).to_have_attribute("aria-selected", "true")
+    expect(page.locator("#prompt")).to_have_value("a windmill at dawn")
+    expect(page.locator("#negative_prompt")).to_have_value("lowres")
+    expect(page.locator("#sampler_name")).to_have_value("Euler a")
+    expect(page.locator("#scheduler")).to_have_value("Karras")
+    for name, value in (("steps", "12"), ("width", "3072"), ("height", "320"), ("cfg_scale", "4.5"),
+                        ("denoising_strength", "0.35"), ("mask_blur", "9"), ("hr_scale", "1.5")):
+        expect(page.locator(f'input[data-sync="{name}"]')).to_have_value(value)
+    expect(page.locator("#steps")).to_have_value("12")  # the slider follows its box
+    expect(page.locator("#seed")).to_have_value("42")
+    expect(page.locator("#n_iter")).to_have_value("3")
+    expect(page.locator("#enable_hr")).to_be_checked()
+    expect(page.locator("#hires-size")).to_have_text("Upscale from 3072×320 to 4608×480")
+    page.click("#tab-img2img")
+    expect(page.locator('input[name="resize_mode"][value="2"]')).to_be_checked()
+    expect(page.locator("#denoise-hint")).to_contain_text("0.35 — subtle")
+    page.click("#tab-inpaint")
+    expect(page.locator('input[name="inpainting_fill"][value="2"]')).to_be_checked()
+    expect(page.locator('input[name="inpaint_full_res"][value="1"]')).to_be_checked()
 
 
 def test_infotext_parser_matches_the_python_one(page):
@@ -958,6 +1099,70 @@ def test_send_to_txt2img_restores_hires_fields(page, tmp_path):
     page.click("#pnginfo-send-txt2img")
     expect(page.locator("#enable_hr")).not_to_be_checked()
     expect(page.locator("#hr_scale")).to_be_hidden()
+
+
+def test_read_parameters_from_the_prompt_or_a_dropped_picture(page, server, tmp_path):
+    """A1111's "paste parameters" (↙): an infotext in the prompt sets the controls, its Clip skip the server's
+    quick setting (the picture made then says so); with the prompt empty the selected result's infotext is read;
+    a picture dropped on the prompt sets its own parameters (no Clip skip in them: 1)."""
+    page.click("#tab-txt2img")
+    expect(page.locator("#clip-skip")).to_have_value("1")
+    page.fill("#prompt", "just a prompt: no parameters")
+    page.click("#paste-parameters")
+    expect(page.locator("#notice")).to_contain_text("no generation parameters")
+    expect(page.locator("#prompt")).to_have_value("just a prompt: no parameters")
+
+    page.fill("#prompt", "a foggy pier\nNegative prompt: people\nSteps: 2, Sampler: Euler a, Schedule type: Karras, "
+                         "CFG scale: 4.5, Seed: 8080, Size: 64x72, Clip skip: 2")
+    with page.expect_response("**/sdapi/v1/options") as answer:
+        page.click("#paste-parameters")
+    assert answer.value.ok and json.loads(answer.value.request.post_data) == {"CLIP_stop_at_last_layers": 2}
+    expect(page.locator("#prompt")).to_have_value("a foggy pier")
+    expect(page.locator("#negative_prompt")).to_have_value("people")
+    expect(page.locator("#sampler_name")).to_have_value("Euler a")
+    expect(page.locator("#scheduler")).to_have_value("Karras")
+    for name, value in (("steps", "2"), ("cfg_scale", "4.5"), ("width", "64"), ("height", "72")):
+        expect(page.locator(f'input[data-sync="{name}"]')).to_have_value(value)
+    expect(page.locator("#seed")).to_have_value("8080")
+    expect(page.locator("#clip-skip")).to_have_value("2")
+    expect(page.locator("#notice")).to_have_text("Parameters set.")
+    with page.expect_response("**/sdapi/v1/txt2img", timeout=GENERATION_TIMEOUT) as answer:
+        page.click("#generate")
+    assert answer.value.ok, answer.value.text()
+    expect(page.locator("#result-image")).to_be_visible()
+    infotext = page.input_value("#result-infotext")
+    assert "Clip skip: 2" in infotext and "Seed: 8080" in infotext
+
+    page.fill("#prompt", "")
+    set_value(page, "seed", -1)
+    page.click("#paste-parameters")  # the empty prompt: the selected result's parameters
+    expect(page.locator("#prompt")).to_have_value("a foggy pier")
+    expect(page.locator("#seed")).to_have_value("8080")
+
+    text = "a calm lake\nSteps: 3, Sampler: DPM++ 2M, CFG scale: 6, Seed: 9090, Size: 64x64"
+    png = infotext_pngs(tmp_path, {"lake": text}, (64, 64))["lake"]
+    with page.expect_response("**/sdapi/v1/options") as answer:
+        page.evaluate("""(bytes) => {
+          const dt = new DataTransfer();
+          dt.items.add(new File([new Uint8Array(bytes)], 'lake.png', { type: 'image/png' }));
+          document.querySelector('#prompt').dispatchEvent(new DragEvent('drop', { dataTransfer: dt, bubbles: true, cancelable: true }));
+        }""", list(png.read_bytes()))
+    assert json.loads(answer.value.request.post_data) == {"CLIP_stop_at_last_layers": 1}
+    expect(page.locator("#prompt")).to_have_value("a calm lake")
+    expect(page.locator("#seed")).to_have_value("9090")
+    expect(page.locator("#clip-skip")).to_have_value("1")
+    assert page.request.get(f"{server}/sdapi/v1/options").json()["CLIP_stop_at_last_layers"] == 1
+
+    # A picture without parameters, sent on from PNG Info, says so rather than "Parameters set."
+    plain = tmp_path / "plain.png"
+    Image.new("RGB", (64, 64), (200, 200, 200)).save(plain)
+    page.click("#tab-pnginfo")
+    page.set_input_files("#pnginfo-file", str(plain))
+    expect(page.locator("#pnginfo-source")).to_contain_text("no generation parameters")
+    page.click("#pnginfo-send-img2img")
+    expect(page.locator("#img2img-preview")).to_be_visible()
+    expect(page.locator("#notice")).to_contain_text("holds no generation parameters")
+    expect(page.locator("#prompt")).to_have_value("a calm lake")
 
 
 # --------------------------------------------------------------------------- FLUX

@@ -24,11 +24,14 @@ class _Collector(HTMLParser):
         super().__init__()
         self.ids: set[str] = set()
         self.references: list[str] = []
+        self.inputs: list[dict] = []
 
     def handle_starttag(self, tag, attrs):
         attrs = dict(attrs)
         if attrs.get("id"):
             self.ids.add(attrs["id"])
+        if tag == "input":
+            self.inputs.append(attrs)
         for name in ("src", "href"):
             if attrs.get(name) and tag in ("script", "link", "img"):
                 self.references.append(attrs[name])
@@ -80,3 +83,28 @@ def test_ids_used_by_scripts_exist_in_the_page():
         used |= set(re.findall(r"""getElementById\(\s*["']([\w-]+)["']""", text))
     missing = sorted(used - ids)
     assert not missing, f"scripts look up ids that index.html does not have: {missing}"
+
+
+def test_controls_start_at_a1111s_defaults():
+    """The page opens at A1111's defaults, which the package's own parameters hold (and the CLI uses):
+    20 steps, denoising strength 0.75, CFG 7, ... Each slider's number box starts at its slider's value."""
+    from underpaint.params import MASKED_CONTENT, GenerationParams, HiresOptions, InpaintOptions
+
+    params, hires, inpaint = GenerationParams(), HiresOptions(), InpaintOptions()
+    expected = {
+        "steps": params.steps, "cfg_scale": params.cfg_scale, "denoising_strength": params.strength,
+        "seed": params.seed, "n_iter": params.n_iter, "batch_size": params.batch_size,
+        "mask_blur": inpaint.mask_blur_x, "inpaint_full_res_padding": inpaint.full_res_padding,
+        "hr_scale": hires.scale, "hr_second_pass_steps": hires.steps, "hr_denoising_strength": hires.strength,
+        "hr_resize_x": hires.resize_x, "hr_resize_y": hires.resize_y, "width": 512, "height": 512,
+    }
+    inputs = parsed_index().inputs
+    by_id = {i["id"]: i for i in inputs if i.get("id")}
+    boxes = {i["data-sync"]: i for i in inputs if i.get("data-sync")}
+    for name, value in expected.items():
+        assert float(by_id[name]["value"]) == value, f"{name} starts at {by_id[name]['value']}, A1111's default is {value}"
+        if name in boxes:
+            assert float(boxes[name]["value"]) == value, f"{name}'s number box starts at {boxes[name]['value']}"
+    checked = {i["name"]: i["value"] for i in inputs if i.get("type") == "radio" and "checked" in i}
+    assert checked["inpainting_fill"] == str(MASKED_CONTENT.index(inpaint.masked_content))
+    assert checked["resize_mode"] == str(params.resize_mode)

@@ -1,24 +1,29 @@
 // Wires the page together: tabs, lists from the API, generate / interrupt, results, send-to.
 
 import { ApiError, get, getOptional, post } from "./api.js";
+import { setupAttentionKeys } from "./attention.js";
 import { loadCheckpoints, onFamily, setupCheckpointSwitch } from "./checkpoints.js";
+import { loadClipSkip, setClipSkip, setupClipSkip } from "./clipskip.js";
 import { loadPreviewSetting, setupPreviewSetting } from "./previewsetting.js";
 import { loadTokenMerging, setupTokenMerging, tokenMergingFor } from "./tomesetting.js";
 import { $, $$, numberValue, setNumber, syncSliders } from "./dom.js";
 import { ControlNetSection } from "./controlnet.js";
 import { clearFieldErrors, showFieldErrors } from "./fielderrors.js";
 import { GenerationForm } from "./form.js";
-import { Gallery, entriesFromResponse } from "./gallery.js";
+import { Gallery, entriesFromResponse, parseInfo } from "./gallery.js";
 import { ImageInput, imageFileFrom, stripDataUrl } from "./images.js";
 import { setupInpaint } from "./inpaint.js";
-import { setupPngInfo } from "./pnginfo.js";
+import { infotextToFields, parseInfotext } from "./infotext.js";
+import { SettingsStore } from "./persist.js";
+import { parametersIn, setupPngInfo } from "./pnginfo.js";
 import { ProgressView, formatSeconds } from "./progress.js";
 
 const panel = $("#panel-generate");
 const generalBox = $("#general-error");
 const notice = $("#notice");
 const form = new GenerationForm(panel);
-const state = { tab: "img2img", busy: false, interrupted: false, lastSeed: null };
+const state = { tab: "img2img", busy: false, interrupted: false, again: false, lastSeed: null, outdirs: {} };
+const store = new SettingsStore(panel, { family: () => form.family });
 onFamily((family) => form.applyFamily(family));
 
 // -- tabs ------------------------------------------------------------------------------------
@@ -85,15 +90,52 @@ const controlnet = new ControlNetSection({
   sourceImage,
 });
 
+/** Set the controls from a picture's parameters for the `target` tab, and say what could not be set. */
+async function applyFields(fields, target) {
+  const notes = form.apply(fields, target);
+  if (fields.sd_model_name && $("#checkpoint").value && !$("#checkpoint").value.includes(fields.sd_model_name)) {
+    notes.push(`made with the model "${fields.sd_model_name}"`);
+  }
+  store.save();
+  notice.textContent = notes.length ? `Parameters set; note: ${notes.join("; ")}.` : "Parameters set.";
+  if (fields.clip_skip !== undefined) await setClipSkip(fields.clip_skip);
+}
+
 const pngInput = setupPngInfo({
   onSend: async (dataUrl, fields, target) => {
-    const notes = form.apply(fields, target);
-    if (fields.sd_model_name && $("#checkpoint").value && !$("#checkpoint").value.includes(fields.sd_model_name)) {
-      notes.push(`made with the model "${fields.sd_model_name}"`);
-    }
-    notice.textContent = notes.length ? `Parameters set; note: ${notes.join("; ")}.` : "Parameters set.";
+    if (Object.keys(fields).length) await applyFields(fields, target);
+    else notice.textContent = "The picture holds no generation parameters: the settings are unchanged.";
     await sendImage(dataUrl, target);
   },
+});
+
+// "Paste parameters" (A1111's ↙): an infotext typed or pasted into the prompt, else the selected result's.
+$("#paste-parameters").addEventListener("click", async () => {
+  const typed = $("#prompt").value.trim();
+  const parsed = parseInfotext(typed || gallery.selected?.infotext || "");
+  if (!Object.keys(parsed.params).length) {
+    notice.textContent = typed
+      ? "The prompt holds no generation parameters (an infotext ends with a line such as “Steps: 20, Sampler: …”)."
+      : "No result selected whose parameters could be read.";
+    return;
+  }
+  clearFieldErrors(panel);
+  await applyFields(infotextToFields(parsed), state.tab);
+});
+
+// A picture dropped on the prompts fills the settings from its parameters, as in A1111.
+$(".prompts").addEventListener("drop", async (event) => {
+  const file = imageFileFrom(event.dataTransfer);
+  if (!file) return;  // dropped text goes into the box as usual
+  event.preventDefault();
+  try {
+    const found = await parametersIn(file);
+    if (found) await applyFields(found.fields, state.tab);
+    else notice.textContent = `${file.name || "The picture"} holds no generation parameters.`;
+  } catch (err) {
+    generalBox.textContent = `Cannot read the parameters of ${file.name || "the picture"}: ${err.message}`;
+    generalBox.hidden = false;
+  }
 });
 
 async function sendImage(dataUrl, target) {
@@ -110,8 +152,8 @@ function takeImage(file, focused) {
   if (unit) unit.image.setFile(file);
   else if (state.tab === "inpaint") setInpaintImage(file);
   else if (state.tab === "pnginfo") pngInput.setFile(file);
-  else if (state.tab === "txt2img") notice.textContent = "txt2img takes no picture: drop it on img2img, Inpaint or PNG Info.";
-  else img2img.setFile(file);
+  else if (state.tab !== "txt2img") img2img.setFile(file);
+  else notice.textContent = "txt2img takes no picture: drop it on the prompt to read its parameters, or on img2img, Inpaint or PNG Info.";
 }
 
 document.addEventListener("paste", (event) => {
@@ -142,14 +184,18 @@ async function loadLists() {
   generalBox.hidden = true;
   const failures = [];
   const attempt = (what, promise) => promise.catch((err) => failures.push(`${what}: ${err.message}`));
-  const options = get("/sdapi/v1/options");  // one request for the three settings below
+  const options = get("/sdapi/v1/options");  // one request for the settings below
   options.catch(() => {});  // each of them reports a failure in its own words
+  options.then((o) => {  // where the server saves pictures, to say so after a generation
+    state.outdirs = { txt2img: o?.outdir_txt2img_samples, img2img: o?.outdir_img2img_samples };
+  }, () => {});
   await Promise.all([
     attempt("samplers", get("/sdapi/v1/samplers").then((s) => form.fillSamplers(s ?? []))),
     attempt("schedules", getOptional("/sdapi/v1/schedulers", []).then((s) => form.fillSchedulers(s ?? []))),
     attempt("upscalers", loadUpscalers()),
     attempt("checkpoints", loadCheckpoints(options)),
     attempt("live preview setting", loadPreviewSetting(options)),
+    attempt("clip skip setting", loadClipSkip(options)),
     attempt("token merging setting", loadTokenMerging(options)),
     attempt("ControlNet", controlnet.load()),
   ]);
@@ -165,6 +211,7 @@ $("#refresh-models").addEventListener("click", async () => {
 });
 
 setupPreviewSetting();
+setupClipSkip();
 setupTokenMerging();
 
 setupCheckpointSwitch({
@@ -204,7 +251,7 @@ function buildRequest() {
   const txt2img = state.tab === "txt2img";
   const request = txt2img ? form.values("txt2img") : img2imgRequest();
   if (!request) return null;
-  Object.assign(request, { send_images: true, save_images: false });
+  Object.assign(request, { send_images: true, save_images: $("#save_images").checked });
   const cn = controlnet.payload();
   if (cn.args.length) request.alwayson_scripts = { controlnet: { args: cn.args } };
   return { request, rename: cn.rename, path: txt2img ? "/sdapi/v1/txt2img" : "/sdapi/v1/img2img" };
@@ -226,6 +273,7 @@ async function generate() {
   notice.textContent = "";
   const built = buildRequest();
   if (!built) return;
+  store.save();
   setBusy(true);
   state.interrupted = false;
   progress.start();
@@ -239,7 +287,15 @@ async function generate() {
     }
     const seconds = formatSeconds((performance.now() - started) / 1000);
     const what = entries.length === 1 ? "1 image" : `${entries.length} images`;
-    progress.stop(state.interrupted ? `Interrupted after ${seconds}: ${what} returned` : `Done in ${seconds}: ${what}`);
+    const saveError = parseInfo(response.info).save_error;
+    const kind = built.path.endsWith("txt2img") ? "txt2img" : "img2img";
+    const saved = built.request.save_images && entries.length && !saveError
+      ? `, saved in ${state.outdirs[kind] || "the server's outputs folder"}` : "";
+    progress.stop(state.interrupted ? `Interrupted after ${seconds}: ${what} returned` : `Done in ${seconds}: ${what}${saved}`);
+    if (saveError) {
+      generalBox.textContent = `The pictures were not all saved on the server: ${saveError}`;
+      generalBox.hidden = false;
+    }
   } catch (err) {
     progress.stop(state.interrupted ? "Interrupted" : "");
     if (err instanceof ApiError) {
@@ -251,6 +307,10 @@ async function generate() {
   } finally {
     setBusy(false);
   }
+  if (state.again) {  // Ctrl+Enter came while it ran: start again with the settings now shown
+    state.again = false;
+    generate();
+  }
 }
 
 $("#generate").addEventListener("click", generate);
@@ -261,12 +321,24 @@ $("#interrupt").addEventListener("click", async () => {
 });
 $("#skip").addEventListener("click", () => post("/sdapi/v1/skip").catch(() => {}));
 
+// A1111's keys: Ctrl+Enter generates (while a picture is being made: interrupts it and starts
+// again), Alt+Enter skips the current picture, Escape interrupts.
 document.addEventListener("keydown", (e) => {
-  if (state.tab === "pnginfo") return;
   if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) {
+    if (state.tab === "pnginfo") return;
     e.preventDefault();
-    generate();
-    return;
+    if (!state.busy) {
+      generate();
+      return;
+    }
+    state.again = true;
+    if (!$("#interrupt").disabled) $("#interrupt").click();
+  } else if (e.key === "Enter" && e.altKey && state.busy) {
+    e.preventDefault();
+    $("#skip").click();
+  } else if (e.key === "Escape" && state.busy && !$("#interrupt").disabled) {
+    e.preventDefault();
+    $("#interrupt").click();
   }
 });
 
@@ -290,6 +362,8 @@ $("#send-pnginfo").addEventListener("click", async () => {
   await pngInput.set(gallery.selected.dataUrl, gallery.selected.fileName);
 });
 $("#result-seed").addEventListener("click", () => setNumber($("#seed"), gallery.selected.seed));
+
+setupAttentionKeys(["#prompt", "#negative_prompt", "#hr_prompt", "#hr_negative_prompt"].map((id) => $(id)));
 
 // -- seed and size helpers ------------------------------------------------------------------------
 $("#seed-random").addEventListener("click", () => setNumber($("#seed"), -1));
@@ -315,4 +389,7 @@ $("#size-from-image").addEventListener("click", () => {
 syncSliders();
 const initial = location.hash.slice(1);
 selectTab(tabs.some((t) => t.dataset.tab === initial) ? initial : "img2img");
-loadLists().finally(() => { document.body.dataset.ready = "true"; });
+loadLists().finally(() => {
+  store.restore();  // the last used settings, once the drop-downs they choose from are filled
+  document.body.dataset.ready = "true";
+});

@@ -50,7 +50,11 @@ class Unit {
     const imageLabel = $(".cn-image-label", r);
     imageLabel.id = `cn-${this.id}-image-label`;
     $(".cn-drop", r).setAttribute("aria-labelledby", imageLabel.id);
-    this.image = new ImageInput({ zone: $(".cn-drop", r), fileInput: $(".cn-file", r), preview: $(".cn-preview", r) });
+    // Giving a unit its own control image turns it on, as the A1111 extension does: it is plainly meant to be used.
+    this.image = new ImageInput({
+      zone: $(".cn-drop", r), fileInput: $(".cn-file", r), preview: $(".cn-preview", r),
+      onChange: (input) => { if (input.dataUrl) $(".cn-enabled", r).checked = true; },
+    });
     radios($('[data-key="control_mode"]', r), `cn-${this.id}-control-mode`, CONTROL_MODES, CONTROL_MODES[0]);
     radios($('[data-key="resize_mode"]', r), `cn-${this.id}-resize-mode`, RESIZE_MODES, RESIZE_MODES[1]);
     // The model list does not say which models are union ones, so the choice is always offered.

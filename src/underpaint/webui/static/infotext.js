@@ -94,6 +94,8 @@ export function infotextToFields({ prompt, negativePrompt, params }) {
   set("inpaint_full_res_padding", number(params["Masked area padding"]));
   if (params["Mask mode"]) fields.inpainting_mask_invert = params["Mask mode"] === "Inpaint not masked" ? 1 : 0;
   set("batch_size", number(params["Batch size"]));
+  // A1111 leaves "Clip skip" out at its default: a picture without it was made with 1.
+  set("clip_skip", number(params["Clip skip"]) ?? 1);
   // A picture made without DeepCache says nothing of it: reproducing it means turning it off.
   set("deepcache_interval", number(params["DeepCache interval"]) ?? 0);
   set("deepcache_branch", number(params["DeepCache branch"]));

@@ -2,7 +2,7 @@
 
 import { ApiError, post } from "./api.js";
 import { $, el } from "./dom.js";
-import { ImageInput, dataUrlToBlob, stripDataUrl } from "./images.js";
+import { ImageInput, dataUrlToBlob, readFileAsDataURL, stripDataUrl } from "./images.js";
 import { comfyToFields, fieldsToInfotext, infotextToFields, parseInfotext } from "./infotext.js";
 import { readPngText } from "./pngchunks.js";
 
@@ -30,6 +30,11 @@ export function interpret({ items, parameters }) {
     }
   }
   return null;
+}
+
+/** The generation parameters a picture file holds ({source, text, fields}), or null when it holds none. */
+export async function parametersIn(file) {
+  return interpret(await readMetadata({ file, dataUrl: await readFileAsDataURL(file) }));
 }
 
 export function setupPngInfo({ onSend }) {
