@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -155,6 +157,28 @@ def test_progress_and_interrupt(sd1_engine, photo):
     assert result.interrupted
     assert seen == [(0, 1, 6), (0, 2, 6)]
     assert len(result.images) == 1  # the interrupted batch still returns its current estimate
+    assert result.unfinished == (0,)
+
+
+def test_skip_returns_the_current_estimate_and_goes_on(sd1_engine):
+    """A1111's Skip: the batch it finds ends at that step's denoised estimate, which is returned
+    (and marked unfinished); the next batch runs whole, as a request for its seed alone makes it."""
+    from underpaint.pipeline.records import Cancellation
+
+    params = GenerationParams(prompt="x", steps=6, seed=3, width=64, height=64, n_iter=2, sampler="Euler")
+    cancel = Cancellation()
+
+    def on_progress(p):
+        if p.job == 0 and p.step == 2:
+            cancel.skip()
+
+    result = sd1_engine.generate(params, progress=on_progress, cancel=cancel)
+    assert not result.interrupted and result.seeds == (3, 4) and result.unfinished == (0,)
+    whole = sd1_engine.generate(replace(params, n_iter=1))
+    alone = sd1_engine.generate(replace(params, seed=4, n_iter=1))
+    assert np.array_equal(np.asarray(result.images[1]), np.asarray(alone.images[0]))
+    assert not np.array_equal(np.asarray(result.images[0]), np.asarray(whole.images[0]))
+    assert whole.unfinished == ()
 
 
 @pytest.mark.parametrize("fixture", ["sd2v_file", "sdxl_file"])

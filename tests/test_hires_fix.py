@@ -32,15 +32,18 @@ def _pixels(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"), dtype=np.int16)
 
 
-def _first_pass_only(engine, params: GenerationParams) -> Image.Image:
-    """The first pass of a hires request: interrupted after its last step, the request returns it."""
+def _first_pass_only(engine, params: GenerationParams, stop=Cancellation.interrupt) -> Image.Image:
+    """The first pass of a hires request: interrupted (or skipped) after its last step, the request
+    returns it, marked unfinished (it lacks the second pass)."""
     cancel = Cancellation()
 
     def on_progress(p):
         if p.step == params.steps:
-            cancel.interrupt()
+            stop(cancel)
 
-    return engine.generate(params, progress=on_progress, cancel=cancel).images[0]
+    result = engine.generate(params, progress=on_progress, cancel=cancel)
+    assert result.unfinished == (0,)
+    return result.images[0]
 
 
 # --------------------------------------------------------------------------- engine
@@ -52,6 +55,7 @@ def test_first_pass_is_plain_txt2img_and_progress_counts_both_passes(sd1_engine)
     first = _first_pass_only(sd1_engine, hires)
     assert first.size == (64, 64)
     assert np.array_equal(_pixels(first), _pixels(plain))
+    assert np.array_equal(_pixels(_first_pass_only(sd1_engine, hires, Cancellation.skip)), _pixels(plain))
 
     seen = []
     result = sd1_engine.generate(hires, progress=lambda p: seen.append((p.job, p.step, p.steps)))

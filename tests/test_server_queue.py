@@ -127,7 +127,8 @@ def test_interrupt_stops_within_a_step_and_returns_what_is_done(tmp_path):
     assert len(r.json()["images"]) == 2
 
 
-def test_skip_abandons_only_the_current_batch(tmp_path):
+def test_skip_ends_only_the_current_batch(tmp_path):
+    """A1111's Skip ends the current batch at its current estimate, which is returned, and goes on."""
     backend = FakeBackend(step_delay=0.02)
     app, server = _serve(tmp_path, backend)
     with server as base, ThreadPoolExecutor(2) as pool:
@@ -135,7 +136,8 @@ def test_skip_abandons_only_the_current_batch(tmp_path):
         _wait_for(lambda: HTTP.get(base + "/sdapi/v1/progress").json()["state"]["sampling_step"] >= 2)
         HTTP.post(base + "/sdapi/v1/skip")
         r = future.result()
-    assert json.loads(r.json()["info"])["all_seeds"] == [101]
+    assert json.loads(r.json()["info"])["all_seeds"] == [100, 101]
+    assert len(r.json()["images"]) == 2
 
 
 def test_a_failing_job_is_reported_and_the_next_one_works(tmp_path):

@@ -78,14 +78,12 @@ class FakeEngine:
                                       lambda c=color: [Image.new("RGB", size, c)]))
                 if cancel.interrupted or cancel.skipped:
                     break
-            skipped = cancel.skipped and not cancel.interrupted
             cancel.clear_skip()
-            if not skipped:  # an interrupted batch is still returned, as A1111 does
-                for i in range(params.batch_size):
-                    n = job * params.batch_size + i
-                    images.append(Image.new("RGB", size, (n * 30 % 256, 0, 0)))
-                    seeds.append(params.seed + n)
-                    subseeds.append(params.subseed + n)
+            for i in range(params.batch_size):  # a stopped batch is still returned, as A1111 does
+                n = job * params.batch_size + i
+                images.append(Image.new("RGB", size, (n * 30 % 256, 0, 0)))
+                seeds.append(params.seed + n)
+                subseeds.append(params.subseed + n)
             if cancel.interrupted:
                 interrupted = True
                 break

@@ -536,21 +536,21 @@ def run_txt2img(args: argparse.Namespace) -> int:
 
 def _run_and_save(engine, params: GenerationParams, args: argparse.Namespace, command: str, source: Path | None) -> None:
     """Generate and save. Ctrl-C stops the run at the next step and still saves the pictures of the
-    batches that finished (those of the batch it stopped are not, as in A1111), then ends the
-    command as interrupted; a second Ctrl-C stops at once."""
+    batches that finished, then ends the command as interrupted; a second Ctrl-C stops at once.
+    The stopped batch's pictures are its current estimates (A1111's Interrupt button shows and
+    saves those); a command-line run leaves them out, as its Ctrl-C means "stop", not "finish now"."""
     from ..imageio.metadata import save_image
     from ..pipeline.records import Cancellation
 
     cancel = Cancellation()
     with ProgressBar(label=source.name if source else command) as bar, _ctrl_c_interrupts(cancel):
         result = engine.generate(params, progress=bar.update, cancel=cancel)
-    count = min(len(result.images), len(result.infotexts), len(result.seeds))
-    if result.interrupted:
-        count = max(0, count - params.batch_size)
-    paths = plan_outputs(args.output, command, count, overwrite=args.overwrite, source=source,
-                         seeds=result.seeds[:count])
-    for image, infotext, path in zip(result.images[:count], result.infotexts[:count], paths):
-        print(save_image(image, path, infotext=infotext, overwrite=args.overwrite))
+    finished = [i for i in range(min(len(result.images), len(result.infotexts), len(result.seeds)))
+                if i not in result.unfinished]
+    paths = plan_outputs(args.output, command, len(finished), overwrite=args.overwrite, source=source,
+                         seeds=[result.seeds[i] for i in finished])
+    for i, path in zip(finished, paths):
+        print(save_image(result.images[i], path, infotext=result.infotexts[i], overwrite=args.overwrite))
     if result.interrupted:
         raise KeyboardInterrupt
 

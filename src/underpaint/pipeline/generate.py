@@ -149,7 +149,7 @@ def _generate(model, params: GenerationParams, networks: ActiveNetworks, *, info
     # 2d. LoRA and embedding hashes, after the inpaint and ControlNet keys as A1111 orders them.
     plan = replace(plan, params=networks.with_infotext(plan.params))
 
-    images, infotexts, seeds, subseeds = [], [], [], []
+    images, infotexts, seeds, subseeds, unfinished = [], [], [], [], []
     interrupted = False
     for job in range(params.n_iter):
         if cancel.interrupted:
@@ -163,9 +163,9 @@ def _generate(model, params: GenerationParams, networks: ActiveNetworks, *, info
                                getattr(control, "stack", control))
         else:
             batch = _run_hires_batch(model, plan, hires, job, batch_seeds, batch_subseeds, progress, cancel)
+        if cancel.batch_was_stopped():  # stopped before its last step: its current estimate
+            unfinished.extend(range(len(images), len(images) + len(batch)))
         cancel.clear_skip()
-        if batch is None:  # skipped
-            continue
         images.extend(batch)
         seeds.extend(batch_seeds)
         subseeds.extend(batch_subseeds)
@@ -185,6 +185,7 @@ def _generate(model, params: GenerationParams, networks: ActiveNetworks, *, info
         interrupted=interrupted,
         prompts=(params.prompt,) * n,
         negative_prompts=(params.negative_prompt,) * n,
+        unfinished=tuple(unfinished),
     )
 
 
@@ -305,14 +306,13 @@ def _run_hires_batch(model, plan: Plan, hires: HiresPlan, job: int, seeds, subse
                      cancel: Cancellation):
     """One batch of a hires. fix request: the first pass, the upscale, the second pass.
 
-    Progress counts the steps of both passes. An interrupt during the first pass returns its
-    pictures as they stand, at the first size (A1111 skips the second pass then too).
+    Progress counts the steps of both passes. An interrupt or a skip during the first pass returns
+    its current estimate at the first size, without the second pass (A1111 skips it then too).
     """
     total = plan.steps_run + hires.plan.steps_run
     latents = _run_batch(model, plan, job, seeds, subseeds, progress, cancel, keep_latents=True, window=(0, total))
-    if latents is None:
-        return None
-    if cancel.interrupted:
+    if cancel.interrupted or cancel.skipped:
+        cancel.stop_batch()  # even when the first pass had finished: the picture lacks the second
         return decode_latents(model, latents)
     start = _second_pass_start(model, plan, hires, latents)
     return _run_batch(model, hires.plan, job, seeds, subseeds, progress, cancel, start=start,
@@ -420,8 +420,6 @@ def _run_batch(model, plan: Plan, job: int, seeds, subseeds, progress, cancel: C
     with torch.inference_mode(), _tradeoffs(model, p, denoiser, callback, control=control) as (denoiser, callback):
         latents = run_sampler(p.sampler, denoiser, x, sigmas, noise_sampler=noise_sampler, callback=callback,
                               options=p.sampler_options, model_schedule=None if is_flux else model_schedule(model))
-    if cancel.skipped and not cancel.interrupted:
-        return None
     if keep_latents:
         return latents
 
@@ -504,6 +502,7 @@ def _callback(model, plan: Plan, job: int, progress, cancel: Cancellation, contr
             progress(Progress(job=job, job_count=plan.params.n_iter, step=offset + step + 1, steps=total,
                               preview=preview))
         if cancel.interrupted or cancel.skipped:
+            cancel.stop_batch()
             return STOP
         return None
 

@@ -34,13 +34,15 @@ class Progress:
 class Cancellation:
     """Thread-safe interrupt/skip flags checked once per sampling step (A1111's interrupt and skip).
 
-    Interrupt stops the whole request and returns what is finished; skip abandons only the
-    current batch and goes on with the next one.
+    Both end the current batch at the step they find, which returns its current estimate (the
+    denoised prediction of that step), as A1111 does; interrupt then ends the request, while
+    skip goes on with the next batch.
     """
 
     def __init__(self) -> None:
         self._interrupt = threading.Event()
         self._skip = threading.Event()
+        self._stopped_batch = False  # only the generating thread reads and writes it
 
     def interrupt(self) -> None:
         self._interrupt.set()
@@ -58,6 +60,15 @@ class Cancellation:
 
     def clear_skip(self) -> None:
         self._skip.clear()
+
+    def stop_batch(self) -> None:
+        """Called by the sampling loop when it ends a batch early for an interrupt or a skip."""
+        self._stopped_batch = True
+
+    def batch_was_stopped(self) -> bool:
+        """Whether the batch just run ended early (see :meth:`stop_batch`); clears the mark."""
+        stopped, self._stopped_batch = self._stopped_batch, False
+        return stopped
 
 
 @dataclass(frozen=True)
@@ -86,3 +97,6 @@ class Result:
     interrupted: bool = False
     prompts: tuple[str, ...] = field(default=())
     negative_prompts: tuple[str, ...] = field(default=())
+    #: Indexes of the images that are a stopped batch's current estimate (an interrupt or a skip
+    #: came before its last step), not a finished picture. A1111 returns and saves them alike.
+    unfinished: tuple[int, ...] = field(default=())
