@@ -219,3 +219,21 @@ def test_info_shows_comfyui_prompt_and_workflow(tmp_path, capsys):
     assert main(["info", str(path), "--json"]) == 0
     parsed = json.loads(capsys.readouterr().out)
     assert parsed == {"comfyui_prompt": prompt, "comfyui_workflow": workflow}
+
+
+@pytest.mark.parametrize("sampler, options, written", [
+    ("DPM++ 2M", SamplerOptions(eta=0.5, s_churn=0.3, s_tmin=0.1, s_noise=1.01), {}),  # takes none of them
+    ("Euler a", SamplerOptions(eta=1.0), {}),  # the ancestral default
+    ("Euler a", SamplerOptions(eta=0.5, s_churn=0.3), {"Eta": "0.5"}),
+    ("DDIM", SamplerOptions(eta=0.0), {}),  # DDIM's default
+    ("DDIM", SamplerOptions(eta=0.3), {"Eta DDIM": "0.3"}),
+    ("Euler", SamplerOptions(eta=0.5, s_churn=0.3, s_noise=1.01), {"Sigma churn": "0.3", "Sigma noise": "1.01"}),
+    ("DPM++ 2M SDE", SamplerOptions(eta=0.7, s_churn=0.3, s_noise=1.01), {"Eta": "0.7", "Sigma noise": "1.01"}),
+])
+def test_sampler_settings_are_written_only_where_a1111_writes_them(sampler, options, written):
+    """A1111 records eta and the churn settings only for a sampler that takes them, eta only away
+    from its default, and DDIM's eta as "Eta DDIM"."""
+    text = _write(GenerationParams(prompt="a castle", sampler=sampler, sampler_options=options))
+    keys = ("Eta", "Eta DDIM", "Sigma churn", "Sigma tmin", "Sigma tmax", "Sigma noise")
+    found = {k: v for k, v in parse_infotext(text).params.items() if k in keys}
+    assert found == written

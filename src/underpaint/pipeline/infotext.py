@@ -7,7 +7,7 @@ import math
 from .. import __version__
 from ..imageio.infotext import format_infotext, order_params
 from ..params import GenerationParams
-from ..sampling.names import infotext_schedule, infotext_writes_ensd
+from ..sampling.names import infotext_schedule, infotext_writes_ensd, sampler_info
 from .deepcache import infotext_entries as deepcache_infotext
 from .first_block_cache import infotext_entries as first_block_cache_infotext
 from .hires import hires_infotext
@@ -19,6 +19,7 @@ VERSION = f"underpaint {__version__}"
 def infotext_params(params: GenerationParams, info: ModelInfo, *, width: int, height: int, seed: int, subseed: int) -> dict:
     """Key/value pairs in A1111 1.10's order; None values are left out when written."""
     p, opts = params, params.sampler_options
+    takes = sampler_info(p.sampler).params
     variation = p.subseed_strength > 0
     values = {
         "Steps": p.steps,
@@ -45,15 +46,16 @@ def infotext_params(params: GenerationParams, info: ModelInfo, *, width: int, he
         "RNG": {"cpu": "CPU", "nv": "NV"}.get(p.rng),
         # A1111's txt2img adds its hires keys before sampling, the sampler's own keys during it.
         **hires_infotext(p),
-        "Eta": opts.eta,
+        **_eta_entry(p),
         "Schedule min sigma": opts.sigma_min,
         "Schedule max sigma": opts.sigma_max,
         "Schedule rho": opts.rho,
-        # A1111 1.10's names for the churn settings of Euler, Heun and DPM2.
-        "Sigma churn": opts.s_churn or None,
-        "Sigma tmin": opts.s_tmin or None,
-        "Sigma tmax": opts.s_tmax if opts.s_tmax != math.inf else None,
-        "Sigma noise": opts.s_noise if opts.s_noise != 1.0 else None,
+        # A1111 1.10's names for the churn settings of Euler, Heun and DPM2 (s_noise also reaches
+        # the ancestral and SDE samplers); written only for a sampler that takes the setting.
+        "Sigma churn": (opts.s_churn or None) if "s_churn" in takes else None,
+        "Sigma tmin": (opts.s_tmin or None) if "s_tmin" in takes else None,
+        "Sigma tmax": opts.s_tmax if opts.s_tmax != math.inf and "s_tmax" in takes else None,
+        "Sigma noise": opts.s_noise if opts.s_noise != 1.0 and "s_noise" in takes else None,
         "Discard penultimate sigma": True if opts.discard_penultimate_sigma else None,
         **deepcache_infotext(p.deepcache),
         **first_block_cache_infotext(p.first_block_cache),
@@ -61,6 +63,16 @@ def infotext_params(params: GenerationParams, info: ModelInfo, *, width: int, he
     values.update(dict(p.extra_infotext))
     values["Version"] = VERSION
     return order_params({k: v for k, v in values.items() if v is not None})
+
+
+def _eta_entry(p: GenerationParams) -> dict:
+    """A1111 records eta only for a sampler that takes it and only away from its default (1 for
+    the ancestral and SDE samplers, 0 for DDIM), DDIM's under its own key, "Eta DDIM"."""
+    eta, info = p.sampler_options.eta, sampler_info(p.sampler)
+    if eta is None or "eta" not in info.params:
+        return {}
+    ddim = "timestep" in info.flags
+    return {} if eta == (0.0 if ddim else 1.0) else {"Eta DDIM" if ddim else "Eta": eta}
 
 
 def build_infotext(params: GenerationParams, info: ModelInfo, *, width: int, height: int, seed: int, subseed: int) -> str:
