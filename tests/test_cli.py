@@ -1,21 +1,17 @@
-"""The `underpaint` command: real processes, real files, one-line errors with exit status 2."""
+"""The `underpaint` command: real files, one-line errors with exit status 2 (in this process, as
+:mod:`cli_runner` runs it, and as a real process where the entry point itself is checked)."""
 
 from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-
-def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "underpaint", *args], capture_output=True, text=True,
-                          cwd=cwd, env=full_env, timeout=300)
+from cli_runner import run_cli
 
 
 def assert_clean_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
@@ -38,7 +34,8 @@ def test_img2img_writes_png_with_infotext(tmp_path, photo_file, sd1_file):
     out = tmp_path / "painting.png"
     proc = run_cli("img2img", str(photo_file), "-p", "impressionist oil painting, thick brushstrokes",
                    "-n", "blurry", "--strength", "0.65", "--cfg", "7", "--steps", "4", "--sampler", "DPM++ 2M",
-                   "--scheduler", "karras", "--seed", "1234", "--model", str(sd1_file), "-o", str(out))
+                   "--scheduler", "karras", "--seed", "1234", "--model", str(sd1_file), "-o", str(out),
+                   process=True)  # the real entry point, `python -m underpaint`
     assert proc.returncode == 0, proc.stderr
     assert out.exists()
     text = Image.open(out).text["parameters"]
@@ -50,7 +47,8 @@ def test_img2img_writes_png_with_infotext(tmp_path, photo_file, sd1_file):
 
     # Never overwrite without being asked; the file is untouched.
     before = out.read_bytes()
-    again = run_cli("img2img", str(photo_file), "-p", "x", "--steps", "2", "--model", str(sd1_file), "-o", str(out))
+    again = run_cli("img2img", str(photo_file), "-p", "x", "--steps", "2", "--model", str(sd1_file), "-o", str(out),
+                    process=True)  # a real process's exit status and standard error
     assert_clean_error(again, str(out), "--overwrite")
     assert out.read_bytes() == before
 

@@ -1,20 +1,16 @@
-"""`underpaint inpaint` and `underpaint outpaint`: real processes, real files, one-line errors with exit status 2."""
+"""`underpaint inpaint` and `underpaint outpaint`: real files, one-line errors with exit status 2 (run
+in this process by :mod:`cli_runner`)."""
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "underpaint", *args], capture_output=True, text=True,
-                          env=dict(os.environ), timeout=300)
+from cli_runner import run_cli
 
 
 def assert_clean_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
