@@ -437,6 +437,15 @@ def test_fractions_for_integer_fields_are_cut_as_in_a1111(client, backend, photo
     assert backend.params[-1].inpaint.mask_blur_x == 3 and backend.params[-1].inpaint.masked_content == "original"
 
 
+def test_numbers_for_text_fields_are_their_text_as_in_a1111(client, backend):
+    r = client.post("/sdapi/v1/txt2img", json={"prompt": 42, "negative_prompt": 1.5, "steps": 1, "width": 64,
+                                               "height": 64})
+    assert r.status_code == 200, r.text
+    assert (backend.params[-1].prompt, backend.params[-1].negative_prompt) == ("42", "1.5")
+    r = client.post("/sdapi/v1/txt2img", json={"prompt": True, "steps": 1, "width": 64, "height": 64})
+    assert r.status_code == 422 and r.json()["field"] == "prompt"
+
+
 SOFT_DEFAULTS = [1, 0.5, 4, 0, 0.5, 2]
 
 

@@ -36,6 +36,12 @@ def _accepts_none(annotation: Any) -> bool:
     return annotation is None or type(None) in typing.get_args(annotation)
 
 
+def _is_str(annotation: Any) -> bool:
+    """``str`` or ``str | None``."""
+    return annotation is str or (typing.get_origin(annotation) in (typing.Union, types.UnionType)
+                                 and set(typing.get_args(annotation)) == {str, type(None)})
+
+
 def _is_int(annotation: Any) -> bool:
     """``int`` or ``int | None`` (not ``str | int``, whose integers mean something else)."""
     if annotation is int:
@@ -93,6 +99,8 @@ class GenerationRequest(RequestModel):
           null for values left unset.
         - a finite number with a fraction for an integer field is cut to its integer part
           (``"width": 682.67`` is 682), as pydantic 1 does.
+        - a number for a text field is its decimal text (``"prompt": 42`` is ``"42"``), as pydantic 1
+          does (true and false stay refused: they are numbers only to Python).
         """
         if not isinstance(data, dict):
             return data
@@ -106,6 +114,8 @@ class GenerationRequest(RequestModel):
                 if (isinstance(value, float) and math.isfinite(value) and not value.is_integer()
                         and _is_int(field.annotation)):
                     value = math.trunc(value)
+                elif isinstance(value, (int, float)) and not isinstance(value, bool) and _is_str(field.annotation):
+                    value = str(value)
             read[key] = value
         return read
 
