@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -140,6 +142,7 @@ def test_infotext_field_fills_unset_fields(client):
     ({"enable_hr": True, "override_settings": {"token_merging_ratio_hr": "x"}}, "override_settings.token_merging_ratio_hr"),
     ({"override_settings": {"sd_model_checkpoint": "nope.safetensors"}}, "sd_model_checkpoint"),
     ({"override_settings": {"sd_model_checkpoint": "/etc/passwd"}}, "sd_model_checkpoint"),
+    ({"override_settings": {"sd_vae": "vae-ft-mse-840000-ema-pruned.safetensors"}}, "override_settings.sd_vae"),
     ({"sampler_index": 99}, "sampler_index"),
 ])
 def test_bad_fields_are_4xx_naming_the_field(client, payload, field):
@@ -240,6 +243,147 @@ def test_options_refuse_bad_values_without_changing_anything(client):
     assert client.get("/sdapi/v1/options").json()["CLIP_stop_at_last_layers"] == 1
     r = client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "gamma"})
     assert r.status_code == 404 and r.json()["field"] == "sd_model_checkpoint"
+
+
+# --------------------------------------------------------------------------- SD VAE
+
+VAES = ("alpha.vae.safetensors", "kl-f8-anime2.safetensors", "sdxl/vae-ft-mse.safetensors")
+
+
+@pytest.fixture()
+def vae_client(tmp_path, backend):
+    """A server over checkpoints alpha and beta and three VAE files, one of them named like alpha."""
+    models = make_models_dir(tmp_path / "models", vaes=VAES)
+    app = create_app(ServerConfig(models_dir=models, preload=False), loader=backend)
+    with TestClient(app, base_url="http://127.0.0.1") as c:
+        yield c
+
+
+def _vae_of_job(client, **request) -> dict:
+    """Run a tiny txt2img; its info's VAE record, and the parameter line of its infotext."""
+    r = client.post("/sdapi/v1/txt2img", json={"steps": 1, "width": 64, "height": 64, **request})
+    assert r.status_code == 200, r.text
+    info = json.loads(r.json()["info"])
+    return {"name": info["sd_vae_name"], "hash": info["sd_vae_hash"], "infotext": info["infotexts"][0]}
+
+
+def test_sd_vae_option_picks_the_vae_file_for_the_next_job(vae_client, backend, tmp_path):
+    """A1111's SD VAE: "Automatic" takes a VAE file named like the checkpoint, "None" the checkpoint's
+    own, a listed name that file; choosing only records it, and the next job loads it on the worker."""
+    c = vae_client
+    assert c.get("/sdapi/v1/sd-vae").json() == [
+        {"model_name": name, "filename": f"vae/{name}"} for name in VAES]
+    assert c.get("/sdapi/v1/options").json()["sd_vae"] == "Automatic"
+    vae = tmp_path / "models" / "vae"
+    job = _vae_of_job(c)  # Automatic: alpha.vae.safetensors starts with alpha's name
+    assert backend.vaes == [vae / "alpha.vae.safetensors"]
+    alpha_hash = hashlib.sha256(b"alpha.vae.safetensors").hexdigest()[:10]
+    assert (job["name"], job["hash"]) == ("alpha.vae.safetensors", alpha_hash)
+    assert f"Model: alpha, VAE hash: {job['hash']}, VAE: alpha.vae.safetensors, " in job["infotext"]
+
+    assert c.post("/sdapi/v1/options", json={"sd_vae": "None"}).status_code == 200
+    assert len(backend.loads) == 1  # nothing loads until a job needs the engine
+    job = _vae_of_job(c)
+    assert backend.vaes[-1] is None and job["name"] is None and "VAE" not in job["infotext"]
+
+    assert c.post("/sdapi/v1/options", json={"sd_vae": "kl-f8-anime2.safetensors"}).status_code == 200
+    assert c.get("/sdapi/v1/options").json()["sd_vae"] == "kl-f8-anime2.safetensors"
+    job = _vae_of_job(c)
+    assert backend.vaes[-1] == vae / "kl-f8-anime2.safetensors" and job["name"] == "kl-f8-anime2.safetensors"
+    kl_hash = hashlib.sha256(b"kl-f8-anime2.safetensors").hexdigest()[:10]
+    assert f"VAE hash: {kl_hash}, VAE: kl-f8-anime2.safetensors, " in job["infotext"]
+    _vae_of_job(c)
+    assert len(backend.loads) == 3  # the same checkpoint and VAE: no reload
+
+    # Posted with a checkpoint, the VAE comes with that one load.
+    assert c.post("/sdapi/v1/options", json={"sd_model_checkpoint": "beta", "sd_vae": "Automatic"}).status_code == 200
+    assert (backend.loads[3:], backend.vaes[3:]) == ([tmp_path / "models" / "checkpoints" / "beta.safetensors"], [None])
+    assert _vae_of_job(c)["name"] is None and len(backend.loads) == 4  # nothing is named like beta
+    # /reload-checkpoint loads the checkpoint with the VAE the option picks; /unload forgets both.
+    c.post("/sdapi/v1/options", json={"sd_vae": "sdxl/vae-ft-mse.safetensors"})
+    c.post("/sdapi/v1/reload-checkpoint")
+    assert backend.vaes[-1] == vae / "sdxl" / "vae-ft-mse.safetensors" and len(backend.loads) == 5
+    c.post("/sdapi/v1/unload-checkpoint")
+    assert _vae_of_job(c)["name"] == "vae-ft-mse.safetensors" and len(backend.loads) == 6
+
+
+def test_sd_vae_override_is_for_one_job_unless_kept(vae_client, backend):
+    c = vae_client
+    c.post("/sdapi/v1/options", json={"sd_vae": "None"})
+    job = _vae_of_job(c, override_settings={"sd_vae": "kl-f8-anime2.safetensors"})
+    assert job["name"] == "kl-f8-anime2.safetensors"
+    assert c.get("/sdapi/v1/options").json()["sd_vae"] == "None"
+    assert _vae_of_job(c)["name"] is None  # restored afterwards (A1111's default)
+    # The override's other names for a listed file: without the extension, the file name in a subfolder.
+    for name in ("kl-f8-anime2", "vae-ft-mse.safetensors"):
+        assert _vae_of_job(c, override_settings={"sd_vae": name})["name"] == Path(name).stem + ".safetensors"
+    # Kept: the option takes the listed name.
+    job = _vae_of_job(c, override_settings={"sd_vae": "vae-ft-mse"}, override_settings_restore_afterwards=False)
+    assert job["name"] == "vae-ft-mse.safetensors"
+    assert c.get("/sdapi/v1/options").json()["sd_vae"] == "sdxl/vae-ft-mse.safetensors"
+    assert _vae_of_job(c)["name"] == "vae-ft-mse.safetensors"
+    # An empty or null override leaves the option's VAE.
+    assert _vae_of_job(c, override_settings={"sd_vae": ""})["name"] == "vae-ft-mse.safetensors"
+    assert [v.name if v else None for v in backend.vaes] == [
+        "kl-f8-anime2.safetensors", None, "kl-f8-anime2.safetensors", "vae-ft-mse.safetensors"]
+
+
+@pytest.mark.parametrize(("value", "hint"), [
+    ("kl-f8-anime", "'kl-f8-anime2.safetensors'"),  # a near miss: the close names
+    ("KL-F8-ANIME2.safetensors", "'kl-f8-anime2.safetensors'"),  # names are matched in their exact case
+    ("automatic", "'Automatic'"),
+    ("madeup", "'Automatic', 'None', 'alpha.vae.safetensors', 'kl-f8-anime2.safetensors', "
+               "'sdxl/vae-ft-mse.safetensors'"),  # no near miss: the names there are
+    ("../vae/kl-f8-anime2.safetensors", "'kl-f8-anime2.safetensors'"),  # never a path
+    ("VAE_DIR/kl-f8-anime2.safetensors", None),
+    (3, None),
+    (["kl-f8-anime2.safetensors"], None),
+])
+def test_unknown_sd_vae_is_a_422_naming_it_and_changes_nothing(vae_client, backend, tmp_path, value, hint):
+    c = vae_client
+    if isinstance(value, str):
+        value = value.replace("VAE_DIR", str(tmp_path / "models" / "vae"))  # the file's real path
+    r = c.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 2, "sd_vae": value})
+    assert r.status_code == 422 and r.json()["field"] == "sd_vae", r.text
+    assert r.json()["detail"].startswith("sd_vae: got ")
+    if hint:
+        assert hint in r.json()["detail"]
+    options = c.get("/sdapi/v1/options").json()
+    assert (options["sd_vae"], options["CLIP_stop_at_last_layers"]) == ("Automatic", 1)
+    r = c.post("/sdapi/v1/txt2img", json={"steps": 1, "width": 64, "height": 64,
+                                           "override_settings": {"sd_vae": value}})
+    assert r.status_code == 422 and r.json()["field"] == "override_settings.sd_vae", r.text
+    assert backend.loads == []
+
+
+def test_a_vae_chosen_through_the_api_paints_as_the_engine_loaded_with_it(tmp_path, sd1_file, sd1_engine, photo):
+    """The real engine over an A1111 install's folders: img2img with sd_vae set to a VAE file gives
+    the picture and infotext of ``Engine.load(..., vae=that file)`` (the CLI's ``--vae``), and with
+    "None" those of the checkpoint's own VAE, which differ."""
+    import tiny_models as tm
+    from underpaint.pipeline.engine import Engine
+
+    models = tmp_path / "stable-diffusion-webui" / "models"
+    (models / "Stable-diffusion").mkdir(parents=True)
+    (models / "Stable-diffusion" / sd1_file.name).symlink_to(sd1_file)
+    vae = tm.write_vae(models / "VAE" / "vae-ft-mse-840000-ema-pruned.safetensors")
+    app = create_app(ServerConfig(models_dir=models.parent, device="cpu", dtype="fp32", preload=False))
+    fields = {"prompt": "an oil painting", "steps": 3, "seed": 11, "sampler_name": "Euler", "width": 64, "height": 64}
+    job = {**fields, "init_images": [png_b64(photo)], "denoising_strength": 0.6}
+    with TestClient(app, base_url="http://127.0.0.1") as c:
+        assert c.post("/sdapi/v1/options", json={"sd_vae": vae.name}).status_code == 200
+        chosen = decode_b64(c.post("/sdapi/v1/img2img", json=job).json()["images"][0])
+        own = decode_b64(c.post("/sdapi/v1/img2img", json={**job, "override_settings": {"sd_vae": "None"}})
+                         .json()["images"][0])
+    expected = Engine.load(sd1_file, device="cpu", dtype="fp32", vae=vae).img2img(photo, strength=0.6, **fields)
+    assert np.array_equal(np.asarray(chosen), np.asarray(expected.images[0]))
+    assert chosen.info["parameters"] == expected.infotexts[0]
+    vae_hash = hashlib.sha256(vae.read_bytes()).hexdigest()[:10]
+    assert f", VAE hash: {vae_hash}, VAE: vae-ft-mse-840000-ema-pruned.safetensors, " in expected.infotexts[0]
+    baked = sd1_engine.img2img(photo, strength=0.6, **fields)
+    assert np.array_equal(np.asarray(own), np.asarray(baked.images[0]))
+    assert own.info["parameters"] == baked.infotexts[0] and "VAE" not in baked.infotexts[0]
+    assert not np.array_equal(np.asarray(own), np.asarray(chosen))
 
 
 def test_unload_and_reload_checkpoint(client, backend):

@@ -165,6 +165,25 @@ def test_a_failing_job_is_reported_and_the_next_one_works(tmp_path):
     assert backend.calls == ["first", "raise", "oom", "after"]
 
 
+def test_choosing_a_vae_waits_for_the_running_job(tmp_path):
+    """sd_vae only records the choice: the running job keeps its engine, the next one loads the VAE."""
+    backend = FakeBackend(gate=threading.Event())
+    models = make_models_dir(tmp_path, vaes=("kl-f8-anime2.safetensors",))
+    app = create_app(ServerConfig(models_dir=models, preload=False), loader=backend)
+    with live_server(app) as base, ThreadPoolExecutor(2) as pool:
+        running = pool.submit(_post, base, "/sdapi/v1/txt2img", {"prompt": "first", "steps": 1, **SMALL})
+        _wait_for(backend.started.is_set)
+        assert _post(base, "/sdapi/v1/options", {"sd_vae": "kl-f8-anime2.safetensors"}).status_code == 200
+        queued = pool.submit(_post, base, "/sdapi/v1/txt2img", {"prompt": "second", "steps": 1, **SMALL})
+        _wait_for(lambda: len(app.state.underpaint.queue.waiting()) == 1)
+        assert backend.vaes == [None]  # nothing is loaded under the running job
+        backend.gate.set()
+        first, second = running.result().json(), queued.result().json()
+    assert json.loads(first["info"])["sd_vae_name"] is None
+    assert json.loads(second["info"])["sd_vae_name"] == "kl-f8-anime2.safetensors"
+    assert backend.vaes == [None, models / "vae" / "kl-f8-anime2.safetensors"]
+
+
 def test_progress_reports_the_running_job_and_a_preview(tmp_path):
     backend = FakeBackend(step_delay=0.02)
     app, server = _serve(tmp_path, backend)

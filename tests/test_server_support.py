@@ -30,25 +30,32 @@ class FakeBackend:
     step_delay: float = 0.0
     scripted: bool = True  # prompts "raise" and "oom" make generate() fail
     loads: list[Path] = field(default_factory=list)
+    vaes: list[Path | None] = field(default_factory=list)  # the VAE file of each load (None: the checkpoint's)
     calls: list[str] = field(default_factory=list)  # prompts, in the order generate() started them
     params: list = field(default_factory=list)  # the GenerationParams of each generate(), likewise
     gate: threading.Event | None = None  # when set up, generate() waits for it before sampling
     started: threading.Event = field(default_factory=threading.Event)
 
-    def __call__(self, path: Path) -> "FakeEngine":
+    def __call__(self, path: Path, vae: Path | None = None) -> "FakeEngine":
         self.loads.append(Path(path))
-        return FakeEngine(Path(path), self)
+        self.vaes.append(vae)
+        return FakeEngine(Path(path), self, vae)
 
 
 class FakeEngine:
-    def __init__(self, path: Path, backend: FakeBackend):
+    def __init__(self, path: Path, backend: FakeBackend, vae: Path | None = None):
         self.path = path
         self.backend = backend
+        self.vae = vae
 
     @property
     def info(self) -> ModelInfo:
+        """As the real engine's: a separate VAE file is recorded by file name and sha256 (10 digits)."""
+        import hashlib
+
+        vae_hash = hashlib.sha256(self.vae.read_bytes()).hexdigest()[:10] if self.vae else None
         return ModelInfo(name=self.path.stem, path=str(self.path), family="sd1", prediction="eps",
-                         short_hash="0123456789")
+                         short_hash="0123456789", vae_name=self.vae.name if self.vae else None, vae_hash=vae_hash)
 
     def generate(self, params, *, progress=None, cancel: Cancellation | None = None) -> Result:
         from underpaint.pipeline.infotext import build_infotext
@@ -94,11 +101,15 @@ class FakeEngine:
                       interrupted=interrupted, prompts=(params.prompt,) * n, negative_prompts=(params.negative_prompt,) * n)
 
 
-def make_models_dir(root: Path, names=("alpha.safetensors", "beta.safetensors")) -> Path:
-    """A models folder whose checkpoints are placeholders (listing never reads them)."""
+def make_models_dir(root: Path, names=("alpha.safetensors", "beta.safetensors"), vaes=()) -> Path:
+    """A models folder whose checkpoints (and VAE files, ``vaes``: paths in vae/) are placeholders
+    (listing never reads them); each VAE file's bytes are its name, so each has its own hash."""
     (root / "checkpoints").mkdir(parents=True, exist_ok=True)
     for name in names:
         (root / "checkpoints" / name).write_bytes(b"placeholder")
+    for name in vaes:
+        (root / "vae" / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / "vae" / name).write_bytes(name.encode())
     return root
 
 

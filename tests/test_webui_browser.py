@@ -59,11 +59,15 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, sd1_file):
-    """``underpaint serve`` in a thread: the real app, uvicorn, a models folder with one tiny checkpoint."""
+    """``underpaint serve`` in a thread: the real app, uvicorn, a models folder with a tiny checkpoint (twice)
+    and a tiny VAE file (named unlike the checkpoints, so "Automatic" keeps their own)."""
+    from tiny_models import write_vae
+
     models = tmp_path_factory.mktemp("webui-models")
     (models / "checkpoints").mkdir()
     shutil.copy(sd1_file, models / "checkpoints" / "tiny-sd1.safetensors")
     shutil.copy(sd1_file, models / "checkpoints" / "tiny-sd1-copy.safetensors")
+    write_vae(models / "vae" / "tiny-vae.safetensors")
     yield from serve(models)
 
 
@@ -598,7 +602,7 @@ def test_layout_labels_and_keyboard(page):
     box = page.locator("#generate").bounding_box()
     assert box["y"] + box["height"] < 800  # Generate is in view at 1280×800
     # The quick settings line up (the checkpoint's status line under its select must not lift it).
-    tops = page.evaluate("""() => ['#checkpoint', '#clip-skip', '#preview-method', '#token-merging']
+    tops = page.evaluate("""() => ['#checkpoint', '#sd-vae', '#clip-skip', '#preview-method', '#token-merging']
       .map((s) => document.querySelector(s).getBoundingClientRect().top)""")
     assert max(tops) - min(tops) < 4, tops
 
@@ -793,6 +797,39 @@ def test_live_preview_setting_is_saved_in_the_server_options(page, server):
     with page.expect_response("**/sdapi/v1/options"):
         select.select_option("Approx NN")  # back to the default for the tests after this one
     assert page.request.get(f"{server}/sdapi/v1/options").json()["live_previews_enable"] is True
+
+
+def test_sd_vae_setting_is_saved_in_the_server_options(page, server):
+    """The SD VAE select offers Automatic, None and /sd-vae's files, and reads and writes A1111's sd_vae."""
+    select = page.locator("#sd-vae")
+    expect(select).to_have_value("Automatic")
+    assert select.locator("option").all_text_contents() == ["Automatic", "None", "tiny-vae.safetensors"]
+    with page.expect_response("**/sdapi/v1/options") as answer:
+        select.select_option("tiny-vae.safetensors")
+    assert answer.value.request.method == "POST" and answer.value.ok
+    assert json.loads(answer.value.request.post_data) == {"sd_vae": "tiny-vae.safetensors"}
+    assert page.request.get(f"{server}/sdapi/v1/options").json()["sd_vae"] == "tiny-vae.safetensors"
+    page.reload()
+    page.wait_for_selector("body[data-ready=true]")
+    expect(select).to_have_value("tiny-vae.safetensors")
+
+    # Set by another client: the page shows the server's value.
+    assert page.request.post(f"{server}/sdapi/v1/options", data={"sd_vae": "None"}).ok
+    page.click("#refresh-models")
+    expect(select).to_have_value("None")
+
+    # A refusal lands beside the select, which goes back to the server's value.
+    refusal = {"error": "invalid_parameter", "field": "sd_vae",
+               "detail": "sd_vae: got 'tiny-vae.safetensors', expected one of 'Automatic', 'None'"}
+    page.route("**/sdapi/v1/options", lambda r: r.fulfill(status=422, json=refusal) if r.request.method == "POST"
+               else r.continue_())
+    select.select_option("tiny-vae.safetensors")
+    expect(page.locator(".vae-field .field-error")).to_contain_text("expected one of 'Automatic', 'None'")
+    expect(select).to_have_value("None")
+    page.unroute("**/sdapi/v1/options")
+    with page.expect_response("**/sdapi/v1/options"):
+        select.select_option("Automatic")  # back to the default for the tests after this one
+    assert page.request.get(f"{server}/sdapi/v1/options").json()["sd_vae"] == "Automatic"
 
 
 def test_token_merging_setting_is_saved_in_the_server_options(page, server):

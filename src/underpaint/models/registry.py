@@ -246,6 +246,12 @@ def _walk(base: Path, extensions: tuple[str, ...], diffusers_folders: bool):
                 yield here / f
 
 
+def match_entry(entries: list[CheckpointEntry], name: str) -> CheckpointEntry | None:
+    """The listed entry ``name`` means (file name, name, stem, A1111 title or short hash), or None;
+    never tries ``name`` as a path. A name that fits several entries is a :class:`ModelNotFound`."""
+    return _match(entries, name)
+
+
 def _match(entries: list[CheckpointEntry], name: str) -> CheckpointEntry | None:
     """The entry a name (or an A1111 title, ``name [short hash]``) means, by :func:`_find`'s rules."""
     text = name.strip()

@@ -117,6 +117,8 @@ class Engine:
 
     @property
     def info(self) -> ModelInfo:
+        """What the infotext and the API record about the model. With a separate VAE file, A1111's
+        "VAE hash" (sha256, 10 hex digits of a file; read once, then cached) and "VAE" (its file name)."""
         m = self.model
         vae_path = getattr(m, "vae_path", None)
         return ModelInfo(
@@ -125,7 +127,8 @@ class Engine:
             family=m.spec.family.value,
             prediction=m.spec.prediction,
             short_hash=m.short_hash,
-            vae_name=Path(vae_path).stem if vae_path else None,
+            vae_name=Path(vae_path).name if vae_path else None,
+            vae_hash=getattr(m, "vae_hash", None) if vae_path and Path(vae_path).is_file() else None,
         )
 
     def generate(

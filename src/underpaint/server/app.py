@@ -33,15 +33,15 @@ Errors are JSON: `{"error": kind, "field": name or null, "detail": message}`.
 
 
 def engine_loader(config: ServerConfig) -> EngineLoader:
-    """Load checkpoints with the server's device, dtype, memory mode, speed switches and VAE precision
-    (torch is imported only here, on first load)."""
+    """Load checkpoints (with a separate VAE file when sd_vae names one) with the server's device, dtype,
+    memory mode, speed switches and VAE precision (torch is imported only here, on first load)."""
 
-    def load(path: Path):
+    def load(path: Path, vae: Path | None = None):
         from ..pipeline.engine import Engine
 
         return Engine.load(path, models_dir=config.models_dir, device=config.device, dtype=config.dtype,
                            vram=config.vram, optimize=config.optimize, attention=config.attention,
-                           vae_precision=config.vae_precision)
+                           vae_precision=config.vae_precision, vae=vae)
 
     return load
 

@@ -1,8 +1,8 @@
 """The models folder as the API shows it: checkpoint titles and names, resolved only to listed files.
 
-A request may name a checkpoint by A1111 title, name, stem or short hash, but never by a path:
-whatever a name resolves to must be one of the files the folder lists, so a request cannot make
-the server open an arbitrary file.
+A request may name a checkpoint (or a VAE) by A1111 title, name, stem or short hash, but never by
+a path: whatever a name resolves to must be one of the files the folder lists, so a request cannot
+make the server open an arbitrary file.
 """
 
 from __future__ import annotations
@@ -12,7 +12,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ModelNotFound
+from ..errors import InvalidParameter, ModelNotFound, UnknownName
+
+#: A1111's ``sd_vae`` values besides a VAE file's name: the VAE named like the checkpoint if the
+#: folder has one, else the checkpoint's own; and the checkpoint's own, always.
+AUTOMATIC_VAE = "Automatic"
+NO_VAE = "None"
 
 
 @dataclass(frozen=True)
@@ -75,7 +80,60 @@ class Catalog:
         return views
 
     def vaes(self) -> list[tuple[str, str]]:
-        return [(entry.name, self._relative(entry.path)) for entry in self.folder.list_vaes()]
+        """VAE files as ``/sd-vae`` lists them: (model_name, path relative to the models folder).
+
+        The model_name is the file name with its extension, relative to the VAE folder, which is
+        A1111's name for a file at the top of ``models/VAE``: the value its ``sd_vae`` option takes
+        and its infotexts' "VAE" record.
+        """
+        return [(entry.filename, self._relative(entry.path)) for entry in self.folder.list_vaes()]
+
+    def vae_choice(self, name: object, *, field: str = "sd_vae") -> str:
+        """``sd_vae`` as the server keeps it: "Automatic", "None" or the model_name ``/sd-vae`` lists.
+
+        Names are matched against the listing only (file name, name without extension, file stem or
+        short hash; exact case, as A1111 looks its names up), never tried as a path. Anything else is
+        an :class:`~underpaint.errors.UnknownName` (422) naming ``field``, with the near misses or the
+        names there are.
+        """
+        if name in (AUTOMATIC_VAE, NO_VAE):
+            return name
+        if name == "auto":  # A1111 reads its older configs' "auto" as Automatic
+            return AUTOMATIC_VAE
+        entries = self.folder.list_vaes()
+        choices = [AUTOMATIC_VAE, NO_VAE, *(e.filename for e in entries)]
+        if not isinstance(name, str):
+            raise UnknownName(field, name, choices)
+        if len(name) > 256:  # never a listed name; shown cut short, and not compared letter by letter
+            raise UnknownName(field, name[:120] + "...", choices)
+        from ..models.registry import match_entry
+
+        try:
+            found = match_entry(entries, name)
+        except ModelNotFound as exc:  # a name that fits several files
+            raise InvalidParameter(field, name, f"the name of one VAE from /sdapi/v1/sd-vae ({exc.message})") from None
+        if found is None:
+            raise UnknownName(field, name, choices)
+        return found.filename
+
+    def vae_file(self, checkpoint: Path, choice: str, *, field: str = "sd_vae") -> Path | None:
+        """The VAE file a job on ``checkpoint`` loads for the ``sd_vae`` value ``choice`` (as
+        :meth:`vae_choice` keeps it); None: the checkpoint's own VAE.
+
+        "Automatic" follows A1111: the first VAE file (in listing order) whose file name starts with
+        the checkpoint's file name without its extension, else the checkpoint's own. A chosen file
+        that is no longer in the folder is a :class:`ModelNotFound` naming ``field``.
+        """
+        if choice == NO_VAE:
+            return None
+        entries = self.folder.list_vaes()
+        if choice == AUTOMATIC_VAE:
+            return named_like(checkpoint, entries)
+        for entry in entries:
+            if entry.filename == choice:
+                return entry.path
+        raise ModelNotFound(f"{field}: {_shown(choice)} is no longer in the models folder's VAE folder "
+                            f"(see /sdapi/v1/sd-vae)", field=field)
 
     def text_encoders(self) -> list[tuple[str, str]]:
         """FLUX's separate text encoder files (name, path relative to the models folder)."""
@@ -117,3 +175,14 @@ class Catalog:
     def first(self) -> Path | None:
         entries = self.folder.list_checkpoints()
         return entries[0].path if entries else None
+
+
+def named_like(checkpoint: Path, entries) -> Path | None:
+    """A1111's "VAE named like the checkpoint": the first entry whose file name starts with the
+    checkpoint's file name up to its last dot (``anything-v3.ckpt`` → ``anything-v3.vae.pt``,
+    ``anything-v3-vae.safetensors``), or None."""
+    stem = Path(checkpoint).name.rsplit(".", 1)[0]
+    for entry in entries:
+        if Path(entry.filename).name.startswith(stem):
+            return entry.path
+    return None

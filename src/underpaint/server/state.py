@@ -40,6 +40,8 @@ class ServerOptions:
     token_merging_ratio: float = 0.0
     token_merging_ratio_img2img: float = 0.0
     token_merging_ratio_hr: float = 0.0
+    #: A1111's "SD VAE": "Automatic", "None" or a VAE file's name as /sd-vae lists it (catalog.py).
+    sd_vae: str = "Automatic"
 
     def replace(self, **changes) -> "ServerOptions":
         return replace(self, **changes)
@@ -50,7 +52,7 @@ class ServerState:
         self.config = config
         self.catalog = Catalog(config.models_dir)
         self.queue = JobQueue(max_waiting=config.queue_size)
-        self.slot = EngineSlot(loader, self.default_model)
+        self.slot = EngineSlot(loader, self.default_model, self.vae_file)
         self.options = ServerOptions()
         #: Where ``save_images`` writes: only the server's configuration decides.
         self.outputs = SampleFolders(config.resolved_outdir)
@@ -63,6 +65,11 @@ class ServerState:
         if self.config.model:
             return self.catalog.folder.resolve_checkpoint(self.config.model)
         return self.catalog.first()
+
+    def vae_file(self, checkpoint: Path, choice: str | None = None) -> Path | None:
+        """The VAE file a job on ``checkpoint`` loads (None: the checkpoint's own): for the request's
+        ``sd_vae`` override ``choice``, else for the sd_vae option as it is when the job starts."""
+        return self.catalog.vae_file(checkpoint, self.options.sd_vae if choice is None else choice)
 
 
 def _styles_file(path: Path) -> "StylesFile":

@@ -44,6 +44,8 @@ class ConvertContext:
     styles: Callable[[], StyleBook] | None = None
     #: The server's output folder, whose path settings a request may not change.
     outputs: SampleFolders | None = None
+    #: ``sd_vae`` as the server keeps it (catalog.py's ``vae_choice``); None: only Automatic and None.
+    vae_choice: Callable[..., str] | None = None
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,8 @@ class PreparedJob:
     #: ``override_settings_restore_afterwards`` false: the overridden /options settings, named as
     #: :class:`ServerOptions` names them, which stay set once the job starts (A1111 keeps them).
     kept_options: tuple[tuple[str, Any], ...] = ()
+    #: ``override_settings.sd_vae`` for this job only, as the server keeps sd_vae; None: the option's.
+    vae: str | None = None
 
 
 # --------------------------------------------------------------------------- request → params
@@ -168,7 +172,8 @@ def prepare_img2img(req: Img2ImgRequest, ctx: ConvertContext) -> PreparedJob:
 def _prepared(kind: str, req: GenerationRequest, params: GenerationParams, fields: dict, echo: dict,
               kept_options: Mapping[str, Any]) -> PreparedJob:
     return PreparedJob(
-        kind=kind, params=params, model=fields.pop("_model"), keep_model=not req.override_settings_restore_afterwards,
+        kind=kind, params=params, model=fields.pop("_model"), vae=fields.pop("_vae"),
+        keep_model=not req.override_settings_restore_afterwards,
         send_images=req.send_images, parameters=echo, styles=tuple(req.styles or ()),
         denoising_strength=req.denoising_strength, task_id=req.force_task_id,
         control_fields=_control_unit_fields(req), save_images=req.save_images,
@@ -180,7 +185,7 @@ def _prepared(kind: str, req: GenerationRequest, params: GenerationParams, field
 def _kept_options(req: GenerationRequest, ctx: ConvertContext) -> dict[str, Any]:
     """With ``override_settings_restore_afterwards`` false, A1111 leaves every overridden setting
     set after the job; these are the ones underpaint's /options has (the checkpoint stays
-    selected through ``keep_model``)."""
+    selected through ``keep_model``; sd_vae as the server keeps it)."""
     if req.override_settings_restore_afterwards or not req.override_settings:
         return {}
     overrides = _Overrides(req.override_settings, ctx)
@@ -197,6 +202,9 @@ def _kept_options(req: GenerationRequest, ctx: ConvertContext) -> dict[str, Any]
     for key, (name, read) in readers.items():
         if overrides.has(key):
             kept[name] = read(key)
+    vae = overrides.vae()
+    if vae is not None:
+        kept["sd_vae"] = vae
     previews = _preview_overrides(req)
     if "preview_method" in previews:
         kept["show_progress_type"] = previews["preview_method"]
@@ -349,6 +357,7 @@ def _common_fields(req: GenerationRequest, ctx: ConvertContext, pictures: Pictur
         "deepcache": _deepcache(overrides),
         "first_block_cache": _first_block_cache(overrides),
         "_model": overrides.model(),
+        "_vae": overrides.vae(),
         **_control_fields(req, ctx, pictures, img2img=img2img),
     }
 
@@ -608,11 +617,20 @@ class _Overrides:
             raise self._bad("randn_source", "GPU, CPU or NV")
         return found
 
+    def vae(self) -> str | None:
+        """``sd_vae`` for this job, as the server keeps it ("Automatic", "None" or a listed VAE's
+        model_name); None when not overridden (absent, null or empty)."""
+        value = self.values.get("sd_vae")
+        if value is None or value == "":
+            return None
+        field = "override_settings.sd_vae"
+        if self.ctx.vae_choice is None:
+            if value in ("Automatic", "None"):
+                return value
+            raise self._bad("sd_vae", "'Automatic' or 'None'")
+        return self.ctx.vae_choice(value, field=field)
+
     def model(self) -> Path | None:
-        for key in ("sd_vae",):
-            value = self.values.get(key)
-            if value is not None and str(value) not in ("Automatic", "None", ""):
-                raise self._bad(key, "'Automatic' (choosing a VAE per request is not available yet)")
         value = self.values.get("sd_model_checkpoint")
         if value is None or value == "":
             return None

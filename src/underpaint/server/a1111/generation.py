@@ -36,7 +36,7 @@ JOB_HEADER = "X-Underpaint-Job"
 def convert_context(state: ServerState) -> ConvertContext:
     return ConvertContext(limits=state.config.limits, options=state.options, resolve_model=state.catalog.resolve,
                           allow_image_urls=state.config.allow_image_urls, controlnet_files=state.catalog.controlnets,
-                          styles=state.styles.book, outputs=state.outputs)
+                          styles=state.styles.book, outputs=state.outputs, vae_choice=state.catalog.vae_choice)
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,8 @@ def _work(state: ServerState, prepared: PreparedJob):
     def work(job: Job) -> Finished:
         if prepared.kept_options:  # A1111 keeps them even when the job then fails
             state.options = state.options.replace(**dict(prepared.kept_options))
-        engine = state.slot.engine_for(prepared.model)
+        # The checkpoint and VAE are loaded here, on the worker, so a switch never happens under a job.
+        engine = state.slot.engine_for(prepared.model, prepared.vae)
         if prepared.keep_model and prepared.model is not None:
             state.slot.selected = prepared.model
         # The live preview method is the request's override, else the one set when the job starts.

@@ -152,13 +152,15 @@ class GenerationRequest(RequestModel):
     s_tmin: float | None = Field(None, description="Lower sigma for s_churn.")
     s_noise: float | None = Field(None, description="Noise scale for s_churn and ancestral steps.")
     override_settings: dict[str, Any] | None = Field(
-        None, description="Per-request settings, e.g. {'sd_model_checkpoint': ..., 'CLIP_stop_at_last_layers': 2}. "
+        None, description="Per-request settings, e.g. {'sd_model_checkpoint': ..., 'sd_vae': ..., "
+                          "'CLIP_stop_at_last_layers': 2}. "
                           "underpaint's own: deepcache_interval (2 or more turns DeepCache on for SD/SDXL), "
                           "deepcache_branch, deepcache_start, deepcache_end; first_block_cache_threshold "
                           "(FLUX: 0 off to 1, e.g. 0.12)."
     )
     override_settings_restore_afterwards: bool = Field(True, description=(
-        "false: the overridden settings (the checkpoint, clip skip, ENSD, ...) stay set afterwards, as in A1111."))
+        "false: the overridden settings (the checkpoint, VAE, clip skip, ENSD, ...) stay set afterwards, as in "
+        "A1111."))
     refiner_checkpoint: str | None = Field(None, description="Not available here: must be absent.")
     refiner_switch_at: float | None = Field(None, description="Not available here.")
     disable_extra_networks: bool = Field(False, description="Leave <lora:...> tags in the prompt unapplied.")

@@ -198,7 +198,10 @@ class Options(WireModel):
 
     sd_model_checkpoint: str | None = Field(None, description="The checkpoint title; setting it loads that model.")
     sd_checkpoint_hash: str | None = Field(None, description="sha256 of the loaded checkpoint, when known (read-only).")
-    sd_vae: str = Field("Automatic", description="Only 'Automatic' (the checkpoint's own VAE) for now.")
+    sd_vae: str = Field("Automatic", description=(
+        "The VAE every job uses: 'Automatic' (a VAE file named like the checkpoint, as A1111 finds it, else "
+        "the checkpoint's own), 'None' (the checkpoint's own) or a model_name from /sdapi/v1/sd-vae. The next "
+        "job loads it; a request may override it."))
     CLIP_stop_at_last_layers: int = Field(1, ge=1, le=12, description="Clip skip used when a request does not say.")
     eta_noise_seed_delta: int = Field(0, ge=0, le=2**32 - 1, description="ENSD used when a request does not say.")
     randn_source: str = Field("GPU", description="Noise source: GPU, CPU or NV.")

@@ -1,7 +1,8 @@
-"""A1111's settings and model routes: /options, /cmd-flags, /sd-models, refresh, unload and reload.
+"""A1111's settings and model routes: /options, /cmd-flags, /sd-models, /sd-vae, refresh, unload and reload.
 
 Switching, unloading and reloading a checkpoint are jobs on the queue like generations, so
-they wait their turn instead of pulling the model out from under a running job.
+they wait their turn instead of pulling the model out from under a running job. A VAE chosen
+with ``sd_vae`` is loaded by the next job that needs the engine, on the same queue.
 """
 
 from __future__ import annotations
@@ -61,12 +62,14 @@ def get_options(request: Request) -> Options:
         token_merging_ratio=opts.token_merging_ratio,
         token_merging_ratio_img2img=opts.token_merging_ratio_img2img,
         token_merging_ratio_hr=opts.token_merging_ratio_hr,
+        sd_vae=opts.sd_vae,
         **state.outputs.options(),
     )
 
 
-def _option_changes(body: dict[str, Any]) -> dict[str, Any]:
-    """Check every known setting before changing any; unknown settings are ignored, as A1111 does."""
+def _option_changes(body: dict[str, Any], state: ServerState) -> dict[str, Any]:
+    """Check every known setting before changing any; unknown settings are ignored, as A1111 does.
+    (It lists the VAE folder for ``sd_vae``: call it off the event loop.)"""
     changes: dict[str, Any] = {}
     if "CLIP_stop_at_last_layers" in body:
         changes["clip_skip"] = _int_option(body, "CLIP_stop_at_last_layers", 1, 12)
@@ -90,8 +93,8 @@ def _option_changes(body: dict[str, Any]) -> dict[str, Any]:
     for key in TOKEN_MERGING_SETTINGS:
         if key in body:
             changes[key] = token_merging_setting(key, body[key])
-    if body.get("sd_vae") not in (None, "Automatic", "None"):
-        raise InvalidParameter("sd_vae", body["sd_vae"], "'Automatic' (choosing a VAE is not available yet)")
+    if body.get("sd_vae") is not None:
+        changes["sd_vae"] = state.catalog.vae_choice(body["sd_vae"])
     if body.get("samples_format") not in (None, "png", "PNG"):
         raise InvalidParameter("samples_format", body["samples_format"], "'png'")
     return changes
@@ -112,17 +115,24 @@ def _int_option(body: dict[str, Any], key: str, lo: int, hi: int) -> int:
     return value
 
 
-@router.post("/options", summary="Change settings; sd_model_checkpoint loads that checkpoint")
+@router.post("/options", summary="Change settings; sd_model_checkpoint loads that checkpoint, sd_vae picks the VAE")
 async def set_options(request: Request, body: dict[str, Any] = Body(...)) -> None:
     state = server_state(request)
     state.outputs.refuse_changes(body)  # the output folders are the server's to choose, not a client's
-    changes = _option_changes(body)
+    changes = await run_in_threadpool(_option_changes, body, state)
     checkpoint = body.get("sd_model_checkpoint")
     if checkpoint is not None:
         if not isinstance(checkpoint, str):
             raise InvalidParameter("sd_model_checkpoint", checkpoint, "a checkpoint title from /sdapi/v1/sd-models")
         path = await run_in_threadpool(state.catalog.resolve, checkpoint)
-        await run_model_job(state, "load_checkpoint", lambda job: state.slot.select(path))
+        vae = changes.get("sd_vae")
+
+        def load(job: Job) -> None:
+            state.slot.select(path, vae)  # with the VAE this same call chooses: one load, not two
+            if vae is not None:  # set before the next job starts, which would load the old one again
+                state.options = state.options.replace(sd_vae=vae)
+
+        await run_model_job(state, "load_checkpoint", load)
     if changes:
         state.options = state.options.replace(**changes)
 

@@ -4,6 +4,7 @@ import { ApiError, get, getOptional, post } from "./api.js";
 import { setupAttentionKeys } from "./attention.js";
 import { loadCheckpoints, onFamily, setupCheckpointSwitch } from "./checkpoints.js";
 import { loadClipSkip, setClipSkip, setupClipSkip } from "./clipskip.js";
+import { loadVae, setupVae } from "./vae.js";
 import { loadPreviewSetting, setupPreviewSetting } from "./previewsetting.js";
 import { loadTokenMerging, setupTokenMerging, tokenMergingFor } from "./tomesetting.js";
 import { $, $$, numberValue, setNumber, syncSliders } from "./dom.js";
@@ -194,6 +195,7 @@ async function loadLists() {
     attempt("schedules", getOptional("/sdapi/v1/schedulers", []).then((s) => form.fillSchedulers(s ?? []))),
     attempt("upscalers", loadUpscalers()),
     attempt("checkpoints", loadCheckpoints(options)),
+    attempt("VAEs", loadVae(options)),
     attempt("live preview setting", loadPreviewSetting(options)),
     attempt("clip skip setting", loadClipSkip(options)),
     attempt("token merging setting", loadTokenMerging(options)),
@@ -212,6 +214,7 @@ $("#refresh-models").addEventListener("click", async () => {
 
 setupPreviewSetting();
 setupClipSkip();
+setupVae();
 setupTokenMerging();
 
 setupCheckpointSwitch({

@@ -1,7 +1,7 @@
 // The last used generation settings, kept in the browser (localStorage) so that a reload or a new
 // tab starts from them, as A1111 starts from the values in its ui-config.json. Pictures, masks and
-// ControlNet units are not kept; the server's own settings (checkpoint, live preview, clip skip,
-// token merging) live in its /options.
+// ControlNet units are not kept; the server's own settings (checkpoint, SD VAE, live preview, clip
+// skip, token merging) live in its /options.
 
 import { $$, setRadio } from "./dom.js";
 
