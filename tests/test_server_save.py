@@ -239,6 +239,30 @@ def test_an_interrupted_batch_is_not_saved(tmp_path):
     assert [p.name for p in _files(outdir)] == ["00000-30.png"]  # the finished batch only
 
 
+class _SkipsFirstBatch(FakeEngine):
+    """Skips its first batch part way, as a client's /skip would."""
+
+    def generate(self, params, *, progress=None, cancel=None):
+        def report(p):
+            if p.job == 0 and p.step == 1:
+                cancel.skip()
+            if progress is not None:
+                progress(p)
+
+        return super().generate(params, progress=report, cancel=cancel)
+
+
+def test_a_skipped_batch_is_returned_but_not_saved(tmp_path):
+    backend = FakeBackend()
+    outdir = tmp_path / "out"
+    app = create_app(ServerConfig(models_dir=make_models_dir(tmp_path / "models"), preload=False, outdir=outdir),
+                     loader=lambda path: _SkipsFirstBatch(path, backend))
+    with TestClient(app, base_url="http://127.0.0.1") as c:
+        r = c.post("/sdapi/v1/txt2img", json={"seed": 30, "n_iter": 2, "steps": 3, "save_images": True, **SMALL})
+    assert r.status_code == 200 and json.loads(r.json()["info"])["all_seeds"] == [30, 31]
+    assert [p.name for p in _files(outdir)] == ["00000-31.png"]  # the batch that ran whole only
+
+
 def test_outdir_defaults_beside_the_models_folder(tmp_path):
     models = make_models_dir(tmp_path / "home" / "models")
     assert ServerConfig(models_dir=models).resolved_outdir == (tmp_path / "home" / "outputs").absolute()

@@ -75,8 +75,9 @@ class FakeEngine:
         size = params.init_images[0].size if params.init_images else (params.width or 512, params.height or 512)
         if params.width and params.height:
             size = (params.width, params.height)
-        images, seeds, subseeds, interrupted = [], [], [], False
+        images, seeds, subseeds, unfinished, interrupted = [], [], [], [], False
         for job in range(params.n_iter):
+            stopped = False
             for step in range(params.steps):
                 time.sleep(b.step_delay)
                 if progress is not None:
@@ -84,10 +85,13 @@ class FakeEngine:
                     progress(Progress(job, params.n_iter, step + 1, params.steps,
                                       lambda c=color: [Image.new("RGB", size, c)]))
                 if cancel.interrupted or cancel.skipped:
+                    stopped = True
                     break
             cancel.clear_skip()
             for i in range(params.batch_size):  # a stopped batch is still returned, as A1111 does
                 n = job * params.batch_size + i
+                if stopped:
+                    unfinished.append(len(images))
                 images.append(Image.new("RGB", size, (n * 30 % 256, 0, 0)))
                 seeds.append(params.seed + n)
                 subseeds.append(params.subseed + n)
@@ -98,7 +102,8 @@ class FakeEngine:
                           for s, u in zip(seeds, subseeds))
         n = len(images)
         return Result(tuple(images), infotexts, tuple(seeds), tuple(subseeds), params, self.info,
-                      interrupted=interrupted, prompts=(params.prompt,) * n, negative_prompts=(params.negative_prompt,) * n)
+                      interrupted=interrupted, prompts=(params.prompt,) * n, negative_prompts=(params.negative_prompt,) * n,
+                      unfinished=tuple(unfinished))
 
 
 def make_models_dir(root: Path, names=("alpha.safetensors", "beta.safetensors"), vaes=()) -> Path:

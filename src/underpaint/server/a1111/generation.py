@@ -77,20 +77,18 @@ def _work(state: ServerState, prepared: PreparedJob):
         result = engine.generate(params, progress=job.report, cancel=job.cancel)
         if not prepared.save_images:
             return Finished(result)
-        count = _finished_count(result, prepared.params.batch_size)
-        return Finished(result, state.outputs.save(prepared.kind, result.images[:count], result.infotexts[:count],
-                                                   result.seeds[:count]))
+        keep = _finished(result)
+        return Finished(result, state.outputs.save(prepared.kind, [result.images[i] for i in keep],
+                                                   [result.infotexts[i] for i in keep], [result.seeds[i] for i in keep]))
 
     return work
 
 
-def _finished_count(result: Result, batch_size: int) -> int:
-    """How many pictures are finished: an interrupted job's last batch stopped part way and is not
-    saved (A1111 saves no picture of a batch during which the job was interrupted)."""
+def _finished(result: Result) -> list[int]:
+    """The pictures to save: all but those of a batch an interrupt or a skip stopped part way, which
+    are returned but not saved (A1111's "save incomplete images" setting, off by default)."""
     count = min(len(result.images), len(result.infotexts), len(result.seeds))
-    if result.interrupted:
-        count = max(0, count - max(1, batch_size))
-    return count
+    return [i for i in range(count) if i not in result.unfinished]
 
 
 async def run_prepared(state: ServerState, prepared: PreparedJob, response: Response) -> dict:
@@ -191,7 +189,7 @@ def _job_label(job: Job) -> str:
     return f"scripts_{job.kind}" if job.kind in ("txt2img", "img2img") else job.kind
 
 
-@router.post("/interrupt", summary="Stop the running job; it returns the images finished so far")
+@router.post("/interrupt", summary="Stop the running job; it returns the images made so far")
 async def interrupt(request: Request) -> dict:
     job = server_state(request).queue.current
     if job is not None:
@@ -199,7 +197,7 @@ async def interrupt(request: Request) -> dict:
     return {}
 
 
-@router.post("/skip", summary="Abandon the running job's current batch and go on with the next")
+@router.post("/skip", summary="End the running job's current batch at its current estimate and go on with the next")
 async def skip(request: Request) -> None:
     job = server_state(request).queue.current
     if job is not None:
