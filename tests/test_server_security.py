@@ -607,3 +607,34 @@ def test_model_files_whose_names_are_not_utf8_are_left_out_of_listings(tmp_path,
         assert r.status_code == 200 and all("caf" not in m for m in r.json()["model_list"])
         assert c.get("/sdapi/v1/embeddings").status_code == 200
     assert "not valid UTF-8" in caplog.text
+
+
+def test_extras_requests_run_one_at_a_time(tmp_path, monkeypatch):
+    """Each Extras request may hold max_input_images pictures at the pixel limit: they never overlap."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from underpaint.server.a1111 import extras
+
+    running, most = [0], [0]
+    lock = threading.Lock()
+    real = extras._process_now
+
+    def counted(*args):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.2)
+        try:
+            return real(*args)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(extras, "_process_now", counted)
+    tiny = png_b64(Image.new("RGB", (8, 8)))
+    with live_server(_app(tmp_path)) as base, ThreadPoolExecutor(3) as pool:
+        answers = list(pool.map(lambda _: httpx.post(base + "/sdapi/v1/extra-single-image", timeout=30,
+                                                     json={"image": tiny, "upscaler_1": "Nearest"}), range(3)))
+    assert [r.status_code for r in answers] == [200, 200, 200] and most[0] == 1

@@ -15,7 +15,9 @@ Pictures are upscaled with A1111's built-in upscalers, the ones /upscalers lists
 Each returned PNG keeps the input's ``parameters`` infotext and gains a ``postprocessing`` text
 ("Postprocess upscale by: 2.0, Postprocess upscaler: Lanczos"), as A1111 writes them.
 Face restoration (GFPGAN, CodeFormer) is not available: a visibility above 0 is refused by name.
-The work is Pillow resizing in the request's own thread, never on the generation queue.
+The work is Pillow resizing in a worker thread, never on the generation queue, one request at a
+time (each may hold up to ``Limits.max_input_images`` pictures at the pixel limit, so concurrent
+ones would add up).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -169,8 +172,18 @@ def html_info(text: str) -> str:
     return "<p>" + "<br>\n".join(html.escape(line) for line in text.split("\n")) + "</p>"
 
 
+#: Extras requests run one at a time (see the module docstring).
+_ONE_AT_A_TIME = threading.Lock()
+
+
 def _process(job: ExtrasJob, sources: list[tuple[str, str]], limits: Limits, allow_urls: bool) -> tuple[list[str], str]:
     """Decode every picture and check its result size first, then upscale and encode each."""
+    with _ONE_AT_A_TIME:
+        return _process_now(job, sources, limits, allow_urls)
+
+
+def _process_now(job: ExtrasJob, sources: list[tuple[str, str]], limits: Limits,
+                 allow_urls: bool) -> tuple[list[str], str]:
     pictures = []
     PictureBudget(limits).take(sources[0][1] if len(sources) == 1 else "imageList", len(sources))  # before decoding
     for data, field in sources:
