@@ -107,6 +107,27 @@ def test_full_queue_answers_503_with_retry_after(tmp_path):
     assert backend.calls == order  # the accepted ones, first in first out
 
 
+def test_a_full_queue_refuses_before_reading_the_pictures(tmp_path, monkeypatch):
+    """A request's pictures are decoded only when the queue has room for it: a full queue answers
+    503 without holding them (here, without even finding that one is not a picture)."""
+    from underpaint.server.a1111 import convert
+
+    decoded = []
+    real = convert.decode_image
+    monkeypatch.setattr(convert, "decode_image", lambda *a, **k: decoded.append(1) or real(*a, **k))
+    backend = FakeBackend(gate=threading.Event())
+    app, server = _serve(tmp_path, backend, queue_size=1)
+    with server as base, ThreadPoolExecutor(2) as pool:
+        running = pool.submit(_post, base, "/sdapi/v1/txt2img", {"steps": 1, **SMALL})
+        _wait_for(backend.started.is_set)
+        waiting = pool.submit(_post, base, "/sdapi/v1/txt2img", {"steps": 1, **SMALL})
+        _wait_for(lambda: len(app.state.underpaint.queue.waiting()) == 1)
+        r = _post(base, "/sdapi/v1/img2img", {"init_images": ["bm90IGEgcGljdHVyZQ=="], "steps": 1, **SMALL})
+        backend.gate.set()
+        assert running.result().status_code == 200 and waiting.result().status_code == 200
+    assert r.status_code == 503 and r.json()["error"] == "queue_full" and decoded == []
+
+
 def test_interrupt_stops_within_a_step_and_returns_what_is_done(tmp_path):
     backend = FakeBackend(step_delay=0.02)
     app, server = _serve(tmp_path, backend)

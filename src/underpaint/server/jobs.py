@@ -165,6 +165,13 @@ class JobQueue:
             self._cond.notify_all()
             return job
 
+    def check_room(self) -> None:
+        """Raise :class:`QueueFull` now if :meth:`submit` would: a request checks before it decodes
+        its pictures, so a full queue refuses it without holding them."""
+        with self._cond:
+            if len(self._waiting) >= self.max_waiting and (self._current is not None or self._waiting):
+                raise QueueFull(len(self._waiting), self._retry_after())
+
     def _new_id(self, requested: str | None) -> str:
         if requested is None or requested == "":
             return uuid.uuid4().hex

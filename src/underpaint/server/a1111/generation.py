@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from fastapi import APIRouter, Query, Request, Response
@@ -50,15 +52,27 @@ class Finished:
 @router.post("/txt2img", response_model=TextToImageResponse, summary="Make images from a prompt")
 async def txt2img(body: Txt2ImgRequest, request: Request, response: Response) -> TextToImageResponse:
     state = server_state(request)
-    prepared = await run_in_threadpool(prepare_txt2img, body, convert_context(state))
+    prepared = await run_in_threadpool(_prepare, state, prepare_txt2img, body)
     return TextToImageResponse(**await run_prepared(state, prepared, response))
 
 
 @router.post("/img2img", response_model=ImageToImageResponse, summary="Transform images (and inpaint with a mask)")
 async def img2img(body: Img2ImgRequest, request: Request, response: Response) -> ImageToImageResponse:
     state = server_state(request)
-    prepared = await run_in_threadpool(prepare_img2img, body, convert_context(state))
+    prepared = await run_in_threadpool(_prepare, state, prepare_img2img, body)
     return ImageToImageResponse(**await run_prepared(state, prepared, response))
+
+
+#: Requests decode their pictures before they queue: at most this many at once, so a burst of
+#: requests cannot hold many times the pictures one may carry (``Limits``) while they are read.
+_DECODING = threading.BoundedSemaphore(2)
+
+
+def _prepare(state: ServerState, prepare: Callable, body) -> PreparedJob:
+    """``prepare(body, context)`` in a worker thread, after checking that the queue has room."""
+    state.queue.check_room()
+    with _DECODING:
+        return prepare(body, convert_context(state))
 
 
 def _work(state: ServerState, prepared: PreparedJob):
