@@ -289,6 +289,13 @@ def test_refusals(flux_dev, sd1_engine, picture, flux_files):  # noqa: F811
     with pytest.raises(InvalidParameter) as exc:
         compiled.generate(_img2img(picture, steps=2, first_block_cache=0.12))
     assert exc.value.field == "first_block_cache" and "compile" in str(exc.value)
+    # An ahead-of-time package would run the transformer's own blocks, not the cache's.
+    packaged = Engine.load(flux_files["transformer"], clip_l=flux_files["clip_l"], t5=flux_files["t5"],
+                           vae=flux_files["ae"], device="cpu", dtype="fp32",
+                           optimize=SpeedOptions(aot=True, aot_build=False))
+    with pytest.raises(InvalidParameter) as exc:
+        packaged.generate(_img2img(picture, steps=2, first_block_cache=0.12))
+    assert exc.value.field == "first_block_cache" and "aot" in str(exc.value)
     from underpaint.pipeline.first_block_cache import for_request
 
     with pytest.raises(InvalidParameter) as exc:  # a FLUX ControlNet's residuals join after every block

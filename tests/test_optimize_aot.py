@@ -288,3 +288,66 @@ def test_switch_combinations():
                                 ("aot", "high", torch.device("mps"))):
         with pytest.raises(InvalidParameter, match="aot"):
             check(SpeedOptions.parse(names), device=device, vram=vram)
+
+
+# --- FLUX transformers -------------------------------------------------------------------------
+
+
+def _flux(seed: int):
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    return FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                  attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                  pooled_projection_dim=24, guidance_embeds=True, axes_dims_rope=(4, 6, 6)).eval()
+
+
+def _flux_inputs(seed: int = 0, guidance: bool = True) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return dict(hidden_states=torch.randn(2, 16, 16, generator=g), encoder_hidden_states=torch.randn(2, 8, 32, generator=g),
+                pooled_projections=torch.randn(2, 24, generator=g), timestep=torch.full((2,), 0.6),
+                img_ids=torch.randint(0, 4, (16, 3), generator=g).float(), txt_ids=torch.zeros(8, 3),
+                guidance=torch.full((2,), 3.5) if guidance else None)
+
+
+def _run_flux(transformer, inputs: dict, **extra) -> torch.Tensor:
+    with torch.inference_mode():  # as pipeline/flux.py calls it
+        return transformer(**inputs, **extra, return_dict=False)[0]
+
+
+def test_flux_transformer_package_matches_eager(tmp_path):
+    transformer = _flux(seed=5)
+    reference = _flux(seed=6)
+    reference.load_state_dict(transformer.state_dict())
+    aot.install(transformer, flags=FLAGS, folder=tmp_path)
+    built = aot.stats["built"]
+    first = _run_flux(transformer, _flux_inputs())
+    assert aot.stats["built"] == built + 1
+    torch.testing.assert_close(first, _run_flux(reference, _flux_inputs()), rtol=1e-4, atol=1e-5)
+    calls = aot.stats["compiled_calls"]
+    with torch.inference_mode():
+        again = transformer(**_flux_inputs(seed=3)).sample  # return_dict: diffusers' output type
+    assert aot.stats["compiled_calls"] == calls + 1
+    torch.testing.assert_close(again, _run_flux(reference, _flux_inputs(seed=3)), rtol=1e-4, atol=1e-5)
+    (package,) = tmp_path.glob("*.pt2")
+    probe = transformer.x_embedder.weight.detach().flatten()[:16].numpy().tobytes()
+    assert probe not in package.read_bytes()  # code only: the weights are bound from the module
+    assert "FluxTransformer2DModel" in json.loads(package.with_suffix(".json").read_text())["key"]["class"]
+    # ControlNet samples are not inputs of the package: eager, and they change the output.
+    eager = aot.stats["eager_calls"]
+    blocks = [torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(9))]
+    got = _run_flux(transformer, _flux_inputs(), controlnet_block_samples=blocks)
+    assert aot.stats["eager_calls"] == eager + 1
+    torch.testing.assert_close(got, _run_flux(reference, _flux_inputs(), controlnet_block_samples=blocks),
+                               rtol=1e-5, atol=1e-6)
+    assert (got - first).abs().max() > 1e-4
+
+
+def test_flux_call_signatures():
+    dev = aot.flux_call_inputs((), _flux_inputs())
+    schnell = aot.flux_call_inputs((), _flux_inputs(guidance=False))
+    assert [n for n, _ in dev] == list(aot._FLUX_TENSORS)
+    assert [n for n, _ in schnell] == list(aot._FLUX_TENSORS[:-1])  # no guidance: a package of its own
+    assert aot.flux_call_inputs((), {**_flux_inputs(), "joint_attention_kwargs": {"scale": 0.5}}) is None
+    assert aot.flux_call_inputs((), {**_flux_inputs(), "timestep": 0.6}) is None  # a Python number
+    assert aot.flux_call_inputs((), {k: v for k, v in _flux_inputs().items() if k != "img_ids"}) is None

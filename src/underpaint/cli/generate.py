@@ -224,8 +224,9 @@ def add_memory_and_speed_arguments(group) -> None:
                             "block and decodes in tiles (slowest, least memory)")
     group.add_argument("--optimize", default="", metavar="LIST",
                        help="speed switches, comma-separated: channels_last, fused_qkv, compile (torch.compile, "
-                            "kernels cached on disk), cuda_graphs (CUDA only), aot (the UNet compiled ahead of "
-                            "time into packages on disk: a restart loads them without tracing), fp8 (LOSSY, changes "
+                            "kernels cached on disk), cuda_graphs (CUDA only), aot (the UNet or FLUX transformer "
+                            "compiled ahead of time into packages on disk: a restart loads them without tracing), "
+                            "fp8 (LOSSY, changes "
                             "the picture: a speed/quality trade-off, fp8 matmuls on GPUs of compute capability 8.9+); "
                             "none by default")
     group.add_argument("--attention", default="auto", choices=ATTENTION_BACKENDS,

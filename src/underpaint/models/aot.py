@@ -1,5 +1,5 @@
-"""Ahead-of-time compiled UNet packages (``--optimize aot``): a restart loads compiled code from
-disk instead of tracing the UNet again.
+"""Ahead-of-time compiled UNet and FLUX transformer packages (``--optimize aot``): a restart loads
+compiled code from disk instead of tracing the model again. "The UNet" below stands for either.
 
 ``compile`` keeps its generated kernels on disk, but every new process still traces the UNet
 with Dynamo and AOTAutograd before it finds them (tens of seconds for SD 1.5 on a CPU; see
@@ -30,7 +30,11 @@ deleted and built again, or the call runs eager when building is off).
 Only calls that match a package's signature use it: ``sample``, a tensor ``timestep``,
 ``encoder_hidden_states`` (plus SDXL's ``added_cond_kwargs`` ``text_embeds``/``time_ids``) with
 no ControlNet/T2I residuals, no attention mask or cross-attention kwargs, no gradient, and no
-hooks on the UNet itself (DeepCache, token merging). Anything else runs the UNet eager. A
+hooks on the UNet itself (DeepCache, token merging). For FLUX: ``hidden_states``,
+``encoder_hidden_states``, ``pooled_projections``, ``timestep``, ``img_ids``, ``txt_ids`` and
+``guidance`` (dev; absent for schnell) as tensors, with no ControlNet samples or attention kwargs
+(First Block Cache swaps the transformer's blocks, which an installed package would not see, so
+the engine refuses it with compiled models). Anything else runs the model eager. A
 signature seen for the first time is looked up on disk and, if absent, exported and compiled in
 that call (like ``compile``'s first call at a new size; minutes for a real UNet), unless
 ``SpeedOptions.aot_build`` is off, in which case such calls run eager. A signature whose export
@@ -95,7 +99,7 @@ class Signature:
 
 
 def call_inputs(args: tuple, kwargs: dict) -> list[tuple[str, torch.Tensor]] | None:
-    """The call's tensors in package order, or None when the call needs the eager UNet."""
+    """A UNet call's tensors in package order, or None when the call needs the eager UNet."""
     if len(args) > len(_TENSOR_ARGS):
         return None
     given = dict(zip(_TENSOR_ARGS, args))
@@ -116,6 +120,37 @@ def call_inputs(args: tuple, kwargs: dict) -> list[tuple[str, torch.Tensor]] | N
         tensors += [(name, added[name]) for name in ("text_embeds", "time_ids")]
         if not all(isinstance(t, torch.Tensor) for _, t in tensors[-2:]):
             return None
+    device = tensors[0][1].device
+    if any(t.device != device for _, t in tensors):
+        return None
+    return tensors
+
+
+_FLUX_TENSORS = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "img_ids", "txt_ids",
+                 "guidance")
+_FLUX_MUST_BE_NONE = ("joint_attention_kwargs", "controlnet_block_samples", "controlnet_single_block_samples")
+
+
+def flux_call_inputs(args: tuple, kwargs: dict) -> list[tuple[str, torch.Tensor]] | None:
+    """A FLUX transformer call's tensors in package order (``guidance`` left out when None), or None
+    when the call needs the eager transformer."""
+    if len(args) > len(_FLUX_TENSORS):
+        return None
+    given = dict(zip(_FLUX_TENSORS, args))
+    for name, value in kwargs.items():
+        if name in given:
+            return None
+        given[name] = value
+    if any(given.pop(name, None) is not None for name in _FLUX_MUST_BE_NONE) or given.pop("controlnet_blocks_repeat", False):
+        return None
+    given.pop("return_dict", None)
+    if given.get("guidance", 0) is None:
+        del given["guidance"]
+    if any(name not in given for name in _FLUX_TENSORS[:-1]):  # all but guidance are needed
+        return None
+    tensors = [(name, given.pop(name)) for name in _FLUX_TENSORS if name in given]
+    if given or any(not isinstance(t, torch.Tensor) for _, t in tensors):
+        return None
     device = tensors[0][1].device
     if any(t.device != device for _, t in tensors):
         return None
@@ -176,6 +211,28 @@ class _Exported(torch.nn.Module):
                                        added_cond_kwargs=added, return_dict=False)[0]
 
 
+class _FluxExported(torch.nn.Module):
+    """The FLUX transformer's class forward with plain tensor arguments (``guidance`` None: schnell)."""
+
+    def __init__(self, transformer: torch.nn.Module) -> None:
+        super().__init__()
+        self.unet = transformer  # the same prefix as the UNet's: one naming of the weights
+
+    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                pooled_projections: torch.Tensor, timestep: torch.Tensor, img_ids: torch.Tensor,
+                txt_ids: torch.Tensor, guidance: torch.Tensor | None = None) -> torch.Tensor:
+        return type(self.unet).forward(self.unet, hidden_states=hidden_states,
+                                       encoder_hidden_states=encoder_hidden_states,
+                                       pooled_projections=pooled_projections, timestep=timestep, img_ids=img_ids,
+                                       txt_ids=txt_ids, guidance=guidance, return_dict=False)[0]
+
+
+def _is_flux(module: torch.nn.Module) -> bool:
+    from diffusers import FluxTransformer2DModel
+
+    return isinstance(module, FluxTransformer2DModel)
+
+
 def _named_tensors(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
     named = {_PREFIX + n: p for n, p in unet.named_parameters()}
     named.update({_PREFIX + n: b for n, b in unet.named_buffers()})
@@ -211,7 +268,8 @@ def build(unet: torch.nn.Module, tensors: list[tuple[str, torch.Tensor]], key: d
     with torch.inference_mode(False), torch.no_grad():
         # Fresh tensors: the call may come from inside inference mode, whose tensors export refuses.
         example = tuple(t.detach().clone() for _, t in tensors)
-        program = torch.export.export(_Exported(unet), example, strict=False)
+        wrapper = _FluxExported(unet) if _is_flux(unet) else _Exported(unet)
+        program = torch.export.export(wrapper, example, strict=False)
         tmp = folder / f".{name}.{os.getpid()}.tmp.pt2"
         try:
             torch._inductor.aoti_compile_and_package(program, package_path=str(tmp), inductor_configs=INDUCTOR_CONFIGS)
@@ -234,7 +292,7 @@ def build(unet: torch.nn.Module, tensors: list[tuple[str, torch.Tensor]], key: d
               "extra": sorted(extra), "extra_sha256": _sha256(extra_file) if extra else None}
     _atomic_write(folder / f"{name}.json", json.dumps(record, indent=1).encode())
     stats["built"] += 1
-    log.info("aot: compiled the UNet for %s into %s", key["inputs"], package)
+    log.info("aot: compiled the %s for %s into %s", _what(unet), key["inputs"], package)
     return package
 
 
@@ -243,6 +301,10 @@ def _lifted(program: Any, fqn: str) -> torch.Tensor:
         if fqn in table:
             return table[fqn].detach()
     raise RuntimeError(f"the compiled UNet needs a constant {fqn!r} that neither the module nor the export holds")
+
+
+def _what(module: torch.nn.Module) -> str:
+    return "FLUX transformer" if _is_flux(module) else "UNet"
 
 
 class PackageRejected(Exception):
@@ -335,6 +397,8 @@ class AotForward:
         self.folder = folder
         #: Signature → bound package, or None for "run eager".
         self.packages: dict[Signature, Loaded | None] = {}
+        self.flux = _is_flux(unet)
+        self.what = _what(unet)
 
     def eager(self, *args: Any, **kwargs: Any) -> Any:
         stats["eager_calls"] += 1
@@ -344,7 +408,7 @@ class AotForward:
         unet = self.unet
         if torch.is_grad_enabled() or unet._forward_hooks or unet._forward_pre_hooks:
             return self.eager(*args, **kwargs)
-        tensors = call_inputs(args, kwargs)
+        tensors = flux_call_inputs(args, kwargs) if self.flux else call_inputs(args, kwargs)
         if tensors is None:
             return self.eager(*args, **kwargs)
         signature = signature_of(tensors)
@@ -356,16 +420,20 @@ class AotForward:
         try:
             loaded.ensure_bound(unet)
         except PackageRejected as exc:
-            log.warning("aot: the UNet's weights no longer fit its compiled package (%s); running it eager", exc)
+            log.warning("aot: the %s's weights no longer fit its compiled package (%s); running it eager", self.what, exc)
             self.packages[signature] = None
             return self.eager(*args, **kwargs)
         stats["compiled_calls"] += 1
         out = loaded.runner(*(t for _, t in tensors))
-        if kwargs.get("return_dict", True):
-            from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+        if not kwargs.get("return_dict", True):
+            return (out,)
+        if self.flux:
+            from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
-            return UNet2DConditionOutput(sample=out)
-        return (out,)
+            return Transformer2DModelOutput(sample=out)
+        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+        return UNet2DConditionOutput(sample=out)
 
     def weights_changed(self) -> None:
         """After weights were merged or restored: bind every package to the module's tensors now
@@ -376,7 +444,7 @@ class AotForward:
             try:
                 loaded.bind(self.unet)
             except PackageRejected as exc:
-                log.warning("aot: %s; running the UNet eager for %s", exc, signature.describe())
+                log.warning("aot: %s; running the %s eager for %s", exc, self.what, signature.describe())
                 self.packages[signature] = None
 
     def _prepare(self, signature: Signature, tensors: list[tuple[str, torch.Tensor]]) -> Loaded | None:
@@ -387,7 +455,7 @@ class AotForward:
             loaded = load(folder, key)
         except PackageRejected as exc:
             stats["rejected"] += 1
-            log.warning("aot: not using a compiled UNet package: %s", exc)
+            log.warning("aot: not using a compiled %s package: %s", self.what, exc)
             discard(folder, key)
             loaded = None
         if loaded is None and self.build_new:
@@ -395,15 +463,15 @@ class AotForward:
                 build(self.unet, tensors, key, folder)
                 loaded = load(folder, key)
             except Exception as exc:  # noqa: BLE001 - any failure to compile leaves eager, which works
-                log.warning("aot: could not compile the UNet for inputs %s (%s: %s); running it eager",
-                            signature.describe(), type(exc).__name__, exc)
+                log.warning("aot: could not compile the %s for inputs %s (%s: %s); running it eager",
+                            self.what, signature.describe(), type(exc).__name__, exc)
                 return None
         if loaded is None:
             return None
         try:
             loaded.bind(self.unet)
         except PackageRejected as exc:
-            log.warning("aot: %s; running the UNet eager", exc)
+            log.warning("aot: %s; running the %s eager", exc, self.what)
             return None
         return loaded
 

@@ -27,7 +27,8 @@ fast it runs, not what it computes (all but ``fp8``, a speed/quality trade-off).
   on disk (:mod:`.aot`), one per input signature, without its weights: a restart loads it instead
   of tracing, and the model's own parameters are bound to it (a LoRA merged in place is what it
   reads). Calls that do not match a package (ControlNet residuals, hooks, other arguments) run
-  eager. SD/SDXL UNets only; the VAE stays eager.
+  eager, and so does a model whose export fails (logged once). SD/SDXL UNets and FLUX
+  transformers; the VAE stays eager.
 * ``--attention auto|flash|efficient|cudnn|math``: the scaled-dot-product attention kernel the
   UNet/transformer uses (``auto`` lets PyTorch choose per shape); chosen around each model call
   with :func:`attention_for`, so it also holds while ``compile`` traces.
@@ -292,13 +293,13 @@ def _compile_forward(module: torch.nn.Module, **options: Any) -> None:
 def _install_aot(model: Any, options: SpeedOptions) -> None:
     """Give the UNet its package-running forward (:mod:`.aot`); the flags that change the
     compiled code are part of each package's key."""
-    from diffusers import UNet2DConditionModel
+    from diffusers import FluxTransformer2DModel, UNet2DConditionModel
 
     from .aot import install
 
-    if not isinstance(model.unet, UNet2DConditionModel):
-        raise InvalidParameter("optimize", "aot", f"an SD/SDXL UNet (this model's is a {type(model.unet).__name__}; "
-                               "use compile)")
+    if not isinstance(model.unet, (UNet2DConditionModel, FluxTransformer2DModel)):
+        raise InvalidParameter("optimize", "aot", f"an SD/SDXL UNet or a FLUX transformer (this model's is a "
+                               f"{type(model.unet).__name__}; use compile)")
     flags = {"channels_last": options.channels_last, "fused_qkv": options.fused_qkv, "attention": options.attention}
     install(model.unet, flags=flags, build_new=options.aot_build)
 

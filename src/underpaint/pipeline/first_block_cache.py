@@ -247,6 +247,10 @@ def for_request(model: Any, threshold: float, *, control: Any = None) -> FirstBl
         raise InvalidParameter("first_block_cache", threshold,
                                f"0 (off) with --optimize {name} (cached calls swap transformer blocks, which the "
                                "compiled model would compile again for every request)")
+    if speed.aot:
+        raise InvalidParameter("first_block_cache", threshold,
+                               "0 (off) with --optimize aot (cached calls swap transformer blocks, which the "
+                               "ahead-of-time compiled package does not see)")
     return FirstBlockCache(transformer, threshold)
 
 
