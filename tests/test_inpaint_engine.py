@@ -124,6 +124,29 @@ def test_mask_of_another_size_is_resized_with_a_warning(sd1_engine, small):
     assert np.array_equal(_pixels(result.images[0])[:, 36:], _pixels(small)[:, 36:])  # far from the mask
 
 
+@pytest.mark.parametrize("full_res", [False, True], ids=["whole", "only-masked"])
+def test_controlnet_units_mask_with_the_prepared_mask(sd1_engine, small, monkeypatch, full_res):
+    """A1111's ControlNet inpaint takes the request's mask inverted and blurred like the inpainting's own."""
+    from underpaint.imageio.mask import blur_mask, invert_mask
+    from underpaint.pipeline import generate
+
+    class Seen(Exception):
+        pass
+
+    def fake_request_control(model, params, **kwargs):
+        raise Seen(params.mask, kwargs.get("crop"))
+
+    monkeypatch.setattr(generate, "request_control", fake_request_control)
+    mask = _mask(small.size, (12, 6, 30, 22))
+    params = GenerationParams(init_images=(small,), mask=mask, **COMMON,
+                              inpaint=InpaintOptions(invert=True, mask_blur_x=2, mask_blur_y=1, full_res=full_res))
+    with pytest.raises(Seen) as seen:
+        sd1_engine.generate(params)
+    given, crop = seen.value.args
+    assert np.array_equal(np.asarray(given), np.asarray(blur_mask(invert_mask(mask), 2, 1)))
+    assert (crop is not None) == full_res
+
+
 def test_infotext_records_inpaint_settings(sd1_engine, small):
     mask = _mask(small.size, (12, 6, 30, 22))
     params = GenerationParams(init_images=(small,), mask=mask, **COMMON,

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from underpaint.errors import InvalidParameter
+from underpaint.imageio.resize import CROP_AND_RESIZE, resize_image
 from underpaint.params import GenerationParams, InpaintOptions
 from underpaint.pipeline.inpaint import (
     Box,
@@ -116,6 +117,56 @@ def test_whole_picture_overlay_doubles_the_blurred_mask():
     m, o = np.asarray(job.mask).astype(int), np.asarray(job.overlay).astype(int)
     assert np.array_equal(o, np.clip(2 * m, 0, 255))
     assert job.crop is None and job.output_size == (64, 64)
+
+
+def _a1111_overlay(generated: np.ndarray, original: np.ndarray, overlay: np.ndarray) -> np.ndarray:
+    """A1111's overlay in Pillow's integer arithmetic, written out step by step: the original pasted
+    into an empty premultiplied layer through ``255 - overlay``, unpremultiplied (truncating), then
+    alpha-composited over the opaque result with 7 bits of precision."""
+    def div255(v):
+        t = v + 128
+        return ((t >> 8) + t) >> 8
+
+    alpha = (255 - overlay.astype(np.int64))[..., None]
+    premultiplied = div255(original.astype(np.int64) * alpha)
+    colour = np.where((alpha == 0) | (alpha == 255), premultiplied,
+                      np.minimum(255, 255 * premultiplied // np.maximum(alpha, 1)))
+    t = colour * (alpha * 128) + generated.astype(np.int64) * (255 * 128 - alpha * 128) + (0x80 << 7)
+    return ((((t >> 8) + t) >> 8) >> 7).astype(np.uint8)
+
+
+@pytest.mark.parametrize("full_res", [False, True], ids=["whole", "only-masked"])
+def test_overlay_is_a1111s_premultiplied_alpha_composite(full_res):
+    picture = _picture((64, 64), seed=3)
+    params = GenerationParams(init_images=(picture,), mask=_mask((64, 64), (20, 20, 44, 44)),
+                              inpaint=InpaintOptions(mask_blur_x=5, mask_blur_y=3, full_res=full_res, full_res_padding=2))
+    job = prepare_inpaint(params, 32, 32)
+    generated = _picture((32, 32), seed=4)
+    out = np.asarray(composite(generated, job, 0))
+    if full_res:  # the result, crop-and-resized to the region, goes back in place first
+        assert job.crop == Box(5, 5, 59, 59)  # the blurred box, padded, made square
+        placed = picture.copy()
+        placed.paste(resize_image(generated, 54, 54, CROP_AND_RESIZE), (5, 5))
+    else:
+        placed, picture = generated, resize_image(picture, 32, 32, 0)
+    expected = _a1111_overlay(np.asarray(placed), np.asarray(picture), np.asarray(job.overlay))
+    grey = (np.asarray(job.overlay) > 0) & (np.asarray(job.overlay) < 255)
+    assert grey.sum() > 100  # the seam is soft, where rounding matters
+    assert np.array_equal(out, expected)
+
+
+def test_mask_of_another_size_is_blurred_at_its_own_size_then_resized():
+    """A1111 blurs the mask as it came (sigma in the mask's pixels) and resizes it straight to W×H."""
+    from underpaint.imageio.mask import MaskResizedWarning, blur_mask
+
+    picture = _picture((64, 64))
+    small = _mask((32, 32), (8, 8, 24, 24))
+    params = GenerationParams(init_images=(picture,), mask=small, inpaint=InpaintOptions(mask_blur_x=2, mask_blur_y=2))
+    with pytest.warns(MaskResizedWarning):
+        job = prepare_inpaint(params, 48, 48)
+    expected = resize_image(blur_mask(small, 2, 2), 48, 48, 0)
+    assert np.array_equal(np.asarray(job.mask), np.asarray(expected))
+    assert job.picture_mask.size == (64, 64)
 
 
 def test_empty_mask_prepares_nothing():

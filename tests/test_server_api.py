@@ -87,7 +87,7 @@ def test_img2img_fields_reach_generation_params(tmp_path, photo):
             "inpainting_fill": 2, "inpaint_full_res": False, "inpaint_full_res_padding": 12,
             "inpainting_mask_invert": 1, "eta": 0.5, "s_tmax": 0,
             "override_settings": {"CLIP_stop_at_last_layers": 2, "eta_noise_seed_delta": 31337,
-                                  "randn_source": "CPU", "img2img_fix_steps": True},
+                                  "randn_source": "CPU", "img2img_fix_steps": True, "inpainting_mask_weight": 0.25},
         })
     assert r.status_code == 200, r.text
     p = seen[0]
@@ -98,6 +98,7 @@ def test_img2img_fields_reach_generation_params(tmp_path, photo):
     assert p.inpaint.mask_blur_x == p.inpaint.mask_blur_y == 6
     assert p.inpaint.masked_content == "latent noise" and p.inpaint.full_res is False
     assert p.inpaint.full_res_padding == 12 and p.inpaint.invert is True
+    assert p.inpaint.mask_weight == 0.25  # A1111's "Conditional mask weight" setting
     assert p.sampler_options.eta == 0.5 and p.sampler_options.s_tmax == float("inf")
 
 
@@ -139,6 +140,7 @@ def test_infotext_field_fills_unset_fields(client):
      "alwayson_scripts.controlnet.args[0].model"),
     ({"override_settings": {"CLIP_stop_at_last_layers": "two"}}, "override_settings.CLIP_stop_at_last_layers"),
     ({"override_settings": {"token_merging_ratio": 0.95}}, "override_settings.token_merging_ratio"),
+    ({"override_settings": {"inpainting_mask_weight": 1.5}}, "override_settings.inpainting_mask_weight"),
     ({"enable_hr": True, "override_settings": {"token_merging_ratio_hr": "x"}}, "override_settings.token_merging_ratio_hr"),
     ({"override_settings": {"sd_model_checkpoint": "nope.safetensors"}}, "sd_model_checkpoint"),
     ({"override_settings": {"sd_model_checkpoint": "/etc/passwd"}}, "sd_model_checkpoint"),

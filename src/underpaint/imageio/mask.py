@@ -135,15 +135,24 @@ def fit_mask(mask: Image.Image, size: tuple[int, int], resize_mode: int = 0) -> 
     mask = _grey(mask)
     if mask.size == tuple(size):
         return mask
-    from .resize import RESIZE_MODE_NAMES, resize_image
+    from .resize import resize_image
+
+    warn_if_resized(mask, size, resize_mode, stacklevel=3)
+    return resize_image(mask, size[0], size[1], resize_mode)
+
+
+def warn_if_resized(mask: Image.Image, size: tuple[int, int], resize_mode: int = 0, *, stacklevel: int = 2) -> None:
+    """Warn (:class:`MaskResizedWarning`) when the mask's size is not the picture's, so it will be resized."""
+    if mask.size == tuple(size):
+        return
+    from .resize import RESIZE_MODE_NAMES
 
     warnings.warn(
         f"mask is {mask.width}x{mask.height} but the picture is {size[0]}x{size[1]}: "
         f"resized the mask ({RESIZE_MODE_NAMES.get(resize_mode, resize_mode)})",
         MaskResizedWarning,
-        stacklevel=2,
+        stacklevel=stacklevel + 1,
     )
-    return resize_image(mask, size[0], size[1], resize_mode)
 
 
 def mask_box(mask: Image.Image) -> tuple[int, int, int, int] | None:

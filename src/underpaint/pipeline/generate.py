@@ -131,17 +131,21 @@ def _generate(model, params: GenerationParams, networks: ActiveNetworks, *, info
     if flux.is_flux(model):
         plan = replace(plan, params=flux.with_infotext(model, plan.params))
 
-    # 2c. ControlNet units: load their nets, make their maps, record them in the infotext.
-    crop = None
-    if plan.inpaint is not None and plan.inpaint.crop is not None:
-        crop = (plan.inpaint.crop, plan.inpaint.output_size)
+    # 2c. ControlNet units: load their nets, make their maps, record them in the infotext. An
+    #     inpaint unit masks with the prepared (inverted, blurred) mask, as A1111's ControlNet does.
+    crop, control_params = None, params
+    if plan.inpaint is not None:
+        control_params = params.replace(mask=plan.inpaint.picture_mask)
+        if plan.inpaint.crop is not None:
+            crop = (plan.inpaint.crop, plan.inpaint.output_size)
     if flux.is_flux(model):
         from . import flux_control
 
-        control = flux_control.prepare(model, params, width=plan.width, height=plan.height, steps=plan.steps_run,
-                                       encode=lambda pixels: encode_pixels(model, pixels), crop=crop)
+        control = flux_control.prepare(model, control_params, width=plan.width, height=plan.height,
+                                       steps=plan.steps_run, encode=lambda pixels: encode_pixels(model, pixels),
+                                       crop=crop)
     else:
-        control = request_control(model, params, width=plan.width, height=plan.height, steps=plan.steps_run,
+        control = request_control(model, control_params, width=plan.width, height=plan.height, steps=plan.steps_run,
                                   crop=crop)
     if control is not None:
         plan = replace(plan, params=control.with_infotext(plan.params))

@@ -18,6 +18,7 @@ Outpainting is inpainting of a larger canvas whose new margins are the mask.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
@@ -27,7 +28,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageFilter
 
 from ..errors import ImageError, InvalidParameter
-from ..imageio.mask import blur_kernel_size, blur_mask, fit_mask, invert_mask, is_empty, mask_box, to_mask
+from ..imageio.mask import (MaskResizedWarning, blur_kernel_size, blur_mask, fit_mask, invert_mask, is_empty,
+                            mask_box, to_mask, warn_if_resized)
 from ..imageio.resize import CROP_AND_RESIZE, RESIZE_AND_FILL, resize_image
 from ..params import GenerationParams, InpaintOptions
 
@@ -171,6 +173,8 @@ class InpaintJob:
     overlay: Image.Image
     #: "Only masked": where the W×H result goes back into the picture.
     crop: Box | None = None
+    #: The prepared mask at the first picture's size (what ControlNet inpaint units mask with).
+    picture_mask: Image.Image | None = None
 
     @property
     def output_size(self) -> tuple[int, int]:
@@ -178,14 +182,18 @@ class InpaintJob:
 
 
 def prepare_mask(params: GenerationParams) -> Image.Image:
-    """The request's mask at the first picture's size: greyscale, fitted, inverted, blurred."""
+    """The request's mask at its own size: greyscale, inverted, blurred.
+
+    A1111 blurs the mask at the size it came in (the blur is in the mask's pixels) and only then
+    resizes it; a mask whose size is not the picture's is reported here, resized later.
+    """
     if params.mask is None:
         raise InvalidParameter("mask", None, "a mask image")
     if not params.init_images:
         raise InvalidParameter("init_images", (), "a picture to inpaint with the mask")
     opts = params.inpaint
     mask = to_mask(params.mask, round_alpha=opts.mask_round and not opts.soft)
-    mask = fit_mask(mask, params.init_images[0].size, params.resize_mode)
+    warn_if_resized(mask, params.init_images[0].size, params.resize_mode)
     if opts.invert:
         mask = invert_mask(mask)
     if opts.mask_blur_x > 0 or opts.mask_blur_y > 0:
@@ -200,23 +208,32 @@ def prepare_inpaint(params: GenerationParams, width: int, height: int) -> Inpain
         return None
     opts = params.inpaint
     pictures = [image.convert("RGB") for image in params.init_images]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MaskResizedWarning)  # prepare_mask reported it
+        picture_mask = fit_mask(mask, pictures[0].size, params.resize_mode)
+    if opts.full_res and is_empty(picture_mask):  # a speck lost when shrinking the mask
+        return None
     if opts.full_res:
-        return _only_masked(opts, mask, pictures, width, height)
-    return _whole_picture(opts, mask, pictures, width, height, params.resize_mode)
+        return _only_masked(opts, picture_mask, pictures, width, height)
+    return _whole_picture(opts, mask, picture_mask, pictures, width, height, params.resize_mode)
 
 
-def _whole_picture(opts: InpaintOptions, mask: Image.Image, pictures: list[Image.Image],
+def _whole_picture(opts: InpaintOptions, mask: Image.Image, picture_mask: Image.Image, pictures: list[Image.Image],
                    width: int, height: int, resize_mode: int) -> InpaintJob:
-    """Picture and mask resized to W×H; the output is W×H."""
+    """Picture and mask each resized straight to W×H, as A1111 does; the output is W×H."""
     mask = resize_image(mask, width, height, resize_mode)
     resized = tuple(resize_image(image, width, height, resize_mode) for image in pictures)
     return InpaintJob(opts, mask, _with_content(resized, mask, opts), resized, resized,
-                      overlay_mask(mask, cropped=False, soft=opts.soft))
+                      overlay_mask(mask, cropped=False, soft=opts.soft), picture_mask=picture_mask)
 
 
 def _only_masked(opts: InpaintOptions, mask: Image.Image, pictures: list[Image.Image],
                  width: int, height: int) -> InpaintJob:
-    """The mask's region (plus padding, at the W:H aspect) worked on at W×H; the output keeps the picture's size."""
+    """The mask's region (plus padding, at the W:H aspect) worked on at W×H; the output keeps the picture's size.
+
+    A mask of another size is first fitted to the picture (A1111 would crop the picture at the
+    mask's coordinates, which only line up when the sizes agree).
+    """
     for index, image in enumerate(pictures):
         if image.size != mask.size:
             raise ImageError(f"init_images[{index}]: {image.width}x{image.height}, expected "
@@ -226,7 +243,7 @@ def _only_masked(opts: InpaintOptions, mask: Image.Image, pictures: list[Image.I
     crop_mask = resize_image(mask.crop(box.as_tuple()), width, height, RESIZE_AND_FILL)
     crops = tuple(resize_image(image.crop(box.as_tuple()), width, height, RESIZE_AND_FILL) for image in pictures)
     return InpaintJob(opts, crop_mask, _with_content(crops, crop_mask, opts), crops, tuple(pictures),
-                      overlay_mask(mask, cropped=True, soft=opts.soft), crop=box)
+                      overlay_mask(mask, cropped=True, soft=opts.soft), crop=box, picture_mask=mask)
 
 
 def _with_content(pictures: Sequence[Image.Image], mask: Image.Image, opts: InpaintOptions) -> tuple[Image.Image, ...]:
@@ -245,9 +262,21 @@ def composite(generated: Image.Image, job: InpaintJob, index: int) -> Image.Imag
         base = original.copy()
         base.paste(resize_image(generated, job.crop.width, job.crop.height, CROP_AND_RESIZE), (job.crop.x1, job.crop.y1))
         generated = base
-    result = generated.convert("RGB").copy()
-    result.paste(original, mask=invert_mask(job.overlay))
-    return result
+    return overlay_original(generated, original, job.overlay)
+
+
+def overlay_original(generated: Image.Image, original: Image.Image, overlay: Image.Image) -> Image.Image:
+    """A1111's final overlay: the original, premultiplied by the inverted overlay mask, alpha-composited over the result.
+
+    The original is first laid into a premultiplied ("RGBa") layer whose alpha is ``255 − overlay``
+    and that layer is composited over the generated picture, with Pillow's rounding at each
+    step; a plain masked paste rounds differently and is off by one level in the seam.
+    """
+    layer = Image.new("RGBa", original.size)
+    layer.paste(original.convert("RGBA").convert("RGBa"), mask=invert_mask(overlay))
+    result = generated.convert("RGBA")
+    result.alpha_composite(layer.convert("RGBA"))
+    return result.convert("RGB")
 
 
 def inpaint_infotext(options: InpaintOptions, *, cropped: bool, conditioning: bool,

@@ -86,6 +86,12 @@ def prepare_txt2img(req: Txt2ImgRequest, ctx: ConvertContext) -> PreparedJob:
                                                              "is not available)")
     fields = _common_fields(req, ctx, PictureBudget(ctx.limits), img2img=False)
     fields.update(_first_phase_size(req, ctx.limits))
+    mask_weight = _Overrides(req.override_settings or {}, ctx).float("inpainting_mask_weight", None)
+    if mask_weight is not None:  # an inpainting checkpoint records it, and its hires. pass uses it
+        try:
+            fields["inpaint"] = InpaintOptions(mask_weight=mask_weight)
+        except InvalidParameter as exc:
+            raise _renamed(exc) from None
     if req.enable_hr:
         fields["hires"] = _hires_options(req, ctx, fields["width"], fields["height"])
     params = _build_params(fields, strength=1.0)
@@ -160,7 +166,7 @@ def prepare_img2img(req: Img2ImgRequest, ctx: ConvertContext) -> PreparedJob:
     if req.mask:
         fields["mask"] = pictures.decode(req.mask, field="mask", allow_urls=ctx.allow_image_urls)
     fields["resize_mode"] = req.resize_mode
-    fields["inpaint"] = _inpaint_options(req)
+    fields["inpaint"] = _inpaint_options(req, _Overrides(req.override_settings or {}, ctx))
     params = _build_params(fields, strength=strength)
     echo = req.model_dump(mode="json", exclude={"include_init_images"})
     if not req.include_init_images:
@@ -247,6 +253,7 @@ def _build_params(fields: dict[str, Any], *, strength: float) -> GenerationParam
 # GenerationParams' own names for fields the API spells differently.
 _API_FIELD = {"strength": "denoising_strength", "sampler": "sampler_name", "clip_skip": "override_settings.CLIP_stop_at_last_layers",
               "rng": "override_settings.randn_source", "masked_content": "inpainting_fill",
+              "mask_weight": "override_settings.inpainting_mask_weight",
               "full_res_padding": "inpaint_full_res_padding",
               "hires": "enable_hr", "hires_scale": "hr_scale", "hires_resize_x": "hr_resize_x",
               "hires_resize_y": "hr_resize_y", "hires_upscaler": "hr_upscaler", "hires_steps": "hr_second_pass_steps",
@@ -503,7 +510,9 @@ def _first(*values):
     return None
 
 
-def _inpaint_options(req: Img2ImgRequest) -> InpaintOptions:
+def _inpaint_options(req: Img2ImgRequest, overrides: "_Overrides") -> InpaintOptions:
+    """A1111's inpaint fields; "Conditional mask weight" is its setting ``inpainting_mask_weight``
+    (default 1), which a request changes through ``override_settings``."""
     blur_x = req.mask_blur if req.mask_blur is not None else req.mask_blur_x
     blur_y = req.mask_blur if req.mask_blur is not None else req.mask_blur_y
     if not 0 <= req.inpainting_fill < len(MASKED_CONTENT):
@@ -516,6 +525,7 @@ def _inpaint_options(req: Img2ImgRequest) -> InpaintOptions:
             mask_blur_x=blur_x, mask_blur_y=blur_y, masked_content=MASKED_CONTENT[req.inpainting_fill],
             full_res=req.inpaint_full_res, full_res_padding=req.inpaint_full_res_padding,
             invert=bool(req.inpainting_mask_invert), mask_round=req.mask_round, soft=_soft_inpainting(req.alwayson_scripts),
+            mask_weight=overrides.float("inpainting_mask_weight", 1.0),
         )
     except InvalidParameter as exc:
         if req.mask_blur is not None and exc.field in ("mask_blur_x", "mask_blur_y"):
