@@ -139,7 +139,7 @@ def test_fp8_is_named_and_labelled_lossy(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["img2img", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "fp8 (LOSSY, changes the picture: a speed/quality trade-off" in text
+    assert "fp8 (LOSSY, changes the picture: it trades quality for speed" in text
 
 
 # --- through the engine (tiny SD1) ------------------------------------------------------------

@@ -227,7 +227,7 @@ def add_memory_and_speed_arguments(group) -> None:
                             "kernels cached on disk), cuda_graphs (CUDA only), aot (the UNet or FLUX transformer "
                             "compiled ahead of time into packages on disk: a restart loads them without tracing), "
                             "fp8 (LOSSY, changes "
-                            "the picture: a speed/quality trade-off, fp8 matmuls on GPUs of compute capability 8.9+); "
+                            "the picture: it trades quality for speed, fp8 matmuls on GPUs of compute capability 8.9+); "
                             "none by default")
     group.add_argument("--attention", default="auto", choices=ATTENTION_BACKENDS,
                        help="attention kernel for the UNet/transformer (default auto: PyTorch picks per shape)")
