@@ -445,7 +445,12 @@ def _number(value: float | None) -> str:
 
 
 def unit_infotext(unit: ControlUnit, model_name: str) -> str:
-    """One unit as the extension writes it: ``Module: ..., Model: ..., Weight: ..., ...``."""
+    """One unit as the extension writes it: ``Module: ..., Model: ..., Weight: ..., ...``.
+
+    A setting the module has no slider for (the resolution of "none", the thresholds of
+    depth_midas, ...) is -1 in the extension's unit, and the extension leaves such fields out of
+    the entry; pasting it back then gives -1 again, the module's default.
+    """
     a, b = unit.thresholds
     pre = unit.preprocessor
     fields = (
@@ -455,7 +460,7 @@ def unit_infotext(unit: ControlUnit, model_name: str) -> str:
         ("Guidance Start", _number(unit.guidance_start)), ("Guidance End", _number(unit.guidance_end)),
         ("Pixel Perfect", str(bool(unit.pixel_perfect))), ("Control Mode", unit.control_mode),
     )
-    return ", ".join(f"{k}: {v}" for k, v in fields)
+    return ", ".join(f"{k}: {v}" for k, v in fields if v != "-1")
 
 
 def control_infotext(units, model_names) -> tuple[tuple[str, str], ...]:
