@@ -103,6 +103,34 @@ def test_guidance_start_end_switch_the_unit_at_a1111_steps(sd1_engine, sd1_contr
     assert len(calls) == 4
 
 
+def test_hires_fix_runs_the_unit_in_both_passes_with_their_own_steps(sd1_engine, sd1_controlnet, control_map):
+    """As the extension with hires. fix: the unit's guidance window counts each pass's own steps,
+    and the second pass sees the map at its own size."""
+    from underpaint.models.controlnet import ControlNetCache
+    from underpaint.params import HiresOptions
+    from underpaint.pipeline.control import control_resources
+
+    unit = ControlUnit(image=control_map, module="none", model=str(sd1_controlnet), guidance_start=0.3)
+    sizes = []
+    control_resources(sd1_engine.model)  # the annotator context, so that the engine keeps the cache set below
+    cache = ControlNetCache()
+    net = cache.get(sd1_controlnet, device=sd1_engine.model.device, dtype=sd1_engine.model.dtype)
+    handle = net.module.register_forward_hook(
+        lambda mod, args, kwargs, out: sizes.append(tuple(kwargs["controlnet_cond"].shape[-2:])), with_kwargs=True)
+    previous = getattr(sd1_engine.model, "_controlnets", None)
+    sd1_engine.model._controlnets = cache
+    try:
+        result = _txt2img(sd1_engine, [unit], steps=3, hires=HiresOptions(scale=1.5, steps=5, strength=0.6))
+    finally:
+        handle.remove()
+        sd1_engine.model._controlnets = previous
+    assert result.images[0].size == (96, 96)
+    # First pass, 3 steps: counters 0,0,1 -> active at 1/3 only; second pass, 5 steps: counters
+    # 0,0,1,2,3 -> active at 2/5 and 3/5.
+    assert sizes == [(64, 64), (96, 96), (96, 96)]
+    assert 'ControlNet 0: "Module: none' in result.infotexts[0]
+
+
 def test_infotext_records_each_unit(sd1_engine, sd1_controlnet, control_map):
     from underpaint.models.controlnet import infotext_name
 
@@ -112,7 +140,7 @@ def test_infotext_records_each_unit(sd1_engine, sd1_controlnet, control_map):
     text = _txt2img(sd1_engine, units, steps=2).infotexts[0]
     name = infotext_name(sd1_controlnet)
     assert (f'ControlNet 0: "Module: none, Model: {name}, Weight: 0.5, Resize Mode: Crop and Resize, '
-            'Processor Res: -1, Threshold A: -1, Threshold B: -1, Guidance Start: 0.0, Guidance End: 1.0, '
+            'Guidance Start: 0.0, Guidance End: 1.0, '
             'Pixel Perfect: False, Control Mode: ControlNet is more important"') in text
     assert f'ControlNet 1: "Module: canny, Model: {name}, Weight: 1.0' in text
 

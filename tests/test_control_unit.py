@@ -96,6 +96,32 @@ def test_layer_scales_follow_the_extension():
     assert layer_scales(0.3, 13, BALANCED) == [0.3] * 13
 
 
+def test_hires_second_pass_refits_the_map_and_always_decays(sd1_net, inputs):
+    """The extension's hires. fix pass: the preprocessed map fitted to the second pass's size, and
+    the soft-injection scales even for Balanced (the negative prompt still free for "ControlNet")."""
+    x, t, ctx, _ = inputs
+    detected = np.zeros((32, 48, 3), dtype=np.uint8)
+    detected[8:24, 20:28] = 255
+    first = hint_tensor(control_map(ControlUnit(image=Image.fromarray(detected)), 64, 64), device="cpu",
+                        dtype=torch.float32)
+    units = [ActiveUnit(ControlUnit(weight=0.6), sd1_net, first, detected=detected),
+             ActiveUnit(ControlUnit(weight=0.4, control_mode=CONTROL_MORE_IMPORTANT), sd1_net, first,
+                        detected=detected)]
+    second = ControlStack(units, 3).second_pass(96, 80, 5)
+    assert (second.steps, second.high_res) == (5, True)
+    refit = hint_tensor(control_map(ControlUnit(image=Image.fromarray(detected)), 96, 80), device="cpu",
+                        dtype=torch.float32)
+    assert second.units[0].hint.shape == (1, 3, 80, 96)
+    torch.testing.assert_close(second.units[0].hint, refit)
+    x2 = torch.randn(2, 4, 10, 12, generator=torch.Generator().manual_seed(3))
+    down, mid = second.residuals(x2, t, ctx, cond_rows=torch.tensor([1.0, 0.0]))
+    ref_down, ref_mid = _direct(sd1_net, x2, t, ctx, refit)
+    for i, (a, b) in enumerate(zip([*down, mid], [*ref_down, ref_mid])):
+        decay = 0.825 ** (12 - i)
+        torch.testing.assert_close(a[0], b[0] * (0.6 + 0.4) * decay, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a[1], b[1] * 0.6 * decay, rtol=1e-5, atol=1e-6)
+
+
 def test_controlnet_more_important_leaves_the_negative_prompt_free(sd1_net, inputs):
     x, t, ctx, hint = inputs
     stack = _stack(sd1_net, hint, control_mode=CONTROL_MORE_IMPORTANT)
@@ -182,8 +208,13 @@ def test_infotext_matches_the_extension_format():
                     "Pixel Perfect: False, Control Mode: Balanced")
     entries = control_infotext([unit, ControlUnit(module="depth", guidance_end=0.5, control_mode=1)], ["a [1]", "b [2]"])
     assert [k for k, _ in entries] == ["ControlNet 0", "ControlNet 1"]
-    assert "Module: depth_midas" in entries[1][1] and "Threshold A: -1" in entries[1][1]
-    assert entries[1][1].endswith("Guidance End: 0.5, Pixel Perfect: False, Control Mode: My prompt is more important")
+    # depth_midas has no threshold sliders: the extension's unit holds -1 there and leaves them out
+    assert entries[1][1] == ("Module: depth_midas, Model: b [2], Weight: 1.0, Resize Mode: Crop and Resize, "
+                             "Processor Res: 512, Guidance Start: 0.0, Guidance End: 0.5, Pixel Perfect: False, "
+                             "Control Mode: My prompt is more important")
+    ready = unit_infotext(ControlUnit(module="none", weight=0.5), "c [3]")
+    assert ready == ("Module: none, Model: c [3], Weight: 0.5, Resize Mode: Crop and Resize, Guidance Start: 0.0, "
+                     "Guidance End: 1.0, Pixel Perfect: False, Control Mode: Balanced")
 
 
 def test_sdxl_residuals_see_the_size_embedding(tmp_path):

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from test_server_support import png_b64
-from underpaint.errors import InvalidParameter, UnderpaintError
+from underpaint.errors import InvalidParameter, UnderpaintError, UnknownName
 from underpaint.server.a1111.control_units import control_units, enabled_units, resolve_model
 from underpaint.server.config import Limits
 
@@ -110,6 +110,17 @@ def test_model_names_resolve_only_to_listed_files(tmp_path):
     assert resolve_model("depth-xl", files, field="m") == files[1]
     with pytest.raises(InvalidParameter):
         resolve_model(str(files[0].parent / ".." / files[0].name), files, field="m")
+
+
+def test_model_names_fall_back_to_the_shortest_name_containing_them(tmp_path):
+    """The extension's closest-name rule: a part of a name picks the shortest name that holds it."""
+    files = [tmp_path / "control_v11p_sd15_canny_fp16.safetensors", tmp_path / "control_v11p_sd15_canny.pth",
+             tmp_path / "Depth-XL.pth"]
+    assert resolve_model("canny", files, field="m") == files[1]
+    assert resolve_model("SD15_CANNY_fp16 [b18e0966]", files, field="m") == files[0]
+    assert resolve_model("depth", files, field="m") == files[2]
+    with pytest.raises(UnknownName):
+        resolve_model("openpose", files, field="m")
 
 
 def test_control_types_group_models_by_their_file_names():

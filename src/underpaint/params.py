@@ -361,9 +361,6 @@ class GenerationParams:
             raise InvalidParameter("hires", type(h).__name__, "HiresOptions")
         if self.init_images:
             raise InvalidParameter("hires", "with init_images", "txt2img only (hires. fix is a txt2img option)")
-        if self.control_units:
-            raise InvalidParameter("hires", "with ControlNet units",
-                                   "no ControlNet units (hires. fix with ControlNet is not available yet)")
         if self.width is not None and self.height is not None:
             check_hires_size(h, self.width, self.height)
         if h.prompt:

@@ -22,7 +22,12 @@ Behaviour follows A1111's ControlNet extension (sd-webui-controlnet):
   ``union_control_type`` (the extension's field: "Hard Edge", "Depth", ...), else as the type of
   its preprocessor (canny → Hard Edge, depth → Depth, ...; models/union_types.py); a ready-made
   map (module "none") needs the explicit type. The hint fills that type's slot and the 0/1 type
-  vector marks it; its residuals are then weighted, windowed and moded as any ControlNet's.
+  vector marks it; its residuals are then weighted, windowed and moded as any ControlNet's;
+- with hires. fix the units run in both passes (the extension's default, "Both"): the second pass
+  fits the same preprocessed map to its own size, counts guidance start/end over its own steps,
+  and always uses the soft-injection scales, even for "Balanced" (the extension does so to keep
+  the upscaled picture free of ControlNet artefacts); "ControlNet is more important" still keeps
+  the control off the negative prompt there.
 """
 
 from __future__ import annotations
@@ -131,6 +136,14 @@ class ControlUnit:
 def control_map(unit: ControlUnit, width: int, height: int, *, init_image: "Image | None" = None,
                 mask: "Image | None" = None, ctx: AnnotatorContext | None = None, seed: int = 0) -> np.ndarray:
     """The unit's preprocessed map fitted to the generation size: uint8 H x W x 3 (x 4 for inpaint)."""
+    detected = detect_map(unit, width, height, init_image=init_image, mask=mask, ctx=ctx, seed=seed)
+    return fit_map(detected, width, height, unit.resize_mode)
+
+
+def detect_map(unit: ControlUnit, width: int, height: int, *, init_image: "Image | None" = None,
+               mask: "Image | None" = None, ctx: AnnotatorContext | None = None, seed: int = 0) -> np.ndarray:
+    """The unit's preprocessed map before it is fitted to the generation size (``width`` x
+    ``height`` only sets the Pixel Perfect resolution)."""
     from ..preprocess.registry import run_preprocessor
 
     source = unit.image if unit.image is not None else init_image
@@ -141,8 +154,7 @@ def control_map(unit: ControlUnit, width: int, height: int, *, init_image: "Imag
     if unit.pixel_perfect:
         res = max(64, pixel_perfect_resolution(pixels.shape[:2], width, height, unit.resize_mode))
     a, b = unit.thresholds
-    detected = run_preprocessor(unit.module, pixels, res=res, a=a, b=b, seed=seed, ctx=ctx)
-    return fit_map(detected, width, height, unit.resize_mode)
+    return run_preprocessor(unit.module, pixels, res=res, a=a, b=b, seed=seed, ctx=ctx)
 
 
 def _unit_pixels(unit: ControlUnit, image: "Image", mask: "Image | None") -> np.ndarray:
@@ -180,9 +192,10 @@ def hint_tensor(detected: np.ndarray, *, device, dtype, masked: float = -1.0) ->
 # --- residuals ------------------------------------------------------------------------------------------------
 
 
-def layer_scales(weight: float, n: int, mode: str) -> list[float]:
-    """Per-residual factors: the weight everywhere (Balanced), or decayed towards shallow layers."""
-    if mode == BALANCED:
+def layer_scales(weight: float, n: int, mode: str, *, soft: bool = False) -> list[float]:
+    """Per-residual factors: the weight everywhere (Balanced), or decayed towards shallow layers
+    (the other modes, and every mode when ``soft``: a hires. fix second pass)."""
+    if mode == BALANCED and not soft:
         return [weight] * n
     return [weight * SOFT_DECAY ** float(_SD1_RESIDUALS - 1 - i) for i in range(max(n, _SD1_RESIDUALS))][:n]
 
@@ -204,6 +217,8 @@ class ActiveUnit:
     features: list[torch.Tensor] | None = None
     #: For a union ControlNet, the unit's control-type slot; None otherwise.
     control_type: int | None = None
+    #: The preprocessed map before fitting, which a hires. fix second pass fits to its own size.
+    detected: np.ndarray | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -212,17 +227,40 @@ class ControlStack:
 
     ``step`` is the only mutable field: the sampler's step callback sets it to the index of the
     step just finished (:meth:`on_step`), which is what A1111 compares with guidance start/end.
+    ``high_res`` marks a hires. fix second pass, which always scales with the soft-injection ramp.
     """
 
     units: list[ActiveUnit]
     steps: int
     step: int = field(default=0)
+    high_res: bool = False
     #: The conditioning objects of the current evaluation (set by the denoiser), to tell prompt rows.
     prompt: object = field(default=None, repr=False)
     negative: object = field(default=None, repr=False)
 
     def on_step(self, step: int) -> None:
         self.step = step
+
+    def second_pass(self, width: int, height: int, steps: int) -> "ControlStack":
+        """The stack for a hires. fix second pass of ``steps`` steps at ``width`` x ``height``: each
+        unit's preprocessed map fitted again to that size (the preprocessor does not run again, as
+        in the extension), adapters' features made from it, the soft-injection scales on."""
+        from dataclasses import replace
+
+        units = []
+        for active in self.units:
+            if active.detected is None:
+                raise ValueError("a ControlNet unit without its preprocessed map cannot run a second pass")
+            fitted = fit_map(active.detected, width, height, active.unit.resize_mode)
+            hint = hint_tensor(fitted, device=active.hint.device, dtype=active.hint.dtype,
+                               masked=-1.0 if active.control_type is None else 0.0)
+            features = None
+            if active.features is not None:
+                from ..models.t2i_adapter import adapter_features
+
+                features = adapter_features(active.net.module, hint.to(active.net.dtype), active.net.name)
+            units.append(replace(active, hint=hint, features=features))
+        return ControlStack(units, steps, high_res=True)
 
     def set_conds(self, prompt: object, negative: object) -> None:
         self.prompt, self.negative = prompt, negative
@@ -249,7 +287,7 @@ class ControlStack:
         for active in self.units:
             if active.features is not None or not unit_active(active.unit, self.step, self.steps):
                 continue
-            d, m = run_unit(active, x_in, t, context, added_cond_kwargs, cond_rows)
+            d, m = run_unit(active, x_in, t, context, added_cond_kwargs, cond_rows, soft=self.high_res)
             down = d if down is None else [a + b for a, b in zip(down, d)]
             mid = m if mid is None else mid + m
         return down, mid
@@ -261,18 +299,20 @@ class ControlStack:
         for active in self.units:
             if active.features is None or not unit_active(active.unit, self.step, self.steps):
                 continue
-            feats = adapter_unit_features(active, n, cond_rows)
+            feats = adapter_unit_features(active, n, cond_rows, soft=self.high_res)
             total = feats if total is None else [a + b for a, b in zip(total, feats)]
         return total
 
 
-def adapter_unit_features(active: ActiveUnit, n: int, cond_rows: torch.Tensor | None) -> list[torch.Tensor]:
-    """One adapter unit's features for ``n`` rows, scaled by the weight (and the mode's ramp)."""
+def adapter_unit_features(active: ActiveUnit, n: int, cond_rows: torch.Tensor | None, *,
+                          soft: bool = False) -> list[torch.Tensor]:
+    """One adapter unit's features for ``n`` rows, scaled by the weight (and the mode's ramp, or
+    the ramp whatever the mode when ``soft``)."""
     from ..models.t2i_adapter import feature_scales
 
     unit = active.unit
     feats = active.features or []
-    scales = feature_scales(unit.weight, len(feats), unit.control_mode != BALANCED)
+    scales = feature_scales(unit.weight, len(feats), soft or unit.control_mode != BALANCED)
     out = [(f * s).expand(n, *f.shape[1:]) for f, s in zip(feats, scales)]
     if unit.control_mode == CONTROL_MORE_IMPORTANT and cond_rows is not None:
         keep = cond_rows.to(out[0].dtype).view(-1, 1, 1, 1)
@@ -281,8 +321,9 @@ def adapter_unit_features(active: ActiveUnit, n: int, cond_rows: torch.Tensor | 
 
 
 def run_unit(active: ActiveUnit, x_in: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
-             added_cond_kwargs: dict | None, cond_rows: torch.Tensor | None):
-    """One ControlNet's residuals for a batch, scaled per layer by the unit's weight and mode."""
+             added_cond_kwargs: dict | None, cond_rows: torch.Tensor | None, *, soft: bool = False):
+    """One ControlNet's residuals for a batch, scaled per layer by the unit's weight and mode
+    (``soft``: with the soft-injection decay whatever the mode, as in a hires. fix second pass)."""
     net, unit = active.net, active.unit
     dtype = net.dtype
     sample = x_in[:, : net.module.config.in_channels]
@@ -299,7 +340,7 @@ def run_unit(active: ActiveUnit, x_in: torch.Tensor, t: torch.Tensor, context: t
                                controlnet_cond=[hint.to(dtype)], control_type=union_type_vector(active, len(sample)),
                                control_type_idx=[active.control_type], conditioning_scale=1.0,
                                added_cond_kwargs=extra, return_dict=False)
-    scales = layer_scales(unit.weight, len(down) + 1, unit.control_mode)
+    scales = layer_scales(unit.weight, len(down) + 1, unit.control_mode, soft=soft)
     out = [r * s for r, s in zip([*down, mid], scales)]
     if unit.control_mode == CONTROL_MORE_IMPORTANT and cond_rows is not None:
         keep = cond_rows.to(out[0].dtype).view(-1, 1, 1, 1)
@@ -423,7 +464,8 @@ def prepare_control(model, units, *, width: int, height: int, steps: int, cache,
             from ..models.controlnet_union import union_type_index
 
             control_type = union_type_index(unit, net.module.config.num_control_type, net.name, index)
-        detected = control_map(unit, width, height, init_image=init_image, mask=mask, ctx=ctx, seed=seed)
+        raw = detect_map(unit, width, height, init_image=init_image, mask=mask, ctx=ctx, seed=seed)
+        detected = fit_map(raw, width, height, unit.resize_mode)
         hint = hint_tensor(detected, device=model.device, dtype=model.dtype,
                            masked=-1.0 if control_type is None else 0.0)
         features = None
@@ -431,7 +473,7 @@ def prepare_control(model, units, *, width: int, height: int, steps: int, cache,
             from ..models.t2i_adapter import adapter_features
 
             features = adapter_features(net.module, hint.to(net.dtype), net.name)
-        active.append(ActiveUnit(unit, net, hint, features, control_type))
+        active.append(ActiveUnit(unit, net, hint, features, control_type, raw))
         maps.append(detected)
         names.append(infotext_name(path))
     return ControlSetup(ControlStack(active, steps), tuple(maps), tuple(names))
@@ -445,7 +487,12 @@ def _number(value: float | None) -> str:
 
 
 def unit_infotext(unit: ControlUnit, model_name: str) -> str:
-    """One unit as the extension writes it: ``Module: ..., Model: ..., Weight: ..., ...``."""
+    """One unit as the extension writes it: ``Module: ..., Model: ..., Weight: ..., ...``.
+
+    A setting the module has no slider for (the resolution of "none", the thresholds of
+    depth_midas, ...) is -1 in the extension's unit, and the extension leaves such fields out of
+    the entry; pasting it back then gives -1 again, the module's default.
+    """
     a, b = unit.thresholds
     pre = unit.preprocessor
     fields = (
@@ -455,7 +502,7 @@ def unit_infotext(unit: ControlUnit, model_name: str) -> str:
         ("Guidance Start", _number(unit.guidance_start)), ("Guidance End", _number(unit.guidance_end)),
         ("Pixel Perfect", str(bool(unit.pixel_perfect))), ("Control Mode", unit.control_mode),
     )
-    return ", ".join(f"{k}: {v}" for k, v in fields)
+    return ", ".join(f"{k}: {v}" for k, v in fields if v != "-1")
 
 
 def control_infotext(units, model_names) -> tuple[tuple[str, str], ...]:

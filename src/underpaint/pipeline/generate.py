@@ -91,6 +91,10 @@ def _check_flux_request(params: GenerationParams) -> None:
     if params.deepcache is not None and params.deepcache.interval > 1:
         raise InvalidParameter("deepcache_interval", params.deepcache.interval,
                                "1 (off) for a FLUX model (DeepCache splits SD/SDXL UNets; FLUX has first_block_cache)")
+    if params.hires is not None and params.control_units:
+        raise InvalidParameter("hires", "with ControlNet units",
+                               "no ControlNet units with a FLUX model (hires. fix with FLUX ControlNets is not "
+                               "available yet)")
     if params.hires is not None and params.hires.sampler is not None:
         try:
             check_flow_sampler(params.hires.sampler)
@@ -166,7 +170,8 @@ def _generate(model, params: GenerationParams, networks: ActiveNetworks, *, info
             batch = _run_batch(model, plan, job, batch_seeds, batch_subseeds, progress, cancel,
                                getattr(control, "stack", control))
         else:
-            batch = _run_hires_batch(model, plan, hires, job, batch_seeds, batch_subseeds, progress, cancel)
+            batch = _run_hires_batch(model, plan, hires, job, batch_seeds, batch_subseeds, progress, cancel,
+                                     getattr(control, "stack", None))
         if cancel.batch_was_stopped():  # stopped before its last step: its current estimate
             unfinished.extend(range(len(images), len(images) + len(batch)))
         cancel.clear_skip()
@@ -307,19 +312,24 @@ def _identity_result(plan: Plan, info: ModelInfo) -> Result:
 
 
 def _run_hires_batch(model, plan: Plan, hires: HiresPlan, job: int, seeds, subseeds, progress,
-                     cancel: Cancellation):
+                     cancel: Cancellation, control=None):
     """One batch of a hires. fix request: the first pass, the upscale, the second pass.
 
     Progress counts the steps of both passes. An interrupt or a skip during the first pass returns
     its current estimate at the first size, without the second pass (A1111 skips it then too).
+    ``control`` (a ControlStack) runs in both passes, the second with its own maps and steps.
     """
     total = plan.steps_run + hires.plan.steps_run
-    latents = _run_batch(model, plan, job, seeds, subseeds, progress, cancel, keep_latents=True, window=(0, total))
+    latents = _run_batch(model, plan, job, seeds, subseeds, progress, cancel, control, keep_latents=True,
+                         window=(0, total))
     if cancel.interrupted or cancel.skipped:
         cancel.stop_batch()  # even when the first pass had finished: the picture lacks the second
         return decode_latents(model, latents)
     start = _second_pass_start(model, plan, hires, latents)
-    return _run_batch(model, hires.plan, job, seeds, subseeds, progress, cancel, start=start,
+    second = None
+    if control is not None:
+        second = control.second_pass(hires.plan.width, hires.plan.height, hires.plan.steps_run)
+    return _run_batch(model, hires.plan, job, seeds, subseeds, progress, cancel, second, start=start,
                       window=(plan.steps_run, total))
 
 

@@ -32,13 +32,20 @@ def controlnet_available() -> bool:
 
 
 def resolve_model(name: str, files: Sequence[Path], *, field: str) -> Path:
-    """A model name from /controlnet/model_list (``name [hash]``, a stem or a file name) → its file."""
+    """A model name from /controlnet/model_list (``name [hash]``, a stem or a file name) → its file.
+
+    Failing an exact name (then one in any case), a part of a name picks the shortest file name
+    that holds it ("canny" → ``control_v11p_sd15_canny``), the extension's closest-name rule.
+    """
     cleaned = _HASH_SUFFIX.sub("", name.strip())
     for exact in (True, False):
         for path in files:
             names = (path.name, path.stem)
             if (cleaned in names) if exact else (cleaned.lower() in (n.lower() for n in names)):
                 return path
+    holding = [path for path in files if cleaned and cleaned.lower() in path.stem.lower()]
+    if holding:
+        return min(holding, key=lambda path: len(path.stem))
     raise UnknownName(field, name, [p.stem for p in files])
 
 
