@@ -215,13 +215,17 @@ def test_a_disk_that_fills_up_part_way(tmp_path, monkeypatch):
     assert [p.name for p in _files(outdir)] == ["00000-20.png"]
 
 
-class _InterruptsSecondBatch(FakeEngine):
-    """Interrupts itself during its second batch, as a client's /interrupt would."""
+class _StopsBatch(FakeEngine):
+    """Interrupts or skips itself at a step of one batch, as a client's /interrupt or /skip would."""
+
+    def __init__(self, path, backend, *, stop: str, job: int, step: int = 1):
+        super().__init__(path, backend)
+        self.stop, self.job, self.step = stop, job, step
 
     def generate(self, params, *, progress=None, cancel=None):
         def report(p):
-            if p.job == 1:
-                cancel.interrupt()
+            if p.job == self.job and p.step == self.step:
+                getattr(cancel, self.stop)()
             if progress is not None:
                 progress(p)
 
@@ -232,31 +236,18 @@ def test_an_interrupted_batch_is_not_saved(tmp_path):
     backend = FakeBackend()
     outdir = tmp_path / "out"
     app = create_app(ServerConfig(models_dir=make_models_dir(tmp_path / "models"), preload=False, outdir=outdir),
-                     loader=lambda path: _InterruptsSecondBatch(path, backend))
+                     loader=lambda path: _StopsBatch(path, backend, stop="interrupt", job=1))
     with TestClient(app, base_url="http://127.0.0.1") as c:
         r = c.post("/sdapi/v1/txt2img", json={"seed": 30, "n_iter": 2, "save_images": True, **SMALL})
     assert r.status_code == 200 and len(r.json()["images"]) == 2  # both returned, as A1111 returns them
     assert [p.name for p in _files(outdir)] == ["00000-30.png"]  # the finished batch only
 
 
-class _SkipsFirstBatch(FakeEngine):
-    """Skips its first batch part way, as a client's /skip would."""
-
-    def generate(self, params, *, progress=None, cancel=None):
-        def report(p):
-            if p.job == 0 and p.step == 1:
-                cancel.skip()
-            if progress is not None:
-                progress(p)
-
-        return super().generate(params, progress=report, cancel=cancel)
-
-
 def test_a_skipped_batch_is_returned_but_not_saved(tmp_path):
     backend = FakeBackend()
     outdir = tmp_path / "out"
     app = create_app(ServerConfig(models_dir=make_models_dir(tmp_path / "models"), preload=False, outdir=outdir),
-                     loader=lambda path: _SkipsFirstBatch(path, backend))
+                     loader=lambda path: _StopsBatch(path, backend, stop="skip", job=0))
     with TestClient(app, base_url="http://127.0.0.1") as c:
         r = c.post("/sdapi/v1/txt2img", json={"seed": 30, "n_iter": 2, "steps": 3, "save_images": True, **SMALL})
     assert r.status_code == 200 and json.loads(r.json()["info"])["all_seeds"] == [30, 31]

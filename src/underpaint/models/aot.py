@@ -98,18 +98,28 @@ class Signature:
         return [[name, list(shape), dtype] for name, shape, dtype in self.inputs]
 
 
-def call_inputs(args: tuple, kwargs: dict) -> list[tuple[str, torch.Tensor]] | None:
-    """A UNet call's tensors in package order, or None when the call needs the eager UNet."""
-    if len(args) > len(_TENSOR_ARGS):
+def _arguments(args: tuple, kwargs: dict, names: tuple[str, ...], must_be_none: tuple[str, ...]) -> dict | None:
+    """The call's arguments by name (``args`` in the order of ``names``), without ``return_dict``
+    and the ones that must be None; None when one is given twice, too many are positional, or one
+    that must be None is not."""
+    if len(args) > len(names):
         return None
-    given = dict(zip(_TENSOR_ARGS, args))
+    given = dict(zip(names, args))
     for name, value in kwargs.items():
         if name in given:
             return None
         given[name] = value
-    if any(given.pop(name, None) is not None for name in _MUST_BE_NONE):
+    if any(given.pop(name, None) is not None for name in must_be_none):
         return None
     given.pop("return_dict", None)
+    return given
+
+
+def call_inputs(args: tuple, kwargs: dict) -> list[tuple[str, torch.Tensor]] | None:
+    """A UNet call's tensors in package order, or None when the call needs the eager UNet."""
+    given = _arguments(args, kwargs, _TENSOR_ARGS, _MUST_BE_NONE)
+    if given is None:
+        return None
     added = given.pop("added_cond_kwargs", None)
     tensors = [(name, given.pop(name, None)) for name in _TENSOR_ARGS]
     if given or any(not isinstance(t, torch.Tensor) for _, t in tensors):
@@ -134,16 +144,9 @@ _FLUX_MUST_BE_NONE = ("joint_attention_kwargs", "controlnet_block_samples", "con
 def flux_call_inputs(args: tuple, kwargs: dict) -> list[tuple[str, torch.Tensor]] | None:
     """A FLUX transformer call's tensors in package order (``guidance`` left out when None), or None
     when the call needs the eager transformer."""
-    if len(args) > len(_FLUX_TENSORS):
+    given = _arguments(args, kwargs, _FLUX_TENSORS, _FLUX_MUST_BE_NONE)
+    if given is None or given.pop("controlnet_blocks_repeat", False):
         return None
-    given = dict(zip(_FLUX_TENSORS, args))
-    for name, value in kwargs.items():
-        if name in given:
-            return None
-        given[name] = value
-    if any(given.pop(name, None) is not None for name in _FLUX_MUST_BE_NONE) or given.pop("controlnet_blocks_repeat", False):
-        return None
-    given.pop("return_dict", None)
     if given.get("guidance", 0) is None:
         del given["guidance"]
     if any(name not in given for name in _FLUX_TENSORS[:-1]):  # all but guidance are needed
