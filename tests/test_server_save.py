@@ -232,26 +232,20 @@ class _StopsBatch(FakeEngine):
         return super().generate(params, progress=report, cancel=cancel)
 
 
-def test_an_interrupted_batch_is_not_saved(tmp_path):
+@pytest.mark.parametrize(("stop", "job", "saved"), [
+    ("interrupt", 1, ["00000-30.png"]),  # the finished first batch only
+    ("skip", 0, ["00000-31.png"]),  # the batch that ran whole only
+])
+def test_a_stopped_batch_is_returned_but_not_saved(tmp_path, stop, job, saved):
+    """As A1111 with "save incomplete images" off: a batch an interrupt or a skip stopped part way."""
     backend = FakeBackend()
     outdir = tmp_path / "out"
     app = create_app(ServerConfig(models_dir=make_models_dir(tmp_path / "models"), preload=False, outdir=outdir),
-                     loader=lambda path: _StopsBatch(path, backend, stop="interrupt", job=1))
-    with TestClient(app, base_url="http://127.0.0.1") as c:
-        r = c.post("/sdapi/v1/txt2img", json={"seed": 30, "n_iter": 2, "save_images": True, **SMALL})
-    assert r.status_code == 200 and len(r.json()["images"]) == 2  # both returned, as A1111 returns them
-    assert [p.name for p in _files(outdir)] == ["00000-30.png"]  # the finished batch only
-
-
-def test_a_skipped_batch_is_returned_but_not_saved(tmp_path):
-    backend = FakeBackend()
-    outdir = tmp_path / "out"
-    app = create_app(ServerConfig(models_dir=make_models_dir(tmp_path / "models"), preload=False, outdir=outdir),
-                     loader=lambda path: _StopsBatch(path, backend, stop="skip", job=0))
+                     loader=lambda path: _StopsBatch(path, backend, stop=stop, job=job))
     with TestClient(app, base_url="http://127.0.0.1") as c:
         r = c.post("/sdapi/v1/txt2img", json={"seed": 30, "n_iter": 2, "steps": 3, "save_images": True, **SMALL})
-    assert r.status_code == 200 and json.loads(r.json()["info"])["all_seeds"] == [30, 31]
-    assert [p.name for p in _files(outdir)] == ["00000-31.png"]  # the batch that ran whole only
+    assert r.status_code == 200 and json.loads(r.json()["info"])["all_seeds"] == [30, 31]  # both returned
+    assert [p.name for p in _files(outdir)] == saved
 
 
 def test_outdir_defaults_beside_the_models_folder(tmp_path):
