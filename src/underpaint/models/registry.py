@@ -177,7 +177,7 @@ class ModelsDir:
         """The listed checkpoint ``name`` means (file name, name, stem, A1111 title or short hash),
         or None. Unlike :meth:`resolve_checkpoint` it never tries ``name`` as a path, so a name
         from an HTTP request never reaches the file system. ``entries``: a listing already made."""
-        entry = _match(self.list_checkpoints() if entries is None else entries, str(name))
+        entry = match_entry(self.list_checkpoints() if entries is None else entries, str(name))
         return entry.path if entry is not None else None
 
     def resolve_vae(self, name_or_path: str | os.PathLike) -> Path:
@@ -209,7 +209,7 @@ class ModelsDir:
         marker = "model_index.json" if kind == "checkpoints" else "config.json"  # diffusers model folders
         if given.is_file() or (given.is_dir() and (given / marker).is_file()):
             return given
-        match = _match(entries, str(name_or_path))
+        match = match_entry(entries, str(name_or_path))
         if match is not None:
             return match.path
         if given.is_dir():  # a folder that is there, but not a model: say so rather than "not found"
@@ -247,13 +247,9 @@ def _walk(base: Path, extensions: tuple[str, ...], diffusers_folders: bool):
 
 
 def match_entry(entries: list[CheckpointEntry], name: str) -> CheckpointEntry | None:
-    """The listed entry ``name`` means (file name, name, stem, A1111 title or short hash), or None;
-    never tries ``name`` as a path. A name that fits several entries is a :class:`ModelNotFound`."""
-    return _match(entries, name)
-
-
-def _match(entries: list[CheckpointEntry], name: str) -> CheckpointEntry | None:
-    """The entry a name (or an A1111 title, ``name [short hash]``) means, by :func:`_find`'s rules."""
+    """The listed entry ``name`` means (file name, name, stem, A1111 title ``name [short hash]``
+    or short hash, by :func:`_find`'s rules), or None; never tries ``name`` as a path. A name
+    that fits several entries is a :class:`ModelNotFound`."""
     text = name.strip()
     wanted_hash = None
     if m := _TITLE_HASH.match(text):
