@@ -459,7 +459,7 @@ def _check_hires_loras(prompt: str, hires_prompt: str) -> None:
     from .prompts.parser import extract_extra_networks
 
     def loras(text: str) -> list:
-        return [tag for tag in extract_extra_networks(text)[1] if tag.kind in ("lora", "lyco")]
+        return [tag for tag in extract_extra_networks(text)[1] if tag.is_lora]
 
     if loras(hires_prompt) != loras(prompt):
         raise InvalidParameter("hires_prompt", hires_prompt,

@@ -25,7 +25,6 @@ from ..prompts.embeddings import EMBEDDING_SUFFIXES, Embedding, load_embedding
 from ..prompts.parser import extract_extra_networks, prompt_schedule, split_and
 
 #: Extra-network kinds that name a LoRA (A1111 accepts ``lyco`` as an alias of ``lora``).
-LORA_KINDS = ("lora", "lyco")
 
 
 class ExtraNetworkWarning(UserWarning):
@@ -75,7 +74,7 @@ def lora_requests(prompt: str) -> list[LoraRequest]:
     _, tags = extract_extra_networks(prompt)
     requests, ignored = [], []
     for tag in tags:
-        if tag.kind in LORA_KINDS:
+        if tag.is_lora:
             requests.append(LoraRequest.from_args(tag.name, tag.positional, tag.named))
         else:
             ignored.append(f"<{tag.kind}:{tag.name}>")

@@ -99,6 +99,8 @@ MAX_NESTING = 100
 # ---------------------------------------------------------------------------------------------
 
 _EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")
+#: Extra-network tag kinds that name a LoRA (A1111's ``lyco`` is the LyCORIS extension's spelling).
+LORA_KINDS = ("lora", "lyco")
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,10 @@ class ExtraNetwork:
     kind: str
     name: str
     args: tuple[str, ...] = ()
+
+    @property
+    def is_lora(self) -> bool:
+        return self.kind in LORA_KINDS
 
     @property
     def positional(self) -> tuple[str, ...]:

@@ -428,7 +428,7 @@ def _check_lora_tags(prompt: str, limits: Limits) -> None:
     """At most ``max_lora_tags`` LoRA tags in the (styled) prompt: each one is merged into the weights."""
     from ...prompts.parser import extract_extra_networks
 
-    count = sum(tag.kind in ("lora", "lyco") for tag in extract_extra_networks(prompt)[1])  # as pipeline/networks.py
+    count = sum(tag.is_lora for tag in extract_extra_networks(prompt)[1])
     if count > limits.max_lora_tags:
         raise InvalidParameter("prompt", f"{count} <lora:...> tags", f"at most {limits.max_lora_tags} (this server's limit)")
 
