@@ -546,8 +546,7 @@ def _run_and_save(engine, params: GenerationParams, args: argparse.Namespace, co
     cancel = Cancellation()
     with ProgressBar(label=source.name if source else command) as bar, _ctrl_c_interrupts(cancel):
         result = engine.generate(params, progress=bar.update, cancel=cancel)
-    finished = [i for i in range(min(len(result.images), len(result.infotexts), len(result.seeds)))
-                if i not in result.unfinished]
+    finished = result.finished()
     paths = plan_outputs(args.output, command, len(finished), overwrite=args.overwrite, source=source,
                          seeds=[result.seeds[i] for i in finished])
     for i, path in zip(finished, paths):

@@ -100,3 +100,9 @@ class Result:
     #: Indexes of the images that are a stopped batch's current estimate (an interrupt or a skip
     #: came before its last step), not a finished picture. A1111 returns and saves them alike.
     unfinished: tuple[int, ...] = field(default=())
+
+    def finished(self) -> list[int]:
+        """Indexes of the finished pictures (with their infotext and seed), those to save: a
+        stopped batch's estimates are left out, as A1111 does unless "save incomplete images"."""
+        count = min(len(self.images), len(self.infotexts), len(self.seeds))
+        return [i for i in range(count) if i not in self.unfinished]

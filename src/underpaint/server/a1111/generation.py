@@ -91,18 +91,11 @@ def _work(state: ServerState, prepared: PreparedJob):
         result = engine.generate(params, progress=job.report, cancel=job.cancel)
         if not prepared.save_images:
             return Finished(result)
-        keep = _finished(result)
+        keep = result.finished()
         return Finished(result, state.outputs.save(prepared.kind, [result.images[i] for i in keep],
                                                    [result.infotexts[i] for i in keep], [result.seeds[i] for i in keep]))
 
     return work
-
-
-def _finished(result: Result) -> list[int]:
-    """The pictures to save: all but those of a batch an interrupt or a skip stopped part way, which
-    are returned but not saved (A1111's "save incomplete images" setting, off by default)."""
-    count = min(len(result.images), len(result.infotexts), len(result.seeds))
-    return [i for i in range(count) if i not in result.unfinished]
 
 
 async def run_prepared(state: ServerState, prepared: PreparedJob, response: Response) -> dict:
