@@ -133,10 +133,11 @@ def decode_base64_image(
     return load_image(raw, field=field, max_pixels=max_pixels)
 
 
-def encode_png_base64(image: Image.Image, infotext: str | None = None) -> str:
-    """PNG bytes as base64 text without a prefix, as A1111's API returns images."""
+def encode_png_base64(image: Image.Image, infotext: str | None = None, extra: dict[str, str] | None = None) -> str:
+    """PNG bytes as base64 text without a prefix, as A1111's API returns images; ``extra``: more
+    text chunks after the infotext (:func:`~.metadata.png_info`)."""
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=png_info(infotext))
+    image.save(buffer, format="PNG", pnginfo=png_info(infotext, extra))
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 

@@ -69,12 +69,16 @@ def output_format(path: str | Path) -> str:
     return OUTPUT_FORMATS[suffix]
 
 
-def png_info(infotext: str | None) -> PngImagePlugin.PngInfo | None:
-    """The ``parameters`` chunk: tEXt for Latin-1 text, uncompressed iTXt otherwise."""
-    if infotext is None:
+def png_info(infotext: str | None, extra: dict[str, str] | None = None) -> PngImagePlugin.PngInfo | None:
+    """The ``parameters`` chunk, then any ``extra`` text chunks (A1111's ``postprocessing``): tEXt
+    for Latin-1 text, uncompressed iTXt otherwise."""
+    if infotext is None and not extra:
         return None
     info = PngImagePlugin.PngInfo()
-    info.add_text(PARAMETERS_KEY, infotext)
+    if infotext is not None:
+        info.add_text(PARAMETERS_KEY, infotext)
+    for key, text in (extra or {}).items():
+        info.add_text(key, text)
     return info
 
 

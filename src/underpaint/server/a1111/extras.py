@@ -22,9 +22,7 @@ ones would add up).
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -156,15 +154,9 @@ def run(job: ExtrasJob, image: "Image") -> tuple["Image", str]:
 
 def encode(image: "Image", parameters: str | None, postprocessing: str) -> str:
     """A base64 PNG with the input's infotext (when it had one) and the postprocessing text."""
-    from PIL import PngImagePlugin
+    from ...imageio.load import encode_png_base64
 
-    chunks = PngImagePlugin.PngInfo()
-    if parameters:
-        chunks.add_text("parameters", parameters)
-    chunks.add_text("postprocessing", postprocessing)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=chunks)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    return encode_png_base64(image, parameters or None, {"postprocessing": postprocessing})
 
 
 def html_info(text: str) -> str:
