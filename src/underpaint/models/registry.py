@@ -225,10 +225,18 @@ class ModelsDir:
                 kind, "put a .safetensors VAE in ")
             return f"{what} {name!r} not found: no {kind} in {where}; {how}{where}"
         names = [e.filename for e in entries]
-        close = difflib.get_close_matches(name, names + [e.name for e in entries], n=3, cutoff=0.5)
-        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
         listed = ", ".join(names[:10]) + (f", ... ({len(names)} in all)" if len(names) > 10 else "")
-        return f"{what} {name!r} not found in {where}{hint} (available: {listed})"
+        return f"{what} {name!r} not found in {where}{did_you_mean(name, entries)} (available: {listed})"
+
+
+def did_you_mean(name: str, entries: list[CheckpointEntry]) -> str:
+    """"; did you mean 'a' or 'b'?" for the listed names (file names, then names) close to ``name``,
+    or "" (also for a name over 256 characters: difflib's comparison is quadratic)."""
+    if len(name) > 256:
+        return ""
+    close = difflib.get_close_matches(name, [e.filename for e in entries] + [e.name for e in entries], n=3,
+                                      cutoff=0.5)
+    return f"; did you mean {' or '.join(repr(c) for c in dict.fromkeys(close))}?" if close else ""
 
 
 def _walk(base: Path, extensions: tuple[str, ...], diffusers_folders: bool):

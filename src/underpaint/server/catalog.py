@@ -7,7 +7,6 @@ make the server open an arbitrary file.
 
 from __future__ import annotations
 
-import difflib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,15 +36,6 @@ class CheckpointView:
 def _shown(name: object, limit: int = 120) -> str:
     text = str(name)
     return repr(text if len(text) <= limit else text[:limit] + "...")
-
-
-def _hint(name: str, entries) -> str:
-    """A "did you mean" for a near miss among the listed names (short names only: difflib is quadratic)."""
-    if len(name) > 256:
-        return ""
-    close = difflib.get_close_matches(name, [e.filename for e in entries] + [e.name for e in entries], n=3,
-                                      cutoff=0.5)
-    return f"; did you mean {' or '.join(repr(c) for c in dict.fromkeys(close))}?" if close else ""
 
 
 class Catalog:
@@ -147,6 +137,8 @@ class Catalog:
         looked up on the server's disk, not even to say whether it exists, and the answer never
         shows where the models folder is.
         """
+        from ..models.registry import did_you_mean
+
         entries = self.folder.list_checkpoints()
         try:
             found = self.folder.find_checkpoint(str(name), entries)
@@ -154,7 +146,7 @@ class Catalog:
             raise ModelNotFound(f"{field}: {exc.message}", field=field) from None
         if found is None:
             raise ModelNotFound(f"{field}: {_shown(name)} is not a checkpoint in the models folder"
-                                f"{_hint(str(name), entries)} (see /sdapi/v1/sd-models)", field=field)
+                                f"{did_you_mean(str(name), entries)} (see /sdapi/v1/sd-models)", field=field)
         return found
 
     def controlnets(self) -> list[Path]:
