@@ -1,0 +1,562 @@
+"""Upscaling models people download for hires. fix and Extras: ESRGAN (RRDBNet) and Real-ESRGAN Compact.
+
+These are the files A1111 users keep in ``models/ESRGAN`` / ``models/RealESRGAN`` (ComfyUI:
+``models/upscale_models``): "4x-UltraSharp", RealESRGAN_x4plus(_anime_6B), RealESRGAN_x2plus,
+4x_foolhardy_Remacri, 4x_NMKD-Siax, realesr-general-x4v3, realesr-animevideov3, ... They come as
+``.pth`` pickles (read with ``torch.load(weights_only=True)`` only; a file that needs code to load
+is refused with :class:`UnsafeModelFile`) or ``.safetensors``, with no config: the network's
+size and scale are worked out from the tensor names and shapes.
+
+Architectures (written here as plain modules; the key layouts are those of the released files):
+
+- **RRDBNet** (ESRGAN, Real-ESRGAN, BSRGAN). A first conv, ``nb`` residual-in-residual dense
+  blocks (three dense blocks of five convs each, ``gc`` growth channels) and a trunk conv whose
+  output is added to the first conv's, then one (nearest x2 → conv → LeakyReLU 0.2) stage per
+  factor of two, an HR conv with LeakyReLU and a last conv. Key layouts read:
+
+  - old ESRGAN: ``model.0`` (first conv), ``model.1.sub.{i}.RDB{1,2,3}.conv{1..5}.0``,
+    ``model.1.sub.{nb}`` (trunk), the upsampling convs at ``model.{3k}``, the HR conv at
+    ``model.{3n+2}`` and the last conv at ``model.{3n+4}`` (4x: 3, 6, 8, 10; 2x: 3, 5, 7; 1x: 2, 4);
+  - Real-ESRGAN (BasicSR): ``conv_first``, ``body.{i}.rdb{1,2,3}.conv{1..5}``, ``conv_body``,
+    ``conv_up1``, ``conv_up2``, ``conv_hr``, ``conv_last``, often nested under ``params_ema``
+    (preferred) or ``params``;
+  - BSRGAN / the later ESRGAN repository: ``conv_first``, ``RRDB_trunk.{i}.RDB{j}.conv{c}``,
+    ``trunk_conv``, ``upconv{k}``, ``HRconv``, ``conv_last``.
+
+  A first conv taking 4x or 16x the output channels marks a pixel-unshuffled input
+  (RealESRGAN_x2plus: unshuffle 2, net scale 4 / 2; x1 models: unshuffle 4). The module pads such
+  inputs to the multiple (reflection, or replication where the picture is too small to reflect)
+  and crops the output back, so it takes any size like the others.
+- **SRVGGNetCompact** (Real-ESRGAN "compact"): ``body.0`` conv, ``body.1`` PReLU, ``num_conv`` x
+  (conv, PReLU), a last conv to ``out * upscale²`` channels, pixel shuffle, plus the
+  nearest-upsampled input.
+
+Every module maps a float (N, 3, H, W) RGB tensor in [0, 1] to (N, 3, H*scale, W*scale), the
+convention these models were trained with (and spandrel's). :func:`upscale_image` runs one on a
+PIL picture, whole or in overlapping tiles blended with linear weights.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from ..errors import InvalidParameter, ModelError, UnsafeModelFile
+from . import header
+
+#: File name endings listed as upscaling models.
+UPSCALER_EXTENSIONS = (".pth", ".pt", ".safetensors")
+
+ARCH_ESRGAN = "ESRGAN"
+ARCH_COMPACT = "Real-ESRGAN Compact"
+
+#: What the error for an unknown file says is supported.
+SUPPORTED_ARCHITECTURES = ("ESRGAN / Real-ESRGAN RRDBNet (old ESRGAN, Real-ESRGAN and BSRGAN key layouts) and "
+                           "Real-ESRGAN Compact (SRVGGNetCompact, PReLU)")
+
+#: Nestings of released .pth files: BasicSR saves the EMA weights (the ones to use) next to the raw ones.
+_NESTED_KEYS = ("params_ema", "params", "state_dict")
+
+
+# --------------------------------------------------------------------------------------------- modules
+
+
+def _conv(cin: int, cout: int) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 3, 1, 1)
+
+
+class _DenseBlock(nn.Module):
+    """Five 3x3 convs, each seeing the block input and every earlier output; residual scaled by 0.2."""
+
+    def __init__(self, nf: int, gc: int):
+        super().__init__()
+        self.conv1 = _conv(nf, gc)
+        self.conv2 = _conv(nf + gc, gc)
+        self.conv3 = _conv(nf + 2 * gc, gc)
+        self.conv4 = _conv(nf + 3 * gc, gc)
+        self.conv5 = _conv(nf + 4 * gc, nf)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1 = F.leaky_relu(self.conv1(x), 0.2)
+        x2 = F.leaky_relu(self.conv2(torch.cat((x, x1), 1)), 0.2)
+        x3 = F.leaky_relu(self.conv3(torch.cat((x, x1, x2), 1)), 0.2)
+        x4 = F.leaky_relu(self.conv4(torch.cat((x, x1, x2, x3), 1)), 0.2)
+        x5 = self.conv5(torch.cat((x, x1, x2, x3, x4), 1))
+        return x5 * 0.2 + x
+
+
+class _RRDB(nn.Module):
+    """Three dense blocks in a row; their output scaled by 0.2 is added to the input."""
+
+    def __init__(self, nf: int, gc: int):
+        super().__init__()
+        self.rdb1 = _DenseBlock(nf, gc)
+        self.rdb2 = _DenseBlock(nf, gc)
+        self.rdb3 = _DenseBlock(nf, gc)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rdb3(self.rdb2(self.rdb1(x))) * 0.2 + x
+
+
+def _pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Pad right and bottom to a multiple of ``multiple``: by reflection, or by replication where a
+    side is too short to reflect (reflection needs the pad to be smaller than the side)."""
+    h, w = x.shape[-2:]
+    pad_h, pad_w = -h % multiple, -w % multiple
+    if not (pad_h or pad_w):
+        return x
+    mode = "reflect" if pad_h < h and pad_w < w else "replicate"
+    return F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
+
+
+class RRDBNet(nn.Module):
+    """ESRGAN's generator; ``unshuffle`` > 1 for the Real-ESRGAN x2/x1 variants fed a pixel-unshuffled input."""
+
+    def __init__(self, *, in_ch: int, out_ch: int, nf: int, gc: int, nb: int, up_stages: int, unshuffle: int = 1):
+        super().__init__()
+        self.unshuffle = unshuffle
+        self.scale = 2 ** up_stages // unshuffle
+        self.conv_first = _conv(in_ch * unshuffle * unshuffle, nf)
+        self.body = nn.Sequential(*(_RRDB(nf, gc) for _ in range(nb)))
+        self.conv_body = _conv(nf, nf)
+        self.ups = nn.ModuleList(_conv(nf, nf) for _ in range(up_stages))
+        self.conv_hr = _conv(nf, nf)
+        self.conv_last = _conv(nf, out_ch)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        if self.unshuffle > 1:
+            x = F.pixel_unshuffle(_pad_to_multiple(x, self.unshuffle), self.unshuffle)
+        feat = self.conv_first(x)
+        feat = feat + self.conv_body(self.body(feat))
+        for conv in self.ups:
+            feat = F.leaky_relu(conv(F.interpolate(feat, scale_factor=2, mode="nearest")), 0.2)
+        out = self.conv_last(F.leaky_relu(self.conv_hr(feat), 0.2))
+        if self.unshuffle > 1:
+            out = out[..., : h * self.scale, : w * self.scale]
+        return out
+
+
+class SRVGGNetCompact(nn.Module):
+    """Real-ESRGAN's compact network: convs with PReLU at low resolution, pixel shuffle, plus the
+    nearest-upsampled input (the convs learn the residual)."""
+
+    def __init__(self, *, in_ch: int, out_ch: int, nf: int, num_conv: int, upscale: int):
+        super().__init__()
+        self.scale = upscale
+        layers: list[nn.Module] = [_conv(in_ch, nf), nn.PReLU(nf)]
+        for _ in range(num_conv):
+            layers += [_conv(nf, nf), nn.PReLU(nf)]
+        layers.append(_conv(nf, out_ch * upscale * upscale))
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.pixel_shuffle(self.body(x), self.scale)
+        return out + F.interpolate(x, scale_factor=self.scale, mode="nearest")
+
+
+# --------------------------------------------------------------------------------------------- detection
+
+
+@dataclass
+class _Plan:
+    """What a state dict is: the module to build, and the file's name for each of its tensors."""
+
+    arch: str
+    scale: int
+    build: Callable[[], nn.Module]
+    describe: str
+    #: The module's tensor name → the file's (identity where they agree).
+    file_name: Callable[[str], str] = str
+
+
+@dataclass(frozen=True)
+class _RRDBLayout:
+    """How one RRDB key layout names the layers. ``block`` is formatted with ``i`` (block), ``j``
+    (dense block, 1-3), ``c`` (conv, 1-5); ``up`` with ``k`` (stage from 1) and ``k3`` (3k);
+    ``trunk``, ``hr`` and ``last`` with ``nb``, ``hr`` (3n+2) and ``last`` (3n+4)."""
+
+    first: str
+    block: str
+    trunk: str
+    up: str
+    hr: str
+    last: str
+    #: A block key that marks the layout, and a pattern whose group 1 is a block index.
+    marker: str
+    blocks: str
+    #: Pattern whose group 1 numbers an upsampling conv (None: counted from the layer indices).
+    ups: str | None
+
+
+_OLD_LAYOUT = _RRDBLayout("model.0", "model.1.sub.{i}.RDB{j}.conv{c}.0", "model.1.sub.{nb}", "model.{k3}",
+                          "model.{hr}", "model.{last}", "model.1.sub.0.RDB1.conv1.0.weight",
+                          r"model\.1\.sub\.(\d+)\.RDB[123]\.", None)
+_RRDB_LAYOUTS = (
+    _OLD_LAYOUT,
+    # Real-ESRGAN (BasicSR)
+    _RRDBLayout("conv_first", "body.{i}.rdb{j}.conv{c}", "conv_body", "conv_up{k}", "conv_hr", "conv_last",
+                "body.0.rdb1.conv1.weight", r"body\.(\d+)\.rdb[123]\.", r"conv_up(\d+)\.(?:weight|bias)"),
+    # BSRGAN / the later ESRGAN repository
+    _RRDBLayout("conv_first", "RRDB_trunk.{i}.RDB{j}.conv{c}", "trunk_conv", "upconv{k}", "HRconv", "conv_last",
+                "RRDB_trunk.0.RDB1.conv1.weight", r"RRDB_trunk\.(\d+)\.RDB[123]\.", r"upconv(\d+)\.(?:weight|bias)"),
+)
+_OLD_TOP = re.compile(r"model\.(\d+)\.(?:weight|bias)")
+
+
+def detect_upscaler(state_dict: Mapping[str, torch.Tensor], *, source: str = "state dict") -> tuple[str, int]:
+    """(architecture, scale) of an upscaling model's tensors; :class:`ModelError` naming ``source``
+    when they are not one of the supported architectures."""
+    plan = _plan(_unwrap(state_dict), source)
+    return plan.arch, plan.scale
+
+
+def upscaler_from_state_dict(state_dict: Mapping[str, torch.Tensor], *, source: str = "state dict") -> UpscalerModel:
+    """The model the tensors describe, built on the CPU in float32, weights loaded strictly, in eval mode."""
+    tensors = _unwrap(state_dict)
+    plan = _plan(tensors, source)
+    module = plan.build()
+    _load_strict(module, tensors, plan.file_name, source, plan.describe)
+    module.eval().requires_grad_(False)
+    return UpscalerModel(module=module, arch=plan.arch, scale=plan.scale)
+
+
+def _unwrap(state_dict: Mapping) -> dict[str, torch.Tensor]:
+    """The tensors of a state dict, out of BasicSR's ``params_ema``/``params`` nesting (EMA preferred)
+    and without a ``module.`` prefix all names share (files saved from DataParallel)."""
+    sd = state_dict
+    for key in _NESTED_KEYS:
+        if isinstance(sd.get(key), Mapping):
+            sd = sd[key]
+            break
+    names = [str(k) for k in sd]
+    for prefix in ("params_ema.", "params."):  # the same nesting, flattened into one safetensors file
+        if any(n.startswith(prefix) for n in names):
+            sd = {k[len(prefix):]: v for k, v in sd.items() if str(k).startswith(prefix)}
+            break
+    if sd and all(str(k).startswith("module.") for k in sd):
+        sd = {str(k)[len("module."):]: v for k, v in sd.items()}
+    return {str(k): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+
+
+def _plan(sd: dict[str, torch.Tensor], source: str) -> _Plan:
+    if any(".conv1x1." in n for n in sd):
+        raise ModelError(f"{source}: ESRGAN+ (dense blocks with extra 1x1 convs) is not supported "
+                         f"(supported: {SUPPORTED_ARCHITECTURES})")
+    for layout in _RRDB_LAYOUTS:
+        if layout.first + ".weight" in sd and layout.marker in sd:
+            return _rrdb_plan(sd, source, layout)
+    if _is_compact(sd):
+        return _compact_plan(sd, source)
+    raise ModelError(f"{source}: not a supported upscaling model ({_what_else(sd)}supported: {SUPPORTED_ARCHITECTURES})")
+
+
+def _what_else(sd: Mapping[str, torch.Tensor]) -> str:
+    """A hint at what a file is instead, where the names say so clearly."""
+    names = list(sd)
+    if not names:
+        return "it holds no tensors; "
+    if any(n.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner."))
+           for n in names):
+        return "it looks like a Stable Diffusion checkpoint; "
+    if any(".residual_group." in n or "relative_position" in n or n.startswith("patch_embed.") for n in names):
+        return "it looks like a transformer upscaler (SwinIR, HAT, DAT or similar), which is not supported; "
+    if "body.0.weight" in sd and "body.1.weight" not in sd:
+        return "a Compact model without PReLU activations is not supported; "
+    shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+    return f"tensors {shown}; "
+
+
+def _rrdb_stages(sd: Mapping[str, torch.Tensor], source: str, layout: _RRDBLayout) -> int:
+    """How many x2 upsampling stages: numbered convs in the named layouts; in the old one the index
+    of the last layer, 3n+4."""
+    if layout.ups is not None:
+        ups = sorted({int(m.group(1)) for name in sd if (m := re.fullmatch(layout.ups, name))})
+        if ups != list(range(1, len(ups) + 1)):
+            raise ModelError(f"{source}: ESRGAN upsampling convs numbered {ups}; expected 1, 2, ... in a row")
+        return len(ups)
+    last = max(int(m.group(1)) for name in sd if (m := _OLD_TOP.fullmatch(name)))
+    stages, rest = divmod(last - 4, 3)
+    if rest or not 0 <= stages <= 3:
+        raise ModelError(f"{source}: old-layout ESRGAN whose last layer is model.{last}; expected model.4 (1x), "
+                         "model.7 (2x), model.10 (4x) or model.13 (8x)")
+    return stages
+
+
+def _rrdb_namer(layout: _RRDBLayout, nb: int, stages: int) -> Callable[[str], str]:
+    fields = dict(nb=nb, hr=3 * stages + 2, last=3 * stages + 4)
+    fixed = {"conv_first": layout.first, "conv_body": layout.trunk, "conv_hr": layout.hr, "conv_last": layout.last}
+
+    def file_name(name: str) -> str:
+        layer, _, kind = name.rpartition(".")
+        if m := re.fullmatch(r"body\.(\d+)\.rdb([123])\.conv([1-5])", layer):
+            i, j, c = m.groups()
+            return f"{layout.block.format(i=i, j=j, c=c)}.{kind}"
+        if m := re.fullmatch(r"ups\.(\d+)", layer):
+            k = int(m.group(1)) + 1
+            return f"{layout.up.format(k=k, k3=3 * k)}.{kind}"
+        return f"{fixed[layer].format(**fields)}.{kind}"
+
+    return file_name
+
+
+def _rrdb_plan(sd: Mapping[str, torch.Tensor], source: str, layout: _RRDBLayout) -> _Plan:
+    nb = 1 + max(int(m.group(1)) for name in sd if (m := re.match(layout.blocks, name)))
+    stages = _rrdb_stages(sd, source, layout)
+    file_name = _rrdb_namer(layout, nb, stages)
+
+    def shape(name: str) -> tuple[int, ...]:
+        tensor = sd.get(file_name(name))
+        if tensor is None or tensor.ndim != 4:
+            raise ModelError(f"{source}: ESRGAN model without a 4-D {file_name(name)!r}: incomplete or damaged file")
+        return tuple(tensor.shape)
+
+    nf, first_in = shape("conv_first.weight")[:2]
+    gc = shape("body.0.rdb1.conv1.weight")[0]
+    out_ch = shape("conv_last.weight")[0]
+    unshuffle = 4 if first_in == 16 * out_ch else 2 if first_in == 4 * out_ch else 1
+    in_ch = first_in // (unshuffle * unshuffle)
+    _rgb_only(source, ARCH_ESRGAN, in_ch, out_ch)
+    if 2 ** stages % unshuffle:
+        raise ModelError(f"{source}: ESRGAN with {stages} upsampling stage(s) on a pixel-unshuffled input "
+                         f"(factor {unshuffle}) would shrink the picture; not a usable upscaler")
+    scale = 2 ** stages // unshuffle
+    note = f", unshuffle {unshuffle}" if unshuffle > 1 else ""
+    return _Plan(
+        arch=ARCH_ESRGAN, scale=scale, file_name=file_name,
+        describe=f"ESRGAN {scale}x (nf {nf}, nb {nb}, gc {gc}{note})",
+        build=lambda: RRDBNet(in_ch=in_ch, out_ch=out_ch, nf=nf, gc=gc, nb=nb, up_stages=stages, unshuffle=unshuffle),
+    )
+
+
+def _is_compact(sd: Mapping[str, torch.Tensor]) -> bool:
+    first, act = sd.get("body.0.weight"), sd.get("body.1.weight")
+    return first is not None and act is not None and first.ndim == 4 and act.ndim == 1
+
+
+def _compact_plan(sd: Mapping[str, torch.Tensor], source: str) -> _Plan:
+    indices = {int(m.group(1)) for name in sd if (m := re.fullmatch(r"body\.(\d+)\.(weight|bias)", name))}
+    last = max(indices)
+    if last < 2 or last % 2:
+        raise ModelError(f"{source}: Real-ESRGAN Compact model whose last layer is body.{last}; "
+                         "expected an even index (the last conv, body.{2*num_conv+2})")
+    last_weight = sd.get(f"body.{last}.weight")
+    if last_weight is None or last_weight.ndim != 4:
+        raise ModelError(f"{source}: Real-ESRGAN Compact model without a 4-D 'body.{last}.weight' (its last conv)")
+    nf, in_ch = sd["body.0.weight"].shape[:2]
+    num_conv = (last - 2) // 2
+    shuffled = last_weight.shape[0]
+    out_ch = in_ch
+    upscale = round((shuffled / out_ch) ** 0.5) if shuffled % out_ch == 0 else 0
+    if upscale < 1 or out_ch * upscale * upscale != shuffled:
+        raise ModelError(f"{source}: Real-ESRGAN Compact model whose last conv gives {shuffled} channels; expected "
+                         f"{out_ch} x scale² (e.g. {out_ch * 16} for 4x)")
+    _rgb_only(source, ARCH_COMPACT, in_ch, out_ch)
+    return _Plan(
+        arch=ARCH_COMPACT, scale=upscale,
+        describe=f"Real-ESRGAN Compact {upscale}x (nf {nf}, {num_conv} convs)",
+        build=lambda: SRVGGNetCompact(in_ch=in_ch, out_ch=out_ch, nf=nf, num_conv=num_conv, upscale=upscale),
+    )
+
+
+def _rgb_only(source: str, arch: str, in_ch: int, out_ch: int) -> None:
+    if (in_ch, out_ch) != (3, 3):
+        raise ModelError(f"{source}: {arch} model for {in_ch}-channel input and {out_ch}-channel output; "
+                         "only RGB models (3 in, 3 out) are supported")
+
+
+def _load_strict(module: nn.Module, sd: dict[str, torch.Tensor], file_name: Callable[[str], str], source: str,
+                 describe: str) -> None:
+    """Load every tensor into ``module``; missing, extra or mis-shaped ones are one :class:`ModelError`
+    that names them as the file does."""
+    expected = {file_name(name): (name, tensor) for name, tensor in module.state_dict().items()}
+
+    def listed(names: list[str]) -> str:
+        return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+
+    problems = []
+    missing = [n for n in expected if n not in sd]
+    extra = [n for n in sd if n not in expected]
+    wrong = [n for n, (_, t) in expected.items() if n in sd and tuple(sd[n].shape) != tuple(t.shape)]
+    if missing:
+        problems.append(f"missing {listed(missing)}")
+    if extra:
+        problems.append(f"unexpected {listed(extra)}")
+    if wrong:
+        n = wrong[0]
+        problems.append(f"{len(wrong)} tensor(s) of the wrong shape, e.g. {n} is {tuple(sd[n].shape)}, "
+                        f"expected {tuple(expected[n][1].shape)}")
+    if problems:
+        raise ModelError(f"{source}: tensors do not fit the {describe} they describe: {'; '.join(problems)}")
+    try:
+        module.load_state_dict({expected[n][0]: t for n, t in sd.items()}, strict=True)
+    except RuntimeError as exc:  # e.g. a tensor that cannot be copied into a float parameter
+        raise ModelError(f"{source}: cannot load the {describe}: {_first_line(exc)}") from None
+
+
+# --------------------------------------------------------------------------------------------- files
+
+
+@dataclass
+class UpscalerModel:
+    """A loaded upscaling model: its module maps (N, 3, H, W) RGB in [0, 1] to (N, 3, H*scale, W*scale)."""
+
+    module: torch.nn.Module
+    #: ARCH_ESRGAN or ARCH_COMPACT.
+    arch: str
+    #: Output size / input size.
+    scale: int
+    path: Path | None = None
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> UpscalerModel:
+        """Move (and cast) the module in place; returns self."""
+        kwargs = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+        if kwargs:
+            self.module.to(**kwargs)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.module.parameters()).dtype
+
+
+def load_upscaler(path: str | Path, *, device: str | torch.device = "cpu",
+                  dtype: torch.dtype = torch.float32) -> UpscalerModel:
+    """The upscaling model in a ``.pth``/``.pt``/``.safetensors`` file, on ``device`` in ``dtype``."""
+    p = Path(path)
+    model = upscaler_from_state_dict(_read_weights(p), source=str(p))
+    model.path = p
+    return model.to(device=device, dtype=dtype)
+
+
+def _read_weights(p: Path) -> Mapping[str, object]:
+    """The file's tensors, keeping the ``params_ema``/``params`` nesting of BasicSR's .pth files.
+
+    safetensors files go through :func:`header.load_state_dict`. Pickle-based files are read with
+    ``torch.load(weights_only=True)`` here, as header does (refused with :class:`UnsafeModelFile`
+    when they need code), because header's reader keeps only a flat dict's top-level tensors.
+    """
+    kind = header.sniff_format(p)  # missing, empty, or neither safetensors nor torch: ModelError
+    if kind == "safetensors":
+        return header.load_state_dict(p)
+    try:
+        if p.suffix.lower() == ".safetensors":  # torch.load would hand this name to safetensors: pass the bytes
+            with open(p, "rb") as f:
+                obj = torch.load(f, map_location="cpu", weights_only=True)
+        else:
+            obj = torch.load(str(p), map_location="cpu", weights_only=True, mmap=(kind == "zip"))
+    except pickle.UnpicklingError as exc:
+        raise UnsafeModelFile(
+            f"{p}: refused: this pickle-based file needs arbitrary code to load ({_first_line(exc)}); "
+            "convert it to .safetensors with a tool you trust, or get the .safetensors version"
+        ) from None
+    except Exception as exc:  # corrupt zip, truncated pickle, ...
+        raise ModelError(f"{p}: cannot read this torch file ({exc.__class__.__name__}: {_first_line(exc)})") from None
+    if not isinstance(obj, Mapping):
+        raise ModelError(f"{p}: torch file holds a {type(obj).__name__}, expected a dict of tensors")
+    return obj
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else exc.__class__.__name__
+
+
+# --------------------------------------------------------------------------------------------- running
+
+
+def upscale_image(model: UpscalerModel, image: Image.Image, *, tile: int = 192, overlap: int = 8,
+                  cancel: Callable[[], None] | None = None) -> Image.Image:
+    """One pass of ``model`` over ``image``: an RGB picture exactly ``scale`` times the size.
+
+    Other modes are converted to RGB (alpha is dropped). Pixels go in as value / 255 (float32, then
+    the model's dtype) and come out clamped to [0, 1] and rounded half up to 8 bits
+    (floor(v * 255 + 0.5) in float32). With ``tile`` <= 0, or a picture no larger than ``tile`` on
+    either side, the model sees the whole picture in one call; otherwise ``tile`` x ``tile`` pieces
+    overlapping by ``overlap`` px (the last of a row or column moved back to end at the edge),
+    blended with linear weights across each overlap. ``cancel`` is called before each piece and
+    stops the work by raising.
+    """
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    with torch.inference_mode():
+        x = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).unsqueeze(0)
+        x = (x.float() / 255).to(device=model.device, dtype=model.dtype)
+        y = _run(model.module, x, model.scale, tile, overlap, cancel)
+        pixels = _to_uint8(y)
+    return Image.fromarray(pixels, "RGB")
+
+
+def _to_uint8(y: torch.Tensor) -> np.ndarray:
+    """(1, 3, H, W) floats → (H, W, 3) uint8: NaN to 0, clamped to [0, 1], floor(v * 255 + 0.5)."""
+    y = torch.nan_to_num(y[0].float(), nan=0.0).clamp_(0, 1)
+    return y.mul_(255).add_(0.5).floor_().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+
+
+def _run(module: nn.Module, x: torch.Tensor, scale: int, tile: int, overlap: int,
+         cancel: Callable[[], None] | None) -> torch.Tensor:
+    """The module's output for ``x`` (1, C, H, W): one call, or overlapping tiles blended (float32)."""
+    h, w = x.shape[-2:]
+    if tile <= 0 or (h <= tile and w <= tile):
+        if cancel is not None:
+            cancel()
+        return module(x)
+    if not 0 <= overlap < tile:
+        raise InvalidParameter("overlap", overlap, f"0 to {tile - 1} px (less than the tile size {tile})")
+    ys, xs = _tile_starts(h, tile, overlap), _tile_starts(w, tile, overlap)
+    th, tw = min(tile, h), min(tile, w)
+    wy = [t.to(x.device) for t in _axis_weights(ys, th, h, scale)]
+    wx = [t.to(x.device) for t in _axis_weights(xs, tw, w, scale)]
+    out = None
+    for i, y0 in enumerate(ys):
+        for j, x0 in enumerate(xs):
+            if cancel is not None:
+                cancel()
+            piece = module(x[..., y0:y0 + th, x0:x0 + tw]).float()
+            if piece.shape[-2:] != (th * scale, tw * scale):
+                raise ModelError(f"upscaler gave {tuple(piece.shape[-2:])} for a {th}x{tw} tile; "
+                                 f"expected {(th * scale, tw * scale)}")
+            if out is None:
+                out = torch.zeros((1, piece.shape[1], h * scale, w * scale), dtype=torch.float32, device=x.device)
+            out[..., y0 * scale:(y0 + th) * scale, x0 * scale:(x0 + tw) * scale] += piece * (wy[i][:, None] * wx[j])
+    return out
+
+
+def _tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Where tiles start along one side: every ``tile - overlap`` px, the last moved back to end at the edge."""
+    if length <= tile:
+        return [0]
+    return list(range(0, length - tile, tile - overlap)) + [length - tile]
+
+
+def _axis_weights(starts: list[int], size: int, length: int, scale: int) -> list[torch.Tensor]:
+    """Each tile's blend weight along one side, in output pixels: linear ramps across the part it
+    shares with the tile before and after (1 elsewhere), divided by their sum so that the weights
+    of all tiles add up to 1 at every output pixel. Separable, so the 2-D weights also sum to 1."""
+    span = size * scale
+    ramps = []
+    for k, a in enumerate(starts):
+        weight = torch.ones(span, dtype=torch.float64)
+        if k > 0 and (shared := (starts[k - 1] + size - a) * scale) > 0:
+            weight[:shared] = (torch.arange(shared, dtype=torch.float64) + 0.5) / shared
+        if k + 1 < len(starts) and (shared := (a + size - starts[k + 1]) * scale) > 0:
+            down = (shared - 0.5 - torch.arange(shared, dtype=torch.float64)) / shared
+            weight[span - shared:] = torch.minimum(weight[span - shared:], down)
+        ramps.append(weight)
+    total = torch.zeros(length * scale, dtype=torch.float64)
+    for a, weight in zip(starts, ramps):
+        total[a * scale:a * scale + span] += weight
+    return [(weight / total[a * scale:a * scale + span]).float() for a, weight in zip(starts, ramps)]

@@ -1,0 +1,514 @@
+"""Upscaling models (ESRGAN / Real-ESRGAN RRDBNet and Real-ESRGAN Compact) read from the files people
+download, checked against spandrel 0.4.2 (what ComfyUI and Forge load these files with).
+
+The state dicts are random, small (nf 8-16, nb 1-2) and written in the released files' key layouts:
+old ESRGAN (``model.N``), Real-ESRGAN / BasicSR (``conv_first``, ``body.N.rdbM``, nested under
+``params_ema``), the pixel-unshuffled x2plus/x1 variants, and SRVGGNetCompact with PReLU.
+spandrel builds its RRDB with 32 growth channels whatever the file says, so the spandrel
+comparisons use gc 32; other widths are checked against a functional re-statement of the network
+written from the layout description (plain ``F.conv2d`` over the file's own tensor names).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import save_file
+
+from underpaint.errors import InvalidParameter, ModelError, UnsafeModelFile
+from underpaint.models.upscaler import (
+    ARCH_COMPACT,
+    ARCH_ESRGAN,
+    UPSCALER_EXTENSIONS,
+    _axis_weights,
+    _run,
+    detect_upscaler,
+    load_upscaler,
+    upscale_image,
+    upscaler_from_state_dict,
+)
+
+# --------------------------------------------------------------------------------------------- layouts
+
+
+def _t(gen: torch.Generator, *shape: int, std: float = 0.05) -> torch.Tensor:
+    return torch.randn(*shape, generator=gen) * std
+
+
+def _conv(sd: dict, name: str, gen, cout: int, cin: int, suffix: str = "") -> None:
+    sd[f"{name}{suffix}.weight"] = _t(gen, cout, cin, 3, 3)
+    sd[f"{name}{suffix}.bias"] = _t(gen, cout, std=0.01)
+
+
+def _rrdb_blocks(sd: dict, gen, nf: int, gc: int, nb: int, name) -> None:
+    """``name(i, j, c)`` gives a dense-block conv's key prefix."""
+    for i in range(nb):
+        for j in (1, 2, 3):
+            for c in range(1, 6):
+                _conv(sd, name(i, j, c), gen, nf if c == 5 else gc, nf + (c - 1) * gc)
+
+
+def old_esrgan(stages: int, *, nf=8, gc=32, nb=1, in_nc=3, out_nc=3, seed=0) -> dict[str, torch.Tensor]:
+    """The original ESRGAN layout: ``model.0``, ``model.1.sub.i.RDBj.convc.0``, ``model.1.sub.nb``,
+    upsampling convs at ``model.3k``, HR conv at ``model.3n+2``, last conv at ``model.3n+4``."""
+    gen = torch.Generator().manual_seed(seed)
+    sd: dict[str, torch.Tensor] = {}
+    _conv(sd, "model.0", gen, nf, in_nc)
+    _rrdb_blocks(sd, gen, nf, gc, nb, lambda i, j, c: f"model.1.sub.{i}.RDB{j}.conv{c}.0")
+    _conv(sd, f"model.1.sub.{nb}", gen, nf, nf)
+    for k in range(1, stages + 1):
+        _conv(sd, f"model.{3 * k}", gen, nf, nf)
+    _conv(sd, f"model.{3 * stages + 2}", gen, nf, nf)
+    _conv(sd, f"model.{3 * stages + 4}", gen, out_nc, nf)
+    return sd
+
+
+def real_esrgan(*, unshuffle=1, nf=8, gc=32, nb=1, seed=0) -> dict[str, torch.Tensor]:
+    """BasicSR's RRDBNet: always two upsampling convs; x2plus/x1 take a pixel-unshuffled input."""
+    gen = torch.Generator().manual_seed(seed)
+    sd: dict[str, torch.Tensor] = {}
+    _conv(sd, "conv_first", gen, nf, 3 * unshuffle * unshuffle)
+    _rrdb_blocks(sd, gen, nf, gc, nb, lambda i, j, c: f"body.{i}.rdb{j}.conv{c}")
+    for name in ("conv_body", "conv_up1", "conv_up2", "conv_hr"):
+        _conv(sd, name, gen, nf, nf)
+    _conv(sd, "conv_last", gen, 3, nf)
+    return sd
+
+
+def bsrgan(*, nf=8, gc=32, nb=1, seed=0) -> dict[str, torch.Tensor]:
+    """BSRGAN / the later ESRGAN repository: ``RRDB_trunk``, ``trunk_conv``, ``upconvK``, ``HRconv``."""
+    gen = torch.Generator().manual_seed(seed)
+    sd: dict[str, torch.Tensor] = {}
+    _conv(sd, "conv_first", gen, nf, 3)
+    _rrdb_blocks(sd, gen, nf, gc, nb, lambda i, j, c: f"RRDB_trunk.{i}.RDB{j}.conv{c}")
+    for name in ("trunk_conv", "upconv1", "upconv2", "HRconv"):
+        _conv(sd, name, gen, nf, nf)
+    _conv(sd, "conv_last", gen, 3, nf)
+    return sd
+
+
+def compact(upscale: int, *, nf=16, num_conv=2, seed=0, pointwise=False) -> dict[str, torch.Tensor]:
+    """SRVGGNetCompact: ``body.0`` conv, ``body.1`` PReLU, num_conv x (conv, PReLU), last conv."""
+    gen = torch.Generator().manual_seed(seed)
+    sd: dict[str, torch.Tensor] = {}
+    widths = [(nf, 3)] + [(nf, nf)] * num_conv + [(3 * upscale * upscale, nf)]
+    for k, (cout, cin) in enumerate(widths):
+        _conv(sd, f"body.{2 * k}", gen, cout, cin)
+        if k < len(widths) - 1:
+            sd[f"body.{2 * k + 1}.weight"] = 0.25 + _t(gen, nf, std=0.1)
+    if pointwise:  # only the centre taps: every output pixel depends on its own input pixel only
+        for name, tensor in sd.items():
+            if tensor.ndim == 4:
+                centre = tensor[:, :, 1, 1].clone()
+                tensor.zero_()
+                tensor[:, :, 1, 1] = centre * 4
+    return sd
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+@pytest.fixture(scope="module")
+def spandrel_loader():
+    try:
+        from spandrel_ref import model_loader
+
+        return model_loader()
+    except ImportError as exc:
+        pytest.skip(f"spandrel is not available: {exc}")
+
+
+def _save_both(tmp_path, name: str, obj: dict, flat: dict) -> tuple:
+    """``obj`` as a .pth (torch.save, nesting kept) and ``flat`` as a .safetensors."""
+    pth, st = tmp_path / f"{name}.pth", tmp_path / f"{name}.safetensors"
+    torch.save(obj, pth)
+    save_file({k: v.contiguous() for k, v in flat.items()}, str(st))
+    return pth, st
+
+
+def _image(w: int, h: int, seed: int = 0, mode: str = "RGB") -> Image.Image:
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (h, w, len(mode)), dtype=np.uint8)
+    return Image.fromarray(pixels[..., 0] if mode == "L" else pixels, mode)
+
+
+def _as_tensor(image: Image.Image) -> torch.Tensor:
+    """The documented input convention: RGB order, value / 255 in float32, (1, 3, H, W)."""
+    return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)[None].float() / 255
+
+
+def _as_uint8(y: torch.Tensor) -> np.ndarray:
+    """The documented output convention: clamp to [0, 1], floor(v * 255 + 0.5)."""
+    return np.floor(y[0].clamp(0, 1).permute(1, 2, 0).numpy().astype(np.float32) * 255 + 0.5).astype(np.uint8)
+
+
+def _forward(module, x):
+    with torch.no_grad():
+        return module(x)
+
+
+# --------------------------------------------------------------------------------------------- vs spandrel
+
+#: name → (what is saved in the .pth, the flat tensors, input size (w, h), expected arch, scale)
+CASES = {
+    "esrgan-old-4x": lambda: (old_esrgan(2), (11, 9), ARCH_ESRGAN, 4),
+    "esrgan-old-2x": lambda: (old_esrgan(1, nb=2), (11, 9), ARCH_ESRGAN, 2),
+    "esrgan-old-1x": lambda: (old_esrgan(0, nf=16), (11, 9), ARCH_ESRGAN, 1),
+    "esrgan-old-8x": lambda: (old_esrgan(3), (7, 5), ARCH_ESRGAN, 8),
+    "esrgan-old-unshuffle-1x": lambda: (old_esrgan(2, in_nc=48), (13, 10), ARCH_ESRGAN, 1),
+    "realesrgan-x4plus": lambda: (real_esrgan(), (11, 9), ARCH_ESRGAN, 4),
+    "realesrgan-x2plus": lambda: (real_esrgan(unshuffle=2, nb=2), (13, 10), ARCH_ESRGAN, 2),
+    "realesrgan-x1": lambda: (real_esrgan(unshuffle=4), (14, 11), ARCH_ESRGAN, 1),
+    "bsrgan-4x": lambda: (bsrgan(nb=2), (11, 9), ARCH_ESRGAN, 4),
+    "compact-x4": lambda: (compact(4), (11, 9), ARCH_COMPACT, 4),
+    "compact-x2": lambda: (compact(2, num_conv=3, nf=8), (11, 9), ARCH_COMPACT, 2),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_files_load_like_spandrel(case, tmp_path, spandrel_loader):
+    tensors, (w, h), arch, scale = CASES[case]()
+    nested = case.startswith("realesrgan")
+    # BasicSR's .pth: EMA weights under params_ema next to different raw weights under params
+    # (the EMA ones are the ones to use); the .safetensors holds the EMA tensors flat.
+    decoy = {k: torch.randn_like(v) for k, v in tensors.items()}
+    obj = {"params_ema": tensors, "params": decoy} if nested else tensors
+    pth, st = _save_both(tmp_path, case, obj, tensors)
+
+    reference = spandrel_loader.load_from_file(str(pth))
+    assert reference.scale == scale
+    assert detect_upscaler(obj, source=case) == (arch, scale)
+
+    x = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(1))
+    expected = _forward(reference.model.eval(), x)
+    assert expected.shape == (1, 3, h * scale, w * scale)
+    for path in (pth, st):
+        model = load_upscaler(path)
+        assert (model.arch, model.scale, model.path) == (arch, scale, path)
+        got = _forward(model.module, x)
+        assert got.shape == expected.shape
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    if nested:  # the raw weights really differ, so preferring them would have been seen
+        assert not torch.allclose(_forward(upscaler_from_state_dict(decoy).module, x), expected, atol=1e-3)
+
+
+def _functional_rrdb(sd: dict, x: torch.Tensor, *, old: bool, nb: int, stages: int) -> torch.Tensor:
+    """ESRGAN restated over the file's own names (old or BasicSR layout, no unshuffle)."""
+    def conv(name, t):
+        return F.conv2d(t, sd[name + ".weight"], sd[name + ".bias"], padding=1)
+
+    def lrelu(t):
+        return F.leaky_relu(t, 0.2)
+
+    feat = conv("model.0" if old else "conv_first", x)
+    trunk = feat
+    for i in range(nb):
+        block_in = trunk
+        for j in (1, 2, 3):
+            seen = [trunk]
+            for c in range(1, 6):
+                name = f"model.1.sub.{i}.RDB{j}.conv{c}.0" if old else f"body.{i}.rdb{j}.conv{c}"
+                y = conv(name, torch.cat(seen, 1))
+                seen.append(lrelu(y) if c < 5 else y)
+            trunk = seen[-1] * 0.2 + trunk
+        trunk = trunk * 0.2 + block_in
+    feat = feat + conv(f"model.1.sub.{nb}" if old else "conv_body", trunk)
+    for k in range(1, stages + 1):
+        feat = lrelu(conv(f"model.{3 * k}" if old else f"conv_up{k}", F.interpolate(feat, scale_factor=2, mode="nearest")))
+    hr, last = (f"model.{3 * stages + 2}", f"model.{3 * stages + 4}") if old else ("conv_hr", "conv_last")
+    return conv(last, lrelu(conv(hr, feat)))
+
+
+@pytest.mark.parametrize("old,stages,gc,nb", [(True, 2, 4, 2), (True, 1, 8, 1), (True, 0, 5, 1), (False, 2, 6, 2)])
+def test_growth_channels_other_than_32(old, stages, gc, nb):
+    """Growth channels come from the file (spandrel fixes them at 32, so the reference here is the
+    functional restatement)."""
+    sd = old_esrgan(stages, gc=gc, nb=nb, seed=3) if old else real_esrgan(gc=gc, nb=nb, seed=3)
+    model = upscaler_from_state_dict(sd)
+    assert model.scale == 2 ** stages
+    x = torch.rand(1, 3, 9, 7, generator=torch.Generator().manual_seed(2))
+    want = _functional_rrdb(sd, x, old=old, nb=nb, stages=stages)
+    torch.testing.assert_close(_forward(model.module, x), want, atol=1e-5, rtol=1e-5)
+
+
+def test_model_is_frozen_and_moves_in_place():
+    model = upscaler_from_state_dict(compact(2, nf=8, num_conv=1))
+    assert not model.module.training
+    assert not any(p.requires_grad for p in model.module.parameters())
+    assert model.path is None and model.device.type == "cpu" and model.dtype == torch.float32
+    assert model.to(dtype=torch.float64) is model and model.dtype == torch.float64
+    assert model.to() is model and model.dtype == torch.float64
+    x = _image(6, 5)
+    got = np.asarray(upscale_image(model, x, tile=0))
+    want = _as_uint8(_forward(model.module, _as_tensor(x).double()))
+    assert np.array_equal(got, want)
+
+
+def test_extensions():
+    assert UPSCALER_EXTENSIONS == (".pth", ".pt", ".safetensors")
+
+
+# --------------------------------------------------------------------------------------------- pictures
+
+
+@pytest.mark.parametrize("make,size", [(lambda: compact(4, nf=8, num_conv=1), (23, 17)),
+                                       (lambda: real_esrgan(unshuffle=2, nb=1), (15, 9)),
+                                       (lambda: old_esrgan(1, nb=1), (12, 10))])
+def test_whole_picture_is_one_module_call(make, size):
+    model = upscaler_from_state_dict(make())
+    picture = _image(*size, seed=5)
+    want = _as_uint8(_forward(model.module, _as_tensor(picture)))
+    assert want.shape == (size[1] * model.scale, size[0] * model.scale, 3)
+    for tile in (0, -1, max(size)):  # off, and a tile as large as the picture
+        got = upscale_image(model, picture, tile=tile)
+        assert got.mode == "RGB" and got.size == (size[0] * model.scale, size[1] * model.scale)
+        assert np.array_equal(np.asarray(got), want)
+
+
+def test_other_modes_are_converted_and_alpha_dropped():
+    model = upscaler_from_state_dict(compact(2, nf=8, num_conv=1))
+    rgba = _image(9, 7, seed=2, mode="RGBA")
+    rgb = rgba.convert("RGB")
+    assert np.array_equal(np.asarray(upscale_image(model, rgba, tile=0)), np.asarray(upscale_image(model, rgb, tile=0)))
+    grey = _image(9, 7, seed=3, mode="L")
+    got = np.asarray(upscale_image(model, grey, tile=0))
+    assert np.array_equal(got, _as_uint8(_forward(model.module, _as_tensor(grey.convert("RGB")))))
+
+
+def test_rounding_is_half_up():
+    """A 1x Compact model that passes the picture through plus a constant: outputs land exactly
+    on k + 0.5 levels, which must round up (banker's rounding would send even k + 0.5 down)."""
+    sd = compact(1, nf=8, num_conv=0)
+    for name in sd:
+        sd[name].zero_()
+    sd["body.2.bias"].fill_(0.5 / 255)
+    model = upscaler_from_state_dict(sd)
+    levels = np.arange(0, 240, dtype=np.uint8).reshape(16, 15)
+    picture = Image.fromarray(np.stack([levels] * 3, -1))
+    got = np.asarray(upscale_image(model, picture, tile=0))[..., 0].astype(int)
+    exact = levels.astype(np.float32) / 255 + np.float32(0.5 / 255)
+    assert np.array_equal(got, np.floor(exact * 255 + 0.5).astype(int))
+    # float32 puts most of these a hair above or below k + 0.5; all must end at k or k + 1
+    assert set(np.unique(got - levels)) <= {0, 1} and (got - levels).sum() > 0
+
+
+@pytest.mark.parametrize("make,size,scale", [(lambda: real_esrgan(unshuffle=2), (1, 1), 2),
+                                             (lambda: real_esrgan(unshuffle=4), (3, 2), 1),
+                                             (lambda: real_esrgan(unshuffle=4), (6, 5), 1),
+                                             (lambda: compact(4, nf=8, num_conv=1), (1, 1), 4),
+                                             (lambda: old_esrgan(2), (1, 2), 4)])
+def test_tiny_pictures(make, size, scale):
+    """Any size of at least 1 px: pixel-unshuffled inputs are padded (replicated where a side is
+    too short to reflect) and the output cropped back."""
+    model = upscaler_from_state_dict(make())
+    got = upscale_image(model, _image(*size), tile=0)
+    assert got.size == (size[0] * scale, size[1] * scale)
+
+
+def _tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    if length <= tile:
+        return [0]
+    return list(range(0, length - tile, tile - overlap)) + [length - tile]
+
+
+def test_blend_weights_are_linear_ramps_that_sum_to_one():
+    starts = _tile_starts(50, 16, 4)
+    assert starts == [0, 12, 24, 34]
+    weights = _axis_weights(starts, 16, 50, 2)
+    total = torch.zeros(100)
+    for a, weight in zip(starts, weights):
+        total[2 * a:2 * a + 32] += weight
+    torch.testing.assert_close(total, torch.ones(100), atol=1e-6, rtol=0)
+    # tiles 0 and 1 share input px 12-15 (output 24-31): tile 1 rises there in equal steps, tile 0 falls
+    torch.testing.assert_close(weights[1][:8].diff(), torch.full((7,), 1 / 8))
+    torch.testing.assert_close(weights[0][24:].diff(), torch.full((7,), -1 / 8))
+    assert torch.equal(weights[0][:24], torch.ones(24)) and torch.equal(weights[1][8:24], torch.ones(16))
+    # the last tile, moved back to end at the edge, shares 6 px (12 output px) with the one before
+    torch.testing.assert_close(weights[3][:12].diff(), torch.full((11,), 1 / 12))
+    assert torch.equal(weights[3][12:], torch.ones(20))
+
+
+def test_tiles_of_a_pointwise_model_equal_the_whole_picture():
+    """Each output pixel of this model depends on its own input pixel only, so every tile computes
+    the untiled values exactly and the blend returns them when its weights sum to 1 (and when each
+    tile lands where it came from)."""
+    model = upscaler_from_state_dict(compact(2, nf=8, num_conv=1, pointwise=True))
+    x = _as_tensor(_image(50, 37, seed=7))
+    with torch.inference_mode():
+        whole = _run(model.module, x, 2, 0, 8, None)
+        tiled = _run(model.module, x, 2, 16, 4, None)
+        wide_overlap = _run(model.module, x, 2, 16, 11, None)  # more than half a tile: three tiles share pixels
+    assert whole.abs().max() > 0.5
+    torch.testing.assert_close(tiled, whole, atol=2e-6, rtol=0)
+    torch.testing.assert_close(wide_overlap, whole, atol=2e-6, rtol=0)
+    picture = _image(50, 37, seed=7)
+    a = np.asarray(upscale_image(model, picture, tile=16, overlap=4)).astype(int)
+    b = np.asarray(upscale_image(model, picture, tile=0)).astype(int)
+    assert np.abs(a - b).max() <= 1  # a float32 hair either side of k + 0.5
+    assert (a != b).mean() < 0.01
+    strip = _as_tensor(_image(40, 12, seed=8))  # tiled along one side only
+    with torch.inference_mode():
+        torch.testing.assert_close(_run(model.module, strip, 2, 16, 4, None), _run(model.module, strip, 2, 0, 4, None),
+                                   atol=2e-6, rtol=0)
+
+
+def test_tiles_match_the_whole_picture_beyond_the_receptive_field():
+    """A random Compact model with num_conv convs sees (num_conv + 2) px either side. A tile's zero
+    padding at an inner edge changes only pixels closer than that to the edge; every output pixel
+    that is at least that far inside every tile covering it must equal the untiled value. Pixels
+    near seams may differ (less context), which shows the tiles really ran separately."""
+    num_conv, tile, overlap, scale = 1, 16, 8, 2
+    reach = num_conv + 2
+    model = upscaler_from_state_dict(compact(scale, nf=8, num_conv=num_conv, seed=4))
+    w, h = 45, 38
+    x = _as_tensor(_image(w, h, seed=9))
+    with torch.inference_mode():
+        whole = _run(model.module, x, scale, 0, overlap, None)
+        tiled = _run(model.module, x, scale, tile, overlap, None)
+
+    def safe(length: int) -> np.ndarray:
+        starts = _tile_starts(length, tile, overlap)
+        ok = np.ones(length, dtype=bool)
+        for a in starts:
+            b = a + tile
+            for p in range(a, b):
+                if (a > 0 and p - a < reach) or (b < length and b - 1 - p < reach):
+                    ok[p] = False
+        return np.repeat(ok, scale)
+
+    mask = torch.from_numpy(safe(h)[:, None] & safe(w)[None, :])
+    diff = (tiled - whole).abs()[0].amax(0)
+    assert mask.float().mean() > 0.3  # the check covers a good part of the picture
+    assert diff[mask].max() <= 1e-5
+    assert diff[~mask].max() > 1e-3
+    # in 8 bits the seams of this weak random model move few pixels by a level (measured: 8% by 1);
+    # the bound leaves room for other BLAS kernels, not for misplaced or unnormalised tiles
+    a = np.asarray(upscale_image(model, _image(w, h, seed=9), tile=tile, overlap=overlap)).astype(int)
+    b = np.asarray(upscale_image(model, _image(w, h, seed=9), tile=0)).astype(int)
+    assert np.abs(a - b).max() <= 2 and np.abs(a - b).mean() < 0.25
+
+
+def test_cancel_is_called_before_each_tile():
+    model = upscaler_from_state_dict(compact(2, nf=8, num_conv=1))
+    picture = _image(50, 37)
+    calls = []
+    upscale_image(model, picture, tile=16, overlap=4, cancel=lambda: calls.append(1))
+    # columns start at 0, 12, 24 and 34 (moved back to end at 50), rows at 0, 12 and 21
+    assert len(calls) == 4 * 3
+    calls.clear()
+    upscale_image(model, picture, tile=0, cancel=lambda: calls.append(1))
+    assert len(calls) == 1
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_third():
+        calls.append(1)
+        if len(calls) == 3:
+            raise Stop
+
+    calls.clear()
+    with pytest.raises(Stop):
+        upscale_image(model, picture, tile=16, overlap=4, cancel=stop_at_third)
+    assert len(calls) == 3
+
+
+def test_overlap_must_be_smaller_than_the_tile():
+    model = upscaler_from_state_dict(compact(2, nf=8, num_conv=1))
+    for overlap in (16, 20, -1):
+        with pytest.raises(InvalidParameter, match="overlap"):
+            upscale_image(model, _image(40, 40), tile=16, overlap=overlap)
+
+
+# --------------------------------------------------------------------------------------------- refusals
+
+
+class _RunsCode:
+    """Pickles as a call to os.system: a file only code execution can load (the command is a no-op)."""
+
+    def __reduce__(self):
+        return (os.system, (":",))
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_code_carrying_pickle_is_refused(tmp_path, legacy):
+    path = tmp_path / "4x-evil.pth"
+    torch.save({"params_ema": real_esrgan(), "hook": _RunsCode()}, path, _use_new_zipfile_serialization=not legacy)
+    with pytest.raises(UnsafeModelFile, match="4x-evil.pth"):
+        load_upscaler(path)
+
+
+def _sd_checkpoint() -> dict[str, torch.Tensor]:
+    return {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(8, 4, 3, 3),
+            "model.diffusion_model.input_blocks.0.0.bias": torch.zeros(8),
+            "first_stage_model.decoder.conv_in.weight": torch.zeros(8, 4, 3, 3),
+            "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": torch.zeros(16, 8)}
+
+
+def _swinir() -> dict[str, torch.Tensor]:
+    return {"conv_first.weight": torch.zeros(8, 3, 3, 3), "conv_first.bias": torch.zeros(8),
+            "patch_embed.norm.weight": torch.zeros(8),
+            "layers.0.residual_group.blocks.0.attn.relative_position_bias_table": torch.zeros(9, 2),
+            "conv_after_body.weight": torch.zeros(8, 8, 3, 3),
+            "conv_before_upsample.0.weight": torch.zeros(8, 8, 3, 3),
+            "upsample.0.weight": torch.zeros(32, 8, 3, 3), "conv_last.weight": torch.zeros(3, 8, 3, 3)}
+
+
+def _esrgan_plus() -> dict[str, torch.Tensor]:
+    return {**old_esrgan(2), "model.1.sub.0.RDB1.conv1x1.weight": torch.zeros(32, 8, 1, 1)}
+
+
+@pytest.mark.parametrize("make,hint", [(_sd_checkpoint, "Stable Diffusion checkpoint"),
+                                       (_esrgan_plus, "ESRGAN+"),
+                                       (_swinir, "SwinIR"),
+                                       (lambda: {"foo.weight": torch.zeros(2)}, "foo.weight")])
+def test_other_architectures_name_the_file_and_what_is_supported(tmp_path, make, hint):
+    path = tmp_path / "not-an-esrgan.safetensors"
+    save_file(make(), str(path))
+    with pytest.raises(ModelError) as info:
+        load_upscaler(path)
+    message = str(info.value)
+    assert str(path) in message and hint in message
+    assert "supported: " in message and "ESRGAN" in message and "Compact" in message
+    assert "\n" not in message
+    with pytest.raises(ModelError, match="^upscale.pth: .*supported"):
+        detect_upscaler(make(), source="upscale.pth")
+
+
+def _without(sd: dict, name: str) -> dict:
+    assert name in sd
+    return {k: v for k, v in sd.items() if k != name}
+
+
+@pytest.mark.parametrize("make,named", [
+    (lambda: _without(old_esrgan(2), "model.1.sub.0.RDB2.conv3.0.bias"), "missing model.1.sub.0.RDB2.conv3.0.bias"),
+    (lambda: _without(real_esrgan(nb=2), "conv_hr.weight"), "missing conv_hr.weight"),
+    (lambda: _without(real_esrgan(nb=2), "body.1.rdb3.conv5.weight"), "missing body.1.rdb3.conv5.weight"),
+    (lambda: _without(old_esrgan(2), "model.10.weight"), "model.10"),
+    (lambda: _without(compact(4), "body.3.weight"), "missing body.3.weight"),
+    (lambda: {**old_esrgan(1), "model.1.sub.0.RDB1.conv6.0.weight": torch.zeros(1)}, "unexpected model.1.sub.0.RDB1"),
+    (lambda: {**real_esrgan(), "conv_body.weight": torch.zeros(8, 9, 3, 3)}, "conv_body.weight is (8, 9, 3, 3)"),
+])
+def test_incomplete_or_mismatched_tensors(tmp_path, make, named):
+    path = tmp_path / "4x-broken.safetensors"
+    save_file(make(), str(path))
+    with pytest.raises(ModelError) as info:
+        load_upscaler(path)
+    message = str(info.value)
+    assert message.startswith(str(path)) and named in message and "\n" not in message
+
+
+def test_pickle_with_nested_ema_and_prefix(tmp_path):
+    """A .pth saved from DataParallel (names under ``module.``) inside ``params``, read with weights_only."""
+    sd = compact(2, nf=8, num_conv=1)
+    path = tmp_path / "2x-compact.pt"
+    torch.save({"params": {"module." + k: v for k, v in sd.items()}}, path)
+    model = load_upscaler(path)
+    x = torch.rand(1, 3, 5, 4)
+    torch.testing.assert_close(_forward(model.module, x), _forward(upscaler_from_state_dict(sd).module, x),
+                               atol=0, rtol=0)
