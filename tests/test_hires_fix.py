@@ -192,13 +192,16 @@ def test_what_hires_cannot_do_is_refused_by_field(photo):
         with pytest.raises(InvalidParameter) as err:
             GenerationParams(**fields)
         assert err.value.field == field
-    for options, field in ((dict(upscaler="R-ESRGAN 4x+"), "hires_upscaler"), (dict(strength=0), "hires_strength"),
-                           (dict(steps=-1), "hires_steps"), (dict(scale=0), "hires_scale")):
+    for options, field in ((dict(upscaler=4), "hires_upscaler"), (dict(upscaler="  "), "hires_upscaler"),
+                           (dict(strength=0), "hires_strength"), (dict(steps=-1), "hires_steps"),
+                           (dict(scale=0), "hires_scale")):
         with pytest.raises(InvalidParameter) as err:
             HiresOptions(**options)
         assert err.value.field == field
-    with pytest.raises(InvalidParameter, match="Latent .*Lanczos, Nearest.*ESRGAN"):
-        HiresOptions(upscaler="ESRGAN_4x")
+    with pytest.raises(InvalidParameter, match="Latent .*Lanczos, Nearest.*upscaling model"):
+        HiresOptions(upscaler=None or 3.5)
+    # Any other name is an upscaling model's, looked up when the request runs (test_upscalers.py).
+    assert HiresOptions(upscaler=" 4x-UltraSharp ").upscaler == "4x-UltraSharp"
 
 
 # --------------------------------------------------------------------------- infotext

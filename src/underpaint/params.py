@@ -36,8 +36,8 @@ HIRES_LATENT_MODES: dict[str, tuple[str, bool]] = {
     "Latent (nearest)": ("nearest", False),
     "Latent (nearest-exact)": ("nearest-exact", False),
 }
-#: Hires. fix upscalers that work on the decoded first-pass picture: A1111's built-in ones (no
-#: upscaling model files such as ESRGAN).
+#: Hires. fix upscalers that work on the decoded first-pass picture: A1111's built-in ones.
+#: Upscaling models (ESRGAN, Real-ESRGAN) in the models folder work there too (pipeline/upscale.py).
 HIRES_PIXEL_UPSCALERS = ("None", "Lanczos", "Nearest")
 HIRES_UPSCALERS = (*HIRES_LATENT_MODES, *HIRES_PIXEL_UPSCALERS)
 DEFAULT_HIRES_UPSCALER = "Latent"
@@ -146,13 +146,18 @@ class DeepCacheOptions:
 
 
 def hires_upscaler_name(value: object, field: str = "hires_upscaler") -> str:
-    """A hires. fix upscaler in A1111's spelling (matched without regard to case)."""
+    """A hires. fix upscaler: a built-in one in A1111's spelling (matched without regard to case),
+    or the name of an upscaling model, kept as given (without surrounding spaces) and looked up in
+    the models folder when the request runs (pipeline/upscale.py)."""
     if isinstance(value, str):
         for name in HIRES_UPSCALERS:
             if value.strip().lower() == name.lower():
                 return name
+        text = value.strip()
+        if text and len(text) <= 255 and "\x00" not in text:
+            return text
     raise InvalidParameter(field, value, "one of " + ", ".join(HIRES_UPSCALERS)
-                           + " (upscaling models such as ESRGAN are not available)")
+                           + ", or the name of an upscaling model in the models folder (ESRGAN, Real-ESRGAN)")
 
 
 @dataclass(frozen=True)

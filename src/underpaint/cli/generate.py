@@ -180,7 +180,9 @@ def _add_hires_args(p: argparse.ArgumentParser) -> None:
                    help="upscale to this size instead; 0 for one side keeps the aspect ratio, both given crop "
                         "to fit (A1111's 'Resize width/height to')")
     h.add_argument("--hires-upscaler", default=None, metavar="NAME",
-                   help="how to upscale: " + ", ".join(HIRES_UPSCALERS) + " (default Latent)")
+                   help="how to upscale: " + ", ".join(HIRES_UPSCALERS) + ", or an upscaling model in the "
+                        "models folder's upscale_models/ (A1111: models/ESRGAN, models/RealESRGAN) by name, e.g. "
+                        "4x-UltraSharp or 'R-ESRGAN 4x+' (default Latent)")
     h.add_argument("--hires-steps", type=int, default=None, metavar="N",
                    help="steps of the second pass, run whatever the strength (default 0: as many as --steps)")
     h.add_argument("--hires-strength", "--hires-denoising-strength", dest="hires_strength", type=float,
@@ -528,11 +530,20 @@ def run_img2img(args: argparse.Namespace) -> int:
 def run_txt2img(args: argparse.Namespace) -> int:
     warn_about_request(args)
     params = params_from_args(args)
+    _check_hires_upscaler(params, args)
     plan_outputs(args.output, "txt2img", params.batch_size * params.n_iter, overwrite=args.overwrite, source=None)
     engine = _load_engine(args)
     params = params_from_args(args, model=engine.model)
     _run_and_save(engine, params, args, "txt2img", None)
     return 0
+
+
+def _check_hires_upscaler(params: GenerationParams, args: argparse.Namespace) -> None:
+    """An upscaling model that is not in the models folder, refused before the checkpoint loads."""
+    if params.hires is not None and not params.hires.in_latent_space:
+        from ..pipeline import upscale
+
+        upscale.resolve(models_folder(args), params.hires.upscaler_name, "hires_upscaler", hires=True)
 
 
 def _run_and_save(engine, params: GenerationParams, args: argparse.Namespace, command: str, source: Path | None) -> None:

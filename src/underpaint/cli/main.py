@@ -52,7 +52,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import control, generate, info, inpaint, models
+    from . import control, generate, info, inpaint, models, upscale
 
     parser = _Parser(
         prog="underpaint",
@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_command(sub)
     models.add_commands(sub)
     control.add_commands(sub)
+    upscale.add_command(sub)
     _add_serve(sub)
     for command in sub.choices.values():
         command.set_defaults(command_parser=command)  # errors name the flags of the command that ran
@@ -101,6 +102,10 @@ _FIELD_FLAGS: dict[str, tuple[str, ...]] = {
     "module": ("type", "--control"), "control weight": ("--control-weight",), "guidance_start": ("--control-start",),
     "guidance_end": ("--control-end",), "control_mode": ("--control-mode",), "processor_res": ("--control-res",),
     "resize_mode": ("--control-resize", "--resize-mode"),
+    # `underpaint upscale` (A1111's Extras).
+    "upscaler": ("--upscaler",), "upscaler_1": ("--upscaler",), "upscaler_2": ("--upscaler-2",),
+    "upscaler_2_visibility": ("--upscaler-2-visibility",), "scale": ("--scale",), "resize": ("--resize",),
+    "crop": ("--crop",),
 }
 #: Fields named the same as their flag's ``dest`` (``strength`` is ``--strength``). Only these and
 #: the ones above are renamed: other errors name things that are not flags (a ``<lora:...>`` tag in

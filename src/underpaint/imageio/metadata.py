@@ -89,12 +89,14 @@ def exif_user_comment(infotext: str) -> bytes:
 
 
 def encode_image(
-    image: Image.Image, fmt: str, *, infotext: str | None = None, quality: int = DEFAULT_QUALITY
+    image: Image.Image, fmt: str, *, infotext: str | None = None, quality: int = DEFAULT_QUALITY,
+    extra: dict[str, str] | None = None,
 ) -> bytes:
-    """The file's bytes in ``fmt`` (PNG, JPEG, WEBP) with the infotext where A1111 puts it."""
+    """The file's bytes in ``fmt`` (PNG, JPEG, WEBP) with the infotext where A1111 puts it;
+    ``extra``: more PNG text chunks (A1111's ``postprocessing``), which other formats leave out."""
     buffer = io.BytesIO()
     if fmt == "PNG":
-        image.save(buffer, format="PNG", pnginfo=png_info(infotext))
+        image.save(buffer, format="PNG", pnginfo=png_info(infotext, extra))
         return buffer.getvalue()
     if image.mode not in ("RGB", "L"):  # JPEG has no alpha; A1111 flattens WebP the same way
         image = image.convert("RGB")
@@ -124,8 +126,10 @@ def save_image(
     infotext: str | None = None,
     overwrite: bool = False,
     quality: int = DEFAULT_QUALITY,
+    extra: dict[str, str] | None = None,
 ) -> Path:
-    """Write ``image`` to ``path`` atomically, with its infotext; returns the path.
+    """Write ``image`` to ``path`` atomically, with its infotext (and ``extra`` PNG text chunks);
+    returns the path.
 
     Without ``overwrite`` an existing file is never replaced, even if another process creates
     it while this one is writing: :class:`OutputExists` is raised instead. Missing parent
@@ -136,7 +140,7 @@ def save_image(
     if not overwrite and os.path.lexists(path):
         raise _exists(path)
     try:
-        data = encode_image(image, fmt, infotext=infotext, quality=quality)
+        data = encode_image(image, fmt, infotext=infotext, quality=quality, extra=extra)
     except (OSError, ValueError, KeyError) as exc:
         raise ImageError(f"{path}: could not encode the picture as {fmt}: {exc}", field="output") from exc
     try:

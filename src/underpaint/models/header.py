@@ -213,9 +213,16 @@ def _tensor_info(p: Path, name: str, entry: object, body: int) -> TensorInfo:
 
 
 def _torch_load(p: Path, kind: str) -> dict[str, torch.Tensor]:
-    """torch.load restricted to tensors and plain containers; code-carrying pickles are refused."""
+    """The flat name → tensor mapping of a torch file (:func:`load_torch_object`)."""
+    return _tensors_of(p, load_torch_object(p, kind))
+
+
+def load_torch_object(p: Path, kind: str | None = None) -> object:
+    """What a torch file holds, read with torch.load restricted to tensors and plain containers:
+    code-carrying pickles are refused (:class:`UnsafeModelFile`). ``kind``: :func:`sniff_format`'s."""
     import torch
 
+    kind = kind or sniff_format(p)
     try:
         if p.suffix.lower() == ".safetensors":  # torch.load would hand this name to safetensors: pass the bytes
             with open(p, "rb") as f:
@@ -229,7 +236,7 @@ def _torch_load(p: Path, kind: str) -> dict[str, torch.Tensor]:
         ) from None
     except Exception as exc:  # corrupt zip, truncated pickle, ...
         raise ModelError(f"{p}: cannot read this torch checkpoint ({exc.__class__.__name__}: {_first_line(exc)})") from None
-    return _tensors_of(p, obj)
+    return obj
 
 
 def _tensors_of(p: Path, obj: object) -> dict[str, torch.Tensor]:

@@ -1,8 +1,9 @@
 """The models folder: where checkpoints, VAEs, LoRAs, embeddings and ControlNets are found by name.
 
 Two layouts are read. underpaint's own (``checkpoints/ vae/ loras/ embeddings/ controlnet/
-VAE-approx/``) and an existing AUTOMATIC1111 install's (``models/Stable-diffusion``, ``models/VAE``,
-``models/Lora``, ``embeddings/``, ``models/ControlNet``, ``models/VAE-approx``), given either the
+VAE-approx/ upscale_models/``) and an existing AUTOMATIC1111 install's (``models/Stable-diffusion``,
+``models/VAE``, ``models/Lora``, ``embeddings/``, ``models/ControlNet``, ``models/VAE-approx``,
+``models/ESRGAN`` and ``models/RealESRGAN``), given either the
 install's root or its ``models/`` folder, so people can point underpaint at the files they already
 have. Names follow A1111: a checkpoint's name is its path relative to the checkpoints folder
 without the extension, its title is the file name with the short hash in brackets when it is known.
@@ -43,6 +44,8 @@ CHECKPOINT_EXTENSIONS = (".safetensors", ".ckpt", ".gguf")
 VAE_EXTENSIONS = (".safetensors", ".ckpt", ".pt")
 #: FLUX.1's CLIP-L and T5 files (and T5's spiece.model beside them).
 TEXT_ENCODER_EXTENSIONS = (".safetensors", ".gguf")  # GGUF: T5 encoders in llama.cpp's layout
+#: Upscaling models: A1111's and ComfyUI's .pth files (read with weights_only), or safetensors.
+UPSCALER_EXTENSIONS = (".pth", ".pt", ".safetensors")
 
 # kind → (underpaint folder, A1111 folders relative to an A1111 root)
 _FOLDERS = {
@@ -54,6 +57,8 @@ _FOLDERS = {
     "text_encoders": ("text_encoders", ("models/text_encoder",)),
     # Tiny preview decoders (TAESD); A1111 keeps them in models/VAE-approx.
     "vae_approx": ("VAE-approx", ("models/VAE-approx",)),
+    # Upscaling models (ESRGAN, Real-ESRGAN): ComfyUI's folder name; A1111 keeps them by kind.
+    "upscalers": ("upscale_models", ("models/ESRGAN", "models/RealESRGAN")),
 }
 
 _TITLE_HASH = re.compile(r"^(.*?)\s*\[([0-9a-fA-F]{8,64})\]$")
@@ -145,6 +150,10 @@ class ModelsDir:
         return self.folder("text_encoders")
 
     @property
+    def upscalers_dir(self) -> Path:
+        return self.folder("upscalers")
+
+    @property
     def vae_approx_dir(self) -> Path:
         return self.folder("vae_approx")
 
@@ -187,6 +196,11 @@ class ModelsDir:
         """Single-file text encoders for FLUX.1 (``clip_l.safetensors``, ``t5xxl_fp16.safetensors``,
         ``t5-v1_1-xxl-encoder-Q8_0.gguf``, ...)."""
         return self._entries("text_encoders", TEXT_ENCODER_EXTENSIONS, diffusers_folders=False)
+
+    def list_upscalers(self) -> list[CheckpointEntry]:
+        """Upscaling model files (``4x-UltraSharp.pth``, ``RealESRGAN_x4plus.pth``, ...), named by
+        their path without the extension; pipeline/upscale.py gives the Real-ESRGAN files A1111's names."""
+        return self._entries("upscalers", UPSCALER_EXTENSIONS, diffusers_folders=False)
 
     def resolve_text_encoder(self, name_or_path: str | os.PathLike) -> Path:
         return self._resolve("text encoder", name_or_path, self.list_text_encoders(), "text_encoders")

@@ -38,7 +38,6 @@ PIL picture, whole or in overlapping tiles blended with linear weights.
 
 from __future__ import annotations
 
-import pickle
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -50,11 +49,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from ..errors import InvalidParameter, ModelError, UnsafeModelFile
+from ..errors import InvalidParameter, ModelError
 from . import header
-
-#: File name endings listed as upscaling models.
-UPSCALER_EXTENSIONS = (".pth", ".pt", ".safetensors")
+from .registry import UPSCALER_EXTENSIONS  # noqa: F401 - the file name endings listed as upscaling models
 
 ARCH_ESRGAN = "ESRGAN"
 ARCH_COMPACT = "Real-ESRGAN Compact"
@@ -443,36 +440,16 @@ def load_upscaler(path: str | Path, *, device: str | torch.device = "cpu",
 
 
 def _read_weights(p: Path) -> Mapping[str, object]:
-    """The file's tensors, keeping the ``params_ema``/``params`` nesting of BasicSR's .pth files.
-
-    safetensors files go through :func:`header.load_state_dict`. Pickle-based files are read with
-    ``torch.load(weights_only=True)`` here, as header does (refused with :class:`UnsafeModelFile`
-    when they need code), because header's reader keeps only a flat dict's top-level tensors.
-    """
+    """The file's tensors, keeping the ``params_ema``/``params`` nesting of BasicSR's .pth files
+    (header's flat reader would keep only top-level tensors); pickle-based files are read with
+    ``torch.load(weights_only=True)``, refused (:class:`UnsafeModelFile`) when they need code."""
     kind = header.sniff_format(p)  # missing, empty, or neither safetensors nor torch: ModelError
     if kind == "safetensors":
         return header.load_state_dict(p)
-    try:
-        if p.suffix.lower() == ".safetensors":  # torch.load would hand this name to safetensors: pass the bytes
-            with open(p, "rb") as f:
-                obj = torch.load(f, map_location="cpu", weights_only=True)
-        else:
-            obj = torch.load(str(p), map_location="cpu", weights_only=True, mmap=(kind == "zip"))
-    except pickle.UnpicklingError as exc:
-        raise UnsafeModelFile(
-            f"{p}: refused: this pickle-based file needs arbitrary code to load ({_first_line(exc)}); "
-            "convert it to .safetensors with a tool you trust, or get the .safetensors version"
-        ) from None
-    except Exception as exc:  # corrupt zip, truncated pickle, ...
-        raise ModelError(f"{p}: cannot read this torch file ({exc.__class__.__name__}: {_first_line(exc)})") from None
+    obj = header.load_torch_object(p, kind)
     if not isinstance(obj, Mapping):
         raise ModelError(f"{p}: torch file holds a {type(obj).__name__}, expected a dict of tensors")
     return obj
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else exc.__class__.__name__
 
 
 # --------------------------------------------------------------------------------------------- running

@@ -60,6 +60,9 @@ class HiresPlan:
 
     plan: Plan
     size: hires_mod.HiresSize
+    #: A picture upscaler resolved before the first pass (a built-in's name or a model's entry);
+    #: None for the latent modes.
+    upscaler: object = None
 
 
 @dataclass(frozen=True)
@@ -251,8 +254,14 @@ def _hires_plan(model, plan: Plan) -> HiresPlan:
         if exc.field not in ("sampler", "scheduler"):
             raise
         raise InvalidParameter(f"hires_{exc.field}", exc.value, exc.expected) from None
+    upscaler = None
+    if not p.hires.in_latent_space:  # an unknown upscaling model is refused before any work
+        from . import upscale
+
+        upscaler = upscale.resolve(getattr(model, "models_dir", None), p.hires.upscaler_name, "hires_upscaler",
+                                   hires=True)
     return HiresPlan(replace(plan, params=second, width=size.width, height=size.height, sigmas=sigmas,
-                             full_sigmas=full, steps_run=len(sigmas) - 1), size)
+                             full_sigmas=full, steps_run=len(sigmas) - 1), size, upscaler)
 
 
 def _schedule(model, params: GenerationParams, width: int, height: int, *, img2img: bool,
@@ -325,7 +334,11 @@ def _run_hires_batch(model, plan: Plan, hires: HiresPlan, job: int, seeds, subse
     if cancel.interrupted or cancel.skipped:
         cancel.stop_batch()  # even when the first pass had finished: the picture lacks the second
         return decode_latents(model, latents)
-    start = _second_pass_start(model, plan, hires, latents)
+    try:
+        start = _second_pass_start(model, plan, hires, latents, cancel)
+    except _UpscaleStopped:  # interrupted or skipped while an upscaling model ran
+        cancel.stop_batch()
+        return decode_latents(model, latents)
     second = None
     if control is not None:
         second = control.second_pass(hires.plan.width, hires.plan.height, hires.plan.steps_run)
@@ -333,9 +346,14 @@ def _run_hires_batch(model, plan: Plan, hires: HiresPlan, job: int, seeds, subse
                       window=(plan.steps_run, total))
 
 
-def _second_pass_start(model, plan: Plan, hires: HiresPlan, latents: torch.Tensor) -> SecondPassStart:
-    """Upscale the first pass: in latent space, or decoded, resized with Pillow and encoded again;
-    then crop to the hires size."""
+class _UpscaleStopped(Exception):
+    """An interrupt or skip between an upscaling model's tiles."""
+
+
+def _second_pass_start(model, plan: Plan, hires: HiresPlan, latents: torch.Tensor,
+                       cancel: Cancellation | None = None) -> SecondPassStart:
+    """Upscale the first pass: in latent space, or decoded, upscaled (Pillow or an upscaling model)
+    and encoded again; then crop to the hires size."""
     p = plan.params
     assert p.hires is not None
     size, upscaler = hires.size, p.hires.upscaler_name
@@ -343,7 +361,14 @@ def _second_pass_start(model, plan: Plan, hires: HiresPlan, latents: torch.Tenso
     if p.hires.in_latent_space:
         init = hires_mod.upscale_latents(latents, upscaler, size.upscale_width, size.upscale_height)
     else:
-        pictures = [hires_mod.upscale_picture(image, size.upscale_width, size.upscale_height, upscaler)
+        from .upscale import picture_pass
+
+        def check() -> None:
+            if cancel is not None and (cancel.interrupted or cancel.skipped):
+                raise _UpscaleStopped
+
+        one_pass = picture_pass(hires.upscaler or upscaler, device=str(model.device), cancel=check)
+        pictures = [hires_mod.upscale_picture(image, size.upscale_width, size.upscale_height, upscaler, one_pass)
                     for image in decode_latents(model, latents)]
         pixels = images_to_tensor(pictures)
         init = encode_pixels(model, pixels)

@@ -2,9 +2,9 @@
 
 The first pass is a plain txt2img at the request's size. Its latent is then upscaled in latent
 space (``torch.nn.functional.interpolate`` with the mode and antialias of A1111's "Latent ..."
-upscalers), or its decoded picture is upscaled with Pillow ("None", "Lanczos", "Nearest") and
-encoded again. When both hires width and height are given the upscaled latent is cropped to
-them. The second pass is img2img on that latent: A1111 hands it ``steps`` explicitly, which
+upscalers), or its decoded picture is upscaled (Pillow's "None", "Lanczos", "Nearest", or an
+upscaling model such as ESRGAN: pipeline/upscale.py) and encoded again. When both hires width
+and height are given the upscaled latent is cropped to them. The second pass is img2img on that latent: A1111 hands it ``steps`` explicitly, which
 makes it run exactly that many steps whatever the strength (the ``img2img_fix_steps`` rule,
 whatever that setting says), with new noise from the same seeds at the hires size.
 
@@ -15,6 +15,7 @@ Only the second pass's pictures are returned (A1111 saves the first ones only wi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,9 @@ from PIL import Image
 
 from ..params import HIRES_LATENT_MODES, GenerationParams, HiresOptions
 from ..sampling.names import infotext_schedule, sampler_info
+
+if TYPE_CHECKING:
+    from .upscale import OnePass
 
 
 @dataclass(frozen=True)
@@ -61,23 +65,24 @@ def crop_latents(latents: torch.Tensor, size: HiresSize) -> torch.Tensor:
     return cropped[..., : size.height // 8, : size.width // 8]
 
 
-def upscale_picture(image: Image.Image, width: int, height: int, upscaler: str) -> Image.Image:
-    """A1111's ``resize_image(0, image, width, height, upscaler_name)`` for its built-in upscalers.
+def upscale_picture(image: Image.Image, width: int, height: int, upscaler: str,
+                    one_pass: "OnePass | None" = None) -> Image.Image:
+    """A1111's ``resize_image(0, image, width, height, upscaler_name)``.
 
-    "None": one Lanczos resize. "Lanczos" / "Nearest", when enlarging by s = max(width/w,
-    height/h): resize by s (int of each side) with that filter, then Lanczos to s·size rounded
-    down to a multiple of 8, then Lanczos to the target, each step only if the size differs.
+    "None": one Lanczos resize. Any other upscaler, when enlarging by s = max(width/w, height/h):
+    :func:`~underpaint.pipeline.upscale.upscale_by` by s (a built-in's resize, or an upscaling
+    model's passes, then Lanczos to s·size rounded down to a multiple of 8), then Lanczos to the
+    target, each step only if the size differs. ``one_pass``: the upscaler's pass (default: the
+    built-in one of that name).
     """
+    from .upscale import builtin_pass, upscale_by
+
     lanczos = Image.Resampling.LANCZOS
     if upscaler == "None":
         return image.resize((width, height), resample=lanczos)
     scale = max(width / image.width, height / image.height)
     if scale > 1.0:
-        dest = (int((image.width * scale) // 8 * 8), int((image.height * scale) // 8 * 8))
-        resample = Image.Resampling.NEAREST if upscaler == "Nearest" else lanczos
-        image = image.resize((int(image.width * scale), int(image.height * scale)), resample=resample)
-        if image.size != dest:
-            image = image.resize(dest, resample=lanczos)
+        image = upscale_by(image, scale, one_pass or builtin_pass(upscaler))
     if image.size != (width, height):
         image = image.resize((width, height), resample=lanczos)
     return image

@@ -46,6 +46,8 @@ class ConvertContext:
     outputs: SampleFolders | None = None
     #: ``sd_vae`` as the server keeps it (catalog.py's ``vae_choice``); None: only Automatic and None.
     vae_choice: Callable[..., str] | None = None
+    #: The models folder whose upscaling models ``hr_upscaler`` may name (None: built-in ones only).
+    models_folder: Callable[[], Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -134,6 +136,11 @@ def _hires_options(req: Txt2ImgRequest, ctx: ConvertContext, width: int, height:
             **_styled_hires_prompts(req, ctx))
     except InvalidParameter as exc:
         raise _renamed(exc) from None
+    if not hires.in_latent_space:  # an upscaling model that is not there: refused before queueing
+        from ...pipeline import upscale
+
+        upscale.resolve(ctx.models_folder() if ctx.models_folder else None, hires.upscaler_name, "hr_upscaler",
+                        hires=True)
     if width < 64 or height < 64:  # refused by name when the request is built
         return hires
     out_w, out_h = hires.output_size(width, height)

@@ -1,13 +1,15 @@
 """A1111's Extras tab over the API: /extra-single-image and /extra-batch-images.
 
-Pictures are upscaled with A1111's built-in upscalers, the ones /upscalers lists ("None",
-"Lanczos", "Nearest"), the way its "Upscale" postprocessing step runs them:
+Pictures are upscaled with the upscalers /upscalers lists, A1111's built-in ones ("None",
+"Lanczos", "Nearest") and the upscaling models in the models folder (ESRGAN, Real-ESRGAN), the
+way its "Upscale" postprocessing step runs them (pipeline/upscale.py):
 
 - the scale is ``upscaling_resize`` (resize_mode 0), or the larger of target width / picture
   width and target height / picture height (resize_mode 1);
-- the upscaler resizes the picture by that scale (each side cut to an integer), then Lanczos
-  brings it to the scaled size rounded down to a multiple of 8 (a picture already at least that
-  size, when the scale is not 1, gets only the Lanczos step);
+- a built-in upscaler resizes the picture by that scale (each side cut to an integer), a model
+  runs its own scale, up to three times until the picture covers the scaled size rounded down to
+  a multiple of 8; then Lanczos brings it to that size (a picture already at least that size,
+  when the scale is not 1, gets only the Lanczos step);
 - resize_mode 1 with ``upscaling_crop`` centres that on a black canvas of the target size;
 - ``upscaler_2`` at ``extras_upscaler_2_visibility`` above 0 upscales the same picture again and
   is blended in; with ``upscaler_1`` "None" nothing is done at all.
@@ -15,23 +17,23 @@ Pictures are upscaled with A1111's built-in upscalers, the ones /upscalers lists
 Each returned PNG keeps the input's ``parameters`` infotext and gains a ``postprocessing`` text
 ("Postprocess upscale by: 2.0, Postprocess upscaler: Lanczos"), as A1111 writes them.
 Face restoration (GFPGAN, CodeFormer) is not available: a visibility above 0 is refused by name.
-The work is Pillow resizing in a worker thread, never on the generation queue, one request at a
-time (each may hold up to ``Limits.max_input_images`` pictures at the pixel limit, so concurrent
-ones would add up).
+Built-in upscaling is Pillow resizing in a worker thread, off the generation queue; a request
+that names an upscaling model runs on the queue like a generation (the model uses the
+generation device). Either way one request at a time (each may hold up to
+``Limits.max_input_images`` pictures at the pixel limit, so concurrent ones would add up).
 """
 
 from __future__ import annotations
 
 import html
 import threading
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
-from ...errors import InvalidParameter, UnknownName
-from ...params import HIRES_PIXEL_UPSCALERS
+from ...errors import InvalidParameter
+from ...pipeline import upscale as upscalers
 from ..config import Limits
 from ..images import PictureBudget, decode_image
 from ..security import JSONValueLimitRoute
@@ -45,47 +47,27 @@ if TYPE_CHECKING:
 router = APIRouter(prefix="/sdapi/v1", tags=["extras"], route_class=JSONValueLimitRoute)
 
 
-@dataclass(frozen=True)
-class ExtrasJob:
-    """Checked Extras settings: upscalers by their A1111 names (None: "None")."""
-
-    upscaler: str | None
-    second: str | None
-    visibility: float
-    mode: int
-    scale: float
-    width: int
-    height: int
-    crop: bool
+def _upscaler(value: str, field: str, folder) -> "str | upscalers.UpscalerModelEntry | None":
+    found = upscalers.resolve(folder, value, field)
+    return None if found == "None" else found
 
 
-def _upscaler(value: str, field: str) -> str | None:
-    for name in HIRES_PIXEL_UPSCALERS:
-        if value.strip().lower() == name.lower():
-            return None if name == "None" else name
-    raise UnknownName(field, value, HIRES_PIXEL_UPSCALERS)
-
-
-def prepare(req: ExtrasRequest) -> ExtrasJob:
-    """The request's settings, refusing what underpaint cannot do by the field's name."""
+def prepare(req: ExtrasRequest, folder=None) -> upscalers.ExtrasJob:
+    """The request's settings, refusing what underpaint cannot do by the field's name. ``folder``:
+    the models folder whose upscaling models the request may name."""
     for name in ("gfpgan_visibility", "codeformer_visibility"):
         if getattr(req, name) > 0:
             raise InvalidParameter(name, getattr(req, name), "0 (face restoration is not available in underpaint)")
-    return ExtrasJob(upscaler=_upscaler(req.upscaler_1, "upscaler_1"), second=_upscaler(req.upscaler_2, "upscaler_2"),
+    return upscalers.ExtrasJob(upscaler=_upscaler(req.upscaler_1, "upscaler_1", folder),
+                     second=_upscaler(req.upscaler_2, "upscaler_2", folder),
                      visibility=req.extras_upscaler_2_visibility, mode=req.resize_mode, scale=req.upscaling_resize,
                      width=req.upscaling_resize_w, height=req.upscaling_resize_h, crop=req.upscaling_crop)
 
 
-def _scale(job: ExtrasJob, image: "Image") -> float:
-    if job.mode == 1:
-        return max(job.width / image.width, job.height / image.height)
-    return job.scale
-
-
-def _check_size(job: ExtrasJob, image: "Image", field: str, limits: Limits) -> None:
+def _check_size(job: upscalers.ExtrasJob, image: "Image", field: str, limits: Limits) -> None:
     """Refuse, before any work, a result (or the upscaler's step before the rounding) beyond the
     limits, or one under 8 pixels a side (compared as numbers first: a huge scale never overflows)."""
-    scale = _scale(job, image)
+    scale = upscalers.extras_scale(job, image)
     sizes = [(image.width * scale, image.height * scale)]
     if job.mode == 1 and job.crop:
         sizes.append((job.width, job.height))
@@ -105,53 +87,6 @@ def _check_size(job: ExtrasJob, image: "Image", field: str, limits: Limits) -> N
                                             f"{int(w)}x{int(h)})")
 
 
-def upscale(image: "Image", upscaler: str, scale: float) -> "Image":
-    """A1111's built-in upscaler step: by ``scale`` with the upscaler's filter, then Lanczos to the
-    scaled size rounded down to a multiple of 8."""
-    from PIL import Image as PILImage
-
-    lanczos = PILImage.Resampling.LANCZOS
-    dest = (int(image.width * scale // 8 * 8), int(image.height * scale // 8 * 8))
-    reached = image.width >= dest[0] and image.height >= dest[1]
-    if not (reached and scale != 1):
-        resample = PILImage.Resampling.NEAREST if upscaler == "Nearest" else lanczos
-        image = image.resize((int(image.width * scale), int(image.height * scale)), resample=resample)
-    if image.size != dest:
-        image = image.resize(dest, resample=lanczos)
-    return image
-
-
-def run(job: ExtrasJob, image: "Image") -> tuple["Image", str]:
-    """One picture through the Upscale step: the result (RGB) and its postprocessing text."""
-    from PIL import Image as PILImage
-
-    image = image.convert("RGB")
-    if job.upscaler is None:
-        return image, ""
-    scale = _scale(job, image)
-    info: dict[str, str] = {}
-    if job.mode == 1:
-        info["Postprocess upscale to"] = f"{job.width}x{job.height}"
-    else:
-        info["Postprocess upscale by"] = str(job.scale)
-
-    def step(upscaler: str) -> "Image":
-        result = upscale(image, upscaler, scale)
-        if job.mode == 1 and job.crop:
-            canvas = PILImage.new("RGB", (job.width, job.height))
-            canvas.paste(result, (job.width // 2 - result.width // 2, job.height // 2 - result.height // 2))
-            info["Postprocess crop to"] = f"{job.width}x{job.height}"
-            result = canvas
-        return result
-
-    result = step(job.upscaler)
-    info["Postprocess upscaler"] = job.upscaler
-    if job.second is not None and job.visibility > 0:
-        result = PILImage.blend(result, step(job.second), job.visibility)
-        info["Postprocess upscaler 2"] = job.second
-    return result, ", ".join(f"{key}: {value}" for key, value in info.items())
-
-
 def encode(image: "Image", parameters: str | None, postprocessing: str) -> str:
     """A base64 PNG with the input's infotext (when it had one) and the postprocessing text."""
     from ...imageio.load import encode_png_base64
@@ -168,14 +103,15 @@ def html_info(text: str) -> str:
 _ONE_AT_A_TIME = threading.Lock()
 
 
-def _process(job: ExtrasJob, sources: list[tuple[str, str]], limits: Limits, allow_urls: bool) -> tuple[list[str], str]:
+def _process(job: upscalers.ExtrasJob, sources: list[tuple[str, str]], limits: Limits, allow_urls: bool,
+             device: str = "cpu") -> tuple[list[str], str]:
     """Decode every picture and check its result size first, then upscale and encode each."""
     with _ONE_AT_A_TIME:
-        return _process_now(job, sources, limits, allow_urls)
+        return _process_now(job, sources, limits, allow_urls, device)
 
 
-def _process_now(job: ExtrasJob, sources: list[tuple[str, str]], limits: Limits,
-                 allow_urls: bool) -> tuple[list[str], str]:
+def _process_now(job: upscalers.ExtrasJob, sources: list[tuple[str, str]], limits: Limits,
+                 allow_urls: bool, device: str) -> tuple[list[str], str]:
     pictures = []
     PictureBudget(limits).take(sources[0][1] if len(sources) == 1 else "imageList", len(sources))  # before decoding
     for data, field in sources:
@@ -185,29 +121,41 @@ def _process_now(job: ExtrasJob, sources: list[tuple[str, str]], limits: Limits,
         pictures.append(image)
     encoded, text = [], ""
     for image in pictures:
-        result, text = run(job, image)
+        result, text = upscalers.postprocess(job, image, device)
         parameters = image.info.get("parameters")
         encoded.append(encode(result, parameters if isinstance(parameters, str) else None, text))
     return encoded, text
 
 
+async def _extras(state, job: upscalers.ExtrasJob, sources: list[tuple[str, str]]) -> tuple[list[str], str]:
+    """Run the job: in a worker thread (built-in upscalers), or on the generation queue (a model)."""
+    limits, allow_urls = state.config.limits, state.config.allow_image_urls
+    if not job.uses_model:
+        return await run_in_threadpool(_process, job, sources, limits, allow_urls)
+    from .generation import await_job
+
+    state.queue.check_room()
+    device = state.config.device or "cpu"
+    queued = state.queue.submit("extras", lambda _: _process(job, sources, limits, allow_urls, device))
+    return await await_job(state, queued)
+
+
 @router.post("/extra-single-image", response_model=ExtrasSingleImageResponse,
-             summary="Upscale one picture (built-in upscalers: Lanczos, Nearest)")
+             summary="Upscale one picture (built-in upscalers and upscaling models)")
 async def extra_single_image(body: ExtrasSingleImageRequest, request: Request) -> ExtrasSingleImageResponse:
     state = server_state(request)
-    job = prepare(body)
-    images, text = await run_in_threadpool(_process, job, [(body.image, "image")], state.config.limits,
-                                           state.config.allow_image_urls)
+    job = await run_in_threadpool(prepare, body, state.catalog.folder)
+    images, text = await _extras(state, job, [(body.image, "image")])
     return ExtrasSingleImageResponse(html_info=html_info(text), image=images[0])
 
 
 @router.post("/extra-batch-images", response_model=ExtrasBatchImagesResponse,
-             summary="Upscale several pictures (built-in upscalers: Lanczos, Nearest)")
+             summary="Upscale several pictures (built-in upscalers and upscaling models)")
 async def extra_batch_images(body: ExtrasBatchImagesRequest, request: Request) -> ExtrasBatchImagesResponse:
     state = server_state(request)
-    job = prepare(body)
+    job = await run_in_threadpool(prepare, body, state.catalog.folder)
     if not body.imageList:
         raise InvalidParameter("imageList", [], "a list with at least one picture")
     sources = [(item.data, f"imageList[{i}].data") for i, item in enumerate(body.imageList)]
-    images, text = await run_in_threadpool(_process, job, sources, state.config.limits, state.config.allow_image_urls)
+    images, text = await _extras(state, job, sources)
     return ExtrasBatchImagesResponse(html_info=html_info(text), images=images)

@@ -38,7 +38,8 @@ JOB_HEADER = "X-Underpaint-Job"
 def convert_context(state: ServerState) -> ConvertContext:
     return ConvertContext(limits=state.config.limits, options=state.options, resolve_model=state.catalog.resolve,
                           allow_image_urls=state.config.allow_image_urls, controlnet_files=state.catalog.controlnets,
-                          styles=state.styles.book, outputs=state.outputs, vae_choice=state.catalog.vae_choice)
+                          styles=state.styles.book, outputs=state.outputs, vae_choice=state.catalog.vae_choice,
+                          models_folder=lambda: state.catalog.folder)
 
 
 @dataclass(frozen=True)

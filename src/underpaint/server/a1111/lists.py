@@ -4,7 +4,7 @@ Lists for things underpaint does not have (face restorers, hypernetworks, ...) a
 empty lists, so clients that read them at start-up keep working; /interrogate, which it cannot
 do, is refused naming ``model``. Prompt styles come from the
 server's styles.csv. The upscalers are the hires. fix ones: A1111's built-in picture
-upscalers and its latent upscale modes.
+upscalers, the upscaling models in the models folder, and its latent upscale modes.
 """
 
 from __future__ import annotations
@@ -127,13 +127,29 @@ def _empty(path: str, model: type, summary: str) -> None:
     router.add_api_route(path, endpoint, methods=["GET"], response_model=list[model], summary=summary)
 
 
-@router.get("/upscalers", response_model=list[UpscalerItem], summary="Upscalers for hires. fix (built-in, no models)")
-async def upscalers() -> list[UpscalerItem]:
-    """A1111's built-in upscalers, as it lists them (scale 4, no model); upscaling models are not available."""
+@router.get("/upscalers", response_model=list[UpscalerItem], summary="Picture upscalers: built-in, then models")
+def upscalers(request: Request) -> list[UpscalerItem]:
+    """A1111's built-in upscalers as it lists them (scale 4, no model), then the upscaling models in
+    the models folder (ESRGAN, Real-ESRGAN) by name, each with its file's path relative to its folder
+    (never the server's own paths) and the scale its file name states (else 4, as A1111 lists them)."""
     from ...params import HIRES_PIXEL_UPSCALERS
+    from ...pipeline.upscale import model_entries, nominal_scale
 
-    return [UpscalerItem(name=name, model_name=None, model_path=None, model_url=None, scale=4)
-            for name in HIRES_PIXEL_UPSCALERS]
+    builtin = [UpscalerItem(name=name, model_name=None, model_path=None, model_url=None, scale=4)
+               for name in HIRES_PIXEL_UPSCALERS]
+    models = [UpscalerItem(name=e.name, model_name=e.name, model_path=e.filename, model_url=None,
+                           scale=nominal_scale(e))
+              for e in model_entries(server_state(request).catalog.folder)]
+    return builtin + models
+
+
+@router.get("/realesrgan-models", response_model=list[RealesrganItem], summary="Real-ESRGAN models")
+def realesrgan_models(request: Request) -> list[RealesrganItem]:
+    """The Real-ESRGAN files A1111 knows by name that are in the models folder."""
+    from ...pipeline.upscale import model_entries, nominal_scale
+
+    return [RealesrganItem(name=e.name, path=e.filename, scale=nominal_scale(e))
+            for e in model_entries(server_state(request).catalog.folder) if e.is_realesrgan]
 
 
 @router.get("/latent-upscale-modes", response_model=list[LatentUpscalerModeItem],
@@ -155,7 +171,6 @@ def prompt_styles(request: Request) -> list[PromptStyleItem]:
 for _path, _model, _summary in (
     ("/face-restorers", FaceRestorerItem, "Face restorers (none)"),
     ("/hypernetworks", HypernetworkItem, "Hypernetworks (none)"),
-    ("/realesrgan-models", RealesrganItem, "Real-ESRGAN models (none)"),
     ("/extensions", ExtensionItem, "Installed extensions (none)"),
 ):
     _empty(_path, _model, _summary)
