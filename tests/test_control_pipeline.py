@@ -141,7 +141,7 @@ def test_infotext_records_each_unit(sd1_engine, sd1_controlnet, control_map):
     name = infotext_name(sd1_controlnet)
     assert (f'ControlNet 0: "Module: none, Model: {name}, Weight: 0.5, Resize Mode: Crop and Resize, '
             'Guidance Start: 0.0, Guidance End: 1.0, '
-            'Pixel Perfect: False, Control Mode: ControlNet is more important"') in text
+            'Pixel Perfect: False, Control Mode: ControlNet is more important, Hr Option: Both"') in text
     assert f'ControlNet 1: "Module: canny, Model: {name}, Weight: 1.0' in text
 
 

@@ -205,16 +205,16 @@ def test_infotext_matches_the_extension_format():
     text = unit_infotext(unit, "control_v11p_sd15_canny [d14c016b]")
     assert text == ("Module: canny, Model: control_v11p_sd15_canny [d14c016b], Weight: 1.0, Resize Mode: Crop and Resize, "
                     "Processor Res: 512, Threshold A: 100.0, Threshold B: 200.0, Guidance Start: 0.0, Guidance End: 1.0, "
-                    "Pixel Perfect: False, Control Mode: Balanced")
+                    "Pixel Perfect: False, Control Mode: Balanced, Hr Option: Both")
     entries = control_infotext([unit, ControlUnit(module="depth", guidance_end=0.5, control_mode=1)], ["a [1]", "b [2]"])
     assert [k for k, _ in entries] == ["ControlNet 0", "ControlNet 1"]
     # depth_midas has no threshold sliders: the extension's unit holds -1 there and leaves them out
     assert entries[1][1] == ("Module: depth_midas, Model: b [2], Weight: 1.0, Resize Mode: Crop and Resize, "
                              "Processor Res: 512, Guidance Start: 0.0, Guidance End: 0.5, Pixel Perfect: False, "
-                             "Control Mode: My prompt is more important")
+                             "Control Mode: My prompt is more important, Hr Option: Both")
     ready = unit_infotext(ControlUnit(module="none", weight=0.5), "c [3]")
     assert ready == ("Module: none, Model: c [3], Weight: 0.5, Resize Mode: Crop and Resize, Guidance Start: 0.0, "
-                     "Guidance End: 1.0, Pixel Perfect: False, Control Mode: Balanced")
+                     "Guidance End: 1.0, Pixel Perfect: False, Control Mode: Balanced, Hr Option: Both")
 
 
 def test_sdxl_residuals_see_the_size_embedding(tmp_path):

@@ -10,6 +10,10 @@ With a union ControlNet, ``--control-type`` says which control type the unit's m
 ``union_control_type``); a ready-made map needs it::
 
     --control none:edges.png --control-model promax --control-type "Hard Edge"
+
+With hires. fix, ``--control-hr-option`` keeps a unit to one pass (A1111's "Hires-fix option")::
+
+    --control canny:room.jpg --control-hr-option "low res only"
 """
 
 from __future__ import annotations
@@ -22,6 +26,15 @@ from ..errors import InvalidParameter
 from ..models.union_types import CONTROL_TYPES, SDXL_TYPES, union_type_name
 
 _DEST = "control_drafts"
+
+
+def _hr_option(value: str) -> str:
+    """The flag's hires-fix option, checked as the unit will check it (imported here: the pipeline
+    module brings torch, which ``--help`` does not need)."""
+    from ..pipeline.control import hr_option_name
+
+    return hr_option_name(value)
+
 
 # flag → (unit field, converter, help)
 _MODIFIERS = {
@@ -36,6 +49,9 @@ _MODIFIERS = {
     "--control-res": ("processor_res", int, "preprocessor resolution (default 512)"),
     "--control-threshold-a": ("threshold_a", float, "the preprocessor's first threshold (e.g. canny low)"),
     "--control-threshold-b": ("threshold_b", float, "the preprocessor's second threshold (e.g. canny high)"),
+    "--control-hr-option": ("hr_option", _hr_option,
+                            "with hires. fix, the passes the unit before it runs in: both (default), "
+                            "'low res only' (the first pass) or 'high res only' (the second); any case"),
     "--control-type": ("union_control_type", union_type_name,
                        "for a union ControlNet, the control type of the unit's map: " + ", ".join(SDXL_TYPES)
                        + "; FLUX union models also " + ", ".join(CONTROL_TYPES[len(SDXL_TYPES):])

@@ -23,11 +23,14 @@ Behaviour follows A1111's ControlNet extension (sd-webui-controlnet):
   its preprocessor (canny → Hard Edge, depth → Depth, ...; models/union_types.py); a ready-made
   map (module "none") needs the explicit type. The hint fills that type's slot and the 0/1 type
   vector marks it; its residuals are then weighted, windowed and moded as any ControlNet's;
-- with hires. fix the units run in both passes (the extension's default, "Both"): the second pass
-  fits the same preprocessed map to its own size, counts guidance start/end over its own steps,
-  and always uses the soft-injection scales, even for "Balanced" (the extension does so to keep
-  the upscaled picture free of ControlNet artefacts); "ControlNet is more important" still keeps
-  the control off the negative prompt there.
+- with hires. fix a unit runs in the passes its ``hr_option`` names (the extension's "Hires-fix
+  option"): "Both" (the default), "Low res only" (the first pass) or "High res only" (the second);
+  a pass left with no unit runs without ControlNet. The second pass fits the same preprocessed map
+  to its own size, counts guidance start/end over its own steps, and always uses the
+  soft-injection scales, even for "Balanced" (the extension does so to keep the upscaled picture
+  free of ControlNet artefacts); "ControlNet is more important" still keeps the control off the
+  negative prompt there. Without hires. fix there is one pass and every unit runs in it, whatever
+  its option (our choice: the option only says which pass of two a unit belongs to).
 """
 
 from __future__ import annotations
@@ -58,6 +61,34 @@ SOFT_DECAY = 0.825
 _SD1_RESIDUALS = 13
 
 
+#: The extension's hires-fix options (``hr_option``): which passes of a hires. fix run a unit runs in.
+HR_BOTH = "Both"
+HR_LOW_RES_ONLY = "Low res only"
+HR_HIGH_RES_ONLY = "High res only"
+HR_OPTIONS = (HR_BOTH, HR_LOW_RES_ONLY, HR_HIGH_RES_ONLY)
+# The extension's enum member names, which its Python clients send as "HiResFixOption.LOW_RES_ONLY".
+_HR_ENUM_NAMES = {"both": HR_BOTH, "low_res_only": HR_LOW_RES_ONLY, "high_res_only": HR_HIGH_RES_ONLY}
+
+
+def hr_option_name(value: str | int) -> str:
+    """The extension's hires-fix option for an index (0-2, in the order of :data:`HR_OPTIONS`), one of
+    its three names in any case, or its enum's text form ("HiResFixOption.HIGH_RES_ONLY"), which the
+    extension also reads."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(HR_OPTIONS):
+        return HR_OPTIONS[value]
+    if isinstance(value, str):
+        text = value.strip()
+        if text.isdigit():
+            return hr_option_name(int(text))
+        for option in HR_OPTIONS:
+            if text.lower() == option.lower():
+                return option
+        prefix, dot, member = text.partition(".")
+        if dot and prefix.lower() == "hiresfixoption" and member.lower() in _HR_ENUM_NAMES:
+            return _HR_ENUM_NAMES[member.lower()]
+    raise InvalidParameter("hr_option", value, "0, 1, 2 or one of " + ", ".join(repr(o) for o in HR_OPTIONS))
+
+
 def control_mode_name(value: str | int) -> str:
     """The extension's control mode for an index (0-2) or any spelling ("prompt", "controlnet", ...)."""
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(CONTROL_MODES):
@@ -81,7 +112,9 @@ class ControlUnit:
     ``models/controlnet/`` whose name matches the module and the checkpoint's family);
     ``threshold_a``/``threshold_b`` None take the module's defaults; ``union_control_type`` is
     the control type a union model runs as (the extension's names, "Hard Edge", "Depth", ...;
-    None or "Unknown": the preprocessor's type), ignored by other models.
+    None or "Unknown": the preprocessor's type), ignored by other models; ``hr_option`` the passes
+    of a hires. fix run the unit runs in ("Both", "Low res only", "High res only"; without hires.
+    fix it always runs).
     """
 
     image: "Image | None" = None
@@ -97,6 +130,7 @@ class ControlUnit:
     threshold_b: float | None = None
     pixel_perfect: bool = False
     union_control_type: str | None = None
+    hr_option: str = HR_BOTH
 
     def __post_init__(self) -> None:
         from ..models.union_types import union_type_name
@@ -107,6 +141,7 @@ class ControlUnit:
         object.__setattr__(self, "union_control_type", union_type_name(self.union_control_type))
         object.__setattr__(self, "control_mode", control_mode_name(self.control_mode))
         object.__setattr__(self, "resize_mode", resize_mode_name(self.resize_mode))
+        object.__setattr__(self, "hr_option", hr_option_name(self.hr_option))
         _check_range("control weight", self.weight, 0.0, 2.0)
         _check_range("guidance_start", self.guidance_start, 0.0, 1.0)
         _check_range("guidance_end", self.guidance_end, 0.0, 1.0)
@@ -122,6 +157,16 @@ class ControlUnit:
         from ..preprocess.registry import get_preprocessor
 
         return get_preprocessor(self.module)
+
+    @property
+    def in_first_pass(self) -> bool:
+        """Whether the unit runs in the first pass of a hires. fix run ("Both" or "Low res only")."""
+        return self.hr_option != HR_HIGH_RES_ONLY
+
+    @property
+    def in_second_pass(self) -> bool:
+        """Whether the unit runs in the second pass of a hires. fix run ("Both" or "High res only")."""
+        return self.hr_option != HR_LOW_RES_ONLY
 
     @property
     def thresholds(self) -> tuple[float | None, float | None]:
@@ -241,14 +286,24 @@ class ControlStack:
     def on_step(self, step: int) -> None:
         self.step = step
 
-    def second_pass(self, width: int, height: int, steps: int) -> "ControlStack":
-        """The stack for a hires. fix second pass of ``steps`` steps at ``width`` x ``height``: each
-        unit's preprocessed map fitted again to that size (the preprocessor does not run again, as
-        in the extension), adapters' features made from it, the soft-injection scales on."""
+    def first_pass(self) -> "ControlStack | None":
+        """The stack for the first pass of a hires. fix run: the units without "High res only" (the
+        same objects, not copies), or None when no unit is left, so that the pass runs without
+        ControlNet."""
+        units = [active for active in self.units if active.unit.in_first_pass]
+        return ControlStack(units, self.steps) if units else None
+
+    def second_pass(self, width: int, height: int, steps: int) -> "ControlStack | None":
+        """The stack for a hires. fix second pass of ``steps`` steps at ``width`` x ``height``: the
+        units without "Low res only" (None when no unit is left), each unit's preprocessed map fitted
+        again to that size (the preprocessor does not run again, as in the extension), adapters'
+        features made from it, the soft-injection scales on."""
         from dataclasses import replace
 
         units = []
         for active in self.units:
+            if not active.unit.in_second_pass:
+                continue
             if active.detected is None:
                 raise ValueError("a ControlNet unit without its preprocessed map cannot run a second pass")
             fitted = fit_map(active.detected, width, height, active.unit.resize_mode)
@@ -260,7 +315,7 @@ class ControlStack:
 
                 features = adapter_features(active.net.module, hint.to(active.net.dtype), active.net.name)
             units.append(replace(active, hint=hint, features=features))
-        return ControlStack(units, steps, high_res=True)
+        return ControlStack(units, steps, high_res=True) if units else None
 
     def set_conds(self, prompt: object, negative: object) -> None:
         self.prompt, self.negative = prompt, negative
@@ -501,6 +556,7 @@ def unit_infotext(unit: ControlUnit, model_name: str) -> str:
         ("Threshold A", _number(a)), ("Threshold B", _number(b)),
         ("Guidance Start", _number(unit.guidance_start)), ("Guidance End", _number(unit.guidance_end)),
         ("Pixel Perfect", str(bool(unit.pixel_perfect))), ("Control Mode", unit.control_mode),
+        ("Hr Option", unit.hr_option),
     )
     return ", ".join(f"{k}: {v}" for k, v in fields if v != "-1")
 

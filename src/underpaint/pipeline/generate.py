@@ -326,10 +326,12 @@ def _run_hires_batch(model, plan: Plan, hires: HiresPlan, job: int, seeds, subse
 
     Progress counts the steps of both passes. An interrupt or a skip during the first pass returns
     its current estimate at the first size, without the second pass (A1111 skips it then too).
-    ``control`` (a ControlStack) runs in both passes, the second with its own maps and steps.
+    ``control`` (a ControlStack) runs in both passes, the second with its own maps and steps; each
+    pass leaves out the units whose hires-fix option is the other pass only.
     """
     total = plan.steps_run + hires.plan.steps_run
-    latents = _run_batch(model, plan, job, seeds, subseeds, progress, cancel, control, keep_latents=True,
+    first = None if control is None else control.first_pass()
+    latents = _run_batch(model, plan, job, seeds, subseeds, progress, cancel, first, keep_latents=True,
                          window=(0, total))
     if cancel.interrupted or cancel.skipped:
         cancel.stop_batch()  # even when the first pass had finished: the picture lacks the second

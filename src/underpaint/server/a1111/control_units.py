@@ -4,8 +4,9 @@ Each unit dict becomes a :class:`~underpaint.pipeline.control.ControlUnit`: imag
 the server's limits, the extension's "-1 means default" values mapped to None, the model name
 matched against the files in the models folder only (never a path from the request), and the
 extension's ``union_control_type`` ("Hard Edge", "Depth", ...; "Unknown": from the preprocessor)
-kept for union models. Errors the engine finds later about ``control_units[k]`` are renamed to the
-k-th enabled unit of the request (:func:`request_field`).
+kept for union models, and its ``hr_option`` ("Both", "Low res only", "High res only": the passes
+of a hires. fix run the unit runs in) kept for every unit. Errors the engine finds later about
+``control_units[k]`` are renamed to the k-th enabled unit of the request (:func:`request_field`).
 """
 
 from __future__ import annotations
@@ -97,6 +98,7 @@ def _unit(raw: Mapping[str, Any], field: str, *, pictures: PictureBudget, allow_
         "threshold_b": _number(raw, "threshold_b", -1, field),
         "pixel_perfect": bool(raw.get("pixel_perfect", False)),
         "union_control_type": raw.get("union_control_type"),
+        "hr_option": "Both" if raw.get("hr_option") is None else raw["hr_option"],
     }
     if values["processor_res"] < 0:
         values["processor_res"] = 512
