@@ -161,6 +161,26 @@ def hires_upscaler_name(value: object, field: str = "hires_upscaler") -> str:
 
 
 @dataclass(frozen=True)
+class SDUpscaleOptions:
+    """A1111's img2img script "SD upscale" (pipeline/sd_upscale.py): the init picture enlarged by
+    ``scale`` with ``upscaler`` (a picture upscaler: "None", "Lanczos", "Nearest" or an upscaling
+    model's name), cut into tiles of the request's width x height overlapping by ``overlap``
+    pixels, each tile repainted by img2img, and the tiles blended back together."""
+
+    scale: float = 2.0
+    #: "None" keeps the picture's size (the scale is then unused), as in A1111.
+    upscaler: str = "Lanczos"
+    overlap: int = 64
+
+    def __post_init__(self) -> None:
+        _check_range("sd_upscale_scale", self.scale, 1.0, 8.0)
+        _check_range("sd_upscale_overlap", self.overlap, 0, 256, integer=True)
+        if not isinstance(self.upscaler, str) or not self.upscaler.strip():
+            raise InvalidParameter("sd_upscale_upscaler", self.upscaler, "an upscaler's name")
+        object.__setattr__(self, "upscaler", self.upscaler.strip())
+
+
+@dataclass(frozen=True)
 class HiresOptions:
     """A1111's "Hires. fix" for txt2img: a second pass over the first picture, upscaled.
 
@@ -300,6 +320,8 @@ class GenerationParams:
     #: first block's relative change under which the other blocks are skipped, 0 (off) to 1
     #: (0.12 is ComfyUI-WaveSpeed's suggestion for FLUX.1-dev).
     first_block_cache: float = 0.0
+    #: A1111's "SD upscale" img2img script; None: off.
+    sd_upscale: SDUpscaleOptions | None = None
 
     def __post_init__(self) -> None:
         from .sampling.names import resolve_sampler  # torch-free table
@@ -342,6 +364,8 @@ class GenerationParams:
         if self.inpaint.masked_content not in MASKED_CONTENT:
             raise InvalidParameter("masked_content", self.inpaint.masked_content, "one of " + ", ".join(MASKED_CONTENT))
         object.__setattr__(self, "preview_method", preview_method_name(self.preview_method))
+        if self.sd_upscale is not None:
+            self._check_sd_upscale()
         if self.deepcache is not None and not isinstance(self.deepcache, DeepCacheOptions):
             raise InvalidParameter("deepcache", type(self.deepcache).__name__, "DeepCacheOptions or None")
         if self.control_units:
@@ -358,6 +382,15 @@ class GenerationParams:
             object.__setattr__(self, "hires", self._checked_hires(sampler, schedule))
         object.__setattr__(self, "sampler", sampler)
         object.__setattr__(self, "scheduler", schedule)
+
+    def _check_sd_upscale(self) -> None:
+        if not isinstance(self.sd_upscale, SDUpscaleOptions):
+            raise InvalidParameter("sd_upscale", type(self.sd_upscale).__name__, "SDUpscaleOptions or None")
+        if self.mask is not None:
+            raise InvalidParameter("sd_upscale", "with a mask", "img2img without a mask (SD upscale repaints the "
+                                                                "whole picture, tile by tile)")
+        if self.hires is not None:
+            raise InvalidParameter("sd_upscale", "with hires", "no hires. fix (a txt2img option)")
 
     def _checked_hires(self, sampler: str, schedule: str) -> HiresOptions:
         """The hires options checked against the rest of the request, their names canonical."""

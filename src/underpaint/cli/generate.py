@@ -54,6 +54,7 @@ def add_commands(sub) -> None:
                          description="Transform a picture with a prompt, keeping its composition.")
     img.add_argument("input", metavar="INPUT", help="an image file, or a folder of images to process in turn")
     _add_generation_args(img, img2img=True)
+    _add_sd_upscale_args(img)
     img.set_defaults(func=run_img2img)
 
     txt = sub.add_parser("txt2img", help="make a picture from a prompt alone",
@@ -167,6 +168,35 @@ def _add_generation_args(p: argparse.ArgumentParser, *, img2img: bool) -> None:
 
     add_control_arguments(p)
     _record_defaults(p, img2img=img2img)
+
+
+def _add_sd_upscale_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("SD upscale", "A1111's img2img script: enlarge the input, then repaint it in tiles of "
+                                           "-W x -H (default: the model's native size) with the prompt")
+    g.add_argument("--sd-upscale", type=float, default=None, metavar="FACTOR",
+                   help="enlarge the input by this factor, 1-8 (A1111's Scale Factor), and repaint it tile by tile")
+    g.add_argument("--sd-upscale-upscaler", default=None, metavar="NAME",
+                   help="how to enlarge it first: Lanczos (default), Nearest, an upscaling model (e.g. 4x-UltraSharp), "
+                        "or None (no enlargement, as in A1111)")
+    g.add_argument("--sd-upscale-overlap", type=int, default=None, metavar="PX",
+                   help="how far neighbouring tiles overlap, 0-256 px (default 64)")
+
+
+def _with_sd_upscale(params: GenerationParams, args: argparse.Namespace, model) -> GenerationParams:
+    """--sd-upscale and its flags as :class:`SDUpscaleOptions`; the tile size is -W x -H, else the
+    model's native size (512 before the model is known)."""
+    factor = getattr(args, "sd_upscale", None)
+    if factor is None:
+        for flag in ("sd_upscale_upscaler", "sd_upscale_overlap"):
+            if getattr(args, flag, None) is not None:
+                raise InvalidParameter(flag, getattr(args, flag), "--sd-upscale FACTOR beside it")
+        return params
+    from ..params import SDUpscaleOptions
+
+    native = model.spec.default_size if model is not None and hasattr(model, "spec") else 512
+    options = SDUpscaleOptions(scale=factor, upscaler=args.sd_upscale_upscaler or "Lanczos",
+                               overlap=64 if args.sd_upscale_overlap is None else args.sd_upscale_overlap)
+    return params.replace(sd_upscale=options, width=params.width or native, height=params.height or native)
 
 
 def _add_hires_args(p: argparse.ArgumentParser) -> None:
@@ -328,6 +358,7 @@ def params_from_args(args: argparse.Namespace, init_images: tuple = (), *, model
     if getattr(args, "from_infotext", None):
         params = _with_infotext(params, args, given)
     params = _with_hires(params, args)
+    params = _with_sd_upscale(params, args, model)
     params = with_cache(params, args)
     params = _with_loras(params, getattr(args, "lora", None))
     return _with_styles(params, args)
@@ -507,6 +538,7 @@ def run_img2img(args: argparse.Namespace) -> int:
     # Check every flag against the first image before the (slow) model load.
     first = load_image(sources[0], field="INPUT") if not batch_mode else None
     probe = params_from_args(args, (first,) if first is not None else ())
+    _check_upscalers(probe, args)
     plan_outputs(args.output, "img2img", probe.batch_size * probe.n_iter, overwrite=args.overwrite,
                  source=sources[0] if batch_mode else None)
     engine = _load_engine(args)
@@ -530,7 +562,7 @@ def run_img2img(args: argparse.Namespace) -> int:
 def run_txt2img(args: argparse.Namespace) -> int:
     warn_about_request(args)
     params = params_from_args(args)
-    _check_hires_upscaler(params, args)
+    _check_upscalers(params, args)
     plan_outputs(args.output, "txt2img", params.batch_size * params.n_iter, overwrite=args.overwrite, source=None)
     engine = _load_engine(args)
     params = params_from_args(args, model=engine.model)
@@ -538,12 +570,14 @@ def run_txt2img(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_hires_upscaler(params: GenerationParams, args: argparse.Namespace) -> None:
+def _check_upscalers(params: GenerationParams, args: argparse.Namespace) -> None:
     """An upscaling model that is not in the models folder, refused before the checkpoint loads."""
-    if params.hires is not None and not params.hires.in_latent_space:
-        from ..pipeline import upscale
+    from ..pipeline import upscale
 
+    if params.hires is not None and not params.hires.in_latent_space:
         upscale.resolve(models_folder(args), params.hires.upscaler_name, "hires_upscaler", hires=True)
+    if params.sd_upscale is not None:
+        upscale.resolve(models_folder(args), params.sd_upscale.upscaler, "sd_upscale_upscaler")
 
 
 def _run_and_save(engine, params: GenerationParams, args: argparse.Namespace, command: str, source: Path | None) -> None:

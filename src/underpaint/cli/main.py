@@ -106,6 +106,8 @@ _FIELD_FLAGS: dict[str, tuple[str, ...]] = {
     "upscaler": ("--upscaler",), "upscaler_1": ("--upscaler",), "upscaler_2": ("--upscaler-2",),
     "upscaler_2_visibility": ("--upscaler-2-visibility",), "scale": ("--scale",), "resize": ("--resize",),
     "crop": ("--crop",),
+    "sd_upscale": ("--sd-upscale",), "sd_upscale_scale": ("--sd-upscale",),
+    "sd_upscale_upscaler": ("--sd-upscale-upscaler",), "sd_upscale_overlap": ("--sd-upscale-overlap",),
 }
 #: Fields named the same as their flag's ``dest`` (``strength`` is ``--strength``). Only these and
 #: the ones above are renamed: other errors name things that are not flags (a ``<lora:...>`` tag in

@@ -83,6 +83,15 @@ def generate(model, params: GenerationParams, *, info: ModelInfo, progress, canc
     # 0. Extra networks: the prompt's LoRAs are merged into the weights for this request only.
     encoder = None if flux.is_flux(model) else prompt_encoder(model, params.clip_skip)
     with request_networks(model, params, encoder=encoder) as networks:
+        if params.sd_upscale is not None:  # A1111's "SD upscale" script: img2img tile by tile
+            from . import sd_upscale
+
+            return sd_upscale.run(
+                params.with_seed(),
+                lambda tile_params, report: _generate(model, tile_params, networks, info=info, progress=report,
+                                                      cancel=cancel),
+                info=info, folder=getattr(model, "models_dir", None), device=str(model.device), progress=progress,
+                cancel=cancel)
         return _generate(model, params, networks, info=info, progress=progress, cancel=cancel)
 
 

@@ -29,6 +29,8 @@ RNG_NAMES = {"gpu": "gpu", "cpu": "cpu", "nv": "nv"}
 #: Always-on script names understood here (compared lowercased; the extension registers "ControlNet").
 CONTROLNET_SCRIPT = "controlnet"
 SOFT_INPAINTING_SCRIPT = "soft inpainting"
+#: The selectable img2img script underpaint runs (A1111's "SD upscale", pipeline/sd_upscale.py).
+SD_UPSCALE_SCRIPT = "sd upscale"
 
 
 @dataclass(frozen=True)
@@ -155,7 +157,7 @@ def _hires_options(req: Txt2ImgRequest, ctx: ConvertContext, width: int, height:
 
 def prepare_img2img(req: Img2ImgRequest, ctx: ConvertContext) -> PreparedJob:
     req = apply_infotext(req)
-    _refuse_unsupported(req)
+    _refuse_unsupported(req, img2img=True)
     if req.initial_noise_multiplier is not None and req.initial_noise_multiplier != 1:
         raise InvalidParameter("initial_noise_multiplier", req.initial_noise_multiplier, "1 (other values are not available)")
     if req.latent_mask:
@@ -174,6 +176,9 @@ def prepare_img2img(req: Img2ImgRequest, ctx: ConvertContext) -> PreparedJob:
         fields["mask"] = pictures.decode(req.mask, field="mask", allow_urls=ctx.allow_image_urls)
     fields["resize_mode"] = req.resize_mode
     fields["inpaint"] = _inpaint_options(req, _Overrides(req.override_settings or {}, ctx))
+    if req.script_name:
+        fields["sd_upscale"] = _sd_upscale(req.script_args, fields["init_images"][0], ctx,
+                                           min(fields.get("width") or 512, fields.get("height") or 512))
     params = _build_params(fields, strength=strength)
     echo = req.model_dump(mode="json", exclude={"include_init_images"})
     if not req.include_init_images:
@@ -258,7 +263,7 @@ def _build_params(fields: dict[str, Any], *, strength: float) -> GenerationParam
 
 
 # GenerationParams' own names for fields the API spells differently.
-_API_FIELD = {"strength": "denoising_strength", "sampler": "sampler_name", "clip_skip": "override_settings.CLIP_stop_at_last_layers",
+_API_FIELD = {"sd_upscale": "script_name", "strength": "denoising_strength", "sampler": "sampler_name", "clip_skip": "override_settings.CLIP_stop_at_last_layers",
               "rng": "override_settings.randn_source", "masked_content": "inpainting_fill",
               "mask_weight": "override_settings.inpainting_mask_weight",
               "full_res_padding": "inpaint_full_res_padding",
@@ -281,7 +286,7 @@ def _renamed(exc: InvalidParameter) -> InvalidParameter:
     return InvalidParameter(api, exc.value, exc.expected)
 
 
-def _refuse_unsupported(req: GenerationRequest) -> None:
+def _refuse_unsupported(req: GenerationRequest, *, img2img: bool = False) -> None:
     """Features A1111 has and underpaint does not: refuse a request that turns one on."""
     for name in ("restore_faces", "tiling"):
         if getattr(req, name):
@@ -290,9 +295,50 @@ def _refuse_unsupported(req: GenerationRequest) -> None:
         raise InvalidParameter("s_min_uncond", req.s_min_uncond, "0 (skipping the negative prompt is not available)")
     if req.refiner_checkpoint:
         raise InvalidParameter("refiner_checkpoint", req.refiner_checkpoint, "absent (refiners are not available yet)")
-    if req.script_name:
-        raise UnknownName("script_name", req.script_name, [])
+    if req.script_name and not (img2img and req.script_name.strip().lower() == SD_UPSCALE_SCRIPT):
+        raise UnknownName("script_name", req.script_name, [SD_UPSCALE_SCRIPT] if img2img else [])
     _check_alwayson(req.alwayson_scripts)
+
+
+def _sd_upscale(args: list, picture, ctx: ConvertContext, tile: int):
+    """A1111's "SD upscale" ``script_args``: [info (ignored), tile overlap (64), upscaler (an index
+    into /sdapi/v1/upscalers' list, or its name; "None"), scale factor (2)], the enlarged picture
+    within the server's limits."""
+    from ...params import SDUpscaleOptions
+    from ...pipeline import upscale
+
+    args = list(args) + [None] * (4 - len(args))
+    overlap, chosen, scale = (64 if args[1] is None else args[1]), args[2], (2.0 if args[3] is None else args[3])
+    folder = ctx.models_folder() if ctx.models_folder else None
+    if chosen is None:
+        chosen = "None"
+    elif isinstance(chosen, int) and not isinstance(chosen, bool):
+        names = upscale.names(folder)
+        if not 0 <= chosen < len(names):
+            raise InvalidParameter("script_args[2]", chosen, f"an upscaler's index, 0 to {len(names) - 1} "
+                                                             "(/sdapi/v1/upscalers' order), or its name")
+        chosen = names[chosen]
+    elif not isinstance(chosen, str):
+        raise InvalidParameter("script_args[2]", chosen, "an upscaler's name or its index in /sdapi/v1/upscalers")
+    upscale.resolve(folder, chosen, "script_args[2]")
+    for i, value in ((1, overlap), (3, scale)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InvalidParameter(f"script_args[{i}]", value, "a number")
+    try:
+        options = SDUpscaleOptions(scale=float(scale), upscaler=chosen, overlap=int(overlap))
+    except InvalidParameter as exc:
+        raise InvalidParameter({"sd_upscale_scale": "script_args[3]", "sd_upscale_overlap": "script_args[1]"}.get(
+            exc.field, "script_args[2]"), exc.value, exc.expected) from None
+    if options.overlap >= tile:
+        raise InvalidParameter("script_args[1]", overlap, f"a tile overlap below the tile size ({tile}: the "
+                                                          "request's width and height)")
+    limits = ctx.limits
+    w, h = int(picture.width * options.scale // 8 * 8), int(picture.height * options.scale // 8 * 8)
+    if w > limits.max_width or h > limits.max_height or w * h > limits.max_image_pixels:
+        raise InvalidParameter("script_args[3]", scale, f"an enlarged picture of at most {limits.max_width}x"
+                                                        f"{limits.max_height} and {limits.max_image_pixels} pixels "
+                                                        f"(this server's limits; this one gives {w}x{h})")
+    return options
 
 
 def _script_args(name: str, value: Any) -> list:

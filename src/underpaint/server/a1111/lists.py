@@ -186,11 +186,13 @@ def _always_on(img2img: bool) -> list[str]:
     return names + [SOFT_INPAINTING_SCRIPT] if img2img else names
 
 
-@router.get("/scripts", response_model=ScriptsList, summary="Scripts by tab: no selectable ones; the always-on "
+@router.get("/scripts", response_model=ScriptsList, summary="Scripts by tab: img2img's SD upscale, and the always-on "
                                                             "ones underpaint understands")
 async def scripts() -> ScriptsList:
     """Clients look here to learn whether an extension is installed (ControlNet, ADetailer, ...)."""
-    return ScriptsList(txt2img=_always_on(False), img2img=_always_on(True))
+    from .convert import SD_UPSCALE_SCRIPT
+
+    return ScriptsList(txt2img=_always_on(False), img2img=[SD_UPSCALE_SCRIPT, *_always_on(True)])
 
 
 def _soft_inpainting_args() -> list[ScriptArg]:
@@ -206,11 +208,16 @@ def _soft_inpainting_args() -> list[ScriptArg]:
 async def script_info() -> list[ScriptInfo]:
     """Each always-on script per tab, as A1111 lists them. ControlNet's arguments are unit objects
     (see the ControlNet API), so none are described."""
-    from .convert import SOFT_INPAINTING_SCRIPT
+    from .convert import SD_UPSCALE_SCRIPT, SOFT_INPAINTING_SCRIPT
 
+    sd_upscale = ScriptInfo(name=SD_UPSCALE_SCRIPT, is_alwayson=False, is_img2img=True, args=[
+        ScriptArg(label="Info", value=None),
+        ScriptArg(label="Tile overlap", value=64, minimum=0, maximum=256, step=16),
+        ScriptArg(label="Upscaler", value="None"),
+        ScriptArg(label="Scale Factor", value=2.0, minimum=1.0, maximum=4.0, step=0.05)])
     return [ScriptInfo(name=name, is_alwayson=True, is_img2img=img2img,
                        args=_soft_inpainting_args() if name == SOFT_INPAINTING_SCRIPT else [])
-            for img2img in (False, True) for name in _always_on(img2img)]
+            for img2img in (False, True) for name in _always_on(img2img)] + [sd_upscale]
 
 
 @router.post("/interrogate", summary="Caption a picture (not available: refused naming `model`)")
