@@ -59,8 +59,12 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, sd1_file):
-    """``underpaint serve`` in a thread: the real app, uvicorn, a models folder with a tiny checkpoint (twice)
-    and a tiny VAE file (named unlike the checkpoints, so "Automatic" keeps their own)."""
+    """``underpaint serve`` in a thread: the real app, uvicorn, a models folder with a tiny checkpoint (twice),
+    a tiny VAE file (named unlike the checkpoints, so "Automatic" keeps their own) and an upscaling model
+    whose weights are all zero (a Real-ESRGAN compact network: exactly a nearest-neighbour 4x enlargement,
+    see test_upscalers.py)."""
+    import torch
+    from test_upscalers import compact_state_dict
     from tiny_models import write_vae
 
     models = tmp_path_factory.mktemp("webui-models")
@@ -68,6 +72,8 @@ def server(tmp_path_factory, sd1_file):
     shutil.copy(sd1_file, models / "checkpoints" / "tiny-sd1.safetensors")
     shutil.copy(sd1_file, models / "checkpoints" / "tiny-sd1-copy.safetensors")
     write_vae(models / "vae" / "tiny-vae.safetensors")
+    (models / "upscale_models").mkdir()
+    torch.save(compact_state_dict(), models / "upscale_models" / "4x-Zero.pth")
     yield from serve(models)
 
 
@@ -636,7 +642,12 @@ def test_layout_labels_and_keyboard(page):
     expect(page.locator("#tab-inpaint")).to_be_focused()
     expect(page.locator("#mask-stage")).to_be_visible()
     page.keyboard.press("ArrowRight")
+    expect(page.locator("#tab-extras")).to_be_focused()
+    expect(page.locator("#panel-extras")).to_be_visible()
+    expect(page.locator("#panel-generate")).to_be_hidden()
+    page.keyboard.press("ArrowRight")
     expect(page.locator("#panel-pnginfo")).to_be_visible()
+    expect(page.locator("#panel-extras")).to_be_hidden()
     page.keyboard.press("ArrowRight")  # wraps round to the first tab, txt2img
     expect(page.locator("#tab-txt2img")).to_have_attribute("aria-selected", "true")
     expect(page.locator("#tab-txt2img")).to_be_focused()
@@ -650,7 +661,7 @@ def test_layout_labels_and_keyboard(page):
     page.set_viewport_size({"width": 390, "height": 844})
     page.click("#tab-txt2img")
     page.check("#enable_hr")  # the open Hires. fix section must fit as well
-    for tab in ("txt2img", "img2img", "inpaint", "pnginfo"):
+    for tab in ("txt2img", "img2img", "inpaint", "extras", "pnginfo"):
         page.click(f"#tab-{tab}")
         overflow = page.evaluate("() => document.documentElement.scrollWidth - document.documentElement.clientWidth")
         assert overflow <= 0, f"{tab} scrolls sideways on a narrow window"
@@ -1200,6 +1211,238 @@ def test_read_parameters_from_the_prompt_or_a_dropped_picture(page, server, tmp_
     expect(page.locator("#img2img-preview")).to_be_visible()
     expect(page.locator("#notice")).to_contain_text("holds no generation parameters")
     expect(page.locator("#prompt")).to_have_value("a calm lake")
+
+
+# --------------------------------------------------------------------------- Extras
+
+
+def post_json(url: str, body: dict) -> tuple[int, dict]:
+    """POST straight to the server (not through the page): its own answer to compare the page's with."""
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def extras_result(page) -> Image.Image:
+    """The picture the Extras tab shows (its <img>'s own data), after checking the download link holds the same bytes."""
+    image = page.locator("#extras-result-image")
+    expect(image).to_be_visible(timeout=GENERATION_TIMEOUT)
+    src = image.get_attribute("src")
+    assert src.startswith("data:image/png;base64,")
+    shown = src.split(",", 1)[1]
+    downloaded = page.evaluate("""async () => {
+      const link = document.querySelector('#extras-download');
+      const bytes = new Uint8Array(await (await fetch(link.href)).arrayBuffer());
+      let text = ''; for (const b of bytes) text += String.fromCharCode(b);
+      return [btoa(text), link.getAttribute('download'), link.hidden];
+    }""")
+    assert downloaded[0] == shown and downloaded[1].endswith(".png") and not downloaded[2]
+    picture = decode(shown)
+    assert page.eval_on_selector("#extras-result-image", "img => [img.naturalWidth, img.naturalHeight]") == list(picture.size)
+    return picture
+
+
+def upscale_in_page(page, **fields) -> dict:
+    """Press the Extras tab's Generate; returns the request the page sent."""
+    with page.expect_response("**/sdapi/v1/extra-single-image", timeout=GENERATION_TIMEOUT) as answer:
+        page.click("#extras-generate")
+    assert answer.value.ok, answer.value.text()
+    return json.loads(answer.value.request.post_data)
+
+
+def test_extras_tab_sits_where_a1111_has_it(page, server):
+    """txt2img, img2img, (Inpaint,) Extras, PNG Info; the panel opens at A1111's defaults, its upscaler
+    lists are the server's /upscalers, models included, and "Scale to" shows the size instead of the factor."""
+    names = page.locator('.tabs [role="tab"]').all_inner_texts()
+    assert names == ["txt2img", "img2img", "Inpaint", "Extras", "PNG Info"]
+    page.click("#tab-extras")
+    expect(page.locator("#tab-extras")).to_have_attribute("aria-selected", "true")
+    expect(page.locator("#panel-extras")).to_be_visible()
+    expect(page.locator("#panel-generate")).to_be_hidden()
+    assert page.url.endswith("#extras")
+    listed = [u["name"] for u in page.request.get(f"{server}/sdapi/v1/upscalers").json()]
+    assert listed[:3] == ["None", "Lanczos", "Nearest"] and "4x-Zero" in listed
+    for select in ("#upscaler_1", "#upscaler_2"):
+        assert page.locator(f"{select} option").all_inner_texts() == listed
+        expect(page.locator(select)).to_have_value("None")
+    expect(page.locator('input[data-sync="upscaling_resize"]')).to_have_value("4")
+    expect(page.locator('input[data-sync="extras_upscaler_2_visibility"]')).to_have_value("0")
+    expect(page.locator('input[name="extras_resize_mode"][value="0"]')).to_be_checked()
+    expect(page.locator("#upscaling_resize_w")).to_be_hidden()
+    page.get_by_label("Scale to").check()
+    expect(page.locator("#upscaling_resize")).to_be_hidden()
+    expect(page.locator("#upscaling_resize_w")).to_have_value("512")
+    expect(page.locator("#upscaling_resize_h")).to_have_value("512")
+    expect(page.get_by_label("Crop to fit")).to_be_checked()
+    page.click("#extras-swap-size")  # both 512: still 512 each, but the swap must not fail
+    expect(page.locator("#upscaling_resize_w")).to_have_value("512")
+    screenshot(page, "extras")
+
+    # The page opened at #extras comes back to this tab, with the settings last used in it.
+    page.select_option("#upscaler_1", "Lanczos")
+    page.fill("#upscaling_resize_w", "320")
+    page.fill("#upscaling_resize_h", "200")
+    page.click("#extras-swap-size")
+    page.get_by_label("Crop to fit").uncheck()
+    set_value(page, "extras_upscaler_2_visibility", 0.3)
+    page.reload()
+    page.wait_for_selector("body[data-ready=true]")
+    expect(page.locator("#panel-extras")).to_be_visible()
+    expect(page.locator("#upscaler_1")).to_have_value("Lanczos")
+    expect(page.locator('input[name="extras_resize_mode"][value="1"]')).to_be_checked()
+    expect(page.locator("#upscaling_resize_w")).to_be_visible()
+    expect(page.locator("#upscaling_resize_w")).to_have_value("200")
+    expect(page.locator("#upscaling_resize_h")).to_have_value("320")
+    expect(page.get_by_label("Crop to fit")).not_to_be_checked()
+    expect(page.locator('input[data-sync="extras_upscaler_2_visibility"]')).to_have_value("0.3")
+    expect(page.locator("#extras_upscaler_2_visibility")).to_have_value("0.3")
+
+
+def test_extras_lanczos_by_2(page, server, photo_file):
+    """A 64x64 picture upscaled by 2 with Lanczos is 128x128 and exactly Pillow's Lanczos resize, the
+    server's own answer to the same request; Ctrl+Enter upscales again, as Generate does."""
+    page.click("#tab-extras")
+    page.set_input_files("#extras-file", str(photo_file))
+    expect(page.locator("#extras-preview")).to_be_visible()
+    expect(page.locator("#extras-size")).to_have_text("64×64 px")
+    page.select_option("#upscaler_1", "Lanczos")
+    set_value(page, "upscaling_resize", 2)
+    sent = upscale_in_page(page)
+    assert {k: v for k, v in sent.items() if k != "image"} == {
+        "resize_mode": 0, "upscaling_resize": 2, "upscaler_1": "Lanczos", "upscaler_2": "None",
+        "extras_upscaler_2_visibility": 0}
+    result = extras_result(page)
+    assert result.size == (128, 128)
+    source = Image.open(photo_file).convert("RGB")
+    want = np.asarray(source.resize((128, 128), Image.Resampling.LANCZOS))
+    assert np.array_equal(np.asarray(result.convert("RGB")), want)
+    status, direct = post_json(f"{server}/sdapi/v1/extra-single-image",
+                               {"image": base64.b64encode(photo_file.read_bytes()).decode(), "upscaler_1": "Lanczos",
+                                "upscaling_resize": 2})
+    assert status == 200
+    assert np.array_equal(np.asarray(decode(direct["image"]).convert("RGB")), want)
+    expect(page.locator("#extras-info")).to_have_value("Postprocess upscale by: 2.0, Postprocess upscaler: Lanczos")
+    expect(page.locator("#extras-status")).to_contain_text("128×128 px")
+    expect(page.locator("#extras-error")).to_be_hidden()
+
+    set_value(page, "upscaling_resize", 1.5)
+    with page.expect_response("**/sdapi/v1/extra-single-image", timeout=GENERATION_TIMEOUT) as answer:
+        page.locator("#upscaler_2").press("Control+Enter")
+    assert answer.value.ok and json.loads(answer.value.request.post_data)["upscaling_resize"] == 1.5
+    expect(page.locator("#extras-info")).to_have_value("Postprocess upscale by: 1.5, Postprocess upscaler: Lanczos")
+    assert extras_result(page).size == (96, 96)
+    screenshot(page, "extras-result")
+
+
+def test_extras_scale_to_with_crop_gives_the_size_asked(page, photo_file):
+    """64x64 "Scale to" 100x72: Lanczos by 1.5625 to 100x100, then to 96x96 (rounded down to a multiple of 8),
+    then, with "Crop to fit", centred on a black canvas of exactly 100x72 (A1111's rules); without it the
+    96x96 picture itself."""
+    page.click("#tab-extras")
+    page.set_input_files("#extras-file", str(photo_file))
+    page.select_option("#upscaler_1", "Lanczos")
+    page.get_by_label("Scale to").check()
+    page.fill("#upscaling_resize_w", "100")
+    page.fill("#upscaling_resize_h", "72")
+    sent = upscale_in_page(page)
+    assert sent["resize_mode"] == 1 and sent["upscaling_crop"] is True
+    assert (sent["upscaling_resize_w"], sent["upscaling_resize_h"]) == (100, 72) and "upscaling_resize" not in sent
+    result = extras_result(page)
+    assert result.size == (100, 72)
+    lanczos = Image.Resampling.LANCZOS
+    upscaled = Image.open(photo_file).convert("RGB").resize((100, 100), lanczos).resize((96, 96), lanczos)
+    want = Image.new("RGB", (100, 72))
+    want.paste(upscaled, (50 - 48, 36 - 48))
+    assert np.array_equal(np.asarray(result.convert("RGB")), np.asarray(want))
+    expect(page.locator("#extras-info")).to_have_value(
+        "Postprocess upscale to: 100x72, Postprocess crop to: 100x72, Postprocess upscaler: Lanczos")
+
+    page.get_by_label("Crop to fit").uncheck()
+    assert upscale_in_page(page)["upscaling_crop"] is False
+    expect(page.locator("#extras-info")).to_have_value("Postprocess upscale to: 100x72, Postprocess upscaler: Lanczos")
+    assert np.array_equal(np.asarray(extras_result(page).convert("RGB")), np.asarray(upscaled))
+
+
+def test_extras_errors_appear_beside_their_field(page, photo_file):
+    """No picture, a width of 0 and an unknown upscaler are each marked beside their own control; a failure
+    that names no field goes to the tab's error box."""
+    page.click("#tab-extras")
+    page.click("#extras-generate")
+    expect(page.locator(".field:has(#extras-drop) .field-error")).to_contain_text("image first")
+    expect(page.locator("#extras-drop")).to_be_focused()
+
+    page.set_input_files("#extras-file", str(photo_file))
+    expect(page.locator("#panel-extras .field-error")).to_have_count(0)  # the picture fixed it
+    page.select_option("#upscaler_1", "Lanczos")
+    page.get_by_label("Scale to").check()
+    page.fill("#upscaling_resize_w", "0")
+    with page.expect_response("**/sdapi/v1/extra-single-image") as answer:
+        page.click("#extras-generate")
+    assert answer.value.status == 422 and answer.value.json()["field"] == "upscaling_resize_w"
+    width_error = page.locator(".field:has(#upscaling_resize_w) .field-error")
+    expect(width_error).to_contain_text("greater than or equal to 1")
+    expect(page.locator("#upscaling_resize_w")).to_have_attribute("aria-invalid", "true")
+    assert page.locator("#panel-extras .field-error").count() == 1
+    expect(page.locator("#extras-error")).to_be_hidden()
+    expect(page.locator("#extras-result-image")).to_have_count(0)
+    page.fill("#upscaling_resize_w", "128")
+    expect(page.locator("#panel-extras .field-error")).to_have_count(0)  # editing the field clears its message
+
+    page.evaluate("""() => {
+      const select = document.querySelector('#upscaler_1');
+      select.append(new Option('4x-Missing', '4x-Missing'));
+      select.value = '4x-Missing';
+    }""")
+    with page.expect_response("**/sdapi/v1/extra-single-image") as answer:
+        page.click("#extras-generate")
+    assert answer.value.status == 422 and answer.value.json()["field"] == "upscaler_1"
+    upscaler_error = page.locator(".field:has(#upscaler_1) .field-error")
+    expect(upscaler_error).to_contain_text("got '4x-Missing', expected one of 'None', 'Lanczos', 'Nearest', '4x-Zero'")
+    expect(page.locator("#upscaler_1")).to_have_attribute("aria-invalid", "true")
+    assert page.locator("#panel-extras .field-error").count() == 1
+    screenshot(page, "extras-error")
+
+    page.select_option("#upscaler_1", "Lanczos")
+    page.route("**/sdapi/v1/extra-single-image", lambda route: route.fulfill(status=500, body="the server broke"))
+    page.click("#extras-generate")
+    expect(page.locator("#extras-error")).to_have_text("HTTP 500: the server broke")
+    expect(page.locator("#panel-extras .field-error")).to_have_count(0)
+    expect(page.locator("#extras-generate")).to_be_enabled()
+
+
+def test_send_to_extras_and_upscale_with_a_model(page):
+    """"→ Extras" puts the generated picture in the Extras tab; the zero-weight model makes of it exactly
+    its nearest-neighbour 4x enlargement (test_upscalers.py)."""
+    page.click("#tab-txt2img")
+    page.fill("#prompt", "a harbour at night")
+    fast_settings(page, seed=77, steps=2)
+    with page.expect_response("**/sdapi/v1/txt2img", timeout=GENERATION_TIMEOUT) as answer:
+        page.click("#generate")
+    assert answer.value.ok, answer.value.text()
+    expect(page.locator("#send-extras")).to_be_enabled()
+    generated = page.get_attribute("#result-image", "src")
+    page.click("#send-extras")
+    expect(page.locator("#tab-extras")).to_have_attribute("aria-selected", "true")
+    expect(page.locator("#extras-preview")).to_be_visible()
+    expect(page.locator("#extras-size")).to_have_text("64×64 px")
+    assert page.get_attribute("#extras-preview", "src") == generated
+
+    page.select_option("#upscaler_1", "4x-Zero")
+    set_value(page, "upscaling_resize", 4)
+    sent = upscale_in_page(page)
+    assert sent["image"] == generated.split(",", 1)[1] and sent["upscaler_1"] == "4x-Zero"
+    result = extras_result(page)
+    source = decode(sent["image"]).convert("RGB")
+    want = source.resize((256, 256), Image.Resampling.NEAREST)
+    assert np.array_equal(np.asarray(result.convert("RGB")), np.asarray(want))
+    assert result.info["parameters"] == decode(sent["image"]).info["parameters"]  # the infotext is kept
+    expect(page.locator("#extras-info")).to_have_value("Postprocess upscale by: 4.0, Postprocess upscaler: 4x-Zero")
 
 
 # --------------------------------------------------------------------------- FLUX

@@ -1,4 +1,5 @@
-// Wires the page together: tabs, lists from the API, generate / interrupt, results, send-to.
+// Wires the page together: tabs, lists from the API, generate / interrupt, results, send-to
+// (txt2img, img2img and Inpaint share one panel; PNG Info and Extras have their own).
 
 import { ApiError, get, getOptional, post } from "./api.js";
 import { setupAttentionKeys } from "./attention.js";
@@ -9,6 +10,7 @@ import { loadPreviewSetting, setupPreviewSetting } from "./previewsetting.js";
 import { loadTokenMerging, setupTokenMerging, tokenMergingFor } from "./tomesetting.js";
 import { $, $$, numberValue, setNumber, syncSliders } from "./dom.js";
 import { ControlNetSection } from "./controlnet.js";
+import { setupExtras } from "./extras.js";
 import { clearFieldErrors, showFieldErrors } from "./fielderrors.js";
 import { GenerationForm } from "./form.js";
 import { Gallery, entriesFromResponse, parseInfo } from "./gallery.js";
@@ -38,10 +40,11 @@ function selectTab(name, focus = false) {
     tab.tabIndex = on ? 0 : -1;
     if (on && focus) tab.focus();
   }
-  const generating = name !== "pnginfo";
+  const generating = !["pnginfo", "extras"].includes(name);
   tokenMergingFor(name);
   panel.hidden = !generating;
-  $("#panel-pnginfo").hidden = generating;
+  $("#panel-pnginfo").hidden = name !== "pnginfo";
+  $("#panel-extras").hidden = name !== "extras";
   if (generating) {
     panel.dataset.mode = name;
     panel.setAttribute("aria-labelledby", `tab-${name}`);
@@ -82,7 +85,7 @@ function sourceSize() {
   return state.tab === "inpaint" ? [editor.width, editor.height] : [img2img.width, img2img.height];
 }
 
-// -- ControlNet and PNG Info ----------------------------------------------------------------------
+// -- ControlNet, PNG Info and Extras --------------------------------------------------------------
 const controlnet = new ControlNetSection({
   section: $("#controlnet-section"),
   container: $("#controlnet-units"),
@@ -109,6 +112,8 @@ const pngInput = setupPngInfo({
     await sendImage(dataUrl, target);
   },
 });
+
+const extras = setupExtras();
 
 // "Paste parameters" (A1111's ↙): an infotext typed or pasted into the prompt, else the selected result's.
 $("#paste-parameters").addEventListener("click", async () => {
@@ -143,6 +148,7 @@ async function sendImage(dataUrl, target) {
   selectTab(target);
   if (target === "txt2img") return;  // the parameters only: txt2img starts from noise
   if (target === "inpaint") await editor.setImage(dataUrl);
+  else if (target === "extras") await extras.input.set(dataUrl, "result.png");
   else await img2img.set(dataUrl, "result.png");
 }
 
@@ -153,8 +159,9 @@ function takeImage(file, focused) {
   if (unit) unit.image.setFile(file);
   else if (state.tab === "inpaint") setInpaintImage(file);
   else if (state.tab === "pnginfo") pngInput.setFile(file);
+  else if (state.tab === "extras") extras.input.setFile(file);
   else if (state.tab !== "txt2img") img2img.setFile(file);
-  else notice.textContent = "txt2img takes no picture: drop it on the prompt to read its parameters, or on img2img, Inpaint or PNG Info.";
+  else notice.textContent = "txt2img takes no picture: drop it on the prompt to read its parameters, or on img2img, Inpaint, Extras or PNG Info.";
 }
 
 document.addEventListener("paste", (event) => {
@@ -173,12 +180,13 @@ document.addEventListener("drop", (event) => {
 });
 
 // -- lists from the API ------------------------------------------------------------------------
-/** Hires. fix's upscalers: GET /latent-upscale-modes, then GET /upscalers (A1111's order). */
+/** Hires. fix's upscalers: GET /latent-upscale-modes, then GET /upscalers (A1111's order); Extras' the latter. */
 async function loadUpscalers() {
   const [latent, pictures] = await Promise.all([
     getOptional("/sdapi/v1/latent-upscale-modes", []), getOptional("/sdapi/v1/upscalers", []),
   ]);
   form.fillUpscalers([...(latent ?? []), ...(pictures ?? [])].map((u) => u.name).filter(Boolean));
+  extras.fillUpscalers((pictures ?? []).map((u) => u.name).filter(Boolean));
 }
 
 async function loadLists() {
@@ -330,6 +338,10 @@ document.addEventListener("keydown", (e) => {
   if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) {
     if (state.tab === "pnginfo") return;
     e.preventDefault();
+    if (state.tab === "extras") {  // Extras' own Generate (an upscale is not interrupted)
+      extras.run();
+      return;
+    }
     if (!state.busy) {
       generate();
       return;
@@ -346,7 +358,7 @@ document.addEventListener("keydown", (e) => {
 });
 
 // -- results ------------------------------------------------------------------------------------
-const resultButtons = ["#send-img2img", "#send-inpaint", "#send-pnginfo"].map((id) => $(id));
+const resultButtons = ["#send-img2img", "#send-inpaint", "#send-extras", "#send-pnginfo"].map((id) => $(id));
 const gallery = new Gallery({
   main: $("#gallery-main"),
   thumbs: $("#gallery-thumbs"),
@@ -360,6 +372,7 @@ const gallery = new Gallery({
 });
 $("#send-img2img").addEventListener("click", () => sendImage(gallery.selected.dataUrl, "img2img"));
 $("#send-inpaint").addEventListener("click", () => sendImage(gallery.selected.dataUrl, "inpaint"));
+$("#send-extras").addEventListener("click", () => sendImage(gallery.selected.dataUrl, "extras"));
 $("#send-pnginfo").addEventListener("click", async () => {
   selectTab("pnginfo");
   await pngInput.set(gallery.selected.dataUrl, gallery.selected.fileName);
@@ -394,5 +407,6 @@ const initial = location.hash.slice(1);
 selectTab(tabs.some((t) => t.dataset.tab === initial) ? initial : "img2img");
 loadLists().finally(() => {
   store.restore();  // the last used settings, once the drop-downs they choose from are filled
+  extras.restore();
   document.body.dataset.ready = "true";
 });

@@ -1,5 +1,6 @@
 // The last used generation settings, kept in the browser (localStorage) so that a reload or a new
-// tab starts from them, as A1111 starts from the values in its ui-config.json. Pictures, masks and
+// tab starts from them, as A1111 starts from the values in its ui-config.json (the Extras tab's
+// under an entry of its own). Pictures, masks and
 // ControlNet units are not kept; the server's own settings (checkpoint, SD VAE, live preview, clip
 // skip, token merging) live in its /options.
 
@@ -18,9 +19,9 @@ function keyOf(control) {
   return control.id || null;
 }
 
-function readStore() {
+function readStore(key) {
   try {
-    const stored = JSON.parse(localStorage.getItem(KEY) ?? "null");
+    const stored = JSON.parse(localStorage.getItem(key) ?? "null");
     return stored && typeof stored === "object" && stored.values ? stored : null;
   } catch {
     return null;  // no storage (a locked-down browser) or a damaged entry: start from the page's defaults
@@ -28,10 +29,14 @@ function readStore() {
 }
 
 export class SettingsStore {
-  /** `family()` names the model family the settings are made for ("sd" or "flux"). */
-  constructor(root, { family }) {
+  /**
+   * `family()` names the model family the settings are made for ("sd" or "flux"); `key` is the
+   * storage entry (each panel with its own settings, such as Extras, keeps them under its own).
+   */
+  constructor(root, { family = () => null, key = KEY } = {}) {
     this.root = root;
     this.family = family;
+    this.key = key;
     this.restoring = true;  // until restore() has run
     for (const type of ["input", "change"]) root.addEventListener(type, () => this.save());
   }
@@ -52,7 +57,7 @@ export class SettingsStore {
       }
     }
     try {
-      localStorage.setItem(KEY, JSON.stringify({ family: this.family(), values }));
+      localStorage.setItem(this.key, JSON.stringify({ family: this.family(), values }));
     } catch {
       // storage full or refused: the settings simply are not kept
     }
@@ -64,7 +69,7 @@ export class SettingsStore {
    * Saving starts only after this, so the page's defaults never replace the stored values.
    */
   restore() {
-    const stored = readStore();
+    const stored = readStore(this.key);
     this.restoring = true;
     try {
       if (stored) this.apply(stored);

@@ -47,7 +47,7 @@ export async function loadTokenMerging(options = get("/sdapi/v1/options")) {
 /** Follow the generate tab: "txt2img" shows the general ratio, img2img and inpaint their own. */
 export function tokenMergingFor(tab) {
   const next = tab === "txt2img";
-  if (next === txt2img || tab === "pnginfo") return;
+  if (next === txt2img || tab === "pnginfo" || tab === "extras") return;
   txt2img = next;
   show();
 }
