@@ -27,10 +27,12 @@ def test_tiles_follow_a1111s_grid():
     assert sd_upscale.tile_grid(512, 512, 512, 512, 64).xs == (0,)  # exactly one tile
     small = sd_upscale.tile_grid(100, 300, 128, 128, 32)  # narrower than a tile: 96 px tiles, two of them
     assert (small.tile_width, small.xs) == (96, (0, 4)) and small.ys == (0, 86, 172)
-    assert sd_upscale.tile_grid(60, 64, 64, 64, 16).xs == (0, 4)  # 56 px tiles cover 60 px in two
     with pytest.raises(InvalidParameter) as err:
         sd_upscale.tile_grid(256, 256, 64, 64, 64)
     assert err.value.field == "sd_upscale_overlap"
+    with pytest.raises(InvalidParameter) as err:  # GenerationParams takes nothing under 64 px
+        sd_upscale.tile_grid(256, 48, 64, 64, 8)
+    assert err.value.field == "sd_upscale_scale"
 
 
 @pytest.mark.parametrize("overlap", [0, 8, 16, 40])

@@ -61,6 +61,9 @@ def _starts(length: int, tile: int, overlap: int) -> tuple[int, ...]:
 def tile_grid(width: int, height: int, tile_width: int, tile_height: int, overlap: int) -> TileGrid:
     """The tiles for a ``width`` x ``height`` picture (a tile side larger than the picture's is cut to
     it, in whole multiples of 8)."""
+    if width < 64 or height < 64:
+        raise InvalidParameter("sd_upscale_scale", f"{width}x{height} picture",
+                               "an enlarged picture of at least 64x64 pixels (the smallest tile)")
     tile_width = min(tile_width, max(8, width // 8 * 8))
     tile_height = min(tile_height, max(8, height // 8 * 8))
     if overlap >= min(tile_width, tile_height):
