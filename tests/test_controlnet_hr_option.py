@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from fastapi.testclient import TestClient
 
-from test_server_support import FakeBackend, make_models_dir, png_b64
+from test_server_support import png_b64
 from tiny_controlnet import ready_map, write_controlnet
 from underpaint.errors import InvalidParameter
 from underpaint.params import GenerationParams, HiresOptions
@@ -218,12 +217,9 @@ def test_infotext_round_trip(sd1_engine, nets, control_map, option):
 
 @pytest.fixture()
 def api(tmp_path):
-    from underpaint.server.app import create_app
-    from underpaint.server.config import ServerConfig
+    from test_server_support import fake_api
 
-    backend = FakeBackend()
-    app = create_app(ServerConfig(models_dir=make_models_dir(tmp_path), preload=False), loader=backend)
-    with TestClient(app, base_url="http://127.0.0.1") as client:
+    with fake_api(tmp_path) as (client, backend):
         yield client, backend
 
 

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -270,16 +269,9 @@ def test_a1111_infotexts_turn_hires_on_only_with_its_keys():
 
 @pytest.fixture(scope="module")
 def api(sd1_file, tmp_path_factory):
-    from fastapi.testclient import TestClient
+    from test_server_support import real_api, tiny_models_dir
 
-    from underpaint.server.app import create_app
-    from underpaint.server.config import ServerConfig
-
-    models = tmp_path_factory.mktemp("hires-models")
-    (models / "checkpoints").mkdir()
-    shutil.copy(sd1_file, models / "checkpoints" / "tiny-sd1.safetensors")
-    app = create_app(ServerConfig(models_dir=models, device="cpu", dtype="fp32"))
-    with TestClient(app, base_url="http://127.0.0.1") as client:
+    with real_api(tiny_models_dir(tmp_path_factory.mktemp("hires-models"), sd1_file)) as client:
         yield client
 
 
@@ -330,9 +322,9 @@ def test_api_bad_upscaler_is_422_listing_what_there_is(api):
 def test_cli_hires_writes_the_hires_picture_and_reproduces_it(tmp_path, sd1_file, capsys):
     from underpaint.cli.main import main
 
-    models = tmp_path / "models"
-    (models / "checkpoints").mkdir(parents=True)
-    shutil.copy(sd1_file, models / "checkpoints" / "tiny-sd1.safetensors")
+    from test_server_support import tiny_models_dir
+
+    models = tiny_models_dir(tmp_path / "models", sd1_file)
     out = tmp_path / "hires.png"
     common = ["--models-dir", str(models), "--device", "cpu", "--dtype", "fp32"]
     assert main(["txt2img", "-p", "a windmill", "-W", "64", "-H", "64", "--steps", "2", "--seed", "3",

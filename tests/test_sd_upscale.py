@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import base64
-import io
-import shutil
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from test_server_support import decode_b64, png_b64
 from underpaint.errors import InvalidParameter, UnknownName
 from underpaint.params import GenerationParams, SDUpscaleOptions
 from underpaint.pipeline import sd_upscale
@@ -154,36 +152,23 @@ def test_what_sd_upscale_refuses(sd1_engine, photo):
 
 @pytest.fixture(scope="module")
 def api(sd1_file, tmp_path_factory):
-    from fastapi.testclient import TestClient
+    from test_server_support import real_api, tiny_models_dir
 
-    from underpaint.server.app import create_app
-    from underpaint.server.config import ServerConfig
-
-    models = tmp_path_factory.mktemp("sd-upscale-models")
-    (models / "checkpoints").mkdir()
-    shutil.copy(sd1_file, models / "checkpoints" / "tiny-sd1.safetensors")
-    app = create_app(ServerConfig(models_dir=models, device="cpu", dtype="fp32"))
-    with TestClient(app, base_url="http://127.0.0.1") as client:
+    with real_api(tiny_models_dir(tmp_path_factory.mktemp("sd-upscale-models"), sd1_file)) as client:
         yield client
-
-
-def _b64(image: Image.Image) -> str:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
 
 
 def test_api_script(api):
     assert "sd upscale" in api.get("/sdapi/v1/scripts").json()["img2img"]
     info = [s for s in api.get("/sdapi/v1/script-info").json() if s["name"] == "sd upscale"]
     assert info and [a["label"] for a in info[0]["args"]] == ["Info", "Tile overlap", "Upscaler", "Scale Factor"]
-    body = {"init_images": [_b64(noise_picture(48, 32))], "prompt": "a stone bridge", "steps": 2,
+    body = {"init_images": [png_b64(noise_picture(48, 32))], "prompt": "a stone bridge", "steps": 2,
             "denoising_strength": 0.5, "width": 64, "height": 64, "seed": 4, "sampler_name": "Euler",
             "script_name": "SD upscale", "script_args": ["", 16, "Lanczos", 2]}
     r = api.post("/sdapi/v1/img2img", json=body)
     assert r.status_code == 200, r.text
     first = r.json()["images"][0]
-    assert Image.open(io.BytesIO(base64.b64decode(first))).size == (96, 64)
+    assert decode_b64(first).size == (96, 64)
     assert "SD upscale upscaler: Lanczos" in r.json()["info"]
     r = api.post("/sdapi/v1/img2img", json={**body, "script_args": [None, 16, 1, 2]})  # 1: /upscalers' Lanczos
     assert r.status_code == 200 and r.json()["images"][0] == first
@@ -199,7 +184,7 @@ def test_api_script(api):
     ({"mask": "same"}, "script_name"),
 ])
 def test_api_refusals_name_the_argument(api, changes, field):
-    picture = _b64(noise_picture(48, 32))
+    picture = png_b64(noise_picture(48, 32))
     body = {"init_images": [picture], "steps": 1, "width": 64, "height": 64, "script_name": "sd upscale",
             "script_args": ["", 16, "Lanczos", 2], **changes}
     if body.get("mask") == "same":

@@ -118,6 +118,43 @@ def make_models_dir(root: Path, names=("alpha.safetensors", "beta.safetensors"),
     return root
 
 
+@contextlib.contextmanager
+def fake_api(root: Path):
+    """A test client of the app over placeholder checkpoints in ``root`` whose engine records each
+    request's parameters instead of generating: yields (client, the :class:`FakeBackend`)."""
+    from fastapi.testclient import TestClient
+
+    from underpaint.server.app import create_app
+    from underpaint.server.config import ServerConfig
+
+    backend = FakeBackend()
+    app = create_app(ServerConfig(models_dir=make_models_dir(root), preload=False), loader=backend)
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        yield client, backend
+
+
+def tiny_models_dir(root: Path, sd1_file: Path) -> Path:
+    """A models folder holding the tiny SD 1.5 checkpoint (copied), for servers that really generate."""
+    import shutil
+
+    (root / "checkpoints").mkdir(parents=True, exist_ok=True)
+    shutil.copy(sd1_file, root / "checkpoints" / "tiny-sd1.safetensors")
+    return root
+
+
+@contextlib.contextmanager
+def real_api(models: Path):
+    """A test client of the app over ``models`` with a real engine on the CPU in float32."""
+    from fastapi.testclient import TestClient
+
+    from underpaint.server.app import create_app
+    from underpaint.server.config import ServerConfig
+
+    app = create_app(ServerConfig(models_dir=models, device="cpu", dtype="fp32"))
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        yield client
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -313,15 +313,9 @@ def test_cli_help_documents_the_flags(capsys):
 
 @pytest.fixture()
 def api(tmp_path):
-    from fastapi.testclient import TestClient
+    from test_server_support import fake_api
 
-    from test_server_support import FakeBackend, make_models_dir
-    from underpaint.server.app import create_app
-    from underpaint.server.config import ServerConfig
-
-    backend = FakeBackend()
-    app = create_app(ServerConfig(models_dir=make_models_dir(tmp_path), preload=False), loader=backend)
-    with TestClient(app, base_url="http://127.0.0.1") as client:
+    with fake_api(tmp_path) as (client, backend):
         yield client, backend
 
 

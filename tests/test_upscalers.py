@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import base64
 import io
-import shutil
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from test_server_support import decode_b64, real_api
 from underpaint.errors import UnknownName
 from underpaint.params import GenerationParams, HiresOptions
 
@@ -47,9 +47,9 @@ def nearest(image: Image.Image, scale: int) -> Image.Image:
 def models(tmp_path_factory, sd1_file):
     """A models folder with the tiny SD checkpoint, a zero compact model under a made-up name and
     one saved under a Real-ESRGAN file name A1111 knows."""
-    root = tmp_path_factory.mktemp("upscaler-models")
-    (root / "checkpoints").mkdir()
-    shutil.copy(sd1_file, root / "checkpoints" / "tiny-sd1.safetensors")
+    from test_server_support import tiny_models_dir
+
+    root = tiny_models_dir(tmp_path_factory.mktemp("upscaler-models"), sd1_file)
     folder = root / "upscale_models"
     folder.mkdir()
     torch.save(compact_state_dict(), folder / "4x-Zero.pth")
@@ -174,13 +174,7 @@ def test_hires_interrupted_while_the_model_runs_returns_the_first_pass(engine, m
 
 @pytest.fixture(scope="module")
 def api(models):
-    from fastapi.testclient import TestClient
-
-    from underpaint.server.app import create_app
-    from underpaint.server.config import ServerConfig
-
-    app = create_app(ServerConfig(models_dir=models, device="cpu", dtype="fp32"))
-    with TestClient(app, base_url="http://127.0.0.1") as client:
+    with real_api(models) as client:
         yield client
 
 
@@ -193,10 +187,6 @@ def _png(image: Image.Image, parameters: str | None = None) -> str:
     buf = io.BytesIO()
     image.save(buf, format="PNG", pnginfo=info)
     return base64.b64encode(buf.getvalue()).decode()
-
-
-def _image(data: str) -> Image.Image:
-    return Image.open(io.BytesIO(base64.b64decode(data)))
 
 
 def test_api_lists_the_models(api):
@@ -212,7 +202,7 @@ def test_api_extras_with_a_model(api, photo):
     r = api.post("/sdapi/v1/extra-single-image", json={"image": _png(photo, "a cat\nSteps: 2"),
                                                        "upscaler_1": "4x-zero", "upscaling_resize": 4})
     assert r.status_code == 200, r.text
-    out = _image(r.json()["image"])
+    out = decode_b64(r.json()["image"])
     assert np.array_equal(np.asarray(out.convert("RGB")), np.asarray(nearest(photo, 4)))
     assert out.info["parameters"] == "a cat\nSteps: 2"
     assert out.info["postprocessing"] == "Postprocess upscale by: 4.0, Postprocess upscaler: 4x-Zero"
@@ -220,7 +210,7 @@ def test_api_extras_with_a_model(api, photo):
     r = api.post("/sdapi/v1/extra-single-image", json={"image": _png(photo), "upscaler_1": "R-ESRGAN General 4xV3",
                                                        "upscaling_resize": 2})
     want = nearest(photo, 4).resize((192, 128), Image.Resampling.LANCZOS)
-    assert np.array_equal(np.asarray(_image(r.json()["image"]).convert("RGB")), np.asarray(want))
+    assert np.array_equal(np.asarray(decode_b64(r.json()["image"]).convert("RGB")), np.asarray(want))
 
 
 def test_api_refuses_unknown_upscalers_by_field(api, photo):
@@ -237,7 +227,7 @@ def test_api_hires_with_a_model(api):
                                             "seed": 5, "sampler_name": "Euler", "enable_hr": True, "hr_scale": 2,
                                             "hr_second_pass_steps": 1, "hr_upscaler": "R-ESRGAN General 4xV3"})
     assert r.status_code == 200, r.text
-    assert _image(r.json()["images"][0]).size == (128, 128)
+    assert decode_b64(r.json()["images"][0]).size == (128, 128)
     assert "Hires upscaler: R-ESRGAN General 4xV3" in r.json()["info"]
 
 

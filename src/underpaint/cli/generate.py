@@ -542,21 +542,30 @@ def run_img2img(args: argparse.Namespace) -> int:
     plan_outputs(args.output, "img2img", probe.batch_size * probe.n_iter, overwrite=args.overwrite,
                  source=sources[0] if batch_mode else None)
     engine = _load_engine(args)
+    for source, image in read_inputs(sources, batch_mode, first):
+        params = params_from_args(args, (image,), model=engine.model)
+        _run_and_save(engine, params, args, "img2img", source if batch_mode else None)
+    return 0
+
+
+def read_inputs(sources: list[Path], batch_mode: bool, first=None):
+    """(path, picture) for each input (``first``: the first one, already read). In a folder run an
+    unreadable picture is skipped with a line on standard error, and a count at the end."""
+    from ..imageio.load import load_image
+
     failures = 0
     for source in sources:
         try:
-            image = first if first is not None else load_image(source, field="INPUT")
+            image = first if first is not None and source == sources[0] else load_image(source, field="INPUT")
         except ImageError as exc:
             if not batch_mode:
                 raise
             print(f"underpaint: skipping {source}: {exc}", file=sys.stderr)
             failures += 1
             continue
-        params = params_from_args(args, (image,), model=engine.model)
-        _run_and_save(engine, params, args, "img2img", source if batch_mode else None)
+        yield source, image
     if failures:
         print(f"underpaint: {failures} of {len(sources)} inputs were skipped", file=sys.stderr)
-    return 0
 
 
 def run_txt2img(args: argparse.Namespace) -> int:

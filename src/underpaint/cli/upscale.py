@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..errors import ImageError, InvalidParameter
+from ..errors import InvalidParameter
 
 
 def add_command(sub) -> None:
@@ -76,33 +76,21 @@ def _job(args: argparse.Namespace, folder):
 
 
 def run_upscale(args: argparse.Namespace) -> int:
-    from ..imageio.load import load_image
     from ..imageio.metadata import save_image
     from ..pipeline import upscale
-    from .generate import _inputs, models_folder
+    from .generate import _inputs, models_folder, read_inputs
     from .outputs import plan_outputs
 
     job = _job(args, models_folder(args))
     sources = _inputs(args.input)
     batch_mode = len(sources) > 1 or Path(args.input).is_dir()
     to_folder = args.output is None or args.output.endswith(("/", "\\")) or Path(args.output).is_dir()
-    failures = 0
-    for source in sources:  # into a folder, each result is named after its input
+    for source, image in read_inputs(sources, batch_mode):  # into a folder, each named after its input
         out = plan_outputs(args.output, "extras-images", 1, overwrite=args.overwrite,
                            source=source if batch_mode or to_folder else None)[0]
-        try:
-            image = load_image(source, field="INPUT")
-        except ImageError as exc:
-            if not batch_mode:
-                raise
-            print(f"underpaint: skipping {source}: {exc}", file=sys.stderr)
-            failures += 1
-            continue
         result, text = upscale.postprocess(job, image, args.device)
         parameters = image.info.get("parameters")
         saved = save_image(result, out, infotext=parameters if isinstance(parameters, str) else None,
                            overwrite=args.overwrite, extra={"postprocessing": text} if text else None)
         print(saved, file=sys.stdout)
-    if failures:
-        print(f"underpaint: {failures} of {len(sources)} inputs were skipped", file=sys.stderr)
     return 0
