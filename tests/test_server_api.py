@@ -361,15 +361,26 @@ def test_unknown_sd_vae_is_a_422_naming_it_and_changes_nothing(vae_client, backe
 def test_a_vae_chosen_through_the_api_paints_as_the_engine_loaded_with_it(tmp_path, sd1_file, sd1_engine, photo):
     """The real engine over an A1111 install's folders: img2img with sd_vae set to a VAE file gives
     the picture and infotext of ``Engine.load(..., vae=that file)`` (the CLI's ``--vae``), and with
-    "None" those of the checkpoint's own VAE, which differ."""
+    "None" those of the checkpoint's own VAE, which differ. The checkpoint is loaded once: a VAE
+    change only swaps the VAE's weights (``Engine.use_vae``)."""
     import tiny_models as tm
     from underpaint.pipeline.engine import Engine
+    from underpaint.server.app import engine_loader
 
     models = tmp_path / "stable-diffusion-webui" / "models"
     (models / "Stable-diffusion").mkdir(parents=True)
     (models / "Stable-diffusion" / sd1_file.name).symlink_to(sd1_file)
     vae = tm.write_vae(models / "VAE" / "vae-ft-mse-840000-ema-pruned.safetensors")
-    app = create_app(ServerConfig(models_dir=models.parent, device="cpu", dtype="fp32", preload=False))
+    anime = tm.write_vae(models / "VAE" / "kl-f8-anime2.safetensors", seed=17)
+    config = ServerConfig(models_dir=models.parent, device="cpu", dtype="fp32", preload=False)
+    loads: list = []
+    load = engine_loader(config)
+
+    def counting(path, vae=None):
+        loads.append((path, vae))
+        return load(path, vae)
+
+    app = create_app(config, loader=counting)
     fields = {"prompt": "an oil painting", "steps": 3, "seed": 11, "sampler_name": "Euler", "width": 64, "height": 64}
     job = {**fields, "init_images": [png_b64(photo)], "denoising_strength": 0.6}
     with TestClient(app, base_url="http://127.0.0.1") as c:
@@ -377,6 +388,10 @@ def test_a_vae_chosen_through_the_api_paints_as_the_engine_loaded_with_it(tmp_pa
         chosen = decode_b64(c.post("/sdapi/v1/img2img", json=job).json()["images"][0])
         own = decode_b64(c.post("/sdapi/v1/img2img", json={**job, "override_settings": {"sd_vae": "None"}})
                          .json()["images"][0])
+        assert c.post("/sdapi/v1/options", json={"sd_vae": anime.name}).status_code == 200
+        body = c.post("/sdapi/v1/img2img", json=job).json()
+        other = decode_b64(body["images"][0])
+    assert loads == [(models / "Stable-diffusion" / sd1_file.name, vae)]
     expected = Engine.load(sd1_file, device="cpu", dtype="fp32", vae=vae).img2img(photo, strength=0.6, **fields)
     assert np.array_equal(np.asarray(chosen), np.asarray(expected.images[0]))
     assert chosen.info["parameters"] == expected.infotexts[0]
@@ -386,6 +401,90 @@ def test_a_vae_chosen_through_the_api_paints_as_the_engine_loaded_with_it(tmp_pa
     assert np.array_equal(np.asarray(own), np.asarray(baked.images[0]))
     assert own.info["parameters"] == baked.infotexts[0] and "VAE" not in baked.infotexts[0]
     assert not np.array_equal(np.asarray(own), np.asarray(chosen))
+    expected = Engine.load(sd1_file, device="cpu", dtype="fp32", vae=anime).img2img(photo, strength=0.6, **fields)
+    assert np.array_equal(np.asarray(other), np.asarray(expected.images[0]))
+    assert other.info["parameters"] == expected.infotexts[0]
+    anime_hash = hashlib.sha256(anime.read_bytes()).hexdigest()[:10]
+    assert f", VAE hash: {anime_hash}, VAE: kl-f8-anime2.safetensors, " in expected.infotexts[0]
+    info = json.loads(body["info"])
+    assert (info["sd_vae_name"], info["sd_vae_hash"]) == ("kl-f8-anime2.safetensors", anime_hash)
+
+
+class SwappingBackend(FakeBackend):
+    """Fake engines with ``use_vae``, as the real engine has: ``fits`` False makes it refuse (a VAE
+    of another config), ``fails`` makes it raise; every call is recorded in ``swaps``."""
+
+    def __init__(self, fits: bool = True, fails: bool = False):
+        super().__init__()
+        self.fits, self.fails, self.swaps = fits, fails, []
+
+    def __call__(self, path, vae=None):
+        engine = super().__call__(path, vae)
+
+        def use_vae(new):
+            self.swaps.append(new)
+            if self.fails:
+                raise RuntimeError("the fake VAE file is damaged")
+            if self.fits:
+                engine.vae = new
+            return self.fits
+
+        engine.use_vae = use_vae
+        return engine
+
+
+def _swapping_client(tmp_path, backend):
+    models = make_models_dir(tmp_path / "models", vaes=VAES)
+    return TestClient(create_app(ServerConfig(models_dir=models, preload=False), loader=backend),
+                      base_url="http://127.0.0.1")
+
+
+def test_sd_vae_changes_swap_the_vae_of_the_loaded_checkpoint(tmp_path):
+    """With the checkpoint loaded, a VAE change goes to the engine's use_vae (no load), for the
+    option and a one-job override alike, and the infotexts record the VAE each job used; another
+    checkpoint is a load, with its VAE."""
+    backend = SwappingBackend()
+    vae = tmp_path / "models" / "vae"
+    with _swapping_client(tmp_path, backend) as c:
+        assert _vae_of_job(c)["name"] == "alpha.vae.safetensors"
+        c.post("/sdapi/v1/options", json={"sd_vae": "kl-f8-anime2.safetensors"})
+        job = _vae_of_job(c)
+        kl_hash = hashlib.sha256(b"kl-f8-anime2.safetensors").hexdigest()[:10]
+        assert f"VAE hash: {kl_hash}, VAE: kl-f8-anime2.safetensors, " in job["infotext"]
+        job = _vae_of_job(c, override_settings={"sd_vae": "None"})
+        assert job["name"] is None and "VAE" not in job["infotext"]
+        assert _vae_of_job(c)["name"] == "kl-f8-anime2.safetensors"
+        assert c.get("/sdapi/v1/options").json()["sd_model_checkpoint"].startswith("alpha")
+        assert backend.loads == [tmp_path / "models" / "checkpoints" / "alpha.safetensors"]
+        assert backend.swaps == [vae / "kl-f8-anime2.safetensors", None, vae / "kl-f8-anime2.safetensors"]
+        c.post("/sdapi/v1/options", json={"sd_model_checkpoint": "beta", "sd_vae": "sdxl/vae-ft-mse.safetensors"})
+        assert backend.loads[1:] == [tmp_path / "models" / "checkpoints" / "beta.safetensors"]
+        assert backend.vaes[1:] == [vae / "sdxl" / "vae-ft-mse.safetensors"] and len(backend.swaps) == 3
+
+
+def test_a_vae_the_engine_cannot_swap_in_is_loaded_with_the_checkpoint(tmp_path):
+    backend = SwappingBackend(fits=False)
+    vae = tmp_path / "models" / "vae"
+    with _swapping_client(tmp_path, backend) as c:
+        _vae_of_job(c)
+        c.post("/sdapi/v1/options", json={"sd_vae": "kl-f8-anime2.safetensors"})
+        assert _vae_of_job(c)["name"] == "kl-f8-anime2.safetensors"
+    assert backend.swaps == [vae / "kl-f8-anime2.safetensors"]
+    assert backend.vaes == [vae / "alpha.vae.safetensors", vae / "kl-f8-anime2.safetensors"]
+
+
+def test_a_vae_swap_that_fails_leaves_no_engine(tmp_path):
+    """As a failed load: the job fails, and the next one loads the checkpoint again."""
+    backend = SwappingBackend(fails=True)
+    with _swapping_client(tmp_path, backend) as c:
+        _vae_of_job(c)
+        c.post("/sdapi/v1/options", json={"sd_vae": "kl-f8-anime2.safetensors"})
+        r = c.post("/sdapi/v1/txt2img", json={"steps": 1, "width": 64, "height": 64})
+        assert r.status_code == 500 and "damaged" in r.text
+        assert c.app.state.underpaint.slot.engine is None
+        backend.fails = False
+        assert _vae_of_job(c)["name"] == "kl-f8-anime2.safetensors"
+    assert len(backend.loads) == 2 and len(backend.swaps) == 1
 
 
 def test_unload_and_reload_checkpoint(client, backend):

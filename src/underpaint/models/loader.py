@@ -256,6 +256,49 @@ def load_vae(path: str | os.PathLike, spec: ModelSpec, *, device: str | torch.de
         return _build_vae_file(path, spec, torch.device(device), dtype)
 
 
+def load_own_vae(path: str | os.PathLike, spec: ModelSpec, *, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32) -> torch.nn.Module | None:
+    """The VAE a Stable Diffusion checkpoint carries, built as :func:`load_model` builds it, without
+    reading the checkpoint's other weights (to return to it after a separate VAE file).
+
+    A safetensors file gives only its ``first_stage_model.*`` tensors; a torch file is read through
+    ``torch.load`` memory-mapped where it is a zip file, so only the VAE's bytes are touched there
+    too; a diffusers folder gives its ``vae/``. None for a FLUX file (its VAE, when it carries one,
+    is read with the transformer's fp8/GGUF handling: load the model again instead).
+    """
+    path = Path(path)
+    device = torch.device(device)
+    if path.is_dir():
+        from diffusers import AutoencoderKL
+
+        with _naming(path):
+            return _from_pretrained(AutoencoderKL, path / "vae", dtype).to(device).eval().requires_grad_(False)
+    if spec.family == Family.FLUX:
+        return None
+    with _naming(path):
+        if sniff_format(path) == "safetensors":
+            header = read_header(path)
+            sd = _read_tensors(path, header.with_prefix(VAE_PREFIX))
+        else:
+            sd = load_state_dict(path)
+            header = header_from_state_dict(sd)
+            sd = {k: sd[k] for k in header.with_prefix(VAE_PREFIX)}
+        if not sd:
+            raise ModelError(f"{path}: the checkpoint has no VAE ({VAE_PREFIX}*); pass a VAE file with vae=")
+        return _build_vae_original(header, sd, VAE_PREFIX, spec, device, dtype)
+
+
+def _read_tensors(path: Path, names: list[str]) -> dict[str, torch.Tensor]:
+    """Only the tensors ``names`` of a safetensors file (the rest of the file is never read)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return {name: f.get_tensor(name) for name in names}
+    except Exception as exc:  # safetensors raises its own SafetensorError / OSError
+        raise ModelError(f"{path}: cannot read the safetensors data ({exc})") from None
+
+
 def _build_vae_file(path: Path, spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     header, sd = _read(path)
     names = header.tensors

@@ -102,6 +102,49 @@ class Engine:
             apply(loaded, speed)
         return cls(loaded, models_dir=folder)
 
+    def use_vae(self, vae: str | Path | None) -> bool:
+        """Run the loaded model with the VAE ``vae`` (a file or diffusers VAE folder, by path or by
+        name in the models folder's vae/, as ``Engine.load``'s ``vae=``), or with the checkpoint's
+        own VAE again for None, without reading the rest of the checkpoint: the pictures are those
+        of ``Engine.load(checkpoint, vae=vae)`` with the same settings, and the infotext's "VAE hash"
+        and "VAE" follow.
+
+        The new weights are copied into the running VAE module in place
+        (:mod:`underpaint.models.vae_swap`), so the memory mode's placement and pinned host copies,
+        ``channels_last``, the compiled encoder/decoder and the VAE precision all stay. Returns
+        False, having changed nothing, where that cannot give the same model: a VAE whose config
+        differs from the running one (a diffusers VAE folder whose config says ``force_upcast``
+        false, other channels), the own VAE of a FLUX file that carries one, or a FLUX model's own
+        VAE that the models folder cannot name; load the checkpoint again with ``vae=`` then.
+        A VAE that cannot be read or does not suit the model raises before anything changes.
+
+        FLUX files carry no VAE as a rule: their "own" VAE is the ``ae``/``flux`` file in the models
+        folder that ``Engine.load`` picks, and it is swapped in like any other file.
+        """
+        from ..models.vae_swap import swap_vae
+
+        folder = self.models_dir
+        if vae:
+            path: Path | None = folder.resolve_vae(str(vae)) if hasattr(folder, "resolve_vae") else Path(vae)
+        else:
+            path = None
+            if self.model.spec.family.value == "flux" and Path(self.model.path).is_file():
+                path = self._flux_own_vae()
+                if path is None:
+                    return False
+        return swap_vae(self.model, path)
+
+    def _flux_own_vae(self) -> Path | None:
+        """The VAE file ``Engine.load`` takes for a FLUX file without ``vae=``: the models folder's
+        only ``ae*``/``flux*`` VAE; None where the file carries its own or nothing names one."""
+        from ..models.flux_loader import components_needed
+
+        path = Path(self.model.path)
+        if "vae" not in components_needed(path) or not hasattr(self.models_dir, "list_vaes"):
+            return None
+        # Only the VAE is looked for: the text encoders count as given.
+        return _flux_companions(path, self.models_dir, given={"clip_l": path, "t5": path}).get("vae")
+
     @property
     def vae_precision(self) -> str:
         """The dtype every VAE call runs in: auto, fp32, fp16 or bf16 (``--vae-precision``)."""

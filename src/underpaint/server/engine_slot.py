@@ -4,7 +4,8 @@ Only the queue's worker thread calls the methods that load or use the engine, so
 model and generating never overlap; other threads read the plain attributes (``loaded``,
 ``selected``, ``vae``, ``info``) to answer /options and /progress. A VAE chosen through /options
 or a request's ``override_settings`` is loaded the same way, when the next job on the worker
-asks for the engine, never under a running job.
+asks for the engine, never under a running job; with the same checkpoint only the VAE's weights
+are read and swapped into the engine (``Engine.use_vae``).
 """
 
 from __future__ import annotations
@@ -55,10 +56,16 @@ class EngineSlot:
     def engine_for(self, model: Path | None = None, vae: str | None = None) -> Any:
         """The engine for ``model`` (default: the selected one) with the VAE that ``vae`` (a request's
         sd_vae override; None: the sd_vae option) picks for it, loaded again when another checkpoint
-        or VAE is in memory. (The VAE comes with a fresh load of the checkpoint, exactly as
-        ``Engine.load(path, vae=...)`` makes it; "None" reads the checkpoint's own VAE again.)"""
+        is in memory. When only the VAE differs, the engine's ``use_vae`` changes it in place,
+        reading the VAE file (for "None": only the checkpoint's VAE tensors) and nothing else; an
+        engine without ``use_vae``, or whose ``use_vae`` says the VAE does not fit the running one,
+        is loaded again with it, exactly as ``Engine.load(path, vae=...)`` makes it. A VAE that
+        fails to load leaves no engine, as a failed load does."""
         path = self.wanted(model)
         vae_path = self._vae_for(path, vae)
+        if self.engine is not None and self.loaded == path and self.vae != vae_path and self._swap_vae(vae_path):
+            self.vae = vae_path
+            self.info = self.engine.info
         if self.engine is None or self.loaded != path or self.vae != vae_path:
             self.unload()
             self.engine = self._loader(path) if vae_path is None else self._loader(path, vae=vae_path)
@@ -66,6 +73,17 @@ class EngineSlot:
             self.vae = vae_path
             self.info = self.engine.info
         return self.engine
+
+    def _swap_vae(self, vae_path: Path | None) -> bool:
+        """Whether the loaded engine now runs with ``vae_path`` without a reload (see :meth:`engine_for`)."""
+        use_vae = getattr(self.engine, "use_vae", None)
+        if use_vae is None:
+            return False
+        try:
+            return bool(use_vae(vae_path))
+        except BaseException:
+            self.unload()
+            raise
 
     def select(self, model: Path, vae: str | None = None) -> None:
         """Load ``model`` and make it the default for later jobs (A1111's sd_model_checkpoint option);
