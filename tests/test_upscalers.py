@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from test_server_support import decode_b64, real_api
-from underpaint.errors import UnknownName
+from underpaint.errors import InvalidParameter, UnknownName
 from underpaint.params import GenerationParams, HiresOptions
 
 
@@ -265,3 +265,13 @@ def test_cli_hires_refuses_a_missing_model_before_loading(models, tmp_path):
     r = run_cli(*["txt2img", "-p", "x", "--hires-upscaler", "4x-Missing", "-o", str(tmp_path / "x.png"),
                  "--models-dir", str(tmp_path)])
     assert r.returncode == 2 and "--hires-upscaler" in r.stderr and "checkpoint" not in r.stderr
+
+
+def test_python_engine_upscale(engine, photo):
+    out = engine.upscale(photo, "4x-zero", scale=4)
+    assert np.array_equal(np.asarray(out), np.asarray(nearest(photo, 4)))
+    assert engine.upscale(photo, "Lanczos", scale=2).size == (192, 128)
+    for upscaler, scale, field in (("4x-Missing", 2, "upscaler"), ("None", 2, "upscaler"), ("Lanczos", 0, "scale")):
+        with pytest.raises(InvalidParameter) as err:
+            engine.upscale(photo, upscaler, scale=scale)
+        assert err.value.field == field

@@ -220,21 +220,27 @@ class Engine:
         given take the model family's defaults. The :class:`Result` holds PIL images and, for each,
         its infotext and seed.
         """
-        from os import PathLike
-
-        from ..errors import InvalidParameter
-        from ..imageio.load import load_image
-
-        if isinstance(image, (str, PathLike)):
-            image = load_image(image)
-        elif not hasattr(image, "size"):
-            raise InvalidParameter("image", type(image).__name__, "a PIL image or the path of an image file")
-        return self.generate(GenerationParams(init_images=(image,), **self._defaults(fields)))
+        return self.generate(GenerationParams(init_images=(_picture(image),), **self._defaults(fields)))
 
     def txt2img(self, **fields: Any) -> Result:
         """Convenience: ``engine.txt2img(prompt=..., width=..., height=...)``; ``fields`` as for
         :meth:`img2img`."""
         return self.generate(GenerationParams(**self._defaults(fields)))
+
+    def upscale(self, image: "Image | str | Path", upscaler: str = "Lanczos", scale: float = 4.0) -> "Image":
+        """A picture enlarged by ``scale`` with ``upscaler`` (Lanczos, Nearest, or an upscaling model
+        in the models folder by name, e.g. "4x-UltraSharp" or "R-ESRGAN 4x+"), as A1111's Extras tab
+        does it (:func:`underpaint.pipeline.upscale.upscale_by`); a model runs on this engine's device."""
+        from ..errors import InvalidParameter
+        from . import upscale
+
+        image = _picture(image)
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale <= 8:
+            raise InvalidParameter("scale", scale, "a factor above 0 and at most 8")
+        found = upscale.resolve(self.models_dir, upscaler, "upscaler")
+        if found == "None":
+            raise InvalidParameter("upscaler", upscaler, "an upscaler other than None")
+        return upscale.upscale(image.convert("RGB"), found, float(scale), str(self.model.device))
 
     def _defaults(self, fields: dict) -> dict:
         """The fields given (A1111's names renamed), over the model family's defaults (FLUX: Euler,
@@ -243,6 +249,20 @@ class Engine:
         from .flux import family_defaults
 
         return {**family_defaults(self.model), **request_fields(fields)}
+
+
+def _picture(image: "Image | str | Path") -> "Image":
+    """A PIL image as given, or read from the path given."""
+    from os import PathLike
+
+    from ..errors import InvalidParameter
+    from ..imageio.load import load_image
+
+    if isinstance(image, (str, PathLike)):
+        return load_image(image)
+    if not hasattr(image, "size"):
+        raise InvalidParameter("image", type(image).__name__, "a PIL image or the path of an image file")
+    return image
 
 
 #: The memory modes below each one, in the order an out-of-memory error tries them.
