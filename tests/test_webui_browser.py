@@ -1445,6 +1445,272 @@ def test_send_to_extras_and_upscale_with_a_model(page):
     expect(page.locator("#extras-info")).to_have_value("Postprocess upscale by: 4.0, Postprocess upscaler: 4x-Zero")
 
 
+# --------------------------------------------------------------------------- img2img's scripts
+
+SCRIPT_FIELDS = ("script_name", "script_args")
+
+
+def stub_generation(page, path: str, sent: list) -> None:
+    """Answer `path` with no pictures, keeping each request the page sends: for checks on the request alone."""
+    def answer(route):
+        sent.append(json.loads(route.request.post_data))
+        route.fulfill(json={"images": [], "parameters": {}, "info": "{}"})
+
+    page.route(f"**{path}", answer)
+
+
+def generate_and_wait(page, path: str) -> dict:
+    """Press Generate; returns the request the page sent to `path`, once the page is done with the answer."""
+    with page.expect_request(f"**{path}") as request:
+        page.click("#generate")
+    expect(page.locator("#generate")).to_have_text("Generate")
+    return json.loads(request.value.post_data)
+
+
+def test_sd_upscale_script_enlarges_as_the_server_does(page, server, photo_file):
+    """img2img's Script select (None, SD upscale) is the last of its settings, as in A1111: with SD upscale, a
+    64x64 picture in tiles of 64x64 (Width and Height) overlapping by 16, scaled by 2 with Lanczos, comes back
+    128x128 and is the very picture the server makes of the same request sent to it directly. The script's
+    fields are sent only while it is chosen, and only from img2img; the choice is kept over a reload."""
+    script = page.locator("#script_name")
+    expect(script).to_be_visible()
+    assert script.locator("option").all_inner_texts() == ["None", "SD upscale"]
+    expect(script).to_have_value("")
+    expect(page.locator("#sd-upscale")).to_be_hidden()
+    assert page.evaluate("() => document.querySelector('.settings').lastElementChild.id") == "script-section"
+    for tab in ("txt2img", "inpaint"):
+        page.click(f"#tab-{tab}")
+        expect(script).to_be_hidden()
+    page.click("#tab-img2img")
+
+    page.set_input_files("#img2img-file", str(photo_file))
+    page.fill("#prompt", "a detailed oil painting")
+    fast_settings(page, seed=4321, steps=2)  # tiles of 64x64
+    set_value(page, "denoising_strength", 0.3)
+    with page.expect_response("**/sdapi/v1/img2img", timeout=GENERATION_TIMEOUT) as answer:
+        page.click("#generate")
+    assert answer.value.ok, answer.value.text()
+    plain = json.loads(answer.value.request.post_data)
+    assert not set(SCRIPT_FIELDS) & set(plain)
+    expect(page.locator("#result-image")).to_be_visible()
+    assert result_size(page) == [64, 64]
+
+    script.select_option("SD upscale")
+    expect(page.locator("#sd-upscale")).to_be_visible()
+    for name, value in (("sd_upscale_overlap", "64"), ("sd_upscale_scale", "2")):
+        expect(page.locator(f'input[data-sync="{name}"]')).to_have_value(value)
+        assert page.locator(f"#{name}").input_value() == value
+    listed = [u["name"] for u in page.request.get(f"{server}/sdapi/v1/upscalers").json()]
+    assert page.locator("#sd_upscale_upscaler option").all_inner_texts() == listed  # models included
+    expect(page.locator("#sd_upscale_upscaler")).to_have_value("Lanczos")
+    set_value(page, "sd_upscale_overlap", 16)
+    expect(page.locator("#sd-upscale-size")).to_have_text(
+        "64×64 → 128×128 px, in tiles of 64×64 overlapping by 16 px")
+    with page.expect_response("**/sdapi/v1/img2img", timeout=GENERATION_TIMEOUT) as answer:
+        page.click("#generate")
+    assert answer.value.ok, answer.value.text()
+    sent = json.loads(answer.value.request.post_data)
+    assert sent["script_name"] == "sd upscale" and sent["script_args"] == ["", 16, "Lanczos", 2]
+    assert {k: v for k, v in sent.items() if k not in SCRIPT_FIELDS} == plain  # the rest as without the script
+    expect(page.locator("#gallery-thumbs img")).to_have_count(2)
+    assert result_size(page) == [128, 128]
+    shown = decode(page.get_attribute("#result-image", "src").split(",", 1)[1])
+    infotext = page.locator("#result-infotext").input_value()
+    assert "SD upscale overlap: 16" in infotext and "SD upscale upscaler: Lanczos" in infotext
+    assert "Size: 64x64" in infotext  # the first tile's, as in A1111
+
+    # The same request written by hand (A1111's spelling of the script's title) gives the same picture.
+    status, direct = post_json(f"{server}/sdapi/v1/img2img", {
+        "init_images": [base64.b64encode(photo_file.read_bytes()).decode()], "prompt": "a detailed oil painting",
+        "seed": 4321, "steps": 2, "width": 64, "height": 64, "denoising_strength": 0.3, "cfg_scale": 7,
+        "sampler_name": "DPM++ 2M", "scheduler": "Automatic",
+        "script_name": "SD upscale", "script_args": ["", 16, "Lanczos", 2]})
+    assert status == 200, direct
+    want = decode(direct["images"][0])
+    assert want.size == (128, 128)
+    assert np.array_equal(np.asarray(shown.convert("RGB")), np.asarray(want.convert("RGB")))
+    screenshot(page, "sd-upscale")
+
+    # Kept over a reload, as the other settings.
+    page.reload()
+    page.wait_for_selector("body[data-ready=true]")
+    expect(script).to_have_value("sd upscale")
+    expect(page.locator("#sd-upscale")).to_be_visible()
+    expect(page.locator('input[data-sync="sd_upscale_overlap"]')).to_have_value("16")
+    expect(page.locator("#sd_upscale_overlap")).to_have_value("16")
+
+    # Chosen, but sent from img2img only; and not at all once None is chosen again.
+    requests: list[dict] = []
+    stub_generation(page, "/sdapi/v1/img2img", requests)
+    stub_generation(page, "/sdapi/v1/txt2img", requests)
+    page.set_input_files("#img2img-file", str(photo_file))
+    assert generate_and_wait(page, "/sdapi/v1/img2img")["script_args"] == ["", 16, "Lanczos", 2]
+    page.click("#tab-txt2img")
+    assert not set(SCRIPT_FIELDS) & set(generate_and_wait(page, "/sdapi/v1/txt2img"))
+    page.click("#tab-inpaint")
+    page.set_input_files("#inpaint-file", str(photo_file))
+    page.check('input[name="inpainting_mask_invert"][value="1"]')  # no mask to paint
+    inpaint = generate_and_wait(page, "/sdapi/v1/img2img")
+    assert "mask" in inpaint and not set(SCRIPT_FIELDS) & set(inpaint)
+    page.click("#tab-img2img")
+    script.select_option("None")
+    expect(page.locator("#sd-upscale")).to_be_hidden()
+    assert not set(SCRIPT_FIELDS) & set(generate_and_wait(page, "/sdapi/v1/img2img"))
+    assert len(requests) == 4
+
+
+def test_sd_upscale_size_line_matches_the_package(page):
+    """The size the SD upscale line announces is the one the package's upscaler step makes (None: unchanged)."""
+    from underpaint.pipeline import upscale
+
+    cases = [(64, 64, 2), (100, 72, 1.5), (512, 768, 1.35), (77, 33, 2.05), (504, 504, 1.7), (640, 480, 1)]
+    got = page.evaluate("""async (cases) => {
+      const { sdUpscaleSize } = await import('./scripts.js');
+      return ['Lanczos', 'None'].map((u) => cases.map(([w, h, scale]) => sdUpscaleSize(w, h, scale, u)));
+    }""", cases)
+    lanczos = [list(upscale.upscale_by(Image.new("RGB", (w, h)), scale, upscale.builtin_pass("Lanczos")).size)
+               for w, h, scale in cases]
+    assert got == [lanczos, [[w, h] for w, h, _ in cases]]
+
+
+def test_sd_upscale_errors_appear_beside_their_controls(page, photo_file):
+    """The server's 422s on the script's arguments land beside the tile overlap, the upscaler and the scale
+    factor; the overlap's also when the engine finds it (tiles cut to a picture smaller than them)."""
+    page.set_input_files("#img2img-file", str(photo_file))
+    fast_settings(page, seed=5, steps=2)  # tiles of 64x64
+    page.select_option("#script_name", "SD upscale")
+    set_value(page, "sd_upscale_overlap", 64)
+    with page.expect_response("**/sdapi/v1/img2img") as answer:
+        page.click("#generate")
+    assert answer.value.status == 422 and answer.value.json()["field"] == "script_args[1]"
+    expect(page.locator(".field:has(#sd_upscale_overlap) .field-error")).to_contain_text("below the tile size (64")
+    expect(page.locator("#sd_upscale_overlap")).to_have_attribute("aria-invalid", "true")
+    expect(page.locator('input[data-sync="sd_upscale_overlap"]')).to_have_attribute("aria-invalid", "true")
+    assert page.locator(".field-error").count() == 1
+    expect(page.locator("#general-error")).to_be_hidden()
+    screenshot(page, "sd-upscale-error")
+    set_value(page, "sd_upscale_overlap", 16)
+    expect(page.locator(".field-error")).to_have_count(0)  # editing the field clears its message
+
+    page.evaluate("""() => {
+      const select = document.querySelector('#sd_upscale_upscaler');
+      select.append(new Option('4x-Missing', '4x-Missing'));
+      select.value = '4x-Missing';
+    }""")
+    with page.expect_response("**/sdapi/v1/img2img") as answer:
+        page.click("#generate")
+    assert answer.value.status == 422 and answer.value.json()["field"] == "script_args[2]"
+    expect(page.locator(".field:has(#sd_upscale_upscaler) .field-error")).to_contain_text("4x-Missing")
+    expect(page.locator("#sd_upscale_upscaler")).to_have_attribute("aria-invalid", "true")
+    assert page.locator(".field-error").count() == 1
+    page.select_option("#sd_upscale_upscaler", "Lanczos")
+
+    set_value(page, "sd_upscale_scale", 9)
+    with page.expect_response("**/sdapi/v1/img2img") as answer:
+        page.click("#generate")
+    assert answer.value.status == 422 and answer.value.json()["field"] == "script_args[3]"
+    expect(page.locator(".field:has(#sd_upscale_scale) .field-error")).to_contain_text("got 9")
+    assert page.locator(".field-error").count() == 1
+    set_value(page, "sd_upscale_scale", 1)
+
+    # Tiles of 512 on a 64x64 picture at scale 1 are cut to 64: an overlap of 64 is then too much.
+    set_value(page, "width", 512)
+    set_value(page, "height", 512)
+    set_value(page, "sd_upscale_overlap", 64)
+    with page.expect_response("**/sdapi/v1/img2img", timeout=GENERATION_TIMEOUT) as answer:
+        page.click("#generate")
+    assert answer.value.status == 422, answer.value.text()
+    expect(page.locator(".field:has(#sd_upscale_overlap) .field-error")).to_be_visible()
+    assert page.locator(".field-error").count() == 1
+    expect(page.locator("#general-error")).to_be_hidden()
+
+
+def test_controlnet_hires_fix_option(context, server, photo_file):
+    """Each ControlNet unit has the extension's "Hires-fix option" (Both, Low res only, High res only), shown
+    where the extension shows it (txt2img with Hires. fix on) and sent as the unit's hr_option; an error on
+    it lands beside it."""
+    page = context.new_page()
+    sent: list[dict] = []
+    page.route("**/controlnet/module_list*", lambda r: r.fulfill(
+        json={"module_list": ["none", "canny"], "module_detail": {"none": {"sliders": []}}}))
+    page.route("**/controlnet/model_list*", lambda r: r.fulfill(json={"model_list": ["control_canny [abc12345]"]}))
+
+    def answer(route):
+        body = json.loads(route.request.post_data)
+        sent.append(body)
+        if body["alwayson_scripts"]["controlnet"]["args"][0]["hr_option"] == "High res only":
+            field = "alwayson_scripts.controlnet.args[0].hr_option"
+            route.fulfill(status=422, json={"error": "invalid_parameter", "field": field,
+                                             "detail": f"{field}: got 'High res only', expected a stand-in refusal"})
+        else:
+            route.fulfill(json={"images": [], "parameters": {}, "info": "{}"})
+
+    page.route("**/sdapi/v1/txt2img", answer)
+    page.goto(server + "/")
+    page.wait_for_selector("body[data-ready=true]")
+    page.locator("#controlnet-section summary").click()
+    first = page.locator(".cn-unit").nth(0)
+    option = first.get_by_label("Hires-fix option")
+    expect(option).to_be_hidden()  # img2img has no Hires. fix
+    page.click("#tab-txt2img")
+    expect(option).to_be_hidden()  # nor txt2img while it is off
+    page.check("#enable_hr")
+    expect(option).to_be_visible()
+    assert option.locator("option").all_inner_texts() == ["Both", "Low res only", "High res only"]
+    expect(option).to_have_value("Both")
+    page.click("#controlnet-add")
+    second = page.locator(".cn-unit").nth(1)
+    expect(second.get_by_label("Hires-fix option")).to_be_visible()  # a new unit follows
+    first.locator(".cn-file").set_input_files(str(photo_file))  # its own control image turns the unit on
+    first.get_by_label("Model").select_option("control_canny [abc12345]")
+    fast_settings(page, seed=8, steps=2)
+
+    args = generate_and_wait(page, "/sdapi/v1/txt2img")["alwayson_scripts"]["controlnet"]["args"]
+    assert [a["hr_option"] for a in args] == ["Both", "Both"]
+    option.select_option("Low res only")
+    second.get_by_label("Hires-fix option").select_option("High res only")
+    second.locator(".cn-enabled").uncheck()
+    request = generate_and_wait(page, "/sdapi/v1/txt2img")
+    args = request["alwayson_scripts"]["controlnet"]["args"]
+    assert request["enable_hr"] is True and [a["hr_option"] for a in args] == ["Low res only"]
+
+    option.select_option("High res only")
+    page.click("#generate")
+    expect(first.locator(".field:has(.cn-hr-option) .field-error")).to_contain_text("stand-in refusal")
+    expect(option).to_have_attribute("aria-invalid", "true")
+    assert page.locator(".field-error").count() == 1
+    screenshot(page, "controlnet-hr-option")
+
+    page.uncheck("#enable_hr")
+    expect(option).to_be_hidden()
+    page.check("#enable_hr")
+    page.click("#tab-img2img")
+    expect(option).to_be_hidden()
+    page.close()
+
+
+def test_extras_result_goes_on_to_img2img_and_inpaint(page, photo_file):
+    """"→ img2img" and "→ Inpaint" under the Extras result (A1111 has them) put the upscaled picture there."""
+    page.click("#tab-extras")
+    for button in ("#extras-send-img2img", "#extras-send-inpaint"):
+        expect(page.locator(button)).to_be_disabled()  # nothing to send yet
+    page.set_input_files("#extras-file", str(photo_file))
+    page.select_option("#upscaler_1", "Lanczos")
+    set_value(page, "upscaling_resize", 2)
+    upscale_in_page(page)
+    assert extras_result(page).size == (128, 128)
+    upscaled = page.get_attribute("#extras-result-image", "src")
+    page.click("#extras-send-img2img")
+    expect(page.locator("#tab-img2img")).to_have_attribute("aria-selected", "true")
+    expect(page.locator("#img2img-size")).to_have_text("128×128 px")
+    assert page.get_attribute("#img2img-preview", "src") == upscaled
+    page.click("#tab-extras")
+    page.click("#extras-send-inpaint")
+    expect(page.locator("#tab-inpaint")).to_have_attribute("aria-selected", "true")
+    expect(page.locator("#inpaint-size")).to_have_text("128×128 px")
+    assert page.eval_on_selector("#inpaint-image", "c => [c.width, c.height]") == [128, 128]
+
+
 # --------------------------------------------------------------------------- FLUX
 
 

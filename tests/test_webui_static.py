@@ -88,15 +88,16 @@ def test_ids_used_by_scripts_exist_in_the_page():
 def test_controls_start_at_a1111s_defaults():
     """The page opens at A1111's defaults, which the package's own parameters hold (and the CLI uses):
     20 steps, denoising strength 0.75, CFG 7, ... Each slider's number box starts at its slider's value."""
-    from underpaint.params import MASKED_CONTENT, GenerationParams, HiresOptions, InpaintOptions
+    from underpaint.params import MASKED_CONTENT, GenerationParams, HiresOptions, InpaintOptions, SDUpscaleOptions
 
-    params, hires, inpaint = GenerationParams(), HiresOptions(), InpaintOptions()
+    params, hires, inpaint, sd_upscale = GenerationParams(), HiresOptions(), InpaintOptions(), SDUpscaleOptions()
     expected = {
         "steps": params.steps, "cfg_scale": params.cfg_scale, "denoising_strength": params.strength,
         "seed": params.seed, "n_iter": params.n_iter, "batch_size": params.batch_size,
         "mask_blur": inpaint.mask_blur_x, "inpaint_full_res_padding": inpaint.full_res_padding,
         "hr_scale": hires.scale, "hr_second_pass_steps": hires.steps, "hr_denoising_strength": hires.strength,
         "hr_resize_x": hires.resize_x, "hr_resize_y": hires.resize_y, "width": 512, "height": 512,
+        "sd_upscale_overlap": sd_upscale.overlap, "sd_upscale_scale": sd_upscale.scale,
     }
     inputs = parsed_index().inputs
     by_id = {i["id"]: i for i in inputs if i.get("id")}

@@ -20,6 +20,7 @@ import { infotextToFields, parseInfotext } from "./infotext.js";
 import { SettingsStore } from "./persist.js";
 import { parametersIn, setupPngInfo } from "./pnginfo.js";
 import { ProgressView, formatSeconds } from "./progress.js";
+import { setupScripts } from "./scripts.js";
 
 const panel = $("#panel-generate");
 const generalBox = $("#general-error");
@@ -51,6 +52,7 @@ function selectTab(name, focus = false) {
     // data-show lists the tabs a part belongs to ("img2img inpaint").
     $$("[data-show]", panel).forEach((node) => { node.hidden = !node.dataset.show.split(" ").includes(name); });
     if (name === "inpaint" && editor.hasImage) editor.fit();
+    showControlNetHiresOption();
   }
   if (location.hash !== `#${name}`) history.replaceState(null, "", `#${name}`);
 }
@@ -70,7 +72,10 @@ const img2img = new ImageInput({
   zone: $("#img2img-drop"),
   fileInput: $("#img2img-file"),
   preview: $("#img2img-preview"),
-  onChange: (input) => { $("#img2img-size").textContent = input.width ? `${input.width}×${input.height} px` : ""; },
+  onChange: (input) => {
+    $("#img2img-size").textContent = input.width ? `${input.width}×${input.height} px` : "";
+    scripts.update();  // SD upscale's line says what the picture becomes
+  },
 });
 $("#img2img-clear").addEventListener("click", () => img2img.clear());
 
@@ -94,9 +99,19 @@ const controlnet = new ControlNetSection({
   sourceImage,
 });
 
+/** ControlNet units' hires-fix option shows where the extension shows it: txt2img with Hires. fix on. */
+function showControlNetHiresOption() {
+  controlnet.showHiresOption(state.tab === "txt2img" && $("#enable_hr").checked);
+}
+$("#enable_hr").addEventListener("change", showControlNetHiresOption);
+
+// img2img's Script choice (SD upscale), at the bottom of the settings.
+const scripts = setupScripts({ root: panel, sourceSize: () => [img2img.width, img2img.height] });
+
 /** Set the controls from a picture's parameters for the `target` tab, and say what could not be set. */
 async function applyFields(fields, target) {
   const notes = form.apply(fields, target);
+  showControlNetHiresOption();  // Hires. fix may have been turned on or off
   if (fields.sd_model_name && $("#checkpoint").value && !$("#checkpoint").value.includes(fields.sd_model_name)) {
     notes.push(`made with the model "${fields.sd_model_name}"`);
   }
@@ -114,6 +129,8 @@ const pngInput = setupPngInfo({
 });
 
 const extras = setupExtras();
+$("#extras-send-img2img").addEventListener("click", () => sendImage(extras.result(), "img2img"));
+$("#extras-send-inpaint").addEventListener("click", () => sendImage(extras.result(), "inpaint"));
 
 // "Paste parameters" (A1111's ↙): an infotext typed or pasted into the prompt, else the selected result's.
 $("#paste-parameters").addEventListener("click", async () => {
@@ -180,13 +197,18 @@ document.addEventListener("drop", (event) => {
 });
 
 // -- lists from the API ------------------------------------------------------------------------
-/** Hires. fix's upscalers: GET /latent-upscale-modes, then GET /upscalers (A1111's order); Extras' the latter. */
+/**
+ * Hires. fix's upscalers: GET /latent-upscale-modes, then GET /upscalers (A1111's order); Extras'
+ * and SD upscale's: the latter.
+ */
 async function loadUpscalers() {
   const [latent, pictures] = await Promise.all([
     getOptional("/sdapi/v1/latent-upscale-modes", []), getOptional("/sdapi/v1/upscalers", []),
   ]);
   form.fillUpscalers([...(latent ?? []), ...(pictures ?? [])].map((u) => u.name).filter(Boolean));
-  extras.fillUpscalers((pictures ?? []).map((u) => u.name).filter(Boolean));
+  const names = (pictures ?? []).map((u) => u.name).filter(Boolean);
+  extras.fillUpscalers(names);
+  scripts.fillUpscalers(names);  // SD upscale enlarges with the same picture upscalers
 }
 
 async function loadLists() {
@@ -253,6 +275,8 @@ function img2imgRequest() {
       return inputError("mask", "Paint over the area to repaint first (or choose “Inpaint not masked”).");
     }
     Object.assign(request, inpaint, { mask: stripDataUrl(editor.maskDataUrl()) });
+  } else {
+    Object.assign(request, scripts.values());  // script_name / script_args while a script is chosen
   }
   return request;
 }

@@ -7,6 +7,8 @@ import { ImageInput, pngDataUrl, stripDataUrl } from "./images.js";
 
 const CONTROL_MODES = ["Balanced", "My prompt is more important", "ControlNet is more important"];
 const RESIZE_MODES = ["Just Resize", "Crop and Resize", "Resize and Fill"];
+/** The extension's hires-fix options: the passes of a Hires. fix run that the unit steers. */
+const HR_OPTIONS = ["Both", "Low res only", "High res only"];
 /** The extension's union_control_type values (xinsir's SDXL order), then the FLUX union models' own. */
 const UNION_TYPES = ["OpenPose", "Depth", "Soft Edge", "Hard Edge", "Normal Map", "Segmentation", "Tile", "Inpaint",
   "Blur", "Gray", "Low Quality"];
@@ -43,7 +45,8 @@ class Unit {
     this.root = section.template.content.firstElementChild.cloneNode(true);
     const r = this.root;
     $(".cn-enabled", r).checked = enabled;
-    for (const [cls, key] of [["cn-module", "module"], ["cn-model", "model"], ["cn-union-type", "union-type"]]) {
+    for (const [cls, key] of [["cn-module", "module"], ["cn-model", "model"], ["cn-union-type", "union-type"],
+      ["cn-hr-option", "hr-option"]]) {
       $(`.${cls}`, r).id = `cn-${this.id}-${key}`;
       $(`.${cls}-label`, r).htmlFor = `cn-${this.id}-${key}`;
     }
@@ -59,6 +62,8 @@ class Unit {
     radios($('[data-key="resize_mode"]', r), `cn-${this.id}-resize-mode`, RESIZE_MODES, RESIZE_MODES[1]);
     // The model list does not say which models are union ones, so the choice is always offered.
     fillSelect($(".cn-union-type", r), [{ value: "", label: "Automatic" }, ...UNION_TYPES.map((value) => ({ value }))], "");
+    fillSelect($(".cn-hr-option", r), HR_OPTIONS.map((value) => ({ value })), HR_OPTIONS[0]);
+    this.showHiresOption(section.hiresOption);
     $(".cn-sliders", r).append(...BASE_SLIDERS.map((s) => slider(this.id, s)));
     $(".cn-remove", r).addEventListener("click", () => section.remove(this));
     $(".cn-detect", r).addEventListener("click", () => this.detect());
@@ -85,6 +90,11 @@ class Unit {
       }));
     });
     this.section.renumber();
+  }
+
+  /** The hires-fix option is shown where it matters, as in the extension: txt2img with Hires. fix on. */
+  showHiresOption(shown) {
+    $(".cn-hr-option-field", this.root).hidden = !shown;
   }
 
   number(key, fallback) {
@@ -117,6 +127,8 @@ class Unit {
       pixel_perfect: $(".cn-pixel-perfect", this.root).checked,
       control_mode: radioValue(this.root, `cn-${this.id}-control-mode`),
       resize_mode: radioValue(this.root, `cn-${this.id}-resize-mode`),
+      // Sent whether shown or not, as the extension does: without hires. fix it changes nothing.
+      hr_option: $(".cn-hr-option", this.root).value,
       ...(unionType ? { union_control_type: unionType } : {}),
     };
   }
@@ -163,6 +175,7 @@ export class ControlNetSection {
     this.modules = [];
     this.models = [];
     this.details = {};
+    this.hiresOption = false;
     addButton.addEventListener("click", () => this.add(true));
   }
 
@@ -181,6 +194,12 @@ export class ControlNetSection {
     if (!available) return;
     if (!this.units.length) this.add(false);
     this.units.forEach((u) => u.fillLists());
+  }
+
+  /** Show or hide every unit's hires-fix option (new units follow). */
+  showHiresOption(shown) {
+    this.hiresOption = shown;
+    this.units.forEach((unit) => unit.showHiresOption(shown));
   }
 
   add(enabled) {

@@ -21,8 +21,9 @@ export function htmlInfoText(html) {
 
 /**
  * Wire the Extras panel. Returns the picture input (for "→ Extras" and pasted pictures), `run()`
- * (the Generate button, Ctrl+Enter on this tab), `fillUpscalers(names)` and `restore()` (the kept
- * settings, once the upscaler lists are filled).
+ * (the Generate button, Ctrl+Enter on this tab), `result()` (the upscaled picture, which the
+ * caller's "→ img2img" / "→ Inpaint" buttons send on), `fillUpscalers(names)` and `restore()` (the
+ * kept settings, once the upscaler lists are filled).
  */
 export function setupExtras() {
   const panel = $("#panel-extras");
@@ -32,8 +33,10 @@ export function setupExtras() {
   const download = $("#extras-download");
   const selects = [$("#upscaler_1"), $("#upscaler_2")];
   const store = new SettingsStore(panel, { key: "underpaint.extras.v1" });
+  const sendButtons = [$("#extras-send-img2img"), $("#extras-send-inpaint")];
   let busy = false;
   let objectUrl = null;
+  let resultUrl = null;
 
   const input = new ImageInput({
     zone: $("#extras-drop"),
@@ -90,6 +93,8 @@ export function setupExtras() {
     download.href = objectUrl;
     download.download = `underpaint-extras-${stamp}.png`;
     download.hidden = false;
+    resultUrl = dataUrl;
+    sendButtons.forEach((b) => { b.disabled = false; });
     return image;
   }
 
@@ -137,6 +142,8 @@ export function setupExtras() {
   return {
     input,
     run,
+    /** The upscaled picture shown (a data URL), for "→ img2img" and "→ Inpaint"; null before the first. */
+    result: () => resultUrl,
     /** Offer `names` (GET /upscalers' order) in both selects; "None" stays chosen until another is. */
     fillUpscalers(names) {
       if (!names.length) return;  // keep the built-in list the page starts with

@@ -16,6 +16,11 @@ const ALIASES = {
   model: "sd_model_checkpoint",
   checkpoint: "sd_model_checkpoint",
   size: "width",
+  // SD upscale's own names, should an error about the script come from deeper in the engine
+  sd_upscale: "script_name",
+  sd_upscale_overlap: "script_args[1]",
+  sd_upscale_upscaler: "script_args[2]",
+  sd_upscale_scale: "script_args[3]",
 };
 
 /** "alwayson_scripts.controlnet.args[0].weight" → itself, "…args[0]", "alwayson_scripts.controlnet", … */
