@@ -193,6 +193,14 @@ def test_api_refusals_name_the_argument(api, changes, field):
     assert r.status_code == 422 and r.json()["field"] == field, r.text
 
 
+def test_api_errors_found_while_running_name_the_argument(api):
+    # a 64 px tall picture at scale 1 makes 64 px tiles of a 512x512 request, which a 64 px overlap fills
+    body = {"init_images": [png_b64(noise_picture(200, 64))], "steps": 1, "script_name": "sd upscale",
+            "script_args": ["", 64, "Lanczos", 1]}
+    r = api.post("/sdapi/v1/img2img", json=body)
+    assert r.status_code == 422 and r.json()["field"] == "script_args[1]", r.text
+
+
 def test_txt2img_has_no_scripts(api):
     r = api.post("/sdapi/v1/txt2img", json={"steps": 1, "width": 64, "height": 64, "script_name": "sd upscale"})
     assert r.status_code == 422 and r.json()["field"] == "script_name"
