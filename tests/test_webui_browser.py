@@ -146,6 +146,15 @@ def screenshot(page, name: str) -> None:
     page.screenshot(path=str(ARTIFACTS / f"webui-{name}.png"), full_page=True)
 
 
+def force_choice(page, selector: str, value: str) -> None:
+    """Make a select send a value its list does not offer (what a stale page or a hand-made request would)."""
+    page.evaluate("""([selector, value]) => {
+      const select = document.querySelector(selector);
+      select.append(new Option(value, value));
+      select.value = value;
+    }""", [selector, value])
+
+
 @pytest.fixture(scope="module")
 def photo_file(tmp_path_factory, photo) -> Path:
     path = tmp_path_factory.mktemp("webui-inputs") / "photo.png"
@@ -1394,11 +1403,7 @@ def test_extras_errors_appear_beside_their_field(page, photo_file):
     page.fill("#upscaling_resize_w", "128")
     expect(page.locator("#panel-extras .field-error")).to_have_count(0)  # editing the field clears its message
 
-    page.evaluate("""() => {
-      const select = document.querySelector('#upscaler_1');
-      select.append(new Option('4x-Missing', '4x-Missing'));
-      select.value = '4x-Missing';
-    }""")
+    force_choice(page, "#upscaler_1", "4x-Missing")
     with page.expect_response("**/sdapi/v1/extra-single-image") as answer:
         page.click("#extras-generate")
     assert answer.value.status == 422 and answer.value.json()["field"] == "upscaler_1"
@@ -1592,11 +1597,7 @@ def test_sd_upscale_errors_appear_beside_their_controls(page, photo_file):
     set_value(page, "sd_upscale_overlap", 16)
     expect(page.locator(".field-error")).to_have_count(0)  # editing the field clears its message
 
-    page.evaluate("""() => {
-      const select = document.querySelector('#sd_upscale_upscaler');
-      select.append(new Option('4x-Missing', '4x-Missing'));
-      select.value = '4x-Missing';
-    }""")
+    force_choice(page, "#sd_upscale_upscaler", "4x-Missing")
     with page.expect_response("**/sdapi/v1/img2img") as answer:
         page.click("#generate")
     assert answer.value.status == 422 and answer.value.json()["field"] == "script_args[2]"
