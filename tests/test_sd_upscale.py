@@ -182,6 +182,8 @@ def test_api_script(api):
     ({"script_args": ["", 16, "Lanczos", 9]}, "script_args[3]"),
     ({"script_args": ["", 16, "Lanczos", "big"]}, "script_args[3]"),
     ({"mask": "same"}, "script_name"),
+    # 2048x2048 in 64 px tiles overlapping by 32: 63 x 63 tiles, past the server's 256
+    ({"script_args": ["", 32, "Lanczos", 8], "init_images": "256x256"}, "script_args[1]"),
 ])
 def test_api_refusals_name_the_argument(api, changes, field):
     picture = png_b64(noise_picture(48, 32))
@@ -189,6 +191,8 @@ def test_api_refusals_name_the_argument(api, changes, field):
             "script_args": ["", 16, "Lanczos", 2], **changes}
     if body.get("mask") == "same":
         body["mask"] = picture
+    if body["init_images"] == "256x256":
+        body["init_images"] = [png_b64(noise_picture(256, 256))]
     r = api.post("/sdapi/v1/img2img", json=body)
     assert r.status_code == 422 and r.json()["field"] == field, r.text
 

@@ -727,11 +727,12 @@ def test_unknown_endpoints_are_404_and_wrong_methods_405(client):
     assert client.get("/").status_code == 200  # the browser UI is still there
 
 
-def test_scripts_list_the_always_on_scripts_requests_may_use(client):
+def test_scripts_list_the_scripts_requests_may_use(client):
     assert client.get("/sdapi/v1/scripts").json() == {"txt2img": ["controlnet"],
-                                                      "img2img": ["controlnet", "soft inpainting"]}
+                                                      "img2img": ["sd upscale", "controlnet", "soft inpainting"]}
     info = {(s["name"], s["is_img2img"]): s for s in client.get("/sdapi/v1/script-info").json()}
-    assert set(info) == {("controlnet", False), ("controlnet", True), ("soft inpainting", True)}
+    assert set(info) == {("controlnet", False), ("controlnet", True), ("soft inpainting", True), ("sd upscale", True)}
+    assert not info[("sd upscale", True)]["is_alwayson"]
     soft = info[("soft inpainting", True)]["args"]
     assert [a["label"] for a in soft][:2] == ["Soft inpainting", "Schedule bias"] and len(soft) == 7
     assert [a["value"] for a in soft[1:]] == SOFT_DEFAULTS == [a["maximum"] for a in soft[1:]]

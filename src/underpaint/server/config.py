@@ -46,6 +46,9 @@ class Limits:
     #: Values in a JSON body (counted as its commas, objects and arrays outside strings; see
     #: security.JSONValueLimitRoute): what the body limit's bytes may turn into once parsed.
     max_json_values: int = 100_000
+    #: Tiles one SD upscale request repaints (tiles of one picture times n_iter): each is an img2img
+    #: of its own, so small tiles over a large picture would hold the engine for hours.
+    max_sd_upscale_tiles: int = 256
 
 
 @dataclass(frozen=True)

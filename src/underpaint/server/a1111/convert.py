@@ -178,7 +178,8 @@ def prepare_img2img(req: Img2ImgRequest, ctx: ConvertContext) -> PreparedJob:
     fields["inpaint"] = _inpaint_options(req, _Overrides(req.override_settings or {}, ctx))
     if req.script_name:
         fields["sd_upscale"] = _sd_upscale(req.script_args, fields["init_images"][0], ctx,
-                                           min(fields.get("width") or 512, fields.get("height") or 512))
+                                           (fields.get("width") or 512, fields.get("height") or 512),
+                                           fields.get("n_iter") or 1)
     params = _build_params(fields, strength=strength)
     echo = req.model_dump(mode="json", exclude={"include_init_images"})
     if not req.include_init_images:
@@ -300,7 +301,7 @@ def _refuse_unsupported(req: GenerationRequest, *, img2img: bool = False) -> Non
     _check_alwayson(req.alwayson_scripts)
 
 
-def _sd_upscale(args: list, picture, ctx: ConvertContext, tile: int):
+def _sd_upscale(args: list, picture, ctx: ConvertContext, tile_size: tuple[int, int], n_iter: int):
     """A1111's "SD upscale" ``script_args``: [info (ignored), tile overlap (64), upscaler (an index
     into /sdapi/v1/upscalers' list, or its name; "None"), scale factor (2)], the enlarged picture
     within the server's limits."""
@@ -329,15 +330,32 @@ def _sd_upscale(args: list, picture, ctx: ConvertContext, tile: int):
     except InvalidParameter as exc:
         raise InvalidParameter({"sd_upscale_scale": "script_args[3]", "sd_upscale_overlap": "script_args[1]"}.get(
             exc.field, "script_args[2]"), exc.value, exc.expected) from None
+    tile = min(tile_size)
     if options.overlap >= tile:
         raise InvalidParameter("script_args[1]", overlap, f"a tile overlap below the tile size ({tile}: the "
                                                           "request's width and height)")
     limits = ctx.limits
     w, h = int(picture.width * options.scale // 8 * 8), int(picture.height * options.scale // 8 * 8)
+    if options.upscaler.lower() == "none":
+        w, h = picture.width, picture.height
     if w > limits.max_width or h > limits.max_height or w * h > limits.max_image_pixels:
         raise InvalidParameter("script_args[3]", scale, f"an enlarged picture of at most {limits.max_width}x"
                                                         f"{limits.max_height} and {limits.max_image_pixels} pixels "
                                                         f"(this server's limits; this one gives {w}x{h})")
+    if w >= 64 and h >= 64:  # smaller ones are refused by name when the job runs
+        from ...pipeline.sd_upscale import tile_grid
+
+        try:
+            grid = tile_grid(w, h, *tile_size, options.overlap)
+        except InvalidParameter as exc:  # an overlap too large for tiles cut to a small picture
+            raise InvalidParameter("script_args[1]", overlap, exc.expected) from None
+        tiles = len(grid.xs) * len(grid.ys) * n_iter
+        if tiles > limits.max_sd_upscale_tiles:
+            raise InvalidParameter("script_args[1]", overlap,
+                                   f"settings that make at most {limits.max_sd_upscale_tiles} tiles in all (this "
+                                   f"server's limit; {w}x{h} in {grid.tile_width}x{grid.tile_height} tiles "
+                                   f"overlapping by {options.overlap} px, {n_iter} time(s), makes {tiles}): "
+                                   "larger tiles (width, height) or a smaller overlap")
     return options
 
 
