@@ -181,6 +181,47 @@ class SDUpscaleOptions:
 
 
 @dataclass(frozen=True)
+class XYZPlotOptions:
+    """A1111's script "X/Y/Z plot" (pipeline/xyz_plot.py): one picture per combination of the X, Y
+    and Z values, in a labelled grid. Each axis is a type in A1111's spelling ("Nothing", "Seed",
+    "CFG Scale", "Prompt S/R", ...) and its values: a comma-separated list with ranges ("1-5",
+    "1-10 (+2)", "1-10 [4]", "5-9 (+0.5)"), or a list of values. The other fields are A1111's
+    checkboxes and margin slider of the same names."""
+
+    x_type: str = "Nothing"
+    x_values: "str | tuple" = ""
+    y_type: str = "Nothing"
+    y_values: "str | tuple" = ""
+    z_type: str = "Nothing"
+    z_values: "str | tuple" = ""
+    draw_legend: bool = True
+    include_lone_images: bool = False
+    include_sub_grids: bool = False
+    #: "Keep -1 for seeds": each cell draws its own random seed instead of sharing a fixed one.
+    no_fixed_seeds: bool = False
+    vary_seeds_x: bool = False
+    vary_seeds_y: bool = False
+    vary_seeds_z: bool = False
+    #: Pixels between the pictures of an annotated grid (``draw_legend``), 0 to 500.
+    margin_size: int = 0
+
+    def __post_init__(self) -> None:
+        from .pipeline.xyz_plot import parse_axis_values  # torch-free
+
+        for letter in "xyz":
+            values = getattr(self, f"{letter}_values")
+            if isinstance(values, list):
+                object.__setattr__(self, f"{letter}_values", tuple(values))
+            parse_axis_values(getattr(self, f"{letter}_type"), getattr(self, f"{letter}_values"),
+                              field=f"xyz_{letter}_values")
+        for name in ("draw_legend", "include_lone_images", "include_sub_grids", "no_fixed_seeds", "vary_seeds_x",
+                     "vary_seeds_y", "vary_seeds_z"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidParameter(f"xyz_{name}", getattr(self, name), "true or false")
+        _check_range("xyz_margin_size", self.margin_size, 0, 500, integer=True)
+
+
+@dataclass(frozen=True)
 class HiresOptions:
     """A1111's "Hires. fix" for txt2img: a second pass over the first picture, upscaled.
 
@@ -322,6 +363,8 @@ class GenerationParams:
     first_block_cache: float = 0.0
     #: A1111's "SD upscale" img2img script; None: off.
     sd_upscale: SDUpscaleOptions | None = None
+    #: A1111's "X/Y/Z plot" script; None: off.
+    xyz_plot: XYZPlotOptions | None = None
 
     def __post_init__(self) -> None:
         from .sampling.names import resolve_sampler  # torch-free table
@@ -366,6 +409,10 @@ class GenerationParams:
         object.__setattr__(self, "preview_method", preview_method_name(self.preview_method))
         if self.sd_upscale is not None:
             self._check_sd_upscale()
+        if self.xyz_plot is not None and not isinstance(self.xyz_plot, XYZPlotOptions):
+            raise InvalidParameter("xyz_plot", type(self.xyz_plot).__name__, "XYZPlotOptions or None")
+        if self.xyz_plot is not None and self.sd_upscale is not None:
+            raise InvalidParameter("xyz_plot", "with sd_upscale", "one script at a time (X/Y/Z plot or SD upscale)")
         if self.deepcache is not None and not isinstance(self.deepcache, DeepCacheOptions):
             raise InvalidParameter("deepcache", type(self.deepcache).__name__, "DeepCacheOptions or None")
         if self.control_units:

@@ -77,6 +77,12 @@ class SecondPassStart:
 
 def generate(model, params: GenerationParams, *, info: ModelInfo, progress, cancel: Cancellation) -> Result:
     """Run ``n_iter`` batches of ``batch_size`` images; batch image i uses seed + i."""
+    if params.xyz_plot is not None:  # A1111's "X/Y/Z plot" script: each cell one request of its own
+        from . import xyz_plot
+
+        return xyz_plot.run(
+            lambda cell_params, report: generate(model, cell_params, info=info, progress=report, cancel=cancel),
+            params, info=info, progress=progress, cancel=cancel)
     if flux.is_flux(model):
         _check_flux_request(params)
         params = _without_token_merging(params)

@@ -1,0 +1,218 @@
+"""A1111's "X/Y/Z plot" script: one request per combination of axis values, laid out in a grid."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from underpaint.errors import InvalidParameter
+from underpaint.params import GenerationParams, HiresOptions, XYZPlotOptions
+from underpaint.pipeline import xyz_plot
+from underpaint.pipeline.xyz_plot import axis_names, parse_axis_values
+
+
+@pytest.mark.parametrize("axis, text, want", [
+    ("Steps", "1,2,3", [1, 2, 3]),
+    ("Steps", "1-5", [1, 2, 3, 4, 5]),
+    ("Steps", " 1 - 10 (+2) ", [1, 3, 5, 7, 9]),
+    ("Steps", "10-1 (-3)", [10, 7, 4]),  # A1111 stops short of the end going down, as range(10, 2, -3)
+    ("Steps", "1-10 [4]", [1, 4, 7, 10]),
+    ("Steps", "1-2 [4]", [1, 1, 1, 2]),  # evenly spaced, each cut to a whole number
+    ("Seed", "-1, 5-6", [-1, 5, 6]),
+    ("CFG Scale", "5-9 (+0.5)", [5.0, 5.5, 6.0, 6.5, 7.0, 7.5, 8.0, 8.5, 9.0]),
+    ("CFG Scale", "3-7 [5]", [3.0, 4.0, 5.0, 6.0, 7.0]),
+    ("CFG Scale", "7, 1.5", [7.0, 1.5]),
+    ("Prompt S/R", 'cat,"dog, black",bird', ["cat", "dog, black", "bird"]),
+    ("Sampler", ["Euler", " DDIM "], ["Euler", "DDIM"]),  # a list, as A1111's value dropdowns send
+    ("Nothing", "whatever", [None]),
+])
+def test_values_read_as_a1111_reads_them(axis, text, want):
+    assert parse_axis_values(axis, text) == want
+
+
+@pytest.mark.parametrize("axis, text, bad", [
+    ("Steps", "1, two", "two"), ("Steps", "1.5", "1.5"), ("Steps", "1-10 (2)", "1-10 (2)"),
+    ("CFG Scale", "7, high", "high"), ("Steps", "", ""), ("Steps", "5-1", "5-1"),
+])
+def test_bad_values_are_refused_naming_the_axis(axis, text, bad):
+    with pytest.raises(InvalidParameter) as err:
+        parse_axis_values(axis, text, field="xyz_y_values")
+    assert err.value.field == "xyz_y_values" and axis in err.value.expected and err.value.value == bad
+
+
+def test_axis_lists_follow_a1111s_order():
+    txt2img, img2img = axis_names(False), axis_names(True)
+    assert txt2img[:12] == ["Nothing", "Seed", "Var. seed", "Var. strength", "Steps", "Hires steps", "CFG Scale",
+                            "Prompt S/R", "Prompt order", "Sampler", "Hires sampler", "Checkpoint name"]
+    assert img2img[:10] == ["Nothing", "Seed", "Var. seed", "Var. strength", "Steps", "CFG Scale", "Image CFG Scale",
+                            "Prompt S/R", "Prompt order", "Sampler"]
+    assert "Hires upscaler" in txt2img and "Hires upscaler" not in img2img
+    assert txt2img.index("Denoising") == 25 and img2img.index("Denoising") == 24
+    with pytest.raises(InvalidParameter) as err:
+        XYZPlotOptions(x_type="Checkpoint name", x_values="a")
+    assert err.value.field == "xyz_x_type" and "underpaint runs" in err.value.expected
+
+
+def test_labels_are_a1111s():
+    assert xyz_plot.label("CFG Scale", 7.0) == "CFG Scale: 7.0"
+    assert xyz_plot.label("CFG Scale", 0.1 + 0.2) == "CFG Scale: 0.3"
+    assert xyz_plot.label("Prompt S/R", "dog") == "dog" and xyz_plot.label("Sampler", "Euler") == "Euler"
+    assert xyz_plot.label("Nothing", None) == ""
+
+
+def test_grid_bands_and_margins():
+    w, h = 40, 24
+    cells = [Image.new("RGB", (w, h), (i * 40, 0, 0)) for i in range(6)]
+    plain = xyz_plot.draw_grid(cells, 3, ["", "", ""], ["", ""], legend=False, margin=9)
+    assert plain.size == (3 * w, 2 * h)  # no legend: no margin either, as A1111
+    assert xyz_plot.draw_grid(cells, 3, ["", "", ""], ["", ""], margin=0).size == (3 * w, 2 * h)
+    labelled = xyz_plot.draw_grid(cells, 3, ["a", "b", "c"], ["row one", "row two"], margin=6)
+    pad_left = w * 3 // 4
+    pad_top = labelled.height - 2 * h - 6
+    assert labelled.width == pad_left + 3 * w + 2 * 6 and pad_top > (w + h) // 25
+    columns_only = xyz_plot.draw_grid(cells, 3, ["a", "b", "c"], ["", ""], margin=2)
+    assert columns_only.width == 3 * w + 4 and columns_only.height == pad_top + 2 * h + 2
+    for i, cell in enumerate(cells):
+        x, y = xyz_plot.cell_origin(i % 3, i // 3, (w, h), pad_left, pad_top, 6)
+        assert np.array_equal(np.asarray(labelled.crop((x, y, x + w, y + h))), np.asarray(cell))
+    gap = np.asarray(labelled)[pad_top + h: pad_top + h + 6, pad_left:]
+    assert (gap == 255).all()  # the margin is white
+
+
+BASE = dict(prompt="a red cat", negative_prompt="blurry dog", steps=1, sampler="Euler", rng="cpu", width=64,
+            height=64)
+
+
+def _cut(grid: Image.Image, col: int, row: int, cols: int, rows: int, *, margin: int = 0, left: int = 0) -> np.ndarray:
+    w = h = 64
+    top = grid.height - rows * h - margin * (rows - 1)
+    x, y = xyz_plot.cell_origin(col, row, (w, h), left, top, margin)
+    return np.asarray(grid.crop((x, y, x + w, y + h)))
+
+
+def test_every_cell_is_a_plain_request(sd1_engine):
+    options = XYZPlotOptions(x_type="CFG Scale", x_values="3,7", y_type="Prompt S/R", y_values="cat,dog",
+                             include_lone_images=True, margin_size=4)
+    progress = []
+    result = sd1_engine.generate(GenerationParams(**BASE, seed=11, xyz_plot=options), progress=progress.append)
+    assert len(result.images) == 1 + 4
+    grid = result.images[0]
+    assert grid.width == 64 * 3 // 4 + 2 * 64 + 4  # row labels ("cat", "dog") make a band to the left
+    want = {}
+    for iy, prompt_sub in enumerate(["cat", "dog"]):
+        for ix, cfg in enumerate([3.0, 7.0]):
+            plain = sd1_engine.generate(GenerationParams(**{**BASE, "prompt": f"a red {prompt_sub}"}, seed=11,
+                                                         cfg_scale=cfg))
+            want[ix, iy] = plain
+            assert np.array_equal(_cut(grid, ix, iy, 2, 2, margin=4, left=48), np.asarray(plain.images[0]))
+    # the lone pictures follow the grid, row by row, each with its own infotext
+    for i, (ix, iy) in enumerate([(0, 0), (1, 0), (0, 1), (1, 1)]):
+        assert np.array_equal(np.asarray(result.images[1 + i]), np.asarray(want[ix, iy].images[0]))
+        assert result.infotexts[1 + i] == want[ix, iy].infotexts[0]
+    assert result.infotexts[0] == want[0, 0].infotexts[0] and result.seeds == (11,) * 5
+    assert {(p.job, p.job_count) for p in progress} == {(j, 4) for j in range(4)}
+
+
+def test_prompt_sr_replaces_in_both_prompts(sd1_engine):
+    """'dog' is in the negative prompt only: the replacement reaches it there."""
+    options = XYZPlotOptions(x_type="Prompt S/R", x_values="dog,bird", include_lone_images=True, draw_legend=False)
+    result = sd1_engine.generate(GenerationParams(**BASE, seed=3, xyz_plot=options))
+    assert result.images[0].size == (128, 64)
+    assert result.negative_prompts[1:] == ("blurry dog", "blurry bird") and result.prompts[2] == "a red cat"
+    plain = sd1_engine.generate(GenerationParams(**{**BASE, "negative_prompt": "blurry bird"}, seed=3))
+    assert np.array_equal(np.asarray(result.images[0])[:, 64:], np.asarray(plain.images[0]))
+    with pytest.raises(InvalidParameter) as err:
+        sd1_engine.generate(GenerationParams(**BASE, xyz_plot=XYZPlotOptions(y_type="Prompt S/R", y_values="fish,cod")))
+    assert err.value.field == "xyz_y_values" and err.value.value == "fish"
+
+
+def test_seeds_fixed_once_or_varied(sd1_engine, monkeypatch):
+    import underpaint.params as params_mod
+
+    drawn = iter([500, 600, 700, 800])
+    monkeypatch.setattr(params_mod.random, "randrange", lambda n: next(drawn))
+    options = XYZPlotOptions(x_type="Steps", x_values="1,2", include_lone_images=True, draw_legend=False)
+    result = sd1_engine.generate(GenerationParams(**BASE, seed=-1, subseed=-1, xyz_plot=options))
+    assert result.seeds[1:] == (500, 500)  # one seed for every cell
+    varied = XYZPlotOptions(x_type="Nothing", y_type="Steps", y_values="1,2", z_type="CFG Scale", z_values="5,6",
+                            vary_seeds_x=True, vary_seeds_y=True, vary_seeds_z=True, include_lone_images=True,
+                            draw_legend=False)
+    result = sd1_engine.generate(GenerationParams(**BASE, seed=40, xyz_plot=varied))
+    # X has one value: Y adds its index, Z its index times the 2 Y values
+    assert result.seeds[-4:] == (40, 41, 42, 43)
+    kept = XYZPlotOptions(x_type="Steps", x_values="1,1", no_fixed_seeds=True, include_lone_images=True,
+                          draw_legend=False)
+    monkeypatch.setattr(params_mod.random, "randrange", lambda n, drawn=iter(range(900, 999)): next(drawn))
+    result = sd1_engine.generate(GenerationParams(**BASE, seed=-1, xyz_plot=kept))
+    assert result.seeds[1] != result.seeds[2]  # Keep -1 for seeds: each cell draws its own
+
+
+def test_seed_axis_fixes_its_own_minus_one(sd1_engine, monkeypatch):
+    import underpaint.params as params_mod
+
+    monkeypatch.setattr(params_mod.random, "randrange", lambda n: 77)
+    options = XYZPlotOptions(x_type="Seed", x_values="-1,5", include_lone_images=True, draw_legend=False)
+    result = sd1_engine.generate(GenerationParams(**BASE, seed=9, xyz_plot=options))
+    assert result.seeds[1:] == (77, 5)
+    plain = sd1_engine.generate(GenerationParams(**BASE, seed=5))
+    assert np.array_equal(np.asarray(result.images[2]), np.asarray(plain.images[0]))
+
+
+def test_several_z_values_make_a_grid_of_grids(sd1_engine):
+    options = XYZPlotOptions(x_type="Steps", x_values="1,2", z_type="CFG Scale", z_values="4,8",
+                             include_sub_grids=True, include_lone_images=True)
+    result = sd1_engine.generate(GenerationParams(**BASE, seed=2, xyz_plot=options))
+    combined, sub_a, sub_b = result.images[:3]
+    assert len(result.images) == 3 + 4
+    assert sub_a.size == sub_b.size and sub_a.width == 128
+    assert combined.width == 2 * sub_a.width and combined.height > sub_a.height  # the Z labels above
+    top = combined.height - sub_a.height
+    assert np.array_equal(np.asarray(combined.crop((sub_a.width, top, combined.width, combined.height))),
+                          np.asarray(sub_b))
+    plain = sd1_engine.generate(GenerationParams(**{**BASE, "steps": 2}, seed=2, cfg_scale=8.0))
+    assert np.array_equal(_cut(sub_b, 1, 0, 2, 1), np.asarray(plain.images[0]))
+    assert result.infotexts[2] == result.infotexts[5]  # a sub grid's infotext is its first cell's
+    only_combined = sd1_engine.generate(GenerationParams(**BASE, seed=2, xyz_plot=XYZPlotOptions(
+        x_type="Steps", x_values="1,2", z_type="CFG Scale", z_values="4,8")))
+    assert len(only_combined.images) == 1
+
+
+def test_hires_axes_and_denoising(sd1_engine):
+    hires = HiresOptions(scale=1.0, steps=1, strength=0.5, upscaler="Latent")
+    options = XYZPlotOptions(x_type="Hires steps", x_values="1,2", y_type="Denoising", y_values="0.3",
+                             draw_legend=False)
+    result = sd1_engine.generate(GenerationParams(**BASE, seed=4, hires=hires, xyz_plot=options))
+    plain = sd1_engine.generate(GenerationParams(**BASE, seed=4, hires=HiresOptions(scale=1.0, steps=2, strength=0.3,
+                                                                                     upscaler="Latent")))
+    assert np.array_equal(np.asarray(result.images[0])[:, 64:], np.asarray(plain.images[0]))
+
+
+@pytest.mark.parametrize("options, extra, field", [
+    (dict(x_type="Hires steps", x_values="1"), {}, "xyz_x_type"),  # needs hires. fix
+    (dict(y_type="Denoising", y_values="0.5"), {}, "xyz_y_type"),  # txt2img without hires. fix
+    (dict(x_type="Steps", x_values="0,1"), {}, "xyz_x_values"),  # a value the request cannot take
+    (dict(z_type="Sampler", z_values="Euler,Nope"), {}, "xyz_z_values"),
+    (dict(x_type="Hires upscaler", x_values="Latent"), {"init_images": True}, "xyz_x_type"),  # txt2img only
+])
+def test_refusals_come_before_any_cell(sd1_engine, photo, options, extra, field):
+    calls = []
+    fields = {**BASE, **({"init_images": (photo,)} if extra else {})}
+    with pytest.raises(InvalidParameter) as err:
+        sd1_engine.generate(GenerationParams(**fields, xyz_plot=XYZPlotOptions(**options)), progress=calls.append)
+    assert err.value.field == field and not calls
+
+
+def test_options_refused_at_the_edge():
+    with pytest.raises(InvalidParameter) as err:
+        XYZPlotOptions(x_type="Steps", x_values="a")
+    assert err.value.field == "xyz_x_values"
+    with pytest.raises(InvalidParameter) as err:
+        XYZPlotOptions(margin_size=-2)
+    assert err.value.field == "xyz_margin_size"
+    from underpaint.params import SDUpscaleOptions
+
+    with pytest.raises(InvalidParameter) as err:
+        GenerationParams(init_images=(Image.new("RGB", (64, 64)),), sd_upscale=SDUpscaleOptions(),
+                         xyz_plot=XYZPlotOptions())
+    assert err.value.field == "xyz_plot"
