@@ -216,3 +216,36 @@ def test_options_refused_at_the_edge():
         GenerationParams(init_images=(Image.new("RGB", (64, 64)),), sd_upscale=SDUpscaleOptions(),
                          xyz_plot=XYZPlotOptions())
     assert err.value.field == "xyz_plot"
+
+
+def test_cli_writes_the_grid_then_the_cells(tmp_path, sd1_file, sd1_engine):
+    from cli_runner import run_cli
+
+    out = tmp_path / "plot.png"
+    proc = run_cli("txt2img", "-p", "a red cat", "-n", "blurry dog", "--steps", "1", "--sampler", "Euler", "--rng",
+                   "cpu", "-W", "64", "-H", "64", "--seed", "6", "--model", str(sd1_file), "-o", str(out),
+                   "--xyz-x", "CFG Scale", "--xyz-x-values", "2-4 [2]", "--xyz-cells", "--xyz-no-legend")
+    assert proc.returncode == 0, proc.stderr
+    grid, first, second = (Image.open(tmp_path / f"plot-{i}.png") for i in (1, 2, 3))
+    assert grid.size == (128, 64) and first.size == (64, 64)
+    plain = sd1_engine.generate(GenerationParams(**BASE, seed=6, cfg_scale=4.0))
+    assert np.array_equal(np.asarray(second.convert("RGB")), np.asarray(plain.images[0]))
+    assert np.array_equal(np.asarray(grid.convert("RGB"))[:, 64:], np.asarray(plain.images[0]))
+    assert "CFG scale: 2," in grid.text["parameters"] and "CFG scale: 4," in second.text["parameters"]
+
+
+@pytest.mark.parametrize("extra, needles", [
+    (["--xyz-x", "Steps", "--xyz-x-values", "1, lots"], ["--xyz-x-values: got 'lots'", "Steps"]),
+    (["--xyz-x", "Stepz", "--xyz-x-values", "1"], ["--xyz-x: got 'Stepz'", "'Steps'"]),
+    (["--xyz-x", "Steps"], ["--xyz-x-values VALUES"]),
+    (["--xyz-cells"], ["--xyz-cells", "--xyz-x TYPE"]),
+    (["--xyz-y", "Prompt S/R", "--xyz-y-values", "fish,cod"], ["--xyz-y-values: got 'fish'"]),
+])
+def test_cli_refusals_name_the_flag(tmp_path, sd1_file, extra, needles):
+    from cli_runner import run_cli
+
+    from test_cli import assert_clean_error
+
+    proc = run_cli("txt2img", "-p", "a red cat", "--steps", "1", "-W", "64", "-H", "64", "--model", str(sd1_file),
+                   "-o", str(tmp_path / "o.png"), *extra)
+    assert_clean_error(proc, *needles)

@@ -55,11 +55,13 @@ def add_commands(sub) -> None:
     img.add_argument("input", metavar="INPUT", help="an image file, or a folder of images to process in turn")
     _add_generation_args(img, img2img=True)
     _add_sd_upscale_args(img)
+    _add_xyz_args(img)
     img.set_defaults(func=run_img2img)
 
     txt = sub.add_parser("txt2img", help="make a picture from a prompt alone",
                          description="Make a picture from a prompt (img2img at full strength, from noise).")
     _add_generation_args(txt, img2img=False)
+    _add_xyz_args(txt)
     txt.set_defaults(func=run_txt2img)
 
 
@@ -197,6 +199,75 @@ def _with_sd_upscale(params: GenerationParams, args: argparse.Namespace, model) 
     options = SDUpscaleOptions(scale=factor, upscaler=args.sd_upscale_upscaler or "Lanczos",
                                overlap=64 if args.sd_upscale_overlap is None else args.sd_upscale_overlap)
     return params.replace(sd_upscale=options, width=params.width or native, height=params.height or native)
+
+
+def _add_xyz_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("X/Y/Z plot", "A1111's script: one picture per combination of the axes' values, in a "
+                                           "labelled grid (saved first; the cells follow with --xyz-cells)")
+    for letter in "xyz":
+        g.add_argument(f"--xyz-{letter}", dest=f"xyz_{letter}", default=None, metavar="TYPE",
+                       help=f"the {letter.upper()} axis's type in A1111's spelling: Seed, Var. seed, Var. strength, "
+                            "Steps, CFG Scale, Denoising, Sampler, Schedule type, Prompt S/R, Clip skip, Eta, Token "
+                            "merging ratio, Hires steps, Hires sampler, Hires upscaler" if letter == "x" else
+                       f"the {letter.upper()} axis's type (as --xyz-x)")
+        g.add_argument(f"--xyz-{letter}-values", dest=f"xyz_{letter}_values", default=None, metavar="VALUES",
+                       help=f"the {letter.upper()} values, comma-separated, with ranges: 1-5, 1-10 (+2), 1-10 [4], "
+                            "5-9 (+0.5); quote a value that has a comma (\"a, b\")" if letter == "x" else
+                       f"the {letter.upper()} values (as --xyz-x-values)")
+    g.add_argument("--xyz-cells", action="store_true", help="also save each cell's picture (A1111's Include Sub Images)")
+    g.add_argument("--xyz-sub-grids", action="store_true",
+                   help="with several Z values, also save each Z value's grid (A1111's Include Sub Grids)")
+    g.add_argument("--xyz-no-legend", action="store_true", help="no labels (A1111's Draw legend off)")
+    g.add_argument("--xyz-keep-seeds", action="store_true",
+                   help="a -1 seed gives every cell a random seed of its own (A1111's Keep -1 for seeds)")
+    g.add_argument("--xyz-vary-seeds", default=None, metavar="AXES",
+                   help="add the cell's index along these axes to the seed: x, y, z or several (e.g. xy)")
+    g.add_argument("--xyz-margin", dest="xyz_margin", type=int, default=None, metavar="PX",
+                   help="pixels between the pictures of a labelled grid, 0-500 (default 0)")
+
+
+_XYZ_FLAGS = ("xyz_x_values", "xyz_y", "xyz_y_values", "xyz_z", "xyz_z_values", "xyz_cells", "xyz_sub_grids",
+              "xyz_no_legend", "xyz_keep_seeds", "xyz_vary_seeds", "xyz_margin")
+
+
+def _with_xyz_plot(params: GenerationParams, args: argparse.Namespace) -> GenerationParams:
+    """--xyz-* as :class:`XYZPlotOptions` (--xyz-x, or --xyz-y or --xyz-z, turns the plot on)."""
+    if not any(getattr(args, f"xyz_{letter}", None) for letter in "xyz"):
+        for flag in _XYZ_FLAGS:
+            if getattr(args, flag, None) not in (None, False):
+                raise InvalidParameter(flag, getattr(args, flag), "--xyz-x TYPE (or --xyz-y, --xyz-z) beside it")
+        return params
+    from ..params import XYZPlotOptions
+
+    fields = {}
+    for letter in "xyz":
+        kind, values = getattr(args, f"xyz_{letter}"), getattr(args, f"xyz_{letter}_values")
+        if values is not None and not kind:
+            raise InvalidParameter(f"xyz_{letter}_values", values, f"--xyz-{letter} TYPE beside it")
+        if kind and kind.strip().lower() != "nothing" and values is None:
+            raise InvalidParameter(f"xyz_{letter}", kind, f"--xyz-{letter}-values VALUES beside it")
+        fields[f"{letter}_type"], fields[f"{letter}_values"] = kind or "Nothing", values or ""
+    vary = (args.xyz_vary_seeds or "").lower().replace(",", "")
+    if set(vary) - set("xyz"):
+        raise InvalidParameter("xyz_vary_seeds", args.xyz_vary_seeds, "axes among x, y and z (e.g. xy)")
+    options = XYZPlotOptions(**fields, draw_legend=not args.xyz_no_legend, include_lone_images=args.xyz_cells,
+                             include_sub_grids=args.xyz_sub_grids, no_fixed_seeds=args.xyz_keep_seeds,
+                             vary_seeds_x="x" in vary, vary_seeds_y="y" in vary, vary_seeds_z="z" in vary,
+                             margin_size=args.xyz_margin or 0)
+    return params.replace(xyz_plot=options)
+
+
+def _output_count(params: GenerationParams) -> int:
+    """How many pictures a request saves (an X/Y/Z plot: its grids and, if asked, its cells)."""
+    options = params.xyz_plot
+    if options is None:
+        return params.batch_size * params.n_iter
+    from ..pipeline.xyz_plot import parse_axis_values
+
+    nx, ny, nz = (len(parse_axis_values(getattr(options, f"{a}_type"), getattr(options, f"{a}_values")))
+                  for a in "xyz")
+    grids = 1 + (nz if nz > 1 and options.include_sub_grids else 0)
+    return grids + (nx * ny * nz if options.include_lone_images else 0)
 
 
 def _add_hires_args(p: argparse.ArgumentParser) -> None:
@@ -359,6 +430,7 @@ def params_from_args(args: argparse.Namespace, init_images: tuple = (), *, model
         params = _with_infotext(params, args, given)
     params = _with_hires(params, args)
     params = _with_sd_upscale(params, args, model)
+    params = _with_xyz_plot(params, args)
     params = with_cache(params, args)
     params = _with_loras(params, getattr(args, "lora", None))
     return _with_styles(params, args)
@@ -539,7 +611,7 @@ def run_img2img(args: argparse.Namespace) -> int:
     first = load_image(sources[0], field="INPUT") if not batch_mode else None
     probe = params_from_args(args, (first,) if first is not None else ())
     _check_upscalers(probe, args)
-    plan_outputs(args.output, "img2img", probe.batch_size * probe.n_iter, overwrite=args.overwrite,
+    plan_outputs(args.output, "img2img", _output_count(probe), overwrite=args.overwrite,
                  source=sources[0] if batch_mode else None)
     engine = _load_engine(args)
     for source, image in read_inputs(sources, batch_mode, first):
@@ -572,7 +644,7 @@ def run_txt2img(args: argparse.Namespace) -> int:
     warn_about_request(args)
     params = params_from_args(args)
     _check_upscalers(params, args)
-    plan_outputs(args.output, "txt2img", params.batch_size * params.n_iter, overwrite=args.overwrite, source=None)
+    plan_outputs(args.output, "txt2img", _output_count(params), overwrite=args.overwrite, source=None)
     engine = _load_engine(args)
     params = params_from_args(args, model=engine.model)
     _run_and_save(engine, params, args, "txt2img", None)

@@ -108,6 +108,12 @@ _FIELD_FLAGS: dict[str, tuple[str, ...]] = {
     "crop": ("--crop",),
     "sd_upscale": ("--sd-upscale",), "sd_upscale_scale": ("--sd-upscale",),
     "sd_upscale_upscaler": ("--sd-upscale-upscaler",), "sd_upscale_overlap": ("--sd-upscale-overlap",),
+    "xyz_plot": ("--xyz-x",), "xyz_x": ("--xyz-x",), "xyz_x_type": ("--xyz-x",), "xyz_y": ("--xyz-y",),
+    "xyz_y_type": ("--xyz-y",), "xyz_z": ("--xyz-z",), "xyz_z_type": ("--xyz-z",),
+    "xyz_x_values": ("--xyz-x-values",), "xyz_y_values": ("--xyz-y-values",), "xyz_z_values": ("--xyz-z-values",),
+    "xyz_cells": ("--xyz-cells",), "xyz_sub_grids": ("--xyz-sub-grids",), "xyz_no_legend": ("--xyz-no-legend",),
+    "xyz_keep_seeds": ("--xyz-keep-seeds",), "xyz_vary_seeds": ("--xyz-vary-seeds",),
+    "xyz_margin": ("--xyz-margin",), "xyz_margin_size": ("--xyz-margin",),
 }
 #: Fields named the same as their flag's ``dest`` (``strength`` is ``--strength``). Only these and
 #: the ones above are renamed: other errors name things that are not flags (a ``<lora:...>`` tag in
