@@ -205,7 +205,7 @@ def test_api_errors_found_while_running_name_the_argument(api):
     assert r.status_code == 422 and r.json()["field"] == "script_args[1]", r.text
 
 
-def test_txt2img_has_no_scripts(api):
+def test_txt2img_has_no_sd_upscale(api):
     r = api.post("/sdapi/v1/txt2img", json={"steps": 1, "width": 64, "height": 64, "script_name": "sd upscale"})
     assert r.status_code == 422 and r.json()["field"] == "script_name"
 

@@ -249,3 +249,68 @@ def test_cli_refusals_name_the_flag(tmp_path, sd1_file, extra, needles):
     proc = run_cli("txt2img", "-p", "a red cat", "--steps", "1", "-W", "64", "-H", "64", "--model", str(sd1_file),
                    "-o", str(tmp_path / "o.png"), *extra)
     assert_clean_error(proc, *needles)
+
+
+# --------------------------------------------------------------------------- the A1111 API
+
+
+@pytest.fixture(scope="module")
+def api(sd1_file, tmp_path_factory):
+    from test_server_support import real_api, tiny_models_dir
+
+    with real_api(tiny_models_dir(tmp_path_factory.mktemp("xyz-models"), sd1_file)) as client:
+        yield client
+
+
+def _api_args(x_type, x_values, x_dropdown=(), y_type=0, y_values="", **flags):
+    args = [x_type, x_values, list(x_dropdown), y_type, y_values, [], 0, "", [],
+            True, False, False, False, False, False, False, 0, False]
+    for index, value in flags.items():
+        args[int(index.removeprefix("a"))] = value
+    return args
+
+
+def test_api_script_runs_the_plot(api, sd1_engine):
+    from test_server_support import decode_b64
+
+    names = axis_names(False)
+    body = {"prompt": "a red cat", "steps": 2, "width": 64, "height": 64, "seed": 5, "sampler_name": "Euler",
+            "script_name": "X/Y/Z plot",
+            "script_args": _api_args(names.index("CFG Scale"), "3, 7", a10=True)}  # include lone images
+    r = api.post("/sdapi/v1/txt2img", json=body)
+    assert r.status_code == 200, r.text
+    images = [decode_b64(data) for data in r.json()["images"]]
+    assert len(images) == 3 and images[0].width == 2 * 64 and images[0].height > 64  # a label band on top
+    for picture, cfg in zip(images[1:], (3.0, 7.0)):
+        plain = sd1_engine.generate(GenerationParams(prompt="a red cat", steps=2, width=64, height=64, seed=5,
+                                                     sampler="Euler", cfg_scale=cfg))
+        assert np.array_equal(np.asarray(picture.convert("RGB")), np.asarray(plain.images[0]))
+    # a choice axis takes the dropdown list (A1111's UI sends it there), by name or by the tab's index
+    sampler = axis_names(True).index("Sampler")
+    body = {"init_images": [_png(Image.new("RGB", (64, 64), (90, 40, 10)))], "steps": 2, "width": 64,
+            "height": 64, "seed": 5, "denoising_strength": 0.5, "script_name": "x/y/z plot",
+            "script_args": _api_args(sampler, "", ["Euler", "DDIM"])}
+    r = api.post("/sdapi/v1/img2img", json=body)
+    assert r.status_code == 200 and len(r.json()["images"]) == 1, r.text
+    assert "Sampler: Euler" in r.json()["info"]
+
+
+def _png(image):
+    from test_server_support import png_b64
+
+    return png_b64(image)
+
+
+@pytest.mark.parametrize(("args", "field"), [
+    (_api_args(999, "1"), "script_args[0]"),
+    (_api_args(axis_names(False).index("Checkpoint name"), "a"), "script_args[0]"),
+    (_api_args(axis_names(False).index("Steps"), "1-x"), "script_args[1]"),
+    (_api_args(axis_names(False).index("Prompt S/R"), "zebra,horse"), "script_args[1]"),
+    (_api_args(1, "1", y_type=axis_names(False).index("Steps"), y_values="0"), "script_args[4]"),
+    (_api_args(axis_names(False).index("Steps"), "1-70"), "script_args"),  # 70 cells: past the 64 pictures
+    (_api_args(1, "1", a16=-3), "script_args[16]"),
+])
+def test_api_refusals_name_the_argument(api, args, field):
+    r = api.post("/sdapi/v1/txt2img", json={"prompt": "a red cat", "steps": 2, "width": 64, "height": 64,
+                                            "script_name": "x/y/z plot", "script_args": args})
+    assert r.status_code == 422 and r.json()["field"] == field, r.text

@@ -29,8 +29,23 @@ RNG_NAMES = {"gpu": "gpu", "cpu": "cpu", "nv": "nv"}
 #: Always-on script names understood here (compared lowercased; the extension registers "ControlNet").
 CONTROLNET_SCRIPT = "controlnet"
 SOFT_INPAINTING_SCRIPT = "soft inpainting"
-#: The selectable img2img script underpaint runs (A1111's "SD upscale", pipeline/sd_upscale.py).
+#: The selectable scripts underpaint runs: A1111's "SD upscale" (img2img, pipeline/sd_upscale.py)
+#: and "X/Y/Z plot" (both tabs, pipeline/xyz_plot.py).
 SD_UPSCALE_SCRIPT = "sd upscale"
+XYZ_PLOT_SCRIPT = "x/y/z plot"
+#: The script options' own field names → the ``script_args`` item each comes from (errors found
+#: before a job queues and while it runs name the request's argument).
+SCRIPT_ARG_FIELDS = {
+    "sd_upscale": "script_name", "sd_upscale_overlap": "script_args[1]", "sd_upscale_upscaler": "script_args[2]",
+    "sd_upscale_scale": "script_args[3]", "xyz_plot": "script_name",
+    **{f"xyz_{letter}_{part}": f"script_args[{3 * k + j}]" for k, letter in enumerate("xyz")
+       for j, part in enumerate(("type", "values"))},
+    **{f"xyz_{name}": f"script_args[{9 + i}]" for i, name in enumerate((
+        "draw_legend", "include_lone_images", "include_sub_grids", "no_fixed_seeds", "vary_seeds_x", "vary_seeds_y",
+        "vary_seeds_z", "margin_size"))},
+}
+#: X/Y/Z plot axes whose values A1111 takes from the ``*_values_dropdown`` list (unless csv_mode).
+_XYZ_CHOICE_AXES = frozenset({"Sampler", "Hires sampler", "Schedule type", "Hires upscaler"})
 
 
 @dataclass(frozen=True)
@@ -98,7 +113,9 @@ def prepare_txt2img(req: Txt2ImgRequest, ctx: ConvertContext) -> PreparedJob:
             raise _renamed(exc) from None
     if req.enable_hr:
         fields["hires"] = _hires_options(req, ctx, fields["width"], fields["height"])
-    params = _build_params(fields, strength=1.0)
+    if req.script_name:
+        fields["xyz_plot"] = _xyz_plot(req.script_args, img2img=False)
+    params = _checked_plot(_build_params(fields, strength=1.0), ctx)
     return _prepared("txt2img", req, params, fields, req.model_dump(mode="json"), _kept_options(req, ctx))
 
 
@@ -176,11 +193,13 @@ def prepare_img2img(req: Img2ImgRequest, ctx: ConvertContext) -> PreparedJob:
         fields["mask"] = pictures.decode(req.mask, field="mask", allow_urls=ctx.allow_image_urls)
     fields["resize_mode"] = req.resize_mode
     fields["inpaint"] = _inpaint_options(req, _Overrides(req.override_settings or {}, ctx))
-    if req.script_name:
+    if _script(req) == SD_UPSCALE_SCRIPT:
         fields["sd_upscale"] = _sd_upscale(req.script_args, fields["init_images"][0], ctx,
                                            (fields.get("width") or 512, fields.get("height") or 512),
                                            fields.get("n_iter") or 1)
-    params = _build_params(fields, strength=strength)
+    elif req.script_name:
+        fields["xyz_plot"] = _xyz_plot(req.script_args, img2img=True)
+    params = _checked_plot(_build_params(fields, strength=strength), ctx)
     echo = req.model_dump(mode="json", exclude={"include_init_images"})
     if not req.include_init_images:
         echo["init_images"] = None
@@ -264,7 +283,7 @@ def _build_params(fields: dict[str, Any], *, strength: float) -> GenerationParam
 
 
 # GenerationParams' own names for fields the API spells differently.
-_API_FIELD = {"sd_upscale": "script_name", "strength": "denoising_strength", "sampler": "sampler_name", "clip_skip": "override_settings.CLIP_stop_at_last_layers",
+_API_FIELD = {"sd_upscale": "script_name", "xyz_plot": "script_name", "strength": "denoising_strength", "sampler": "sampler_name", "clip_skip": "override_settings.CLIP_stop_at_last_layers",
               "rng": "override_settings.randn_source", "masked_content": "inpainting_fill",
               "mask_weight": "override_settings.inpainting_mask_weight",
               "full_res_padding": "inpaint_full_res_padding",
@@ -296,9 +315,81 @@ def _refuse_unsupported(req: GenerationRequest, *, img2img: bool = False) -> Non
         raise InvalidParameter("s_min_uncond", req.s_min_uncond, "0 (skipping the negative prompt is not available)")
     if req.refiner_checkpoint:
         raise InvalidParameter("refiner_checkpoint", req.refiner_checkpoint, "absent (refiners are not available yet)")
-    if req.script_name and not (img2img and req.script_name.strip().lower() == SD_UPSCALE_SCRIPT):
-        raise UnknownName("script_name", req.script_name, [SD_UPSCALE_SCRIPT] if img2img else [])
+    scripts = [SD_UPSCALE_SCRIPT, XYZ_PLOT_SCRIPT] if img2img else [XYZ_PLOT_SCRIPT]
+    if req.script_name and _script(req) not in scripts:
+        raise UnknownName("script_name", req.script_name, scripts)
     _check_alwayson(req.alwayson_scripts)
+
+
+def _script(req: GenerationRequest) -> str:
+    """The request's script name as A1111 matches it (any case), "" for none."""
+    return (req.script_name or "").strip().lower()
+
+
+def _xyz_plot(args: list, *, img2img: bool):
+    """A1111's "X/Y/Z plot" ``script_args``: [x_type, x_values, x_values_dropdown, y_type, ...,
+    z_values_dropdown, draw_legend, include_lone_images, include_sub_grids, no_fixed_seeds,
+    vary_seeds_x, vary_seeds_y, vary_seeds_z, margin_size, csv_mode]. A type is an index into
+    A1111 1.10's axis list for the tab (or the axis's name); an axis with a fixed list of choices
+    (samplers, schedule types, hires upscalers) takes its ``*_dropdown`` values unless csv_mode or
+    the list is empty, then the comma-separated text."""
+    from ...params import XYZPlotOptions
+    from ...pipeline import xyz_plot
+
+    defaults = [0, "", [], 0, "", [], 0, "", [], True, False, False, False, False, False, False, 0, False]
+    args = [default if i >= len(args) or args[i] is None else args[i] for i, default in enumerate(defaults)]
+    names = xyz_plot.axis_names(img2img)
+    fields: dict[str, Any] = {}
+    for k, letter in enumerate("xyz"):
+        kind, values, dropdown = args[3 * k: 3 * k + 3]
+        if isinstance(kind, int) and not isinstance(kind, bool):
+            if not 0 <= kind < len(names):
+                raise InvalidParameter(f"script_args[{3 * k}]", kind, f"an axis index from 0 to {len(names) - 1} "
+                                                                      "(A1111's list for this tab) or an axis name")
+            kind = names[kind]
+        elif not isinstance(kind, str):
+            raise InvalidParameter(f"script_args[{3 * k}]", kind, "an axis index or an axis name")
+        if kind in _XYZ_CHOICE_AXES and not args[17] and isinstance(dropdown, list) and dropdown:
+            values = dropdown
+        fields[f"{letter}_type"], fields[f"{letter}_values"] = kind, values
+    flags = ("draw_legend", "include_lone_images", "include_sub_grids", "no_fixed_seeds", "vary_seeds_x",
+             "vary_seeds_y", "vary_seeds_z")
+    fields.update({name: args[9 + i] for i, name in enumerate(flags)})
+    fields["margin_size"] = args[16]
+    try:
+        return XYZPlotOptions(**fields)
+    except InvalidParameter as exc:
+        raise _script_error(exc) from None
+
+
+def _script_error(exc: InvalidParameter) -> InvalidParameter:
+    """A script option's error, named by the ``script_args`` item it comes from."""
+    if exc.field in SCRIPT_ARG_FIELDS:
+        cls = UnknownName if isinstance(exc, UnknownName) else InvalidParameter
+        if cls is UnknownName:
+            return UnknownName(SCRIPT_ARG_FIELDS[exc.field], exc.value, exc.choices)
+        return InvalidParameter(SCRIPT_ARG_FIELDS[exc.field], exc.value, exc.expected)
+    return exc
+
+
+def _checked_plot(params: GenerationParams, ctx: ConvertContext) -> GenerationParams:
+    """An X/Y/Z plot planned before it queues (every cell's settings checked), within the server's
+    picture limit: cells x batch size x batch count."""
+    if params.xyz_plot is None:
+        return params
+    from ...pipeline import xyz_plot
+
+    try:
+        cells = len(xyz_plot.plan(params).cells)
+    except InvalidParameter as exc:
+        raise _script_error(exc) from None
+    pictures = cells * params.batch_size * params.n_iter
+    if pictures > ctx.limits.max_images:
+        raise InvalidParameter("script_args", f"{cells} cells", f"at most {ctx.limits.max_images} pictures in all "
+                                                                f"(this server's limit; {cells} cells x batch size "
+                                                                f"{params.batch_size} x batch count {params.n_iter} "
+                                                                f"makes {pictures})")
+    return params
 
 
 def _sd_upscale(args: list, picture, ctx: ConvertContext, tile_size: tuple[int, int], n_iter: int):

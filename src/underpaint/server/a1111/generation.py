@@ -99,11 +99,6 @@ def _work(state: ServerState, prepared: PreparedJob):
     return work
 
 
-#: SD upscale's options (GenerationParams.sd_upscale) → A1111's script_args they come from.
-_SCRIPT_ARGS = {"sd_upscale_overlap": "script_args[1]", "sd_upscale_upscaler": "script_args[2]",
-                "sd_upscale_scale": "script_args[3]", "sd_upscale": "script_name"}
-
-
 async def run_prepared(state: ServerState, prepared: PreparedJob, response: Response) -> dict:
     """Queue the job, wait for it without holding the event loop, and build A1111's response."""
     job = state.queue.submit(prepared.kind, _work(state, prepared), job_id=prepared.task_id,
@@ -117,8 +112,10 @@ async def run_prepared(state: ServerState, prepared: PreparedJob, response: Resp
         from .control_units import request_field
 
         renamed = request_field(exc, prepared.control_fields)
-        if renamed is exc and exc.field in _SCRIPT_ARGS:  # SD upscale's, checked again as it runs
-            renamed = InvalidParameter(_SCRIPT_ARGS[exc.field], exc.value, exc.expected)
+        if renamed is exc:  # a script's option (SD upscale's, checked again as it runs)
+            from .convert import _script_error
+
+            renamed = _script_error(exc)
         if renamed is exc:
             raise
         raise renamed from None

@@ -190,9 +190,10 @@ def _always_on(img2img: bool) -> list[str]:
                                                             "ones underpaint understands")
 async def scripts() -> ScriptsList:
     """Clients look here to learn whether an extension is installed (ControlNet, ADetailer, ...)."""
-    from .convert import SD_UPSCALE_SCRIPT
+    from .convert import SD_UPSCALE_SCRIPT, XYZ_PLOT_SCRIPT
 
-    return ScriptsList(txt2img=_always_on(False), img2img=[SD_UPSCALE_SCRIPT, *_always_on(True)])
+    return ScriptsList(txt2img=[XYZ_PLOT_SCRIPT, *_always_on(False)],
+                       img2img=[SD_UPSCALE_SCRIPT, XYZ_PLOT_SCRIPT, *_always_on(True)])
 
 
 def _soft_inpainting_args() -> list[ScriptArg]:
@@ -208,7 +209,8 @@ def _soft_inpainting_args() -> list[ScriptArg]:
 async def script_info() -> list[ScriptInfo]:
     """Each always-on script per tab, as A1111 lists them. ControlNet's arguments are unit objects
     (see the ControlNet API), so none are described."""
-    from .convert import SD_UPSCALE_SCRIPT, SOFT_INPAINTING_SCRIPT
+    from ...pipeline.xyz_plot import axis_names
+    from .convert import SD_UPSCALE_SCRIPT, SOFT_INPAINTING_SCRIPT, XYZ_PLOT_SCRIPT
 
     sd_upscale = ScriptInfo(name=SD_UPSCALE_SCRIPT, is_alwayson=False, is_img2img=True, args=[
         ScriptArg(label="Info", value=None),
@@ -217,7 +219,23 @@ async def script_info() -> list[ScriptInfo]:
         ScriptArg(label="Scale Factor", value=2.0, minimum=1.0, maximum=4.0, step=0.05)])
     return [ScriptInfo(name=name, is_alwayson=True, is_img2img=img2img,
                        args=_soft_inpainting_args() if name == SOFT_INPAINTING_SCRIPT else [])
-            for img2img in (False, True) for name in _always_on(img2img)] + [sd_upscale]
+            for img2img in (False, True) for name in _always_on(img2img)] + [sd_upscale] + [
+        ScriptInfo(name=XYZ_PLOT_SCRIPT, is_alwayson=False, is_img2img=img2img, args=_xyz_args(axis_names(img2img)))
+        for img2img in (False, True)]
+
+
+def _xyz_args(axes: list[str]) -> list[ScriptArg]:
+    """X/Y/Z plot's positional arguments, as A1111 describes them (types are indexes into ``axes``)."""
+    args = []
+    for letter in "XYZ":
+        args += [ScriptArg(label=f"{letter} type", value=0, choices=axes), ScriptArg(label=f"{letter} values", value=""),
+                 ScriptArg(label=f"{letter} values", value=[])]
+    args += [ScriptArg(label=label, value=value) for label, value in (
+        ("Draw legend", True), ("Include Sub Images", False), ("Include Sub Grids", False),
+        ("Keep -1 for seeds", False), ("Vary seeds for X", False), ("Vary seeds for Y", False),
+        ("Vary seeds for Z", False))]
+    return args + [ScriptArg(label="Grid margins (px)", value=0, minimum=0, maximum=500, step=2),
+                   ScriptArg(label="Use text inputs instead of dropdowns", value=False)]
 
 
 @router.post("/interrogate", summary="Caption a picture (not available: refused naming `model`)")
