@@ -133,7 +133,7 @@ def test_infotext_field_fills_unset_fields(client):
     ({"firstphase_width": 32, "firstphase_height": 64}, "firstphase_width"),
     ({"enable_hr": True, "hr_resize_x": 512, "width": 0}, "width"),
     ({"styles": ["cinematic"]}, "styles"),
-    ({"script_name": "x/y/z plot"}, "script_name"),
+    ({"script_name": "loopback"}, "script_name"),
     ({"alwayson_scripts": {"ADetailer": {"args": [True, {}]}}}, "alwayson_scripts"),
     # ControlNet is available: an unknown ControlNet model is named down to the unit's field.
     ({"alwayson_scripts": {"controlnet": {"args": [{"module": "canny", "model": "x"}]}}},
