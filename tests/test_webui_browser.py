@@ -1479,7 +1479,7 @@ def test_sd_upscale_script_enlarges_as_the_server_does(page, server, photo_file)
     fields are sent only while it is chosen, and only from img2img; the choice is kept over a reload."""
     script = page.locator("#script_name")
     expect(script).to_be_visible()
-    assert script.locator("option").all_inner_texts() == ["None", "SD upscale"]
+    assert script.locator("option").all_inner_texts() == ["None", "SD upscale", "X/Y/Z plot"]
     expect(script).to_have_value("")
     expect(page.locator("#sd-upscale")).to_be_hidden()
     assert page.evaluate("() => document.querySelector('.settings').lastElementChild.id") == "script-section"
@@ -1624,6 +1624,146 @@ def test_sd_upscale_errors_appear_beside_their_controls(page, photo_file):
     expect(page.locator(".field:has(#sd_upscale_overlap) .field-error")).to_be_visible()
     assert page.locator(".field-error").count() == 1
     expect(page.locator("#general-error")).to_be_hidden()
+
+
+def axis_choices(page, select: str) -> list[str]:
+    """The axis types an X/Y/Z plot type select offers (its hidden options are another tab's)."""
+    return page.eval_on_selector(select, "s => Array.from(s.options).filter((o) => !o.hidden).map((o) => o.text)")
+
+
+def test_xyz_plot_script_on_txt2img_matches_the_server(page, server):
+    """txt2img has A1111's Script select too (None, X/Y/Z plot), img2img offers X/Y/Z plot after SD upscale,
+    each type select lists the axes the server runs on that tab. A plot of CFG Scale 3 and 7 shows the grid
+    that the server makes of the same request written by hand (the axis by A1111's index); the script's
+    fields are sent only while it is chosen, and the choice is kept over a reload."""
+    from underpaint.pipeline.xyz_plot import AXES, axis_names
+
+    script = page.locator("#txt2img_script_name")
+    for tab in ("img2img", "inpaint"):
+        page.click(f"#tab-{tab}")
+        expect(script).to_be_hidden()
+    page.click("#tab-img2img")
+    assert page.locator("#script_name option").all_inner_texts() == ["None", "SD upscale", "X/Y/Z plot"]
+    page.select_option("#script_name", "X/Y/Z plot")
+    expect(page.locator("#xyz-plot")).to_be_visible()
+    img2img_axes = [a.name for a in AXES.values() if a.tab in (None, "img2img")]
+    assert axis_choices(page, "#xyz_x_type") == img2img_axes
+    page.click("#tab-inpaint")
+    expect(page.locator("#xyz-plot")).to_be_hidden()  # Inpaint has no Script select
+    page.click("#tab-img2img")
+    page.select_option("#script_name", "None")
+    expect(page.locator("#xyz-plot")).to_be_hidden()
+    page.click("#tab-inpaint")
+    expect(page.locator("#xyz-plot")).to_be_hidden()  # Inpaint has no Script select
+    page.click("#tab-txt2img")
+    expect(script).to_be_visible()
+    assert script.locator("option").all_inner_texts() == ["None", "X/Y/Z plot"]
+    expect(script).to_have_value("")  # its own choice, not img2img's
+    expect(page.locator("#xyz-plot")).to_be_hidden()
+    assert page.evaluate("() => document.querySelector('.settings').lastElementChild.id") == "script-section"
+
+    page.fill("#prompt", "a lighthouse at dusk")
+    fast_settings(page, seed=2468, steps=2)
+    script.select_option("X/Y/Z plot")
+    expect(page.locator("#xyz-plot")).to_be_visible()
+    for letter in "xyz":
+        assert axis_choices(page, f"#xyz_{letter}_type") == [a.name for a in AXES.values()]
+        expect(page.locator(f"#xyz_{letter}_type")).to_have_value("Nothing")
+    expect(page.locator("#xyz_draw_legend")).to_be_checked()
+    for name in ("include_lone_images", "include_sub_grids", "no_fixed_seeds"):
+        expect(page.locator(f"#xyz_{name}")).not_to_be_checked()
+    assert [page.get_attribute("#xyz_margin_size", a) for a in ("min", "max", "step", "value")] == ["0", "500", "2", "0"]
+    page.select_option("#xyz_x_type", "CFG Scale")
+    page.fill("#xyz_x_values", "3,7")
+    with page.expect_response("**/sdapi/v1/txt2img", timeout=GENERATION_TIMEOUT) as answer:
+        page.click("#generate")
+    assert answer.value.ok, answer.value.text()
+    sent = json.loads(answer.value.request.post_data)
+    assert sent["script_name"] == "x/y/z plot"
+    assert sent["script_args"] == ["CFG Scale", "3,7", [], "Nothing", "", [], "Nothing", "", [],
+                                   True, False, False, False, False, False, False, 0, True]
+    expect(page.locator("#gallery-thumbs img")).to_have_count(1)  # the grid alone: no sub images asked for
+    shown = decode(page.get_attribute("#result-image", "src").split(",", 1)[1])
+    assert "CFG scale: 3" in page.locator("#result-infotext").input_value()  # the grid's is its first cell's
+
+    status, direct = post_json(f"{server}/sdapi/v1/txt2img", {
+        "prompt": "a lighthouse at dusk", "seed": 2468, "steps": 2, "width": 64, "height": 64, "cfg_scale": 7,
+        "sampler_name": "DPM++ 2M", "scheduler": "Automatic", "script_name": "X/Y/Z plot",
+        "script_args": [axis_names(False).index("CFG Scale"), "3, 7", [], 0, "", [], 0, "", [],
+                        True, False, False, False, False, False, False, 0, False]})
+    assert status == 200, direct
+    assert len(direct["images"]) == 1
+    want = decode(direct["images"][0])
+    assert want.width == 128 and want.height > 64  # two 64x64 cells side by side under their labels
+    assert shown.size == want.size
+    assert np.array_equal(np.asarray(shown.convert("RGB")), np.asarray(want.convert("RGB")))
+    screenshot(page, "xyz-plot")
+
+    # Kept over a reload, as the other settings.
+    page.check("#xyz_include_lone_images")
+    set_value(page, "xyz_margin_size", 8)
+    page.reload()
+    page.wait_for_selector("body[data-ready=true]")
+    page.click("#tab-txt2img")
+    expect(script).to_have_value("x/y/z plot")
+    expect(page.locator("#xyz_x_type")).to_have_value("CFG Scale")
+    expect(page.locator("#xyz_x_values")).to_have_value("3,7")
+    expect(page.locator("#xyz_include_lone_images")).to_be_checked()
+    expect(page.locator("#xyz_margin_size")).to_have_value("8")
+
+    # Sent only from the tab whose choice it is, and not once None is chosen again.
+    requests: list[dict] = []
+    stub_generation(page, "/sdapi/v1/txt2img", requests)
+    args = generate_and_wait(page, "/sdapi/v1/txt2img")["script_args"]
+    assert args[:2] == ["CFG Scale", "3,7"] and args[10] is True and args[16] == 8
+    page.select_option("#xyz_y_type", "Hires steps")  # txt2img only: img2img's list lacks it
+    page.click("#tab-img2img")
+    expect(page.locator("#xyz-plot")).to_be_hidden()  # img2img's own choice is None
+    page.click("#tab-txt2img")
+    script.select_option("None")
+    expect(page.locator("#xyz-plot")).to_be_hidden()
+    assert not set(SCRIPT_FIELDS) & set(generate_and_wait(page, "/sdapi/v1/txt2img"))
+    page.click("#tab-img2img")
+    page.select_option("#script_name", "X/Y/Z plot")
+    expect(page.locator("#xyz_y_type")).to_have_value("Nothing")
+    assert axis_choices(page, "#xyz_y_type") == img2img_axes
+    assert len(requests) == 2
+
+
+def test_xyz_plot_errors_appear_beside_their_controls(page):
+    """The server's 422s on the plot land beside X values (a bad range), the grid margins, and on the plot's
+    group when it would make too many pictures."""
+    page.click("#tab-txt2img")
+    fast_settings(page, seed=3, steps=2)
+    page.select_option("#txt2img_script_name", "X/Y/Z plot")
+    page.select_option("#xyz_x_type", "Steps")
+    page.fill("#xyz_x_values", "1-x")
+    with page.expect_response("**/sdapi/v1/txt2img") as answer:
+        page.click("#generate")
+    assert answer.value.status == 422 and answer.value.json()["field"] == "script_args[1]"
+    expect(page.locator(".field:has(#xyz_x_values) .field-error")).to_contain_text("1-x")
+    expect(page.locator("#xyz_x_values")).to_have_attribute("aria-invalid", "true")
+    assert page.locator(".field-error").count() == 1
+    expect(page.locator("#general-error")).to_be_hidden()
+    screenshot(page, "xyz-plot-error")
+    page.fill("#xyz_x_values", "1-2")
+    expect(page.locator(".field-error")).to_have_count(0)  # editing the field clears its message
+
+    set_value(page, "xyz_margin_size", 502)
+    with page.expect_response("**/sdapi/v1/txt2img") as answer:
+        page.click("#generate")
+    assert answer.value.status == 422 and answer.value.json()["field"] == "script_args[16]"
+    expect(page.locator(".field:has(#xyz_margin_size) .field-error")).to_contain_text("502")
+    assert page.locator(".field-error").count() == 1
+    set_value(page, "xyz_margin_size", 0)
+
+    page.fill("#xyz_x_values", "1-65")
+    with page.expect_response("**/sdapi/v1/txt2img") as answer:
+        page.click("#generate")
+    assert answer.value.status == 422 and answer.value.json()["field"] == "script_args"
+    expect(page.locator("#xyz-plot + .field-error")).to_contain_text("65 cells")  # right under the plot's group
+    expect(page.locator("#xyz-plot")).to_have_attribute("aria-invalid", "true")
+    assert page.locator(".field-error").count() == 1
 
 
 def test_controlnet_hires_fix_option(context, server, photo_file):

@@ -88,9 +88,12 @@ def test_ids_used_by_scripts_exist_in_the_page():
 def test_controls_start_at_a1111s_defaults():
     """The page opens at A1111's defaults, which the package's own parameters hold (and the CLI uses):
     20 steps, denoising strength 0.75, CFG 7, ... Each slider's number box starts at its slider's value."""
-    from underpaint.params import MASKED_CONTENT, GenerationParams, HiresOptions, InpaintOptions, SDUpscaleOptions
+    from underpaint.params import (
+        MASKED_CONTENT, GenerationParams, HiresOptions, InpaintOptions, SDUpscaleOptions, XYZPlotOptions,
+    )
 
     params, hires, inpaint, sd_upscale = GenerationParams(), HiresOptions(), InpaintOptions(), SDUpscaleOptions()
+    xyz = XYZPlotOptions()
     expected = {
         "steps": params.steps, "cfg_scale": params.cfg_scale, "denoising_strength": params.strength,
         "seed": params.seed, "n_iter": params.n_iter, "batch_size": params.batch_size,
@@ -98,6 +101,7 @@ def test_controls_start_at_a1111s_defaults():
         "hr_scale": hires.scale, "hr_second_pass_steps": hires.steps, "hr_denoising_strength": hires.strength,
         "hr_resize_x": hires.resize_x, "hr_resize_y": hires.resize_y, "width": 512, "height": 512,
         "sd_upscale_overlap": sd_upscale.overlap, "sd_upscale_scale": sd_upscale.scale,
+        "xyz_margin_size": xyz.margin_size,
     }
     inputs = parsed_index().inputs
     by_id = {i["id"]: i for i in inputs if i.get("id")}
@@ -106,6 +110,8 @@ def test_controls_start_at_a1111s_defaults():
         assert float(by_id[name]["value"]) == value, f"{name} starts at {by_id[name]['value']}, A1111's default is {value}"
         if name in boxes:
             assert float(boxes[name]["value"]) == value, f"{name}'s number box starts at {boxes[name]['value']}"
+    for name in ("draw_legend", "include_lone_images", "include_sub_grids", "no_fixed_seeds"):
+        assert ("checked" in by_id[f"xyz_{name}"]) == getattr(xyz, name), f"X/Y/Z plot's {name} starts wrong"
     checked = {i["name"]: i["value"] for i in inputs if i.get("type") == "radio" and "checked" in i}
     assert checked["inpainting_fill"] == str(MASKED_CONTENT.index(inpaint.masked_content))
     assert checked["resize_mode"] == str(params.resize_mode)

@@ -54,6 +54,7 @@ function selectTab(name, focus = false) {
     if (name === "inpaint" && editor.hasImage) editor.fit();
     showControlNetHiresOption();
   }
+  scripts.setTab(name);  // each tab's own Script choice (Inpaint, Extras and PNG Info: none)
   if (location.hash !== `#${name}`) history.replaceState(null, "", `#${name}`);
 }
 
@@ -105,7 +106,7 @@ function showControlNetHiresOption() {
 }
 $("#enable_hr").addEventListener("change", showControlNetHiresOption);
 
-// img2img's Script choice (SD upscale), at the bottom of the settings.
+// The Script choices (txt2img: X/Y/Z plot; img2img: SD upscale, X/Y/Z plot), at the bottom of the settings.
 const scripts = setupScripts({ root: panel, sourceSize: () => [img2img.width, img2img.height] });
 
 /** Set the controls from a picture's parameters for the `target` tab, and say what could not be set. */
@@ -276,7 +277,7 @@ function img2imgRequest() {
     }
     Object.assign(request, inpaint, { mask: stripDataUrl(editor.maskDataUrl()) });
   } else {
-    Object.assign(request, scripts.values());  // script_name / script_args while a script is chosen
+    Object.assign(request, scripts.values("img2img"));  // script_name / script_args while a script is chosen
   }
   return request;
 }
@@ -284,7 +285,7 @@ function img2imgRequest() {
 /** The A1111 request for the current tab and the route it goes to, or null after marking what is missing. */
 function buildRequest() {
   const txt2img = state.tab === "txt2img";
-  const request = txt2img ? form.values("txt2img") : img2imgRequest();
+  const request = txt2img ? { ...form.values("txt2img"), ...scripts.values("txt2img") } : img2imgRequest();
   if (!request) return null;
   Object.assign(request, { send_images: true, save_images: $("#save_images").checked });
   const cn = controlnet.payload();

@@ -21,6 +21,15 @@ const ALIASES = {
   sd_upscale_overlap: "script_args[1]",
   sd_upscale_upscaler: "script_args[2]",
   sd_upscale_scale: "script_args[3]",
+  // X/Y/Z plot's (the server's names for its script_args items)
+  xyz_plot: "script_name",
+  xyz_x_type: "script_args[0]",
+  xyz_x_values: "script_args[1]",
+  xyz_y_type: "script_args[3]",
+  xyz_y_values: "script_args[4]",
+  xyz_z_type: "script_args[6]",
+  xyz_z_values: "script_args[7]",
+  xyz_margin_size: "script_args[16]",
 };
 
 /** "alwayson_scripts.controlnet.args[0].weight" → itself, "…args[0]", "alwayson_scripts.controlnet", … */

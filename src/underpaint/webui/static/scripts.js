@@ -1,10 +1,23 @@
-// img2img's "Script" choice at the bottom of the settings, as in A1111: "None" or "SD upscale",
-// sent as the request's script_name / script_args only while a script is chosen.
+// The "Script" choice at the bottom of the settings, as in A1111, each tab with its own: txt2img's
+// "None" or "X/Y/Z plot", img2img's "None", "SD upscale" or "X/Y/Z plot" (Inpaint has none), sent
+// as the request's script_name / script_args only while a script is chosen.
 
-import { $, fillSelect, numberValue } from "./dom.js";
+import { $, el, fillSelect, numberValue } from "./dom.js";
 
-/** The name GET /sdapi/v1/scripts lists for the script (A1111 matches it in any case). */
+/** The names GET /sdapi/v1/scripts lists for the scripts (A1111 matches them in any case). */
 export const SD_UPSCALE = "sd upscale";
+export const XYZ_PLOT = "x/y/z plot";
+
+/**
+ * The X/Y/Z plot axis types the server runs (underpaint.pipeline.xyz_plot.AXES, in A1111's order),
+ * each with the one tab it is offered on, or null for both. They are sent by name.
+ */
+export const XYZ_AXES = [
+  ["Nothing", null], ["Seed", null], ["Var. seed", null], ["Var. strength", null], ["Steps", null],
+  ["Hires steps", "txt2img"], ["CFG Scale", null], ["Prompt S/R", null], ["Sampler", null],
+  ["Hires sampler", "txt2img"], ["Schedule type", null], ["Eta", null], ["Clip skip", null], ["Denoising", null],
+  ["Hires upscaler", "txt2img"], ["Token merging ratio", null],
+];
 
 /**
  * The size SD upscale makes of a `width` x `height` picture, as the server works it out: `scale`
@@ -16,13 +29,36 @@ export function sdUpscaleSize(width, height, scale, upscaler) {
 }
 
 /**
- * Wire the Script select and SD upscale's controls inside `root` (the generation panel).
- * `sourceSize()` gives the img2img picture's [width, height] (0 without one), for the line that
- * says what the script will make. Returns `values()` (the request's script fields), `update()`
- * (call when the picture changes) and `fillUpscalers(names)`.
+ * Wire the Script selects, SD upscale's and X/Y/Z plot's controls inside `root` (the generation
+ * panel). `sourceSize()` gives the img2img picture's [width, height] (0 without one), for the line
+ * that says what the script will make. Returns `values(tab)` (the request's script fields),
+ * `update()` (call when the picture changes), `setTab(tab)` and `fillUpscalers(names)`.
  */
 export function setupScripts({ root, sourceSize }) {
   const select = $("#script_name", root);
+  const selects = { txt2img: $("#txt2img_script_name", root), img2img: select };
+  let tab = "img2img";
+  const xyzGroup = $("#xyz-plot", root);
+  const axisTypes = ["x", "y", "z"].map((letter) => $(`#xyz_${letter}_type`, root));
+  const axisValues = ["x", "y", "z"].map((letter) => $(`#xyz_${letter}_values`, root));
+  const [legend, lone, subGrids, keepSeeds, margin] = ["#xyz_draw_legend", "#xyz_include_lone_images",
+    "#xyz_include_sub_grids", "#xyz_no_fixed_seeds", "#xyz_margin_size"].map((id) => $(id, root));
+  for (const typeSelect of axisTypes) {
+    typeSelect.replaceChildren(...XYZ_AXES.map(([name, only]) => el("option", { value: name, "data-tab": only }, name)));
+  }
+  const chosen = (name) => selects[name]?.value ?? "";
+
+  /** Offer the current tab's axes only; a type the tab lacks (Hires steps on img2img) goes back to Nothing. */
+  function showAxes() {
+    for (const typeSelect of axisTypes) {
+      for (const option of typeSelect.options) {
+        const other = Boolean(option.dataset.tab) && option.dataset.tab !== tab;
+        option.hidden = other;
+        option.disabled = other;
+      }
+      if (typeSelect.selectedOptions[0]?.disabled) typeSelect.value = "Nothing";
+    }
+  }
   const group = $("#sd-upscale", root);
   const upscaler = $("#sd_upscale_upscaler", root);
   const [overlap, scale, width, height] = ["#sd_upscale_overlap", "#sd_upscale_scale", "#width", "#height"]
@@ -30,7 +66,9 @@ export function setupScripts({ root, sourceSize }) {
   const outcome = $("#sd-upscale-size", root);
 
   function update() {
-    group.hidden = select.value !== SD_UPSCALE;
+    xyzGroup.hidden = chosen(tab) !== XYZ_PLOT;
+    if (!xyzGroup.hidden) showAxes();
+    group.hidden = tab !== "img2img" || select.value !== SD_UPSCALE;
     const [w, h] = group.hidden ? [0, 0] : sourceSize();
     const [tileW, tileH] = [numberValue(width), numberValue(height)];
     const factor = numberValue(scale);
@@ -44,7 +82,7 @@ export function setupScripts({ root, sourceSize }) {
       + `${numberValue(overlap) ?? 0} px`;
   }
 
-  select.addEventListener("change", update);
+  for (const control of [...Object.values(selects), ...axisTypes]) control.addEventListener("change", update);
   for (const control of [overlap, scale, width, height]) {
     for (const input of [control, $(`input[data-sync="${control.id}"]`, root)]) input.addEventListener("input", update);
   }
@@ -53,10 +91,28 @@ export function setupScripts({ root, sourceSize }) {
 
   return {
     update,
-    /** script_name and script_args ([info, tile overlap, upscaler, scale factor]) while SD upscale is chosen, else none. */
-    values() {
-      if (select.value !== SD_UPSCALE) return {};
-      return { script_name: SD_UPSCALE, script_args: ["", numberValue(overlap), upscaler.value, numberValue(scale)] };
+    /** Show the script chosen on `tab` ("txt2img", "img2img" or another: none) and its axis types. */
+    setTab(name) {
+      tab = name;
+      update();
+    },
+    /**
+     * The `tab`'s script_name and script_args while a script is chosen there, else none. SD upscale's:
+     * [info, tile overlap, upscaler, scale factor]; X/Y/Z plot's: A1111's 18, with the axis types by
+     * name and csv_mode on, so that each axis's text is its values (the dropdown lists stay empty).
+     */
+    values(name) {
+      const script = chosen(name);
+      if (script === SD_UPSCALE && name === "img2img") {
+        return { script_name: SD_UPSCALE, script_args: ["", numberValue(overlap), upscaler.value, numberValue(scale)] };
+      }
+      if (script !== XYZ_PLOT) return {};
+      const axes = axisTypes.flatMap((typeSelect, i) => [typeSelect.value, axisValues[i].value, []]);
+      return {
+        script_name: XYZ_PLOT,
+        script_args: [...axes, legend.checked, lone.checked, subGrids.checked, keepSeeds.checked, false, false, false,
+          numberValue(margin), true],
+      };
     },
     /** Offer GET /upscalers' `names`; Lanczos is chosen until another is. */
     fillUpscalers(names) {
