@@ -51,13 +51,8 @@ def _job(args: argparse.Namespace, folder):
     from ..pipeline import upscale
     from .generate import _size_flag
 
-    def named(value: str, field: str):
-        found = upscale.resolve(folder, value, field)
-        return None if found == "None" else found
-
-    first = named(args.upscaler, "upscaler")
-    if first is None:
-        raise InvalidParameter("upscaler", args.upscaler, "an upscaler other than None")
+    first = upscale.resolve_upscaler(folder, args.upscaler, "upscaler")
+    second = upscale.resolve(folder, args.upscaler_2, "upscaler_2")
     visibility = args.upscaler_2_visibility
     if not 0.0 <= visibility <= 1.0:
         raise InvalidParameter("upscaler_2_visibility", visibility, "a number from 0 to 1")
@@ -71,7 +66,7 @@ def _job(args: argparse.Namespace, folder):
         mode = 1
     elif not 0 < scale <= 8:
         raise InvalidParameter("scale", scale, "a factor above 0 and at most 8")
-    return upscale.ExtrasJob(upscaler=first, second=named(args.upscaler_2, "upscaler_2"), visibility=visibility,
+    return upscale.ExtrasJob(upscaler=first, second=None if second == "None" else second, visibility=visibility,
                              mode=mode, scale=scale, width=width, height=height, crop=args.crop)
 
 

@@ -237,9 +237,7 @@ class Engine:
         image = _picture(image)
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale <= 8:
             raise InvalidParameter("scale", scale, "a factor above 0 and at most 8")
-        found = upscale.resolve(self.models_dir, upscaler, "upscaler")
-        if found == "None":
-            raise InvalidParameter("upscaler", upscaler, "an upscaler other than None")
+        found = upscale.resolve_upscaler(self.models_dir, upscaler, "upscaler")
         return upscale.upscale(image.convert("RGB"), found, float(scale), str(self.model.device))
 
     def _defaults(self, fields: dict) -> dict:

@@ -60,9 +60,9 @@ class HiresPlan:
 
     plan: Plan
     size: hires_mod.HiresSize
-    #: A picture upscaler resolved before the first pass (a built-in's name or a model's entry);
-    #: None for the latent modes.
-    upscaler: object = None
+    #: The picture upscaler, resolved before the first pass (pipeline/upscale.py ``resolve``: a
+    #: built-in's name or a model's entry); None for the latent modes.
+    upscaler: object
 
 
 @dataclass(frozen=True)
@@ -384,7 +384,7 @@ def _second_pass_start(model, plan: Plan, hires: HiresPlan, latents: torch.Tenso
             if cancel is not None and (cancel.interrupted or cancel.skipped):
                 raise _UpscaleStopped
 
-        one_pass = picture_pass(hires.upscaler or upscaler, device=str(model.device), cancel=check)
+        one_pass = picture_pass(hires.upscaler, device=str(model.device), cancel=check)
         pictures = [hires_mod.upscale_picture(image, size.upscale_width, size.upscale_height, upscaler, one_pass)
                     for image in decode_latents(model, latents)]
         pixels = images_to_tensor(pictures)

@@ -23,6 +23,17 @@ class Progress:
     steps: int
     preview: Callable[[], "list[Image]"] | None = None
 
+    @staticmethod
+    def relay(progress: "Callable[[Progress], None] | None", first_job: int,
+              job_count: int) -> "Callable[[Progress], None]":
+        """A callback for one part of a larger request (a script's tile batch or plot cell): its
+        steps reported to ``progress`` as jobs ``first_job`` on, of ``job_count`` in all."""
+        def report(p: Progress) -> None:
+            if progress is not None:
+                progress(Progress(first_job + p.job, job_count, p.step, p.steps, p.preview))
+
+        return report
+
     @property
     def fraction(self) -> float:
         """Overall progress in [0, 1] across all jobs (A1111's ``progress``)."""

@@ -151,12 +151,7 @@ def run(params: "GenerationParams", img2img: Callable[["GenerationParams", Calla
                 stopped = True  # the tiles not repainted keep the enlarged picture
                 repainted += batch
                 continue
-            job = n * len(batches) + k
-
-            def report(p: Progress, job=job) -> None:
-                if progress is not None:
-                    progress(Progress(job, jobs, p.step, p.steps, p.preview))
-
+            report = Progress.relay(progress, n * len(batches) + k, jobs)
             tile_params = params.replace(
                 init_images=tuple(batch), batch_size=len(batch), n_iter=1, seed=params.seed + n + k,
                 width=grid.tile_width, height=grid.tile_height, resize_mode=0, sd_upscale=None, extra_infotext=extra)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from ..errors import UnknownName
+from ..errors import InvalidParameter, UnknownName
 from ..params import HIRES_LATENT_MODES, HIRES_PIXEL_UPSCALERS
 
 if TYPE_CHECKING:
@@ -123,6 +123,15 @@ def resolve(folder: "ModelsDir | None", name: str, field: str, *, hires: bool = 
     return entry
 
 
+def resolve_upscaler(folder: "ModelsDir | None", name: str, field: str) -> str | UpscalerModelEntry:
+    """:func:`resolve` for a request whose whole point is the upscale (Extras' first upscaler):
+    "None" is refused too."""
+    found = resolve(folder, name, field)
+    if found == "None":
+        raise InvalidParameter(field, name, "an upscaler other than None")
+    return found
+
+
 # --- one pass -----------------------------------------------------------------------------------
 
 OnePass = Callable[["Image", float], "Image"]
@@ -184,6 +193,11 @@ def model_pass(entry: UpscalerModelEntry, *, device: str = "cpu",
     return run
 
 
+def target_size(width: int, height: int, scale: float) -> tuple[int, int]:
+    """The size :func:`upscale_by` makes: each side times ``scale``, rounded down to a multiple of 8."""
+    return int(width * scale // 8 * 8), int(height * scale // 8 * 8)
+
+
 def upscale_by(image: "Image", scale: float, one_pass: OnePass) -> "Image":
     """``image`` enlarged by ``scale`` as A1111's upscaler step does it: the target is the scaled
     size rounded down to a multiple of 8; passes run (at most :data:`MAX_PASSES`) until the picture
@@ -192,7 +206,7 @@ def upscale_by(image: "Image", scale: float, one_pass: OnePass) -> "Image":
     resized back), where A1111 runs a 4x model three times (64x) before resizing back."""
     from PIL import Image as PILImage
 
-    dest = (int(image.width * scale // 8 * 8), int(image.height * scale // 8 * 8))
+    dest = target_size(image.width, image.height, scale)
     for done in range(MAX_PASSES):
         if image.width >= dest[0] and image.height >= dest[1] and (scale != 1 or done):
             break

@@ -446,12 +446,7 @@ def run(generate: Callable[["GenerationParams", Callable], "Result"], params: "G
         if cancel is not None and cancel.interrupted:
             results.append(None)
             continue
-
-        def report(p: Progress, index=index) -> None:
-            if progress is not None:
-                progress(Progress(index * per_cell + p.job, jobs, p.step, p.steps, p.preview))
-
-        results.append(generate(cell.params, report))
+        results.append(generate(cell.params, Progress.relay(progress, index * per_cell, jobs)))
     done = [r for r in results if r is not None and r.images]
     interrupted = bool(cancel is not None and cancel.interrupted)
     if not done:

@@ -426,8 +426,8 @@ def _sd_upscale(args: list, picture, ctx: ConvertContext, tile_size: tuple[int, 
         raise InvalidParameter("script_args[1]", overlap, f"a tile overlap below the tile size ({tile}: the "
                                                           "request's width and height)")
     limits = ctx.limits
-    w, h = int(picture.width * options.scale // 8 * 8), int(picture.height * options.scale // 8 * 8)
-    if options.upscaler.lower() == "none":
+    w, h = upscale.target_size(picture.width, picture.height, options.scale)
+    if options.upscaler.lower() == "none":  # no enlargement: the picture as it is
         w, h = picture.width, picture.height
     if w > limits.max_width or h > limits.max_height or w * h > limits.max_image_pixels:
         raise InvalidParameter("script_args[3]", scale, f"an enlarged picture of at most {limits.max_width}x"
