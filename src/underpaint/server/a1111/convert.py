@@ -283,7 +283,7 @@ def _build_params(fields: dict[str, Any], *, strength: float) -> GenerationParam
 
 
 # GenerationParams' own names for fields the API spells differently.
-_API_FIELD = {"sd_upscale": "script_name", "xyz_plot": "script_name", "strength": "denoising_strength", "sampler": "sampler_name", "clip_skip": "override_settings.CLIP_stop_at_last_layers",
+_API_FIELD = {**SCRIPT_ARG_FIELDS, "strength": "denoising_strength", "sampler": "sampler_name", "clip_skip": "override_settings.CLIP_stop_at_last_layers",
               "rng": "override_settings.randn_source", "masked_content": "inpainting_fill",
               "mask_weight": "override_settings.inpainting_mask_weight",
               "full_res_padding": "inpaint_full_res_padding",
@@ -296,9 +296,10 @@ _API_FIELD = {"sd_upscale": "script_name", "xyz_plot": "script_name", "strength"
               "hires_token_merging_ratio": "override_settings.token_merging_ratio_hr"}
 
 
-def _renamed(exc: InvalidParameter) -> InvalidParameter:
-    """Name the field as the API client knows it (denoising_strength, not strength)."""
-    api = _API_FIELD.get(exc.field or "")
+def _renamed(exc: InvalidParameter, names: Mapping[str, str] | None = None) -> InvalidParameter:
+    """Name the field as the API client knows it (denoising_strength, not strength; a script's
+    option by its ``script_args`` item); ``names``: only these renamings."""
+    api = (_API_FIELD if names is None else names).get(exc.field or "")
     if api is None:
         return exc
     if isinstance(exc, UnknownName):
@@ -359,17 +360,7 @@ def _xyz_plot(args: list, *, img2img: bool):
     try:
         return XYZPlotOptions(**fields)
     except InvalidParameter as exc:
-        raise _script_error(exc) from None
-
-
-def _script_error(exc: InvalidParameter) -> InvalidParameter:
-    """A script option's error, named by the ``script_args`` item it comes from."""
-    if exc.field in SCRIPT_ARG_FIELDS:
-        cls = UnknownName if isinstance(exc, UnknownName) else InvalidParameter
-        if cls is UnknownName:
-            return UnknownName(SCRIPT_ARG_FIELDS[exc.field], exc.value, exc.choices)
-        return InvalidParameter(SCRIPT_ARG_FIELDS[exc.field], exc.value, exc.expected)
-    return exc
+        raise _renamed(exc, SCRIPT_ARG_FIELDS) from None
 
 
 def _checked_plot(params: GenerationParams, ctx: ConvertContext) -> GenerationParams:
@@ -382,7 +373,7 @@ def _checked_plot(params: GenerationParams, ctx: ConvertContext) -> GenerationPa
     try:
         cells = len(xyz_plot.plan(params).cells)
     except InvalidParameter as exc:
-        raise _script_error(exc) from None
+        raise _renamed(exc, SCRIPT_ARG_FIELDS) from None
     pictures = cells * params.batch_size * params.n_iter
     if pictures > ctx.limits.max_images:
         raise InvalidParameter("script_args", f"{cells} cells", f"at most {ctx.limits.max_images} pictures in all "

@@ -113,9 +113,9 @@ async def run_prepared(state: ServerState, prepared: PreparedJob, response: Resp
 
         renamed = request_field(exc, prepared.control_fields)
         if renamed is exc:  # a script's option (SD upscale's, checked again as it runs)
-            from .convert import _script_error
+            from .convert import SCRIPT_ARG_FIELDS, _renamed
 
-            renamed = _script_error(exc)
+            renamed = _renamed(exc, SCRIPT_ARG_FIELDS)
         if renamed is exc:
             raise
         raise renamed from None
