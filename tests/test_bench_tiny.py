@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -509,3 +510,28 @@ def test_gpu_run_state_file_carries_on_where_a_call_stopped(tmp_path, monkeypatc
     assert [s["step"] for s in json.loads((tmp_path / "b" / "summary.json").read_text())] == ["second"]
     runner.main(["--dry-run", "--state", str(state)])
     assert "# first" not in capsys.readouterr().out
+
+
+def test_gpu_run_stops_a_step_with_the_processes_it_started(tmp_path, monkeypatch):
+    """A step stopped at its limit does not leave a child process running on the GPU (first_image.py
+    runs each restart as a child of its own)."""
+    runner = _gpu_run_module()
+    pid_file = tmp_path / "child.pid"
+    spawn = ("import subprocess, sys; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
+             f"open({str(pid_file)!r}, 'w').write(str(p.pid)); p.wait()")
+    monkeypatch.setattr(runner, "STEPS", (runner.Step("spawns", "gpu_img2img.py", (), 3, "stopped", json=False),))
+    monkeypatch.setattr(runner, "command", lambda step, out: [sys.executable, "-c", spawn])
+    assert runner.main(["--out", str(tmp_path)]) == 1
+    pid = int(pid_file.read_text())
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+        except FileNotFoundError:
+            break
+        if state == "Z":  # killed, waiting for its parent's parent to reap it
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(pid, 9)
+        pytest.fail("the step's child process was still running after the step was stopped")
