@@ -23,9 +23,11 @@ script exits non-zero otherwise.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -50,6 +52,11 @@ def _bench():
 def child(args: argparse.Namespace) -> dict:
     """One process: import, build, switch on, two pictures; the times from the process's start."""
     started = args.started
+    # A crash in compiled code (a segfault) prints the Python stack, and the compile stages are logged:
+    # the parent shows the end of this process's output when it fails.
+    faulthandler.enable()
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("underpaint.models.aot").setLevel(logging.DEBUG)
     import diffusers  # noqa: F401 - what a restart imports, timed with it
     import torch
     from torch._dynamo.utils import counters

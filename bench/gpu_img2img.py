@@ -40,7 +40,8 @@ ops, host-device syncs, device time by kind of work); the summary also goes into
 the JSON under each result's ``profile``.
 
 ``--vae-precision P`` (fp32, fp16, bf16) adds an underpaint row whose VAE encode and decode run at
-that precision (the engine's ``vae_precision``; the plain row's is auto: SDXL's VAE in float32). It
+that precision (the engine's ``vae_precision``; the other rows run SDXL's VAE in float32, as diffusers
+does, although underpaint's own default runs it in bfloat16 on Ampere or later GPUs). It
 takes turns with the plain rows like the trade-off rows, and its pictures' difference is reported
 the same way (fp16/bf16 change the picture slightly; random weights say nothing of quality).
 """
@@ -49,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import faulthandler
 import gc
 import json
 import math
@@ -442,6 +444,12 @@ def underpaint_model(comps: Components, settings: Settings):
                         name=f"random-{comps.arch.name}", path=Path(f"random-{comps.arch.name}.safetensors"),
                         device=settings.device, dtype=settings.dtype)
     vars(model)["short_hash"] = None  # there is no file to hash (a cached_property)
+    if family == Family.SDXL and settings.dtype == torch.float16 and comps.vae.config.force_upcast:
+        # Where diffusers' SDXL pipeline upcasts its fp16 VAE, so does every underpaint row: the same work.
+        # underpaint's own default (auto) would take bfloat16 on Ampere or later; --vae-precision measures that.
+        from underpaint.models.offload import set_vae_precision
+
+        set_vae_precision(model, "fp32")
     return model
 
 
@@ -1320,4 +1328,5 @@ def _settings_json(settings: Settings, args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
+    faulthandler.enable()  # a crash in compiled code prints the Python stack into the log
     sys.exit(main())

@@ -44,28 +44,29 @@ class Step:
     json: bool = True
 
 
-#: What the first H100 run (2026-11-27: table, fused, attention, restart, stub, vram-low) left open, most
-#: important first.
+#: What the H100 runs so far (2026-11-27: table, fused, attention, restart, stub, vram-low; 2026-11-28: graphs,
+#: profile at SD 1.5, fp8-compile, vae, and restart-aot, which crashed) left open, most important first.
 STEPS = (
-    Step("graphs", "gpu_img2img.py", ("--cases", "sd15", "--optimize", "channels_last,compile,cuda_graphs"), 240,
-         "CUDA graphs on top of compile at SD 1.5 batch 1 (compile alone: 0.375 s in the first run, which found "
-         "batch 1 launch-bound: compiled UNet 17.4 ms/step for the CFG batch of 2, 69.2 ms for 32)"),
+    Step("graphs-profile", "gpu_img2img.py", ("--cases", "sd15", "--optimize", "channels_last,compile,cuda_graphs",
+                                              "--profile", "{out}/profile-graphs"), 210,
+         "where the 43 ms outside the UNet go with CUDA graphs at SD 1.5 batch 1 (0.172 s, 6.8 ms per UNet step "
+         "in the 2026-11-28 run; the target is 0.15 s): one profiled call per row after the timed runs"),
     Step("restart-aot", "first_image.py", ("--case", "sd15", "--optimize", "channels_last,aot", "--runs", "2"), 270,
-         "the first picture after a restart with AOTInductor UNet packages: built, then loaded without tracing "
-         "(compile's warm restart took 17.6 s against the 15 s target)"),
-    Step("profile", "gpu_img2img.py", ("--cases", "sd15", "--runs", "2", "--warmup", "1",
-                                       "--profile", "{out}/profile"), 120,
-         "one torch.profiler call per row (files in profile/): where underpaint's ~21 ms more than diffusers "
-         "outside the UNet at SD 1.5 goes (syncs, device idle, copies), and how idle the device is at batch 1"),
+         "the first picture after a restart with AOTInductor UNet packages (compile's warm restart took 17.6 s "
+         "against the 15 s target); the 2026-11-28 run's first process died with a segfault after 183 s, now "
+         "with the stack (faulthandler) and each stage logged"),
+    Step("graphs-b16-sdxl", "gpu_img2img.py", ("--cases", "sd15-b16,sdxl",
+                                               "--optimize", "channels_last,compile,cuda_graphs"), 420,
+         "CUDA graphs at batch 16 and on SDXL (compute-bound there: compiled 69.2 and 55.5 ms per UNet step)"),
+    Step("restart-graphs", "first_image.py", ("--case", "sd15", "--optimize", "channels_last,compile,cuda_graphs",
+                                              "--runs", "2"), 270,
+         "the first picture after a restart with a warm compile cache, with CUDA graphs (the fastest setting)"),
+    Step("autotune", "gpu_img2img.py", ("--cases", "sd15", "--optimize", "channels_last,compile,cuda_graphs",
+                                        "--compile-mode", "max-autotune"), 540,
+         "inductor's autotuned kernels (max-autotune: CUDA graphs included, the VAE's too) at SD 1.5 batch 1: "
+         "6.8 ms per UNet step is 237 TFLOP/s; a run of its own (autotuning takes minutes)"),
     Step("fp8", "gpu_img2img.py", ("--cases", "sd15,sdxl", "--optimize", "fp8"), 180,
          "fp8 matmuls (lossy): speed against the plain row, and its pictures' mean |Δ| and PSNR against it"),
-    Step("vae", "gpu_img2img.py", ("--cases", "sdxl", "--vae-precision", "bf16"), 120,
-         "SDXL with its VAE in bf16 (--vae-precision bf16, as ComfyUI's --bf16-vae) against float32 (diffusers' "
-         "and underpaint's default): the first run spent 0.30 s of each SDXL picture outside the UNet, mostly the VAE"),
-    Step("fp8-compile", "gpu_img2img.py", ("--cases", "sd15-b16", "--optimize", "channels_last,compile",
-                                           "--optimize", "channels_last,fp8,compile"), 300,
-         "fp8 matmuls under compile at batch 16 (lossy), against compile alone: batch 16 is compute-bound "
-         "(373 TFLOP/s compiled in the first run) and 16 images/s needs about 45 ms per step"),
     Step("switches", "gpu_img2img.py", ("--cases", "sd15,sdxl", "--optimize", "channels_last",
                                         "--optimize", "fused_qkv"), 150,
          "channels-last and fused projections apart, eager (the first run measured them only together: "
@@ -75,9 +76,10 @@ STEPS = (
     Step("vram-low", "gpu_img2img.py", ("--cases", "sd15,sdxl", "--vram", "low"), 240,
          "the low memory mode's peak VRAM (targets: SD 1.5 < 3 GB, SDXL 1024² < 6 GB) and its cost; SDXL's "
          "did not fit in the first run"),
-    Step("stub", "gpu_img2img.py", ("--cases", "sd15,sdxl", "--stub-unet", "--profile", "{out}/profile-stub"), 120,
+    Step("stub", "gpu_img2img.py", ("--cases", "sd15,sdxl", "--stub-unet", "--vae-precision", "bf16",
+                                    "--profile", "{out}/profile-stub"), 150,
          "everything but the UNet, per library, each row profiled (files in profile-stub/): the part no UNet "
-         "optimization closes"),
+         "optimization closes, with the VAE in float32 and in bfloat16 (underpaint's default on Ampere on)"),
     Step("tradeoffs", "gpu_img2img.py", ("--cases", "sd15", "--token-merging", "0.5", "--deepcache", "3"), 150,
          "token merging 0.5 and DeepCache interval 3 (lossy): speed against the plain row, pictures' difference"),
     Step("vram-medium", "gpu_img2img.py", ("--cases", "sd15,sdxl", "--vram", "medium"), 150,
@@ -87,9 +89,9 @@ STEPS = (
          "cudnn gave identical pictures and no gain)"),
     Step("restart", "first_image.py", ("--case", "sd15", "--optimize", "channels_last,compile", "--runs", "2"), 240,
          "the first picture after a restart, compile cache empty then warm (target <= 15 s warm; 17.6 s before)"),
-    Step("table", "gpu_img2img.py", ("--optimize", "channels_last,compile"), 480,
-         "the issue's table again: SD 1.5 b1, b16, SDXL against diffusers eager, plus underpaint compiled "
-         "(410 s on an H100)"),
+    Step("table", "gpu_img2img.py", ("--optimize", "channels_last,compile,cuda_graphs"), 480,
+         "the issue's table again: SD 1.5 b1, b16, SDXL against diffusers eager, plus underpaint's fastest "
+         "setting (compiled: 410 s on an H100)"),
     Step("flux", "gpu_img2img.py", ("--cases", "flux-dev,flux-schnell", "--runs", "3"), 540,
          "FLUX.1 dev and schnell in bf16 against FluxImg2ImgPipeline (a run of its own)"),
 )

@@ -467,11 +467,11 @@ def test_gpu_run_steps_are_valid_commands(capsys, tmp_path):
                 profiled.append(settings.profile)
         else:
             first.parse_args(cmd[2:])
-    assert len(set(profiled)) == len(profiled) == 2  # profile and stub: one folder each, no file clobbered
+    assert len(set(profiled)) == len(profiled) == 2  # graphs-profile and stub: one folder each, no file clobbered
     assert runner.main(["--dry-run", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     assert all(f"# {step.name} " in printed for step in runner.STEPS)
-    assert f"--profile {tmp_path / 'profile'} " in printed
+    assert f"--profile {tmp_path / 'profile-graphs'} " in printed
     with pytest.raises(SystemExit, match="unknown step"):
         runner.main(["--dry-run", "--only", "tabel"])
 

@@ -91,6 +91,40 @@ def test_auto_is_the_force_upcast_rule_and_the_others_are_their_dtype():
             assert offload.vae_compute_dtype(stored, upcast, "fp32") == F32
             assert offload.vae_compute_dtype(stored, upcast, "fp16") == F16
             assert offload.vae_compute_dtype(stored, upcast, "bf16") == BF16
+            # On a GPU with native bfloat16 (Ampere on), auto takes bfloat16 where it would upcast, as ComfyUI.
+            fast = BF16 if (stored == F16 and upcast) else stored
+            assert offload.vae_compute_dtype(stored, upcast, "auto", fast_bf16=True) == fast
+            assert offload.vae_compute_dtype(stored, upcast, "fp32", fast_bf16=True) == F32
+
+
+def test_fast_bfloat16_means_a_cuda_gpu_from_ampere_on(monkeypatch):
+    assert not offload.fast_bf16("cpu") and not offload.fast_bf16(None) and not offload.fast_bf16("meta")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for capability, fast in (((7, 5), False), ((8, 0), True), ((8, 9), True), ((9, 0), True), ((6, 1), False)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert offload.fast_bf16("cuda") is fast and offload.fast_bf16(torch.device("cuda", 0)) is fast
+
+
+def test_auto_on_a_gpu_with_fast_bfloat16_runs_an_upcast_vae_in_bfloat16(sdxl_file, sd1_file, monkeypatch):
+    """Where the model's device computes bfloat16 natively, an fp16 SDXL VAE (force_upcast) encodes and
+    decodes in bfloat16 instead of float32; an fp16 SD1 VAE stays in fp16; fp32 asks for float32."""
+    from underpaint.models.loader import load_model
+
+    seen_devices = []
+    monkeypatch.setattr(offload, "fast_bf16", lambda device: seen_devices.append(device) or True)
+    for path, expected in ((sdxl_file, BF16), (sd1_file, F16)):
+        model = load_model(path, device="cpu", dtype=F16)
+        assert offload.model_vae_dtype(model) == expected
+        seen = _watch(model)
+        try:
+            decode_latents(model, _latents())
+        finally:
+            seen.close()
+        assert seen.dtypes() == {expected}
+        assert next(model.vae.parameters()).dtype == F16
+    assert seen_devices and all(torch.device(d) == torch.device("cpu") for d in seen_devices)  # the model's device
+    offload.set_vae_precision(model, "fp32")
+    assert offload.model_vae_dtype(model) == F32
 
 
 def test_auto_on_loaded_models(sdxl_file, sd1_file):

@@ -336,8 +336,9 @@ def add_memory_and_speed_arguments(group) -> None:
                        help="attention kernel for the UNet/transformer (default auto: PyTorch picks per shape)")
     group.add_argument("--vae-precision", dest="vae_precision", default="auto",
                        choices=VAE_PRECISIONS,
-                       help="dtype of the VAE's encode and decode: auto (default) runs SDXL's and FLUX's VAE in "
-                            "fp32 when the model is fp16, others in the model's dtype; fp32 always (A1111's "
+                       help="dtype of the VAE's encode and decode: auto (default) runs SDXL's and FLUX's VAE, when "
+                            "the model is fp16, in bf16 on NVIDIA GPUs from Ampere on (as ComfyUI) and in fp32 "
+                            "elsewhere, others in the model's dtype; fp32 always (A1111's "
                             "--no-half-vae); fp16 even for SDXL's, faster, a result with NaN/inf is redone in fp32; "
                             "bf16 (ComfyUI's --bf16-vae), faster and does not overflow. fp16 and bf16 change the "
                             "picture slightly")

@@ -273,6 +273,7 @@ def build(unet: torch.nn.Module, tensors: list[tuple[str, torch.Tensor]], key: d
         example = tuple(t.detach().clone() for _, t in tensors)
         wrapper = _FluxExported(unet) if _is_flux(unet) else _Exported(unet)
         program = torch.export.export(wrapper, example, strict=False)
+        log.info("aot: exported the %s for %s; compiling", _what(unet), key["inputs"])
         tmp = folder / f".{name}.{os.getpid()}.tmp.pt2"
         try:
             torch._inductor.aoti_compile_and_package(program, package_path=str(tmp), inductor_configs=INDUCTOR_CONFIGS)
@@ -336,6 +337,7 @@ class Loaded:
             tensors[fqn] = t.detach()
         tensors.update(self.extra)
         self.runner.load_constants(tensors, check_full_update=True, user_managed=True)
+        log.debug("aot: bound %d tensors to the package", len(tensors))
         self.bound = [named[f] for f in self.record["constants"]]
         self.addresses = tuple(t.data_ptr() for t in self.bound)
 
@@ -376,6 +378,7 @@ def load(folder: Path, key: dict) -> Loaded | None:
     if sorted(runner.get_constant_fqns()) != sorted([*record["constants"], *record.get("extra", [])]):
         raise PackageRejected(f"{package} asks for other weights than its record lists")
     stats["loaded"] += 1
+    log.info("aot: loaded %s", package)
     return Loaded(runner, record, extra)
 
 

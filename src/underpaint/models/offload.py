@@ -420,9 +420,9 @@ def tiled(vae: torch.nn.Module, tile_px: int) -> Iterator[None]:
 #: The dtypes of the ``vae_precision`` values (``--vae-precision``, :data:`.modes.VAE_PRECISIONS`)
 #: other than ``auto``. Each value means:
 #:
-#: * ``auto``: :func:`vae_compute_dtype`'s rule (float32 for a half-precision VAE with
-#:   ``force_upcast``, as diffusers; otherwise the stored dtype), and an fp16 decode with NaNs
-#:   computed again in float32.
+#: * ``auto``: :func:`vae_compute_dtype`'s rule (a half-precision VAE with ``force_upcast`` in
+#:   bfloat16 on a GPU with fast bfloat16, as ComfyUI, else in float32, as diffusers; otherwise the
+#:   stored dtype), and an fp16 decode with NaNs computed again in float32.
 #: * ``fp32``: always float32 (AUTOMATIC1111's ``--no-half-vae``).
 #: * ``fp16``: half precision even for a ``force_upcast`` VAE (faster; SDXL's may overflow): an
 #:   encode or decode whose result has NaN or inf is computed again in float32, as AUTOMATIC1111
@@ -466,25 +466,40 @@ def set_vae_precision(model: Any, precision: str | None) -> str:
     return precision
 
 
-def vae_compute_dtype(stored: torch.dtype, force_upcast: bool, precision: str = "auto") -> torch.dtype:
+def vae_compute_dtype(stored: torch.dtype, force_upcast: bool, precision: str = "auto", *,
+                      fast_bf16: bool = False) -> torch.dtype:
     """The dtype a VAE stored in ``stored`` runs in at ``precision`` (:data:`.modes.VAE_PRECISIONS`).
 
-    ``auto``: float32 for a half-precision VAE whose config says it overflows in fp16
-    (``force_upcast``, set for SDXL's and FLUX's), else as stored. A VAE known to be fp16-safe
-    (``force_upcast`` False, as madebyollin's sdxl-vae-fp16-fix) runs in fp16; bf16 has
-    float32's range and is never upcast. Any other precision is its dtype, whatever is stored.
+    ``auto``: a half-precision VAE whose config says it overflows in fp16 (``force_upcast``, set
+    for SDXL's and FLUX's) runs in bfloat16 where the device computes it natively (``fast_bf16``:
+    NVIDIA Ampere and later, as ComfyUI does by default; bfloat16 has float32's range, so it does
+    not overflow, at a coarser rounding), else in float32 (as diffusers); any other VAE as stored. A
+    VAE known to be fp16-safe (``force_upcast`` False, as madebyollin's sdxl-vae-fp16-fix) runs in
+    fp16. Any other precision is its dtype, whatever is stored.
     """
     if precision != "auto":
         return _PRECISION_DTYPES[precision]
     if stored == torch.float16 and force_upcast:
-        return torch.float32
+        return torch.bfloat16 if fast_bf16 else torch.float32
     return stored
 
 
+def fast_bf16(device: str | torch.device | None) -> bool:
+    """Whether ``device`` computes bfloat16 natively: a CUDA GPU of compute capability 8.0 or later
+    (Ampere, Ada, Hopper, Blackwell). Older GPUs emulate it, and CPUs run it slower than float32."""
+    if device is None:
+        return False
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def model_vae_dtype(model: Any) -> torch.dtype:
-    """:func:`vae_compute_dtype` for ``model.vae`` at the model's ``vae_precision``."""
+    """:func:`vae_compute_dtype` for ``model.vae`` at the model's ``vae_precision`` on its device."""
     stored = next(model.vae.parameters()).dtype
-    return vae_compute_dtype(stored, bool(getattr(model.vae.config, "force_upcast", False)), vae_precision_of(model))
+    return vae_compute_dtype(stored, bool(getattr(model.vae.config, "force_upcast", False)), vae_precision_of(model),
+                             fast_bf16=fast_bf16(getattr(model, "device", None)))
 
 
 def run_vae(model: Any, call: Callable[[torch.nn.Module, torch.device, torch.dtype], torch.Tensor], *,
