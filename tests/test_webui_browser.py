@@ -906,6 +906,37 @@ def test_token_merging_setting_is_saved_in_the_server_options(page, server):
     expect(select).to_have_value("0")
 
 
+def test_img2img_upscaler_setting_is_saved_in_the_server_options(page, server):
+    """The Upscaler for img2img select lists None (Lanczos) and /upscalers' names, reads and writes A1111's
+    upscaler_for_img2img, and shows on the img2img and Inpaint tabs only."""
+    select = page.locator("#img2img-upscaler")
+    expect(select).to_have_value("None")
+    assert select.locator("option").all_text_contents() == ["None (Lanczos)", "Lanczos", "Nearest", "4x-Zero"]
+    with page.expect_response("**/sdapi/v1/options") as answer:
+        select.select_option("4x-Zero")
+    assert answer.value.request.method == "POST" and answer.value.ok
+    assert json.loads(answer.value.request.post_data) == {"upscaler_for_img2img": "4x-Zero"}
+    assert page.request.get(f"{server}/sdapi/v1/options").json()["upscaler_for_img2img"] == "4x-Zero"
+    page.reload()
+    page.wait_for_selector("body[data-ready=true]")
+    expect(select).to_have_value("4x-Zero")
+    for tab, shown in (("txt2img", False), ("inpaint", True), ("extras", False), ("img2img", True)):
+        page.click(f"#tab-{tab}")
+        expect(select).to_be_visible() if shown else expect(select).to_be_hidden()
+
+    # A refusal lands beside the select, which goes back to the server's value.
+    page.route("**/sdapi/v1/options", lambda r: r.fulfill(status=422, json={
+        "error": "unknown_name", "field": "upscaler_for_img2img",
+        "detail": "upscaler_for_img2img: unknown 'Nearest'"}) if r.request.method == "POST" else r.continue_())
+    select.select_option("Nearest")
+    expect(page.locator(".img2img-upscaler-field .field-error")).to_contain_text("unknown 'Nearest'")
+    expect(select).to_have_value("4x-Zero")
+    page.unroute("**/sdapi/v1/options")
+    with page.expect_response("**/sdapi/v1/options"):
+        select.select_option("None")  # back to the default for the tests after this one
+    assert page.request.get(f"{server}/sdapi/v1/options").json()["upscaler_for_img2img"] == "None"
+
+
 def infotext_pngs(folder, texts: dict[str, str], size: tuple[int, int]) -> dict:
     """A plain PNG per entry of ``texts`` carrying that text as A1111's "parameters" chunk."""
     files = {}

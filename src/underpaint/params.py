@@ -335,6 +335,10 @@ class GenerationParams:
     width: int | None = None
     height: int | None = None
     resize_mode: int = 0
+    #: A1111's "Upscaler for img2img": the upscaler (a built-in's or a model's name, as hires. fix
+    #: takes them) that enlarges init pictures and "Only masked" crops when a resize makes them
+    #: larger; None or "None": Lanczos, A1111's default.
+    img2img_upscaler: str | None = None
     batch_size: int = 1
     n_iter: int = 1
     clip_skip: int = 1
@@ -402,6 +406,9 @@ class GenerationParams:
             raise InvalidParameter("resize_mode", self.resize_mode, "0 (just resize), 1 (crop and resize), 2 (resize and fill) or 3")
         if self.rng not in RNG_SOURCES:
             raise InvalidParameter("rng", self.rng, "one of " + ", ".join(RNG_SOURCES))
+        if self.img2img_upscaler is not None and (not isinstance(self.img2img_upscaler, str)
+                                                  or not self.img2img_upscaler.strip()):
+            raise InvalidParameter("img2img_upscaler", self.img2img_upscaler, "an upscaler's name, or None")
         if not isinstance(self.prompt, str) or not isinstance(self.negative_prompt, str):
             raise InvalidParameter("prompt", type(self.prompt).__name__, "a string")
         if self.inpaint.masked_content not in MASKED_CONTENT:

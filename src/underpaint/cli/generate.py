@@ -140,6 +140,11 @@ def _add_generation_args(p: argparse.ArgumentParser, *, img2img: bool) -> None:
                        type=a1111_choice(RESIZE_MODES, _RESIZE_LABELS),
                        help="how the input fits the output size (A1111's resize modes, also as A1111 spells "
                             "them: \"Crop and resize\")")
+        o.add_argument("--img2img-upscaler", dest="img2img_upscaler", default=None, metavar="NAME",
+                       help="A1111's Upscaler for img2img: what enlarges the input (and an inpaint "
+                            "--inpaint-area only-masked crop) when the resize makes it larger: Lanczos, Nearest or "
+                            "an upscaling model's name, as `underpaint upscale` takes them; default None: Lanczos "
+                            "alone")
     o.add_argument("--batch-size", type=int, default=1,
                    help="A1111's Batch size: pictures made together in one batch, 1-64 (default 1)")
     o.add_argument("--count", "--batch-count", "--n-iter", dest="count", type=int, default=1,
@@ -424,6 +429,7 @@ def params_from_args(args: argparse.Namespace, init_images: tuple = (), *, model
         eta_noise_seed_delta=args.ensd,
         token_merging_ratio=args.token_merging,
         fix_steps=getattr(args, "fix_steps", False),
+        img2img_upscaler=getattr(args, "img2img_upscaler", None),
         sampler_options=SamplerOptions(eta=args.eta, s_churn=args.s_churn, s_noise=args.s_noise),
         control_units=control_units_from_args(args),
     )
@@ -660,6 +666,8 @@ def _check_upscalers(params: GenerationParams, args: argparse.Namespace) -> None
         upscale.resolve(models_folder(args), params.hires.upscaler_name, "hires_upscaler", hires=True)
     if params.sd_upscale is not None:
         upscale.resolve(models_folder(args), params.sd_upscale.upscaler, "sd_upscale_upscaler")
+    if params.init_images and params.img2img_upscaler not in (None, "None"):
+        upscale.resolve(models_folder(args), params.img2img_upscaler, "img2img_upscaler")
 
 
 def _run_and_save(engine, params: GenerationParams, args: argparse.Namespace, command: str, source: Path | None) -> None:

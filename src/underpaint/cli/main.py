@@ -125,7 +125,7 @@ _SAME_NAME = frozenset({
     "hires_strength", "hires_sampler", "hires_scheduler", "hires_prompt", "hires_negative_prompt",
     "masked_content", "mask_weight", "deepcache_branch", "deepcache_start", "deepcache_end",
     "first_block_cache", "output", "from_infotext", "styles_file", "vram", "optimize", "attention",
-    "vae_precision", "device", "dtype", "prediction", "fill",
+    "vae_precision", "device", "dtype", "prediction", "fill", "img2img_upscaler",
 })
 
 

@@ -8,9 +8,16 @@ resize masks and transparent inputs).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from PIL import Image
 
 from ..errors import InvalidParameter
+
+#: Enlarges a picture by a scale as an upscaler does (A1111's "Upscaler for img2img"; made by
+#: pipeline/upscale.py ``enlarger``): ``enlarge(image, scale)``, the result about ``scale`` times
+#: the size (each side rounded down to a multiple of 8), which the resize then brings to the target.
+Enlarge = Callable[[Image.Image, float], Image.Image]
 
 JUST_RESIZE = 0
 CROP_AND_RESIZE = 1
@@ -26,43 +33,57 @@ RESIZE_MODE_NAMES = {
 SIZE_MULTIPLE = 8
 
 
-def resize_image(image: Image.Image, width: int, height: int, mode: int) -> Image.Image:
-    """Resize to ``width`` x ``height`` with A1111 resize mode 0, 1, 2 or 3 (3 acts as 0 here)."""
+def resize_image(image: Image.Image, width: int, height: int, mode: int, *,
+                 enlarge: Enlarge | None = None) -> Image.Image:
+    """Resize to ``width`` x ``height`` with A1111 resize mode 0, 1, 2 or 3 (3 acts as 0 here).
+
+    ``enlarge``: the upscaler that makes each scaling step larger than the picture (A1111's
+    "Upscaler for img2img", :func:`scale_to`); None scales with Lanczos alone.
+    """
     _check_size(width, height)
     if mode in (JUST_RESIZE, LATENT_UPSCALE):
-        return _lanczos(image, width, height)
+        return scale_to(image, width, height, enlarge)
     if mode == CROP_AND_RESIZE:
-        return _crop_and_resize(image, width, height)
+        return _crop_and_resize(image, width, height, enlarge)
     if mode == RESIZE_AND_FILL:
-        return _resize_and_fill(image, width, height)
+        return _resize_and_fill(image, width, height, enlarge)
     raise InvalidParameter(
         "resize_mode", mode, "0 (Just resize), 1 (Crop and resize), 2 (Resize and fill) or 3"
     )
 
 
-def _lanczos(image: Image.Image, width: int, height: int) -> Image.Image:
-    """A1111's resize when no upscaler model is chosen for img2img: Pillow's Lanczos."""
+def scale_to(image: Image.Image, width: int, height: int, enlarge: Enlarge | None = None) -> Image.Image:
+    """One scaling step of A1111's resize: Pillow's Lanczos, unless an upscaler is given and the
+    step enlarges (by s = the larger of width/w and height/h): then ``enlarge(image, s)`` first and
+    Lanczos to the exact size if that differs. Greyscale pictures (masks) and pictures with
+    transparency always take Lanczos alone (upscalers work on RGB)."""
+    if enlarge is not None and image.mode == "RGB":
+        scale = max(width / image.width, height / image.height)
+        if scale > 1.0:
+            image = enlarge(image, scale)
+        if image.size == (width, height):
+            return image
     return image.resize((width, height), resample=Image.Resampling.LANCZOS)
 
 
-def _crop_and_resize(image: Image.Image, width: int, height: int) -> Image.Image:
+def _crop_and_resize(image: Image.Image, width: int, height: int, enlarge: Enlarge | None) -> Image.Image:
     """Scale to cover the target (floor division for the long side), then keep the centre."""
     iw, ih = image.size
     if width * ih > iw * height:  # target is wider than the source: match widths
         scaled = (width, ih * width // iw)
     else:  # match heights
         scaled = (iw * height // ih, height)
-    return _paste_centred(_lanczos(image, *scaled), width, height)
+    return _paste_centred(scale_to(image, *scaled, enlarge), width, height)
 
 
-def _resize_and_fill(image: Image.Image, width: int, height: int) -> Image.Image:
+def _resize_and_fill(image: Image.Image, width: int, height: int, enlarge: Enlarge | None) -> Image.Image:
     """Scale to fit inside the target, centre it, and fill the bars from the edges."""
     iw, ih = image.size
     if width * ih < iw * height:  # source is wider: match widths, bars above and below
         scaled = (width, ih * width // iw)
     else:  # match heights, bars left and right (none when the aspect ratios are equal)
         scaled = (iw * height // ih, height)
-    resized = _lanczos(image, *scaled)
+    resized = scale_to(image, *scaled, enlarge)
     result = _paste_centred(resized, width, height)
     if width * ih < iw * height:
         _fill_bars(result, resized, vertical=True)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..imageio.convert import images_to_tensor, tensor_to_images
-from ..imageio.resize import output_size, resize_image
+from ..imageio.resize import Enlarge, output_size, resize_image
 from ..models.tome import request_token_merging
 from ..params import GenerationParams, check_hires_size
 from ..sampling import noise as noise_mod
@@ -52,6 +52,8 @@ class Plan:
     subseeds: tuple[int, ...]
     #: The prepared mask, crop and pictures when inpainting.
     inpaint: inpaint.InpaintJob | None = None
+    #: The request's "Upscaler for img2img" (:func:`_enlarger`); None: Lanczos.
+    enlarge: Enlarge | None = None
 
 
 @dataclass(frozen=True)
@@ -145,7 +147,7 @@ def _generate(model, params: GenerationParams, networks: ActiveNetworks, *, info
 
     # 2b. A mask: crop, masks and masked content (inpaint.py); an empty mask keeps the picture.
     if params.mask is not None:
-        job = inpaint.prepare_inpaint(params, plan.width, plan.height)
+        job = inpaint.prepare_inpaint(params, plan.width, plan.height, enlarge=plan.enlarge)
         if job is None:
             return _identity_result(plan, info)
         plan = replace(plan, inpaint=job)
@@ -232,7 +234,19 @@ def _plan(model, params: GenerationParams) -> Plan:
     total = params.batch_size * params.n_iter
     seeds = tuple((params.seed + i) % 2**32 for i in range(total))
     subseeds = tuple((params.subseed + i) % 2**32 for i in range(total))
-    return Plan(params, width, height, sigmas, full, len(sigmas) - 1, seeds, subseeds)
+    return Plan(params, width, height, sigmas, full, len(sigmas) - 1, seeds, subseeds, enlarge=_enlarger(model, params))
+
+
+def _enlarger(model, params: GenerationParams) -> Enlarge | None:
+    """The request's "Upscaler for img2img" as a resize step (an unknown name is refused here,
+    before any work); None for txt2img and for "None"."""
+    name = params.img2img_upscaler
+    if not params.init_images or name is None or name.strip().lower() == "none":
+        return None
+    from . import upscale
+
+    return upscale.enlarger(upscale.resolve(getattr(model, "models_dir", None), name, "img2img_upscaler"),
+                            device=str(model.device))
 
 
 def _check_size_from_picture(plan: Plan) -> None:
@@ -326,7 +340,8 @@ def _identity_result(plan: Plan, info: ModelInfo) -> Result:
     p = plan.params
     total = p.batch_size * p.n_iter
     asked = p.width is not None or p.height is not None
-    base = [resize_image(img, plan.width, plan.height, p.resize_mode) if asked else img.copy() for img in p.init_images]
+    base = [resize_image(img, plan.width, plan.height, p.resize_mode, enlarge=plan.enlarge) if asked else img.copy()
+            for img in p.init_images]
     images = tuple(base[i % len(base)] for i in range(total))
     width, height = images[0].size
     infotexts = tuple(build_infotext(p, info, width=width, height=height, seed=s, subseed=u)
@@ -568,7 +583,8 @@ def _callback(model, plan: Plan, job: int, progress, cancel: Cancellation, contr
 def init_pixels(images, plan: Plan, batch: int) -> torch.Tensor:
     """The init pictures resized as asked, image i of the batch from picture i mod n, in [-1, 1]."""
     p = plan.params
-    resized = [resize_image(img.convert("RGB"), plan.width, plan.height, p.resize_mode) for img in images]
+    resized = [resize_image(img.convert("RGB"), plan.width, plan.height, p.resize_mode, enlarge=plan.enlarge)
+               for img in images]
     return images_to_tensor([resized[i % len(resized)] for i in range(batch)])
 
 

@@ -75,17 +75,13 @@ def upscale_picture(image: Image.Image, width: int, height: int, upscaler: str,
     target, each step only if the size differs. ``one_pass``: the upscaler's pass (default: the
     built-in one of that name).
     """
+    from ..imageio.resize import scale_to
     from .upscale import builtin_pass, upscale_by
 
-    lanczos = Image.Resampling.LANCZOS
     if upscaler == "None":
-        return image.resize((width, height), resample=lanczos)
-    scale = max(width / image.width, height / image.height)
-    if scale > 1.0:
-        image = upscale_by(image, scale, one_pass or builtin_pass(upscaler))
-    if image.size != (width, height):
-        image = image.resize((width, height), resample=lanczos)
-    return image
+        return scale_to(image, width, height)
+    one_pass = one_pass or builtin_pass(upscaler)
+    return scale_to(image, width, height, lambda picture, scale: upscale_by(picture, scale, one_pass))
 
 
 def second_pass_params(params: GenerationParams, size: HiresSize) -> GenerationParams:

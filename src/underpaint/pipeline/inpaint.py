@@ -30,7 +30,7 @@ from PIL import Image, ImageFilter
 from ..errors import ImageError, InvalidParameter
 from ..imageio.mask import (MaskResizedWarning, blur_kernel_size, blur_mask, fit_mask, invert_mask, is_empty,
                             mask_box, to_mask, warn_if_resized)
-from ..imageio.resize import CROP_AND_RESIZE, RESIZE_AND_FILL, resize_image
+from ..imageio.resize import CROP_AND_RESIZE, RESIZE_AND_FILL, Enlarge, resize_image
 from ..params import GenerationParams, InpaintOptions
 
 #: A1111's "fill": (Gaussian radius, times composited), widest first, so each hole pixel takes
@@ -175,6 +175,8 @@ class InpaintJob:
     crop: Box | None = None
     #: The prepared mask at the first picture's size (what ControlNet inpaint units mask with).
     picture_mask: Image.Image | None = None
+    #: The request's "Upscaler for img2img" (None: Lanczos), for pasting the result back.
+    enlarge: Enlarge | None = None
 
     @property
     def output_size(self) -> tuple[int, int]:
@@ -201,8 +203,10 @@ def prepare_mask(params: GenerationParams) -> Image.Image:
     return mask
 
 
-def prepare_inpaint(params: GenerationParams, width: int, height: int) -> InpaintJob | None:
-    """Resolve the mask into pictures and masks; None when the mask is empty (nothing to repaint)."""
+def prepare_inpaint(params: GenerationParams, width: int, height: int, *,
+                    enlarge: Enlarge | None = None) -> InpaintJob | None:
+    """Resolve the mask into pictures and masks; None when the mask is empty (nothing to repaint).
+    ``enlarge``: the upscaler for every picture resize that enlarges (A1111's "Upscaler for img2img")."""
     mask = prepare_mask(params)
     if is_empty(mask):
         return None
@@ -214,21 +218,21 @@ def prepare_inpaint(params: GenerationParams, width: int, height: int) -> Inpain
     if opts.full_res and is_empty(picture_mask):  # a speck lost when shrinking the mask
         return None
     if opts.full_res:
-        return _only_masked(opts, picture_mask, pictures, width, height)
-    return _whole_picture(opts, mask, picture_mask, pictures, width, height, params.resize_mode)
+        return _only_masked(opts, picture_mask, pictures, width, height, enlarge)
+    return _whole_picture(opts, mask, picture_mask, pictures, width, height, params.resize_mode, enlarge)
 
 
 def _whole_picture(opts: InpaintOptions, mask: Image.Image, picture_mask: Image.Image, pictures: list[Image.Image],
-                   width: int, height: int, resize_mode: int) -> InpaintJob:
+                   width: int, height: int, resize_mode: int, enlarge: Enlarge | None) -> InpaintJob:
     """Picture and mask each resized straight to W×H, as A1111 does; the output is W×H."""
     mask = resize_image(mask, width, height, resize_mode)
-    resized = tuple(resize_image(image, width, height, resize_mode) for image in pictures)
+    resized = tuple(resize_image(image, width, height, resize_mode, enlarge=enlarge) for image in pictures)
     return InpaintJob(opts, mask, _with_content(resized, mask, opts), resized, resized,
-                      overlay_mask(mask, cropped=False, soft=opts.soft), picture_mask=picture_mask)
+                      overlay_mask(mask, cropped=False, soft=opts.soft), picture_mask=picture_mask, enlarge=enlarge)
 
 
 def _only_masked(opts: InpaintOptions, mask: Image.Image, pictures: list[Image.Image],
-                 width: int, height: int) -> InpaintJob:
+                 width: int, height: int, enlarge: Enlarge | None) -> InpaintJob:
     """The mask's region (plus padding, at the W:H aspect) worked on at W×H; the output keeps the picture's size.
 
     A mask of another size is first fitted to the picture (A1111 would crop the picture at the
@@ -241,9 +245,10 @@ def _only_masked(opts: InpaintOptions, mask: Image.Image, pictures: list[Image.I
                              field="init_images")
     box = widen_to_aspect(crop_box(mask, opts.full_res_padding), width, height, mask.size)
     crop_mask = resize_image(mask.crop(box.as_tuple()), width, height, RESIZE_AND_FILL)
-    crops = tuple(resize_image(image.crop(box.as_tuple()), width, height, RESIZE_AND_FILL) for image in pictures)
+    crops = tuple(resize_image(image.crop(box.as_tuple()), width, height, RESIZE_AND_FILL, enlarge=enlarge)
+                  for image in pictures)
     return InpaintJob(opts, crop_mask, _with_content(crops, crop_mask, opts), crops, tuple(pictures),
-                      overlay_mask(mask, cropped=True, soft=opts.soft), crop=box, picture_mask=mask)
+                      overlay_mask(mask, cropped=True, soft=opts.soft), crop=box, picture_mask=mask, enlarge=enlarge)
 
 
 def _with_content(pictures: Sequence[Image.Image], mask: Image.Image, opts: InpaintOptions) -> tuple[Image.Image, ...]:
@@ -260,7 +265,8 @@ def composite(generated: Image.Image, job: InpaintJob, index: int) -> Image.Imag
         generated = match_colours(generated, job.references[index % len(job.references)], job.mask)
     if job.crop is not None:
         base = original.copy()
-        base.paste(resize_image(generated, job.crop.width, job.crop.height, CROP_AND_RESIZE), (job.crop.x1, job.crop.y1))
+        pasted = resize_image(generated, job.crop.width, job.crop.height, CROP_AND_RESIZE, enlarge=job.enlarge)
+        base.paste(pasted, (job.crop.x1, job.crop.y1))
         generated = base
     return overlay_original(generated, original, job.overlay)
 

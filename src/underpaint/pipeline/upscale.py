@@ -32,6 +32,7 @@ from ..params import HIRES_LATENT_MODES, HIRES_PIXEL_UPSCALERS
 if TYPE_CHECKING:
     from PIL.Image import Image
 
+    from ..imageio.resize import Enlarge
     from ..models.registry import ModelsDir
 
 log = logging.getLogger(__name__)
@@ -225,6 +226,13 @@ def picture_pass(upscaler: "str | UpscalerModelEntry", *, device: str = "cpu",
     if isinstance(upscaler, str):
         return builtin_pass(upscaler)
     return model_pass(upscaler, device=device, cancel=cancel)
+
+
+def enlarger(upscaler: "str | UpscalerModelEntry", *, device: str = "cpu") -> "Enlarge":
+    """A resolved upscaler (:func:`resolve`) as the enlarging step of an img2img resize (A1111's
+    "Upscaler for img2img", imageio/resize.py ``scale_to``): :func:`upscale_by` the scale asked."""
+    one_pass = picture_pass(upscaler, device=device)
+    return lambda image, scale: upscale_by(image, scale, one_pass)
 
 
 # --- the Extras tab's Upscale step (the API's /extra-* routes and `underpaint upscale`) -----------

@@ -42,6 +42,8 @@ class ServerOptions:
     token_merging_ratio_hr: float = 0.0
     #: A1111's "SD VAE": "Automatic", "None" or a VAE file's name as /sd-vae lists it (catalog.py).
     sd_vae: str = "Automatic"
+    #: A1111's "Upscaler for img2img": "None" (Lanczos) or an upscaler's name as /upscalers lists it.
+    upscaler_for_img2img: str = "None"
 
     def replace(self, **changes) -> "ServerOptions":
         return replace(self, **changes)

@@ -234,6 +234,7 @@ def _kept_options(req: GenerationRequest, ctx: ConvertContext) -> dict[str, Any]
         "eta_noise_seed_delta": ("eta_noise_seed_delta", lambda key: overrides.int(key, options.eta_noise_seed_delta)),
         "randn_source": ("rng", lambda key: overrides.rng(options.rng)),
         "img2img_fix_steps": ("img2img_fix_steps", lambda key: overrides.bool(key, options.img2img_fix_steps)),
+        "upscaler_for_img2img": ("upscaler_for_img2img", lambda key: overrides.upscaler(options.upscaler_for_img2img)),
         **{key: (key, lambda key: overrides.ratio(key, 0.0)) for key in
            ("token_merging_ratio", "token_merging_ratio_img2img", "token_merging_ratio_hr")},
     }
@@ -512,6 +513,7 @@ def _common_fields(req: GenerationRequest, ctx: ConvertContext, pictures: Pictur
         "eta_noise_seed_delta": overrides.int("eta_noise_seed_delta", ctx.options.eta_noise_seed_delta),
         "rng": overrides.rng(ctx.options.rng),
         "fix_steps": overrides.bool("img2img_fix_steps", ctx.options.img2img_fix_steps) if img2img else False,
+        "img2img_upscaler": overrides.upscaler(ctx.options.upscaler_for_img2img) if img2img else None,
         "token_merging_ratio": _token_merging_ratio(overrides, ctx.options, img2img=img2img),
         "sampler_options": _sampler_options(req, overrides, sampler),
         "deepcache": _deepcache(overrides),
@@ -793,6 +795,14 @@ class _Overrides:
             raise self._bad("sd_vae", "'Automatic' or 'None'")
         return self.ctx.vae_choice(value, field=field)
 
+    def upscaler(self, default: str) -> str:
+        """``upscaler_for_img2img`` for this job (:func:`img2img_upscaler_setting`), else ``default``."""
+        value = self.values.get("upscaler_for_img2img")
+        if value is None:
+            return default
+        return img2img_upscaler_setting(value, self.ctx.models_folder() if self.ctx.models_folder else None,
+                                        "override_settings.upscaler_for_img2img")
+
     def model(self) -> Path | None:
         value = self.values.get("sd_model_checkpoint")
         if value is None or value == "":
@@ -800,6 +810,20 @@ class _Overrides:
         if not isinstance(value, str):
             raise self._bad("sd_model_checkpoint", "a checkpoint title from /sdapi/v1/sd-models")
         return self.ctx.resolve_model(value)
+
+
+def img2img_upscaler_setting(value: Any, folder, field: str = "upscaler_for_img2img") -> str:
+    """A1111's "Upscaler for img2img" setting: "None" (or empty: A1111 keeps None), a built-in
+    upscaler's name or an upscaling model's name as /sdapi/v1/upscalers lists it, in its listed
+    spelling; else a 422 naming ``field`` with the names there are."""
+    from ...pipeline import upscale
+
+    if value in (None, ""):
+        return "None"
+    if not isinstance(value, str):
+        raise InvalidParameter(field, value, "an upscaler's name from /sdapi/v1/upscalers, or None")
+    found = upscale.resolve(folder, value, field)
+    return found if isinstance(found, str) else found.name
 
 
 # --------------------------------------------------------------------------- infotext

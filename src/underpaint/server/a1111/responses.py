@@ -202,6 +202,9 @@ class Options(WireModel):
         "The VAE every job uses: 'Automatic' (a VAE file named like the checkpoint, as A1111 finds it, else "
         "the checkpoint's own), 'None' (the checkpoint's own) or a model_name from /sdapi/v1/sd-vae. The next "
         "job loads it; a request may override it."))
+    upscaler_for_img2img: str = Field("None", description=(
+        "Upscaler for img2img: what enlarges an init picture (and an 'Only masked' crop) when the resize "
+        "makes it larger; 'None' is Lanczos, else a name from /sdapi/v1/upscalers. A request may override it."))
     CLIP_stop_at_last_layers: int = Field(1, ge=1, le=12, description="Clip skip used when a request does not say.")
     eta_noise_seed_delta: int = Field(0, ge=0, le=2**32 - 1, description="ENSD used when a request does not say.")
     randn_source: str = Field("GPU", description="Noise source: GPU, CPU or NV.")

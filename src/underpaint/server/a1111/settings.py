@@ -20,6 +20,7 @@ from ...params import MAX_TOKEN_MERGING_RATIO, preview_method_name
 from ..jobs import Job
 from ..security import JSONValueLimitRoute
 from ..state import ServerState, server_state
+from .convert import img2img_upscaler_setting
 from .generation import await_job
 from .responses import CommandFlags, Options, SDModelItem, SDModuleItem, SDVaeItem
 
@@ -63,6 +64,7 @@ def get_options(request: Request) -> Options:
         token_merging_ratio_img2img=opts.token_merging_ratio_img2img,
         token_merging_ratio_hr=opts.token_merging_ratio_hr,
         sd_vae=opts.sd_vae,
+        upscaler_for_img2img=opts.upscaler_for_img2img,
         **state.outputs.options(),
     )
 
@@ -95,6 +97,8 @@ def _option_changes(body: dict[str, Any], state: ServerState) -> dict[str, Any]:
             changes[key] = token_merging_setting(key, body[key])
     if body.get("sd_vae") is not None:
         changes["sd_vae"] = state.catalog.vae_choice(body["sd_vae"])
+    if "upscaler_for_img2img" in body:
+        changes["upscaler_for_img2img"] = img2img_upscaler_setting(body["upscaler_for_img2img"], state.catalog.folder)
     if body.get("samples_format") not in (None, "png", "PNG"):
         raise InvalidParameter("samples_format", body["samples_format"], "'png'")
     return changes

@@ -8,6 +8,7 @@ import { loadClipSkip, setClipSkip, setupClipSkip } from "./clipskip.js";
 import { loadVae, setupVae } from "./vae.js";
 import { loadPreviewSetting, setupPreviewSetting } from "./previewsetting.js";
 import { loadTokenMerging, setupTokenMerging, tokenMergingFor } from "./tomesetting.js";
+import { img2imgUpscalerFor, loadImg2imgUpscaler, setupImg2imgUpscaler } from "./upscalersetting.js";
 import { $, $$, numberValue, setNumber, syncSliders } from "./dom.js";
 import { ControlNetSection } from "./controlnet.js";
 import { setupExtras } from "./extras.js";
@@ -43,6 +44,7 @@ function selectTab(name, focus = false) {
   }
   const generating = !["pnginfo", "extras"].includes(name);
   tokenMergingFor(name);
+  img2imgUpscalerFor(name);
   panel.hidden = !generating;
   $("#panel-pnginfo").hidden = name !== "pnginfo";
   $("#panel-extras").hidden = name !== "extras";
@@ -230,6 +232,7 @@ async function loadLists() {
     attempt("live preview setting", loadPreviewSetting(options)),
     attempt("clip skip setting", loadClipSkip(options)),
     attempt("token merging setting", loadTokenMerging(options)),
+    attempt("img2img upscaler setting", loadImg2imgUpscaler(options)),
     attempt("ControlNet", controlnet.load()),
   ]);
   if (failures.length) {
@@ -247,6 +250,7 @@ setupPreviewSetting();
 setupClipSkip();
 setupVae();
 setupTokenMerging();
+setupImg2imgUpscaler();
 
 setupCheckpointSwitch({
   onSwitching: (switching) => {
