@@ -105,33 +105,16 @@ def test_fast_bfloat16_means_a_cuda_gpu_from_ampere_on(monkeypatch):
         assert offload.fast_bf16("cuda") is fast and offload.fast_bf16(torch.device("cuda", 0)) is fast
 
 
-def test_auto_on_a_gpu_with_fast_bfloat16_runs_an_upcast_vae_in_bfloat16(sdxl_file, sd1_file, monkeypatch):
-    """Where the model's device computes bfloat16 natively, an fp16 SDXL VAE (force_upcast) encodes and
-    decodes in bfloat16 instead of float32; an fp16 SD1 VAE stays in fp16; fp32 asks for float32."""
+@pytest.mark.parametrize("fast", [False, True], ids=["cpu-or-older-gpu", "ampere-or-later"])
+def test_auto_on_loaded_models(sdxl_file, sd1_file, monkeypatch, fast):
+    """An fp16 SDXL model's VAE (force_upcast) decodes in float32, or in bfloat16 where the model's
+    device computes it natively; an fp16 SD1 model's in fp16; fp32 asks for float32 everywhere."""
     from underpaint.models.loader import load_model
 
     seen_devices = []
-    monkeypatch.setattr(offload, "fast_bf16", lambda device: seen_devices.append(device) or True)
-    for path, expected in ((sdxl_file, BF16), (sd1_file, F16)):
-        model = load_model(path, device="cpu", dtype=F16)
-        assert offload.model_vae_dtype(model) == expected
-        seen = _watch(model)
-        try:
-            decode_latents(model, _latents())
-        finally:
-            seen.close()
-        assert seen.dtypes() == {expected}
-        assert next(model.vae.parameters()).dtype == F16
-    assert seen_devices and all(torch.device(d) == torch.device("cpu") for d in seen_devices)  # the model's device
-    offload.set_vae_precision(model, "fp32")
-    assert offload.model_vae_dtype(model) == F32
-
-
-def test_auto_on_loaded_models(sdxl_file, sd1_file):
-    """An fp16 SDXL model's VAE (force_upcast) decodes in float32, an fp16 SD1 model's in fp16."""
-    from underpaint.models.loader import load_model
-
-    for path, expected in ((sdxl_file, F32), (sd1_file, F16)):
+    if fast:
+        monkeypatch.setattr(offload, "fast_bf16", lambda device: seen_devices.append(device) or True)
+    for path, expected in ((sdxl_file, BF16 if fast else F32), (sd1_file, F16)):
         model = load_model(path, device="cpu", dtype=F16)
         assert model.vae_precision == "auto" and offload.model_vae_dtype(model) == expected
         seen = _watch(model)
@@ -141,6 +124,10 @@ def test_auto_on_loaded_models(sdxl_file, sd1_file):
             seen.close()
         assert seen.dtypes() == {expected}
         assert next(model.vae.parameters()).dtype == F16  # stored as loaded
+    if fast:  # asked about the model's own device
+        assert seen_devices and all(torch.device(d) == torch.device("cpu") for d in seen_devices)
+    offload.set_vae_precision(model, "fp32")
+    assert offload.model_vae_dtype(model) == F32
 
 
 def test_a_model_without_the_attribute_is_auto():

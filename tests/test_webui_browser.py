@@ -819,19 +819,25 @@ def test_live_preview_setting_is_saved_in_the_server_options(page, server):
     assert page.request.get(f"{server}/sdapi/v1/options").json()["live_previews_enable"] is True
 
 
+def select_saves_option(page, server, select, value, setting) -> None:
+    """Choosing ``value`` in a quick-setting ``select`` posts exactly ``{setting: value}`` to /options,
+    the server keeps it, and a reload shows it again."""
+    with page.expect_response("**/sdapi/v1/options") as answer:
+        select.select_option(value)
+    assert answer.value.request.method == "POST" and answer.value.ok
+    assert json.loads(answer.value.request.post_data) == {setting: value}
+    assert page.request.get(f"{server}/sdapi/v1/options").json()[setting] == value
+    page.reload()
+    page.wait_for_selector("body[data-ready=true]")
+    expect(select).to_have_value(value)
+
+
 def test_sd_vae_setting_is_saved_in_the_server_options(page, server):
     """The SD VAE select offers Automatic, None and /sd-vae's files, and reads and writes A1111's sd_vae."""
     select = page.locator("#sd-vae")
     expect(select).to_have_value("Automatic")
     assert select.locator("option").all_text_contents() == ["Automatic", "None", "tiny-vae.safetensors"]
-    with page.expect_response("**/sdapi/v1/options") as answer:
-        select.select_option("tiny-vae.safetensors")
-    assert answer.value.request.method == "POST" and answer.value.ok
-    assert json.loads(answer.value.request.post_data) == {"sd_vae": "tiny-vae.safetensors"}
-    assert page.request.get(f"{server}/sdapi/v1/options").json()["sd_vae"] == "tiny-vae.safetensors"
-    page.reload()
-    page.wait_for_selector("body[data-ready=true]")
-    expect(select).to_have_value("tiny-vae.safetensors")
+    select_saves_option(page, server, select, "tiny-vae.safetensors", "sd_vae")
 
     # Set by another client: the page shows the server's value.
     assert page.request.post(f"{server}/sdapi/v1/options", data={"sd_vae": "None"}).ok
@@ -912,14 +918,7 @@ def test_img2img_upscaler_setting_is_saved_in_the_server_options(page, server):
     select = page.locator("#img2img-upscaler")
     expect(select).to_have_value("None")
     assert select.locator("option").all_text_contents() == ["None (Lanczos)", "Lanczos", "Nearest", "4x-Zero"]
-    with page.expect_response("**/sdapi/v1/options") as answer:
-        select.select_option("4x-Zero")
-    assert answer.value.request.method == "POST" and answer.value.ok
-    assert json.loads(answer.value.request.post_data) == {"upscaler_for_img2img": "4x-Zero"}
-    assert page.request.get(f"{server}/sdapi/v1/options").json()["upscaler_for_img2img"] == "4x-Zero"
-    page.reload()
-    page.wait_for_selector("body[data-ready=true]")
-    expect(select).to_have_value("4x-Zero")
+    select_saves_option(page, server, select, "4x-Zero", "upscaler_for_img2img")
     for tab, shown in (("txt2img", False), ("inpaint", True), ("extras", False), ("img2img", True)):
         page.click(f"#tab-{tab}")
         expect(select).to_be_visible() if shown else expect(select).to_be_hidden()

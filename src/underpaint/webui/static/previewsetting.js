@@ -1,9 +1,9 @@
 // The live preview method (A1111's "Live preview" settings): read from and saved to /options, so it
 // holds for every client of the server, as in A1111.
 
-import { get, post } from "./api.js";
+import { get } from "./api.js";
 import { $ } from "./dom.js";
-import { clearFieldErrors, showFieldErrors } from "./fielderrors.js";
+import { saveOptionOnChange } from "./optionsetting.js";
 
 const OFF = "off";
 
@@ -20,17 +20,7 @@ export async function loadPreviewSetting(options = get("/sdapi/v1/options")) {
 
 export function setupPreviewSetting() {
   const select = $("#preview-method");
-  const field = select.closest(".field");
-  select.addEventListener("change", async () => {
-    clearFieldErrors(field);
-    const body = select.value === OFF
-      ? { live_previews_enable: false }
-      : { live_previews_enable: true, show_progress_type: select.value };
-    try {
-      await post("/sdapi/v1/options", body);
-    } catch (err) {
-      showFieldErrors(err, { root: field, rename: () => "show_progress_type" });
-      await loadPreviewSetting().catch(() => {});
-    }
-  });
+  saveOptionOnChange(select, "show_progress_type", loadPreviewSetting, () => (select.value === OFF
+    ? { live_previews_enable: false }
+    : { live_previews_enable: true, show_progress_type: select.value }));
 }

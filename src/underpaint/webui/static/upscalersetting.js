@@ -4,9 +4,9 @@
 // Read from and saved to /options, so it holds for every client of the server, as in A1111; shown
 // on the img2img and Inpaint tabs, the ones it applies to.
 
-import { get, post } from "./api.js";
+import { get } from "./api.js";
 import { $, fillSelect } from "./dom.js";
-import { clearFieldErrors, showFieldErrors } from "./fielderrors.js";
+import { saveOptionOnChange } from "./optionsetting.js";
 
 const SETTING = "upscaler_for_img2img";
 
@@ -29,15 +29,5 @@ export function img2imgUpscalerFor(tab) {
 }
 
 export function setupImg2imgUpscaler() {
-  const select = $("#img2img-upscaler");
-  const field = select.closest(".field");
-  select.addEventListener("change", async () => {
-    clearFieldErrors(field);
-    try {
-      await post("/sdapi/v1/options", { [SETTING]: select.value });
-    } catch (err) {
-      showFieldErrors(err, { root: field, rename: () => SETTING });
-      await loadImg2imgUpscaler().catch(() => {});
-    }
-  });
+  saveOptionOnChange($("#img2img-upscaler"), SETTING, loadImg2imgUpscaler);
 }

@@ -2,9 +2,9 @@
 // "None" or a file from /sd-vae, read from and saved to /options, so it holds for every client of the
 // server, as in A1111. Saving only records the choice: the next generation loads that VAE.
 
-import { get, post } from "./api.js";
+import { get } from "./api.js";
 import { $, fillSelect } from "./dom.js";
-import { clearFieldErrors, showFieldErrors } from "./fielderrors.js";
+import { saveOptionOnChange } from "./optionsetting.js";
 
 const SETTING = "sd_vae";
 const FIXED = [
@@ -25,15 +25,5 @@ export async function loadVae(options = get("/sdapi/v1/options")) {
 }
 
 export function setupVae() {
-  const select = $("#sd-vae");
-  const field = select.closest(".field");
-  select.addEventListener("change", async () => {
-    clearFieldErrors(field);
-    try {
-      await post("/sdapi/v1/options", { [SETTING]: select.value });
-    } catch (err) {
-      showFieldErrors(err, { root: field, rename: () => SETTING });
-      await loadVae().catch(() => {});
-    }
-  });
+  saveOptionOnChange($("#sd-vae"), SETTING, loadVae);
 }
