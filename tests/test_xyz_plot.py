@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -509,3 +511,61 @@ def test_api_unknown_model_names_are_refused_before_anything_runs(switching_api,
                                                "script_args": _api_args(axis_names(False).index(axis), values)})
     assert r.status_code == 422 and r.json()["field"] == field, r.text
     assert values.split(", ")[1] in r.text and len(loads) == before
+
+
+def test_cli_checkpoint_and_vae_axes(tmp_path, two_models, monkeypatch):
+    """Each cell's picture is the one a plain run on that checkpoint (and VAE) makes; each checkpoint
+    loads once, with a Y axis too; a VAE change loads nothing."""
+    from cli_runner import run_cli
+
+    from underpaint.pipeline.engine import Engine
+
+    loads = []
+    real_load = Engine.load.__func__
+
+    def counting(cls, model, **settings):
+        loads.append((Path(model).name, Path(settings["vae"]).name if settings.get("vae") else None))
+        return real_load(cls, model, **settings)
+
+    monkeypatch.setattr(Engine, "load", classmethod(counting))
+    common = ["-p", "a red cat", "--steps", "1", "--sampler", "Euler", "--rng", "cpu", "-W", "64", "-H", "64",
+              "--seed", "6", "--models-dir", str(two_models), "--device", "cpu", "--dtype", "fp32"]
+    out = tmp_path / "plot.png"
+    proc = run_cli("txt2img", *common, "-o", str(out), "--xyz-x", "Checkpoint name", "--xyz-x-values",
+                   f"tiny-a, {two_models / 'checkpoints' / 'tiny-b.safetensors'}", "--xyz-y", "VAE",
+                   "--xyz-y-values", "None, other-vae", "--xyz-cells")
+    assert proc.returncode == 0, proc.stderr
+    assert loads == [("tiny-a.safetensors", None), ("tiny-b.safetensors", None)]
+    cells = [Image.open(tmp_path / f"plot-{i}.png") for i in range(2, 6)]  # after the grid, row by row
+    grid = Image.open(tmp_path / "plot-1.png")
+    assert grid.size[0] > 128 and grid.size[1] > 128  # labelled
+    for picture, (ckpt, vae) in zip(cells, [("tiny-a", None), ("tiny-b", None), ("tiny-a", "other-vae"),
+                                            ("tiny-b", "other-vae")]):
+        plain = tmp_path / f"plain-{ckpt}-{vae}.png"
+        proc = run_cli("txt2img", *common, "-o", str(plain), "--model", ckpt, *(["--vae", vae] if vae else []))
+        assert proc.returncode == 0, proc.stderr
+        want = Image.open(plain)
+        assert np.array_equal(np.asarray(picture.convert("RGB")), np.asarray(want.convert("RGB"))), (ckpt, vae)
+        assert picture.text["parameters"] == want.text["parameters"]
+        assert f"Model: {ckpt}," in picture.text["parameters"]
+    assert len({np.asarray(p).tobytes() for p in cells}) == 4
+
+
+@pytest.mark.parametrize("extra, needles", [
+    (["--xyz-x", "Checkpoint name", "--xyz-x-values", "tiny-a, tiny-z"], ["--xyz-x-values: got 'tiny-z'"]),
+    (["--xyz-y", "VAE", "--xyz-y-values", "Automatic, nope-vae"], ["--xyz-y-values: got 'nope-vae'"]),
+])
+def test_cli_unknown_model_names_stop_before_any_load(tmp_path, two_models, monkeypatch, extra, needles):
+    from cli_runner import run_cli
+
+    from test_cli import assert_clean_error
+    from underpaint.pipeline.engine import Engine
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(Engine, "load", no_load)
+    proc = run_cli("txt2img", "-p", "a red cat", "--steps", "1", "-W", "64", "-H", "64", "--models-dir",
+                   str(two_models), "-o", str(tmp_path / "o.png"), *extra)
+    assert_clean_error(proc, *needles)
+    assert len(proc.stderr.strip().splitlines()) == 1
