@@ -1760,6 +1760,47 @@ def test_xyz_plot_script_on_txt2img_matches_the_server(page, server):
     assert len(requests) == 2
 
 
+def test_xyz_plot_model_axes_fill_their_values_from_the_server(page, server):
+    """Checkpoint name and VAE are offered on both tabs; their Fill button (shown only for them) puts every
+    checkpoint title from /sd-models, or Automatic, None and every VAE from /sd-vae, in the values box, as
+    comma-separated values the server reads back; the axes are sent by name with that text."""
+    titles = [m["title"] for m in json.loads(urllib_get(f"{server}/sdapi/v1/sd-models"))]
+    vaes = [v["model_name"] for v in json.loads(urllib_get(f"{server}/sdapi/v1/sd-vae"))]
+    page.click("#tab-img2img")
+    page.select_option("#script_name", "X/Y/Z plot")
+    assert {"Checkpoint name", "VAE"} <= set(axis_choices(page, "#xyz_x_type"))
+    page.select_option("#script_name", "None")
+    page.click("#tab-txt2img")
+    page.select_option("#txt2img_script_name", "X/Y/Z plot")
+    assert {"Checkpoint name", "VAE"} <= set(axis_choices(page, "#xyz_y_type"))
+    for letter in "xyz":
+        expect(page.locator(f"#xyz_{letter}_fill")).to_be_hidden()
+    page.select_option("#xyz_x_type", "Checkpoint name")
+    expect(page.locator("#xyz_x_fill")).to_be_visible()
+    expect(page.locator("#xyz_y_fill")).to_be_hidden()
+    page.click("#xyz_x_fill")
+    expect(page.locator("#xyz_x_values")).to_have_value(", ".join(titles))
+    page.select_option("#xyz_y_type", "VAE")
+    page.click("#xyz_y_fill")
+    expect(page.locator("#xyz_y_values")).to_have_value(", ".join(["Automatic", "None", *vaes]))
+    page.select_option("#xyz_x_type", "Steps")
+    expect(page.locator("#xyz_x_fill")).to_be_hidden()
+    page.select_option("#xyz_x_type", "Checkpoint name")
+    requests: list[dict] = []
+    stub_generation(page, "/sdapi/v1/txt2img", requests)
+    args = generate_and_wait(page, "/sdapi/v1/txt2img")["script_args"]
+    assert args[:8] == ["Checkpoint name", ", ".join(titles), [], "VAE", ", ".join(["Automatic", "None", *vaes]), [],
+                        "Nothing", ""]
+    page.select_option("#txt2img_script_name", "None")
+
+
+def urllib_get(url: str) -> bytes:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return response.read()
+
+
 def test_xyz_plot_errors_appear_beside_their_controls(page):
     """The server's 422s on the plot land beside X values (a bad range), the grid margins, and on the plot's
     group when it would make too many pictures."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -50,8 +52,9 @@ def test_axis_lists_follow_a1111s_order():
     assert "Hires upscaler" in txt2img and "Hires upscaler" not in img2img
     assert txt2img.index("Denoising") == 25 and img2img.index("Denoising") == 24
     with pytest.raises(InvalidParameter) as err:
-        XYZPlotOptions(x_type="Checkpoint name", x_values="a")
+        XYZPlotOptions(x_type="Styles", x_values="a")
     assert err.value.field == "xyz_x_type" and "underpaint runs" in err.value.expected
+    assert txt2img.index("VAE") == 29 and img2img.index("Checkpoint name") == 10
 
 
 def test_labels_are_a1111s():
@@ -59,6 +62,10 @@ def test_labels_are_a1111s():
     assert xyz_plot.label("CFG Scale", 0.1 + 0.2) == "CFG Scale: 0.3"
     assert xyz_plot.label("Prompt S/R", "dog") == "dog" and xyz_plot.label("Sampler", "Euler") == "Euler"
     assert xyz_plot.label("Nothing", None) == ""
+    # A1111 shows a checkpoint by its file name without the folder, a VAE with the axis's name
+    assert xyz_plot.label("Checkpoint name", "sd/v1-5.safetensors [6ce0161689]") == "v1-5.safetensors [6ce0161689]"
+    assert xyz_plot.label("Checkpoint name", "tiny-b") == "tiny-b"
+    assert xyz_plot.label("VAE", "None") == "VAE: None"
 
 
 def test_grid_bands_and_margins():
@@ -303,7 +310,7 @@ def _png(image):
 
 @pytest.mark.parametrize(("args", "field"), [
     (_api_args(999, "1"), "script_args[0]"),
-    (_api_args(axis_names(False).index("Checkpoint name"), "a"), "script_args[0]"),
+    (_api_args(axis_names(False).index("Styles"), "a"), "script_args[0]"),
     (_api_args(axis_names(False).index("Steps"), "1-x"), "script_args[1]"),
     (_api_args(axis_names(False).index("Prompt S/R"), "zebra,horse"), "script_args[1]"),
     (_api_args(1, "1", y_type=axis_names(False).index("Steps"), y_values="0"), "script_args[4]"),
@@ -314,3 +321,251 @@ def test_api_refusals_name_the_argument(api, args, field):
     r = api.post("/sdapi/v1/txt2img", json={"prompt": "a red cat", "steps": 2, "width": 64, "height": 64,
                                             "script_name": "x/y/z plot", "script_args": args})
     assert r.status_code == 422 and r.json()["field"] == field, r.text
+
+
+# --------------------------------------------------------------------------- switching models
+
+
+def _names(checkpoints=("a", "b"), vaes=("Automatic", "None", "v")):
+    """A ModelNames that knows these names (a checkpoint becomes "ckpt:<name>") and refuses others."""
+    def find(known, prefix):
+        def look_up(value, field):
+            if value not in known:
+                raise InvalidParameter(field, value, "a known name")
+            return prefix + value
+        return look_up
+
+    return xyz_plot.ModelNames(checkpoint=find(checkpoints, "ckpt:"), vae=find(vaes, ""))
+
+
+def test_loading_axes_run_outermost_while_the_grid_keeps_its_order():
+    options = XYZPlotOptions(x_type="Checkpoint name", x_values="a,b", y_type="Steps", y_values="1,2,3")
+    work = xyz_plot.plan(GenerationParams(**BASE, seed=1, xyz_plot=options), _names())
+    assert [(c.ix, c.iy) for c in work.cells] == [(0, 0), (1, 0), (0, 1), (1, 1), (0, 2), (1, 2)]
+    ran = [work.cells[i] for i in work.order]
+    assert [c.checkpoint for c in ran] == ["ckpt:a"] * 3 + ["ckpt:b"] * 3  # each checkpoint once
+    assert [c.params.steps for c in ran] == [1, 2, 3, 1, 2, 3]
+    # a VAE axis costs less than a checkpoint: inside it, and Z (cost 0) innermost
+    options = XYZPlotOptions(x_type="VAE", x_values="None,v", y_type="CFG Scale", y_values="5,6",
+                             z_type="Checkpoint name", z_values="b,a")
+    work = xyz_plot.plan(GenerationParams(**BASE, seed=1, xyz_plot=options), _names())
+    ran = [work.cells[i] for i in work.order]
+    assert [(c.checkpoint, c.vae, c.params.cfg_scale) for c in ran] == [
+        (ckpt, vae, cfg) for ckpt in ("ckpt:b", "ckpt:a") for vae in ("None", "v") for cfg in (5.0, 6.0)]
+    assert sorted(work.order) == list(range(8))
+    # without loading axes: Z by Z, row by row, as before
+    options = XYZPlotOptions(x_type="Steps", x_values="1,2", y_type="CFG Scale", y_values="5,6")
+    assert xyz_plot.plan(GenerationParams(**BASE, seed=1, xyz_plot=options)).order == [0, 1, 2, 3]
+
+
+def test_unknown_model_names_are_refused_naming_the_values():
+    for letter, kind, values, bad in (("x", "Checkpoint name", "a,nope", "nope"),
+                                      ("z", "VAE", "None,madeup", "madeup")):
+        options = XYZPlotOptions(**{f"{letter}_type": kind, f"{letter}_values": values})
+        with pytest.raises(InvalidParameter) as err:
+            xyz_plot.plan(GenerationParams(**BASE, xyz_plot=options), _names())
+        assert (err.value.field, err.value.value) == (f"xyz_{letter}_values", bad)
+
+
+@pytest.mark.parametrize("kind", ["Checkpoint name", "VAE"])
+def test_python_api_refuses_axes_that_switch_models(sd1_engine, kind):
+    calls = []
+    options = XYZPlotOptions(x_type="Steps", x_values="1", y_type=kind, y_values="None")
+    with pytest.raises(InvalidParameter) as err:
+        sd1_engine.generate(GenerationParams(**BASE, xyz_plot=options), progress=calls.append)
+    assert err.value.field == "xyz_y_type" and err.value.value == kind and not calls
+    assert "server" in err.value.expected and "CLI" in err.value.expected
+
+
+@pytest.fixture(scope="module")
+def two_models(sd1_file, tmp_path_factory):
+    """A models folder with two different tiny SD 1.5 checkpoints (tiny-a, tiny-b) and two VAE files,
+    one named like tiny-a (what "Automatic" picks for it)."""
+    import shutil
+
+    import tiny_models as tm
+
+    root = tmp_path_factory.mktemp("xyz-two-models")
+    (root / "checkpoints").mkdir()
+    shutil.copy(sd1_file, root / "checkpoints" / "tiny-a.safetensors")
+    tm.write_sd1(root / "checkpoints" / "tiny-b.safetensors", seed=7)
+    (root / "vae").mkdir()
+    tm.write_vae(root / "vae" / "tiny-a.vae.safetensors", seed=21)
+    tm.write_vae(root / "vae" / "other-vae.safetensors", seed=22)
+    return root
+
+
+@pytest.fixture(scope="module")
+def switching_api(two_models):
+    """A real server over ``two_models`` whose loader records each checkpoint load (file name, VAE name)."""
+    from fastapi.testclient import TestClient
+
+    from underpaint.server.app import create_app, engine_loader
+    from underpaint.server.config import ServerConfig
+
+    config = ServerConfig(models_dir=two_models, device="cpu", dtype="fp32", preload=False)
+    real = engine_loader(config)
+    loads = []
+
+    def loader(path, vae=None):
+        loads.append((path.name, vae.name if vae else None))
+        return real(path, vae=vae)
+
+    with TestClient(create_app(config, loader=loader), base_url="http://127.0.0.1") as client:
+        yield client, loads
+
+
+PLOT_REQUEST = {"prompt": "a red cat", "steps": 1, "width": 64, "height": 64, "seed": 8, "sampler_name": "Euler",
+                "override_settings": {"randn_source": "CPU"}}
+
+
+def _plot(client, args):
+    import json
+
+    from test_server_support import decode_b64
+
+    r = client.post("/sdapi/v1/txt2img", json={**PLOT_REQUEST, "script_name": "x/y/z plot", "script_args": args})
+    assert r.status_code == 200, r.text
+    return [decode_b64(data) for data in r.json()["images"]], json.loads(r.json()["info"])
+
+
+def _plain(client, **fields):
+    import json
+
+    from test_server_support import decode_b64
+
+    overrides = {**PLOT_REQUEST["override_settings"], **fields.pop("override_settings", {})}
+    r = client.post("/sdapi/v1/txt2img", json={**PLOT_REQUEST, **fields, "override_settings": overrides})
+    assert r.status_code == 200, r.text
+    return np.asarray(decode_b64(r.json()["images"][0]).convert("RGB")), json.loads(r.json()["info"])
+
+
+def test_api_checkpoint_axis_runs_each_cell_on_its_checkpoint(switching_api):
+    client, loads = switching_api
+    titles = {m["model_name"]: m["title"] for m in client.get("/sdapi/v1/sd-models").json()}
+    assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "tiny-b", "sd_vae": "None"}).status_code == 200
+    before = len(loads)
+    names = axis_names(False)
+    # X: a title and a name, as /sd-models lists them; Y: steps. X is the costly axis: it runs outermost.
+    images, info = _plot(client, _api_args(names.index("Checkpoint name"), f"{titles['tiny-a']}, tiny-b",
+                                           y_type=names.index("Steps"), y_values="1,2", a10=True))
+    assert loads[before:] == [("tiny-a.safetensors", None), ("tiny-b.safetensors", None)]  # once each
+    assert len(images) == 1 + 4
+    cells = [(ckpt, steps) for steps in (1, 2) for ckpt in ("tiny-a", "tiny-b")]  # the grid's order
+    infotexts = info["infotexts"][1:]
+    assert not np.array_equal(np.asarray(images[1]), np.asarray(images[2]))  # the checkpoints paint differently
+    for picture, text, (ckpt, steps) in sorted(zip(images[1:], infotexts, cells), key=lambda cell: cell[2]):
+        want, plain_info = _plain(client, steps=steps, override_settings={"sd_model_checkpoint": ckpt})
+        assert np.array_equal(np.asarray(picture.convert("RGB")), want), (ckpt, steps)
+        assert f"Model: {ckpt}," in text and plain_info["infotexts"][0] == text
+    hashes = {text.split("Model hash: ")[1].split(",")[0] for text in infotexts}
+    assert len(hashes) == 2 and info["sd_model_name"] == "tiny-a"  # the first cell's model
+    assert info["all_seeds"] == [8] * 5
+    assert images[0].width == 64 * 3 // 4 + 2 * 64  # the Steps labels make a band to the left
+    # afterwards the selected checkpoint is still tiny-b, and a plain job runs on it
+    titles = {m["model_name"]: m["title"] for m in client.get("/sdapi/v1/sd-models").json()}
+    assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == titles["tiny-b"]
+    assert _plain(client)[1]["sd_model_name"] == "tiny-b"
+
+
+def test_api_vae_axis_swaps_the_vae_in_place(switching_api):
+    client, loads = switching_api
+    assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "tiny-a", "sd_vae": "Automatic"}
+                       ).status_code == 200
+    before = len(loads)
+    vae = axis_names(False).index("VAE")
+    images, info = _plot(client, _api_args(vae, "None, other-vae, Automatic", a10=True, a9=False))
+    assert len(loads) == before  # no checkpoint load: only the VAE's weights change
+    assert images[0].size == (3 * 64, 64)
+    for picture, text, value in zip(images[1:], info["infotexts"][1:], ("None", "other-vae.safetensors", "Automatic")):
+        want, plain_info = _plain(client, override_settings={"sd_vae": value})
+        assert np.array_equal(np.asarray(picture.convert("RGB")), want), value
+        assert plain_info["infotexts"][0] == text
+    assert "VAE: other-vae.safetensors" in info["infotexts"][2]
+    assert "VAE: tiny-a.vae.safetensors" in info["infotexts"][3]  # Automatic: the VAE named like tiny-a
+    assert "VAE" not in info["infotexts"][1]
+    assert len({np.asarray(p).tobytes() for p in images[1:]}) == 3
+    assert len(loads) == before
+    assert client.get("/sdapi/v1/options").json()["sd_vae"] == "Automatic"
+
+
+def test_api_checkpoint_and_vae_axes_together_load_each_checkpoint_once(switching_api):
+    client, loads = switching_api
+    assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "tiny-a", "sd_vae": "None"}).status_code == 200
+    before = len(loads)
+    names = axis_names(False)
+    # Checkpoint name on Y, VAE on X: each checkpoint loads once, its VAEs swap in place within it
+    _plot(client, _api_args(names.index("VAE"), "other-vae, None", y_type=names.index("Checkpoint name"),
+                            y_values="tiny-b, tiny-a"))
+    assert [name for name, _ in loads[before:]] == ["tiny-b.safetensors", "tiny-a.safetensors"]
+
+
+@pytest.mark.parametrize("axis, values, field", [
+    ("Checkpoint name", "tiny-a, tiny-c", "script_args[1]"),
+    ("VAE", "None, no-such-vae", "script_args[1]"),
+])
+def test_api_unknown_model_names_are_refused_before_anything_runs(switching_api, axis, values, field):
+    client, loads = switching_api
+    before = len(loads)
+    r = client.post("/sdapi/v1/txt2img", json={**PLOT_REQUEST, "script_name": "x/y/z plot",
+                                               "script_args": _api_args(axis_names(False).index(axis), values)})
+    assert r.status_code == 422 and r.json()["field"] == field, r.text
+    assert values.split(", ")[1] in r.text and len(loads) == before
+
+
+def test_cli_checkpoint_and_vae_axes(tmp_path, two_models, monkeypatch):
+    """Each cell's picture is the one a plain run on that checkpoint (and VAE) makes; each checkpoint
+    loads once, with a Y axis too; a VAE change loads nothing."""
+    from cli_runner import run_cli
+
+    from underpaint.pipeline.engine import Engine
+
+    loads = []
+    real_load = Engine.load.__func__
+
+    def counting(cls, model, **settings):
+        loads.append((Path(model).name, Path(settings["vae"]).name if settings.get("vae") else None))
+        return real_load(cls, model, **settings)
+
+    monkeypatch.setattr(Engine, "load", classmethod(counting))
+    common = ["-p", "a red cat", "--steps", "1", "--sampler", "Euler", "--rng", "cpu", "-W", "64", "-H", "64",
+              "--seed", "6", "--models-dir", str(two_models), "--device", "cpu", "--dtype", "fp32"]
+    out = tmp_path / "plot.png"
+    proc = run_cli("txt2img", *common, "-o", str(out), "--xyz-x", "Checkpoint name", "--xyz-x-values",
+                   f"tiny-a, {two_models / 'checkpoints' / 'tiny-b.safetensors'}", "--xyz-y", "VAE",
+                   "--xyz-y-values", "None, other-vae", "--xyz-cells")
+    assert proc.returncode == 0, proc.stderr
+    assert loads == [("tiny-a.safetensors", None), ("tiny-b.safetensors", None)]
+    cells = [Image.open(tmp_path / f"plot-{i}.png") for i in range(2, 6)]  # after the grid, row by row
+    grid = Image.open(tmp_path / "plot-1.png")
+    assert grid.size[0] > 128 and grid.size[1] > 128  # labelled
+    for picture, (ckpt, vae) in zip(cells, [("tiny-a", None), ("tiny-b", None), ("tiny-a", "other-vae"),
+                                            ("tiny-b", "other-vae")]):
+        plain = tmp_path / f"plain-{ckpt}-{vae}.png"
+        proc = run_cli("txt2img", *common, "-o", str(plain), "--model", ckpt, *(["--vae", vae] if vae else []))
+        assert proc.returncode == 0, proc.stderr
+        want = Image.open(plain)
+        assert np.array_equal(np.asarray(picture.convert("RGB")), np.asarray(want.convert("RGB"))), (ckpt, vae)
+        assert picture.text["parameters"] == want.text["parameters"]
+        assert f"Model: {ckpt}," in picture.text["parameters"]
+    assert len({np.asarray(p).tobytes() for p in cells}) == 4
+
+
+@pytest.mark.parametrize("extra, needles", [
+    (["--xyz-x", "Checkpoint name", "--xyz-x-values", "tiny-a, tiny-z"], ["--xyz-x-values: got 'tiny-z'"]),
+    (["--xyz-y", "VAE", "--xyz-y-values", "Automatic, nope-vae"], ["--xyz-y-values: got 'nope-vae'"]),
+])
+def test_cli_unknown_model_names_stop_before_any_load(tmp_path, two_models, monkeypatch, extra, needles):
+    from cli_runner import run_cli
+
+    from test_cli import assert_clean_error
+    from underpaint.pipeline.engine import Engine
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(Engine, "load", no_load)
+    proc = run_cli("txt2img", "-p", "a red cat", "--steps", "1", "-W", "64", "-H", "64", "--models-dir",
+                   str(two_models), "-o", str(tmp_path / "o.png"), *extra)
+    assert_clean_error(proc, *needles)
+    assert len(proc.stderr.strip().splitlines()) == 1

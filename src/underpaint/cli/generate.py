@@ -213,7 +213,8 @@ def _add_xyz_args(p: argparse.ArgumentParser) -> None:
         g.add_argument(f"--xyz-{letter}", dest=f"xyz_{letter}", default=None, metavar="TYPE",
                        help=f"the {letter.upper()} axis's type in A1111's spelling: Seed, Var. seed, Var. strength, "
                             "Steps, CFG Scale, Denoising, Sampler, Schedule type, Prompt S/R, Clip skip, Eta, Token "
-                            "merging ratio, Hires steps, Hires sampler, Hires upscaler" if letter == "x" else
+                            "merging ratio, Hires steps, Hires sampler, Hires upscaler, Checkpoint name (values as "
+                            "--model takes them), VAE (Automatic, None, or as --vae takes them)" if letter == "x" else
                        f"the {letter.upper()} axis's type (as --xyz-x)")
         g.add_argument(f"--xyz-{letter}-values", dest=f"xyz_{letter}_values", default=None, metavar="VALUES",
                        help=f"the {letter.upper()} values, comma-separated, with ranges: 1-5, 1-10 (+2), 1-10 [4], "
@@ -516,16 +517,105 @@ def _with_loras(params: GenerationParams, loras: list[str] | None) -> Generation
     return params.replace(prompt=params.prompt + "".join(LoraRequest.parse(text).tag() for text in loras))
 
 
-def _load_engine(args: argparse.Namespace):
+def _load_engine(args: argparse.Namespace, checkpoint: Path | None = None, vae: "str | Path | None" = None):
+    """The engine the flags describe; ``checkpoint`` and ``vae`` (an X/Y/Z plot's) in place of
+    --model and --vae, loaded with the same device, dtype, memory and speed settings."""
     from ..pipeline.engine import Engine
 
     folder = models_folder(args)
-    return Engine.load(_checkpoint(args, folder), models_dir=folder.root, device=args.device,
-                       dtype=args.dtype, vae=args.vae, prediction=args.prediction,
+    return Engine.load(checkpoint or _checkpoint(args, folder), models_dir=folder.root, device=args.device,
+                       dtype=args.dtype, vae=vae if checkpoint is not None else args.vae, prediction=args.prediction,
                        clip_l=getattr(args, "clip_l", None), t5=getattr(args, "t5", None),
                        vram=getattr(args, "vram", "high"), optimize=getattr(args, "optimize", None),
                        attention=getattr(args, "attention", None),
                        vae_precision=getattr(args, "vae_precision", None))
+
+
+def _engine_for(args: argparse.Namespace, probe: GenerationParams):
+    """The engine that runs the request: the one of --model, or for an X/Y/Z plot with a
+    Checkpoint name or VAE axis a :class:`PlotModels` that switches between them (its names are
+    looked up here, before any model loads, so an unknown one stops the command at once)."""
+    from ..pipeline import xyz_plot
+
+    if probe.xyz_plot is None or not xyz_plot.loading_axes(probe.xyz_plot):
+        return _load_engine(args)
+    models = PlotModels(args)
+    work = xyz_plot.plan(probe, models.names)
+    first = work.cells[work.order[0]]
+    models.slot.engine_for(first.checkpoint, first.vae)  # the model the first cell runs on: loaded once
+    return models
+
+
+class PlotModels:
+    """The checkpoints and VAEs of an X/Y/Z plot's "Checkpoint name" and "VAE" axes, for the CLI.
+
+    A Checkpoint name value is what ``--model`` takes (a path, or a name in the models folder); a
+    VAE value "Automatic" (A1111's: the VAE file named like the checkpoint, else its own), "None"
+    (the checkpoint's own) or what ``--vae`` takes. Each checkpoint loads with the command's
+    settings and ``--vae``; a VAE-only change swaps the VAE's weights into the running model
+    (``Engine.use_vae``), as the server's engine slot does (which holds the one engine here too).
+    Stands in for the engine: ``model`` is the loaded one's, ``generate`` runs the plot.
+    """
+
+    def __init__(self, args: argparse.Namespace):
+        from ..pipeline.xyz_plot import ModelNames
+        from ..server.engine_slot import EngineSlot
+
+        self.args = args
+        self.folder = models_folder(args)
+        self.checkpoint = _checkpoint(args, self.folder)
+        self.vae = Path(self.folder.resolve_vae(args.vae)) if args.vae else None
+        self.slot = EngineSlot(lambda path, vae=None: _load_engine(args, path, vae), lambda: self.checkpoint,
+                               self._vae_file)
+        self.names = ModelNames(checkpoint=self._find_checkpoint, vae=self._find_vae)
+
+    @property
+    def model(self):
+        return self.slot.engine_for().model
+
+    def _find_checkpoint(self, value: str, field: str) -> Path:
+        from ..errors import ModelNotFound
+
+        try:
+            return Path(self.folder.resolve_checkpoint(value))
+        except ModelNotFound as exc:
+            raise InvalidParameter(field, value, f"a checkpoint path or a name in the models folder ({exc.message})"
+                                   ) from None
+
+    def _find_vae(self, value: str, field: str) -> "str | Path":
+        from ..errors import ModelNotFound
+        from ..server.catalog import AUTOMATIC_VAE, NO_VAE
+
+        if value in (AUTOMATIC_VAE, NO_VAE):
+            return value
+        try:
+            return Path(self.folder.resolve_vae(value))
+        except ModelNotFound as exc:
+            raise InvalidParameter(field, value, f"Automatic, None, a VAE file or a name in the models folder's vae/ "
+                                                 f"({exc.message})") from None
+
+    def _vae_file(self, checkpoint: Path, choice: "str | Path | None") -> Path | None:
+        """The VAE file a cell on ``checkpoint`` loads for its VAE value (None: --vae's)."""
+        from ..server.catalog import AUTOMATIC_VAE, NO_VAE, named_like
+
+        if choice is None:
+            return self.vae
+        if choice == NO_VAE:
+            return None
+        if choice == AUTOMATIC_VAE:
+            found = named_like(checkpoint, self.folder.list_vaes())
+            return Path(found) if found is not None else None
+        return Path(choice)
+
+    def generate(self, params: GenerationParams, *, progress=None, cancel=None):
+        from ..pipeline import xyz_plot
+
+        def cell_job(cell, report):
+            return self.slot.engine_for(cell.checkpoint, cell.vae).generate(cell.params, progress=report,
+                                                                            cancel=cancel)
+
+        return xyz_plot.run(cell_job, params, info=self.slot.info, progress=progress, cancel=cancel,
+                            models=self.names)
 
 
 def _checkpoint(args: argparse.Namespace, folder) -> Path:
@@ -620,7 +710,7 @@ def run_img2img(args: argparse.Namespace) -> int:
     _check_upscalers(probe, args)
     plan_outputs(args.output, "img2img", _output_count(probe), overwrite=args.overwrite,
                  source=sources[0] if batch_mode else None)
-    engine = _load_engine(args)
+    engine = _engine_for(args, probe)
     for source, image in read_inputs(sources, batch_mode, first):
         params = params_from_args(args, (image,), model=engine.model)
         _run_and_save(engine, params, args, "img2img", source if batch_mode else None)
@@ -652,7 +742,7 @@ def run_txt2img(args: argparse.Namespace) -> int:
     params = params_from_args(args)
     _check_upscalers(params, args)
     plan_outputs(args.output, "txt2img", _output_count(params), overwrite=args.overwrite, source=None)
-    engine = _load_engine(args)
+    engine = _engine_for(args, params)
     params = params_from_args(args, model=engine.model)
     _run_and_save(engine, params, args, "txt2img", None)
     return 0

@@ -82,8 +82,9 @@ def generate(model, params: GenerationParams, *, info: ModelInfo, progress, canc
     if params.xyz_plot is not None:  # A1111's "X/Y/Z plot" script: each cell one request of its own
         from . import xyz_plot
 
+        # One model here: the Checkpoint name and VAE axes are refused (the server and the CLI switch models).
         return xyz_plot.run(
-            lambda cell_params, report: generate(model, cell_params, info=info, progress=report, cancel=cancel),
+            lambda cell, report: generate(model, cell.params, info=info, progress=report, cancel=cancel),
             params, info=info, progress=progress, cancel=cancel)
     if flux.is_flux(model):
         _check_flux_request(params)

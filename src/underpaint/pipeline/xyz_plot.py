@@ -11,7 +11,8 @@ comma-separated list of values, read as A1111 1.10 reads them:
 
 Every cell (the request with the X, Y and Z values applied, in that order) is one ordinary
 request: the same batch settings, its own LoRA merge, its own infotext. Cells run Z by Z, row by
-row, left to right. Unless "Keep -1 for seeds" (``no_fixed_seeds``), a -1 seed (and variation
+row, left to right, except that an axis that loads models runs outermost, as A1111 orders them by
+cost: a "Checkpoint name" axis first, then a "VAE" axis (see "Switching models" below). Unless "Keep -1 for seeds" (``no_fixed_seeds``), a -1 seed (and variation
 seed, and a -1 on a Seed axis) is fixed once, so every cell shares it; ``vary_seeds_x/y/z`` add
 the cell's index along that axis to it, so all cells differ when all three are on (X index, plus
 Y index times the X count, plus Z index times the X and Y counts).
@@ -24,10 +25,22 @@ first picture of each cell, with X labels above the columns and Y labels left of
 size (width + height) // 25 of a cell), and ``margin_size`` pixels between the pictures (with the
 legend only, as in A1111). A grid's infotext is its first cell's.
 
+Switching models: a "Checkpoint name" axis runs each cell on the checkpoint its value names (as
+the server's /sdapi/v1/sd-models lists them, or as the CLI's ``--model`` takes them; labelled with
+the value alone, without a folder), with the VAE the request would pick for that checkpoint; a
+"VAE" axis ("Automatic", "None" or a VAE's name; labelled "VAE: <value>") swaps only the VAE's
+weights into the running model. The cells run the loading axis outermost, so each checkpoint is
+loaded once per value and each VAE swapped once per value within it, while the grid, the order of
+the cells in the result, the seeds and the progress count stay as with any other axis. Only
+whoever holds the models can switch them: the server and the CLI pass :func:`run` a
+:class:`ModelNames` to look the values up and run each cell on its models (:class:`Cell`'s
+``checkpoint`` and ``vae``); ``Engine.generate`` runs one model and refuses these axes. After the
+plot the server's next job runs on the checkpoint selected before it, as A1111 restores it.
+
 Where underpaint differs: a value a cell cannot take (a step count of 0, an unknown sampler, a
-Prompt S/R search string absent from the prompts) is refused before the first cell runs, where
-A1111 leaves that cell black; with ``no_fixed_seeds`` the vary options leave -1 seeds random.
-The "Checkpoint name" and "VAE" axes (which need a model switch between cells) are not offered.
+Prompt S/R search string absent from the prompts, a checkpoint or VAE name that is not listed) is
+refused before the first cell runs, where A1111 leaves that cell black; with ``no_fixed_seeds``
+the vary options leave -1 seeds random.
 """
 
 from __future__ import annotations
@@ -66,8 +79,11 @@ A1111_AXES: tuple[tuple[str, str | None], ...] = (
     ("Refiner switch at", None), ("RNG source", None), ("FP8 mode", None), ("Size", None),
 )
 
-#: How a label reads: "named" is "CFG Scale: 7.0", "plain" the value alone, "none" nothing.
-_NAMED, _PLAIN, _NONE = "named", "plain", "none"
+#: How a label reads: "named" is "CFG Scale: 7.0", "plain" the value alone, "file" the value
+#: without a folder ("sd/model.safetensors" reads "model.safetensors"), "none" nothing.
+_NAMED, _PLAIN, _FILE, _NONE = "named", "plain", "file", "none"
+#: What a loading axis switches (:attr:`Axis.loads`).
+CHECKPOINT, VAE = "checkpoint", "vae"
 
 
 @dataclass(frozen=True)
@@ -82,6 +98,11 @@ class Axis:
     tab: str | None = None
     #: The axis changes hires. fix settings: the request needs hires. fix on.
     hires: bool = False
+    #: What the axis switches between cells (CHECKPOINT or VAE), None: only the request changes.
+    loads: str | None = None
+    #: A1111's cost of changing the value: the costliest axis runs outermost (a checkpoint load
+    #: costs most, a VAE swap less, anything else nothing).
+    cost: float = 0.0
 
 
 def _field(name: str) -> Callable:
@@ -90,6 +111,10 @@ def _field(name: str) -> Callable:
 
 def _hires(name: str) -> Callable:
     return lambda p, value, first: p.replace(hires=replace(p.hires, **{name: value}))
+
+
+def _same(p: "GenerationParams", value, first) -> "GenerationParams":
+    return p
 
 
 def _prompt_sr(p: "GenerationParams", value: str, first: str) -> "GenerationParams":
@@ -108,7 +133,7 @@ def _denoising(p: "GenerationParams", value: float, first) -> "GenerationParams"
 
 
 AXES: dict[str, Axis] = {a.name.lower(): a for a in (
-    Axis("Nothing", str, lambda p, value, first: p, label=_NONE),
+    Axis("Nothing", str, _same, label=_NONE),
     Axis("Seed", int, _field("seed")),
     Axis("Var. seed", int, _field("subseed")),
     Axis("Var. strength", float, _field("subseed_strength")),
@@ -118,11 +143,13 @@ AXES: dict[str, Axis] = {a.name.lower(): a for a in (
     Axis("Prompt S/R", str, _prompt_sr, label=_PLAIN),
     Axis("Sampler", str, _field("sampler"), label=_PLAIN),
     Axis("Hires sampler", str, _hires("sampler"), tab="txt2img", hires=True),
+    Axis("Checkpoint name", str, _same, label=_FILE, loads=CHECKPOINT, cost=1.0),
     Axis("Schedule type", str, _field("scheduler")),
     Axis("Eta", float, _eta),
     Axis("Clip skip", int, _field("clip_skip")),
     Axis("Denoising", float, _denoising),
     Axis("Hires upscaler", str, _hires("upscaler"), tab="txt2img", hires=True),
+    Axis("VAE", str, _same, loads=VAE, cost=0.7),
     Axis("Token merging ratio", float, _field("token_merging_ratio")),
 )}
 
@@ -245,47 +272,86 @@ def parse_axis_values(axis_type: str, values: "str | list | tuple", *, field: st
 
 def label(axis_type: str, value) -> str:
     """A value's grid label as A1111 writes it: "CFG Scale: 7.0" (numbers to 8 decimals at most),
-    the value alone for Prompt S/R and Sampler, nothing for Nothing."""
+    the value alone for Prompt S/R and Sampler, a Checkpoint name without its folder, nothing for
+    Nothing."""
     kind = axis(axis_type)
     if isinstance(value, float):
         value = round(value, 8)
     if kind.label == _NONE:
         return ""
+    if kind.label == _FILE:
+        return str(value).replace("\\", "/").rsplit("/", 1)[-1]
     return str(value) if kind.label == _PLAIN else f"{kind.name}: {value}"
 
 
 @dataclass(frozen=True)
+class ModelNames:
+    """How the values of the axes that switch models are looked up, given by whoever can switch
+    them (the server: its models folder's listing; the CLI: what ``--model`` and ``--vae`` take).
+
+    ``checkpoint(value, field)`` is the checkpoint a "Checkpoint name" value names, ``vae(value,
+    field)`` the VAE choice a "VAE" value names ("Automatic", "None" or a VAE); each raises an
+    :class:`InvalidParameter` naming ``field`` for a name it does not know.
+    """
+
+    checkpoint: Callable[[str, str], Any]
+    vae: Callable[[str, str], Any]
+
+
+@dataclass(frozen=True)
 class Cell:
-    """One picture of the plot: its place on the axes (indexes and values) and its request."""
+    """One picture of the plot: its place on the axes (indexes and values) and its request, and the
+    checkpoint and VAE choice its "Checkpoint name" and "VAE" values name (None: the request's)."""
 
     ix: int
     iy: int
     iz: int
     params: "GenerationParams"
+    checkpoint: Any = None
+    vae: Any = None
 
 
 @dataclass(frozen=True)
 class Plan:
-    """The axes' values and every cell's request, in the order they run (Z, then Y, then X)."""
+    """The axes' values and every cell's request, laid out Z by Z, row by row (the grid's order),
+    and ``order``: the cells' indexes in the order they run (the loading axes outermost)."""
 
     xs: list
     ys: list
     zs: list
     cells: list[Cell]
+    order: list[int]
+
+    @property
+    def switches_models(self) -> bool:
+        return any(cell.checkpoint is not None or cell.vae is not None for cell in self.cells)
 
 
 _SEED_AXES = ("Seed", "Var. seed")
 
 
-def plan(params: "GenerationParams") -> Plan:
+def loading_axes(options: "XYZPlotOptions") -> list[tuple[str, Axis]]:
+    """The axes of ``options`` that switch models between cells, with their letters."""
+    found = []
+    for letter in "xyz":
+        kind = axis(getattr(options, f"{letter}_type"), f"xyz_{letter}_type")
+        if kind.loads is not None:
+            found.append((letter, kind))
+    return found
+
+
+def plan(params: "GenerationParams", models: ModelNames | None = None) -> Plan:
     """Check the plot against its request and make each cell's request (seeds fixed unless
-    ``no_fixed_seeds``). Every refusal comes here, before any cell runs, naming the axis's field."""
+    ``no_fixed_seeds``). Every refusal comes here, before any cell runs, naming the axis's field.
+
+    ``models`` looks up the "Checkpoint name" and "VAE" values; without it (``Engine.generate``,
+    which holds one model) those axes are refused."""
     options = params.xyz_plot
     assert options is not None
     base = params.replace(xyz_plot=None)
     if not options.no_fixed_seeds:
         base = base.with_seed()
-    axes, values = [], []
+    axes, values, looked_up = [], [], []
     for letter in "xyz":
         kind = axis(getattr(options, f"{letter}_type"), f"xyz_{letter}_type")
         vals = parse_axis_values(kind.name, getattr(options, f"{letter}_values"), field=f"xyz_{letter}_values")
@@ -294,13 +360,55 @@ def plan(params: "GenerationParams") -> Plan:
             vals = [_random_seed() if v == -1 else v for v in vals]
         axes.append(kind)
         values.append(vals)
+        looked_up.append(_look_up(kind, vals, letter, models))
     xs, ys, zs = values
     cells = []
     for iz, z in enumerate(zs):
         for iy, y in enumerate(ys):
             for ix, x in enumerate(xs):
-                cells.append(Cell(ix, iy, iz, _cell_params(base, options, axes, values, (ix, iy, iz))))
-    return Plan(xs, ys, zs, cells)
+                index = (ix, iy, iz)
+                found = {kind.loads: names[i] for kind, names, i in zip(axes, looked_up, index) if kind.loads}
+                cells.append(Cell(ix, iy, iz, _cell_params(base, options, axes, values, index),
+                                  checkpoint=found.get(CHECKPOINT), vae=found.get(VAE)))
+    return Plan(xs, ys, zs, cells, _run_order(axes, (len(xs), len(ys), len(zs))))
+
+
+def _look_up(kind: Axis, values: list, letter: str, models: ModelNames | None) -> list | None:
+    """What each value of a loading axis names (the same names once each), or None for another axis."""
+    if kind.loads is None:
+        return None
+    field = f"xyz_{letter}_values"
+    if models is None:
+        raise InvalidParameter(f"xyz_{letter}_type", kind.name,
+                               "an axis that runs on one model: the Checkpoint name and VAE axes switch models "
+                               "between cells, which the server (underpaint serve, the API) and the CLI "
+                               "(underpaint txt2img/img2img --xyz-x ...) do; Engine.generate holds one model")
+    find = models.checkpoint if kind.loads == CHECKPOINT else models.vae
+    seen: dict[str, Any] = {}
+    for value in values:
+        if value not in seen:
+            seen[value] = find(value, field)
+    return [seen[value] for value in values]
+
+
+def _run_order(axes: list[Axis], counts: tuple[int, int, int]) -> list[int]:
+    """The cells' indexes (in the grid's order: Z, then Y, then X) in the order they run: the
+    costliest axis outermost, then the next; axes of equal cost keep the grid's order (Z, Y, X)."""
+    nx, ny, nz = counts
+    nesting = sorted((2, 1, 0), key=lambda k: -axes[k].cost)  # outermost first; sorted() keeps ties' order
+    order = []
+
+    def walk(depth: int, index: list[int]) -> None:
+        if depth == 3:
+            ix, iy, iz = index
+            order.append((iz * ny + iy) * nx + ix)
+            return
+        for i in range(counts[nesting[depth]]):
+            index[nesting[depth]] = i
+            walk(depth + 1, index)
+
+    walk(0, [0, 0, 0])
+    return order
 
 
 def _random_seed() -> int:
@@ -430,23 +538,25 @@ def cell_origin(col: int, row: int, size: tuple[int, int], pad_left: int, pad_to
 
 # --- Running the cells --------------------------------------------------------------------------
 
-def run(generate: Callable[["GenerationParams", Callable], "Result"], params: "GenerationParams", *, info,
-        progress: Callable[["Progress"], None] | None = None, cancel=None) -> "Result":
-    """The X/Y/Z plot request ``params``: ``generate(cell_params, report)`` runs one cell's request."""
+def run(generate: Callable[[Cell, Callable], "Result"], params: "GenerationParams", *, info,
+        progress: Callable[["Progress"], None] | None = None, cancel=None, models: ModelNames | None = None
+        ) -> "Result":
+    """The X/Y/Z plot request ``params``: ``generate(cell, report)`` runs one cell's request
+    (``cell.params``) on the cell's checkpoint and VAE choice (None: the request's), which
+    ``models`` looked up (see :func:`plan`). ``info``: the model recorded when no cell ran."""
     from PIL import Image
 
     from .records import Progress, Result
 
     options = params.xyz_plot
-    work = plan(params)
+    work = plan(params, models)
     per_cell = params.n_iter
     jobs = len(work.cells) * per_cell
-    results: list[Result | None] = []
-    for index, cell in enumerate(work.cells):
+    results: list[Result | None] = [None] * len(work.cells)  # in the grid's order
+    for done_cells, index in enumerate(work.order):
         if cancel is not None and cancel.interrupted:
-            results.append(None)
-            continue
-        results.append(generate(cell.params, Progress.relay(progress, index * per_cell, jobs)))
+            break
+        results[index] = generate(work.cells[index], Progress.relay(progress, done_cells * per_cell, jobs))
     done = [r for r in results if r is not None and r.images]
     interrupted = bool(cancel is not None and cancel.interrupted)
     if not done:
@@ -480,7 +590,8 @@ def run(generate: Callable[["GenerationParams", Callable], "Result"], params: "G
     return Result(
         images=tuple(o[0] for o in out), infotexts=tuple(r.infotexts[0] for _, r, _ in out),
         seeds=tuple(r.seeds[0] for _, r, _ in out), subseeds=tuple(r.subseeds[0] for _, r, _ in out), params=params,
-        model=info, interrupted=interrupted, prompts=tuple(r.prompts[0] if r.prompts else r.params.prompt for _, r, _ in out),
+        model=first[0].model, interrupted=interrupted,
+        prompts=tuple(r.prompts[0] if r.prompts else r.params.prompt for _, r, _ in out),
         negative_prompts=tuple(r.negative_prompts[0] if r.negative_prompts else r.params.negative_prompt
                                for _, r, _ in out),
         unfinished=tuple(i for i, o in enumerate(out) if o[2]))

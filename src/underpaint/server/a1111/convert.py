@@ -54,7 +54,8 @@ class ConvertContext:
 
     limits: Limits
     options: ServerOptions
-    resolve_model: Callable[[str], Path]
+    #: A checkpoint name → the listed file (``Catalog.resolve``: ``field=`` names the field in errors).
+    resolve_model: Callable[..., Path]
     allow_image_urls: bool = False
     controlnet_files: Callable[[], Sequence[Path]] = tuple
     #: The server's prompt styles (styles.csv), read when a request names styles.
@@ -365,14 +366,14 @@ def _xyz_plot(args: list, *, img2img: bool):
 
 
 def _checked_plot(params: GenerationParams, ctx: ConvertContext) -> GenerationParams:
-    """An X/Y/Z plot planned before it queues (every cell's settings checked), within the server's
-    picture limit: cells x batch size x batch count."""
+    """An X/Y/Z plot planned before it queues (every cell's settings checked, every Checkpoint name
+    and VAE value looked up), within the server's picture limit: cells x batch size x batch count."""
     if params.xyz_plot is None:
         return params
     from ...pipeline import xyz_plot
 
     try:
-        cells = len(xyz_plot.plan(params).cells)
+        cells = len(xyz_plot.plan(params, plot_models(ctx)).cells)
     except InvalidParameter as exc:
         raise _renamed(exc, SCRIPT_ARG_FIELDS) from None
     pictures = cells * params.batch_size * params.n_iter
@@ -382,6 +383,32 @@ def _checked_plot(params: GenerationParams, ctx: ConvertContext) -> GenerationPa
                                                                 f"{params.batch_size} x batch count {params.n_iter} "
                                                                 f"makes {pictures})")
     return params
+
+
+def plot_models(ctx: ConvertContext):
+    """How this server looks up an X/Y/Z plot's "Checkpoint name" values (a title or name from
+    /sdapi/v1/sd-models, as ``override_settings.sd_model_checkpoint``) and "VAE" values
+    ("Automatic", "None" or a name from /sdapi/v1/sd-vae, as ``override_settings.sd_vae``). An
+    unknown name is a 422 naming the axis's values (never a 404: the request is what is wrong)."""
+    from ...errors import ModelNotFound
+    from ...pipeline.xyz_plot import ModelNames
+
+    def checkpoint(value: str, field: str) -> Path:
+        try:
+            return ctx.resolve_model(value, field=field)
+        except ModelNotFound as exc:
+            detail = exc.message.split(": ", 1)[-1].replace(" (see /sdapi/v1/sd-models)", "")
+            raise InvalidParameter(field, value, f"a checkpoint title or name from /sdapi/v1/sd-models ({detail})"
+                                   ) from None
+
+    def vae(value: str, field: str) -> str:
+        if ctx.vae_choice is None:
+            if value in ("Automatic", "None"):
+                return value
+            raise InvalidParameter(field, value, "'Automatic' or 'None'")
+        return ctx.vae_choice(value, field=field)
+
+    return ModelNames(checkpoint=checkpoint, vae=vae)
 
 
 def _sd_upscale(args: list, picture, ctx: ConvertContext, tile_size: tuple[int, int], n_iter: int):

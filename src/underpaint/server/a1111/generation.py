@@ -17,6 +17,7 @@ from fastapi import APIRouter, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from ...errors import InvalidParameter, UnderpaintError
+from ...pipeline import xyz_plot
 from ...pipeline.records import ModelInfo, Result
 from ..errors import ServerError
 from ..images import encode_image
@@ -24,7 +25,7 @@ from ..jobs import Job, JobCancelled
 from ..saving import SaveReport
 from ..security import JSONValueLimitRoute
 from ..state import ServerState, server_state
-from .convert import ConvertContext, PreparedJob, info_json, prepare_img2img, prepare_txt2img
+from .convert import ConvertContext, PreparedJob, info_json, plot_models, prepare_img2img, prepare_txt2img
 from .requests import Img2ImgRequest, Txt2ImgRequest
 from .responses import ImageToImageResponse, ProgressResponse, ProgressState, TextToImageResponse
 
@@ -82,14 +83,17 @@ def _work(state: ServerState, prepared: PreparedJob):
     def work(job: Job) -> Finished:
         if prepared.kept_options:  # A1111 keeps them even when the job then fails
             state.options = state.options.replace(**dict(prepared.kept_options))
-        # The checkpoint and VAE are loaded here, on the worker, so a switch never happens under a job.
-        engine = state.slot.engine_for(prepared.model, prepared.vae)
-        if prepared.keep_model and prepared.model is not None:
-            state.slot.selected = prepared.model
         # The live preview method is the request's override, else the one set when the job starts.
         params = prepared.params.replace(preview_method=prepared.preview_method or state.options.show_progress_type)
         job.live_previews = prepared.live_previews
-        result = engine.generate(params, progress=job.report, cancel=job.cancel)
+        if params.xyz_plot is not None and xyz_plot.loading_axes(params.xyz_plot):
+            result = _plot_switching_models(state, prepared, params, job)
+        else:
+            # The checkpoint and VAE are loaded here, on the worker, so a switch never happens under a job.
+            engine = state.slot.engine_for(prepared.model, prepared.vae)
+            if prepared.keep_model and prepared.model is not None:
+                state.slot.selected = prepared.model
+            result = engine.generate(params, progress=job.report, cancel=job.cancel)
         if not prepared.save_images:
             return Finished(result)
         keep = result.finished()
@@ -97,6 +101,38 @@ def _work(state: ServerState, prepared: PreparedJob):
                                                    [result.infotexts[i] for i in keep], [result.seeds[i] for i in keep]))
 
     return work
+
+
+def _plot_switching_models(state: ServerState, prepared: PreparedJob, params, job: Job) -> Result:
+    """An X/Y/Z plot with a "Checkpoint name" or "VAE" axis: each cell runs on the engine the slot
+    holds for its checkpoint (else the request's) and its VAE choice (else the request's, else the
+    sd_vae option's), so a VAE-only change swaps the VAE in place and, the loading axis running
+    outermost, each checkpoint loads once per value. Afterwards the checkpoint selected before the
+    plot stays selected (the request's own, with ``override_settings_restore_afterwards`` false):
+    the next job runs on it, as A1111 loads it back after a plot."""
+    slot = state.slot
+    shown = slot.selected or slot.loaded  # what /options names as sd_model_checkpoint now
+
+    def cell_job(cell, report) -> Result:
+        engine = slot.engine_for(cell.checkpoint or prepared.model, cell.vae or prepared.vae)
+        return engine.generate(cell.params, progress=report, cancel=job.cancel)
+
+    try:
+        return xyz_plot.run(cell_job, params, info=slot.info or ModelInfo(name="", path="", family="", prediction=""),
+                            progress=job.report, cancel=job.cancel, models=plot_models(convert_context(state)))
+    finally:
+        if prepared.keep_model and prepared.model is not None:
+            slot.selected = prepared.model
+        elif slot.selected is None:
+            slot.selected = shown or _default_checkpoint(state)
+
+
+def _default_checkpoint(state: ServerState):
+    """The checkpoint a job without one loads, or None when there is none to name."""
+    try:
+        return state.default_model()
+    except UnderpaintError:
+        return None
 
 
 async def run_prepared(state: ServerState, prepared: PreparedJob, response: Response) -> dict:

@@ -2,6 +2,7 @@
 // "None" or "X/Y/Z plot", img2img's "None", "SD upscale" or "X/Y/Z plot" (Inpaint has none), sent
 // as the request's script_name / script_args only while a script is chosen.
 
+import { get } from "./api.js";
 import { $, el, fillSelect, numberValue } from "./dom.js";
 
 /** The names GET /sdapi/v1/scripts lists for the scripts (A1111 matches them in any case). */
@@ -15,9 +16,25 @@ export const XYZ_PLOT = "x/y/z plot";
 export const XYZ_AXES = [
   ["Nothing", null], ["Seed", null], ["Var. seed", null], ["Var. strength", null], ["Steps", null],
   ["Hires steps", "txt2img"], ["CFG Scale", null], ["Prompt S/R", null], ["Sampler", null],
-  ["Hires sampler", "txt2img"], ["Schedule type", null], ["Eta", null], ["Clip skip", null], ["Denoising", null],
-  ["Hires upscaler", "txt2img"], ["Token merging ratio", null],
+  ["Hires sampler", "txt2img"], ["Checkpoint name", null], ["Schedule type", null], ["Eta", null],
+  ["Clip skip", null], ["Denoising", null], ["Hires upscaler", "txt2img"], ["VAE", null],
+  ["Token merging ratio", null],
 ];
+
+/**
+ * The axis types whose values are the server's model names, with how to list them all (A1111's
+ * "Fill" button beside the values): the checkpoints' titles from /sd-models; Automatic, None and
+ * the VAE files' names from /sd-vae.
+ */
+export const XYZ_NAME_AXES = {
+  "Checkpoint name": async () => ((await get("/sdapi/v1/sd-models")) ?? []).map((m) => m.title),
+  "VAE": async () => ["Automatic", "None", ...((await get("/sdapi/v1/sd-vae")) ?? []).map((v) => v.model_name)],
+};
+
+/** `names` as one comma-separated values text, a name with a comma or a quote in quotes (CSV, as the server reads it). */
+export function csvValues(names) {
+  return names.map((name) => (/[",\n]/.test(name) ? `"${name.replaceAll('"', '""')}"` : name)).join(", ");
+}
 
 /**
  * The size SD upscale makes of a `width` x `height` picture, as the server works it out: `scale`
@@ -47,6 +64,21 @@ export function setupScripts({ root, sourceSize }) {
     typeSelect.replaceChildren(...XYZ_AXES.map(([name, only]) => el("option", { value: name, "data-tab": only }, name)));
   }
   const chosen = (name) => selects[name]?.value ?? "";
+  const fillButtons = ["x", "y", "z"].map((letter) => $(`#xyz_${letter}_fill`, root));
+  fillButtons.forEach((button, i) => button.addEventListener("click", async () => {
+    const list = XYZ_NAME_AXES[axisTypes[i].value];
+    if (!list) return;
+    button.disabled = true;
+    try {
+      axisValues[i].value = csvValues(await list());
+      axisValues[i].dispatchEvent(new Event("input", { bubbles: true }));  // kept over a reload, as typed text
+      axisValues[i].dispatchEvent(new Event("change", { bubbles: true }));
+    } catch {
+      // the lists could not be read: the values stay as they are, to be typed
+    } finally {
+      button.disabled = false;
+    }
+  }));
 
   /** Offer the current tab's axes only; a type the tab lacks (Hires steps on img2img) goes back to Nothing. */
   function showAxes() {
@@ -58,6 +90,7 @@ export function setupScripts({ root, sourceSize }) {
       }
       if (typeSelect.selectedOptions[0]?.disabled) typeSelect.value = "Nothing";
     }
+    axisTypes.forEach((typeSelect, i) => { fillButtons[i].hidden = !(typeSelect.value in XYZ_NAME_AXES); });
   }
   const group = $("#sd-upscale", root);
   const upscaler = $("#sd_upscale_upscaler", root);
