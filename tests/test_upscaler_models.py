@@ -1,5 +1,5 @@
-"""Upscaling models (ESRGAN / Real-ESRGAN RRDBNet, Real-ESRGAN Compact and SwinIR) read from the files
-people download, checked against spandrel 0.4.2 (what ComfyUI and Forge load these files with).
+"""Upscaling models (ESRGAN / Real-ESRGAN RRDBNet, Real-ESRGAN Compact, SwinIR and HAT) read from the
+files people download, checked against spandrel 0.4.2 (what ComfyUI and Forge load these files with).
 
 The state dicts are random, small (nf 8-16, nb 1-2) and written in the released files' key layouts:
 old ESRGAN (``model.N``), Real-ESRGAN / BasicSR (``conv_first``, ``body.N.rdbM``, nested under
@@ -7,8 +7,8 @@ old ESRGAN (``model.N``), Real-ESRGAN / BasicSR (``conv_first``, ``body.N.rdbM``
 spandrel builds its RRDB with 32 growth channels whatever the file says, so the spandrel
 comparisons use gc 32; other widths are checked against a functional re-statement of the network
 written from the layout description (plain ``F.conv2d`` over the file's own tensor names).
-SwinIR networks are built with spandrel's own class and compared on pictures that are not
-multiples of the window.
+SwinIR and HAT networks are built with spandrel's own classes and compared on pictures that are
+not multiples of the window.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from underpaint.errors import InvalidParameter, ModelError, UnsafeModelFile
 from underpaint.models.upscaler import (
     ARCH_COMPACT,
     ARCH_ESRGAN,
+    ARCH_HAT,
     ARCH_SWINIR,
     UPSCALER_EXTENSIONS,
     _axis_weights,
@@ -488,7 +489,6 @@ def _esrgan_plus() -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("make,hint", [(_sd_checkpoint, "Stable Diffusion checkpoint"),
                                        (_esrgan_plus, "ESRGAN+"),
-                                       (_hat, "HAT"),
                                        (_swin2sr, "Swin2SR"),
                                        (_dat, "DAT"),
                                        (_swinir_unshuffled, "pixel-unshuffled"),
@@ -534,6 +534,7 @@ def _without(sd: dict, name: str) -> dict:
     (lambda: {**old_esrgan(1), "model.1.sub.0.RDB1.conv6.0.weight": torch.zeros(1)}, "unexpected model.1.sub.0.RDB1"),
     (lambda: {**real_esrgan(), "conv_body.weight": torch.zeros(8, 9, 3, 3)}, "conv_body.weight is (8, 9, 3, 3)"),
     (_swin_start, "SwinIR model without a 2-D 'layers.0.residual_group.blocks.0.mlp.fc1.weight'"),
+    (_hat, "HAT model without a 2-D 'layers.0.residual_group.overlap_attn.relative_position_bias_table'"),
     (lambda: _without(_swinir_file(), "layers.0.residual_group.blocks.1.attn.qkv.weight"),
      "missing layers.0.residual_group.blocks.1.attn.qkv.weight"),
     (lambda: _without(_swinir_file(), "layers.0.conv.0.bias"), "missing layers.0.conv.0.bias"),
@@ -669,3 +670,52 @@ def test_swinir_pictures_and_tiles(spandrel_loader):
     for size in ((3, 2), (1, 1), (5, 9)):
         small = upscale_image(model, _image(*size), tile=0)
         assert small.size == (size[0] * 2, size[1] * 2)
+
+
+
+# --------------------------------------------------------------------------------------------- HAT
+
+
+def hat_reference(**kwargs) -> torch.nn.Module:
+    """spandrel's HAT class (spandrel must already be imported: see ``spandrel_loader``)."""
+    from spandrel.architectures.HAT import HAT
+
+    return HAT(**kwargs)
+
+
+#: name → (spandrel HAT arguments, input size (w, h), scale)
+HAT_CASES = {
+    "4x": (dict(upscale=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4, img_size=16,
+                compress_ratio=4, squeeze_factor=8), (22, 19), 4),
+    "3x-window8-no-conv": (dict(upscale=3, embed_dim=12, depths=[3], num_heads=[3], window_size=8, img_size=32,
+                                compress_ratio=3, squeeze_factor=6, resi_connection="identity", mlp_ratio=2.0),
+                           (21, 18), 3),
+    "2x-overlap-1": (dict(upscale=2, embed_dim=12, depths=[2], num_heads=[2], window_size=4, img_size=16,
+                          overlap_ratio=1.0, compress_ratio=3, squeeze_factor=4), (17, 18), 2),
+}
+
+
+@pytest.mark.parametrize("case", list(HAT_CASES))
+def test_hat_loads_like_spandrel(case, tmp_path, spandrel_loader):
+    kwargs, (w, h), scale = HAT_CASES[case]
+    tensors = _randomised(hat_reference(**kwargs), seed=len(case))
+    assert "relative_position_index_OCA" in tensors
+    pth, st = _save_both(tmp_path, case, {"params_ema": tensors}, tensors)
+    reference = spandrel_loader.load_from_file(str(pth))
+    assert (reference.architecture.id, reference.scale) == ("HAT", scale)
+    assert detect_upscaler(tensors, source=case) == (ARCH_HAT, scale)
+    x = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(1))
+    expected = _forward(reference.model.eval(), x)
+    assert expected.shape == (1, 3, h * scale, w * scale) and expected.std() > 0.05
+    atol = 2e-6 * float(expected.abs().max())  # random weights: outputs far outside [0, 1]
+    for path in (pth, st):
+        model = load_upscaler(path)
+        assert (model.arch, model.scale) == (ARCH_HAT, scale)
+        torch.testing.assert_close(_forward(model.module, x), expected, atol=atol, rtol=1e-5)
+
+
+def test_hat_picture_smaller_than_the_window(spandrel_loader):
+    kwargs, _, scale = HAT_CASES["3x-window8-no-conv"]
+    model = upscaler_from_state_dict(_randomised(hat_reference(**kwargs), seed=2))
+    for size in ((3, 2), (9, 5)):
+        assert upscale_image(model, _image(*size), tile=0).size == (size[0] * scale, size[1] * scale)

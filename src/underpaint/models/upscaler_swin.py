@@ -136,16 +136,19 @@ class SwinBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, hidden)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """``x`` (B, H, W, C), H and W multiples of the window; ``mask`` for the shifted windows."""
-        _, h, w, _ = x.shape
-        y = self.norm1(x)
+    def attend(self, y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Window attention over normalised tokens ``y`` (B, H, W, C), shifted and back if this block shifts."""
+        _, h, w, _ = y.shape
         if self.shift:
             y = torch.roll(y, (-self.shift, -self.shift), dims=(1, 2))
         y = from_windows(self.attn(to_windows(y, self.window), mask if self.shift else None), self.window, h, w)
         if self.shift:
             y = torch.roll(y, (self.shift, self.shift), dims=(1, 2))
-        x = x + y
+        return y
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """``x`` (B, H, W, C), H and W multiples of the window; ``mask`` for the shifted windows."""
+        x = x + self.attend(self.norm1(x), mask)
         return x + self.mlp(self.norm2(x))
 
 
@@ -282,3 +285,147 @@ class _PatchNorm(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
         self.norm = nn.LayerNorm(dim)
+
+
+# --------------------------------------------------------------------------------------------- HAT
+#
+# HAT (Chen et al. 2023, "Activating More Pixels in Image Super-Resolution Transformer"; the
+# 4xNomos8kSCHAT-L / Real_HAT_GAN files, A1111's models/HAT) builds on SwinIR: each Swin block
+# also runs a channel-attention conv branch on its normalised input (added at 0.01), and each group
+# of blocks ends with an overlapping cross-attention block (OCAB) whose keys and values come from
+# windows larger than the query windows. Pixel-shuffle upsampling only.
+
+#: HAT's weight on its blocks' conv branch (a constant of the architecture, not in the files).
+HAT_CONV_SCALE = 0.01
+
+
+def overlap_position_index(window: int, overlap: int) -> torch.Tensor:
+    """(window², overlap²): the bias-table row for each query in a window and key in its overlapping
+    window. HAT counts the key's offset from the query shifted by window - overlap + 1 per axis
+    (negative for the far side of a wide overlap) in a table of (window + overlap - 1)² rows; its
+    negative rows index from the table's end, as Python's indexing does, hence the modulo."""
+    qy, qx = torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")
+    ky, kx = torch.meshgrid(torch.arange(overlap), torch.arange(overlap), indexing="ij")
+    qy, qx, ky, kx = qy.flatten(), qx.flatten(), ky.flatten(), kx.flatten()
+    side = window + overlap - 1
+    dy = ky[None, :] - qy[:, None] + window - overlap + 1
+    dx = kx[None, :] - qx[:, None] + window - overlap + 1
+    return (dy * side + dx) % (side * side)
+
+
+class ChannelAttention(nn.Module):
+    """Squeeze and excitation: the picture's mean per channel → 1x1 conv, ReLU, 1x1 conv, sigmoid → weights."""
+
+    def __init__(self, dim: int, squeezed: int):
+        super().__init__()
+        self.attention = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(dim, squeezed, 1), nn.ReLU(),
+                                       nn.Conv2d(squeezed, dim, 1), nn.Sigmoid())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.attention(x)
+
+
+class _CAB(nn.Module):
+    """HAT's channel-attention block: 3x3 conv to ``compressed`` channels, GELU, 3x3 conv back, channel attention."""
+
+    def __init__(self, dim: int, compressed: int, squeezed: int):
+        super().__init__()
+        self.cab = nn.Sequential(nn.Conv2d(dim, compressed, 3, 1, 1), nn.GELU(), nn.Conv2d(compressed, dim, 3, 1, 1),
+                                 ChannelAttention(dim, squeezed))
+
+
+class HAB(SwinBlock):
+    """A Swin block whose normalised input also feeds the conv branch, added at :data:`HAT_CONV_SCALE`."""
+
+    def __init__(self, dim: int, heads: int, window: int, shift: int, hidden: int, *, compressed: int,
+                 squeezed: int, qkv_bias: bool = True):
+        super().__init__(dim, heads, window, shift, hidden, qkv_bias=qkv_bias)
+        self.conv_block = _CAB(dim, compressed, squeezed)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        y = self.norm1(x)
+        conv = self.conv_block.cab(y.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        x = x + self.attend(y, mask) + conv * HAT_CONV_SCALE
+        return x + self.mlp(self.norm2(x))
+
+
+class OCAB(nn.Module):
+    """Overlapping cross-attention: queries from each window, keys and values from the ``overlap`` x
+    ``overlap`` window centred on it (zero outside the picture), a learned bias per relative
+    position; then an MLP. Both added to their input, pre-norm."""
+
+    def __init__(self, dim: int, heads: int, window: int, overlap: int, hidden: int, *, qkv_bias: bool = True):
+        super().__init__()
+        self.heads, self.window, self.overlap = heads, window, overlap
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((window + overlap - 1) ** 2, heads))
+        self.register_buffer("position_index", overlap_position_index(window, overlap), persistent=False)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (B, H, W, C), H and W multiples of the window."""
+        b, h, w, c = x.shape
+        heads, d = self.heads, c // self.heads
+        q, kv = self.qkv(self.norm1(x)).split((c, 2 * c), dim=-1)
+        q = to_windows(q, self.window)  # (B * windows, window², C)
+        bw, n, _ = q.shape
+        # (B, 2C * overlap², windows): per window, channel-major then row-major positions
+        kv = F.unfold(kv.permute(0, 3, 1, 2), self.overlap, padding=(self.overlap - self.window) // 2,
+                      stride=self.window)
+        m = self.overlap * self.overlap
+        kv = kv.view(b, 2, c, m, -1).permute(1, 0, 4, 3, 2).reshape(2, bw, m, c)
+        q = q.view(bw, n, heads, d).transpose(1, 2)
+        k = kv[0].view(bw, m, heads, d).transpose(1, 2)
+        v = kv[1].view(bw, m, heads, d).transpose(1, 2)
+        bias = self.relative_position_bias_table[self.position_index.view(-1)].view(n, m, heads).permute(2, 0, 1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0).to(q.dtype))
+        out = from_windows(out.transpose(1, 2).reshape(bw, n, c), self.window, h, w)
+        x = x + self.proj(out)
+        return x + self.mlp(self.norm2(x))
+
+
+class _HATBlocks(nn.Module):
+    def __init__(self, blocks: list[HAB], overlap_attn: OCAB):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.overlap_attn = overlap_attn
+
+
+class RHAG(nn.Module):
+    """Residual hybrid attention group: HABs (every second one shifted), an OCAB, a 3x3 conv (or
+    none), plus the group's input."""
+
+    def __init__(self, dim: int, depth: int, heads: int, window: int, overlap: int, hidden: int,
+                 overlap_hidden: int, *, compressed: int, squeezed: int, conv: bool, qkv_bias: bool = True):
+        super().__init__()
+        blocks = [HAB(dim, heads, window, window // 2 if i % 2 else 0, hidden, compressed=compressed,
+                      squeezed=squeezed, qkv_bias=qkv_bias) for i in range(depth)]
+        self.residual_group = _HATBlocks(blocks, OCAB(dim, heads, window, overlap, overlap_hidden, qkv_bias=qkv_bias))
+        self.conv = nn.Conv2d(dim, dim, 3, 1, 1) if conv else nn.Identity()
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        y = x
+        for block in self.residual_group.blocks:
+            y = block(y, mask)
+        y = self.residual_group.overlap_attn(y)
+        return self.conv(y.permute(0, 3, 1, 2)).permute(0, 2, 3, 1) + x
+
+
+class HAT(SwinIR):
+    """HAT for RGB pictures: SwinIR's frame (first conv, patch norm, groups, norm, conv after the
+    body — 1conv or none — pixel-shuffle upsampling) around RHAGs."""
+
+    def __init__(self, *, embed_dim: int, depths: list[int], heads: list[int], window: int, overlap: int,
+                 mlp_hidden: int, overlap_hidden: int, compressed: int, squeezed: int, factors: list[int],
+                 num_feat: int = 64, conv_after_body: bool = True, patch_norm: bool = True, qkv_bias: bool = True):
+        super().__init__(embed_dim=embed_dim, depths=[], heads=[], window=window, mlp_hidden=mlp_hidden,
+                         upsampler="pixelshuffle", factors=factors, num_feat=num_feat, patch_norm=patch_norm,
+                         qkv_bias=qkv_bias)
+        self.layers = nn.ModuleList(
+            RHAG(embed_dim, depth, h, window, overlap, mlp_hidden, overlap_hidden, compressed=compressed,
+                 squeezed=squeezed, conv=conv_after_body, qkv_bias=qkv_bias) for depth, h in zip(depths, heads))
+        if not conv_after_body:
+            self.conv_after_body = nn.Identity()

@@ -5,7 +5,7 @@ Two kinds:
 - **built-in** ("None", "Lanczos", "Nearest"): a Pillow resize;
 - **upscaling models** from the models folder's ``upscale_models/`` (an A1111 install's
   ``models/ESRGAN``, ``models/RealESRGAN``, ``models/SwinIR``, ``models/DAT`` and ``models/HAT``):
-  ESRGAN, Real-ESRGAN and SwinIR networks (``models/upscaler.py``), each pass multiplying the size
+  ESRGAN, Real-ESRGAN, SwinIR and HAT networks (``models/upscaler.py``), each pass multiplying the size
   by the model's own scale (4 for most). A model is named by its path without the extension
   (``4x-UltraSharp``), and the files A1111 knows by its names for them (``RealESRGAN_x4plus.pth`` is
   "R-ESRGAN 4x+", its SwinIR download "SwinIR 4x"), so the names in A1111 infotexts and API
