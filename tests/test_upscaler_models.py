@@ -1,5 +1,5 @@
-"""Upscaling models (ESRGAN / Real-ESRGAN RRDBNet and Real-ESRGAN Compact) read from the files people
-download, checked against spandrel 0.4.2 (what ComfyUI and Forge load these files with).
+"""Upscaling models (ESRGAN / Real-ESRGAN RRDBNet, Real-ESRGAN Compact, SwinIR and HAT) read from the
+files people download, checked against spandrel 0.4.2 (what ComfyUI and Forge load these files with).
 
 The state dicts are random, small (nf 8-16, nb 1-2) and written in the released files' key layouts:
 old ESRGAN (``model.N``), Real-ESRGAN / BasicSR (``conv_first``, ``body.N.rdbM``, nested under
@@ -7,6 +7,8 @@ old ESRGAN (``model.N``), Real-ESRGAN / BasicSR (``conv_first``, ``body.N.rdbM``
 spandrel builds its RRDB with 32 growth channels whatever the file says, so the spandrel
 comparisons use gc 32; other widths are checked against a functional re-statement of the network
 written from the layout description (plain ``F.conv2d`` over the file's own tensor names).
+SwinIR and HAT networks are built with spandrel's own classes and compared on pictures that are
+not multiples of the window.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from underpaint.errors import InvalidParameter, ModelError, UnsafeModelFile
 from underpaint.models.upscaler import (
     ARCH_COMPACT,
     ARCH_ESRGAN,
+    ARCH_HAT,
+    ARCH_SWINIR,
     UPSCALER_EXTENSIONS,
     _axis_weights,
     _run,
@@ -450,13 +454,33 @@ def _sd_checkpoint() -> dict[str, torch.Tensor]:
             "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": torch.zeros(16, 8)}
 
 
-def _swinir() -> dict[str, torch.Tensor]:
+def _swin_start() -> dict[str, torch.Tensor]:
+    """The first tensors of a SwinIR-like transformer (a first conv, a patch norm, one bias table)."""
     return {"conv_first.weight": torch.zeros(8, 3, 3, 3), "conv_first.bias": torch.zeros(8),
             "patch_embed.norm.weight": torch.zeros(8),
             "layers.0.residual_group.blocks.0.attn.relative_position_bias_table": torch.zeros(9, 2),
-            "conv_after_body.weight": torch.zeros(8, 8, 3, 3),
-            "conv_before_upsample.0.weight": torch.zeros(8, 8, 3, 3),
-            "upsample.0.weight": torch.zeros(32, 8, 3, 3), "conv_last.weight": torch.zeros(3, 8, 3, 3)}
+            "conv_after_body.weight": torch.zeros(8, 8, 3, 3), "conv_last.weight": torch.zeros(3, 8, 3, 3)}
+
+
+def _hat() -> dict[str, torch.Tensor]:
+    return {**_swin_start(), "layers.0.residual_group.blocks.0.conv_block.cab.0.weight": torch.zeros(2, 8, 3, 3),
+            "layers.0.residual_group.overlap_attn.qkv.weight": torch.zeros(24, 8)}
+
+
+def _swin2sr() -> dict[str, torch.Tensor]:
+    return {**_swin_start(), "layers.0.residual_group.blocks.0.attn.logit_scale": torch.zeros(2, 1, 1),
+            "layers.0.residual_group.blocks.0.attn.cpb_mlp.0.weight": torch.zeros(16, 2)}
+
+
+def _dat() -> dict[str, torch.Tensor]:
+    return {"conv_first.weight": torch.zeros(8, 3, 3, 3), "before_RG.1.weight": torch.zeros(8),
+            "layers.0.blocks.0.attn.attns.0.pos.pos_proj.weight": torch.zeros(4, 2), "norm.weight": torch.zeros(8)}
+
+
+def _swinir_unshuffled() -> dict[str, torch.Tensor]:
+    sd = _swin_start()
+    sd["conv_first.1.weight"] = torch.zeros(8, 12, 3, 3)
+    return sd
 
 
 def _esrgan_plus() -> dict[str, torch.Tensor]:
@@ -465,7 +489,9 @@ def _esrgan_plus() -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("make,hint", [(_sd_checkpoint, "Stable Diffusion checkpoint"),
                                        (_esrgan_plus, "ESRGAN+"),
-                                       (_swinir, "SwinIR"),
+                                       (_swin2sr, "Swin2SR"),
+                                       (_dat, "DAT"),
+                                       (_swinir_unshuffled, "pixel-unshuffled"),
                                        (lambda: {"foo.weight": torch.zeros(2)}, "foo.weight")])
 def test_other_architectures_name_the_file_and_what_is_supported(tmp_path, make, hint):
     path = tmp_path / "not-an-esrgan.safetensors"
@@ -478,6 +504,20 @@ def test_other_architectures_name_the_file_and_what_is_supported(tmp_path, make,
     assert "\n" not in message
     with pytest.raises(ModelError, match="^upscale.pth: .*supported"):
         detect_upscaler(make(), source="upscale.pth")
+
+
+def _swinir_file() -> dict[str, torch.Tensor]:
+    """A complete SwinIR state dict (SWINIR_CASES' realsr-4x-3conv) without spandrel: our own module's
+    tensors plus the buffers the released files carry."""
+    from underpaint.models.upscaler_swin import SwinIR, relative_position_index
+
+    module = SwinIR(embed_dim=16, depths=[2, 2], heads=[2, 4], window=4, mlp_hidden=64, upsampler="nearest+conv",
+                    factors=[2, 2], three_conv=True)
+    sd = dict(module.state_dict())
+    for i in range(2):
+        for j in range(2):
+            sd[f"layers.{i}.residual_group.blocks.{j}.attn.relative_position_index"] = relative_position_index(4)
+    return sd
 
 
 def _without(sd: dict, name: str) -> dict:
@@ -493,6 +533,14 @@ def _without(sd: dict, name: str) -> dict:
     (lambda: _without(compact(4), "body.3.weight"), "missing body.3.weight"),
     (lambda: {**old_esrgan(1), "model.1.sub.0.RDB1.conv6.0.weight": torch.zeros(1)}, "unexpected model.1.sub.0.RDB1"),
     (lambda: {**real_esrgan(), "conv_body.weight": torch.zeros(8, 9, 3, 3)}, "conv_body.weight is (8, 9, 3, 3)"),
+    (_swin_start, "SwinIR model without a 2-D 'layers.0.residual_group.blocks.0.mlp.fc1.weight'"),
+    (_hat, "HAT model without a 2-D 'layers.0.residual_group.overlap_attn.relative_position_bias_table'"),
+    (lambda: _without(_swinir_file(), "layers.0.residual_group.blocks.1.attn.qkv.weight"),
+     "missing layers.0.residual_group.blocks.1.attn.qkv.weight"),
+    (lambda: _without(_swinir_file(), "layers.0.conv.0.bias"), "missing layers.0.conv.0.bias"),
+    (lambda: _without(_swinir_file(), "conv_up2.weight"), "unexpected conv_up2.bias"),
+    (lambda: {**_swinir_file(), "layers.1.residual_group.blocks.0.attn.relative_position_bias_table":
+              torch.zeros(25, 4)}, "relative_position_bias_table is (25, 4)"),
 ])
 def test_incomplete_or_mismatched_tensors(tmp_path, make, named):
     path = tmp_path / "4x-broken.safetensors"
@@ -512,3 +560,162 @@ def test_pickle_with_nested_ema_and_prefix(tmp_path):
     x = torch.rand(1, 3, 5, 4)
     torch.testing.assert_close(_forward(model.module, x), _forward(upscaler_from_state_dict(sd).module, x),
                                atol=0, rtol=0)
+
+
+# --------------------------------------------------------------------------------------------- SwinIR
+#
+# Tiny SwinIR networks built with spandrel's own SwinIR class (random weights: every parameter,
+# LayerNorms and bias tables included, moved off its initial value), saved as files in the
+# released layout (buffers ``relative_position_index`` and ``attn_mask`` included) and read by our
+# loader. The inputs are not multiples of the window, so the padding and crop are exercised.
+
+
+def _randomised(module: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+    return module.eval().state_dict()
+
+
+def swinir_reference(**kwargs) -> torch.nn.Module:
+    """spandrel's SwinIR class (spandrel must already be imported: see ``spandrel_loader``)."""
+    from spandrel.architectures.SwinIR import SwinIR
+
+    return SwinIR(**kwargs)
+
+
+#: name → (spandrel SwinIR arguments, input size (w, h), scale); img_size is the training patch size
+#: (it sizes the saved masks), larger than the window as in every released model.
+SWINIR_CASES = {
+    # A1111's "SwinIR 4x" shape in small: real-world SR, nearest+conv, 3conv residual convs
+    "realsr-4x-3conv": (dict(upscale=4, upsampler="nearest+conv", resi_connection="3conv", embed_dim=16,
+                             depths=[2, 2], num_heads=[2, 4], window_size=4, img_size=16), (22, 19), 4),
+    "realsr-2x": (dict(upscale=2, upsampler="nearest+conv", embed_dim=12, depths=[2], num_heads=[3],
+                       window_size=4, img_size=16), (17, 18), 2),
+    "realsr-8x": (dict(upscale=8, upsampler="nearest+conv", embed_dim=8, depths=[1], num_heads=[2],
+                       window_size=4, img_size=16), (17, 16), 8),
+    "classical-2x-window8": (dict(upscale=2, upsampler="pixelshuffle", embed_dim=12, depths=[2], num_heads=[3],
+                                  window_size=8, img_size=32, mlp_ratio=2.0), (21, 18), 2),
+    "classical-3x": (dict(upscale=3, upsampler="pixelshuffle", embed_dim=12, depths=[3], num_heads=[3],
+                          window_size=4, img_size=16), (18, 17), 3),
+    "classical-4x-3conv": (dict(upscale=4, upsampler="pixelshuffle", resi_connection="3conv", embed_dim=16,
+                                depths=[2], num_heads=[4], window_size=4, img_size=16), (16, 19), 4),
+    "lightweight-3x": (dict(upscale=3, upsampler="pixelshuffledirect", embed_dim=12, depths=[2, 1],
+                            num_heads=[2, 3], window_size=4, img_size=16), (22, 17), 3),
+    # the JPEG artefact models: window 7, 0-255 values, the input plus a conv
+    "car-1x-window7": (dict(upscale=1, upsampler="", embed_dim=12, depths=[2], num_heads=[2], window_size=7,
+                            img_size=28, img_range=255.0), (23, 20), 1),
+}
+
+
+@pytest.mark.parametrize("case", list(SWINIR_CASES))
+def test_swinir_loads_like_spandrel(case, tmp_path, spandrel_loader):
+    kwargs, (w, h), scale = SWINIR_CASES[case]
+    tensors = _randomised(swinir_reference(**kwargs), seed=len(case))
+    assert any(n.endswith(".attn_mask") for n in tensors) == any(d > 1 for d in kwargs["depths"])
+    assert any(n.endswith(".relative_position_index") for n in tensors)
+    pth, st = _save_both(tmp_path, case, {"params_ema": tensors}, tensors)
+
+    reference = spandrel_loader.load_from_file(str(pth))
+    assert (reference.architecture.id, reference.scale) == ("SwinIR", scale)
+    assert detect_upscaler(tensors, source=case) == (ARCH_SWINIR, scale)
+    x = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(1))
+    expected = _forward(reference.model.eval(), x)
+    assert expected.shape == (1, 3, h * scale, w * scale) and expected.std() > 0.05
+    # random weights give outputs far outside [0, 1] (up to ~50 here): float32 rounding scales with them
+    atol = 2e-6 * float(expected.abs().max())
+    for path in (pth, st):
+        model = load_upscaler(path)
+        assert (model.arch, model.scale) == (ARCH_SWINIR, scale)
+        torch.testing.assert_close(_forward(model.module, x), expected, atol=atol, rtol=1e-5)
+    # the saved buffers are derived from the window and the picture: a file without them is the same model
+    bare = {k: v for k, v in tensors.items() if not k.endswith((".attn_mask", ".relative_position_index"))}
+    torch.testing.assert_close(_forward(upscaler_from_state_dict(bare).module, x), expected, atol=atol, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs", [dict(patch_norm=False), dict(qkv_bias=False), dict(mlp_ratio=1.5)])
+def test_swinir_variants_spandrel_does_not_infer(kwargs, spandrel_loader):
+    """Layouts spandrel's loader would build differently (it assumes a patch norm, qkv biases)
+    checked against its class built with the same arguments."""
+    reference = swinir_reference(upscale=2, upsampler="pixelshuffle", embed_dim=12, depths=[2], num_heads=[3],
+                                 window_size=4, img_size=16, **kwargs)
+    tensors = _randomised(reference, seed=9)
+    model = upscaler_from_state_dict(tensors)
+    x = torch.rand(1, 3, 18, 21, generator=torch.Generator().manual_seed(2))
+    expected = _forward(reference, x)
+    torch.testing.assert_close(_forward(model.module, x), expected, atol=2e-6 * float(expected.abs().max()), rtol=1e-5)
+
+
+def test_swinir_pictures_and_tiles(spandrel_loader):
+    """Through upscale_image: whole, the reference's values in 8 bits; in tiles (attention reaches
+    past any tile edge, so tiles are not exact) the right size and close to the whole picture; and
+    pictures smaller than the window (replicated where reflection cannot pad)."""
+    kwargs = dict(upscale=2, upsampler="nearest+conv", resi_connection="3conv", embed_dim=12, depths=[2],
+                  num_heads=[2], window_size=4, img_size=16)
+    reference = swinir_reference(**kwargs)
+    tensors = _randomised(reference, seed=4)
+    with torch.no_grad():  # outputs mostly inside [0, 1], so that 8 bits show the differences
+        reference.conv_last.weight.mul_(0.02)
+        reference.conv_last.bias.mul_(0.02)
+    model = upscaler_from_state_dict(tensors)
+    picture = _image(40, 34, seed=3)
+    want = _as_uint8(_forward(reference, _as_tensor(picture)))
+    whole = np.asarray(upscale_image(model, picture, tile=0)).astype(int)
+    assert whole.shape == (68, 80, 3)
+    assert np.abs(whole - want).max() <= 1 and (whole != want).mean() < 0.01
+    tiled = np.asarray(upscale_image(model, picture, tile=16, overlap=4)).astype(int)
+    assert tiled.shape == whole.shape
+    assert 0 < np.abs(tiled - whole).mean() < 3  # measured: 0.94
+    for size in ((3, 2), (1, 1), (5, 9)):
+        small = upscale_image(model, _image(*size), tile=0)
+        assert small.size == (size[0] * 2, size[1] * 2)
+
+
+
+# --------------------------------------------------------------------------------------------- HAT
+
+
+def hat_reference(**kwargs) -> torch.nn.Module:
+    """spandrel's HAT class (spandrel must already be imported: see ``spandrel_loader``)."""
+    from spandrel.architectures.HAT import HAT
+
+    return HAT(**kwargs)
+
+
+#: name → (spandrel HAT arguments, input size (w, h), scale)
+HAT_CASES = {
+    "4x": (dict(upscale=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4, img_size=16,
+                compress_ratio=4, squeeze_factor=8), (22, 19), 4),
+    "3x-window8-no-conv": (dict(upscale=3, embed_dim=12, depths=[3], num_heads=[3], window_size=8, img_size=32,
+                                compress_ratio=3, squeeze_factor=6, resi_connection="identity", mlp_ratio=2.0),
+                           (21, 18), 3),
+    "2x-overlap-1": (dict(upscale=2, embed_dim=12, depths=[2], num_heads=[2], window_size=4, img_size=16,
+                          overlap_ratio=1.0, compress_ratio=3, squeeze_factor=4), (17, 18), 2),
+}
+
+
+@pytest.mark.parametrize("case", list(HAT_CASES))
+def test_hat_loads_like_spandrel(case, tmp_path, spandrel_loader):
+    kwargs, (w, h), scale = HAT_CASES[case]
+    tensors = _randomised(hat_reference(**kwargs), seed=len(case))
+    assert "relative_position_index_OCA" in tensors
+    pth, st = _save_both(tmp_path, case, {"params_ema": tensors}, tensors)
+    reference = spandrel_loader.load_from_file(str(pth))
+    assert (reference.architecture.id, reference.scale) == ("HAT", scale)
+    assert detect_upscaler(tensors, source=case) == (ARCH_HAT, scale)
+    x = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(1))
+    expected = _forward(reference.model.eval(), x)
+    assert expected.shape == (1, 3, h * scale, w * scale) and expected.std() > 0.05
+    atol = 2e-6 * float(expected.abs().max())  # random weights: outputs far outside [0, 1]
+    for path in (pth, st):
+        model = load_upscaler(path)
+        assert (model.arch, model.scale) == (ARCH_HAT, scale)
+        torch.testing.assert_close(_forward(model.module, x), expected, atol=atol, rtol=1e-5)
+
+
+def test_hat_picture_smaller_than_the_window(spandrel_loader):
+    kwargs, _, scale = HAT_CASES["3x-window8-no-conv"]
+    model = upscaler_from_state_dict(_randomised(hat_reference(**kwargs), seed=2))
+    for size in ((3, 2), (9, 5)):
+        assert upscale_image(model, _image(*size), tile=0).size == (size[0] * scale, size[1] * scale)

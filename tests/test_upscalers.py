@@ -88,13 +88,19 @@ def test_a1111_install_folders(tmp_path):
 
     (tmp_path / "models" / "Stable-diffusion").mkdir(parents=True)
     for sub, name in (("ESRGAN", "4x-UltraSharp.pth"), ("RealESRGAN", "RealESRGAN_x4plus.pth"),
-                      ("RealESRGAN", "RealESRGAN_x2plus.pth")):
+                      ("RealESRGAN", "RealESRGAN_x2plus.pth"), ("SwinIR", "SwinIR_4x.pth"),
+                      ("SwinIR", "001_classicalSR_DF2K_s64w8_SwinIR-M_x2.pth"), ("DAT", "4xNomos8kDAT.pth"),
+                      ("HAT", "4xNomos8kSCHAT-L.safetensors")):
         (tmp_path / "models" / sub).mkdir(exist_ok=True)
         (tmp_path / "models" / sub / name).write_bytes(b"")
     folder = ModelsDir(tmp_path)
     entries = {e.name: e for e in upscale.model_entries(folder)}
-    assert set(entries) == {"4x-UltraSharp", "R-ESRGAN 4x+", "R-ESRGAN 2x+"}
+    assert set(entries) == {"4x-UltraSharp", "R-ESRGAN 4x+", "R-ESRGAN 2x+", "SwinIR 4x",
+                            "001_classicalSR_DF2K_s64w8_SwinIR-M_x2", "4xNomos8kDAT", "4xNomos8kSCHAT-L"}
     assert [upscale.nominal_scale(entries[n]) for n in ("4x-UltraSharp", "R-ESRGAN 4x+", "R-ESRGAN 2x+")] == [4, 4, 2]
+    assert upscale.nominal_scale(entries["001_classicalSR_DF2K_s64w8_SwinIR-M_x2"]) == 2
+    assert entries["SwinIR 4x"].filename == "SwinIR_4x.pth" and not entries["SwinIR 4x"].is_realesrgan
+    assert upscale.resolve(folder, "SwinIR_4x", "f") == entries["SwinIR 4x"]  # its stem, as A1111 lists it later
     assert folder.upscalers_dir == tmp_path / "models" / "ESRGAN"
 
 
@@ -275,3 +281,45 @@ def test_python_engine_upscale(engine, photo):
         with pytest.raises(InvalidParameter) as err:
             engine.upscale(photo, upscaler, scale=scale)
         assert err.value.field == field
+
+
+# --------------------------------------------------------------------------- a SwinIR model
+
+
+def test_swinir_model_in_an_a1111_install(tmp_path, sd1_file, photo):
+    """A SwinIR file in an A1111 install's models/SwinIR, under the name A1111 downloads its default
+    model as: listed by /sdapi/v1/upscalers under A1111's name for it, and Extras with it gives
+    exactly what the model gives on the picture (the network itself is checked against spandrel
+    in test_upscaler_models.py)."""
+    import shutil
+
+    from test_server_support import real_api
+    from underpaint.models.upscaler import ARCH_SWINIR, load_upscaler, upscale_image
+    from underpaint.models.upscaler_swin import SwinIR
+
+    (tmp_path / "models" / "Stable-diffusion").mkdir(parents=True)
+    shutil.copy(sd1_file, tmp_path / "models" / "Stable-diffusion" / "tiny-sd1.safetensors")
+    (tmp_path / "models" / "SwinIR").mkdir()
+    torch.manual_seed(0)
+    module = SwinIR(embed_dim=8, depths=[2], heads=[2], window=8, mlp_hidden=16, upsampler="nearest+conv",
+                    factors=[2, 2], num_feat=8, three_conv=True)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    path = tmp_path / "models" / "SwinIR" / "SwinIR_4x.pth"
+    torch.save(module.state_dict(), path)
+    model = load_upscaler(path)
+    assert (model.arch, model.scale) == (ARCH_SWINIR, 4)
+    want = np.asarray(upscale_image(model, photo, tile=192, overlap=8))
+    assert want.shape == (256, 384, 3) and want.std() > 5
+
+    with real_api(tmp_path) as api:
+        items = api.get("/sdapi/v1/upscalers").json()
+        assert items[3:] == [{"name": "SwinIR 4x", "model_name": "SwinIR 4x", "model_path": "SwinIR_4x.pth",
+                              "model_url": None, "scale": 4}]
+        r = api.post("/sdapi/v1/extra-single-image", json={"image": _png(photo), "upscaler_1": "SwinIR 4x",
+                                                           "upscaling_resize": 4})
+        assert r.status_code == 200, r.text
+        out = decode_b64(r.json()["image"])
+        assert np.array_equal(np.asarray(out.convert("RGB")), want)
+        assert out.info["postprocessing"] == "Postprocess upscale by: 4.0, Postprocess upscaler: SwinIR 4x"

@@ -288,8 +288,8 @@ def _add_hires_args(p: argparse.ArgumentParser) -> None:
                         "to fit (A1111's 'Resize width/height to')")
     h.add_argument("--hires-upscaler", default=None, metavar="NAME",
                    help="how to upscale: " + ", ".join(HIRES_UPSCALERS) + ", or an upscaling model in the "
-                        "models folder's upscale_models/ (A1111: models/ESRGAN, models/RealESRGAN) by name, e.g. "
-                        "4x-UltraSharp or 'R-ESRGAN 4x+' (default Latent)")
+                        "models folder's upscale_models/ (A1111: models/ESRGAN, models/RealESRGAN, models/SwinIR) "
+                        "by name, e.g. 4x-UltraSharp or 'R-ESRGAN 4x+' (default Latent)")
     h.add_argument("--hires-steps", type=int, default=None, metavar="N",
                    help="steps of the second pass, run whatever the strength (default 0: as many as --steps)")
     h.add_argument("--hires-strength", "--hires-denoising-strength", dest="hires_strength", type=float,

@@ -3,9 +3,9 @@
 Two layouts are read. underpaint's own (``checkpoints/ vae/ loras/ embeddings/ controlnet/
 VAE-approx/ upscale_models/``) and an existing AUTOMATIC1111 install's (``models/Stable-diffusion``,
 ``models/VAE``, ``models/Lora``, ``embeddings/``, ``models/ControlNet``, ``models/VAE-approx``,
-``models/ESRGAN`` and ``models/RealESRGAN``), given either the
-install's root or its ``models/`` folder, so people can point underpaint at the files they already
-have. Names follow A1111: a checkpoint's name is its path relative to the checkpoints folder
+``models/ESRGAN``, ``models/RealESRGAN``, ``models/SwinIR``, ``models/DAT`` and ``models/HAT``),
+given either the install's root or its ``models/`` folder, so people can point underpaint at the
+files they already have. Names follow A1111: a checkpoint's name is its path relative to the checkpoints folder
 without the extension, its title is the file name with the short hash in brackets when it is known.
 """
 
@@ -57,8 +57,9 @@ _FOLDERS = {
     "text_encoders": ("text_encoders", ("models/text_encoder",)),
     # Tiny preview decoders (TAESD); A1111 keeps them in models/VAE-approx.
     "vae_approx": ("VAE-approx", ("models/VAE-approx",)),
-    # Upscaling models (ESRGAN, Real-ESRGAN): ComfyUI's folder name; A1111 keeps them by kind.
-    "upscalers": ("upscale_models", ("models/ESRGAN", "models/RealESRGAN")),
+    # Upscaling models (ESRGAN, Real-ESRGAN, SwinIR, ...): ComfyUI's folder name; A1111 keeps them by kind.
+    "upscalers": ("upscale_models", ("models/ESRGAN", "models/RealESRGAN", "models/SwinIR", "models/DAT",
+                                     "models/HAT")),
 }
 
 _TITLE_HASH = re.compile(r"^(.*?)\s*\[([0-9a-fA-F]{8,64})\]$")

@@ -1,4 +1,4 @@
-"""Upscaling models people download for hires. fix and Extras: ESRGAN (RRDBNet) and Real-ESRGAN Compact.
+"""Upscaling models people download for hires. fix and Extras: ESRGAN (RRDBNet), Real-ESRGAN Compact, SwinIR, HAT.
 
 These are the files A1111 users keep in ``models/ESRGAN`` / ``models/RealESRGAN`` (ComfyUI:
 ``models/upscale_models``): "4x-UltraSharp", RealESRGAN_x4plus(_anime_6B), RealESRGAN_x2plus,
@@ -30,6 +30,17 @@ Architectures (written here as plain modules; the key layouts are those of the r
 - **SRVGGNetCompact** (Real-ESRGAN "compact"): ``body.0`` conv, ``body.1`` PReLU, ``num_conv`` x
   (conv, PReLU), a last conv to ``out * upscale²`` channels, pixel shuffle, plus the
   nearest-upsampled input.
+- **SwinIR** (``upscaler_swin.py``; A1111 keeps these in ``models/SwinIR``): ``conv_first``, RSTBs
+  of Swin blocks at ``layers.N.residual_group.blocks.M``, ``conv_after_body`` and one of four
+  upsamplers. Its width, depths, heads, window, MLP width, residual convs and upsampler (so its
+  scale) come from the tensors; the saved ``relative_position_index`` and ``attn_mask`` buffers
+  are derived, not read. A pixel-unshuffled input (``conv_first.1``) is refused, as are Swin2SR
+  and DAT, by name.
+- **HAT** (``upscaler_swin.py``; ``models/HAT``): SwinIR's frame with a channel-attention conv
+  branch in every block (``conv_block.cab``) and an overlapping cross-attention block
+  (``overlap_attn``) closing every group; pixel-shuffle upsampling. Widths, depths, heads, window,
+  overlapping window (from its bias table) and scale come from the tensors; the saved
+  ``relative_position_index_SA``/``_OCA`` buffers are derived.
 
 Every module maps a float (N, 3, H, W) RGB tensor in [0, 1] to (N, 3, H*scale, W*scale), the
 convention these models were trained with (and spandrel's). :func:`upscale_image` runs one on a
@@ -55,10 +66,12 @@ from .registry import UPSCALER_EXTENSIONS  # noqa: F401 - the file name endings 
 
 ARCH_ESRGAN = "ESRGAN"
 ARCH_COMPACT = "Real-ESRGAN Compact"
+ARCH_SWINIR = "SwinIR"
+ARCH_HAT = "HAT"
 
 #: What the error for an unknown file says is supported.
-SUPPORTED_ARCHITECTURES = ("ESRGAN / Real-ESRGAN RRDBNet (old ESRGAN, Real-ESRGAN and BSRGAN key layouts) and "
-                           "Real-ESRGAN Compact (SRVGGNetCompact, PReLU)")
+SUPPORTED_ARCHITECTURES = ("ESRGAN / Real-ESRGAN RRDBNet (old ESRGAN, Real-ESRGAN and BSRGAN key layouts), "
+                           "Real-ESRGAN Compact (SRVGGNetCompact, PReLU), SwinIR and HAT")
 
 #: Nestings of released .pth files: BasicSR saves the EMA weights (the ones to use) next to the raw ones.
 _NESTED_KEYS = ("params_ema", "params", "state_dict")
@@ -174,6 +187,9 @@ class _Plan:
     describe: str
     #: The module's tensor name → the file's (identity where they agree).
     file_name: Callable[[str], str] = str
+    #: Names in the file that the module derives itself (saved buffers such as SwinIR's attention
+    #: masks): left out of the strict comparison and never loaded.
+    derived: Callable[[str], bool] = lambda name: False
 
 
 @dataclass(frozen=True)
@@ -222,6 +238,7 @@ def upscaler_from_state_dict(state_dict: Mapping[str, torch.Tensor], *, source: 
     tensors = _unwrap(state_dict)
     plan = _plan(tensors, source)
     module = plan.build()
+    tensors = {name: t for name, t in tensors.items() if not plan.derived(name)}
     _load_strict(module, tensors, plan.file_name, source, plan.describe)
     module.eval().requires_grad_(False)
     return UpscalerModel(module=module, arch=plan.arch, scale=plan.scale)
@@ -254,6 +271,10 @@ def _plan(sd: dict[str, torch.Tensor], source: str) -> _Plan:
             return _rrdb_plan(sd, source, layout)
     if _is_compact(sd):
         return _compact_plan(sd, source)
+    if _is_swinir(sd):
+        return _swinir_plan(sd, source)
+    if _is_hat(sd):
+        return _hat_plan(sd, source)
     raise ModelError(f"{source}: not a supported upscaling model ({_what_else(sd)}supported: {SUPPORTED_ARCHITECTURES})")
 
 
@@ -265,8 +286,12 @@ def _what_else(sd: Mapping[str, torch.Tensor]) -> str:
     if any(n.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner."))
            for n in names):
         return "it looks like a Stable Diffusion checkpoint; "
+    if any(".attn.logit_scale" in n or ".cpb_mlp." in n for n in names):
+        return "it looks like a Swin2SR model, which is not supported; "
+    if any(n.startswith("before_RG.") or ".attn.attns." in n for n in names):
+        return "it looks like a DAT model, which is not supported; "
     if any(".residual_group." in n or "relative_position" in n or n.startswith("patch_embed.") for n in names):
-        return "it looks like a transformer upscaler (SwinIR, HAT, DAT or similar), which is not supported; "
+        return "it looks like a transformer upscaler that is not one of these, or an incomplete one; "
     if "body.0.weight" in sd and "body.1.weight" not in sd:
         return "a Compact model without PReLU activations is not supported; "
     shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
@@ -365,6 +390,171 @@ def _compact_plan(sd: Mapping[str, torch.Tensor], source: str) -> _Plan:
     )
 
 
+_SWIN_BLOCK = re.compile(r"layers\.(\d+)\.residual_group\.blocks\.(\d+)\.")
+#: Saved buffers SwinIR derives from the window and the picture's size (see upscaler_swin).
+_SWIN_DERIVED = re.compile(r".*\.attn\.relative_position_index|.*\.attn_mask")
+
+
+def _is_swinir(sd: Mapping[str, torch.Tensor]) -> bool:
+    """SwinIR's names: RSTBs of Swin blocks under ``layers.N.residual_group.blocks.M`` after a
+    ``conv_first``; HAT (channel-attention convs, overlapping attention) and Swin2SR (cosine
+    attention) share the start of the layout and are told apart by their own layers."""
+    names = list(sd)
+    return ("conv_first.weight" in sd and "layers.0.residual_group.blocks.0.attn.relative_position_bias_table" in sd
+            and not any(".conv_block." in n or ".overlap_attn." in n or ".attn.logit_scale" in n for n in names))
+
+
+def _swin_layers(sd: Mapping[str, torch.Tensor], source: str, arch: str,
+                 tensor: Callable[[str, int], torch.Tensor]) -> tuple[list[int], list[int], int]:
+    """Depths and heads per group (blocks under ``layers.N.residual_group.blocks.M``, heads from
+    each group's first bias table) and the window ((2w - 1)² bias rows) of SwinIR and HAT."""
+    blocks: dict[int, set[int]] = {}
+    for name in sd:
+        if m := _SWIN_BLOCK.match(name):
+            blocks.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+    if sorted(blocks) != list(range(len(blocks))):
+        raise ModelError(f"{source}: {arch} layers numbered {sorted(blocks)}; expected 0, 1, ... in a row")
+    depths = [1 + max(blocks[i]) for i in range(len(blocks))]
+    heads = [tensor(f"layers.{i}.residual_group.blocks.0.attn.relative_position_bias_table", 2).shape[1]
+             for i in range(len(blocks))]
+    rows = tensor("layers.0.residual_group.blocks.0.attn.relative_position_bias_table", 2).shape[0]
+    side = round(rows ** 0.5)
+    if side * side != rows or side % 2 == 0:
+        raise ModelError(f"{source}: {arch} bias table with {rows} rows; expected (2 x window - 1)²")
+    return depths, heads, (side + 1) // 2
+
+
+def _pixelshuffle_factors(sd: Mapping[str, torch.Tensor], source: str, arch: str, num_feat: int,
+                          tensor: Callable[[str, int], torch.Tensor]) -> list[int]:
+    """The factor (2 or 3) of each conv + pixel shuffle at ``upsample.0``, ``upsample.2``, ..."""
+    factors, k = [], 0
+    while f"upsample.{k}.weight" in sd:
+        grown, _ = tensor(f"upsample.{k}.weight", 4).shape[:2]
+        factor = round((grown / num_feat) ** 0.5)
+        if factor not in (2, 3) or factor * factor * num_feat != grown:
+            raise ModelError(f"{source}: {arch} upsampling conv upsample.{k} gives {grown} channels from "
+                             f"{num_feat}; expected 4x or 9x (a pixel shuffle by 2 or 3)")
+        factors.append(factor)
+        k += 2
+    return factors
+
+
+def _tensor_getter(sd: Mapping[str, torch.Tensor], source: str, arch: str) -> Callable[[str, int], torch.Tensor]:
+    def tensor(name: str, ndim: int) -> torch.Tensor:
+        t = sd.get(name)
+        if t is None or t.ndim != ndim:
+            raise ModelError(f"{source}: {arch} model without a {ndim}-D {name!r}: incomplete or damaged file")
+        return t
+
+    return tensor
+
+
+def _is_hat(sd: Mapping[str, torch.Tensor]) -> bool:
+    return "conv_first.weight" in sd and "layers.0.residual_group.blocks.0.conv_block.cab.0.weight" in sd
+
+
+#: Saved buffers HAT derives from its windows (and SwinIR-style ones, should a file hold them).
+_HAT_DERIVED = re.compile(r"relative_position_index_(?:SA|OCA)|.*\.attn\.relative_position_index|.*\.attn_mask")
+
+
+def _hat_plan(sd: Mapping[str, torch.Tensor], source: str) -> _Plan:
+    """HAT's hyper-parameters from its tensors: as SwinIR's, plus the conv branch's widths
+    (``conv_block.cab``), the overlapping window from the OCAB's bias table
+    ((window + overlap - 1)² rows) and its MLP width."""
+    from .upscaler_swin import HAT
+
+    tensor = _tensor_getter(sd, source, ARCH_HAT)
+    embed_dim, in_ch = tensor("conv_first.weight", 4).shape[:2]
+    depths, heads, window = _swin_layers(sd, source, ARCH_HAT, tensor)
+    rows = tensor("layers.0.residual_group.overlap_attn.relative_position_bias_table", 2).shape[0]
+    overlap = round(rows ** 0.5) - window + 1
+    if (overlap + window - 1) ** 2 != rows or overlap < window:
+        raise ModelError(f"{source}: HAT overlapping-attention bias table with {rows} rows; expected "
+                         f"(window + overlap - 1)² with an overlap of at least the window ({window})")
+    compressed = tensor("layers.0.residual_group.blocks.0.conv_block.cab.0.weight", 4).shape[0]
+    squeezed = tensor("layers.0.residual_group.blocks.0.conv_block.cab.3.attention.1.weight", 4).shape[0]
+    mlp_hidden = tensor("layers.0.residual_group.blocks.0.mlp.fc1.weight", 2).shape[0]
+    overlap_hidden = tensor("layers.0.residual_group.overlap_attn.mlp.fc1.weight", 2).shape[0]
+    num_feat = tensor("conv_before_upsample.0.weight", 4).shape[0]
+    factors = _pixelshuffle_factors(sd, source, ARCH_HAT, num_feat, tensor)
+    out_ch = tensor("conv_last.weight", 4).shape[0]
+    _rgb_only(source, ARCH_HAT, in_ch, out_ch)
+    scale = 1
+    for f in factors:
+        scale *= f
+    conv_after_body = "conv_after_body.weight" in sd
+    return _Plan(
+        arch=ARCH_HAT, scale=scale, derived=_HAT_DERIVED.fullmatch,
+        describe=(f"HAT {scale}x (embed {embed_dim}, depths {depths}, heads {heads}, window {window}, "
+                  f"overlap {overlap})"),
+        build=lambda: HAT(embed_dim=embed_dim, depths=depths, heads=heads, window=window, overlap=overlap,
+                          mlp_hidden=mlp_hidden, overlap_hidden=overlap_hidden, compressed=compressed,
+                          squeezed=squeezed, factors=factors, num_feat=num_feat, conv_after_body=conv_after_body,
+                          patch_norm="patch_embed.norm.weight" in sd,
+                          qkv_bias="layers.0.residual_group.blocks.0.attn.qkv.bias" in sd),
+    )
+
+
+def _swinir_plan(sd: Mapping[str, torch.Tensor], source: str) -> _Plan:
+    """SwinIR's hyper-parameters from its tensors: widths from the first conv and the MLPs, depth
+    and heads per RSTB from the blocks and their bias tables, the window from the table's size
+    ((2w - 1)² rows), the upsampler and scale from the layers after the body."""
+    from .upscaler_swin import SwinIR
+
+    tensor = _tensor_getter(sd, source, ARCH_SWINIR)
+    if "conv_first.1.weight" in sd:
+        raise ModelError(f"{source}: SwinIR with a pixel-unshuffled input (conv_first.1) is not supported "
+                         f"(supported: {SUPPORTED_ARCHITECTURES})")
+    embed_dim, in_ch = tensor("conv_first.weight", 4).shape[:2]
+    depths, heads, window = _swin_layers(sd, source, ARCH_SWINIR, tensor)
+    mlp_hidden = tensor("layers.0.residual_group.blocks.0.mlp.fc1.weight", 2).shape[0]
+    if "conv_after_body.weight" in sd:
+        three_conv = False
+    elif "conv_after_body.0.weight" in sd:
+        three_conv = True
+    else:
+        raise ModelError(f"{source}: SwinIR model without 'conv_after_body': incomplete or damaged file")
+
+    num_feat, factors = 64, []
+    if "conv_before_upsample.0.weight" in sd and "conv_up1.weight" in sd:
+        upsampler = "nearest+conv"
+        num_feat = tensor("conv_before_upsample.0.weight", 4).shape[0]
+        factors = [2] * sum(1 for n in sd if re.fullmatch(r"conv_up\d+\.weight", n))
+        out_ch = tensor("conv_last.weight", 4).shape[0]
+    elif "conv_before_upsample.0.weight" in sd:
+        upsampler = "pixelshuffle"
+        num_feat = tensor("conv_before_upsample.0.weight", 4).shape[0]
+        factors = _pixelshuffle_factors(sd, source, ARCH_SWINIR, num_feat, tensor)
+        out_ch = tensor("conv_last.weight", 4).shape[0]
+    elif "upsample.0.weight" in sd:
+        upsampler = "pixelshuffledirect"
+        shuffled = tensor("upsample.0.weight", 4).shape[0]
+        out_ch = in_ch
+        scale = round((shuffled / out_ch) ** 0.5)
+        if scale < 1 or scale * scale * out_ch != shuffled:
+            raise ModelError(f"{source}: SwinIR upsample.0 gives {shuffled} channels; expected {out_ch} x scale²")
+        factors = [scale]
+    else:
+        upsampler = ""
+        out_ch = tensor("conv_last.weight", 4).shape[0]
+    _rgb_only(source, ARCH_SWINIR, in_ch, out_ch)
+    scale = 1
+    for f in factors:
+        scale *= f
+    # SwinIR's JPEG artefact models are the ones with window 7 and work on 0-255 values (spandrel's rule too)
+    img_range = 255.0 if window == 7 else 1.0
+    three = ", 3conv" if three_conv else ""
+    return _Plan(
+        arch=ARCH_SWINIR, scale=scale, derived=_SWIN_DERIVED.fullmatch,
+        describe=(f"SwinIR {scale}x (embed {embed_dim}, depths {depths}, heads {heads}, window {window}, "
+                  f"{upsampler or 'no upsampler'}{three})"),
+        build=lambda: SwinIR(embed_dim=embed_dim, depths=depths, heads=heads, window=window, mlp_hidden=mlp_hidden,
+                             upsampler=upsampler, factors=factors, num_feat=num_feat, three_conv=three_conv,
+                             patch_norm="patch_embed.norm.weight" in sd,
+                             qkv_bias="layers.0.residual_group.blocks.0.attn.qkv.bias" in sd, img_range=img_range),
+    )
+
+
 def _rgb_only(source: str, arch: str, in_ch: int, out_ch: int) -> None:
     if (in_ch, out_ch) != (3, 3):
         raise ModelError(f"{source}: {arch} model for {in_ch}-channel input and {out_ch}-channel output; "
@@ -408,7 +598,7 @@ class UpscalerModel:
     """A loaded upscaling model: its module maps (N, 3, H, W) RGB in [0, 1] to (N, 3, H*scale, W*scale)."""
 
     module: torch.nn.Module
-    #: ARCH_ESRGAN or ARCH_COMPACT.
+    #: ARCH_ESRGAN, ARCH_COMPACT, ARCH_SWINIR or ARCH_HAT.
     arch: str
     #: Output size / input size.
     scale: int

@@ -4,11 +4,12 @@ Two kinds:
 
 - **built-in** ("None", "Lanczos", "Nearest"): a Pillow resize;
 - **upscaling models** from the models folder's ``upscale_models/`` (an A1111 install's
-  ``models/ESRGAN`` and ``models/RealESRGAN``): ESRGAN and Real-ESRGAN networks
-  (``models/upscaler.py``), each pass multiplying the size by the model's own scale (4 for most).
-  A model is named by its path without the extension (``4x-UltraSharp``), and the Real-ESRGAN files
-  A1111 knows by its names for them (``RealESRGAN_x4plus.pth`` is "R-ESRGAN 4x+"), so the names in
-  A1111 infotexts and API requests find the same files.
+  ``models/ESRGAN``, ``models/RealESRGAN``, ``models/SwinIR``, ``models/DAT`` and ``models/HAT``):
+  ESRGAN, Real-ESRGAN, SwinIR and HAT networks (``models/upscaler.py``), each pass multiplying the size
+  by the model's own scale (4 for most). A model is named by its path without the extension
+  (``4x-UltraSharp``), and the files A1111 knows by its names for them (``RealESRGAN_x4plus.pth`` is
+  "R-ESRGAN 4x+", its SwinIR download "SwinIR 4x"), so the names in A1111 infotexts and API
+  requests find the same files.
 
 Either kind enlarges a picture by a scale the way A1111's upscaler step does (:func:`upscale_by`):
 the target is the scaled size rounded down to a multiple of 8; a model runs up to three passes
@@ -46,6 +47,14 @@ REALESRGAN_NAMES = {
     "realesr-general-wdn-x4v3": "R-ESRGAN General WDN 4xV3",
     "realesr-animevideov3": "R-ESRGAN AnimeVideo",
 }
+#: A1111's name for its default SwinIR model: the file as it downloads it, and as the SwinIR
+#: repository releases it.
+SWINIR_NAMES = {
+    "SwinIR_4x": "SwinIR 4x",
+    "003_realSR_BSRGAN_DFOWMFC_s64w8_SwinIR-L_x4_GAN": "SwinIR 4x",
+}
+#: Every file A1111 lists under a name of its own (file name without extension → name).
+A1111_NAMES = {**REALESRGAN_NAMES, **SWINIR_NAMES}
 #: A1111's tile size and overlap for ESRGAN-type models (its ``ESRGAN_tile`` settings), in pixels.
 TILE = 192
 TILE_OVERLAP = 8
@@ -78,12 +87,13 @@ def nominal_scale(entry: UpscalerModelEntry) -> int:
 
 
 def model_entries(folder: "ModelsDir | None") -> list[UpscalerModelEntry]:
-    """The upscaling models in ``folder``, by name (A1111's names for known Real-ESRGAN files)."""
+    """The upscaling models in ``folder``, by name (A1111's names for the Real-ESRGAN and SwinIR
+    files it knows)."""
     if folder is None:
         return []
     out: dict[str, UpscalerModelEntry] = {}
     for entry in folder.list_upscalers():
-        name = REALESRGAN_NAMES.get(entry.path.stem, entry.name)
+        name = A1111_NAMES.get(entry.path.stem, entry.name)
         out.setdefault(name.lower(), UpscalerModelEntry(name, entry.path, entry.filename))
     return sorted(out.values(), key=lambda e: e.name.lower())
 
