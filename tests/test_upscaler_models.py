@@ -609,17 +609,15 @@ SWINIR_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(SWINIR_CASES))
-def test_swinir_loads_like_spandrel(case, tmp_path, spandrel_loader):
-    kwargs, (w, h), scale = SWINIR_CASES[case]
-    tensors = _randomised(swinir_reference(**kwargs), seed=len(case))
-    assert any(n.endswith(".attn_mask") for n in tensors) == any(d > 1 for d in kwargs["depths"])
-    assert any(n.endswith(".relative_position_index") for n in tensors)
+def _loads_like_spandrel(tmp_path, case, tensors, spandrel_loader, spandrel_id, arch, scale, size):
+    """``tensors`` saved as .pth (under params_ema) and .safetensors: spandrel and our loader agree on the
+    architecture and scale, and our network's output equals spandrel's within float32 rounding on a
+    random ``size`` picture; returns (picture, spandrel's output, tolerance)."""
     pth, st = _save_both(tmp_path, case, {"params_ema": tensors}, tensors)
-
     reference = spandrel_loader.load_from_file(str(pth))
-    assert (reference.architecture.id, reference.scale) == ("SwinIR", scale)
-    assert detect_upscaler(tensors, source=case) == (ARCH_SWINIR, scale)
+    assert (reference.architecture.id, reference.scale) == (spandrel_id, scale)
+    assert detect_upscaler(tensors, source=case) == (arch, scale)
+    w, h = size
     x = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(1))
     expected = _forward(reference.model.eval(), x)
     assert expected.shape == (1, 3, h * scale, w * scale) and expected.std() > 0.05
@@ -627,8 +625,19 @@ def test_swinir_loads_like_spandrel(case, tmp_path, spandrel_loader):
     atol = 2e-6 * float(expected.abs().max())
     for path in (pth, st):
         model = load_upscaler(path)
-        assert (model.arch, model.scale) == (ARCH_SWINIR, scale)
+        assert (model.arch, model.scale) == (arch, scale)
         torch.testing.assert_close(_forward(model.module, x), expected, atol=atol, rtol=1e-5)
+    return x, expected, atol
+
+
+@pytest.mark.parametrize("case", list(SWINIR_CASES))
+def test_swinir_loads_like_spandrel(case, tmp_path, spandrel_loader):
+    kwargs, (w, h), scale = SWINIR_CASES[case]
+    tensors = _randomised(swinir_reference(**kwargs), seed=len(case))
+    assert any(n.endswith(".attn_mask") for n in tensors) == any(d > 1 for d in kwargs["depths"])
+    assert any(n.endswith(".relative_position_index") for n in tensors)
+    x, expected, atol = _loads_like_spandrel(tmp_path, case, tensors, spandrel_loader, "SwinIR", ARCH_SWINIR,
+                                             scale, (w, h))
     # the saved buffers are derived from the window and the picture: a file without them is the same model
     bare = {k: v for k, v in tensors.items() if not k.endswith((".attn_mask", ".relative_position_index"))}
     torch.testing.assert_close(_forward(upscaler_from_state_dict(bare).module, x), expected, atol=atol, rtol=1e-5)
@@ -700,18 +709,7 @@ def test_hat_loads_like_spandrel(case, tmp_path, spandrel_loader):
     kwargs, (w, h), scale = HAT_CASES[case]
     tensors = _randomised(hat_reference(**kwargs), seed=len(case))
     assert "relative_position_index_OCA" in tensors
-    pth, st = _save_both(tmp_path, case, {"params_ema": tensors}, tensors)
-    reference = spandrel_loader.load_from_file(str(pth))
-    assert (reference.architecture.id, reference.scale) == ("HAT", scale)
-    assert detect_upscaler(tensors, source=case) == (ARCH_HAT, scale)
-    x = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(1))
-    expected = _forward(reference.model.eval(), x)
-    assert expected.shape == (1, 3, h * scale, w * scale) and expected.std() > 0.05
-    atol = 2e-6 * float(expected.abs().max())  # random weights: outputs far outside [0, 1]
-    for path in (pth, st):
-        model = load_upscaler(path)
-        assert (model.arch, model.scale) == (ARCH_HAT, scale)
-        torch.testing.assert_close(_forward(model.module, x), expected, atol=atol, rtol=1e-5)
+    _loads_like_spandrel(tmp_path, case, tensors, spandrel_loader, "HAT", ARCH_HAT, scale, (w, h))
 
 
 def test_hat_picture_smaller_than_the_window(spandrel_loader):

@@ -832,6 +832,18 @@ def select_saves_option(page, server, select, value, setting) -> None:
     expect(select).to_have_value(value)
 
 
+def refusal_shows_beside(page, select, value, field_class, setting, detail, kept) -> None:
+    """A 422 for choosing ``value`` (stubbed) shows its ``detail`` in ``field_class``'s error line, and the
+    select goes back to the server's value ``kept``; the stub is removed afterwards."""
+    refusal = {"error": "invalid_parameter", "field": setting, "detail": f"{setting}: {detail}"}
+    page.route("**/sdapi/v1/options", lambda r: r.fulfill(status=422, json=refusal) if r.request.method == "POST"
+               else r.continue_())
+    select.select_option(value)
+    expect(page.locator(f".{field_class} .field-error")).to_contain_text(detail)
+    expect(select).to_have_value(kept)
+    page.unroute("**/sdapi/v1/options")
+
+
 def test_sd_vae_setting_is_saved_in_the_server_options(page, server):
     """The SD VAE select offers Automatic, None and /sd-vae's files, and reads and writes A1111's sd_vae."""
     select = page.locator("#sd-vae")
@@ -845,14 +857,8 @@ def test_sd_vae_setting_is_saved_in_the_server_options(page, server):
     expect(select).to_have_value("None")
 
     # A refusal lands beside the select, which goes back to the server's value.
-    refusal = {"error": "invalid_parameter", "field": "sd_vae",
-               "detail": "sd_vae: got 'tiny-vae.safetensors', expected one of 'Automatic', 'None'"}
-    page.route("**/sdapi/v1/options", lambda r: r.fulfill(status=422, json=refusal) if r.request.method == "POST"
-               else r.continue_())
-    select.select_option("tiny-vae.safetensors")
-    expect(page.locator(".vae-field .field-error")).to_contain_text("expected one of 'Automatic', 'None'")
-    expect(select).to_have_value("None")
-    page.unroute("**/sdapi/v1/options")
+    refusal_shows_beside(page, select, "tiny-vae.safetensors", "vae-field", "sd_vae",
+                         "got 'tiny-vae.safetensors', expected one of 'Automatic', 'None'", "None")
     with page.expect_response("**/sdapi/v1/options"):
         select.select_option("Automatic")  # back to the default for the tests after this one
     assert page.request.get(f"{server}/sdapi/v1/options").json()["sd_vae"] == "Automatic"
@@ -903,13 +909,8 @@ def test_token_merging_setting_is_saved_in_the_server_options(page, server):
     assert json.loads(answer.value.request.post_data) == {"token_merging_ratio_img2img": 0, "token_merging_ratio": 0}
 
     # A refusal lands beside the select, which goes back to the server's value.
-    page.route("**/sdapi/v1/options", lambda r: r.fulfill(status=422, json={
-        "error": "invalid_parameter", "field": "token_merging_ratio_img2img",
-        "detail": "token_merging_ratio_img2img: got 0.9, expected a ratio from 0 to 0.5"}) if r.request.method == "POST"
-        else r.continue_())
-    select.select_option("0.9")
-    expect(page.locator(".tome-field .field-error")).to_contain_text("got 0.9, expected a ratio from 0 to 0.5")
-    expect(select).to_have_value("0")
+    refusal_shows_beside(page, select, "0.9", "tome-field", "token_merging_ratio_img2img",
+                         "got 0.9, expected a ratio from 0 to 0.5", "0")
 
 
 def test_img2img_upscaler_setting_is_saved_in_the_server_options(page, server):
@@ -924,13 +925,8 @@ def test_img2img_upscaler_setting_is_saved_in_the_server_options(page, server):
         expect(select).to_be_visible() if shown else expect(select).to_be_hidden()
 
     # A refusal lands beside the select, which goes back to the server's value.
-    page.route("**/sdapi/v1/options", lambda r: r.fulfill(status=422, json={
-        "error": "unknown_name", "field": "upscaler_for_img2img",
-        "detail": "upscaler_for_img2img: unknown 'Nearest'"}) if r.request.method == "POST" else r.continue_())
-    select.select_option("Nearest")
-    expect(page.locator(".img2img-upscaler-field .field-error")).to_contain_text("unknown 'Nearest'")
-    expect(select).to_have_value("4x-Zero")
-    page.unroute("**/sdapi/v1/options")
+    refusal_shows_beside(page, select, "Nearest", "img2img-upscaler-field", "upscaler_for_img2img",
+                         "unknown 'Nearest'", "4x-Zero")
     with page.expect_response("**/sdapi/v1/options"):
         select.select_option("None")  # back to the default for the tests after this one
     assert page.request.get(f"{server}/sdapi/v1/options").json()["upscaler_for_img2img"] == "None"

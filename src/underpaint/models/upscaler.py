@@ -60,6 +60,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from .upscaler_swin import pad_to_multiple
+
 from ..errors import InvalidParameter, ModelError
 from . import header
 from .registry import UPSCALER_EXTENSIONS  # noqa: F401 - the file name endings listed as upscaling models
@@ -117,17 +119,6 @@ class _RRDB(nn.Module):
         return self.rdb3(self.rdb2(self.rdb1(x))) * 0.2 + x
 
 
-def _pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
-    """Pad right and bottom to a multiple of ``multiple``: by reflection, or by replication where a
-    side is too short to reflect (reflection needs the pad to be smaller than the side)."""
-    h, w = x.shape[-2:]
-    pad_h, pad_w = -h % multiple, -w % multiple
-    if not (pad_h or pad_w):
-        return x
-    mode = "reflect" if pad_h < h and pad_w < w else "replicate"
-    return F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
-
-
 class RRDBNet(nn.Module):
     """ESRGAN's generator; ``unshuffle`` > 1 for the Real-ESRGAN x2/x1 variants fed a pixel-unshuffled input."""
 
@@ -145,7 +136,7 @@ class RRDBNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
         if self.unshuffle > 1:
-            x = F.pixel_unshuffle(_pad_to_multiple(x, self.unshuffle), self.unshuffle)
+            x = F.pixel_unshuffle(pad_to_multiple(x, self.unshuffle), self.unshuffle)
         feat = self.conv_first(x)
         feat = feat + self.conv_body(self.body(feat))
         for conv in self.ups:
