@@ -476,32 +476,38 @@ def test_gpu_run_steps_are_valid_commands(capsys, tmp_path):
         runner.main(["--dry-run", "--only", "tabel"])
 
 
+def _fake_steps(runner, monkeypatch, steps: dict[str, tuple[float, int]]) -> None:
+    """``runner``'s steps replaced by stand-ins (the runner is what is tested here; the scripts have
+    tests of their own): each sleeps its seconds, prints a line and writes its --json file. ``steps``:
+    name -> (seconds it runs, its limit)."""
+    monkeypatch.setattr(runner, "STEPS", tuple(runner.Step(name, "gpu_img2img.py", (), limit, f"{name} step")
+                                               for name, (_, limit) in steps.items()))
+
+    def command(step, out):
+        seconds = steps[step.name][0]
+        code = (f"import json, time; time.sleep({seconds}); print('| {step.name} | row |'); "
+                f"open({str(out / f'{step.name}.json')!r}, 'w').write(json.dumps({{'results': [1]}}))")
+        return [sys.executable, "-c", code]
+
+    monkeypatch.setattr(runner, "command", command)
+
+
 def test_gpu_run_keeps_going_past_a_stopped_step(tmp_path, monkeypatch):
     runner = _gpu_run_module()
-    monkeypatch.setattr(runner, "STEPS", (
-        runner.Step("slow", "gpu_img2img.py", ("--tiny", "--cases", "sd15", "--runs", "5"), 1, "stopped"),
-        runner.Step("tiny", "gpu_img2img.py", ("--tiny", "--cases", "sd15", "--runs", "1", "--warmup", "0"), 300,
-                    "runs"),
-        runner.Step("late", "gpu_img2img.py", ("--tiny",), 10_000, "does not fit the budget"),
-    ))
+    _fake_steps(runner, monkeypatch, {"slow": (30, 1), "quick": (0, 300), "late": (0, 10_000)})
     assert runner.main(["--out", str(tmp_path)]) == 1
     summary = {s["step"]: s for s in json.loads((tmp_path / "summary.json").read_text())}
-    assert summary["slow"]["status"] == "stopped at its limit"
-    assert summary["tiny"]["status"] == 0 and json.loads((tmp_path / "tiny.json").read_text())["results"]
-    assert summary["late"]["status"].startswith("not run")
-    assert "| sd15 " in (tmp_path / "tiny.log").read_text()
+    assert summary["slow"]["status"] == "stopped at its limit" and summary["slow"]["seconds"] < 20
+    assert summary["quick"]["status"] == 0 and json.loads((tmp_path / "quick.json").read_text())["results"]
+    assert summary["late"]["status"].startswith("not run")  # its limit does not fit the budget
+    assert "| quick | row |" in (tmp_path / "quick.log").read_text()
 
 
 def test_gpu_run_state_file_carries_on_where_a_call_stopped(tmp_path, monkeypatch, capsys):
     """A second call with the same --state leaves out the steps the first one ran, whatever
     their result, and runs the rest."""
     runner = _gpu_run_module()
-    monkeypatch.setattr(runner, "STEPS", (
-        runner.Step("first", "gpu_img2img.py", ("--tiny", "--cases", "sd15", "--runs", "1", "--warmup", "0"), 300,
-                    "runs in the first call"),
-        runner.Step("second", "gpu_img2img.py", ("--tiny", "--cases", "sd15", "--runs", "1", "--warmup", "0"), 300,
-                    "runs in the second call"),
-    ))
+    _fake_steps(runner, monkeypatch, {"first": (0, 300), "second": (0, 300)})
     state = tmp_path / "state.json"
     assert runner.main(["--out", str(tmp_path / "a"), "--state", str(state), "--only", "first"]) == 0
     assert json.loads(state.read_text()) == ["first"]

@@ -617,7 +617,8 @@ def test_layout_labels_and_keyboard(page):
     box = page.locator("#generate").bounding_box()
     assert box["y"] + box["height"] < 800  # Generate is in view at 1280×800
     # The quick settings line up (the checkpoint's status line under its select must not lift it).
-    tops = page.evaluate("""() => ['#checkpoint', '#sd-vae', '#clip-skip', '#preview-method', '#token-merging']
+    tops = page.evaluate("""() => ['#checkpoint', '#sd-vae', '#clip-skip', '#preview-method', '#token-merging',
+                                   '#img2img-upscaler']
       .map((s) => document.querySelector(s).getBoundingClientRect().top)""")
     assert max(tops) - min(tops) < 4, tops
 
