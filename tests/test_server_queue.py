@@ -281,3 +281,58 @@ def test_queue_unit_fifo_and_bound():
         job.future.result(10)
     assert ran == [0, 1, 2]
     queue.stop()
+
+
+def _pictures(n: int, size: int = 64) -> list[str]:
+    from PIL import Image
+
+    from test_server_support import png_b64
+
+    return [png_b64(Image.new("RGB", (size, size), (10 * i, 20, 30))) for i in range(n)]
+
+
+def test_the_picture_budget_answers_503_and_frees_when_a_request_is_answered(tmp_path):
+    """Requests hold their decoded pictures while they wait and run: past the server's picture
+    budget the next one is answered 503 at once; answered (or failed) requests give theirs back."""
+    from underpaint.server.config import Limits
+
+    backend = FakeBackend(gate=threading.Event())
+    app, server = _serve(tmp_path, backend, queue_size=8, limits=Limits(max_held_pixels=3 * 64 * 64))
+    ledger = app.state.underpaint.pictures
+    two = {"init_images": _pictures(2), "steps": 1, **SMALL}
+    with server as base, ThreadPoolExecutor(4) as pool:
+        running = pool.submit(_post, base, "/sdapi/v1/img2img", {**two, "prompt": "first"})
+        _wait_for(backend.started.is_set)
+        assert ledger.held == 2 * 64 * 64
+        r = _post(base, "/sdapi/v1/img2img", two)  # 4 of 3 pictures' worth: refused now, not queued
+        assert r.status_code == 503 and r.json()["error"] == "server_busy" and int(r.headers["Retry-After"]) >= 1
+        waiting = pool.submit(_post, base, "/sdapi/v1/txt2img", {"prompt": "no pictures", "steps": 1, **SMALL})
+        one = pool.submit(_post, base, "/sdapi/v1/img2img", {**two, "init_images": _pictures(1), "prompt": "one"})
+        _wait_for(lambda: len(app.state.underpaint.queue.waiting()) == 2)
+        assert ledger.held == 3 * 64 * 64
+        failing = _post(base, "/sdapi/v1/img2img", {**two, "init_images": _pictures(1), "prompt": "raise"})
+        assert failing.status_code == 503  # the budget is full
+        backend.gate.set()
+        assert [f.result().status_code for f in (running, waiting, one)] == [200, 200, 200]
+        assert ledger.held == 0
+        assert _post(base, "/sdapi/v1/img2img", two).status_code == 200
+        assert _post(base, "/sdapi/v1/img2img", {**two, "prompt": "raise"}).status_code >= 500  # failed: given back
+        assert ledger.held == 0
+        # More than the whole budget could never run: a 422 naming the pictures, not a 503.
+        r = _post(base, "/sdapi/v1/img2img", {**two, "init_images": _pictures(4)})
+        assert r.status_code == 422 and r.json()["field"] == "init_images"
+    assert backend.calls == ["first", "no pictures", "one", "", "raise"]
+
+
+def test_picture_pixels_counts_every_decoded_picture_once():
+    from PIL import Image
+
+    from underpaint.params import GenerationParams
+    from underpaint.pipeline.control import ControlUnit
+    from underpaint.server.images import picture_pixels
+
+    photo, mask, hint = Image.new("RGB", (64, 48)), Image.new("L", (64, 48)), Image.new("RGB", (32, 32))
+    params = GenerationParams(prompt="x", init_images=(photo, photo), mask=mask,
+                              control_units=(ControlUnit(image=hint, model="m"),))
+    assert picture_pixels(params) == 64 * 48 * 2 + 32 * 32  # the same picture twice counts once
+    assert picture_pixels(GenerationParams(prompt="x")) == 0

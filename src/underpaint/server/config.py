@@ -49,6 +49,10 @@ class Limits:
     #: Tiles one SD upscale request repaints (tiles of one picture times n_iter): each is an img2img
     #: of its own, so small tiles over a large picture would hold the engine for hours.
     max_sd_upscale_tiles: int = 256
+    #: Pixels of decoded pictures that all waiting and running requests may hold together (the
+    #: server's picture budget, images.PictureLedger): 2^28 is one request of max_input_images
+    #: pictures of max_image_pixels each, about 0.8 GB as RGB.
+    max_held_pixels: int = 2**28
 
 
 @dataclass(frozen=True)

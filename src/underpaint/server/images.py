@@ -6,10 +6,15 @@ upload never holds the engine; a pixel bomb is refused from its header, before d
 
 from __future__ import annotations
 
+import dataclasses
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from ..errors import ImageError, InvalidParameter
 from .config import Limits
+from .errors import ServerError
 from .fetch import fetch_image_bytes
 
 if TYPE_CHECKING:
@@ -74,3 +79,66 @@ def encode_image(image: "Image", infotext: str | None = None) -> str:
     from ..imageio.load import encode_png_base64
 
     return encode_png_base64(image, infotext)
+
+
+def picture_pixels(value: object) -> int:
+    """The pixels of every decoded picture in ``value``: a picture, or a request's parameters
+    (dataclasses, tuples, lists and dicts are searched), counted once each."""
+    from PIL.Image import Image
+
+    seen: set[int] = set()
+
+    def walk(item: object) -> int:
+        if isinstance(item, Image):
+            if id(item) in seen:
+                return 0
+            seen.add(id(item))
+            return item.width * item.height
+        if dataclasses.is_dataclass(item) and not isinstance(item, type):
+            return sum(walk(getattr(item, f.name)) for f in dataclasses.fields(item))
+        if isinstance(item, (tuple, list)):
+            return sum(walk(x) for x in item)
+        if isinstance(item, dict):
+            return sum(walk(x) for x in item.values())
+        return 0
+
+    return walk(value)
+
+
+class ServerBusy(ServerError):
+    """The pictures of the requests already waiting or running fill the server's picture budget."""
+
+    def __init__(self, held: int, limit: int):
+        super().__init__(f"the server holds {held} of its {limit} pixels of pictures for requests waiting or "
+                         "running; try again when one has finished", status=503, kind="server_busy",
+                         headers={"Retry-After": "5"})
+
+
+class PictureLedger:
+    """The decoded pictures all waiting and running requests of a server hold, in pixels, bounded
+    by ``Limits.max_held_pixels``: a request's pictures are decoded before it queues and kept until
+    its answer is sent, so the queue's length alone would let a burst of requests, each within its
+    own limits, hold many gigabytes (16 waiting requests of 16 pictures of 4096 x 4096 are 13 GB as
+    RGB). A request that would go past the budget is answered 503 at once, like a full queue."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.held = 0
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def hold(self, pixels: int, field: str = "init_images") -> Iterator[None]:
+        """Count ``pixels`` for the duration of the block. More than the whole budget is a 422
+        naming ``field`` (it could never run); more than what is left, :class:`ServerBusy`."""
+        if pixels > self.limit:
+            raise InvalidParameter(field, f"{pixels} pixels of pictures",
+                                   f"at most {self.limit} pixels of pictures in one request (this server's limit)")
+        with self._lock:
+            if self.held + pixels > self.limit:
+                raise ServerBusy(self.held, self.limit)
+            self.held += pixels
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.held -= pixels

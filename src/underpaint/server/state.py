@@ -16,6 +16,7 @@ from fastapi import Request
 from .catalog import Catalog
 from .config import ServerConfig
 from .engine_slot import EngineLoader, EngineSlot
+from .images import PictureLedger
 from .jobs import JobQueue
 from .saving import SampleFolders
 
@@ -54,6 +55,8 @@ class ServerState:
         self.config = config
         self.catalog = Catalog(config.models_dir)
         self.queue = JobQueue(max_waiting=config.queue_size)
+        #: The decoded pictures waiting and running requests hold (images.PictureLedger).
+        self.pictures = PictureLedger(config.limits.max_held_pixels)
         self.slot = EngineSlot(loader, self.default_model, self.vae_file)
         self.options = ServerOptions()
         #: Where ``save_images`` writes: only the server's configuration decides.

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Query, Request
 from starlette.concurrency import run_in_threadpool
 
 from ...errors import UnknownName
-from ..images import PictureBudget, decode_image, encode_image
+from ..images import PictureBudget, decode_image, encode_image, picture_pixels
 from ..security import JSONValueLimitRoute
 from ..state import ServerState, server_state
 from .control_units import controlnet_available
@@ -195,6 +195,7 @@ def _encode_maps(maps: list) -> list[str]:
 async def detect(body: ControlNetDetectRequest, request: Request) -> ControlNetDetectResponse:
     state = server_state(request)
     prepared = await run_in_threadpool(prepare_detect, body, state)
-    job = state.queue.submit("controlnet_detect", lambda job: _run_detect(state, prepared))
-    maps = await await_job(state, job)
-    return ControlNetDetectResponse(images=await run_in_threadpool(_encode_maps, maps), info="Success")
+    with state.pictures.hold(picture_pixels((prepared.images, prepared.masks)), "controlnet_input_images"):
+        job = state.queue.submit("controlnet_detect", lambda job: _run_detect(state, prepared))
+        maps = await await_job(state, job)
+        return ControlNetDetectResponse(images=await run_in_threadpool(_encode_maps, maps), info="Success")

@@ -20,7 +20,7 @@ from ...errors import InvalidParameter, UnderpaintError
 from ...pipeline import xyz_plot
 from ...pipeline.records import ModelInfo, Result
 from ..errors import ServerError
-from ..images import encode_image
+from ..images import encode_image, picture_pixels
 from ..jobs import Job, JobCancelled
 from ..saving import SaveReport
 from ..security import JSONValueLimitRoute
@@ -136,7 +136,14 @@ def _default_checkpoint(state: ServerState):
 
 
 async def run_prepared(state: ServerState, prepared: PreparedJob, response: Response) -> dict:
-    """Queue the job, wait for it without holding the event loop, and build A1111's response."""
+    """Queue the job, wait for it without holding the event loop, and build A1111's response. Its
+    decoded pictures count against the server's picture budget until then (503 when it is full)."""
+    field = "init_images" if prepared.kind == "img2img" else "alwayson_scripts"
+    with state.pictures.hold(picture_pixels(prepared.params), field):
+        return await _run_queued(state, prepared, response)
+
+
+async def _run_queued(state: ServerState, prepared: PreparedJob, response: Response) -> dict:
     job = state.queue.submit(prepared.kind, _work(state, prepared), job_id=prepared.task_id,
                              job_count=prepared.params.n_iter)
     response.headers[JOB_HEADER] = job.id
