@@ -364,3 +364,22 @@ def test_constructor_validation(sd1, sdxl):
         encoder.encode("a cat")
     with pytest.raises(InvalidParameter, match="texts"):
         encoder.encode([])
+
+
+@torch.no_grad()
+def test_encoding_never_reads_a_tensor_back_to_the_host(sd1, monkeypatch):
+    """Whether weights apply is decided from the prompt's own numbers: on a GPU, reading a tensor
+    back (bool, item, tolist) would make the host wait for the text encoder to finish."""
+    model, tok = sd1
+    texts = ["a (cat:1.5) on [grass]", "a dog"]
+    expected = [PromptEncoder((model,), (tok,), family="sd1").encode([t]).cross_attn for t in texts]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a tensor was read back to the host while encoding")
+
+    for name in ("__bool__", "item", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    got = [PromptEncoder((model,), (tok,), family="sd1").encode([t]).cross_attn for t in texts]
+    monkeypatch.undo()
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)

@@ -247,7 +247,7 @@ class PromptEncoder:
 
     def _run_chunk(self, tower: _Tower, batch: list[PromptChunk]) -> tuple[torch.Tensor, torch.Tensor | None]:
         device = _device_of(tower.model)
-        ids = torch.tensor([_pad_after_eos(c.tokens, tower.eos, tower.pad_id) for c in batch], device=device)
+        ids = _from_host([_pad_after_eos(c.tokens, tower.eos, tower.pad_id) for c in batch], torch.int64, device)
         slots = [[(s.offset, self.embeddings[s.name].vectors[tower.index])
                   for s in c.embeddings] for c in batch]
         embedding_layer = _text_model(tower.model).embeddings.token_embedding
@@ -261,18 +261,30 @@ class PromptEncoder:
         if tower.final_norm:
             z = _text_model(tower.model).final_layer_norm(z)
         pooled = out.text_embeds if tower.pooled else None
-        weights = torch.tensor([c.multipliers for c in batch], dtype=torch.float32, device=device)
+        if self.emphasis in ("Ignore", "None") or all(m == 1.0 for c in batch for m in c.multipliers):
+            return z, pooled  # decided on the host: testing a GPU tensor would wait for the GPU
+        weights = _from_host([c.multipliers for c in batch], torch.float32, device)
         return _emphasize(z, weights, self.emphasis), pooled
+
+
+def _from_host(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A tensor of Python ``values`` on ``device``. To a GPU it is copied from page-locked memory
+    without blocking, so the host queues the copy and goes on: a blocking copy (PyTorch's default)
+    returns only once the GPU has finished everything queued before it (here, the text encoder's
+    previous chunk), leaving the GPU idle while the host catches up."""
+    tensor = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def _emphasize(z: torch.Tensor, weights: torch.Tensor, mode: str) -> torch.Tensor:
     """Scale each token's hidden state by its weight; "Original" then restores the batch mean.
 
-    With every weight 1 the result is ``z`` itself (A1111's rescale is then ``mean / mean``),
-    so that case skips the arithmetic, which also keeps a zero-mean ``z`` free of 0/0.
+    The caller skips it for the "Ignore" and "None" modes and when every weight is 1 (the result
+    would be ``z`` itself: A1111's rescale is then ``mean / mean``), which also keeps a zero-mean
+    ``z`` free of 0/0.
     """
-    if mode in ("Ignore", "None") or bool((weights == 1.0).all()):
-        return z
     original = z.float()
     weighted = original * weights.unsqueeze(-1)
     if mode == "Original":
