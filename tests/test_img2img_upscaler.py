@@ -48,7 +48,7 @@ def _model_enlarge(models):
     from underpaint.models.registry import ModelsDir
     from underpaint.pipeline import upscale
 
-    return upscale.enlarger(upscale.resolve(ModelsDir(models), "4x-Zero", "img2img_upscaler"))
+    return upscale.enlarger(upscale.picture_pass(upscale.resolve(ModelsDir(models), "4x-Zero", "img2img_upscaler")))
 
 
 def _eq(a: Image.Image, b: Image.Image) -> bool:

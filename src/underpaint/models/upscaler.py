@@ -49,6 +49,7 @@ PIL picture, whole or in overlapping tiles blended with linear weights.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -470,9 +471,7 @@ def _hat_plan(sd: Mapping[str, torch.Tensor], source: str) -> _Plan:
     factors = _pixelshuffle_factors(sd, source, ARCH_HAT, num_feat, tensor)
     out_ch = tensor("conv_last.weight", 4).shape[0]
     _rgb_only(source, ARCH_HAT, in_ch, out_ch)
-    scale = 1
-    for f in factors:
-        scale *= f
+    scale = math.prod(factors)
     conv_after_body = "conv_after_body.weight" in sd
     return _Plan(
         arch=ARCH_HAT, scale=scale, derived=_HAT_DERIVED.fullmatch,
@@ -529,9 +528,7 @@ def _swinir_plan(sd: Mapping[str, torch.Tensor], source: str) -> _Plan:
         upsampler = ""
         out_ch = tensor("conv_last.weight", 4).shape[0]
     _rgb_only(source, ARCH_SWINIR, in_ch, out_ch)
-    scale = 1
-    for f in factors:
-        scale *= f
+    scale = math.prod(factors)
     # SwinIR's JPEG artefact models are the ones with window 7 and work on 0-255 values (spandrel's rule too)
     img_range = 255.0 if window == 7 else 1.0
     three = ", 3conv" if three_conv else ""

@@ -246,8 +246,8 @@ def _enlarger(model, params: GenerationParams) -> Enlarge | None:
         return None
     from . import upscale
 
-    return upscale.enlarger(upscale.resolve(getattr(model, "models_dir", None), name, "img2img_upscaler"),
-                            device=str(model.device))
+    upscaler = upscale.resolve(getattr(model, "models_dir", None), name, "img2img_upscaler")
+    return upscale.enlarger(upscale.picture_pass(upscaler, device=str(model.device)))
 
 
 def _check_size_from_picture(plan: Plan) -> None:

@@ -76,12 +76,11 @@ def upscale_picture(image: Image.Image, width: int, height: int, upscaler: str,
     built-in one of that name).
     """
     from ..imageio.resize import scale_to
-    from .upscale import builtin_pass, upscale_by
+    from .upscale import builtin_pass, enlarger
 
     if upscaler == "None":
         return scale_to(image, width, height)
-    one_pass = one_pass or builtin_pass(upscaler)
-    return scale_to(image, width, height, lambda picture, scale: upscale_by(picture, scale, one_pass))
+    return scale_to(image, width, height, enlarger(one_pass or builtin_pass(upscaler)))
 
 
 def second_pass_params(params: GenerationParams, size: HiresSize) -> GenerationParams:

@@ -238,10 +238,10 @@ def picture_pass(upscaler: "str | UpscalerModelEntry", *, device: str = "cpu",
     return model_pass(upscaler, device=device, cancel=cancel)
 
 
-def enlarger(upscaler: "str | UpscalerModelEntry", *, device: str = "cpu") -> "Enlarge":
-    """A resolved upscaler (:func:`resolve`) as the enlarging step of an img2img resize (A1111's
-    "Upscaler for img2img", imageio/resize.py ``scale_to``): :func:`upscale_by` the scale asked."""
-    one_pass = picture_pass(upscaler, device=device)
+def enlarger(one_pass: OnePass) -> "Enlarge":
+    """An upscaler's pass (:func:`picture_pass`) as the enlarging step of a resize (hires. fix's
+    picture upscale, A1111's "Upscaler for img2img"; imageio/resize.py ``scale_to``):
+    :func:`upscale_by` the scale asked."""
     return lambda image, scale: upscale_by(image, scale, one_pass)
 
 
