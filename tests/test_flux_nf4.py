@@ -3,9 +3,10 @@
 The tiny files are written by bitsandbytes itself: each linear weight goes through its
 ``Params4bit`` quantizer and its ``Linear4bit.state_dict`` (the serialization Forge's
 ``flux1-dev-bnb-nf4`` files and diffusers' NF4 checkpoints use), with and without double
-quantization of the block scales. References: bitsandbytes' own ``dequantize_4bit`` (its CPU
-kernel), diffusers' FLUX converter applied to those dequantized weights, and the same model
-written back as an ordinary safetensors file of the dequantized weights.
+quantization of the block scales. References: bitsandbytes' own dequantization (its portable
+implementation: its AVX-512 CPU kernel takes the first block's scale for every block that spans
+rows), diffusers' FLUX converter applied to those dequantized weights, and the same model written
+back as an ordinary safetensors file of the dequantized weights.
 """
 
 from __future__ import annotations
@@ -51,8 +52,22 @@ def bnb_serialized(name: str, weight: torch.Tensor, quant_type: str, nested: boo
     """(``Linear4bit.state_dict`` of the quantized weight under ``name``, bitsandbytes' own dequantization)."""
     layer = bnb_layer(weight, quant_type, nested, blocksize)
     tensors = {k: v.clone() for k, v in layer.state_dict(prefix=name.removesuffix("weight")).items()}
-    reference = bnb_functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
-    return tensors, reference
+    return tensors, bnb_dequantized(layer.weight.data, layer.weight.quant_state)
+
+
+def bnb_dequantized(packed: torch.Tensor, state) -> torch.Tensor:
+    """``bitsandbytes.functional.dequantize_4bit`` through bitsandbytes' portable implementation: on CPUs
+    with AVX-512 its CPU kernel gives every block of a row shorter than the block the first block's scale
+    (bitsandbytes 0.50.2), so the dispatching call is not a reference on every machine."""
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+    from bitsandbytes.backends.utils import _get_4bit_code
+
+    absmax = state.absmax
+    if state.nested:  # the block scales are themselves 8-bit blocks plus an offset
+        absmax = bnb_functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    flat = packed.view(torch.uint8).reshape(-1)
+    return _dequantize_4bit_compute(flat, absmax.float(), _get_4bit_code(state.quant_type, flat.device),
+                                    state.blocksize, state.shape, state.dtype)
 
 
 def quantize_transformer(tensors: dict[str, torch.Tensor], quant_type: str, nested: bool,
