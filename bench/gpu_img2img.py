@@ -29,8 +29,9 @@ within fp16 tolerance. Given more than once, each ``--optimize`` adds a row of i
 alone, undone afterwards, checked on its own); ``--attention`` applies to every one of them.
 ``fp8`` is lossy (a speed/quality trade-off): a row with it reports its pictures' mean |Δ| and
 PSNR against the plain row's as a measure, not as a pass/fail check.
-``--token-merging R`` and ``--deepcache N`` each add an underpaint row with that trade-off (token
-merging at ratio R; DeepCache with a full UNet step every N steps; SD cases only), timed in turn with
+``--token-merging R``, ``--deepcache N`` and ``--ngms SIGMA`` each add an underpaint row with that
+trade-off (token merging at ratio R; DeepCache with a full UNet step every N steps, SD cases only; A1111's
+Negative Guidance minimum sigma: every other evaluation below SIGMA without the negative prompt), timed in turn with
 the plain rows; their pictures differ by design, so their difference to the plain run's is reported,
 not judged (random weights say nothing of quality).
 
@@ -236,6 +237,8 @@ class Settings:
     token_merging: float = 0.0
     #: DeepCache interval for an extra underpaint row (``--deepcache``); 0 adds none.
     deepcache: int = 0
+    #: Negative Guidance minimum sigma for an extra underpaint row (``--ngms``); 0 adds none.
+    ngms: float = 0.0
     #: Folder for one profiled call per row (``--profile``); None: no profiling.
     profile: Path | None = None
 
@@ -243,13 +246,13 @@ class Settings:
         """The extra underpaint rows that change the picture by design: (label, request fields)."""
         from underpaint.params import DeepCacheOptions
 
-        if self.flux:  # both are for SD UNets
-            return []
         rows = []
-        if self.token_merging:
+        if self.token_merging and not self.flux:  # token merging and DeepCache are for SD UNets
             rows.append((f"tome={self.token_merging:g}", dict(token_merging_ratio=self.token_merging)))
-        if self.deepcache > 1:
+        if self.deepcache > 1 and not self.flux:
             rows.append((f"deepcache={self.deepcache}", dict(deepcache=DeepCacheOptions(interval=self.deepcache))))
+        if self.ngms:
+            rows.append((f"ngms={self.ngms:g}", dict(s_min_uncond=self.ngms)))
         return rows
 
     @property
@@ -1176,6 +1179,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="add an underpaint row with token merging at this ratio (0-0.9; SD cases only)")
     p.add_argument("--deepcache", type=int, default=0, metavar="INTERVAL",
                    help="add an underpaint row with DeepCache, a full UNet step every INTERVAL steps (SD cases only)")
+    p.add_argument("--ngms", type=float, default=0.0, metavar="SIGMA",
+                   help="add an underpaint row with A1111's Negative Guidance minimum sigma: below SIGMA every other "
+                        "model evaluation runs the prompt alone")
     p.add_argument("--vram", default="high", choices=["high", "medium", "low"],
                    help="add an underpaint row in this memory mode, run alone (its peak VRAM shows the mode's effect)")
     p.add_argument("--vae-precision", default="", choices=["fp32", "fp16", "bf16"],
@@ -1207,7 +1213,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
     s = Settings(device, dtype, _given(args.steps, SD_STEPS), _given(args.strength, SD_STRENGTH),
                  _given(args.cfg, SD_CFG), args.runs, args.warmup, optimize, args.compile_diffusers, args.compile_mode,
                  vram=args.vram, attention=args.attention, token_merging=args.token_merging, deepcache=args.deepcache,
-                 profile=args.profile, vae_precision=args.vae_precision)
+                 ngms=args.ngms, profile=args.profile, vae_precision=args.vae_precision)
     rows = [speed.describe() for speed in s.speeds]
     twice = sorted({row for row in rows if rows.count(row) > 1})
     if twice:
@@ -1217,6 +1223,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         raise SystemExit("--token-merging: a ratio from 0 to 0.9")
     if s.deepcache < 0:
         raise SystemExit("--deepcache: an interval of 2 or more (0: no DeepCache row)")
+    if s.ngms < 0:
+        raise SystemExit("--ngms: a sigma of 0 or more (0: no NGMS row)")
     _check_steps(s, args)
     return s
 
@@ -1319,7 +1327,7 @@ def _settings_json(settings: Settings, args: argparse.Namespace) -> dict:
                 underpaint_strength=settings.underpaint_strength, cfg=settings.cfg, runs=settings.runs,
                 warmup=settings.warmup, optimize=[list(names) for names in settings.optimize],
                 attention=settings.attention, profile=str(settings.profile) if settings.profile else None,
-                token_merging=settings.token_merging, deepcache=settings.deepcache,
+                token_merging=settings.token_merging, deepcache=settings.deepcache, ngms=settings.ngms,
                 compile_diffusers=settings.compile_diffusers,
                 compile_mode=settings.compile_mode, fp16_vae=args.fp16_vae, stub_unet=args.stub_unet, vram=settings.vram,
                 guidance=settings.guidance,

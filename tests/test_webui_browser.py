@@ -1011,6 +1011,42 @@ def test_pasted_infotext_sets_deepcache(page, tmp_path):
     expect(page.locator("#deepcache_branch")).to_be_disabled()
 
 
+def test_negative_guidance_skips_are_sent_recorded_and_pasted(page, photo_file, tmp_path):
+    """NGMS (with "all steps", enabled only while NGMS is on) and Skip Early CFG go out as override_settings
+    only when on; a refused share is marked beside its field; the result's infotext records them, and a
+    picture whose infotext does not name them turns them off again."""
+    sigma, every, early = (page.locator(f"#{name}") for name in ("s_min_uncond", "s_min_uncond_all", "skip_early_cond"))
+    expect(every).to_be_disabled()
+    page.set_input_files("#img2img-file", str(photo_file))
+    fast_settings(page, seed=23, steps=4)
+    set_value(page, "s_min_uncond", 2)
+    expect(every).to_be_enabled()
+    every.check()
+    set_value(page, "skip_early_cond", 1.5)
+    with page.expect_response("**/sdapi/v1/img2img") as answer:
+        page.click("#generate")
+    assert answer.value.status == 422
+    expect(page.locator(".field:has(#skip_early_cond) .field-error")).to_contain_text("1.5")
+
+    set_value(page, "skip_early_cond", 0.25)
+    with page.expect_response("**/sdapi/v1/img2img", timeout=GENERATION_TIMEOUT) as answer:
+        page.click("#generate")
+    assert answer.value.ok, answer.value.text()
+    sent = json.loads(answer.value.request.post_data)["override_settings"]
+    assert sent == {"s_min_uncond": 2, "s_min_uncond_all": True, "skip_early_cond": 0.25}
+    expect(page.locator("#result-image")).to_be_visible()
+    assert "Skip Early CFG: 0.25, NGMS: 2, NGMS all steps: True" in page.input_value("#result-infotext")
+
+    plain = infotext_pngs(tmp_path, {"plain": "a pond\nSteps: 4, Sampler: Euler a, Seed: 11, Size: 64x64"}, (64, 64))
+    page.click("#tab-pnginfo")
+    page.set_input_files("#pnginfo-file", str(plain["plain"]))
+    page.click("#pnginfo-send-img2img")
+    expect(sigma).to_have_value("0")
+    expect(early).to_have_value("0")
+    expect(every).to_be_disabled()
+    expect(every).not_to_be_checked()
+
+
 # --------------------------------------------------------------------------- txt2img and Hires. fix
 
 

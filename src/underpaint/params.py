@@ -43,6 +43,9 @@ HIRES_UPSCALERS = (*HIRES_LATENT_MODES, *HIRES_PIXEL_UPSCALERS)
 DEFAULT_HIRES_UPSCALER = "Latent"
 #: The largest token merging ratio A1111's settings allow (models/tome.py).
 MAX_TOKEN_MERGING_RATIO = 0.9
+#: The largest "Negative Guidance minimum sigma" taken: above every SD/SDXL noise level (A1111's
+#: slider ends at 15; its API takes any number).
+MAX_S_MIN_UNCOND = 1000.0
 #: The values A1111's infotexts and UI use for "the same as the first pass".
 _SAME_AS_FIRST_PASS = ("", "use same sampler", "use same scheduler", "use same checkpoint")
 
@@ -365,6 +368,15 @@ class GenerationParams:
     #: first block's relative change under which the other blocks are skipped, 0 (off) to 1
     #: (0.12 is ComfyUI-WaveSpeed's suggestion for FLUX.1-dev).
     first_block_cache: float = 0.0
+    #: A1111's "Negative Guidance minimum sigma" (infotext NGMS), a speed/quality trade-off: while the
+    #: noise level is below it, every other model evaluation runs the prompt alone, without the
+    #: negative prompt's half of the guidance batch. 0: off (pipeline/guidance.py).
+    s_min_uncond: float = 0.0
+    #: With ``s_min_uncond``: every evaluation below it, not every other one ("NGMS all steps").
+    s_min_uncond_all: bool = False
+    #: A1111's "Ignore negative prompt during early sampling" (infotext "Skip Early CFG"): the share
+    #: of the run's first model evaluations, 0 (none) to 1 (all), that run the prompt alone.
+    skip_early_cond: float = 0.0
     #: A1111's "SD upscale" img2img script; None: off.
     sd_upscale: SDUpscaleOptions | None = None
     #: A1111's "X/Y/Z plot" script; None: off.
@@ -396,6 +408,10 @@ class GenerationParams:
         _check_range("eta_noise_seed_delta", self.eta_noise_seed_delta, 0, 2**32 - 1, integer=True)
         _check_range("token_merging_ratio", self.token_merging_ratio, 0.0, MAX_TOKEN_MERGING_RATIO)
         _check_range("first_block_cache", self.first_block_cache, 0.0, 1.0)
+        _check_range("s_min_uncond", self.s_min_uncond, 0.0, MAX_S_MIN_UNCOND)
+        if not isinstance(self.s_min_uncond_all, bool):
+            raise InvalidParameter("s_min_uncond_all", self.s_min_uncond_all, "true or false")
+        _check_range("skip_early_cond", self.skip_early_cond, 0.0, 1.0)
         for name in ("seed_resize_from_w", "seed_resize_from_h"):
             _check_range(name, getattr(self, name), 0, 8192, integer=True)
         for name in ("width", "height"):

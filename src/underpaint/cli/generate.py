@@ -116,6 +116,15 @@ def _add_generation_args(p: argparse.ArgumentParser, *, img2img: bool) -> None:
                         "before self-attention in the UNet's full-resolution blocks; faster at large sizes, less "
                         "faithful (0.3-0.5 is typical). Default 0 (off). Changes nothing on SDXL (no attention "
                         "there); ignored for FLUX")
+    s.add_argument("--ngms", dest="s_min_uncond", type=float, default=0.0, metavar="SIGMA",
+                   help="A1111's Negative Guidance minimum sigma (a speed/quality trade-off): once the noise level "
+                        "is below SIGMA, every other model evaluation runs the prompt without the negative prompt "
+                        "(up to a quarter fewer UNet rows at the end of a run). Default 0 (off)")
+    s.add_argument("--ngms-all-steps", dest="s_min_uncond_all", action="store_true", default=False,
+                   help="with --ngms: every evaluation below SIGMA runs without the negative prompt")
+    s.add_argument("--skip-early-cfg", dest="skip_early_cond", type=float, default=0.0, metavar="FRACTION",
+                   help="A1111's Ignore negative prompt during early sampling: the first FRACTION (0-1) of the "
+                        "model evaluations run without the negative prompt. Default 0 (off)")
 
     r = p.add_argument_group("seed")
     r.add_argument("--seed", type=int, default=-1,
@@ -354,7 +363,7 @@ def add_memory_and_speed_arguments(group) -> None:
 _OVERRIDABLE = ("prompt", "negative_prompt", "strength", "steps", "cfg_scale", "distilled_cfg_scale", "sampler",
                 "scheduler", "clip_skip",
                 "eta", "s_churn", "s_noise", "seed", "subseed", "subseed_strength", "seed_resize_from", "rng", "ensd",
-                "width", "height", "token_merging")
+                "width", "height", "token_merging", "s_min_uncond", "s_min_uncond_all", "skip_early_cond")
 # GenerationParams field → the flag that sets it (where the names differ).
 _FLAG_OF_FIELD = {"seed_resize_from_w": "seed_resize_from", "seed_resize_from_h": "seed_resize_from",
                   "eta_noise_seed_delta": "ensd", "token_merging_ratio": "token_merging"}
@@ -429,6 +438,9 @@ def params_from_args(args: argparse.Namespace, init_images: tuple = (), *, model
         rng=args.rng,
         eta_noise_seed_delta=args.ensd,
         token_merging_ratio=args.token_merging,
+        s_min_uncond=args.s_min_uncond,
+        s_min_uncond_all=args.s_min_uncond_all,
+        skip_early_cond=args.skip_early_cond,
         fix_steps=getattr(args, "fix_steps", False),
         img2img_upscaler=getattr(args, "img2img_upscaler", None),
         sampler_options=SamplerOptions(eta=args.eta, s_churn=args.s_churn, s_noise=args.s_noise),

@@ -96,6 +96,7 @@ _FIELD_FLAGS: dict[str, tuple[str, ...]] = {
     "seed_resize_from_w": ("--seed-resize-from",), "seed_resize_from_h": ("--seed-resize-from",),
     "hires_resize_x": ("--hires-resize",), "hires_resize_y": ("--hires-resize",),
     "hires_token_merging_ratio": ("--hires-token-merging",),
+    "s_min_uncond": ("--ngms",), "s_min_uncond_all": ("--ngms-all-steps",), "skip_early_cond": ("--skip-early-cfg",),
     "mask_blur_x": ("--mask-blur",), "mask_blur_y": ("--mask-blur",), "full_res_padding": ("--padding",),
     "deepcache_interval": ("--deepcache",), "init_images": ("input",),
     # ControlNet units (pipeline/control.py) and `underpaint detect`.

@@ -12,6 +12,7 @@ from ..sampling.denoisers import cfg_denoiser, eps_denoiser, lcm_denoiser, v_den
 from ..sampling.names import sampler_info
 from ..sampling.schedules import ModelSchedule
 from .conditioning import CondSchedule
+from .guidance import UncondSkip, parts_alone, prompt_alone
 from .inpaint import concat_channels
 
 
@@ -55,12 +56,14 @@ def unet_fn(model, conds: CondSchedule, control=None) -> Callable[[torch.Tensor,
 
 
 def make_denoiser(model, conds: CondSchedule, cfg_scale: float, schedule: ModelSchedule, sampler: str, *,
-                  image_conditioning: torch.Tensor | None = None, control=None) -> Callable:
+                  image_conditioning: torch.Tensor | None = None, control=None,
+                  skip: UncondSkip | None = None) -> Callable:
     """``denoiser(x, sigma) -> denoised`` with guidance against the step's negative prompt.
 
     ``image_conditioning`` is appended to the UNet's input channels after the input scaling
     (a 9-channel inpainting checkpoint's mask and masked-picture latents); ``control`` adds
-    ControlNet residuals (pipeline/control.py).
+    ControlNet residuals (pipeline/control.py); ``skip`` says which evaluations run the prompt
+    alone (pipeline/guidance.py).
     """
     if "lcm" in sampler_info(sampler).flags:
         wrap = lcm_denoiser
@@ -78,7 +81,10 @@ def make_denoiser(model, conds: CondSchedule, cfg_scale: float, schedule: ModelS
         if control is not None:
             control.set_conds(cond, uncond)
         # A1111 advances prompt editing once per model evaluation, not per sampler step.
+        evaluation = conds.step
         conds.step += 1
+        if skip is not None and skip.skips(evaluation, sigma):
+            return parts_alone(base, cond, weights, x, sigma) if conds.parts else prompt_alone(base, cond, x, sigma)
         if conds.parts:
             return composable_cfg(base, cond, weights, uncond, cfg_scale, joint=control is None)(x, sigma)
         return cfg_denoiser(base, cond, uncond, cfg_scale)(x, sigma)

@@ -26,6 +26,7 @@ from ..prompts.parser import extract_extra_networks, parse_attention, prompt_sch
 from ..sampling.denoisers import cfg_denoiser
 from ..sampling.flow import velocity_denoiser
 from .conditioning import CondSchedule
+from .guidance import UncondSkip
 
 #: Forge's default "Distilled CFG Scale" for FLUX.1-dev.
 DEFAULT_GUIDANCE = 3.5
@@ -236,16 +237,19 @@ def transformer_fn(model, guidance: float | None, *, extra_channels: torch.Tenso
 
 
 def make_denoiser(model, conds: CondSchedule, params: GenerationParams, *,
-                  extra_channels: torch.Tensor | None = None, control=None) -> Callable:
-    """``denoiser(x, σ) -> x0`` for FLUX: distilled guidance always, true CFG when the scale is not 1."""
+                  extra_channels: torch.Tensor | None = None, control=None,
+                  skip: UncondSkip | None = None) -> Callable:
+    """``denoiser(x, σ) -> x0`` for FLUX: distilled guidance always, true CFG when the scale is not 1
+    (``skip``: the evaluations that run the prompt alone, pipeline/guidance.py)."""
     base = velocity_denoiser(transformer_fn(model, guidance_value(model, params), extra_channels=extra_channels,
                                             control=control))
     scale = params.cfg_scale
 
     def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         cond, uncond = conds.current()
+        evaluation = conds.step
         conds.step += 1
-        if scale == 1:
+        if scale == 1 or (skip is not None and skip.skips(evaluation, sigma)):
             return base(x, sigma, cond)
         return cfg_denoiser(base, cond, uncond, scale)(x, sigma)
 

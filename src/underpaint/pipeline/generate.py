@@ -30,6 +30,7 @@ from . import hires as hires_mod
 from .conditioning import encode_prompts, prompt_encoder
 from .control import request_control
 from .denoise import make_denoiser
+from .guidance import UncondSkip
 from . import inpaint
 from .infotext import build_infotext
 from .networks import ActiveNetworks, request_networks
@@ -471,17 +472,19 @@ def _run_batch(model, plan: Plan, job: int, seeds, subseeds, progress, cancel: C
     # 5. Denoiser: model wrapper ∘ CFG ∘ inpaint blend (∘ ControlNet); a 9-channel
     #    inpainting checkpoint also sees the mask and the masked picture.
     pixels = None if start is None else start.pixels
+    # A1111's NGMS and Skip Early CFG: which evaluations run the prompt alone.
+    skip = UncondSkip.of(p, steps=len(plan.sigmas) - 1)
     if is_flux:
         extra = flux_fill_channels(model, plan, b, encode, pixels=pixels) if model.spec.is_inpaint else None
         if control is not None:
             control.on_step(0)
-        denoiser = flux.make_denoiser(model, conds, p, extra_channels=extra, control=control)
+        denoiser = flux.make_denoiser(model, conds, p, extra_channels=extra, control=control, skip=skip)
     else:
         extra = _inpaint_channels(model, plan, b, encode, pixels=pixels) if model.spec.is_inpaint else None
         if control is not None:
             control.on_step(0)
         denoiser = make_denoiser(model, conds, p.cfg_scale, model_schedule(model), p.sampler,
-                                 image_conditioning=extra, control=control)
+                                 image_conditioning=extra, control=control, skip=skip)
     if masked is not None:
         denoiser = masked.wrap(denoiser, sigmas)
     info = sampler_info(p.sampler)

@@ -36,6 +36,8 @@ _FIELDS: tuple[tuple[str, str, Callable[[str], Any]], ...] = (
     ("Clip skip", "clip_skip", int),
     ("ENSD", "eta_noise_seed_delta", int),
     ("Token merging ratio", "token_merging_ratio", float),
+    ("NGMS", "s_min_uncond", float),
+    ("Skip Early CFG", "skip_early_cond", float),
 )
 _RNG = {"GPU": "gpu", "CPU": "cpu", "NV": "nv"}
 # Sampler options: underpaint's spelling first, then A1111's ("Sigma churn", "Eta DDIM", ...).
@@ -84,6 +86,8 @@ def params_from_infotext(parsed: ParsedInfotext) -> dict[str, Any]:
     if rng not in _RNG:
         raise InvalidParameter("RNG", rng, "GPU, CPU or NV")
     fields["rng"] = _RNG[rng]
+    if "NGMS all steps" in values:
+        fields["s_min_uncond_all"] = _parse(values, "NGMS all steps", _boolean)
     fields["sampler_options"] = sampler_options(values)
     fields["inpaint"] = inpaint_options(values)
     hires = hires_options(parsed.params)

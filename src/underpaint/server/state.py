@@ -41,6 +41,11 @@ class ServerOptions:
     token_merging_ratio: float = 0.0
     token_merging_ratio_img2img: float = 0.0
     token_merging_ratio_hr: float = 0.0
+    #: A1111's "Negative Guidance minimum sigma" (NGMS), its "all steps" switch and "Ignore negative
+    #: prompt during early sampling" (Skip Early CFG): pipeline/guidance.py.
+    s_min_uncond: float = 0.0
+    s_min_uncond_all: bool = False
+    skip_early_cond: float = 0.0
     #: A1111's "SD VAE": "Automatic", "None" or a VAE file's name as /sd-vae lists it (catalog.py).
     sd_vae: str = "Automatic"
     #: A1111's "Upscaler for img2img": "None" (Lanczos) or an upscaler's name as /upscalers lists it.

@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from ...errors import InvalidParameter, UnknownName
-from ...params import (MASKED_CONTENT, MAX_TOKEN_MERGING_RATIO, DeepCacheOptions, GenerationParams, HiresOptions,
+from ...params import (MASKED_CONTENT, MAX_S_MIN_UNCOND, MAX_TOKEN_MERGING_RATIO, DeepCacheOptions, GenerationParams, HiresOptions,
                        InpaintOptions, SamplerOptions, preview_method_name)
 from ...prompts.styles import StyleBook
 from ..config import Limits
@@ -238,6 +238,9 @@ def _kept_options(req: GenerationRequest, ctx: ConvertContext) -> dict[str, Any]
         "upscaler_for_img2img": ("upscaler_for_img2img", lambda key: overrides.upscaler(options.upscaler_for_img2img)),
         **{key: (key, lambda key: overrides.ratio(key, 0.0)) for key in
            ("token_merging_ratio", "token_merging_ratio_img2img", "token_merging_ratio_hr")},
+        "s_min_uncond": ("s_min_uncond", lambda key: overrides.float(key, options.s_min_uncond)),
+        "s_min_uncond_all": ("s_min_uncond_all", lambda key: overrides.bool(key, options.s_min_uncond_all)),
+        "skip_early_cond": ("skip_early_cond", lambda key: overrides.float(key, options.skip_early_cond)),
     }
     for key, (name, read) in readers.items():
         if overrides.has(key):
@@ -314,8 +317,6 @@ def _refuse_unsupported(req: GenerationRequest, *, img2img: bool = False) -> Non
     for name in ("restore_faces", "tiling"):
         if getattr(req, name):
             raise InvalidParameter(name, True, f"false ({name.replace('_', ' ')} is not available in underpaint)")
-    if req.s_min_uncond:
-        raise InvalidParameter("s_min_uncond", req.s_min_uncond, "0 (skipping the negative prompt is not available)")
     if req.refiner_checkpoint:
         raise InvalidParameter("refiner_checkpoint", req.refiner_checkpoint, "absent (refiners are not available yet)")
     scripts = [SD_UPSCALE_SCRIPT, XYZ_PLOT_SCRIPT] if img2img else [XYZ_PLOT_SCRIPT]
@@ -542,6 +543,7 @@ def _common_fields(req: GenerationRequest, ctx: ConvertContext, pictures: Pictur
         "fix_steps": overrides.bool("img2img_fix_steps", ctx.options.img2img_fix_steps) if img2img else False,
         "img2img_upscaler": overrides.upscaler(ctx.options.upscaler_for_img2img) if img2img else None,
         "token_merging_ratio": _token_merging_ratio(overrides, ctx.options, img2img=img2img),
+        **_uncond_skip(req, overrides, ctx.options),
         "sampler_options": _sampler_options(req, overrides, sampler),
         "deepcache": _deepcache(overrides),
         "first_block_cache": _first_block_cache(overrides),
@@ -549,6 +551,25 @@ def _common_fields(req: GenerationRequest, ctx: ConvertContext, pictures: Pictur
         "_vae": overrides.vae(),
         **_control_fields(req, ctx, pictures, img2img=img2img),
     }
+
+
+def _uncond_skip(req: GenerationRequest, overrides: "_Overrides", options: ServerOptions) -> dict[str, Any]:
+    """A1111's NGMS and Skip Early CFG (pipeline/guidance.py): ``s_min_uncond`` from the request, else its
+    override, else the setting; ``s_min_uncond_all`` and ``skip_early_cond`` from their overrides, else
+    the settings. Checked by name here so the 422 says where the value came from."""
+    if req.s_min_uncond is not None:
+        s_min_uncond = req.s_min_uncond
+        if not 0 <= s_min_uncond <= MAX_S_MIN_UNCOND:
+            raise InvalidParameter("s_min_uncond", s_min_uncond, f"a number from 0 (off) to {MAX_S_MIN_UNCOND:g}")
+    else:
+        s_min_uncond = overrides.float("s_min_uncond", options.s_min_uncond)
+        if not 0 <= s_min_uncond <= MAX_S_MIN_UNCOND:
+            raise overrides._bad("s_min_uncond", f"a number from 0 (off) to {MAX_S_MIN_UNCOND:g}")
+    skip_early_cond = overrides.float("skip_early_cond", options.skip_early_cond)
+    if not 0 <= skip_early_cond <= 1:
+        raise overrides._bad("skip_early_cond", "a number from 0 (off) to 1")
+    return {"s_min_uncond": s_min_uncond, "skip_early_cond": skip_early_cond,
+            "s_min_uncond_all": overrides.bool("s_min_uncond_all", options.s_min_uncond_all)}
 
 
 def _token_merging_ratio(overrides: "_Overrides", options: ServerOptions, *, img2img: bool) -> float:
@@ -876,7 +897,9 @@ _INFOTEXT_SETTINGS: tuple[tuple[str, str, type], ...] = (
     ("Token merging ratio", "token_merging_ratio", float), ("Token merging ratio hr", "token_merging_ratio_hr", float),
     ("DeepCache interval", "deepcache_interval", int), ("DeepCache branch", "deepcache_branch", int),
     ("DeepCache start", "deepcache_start", int), ("DeepCache end", "deepcache_end", int),
-    ("First block cache", "first_block_cache_threshold", float))
+    ("First block cache", "first_block_cache_threshold", float),
+    ("NGMS", "s_min_uncond", float), ("NGMS all steps", "s_min_uncond_all", bool),
+    ("Skip Early CFG", "skip_early_cond", float))
 
 
 def apply_infotext(req: GenerationRequest) -> GenerationRequest:
@@ -918,9 +941,14 @@ def _typed(text: str, kind: type, key: str):
             if not number.is_integer():
                 raise ValueError(text)
             return int(number)
+        if kind is bool:
+            if text not in ("True", "False"):
+                raise ValueError(text)
+            return text == "True"
         return kind(text)
     except ValueError:
-        raise InvalidParameter(f"infotext.{key}", text, "a number" if kind is not str else "text") from None
+        expected = {str: "text", bool: "True or False"}.get(kind, "a number")
+        raise InvalidParameter(f"infotext.{key}", text, expected) from None
 
 
 # --------------------------------------------------------------------------- result → response

@@ -146,7 +146,9 @@ class GenerationRequest(RequestModel):
     do_not_save_grid: bool = Field(False, description="Accepted for compatibility; no grid is made.")
     eta: float | None = Field(None, description="Noise multiplier for ancestral and SDE samplers (and DDIM).")
     denoising_strength: float | None = Field(None, description="img2img: how much to change the input (0-1).")
-    s_min_uncond: float | None = Field(None, description="Not available here: must be 0 or absent.")
+    s_min_uncond: float | None = Field(None, description=(
+        "Negative Guidance minimum sigma (NGMS), a speed/quality trade-off: below this noise level every other "
+        "model evaluation runs without the negative prompt. 0: off; absent: the s_min_uncond setting."))
     s_churn: float | None = Field(None, description="Karras et al. stochasticity (Euler, Heun, DPM2).")
     s_tmax: float | None = Field(None, description="Upper sigma for s_churn; 0 or absent means infinity.")
     s_tmin: float | None = Field(None, description="Lower sigma for s_churn.")

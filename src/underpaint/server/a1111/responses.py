@@ -223,6 +223,13 @@ class Options(WireModel):
         "token_merging_ratio)."))
     token_merging_ratio_hr: float = Field(0.0, ge=0, le=0.9, description=(
         "The hires. fix pass uses this ratio instead when it is not 0."))
+    s_min_uncond: float = Field(0.0, ge=0, le=1000, description=(
+        "Negative Guidance minimum sigma (NGMS; a speed/quality trade-off): below this noise level every other "
+        "model evaluation runs the prompt alone, without the negative prompt. 0: off."))
+    s_min_uncond_all: bool = Field(False, description="NGMS skips the negative prompt at every evaluation below it.")
+    skip_early_cond: float = Field(0.0, ge=0, le=1, description=(
+        "Ignore negative prompt during early sampling (Skip Early CFG): the share of the first model evaluations "
+        "that run the prompt alone, 0 (none) to 1 (all)."))
     outdir_samples: str = Field("", description="Read-only. Empty: each kind is saved in its own folder below.")
     outdir_txt2img_samples: str = Field("", description=(
         "Read-only: where txt2img requests with save_images write (the server's --outdir decides; a folder per "

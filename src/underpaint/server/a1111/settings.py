@@ -16,7 +16,7 @@ from fastapi import APIRouter, Body, Request
 from starlette.concurrency import run_in_threadpool
 
 from ...errors import InvalidParameter
-from ...params import MAX_TOKEN_MERGING_RATIO, preview_method_name
+from ...params import MAX_S_MIN_UNCOND, MAX_TOKEN_MERGING_RATIO, preview_method_name
 from ..jobs import Job
 from ..security import JSONValueLimitRoute
 from ..state import ServerState, server_state
@@ -63,6 +63,9 @@ def get_options(request: Request) -> Options:
         token_merging_ratio=opts.token_merging_ratio,
         token_merging_ratio_img2img=opts.token_merging_ratio_img2img,
         token_merging_ratio_hr=opts.token_merging_ratio_hr,
+        s_min_uncond=opts.s_min_uncond,
+        s_min_uncond_all=opts.s_min_uncond_all,
+        skip_early_cond=opts.skip_early_cond,
         sd_vae=opts.sd_vae,
         upscaler_for_img2img=opts.upscaler_for_img2img,
         **state.outputs.options(),
@@ -95,6 +98,14 @@ def _option_changes(body: dict[str, Any], state: ServerState) -> dict[str, Any]:
     for key in TOKEN_MERGING_SETTINGS:
         if key in body:
             changes[key] = token_merging_setting(key, body[key])
+    if "s_min_uncond" in body:
+        changes["s_min_uncond"] = _float_option(body, "s_min_uncond", 0.0, MAX_S_MIN_UNCOND)
+    if "s_min_uncond_all" in body:
+        if not isinstance(body["s_min_uncond_all"], bool):
+            raise InvalidParameter("s_min_uncond_all", body["s_min_uncond_all"], "true or false")
+        changes["s_min_uncond_all"] = body["s_min_uncond_all"]
+    if "skip_early_cond" in body:
+        changes["skip_early_cond"] = _float_option(body, "skip_early_cond", 0.0, 1.0)
     if body.get("sd_vae") is not None:
         changes["sd_vae"] = state.catalog.vae_choice(body["sd_vae"])
     if "upscaler_for_img2img" in body:
@@ -109,6 +120,14 @@ def token_merging_setting(key: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
             or not 0 <= value <= MAX_TOKEN_MERGING_RATIO:
         raise InvalidParameter(key, value, f"a number from 0 to {MAX_TOKEN_MERGING_RATIO}")
+    return float(value)
+
+
+def _float_option(body: dict[str, Any], key: str, lo: float, hi: float) -> float:
+    value = body[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not lo <= value <= hi:
+        raise InvalidParameter(key, value, f"a number from {lo:g} to {hi:g}")
     return float(value)
 
 

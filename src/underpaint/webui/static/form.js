@@ -74,7 +74,8 @@ export class GenerationForm {
     this.controls = {};
     for (const name of ["prompt", "negative_prompt", "sampler_name", "scheduler", "steps", "width", "height",
       "n_iter", "batch_size", "cfg_scale", "distilled_cfg_scale", "denoising_strength", "seed", "mask_blur",
-      "inpaint_full_res_padding", "deepcache_interval", "deepcache_branch", "first_block_cache", "enable_hr", "hr_upscaler",
+      "inpaint_full_res_padding", "deepcache_interval", "deepcache_branch", "first_block_cache", "s_min_uncond",
+      "s_min_uncond_all", "skip_early_cond", "enable_hr", "hr_upscaler",
       ...HIRES_NUMBERS, "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt"]) {
       this.controls[name] = $(`#${name}`, root);
     }
@@ -85,6 +86,8 @@ export class GenerationForm {
     this.updateDenoiseHint();
     this.controls.deepcache_interval.addEventListener("input", () => this.updateDeepCache());
     this.updateDeepCache();
+    this.controls.s_min_uncond.addEventListener("input", () => this.updateGuidanceSkip());
+    this.updateGuidanceSkip();
     this.controls.enable_hr.addEventListener("change", () => this.updateHires());
     const sizeInputs = ["width", "height", "hr_scale", "hr_resize_x", "hr_resize_y"]
       .flatMap((name) => [this.controls[name], $(`input[data-sync="${name}"]`, root)]);
@@ -118,6 +121,11 @@ export class GenerationForm {
   deepCacheInterval() {
     const interval = numberValue(this.controls.deepcache_interval);
     return interval !== null && interval >= 2 ? interval : null;
+  }
+
+  /** "All steps" only means something while NGMS is on. */
+  updateGuidanceSkip() {
+    this.controls.s_min_uncond_all.disabled = !numberValue(this.controls.s_min_uncond);
   }
 
   /** The branch only means something while DeepCache is on. */
@@ -182,13 +190,26 @@ export class GenerationForm {
 
   /** Per-request settings (A1111's override_settings), or undefined when there are none. */
   overrideSettings() {
+    const settings = {};
     if (this.family === "flux") {
       const threshold = numberValue(this.controls.first_block_cache);
-      return threshold ? { first_block_cache_threshold: threshold } : undefined;
+      if (threshold) settings.first_block_cache_threshold = threshold;
+    } else {
+      const interval = this.deepCacheInterval();
+      if (interval !== null) {
+        settings.deepcache_interval = interval;
+        settings.deepcache_branch = numberValue(this.controls.deepcache_branch) ?? 0;
+      }
     }
-    const interval = this.deepCacheInterval();
-    if (interval === null) return undefined;
-    return { deepcache_interval: interval, deepcache_branch: numberValue(this.controls.deepcache_branch) ?? 0 };
+    // Sent only when on, so the server's own settings apply otherwise (as A1111's Settings page).
+    const sigma = numberValue(this.controls.s_min_uncond);
+    if (sigma) {
+      settings.s_min_uncond = sigma;
+      if (this.controls.s_min_uncond_all.checked) settings.s_min_uncond_all = true;
+    }
+    const early = numberValue(this.controls.skip_early_cond);
+    if (early) settings.skip_early_cond = early;
+    return Object.keys(settings).length ? settings : undefined;
   }
 
   /** The request fields of `mode` (txt2img, img2img, inpaint), with A1111's names. */
@@ -264,9 +285,10 @@ export class GenerationForm {
     for (const name of ["steps", "cfg_scale", "distilled_cfg_scale", "denoising_strength", "seed", "width", "height",
       "batch_size",
       "mask_blur", "inpaint_full_res_padding", "deepcache_interval", "deepcache_branch", "first_block_cache",
-      ...HIRES_NUMBERS]) {
+      "s_min_uncond", "skip_early_cond", ...HIRES_NUMBERS]) {
       if (typeof numbers[name] === "number") setNumber(c[name], numbers[name]);
     }
+    if (typeof fields.s_min_uncond_all === "boolean") c.s_min_uncond_all.checked = fields.s_min_uncond_all;
     // Legacy combined names ("DPM++ 2M Karras") carry the schedule in the sampler.
     const [sampler, legacySchedule] = splitLegacySampler(c.sampler_name, fields.sampler_name);
     const scheduler = fields.scheduler ?? legacySchedule;
@@ -292,6 +314,7 @@ export class GenerationForm {
     if (typeof fields.enable_hr === "boolean") c.enable_hr.checked = fields.enable_hr;
     this.updateHires();
     this.updateDenoiseHint();
+    this.updateGuidanceSkip();
     return notes;
   }
 }

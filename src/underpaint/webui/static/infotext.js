@@ -100,6 +100,10 @@ export function infotextToFields({ prompt, negativePrompt, params }) {
   set("deepcache_interval", number(params["DeepCache interval"]) ?? 0);
   set("deepcache_branch", number(params["DeepCache branch"]));
   set("first_block_cache", number(params["First block cache"]) ?? 0);
+  // Like DeepCache: a picture that does not name these was made with them off.
+  set("s_min_uncond", number(params.NGMS) ?? 0);
+  fields.s_min_uncond_all = params["NGMS all steps"] === "True";
+  set("skip_early_cond", number(params["Skip Early CFG"]) ?? 0);
   Object.assign(fields, hiresFields(params));
   set("sd_model_hash", params["Model hash"]);
   set("sd_model_name", params.Model);
