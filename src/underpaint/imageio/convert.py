@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from ..errors import ImageError
+from ..models.device import to_device
 
 
 def images_to_tensor(
@@ -43,7 +44,7 @@ def images_to_tensor(
     batch = np.stack(arrays).astype(np.float32) / 255.0
     batch = 2.0 * batch - 1.0
     tensor = torch.from_numpy(np.ascontiguousarray(batch.transpose(0, 3, 1, 2)))
-    return tensor.to(device=device, dtype=dtype or torch.float32)
+    return to_device(tensor, device, dtype or torch.float32)
 
 
 def tensor_to_images(x: torch.Tensor) -> list[Image.Image]:

@@ -18,6 +18,19 @@ class Placement:
     dtype: torch.dtype
 
 
+def to_device(tensor: torch.Tensor, device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``tensor`` on ``device`` (in ``dtype``). From host memory to a CUDA GPU the copy does not block:
+    PyTorch's default copy then waits until the GPU has finished everything queued before it, leaving
+    the GPU idle while the host catches up. A non-blocking copy from ordinary (pageable) memory is
+    staged by the driver before the call returns, so the host tensor may be changed or freed at once.
+    ``device`` None keeps the tensor where it is."""
+    if device is None:
+        return tensor.to(dtype=dtype)
+    device = torch.device(device)
+    blocking = not (tensor.device.type == "cpu" and device.type == "cuda")
+    return tensor.to(device=device, dtype=dtype, non_blocking=not blocking)
+
+
 def pick_device(name: str | None = None) -> torch.device:
     """The requested device, or the best one present: cuda, then mps, then cpu."""
     if name in (None, "", "auto"):

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from ..errors import ImageError, InvalidParameter
+from ..models.device import to_device
 from ..preprocess.common import CROP_AND_RESIZE, AnnotatorContext, fit_map, pixel_perfect_resolution, resize_mode_name
 
 if TYPE_CHECKING:
@@ -231,7 +232,7 @@ def hint_tensor(detected: np.ndarray, *, device, dtype, masked: float = -1.0) ->
     if x.shape[1] == 4:
         colour, m = x[:, :3], (x[:, 3:4] > 0.5).float()
         x = colour * (1 - m) + masked * m
-    return x.to(device=device, dtype=dtype)
+    return to_device(x, device, dtype)
 
 
 # --- residuals ------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from ..models.device import to_device
 from ..models.optimize import attention_for, begin_call, owned
 from ..prompts.encoder import Conditioning
 from ..sampling.denoisers import cfg_denoiser, eps_denoiser, lcm_denoiser, v_denoiser
@@ -31,7 +32,7 @@ def unet_fn(model, conds: CondSchedule, control=None) -> Callable[[torch.Tensor,
             rows = x_in.shape[0] // conds.time_ids.shape[0]
             key = (rows, x_in.device)
             if key not in placed_ids:
-                placed_ids[key] = conds.time_ids.repeat(rows, 1).to(x_in.device, dtype)
+                placed_ids[key] = to_device(conds.time_ids.repeat(rows, 1), x_in.device, dtype)
             extra = {"text_embeds": cond.pooled.to(dtype), "time_ids": placed_ids[key]}
         down = mid = intra = None
         if control is not None:

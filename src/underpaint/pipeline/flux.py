@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from ..models.optimize import attention_for, begin_call, owned
+from ..models.device import to_device
 from ..params import GenerationParams
 from ..prompts.parser import extract_extra_networks, parse_attention, prompt_schedule
 from ..sampling.denoisers import cfg_denoiser
@@ -131,13 +132,13 @@ def encode_texts(model, texts: list[str], *, with_t5: bool = True) -> FluxCondit
     clip_tok, t5_tok = model.tokenizers
     device = model.device
     with torch.inference_mode():
-        ids = clip_tok(texts, padding="max_length", max_length=CLIP_TOKENS, truncation=True,
-                       return_tensors="pt").input_ids.to(device)
+        ids = to_device(clip_tok(texts, padding="max_length", max_length=CLIP_TOKENS, truncation=True,
+                                 return_tensors="pt").input_ids, device)
         pooled = clip(ids, output_hidden_states=False).pooler_output
         if not with_t5:
             return FluxConditioning(torch.empty(0), pooled.float())
-        ids = t5_tok(texts, padding="max_length", max_length=t5_tokens(model), truncation=True,
-                     return_tensors="pt").input_ids.to(device)
+        ids = to_device(t5_tok(texts, padding="max_length", max_length=t5_tokens(model), truncation=True,
+                               return_tensors="pt").input_ids, device)
         embeds = t5(ids, output_hidden_states=False)[0]
     return FluxConditioning(embeds.float(), pooled.float())
 
@@ -181,7 +182,7 @@ def image_ids(height: int, width: int, device) -> torch.Tensor:
     rows = torch.arange(height // 2, dtype=torch.float32)[:, None].expand(height // 2, width // 2)
     cols = torch.arange(width // 2, dtype=torch.float32)[None, :].expand(height // 2, width // 2)
     ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1)
-    return ids.reshape(-1, 3).to(device)
+    return to_device(ids.reshape(-1, 3), device)
 
 
 def transformer_fn(model, guidance: float | None, *, extra_channels: torch.Tensor | None = None, control=None

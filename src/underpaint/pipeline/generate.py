@@ -15,6 +15,7 @@ import torch
 
 from ..imageio.convert import images_to_tensor, tensor_to_images
 from ..imageio.resize import Enlarge, output_size, resize_image
+from ..models.device import to_device
 from ..models.tome import request_token_merging
 from ..params import GenerationParams, check_hires_size
 from ..sampling import noise as noise_mod
@@ -463,10 +464,10 @@ def _run_batch(model, plan: Plan, job: int, seeds, subseeds, progress, cancel: C
     elif p.is_img2img and p.strength < 1:
         init = masked.init if masked is not None else encode_images(model, p.init_images, plan, b)
     if is_flux:
-        sigmas = plan.sigmas.to(device)
+        sigmas = to_device(plan.sigmas, device)
         x = flow_start(noise, sigmas, init)
     else:
-        x, sigmas = prepare_start(p.sampler, noise, plan.sigmas.to(device), init=init,
+        x, sigmas = prepare_start(p.sampler, noise, to_device(plan.sigmas, device), init=init,
                                   model_schedule=model_schedule(model))
 
     # 5. Denoiser: model wrapper ∘ CFG ∘ inpaint blend (∘ ControlNet); a 9-channel
@@ -488,7 +489,7 @@ def _run_batch(model, plan: Plan, job: int, seeds, subseeds, progress, cancel: C
     if masked is not None:
         denoiser = masked.wrap(denoiser, sigmas)
     info = sampler_info(p.sampler)
-    noise_sampler = _noise_sampler(info, x, plan.full_sigmas.to(device), seeds, p, device)
+    noise_sampler = _noise_sampler(info, x, to_device(plan.full_sigmas, device), seeds, p, device)
 
     # 6. Denoising loop, with the request's speed/quality trade-offs for this loop only.
     callback = _callback(model, plan, job, progress, cancel, control, window=window)
@@ -614,7 +615,7 @@ def encode_pixels(model, pixels: torch.Tensor) -> torch.Tensor:
     """
     from ..models.offload import run_vae
 
-    mean = run_vae(model, lambda vae, device, dtype: vae.encode(pixels.to(device, dtype)).latent_dist.mean,
+    mean = run_vae(model, lambda vae, device, dtype: vae.encode(to_device(pixels, device, dtype)).latent_dist.mean,
                    what="encode")
     return (mean.to(torch.float32) - _shift(model)) * model.spec.scaling_factor
 

@@ -45,6 +45,13 @@ def ancestral_step(sigma_from: torch.Tensor, sigma_to: torch.Tensor, eta: float 
     return sigma_down, sigma_up
 
 
+def host_copy(sigmas: torch.Tensor) -> torch.Tensor:
+    """The sigmas in host memory, to branch on and to hand the noise sources: testing a GPU tensor in
+    ``if`` (or reading it, as the Brownian trees do) makes the host wait for the GPU at every step,
+    where one copy before the loop waits once."""
+    return sigmas.detach().to("cpu")
+
+
 def batch_sigma(sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """One sigma per image of the batch."""
     return sigma * x.new_ones([x.shape[0]])

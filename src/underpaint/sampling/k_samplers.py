@@ -13,20 +13,22 @@ import math
 import numpy as np
 import torch
 
-from ._common import Callback, NoiseSampler, ancestral_step, batch_sigma, require_noise, stopped
+from ._common import Callback, NoiseSampler, ancestral_step, batch_sigma, host_copy, require_noise, stopped
+from ..models.device import to_device
 from .schedules import sigmas_karras
 
 
-def _churn(x, sigmas, i, noise, s_churn, s_tmin, s_tmax, s_noise):
+def _churn(x, sigmas, host, i, noise, s_churn, s_tmin, s_tmax, s_noise):
     """Karras et al. (2022) Algorithm 2, lines 4-6: raise the noise level to σ̂ = σ(1 + γ) first.
 
     A1111 draws the churn noise at every step once churn is on, so the draws stay aligned.
+    ``host`` is the sigmas' host copy, which the test against [s_tmin, s_tmax] reads.
     """
     sigma = sigmas[i]
     if s_churn <= 0:
         return x, sigma
-    eps = require_noise(noise, "s_churn")(sigma, sigmas[i + 1]) * s_noise
-    gamma = min(s_churn / (len(sigmas) - 1), 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
+    eps = require_noise(noise, "s_churn")(host[i], host[i + 1]) * s_noise
+    gamma = min(s_churn / (len(sigmas) - 1), 2**0.5 - 1) if s_tmin <= host[i] <= s_tmax else 0.0
     sigma_hat = sigma * (gamma + 1)
     if gamma > 0:
         x = x + eps * (sigma_hat**2 - sigma**2) ** 0.5
@@ -36,9 +38,9 @@ def _churn(x, sigmas, i, noise, s_churn, s_tmin, s_tmax, s_noise):
 def sample_euler(denoiser, x, sigmas, *, noise: NoiseSampler | None = None, callback: Callback | None = None,
                  s_churn=0.0, s_tmin=0.0, s_tmax=math.inf, s_noise=1.0):
     """Karras et al. (2022) Algorithm 2 with Euler steps."""
-    total = len(sigmas) - 1
+    total, host = len(sigmas) - 1, host_copy(sigmas)
     for i in range(total):
-        x, sigma_hat = _churn(x, sigmas, i, noise, s_churn, s_tmin, s_tmax, s_noise)
+        x, sigma_hat = _churn(x, sigmas, host, i, noise, s_churn, s_tmin, s_tmax, s_noise)
         denoised = denoiser(x, batch_sigma(sigma_hat, x))
         if stopped(callback, i, total, x, denoised):
             return denoised
@@ -49,30 +51,30 @@ def sample_euler(denoiser, x, sigmas, *, noise: NoiseSampler | None = None, call
 def sample_euler_ancestral(denoiser, x, sigmas, *, noise: NoiseSampler | None = None,
                            callback: Callback | None = None, eta=1.0, s_noise=1.0):
     """Euler steps down to sigma_down, then fresh noise sigma_up back up to the next level."""
-    total = len(sigmas) - 1
+    total, host = len(sigmas) - 1, host_copy(sigmas)
     for i in range(total):
         denoised = denoiser(x, batch_sigma(sigmas[i], x))
         sigma_down, sigma_up = ancestral_step(sigmas[i], sigmas[i + 1], eta)
         if stopped(callback, i, total, x, denoised):
             return denoised
         x = x + (x - denoised) / sigmas[i] * (sigma_down - sigmas[i])
-        if sigmas[i + 1] > 0:
-            x = x + require_noise(noise, "Euler a")(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
+        if host[i + 1] > 0:
+            x = x + require_noise(noise, "Euler a")(host[i], host[i + 1]) * s_noise * sigma_up
     return x
 
 
 def sample_heun(denoiser, x, sigmas, *, noise: NoiseSampler | None = None, callback: Callback | None = None,
                 s_churn=0.0, s_tmin=0.0, s_tmax=math.inf, s_noise=1.0):
     """Karras et al. (2022) Algorithm 2: Heun's second-order steps (Euler for the last one)."""
-    total = len(sigmas) - 1
+    total, host = len(sigmas) - 1, host_copy(sigmas)
     for i in range(total):
-        x, sigma_hat = _churn(x, sigmas, i, noise, s_churn, s_tmin, s_tmax, s_noise)
+        x, sigma_hat = _churn(x, sigmas, host, i, noise, s_churn, s_tmin, s_tmax, s_noise)
         denoised = denoiser(x, batch_sigma(sigma_hat, x))
         d = (x - denoised) / sigma_hat
         if stopped(callback, i, total, x, denoised):
             return denoised
         dt = sigmas[i + 1] - sigma_hat
-        if sigmas[i + 1] == 0:
+        if host[i + 1] == 0:
             x = x + d * dt
         else:
             x_2 = x + d * dt
@@ -92,14 +94,14 @@ def _dpm2_step(denoiser, x, d, sigma, sigma_to):
 def sample_dpm_2(denoiser, x, sigmas, *, noise: NoiseSampler | None = None, callback: Callback | None = None,
                  s_churn=0.0, s_tmin=0.0, s_tmax=math.inf, s_noise=1.0):
     """k-diffusion's DPM2: DPM-Solver-2 midpoint steps inside Karras et al.'s Algorithm 2."""
-    total = len(sigmas) - 1
+    total, host = len(sigmas) - 1, host_copy(sigmas)
     for i in range(total):
-        x, sigma_hat = _churn(x, sigmas, i, noise, s_churn, s_tmin, s_tmax, s_noise)
+        x, sigma_hat = _churn(x, sigmas, host, i, noise, s_churn, s_tmin, s_tmax, s_noise)
         denoised = denoiser(x, batch_sigma(sigma_hat, x))
         d = (x - denoised) / sigma_hat
         if stopped(callback, i, total, x, denoised):
             return denoised
-        if sigmas[i + 1] == 0:
+        if host[i + 1] == 0:
             x = x + d * (sigmas[i + 1] - sigma_hat)
         else:
             x = _dpm2_step(denoiser, x, d, sigma_hat, sigmas[i + 1])
@@ -109,18 +111,18 @@ def sample_dpm_2(denoiser, x, sigmas, *, noise: NoiseSampler | None = None, call
 def sample_dpm_2_ancestral(denoiser, x, sigmas, *, noise: NoiseSampler | None = None,
                            callback: Callback | None = None, eta=1.0, s_noise=1.0):
     """DPM2 steps down to sigma_down, then fresh noise sigma_up (ancestral)."""
-    total = len(sigmas) - 1
+    total, host = len(sigmas) - 1, host_copy(sigmas)
     for i in range(total):
         denoised = denoiser(x, batch_sigma(sigmas[i], x))
         sigma_down, sigma_up = ancestral_step(sigmas[i], sigmas[i + 1], eta)
         if stopped(callback, i, total, x, denoised):
             return denoised
         d = (x - denoised) / sigmas[i]
-        if sigma_down == 0:
+        if ancestral_step(host[i], host[i + 1], eta)[0] == 0:  # the same split, decided on the host
             x = x + d * (sigma_down - sigmas[i])
         else:
             x = _dpm2_step(denoiser, x, d, sigmas[i], sigma_down)
-            x = x + require_noise(noise, "DPM2 a")(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
+            x = x + require_noise(noise, "DPM2 a")(host[i], host[i + 1]) * s_noise * sigma_up
     return x
 
 
@@ -155,14 +157,14 @@ def sample_lms(denoiser, x, sigmas, *, noise: NoiseSampler | None = None, callba
 
 def sample_lcm(denoiser, x, sigmas, *, noise: NoiseSampler | None = None, callback: Callback | None = None):
     """Latent consistency sampling: jump to the estimate, then renoise to the next level."""
-    total = len(sigmas) - 1
+    total, host = len(sigmas) - 1, host_copy(sigmas)
     for i in range(total):
         denoised = denoiser(x, batch_sigma(sigmas[i], x))
         if stopped(callback, i, total, x, denoised):
             return denoised
         x = denoised
-        if sigmas[i + 1] > 0:
-            x = x + sigmas[i + 1] * require_noise(noise, "LCM")(sigmas[i], sigmas[i + 1])
+        if host[i + 1] > 0:
+            x = x + sigmas[i + 1] * require_noise(noise, "LCM")(host[i], host[i + 1])
     return x
 
 
@@ -196,24 +198,26 @@ def _restart_plan(sigmas: torch.Tensor, restart_list):
 def sample_restart(denoiser, x, sigmas, *, noise: NoiseSampler | None = None, callback: Callback | None = None,
                    s_noise=1.0, restart_list=None):
     """Restart sampling (Xu et al., 2023) as A1111 1.10 runs it: Heun steps with restarts."""
-    plan = _restart_plan(sigmas.cpu(), restart_list)
+    plan = _restart_plan(host_copy(sigmas), restart_list)
     total = len(plan)
-    last_sigma = None
-    for step, (old_sigma, new_sigma) in enumerate(plan):
-        old_sigma, new_sigma = old_sigma.to(x.device), new_sigma.to(x.device)
-        if last_sigma is not None and last_sigma < old_sigma:
+    # The plan is made and tested on the host; its sigmas go to the device in one copy.
+    placed = to_device(torch.stack([torch.stack([a, b]) for a, b in plan]), x.device) if plan else None
+    last_sigma = last_host = None
+    for step, (old_host, new_host) in enumerate(plan):
+        old_sigma, new_sigma = placed[step, 0], placed[step, 1]
+        if last_host is not None and last_host < old_host:
             bump = (old_sigma**2 - last_sigma**2) ** 0.5
-            x = x + require_noise(noise, "Restart")(old_sigma, new_sigma) * s_noise * bump
+            x = x + require_noise(noise, "Restart")(old_host, new_host) * s_noise * bump
         denoised = denoiser(x, batch_sigma(old_sigma, x))
         if stopped(callback, step, total, x, denoised):
             return denoised
         d = (x - denoised) / old_sigma
         dt = new_sigma - old_sigma
-        if new_sigma == 0:
+        if new_host == 0:
             x = x + d * dt
         else:
             x_2 = x + d * dt
             d_2 = (x_2 - denoiser(x_2, batch_sigma(new_sigma, x))) / new_sigma
             x = x + (d + d_2) / 2 * dt
-        last_sigma = new_sigma
+        last_sigma, last_host = new_sigma, new_host
     return x

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import torch
 
 from ..errors import InvalidParameter
+from ..models.device import to_device
 from ._common import NoiseSampler
 from .philox import PhiloxGenerator
 
@@ -35,8 +36,8 @@ def _generator(seed: int, rng: str, device):
 def _draw(generator, shape: Sequence[int], device) -> torch.Tensor:
     """One float32 normal draw of ``shape`` from ``generator``, on ``device``."""
     if isinstance(generator, PhiloxGenerator):
-        return torch.from_numpy(generator.randn(shape)).to(device)
-    return torch.randn(tuple(shape), generator=generator, device=generator.device).to(device)
+        return to_device(torch.from_numpy(generator.randn(shape)), device)
+    return to_device(torch.randn(tuple(shape), generator=generator, device=generator.device), device)
 
 
 def slerp(val: float, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:

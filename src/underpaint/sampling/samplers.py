@@ -12,7 +12,8 @@ from typing import Any
 import torch
 
 from ..params import SamplerOptions
-from ._common import STOP, Callback, NoiseSampler, Signal
+from ..models.device import to_device
+from ._common import STOP, Callback, NoiseSampler, Signal, host_copy
 from .dpm_solver import sample_dpm_adaptive, sample_dpm_fast
 from .dpmpp import sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_dpmpp_2s_ancestral, sample_dpmpp_3m_sde, sample_dpmpp_sde
 from .k_samplers import (
@@ -85,13 +86,15 @@ def run_sampler(
     info = sampler_info(label)
     function = _FUNCTIONS[info.function]
     kwargs = sampler_kwargs(info, options)
-    sigmas = sigmas.to(x.device)
-    if function is sample_dpm_fast:
-        return function(denoiser, x, sigmas[-2], sigmas[0], len(sigmas) - 1, noise=noise_sampler,
-                        callback=callback, **kwargs)
-    if function is sample_dpm_adaptive:
-        return function(denoiser, x, sigmas[-2], sigmas[0], noise=noise_sampler, callback=callback,
+    if function in (sample_dpm_fast, sample_dpm_adaptive):
+        # Their range is tested and turned into times on the host.
+        host = host_copy(sigmas)
+        if function is sample_dpm_fast:
+            return function(denoiser, x, host[-2], host[0], len(sigmas) - 1, noise=noise_sampler,
+                            callback=callback, **kwargs)
+        return function(denoiser, x, host[-2], host[0], noise=noise_sampler, callback=callback,
                         expected_steps=len(sigmas) - 1, **kwargs)
+    sigmas = to_device(sigmas, x.device)
     if function is sample_unipc:
         if model_schedule is None:
             raise ValueError("UniPC needs the model schedule")

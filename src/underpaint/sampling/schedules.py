@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..errors import InvalidParameter
+from ..models.device import to_device
 from .names import effective_schedule, sampler_info, schedule_info
 
 #: Align Your Steps (Sabour et al., 2024), NVIDIA's 10-step sigma tables for SD 1.5 and SDXL.
@@ -64,7 +65,8 @@ class ModelSchedule:
         Denoisers place it once per request: copying the table to the GPU at every step would
         make each step wait for the GPU to finish the previous one.
         """
-        return ModelSchedule(self.alphas_cumprod.to(device), self.sigmas.to(device), self.log_sigmas.to(device))
+        return ModelSchedule(to_device(self.alphas_cumprod, device), to_device(self.sigmas, device),
+                             to_device(self.log_sigmas, device))
 
     @property
     def sigma_min(self) -> float:

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from ._common import Callback, NoiseSampler, batch_sigma, require_noise, stopped
+from ._common import Callback, NoiseSampler, batch_sigma, host_copy, require_noise, stopped
 
 
 def _eps(denoiser, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -26,7 +26,7 @@ def _finish(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
 
 
 def _ddim_update(x0, eps, sigma, sigma_next, eta, noise):
-    """DDIM (Song et al., 2021, eq. 12) from σ to σ_next; η > 0 adds fresh noise of std ν.
+    """DDIM (Song et al., 2021, eq. 12) from σ to σ_next (host values); η > 0 adds fresh noise of std ν.
 
     In σ space: x_next = x0 + sqrt(σ_next² − ν²)·ε + ν·z with ν = σ_DDIM(η)·sqrt(1 + σ_next²).
     """
@@ -42,10 +42,10 @@ def _ddim_update(x0, eps, sigma, sigma_next, eta, noise):
 
 def sample_ddim(denoiser, x, sigmas, *, noise: NoiseSampler | None = None, callback: Callback | None = None, eta=0.0):
     """DDIM on A1111's timestep grid (sigmas from ``schedules.sigmas_timesteps``)."""
-    total = len(sigmas) - 1
+    total, host = len(sigmas) - 1, host_copy(sigmas)
     denoised = x
     for i in range(total):
-        if sigmas[i + 1] == 0:
+        if host[i + 1] == 0:
             if stopped(callback, i, total, x, denoised):
                 return denoised
             return _finish(x, sigmas[i])
@@ -53,7 +53,7 @@ def sample_ddim(denoiser, x, sigmas, *, noise: NoiseSampler | None = None, callb
         if stopped(callback, i, total, x, denoised):
             return denoised
         eps = (x - denoised) / sigmas[i]
-        x = _ddim_update(denoised, eps, sigmas[i], sigmas[i + 1], eta, noise)
+        x = _ddim_update(denoised, eps, host[i], host[i + 1], eta, noise)
     return x
 
 
@@ -68,12 +68,12 @@ def _plms_eps(eps, old):
 
 def sample_plms(denoiser, x, sigmas, *, noise: NoiseSampler | None = None, callback: Callback | None = None):
     """PLMS on A1111's timestep grid; the first step is a pseudo improved Euler (Heun) step."""
-    total = len(sigmas) - 1
+    total, host = len(sigmas) - 1, host_copy(sigmas)
     old: list[torch.Tensor] = []
     denoised = x
     for i in range(total):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        if sigma_next == 0:
+        if host[i + 1] == 0:
             if stopped(callback, i, total, x, denoised):
                 return denoised
             return _finish(x, sigma)

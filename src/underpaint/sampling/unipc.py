@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from ._common import Callback, NoiseSampler, batch_sigma, stopped
+from ._common import Callback, NoiseSampler, batch_sigma, host_copy, stopped
+from ..models.device import to_device
 from .schedules import ModelSchedule
 
 
@@ -21,13 +22,14 @@ class _VPTime:
 
     def __init__(self, alphas_cumprod: torch.Tensor, device):
         self.total = len(alphas_cumprod)
-        self.knots = torch.linspace(0.0, 1.0, self.total + 1)[1:].to(device)
-        self.log_alphas = (0.5 * torch.log(alphas_cumprod)).to(device)
+        self.knots = to_device(torch.linspace(0.0, 1.0, self.total + 1)[1:], device)
+        self.log_alphas = to_device(0.5 * torch.log(alphas_cumprod), device)
 
     def log_alpha(self, t: torch.Tensor) -> torch.Tensor:
-        index = (torch.searchsorted(self.knots, t.reshape(1), right=True) - 1).clamp(0, self.total - 2)[0]
-        x0, x1 = self.knots[index], self.knots[index + 1]
-        y0, y1 = self.log_alphas[index], self.log_alphas[index + 1]
+        # A one-element index tensor gathers on the device; a 0-dim one would be read back as a Python int.
+        index = (torch.searchsorted(self.knots, t.reshape(1), right=True) - 1).clamp(0, self.total - 2)
+        x0, x1 = self.knots[index][0], self.knots[index + 1][0]
+        y0, y1 = self.log_alphas[index][0], self.log_alphas[index + 1][0]
         return y0 + (t - x0) * (y1 - y0) / (x1 - x0)
 
     def alpha(self, t):
@@ -60,7 +62,13 @@ def _bh_coefficients(rks: torch.Tensor, hh: torch.Tensor, order: int):
         rhs.append(h_phi_k * factorial / hh)
         factorial *= i + 1
         h_phi_k = h_phi_k / hh - 1 / factorial
-    return torch.stack(rows), torch.tensor(rhs, device=rks.device)
+    return torch.stack(rows), torch.stack(rhs)
+
+
+def _solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``torch.linalg.solve`` without its check for a singular system, which reads the solver's status
+    back to the host (the Vandermonde-like systems here are never singular: distinct nodes)."""
+    return torch.linalg.solve_ex(a, b)[0]
 
 
 def _weighted(weights: torch.Tensor, diffs: torch.Tensor) -> torch.Tensor:
@@ -79,19 +87,20 @@ def _update(model, vp, x, history, t, order, use_corrector):
         rk = (vp.lam(times[-(i + 1)]) - lam_prev) / h
         rks.append(rk)
         diffs.append((outputs[-(i + 1)] - m_prev) / rk)
-    rks = torch.tensor([*rks, 1.0], device=x.device)
+    # Stacked where they are: torch.tensor() of GPU numbers would read each back to the host.
+    rks = torch.stack([*rks, torch.ones((), device=x.device)]).float()
     hh = -h
     R, b = _bh_coefficients(rks, hh, order)
     stacked = torch.stack(diffs, dim=1) if diffs else None
     base = (vp.std(t) / vp.std(t_prev)) * x - (alpha_t * torch.expm1(hh)) * m_prev
     predicted = base
     if stacked is not None:
-        rhos_p = torch.tensor([0.5], device=x.device) if order == 2 else torch.linalg.solve(R[:-1, :-1], b[:-1])
+        rhos_p = torch.tensor([0.5], device=x.device) if order == 2 else _solve(R[:-1, :-1], b[:-1])
         predicted = base - (alpha_t * hh) * _weighted(rhos_p, stacked)
     if not use_corrector:
         return predicted, None
     model_t = model(predicted, t)
-    rhos_c = torch.tensor([0.5], device=x.device) if order == 1 else torch.linalg.solve(R, b)
+    rhos_c = torch.tensor([0.5], device=x.device) if order == 1 else _solve(R, b)
     correction = _weighted(rhos_c[:-1], stacked) if stacked is not None else 0
     corrected = base - (alpha_t * hh) * (correction + rhos_c[-1] * (model_t - m_prev))
     return corrected, model_t
@@ -109,7 +118,7 @@ def sample_unipc(denoiser, x, sigmas, *, model_schedule: ModelSchedule, noise: N
         return x / (1 + sigmas[0] ** 2) ** 0.5
     vp = _VPTime(model_schedule.alphas_cumprod, x.device)
     total = len(model_schedule.alphas_cumprod)
-    ts = torch.linspace(_start_time(sigmas[0], model_schedule), 1.0 / total, steps + 1).to(x.device)
+    ts = to_device(torch.linspace(_start_time(host_copy(sigmas)[0], model_schedule), 1.0 / total, steps + 1), x.device)
     order = min(order, steps)
     x = x / (1 + sigmas[0] ** 2) ** 0.5
 
