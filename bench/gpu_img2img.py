@@ -29,10 +29,11 @@ within fp16 tolerance. Given more than once, each ``--optimize`` adds a row of i
 alone, undone afterwards, checked on its own); ``--attention`` applies to every one of them.
 ``fp8`` is lossy (a speed/quality trade-off): a row with it reports its pictures' mean |Δ| and
 PSNR against the plain row's as a measure, not as a pass/fail check.
-``--token-merging R``, ``--deepcache N`` and ``--ngms SIGMA`` each add an underpaint row with that
+``--token-merging R``, ``--deepcache N``, ``--ngms SIGMA`` and ``--taesd`` each add an underpaint row with that
 trade-off (token merging at ratio R; DeepCache with a full UNet step every N steps, SD cases only; A1111's
-Negative Guidance minimum sigma: every other evaluation below SIGMA without the negative prompt), timed in turn with
-the plain rows; their pictures differ by design, so their difference to the plain run's is reported,
+Negative Guidance minimum sigma: every other evaluation below SIGMA without the negative prompt; A1111's VAE type
+TAESD for encode and decode, a tiny autoencoder of random weights written to a models folder of the run's own),
+timed in turn with the plain rows; their pictures differ by design, so their difference to the plain run's is reported,
 not judged (random weights say nothing of quality).
 
 ``--profile DIR`` runs each row once more after its timed runs under torch.profiler and writes
@@ -239,6 +240,8 @@ class Settings:
     deepcache: int = 0
     #: Negative Guidance minimum sigma for an extra underpaint row (``--ngms``); 0 adds none.
     ngms: float = 0.0
+    #: TAESD for the VAE encode and decode in an extra underpaint row (``--taesd``).
+    taesd: bool = False
     #: Folder for one profiled call per row (``--profile``); None: no profiling.
     profile: Path | None = None
 
@@ -253,6 +256,8 @@ class Settings:
             rows.append((f"deepcache={self.deepcache}", dict(deepcache=DeepCacheOptions(interval=self.deepcache))))
         if self.ngms:
             rows.append((f"ngms={self.ngms:g}", dict(s_min_uncond=self.ngms)))
+        if self.taesd:
+            rows.append(("taesd", dict(vae_encode_method="TAESD", vae_decode_method="TAESD")))
         return rows
 
     @property
@@ -470,6 +475,27 @@ def underpaint_runner(model, case: Case, settings: Settings, **fields) -> Callab
         rng="cpu" if settings.device.type == "cpu" else "gpu", **(flux if settings.flux else sd), **fields,
     )
     return lambda: list(engine.generate(params).images)
+
+
+def taesd_models_dir(comps: Components, settings: Settings):
+    """A models folder of the run's own holding a TAESD (diffusers' AutoencoderTiny, random weights at a
+    trained network's scale) for the case's family, where the ``--taesd`` row's model finds it."""
+    import tempfile
+
+    from diffusers import AutoencoderTiny
+
+    from underpaint.models.detect import Family
+    from underpaint.models.registry import ModelsDir
+    from underpaint.pipeline.preview import TAESD_NAMES
+
+    root = Path(tempfile.mkdtemp(prefix="underpaint-bench-models-"))
+    torch.manual_seed(SEED)
+    tiny = AutoencoderTiny(latent_channels=comps.arch.vae["latent_channels"])
+    with torch.no_grad():
+        for p in tiny.parameters():
+            p.mul_(0.6)
+    tiny.save_pretrained(root / "VAE-approx" / TAESD_NAMES[Family(comps.arch.family)])
+    return ModelsDir(root)
 
 
 def with_vae_precision(model, precision: str, call: Callable[[], list]) -> Callable[[], list]:
@@ -1056,6 +1082,8 @@ def run_case(case: Case, comps: Components, settings: Settings) -> tuple[list[Me
     runners = [Runner("underpaint", underpaint_runner(model, case, settings), lambda: model.unet),
                Runner("diffusers", diffusers_runner(pipe, case, settings), lambda: denoiser(pipe))]
     tradeoffs = settings.tradeoffs()
+    if settings.taesd:
+        model.models_dir = taesd_models_dir(comps, settings)
     for label, fields in tradeoffs:  # per request only: they can take turns with the plain rows
         runners.append(Runner(f"underpaint {label}", underpaint_runner(model, case, settings, **fields),
                               lambda: model.unet))
@@ -1182,6 +1210,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ngms", type=float, default=0.0, metavar="SIGMA",
                    help="add an underpaint row with A1111's Negative Guidance minimum sigma: below SIGMA every other "
                         "model evaluation runs the prompt alone")
+    p.add_argument("--taesd", action="store_true",
+                   help="add an underpaint row with A1111's VAE type TAESD for encode and decode (random weights)")
     p.add_argument("--vram", default="high", choices=["high", "medium", "low"],
                    help="add an underpaint row in this memory mode, run alone (its peak VRAM shows the mode's effect)")
     p.add_argument("--vae-precision", default="", choices=["fp32", "fp16", "bf16"],
@@ -1213,7 +1243,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
     s = Settings(device, dtype, _given(args.steps, SD_STEPS), _given(args.strength, SD_STRENGTH),
                  _given(args.cfg, SD_CFG), args.runs, args.warmup, optimize, args.compile_diffusers, args.compile_mode,
                  vram=args.vram, attention=args.attention, token_merging=args.token_merging, deepcache=args.deepcache,
-                 ngms=args.ngms, profile=args.profile, vae_precision=args.vae_precision)
+                 ngms=args.ngms, taesd=args.taesd, profile=args.profile, vae_precision=args.vae_precision)
     rows = [speed.describe() for speed in s.speeds]
     twice = sorted({row for row in rows if rows.count(row) > 1})
     if twice:
@@ -1328,7 +1358,7 @@ def _settings_json(settings: Settings, args: argparse.Namespace) -> dict:
                 warmup=settings.warmup, optimize=[list(names) for names in settings.optimize],
                 attention=settings.attention, profile=str(settings.profile) if settings.profile else None,
                 token_merging=settings.token_merging, deepcache=settings.deepcache, ngms=settings.ngms,
-                compile_diffusers=settings.compile_diffusers,
+                taesd=settings.taesd, compile_diffusers=settings.compile_diffusers,
                 compile_mode=settings.compile_mode, fp16_vae=args.fp16_vae, stub_unet=args.stub_unet, vram=settings.vram,
                 guidance=settings.guidance,
                 sampler=("Euler/Simple (diffusers: FlowMatchEulerDiscreteScheduler)" if settings.flux else

@@ -81,9 +81,9 @@ STEPS = (
          "everything but the UNet, per library, each row profiled (files in profile-stub/): the part no UNet "
          "optimization closes, with the VAE in float32 and in bfloat16 (underpaint's default on Ampere on)"),
     Step("tradeoffs", "gpu_img2img.py", ("--cases", "sd15", "--token-merging", "0.5", "--deepcache", "3",
-                                         "--ngms", "2"), 180,
-         "token merging 0.5, DeepCache interval 3 and NGMS 2 (lossy): speed against the plain row, pictures' "
-         "difference"),
+                                         "--ngms", "2", "--taesd"), 200,
+         "token merging 0.5, DeepCache interval 3, NGMS 2 and TAESD for the VAE (lossy): speed against the "
+         "plain row, pictures' difference"),
     Step("vram-medium", "gpu_img2img.py", ("--cases", "sd15,sdxl", "--vram", "medium"), 150,
          "the medium memory mode"),
     Step("attention", "gpu_img2img.py", ("--cases", "sd15,sdxl", "--attention", "flash"), 150,

@@ -147,22 +147,22 @@ def test_profile_files_and_summaries(tiny_run):
 
 
 def test_tradeoff_rows_are_measured_not_judged(tmp_path):
-    """--token-merging, --deepcache and --ngms add underpaint rows whose pictures differ by design: the
+    """--token-merging, --deepcache, --ngms and --taesd add underpaint rows whose pictures differ by design: the
     difference to the plain row is reported (lossy), and the run still passes."""
     out = tmp_path / "tradeoffs.json"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, str(SCRIPT), "--tiny", "--cases", "sd15", "--runs", "1", "--warmup", "0",
-           "--token-merging", "0.5", "--deepcache", "3", "--ngms", "2", "--json", str(out)]
+           "--token-merging", "0.5", "--deepcache", "3", "--ngms", "2", "--taesd", "--json", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     data = json.loads(out.read_text())
     assert data["settings"]["token_merging"] == 0.5 and data["settings"]["deepcache"] == 3
-    assert data["settings"]["ngms"] == 2
+    assert data["settings"]["ngms"] == 2 and data["settings"]["taesd"] is True
     runners = [r["runner"] for r in data["results"]]
     assert runners[:2] == ["underpaint", "underpaint tome=0.5"]
-    assert "underpaint deepcache=3" in runners and "underpaint ngms=2" in runners
+    assert "underpaint deepcache=3" in runners and "underpaint ngms=2" in runners and "underpaint taesd" in runners
     checks = {c["optimizations"]: c for c in data["checks"]}
-    assert set(checks) == {"tome=0.5", "deepcache=3", "ngms=2"}
+    assert set(checks) == {"tome=0.5", "deepcache=3", "ngms=2", "taesd"}
     for check in checks.values():
         assert check["lossy"] and check["passed"] and check["mean_abs"] > 0  # a different picture, reported
     assert "lossy, measured only" in proc.stdout

@@ -1047,6 +1047,37 @@ def test_negative_guidance_skips_are_sent_recorded_and_pasted(page, photo_file, 
     expect(every).not_to_be_checked()
 
 
+def test_vae_type_is_sent_refused_beside_its_field_and_pasted(page, photo_file, tmp_path):
+    """VAE type for decode/encode go out as override_settings only when TAESD; this server's models folder has
+    no TAESD files, so the engine's refusal, naming the file it looked for, appears beside the select; a
+    picture's infotext sets both selects (Full where it names none)."""
+    decode, encode = page.locator("#sd_vae_decode_method"), page.locator("#sd_vae_encode_method")
+    expect(decode).to_have_value("Full")
+    expect(encode).to_have_value("Full")
+    page.set_input_files("#img2img-file", str(photo_file))
+    fast_settings(page, seed=5, steps=2)
+    decode.select_option("TAESD")
+    with page.expect_response("**/sdapi/v1/img2img", timeout=GENERATION_TIMEOUT) as answer:
+        page.click("#generate")
+    assert answer.value.status == 422, answer.value.text()
+    assert json.loads(answer.value.request.post_data)["override_settings"] == {"sd_vae_decode_method": "TAESD"}
+    expect(page.locator(".field:has(#sd_vae_decode_method) .field-error")).to_contain_text("taesd_decoder.safetensors")
+
+    pngs = infotext_pngs(tmp_path, {
+        "tiny": "a pond\nSteps: 4, Sampler: Euler a, Seed: 11, Size: 64x64, VAE Encoder: TAESD, VAE Decoder: TAESD",
+        "plain": "a pond\nSteps: 4, Sampler: Euler a, Seed: 11, Size: 64x64"}, (64, 64))
+    page.click("#tab-pnginfo")
+    page.set_input_files("#pnginfo-file", str(pngs["tiny"]))
+    page.click("#pnginfo-send-img2img")
+    expect(decode).to_have_value("TAESD")
+    expect(encode).to_have_value("TAESD")
+    page.click("#tab-pnginfo")
+    page.set_input_files("#pnginfo-file", str(pngs["plain"]))
+    page.click("#pnginfo-send-img2img")
+    expect(decode).to_have_value("Full")
+    expect(encode).to_have_value("Full")
+
+
 # --------------------------------------------------------------------------- txt2img and Hires. fix
 
 

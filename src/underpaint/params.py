@@ -46,8 +46,18 @@ MAX_TOKEN_MERGING_RATIO = 0.9
 #: The largest "Negative Guidance minimum sigma" taken: above every SD/SDXL noise level (A1111's
 #: slider ends at 15; its API takes any number).
 MAX_S_MIN_UNCOND = 1000.0
+#: A1111's "VAE type for encode/decode": the checkpoint's VAE or TAESD (pipeline/vae_type.py).
+VAE_METHODS = ("Full", "TAESD")
 #: The values A1111's infotexts and UI use for "the same as the first pass".
 _SAME_AS_FIRST_PASS = ("", "use same sampler", "use same scheduler", "use same checkpoint")
+
+
+def vae_method_name(value: object, field: str = "vae_decode_method") -> str:
+    """A1111's spelling of a VAE type ("Full" or "TAESD", any case); anything else names ``field``."""
+    for name in VAE_METHODS:
+        if isinstance(value, str) and value.strip().lower() == name.lower():
+            return name
+    raise InvalidParameter(field, value, " or ".join(VAE_METHODS))
 
 
 def preview_method_name(value: object, field: str = "preview_method") -> str:
@@ -377,6 +387,10 @@ class GenerationParams:
     #: A1111's "Ignore negative prompt during early sampling" (infotext "Skip Early CFG"): the share
     #: of the run's first model evaluations, 0 (none) to 1 (all), that run the prompt alone.
     skip_early_cond: float = 0.0
+    #: A1111's "VAE type for encode" and "VAE type for decode": "Full" (the checkpoint's VAE) or
+    #: "TAESD" (the tiny autoencoder in the models folder's VAE-approx/; faster, softer).
+    vae_encode_method: str = "Full"
+    vae_decode_method: str = "Full"
     #: A1111's "SD upscale" img2img script; None: off.
     sd_upscale: SDUpscaleOptions | None = None
     #: A1111's "X/Y/Z plot" script; None: off.
@@ -412,6 +426,8 @@ class GenerationParams:
         if not isinstance(self.s_min_uncond_all, bool):
             raise InvalidParameter("s_min_uncond_all", self.s_min_uncond_all, "true or false")
         _check_range("skip_early_cond", self.skip_early_cond, 0.0, 1.0)
+        for name in ("vae_encode_method", "vae_decode_method"):
+            object.__setattr__(self, name, vae_method_name(getattr(self, name), name))
         for name in ("seed_resize_from_w", "seed_resize_from_h"):
             _check_range(name, getattr(self, name), 0, 8192, integer=True)
         for name in ("width", "height"):

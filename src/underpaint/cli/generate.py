@@ -125,6 +125,13 @@ def _add_generation_args(p: argparse.ArgumentParser, *, img2img: bool) -> None:
     s.add_argument("--skip-early-cfg", dest="skip_early_cond", type=float, default=0.0, metavar="FRACTION",
                    help="A1111's Ignore negative prompt during early sampling: the first FRACTION (0-1) of the "
                         "model evaluations run without the negative prompt. Default 0 (off)")
+    s.add_argument("--vae-decoder", dest="vae_decode_method", default="Full", metavar="full|taesd",
+                   help="A1111's VAE type for decode: full (default, the checkpoint's VAE) or taesd, the tiny "
+                        "autoencoder from the models folder's VAE-approx/ (taesd, taesdxl or taef1 "
+                        "_decoder.safetensors): much faster, a little softer")
+    s.add_argument("--vae-encoder", dest="vae_encode_method", default="Full", metavar="full|taesd",
+                   help="A1111's VAE type for encode (img2img, inpainting, hires. fix in pixels): full (default) "
+                        "or taesd (VAE-approx/..._encoder.safetensors)")
 
     r = p.add_argument_group("seed")
     r.add_argument("--seed", type=int, default=-1,
@@ -363,7 +370,8 @@ def add_memory_and_speed_arguments(group) -> None:
 _OVERRIDABLE = ("prompt", "negative_prompt", "strength", "steps", "cfg_scale", "distilled_cfg_scale", "sampler",
                 "scheduler", "clip_skip",
                 "eta", "s_churn", "s_noise", "seed", "subseed", "subseed_strength", "seed_resize_from", "rng", "ensd",
-                "width", "height", "token_merging", "s_min_uncond", "s_min_uncond_all", "skip_early_cond")
+                "width", "height", "token_merging", "s_min_uncond", "s_min_uncond_all", "skip_early_cond",
+                "vae_encode_method", "vae_decode_method")
 # GenerationParams field → the flag that sets it (where the names differ).
 _FLAG_OF_FIELD = {"seed_resize_from_w": "seed_resize_from", "seed_resize_from_h": "seed_resize_from",
                   "eta_noise_seed_delta": "ensd", "token_merging_ratio": "token_merging"}
@@ -441,6 +449,8 @@ def params_from_args(args: argparse.Namespace, init_images: tuple = (), *, model
         s_min_uncond=args.s_min_uncond,
         s_min_uncond_all=args.s_min_uncond_all,
         skip_early_cond=args.skip_early_cond,
+        vae_encode_method=args.vae_encode_method,
+        vae_decode_method=args.vae_decode_method,
         fix_steps=getattr(args, "fix_steps", False),
         img2img_upscaler=getattr(args, "img2img_upscaler", None),
         sampler_options=SamplerOptions(eta=args.eta, s_churn=args.s_churn, s_noise=args.s_noise),

@@ -158,15 +158,16 @@ class ModelsDir:
     def vae_approx_dir(self) -> Path:
         return self.folder("vae_approx")
 
-    def find_vae_approx(self, name: str) -> Path | None:
-        """A tiny preview decoder by its base name (``taesd``, ``taesdxl``, ``taef1``), or None.
+    def find_vae_approx(self, name: str, part: str = "decoder") -> Path | None:
+        """A tiny VAE's decoder (or ``part="encoder"``) by its base name (``taesd``, ``taesdxl``,
+        ``taef1``), or None.
 
-        Looked for in each VAE-approx folder as ``<name>_decoder.safetensors`` (madebyollin's
-        decoder file), then as a diffusers folder ``<name>/diffusion_pytorch_model.safetensors``.
+        Looked for in each VAE-approx folder as ``<name>_<part>.safetensors`` (madebyollin's
+        files), then as a diffusers folder ``<name>/diffusion_pytorch_model.safetensors`` (both parts).
         Only safetensors: A1111's ``.pth`` files are pickles and are never read.
         """
         for base in self.folders("vae_approx"):
-            for candidate in (base / f"{name}_decoder.safetensors",
+            for candidate in (base / f"{name}_{part}.safetensors",
                               base / name / "diffusion_pytorch_model.safetensors"):
                 if candidate.is_file():
                     return candidate

@@ -32,6 +32,7 @@ from .conditioning import encode_prompts, prompt_encoder
 from .control import request_control
 from .denoise import make_denoiser
 from .guidance import UncondSkip
+from . import vae_type
 from . import inpaint
 from .infotext import build_infotext
 from .networks import ActiveNetworks, request_networks
@@ -177,6 +178,7 @@ def _generate(model, params: GenerationParams, networks: ActiveNetworks, *, info
     if control is not None:
         plan = replace(plan, params=control.with_infotext(plan.params))
     first_block_cache.for_request(model, params.first_block_cache, control=control)  # refused before any work
+    vae_type.check(model, params)  # a TAESD file that is not there: refused before any work
     # 2d. LoRA and embedding hashes, after the inpaint and ControlNet keys as A1111 orders them.
     plan = replace(plan, params=networks.with_infotext(plan.params))
 
@@ -368,12 +370,12 @@ def _run_hires_batch(model, plan: Plan, hires: HiresPlan, job: int, seeds, subse
                          window=(0, total))
     if cancel.interrupted or cancel.skipped:
         cancel.stop_batch()  # even when the first pass had finished: the picture lacks the second
-        return decode_latents(model, latents)
+        return decode_latents(model, latents, plan.params.vae_decode_method)
     try:
         start = _second_pass_start(model, plan, hires, latents, cancel)
     except _UpscaleStopped:  # interrupted or skipped while an upscaling model ran
         cancel.stop_batch()
-        return decode_latents(model, latents)
+        return decode_latents(model, latents, plan.params.vae_decode_method)
     second = None
     if control is not None:
         second = control.second_pass(hires.plan.width, hires.plan.height, hires.plan.steps_run)
@@ -404,9 +406,9 @@ def _second_pass_start(model, plan: Plan, hires: HiresPlan, latents: torch.Tenso
 
         one_pass = picture_pass(hires.upscaler, device=str(model.device), cancel=check)
         pictures = [hires_mod.upscale_picture(image, size.upscale_width, size.upscale_height, upscaler, one_pass)
-                    for image in decode_latents(model, latents)]
+                    for image in decode_latents(model, latents, p.vae_decode_method)]
         pixels = images_to_tensor(pictures)
-        init = encode_pixels(model, pixels)
+        init = encode_pixels(model, pixels, p.vae_encode_method)
     init = hires_mod.crop_latents(init, size)
     if pixels is not None:
         top, left = size.crop_y // 2 * 8, size.crop_x // 2 * 8
@@ -455,7 +457,7 @@ def _run_batch(model, plan: Plan, job: int, seeds, subseeds, progress, cancel: C
         subseeds=subseeds if p.subseed_strength > 0 else None, subseed_strength=p.subseed_strength,
         seed_resize_from=(p.seed_resize_from_w, p.seed_resize_from_h),
     ).to(torch.float32)
-    encode = lambda pixels: encode_pixels(model, pixels)  # noqa: E731
+    encode = lambda pixels: encode_pixels(model, pixels, p.vae_encode_method)  # noqa: E731
     masked = None if plan.inpaint is None else inpaint.job_latents(
         plan.inpaint, encode, batch=b, noise=_content_noise(p, seeds, latent_shape, device))
     init = None
@@ -502,8 +504,8 @@ def _run_batch(model, plan: Plan, job: int, seeds, subseeds, progress, cancel: C
     # 7. Decode to pixels with A1111's uint8 truncation; inpainting pastes the result back
     #    and lays the original pixels over everything outside the mask.
     if masked is None:
-        return decode_latents(model, latents)
-    images = decode_latents(model, masked.finish(latents))
+        return decode_latents(model, latents, p.vae_decode_method)
+    images = decode_latents(model, masked.finish(latents), p.vae_decode_method)
     return [inpaint.composite(image, plan.inpaint, i) for i, image in enumerate(images)]
 
 
@@ -600,29 +602,37 @@ def encode_images(model, images, plan: Plan, batch: int) -> torch.Tensor:
     their latents (image i from picture i mod n), as the pixels would be repeated.
     """
     distinct = init_pixels(images, plan, min(len(images), batch))
-    latents = encode_pixels(model, distinct)
+    latents = encode_pixels(model, distinct, plan.params.vae_encode_method)
     if latents.shape[0] == batch:
         return latents
     return latents[torch.arange(batch) % latents.shape[0]]
 
 
-def encode_pixels(model, pixels: torch.Tensor) -> torch.Tensor:
+def encode_pixels(model, pixels: torch.Tensor, method: str = "Full") -> torch.Tensor:
     """VAE-encode pictures in [-1, 1] to scaled latents (posterior mean: deterministic).
 
     The VAE runs where the memory mode puts it, in the dtype of the model's VAE precision
     (upcast to float32 where fp16 would overflow, by default), and retries in tiles after an
-    out-of-memory error (models/offload.py: ``run_vae``).
+    out-of-memory error (models/offload.py: ``run_vae``). ``method`` "TAESD": the tiny encoder
+    instead (pipeline/vae_type.py).
     """
     from ..models.offload import run_vae
+
+    if method == "TAESD":
+        return vae_type.encode(model, pixels)
 
     mean = run_vae(model, lambda vae, device, dtype: vae.encode(to_device(pixels, device, dtype)).latent_dist.mean,
                    what="encode")
     return (mean.to(torch.float32) - _shift(model)) * model.spec.scaling_factor
 
 
-def decode_latents(model, latents: torch.Tensor):
-    """Decode scaled latents to pictures; a half-precision decode that gives NaNs runs again in float32."""
+def decode_latents(model, latents: torch.Tensor, method: str = "Full"):
+    """Decode scaled latents to pictures; a half-precision decode that gives NaNs runs again in float32.
+    ``method`` "TAESD": the tiny decoder instead (pipeline/vae_type.py)."""
     from ..models.offload import run_vae
+
+    if method == "TAESD":
+        return tensor_to_images(vae_type.decode(model, latents))
 
     z = latents / model.spec.scaling_factor + _shift(model)
     pixels = run_vae(model, lambda vae, device, dtype: vae.decode(z.to(device, dtype)).sample, nan_check=True,

@@ -11,6 +11,7 @@ from ..sampling.names import infotext_schedule, infotext_writes_ensd, sampler_in
 from .deepcache import infotext_entries as deepcache_infotext
 from .first_block_cache import infotext_entries as first_block_cache_infotext
 from .guidance import infotext_entries as guidance_infotext
+from .vae_type import infotext_entries as vae_type_infotext
 from .hires import hires_infotext
 from .records import ModelInfo
 
@@ -58,6 +59,7 @@ def infotext_params(params: GenerationParams, info: ModelInfo, *, width: int, he
         "Sigma tmax": opts.s_tmax if opts.s_tmax != math.inf and "s_tmax" in takes else None,
         "Sigma noise": opts.s_noise if opts.s_noise != 1.0 and "s_noise" in takes else None,
         "Discard penultimate sigma": True if opts.discard_penultimate_sigma else None,
+        **vae_type_infotext(p),
         # A1111 adds these while sampling, after the sampler's keys.
         **guidance_infotext(p),
         **deepcache_infotext(p.deepcache),

@@ -16,7 +16,7 @@ from typing import Any
 
 from ..errors import ImageError, InvalidParameter
 from ..imageio.infotext import ParsedInfotext, apply_defaults, parse_infotext
-from ..params import HiresOptions, InpaintOptions, SamplerOptions
+from ..params import HiresOptions, InpaintOptions, SamplerOptions, vae_method_name
 
 # infotext key → (GenerationParams field, parser); the ``-1``/``-2`` keys are split ``WxH`` values.
 _FIELDS: tuple[tuple[str, str, Callable[[str], Any]], ...] = (
@@ -86,6 +86,9 @@ def params_from_infotext(parsed: ParsedInfotext) -> dict[str, Any]:
     if rng not in _RNG:
         raise InvalidParameter("RNG", rng, "GPU, CPU or NV")
     fields["rng"] = _RNG[rng]
+    for key, name in (("VAE Encoder", "vae_encode_method"), ("VAE Decoder", "vae_decode_method")):
+        if key in values:  # A1111 fills in Full for both
+            fields[name] = vae_method_name(values[key], key)
     if "NGMS all steps" in values:
         fields["s_min_uncond_all"] = _parse(values, "NGMS all steps", _boolean)
     fields["sampler_options"] = sampler_options(values)

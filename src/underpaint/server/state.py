@@ -46,6 +46,9 @@ class ServerOptions:
     s_min_uncond: float = 0.0
     s_min_uncond_all: bool = False
     skip_early_cond: float = 0.0
+    #: A1111's "VAE type for encode" / "VAE type for decode": "Full" or "TAESD" (pipeline/vae_type.py).
+    sd_vae_encode_method: str = "Full"
+    sd_vae_decode_method: str = "Full"
     #: A1111's "SD VAE": "Automatic", "None" or a VAE file's name as /sd-vae lists it (catalog.py).
     sd_vae: str = "Automatic"
     #: A1111's "Upscaler for img2img": "None" (Lanczos) or an upscaler's name as /upscalers lists it.

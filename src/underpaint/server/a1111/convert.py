@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from ...errors import InvalidParameter, UnknownName
 from ...params import (MASKED_CONTENT, MAX_S_MIN_UNCOND, MAX_TOKEN_MERGING_RATIO, DeepCacheOptions, GenerationParams, HiresOptions,
-                       InpaintOptions, SamplerOptions, preview_method_name)
+                       InpaintOptions, SamplerOptions, preview_method_name, vae_method_name)
 from ...prompts.styles import StyleBook
 from ..config import Limits
 from ..images import PictureBudget, decode_image
@@ -241,6 +241,8 @@ def _kept_options(req: GenerationRequest, ctx: ConvertContext) -> dict[str, Any]
         "s_min_uncond": ("s_min_uncond", lambda key: overrides.float(key, options.s_min_uncond)),
         "s_min_uncond_all": ("s_min_uncond_all", lambda key: overrides.bool(key, options.s_min_uncond_all)),
         "skip_early_cond": ("skip_early_cond", lambda key: overrides.float(key, options.skip_early_cond)),
+        **{key: (key, lambda key: overrides.vae_method(key, "Full")) for key in
+           ("sd_vae_encode_method", "sd_vae_decode_method")},
     }
     for key, (name, read) in readers.items():
         if overrides.has(key):
@@ -298,7 +300,14 @@ _API_FIELD = {**SCRIPT_ARG_FIELDS, "strength": "denoising_strength", "sampler": 
               "hires_scheduler": "hr_scheduler", "hires_prompt": "hr_prompt",
               "hires_negative_prompt": "hr_negative_prompt",
               "token_merging_ratio": "override_settings.token_merging_ratio",
-              "hires_token_merging_ratio": "override_settings.token_merging_ratio_hr"}
+              "hires_token_merging_ratio": "override_settings.token_merging_ratio_hr",
+              "vae_encode_method": "override_settings.sd_vae_encode_method",
+              "vae_decode_method": "override_settings.sd_vae_decode_method"}
+
+
+#: Fields the engine checks again as the job runs (it knows the model then), by their API names.
+ENGINE_CHECKED_FIELDS = {**SCRIPT_ARG_FIELDS, "vae_encode_method": "override_settings.sd_vae_encode_method",
+                         "vae_decode_method": "override_settings.sd_vae_decode_method"}
 
 
 def _renamed(exc: InvalidParameter, names: Mapping[str, str] | None = None) -> InvalidParameter:
@@ -544,6 +553,8 @@ def _common_fields(req: GenerationRequest, ctx: ConvertContext, pictures: Pictur
         "img2img_upscaler": overrides.upscaler(ctx.options.upscaler_for_img2img) if img2img else None,
         "token_merging_ratio": _token_merging_ratio(overrides, ctx.options, img2img=img2img),
         **_uncond_skip(req, overrides, ctx.options),
+        "vae_encode_method": overrides.vae_method("sd_vae_encode_method", ctx.options.sd_vae_encode_method),
+        "vae_decode_method": overrides.vae_method("sd_vae_decode_method", ctx.options.sd_vae_decode_method),
         "sampler_options": _sampler_options(req, overrides, sampler),
         "deepcache": _deepcache(overrides),
         "first_block_cache": _first_block_cache(overrides),
@@ -821,6 +832,16 @@ class _Overrides:
             raise self._bad(key, "true or false")
         return value
 
+    def vae_method(self, key: str, default: str) -> str:
+        """A1111's "VAE type for encode/decode": Full or TAESD."""
+        value = self.values.get(key)
+        if value is None:
+            return default
+        try:
+            return vae_method_name(value, f"override_settings.{key}")
+        except InvalidParameter:
+            raise self._bad(key, "Full or TAESD") from None
+
     def rng(self, default: str) -> str:
         value = self.values.get("randn_source")
         if value is None:
@@ -899,7 +920,8 @@ _INFOTEXT_SETTINGS: tuple[tuple[str, str, type], ...] = (
     ("DeepCache start", "deepcache_start", int), ("DeepCache end", "deepcache_end", int),
     ("First block cache", "first_block_cache_threshold", float),
     ("NGMS", "s_min_uncond", float), ("NGMS all steps", "s_min_uncond_all", bool),
-    ("Skip Early CFG", "skip_early_cond", float))
+    ("Skip Early CFG", "skip_early_cond", float),
+    ("VAE Encoder", "sd_vae_encode_method", str), ("VAE Decoder", "sd_vae_decode_method", str))
 
 
 def apply_infotext(req: GenerationRequest) -> GenerationRequest:

@@ -155,10 +155,10 @@ async def _run_queued(state: ServerState, prepared: PreparedJob, response: Respo
         from .control_units import request_field
 
         renamed = request_field(exc, prepared.control_fields)
-        if renamed is exc:  # a script's option (SD upscale's, checked again as it runs)
-            from .convert import SCRIPT_ARG_FIELDS, _renamed
+        if renamed is exc:  # a script's option (SD upscale's, checked again as it runs), a VAE type
+            from .convert import ENGINE_CHECKED_FIELDS, _renamed
 
-            renamed = _renamed(exc, SCRIPT_ARG_FIELDS)
+            renamed = _renamed(exc, ENGINE_CHECKED_FIELDS)
         if renamed is exc:
             raise
         raise renamed from None

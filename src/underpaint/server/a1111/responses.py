@@ -227,6 +227,10 @@ class Options(WireModel):
         "Negative Guidance minimum sigma (NGMS; a speed/quality trade-off): below this noise level every other "
         "model evaluation runs the prompt alone, without the negative prompt. 0: off."))
     s_min_uncond_all: bool = Field(False, description="NGMS skips the negative prompt at every evaluation below it.")
+    sd_vae_encode_method: str = Field("Full", description=(
+        "VAE type for encode (img2img, inpainting, hires. fix upscaled in pixels): Full (the checkpoint's VAE) or "
+        "TAESD (the tiny autoencoder in the models folder's VAE-approx/: much faster, a little softer)."))
+    sd_vae_decode_method: str = Field("Full", description="VAE type for decode: Full or TAESD (as for encode).")
     skip_early_cond: float = Field(0.0, ge=0, le=1, description=(
         "Ignore negative prompt during early sampling (Skip Early CFG): the share of the first model evaluations "
         "that run the prompt alone, 0 (none) to 1 (all)."))

@@ -16,7 +16,7 @@ from fastapi import APIRouter, Body, Request
 from starlette.concurrency import run_in_threadpool
 
 from ...errors import InvalidParameter
-from ...params import MAX_S_MIN_UNCOND, MAX_TOKEN_MERGING_RATIO, preview_method_name
+from ...params import MAX_S_MIN_UNCOND, MAX_TOKEN_MERGING_RATIO, preview_method_name, vae_method_name
 from ..jobs import Job
 from ..security import JSONValueLimitRoute
 from ..state import ServerState, server_state
@@ -66,6 +66,8 @@ def get_options(request: Request) -> Options:
         s_min_uncond=opts.s_min_uncond,
         s_min_uncond_all=opts.s_min_uncond_all,
         skip_early_cond=opts.skip_early_cond,
+        sd_vae_encode_method=opts.sd_vae_encode_method,
+        sd_vae_decode_method=opts.sd_vae_decode_method,
         sd_vae=opts.sd_vae,
         upscaler_for_img2img=opts.upscaler_for_img2img,
         **state.outputs.options(),
@@ -106,6 +108,9 @@ def _option_changes(body: dict[str, Any], state: ServerState) -> dict[str, Any]:
         changes["s_min_uncond_all"] = body["s_min_uncond_all"]
     if "skip_early_cond" in body:
         changes["skip_early_cond"] = _float_option(body, "skip_early_cond", 0.0, 1.0)
+    for key in ("sd_vae_encode_method", "sd_vae_decode_method"):
+        if key in body:
+            changes[key] = vae_method_name(body[key], key)
     if body.get("sd_vae") is not None:
         changes["sd_vae"] = state.catalog.vae_choice(body["sd_vae"])
     if "upscaler_for_img2img" in body:

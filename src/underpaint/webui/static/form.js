@@ -75,7 +75,7 @@ export class GenerationForm {
     for (const name of ["prompt", "negative_prompt", "sampler_name", "scheduler", "steps", "width", "height",
       "n_iter", "batch_size", "cfg_scale", "distilled_cfg_scale", "denoising_strength", "seed", "mask_blur",
       "inpaint_full_res_padding", "deepcache_interval", "deepcache_branch", "first_block_cache", "s_min_uncond",
-      "s_min_uncond_all", "skip_early_cond", "enable_hr", "hr_upscaler",
+      "s_min_uncond_all", "skip_early_cond", "sd_vae_decode_method", "sd_vae_encode_method", "enable_hr", "hr_upscaler",
       ...HIRES_NUMBERS, "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt"]) {
       this.controls[name] = $(`#${name}`, root);
     }
@@ -209,6 +209,9 @@ export class GenerationForm {
     }
     const early = numberValue(this.controls.skip_early_cond);
     if (early) settings.skip_early_cond = early;
+    for (const name of ["sd_vae_decode_method", "sd_vae_encode_method"]) {
+      if (this.controls[name].value !== "Full") settings[name] = this.controls[name].value;
+    }
     return Object.keys(settings).length ? settings : undefined;
   }
 
@@ -289,6 +292,9 @@ export class GenerationForm {
       if (typeof numbers[name] === "number") setNumber(c[name], numbers[name]);
     }
     if (typeof fields.s_min_uncond_all === "boolean") c.s_min_uncond_all.checked = fields.s_min_uncond_all;
+    for (const name of ["sd_vae_decode_method", "sd_vae_encode_method"]) {
+      if (fields[name] === "Full" || fields[name] === "TAESD") c[name].value = fields[name];
+    }
     // Legacy combined names ("DPM++ 2M Karras") carry the schedule in the sampler.
     const [sampler, legacySchedule] = splitLegacySampler(c.sampler_name, fields.sampler_name);
     const scheduler = fields.scheduler ?? legacySchedule;

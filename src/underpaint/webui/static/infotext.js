@@ -104,6 +104,8 @@ export function infotextToFields({ prompt, negativePrompt, params }) {
   set("s_min_uncond", number(params.NGMS) ?? 0);
   fields.s_min_uncond_all = params["NGMS all steps"] === "True";
   set("skip_early_cond", number(params["Skip Early CFG"]) ?? 0);
+  fields.sd_vae_decode_method = params["VAE Decoder"] === "TAESD" ? "TAESD" : "Full";
+  fields.sd_vae_encode_method = params["VAE Encoder"] === "TAESD" ? "TAESD" : "Full";
   Object.assign(fields, hiresFields(params));
   set("sd_model_hash", params["Model hash"]);
   set("sd_model_name", params.Model);
