@@ -95,6 +95,30 @@ def test_taesd_decode_is_the_tiny_decoder_of_the_same_latents(engine, taesd, mon
     assert not np.array_equal(np.asarray(full), np.asarray(fast))
 
 
+def test_with_tiling_taesd_wraps_around_too(engine, taesd, monkeypatch):
+    """A Tiling request decoded by TAESD: AutoencoderTiny's decode with its convolutions padding
+    circularly, of the latents the checkpoint's VAE is given in the same request decoded in full."""
+    model = engine.model
+    seen = []
+    decode = model.vae.decode
+    monkeypatch.setattr(model.vae, "decode", lambda z, *a, **k: seen.append(z.clone()) or decode(z, *a, **k))
+    engine.generate(GenerationParams(**BASE, tiling=True))
+    latents = seen[0] * model.spec.scaling_factor
+    fast = engine.generate(GenerationParams(**BASE, tiling=True, vae_decode_method="TAESD")).images[0]
+    convs = [m for m in taesd.modules() if isinstance(m, torch.nn.Conv2d)]
+    try:
+        for conv in convs:
+            conv.padding_mode = "circular"
+        with torch.no_grad():
+            reference = truncated(taesd.decode(latents).sample)[0]
+    finally:
+        for conv in convs:
+            conv.padding_mode = "zeros"
+    assert np.array_equal(np.asarray(fast, dtype=np.int16), reference)
+    with torch.no_grad():
+        assert not np.array_equal(truncated(taesd.decode(latents).sample)[0], reference)
+
+
 def test_taesd_encode_is_the_tiny_encoder(engine, taesd, photo, monkeypatch):
     from underpaint.imageio.convert import images_to_tensor
     from underpaint.pipeline.generate import encode_pixels

@@ -11,6 +11,7 @@ import base64
 import io
 import json
 import os
+import re
 import shutil
 import socket
 import threading
@@ -1078,6 +1079,31 @@ def test_vae_type_is_sent_refused_beside_its_field_and_pasted(page, photo_file, 
     expect(encode).to_have_value("Full")
 
 
+def test_tiling_is_sent_recorded_and_pasted(page, photo_file, tmp_path):
+    """The Tiling checkbox (off by default) sends A1111's `tiling: true` only when on; the result's infotext
+    says "Tiling: True", and a picture whose infotext does not turns it off again."""
+    tiling = page.locator("#tiling")
+    expect(tiling).not_to_be_checked()
+    page.set_input_files("#img2img-file", str(photo_file))
+    fast_settings(page, seed=9, steps=2)
+    with page.expect_response("**/sdapi/v1/img2img", timeout=GENERATION_TIMEOUT) as answer:
+        page.click("#generate")
+    assert answer.value.ok, answer.value.text()
+    assert "tiling" not in json.loads(answer.value.request.post_data)
+    tiling.check()
+    with page.expect_response("**/sdapi/v1/img2img", timeout=GENERATION_TIMEOUT) as answer:
+        page.click("#generate")
+    assert answer.value.ok, answer.value.text()
+    assert json.loads(answer.value.request.post_data)["tiling"] is True
+    expect(page.locator("#result-infotext")).to_have_value(re.compile(r"Tiling: True"))
+
+    plain = infotext_pngs(tmp_path, {"plain": "a pond\nSteps: 4, Sampler: Euler a, Seed: 11, Size: 64x64"}, (64, 64))
+    page.click("#tab-pnginfo")
+    page.set_input_files("#pnginfo-file", str(plain["plain"]))
+    page.click("#pnginfo-send-img2img")
+    expect(tiling).not_to_be_checked()
+
+
 # --------------------------------------------------------------------------- txt2img and Hires. fix
 
 
@@ -2021,6 +2047,7 @@ def test_flux_checkpoint_switches_to_flux_settings_and_back(context, flux_server
         expect(select).to_be_enabled(timeout=GENERATION_TIMEOUT)
     expect(page.locator("#distilled-field")).to_be_hidden()
     set_value(page, "cfg_scale", 5)
+    page.check("#tiling")  # kept for SD, neither shown nor sent for FLUX
 
     with page.expect_response("**/sdapi/v1/options", timeout=GENERATION_TIMEOUT):
         select.select_option(flux)
@@ -2032,6 +2059,7 @@ def test_flux_checkpoint_switches_to_flux_settings_and_back(context, flux_server
     # The UNet's DeepCache gives way to the transformer's First Block Cache.
     expect(page.locator("#deepcache-row")).to_be_hidden()
     expect(page.locator("#fbcache-row")).to_be_visible()
+    expect(page.locator("#tiling-field")).to_be_hidden()
 
     page.set_input_files("#img2img-file", str(photo_file))
     page.fill("#prompt", "a harbour at night")
@@ -2043,6 +2071,7 @@ def test_flux_checkpoint_switches_to_flux_settings_and_back(context, flux_server
     assert answer.value.ok, answer.value.text()
     sent = json.loads(answer.value.request.post_data)
     assert sent["distilled_cfg_scale"] == 2.5 and sent["override_settings"] == {"first_block_cache_threshold": 0.5}
+    assert "tiling" not in sent
     expect(page.locator("#result-image")).to_be_visible()
     infotext = page.input_value("#result-infotext")
     assert "Distilled CFG Scale: 2.5" in infotext and "First block cache: 0.5" in infotext
@@ -2055,5 +2084,8 @@ def test_flux_checkpoint_switches_to_flux_settings_and_back(context, flux_server
     expect(page.locator("#sampler_name")).to_have_value("DPM++ 2M")
     expect(page.locator("#fbcache-row")).to_be_hidden()
     expect(page.locator("#deepcache-row")).to_be_visible()
+    expect(page.locator("#tiling")).to_be_visible()
+    expect(page.locator("#tiling")).to_be_checked()
+    page.uncheck("#tiling")
     page.close()
     assert not errors, errors

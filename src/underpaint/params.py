@@ -391,6 +391,9 @@ class GenerationParams:
     #: "TAESD" (the tiny autoencoder in the models folder's VAE-approx/; faster, softer).
     vae_encode_method: str = "Full"
     vae_decode_method: str = "Full"
+    #: A1111's "Tiling": a picture that tiles seamlessly (the UNet's and VAE's convolutions wrap
+    #: around its edges; models/seamless.py). SD 1.x/2.x and SDXL.
+    tiling: bool = False
     #: A1111's "SD upscale" img2img script; None: off.
     sd_upscale: SDUpscaleOptions | None = None
     #: A1111's "X/Y/Z plot" script; None: off.
@@ -423,8 +426,9 @@ class GenerationParams:
         _check_range("token_merging_ratio", self.token_merging_ratio, 0.0, MAX_TOKEN_MERGING_RATIO)
         _check_range("first_block_cache", self.first_block_cache, 0.0, 1.0)
         _check_range("s_min_uncond", self.s_min_uncond, 0.0, MAX_S_MIN_UNCOND)
-        if not isinstance(self.s_min_uncond_all, bool):
-            raise InvalidParameter("s_min_uncond_all", self.s_min_uncond_all, "true or false")
+        for name in ("s_min_uncond_all", "tiling"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidParameter(name, getattr(self, name), "true or false")
         _check_range("skip_early_cond", self.skip_early_cond, 0.0, 1.0)
         for name in ("vae_encode_method", "vae_decode_method"):
             object.__setattr__(self, name, vae_method_name(getattr(self, name), name))

@@ -132,6 +132,9 @@ def _add_generation_args(p: argparse.ArgumentParser, *, img2img: bool) -> None:
     s.add_argument("--vae-encoder", dest="vae_encode_method", default="Full", metavar="full|taesd",
                    help="A1111's VAE type for encode (img2img, inpainting, hires. fix in pixels): full (default) "
                         "or taesd (VAE-approx/..._encoder.safetensors)")
+    s.add_argument("--tiling", action="store_true", default=False,
+                   help="A1111's Tiling: a picture that tiles seamlessly, its right edge running on into the left "
+                        "and its bottom into the top (SD 1.x/2.x and SDXL)")
 
     r = p.add_argument_group("seed")
     r.add_argument("--seed", type=int, default=-1,
@@ -327,8 +330,6 @@ def _add_unavailable_args(p: argparse.ArgumentParser) -> None:
     u = p.add_argument_group("not available", "A1111 features underpaint does not have; each is refused")
     u.add_argument("--restore-faces", nargs=0, action=NotAvailable, feature="face restoration (A1111's Restore "
                    "faces with GFPGAN or CodeFormer)", help="not available: face restoration")
-    u.add_argument("--tiling", nargs=0, action=NotAvailable, feature="tiling (A1111's seamless Tiling)",
-                   help="not available: seamless tiling")
     u.add_argument("--refiner", nargs="?", metavar="CHECKPOINT", action=NotAvailable,
                    feature="a refiner checkpoint (A1111's Refiner)", help="not available: a refiner checkpoint")
 
@@ -371,7 +372,7 @@ _OVERRIDABLE = ("prompt", "negative_prompt", "strength", "steps", "cfg_scale", "
                 "scheduler", "clip_skip",
                 "eta", "s_churn", "s_noise", "seed", "subseed", "subseed_strength", "seed_resize_from", "rng", "ensd",
                 "width", "height", "token_merging", "s_min_uncond", "s_min_uncond_all", "skip_early_cond",
-                "vae_encode_method", "vae_decode_method")
+                "vae_encode_method", "vae_decode_method", "tiling")
 # GenerationParams field → the flag that sets it (where the names differ).
 _FLAG_OF_FIELD = {"seed_resize_from_w": "seed_resize_from", "seed_resize_from_h": "seed_resize_from",
                   "eta_noise_seed_delta": "ensd", "token_merging_ratio": "token_merging"}
@@ -451,6 +452,7 @@ def params_from_args(args: argparse.Namespace, init_images: tuple = (), *, model
         skip_early_cond=args.skip_early_cond,
         vae_encode_method=args.vae_encode_method,
         vae_decode_method=args.vae_decode_method,
+        tiling=args.tiling,
         fix_steps=getattr(args, "fix_steps", False),
         img2img_upscaler=getattr(args, "img2img_upscaler", None),
         sampler_options=SamplerOptions(eta=args.eta, s_churn=args.s_churn, s_noise=args.s_noise),

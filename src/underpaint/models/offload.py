@@ -44,6 +44,7 @@ import torch
 
 from ..errors import InvalidParameter
 from .modes import VAE_PRECISIONS, VRAM_MODES, spoken
+from .seamless import is_seamless
 
 log = logging.getLogger(__name__)
 
@@ -533,7 +534,7 @@ def _vae_with_retry(model: Any, call: Callable, dtype: torch.dtype) -> torch.Ten
     try:
         out = _vae_once(model, call, dtype)
     except Exception as exc:  # noqa: BLE001 - only out-of-memory errors are handled, the rest re-raised
-        if not is_out_of_memory(exc):
+        if not is_out_of_memory(exc) or is_seamless(model):  # a tile would wrap onto itself (models/seamless.py)
             raise
         out = None
     if out is None:  # outside the except block: the failed call's tensors are freed first

@@ -16,6 +16,7 @@ import torch
 from ..imageio.convert import images_to_tensor, tensor_to_images
 from ..imageio.resize import Enlarge, output_size, resize_image
 from ..models.device import to_device
+from ..models.seamless import seamless
 from ..models.tome import request_token_merging
 from ..params import GenerationParams, check_hires_size
 from ..sampling import noise as noise_mod
@@ -94,7 +95,7 @@ def generate(model, params: GenerationParams, *, info: ModelInfo, progress, canc
         params = _without_token_merging(params)
     # 0. Extra networks: the prompt's LoRAs are merged into the weights for this request only.
     encoder = None if flux.is_flux(model) else prompt_encoder(model, params.clip_skip)
-    with request_networks(model, params, encoder=encoder) as networks:
+    with request_networks(model, params, encoder=encoder) as networks, seamless(model, params.tiling):
         if params.sd_upscale is not None:  # A1111's "SD upscale" script: img2img tile by tile
             from . import sd_upscale
 
@@ -112,6 +113,9 @@ def _check_flux_request(params: GenerationParams) -> None:
     from ..sampling.flow import check_flow_sampler
 
     check_flow_sampler(params.sampler)
+    if params.tiling:
+        raise InvalidParameter("tiling", True, "false for a FLUX model (its transformer has no convolutions to wrap "
+                               "around the picture's edges)")
     if params.deepcache is not None and params.deepcache.interval > 1:
         raise InvalidParameter("deepcache_interval", params.deepcache.interval,
                                "1 (off) for a FLUX model (DeepCache splits SD/SDXL UNets; FLUX has first_block_cache)")

@@ -46,6 +46,7 @@ def infotext_params(params: GenerationParams, info: ModelInfo, *, width: int, he
         "Token merging ratio": p.token_merging_ratio or None,
         "Token merging ratio hr": (p.hires_token_merging_ratio or None) if p.hires is not None else None,
         "RNG": {"cpu": "CPU", "nv": "NV"}.get(p.rng),
+        "Tiling": True if p.tiling else None,
         # A1111's txt2img adds its hires keys before sampling, the sampler's own keys during it.
         **hires_infotext(p),
         **_eta_entry(p),

@@ -91,6 +91,8 @@ def params_from_infotext(parsed: ParsedInfotext) -> dict[str, Any]:
             fields[name] = vae_method_name(values[key], key)
     if "NGMS all steps" in values:
         fields["s_min_uncond_all"] = _parse(values, "NGMS all steps", _boolean)
+    if "Tiling" in values:
+        fields["tiling"] = _parse(values, "Tiling", _boolean)
     fields["sampler_options"] = sampler_options(values)
     fields["inpaint"] = inpaint_options(values)
     hires = hires_options(parsed.params)
@@ -168,7 +170,7 @@ def inpaint_options(values: Mapping[str, str]) -> InpaintOptions:
 
 #: Infotext keys of A1111 features underpaint does not have → what to call them; a picture made
 #: with one of them is not reproduced exactly.
-_UNAVAILABLE = (("Face restoration", "face restoration"), ("Tiling", "tiling"), ("Refiner", "a refiner"))
+_UNAVAILABLE = (("Face restoration", "face restoration"), ("Refiner", "a refiner"))
 
 
 def unavailable_features(parsed: ParsedInfotext) -> list[str]:
@@ -177,9 +179,8 @@ def unavailable_features(parsed: ParsedInfotext) -> list[str]:
     found = []
     for key, name in _UNAVAILABLE:
         value = parsed.params.get(key)
-        if value is None or (key == "Tiling" and value.strip().lower() != "true"):
-            continue
-        found.append(name if key == "Tiling" else f"{name} ({value})")
+        if value is not None:
+            found.append(f"{name} ({value})")
     return found
 
 

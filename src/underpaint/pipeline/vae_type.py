@@ -21,6 +21,7 @@ import torch
 
 from ..errors import InvalidParameter, ModelError
 from ..models.detect import Family
+from ..models.seamless import wrapping
 from ..params import GenerationParams
 from .networks import models_dir_of
 from .preview import TAESD_NAMES, _preview_dtype, taesd_decoder
@@ -62,7 +63,7 @@ def decode(model, latents: torch.Tensor) -> torch.Tensor:
     if decoder is None:  # the file went away since the request was checked
         raise InvalidParameter("vae_decode_method", "TAESD", _missing(model, "decoder"))
     param = next(decoder.parameters())
-    with torch.inference_mode():
+    with torch.inference_mode(), wrapping(model, decoder):
         pixels = decoder.decode(latents.detach().to(param.device, param.dtype)).sample
     return pixels.to(torch.float32).clamp(-1.0, 1.0)
 
@@ -73,7 +74,7 @@ def encode(model, pixels: torch.Tensor) -> torch.Tensor:
     if encoder is None:
         raise InvalidParameter("vae_encode_method", "TAESD", _missing(model, "encoder"))
     param = next(encoder.parameters())
-    with torch.inference_mode():
+    with torch.inference_mode(), wrapping(model, encoder):
         latents = encoder.encode(pixels.to(param.device, param.dtype)).latents
     return latents.to(torch.float32)
 

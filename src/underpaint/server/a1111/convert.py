@@ -323,9 +323,8 @@ def _renamed(exc: InvalidParameter, names: Mapping[str, str] | None = None) -> I
 
 def _refuse_unsupported(req: GenerationRequest, *, img2img: bool = False) -> None:
     """Features A1111 has and underpaint does not: refuse a request that turns one on."""
-    for name in ("restore_faces", "tiling"):
-        if getattr(req, name):
-            raise InvalidParameter(name, True, f"false ({name.replace('_', ' ')} is not available in underpaint)")
+    if req.restore_faces:
+        raise InvalidParameter("restore_faces", True, "false (face restoration is not available in underpaint)")
     if req.refiner_checkpoint:
         raise InvalidParameter("refiner_checkpoint", req.refiner_checkpoint, "absent (refiners are not available yet)")
     scripts = [SD_UPSCALE_SCRIPT, XYZ_PLOT_SCRIPT] if img2img else [XYZ_PLOT_SCRIPT]
@@ -555,6 +554,7 @@ def _common_fields(req: GenerationRequest, ctx: ConvertContext, pictures: Pictur
         **_uncond_skip(req, overrides, ctx.options),
         "vae_encode_method": overrides.vae_method("sd_vae_encode_method", ctx.options.sd_vae_encode_method),
         "vae_decode_method": overrides.vae_method("sd_vae_decode_method", ctx.options.sd_vae_decode_method),
+        "tiling": bool(req.tiling),
         "sampler_options": _sampler_options(req, overrides, sampler),
         "deepcache": _deepcache(overrides),
         "first_block_cache": _first_block_cache(overrides),
@@ -911,6 +911,7 @@ _INFOTEXT_FIELDS: tuple[tuple[str, str, type], ...] = (
     ("Hires steps", "hr_second_pass_steps", int), ("Hires sampler", "hr_sampler_name", str),
     ("Hires schedule type", "hr_scheduler", str), ("Hires prompt", "hr_prompt", str),
     ("Hires negative prompt", "hr_negative_prompt", str), ("Hires checkpoint", "hr_checkpoint_name", str),
+    ("Tiling", "tiling", bool),
 )
 # Infotext keys that A1111 turns into override_settings.
 _INFOTEXT_SETTINGS: tuple[tuple[str, str, type], ...] = (
@@ -978,7 +979,7 @@ def _typed(text: str, kind: type, key: str):
 _TOP_LEVEL_KEYS = frozenset({
     "Steps", "Sampler", "CFG scale", "Seed", "Size-1", "Size-2", "Model hash", "Model", "VAE hash", "VAE",
     "Variation seed", "Variation seed strength", "Seed resize from-1", "Seed resize from-2", "Denoising strength",
-    "Clip skip", "Version", "Face restoration",
+    "Clip skip", "Version", "Face restoration", "Tiling",
 })
 
 

@@ -141,7 +141,9 @@ class GenerationRequest(RequestModel):
     width: int = Field(512, description="Output width in pixels.")
     height: int = Field(512, description="Output height in pixels.")
     restore_faces: bool | None = Field(None, description="Not available here: must be false or absent.")
-    tiling: bool | None = Field(None, description="Not available here: must be false or absent.")
+    tiling: bool | None = Field(None, description=(
+        "A1111's Tiling: a picture that tiles seamlessly, its right edge running on into the left and its bottom "
+        "into the top (SD 1.x/2.x and SDXL; refused for FLUX)."))
     do_not_save_samples: bool = Field(False, description="Ignored, as in A1111's API: save_images decides.")
     do_not_save_grid: bool = Field(False, description="Accepted for compatibility; no grid is made.")
     eta: float | None = Field(None, description="Noise multiplier for ancestral and SDE samplers (and DDIM).")

@@ -75,7 +75,7 @@ export class GenerationForm {
     for (const name of ["prompt", "negative_prompt", "sampler_name", "scheduler", "steps", "width", "height",
       "n_iter", "batch_size", "cfg_scale", "distilled_cfg_scale", "denoising_strength", "seed", "mask_blur",
       "inpaint_full_res_padding", "deepcache_interval", "deepcache_branch", "first_block_cache", "s_min_uncond",
-      "s_min_uncond_all", "skip_early_cond", "sd_vae_decode_method", "sd_vae_encode_method", "enable_hr", "hr_upscaler",
+      "s_min_uncond_all", "skip_early_cond", "sd_vae_decode_method", "sd_vae_encode_method", "tiling", "enable_hr", "hr_upscaler",
       ...HIRES_NUMBERS, "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt"]) {
       this.controls[name] = $(`#${name}`, root);
     }
@@ -170,6 +170,7 @@ export class GenerationForm {
     $("#distilled-field", this.root).hidden = !flux;
     $("#deepcache-row", this.root).hidden = flux;  // FLUX has no UNet to cache
     $("#fbcache-row", this.root).hidden = !flux;  // and First Block Cache is for its transformer only
+    $("#tiling-field", this.root).hidden = flux;  // its transformer has no convolutions to wrap around
     this.updateHiresSize();  // FLUX's latent patches make sizes whole blocks of 16
     setNumber(c.cfg_scale, flux ? 1 : 7);
     for (const [select, value] of [[c.sampler_name, flux ? "Euler" : "DPM++ 2M"], [c.scheduler, flux ? "Simple" : "Automatic"]]) {
@@ -232,6 +233,7 @@ export class GenerationForm {
       batch_size: numberValue(c.batch_size),
       n_iter: numberValue(c.n_iter),
       override_settings: this.overrideSettings(),
+      tiling: this.family !== "flux" && c.tiling.checked ? true : undefined,
     };
     if (mode === "txt2img") return { ...common, ...this.hiresValues() };
     return {
@@ -318,6 +320,7 @@ export class GenerationForm {
     }
     if (fields.inpaint_full_res !== undefined) setRadio(this.root, "inpaint_full_res", fields.inpaint_full_res ? 1 : 0);
     if (typeof fields.enable_hr === "boolean") c.enable_hr.checked = fields.enable_hr;
+    if (typeof fields.tiling === "boolean") c.tiling.checked = fields.tiling;
     this.updateHires();
     this.updateDenoiseHint();
     this.updateGuidanceSkip();

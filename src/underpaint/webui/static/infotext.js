@@ -106,6 +106,7 @@ export function infotextToFields({ prompt, negativePrompt, params }) {
   set("skip_early_cond", number(params["Skip Early CFG"]) ?? 0);
   fields.sd_vae_decode_method = params["VAE Decoder"] === "TAESD" ? "TAESD" : "Full";
   fields.sd_vae_encode_method = params["VAE Encoder"] === "TAESD" ? "TAESD" : "Full";
+  fields.tiling = params.Tiling === "True";
   Object.assign(fields, hiresFields(params));
   set("sd_model_hash", params["Model hash"]);
   set("sd_model_name", params.Model);
