@@ -1079,6 +1079,40 @@ def test_vae_type_is_sent_refused_beside_its_field_and_pasted(page, photo_file, 
     expect(encode).to_have_value("Full")
 
 
+def test_freeu_is_sent_refused_beside_its_field_recorded_and_pasted(page, photo_file, tmp_path):
+    """FreeU (off by default, Forge's defaults in its fields) goes out as Forge's "FreeU Integrated" always-on
+    script only when enabled; a refused factor is marked beside its field; the result's infotext has Forge's
+    freeu_* keys, and a picture whose infotext does not turns it off again."""
+    enabled = page.locator("#freeu_enabled")
+    expect(enabled).not_to_be_checked()
+    assert [page.input_value(f"#freeu_{k}") for k in ("b1", "b2", "s1", "s2")] == ["1.01", "1.02", "0.99", "0.95"]
+    page.set_input_files("#img2img-file", str(photo_file))
+    fast_settings(page, seed=13, steps=2)
+    page.click("#freeu-section summary")
+    enabled.check()
+    set_value(page, "freeu_s2", 12)
+    with page.expect_response("**/sdapi/v1/img2img") as answer:
+        page.click("#generate")
+    assert answer.value.status == 422
+    expect(page.locator(".field:has(#freeu_s2) .field-error")).to_contain_text("12")
+
+    set_value(page, "freeu_b1", 1.3)
+    set_value(page, "freeu_s2", 0.2)
+    with page.expect_response("**/sdapi/v1/img2img", timeout=GENERATION_TIMEOUT) as answer:
+        page.click("#generate")
+    assert answer.value.ok, answer.value.text()
+    sent = json.loads(answer.value.request.post_data)["alwayson_scripts"]
+    assert sent == {"FreeU Integrated": {"args": [True, 1.3, 1.02, 0.99, 0.2]}}
+    expect(page.locator("#result-infotext")).to_have_value(
+        re.compile(r"freeu_enabled: True, freeu_b1: 1.3, freeu_b2: 1.02, freeu_s1: 0.99, freeu_s2: 0.2"))
+
+    plain = infotext_pngs(tmp_path, {"plain": "a pond\nSteps: 4, Sampler: Euler a, Seed: 11, Size: 64x64"}, (64, 64))
+    page.click("#tab-pnginfo")
+    page.set_input_files("#pnginfo-file", str(plain["plain"]))
+    page.click("#pnginfo-send-img2img")
+    expect(enabled).not_to_be_checked()
+
+
 def test_tiling_is_sent_recorded_and_pasted(page, photo_file, tmp_path):
     """The Tiling checkbox (off by default) sends A1111's `tiling: true` only when on; the result's infotext
     says "Tiling: True", and a picture whose infotext does not turns it off again."""
@@ -2060,6 +2094,7 @@ def test_flux_checkpoint_switches_to_flux_settings_and_back(context, flux_server
     expect(page.locator("#deepcache-row")).to_be_hidden()
     expect(page.locator("#fbcache-row")).to_be_visible()
     expect(page.locator("#tiling-field")).to_be_hidden()
+    expect(page.locator("#freeu-section")).to_be_hidden()
 
     page.set_input_files("#img2img-file", str(photo_file))
     page.fill("#prompt", "a harbour at night")

@@ -46,6 +46,8 @@ MAX_TOKEN_MERGING_RATIO = 0.9
 #: The largest "Negative Guidance minimum sigma" taken: above every SD/SDXL noise level (A1111's
 #: slider ends at 15; its API takes any number).
 MAX_S_MIN_UNCOND = 1000.0
+#: The largest FreeU factor accepted (ComfyUI's bound; Forge's sliders stop at 2 for b, 4 for s).
+MAX_FREEU = 10.0
 #: A1111's "VAE type for encode/decode": the checkpoint's VAE or TAESD (pipeline/vae_type.py).
 VAE_METHODS = ("Full", "TAESD")
 #: The values A1111's infotexts and UI use for "the same as the first pass".
@@ -156,6 +158,22 @@ class DeepCacheOptions:
             _check_range("deepcache_end", self.end, 1, 1000, integer=True)
             if self.end <= self.start:
                 raise InvalidParameter("deepcache_end", self.end, f"a step after deepcache_start ({self.start})")
+
+
+@dataclass(frozen=True)
+class FreeUOptions:
+    """FreeU (models/freeu.py), as ComfyUI's FreeU_V2 and Forge's "FreeU Integrated": the UNet decoder's
+    backbone features scaled by ``b1``/``b2`` and its skip features' lowest frequencies by ``s1``/``s2``
+    (1 leaves each as it is). The defaults are Forge's. A picture-quality trade-off, off by default."""
+
+    b1: float = 1.01
+    b2: float = 1.02
+    s1: float = 0.99
+    s2: float = 0.95
+
+    def __post_init__(self) -> None:
+        for name in ("b1", "b2", "s1", "s2"):
+            _check_range(f"freeu_{name}", getattr(self, name), 0.0, MAX_FREEU)
 
 
 def hires_upscaler_name(value: object, field: str = "hires_upscaler") -> str:
@@ -394,6 +412,8 @@ class GenerationParams:
     #: A1111's "Tiling": a picture that tiles seamlessly (the UNet's and VAE's convolutions wrap
     #: around its edges; models/seamless.py). SD 1.x/2.x and SDXL.
     tiling: bool = False
+    #: FreeU on the UNet (SD 1.x/2.x and SDXL; models/freeu.py); None: off.
+    freeu: FreeUOptions | None = None
     #: A1111's "SD upscale" img2img script; None: off.
     sd_upscale: SDUpscaleOptions | None = None
     #: A1111's "X/Y/Z plot" script; None: off.

@@ -11,7 +11,7 @@ from pathlib import Path
 from ..errors import ImageError, InvalidParameter
 from ..models.modes import VAE_PRECISIONS, VRAM_MODES
 from ..models.optimize import ATTENTION_BACKENDS
-from ..params import HIRES_UPSCALERS, GenerationParams, HiresOptions, SamplerOptions
+from ..params import HIRES_UPSCALERS, MAX_FREEU, FreeUOptions, GenerationParams, HiresOptions, SamplerOptions
 from .cache import add_cache_arguments, with_cache
 from .control import control_units_from_args
 from .outputs import plan_outputs
@@ -132,6 +132,11 @@ def _add_generation_args(p: argparse.ArgumentParser, *, img2img: bool) -> None:
     s.add_argument("--vae-encoder", dest="vae_encode_method", default="Full", metavar="full|taesd",
                    help="A1111's VAE type for encode (img2img, inpainting, hires. fix in pixels): full (default) "
                         "or taesd (VAE-approx/..._encoder.safetensors)")
+    s.add_argument("--freeu", nargs="?", const="", default=None, metavar="B1,B2,S1,S2",
+                   help="FreeU, as ComfyUI's FreeU_V2 and Forge's FreeU Integrated (SD 1.x/2.x and SDXL): scale the "
+                        "UNet decoder's backbone features by B1/B2 and its skip features' lowest frequencies by "
+                        "S1/S2 (1 leaves each alone). Alone: Forge's 1.01,1.02,0.99,0.95; the FreeU authors suggest "
+                        "1.3,1.4,0.9,0.2 for SD 1.x and SDXL. 'off' turns off an infotext's FreeU. Default: off")
     s.add_argument("--tiling", action="store_true", default=False,
                    help="A1111's Tiling: a picture that tiles seamlessly, its right edge running on into the left "
                         "and its bottom into the top (SD 1.x/2.x and SDXL)")
@@ -417,6 +422,25 @@ def _size_flag(flag: str, value: str) -> tuple[int, int]:
         raise InvalidParameter(flag, value, "WIDTHxHEIGHT, e.g. 512x768") from None
 
 
+def _with_freeu(params: GenerationParams, given: str | None) -> GenerationParams:
+    """``--freeu`` over the request (and over what an infotext brought): four factors, none (the
+    defaults) or ``off``."""
+    if given is None:
+        return params
+    if given.strip().lower() == "off":
+        return params.replace(freeu=None)
+    if not given.strip():
+        return params.replace(freeu=FreeUOptions())
+    try:
+        b1, b2, s1, s2 = (float(part) for part in given.split(","))
+    except ValueError:
+        raise InvalidParameter("--freeu", given, "four numbers B1,B2,S1,S2 (e.g. 1.3,1.4,0.9,0.2), none, or off") from None
+    try:
+        return params.replace(freeu=FreeUOptions(b1=b1, b2=b2, s1=s1, s2=s2))
+    except InvalidParameter as exc:
+        raise InvalidParameter("--freeu", given, f"factors from 0 to {MAX_FREEU:g} ({exc.field} is {exc.value})") from None
+
+
 def params_from_args(args: argparse.Namespace, init_images: tuple = (), *, model=None) -> GenerationParams:
     """The request the flags describe; with the loaded ``model``, unset flags take its family's defaults."""
     from ..pipeline.flux import family_defaults
@@ -464,6 +488,7 @@ def params_from_args(args: argparse.Namespace, init_images: tuple = (), *, model
     params = _with_sd_upscale(params, args, model)
     params = _with_xyz_plot(params, args)
     params = with_cache(params, args)
+    params = _with_freeu(params, getattr(args, "freeu", None))
     params = _with_loras(params, getattr(args, "lora", None))
     return _with_styles(params, args)
 

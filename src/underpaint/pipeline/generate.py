@@ -16,6 +16,7 @@ import torch
 from ..imageio.convert import images_to_tensor, tensor_to_images
 from ..imageio.resize import Enlarge, output_size, resize_image
 from ..models.device import to_device
+from ..models.freeu import request_freeu
 from ..models.seamless import seamless
 from ..models.tome import request_token_merging
 from ..params import GenerationParams, check_hires_size
@@ -113,6 +114,9 @@ def _check_flux_request(params: GenerationParams) -> None:
     from ..sampling.flow import check_flow_sampler
 
     check_flow_sampler(params.sampler)
+    if params.freeu is not None:
+        raise InvalidParameter("freeu", "on", "off for a FLUX model (FreeU works on a UNet's decoder; FLUX has a "
+                               "transformer)")
     if params.tiling:
         raise InvalidParameter("tiling", True, "false for a FLUX model (its transformer has no convolutions to wrap "
                                "around the picture's edges)")
@@ -536,6 +540,7 @@ def _tradeoffs(model, p: GenerationParams, denoiser, callback, *, control=None) 
                 denoiser = fbc.wrap_denoiser(denoiser)
                 stack.enter_context(fbc.installed())
         else:
+            stack.enter_context(request_freeu(model, p.freeu))
             cache = deepcache.for_request(model, p.deepcache)
             if cache is not None:
                 denoiser, callback = cache.wrap_denoiser(denoiser), cache.wrap_callback(callback)

@@ -12,6 +12,7 @@ from .deepcache import infotext_entries as deepcache_infotext
 from .first_block_cache import infotext_entries as first_block_cache_infotext
 from .guidance import infotext_entries as guidance_infotext
 from .vae_type import infotext_entries as vae_type_infotext
+from ..models.freeu import infotext_entries as freeu_infotext
 from .hires import hires_infotext
 from .records import ModelInfo
 
@@ -65,6 +66,7 @@ def infotext_params(params: GenerationParams, info: ModelInfo, *, width: int, he
         **guidance_infotext(p),
         **deepcache_infotext(p.deepcache),
         **first_block_cache_infotext(p.first_block_cache),
+        **freeu_infotext(p.freeu),
     }
     values.update(dict(p.extra_infotext))
     values["Version"] = VERSION

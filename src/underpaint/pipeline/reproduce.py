@@ -108,6 +108,11 @@ def params_from_infotext(parsed: ParsedInfotext) -> dict[str, Any]:
     threshold = threshold_from_infotext(parsed.params)
     if threshold is not None:
         fields["first_block_cache"] = threshold
+    from ..models.freeu import options_from_infotext as freeu_from_infotext
+
+    freeu = freeu_from_infotext(parsed.params)
+    if freeu is not None:
+        fields["freeu"] = freeu
     return fields
 
 

@@ -16,7 +16,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from ...errors import InvalidParameter, UnknownName
-from ...params import (MASKED_CONTENT, MAX_S_MIN_UNCOND, MAX_TOKEN_MERGING_RATIO, DeepCacheOptions, GenerationParams, HiresOptions,
+from ...params import (MASKED_CONTENT, MAX_S_MIN_UNCOND, MAX_TOKEN_MERGING_RATIO, DeepCacheOptions, FreeUOptions,
+                       GenerationParams, HiresOptions,
                        InpaintOptions, SamplerOptions, preview_method_name, vae_method_name)
 from ...prompts.styles import StyleBook
 from ..config import Limits
@@ -29,6 +30,8 @@ RNG_NAMES = {"gpu": "gpu", "cpu": "cpu", "nv": "nv"}
 #: Always-on script names understood here (compared lowercased; the extension registers "ControlNet").
 CONTROLNET_SCRIPT = "controlnet"
 SOFT_INPAINTING_SCRIPT = "soft inpainting"
+#: Forge's built-in FreeU script (models/freeu.py): args [enabled, b1, b2, s1, s2].
+FREEU_SCRIPT = "freeu integrated"
 #: The selectable scripts underpaint runs: A1111's "SD upscale" (img2img, pipeline/sd_upscale.py)
 #: and "X/Y/Z plot" (both tabs, pipeline/xyz_plot.py).
 SD_UPSCALE_SCRIPT = "sd upscale"
@@ -306,7 +309,7 @@ _API_FIELD = {**SCRIPT_ARG_FIELDS, "strength": "denoising_strength", "sampler": 
 
 
 #: Fields the engine checks again as the job runs (it knows the model then), by their API names.
-ENGINE_CHECKED_FIELDS = {**SCRIPT_ARG_FIELDS, "vae_encode_method": "override_settings.sd_vae_encode_method",
+ENGINE_CHECKED_FIELDS = {**SCRIPT_ARG_FIELDS, "freeu": "alwayson_scripts.FreeU Integrated", "vae_encode_method": "override_settings.sd_vae_encode_method",
                          "vae_decode_method": "override_settings.sd_vae_decode_method"}
 
 
@@ -486,7 +489,7 @@ def _script_args(name: str, value: Any) -> list:
 
 
 def _check_alwayson(scripts: Mapping[str, Any]) -> None:
-    """Always-on scripts understood here are ControlNet and Soft Inpainting; others only if disabled."""
+    """Always-on scripts understood here are ControlNet, Soft Inpainting and FreeU; others only if disabled."""
     from .control_units import controlnet_available, enabled_units
 
     for name, value in scripts.items():
@@ -497,11 +500,36 @@ def _check_alwayson(scripts: Mapping[str, Any]) -> None:
                 raise InvalidParameter(f"alwayson_scripts.{name}.args[{on[0]}]", "an enabled unit",
                                        "no enabled units (ControlNet is not available in this version)")
             continue
-        if name.lower() == SOFT_INPAINTING_SCRIPT:
+        if name.lower() in (SOFT_INPAINTING_SCRIPT, FREEU_SCRIPT):
             continue
         # A disabled extension does nothing, so clients that always send e.g. {"args": [false]} still work.
         if args and not (args[0] is False or args[0] is None):
-            raise UnknownName("alwayson_scripts", name, [CONTROLNET_SCRIPT, SOFT_INPAINTING_SCRIPT])
+            raise UnknownName("alwayson_scripts", name, [CONTROLNET_SCRIPT, SOFT_INPAINTING_SCRIPT, FREEU_SCRIPT])
+
+
+def _freeu(scripts: Mapping[str, Any]) -> FreeUOptions | None:
+    """Forge's "FreeU Integrated" script: ``[enabled, b1, b2, s1, s2]``, the factors missing or null at
+    Forge's defaults; None while it is off."""
+    for name, value in scripts.items():
+        if name.lower() != FREEU_SCRIPT:
+            continue
+        args = _script_args(name, value)
+        if not args or not args[0]:
+            return None
+        factors = {}
+        for index, key in enumerate(("b1", "b2", "s1", "s2"), start=1):
+            given = args[index] if index < len(args) else None
+            if given is None:
+                continue
+            if isinstance(given, bool) or not isinstance(given, (int, float)):
+                raise InvalidParameter(f"alwayson_scripts.{name}.args[{index}]", given, f"a number ({key.upper()})")
+            factors[key] = float(given)
+        try:
+            return FreeUOptions(**factors)
+        except InvalidParameter as exc:
+            index = ("freeu_b1", "freeu_b2", "freeu_s1", "freeu_s2").index(exc.field) + 1
+            raise InvalidParameter(f"alwayson_scripts.{name}.args[{index}]", exc.value, exc.expected) from None
+    return None
 
 
 def _control_fields(req: GenerationRequest, ctx: ConvertContext, pictures: PictureBudget, *,
@@ -555,6 +583,7 @@ def _common_fields(req: GenerationRequest, ctx: ConvertContext, pictures: Pictur
         "vae_encode_method": overrides.vae_method("sd_vae_encode_method", ctx.options.sd_vae_encode_method),
         "vae_decode_method": overrides.vae_method("sd_vae_decode_method", ctx.options.sd_vae_decode_method),
         "tiling": bool(req.tiling),
+        "freeu": _freeu(req.alwayson_scripts),
         "sampler_options": _sampler_options(req, overrides, sampler),
         "deepcache": _deepcache(overrides),
         "first_block_cache": _first_block_cache(overrides),
@@ -950,6 +979,14 @@ def apply_infotext(req: GenerationRequest) -> GenerationRequest:
         if key in parsed.params and setting not in overrides:
             overrides[setting] = _typed(parsed.params[key], kind, key)
     updates["override_settings"] = overrides
+    scripts = dict(req.alwayson_scripts)
+    if not any(name.lower() == FREEU_SCRIPT for name in scripts):
+        from ...models.freeu import INFOTEXT_KEYS, options_from_infotext
+
+        freeu = options_from_infotext(parsed.params)
+        if freeu is not None:  # Forge's keys, as its paste fills in the script's controls
+            scripts["FreeU Integrated"] = {"args": [True, *(getattr(freeu, name) for _, name in INFOTEXT_KEYS)]}
+            updates["alwayson_scripts"] = scripts
     try:
         return type(req).model_validate({**req.model_dump(), **updates})
     except ValidationError as exc:

@@ -178,11 +178,11 @@ for _path, _model, _summary in (
 
 def _always_on(img2img: bool) -> list[str]:
     """The always-on scripts a request's ``alwayson_scripts`` may turn on, named as A1111 lists them:
-    ControlNet (when generations take units) on both tabs, Soft Inpainting on img2img only."""
+    ControlNet (when generations take units) and FreeU on both tabs, Soft Inpainting on img2img only."""
     from .control_units import controlnet_available
-    from .convert import CONTROLNET_SCRIPT, SOFT_INPAINTING_SCRIPT
+    from .convert import CONTROLNET_SCRIPT, FREEU_SCRIPT, SOFT_INPAINTING_SCRIPT
 
-    names = [CONTROLNET_SCRIPT] if controlnet_available() else []
+    names = ([CONTROLNET_SCRIPT] if controlnet_available() else []) + [FREEU_SCRIPT]
     return names + [SOFT_INPAINTING_SCRIPT] if img2img else names
 
 
@@ -205,20 +205,31 @@ def _soft_inpainting_args() -> list[ScriptArg]:
     return [ScriptArg(label="Soft inpainting", value=False), *settings]
 
 
+def _freeu_args() -> list[ScriptArg]:
+    """Forge's FreeU Integrated controls: the switch, then B1, B2 (0-2) and S1, S2 (0-4) at its defaults."""
+    from ...params import FreeUOptions
+
+    d = FreeUOptions()
+    return [ScriptArg(label="Enabled", value=False),
+            *(ScriptArg(label=label, value=value, minimum=0.0, maximum=top, step=0.01)
+              for label, value, top in (("B1", d.b1, 2.0), ("B2", d.b2, 2.0), ("S1", d.s1, 4.0), ("S2", d.s2, 4.0)))]
+
+
 @router.get("/script-info", response_model=list[ScriptInfo], summary="The scripts of /scripts and their arguments")
 async def script_info() -> list[ScriptInfo]:
     """Each always-on script per tab, as A1111 lists them. ControlNet's arguments are unit objects
     (see the ControlNet API), so none are described."""
     from ...pipeline.xyz_plot import axis_names
-    from .convert import SD_UPSCALE_SCRIPT, SOFT_INPAINTING_SCRIPT, XYZ_PLOT_SCRIPT
+    from .convert import FREEU_SCRIPT, SD_UPSCALE_SCRIPT, SOFT_INPAINTING_SCRIPT, XYZ_PLOT_SCRIPT
 
     sd_upscale = ScriptInfo(name=SD_UPSCALE_SCRIPT, is_alwayson=False, is_img2img=True, args=[
         ScriptArg(label="Info", value=None),
         ScriptArg(label="Tile overlap", value=64, minimum=0, maximum=256, step=16),
         ScriptArg(label="Upscaler", value="None"),
         ScriptArg(label="Scale Factor", value=2.0, minimum=1.0, maximum=4.0, step=0.05)])
+    own_args = {SOFT_INPAINTING_SCRIPT: _soft_inpainting_args, FREEU_SCRIPT: _freeu_args}
     return [ScriptInfo(name=name, is_alwayson=True, is_img2img=img2img,
-                       args=_soft_inpainting_args() if name == SOFT_INPAINTING_SCRIPT else [])
+                       args=own_args[name]() if name in own_args else [])
             for img2img in (False, True) for name in _always_on(img2img)] + [sd_upscale] + [
         ScriptInfo(name=XYZ_PLOT_SCRIPT, is_alwayson=False, is_img2img=img2img, args=_xyz_args(axis_names(img2img)))
         for img2img in (False, True)]

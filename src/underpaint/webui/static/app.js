@@ -293,7 +293,9 @@ function buildRequest() {
   if (!request) return null;
   Object.assign(request, { send_images: true, save_images: $("#save_images").checked });
   const cn = controlnet.payload();
-  if (cn.args.length) request.alwayson_scripts = { controlnet: { args: cn.args } };
+  const scripts = form.alwaysOnScripts();
+  if (cn.args.length) scripts.controlnet = { args: cn.args };
+  if (Object.keys(scripts).length) request.alwayson_scripts = scripts;
   return { request, rename: cn.rename, path: txt2img ? "/sdapi/v1/txt2img" : "/sdapi/v1/img2img" };
 }
 

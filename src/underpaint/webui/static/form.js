@@ -66,6 +66,9 @@ export function hiresOutputSize(width, height, { scale, resizeX, resizeY, multip
     Math.floor((Math.floor(upH / 8) - cropY) / cells) * multiple];
 }
 
+/** FreeU's factors, in the order of Forge's "FreeU Integrated" script arguments after its switch. */
+const FREEU_FACTORS = ["freeu_b1", "freeu_b2", "freeu_s1", "freeu_s2"];
+
 const HIRES_NUMBERS = ["hr_scale", "hr_resize_x", "hr_resize_y", "hr_second_pass_steps", "hr_denoising_strength"];
 
 export class GenerationForm {
@@ -75,7 +78,7 @@ export class GenerationForm {
     for (const name of ["prompt", "negative_prompt", "sampler_name", "scheduler", "steps", "width", "height",
       "n_iter", "batch_size", "cfg_scale", "distilled_cfg_scale", "denoising_strength", "seed", "mask_blur",
       "inpaint_full_res_padding", "deepcache_interval", "deepcache_branch", "first_block_cache", "s_min_uncond",
-      "s_min_uncond_all", "skip_early_cond", "sd_vae_decode_method", "sd_vae_encode_method", "tiling", "enable_hr", "hr_upscaler",
+      "s_min_uncond_all", "skip_early_cond", "sd_vae_decode_method", "sd_vae_encode_method", "tiling", "freeu_enabled", ...FREEU_FACTORS, "enable_hr", "hr_upscaler",
       ...HIRES_NUMBERS, "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt"]) {
       this.controls[name] = $(`#${name}`, root);
     }
@@ -171,6 +174,7 @@ export class GenerationForm {
     $("#deepcache-row", this.root).hidden = flux;  // FLUX has no UNet to cache
     $("#fbcache-row", this.root).hidden = !flux;  // and First Block Cache is for its transformer only
     $("#tiling-field", this.root).hidden = flux;  // its transformer has no convolutions to wrap around
+    $("#freeu-section", this.root).hidden = flux;  // FreeU works on a UNet's decoder
     this.updateHiresSize();  // FLUX's latent patches make sizes whole blocks of 16
     setNumber(c.cfg_scale, flux ? 1 : 7);
     for (const [select, value] of [[c.sampler_name, flux ? "Euler" : "DPM++ 2M"], [c.scheduler, flux ? "Simple" : "Automatic"]]) {
@@ -214,6 +218,13 @@ export class GenerationForm {
       if (this.controls[name].value !== "Full") settings[name] = this.controls[name].value;
     }
     return Object.keys(settings).length ? settings : undefined;
+  }
+
+  /** Forge's "FreeU Integrated" always-on script while FreeU is on (Stable Diffusion models), else none. */
+  alwaysOnScripts() {
+    const c = this.controls;
+    if (this.family === "flux" || !c.freeu_enabled.checked) return {};
+    return { "FreeU Integrated": { args: [true, ...FREEU_FACTORS.map((name) => numberValue(c[name]))] } };
   }
 
   /** The request fields of `mode` (txt2img, img2img, inpaint), with A1111's names. */
@@ -321,6 +332,10 @@ export class GenerationForm {
     if (fields.inpaint_full_res !== undefined) setRadio(this.root, "inpaint_full_res", fields.inpaint_full_res ? 1 : 0);
     if (typeof fields.enable_hr === "boolean") c.enable_hr.checked = fields.enable_hr;
     if (typeof fields.tiling === "boolean") c.tiling.checked = fields.tiling;
+    if (typeof fields.freeu_enabled === "boolean") c.freeu_enabled.checked = fields.freeu_enabled;
+    for (const name of FREEU_FACTORS) {
+      if (typeof fields[name] === "number") setNumber(c[name], fields[name]);
+    }
     this.updateHires();
     this.updateDenoiseHint();
     this.updateGuidanceSkip();

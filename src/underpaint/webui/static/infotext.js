@@ -107,6 +107,9 @@ export function infotextToFields({ prompt, negativePrompt, params }) {
   fields.sd_vae_decode_method = params["VAE Decoder"] === "TAESD" ? "TAESD" : "Full";
   fields.sd_vae_encode_method = params["VAE Encoder"] === "TAESD" ? "TAESD" : "Full";
   fields.tiling = params.Tiling === "True";
+  // Forge's FreeU keys; a picture without them was made with FreeU off.
+  fields.freeu_enabled = params.freeu_enabled === "True";
+  for (const name of ["freeu_b1", "freeu_b2", "freeu_s1", "freeu_s2"]) set(name, number(params[name]));
   Object.assign(fields, hiresFields(params));
   set("sd_model_hash", params["Model hash"]);
   set("sd_model_name", params.Model);
