@@ -1633,7 +1633,7 @@ def test_sd_upscale_script_enlarges_as_the_server_does(page, server, photo_file)
     fields are sent only while it is chosen, and only from img2img; the choice is kept over a reload."""
     script = page.locator("#script_name")
     expect(script).to_be_visible()
-    assert script.locator("option").all_inner_texts() == ["None", "SD upscale", "X/Y/Z plot"]
+    assert script.locator("option").all_inner_texts() == ["None", "SD upscale", "X/Y/Z plot", "Loopback"]
     expect(script).to_have_value("")
     expect(page.locator("#sd-upscale")).to_be_hidden()
     assert page.evaluate("() => document.querySelector('.settings').lastElementChild.id") == "script-section"
@@ -1718,6 +1718,36 @@ def test_sd_upscale_script_enlarges_as_the_server_does(page, server, photo_file)
     assert len(requests) == 4
 
 
+def test_loopback_script_sends_its_arguments_and_shows_every_pass(page, photo_file):
+    """img2img's Loopback: its loops, final strength and curve go out as A1111's script_args (the interrogation
+    always "None"); the answer is the row of passes and each pass, the grid shown first; a refused loop count
+    is marked beside its slider."""
+    page.set_input_files("#img2img-file", str(photo_file))
+    fast_settings(page, seed=8, steps=2)
+    page.locator("#script_name").select_option("Loopback")
+    expect(page.locator("#loopback")).to_be_visible()
+    expect(page.locator("#sd-upscale")).to_be_hidden()
+    set_value(page, "loopback_loops", 0)
+    with page.expect_response("**/sdapi/v1/img2img") as answer:
+        page.click("#generate")
+    assert answer.value.status == 422
+    expect(page.locator(".field:has(#loopback_loops) .field-error")).to_be_visible()
+
+    set_value(page, "loopback_loops", 2)
+    set_value(page, "loopback_final_strength", 0.4)
+    page.locator("#loopback_curve").select_option("Lazy")
+    with page.expect_response("**/sdapi/v1/img2img", timeout=GENERATION_TIMEOUT) as answer:
+        page.click("#generate")
+    assert answer.value.ok, answer.value.text()
+    sent = json.loads(answer.value.request.post_data)
+    assert (sent["script_name"], sent["script_args"]) == ("loopback", [2, 0.4, "Lazy", "None"])
+    assert len(answer.value.json()["images"]) == 3
+    expect(page.locator("#gallery-thumbs > *")).to_have_count(3)
+    expect(page.locator("#result-image")).to_be_visible()
+    assert result_size(page) == [128, 64]
+    page.locator("#script_name").select_option("")
+
+
 def test_sd_upscale_size_line_matches_the_package(page):
     """The size the SD upscale line announces is the one the package's upscaler step makes (None: unchanged)."""
     from underpaint.pipeline import upscale
@@ -1797,7 +1827,7 @@ def test_xyz_plot_script_on_txt2img_matches_the_server(page, server):
         page.click(f"#tab-{tab}")
         expect(script).to_be_hidden()
     page.click("#tab-img2img")
-    assert page.locator("#script_name option").all_inner_texts() == ["None", "SD upscale", "X/Y/Z plot"]
+    assert page.locator("#script_name option").all_inner_texts() == ["None", "SD upscale", "X/Y/Z plot", "Loopback"]
     page.select_option("#script_name", "X/Y/Z plot")
     expect(page.locator("#xyz-plot")).to_be_visible()
     img2img_axes = [a.name for a in AXES.values() if a.tab in (None, "img2img")]

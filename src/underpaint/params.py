@@ -211,6 +211,33 @@ class SDUpscaleOptions:
         object.__setattr__(self, "upscaler", self.upscaler.strip())
 
 
+#: The denoising strength curves of A1111's Loopback script: how the strength moves from the request's
+#: to the final one over the loops (pipeline/loopback.py).
+LOOPBACK_CURVES = ("Aggressive", "Linear", "Lazy")
+#: The most loops one Loopback request may ask for.
+MAX_LOOPBACK_LOOPS = 100
+
+
+@dataclass(frozen=True)
+class LoopbackOptions:
+    """A1111's img2img script "Loopback" (pipeline/loopback.py): the picture goes through img2img
+    ``loops`` times, each pass starting from the last one's picture with the next seed, the denoising
+    strength moving from the request's to ``final_strength`` along ``curve``."""
+
+    loops: int = 4
+    final_strength: float = 0.5
+    curve: str = "Linear"
+
+    def __post_init__(self) -> None:
+        _check_range("loopback_loops", self.loops, 1, MAX_LOOPBACK_LOOPS, integer=True)
+        _check_range("loopback_final_strength", self.final_strength, 0.0, 1.0)
+        curve = next((c for c in LOOPBACK_CURVES if isinstance(self.curve, str) and c.lower() == self.curve.strip().lower()),
+                     None)
+        if curve is None:
+            raise InvalidParameter("loopback_curve", self.curve, "one of " + ", ".join(LOOPBACK_CURVES))
+        object.__setattr__(self, "curve", curve)
+
+
 @dataclass(frozen=True)
 class XYZPlotOptions:
     """A1111's script "X/Y/Z plot" (pipeline/xyz_plot.py): one picture per combination of the X, Y
@@ -416,6 +443,8 @@ class GenerationParams:
     freeu: FreeUOptions | None = None
     #: A1111's "SD upscale" img2img script; None: off.
     sd_upscale: SDUpscaleOptions | None = None
+    #: A1111's "Loopback" img2img script; None: off.
+    loopback: LoopbackOptions | None = None
     #: A1111's "X/Y/Z plot" script; None: off.
     xyz_plot: XYZPlotOptions | None = None
 
@@ -476,6 +505,8 @@ class GenerationParams:
             raise InvalidParameter("xyz_plot", type(self.xyz_plot).__name__, "XYZPlotOptions or None")
         if self.xyz_plot is not None and self.sd_upscale is not None:
             raise InvalidParameter("xyz_plot", "with sd_upscale", "one script at a time (X/Y/Z plot or SD upscale)")
+        if self.loopback is not None:
+            self._check_loopback()
         if self.deepcache is not None and not isinstance(self.deepcache, DeepCacheOptions):
             raise InvalidParameter("deepcache", type(self.deepcache).__name__, "DeepCacheOptions or None")
         if self.control_units:
@@ -492,6 +523,16 @@ class GenerationParams:
             object.__setattr__(self, "hires", self._checked_hires(sampler, schedule))
         object.__setattr__(self, "sampler", sampler)
         object.__setattr__(self, "scheduler", schedule)
+
+    def _check_loopback(self) -> None:
+        if not isinstance(self.loopback, LoopbackOptions):
+            raise InvalidParameter("loopback", type(self.loopback).__name__, "LoopbackOptions or None")
+        if not self.init_images:
+            raise InvalidParameter("loopback", "without init_images", "an img2img request (Loopback feeds its "
+                                                                      "picture back in)")
+        if self.sd_upscale is not None or self.xyz_plot is not None:
+            raise InvalidParameter("loopback", "with another script", "one script at a time (Loopback, SD upscale "
+                                                                      "or X/Y/Z plot)")
 
     def _check_sd_upscale(self) -> None:
         if not isinstance(self.sd_upscale, SDUpscaleOptions):

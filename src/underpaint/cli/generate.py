@@ -55,6 +55,7 @@ def add_commands(sub) -> None:
     img.add_argument("input", metavar="INPUT", help="an image file, or a folder of images to process in turn")
     _add_generation_args(img, img2img=True)
     _add_sd_upscale_args(img)
+    _add_loopback_args(img)
     _add_xyz_args(img)
     img.set_defaults(func=run_img2img)
 
@@ -228,6 +229,33 @@ def _with_sd_upscale(params: GenerationParams, args: argparse.Namespace, model) 
     options = SDUpscaleOptions(scale=factor, upscaler=args.sd_upscale_upscaler or "Lanczos",
                                overlap=64 if args.sd_upscale_overlap is None else args.sd_upscale_overlap)
     return params.replace(sd_upscale=options, width=params.width or native, height=params.height or native)
+
+
+def _add_loopback_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("Loopback", "A1111's img2img script: run img2img again on its own result, each pass "
+                                         "with the next seed (saved: a row of all passes, then each pass)")
+    g.add_argument("--loopback", type=int, default=None, metavar="LOOPS",
+                   help="how many passes, 1-100 (A1111's Loops; a batch size above 1 is taken as 1)")
+    g.add_argument("--loopback-final-strength", type=float, default=None, metavar="STRENGTH",
+                   help="the last pass's denoising strength, 0-1 (default 0.5); the first runs at --strength")
+    g.add_argument("--loopback-curve", default=None, metavar="CURVE",
+                   help="how the strength moves from --strength to the final one: Linear (default), Aggressive "
+                        "(most of the change early) or Lazy (late)")
+
+
+def _with_loopback(params: GenerationParams, args: argparse.Namespace) -> GenerationParams:
+    """--loopback and its flags as :class:`LoopbackOptions`."""
+    loops = getattr(args, "loopback", None)
+    if loops is None:
+        for flag in ("loopback_final_strength", "loopback_curve"):
+            if getattr(args, flag, None) is not None:
+                raise InvalidParameter(flag, getattr(args, flag), "--loopback LOOPS beside it")
+        return params
+    from ..params import LoopbackOptions
+
+    options = LoopbackOptions(loops=loops, curve=args.loopback_curve or "Linear",
+                              final_strength=0.5 if args.loopback_final_strength is None else args.loopback_final_strength)
+    return params.replace(loopback=options)
 
 
 def _add_xyz_args(p: argparse.ArgumentParser) -> None:
@@ -486,6 +514,7 @@ def params_from_args(args: argparse.Namespace, init_images: tuple = (), *, model
         params = _with_infotext(params, args, given)
     params = _with_hires(params, args)
     params = _with_sd_upscale(params, args, model)
+    params = _with_loopback(params, args)
     params = _with_xyz_plot(params, args)
     params = with_cache(params, args)
     params = _with_freeu(params, getattr(args, "freeu", None))

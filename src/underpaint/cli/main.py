@@ -110,6 +110,8 @@ _FIELD_FLAGS: dict[str, tuple[str, ...]] = {
     "upscaler": ("--upscaler",), "upscaler_1": ("--upscaler",), "upscaler_2": ("--upscaler-2",),
     "upscaler_2_visibility": ("--upscaler-2-visibility",), "scale": ("--scale",), "resize": ("--resize",),
     "crop": ("--crop",),
+    "loopback": ("--loopback",), "loopback_loops": ("--loopback",),
+    "loopback_final_strength": ("--loopback-final-strength",), "loopback_curve": ("--loopback-curve",),
     "sd_upscale": ("--sd-upscale",), "sd_upscale_scale": ("--sd-upscale",),
     "sd_upscale_upscaler": ("--sd-upscale-upscaler",), "sd_upscale_overlap": ("--sd-upscale-overlap",),
     "xyz_plot": ("--xyz-x",), "xyz_x": ("--xyz-x",), "xyz_x_type": ("--xyz-x",), "xyz_y": ("--xyz-y",),

@@ -97,6 +97,14 @@ def generate(model, params: GenerationParams, *, info: ModelInfo, progress, canc
     # 0. Extra networks: the prompt's LoRAs are merged into the weights for this request only.
     encoder = None if flux.is_flux(model) else prompt_encoder(model, params.clip_skip)
     with request_networks(model, params, encoder=encoder) as networks, seamless(model, params.tiling):
+        if params.loopback is not None:  # A1111's "Loopback" script: img2img on its own result, again and again
+            from . import loopback
+
+            return loopback.run(
+                params.with_seed(),
+                lambda pass_params, report: _generate(model, pass_params, networks, info=info, progress=report,
+                                                      cancel=cancel),
+                info=info, progress=progress, cancel=cancel)
         if params.sd_upscale is not None:  # A1111's "SD upscale" script: img2img tile by tile
             from . import sd_upscale
 

@@ -36,11 +36,14 @@ FREEU_SCRIPT = "freeu integrated"
 #: and "X/Y/Z plot" (both tabs, pipeline/xyz_plot.py).
 SD_UPSCALE_SCRIPT = "sd upscale"
 XYZ_PLOT_SCRIPT = "x/y/z plot"
+LOOPBACK_SCRIPT = "loopback"  # img2img, pipeline/loopback.py
 #: The script options' own field names → the ``script_args`` item each comes from (errors found
 #: before a job queues and while it runs name the request's argument).
 SCRIPT_ARG_FIELDS = {
     "sd_upscale": "script_name", "sd_upscale_overlap": "script_args[1]", "sd_upscale_upscaler": "script_args[2]",
     "sd_upscale_scale": "script_args[3]", "xyz_plot": "script_name",
+    "loopback": "script_name", "loopback_loops": "script_args[0]", "loopback_final_strength": "script_args[1]",
+    "loopback_curve": "script_args[2]",
     **{f"xyz_{letter}_{part}": f"script_args[{3 * k + j}]" for k, letter in enumerate("xyz")
        for j, part in enumerate(("type", "values"))},
     **{f"xyz_{name}": f"script_args[{9 + i}]" for i, name in enumerate((
@@ -201,6 +204,8 @@ def prepare_img2img(req: Img2ImgRequest, ctx: ConvertContext) -> PreparedJob:
         fields["sd_upscale"] = _sd_upscale(req.script_args, fields["init_images"][0], ctx,
                                            (fields.get("width") or 512, fields.get("height") or 512),
                                            fields.get("n_iter") or 1)
+    elif _script(req) == LOOPBACK_SCRIPT:
+        fields["loopback"] = _loopback(req.script_args, fields.get("n_iter") or 1, ctx)
     elif req.script_name:
         fields["xyz_plot"] = _xyz_plot(req.script_args, img2img=True)
     params = _checked_plot(_build_params(fields, strength=strength), ctx)
@@ -330,7 +335,7 @@ def _refuse_unsupported(req: GenerationRequest, *, img2img: bool = False) -> Non
         raise InvalidParameter("restore_faces", True, "false (face restoration is not available in underpaint)")
     if req.refiner_checkpoint:
         raise InvalidParameter("refiner_checkpoint", req.refiner_checkpoint, "absent (refiners are not available yet)")
-    scripts = [SD_UPSCALE_SCRIPT, XYZ_PLOT_SCRIPT] if img2img else [XYZ_PLOT_SCRIPT]
+    scripts = [SD_UPSCALE_SCRIPT, XYZ_PLOT_SCRIPT, LOOPBACK_SCRIPT] if img2img else [XYZ_PLOT_SCRIPT]
     if req.script_name and _script(req) not in scripts:
         raise UnknownName("script_name", req.script_name, scripts)
     _check_alwayson(req.alwayson_scripts)
@@ -421,6 +426,34 @@ def plot_models(ctx: ConvertContext):
         return ctx.vae_choice(value, field=field)
 
     return ModelNames(checkpoint=checkpoint, vae=vae)
+
+
+def _loopback(args: list, n_iter: int, ctx: ConvertContext):
+    """A1111's "Loopback" ``script_args``: [loops (4), final denoising strength (0.5), denoising strength
+    curve ("Linear"; "Aggressive", "Lazy"), append interrogated prompt ("None" only: interrogation is not
+    available)], within the server's picture limit: loops x batch count passes."""
+    from ...params import LoopbackOptions
+
+    args = list(args) + [None] * (4 - len(args))
+    loops, final, curve, interrogate = args[:4]
+    for i, value in ((0, loops), (1, final)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise InvalidParameter(f"script_args[{i}]", value, "a number")
+    if isinstance(loops, float) and loops.is_integer():
+        loops = int(loops)  # a slider's 4.0
+    if interrogate not in (None, "None"):
+        raise InvalidParameter("script_args[3]", interrogate, "None (interrogating the picture is not available)")
+    try:
+        options = LoopbackOptions(loops=4 if loops is None else loops, final_strength=0.5 if final is None else float(final),
+                                  curve="Linear" if curve is None else curve)
+    except InvalidParameter as exc:
+        raise _renamed(exc, SCRIPT_ARG_FIELDS) from None
+    passes = options.loops * n_iter
+    if passes > ctx.limits.max_images:
+        raise InvalidParameter("script_args[0]", options.loops, f"at most {ctx.limits.max_images} passes in all (this "
+                                                                f"server's limit; {options.loops} loops x batch count "
+                                                                f"{n_iter} makes {passes})")
+    return options
 
 
 def _sd_upscale(args: list, picture, ctx: ConvertContext, tile_size: tuple[int, int], n_iter: int):

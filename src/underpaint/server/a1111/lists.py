@@ -190,10 +190,10 @@ def _always_on(img2img: bool) -> list[str]:
                                                             "ones underpaint understands")
 async def scripts() -> ScriptsList:
     """Clients look here to learn whether an extension is installed (ControlNet, ADetailer, ...)."""
-    from .convert import SD_UPSCALE_SCRIPT, XYZ_PLOT_SCRIPT
+    from .convert import LOOPBACK_SCRIPT, SD_UPSCALE_SCRIPT, XYZ_PLOT_SCRIPT
 
     return ScriptsList(txt2img=[XYZ_PLOT_SCRIPT, *_always_on(False)],
-                       img2img=[SD_UPSCALE_SCRIPT, XYZ_PLOT_SCRIPT, *_always_on(True)])
+                       img2img=[SD_UPSCALE_SCRIPT, XYZ_PLOT_SCRIPT, LOOPBACK_SCRIPT, *_always_on(True)])
 
 
 def _soft_inpainting_args() -> list[ScriptArg]:
@@ -220,17 +220,23 @@ async def script_info() -> list[ScriptInfo]:
     """Each always-on script per tab, as A1111 lists them. ControlNet's arguments are unit objects
     (see the ControlNet API), so none are described."""
     from ...pipeline.xyz_plot import axis_names
-    from .convert import FREEU_SCRIPT, SD_UPSCALE_SCRIPT, SOFT_INPAINTING_SCRIPT, XYZ_PLOT_SCRIPT
+    from .convert import FREEU_SCRIPT, LOOPBACK_SCRIPT, SD_UPSCALE_SCRIPT, SOFT_INPAINTING_SCRIPT, XYZ_PLOT_SCRIPT
+    from ...params import LOOPBACK_CURVES
 
     sd_upscale = ScriptInfo(name=SD_UPSCALE_SCRIPT, is_alwayson=False, is_img2img=True, args=[
         ScriptArg(label="Info", value=None),
         ScriptArg(label="Tile overlap", value=64, minimum=0, maximum=256, step=16),
         ScriptArg(label="Upscaler", value="None"),
         ScriptArg(label="Scale Factor", value=2.0, minimum=1.0, maximum=4.0, step=0.05)])
+    loopback = ScriptInfo(name=LOOPBACK_SCRIPT, is_alwayson=False, is_img2img=True, args=[
+        ScriptArg(label="Loops", value=4, minimum=1, maximum=32, step=1),
+        ScriptArg(label="Final denoising strength", value=0.5, minimum=0, maximum=1, step=0.01),
+        ScriptArg(label="Denoising strength curve", value="Linear", choices=list(LOOPBACK_CURVES)),
+        ScriptArg(label="Append interrogated prompt at each iteration", value="None", choices=["None"])])
     own_args = {SOFT_INPAINTING_SCRIPT: _soft_inpainting_args, FREEU_SCRIPT: _freeu_args}
     return [ScriptInfo(name=name, is_alwayson=True, is_img2img=img2img,
                        args=own_args[name]() if name in own_args else [])
-            for img2img in (False, True) for name in _always_on(img2img)] + [sd_upscale] + [
+            for img2img in (False, True) for name in _always_on(img2img)] + [sd_upscale, loopback] + [
         ScriptInfo(name=XYZ_PLOT_SCRIPT, is_alwayson=False, is_img2img=img2img, args=_xyz_args(axis_names(img2img)))
         for img2img in (False, True)]
 

@@ -293,9 +293,9 @@ function buildRequest() {
   if (!request) return null;
   Object.assign(request, { send_images: true, save_images: $("#save_images").checked });
   const cn = controlnet.payload();
-  const scripts = form.alwaysOnScripts();
-  if (cn.args.length) scripts.controlnet = { args: cn.args };
-  if (Object.keys(scripts).length) request.alwayson_scripts = scripts;
+  const alwaysOn = form.alwaysOnScripts();
+  if (cn.args.length) alwaysOn.controlnet = { args: cn.args };
+  if (Object.keys(alwaysOn).length) request.alwayson_scripts = alwaysOn;
   return { request, rename: cn.rename, path: txt2img ? "/sdapi/v1/txt2img" : "/sdapi/v1/img2img" };
 }
 

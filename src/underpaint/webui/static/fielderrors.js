@@ -21,6 +21,10 @@ const ALIASES = {
   sd_upscale_overlap: "script_args[1]",
   sd_upscale_upscaler: "script_args[2]",
   sd_upscale_scale: "script_args[3]",
+  loopback: "script_name",
+  loopback_loops: "script_args[0]",
+  loopback_final_strength: "script_args[1]",
+  loopback_curve: "script_args[2]",
   // X/Y/Z plot's (the server's names for its script_args items)
   xyz_plot: "script_name",
   xyz_x_type: "script_args[0]",

@@ -1,5 +1,5 @@
 // The "Script" choice at the bottom of the settings, as in A1111, each tab with its own: txt2img's
-// "None" or "X/Y/Z plot", img2img's "None", "SD upscale" or "X/Y/Z plot" (Inpaint has none), sent
+// "None" or "X/Y/Z plot", img2img's "None", "SD upscale", "X/Y/Z plot" or "Loopback" (Inpaint has none), sent
 // as the request's script_name / script_args only while a script is chosen.
 
 import { get } from "./api.js";
@@ -8,6 +8,7 @@ import { $, el, fillSelect, numberValue } from "./dom.js";
 /** The names GET /sdapi/v1/scripts lists for the scripts (A1111 matches them in any case). */
 export const SD_UPSCALE = "sd upscale";
 export const XYZ_PLOT = "x/y/z plot";
+export const LOOPBACK = "loopback";
 
 /**
  * The X/Y/Z plot axis types the server runs (underpaint.pipeline.xyz_plot.AXES, in A1111's order),
@@ -97,11 +98,15 @@ export function setupScripts({ root, sourceSize }) {
   const [overlap, scale, width, height] = ["#sd_upscale_overlap", "#sd_upscale_scale", "#width", "#height"]
     .map((id) => $(id, root));
   const outcome = $("#sd-upscale-size", root);
+  const loopGroup = $("#loopback", root);
+  const [loops, finalStrength, curve] = ["#loopback_loops", "#loopback_final_strength", "#loopback_curve"]
+    .map((id) => $(id, root));
 
   function update() {
     xyzGroup.hidden = chosen(tab) !== XYZ_PLOT;
     if (!xyzGroup.hidden) showAxes();
     group.hidden = tab !== "img2img" || select.value !== SD_UPSCALE;
+    loopGroup.hidden = tab !== "img2img" || select.value !== LOOPBACK;
     const [w, h] = group.hidden ? [0, 0] : sourceSize();
     const [tileW, tileH] = [numberValue(width), numberValue(height)];
     const factor = numberValue(scale);
@@ -131,13 +136,17 @@ export function setupScripts({ root, sourceSize }) {
     },
     /**
      * The `tab`'s script_name and script_args while a script is chosen there, else none. SD upscale's:
-     * [info, tile overlap, upscaler, scale factor]; X/Y/Z plot's: A1111's 18, with the axis types by
+     * [info, tile overlap, upscaler, scale factor]; Loopback's: [loops, final denoising strength, curve,
+     * append interrogation ("None")]; X/Y/Z plot's: A1111's 18, with the axis types by
      * name and csv_mode on, so that each axis's text is its values (the dropdown lists stay empty).
      */
     values(name) {
       const script = chosen(name);
       if (script === SD_UPSCALE && name === "img2img") {
         return { script_name: SD_UPSCALE, script_args: ["", numberValue(overlap), upscaler.value, numberValue(scale)] };
+      }
+      if (script === LOOPBACK && name === "img2img") {
+        return { script_name: LOOPBACK, script_args: [numberValue(loops), numberValue(finalStrength), curve.value, "None"] };
       }
       if (script !== XYZ_PLOT) return {};
       const axes = axisTypes.flatMap((typeSelect, i) => [typeSelect.value, axisValues[i].value, []]);
