@@ -1113,6 +1113,29 @@ def test_freeu_is_sent_refused_beside_its_field_recorded_and_pasted(page, photo_
     expect(enabled).not_to_be_checked()
 
 
+def test_color_correction_is_sent_from_img2img(page, photo_file):
+    """The img2img "Color correction" checkbox (A1111's setting, off by default) goes out as override_settings
+    only when on, and the server corrects the picture (it differs from the same request without it)."""
+    box = page.locator("#img2img_color_correction")
+    expect(box).not_to_be_checked()
+    page.click("#tab-txt2img")
+    expect(box).to_be_hidden()
+    page.click("#tab-img2img")
+    page.set_input_files("#img2img-file", str(photo_file))
+    fast_settings(page, seed=21, steps=2)
+    shown = []
+    for on in (False, True):
+        box.set_checked(on)
+        with page.expect_response("**/sdapi/v1/img2img", timeout=GENERATION_TIMEOUT) as answer:
+            page.click("#generate")
+        assert answer.value.ok, answer.value.text()
+        sent = json.loads(answer.value.request.post_data).get("override_settings") or {}
+        assert sent.get("img2img_color_correction") is (True if on else None)
+        shown.append(answer.value.json()["images"][0])
+    assert shown[0] != shown[1]
+    box.uncheck()
+
+
 def test_tiling_is_sent_recorded_and_pasted(page, photo_file, tmp_path):
     """The Tiling checkbox (off by default) sends A1111's `tiling: true` only when on; the result's infotext
     says "Tiling: True", and a picture whose infotext does not turns it off again."""

@@ -441,6 +441,12 @@ class GenerationParams:
     tiling: bool = False
     #: FreeU on the UNet (SD 1.x/2.x and SDXL; models/freeu.py); None: off.
     freeu: FreeUOptions | None = None
+    #: A1111's "Apply color correction to img2img results to match original colors"
+    #: (pipeline/color_correction.py): img2img and inpainting results matched to the init picture's colours.
+    img2img_color_correction: bool = False
+    #: The picture colour correction matches instead of the init picture as the pass prepares it
+    #: (Loopback passes the request's own picture, so colours cannot drift from pass to pass).
+    color_reference: Any = None
     #: A1111's "SD upscale" img2img script; None: off.
     sd_upscale: SDUpscaleOptions | None = None
     #: A1111's "Loopback" img2img script; None: off.
@@ -475,7 +481,9 @@ class GenerationParams:
         _check_range("token_merging_ratio", self.token_merging_ratio, 0.0, MAX_TOKEN_MERGING_RATIO)
         _check_range("first_block_cache", self.first_block_cache, 0.0, 1.0)
         _check_range("s_min_uncond", self.s_min_uncond, 0.0, MAX_S_MIN_UNCOND)
-        for name in ("s_min_uncond_all", "tiling"):
+        if self.color_reference is not None:
+            _check_image("color_reference", self.color_reference)
+        for name in ("s_min_uncond_all", "tiling", "img2img_color_correction"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidParameter(name, getattr(self, name), "true or false")
         _check_range("skip_early_cond", self.skip_early_cond, 0.0, 1.0)

@@ -170,6 +170,10 @@ def _add_generation_args(p: argparse.ArgumentParser, *, img2img: bool) -> None:
                             "--inpaint-area only-masked crop) when the resize makes it larger: Lanczos, Nearest or "
                             "an upscaling model's name, as `underpaint upscale` takes them; default None: Lanczos "
                             "alone")
+        o.add_argument("--img2img-color-correction", action="store_true", default=False,
+                       help="A1111's \"Apply color correction to img2img results to match original colors\": match "
+                            "the result's LAB histograms to the input's, keeping the result's own luminosity "
+                            "(with --loopback, every pass to the input)")
     o.add_argument("--batch-size", type=int, default=1,
                    help="A1111's Batch size: pictures made together in one batch, 1-64 (default 1)")
     o.add_argument("--count", "--batch-count", "--n-iter", dest="count", type=int, default=1,
@@ -507,6 +511,7 @@ def params_from_args(args: argparse.Namespace, init_images: tuple = (), *, model
         tiling=args.tiling,
         fix_steps=getattr(args, "fix_steps", False),
         img2img_upscaler=getattr(args, "img2img_upscaler", None),
+        img2img_color_correction=getattr(args, "img2img_color_correction", False),
         sampler_options=SamplerOptions(eta=args.eta, s_churn=args.s_churn, s_noise=args.s_noise),
         control_units=control_units_from_args(args),
     )

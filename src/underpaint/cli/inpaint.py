@@ -75,7 +75,8 @@ def _add_inpaint_args(p: argparse.ArgumentParser, *, outpaint: bool) -> None:
     g.add_argument("--soft", action="store_true",
                    help="soft inpainting: grey mask levels mean partial change")
     g.add_argument("--color-correction", action="store_true",
-                   help="match the repainted colours to the original where nothing was masked")
+                   help="match the repainted colours to the original where nothing was masked (an affine "
+                        "correction measured outside the mask; A1111's own is --img2img-color-correction)")
 
 
 def inpaint_options(args: argparse.Namespace) -> InpaintOptions:

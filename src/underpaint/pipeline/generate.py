@@ -520,9 +520,29 @@ def _run_batch(model, plan: Plan, job: int, seeds, subseeds, progress, cancel: C
     # 7. Decode to pixels with A1111's uint8 truncation; inpainting pastes the result back
     #    and lays the original pixels over everything outside the mask.
     if masked is None:
-        return decode_latents(model, latents, p.vae_decode_method)
-    images = decode_latents(model, masked.finish(latents), p.vae_decode_method)
+        return _colour_corrected(decode_latents(model, latents, p.vae_decode_method), plan)
+    images = _colour_corrected(decode_latents(model, masked.finish(latents), p.vae_decode_method), plan)
     return [inpaint.composite(image, plan.inpaint, i) for i, image in enumerate(images)]
+
+
+def _colour_corrected(images: list, plan: Plan) -> list:
+    """A1111's img2img colour correction (pipeline/color_correction.py) when the request asks for it:
+    image i matched to reference i mod n, the init pictures as this pass prepared them (inpainting:
+    cropped, masked content painted in), or the request's ``color_reference``."""
+    p = plan.params
+    if not p.img2img_color_correction or not p.is_img2img:
+        return images
+    from . import color_correction
+
+    if p.color_reference is not None:
+        references = [p.color_reference]
+    elif plan.inpaint is not None:
+        references = list(plan.inpaint.sources)
+    else:
+        references = [resize_image(img.convert("RGB"), plan.width, plan.height, p.resize_mode, enlarge=plan.enlarge)
+                      for img in p.init_images]
+    labs = [color_correction.lab_of(ref) for ref in references]
+    return [color_correction.correct(image, labs[i % len(labs)]) for i, image in enumerate(images)]
 
 
 def _with_inpaint_infotext(model, plan: Plan) -> Plan:

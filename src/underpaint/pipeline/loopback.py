@@ -11,6 +11,8 @@ As A1111 1.10 runs it:
   Aggressive ``sin(x·π/2)`` (most of the change early), Lazy ``1 - cos(x·π/2)`` (late), so the
   last pass runs at the final strength;
 * inpainting fills the masked area from the picture ("original") on every pass after the first;
+* with colour correction on (pipeline/color_correction.py), every pass is matched to the request's
+  own picture, not to the last pass's, so the colours cannot drift;
 * the result: with one batch, every pass's picture in order, with more, each batch's last one; and
   before them, when there are two or more, all of them side by side in one row (A1111's grid).
   Each picture carries the infotext of the pass that made it (A1111 gives every one the first
@@ -63,6 +65,7 @@ def run(params: "GenerationParams", img2img: Callable[["GenerationParams", Calla
                 break
             pass_params = params.replace(
                 init_images=picture, inpaint=inpaint, seed=seed, batch_size=1, n_iter=1, loopback=None,
+                color_reference=params.color_reference or params.init_images[0],
                 strength=strength_at(i, opts.loops, params.strength, opts.final_strength, opts.curve),
                 extra_infotext=extra)
             result = img2img(pass_params, Progress.relay(progress, n * opts.loops + i, jobs))

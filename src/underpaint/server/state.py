@@ -49,6 +49,9 @@ class ServerOptions:
     #: A1111's "VAE type for encode" / "VAE type for decode": "Full" or "TAESD" (pipeline/vae_type.py).
     sd_vae_encode_method: str = "Full"
     sd_vae_decode_method: str = "Full"
+    #: A1111's "Apply color correction to img2img results to match original colors"
+    #: (pipeline/color_correction.py).
+    img2img_color_correction: bool = False
     #: A1111's "SD VAE": "Automatic", "None" or a VAE file's name as /sd-vae lists it (catalog.py).
     sd_vae: str = "Automatic"
     #: A1111's "Upscaler for img2img": "None" (Lanczos) or an upscaler's name as /upscalers lists it.

@@ -248,6 +248,8 @@ def _kept_options(req: GenerationRequest, ctx: ConvertContext) -> dict[str, Any]
            ("token_merging_ratio", "token_merging_ratio_img2img", "token_merging_ratio_hr")},
         "s_min_uncond": ("s_min_uncond", lambda key: overrides.float(key, options.s_min_uncond)),
         "s_min_uncond_all": ("s_min_uncond_all", lambda key: overrides.bool(key, options.s_min_uncond_all)),
+        "img2img_color_correction": ("img2img_color_correction",
+                                     lambda key: overrides.bool(key, options.img2img_color_correction)),
         "skip_early_cond": ("skip_early_cond", lambda key: overrides.float(key, options.skip_early_cond)),
         **{key: (key, lambda key: overrides.vae_method(key, "Full")) for key in
            ("sd_vae_encode_method", "sd_vae_decode_method")},
@@ -616,6 +618,8 @@ def _common_fields(req: GenerationRequest, ctx: ConvertContext, pictures: Pictur
         "vae_encode_method": overrides.vae_method("sd_vae_encode_method", ctx.options.sd_vae_encode_method),
         "vae_decode_method": overrides.vae_method("sd_vae_decode_method", ctx.options.sd_vae_decode_method),
         "tiling": bool(req.tiling),
+        "img2img_color_correction": img2img and overrides.bool("img2img_color_correction",
+                                                               ctx.options.img2img_color_correction),
         "freeu": _freeu(req.alwayson_scripts),
         "sampler_options": _sampler_options(req, overrides, sampler),
         "deepcache": _deepcache(overrides),

@@ -231,6 +231,9 @@ class Options(WireModel):
         "VAE type for encode (img2img, inpainting, hires. fix upscaled in pixels): Full (the checkpoint's VAE) or "
         "TAESD (the tiny autoencoder in the models folder's VAE-approx/: much faster, a little softer)."))
     sd_vae_decode_method: str = Field("Full", description="VAE type for decode: Full or TAESD (as for encode).")
+    img2img_color_correction: bool = Field(False, description=(
+        "Apply color correction to img2img results to match original colors: each img2img and inpainting result's "
+        "LAB histograms are matched to its init picture's, keeping the result's own luminosity."))
     skip_early_cond: float = Field(0.0, ge=0, le=1, description=(
         "Ignore negative prompt during early sampling (Skip Early CFG): the share of the first model evaluations "
         "that run the prompt alone, 0 (none) to 1 (all)."))

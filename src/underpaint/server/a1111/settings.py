@@ -68,6 +68,7 @@ def get_options(request: Request) -> Options:
         skip_early_cond=opts.skip_early_cond,
         sd_vae_encode_method=opts.sd_vae_encode_method,
         sd_vae_decode_method=opts.sd_vae_decode_method,
+        img2img_color_correction=opts.img2img_color_correction,
         sd_vae=opts.sd_vae,
         upscaler_for_img2img=opts.upscaler_for_img2img,
         **state.outputs.options(),
@@ -102,10 +103,11 @@ def _option_changes(body: dict[str, Any], state: ServerState) -> dict[str, Any]:
             changes[key] = token_merging_setting(key, body[key])
     if "s_min_uncond" in body:
         changes["s_min_uncond"] = _float_option(body, "s_min_uncond", 0.0, MAX_S_MIN_UNCOND)
-    if "s_min_uncond_all" in body:
-        if not isinstance(body["s_min_uncond_all"], bool):
-            raise InvalidParameter("s_min_uncond_all", body["s_min_uncond_all"], "true or false")
-        changes["s_min_uncond_all"] = body["s_min_uncond_all"]
+    for key in ("s_min_uncond_all", "img2img_color_correction"):
+        if key in body:
+            if not isinstance(body[key], bool):
+                raise InvalidParameter(key, body[key], "true or false")
+            changes[key] = body[key]
     if "skip_early_cond" in body:
         changes["skip_early_cond"] = _float_option(body, "skip_early_cond", 0.0, 1.0)
     for key in ("sd_vae_encode_method", "sd_vae_decode_method"):

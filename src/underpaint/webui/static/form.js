@@ -78,7 +78,7 @@ export class GenerationForm {
     for (const name of ["prompt", "negative_prompt", "sampler_name", "scheduler", "steps", "width", "height",
       "n_iter", "batch_size", "cfg_scale", "distilled_cfg_scale", "denoising_strength", "seed", "mask_blur",
       "inpaint_full_res_padding", "deepcache_interval", "deepcache_branch", "first_block_cache", "s_min_uncond",
-      "s_min_uncond_all", "skip_early_cond", "sd_vae_decode_method", "sd_vae_encode_method", "tiling", "freeu_enabled", ...FREEU_FACTORS, "enable_hr", "hr_upscaler",
+      "s_min_uncond_all", "skip_early_cond", "sd_vae_decode_method", "sd_vae_encode_method", "tiling", "img2img_color_correction", "freeu_enabled", ...FREEU_FACTORS, "enable_hr", "hr_upscaler",
       ...HIRES_NUMBERS, "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt"]) {
       this.controls[name] = $(`#${name}`, root);
     }
@@ -217,6 +217,7 @@ export class GenerationForm {
     for (const name of ["sd_vae_decode_method", "sd_vae_encode_method"]) {
       if (this.controls[name].value !== "Full") settings[name] = this.controls[name].value;
     }
+    if (this.controls.img2img_color_correction.checked) settings.img2img_color_correction = true;  // img2img only
     return Object.keys(settings).length ? settings : undefined;
   }
 
