@@ -1113,6 +1113,38 @@ def test_freeu_is_sent_refused_beside_its_field_recorded_and_pasted(page, photo_
     expect(enabled).not_to_be_checked()
 
 
+def test_img2img_noise_settings_are_sent_recorded_and_pasted(page, photo_file, tmp_path):
+    """Noise multiplier (a request field) and Extra noise (a setting) go out only away from their defaults,
+    from img2img only; the result's infotext records both, and a picture that names neither resets them."""
+    multiplier, extra = page.locator("#initial_noise_multiplier"), page.locator("#img2img_extra_noise")
+    expect(multiplier).to_have_value("1")
+    expect(extra).to_have_value("0")
+    page.set_input_files("#img2img-file", str(photo_file))
+    fast_settings(page, seed=17, steps=2)
+    set_value(page, "initial_noise_multiplier", 0.9)
+    set_value(page, "img2img_extra_noise", 0.2)
+    with page.expect_response("**/sdapi/v1/img2img", timeout=GENERATION_TIMEOUT) as answer:
+        page.click("#generate")
+    assert answer.value.ok, answer.value.text()
+    sent = json.loads(answer.value.request.post_data)
+    assert sent["initial_noise_multiplier"] == 0.9 and sent["override_settings"] == {"img2img_extra_noise": 0.2}
+    expect(page.locator("#result-infotext")).to_have_value(re.compile(r"Noise multiplier: 0.9, Extra noise: 0.2"))
+
+    requests: list[dict] = []
+    stub_generation(page, "/sdapi/v1/txt2img", requests)
+    page.click("#tab-txt2img")
+    sent = generate_and_wait(page, "/sdapi/v1/txt2img")
+    assert "initial_noise_multiplier" not in sent and "img2img_extra_noise" not in (sent.get("override_settings") or {})
+    page.click("#tab-img2img")
+
+    plain = infotext_pngs(tmp_path, {"plain": "a pond\nSteps: 4, Sampler: Euler a, Seed: 11, Size: 64x64"}, (64, 64))
+    page.click("#tab-pnginfo")
+    page.set_input_files("#pnginfo-file", str(plain["plain"]))
+    page.click("#pnginfo-send-img2img")
+    expect(multiplier).to_have_value("1")
+    expect(extra).to_have_value("0")
+
+
 def test_color_correction_is_sent_from_img2img(page, photo_file):
     """The img2img "Color correction" checkbox (A1111's setting, off by default) goes out as override_settings
     only when on, and the server corrects the picture (it differs from the same request without it)."""

@@ -46,6 +46,8 @@ MAX_TOKEN_MERGING_RATIO = 0.9
 #: The largest "Negative Guidance minimum sigma" taken: above every SD/SDXL noise level (A1111's
 #: slider ends at 15; its API takes any number).
 MAX_S_MIN_UNCOND = 1000.0
+#: The largest img2img noise multiplier accepted (A1111's slider ends at 1.5; its API takes any number).
+MAX_NOISE_MULTIPLIER = 4.0
 #: The largest FreeU factor accepted (ComfyUI's bound; Forge's sliders stop at 2 for b, 4 for s).
 MAX_FREEU = 10.0
 #: A1111's "VAE type for encode/decode": the checkpoint's VAE or TAESD (pipeline/vae_type.py).
@@ -441,6 +443,12 @@ class GenerationParams:
     tiling: bool = False
     #: FreeU on the UNet (SD 1.x/2.x and SDXL; models/freeu.py); None: off.
     freeu: FreeUOptions | None = None
+    #: A1111's "Noise multiplier for img2img" (request field ``initial_noise_multiplier``, infotext
+    #: "Noise multiplier"): img2img's start noise times this, 0 to MAX_NOISE_MULTIPLIER; 1: as drawn.
+    noise_multiplier: float = 1.0
+    #: A1111's "Extra noise multiplier for img2img and hires fix" (infotext "Extra noise"): the start
+    #: noise once more, times this, on top of img2img's and hires. fix's start, 0 (off) to 1.
+    extra_noise: float = 0.0
     #: A1111's "Apply color correction to img2img results to match original colors"
     #: (pipeline/color_correction.py): img2img and inpainting results matched to the init picture's colours.
     img2img_color_correction: bool = False
@@ -487,6 +495,8 @@ class GenerationParams:
             if not isinstance(getattr(self, name), bool):
                 raise InvalidParameter(name, getattr(self, name), "true or false")
         _check_range("skip_early_cond", self.skip_early_cond, 0.0, 1.0)
+        _check_range("noise_multiplier", self.noise_multiplier, 0.0, MAX_NOISE_MULTIPLIER)
+        _check_range("extra_noise", self.extra_noise, 0.0, 1.0)
         for name in ("vae_encode_method", "vae_decode_method"):
             object.__setattr__(self, name, vae_method_name(getattr(self, name), name))
         for name in ("seed_resize_from_w", "seed_resize_from_h"):

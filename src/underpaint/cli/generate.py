@@ -111,6 +111,13 @@ def _add_generation_args(p: argparse.ArgumentParser, *, img2img: bool) -> None:
                         "sampler's own, 1 for ancestral, 0 for DDIM)")
     s.add_argument("--s-churn", type=float, default=0.0, help="A1111's Sigma churn (Euler, Heun, DPM2; default 0)")
     s.add_argument("--s-noise", type=float, default=1.0, help="A1111's Sigma noise (default 1)")
+    if img2img:
+        s.add_argument("--noise-multiplier", dest="noise_multiplier", type=float, default=1.0, metavar="M",
+                       help="A1111's Noise multiplier for img2img: the start noise times M, 0-4 (default 1; A1111's "
+                            "slider goes to 1.5)")
+    s.add_argument("--extra-noise", dest="extra_noise", type=float, default=0.0, metavar="E",
+                   help="A1111's Extra noise multiplier for img2img and hires fix: the start noise once more, times E, "
+                        "0-1 (default 0: off; keep it below the denoising strength)")
     s.add_argument("--token-merging", "--token-merging-ratio", dest="token_merging", type=float, default=0.0,
                    metavar="RATIO",
                    help="token merging (ToMe, A1111's Token merging ratio): merge this share of the tokens, 0-0.9, "
@@ -409,7 +416,7 @@ _OVERRIDABLE = ("prompt", "negative_prompt", "strength", "steps", "cfg_scale", "
                 "scheduler", "clip_skip",
                 "eta", "s_churn", "s_noise", "seed", "subseed", "subseed_strength", "seed_resize_from", "rng", "ensd",
                 "width", "height", "token_merging", "s_min_uncond", "s_min_uncond_all", "skip_early_cond",
-                "vae_encode_method", "vae_decode_method", "tiling")
+                "vae_encode_method", "vae_decode_method", "tiling", "noise_multiplier", "extra_noise")
 # GenerationParams field → the flag that sets it (where the names differ).
 _FLAG_OF_FIELD = {"seed_resize_from_w": "seed_resize_from", "seed_resize_from_h": "seed_resize_from",
                   "eta_noise_seed_delta": "ensd", "token_merging_ratio": "token_merging"}
@@ -512,6 +519,8 @@ def params_from_args(args: argparse.Namespace, init_images: tuple = (), *, model
         fix_steps=getattr(args, "fix_steps", False),
         img2img_upscaler=getattr(args, "img2img_upscaler", None),
         img2img_color_correction=getattr(args, "img2img_color_correction", False),
+        noise_multiplier=1.0 if getattr(args, "noise_multiplier", None) is None else args.noise_multiplier,
+        extra_noise=args.extra_noise,
         sampler_options=SamplerOptions(eta=args.eta, s_churn=args.s_churn, s_noise=args.s_noise),
         control_units=control_units_from_args(args),
     )

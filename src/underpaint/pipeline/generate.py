@@ -473,6 +473,8 @@ def _run_batch(model, plan: Plan, job: int, seeds, subseeds, progress, cancel: C
         subseeds=subseeds if p.subseed_strength > 0 else None, subseed_strength=p.subseed_strength,
         seed_resize_from=(p.seed_resize_from_w, p.seed_resize_from_h),
     ).to(torch.float32)
+    if p.noise_multiplier != 1.0 and p.is_img2img and start is None:  # A1111's "Noise multiplier for img2img"
+        noise = noise * p.noise_multiplier
     encode = lambda pixels: encode_pixels(model, pixels, p.vae_encode_method)  # noqa: E731
     masked = None if plan.inpaint is None else inpaint.job_latents(
         plan.inpaint, encode, batch=b, noise=_content_noise(p, seeds, latent_shape, device))
@@ -484,9 +486,11 @@ def _run_batch(model, plan: Plan, job: int, seeds, subseeds, progress, cancel: C
     if is_flux:
         sigmas = to_device(plan.sigmas, device)
         x = flow_start(noise, sigmas, init)
+        if init is not None and p.extra_noise:  # as Forge adds it on the flow path
+            x = x + noise * p.extra_noise
     else:
         x, sigmas = prepare_start(p.sampler, noise, to_device(plan.sigmas, device), init=init,
-                                  model_schedule=model_schedule(model))
+                                  model_schedule=model_schedule(model), extra_noise=p.extra_noise if init is not None else 0.0)
 
     # 5. Denoiser: model wrapper ∘ CFG ∘ inpaint blend (∘ ControlNet); a 9-channel
     #    inpainting checkpoint also sees the mask and the masked picture.

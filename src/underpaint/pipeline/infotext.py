@@ -50,6 +50,9 @@ def infotext_params(params: GenerationParams, info: ModelInfo, *, width: int, he
         "Tiling": True if p.tiling else None,
         # A1111's txt2img adds its hires keys before sampling, the sampler's own keys during it.
         **hires_infotext(p),
+        # A1111 adds these as img2img's (and hires. fix's) sampling starts, before the sampler's keys.
+        "Noise multiplier": p.noise_multiplier if p.noise_multiplier != 1.0 and p.is_img2img else None,
+        "Extra noise": p.extra_noise if p.extra_noise and (p.is_img2img or p.hires is not None) else None,
         **_eta_entry(p),
         "Schedule min sigma": opts.sigma_min,
         "Schedule max sigma": opts.sigma_max,

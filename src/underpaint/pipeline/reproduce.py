@@ -33,6 +33,8 @@ _FIELDS: tuple[tuple[str, str, Callable[[str], Any]], ...] = (
     ("Seed resize from-1", "seed_resize_from_w", int),
     ("Seed resize from-2", "seed_resize_from_h", int),
     ("Denoising strength", "strength", float),
+    ("Noise multiplier", "noise_multiplier", float),
+    ("Extra noise", "extra_noise", float),
     ("Clip skip", "clip_skip", int),
     ("ENSD", "eta_noise_seed_delta", int),
     ("Token merging ratio", "token_merging_ratio", float),

@@ -109,6 +109,7 @@ def prepare_start(
     *,
     init: torch.Tensor | None = None,
     model_schedule: ModelSchedule | None = None,
+    extra_noise: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The latent A1111 1.10 starts sampling from, and the sigmas to run from it.
 
@@ -118,9 +119,14 @@ def prepare_start(
     if it sat one grid step lower, so the first sigma is dropped and the latent carried over
     in DDPM scale. UniPC's txt2img starts at the model's top timestep (needs
     ``model_schedule``). Expressed here in σ space with the same result.
+
+    ``extra_noise`` (A1111's "Extra noise" setting, img2img only): the same noise once more, times
+    it, on top of a picture's start (in σ space; DDPM-scaled for the timestep samplers, as A1111).
     """
     sigma0 = sigmas[0]
     info = sampler_info(label)
+    if init is not None and extra_noise:
+        init = init + noise * extra_noise
     if "timestep" not in info.flags:
         return (noise * sigma0 if init is None else init + noise * sigma0), sigmas
     if init is None:

@@ -52,6 +52,9 @@ class ServerOptions:
     #: A1111's "Apply color correction to img2img results to match original colors"
     #: (pipeline/color_correction.py).
     img2img_color_correction: bool = False
+    #: A1111's "Noise multiplier for img2img" and "Extra noise multiplier for img2img and hires fix".
+    initial_noise_multiplier: float = 1.0
+    img2img_extra_noise: float = 0.0
     #: A1111's "SD VAE": "Automatic", "None" or a VAE file's name as /sd-vae lists it (catalog.py).
     sd_vae: str = "Automatic"
     #: A1111's "Upscaler for img2img": "None" (Lanczos) or an upscaler's name as /upscalers lists it.

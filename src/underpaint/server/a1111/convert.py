@@ -182,8 +182,6 @@ def _hires_options(req: Txt2ImgRequest, ctx: ConvertContext, width: int, height:
 def prepare_img2img(req: Img2ImgRequest, ctx: ConvertContext) -> PreparedJob:
     req = apply_infotext(req)
     _refuse_unsupported(req, img2img=True)
-    if req.initial_noise_multiplier is not None and req.initial_noise_multiplier != 1:
-        raise InvalidParameter("initial_noise_multiplier", req.initial_noise_multiplier, "1 (other values are not available)")
     if req.latent_mask:
         raise InvalidParameter("latent_mask", "<image>", "absent (a separate latent mask is not available)")
     if not req.init_images:
@@ -199,6 +197,9 @@ def prepare_img2img(req: Img2ImgRequest, ctx: ConvertContext) -> PreparedJob:
     if req.mask:
         fields["mask"] = pictures.decode(req.mask, field="mask", allow_urls=ctx.allow_image_urls)
     fields["resize_mode"] = req.resize_mode
+    fields["noise_multiplier"] = (req.initial_noise_multiplier if req.initial_noise_multiplier is not None else
+                                  _Overrides(req.override_settings or {}, ctx).float(
+                                      "initial_noise_multiplier", ctx.options.initial_noise_multiplier))
     fields["inpaint"] = _inpaint_options(req, _Overrides(req.override_settings or {}, ctx))
     if _script(req) == SD_UPSCALE_SCRIPT:
         fields["sd_upscale"] = _sd_upscale(req.script_args, fields["init_images"][0], ctx,
@@ -250,6 +251,9 @@ def _kept_options(req: GenerationRequest, ctx: ConvertContext) -> dict[str, Any]
         "s_min_uncond_all": ("s_min_uncond_all", lambda key: overrides.bool(key, options.s_min_uncond_all)),
         "img2img_color_correction": ("img2img_color_correction",
                                      lambda key: overrides.bool(key, options.img2img_color_correction)),
+        "initial_noise_multiplier": ("initial_noise_multiplier",
+                                     lambda key: overrides.float(key, options.initial_noise_multiplier)),
+        "img2img_extra_noise": ("img2img_extra_noise", lambda key: overrides.float(key, options.img2img_extra_noise)),
         "skip_early_cond": ("skip_early_cond", lambda key: overrides.float(key, options.skip_early_cond)),
         **{key: (key, lambda key: overrides.vae_method(key, "Full")) for key in
            ("sd_vae_encode_method", "sd_vae_decode_method")},
@@ -312,7 +316,8 @@ _API_FIELD = {**SCRIPT_ARG_FIELDS, "strength": "denoising_strength", "sampler": 
               "token_merging_ratio": "override_settings.token_merging_ratio",
               "hires_token_merging_ratio": "override_settings.token_merging_ratio_hr",
               "vae_encode_method": "override_settings.sd_vae_encode_method",
-              "vae_decode_method": "override_settings.sd_vae_decode_method"}
+              "vae_decode_method": "override_settings.sd_vae_decode_method",
+              "noise_multiplier": "initial_noise_multiplier", "extra_noise": "override_settings.img2img_extra_noise"}
 
 
 #: Fields the engine checks again as the job runs (it knows the model then), by their API names.
@@ -620,6 +625,7 @@ def _common_fields(req: GenerationRequest, ctx: ConvertContext, pictures: Pictur
         "tiling": bool(req.tiling),
         "img2img_color_correction": img2img and overrides.bool("img2img_color_correction",
                                                                ctx.options.img2img_color_correction),
+        "extra_noise": overrides.float("img2img_extra_noise", ctx.options.img2img_extra_noise),
         "freeu": _freeu(req.alwayson_scripts),
         "sampler_options": _sampler_options(req, overrides, sampler),
         "deepcache": _deepcache(overrides),
@@ -988,7 +994,8 @@ _INFOTEXT_SETTINGS: tuple[tuple[str, str, type], ...] = (
     ("First block cache", "first_block_cache_threshold", float),
     ("NGMS", "s_min_uncond", float), ("NGMS all steps", "s_min_uncond_all", bool),
     ("Skip Early CFG", "skip_early_cond", float),
-    ("VAE Encoder", "sd_vae_encode_method", str), ("VAE Decoder", "sd_vae_decode_method", str))
+    ("VAE Encoder", "sd_vae_encode_method", str), ("VAE Decoder", "sd_vae_decode_method", str),
+    ("Noise multiplier", "initial_noise_multiplier", float), ("Extra noise", "img2img_extra_noise", float))
 
 
 def apply_infotext(req: GenerationRequest) -> GenerationRequest:

@@ -229,7 +229,8 @@ class Img2ImgRequest(GenerationRequest):
     inpaint_full_res: bool = Field(True, description="Inpaint area: true 'only masked', false 'whole picture'.")
     inpaint_full_res_padding: int = Field(0, description="Padding around the mask for 'only masked' (pixels).")
     inpainting_mask_invert: int = Field(0, description="1 repaints the black part of the mask instead.")
-    initial_noise_multiplier: float | None = Field(None, description="Not available here: must be 1 or absent.")
+    initial_noise_multiplier: float | None = Field(None, description=(
+        "Noise multiplier for img2img: the start noise times this (default: the setting of that name, 1)."))
     latent_mask: str | None = Field(None, description="Not available here: must be absent.")
     include_init_images: bool = Field(False, description="Echo init_images and mask back in `parameters`.")
 

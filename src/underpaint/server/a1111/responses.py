@@ -231,6 +231,11 @@ class Options(WireModel):
         "VAE type for encode (img2img, inpainting, hires. fix upscaled in pixels): Full (the checkpoint's VAE) or "
         "TAESD (the tiny autoencoder in the models folder's VAE-approx/: much faster, a little softer)."))
     sd_vae_decode_method: str = Field("Full", description="VAE type for decode: Full or TAESD (as for encode).")
+    initial_noise_multiplier: float = Field(1.0, ge=0, description=(
+        "Noise multiplier for img2img: the start noise times this (1: as drawn; A1111's slider goes to 1.5)."))
+    img2img_extra_noise: float = Field(0.0, ge=0, le=1, description=(
+        "Extra noise multiplier for img2img and hires fix: the start noise once more, times this, on top of "
+        "the start (0: off; keep it below the denoising strength)."))
     img2img_color_correction: bool = Field(False, description=(
         "Apply color correction to img2img results to match original colors: each img2img and inpainting result's "
         "LAB histograms are matched to its init picture's, keeping the result's own luminosity."))

@@ -16,7 +16,8 @@ from fastapi import APIRouter, Body, Request
 from starlette.concurrency import run_in_threadpool
 
 from ...errors import InvalidParameter
-from ...params import MAX_S_MIN_UNCOND, MAX_TOKEN_MERGING_RATIO, preview_method_name, vae_method_name
+from ...params import (MAX_NOISE_MULTIPLIER, MAX_S_MIN_UNCOND, MAX_TOKEN_MERGING_RATIO, preview_method_name,
+                       vae_method_name)
 from ..jobs import Job
 from ..security import JSONValueLimitRoute
 from ..state import ServerState, server_state
@@ -69,6 +70,8 @@ def get_options(request: Request) -> Options:
         sd_vae_encode_method=opts.sd_vae_encode_method,
         sd_vae_decode_method=opts.sd_vae_decode_method,
         img2img_color_correction=opts.img2img_color_correction,
+        initial_noise_multiplier=opts.initial_noise_multiplier,
+        img2img_extra_noise=opts.img2img_extra_noise,
         sd_vae=opts.sd_vae,
         upscaler_for_img2img=opts.upscaler_for_img2img,
         **state.outputs.options(),
@@ -108,6 +111,10 @@ def _option_changes(body: dict[str, Any], state: ServerState) -> dict[str, Any]:
             if not isinstance(body[key], bool):
                 raise InvalidParameter(key, body[key], "true or false")
             changes[key] = body[key]
+    if "initial_noise_multiplier" in body:
+        changes["initial_noise_multiplier"] = _float_option(body, "initial_noise_multiplier", 0.0, MAX_NOISE_MULTIPLIER)
+    if "img2img_extra_noise" in body:
+        changes["img2img_extra_noise"] = _float_option(body, "img2img_extra_noise", 0.0, 1.0)
     if "skip_early_cond" in body:
         changes["skip_early_cond"] = _float_option(body, "skip_early_cond", 0.0, 1.0)
     for key in ("sd_vae_encode_method", "sd_vae_decode_method"):

@@ -78,7 +78,7 @@ export class GenerationForm {
     for (const name of ["prompt", "negative_prompt", "sampler_name", "scheduler", "steps", "width", "height",
       "n_iter", "batch_size", "cfg_scale", "distilled_cfg_scale", "denoising_strength", "seed", "mask_blur",
       "inpaint_full_res_padding", "deepcache_interval", "deepcache_branch", "first_block_cache", "s_min_uncond",
-      "s_min_uncond_all", "skip_early_cond", "sd_vae_decode_method", "sd_vae_encode_method", "tiling", "img2img_color_correction", "freeu_enabled", ...FREEU_FACTORS, "enable_hr", "hr_upscaler",
+      "s_min_uncond_all", "skip_early_cond", "sd_vae_decode_method", "sd_vae_encode_method", "tiling", "img2img_color_correction", "initial_noise_multiplier", "img2img_extra_noise", "freeu_enabled", ...FREEU_FACTORS, "enable_hr", "hr_upscaler",
       ...HIRES_NUMBERS, "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt"]) {
       this.controls[name] = $(`#${name}`, root);
     }
@@ -194,7 +194,7 @@ export class GenerationForm {
   }
 
   /** Per-request settings (A1111's override_settings), or undefined when there are none. */
-  overrideSettings() {
+  overrideSettings(mode = "img2img") {
     const settings = {};
     if (this.family === "flux") {
       const threshold = numberValue(this.controls.first_block_cache);
@@ -217,7 +217,11 @@ export class GenerationForm {
     for (const name of ["sd_vae_decode_method", "sd_vae_encode_method"]) {
       if (this.controls[name].value !== "Full") settings[name] = this.controls[name].value;
     }
-    if (this.controls.img2img_color_correction.checked) settings.img2img_color_correction = true;  // img2img only
+    if (mode !== "txt2img") {  // img2img's own settings, shown on its tabs only
+      if (this.controls.img2img_color_correction.checked) settings.img2img_color_correction = true;
+      const extraNoise = numberValue(this.controls.img2img_extra_noise);
+      if (extraNoise) settings.img2img_extra_noise = extraNoise;
+    }
     return Object.keys(settings).length ? settings : undefined;
   }
 
@@ -244,12 +248,14 @@ export class GenerationForm {
       height: numberValue(c.height),
       batch_size: numberValue(c.batch_size),
       n_iter: numberValue(c.n_iter),
-      override_settings: this.overrideSettings(),
+      override_settings: this.overrideSettings(mode),
       tiling: this.family !== "flux" && c.tiling.checked ? true : undefined,
     };
     if (mode === "txt2img") return { ...common, ...this.hiresValues() };
+    const multiplier = numberValue(c.initial_noise_multiplier);
     return {
       ...common,
+      initial_noise_multiplier: multiplier !== null && multiplier !== 1 ? multiplier : undefined,
       denoising_strength: numberValue(c.denoising_strength),
       resize_mode: Number(radioValue(this.root, "resize_mode") ?? 0),
     };
@@ -302,7 +308,7 @@ export class GenerationForm {
     for (const name of ["steps", "cfg_scale", "distilled_cfg_scale", "denoising_strength", "seed", "width", "height",
       "batch_size",
       "mask_blur", "inpaint_full_res_padding", "deepcache_interval", "deepcache_branch", "first_block_cache",
-      "s_min_uncond", "skip_early_cond", ...HIRES_NUMBERS]) {
+      "s_min_uncond", "skip_early_cond", "initial_noise_multiplier", "img2img_extra_noise", ...HIRES_NUMBERS]) {
       if (typeof numbers[name] === "number") setNumber(c[name], numbers[name]);
     }
     if (typeof fields.s_min_uncond_all === "boolean") c.s_min_uncond_all.checked = fields.s_min_uncond_all;

@@ -107,6 +107,8 @@ export function infotextToFields({ prompt, negativePrompt, params }) {
   fields.sd_vae_decode_method = params["VAE Decoder"] === "TAESD" ? "TAESD" : "Full";
   fields.sd_vae_encode_method = params["VAE Encoder"] === "TAESD" ? "TAESD" : "Full";
   fields.tiling = params.Tiling === "True";
+  set("initial_noise_multiplier", number(params["Noise multiplier"]) ?? 1);
+  set("img2img_extra_noise", number(params["Extra noise"]) ?? 0);
   // Forge's FreeU keys; a picture without them was made with FreeU off.
   fields.freeu_enabled = params.freeu_enabled === "True";
   for (const name of ["freeu_b1", "freeu_b2", "freeu_s1", "freeu_s2"]) set(name, number(params[name]));
