@@ -52,7 +52,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import control, generate, info, inpaint, models, upscale
+    from . import control, generate, info, inpaint, merge, models, upscale
 
     parser = _Parser(
         prog="underpaint",
@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_commands(sub)
     control.add_commands(sub)
     upscale.add_command(sub)
+    merge.add_command(sub)
     _add_serve(sub)
     for command in sub.choices.values():
         command.set_defaults(command_parser=command)  # errors name the flags of the command that ran

@@ -1,0 +1,214 @@
+"""A1111's Checkpoint Merger: two or three single-file checkpoints combined tensor by tensor into a new
+``.safetensors`` file (``underpaint merge``).
+
+Methods, with ``M`` the multiplier:
+
+* ``weighted-sum``: ``A·(1 − M) + B·M``;
+* ``add-difference``: ``A + (B − C)·M`` (C is what B was trained from: "add what B learned to A");
+* ``no-interpolation``: A alone, for converting it (``fp16``) or baking a VAE into it.
+
+As in A1111, every tensor of A whose name has ``model`` in it and that B has (C too, for add
+difference) is combined; A's other tensors are copied; B's and C's own are left out; CLIP's
+``position_ids`` stay A's. An inpainting (9-channel) or instruct-pix2pix (8-channel) A takes a
+normal (4-channel) B in its first four input channels, and the result stays an inpainting or
+instruct model; the other way round is refused, as A1111 refuses it. Shapes that do not line up
+otherwise are refused, naming the tensor.
+
+Tensors are read one at a time (safetensors files are memory-mapped), combined in float32 and
+stored in A's dtype (``fp16``: in float16; A1111 combines in the stored dtype). ``bake_vae``
+replaces the VAE (``first_stage_model.*``) with a VAE file's; ``discard`` drops the tensors whose
+name matches a regular expression. The result records ``sd_merge_recipe`` metadata as A1111's
+"Save metadata" does. Only safetensors are read (pickled ``.ckpt`` files are never loaded) and the
+file is written atomically, never over an existing one unless asked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import InvalidParameter, ModelError, OutputExists
+from .hashes import model_hash
+
+METHODS = ("weighted-sum", "add-difference", "no-interpolation")
+#: A1111's key of CLIP's position ids, never combined.
+_POSITION_IDS = "cond_stage_model.transformer.text_model.embeddings.position_ids"
+_VAE_PREFIX = "first_stage_model."
+#: The UNet's first convolution, whose input channels tell normal, inpainting and instruct models apart.
+_INPUT_CONV = "model.diffusion_model.input_blocks.0.0.weight"
+
+
+@dataclass(frozen=True)
+class MergeRecipe:
+    a: Path
+    b: Path | None = None
+    c: Path | None = None
+    method: str = "weighted-sum"
+    multiplier: float = 0.3
+    fp16: bool = False
+    bake_vae: Path | None = None
+    discard: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise InvalidParameter("method", self.method, "one of " + ", ".join(METHODS))
+        if isinstance(self.multiplier, bool) or not isinstance(self.multiplier, (int, float)) or \
+                not -10 <= self.multiplier <= 10:
+            raise InvalidParameter("multiplier", self.multiplier, "a number (0 to 1 usually; -10 to 10 taken)")
+        if self.method != "no-interpolation" and self.b is None:
+            raise InvalidParameter("b", None, f"a checkpoint B for {self.method}")
+        if self.method == "add-difference" and self.c is None:
+            raise InvalidParameter("c", None, "a checkpoint C for add-difference")
+        if self.discard is not None:
+            try:
+                re.compile(self.discard)
+            except re.error as exc:
+                raise InvalidParameter("discard", self.discard, f"a regular expression ({exc})") from None
+
+
+def _open(path: Path, role: str):
+    from safetensors import safe_open
+
+    if path.suffix.lower() != ".safetensors":
+        raise ModelError(f"{path}: checkpoint {role} must be a .safetensors file (pickled checkpoints are never "
+                         "loaded)", field=role.lower())
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except FileNotFoundError:
+        raise ModelError(f"{path}: checkpoint {role} not found", field=role.lower()) from None
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own errors for damaged files
+        raise ModelError(f"{path}: checkpoint {role} is not a readable safetensors file ({exc})",
+                         field=role.lower()) from None
+
+
+def merge(recipe: MergeRecipe, output: Path, *, overwrite: bool = False,
+          progress: Callable[[int, int], None] | None = None) -> Path:
+    """Write the merged checkpoint to ``output`` (``.safetensors``); returns its path."""
+    from safetensors.torch import save_file
+
+    output = Path(output)
+    if output.suffix.lower() != ".safetensors":
+        raise InvalidParameter("output", str(output), "a .safetensors file name")
+    if output.exists() and not overwrite:
+        raise _exists(output)
+    with ExitStack() as files:
+        a = files.enter_context(_open(recipe.a, "A"))
+        b = files.enter_context(_open(recipe.b, "B")) if recipe.method != "no-interpolation" else None
+        c = files.enter_context(_open(recipe.c, "C")) if recipe.method == "add-difference" else None
+        merged = _merged(recipe, a, b, c, progress)
+    metadata = {"format": "pt", "sd_merge_recipe": json.dumps(_recipe_record(recipe)),
+                "sd_merge_models": json.dumps({model_hash(p): {"name": p.stem} for p in (recipe.a, recipe.b, recipe.c)
+                                               if p is not None})}
+    temp = output.with_name(f".{output.name}.{secrets.token_hex(8)}.tmp")
+    try:
+        save_file(merged, str(temp), metadata=metadata)
+        _publish(temp, output, overwrite)
+    finally:
+        temp.unlink(missing_ok=True)
+    return output
+
+
+def _exists(path: Path) -> OutputExists:
+    return OutputExists(f"{path}: already exists; choose another name or allow overwriting", field="output")
+
+
+def _publish(temp: Path, output: Path, overwrite: bool) -> None:
+    """``temp`` under the name ``output``: replacing it only with ``overwrite``; otherwise a hard link,
+    which fails if the name exists (where hard links are not available, a rename after a check)."""
+    if overwrite:
+        os.replace(temp, output)
+        return
+    try:
+        os.link(temp, output)
+    except FileExistsError:
+        raise _exists(output) from None
+    except OSError:
+        if output.exists():
+            raise _exists(output) from None
+        os.rename(temp, output)
+
+
+def _merged(recipe: MergeRecipe, a, b, c, progress) -> dict[str, torch.Tensor]:
+    vae = _vae_tensors(recipe.bake_vae) if recipe.bake_vae is not None else None
+    discard = re.compile(recipe.discard) if recipe.discard else None
+    b_keys = set(b.keys()) if b is not None else set()
+    c_keys = set(c.keys()) if c is not None else set()
+    keys = list(a.keys())
+    merged: dict[str, torch.Tensor] = {}
+    for i, key in enumerate(keys):
+        if discard is not None and discard.search(key):
+            continue
+        tensor = a.get_tensor(key)
+        combine = b is not None and "model" in key and key in b_keys and key != _POSITION_IDS and \
+            (c is None or key in c_keys) and tensor.is_floating_point()
+        if combine:
+            tensor = _combine(key, tensor, b.get_tensor(key), c.get_tensor(key) if c is not None else None, recipe)
+        if vae is not None and key.startswith(_VAE_PREFIX) and key in vae:
+            tensor = vae[key]
+        if recipe.fp16 and tensor.is_floating_point():
+            tensor = tensor.to(torch.float16)
+        merged[key] = tensor.contiguous()
+        if progress is not None:
+            progress(i + 1, len(keys))
+    if vae is not None:
+        for key, tensor in vae.items():  # a VAE A lacked
+            merged.setdefault(key, tensor.to(torch.float16) if recipe.fp16 else tensor)
+    return merged
+
+
+def _combine(key: str, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | None, recipe: MergeRecipe) -> torch.Tensor:
+    m = float(recipe.multiplier)
+    if c is not None:
+        if b.shape != c.shape:
+            raise ModelError(f"{key}: B's shape {tuple(b.shape)} and C's {tuple(c.shape)} differ: B and C must share an "
+                             "architecture for add-difference", field="c")
+        b = b.float() - c.float()
+
+    def apply(x: torch.Tensor) -> torch.Tensor:
+        if c is not None:
+            return x.float() + b.float() * m
+        return x.float() * (1 - m) + b.float() * m
+
+    if a.shape == b.shape:
+        return apply(a).to(a.dtype)
+    if key == _INPUT_CONV and a.ndim == 4 and b.ndim == 4 and a.shape[0] == b.shape[0] and a.shape[2:] == b.shape[2:]:
+        if a.shape[1] in (8, 9) and b.shape[1] == 4:  # an inpainting or instruct A: B's four latent channels
+            out = a.float().clone()
+            out[:, :4] = apply(a[:, :4])
+            return out.to(a.dtype)
+        if a.shape[1] == 4 and b.shape[1] in (8, 9):
+            kind = "inpainting" if b.shape[1] == 9 else "instruct-pix2pix"
+            raise ModelError(f"merging an {kind} model with a normal one: the {kind} model must be A", field="a")
+    raise ModelError(f"{key}: A's shape {tuple(a.shape)} and B's {tuple(b.shape)} differ (checkpoints of different "
+                     "architectures cannot be merged)", field="b")
+
+
+def _vae_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A VAE file's tensors under a checkpoint's ``first_stage_model.`` names (original-layout VAE files,
+    with or without the prefix)."""
+    with _open(path, "VAE") as source:
+        keys = list(source.keys())
+        if not any(k.startswith(("encoder.", "decoder.", _VAE_PREFIX)) for k in keys):
+            raise ModelError(f"{path}: not a VAE in the original layout (encoder.*/decoder.*)", field="bake_vae")
+        return {key if key.startswith(_VAE_PREFIX) else _VAE_PREFIX + key: source.get_tensor(key)
+                for key in keys if not key.startswith(("model_ema.", "loss."))}
+
+
+def _recipe_record(recipe: MergeRecipe) -> dict:
+    hashes = [model_hash(p) if p is not None else None for p in (recipe.a, recipe.b, recipe.c)]
+    return {"type": "webui", "primary_model_hash": hashes[0], "secondary_model_hash": hashes[1],
+            "tertiary_model_hash": hashes[2],
+            "interp_method": {"weighted-sum": "Weighted sum", "add-difference": "Add difference",
+                              "no-interpolation": "No interpolation"}[recipe.method],
+            "multiplier": recipe.multiplier, "save_as_half": recipe.fp16,
+            "custom_name": None, "config_source": 0,
+            "bake_in_vae": recipe.bake_vae.name if recipe.bake_vae else None,
+            "discard_weights": recipe.discard or "", "is_inpainting": None, "is_instruct_pix2pix": None}

@@ -1,0 +1,139 @@
+"""A1111's Checkpoint Merger (``underpaint merge``): each method's tensors exactly, the keys it leaves alone,
+an inpainting A with a normal B, refusals, a baked VAE, fp16, atomic output, and a merged file that loads and
+generates."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from underpaint.errors import InvalidParameter, ModelError, OutputExists
+from underpaint.models.merge import MergeRecipe, merge
+
+POSITION_IDS = "cond_stage_model.transformer.text_model.embeddings.position_ids"
+
+
+@pytest.fixture(scope="module")
+def three(tmp_path_factory):
+    """Three tiny SD 1.5 checkpoints of the same layout with different random weights, and an inpainting one."""
+    from tiny_models import write_sd1
+
+    folder = tmp_path_factory.mktemp("merge")
+    return {name: write_sd1(folder / f"{name}.safetensors", seed=seed, **extra)
+            for name, seed, extra in (("a", 1, {}), ("b", 2, {}), ("c", 3, {}), ("inpaint", 4, {"inpaint": True}))}
+
+
+def combined_keys(a: dict) -> list[str]:
+    return [k for k, v in a.items() if "model" in k and k != POSITION_IDS and v.is_floating_point()]
+
+
+def test_weighted_sum_is_a_times_one_minus_m_plus_b_times_m(three, tmp_path):
+    out = merge(MergeRecipe(three["a"], three["b"], multiplier=0.3), tmp_path / "ws.safetensors")
+    a, b, merged = load_file(three["a"]), load_file(three["b"]), load_file(out)
+    assert set(merged) == set(a)
+    for key in combined_keys(a):
+        expected = (a[key].float() * 0.7 + b[key].float() * 0.3).to(a[key].dtype)
+        assert torch.equal(merged[key], expected), key
+        assert merged[key].dtype == a[key].dtype
+    if POSITION_IDS in a:
+        assert torch.equal(merged[POSITION_IDS], a[POSITION_IDS])
+    for m, expected in ((0.0, a), (1.0, b)):
+        ends = load_file(merge(MergeRecipe(three["a"], three["b"], multiplier=m), tmp_path / f"m{m}.safetensors"))
+        assert all(torch.equal(ends[k], expected[k]) for k in combined_keys(a))
+    with safe_open(str(out), "pt") as f:
+        recipe = json.loads(f.metadata()["sd_merge_recipe"])
+    assert recipe["interp_method"] == "Weighted sum" and recipe["multiplier"] == 0.3
+
+
+def test_add_difference_is_a_plus_b_minus_c_times_m(three, tmp_path):
+    out = merge(MergeRecipe(three["a"], three["b"], three["c"], method="add-difference", multiplier=0.5),
+                tmp_path / "ad.safetensors")
+    a, b, c, merged = (load_file(p) for p in (three["a"], three["b"], three["c"], out))
+    for key in combined_keys(a):
+        expected = (a[key].float() + (b[key].float() - c[key].float()) * 0.5).to(a[key].dtype)
+        assert torch.equal(merged[key], expected), key
+    same = load_file(merge(MergeRecipe(three["a"], three["b"], three["b"], method="add-difference", multiplier=1.0),
+                           tmp_path / "same.safetensors"))
+    assert all(torch.equal(same[k], a[k]) for k in a)  # B − B adds nothing
+
+
+def test_an_inpainting_a_takes_b_in_its_first_four_channels(three, tmp_path):
+    key = "model.diffusion_model.input_blocks.0.0.weight"
+    out = merge(MergeRecipe(three["inpaint"], three["a"], multiplier=0.25), tmp_path / "inp.safetensors")
+    a, b, merged = load_file(three["inpaint"]), load_file(three["a"]), load_file(out)
+    assert merged[key].shape == a[key].shape and a[key].shape[1] == 9
+    assert torch.equal(merged[key][:, :4], (a[key][:, :4].float() * 0.75 + b[key].float() * 0.25).to(a[key].dtype))
+    assert torch.equal(merged[key][:, 4:], a[key][:, 4:])
+    with pytest.raises(ModelError, match="inpainting model must be A"):
+        merge(MergeRecipe(three["a"], three["inpaint"]), tmp_path / "wrong.safetensors")
+
+
+def test_fp16_discard_and_a_baked_vae(three, tmp_path):
+    from tiny_models import write_vae
+
+    vae_file = write_vae(tmp_path / "vae.safetensors")
+    vae = load_file(vae_file)
+    out = merge(MergeRecipe(three["a"], method="no-interpolation", fp16=True, bake_vae=vae_file,
+                            discard=r"^cond_stage_model\."), tmp_path / "baked.safetensors")
+    a, merged = load_file(three["a"]), load_file(out)
+    assert not any(k.startswith("cond_stage_model.") for k in merged)
+    for key, tensor in merged.items():
+        assert tensor.dtype == torch.float16 or not tensor.is_floating_point()
+        if key.startswith("first_stage_model."):
+            name = key.removeprefix("first_stage_model.")
+            source = vae.get(key, vae.get(name))
+            assert torch.equal(tensor, source.to(torch.float16)), key
+        else:
+            assert torch.equal(tensor, a[key].to(torch.float16)), key
+
+
+def test_refusals_and_atomic_output(three, tmp_path):
+    with pytest.raises(InvalidParameter) as err:
+        MergeRecipe(three["a"], method="add-difference", b=three["b"])
+    assert err.value.field == "c"
+    with pytest.raises(InvalidParameter) as err:
+        MergeRecipe(three["a"], three["b"], discard="(")
+    assert err.value.field == "discard"
+    pickle = tmp_path / "old.ckpt"
+    pickle.write_bytes(b"not read")
+    with pytest.raises(ModelError, match="safetensors"):
+        merge(MergeRecipe(three["a"], pickle), tmp_path / "x.safetensors")
+    target = tmp_path / "taken.safetensors"
+    target.write_bytes(b"mine")
+    with pytest.raises(OutputExists):
+        merge(MergeRecipe(three["a"], three["b"]), target)
+    assert target.read_bytes() == b"mine"
+    merge(MergeRecipe(three["a"], three["b"]), target, overwrite=True)
+    assert load_file(target)
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_the_merged_file_loads_and_generates_between_its_parents(three, tmp_path):
+    """A 0.5 weighted sum is a checkpoint like its parents (same detection, loads, makes a picture)."""
+    from underpaint.params import GenerationParams
+    from underpaint.pipeline.engine import Engine
+
+    out = merge(MergeRecipe(three["a"], three["b"], multiplier=0.5), tmp_path / "half.safetensors")
+    engine = Engine.load(out, device="cpu", dtype="fp32")
+    assert engine.model.spec.family.value == "sd1"
+    picture = engine.generate(GenerationParams(prompt="a cat", steps=2, width=64, height=64, seed=1)).images[0]
+    assert picture.size == (64, 64)
+
+
+def test_cli(three, tmp_path):
+    from cli_runner import run_cli
+
+    out = tmp_path / "cli.safetensors"
+    done = run_cli("merge", str(three["a"]), str(three["b"]), "-o", str(out), "-M", "0.6")
+    assert done.returncode == 0, done.stderr
+    a, b, merged = load_file(three["a"]), load_file(three["b"]), load_file(out)
+    key = combined_keys(a)[0]
+    assert torch.equal(merged[key], (a[key].float() * 0.4 + b[key].float() * 0.6).to(a[key].dtype))
+    done = run_cli("merge", str(three["a"]), str(three["b"]), "-o", str(out))
+    assert done.returncode != 0 and "already exists" in done.stderr
+    done = run_cli("merge", str(three["a"]), str(three["b"]), str(three["c"]), "-o", str(tmp_path / "y.safetensors"))
+    assert done.returncode != 0 and "add-difference" in done.stderr
