@@ -182,7 +182,7 @@ def _one_error_line(err: str) -> str:
         (["img2img", "x.png", "--resize-mode", "crop"], ["--resize-mode", "'crop'", "crop-and-resize"]),
         # A1111 features that underpaint does not have are flags that say so.
         (["img2img", "x.png", "--restore-faces"], ["--restore-faces", "not available"]),
-        (["txt2img", "--refiner", "sdxl_refiner"], ["--refiner", "not available"]),
+        (["txt2img", "--refiner-switch-at", "0.5"], ["--refiner-switch-at", "--refiner CHECKPOINT"]),
     ],
 )
 def test_usage_errors_are_one_line(capsys, argv, needles):
@@ -199,7 +199,7 @@ def test_unavailable_a1111_features_are_in_the_help(capsys):
     with pytest.raises(SystemExit):
         main(["img2img", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for flag in ("--restore-faces", "--refiner", "--sampler-name", "--sampling-method",
+    for flag in ("--restore-faces", "--sampler-name", "--sampling-method",
                  "--sampling-steps", "--denoising-strength", "--cfg-scale", "--batch-count", "--variation-seed"):
         assert flag in text, flag
     assert "DPM++ 2M Karras" in text  # the combined A1111 spelling is documented, not just accepted
@@ -250,12 +250,12 @@ def test_warnings_for_what_will_not_happen_as_asked(tmp_path, capsys):
 
     text = tmp_path / "shared.txt"
     text.write_text("a cat\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Face restoration: CodeFormer, "
-                    "Tiling: True, Size: 512x512, Refiner: sdxl_refiner [7440042bbd], Model: sd15")
+                    "Tiling: True, Size: 512x512, Refiner: sdxl_refiner [7440042bbd], Model: sd15")  # both made here
     warn_about_request(build_parser().parse_args(["img2img", "x.png", "--from-infotext", str(text)]))
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("underpaint: warning: --from-infotext")
-    assert "face restoration (CodeFormer)" in err[0] and "a refiner (sdxl_refiner [7440042bbd])" in err[0]
-    assert "tiling" not in err[0].lower()  # made here as there
+    assert "face restoration (CodeFormer)" in err[0]
+    assert "tiling" not in err[0].lower() and "refiner" not in err[0].lower()
 
     warn_about_request(build_parser().parse_args(["img2img", "x.png", "--sampler", "DPM++ 2M Karras",
                                                   "--scheduler", "exponential"]))

@@ -163,6 +163,22 @@ class DeepCacheOptions:
 
 
 @dataclass(frozen=True)
+class RefinerOptions:
+    """A1111's "Refiner" (pipeline/refiner.py): sampling goes on with another checkpoint once the
+    noise level is low enough: when the share of the model's 1000 training noise levels already
+    passed reaches ``switch_at``. ``checkpoint``: a path, or a name in the models folder."""
+
+    checkpoint: str
+    switch_at: float = 0.8
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.checkpoint, (str, PathLike)) or not str(self.checkpoint).strip():
+            raise InvalidParameter("refiner_checkpoint", self.checkpoint, "a checkpoint's path or name")
+        object.__setattr__(self, "checkpoint", str(self.checkpoint).strip())
+        _check_range("refiner_switch_at", self.switch_at, 0.0, 1.0)
+
+
+@dataclass(frozen=True)
 class FreeUOptions:
     """FreeU (models/freeu.py), as ComfyUI's FreeU_V2 and Forge's "FreeU Integrated": the UNet decoder's
     backbone features scaled by ``b1``/``b2`` and its skip features' lowest frequencies by ``s1``/``s2``
@@ -441,6 +457,8 @@ class GenerationParams:
     #: A1111's "Tiling": a picture that tiles seamlessly (the UNet's and VAE's convolutions wrap
     #: around its edges; models/seamless.py). SD 1.x/2.x and SDXL.
     tiling: bool = False
+    #: A1111's Refiner: another checkpoint finishes the sampling (pipeline/refiner.py); None: off.
+    refiner: RefinerOptions | None = None
     #: FreeU on the UNet (SD 1.x/2.x and SDXL; models/freeu.py); None: off.
     freeu: FreeUOptions | None = None
     #: A1111's "Noise multiplier for img2img" (request field ``initial_noise_multiplier``, infotext

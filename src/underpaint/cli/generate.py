@@ -145,6 +145,12 @@ def _add_generation_args(p: argparse.ArgumentParser, *, img2img: bool) -> None:
                         "UNet decoder's backbone features by B1/B2 and its skip features' lowest frequencies by "
                         "S1/S2 (1 leaves each alone). Alone: Forge's 1.01,1.02,0.99,0.95; the FreeU authors suggest "
                         "1.3,1.4,0.9,0.2 for SD 1.x and SDXL. 'off' turns off an infotext's FreeU. Default: off")
+    s.add_argument("--refiner", default=None, metavar="CHECKPOINT",
+                   help="A1111's Refiner: finish the sampling with this checkpoint (a path, or a name in the models "
+                        "folder), of the same family as --model")
+    s.add_argument("--refiner-switch-at", dest="refiner_switch_at", type=float, default=None, metavar="SHARE",
+                   help="when the refiner takes over: once this share of the noise schedule is passed, 0-1 "
+                        "(default 0.8)")
     s.add_argument("--tiling", action="store_true", default=False,
                    help="A1111's Tiling: a picture that tiles seamlessly, its right edge running on into the left "
                         "and its bottom into the top (SD 1.x/2.x and SDXL)")
@@ -374,8 +380,6 @@ def _add_unavailable_args(p: argparse.ArgumentParser) -> None:
     u = p.add_argument_group("not available", "A1111 features underpaint does not have; each is refused")
     u.add_argument("--restore-faces", nargs=0, action=NotAvailable, feature="face restoration (A1111's Restore "
                    "faces with GFPGAN or CodeFormer)", help="not available: face restoration")
-    u.add_argument("--refiner", nargs="?", metavar="CHECKPOINT", action=NotAvailable,
-                   feature="a refiner checkpoint (A1111's Refiner)", help="not available: a refiner checkpoint")
 
 
 # --hires-* flag → HiresOptions field.
@@ -461,6 +465,26 @@ def _size_flag(flag: str, value: str) -> tuple[int, int]:
         raise InvalidParameter(flag, value, "WIDTHxHEIGHT, e.g. 512x768") from None
 
 
+def _with_refiner(params: GenerationParams, args: argparse.Namespace) -> GenerationParams:
+    """``--refiner`` and ``--refiner-switch-at`` over the request (and over what an infotext brought)."""
+    from ..params import RefinerOptions
+
+    checkpoint, switch_at = getattr(args, "refiner", None), getattr(args, "refiner_switch_at", None)
+    if checkpoint is None:
+        if switch_at is None:
+            return params
+        if params.refiner is None:
+            raise InvalidParameter("--refiner-switch-at", switch_at, "--refiner CHECKPOINT beside it")
+        checkpoint = params.refiner.checkpoint
+    if switch_at is None:
+        switch_at = params.refiner.switch_at if params.refiner is not None else 0.8
+    try:
+        return params.replace(refiner=RefinerOptions(checkpoint, switch_at))
+    except InvalidParameter as exc:
+        raise InvalidParameter("--refiner-switch-at" if exc.field == "refiner_switch_at" else "--refiner", exc.value,
+                               exc.expected) from None
+
+
 def _with_freeu(params: GenerationParams, given: str | None) -> GenerationParams:
     """``--freeu`` over the request (and over what an infotext brought): four factors, none (the
     defaults) or ``off``."""
@@ -532,6 +556,7 @@ def params_from_args(args: argparse.Namespace, init_images: tuple = (), *, model
     params = _with_xyz_plot(params, args)
     params = with_cache(params, args)
     params = _with_freeu(params, getattr(args, "freeu", None))
+    params = _with_refiner(params, args)
     params = _with_loras(params, getattr(args, "lora", None))
     return _with_styles(params, args)
 

@@ -31,6 +31,8 @@ class Engine:
     def __init__(self, model: "LoadedModel", *, models_dir: Any = None):
         self.model = model
         self.models_dir = models_dir
+        #: The refiner checkpoint last used (A1111's Refiner), kept for the next request: (path, model).
+        self._refiner: tuple[Path, "LoadedModel"] | None = None
         if models_dir is not None:
             # LoRAs, embeddings and ControlNets of a request are found in the engine's models folder.
             model.models_dir = models_dir
@@ -145,6 +147,29 @@ class Engine:
         # Only the VAE is looked for: the text encoders count as given.
         return _flux_companions(path, self.models_dir, given={"clip_l": path, "t5": path}).get("vae")
 
+    def refiner_model(self, checkpoint: str | Path) -> "LoadedModel":
+        """The checkpoint a Refiner request names (a path, or a name in the models folder), loaded like
+        the engine's own model (device, dtype, memory mode; not its ``--optimize`` switches) and kept
+        for the next request; the one kept before is let go."""
+        from ..models.loader import load_model
+        from ..models.offload import place, set_vae_precision, vae_precision_of
+
+        folder = self.models_dir
+        path = Path(folder.resolve_checkpoint(str(checkpoint)) if hasattr(folder, "resolve_checkpoint") else checkpoint)
+        if self._refiner is not None and self._refiner[0] == path:
+            return self._refiner[1]
+        self._refiner = None  # the last one goes before the next one comes in
+        plan = getattr(self.model, "offload", None)
+        mode = plan.mode if plan is not None else "high"
+        dtype = next(self.model.unet.parameters()).dtype
+        loaded = load_model(path, device=self.model.device if mode == "high" else "cpu", dtype=dtype)
+        place(loaded, mode, device=self.model.device)
+        set_vae_precision(loaded, vae_precision_of(self.model))
+        if self.models_dir is not None:
+            loaded.models_dir = self.models_dir
+        self._refiner = (path, loaded)
+        return loaded
+
     @property
     def vae_precision(self) -> str:
         """The dtype every VAE call runs in: auto, fp32, fp16 or bf16 (``--vae-precision``)."""
@@ -195,9 +220,11 @@ class Engine:
         from .generate import generate
 
         cancel = cancel or Cancellation()
+        refiner = self.refiner_model(params.refiner.checkpoint) if params.refiner is not None else None
         while True:
             try:
-                return generate(self.model, params, info=self.info, progress=progress, cancel=cancel)
+                return generate(self.model, params, info=self.info, progress=progress, cancel=cancel,
+                                refiner=refiner)
             except Exception as exc:  # noqa: BLE001 - only out-of-memory errors are translated
                 if not is_out_of_memory(exc):
                     raise

@@ -35,6 +35,7 @@ from .control import request_control
 from .denoise import make_denoiser
 from .guidance import UncondSkip
 from . import vae_type
+from . import refiner as refiner_mod
 from . import inpaint
 from .infotext import build_infotext
 from .networks import ActiveNetworks, request_networks
@@ -82,28 +83,39 @@ class SecondPassStart:
     cond_size: tuple[int, int]  # SDXL's size conditioning: the upscale size, as A1111 (hr_upscale_to_x/y)
 
 
-def generate(model, params: GenerationParams, *, info: ModelInfo, progress, cancel: Cancellation) -> Result:
-    """Run ``n_iter`` batches of ``batch_size`` images; batch image i uses seed + i."""
+def generate(model, params: GenerationParams, *, info: ModelInfo, progress, cancel: Cancellation,
+             refiner=None) -> Result:
+    """Run ``n_iter`` batches of ``batch_size`` images; batch image i uses seed + i. ``refiner``: the
+    loaded checkpoint ``params.refiner`` names (``Engine.generate`` loads it)."""
     if params.xyz_plot is not None:  # A1111's "X/Y/Z plot" script: each cell one request of its own
         from . import xyz_plot
 
         # One model here: the Checkpoint name and VAE axes are refused (the server and the CLI switch models).
         return xyz_plot.run(
-            lambda cell, report: generate(model, cell.params, info=info, progress=report, cancel=cancel),
+            lambda cell, report: generate(model, cell.params, info=info, progress=report, cancel=cancel,
+                                          refiner=refiner),
             params, info=info, progress=progress, cancel=cancel)
+    if params.refiner is not None:
+        if refiner is None:
+            raise InvalidParameter("refiner_checkpoint", params.refiner.checkpoint,
+                                   "a refiner loaded by Engine.generate (generate() was called without it)")
+        refiner_mod.check(model, refiner, params)
+    else:
+        refiner = None
     if flux.is_flux(model):
         _check_flux_request(params)
         params = _without_token_merging(params)
     # 0. Extra networks: the prompt's LoRAs are merged into the weights for this request only.
     encoder = None if flux.is_flux(model) else prompt_encoder(model, params.clip_skip)
-    with request_networks(model, params, encoder=encoder) as networks, seamless(model, params.tiling):
+    with request_networks(model, params, encoder=encoder) as networks, seamless(model, params.tiling), \
+            seamless(refiner, params.tiling and refiner is not None):
         if params.loopback is not None:  # A1111's "Loopback" script: img2img on its own result, again and again
             from . import loopback
 
             return loopback.run(
                 params.with_seed(),
                 lambda pass_params, report: _generate(model, pass_params, networks, info=info, progress=report,
-                                                      cancel=cancel),
+                                                      cancel=cancel, refiner=refiner),
                 info=info, progress=progress, cancel=cancel)
         if params.sd_upscale is not None:  # A1111's "SD upscale" script: img2img tile by tile
             from . import sd_upscale
@@ -111,10 +123,10 @@ def generate(model, params: GenerationParams, *, info: ModelInfo, progress, canc
             return sd_upscale.run(
                 params.with_seed(),
                 lambda tile_params, report: _generate(model, tile_params, networks, info=info, progress=report,
-                                                      cancel=cancel),
+                                                      cancel=cancel, refiner=refiner),
                 info=info, folder=getattr(model, "models_dir", None), device=str(model.device), progress=progress,
                 cancel=cancel)
-        return _generate(model, params, networks, info=info, progress=progress, cancel=cancel)
+        return _generate(model, params, networks, info=info, progress=progress, cancel=cancel, refiner=refiner)
 
 
 def _check_flux_request(params: GenerationParams) -> None:
@@ -152,7 +164,7 @@ def _without_token_merging(params: GenerationParams) -> GenerationParams:
 
 
 def _generate(model, params: GenerationParams, networks: ActiveNetworks, *, info: ModelInfo, progress,
-              cancel: Cancellation) -> Result:
+              cancel: Cancellation, refiner=None) -> Result:
     # 1. Check inputs and fix the random seeds so they can be recorded.
     params = params.with_seed()
     plan = _plan(model, params)
@@ -197,6 +209,11 @@ def _generate(model, params: GenerationParams, networks: ActiveNetworks, *, info
     vae_type.check(model, params)  # a TAESD file that is not there: refused before any work
     # 2d. LoRA and embedding hashes, after the inpaint and ControlNet keys as A1111 orders them.
     plan = replace(plan, params=networks.with_infotext(plan.params))
+    if refiner is not None:  # A1111 records the refiner when the switch comes, while sampling
+        table = model_schedule(model).sigmas
+        if refiner_mod.will_switch(plan.sigmas, table, params.refiner.switch_at):
+            entries = refiner_mod.infotext_entries(refiner, params.refiner.switch_at)
+            plan = replace(plan, params=plan.params.replace(extra_infotext=plan.params.extra_infotext + entries))
 
     images, infotexts, seeds, subseeds, unfinished = [], [], [], [], []
     interrupted = False
@@ -209,7 +226,7 @@ def _generate(model, params: GenerationParams, networks: ActiveNetworks, *, info
         batch_subseeds = plan.subseeds[lo : lo + params.batch_size]
         if hires is None:
             batch = _run_batch(model, plan, job, batch_seeds, batch_subseeds, progress, cancel,
-                               getattr(control, "stack", control))
+                               getattr(control, "stack", control), refiner=refiner)
         else:
             batch = _run_hires_batch(model, plan, hires, job, batch_seeds, batch_subseeds, progress, cancel,
                                      getattr(control, "stack", None))
@@ -441,7 +458,7 @@ def model_evaluations(p: GenerationParams) -> int:
 
 def _run_batch(model, plan: Plan, job: int, seeds, subseeds, progress, cancel: Cancellation, control=None, *,
                start: SecondPassStart | None = None, keep_latents: bool = False,
-               window: tuple[int, int] | None = None):
+               window: tuple[int, int] | None = None, refiner=None):
     """One batch: encode prompts, make the start latent, sample, decode.
 
     ``start`` makes it a hires. fix second pass from those latents; ``keep_latents`` returns the
@@ -508,6 +525,9 @@ def _run_batch(model, plan: Plan, job: int, seeds, subseeds, progress, cancel: C
             control.on_step(0)
         denoiser = make_denoiser(model, conds, p.cfg_scale, model_schedule(model), p.sampler,
                                  image_conditioning=extra, control=control, skip=skip)
+        if refiner is not None:
+            denoiser = _with_refiner(model, refiner, denoiser, conds, p, steps=steps, batch=b, size=(cond_w, cond_h),
+                                     hires_steps=hires_steps, skip=skip)
     if masked is not None:
         denoiser = masked.wrap(denoiser, sigmas)
     info = sampler_info(p.sampler)
@@ -527,6 +547,22 @@ def _run_batch(model, plan: Plan, job: int, seeds, subseeds, progress, cancel: C
         return _colour_corrected(decode_latents(model, latents, p.vae_decode_method), plan)
     images = _colour_corrected(decode_latents(model, masked.finish(latents), p.vae_decode_method), plan)
     return [inpaint.composite(image, plan.inpaint, i) for i, image in enumerate(images)]
+
+
+def _with_refiner(model, refiner, base, conds, p: GenerationParams, *, steps: int, batch: int, size: tuple[int, int],
+                  hires_steps, skip):
+    """The base denoiser until A1111's refiner switch, then one for the refiner: its own prompt encoding
+    (made at the switch, prompt editing counted on from the base's evaluations) and noise schedule."""
+    from ..models.offload import on_device
+
+    def make() -> Callable:
+        with on_device(refiner, "text"):
+            refined = encode_prompts(refiner, p, steps, batch=batch, width=size[0], height=size[1],
+                                     hires_steps=hires_steps)
+        refined.step = conds.step
+        return make_denoiser(refiner, refined, p.cfg_scale, model_schedule(refiner), p.sampler, skip=skip)
+
+    return refiner_mod.SwitchingDenoiser(base, make, model_schedule(model).sigmas, p.refiner.switch_at)
 
 
 def _colour_corrected(images: list, plan: Plan) -> list:

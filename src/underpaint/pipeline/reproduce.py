@@ -95,6 +95,11 @@ def params_from_infotext(parsed: ParsedInfotext) -> dict[str, Any]:
         fields["s_min_uncond_all"] = _parse(values, "NGMS all steps", _boolean)
     if "Tiling" in values:
         fields["tiling"] = _parse(values, "Tiling", _boolean)
+    if values.get("Refiner"):  # the checkpoint's A1111 title, "name [hash]", as the models folder matches it
+        from ..params import RefinerOptions
+
+        switch_at = _parse(values, "Refiner switch at", float) if "Refiner switch at" in values else 0.8
+        fields["refiner"] = RefinerOptions(values["Refiner"], switch_at)
     fields["sampler_options"] = sampler_options(values)
     fields["inpaint"] = inpaint_options(values)
     hires = hires_options(parsed.params)
@@ -177,7 +182,7 @@ def inpaint_options(values: Mapping[str, str]) -> InpaintOptions:
 
 #: Infotext keys of A1111 features underpaint does not have → what to call them; a picture made
 #: with one of them is not reproduced exactly.
-_UNAVAILABLE = (("Face restoration", "face restoration"), ("Refiner", "a refiner"))
+_UNAVAILABLE = (("Face restoration", "face restoration"),)
 
 
 def unavailable_features(parsed: ParsedInfotext) -> list[str]:

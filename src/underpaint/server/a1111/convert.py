@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from ...errors import InvalidParameter, UnknownName
 from ...params import (MASKED_CONTENT, MAX_S_MIN_UNCOND, MAX_TOKEN_MERGING_RATIO, DeepCacheOptions, FreeUOptions,
-                       GenerationParams, HiresOptions,
+                       GenerationParams, HiresOptions, RefinerOptions,
                        InpaintOptions, SamplerOptions, preview_method_name, vae_method_name)
 from ...prompts.styles import StyleBook
 from ..config import Limits
@@ -340,8 +340,6 @@ def _refuse_unsupported(req: GenerationRequest, *, img2img: bool = False) -> Non
     """Features A1111 has and underpaint does not: refuse a request that turns one on."""
     if req.restore_faces:
         raise InvalidParameter("restore_faces", True, "false (face restoration is not available in underpaint)")
-    if req.refiner_checkpoint:
-        raise InvalidParameter("refiner_checkpoint", req.refiner_checkpoint, "absent (refiners are not available yet)")
     scripts = [SD_UPSCALE_SCRIPT, XYZ_PLOT_SCRIPT, LOOPBACK_SCRIPT] if img2img else [XYZ_PLOT_SCRIPT]
     if req.script_name and _script(req) not in scripts:
         raise UnknownName("script_name", req.script_name, scripts)
@@ -547,6 +545,19 @@ def _check_alwayson(scripts: Mapping[str, Any]) -> None:
             raise UnknownName("alwayson_scripts", name, [CONTROLNET_SCRIPT, SOFT_INPAINTING_SCRIPT, FREEU_SCRIPT])
 
 
+def _refiner(req: GenerationRequest, ctx: ConvertContext) -> RefinerOptions | None:
+    """A1111's ``refiner_checkpoint`` (a listed checkpoint's title or name; "None" or empty: no refiner) and
+    ``refiner_switch_at`` (0.8 when not given)."""
+    name = req.refiner_checkpoint
+    if name is None or (isinstance(name, str) and name.strip().lower() in ("", "none")):
+        return None
+    if not isinstance(name, str):
+        raise InvalidParameter("refiner_checkpoint", name, "a checkpoint's title or name from /sdapi/v1/sd-models")
+    path = ctx.resolve_model(name, field="refiner_checkpoint")
+    switch_at = 0.8 if req.refiner_switch_at is None else req.refiner_switch_at
+    return RefinerOptions(str(path), switch_at)
+
+
 def _freeu(scripts: Mapping[str, Any]) -> FreeUOptions | None:
     """Forge's "FreeU Integrated" script: ``[enabled, b1, b2, s1, s2]``, the factors missing or null at
     Forge's defaults; None while it is off."""
@@ -627,6 +638,7 @@ def _common_fields(req: GenerationRequest, ctx: ConvertContext, pictures: Pictur
                                                                ctx.options.img2img_color_correction),
         "extra_noise": overrides.float("img2img_extra_noise", ctx.options.img2img_extra_noise),
         "freeu": _freeu(req.alwayson_scripts),
+        "refiner": _refiner(req, ctx),
         "sampler_options": _sampler_options(req, overrides, sampler),
         "deepcache": _deepcache(overrides),
         "first_block_cache": _first_block_cache(overrides),
@@ -983,7 +995,7 @@ _INFOTEXT_FIELDS: tuple[tuple[str, str, type], ...] = (
     ("Hires steps", "hr_second_pass_steps", int), ("Hires sampler", "hr_sampler_name", str),
     ("Hires schedule type", "hr_scheduler", str), ("Hires prompt", "hr_prompt", str),
     ("Hires negative prompt", "hr_negative_prompt", str), ("Hires checkpoint", "hr_checkpoint_name", str),
-    ("Tiling", "tiling", bool),
+    ("Tiling", "tiling", bool), ("Refiner", "refiner_checkpoint", str), ("Refiner switch at", "refiner_switch_at", float),
 )
 # Infotext keys that A1111 turns into override_settings.
 _INFOTEXT_SETTINGS: tuple[tuple[str, str, type], ...] = (

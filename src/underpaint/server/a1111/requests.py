@@ -165,8 +165,11 @@ class GenerationRequest(RequestModel):
     override_settings_restore_afterwards: bool = Field(True, description=(
         "false: the overridden settings (the checkpoint, VAE, clip skip, ENSD, ...) stay set afterwards, as in "
         "A1111."))
-    refiner_checkpoint: str | None = Field(None, description="Not available here: must be absent.")
-    refiner_switch_at: float | None = Field(None, description="Not available here.")
+    refiner_checkpoint: str | None = Field(None, description=(
+        "A1111's Refiner: a checkpoint (title or name from /sdapi/v1/sd-models) of the same family that finishes the "
+        "sampling; \"None\" or absent: no refiner."))
+    refiner_switch_at: float | None = Field(None, description=(
+        "When the refiner takes over: once this share of the noise schedule is passed, 0-1 (default 0.8)."))
     disable_extra_networks: bool = Field(False, description="Leave <lora:...> tags in the prompt unapplied.")
     firstpass_image: str | None = Field(None, description="Not available here: must be absent.")
     comments: dict[str, Any] | None = Field(None, description="Ignored.")

@@ -1,0 +1,201 @@
+"""A1111's Refiner: the picture against diffusers' pipeline whose UNet and prompt embeddings are swapped for
+the refiner's at A1111's switch, the switch rule itself, the refusals, the infotext both ways, and the
+wiring through the CLI and the API."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from underpaint.errors import InvalidParameter
+from underpaint.params import GenerationParams, HiresOptions, RefinerOptions
+
+BASE = dict(prompt="a lighthouse on a cliff", negative_prompt="blurry", seed=1234, rng="cpu", steps=6,
+            sampler="Euler", scheduler="Automatic", width=64, height=64)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """A base engine and a second tiny SD 1.5 checkpoint (other weights) as its refiner."""
+    from tiny_models import write_sd1
+
+    from underpaint.pipeline.engine import Engine
+
+    folder = tmp_path_factory.mktemp("refiner")
+    base = write_sd1(folder / "base.safetensors", seed=1)
+    refiner = write_sd1(folder / "refiner.safetensors", seed=2)
+    return Engine.load(base, device="cpu", dtype="fp32"), refiner
+
+
+def training_sigmas(model) -> torch.Tensor:
+    ac = model.alphas_cumprod.double()
+    return ((1 - ac) / ac) ** 0.5
+
+
+def test_the_picture_is_diffusers_with_the_refiner_swapped_in_at_the_switch(pair):
+    """Euler, 6 steps (linspace timesteps: A1111's Automatic for Euler): diffusers' StableDiffusionPipeline
+    runs the base UNet until the next step's sigma is nearest a training level t with (999 − t)/1000 ≥ 0.5,
+    then the refiner's UNet with the refiner's text encoder's prompt embeddings; the same picture, within one
+    level, and not the picture without the refiner."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+
+    engine, refiner_file = pair
+    ours = engine.generate(GenerationParams(**BASE, refiner=RefinerOptions(str(refiner_file), 0.5))).images[0]
+    base, refiner = engine.model, engine.refiner_model(str(refiner_file))
+
+    def pipeline(m):
+        scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                           num_train_timesteps=1000, timestep_spacing="linspace")
+        pipe = StableDiffusionPipeline(vae=m.vae, text_encoder=m.text_encoders[0], tokenizer=m.tokenizers[0],
+                                       unet=m.unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    pipe, other = pipeline(base), pipeline(refiner)
+    positive, negative = other.encode_prompt(BASE["prompt"], "cpu", 1, True, BASE["negative_prompt"])
+    table = training_sigmas(base)
+    switched = []
+
+    def on_step_end(p, i, t, outputs):
+        sigma = float(p.scheduler.sigmas[i + 1])
+        ratio = (999 - int(torch.argmin((table - sigma).abs()))) / 1000
+        if not switched and ratio >= 0.5 and i + 1 < len(p.scheduler.timesteps):
+            switched.append(i + 1)
+            p.unet = refiner.unet
+            return {"prompt_embeds": torch.cat([negative, positive])}
+        return {}
+
+    try:
+        ref = pipe(prompt=BASE["prompt"], negative_prompt=BASE["negative_prompt"], guidance_scale=7.0, height=64,
+                   width=64, num_inference_steps=6, generator=torch.Generator().manual_seed(BASE["seed"]),
+                   callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=["prompt_embeds"],
+                   output_type="np").images[0]
+    finally:
+        pipe.unet = base.unet
+    assert switched and 0 < switched[0] < 6
+    ref_u8 = (np.clip(ref, 0, 1) * 255).astype(np.uint8).astype(np.int16)  # A1111 truncates, as the engine
+    diff = np.abs(np.asarray(ours, dtype=np.int16) - ref_u8)
+    assert diff.max() <= 1, diff.max()
+    plain = engine.generate(GenerationParams(**BASE)).images[0]
+    assert np.abs(np.asarray(plain, dtype=np.int16) - np.asarray(ours, dtype=np.int16)).max() > 5
+
+
+def test_the_switch_rule():
+    from underpaint.pipeline.refiner import SwitchingDenoiser, completed_ratio, will_switch
+
+    table = torch.linspace(0.03, 14.6, 1000, dtype=torch.float64)
+    assert completed_ratio(14.6, table) == 0.0 and completed_ratio(0.03, table) == 0.999
+    assert completed_ratio(float(table[199]) + 1e-4, table) == 0.8
+    calls = []
+    made = []
+
+    def base(x, sigma):
+        calls.append("base")
+        return x
+
+    def make():
+        made.append(1)
+        return lambda x, sigma: calls.append("refiner") or x
+
+    d = SwitchingDenoiser(base, make, table, 0.8)
+    for sigma in (14.6, 5.0, float(table[200]), float(table[199]), 0.5, 9.0):  # once switched, it stays
+        d(torch.zeros(1), torch.tensor([sigma]))
+    assert calls == ["base", "base", "base", "refiner", "refiner", "refiner"] and made == [1]
+    assert will_switch(torch.tensor([14.6, 5.0, 0.0]), table, 0.7) is False  # 5.0 is 0.658 of the way
+    assert will_switch(torch.tensor([14.6, 5.0, 1.0, 0.0]), table, 0.7) is True
+
+
+def test_no_switch_no_refiner_keys(pair):
+    engine, refiner_file = pair
+    plain = engine.generate(GenerationParams(**BASE))
+    never = engine.generate(GenerationParams(**BASE, refiner=RefinerOptions(str(refiner_file), 1.0)))
+    assert np.array_equal(np.asarray(plain.images[0]), np.asarray(never.images[0]))
+    assert "Refiner" not in never.infotexts[0]
+
+
+def test_refusals_name_the_field(pair, tmp_path):
+    from tiny_models import write_sdxl
+
+    engine, refiner_file = pair
+    for fields, field in ((dict(hires=HiresOptions(scale=2, upscaler="Latent", steps=2, strength=0.5)), "hires"),
+                          (dict(deepcache=__import__("underpaint.params", fromlist=["DeepCacheOptions"]).DeepCacheOptions(
+                              interval=2)), "deepcache")):
+        with pytest.raises(InvalidParameter) as err:
+            engine.generate(GenerationParams(**BASE, refiner=RefinerOptions(str(refiner_file)), **fields))
+        assert err.value.field == field
+    xl = write_sdxl(tmp_path / "xl.safetensors")
+    with pytest.raises(InvalidParameter) as err:
+        engine.generate(GenerationParams(**BASE, refiner=RefinerOptions(str(xl))))
+    assert err.value.field == "refiner_checkpoint" and "latent space" in str(err.value)
+    for bad, field in ((dict(checkpoint=""), "refiner_checkpoint"), (dict(checkpoint="x", switch_at=1.5),
+                                                                     "refiner_switch_at")):
+        with pytest.raises(InvalidParameter) as err:
+            RefinerOptions(**bad)
+        assert err.value.field == field
+
+
+def test_infotext_round_trip(pair):
+    from underpaint.imageio.infotext import parse_infotext
+    from underpaint.pipeline.reproduce import params_from_infotext, unavailable_features
+
+    engine, refiner_file = pair
+    text = engine.generate(GenerationParams(**BASE, refiner=RefinerOptions(str(refiner_file), 0.6))).infotexts[0]
+    short = engine.refiner_model(str(refiner_file)).short_hash
+    assert f"Refiner: refiner [{short}], Refiner switch at: 0.6, Version" in text
+    parsed = parse_infotext(text)
+    assert params_from_infotext(parsed)["refiner"] == RefinerOptions(f"refiner [{short}]", 0.6)
+    assert unavailable_features(parsed) == []
+
+
+def test_cli_flags_and_a_run(pair, tmp_path):
+    from cli_runner import run_cli
+
+    from underpaint.cli.generate import params_from_args
+    from underpaint.cli.main import build_parser
+    from underpaint.pipeline.reproduce import read_infotext
+
+    engine, refiner_file = pair
+    p = params_from_args(build_parser().parse_args(["txt2img", "-p", "x", "--refiner", "r", "--refiner-switch-at",
+                                                    "0.6"]))
+    assert p.refiner == RefinerOptions("r", 0.6)
+    assert params_from_args(build_parser().parse_args(["txt2img", "-p", "x", "--refiner", "r"])).refiner.switch_at == 0.8
+    out = tmp_path / "refined.png"
+    done = run_cli("txt2img", "-p", "a lighthouse", "--model", str(engine.model.path), "--refiner", str(refiner_file),
+                   "--refiner-switch-at", "0.5", "--steps", "4", "-W", "64", "-H", "64", "--device", "cpu",
+                   "-o", str(out))
+    assert done.returncode == 0, done.stderr
+    assert read_infotext(out).params["Refiner"].startswith("refiner [")
+    done = run_cli("txt2img", "-p", "x", "--model", str(engine.model.path), "--refiner", "no-such-model",
+                   "--steps", "2", "-W", "64", "-H", "64", "--device", "cpu", "-o", str(tmp_path / "no.png"))
+    assert done.returncode != 0 and "no-such-model" in done.stderr
+    assert not (tmp_path / "no.png").exists()
+
+
+@pytest.fixture()
+def api(tmp_path):
+    from test_server_support import fake_api
+
+    with fake_api(tmp_path) as (client, backend):
+        yield client, backend
+
+
+def test_api_fields(api):
+    client, backend = api
+    base = {"steps": 1, "width": 64, "height": 64}
+    title = client.get("/sdapi/v1/sd-models").json()[0]["title"]
+    for body in ({**base, "refiner_checkpoint": title, "refiner_switch_at": 0.7}, {**base, "refiner_checkpoint": title},
+                 {**base, "refiner_checkpoint": "None", "refiner_switch_at": 0.5},
+                 {"infotext": f"x\nSteps: 1, Sampler: Euler, Seed: 1, Size: 64x64, Refiner: {title}, "
+                              "Refiner switch at: 0.65"}):
+        r = client.post("/sdapi/v1/txt2img", json=body)
+        assert r.status_code == 200, r.text
+    got = [(p.refiner.switch_at, p.refiner.checkpoint.endswith(".safetensors")) if p.refiner else None
+           for p in backend.params]
+    assert got == [(0.7, True), (0.8, True), None, (0.65, True)]
+    for body, field, status in (({**base, "refiner_checkpoint": "nope"}, "refiner_checkpoint", 404),
+                                ({**base, "refiner_checkpoint": "/etc/passwd"}, "refiner_checkpoint", 404),
+                                ({**base, "refiner_checkpoint": title, "refiner_switch_at": 2}, "refiner_switch_at", 422)):
+        r = client.post("/sdapi/v1/txt2img", json=body)
+        assert r.status_code == status and r.json()["field"] == field, r.text
