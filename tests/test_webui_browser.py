@@ -1145,6 +1145,45 @@ def test_img2img_noise_settings_are_sent_recorded_and_pasted(page, photo_file, t
     expect(extra).to_have_value("0")
 
 
+def test_refiner_is_sent_recorded_and_pasted(page, photo_file, tmp_path):
+    """The Refiner section (off by default) lists the server's checkpoints; when enabled it sends A1111's
+    refiner_checkpoint and refiner_switch_at; the result records the refiner, and pasting that picture's
+    infotext enables it again with the same checkpoint and switch, a picture without it disables it."""
+    enabled, choice = page.locator("#refiner_enabled"), page.locator("#refiner_checkpoint")
+    expect(enabled).not_to_be_checked()
+    titles = [m["title"] for m in page.request.get(page.url.split("#")[0] + "sdapi/v1/sd-models").json()]
+    assert choice.locator("option").all_text_contents() == titles
+    copy = next(t for t in titles if "copy" in t)
+    page.set_input_files("#img2img-file", str(photo_file))
+    fast_settings(page, seed=19, steps=3)
+    page.click("#refiner-section summary")
+    enabled.check()
+    choice.select_option(copy)
+    set_value(page, "refiner_switch_at", 0.6)
+    with page.expect_response("**/sdapi/v1/img2img", timeout=GENERATION_TIMEOUT) as answer:
+        page.click("#generate")
+    assert answer.value.ok, answer.value.text()
+    sent = json.loads(answer.value.request.post_data)
+    assert (sent["refiner_checkpoint"], sent["refiner_switch_at"]) == (copy, 0.6)
+    expect(page.locator("#result-infotext")).to_have_value(re.compile(r"Refiner: tiny-sd1-copy \[\w+\], Refiner switch at: 0.6"))
+    infotext = page.input_value("#result-infotext")
+
+    enabled.uncheck()
+    choice.select_option(titles[0])
+    pngs = infotext_pngs(tmp_path, {"refined": infotext, "plain": "a pond\nSteps: 4, Sampler: Euler a, Seed: 11, Size: 64x64"},
+                         (64, 64))
+    page.click("#tab-pnginfo")
+    page.set_input_files("#pnginfo-file", str(pngs["refined"]))
+    page.click("#pnginfo-send-img2img")
+    expect(enabled).to_be_checked()
+    expect(choice).to_have_value(copy)
+    expect(page.locator("#refiner_switch_at")).to_have_value("0.6")
+    page.click("#tab-pnginfo")
+    page.set_input_files("#pnginfo-file", str(pngs["plain"]))
+    page.click("#pnginfo-send-img2img")
+    expect(enabled).not_to_be_checked()
+
+
 def test_color_correction_is_sent_from_img2img(page, photo_file):
     """The img2img "Color correction" checkbox (A1111's setting, off by default) goes out as override_settings
     only when on, and the server corrects the picture (it differs from the same request without it)."""

@@ -27,6 +27,8 @@ export async function loadCheckpoints(options = get("/sdapi/v1/options")) {
   const current = settings?.sd_model_checkpoint;
   const match = items.find((i) => i.value === current) ?? items.find((i) => current && i.value.startsWith(current));
   fillSelect($("#checkpoint"), items, match?.value);
+  // The refiner is another Stable Diffusion checkpoint (FLUX has no refiner here).
+  fillSelect($("#refiner_checkpoint"), items.filter((i) => families.get(i.value) !== "flux"));
   $("#checkpoint-status").textContent = items.length ? "" : "No checkpoints found in the models folder.";
   announceFamily();
 }

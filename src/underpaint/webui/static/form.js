@@ -31,6 +31,23 @@ export function matchOption(select, wanted) {
   return null;
 }
 
+/**
+ * The option of a checkpoint select (values are /sd-models titles, "dir/name.safetensors [hash]") that an
+ * infotext's "name [hash]" (A1111's short title: no folder, no extension) means, or null.
+ */
+export function matchCheckpoint(select, wanted) {
+  const split = (text) => {
+    const [, name, hash] = /^(.*?)(?:\s*\[([0-9a-f]+)\])?$/i.exec(text.trim());
+    return [name.replace(/^.*[\\/]/, "").replace(/\.(safetensors|ckpt|gguf)$/i, "").toLowerCase(), hash?.toLowerCase()];
+  };
+  const [name, hash] = split(wanted);
+  for (const option of select.options) {
+    const [optionName, optionHash] = split(option.value);
+    if (optionName === name && (!hash || !optionHash || hash === optionHash)) return option.value;
+  }
+  return null;
+}
+
 const SCHEDULE_SUFFIXES = ["Karras", "Exponential", "Uniform", "SGM Uniform", "Polyexponential"];
 
 /** A legacy combined name ("DPM++ 2M Karras") split into [sampler, schedule]; others come back whole. */
@@ -78,7 +95,7 @@ export class GenerationForm {
     for (const name of ["prompt", "negative_prompt", "sampler_name", "scheduler", "steps", "width", "height",
       "n_iter", "batch_size", "cfg_scale", "distilled_cfg_scale", "denoising_strength", "seed", "mask_blur",
       "inpaint_full_res_padding", "deepcache_interval", "deepcache_branch", "first_block_cache", "s_min_uncond",
-      "s_min_uncond_all", "skip_early_cond", "sd_vae_decode_method", "sd_vae_encode_method", "tiling", "img2img_color_correction", "initial_noise_multiplier", "img2img_extra_noise", "freeu_enabled", ...FREEU_FACTORS, "enable_hr", "hr_upscaler",
+      "s_min_uncond_all", "skip_early_cond", "sd_vae_decode_method", "sd_vae_encode_method", "tiling", "img2img_color_correction", "initial_noise_multiplier", "img2img_extra_noise", "freeu_enabled", ...FREEU_FACTORS, "refiner_enabled", "refiner_checkpoint", "refiner_switch_at", "enable_hr", "hr_upscaler",
       ...HIRES_NUMBERS, "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt"]) {
       this.controls[name] = $(`#${name}`, root);
     }
@@ -175,6 +192,7 @@ export class GenerationForm {
     $("#fbcache-row", this.root).hidden = !flux;  // and First Block Cache is for its transformer only
     $("#tiling-field", this.root).hidden = flux;  // its transformer has no convolutions to wrap around
     $("#freeu-section", this.root).hidden = flux;  // FreeU works on a UNet's decoder
+    $("#refiner-section", this.root).hidden = flux;  // and the refiner switch is for SD and SDXL models
     this.updateHiresSize();  // FLUX's latent patches make sizes whole blocks of 16
     setNumber(c.cfg_scale, flux ? 1 : 7);
     for (const [select, value] of [[c.sampler_name, flux ? "Euler" : "DPM++ 2M"], [c.scheduler, flux ? "Simple" : "Automatic"]]) {
@@ -250,6 +268,7 @@ export class GenerationForm {
       n_iter: numberValue(c.n_iter),
       override_settings: this.overrideSettings(mode),
       tiling: this.family !== "flux" && c.tiling.checked ? true : undefined,
+      ...this.refinerValues(),
     };
     if (mode === "txt2img") return { ...common, ...this.hiresValues() };
     const multiplier = numberValue(c.initial_noise_multiplier);
@@ -259,6 +278,13 @@ export class GenerationForm {
       denoising_strength: numberValue(c.denoising_strength),
       resize_mode: Number(radioValue(this.root, "resize_mode") ?? 0),
     };
+  }
+
+  /** A1111's refiner_checkpoint and refiner_switch_at while the Refiner is enabled (SD models), else none. */
+  refinerValues() {
+    const c = this.controls;
+    if (this.family === "flux" || !c.refiner_enabled.checked || !c.refiner_checkpoint.value) return {};
+    return { refiner_checkpoint: c.refiner_checkpoint.value, refiner_switch_at: numberValue(c.refiner_switch_at) };
   }
 
   /** Hires. fix's fields while it is on, else none (the server's default is off). */
@@ -340,6 +366,14 @@ export class GenerationForm {
     if (typeof fields.enable_hr === "boolean") c.enable_hr.checked = fields.enable_hr;
     if (typeof fields.tiling === "boolean") c.tiling.checked = fields.tiling;
     if (typeof fields.freeu_enabled === "boolean") c.freeu_enabled.checked = fields.freeu_enabled;
+    if (typeof fields.refiner_enabled === "boolean") c.refiner_enabled.checked = fields.refiner_enabled;
+    if (typeof fields.refiner_switch_at === "number") setNumber(c.refiner_switch_at, fields.refiner_switch_at);
+    if (fields.refiner_checkpoint) {
+      const option = matchOption(c.refiner_checkpoint, fields.refiner_checkpoint)
+        ?? matchCheckpoint(c.refiner_checkpoint, fields.refiner_checkpoint);
+      if (option === null) notes.push(`refiner checkpoint ${fields.refiner_checkpoint} is not on this server`);
+      else c.refiner_checkpoint.value = option;
+    }
     for (const name of FREEU_FACTORS) {
       if (typeof fields[name] === "number") setNumber(c[name], fields[name]);
     }

@@ -109,6 +109,10 @@ export function infotextToFields({ prompt, negativePrompt, params }) {
   fields.tiling = params.Tiling === "True";
   set("initial_noise_multiplier", number(params["Noise multiplier"]) ?? 1);
   set("img2img_extra_noise", number(params["Extra noise"]) ?? 0);
+  // A1111 records the refiner only when it took over; a picture without it was made without one.
+  fields.refiner_enabled = Boolean(params.Refiner);
+  if (params.Refiner) fields.refiner_checkpoint = params.Refiner;
+  set("refiner_switch_at", number(params["Refiner switch at"]));
   // Forge's FreeU keys; a picture without them was made with FreeU off.
   fields.freeu_enabled = params.freeu_enabled === "True";
   for (const name of ["freeu_b1", "freeu_b2", "freeu_s1", "freeu_s2"]) set(name, number(params[name]));
