@@ -258,10 +258,55 @@ def test_a1111_infotexts_turn_hires_on_only_with_its_keys():
     assert hires == HiresOptions(scale=1.5, steps=10, upscaler="Latent (nearest-exact)", strength=0.55)
     img2img = "a cat\nSteps: 25, Sampler: Euler, Seed: 1, Size: 512x512, Denoising strength: 0.55"
     assert "hires" not in params_from_infotext(parse_infotext(img2img))
-    other = a1111.replace("Version", "Hires checkpoint: sdxl_refiner, Version")
-    with pytest.raises(InvalidParameter) as err:
-        params_from_infotext(parse_infotext(other))
-    assert err.value.field == "Hires checkpoint"
+    other = a1111.replace("Version", "Hires checkpoint: anime [0123456789], Version")
+    assert params_from_infotext(parse_infotext(other))["hires"].checkpoint == "anime [0123456789]"
+
+
+def test_a_hires_checkpoint_runs_the_second_pass_as_diffusers_img2img_with_it(tmp_path):
+    """A1111's Hires checkpoint, with the "Latent" upscaler: diffusers' txt2img on the base model (Euler, 4
+    steps), its latents interpolated to twice the size, then StableDiffusionImg2ImgPipeline built from the
+    other checkpoint's UNet, text encoder and VAE at strength 2/4: the same picture within one level. The
+    infotext names the checkpoint as A1111 does, before the other hires keys."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+
+    from tiny_models import write_sd1
+    from underpaint.pipeline.engine import Engine
+
+    base_file, other_file = write_sd1(tmp_path / "base.safetensors", seed=1), write_sd1(tmp_path / "anime.safetensors",
+                                                                                      seed=5)
+    engine = Engine.load(base_file, device="cpu", dtype="fp32")
+    cfg = 6.0
+    result = engine.generate(GenerationParams(
+        **BASE, steps=4, cfg_scale=cfg, sampler="Euler", scheduler="Automatic",
+        hires=HiresOptions(scale=2, upscaler="Latent", steps=2, strength=0.5, checkpoint=str(other_file))))
+    ours = result.images[0]
+    m, o = engine.model, engine.refiner_model(str(other_file))
+
+    def scheduler():
+        return EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                      num_train_timesteps=1000, timestep_spacing="linspace")
+
+    def parts(model):
+        return dict(vae=model.vae, text_encoder=model.text_encoders[0], tokenizer=model.tokenizers[0], unet=model.unet,
+                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+    txt = StableDiffusionPipeline(scheduler=scheduler(), **parts(m))
+    img = StableDiffusionImg2ImgPipeline(scheduler=scheduler(), **parts(o))
+    for pipe in (txt, img):
+        pipe.set_progress_bar_config(disable=True)
+    common = dict(prompt=BASE["prompt"], negative_prompt=BASE["negative_prompt"], guidance_scale=cfg)
+    latents = txt(**common, height=64, width=64, num_inference_steps=4, output_type="latent",
+                  generator=torch.Generator().manual_seed(BASE["seed"])).images
+    upscaled = F.interpolate(latents, size=(16, 16), mode="bilinear", antialias=False)
+    ref = img(**common, image=upscaled, strength=0.5, num_inference_steps=4, output_type="np",
+              generator=torch.Generator().manual_seed(BASE["seed"])).images[0]
+    ref_u8 = (np.clip(ref, 0, 1) * 255).astype(np.uint8).astype(np.int16)
+    diff = np.abs(_pixels(ours) - ref_u8)
+    assert diff.max() <= 1, diff.max()
+    assert f"Hires checkpoint: anime [{o.short_hash}], Hires upscale: 2" in result.infotexts[0]
+    same = engine.generate(GenerationParams(**BASE, steps=4, cfg_scale=cfg, sampler="Euler", scheduler="Automatic",
+                                            hires=HiresOptions(scale=2, upscaler="Latent", steps=2, strength=0.5)))
+    assert np.abs(_pixels(same.images[0]) - _pixels(ours)).max() > 5
 
 
 # --------------------------------------------------------------------------- A1111 API
@@ -402,3 +447,23 @@ def test_flux_hires_keeps_whole_patches(flux_model):
     with pytest.raises(InvalidParameter) as err:
         _flux_run(flux_model, hires=HiresOptions(scheduler="Align Your Steps", steps=1))
     assert err.value.field == "hires_scheduler"
+
+
+def test_hires_checkpoint_api_and_cli(tmp_path):
+    from test_server_support import fake_api
+
+    from underpaint.cli.generate import params_from_args
+    from underpaint.cli.main import build_parser
+
+    args = build_parser().parse_args(["txt2img", "-p", "x", "--hires", "--hires-checkpoint", "anime"])
+    assert params_from_args(args).hires.checkpoint == "anime"
+    with fake_api(tmp_path) as (client, backend):
+        title = client.get("/sdapi/v1/sd-models").json()[0]["title"]
+        base = {"steps": 1, "width": 64, "height": 64, "enable_hr": True, "denoising_strength": 0.5}
+        for name in (title, "Use same checkpoint"):
+            r = client.post("/sdapi/v1/txt2img", json={**base, "hr_checkpoint_name": name})
+            assert r.status_code == 200, r.text
+        got = [p.hires.checkpoint for p in backend.params]
+        assert got[0].endswith(".safetensors") and got[1] is None
+        r = client.post("/sdapi/v1/txt2img", json={**base, "hr_checkpoint_name": "../../etc/passwd"})
+        assert r.status_code == 404 and r.json()["field"] == "hr_checkpoint_name", r.text

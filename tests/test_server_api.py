@@ -129,7 +129,7 @@ def test_infotext_field_fills_unset_fields(client):
     ({"enable_hr": True, "hr_sampler_name": "Euler z"}, "hr_sampler_name"),
     ({"enable_hr": True, "hr_scheduler": "Karass"}, "hr_scheduler"),
     ({"enable_hr": True, "hr_second_pass_steps": -1}, "hr_second_pass_steps"),
-    ({"enable_hr": True, "hr_checkpoint_name": "beta.safetensors"}, "hr_checkpoint_name"),
+    ({"enable_hr": True, "hr_checkpoint_name": "gamma.safetensors"}, "hr_checkpoint_name"),
     ({"firstphase_width": 32, "firstphase_height": 64}, "firstphase_width"),
     ({"enable_hr": True, "hr_resize_x": 512, "width": 0}, "width"),
     ({"styles": ["cinematic"]}, "styles"),

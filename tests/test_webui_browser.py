@@ -1184,6 +1184,37 @@ def test_refiner_is_sent_recorded_and_pasted(page, photo_file, tmp_path):
     expect(enabled).not_to_be_checked()
 
 
+def test_hires_checkpoint_is_sent_recorded_and_pasted(page, tmp_path):
+    """Hires. fix's "Hires checkpoint" lists "Use same checkpoint" and the server's checkpoints, is sent as
+    hr_checkpoint_name only when another is chosen, and comes back from the result's infotext."""
+    page.click("#tab-txt2img")
+    page.check("#enable_hr")
+    choice = page.locator("#hr_checkpoint_name")
+    titles = [m["title"] for m in page.request.get(page.url.split("#")[0] + "sdapi/v1/sd-models").json()]
+    assert choice.locator("option").all_text_contents() == ["Use same checkpoint", *titles]
+    expect(choice).to_have_value("")
+    copy = next(t for t in titles if "copy" in t)
+    page.fill("#prompt", "a lighthouse")
+    fast_settings(page, seed=31, steps=2)
+    set_value(page, "hr_scale", 1.5)
+    page.click("#hires-body details summary")
+    choice.select_option(copy)
+    with page.expect_response("**/sdapi/v1/txt2img", timeout=GENERATION_TIMEOUT) as answer:
+        page.click("#generate")
+    assert answer.value.ok, answer.value.text()
+    assert json.loads(answer.value.request.post_data)["hr_checkpoint_name"] == copy
+    expect(page.locator("#result-infotext")).to_have_value(re.compile(r"Hires checkpoint: tiny-sd1-copy \[\w+\]"))
+    infotext = page.input_value("#result-infotext")
+    choice.select_option("")
+    pngs = infotext_pngs(tmp_path, {"made": infotext}, (64, 64))
+    page.click("#tab-pnginfo")
+    page.set_input_files("#pnginfo-file", str(pngs["made"]))
+    page.click("#pnginfo-send-txt2img")
+    expect(choice).to_have_value(copy)
+    choice.select_option("")
+    page.uncheck("#enable_hr")
+
+
 def test_color_correction_is_sent_from_img2img(page, photo_file):
     """The img2img "Color correction" checkbox (A1111's setting, off by default) goes out as override_settings
     only when on, and the server corrects the picture (it differs from the same request without it)."""

@@ -323,6 +323,11 @@ class HiresOptions:
     negative_prompt: str = ""
     #: Token merging in the second pass (A1111's ``token_merging_ratio_hr``); 0: the first pass's.
     token_merging_ratio: float = 0.0
+    #: A1111's "Hires checkpoint": another checkpoint (a path, or a name in the models folder) of the same
+    #: family for the second pass; None (or "Use same checkpoint"): the request's.
+    checkpoint: str | None = None
+    #: The hires checkpoint's A1111 title (``name [hash]``) for the infotext; set by the engine that loads it.
+    checkpoint_title: str | None = None
 
     def __post_init__(self) -> None:
         _check_range("hires_scale", self.scale, 0.25, 8.0)
@@ -345,6 +350,11 @@ class HiresOptions:
         for name in ("prompt", "negative_prompt"):
             if not isinstance(getattr(self, name), str):
                 raise InvalidParameter(f"hires_{name}", type(getattr(self, name)).__name__, "a string")
+        if self.checkpoint is not None:
+            if not isinstance(self.checkpoint, (str, PathLike)):
+                raise InvalidParameter("hires_checkpoint", self.checkpoint, "a checkpoint's path or name")
+            name = str(self.checkpoint).strip()
+            object.__setattr__(self, "checkpoint", None if name.lower() in _SAME_AS_FIRST_PASS else name)
 
     @property
     def upscaler_name(self) -> str:

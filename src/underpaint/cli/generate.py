@@ -369,6 +369,9 @@ def _add_hires_args(p: argparse.ArgumentParser) -> None:
                    metavar="NAME",
                    help="schedule type of the second pass (default: --scheduler)")
     h.add_argument("--hires-prompt", default=None, metavar="TEXT", help="prompt of the second pass (default: --prompt)")
+    h.add_argument("--hires-checkpoint", default=None, metavar="CHECKPOINT",
+                   help="A1111's Hires checkpoint: another checkpoint of the same family (a path, or a name in the "
+                        "models folder) encodes the upscaled picture and runs the second pass (default: the same)")
     h.add_argument("--hires-negative-prompt", default=None, metavar="TEXT",
                    help="negative prompt of the second pass (default: --negative-prompt)")
     h.add_argument("--hires-token-merging", "--hires-token-merging-ratio", dest="hires_token_merging", type=float,
@@ -386,7 +389,7 @@ def _add_unavailable_args(p: argparse.ArgumentParser) -> None:
 _HIRES_FLAGS = (("hires_scale", "scale"), ("hires_upscaler", "upscaler"), ("hires_steps", "steps"),
                 ("hires_strength", "strength"), ("hires_sampler", "sampler"), ("hires_scheduler", "scheduler"),
                 ("hires_prompt", "prompt"), ("hires_negative_prompt", "negative_prompt"),
-                ("hires_token_merging", "token_merging_ratio"))
+                ("hires_token_merging", "token_merging_ratio"), ("hires_checkpoint", "checkpoint"))
 
 
 def add_memory_and_speed_arguments(group) -> None:

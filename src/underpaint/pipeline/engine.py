@@ -148,7 +148,7 @@ class Engine:
         return _flux_companions(path, self.models_dir, given={"clip_l": path, "t5": path}).get("vae")
 
     def refiner_model(self, checkpoint: str | Path) -> "LoadedModel":
-        """The checkpoint a Refiner request names (a path, or a name in the models folder), loaded like
+        """The checkpoint a Refiner (or Hires checkpoint) request names (a path, or a name in the models folder), loaded like
         the engine's own model (device, dtype, memory mode; not its ``--optimize`` switches) and kept
         for the next request; the one kept before is let go."""
         from ..models.loader import load_model
@@ -221,10 +221,17 @@ class Engine:
 
         cancel = cancel or Cancellation()
         refiner = self.refiner_model(params.refiner.checkpoint) if params.refiner is not None else None
+        hires_model = None
+        if params.hires is not None and params.hires.checkpoint is not None:  # A1111's Hires checkpoint
+            from dataclasses import replace
+
+            hires_model = self.refiner_model(params.hires.checkpoint)
+            title = f"{hires_model.name} [{hires_model.short_hash}]" if hires_model.short_hash else hires_model.name
+            params = params.replace(hires=replace(params.hires, checkpoint_title=title))
         while True:
             try:
                 return generate(self.model, params, info=self.info, progress=progress, cancel=cancel,
-                                refiner=refiner)
+                                refiner=refiner, hires_model=hires_model)
             except Exception as exc:  # noqa: BLE001 - only out-of-memory errors are translated
                 if not is_out_of_memory(exc):
                     raise

@@ -84,16 +84,17 @@ class SecondPassStart:
 
 
 def generate(model, params: GenerationParams, *, info: ModelInfo, progress, cancel: Cancellation,
-             refiner=None) -> Result:
-    """Run ``n_iter`` batches of ``batch_size`` images; batch image i uses seed + i. ``refiner``: the
-    loaded checkpoint ``params.refiner`` names (``Engine.generate`` loads it)."""
+             refiner=None, hires_model=None) -> Result:
+    """Run ``n_iter`` batches of ``batch_size`` images; batch image i uses seed + i. ``refiner`` and
+    ``hires_model``: the loaded checkpoints ``params.refiner`` and ``params.hires.checkpoint`` name
+    (``Engine.generate`` loads them)."""
     if params.xyz_plot is not None:  # A1111's "X/Y/Z plot" script: each cell one request of its own
         from . import xyz_plot
 
         # One model here: the Checkpoint name and VAE axes are refused (the server and the CLI switch models).
         return xyz_plot.run(
             lambda cell, report: generate(model, cell.params, info=info, progress=report, cancel=cancel,
-                                          refiner=refiner),
+                                          refiner=refiner, hires_model=hires_model),
             params, info=info, progress=progress, cancel=cancel)
     if params.refiner is not None:
         if refiner is None:
@@ -102,13 +103,21 @@ def generate(model, params: GenerationParams, *, info: ModelInfo, progress, canc
         refiner_mod.check(model, refiner, params)
     else:
         refiner = None
+    if params.hires is not None and params.hires.checkpoint is not None:
+        if hires_model is None:
+            raise InvalidParameter("hires_checkpoint", params.hires.checkpoint,
+                                   "a checkpoint loaded by Engine.generate (generate() was called without it)")
+        hires_mod.check_checkpoint(model, hires_model, params)
+    else:
+        hires_model = None
     if flux.is_flux(model):
         _check_flux_request(params)
         params = _without_token_merging(params)
     # 0. Extra networks: the prompt's LoRAs are merged into the weights for this request only.
     encoder = None if flux.is_flux(model) else prompt_encoder(model, params.clip_skip)
     with request_networks(model, params, encoder=encoder) as networks, seamless(model, params.tiling), \
-            seamless(refiner, params.tiling and refiner is not None):
+            seamless(refiner, params.tiling and refiner is not None), \
+            seamless(hires_model, params.tiling and hires_model is not None):
         if params.loopback is not None:  # A1111's "Loopback" script: img2img on its own result, again and again
             from . import loopback
 
@@ -126,7 +135,8 @@ def generate(model, params: GenerationParams, *, info: ModelInfo, progress, canc
                                                       cancel=cancel, refiner=refiner),
                 info=info, folder=getattr(model, "models_dir", None), device=str(model.device), progress=progress,
                 cancel=cancel)
-        return _generate(model, params, networks, info=info, progress=progress, cancel=cancel, refiner=refiner)
+        return _generate(model, params, networks, info=info, progress=progress, cancel=cancel, refiner=refiner,
+                         hires_model=hires_model)
 
 
 def _check_flux_request(params: GenerationParams) -> None:
@@ -164,7 +174,7 @@ def _without_token_merging(params: GenerationParams) -> GenerationParams:
 
 
 def _generate(model, params: GenerationParams, networks: ActiveNetworks, *, info: ModelInfo, progress,
-              cancel: Cancellation, refiner=None) -> Result:
+              cancel: Cancellation, refiner=None, hires_model=None) -> Result:
     # 1. Check inputs and fix the random seeds so they can be recorded.
     params = params.with_seed()
     plan = _plan(model, params)
@@ -229,7 +239,7 @@ def _generate(model, params: GenerationParams, networks: ActiveNetworks, *, info
                                getattr(control, "stack", control), refiner=refiner)
         else:
             batch = _run_hires_batch(model, plan, hires, job, batch_seeds, batch_subseeds, progress, cancel,
-                                     getattr(control, "stack", None))
+                                     getattr(control, "stack", None), second_model=hires_model)
         if cancel.batch_was_stopped():  # stopped before its last step: its current estimate
             unfinished.extend(range(len(images), len(images) + len(batch)))
         cancel.clear_skip()
@@ -389,13 +399,14 @@ def _identity_result(plan: Plan, info: ModelInfo) -> Result:
 
 
 def _run_hires_batch(model, plan: Plan, hires: HiresPlan, job: int, seeds, subseeds, progress,
-                     cancel: Cancellation, control=None):
+                     cancel: Cancellation, control=None, *, second_model=None):
     """One batch of a hires. fix request: the first pass, the upscale, the second pass.
 
     Progress counts the steps of both passes. An interrupt or a skip during the first pass returns
     its current estimate at the first size, without the second pass (A1111 skips it then too).
     ``control`` (a ControlStack) runs in both passes, the second with its own maps and steps; each
-    pass leaves out the units whose hires-fix option is the other pass only.
+    pass leaves out the units whose hires-fix option is the other pass only. ``second_model``: A1111's
+    Hires checkpoint, which encodes the upscaled picture, samples the second pass and decodes it.
     """
     total = plan.steps_run + hires.plan.steps_run
     first = None if control is None else control.first_pass()
@@ -405,14 +416,14 @@ def _run_hires_batch(model, plan: Plan, hires: HiresPlan, job: int, seeds, subse
         cancel.stop_batch()  # even when the first pass had finished: the picture lacks the second
         return decode_latents(model, latents, plan.params.vae_decode_method)
     try:
-        start = _second_pass_start(model, plan, hires, latents, cancel)
+        start = _second_pass_start(model, plan, hires, latents, cancel, encoder=second_model)
     except _UpscaleStopped:  # interrupted or skipped while an upscaling model ran
         cancel.stop_batch()
         return decode_latents(model, latents, plan.params.vae_decode_method)
     second = None
     if control is not None:
         second = control.second_pass(hires.plan.width, hires.plan.height, hires.plan.steps_run)
-    return _run_batch(model, hires.plan, job, seeds, subseeds, progress, cancel, second, start=start,
+    return _run_batch(second_model or model, hires.plan, job, seeds, subseeds, progress, cancel, second, start=start,
                       window=(plan.steps_run, total))
 
 
@@ -421,9 +432,9 @@ class _UpscaleStopped(Exception):
 
 
 def _second_pass_start(model, plan: Plan, hires: HiresPlan, latents: torch.Tensor,
-                       cancel: Cancellation | None = None) -> SecondPassStart:
+                       cancel: Cancellation | None = None, *, encoder=None) -> SecondPassStart:
     """Upscale the first pass: in latent space, or decoded, upscaled (Pillow or an upscaling model)
-    and encoded again; then crop to the hires size."""
+    and encoded again (by ``encoder``'s VAE when given: a Hires checkpoint's); then crop to the hires size."""
     p = plan.params
     assert p.hires is not None
     size, upscaler = hires.size, p.hires.upscaler_name
@@ -441,7 +452,7 @@ def _second_pass_start(model, plan: Plan, hires: HiresPlan, latents: torch.Tenso
         pictures = [hires_mod.upscale_picture(image, size.upscale_width, size.upscale_height, upscaler, one_pass)
                     for image in decode_latents(model, latents, p.vae_decode_method)]
         pixels = images_to_tensor(pictures)
-        init = encode_pixels(model, pixels, p.vae_encode_method)
+        init = encode_pixels(encoder or model, pixels, p.vae_encode_method)
     init = hires_mod.crop_latents(init, size)
     if pixels is not None:
         top, left = size.crop_y // 2 * 8, size.crop_x // 2 * 8

@@ -97,6 +97,25 @@ def second_pass_params(params: GenerationParams, size: HiresSize) -> GenerationP
     )
 
 
+def check_checkpoint(model, other, params: GenerationParams) -> None:
+    """Refuse a Hires checkpoint underpaint cannot run with the request's model, naming the field."""
+    from ..errors import InvalidParameter
+
+    family, second = model.spec.family.value, other.spec.family.value
+    name = params.hires.checkpoint
+    if "flux" in (family, second):
+        raise InvalidParameter("hires_checkpoint", name, "an SD 1.x/2.x or SDXL checkpoint with an SD or SDXL model")
+    if (family == "sdxl") != (second == "sdxl"):
+        raise InvalidParameter("hires_checkpoint", name,
+                               f"a checkpoint of the same latent space as the model ({family}; this one is {second})")
+    if model.spec.is_inpaint != other.spec.is_inpaint:
+        raise InvalidParameter("hires_checkpoint", name, "an inpainting checkpoint only with an inpainting model, "
+                                                         "and a normal one with a normal one")
+    if params.control_units:
+        raise InvalidParameter("hires_checkpoint", name, "the same checkpoint with ControlNet units (another "
+                                                         "checkpoint for the second pass is not available with them)")
+
+
 def hires_infotext(params: GenerationParams) -> dict[str, object]:
     """A1111's hires keys, in the order its ``txt2img`` adds them (None values are left out).
 
@@ -115,6 +134,7 @@ def hires_infotext(params: GenerationParams) -> dict[str, object]:
         schedule = second if second != first else None
     resized = h.resize_x != 0 or h.resize_y != 0
     return {
+        "Hires checkpoint": h.checkpoint_title if h.checkpoint is not None else None,
         "Hires sampler": hires_sampler if hires_sampler != params.sampler else None,
         "Hires prompt": h.prompt if h.prompt and h.prompt != params.prompt else None,
         "Hires negative prompt": (h.negative_prompt if h.negative_prompt and h.negative_prompt != params.negative_prompt

@@ -131,11 +131,10 @@ def hires_options(params: Mapping[str, str]) -> HiresOptions | None:
     if "Denoising strength" not in params or not any(
             key in params for key in ("Hires upscale", "Hires upscaler", "Hires resize-1")):
         return None
-    checkpoint = params.get("Hires checkpoint", "Use same checkpoint")
-    if checkpoint != "Use same checkpoint":
-        raise InvalidParameter("Hires checkpoint", checkpoint,
-                               "Use same checkpoint (another checkpoint for the second pass is not available)")
     found = {name: _parse(params, key, kind) for key, name, kind in _HIRES_FIELDS if key in params}
+    checkpoint = params.get("Hires checkpoint", "Use same checkpoint")
+    if checkpoint != "Use same checkpoint":  # the checkpoint's A1111 title, "name [hash]", as the models folder matches it
+        found["checkpoint"] = checkpoint
     try:
         return HiresOptions(**found)
     except InvalidParameter as exc:

@@ -145,10 +145,9 @@ def _hires_options(req: Txt2ImgRequest, ctx: ConvertContext, width: int, height:
     main prompt, styles and all.
     """
     limits = ctx.limits
-    if req.hr_checkpoint_name not in (None, "", "Use same checkpoint"):
-        raise InvalidParameter("hr_checkpoint_name", req.hr_checkpoint_name,
-                               "absent or 'Use same checkpoint' (another checkpoint for the second pass is not "
-                               "available)")
+    checkpoint = None
+    if req.hr_checkpoint_name not in (None, "", "Use same checkpoint"):  # listed checkpoints only, never a path
+        checkpoint = str(ctx.resolve_model(req.hr_checkpoint_name, field="hr_checkpoint_name"))
     if req.hr_second_pass_steps > limits.max_steps:
         raise InvalidParameter("hr_second_pass_steps", req.hr_second_pass_steps,
                                f"at most {limits.max_steps} (this server's limit)")
@@ -156,7 +155,7 @@ def _hires_options(req: Txt2ImgRequest, ctx: ConvertContext, width: int, height:
         hires = HiresOptions(
             scale=req.hr_scale, resize_x=req.hr_resize_x, resize_y=req.hr_resize_y, upscaler=req.hr_upscaler or None,
             steps=req.hr_second_pass_steps, strength=0.75 if req.denoising_strength is None else req.denoising_strength,
-            sampler=req.hr_sampler_name, scheduler=req.hr_scheduler,
+            sampler=req.hr_sampler_name, scheduler=req.hr_scheduler, checkpoint=checkpoint,
             token_merging_ratio=_Overrides(req.override_settings or {}, ctx).ratio(
                 "token_merging_ratio_hr", ctx.options.token_merging_ratio_hr),
             **_styled_hires_prompts(req, ctx))
@@ -317,11 +316,13 @@ _API_FIELD = {**SCRIPT_ARG_FIELDS, "strength": "denoising_strength", "sampler": 
               "hires_token_merging_ratio": "override_settings.token_merging_ratio_hr",
               "vae_encode_method": "override_settings.sd_vae_encode_method",
               "vae_decode_method": "override_settings.sd_vae_decode_method",
-              "noise_multiplier": "initial_noise_multiplier", "extra_noise": "override_settings.img2img_extra_noise"}
+              "noise_multiplier": "initial_noise_multiplier", "extra_noise": "override_settings.img2img_extra_noise",
+              "hires_checkpoint": "hr_checkpoint_name"}
 
 
 #: Fields the engine checks again as the job runs (it knows the model then), by their API names.
-ENGINE_CHECKED_FIELDS = {**SCRIPT_ARG_FIELDS, "freeu": "alwayson_scripts.FreeU Integrated", "vae_encode_method": "override_settings.sd_vae_encode_method",
+ENGINE_CHECKED_FIELDS = {**SCRIPT_ARG_FIELDS, "freeu": "alwayson_scripts.FreeU Integrated",
+                         "hires_checkpoint": "hr_checkpoint_name", "vae_encode_method": "override_settings.sd_vae_encode_method",
                          "vae_decode_method": "override_settings.sd_vae_decode_method"}
 
 

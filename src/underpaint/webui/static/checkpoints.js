@@ -28,7 +28,9 @@ export async function loadCheckpoints(options = get("/sdapi/v1/options")) {
   const match = items.find((i) => i.value === current) ?? items.find((i) => current && i.value.startsWith(current));
   fillSelect($("#checkpoint"), items, match?.value);
   // The refiner is another Stable Diffusion checkpoint (FLUX has no refiner here).
-  fillSelect($("#refiner_checkpoint"), items.filter((i) => families.get(i.value) !== "flux"));
+  const sd = items.filter((i) => families.get(i.value) !== "flux");
+  fillSelect($("#refiner_checkpoint"), sd);
+  fillSelect($("#hr_checkpoint_name"), [{ value: "", label: "Use same checkpoint" }, ...sd], "");
   $("#checkpoint-status").textContent = items.length ? "" : "No checkpoints found in the models folder.";
   announceFamily();
 }

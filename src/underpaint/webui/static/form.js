@@ -96,7 +96,7 @@ export class GenerationForm {
       "n_iter", "batch_size", "cfg_scale", "distilled_cfg_scale", "denoising_strength", "seed", "mask_blur",
       "inpaint_full_res_padding", "deepcache_interval", "deepcache_branch", "first_block_cache", "s_min_uncond",
       "s_min_uncond_all", "skip_early_cond", "sd_vae_decode_method", "sd_vae_encode_method", "tiling", "img2img_color_correction", "initial_noise_multiplier", "img2img_extra_noise", "freeu_enabled", ...FREEU_FACTORS, "refiner_enabled", "refiner_checkpoint", "refiner_switch_at", "enable_hr", "hr_upscaler",
-      ...HIRES_NUMBERS, "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt"]) {
+      ...HIRES_NUMBERS, "hr_checkpoint_name", "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt"]) {
       this.controls[name] = $(`#${name}`, root);
     }
     this.hint = $("#denoise-hint", root);
@@ -299,6 +299,7 @@ export class GenerationForm {
       hr_scale: numberValue(c.hr_scale),
       hr_resize_x: numberValue(c.hr_resize_x),
       hr_resize_y: numberValue(c.hr_resize_y),
+      hr_checkpoint_name: c.hr_checkpoint_name.value || undefined,
       hr_sampler_name: c.hr_sampler_name.value || undefined,
       hr_scheduler: c.hr_scheduler.value || undefined,
       hr_prompt: c.hr_prompt.value,
@@ -368,6 +369,12 @@ export class GenerationForm {
     if (typeof fields.freeu_enabled === "boolean") c.freeu_enabled.checked = fields.freeu_enabled;
     if (typeof fields.refiner_enabled === "boolean") c.refiner_enabled.checked = fields.refiner_enabled;
     if (typeof fields.refiner_switch_at === "number") setNumber(c.refiner_switch_at, fields.refiner_switch_at);
+    if (typeof fields.hr_checkpoint_name === "string") {
+      const option = fields.hr_checkpoint_name === "" ? ""
+        : matchOption(c.hr_checkpoint_name, fields.hr_checkpoint_name) ?? matchCheckpoint(c.hr_checkpoint_name, fields.hr_checkpoint_name);
+      if (option === null) notes.push(`hires checkpoint ${fields.hr_checkpoint_name} is not on this server`);
+      else c.hr_checkpoint_name.value = option;
+    }
     if (fields.refiner_checkpoint) {
       const option = matchOption(c.refiner_checkpoint, fields.refiner_checkpoint)
         ?? matchCheckpoint(c.refiner_checkpoint, fields.refiner_checkpoint);

@@ -139,6 +139,8 @@ export function hiresFields(params) {
     hr_second_pass_steps: number(params["Hires steps"]) ?? 0,
     hr_resize_x: resize ? Number(resize[1]) : 0,
     hr_resize_y: resize ? Number(resize[2]) : 0,
+    hr_checkpoint_name: params["Hires checkpoint"] && params["Hires checkpoint"] !== "Use same checkpoint"
+      ? params["Hires checkpoint"] : "",
     hr_sampler_name: params["Hires sampler"] ?? "",
     hr_scheduler: params["Hires schedule type"] ?? "",
     hr_prompt: params["Hires prompt"] ?? "",
