@@ -569,3 +569,47 @@ def test_cli_unknown_model_names_stop_before_any_load(tmp_path, two_models, monk
                    str(two_models), "-o", str(tmp_path / "o.png"), *extra)
     assert_clean_error(proc, *needles)
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("axis_type, values, read", [
+    ("Negative Guidance minimum sigma", "0,2.5", lambda p: p.s_min_uncond),
+    ("Sigma Churn", "0,0.4", lambda p: p.sampler_options.s_churn),
+    ("Sigma min", "0,0.1", lambda p: p.sampler_options.s_tmin),
+    ("Sigma max", "1,10", lambda p: p.sampler_options.s_tmax),
+    ("Sigma noise", "1,1.02", lambda p: p.sampler_options.s_noise),
+    ("Schedule min sigma", "0.03,0.1", lambda p: p.sampler_options.sigma_min),
+    ("Schedule max sigma", "10,14.6", lambda p: p.sampler_options.sigma_max),
+    ("Schedule rho", "7,5", lambda p: p.sampler_options.rho),
+    ("Extra noise", "0,0.2", lambda p: p.extra_noise),
+    ("Always discard next-to-last sigma", "False,True", lambda p: p.sampler_options.discard_penultimate_sigma),
+    ("RNG source", "GPU,CPU", lambda p: p.rng),
+])
+def test_more_of_a1111s_axes_set_their_field(axis_type, values, read):
+    from underpaint.pipeline import xyz_plot
+
+    options = XYZPlotOptions(x_type=axis_type, x_values=values)
+    cells = xyz_plot.plan(GenerationParams(**BASE, xyz_plot=options)).cells
+    expected = [xyz_plot.parse_axis_values(axis_type, values)[i] for i in range(2)]
+    if axis_type == "Always discard next-to-last sigma":
+        expected = [False, True]
+    if axis_type == "RNG source":
+        expected = ["gpu", "cpu"]
+    assert [read(cell.params) for cell in cells] == expected
+
+
+def test_img2img_noise_mask_weight_and_refiner_axes(photo):
+    from underpaint.params import RefinerOptions
+    from underpaint.pipeline import xyz_plot
+
+    base = GenerationParams(**BASE, init_images=(photo,), refiner=RefinerOptions("r"))
+    for axis_type, read in (("Initial noise multiplier", lambda p: p.noise_multiplier),
+                            ("Cond. Image Mask Weight", lambda p: p.inpaint.mask_weight),
+                            ("Refiner switch at", lambda p: p.refiner.switch_at)):
+        cells = xyz_plot.plan(base.replace(xyz_plot=XYZPlotOptions(x_type=axis_type, x_values="0.5,1"))).cells
+        assert [read(c.params) for c in cells] == [0.5, 1.0]
+    with pytest.raises(InvalidParameter) as err:
+        xyz_plot.plan(GenerationParams(**BASE, xyz_plot=XYZPlotOptions(x_type="Refiner switch at", x_values="0.5")))
+    assert err.value.field == "xyz_x_values" and "refiner" in err.value.expected
+    with pytest.raises(InvalidParameter) as err:
+        xyz_plot.plan(GenerationParams(**BASE, xyz_plot=XYZPlotOptions(x_type="RNG source", x_values="TPU")))
+    assert err.value.field == "xyz_x_values"

@@ -125,6 +125,37 @@ def _eta(p: "GenerationParams", value: float, first) -> "GenerationParams":
     return p.replace(sampler_options=replace(p.sampler_options, eta=value))
 
 
+def _sampler_option(name: str) -> Callable:
+    return lambda p, value, first: p.replace(sampler_options=replace(p.sampler_options, **{name: value}))
+
+
+def _boolean(text: str) -> bool:
+    if str(text).strip().lower() in ("true", "false"):
+        return str(text).strip().lower() == "true"
+    raise InvalidParameter("xyz_values", text, "True or False")
+
+
+def _discard_penultimate(p: "GenerationParams", value: str, first) -> "GenerationParams":
+    return p.replace(sampler_options=replace(p.sampler_options, discard_penultimate_sigma=_boolean(value)))
+
+
+def _rng(p: "GenerationParams", value: str, first) -> "GenerationParams":
+    sources = {"gpu": "gpu", "cpu": "cpu", "nv": "nv"}
+    if str(value).strip().lower() not in sources:
+        raise InvalidParameter("xyz_values", value, "GPU, CPU or NV")
+    return p.replace(rng=sources[str(value).strip().lower()])
+
+
+def _mask_weight(p: "GenerationParams", value: float, first) -> "GenerationParams":
+    return p.replace(inpaint=replace(p.inpaint, mask_weight=value))
+
+
+def _refiner_switch(p: "GenerationParams", value: float, first) -> "GenerationParams":
+    if p.refiner is None:
+        raise InvalidParameter("xyz_values", value, "a request with a refiner (Refiner switch at varies its switch)")
+    return p.replace(refiner=replace(p.refiner, switch_at=value))
+
+
 def _denoising(p: "GenerationParams", value: float, first) -> "GenerationParams":
     """img2img's denoising strength; in txt2img A1111's field is the hires. fix pass's."""
     if p.is_img2img:
@@ -144,13 +175,28 @@ AXES: dict[str, Axis] = {a.name.lower(): a for a in (
     Axis("Sampler", str, _field("sampler"), label=_PLAIN),
     Axis("Hires sampler", str, _hires("sampler"), tab="txt2img", hires=True),
     Axis("Checkpoint name", str, _same, label=_FILE, loads=CHECKPOINT, cost=1.0),
+    Axis("Negative Guidance minimum sigma", float, _field("s_min_uncond")),
+    Axis("Sigma Churn", float, _sampler_option("s_churn")),
+    Axis("Sigma min", float, _sampler_option("s_tmin")),
+    Axis("Sigma max", float, _sampler_option("s_tmax")),
+    Axis("Sigma noise", float, _sampler_option("s_noise")),
     Axis("Schedule type", str, _field("scheduler")),
+    Axis("Schedule min sigma", float, _sampler_option("sigma_min")),
+    Axis("Schedule max sigma", float, _sampler_option("sigma_max")),
+    Axis("Schedule rho", float, _sampler_option("rho")),
     Axis("Eta", float, _eta),
     Axis("Clip skip", int, _field("clip_skip")),
     Axis("Denoising", float, _denoising),
+    Axis("Initial noise multiplier", float, _field("noise_multiplier")),
+    Axis("Extra noise", float, _field("extra_noise")),
     Axis("Hires upscaler", str, _hires("upscaler"), tab="txt2img", hires=True),
+    Axis("Cond. Image Mask Weight", float, _mask_weight, tab="img2img"),
     Axis("VAE", str, _same, loads=VAE, cost=0.7),
     Axis("Token merging ratio", float, _field("token_merging_ratio")),
+    Axis("Token merging ratio high-res", float, _hires("token_merging_ratio"), hires=True),
+    Axis("Always discard next-to-last sigma", str, _discard_penultimate),
+    Axis("Refiner switch at", float, _refiner_switch),
+    Axis("RNG source", str, _rng),
 )}
 
 

@@ -17,9 +17,13 @@ export const LOOPBACK = "loopback";
 export const XYZ_AXES = [
   ["Nothing", null], ["Seed", null], ["Var. seed", null], ["Var. strength", null], ["Steps", null],
   ["Hires steps", "txt2img"], ["CFG Scale", null], ["Prompt S/R", null], ["Sampler", null],
-  ["Hires sampler", "txt2img"], ["Checkpoint name", null], ["Schedule type", null], ["Eta", null],
-  ["Clip skip", null], ["Denoising", null], ["Hires upscaler", "txt2img"], ["VAE", null],
-  ["Token merging ratio", null],
+  ["Hires sampler", "txt2img"], ["Checkpoint name", null], ["Negative Guidance minimum sigma", null],
+  ["Sigma Churn", null], ["Sigma min", null], ["Sigma max", null], ["Sigma noise", null], ["Schedule type", null],
+  ["Schedule min sigma", null], ["Schedule max sigma", null], ["Schedule rho", null], ["Eta", null],
+  ["Clip skip", null], ["Denoising", null], ["Initial noise multiplier", null], ["Extra noise", null],
+  ["Hires upscaler", "txt2img"], ["Cond. Image Mask Weight", "img2img"], ["VAE", null], ["Token merging ratio", null],
+  ["Token merging ratio high-res", null], ["Always discard next-to-last sigma", null],
+  ["Refiner switch at", null], ["RNG source", null],
 ];
 
 /**
