@@ -85,23 +85,38 @@ def test_latent_hires_matches_diffusers_txt2img_then_img2img(sd1_engine):
     interpolated bilinearly (no antialias) to twice the size, then StableDiffusionImg2ImgPipeline at
     strength 2/4 (hires steps 2 at strength 0.5: a 4-step schedule of which the last 2 run), with
     the same seed drawn again at the new size. linspace timesteps are A1111's Automatic for Euler
-    where N-1 divides 999."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
-
+    where N-1 divides 999 (diffusers_latent_hires)."""
     m = sd1_engine.model
     cfg = 6.0
     ours = sd1_engine.generate(GenerationParams(
         **BASE, steps=4, cfg_scale=cfg, sampler="Euler", scheduler="Automatic",
         hires=HiresOptions(scale=2, upscaler="Latent", steps=2, strength=0.5))).images[0]
+    ref_u8 = diffusers_latent_hires(m, m, cfg)
+    diff = np.abs(_pixels(ours) - ref_u8)
+    assert ours.size == (128, 128)
+    assert diff.max() <= 1, diff.max()
+    assert (diff > 0).mean() < 0.01
+
+
+def diffusers_latent_hires(first, second, cfg: float) -> np.ndarray:
+    """The "Latent" hires. fix written with diffusers: StableDiffusionPipeline's latents from ``first``'s
+    parts (Euler, 4 steps), interpolated bilinearly (no antialias) to twice the size, then
+    StableDiffusionImg2ImgPipeline from ``second``'s parts at strength 2/4 (hires steps 2 at strength 0.5:
+    a 4-step schedule of which the last 2 run), with the same seed drawn again at the new size; as uint8,
+    truncated as A1111 (and the engine) make them. linspace timesteps are A1111's Automatic for Euler
+    where N-1 divides 999."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 
     def scheduler():
         return EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                       num_train_timesteps=1000, timestep_spacing="linspace")
 
-    parts = dict(vae=m.vae, text_encoder=m.text_encoders[0], tokenizer=m.tokenizers[0], unet=m.unet,
-                 safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    txt = StableDiffusionPipeline(scheduler=scheduler(), **parts)
-    img = StableDiffusionImg2ImgPipeline(scheduler=scheduler(), **parts)
+    def parts(model):
+        return dict(vae=model.vae, text_encoder=model.text_encoders[0], tokenizer=model.tokenizers[0],
+                    unet=model.unet, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+    txt = StableDiffusionPipeline(scheduler=scheduler(), **parts(first))
+    img = StableDiffusionImg2ImgPipeline(scheduler=scheduler(), **parts(second))
     for pipe in (txt, img):
         pipe.set_progress_bar_config(disable=True)
     common = dict(prompt=BASE["prompt"], negative_prompt=BASE["negative_prompt"], guidance_scale=cfg)
@@ -110,11 +125,7 @@ def test_latent_hires_matches_diffusers_txt2img_then_img2img(sd1_engine):
     upscaled = F.interpolate(latents, size=(16, 16), mode="bilinear", antialias=False)
     ref = img(**common, image=upscaled, strength=0.5, num_inference_steps=4, output_type="np",
               generator=torch.Generator().manual_seed(BASE["seed"])).images[0]
-    ref_u8 = (np.clip(ref, 0, 1) * 255).astype(np.uint8).astype(np.int16)  # A1111 truncates, as the engine
-    diff = np.abs(_pixels(ours) - ref_u8)
-    assert ours.size == (128, 128)
-    assert diff.max() <= 1, diff.max()
-    assert (diff > 0).mean() < 0.01
+    return (np.clip(ref, 0, 1) * 255).astype(np.uint8).astype(np.int16)
 
 
 # A1111's shared.latent_upscale_modes: name → (interpolate mode, antialias).
@@ -267,8 +278,6 @@ def test_a_hires_checkpoint_runs_the_second_pass_as_diffusers_img2img_with_it(tm
     steps), its latents interpolated to twice the size, then StableDiffusionImg2ImgPipeline built from the
     other checkpoint's UNet, text encoder and VAE at strength 2/4: the same picture within one level. The
     infotext names the checkpoint as A1111 does, before the other hires keys."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
-
     from tiny_models import write_sd1
     from underpaint.pipeline.engine import Engine
 
@@ -281,26 +290,7 @@ def test_a_hires_checkpoint_runs_the_second_pass_as_diffusers_img2img_with_it(tm
         hires=HiresOptions(scale=2, upscaler="Latent", steps=2, strength=0.5, checkpoint=str(other_file))))
     ours = result.images[0]
     m, o = engine.model, engine.refiner_model(str(other_file))
-
-    def scheduler():
-        return EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                      num_train_timesteps=1000, timestep_spacing="linspace")
-
-    def parts(model):
-        return dict(vae=model.vae, text_encoder=model.text_encoders[0], tokenizer=model.tokenizers[0], unet=model.unet,
-                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-
-    txt = StableDiffusionPipeline(scheduler=scheduler(), **parts(m))
-    img = StableDiffusionImg2ImgPipeline(scheduler=scheduler(), **parts(o))
-    for pipe in (txt, img):
-        pipe.set_progress_bar_config(disable=True)
-    common = dict(prompt=BASE["prompt"], negative_prompt=BASE["negative_prompt"], guidance_scale=cfg)
-    latents = txt(**common, height=64, width=64, num_inference_steps=4, output_type="latent",
-                  generator=torch.Generator().manual_seed(BASE["seed"])).images
-    upscaled = F.interpolate(latents, size=(16, 16), mode="bilinear", antialias=False)
-    ref = img(**common, image=upscaled, strength=0.5, num_inference_steps=4, output_type="np",
-              generator=torch.Generator().manual_seed(BASE["seed"])).images[0]
-    ref_u8 = (np.clip(ref, 0, 1) * 255).astype(np.uint8).astype(np.int16)
+    ref_u8 = diffusers_latent_hires(m, o, cfg)
     diff = np.abs(_pixels(ours) - ref_u8)
     assert diff.max() <= 1, diff.max()
     assert f"Hires checkpoint: anime [{o.short_hash}], Hires upscale: 2" in result.infotexts[0]

@@ -96,20 +96,10 @@ def generate(model, params: GenerationParams, *, info: ModelInfo, progress, canc
             lambda cell, report: generate(model, cell.params, info=info, progress=report, cancel=cancel,
                                           refiner=refiner, hires_model=hires_model),
             params, info=info, progress=progress, cancel=cancel)
-    if params.refiner is not None:
-        if refiner is None:
-            raise InvalidParameter("refiner_checkpoint", params.refiner.checkpoint,
-                                   "a refiner loaded by Engine.generate (generate() was called without it)")
-        refiner_mod.check(model, refiner, params)
-    else:
-        refiner = None
-    if params.hires is not None and params.hires.checkpoint is not None:
-        if hires_model is None:
-            raise InvalidParameter("hires_checkpoint", params.hires.checkpoint,
-                                   "a checkpoint loaded by Engine.generate (generate() was called without it)")
-        hires_mod.check_checkpoint(model, hires_model, params)
-    else:
-        hires_model = None
+    refiner = _second_model(model, refiner, params, params.refiner and params.refiner.checkpoint,
+                            "refiner_checkpoint", refiner_mod.check)
+    hires_model = _second_model(model, hires_model, params, params.hires and params.hires.checkpoint,
+                                "hires_checkpoint", hires_mod.check_checkpoint)
     if flux.is_flux(model):
         _check_flux_request(params)
         params = _without_token_merging(params)
@@ -137,6 +127,17 @@ def generate(model, params: GenerationParams, *, info: ModelInfo, progress, canc
                 cancel=cancel)
         return _generate(model, params, networks, info=info, progress=progress, cancel=cancel, refiner=refiner,
                          hires_model=hires_model)
+
+
+def _second_model(model, loaded, params: GenerationParams, name: str | None, field: str, check: Callable):
+    """The other checkpoint a request names (``name``: its refiner or hires checkpoint), as ``Engine.generate``
+    loaded it, checked against the model; None when the request names none."""
+    if name is None:
+        return None
+    if loaded is None:
+        raise InvalidParameter(field, name, "a checkpoint loaded by Engine.generate (generate() was called without it)")
+    check(model, loaded, params)
+    return loaded
 
 
 def _check_flux_request(params: GenerationParams) -> None:
