@@ -74,3 +74,13 @@ def photo():
     g = (yy * 255 / (h - 1)).astype(np.uint8)
     b = (((xx - 48) ** 2 + (yy - 32) ** 2) < 18**2).astype(np.uint8) * 220
     return Image.fromarray(np.stack([r, g, b], -1), "RGB")
+
+
+@pytest.fixture()
+def api(tmp_path):
+    """The A1111 API app over a stand-in engine that records each request's GenerationParams:
+    (client, backend), backend.params in order (test_server_support.fake_api)."""
+    from test_server_support import fake_api
+
+    with fake_api(tmp_path) as (client, backend):
+        yield client, backend

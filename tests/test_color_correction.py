@@ -114,22 +114,12 @@ def test_cli_flag():
     assert params_from_args(args, (Image.new("RGB", (64, 64)),)).img2img_color_correction is False
 
 
-@pytest.fixture()
-def api(tmp_path):
-    from test_server_support import fake_api
-
-    with fake_api(tmp_path) as (client, backend):
-        yield client, backend
-
 
 def test_api_setting_and_override(api, photo):
-    import base64
-    import io
+    from test_server_support import png_b64
 
     client, backend = api
-    buffer = io.BytesIO()
-    photo.resize((64, 64)).save(buffer, format="PNG")
-    base = {"steps": 1, "init_images": [base64.b64encode(buffer.getvalue()).decode()]}
+    base = {"steps": 1, "init_images": [png_b64(photo.resize((64, 64)))]}
     assert client.get("/sdapi/v1/options").json()["img2img_color_correction"] is False
     assert client.post("/sdapi/v1/img2img", json={**base, "override_settings": {"img2img_color_correction": True}}
                        ).status_code == 200

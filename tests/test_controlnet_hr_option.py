@@ -215,13 +215,6 @@ def test_infotext_round_trip(sd1_engine, nets, control_map, option):
 # --- the API and the command line -------------------------------------------------------------------------------
 
 
-@pytest.fixture()
-def api(tmp_path):
-    from test_server_support import fake_api
-
-    with fake_api(tmp_path) as (client, backend):
-        yield client, backend
-
 
 def _request(client, units):
     return client.post("/sdapi/v1/txt2img", json={"steps": 2, "width": 64, "height": 64, "enable_hr": True,

@@ -127,22 +127,12 @@ def test_cli_flags():
     assert (p.noise_multiplier, p.extra_noise) == (1.0, 0.3)
 
 
-@pytest.fixture()
-def api(tmp_path):
-    from test_server_support import fake_api
-
-    with fake_api(tmp_path) as (client, backend):
-        yield client, backend
-
 
 def test_api_fields_settings_and_infotext(api, photo):
-    import base64
-    import io
+    from test_server_support import png_b64
 
     client, backend = api
-    buffer = io.BytesIO()
-    photo.resize((64, 64)).save(buffer, format="PNG")
-    base = {"steps": 1, "init_images": [base64.b64encode(buffer.getvalue()).decode()]}
+    base = {"steps": 1, "init_images": [png_b64(photo.resize((64, 64)))]}
     options = client.get("/sdapi/v1/options").json()
     assert (options["initial_noise_multiplier"], options["img2img_extra_noise"]) == (1.0, 0.0)
     for body in ({**base, "initial_noise_multiplier": 0.8},

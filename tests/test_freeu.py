@@ -155,13 +155,6 @@ def test_cli_flag(tmp_path):
         assert done.returncode == 2 and "--freeu" in done.stderr, done.stderr
 
 
-@pytest.fixture()
-def api(tmp_path):
-    from test_server_support import fake_api
-
-    with fake_api(tmp_path) as (client, backend):
-        yield client, backend
-
 
 def test_api_script_listing_and_infotext(api):
     client, backend = api

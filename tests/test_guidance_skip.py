@@ -244,13 +244,6 @@ def test_cli_refuses_by_flag(tmp_path):
     assert done.returncode != 0 and "--skip-early-cfg" in done.stderr, done.stderr
 
 
-@pytest.fixture()
-def api(tmp_path):
-    from test_server_support import fake_api
-
-    with fake_api(tmp_path) as (client, backend):
-        yield client, backend
-
 
 def test_api_request_overrides_and_options(api):
     client, backend = api

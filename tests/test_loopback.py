@@ -143,22 +143,12 @@ def test_cli_flags(tmp_path, photo):
     assert done.returncode == 2 and "--loopback-curve" in done.stderr and "--loopback LOOPS" in done.stderr
 
 
-@pytest.fixture()
-def api(tmp_path):
-    from test_server_support import fake_api
-
-    with fake_api(tmp_path) as (client, backend):
-        yield client, backend
-
 
 def test_api_script(api, photo):
-    import base64
-    import io
+    from test_server_support import png_b64
 
     client, backend = api
-    buffer = io.BytesIO()
-    photo.resize((64, 64)).save(buffer, format="PNG")
-    base = {"steps": 1, "init_images": [base64.b64encode(buffer.getvalue()).decode()], "script_name": "Loopback"}
+    base = {"steps": 1, "init_images": [png_b64(photo.resize((64, 64)))], "script_name": "Loopback"}
     assert "loopback" in client.get("/sdapi/v1/scripts").json()["img2img"]
     info = next(s for s in client.get("/sdapi/v1/script-info").json() if s["name"] == "loopback")
     assert [a["value"] for a in info["args"]] == [4, 0.5, "Linear", "None"] and info["is_img2img"]

@@ -173,13 +173,6 @@ def test_cli_flags_and_a_run(pair, tmp_path):
     assert not (tmp_path / "no.png").exists()
 
 
-@pytest.fixture()
-def api(tmp_path):
-    from test_server_support import fake_api
-
-    with fake_api(tmp_path) as (client, backend):
-        yield client, backend
-
 
 def test_api_fields(api):
     client, backend = api

@@ -178,13 +178,6 @@ def test_cli_flag_and_infotext(tmp_path):
     assert params("txt2img", "--from-infotext", str(shared)).tiling is True
 
 
-@pytest.fixture()
-def api(tmp_path):
-    from test_server_support import fake_api
-
-    with fake_api(tmp_path) as (client, backend):
-        yield client, backend
-
 
 def test_api_request_field_and_infotext(api):
     client, backend = api

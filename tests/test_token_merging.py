@@ -311,13 +311,6 @@ def test_cli_help_documents_the_flags(capsys):
 # --- A1111 API -----------------------------------------------------------------------------------
 
 
-@pytest.fixture()
-def api(tmp_path):
-    from test_server_support import fake_api
-
-    with fake_api(tmp_path) as (client, backend):
-        yield client, backend
-
 
 def _img2img(client, photo, **extra):
     from test_server_support import png_b64

@@ -227,13 +227,6 @@ def test_cli_flags(tmp_path):
     assert done.returncode != 0 and "--vae-decoder" in done.stderr, done.stderr
 
 
-@pytest.fixture()
-def api(tmp_path):
-    from test_server_support import fake_api
-
-    with fake_api(tmp_path) as (client, backend):
-        yield client, backend
-
 
 def test_api_settings_and_overrides(api):
     client, backend = api
