@@ -107,10 +107,13 @@ def test_the_switch_rule():
     assert will_switch(torch.tensor([14.6, 5.0, 1.0, 0.0]), table, 0.7) is True
 
 
-def test_no_switch_no_refiner_keys(pair):
+def test_no_switch_no_refiner_keys_and_the_refiner_kept_only_while_used(pair):
     engine, refiner_file = pair
-    plain = engine.generate(GenerationParams(**BASE))
     never = engine.generate(GenerationParams(**BASE, refiner=RefinerOptions(str(refiner_file), 1.0)))
+    kept = engine.refiner_model(str(refiner_file))
+    assert engine.refiner_model(str(refiner_file)) is kept  # loaded once while requests name it
+    plain = engine.generate(GenerationParams(**BASE))
+    assert engine._refiner is None  # a request without it lets it go
     assert np.array_equal(np.asarray(plain.images[0]), np.asarray(never.images[0]))
     assert "Refiner" not in never.infotexts[0]
 

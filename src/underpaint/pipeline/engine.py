@@ -148,9 +148,10 @@ class Engine:
         return _flux_companions(path, self.models_dir, given={"clip_l": path, "t5": path}).get("vae")
 
     def refiner_model(self, checkpoint: str | Path) -> "LoadedModel":
-        """The checkpoint a Refiner (or Hires checkpoint) request names (a path, or a name in the models folder), loaded like
-        the engine's own model (device, dtype, memory mode; not its ``--optimize`` switches) and kept
-        for the next request; the one kept before is let go."""
+        """The checkpoint a Refiner (or Hires checkpoint) request names (a path, or a name in the models
+        folder), loaded like the engine's own model (device, dtype, memory mode; not its ``--optimize``
+        switches) and kept while the requests that follow name it; the one kept before is let go, and
+        so is it when a request names none."""
         from ..models.loader import load_model
         from ..models.offload import place, set_vae_precision, vae_precision_of
 
@@ -221,6 +222,9 @@ class Engine:
 
         cancel = cancel or Cancellation()
         refiner = self.refiner_model(params.refiner.checkpoint) if params.refiner is not None else None
+        if refiner is None and (params.hires is None or params.hires.checkpoint is None) and self._refiner is not None:
+            self._refiner = None  # a request without a second checkpoint lets the kept one go (its memory with it)
+            free_cache()
         hires_model = None
         if params.hires is not None and params.hires.checkpoint is not None:  # A1111's Hires checkpoint
             from dataclasses import replace
