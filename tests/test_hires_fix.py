@@ -98,13 +98,14 @@ def test_latent_hires_matches_diffusers_txt2img_then_img2img(sd1_engine):
     assert (diff > 0).mean() < 0.01
 
 
-def diffusers_latent_hires(first, second, cfg: float) -> np.ndarray:
+def diffusers_latent_hires(first, second, cfg: float, *, on_second_pass_step=None) -> np.ndarray:
     """The "Latent" hires. fix written with diffusers: StableDiffusionPipeline's latents from ``first``'s
     parts (Euler, 4 steps), interpolated bilinearly (no antialias) to twice the size, then
     StableDiffusionImg2ImgPipeline from ``second``'s parts at strength 2/4 (hires steps 2 at strength 0.5:
     a 4-step schedule of which the last 2 run), with the same seed drawn again at the new size; as uint8,
     truncated as A1111 (and the engine) make them. linspace timesteps are A1111's Automatic for Euler
-    where N-1 divides 999."""
+    where N-1 divides 999. ``on_second_pass_step``: the img2img pipeline's ``callback_on_step_end``
+    (with ``prompt_embeds`` among its tensors)."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 
     def scheduler():
@@ -123,8 +124,10 @@ def diffusers_latent_hires(first, second, cfg: float) -> np.ndarray:
     latents = txt(**common, height=64, width=64, num_inference_steps=4, output_type="latent",
                   generator=torch.Generator().manual_seed(BASE["seed"])).images
     upscaled = F.interpolate(latents, size=(16, 16), mode="bilinear", antialias=False)
+    callback = {} if on_second_pass_step is None else dict(
+        callback_on_step_end=on_second_pass_step, callback_on_step_end_tensor_inputs=["prompt_embeds"])
     ref = img(**common, image=upscaled, strength=0.5, num_inference_steps=4, output_type="np",
-              generator=torch.Generator().manual_seed(BASE["seed"])).images[0]
+              generator=torch.Generator().manual_seed(BASE["seed"]), **callback).images[0]
     return (np.clip(ref, 0, 1) * 255).astype(np.uint8).astype(np.int16)
 
 

@@ -122,7 +122,9 @@ def test_refusals_name_the_field(pair, tmp_path):
     from tiny_models import write_sdxl
 
     engine, refiner_file = pair
-    for fields, field in ((dict(hires=HiresOptions(scale=2, upscaler="Latent", steps=2, strength=0.5)), "hires"),
+    for fields, field in ((dict(hires=HiresOptions(scale=2, upscaler="Latent", steps=2, strength=0.5,
+                                                   checkpoint=str(refiner_file))),
+                           "hires_checkpoint"),
                           (dict(deepcache=__import__("underpaint.params", fromlist=["DeepCacheOptions"]).DeepCacheOptions(
                               interval=2)), "deepcache")):
         with pytest.raises(InvalidParameter) as err:
@@ -195,3 +197,41 @@ def test_api_fields(api):
                                 ({**base, "refiner_checkpoint": title, "refiner_switch_at": 2}, "refiner_switch_at", 422)):
         r = client.post("/sdapi/v1/txt2img", json=body)
         assert r.status_code == status and r.json()["field"] == field, r.text
+
+
+def test_with_hires_fix_the_refiner_takes_part_in_the_second_pass(pair):
+    """A1111's default ("second pass"): the first pass is the base model's alone; in the second pass, diffusers'
+    img2img pipeline swaps in the refiner's UNet and prompt embeddings at the step whose sigma passes Switch at
+    (judged on the second pass's noise levels): the same picture within one level, and the infotext records it."""
+    from diffusers import StableDiffusionPipeline
+    from test_hires_fix import BASE as HIRES_BASE
+    from test_hires_fix import diffusers_latent_hires
+
+    engine, refiner_file = pair
+    base, refiner = engine.model, engine.refiner_model(str(refiner_file))
+    result = engine.generate(GenerationParams(
+        **{**HIRES_BASE, "steps": 4, "cfg_scale": 6.0, "sampler": "Euler", "scheduler": "Automatic"},
+        hires=HiresOptions(scale=2, upscaler="Latent", steps=2, strength=0.5),
+        refiner=RefinerOptions(str(refiner_file), 0.75)))
+    encoder = StableDiffusionPipeline(vae=refiner.vae, text_encoder=refiner.text_encoders[0],
+                                      tokenizer=refiner.tokenizers[0], unet=refiner.unet, scheduler=None,
+                                      safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    positive, negative = encoder.encode_prompt(HIRES_BASE["prompt"], "cpu", 1, True, HIRES_BASE["negative_prompt"])
+    table = training_sigmas(base)
+    switched = []
+
+    def on_step_end(p, i, t, outputs):
+        steps = p.scheduler.sigmas
+        index = p.scheduler.step_index  # the next step's sigma, as the scheduler stands after step i
+        ratio = (999 - int(torch.argmin((table - float(steps[index])).abs()))) / 1000
+        if not switched and ratio >= 0.75 and float(steps[index]) > 0:
+            switched.append(index)
+            p.unet = refiner.unet
+            return {"prompt_embeds": torch.cat([negative, positive])}
+        return {}
+
+    ref_u8 = diffusers_latent_hires(base, base, 6.0, on_second_pass_step=on_step_end)  # swaps only its own pipeline
+    assert switched
+    diff = np.abs(np.asarray(result.images[0], dtype=np.int16) - ref_u8)
+    assert diff.max() <= 1, diff.max()
+    assert "Refiner switch at: 0.75" in result.infotexts[0]

@@ -189,3 +189,12 @@ def test_api_request_field_and_infotext(api):
     assert [p.tiling for p in backend.params] == [True, False, False, True]
     r = client.post("/sdapi/v1/img2img", json={**base, "tiling": "sometimes", "init_images": []})
     assert r.status_code == 422 and "tiling" in r.text, r.text
+    # A1111's Tiling setting: the default where a request leaves the field out (an override for one request).
+    assert client.get("/sdapi/v1/options").json()["tiling"] is False
+    assert client.post("/sdapi/v1/txt2img", json={**base, "override_settings": {"tiling": True}}).status_code == 200
+    assert client.post("/sdapi/v1/options", json={"tiling": True}).status_code == 200
+    for body in (base, {**base, "tiling": False}):
+        assert client.post("/sdapi/v1/txt2img", json=body).status_code == 200
+    assert [p.tiling for p in backend.params[-3:]] == [True, True, False]
+    r = client.post("/sdapi/v1/options", json={"tiling": "on"})
+    assert r.status_code == 422 and r.json()["field"] == "tiling", r.text

@@ -222,7 +222,8 @@ def _generate(model, params: GenerationParams, networks: ActiveNetworks, *, info
     plan = replace(plan, params=networks.with_infotext(plan.params))
     if refiner is not None:  # A1111 records the refiner when the switch comes, while sampling
         table = model_schedule(model).sigmas
-        if refiner_mod.will_switch(plan.sigmas, table, params.refiner.switch_at):
+        sigmas = plan.sigmas if hires is None else hires.plan.sigmas  # hires. fix: its second pass only
+        if refiner_mod.will_switch(sigmas, table, params.refiner.switch_at):
             entries = refiner_mod.infotext_entries(refiner, params.refiner.switch_at)
             plan = replace(plan, params=plan.params.replace(extra_infotext=plan.params.extra_infotext + entries))
 
@@ -240,7 +241,7 @@ def _generate(model, params: GenerationParams, networks: ActiveNetworks, *, info
                                getattr(control, "stack", control), refiner=refiner)
         else:
             batch = _run_hires_batch(model, plan, hires, job, batch_seeds, batch_subseeds, progress, cancel,
-                                     getattr(control, "stack", None), second_model=hires_model)
+                                     getattr(control, "stack", None), second_model=hires_model, refiner=refiner)
         if cancel.batch_was_stopped():  # stopped before its last step: its current estimate
             unfinished.extend(range(len(images), len(images) + len(batch)))
         cancel.clear_skip()
@@ -400,14 +401,15 @@ def _identity_result(plan: Plan, info: ModelInfo) -> Result:
 
 
 def _run_hires_batch(model, plan: Plan, hires: HiresPlan, job: int, seeds, subseeds, progress,
-                     cancel: Cancellation, control=None, *, second_model=None):
+                     cancel: Cancellation, control=None, *, second_model=None, refiner=None):
     """One batch of a hires. fix request: the first pass, the upscale, the second pass.
 
     Progress counts the steps of both passes. An interrupt or a skip during the first pass returns
     its current estimate at the first size, without the second pass (A1111 skips it then too).
     ``control`` (a ControlStack) runs in both passes, the second with its own maps and steps; each
     pass leaves out the units whose hires-fix option is the other pass only. ``second_model``: A1111's
-    Hires checkpoint, which encodes the upscaled picture, samples the second pass and decodes it.
+    Hires checkpoint, which encodes the upscaled picture, samples the second pass and decodes it;
+    ``refiner``: A1111's Refiner, which takes part in the second pass only (its default).
     """
     total = plan.steps_run + hires.plan.steps_run
     first = None if control is None else control.first_pass()
@@ -425,7 +427,7 @@ def _run_hires_batch(model, plan: Plan, hires: HiresPlan, job: int, seeds, subse
     if control is not None:
         second = control.second_pass(hires.plan.width, hires.plan.height, hires.plan.steps_run)
     return _run_batch(second_model or model, hires.plan, job, seeds, subseeds, progress, cancel, second, start=start,
-                      window=(plan.steps_run, total))
+                      window=(plan.steps_run, total), refiner=refiner)
 
 
 class _UpscaleStopped(Exception):

@@ -5,11 +5,13 @@ the nearest of the base model's 1000 training noise levels, ``t``; once ``(999 â
 share of the noise schedule already passed) reaches "Switch at", that evaluation and every one after
 it runs the refiner. The sampler goes on as it was (its history, its noise); the refiner gets the
 prompts encoded by its own text encoders, with prompt editing counted on from where the base
-model was. The infotext gains "Refiner" (``name [hash]``) and "Refiner switch at".
+model was. The infotext gains "Refiner" (``name [hash]``) and "Refiner switch at". With hires. fix
+the refiner takes part in the second pass only (A1111's default "Hires fix: which pass to enable
+refiner for": second pass), its switch judged on that pass's noise levels.
 
 Where underpaint does less than A1111 (refused by name, before any work): a FLUX model on either
 side, an SDXL checkpoint with an SD 1.x/2.x one (their latents differ), inpainting (9-channel)
-checkpoints, ControlNet units, hires. fix and DeepCache with a refiner. Where it differs: the
+checkpoints, ControlNet units, DeepCache and a Hires checkpoint with a refiner. Where it differs: the
 picture is decoded by the request's VAE (A1111 decodes with the refiner's, the same VAE for the
 SDXL base and refiner); a prompt's LoRAs and the speed/quality switches that hook the UNet (token
 merging, FreeU) stay with the base model, and the refiner runs without the base's ``--optimize``
@@ -39,8 +41,11 @@ def check(model, refiner, params: GenerationParams) -> None:
     if model.spec.is_inpaint or refiner.spec.is_inpaint:
         raise InvalidParameter("refiner_checkpoint", params.refiner.checkpoint,
                                "checkpoints that are not inpainting (9-channel) models")
-    for field, on, what in (("hires", params.hires is not None, "hires. fix"),
-                            ("control_units", bool(params.control_units), "ControlNet units"),
+    if params.hires is not None and params.hires.checkpoint is not None:
+        raise InvalidParameter("hires_checkpoint", params.hires.checkpoint,
+                               "the same checkpoint with a refiner (a refiner and a hires checkpoint together are "
+                               "not available)")
+    for field, on, what in (("control_units", bool(params.control_units), "ControlNet units"),
                             ("deepcache", params.deepcache is not None and params.deepcache.interval > 1, "DeepCache")):
         if on:
             raise InvalidParameter(field, "with a refiner", f"no {what} with a refiner (not available yet)")

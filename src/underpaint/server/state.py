@@ -52,6 +52,8 @@ class ServerOptions:
     #: A1111's "Apply color correction to img2img results to match original colors"
     #: (pipeline/color_correction.py).
     img2img_color_correction: bool = False
+    #: A1111's "Tiling" setting: the default of a request that leaves ``tiling`` out (models/seamless.py).
+    tiling: bool = False
     #: A1111's "Noise multiplier for img2img" and "Extra noise multiplier for img2img and hires fix".
     initial_noise_multiplier: float = 1.0
     img2img_extra_noise: float = 0.0

@@ -236,6 +236,7 @@ class Options(WireModel):
     img2img_extra_noise: float = Field(0.0, ge=0, le=1, description=(
         "Extra noise multiplier for img2img and hires fix: the start noise once more, times this, on top of "
         "the start (0: off; keep it below the denoising strength)."))
+    tiling: bool = Field(False, description="Tiling: make tileable pictures where a request leaves `tiling` out.")
     img2img_color_correction: bool = Field(False, description=(
         "Apply color correction to img2img results to match original colors: each img2img and inpainting result's "
         "LAB histograms are matched to its init picture's, keeping the result's own luminosity."))

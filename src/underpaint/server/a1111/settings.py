@@ -70,6 +70,7 @@ def get_options(request: Request) -> Options:
         sd_vae_encode_method=opts.sd_vae_encode_method,
         sd_vae_decode_method=opts.sd_vae_decode_method,
         img2img_color_correction=opts.img2img_color_correction,
+        tiling=opts.tiling,
         initial_noise_multiplier=opts.initial_noise_multiplier,
         img2img_extra_noise=opts.img2img_extra_noise,
         sd_vae=opts.sd_vae,
@@ -106,7 +107,7 @@ def _option_changes(body: dict[str, Any], state: ServerState) -> dict[str, Any]:
             changes[key] = token_merging_setting(key, body[key])
     if "s_min_uncond" in body:
         changes["s_min_uncond"] = _float_option(body, "s_min_uncond", 0.0, MAX_S_MIN_UNCOND)
-    for key in ("s_min_uncond_all", "img2img_color_correction"):
+    for key in ("s_min_uncond_all", "img2img_color_correction", "tiling"):
         if key in body:
             if not isinstance(body[key], bool):
                 raise InvalidParameter(key, body[key], "true or false")
