@@ -235,3 +235,18 @@ def test_with_hires_fix_the_refiner_takes_part_in_the_second_pass(pair):
     diff = np.abs(np.asarray(result.images[0], dtype=np.int16) - ref_u8)
     assert diff.max() <= 1, diff.max()
     assert "Refiner switch at: 0.75" in result.infotexts[0]
+
+
+def test_python_api_takes_a1111s_names(pair):
+    from underpaint.params import request_fields
+
+    engine, refiner_file = pair
+    fields = request_fields({"refiner_checkpoint": str(refiner_file), "refiner_switch_at": 0.4, "steps": 4})
+    assert fields["refiner"] == RefinerOptions(str(refiner_file), 0.4)
+    assert "refiner" not in request_fields({"refiner_checkpoint": "None"})
+    with pytest.raises(InvalidParameter) as err:
+        request_fields({"refiner_switch_at": 0.4})
+    assert err.value.field == "refiner_switch_at"
+    made = engine.txt2img(prompt="a lighthouse", steps=4, width=64, height=64, seed=2, refiner_checkpoint=str(refiner_file),
+                          refiner_switch_at=0.5)
+    assert "Refiner switch at: 0.5" in made.infotexts[0]

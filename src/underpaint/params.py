@@ -646,7 +646,10 @@ class GenerationParams:
 
 #: A1111's API names for the fields :class:`GenerationParams` spells otherwise; the engine's
 #: ``img2img``/``txt2img`` calls take either (:func:`request_fields`).
-A1111_FIELD_NAMES = {"denoising_strength": "strength", "sampler_name": "sampler"}
+A1111_FIELD_NAMES = {"denoising_strength": "strength", "sampler_name": "sampler",
+                     "initial_noise_multiplier": "noise_multiplier"}
+#: A1111's refiner fields, which :class:`GenerationParams` keeps in ``refiner``.
+REFINER_FIELDS = {"refiner_checkpoint": "checkpoint", "refiner_switch_at": "switch_at"}
 #: A1111's top-level sampler settings, which :class:`GenerationParams` keeps in ``sampler_options``.
 SAMPLER_OPTION_FIELDS = ("eta", "s_churn", "s_tmin", "s_tmax", "s_noise")
 
@@ -663,19 +666,27 @@ def request_fields(fields: dict[str, Any]) -> dict[str, Any]:
     known = GenerationParams.field_names()
     out: dict[str, Any] = {}
     options: dict[str, Any] = {}
+    refiner: dict[str, Any] = {}
     for name, value in fields.items():
         if name in SAMPLER_OPTION_FIELDS:
             options[name] = value
             continue
+        if name in REFINER_FIELDS:
+            refiner[REFINER_FIELDS[name]] = value
+            continue
         target = A1111_FIELD_NAMES.get(name, name)
         if target not in known:
-            raise UnknownName("field", name, [*known, *A1111_FIELD_NAMES, *SAMPLER_OPTION_FIELDS])
+            raise UnknownName("field", name, [*known, *A1111_FIELD_NAMES, *SAMPLER_OPTION_FIELDS, *REFINER_FIELDS])
         if target in out:
             other = next(n for n in fields if n != name and A1111_FIELD_NAMES.get(n, n) == target)
             raise InvalidParameter(name, value, f"either {name} or {other}, not both")
         out[target] = value
     if options:
         out["sampler_options"] = replace(out.get("sampler_options") or SamplerOptions(), **options)
+    if refiner.get("checkpoint") not in (None, "", "None"):
+        out["refiner"] = RefinerOptions(**refiner)
+    elif "switch_at" in refiner and refiner["switch_at"] is not None:
+        raise InvalidParameter("refiner_switch_at", refiner["switch_at"], "refiner_checkpoint beside it")
     return out
 
 
