@@ -613,3 +613,24 @@ def test_img2img_noise_mask_weight_and_refiner_axes(photo):
     with pytest.raises(InvalidParameter) as err:
         xyz_plot.plan(GenerationParams(**BASE, xyz_plot=XYZPlotOptions(x_type="RNG source", x_values="TPU")))
     assert err.value.field == "xyz_x_values"
+
+
+def test_prompt_order_runs_every_order_of_the_parts():
+    """A1111's "Prompt order": the values are parts of the prompt; each of their orders is a cell, the
+    parts rewritten in that order where they stood, labelled by the order."""
+    from underpaint.pipeline import xyz_plot
+
+    base = GenerationParams(**{**BASE, "prompt": "a red car, blue sky, green hills"},
+                            xyz_plot=XYZPlotOptions(x_type="Prompt order", x_values="red car, green hills, blue sky"))
+    cells = xyz_plot.plan(base).cells
+    prompts = [cell.params.prompt for cell in cells]
+    assert len(prompts) == 6 and len(set(prompts)) == 6
+    assert prompts[0] == "a red car, green hills, blue sky"  # the values' own order first
+    assert "a blue sky, green hills, red car" in prompts
+    assert xyz_plot.label("Prompt order", ("red car", "green hills", "blue sky")) == "red car, green hills, blue sky"
+    with pytest.raises(InvalidParameter) as err:
+        xyz_plot.plan(base.replace(xyz_plot=XYZPlotOptions(x_type="Prompt order", x_values="red car, purple")))
+    assert err.value.field == "xyz_x_values"
+    with pytest.raises(InvalidParameter) as err:
+        XYZPlotOptions(x_type="Prompt order", x_values="a,b,c,d,e,f,g")
+    assert err.value.field == "xyz_x_values" and "5040" in err.value.expected

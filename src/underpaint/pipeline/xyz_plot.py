@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import math
 import random
 import re
@@ -80,8 +81,9 @@ A1111_AXES: tuple[tuple[str, str | None], ...] = (
 )
 
 #: How a label reads: "named" is "CFG Scale: 7.0", "plain" the value alone, "file" the value
-#: without a folder ("sd/model.safetensors" reads "model.safetensors"), "none" nothing.
-_NAMED, _PLAIN, _FILE, _NONE = "named", "plain", "file", "none"
+#: without a folder ("sd/model.safetensors" reads "model.safetensors"), "none" nothing, "joined"
+#: the parts of a value joined by ", " (Prompt order).
+_NAMED, _PLAIN, _FILE, _NONE, _JOINED = "named", "plain", "file", "none", "joined"
 #: What a loading axis switches (:attr:`Axis.loads`).
 CHECKPOINT, VAE = "checkpoint", "vae"
 
@@ -156,6 +158,21 @@ def _refiner_switch(p: "GenerationParams", value: float, first) -> "GenerationPa
     return p.replace(refiner=replace(p.refiner, switch_at=value))
 
 
+def _prompt_order(p: "GenerationParams", value: tuple[str, ...], first) -> "GenerationParams":
+    """A1111's "Prompt order": the parts, wherever they stand in the prompt, rewritten in this order
+    (the first place any of them takes gets the order's first part, and so on)."""
+    rest, pieces = p.prompt, []
+    places = sorted((rest.find(part), part) for part in value)
+    for position, part in places:
+        if position < 0:
+            raise InvalidParameter("xyz_values", part, "parts that are all in the prompt")
+    for _, part in places:
+        at = rest.find(part)
+        pieces.append(rest[:at])
+        rest = rest[at + len(part):]
+    return p.replace(prompt="".join(piece + part for piece, part in zip(pieces, value)) + rest)
+
+
 def _denoising(p: "GenerationParams", value: float, first) -> "GenerationParams":
     """img2img's denoising strength; in txt2img A1111's field is the hires. fix pass's."""
     if p.is_img2img:
@@ -172,6 +189,7 @@ AXES: dict[str, Axis] = {a.name.lower(): a for a in (
     Axis("Hires steps", int, _hires("steps"), tab="txt2img", hires=True),
     Axis("CFG Scale", float, _field("cfg_scale")),
     Axis("Prompt S/R", str, _prompt_sr, label=_PLAIN),
+    Axis("Prompt order", str, _prompt_order, label=_JOINED),
     Axis("Sampler", str, _field("sampler"), label=_PLAIN),
     Axis("Hires sampler", str, _hires("sampler"), tab="txt2img", hires=True),
     Axis("Checkpoint name", str, _same, label=_FILE, loads=CHECKPOINT, cost=1.0),
@@ -313,6 +331,11 @@ def parse_axis_values(axis_type: str, values: "str | list | tuple", *, field: st
     if not out:
         raise InvalidParameter(field, values, f"at least one value for {kind.name} (a range that runs "
                                               "backwards needs a negative step, e.g. 10-1 (-3))")
+    if kind.name == "Prompt order":  # the values are the prompt's parts; each order of them is a cell
+        if math.factorial(len(out)) > MAX_AXIS_VALUES:
+            raise InvalidParameter(field, values, f"at most 6 parts for Prompt order ({len(out)} make "
+                                                  f"{math.factorial(len(out))} orders)")
+        return [tuple(order) for order in itertools.permutations(out)]
     return out
 
 
@@ -327,6 +350,8 @@ def label(axis_type: str, value) -> str:
         return ""
     if kind.label == _FILE:
         return str(value).replace("\\", "/").rsplit("/", 1)[-1]
+    if kind.label == _JOINED:
+        return ", ".join(value)
     return str(value) if kind.label == _PLAIN else f"{kind.name}: {value}"
 
 
