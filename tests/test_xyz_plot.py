@@ -634,3 +634,34 @@ def test_prompt_order_runs_every_order_of_the_parts():
     with pytest.raises(InvalidParameter) as err:
         XYZPlotOptions(x_type="Prompt order", x_values="a,b,c,d,e,f,g")
     assert err.value.field == "xyz_x_values" and "5040" in err.value.expected
+
+
+def test_refiner_checkpoint_axis_gives_each_cell_its_refiner(tmp_path):
+    """A1111's "Refiner checkpoint" axis (None for no refiner): each cell's picture is the one the same request
+    makes with that refiner alone; the refiner axis is a loading one (the server and the CLI run it cell by
+    cell), and with the server's names only listed checkpoints pass."""
+    from tiny_models import write_sd1
+
+    from underpaint.pipeline import xyz_plot
+    from underpaint.pipeline.engine import Engine
+    from underpaint.params import RefinerOptions
+
+    base_file = write_sd1(tmp_path / "base.safetensors", seed=1)
+    other = write_sd1(tmp_path / "other.safetensors", seed=2)
+    engine = Engine.load(base_file, device="cpu", dtype="fp32")
+    request = dict(BASE, steps=4, sampler="Euler", seed=77)
+    options = XYZPlotOptions(x_type="Refiner checkpoint", x_values=f"None,{other}", include_lone_images=True,
+                             draw_legend=False)
+    assert [k.name for _, k in xyz_plot.loading_axes(options)] == ["Refiner checkpoint"]
+    plot = engine.generate(GenerationParams(**request, xyz_plot=options))
+    alone = [engine.generate(GenerationParams(**request, refiner=r)).images[0]
+             for r in (None, RefinerOptions(str(other), 0.8))]
+    for cell, picture in zip(plot.images[1:], alone):
+        assert np.array_equal(np.asarray(cell), np.asarray(picture))
+    assert not np.array_equal(np.asarray(alone[0]), np.asarray(alone[1]))
+    names = xyz_plot.ModelNames(checkpoint=lambda value, field: (_ for _ in ()).throw(
+        InvalidParameter(field, value, "a listed checkpoint")), vae=lambda value, field: value)
+    with pytest.raises(InvalidParameter) as err:
+        xyz_plot.plan(GenerationParams(**request, xyz_plot=XYZPlotOptions(x_type="Refiner checkpoint",
+                                                                          x_values="/etc/passwd")), names)
+    assert err.value.field == "xyz_x_values"

@@ -235,7 +235,7 @@ class Engine:
         while True:
             try:
                 return generate(self.model, params, info=self.info, progress=progress, cancel=cancel,
-                                refiner=refiner, hires_model=hires_model)
+                                refiner=refiner, hires_model=hires_model, load=self.refiner_model)
             except Exception as exc:  # noqa: BLE001 - only out-of-memory errors are translated
                 if not is_out_of_memory(exc):
                     raise

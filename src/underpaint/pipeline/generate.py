@@ -84,18 +84,22 @@ class SecondPassStart:
 
 
 def generate(model, params: GenerationParams, *, info: ModelInfo, progress, cancel: Cancellation,
-             refiner=None, hires_model=None) -> Result:
+             refiner=None, hires_model=None, load: Callable | None = None) -> Result:
     """Run ``n_iter`` batches of ``batch_size`` images; batch image i uses seed + i. ``refiner`` and
     ``hires_model``: the loaded checkpoints ``params.refiner`` and ``params.hires.checkpoint`` name
-    (``Engine.generate`` loads them)."""
+    (``Engine.generate`` loads them); ``load(name)``: loads another one (an X/Y/Z plot's cells may
+    name their own refiner)."""
     if params.xyz_plot is not None:  # A1111's "X/Y/Z plot" script: each cell one request of its own
         from . import xyz_plot
 
+        def cell(cell, report) -> Result:
+            own = cell.params.refiner  # a "Refiner checkpoint" axis gives each cell its own (loaded once, kept)
+            cell_refiner = load(own.checkpoint) if own is not None and load is not None else refiner
+            return generate(model, cell.params, info=info, progress=report, cancel=cancel, refiner=cell_refiner,
+                            hires_model=hires_model, load=load)
+
         # One model here: the Checkpoint name and VAE axes are refused (the server and the CLI switch models).
-        return xyz_plot.run(
-            lambda cell, report: generate(model, cell.params, info=info, progress=report, cancel=cancel,
-                                          refiner=refiner, hires_model=hires_model),
-            params, info=info, progress=progress, cancel=cancel)
+        return xyz_plot.run(cell, params, info=info, progress=progress, cancel=cancel)
     refiner = _second_model(model, refiner, params, params.refiner and params.refiner.checkpoint,
                             "refiner_checkpoint", refiner_mod.check)
     hires_model = _second_model(model, hires_model, params, params.hires and params.hires.checkpoint,

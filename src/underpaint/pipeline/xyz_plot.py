@@ -84,8 +84,8 @@ A1111_AXES: tuple[tuple[str, str | None], ...] = (
 #: without a folder ("sd/model.safetensors" reads "model.safetensors"), "none" nothing, "joined"
 #: the parts of a value joined by ", " (Prompt order).
 _NAMED, _PLAIN, _FILE, _NONE, _JOINED = "named", "plain", "file", "none", "joined"
-#: What a loading axis switches (:attr:`Axis.loads`).
-CHECKPOINT, VAE = "checkpoint", "vae"
+#: What a loading axis switches (:attr:`Axis.loads`); REFINER: the request's refiner checkpoint.
+CHECKPOINT, VAE, REFINER = "checkpoint", "vae", "refiner"
 
 
 @dataclass(frozen=True)
@@ -213,6 +213,7 @@ AXES: dict[str, Axis] = {a.name.lower(): a for a in (
     Axis("Token merging ratio", float, _field("token_merging_ratio")),
     Axis("Token merging ratio high-res", float, _hires("token_merging_ratio"), hires=True),
     Axis("Always discard next-to-last sigma", str, _discard_penultimate),
+    Axis("Refiner checkpoint", str, _same, label=_FILE, loads=REFINER, cost=0.9),
     Axis("Refiner switch at", float, _refiner_switch),
     Axis("RNG source", str, _rng),
 )}
@@ -439,8 +440,15 @@ def plan(params: "GenerationParams", models: ModelNames | None = None) -> Plan:
             for ix, x in enumerate(xs):
                 index = (ix, iy, iz)
                 found = {kind.loads: names[i] for kind, names, i in zip(axes, looked_up, index) if kind.loads}
-                cells.append(Cell(ix, iy, iz, _cell_params(base, options, axes, values, index),
-                                  checkpoint=found.get(CHECKPOINT), vae=found.get(VAE)))
+                cell_params = _cell_params(base, options, axes, values, index)
+                if REFINER in found:  # "None": no refiner in this cell
+                    from ..params import RefinerOptions
+
+                    refiner = found[REFINER]
+                    switch_at = cell_params.refiner.switch_at if cell_params.refiner is not None else 0.8
+                    cell_params = cell_params.replace(
+                        refiner=None if refiner is None else RefinerOptions(str(refiner), switch_at))
+                cells.append(Cell(ix, iy, iz, cell_params, checkpoint=found.get(CHECKPOINT), vae=found.get(VAE)))
     return Plan(xs, ys, zs, cells, _run_order(axes, (len(xs), len(ys), len(zs))))
 
 
@@ -449,6 +457,13 @@ def _look_up(kind: Axis, values: list, letter: str, models: ModelNames | None) -
     if kind.loads is None:
         return None
     field = f"xyz_{letter}_values"
+    if kind.loads == REFINER:  # None for "None"; names as the models folder resolves them, listed ones only with models
+        def find_refiner(value: str, field: str):
+            if str(value).strip().lower() in ("", "none"):
+                return None
+            return value if models is None else models.checkpoint(value, field)
+
+        return [find_refiner(value, field) for value in values]
     if models is None:
         raise InvalidParameter(f"xyz_{letter}_type", kind.name,
                                "an axis that runs on one model: the Checkpoint name and VAE axes switch models "

@@ -23,7 +23,7 @@ export const XYZ_AXES = [
   ["Clip skip", null], ["Denoising", null], ["Initial noise multiplier", null], ["Extra noise", null],
   ["Hires upscaler", "txt2img"], ["Cond. Image Mask Weight", "img2img"], ["VAE", null], ["Token merging ratio", null],
   ["Token merging ratio high-res", null], ["Always discard next-to-last sigma", null],
-  ["Refiner switch at", null], ["RNG source", null],
+  ["Refiner checkpoint", null], ["Refiner switch at", null], ["RNG source", null],
 ];
 
 /**
@@ -33,6 +33,8 @@ export const XYZ_AXES = [
  */
 export const XYZ_NAME_AXES = {
   "Checkpoint name": async () => ((await get("/sdapi/v1/sd-models")) ?? []).map((m) => m.title),
+  "Refiner checkpoint": async () => ["None", ...((await get("/sdapi/v1/sd-models")) ?? [])
+    .filter((m) => m.family !== "flux").map((m) => m.title)],
   "VAE": async () => ["Automatic", "None", ...((await get("/sdapi/v1/sd-vae")) ?? []).map((v) => v.model_name)],
 };
 
