@@ -665,3 +665,29 @@ def test_refiner_checkpoint_axis_gives_each_cell_its_refiner(tmp_path):
         xyz_plot.plan(GenerationParams(**request, xyz_plot=XYZPlotOptions(x_type="Refiner checkpoint",
                                                                           x_values="/etc/passwd")), names)
     assert err.value.field == "xyz_x_values"
+
+
+def test_api_refiner_checkpoint_axis(switching_api):
+    """Through the server: the cells of a "Refiner checkpoint" axis (None, tiny-b) are the pictures of the same
+    request without a refiner and with tiny-b as its refiner; an unknown name is refused before anything runs."""
+    import json
+
+    from test_server_support import decode_b64
+
+    client, loads = switching_api
+    assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "tiny-a", "sd_vae": "None"}).status_code == 200
+    index = axis_names(False).index("Refiner checkpoint")
+    args = _api_args(index, "None, tiny-b")
+    args[10] = True  # include_lone_images
+    request = {**PLOT_REQUEST, "steps": 6}  # enough steps to pass the switch
+    r = client.post("/sdapi/v1/txt2img", json={**request, "script_name": "x/y/z plot", "script_args": args})
+    assert r.status_code == 200, r.text
+    cells = [decode_b64(data) for data in r.json()["images"]][-2:]
+    for cell, extra in zip(cells, ({}, {"refiner_checkpoint": "tiny-b", "refiner_switch_at": 0.8})):
+        r = client.post("/sdapi/v1/txt2img", json={**request, **extra})
+        assert r.status_code == 200, r.text
+        assert np.array_equal(np.asarray(cell), np.asarray(decode_b64(r.json()["images"][0])))
+        assert ("Refiner: tiny-b" in json.loads(r.json()["info"])["infotexts"][0]) == bool(extra)
+    r = client.post("/sdapi/v1/txt2img", json={**PLOT_REQUEST, "script_name": "x/y/z plot",
+                                               "script_args": _api_args(index, "None, /etc/passwd")})
+    assert r.status_code == 422 and r.json()["field"] == "script_args[1]", r.text
