@@ -201,33 +201,48 @@ def load_taesd_decoder(path: str | Path, *, latent_channels: int, device: torch.
     layers, ``1.weight`` ... ``19.bias``) and diffusers' (``decoder.layers.0.weight`` ..., an
     ``AutoencoderTiny`` file whose encoder is ignored). The latent channels must be the model's.
     """
+    return load_taesd_part(path, "decoder", decoder_state, latent_channels=latent_channels, device=device,
+                           dtype=dtype, field="show_progress_type")
+
+
+def load_taesd_part(path: str | Path, part: str, state_of, *, latent_channels: int, device: torch.device | str,
+                    dtype: torch.dtype, field: str) -> torch.nn.Module:
+    """diffusers' ``AutoencoderTiny`` with its ``part`` ("encoder" or "decoder") filled from a TAESD
+    safetensors file, whose tensors ``state_of(state, path)`` names as that part's; the other part is
+    left out. A file that is not safetensors, cannot be read, is for other latents or is not that
+    part is a :class:`ModelError` naming ``field``."""
     from diffusers import AutoencoderTiny
     from safetensors.torch import load_file
 
     path = Path(path)
     if path.suffix != ".safetensors":
-        raise ModelError(f"{path.name}: a TAESD decoder is read from .safetensors only", field="show_progress_type")
+        raise ModelError(f"{path.name}: a TAESD {part} is read from .safetensors only", field=field)
     try:
         state = load_file(str(path))
     except Exception as exc:  # noqa: BLE001 - a damaged file becomes one clear error
-        raise ModelError(f"{path}: not a readable safetensors file ({exc})", field="show_progress_type") from exc
-    weights = decoder_state(state, path)
-    found = weights["layers.0.weight"].shape[1]
+        raise ModelError(f"{path}: not a readable safetensors file ({exc})", field=field) from exc
+    weights = state_of(state, path)
+    if part == "decoder":  # the latents go into the decoder's first layer, out of the encoder's last
+        found = weights["layers.0.weight"].shape[1]
+    else:
+        found = weights[f"layers.{max(int(key.split('.')[1]) for key in weights)}.weight"].shape[0]
     if found != latent_channels:
-        raise ModelError(f"{path.name}: a decoder for {found}-channel latents, expected {latent_channels} "
-                         "(taesd for SD 1.x/2.x, taesdxl for SDXL, taef1 for FLUX)", field="show_progress_type")
+        raise ModelError(f"{path.name}: {'a decoder' if part == 'decoder' else 'an encoder'} for {found}-channel "
+                         f"latents, expected {latent_channels} (taesd for SD 1.x/2.x, taesdxl for SDXL, taef1 for "
+                         "FLUX)", field=field)
     with torch.inference_mode(False), torch.no_grad():
         tiny = AutoencoderTiny(latent_channels=latent_channels)
+        module = getattr(tiny, part)
         try:
-            missing, unexpected = tiny.decoder.load_state_dict(weights, strict=False)
+            missing, unexpected = module.load_state_dict(weights, strict=False)
         except RuntimeError as exc:  # a layer of another shape (another TAESD variant)
-            raise ModelError(f"{path.name}: not a TAESD decoder ({str(exc).splitlines()[-1].strip()})",
-                             field="show_progress_type") from exc
+            raise ModelError(f"{path.name}: not a TAESD {part} ({str(exc).splitlines()[-1].strip()})",
+                             field=field) from exc
         if missing or unexpected:
-            raise ModelError(f"{path.name}: not a TAESD decoder (missing {sorted(missing)[:4]}, unexpected "
-                             f"{sorted(unexpected)[:4]})", field="show_progress_type")
-        tiny.encoder = None  # previews only decode
-        tiny.decoder.to(device, dtype)  # the plain module: ModelMixin.to warns about dtype casts
+            raise ModelError(f"{path.name}: not a TAESD {part} (missing {sorted(missing)[:4]}, unexpected "
+                             f"{sorted(unexpected)[:4]})", field=field)
+        setattr(tiny, "decoder" if part == "encoder" else "encoder", None)
+        module.to(device, dtype)  # the plain module: ModelMixin.to warns about dtype casts
     return tiny.requires_grad_(False).eval()
 
 

@@ -24,7 +24,7 @@ from ..models.detect import Family
 from ..models.seamless import wrapping
 from ..params import GenerationParams
 from .networks import models_dir_of
-from .preview import TAESD_NAMES, _preview_dtype, taesd_decoder
+from .preview import TAESD_NAMES, _preview_dtype, load_taesd_part, taesd_decoder
 
 log = logging.getLogger(__name__)
 
@@ -111,35 +111,8 @@ def load_taesd_encoder(path: str | Path, *, latent_channels: int, device: torch.
     """diffusers' ``AutoencoderTiny`` with its encoder filled from a TAESD safetensors file: madebyollin's
     encoder file (a ``Sequential``: ``0.weight`` ... ``14.bias``, the same layers in the same order as
     diffusers' ``EncoderTiny.layers``) or diffusers' (``encoder.layers.…``). The decoder is left out."""
-    from diffusers import AutoencoderTiny
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        raise ModelError(f"{path.name}: a TAESD encoder is read from .safetensors only", field="vae_encode_method")
-    try:
-        state = load_file(str(path))
-    except Exception as exc:  # noqa: BLE001 - a damaged file becomes one clear error
-        raise ModelError(f"{path}: not a readable safetensors file ({exc})", field="vae_encode_method") from exc
-    weights = encoder_state(state, path)
-    last = max(int(key.split(".")[1]) for key in weights)
-    found = weights[f"layers.{last}.weight"].shape[0]
-    if found != latent_channels:
-        raise ModelError(f"{path.name}: an encoder for {found}-channel latents, expected {latent_channels} "
-                         "(taesd for SD 1.x/2.x, taesdxl for SDXL, taef1 for FLUX)", field="vae_encode_method")
-    with torch.inference_mode(False), torch.no_grad():
-        tiny = AutoencoderTiny(latent_channels=latent_channels)
-        try:
-            missing, unexpected = tiny.encoder.load_state_dict(weights, strict=False)
-        except RuntimeError as exc:
-            raise ModelError(f"{path.name}: not a TAESD encoder ({str(exc).splitlines()[-1].strip()})",
-                             field="vae_encode_method") from exc
-        if missing or unexpected:
-            raise ModelError(f"{path.name}: not a TAESD encoder (missing {sorted(missing)[:4]}, unexpected "
-                             f"{sorted(unexpected)[:4]})", field="vae_encode_method")
-        tiny.decoder = None
-        tiny.encoder.to(device, dtype)
-    return tiny.requires_grad_(False).eval()
+    return load_taesd_part(path, "encoder", encoder_state, latent_channels=latent_channels, device=device,
+                           dtype=dtype, field="vae_encode_method")
 
 
 def encoder_state(state: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
