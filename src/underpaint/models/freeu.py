@@ -97,14 +97,14 @@ class _Hooks:
 def freeu(unet: torch.nn.Module, options: FreeUOptions) -> Iterator[int]:
     """FreeU on ``unet`` inside the ``with`` block; yields the number of resnets hooked. Compiled code is
     set aside meanwhile (see the module docstring)."""
+    from .optimize import eager
+
     hooks = _Hooks(unet, options)
-    compiled = unet.__dict__.pop("forward", None)
     try:
-        yield sum(len(block.resnets) for block in getattr(unet, "up_blocks", ()))
+        with eager(unet):
+            yield sum(len(block.resnets) for block in getattr(unet, "up_blocks", ()))
     finally:
         hooks.remove()
-        if compiled is not None:
-            unet.forward = compiled
 
 
 #: Forge's infotext keys for FreeU Integrated, after ``freeu_enabled``, with the option each holds.

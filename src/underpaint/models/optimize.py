@@ -46,8 +46,8 @@ compiled model) and on devices other than CUDA and the CPU.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
-from contextlib import nullcontext
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -280,6 +280,19 @@ def compile_cache_dir() -> Path:
 
 def is_compiled(module: Any) -> bool:
     return "forward" in getattr(module, "__dict__", {})
+
+
+@contextmanager
+def eager(*modules: Any) -> Iterator[None]:
+    """``modules`` run their own, uncompiled ``forward`` inside the ``with`` block; the compiled one
+    (``compile``, ``cuda_graphs``, ``aot``) is put back after. For request features that hook a module or
+    change its layers: compiled code would not see them (``torch._dynamo.config.skip_nnmodule_hook_guards``)."""
+    set_aside = [(m, m.__dict__.pop("forward")) for m in modules if is_compiled(m)]
+    try:
+        yield
+    finally:
+        for module, forward in set_aside:
+            module.forward = forward
 
 
 def _compile_forward(module: torch.nn.Module, **options: Any) -> None:

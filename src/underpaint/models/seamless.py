@@ -46,12 +46,13 @@ def seamless(model: Any, enabled: bool) -> Iterator[None]:
     if not enabled:
         yield
         return
+    from .optimize import eager
+
     vae = model.vae
-    runs_compiled = [m for m in (model.unet, *(getattr(vae, n, None) for n in ("encoder", "decoder"))) if m is not None]
-    compiled = [(m, m.__dict__.pop("forward")) for m in runs_compiled if "forward" in m.__dict__]
+    parts = [m for m in (model.unet, *(getattr(vae, n, None) for n in ("encoder", "decoder"))) if m is not None]
     tiles = getattr(vae, "use_tiling", None)
     try:
-        with circular(model.unet, vae):
+        with eager(*parts), circular(model.unet, vae):
             if tiles:
                 vae.use_tiling = False
             setattr(model, _ACTIVE, True)
@@ -60,8 +61,6 @@ def seamless(model: Any, enabled: bool) -> Iterator[None]:
         setattr(model, _ACTIVE, False)
         if tiles is not None:
             vae.use_tiling = tiles
-        for module, forward in compiled:
-            module.forward = forward
 
 
 @contextmanager

@@ -203,20 +203,20 @@ def token_merging(unet: torch.nn.Module, ratio: float, *, max_downsample: int = 
         return
     request = _Request(ratio, max_downsample)
     blocks = transformer_blocks(unet)
+    from .optimize import eager
+
     handles = [unet.register_forward_pre_hook(request.on_unet, with_kwargs=True)]
-    compiled = unet.__dict__.pop("forward", None)  # see the module docstring: compiled code ignores hooks
     try:
         for key, block in enumerate(blocks):
             handles.append(block.register_forward_pre_hook(partial(request.on_block, key), with_kwargs=True))
             handles.append(block.attn1.register_forward_pre_hook(partial(request.before_attention, key),
                                                                  with_kwargs=True))
             handles.append(block.attn1.register_forward_hook(partial(request.after_attention, key)))
-        yield len(blocks)
+        with eager(unet):  # see the module docstring: compiled code ignores hooks
+            yield len(blocks)
     finally:
         for handle in handles:
             handle.remove()
-        if compiled is not None:
-            unet.forward = compiled
 
 
 def request_token_merging(model: Any, ratio: float):
