@@ -58,19 +58,26 @@ _SAME_AS_FIRST_PASS = ("", "use same sampler", "use same scheduler", "use same c
 
 def vae_method_name(value: object, field: str = "vae_decode_method") -> str:
     """A1111's spelling of a VAE type ("Full" or "TAESD", any case); anything else names ``field``."""
-    for name in VAE_METHODS:
-        if isinstance(value, str) and value.strip().lower() == name.lower():
-            return name
-    raise InvalidParameter(field, value, " or ".join(VAE_METHODS))
+    name = _spelled(value, VAE_METHODS)
+    if name is None:
+        raise InvalidParameter(field, value, " or ".join(VAE_METHODS))
+    return name
+
+
+def _spelled(value: object, names: tuple[str, ...]) -> str | None:
+    """The name of ``names`` that ``value`` is, in its own spelling (matched without regard to case or
+    surrounding spaces), or None."""
+    if isinstance(value, str):
+        return next((name for name in names if value.strip().lower() == name.lower()), None)
+    return None
 
 
 def preview_method_name(value: object, field: str = "preview_method") -> str:
     """A live preview method in A1111's spelling (matched without regard to case)."""
-    if isinstance(value, str):
-        for name in PREVIEW_METHODS:
-            if value.strip().lower() == name.lower():
-                return name
-    raise InvalidParameter(field, value, "one of " + ", ".join(PREVIEW_METHODS))
+    name = _spelled(value, PREVIEW_METHODS)
+    if name is None:
+        raise InvalidParameter(field, value, "one of " + ", ".join(PREVIEW_METHODS))
+    return name
 
 
 def random_seed() -> int:
@@ -162,6 +169,11 @@ class DeepCacheOptions:
                 raise InvalidParameter("deepcache_end", self.end, f"a step after deepcache_start ({self.start})")
 
 
+def names_no_checkpoint(value: object) -> bool:
+    """Whether a refiner checkpoint value means none, as A1111 takes them: absent, empty or "None"."""
+    return value is None or (isinstance(value, str) and value.strip().lower() in ("", "none"))
+
+
 @dataclass(frozen=True)
 class RefinerOptions:
     """A1111's "Refiner" (pipeline/refiner.py): sampling goes on with another checkpoint once the
@@ -249,8 +261,7 @@ class LoopbackOptions:
     def __post_init__(self) -> None:
         _check_range("loopback_loops", self.loops, 1, MAX_LOOPBACK_LOOPS, integer=True)
         _check_range("loopback_final_strength", self.final_strength, 0.0, 1.0)
-        curve = next((c for c in LOOPBACK_CURVES if isinstance(self.curve, str) and c.lower() == self.curve.strip().lower()),
-                     None)
+        curve = _spelled(self.curve, LOOPBACK_CURVES)
         if curve is None:
             raise InvalidParameter("loopback_curve", self.curve, "one of " + ", ".join(LOOPBACK_CURVES))
         object.__setattr__(self, "curve", curve)
@@ -683,7 +694,7 @@ def request_fields(fields: dict[str, Any]) -> dict[str, Any]:
         out[target] = value
     if options:
         out["sampler_options"] = replace(out.get("sampler_options") or SamplerOptions(), **options)
-    if refiner.get("checkpoint") not in (None, "", "None"):
+    if not names_no_checkpoint(refiner.get("checkpoint")):
         out["refiner"] = RefinerOptions(**refiner)
     elif "switch_at" in refiner and refiner["switch_at"] is not None:
         raise InvalidParameter("refiner_switch_at", refiner["switch_at"], "refiner_checkpoint beside it")

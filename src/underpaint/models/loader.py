@@ -63,6 +63,12 @@ class LoadedModel:
 
         return model_hash(self.path)
 
+    @property
+    def short_title(self) -> str:
+        """A1111's short title, as its infotexts name a refiner or hires checkpoint: ``name [hash]``
+        (the name alone when there is no hash)."""
+        return f"{self.name} [{self.short_hash}]" if self.short_hash else self.name
+
     @cached_property
     def vae_hash(self) -> str | None:
         """A1111's 'VAE hash' (sha256, 10 hex digits) of a separate VAE file; None when the checkpoint's own is used."""

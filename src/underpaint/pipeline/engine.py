@@ -230,8 +230,7 @@ class Engine:
             from dataclasses import replace
 
             hires_model = self.refiner_model(params.hires.checkpoint)
-            title = f"{hires_model.name} [{hires_model.short_hash}]" if hires_model.short_hash else hires_model.name
-            params = params.replace(hires=replace(params.hires, checkpoint_title=title))
+            params = params.replace(hires=replace(params.hires, checkpoint_title=hires_model.short_title))
         while True:
             try:
                 return generate(self.model, params, info=self.info, progress=progress, cancel=cancel,

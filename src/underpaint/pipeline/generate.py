@@ -597,8 +597,7 @@ def _colour_corrected(images: list, plan: Plan) -> list:
     elif plan.inpaint is not None:
         references = list(plan.inpaint.sources)
     else:
-        references = [resize_image(img.convert("RGB"), plan.width, plan.height, p.resize_mode, enlarge=plan.enlarge)
-                      for img in p.init_images]
+        references = resized_inits(p.init_images, plan)
     labs = [color_correction.lab_of(ref) for ref in references]
     return [color_correction.correct(image, labs[i % len(labs)]) for i, image in enumerate(images)]
 
@@ -684,10 +683,15 @@ def _callback(model, plan: Plan, job: int, progress, cancel: Cancellation, contr
 
 def init_pixels(images, plan: Plan, batch: int) -> torch.Tensor:
     """The init pictures resized as asked, image i of the batch from picture i mod n, in [-1, 1]."""
-    p = plan.params
-    resized = [resize_image(img.convert("RGB"), plan.width, plan.height, p.resize_mode, enlarge=plan.enlarge)
-               for img in images]
+    resized = resized_inits(images, plan)
     return images_to_tensor([resized[i % len(resized)] for i in range(batch)])
+
+
+def resized_inits(images, plan: Plan) -> list:
+    """The init pictures as RGB, resized to the plan's size as its request asks."""
+    p = plan.params
+    return [resize_image(img.convert("RGB"), plan.width, plan.height, p.resize_mode, enlarge=plan.enlarge)
+            for img in images]
 
 
 def encode_images(model, images, plan: Plan, batch: int) -> torch.Tensor:

@@ -87,5 +87,4 @@ def will_switch(sigmas: torch.Tensor, table: torch.Tensor, switch_at: float) -> 
 
 def infotext_entries(refiner, switch_at: float) -> tuple[tuple[str, object], ...]:
     """A1111's keys: ``Refiner: name [hash]`` (the loaded refiner's name and short hash) and ``Refiner switch at``."""
-    title = refiner.name if not refiner.short_hash else f"{refiner.name} [{refiner.short_hash}]"
-    return (("Refiner", title), ("Refiner switch at", float(switch_at)))
+    return (("Refiner", refiner.short_title), ("Refiner switch at", float(switch_at)))

@@ -458,8 +458,10 @@ def _look_up(kind: Axis, values: list, letter: str, models: ModelNames | None) -
         return None
     field = f"xyz_{letter}_values"
     if kind.loads == REFINER:  # None for "None"; names as the models folder resolves them, listed ones only with models
+        from ..params import names_no_checkpoint
+
         def find_refiner(value: str, field: str):
-            if str(value).strip().lower() in ("", "none"):
+            if names_no_checkpoint(value):
                 return None
             return value if models is None else models.checkpoint(value, field)
 

@@ -18,7 +18,8 @@ from pydantic import ValidationError
 from ...errors import InvalidParameter, UnknownName
 from ...params import (MASKED_CONTENT, MAX_S_MIN_UNCOND, MAX_TOKEN_MERGING_RATIO, DeepCacheOptions, FreeUOptions,
                        GenerationParams, HiresOptions, RefinerOptions,
-                       InpaintOptions, SamplerOptions, preview_method_name, vae_method_name)
+                       InpaintOptions, SamplerOptions, names_no_checkpoint, preview_method_name,
+                       vae_method_name)
 from ...prompts.styles import StyleBook
 from ..config import Limits
 from ..images import PictureBudget, decode_image
@@ -551,7 +552,7 @@ def _refiner(req: GenerationRequest, ctx: ConvertContext) -> RefinerOptions | No
     """A1111's ``refiner_checkpoint`` (a listed checkpoint's title or name; "None" or empty: no refiner) and
     ``refiner_switch_at`` (0.8 when not given)."""
     name = req.refiner_checkpoint
-    if name is None or (isinstance(name, str) and name.strip().lower() in ("", "none")):
+    if names_no_checkpoint(name):
         return None
     if not isinstance(name, str):
         raise InvalidParameter("refiner_checkpoint", name, "a checkpoint's title or name from /sdapi/v1/sd-models")
