@@ -104,9 +104,10 @@ def merge(recipe: MergeRecipe, output: Path, *, overwrite: bool = False,
         b = files.enter_context(_open(recipe.b, "B")) if recipe.method != "no-interpolation" else None
         c = files.enter_context(_open(recipe.c, "C")) if recipe.method == "add-difference" else None
         merged = _merged(recipe, a, b, c, progress)
-    metadata = {"format": "pt", "sd_merge_recipe": json.dumps(_recipe_record(recipe)),
-                "sd_merge_models": json.dumps({model_hash(p): {"name": p.stem} for p in (recipe.a, recipe.b, recipe.c)
-                                               if p is not None})}
+    models = [p for p in (recipe.a, recipe.b, recipe.c) if p is not None]
+    hashes = {p: model_hash(p) for p in models}  # each file read once for its hash
+    metadata = {"format": "pt", "sd_merge_recipe": json.dumps(_recipe_record(recipe, hashes)),
+                "sd_merge_models": json.dumps({hashes[p]: {"name": p.stem} for p in models})}
     temp = output.with_name(f".{output.name}.{secrets.token_hex(8)}.tmp")
     try:
         save_file(merged, str(temp), metadata=metadata)
@@ -202,10 +203,9 @@ def _vae_tensors(path: Path) -> dict[str, torch.Tensor]:
                 for key in keys if not key.startswith(("model_ema.", "loss."))}
 
 
-def _recipe_record(recipe: MergeRecipe) -> dict:
-    hashes = [model_hash(p) if p is not None else None for p in (recipe.a, recipe.b, recipe.c)]
-    return {"type": "webui", "primary_model_hash": hashes[0], "secondary_model_hash": hashes[1],
-            "tertiary_model_hash": hashes[2],
+def _recipe_record(recipe: MergeRecipe, hashes: dict[Path, str]) -> dict:
+    return {"type": "webui", "primary_model_hash": hashes.get(recipe.a), "secondary_model_hash": hashes.get(recipe.b),
+            "tertiary_model_hash": hashes.get(recipe.c),
             "interp_method": {"weighted-sum": "Weighted sum", "add-difference": "Add difference",
                               "no-interpolation": "No interpolation"}[recipe.method],
             "multiplier": recipe.multiplier, "save_as_half": recipe.fp16,
