@@ -421,8 +421,9 @@ def _sdxl_like_run(steps: int) -> list[str]:
         return (x * 0.5,)
 
     model = SimpleNamespace(unet=unet, dtype=torch.float16, spec=SimpleNamespace(prediction="eps"))
-    cond = Conditioning(torch.zeros(1, 77, 16, device="meta"), torch.zeros(1, 8, device="meta"))
-    conds = CondSchedule([(10**6, cond)], [(10**6, cond)], time_ids=torch.tensor([[64.0, 64, 0, 0, 64, 64]]))
+    cond = Conditioning(torch.zeros(1, 77, 16, device="meta"), torch.zeros(1, 8, device="meta"),
+                        torch.zeros(1, 6, device="meta"))
+    conds = CondSchedule([(10**6, cond)], [(10**6, cond)])
     denoiser = make_denoiser(model, conds, 7.0, schedule, "DPM++ 2M")
     with _Transfers(host=host) as transfers:
         run_sampler("DPM++ 2M", denoiser, torch.zeros(1, 4, 8, 8, device="meta"), host)

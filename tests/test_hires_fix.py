@@ -98,14 +98,14 @@ def test_latent_hires_matches_diffusers_txt2img_then_img2img(sd1_engine):
     assert (diff > 0).mean() < 0.01
 
 
-def diffusers_latent_hires(first, second, cfg: float, *, on_second_pass_step=None) -> np.ndarray:
+def diffusers_latent_hires(first, second, cfg: float, *, on_second_pass_step=None, on_first_pass_step=None) -> np.ndarray:
     """The "Latent" hires. fix written with diffusers: StableDiffusionPipeline's latents from ``first``'s
     parts (Euler, 4 steps), interpolated bilinearly (no antialias) to twice the size, then
     StableDiffusionImg2ImgPipeline from ``second``'s parts at strength 2/4 (hires steps 2 at strength 0.5:
     a 4-step schedule of which the last 2 run), with the same seed drawn again at the new size; as uint8,
     truncated as A1111 (and the engine) make them. linspace timesteps are A1111's Automatic for Euler
-    where N-1 divides 999. ``on_second_pass_step``: the img2img pipeline's ``callback_on_step_end``
-    (with ``prompt_embeds`` among its tensors)."""
+    where N-1 divides 999. ``on_second_pass_step``/``on_first_pass_step``: the img2img/txt2img pipeline's
+    ``callback_on_step_end`` (with ``prompt_embeds`` among its tensors)."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 
     def scheduler():
@@ -121,8 +121,10 @@ def diffusers_latent_hires(first, second, cfg: float, *, on_second_pass_step=Non
     for pipe in (txt, img):
         pipe.set_progress_bar_config(disable=True)
     common = dict(prompt=BASE["prompt"], negative_prompt=BASE["negative_prompt"], guidance_scale=cfg)
+    first_callback = {} if on_first_pass_step is None else dict(
+        callback_on_step_end=on_first_pass_step, callback_on_step_end_tensor_inputs=["prompt_embeds"])
     latents = txt(**common, height=64, width=64, num_inference_steps=4, output_type="latent",
-                  generator=torch.Generator().manual_seed(BASE["seed"])).images
+                  generator=torch.Generator().manual_seed(BASE["seed"]), **first_callback).images
     upscaled = F.interpolate(latents, size=(16, 16), mode="bilinear", antialias=False)
     callback = {} if on_second_pass_step is None else dict(
         callback_on_step_end=on_second_pass_step, callback_on_step_end_tensor_inputs=["prompt_embeds"])

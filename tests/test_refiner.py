@@ -199,10 +199,13 @@ def test_api_fields(api):
         assert r.status_code == status and r.json()["field"] == field, r.text
 
 
-def test_with_hires_fix_the_refiner_takes_part_in_the_second_pass(pair):
-    """A1111's default ("second pass"): the first pass is the base model's alone; in the second pass, diffusers'
-    img2img pipeline swaps in the refiner's UNet and prompt embeddings at the step whose sigma passes Switch at
-    (judged on the second pass's noise levels): the same picture within one level, and the infotext records it."""
+@pytest.mark.parametrize("which", ["second pass", "first pass", "both passes"])
+def test_with_hires_fix_the_refiner_takes_part_in_the_passes_named(pair, which):
+    """A1111's "Hires fix: which pass to enable refiner for" (default: second pass). In a pass the refiner
+    takes part in, diffusers' pipeline of that pass swaps in the refiner's UNet and prompt embeddings at the
+    step whose sigma passes Switch at (judged on that pass's noise levels); each pass starts on the base
+    model. The same picture within one level; the infotext records the refiner, and "Hires refiner" where
+    the setting is not the default."""
     from diffusers import StableDiffusionPipeline
     from test_hires_fix import BASE as HIRES_BASE
     from test_hires_fix import diffusers_latent_hires
@@ -212,29 +215,40 @@ def test_with_hires_fix_the_refiner_takes_part_in_the_second_pass(pair):
     result = engine.generate(GenerationParams(
         **{**HIRES_BASE, "steps": 4, "cfg_scale": 6.0, "sampler": "Euler", "scheduler": "Automatic"},
         hires=HiresOptions(scale=2, upscaler="Latent", steps=2, strength=0.5),
-        refiner=RefinerOptions(str(refiner_file), 0.75)))
+        refiner=RefinerOptions(str(refiner_file), 0.75, which)))
     encoder = StableDiffusionPipeline(vae=refiner.vae, text_encoder=refiner.text_encoders[0],
                                       tokenizer=refiner.tokenizers[0], unet=refiner.unet, scheduler=None,
                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     positive, negative = encoder.encode_prompt(HIRES_BASE["prompt"], "cpu", 1, True, HIRES_BASE["negative_prompt"])
     table = training_sigmas(base)
-    switched = []
+    switched = {}
 
-    def on_step_end(p, i, t, outputs):
-        steps = p.scheduler.sigmas
-        index = p.scheduler.step_index  # the next step's sigma, as the scheduler stands after step i
-        ratio = (999 - int(torch.argmin((table - float(steps[index])).abs()))) / 1000
-        if not switched and ratio >= 0.75 and float(steps[index]) > 0:
-            switched.append(index)
-            p.unet = refiner.unet
-            return {"prompt_embeds": torch.cat([negative, positive])}
-        return {}
+    def switch_in(name):
+        def on_step_end(p, i, t, outputs):
+            steps = p.scheduler.sigmas
+            index = p.scheduler.step_index  # the next step's sigma, as the scheduler stands after step i
+            ratio = (999 - int(torch.argmin((table - float(steps[index])).abs()))) / 1000
+            if name not in switched and ratio >= 0.75 and float(steps[index]) > 0:
+                switched[name] = index
+                p.unet = refiner.unet
+                return {"prompt_embeds": torch.cat([negative, positive])}
+            return {}
+        return on_step_end
 
-    ref_u8 = diffusers_latent_hires(base, base, 6.0, on_second_pass_step=on_step_end)  # swaps only its own pipeline
-    assert switched
+    hooks = {}
+    if which != "second pass":
+        hooks["on_first_pass_step"] = switch_in("first")
+    if which != "first pass":
+        hooks["on_second_pass_step"] = switch_in("second")
+    ref_u8 = diffusers_latent_hires(base, base, 6.0, **hooks)  # swaps only its own pipelines
+    assert set(switched) == {name.split("_")[1] for name in hooks}
     diff = np.abs(np.asarray(result.images[0], dtype=np.int16) - ref_u8)
     assert diff.max() <= 1, diff.max()
+    # The first pass's refiner steps show through the second pass faintly: without them, about 10 % of
+    # the values move by one level; rounding alone moves a few in ten thousand.
+    assert (diff > 0).mean() < 0.01, (diff > 0).mean()
     assert "Refiner switch at: 0.75" in result.infotexts[0]
+    assert ("Hires refiner: " + which in result.infotexts[0]) == (which != "second pass")
 
 
 def test_python_api_takes_a1111s_names(pair):
@@ -250,3 +264,46 @@ def test_python_api_takes_a1111s_names(pair):
     made = engine.txt2img(prompt="a lighthouse", steps=4, width=64, height=64, seed=2, refiner_checkpoint=str(refiner_file),
                           refiner_switch_at=0.5)
     assert "Refiner switch at: 0.5" in made.infotexts[0]
+
+
+def test_which_hires_pass_through_the_cli_the_api_and_the_infotext(api, tmp_path):
+    """A1111's "Hires fix: which pass to enable refiner for": --hires-refiner-pass, the hires_fix_refiner_pass
+    setting (in /options and override_settings), and the infotext's "Hires refiner", each refused by name
+    when it is not one of the three passes."""
+    from underpaint.cli.generate import params_from_args
+    from underpaint.cli.main import build_parser
+    from underpaint.params import hires_refiner_pass
+    from underpaint.pipeline.reproduce import params_from_infotext
+    from underpaint.imageio.infotext import parse_infotext
+
+    def cli(*flags):
+        return params_from_args(build_parser().parse_args(["txt2img", "-p", "x", *flags]))
+
+    assert cli("--refiner", "r").refiner.hires_pass == "second pass"
+    assert cli("--refiner", "r", "--hires-refiner-pass", "both").refiner == RefinerOptions("r", 0.8, "both passes")
+    with pytest.raises(InvalidParameter) as err:
+        cli("--hires-refiner-pass", "first")
+    assert err.value.field == "--hires-refiner-pass"
+    assert [hires_refiner_pass(v) for v in ("First pass", "second", " BOTH passes ")] == [
+        "first pass", "second pass", "both passes"]
+    with pytest.raises(InvalidParameter) as err:
+        RefinerOptions("r", 0.5, "third pass")
+    assert err.value.field == "hires_fix_refiner_pass"
+    fields = params_from_infotext(parse_infotext("x\nSteps: 4, Seed: 1, Refiner: r, Refiner switch at: 0.5, "
+                                                 "Hires refiner: first pass"))
+    assert fields["refiner"] == RefinerOptions("r", 0.5, "first pass")
+
+    client, backend = api
+    title = client.get("/sdapi/v1/sd-models").json()[0]["title"]
+    assert client.get("/sdapi/v1/options").json()["hires_fix_refiner_pass"] == "second pass"
+    base = {"steps": 1, "width": 64, "height": 64, "refiner_checkpoint": title}
+    for body in (base, {**base, "override_settings": {"hires_fix_refiner_pass": "both passes"}},
+                 {"infotext": f"x\nSteps: 1, Seed: 1, Size: 64x64, Refiner: {title}, Hires refiner: first pass"}):
+        assert client.post("/sdapi/v1/txt2img", json=body).status_code == 200
+    assert client.post("/sdapi/v1/options", json={"hires_fix_refiner_pass": "first pass"}).status_code == 200
+    assert client.post("/sdapi/v1/txt2img", json=base).status_code == 200
+    assert [p.refiner.hires_pass for p in backend.params] == ["second pass", "both passes", "first pass", "first pass"]
+    r = client.post("/sdapi/v1/txt2img", json={**base, "override_settings": {"hires_fix_refiner_pass": "all"}})
+    assert r.status_code == 422 and r.json()["field"] == "override_settings.hires_fix_refiner_pass", r.text
+    r = client.post("/sdapi/v1/options", json={"hires_fix_refiner_pass": 3})
+    assert r.status_code == 422 and r.json()["field"] == "hires_fix_refiner_pass", r.text

@@ -1184,6 +1184,63 @@ def test_refiner_is_sent_recorded_and_pasted(page, photo_file, tmp_path):
     expect(enabled).not_to_be_checked()
 
 
+def test_sdxl_refiner_aesthetic_scores_are_sent_away_from_their_defaults(page):
+    """The Refiner section's aesthetic scores start at A1111's 6 and 2.5 and go out as its settings
+    (override_settings) only when changed, with or without the refiner enabled."""
+    requests: list[dict] = []
+    stub_generation(page, "/sdapi/v1/txt2img", requests)
+    page.click("#tab-txt2img")
+    page.click("#refiner-section summary")
+    expect(page.locator("#aesthetic_score")).to_have_value("6")
+    expect(page.locator("#negative_aesthetic_score")).to_have_value("2.5")
+    generate_and_wait(page, "/sdapi/v1/txt2img")
+    set_value(page, "aesthetic_score", 7.5)
+    generate_and_wait(page, "/sdapi/v1/txt2img")
+    set_value(page, "negative_aesthetic_score", 1)
+    generate_and_wait(page, "/sdapi/v1/txt2img")
+    assert [r.get("override_settings") for r in requests] == [
+        None, {"sdxl_refiner_high_aesthetic_score": 7.5},
+        {"sdxl_refiner_high_aesthetic_score": 7.5, "sdxl_refiner_low_aesthetic_score": 1}]
+
+
+def test_hires_extra_noise_and_refiner_pass_are_sent_and_pasted(page, tmp_path):
+    """Hires. fix's Extra noise and "Refiner in" (A1111's Extra noise and "Hires fix: which pass to enable
+    refiner for" settings) go out as override_settings from txt2img with Hires. fix on, away from their
+    defaults only; a picture's "Extra noise" and "Hires refiner" come back into them, and a picture
+    without "Hires refiner" sets the second pass again."""
+    requests: list[dict] = []
+    stub_generation(page, "/sdapi/v1/txt2img", requests)
+    page.click("#tab-txt2img")
+    page.check("#enable_hr")
+    page.click("#hires-body details summary")
+    set_value(page, "hr_extra_noise", 0.2)
+    page.uncheck("#enable_hr")  # ignored while Hires. fix is off
+    generate_and_wait(page, "/sdapi/v1/txt2img")
+    page.check("#enable_hr")
+    generate_and_wait(page, "/sdapi/v1/txt2img")
+    page.select_option("#hires_fix_refiner_pass", "both passes")
+    generate_and_wait(page, "/sdapi/v1/txt2img")
+    assert [r.get("override_settings") for r in requests] == [
+        None, {"img2img_extra_noise": 0.2},
+        {"img2img_extra_noise": 0.2, "hires_fix_refiner_pass": "both passes"}]
+
+    pngs = infotext_pngs(tmp_path, {
+        "first": "a pond\nSteps: 4, Sampler: Euler, Seed: 3, Size: 64x64, Denoising strength: 0.5, Hires upscale: 2, "
+                 "Extra noise: 0.05, Hires refiner: first pass",
+        "plain": "a pond\nSteps: 4, Sampler: Euler, Seed: 3, Size: 64x64, Denoising strength: 0.5, Hires upscale: 2"},
+        (64, 64))
+    page.click("#tab-pnginfo")
+    page.set_input_files("#pnginfo-file", str(pngs["first"]))
+    page.click("#pnginfo-send-txt2img")
+    expect(page.locator("#hr_extra_noise")).to_have_value("0.05")
+    expect(page.locator("#hires_fix_refiner_pass")).to_have_value("first pass")
+    page.click("#tab-pnginfo")
+    page.set_input_files("#pnginfo-file", str(pngs["plain"]))
+    page.click("#pnginfo-send-txt2img")
+    expect(page.locator("#hr_extra_noise")).to_have_value("0")
+    expect(page.locator("#hires_fix_refiner_pass")).to_have_value("second pass")
+
+
 def test_hires_checkpoint_is_sent_recorded_and_pasted(page, tmp_path):
     """Hires. fix's "Hires checkpoint" lists "Use same checkpoint" and the server's checkpoints, is sent as
     hr_checkpoint_name only when another is chosen, and comes back from the result's infotext."""

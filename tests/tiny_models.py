@@ -67,6 +67,11 @@ SDXL_TEXT_L = TinyText(hidden=16, layers=2)
 SDXL_TEXT_G = TinyText(hidden=32, layers=2, projection=16)
 SDXL_UNET = TinyUNet(channels=(32, 64), layers=1, depth=(0, 2), mid_depth=2, context_dim=16 + 32,
                      linear_proj=True, heads=(1, 1), adm_in=16 + 6 * SDXL_TIME_IDS)
+# The refiner: bigG alone (as conditioner.embedders.0), attention on the middle levels only, as in
+# the real file (0, 4, 4, 0), and five size ids (original size, crop, aesthetic score).
+SDXL_REFINER_TEXT = TinyText(hidden=32, layers=2, projection=16)
+SDXL_REFINER_UNET = TinyUNet(channels=(32, 64, 64), layers=1, depth=(0, 2, 0), mid_depth=2, context_dim=32,
+                             linear_proj=True, heads=(1, 1, 1), adm_in=16 + 5 * SDXL_TIME_IDS)
 VAE = TinyVAE()
 
 
@@ -337,6 +342,16 @@ def write_sdxl(path, *, seed: int = 3, metadata: dict[str, str] | None = None) -
     return _save(path, materialise(sdxl_shapes(), seed), metadata)
 
 
+def sdxl_refiner_shapes() -> dict:
+    return {**unet_shapes(SDXL_REFINER_UNET), **vae_shapes(VAE),
+            **openclip_shapes(SDXL_REFINER_TEXT, "conditioner.embedders.0.model.")}
+
+
+def write_sdxl_refiner(path, *, seed: int = 6) -> Path:
+    """SDXL refiner 1.0 layout: OpenCLIP bigG alone as conditioner.embedders.0, label_emb taking 5 size ids."""
+    return _save(path, materialise(sdxl_refiner_shapes(), seed))
+
+
 def write_vae(path, *, seed: int = 4, prefix: str = "", vae: TinyVAE = VAE) -> Path:
     """A standalone VAE as distributed (``vae-ft-mse-840000-ema-pruned``: original names, no prefix)."""
     return _save(path, materialise(vae_shapes(vae, prefix=prefix), seed))
@@ -417,6 +432,14 @@ def tiny_diffusers_config_dir(folder, family: str, *, inpaint: bool = False, pre
                      feature_extractor=[None, None], force_zeros_for_empty_prompt=True)
         texts = [("text_encoder", _text_config(SDXL_TEXT_L, "quick_gelu", SDXL_TEXT_L.layers, False), "<|endoftext|>"),
                  ("text_encoder_2", _text_config(SDXL_TEXT_G, "gelu", SDXL_TEXT_G.layers, True), "!")]
+        scaling = 0.13025
+    elif family == "sdxl_refiner":
+        unet = SDXL_REFINER_UNET
+        index.update(_class_name="StableDiffusionXLImg2ImgPipeline", text_encoder=[None, None], tokenizer=[None, None],
+                     text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
+                     tokenizer_2=["transformers", "CLIPTokenizer"], image_encoder=[None, None],
+                     feature_extractor=[None, None], requires_aesthetics_score=True, force_zeros_for_empty_prompt=False)
+        texts = [("text_encoder_2", _text_config(SDXL_REFINER_TEXT, "gelu", SDXL_REFINER_TEXT.layers, True), "!")]
         scaling = 0.13025
     else:
         raise ValueError(family)

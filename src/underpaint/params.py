@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields, replace
 from os import PathLike
 from typing import TYPE_CHECKING, Any
 
-from .errors import InvalidParameter
+from .errors import InvalidParameter, UnknownName
 
 if TYPE_CHECKING:  # PIL is only needed for type hints here
     from PIL.Image import Image
@@ -174,20 +174,42 @@ def names_no_checkpoint(value: object) -> bool:
     return value is None or (isinstance(value, str) and value.strip().lower() in ("", "none"))
 
 
+#: A1111's "Hires fix: which pass to enable refiner for" choices (its default: the second pass).
+HIRES_REFINER_PASSES = ("first pass", "second pass", "both passes")
+
+
 @dataclass(frozen=True)
 class RefinerOptions:
     """A1111's "Refiner" (pipeline/refiner.py): sampling goes on with another checkpoint once the
     noise level is low enough: when the share of the model's 1000 training noise levels already
-    passed reaches ``switch_at``. ``checkpoint``: a path, or a name in the models folder."""
+    passed reaches ``switch_at``. ``checkpoint``: a path, or a name in the models folder.
+    ``hires_pass``: with hires. fix, the pass (or passes) it takes part in (A1111's "Hires fix: which
+    pass to enable refiner for"); each pass switches by its own noise levels and starts on the model."""
 
     checkpoint: str
     switch_at: float = 0.8
+    hires_pass: str = "second pass"
 
     def __post_init__(self) -> None:
         if not isinstance(self.checkpoint, (str, PathLike)) or not str(self.checkpoint).strip():
             raise InvalidParameter("refiner_checkpoint", self.checkpoint, "a checkpoint's path or name")
         object.__setattr__(self, "checkpoint", str(self.checkpoint).strip())
         _check_range("refiner_switch_at", self.switch_at, 0.0, 1.0)
+        object.__setattr__(self, "hires_pass", hires_refiner_pass(self.hires_pass))
+
+    def in_pass(self, second: bool) -> bool:
+        """Whether the refiner takes part in hires. fix's first (False) or second (True) pass."""
+        return self.hires_pass == "both passes" or self.hires_pass == ("second pass" if second else "first pass")
+
+
+def hires_refiner_pass(value: object, field: str = "hires_fix_refiner_pass") -> str:
+    """One of :data:`HIRES_REFINER_PASSES`, spelled as A1111 does (case and a missing "pass" forgiven)."""
+    if isinstance(value, str):
+        word = value.strip().lower()
+        for choice in HIRES_REFINER_PASSES:
+            if word in (choice, choice.split()[0]):
+                return choice
+    raise UnknownName(field, value, HIRES_REFINER_PASSES)
 
 
 @dataclass(frozen=True)
@@ -488,6 +510,11 @@ class GenerationParams:
     #: A1111's "Extra noise multiplier for img2img and hires fix" (infotext "Extra noise"): the start
     #: noise once more, times this, on top of img2img's and hires. fix's start, 0 (off) to 1.
     extra_noise: float = 0.0
+    #: The aesthetic score an SDXL refiner-architecture model is conditioned on for the prompt and for
+    #: the negative prompt (A1111's settings "SDXL high/low aesthetic score", diffusers'
+    #: ``aesthetic_score``/``negative_aesthetic_score``); other models have no such input.
+    aesthetic_score: float = 6.0
+    negative_aesthetic_score: float = 2.5
     #: A1111's "Apply color correction to img2img results to match original colors"
     #: (pipeline/color_correction.py): img2img and inpainting results matched to the init picture's colours.
     img2img_color_correction: bool = False
@@ -536,6 +563,8 @@ class GenerationParams:
         _check_range("skip_early_cond", self.skip_early_cond, 0.0, 1.0)
         _check_range("noise_multiplier", self.noise_multiplier, 0.0, MAX_NOISE_MULTIPLIER)
         _check_range("extra_noise", self.extra_noise, 0.0, 1.0)
+        for name in ("aesthetic_score", "negative_aesthetic_score"):
+            _check_range(name, getattr(self, name), 0.0, 10.0)
         for name in ("vae_encode_method", "vae_decode_method"):
             object.__setattr__(self, name, vae_method_name(getattr(self, name), name))
         for name in ("seed_resize_from_w", "seed_resize_from_h"):
@@ -613,7 +642,6 @@ class GenerationParams:
             _check_hires_loras(self.prompt, h.prompt)
         if h.sampler is None and h.scheduler is None:
             return h
-        from .errors import UnknownName
         from .sampling.names import resolve_sampler
 
         default = _first_pass_schedule(self.sampler, self.scheduler, sampler, schedule)

@@ -147,10 +147,16 @@ def _add_generation_args(p: argparse.ArgumentParser, *, img2img: bool) -> None:
                         "1.3,1.4,0.9,0.2 for SD 1.x and SDXL. 'off' turns off an infotext's FreeU. Default: off")
     s.add_argument("--refiner", default=None, metavar="CHECKPOINT",
                    help="A1111's Refiner: finish the sampling with this checkpoint (a path, or a name in the models "
-                        "folder), of the same family as --model")
+                        "folder): of the same family as --model, or Stability's SDXL refiner after an SDXL model")
     s.add_argument("--refiner-switch-at", dest="refiner_switch_at", type=float, default=None, metavar="SHARE",
                    help="when the refiner takes over: once this share of the noise schedule is passed, 0-1 "
                         "(default 0.8)")
+    s.add_argument("--aesthetic-score", dest="aesthetic_score", type=float, default=6.0, metavar="SCORE",
+                   help="the aesthetic score, 0-10, an SDXL refiner-architecture model (as the model or the "
+                        "refiner) is conditioned on for the prompt (A1111's SDXL high aesthetic score; default 6)")
+    s.add_argument("--negative-aesthetic-score", dest="negative_aesthetic_score", type=float, default=2.5,
+                   metavar="SCORE", help="the same for the negative prompt (A1111's SDXL low aesthetic score; "
+                                         "default 2.5)")
     s.add_argument("--tiling", action="store_true", default=False,
                    help="A1111's Tiling: a picture that tiles seamlessly, its right edge running on into the left "
                         "and its bottom into the top (SD 1.x/2.x and SDXL)")
@@ -372,6 +378,10 @@ def _add_hires_args(p: argparse.ArgumentParser) -> None:
     h.add_argument("--hires-checkpoint", default=None, metavar="CHECKPOINT",
                    help="A1111's Hires checkpoint: another checkpoint of the same family (a path, or a name in the "
                         "models folder) encodes the upscaled picture and runs the second pass (default: the same)")
+    h.add_argument("--hires-refiner-pass", dest="hires_refiner_pass", default=None,
+                   choices=("first", "second", "both"),
+                   help="A1111's \"Hires fix: which pass to enable refiner for\": the pass(es) --refiner takes part "
+                        "in (default: second)")
     h.add_argument("--hires-negative-prompt", default=None, metavar="TEXT",
                    help="negative prompt of the second pass (default: --negative-prompt)")
     h.add_argument("--hires-token-merging", "--hires-token-merging-ratio", dest="hires_token_merging", type=float,
@@ -469,20 +479,25 @@ def _size_flag(flag: str, value: str) -> tuple[int, int]:
 
 
 def _with_refiner(params: GenerationParams, args: argparse.Namespace) -> GenerationParams:
-    """``--refiner`` and ``--refiner-switch-at`` over the request (and over what an infotext brought)."""
+    """``--refiner``, ``--refiner-switch-at`` and ``--hires-refiner-pass`` over the request (and over what
+    an infotext brought)."""
     from ..params import RefinerOptions
 
     checkpoint, switch_at = getattr(args, "refiner", None), getattr(args, "refiner_switch_at", None)
+    which = getattr(args, "hires_refiner_pass", None)
     if checkpoint is None:
-        if switch_at is None:
+        if switch_at is None and which is None:
             return params
         if params.refiner is None:
-            raise InvalidParameter("--refiner-switch-at", switch_at, "--refiner CHECKPOINT beside it")
+            flag, value = ("--refiner-switch-at", switch_at) if switch_at is not None else ("--hires-refiner-pass", which)
+            raise InvalidParameter(flag, value, "--refiner CHECKPOINT beside it")
         checkpoint = params.refiner.checkpoint
     if switch_at is None:
         switch_at = params.refiner.switch_at if params.refiner is not None else 0.8
+    if which is None:
+        which = params.refiner.hires_pass if params.refiner is not None else "second pass"
     try:
-        return params.replace(refiner=RefinerOptions(checkpoint, switch_at))
+        return params.replace(refiner=RefinerOptions(checkpoint, switch_at, which))
     except InvalidParameter as exc:
         raise InvalidParameter("--refiner-switch-at" if exc.field == "refiner_switch_at" else "--refiner", exc.value,
                                exc.expected) from None
@@ -548,6 +563,8 @@ def params_from_args(args: argparse.Namespace, init_images: tuple = (), *, model
         img2img_color_correction=getattr(args, "img2img_color_correction", False),
         noise_multiplier=1.0 if getattr(args, "noise_multiplier", None) is None else args.noise_multiplier,
         extra_noise=args.extra_noise,
+        aesthetic_score=args.aesthetic_score,
+        negative_aesthetic_score=args.negative_aesthetic_score,
         sampler_options=SamplerOptions(eta=args.eta, s_churn=args.s_churn, s_noise=args.s_noise),
         control_units=control_units_from_args(args),
     )

@@ -21,8 +21,10 @@ from .detect import UNET_PREFIX, Family, TextEncoderLayout
 from .header import CheckpointHeader
 
 #: Default sample sizes (latent pixels) of diffusers' configs for each family.
-_SAMPLE_SIZE = {Family.SD1: 64, Family.SD2: 96, Family.SDXL: 128}
+_SAMPLE_SIZE = {Family.SD1: 64, Family.SD2: 96, Family.SDXL: 128, Family.SDXL_REFINER: 128}
 _VAE_SAMPLE_SIZE = {Family.SD1: 512, Family.SD2: 768, Family.SDXL: 1024, Family.FLUX: 1024}
+#: VAEs whose float16 overflows: diffusers upcasts them to float32 (``force_upcast``).
+_UPCAST = (Family.SDXL, Family.FLUX)
 
 
 @dataclass(frozen=True)
@@ -69,8 +71,10 @@ def unet_layout(header: CheckpointHeader, prefix: str = UNET_PREFIX) -> UNetLayo
     return UNetLayout(levels, n, channels, down_depth, up_depth, mid_depth)
 
 
-def unet_config(header: CheckpointHeader, family: Family, *, pooled_dim: int | None = None) -> dict:
-    """``UNet2DConditionModel`` keyword arguments for the UNet in ``header``."""
+def unet_config(header: CheckpointHeader, family: Family, *, pooled_dim: int | None = None,
+                time_ids: int = 6) -> dict:
+    """``UNet2DConditionModel`` keyword arguments for the UNet in ``header``; a ``label_emb`` takes the
+    pooled text (``pooled_dim`` wide) and ``time_ids`` embedded numbers (SDXL 6, its refiner 5)."""
     p = UNET_PREFIX
     lay = unet_layout(header)
     attn_keys = [k for k in header.tensors if k.startswith(p) and k.endswith("attn2.to_k.weight")]
@@ -107,9 +111,10 @@ def unet_config(header: CheckpointHeader, family: Family, *, pooled_dim: int | N
         if pooled_dim is None:
             raise ModelError("the UNet has a size/crop embedding (label_emb) but no pooled text width was given")
         adm_in = header.shape(p + "label_emb.0.0.weight")[1]
-        time_ids_dim, rest = divmod(adm_in - pooled_dim, 6)
+        time_ids_dim, rest = divmod(adm_in - pooled_dim, time_ids)
         if rest or time_ids_dim <= 0:
-            raise ModelError(f"label_emb input width {adm_in} is not pooled text width {pooled_dim} + 6 time ids")
+            raise ModelError(f"label_emb input width {adm_in} is not pooled text width {pooled_dim} "
+                             f"+ {time_ids} embedded size ids")
         config.update(addition_embed_type="text_time", addition_time_embed_dim=time_ids_dim,
                       projection_class_embeddings_input_dim=adm_in)
     return config
@@ -138,9 +143,9 @@ def vae_config(header: CheckpointHeader, prefix: str, *, scaling_factor: float, 
         layers_per_block=layers,
         latent_channels=header.shape(prefix + "decoder.conv_in.weight")[1],
         norm_num_groups=32,
-        sample_size=_VAE_SAMPLE_SIZE[family],
+        sample_size=_VAE_SAMPLE_SIZE[family.latent_space],
         scaling_factor=scaling_factor,
-        force_upcast=family in (Family.SDXL, Family.FLUX),
+        force_upcast=family.latent_space in _UPCAST,
     )
     return _vae_extras(config, header, prefix, shift_factor)
 
@@ -171,9 +176,9 @@ def vae_config_diffusers_names(header: CheckpointHeader, *, scaling_factor: floa
         layers_per_block=len(_indices(names, r"encoder\.down_blocks\.0\.resnets\.(\d+)\.")),
         latent_channels=header.shape("decoder.conv_in.weight")[1],
         norm_num_groups=32,
-        sample_size=_VAE_SAMPLE_SIZE[family],
+        sample_size=_VAE_SAMPLE_SIZE[family.latent_space],
         scaling_factor=scaling_factor,
-        force_upcast=family in (Family.SDXL, Family.FLUX),
+        force_upcast=family.latent_space in _UPCAST,
     )
     return _vae_extras(config, header, "", shift_factor)
 

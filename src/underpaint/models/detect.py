@@ -4,7 +4,9 @@ Original single-file checkpoints (CompVis LDM for SD1/SD2, Stability's SGM for S
 each component under a fixed prefix, and each family's text encoder has a tell-tale layout:
 SD1 stores OpenAI CLIP-L in transformers' names, SD2 stores OpenCLIP ViT-H in OpenCLIP's own
 names, SDXL stores both CLIP-L and OpenCLIP bigG under ``conditioner.embedders.{0,1}`` and adds
-the size/crop embedding ``label_emb``. :data:`FAMILIES` is that table; :func:`detect` walks it.
+the size/crop embedding ``label_emb``. The SDXL refiner keeps only bigG, as
+``conditioner.embedders.0``, and its ``label_emb`` also takes an aesthetic score.
+:data:`FAMILIES` is that table; :func:`detect` walks it.
 
 FLUX.1 is told apart by its transformer alone (``double_blocks.*``, in Black Forest Labs' names,
 bare or under ``model.diffusion_model.``; or diffusers' ``transformer_blocks.*`` with
@@ -31,7 +33,14 @@ class Family(str, Enum):
     SD1 = "sd1"
     SD2 = "sd2"
     SDXL = "sdxl"
+    #: Stability's SDXL refiner 1.0 architecture: bigG alone, an aesthetic score among its size ids.
+    SDXL_REFINER = "sdxl_refiner"
     FLUX = "flux"
+
+    @property
+    def latent_space(self) -> Family:
+        """The family whose VAE latents this one's UNet works on (the refiner shares SDXL's)."""
+        return Family.SDXL if self == Family.SDXL_REFINER else self
 
 
 @dataclass(frozen=True)
@@ -68,6 +77,15 @@ class FamilyLayout:
     probe_prediction: bool
     #: What the text hidden size is in real files, for messages only (tiny test files differ).
     real_context_dim: int
+    #: How many size/crop/score numbers ``label_emb`` embeds after the pooled text (0: no ``label_emb``):
+    #: SDXL 6 (original size, crop, target size), the refiner 5 (original size, crop, aesthetic score).
+    time_ids: int = 0
+
+
+def _bigg(prefix: str) -> TextEncoderLayout:
+    """OpenCLIP ViT-bigG/14's text tower in OpenCLIP's names, with its projection (SDXL, the refiner)."""
+    return TextEncoderLayout(prefix=prefix, naming="openclip", token_embedding="token_embedding.weight",
+                             hidden_act="gelu", with_projection=True, drop_last_layer=False, pad_token="!")
 
 
 def _clip_l(prefix: str) -> TextEncoderLayout:
@@ -80,15 +98,16 @@ def _clip_l(prefix: str) -> TextEncoderLayout:
 FAMILIES: tuple[FamilyLayout, ...] = (
     FamilyLayout(
         family=Family.SDXL,
-        text_encoders=(
-            _clip_l("conditioner.embedders.0.transformer."),
-            TextEncoderLayout(prefix="conditioner.embedders.1.model.", naming="openclip",
-                              token_embedding="token_embedding.weight", hidden_act="gelu", with_projection=True,
-                              drop_last_layer=False, pad_token="!"),
-        ),
+        text_encoders=(_clip_l("conditioner.embedders.0.transformer."), _bigg("conditioner.embedders.1.model.")),
         markers=("conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight",
                  "conditioner.embedders.1.model.token_embedding.weight", UNET_PREFIX + "label_emb.0.0.weight"),
-        scaling_factor=0.13025, default_size=1024, probe_prediction=False, real_context_dim=2048,
+        scaling_factor=0.13025, default_size=1024, probe_prediction=False, real_context_dim=2048, time_ids=6,
+    ),
+    FamilyLayout(
+        family=Family.SDXL_REFINER,
+        text_encoders=(_bigg("conditioner.embedders.0.model."),),
+        markers=("conditioner.embedders.0.model.token_embedding.weight", UNET_PREFIX + "label_emb.0.0.weight"),
+        scaling_factor=0.13025, default_size=1024, probe_prediction=False, real_context_dim=1280, time_ids=5,
     ),
     FamilyLayout(
         family=Family.SD2,
@@ -235,7 +254,6 @@ def _refuse_bnb(names: dict) -> None:
 
 # Recognisable files that are not a supported checkpoint: (what it looks like, any of these keys).
 _UNSUPPORTED: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("an SDXL refiner (only an OpenCLIP bigG encoder)", ("conditioner.embedders.0.model.text_projection",)),
     ("an SD3 model", ("joint_blocks.0.context_block.adaLN_modulation.1.bias",
                       UNET_PREFIX + "joint_blocks.0.context_block.adaLN_modulation.1.bias")),
     ("an SD2 depth-to-image model", ("depth_model.model.pretrained.act_postprocess3.0.project.0.weight",)),
@@ -368,9 +386,8 @@ def detect_diffusers_folder(folder: str | Path, *, prediction: str | None = None
     unet_cfg = _read_json(folder / "unet" / "config.json")
     vae_cfg = _read_json(folder / "vae" / "config.json")
     if unet_cfg.get("addition_embed_type") == "text_time" or (folder / "text_encoder_2").is_dir():
-        if not (folder / "text_encoder").is_dir():
-            raise ModelError(f"unsupported: {folder} looks like an SDXL refiner (no first text encoder)")
-        family = Family.SDXL
+        # The refiner's folder has bigG alone, as text_encoder_2 (its model_index says requires_aesthetics_score).
+        family = Family.SDXL if (folder / "text_encoder").is_dir() else Family.SDXL_REFINER
     else:
         te_cfg = _read_json(folder / "text_encoder" / "config.json")
         family = Family.SD2 if te_cfg.get("hidden_act") == "gelu" else Family.SD1

@@ -43,6 +43,8 @@ _TABLE = (
                "checkpoints", "Stable Diffusion 2.1 (768 px, v-prediction)"),
     KnownModel("sdxl", "stabilityai/stable-diffusion-xl-base-1.0", "sd_xl_base_1.0.safetensors",
                "checkpoints", "SDXL base 1.0 (1024 px)"),
+    KnownModel("sdxl-refiner", "stabilityai/stable-diffusion-xl-refiner-1.0", "sd_xl_refiner_1.0.safetensors",
+               "checkpoints", "SDXL refiner 1.0 (--refiner after SDXL base, or img2img at low strength)"),
     KnownModel("sd-turbo", "stabilityai/sd-turbo", "sd_turbo.safetensors",
                "checkpoints", "SD-Turbo (SD2.1 distilled, 512 px, 1-4 steps)"),
     KnownModel("sdxl-turbo", "stabilityai/sdxl-turbo", "sd_xl_turbo_1.0_fp16.safetensors",

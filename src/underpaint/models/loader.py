@@ -35,7 +35,8 @@ class LoadedModel:
     unet: torch.nn.Module
     vae: torch.nn.Module
     #: SD1 (CLIP-L,), SD2 (OpenCLIP-H as CLIPTextModel,), SDXL (CLIP-L, bigG CLIPTextModelWithProjection),
-    #: FLUX (CLIP-L CLIPTextModel, T5EncoderModel); ``unet`` is FLUX's FluxTransformer2DModel.
+    #: the SDXL refiner (bigG,), FLUX (CLIP-L CLIPTextModel, T5EncoderModel); ``unet`` is FLUX's
+    #: FluxTransformer2DModel.
     text_encoders: tuple
     tokenizers: tuple
     #: ᾱ_t for t = 0..999, float64 holding the float32 values the original code trains and samples with;
@@ -184,7 +185,7 @@ def assemble(header: CheckpointHeader, sd: dict[str, torch.Tensor], *, path: Pat
         _build_text_encoder(header, sd, te, tok.pad_token_id, device, dtype)
         for te, tok in zip(layout.text_encoders, tokenizers)
     )
-    pooled = getattr(text_encoders[-1].config, "projection_dim", None) if spec.family == Family.SDXL else None
+    pooled = getattr(text_encoders[-1].config, "projection_dim", None) if layout.time_ids else None
     unet = _build_unet(header, sd, spec.family, pooled, device, dtype)
     vae = _build_vae_original(header, sd, VAE_PREFIX, spec, device, dtype) if build_vae else None
     if layout.probe_prediction and spec.prediction_source == "default" and spec.in_channels == 4:
@@ -216,7 +217,7 @@ def _build_unet(header: CheckpointHeader, sd: dict, family: Family, pooled_dim: 
                 device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     from diffusers import UNet2DConditionModel
 
-    config = configs.unet_config(header, family, pooled_dim=pooled_dim)
+    config = configs.unet_config(header, family, pooled_dim=pooled_dim, time_ids=layout_of(family).time_ids)
     with torch.device("meta"):
         module = UNet2DConditionModel(**config)
     weights = convert.unet_to_diffusers(_take(sd, UNET_PREFIX), configs.unet_layout(header))
@@ -403,9 +404,11 @@ def _load_folder(folder: Path, device: torch.device, dtype: torch.dtype, predict
     layout = layout_of(spec.family)
     unet = _from_pretrained(UNet2DConditionModel, folder / "unet", dtype)
     vae = _from_pretrained(AutoencoderKL, folder / "vae", dtype)
-    names = ("text_encoder", "text_encoder_2")
+    # The refiner's only encoder, bigG, is SDXL's second one and keeps its folder name.
+    names = ("text_encoder_2",) if spec.family == Family.SDXL_REFINER else ("text_encoder", "text_encoder_2")
     encoders, tokenizers = [], []
-    for te, sub, tok_sub in zip(layout.text_encoders, names, ("tokenizer", "tokenizer_2")):
+    for te, sub in zip(layout.text_encoders, names):
+        tok_sub = sub.replace("text_encoder", "tokenizer")
         cls = CLIPTextModelWithProjection if te.with_projection else CLIPTextModel
         encoders.append(_from_pretrained(cls, folder / sub, dtype))
         tok_dir = folder / tok_sub

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
+from ..models.detect import Family
+from ..models.device import to_device
 from ..params import GenerationParams
 from ..prompts.encoder import Conditioning, PromptEncoder
 from ..prompts.parser import extract_extra_networks, prompt_schedule, split_and
@@ -23,8 +25,6 @@ class CondSchedule:
 
     cond: list[tuple[int, Conditioning]]
     uncond: list[tuple[int, Conditioning]]
-    #: SDXL micro-conditioning (original size, crop, target size), one row per image.
-    time_ids: torch.Tensor | None = None
     step: int = field(default=0)
     #: Composable diffusion (``a AND b :0.5``): (weight, schedule) of every part, ``cond`` being
     #: the first one's schedule; empty for a plain prompt (one part of weight 1).
@@ -69,18 +69,33 @@ def encode_prompts(model, params: GenerationParams, steps: int, *, batch: int, w
         with torch.inference_mode():
             encoded = encoder.encode_schedule(prompt_schedule(prompt, steps, hires_steps=hires_steps),
                                              negative=negative)
+        ids = size_ids(model.spec.family, params, width=width, height=height, negative=negative)
+        if ids is not None:  # placed once with the text features, so no step copies it to the device
+            encoded = [(end, replace(cond, time_ids=to_device(ids, cond.cross_attn.device, torch.float32)))
+                       for end, cond in encoded]
         return [(end, _repeat(cond, batch)) for end, cond in encoded]
 
-    time_ids = None
-    if model.spec.family.value == "sdxl":
-        # A1111 conditions SDXL on the generation size as both original and target size, no crop.
-        row = torch.tensor([height, width, 0, 0, height, width], dtype=torch.float32)
-        time_ids = row.repeat(batch, 1)
     # Composable diffusion: each AND part has its own schedule, as A1111 encodes them.
     parts = tuple((weight, schedule(text, False)) for text, weight in split_and(positive))
     plain = len(parts) == 1 and parts[0][0] == 1.0
-    return CondSchedule(parts[0][1], schedule(params.negative_prompt, True), time_ids=time_ids,
-                        parts=() if plain else parts)
+    return CondSchedule(parts[0][1], schedule(params.negative_prompt, True), parts=() if plain else parts)
+
+
+def size_ids(family: Family, params: GenerationParams, *, width: int, height: int,
+             negative: bool) -> torch.Tensor | None:
+    """The numbers SDXL's UNet embeds beside the pooled text, one row, on the host; None for other models.
+
+    As A1111 conditions them: SDXL on the generation size as both original and target size, no
+    crop (height first, as the model was trained); its refiner on the size, no crop and the
+    aesthetic score, the high one for the prompt and the low one for the negative prompt.
+    """
+    if family == Family.SDXL:
+        row = [height, width, 0, 0, height, width]
+    elif family == Family.SDXL_REFINER:
+        row = [height, width, 0, 0, params.negative_aesthetic_score if negative else params.aesthetic_score]
+    else:
+        return None
+    return torch.tensor([row], dtype=torch.float32)
 
 
 def _repeat(cond: Conditioning, batch: int) -> Conditioning:

@@ -6,7 +6,6 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ..models.device import to_device
 from ..models.optimize import attention_for, begin_call, owned
 from ..prompts.encoder import Conditioning
 from ..sampling.denoisers import cfg_denoiser, eps_denoiser, lcm_denoiser, v_denoiser
@@ -17,23 +16,16 @@ from .guidance import UncondSkip, parts_alone, prompt_alone
 from .inpaint import concat_channels
 
 
-def unet_fn(model, conds: CondSchedule, control=None) -> Callable[[torch.Tensor, torch.Tensor, Conditioning], torch.Tensor]:
+def unet_fn(model, control=None) -> Callable[[torch.Tensor, torch.Tensor, Conditioning], torch.Tensor]:
     """``model_fn(x_in, t, cond)``: the diffusers UNet in its dtype, answering in float32; ``control``
     (a :class:`~underpaint.pipeline.control.ControlStack`) adds its ControlNet residuals."""
     unet = model.unet
     dtype = model.dtype
-    # SDXL's size ids are made on the host: copy them to the device once per batch shape, not
-    # at every step (each copy would make the step wait for the GPU).
-    placed_ids: dict[tuple[int, torch.device], torch.Tensor] = {}
 
     def call(x_in: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         extra = None
-        if conds.time_ids is not None:
-            rows = x_in.shape[0] // conds.time_ids.shape[0]
-            key = (rows, x_in.device)
-            if key not in placed_ids:
-                placed_ids[key] = to_device(conds.time_ids.repeat(rows, 1), x_in.device, dtype)
-            extra = {"text_embeds": cond.pooled.to(dtype), "time_ids": placed_ids[key]}
+        if cond.time_ids is not None:  # SDXL: each row's pooled text and size ids (made with the text)
+            extra = {"text_embeds": cond.pooled.to(dtype), "time_ids": cond.time_ids.to(dtype)}
         down = mid = intra = None
         if control is not None:
             is_prompt = control.prompt_rows(cond, x_in.shape[0], device=x_in.device)
@@ -70,7 +62,7 @@ def make_denoiser(model, conds: CondSchedule, cfg_scale: float, schedule: ModelS
         wrap = lcm_denoiser
     else:
         wrap = v_denoiser if model.spec.prediction == "v" else eps_denoiser
-    model_fn = unet_fn(model, conds, control)
+    model_fn = unet_fn(model, control)
     if image_conditioning is not None:
         model_fn = concat_channels(model_fn, image_conditioning)
     base = wrap(model_fn, schedule)

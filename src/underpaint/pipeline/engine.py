@@ -336,12 +336,12 @@ def out_of_memory_error(model: "LoadedModel", params: GenerationParams) -> "OutO
     """The one-line error for a request the GPU had no room for: its size, batch and what to try."""
     from ..errors import OutOfMemory
     from ..imageio.resize import output_size
+    from .generate import requested_size
 
     if params.is_img2img:
         width, height = output_size(params.init_images[0].size, params.width, params.height)
     else:
-        default = 1024 if model.spec.family.value in ("sdxl", "flux") else 512
-        width, height = params.width or default, params.height or default
+        width, height = requested_size(model, params)
     plan = getattr(model, "offload", None)
     below = _LOWER_MODES[plan.mode if plan is not None else "high"]
     hint = "try "

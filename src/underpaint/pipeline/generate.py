@@ -225,11 +225,9 @@ def _generate(model, params: GenerationParams, networks: ActiveNetworks, *, info
     # 2d. LoRA and embedding hashes, after the inpaint and ControlNet keys as A1111 orders them.
     plan = replace(plan, params=networks.with_infotext(plan.params))
     if refiner is not None:  # A1111 records the refiner when the switch comes, while sampling
-        table = model_schedule(model).sigmas
-        sigmas = plan.sigmas if hires is None else hires.plan.sigmas  # hires. fix: its second pass only
-        if refiner_mod.will_switch(sigmas, table, params.refiner.switch_at):
-            entries = refiner_mod.infotext_entries(refiner, params.refiner.switch_at)
-            plan = replace(plan, params=plan.params.replace(extra_infotext=plan.params.extra_infotext + entries))
+        entries = refiner_mod.infotext_for_plan(refiner, params.refiner, model_schedule(model).sigmas, plan.sigmas,
+                                                None if hires is None else hires.plan.sigmas)
+        plan = replace(plan, params=plan.params.replace(extra_infotext=plan.params.extra_infotext + entries))
 
     images, infotexts, seeds, subseeds, unfinished = [], [], [], [], []
     interrupted = False
@@ -277,7 +275,7 @@ def _plan(model, params: GenerationParams) -> Plan:
     if params.is_img2img:
         width, height = output_size(params.init_images[0].size, params.width, params.height)
     else:
-        requested_w, requested_h = _requested_size(model, params)
+        requested_w, requested_h = requested_size(model, params)
         width, height = requested_w // 8 * 8, requested_h // 8 * 8
     if flux.is_flux(model):
         width, height = width // 16 * 16, height // 16 * 16  # whole 2×2 patches of the latent
@@ -315,9 +313,9 @@ def _check_size_from_picture(plan: Plan) -> None:
                                f"or use a larger picture")
 
 
-def _requested_size(model, params: GenerationParams) -> tuple[int, int]:
+def requested_size(model, params: GenerationParams) -> tuple[int, int]:
     """txt2img's size as asked (the family's default where none is given), before rounding."""
-    default = 1024 if model.spec.family.value in ("sdxl", "flux") else 512
+    default = 1024 if model.spec.family.value in ("sdxl", "sdxl_refiner", "flux") else 512
     return params.width or default, params.height or default
 
 
@@ -326,7 +324,7 @@ def _hires_plan(model, plan: Plan) -> HiresPlan:
     its sigmas as img2img with fixed steps, the same seeds."""
     p = plan.params
     assert p.hires is not None
-    width, height = _requested_size(model, p)
+    width, height = requested_size(model, p)
     multiple = 16 if flux.is_flux(model) else 8
     check_hires_size(p.hires, width, height, multiple=multiple)
     size = hires_mod.hires_size(p.hires, width, height, multiple=multiple)
@@ -413,12 +411,14 @@ def _run_hires_batch(model, plan: Plan, hires: HiresPlan, job: int, seeds, subse
     ``control`` (a ControlStack) runs in both passes, the second with its own maps and steps; each
     pass leaves out the units whose hires-fix option is the other pass only. ``second_model``: A1111's
     Hires checkpoint, which encodes the upscaled picture, samples the second pass and decodes it;
-    ``refiner``: A1111's Refiner, which takes part in the second pass only (its default).
+    ``refiner``: A1111's Refiner, in the passes its ``hires_pass`` names (by default the second only);
+    each pass starts on its own model.
     """
     total = plan.steps_run + hires.plan.steps_run
     first = None if control is None else control.first_pass()
+    in_first = refiner is not None and plan.params.refiner.in_pass(second=False)
     latents = _run_batch(model, plan, job, seeds, subseeds, progress, cancel, first, keep_latents=True,
-                         window=(0, total))
+                         window=(0, total), refiner=refiner if in_first else None)
     if cancel.interrupted or cancel.skipped:
         cancel.stop_batch()  # even when the first pass had finished: the picture lacks the second
         return decode_latents(model, latents, plan.params.vae_decode_method)
@@ -430,8 +430,9 @@ def _run_hires_batch(model, plan: Plan, hires: HiresPlan, job: int, seeds, subse
     second = None
     if control is not None:
         second = control.second_pass(hires.plan.width, hires.plan.height, hires.plan.steps_run)
+    in_second = refiner is not None and plan.params.refiner.in_pass(second=True)
     return _run_batch(second_model or model, hires.plan, job, seeds, subseeds, progress, cancel, second, start=start,
-                      window=(plan.steps_run, total), refiner=refiner)
+                      window=(plan.steps_run, total), refiner=refiner if in_second else None)
 
 
 class _UpscaleStopped(Exception):

@@ -130,7 +130,7 @@ def preview_images(model, denoised: torch.Tensor, method: str) -> list["Image"]:
 
 def cheap_pixels(family: Family | str, latents: torch.Tensor) -> torch.Tensor:
     """Approx cheap: ``[B, C, h, w]`` latents → ``[B, 3, h, w]`` pixels in [-1, 1] (float32, on the CPU)."""
-    linear = LINEAR_PREVIEWS[Family(family)]
+    linear = LINEAR_PREVIEWS[Family(family).latent_space]
     channels = len(linear.table)
     if latents.ndim != 4 or latents.shape[1] != channels:
         raise ModelError(f"live preview: got a latent of shape {tuple(latents.shape)}, expected "
@@ -165,7 +165,7 @@ def taesd_decoder(model, *, warn: bool = True) -> torch.nn.Module | None:
     """
     slot = _slot(model)
     family = Family(model.spec.family)
-    name = TAESD_NAMES[family]
+    name = TAESD_NAMES[family.latent_space]
     path = models_dir_of(model).find_vae_approx(name)
     if path is not None and path == slot.path:
         return slot.decoder

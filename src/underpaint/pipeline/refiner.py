@@ -6,8 +6,11 @@ share of the noise schedule already passed) reaches "Switch at", that evaluation
 it runs the refiner. The sampler goes on as it was (its history, its noise); the refiner gets the
 prompts encoded by its own text encoders, with prompt editing counted on from where the base
 model was. The infotext gains "Refiner" (``name [hash]``) and "Refiner switch at". With hires. fix
-the refiner takes part in the second pass only (A1111's default "Hires fix: which pass to enable
-refiner for": second pass), its switch judged on that pass's noise levels.
+the refiner takes part in the pass A1111's "Hires fix: which pass to enable refiner for" names
+(``RefinerOptions.hires_pass``: the second by default, the first, or both), its switch judged on that
+pass's noise levels; each pass starts on the model (or the Hires checkpoint), as in A1111, which
+loads the model again after a first pass the refiner finished. A setting other than the default is
+recorded as "Hires refiner".
 
 Where underpaint does less than A1111 (refused by name, before any work): a FLUX model on either
 side, an SDXL checkpoint with an SD 1.x/2.x one (their latents differ), inpainting (9-channel)
@@ -15,8 +18,8 @@ checkpoints, ControlNet units, DeepCache and a Hires checkpoint with a refiner. 
 picture is decoded by the request's VAE (A1111 decodes with the refiner's, the same VAE for the
 SDXL base and refiner); a prompt's LoRAs and the speed/quality switches that hook the UNet (token
 merging, FreeU) stay with the base model, and the refiner runs without the base's ``--optimize``
-switches. The SDXL refiner's own architecture (a UNet conditioned on an aesthetic score, with only
-OpenCLIP bigG) is not loadable yet.
+switches. Stability's SDXL refiner (its own architecture: OpenCLIP bigG alone, a UNet conditioned on
+an aesthetic score) refines an SDXL base, as it was made to, or any SDXL checkpoint.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ def check(model, refiner, params: GenerationParams) -> None:
     if "flux" in (family, other):
         raise InvalidParameter("refiner_checkpoint", params.refiner.checkpoint,
                                "an SD 1.x/2.x or SDXL checkpoint with an SD or SDXL model (FLUX has no refiner here)")
-    if (family == "sdxl") != (other == "sdxl"):
+    if (model.spec.family.latent_space.value == "sdxl") != (refiner.spec.family.latent_space.value == "sdxl"):
         raise InvalidParameter("refiner_checkpoint", params.refiner.checkpoint,
                                f"a checkpoint of the same latent space as the model ({family}; this one is {other})")
     if model.spec.is_inpaint or refiner.spec.is_inpaint:
@@ -88,3 +91,19 @@ def will_switch(sigmas: torch.Tensor, table: torch.Tensor, switch_at: float) -> 
 def infotext_entries(refiner, switch_at: float) -> tuple[tuple[str, object], ...]:
     """A1111's keys: ``Refiner: name [hash]`` (the loaded refiner's name and short hash) and ``Refiner switch at``."""
     return (("Refiner", refiner.short_title), ("Refiner switch at", float(switch_at)))
+
+
+def infotext_for_plan(refiner, options, table: torch.Tensor, sigmas: torch.Tensor,
+                      hires_sigmas: torch.Tensor | None) -> tuple[tuple[str, object], ...]:
+    """The infotext entries of a run whose passes sample ``sigmas`` (and ``hires_sigmas``: hires. fix's
+    second pass), ``table`` the model's training noise levels: A1111's refiner keys when a pass the
+    refiner takes part in reaches the switch, and with hires. fix "Hires refiner" where it is not the
+    default second pass."""
+    passes = [sigmas] if hires_sigmas is None else \
+        [s for s, second in ((sigmas, False), (hires_sigmas, True)) if options.in_pass(second)]
+    if not any(will_switch(s, table, options.switch_at) for s in passes):
+        return ()
+    entries = infotext_entries(refiner, options.switch_at)
+    if hires_sigmas is not None and options.hires_pass != "second pass":  # A1111 writes it first
+        entries = (("Hires refiner", options.hires_pass), *entries)
+    return entries

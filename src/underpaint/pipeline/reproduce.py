@@ -96,10 +96,11 @@ def params_from_infotext(parsed: ParsedInfotext) -> dict[str, Any]:
     if "Tiling" in values:
         fields["tiling"] = _parse(values, "Tiling", _boolean)
     if values.get("Refiner"):  # the checkpoint's A1111 title, "name [hash]", as the models folder matches it
-        from ..params import RefinerOptions
+        from ..params import RefinerOptions, hires_refiner_pass
 
         switch_at = _parse(values, "Refiner switch at", float) if "Refiner switch at" in values else 0.8
-        fields["refiner"] = RefinerOptions(values["Refiner"], switch_at)
+        which = hires_refiner_pass(values.get("Hires refiner", "second pass"), "Hires refiner")
+        fields["refiner"] = RefinerOptions(values["Refiner"], switch_at, which)
     fields["sampler_options"] = sampler_options(values)
     fields["inpaint"] = inpaint_options(values)
     hires = hires_options(parsed.params)

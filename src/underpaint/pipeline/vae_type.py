@@ -38,7 +38,7 @@ def check(model, params: GenerationParams) -> None:
 
 
 def _missing(model, part: str) -> str:
-    name = TAESD_NAMES[Family(model.spec.family)]
+    name = TAESD_NAMES[Family(model.spec.family).latent_space]
     where = models_dir_of(model).vae_approx_dir
     return (f"Full, or TAESD with {name}_{part}.safetensors (or a diffusers {name}/ folder) in {where}, "
             "which is not there")
@@ -94,7 +94,7 @@ def taesd_encoder(model) -> torch.nn.Module | None:
     slot = getattr(model, "_taesd_encoder", None)
     if slot is None:
         slot = model._taesd_encoder = _EncoderSlot()
-    path = models_dir_of(model).find_vae_approx(TAESD_NAMES[Family(model.spec.family)], "encoder")
+    path = models_dir_of(model).find_vae_approx(TAESD_NAMES[Family(model.spec.family).latent_space], "encoder")
     if path is None or path == slot.path:
         return slot.encoder if path is not None else None
     slot.path, slot.encoder = path, None

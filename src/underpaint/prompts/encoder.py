@@ -17,13 +17,15 @@ What A1111 does, and so what :class:`PromptEncoder` does:
   for SD2. SDXL joins CLIP-L's and bigG's ``hidden_states[-2]`` (no final norm) along the
   feature axis, and its pooled vector is bigG's projected output for the *first* chunk;
   A1111 ignores clip skip for SDXL unless its "SDXL clip skip" option is set, which moves
-  CLIP-L's layer to ``hidden_states[-clip_skip]``;
+  CLIP-L's layer to ``hidden_states[-clip_skip]``. The SDXL refiner has bigG alone, read as
+  in SDXL (``hidden_states[-2]``, pooled from the first chunk, clip skip ignored);
 - weights multiply each token's hidden state. Emphasis "Original" then rescales the chunk
   so the mean over the whole batch equals the unweighted mean, "No norm" does not rescale,
   "Ignore" parses brackets but applies no weights, "None" reads brackets literally (and
   ``BREAK`` as a word);
-- SDXL: a negative prompt whose texts are all empty encodes as zeros (cross-attention and
-  pooled), as A1111 and diffusers' ``force_zeros_for_empty_prompt`` do.
+- SDXL and its refiner: a negative prompt whose texts are all empty encodes as zeros
+  (cross-attention and pooled), as A1111 does (diffusers' ``force_zeros_for_empty_prompt``,
+  which its refiner pipeline leaves off).
 
 diffusers' ``clip_skip`` counts from 0 where A1111's counts from 1: A1111 ``clip_skip=n``
 (n >= 2) equals diffusers ``clip_skip=n-1``; A1111 1 is diffusers ``None``.
@@ -47,16 +49,21 @@ __all__ = ["Conditioning", "PromptEncoder", "Embedding", "load_embedding", "pad_
 
 #: A1111's emphasis modes ("Original" is its default).
 EMPHASIS_MODES = ("Original", "No norm", "Ignore", "None")
-FAMILIES = ("sd1", "sd2", "sdxl")
-_ENCODER_COUNT = {"sd1": 1, "sd2": 1, "sdxl": 2}
+FAMILIES = ("sd1", "sd2", "sdxl", "sdxl_refiner")
+_ENCODER_COUNT = {"sd1": 1, "sd2": 1, "sdxl": 2, "sdxl_refiner": 1}
+#: Families conditioned on hidden_states[-2] without the final norm, with bigG's pooled output.
+_SGM = ("sdxl", "sdxl_refiner")
 
 
 @dataclass(frozen=True, eq=False)  # tensors have no single truth value to compare
 class Conditioning:
-    """Text conditioning: ``cross_attn`` [B, T, D] (T a multiple of 77) and SDXL's ``pooled`` [B, P]."""
+    """Text conditioning: ``cross_attn`` [B, T, D] (T a multiple of 77), SDXL's ``pooled`` [B, P] and
+    ``time_ids`` [B, N], the size numbers the UNet embeds with the pooled text (SDXL: original size,
+    crop, target size; its refiner: original size, crop, aesthetic score; set by the pipeline)."""
 
     cross_attn: torch.Tensor
     pooled: torch.Tensor | None = None
+    time_ids: torch.Tensor | None = None
 
     @property
     def tokens(self) -> int:
@@ -67,8 +74,8 @@ class Conditioning:
 
     def row(self, index: int) -> Conditioning:
         """Row ``index`` as a batch of one."""
-        pooled = None if self.pooled is None else self.pooled[index:index + 1]
-        return Conditioning(self.cross_attn[index:index + 1], pooled)
+        rows = slice(index, index + 1)
+        return Conditioning(self.cross_attn[rows], _rows(self.pooled, rows), _rows(self.time_ids, rows))
 
     @classmethod
     def cat(cls, items: Sequence[Conditioning]) -> Conditioning:
@@ -79,7 +86,8 @@ class Conditioning:
             raise ValueError(f"cannot batch conditionings of different token lengths {sorted(lengths)}; "
                              "pad them (cat_padded, pad_to_match) or evaluate them separately")
         pooled = None if items[0].pooled is None else torch.cat([c.pooled for c in items])
-        return cls(torch.cat([c.cross_attn for c in items]), pooled)
+        time_ids = None if items[0].time_ids is None else torch.cat([c.time_ids for c in items])
+        return cls(torch.cat([c.cross_attn for c in items]), pooled, time_ids)
 
     @classmethod
     def cat_padded(cls, items: Sequence[Conditioning]) -> Conditioning:
@@ -95,7 +103,11 @@ class Conditioning:
         if extra <= 0:
             return self
         tail = self.cross_attn[:, -1:].expand(-1, extra, -1)
-        return Conditioning(torch.cat([self.cross_attn, tail], dim=1), self.pooled)
+        return Conditioning(torch.cat([self.cross_attn, tail], dim=1), self.pooled, self.time_ids)
+
+
+def _rows(tensor: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
+    return None if tensor is None else tensor[rows]
 
 
 def pad_to_match(cond: Conditioning, uncond: Conditioning, empty: Conditioning) -> tuple[Conditioning, Conditioning]:
@@ -114,7 +126,7 @@ def pad_to_match(cond: Conditioning, uncond: Conditioning, empty: Conditioning) 
 
 def _append(cond: Conditioning, empty: Conditioning, chunks: int) -> Conditioning:
     filler = empty.cross_attn[:1].to(cond.cross_attn).repeat(len(cond), chunks, 1)
-    return Conditioning(torch.cat([cond.cross_attn, filler], dim=1), cond.pooled)
+    return Conditioning(torch.cat([cond.cross_attn, filler], dim=1), cond.pooled, cond.time_ids)
 
 
 @dataclass(frozen=True)
@@ -142,10 +154,10 @@ class _Tower:
 
 
 class PromptEncoder:
-    """Encodes A1111 prompts with the text encoders of an SD1, SD2 or SDXL model.
+    """Encodes A1111 prompts with the text encoders of an SD1, SD2, SDXL or SDXL refiner model.
 
     ``text_encoders``/``tokenizers``: ``(CLIPTextModel,)`` for SD1/SD2, ``(CLIPTextModel,
-    CLIPTextModelWithProjection)`` for SDXL. ``embeddings`` maps names to textual-inversion
+    CLIPTextModelWithProjection)`` for SDXL, ``(CLIPTextModelWithProjection,)`` for the refiner. ``embeddings`` maps names to textual-inversion
     embeddings; those whose shapes do not fit these encoders are skipped, as A1111 does
     (:attr:`embeddings` lists the ones in use).
     """
@@ -184,7 +196,7 @@ class PromptEncoder:
             outputs = [self._encode_tower(tower, texts) for tower in self._towers]
         cross = torch.cat([z for z, _ in outputs], dim=-1)
         pooled = outputs[-1][1]
-        if negative and self.family == "sdxl" and all(t == "" for t in texts):
+        if negative and self.family in _SGM and all(t == "" for t in texts):
             cross, pooled = torch.zeros_like(cross), torch.zeros_like(pooled)
         return Conditioning(cross, pooled)
 
@@ -320,12 +332,15 @@ def _hidden_layers(family: str, clip_skip: int, sdxl_clip_l_skip: bool) -> tuple
         return (-clip_skip,)
     if family == "sd2":
         return (-1,)
+    if family == "sdxl_refiner":
+        return (-2,)
     return (-clip_skip if sdxl_clip_l_skip else -2, -2)
 
 
 def _make_tower(family: str, index: int, model, tokenizer, layer: int,
                 embeddings: Mapping[str, Embedding]) -> _Tower:
-    openclip = family == "sd2" or (family == "sdxl" and index == 1)
+    bigg = family == "sdxl_refiner" or (family == "sdxl" and index == 1)
+    openclip = family == "sd2" or bigg
     eos = int(tokenizer.eos_token_id)
     words = []
     for name, emb in embeddings.items():
@@ -333,8 +348,7 @@ def _make_tower(family: str, index: int, model, tokenizer, layer: int,
         words.append(EmbeddingWord(tuple(ids), name, emb.count))
     return _Tower(
         index=index, model=model, tokenizer=tokenizer, hidden_layer=layer,
-        final_norm=family != "sdxl", pad_id=0 if openclip else eos,
-        pooled=family == "sdxl" and index == 1,
+        final_norm=family not in _SGM, pad_id=0 if openclip else eos, pooled=bigg,
         bos=int(tokenizer.bos_token_id), eos=eos, comma=_comma_id(tokenizer),
         vocabulary=EmbeddingIndex.build(words),
     )

@@ -57,6 +57,12 @@ class ServerOptions:
     #: A1111's "Noise multiplier for img2img" and "Extra noise multiplier for img2img and hires fix".
     initial_noise_multiplier: float = 1.0
     img2img_extra_noise: float = 0.0
+    #: A1111's "SDXL high/low aesthetic score": what an SDXL refiner-architecture model is conditioned
+    #: on for the prompt and for the negative prompt (pipeline/conditioning.py).
+    sdxl_refiner_high_aesthetic_score: float = 6.0
+    #: A1111's "Hires fix: which pass to enable refiner for": first pass, second pass or both passes.
+    hires_fix_refiner_pass: str = "second pass"
+    sdxl_refiner_low_aesthetic_score: float = 2.5
     #: A1111's "SD VAE": "Automatic", "None" or a VAE file's name as /sd-vae lists it (catalog.py).
     sd_vae: str = "Automatic"
     #: A1111's "Upscaler for img2img": "None" (Lanczos) or an upscaler's name as /upscalers lists it.

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from ...errors import InvalidParameter, UnknownName
 from ...params import (MASKED_CONTENT, MAX_S_MIN_UNCOND, MAX_TOKEN_MERGING_RATIO, DeepCacheOptions, FreeUOptions,
                        GenerationParams, HiresOptions, RefinerOptions,
-                       InpaintOptions, SamplerOptions, names_no_checkpoint, preview_method_name,
+                       InpaintOptions, SamplerOptions, hires_refiner_pass, names_no_checkpoint, preview_method_name,
                        vae_method_name)
 from ...prompts.styles import StyleBook
 from ..config import Limits
@@ -255,6 +255,12 @@ def _kept_options(req: GenerationRequest, ctx: ConvertContext) -> dict[str, Any]
         "initial_noise_multiplier": ("initial_noise_multiplier",
                                      lambda key: overrides.float(key, options.initial_noise_multiplier)),
         "img2img_extra_noise": ("img2img_extra_noise", lambda key: overrides.float(key, options.img2img_extra_noise)),
+        "hires_fix_refiner_pass": ("hires_fix_refiner_pass",
+                                   lambda key: overrides.hires_refiner_pass(options.hires_fix_refiner_pass)),
+        "sdxl_refiner_high_aesthetic_score": ("sdxl_refiner_high_aesthetic_score",
+                                              lambda key: overrides.float(key, options.sdxl_refiner_high_aesthetic_score)),
+        "sdxl_refiner_low_aesthetic_score": ("sdxl_refiner_low_aesthetic_score",
+                                             lambda key: overrides.float(key, options.sdxl_refiner_low_aesthetic_score)),
         "skip_early_cond": ("skip_early_cond", lambda key: overrides.float(key, options.skip_early_cond)),
         **{key: (key, lambda key: overrides.vae_method(key, "Full")) for key in
            ("sd_vae_encode_method", "sd_vae_decode_method")},
@@ -319,6 +325,8 @@ _API_FIELD = {**SCRIPT_ARG_FIELDS, "strength": "denoising_strength", "sampler": 
               "vae_encode_method": "override_settings.sd_vae_encode_method",
               "vae_decode_method": "override_settings.sd_vae_decode_method",
               "noise_multiplier": "initial_noise_multiplier", "extra_noise": "override_settings.img2img_extra_noise",
+              "aesthetic_score": "override_settings.sdxl_refiner_high_aesthetic_score",
+              "negative_aesthetic_score": "override_settings.sdxl_refiner_low_aesthetic_score",
               "hires_checkpoint": "hr_checkpoint_name"}
 
 
@@ -548,9 +556,10 @@ def _check_alwayson(scripts: Mapping[str, Any]) -> None:
             raise UnknownName("alwayson_scripts", name, [CONTROLNET_SCRIPT, SOFT_INPAINTING_SCRIPT, FREEU_SCRIPT])
 
 
-def _refiner(req: GenerationRequest, ctx: ConvertContext) -> RefinerOptions | None:
-    """A1111's ``refiner_checkpoint`` (a listed checkpoint's title or name; "None" or empty: no refiner) and
-    ``refiner_switch_at`` (0.8 when not given)."""
+def _refiner(req: GenerationRequest, ctx: ConvertContext, overrides: "_Overrides") -> RefinerOptions | None:
+    """A1111's ``refiner_checkpoint`` (a listed checkpoint's title or name; "None" or empty: no refiner),
+    ``refiner_switch_at`` (0.8 when not given) and its "Hires fix: which pass to enable refiner for"
+    setting (``hires_fix_refiner_pass``)."""
     name = req.refiner_checkpoint
     if names_no_checkpoint(name):
         return None
@@ -558,7 +567,7 @@ def _refiner(req: GenerationRequest, ctx: ConvertContext) -> RefinerOptions | No
         raise InvalidParameter("refiner_checkpoint", name, "a checkpoint's title or name from /sdapi/v1/sd-models")
     path = ctx.resolve_model(name, field="refiner_checkpoint")
     switch_at = 0.8 if req.refiner_switch_at is None else req.refiner_switch_at
-    return RefinerOptions(str(path), switch_at)
+    return RefinerOptions(str(path), switch_at, overrides.hires_refiner_pass(ctx.options.hires_fix_refiner_pass))
 
 
 def _freeu(scripts: Mapping[str, Any]) -> FreeUOptions | None:
@@ -640,8 +649,12 @@ def _common_fields(req: GenerationRequest, ctx: ConvertContext, pictures: Pictur
         "img2img_color_correction": img2img and overrides.bool("img2img_color_correction",
                                                                ctx.options.img2img_color_correction),
         "extra_noise": overrides.float("img2img_extra_noise", ctx.options.img2img_extra_noise),
+        "aesthetic_score": overrides.float("sdxl_refiner_high_aesthetic_score",
+                                           ctx.options.sdxl_refiner_high_aesthetic_score),
+        "negative_aesthetic_score": overrides.float("sdxl_refiner_low_aesthetic_score",
+                                                    ctx.options.sdxl_refiner_low_aesthetic_score),
         "freeu": _freeu(req.alwayson_scripts),
-        "refiner": _refiner(req, ctx),
+        "refiner": _refiner(req, ctx, overrides),
         "sampler_options": _sampler_options(req, overrides, sampler),
         "deepcache": _deepcache(overrides),
         "first_block_cache": _first_block_cache(overrides),
@@ -951,6 +964,11 @@ class _Overrides:
             raise self._bad("sd_vae", "'Automatic' or 'None'")
         return self.ctx.vae_choice(value, field=field)
 
+    def hires_refiner_pass(self, default: str) -> str:
+        """A1111's "Hires fix: which pass to enable refiner for" for this job, else ``default``."""
+        value = self.values.get("hires_fix_refiner_pass")
+        return default if value is None else hires_refiner_pass(value, "override_settings.hires_fix_refiner_pass")
+
     def upscaler(self, default: str) -> str:
         """``upscaler_for_img2img`` for this job (:func:`img2img_upscaler_setting`), else ``default``."""
         value = self.values.get("upscaler_for_img2img")
@@ -1010,7 +1028,8 @@ _INFOTEXT_SETTINGS: tuple[tuple[str, str, type], ...] = (
     ("NGMS", "s_min_uncond", float), ("NGMS all steps", "s_min_uncond_all", bool),
     ("Skip Early CFG", "skip_early_cond", float),
     ("VAE Encoder", "sd_vae_encode_method", str), ("VAE Decoder", "sd_vae_decode_method", str),
-    ("Noise multiplier", "initial_noise_multiplier", float), ("Extra noise", "img2img_extra_noise", float))
+    ("Noise multiplier", "initial_noise_multiplier", float), ("Extra noise", "img2img_extra_noise", float),
+    ("Hires refiner", "hires_fix_refiner_pass", str))
 
 
 def apply_infotext(req: GenerationRequest) -> GenerationRequest:

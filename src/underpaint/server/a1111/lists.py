@@ -92,7 +92,7 @@ def loras(request: Request) -> list[LoraItem]:
 
 
 #: Text encoder widths per family: an embedding fits a model when it has one tensor of each width.
-_TEXT_WIDTHS = {"sd1": (768,), "sd2": (1024,), "sdxl": (768, 1280)}
+_TEXT_WIDTHS = {"sd1": (768,), "sd2": (1024,), "sdxl": (768, 1280), "sdxl_refiner": (1280,)}
 
 
 @router.get("/embeddings", response_model=EmbeddingsResponse, summary="Textual-inversion embeddings")

@@ -236,6 +236,13 @@ class Options(WireModel):
     img2img_extra_noise: float = Field(0.0, ge=0, le=1, description=(
         "Extra noise multiplier for img2img and hires fix: the start noise once more, times this, on top of "
         "the start (0: off; keep it below the denoising strength)."))
+    hires_fix_refiner_pass: str = Field("second pass", description=(
+        "Hires fix: which pass to enable refiner for: 'first pass', 'second pass' or 'both passes'."))
+    sdxl_refiner_high_aesthetic_score: float = Field(6.0, ge=0, le=10, description=(
+        "SDXL high aesthetic score: the score an SDXL refiner-architecture model is conditioned on for the prompt."))
+    sdxl_refiner_low_aesthetic_score: float = Field(2.5, ge=0, le=10, description=(
+        "SDXL low aesthetic score: the score an SDXL refiner-architecture model is conditioned on for the negative "
+        "prompt."))
     tiling: bool = Field(False, description="Tiling: make tileable pictures where a request leaves `tiling` out.")
     img2img_color_correction: bool = Field(False, description=(
         "Apply color correction to img2img results to match original colors: each img2img and inpainting result's "

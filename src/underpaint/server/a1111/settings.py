@@ -17,7 +17,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ...errors import InvalidParameter
 from ...params import (MAX_NOISE_MULTIPLIER, MAX_S_MIN_UNCOND, MAX_TOKEN_MERGING_RATIO, preview_method_name,
-                       vae_method_name)
+                       hires_refiner_pass, vae_method_name)
 from ..jobs import Job
 from ..security import JSONValueLimitRoute
 from ..state import ServerState, server_state
@@ -73,6 +73,9 @@ def get_options(request: Request) -> Options:
         tiling=opts.tiling,
         initial_noise_multiplier=opts.initial_noise_multiplier,
         img2img_extra_noise=opts.img2img_extra_noise,
+        sdxl_refiner_high_aesthetic_score=opts.sdxl_refiner_high_aesthetic_score,
+        hires_fix_refiner_pass=opts.hires_fix_refiner_pass,
+        sdxl_refiner_low_aesthetic_score=opts.sdxl_refiner_low_aesthetic_score,
         sd_vae=opts.sd_vae,
         upscaler_for_img2img=opts.upscaler_for_img2img,
         **state.outputs.options(),
@@ -116,6 +119,11 @@ def _option_changes(body: dict[str, Any], state: ServerState) -> dict[str, Any]:
         changes["initial_noise_multiplier"] = _float_option(body, "initial_noise_multiplier", 0.0, MAX_NOISE_MULTIPLIER)
     if "img2img_extra_noise" in body:
         changes["img2img_extra_noise"] = _float_option(body, "img2img_extra_noise", 0.0, 1.0)
+    if "hires_fix_refiner_pass" in body:
+        changes["hires_fix_refiner_pass"] = hires_refiner_pass(body["hires_fix_refiner_pass"])
+    for key in ("sdxl_refiner_high_aesthetic_score", "sdxl_refiner_low_aesthetic_score"):
+        if key in body:
+            changes[key] = _float_option(body, key, 0.0, 10.0)
     if "skip_early_cond" in body:
         changes["skip_early_cond"] = _float_option(body, "skip_early_cond", 0.0, 1.0)
     for key in ("sd_vae_encode_method", "sd_vae_decode_method"):

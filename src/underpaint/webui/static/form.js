@@ -95,8 +95,8 @@ export class GenerationForm {
     for (const name of ["prompt", "negative_prompt", "sampler_name", "scheduler", "steps", "width", "height",
       "n_iter", "batch_size", "cfg_scale", "distilled_cfg_scale", "denoising_strength", "seed", "mask_blur",
       "inpaint_full_res_padding", "deepcache_interval", "deepcache_branch", "first_block_cache", "s_min_uncond",
-      "s_min_uncond_all", "skip_early_cond", "sd_vae_decode_method", "sd_vae_encode_method", "tiling", "img2img_color_correction", "initial_noise_multiplier", "img2img_extra_noise", "freeu_enabled", ...FREEU_FACTORS, "refiner_enabled", "refiner_checkpoint", "refiner_switch_at", "enable_hr", "hr_upscaler",
-      ...HIRES_NUMBERS, "hr_checkpoint_name", "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt"]) {
+      "s_min_uncond_all", "skip_early_cond", "sd_vae_decode_method", "sd_vae_encode_method", "tiling", "img2img_color_correction", "initial_noise_multiplier", "img2img_extra_noise", "freeu_enabled", ...FREEU_FACTORS, "refiner_enabled", "refiner_checkpoint", "refiner_switch_at", "aesthetic_score", "negative_aesthetic_score", "enable_hr", "hr_upscaler",
+      ...HIRES_NUMBERS, "hr_extra_noise", "hires_fix_refiner_pass", "hr_checkpoint_name", "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt"]) {
       this.controls[name] = $(`#${name}`, root);
     }
     this.hint = $("#denoise-hint", root);
@@ -235,10 +235,21 @@ export class GenerationForm {
     for (const name of ["sd_vae_decode_method", "sd_vae_encode_method"]) {
       if (this.controls[name].value !== "Full") settings[name] = this.controls[name].value;
     }
+    if (this.family !== "flux") {  // the SDXL refiner's scores, where they differ from A1111's defaults
+      const high = numberValue(this.controls.aesthetic_score);
+      const low = numberValue(this.controls.negative_aesthetic_score);
+      if (high !== null && high !== 6) settings.sdxl_refiner_high_aesthetic_score = high;
+      if (low !== null && low !== 2.5) settings.sdxl_refiner_low_aesthetic_score = low;
+    }
     if (mode !== "txt2img") {  // img2img's own settings, shown on its tabs only
       if (this.controls.img2img_color_correction.checked) settings.img2img_color_correction = true;
       const extraNoise = numberValue(this.controls.img2img_extra_noise);
       if (extraNoise) settings.img2img_extra_noise = extraNoise;
+    } else if (this.controls.enable_hr.checked) {  // the same settings for Hires. fix's second pass
+      const extraNoise = numberValue(this.controls.hr_extra_noise);
+      if (extraNoise) settings.img2img_extra_noise = extraNoise;
+      const pass = this.controls.hires_fix_refiner_pass.value;
+      if (pass !== "second pass" && this.family !== "flux") settings.hires_fix_refiner_pass = pass;
     }
     return Object.keys(settings).length ? settings : undefined;
   }
@@ -331,11 +342,14 @@ export class GenerationForm {
     if (target === "txt2img") {
       numbers.hr_denoising_strength = fields.denoising_strength;
       delete numbers.denoising_strength;
+      numbers.hr_extra_noise = fields.img2img_extra_noise;  // on txt2img, Extra noise is the second pass's
+      delete numbers.img2img_extra_noise;
     }
     for (const name of ["steps", "cfg_scale", "distilled_cfg_scale", "denoising_strength", "seed", "width", "height",
       "batch_size",
       "mask_blur", "inpaint_full_res_padding", "deepcache_interval", "deepcache_branch", "first_block_cache",
-      "s_min_uncond", "skip_early_cond", "initial_noise_multiplier", "img2img_extra_noise", ...HIRES_NUMBERS]) {
+      "s_min_uncond", "skip_early_cond", "initial_noise_multiplier", "img2img_extra_noise", "hr_extra_noise",
+      ...HIRES_NUMBERS]) {
       if (typeof numbers[name] === "number") setNumber(c[name], numbers[name]);
     }
     if (typeof fields.s_min_uncond_all === "boolean") c.s_min_uncond_all.checked = fields.s_min_uncond_all;
@@ -369,6 +383,11 @@ export class GenerationForm {
     if (typeof fields.freeu_enabled === "boolean") c.freeu_enabled.checked = fields.freeu_enabled;
     if (typeof fields.refiner_enabled === "boolean") c.refiner_enabled.checked = fields.refiner_enabled;
     if (typeof fields.refiner_switch_at === "number") setNumber(c.refiner_switch_at, fields.refiner_switch_at);
+    if (typeof fields.hires_fix_refiner_pass === "string") {
+      const option = matchOption(c.hires_fix_refiner_pass, fields.hires_fix_refiner_pass);
+      if (option === null) notes.push(`Hires refiner "${fields.hires_fix_refiner_pass}" is not a pass`);
+      else c.hires_fix_refiner_pass.value = option;
+    }
     if (typeof fields.hr_checkpoint_name === "string") {
       const option = fields.hr_checkpoint_name === "" ? ""
         : matchOption(c.hr_checkpoint_name, fields.hr_checkpoint_name) ?? matchCheckpoint(c.hr_checkpoint_name, fields.hr_checkpoint_name);

@@ -113,6 +113,8 @@ export function infotextToFields({ prompt, negativePrompt, params }) {
   fields.refiner_enabled = Boolean(params.Refiner);
   if (params.Refiner) fields.refiner_checkpoint = params.Refiner;
   set("refiner_switch_at", number(params["Refiner switch at"]));
+  // A1111 writes "Hires refiner" only away from its default, the second pass.
+  fields.hires_fix_refiner_pass = params["Hires refiner"] ?? "second pass";
   // Forge's FreeU keys; a picture without them was made with FreeU off.
   fields.freeu_enabled = params.freeu_enabled === "True";
   for (const name of ["freeu_b1", "freeu_b2", "freeu_s1", "freeu_s2"]) set(name, number(params[name]));
