@@ -256,7 +256,7 @@ def _reference_loop(scheduler, sample, first_t, eta=0.0, noise=None):
     return sample
 
 
-def _ours(label, steps, strength=None, eta=None, seed=3, schedule=None):
+def _ours(label, steps, strength=None, eta=None, seed=3, schedule=None, order=3):
     schedule = schedule or MS
     denoiser = eps_denoiser(toy_eps, schedule)
     full = SC.build_sigmas(label, "Automatic", steps, schedule)
@@ -269,7 +269,8 @@ def _ours(label, steps, strength=None, eta=None, seed=3, schedule=None):
                                 count_from_end=True)
         x, sigmas = S.prepare_start(label, noise, cut, init=init, model_schedule=schedule)
     out = S.run_sampler(label, lambda a, b: denoiser(a, b, None), x, sigmas,
-                        noise_sampler=noise_source(), options=SamplerOptions(eta=eta), model_schedule=schedule)
+                        noise_sampler=noise_source(), options=SamplerOptions(eta=eta, unipc_order=order),
+                        model_schedule=schedule)
     return out, noise, init
 
 
@@ -329,10 +330,13 @@ def _unipc_times(start_t, steps, alphas_cumprod):
     return ts, np.sqrt(1 - alpha**2) / alpha
 
 
-@pytest.mark.parametrize("steps, strength", [(10, None), (20, None), (4, None), (20, 0.6)])
-def test_unipc_matches_diffusers_unipc_on_a1111_times(steps, strength):
+@pytest.mark.parametrize("steps, strength, order", [(10, None, 3), (20, None, 3), (4, None, 3), (20, 0.6, 3),
+                                                   (10, None, 1), (10, None, 2), (12, 0.5, 2), (10, None, 4)])
+def test_unipc_matches_diffusers_unipc_on_a1111_times(steps, strength, order):
+    """A1111's UniPC (bh1, lower orders at the start and the end) at its "UniPC order" setting equals
+    diffusers' UniPCMultistepScheduler of that solver order on the same times."""
     schedule = MS
-    got, noise, init = _ours("UniPC", steps, strength, schedule=schedule)
+    got, noise, init = _ours("UniPC", steps, strength, schedule=schedule, order=order)
     if strength is None:
         start_t, n, sample = 1.0, steps, noise.clone()
     else:
@@ -341,7 +345,7 @@ def test_unipc_matches_diffusers_unipc_on_a1111_times(steps, strength):
         a = schedule.alphas_cumprod[grid[t_enc]]
         start_t, n, sample = (grid[t_enc - 1] + 1) / 1000, t_enc, a.sqrt() * init + (1 - a).sqrt() * noise
     _, sigmas = _unipc_times(start_t, n, schedule.alphas_cumprod)
-    scheduler = UniPCMultistepScheduler(solver_order=min(3, n), solver_type="bh1", predict_x0=True,
+    scheduler = UniPCMultistepScheduler(solver_order=min(order, n), solver_type="bh1", predict_x0=True,
                                         lower_order_final=True, final_sigmas_type="sigma_min")
     scheduler.set_timesteps(n)
     scheduler.sigmas = torch.tensor(sigmas, dtype=torch.float32)

@@ -691,3 +691,22 @@ def test_api_refiner_checkpoint_axis(switching_api):
     r = client.post("/sdapi/v1/txt2img", json={**PLOT_REQUEST, "script_name": "x/y/z plot",
                                                "script_args": _api_args(index, "None, /etc/passwd")})
     assert r.status_code == 422 and r.json()["field"] == "script_args[1]", r.text
+
+
+def test_size_unipc_order_and_sgm_axes():
+    """A1111's "Size" (WIDTHxHEIGHT), "UniPC Order" (kept below the steps' count, as A1111 sets it) and
+    "SGM noise multiplier" (True/False) axes set their fields; a size that is not WIDTHxHEIGHT is refused
+    by name before anything runs."""
+    from underpaint.pipeline import xyz_plot
+
+    def cells(axis_type, values, **base):
+        return xyz_plot.plan(GenerationParams(**{**BASE, **base}, xyz_plot=XYZPlotOptions(
+            x_type=axis_type, x_values=values))).cells
+
+    assert [(c.params.width, c.params.height) for c in cells("Size", "512x768, 768 x 512")] == [(512, 768), (768, 512)]
+    assert [c.params.sampler_options.unipc_order for c in cells("UniPC Order", "1,2,5", steps=4)] == [1, 2, 3]
+    assert [c.params.sgm_noise_multiplier for c in cells("SGM noise multiplier", "False,True")] == [False, True]
+    for axis_type, values in (("Size", "512"), ("Size", "axb"), ("SGM noise multiplier", "maybe")):
+        with pytest.raises(InvalidParameter) as err:
+            cells(axis_type, values)
+        assert err.value.field == "xyz_x_values", (axis_type, err.value)

@@ -118,6 +118,12 @@ class SamplerOptions:
     sigma_max: float | None = None
     rho: float | None = None
     discard_penultimate_sigma: bool | None = None
+    #: A1111's "UniPC order" setting: the order of the UniPC solver (lower at the start and the end;
+    #: at most the steps' count).
+    unipc_order: int = 3
+
+    def __post_init__(self) -> None:
+        _check_range("unipc_order", self.unipc_order, 1, 50, integer=True)
 
 
 @dataclass(frozen=True)
@@ -515,6 +521,9 @@ class GenerationParams:
     #: ``aesthetic_score``/``negative_aesthetic_score``); other models have no such input.
     aesthetic_score: float = 6.0
     negative_aesthetic_score: float = 2.5
+    #: A1111's "SGM noise multiplier": txt2img's start noise scaled by sqrt(1 + σ₀²) instead of σ₀, as
+    #: Stability's SGM code (SDXL's reference) starts; only to reproduce its pictures. k-diffusion samplers.
+    sgm_noise_multiplier: bool = False
     #: A1111's "Apply color correction to img2img results to match original colors"
     #: (pipeline/color_correction.py): img2img and inpainting results matched to the init picture's colours.
     img2img_color_correction: bool = False
@@ -557,7 +566,7 @@ class GenerationParams:
         _check_range("s_min_uncond", self.s_min_uncond, 0.0, MAX_S_MIN_UNCOND)
         if self.color_reference is not None:
             _check_image("color_reference", self.color_reference)
-        for name in ("s_min_uncond_all", "tiling", "img2img_color_correction"):
+        for name in ("s_min_uncond_all", "tiling", "img2img_color_correction", "sgm_noise_multiplier"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidParameter(name, getattr(self, name), "true or false")
         _check_range("skip_early_cond", self.skip_early_cond, 0.0, 1.0)

@@ -111,6 +111,13 @@ def _add_generation_args(p: argparse.ArgumentParser, *, img2img: bool) -> None:
                         "sampler's own, 1 for ancestral, 0 for DDIM)")
     s.add_argument("--s-churn", type=float, default=0.0, help="A1111's Sigma churn (Euler, Heun, DPM2; default 0)")
     s.add_argument("--s-noise", type=float, default=1.0, help="A1111's Sigma noise (default 1)")
+    s.add_argument("--unipc-order", dest="unipc_order", type=int, default=3, metavar="N",
+                   help="A1111's UniPC order: the UniPC sampler's solver order, 1-50 (default 3; at most the steps)")
+    if not img2img:
+        s.add_argument("--sgm-noise-multiplier", dest="sgm_noise_multiplier", action="store_const", const=True,
+                       default=False,
+                       help="A1111's SGM noise multiplier: scale the start noise as Stability's SGM code (SDXL's "
+                            "reference) does, to reproduce its pictures (k-diffusion samplers)")
     if img2img:
         s.add_argument("--noise-multiplier", dest="noise_multiplier", type=float, default=1.0, metavar="M",
                        help="A1111's Noise multiplier for img2img: the start noise times M, 0-4 (default 1; A1111's "
@@ -433,7 +440,8 @@ _OVERRIDABLE = ("prompt", "negative_prompt", "strength", "steps", "cfg_scale", "
                 "scheduler", "clip_skip",
                 "eta", "s_churn", "s_noise", "seed", "subseed", "subseed_strength", "seed_resize_from", "rng", "ensd",
                 "width", "height", "token_merging", "s_min_uncond", "s_min_uncond_all", "skip_early_cond",
-                "vae_encode_method", "vae_decode_method", "tiling", "noise_multiplier", "extra_noise")
+                "vae_encode_method", "vae_decode_method", "tiling", "noise_multiplier", "extra_noise", "unipc_order",
+                "sgm_noise_multiplier")
 # GenerationParams field → the flag that sets it (where the names differ).
 _FLAG_OF_FIELD = {"seed_resize_from_w": "seed_resize_from", "seed_resize_from_h": "seed_resize_from",
                   "eta_noise_seed_delta": "ensd", "token_merging_ratio": "token_merging"}
@@ -565,7 +573,9 @@ def params_from_args(args: argparse.Namespace, init_images: tuple = (), *, model
         extra_noise=args.extra_noise,
         aesthetic_score=args.aesthetic_score,
         negative_aesthetic_score=args.negative_aesthetic_score,
-        sampler_options=SamplerOptions(eta=args.eta, s_churn=args.s_churn, s_noise=args.s_noise),
+        sampler_options=SamplerOptions(eta=args.eta, s_churn=args.s_churn, s_noise=args.s_noise,
+                                       unipc_order=args.unipc_order),
+        sgm_noise_multiplier=bool(getattr(args, "sgm_noise_multiplier", False)),
         control_units=control_units_from_args(args),
     )
     if getattr(args, "from_infotext", None):
@@ -641,7 +651,8 @@ def _with_infotext(params: GenerationParams, args: argparse.Namespace, given: se
         fields.pop("hires", None)
     fields = {k: v for k, v in fields.items() if _FLAG_OF_FIELD.get(k, k) not in given}
     options = fields.pop("sampler_options")
-    fields["sampler_options"] = replace(options, **{k: getattr(args, k) for k in ("eta", "s_churn", "s_noise") if k in given})
+    fields["sampler_options"] = replace(options, **{k: getattr(args, k) for k in ("eta", "s_churn", "s_noise",
+                                                                                  "unipc_order") if k in given})
     return params.replace(**fields)
 
 

@@ -100,7 +100,7 @@ _FIELD_FLAGS: dict[str, tuple[str, ...]] = {
     "s_min_uncond": ("--ngms",), "s_min_uncond_all": ("--ngms-all-steps",), "skip_early_cond": ("--skip-early-cfg",),
     "vae_encode_method": ("--vae-encoder",), "vae_decode_method": ("--vae-decoder",),
     "noise_multiplier": ("--noise-multiplier",), "extra_noise": ("--extra-noise",),
-    "aesthetic_score": ("--aesthetic-score",), "negative_aesthetic_score": ("--negative-aesthetic-score",),
+    "aesthetic_score": ("--aesthetic-score",), "unipc_order": ("--unipc-order",), "negative_aesthetic_score": ("--negative-aesthetic-score",),
     "hires_checkpoint": ("--hires-checkpoint",),
     "freeu": ("--freeu",), "freeu_b1": ("--freeu",), "freeu_b2": ("--freeu",), "freeu_s1": ("--freeu",),
     "freeu_s2": ("--freeu",),

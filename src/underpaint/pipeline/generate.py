@@ -526,7 +526,8 @@ def _run_batch(model, plan: Plan, job: int, seeds, subseeds, progress, cancel: C
             x = x + noise * p.extra_noise
     else:
         x, sigmas = prepare_start(p.sampler, noise, to_device(plan.sigmas, device), init=init,
-                                  model_schedule=model_schedule(model), extra_noise=p.extra_noise if init is not None else 0.0)
+                                  model_schedule=model_schedule(model), extra_noise=p.extra_noise if init is not None else 0.0,
+                                  sgm=p.sgm_noise_multiplier)
 
     # 5. Denoiser: model wrapper ∘ CFG ∘ inpaint blend (∘ ControlNet); a 9-channel
     #    inpainting checkpoint also sees the mask and the masked picture.

@@ -64,6 +64,11 @@ def infotext_params(params: GenerationParams, info: ModelInfo, *, width: int, he
         "Sigma tmax": opts.s_tmax if opts.s_tmax != math.inf and "s_tmax" in takes else None,
         "Sigma noise": opts.s_noise if opts.s_noise != 1.0 and "s_noise" in takes else None,
         "Discard penultimate sigma": True if opts.discard_penultimate_sigma else None,
+        # Where it applied: txt2img's start with a k-diffusion sampler on a Stable Diffusion model.
+        "SGM noise multiplier": True if p.sgm_noise_multiplier and not p.is_img2img and info.family != "flux"
+        and "timestep" not in sampler_info(p.sampler).flags else None,
+        # A1111's setting key, written away from its default 3 for the sampler it changes.
+        "UniPC order": opts.unipc_order if opts.unipc_order != 3 and p.sampler == "UniPC" else None,
         **vae_type_infotext(p),
         # A1111 adds these while sampling, after the sampler's keys.
         **guidance_infotext(p),

@@ -95,6 +95,8 @@ def params_from_infotext(parsed: ParsedInfotext) -> dict[str, Any]:
         fields["s_min_uncond_all"] = _parse(values, "NGMS all steps", _boolean)
     if "Tiling" in values:
         fields["tiling"] = _parse(values, "Tiling", _boolean)
+    if "SGM noise multiplier" in values:
+        fields["sgm_noise_multiplier"] = _parse(values, "SGM noise multiplier", _boolean)
     if values.get("Refiner"):  # the checkpoint's A1111 title, "name [hash]", as the models folder matches it
         from ..params import RefinerOptions, hires_refiner_pass
 
@@ -156,6 +158,8 @@ def sampler_options(values: Mapping[str, str]) -> SamplerOptions:
             found[name] = number if number != 0 else None
     if "Discard penultimate sigma" in values:
         found["discard_penultimate_sigma"] = _parse(values, "Discard penultimate sigma", _boolean)
+    if "UniPC order" in values:
+        found["unipc_order"] = _parse(values, "UniPC order", int)
     return SamplerOptions(**found)
 
 

@@ -148,6 +148,26 @@ def _rng(p: "GenerationParams", value: str, first) -> "GenerationParams":
     return p.replace(rng=sources[str(value).strip().lower()])
 
 
+def _sgm(p: "GenerationParams", value: str, first) -> "GenerationParams":
+    return p.replace(sgm_noise_multiplier=_boolean(value))
+
+
+def _unipc_order(p: "GenerationParams", value: int, first) -> "GenerationParams":
+    """A1111 keeps the order below the steps' count."""
+    return p.replace(sampler_options=replace(p.sampler_options, unipc_order=max(1, min(value, p.steps - 1))))
+
+
+def _size(p: "GenerationParams", value: str, first) -> "GenerationParams":
+    """A1111's "Size": WIDTHxHEIGHT, the picture's size (img2img: the size it is resized to)."""
+    width, sep, height = str(value).partition("x")
+    try:
+        if not sep:
+            raise ValueError(value)
+        return p.replace(width=int(width.strip()), height=int(height.strip()))
+    except ValueError:
+        raise InvalidParameter("xyz_values", value, "WIDTHxHEIGHT, e.g. 512x768") from None
+
+
 def _mask_weight(p: "GenerationParams", value: float, first) -> "GenerationParams":
     return p.replace(inpaint=replace(p.inpaint, mask_weight=value))
 
@@ -216,6 +236,9 @@ AXES: dict[str, Axis] = {a.name.lower(): a for a in (
     Axis("Refiner checkpoint", str, _same, label=_FILE, loads=REFINER, cost=0.9),
     Axis("Refiner switch at", float, _refiner_switch),
     Axis("RNG source", str, _rng),
+    Axis("UniPC Order", int, _unipc_order),
+    Axis("SGM noise multiplier", str, _sgm),
+    Axis("Size", str, _size),
 )}
 
 

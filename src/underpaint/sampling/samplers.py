@@ -99,6 +99,7 @@ def run_sampler(
         if model_schedule is None:
             raise ValueError("UniPC needs the model schedule")
         kwargs["model_schedule"] = model_schedule
+        kwargs["order"] = (options or SamplerOptions()).unipc_order
     return function(denoiser, x, sigmas, noise=noise_sampler, callback=callback, **kwargs)
 
 
@@ -110,6 +111,7 @@ def prepare_start(
     init: torch.Tensor | None = None,
     model_schedule: ModelSchedule | None = None,
     extra_noise: float = 0.0,
+    sgm: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The latent A1111 1.10 starts sampling from, and the sigmas to run from it.
 
@@ -122,13 +124,18 @@ def prepare_start(
 
     ``extra_noise`` (A1111's "Extra noise" setting, img2img only): the same noise once more, times
     it, on top of a picture's start (in σ space; DDPM-scaled for the timestep samplers, as A1111).
+
+    ``sgm`` (A1111's "SGM noise multiplier", k-diffusion txt2img only): the noise times
+    ``sqrt(1 + σ₀²)`` rather than ``σ₀``, as Stability's SGM code starts SDXL.
     """
     sigma0 = sigmas[0]
     info = sampler_info(label)
     if init is not None and extra_noise:
         init = init + noise * extra_noise
     if "timestep" not in info.flags:
-        return (noise * sigma0 if init is None else init + noise * sigma0), sigmas
+        if init is None:
+            return noise * ((1 + sigma0**2) ** 0.5 if sgm else sigma0), sigmas
+        return init + noise * sigma0, sigmas
     if init is None:
         if info.function == "sample_unipc":
             if model_schedule is None:

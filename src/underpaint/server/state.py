@@ -60,6 +60,9 @@ class ServerOptions:
     #: A1111's "SDXL high/low aesthetic score": what an SDXL refiner-architecture model is conditioned
     #: on for the prompt and for the negative prompt (pipeline/conditioning.py).
     sdxl_refiner_high_aesthetic_score: float = 6.0
+    #: A1111's "UniPC order" and "SGM noise multiplier" (Settings → Sampler parameters).
+    uni_pc_order: int = 3
+    sgm_noise_multiplier: bool = False
     #: A1111's "Hires fix: which pass to enable refiner for": first pass, second pass or both passes.
     hires_fix_refiner_pass: str = "second pass"
     sdxl_refiner_low_aesthetic_score: float = 2.5

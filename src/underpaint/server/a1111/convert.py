@@ -255,6 +255,8 @@ def _kept_options(req: GenerationRequest, ctx: ConvertContext) -> dict[str, Any]
         "initial_noise_multiplier": ("initial_noise_multiplier",
                                      lambda key: overrides.float(key, options.initial_noise_multiplier)),
         "img2img_extra_noise": ("img2img_extra_noise", lambda key: overrides.float(key, options.img2img_extra_noise)),
+        "uni_pc_order": ("uni_pc_order", lambda key: overrides.int(key, options.uni_pc_order)),
+        "sgm_noise_multiplier": ("sgm_noise_multiplier", lambda key: overrides.bool(key, options.sgm_noise_multiplier)),
         "hires_fix_refiner_pass": ("hires_fix_refiner_pass",
                                    lambda key: overrides.hires_refiner_pass(options.hires_fix_refiner_pass)),
         "sdxl_refiner_high_aesthetic_score": ("sdxl_refiner_high_aesthetic_score",
@@ -326,6 +328,8 @@ _API_FIELD = {**SCRIPT_ARG_FIELDS, "strength": "denoising_strength", "sampler": 
               "vae_decode_method": "override_settings.sd_vae_decode_method",
               "noise_multiplier": "initial_noise_multiplier", "extra_noise": "override_settings.img2img_extra_noise",
               "aesthetic_score": "override_settings.sdxl_refiner_high_aesthetic_score",
+              "unipc_order": "override_settings.uni_pc_order",
+              "sgm_noise_multiplier": "override_settings.sgm_noise_multiplier",
               "negative_aesthetic_score": "override_settings.sdxl_refiner_low_aesthetic_score",
               "hires_checkpoint": "hr_checkpoint_name"}
 
@@ -655,7 +659,8 @@ def _common_fields(req: GenerationRequest, ctx: ConvertContext, pictures: Pictur
                                                     ctx.options.sdxl_refiner_low_aesthetic_score),
         "freeu": _freeu(req.alwayson_scripts),
         "refiner": _refiner(req, ctx, overrides),
-        "sampler_options": _sampler_options(req, overrides, sampler),
+        "sampler_options": _sampler_options(req, overrides, sampler, ctx.options),
+        "sgm_noise_multiplier": overrides.bool("sgm_noise_multiplier", ctx.options.sgm_noise_multiplier),
         "deepcache": _deepcache(overrides),
         "first_block_cache": _first_block_cache(overrides),
         "_model": overrides.model(),
@@ -791,7 +796,8 @@ def _first_block_cache(overrides: "_Overrides") -> float:
     return value
 
 
-def _sampler_options(req: GenerationRequest, overrides: "_Overrides", sampler: str) -> SamplerOptions:
+def _sampler_options(req: GenerationRequest, overrides: "_Overrides", sampler: str,
+                     options: ServerOptions) -> SamplerOptions:
     eta = req.eta
     if eta is None:
         eta = overrides.float("eta_ddim" if sampler.strip().upper() == "DDIM" else "eta_ancestral", None)
@@ -814,7 +820,11 @@ def _sampler_options(req: GenerationRequest, overrides: "_Overrides", sampler: s
             extra[name] = value
     if overrides.has("always_discard_next_to_last_sigma"):
         extra["discard_penultimate_sigma"] = overrides.bool("always_discard_next_to_last_sigma", False)
-    return SamplerOptions(**values, **extra)
+    extra["unipc_order"] = overrides.int("uni_pc_order", options.uni_pc_order)
+    try:
+        return SamplerOptions(**values, **extra)
+    except InvalidParameter as exc:  # only the order is checked there
+        raise InvalidParameter("override_settings.uni_pc_order", exc.value, exc.expected) from None
 
 
 def _first(*values):
@@ -1029,7 +1039,8 @@ _INFOTEXT_SETTINGS: tuple[tuple[str, str, type], ...] = (
     ("Skip Early CFG", "skip_early_cond", float),
     ("VAE Encoder", "sd_vae_encode_method", str), ("VAE Decoder", "sd_vae_decode_method", str),
     ("Noise multiplier", "initial_noise_multiplier", float), ("Extra noise", "img2img_extra_noise", float),
-    ("Hires refiner", "hires_fix_refiner_pass", str))
+    ("Hires refiner", "hires_fix_refiner_pass", str), ("UniPC order", "uni_pc_order", int),
+    ("SGM noise multiplier", "sgm_noise_multiplier", bool))
 
 
 def apply_infotext(req: GenerationRequest) -> GenerationRequest:

@@ -236,6 +236,11 @@ class Options(WireModel):
     img2img_extra_noise: float = Field(0.0, ge=0, le=1, description=(
         "Extra noise multiplier for img2img and hires fix: the start noise once more, times this, on top of "
         "the start (0: off; keep it below the denoising strength)."))
+    uni_pc_order: int = Field(3, ge=1, le=50, description=(
+        "UniPC order: the order of the UniPC sampler's solver (lower at the start and the end; at most the steps)."))
+    sgm_noise_multiplier: bool = Field(False, description=(
+        "SGM noise multiplier: txt2img's start noise scaled as Stability's SGM code (SDXL's reference) scales it, "
+        "to reproduce its pictures (k-diffusion samplers)."))
     hires_fix_refiner_pass: str = Field("second pass", description=(
         "Hires fix: which pass to enable refiner for: 'first pass', 'second pass' or 'both passes'."))
     sdxl_refiner_high_aesthetic_score: float = Field(6.0, ge=0, le=10, description=(

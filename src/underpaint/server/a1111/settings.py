@@ -75,6 +75,8 @@ def get_options(request: Request) -> Options:
         img2img_extra_noise=opts.img2img_extra_noise,
         sdxl_refiner_high_aesthetic_score=opts.sdxl_refiner_high_aesthetic_score,
         hires_fix_refiner_pass=opts.hires_fix_refiner_pass,
+        uni_pc_order=opts.uni_pc_order,
+        sgm_noise_multiplier=opts.sgm_noise_multiplier,
         sdxl_refiner_low_aesthetic_score=opts.sdxl_refiner_low_aesthetic_score,
         sd_vae=opts.sd_vae,
         upscaler_for_img2img=opts.upscaler_for_img2img,
@@ -110,7 +112,9 @@ def _option_changes(body: dict[str, Any], state: ServerState) -> dict[str, Any]:
             changes[key] = token_merging_setting(key, body[key])
     if "s_min_uncond" in body:
         changes["s_min_uncond"] = _float_option(body, "s_min_uncond", 0.0, MAX_S_MIN_UNCOND)
-    for key in ("s_min_uncond_all", "img2img_color_correction", "tiling"):
+    if "uni_pc_order" in body:
+        changes["uni_pc_order"] = _int_option(body, "uni_pc_order", 1, 50)
+    for key in ("s_min_uncond_all", "img2img_color_correction", "tiling", "sgm_noise_multiplier"):
         if key in body:
             if not isinstance(body[key], bool):
                 raise InvalidParameter(key, body[key], "true or false")
