@@ -694,8 +694,8 @@ def test_api_refiner_checkpoint_axis(switching_api):
 
 
 def test_size_unipc_order_and_sgm_axes():
-    """A1111's "Size" (WIDTHxHEIGHT), "UniPC Order" (kept below the steps' count, as A1111 sets it) and
-    "SGM noise multiplier" (True/False) axes set their fields; a size that is not WIDTHxHEIGHT is refused
+    """A1111's "Size" (WIDTHxHEIGHT), "UniPC Order" (kept below the steps' count, as A1111 sets it),
+    "SGM noise multiplier" (True/False) and "Beta schedule alpha/beta" axes set their fields; a size that is not WIDTHxHEIGHT is refused
     by name before anything runs."""
     from underpaint.pipeline import xyz_plot
 
@@ -706,6 +706,8 @@ def test_size_unipc_order_and_sgm_axes():
     assert [(c.params.width, c.params.height) for c in cells("Size", "512x768, 768 x 512")] == [(512, 768), (768, 512)]
     assert [c.params.sampler_options.unipc_order for c in cells("UniPC Order", "1,2,5", steps=4)] == [1, 2, 3]
     assert [c.params.sgm_noise_multiplier for c in cells("SGM noise multiplier", "False,True")] == [False, True]
+    assert [c.params.sampler_options.beta_alpha for c in cells("Beta schedule alpha", "0.4,0.8")] == [0.4, 0.8]
+    assert [c.params.sampler_options.beta_beta for c in cells("Beta schedule beta", "0.5,0.9")] == [0.5, 0.9]
     for axis_type, values in (("Size", "512"), ("Size", "axb"), ("SGM noise multiplier", "maybe")):
         with pytest.raises(InvalidParameter) as err:
             cells(axis_type, values)

@@ -121,9 +121,15 @@ class SamplerOptions:
     #: A1111's "UniPC order" setting: the order of the UniPC solver (lower at the start and the end;
     #: at most the steps' count).
     unipc_order: int = 3
+    #: A1111's "Beta scheduler - alpha/beta" settings (infotext "Beta schedule alpha/beta"): the shape of
+    #: the Beta schedule's distribution.
+    beta_alpha: float = 0.6
+    beta_beta: float = 0.6
 
     def __post_init__(self) -> None:
         _check_range("unipc_order", self.unipc_order, 1, 50, integer=True)
+        for name in ("beta_alpha", "beta_beta"):
+            _check_range(name, getattr(self, name), 0.01, 10.0)
 
 
 @dataclass(frozen=True)

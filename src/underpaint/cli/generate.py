@@ -111,6 +111,10 @@ def _add_generation_args(p: argparse.ArgumentParser, *, img2img: bool) -> None:
                         "sampler's own, 1 for ancestral, 0 for DDIM)")
     s.add_argument("--s-churn", type=float, default=0.0, help="A1111's Sigma churn (Euler, Heun, DPM2; default 0)")
     s.add_argument("--s-noise", type=float, default=1.0, help="A1111's Sigma noise (default 1)")
+    s.add_argument("--beta-alpha", dest="beta_alpha", type=float, default=0.6, metavar="A",
+                   help="A1111's Beta scheduler alpha: the Beta schedule's shape, 0.01-10 (default 0.6)")
+    s.add_argument("--beta-beta", dest="beta_beta", type=float, default=0.6, metavar="B",
+                   help="A1111's Beta scheduler beta (default 0.6)")
     s.add_argument("--unipc-order", dest="unipc_order", type=int, default=3, metavar="N",
                    help="A1111's UniPC order: the UniPC sampler's solver order, 1-50 (default 3; at most the steps)")
     if not img2img:
@@ -441,7 +445,7 @@ _OVERRIDABLE = ("prompt", "negative_prompt", "strength", "steps", "cfg_scale", "
                 "eta", "s_churn", "s_noise", "seed", "subseed", "subseed_strength", "seed_resize_from", "rng", "ensd",
                 "width", "height", "token_merging", "s_min_uncond", "s_min_uncond_all", "skip_early_cond",
                 "vae_encode_method", "vae_decode_method", "tiling", "noise_multiplier", "extra_noise", "unipc_order",
-                "sgm_noise_multiplier")
+                "sgm_noise_multiplier", "beta_alpha", "beta_beta")
 # GenerationParams field → the flag that sets it (where the names differ).
 _FLAG_OF_FIELD = {"seed_resize_from_w": "seed_resize_from", "seed_resize_from_h": "seed_resize_from",
                   "eta_noise_seed_delta": "ensd", "token_merging_ratio": "token_merging"}
@@ -574,7 +578,8 @@ def params_from_args(args: argparse.Namespace, init_images: tuple = (), *, model
         aesthetic_score=args.aesthetic_score,
         negative_aesthetic_score=args.negative_aesthetic_score,
         sampler_options=SamplerOptions(eta=args.eta, s_churn=args.s_churn, s_noise=args.s_noise,
-                                       unipc_order=args.unipc_order),
+                                       unipc_order=args.unipc_order, beta_alpha=args.beta_alpha,
+                                       beta_beta=args.beta_beta),
         sgm_noise_multiplier=bool(getattr(args, "sgm_noise_multiplier", False)),
         control_units=control_units_from_args(args),
     )
@@ -651,8 +656,8 @@ def _with_infotext(params: GenerationParams, args: argparse.Namespace, given: se
         fields.pop("hires", None)
     fields = {k: v for k, v in fields.items() if _FLAG_OF_FIELD.get(k, k) not in given}
     options = fields.pop("sampler_options")
-    fields["sampler_options"] = replace(options, **{k: getattr(args, k) for k in ("eta", "s_churn", "s_noise",
-                                                                                  "unipc_order") if k in given})
+    fields["sampler_options"] = replace(options, **{k: getattr(args, k) for k in (
+        "eta", "s_churn", "s_noise", "unipc_order", "beta_alpha", "beta_beta") if k in given})
     return params.replace(**fields)
 
 

@@ -372,8 +372,9 @@ def flux_schedule(model, params: GenerationParams, steps: int, width: int, heigh
     Fill), unshifted for schnell, as the reference code samples them."""
     shifted = bool(getattr(model.unet.config, "guidance_embeds", False))
     mu = shift_mu(image_seq_len(width, height)) if shifted else None
-    return flow_sigmas(steps, mu=mu, schedule=params.scheduler, sampler=params.sampler,
-                       rho=params.sampler_options.rho)
+    options = params.sampler_options
+    return flow_sigmas(steps, mu=mu, schedule=params.scheduler, sampler=params.sampler, rho=options.rho,
+                       beta_shape=(options.beta_alpha, options.beta_beta))
 
 
 def model_schedule(model) -> ModelSchedule:

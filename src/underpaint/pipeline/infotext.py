@@ -57,6 +57,8 @@ def infotext_params(params: GenerationParams, info: ModelInfo, *, width: int, he
         "Schedule min sigma": opts.sigma_min,
         "Schedule max sigma": opts.sigma_max,
         "Schedule rho": opts.rho,
+        # A1111 writes the Beta schedule's shape whenever a pass uses it.
+        **_beta_entries(p),
         # A1111 1.10's names for the churn settings of Euler, Heun and DPM2 (s_noise also reaches
         # the ancestral and SDE samplers); written only for a sampler that takes the setting.
         "Sigma churn": (opts.s_churn or None) if "s_churn" in takes else None,
@@ -79,6 +81,16 @@ def infotext_params(params: GenerationParams, info: ModelInfo, *, width: int, he
     values.update(dict(p.extra_infotext))
     values["Version"] = VERSION
     return order_params({k: v for k, v in values.items() if v is not None})
+
+
+def _beta_entries(p: GenerationParams) -> dict:
+    schedules = [infotext_schedule(p.sampler, p.scheduler)]
+    if p.hires is not None and not p.is_img2img:
+        schedules.append(infotext_schedule(p.hires.sampler or p.sampler, p.hires.scheduler or p.scheduler))
+    if "Beta" not in schedules:
+        return {}
+    opts = p.sampler_options
+    return {"Beta schedule alpha": opts.beta_alpha, "Beta schedule beta": opts.beta_beta}
 
 
 def _eta_entry(p: GenerationParams) -> dict:

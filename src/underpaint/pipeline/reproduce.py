@@ -160,6 +160,9 @@ def sampler_options(values: Mapping[str, str]) -> SamplerOptions:
         found["discard_penultimate_sigma"] = _parse(values, "Discard penultimate sigma", _boolean)
     if "UniPC order" in values:
         found["unipc_order"] = _parse(values, "UniPC order", int)
+    for key, name in (("Beta schedule alpha", "beta_alpha"), ("Beta schedule beta", "beta_beta")):
+        if key in values:
+            found[name] = _parse(values, key, float)
     return SamplerOptions(**found)
 
 

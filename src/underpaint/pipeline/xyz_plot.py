@@ -237,6 +237,8 @@ AXES: dict[str, Axis] = {a.name.lower(): a for a in (
     Axis("Refiner switch at", float, _refiner_switch),
     Axis("RNG source", str, _rng),
     Axis("UniPC Order", int, _unipc_order),
+    Axis("Beta schedule alpha", float, _sampler_option("beta_alpha")),
+    Axis("Beta schedule beta", float, _sampler_option("beta_beta")),
     Axis("SGM noise multiplier", str, _sgm),
     Axis("Size", str, _size),
 )}

@@ -58,7 +58,7 @@ def time_shift(mu: float, t: torch.Tensor) -> torch.Tensor:
 
 
 def flow_sigmas(steps: int, *, mu: float | None, schedule: str = "Automatic", sampler: str = "Euler",
-                rho: float | None = None) -> torch.Tensor:
+                rho: float | None = None, beta_shape: tuple[float, float] = (0.6, 0.6)) -> torch.Tensor:
     """``steps + 1`` σ from (near) 1 down to 0 for a flow model; ``mu=None`` is unshifted (schnell).
 
     "Automatic", "Simple", "Normal", "Uniform" and "SGM Uniform" all mean the reference
@@ -90,7 +90,7 @@ def flow_sigmas(steps: int, *, mu: float | None, schedule: str = "Automatic", sa
             "Exponential": lambda: schedules.sigmas_exponential(n, sigma_min, 1.0),
             "Polyexponential": lambda: schedules.sigmas_polyexponential(n, sigma_min, 1.0, rho or 1.0),
             "KL Optimal": lambda: schedules.sigmas_kl_optimal(n, sigma_min, 1.0),
-            "Beta": lambda: schedules.sigmas_beta(n, sigma_min, 1.0),
+            "Beta": lambda: schedules.sigmas_beta(n, sigma_min, 1.0, *beta_shape),
         }
         sigmas = table[label]().to(torch.float64)
     sigmas = sigmas.to(torch.float32)

@@ -338,10 +338,12 @@ def _schedule_sigmas(info, schedule_label, n, model_schedule, options, family) -
     rho = schedule.default_rho
     if rho is not None and options is not None and options.rho and options.rho != rho:
         rho = options.rho
-    return _call_schedule(label, n, sigma_min, sigma_max, rho, model_schedule, family)
+    shape = (options.beta_alpha, options.beta_beta) if options is not None else (BETA_ALPHA, BETA_BETA)
+    return _call_schedule(label, n, sigma_min, sigma_max, rho, model_schedule, family, shape)
 
 
-def _call_schedule(label, n, sigma_min, sigma_max, rho, model_schedule, family) -> torch.Tensor:
+def _call_schedule(label, n, sigma_min, sigma_max, rho, model_schedule, family,
+                   beta_shape: tuple[float, float] = (BETA_ALPHA, BETA_BETA)) -> torch.Tensor:
     table: dict[str, Callable[[], torch.Tensor]] = {
         "Uniform": lambda: sigmas_uniform(n, model_schedule),
         "Karras": lambda: sigmas_karras(n, sigma_min, sigma_max, rho),
@@ -353,7 +355,7 @@ def _call_schedule(label, n, sigma_min, sigma_max, rho, model_schedule, family) 
         "Simple": lambda: sigmas_simple(n, model_schedule),
         "Normal": lambda: sigmas_normal(n, sigma_min, sigma_max, model_schedule),
         "DDIM": lambda: sigmas_ddim(n, model_schedule),
-        "Beta": lambda: sigmas_beta(n, sigma_min, sigma_max),
+        "Beta": lambda: sigmas_beta(n, sigma_min, sigma_max, *beta_shape),
     }
     return table[label]()
 

@@ -62,6 +62,9 @@ class ServerOptions:
     sdxl_refiner_high_aesthetic_score: float = 6.0
     #: A1111's "UniPC order" and "SGM noise multiplier" (Settings → Sampler parameters).
     uni_pc_order: int = 3
+    #: A1111's "Beta scheduler - alpha/beta": the Beta schedule's shape.
+    beta_dist_alpha: float = 0.6
+    beta_dist_beta: float = 0.6
     sgm_noise_multiplier: bool = False
     #: A1111's "Hires fix: which pass to enable refiner for": first pass, second pass or both passes.
     hires_fix_refiner_pass: str = "second pass"

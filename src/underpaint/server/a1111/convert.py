@@ -256,6 +256,8 @@ def _kept_options(req: GenerationRequest, ctx: ConvertContext) -> dict[str, Any]
                                      lambda key: overrides.float(key, options.initial_noise_multiplier)),
         "img2img_extra_noise": ("img2img_extra_noise", lambda key: overrides.float(key, options.img2img_extra_noise)),
         "uni_pc_order": ("uni_pc_order", lambda key: overrides.int(key, options.uni_pc_order)),
+        "beta_dist_alpha": ("beta_dist_alpha", lambda key: overrides.float(key, options.beta_dist_alpha)),
+        "beta_dist_beta": ("beta_dist_beta", lambda key: overrides.float(key, options.beta_dist_beta)),
         "sgm_noise_multiplier": ("sgm_noise_multiplier", lambda key: overrides.bool(key, options.sgm_noise_multiplier)),
         "hires_fix_refiner_pass": ("hires_fix_refiner_pass",
                                    lambda key: overrides.hires_refiner_pass(options.hires_fix_refiner_pass)),
@@ -821,10 +823,14 @@ def _sampler_options(req: GenerationRequest, overrides: "_Overrides", sampler: s
     if overrides.has("always_discard_next_to_last_sigma"):
         extra["discard_penultimate_sigma"] = overrides.bool("always_discard_next_to_last_sigma", False)
     extra["unipc_order"] = overrides.int("uni_pc_order", options.uni_pc_order)
+    extra["beta_alpha"] = overrides.float("beta_dist_alpha", options.beta_dist_alpha)
+    extra["beta_beta"] = overrides.float("beta_dist_beta", options.beta_dist_beta)
     try:
         return SamplerOptions(**values, **extra)
-    except InvalidParameter as exc:  # only the order is checked there
-        raise InvalidParameter("override_settings.uni_pc_order", exc.value, exc.expected) from None
+    except InvalidParameter as exc:  # the settings checked there, by their A1111 names
+        setting = {"unipc_order": "uni_pc_order", "beta_alpha": "beta_dist_alpha", "beta_beta": "beta_dist_beta"}
+        raise InvalidParameter(f"override_settings.{setting.get(exc.field, exc.field)}", exc.value,
+                               exc.expected) from None
 
 
 def _first(*values):
@@ -1040,6 +1046,7 @@ _INFOTEXT_SETTINGS: tuple[tuple[str, str, type], ...] = (
     ("VAE Encoder", "sd_vae_encode_method", str), ("VAE Decoder", "sd_vae_decode_method", str),
     ("Noise multiplier", "initial_noise_multiplier", float), ("Extra noise", "img2img_extra_noise", float),
     ("Hires refiner", "hires_fix_refiner_pass", str), ("UniPC order", "uni_pc_order", int),
+    ("Beta schedule alpha", "beta_dist_alpha", float), ("Beta schedule beta", "beta_dist_beta", float),
     ("SGM noise multiplier", "sgm_noise_multiplier", bool))
 
 

@@ -238,6 +238,8 @@ class Options(WireModel):
         "the start (0: off; keep it below the denoising strength)."))
     uni_pc_order: int = Field(3, ge=1, le=50, description=(
         "UniPC order: the order of the UniPC sampler's solver (lower at the start and the end; at most the steps)."))
+    beta_dist_alpha: float = Field(0.6, ge=0.01, le=10, description="Beta scheduler - alpha: the Beta schedule's shape.")
+    beta_dist_beta: float = Field(0.6, ge=0.01, le=10, description="Beta scheduler - beta: the Beta schedule's shape.")
     sgm_noise_multiplier: bool = Field(False, description=(
         "SGM noise multiplier: txt2img's start noise scaled as Stability's SGM code (SDXL's reference) scales it, "
         "to reproduce its pictures (k-diffusion samplers)."))

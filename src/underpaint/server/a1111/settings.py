@@ -76,6 +76,8 @@ def get_options(request: Request) -> Options:
         sdxl_refiner_high_aesthetic_score=opts.sdxl_refiner_high_aesthetic_score,
         hires_fix_refiner_pass=opts.hires_fix_refiner_pass,
         uni_pc_order=opts.uni_pc_order,
+        beta_dist_alpha=opts.beta_dist_alpha,
+        beta_dist_beta=opts.beta_dist_beta,
         sgm_noise_multiplier=opts.sgm_noise_multiplier,
         sdxl_refiner_low_aesthetic_score=opts.sdxl_refiner_low_aesthetic_score,
         sd_vae=opts.sd_vae,
@@ -114,6 +116,9 @@ def _option_changes(body: dict[str, Any], state: ServerState) -> dict[str, Any]:
         changes["s_min_uncond"] = _float_option(body, "s_min_uncond", 0.0, MAX_S_MIN_UNCOND)
     if "uni_pc_order" in body:
         changes["uni_pc_order"] = _int_option(body, "uni_pc_order", 1, 50)
+    for key in ("beta_dist_alpha", "beta_dist_beta"):
+        if key in body:
+            changes[key] = _float_option(body, key, 0.01, 10.0)
     for key in ("s_min_uncond_all", "img2img_color_correction", "tiling", "sgm_noise_multiplier"):
         if key in body:
             if not isinstance(body[key], bool):

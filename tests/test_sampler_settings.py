@@ -1,7 +1,8 @@
-"""A1111's "SGM noise multiplier": txt2img's start noise scaled by sqrt(1 + σ₀²) (as Stability's SGM
-code starts SDXL) instead of σ₀, for k-diffusion samplers only; checked against diffusers, whose Euler
-scheduler starts that way with "leading" timestep spacing, and through the CLI, the API and the
-infotext. Also A1111's "UniPC order" setting's wiring (its sampler is checked in test_sampling_samplers)."""
+"""A1111's sampler settings beyond the request fields: "SGM noise multiplier" (txt2img's start noise
+scaled by sqrt(1 + σ₀²), as Stability's SGM code starts SDXL, instead of σ₀; k-diffusion samplers only;
+checked against diffusers, whose Euler scheduler starts that way with "leading" timestep spacing), the
+Beta schedule's alpha and beta (against scipy's Beta quantiles), and "UniPC order" (its sampler is
+checked in test_sampling_samplers); each through the CLI, the API and the infotext."""
 
 from __future__ import annotations
 
@@ -117,3 +118,62 @@ def test_unipc_order_reaches_the_sampler_and_the_infotext(sd1_engine):
                                                   .SamplerOptions(unipc_order=2)))
     assert "UniPC order" not in third.infotexts[0] and "UniPC order: 2" in second.infotexts[0]
     assert third.images[0].tobytes() != second.images[0].tobytes()
+
+
+@pytest.mark.parametrize("shape", [(0.6, 0.6), (0.5, 0.7), (2.0, 3.0)])
+def test_beta_schedule_takes_its_shape_from_the_settings(shape):
+    """The Beta schedule: scipy's Beta(alpha, beta) quantiles at evenly spaced probabilities, mapped onto
+    the model's σ range, for the request's alpha and beta."""
+    import scipy.stats
+
+    from test_sampling_samplers import MS
+
+    from underpaint.params import SamplerOptions
+    from underpaint.sampling.schedules import build_sigmas
+
+    n = 9
+    sigmas = build_sigmas("Euler", "Beta", n, MS, SamplerOptions(beta_alpha=shape[0], beta_beta=shape[1]))
+    lo, hi = MS.sigma_min, MS.sigma_max
+    quantiles = scipy.stats.beta.ppf(1 - np.linspace(0, 1, n), *shape)
+    expected = torch.tensor([*(lo + quantiles * (hi - lo)), 0.0], dtype=torch.float32)
+    torch.testing.assert_close(sigmas, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_beta_shape_is_recorded_when_the_beta_schedule_runs(sd1_engine):
+    from underpaint.imageio.infotext import parse_infotext
+    from underpaint.params import SamplerOptions
+    from underpaint.pipeline.reproduce import params_from_infotext
+
+    common = {**BASE, "steps": 3, "scheduler": "Beta"}
+    plain = sd1_engine.generate(GenerationParams(**common))
+    assert "Schedule type: Beta" in plain.infotexts[0]
+    assert "Beta schedule alpha: 0.6, Beta schedule beta: 0.6" in plain.infotexts[0]
+    shaped = sd1_engine.generate(GenerationParams(**common, sampler_options=SamplerOptions(beta_alpha=0.4,
+                                                                                           beta_beta=0.8)))
+    assert "Beta schedule alpha: 0.4, Beta schedule beta: 0.8" in shaped.infotexts[0]
+    assert shaped.images[0].tobytes() != plain.images[0].tobytes()
+    options = params_from_infotext(parse_infotext(shaped.infotexts[0]))["sampler_options"]
+    assert (options.beta_alpha, options.beta_beta) == (0.4, 0.8)
+    karras = sd1_engine.generate(GenerationParams(**{**common, "scheduler": "Karras"}))
+    assert "Beta schedule" not in karras.infotexts[0]
+
+
+def test_beta_shape_through_the_cli_and_the_api(api):
+    from underpaint.cli.generate import params_from_args
+    from underpaint.cli.main import build_parser
+
+    p = params_from_args(build_parser().parse_args(["txt2img", "-p", "x", "--beta-alpha", "0.3", "--beta-beta", "0.9"]))
+    assert (p.sampler_options.beta_alpha, p.sampler_options.beta_beta) == (0.3, 0.9)
+    client, backend = api
+    assert client.get("/sdapi/v1/options").json()["beta_dist_alpha"] == 0.6
+    for body in ({"steps": 1}, {"steps": 1, "override_settings": {"beta_dist_alpha": 0.5, "beta_dist_beta": 0.7}},
+                 {"infotext": "x\nSteps: 1, Seed: 1, Beta schedule alpha: 0.2, Beta schedule beta: 0.3"}):
+        assert client.post("/sdapi/v1/txt2img", json=body).status_code == 200
+    assert client.post("/sdapi/v1/options", json={"beta_dist_beta": 0.4}).status_code == 200
+    assert client.post("/sdapi/v1/txt2img", json={"steps": 1}).status_code == 200
+    assert [(p.sampler_options.beta_alpha, p.sampler_options.beta_beta) for p in backend.params] == [
+        (0.6, 0.6), (0.5, 0.7), (0.2, 0.3), (0.6, 0.4)]
+    r = client.post("/sdapi/v1/txt2img", json={"steps": 1, "override_settings": {"beta_dist_alpha": 0}})
+    assert r.status_code == 422 and r.json()["field"] == "override_settings.beta_dist_alpha", r.text
+    r = client.post("/sdapi/v1/options", json={"beta_dist_beta": -1})
+    assert r.status_code == 422 and r.json()["field"] == "beta_dist_beta", r.text
