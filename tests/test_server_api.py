@@ -121,7 +121,6 @@ def test_infotext_field_fills_unset_fields(client):
     ({"cfg_scale": "NaN"}, "cfg_scale"),
     ({"seed": 2**40}, "seed"),
     ({"width": 10}, "width"),
-    ({"restore_faces": True}, "restore_faces"),
     ({"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, "hr_upscaler"),
     ({"enable_hr": True, "hr_scale": 300}, "hr_scale"),
     ({"enable_hr": True, "hr_resize_x": 100000}, "hr_resize_x"),
@@ -801,8 +800,13 @@ def test_extras_none_upscaler_changes_nothing_and_batch_keeps_order(client, phot
     assert [decode_b64(i).size for i in r.json()["images"]] == [(192, 128), (96, 64)]
 
 
+def test_extras_face_restoration_without_its_files_is_a_404_naming_them(client, photo):
+    r = _extras(client, photo, gfpgan_visibility=0.5)
+    assert r.status_code == 404 and r.json()["field"] == "gfpgan_visibility", r.text
+    assert "GFPGANv1.4.pth" in r.json()["detail"]
+
+
 @pytest.mark.parametrize(("fields", "field"), [
-    ({"gfpgan_visibility": 0.5}, "gfpgan_visibility"),
     ({"codeformer_visibility": 1}, "codeformer_visibility"),
     ({"upscaler_1": "R-ESRGAN 4x+"}, "upscaler_1"),
     ({"upscaler_1": "Lanczos", "upscaler_2": "ScuNET"}, "upscaler_2"),

@@ -1241,6 +1241,29 @@ def test_hires_extra_noise_and_refiner_pass_are_sent_and_pasted(page, tmp_path):
     expect(page.locator("#hires_fix_refiner_pass")).to_have_value("second pass")
 
 
+def test_restore_faces_is_sent_and_pasted(page, tmp_path):
+    """The "Restore faces" checkbox sends A1111's restore_faces only when ticked; a picture's "Face
+    restoration" ticks it, one without unticks it."""
+    requests: list[dict] = []
+    stub_generation(page, "/sdapi/v1/txt2img", requests)
+    page.click("#tab-txt2img")
+    generate_and_wait(page, "/sdapi/v1/txt2img")
+    page.check("#restore_faces")
+    generate_and_wait(page, "/sdapi/v1/txt2img")
+    assert [r.get("restore_faces") for r in requests] == [None, True]
+    pngs = infotext_pngs(tmp_path, {"faces": "a face\nSteps: 4, Seed: 3, Face restoration: GFPGAN, Size: 64x64",
+                                    "plain": "a face\nSteps: 4, Seed: 3, Size: 64x64"}, (64, 64))
+    page.uncheck("#restore_faces")
+    for name, ticked in (("faces", True), ("plain", False)):
+        page.click("#tab-pnginfo")
+        page.set_input_files("#pnginfo-file", str(pngs[name]))
+        page.click("#pnginfo-send-txt2img")
+        if ticked:
+            expect(page.locator("#restore_faces")).to_be_checked()
+        else:
+            expect(page.locator("#restore_faces")).not_to_be_checked()
+
+
 def test_hires_checkpoint_is_sent_recorded_and_pasted(page, tmp_path):
     """Hires. fix's "Hires checkpoint" lists "Use same checkpoint" and the server's checkpoints, is sent as
     hr_checkpoint_name only when another is chosen, and comes back from the result's infotext."""

@@ -530,6 +530,8 @@ class GenerationParams:
     #: A1111's "SGM noise multiplier": txt2img's start noise scaled by sqrt(1 + σ₀²) instead of σ₀, as
     #: Stability's SGM code (SDXL's reference) starts; only to reproduce its pictures. k-diffusion samplers.
     sgm_noise_multiplier: bool = False
+    #: A1111's "Restore faces": each finished picture's faces restored with GFPGAN (pipeline/face_restore.py).
+    restore_faces: bool = False
     #: A1111's "Apply color correction to img2img results to match original colors"
     #: (pipeline/color_correction.py): img2img and inpainting results matched to the init picture's colours.
     img2img_color_correction: bool = False
@@ -572,7 +574,8 @@ class GenerationParams:
         _check_range("s_min_uncond", self.s_min_uncond, 0.0, MAX_S_MIN_UNCOND)
         if self.color_reference is not None:
             _check_image("color_reference", self.color_reference)
-        for name in ("s_min_uncond_all", "tiling", "img2img_color_correction", "sgm_noise_multiplier"):
+        for name in ("s_min_uncond_all", "tiling", "img2img_color_correction", "sgm_noise_multiplier",
+                     "restore_faces"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidParameter(name, getattr(self, name), "true or false")
         _check_range("skip_early_cond", self.skip_early_cond, 0.0, 1.0)

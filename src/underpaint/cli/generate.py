@@ -37,18 +37,6 @@ def a1111_choice(choices, aliases: dict[str, str] | None = None):
     return convert
 
 
-class NotAvailable(argparse.Action):
-    """A flag for an A1111 feature underpaint does not have: listed in ``--help`` so that it is
-    found, and refused in one line when given, rather than "unrecognized arguments"."""
-
-    def __init__(self, option_strings, dest, *, feature: str, **kwargs):
-        super().__init__(option_strings, dest, default=argparse.SUPPRESS, **kwargs)
-        self.feature = feature
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        parser.error(f"{option_string}: {self.feature} is not available in underpaint")
-
-
 def add_commands(sub) -> None:
     img = sub.add_parser("img2img", help="transform a picture (or every picture in a folder) with a prompt",
                          description="Transform a picture with a prompt, keeping its composition.")
@@ -168,6 +156,9 @@ def _add_generation_args(p: argparse.ArgumentParser, *, img2img: bool) -> None:
     s.add_argument("--negative-aesthetic-score", dest="negative_aesthetic_score", type=float, default=2.5,
                    metavar="SCORE", help="the same for the negative prompt (A1111's SDXL low aesthetic score; "
                                          "default 2.5)")
+    s.add_argument("--restore-faces", dest="restore_faces", action="store_const", const=True, default=False,
+                   help="A1111's Restore faces: restore each face of the finished picture with GFPGAN (the models "
+                        "folder's GFPGAN/ holds GFPGANv1.4.pth, detection_Resnet50_Final.pth and parsing_parsenet.pth)")
     s.add_argument("--tiling", action="store_true", default=False,
                    help="A1111's Tiling: a picture that tiles seamlessly, its right edge running on into the left "
                         "and its bottom into the top (SD 1.x/2.x and SDXL)")
@@ -215,7 +206,6 @@ def _add_generation_args(p: argparse.ArgumentParser, *, img2img: bool) -> None:
     if not img2img:
         _add_hires_args(p)
     add_cache_arguments(p)
-    _add_unavailable_args(p)
 
     m = p.add_argument_group("model")
     m.add_argument("-m", "--model", default=None, help="checkpoint: a path, or a name in the models folder")
@@ -400,12 +390,6 @@ def _add_hires_args(p: argparse.ArgumentParser) -> None:
                    help="token merging ratio of the second pass, 0-0.9 (default 0: as --token-merging)")
 
 
-def _add_unavailable_args(p: argparse.ArgumentParser) -> None:
-    u = p.add_argument_group("not available", "A1111 features underpaint does not have; each is refused")
-    u.add_argument("--restore-faces", nargs=0, action=NotAvailable, feature="face restoration (A1111's Restore "
-                   "faces with GFPGAN or CodeFormer)", help="not available: face restoration")
-
-
 # --hires-* flag → HiresOptions field.
 _HIRES_FLAGS = (("hires_scale", "scale"), ("hires_upscaler", "upscaler"), ("hires_steps", "steps"),
                 ("hires_strength", "strength"), ("hires_sampler", "sampler"), ("hires_scheduler", "scheduler"),
@@ -445,7 +429,7 @@ _OVERRIDABLE = ("prompt", "negative_prompt", "strength", "steps", "cfg_scale", "
                 "eta", "s_churn", "s_noise", "seed", "subseed", "subseed_strength", "seed_resize_from", "rng", "ensd",
                 "width", "height", "token_merging", "s_min_uncond", "s_min_uncond_all", "skip_early_cond",
                 "vae_encode_method", "vae_decode_method", "tiling", "noise_multiplier", "extra_noise", "unipc_order",
-                "sgm_noise_multiplier", "beta_alpha", "beta_beta")
+                "sgm_noise_multiplier", "beta_alpha", "beta_beta", "restore_faces")
 # GenerationParams field → the flag that sets it (where the names differ).
 _FLAG_OF_FIELD = {"seed_resize_from_w": "seed_resize_from", "seed_resize_from_h": "seed_resize_from",
                   "eta_noise_seed_delta": "ensd", "token_merging_ratio": "token_merging"}
@@ -581,6 +565,7 @@ def params_from_args(args: argparse.Namespace, init_images: tuple = (), *, model
                                        unipc_order=args.unipc_order, beta_alpha=args.beta_alpha,
                                        beta_beta=args.beta_beta),
         sgm_noise_multiplier=bool(getattr(args, "sgm_noise_multiplier", False)),
+        restore_faces=bool(args.restore_faces),
         control_units=control_units_from_args(args),
     )
     if getattr(args, "from_infotext", None):

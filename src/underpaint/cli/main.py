@@ -114,6 +114,7 @@ _FIELD_FLAGS: dict[str, tuple[str, ...]] = {
     # `underpaint upscale` (A1111's Extras).
     "upscaler": ("--upscaler",), "upscaler_1": ("--upscaler",), "upscaler_2": ("--upscaler-2",),
     "upscaler_2_visibility": ("--upscaler-2-visibility",), "scale": ("--scale",), "resize": ("--resize",),
+    "gfpgan_visibility": ("--gfpgan-visibility",),
     "crop": ("--crop",),
     "loopback": ("--loopback",), "loopback_loops": ("--loopback",),
     "loopback_final_strength": ("--loopback-final-strength",), "loopback_curve": ("--loopback-curve",),

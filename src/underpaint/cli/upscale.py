@@ -37,6 +37,9 @@ def add_command(sub) -> None:
     p.add_argument("--upscaler-2", default="None", metavar="NAME", help="a second upscaler blended in")
     p.add_argument("--upscaler-2-visibility", type=float, default=0.0, metavar="V",
                    help="how much of the second upscaler's result shows, 0-1 (default 0)")
+    p.add_argument("--gfpgan-visibility", type=float, default=0.0, metavar="V",
+                   help="A1111's GFPGAN visibility: after the upscale, restore the faces with GFPGAN and blend them "
+                        "in by this much, 0-1 (default 0: off; the models folder's GFPGAN/ holds its files)")
     p.add_argument("-o", "--output", default=None,
                    help="output file, or folder (default outputs/extras-images/, as A1111); an existing file "
                         "is kept unless --overwrite")
@@ -56,6 +59,13 @@ def _job(args: argparse.Namespace, folder):
     visibility = args.upscaler_2_visibility
     if not 0.0 <= visibility <= 1.0:
         raise InvalidParameter("upscaler_2_visibility", visibility, "a number from 0 to 1")
+    faces = args.gfpgan_visibility
+    if not 0.0 <= faces <= 1.0:
+        raise InvalidParameter("gfpgan_visibility", faces, "a number from 0 to 1")
+    if faces > 0:
+        from ..pipeline.face_restore import face_model_files
+
+        face_model_files(folder, "gfpgan_visibility")
     if args.crop and args.resize is None:
         raise InvalidParameter("crop", True, "--resize WxH beside it (--crop cuts the result to that size)")
     scale, width, height, mode = 4.0 if args.scale is None else args.scale, 0, 0, 0
@@ -67,7 +77,8 @@ def _job(args: argparse.Namespace, folder):
     elif not 0 < scale <= 8:
         raise InvalidParameter("scale", scale, "a factor above 0 and at most 8")
     return upscale.ExtrasJob(upscaler=first, second=None if second == "None" else second, visibility=visibility,
-                             mode=mode, scale=scale, width=width, height=height, crop=args.crop)
+                             mode=mode, scale=scale, width=width, height=height, crop=args.crop,
+                             gfpgan_visibility=faces, folder=folder)
 
 
 def run_upscale(args: argparse.Namespace) -> int:

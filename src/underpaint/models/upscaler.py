@@ -221,13 +221,13 @@ _OLD_TOP = re.compile(r"model\.(\d+)\.(?:weight|bias)")
 def detect_upscaler(state_dict: Mapping[str, torch.Tensor], *, source: str = "state dict") -> tuple[str, int]:
     """(architecture, scale) of an upscaling model's tensors; :class:`ModelError` naming ``source``
     when they are not one of the supported architectures."""
-    plan = _plan(_unwrap(state_dict), source)
+    plan = _plan(unwrap_weights(state_dict), source)
     return plan.arch, plan.scale
 
 
 def upscaler_from_state_dict(state_dict: Mapping[str, torch.Tensor], *, source: str = "state dict") -> UpscalerModel:
     """The model the tensors describe, built on the CPU in float32, weights loaded strictly, in eval mode."""
-    tensors = _unwrap(state_dict)
+    tensors = unwrap_weights(state_dict)
     plan = _plan(tensors, source)
     module = plan.build()
     tensors = {name: t for name, t in tensors.items() if not plan.derived(name)}
@@ -236,7 +236,7 @@ def upscaler_from_state_dict(state_dict: Mapping[str, torch.Tensor], *, source: 
     return UpscalerModel(module=module, arch=plan.arch, scale=plan.scale)
 
 
-def _unwrap(state_dict: Mapping) -> dict[str, torch.Tensor]:
+def unwrap_weights(state_dict: Mapping) -> dict[str, torch.Tensor]:
     """The tensors of a state dict, out of BasicSR's ``params_ema``/``params`` nesting (EMA preferred)
     and without a ``module.`` prefix all names share (files saved from DataParallel)."""
     sd = state_dict
@@ -612,12 +612,12 @@ def load_upscaler(path: str | Path, *, device: str | torch.device = "cpu",
                   dtype: torch.dtype = torch.float32) -> UpscalerModel:
     """The upscaling model in a ``.pth``/``.pt``/``.safetensors`` file, on ``device`` in ``dtype``."""
     p = Path(path)
-    model = upscaler_from_state_dict(_read_weights(p), source=str(p))
+    model = upscaler_from_state_dict(read_weights(p), source=str(p))
     model.path = p
     return model.to(device=device, dtype=dtype)
 
 
-def _read_weights(p: Path) -> Mapping[str, object]:
+def read_weights(p: Path) -> Mapping[str, object]:
     """The file's tensors, keeping the ``params_ema``/``params`` nesting of BasicSR's .pth files
     (header's flat reader would keep only top-level tensors); pickle-based files are read with
     ``torch.load(weights_only=True)``, refused (:class:`UnsafeModelFile`) when they need code."""

@@ -38,7 +38,7 @@ from . import vae_type
 from . import refiner as refiner_mod
 from . import inpaint
 from .infotext import build_infotext
-from .networks import ActiveNetworks, request_networks
+from .networks import ActiveNetworks, models_dir_of, request_networks
 from .preview import preview_images
 from .records import Cancellation, ModelInfo, Progress, Result
 
@@ -222,6 +222,10 @@ def _generate(model, params: GenerationParams, networks: ActiveNetworks, *, info
         plan = replace(plan, params=control.with_infotext(plan.params))
     first_block_cache.for_request(model, params.first_block_cache, control=control)  # refused before any work
     vae_type.check(model, params)  # a TAESD file that is not there: refused before any work
+    if params.restore_faces:  # so are face restoration's missing files
+        from .face_restore import face_model_files
+
+        face_model_files(models_dir_of(model))
     # 2d. LoRA and embedding hashes, after the inpaint and ControlNet keys as A1111 orders them.
     plan = replace(plan, params=networks.with_infotext(plan.params))
     if refiner is not None:  # A1111 records the refiner when the switch comes, while sampling
@@ -565,9 +569,33 @@ def _run_batch(model, plan: Plan, job: int, seeds, subseeds, progress, cancel: C
     # 7. Decode to pixels with A1111's uint8 truncation; inpainting pastes the result back
     #    and lays the original pixels over everything outside the mask.
     if masked is None:
-        return _colour_corrected(decode_latents(model, latents, p.vae_decode_method), plan)
-    images = _colour_corrected(decode_latents(model, masked.finish(latents), p.vae_decode_method), plan)
+        return _finished(model, decode_latents(model, latents, p.vae_decode_method), plan, cancel)
+    images = _finished(model, decode_latents(model, masked.finish(latents), p.vae_decode_method), plan, cancel)
     return [inpaint.composite(image, plan.inpaint, i) for i, image in enumerate(images)]
+
+
+def _finished(model, images: list, plan: Plan, cancel: Cancellation) -> list:
+    """The decoded pictures as A1111 finishes them before any overlay: faces restored, then colours corrected."""
+    if plan.params.restore_faces:
+        from .face_restore import face_restorer_for, restore_faces
+
+        def check() -> None:
+            if cancel.interrupted:
+                raise _FacesStopped
+
+        restorer = face_restorer_for(models_dir_of(model), model.device)
+        done = []
+        for image in images:
+            try:
+                done.append(restore_faces(restorer, image, check))
+            except _FacesStopped:
+                done.append(image)
+        images = done
+    return _colour_corrected(images, plan)
+
+
+class _FacesStopped(Exception):
+    """An interrupt between two faces: the picture is kept as it is."""
 
 
 def _with_refiner(model, refiner, base, conds, p: GenerationParams, *, steps: int, batch: int, size: tuple[int, int],

@@ -95,6 +95,8 @@ def params_from_infotext(parsed: ParsedInfotext) -> dict[str, Any]:
         fields["s_min_uncond_all"] = _parse(values, "NGMS all steps", _boolean)
     if "Tiling" in values:
         fields["tiling"] = _parse(values, "Tiling", _boolean)
+    if values.get("Face restoration"):  # GFPGAN, or A1111's CodeFormer (restored with GFPGAN: warned of)
+        fields["restore_faces"] = True
     if "SGM noise multiplier" in values:
         fields["sgm_noise_multiplier"] = _parse(values, "SGM noise multiplier", _boolean)
     if values.get("Refiner"):  # the checkpoint's A1111 title, "name [hash]", as the models folder matches it
@@ -187,18 +189,18 @@ def inpaint_options(values: Mapping[str, str]) -> InpaintOptions:
     return InpaintOptions(**found)
 
 
-#: Infotext keys of A1111 features underpaint does not have → what to call them; a picture made
-#: with one of them is not reproduced exactly.
-_UNAVAILABLE = (("Face restoration", "face restoration"),)
+#: Infotext keys of A1111 features underpaint has only in part → (what to call them, the values it
+#: runs); a picture made with another value is not reproduced exactly.
+_UNAVAILABLE = (("Face restoration", "face restoration", ("GFPGAN",)),)
 
 
 def unavailable_features(parsed: ParsedInfotext) -> list[str]:
     """The A1111 features an infotext records that underpaint cannot run again, each as
     ``face restoration (CodeFormer)``; empty when the picture can be reproduced as it was made."""
     found = []
-    for key, name in _UNAVAILABLE:
+    for key, name, runs in _UNAVAILABLE:
         value = parsed.params.get(key)
-        if value is not None:
+        if value is not None and value not in runs:
             found.append(f"{name} ({value})")
     return found
 

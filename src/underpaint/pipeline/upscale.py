@@ -262,10 +262,17 @@ class ExtrasJob:
     width: int
     height: int
     crop: bool
+    #: A1111's "GFPGAN visibility": after the upscale, the picture's faces restored (pipeline/face_restore.py)
+    #: and blended in by this much; 0: off. ``folder``: the models folder holding the face restorer's files.
+    gfpgan_visibility: float = 0.0
+    folder: object = None
 
     @property
     def uses_model(self) -> bool:
-        """Whether an upscaling model runs (then the job goes on the generation queue)."""
+        """Whether a network runs (an upscaling model, the face restorer): then the job goes on the
+        generation queue."""
+        if self.gfpgan_visibility > 0:
+            return True
         chosen = [self.upscaler] + ([self.second] if self.visibility > 0 else [])
         return self.upscaler is not None and any(isinstance(u, UpscalerModelEntry) for u in chosen)
 
@@ -287,12 +294,26 @@ def upscale(image: "Image", upscaler: "str | UpscalerModelEntry", scale: float,
 
 
 def postprocess(job: ExtrasJob, image: "Image", device: str = "cpu") -> tuple["Image", str]:
-    """One picture through the Upscale step: the result (RGB) and its postprocessing text."""
+    """One picture through the Upscale step, then GFPGAN (A1111's order): the result (RGB) and its
+    postprocessing text."""
     from PIL import Image as PILImage
 
     image = image.convert("RGB")
-    if job.upscaler is None:
-        return image, ""
+    result, text = _upscale_step(job, image, device) if job.upscaler is not None else (image, "")
+    if job.gfpgan_visibility > 0:
+        from .face_restore import face_restorer_for, restore_faces
+
+        restored = restore_faces(face_restorer_for(job.folder, device), result)
+        if job.gfpgan_visibility < 1:
+            restored = PILImage.blend(result, restored, job.gfpgan_visibility)
+        result = restored
+        text = ", ".join(t for t in (text, f"GFPGAN visibility: {round(job.gfpgan_visibility, 3)}") if t)
+    return result, text
+
+
+def _upscale_step(job: ExtrasJob, image: "Image", device: str) -> tuple["Image", str]:
+    from PIL import Image as PILImage
+
     scale = extras_scale(job, image)
     info: dict[str, str] = {}
     if job.mode == 1:

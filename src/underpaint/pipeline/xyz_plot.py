@@ -148,6 +148,16 @@ def _rng(p: "GenerationParams", value: str, first) -> "GenerationParams":
     return p.replace(rng=sources[str(value).strip().lower()])
 
 
+def _face_restore(p: "GenerationParams", value: str, first) -> "GenerationParams":
+    """A1111's "Face restore": GFPGAN or True restore faces, False does not (CodeFormer is not available)."""
+    word = str(value).strip().lower()
+    if word in ("gfpgan", "true"):
+        return p.replace(restore_faces=True)
+    if word == "false":
+        return p.replace(restore_faces=False)
+    raise InvalidParameter("xyz_values", value, "GFPGAN, True or False (CodeFormer is not available)")
+
+
 def _sgm(p: "GenerationParams", value: str, first) -> "GenerationParams":
     return p.replace(sgm_noise_multiplier=_boolean(value))
 
@@ -240,6 +250,7 @@ AXES: dict[str, Axis] = {a.name.lower(): a for a in (
     Axis("Beta schedule alpha", float, _sampler_option("beta_alpha")),
     Axis("Beta schedule beta", float, _sampler_option("beta_beta")),
     Axis("SGM noise multiplier", str, _sgm),
+    Axis("Face restore", str, _face_restore),
     Axis("Size", str, _size),
 )}
 

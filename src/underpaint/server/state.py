@@ -62,6 +62,9 @@ class ServerOptions:
     sdxl_refiner_high_aesthetic_score: float = 6.0
     #: A1111's "UniPC order" and "SGM noise multiplier" (Settings → Sampler parameters).
     uni_pc_order: int = 3
+    #: A1111's "Restore faces" default (requests that leave restore_faces out) and its restorer (GFPGAN only).
+    face_restoration: bool = False
+    face_restoration_model: str = "GFPGAN"
     #: A1111's "Beta scheduler - alpha/beta": the Beta schedule's shape.
     beta_dist_alpha: float = 0.6
     beta_dist_beta: float = 0.6

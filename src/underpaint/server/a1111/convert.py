@@ -256,6 +256,7 @@ def _kept_options(req: GenerationRequest, ctx: ConvertContext) -> dict[str, Any]
                                      lambda key: overrides.float(key, options.initial_noise_multiplier)),
         "img2img_extra_noise": ("img2img_extra_noise", lambda key: overrides.float(key, options.img2img_extra_noise)),
         "uni_pc_order": ("uni_pc_order", lambda key: overrides.int(key, options.uni_pc_order)),
+        "face_restoration": ("face_restoration", lambda key: overrides.bool(key, options.face_restoration)),
         "beta_dist_alpha": ("beta_dist_alpha", lambda key: overrides.float(key, options.beta_dist_alpha)),
         "beta_dist_beta": ("beta_dist_beta", lambda key: overrides.float(key, options.beta_dist_beta)),
         "sgm_noise_multiplier": ("sgm_noise_multiplier", lambda key: overrides.bool(key, options.sgm_noise_multiplier)),
@@ -355,8 +356,6 @@ def _renamed(exc: InvalidParameter, names: Mapping[str, str] | None = None) -> I
 
 def _refuse_unsupported(req: GenerationRequest, *, img2img: bool = False) -> None:
     """Features A1111 has and underpaint does not: refuse a request that turns one on."""
-    if req.restore_faces:
-        raise InvalidParameter("restore_faces", True, "false (face restoration is not available in underpaint)")
     scripts = [SD_UPSCALE_SCRIPT, XYZ_PLOT_SCRIPT, LOOPBACK_SCRIPT] if img2img else [XYZ_PLOT_SCRIPT]
     if req.script_name and _script(req) not in scripts:
         raise UnknownName("script_name", req.script_name, scripts)
@@ -655,6 +654,7 @@ def _common_fields(req: GenerationRequest, ctx: ConvertContext, pictures: Pictur
         "img2img_color_correction": img2img and overrides.bool("img2img_color_correction",
                                                                ctx.options.img2img_color_correction),
         "extra_noise": overrides.float("img2img_extra_noise", ctx.options.img2img_extra_noise),
+        "restore_faces": _restore_faces(req, overrides, ctx.options),
         "aesthetic_score": overrides.float("sdxl_refiner_high_aesthetic_score",
                                            ctx.options.sdxl_refiner_high_aesthetic_score),
         "negative_aesthetic_score": overrides.float("sdxl_refiner_low_aesthetic_score",
@@ -669,6 +669,17 @@ def _common_fields(req: GenerationRequest, ctx: ConvertContext, pictures: Pictur
         "_vae": overrides.vae(),
         **_control_fields(req, ctx, pictures, img2img=img2img),
     }
+
+
+def _restore_faces(req: GenerationRequest, overrides: "_Overrides", options: ServerOptions) -> bool:
+    """``restore_faces``, else the ``face_restoration`` setting; a restorer other than GFPGAN is refused."""
+    model = overrides.values.get("face_restoration_model")
+    if model not in (None, "GFPGAN"):
+        raise InvalidParameter("override_settings.face_restoration_model", model,
+                               "GFPGAN (underpaint's face restorer; CodeFormer is not available)")
+    if req.restore_faces is not None:
+        return req.restore_faces
+    return overrides.bool("face_restoration", options.face_restoration)
 
 
 def _uncond_skip(req: GenerationRequest, overrides: "_Overrides", options: ServerOptions) -> dict[str, Any]:
@@ -1066,6 +1077,8 @@ def apply_infotext(req: GenerationRequest) -> GenerationRequest:
     for key, name, kind in _INFOTEXT_FIELDS:
         if key in parsed.params and name not in given and name in type(req).model_fields:
             updates[name] = _typed(parsed.params[key], kind, key)
+    if "Face restoration" in parsed.params and "restore_faces" not in given:
+        updates["restore_faces"] = True  # GFPGAN (a CodeFormer picture is restored with GFPGAN)
     if "enable_hr" in type(req).model_fields and "enable_hr" not in given:
         # A1111's paste rule: a "Denoising strength" and a hires size or upscaler in the text.
         updates["enable_hr"] = "Denoising strength" in parsed.params and any(
@@ -1157,8 +1170,8 @@ def info_json(job: PreparedJob, result, *, job_timestamp: str, save_error: str |
         "cfg_scale": p.cfg_scale,
         "steps": p.steps,
         "batch_size": p.batch_size,
-        "restore_faces": False,
-        "face_restoration_model": None,
+        "restore_faces": p.restore_faces,
+        "face_restoration_model": "GFPGAN" if p.restore_faces else None,
         "sd_model_name": model.name if model else None,
         "sd_model_hash": model.short_hash if model else None,
         "sd_vae_name": model.vae_name if model else None,

@@ -2,7 +2,7 @@
 
 Field names, types and defaults are what A1111's API accepts, so existing clients send the
 same JSON. Fields for features underpaint does not have are still accepted; a request that
-actually asks for one (``restore_faces: true``, a script) is refused with
+actually asks for one (a script it does not run) is refused with
 a 422 naming the field rather than silently ignored. Unknown fields are ignored, as A1111 does.
 
 A1111 1.10 validates with pydantic 1, whose models read some JSON more loosely than pydantic 2
@@ -140,7 +140,9 @@ class GenerationRequest(RequestModel):
                           "Ignored by other models.")
     width: int = Field(512, description="Output width in pixels.")
     height: int = Field(512, description="Output height in pixels.")
-    restore_faces: bool | None = Field(None, description="Not available here: must be false or absent.")
+    restore_faces: bool | None = Field(None, description=(
+        "Restore faces: each finished picture's faces restored with GFPGAN (the models folder's GFPGAN/ files). "
+        "Absent: the face_restoration setting (off)."))
     tiling: bool | None = Field(None, description=(
         "A1111's Tiling: a picture that tiles seamlessly, its right edge running on into the left and its bottom "
         "into the top (SD 1.x/2.x and SDXL; refused for FLUX)."))
@@ -250,7 +252,8 @@ class ExtrasRequest(RequestModel):
     resize_mode: int = Field(0, ge=0, le=1, description="0: upscale by `upscaling_resize`; 1: to "
                                                         "`upscaling_resize_w` x `upscaling_resize_h`.")
     show_extras_results: bool = Field(True, description="Ignored, as in A1111's API: the pictures are always returned.")
-    gfpgan_visibility: float = Field(0, ge=0, le=1, description="Not available here: must be 0.")
+    gfpgan_visibility: float = Field(0, ge=0, le=1, description=(
+        "GFPGAN visibility: after the upscale, the faces restored with GFPGAN and blended in by this much (0: off)."))
     codeformer_visibility: float = Field(0, ge=0, le=1, description="Not available here: must be 0.")
     codeformer_weight: float = Field(0, ge=0, le=1, description="Unused (CodeFormer is not available).")
     upscaling_resize: float = Field(2, gt=0, description="Scale factor for resize_mode 0.")

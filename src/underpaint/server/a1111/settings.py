@@ -76,6 +76,8 @@ def get_options(request: Request) -> Options:
         sdxl_refiner_high_aesthetic_score=opts.sdxl_refiner_high_aesthetic_score,
         hires_fix_refiner_pass=opts.hires_fix_refiner_pass,
         uni_pc_order=opts.uni_pc_order,
+        face_restoration=opts.face_restoration,
+        face_restoration_model=opts.face_restoration_model,
         beta_dist_alpha=opts.beta_dist_alpha,
         beta_dist_beta=opts.beta_dist_beta,
         sgm_noise_multiplier=opts.sgm_noise_multiplier,
@@ -119,7 +121,11 @@ def _option_changes(body: dict[str, Any], state: ServerState) -> dict[str, Any]:
     for key in ("beta_dist_alpha", "beta_dist_beta"):
         if key in body:
             changes[key] = _float_option(body, key, 0.01, 10.0)
-    for key in ("s_min_uncond_all", "img2img_color_correction", "tiling", "sgm_noise_multiplier"):
+    if "face_restoration_model" in body:
+        if body["face_restoration_model"] not in ("GFPGAN", None):
+            raise InvalidParameter("face_restoration_model", body["face_restoration_model"],
+                                   "GFPGAN (underpaint's face restorer; CodeFormer is not available)")
+    for key in ("s_min_uncond_all", "img2img_color_correction", "tiling", "sgm_noise_multiplier", "face_restoration"):
         if key in body:
             if not isinstance(body[key], bool):
                 raise InvalidParameter(key, body[key], "true or false")

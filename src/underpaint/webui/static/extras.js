@@ -71,6 +71,7 @@ export function setupExtras() {
       upscaler_1: selects[0].value,
       upscaler_2: selects[1].value,
       extras_upscaler_2_visibility: numberValue($("#extras_upscaler_2_visibility")),
+      gfpgan_visibility: numberValue($("#gfpgan_visibility")) || undefined,
     };
     if (body.resize_mode === 0) {
       body.upscaling_resize = numberValue($("#upscaling_resize"));

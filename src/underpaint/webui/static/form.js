@@ -95,7 +95,7 @@ export class GenerationForm {
     for (const name of ["prompt", "negative_prompt", "sampler_name", "scheduler", "steps", "width", "height",
       "n_iter", "batch_size", "cfg_scale", "distilled_cfg_scale", "denoising_strength", "seed", "mask_blur",
       "inpaint_full_res_padding", "deepcache_interval", "deepcache_branch", "first_block_cache", "s_min_uncond",
-      "s_min_uncond_all", "skip_early_cond", "sd_vae_decode_method", "sd_vae_encode_method", "tiling", "img2img_color_correction", "initial_noise_multiplier", "img2img_extra_noise", "freeu_enabled", ...FREEU_FACTORS, "refiner_enabled", "refiner_checkpoint", "refiner_switch_at", "aesthetic_score", "negative_aesthetic_score", "enable_hr", "hr_upscaler",
+      "s_min_uncond_all", "skip_early_cond", "sd_vae_decode_method", "sd_vae_encode_method", "tiling", "restore_faces", "img2img_color_correction", "initial_noise_multiplier", "img2img_extra_noise", "freeu_enabled", ...FREEU_FACTORS, "refiner_enabled", "refiner_checkpoint", "refiner_switch_at", "aesthetic_score", "negative_aesthetic_score", "enable_hr", "hr_upscaler",
       ...HIRES_NUMBERS, "hr_extra_noise", "hires_fix_refiner_pass", "hr_checkpoint_name", "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt"]) {
       this.controls[name] = $(`#${name}`, root);
     }
@@ -279,6 +279,7 @@ export class GenerationForm {
       n_iter: numberValue(c.n_iter),
       override_settings: this.overrideSettings(mode),
       tiling: this.family !== "flux" && c.tiling.checked ? true : undefined,
+      restore_faces: c.restore_faces.checked ? true : undefined,
       ...this.refinerValues(),
     };
     if (mode === "txt2img") return { ...common, ...this.hiresValues() };
@@ -380,6 +381,7 @@ export class GenerationForm {
     if (fields.inpaint_full_res !== undefined) setRadio(this.root, "inpaint_full_res", fields.inpaint_full_res ? 1 : 0);
     if (typeof fields.enable_hr === "boolean") c.enable_hr.checked = fields.enable_hr;
     if (typeof fields.tiling === "boolean") c.tiling.checked = fields.tiling;
+    if (typeof fields.restore_faces === "boolean") c.restore_faces.checked = fields.restore_faces;
     if (typeof fields.freeu_enabled === "boolean") c.freeu_enabled.checked = fields.freeu_enabled;
     if (typeof fields.refiner_enabled === "boolean") c.refiner_enabled.checked = fields.refiner_enabled;
     if (typeof fields.refiner_switch_at === "number") setNumber(c.refiner_switch_at, fields.refiner_switch_at);

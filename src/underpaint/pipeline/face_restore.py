@@ -1,0 +1,203 @@
+"""A1111's "Restore faces" with its GFPGAN setting: every face in a finished picture found, aligned,
+restored by GFPGAN and blended back.
+
+As A1111 1.10 runs it (its face-restoration helper over facexlib's, GFPGAN 1.4, no upscaling):
+
+1. The picture (BGR) is resized so its short side is 640 px (Lanczos) and RetinaFace finds the faces
+   scoring above 0.97, boxes and landmarks taken back to the picture's scale; a face whose eyes are
+   less than 5 px apart is left alone.
+2. Each face is warped onto FFHQ's 512² five-point template (a similarity transform fitted by
+   least median of squares, the outside filled with grey 135, 133, 132).
+3. GFPGAN restores it (RGB in [-1, 1]; the output clamped, scaled to 0-255 and truncated).
+4. ParseNet parses the restored face; its face classes (skin, brows, eyes, glasses, ears, earrings,
+   nose, mouth, lips and hair, not the neck, necklace or clothes) make a mask, blurred twice
+   (101 px Gaussian, σ 11), its 10-px border cleared; the face and its mask are warped back and the
+   face laid over the picture through the mask.
+
+The three networks come from the models folder's ``GFPGAN/`` (A1111's ``models/GFPGAN``):
+``GFPGANv1.4.pth`` (any GFPGAN file; the newest by name), ``detection_Resnet50_Final.pth`` and
+``parsing_parsenet.pth``. Pickle-based files are read with ``torch.load(weights_only=True)``, never run.
+One set is kept loaded between requests. Differences from A1111: GFPGAN's noise inputs are its stored
+noise maps, so a face restores the same way every time (A1111 draws new noise for every face).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from ..errors import ModelNotFound
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+__all__ = ["FaceRestorer", "restore_faces", "load_face_restorer", "face_restorer_for", "FACE_RESTORERS"]
+
+#: The face restorers A1111 offers; underpaint runs GFPGAN.
+FACE_RESTORERS = ("GFPGAN",)
+FACE_SIZE = 512
+#: FFHQ's five landmarks (eyes, nose tip, mouth corners) on a 512² face.
+FFHQ_TEMPLATE = np.array([[192.98138, 239.94708], [318.90277, 240.1936], [256.63416, 314.01935],
+                          [201.26117, 371.41043], [313.08905, 371.15118]])
+DETECT_SHORT_SIDE = 640
+DETECT_THRESHOLD = 0.97
+MIN_EYE_DISTANCE = 5.0
+_GREY_BGR = (135, 133, 132)
+#: ParseNet's 19 classes: those that belong to the pasted face (background, neck, necklace and clothes do not).
+_FACE_CLASSES = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 15)
+_DETECTOR_FILE, _PARSER_FILE = "detection_Resnet50_Final.pth", "parsing_parsenet.pth"
+
+
+@dataclass
+class FaceRestorer:
+    """The three networks, on one device in float32."""
+
+    detector: torch.nn.Module
+    parser: torch.nn.Module
+    restorer: torch.nn.Module
+    name: str = "GFPGAN"
+    paths: tuple[Path, ...] = ()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.restorer.parameters()).device
+
+
+def _to_face_tensor(bgr: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A BGR uint8 face as an RGB float tensor in [-1, 1], ``[1, 3, H, W]``."""
+    rgb = bgr[:, :, ::-1].astype(np.float32) / 255.0
+    return ((torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))[None] - 0.5) / 0.5).to(device)
+
+
+def _from_face_tensor(t: torch.Tensor) -> np.ndarray:
+    """An RGB tensor in [-1, 1] as a BGR uint8 face (clamped, scaled to 0-255, truncated)."""
+    rgb = ((t[0].float().cpu().clamp(-1, 1) + 1) / 2).numpy().transpose(1, 2, 0)
+    return (rgb[:, :, ::-1] * 255.0).astype(np.uint8)
+
+
+def find_faces(restorer: FaceRestorer, bgr: np.ndarray) -> list[np.ndarray]:
+    """The five landmarks (``[5, 2]``, in the picture's pixels) of each face found, best first."""
+    import cv2
+
+    from ..models.face_detect import detect_faces
+
+    h, w = bgr.shape[:2]
+    scale = min(h, w) / DETECT_SHORT_SIDE
+    small = cv2.resize(bgr, (int(w / scale), int(h / scale)), interpolation=cv2.INTER_LANCZOS4)
+    rows = detect_faces(restorer.detector, small, DETECT_THRESHOLD) * scale
+    faces = []
+    for row in rows:
+        points = row[5:15].reshape(5, 2)
+        if np.linalg.norm(points[0] - points[1]) >= MIN_EYE_DISTANCE:
+            faces.append(points)
+    return faces
+
+
+def alignment(landmarks: np.ndarray) -> np.ndarray:
+    """The 2x3 similarity transform taking a face's landmarks onto FFHQ's template."""
+    import cv2
+
+    return cv2.estimateAffinePartial2D(landmarks, FFHQ_TEMPLATE, method=cv2.LMEDS)[0]
+
+
+def face_mask(restorer: FaceRestorer, face_bgr: np.ndarray) -> np.ndarray:
+    """The soft mask (float64, 0-1, ``[512, 512]``) of where the restored face is pasted."""
+    import cv2
+
+    x = _to_face_tensor(cv2.resize(face_bgr, (FACE_SIZE, FACE_SIZE), interpolation=cv2.INTER_LINEAR),
+                        restorer.device)
+    with torch.no_grad():
+        classes = restorer.parser(x).argmax(dim=1)[0].cpu().numpy()
+    mask = np.isin(classes, _FACE_CLASSES).astype(np.float64) * 255.0
+    for _ in range(2):
+        mask = cv2.GaussianBlur(mask, (101, 101), 11)
+    border = 10
+    mask[:border, :] = mask[-border:, :] = 0
+    mask[:, :border] = mask[:, -border:] = 0
+    return cv2.resize(mask / 255.0, face_bgr.shape[:2])
+
+
+def restore_faces(restorer: FaceRestorer, image: "Image.Image",
+                  check: Callable[[], None] | None = None) -> "Image.Image":
+    """``image`` with each face restored and blended back (an RGB picture of the same size)."""
+    import cv2
+    from PIL import Image
+
+    rgb = np.asarray(image.convert("RGB"))
+    bgr = np.ascontiguousarray(rgb[:, :, ::-1])
+    h, w = bgr.shape[:2]
+    faces = find_faces(restorer, bgr)
+    if not faces:
+        return image.convert("RGB")
+    result = bgr.copy().astype(np.float64)
+    for landmarks in faces:
+        if check is not None:
+            check()
+        matrix = alignment(landmarks)
+        crop = cv2.warpAffine(bgr, matrix, (FACE_SIZE, FACE_SIZE), borderMode=cv2.BORDER_CONSTANT,
+                              borderValue=_GREY_BGR)
+        with torch.no_grad():
+            restored = _from_face_tensor(restorer.restorer(_to_face_tensor(crop, restorer.device)))
+        inverse = cv2.invertAffineTransform(matrix)
+        back = cv2.warpAffine(restored, inverse, (w, h))
+        mask = cv2.warpAffine(face_mask(restorer, restored), inverse, (w, h), flags=cv2.INTER_AREA)[:, :, None]
+        result = mask * back + (1 - mask) * result
+    return Image.fromarray(np.ascontiguousarray(result.astype(np.uint8)[:, :, ::-1]), "RGB")
+
+
+# --- the files ---------------------------------------------------------------------------------------
+
+
+def face_model_files(folder, field: str = "restore_faces") -> tuple[Path, Path, Path]:
+    """(GFPGAN, detector, parser) files in the models folder's GFPGAN folders; ModelNotFound naming what
+    is missing and where it goes (and ``field``, the request's setting that needs them)."""
+    folders = folder.folders("gfpgan") if folder is not None else ()
+    gfpgan = detector = parser = None
+    for base in folders:
+        candidates = sorted((p for p in base.iterdir() if p.is_file() and p.name.lower().startswith("gfpgan")
+                             and p.suffix.lower() in (".pth", ".safetensors")), key=lambda p: p.name.lower())
+        gfpgan = gfpgan or (candidates[-1] if candidates else None)
+        detector = detector or next((p for p in (base / _DETECTOR_FILE, base / "detection_Resnet50_Final.safetensors")
+                                     if p.is_file()), None)
+        parser = parser or next((p for p in (base / _PARSER_FILE, base / "parsing_parsenet.safetensors")
+                                 if p.is_file()), None)
+    missing = [name for name, found in (("GFPGANv1.4.pth", gfpgan), (_DETECTOR_FILE, detector),
+                                        (_PARSER_FILE, parser)) if found is None]
+    if missing:
+        where = folder.root / "GFPGAN" if folder is not None else Path("GFPGAN")
+        raise ModelNotFound(f"face restoration needs {', '.join(missing)} in {where} (A1111's models/GFPGAN "
+                            "holds the same files)", field=field)
+    return gfpgan, detector, parser
+
+
+def load_face_restorer(gfpgan: Path, detector: Path, parser: Path, *, device: str | torch.device = "cpu") -> FaceRestorer:
+    from ..models.face_detect import load_parsenet, load_retinaface
+    from ..models.gfpgan import load_gfpgan
+    from ..models.upscaler import read_weights, unwrap_weights
+
+    nets = []
+    for path, load in ((detector, load_retinaface), (parser, load_parsenet), (gfpgan, load_gfpgan)):
+        nets.append(load(unwrap_weights(read_weights(Path(path))), str(path)).to(device))
+    return FaceRestorer(*nets, paths=(Path(gfpgan), Path(detector), Path(parser)))
+
+
+_cache_lock = threading.Lock()
+_cached: FaceRestorer | None = None
+
+
+def face_restorer_for(folder, device: str | torch.device) -> FaceRestorer:
+    """The models folder's face restorer on ``device``: loaded once and kept while its files and the
+    device stay the same."""
+    global _cached
+    paths = face_model_files(folder)
+    with _cache_lock:
+        if _cached is None or _cached.paths != paths or _cached.device.type != torch.device(device).type:
+            _cached = None  # the old set goes before the new one comes in
+            _cached = load_face_restorer(*paths, device=device)
+        return _cached
