@@ -247,12 +247,12 @@ def test_warnings_for_what_will_not_happen_as_asked(tmp_path, capsys):
     from underpaint.cli.main import build_parser
 
     text = tmp_path / "shared.txt"
-    text.write_text("a cat\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Face restoration: CodeFormer, "
+    text.write_text("a cat\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Face restoration: RestoreFormer, "
                     "Tiling: True, Size: 512x512, Refiner: sdxl_refiner [7440042bbd], Model: sd15")  # both made here
     warn_about_request(build_parser().parse_args(["img2img", "x.png", "--from-infotext", str(text)]))
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("underpaint: warning: --from-infotext")
-    assert "face restoration (CodeFormer)" in err[0]
+    assert "face restoration (RestoreFormer)" in err[0]
     assert "tiling" not in err[0].lower() and "refiner" not in err[0].lower()
 
     warn_about_request(build_parser().parse_args(["img2img", "x.png", "--sampler", "DPM++ 2M Karras",

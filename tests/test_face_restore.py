@@ -1,7 +1,8 @@
-"""A1111's "Restore faces" (GFPGAN): the three networks against the code A1111 runs them with (spandrel's
-GFPGAN, facexlib's RetinaFace and ParseNet) on the same random weights, the whole find → align →
-restore → paste flow against facexlib's FaceRestoreHelper driven as A1111 drives it, and the request
-wiring (engine, CLI, API, infotext)."""
+"""A1111's "Restore faces": the networks against the code A1111 runs them with (spandrel's GFPGAN and
+CodeFormer, facexlib's RetinaFace and ParseNet) on the same random weights, the whole find → align →
+restore → paste flow against facexlib's FaceRestoreHelper driven as A1111 drives it (with GFPGAN; the
+released CodeFormer's size makes a file of it too big to write here), and the request wiring (engine,
+CLI, API, infotext, Extras)."""
 
 from __future__ import annotations
 
@@ -83,10 +84,11 @@ def test_parsenet_is_facexlibs(ref):
     load_parsenet({k: torch.empty_like(v, device="cpu") for k, v in released.state_dict().items()})
 
 
-def _detector_weights(ref, seed: int = 5) -> dict[str, torch.Tensor]:
+def _detector_weights(ref, seed: int = 5, box_growth: float = 0.0) -> dict[str, torch.Tensor]:
     """facexlib's RetinaFace with small random weights, batch norms of their own, and heads that make
     well-formed faces: the 512-px anchors of the coarsest level score as faces, every anchor's landmarks
-    sit where a face's would in its box (with a little of the picture's influence)."""
+    sit where a face's would in its box (with a little of the picture's influence). ``box_growth``: the
+    boxes' log size offset (so that NMS, over larger boxes, leaves fewer faces)."""
     torch.manual_seed(seed)
     net = ref.retina_face()
     _randomise_norms(net, seed)
@@ -105,6 +107,7 @@ def _detector_weights(ref, seed: int = 5) -> dict[str, torch.Tensor]:
             head.conv1x1.bias.copy_(points.repeat(2))
         for head in net.BboxHead:
             head.conv1x1.weight.copy_(torch.randn(head.conv1x1.weight.shape, generator=g) * 1e-3)
+            head.conv1x1.bias.copy_(torch.tensor([0.0, 0.0, box_growth, box_growth] * 2))
     return {k: v.clone() for k, v in net.state_dict().items()}
 
 
@@ -159,7 +162,7 @@ def face_files(ref, tmp_path_factory):
     (folder / "GFPGAN").mkdir()
     gfpgan = _spandrel_gfpgan(512, seed=8)
     torch.save({"params_ema": gfpgan.state_dict()}, folder / "GFPGAN" / "GFPGANv1.4.pth")
-    weights = _detector_weights(ref, seed=9)
+    weights = _detector_weights(ref, seed=9, box_growth=4.0)  # two or three faces a picture
     torch.save({"module." + k: v for k, v in weights.items()}, folder / "GFPGAN" / "detection_Resnet50_Final.pth")
     torch.manual_seed(10)
     parser = ref.parsenet.ParseNet(in_size=512, out_size=512, min_feat_size=128, base_ch=16, res_depth=1,
@@ -223,50 +226,72 @@ def test_the_engine_restores_faces_and_records_it(sd1_engine, face_files, photo)
     saved = getattr(sd1_engine.model, "models_dir", None)
     sd1_engine.model.models_dir = ModelsDir(folder)
     try:
-        common = dict(prompt="a portrait", steps=2, seed=3, width=64, height=64)
+        common = dict(prompt="a portrait", steps=2, seed=3, width=64, height=64, face_restoration_model="GFPGAN")
         plain = sd1_engine.generate(GenerationParams(**common))
         restored = sd1_engine.generate(GenerationParams(**common, restore_faces=True))
         assert "Face restoration: GFPGAN" in restored.infotexts[0] and "Face restoration" not in plain.infotexts[0]
         parsed = parse_infotext(restored.infotexts[0])
-        assert params_from_infotext(parsed)["restore_faces"] and unavailable_features(parsed) == []
+        fields = params_from_infotext(parsed)
+        assert fields["restore_faces"] and fields["face_restoration_model"] == "GFPGAN"
+        assert unavailable_features(parsed) == []
         img = sd1_engine.generate(GenerationParams(**common, init_images=(photo,), strength=0.5, restore_faces=True))
         assert "Face restoration: GFPGAN" in img.infotexts[0]
         sd1_engine.model.models_dir = ModelsDir(folder / "nowhere")
         with pytest.raises(ModelNotFound, match="GFPGANv1.4.pth"):
             sd1_engine.generate(GenerationParams(**common, restore_faces=True))
+        with pytest.raises(ModelNotFound, match="codeformer-v0.1.0.pth"):
+            sd1_engine.generate(GenerationParams(**{**common, "face_restoration_model": "CodeFormer"},
+                                                 restore_faces=True))
     finally:
         sd1_engine.model.models_dir = saved
 
 
-def test_codeformer_pictures_are_restored_with_gfpgan_and_said_so():
+def test_infotext_restorers():
+    """A1111's two restorers come back as they were; another program's is restored with CodeFormer, warned of."""
     from underpaint.imageio.infotext import parse_infotext
     from underpaint.pipeline.reproduce import params_from_infotext, unavailable_features
 
-    parsed = parse_infotext("x\nSteps: 4, Seed: 1, Face restoration: CodeFormer")
-    assert params_from_infotext(parsed)["restore_faces"]
-    assert unavailable_features(parsed) == ["face restoration (CodeFormer)"]
+    for name in ("CodeFormer", "GFPGAN"):
+        parsed = parse_infotext(f"x\nSteps: 4, Seed: 1, Face restoration: {name}")
+        fields = params_from_infotext(parsed)
+        assert fields["restore_faces"] and fields["face_restoration_model"] == name
+        assert unavailable_features(parsed) == []
+    parsed = parse_infotext("x\nSteps: 4, Seed: 1, Face restoration: RestoreFormer")
+    assert params_from_infotext(parsed)["face_restoration_model"] == "CodeFormer"
+    assert unavailable_features(parsed) == ["face restoration (RestoreFormer)"]
 
 
 def test_cli_and_api(api):
     from underpaint.cli.generate import params_from_args
     from underpaint.cli.main import build_parser
 
-    assert params_from_args(build_parser().parse_args(["txt2img", "-p", "x", "--restore-faces"])).restore_faces
+    p = params_from_args(build_parser().parse_args(["txt2img", "-p", "x", "--restore-faces"]))
+    assert (p.restore_faces, p.face_restoration_model, p.code_former_weight) == (True, "CodeFormer", 0.5)
+    p = params_from_args(build_parser().parse_args(["txt2img", "-p", "x", "--restore-faces", "--face-restorer",
+                                                    "gfpgan", "--codeformer-weight", "0.2"]))
+    assert (p.face_restoration_model, p.code_former_weight) == ("GFPGAN", 0.2)
     assert not params_from_args(build_parser().parse_args(["txt2img", "-p", "x"])).restore_faces
     client, backend = api
     options = client.get("/sdapi/v1/options").json()
-    assert (options["face_restoration"], options["face_restoration_model"]) == (False, "GFPGAN")
+    assert (options["face_restoration"], options["face_restoration_model"], options["code_former_weight"]) == (
+        False, "CodeFormer", 0.5)
     for body in ({"steps": 1}, {"steps": 1, "restore_faces": True},
-                 {"steps": 1, "override_settings": {"face_restoration": True}},
+                 {"steps": 1, "override_settings": {"face_restoration": True, "face_restoration_model": "GFPGAN",
+                                                    "code_former_weight": 0.3}},
                  {"infotext": "x\nSteps: 1, Seed: 1, Face restoration: GFPGAN"}):
         r = client.post("/sdapi/v1/txt2img", json=body)
         assert r.status_code == 200, r.text
-    assert [p.restore_faces for p in backend.params] == [False, True, True, True]
+    assert client.post("/sdapi/v1/options", json={"face_restoration_model": "gfpgan",
+                                                  "code_former_weight": 0.7}).status_code == 200
+    assert client.post("/sdapi/v1/txt2img", json={"steps": 1, "restore_faces": True}).status_code == 200
+    assert [(p.restore_faces, p.face_restoration_model, p.code_former_weight) for p in backend.params] == [
+        (False, "CodeFormer", 0.5), (True, "CodeFormer", 0.5), (True, "GFPGAN", 0.3), (True, "GFPGAN", 0.5),
+        (True, "GFPGAN", 0.7)]
     r = client.post("/sdapi/v1/txt2img", json={"steps": 1, "restore_faces": True,
-                                               "override_settings": {"face_restoration_model": "CodeFormer"}})
+                                               "override_settings": {"face_restoration_model": "RestoreFormer"}})
     assert r.status_code == 422 and r.json()["field"] == "override_settings.face_restoration_model", r.text
-    r = client.post("/sdapi/v1/options", json={"face_restoration_model": "CodeFormer"})
-    assert r.status_code == 422 and r.json()["field"] == "face_restoration_model", r.text
+    r = client.post("/sdapi/v1/options", json={"code_former_weight": 2})
+    assert r.status_code == 422 and r.json()["field"] == "code_former_weight", r.text
 
 
 def test_files_that_are_not_the_networks_are_refused_by_name(tmp_path):
@@ -289,7 +314,7 @@ def test_files_that_are_not_the_networks_are_refused_by_name(tmp_path):
 
 def test_extras_gfpgan_visibility(face_files):
     """A1111's Extras "GFPGAN visibility": after the upscale the faces are restored and blended in by that much,
-    recorded in the postprocessing text; CodeFormer is refused by name."""
+    recorded in the postprocessing text; CodeFormer without its file is a 404 naming it."""
     import base64
     import io
 
@@ -310,4 +335,55 @@ def test_extras_gfpgan_visibility(face_files):
         assert np.array_equal(np.asarray(got.convert("RGB")), np.asarray(expected))
         assert got.info.get("postprocessing") == "GFPGAN visibility: 0.5"
         r = client.post("/sdapi/v1/extra-single-image", json={"image": png_b64(picture), "codeformer_visibility": 1})
-        assert r.status_code == 422 and r.json()["field"] == "codeformer_visibility", r.text
+        assert r.status_code == 404 and r.json()["field"] == "codeformer_visibility", r.text
+        assert "codeformer-v0.1.0.pth" in r.json()["detail"]
+
+
+def test_codeformer_is_spandrels():
+    """CodeFormer (the released size: a 512² VQGAN, a 9-layer transformer over a 1024-entry codebook) equals
+    spandrel's (spandrel_extra_arches, which ComfyUI and Forge load it with), at A1111's weight 0.5."""
+    import importlib.util
+    from pathlib import Path
+
+    from underpaint.models.codeformer import load_codeformer
+
+    spec = importlib.util.find_spec("spandrel_extra_arches")
+    if spec is None:
+        pytest.skip("spandrel_extra_arches is not installed")
+    spandrel_ref.model_loader()  # spandrel itself, with its torchvision stand-in
+    path = Path(list(spec.submodule_search_locations)[0]) / "architectures/CodeFormer/__arch/codeformer.py"
+    module_spec = importlib.util.spec_from_file_location("_codeformer_reference", path)
+    reference = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(reference)
+    torch.manual_seed(12)
+    theirs = reference.CodeFormer().eval()
+    ours = load_codeformer(theirs.state_dict())
+    x = torch.rand(1, 3, 512, 512, generator=torch.Generator().manual_seed(13)) * 2 - 1
+    with torch.no_grad():
+        expected = theirs(x, weight=0.5)[0]
+        torch.testing.assert_close(ours(x, 0.5), expected, rtol=1e-3, atol=1e-3)
+
+
+def test_codeformer_restorer_gets_the_weight(face_files):
+    """The flow hands CodeFormer A1111's weight with each face (GFPGAN takes none)."""
+    from PIL import Image
+
+    from underpaint.pipeline.face_restore import FaceRestorer, face_restorer_for, restore_faces
+
+    gfpgan = face_restorer_for(__import__("underpaint.models.registry", fromlist=["ModelsDir"]).ModelsDir(
+        face_files[0]), "cpu", "GFPGAN")
+    seen = []
+
+    class Stand(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.p = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x, weight):
+            seen.append(weight)
+            return x
+
+    codeformer = FaceRestorer(gfpgan.detector, gfpgan.parser, Stand(), name="CodeFormer")
+    picture = Image.fromarray(np.ascontiguousarray(_picture(640, 704)[:, :, ::-1]))
+    restore_faces(codeformer, picture, weight=0.3)
+    assert seen and set(seen) == {0.3}

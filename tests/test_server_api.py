@@ -804,10 +804,11 @@ def test_extras_face_restoration_without_its_files_is_a_404_naming_them(client, 
     r = _extras(client, photo, gfpgan_visibility=0.5)
     assert r.status_code == 404 and r.json()["field"] == "gfpgan_visibility", r.text
     assert "GFPGANv1.4.pth" in r.json()["detail"]
+    r = _extras(client, photo, codeformer_visibility=1)
+    assert r.status_code == 404 and r.json()["field"] == "codeformer_visibility", r.text
 
 
 @pytest.mark.parametrize(("fields", "field"), [
-    ({"codeformer_visibility": 1}, "codeformer_visibility"),
     ({"upscaler_1": "R-ESRGAN 4x+"}, "upscaler_1"),
     ({"upscaler_1": "Lanczos", "upscaler_2": "ScuNET"}, "upscaler_2"),
     ({"upscaler_1": "Lanczos", "upscaling_resize": 100}, "upscaling_resize"),

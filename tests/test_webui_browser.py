@@ -1242,15 +1242,21 @@ def test_hires_extra_noise_and_refiner_pass_are_sent_and_pasted(page, tmp_path):
 
 
 def test_restore_faces_is_sent_and_pasted(page, tmp_path):
-    """The "Restore faces" checkbox sends A1111's restore_faces only when ticked; a picture's "Face
-    restoration" ticks it, one without unticks it."""
+    """The "Restore faces" checkbox sends A1111's restore_faces only when ticked, with the restorer and
+    CodeFormer's weight as its settings where they differ from A1111's (CodeFormer, 0.5); a picture's
+    "Face restoration" ticks it and picks its restorer, one without unticks it."""
     requests: list[dict] = []
     stub_generation(page, "/sdapi/v1/txt2img", requests)
     page.click("#tab-txt2img")
     generate_and_wait(page, "/sdapi/v1/txt2img")
     page.check("#restore_faces")
     generate_and_wait(page, "/sdapi/v1/txt2img")
-    assert [r.get("restore_faces") for r in requests] == [None, True]
+    page.select_option("#face_restoration_model", "GFPGAN")
+    page.fill("#code_former_weight", "0.3")
+    generate_and_wait(page, "/sdapi/v1/txt2img")
+    assert [(r.get("restore_faces"), r.get("override_settings")) for r in requests] == [
+        (None, None), (True, None), (True, {"face_restoration_model": "GFPGAN", "code_former_weight": 0.3})]
+    page.select_option("#face_restoration_model", "CodeFormer")
     pngs = infotext_pngs(tmp_path, {"faces": "a face\nSteps: 4, Seed: 3, Face restoration: GFPGAN, Size: 64x64",
                                     "plain": "a face\nSteps: 4, Seed: 3, Size: 64x64"}, (64, 64))
     page.uncheck("#restore_faces")
@@ -1260,6 +1266,7 @@ def test_restore_faces_is_sent_and_pasted(page, tmp_path):
         page.click("#pnginfo-send-txt2img")
         if ticked:
             expect(page.locator("#restore_faces")).to_be_checked()
+            expect(page.locator("#face_restoration_model")).to_have_value("GFPGAN")
         else:
             expect(page.locator("#restore_faces")).not_to_be_checked()
 

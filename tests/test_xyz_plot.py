@@ -706,11 +706,13 @@ def test_size_unipc_order_and_sgm_axes():
     assert [(c.params.width, c.params.height) for c in cells("Size", "512x768, 768 x 512")] == [(512, 768), (768, 512)]
     assert [c.params.sampler_options.unipc_order for c in cells("UniPC Order", "1,2,5", steps=4)] == [1, 2, 3]
     assert [c.params.sgm_noise_multiplier for c in cells("SGM noise multiplier", "False,True")] == [False, True]
-    assert [c.params.restore_faces for c in cells("Face restore", "False,GFPGAN,True")] == [False, True, True]
+    assert [(c.params.restore_faces, c.params.face_restoration_model)
+            for c in cells("Face restore", "False,GFPGAN,True,CodeFormer")] == [
+        (False, "CodeFormer"), (True, "GFPGAN"), (True, "CodeFormer"), (True, "CodeFormer")]
     assert [c.params.sampler_options.beta_alpha for c in cells("Beta schedule alpha", "0.4,0.8")] == [0.4, 0.8]
     assert [c.params.sampler_options.beta_beta for c in cells("Beta schedule beta", "0.5,0.9")] == [0.5, 0.9]
     for axis_type, values in (("Size", "512"), ("Size", "axb"), ("SGM noise multiplier", "maybe"),
-                              ("Face restore", "CodeFormer")):
+                              ("Face restore", "RestoreFormer")):
         with pytest.raises(InvalidParameter) as err:
             cells(axis_type, values)
         assert err.value.field == "xyz_x_values", (axis_type, err.value)

@@ -186,6 +186,18 @@ def names_no_checkpoint(value: object) -> bool:
     return value is None or (isinstance(value, str) and value.strip().lower() in ("", "none"))
 
 
+#: The face restorers A1111 offers (its "face_restoration_model" setting); CodeFormer is its default.
+FACE_RESTORERS = ("CodeFormer", "GFPGAN")
+
+
+def restorer_name(value: object, field: str = "face_restoration_model") -> str:
+    """One of :data:`FACE_RESTORERS`, spelled as A1111 does (any case)."""
+    for name in FACE_RESTORERS:
+        if isinstance(value, str) and value.strip().lower() == name.lower():
+            return name
+    raise UnknownName(field, value, FACE_RESTORERS)
+
+
 #: A1111's "Hires fix: which pass to enable refiner for" choices (its default: the second pass).
 HIRES_REFINER_PASSES = ("first pass", "second pass", "both passes")
 
@@ -530,8 +542,12 @@ class GenerationParams:
     #: A1111's "SGM noise multiplier": txt2img's start noise scaled by sqrt(1 + σ₀²) instead of σ₀, as
     #: Stability's SGM code (SDXL's reference) starts; only to reproduce its pictures. k-diffusion samplers.
     sgm_noise_multiplier: bool = False
-    #: A1111's "Restore faces": each finished picture's faces restored with GFPGAN (pipeline/face_restore.py).
+    #: A1111's "Restore faces": each finished picture's faces restored (pipeline/face_restore.py) by
+    #: ``face_restoration_model`` (A1111's setting: "CodeFormer", its default, or "GFPGAN") with CodeFormer
+    #: at ``code_former_weight`` (0: strongest restoration, 1: weakest).
     restore_faces: bool = False
+    face_restoration_model: str = "CodeFormer"
+    code_former_weight: float = 0.5
     #: A1111's "Apply color correction to img2img results to match original colors"
     #: (pipeline/color_correction.py): img2img and inpainting results matched to the init picture's colours.
     img2img_color_correction: bool = False
@@ -583,6 +599,8 @@ class GenerationParams:
         _check_range("extra_noise", self.extra_noise, 0.0, 1.0)
         for name in ("aesthetic_score", "negative_aesthetic_score"):
             _check_range(name, getattr(self, name), 0.0, 10.0)
+        object.__setattr__(self, "face_restoration_model", restorer_name(self.face_restoration_model))
+        _check_range("code_former_weight", self.code_former_weight, 0.0, 1.0)
         for name in ("vae_encode_method", "vae_decode_method"):
             object.__setattr__(self, name, vae_method_name(getattr(self, name), name))
         for name in ("seed_resize_from_w", "seed_resize_from_h"):

@@ -157,8 +157,13 @@ def _add_generation_args(p: argparse.ArgumentParser, *, img2img: bool) -> None:
                    metavar="SCORE", help="the same for the negative prompt (A1111's SDXL low aesthetic score; "
                                          "default 2.5)")
     s.add_argument("--restore-faces", dest="restore_faces", action="store_const", const=True, default=False,
-                   help="A1111's Restore faces: restore each face of the finished picture with GFPGAN (the models "
-                        "folder's GFPGAN/ holds GFPGANv1.4.pth, detection_Resnet50_Final.pth and parsing_parsenet.pth)")
+                   help="A1111's Restore faces: restore each face of the finished picture (the models folder's "
+                        "Codeformer/ or GFPGAN/ holds the restorer, and detection_Resnet50_Final.pth and "
+                        "parsing_parsenet.pth, as in A1111)")
+    s.add_argument("--face-restorer", dest="face_restoration_model", default="CodeFormer", metavar="NAME",
+                   help="CodeFormer (default, as A1111) or GFPGAN")
+    s.add_argument("--codeformer-weight", dest="code_former_weight", type=float, default=0.5, metavar="W",
+                   help="A1111's CodeFormer weight: 0 restores most, 1 keeps most of the face (default 0.5)")
     s.add_argument("--tiling", action="store_true", default=False,
                    help="A1111's Tiling: a picture that tiles seamlessly, its right edge running on into the left "
                         "and its bottom into the top (SD 1.x/2.x and SDXL)")
@@ -429,7 +434,8 @@ _OVERRIDABLE = ("prompt", "negative_prompt", "strength", "steps", "cfg_scale", "
                 "eta", "s_churn", "s_noise", "seed", "subseed", "subseed_strength", "seed_resize_from", "rng", "ensd",
                 "width", "height", "token_merging", "s_min_uncond", "s_min_uncond_all", "skip_early_cond",
                 "vae_encode_method", "vae_decode_method", "tiling", "noise_multiplier", "extra_noise", "unipc_order",
-                "sgm_noise_multiplier", "beta_alpha", "beta_beta", "restore_faces")
+                "sgm_noise_multiplier", "beta_alpha", "beta_beta", "restore_faces",
+                "face_restoration_model")
 # GenerationParams field → the flag that sets it (where the names differ).
 _FLAG_OF_FIELD = {"seed_resize_from_w": "seed_resize_from", "seed_resize_from_h": "seed_resize_from",
                   "eta_noise_seed_delta": "ensd", "token_merging_ratio": "token_merging"}
@@ -566,6 +572,8 @@ def params_from_args(args: argparse.Namespace, init_images: tuple = (), *, model
                                        beta_beta=args.beta_beta),
         sgm_noise_multiplier=bool(getattr(args, "sgm_noise_multiplier", False)),
         restore_faces=bool(args.restore_faces),
+        face_restoration_model=args.face_restoration_model,
+        code_former_weight=args.code_former_weight,
         control_units=control_units_from_args(args),
     )
     if getattr(args, "from_infotext", None):

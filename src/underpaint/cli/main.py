@@ -114,7 +114,9 @@ _FIELD_FLAGS: dict[str, tuple[str, ...]] = {
     # `underpaint upscale` (A1111's Extras).
     "upscaler": ("--upscaler",), "upscaler_1": ("--upscaler",), "upscaler_2": ("--upscaler-2",),
     "upscaler_2_visibility": ("--upscaler-2-visibility",), "scale": ("--scale",), "resize": ("--resize",),
-    "gfpgan_visibility": ("--gfpgan-visibility",),
+    "gfpgan_visibility": ("--gfpgan-visibility",), "codeformer_visibility": ("--codeformer-visibility",),
+    "codeformer_weight": ("--codeformer-weight",), "code_former_weight": ("--codeformer-weight",),
+    "face_restoration_model": ("--face-restorer",),
     "crop": ("--crop",),
     "loopback": ("--loopback",), "loopback_loops": ("--loopback",),
     "loopback_final_strength": ("--loopback-final-strength",), "loopback_curve": ("--loopback-curve",),

@@ -40,6 +40,10 @@ def add_command(sub) -> None:
     p.add_argument("--gfpgan-visibility", type=float, default=0.0, metavar="V",
                    help="A1111's GFPGAN visibility: after the upscale, restore the faces with GFPGAN and blend them "
                         "in by this much, 0-1 (default 0: off; the models folder's GFPGAN/ holds its files)")
+    p.add_argument("--codeformer-visibility", type=float, default=0.0, metavar="V",
+                   help="the same with CodeFormer, after GFPGAN (its files in Codeformer/)")
+    p.add_argument("--codeformer-weight", type=float, default=0.5, metavar="W",
+                   help="CodeFormer's weight: 0 restores most, 1 keeps most of the face (default 0.5)")
     p.add_argument("-o", "--output", default=None,
                    help="output file, or folder (default outputs/extras-images/, as A1111); an existing file "
                         "is kept unless --overwrite")
@@ -59,13 +63,15 @@ def _job(args: argparse.Namespace, folder):
     visibility = args.upscaler_2_visibility
     if not 0.0 <= visibility <= 1.0:
         raise InvalidParameter("upscaler_2_visibility", visibility, "a number from 0 to 1")
-    faces = args.gfpgan_visibility
-    if not 0.0 <= faces <= 1.0:
-        raise InvalidParameter("gfpgan_visibility", faces, "a number from 0 to 1")
-    if faces > 0:
-        from ..pipeline.face_restore import face_model_files
+    from ..pipeline.face_restore import face_model_files
 
-        face_model_files(folder, "gfpgan_visibility")
+    for field, restorer in (("gfpgan_visibility", "GFPGAN"), ("codeformer_visibility", "CodeFormer"),
+                            ("codeformer_weight", None)):
+        value = getattr(args, field)
+        if not 0.0 <= value <= 1.0:
+            raise InvalidParameter(field, value, "a number from 0 to 1")
+        if restorer is not None and value > 0:
+            face_model_files(folder, field, restorer)
     if args.crop and args.resize is None:
         raise InvalidParameter("crop", True, "--resize WxH beside it (--crop cuts the result to that size)")
     scale, width, height, mode = 4.0 if args.scale is None else args.scale, 0, 0, 0
@@ -78,7 +84,9 @@ def _job(args: argparse.Namespace, folder):
         raise InvalidParameter("scale", scale, "a factor above 0 and at most 8")
     return upscale.ExtrasJob(upscaler=first, second=None if second == "None" else second, visibility=visibility,
                              mode=mode, scale=scale, width=width, height=height, crop=args.crop,
-                             gfpgan_visibility=faces, folder=folder)
+                             gfpgan_visibility=args.gfpgan_visibility,
+                             codeformer_visibility=args.codeformer_visibility, codeformer_weight=args.codeformer_weight,
+                             folder=folder)
 
 
 def run_upscale(args: argparse.Namespace) -> int:

@@ -1,10 +1,10 @@
 """The models folder: where checkpoints, VAEs, LoRAs, embeddings and ControlNets are found by name.
 
 Two layouts are read. underpaint's own (``checkpoints/ vae/ loras/ embeddings/ controlnet/
-VAE-approx/ upscale_models/ GFPGAN/``) and an existing AUTOMATIC1111 install's (``models/Stable-diffusion``,
+VAE-approx/ upscale_models/ GFPGAN/ Codeformer/``) and an existing AUTOMATIC1111 install's (``models/Stable-diffusion``,
 ``models/VAE``, ``models/Lora``, ``embeddings/``, ``models/ControlNet``, ``models/VAE-approx``,
-``models/ESRGAN``, ``models/RealESRGAN``, ``models/SwinIR``, ``models/DAT``, ``models/HAT`` and
-``models/GFPGAN``),
+``models/ESRGAN``, ``models/RealESRGAN``, ``models/SwinIR``, ``models/DAT``, ``models/HAT``,
+``models/GFPGAN`` and ``models/Codeformer``),
 given either the install's root or its ``models/`` folder, so people can point underpaint at the
 files they already have. Names follow A1111: a checkpoint's name is its path relative to the checkpoints folder
 without the extension, its title is the file name with the short hash in brackets when it is known.
@@ -63,6 +63,7 @@ _FOLDERS = {
                                      "models/HAT")),
     # Face restoration (GFPGAN) with its face detector and parser, where A1111 keeps them.
     "gfpgan": ("GFPGAN", ("models/GFPGAN",)),
+    "codeformer": ("Codeformer", ("models/Codeformer",)),
 }
 
 _TITLE_HASH = re.compile(r"^(.*?)\s*\[([0-9a-fA-F]{8,64})\]$")

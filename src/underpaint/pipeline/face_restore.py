@@ -1,24 +1,26 @@
-"""A1111's "Restore faces" with its GFPGAN setting: every face in a finished picture found, aligned,
-restored by GFPGAN and blended back.
+"""A1111's "Restore faces": every face in a finished picture found, aligned, restored by CodeFormer
+(A1111's default) or GFPGAN, and blended back.
 
-As A1111 1.10 runs it (its face-restoration helper over facexlib's, GFPGAN 1.4, no upscaling):
+As A1111 1.10 runs it (its face-restoration helper over facexlib's, no upscaling):
 
 1. The picture (BGR) is resized so its short side is 640 px (Lanczos) and RetinaFace finds the faces
    scoring above 0.97, boxes and landmarks taken back to the picture's scale; a face whose eyes are
    less than 5 px apart is left alone.
 2. Each face is warped onto FFHQ's 512² five-point template (a similarity transform fitted by
    least median of squares, the outside filled with grey 135, 133, 132).
-3. GFPGAN restores it (RGB in [-1, 1]; the output clamped, scaled to 0-255 and truncated).
+3. The restorer restores it (RGB in [-1, 1]; the output clamped, scaled to 0-255 and truncated):
+   CodeFormer with A1111's "CodeFormer weight" (0.5; 0 is the strongest restoration), or GFPGAN.
 4. ParseNet parses the restored face; its face classes (skin, brows, eyes, glasses, ears, earrings,
    nose, mouth, lips and hair, not the neck, necklace or clothes) make a mask, blurred twice
    (101 px Gaussian, σ 11), its 10-px border cleared; the face and its mask are warped back and the
    face laid over the picture through the mask.
 
-The three networks come from the models folder's ``GFPGAN/`` (A1111's ``models/GFPGAN``):
-``GFPGANv1.4.pth`` (any GFPGAN file; the newest by name), ``detection_Resnet50_Final.pth`` and
-``parsing_parsenet.pth``. Pickle-based files are read with ``torch.load(weights_only=True)``, never run.
-One set is kept loaded between requests. Differences from A1111: GFPGAN's noise inputs are its stored
-noise maps, so a face restores the same way every time (A1111 draws new noise for every face).
+The networks come from the models folder as A1111 keeps them: ``Codeformer/codeformer-v0.1.0.pth``
+(any ``codeformer*`` file), ``GFPGAN/GFPGANv1.4.pth`` (any ``GFPGAN*`` file; the last by name), and
+``detection_Resnet50_Final.pth`` and ``parsing_parsenet.pth`` in either folder. Pickle-based files are
+read with ``torch.load(weights_only=True)``, never run. One set is kept loaded between requests.
+Difference from A1111: GFPGAN's noise inputs are its stored noise maps, so a face restores the same
+way every time (A1111 draws new noise for every face).
 """
 
 from __future__ import annotations
@@ -33,14 +35,16 @@ import numpy as np
 import torch
 
 from ..errors import ModelNotFound
+from ..params import FACE_RESTORERS, restorer_name  # noqa: F401 - re-exported
 
 if TYPE_CHECKING:
     from PIL import Image
 
 __all__ = ["FaceRestorer", "restore_faces", "load_face_restorer", "face_restorer_for", "FACE_RESTORERS"]
 
-#: The face restorers A1111 offers; underpaint runs GFPGAN.
-FACE_RESTORERS = ("GFPGAN",)
+#: Where each restorer's file is, as (models folder kind, file name prefix, the released file's name).
+_RESTORER_FILES = {"CodeFormer": ("codeformer", "codeformer", "codeformer-v0.1.0.pth"),
+                   "GFPGAN": ("gfpgan", "gfpgan", "GFPGANv1.4.pth")}
 FACE_SIZE = 512
 #: FFHQ's five landmarks (eyes, nose tip, mouth corners) on a 512² face.
 FFHQ_TEMPLATE = np.array([[192.98138, 239.94708], [318.90277, 240.1936], [256.63416, 314.01935],
@@ -67,6 +71,11 @@ class FaceRestorer:
     @property
     def device(self) -> torch.device:
         return next(self.restorer.parameters()).device
+
+    def restore(self, face: torch.Tensor, weight: float) -> torch.Tensor:
+        """One aligned face through the restorer (``weight``: CodeFormer's; GFPGAN has none)."""
+        with torch.no_grad():
+            return self.restorer(face, weight) if self.name == "CodeFormer" else self.restorer(face)
 
 
 def _to_face_tensor(bgr: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -123,9 +132,10 @@ def face_mask(restorer: FaceRestorer, face_bgr: np.ndarray) -> np.ndarray:
     return cv2.resize(mask / 255.0, face_bgr.shape[:2])
 
 
-def restore_faces(restorer: FaceRestorer, image: "Image.Image",
-                  check: Callable[[], None] | None = None) -> "Image.Image":
-    """``image`` with each face restored and blended back (an RGB picture of the same size)."""
+def restore_faces(restorer: FaceRestorer, image: "Image.Image", check: Callable[[], None] | None = None, *,
+                  weight: float = 0.5) -> "Image.Image":
+    """``image`` with each face restored and blended back (an RGB picture of the same size); ``weight``:
+    A1111's CodeFormer weight (GFPGAN ignores it)."""
     import cv2
     from PIL import Image
 
@@ -142,8 +152,7 @@ def restore_faces(restorer: FaceRestorer, image: "Image.Image",
         matrix = alignment(landmarks)
         crop = cv2.warpAffine(bgr, matrix, (FACE_SIZE, FACE_SIZE), borderMode=cv2.BORDER_CONSTANT,
                               borderValue=_GREY_BGR)
-        with torch.no_grad():
-            restored = _from_face_tensor(restorer.restorer(_to_face_tensor(crop, restorer.device)))
+        restored = _from_face_tensor(restorer.restore(_to_face_tensor(crop, restorer.device), weight))
         inverse = cv2.invertAffineTransform(matrix)
         back = cv2.warpAffine(restored, inverse, (w, h))
         mask = cv2.warpAffine(face_mask(restorer, restored), inverse, (w, h), flags=cv2.INTER_AREA)[:, :, None]
@@ -154,50 +163,64 @@ def restore_faces(restorer: FaceRestorer, image: "Image.Image",
 # --- the files ---------------------------------------------------------------------------------------
 
 
-def face_model_files(folder, field: str = "restore_faces") -> tuple[Path, Path, Path]:
-    """(GFPGAN, detector, parser) files in the models folder's GFPGAN folders; ModelNotFound naming what
-    is missing and where it goes (and ``field``, the request's setting that needs them)."""
-    folders = folder.folders("gfpgan") if folder is not None else ()
-    gfpgan = detector = parser = None
-    for base in folders:
-        candidates = sorted((p for p in base.iterdir() if p.is_file() and p.name.lower().startswith("gfpgan")
+def face_model_files(folder, field: str = "restore_faces", restorer: str = "GFPGAN") -> tuple[Path, Path, Path]:
+    """(restorer, detector, parser) files in the models folder; ModelNotFound naming what is missing and
+    where it goes (and ``field``, the request's setting that needs them)."""
+    kind, prefix, released = _RESTORER_FILES[restorer]
+    own = folder.folders(kind) if folder is not None else ()
+    shared = tuple(dict.fromkeys((*own, *(folder.folders("gfpgan") if folder is not None else ()),
+                                  *(folder.folders("codeformer") if folder is not None else ()))))
+    net = None
+    for base in own:
+        candidates = sorted((p for p in base.iterdir() if p.is_file() and p.name.lower().startswith(prefix)
                              and p.suffix.lower() in (".pth", ".safetensors")), key=lambda p: p.name.lower())
-        gfpgan = gfpgan or (candidates[-1] if candidates else None)
-        detector = detector or next((p for p in (base / _DETECTOR_FILE, base / "detection_Resnet50_Final.safetensors")
-                                     if p.is_file()), None)
-        parser = parser or next((p for p in (base / _PARSER_FILE, base / "parsing_parsenet.safetensors")
-                                 if p.is_file()), None)
-    missing = [name for name, found in (("GFPGANv1.4.pth", gfpgan), (_DETECTOR_FILE, detector),
-                                        (_PARSER_FILE, parser)) if found is None]
+        net = net or (candidates[-1] if candidates else None)
+    detector = _first(shared, _DETECTOR_FILE)
+    parser = _first(shared, _PARSER_FILE)
+    missing = [name for name, found in ((released, net), (_DETECTOR_FILE, detector), (_PARSER_FILE, parser))
+               if found is None]
     if missing:
-        where = folder.root / "GFPGAN" if folder is not None else Path("GFPGAN")
-        raise ModelNotFound(f"face restoration needs {', '.join(missing)} in {where} (A1111's models/GFPGAN "
-                            "holds the same files)", field=field)
-    return gfpgan, detector, parser
+        where = folder.root if folder is not None else Path(".")
+        folder_name = "Codeformer" if restorer == "CodeFormer" else "GFPGAN"
+        raise ModelNotFound(f"face restoration with {restorer} needs {', '.join(missing)} in {where / folder_name} "
+                            f"(A1111's models/{folder_name} holds the same files)", field=field)
+    return net, detector, parser
 
 
-def load_face_restorer(gfpgan: Path, detector: Path, parser: Path, *, device: str | torch.device = "cpu") -> FaceRestorer:
+def _first(folders, name: str) -> Path | None:
+    stem = name.rsplit(".", 1)[0]
+    for base in folders:
+        for candidate in (base / name, base / f"{stem}.safetensors"):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def load_face_restorer(net: Path, detector: Path, parser: Path, *, device: str | torch.device = "cpu",
+                       restorer: str = "GFPGAN") -> FaceRestorer:
+    from ..models.codeformer import load_codeformer
     from ..models.face_detect import load_parsenet, load_retinaface
     from ..models.gfpgan import load_gfpgan
     from ..models.upscaler import read_weights, unwrap_weights
 
+    load_net = load_codeformer if restorer == "CodeFormer" else load_gfpgan
     nets = []
-    for path, load in ((detector, load_retinaface), (parser, load_parsenet), (gfpgan, load_gfpgan)):
+    for path, load in ((detector, load_retinaface), (parser, load_parsenet), (net, load_net)):
         nets.append(load(unwrap_weights(read_weights(Path(path))), str(path)).to(device))
-    return FaceRestorer(*nets, paths=(Path(gfpgan), Path(detector), Path(parser)))
+    return FaceRestorer(*nets, name=restorer, paths=(Path(net), Path(detector), Path(parser)))
 
 
 _cache_lock = threading.Lock()
 _cached: FaceRestorer | None = None
 
 
-def face_restorer_for(folder, device: str | torch.device) -> FaceRestorer:
+def face_restorer_for(folder, device: str | torch.device, restorer: str = "GFPGAN") -> FaceRestorer:
     """The models folder's face restorer on ``device``: loaded once and kept while its files and the
     device stay the same."""
     global _cached
-    paths = face_model_files(folder)
+    paths = face_model_files(folder, restorer=restorer)
     with _cache_lock:
         if _cached is None or _cached.paths != paths or _cached.device.type != torch.device(device).type:
             _cached = None  # the old set goes before the new one comes in
-            _cached = load_face_restorer(*paths, device=device)
+            _cached = load_face_restorer(*paths, device=device, restorer=restorer)
         return _cached

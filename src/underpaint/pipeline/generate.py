@@ -225,7 +225,7 @@ def _generate(model, params: GenerationParams, networks: ActiveNetworks, *, info
     if params.restore_faces:  # so are face restoration's missing files
         from .face_restore import face_model_files
 
-        face_model_files(models_dir_of(model))
+        face_model_files(models_dir_of(model), restorer=params.face_restoration_model)
     # 2d. LoRA and embedding hashes, after the inpaint and ControlNet keys as A1111 orders them.
     plan = replace(plan, params=networks.with_infotext(plan.params))
     if refiner is not None:  # A1111 records the refiner when the switch comes, while sampling
@@ -583,11 +583,12 @@ def _finished(model, images: list, plan: Plan, cancel: Cancellation) -> list:
             if cancel.interrupted:
                 raise _FacesStopped
 
-        restorer = face_restorer_for(models_dir_of(model), model.device)
+        p = plan.params
+        restorer = face_restorer_for(models_dir_of(model), model.device, p.face_restoration_model)
         done = []
         for image in images:
             try:
-                done.append(restore_faces(restorer, image, check))
+                done.append(restore_faces(restorer, image, check, weight=p.code_former_weight))
             except _FacesStopped:
                 done.append(image)
         images = done

@@ -30,7 +30,7 @@ def infotext_params(params: GenerationParams, info: ModelInfo, *, width: int, he
         "Schedule type": infotext_schedule(p.sampler, p.scheduler),
         "CFG scale": p.cfg_scale,
         "Seed": seed,
-        "Face restoration": "GFPGAN" if p.restore_faces else None,
+        "Face restoration": p.face_restoration_model if p.restore_faces else None,
         "Size": f"{width}x{height}",
         "Model hash": info.short_hash,
         "Model": info.name,

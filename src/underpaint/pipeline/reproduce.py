@@ -95,8 +95,13 @@ def params_from_infotext(parsed: ParsedInfotext) -> dict[str, Any]:
         fields["s_min_uncond_all"] = _parse(values, "NGMS all steps", _boolean)
     if "Tiling" in values:
         fields["tiling"] = _parse(values, "Tiling", _boolean)
-    if values.get("Face restoration"):  # GFPGAN, or A1111's CodeFormer (restored with GFPGAN: warned of)
+    if values.get("Face restoration"):  # CodeFormer or GFPGAN (another restorer: CodeFormer, warned of)
+        from ..params import FACE_RESTORERS, restorer_name
+
         fields["restore_faces"] = True
+        named = values["Face restoration"]
+        fields["face_restoration_model"] = restorer_name(named) if named.lower() in (
+            r.lower() for r in FACE_RESTORERS) else "CodeFormer"
     if "SGM noise multiplier" in values:
         fields["sgm_noise_multiplier"] = _parse(values, "SGM noise multiplier", _boolean)
     if values.get("Refiner"):  # the checkpoint's A1111 title, "name [hash]", as the models folder matches it
@@ -191,7 +196,7 @@ def inpaint_options(values: Mapping[str, str]) -> InpaintOptions:
 
 #: Infotext keys of A1111 features underpaint has only in part → (what to call them, the values it
 #: runs); a picture made with another value is not reproduced exactly.
-_UNAVAILABLE = (("Face restoration", "face restoration", ("GFPGAN",)),)
+_UNAVAILABLE = (("Face restoration", "face restoration", ("CodeFormer", "GFPGAN")),)
 
 
 def unavailable_features(parsed: ParsedInfotext) -> list[str]:

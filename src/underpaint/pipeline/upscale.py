@@ -262,16 +262,19 @@ class ExtrasJob:
     width: int
     height: int
     crop: bool
-    #: A1111's "GFPGAN visibility": after the upscale, the picture's faces restored (pipeline/face_restore.py)
-    #: and blended in by this much; 0: off. ``folder``: the models folder holding the face restorer's files.
+    #: A1111's "GFPGAN visibility" and "CodeFormer visibility" (with its "CodeFormer weight"): after the
+    #: upscale, the picture's faces restored (pipeline/face_restore.py) and blended in by this much, GFPGAN
+    #: first; 0: off. ``folder``: the models folder holding the restorers' files.
     gfpgan_visibility: float = 0.0
+    codeformer_visibility: float = 0.0
+    codeformer_weight: float = 0.5
     folder: object = None
 
     @property
     def uses_model(self) -> bool:
         """Whether a network runs (an upscaling model, the face restorer): then the job goes on the
         generation queue."""
-        if self.gfpgan_visibility > 0:
+        if self.gfpgan_visibility > 0 or self.codeformer_visibility > 0:
             return True
         chosen = [self.upscaler] + ([self.second] if self.visibility > 0 else [])
         return self.upscaler is not None and any(isinstance(u, UpscalerModelEntry) for u in chosen)
@@ -300,15 +303,18 @@ def postprocess(job: ExtrasJob, image: "Image", device: str = "cpu") -> tuple["I
 
     image = image.convert("RGB")
     result, text = _upscale_step(job, image, device) if job.upscaler is not None else (image, "")
-    if job.gfpgan_visibility > 0:
-        from .face_restore import face_restorer_for, restore_faces
+    from .face_restore import face_restorer_for, restore_faces
 
-        restored = restore_faces(face_restorer_for(job.folder, device), result)
-        if job.gfpgan_visibility < 1:
-            restored = PILImage.blend(result, restored, job.gfpgan_visibility)
-        result = restored
-        text = ", ".join(t for t in (text, f"GFPGAN visibility: {round(job.gfpgan_visibility, 3)}") if t)
-    return result, text
+    info = [text] if text else []
+    for name, visibility in (("GFPGAN", job.gfpgan_visibility), ("CodeFormer", job.codeformer_visibility)):
+        if visibility <= 0:
+            continue
+        restored = restore_faces(face_restorer_for(job.folder, device, name), result, weight=job.codeformer_weight)
+        result = restored if visibility >= 1 else PILImage.blend(result, restored, visibility)
+        info.append(f"{name} visibility: {round(visibility, 3)}")
+        if name == "CodeFormer":
+            info.append(f"CodeFormer weight: {round(job.codeformer_weight, 3)}")
+    return result, ", ".join(info)
 
 
 def _upscale_step(job: ExtrasJob, image: "Image", device: str) -> tuple["Image", str]:

@@ -149,13 +149,14 @@ def _rng(p: "GenerationParams", value: str, first) -> "GenerationParams":
 
 
 def _face_restore(p: "GenerationParams", value: str, first) -> "GenerationParams":
-    """A1111's "Face restore": GFPGAN or True restore faces, False does not (CodeFormer is not available)."""
+    """A1111's "Face restore": CodeFormer or GFPGAN restore faces with that restorer, True with the
+    request's, False not at all."""
     word = str(value).strip().lower()
-    if word in ("gfpgan", "true"):
-        return p.replace(restore_faces=True)
-    if word == "false":
-        return p.replace(restore_faces=False)
-    raise InvalidParameter("xyz_values", value, "GFPGAN, True or False (CodeFormer is not available)")
+    if word in ("codeformer", "gfpgan"):
+        return p.replace(restore_faces=True, face_restoration_model=value.strip())
+    if word in ("true", "false"):
+        return p.replace(restore_faces=word == "true")
+    raise InvalidParameter("xyz_values", value, "CodeFormer, GFPGAN, True or False")
 
 
 def _sgm(p: "GenerationParams", value: str, first) -> "GenerationParams":
@@ -232,6 +233,8 @@ AXES: dict[str, Axis] = {a.name.lower(): a for a in (
     Axis("Schedule min sigma", float, _sampler_option("sigma_min")),
     Axis("Schedule max sigma", float, _sampler_option("sigma_max")),
     Axis("Schedule rho", float, _sampler_option("rho")),
+    Axis("Beta schedule alpha", float, _sampler_option("beta_alpha")),
+    Axis("Beta schedule beta", float, _sampler_option("beta_beta")),
     Axis("Eta", float, _eta),
     Axis("Clip skip", int, _field("clip_skip")),
     Axis("Denoising", float, _denoising),
@@ -240,17 +243,15 @@ AXES: dict[str, Axis] = {a.name.lower(): a for a in (
     Axis("Hires upscaler", str, _hires("upscaler"), tab="txt2img", hires=True),
     Axis("Cond. Image Mask Weight", float, _mask_weight, tab="img2img"),
     Axis("VAE", str, _same, loads=VAE, cost=0.7),
+    Axis("UniPC Order", int, _unipc_order),
+    Axis("Face restore", str, _face_restore),
     Axis("Token merging ratio", float, _field("token_merging_ratio")),
     Axis("Token merging ratio high-res", float, _hires("token_merging_ratio"), hires=True),
     Axis("Always discard next-to-last sigma", str, _discard_penultimate),
+    Axis("SGM noise multiplier", str, _sgm),
     Axis("Refiner checkpoint", str, _same, label=_FILE, loads=REFINER, cost=0.9),
     Axis("Refiner switch at", float, _refiner_switch),
     Axis("RNG source", str, _rng),
-    Axis("UniPC Order", int, _unipc_order),
-    Axis("Beta schedule alpha", float, _sampler_option("beta_alpha")),
-    Axis("Beta schedule beta", float, _sampler_option("beta_beta")),
-    Axis("SGM noise multiplier", str, _sgm),
-    Axis("Face restore", str, _face_restore),
     Axis("Size", str, _size),
 )}
 

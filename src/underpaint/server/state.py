@@ -62,9 +62,10 @@ class ServerOptions:
     sdxl_refiner_high_aesthetic_score: float = 6.0
     #: A1111's "UniPC order" and "SGM noise multiplier" (Settings → Sampler parameters).
     uni_pc_order: int = 3
-    #: A1111's "Restore faces" default (requests that leave restore_faces out) and its restorer (GFPGAN only).
+    #: A1111's "Restore faces" default (requests that leave restore_faces out), its restorer and CodeFormer's weight.
     face_restoration: bool = False
-    face_restoration_model: str = "GFPGAN"
+    face_restoration_model: str = "CodeFormer"
+    code_former_weight: float = 0.5
     #: A1111's "Beta scheduler - alpha/beta": the Beta schedule's shape.
     beta_dist_alpha: float = 0.6
     beta_dist_beta: float = 0.6

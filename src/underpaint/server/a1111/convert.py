@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from ...errors import InvalidParameter, UnknownName
 from ...params import (MASKED_CONTENT, MAX_S_MIN_UNCOND, MAX_TOKEN_MERGING_RATIO, DeepCacheOptions, FreeUOptions,
                        GenerationParams, HiresOptions, RefinerOptions,
-                       InpaintOptions, SamplerOptions, hires_refiner_pass, names_no_checkpoint, preview_method_name,
+                       InpaintOptions, SamplerOptions, hires_refiner_pass, names_no_checkpoint, preview_method_name, restorer_name,
                        vae_method_name)
 from ...prompts.styles import StyleBook
 from ..config import Limits
@@ -257,6 +257,9 @@ def _kept_options(req: GenerationRequest, ctx: ConvertContext) -> dict[str, Any]
         "img2img_extra_noise": ("img2img_extra_noise", lambda key: overrides.float(key, options.img2img_extra_noise)),
         "uni_pc_order": ("uni_pc_order", lambda key: overrides.int(key, options.uni_pc_order)),
         "face_restoration": ("face_restoration", lambda key: overrides.bool(key, options.face_restoration)),
+        "face_restoration_model": ("face_restoration_model", lambda key: restorer_name(
+            overrides.values[key], "override_settings.face_restoration_model")),
+        "code_former_weight": ("code_former_weight", lambda key: overrides.float(key, options.code_former_weight)),
         "beta_dist_alpha": ("beta_dist_alpha", lambda key: overrides.float(key, options.beta_dist_alpha)),
         "beta_dist_beta": ("beta_dist_beta", lambda key: overrides.float(key, options.beta_dist_beta)),
         "sgm_noise_multiplier": ("sgm_noise_multiplier", lambda key: overrides.bool(key, options.sgm_noise_multiplier)),
@@ -332,6 +335,7 @@ _API_FIELD = {**SCRIPT_ARG_FIELDS, "strength": "denoising_strength", "sampler": 
               "noise_multiplier": "initial_noise_multiplier", "extra_noise": "override_settings.img2img_extra_noise",
               "aesthetic_score": "override_settings.sdxl_refiner_high_aesthetic_score",
               "unipc_order": "override_settings.uni_pc_order",
+              "code_former_weight": "override_settings.code_former_weight",
               "sgm_noise_multiplier": "override_settings.sgm_noise_multiplier",
               "negative_aesthetic_score": "override_settings.sdxl_refiner_low_aesthetic_score",
               "hires_checkpoint": "hr_checkpoint_name"}
@@ -654,7 +658,7 @@ def _common_fields(req: GenerationRequest, ctx: ConvertContext, pictures: Pictur
         "img2img_color_correction": img2img and overrides.bool("img2img_color_correction",
                                                                ctx.options.img2img_color_correction),
         "extra_noise": overrides.float("img2img_extra_noise", ctx.options.img2img_extra_noise),
-        "restore_faces": _restore_faces(req, overrides, ctx.options),
+        **_face_restoration(req, overrides, ctx.options),
         "aesthetic_score": overrides.float("sdxl_refiner_high_aesthetic_score",
                                            ctx.options.sdxl_refiner_high_aesthetic_score),
         "negative_aesthetic_score": overrides.float("sdxl_refiner_low_aesthetic_score",
@@ -671,15 +675,16 @@ def _common_fields(req: GenerationRequest, ctx: ConvertContext, pictures: Pictur
     }
 
 
-def _restore_faces(req: GenerationRequest, overrides: "_Overrides", options: ServerOptions) -> bool:
-    """``restore_faces``, else the ``face_restoration`` setting; a restorer other than GFPGAN is refused."""
+def _face_restoration(req: GenerationRequest, overrides: "_Overrides", options: ServerOptions) -> dict[str, Any]:
+    """``restore_faces`` (else the ``face_restoration`` setting), the restorer and CodeFormer's weight
+    (their settings, overridden per request)."""
     model = overrides.values.get("face_restoration_model")
-    if model not in (None, "GFPGAN"):
-        raise InvalidParameter("override_settings.face_restoration_model", model,
-                               "GFPGAN (underpaint's face restorer; CodeFormer is not available)")
-    if req.restore_faces is not None:
-        return req.restore_faces
-    return overrides.bool("face_restoration", options.face_restoration)
+    restorer = options.face_restoration_model if model is None else \
+        restorer_name(model, "override_settings.face_restoration_model")
+    restore = req.restore_faces if req.restore_faces is not None else \
+        overrides.bool("face_restoration", options.face_restoration)
+    return {"restore_faces": restore, "face_restoration_model": restorer,
+            "code_former_weight": overrides.float("code_former_weight", options.code_former_weight)}
 
 
 def _uncond_skip(req: GenerationRequest, overrides: "_Overrides", options: ServerOptions) -> dict[str, Any]:
@@ -1077,13 +1082,15 @@ def apply_infotext(req: GenerationRequest) -> GenerationRequest:
     for key, name, kind in _INFOTEXT_FIELDS:
         if key in parsed.params and name not in given and name in type(req).model_fields:
             updates[name] = _typed(parsed.params[key], kind, key)
-    if "Face restoration" in parsed.params and "restore_faces" not in given:
-        updates["restore_faces"] = True  # GFPGAN (a CodeFormer picture is restored with GFPGAN)
     if "enable_hr" in type(req).model_fields and "enable_hr" not in given:
         # A1111's paste rule: a "Denoising strength" and a hires size or upscaler in the text.
         updates["enable_hr"] = "Denoising strength" in parsed.params and any(
             key in parsed.params for key in ("Hires upscale", "Hires upscaler", "Hires resize-1"))
     overrides = dict(req.override_settings or {})
+    if "Face restoration" in parsed.params and "restore_faces" not in given:
+        updates["restore_faces"] = True
+        if parsed.params["Face restoration"].lower() in ("codeformer", "gfpgan"):
+            overrides.setdefault("face_restoration_model", parsed.params["Face restoration"])
     for key, setting, kind in _INFOTEXT_SETTINGS:
         if key in parsed.params and setting not in overrides:
             overrides[setting] = _typed(parsed.params[key], kind, key)
@@ -1171,7 +1178,7 @@ def info_json(job: PreparedJob, result, *, job_timestamp: str, save_error: str |
         "steps": p.steps,
         "batch_size": p.batch_size,
         "restore_faces": p.restore_faces,
-        "face_restoration_model": "GFPGAN" if p.restore_faces else None,
+        "face_restoration_model": p.face_restoration_model if p.restore_faces else None,
         "sd_model_name": model.name if model else None,
         "sd_model_hash": model.short_hash if model else None,
         "sd_vae_name": model.vae_name if model else None,

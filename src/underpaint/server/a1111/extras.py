@@ -16,9 +16,9 @@ way its "Upscale" postprocessing step runs them (pipeline/upscale.py):
 
 Each returned PNG keeps the input's ``parameters`` infotext and gains a ``postprocessing`` text
 ("Postprocess upscale by: 2.0, Postprocess upscaler: Lanczos"), as A1111 writes them.
-``gfpgan_visibility`` above 0 then restores the faces (pipeline/face_restore.py) and blends them in
-by that much ("GFPGAN visibility" in the postprocessing text); CodeFormer is not available (a
-visibility above 0 is refused by name).
+``gfpgan_visibility`` and then ``codeformer_visibility`` (at ``codeformer_weight``) above 0 restore the
+faces (pipeline/face_restore.py) and blend them in by that much ("GFPGAN visibility", "CodeFormer
+visibility" and "CodeFormer weight" in the postprocessing text).
 Built-in upscaling is Pillow resizing in a worker thread, off the generation queue; a request
 that names an upscaling model runs on the queue like a generation (the model uses the
 generation device). Either way one request at a time (each may hold up to
@@ -57,18 +57,17 @@ def _upscaler(value: str, field: str, folder) -> "str | upscalers.UpscalerModelE
 def prepare(req: ExtrasRequest, folder=None) -> upscalers.ExtrasJob:
     """The request's settings, refusing what underpaint cannot do by the field's name. ``folder``:
     the models folder whose upscaling models the request may name."""
-    if req.codeformer_visibility > 0:
-        raise InvalidParameter("codeformer_visibility", req.codeformer_visibility,
-                               "0 (CodeFormer is not available; gfpgan_visibility restores faces with GFPGAN)")
-    if req.gfpgan_visibility > 0:
-        from ...pipeline.face_restore import face_model_files
+    from ...pipeline.face_restore import face_model_files
 
-        face_model_files(folder, "gfpgan_visibility")  # missing files: refused before any work
+    for field, restorer in (("gfpgan_visibility", "GFPGAN"), ("codeformer_visibility", "CodeFormer")):
+        if getattr(req, field) > 0:
+            face_model_files(folder, field, restorer)  # missing files: refused before any work
     return upscalers.ExtrasJob(upscaler=_upscaler(req.upscaler_1, "upscaler_1", folder),
                      second=_upscaler(req.upscaler_2, "upscaler_2", folder),
                      visibility=req.extras_upscaler_2_visibility, mode=req.resize_mode, scale=req.upscaling_resize,
                      width=req.upscaling_resize_w, height=req.upscaling_resize_h, crop=req.upscaling_crop,
-                     gfpgan_visibility=req.gfpgan_visibility, folder=folder)
+                     gfpgan_visibility=req.gfpgan_visibility, codeformer_visibility=req.codeformer_visibility,
+                     codeformer_weight=req.codeformer_weight, folder=folder)
 
 
 def _check_size(job: upscalers.ExtrasJob, image: "Image", field: str, limits: Limits) -> None:

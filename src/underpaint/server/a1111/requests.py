@@ -141,8 +141,8 @@ class GenerationRequest(RequestModel):
     width: int = Field(512, description="Output width in pixels.")
     height: int = Field(512, description="Output height in pixels.")
     restore_faces: bool | None = Field(None, description=(
-        "Restore faces: each finished picture's faces restored with GFPGAN (the models folder's GFPGAN/ files). "
-        "Absent: the face_restoration setting (off)."))
+        "Restore faces: each finished picture's faces restored with the face_restoration_model setting's restorer "
+        "(CodeFormer or GFPGAN). Absent: the face_restoration setting (off)."))
     tiling: bool | None = Field(None, description=(
         "A1111's Tiling: a picture that tiles seamlessly, its right edge running on into the left and its bottom "
         "into the top (SD 1.x/2.x and SDXL; refused for FLUX)."))
@@ -254,8 +254,10 @@ class ExtrasRequest(RequestModel):
     show_extras_results: bool = Field(True, description="Ignored, as in A1111's API: the pictures are always returned.")
     gfpgan_visibility: float = Field(0, ge=0, le=1, description=(
         "GFPGAN visibility: after the upscale, the faces restored with GFPGAN and blended in by this much (0: off)."))
-    codeformer_visibility: float = Field(0, ge=0, le=1, description="Not available here: must be 0.")
-    codeformer_weight: float = Field(0, ge=0, le=1, description="Unused (CodeFormer is not available).")
+    codeformer_visibility: float = Field(0, ge=0, le=1, description=(
+        "CodeFormer visibility: after GFPGAN's, the faces restored with CodeFormer and blended in by this much."))
+    codeformer_weight: float = Field(0, ge=0, le=1, description=(
+        "CodeFormer weight: 0 restores most, 1 keeps most of the picture."))
     upscaling_resize: float = Field(2, gt=0, description="Scale factor for resize_mode 0.")
     upscaling_resize_w: int = Field(512, ge=1, description="Target width for resize_mode 1.")
     upscaling_resize_h: int = Field(512, ge=1, description="Target height for resize_mode 1.")

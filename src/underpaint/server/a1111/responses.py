@@ -236,9 +236,10 @@ class Options(WireModel):
     img2img_extra_noise: float = Field(0.0, ge=0, le=1, description=(
         "Extra noise multiplier for img2img and hires fix: the start noise once more, times this, on top of "
         "the start (0: off; keep it below the denoising strength)."))
-    face_restoration: bool = Field(False, description=(
-        "Restore faces for requests that leave restore_faces out (GFPGAN; the models folder's GFPGAN/ files)."))
-    face_restoration_model: str = Field("GFPGAN", description="The face restorer: GFPGAN (CodeFormer is not available).")
+    face_restoration: bool = Field(False, description="Restore faces for requests that leave restore_faces out.")
+    face_restoration_model: str = Field("CodeFormer", description="The face restorer: CodeFormer or GFPGAN.")
+    code_former_weight: float = Field(0.5, ge=0, le=1, description=(
+        "CodeFormer weight: 0 restores most, 1 keeps most of the face."))
     uni_pc_order: int = Field(3, ge=1, le=50, description=(
         "UniPC order: the order of the UniPC sampler's solver (lower at the start and the end; at most the steps)."))
     beta_dist_alpha: float = Field(0.6, ge=0.01, le=10, description="Beta scheduler - alpha: the Beta schedule's shape.")

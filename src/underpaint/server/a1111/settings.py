@@ -17,7 +17,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ...errors import InvalidParameter
 from ...params import (MAX_NOISE_MULTIPLIER, MAX_S_MIN_UNCOND, MAX_TOKEN_MERGING_RATIO, preview_method_name,
-                       hires_refiner_pass, vae_method_name)
+                       hires_refiner_pass, restorer_name, vae_method_name)
 from ..jobs import Job
 from ..security import JSONValueLimitRoute
 from ..state import ServerState, server_state
@@ -78,6 +78,7 @@ def get_options(request: Request) -> Options:
         uni_pc_order=opts.uni_pc_order,
         face_restoration=opts.face_restoration,
         face_restoration_model=opts.face_restoration_model,
+        code_former_weight=opts.code_former_weight,
         beta_dist_alpha=opts.beta_dist_alpha,
         beta_dist_beta=opts.beta_dist_beta,
         sgm_noise_multiplier=opts.sgm_noise_multiplier,
@@ -122,9 +123,9 @@ def _option_changes(body: dict[str, Any], state: ServerState) -> dict[str, Any]:
         if key in body:
             changes[key] = _float_option(body, key, 0.01, 10.0)
     if "face_restoration_model" in body:
-        if body["face_restoration_model"] not in ("GFPGAN", None):
-            raise InvalidParameter("face_restoration_model", body["face_restoration_model"],
-                                   "GFPGAN (underpaint's face restorer; CodeFormer is not available)")
+        changes["face_restoration_model"] = restorer_name(body["face_restoration_model"])
+    if "code_former_weight" in body:
+        changes["code_former_weight"] = _float_option(body, "code_former_weight", 0.0, 1.0)
     for key in ("s_min_uncond_all", "img2img_color_correction", "tiling", "sgm_noise_multiplier", "face_restoration"):
         if key in body:
             if not isinstance(body[key], bool):

@@ -72,6 +72,8 @@ export function setupExtras() {
       upscaler_2: selects[1].value,
       extras_upscaler_2_visibility: numberValue($("#extras_upscaler_2_visibility")),
       gfpgan_visibility: numberValue($("#gfpgan_visibility")) || undefined,
+      codeformer_visibility: numberValue($("#codeformer_visibility")) || undefined,
+      codeformer_weight: numberValue($("#codeformer_visibility")) ? numberValue($("#codeformer_weight")) : undefined,
     };
     if (body.resize_mode === 0) {
       body.upscaling_resize = numberValue($("#upscaling_resize"));

@@ -95,7 +95,8 @@ export class GenerationForm {
     for (const name of ["prompt", "negative_prompt", "sampler_name", "scheduler", "steps", "width", "height",
       "n_iter", "batch_size", "cfg_scale", "distilled_cfg_scale", "denoising_strength", "seed", "mask_blur",
       "inpaint_full_res_padding", "deepcache_interval", "deepcache_branch", "first_block_cache", "s_min_uncond",
-      "s_min_uncond_all", "skip_early_cond", "sd_vae_decode_method", "sd_vae_encode_method", "tiling", "restore_faces", "img2img_color_correction", "initial_noise_multiplier", "img2img_extra_noise", "freeu_enabled", ...FREEU_FACTORS, "refiner_enabled", "refiner_checkpoint", "refiner_switch_at", "aesthetic_score", "negative_aesthetic_score", "enable_hr", "hr_upscaler",
+      "s_min_uncond_all", "skip_early_cond", "sd_vae_decode_method", "sd_vae_encode_method", "tiling", "restore_faces", "face_restoration_model", "code_former_weight",
+      "img2img_color_correction", "initial_noise_multiplier", "img2img_extra_noise", "freeu_enabled", ...FREEU_FACTORS, "refiner_enabled", "refiner_checkpoint", "refiner_switch_at", "aesthetic_score", "negative_aesthetic_score", "enable_hr", "hr_upscaler",
       ...HIRES_NUMBERS, "hr_extra_noise", "hires_fix_refiner_pass", "hr_checkpoint_name", "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt"]) {
       this.controls[name] = $(`#${name}`, root);
     }
@@ -234,6 +235,13 @@ export class GenerationForm {
     if (early) settings.skip_early_cond = early;
     for (const name of ["sd_vae_decode_method", "sd_vae_encode_method"]) {
       if (this.controls[name].value !== "Full") settings[name] = this.controls[name].value;
+    }
+    if (this.controls.restore_faces.checked) {  // the restorer's settings, away from A1111's defaults
+      if (this.controls.face_restoration_model.value !== "CodeFormer") {
+        settings.face_restoration_model = this.controls.face_restoration_model.value;
+      }
+      const weight = numberValue(this.controls.code_former_weight);
+      if (weight !== null && weight !== 0.5) settings.code_former_weight = weight;
     }
     if (this.family !== "flux") {  // the SDXL refiner's scores, where they differ from A1111's defaults
       const high = numberValue(this.controls.aesthetic_score);
@@ -382,6 +390,11 @@ export class GenerationForm {
     if (typeof fields.enable_hr === "boolean") c.enable_hr.checked = fields.enable_hr;
     if (typeof fields.tiling === "boolean") c.tiling.checked = fields.tiling;
     if (typeof fields.restore_faces === "boolean") c.restore_faces.checked = fields.restore_faces;
+    if (typeof fields.face_restoration_model === "string") {
+      const option = matchOption(c.face_restoration_model, fields.face_restoration_model);
+      if (option === null) notes.push(`face restorer ${fields.face_restoration_model} is not available`);
+      else c.face_restoration_model.value = option;
+    }
     if (typeof fields.freeu_enabled === "boolean") c.freeu_enabled.checked = fields.freeu_enabled;
     if (typeof fields.refiner_enabled === "boolean") c.refiner_enabled.checked = fields.refiner_enabled;
     if (typeof fields.refiner_switch_at === "number") setNumber(c.refiner_switch_at, fields.refiner_switch_at);

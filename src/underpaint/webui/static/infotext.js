@@ -108,6 +108,7 @@ export function infotextToFields({ prompt, negativePrompt, params }) {
   fields.sd_vae_encode_method = params["VAE Encoder"] === "TAESD" ? "TAESD" : "Full";
   fields.tiling = params.Tiling === "True";
   fields.restore_faces = Boolean(params["Face restoration"]);
+  if (params["Face restoration"]) fields.face_restoration_model = params["Face restoration"];
   set("initial_noise_multiplier", number(params["Noise multiplier"]) ?? 1);
   set("img2img_extra_noise", number(params["Extra noise"]) ?? 0);
   // A1111 records the refiner only when it took over; a picture without it was made without one.

@@ -19,11 +19,13 @@ export const XYZ_AXES = [
   ["Hires steps", "txt2img"], ["CFG Scale", null], ["Prompt S/R", null], ["Prompt order", null], ["Sampler", null],
   ["Hires sampler", "txt2img"], ["Checkpoint name", null], ["Negative Guidance minimum sigma", null],
   ["Sigma Churn", null], ["Sigma min", null], ["Sigma max", null], ["Sigma noise", null], ["Schedule type", null],
-  ["Schedule min sigma", null], ["Schedule max sigma", null], ["Schedule rho", null], ["Eta", null],
+  ["Schedule min sigma", null], ["Schedule max sigma", null], ["Schedule rho", null],
+  ["Beta schedule alpha", null], ["Beta schedule beta", null], ["Eta", null],
   ["Clip skip", null], ["Denoising", null], ["Initial noise multiplier", null], ["Extra noise", null],
-  ["Hires upscaler", "txt2img"], ["Cond. Image Mask Weight", "img2img"], ["VAE", null], ["Token merging ratio", null],
-  ["Token merging ratio high-res", null], ["Always discard next-to-last sigma", null],
-  ["Refiner checkpoint", null], ["Refiner switch at", null], ["RNG source", null],
+  ["Hires upscaler", "txt2img"], ["Cond. Image Mask Weight", "img2img"], ["VAE", null], ["UniPC Order", null],
+  ["Face restore", null], ["Token merging ratio", null],
+  ["Token merging ratio high-res", null], ["Always discard next-to-last sigma", null], ["SGM noise multiplier", null],
+  ["Refiner checkpoint", null], ["Refiner switch at", null], ["RNG source", null], ["Size", null],
 ];
 
 /**
