@@ -228,14 +228,9 @@ def load_codeformer(sd: Mapping[str, torch.Tensor], source: str = "CodeFormer") 
     layers = len({m.group(1) for k in sd if (m := re.match(r"ft_layers\.(\d+)\.", k))})
     connect = tuple(size for size in ("16", "32", "64", "128", "256", "512")
                     if f"fuse_convs_dict.{size}.scale.0.weight" in sd)
-    net = CodeFormer(dim=dim, layers=layers, codebook=sd["idx_pred_layer.1.weight"].shape[0], grid=grid,
-                     embed=sd["quantize.embedding.weight"].shape[1], connect=connect)
-    expected = net.state_dict()
-    missing = sorted(expected.keys() - sd.keys())
-    if missing:
-        raise ModelError(f"{source}: the CodeFormer file lacks {len(missing)} tensors (e.g. {', '.join(missing[:3])})")
-    for name, target in expected.items():
-        if tuple(sd[name].shape) != tuple(target.shape):
-            raise ModelError(f"{source}: tensor {name} has shape {tuple(sd[name].shape)}, expected {tuple(target.shape)}")
-    net.load_state_dict({k: sd[k].float() for k in expected}, strict=True)
-    return net.eval().requires_grad_(False)
+    from .loader import _assign
+
+    with torch.device("meta"):
+        net = CodeFormer(dim=dim, layers=layers, codebook=sd["idx_pred_layer.1.weight"].shape[0], grid=grid,
+                         embed=sd["quantize.embedding.weight"].shape[1], connect=connect)
+    return _assign(net, dict(sd), source, torch.device("cpu"), torch.float32)

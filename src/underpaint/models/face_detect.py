@@ -218,7 +218,11 @@ def load_retinaface(sd: Mapping[str, torch.Tensor], source: str = "face detector
                          "LandmarkHead.0.conv1x1.weight, as in detection_Resnet50_Final.pth)")
     base = sd["body.conv1.weight"].shape[0]
     channels = sd["fpn.output1.0.weight"].shape[0]
-    return _load(RetinaFace(base, channels), sd, source)
+    from .loader import _assign
+
+    with torch.device("meta"):
+        net = RetinaFace(base, channels)
+    return _assign(net, sd, source, torch.device("cpu"), torch.float32)
 
 
 # --- ParseNet ---------------------------------------------------------------------------------------
@@ -301,19 +305,8 @@ def load_parsenet(sd: Mapping[str, torch.Tensor], source: str = "face parser") -
     blocks = [v.shape[0] for k, v in sd.items() if k.endswith("conv1.conv2d.weight")]
     if not blocks:
         raise ModelError(f"{source}: ParseNet without residual blocks")
-    net = ParseNet(base=base, steps=steps, depth=depth, widths=(min(blocks), max(blocks)), classes=classes)
-    return _load(net, sd, source)
+    from .loader import _assign
 
-
-def _load(module: nn.Module, sd: Mapping[str, torch.Tensor], source: str) -> nn.Module:
-    expected = module.state_dict()
-    missing = sorted(expected.keys() - sd.keys())
-    unexpected = sorted(sd.keys() - expected.keys())
-    if missing or unexpected:
-        raise ModelError(f"{source}: the weights do not fit ({len(missing)} missing, e.g. {missing[:2]}; "
-                         f"{len(unexpected)} unexpected, e.g. {unexpected[:2]})")
-    for name, target in expected.items():
-        if tuple(sd[name].shape) != tuple(target.shape):
-            raise ModelError(f"{source}: tensor {name} has shape {tuple(sd[name].shape)}, expected {tuple(target.shape)}")
-    module.load_state_dict({k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}, strict=True)
-    return module.eval().requires_grad_(False)
+    with torch.device("meta"):
+        net = ParseNet(base=base, steps=steps, depth=depth, widths=(min(blocks), max(blocks)), classes=classes)
+    return _assign(net, dict(sd), source, torch.device("cpu"), torch.float32)

@@ -238,15 +238,9 @@ class GFPGAN(nn.Module):
 
 def load_gfpgan(sd: Mapping[str, torch.Tensor], source: str = "GFPGAN") -> GFPGAN:
     """A GFPGAN built from and holding ``sd``'s tensors (``params_ema`` already unwrapped), in eval mode."""
+    from .loader import _assign
+
     cfg = gfpgan_config(sd, source)
     with torch.device("meta"):
         module = GFPGAN(cfg)
-    expected = module.state_dict()
-    missing = sorted(expected.keys() - sd.keys())
-    if missing:
-        raise ModelError(f"{source}: the GFPGAN file lacks {len(missing)} tensors (e.g. {', '.join(missing[:3])})")
-    for name, target in expected.items():
-        if tuple(sd[name].shape) != tuple(target.shape):
-            raise ModelError(f"{source}: tensor {name} has shape {tuple(sd[name].shape)}, expected {tuple(target.shape)}")
-    module.load_state_dict({k: sd[k].float() for k in expected}, strict=True, assign=True)
-    return module.eval().requires_grad_(False)
+    return _assign(module, dict(sd), source, torch.device("cpu"), torch.float32)
