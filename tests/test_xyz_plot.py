@@ -52,7 +52,7 @@ def test_axis_lists_follow_a1111s_order():
     assert "Hires upscaler" in txt2img and "Hires upscaler" not in img2img
     assert txt2img.index("Denoising") == 25 and img2img.index("Denoising") == 24
     with pytest.raises(InvalidParameter) as err:
-        XYZPlotOptions(x_type="Styles", x_values="a")
+        XYZPlotOptions(x_type="FP8 mode", x_values="Enable")
     assert err.value.field == "xyz_x_type" and "underpaint runs" in err.value.expected
     assert txt2img.index("VAE") == 29 and img2img.index("Checkpoint name") == 10
 
@@ -310,7 +310,7 @@ def _png(image):
 
 @pytest.mark.parametrize(("args", "field"), [
     (_api_args(999, "1"), "script_args[0]"),
-    (_api_args(axis_names(False).index("Styles"), "a"), "script_args[0]"),
+    (_api_args(axis_names(False).index("FP8 mode"), "Enable"), "script_args[0]"),
     (_api_args(axis_names(False).index("Steps"), "1-x"), "script_args[1]"),
     (_api_args(axis_names(False).index("Prompt S/R"), "zebra,horse"), "script_args[1]"),
     (_api_args(1, "1", y_type=axis_names(False).index("Steps"), y_values="0"), "script_args[4]"),
@@ -716,3 +716,37 @@ def test_size_unipc_order_and_sgm_axes():
         with pytest.raises(InvalidParameter) as err:
             cells(axis_type, values)
         assert err.value.field == "xyz_x_values", (axis_type, err.value)
+
+
+def test_styles_axis_applies_each_values_styles(tmp_path):
+    """A1111's "Styles": each value's styles (comma-separated names) applied to the prompts after the
+    request's own; an unknown style, or no styles file, is refused by name before anything runs."""
+    from underpaint.pipeline import xyz_plot
+    from underpaint.prompts.styles import parse_styles
+
+    book = parse_styles('name,prompt,negative_prompt\nink,"{prompt}, ink drawing",smudge\nwarm,golden light,\n')
+    options = XYZPlotOptions(x_type="Styles", x_values='ink,warm,"ink,warm"', styles=book)
+    cells = xyz_plot.plan(GenerationParams(**BASE, xyz_plot=options)).cells
+    assert [(c.params.prompt, c.params.negative_prompt) for c in cells] == [
+        ("a red cat, ink drawing", "blurry dog, smudge"), ("a red cat, golden light", "blurry dog"),
+        ("a red cat, ink drawing, golden light", "blurry dog, smudge")]
+    for opts in (XYZPlotOptions(x_type="Styles", x_values="oil", styles=book),
+                 XYZPlotOptions(x_type="Styles", x_values="ink")):
+        with pytest.raises(InvalidParameter) as err:
+            xyz_plot.plan(GenerationParams(**BASE, xyz_plot=opts))
+        assert err.value.field == "xyz_x_values"
+
+
+def test_styles_axis_reads_the_styles_file_of_the_cli_and_the_server(tmp_path, api):
+    from underpaint.cli.generate import params_from_args
+    from underpaint.cli.main import build_parser
+    from underpaint.pipeline import xyz_plot
+
+    styles = tmp_path / "styles.csv"
+    styles.write_text('name,prompt,negative_prompt\nink,"{prompt}, ink drawing",smudge\n')
+    p = params_from_args(build_parser().parse_args(["txt2img", "-p", "a cat", "--xyz-x", "Styles", "--xyz-x-values",
+                                                    "ink", "--styles-file", str(styles)]))
+    assert [c.params.prompt for c in xyz_plot.plan(p).cells] == ["a cat, ink drawing"]
+    r = api.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 1, "script_name": "x/y/z plot",
+                                               "script_args": _api_args(axis_names(False).index("Styles"), "oil")})
+    assert r.status_code == 422 and r.json()["field"] == "script_args[1]", r.text

@@ -337,6 +337,8 @@ class XYZPlotOptions:
     vary_seeds_z: bool = False
     #: Pixels between the pictures of an annotated grid (``draw_legend``), 0 to 500.
     margin_size: int = 0
+    #: The prompt styles (a :class:`~underpaint.prompts.styles.StyleBook`) a "Styles" axis names; None: none.
+    styles: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         from .pipeline.xyz_plot import parse_axis_values  # torch-free

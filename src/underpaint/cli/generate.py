@@ -337,6 +337,10 @@ def _with_xyz_plot(params: GenerationParams, args: argparse.Namespace) -> Genera
     vary = (args.xyz_vary_seeds or "").lower().replace(",", "")
     if set(vary) - set("xyz"):
         raise InvalidParameter("xyz_vary_seeds", args.xyz_vary_seeds, "axes among x, y and z (e.g. xy)")
+    if any(fields[f"{letter}_type"].strip().lower() == "styles" for letter in "xyz"):
+        from ..prompts.styles import read_styles
+
+        fields["styles"] = read_styles(styles_file(args))
     options = XYZPlotOptions(**fields, draw_legend=not args.xyz_no_legend, include_lone_images=args.xyz_cells,
                              include_sub_grids=args.xyz_sub_grids, no_fixed_seeds=args.xyz_keep_seeds,
                              vary_seeds_x="x" in vary, vary_seeds_y="y" in vary, vary_seeds_z="z" in vary,

@@ -53,6 +53,7 @@ import random
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidParameter, UnknownName
@@ -159,6 +160,16 @@ def _face_restore(p: "GenerationParams", value: str, first) -> "GenerationParams
     raise InvalidParameter("xyz_values", value, "CodeFormer, GFPGAN, True or False")
 
 
+def _styles(p: "GenerationParams", value: str, first, book=None) -> "GenerationParams":
+    """A1111's "Styles": the value's styles (comma-separated names of ``book``'s) applied to the prompts,
+    after the request's own, in order."""
+    if book is None:
+        raise InvalidParameter("xyz_values", value, "a style's name, from a styles file (none was given)")
+    names = [name.strip() for name in str(value).split(",") if name.strip()]
+    prompt, negative = book.apply(names, p.prompt, p.negative_prompt, field="xyz_values")
+    return p.replace(prompt=prompt, negative_prompt=negative)
+
+
 def _sgm(p: "GenerationParams", value: str, first) -> "GenerationParams":
     return p.replace(sgm_noise_multiplier=_boolean(value))
 
@@ -243,6 +254,7 @@ AXES: dict[str, Axis] = {a.name.lower(): a for a in (
     Axis("Hires upscaler", str, _hires("upscaler"), tab="txt2img", hires=True),
     Axis("Cond. Image Mask Weight", float, _mask_weight, tab="img2img"),
     Axis("VAE", str, _same, loads=VAE, cost=0.7),
+    Axis("Styles", str, _styles),
     Axis("UniPC Order", int, _unipc_order),
     Axis("Face restore", str, _face_restore),
     Axis("Token merging ratio", float, _field("token_merging_ratio")),
@@ -463,6 +475,8 @@ def plan(params: "GenerationParams", models: ModelNames | None = None) -> Plan:
     axes, values, looked_up = [], [], []
     for letter in "xyz":
         kind = axis(getattr(options, f"{letter}_type"), f"xyz_{letter}_type")
+        if kind.name == "Styles":  # its values name styles of the plot's styles file
+            kind = replace(kind, apply=partial(_styles, book=options.styles))
         vals = parse_axis_values(kind.name, getattr(options, f"{letter}_values"), field=f"xyz_{letter}_values")
         _check_axis(kind, vals, base, letter)
         if kind.name in _SEED_AXES and not options.no_fixed_seeds:

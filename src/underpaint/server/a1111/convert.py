@@ -52,7 +52,8 @@ SCRIPT_ARG_FIELDS = {
         "vary_seeds_z", "margin_size"))},
 }
 #: X/Y/Z plot axes whose values A1111 takes from the ``*_values_dropdown`` list (unless csv_mode).
-_XYZ_CHOICE_AXES = frozenset({"Sampler", "Hires sampler", "Schedule type", "Hires upscaler"})
+_XYZ_CHOICE_AXES = frozenset({"Sampler", "Hires sampler", "Schedule type", "Hires upscaler", "Styles", "Face restore",
+                              "SGM noise multiplier"})
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,7 @@ def prepare_txt2img(req: Txt2ImgRequest, ctx: ConvertContext) -> PreparedJob:
     if req.enable_hr:
         fields["hires"] = _hires_options(req, ctx, fields["width"], fields["height"])
     if req.script_name:
-        fields["xyz_plot"] = _xyz_plot(req.script_args, img2img=False)
+        fields["xyz_plot"] = _xyz_plot(req.script_args, ctx, img2img=False)
     params = _checked_plot(_build_params(fields, strength=1.0), ctx)
     return _prepared("txt2img", req, params, fields, req.model_dump(mode="json"), _kept_options(req, ctx))
 
@@ -208,7 +209,7 @@ def prepare_img2img(req: Img2ImgRequest, ctx: ConvertContext) -> PreparedJob:
     elif _script(req) == LOOPBACK_SCRIPT:
         fields["loopback"] = _loopback(req.script_args, fields.get("n_iter") or 1, ctx)
     elif req.script_name:
-        fields["xyz_plot"] = _xyz_plot(req.script_args, img2img=True)
+        fields["xyz_plot"] = _xyz_plot(req.script_args, ctx, img2img=True)
     params = _checked_plot(_build_params(fields, strength=strength), ctx)
     echo = req.model_dump(mode="json", exclude={"include_init_images"})
     if not req.include_init_images:
@@ -371,7 +372,7 @@ def _script(req: GenerationRequest) -> str:
     return (req.script_name or "").strip().lower()
 
 
-def _xyz_plot(args: list, *, img2img: bool):
+def _xyz_plot(args: list, ctx: ConvertContext, *, img2img: bool):
     """A1111's "X/Y/Z plot" ``script_args``: [x_type, x_values, x_values_dropdown, y_type, ...,
     z_values_dropdown, draw_legend, include_lone_images, include_sub_grids, no_fixed_seeds,
     vary_seeds_x, vary_seeds_y, vary_seeds_z, margin_size, csv_mode]. A type is an index into
@@ -401,6 +402,8 @@ def _xyz_plot(args: list, *, img2img: bool):
              "vary_seeds_y", "vary_seeds_z")
     fields.update({name: args[9 + i] for i, name in enumerate(flags)})
     fields["margin_size"] = args[16]
+    if any(str(fields[f"{letter}_type"]).strip().lower() == "styles" for letter in "xyz") and ctx.styles is not None:
+        fields["styles"] = ctx.styles()
     try:
         return XYZPlotOptions(**fields)
     except InvalidParameter as exc:

@@ -22,7 +22,7 @@ export const XYZ_AXES = [
   ["Schedule min sigma", null], ["Schedule max sigma", null], ["Schedule rho", null],
   ["Beta schedule alpha", null], ["Beta schedule beta", null], ["Eta", null],
   ["Clip skip", null], ["Denoising", null], ["Initial noise multiplier", null], ["Extra noise", null],
-  ["Hires upscaler", "txt2img"], ["Cond. Image Mask Weight", "img2img"], ["VAE", null], ["UniPC Order", null],
+  ["Hires upscaler", "txt2img"], ["Cond. Image Mask Weight", "img2img"], ["VAE", null], ["Styles", null], ["UniPC Order", null],
   ["Face restore", null], ["Token merging ratio", null],
   ["Token merging ratio high-res", null], ["Always discard next-to-last sigma", null], ["SGM noise multiplier", null],
   ["Refiner checkpoint", null], ["Refiner switch at", null], ["RNG source", null], ["Size", null],
