@@ -334,6 +334,8 @@ def test_extras_gfpgan_visibility(face_files):
         got = Image.open(io.BytesIO(base64.b64decode(r.json()["image"])))
         assert np.array_equal(np.asarray(got.convert("RGB")), np.asarray(expected))
         assert got.info.get("postprocessing") == "GFPGAN visibility: 0.5"
+        # /face-restorers lists the restorers whose files are there (no CodeFormer file here).
+        assert client.get("/sdapi/v1/face-restorers").json() == [{"name": "GFPGAN", "cmd_dir": "GFPGAN"}]
         r = client.post("/sdapi/v1/extra-single-image", json={"image": png_b64(picture), "codeformer_visibility": 1})
         assert r.status_code == 404 and r.json()["field"] == "codeformer_visibility", r.text
         assert "codeformer-v0.1.0.pth" in r.json()["detail"]

@@ -168,8 +168,26 @@ def prompt_styles(request: Request) -> list[PromptStyleItem]:
             for s in book.styles.values()]
 
 
+@router.get("/face-restorers", response_model=list[FaceRestorerItem], summary="Face restorers whose files are there")
+def face_restorers(request: Request) -> list[FaceRestorerItem]:
+    """CodeFormer and GFPGAN, each when its files (and the face detector's and parser's) are in the
+    models folder; ``cmd_dir`` is the folder its file is in, relative to the models folder."""
+    from ...errors import ModelNotFound
+    from ...params import FACE_RESTORERS
+    from ...pipeline.face_restore import face_model_files
+
+    folder = server_state(request).catalog.folder
+    found = []
+    for name in FACE_RESTORERS:
+        try:
+            net = face_model_files(folder, restorer=name)[0]
+        except ModelNotFound:
+            continue
+        found.append(FaceRestorerItem(name=name, cmd_dir=Path(os.path.relpath(net.parent, folder.root)).as_posix()))
+    return found
+
+
 for _path, _model, _summary in (
-    ("/face-restorers", FaceRestorerItem, "Face restorers (none)"),
     ("/hypernetworks", HypernetworkItem, "Hypernetworks (none)"),
     ("/extensions", ExtensionItem, "Installed extensions (none)"),
 ):
