@@ -389,3 +389,30 @@ def test_codeformer_restorer_gets_the_weight(face_files):
     picture = Image.fromarray(np.ascontiguousarray(_picture(640, 704)[:, :, ::-1]))
     restore_faces(codeformer, picture, weight=0.3)
     assert seen and set(seen) == {0.3}
+
+
+def test_the_restorer_visits_the_device_and_goes_home():
+    """In the medium and low memory modes the networks rest in host memory and visit the model's device for
+    a batch's faces, as the text encoders and VAE do."""
+    from underpaint.pipeline.face_restore import FaceRestorer
+
+    moves = []
+
+    class Net(torch.nn.Linear):
+        def to(self, device):
+            moves.append((self.tag, str(device)))
+            return self
+
+    nets = []
+    for tag in ("detector", "parser", "restorer"):
+        net = Net(1, 1)
+        net.tag = tag
+        nets.append(net)
+    restorer = FaceRestorer(*nets)
+    with restorer.visiting(torch.device("cuda")):
+        assert moves == [("detector", "cuda"), ("parser", "cuda"), ("restorer", "cuda")]
+    assert moves[3:] == [("detector", "cpu"), ("parser", "cpu"), ("restorer", "cpu")]
+    moves.clear()
+    with restorer.visiting(None), restorer.visiting(torch.device("cpu")):
+        pass
+    assert moves == []

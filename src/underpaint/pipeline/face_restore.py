@@ -26,7 +26,8 @@ way every time (A1111 draws new noise for every face).
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -71,6 +72,23 @@ class FaceRestorer:
     @property
     def device(self) -> torch.device:
         return next(self.restorer.parameters()).device
+
+    @contextmanager
+    def visiting(self, device: torch.device | None) -> Iterator["FaceRestorer"]:
+        """The networks on ``device`` for the block, back where they were after (None: where they are),
+        as a model's other parts visit the GPU in the medium and low memory modes."""
+        nets = (self.detector, self.parser, self.restorer)
+        home = self.device
+        if device is None or torch.device(device) == home:
+            yield self
+            return
+        for net in nets:
+            net.to(device)
+        try:
+            yield self
+        finally:
+            for net in nets:
+                net.to(home)
 
     def restore(self, face: torch.Tensor, weight: float) -> torch.Tensor:
         """One aligned face through the restorer (``weight``: CodeFormer's; GFPGAN has none)."""

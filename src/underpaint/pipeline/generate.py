@@ -583,14 +583,22 @@ def _finished(model, images: list, plan: Plan, cancel: Cancellation) -> list:
             if cancel.interrupted:
                 raise _FacesStopped
 
+        from ..models.offload import offload_of
+
         p = plan.params
-        restorer = face_restorer_for(models_dir_of(model), model.device, p.face_restoration_model)
+        # In the medium and low memory modes the restorer rests in host memory and visits the GPU,
+        # as the text encoders and the VAE do.
+        offload = offload_of(model)
+        resting = offload is not None and offload.offloads_encoders
+        restorer = face_restorer_for(models_dir_of(model), offload.home if resting else model.device,
+                                     p.face_restoration_model)
         done = []
-        for image in images:
-            try:
-                done.append(restore_faces(restorer, image, check, weight=p.code_former_weight))
-            except _FacesStopped:
-                done.append(image)
+        with restorer.visiting(model.device if resting else None):
+            for image in images:
+                try:
+                    done.append(restore_faces(restorer, image, check, weight=p.code_former_weight))
+                except _FacesStopped:
+                    done.append(image)
         images = done
     return _colour_corrected(images, plan)
 
