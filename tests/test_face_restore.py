@@ -416,3 +416,13 @@ def test_the_restorer_visits_the_device_and_goes_home():
     with restorer.visiting(None), restorer.visiting(torch.device("cpu")):
         pass
     assert moves == []
+
+
+def test_alignment_is_the_similarity_onto_ffhqs_template():
+    """Landmarks that are the template halved and shifted align by ×2 and the shift back; landmarks no
+    similarity fits (all at one point) give none, and such a face is left alone."""
+    from underpaint.pipeline.face_restore import FFHQ_TEMPLATE, alignment
+
+    np.testing.assert_allclose(alignment((FFHQ_TEMPLATE * 0.5 + 10).astype(np.float32)),
+                               [[2, 0, -20], [0, 2, -20]], atol=1e-4)
+    assert alignment(np.zeros((5, 2), np.float32)) is None

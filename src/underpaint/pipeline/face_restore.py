@@ -126,8 +126,8 @@ def find_faces(restorer: FaceRestorer, bgr: np.ndarray) -> list[np.ndarray]:
     return faces
 
 
-def alignment(landmarks: np.ndarray) -> np.ndarray:
-    """The 2x3 similarity transform taking a face's landmarks onto FFHQ's template."""
+def alignment(landmarks: np.ndarray) -> np.ndarray | None:
+    """The 2x3 similarity transform taking a face's landmarks onto FFHQ's template (None when none fits)."""
     import cv2
 
     return cv2.estimateAffinePartial2D(landmarks, FFHQ_TEMPLATE, method=cv2.LMEDS)[0]
@@ -168,6 +168,8 @@ def restore_faces(restorer: FaceRestorer, image: "Image.Image", check: Callable[
         if check is not None:
             check()
         matrix = alignment(landmarks)
+        if matrix is None:  # landmarks no similarity transform fits (degenerate): the face is left alone
+            continue
         crop = cv2.warpAffine(bgr, matrix, (FACE_SIZE, FACE_SIZE), borderMode=cv2.BORDER_CONSTANT,
                               borderValue=_GREY_BGR)
         restored = _from_face_tensor(restorer.restore(_to_face_tensor(crop, restorer.device), weight))
