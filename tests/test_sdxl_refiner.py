@@ -269,3 +269,46 @@ def test_api_settings_and_overrides(api):
     assert r.status_code == 422 and r.json()["field"] == "override_settings.sdxl_refiner_low_aesthetic_score", r.text
     r = client.post("/sdapi/v1/options", json={"sdxl_refiner_high_aesthetic_score": "high"})
     assert r.status_code == 422 and r.json()["field"] == "sdxl_refiner_high_aesthetic_score", r.text
+
+
+def test_sdxl_crop_settings_are_diffusers_crops_coords(files):
+    """A1111's SDXL "crop top/left coordinate" settings: SDXL base txt2img conditioned on that crop equals
+    diffusers' StableDiffusionXLPipeline with crops_coords_top_left, within one level; another picture than
+    the uncropped one."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from underpaint.pipeline.engine import Engine
+
+    engine = Engine.load(files["base"], device="cpu", dtype="fp32")
+    common = dict(prompt="a red barn in snow", negative_prompt="lowres", steps=4, cfg_scale=5.0, sampler="Euler",
+                  scheduler="Automatic", seed=5, rng="cpu", width=64, height=64)
+    ours = engine.generate(GenerationParams(**common, sdxl_crop_top=48, sdxl_crop_left=16)).images[0]
+    plain = engine.generate(GenerationParams(**common)).images[0]
+    base = _single_file(StableDiffusionXLPipeline, files["base"], files["base_config"])
+    base.scheduler = _euler()
+    ref = base(prompt=common["prompt"], negative_prompt=common["negative_prompt"], guidance_scale=5.0, height=64,
+               width=64, num_inference_steps=4, crops_coords_top_left=(48, 16),
+               generator=torch.Generator().manual_seed(5), output_type="np").images[0]
+    diff = np.abs(np.asarray(ours, dtype=np.int16) - _u8(ref))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.02, (diff.max(), (diff > 0).mean())
+    assert (np.asarray(plain, dtype=np.int16) != _u8(ref)).mean() > 0.05
+
+
+def test_sdxl_crop_through_the_cli_and_the_api(api):
+    from underpaint.cli.generate import params_from_args
+    from underpaint.cli.main import build_parser
+
+    p = params_from_args(build_parser().parse_args(["txt2img", "-p", "x", "--sdxl-crop", "8,24"]))
+    assert (p.sdxl_crop_top, p.sdxl_crop_left) == (8, 24)
+    with pytest.raises(InvalidParameter) as err:
+        params_from_args(build_parser().parse_args(["txt2img", "-p", "x", "--sdxl-crop", "8"]))
+    assert err.value.field == "--sdxl-crop"
+    client, backend = api
+    assert client.get("/sdapi/v1/options").json()["sdxl_crop_top"] == 0
+    assert client.post("/sdapi/v1/txt2img", json={"steps": 1, "override_settings": {"sdxl_crop_top": 32}}
+                       ).status_code == 200
+    assert client.post("/sdapi/v1/options", json={"sdxl_crop_left": 16}).status_code == 200
+    assert client.post("/sdapi/v1/txt2img", json={"steps": 1}).status_code == 200
+    assert [(p.sdxl_crop_top, p.sdxl_crop_left) for p in backend.params] == [(32, 0), (0, 16)]
+    r = client.post("/sdapi/v1/txt2img", json={"steps": 1, "override_settings": {"sdxl_crop_top": -1}})
+    assert r.status_code == 422 and r.json()["field"] == "override_settings.sdxl_crop_top", r.text

@@ -541,6 +541,10 @@ class GenerationParams:
     #: ``aesthetic_score``/``negative_aesthetic_score``); other models have no such input.
     aesthetic_score: float = 6.0
     negative_aesthetic_score: float = 2.5
+    #: A1111's SDXL "crop top/left coordinate" settings: the crop SDXL models (base and refiner) are
+    #: conditioned on, in pixels (0, 0: an uncropped picture, what SDXL draws best).
+    sdxl_crop_top: int = 0
+    sdxl_crop_left: int = 0
     #: A1111's "SGM noise multiplier": txt2img's start noise scaled by sqrt(1 + σ₀²) instead of σ₀, as
     #: Stability's SGM code (SDXL's reference) starts; only to reproduce its pictures. k-diffusion samplers.
     sgm_noise_multiplier: bool = False
@@ -601,6 +605,8 @@ class GenerationParams:
         _check_range("extra_noise", self.extra_noise, 0.0, 1.0)
         for name in ("aesthetic_score", "negative_aesthetic_score"):
             _check_range(name, getattr(self, name), 0.0, 10.0)
+        for name in ("sdxl_crop_top", "sdxl_crop_left"):
+            _check_range(name, getattr(self, name), 0, 8192, integer=True)
         object.__setattr__(self, "face_restoration_model", restorer_name(self.face_restoration_model))
         _check_range("code_former_weight", self.code_former_weight, 0.0, 1.0)
         for name in ("vae_encode_method", "vae_decode_method"):

@@ -153,6 +153,9 @@ def _add_generation_args(p: argparse.ArgumentParser, *, img2img: bool) -> None:
     s.add_argument("--aesthetic-score", dest="aesthetic_score", type=float, default=6.0, metavar="SCORE",
                    help="the aesthetic score, 0-10, an SDXL refiner-architecture model (as the model or the "
                         "refiner) is conditioned on for the prompt (A1111's SDXL high aesthetic score; default 6)")
+    s.add_argument("--sdxl-crop", default=None, metavar="TOP,LEFT",
+                   help="A1111's SDXL crop top/left coordinate settings: the crop SDXL models are conditioned on, "
+                        "in pixels (default 0,0: an uncropped picture)")
     s.add_argument("--negative-aesthetic-score", dest="negative_aesthetic_score", type=float, default=2.5,
                    metavar="SCORE", help="the same for the negative prompt (A1111's SDXL low aesthetic score; "
                                          "default 2.5)")
@@ -484,6 +487,16 @@ def _size_flag(flag: str, value: str) -> tuple[int, int]:
         raise InvalidParameter(flag, value, "WIDTHxHEIGHT, e.g. 512x768") from None
 
 
+def _sdxl_crop(text: str | None) -> dict[str, int]:
+    if text is None:
+        return {}
+    try:
+        top, left = (int(part) for part in text.split(","))
+    except ValueError:
+        raise InvalidParameter("--sdxl-crop", text, "two whole numbers TOP,LEFT (e.g. 0,0)") from None
+    return {"sdxl_crop_top": top, "sdxl_crop_left": left}
+
+
 def _with_refiner(params: GenerationParams, args: argparse.Namespace) -> GenerationParams:
     """``--refiner``, ``--refiner-switch-at`` and ``--hires-refiner-pass`` over the request (and over what
     an infotext brought)."""
@@ -570,6 +583,7 @@ def params_from_args(args: argparse.Namespace, init_images: tuple = (), *, model
         noise_multiplier=1.0 if getattr(args, "noise_multiplier", None) is None else args.noise_multiplier,
         extra_noise=args.extra_noise,
         aesthetic_score=args.aesthetic_score,
+        **_sdxl_crop(args.sdxl_crop),
         negative_aesthetic_score=args.negative_aesthetic_score,
         sampler_options=SamplerOptions(eta=args.eta, s_churn=args.s_churn, s_noise=args.s_noise,
                                        unipc_order=args.unipc_order, beta_alpha=args.beta_alpha,

@@ -101,6 +101,7 @@ _FIELD_FLAGS: dict[str, tuple[str, ...]] = {
     "vae_encode_method": ("--vae-encoder",), "vae_decode_method": ("--vae-decoder",),
     "noise_multiplier": ("--noise-multiplier",), "extra_noise": ("--extra-noise",),
     "aesthetic_score": ("--aesthetic-score",), "unipc_order": ("--unipc-order",),
+    "sdxl_crop_top": ("--sdxl-crop",), "sdxl_crop_left": ("--sdxl-crop",),
     "beta_alpha": ("--beta-alpha",), "beta_beta": ("--beta-beta",), "negative_aesthetic_score": ("--negative-aesthetic-score",),
     "hires_checkpoint": ("--hires-checkpoint",),
     "freeu": ("--freeu",), "freeu_b1": ("--freeu",), "freeu_b2": ("--freeu",), "freeu_s1": ("--freeu",),

@@ -85,14 +85,16 @@ def size_ids(family: Family, params: GenerationParams, *, width: int, height: in
              negative: bool) -> torch.Tensor | None:
     """The numbers SDXL's UNet embeds beside the pooled text, one row, on the host; None for other models.
 
-    As A1111 conditions them: SDXL on the generation size as both original and target size, no
-    crop (height first, as the model was trained); its refiner on the size, no crop and the
-    aesthetic score, the high one for the prompt and the low one for the negative prompt.
+    As A1111 conditions them: SDXL on the generation size as both original and target size and its
+    "crop top/left" settings (0, 0 by default; height first, as the model was trained); its refiner
+    on the size, the crop and the aesthetic score, the high one for the prompt and the low one for
+    the negative prompt.
     """
+    crop = [params.sdxl_crop_top, params.sdxl_crop_left]
     if family == Family.SDXL:
-        row = [height, width, 0, 0, height, width]
+        row = [height, width, *crop, height, width]
     elif family == Family.SDXL_REFINER:
-        row = [height, width, 0, 0, params.negative_aesthetic_score if negative else params.aesthetic_score]
+        row = [height, width, *crop, params.negative_aesthetic_score if negative else params.aesthetic_score]
     else:
         return None
     return torch.tensor([row], dtype=torch.float32)

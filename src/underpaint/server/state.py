@@ -59,6 +59,8 @@ class ServerOptions:
     img2img_extra_noise: float = 0.0
     #: A1111's "SDXL high/low aesthetic score": what an SDXL refiner-architecture model is conditioned
     #: on for the prompt and for the negative prompt (pipeline/conditioning.py).
+    sdxl_crop_top: int = 0
+    sdxl_crop_left: int = 0
     sdxl_refiner_high_aesthetic_score: float = 6.0
     #: A1111's "UniPC order" and "SGM noise multiplier" (Settings → Sampler parameters).
     uni_pc_order: int = 3

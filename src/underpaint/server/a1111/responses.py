@@ -249,6 +249,8 @@ class Options(WireModel):
         "to reproduce its pictures (k-diffusion samplers)."))
     hires_fix_refiner_pass: str = Field("second pass", description=(
         "Hires fix: which pass to enable refiner for: 'first pass', 'second pass' or 'both passes'."))
+    sdxl_crop_top: int = Field(0, ge=0, le=8192, description="SDXL crop top coordinate: the crop SDXL is conditioned on.")
+    sdxl_crop_left: int = Field(0, ge=0, le=8192, description="SDXL crop left coordinate.")
     sdxl_refiner_high_aesthetic_score: float = Field(6.0, ge=0, le=10, description=(
         "SDXL high aesthetic score: the score an SDXL refiner-architecture model is conditioned on for the prompt."))
     sdxl_refiner_low_aesthetic_score: float = Field(2.5, ge=0, le=10, description=(

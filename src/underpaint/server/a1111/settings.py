@@ -73,6 +73,8 @@ def get_options(request: Request) -> Options:
         tiling=opts.tiling,
         initial_noise_multiplier=opts.initial_noise_multiplier,
         img2img_extra_noise=opts.img2img_extra_noise,
+        sdxl_crop_top=opts.sdxl_crop_top,
+        sdxl_crop_left=opts.sdxl_crop_left,
         sdxl_refiner_high_aesthetic_score=opts.sdxl_refiner_high_aesthetic_score,
         hires_fix_refiner_pass=opts.hires_fix_refiner_pass,
         uni_pc_order=opts.uni_pc_order,
@@ -117,6 +119,9 @@ def _option_changes(body: dict[str, Any], state: ServerState) -> dict[str, Any]:
             changes[key] = token_merging_setting(key, body[key])
     if "s_min_uncond" in body:
         changes["s_min_uncond"] = _float_option(body, "s_min_uncond", 0.0, MAX_S_MIN_UNCOND)
+    for key in ("sdxl_crop_top", "sdxl_crop_left"):
+        if key in body:
+            changes[key] = _int_option(body, key, 0, 8192)
     if "uni_pc_order" in body:
         changes["uni_pc_order"] = _int_option(body, "uni_pc_order", 1, 50)
     for key in ("beta_dist_alpha", "beta_dist_beta"):
