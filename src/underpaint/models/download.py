@@ -92,8 +92,20 @@ def download(name: str, models_dir: ModelsDir | str | os.PathLike, *, progress: 
     except Exception as exc:  # offline, HTTP errors, disk full: all become the same instruction
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
         where = f"put model_index.json and its subfolders in {done}" if model.folder else f"put it in {target}"
-        raise DownloadError(f"could not download {model.name} ({exc.__class__.__name__}: {reason[:160]}); "
+        raise DownloadError(f"could not download {model.name} ({exc.__class__.__name__}: {clipped(reason)}); "
                             f"get {model.url} and {where}") from None
+
+
+def clipped(text: str, limit: int = 160) -> str:
+    """``text`` cut to about ``limit`` characters at a word boundary, marked with an ellipsis when cut.
+
+    >>> clipped("the host cannot be reached right now", 20)
+    'the host cannot be …'
+    """
+    if len(text) <= limit:
+        return text
+    head = text[:limit]
+    return (head.rsplit(" ", 1)[0] if " " in head else head) + " …"
 
 
 def _silent_progress():
