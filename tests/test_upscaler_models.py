@@ -717,3 +717,21 @@ def test_hat_picture_smaller_than_the_window(spandrel_loader):
     model = upscaler_from_state_dict(_randomised(hat_reference(**kwargs), seed=2))
     for size in ((3, 2), (9, 5)):
         assert upscale_image(model, _image(*size), tile=0).size == (size[0] * scale, size[1] * scale)
+
+
+def test_a_tensor_the_module_refuses_is_a_model_error_naming_the_file():
+    """When the module itself refuses the tensors (after names and shapes passed), the file is named with
+    the first line of the reason."""
+    import torch
+
+    from underpaint.errors import ModelError
+    from underpaint.models.upscaler import _load_strict
+
+    class Refusing(torch.nn.Linear):
+        def load_state_dict(self, *args, **kwargs):
+            raise RuntimeError("cannot copy this tensor\nsecond line")
+
+    module = Refusing(2, 2)
+    sd = {name: t.clone() for name, t in module.state_dict().items()}
+    with pytest.raises(ModelError, match=r"x\.pth: cannot load the tiny net: cannot copy this tensor$"):
+        _load_strict(module, sd, lambda name: name, "x.pth", "tiny net")

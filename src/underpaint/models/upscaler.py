@@ -575,7 +575,7 @@ def _load_strict(module: nn.Module, sd: dict[str, torch.Tensor], file_name: Call
     try:
         module.load_state_dict({expected[n][0]: t for n, t in sd.items()}, strict=True)
     except RuntimeError as exc:  # e.g. a tensor that cannot be copied into a float parameter
-        raise ModelError(f"{source}: cannot load the {describe}: {_first_line(exc)}") from None
+        raise ModelError(f"{source}: cannot load the {describe}: {header._first_line(exc)}") from None
 
 
 # --------------------------------------------------------------------------------------------- files
