@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 import facexlib_ref
 import spandrel_ref
-from underpaint.errors import InvalidParameter, ModelNotFound
+from underpaint.errors import ModelNotFound
 from underpaint.params import GenerationParams
 
 

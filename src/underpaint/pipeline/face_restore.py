@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from ..errors import ModelNotFound
-from ..params import FACE_RESTORERS, restorer_name  # noqa: F401 - re-exported
+from ..params import FACE_RESTORERS  # noqa: F401 - re-exported
 
 if TYPE_CHECKING:
     from PIL import Image
