@@ -117,36 +117,21 @@ def _option_changes(body: dict[str, Any], state: ServerState) -> dict[str, Any]:
     for key in TOKEN_MERGING_SETTINGS:
         if key in body:
             changes[key] = token_merging_setting(key, body[key])
-    if "s_min_uncond" in body:
-        changes["s_min_uncond"] = _float_option(body, "s_min_uncond", 0.0, MAX_S_MIN_UNCOND)
-    for key in ("sdxl_crop_top", "sdxl_crop_left"):
+    for key, (lo, hi) in _INT_SETTINGS.items():
         if key in body:
-            changes[key] = _int_option(body, key, 0, 8192)
-    if "uni_pc_order" in body:
-        changes["uni_pc_order"] = _int_option(body, "uni_pc_order", 1, 50)
-    for key in ("beta_dist_alpha", "beta_dist_beta"):
+            changes[key] = _int_option(body, key, lo, hi)
+    for key, (lo, hi) in _FLOAT_SETTINGS.items():
         if key in body:
-            changes[key] = _float_option(body, key, 0.01, 10.0)
+            changes[key] = _float_option(body, key, lo, hi)
     if "face_restoration_model" in body:
         changes["face_restoration_model"] = restorer_name(body["face_restoration_model"])
-    if "code_former_weight" in body:
-        changes["code_former_weight"] = _float_option(body, "code_former_weight", 0.0, 1.0)
     for key in ("s_min_uncond_all", "img2img_color_correction", "tiling", "sgm_noise_multiplier", "face_restoration"):
         if key in body:
             if not isinstance(body[key], bool):
                 raise InvalidParameter(key, body[key], "true or false")
             changes[key] = body[key]
-    if "initial_noise_multiplier" in body:
-        changes["initial_noise_multiplier"] = _float_option(body, "initial_noise_multiplier", 0.0, MAX_NOISE_MULTIPLIER)
-    if "img2img_extra_noise" in body:
-        changes["img2img_extra_noise"] = _float_option(body, "img2img_extra_noise", 0.0, 1.0)
     if "hires_fix_refiner_pass" in body:
         changes["hires_fix_refiner_pass"] = hires_refiner_pass(body["hires_fix_refiner_pass"])
-    for key in ("sdxl_refiner_high_aesthetic_score", "sdxl_refiner_low_aesthetic_score"):
-        if key in body:
-            changes[key] = _float_option(body, key, 0.0, 10.0)
-    if "skip_early_cond" in body:
-        changes["skip_early_cond"] = _float_option(body, "skip_early_cond", 0.0, 1.0)
     for key in ("sd_vae_encode_method", "sd_vae_decode_method"):
         if key in body:
             changes[key] = vae_method_name(body[key], key)
@@ -165,6 +150,16 @@ def token_merging_setting(key: str, value: Any) -> float:
             or not 0 <= value <= MAX_TOKEN_MERGING_RATIO:
         raise InvalidParameter(key, value, f"a number from 0 to {MAX_TOKEN_MERGING_RATIO}")
     return float(value)
+
+
+#: Numeric settings and their ranges: whole numbers, and numbers.
+_INT_SETTINGS = {"sdxl_crop_top": (0, 8192), "sdxl_crop_left": (0, 8192), "uni_pc_order": (1, 50)}
+_FLOAT_SETTINGS = {
+    "s_min_uncond": (0.0, MAX_S_MIN_UNCOND), "skip_early_cond": (0.0, 1.0),
+    "initial_noise_multiplier": (0.0, MAX_NOISE_MULTIPLIER), "img2img_extra_noise": (0.0, 1.0),
+    "beta_dist_alpha": (0.01, 10.0), "beta_dist_beta": (0.01, 10.0), "code_former_weight": (0.0, 1.0),
+    "sdxl_refiner_high_aesthetic_score": (0.0, 10.0), "sdxl_refiner_low_aesthetic_score": (0.0, 10.0),
+}
 
 
 def _float_option(body: dict[str, Any], key: str, lo: float, hi: float) -> float:
