@@ -42,6 +42,11 @@ class Family(str, Enum):
         """The family whose VAE latents this one's UNet works on (the refiner shares SDXL's)."""
         return Family.SDXL if self == Family.SDXL_REFINER else self
 
+    def shares_latents(self, other: Family) -> bool:
+        """Whether one Stable Diffusion family's latents are the other's: SD 1.x and 2.x share theirs, SDXL
+        and its refiner theirs (FLUX's are its own: its callers refuse it first)."""
+        return (self.latent_space == Family.SDXL) == (other.latent_space == Family.SDXL)
+
 
 @dataclass(frozen=True)
 class TextEncoderLayout:

@@ -180,6 +180,35 @@ def restore_faces(restorer: FaceRestorer, image: "Image.Image", check: Callable[
     return Image.fromarray(np.ascontiguousarray(result.astype(np.uint8)[:, :, ::-1]), "RGB")
 
 
+def restore_pictures(model, folder, images: list, params, interrupted: Callable[[], bool]) -> list:
+    """A generation's pictures with their faces restored as ``params`` asks (the restorer, CodeFormer's
+    weight), on ``model``'s device. In the medium and low memory modes the restorer rests in host memory
+    and visits the GPU, as the text encoders and the VAE do. An interrupt leaves the pictures not yet
+    restored as they are."""
+    from ..models.offload import offload_of
+
+    offload = offload_of(model)
+    resting = offload is not None and offload.offloads_encoders
+    restorer = face_restorer_for(folder, offload.home if resting else model.device, params.face_restoration_model)
+
+    def check() -> None:
+        if interrupted():
+            raise _Stopped
+
+    done = []
+    with restorer.visiting(model.device if resting else None):
+        for image in images:
+            try:
+                done.append(restore_faces(restorer, image, check, weight=params.code_former_weight))
+            except _Stopped:
+                done.append(image)
+    return done
+
+
+class _Stopped(Exception):
+    """An interrupt between two faces."""
+
+
 # --- the files ---------------------------------------------------------------------------------------
 
 

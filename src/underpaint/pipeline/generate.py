@@ -577,34 +577,10 @@ def _run_batch(model, plan: Plan, job: int, seeds, subseeds, progress, cancel: C
 def _finished(model, images: list, plan: Plan, cancel: Cancellation) -> list:
     """The decoded pictures as A1111 finishes them before any overlay: faces restored, then colours corrected."""
     if plan.params.restore_faces:
-        from .face_restore import face_restorer_for, restore_faces
+        from .face_restore import restore_pictures
 
-        def check() -> None:
-            if cancel.interrupted:
-                raise _FacesStopped
-
-        from ..models.offload import offload_of
-
-        p = plan.params
-        # In the medium and low memory modes the restorer rests in host memory and visits the GPU,
-        # as the text encoders and the VAE do.
-        offload = offload_of(model)
-        resting = offload is not None and offload.offloads_encoders
-        restorer = face_restorer_for(models_dir_of(model), offload.home if resting else model.device,
-                                     p.face_restoration_model)
-        done = []
-        with restorer.visiting(model.device if resting else None):
-            for image in images:
-                try:
-                    done.append(restore_faces(restorer, image, check, weight=p.code_former_weight))
-                except _FacesStopped:
-                    done.append(image)
-        images = done
+        images = restore_pictures(model, models_dir_of(model), images, plan.params, lambda: cancel.interrupted)
     return _colour_corrected(images, plan)
-
-
-class _FacesStopped(Exception):
-    """An interrupt between two faces: the picture is kept as it is."""
 
 
 def _with_refiner(model, refiner, base, conds, p: GenerationParams, *, steps: int, batch: int, size: tuple[int, int],

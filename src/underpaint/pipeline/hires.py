@@ -105,7 +105,7 @@ def check_checkpoint(model, other, params: GenerationParams) -> None:
     name = params.hires.checkpoint
     if "flux" in (family, second):
         raise InvalidParameter("hires_checkpoint", name, "an SD 1.x/2.x or SDXL checkpoint with an SD or SDXL model")
-    if (model.spec.family.latent_space.value == "sdxl") != (other.spec.family.latent_space.value == "sdxl"):
+    if not model.spec.family.shares_latents(other.spec.family):
         raise InvalidParameter("hires_checkpoint", name,
                                f"a checkpoint of the same latent space as the model ({family}; this one is {second})")
     if model.spec.is_inpaint != other.spec.is_inpaint:

@@ -38,7 +38,7 @@ def check(model, refiner, params: GenerationParams) -> None:
     if "flux" in (family, other):
         raise InvalidParameter("refiner_checkpoint", params.refiner.checkpoint,
                                "an SD 1.x/2.x or SDXL checkpoint with an SD or SDXL model (FLUX has no refiner here)")
-    if (model.spec.family.latent_space.value == "sdxl") != (refiner.spec.family.latent_space.value == "sdxl"):
+    if not model.spec.family.shares_latents(refiner.spec.family):
         raise InvalidParameter("refiner_checkpoint", params.refiner.checkpoint,
                                f"a checkpoint of the same latent space as the model ({family}; this one is {other})")
     if model.spec.is_inpaint or refiner.spec.is_inpaint:
