@@ -177,3 +177,9 @@ def test_beta_shape_through_the_cli_and_the_api(api):
     assert r.status_code == 422 and r.json()["field"] == "override_settings.beta_dist_alpha", r.text
     r = client.post("/sdapi/v1/options", json={"beta_dist_beta": -1})
     assert r.status_code == 422 and r.json()["field"] == "beta_dist_beta", r.text
+    # Kept after the job when the request says so, as A1111 keeps overridden settings.
+    kept = {"beta_dist_alpha": 0.9, "uni_pc_order": 2, "sgm_noise_multiplier": True}
+    assert client.post("/sdapi/v1/txt2img", json={"steps": 1, "override_settings": kept,
+                                                  "override_settings_restore_afterwards": False}).status_code == 200
+    options = client.get("/sdapi/v1/options").json()
+    assert {key: options[key] for key in kept} == kept

@@ -256,22 +256,17 @@ def _kept_options(req: GenerationRequest, ctx: ConvertContext) -> dict[str, Any]
         "initial_noise_multiplier": ("initial_noise_multiplier",
                                      lambda key: overrides.float(key, options.initial_noise_multiplier)),
         "img2img_extra_noise": ("img2img_extra_noise", lambda key: overrides.float(key, options.img2img_extra_noise)),
-        "uni_pc_order": ("uni_pc_order", lambda key: overrides.int(key, options.uni_pc_order)),
-        "face_restoration": ("face_restoration", lambda key: overrides.bool(key, options.face_restoration)),
         "face_restoration_model": ("face_restoration_model", lambda key: restorer_name(
             overrides.values[key], "override_settings.face_restoration_model")),
-        "code_former_weight": ("code_former_weight", lambda key: overrides.float(key, options.code_former_weight)),
-        "beta_dist_alpha": ("beta_dist_alpha", lambda key: overrides.float(key, options.beta_dist_alpha)),
-        "beta_dist_beta": ("beta_dist_beta", lambda key: overrides.float(key, options.beta_dist_beta)),
-        "sgm_noise_multiplier": ("sgm_noise_multiplier", lambda key: overrides.bool(key, options.sgm_noise_multiplier)),
+        **{key: (key, lambda key: overrides.int(key, getattr(options, key))) for key in (
+            "uni_pc_order", "sdxl_crop_top", "sdxl_crop_left")},
+        **{key: (key, lambda key: overrides.float(key, getattr(options, key))) for key in (
+            "code_former_weight", "beta_dist_alpha", "beta_dist_beta", "sdxl_refiner_high_aesthetic_score",
+            "sdxl_refiner_low_aesthetic_score")},
+        **{key: (key, lambda key: overrides.bool(key, getattr(options, key))) for key in (
+            "face_restoration", "sgm_noise_multiplier")},
         "hires_fix_refiner_pass": ("hires_fix_refiner_pass",
                                    lambda key: overrides.hires_refiner_pass(options.hires_fix_refiner_pass)),
-        **{key: (key, lambda key: overrides.int(key, getattr(options, key))) for key in ("sdxl_crop_top",
-                                                                                         "sdxl_crop_left")},
-        "sdxl_refiner_high_aesthetic_score": ("sdxl_refiner_high_aesthetic_score",
-                                              lambda key: overrides.float(key, options.sdxl_refiner_high_aesthetic_score)),
-        "sdxl_refiner_low_aesthetic_score": ("sdxl_refiner_low_aesthetic_score",
-                                             lambda key: overrides.float(key, options.sdxl_refiner_low_aesthetic_score)),
         "skip_early_cond": ("skip_early_cond", lambda key: overrides.float(key, options.skip_early_cond)),
         **{key: (key, lambda key: overrides.vae_method(key, "Full")) for key in
            ("sd_vae_encode_method", "sd_vae_decode_method")},
