@@ -356,6 +356,84 @@ class XYZPlotOptions:
         _check_range("xyz_margin_size", self.margin_size, 0, 500, integer=True)
 
 
+#: A1111's Prompt matrix choices: which prompt it splits, and what joins the chosen parts.
+PROMPT_MATRIX_TYPES = ("positive", "negative")
+PROMPT_MATRIX_JOINERS = {"comma": ", ", "space": " "}
+#: The most variable parts a Prompt matrix takes (2**12 = 4096 pictures).
+MAX_PROMPT_MATRIX_PARTS = 12
+
+
+@dataclass(frozen=True)
+class PromptMatrixOptions:
+    """A1111's script "Prompt matrix" (pipeline/prompt_matrix.py): the prompt (with ``prompt_type``
+    "negative", the negative prompt) is cut at each "|" into a first part every picture keeps and the
+    variable parts; one picture is made for each combination of variable parts (2**n of them), laid
+    out in a grid whose labels list the parts. The fields are A1111's: the chosen parts go after the
+    first part, or before it with ``put_at_start``; ``different_seeds`` gives picture i the seed + i;
+    ``joiner`` "comma" joins the parts with ", ", "space" with " "; ``margin_size`` pixels between the
+    grid's pictures."""
+
+    put_at_start: bool = False
+    different_seeds: bool = False
+    prompt_type: str = "positive"
+    joiner: str = "comma"
+    margin_size: int = 0
+    #: The request's prompt styles, applied to each combination's prompts (A1111 styles each picture's
+    #: prompt after the script made it): ``styles(prompt, negative_prompt) -> (prompt, negative_prompt)``.
+    styles: Any = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        for name in ("put_at_start", "different_seeds"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidParameter(f"prompt_matrix_{name}", getattr(self, name), "true or false")
+        for name, names in (("prompt_type", PROMPT_MATRIX_TYPES), ("joiner", tuple(PROMPT_MATRIX_JOINERS))):
+            spelled = _spelled(getattr(self, name), names)
+            if spelled is None:
+                raise InvalidParameter(f"prompt_matrix_{name}", getattr(self, name), "one of " + ", ".join(names))
+            object.__setattr__(self, name, spelled)
+        _check_range("prompt_matrix_margin_size", self.margin_size, 0, 500, integer=True)
+
+
+#: Where A1111's "Prompts from file or textbox" puts a line's prompt beside the request's.
+PROMPT_POSITIONS = ("start", "end")
+
+
+@dataclass(frozen=True)
+class PromptsFromFileOptions:
+    """A1111's script "Prompts from file or textbox" (pipeline/prompts_file.py): one request per
+    non-empty line of ``text``. A line is a prompt, or A1111's options (``--prompt "a cat" --steps 30
+    --cfg_scale 5 ...``) for that line's request; a line's prompt goes at the ``position`` ("start"
+    or "end") of the request's prompt, joined by a space. ``iterate_seed`` ("Iterate seed every
+    line") moves the seed on by batch size x batch count after each line; ``same_seed`` ("Use same
+    random seed for all lines") fixes a -1 seed once for every line (iterate_seed does too).
+    ``combined`` (Forge's "Make a combined image containing all outputs") puts a grid of every
+    picture first."""
+
+    text: str = ""
+    iterate_seed: bool = False
+    same_seed: bool = False
+    position: str = "start"
+    combined: bool = False
+    #: The request's prompt styles, applied to each line's prompts (see PromptMatrixOptions.styles).
+    styles: Any = field(default=None, compare=False, repr=False)
+    #: The styles file a line's ``--styles`` names styles of (a StyleBook); None: no styles file.
+    style_book: Any = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        from .pipeline.prompts_file import parse_lines  # torch-free
+
+        if not isinstance(self.text, str):
+            raise InvalidParameter("prompts_text", type(self.text).__name__, "text, a line for each request")
+        for name in ("iterate_seed", "same_seed", "combined"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidParameter(f"prompts_{name}", getattr(self, name), "true or false")
+        position = _spelled(self.position, PROMPT_POSITIONS)
+        if position is None:
+            raise InvalidParameter("prompts_position", self.position, "one of " + ", ".join(PROMPT_POSITIONS))
+        object.__setattr__(self, "position", position)
+        parse_lines(self.text, self.style_book)  # every line checked before the first request runs
+
+
 @dataclass(frozen=True)
 class HiresOptions:
     """A1111's "Hires. fix" for txt2img: a second pass over the first picture, upscaled.
@@ -566,6 +644,10 @@ class GenerationParams:
     loopback: LoopbackOptions | None = None
     #: A1111's "X/Y/Z plot" script; None: off.
     xyz_plot: XYZPlotOptions | None = None
+    #: A1111's "Prompt matrix" script; None: off.
+    prompt_matrix: PromptMatrixOptions | None = None
+    #: A1111's "Prompts from file or textbox" script; None: off.
+    prompts_from_file: PromptsFromFileOptions | None = None
 
     def __post_init__(self) -> None:
         from .sampling.names import resolve_sampler  # torch-free table
@@ -637,6 +719,7 @@ class GenerationParams:
             raise InvalidParameter("xyz_plot", "with sd_upscale", "one script at a time (X/Y/Z plot or SD upscale)")
         if self.loopback is not None:
             self._check_loopback()
+        self._check_prompt_scripts()
         if self.deepcache is not None and not isinstance(self.deepcache, DeepCacheOptions):
             raise InvalidParameter("deepcache", type(self.deepcache).__name__, "DeepCacheOptions or None")
         if self.control_units:
@@ -663,6 +746,23 @@ class GenerationParams:
         if self.sd_upscale is not None or self.xyz_plot is not None:
             raise InvalidParameter("loopback", "with another script", "one script at a time (Loopback, SD upscale "
                                                                       "or X/Y/Z plot)")
+
+    def _check_prompt_scripts(self) -> None:
+        for name, kind in (("prompt_matrix", PromptMatrixOptions), ("prompts_from_file", PromptsFromFileOptions)):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, kind):
+                raise InvalidParameter(name, type(value).__name__, f"{kind.__name__} or None")
+        scripts = [name for name in ("xyz_plot", "sd_upscale", "loopback", "prompt_matrix", "prompts_from_file")
+                   if getattr(self, name) is not None]
+        if len(scripts) > 1 and {"prompt_matrix", "prompts_from_file"} & set(scripts):
+            raise InvalidParameter(scripts[-1], f"with {scripts[0]}", "one script at a time")
+        if self.prompt_matrix is not None:
+            text = self.prompt if self.prompt_matrix.prompt_type == "positive" else self.negative_prompt
+            parts = text.count("|")
+            if parts > MAX_PROMPT_MATRIX_PARTS:
+                raise InvalidParameter("prompt" if self.prompt_matrix.prompt_type == "positive" else "negative_prompt",
+                                       f"{parts} variable parts", f"at most {MAX_PROMPT_MATRIX_PARTS} parts after "
+                                       f"the first for a Prompt matrix ({2 ** MAX_PROMPT_MATRIX_PARTS} pictures)")
 
     def _check_sd_upscale(self) -> None:
         if not isinstance(self.sd_upscale, SDUpscaleOptions):

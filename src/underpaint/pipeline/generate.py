@@ -100,6 +100,17 @@ def generate(model, params: GenerationParams, *, info: ModelInfo, progress, canc
 
         # One model here: the Checkpoint name and VAE axes are refused (the server and the CLI switch models).
         return xyz_plot.run(cell, params, info=info, progress=progress, cancel=cancel)
+    if params.prompt_matrix is not None or params.prompts_from_file is not None:
+        # A1111's "Prompt matrix" and "Prompts from file or textbox": each picture or line a request of its own
+        from . import prompt_matrix, prompts_file
+
+        def one(request, report) -> Result:
+            request = getattr(request, "params", request)  # a line's Job, or a combination's request
+            return generate(model, request, info=info, progress=report, cancel=cancel, refiner=refiner,
+                            hires_model=hires_model, load=load)
+
+        script = prompt_matrix if params.prompt_matrix is not None else prompts_file
+        return script.run(one, params, info=info, progress=progress, cancel=cancel)
     refiner = _second_model(model, refiner, params, params.refiner and params.refiner.checkpoint,
                             "refiner_checkpoint", refiner_mod.check)
     hires_model = _second_model(model, hires_model, params, params.hires and params.hires.checkpoint,

@@ -611,33 +611,60 @@ def _wrap(text: str, font, width: int) -> list[str]:
     return lines
 
 
-def _text_height(lines: list[str], font, spacing: int) -> int:
+@dataclass(frozen=True)
+class Annotation:
+    """One text of a grid label: black when ``active``, else grey and struck through (the Prompt
+    matrix's labels list every part, the ones its column or row leaves out struck through)."""
+
+    text: str
+    active: bool = True
+
+
+#: A grid label: a text, or texts one under the other (:class:`Annotation`).
+Label = "str | list[Annotation]"
+_INACTIVE = (153, 153, 153)
+
+
+def _label_lines(label: Label, font, width: int) -> list[Annotation]:
+    """A label's lines, each annotation wrapped to ``width`` on lines of its own."""
+    parts = [Annotation(label)] if isinstance(label, str) else label
+    return [Annotation(line, part.active) for part in parts for line in _wrap(part.text, font, width)]
+
+
+def _text_height(lines: list[Annotation], font, spacing: int) -> int:
     if not lines:
         return 0
-    return sum(font.getbbox(line)[3] - font.getbbox(line)[1] for line in lines) + spacing * (len(lines) - 1)
+    return sum(font.getbbox(line.text)[3] - font.getbbox(line.text)[1] for line in lines) + spacing * (len(lines) - 1)
 
 
-def _draw_lines(draw, lines: list[str], centre_x: float, top: float, font, size: int, width: int,
+def _draw_lines(draw, lines: list[Annotation], centre_x: float, top: float, font, size: int, width: int,
                 spacing: int) -> None:
-    """Each line centred on ``centre_x``, shrunk until it fits ``width``."""
+    """Each line centred on ``centre_x``, shrunk until it fits ``width``; an inactive one grey with a
+    line through it."""
     for line in lines:
         fnt, fs = font, size
-        while fs > 1 and fnt.getlength(line) > width:
+        while fs > 1 and fnt.getlength(line.text) > width:
             fs -= 1
             fnt = _font(fs)
-        height = fnt.getbbox(line)[3] - fnt.getbbox(line)[1]
-        draw.text((centre_x, top + height / 2), line, font=fnt, fill=(0, 0, 0), anchor="mm")
+        height = fnt.getbbox(line.text)[3] - fnt.getbbox(line.text)[1]
+        colour = (0, 0, 0) if line.active else _INACTIVE
+        draw.text((centre_x, top + height / 2), line.text, font=fnt, fill=colour, anchor="mm")
+        if not line.active:
+            half = font.getlength(line.text) // 2
+            draw.line((centre_x - half, top + height // 2, centre_x + half, top + height // 2), fill=_INACTIVE,
+                      width=4)
         top += height + spacing
 
 
-def draw_grid(pictures: list["Image"], columns: int, column_labels: list[str], row_labels: list[str], *,
+def draw_grid(pictures: list["Image"], columns: int, column_labels: list[Label], row_labels: list[Label], *,
               margin: int = 0, legend: bool = True) -> "Image":
     """``pictures`` (row by row, all the first one's size) in a grid of ``columns`` columns.
 
     Without ``legend``: the pictures side by side on black, nothing between them. With it, A1111's
     annotated grid on white: ``margin`` pixels between the pictures, the column labels in a band
     above (as high as the tallest label plus a font size) and the row labels in a band to the left,
-    three quarters of a picture wide; a band whose labels are all empty is left out.
+    three quarters of a picture wide; a band whose labels are all empty is left out. A label is a
+    text or a list of :class:`Annotation` lines.
     """
     from PIL import Image, ImageDraw
 
@@ -651,9 +678,9 @@ def draw_grid(pictures: list["Image"], columns: int, column_labels: list[str], r
     size = (w + h) // 25
     spacing = size // 2
     font = _font(size)
-    pad_left = w * 3 // 4 if any(text.strip() for text in row_labels) else 0
-    column_lines = [_wrap(text, font, w) for text in column_labels]
-    row_lines = [_wrap(text, font, pad_left) for text in row_labels]
+    pad_left = w * 3 // 4 if any(_label_lines(text, font, w) for text in row_labels) else 0
+    column_lines = [_label_lines(text, font, w) for text in column_labels]
+    row_lines = [_label_lines(text, font, pad_left) for text in row_labels]
     column_heights = [_text_height(lines, font, spacing) for lines in column_lines]
     pad_top = max(column_heights) + 2 * spacing if any(column_heights) else 0
     grid = Image.new("RGB", (pad_left + columns * w + margin * (columns - 1), pad_top + rows * h + margin * (rows - 1)),
