@@ -207,3 +207,96 @@ def test_line_values_a_request_cannot_take_are_refused_before_any_runs(sd1_engin
         sd1_engine.generate(GenerationParams(**BASE, prompts_from_file=PromptsFromFileOptions(
             text="--sd_model other")))
     assert "the server" in err.value.expected
+
+
+# --------------------------------------------------------------------------- the A1111 API
+
+
+@pytest.fixture(scope="module")
+def api(sd1_file, tmp_path_factory):
+    from test_server_support import real_api, tiny_models_dir
+
+    folder = tiny_models_dir(tmp_path_factory.mktemp("prompt-scripts") / "models", sd1_file)
+    (folder.parent / "styles.csv").write_text("name,prompt,negative_prompt\nink,\"{prompt}, ink\",smudge\n")
+    with real_api(folder) as client:
+        yield client
+
+
+REQUEST = {"steps": 1, "width": 64, "height": 64, "seed": 8, "sampler_name": "Euler",
+           "override_settings": {"randn_source": "CPU"}}
+
+
+def _post(client, path="/sdapi/v1/txt2img", **body):
+    import json
+
+    from test_server_support import decode_b64
+
+    r = client.post(path, json={**REQUEST, **body})
+    assert r.status_code == 200, r.text
+    return [np.asarray(decode_b64(data).convert("RGB")) for data in r.json()["images"]], json.loads(r.json()["info"])
+
+
+def test_api_lists_the_scripts_with_their_arguments(api):
+    scripts = api.get("/sdapi/v1/scripts").json()
+    assert scripts["txt2img"][:3] == ["prompt matrix", "prompts from file or textbox", "x/y/z plot"]
+    assert scripts["img2img"][:5] == ["loopback", "prompt matrix", "prompts from file or textbox", "sd upscale",
+                                      "x/y/z plot"]
+    info = {(s["name"], s["is_img2img"]): s for s in api.get("/sdapi/v1/script-info").json()}
+    assert [a["label"] for a in info["prompt matrix", False]["args"]][2:4] == ["Select prompt", "Select joining char"]
+    assert info["prompts from file or textbox", True]["args"][3]["label"] == "List of prompt inputs"
+
+
+def test_api_prompt_matrix_styles_each_prompt(api):
+    images, info = _post(api, prompt="a cat|red", styles=["ink"], script_name="Prompt matrix",
+                         script_args=[False, False, "positive", "comma", 0])
+    assert len(images) == 3 and info["all_prompts"][1:] == ["a cat, ink", "a cat, red, ink"]
+    want, plain = _post(api, prompt="a cat, red, ink", negative_prompt="smudge", subseed=info["all_subseeds"][2])
+    assert np.array_equal(images[2], want[0]) and plain["infotexts"][0] == info["infotexts"][2]
+
+
+def test_api_prompts_from_file_runs_each_line(api, photo):
+    from test_server_support import png_b64
+
+    text = "red\n--prompt blue --steps 2\n"
+    images, info = _post(api, "/sdapi/v1/img2img", prompt="a cat", init_images=[png_b64(photo)],
+                         denoising_strength=0.5, script_name="prompts from file or textbox",
+                         script_args=[True, False, "end", text])
+    assert info["all_prompts"] == ["a cat red", "a cat blue"] and info["all_seeds"] == [8, 9]
+    want, _ = _post(api, "/sdapi/v1/img2img", prompt="a cat blue", steps=2, seed=9, init_images=[png_b64(photo)],
+                    denoising_strength=0.5)
+    assert np.array_equal(images[1], want[0])
+    # A1111 before 1.7: [iterate, same seed, text]
+    images, info = _post(api, prompt="", script_name="prompts from file or textbox", script_args=[False, True, "dog"])
+    assert info["all_prompts"] == ["dog"] and len(images) == 1
+
+
+@pytest.mark.parametrize("name, args, field, needle", [
+    ("prompt matrix", [False, False, "sideways"], "script_args[2]", "positive"),
+    ("prompt matrix", [False, False, "positive", "comma", 0, 1], "script_args", "at most 5"),
+    ("prompts from file or textbox", [False, False, "start", "a\n--steps 0"], "script_args[3]", "line 2"),
+    ("prompts from file or textbox", [False, False, "start", "--sd_model nowhere"], "script_args[3]",
+     "sd-models"),
+    ("prompts from file or textbox", [False, False, "start", "--n_iter 70"], "script_args", "at most 64"),
+    ("prompts from file or textbox", [False, False, "start", "--styles nope"], "script_args[3]", "ink"),
+    ("prompts from file or textbox", [False, False, "start", "--width 8192"], "script_args[3]", "limits"),
+])
+def test_api_refusals_name_the_argument(api, name, args, field, needle):
+    r = api.post("/sdapi/v1/txt2img", json={**REQUEST, "prompt": "a|b", "script_name": name, "script_args": args})
+    assert r.status_code == 422 and r.json()["field"] == field and needle in r.text, r.text
+
+
+from test_xyz_plot import switching_api, two_models  # noqa: E402,F401  (fixtures: two checkpoints, a server over them)
+
+
+def test_api_line_checkpoints_switch_models_and_come_back(switching_api):
+    client, loads = switching_api
+    assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "tiny-a", "sd_vae": "None"}).status_code == 200
+    images, info = _post(client, prompt="cat", script_name="prompts from file or textbox",
+                         script_args=[False, False, "start", "--sd_model tiny-b --prompt red\nblue"])
+    assert info["all_prompts"] == ["red cat", "blue cat"]
+    assert "Model: tiny-b," in info["infotexts"][0] and "Model: tiny-a," in info["infotexts"][1]
+    for picture, (prompt, checkpoint) in zip(images, (("red cat", "tiny-b"), ("blue cat", "tiny-a"))):
+        want, _ = _post(client, prompt=prompt, override_settings={"randn_source": "CPU",
+                                                                  "sd_model_checkpoint": checkpoint})
+        assert np.array_equal(picture, want[0])
+    assert _post(client, prompt="x")[1]["sd_model_name"] == "tiny-a"  # the selected checkpoint stays

@@ -728,12 +728,15 @@ def test_unknown_endpoints_are_404_and_wrong_methods_405(client):
 
 def test_scripts_list_the_scripts_requests_may_use(client):
     assert client.get("/sdapi/v1/scripts").json() == {
-        "txt2img": ["x/y/z plot", "controlnet", "freeu integrated"],
-        "img2img": ["sd upscale", "x/y/z plot", "loopback", "controlnet", "freeu integrated", "soft inpainting"]}
+        "txt2img": ["prompt matrix", "prompts from file or textbox", "x/y/z plot", "controlnet", "freeu integrated"],
+        "img2img": ["loopback", "prompt matrix", "prompts from file or textbox", "sd upscale", "x/y/z plot",
+                    "controlnet", "freeu integrated", "soft inpainting"]}
     info = {(s["name"], s["is_img2img"]): s for s in client.get("/sdapi/v1/script-info").json()}
     assert set(info) == {("controlnet", False), ("controlnet", True), ("soft inpainting", True), ("sd upscale", True),
                          ("x/y/z plot", False), ("x/y/z plot", True), ("freeu integrated", False),
-                         ("freeu integrated", True), ("loopback", True)}
+                         ("freeu integrated", True), ("loopback", True), ("prompt matrix", False),
+                         ("prompt matrix", True), ("prompts from file or textbox", False),
+                         ("prompts from file or textbox", True)}
     assert len(info[("x/y/z plot", True)]["args"]) == 18
     assert not info[("sd upscale", True)]["is_alwayson"]
     soft = info[("soft inpainting", True)]["args"]

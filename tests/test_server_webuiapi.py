@@ -86,9 +86,10 @@ def test_lists_options_and_png_info(server):
     for listing in (server.get_sd_vae(), server.get_upscalers(), server.get_loras(), server.get_prompt_styles(),
                     server.get_hypernetworks(), server.get_face_restorers(), server.get_realesrgan_models()):
         assert isinstance(listing, list)
-    assert server.get_scripts() == {"txt2img": ["x/y/z plot", "controlnet", "freeu integrated"],
-                                    "img2img": ["sd upscale", "x/y/z plot", "loopback", "controlnet", "freeu integrated",
-                                                "soft inpainting"]}
+    assert server.get_scripts() == {
+        "txt2img": ["prompt matrix", "prompts from file or textbox", "x/y/z plot", "controlnet", "freeu integrated"],
+        "img2img": ["loopback", "prompt matrix", "prompts from file or textbox", "sd upscale", "x/y/z plot",
+                    "controlnet", "freeu integrated", "soft inpainting"]}
     assert "ram" in server.get_memory()
     assert server.controlnet_version() == 2
 

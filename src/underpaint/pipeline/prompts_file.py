@@ -232,9 +232,9 @@ def plan(params: "GenerationParams", models=None) -> list[Job]:
     return jobs
 
 
-def picture_count(jobs: list[Job]) -> int:
-    """How many pictures the lines make (a combined grid not counted)."""
-    return sum(job.params.batch_size * job.params.n_iter for job in jobs)
+def switches_models(options) -> bool:
+    """Whether a line names a checkpoint (``--sd_model``)."""
+    return any(line.checkpoint is not None for line in parse_lines(options.text, options.style_book))
 
 
 def run(generate: Callable[[Job, Callable], "Result"], params: "GenerationParams", *, info,

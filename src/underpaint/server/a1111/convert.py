@@ -33,18 +33,31 @@ CONTROLNET_SCRIPT = "controlnet"
 SOFT_INPAINTING_SCRIPT = "soft inpainting"
 #: Forge's built-in FreeU script (models/freeu.py): args [enabled, b1, b2, s1, s2].
 FREEU_SCRIPT = "freeu integrated"
-#: The selectable scripts underpaint runs: A1111's "SD upscale" (img2img, pipeline/sd_upscale.py)
-#: and "X/Y/Z plot" (both tabs, pipeline/xyz_plot.py).
+#: The selectable scripts underpaint runs: A1111's "SD upscale" (img2img, pipeline/sd_upscale.py),
+#: "X/Y/Z plot" (both tabs, pipeline/xyz_plot.py), "Loopback" (img2img, pipeline/loopback.py),
+#: "Prompt matrix" and "Prompts from file or textbox" (both tabs, pipeline/prompt_matrix.py and
+#: pipeline/prompts_file.py).
 SD_UPSCALE_SCRIPT = "sd upscale"
 XYZ_PLOT_SCRIPT = "x/y/z plot"
-LOOPBACK_SCRIPT = "loopback"  # img2img, pipeline/loopback.py
+LOOPBACK_SCRIPT = "loopback"
+PROMPT_MATRIX_SCRIPT = "prompt matrix"
+PROMPTS_FILE_SCRIPT = "prompts from file or textbox"
+#: The scripts of each tab, in A1111's order of its Script list.
+TXT2IMG_SCRIPTS = (PROMPT_MATRIX_SCRIPT, PROMPTS_FILE_SCRIPT, XYZ_PLOT_SCRIPT)
+IMG2IMG_SCRIPTS = (LOOPBACK_SCRIPT, PROMPT_MATRIX_SCRIPT, PROMPTS_FILE_SCRIPT, SD_UPSCALE_SCRIPT, XYZ_PLOT_SCRIPT)
+#: Scripts that make the prompts themselves: the request's styles go to each prompt they make.
+_PROMPT_SCRIPTS = (PROMPT_MATRIX_SCRIPT, PROMPTS_FILE_SCRIPT)
 #: The script options' own field names → the ``script_args`` item each comes from (errors found
 #: before a job queues and while it runs name the request's argument).
 SCRIPT_ARG_FIELDS = {
     "sd_upscale": "script_name", "sd_upscale_overlap": "script_args[1]", "sd_upscale_upscaler": "script_args[2]",
     "sd_upscale_scale": "script_args[3]", "xyz_plot": "script_name",
     "loopback": "script_name", "loopback_loops": "script_args[0]", "loopback_final_strength": "script_args[1]",
-    "loopback_curve": "script_args[2]",
+    "loopback_curve": "script_args[2]", "prompt_matrix": "script_name", "prompts_from_file": "script_name",
+    **{f"prompt_matrix_{name}": f"script_args[{i}]" for i, name in enumerate((
+        "put_at_start", "different_seeds", "prompt_type", "joiner", "margin_size"))},
+    **{f"prompts_{name}": f"script_args[{i}]" for i, name in enumerate((
+        "iterate_seed", "same_seed", "position", "text", "combined"))},
     **{f"xyz_{letter}_{part}": f"script_args[{3 * k + j}]" for k, letter in enumerate("xyz")
        for j, part in enumerate(("type", "values"))},
     **{f"xyz_{name}": f"script_args[{9 + i}]" for i, name in enumerate((
@@ -122,7 +135,9 @@ def prepare_txt2img(req: Txt2ImgRequest, ctx: ConvertContext) -> PreparedJob:
             raise _renamed(exc) from None
     if req.enable_hr:
         fields["hires"] = _hires_options(req, ctx, fields["width"], fields["height"])
-    if req.script_name:
+    if _script(req) in _PROMPT_SCRIPTS:
+        fields.update(_prompt_script(req, ctx))
+    elif req.script_name:
         fields["xyz_plot"] = _xyz_plot(req.script_args, ctx, img2img=False)
     params = _checked_plot(_build_params(fields, strength=1.0), ctx)
     return _prepared("txt2img", req, params, fields, req.model_dump(mode="json"), _kept_options(req, ctx))
@@ -208,6 +223,8 @@ def prepare_img2img(req: Img2ImgRequest, ctx: ConvertContext) -> PreparedJob:
                                            fields.get("n_iter") or 1)
     elif _script(req) == LOOPBACK_SCRIPT:
         fields["loopback"] = _loopback(req.script_args, fields.get("n_iter") or 1, ctx)
+    elif _script(req) in _PROMPT_SCRIPTS:
+        fields.update(_prompt_script(req, ctx))
     elif req.script_name:
         fields["xyz_plot"] = _xyz_plot(req.script_args, ctx, img2img=True)
     params = _checked_plot(_build_params(fields, strength=strength), ctx)
@@ -359,7 +376,7 @@ def _renamed(exc: InvalidParameter, names: Mapping[str, str] | None = None) -> I
 
 def _refuse_unsupported(req: GenerationRequest, *, img2img: bool = False) -> None:
     """Features A1111 has and underpaint does not: refuse a request that turns one on."""
-    scripts = [SD_UPSCALE_SCRIPT, XYZ_PLOT_SCRIPT, LOOPBACK_SCRIPT] if img2img else [XYZ_PLOT_SCRIPT]
+    scripts = IMG2IMG_SCRIPTS if img2img else TXT2IMG_SCRIPTS
     if req.script_name and _script(req) not in scripts:
         raise UnknownName("script_name", req.script_name, scripts)
     _check_alwayson(req.alwayson_scripts)
@@ -408,9 +425,90 @@ def _xyz_plot(args: list, ctx: ConvertContext, *, img2img: bool):
         raise _renamed(exc, SCRIPT_ARG_FIELDS) from None
 
 
+def _prompt_script(req: GenerationRequest, ctx: ConvertContext) -> dict[str, Any]:
+    """A1111's "Prompt matrix" ``script_args`` [put variable parts at start (false), use different
+    seed for each picture (false), prompt ("positive"; "negative"), joining char ("comma"; "space"),
+    grid margins (0)], or "Prompts from file or textbox"'s [iterate seed every line (false), use same
+    random seed for all lines (false), insert prompts at the ("start"; "end"), list of prompt inputs,
+    and Forge's make a combined image (false)] (before A1111 1.7, three: the two checkboxes and the
+    text). The request's styles are handed to the script, which styles each prompt it makes."""
+    from ...params import PromptMatrixOptions, PromptsFromFileOptions
+
+    args = list(req.script_args)
+    styles = _styler(req, ctx)
+    if _script(req) == PROMPT_MATRIX_SCRIPT:
+        names, kind, extra = ("put_at_start", "different_seeds", "prompt_type", "joiner", "margin_size"), \
+            PromptMatrixOptions, {}
+        key = "prompt_matrix"
+    else:
+        if len(args) == 3 and isinstance(args[2], str) and args[2].strip().lower() not in ("start", "end"):
+            args = [args[0], args[1], None, args[2]]  # A1111 before 1.7: no prompt position
+        names, kind = ("iterate_seed", "same_seed", "position", "text", "combined"), PromptsFromFileOptions
+        extra = {"style_book": ctx.styles() if ctx.styles is not None else None}
+        key = "prompts_from_file"
+    if len(args) > len(names):
+        raise InvalidParameter("script_args", f"{len(args)} arguments", f"at most {len(names)} for {req.script_name}")
+    given = {name: value for name, value in zip(names, args) if value is not None}
+    if isinstance(given.get("margin_size"), float) and given["margin_size"].is_integer():
+        given["margin_size"] = int(given["margin_size"])  # a slider's 4.0
+    try:
+        return {key: kind(**given, styles=styles, **extra)}
+    except InvalidParameter as exc:
+        raise _renamed(exc, SCRIPT_ARG_FIELDS) from None
+
+
+def _styler(req: GenerationRequest, ctx: ConvertContext):
+    """The request's styles as a function of the prompts (None: no styles), every name checked now."""
+    if not req.styles:
+        return None
+    if ctx.styles is None:
+        raise InvalidParameter("styles", req.styles[0], "no styles (this server has no styles file)")
+    from functools import partial
+
+    book = ctx.styles()
+    book.find(req.styles, field="styles")
+    return partial(book.apply, tuple(req.styles), field="styles", max_chars=ctx.limits.max_prompt_chars)
+
+
+def _checked_prompt_script(params: GenerationParams, ctx: ConvertContext) -> GenerationParams:
+    """A Prompt matrix or Prompts from file request made into its requests before it queues: each
+    checked (a line's values, its checkpoint, its prompt's length and LoRA tags), all of them within
+    the server's picture limit."""
+    from ...pipeline import prompt_matrix, prompts_file
+
+    try:
+        if params.prompt_matrix is not None:
+            jobs = prompt_matrix.requests(params)
+            pictures, what = len(jobs), f"{len(jobs)} combinations"
+        else:
+            jobs = [job.params for job in prompts_file.plan(params, plot_models(ctx))]
+            pictures = sum(job.batch_size * job.n_iter for job in jobs)
+            what = f"{len(jobs)} lines"
+    except InvalidParameter as exc:
+        raise _renamed(exc, SCRIPT_ARG_FIELDS) from None
+    if pictures > ctx.limits.max_images:
+        raise InvalidParameter("script_args", what, f"at most {ctx.limits.max_images} pictures in all (this server's "
+                                                    f"limit; these make {pictures})")
+    field = "script_args[3]" if params.prompts_from_file is not None else "prompt"
+    for job in jobs:
+        for text in (job.prompt, job.negative_prompt):
+            if len(text) > ctx.limits.max_prompt_chars:
+                raise InvalidParameter(field, f"a prompt of {len(text)} characters",
+                                       f"at most {ctx.limits.max_prompt_chars} characters (this server's limit)")
+        _check_lora_tags(job.prompt, ctx.limits)
+        if job.batch_size > ctx.limits.max_batch_size or job.steps > ctx.limits.max_steps \
+                or (job.width or 0) > ctx.limits.max_width or (job.height or 0) > ctx.limits.max_height:
+            raise InvalidParameter(field, f"batch size {job.batch_size}, {job.steps} steps, {job.width}x{job.height}",
+                                   "values within this server's limits (batch size, steps, width and height as for "
+                                   "a request)")
+    return params
+
+
 def _checked_plot(params: GenerationParams, ctx: ConvertContext) -> GenerationParams:
     """An X/Y/Z plot planned before it queues (every cell's settings checked, every Checkpoint name
     and VAE value looked up), within the server's picture limit: cells x batch size x batch count."""
+    if params.prompt_matrix is not None or params.prompts_from_file is not None:
+        return _checked_prompt_script(params, ctx)
     if params.xyz_plot is None:
         return params
     from ...pipeline import xyz_plot
@@ -627,8 +725,11 @@ def _common_fields(req: GenerationRequest, ctx: ConvertContext, pictures: Pictur
         ctx.outputs.refuse_changes(req.override_settings or {}, prefix="override_settings.")
     overrides = _Overrides(req.override_settings or {}, ctx)
     sampler = _sampler_name(req)
-    prompt, negative_prompt = _styled(req, ctx, req.prompt or "", req.negative_prompt or "")
-    _check_lora_tags(prompt, limits)
+    if _script(req) in _PROMPT_SCRIPTS:  # the script styles each prompt it makes
+        prompt, negative_prompt = req.prompt or "", req.negative_prompt or ""
+    else:
+        prompt, negative_prompt = _styled(req, ctx, req.prompt or "", req.negative_prompt or "")
+        _check_lora_tags(prompt, limits)
     return {
         "prompt": prompt,
         "negative_prompt": negative_prompt,

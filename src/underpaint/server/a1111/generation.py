@@ -86,7 +86,7 @@ def _work(state: ServerState, prepared: PreparedJob):
         # The live preview method is the request's override, else the one set when the job starts.
         params = prepared.params.replace(preview_method=prepared.preview_method or state.options.show_progress_type)
         job.live_previews = prepared.live_previews
-        if params.xyz_plot is not None and xyz_plot.loading_axes(params.xyz_plot):
+        if switches_models(params):
             result = _plot_switching_models(state, prepared, params, job)
         else:
             # The checkpoint and VAE are loaded here, on the worker, so a switch never happens under a job.
@@ -103,8 +103,21 @@ def _work(state: ServerState, prepared: PreparedJob):
     return work
 
 
+def switches_models(params) -> bool:
+    """Whether the request's script runs parts of it on other models: an X/Y/Z plot's Checkpoint
+    name or VAE axis, or a Prompts from file line's ``--sd_model``."""
+    if params.xyz_plot is not None:
+        return bool(xyz_plot.loading_axes(params.xyz_plot))
+    if params.prompts_from_file is not None:
+        from ...pipeline import prompts_file
+
+        return prompts_file.switches_models(params.prompts_from_file)
+    return False
+
+
 def _plot_switching_models(state: ServerState, prepared: PreparedJob, params, job: Job) -> Result:
-    """An X/Y/Z plot with a "Checkpoint name" or "VAE" axis: each cell runs on the engine the slot
+    """An X/Y/Z plot with a "Checkpoint name" or "VAE" axis (or Prompts from file lines naming
+    checkpoints): each cell runs on the engine the slot
     holds for its checkpoint (else the request's) and its VAE choice (else the request's, else the
     sd_vae option's), so a VAE-only change swaps the VAE in place and, the loading axis running
     outermost, each checkpoint loads once per value. Afterwards the checkpoint selected before the
@@ -117,9 +130,13 @@ def _plot_switching_models(state: ServerState, prepared: PreparedJob, params, jo
         engine = slot.engine_for(cell.checkpoint or prepared.model, cell.vae or prepared.vae)
         return engine.generate(cell.params, progress=report, cancel=job.cancel)
 
+    if params.prompts_from_file is not None:
+        from ...pipeline import prompts_file as script
+    else:
+        script = xyz_plot
     try:
-        return xyz_plot.run(cell_job, params, info=slot.info or ModelInfo(name="", path="", family="", prediction=""),
-                            progress=job.report, cancel=job.cancel, models=plot_models(convert_context(state)))
+        return script.run(cell_job, params, info=slot.info or ModelInfo(name="", path="", family="", prediction=""),
+                          progress=job.report, cancel=job.cancel, models=plot_models(convert_context(state)))
     finally:
         if prepared.keep_model and prepared.model is not None:
             slot.selected = prepared.model

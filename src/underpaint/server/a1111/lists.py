@@ -204,14 +204,13 @@ def _always_on(img2img: bool) -> list[str]:
     return names + [SOFT_INPAINTING_SCRIPT] if img2img else names
 
 
-@router.get("/scripts", response_model=ScriptsList, summary="Scripts by tab: img2img's SD upscale, and the always-on "
-                                                            "ones underpaint understands")
+@router.get("/scripts", response_model=ScriptsList, summary="Scripts by tab: the selectable ones underpaint runs, "
+                                                            "then the always-on ones it understands")
 async def scripts() -> ScriptsList:
     """Clients look here to learn whether an extension is installed (ControlNet, ADetailer, ...)."""
-    from .convert import LOOPBACK_SCRIPT, SD_UPSCALE_SCRIPT, XYZ_PLOT_SCRIPT
+    from .convert import IMG2IMG_SCRIPTS, TXT2IMG_SCRIPTS
 
-    return ScriptsList(txt2img=[XYZ_PLOT_SCRIPT, *_always_on(False)],
-                       img2img=[SD_UPSCALE_SCRIPT, XYZ_PLOT_SCRIPT, LOOPBACK_SCRIPT, *_always_on(True)])
+    return ScriptsList(txt2img=[*TXT2IMG_SCRIPTS, *_always_on(False)], img2img=[*IMG2IMG_SCRIPTS, *_always_on(True)])
 
 
 def _soft_inpainting_args() -> list[ScriptArg]:
@@ -238,8 +237,9 @@ async def script_info() -> list[ScriptInfo]:
     """Each always-on script per tab, as A1111 lists them. ControlNet's arguments are unit objects
     (see the ControlNet API), so none are described."""
     from ...pipeline.xyz_plot import axis_names
-    from .convert import FREEU_SCRIPT, LOOPBACK_SCRIPT, SD_UPSCALE_SCRIPT, SOFT_INPAINTING_SCRIPT, XYZ_PLOT_SCRIPT
-    from ...params import LOOPBACK_CURVES
+    from .convert import (FREEU_SCRIPT, LOOPBACK_SCRIPT, PROMPT_MATRIX_SCRIPT, PROMPTS_FILE_SCRIPT, SD_UPSCALE_SCRIPT,
+                          SOFT_INPAINTING_SCRIPT, XYZ_PLOT_SCRIPT)
+    from ...params import LOOPBACK_CURVES, PROMPT_MATRIX_JOINERS, PROMPT_MATRIX_TYPES, PROMPT_POSITIONS
 
     sd_upscale = ScriptInfo(name=SD_UPSCALE_SCRIPT, is_alwayson=False, is_img2img=True, args=[
         ScriptArg(label="Info", value=None),
@@ -251,12 +251,26 @@ async def script_info() -> list[ScriptInfo]:
         ScriptArg(label="Final denoising strength", value=0.5, minimum=0, maximum=1, step=0.01),
         ScriptArg(label="Denoising strength curve", value="Linear", choices=list(LOOPBACK_CURVES)),
         ScriptArg(label="Append interrogated prompt at each iteration", value="None", choices=["None"])])
+    matrix = [
+        ScriptArg(label="Put variable parts at start of prompt", value=False),
+        ScriptArg(label="Use different seed for each picture", value=False),
+        ScriptArg(label="Select prompt", value="positive", choices=list(PROMPT_MATRIX_TYPES)),
+        ScriptArg(label="Select joining char", value="comma", choices=list(PROMPT_MATRIX_JOINERS)),
+        ScriptArg(label="Grid margins (px)", value=0, minimum=0, maximum=500, step=2)]
+    from_file = [
+        ScriptArg(label="Iterate seed every line", value=False),
+        ScriptArg(label="Use same random seed for all lines", value=False),
+        ScriptArg(label="Insert prompts at the", value="start", choices=list(PROMPT_POSITIONS)),
+        ScriptArg(label="List of prompt inputs", value=""),
+        ScriptArg(label="Make a combined image containing all outputs", value=False)]
     own_args = {SOFT_INPAINTING_SCRIPT: _soft_inpainting_args, FREEU_SCRIPT: _freeu_args}
     return [ScriptInfo(name=name, is_alwayson=True, is_img2img=img2img,
                        args=own_args[name]() if name in own_args else [])
             for img2img in (False, True) for name in _always_on(img2img)] + [sd_upscale, loopback] + [
-        ScriptInfo(name=XYZ_PLOT_SCRIPT, is_alwayson=False, is_img2img=img2img, args=_xyz_args(axis_names(img2img)))
-        for img2img in (False, True)]
+        ScriptInfo(name=name, is_alwayson=False, is_img2img=img2img, args=args)
+        for img2img in (False, True) for name, args in ((PROMPT_MATRIX_SCRIPT, matrix), (PROMPTS_FILE_SCRIPT, from_file))
+    ] + [ScriptInfo(name=XYZ_PLOT_SCRIPT, is_alwayson=False, is_img2img=img2img, args=_xyz_args(axis_names(img2img)))
+         for img2img in (False, True)]
 
 
 def _xyz_args(axes: list[str]) -> list[ScriptArg]:

@@ -176,7 +176,9 @@ class GenerationRequest(RequestModel):
     firstpass_image: str | None = Field(None, description="Not available here: must be absent.")
     comments: dict[str, Any] | None = Field(None, description="Ignored.")
     sampler_index: str | int = Field("Euler", description="Legacy sampler field, used when sampler_name is empty.")
-    script_name: str | None = Field(None, description="Not available here: no selectable scripts are installed.")
+    script_name: str | None = Field(None, description=(
+        "A selectable script, by its /sdapi/v1/scripts name: \"prompt matrix\", \"prompts from file or textbox\", "
+        "\"x/y/z plot\"; img2img also \"loopback\" and \"sd upscale\"."))
     script_args: list[Any] = Field(default_factory=list, description="Arguments of script_name.")
     send_images: bool = Field(True, description="Return the images in the response.")
     save_images: bool = Field(False, description=(
