@@ -300,3 +300,64 @@ def test_api_line_checkpoints_switch_models_and_come_back(switching_api):
                                                                   "sd_model_checkpoint": checkpoint})
         assert np.array_equal(picture, want[0])
     assert _post(client, prompt="x")[1]["sd_model_name"] == "tiny-a"  # the selected checkpoint stays
+
+
+# --------------------------------------------------------------------------- the CLI
+
+
+def test_cli_prompt_matrix_writes_the_grid_then_the_pictures(tmp_path, sd1_file, sd1_engine):
+    from cli_runner import run_cli
+
+    styles = tmp_path / "styles.csv"
+    styles.write_text("name,prompt,negative_prompt\nink,\"{prompt}, ink\",smudge\n")
+    proc = run_cli("txt2img", "-p", "a cat|red", "--steps", "1", "--sampler", "Euler", "--rng", "cpu", "-W", "64",
+                   "-H", "64", "--seed", "6", "--model", str(sd1_file), "-o", str(tmp_path / "m.png"),
+                   "--prompt-matrix", "--prompt-matrix-different-seeds", "--style", "ink", "--styles-file", str(styles))
+    assert proc.returncode == 0, proc.stderr
+    grid, first, second = (Image.open(tmp_path / f"m-{i}.png") for i in (1, 2, 3))
+    assert grid.width == 128 and grid.height > 64
+    plain = sd1_engine.generate(GenerationParams(**BASE, prompt="a cat, red, ink", negative_prompt="smudge", seed=7))
+    assert np.array_equal(_pixels(second), _pixels(plain.images[0]))
+    assert second.text["parameters"].startswith("a cat, red, ink\nNegative prompt: smudge")
+    assert first.text["parameters"].startswith("a cat, ink\n") and grid.text["parameters"] == first.text["parameters"]
+
+
+def test_cli_prompts_from_a_file_switch_checkpoints(tmp_path, two_models):
+    from cli_runner import run_cli
+
+    lines = tmp_path / "lines.txt"
+    lines.write_text("red\n--sd_model tiny-b --prompt blue --seed 3\n", encoding="utf-8")
+    common = ["-p", "cat", "--steps", "1", "--sampler", "Euler", "--rng", "cpu", "-W", "64", "-H", "64", "--seed", "6",
+              "--models-dir", str(two_models), "--device", "cpu", "--dtype", "fp32"]
+    proc = run_cli("txt2img", *common, "--model", "tiny-a", "-o", str(tmp_path / "l.png"), "--prompts-from", str(lines),
+                   "--prompts-combined")
+    assert proc.returncode == 0, proc.stderr
+    combined, red, blue = (Image.open(tmp_path / f"l-{i}.png") for i in (1, 2, 3))
+    assert combined.size == (128, 64)
+    for picture, extra, name in ((red, ["--model", "tiny-a", "-p", "red cat"], "r"),
+                                 (blue, ["--model", "tiny-b", "-p", "blue cat", "--seed", "3"], "b")):
+        proc = run_cli("txt2img", *common, *extra, "-o", str(tmp_path / f"{name}.png"))
+        assert proc.returncode == 0, proc.stderr
+        want = Image.open(tmp_path / f"{name}.png")
+        assert np.array_equal(_pixels(picture), _pixels(want)) and picture.text["parameters"] == want.text["parameters"]
+
+
+@pytest.mark.parametrize("extra, needles", [
+    (["--prompt-matrix-joiner", "space"], ["--prompt-matrix-joiner", "--prompt-matrix beside it"]),
+    (["--prompts-at", "end"], ["--prompts-at", "--prompts-from FILE beside it"]),
+    (["--prompts-from", "missing.txt"], ["--prompts-from: got 'missing.txt'", "exists"]),
+    (["--prompts-from", "LINES"], ["--prompts-from: got 'line 2: --stepz'", "--steps"]),
+    (["--prompt-matrix", "--prompts-from", "GOOD"], ["one script at a time"]),
+])
+def test_cli_refusals_name_the_flag(tmp_path, sd1_file, extra, needles):
+    from cli_runner import run_cli
+
+    from test_cli import assert_clean_error
+
+    (tmp_path / "lines.txt").write_text("fine\n--stepz 3\n")
+    (tmp_path / "good.txt").write_text("fine\n")
+    files = {"LINES": str(tmp_path / "lines.txt"), "GOOD": str(tmp_path / "good.txt")}
+    extra = [files.get(word, word) for word in extra]
+    proc = run_cli("txt2img", "-p", "a|b", "--steps", "1", "-W", "64", "-H", "64", "--model", str(sd1_file),
+                   "-o", str(tmp_path / "o.png"), *extra)
+    assert_clean_error(proc, *needles)

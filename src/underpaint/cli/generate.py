@@ -45,12 +45,14 @@ def add_commands(sub) -> None:
     _add_sd_upscale_args(img)
     _add_loopback_args(img)
     _add_xyz_args(img)
+    _add_prompt_script_args(img)
     img.set_defaults(func=run_img2img)
 
     txt = sub.add_parser("txt2img", help="make a picture from a prompt alone",
                          description="Make a picture from a prompt (img2img at full strength, from noise).")
     _add_generation_args(txt, img2img=False)
     _add_xyz_args(txt)
+    _add_prompt_script_args(txt)
     txt.set_defaults(func=run_txt2img)
 
 
@@ -351,8 +353,120 @@ def _with_xyz_plot(params: GenerationParams, args: argparse.Namespace) -> Genera
     return params.replace(xyz_plot=options)
 
 
+def _add_prompt_script_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("Prompt matrix", "A1111's script: the prompt cut at each | into a first part and parts "
+                                              "each picture has or not, a picture for every combination (saved: the "
+                                              "labelled grid, then each picture)")
+    g.add_argument("--prompt-matrix", action="store_true", help="turn it on (\"a cat|red|in a hat\": 4 pictures)")
+    g.add_argument("--prompt-matrix-negative", action="store_true",
+                   help="cut the negative prompt instead (A1111's Select prompt: negative)")
+    g.add_argument("--prompt-matrix-at-start", action="store_true",
+                   help="put the chosen parts before the first part (A1111's Put variable parts at start of prompt)")
+    g.add_argument("--prompt-matrix-different-seeds", action="store_true",
+                   help="picture i takes the seed + i (A1111's Use different seed for each picture)")
+    g.add_argument("--prompt-matrix-joiner", default=None, choices=("comma", "space"),
+                   help="what joins the parts: comma (\", \", the default) or space")
+    g.add_argument("--prompt-matrix-margin", type=int, default=None, metavar="PX",
+                   help="pixels between the grid's pictures, 0-500 (default 0)")
+    f = p.add_argument_group("Prompts from file", "A1111's script \"Prompts from file or textbox\": a request per line "
+                                                  "of a text file, each a prompt or options such as --prompt \"a cat\" "
+                                                  "--steps 30 --cfg_scale 5 (saved: every line's pictures in turn)")
+    f.add_argument("--prompts-from", default=None, metavar="FILE",
+                   help="the text file (UTF-8; - reads standard input)")
+    f.add_argument("--prompts-at", default=None, choices=("start", "end"),
+                   help="where a line's prompt goes beside --prompt: start (the default) or end")
+    f.add_argument("--prompts-iterate-seed", action="store_true",
+                   help="move the seed on by batch size x count after each line (A1111's Iterate seed every line)")
+    f.add_argument("--prompts-same-seed", action="store_true",
+                   help="one random seed for every line when --seed is -1 (A1111's Use same random seed for all lines)")
+    f.add_argument("--prompts-combined", action="store_true",
+                   help="also save a grid of all the pictures, first (Forge's Make a combined image)")
+
+
+_MATRIX_FLAGS = ("prompt_matrix_negative", "prompt_matrix_at_start", "prompt_matrix_different_seeds",
+                 "prompt_matrix_joiner", "prompt_matrix_margin")
+_PROMPTS_FLAGS = ("prompts_at", "prompts_iterate_seed", "prompts_same_seed", "prompts_combined")
+
+
+def _with_prompt_scripts(params: GenerationParams, args: argparse.Namespace) -> GenerationParams:
+    """--prompt-matrix and --prompts-from as their options; --style then styles each prompt they make."""
+    for switch, flags, needed in (("prompt_matrix", _MATRIX_FLAGS, "--prompt-matrix"),
+                                  ("prompts_from", _PROMPTS_FLAGS, "--prompts-from FILE")):
+        if not getattr(args, switch, None):
+            for flag in flags:
+                if getattr(args, flag, None) not in (None, False):
+                    raise InvalidParameter(flag, getattr(args, flag), f"{needed} beside it")
+    styles = _styler(args)
+    matrix = lines = None
+    if getattr(args, "prompt_matrix", False):
+        from ..params import PromptMatrixOptions
+
+        matrix = PromptMatrixOptions(
+            put_at_start=args.prompt_matrix_at_start, different_seeds=args.prompt_matrix_different_seeds,
+            prompt_type="negative" if args.prompt_matrix_negative else "positive",
+            joiner=args.prompt_matrix_joiner or "comma", margin_size=args.prompt_matrix_margin or 0, styles=styles)
+    if getattr(args, "prompts_from", None):
+        from ..params import PromptsFromFileOptions
+        from ..prompts.styles import read_styles
+
+        book = read_styles(styles_file(args))
+        if getattr(args, "prompts_text", None) is None:  # read once: standard input cannot be read twice
+            args.prompts_text = _read_text(args.prompts_from, "prompts_from")
+        lines = PromptsFromFileOptions(
+            text=args.prompts_text, iterate_seed=args.prompts_iterate_seed,
+            same_seed=args.prompts_same_seed, position=args.prompts_at or "start", combined=args.prompts_combined,
+            styles=styles, style_book=book)
+    if matrix is None and lines is None:
+        return params
+    return params.replace(prompt_matrix=matrix, prompts_from_file=lines)
+
+
+def _styler(args: argparse.Namespace):
+    """--style as a function of the prompts (None: no --style), the names checked now."""
+    names = getattr(args, "styles", None)
+    if not names:
+        return None
+    from functools import partial
+
+    from ..prompts.styles import read_styles
+
+    book = read_styles(styles_file(args))
+    book.find(names, field="--style")
+    return partial(book.apply, tuple(names), field="--style")
+
+
+def _read_text(name: str, field: str) -> str:
+    """A text file's contents (``-``: standard input), as UTF-8; a file that is not there or not text is refused."""
+    if name == "-":
+        return sys.stdin.read()
+    path = Path(name).expanduser()
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InvalidParameter(field, name, "a text file that exists") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidParameter(field, name, f"a readable UTF-8 text file ({exc.__class__.__name__}: {exc})") from None
+
+
+class _AnyCheckpoint:
+    """Takes a line's --sd_model as it is, to count pictures before the models are looked up."""
+
+    @staticmethod
+    def checkpoint(value: str, field: str) -> str:
+        return value
+
+
 def _output_count(params: GenerationParams) -> int:
     """How many pictures a request saves (an X/Y/Z plot: its grids and, if asked, its cells)."""
+    if params.prompt_matrix is not None:
+        from ..pipeline.prompt_matrix import requests
+
+        return 1 + len(requests(params))
+    if params.prompts_from_file is not None:
+        from ..pipeline.prompts_file import plan
+
+        jobs = [job.params for job in plan(params, _AnyCheckpoint())]
+        return sum(job.batch_size * job.n_iter for job in jobs) + int(params.prompts_from_file.combined)
     options = params.xyz_plot
     if options is None:
         return params.batch_size * params.n_iter
@@ -600,6 +714,7 @@ def params_from_args(args: argparse.Namespace, init_images: tuple = (), *, model
     params = _with_sd_upscale(params, args, model)
     params = _with_loopback(params, args)
     params = _with_xyz_plot(params, args)
+    params = _with_prompt_scripts(params, args)
     params = with_cache(params, args)
     params = _with_freeu(params, getattr(args, "freeu", None))
     params = _with_refiner(params, args)
@@ -611,8 +726,8 @@ def _with_styles(params: GenerationParams, args: argparse.Namespace) -> Generati
     """``--style NAME``s applied in order to the prompts, as A1111 applies the styles chosen in its UI
     (prompts/styles.py); a hires. prompt of its own is styled too, an empty one follows the prompt."""
     names = getattr(args, "styles", None)
-    if not names:
-        return params
+    if not names or params.prompt_matrix is not None or params.prompts_from_file is not None:
+        return params  # the scripts style each prompt they make
     from dataclasses import replace
 
     from ..prompts.styles import read_styles
@@ -699,13 +814,16 @@ def _engine_for(args: argparse.Namespace, probe: GenerationParams):
     """The engine that runs the request: the one of --model, or for an X/Y/Z plot with a
     Checkpoint name or VAE axis a :class:`PlotModels` that switches between them (its names are
     looked up here, before any model loads, so an unknown one stops the command at once)."""
-    from ..pipeline import xyz_plot
+    from ..pipeline import prompts_file, xyz_plot
 
-    if probe.xyz_plot is None or not xyz_plot.loading_axes(probe.xyz_plot):
+    if not xyz_plot.switches_models(probe):
         return _load_engine(args)
     models = PlotModels(args)
-    work = xyz_plot.plan(probe, models.names)
-    first = work.cells[work.order[0]]
+    if probe.prompts_from_file is not None:
+        first = prompts_file.plan(probe, models.names)[0]
+    else:
+        work = xyz_plot.plan(probe, models.names)
+        first = work.cells[work.order[0]]
     models.slot.engine_for(first.checkpoint, first.vae)  # the model the first cell runs on: loaded once
     return models
 
@@ -772,14 +890,15 @@ class PlotModels:
         return Path(choice)
 
     def generate(self, params: GenerationParams, *, progress=None, cancel=None):
-        from ..pipeline import xyz_plot
+        from ..pipeline import prompts_file, xyz_plot
 
         def cell_job(cell, report):
             return self.slot.engine_for(cell.checkpoint, cell.vae).generate(cell.params, progress=report,
                                                                             cancel=cancel)
 
-        return xyz_plot.run(cell_job, params, info=self.slot.info, progress=progress, cancel=cancel,
-                            models=self.names)
+        script = prompts_file if params.prompts_from_file is not None else xyz_plot
+        return script.run(cell_job, params, info=self.slot.info, progress=progress, cancel=cancel,
+                          models=self.names)
 
 
 def _checkpoint(args: argparse.Namespace, folder) -> Path:

@@ -129,6 +129,14 @@ _FIELD_FLAGS: dict[str, tuple[str, ...]] = {
     "xyz_cells": ("--xyz-cells",), "xyz_sub_grids": ("--xyz-sub-grids",), "xyz_no_legend": ("--xyz-no-legend",),
     "xyz_keep_seeds": ("--xyz-keep-seeds",), "xyz_vary_seeds": ("--xyz-vary-seeds",),
     "xyz_margin": ("--xyz-margin",), "xyz_margin_size": ("--xyz-margin",),
+    "prompt_matrix": ("--prompt-matrix",), "prompt_matrix_negative": ("--prompt-matrix-negative",),
+    "prompt_matrix_prompt_type": ("--prompt-matrix-negative",), "prompt_matrix_at_start": ("--prompt-matrix-at-start",),
+    "prompt_matrix_different_seeds": ("--prompt-matrix-different-seeds",),
+    "prompt_matrix_joiner": ("--prompt-matrix-joiner",), "prompt_matrix_margin": ("--prompt-matrix-margin",),
+    "prompt_matrix_margin_size": ("--prompt-matrix-margin",), "prompts_from_file": ("--prompts-from",),
+    "prompts_from": ("--prompts-from",), "prompts_text": ("--prompts-from",), "prompts_at": ("--prompts-at",),
+    "prompts_position": ("--prompts-at",), "prompts_iterate_seed": ("--prompts-iterate-seed",),
+    "prompts_same_seed": ("--prompts-same-seed",), "prompts_combined": ("--prompts-combined",),
 }
 #: Fields named the same as their flag's ``dest`` (``strength`` is ``--strength``). Only these and
 #: the ones above are renamed: other errors name things that are not flags (a ``<lora:...>`` tag in

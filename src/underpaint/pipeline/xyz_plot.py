@@ -451,6 +451,19 @@ class Plan:
 _SEED_AXES = ("Seed", "Var. seed")
 
 
+def switches_models(params: "GenerationParams") -> bool:
+    """Whether the request's script runs parts of it on other models: an X/Y/Z plot's Checkpoint
+    name or VAE axis, or a Prompts from file line's ``--sd_model``; only the server and the CLI,
+    which hold the models, run those."""
+    if params.xyz_plot is not None:
+        return bool(loading_axes(params.xyz_plot))
+    if params.prompts_from_file is not None:
+        from .prompts_file import switches_models as lines_switch
+
+        return lines_switch(params.prompts_from_file)
+    return False
+
+
 def loading_axes(options: "XYZPlotOptions") -> list[tuple[str, Axis]]:
     """The axes of ``options`` that switch models between cells, with their letters."""
     found = []

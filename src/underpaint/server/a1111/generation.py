@@ -86,7 +86,7 @@ def _work(state: ServerState, prepared: PreparedJob):
         # The live preview method is the request's override, else the one set when the job starts.
         params = prepared.params.replace(preview_method=prepared.preview_method or state.options.show_progress_type)
         job.live_previews = prepared.live_previews
-        if switches_models(params):
+        if xyz_plot.switches_models(params):
             result = _plot_switching_models(state, prepared, params, job)
         else:
             # The checkpoint and VAE are loaded here, on the worker, so a switch never happens under a job.
@@ -101,18 +101,6 @@ def _work(state: ServerState, prepared: PreparedJob):
                                                    [result.infotexts[i] for i in keep], [result.seeds[i] for i in keep]))
 
     return work
-
-
-def switches_models(params) -> bool:
-    """Whether the request's script runs parts of it on other models: an X/Y/Z plot's Checkpoint
-    name or VAE axis, or a Prompts from file line's ``--sd_model``."""
-    if params.xyz_plot is not None:
-        return bool(xyz_plot.loading_axes(params.xyz_plot))
-    if params.prompts_from_file is not None:
-        from ...pipeline import prompts_file
-
-        return prompts_file.switches_models(params.prompts_from_file)
-    return False
 
 
 def _plot_switching_models(state: ServerState, prepared: PreparedJob, params, job: Job) -> Result:
