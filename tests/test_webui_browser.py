@@ -1845,7 +1845,8 @@ def test_sd_upscale_script_enlarges_as_the_server_does(page, server, photo_file)
     fields are sent only while it is chosen, and only from img2img; the choice is kept over a reload."""
     script = page.locator("#script_name")
     expect(script).to_be_visible()
-    assert script.locator("option").all_inner_texts() == ["None", "SD upscale", "X/Y/Z plot", "Loopback"]
+    assert script.locator("option").all_inner_texts() == ["None", "Loopback", "Prompt matrix",
+                                                          "Prompts from file or textbox", "SD upscale", "X/Y/Z plot"]
     expect(script).to_have_value("")
     expect(page.locator("#sd-upscale")).to_be_hidden()
     assert page.evaluate("() => document.querySelector('.settings').lastElementChild.id") == "script-section"
@@ -1960,6 +1961,48 @@ def test_loopback_script_sends_its_arguments_and_shows_every_pass(page, photo_fi
     page.locator("#script_name").select_option("")
 
 
+def test_prompt_matrix_and_prompts_from_file_scripts(page, tmp_path):
+    """txt2img's Prompt matrix sends A1111's five arguments and shows the grid and each picture; Prompts from
+    file reads an uploaded text file into its box, a line the server refuses is marked beside the box, and the
+    fixed lines make a picture each."""
+    page.click("#tab-txt2img")
+    fast_settings(page, seed=4, steps=1)
+    page.fill("#prompt", "a cat|red")
+    script = page.locator("#txt2img_script_name")
+    script.select_option("Prompt matrix")
+    expect(page.locator("#prompt-matrix")).to_be_visible()
+    expect(page.locator("#prompts-from-file")).to_be_hidden()
+    page.locator("#matrix_different_seeds").check()
+    page.locator("#matrix_joiner").select_option("space")
+    with page.expect_response("**/sdapi/v1/txt2img", timeout=GENERATION_TIMEOUT) as answer:
+        page.click("#generate")
+    assert answer.value.ok, answer.value.text()
+    sent = json.loads(answer.value.request.post_data)
+    assert (sent["script_name"], sent["script_args"]) == ("prompt matrix", [False, True, "positive", "space", 0])
+    assert json.loads(answer.value.json()["info"])["all_prompts"][1:] == ["a cat", "a cat red"]
+    expect(page.locator("#gallery-thumbs > *")).to_have_count(3)
+
+    script.select_option("Prompts from file or textbox")
+    expect(page.locator("#prompts-from-file")).to_be_visible()
+    expect(page.locator("#prompt-matrix")).to_be_hidden()
+    lines = tmp_path / "lines.txt"
+    lines.write_text("  a dog  \n--prompt a fox --steps 0\n", encoding="utf-8")
+    page.set_input_files("#prompts_file", str(lines))
+    expect(page.locator("#prompts_text")).to_have_value("a dog\n--prompt a fox --steps 0\n")
+    page.fill("#prompt", "")
+    with page.expect_response("**/sdapi/v1/txt2img") as answer:
+        page.click("#generate")
+    assert answer.value.status == 422 and answer.value.json()["field"] == "script_args[3]"
+    expect(page.locator(".field:has(#prompts_text) .field-error")).to_contain_text("line 2")
+    page.fill("#prompts_text", "a dog\n--prompt a fox --steps 2")
+    with page.expect_response("**/sdapi/v1/txt2img", timeout=GENERATION_TIMEOUT) as answer:
+        page.click("#generate")
+    assert answer.value.ok, answer.value.text()
+    assert json.loads(answer.value.json()["info"])["all_prompts"] == ["a dog", "a fox"]
+    expect(page.locator("#gallery-thumbs > *")).to_have_count(3 + 2)  # newest first, the matrix's kept
+    script.select_option("")
+
+
 def test_sd_upscale_size_line_matches_the_package(page):
     """The size the SD upscale line announces is the one the package's upscaler step makes (None: unchanged)."""
     from underpaint.pipeline import upscale
@@ -2039,7 +2082,9 @@ def test_xyz_plot_script_on_txt2img_matches_the_server(page, server):
         page.click(f"#tab-{tab}")
         expect(script).to_be_hidden()
     page.click("#tab-img2img")
-    assert page.locator("#script_name option").all_inner_texts() == ["None", "SD upscale", "X/Y/Z plot", "Loopback"]
+    assert page.locator("#script_name option").all_inner_texts() == ["None", "Loopback", "Prompt matrix",
+                                                                      "Prompts from file or textbox", "SD upscale",
+                                                                      "X/Y/Z plot"]
     page.select_option("#script_name", "X/Y/Z plot")
     expect(page.locator("#xyz-plot")).to_be_visible()
     img2img_axes = [a.name for a in AXES.values() if a.tab in (None, "img2img")]
@@ -2053,7 +2098,8 @@ def test_xyz_plot_script_on_txt2img_matches_the_server(page, server):
     expect(page.locator("#xyz-plot")).to_be_hidden()  # Inpaint has no Script select
     page.click("#tab-txt2img")
     expect(script).to_be_visible()
-    assert script.locator("option").all_inner_texts() == ["None", "X/Y/Z plot"]
+    assert script.locator("option").all_inner_texts() == ["None", "Prompt matrix", "Prompts from file or textbox",
+                                                          "X/Y/Z plot"]
     expect(script).to_have_value("")  # its own choice, not img2img's
     expect(page.locator("#xyz-plot")).to_be_hidden()
     assert page.evaluate("() => document.querySelector('.settings').lastElementChild.id") == "script-section"

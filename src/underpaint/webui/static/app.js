@@ -108,7 +108,8 @@ function showControlNetHiresOption() {
 }
 $("#enable_hr").addEventListener("change", showControlNetHiresOption);
 
-// The Script choices (txt2img: X/Y/Z plot; img2img: SD upscale, X/Y/Z plot), at the bottom of the settings.
+// The Script choices (both tabs: Prompt matrix, Prompts from file, X/Y/Z plot; img2img also Loopback and SD
+// upscale), at the bottom of the settings.
 const scripts = setupScripts({ root: panel, sourceSize: () => [img2img.width, img2img.height] });
 
 /** Set the controls from a picture's parameters for the `target` tab, and say what could not be set. */

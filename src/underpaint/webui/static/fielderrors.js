@@ -34,6 +34,14 @@ const ALIASES = {
   xyz_z_type: "script_args[6]",
   xyz_z_values: "script_args[7]",
   xyz_margin_size: "script_args[16]",
+  // Prompt matrix's and Prompts from file's
+  prompt_matrix: "script_name",
+  prompt_matrix_prompt_type: "script_args[2]",
+  prompt_matrix_joiner: "script_args[3]",
+  prompt_matrix_margin_size: "script_args[4]",
+  prompts_from_file: "script_name",
+  prompts_position: "script_args[2]",
+  prompts_text: "script_args[3]",
 };
 
 /** "alwayson_scripts.controlnet.args[0].weight" → itself, "…args[0]", "alwayson_scripts.controlnet", … */

@@ -1,6 +1,6 @@
 // The "Script" choice at the bottom of the settings, as in A1111, each tab with its own: txt2img's
-// "None" or "X/Y/Z plot", img2img's "None", "SD upscale", "X/Y/Z plot" or "Loopback" (Inpaint has none), sent
-// as the request's script_name / script_args only while a script is chosen.
+// "None", "Prompt matrix", "Prompts from file or textbox" or "X/Y/Z plot", img2img's those and "Loopback" and
+// "SD upscale" (Inpaint has none), sent as the request's script_name / script_args only while a script is chosen.
 
 import { get } from "./api.js";
 import { $, el, fillSelect, numberValue } from "./dom.js";
@@ -9,6 +9,8 @@ import { $, el, fillSelect, numberValue } from "./dom.js";
 export const SD_UPSCALE = "sd upscale";
 export const XYZ_PLOT = "x/y/z plot";
 export const LOOPBACK = "loopback";
+export const PROMPT_MATRIX = "prompt matrix";
+export const PROMPTS_FROM_FILE = "prompts from file or textbox";
 
 /**
  * The X/Y/Z plot axis types the server runs (underpaint.pipeline.xyz_plot.AXES, in A1111's order),
@@ -109,8 +111,25 @@ export function setupScripts({ root, sourceSize }) {
   const loopGroup = $("#loopback", root);
   const [loops, finalStrength, curve] = ["#loopback_loops", "#loopback_final_strength", "#loopback_curve"]
     .map((id) => $(id, root));
+  const matrixGroup = $("#prompt-matrix", root);
+  const [atStart, differentSeeds, promptType, joiner, matrixMargin] = ["#matrix_put_at_start",
+    "#matrix_different_seeds", "#matrix_prompt_type", "#matrix_joiner", "#matrix_margin_size"].map((id) => $(id, root));
+  const linesGroup = $("#prompts-from-file", root);
+  const [iterateSeed, sameSeed, combined, position, lines, linesFile] = ["#prompts_iterate_seed", "#prompts_same_seed",
+    "#prompts_combined", "#prompts_position", "#prompts_text", "#prompts_file"].map((id) => $(id, root));
+  // A1111's "Upload prompt inputs": the file's text goes into the box, where it can still be edited.
+  linesFile.addEventListener("change", async () => {
+    const file = linesFile.files?.[0];
+    if (!file) return;
+    lines.value = (await file.text()).split("\n").map((line) => line.trim()).join("\n");
+    lines.dispatchEvent(new Event("input", { bubbles: true }));
+    lines.dispatchEvent(new Event("change", { bubbles: true }));
+    linesFile.value = "";
+  });
 
   function update() {
+    matrixGroup.hidden = chosen(tab) !== PROMPT_MATRIX;
+    linesGroup.hidden = chosen(tab) !== PROMPTS_FROM_FILE;
     xyzGroup.hidden = chosen(tab) !== XYZ_PLOT;
     if (!xyzGroup.hidden) showAxes();
     group.hidden = tab !== "img2img" || select.value !== SD_UPSCALE;
@@ -145,7 +164,8 @@ export function setupScripts({ root, sourceSize }) {
     /**
      * The `tab`'s script_name and script_args while a script is chosen there, else none. SD upscale's:
      * [info, tile overlap, upscaler, scale factor]; Loopback's: [loops, final denoising strength, curve,
-     * append interrogation ("None")]; X/Y/Z plot's: A1111's 18, with the axis types by
+     * append interrogation ("None")]; Prompt matrix's: [put at start, different seeds, prompt, joining char,
+     * margins]; Prompts from file's: [iterate seed, same seed, position, the lines, combined]; X/Y/Z plot's: A1111's 18, with the axis types by
      * name and csv_mode on, so that each axis's text is its values (the dropdown lists stay empty).
      */
     values(name) {
@@ -155,6 +175,14 @@ export function setupScripts({ root, sourceSize }) {
       }
       if (script === LOOPBACK && name === "img2img") {
         return { script_name: LOOPBACK, script_args: [numberValue(loops), numberValue(finalStrength), curve.value, "None"] };
+      }
+      if (script === PROMPT_MATRIX) {
+        return { script_name: PROMPT_MATRIX, script_args: [atStart.checked, differentSeeds.checked, promptType.value,
+          joiner.value, numberValue(matrixMargin)] };
+      }
+      if (script === PROMPTS_FROM_FILE) {
+        return { script_name: PROMPTS_FROM_FILE, script_args: [iterateSeed.checked, sameSeed.checked, position.value,
+          lines.value, combined.checked] };
       }
       if (script !== XYZ_PLOT) return {};
       const axes = axisTypes.flatMap((typeSelect, i) => [typeSelect.value, axisValues[i].value, []]);
