@@ -52,7 +52,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import control, generate, info, inpaint, merge, models, upscale
+    from . import control, generate, info, inpaint, interrogate, merge, models, upscale
 
     parser = _Parser(
         prog="underpaint",
@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_commands(sub)
     control.add_commands(sub)
     upscale.add_command(sub)
+    interrogate.add_command(sub)
     merge.add_command(sub)
     _add_serve(sub)
     for command in sub.choices.values():
@@ -129,6 +130,7 @@ _FIELD_FLAGS: dict[str, tuple[str, ...]] = {
     "xyz_cells": ("--xyz-cells",), "xyz_sub_grids": ("--xyz-sub-grids",), "xyz_no_legend": ("--xyz-no-legend",),
     "xyz_keep_seeds": ("--xyz-keep-seeds",), "xyz_vary_seeds": ("--xyz-vary-seeds",),
     "xyz_margin": ("--xyz-margin",), "xyz_margin_size": ("--xyz-margin",),
+    "num_beams": ("--num-beams",), "min_length": ("--min-length",), "max_length": ("--max-length",),
     "prompt_matrix": ("--prompt-matrix",), "prompt_matrix_negative": ("--prompt-matrix-negative",),
     "prompt_matrix_prompt_type": ("--prompt-matrix-negative",), "prompt_matrix_at_start": ("--prompt-matrix-at-start",),
     "prompt_matrix_different_seeds": ("--prompt-matrix-different-seeds",),

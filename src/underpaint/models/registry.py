@@ -64,6 +64,10 @@ _FOLDERS = {
     # Face restoration (GFPGAN) with its face detector and parser, where A1111 keeps them.
     "gfpgan": ("GFPGAN", ("models/GFPGAN",)),
     "codeformer": ("Codeformer", ("models/Codeformer",)),
+    # "Interrogate CLIP": the BLIP captioner, a CLIP model, and the word lists (an A1111 install's interrogate/).
+    "blip": ("BLIP", ("models/BLIP",)),
+    "clip": ("CLIP", ("models/CLIP",)),
+    "interrogate": ("interrogate", ("interrogate",)),
 }
 
 _TITLE_HASH = re.compile(r"^(.*?)\s*\[([0-9a-fA-F]{8,64})\]$")

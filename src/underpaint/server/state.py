@@ -75,6 +75,13 @@ class ServerOptions:
     #: A1111's "Hires fix: which pass to enable refiner for": first pass, second pass or both passes.
     hires_fix_refiner_pass: str = "second pass"
     sdxl_refiner_low_aesthetic_score: float = 2.5
+    #: A1111's Interrogate settings (models/interrogate.py): the scores beside the word-list matches,
+    #: BLIP's beams and caption length in tokens, and the most lines read from each word list (0: all).
+    interrogate_return_ranks: bool = False
+    interrogate_clip_num_beams: int = 1
+    interrogate_clip_min_length: int = 24
+    interrogate_clip_max_length: int = 48
+    interrogate_clip_dict_limit: int = 1500
     #: A1111's "SD VAE": "Automatic", "None" or a VAE file's name as /sd-vae lists it (catalog.py).
     sd_vae: str = "Automatic"
     #: A1111's "Upscaler for img2img": "None" (Lanczos) or an upscaler's name as /upscalers lists it.

@@ -1,8 +1,8 @@
 """A1111's read-only lists (samplers, schedulers, LoRAs, ...), /memory and /png-info.
 
-Lists for things underpaint does not have (face restorers, hypernetworks, ...) answer with
-empty lists, so clients that read them at start-up keep working; /interrogate, which it cannot
-do, is refused naming ``model``. Prompt styles come from the
+Lists for things underpaint does not have (hypernetworks, ...) answer with empty lists, so
+clients that read them at start-up keep working. /interrogate captions with the "clip" model
+(models/interrogate.py); "deepdanbooru" is refused naming ``model``. Prompt styles come from the
 server's styles.csv. The upscalers are the hires. fix ones: A1111's built-in picture
 upscalers, the upscaling models in the models folder, and its latent upscale modes.
 """
@@ -287,12 +287,35 @@ def _xyz_args(axes: list[str]) -> list[ScriptArg]:
                    ScriptArg(label="Use text inputs instead of dropdowns", value=False)]
 
 
-@router.post("/interrogate", summary="Caption a picture (not available: refused naming `model`)")
-async def interrogate(body: InterrogateRequest) -> InterrogateResponse:
-    """A1111 captions with CLIP or DeepDanbooru; underpaint has no captioning model, so every
-    request is refused with a 422 naming ``model`` rather than an unexplained 404."""
-    raise InvalidParameter("model", body.model, "an interrogation model (captioning pictures, with 'clip' or "
-                                                "'deepdanbooru', is not available in underpaint)")
+@router.post("/interrogate", response_model=InterrogateResponse,
+             summary="Caption a picture: BLIP's caption, then CLIP's word-list matches (model 'clip')")
+async def interrogate(body: InterrogateRequest, request: Request) -> InterrogateResponse:
+    """A1111's "Interrogate CLIP" (models/interrogate.py), run on the generation queue so that it
+    never shares the device with a generation. DeepDanbooru's tagger is not available: "deepdanbooru"
+    is a 422 naming ``model``; a server without a BLIP captioner answers 404 naming ``model``."""
+    from ...models import interrogate as it
+    from ..images import decode_image
+    from .generation import await_job
+
+    state = server_state(request)
+    model = body.model.strip().lower() if isinstance(body.model, str) else body.model
+    if model == "deepdanbooru":
+        raise InvalidParameter("model", body.model, "'clip' (DeepDanbooru's tagger is not available in underpaint)")
+    if model != "clip":
+        raise InvalidParameter("model", body.model, "'clip' (or A1111's 'deepdanbooru', not available here)")
+    if not body.image:
+        raise InvalidParameter("image", body.image, "a picture (base64, or a data URL)")
+    files = await run_in_threadpool(it.interrogate_files, state.catalog.folder)
+    limits, allow_urls = state.config.limits, state.config.allow_image_urls
+    image = await run_in_threadpool(lambda: decode_image(body.image, field="image", limits=limits,
+                                                         allow_urls=allow_urls))
+    state.queue.check_room()
+    opts, device = state.options, state.config.device or "cpu"
+    queued = state.queue.submit("interrogate", lambda _: it.interrogate(
+        image, files, device=device, ranks=opts.interrogate_return_ranks, num_beams=opts.interrogate_clip_num_beams,
+        min_length=opts.interrogate_clip_min_length, max_length=opts.interrogate_clip_max_length,
+        dict_limit=opts.interrogate_clip_dict_limit))
+    return InterrogateResponse(caption=await await_job(state, queued))
 
 
 @router.get("/memory", response_model=MemoryResponse, summary="System and GPU memory")

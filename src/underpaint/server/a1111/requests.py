@@ -290,10 +290,12 @@ class ExtrasBatchImagesRequest(ExtrasRequest):
 
 
 class InterrogateRequest(RequestModel):
-    """POST /sdapi/v1/interrogate (refused: underpaint has no captioning model)."""
+    """POST /sdapi/v1/interrogate: A1111's "Interrogate CLIP"."""
 
     image: str = Field("", description="A base64 image.")
-    model: str = Field("clip", description="'clip' or 'deepdanbooru' in A1111; none is available here.")
+    model: str = Field("clip", description=(
+        "'clip': BLIP's caption, then CLIP's best matches from the word lists (A1111's 'deepdanbooru' is not "
+        "available)."))
 
 
 class ProgressQuery(WireModel):

@@ -249,6 +249,13 @@ class Options(WireModel):
         "to reproduce its pictures (k-diffusion samplers)."))
     hires_fix_refiner_pass: str = Field("second pass", description=(
         "Hires fix: which pass to enable refiner for: 'first pass', 'second pass' or 'both passes'."))
+    interrogate_return_ranks: bool = Field(False, description=(
+        "Interrogate: include ranks of model tags matches in results (each CLIP match as (text:score))."))
+    interrogate_clip_num_beams: int = Field(1, ge=1, le=16, description="Interrogate: num_beams for BLIP's caption.")
+    interrogate_clip_min_length: int = Field(24, ge=1, le=128, description="Interrogate: minimum caption length (tokens).")
+    interrogate_clip_max_length: int = Field(48, ge=1, le=256, description="Interrogate: maximum caption length (tokens).")
+    interrogate_clip_dict_limit: int = Field(1500, ge=0, le=100000, description=(
+        "CLIP: maximum number of lines in a word list file (0: no limit)."))
     sdxl_crop_top: int = Field(0, ge=0, le=8192, description="SDXL crop top coordinate: the crop SDXL is conditioned on.")
     sdxl_crop_left: int = Field(0, ge=0, le=8192, description="SDXL crop left coordinate.")
     sdxl_refiner_high_aesthetic_score: float = Field(6.0, ge=0, le=10, description=(

@@ -85,6 +85,11 @@ def get_options(request: Request) -> Options:
         beta_dist_beta=opts.beta_dist_beta,
         sgm_noise_multiplier=opts.sgm_noise_multiplier,
         sdxl_refiner_low_aesthetic_score=opts.sdxl_refiner_low_aesthetic_score,
+        interrogate_return_ranks=opts.interrogate_return_ranks,
+        interrogate_clip_num_beams=opts.interrogate_clip_num_beams,
+        interrogate_clip_min_length=opts.interrogate_clip_min_length,
+        interrogate_clip_max_length=opts.interrogate_clip_max_length,
+        interrogate_clip_dict_limit=opts.interrogate_clip_dict_limit,
         sd_vae=opts.sd_vae,
         upscaler_for_img2img=opts.upscaler_for_img2img,
         **state.outputs.options(),
@@ -125,7 +130,8 @@ def _option_changes(body: dict[str, Any], state: ServerState) -> dict[str, Any]:
             changes[key] = _float_option(body, key, lo, hi)
     if "face_restoration_model" in body:
         changes["face_restoration_model"] = restorer_name(body["face_restoration_model"])
-    for key in ("s_min_uncond_all", "img2img_color_correction", "tiling", "sgm_noise_multiplier", "face_restoration"):
+    for key in ("s_min_uncond_all", "img2img_color_correction", "tiling", "sgm_noise_multiplier", "face_restoration",
+                "interrogate_return_ranks"):
         if key in body:
             if not isinstance(body[key], bool):
                 raise InvalidParameter(key, body[key], "true or false")
@@ -153,7 +159,9 @@ def token_merging_setting(key: str, value: Any) -> float:
 
 
 #: Numeric settings and their ranges: whole numbers, and numbers.
-_INT_SETTINGS = {"sdxl_crop_top": (0, 8192), "sdxl_crop_left": (0, 8192), "uni_pc_order": (1, 50)}
+_INT_SETTINGS = {"sdxl_crop_top": (0, 8192), "sdxl_crop_left": (0, 8192), "uni_pc_order": (1, 50),
+                 "interrogate_clip_num_beams": (1, 16), "interrogate_clip_min_length": (1, 128),
+                 "interrogate_clip_max_length": (1, 256), "interrogate_clip_dict_limit": (0, 100000)}
 _FLOAT_SETTINGS = {
     "s_min_uncond": (0.0, MAX_S_MIN_UNCOND), "skip_early_cond": (0.0, 1.0),
     "initial_noise_multiplier": (0.0, MAX_NOISE_MULTIPLIER), "img2img_extra_noise": (0.0, 1.0),
