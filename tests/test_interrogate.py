@@ -44,9 +44,13 @@ def _original_name(name: str) -> str | None:
 @pytest.fixture(scope="module")
 def blip(tmp_path_factory):
     """(HF model, tokenizer, path of the original-layout file)."""
+    return write_blip(tmp_path_factory.mktemp("interrogate") / "models" / "BLIP")
+
+
+def write_blip(folder):
+    """A tiny BLIP captioner in the original layout (with BERT's vocab.txt) in ``folder``: (HF model, tokenizer, path)."""
     from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration
 
-    folder = tmp_path_factory.mktemp("interrogate") / "models" / "BLIP"
     folder.mkdir(parents=True)
     (folder / "vocab.txt").write_text("\n".join(WORDS) + "\n")
     tokenizer = BertTokenizer(str(folder / "vocab.txt"))

@@ -75,6 +75,9 @@ def server(tmp_path_factory, sd1_file):
     write_vae(models / "vae" / "tiny-vae.safetensors")
     (models / "upscale_models").mkdir()
     torch.save(compact_state_dict(), models / "upscale_models" / "4x-Zero.pth")
+    from test_interrogate import write_blip
+
+    write_blip(models / "BLIP")  # Interrogate CLIP's captioner (no CLIP model: the caption alone)
     yield from serve(models)
 
 
@@ -2001,6 +2004,28 @@ def test_prompt_matrix_and_prompts_from_file_scripts(page, tmp_path):
     assert json.loads(answer.value.json()["info"])["all_prompts"] == ["a dog", "a fox"]
     expect(page.locator("#gallery-thumbs > *")).to_have_count(3 + 2)  # newest first, the matrix's kept
     script.select_option("")
+
+
+def test_interrogate_clip_writes_the_prompt(page, photo_file):
+    """img2img's "Interrogate CLIP" posts the picture to /interrogate and puts the caption in the prompt; without
+    a picture it says so beside the picture."""
+    expect(page.locator("#interrogate")).to_be_visible()
+    page.click("#tab-txt2img")
+    expect(page.locator("#interrogate")).to_be_hidden()
+    page.click("#tab-img2img")
+    page.click("#interrogate")
+    expect(page.locator(".field-error")).to_contain_text("pick an image")
+    page.set_input_files("#img2img-file", str(photo_file))
+    page.fill("#prompt", "old words")
+    with page.expect_response("**/sdapi/v1/interrogate", timeout=GENERATION_TIMEOUT) as answer:
+        page.click("#interrogate")
+    assert answer.value.ok, answer.value.text()
+    sent = json.loads(answer.value.request.post_data)
+    assert sent["model"] == "clip" and sent["image"] and not sent["image"].startswith("data:")
+    caption = answer.value.json()["caption"]
+    assert caption
+    expect(page.locator("#prompt")).to_have_value(caption)
+    expect(page.locator("#notice")).to_contain_text("Prompt written")
 
 
 def test_sd_upscale_size_line_matches_the_package(page):

@@ -287,6 +287,35 @@ function img2imgRequest() {
   return request;
 }
 
+// A1111's "Interrogate CLIP": the picture's caption (BLIP, then CLIP's word-list matches) becomes the prompt.
+$("#interrogate").addEventListener("click", async () => {
+  if (state.busy) return;
+  clearFieldErrors(panel);
+  generalBox.hidden = true;
+  const source = sourceImage();
+  if (!source) {
+    inputError("init_images", "Drop, paste or pick an image first.");
+    return;
+  }
+  const button = $("#interrogate");
+  button.disabled = true;
+  notice.textContent = "Reading the picture…";
+  try {
+    const { caption } = await post("/sdapi/v1/interrogate", { image: stripDataUrl(source), model: "clip" });
+    const prompt = $("#prompt");
+    prompt.value = caption ?? "";
+    prompt.dispatchEvent(new Event("input", { bubbles: true }));
+    store.save();
+    notice.textContent = "Prompt written from the picture.";
+  } catch (err) {
+    notice.textContent = "";
+    generalBox.textContent = err.message;
+    generalBox.hidden = false;
+  } finally {
+    button.disabled = false;
+  }
+});
+
 /** The A1111 request for the current tab and the route it goes to, or null after marking what is missing. */
 function buildRequest() {
   const txt2img = state.tab === "txt2img";
