@@ -276,3 +276,44 @@ def test_cli_interrogate_prints_the_caption(blip, clip, tmp_path):
                        "BLIP")
     assert_clean_error(run_cli("interrogate", str(tmp_path / "missing.png"), "--models-dir", str(clip[1])),
                        "missing.png")
+
+
+# --------------------------------------------------------------------------- Loopback's appended reading
+
+
+def test_loopback_appends_each_pass_reading(blip, clip, sd1_file):
+    from underpaint.params import GenerationParams, LoopbackOptions
+    from underpaint.pipeline.engine import Engine
+
+    root = clip[1]
+    engine = Engine.load(sd1_file, device="cpu", dtype="fp32", models_dir=root)
+    files = it.interrogate_files(ModelsDir(root))
+    base = dict(prompt="a lighthouse", seed=4, rng="cpu", steps=2, sampler="Euler", strength=0.6)
+    photo = _photo().resize((64, 64))
+    result = engine.generate(GenerationParams(**base, init_images=(photo,), loopback=LoopbackOptions(
+        loops=2, final_strength=0.6, interrogate="clip")))
+    picture, by_hand = photo, []
+    for seed in (4, 5):
+        prompt = "a lighthouse, " + it.interrogate(picture, files)
+        made = engine.generate(GenerationParams(**{**base, "seed": seed, "prompt": prompt}, init_images=(picture,)))
+        picture = made.images[0]
+        by_hand.append((prompt, made))
+    assert result.prompts[1:] == tuple(prompt for prompt, _ in by_hand)
+    for got, (_, made) in zip(result.images[1:], by_hand):
+        assert np.array_equal(np.asarray(got), np.asarray(made.images[0]))
+    with pytest.raises(Exception) as err:
+        LoopbackOptions(interrogate="DeepBooru")
+    assert err.value.field == "loopback_interrogate" and "not available" in err.value.expected
+
+
+def test_api_loopback_interrogates_with_the_servers_settings(api):
+    from test_server_support import png_b64
+
+    r = api.post("/sdapi/v1/img2img", json={"init_images": [png_b64(_photo().resize((64, 64)))], "steps": 1,
+                                            "prompt": "", "script_name": "loopback",
+                                            "script_args": [2, 0.5, "Linear", "CLIP"]})
+    assert r.status_code == 200, r.text
+    import json
+
+    prompts = json.loads(r.json()["info"])["all_prompts"]
+    assert len(prompts) == 3 and all(p.count(", ") == 5 for p in prompts[1:])  # caption + 5 matches, no prompt

@@ -290,6 +290,8 @@ class SDUpscaleOptions:
 #: The denoising strength curves of A1111's Loopback script: how the strength moves from the request's
 #: to the final one over the loops (pipeline/loopback.py).
 LOOPBACK_CURVES = ("Aggressive", "Linear", "Lazy")
+#: What Loopback may append to each pass's prompt (A1111 also offers DeepBooru).
+LOOPBACK_INTERROGATIONS = ("None", "CLIP")
 #: The most loops one Loopback request may ask for.
 MAX_LOOPBACK_LOOPS = 100
 
@@ -303,6 +305,12 @@ class LoopbackOptions:
     loops: int = 4
     final_strength: float = 0.5
     curve: str = "Linear"
+    #: A1111's "Append interrogated prompt at each iteration": "None", or "CLIP" (each pass's prompt is
+    #: the request's, then ", ", then Interrogate CLIP's reading of the pass's picture; models/interrogate.py).
+    interrogate: str = "None"
+    #: What reads a picture for "CLIP" (``interrogator(picture) -> text``), given by whoever holds the
+    #: settings; None: Interrogate CLIP with A1111's defaults on the models folder's files.
+    interrogator: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         _check_range("loopback_loops", self.loops, 1, MAX_LOOPBACK_LOOPS, integer=True)
@@ -311,6 +319,12 @@ class LoopbackOptions:
         if curve is None:
             raise InvalidParameter("loopback_curve", self.curve, "one of " + ", ".join(LOOPBACK_CURVES))
         object.__setattr__(self, "curve", curve)
+        interrogate = _spelled(self.interrogate, LOOPBACK_INTERROGATIONS)
+        if interrogate is None:
+            expected = "None or CLIP" + (" (DeepBooru's tagger is not available)"
+                                         if str(self.interrogate).strip().lower() == "deepbooru" else "")
+            raise InvalidParameter("loopback_interrogate", self.interrogate, expected)
+        object.__setattr__(self, "interrogate", interrogate)
 
 
 @dataclass(frozen=True)

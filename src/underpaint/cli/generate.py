@@ -275,19 +275,23 @@ def _add_loopback_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--loopback-curve", default=None, metavar="CURVE",
                    help="how the strength moves from --strength to the final one: Linear (default), Aggressive "
                         "(most of the change early) or Lazy (late)")
+    g.add_argument("--loopback-interrogate", default=None, metavar="WHAT",
+                   help="append a reading of each pass's picture to its prompt: None (default) or CLIP (A1111's "
+                        "Append interrogated prompt at each iteration; see underpaint interrogate)")
 
 
 def _with_loopback(params: GenerationParams, args: argparse.Namespace) -> GenerationParams:
     """--loopback and its flags as :class:`LoopbackOptions`."""
     loops = getattr(args, "loopback", None)
     if loops is None:
-        for flag in ("loopback_final_strength", "loopback_curve"):
+        for flag in ("loopback_final_strength", "loopback_curve", "loopback_interrogate"):
             if getattr(args, flag, None) is not None:
                 raise InvalidParameter(flag, getattr(args, flag), "--loopback LOOPS beside it")
         return params
     from ..params import LoopbackOptions
 
     options = LoopbackOptions(loops=loops, curve=args.loopback_curve or "Linear",
+                              interrogate=args.loopback_interrogate or "None",
                               final_strength=0.5 if args.loopback_final_strength is None else args.loopback_final_strength)
     return params.replace(loopback=options)
 

@@ -122,6 +122,7 @@ _FIELD_FLAGS: dict[str, tuple[str, ...]] = {
     "crop": ("--crop",),
     "loopback": ("--loopback",), "loopback_loops": ("--loopback",),
     "loopback_final_strength": ("--loopback-final-strength",), "loopback_curve": ("--loopback-curve",),
+    "loopback_interrogate": ("--loopback-interrogate",),
     "sd_upscale": ("--sd-upscale",), "sd_upscale_scale": ("--sd-upscale",),
     "sd_upscale_upscaler": ("--sd-upscale-upscaler",), "sd_upscale_overlap": ("--sd-upscale-overlap",),
     "xyz_plot": ("--xyz-x",), "xyz_x": ("--xyz-x",), "xyz_x_type": ("--xyz-x",), "xyz_y": ("--xyz-y",),

@@ -127,7 +127,7 @@ def generate(model, params: GenerationParams, *, info: ModelInfo, progress, canc
             from . import loopback
 
             return loopback.run(
-                params.with_seed(),
+                _with_interrogator(params.with_seed(), model),
                 lambda pass_params, report: _generate(model, pass_params, networks, info=info, progress=report,
                                                       cancel=cancel, refiner=refiner),
                 info=info, progress=progress, cancel=cancel)
@@ -142,6 +142,30 @@ def generate(model, params: GenerationParams, *, info: ModelInfo, progress, canc
                 cancel=cancel)
         return _generate(model, params, networks, info=info, progress=progress, cancel=cancel, refiner=refiner,
                          hires_model=hires_model)
+
+
+def _with_interrogator(params: GenerationParams, model) -> GenerationParams:
+    """A Loopback request that appends Interrogate CLIP's reading, given one on the model's models
+    folder (A1111's default settings) when it names none; no captioner there is refused naming the field."""
+    options = params.loopback
+    if options.interrogate != "CLIP" or options.interrogator is not None:
+        return params
+    from functools import partial
+
+    from ..errors import ModelNotFound
+    from ..models import interrogate as it
+    from ..models.registry import ModelsDir, default_models_dir
+
+    folder = getattr(model, "models_dir", None)
+    if not isinstance(folder, ModelsDir):
+        folder = ModelsDir(folder if folder is not None else default_models_dir())
+    try:
+        files = it.interrogate_files(folder)
+    except ModelNotFound as exc:
+        raise InvalidParameter("loopback_interrogate", "CLIP", f"None, or a models folder with Interrogate CLIP's "
+                                                               f"files ({exc.message})") from None
+    reader = partial(it.interrogate, files=files, device=str(model.device))
+    return params.replace(loopback=replace(options, interrogator=reader))
 
 
 def _second_model(model, loaded, params: GenerationParams, name: str | None, field: str, check: Callable):

@@ -18,8 +18,11 @@ As A1111 1.10 runs it:
   Each picture carries the infotext of the pass that made it (A1111 gives every one the first
   pass's), with "Final denoising strength" and "Denoising curve"; the grid carries the first one's.
 
+With "Append interrogated prompt at each iteration" set to CLIP, each pass's prompt is the request's
+prompt, ", ", and what Interrogate CLIP (models/interrogate.py) reads in the picture the pass starts
+from (the reading alone when the request has no prompt), as A1111 does; DeepBooru is not available.
+
 An interrupt ends the loops (the pass it stopped is left out); a skip ends the current batch's.
-A1111's "Append interrogated prompt at each iteration" (CLIP or DeepBooru) is not available.
 """
 
 from __future__ import annotations
@@ -63,8 +66,11 @@ def run(params: "GenerationParams", img2img: Callable[["GenerationParams", Calla
         for i in range(opts.loops):
             if cancel is not None and cancel.interrupted:
                 break
+            prompt = params.prompt
+            if opts.interrogate == "CLIP":
+                prompt = (f"{params.prompt}, " if params.prompt else "") + opts.interrogator(picture[0])
             pass_params = params.replace(
-                init_images=picture, inpaint=inpaint, seed=seed, batch_size=1, n_iter=1, loopback=None,
+                prompt=prompt, init_images=picture, inpaint=inpaint, seed=seed, batch_size=1, n_iter=1, loopback=None,
                 color_reference=params.color_reference or params.init_images[0],
                 strength=strength_at(i, opts.loops, params.strength, opts.final_strength, opts.curve),
                 extra_infotext=extra)
@@ -73,7 +79,7 @@ def run(params: "GenerationParams", img2img: Callable[["GenerationParams", Calla
             if result.unfinished or result.interrupted:  # stopped before its last step: not a picture to go on from
                 stopped = True
                 break
-            last = (result.images[0], result.infotexts[0], result.seeds[0])
+            last = (result.images[0], result.infotexts[0], result.seeds[0], prompt)
             picture = (last[0],)
             inpaint = replace(inpaint, masked_content="original")
             if params.n_iter == 1:
@@ -82,14 +88,16 @@ def run(params: "GenerationParams", img2img: Callable[["GenerationParams", Calla
             kept.append(last)
         if cancel is not None and cancel.interrupted:
             break
-    images = [image for image, _, _ in kept]
-    infotexts = [text for _, text, _ in kept]
-    seeds = [s for _, _, s in kept]
+    images = [image for image, _, _, _ in kept]
+    infotexts = [text for _, text, _, _ in kept]
+    seeds = [s for _, _, s, _ in kept]
+    prompts = [p for _, _, _, p in kept]
     if len(kept) > 1:
         images.insert(0, draw_grid(images, len(images), [], [], legend=False))
         infotexts.insert(0, infotexts[0])
         seeds.insert(0, seeds[0])
+        prompts.insert(0, prompts[0])
     count = len(images)
     return Result(tuple(images), tuple(infotexts), tuple(seeds), (params.subseed,) * count, params,
                   info, interrupted=bool(cancel and cancel.interrupted),
-                  prompts=(params.prompt,) * count, negative_prompts=(params.negative_prompt,) * count)
+                  prompts=tuple(prompts), negative_prompts=(params.negative_prompt,) * count)

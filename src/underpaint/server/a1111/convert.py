@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +53,7 @@ SCRIPT_ARG_FIELDS = {
     "sd_upscale": "script_name", "sd_upscale_overlap": "script_args[1]", "sd_upscale_upscaler": "script_args[2]",
     "sd_upscale_scale": "script_args[3]", "xyz_plot": "script_name",
     "loopback": "script_name", "loopback_loops": "script_args[0]", "loopback_final_strength": "script_args[1]",
-    "loopback_curve": "script_args[2]", "prompt_matrix": "script_name", "prompts_from_file": "script_name",
+    "loopback_curve": "script_args[2]", "loopback_interrogate": "script_args[3]", "prompt_matrix": "script_name", "prompts_from_file": "script_name",
     **{f"prompt_matrix_{name}": f"script_args[{i}]" for i, name in enumerate((
         "put_at_start", "different_seeds", "prompt_type", "joiner", "margin_size"))},
     **{f"prompts_{name}": f"script_args[{i}]" for i, name in enumerate((
@@ -87,6 +87,8 @@ class ConvertContext:
     vae_choice: Callable[..., str] | None = None
     #: The models folder whose upscaling models ``hr_upscaler`` may name (None: built-in ones only).
     models_folder: Callable[[], Any] | None = None
+    #: The device the server's helper models (Loopback's Interrogate CLIP) run on.
+    device: str = "cpu"
 
 
 @dataclass(frozen=True)
@@ -554,8 +556,9 @@ def plot_models(ctx: ConvertContext):
 
 def _loopback(args: list, n_iter: int, ctx: ConvertContext):
     """A1111's "Loopback" ``script_args``: [loops (4), final denoising strength (0.5), denoising strength
-    curve ("Linear"; "Aggressive", "Lazy"), append interrogated prompt ("None" only: interrogation is not
-    available)], within the server's picture limit: loops x batch count passes."""
+    curve ("Linear"; "Aggressive", "Lazy"), append interrogated prompt ("None"; "CLIP": the server's
+    Interrogate CLIP with its /options settings)], within the server's picture limit: loops x batch count
+    passes."""
     from ...params import LoopbackOptions
 
     args = list(args) + [None] * (4 - len(args))
@@ -565,19 +568,40 @@ def _loopback(args: list, n_iter: int, ctx: ConvertContext):
             raise InvalidParameter(f"script_args[{i}]", value, "a number")
     if isinstance(loops, float) and loops.is_integer():
         loops = int(loops)  # a slider's 4.0
-    if interrogate not in (None, "None"):
-        raise InvalidParameter("script_args[3]", interrogate, "None (interrogating the picture is not available)")
     try:
         options = LoopbackOptions(loops=4 if loops is None else loops, final_strength=0.5 if final is None else float(final),
-                                  curve="Linear" if curve is None else curve)
+                                  curve="Linear" if curve is None else curve,
+                                  interrogate="None" if interrogate is None else interrogate)
     except InvalidParameter as exc:
         raise _renamed(exc, SCRIPT_ARG_FIELDS) from None
+    if options.interrogate == "CLIP":
+        options = replace(options, interrogator=_interrogator(ctx))
     passes = options.loops * n_iter
     if passes > ctx.limits.max_images:
         raise InvalidParameter("script_args[0]", options.loops, f"at most {ctx.limits.max_images} passes in all (this "
                                                                 f"server's limit; {options.loops} loops x batch count "
                                                                 f"{n_iter} makes {passes})")
     return options
+
+
+def _interrogator(ctx: ConvertContext):
+    """The server's Interrogate CLIP with its settings, its files found now (a 422 naming the argument when
+    there is no captioner)."""
+    from functools import partial
+
+    from ...errors import ModelNotFound
+    from ...models import interrogate as it
+
+    try:
+        files = it.interrogate_files(ctx.models_folder())
+    except (ModelNotFound, TypeError) as exc:
+        detail = exc.message if isinstance(exc, ModelNotFound) else "this server has no models folder"
+        raise InvalidParameter("script_args[3]", "CLIP", f"None, or a server with Interrogate CLIP's files ({detail})"
+                               ) from None
+    opts = ctx.options
+    return partial(it.interrogate, files=files, device=ctx.device, ranks=opts.interrogate_return_ranks,
+                   num_beams=opts.interrogate_clip_num_beams, min_length=opts.interrogate_clip_min_length,
+                   max_length=opts.interrogate_clip_max_length, dict_limit=opts.interrogate_clip_dict_limit)
 
 
 def _sd_upscale(args: list, picture, ctx: ConvertContext, tile_size: tuple[int, int], n_iter: int):

@@ -40,7 +40,7 @@ def convert_context(state: ServerState) -> ConvertContext:
     return ConvertContext(limits=state.config.limits, options=state.options, resolve_model=state.catalog.resolve,
                           allow_image_urls=state.config.allow_image_urls, controlnet_files=state.catalog.controlnets,
                           styles=state.styles.book, outputs=state.outputs, vae_choice=state.catalog.vae_choice,
-                          models_folder=lambda: state.catalog.folder)
+                          models_folder=lambda: state.catalog.folder, device=state.config.device or "cpu")
 
 
 @dataclass(frozen=True)

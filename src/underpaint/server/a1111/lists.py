@@ -250,7 +250,7 @@ async def script_info() -> list[ScriptInfo]:
         ScriptArg(label="Loops", value=4, minimum=1, maximum=32, step=1),
         ScriptArg(label="Final denoising strength", value=0.5, minimum=0, maximum=1, step=0.01),
         ScriptArg(label="Denoising strength curve", value="Linear", choices=list(LOOPBACK_CURVES)),
-        ScriptArg(label="Append interrogated prompt at each iteration", value="None", choices=["None"])])
+        ScriptArg(label="Append interrogated prompt at each iteration", value="None", choices=["None", "CLIP"])])
     matrix = [
         ScriptArg(label="Put variable parts at start of prompt", value=False),
         ScriptArg(label="Use different seed for each picture", value=False),

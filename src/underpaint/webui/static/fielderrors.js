@@ -25,6 +25,7 @@ const ALIASES = {
   loopback_loops: "script_args[0]",
   loopback_final_strength: "script_args[1]",
   loopback_curve: "script_args[2]",
+  loopback_interrogate: "script_args[3]",
   // X/Y/Z plot's (the server's names for its script_args items)
   xyz_plot: "script_name",
   xyz_x_type: "script_args[0]",

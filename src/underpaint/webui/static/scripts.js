@@ -109,8 +109,8 @@ export function setupScripts({ root, sourceSize }) {
     .map((id) => $(id, root));
   const outcome = $("#sd-upscale-size", root);
   const loopGroup = $("#loopback", root);
-  const [loops, finalStrength, curve] = ["#loopback_loops", "#loopback_final_strength", "#loopback_curve"]
-    .map((id) => $(id, root));
+  const [loops, finalStrength, curve, appendReading] = ["#loopback_loops", "#loopback_final_strength",
+    "#loopback_curve", "#loopback_interrogate"].map((id) => $(id, root));
   const matrixGroup = $("#prompt-matrix", root);
   const [atStart, differentSeeds, promptType, joiner, matrixMargin] = ["#matrix_put_at_start",
     "#matrix_different_seeds", "#matrix_prompt_type", "#matrix_joiner", "#matrix_margin_size"].map((id) => $(id, root));
@@ -164,7 +164,7 @@ export function setupScripts({ root, sourceSize }) {
     /**
      * The `tab`'s script_name and script_args while a script is chosen there, else none. SD upscale's:
      * [info, tile overlap, upscaler, scale factor]; Loopback's: [loops, final denoising strength, curve,
-     * append interrogation ("None")]; Prompt matrix's: [put at start, different seeds, prompt, joining char,
+     * append interrogated prompt ("None" or "CLIP")]; Prompt matrix's: [put at start, different seeds, prompt, joining char,
      * margins]; Prompts from file's: [iterate seed, same seed, position, the lines, combined]; X/Y/Z plot's: A1111's 18, with the axis types by
      * name and csv_mode on, so that each axis's text is its values (the dropdown lists stay empty).
      */
@@ -174,7 +174,8 @@ export function setupScripts({ root, sourceSize }) {
         return { script_name: SD_UPSCALE, script_args: ["", numberValue(overlap), upscaler.value, numberValue(scale)] };
       }
       if (script === LOOPBACK && name === "img2img") {
-        return { script_name: LOOPBACK, script_args: [numberValue(loops), numberValue(finalStrength), curve.value, "None"] };
+        return { script_name: LOOPBACK, script_args: [numberValue(loops), numberValue(finalStrength), curve.value,
+          appendReading.value] };
       }
       if (script === PROMPT_MATRIX) {
         return { script_name: PROMPT_MATRIX, script_args: [atStart.checked, differentSeeds.checked, promptType.value,
