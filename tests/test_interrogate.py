@@ -317,3 +317,16 @@ def test_api_loopback_interrogates_with_the_servers_settings(api):
 
     prompts = json.loads(r.json()["info"])["all_prompts"]
     assert len(prompts) == 3 and all(p.count(", ") == 5 for p in prompts[1:])  # caption + 5 matches, no prompt
+
+
+def test_transformers_blip_folder_captions_alike(blip, tmp_path):
+    """A transformers BLIP captioning folder (what `underpaint download blip` fetches) gives the same caption."""
+    model, tokenizer, path = blip
+    folder = tmp_path / "blip-image-captioning-base"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    picture = _photo()
+    assert it.load_captioner(folder).caption(picture) == it.load_captioner(path).caption(picture)
+    assert it._candidates([tmp_path]) == [folder]
+    with pytest.raises(ModelError, match="not a BLIP captioning folder"):
+        it.load_captioner(tmp_path)

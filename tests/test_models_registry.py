@@ -229,6 +229,15 @@ def test_downloaded_diffusers_folder_is_returned_and_offline_names_the_repositor
         download("flux-dev", tmp_path / "m")
 
 
+def test_interrogate_models_go_to_their_folders(tmp_path, no_network):
+    done = _touch(tmp_path / "m" / "CLIP" / "clip-vit-large-patch14" / "config.json", b"{}").parent
+    assert download("clip-vit-l", tmp_path / "m") == done
+    with pytest.raises(DownloadError) as err:
+        download("blip", tmp_path / "m")
+    assert "Salesforce/blip-image-captioning-base" in str(err.value)
+    assert str(tmp_path / "m" / "BLIP" / "blip-image-captioning-base") in str(err.value)
+
+
 def test_known_model_table():
     assert {"sd15", "sd21", "sdxl", "sd-turbo", "sdxl-turbo"} <= set(KNOWN_MODELS)
     assert all(name == m.name for name, m in KNOWN_MODELS.items())

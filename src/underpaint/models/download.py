@@ -1,4 +1,5 @@
-"""The explicit ``underpaint download NAME`` command: a few well-known checkpoints from the Hugging Face Hub.
+"""The explicit ``underpaint download NAME`` command: a few well-known models from the Hugging Face Hub
+(checkpoints, a VAE, and Interrogate CLIP's BLIP captioner and CLIP model).
 
 Nothing else in underpaint touches the network. When the download cannot happen (offline,
 ``HF_HUB_OFFLINE=1``, a gated repository, a moved file), the error says in one line which file
@@ -22,12 +23,23 @@ class KnownModel:
     name: str
     repo_id: str
     filename: str
-    #: Which models-folder kind it goes into ("checkpoints" or "vae").
+    #: Which models-folder kind it goes into ("checkpoints", "vae", "blip" or "clip").
     kind: str
     description: str
-    #: A whole diffusers folder (``filename`` is then the folder's name): the repository's
-    #: subfolders only, not the single files beside them.
+    #: A whole folder (``filename`` is then the folder's name): a diffusers folder's subfolders and
+    #: model_index.json (not the single files beside them), or with ``transformers`` a transformers
+    #: model's configuration, tokenizer and safetensors weights.
     folder: bool = False
+    transformers: bool = False
+
+    @property
+    def marker(self) -> str:
+        """The file whose presence says the folder is there."""
+        return "config.json" if self.transformers else "model_index.json"
+
+    @property
+    def patterns(self) -> list[str]:
+        return ["*.json", "*.txt", "*.safetensors"] if self.transformers else ["model_index.json", "*/*"]
 
     @property
     def url(self) -> str:
@@ -57,6 +69,11 @@ _TABLE = (
                folder=True),
     KnownModel("vae-ft-mse", "stabilityai/sd-vae-ft-mse-original", "vae-ft-mse-840000-ema-pruned.safetensors",
                "vae", "SD1 VAE fine-tuned on MSE (sharper faces)"),
+    KnownModel("blip", "Salesforce/blip-image-captioning-base", "blip-image-captioning-base", "blip",
+               "BLIP captioner for Interrogate CLIP (underpaint interrogate, /sdapi/v1/interrogate)",
+               folder=True, transformers=True),
+    KnownModel("clip-vit-l", "openai/clip-vit-large-patch14", "clip-vit-large-patch14", "clip",
+               "OpenAI CLIP ViT-L/14, which ranks Interrogate CLIP's word lists", folder=True, transformers=True),
 )
 
 #: name → KnownModel, read-only (the CLI lists it and the API validates against it).
@@ -75,7 +92,7 @@ def download(name: str, models_dir: ModelsDir | str | os.PathLike, *, progress: 
     folders = models_dir if isinstance(models_dir, ModelsDir) else ModelsDir(Path(models_dir))
     target = folders.folder(model.kind)
     done = target / model.filename
-    if done.is_file() or (model.folder and (done / "model_index.json").is_file()):
+    if done.is_file() or (model.folder and (done / model.marker).is_file()):
         return done
     try:
         from huggingface_hub import hf_hub_download, snapshot_download
@@ -85,13 +102,13 @@ def download(name: str, models_dir: ModelsDir | str | os.PathLike, *, progress: 
             kwargs["tqdm_class"] = _silent_progress()
         target.mkdir(parents=True, exist_ok=True)
         if model.folder:
-            # The diffusers subfolders and model_index.json; not the multi-GB single files at the top.
-            snapshot_download(model.repo_id, local_dir=done, allow_patterns=["model_index.json", "*/*"], **kwargs)
+            # A diffusers folder: its subfolders and model_index.json, not the multi-GB single files at the top.
+            snapshot_download(model.repo_id, local_dir=done, allow_patterns=model.patterns, **kwargs)
             return done
         return Path(hf_hub_download(model.repo_id, model.filename, local_dir=target, **kwargs))
     except Exception as exc:  # offline, HTTP errors, disk full: all become the same instruction
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-        where = f"put model_index.json and its subfolders in {done}" if model.folder else f"put it in {target}"
+        where = (f"put its {model.marker} and the rest in {done}" if model.folder else f"put it in {target}")
         raise DownloadError(f"could not download {model.name} ({exc.__class__.__name__}: {clipped(reason)}); "
                             f"get {model.url} and {where}") from None
 
