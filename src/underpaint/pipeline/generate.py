@@ -524,7 +524,7 @@ def _run_batch(model, plan: Plan, job: int, seeds, subseeds, progress, cancel: C
     latents undecoded; ``window`` is (steps before, steps in all) for progress across passes.
     """
     p = plan.params
-    device, dtype = model.device, model.dtype
+    device = model.device
     b = len(seeds)
     latent_shape = (model.spec.latent_channels, plan.height // 8, plan.width // 8)
     is_flux = flux.is_flux(model)

@@ -49,7 +49,6 @@ import csv
 import io
 import itertools
 import math
-import random
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
