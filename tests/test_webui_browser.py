@@ -322,6 +322,59 @@ def test_inpaint_paints_mask_and_sends_it(page, photo_file, tmp_path):
     assert np.abs(result[28:36, 24:40] - original[28:36, 24:40]).mean() > 1  # the masked band changed
 
 
+def test_inpaint_sketch_paints_the_picture_and_masks_the_strokes(page, photo_file):
+    """The Sketch tool (A1111's Inpaint sketch) paints in the chosen colour: the picture sent carries the stroke
+    and the mask covers it; undo takes it back; the eraser clears it; "→ img2img" sends the sketched picture
+    (A1111's Sketch)."""
+    page.click("#tab-inpaint")
+    page.set_input_files("#inpaint-file", str(photo_file))
+    canvas = page.locator("#inpaint-mask")
+    expect(canvas).to_be_visible()
+    box = canvas.bounding_box()
+    page.locator("#brush-size").fill("8")
+    page.check('input[name="mask-tool"][value="sketch"]')
+    page.locator("#sketch-color").fill("#ff0000")
+    y = box["y"] + box["height"] * 0.5
+    page.mouse.move(box["x"] + box["width"] * 0.2, y)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.8, y, steps=8)
+    page.mouse.up()
+    assert page.evaluate(MASK_COVERAGE) == 0  # the mask layer itself is untouched
+    page.fill("#prompt", "a red ribbon")
+    fast_settings(page, seed=3, steps=1)
+    with page.expect_response("**/sdapi/v1/img2img", timeout=GENERATION_TIMEOUT) as answer:
+        page.click("#generate")
+    assert answer.value.ok, answer.value.text()
+    sent = json.loads(answer.value.request.post_data)
+    picture = np.asarray(decode(sent["init_images"][0]).convert("RGB")).astype(int)
+    original = np.asarray(Image.open(photo_file).convert("RGB")).astype(int)
+    mask = np.asarray(decode(sent["mask"]).convert("L"))
+    assert tuple(picture[32, 32]) == (255, 0, 0) and mask[32, 32] == 255  # the stroke: red, and repainted
+    assert np.array_equal(picture[:20], original[:20]) and (mask[:20] == 0).all()  # elsewhere: the picture
+    page.click("#mask-undo")
+    page.click("#sketch-to-img2img")
+    expect(page.locator("#tab-img2img")).to_have_attribute("aria-selected", "true")
+    page.click("#tab-inpaint")
+    page.click("#mask-redo")
+    page.click("#sketch-to-img2img")  # the sketched picture becomes img2img's
+    expect(page.locator("#img2img-preview")).to_be_visible()
+    sent_over = page.eval_on_selector("#img2img-preview", """img => {
+      const c = document.createElement('canvas'); c.width = img.naturalWidth; c.height = img.naturalHeight;
+      const ctx = c.getContext('2d'); ctx.drawImage(img, 0, 0); return Array.from(ctx.getImageData(32, 32, 1, 1).data);
+    }""")
+    assert sent_over[:3] == [255, 0, 0]
+    page.click("#tab-inpaint")
+    page.check('input[name="mask-tool"][value="eraser"]')
+    page.locator("#brush-size").fill("64")
+    page.mouse.move(box["x"] + box["width"] * 0.1, y)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.9, y, steps=8)
+    page.mouse.up()
+    assert page.evaluate("() => document.querySelector('#inpaint-sketch').getContext('2d')"
+                         ".getImageData(32, 32, 1, 1).data[3]") == 0
+    page.check('input[name="mask-tool"][value="brush"]')
+
+
 def test_interrupt_stops_a_long_job(page, photo_file):
     page.set_input_files("#img2img-file", str(photo_file))
     set_value(page, "denoising_strength", "1")

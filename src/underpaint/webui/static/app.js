@@ -87,7 +87,7 @@ const { editor, setImageFile: setInpaintImage } = setupInpaint({ active: () => s
 /** The picture the current tab works on (none in txt2img). */
 function sourceImage() {
   if (state.tab === "txt2img") return null;
-  return state.tab === "inpaint" ? editor.dataUrl : img2img.dataUrl;
+  return state.tab === "inpaint" ? editor.sketchedDataUrl() : img2img.dataUrl;
 }
 function sourceSize() {
   return state.tab === "inpaint" ? [editor.width, editor.height] : [img2img.width, img2img.height];
@@ -135,6 +135,10 @@ const pngInput = setupPngInfo({
 const extras = setupExtras();
 $("#extras-send-img2img").addEventListener("click", () => sendImage(extras.result(), "img2img"));
 $("#extras-send-inpaint").addEventListener("click", () => sendImage(extras.result(), "inpaint"));
+// A1111's Sketch: the Inpaint picture with its colour strokes goes to img2img, to be repainted whole.
+$("#sketch-to-img2img").addEventListener("click", () => {
+  if (editor.hasImage) sendImage(editor.sketchedDataUrl(), "img2img");
+});
 
 // "Paste parameters" (A1111's ↙): an infotext typed or pasted into the prompt, else the selected result's.
 $("#paste-parameters").addEventListener("click", async () => {
@@ -278,7 +282,7 @@ function img2imgRequest() {
   if (state.tab === "inpaint") {
     const inpaint = form.inpaintValues();
     if (editor.coverage() === 0 && !inpaint.inpainting_mask_invert) {
-      return inputError("mask", "Paint over the area to repaint first (or choose “Inpaint not masked”).");
+      return inputError("mask", "Paint over the area to repaint (or sketch on it) first, or choose “Inpaint not masked”.");
     }
     Object.assign(request, inpaint, { mask: stripDataUrl(editor.maskDataUrl()) });
   } else {

@@ -10,6 +10,7 @@ export function setupInpaint({ active }) {
     stage: $("#mask-stage"),
     layer: $("#mask-layer"),
     imageCanvas: $("#inpaint-image"),
+    sketchCanvas: $("#inpaint-sketch"),
     maskCanvas: $("#inpaint-mask"),
     cursor: $("#brush-cursor"),
     hint: $("#mask-hint"),
@@ -29,6 +30,9 @@ export function setupInpaint({ active }) {
   }
 
   $$('input[name="mask-tool"]').forEach((r) => r.addEventListener("change", () => { editor.tool = r.value; }));
+  const colour = $("#sketch-color");
+  editor.color = colour.value;
+  colour.addEventListener("input", () => { editor.color = colour.value; });
   $("#brush-size").addEventListener("input", (e) => {
     editor.brushSize = Number(e.target.value);
     $("#brush-size-value").textContent = e.target.value;

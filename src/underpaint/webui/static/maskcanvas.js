@@ -1,5 +1,7 @@
 // The inpainting canvas: the picture with a mask layer painted over it at the picture's own
-// resolution, so the mask sent to the API lines up pixel for pixel whatever the zoom.
+// resolution, so the mask sent to the API lines up pixel for pixel whatever the zoom. Between them
+// a sketch layer takes colour strokes (the "Sketch" tool, A1111's Inpaint sketch): they are painted
+// into the picture sent, and the area they cover is repainted as if masked.
 
 import { loadImage } from "./images.js";
 
@@ -9,10 +11,13 @@ const MASK_RGB = [255, 60, 170];
 const ZOOM_STEPS = [0.1, 0.125, 0.25, 0.33, 0.5, 0.67, 0.75, 1, 1.5, 2, 3, 4, 6, 8];
 
 export class MaskEditor {
-  constructor({ stage, layer, imageCanvas, maskCanvas, cursor, hint, onChange = () => {}, onZoom = () => {} }) {
-    Object.assign(this, { stage, layer, imageCanvas, maskCanvas, cursor, hint, onChange, onZoom });
+  constructor({ stage, layer, imageCanvas, sketchCanvas, maskCanvas, cursor, hint, onChange = () => {},
+    onZoom = () => {} }) {
+    Object.assign(this, { stage, layer, imageCanvas, sketchCanvas, maskCanvas, cursor, hint, onChange, onZoom });
     this.ctx = maskCanvas.getContext("2d", { willReadFrequently: true });
+    this.sketchCtx = sketchCanvas.getContext("2d", { willReadFrequently: true });
     this.tool = "brush";
+    this.color = "#000000";
     this.brushSize = 40;
     this.zoom = 1;
     this.undoStack = [];
@@ -29,7 +34,7 @@ export class MaskEditor {
   /** Load the picture to paint on; the mask starts empty. */
   async setImage(dataUrl) {
     const img = await loadImage(dataUrl);
-    for (const canvas of [this.imageCanvas, this.maskCanvas]) {
+    for (const canvas of [this.imageCanvas, this.sketchCanvas, this.maskCanvas]) {
       canvas.width = img.naturalWidth;
       canvas.height = img.naturalHeight;
     }
@@ -118,23 +123,28 @@ export class MaskEditor {
     this.cursor.hidden = false;
   }
 
+  /** One stroke segment: the mask brush, the sketch's colour, or the eraser (which clears both layers). */
   paint(from, to) {
-    const ctx = this.ctx;
-    ctx.save();
-    ctx.globalCompositeOperation = this.tool === "eraser" ? "destination-out" : "source-over";
-    ctx.strokeStyle = ctx.fillStyle = `rgb(${MASK_RGB.join(",")})`;
-    ctx.lineWidth = this.brushSize;
-    ctx.lineCap = ctx.lineJoin = "round";
-    ctx.beginPath();
-    if (from.x === to.x && from.y === to.y) {
-      ctx.arc(to.x, to.y, this.brushSize / 2, 0, Math.PI * 2);
-      ctx.fill();
-    } else {
-      ctx.moveTo(from.x, from.y);
-      ctx.lineTo(to.x, to.y);
-      ctx.stroke();
+    const targets = this.tool === "eraser" ? [this.ctx, this.sketchCtx]
+      : [this.tool === "sketch" ? this.sketchCtx : this.ctx];
+    const colour = this.tool === "sketch" ? this.color : `rgb(${MASK_RGB.join(",")})`;
+    for (const ctx of targets) {
+      ctx.save();
+      ctx.globalCompositeOperation = this.tool === "eraser" ? "destination-out" : "source-over";
+      ctx.strokeStyle = ctx.fillStyle = colour;
+      ctx.lineWidth = this.brushSize;
+      ctx.lineCap = ctx.lineJoin = "round";
+      ctx.beginPath();
+      if (from.x === to.x && from.y === to.y) {
+        ctx.arc(to.x, to.y, this.brushSize / 2, 0, Math.PI * 2);
+        ctx.fill();
+      } else {
+        ctx.moveTo(from.x, from.y);
+        ctx.lineTo(to.x, to.y);
+        ctx.stroke();
+      }
+      ctx.restore();
     }
-    ctx.restore();
   }
 
   // -- history and whole-mask edits ---------------------------------------------------------
@@ -142,8 +152,13 @@ export class MaskEditor {
     return this.ctx.getImageData(0, 0, this.width, this.height);
   }
 
+  /** Both layers, as the undo history keeps them. */
+  state() {
+    return [this.snapshot(), this.sketchCtx.getImageData(0, 0, this.width, this.height)];
+  }
+
   remember() {
-    this.undoStack.push(this.snapshot());
+    this.undoStack.push(this.state());
     if (this.undoStack.length > MAX_HISTORY) this.undoStack.shift();
     this.redoStack = [];
   }
@@ -153,8 +168,10 @@ export class MaskEditor {
 
   travel(from, to) {
     if (!from.length) return;
-    to.push(this.snapshot());
-    this.ctx.putImageData(from.pop(), 0, 0);
+    to.push(this.state());
+    const [mask, sketch] = from.pop();
+    this.ctx.putImageData(mask, 0, 0);
+    this.sketchCtx.putImageData(sketch, 0, 0);
     this.onChange(this);
   }
 
@@ -170,33 +187,63 @@ export class MaskEditor {
     this.onChange(this);
   }
 
+  /** Clear the mask and the sketch. */
   clear() {
     if (!this.hasImage) return;
     this.remember();
     this.ctx.clearRect(0, 0, this.width, this.height);
+    this.sketchCtx.clearRect(0, 0, this.width, this.height);
     this.onChange(this);
   }
 
-  /** Share of the picture that is masked, 0..1 (partly painted pixels count in part). */
+  /** Per pixel, how much is to be repainted (0..255): the mask's alpha, or the sketch's where higher. */
+  repaintAlpha() {
+    const mask = this.snapshot().data;
+    const sketch = this.sketchCtx.getImageData(0, 0, this.width, this.height).data;
+    const out = new Uint8ClampedArray(this.width * this.height);
+    for (let p = 0, i = 3; p < out.length; p += 1, i += 4) out[p] = Math.max(mask[i], sketch[i]);
+    return out;
+  }
+
+  /** Share of the picture that is masked or sketched over, 0..1 (partly painted pixels count in part). */
   coverage() {
     if (!this.hasImage) return 0;
-    const data = this.snapshot().data;
     let sum = 0;
-    for (let i = 3; i < data.length; i += 4) sum += data[i];
+    for (const a of this.repaintAlpha()) sum += a;
     return sum / 255 / (this.width * this.height);
   }
 
-  /** The mask as the API wants it: a black picture, white where to repaint; PNG data URL. */
+  /** Whether any colour stroke is on the picture. */
+  sketched() {
+    if (!this.hasImage) return false;
+    const data = this.sketchCtx.getImageData(0, 0, this.width, this.height).data;
+    for (let i = 3; i < data.length; i += 4) if (data[i]) return true;
+    return false;
+  }
+
+  /** The picture with the sketch painted in, as a PNG data URL (the picture itself when nothing is sketched). */
+  sketchedDataUrl() {
+    if (!this.sketched()) return this.dataUrl;
+    const out = document.createElement("canvas");
+    out.width = this.width;
+    out.height = this.height;
+    const octx = out.getContext("2d");
+    octx.drawImage(this.imageCanvas, 0, 0);
+    octx.drawImage(this.sketchCanvas, 0, 0);
+    return out.toDataURL("image/png");
+  }
+
+  /** The mask as the API wants it: a black picture, white where to repaint (masked or sketched); PNG data URL. */
   maskDataUrl() {
     const out = document.createElement("canvas");
     out.width = this.width;
     out.height = this.height;
     const octx = out.getContext("2d");
-    const pixels = this.snapshot();
-    for (let i = 0; i < pixels.data.length; i += 4) {
-      const a = pixels.data[i + 3];
-      pixels.data[i] = pixels.data[i + 1] = pixels.data[i + 2] = a;
-      pixels.data[i + 3] = 255;
+    const pixels = octx.createImageData(this.width, this.height);
+    const alpha = this.repaintAlpha();
+    for (let p = 0; p < alpha.length; p += 1) {
+      pixels.data[4 * p] = pixels.data[4 * p + 1] = pixels.data[4 * p + 2] = alpha[p];
+      pixels.data[4 * p + 3] = 255;
     }
     octx.putImageData(pixels, 0, 0);
     return out.toDataURL("image/png");
