@@ -91,10 +91,13 @@ def test_recognisable_unsupported_models(marker, what):
         detect(header)
 
 
-def test_instruct_pix2pix_channels_refused():
+def test_instruct_pix2pix_channels_make_an_edit_model():
     shapes = tm.sd1_shapes()
     shapes["model.diffusion_model.input_blocks.0.0.weight"] = ("w", (32, 8, 3, 3))
-    with pytest.raises(ModelError, match="InstructPix2Pix"):
+    spec = detect(_header(shapes))
+    assert spec.is_edit and not spec.is_inpaint and spec.in_channels == 8
+    shapes["model.diffusion_model.input_blocks.0.0.weight"] = ("w", (32, 7, 3, 3))
+    with pytest.raises(ModelError, match="8 \\(InstructPix2Pix\\)"):
         detect(_header(shapes))
 
 

@@ -302,14 +302,17 @@ def _save(path: Path, tensors: dict, metadata: dict[str, str] | None = None) -> 
 # --- the checkpoint writers ----------------------------------------------------------------------
 
 
-def sd1_shapes(*, inpaint: bool = False) -> dict:
-    unet = SD1_UNET if not inpaint else TinyUNet(**{**SD1_UNET.__dict__, "in_channels": 9})
+def sd1_shapes(*, inpaint: bool = False, edit: bool = False) -> dict:
+    """SD1's tensors; ``inpaint``: a 9-channel inpainting UNet, ``edit``: an 8-channel InstructPix2Pix one."""
+    channels = 9 if inpaint else 8 if edit else 4
+    unet = TinyUNet(**{**SD1_UNET.__dict__, "in_channels": channels}) if channels != 4 else SD1_UNET
     return {**unet_shapes(unet), **vae_shapes(VAE), **clip_hf_shapes(SD1_TEXT, "cond_stage_model.transformer.")}
 
 
-def write_sd1(path, *, inpaint: bool = False, dtype: torch.dtype = torch.float32, seed: int = 1) -> Path:
+def write_sd1(path, *, inpaint: bool = False, edit: bool = False, dtype: torch.dtype = torch.float32,
+              seed: int = 1) -> Path:
     """SD1.x (v1-5 layout): CLIP-L in transformers' names, conv proj_in, DDPM buffers; .ckpt paths get torch.save."""
-    tensors = materialise(sd1_shapes(inpaint=inpaint), seed, dtype)
+    tensors = materialise(sd1_shapes(inpaint=inpaint, edit=edit), seed, dtype)
     tensors.update(schedule_buffers())
     return _save(path, tensors)
 

@@ -562,6 +562,9 @@ class GenerationParams:
     #: FLUX.1-dev's built-in guidance (Forge's "Distilled CFG Scale"); None = 3.5. Ignored by
     #: models without a guidance input (SD, FLUX.1-schnell).
     distilled_cfg_scale: float | None = None
+    #: A1111's "Image CFG Scale" for InstructPix2Pix edit models: how closely the result keeps to the
+    #: picture (1: no image guidance; A1111's default 1.5). Other models ignore it and do not record it.
+    image_cfg_scale: float = 1.5
     sampler: str = "DPM++ 2M"
     scheduler: str = "Automatic"
     seed: int = -1
@@ -680,6 +683,7 @@ class GenerationParams:
         _check_range("cfg_scale", self.cfg_scale, 0.0, 100.0)
         if self.distilled_cfg_scale is not None:
             _check_range("distilled_cfg_scale", self.distilled_cfg_scale, 0.0, 100.0)
+        _check_range("image_cfg_scale", self.image_cfg_scale, 0.0, 100.0)
         _check_range("seed", self.seed, -1, 2**32 - 1, integer=True)
         _check_range("subseed", self.subseed, -1, 2**32 - 1, integer=True)
         _check_range("subseed_strength", self.subseed_strength, 0.0, 1.0)

@@ -86,6 +86,10 @@ def _add_generation_args(p: argparse.ArgumentParser, *, img2img: bool) -> None:
                         "negative prompt)")
     s.add_argument("--guidance", "--distilled-cfg-scale", dest="distilled_cfg_scale", type=float, default=None,
                    help="FLUX.1-dev's built-in guidance, Forge's Distilled CFG Scale (default 3.5)")
+    if img2img:
+        s.add_argument("--image-cfg", "--image-cfg-scale", dest="image_cfg_scale", type=float, default=None,
+                       help="InstructPix2Pix edit models' Image CFG Scale: how closely to keep to the picture "
+                            "(default 1.5; 1: no image guidance)")
     s.add_argument("--sampler", "--sampler-name", "--sampling-method", dest="sampler", default="DPM++ 2M",
                    help='sampling method by its A1111 or ComfyUI name, any case: "Euler a", "DPM++ 2M SDE", '
                         '"dpmpp_2m", ...; an A1111 name with a schedule, "DPM++ 2M Karras", also sets the '
@@ -554,7 +558,8 @@ def add_memory_and_speed_arguments(group) -> None:
 
 
 # Flags an infotext can set; ``--from-infotext`` uses its values except for the flags given.
-_OVERRIDABLE = ("prompt", "negative_prompt", "strength", "steps", "cfg_scale", "distilled_cfg_scale", "sampler",
+_OVERRIDABLE = ("prompt", "negative_prompt", "strength", "steps", "cfg_scale", "distilled_cfg_scale", "image_cfg_scale",
+                "sampler",
                 "scheduler", "clip_skip",
                 "eta", "s_churn", "s_noise", "seed", "subseed", "subseed_strength", "seed_resize_from", "rng", "ensd",
                 "width", "height", "token_merging", "s_min_uncond", "s_min_uncond_all", "skip_early_cond",
@@ -569,7 +574,7 @@ _FLAG_OF_FIELD = {"seed_resize_from_w": "seed_resize_from", "seed_resize_from_h"
 def _record_defaults(p: argparse.ArgumentParser, *, img2img: bool) -> None:
     """Parse the flags an infotext can set with None as default, keeping the real defaults aside
     (``flag_defaults``), so that a flag the user gave is told apart from one left at its default."""
-    dests = [d for d in _OVERRIDABLE if img2img or d != "strength"]
+    dests = [d for d in _OVERRIDABLE if img2img or d not in ("strength", "image_cfg_scale")]
     defaults = {d: p.get_default(d) for d in dests}
     p.set_defaults(**dict.fromkeys(dests), flag_defaults=defaults)
 
@@ -673,6 +678,7 @@ def params_from_args(args: argparse.Namespace, init_images: tuple = (), *, model
         steps=args.steps,
         cfg_scale=args.cfg_scale,
         distilled_cfg_scale=args.distilled_cfg_scale,
+        image_cfg_scale=1.5 if getattr(args, "image_cfg_scale", None) is None else args.image_cfg_scale,
         sampler=args.sampler,
         scheduler=args.scheduler,
         seed=args.seed,

@@ -145,7 +145,7 @@ _FIELD_FLAGS: dict[str, tuple[str, ...]] = {
 #: the ones above are renamed: other errors name things that are not flags (a ``<lora:...>`` tag in
 #: the prompt, a ControlNet unit's model, an infotext key).
 _SAME_NAME = frozenset({
-    "prompt", "negative_prompt", "strength", "steps", "cfg_scale", "distilled_cfg_scale", "sampler",
+    "prompt", "negative_prompt", "strength", "steps", "cfg_scale", "distilled_cfg_scale", "image_cfg_scale", "sampler",
     "scheduler", "seed", "subseed", "subseed_strength", "width", "height", "batch_size",
     "clip_skip", "rng", "eta", "s_churn", "s_noise", "hires_scale", "hires_upscaler", "hires_steps",
     "hires_strength", "hires_sampler", "hires_scheduler", "hires_prompt", "hires_negative_prompt",

@@ -141,6 +141,27 @@ def layout_of(family: Family) -> FamilyLayout:
     return layout
 
 
+def is_edit_checkpoint(path) -> bool:
+    """Whether a checkpoint (a safetensors file or a diffusers folder) is an InstructPix2Pix edit model:
+    its UNet takes 8 input channels. Read from the header or the UNet's config only; False when unsure."""
+    import json
+    from pathlib import Path
+
+    from .header import read_header, sniff_format
+
+    p = Path(path)
+    try:
+        if p.is_dir():
+            config = p / "unet" / "config.json"
+            return config.is_file() and json.loads(config.read_text()).get("in_channels") == 8
+        if not p.is_file() or sniff_format(p) != "safetensors":
+            return False
+        conv_in = read_header(p).tensors.get(UNET_PREFIX + "input_blocks.0.0.weight")
+        return conv_in is not None and len(conv_in.shape) == 4 and conv_in.shape[1] == 8
+    except (ModelError, OSError, ValueError):
+        return False
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """What the sampler and the pipeline need to know about a checkpoint."""
@@ -148,8 +169,9 @@ class ModelSpec:
     family: Family
     #: "eps" (predicts the noise), "v" (velocity, Salimans & Ho 2022) or "flow" (FLUX: rectified-flow velocity).
     prediction: str
-    #: 4, or 9 for inpainting models ([latent, mask, masked-image latent]); for FLUX the transformer's
-    #: packed input features: 64 (16 latent channels x 2x2 patches), 384 for Fill.
+    #: 4, 8 for InstructPix2Pix edit models ([latent, the picture's latent]), or 9 for inpainting models
+    #: ([latent, mask, masked-image latent]); for FLUX the transformer's packed input features: 64 (16
+    #: latent channels x 2x2 patches), 384 for Fill.
     in_channels: int
     latent_channels: int = 4
     scaling_factor: float = 0.18215
@@ -163,6 +185,11 @@ class ModelSpec:
     @property
     def is_inpaint(self) -> bool:
         return self.in_channels == 9 or self.variant == "fill"
+
+    @property
+    def is_edit(self) -> bool:
+        """An InstructPix2Pix edit model: it sees the picture to edit beside the latent and follows an instruction."""
+        return self.in_channels == 8 and self.family != Family.FLUX
 
     @property
     def default_size(self) -> int:
@@ -289,12 +316,9 @@ def detect(header: CheckpointHeader, *, prediction: str | None = None) -> ModelS
         raise ModelError(f"the {layout.family.value} checkpoint has no UNet ({conv_in} is missing); "
                          "it looks like a text encoder or VAE extracted on its own")
     in_channels = names[conv_in].shape[1]
-    if in_channels == 8:
-        raise ModelError("unsupported: looks like an InstructPix2Pix model (8 input channels); "
-                         "expected 4 (normal) or 9 (inpainting)")
-    if in_channels not in (4, 9):
+    if in_channels not in (4, 8, 9):
         raise ModelError(f"unsupported: the UNet takes {in_channels} input channels; "
-                         "expected 4 (normal) or 9 (inpainting)")
+                         "expected 4 (normal), 8 (InstructPix2Pix) or 9 (inpainting)")
     _check_context_dim(header, layout)
     conv_out = names.get(UNET_PREFIX + "out.2.weight")
     spec = ModelSpec(family=layout.family, prediction="eps", in_channels=in_channels,

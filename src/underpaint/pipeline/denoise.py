@@ -50,22 +50,29 @@ def unet_fn(model, control=None) -> Callable[[torch.Tensor, torch.Tensor, Condit
 
 def make_denoiser(model, conds: CondSchedule, cfg_scale: float, schedule: ModelSchedule, sampler: str, *,
                   image_conditioning: torch.Tensor | None = None, control=None,
-                  skip: UncondSkip | None = None) -> Callable:
+                  skip: UncondSkip | None = None, image_cfg_scale: float | None = None) -> Callable:
     """``denoiser(x, sigma) -> denoised`` with guidance against the step's negative prompt.
 
     ``image_conditioning`` is appended to the UNet's input channels after the input scaling
-    (a 9-channel inpainting checkpoint's mask and masked-picture latents); ``control`` adds
-    ControlNet residuals (pipeline/control.py); ``skip`` says which evaluations run the prompt
-    alone (pipeline/guidance.py).
+    (a 9-channel inpainting checkpoint's mask and masked-picture latents, an InstructPix2Pix
+    model's picture latent); ``control`` adds ControlNet residuals (pipeline/control.py); ``skip``
+    says which evaluations run the prompt alone (pipeline/guidance.py). ``image_cfg_scale`` (edit
+    models) guides against the picture too, as A1111 and diffusers do (:func:`edit_cfg`), unless 1.
     """
     if "lcm" in sampler_info(sampler).flags:
         wrap = lcm_denoiser
     else:
         wrap = v_denoiser if model.spec.prediction == "v" else eps_denoiser
-    model_fn = unet_fn(model, control)
+    plain_fn = unet_fn(model, control)
+    model_fn = plain_fn
     if image_conditioning is not None:
-        model_fn = concat_channels(model_fn, image_conditioning)
+        model_fn = concat_channels(plain_fn, image_conditioning)
     base = wrap(model_fn, schedule)
+    edit = image_cfg_scale is not None and image_cfg_scale != 1.0 and image_conditioning is not None
+    if edit:
+        rows = torch.cat([image_conditioning, image_conditioning, torch.zeros_like(image_conditioning)])
+        three = wrap(concat_channels(plain_fn, rows), schedule)  # [cond, uncond] on the picture, uncond on none
+        without = wrap(concat_channels(plain_fn, torch.zeros_like(image_conditioning)), schedule)
 
     def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         cond, uncond = conds.current()
@@ -80,9 +87,31 @@ def make_denoiser(model, conds: CondSchedule, cfg_scale: float, schedule: ModelS
             return parts_alone(base, cond, weights, x, sigma) if conds.parts else prompt_alone(base, cond, x, sigma)
         if conds.parts:
             return composable_cfg(base, cond, weights, uncond, cfg_scale, joint=control is None)(x, sigma)
+        if edit:
+            return edit_cfg(three, base, without, cond, uncond, cfg_scale, image_cfg_scale)(x, sigma)
         return cfg_denoiser(base, cond, uncond, cfg_scale)(x, sigma)
 
     return denoise
+
+
+def edit_cfg(three: Callable, on_picture: Callable, without: Callable, cond: Conditioning, uncond: Conditioning,
+             scale: float, image_scale: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """InstructPix2Pix's guidance (Brooks et al. 2023), as A1111 and diffusers combine it: the prompt
+    and the negative prompt on the picture, and the negative prompt without it (zeros), then
+    uncond + scale·(cond − on picture) + image_scale·(on picture − uncond). ``three`` runs the three
+    rows as one batch (when the prompts' lengths match), ``on_picture`` and ``without`` one at a time."""
+
+    def guided(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        if cond.tokens == uncond.tokens:
+            out = three(torch.cat([x, x, x]), torch.cat([sigma, sigma, sigma]), Conditioning.cat([cond, uncond, uncond]))
+            on_cond, on_image, on_uncond = out[:b], out[b:2 * b], out[2 * b:]
+        else:
+            on_cond, on_image = on_picture(x, sigma, cond), on_picture(x, sigma, uncond)
+            on_uncond = without(x, sigma, uncond)
+        return on_uncond + scale * (on_cond - on_image) + image_scale * (on_image - on_uncond)
+
+    return guided
 
 
 def stack_parts(parts: Sequence[tuple[Conditioning, float]]) -> tuple[Conditioning, tuple[float, ...]]:

@@ -198,6 +198,7 @@ class Engine:
             short_hash=m.short_hash,
             vae_name=Path(vae_path).name if vae_path else None,
             vae_hash=getattr(m, "vae_hash", None) if vae_path and Path(vae_path).is_file() else None,
+            edit_model=m.spec.is_edit,
         )
 
     def generate(

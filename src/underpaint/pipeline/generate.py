@@ -581,10 +581,13 @@ def _run_batch(model, plan: Plan, job: int, seeds, subseeds, progress, cancel: C
         denoiser = flux.make_denoiser(model, conds, p, extra_channels=extra, control=control, skip=skip)
     else:
         extra = _inpaint_channels(model, plan, b, encode, pixels=pixels) if model.spec.is_inpaint else None
+        if model.spec.is_edit:  # InstructPix2Pix: the picture to edit, beside the latent
+            extra = _edit_channels(model, plan, b)
         if control is not None:
             control.on_step(0)
         denoiser = make_denoiser(model, conds, p.cfg_scale, model_schedule(model), p.sampler,
-                                 image_conditioning=extra, control=control, skip=skip)
+                                 image_conditioning=extra, control=control, skip=skip,
+                                 image_cfg_scale=p.image_cfg_scale if model.spec.is_edit else None)
         if refiner is not None:
             denoiser = _with_refiner(model, refiner, denoiser, conds, p, steps=steps, batch=b, size=(cond_w, cond_h),
                                      hires_steps=hires_steps, skip=skip)
@@ -699,6 +702,17 @@ def _inpaint_channels(model, plan: Plan, batch: int, encode, *, pixels: torch.Te
         pixels = init_pixels(p.init_images, plan, batch)
     return inpaint.image_conditioning(encode, job=plan.inpaint, pixels=pixels, weight=p.inpaint.mask_weight,
                                       batch=batch, size=(plan.width, plan.height)).to(model.device)
+
+
+def _edit_channels(model, plan: Plan, batch: int) -> torch.Tensor:
+    """An InstructPix2Pix model's picture channels: the init picture's VAE latent, unscaled (the posterior
+    mean, as A1111 and diffusers give it); zeros without one (txt2img)."""
+    p = plan.params
+    shape = (batch, model.spec.latent_channels, plan.height // 8, plan.width // 8)
+    if not p.is_img2img:
+        return torch.zeros(shape, device=model.device)
+    latents = encode_images(model, p.init_images, plan, batch)
+    return (latents / model.spec.scaling_factor + model.spec.shift_factor).to(model.device)
 
 
 def _noise_sampler(info, x, full_sigmas, seeds, p: GenerationParams, device):

@@ -29,6 +29,7 @@ def infotext_params(params: GenerationParams, info: ModelInfo, *, width: int, he
         "Sampler": p.sampler,
         "Schedule type": infotext_schedule(p.sampler, p.scheduler),
         "CFG scale": p.cfg_scale,
+        "Image CFG scale": p.image_cfg_scale if info.edit_model else None,
         "Seed": seed,
         "Face restoration": p.face_restoration_model if p.restore_faces else None,
         "Size": f"{width}x{height}",

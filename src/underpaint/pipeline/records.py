@@ -93,6 +93,8 @@ class ModelInfo:
     short_hash: str | None = None
     vae_name: str | None = None
     vae_hash: str | None = None
+    #: An InstructPix2Pix edit model (its infotext records the Image CFG scale).
+    edit_model: bool = False
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ _FIELDS: tuple[tuple[str, str, Callable[[str], Any]], ...] = (
     ("Schedule type", "scheduler", str),
     ("CFG scale", "cfg_scale", float),
     ("Distilled CFG Scale", "distilled_cfg_scale", float),
+    ("Image CFG scale", "image_cfg_scale", float),
     ("Seed", "seed", int),
     ("Size-1", "width", int),
     ("Size-2", "height", int),

@@ -229,6 +229,7 @@ AXES: dict[str, Axis] = {a.name.lower(): a for a in (
     Axis("Steps", int, _field("steps")),
     Axis("Hires steps", int, _hires("steps"), tab="txt2img", hires=True),
     Axis("CFG Scale", float, _field("cfg_scale")),
+    Axis("Image CFG Scale", float, _field("image_cfg_scale"), tab="img2img"),
     Axis("Prompt S/R", str, _prompt_sr, label=_PLAIN),
     Axis("Prompt order", str, _prompt_order, label=_JOINED),
     Axis("Sampler", str, _field("sampler"), label=_PLAIN),

@@ -31,6 +31,8 @@ class CheckpointView:
     relative: str
     #: "flux" or "sd", read from the file's tensor names.
     family: str = "sd"
+    #: An InstructPix2Pix edit model (its UNet takes the picture too).
+    edit: bool = False
 
 
 def _shown(name: object, limit: int = 120) -> str:
@@ -61,12 +63,15 @@ class Catalog:
             return path.name
 
     def checkpoints(self) -> list[CheckpointView]:
+        from ..models.detect import is_edit_checkpoint
         from ..models.flux_loader import is_flux
 
         views = []
         for entry in self.folder.list_checkpoints():
+            flux = is_flux(entry.path)
             views.append(CheckpointView(entry.title, entry.name, entry.model_name, entry.short_hash, entry.path,
-                                        self._relative(entry.path), "flux" if is_flux(entry.path) else "sd"))
+                                        self._relative(entry.path), "flux" if flux else "sd",
+                                        edit=not flux and is_edit_checkpoint(entry.path)))
         return views
 
     def vaes(self) -> list[tuple[str, str]]:

@@ -215,6 +215,8 @@ def prepare_img2img(req: Img2ImgRequest, ctx: ConvertContext) -> PreparedJob:
     if req.mask:
         fields["mask"] = pictures.decode(req.mask, field="mask", allow_urls=ctx.allow_image_urls)
     fields["resize_mode"] = req.resize_mode
+    if req.image_cfg_scale is not None:
+        fields["image_cfg_scale"] = req.image_cfg_scale
     fields["noise_multiplier"] = (req.initial_noise_multiplier if req.initial_noise_multiplier is not None else
                                   _Overrides(req.override_settings or {}, ctx).float(
                                       "initial_noise_multiplier", ctx.options.initial_noise_multiplier))
@@ -1165,7 +1167,8 @@ def img2img_upscaler_setting(value: Any, folder, field: str = "upscaler_for_img2
 # Infotext keys (as A1111's reader splits them) → request fields, with their types.
 _INFOTEXT_FIELDS: tuple[tuple[str, str, type], ...] = (
     ("Steps", "steps", int), ("Sampler", "sampler_name", str), ("Schedule type", "scheduler", str),
-    ("CFG scale", "cfg_scale", float), ("Distilled CFG Scale", "distilled_cfg_scale", float), ("Seed", "seed", int),
+    ("CFG scale", "cfg_scale", float), ("Distilled CFG Scale", "distilled_cfg_scale", float),
+    ("Image CFG scale", "image_cfg_scale", float), ("Seed", "seed", int),
     ("Size-1", "width", int), ("Size-2", "height", int),
     ("Batch size", "batch_size", int), ("Variation seed", "subseed", int),
     ("Variation seed strength", "subseed_strength", float), ("Seed resize from-1", "seed_resize_from_w", int),

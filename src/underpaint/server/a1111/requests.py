@@ -226,7 +226,9 @@ class Img2ImgRequest(GenerationRequest):
     )
     resize_mode: int = Field(0, description="0 just resize, 1 crop and resize, 2 resize and fill, 3 latent upscale.")
     denoising_strength: float | None = Field(0.75, description="How much to change the input: 0 keeps it, 1 ignores it.")
-    image_cfg_scale: float | None = Field(None, description="Instruct-pix2pix image guidance (unused by other models).")
+    image_cfg_scale: float | None = Field(None, description=(
+        "Image CFG Scale of InstructPix2Pix edit models: how closely the result keeps to the picture (1: no image "
+        "guidance; left out: 1.5, A1111's default). Other models ignore it."))
     mask: str | None = Field(None, description="Base64 mask: white is repainted; an image with transparency uses its alpha.")
     mask_blur_x: int = Field(4, description="Mask blur, horizontal (pixels).")
     mask_blur_y: int = Field(4, description="Mask blur, vertical (pixels).")

@@ -101,6 +101,8 @@ class SDModelItem(WireModel):
     config: str | None = None
     family: str | None = Field(None, description="Not in A1111's API: 'flux' for FLUX.1 checkpoints, 'sd' for the "
                                                  "Stable Diffusion families (the browser UI picks its defaults by it).")
+    edit: bool = Field(False, description="Not in A1111's API: an InstructPix2Pix edit model (it takes "
+                                          "image_cfg_scale).")
 
 
 class SDVaeItem(WireModel):

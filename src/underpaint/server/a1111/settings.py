@@ -222,7 +222,7 @@ async def cmd_flags(request: Request) -> CommandFlags:
 def sd_models(request: Request) -> list[SDModelItem]:
     views = server_state(request).catalog.checkpoints()
     return [SDModelItem(title=v.title, model_name=v.model_name, hash=v.short_hash, sha256=_known_sha256(v.path),
-                        filename=v.relative, config=None, family=v.family) for v in views]
+                        filename=v.relative, config=None, family=v.family, edit=v.edit) for v in views]
 
 
 def _known_sha256(path: Path | None) -> str | None:

@@ -29,7 +29,10 @@ const notice = $("#notice");
 const form = new GenerationForm(panel);
 const state = { tab: "img2img", busy: false, interrupted: false, again: false, lastSeed: null, outdirs: {} };
 const store = new SettingsStore(panel, { family: () => form.family });
-onFamily((family) => form.applyFamily(family));
+onFamily((family, edit) => {
+  form.applyFamily(family);
+  form.setEditModel(edit);  // InstructPix2Pix: A1111's Image CFG Scale appears
+});
 
 // -- tabs ------------------------------------------------------------------------------------
 const tabs = $$('[role="tab"]');

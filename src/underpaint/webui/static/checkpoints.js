@@ -4,18 +4,21 @@ import { get, post } from "./api.js";
 import { $, fillSelect } from "./dom.js";
 import { clearFieldErrors, showFieldErrors } from "./fielderrors.js";
 
-// title → model family ("flux" or "sd", as the server reads it from each file).
+// title → model family ("flux" or "sd", as the server reads it from each file); the InstructPix2Pix edit models.
 const families = new Map();
+const edits = new Set();
 const familyListeners = [];
 
-/** `listener(family)` runs when the selected checkpoint's family is known, and again when it changes. */
+/** `listener(family, edit)` runs when the selected checkpoint's family is known, and again when it changes;
+ * `edit` says whether it is an InstructPix2Pix edit model. */
 export function onFamily(listener) {
   familyListeners.push(listener);
 }
 
 function announceFamily() {
   const family = families.get($("#checkpoint").value) ?? "sd";
-  familyListeners.forEach((listener) => listener(family));
+  const edit = edits.has($("#checkpoint").value);
+  familyListeners.forEach((listener) => listener(family, edit));
 }
 
 /** ``options``: a pending GET /options to share (the page's first load asks once for every setting). */
@@ -23,7 +26,9 @@ export async function loadCheckpoints(options = get("/sdapi/v1/options")) {
   const [models, settings] = await Promise.all([get("/sdapi/v1/sd-models"), options]);
   const items = (models ?? []).map((m) => ({ value: m.title ?? m.model_name, label: m.title ?? m.model_name }));
   families.clear();
+  edits.clear();
   (models ?? []).forEach((m) => families.set(m.title ?? m.model_name, m.family ?? "sd"));
+  (models ?? []).filter((m) => m.edit).forEach((m) => edits.add(m.title ?? m.model_name));
   const current = settings?.sd_model_checkpoint;
   const match = items.find((i) => i.value === current) ?? items.find((i) => current && i.value.startsWith(current));
   fillSelect($("#checkpoint"), items, match?.value);

@@ -93,7 +93,7 @@ export class GenerationForm {
     this.root = root;
     this.controls = {};
     for (const name of ["prompt", "negative_prompt", "sampler_name", "scheduler", "steps", "width", "height",
-      "n_iter", "batch_size", "cfg_scale", "distilled_cfg_scale", "denoising_strength", "seed", "mask_blur",
+      "n_iter", "batch_size", "cfg_scale", "distilled_cfg_scale", "image_cfg_scale", "denoising_strength", "seed", "mask_blur",
       "inpaint_full_res_padding", "deepcache_interval", "deepcache_branch", "first_block_cache", "s_min_uncond",
       "s_min_uncond_all", "skip_early_cond", "sd_vae_decode_method", "sd_vae_encode_method", "tiling", "restore_faces", "face_restoration_model", "code_former_weight",
       "img2img_color_correction", "initial_noise_multiplier", "img2img_extra_noise", "freeu_enabled", ...FREEU_FACTORS, "refiner_enabled", "refiner_checkpoint", "refiner_switch_at", "aesthetic_score", "negative_aesthetic_score", "enable_hr", "hr_upscaler",
@@ -102,6 +102,7 @@ export class GenerationForm {
     }
     this.hint = $("#denoise-hint", root);
     this.family = "sd";
+    this.editModel = false;
     this.controls.denoising_strength.addEventListener("input", () => this.updateDenoiseHint());
     $('input[data-sync="denoising_strength"]', root).addEventListener("input", () => this.updateDenoiseHint());
     this.updateDenoiseHint();
@@ -296,8 +297,15 @@ export class GenerationForm {
       ...common,
       initial_noise_multiplier: multiplier !== null && multiplier !== 1 ? multiplier : undefined,
       denoising_strength: numberValue(c.denoising_strength),
+      image_cfg_scale: this.editModel ? numberValue(c.image_cfg_scale) : undefined,
       resize_mode: Number(radioValue(this.root, "resize_mode") ?? 0),
     };
+  }
+
+  /** Show A1111's Image CFG Scale (img2img and Inpaint) for an InstructPix2Pix edit model, hide it otherwise. */
+  setEditModel(edit) {
+    this.editModel = Boolean(edit);
+    $("#image-cfg-field", this.root).hidden = !this.editModel;
   }
 
   /** A1111's refiner_checkpoint and refiner_switch_at while the Refiner is enabled (SD models), else none. */

@@ -18,7 +18,7 @@ export const PROMPTS_FROM_FILE = "prompts from file or textbox";
  */
 export const XYZ_AXES = [
   ["Nothing", null], ["Seed", null], ["Var. seed", null], ["Var. strength", null], ["Steps", null],
-  ["Hires steps", "txt2img"], ["CFG Scale", null], ["Prompt S/R", null], ["Prompt order", null], ["Sampler", null],
+  ["Hires steps", "txt2img"], ["CFG Scale", null], ["Image CFG Scale", "img2img"], ["Prompt S/R", null], ["Prompt order", null], ["Sampler", null],
   ["Hires sampler", "txt2img"], ["Checkpoint name", null], ["Negative Guidance minimum sigma", null],
   ["Sigma Churn", null], ["Sigma min", null], ["Sigma max", null], ["Sigma noise", null], ["Schedule type", null],
   ["Schedule min sigma", null], ["Schedule max sigma", null], ["Schedule rho", null],
