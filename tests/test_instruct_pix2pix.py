@@ -125,3 +125,24 @@ def test_xyz_image_cfg_scale_axis(picture):
         x_type="Image CFG Scale", x_values="1, 2.5"))
     assert [cell.params.image_cfg_scale for cell in xyz_plot.plan(params).cells] == [1.0, 2.5]
     assert xyz_plot.label("Image CFG Scale", 2.5) == "Image CFG Scale: 2.5"
+
+
+def test_diffusers_folder_loads_as_an_edit_model(edit_engine, picture, tmp_path):
+    """An InstructPix2Pix diffusers folder (as timbrooks/instruct-pix2pix ships) loads as the same edit model."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionInstructPix2PixPipeline
+
+    from underpaint.models.detect import is_edit_checkpoint
+    from underpaint.pipeline.engine import Engine
+
+    m = edit_engine.model
+    pipe = StableDiffusionInstructPix2PixPipeline(
+        vae=m.vae, text_encoder=m.text_encoders[0], tokenizer=m.tokenizers[0], unet=m.unet,
+        scheduler=EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(tmp_path / "ip2p")
+    assert is_edit_checkpoint(tmp_path / "ip2p") and is_edit_checkpoint(m.path)
+    folder = Engine.load(tmp_path / "ip2p", device="cpu", dtype="fp32")
+    assert folder.model.spec.is_edit
+    params = GenerationParams(init_images=(picture,), prompt="make it snowy", steps=2, sampler="Euler", seed=3,
+                              rng="cpu")
+    assert np.array_equal(np.asarray(folder.generate(params).images[0]), np.asarray(edit_engine.generate(params).images[0]))
