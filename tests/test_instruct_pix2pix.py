@@ -146,3 +146,18 @@ def test_diffusers_folder_loads_as_an_edit_model(edit_engine, picture, tmp_path)
     params = GenerationParams(init_images=(picture,), prompt="make it snowy", steps=2, sampler="Euler", seed=3,
                               rng="cpu")
     assert np.array_equal(np.asarray(folder.generate(params).images[0]), np.asarray(edit_engine.generate(params).images[0]))
+
+
+@pytest.mark.parametrize("mode", ["Balanced", "ControlNet is more important"])
+def test_edit_model_with_a_controlnet_unit(edit_engine, picture, tmp_path, mode):
+    """A ControlNet unit on an edit model sees the sampler's 4 latent channels and changes the picture."""
+    from tiny_controlnet import write_controlnet
+
+    from underpaint.pipeline.control import ControlUnit
+
+    net = write_controlnet(tmp_path / "control_sd15_tiny.safetensors")
+    base = dict(init_images=(picture,), prompt="make it snowy", steps=2, sampler="Euler", seed=3, rng="cpu")
+    plain = edit_engine.generate(GenerationParams(**base)).images[0]
+    unit = ControlUnit(module="none", image=picture, model=str(net), weight=2.0, control_mode=mode)
+    controlled = edit_engine.generate(GenerationParams(**base, control_units=(unit,))).images[0]
+    assert np.abs(np.asarray(controlled, dtype=int) - np.asarray(plain, dtype=int)).mean() > 0.5

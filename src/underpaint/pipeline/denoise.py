@@ -88,22 +88,24 @@ def make_denoiser(model, conds: CondSchedule, cfg_scale: float, schedule: ModelS
         if conds.parts:
             return composable_cfg(base, cond, weights, uncond, cfg_scale, joint=control is None)(x, sigma)
         if edit:
-            return edit_cfg(three, base, without, cond, uncond, cfg_scale, image_cfg_scale)(x, sigma)
+            return edit_cfg(three, base, without, cond, uncond, cfg_scale, image_cfg_scale,
+                            joint=control is None)(x, sigma)
         return cfg_denoiser(base, cond, uncond, cfg_scale)(x, sigma)
 
     return denoise
 
 
 def edit_cfg(three: Callable, on_picture: Callable, without: Callable, cond: Conditioning, uncond: Conditioning,
-             scale: float, image_scale: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+             scale: float, image_scale: float, *, joint: bool = True) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """InstructPix2Pix's guidance (Brooks et al. 2023), as A1111 and diffusers combine it: the prompt
     and the negative prompt on the picture, and the negative prompt without it (zeros), then
     uncond + scale·(cond − on picture) + image_scale·(on picture − uncond). ``three`` runs the three
-    rows as one batch (when the prompts' lengths match), ``on_picture`` and ``without`` one at a time."""
+    rows as one batch (when the prompts' lengths match and ``joint``), ``on_picture`` and ``without``
+    one at a time (ControlNet units then see each call's own conditioning)."""
 
     def guided(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]
-        if cond.tokens == uncond.tokens:
+        if joint and cond.tokens == uncond.tokens:
             out = three(torch.cat([x, x, x]), torch.cat([sigma, sigma, sigma]), Conditioning.cat([cond, uncond, uncond]))
             on_cond, on_image, on_uncond = out[:b], out[b:2 * b], out[2 * b:]
         else:
