@@ -408,6 +408,78 @@ class PromptMatrixOptions:
         _check_range("prompt_matrix_margin_size", self.margin_size, 0, 500, integer=True)
 
 
+#: ADetailer's mask merge choices.
+DETAILER_MERGES = ("None", "Merge", "Merge and Invert")
+
+
+@dataclass(frozen=True)
+class DetailerUnit:
+    """One of ADetailer's tabs (pipeline/detailer.py), in its own names less the ``ad_`` prefix: faces
+    found in each finished picture are inpainted again, one by one, at the request's size. ``model``
+    is recorded as given; faces are found by the face restorer's RetinaFace detector. ``prompt`` and
+    ``negative_prompt`` "" take the request's; ``[PROMPT]`` in them stands for it, ``[SEP]`` gives
+    each face its own, ``[SKIP]`` leaves a face alone. ``steps``, ``cfg_scale``, ``sampler`` None: the
+    request's."""
+
+    model: str = "face_yolov8n.pt"
+    prompt: str = ""
+    negative_prompt: str = ""
+    confidence: float = 0.3
+    mask_k_largest: int = 0
+    mask_min_ratio: float = 0.0
+    mask_max_ratio: float = 1.0
+    x_offset: int = 0
+    y_offset: int = 0
+    dilate_erode: int = 4
+    mask_merge_invert: str = "None"
+    mask_blur: int = 4
+    denoising_strength: float = 0.4
+    inpaint_only_masked: bool = True
+    inpaint_only_masked_padding: int = 32
+    inpaint_width: int | None = None
+    inpaint_height: int | None = None
+    steps: int | None = None
+    cfg_scale: float | None = None
+    sampler: str | None = None
+    #: With ``sampler``: its schedule type (None: the sampler's own, "Automatic").
+    scheduler: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise InvalidParameter("ad_model", self.model, "a detection model's name, e.g. face_yolov8n.pt")
+        for name in ("prompt", "negative_prompt"):
+            if not isinstance(getattr(self, name), str):
+                raise InvalidParameter(f"ad_{name}", getattr(self, name), "text")
+        for name in ("confidence", "mask_min_ratio", "mask_max_ratio", "denoising_strength"):
+            _check_range(f"ad_{name}", getattr(self, name), 0.0, 1.0)
+        _check_range("ad_mask_k_largest", self.mask_k_largest, 0, 1000, integer=True)
+        for name in ("x_offset", "y_offset", "dilate_erode"):
+            _check_range(f"ad_{name}", getattr(self, name), -1024, 1024, integer=True)
+        _check_range("ad_mask_blur", self.mask_blur, 0, 256, integer=True)
+        _check_range("ad_inpaint_only_masked_padding", self.inpaint_only_masked_padding, 0, 1024, integer=True)
+        if not isinstance(self.inpaint_only_masked, bool):
+            raise InvalidParameter("ad_inpaint_only_masked", self.inpaint_only_masked, "true or false")
+        merge = _spelled(self.mask_merge_invert, DETAILER_MERGES)
+        if merge is None:
+            raise InvalidParameter("ad_mask_merge_invert", self.mask_merge_invert, "one of " + ", ".join(DETAILER_MERGES))
+        object.__setattr__(self, "mask_merge_invert", merge)
+        for name in ("inpaint_width", "inpaint_height"):
+            if getattr(self, name) is not None:
+                _check_range(f"ad_{name}", getattr(self, name), 64, 8192, integer=True)
+        if self.steps is not None:
+            _check_range("ad_steps", self.steps, 1, 1000, integer=True)
+        if self.cfg_scale is not None:
+            _check_range("ad_cfg_scale", self.cfg_scale, 0.0, 100.0)
+        if self.sampler is not None:
+            from .sampling.names import resolve_sampler
+
+            try:
+                resolve_sampler(self.sampler, self.scheduler or "Automatic")
+            except UnknownName as exc:
+                raise UnknownName("ad_sampler" if exc.field == "sampler" else "ad_scheduler",
+                                  exc.value, exc.choices) from None
+
+
 #: Where A1111's "Prompts from file or textbox" puts a line's prompt beside the request's.
 PROMPT_POSITIONS = ("start", "end")
 
@@ -665,6 +737,8 @@ class GenerationParams:
     prompt_matrix: PromptMatrixOptions | None = None
     #: A1111's "Prompts from file or textbox" script; None: off.
     prompts_from_file: PromptsFromFileOptions | None = None
+    #: ADetailer's tabs (pipeline/detailer.py): each finished picture's faces inpainted again; () off.
+    detailer: tuple = ()
 
     def __post_init__(self) -> None:
         from .sampling.names import resolve_sampler  # torch-free table
@@ -738,6 +812,9 @@ class GenerationParams:
         if self.loopback is not None:
             self._check_loopback()
         self._check_prompt_scripts()
+        object.__setattr__(self, "detailer", tuple(self.detailer))
+        if not all(isinstance(unit, DetailerUnit) for unit in self.detailer):
+            raise InvalidParameter("detailer", self.detailer, "DetailerUnit records")
         if self.deepcache is not None and not isinstance(self.deepcache, DeepCacheOptions):
             raise InvalidParameter("deepcache", type(self.deepcache).__name__, "DeepCacheOptions or None")
         if self.control_units:

@@ -267,6 +267,12 @@ def _generate(model, params: GenerationParams, networks: ActiveNetworks, *, info
         entries = refiner_mod.infotext_for_plan(refiner, params.refiner, model_schedule(model).sigmas, plan.sigmas,
                                                 None if hires is None else hires.plan.sigmas)
         plan = replace(plan, params=plan.params.replace(extra_infotext=plan.params.extra_infotext + entries))
+    detail = _detailer(model, params, plan, networks, info, cancel)  # ADetailer: faces inpainted again
+    if detail is not None:
+        from . import detailer
+
+        entries = detailer.infotext_entries(params.detailer)
+        plan = replace(plan, params=plan.params.replace(extra_infotext=plan.params.extra_infotext + entries))
 
     images, infotexts, seeds, subseeds, unfinished = [], [], [], [], []
     interrupted = False
@@ -285,6 +291,8 @@ def _generate(model, params: GenerationParams, networks: ActiveNetworks, *, info
                                      getattr(control, "stack", None), second_model=hires_model, refiner=refiner)
         if cancel.batch_was_stopped():  # stopped before its last step: its current estimate
             unfinished.extend(range(len(images), len(images) + len(batch)))
+        elif detail is not None:
+            batch = [detail(image, seed, subseed) for image, seed, subseed in zip(batch, batch_seeds, batch_subseeds)]
         cancel.clear_skip()
         images.extend(batch)
         seeds.extend(batch_seeds)
@@ -307,6 +315,29 @@ def _generate(model, params: GenerationParams, networks: ActiveNetworks, *, info
         negative_prompts=(params.negative_prompt,) * n,
         unfinished=tuple(unfinished),
     )
+
+
+def _detailer(model, params: GenerationParams, plan: Plan, networks, info: ModelInfo, cancel: Cancellation):
+    """``detail(picture, seed, subseed)`` for a request with ADetailer tabs (pipeline/detailer.py), each
+    face an inpainting request of its own on this model; None without tabs. Checked before any work:
+    the tabs' models and the face detector's file."""
+    if not params.detailer:
+        return None
+    from . import detailer
+
+    for n, unit in enumerate(params.detailer):
+        detailer.check_unit(unit, field=f"detailer[{n}].model")
+    find = detailer.face_finder(models_dir_of(model), model.device)
+
+    def inpaint(request: GenerationParams):
+        done = _generate(model, request, networks, info=info, progress=None, cancel=cancel)
+        return done.images[0] if done.images and not done.unfinished else request.init_images[0]
+
+    def detail(picture, seed: int, subseed: int):
+        return detailer.detail(picture, seed, subseed, params, find, inpaint, size=(plan.width, plan.height),
+                               interrupted=lambda: cancel.interrupted)
+
+    return detail
 
 
 def _plan(model, params: GenerationParams) -> Plan:

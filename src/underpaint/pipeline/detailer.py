@@ -1,0 +1,236 @@
+"""ADetailer's face detailing, as its users know it from A1111: after a picture is made, the faces
+in it are found and each is inpainted again, "only masked" at the request's size, so that a small
+face gets the whole resolution.
+
+For each tab (:class:`~underpaint.params.DetailerUnit`), in order, on the picture the tab before
+left:
+
+1. Faces are found with the RetinaFace detector that face restoration uses
+   (``detection_Resnet50_Final.pth`` in the models folder's ``GFPGAN/`` or ``Codeformer/``), scored
+   at least the tab's confidence; whatever detection model the tab names (ADetailer's YOLO and
+   MediaPipe face models), that detector finds the faces. The names of hand and person models are
+   refused.
+2. Each face's box, cut to the picture, becomes a mask (a filled rectangle); boxes whose area is outside the tab's
+   ratios of the picture are dropped, then only the k largest are kept (0: all, largest first); the
+   masks are dilated (a positive "dilate erode", with a square kernel of that many pixels) or
+   eroded (negative), moved by the offsets (x to the right, y upwards; wrapping around) and, with
+   "Merge", made one (and inverted with "Merge and Invert"); empty masks are dropped.
+3. Mask j is inpainted on the picture so far: masked content "original", the tab's mask blur,
+   denoising strength and "only masked" padding, at the request's size (or the tab's inpaint
+   size), with the request's steps, CFG scale and sampler unless the tab gives its own, seed and
+   variation seed + j. Its prompt is the tab's (the request's when empty; ``[PROMPT]`` in it stands
+   for the request's, ``[SEP]`` separates one prompt per mask, the last one serving the rest, and a
+   mask whose prompt is ``[SKIP]`` is left alone); likewise the negative prompt.
+
+The pictures' infotext records the tabs as ADetailer writes them ("ADetailer model",
+"ADetailer confidence", ..., a second tab's keys ending in " 2nd"), and "ADetailer version".
+Where underpaint differs: the faces come from RetinaFace, not from the YOLO model named; the
+detailing runs after inpainting's overlay and colour correction (ADetailer runs before them), so an
+img2img picture's faces outside the mask are detailed too.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..errors import InvalidParameter, ModelNotFound
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+    from ..params import DetailerUnit, GenerationParams
+
+#: The version the infotext records (ADetailer's own key).
+VERSION = "underpaint"
+#: Detection model names taken as face models (ADetailer's, and its MediaPipe ones).
+_FACE = re.compile(r"^(face_|mediapipe_face|yolov8n-face|retinaface)", re.IGNORECASE)
+#: ADetailer's infotext names of the tab's fields, in its order, with each value's default (not written).
+INFOTEXT: tuple[tuple[str, str, object], ...] = (
+    ("model", "ADetailer model", None), ("prompt", "ADetailer prompt", ""),
+    ("negative_prompt", "ADetailer negative prompt", ""), ("confidence", "ADetailer confidence", None),
+    ("mask_k_largest", "ADetailer mask only top k largest", 0), ("mask_min_ratio", "ADetailer mask min ratio", 0.0),
+    ("mask_max_ratio", "ADetailer mask max ratio", 1.0), ("x_offset", "ADetailer x offset", 0),
+    ("y_offset", "ADetailer y offset", 0), ("dilate_erode", "ADetailer dilate erode", None),
+    ("mask_merge_invert", "ADetailer mask merge invert", "None"), ("mask_blur", "ADetailer mask blur", None),
+    ("denoising_strength", "ADetailer denoising strength", None),
+    ("inpaint_only_masked", "ADetailer inpaint only masked", None),
+    ("inpaint_only_masked_padding", "ADetailer inpaint padding", None),
+)
+
+
+def is_face_model(name: str) -> bool:
+    return bool(_FACE.match(name.strip()))
+
+
+def check_unit(unit: "DetailerUnit", field: str = "ad_model") -> None:
+    """A tab this detailer can run: a face detection model's name."""
+    if not is_face_model(unit.model):
+        raise InvalidParameter(field, unit.model, "a face detection model (face_yolov8n.pt, face_yolov8s.pt, "
+                                                  "mediapipe_face_full, ...): underpaint details faces, found by "
+                                                  "RetinaFace; hand and person models are not available")
+
+
+def suffix(n: int) -> str:
+    """ADetailer's key suffix for tab ``n`` (0-based): "", " 2nd", " 3rd", " 4th", ..."""
+    if n == 0:
+        return ""
+    number = n + 1
+    end = "th" if 10 <= number % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(number % 10, "th")
+    return f" {number}{end}"
+
+
+def infotext_entries(units: tuple) -> tuple[tuple[str, object], ...]:
+    """The infotext keys of the tabs (their non-default values) and the version, as ADetailer writes them."""
+    entries: list[tuple[str, object]] = []
+    for n, unit in enumerate(units):
+        for attr, name, default in INFOTEXT:
+            value = getattr(unit, attr)
+            if default is not None and value == default:
+                continue
+            if attr == "inpaint_only_masked_padding" and not unit.inpaint_only_masked:
+                continue
+            entries.append((name + suffix(n), value))
+        if unit.inpaint_width is not None and unit.inpaint_height is not None:
+            entries += [("ADetailer use inpaint width height" + suffix(n), True),
+                        ("ADetailer inpaint width" + suffix(n), unit.inpaint_width),
+                        ("ADetailer inpaint height" + suffix(n), unit.inpaint_height)]
+        for attr, name in (("steps", "steps"), ("cfg_scale", "CFG scale"), ("sampler", "sampler")):
+            if getattr(unit, attr) is not None:
+                entries += [(f"ADetailer use separate {name}" + suffix(n), True),
+                            (f"ADetailer {name}" + suffix(n), getattr(unit, attr))]
+                if attr == "sampler" and unit.scheduler is not None:
+                    entries.append(("ADetailer scheduler" + suffix(n), unit.scheduler))
+    return (*entries, ("ADetailer version", VERSION)) if entries else ()
+
+
+def prompts(text: str, default: str) -> list[str]:
+    """A tab's prompts, one per mask (the last serving the rest): ``[SEP]`` separates them, an empty one is
+    ``default``, and ``[PROMPT]`` in one stands for ``default``."""
+    out = []
+    for part in re.split(r"\s*\[SEP\]\s*", text):
+        if not part:
+            part = default
+        elif "[PROMPT]" in part:
+            part = part.replace("[PROMPT]", f" {default} ")
+        out.append(part)
+    return out
+
+
+def masks(boxes: np.ndarray, size: tuple[int, int], unit: "DetailerUnit") -> list["Image"]:
+    """The tab's masks from face boxes (rows x1, y1, x2, y2, ...), as ADetailer makes and shapes them."""
+    import cv2
+    from PIL import Image, ImageChops, ImageDraw
+
+    w, h = size
+    area = float(w * h)
+    boxes = [np.clip(b[:4], 0, [w, h, w, h]) for b in boxes]  # within the picture, as YOLO's boxes are
+    kept = [b for b in boxes if unit.mask_min_ratio <= (b[2] - b[0]) * (b[3] - b[1]) / area <= unit.mask_max_ratio]
+    if unit.mask_k_largest > 0:
+        kept = sorted(kept, key=lambda b: -(b[2] - b[0]) * (b[3] - b[1]))[:unit.mask_k_largest]
+    out = []
+    for box in kept:
+        mask = Image.new("L", size, 0)
+        ImageDraw.Draw(mask).rectangle([float(v) for v in box[:4]], fill=255)
+        k = unit.dilate_erode
+        if k:
+            kernel = np.ones((abs(k), abs(k)), np.uint8)
+            shaped = (cv2.dilate if k > 0 else cv2.erode)(np.asarray(mask), kernel, iterations=1)
+            mask = Image.fromarray(shaped, "L")
+        if unit.x_offset or unit.y_offset:
+            mask = ImageChops.offset(mask, unit.x_offset, -unit.y_offset)
+        out.append(mask)
+    if out and unit.mask_merge_invert != "None":
+        merged = out[0]
+        for mask in out[1:]:
+            merged = ImageChops.lighter(merged, mask)
+        out = [ImageChops.invert(merged) if unit.mask_merge_invert == "Merge and Invert" else merged]
+    return [mask for mask in out if mask.getbbox() is not None]
+
+
+def detail(picture: "Image", seed: int, subseed: int, params: "GenerationParams", find: Callable,
+           inpaint: Callable[["GenerationParams"], "Image"], *, size: tuple[int, int],
+           interrupted: Callable[[], bool] = lambda: False) -> "Image":
+    """``picture`` with every tab's faces inpainted again. ``find(picture, confidence)`` gives face boxes;
+    ``inpaint(request)`` runs one inpainting request and gives its picture; ``size`` is the request's."""
+    from ..params import InpaintOptions
+
+    base = params.replace(detailer=(), hires=None, refiner=None, xyz_plot=None, prompt_matrix=None,
+                          prompts_from_file=None, loopback=None, sd_upscale=None, batch_size=1, n_iter=1,
+                          control_units=(), restore_faces=False, img2img_color_correction=False,
+                          color_reference=None, extra_infotext=())
+    for unit in params.detailer:
+        if interrupted():
+            break
+        found = masks(find(picture, unit.confidence), picture.size, unit)
+        ad_prompts = prompts(unit.prompt, params.prompt)
+        ad_negatives = prompts(unit.negative_prompt, params.negative_prompt)
+        width, height = (unit.inpaint_width, unit.inpaint_height) if unit.inpaint_width and unit.inpaint_height \
+            else size
+        for j, mask in enumerate(found):
+            if interrupted():
+                break
+            prompt = ad_prompts[min(j, len(ad_prompts) - 1)]
+            if re.match(r"^\s*\[SKIP\]\s*$", prompt):
+                continue
+            request = base.replace(
+                init_images=(picture.convert("RGB"),), mask=mask, strength=unit.denoising_strength,
+                prompt=prompt, negative_prompt=ad_negatives[min(j, len(ad_negatives) - 1)],
+                seed=(seed + j) % 2**32, subseed=(subseed + j) % 2**32, width=width, height=height, resize_mode=0,
+                steps=unit.steps or params.steps, cfg_scale=params.cfg_scale if unit.cfg_scale is None else unit.cfg_scale,
+                sampler=unit.sampler or params.sampler,
+                scheduler=params.scheduler if unit.sampler is None else (unit.scheduler or "Automatic"),
+                inpaint=InpaintOptions(mask_blur_x=unit.mask_blur, mask_blur_y=unit.mask_blur, masked_content="original",
+                                       full_res=unit.inpaint_only_masked,
+                                       full_res_padding=unit.inpaint_only_masked_padding))
+            picture = inpaint(request)
+    return picture
+
+
+# --- the face detector ------------------------------------------------------------------------------
+
+
+def detector_file(folder, field: str = "alwayson_scripts.ADetailer") -> Path:
+    """RetinaFace's file in the models folder (what face restoration uses); ModelNotFound naming ``field``."""
+    from .face_restore import _DETECTOR_FILE, _first
+
+    folders = () if folder is None else tuple(dict.fromkeys((*folder.folders("gfpgan"), *folder.folders("codeformer"))))
+    found = _first(folders, _DETECTOR_FILE)
+    if found is None:
+        where = folder.root / "GFPGAN" if folder is not None else Path("GFPGAN")
+        raise ModelNotFound(f"face detailing finds faces with RetinaFace: put {_DETECTOR_FILE} (facexlib's, as "
+                            f"A1111's face restoration uses) in {where}", field=field)
+    return found
+
+
+_lock = threading.Lock()
+_kept: dict = {}
+
+
+def face_finder(folder, device) -> Callable:
+    """``find(picture, confidence)``: face boxes in a picture, from the models folder's RetinaFace (kept loaded)."""
+    import torch
+
+    from ..models.face_detect import detect_faces, load_retinaface
+    from ..models.upscaler import read_weights, unwrap_weights
+
+    path = detector_file(folder)
+    key = (str(path), path.stat().st_mtime_ns, str(device))
+    with _lock:
+        if key not in _kept:
+            _kept.clear()
+            _kept[key] = load_retinaface(unwrap_weights(read_weights(path)), str(path)).to(device).eval()
+        net = _kept[key]
+
+    def find(picture: "Image", confidence: float) -> np.ndarray:
+        bgr = np.asarray(picture.convert("RGB"))[:, :, ::-1]
+        with _lock, torch.inference_mode():
+            return detect_faces(net, bgr, threshold=confidence)
+
+    return find

@@ -1,0 +1,141 @@
+"""ADetailer's face detailing: each face found in a finished picture is inpainted again, "only masked". The
+references are the masks ADetailer's rules make (drawn here with PIL and OpenCV) and the same inpainting
+requests made by hand."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image, ImageChops, ImageDraw
+
+from underpaint.errors import InvalidParameter, ModelNotFound
+from underpaint.params import DetailerUnit, GenerationParams, InpaintOptions
+from underpaint.pipeline import detailer
+
+BASE = dict(prompt="a portrait", negative_prompt="blurry", steps=2, sampler="Euler", rng="cpu", width=64, height=64,
+            seed=21, subseed=5)
+BOXES = np.array([[8, 10, 24, 30, 0.99], [36, 30, 60, 58, 0.9], [2, 2, 6, 6, 0.8]], dtype=np.float32)
+
+
+def _rect(size, box) -> Image.Image:
+    mask = Image.new("L", size, 0)
+    ImageDraw.Draw(mask).rectangle([float(v) for v in box[:4]], fill=255)
+    return mask
+
+
+def test_masks_follow_adetailers_rules():
+    import cv2
+
+    size = (64, 64)
+    plain = detailer.masks(BOXES, size, DetailerUnit(dilate_erode=0))
+    assert [np.asarray(m).sum() for m in plain] == [np.asarray(_rect(size, b)).sum() for b in BOXES]
+    dilated = detailer.masks(BOXES[:1], size, DetailerUnit(dilate_erode=4))[0]
+    want = cv2.dilate(np.asarray(_rect(size, BOXES[0])), np.ones((4, 4), np.uint8), iterations=1)
+    assert np.array_equal(np.asarray(dilated), want)
+    eroded = detailer.masks(BOXES[:1], size, DetailerUnit(dilate_erode=-2))[0]
+    assert np.asarray(eroded).sum() < np.asarray(_rect(size, BOXES[0])).sum()
+    # the two largest, largest first; the smallest area ratio filtered out
+    largest = detailer.masks(BOXES, size, DetailerUnit(dilate_erode=0, mask_k_largest=2))
+    assert [m.getbbox() for m in largest] == [(36, 30, 61, 59), (8, 10, 25, 31)]
+    assert len(detailer.masks(BOXES, size, DetailerUnit(dilate_erode=0, mask_min_ratio=0.02))) == 2
+    # offsets: x to the right, y upwards
+    moved = detailer.masks(BOXES[:1], size, DetailerUnit(dilate_erode=0, x_offset=3, y_offset=2))[0]
+    assert moved.getbbox() == (11, 8, 28, 29)
+    merged = detailer.masks(BOXES[:2], size, DetailerUnit(dilate_erode=0, mask_merge_invert="Merge"))
+    assert len(merged) == 1 and np.array_equal(np.asarray(merged[0]),
+                                               np.asarray(ImageChops.lighter(_rect(size, BOXES[0]), _rect(size, BOXES[1]))))
+    inverted = detailer.masks(BOXES[:2], size, DetailerUnit(dilate_erode=0, mask_merge_invert="merge and invert"))[0]
+    assert np.array_equal(np.asarray(inverted), 255 - np.asarray(merged[0]))
+    assert detailer.masks(np.zeros((0, 5), np.float32), size, DetailerUnit()) == []
+
+
+def test_prompts_sep_prompt_and_infotext_names():
+    assert detailer.prompts("", "a cat") == ["a cat"]
+    assert detailer.prompts("[PROMPT], smiling [SEP] angry [SEP]", "a cat") == [" a cat , smiling", "angry", "a cat"]
+    entries = dict(detailer.infotext_entries((DetailerUnit(), DetailerUnit(model="mediapipe_face_full", prompt="x",
+                                                                           steps=9, inpaint_only_masked=False))))
+    assert entries["ADetailer model"] == "face_yolov8n.pt" and entries["ADetailer confidence"] == 0.3
+    assert entries["ADetailer inpaint padding"] == 32 and "ADetailer prompt" not in entries
+    assert entries["ADetailer model 2nd"] == "mediapipe_face_full" and entries["ADetailer prompt 2nd"] == "x"
+    assert entries["ADetailer steps 2nd"] == 9 and entries["ADetailer use separate steps 2nd"] is True
+    assert "ADetailer inpaint padding 2nd" not in entries and "ADetailer version" in entries
+    assert [detailer.suffix(n) for n in range(5)] == ["", " 2nd", " 3rd", " 4th", " 5th"]
+    assert detailer.infotext_entries(()) == ()
+
+
+def test_each_face_is_a_plain_inpainting_request(sd1_engine, monkeypatch):
+    boxes = BOXES[:2]
+    monkeypatch.setattr(detailer, "face_finder", lambda folder, device: lambda picture, confidence: boxes)
+    unit = DetailerUnit(prompt="[PROMPT] [SEP] a smile", denoising_strength=0.5, inpaint_only_masked_padding=8)
+    result = sd1_engine.generate(GenerationParams(**BASE, detailer=(unit,)))
+    # by hand: the picture, then each face in turn (seed and variation seed + j), ADetailer's request
+    picture = sd1_engine.generate(GenerationParams(**BASE)).images[0]
+    for j, (mask, prompt) in enumerate(zip(detailer.masks(boxes, (64, 64), unit), (" a portrait ", "a smile"))):
+        picture = sd1_engine.generate(GenerationParams(**{**BASE, "seed": 21 + j, "subseed": 5 + j, "prompt": prompt},
+                                                       init_images=(picture,), mask=mask, strength=0.5,
+                                                       inpaint=InpaintOptions(full_res=True, full_res_padding=8))).images[0]
+    assert np.array_equal(np.asarray(result.images[0]), np.asarray(picture))
+    text = result.infotexts[0]
+    assert "ADetailer model: face_yolov8n.pt, ADetailer prompt: [PROMPT] [SEP] a smile, ADetailer confidence: 0.3," in text
+    assert "ADetailer denoising strength: 0.5, ADetailer inpaint only masked: True, ADetailer inpaint padding: 8" in text
+    assert text.startswith("a portrait\nNegative prompt: blurry\n")
+
+
+def test_skip_and_no_faces_leave_the_picture(sd1_engine, monkeypatch):
+    plain = sd1_engine.generate(GenerationParams(**BASE)).images[0]
+    monkeypatch.setattr(detailer, "face_finder", lambda folder, device: lambda picture, confidence: BOXES[:0])
+    none = sd1_engine.generate(GenerationParams(**BASE, detailer=(DetailerUnit(),))).images[0]
+    assert np.array_equal(np.asarray(none), np.asarray(plain))
+    monkeypatch.setattr(detailer, "face_finder", lambda folder, device: lambda picture, confidence: BOXES[:1])
+    skipped = sd1_engine.generate(GenerationParams(**BASE, detailer=(DetailerUnit(prompt="[SKIP]"),))).images[0]
+    assert np.array_equal(np.asarray(skipped), np.asarray(plain))
+
+
+@pytest.mark.parametrize("unit, field", [
+    (dict(model="hand_yolov8n.pt"), "detailer[0].model"),
+])
+def test_refusals(sd1_engine, unit, field):
+    with pytest.raises(InvalidParameter) as err:
+        sd1_engine.generate(GenerationParams(**BASE, detailer=(DetailerUnit(**unit),)))
+    assert err.value.field == field
+
+
+@pytest.mark.parametrize("fields, field", [
+    (dict(confidence=2), "ad_confidence"), (dict(mask_merge_invert="Both"), "ad_mask_merge_invert"),
+    (dict(sampler="Eulr"), "ad_sampler"), (dict(inpaint_width=10, inpaint_height=64), "ad_inpaint_width"),
+])
+def test_unit_values_are_checked(fields, field):
+    with pytest.raises(InvalidParameter) as err:
+        DetailerUnit(**fields)
+    assert err.value.field == field
+
+
+def test_missing_detector_is_refused_naming_the_file(sd1_file, tmp_path):
+    from underpaint.pipeline.engine import Engine
+
+    engine = Engine.load(sd1_file, device="cpu", dtype="fp32", models_dir=tmp_path)
+    with pytest.raises(ModelNotFound) as err:
+        engine.generate(GenerationParams(**BASE, detailer=(DetailerUnit(),)))
+    assert "detection_Resnet50_Final.pth" in err.value.message
+
+
+from test_face_restore import ref  # noqa: E402,F401  (facexlib's RetinaFace: the detector's random weights)
+
+
+def test_the_face_restorers_detector_finds_the_faces(ref, sd1_file, tmp_path):  # noqa: F811
+    import torch
+    from test_face_restore import _detector_weights
+
+    from underpaint.models.face_detect import detect_faces, load_retinaface
+    from underpaint.pipeline.engine import Engine
+
+    (tmp_path / "GFPGAN").mkdir()
+    weights = _detector_weights(ref, seed=9, box_growth=-2.0)
+    torch.save({"module." + k: v for k, v in weights.items()}, tmp_path / "GFPGAN" / "detection_Resnet50_Final.pth")
+    engine = Engine.load(sd1_file, device="cpu", dtype="fp32", models_dir=tmp_path)
+    params = GenerationParams(**{**BASE, "width": 128, "height": 128})
+    plain = engine.generate(params).images[0]
+    boxes = detect_faces(load_retinaface(weights), np.asarray(plain)[:, :, ::-1], threshold=0.3)
+    assert len(boxes)  # the random detector finds something to detail
+    detailed = engine.generate(params.replace(detailer=(DetailerUnit(denoising_strength=0.6),)))
+    assert np.abs(np.asarray(detailed.images[0], dtype=int) - np.asarray(plain, dtype=int)).max() > 0
