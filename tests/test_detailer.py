@@ -139,3 +139,53 @@ def test_the_face_restorers_detector_finds_the_faces(ref, sd1_file, tmp_path):  
     assert len(boxes)  # the random detector finds something to detail
     detailed = engine.generate(params.replace(detailer=(DetailerUnit(denoising_strength=0.6),)))
     assert np.abs(np.asarray(detailed.images[0], dtype=int) - np.asarray(plain, dtype=int)).max() > 0
+
+
+# --------------------------------------------------------------------------- the A1111 API (ADetailer's args)
+
+
+@pytest.fixture(scope="module")
+def api(sd1_file, tmp_path_factory):
+    from test_server_support import real_api, tiny_models_dir
+
+    with real_api(tiny_models_dir(tmp_path_factory.mktemp("adetailer-models"), sd1_file)) as client:
+        yield client
+
+
+def test_api_takes_adetailers_args(api, monkeypatch, sd1_engine):
+    import json
+
+    from test_server_support import decode_b64
+
+    monkeypatch.setattr(detailer, "face_finder", lambda folder, device: lambda picture, confidence: BOXES[:1])
+    assert "adetailer" in api.get("/sdapi/v1/scripts").json()["txt2img"]
+    assert "face_yolov8n.pt" in api.get("/adetailer/v1/ad_model").json()["ad_model"]
+    assert api.get("/adetailer/v1/version").json()["version"]
+    tab = {"ad_model": "face_yolov8n.pt", "ad_prompt": "", "ad_denoising_strength": 0.5, "ad_use_steps": True,
+           "ad_steps": 3, "ad_use_checkpoint": False, "ad_controlnet_model": "None", "ad_tap_enable": True}
+    body = {**{k: v for k, v in BASE.items() if k not in ("sampler", "rng")}, "sampler_name": "Euler",
+            "override_settings": {"randn_source": "CPU"},
+            "alwayson_scripts": {"ADetailer": {"args": [True, False, tab, {"ad_model": "None"}]}}}
+    r = api.post("/sdapi/v1/txt2img", json=body)
+    assert r.status_code == 200, r.text
+    info = json.loads(r.json()["info"])
+    assert "ADetailer model: face_yolov8n.pt" in info["infotexts"][0] and "ADetailer steps: 3" in info["infotexts"][0]
+    want = sd1_engine.generate(GenerationParams(**BASE, detailer=(DetailerUnit(denoising_strength=0.5, steps=3),)))
+    assert np.array_equal(np.asarray(decode_b64(r.json()["images"][0]).convert("RGB")), np.asarray(want.images[0]))
+    off = api.post("/sdapi/v1/txt2img", json={**body, "alwayson_scripts": {"ADetailer": {"args": [False, False, tab]}}})
+    assert off.status_code == 200 and "ADetailer" not in off.json()["info"]
+
+
+@pytest.mark.parametrize("args, field", [
+    ([True, False, {"ad_model": "hand_yolov8n.pt"}], "alwayson_scripts.ADetailer.args[2].ad_model"),
+    ([True, False, {"ad_modle": "face_yolov8n.pt"}], "alwayson_scripts.ADetailer.args[2].ad_modle"),
+    ([True, False, {"ad_model": "face_yolov8n.pt", "ad_confidence": 3}], "alwayson_scripts.ADetailer.args[2].ad_confidence"),
+    ([True, False, {"ad_model": "face_yolov8n.pt", "ad_use_checkpoint": True}],
+     "alwayson_scripts.ADetailer.args[2].ad_use_checkpoint"),
+    ([True, True, {"ad_model": "face_yolov8n.pt"}], "alwayson_scripts.ADetailer.args[1]"),
+    ([True, False, "face"], "alwayson_scripts.ADetailer.args[2]"),
+])
+def test_api_refusals_name_the_setting(api, args, field):
+    r = api.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 1, "width": 64, "height": 64,
+                                            "alwayson_scripts": {"ADetailer": {"args": args}}})
+    assert r.status_code == 422 and r.json()["field"] == field, r.text

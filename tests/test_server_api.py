@@ -133,7 +133,7 @@ def test_infotext_field_fills_unset_fields(client):
     ({"enable_hr": True, "hr_resize_x": 512, "width": 0}, "width"),
     ({"styles": ["cinematic"]}, "styles"),
     ({"script_name": "loopback"}, "script_name"),
-    ({"alwayson_scripts": {"ADetailer": {"args": [True, {}]}}}, "alwayson_scripts"),
+    ({"alwayson_scripts": {"Regional Prompter": {"args": [True, {}]}}}, "alwayson_scripts"),
     # ControlNet is available: an unknown ControlNet model is named down to the unit's field.
     ({"alwayson_scripts": {"controlnet": {"args": [{"module": "canny", "model": "x"}]}}},
      "alwayson_scripts.controlnet.args[0].model"),
@@ -728,15 +728,16 @@ def test_unknown_endpoints_are_404_and_wrong_methods_405(client):
 
 def test_scripts_list_the_scripts_requests_may_use(client):
     assert client.get("/sdapi/v1/scripts").json() == {
-        "txt2img": ["prompt matrix", "prompts from file or textbox", "x/y/z plot", "controlnet", "freeu integrated"],
+        "txt2img": ["prompt matrix", "prompts from file or textbox", "x/y/z plot", "controlnet", "freeu integrated",
+                    "adetailer"],
         "img2img": ["loopback", "prompt matrix", "prompts from file or textbox", "sd upscale", "x/y/z plot",
-                    "controlnet", "freeu integrated", "soft inpainting"]}
+                    "controlnet", "freeu integrated", "adetailer", "soft inpainting"]}
     info = {(s["name"], s["is_img2img"]): s for s in client.get("/sdapi/v1/script-info").json()}
     assert set(info) == {("controlnet", False), ("controlnet", True), ("soft inpainting", True), ("sd upscale", True),
                          ("x/y/z plot", False), ("x/y/z plot", True), ("freeu integrated", False),
                          ("freeu integrated", True), ("loopback", True), ("prompt matrix", False),
                          ("prompt matrix", True), ("prompts from file or textbox", False),
-                         ("prompts from file or textbox", True)}
+                         ("prompts from file or textbox", True), ("adetailer", False), ("adetailer", True)}
     assert len(info[("x/y/z plot", True)]["args"]) == 18
     assert not info[("sd upscale", True)]["is_alwayson"]
     soft = info[("soft inpainting", True)]["args"]

@@ -87,9 +87,10 @@ def test_lists_options_and_png_info(server):
                     server.get_hypernetworks(), server.get_face_restorers(), server.get_realesrgan_models()):
         assert isinstance(listing, list)
     assert server.get_scripts() == {
-        "txt2img": ["prompt matrix", "prompts from file or textbox", "x/y/z plot", "controlnet", "freeu integrated"],
+        "txt2img": ["prompt matrix", "prompts from file or textbox", "x/y/z plot", "controlnet", "freeu integrated",
+                    "adetailer"],
         "img2img": ["loopback", "prompt matrix", "prompts from file or textbox", "sd upscale", "x/y/z plot",
-                    "controlnet", "freeu integrated", "soft inpainting"]}
+                    "controlnet", "freeu integrated", "adetailer", "soft inpainting"]}
     assert "ram" in server.get_memory()
     assert server.controlnet_version() == 2
 

@@ -15,7 +15,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from .. import __version__
-from .a1111 import controlnet, extras, generation, lists, settings
+from .a1111 import adetailer, controlnet, extras, generation, lists, settings
 from .config import LOOPBACK_NAMES, ServerConfig
 from .engine_slot import EngineLoader
 from .errors import install_handlers
@@ -55,7 +55,7 @@ def create_app(config: ServerConfig | None = None, *, loader: EngineLoader | Non
     app.state.underpaint = state
     install_handlers(app)
     for router in (generation.router, settings.router, lists.router, extras.router, controlnet.router,
-                   native_router):
+                   adetailer.router, native_router):
         app.include_router(router)
     _add_docs(app)
     if config.webui:
@@ -81,7 +81,7 @@ def _add_docs(app: FastAPI) -> None:
 
 
 #: Paths that are the API's alone: the browser UI's files never answer for them.
-API_PREFIXES = ("/sdapi/", "/controlnet/", "/underpaint/")
+API_PREFIXES = ("/sdapi/", "/controlnet/", "/adetailer/", "/underpaint/")
 
 
 def _mount_webui(app: FastAPI) -> None:

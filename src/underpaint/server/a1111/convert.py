@@ -33,6 +33,8 @@ CONTROLNET_SCRIPT = "controlnet"
 SOFT_INPAINTING_SCRIPT = "soft inpainting"
 #: Forge's built-in FreeU script (models/freeu.py): args [enabled, b1, b2, s1, s2].
 FREEU_SCRIPT = "freeu integrated"
+#: The ADetailer extension's always-on script (pipeline/detailer.py): args [enabled, skip img2img, {ad_*}, ...].
+ADETAILER_SCRIPT = "adetailer"
 #: The selectable scripts underpaint runs: A1111's "SD upscale" (img2img, pipeline/sd_upscale.py),
 #: "X/Y/Z plot" (both tabs, pipeline/xyz_plot.py), "Loopback" (img2img, pipeline/loopback.py),
 #: "Prompt matrix" and "Prompts from file or textbox" (both tabs, pipeline/prompt_matrix.py and
@@ -683,11 +685,12 @@ def _check_alwayson(scripts: Mapping[str, Any]) -> None:
                 raise InvalidParameter(f"alwayson_scripts.{name}.args[{on[0]}]", "an enabled unit",
                                        "no enabled units (ControlNet is not available in this version)")
             continue
-        if name.lower() in (SOFT_INPAINTING_SCRIPT, FREEU_SCRIPT):
+        if name.lower() in (SOFT_INPAINTING_SCRIPT, FREEU_SCRIPT, ADETAILER_SCRIPT):
             continue
         # A disabled extension does nothing, so clients that always send e.g. {"args": [false]} still work.
         if args and not (args[0] is False or args[0] is None):
-            raise UnknownName("alwayson_scripts", name, [CONTROLNET_SCRIPT, SOFT_INPAINTING_SCRIPT, FREEU_SCRIPT])
+            raise UnknownName("alwayson_scripts", name, [CONTROLNET_SCRIPT, SOFT_INPAINTING_SCRIPT, FREEU_SCRIPT,
+                                                         ADETAILER_SCRIPT])
 
 
 def _refiner(req: GenerationRequest, ctx: ConvertContext, overrides: "_Overrides") -> RefinerOptions | None:
@@ -702,6 +705,91 @@ def _refiner(req: GenerationRequest, ctx: ConvertContext, overrides: "_Overrides
     path = ctx.resolve_model(name, field="refiner_checkpoint")
     switch_at = 0.8 if req.refiner_switch_at is None else req.refiner_switch_at
     return RefinerOptions(str(path), switch_at, overrides.hires_refiner_pass(ctx.options.hires_fix_refiner_pass))
+
+
+#: ADetailer's settings → DetailerUnit's fields (the ``ad_use_*`` switches are read with their values).
+_AD_FIELDS = {"ad_model": "model", "ad_prompt": "prompt", "ad_negative_prompt": "negative_prompt",
+              "ad_confidence": "confidence", "ad_mask_k_largest": "mask_k_largest",
+              "ad_mask_min_ratio": "mask_min_ratio", "ad_mask_max_ratio": "mask_max_ratio",
+              "ad_x_offset": "x_offset", "ad_y_offset": "y_offset", "ad_dilate_erode": "dilate_erode",
+              "ad_mask_merge_invert": "mask_merge_invert", "ad_mask_blur": "mask_blur",
+              "ad_denoising_strength": "denoising_strength", "ad_inpaint_only_masked": "inpaint_only_masked",
+              "ad_inpaint_only_masked_padding": "inpaint_only_masked_padding"}
+_AD_SWITCHED = {"ad_use_inpaint_width_height": ("ad_inpaint_width", "ad_inpaint_height"),
+                "ad_use_steps": ("ad_steps",), "ad_use_cfg_scale": ("ad_cfg_scale",),
+                "ad_use_sampler": ("ad_sampler", "ad_scheduler")}
+#: ADetailer settings underpaint takes at their "off" value only (what each turns on is not available here).
+_AD_OFF = {"ad_use_checkpoint": False, "ad_use_vae": False, "ad_use_noise_multiplier": False,
+           "ad_use_clip_skip": False, "ad_restore_face": False, "ad_controlnet_model": "None"}
+#: ADetailer settings read and ignored: their values matter only with a switch above, or say nothing here.
+_AD_IGNORED = ("ad_model_classes", "ad_checkpoint", "ad_vae", "ad_noise_multiplier", "ad_clip_skip",
+               "ad_controlnet_module", "ad_controlnet_weight", "ad_controlnet_guidance_start",
+               "ad_controlnet_guidance_end", "is_api", "ad_tab_enable")
+
+
+def _detailer(scripts: Mapping[str, Any]) -> tuple:
+    """The ADetailer extension's ``args``: ``[enabled, skip img2img, {ad_* settings}, ...]`` (the two
+    switches may be left out: its older clients send the tabs alone), a tab per object; a tab whose
+    ``ad_model`` is "None" or with ``ad_tap_enable`` false is off. () when off."""
+    from ...params import DetailerUnit
+
+    for name, value in scripts.items():
+        if name.lower() != ADETAILER_SCRIPT:
+            continue
+        args, field = _script_args(name, value), f"alwayson_scripts.{name}.args"
+        start = 0
+        if args and isinstance(args[0], bool):
+            if not args[0]:
+                return ()
+            start = 1
+        if len(args) > start and isinstance(args[start], bool):
+            if args[start]:
+                raise InvalidParameter(f"{field}[{start}]", True, "false (ADetailer's \"skip img2img\" is not "
+                                                                  "available)")
+            start += 1
+        units = []
+        for index in range(start, len(args)):
+            tab = args[index]
+            if not isinstance(tab, Mapping):
+                raise InvalidParameter(f"{field}[{index}]", tab, "an object of ADetailer settings (ad_model, ...)")
+            unit = _detailer_unit(tab, f"{field}[{index}]", DetailerUnit)
+            if unit is not None:
+                units.append(unit)
+        return tuple(units)
+    return ()
+
+
+def _detailer_unit(tab: Mapping[str, Any], field: str, kind):
+    known = set(_AD_FIELDS) | set(_AD_SWITCHED) | {k for v in _AD_SWITCHED.values() for k in v} | set(_AD_OFF) \
+        | set(_AD_IGNORED) | {"ad_tap_enable"}
+    for key, value in tab.items():
+        if key not in known:
+            raise UnknownName(f"{field}.{key}", key, sorted(known))
+        if key in _AD_OFF and value not in (None, _AD_OFF[key]):
+            raise InvalidParameter(f"{field}.{key}", value, f"{_AD_OFF[key]!r} (not available in underpaint's "
+                                                            "face detailing)")
+    if tab.get("ad_model", "None") in (None, "None") or tab.get("ad_tap_enable", tab.get("ad_tab_enable", True)) is False:
+        return None
+    fields = {target: tab[key] for key, target in _AD_FIELDS.items() if tab.get(key) is not None}
+    if tab.get("ad_use_inpaint_width_height"):
+        fields["inpaint_width"], fields["inpaint_height"] = tab.get("ad_inpaint_width", 512), tab.get("ad_inpaint_height", 512)
+    if tab.get("ad_use_steps"):
+        fields["steps"] = tab.get("ad_steps", 28)
+    if tab.get("ad_use_cfg_scale"):
+        fields["cfg_scale"] = tab.get("ad_cfg_scale", 7.0)
+    if tab.get("ad_use_sampler"):
+        fields["sampler"] = tab.get("ad_sampler", "DPM++ 2M Karras")
+        scheduler = tab.get("ad_scheduler", "Use same scheduler")
+        if scheduler not in (None, "Use same scheduler"):
+            fields["scheduler"] = scheduler
+    try:
+        unit = kind(**fields)
+    except InvalidParameter as exc:
+        raise InvalidParameter(f"{field}.{exc.field}", exc.value, exc.expected) from None
+    from ...pipeline.detailer import check_unit
+
+    check_unit(unit, field=f"{field}.ad_model")
+    return unit
 
 
 def _freeu(scripts: Mapping[str, Any]) -> FreeUOptions | None:
@@ -794,6 +882,7 @@ def _common_fields(req: GenerationRequest, ctx: ConvertContext, pictures: Pictur
         "negative_aesthetic_score": overrides.float("sdxl_refiner_low_aesthetic_score",
                                                     ctx.options.sdxl_refiner_low_aesthetic_score),
         "freeu": _freeu(req.alwayson_scripts),
+        "detailer": _detailer(req.alwayson_scripts),
         "refiner": _refiner(req, ctx, overrides),
         "sampler_options": _sampler_options(req, overrides, sampler, ctx.options),
         "sgm_noise_multiplier": overrides.bool("sgm_noise_multiplier", ctx.options.sgm_noise_multiplier),

@@ -198,9 +198,9 @@ def _always_on(img2img: bool) -> list[str]:
     """The always-on scripts a request's ``alwayson_scripts`` may turn on, named as A1111 lists them:
     ControlNet (when generations take units) and FreeU on both tabs, Soft Inpainting on img2img only."""
     from .control_units import controlnet_available
-    from .convert import CONTROLNET_SCRIPT, FREEU_SCRIPT, SOFT_INPAINTING_SCRIPT
+    from .convert import ADETAILER_SCRIPT, CONTROLNET_SCRIPT, FREEU_SCRIPT, SOFT_INPAINTING_SCRIPT
 
-    names = ([CONTROLNET_SCRIPT] if controlnet_available() else []) + [FREEU_SCRIPT]
+    names = ([CONTROLNET_SCRIPT] if controlnet_available() else []) + [FREEU_SCRIPT, ADETAILER_SCRIPT]
     return names + [SOFT_INPAINTING_SCRIPT] if img2img else names
 
 
