@@ -189,3 +189,27 @@ def test_api_refusals_name_the_setting(api, args, field):
     r = api.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 1, "width": 64, "height": 64,
                                             "alwayson_scripts": {"ADetailer": {"args": args}}})
     assert r.status_code == 422 and r.json()["field"] == field, r.text
+
+
+def test_cli_adetailer_flags(tmp_path, sd1_file, sd1_engine, monkeypatch):
+    from cli_runner import run_cli
+
+    from test_cli import assert_clean_error
+
+    monkeypatch.setattr(detailer, "face_finder", lambda folder, device: lambda picture, confidence: BOXES[:1])
+    common = ["txt2img", "-p", "a portrait", "-n", "blurry", "--steps", "2", "--sampler", "Euler", "--rng", "cpu",
+              "-W", "64", "-H", "64", "--seed", "21", "--subseed", "5", "--model", str(sd1_file)]
+    proc = run_cli(*common, "-o", str(tmp_path / "a.png"), "--adetailer", "--adetailer-strength", "0.5",
+                   "--adetailer-padding", "8")
+    assert proc.returncode == 0, proc.stderr
+    want = sd1_engine.generate(GenerationParams(**BASE, detailer=(DetailerUnit(denoising_strength=0.5,
+                                                                               inpaint_only_masked_padding=8),)))
+    made = Image.open(tmp_path / "a.png")
+    assert np.array_equal(np.asarray(made.convert("RGB")), np.asarray(want.images[0]))
+    assert "ADetailer denoising strength: 0.5" in made.text["parameters"]
+    assert_clean_error(run_cli(*common, "-o", str(tmp_path / "b.png"), "--adetailer-strength", "0.5"),
+                       "--adetailer beside it")
+    assert_clean_error(run_cli(*common, "-o", str(tmp_path / "c.png"), "--adetailer", "--adetailer-strength", "2"),
+                       "--adetailer-strength")
+    assert_clean_error(run_cli(*common, "-o", str(tmp_path / "d.png"), "--adetailer", "hand_yolov8n.pt"),
+                       "--adetailer", "hand")

@@ -2059,6 +2059,31 @@ def test_prompt_matrix_and_prompts_from_file_scripts(page, tmp_path):
     script.select_option("")
 
 
+def test_adetailer_section_sends_a_face_tab(page):
+    """The ADetailer section sends the extension's args (a face tab); a refused setting is marked beside its box,
+    and a server without the face detector's file says which file to put where."""
+    page.click("#tab-txt2img")
+    fast_settings(page, seed=2, steps=1)
+    page.locator("#adetailer-section summary").click()
+    page.check("#ad_enable")
+    page.fill("#ad_prompt", "a smiling face")
+    page.fill("#ad_confidence", "2")
+    with page.expect_response("**/sdapi/v1/txt2img") as answer:
+        page.click("#generate")
+    assert answer.value.status == 422
+    sent = json.loads(answer.value.request.post_data)
+    args = sent["alwayson_scripts"]["ADetailer"]["args"]
+    assert args[:2] == [True, False] and args[2]["ad_model"] == "face_yolov8n.pt"
+    assert args[2]["ad_prompt"] == "a smiling face" and args[2]["ad_denoising_strength"] == 0.4
+    expect(page.locator(".field:has(#ad_confidence) .field-error")).to_be_visible()
+    page.fill("#ad_confidence", "0.3")
+    with page.expect_response("**/sdapi/v1/txt2img", timeout=GENERATION_TIMEOUT) as answer:
+        page.click("#generate")
+    assert answer.value.status == 404, answer.value.text()
+    expect(page.locator("#general-error")).to_contain_text("detection_Resnet50_Final.pth")
+    page.uncheck("#ad_enable")
+
+
 def test_interrogate_clip_writes_the_prompt(page, photo_file):
     """img2img's "Interrogate CLIP" posts the picture to /interrogate and puts the caption in the prompt; without
     a picture it says so beside the picture."""

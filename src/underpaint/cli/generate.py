@@ -176,6 +176,21 @@ def _add_generation_args(p: argparse.ArgumentParser, *, img2img: bool) -> None:
     s.add_argument("--tiling", action="store_true", default=False,
                    help="A1111's Tiling: a picture that tiles seamlessly, its right edge running on into the left "
                         "and its bottom into the top (SD 1.x/2.x and SDXL)")
+    a = p.add_argument_group("face detailing", "ADetailer's face fix: each face of the finished picture inpainted "
+                                               "again at the full size (found by detection_Resnet50_Final.pth, as "
+                                               "face restoration finds them)")
+    a.add_argument("--adetailer", nargs="?", const="face_yolov8n.pt", default=None, metavar="MODEL",
+                   help="turn it on (MODEL is recorded as ADetailer's detection model; default face_yolov8n.pt)")
+    a.add_argument("--adetailer-prompt", default=None, metavar="TEXT",
+                   help="the faces' prompt (default: the prompt; [PROMPT] stands for it, [SEP] gives each face its own)")
+    a.add_argument("--adetailer-negative-prompt", default=None, metavar="TEXT", help="the faces' negative prompt")
+    a.add_argument("--adetailer-strength", type=float, default=None, metavar="S",
+                   help="the faces' denoising strength (default 0.4)")
+    a.add_argument("--adetailer-confidence", type=float, default=None, metavar="C",
+                   help="the least detection score of a face (default 0.3)")
+    a.add_argument("--adetailer-padding", type=int, default=None, metavar="PX",
+                   help="pixels around each face inpainted with it (default 32)")
+    a.add_argument("--adetailer-steps", type=int, default=None, metavar="N", help="the faces' steps (default: --steps)")
 
     r = p.add_argument_group("seed")
     r.add_argument("--seed", type=int, default=-1,
@@ -645,6 +660,31 @@ def _with_refiner(params: GenerationParams, args: argparse.Namespace) -> Generat
                                exc.expected) from None
 
 
+_DETAILER_FLAGS = {"adetailer_prompt": "prompt", "adetailer_negative_prompt": "negative_prompt",
+                   "adetailer_strength": "denoising_strength", "adetailer_confidence": "confidence",
+                   "adetailer_padding": "inpaint_only_masked_padding", "adetailer_steps": "steps"}
+
+
+def _with_detailer(params: GenerationParams, args: argparse.Namespace) -> GenerationParams:
+    """--adetailer and its flags as one ADetailer tab."""
+    if getattr(args, "adetailer", None) is None:
+        for flag in _DETAILER_FLAGS:
+            if getattr(args, flag, None) is not None:
+                raise InvalidParameter(flag, getattr(args, flag), "--adetailer beside it")
+        return params
+    from ..params import DetailerUnit
+    from ..pipeline.detailer import check_unit
+
+    fields = {field: getattr(args, flag) for flag, field in _DETAILER_FLAGS.items() if getattr(args, flag) is not None}
+    try:
+        unit = DetailerUnit(model=args.adetailer, **fields)
+    except InvalidParameter as exc:
+        flag = next((f for f, name in _DETAILER_FLAGS.items() if f"ad_{name}" == exc.field), "adetailer")
+        raise InvalidParameter(flag, exc.value, exc.expected) from None
+    check_unit(unit, field="adetailer")
+    return params.replace(detailer=(unit,))
+
+
 def _with_freeu(params: GenerationParams, given: str | None) -> GenerationParams:
     """``--freeu`` over the request (and over what an infotext brought): four factors, none (the
     defaults) or ``off``."""
@@ -727,6 +767,7 @@ def params_from_args(args: argparse.Namespace, init_images: tuple = (), *, model
     params = _with_prompt_scripts(params, args)
     params = with_cache(params, args)
     params = _with_freeu(params, getattr(args, "freeu", None))
+    params = _with_detailer(params, args)
     params = _with_refiner(params, args)
     params = _with_loras(params, getattr(args, "lora", None))
     return _with_styles(params, args)

@@ -96,7 +96,9 @@ export class GenerationForm {
       "n_iter", "batch_size", "cfg_scale", "distilled_cfg_scale", "image_cfg_scale", "denoising_strength", "seed", "mask_blur",
       "inpaint_full_res_padding", "deepcache_interval", "deepcache_branch", "first_block_cache", "s_min_uncond",
       "s_min_uncond_all", "skip_early_cond", "sd_vae_decode_method", "sd_vae_encode_method", "tiling", "restore_faces", "face_restoration_model", "code_former_weight",
-      "img2img_color_correction", "initial_noise_multiplier", "img2img_extra_noise", "freeu_enabled", ...FREEU_FACTORS, "refiner_enabled", "refiner_checkpoint", "refiner_switch_at", "aesthetic_score", "negative_aesthetic_score", "enable_hr", "hr_upscaler",
+      "img2img_color_correction", "initial_noise_multiplier", "img2img_extra_noise", "freeu_enabled", ...FREEU_FACTORS,
+      "ad_enable", "ad_prompt", "ad_negative_prompt", "ad_confidence", "ad_denoising_strength",
+      "ad_inpaint_only_masked_padding", "refiner_enabled", "refiner_checkpoint", "refiner_switch_at", "aesthetic_score", "negative_aesthetic_score", "enable_hr", "hr_upscaler",
       ...HIRES_NUMBERS, "hr_extra_noise", "hires_fix_refiner_pass", "hr_checkpoint_name", "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt"]) {
       this.controls[name] = $(`#${name}`, root);
     }
@@ -194,6 +196,7 @@ export class GenerationForm {
     $("#fbcache-row", this.root).hidden = !flux;  // and First Block Cache is for its transformer only
     $("#tiling-field", this.root).hidden = flux;  // its transformer has no convolutions to wrap around
     $("#freeu-section", this.root).hidden = flux;  // FreeU works on a UNet's decoder
+    $("#adetailer-section", this.root).hidden = flux;  // and face detailing inpaints with SD models
     $("#refiner-section", this.root).hidden = flux;  // and the refiner switch is for SD and SDXL models
     this.updateHiresSize();  // FLUX's latent patches make sizes whole blocks of 16
     setNumber(c.cfg_scale, flux ? 1 : 7);
@@ -266,8 +269,18 @@ export class GenerationForm {
   /** Forge's "FreeU Integrated" always-on script while FreeU is on (Stable Diffusion models), else none. */
   alwaysOnScripts() {
     const c = this.controls;
-    if (this.family === "flux" || !c.freeu_enabled.checked) return {};
-    return { "FreeU Integrated": { args: [true, ...FREEU_FACTORS.map((name) => numberValue(c[name]))] } };
+    const scripts = {};
+    if (this.family !== "flux" && c.freeu_enabled.checked) {
+      scripts["FreeU Integrated"] = { args: [true, ...FREEU_FACTORS.map((name) => numberValue(c[name]))] };
+    }
+    if (this.family !== "flux" && c.ad_enable.checked) {  // ADetailer's face tab
+      scripts.ADetailer = { args: [true, false, {
+        ad_model: "face_yolov8n.pt", ad_prompt: c.ad_prompt.value, ad_negative_prompt: c.ad_negative_prompt.value,
+        ad_confidence: numberValue(c.ad_confidence), ad_denoising_strength: numberValue(c.ad_denoising_strength),
+        ad_inpaint_only_masked_padding: numberValue(c.ad_inpaint_only_masked_padding),
+      }] };
+    }
+    return scripts;
   }
 
   /** The request fields of `mode` (txt2img, img2img, inpaint), with A1111's names. */
