@@ -213,3 +213,31 @@ def test_cli_adetailer_flags(tmp_path, sd1_file, sd1_engine, monkeypatch):
                        "--adetailer-strength")
     assert_clean_error(run_cli(*common, "-o", str(tmp_path / "d.png"), "--adetailer", "hand_yolov8n.pt"),
                        "--adetailer", "hand")
+
+
+def test_infotext_reads_back_the_tabs():
+    from underpaint.imageio.infotext import format_infotext, parse_infotext
+    from underpaint.pipeline.reproduce import params_from_infotext
+
+    units = (DetailerUnit(prompt="a smile, happy", denoising_strength=0.5, steps=9, mask_k_largest=2),
+             DetailerUnit(model="mediapipe_face_full", inpaint_only_masked=False, sampler="Euler a"))
+    text = format_infotext("a portrait", "", {"Steps": 20, **dict(detailer.infotext_entries(units))})
+    assert params_from_infotext(parse_infotext(text))["detailer"] == units
+    assert "detailer" not in params_from_infotext(parse_infotext(format_infotext("x", "", {"Steps": 20})))
+    with pytest.raises(InvalidParameter) as err:
+        detailer.units_from_infotext({"ADetailer model": "face_yolov8n.pt", "ADetailer confidence": "high"})
+    assert err.value.field == "ADetailer confidence"
+
+
+def test_api_infotext_field_brings_the_tabs(api, monkeypatch):
+    import json
+
+    from underpaint.imageio.infotext import format_infotext
+
+    monkeypatch.setattr(detailer, "face_finder", lambda folder, device: lambda picture, confidence: BOXES[:1])
+    unit = DetailerUnit(denoising_strength=0.5, steps=3)
+    text = format_infotext("a portrait", "blurry", {"Steps": 2, "Sampler": "Euler", "Seed": 21, "Size": "64x64",
+                                                    **dict(detailer.infotext_entries((unit,)))})
+    r = api.post("/sdapi/v1/txt2img", json={"infotext": text, "override_settings": {"randn_source": "CPU"}})
+    assert r.status_code == 200, r.text
+    assert "ADetailer denoising strength: 0.5" in json.loads(r.json()["info"])["infotexts"][0]

@@ -110,6 +110,52 @@ def infotext_entries(units: tuple) -> tuple[tuple[str, object], ...]:
     return (*entries, ("ADetailer version", VERSION)) if entries else ()
 
 
+def units_from_infotext(params) -> tuple:
+    """The ADetailer tabs an infotext records ("ADetailer model", "ADetailer model 2nd", ...), as ADetailer's
+    paste reads them back; () when it records none. A value that does not parse is refused naming its key."""
+    from ..params import DetailerUnit
+
+    kinds = {"confidence": float, "mask_k_largest": int, "mask_min_ratio": float, "mask_max_ratio": float,
+             "x_offset": int, "y_offset": int, "dilate_erode": int, "mask_blur": int, "denoising_strength": float,
+             "inpaint_only_masked": bool, "inpaint_only_masked_padding": int}
+    units = []
+    for n in range(10):
+        end = suffix(n)
+        if "ADetailer model" + end not in params:
+            break
+        fields: dict = {}
+        for attr, name, _ in INFOTEXT:
+            key = name + end
+            if key in params:
+                fields[attr] = _typed(params[key], kinds.get(attr, str), key)
+        for attr, name, kind in (("steps", "steps", int), ("cfg_scale", "CFG scale", float), ("sampler", "sampler", str)):
+            if str(params.get(f"ADetailer use separate {name}{end}", "")).lower() == "true" \
+                    and f"ADetailer {name}{end}" in params:
+                fields[attr] = _typed(params[f"ADetailer {name}{end}"], kind, f"ADetailer {name}{end}")
+        if "ADetailer scheduler" + end in params and "sampler" in fields:
+            fields["scheduler"] = params["ADetailer scheduler" + end]
+        if str(params.get("ADetailer use inpaint width height" + end, "")).lower() == "true":
+            for attr, name in (("inpaint_width", "width"), ("inpaint_height", "height")):
+                fields[attr] = _typed(params.get(f"ADetailer inpaint {name}{end}", "512"), int,
+                                      f"ADetailer inpaint {name}{end}")
+        try:
+            units.append(DetailerUnit(**fields))
+        except InvalidParameter as exc:
+            raise InvalidParameter(f"ADetailer {exc.field.removeprefix('ad_')}{end}", exc.value, exc.expected) from None
+    return tuple(units)
+
+
+def _typed(text, kind, key: str):
+    if kind is bool:
+        if str(text).lower() not in ("true", "false"):
+            raise InvalidParameter(key, text, "True or False")
+        return str(text).lower() == "true"
+    try:
+        return kind(text)
+    except (TypeError, ValueError):
+        raise InvalidParameter(key, text, "a number" if kind in (int, float) else "text") from None
+
+
 def prompts(text: str, default: str) -> list[str]:
     """A tab's prompts, one per mask (the last serving the rest): ``[SEP]`` separates them, an empty one is
     ``default``, and ``[PROMPT]`` in one stands for ``default``."""

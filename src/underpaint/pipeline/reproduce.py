@@ -131,6 +131,11 @@ def params_from_infotext(parsed: ParsedInfotext) -> dict[str, Any]:
     freeu = freeu_from_infotext(parsed.params)
     if freeu is not None:
         fields["freeu"] = freeu
+    from .detailer import units_from_infotext
+
+    detailer = units_from_infotext(parsed.params)
+    if detailer:
+        fields["detailer"] = detailer
     return fields
 
 

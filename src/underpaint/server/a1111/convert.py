@@ -759,6 +759,20 @@ def _detailer(scripts: Mapping[str, Any]) -> tuple:
     return ()
 
 
+def _ad_settings(unit) -> dict[str, Any]:
+    """A tab's ADetailer settings (the inverse of :func:`_detailer_unit`)."""
+    tab = {key: getattr(unit, attr) for key, attr in _AD_FIELDS.items()}
+    if unit.inpaint_width is not None and unit.inpaint_height is not None:
+        tab.update(ad_use_inpaint_width_height=True, ad_inpaint_width=unit.inpaint_width,
+                   ad_inpaint_height=unit.inpaint_height)
+    for switch, attr in (("ad_use_steps", "steps"), ("ad_use_cfg_scale", "cfg_scale"), ("ad_use_sampler", "sampler")):
+        if getattr(unit, attr) is not None:
+            tab.update({switch: True, f"ad_{attr}": getattr(unit, attr)})
+    if unit.sampler is not None and unit.scheduler is not None:
+        tab["ad_scheduler"] = unit.scheduler
+    return tab
+
+
 def _detailer_unit(tab: Mapping[str, Any], field: str, kind):
     known = set(_AD_FIELDS) | set(_AD_SWITCHED) | {k for v in _AD_SWITCHED.values() for k in v} | set(_AD_OFF) \
         | set(_AD_IGNORED) | {"ad_tap_enable"}
@@ -1322,6 +1336,13 @@ def apply_infotext(req: GenerationRequest) -> GenerationRequest:
         freeu = options_from_infotext(parsed.params)
         if freeu is not None:  # Forge's keys, as its paste fills in the script's controls
             scripts["FreeU Integrated"] = {"args": [True, *(getattr(freeu, name) for _, name in INFOTEXT_KEYS)]}
+            updates["alwayson_scripts"] = scripts
+    if not any(name.lower() == ADETAILER_SCRIPT for name in scripts):
+        from ...pipeline.detailer import units_from_infotext
+
+        units = units_from_infotext(parsed.params)  # ADetailer's keys, as its paste fills in its tabs
+        if units:
+            scripts["ADetailer"] = {"args": [True, False, *(_ad_settings(unit) for unit in units)]}
             updates["alwayson_scripts"] = scripts
     try:
         return type(req).model_validate({**req.model_dump(), **updates})
