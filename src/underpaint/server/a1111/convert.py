@@ -44,9 +44,11 @@ XYZ_PLOT_SCRIPT = "x/y/z plot"
 LOOPBACK_SCRIPT = "loopback"
 PROMPT_MATRIX_SCRIPT = "prompt matrix"
 PROMPTS_FILE_SCRIPT = "prompts from file or textbox"
+OUTPAINT_SCRIPT = "poor man's outpainting"
 #: The scripts of each tab, in A1111's order of its Script list.
 TXT2IMG_SCRIPTS = (PROMPT_MATRIX_SCRIPT, PROMPTS_FILE_SCRIPT, XYZ_PLOT_SCRIPT)
-IMG2IMG_SCRIPTS = (LOOPBACK_SCRIPT, PROMPT_MATRIX_SCRIPT, PROMPTS_FILE_SCRIPT, SD_UPSCALE_SCRIPT, XYZ_PLOT_SCRIPT)
+IMG2IMG_SCRIPTS = (LOOPBACK_SCRIPT, OUTPAINT_SCRIPT, PROMPT_MATRIX_SCRIPT, PROMPTS_FILE_SCRIPT, SD_UPSCALE_SCRIPT,
+                   XYZ_PLOT_SCRIPT)
 #: Scripts that make the prompts themselves: the request's styles go to each prompt they make.
 _PROMPT_SCRIPTS = (PROMPT_MATRIX_SCRIPT, PROMPTS_FILE_SCRIPT)
 #: The script options' own field names → the ``script_args`` item each comes from (errors found
@@ -231,9 +233,13 @@ def prepare_img2img(req: Img2ImgRequest, ctx: ConvertContext) -> PreparedJob:
         fields["loopback"] = _loopback(req.script_args, fields.get("n_iter") or 1, ctx)
     elif _script(req) in _PROMPT_SCRIPTS:
         fields.update(_prompt_script(req, ctx))
+    elif _script(req) == OUTPAINT_SCRIPT:
+        outpaint = _outpaint(req, fields)
     elif req.script_name:
         fields["xyz_plot"] = _xyz_plot(req.script_args, ctx, img2img=True)
     params = _checked_plot(_build_params(fields, strength=strength), ctx)
+    if _script(req) == OUTPAINT_SCRIPT:
+        params = _outpainted(params, outpaint, ctx)
     echo = req.model_dump(mode="json", exclude={"include_init_images"})
     if not req.include_init_images:
         echo["init_images"] = None
@@ -586,6 +592,65 @@ def _loopback(args: list, n_iter: int, ctx: ConvertContext):
                                                                 f"server's limit; {options.loops} loops x batch count "
                                                                 f"{n_iter} makes {passes})")
     return options
+
+
+_OUTPAINT_DIRECTIONS = ("left", "right", "up", "down")
+
+
+def _outpaint(req: GenerationRequest, fields: dict[str, Any]):
+    """A1111's "Poor man's outpainting" ``script_args``: [pixels to expand (128), mask blur (4), masked content
+    (an index: 0 fill, 1 original, 2 latent noise, 3 latent nothing; or its name), outpainting directions
+    (["left", "right", "up", "down"])], run as underpaint's outpainting (pipeline/inpaint.py): the canvas
+    grows by the pixels (rounded up to whole 8-pixel cells) on each side named, A1111's fill paints the new
+    margins, and they are inpainted with the masked content chosen, the seam feathered by twice the mask
+    blur (A1111 doubles it too). A1111 works the canvas in tiles of Width x Height; underpaint paints it
+    whole, at its own size."""
+    from ...params import MASKED_CONTENT
+    from ...pipeline.inpaint import OutpaintOptions
+
+    if req.mask:
+        raise InvalidParameter("mask", "<image>", "no mask with Poor man's outpainting (it makes its own)")
+    args = list(req.script_args) + [None] * (4 - len(req.script_args))
+    pixels, blur, content, directions = args[:4]
+    pixels = 128 if pixels is None else pixels
+    blur = 4 if blur is None else blur
+    for index, value, low, high in ((0, pixels, 8, 1024), (1, blur, 0, 64)):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise InvalidParameter(f"script_args[{index}]", value, f"a whole number from {low} to {high}")
+    pixels, blur = int(pixels), int(blur)
+    if content is None:
+        content = 0
+    if isinstance(content, int) and not isinstance(content, bool) and 0 <= content < len(MASKED_CONTENT):
+        content = MASKED_CONTENT[content]
+    if content not in MASKED_CONTENT:
+        raise InvalidParameter("script_args[2]", content, "0 fill, 1 original, 2 latent noise or 3 latent nothing")
+    directions = list(_OUTPAINT_DIRECTIONS) if directions is None else directions
+    if not isinstance(directions, list) or not directions or any(d not in _OUTPAINT_DIRECTIONS for d in directions):
+        raise InvalidParameter("script_args[3]", directions, "a list of directions among left, right, up and down")
+    options = OutpaintOptions(**{side: pixels if side in directions else 0 for side in _OUTPAINT_DIRECTIONS},
+                              fill="blur")
+    inpaint = fields["inpaint"]
+    fields["inpaint"] = replace(inpaint, masked_content=content, mask_blur_x=2 * blur, mask_blur_y=2 * blur,
+                                full_res=False)
+    fields["width"] = fields["height"] = None  # the canvas's own size
+    return options
+
+
+def _outpainted(params: GenerationParams, options, ctx: ConvertContext) -> GenerationParams:
+    """The inpainting request that outpaints the picture, its canvas within the server's size limits."""
+    from ...pipeline.inpaint import outpaint_params
+
+    params = outpaint_params(params, options)
+    canvas = params.init_images[0]
+    limits = ctx.limits
+    if canvas.width > limits.max_width or canvas.height > limits.max_height \
+            or canvas.width * canvas.height > limits.max_image_pixels:
+        raise InvalidParameter("script_args[0]", max(options.left, options.right, options.up, options.down),
+                               f"fewer pixels: the canvas would be {canvas.width}x{canvas.height}, past this "
+                               f"server's {limits.max_width}x{limits.max_height} and {limits.max_image_pixels} pixels")
+    return params
 
 
 def _interrogator(ctx: ConvertContext):
