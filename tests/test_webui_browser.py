@@ -1901,7 +1901,7 @@ def test_sd_upscale_script_enlarges_as_the_server_does(page, server, photo_file)
     fields are sent only while it is chosen, and only from img2img; the choice is kept over a reload."""
     script = page.locator("#script_name")
     expect(script).to_be_visible()
-    assert script.locator("option").all_inner_texts() == ["None", "Loopback", "Prompt matrix",
+    assert script.locator("option").all_inner_texts() == ["None", "Loopback", "Poor man's outpainting", "Prompt matrix",
                                                           "Prompts from file or textbox", "SD upscale", "X/Y/Z plot"]
     expect(script).to_have_value("")
     expect(page.locator("#sd-upscale")).to_be_hidden()
@@ -2059,6 +2059,26 @@ def test_prompt_matrix_and_prompts_from_file_scripts(page, tmp_path):
     script.select_option("")
 
 
+def test_poor_mans_outpainting_script_extends_the_canvas(page, photo_file):
+    """img2img's Poor man's outpainting sends A1111's four arguments (the directions ticked) and comes back with
+    the canvas grown on those sides only."""
+    page.set_input_files("#img2img-file", str(photo_file))
+    fast_settings(page, seed=3, steps=1)
+    page.locator("#script_name").select_option("Poor man's outpainting")
+    expect(page.locator("#outpainting")).to_be_visible()
+    set_value(page, "outpaint_pixels", 16)
+    page.uncheck('input[name="outpaint_direction"][value="up"]')
+    page.uncheck('input[name="outpaint_direction"][value="down"]')
+    with page.expect_response("**/sdapi/v1/img2img", timeout=GENERATION_TIMEOUT) as answer:
+        page.click("#generate")
+    assert answer.value.ok, answer.value.text()
+    sent = json.loads(answer.value.request.post_data)
+    assert (sent["script_name"], sent["script_args"]) == ("poor man's outpainting", [16, 4, 0, ["left", "right"]])
+    width, height = Image.open(photo_file).size
+    assert decode(answer.value.json()["images"][0]).size == (width + 32, height)
+    page.locator("#script_name").select_option("")
+
+
 def test_adetailer_section_sends_a_face_tab(page):
     """The ADetailer section sends the extension's args (a face tab); a refused setting is marked beside its box,
     and a server without the face detector's file says which file to put where."""
@@ -2185,7 +2205,7 @@ def test_xyz_plot_script_on_txt2img_matches_the_server(page, server):
         page.click(f"#tab-{tab}")
         expect(script).to_be_hidden()
     page.click("#tab-img2img")
-    assert page.locator("#script_name option").all_inner_texts() == ["None", "Loopback", "Prompt matrix",
+    assert page.locator("#script_name option").all_inner_texts() == ["None", "Loopback", "Poor man's outpainting", "Prompt matrix",
                                                                       "Prompts from file or textbox", "SD upscale",
                                                                       "X/Y/Z plot"]
     page.select_option("#script_name", "X/Y/Z plot")

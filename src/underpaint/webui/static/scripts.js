@@ -10,6 +10,7 @@ export const SD_UPSCALE = "sd upscale";
 export const XYZ_PLOT = "x/y/z plot";
 export const LOOPBACK = "loopback";
 export const PROMPT_MATRIX = "prompt matrix";
+export const OUTPAINTING = "poor man's outpainting";
 export const PROMPTS_FROM_FILE = "prompts from file or textbox";
 
 /**
@@ -111,6 +112,9 @@ export function setupScripts({ root, sourceSize }) {
   const loopGroup = $("#loopback", root);
   const [loops, finalStrength, curve, appendReading] = ["#loopback_loops", "#loopback_final_strength",
     "#loopback_curve", "#loopback_interrogate"].map((id) => $(id, root));
+  const outpaintGroup = $("#outpainting", root);
+  const [outpaintPixels, outpaintBlur, outpaintFill] = ["#outpaint_pixels", "#outpaint_mask_blur", "#outpaint_fill"]
+    .map((id) => $(id, root));
   const matrixGroup = $("#prompt-matrix", root);
   const [atStart, differentSeeds, promptType, joiner, matrixMargin] = ["#matrix_put_at_start",
     "#matrix_different_seeds", "#matrix_prompt_type", "#matrix_joiner", "#matrix_margin_size"].map((id) => $(id, root));
@@ -129,6 +133,7 @@ export function setupScripts({ root, sourceSize }) {
 
   function update() {
     matrixGroup.hidden = chosen(tab) !== PROMPT_MATRIX;
+    outpaintGroup.hidden = tab !== "img2img" || select.value !== OUTPAINTING;
     linesGroup.hidden = chosen(tab) !== PROMPTS_FROM_FILE;
     xyzGroup.hidden = chosen(tab) !== XYZ_PLOT;
     if (!xyzGroup.hidden) showAxes();
@@ -176,6 +181,11 @@ export function setupScripts({ root, sourceSize }) {
       if (script === LOOPBACK && name === "img2img") {
         return { script_name: LOOPBACK, script_args: [numberValue(loops), numberValue(finalStrength), curve.value,
           appendReading.value] };
+      }
+      if (script === OUTPAINTING && name === "img2img") {
+        const directions = Array.from(root.querySelectorAll('input[name="outpaint_direction"]:checked'), (box) => box.value);
+        return { script_name: OUTPAINTING, script_args: [numberValue(outpaintPixels), numberValue(outpaintBlur),
+          Number(outpaintFill.value), directions] };
       }
       if (script === PROMPT_MATRIX) {
         return { script_name: PROMPT_MATRIX, script_args: [atStart.checked, differentSeeds.checked, promptType.value,
