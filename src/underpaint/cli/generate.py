@@ -449,13 +449,9 @@ def _styler(args: argparse.Namespace):
     names = getattr(args, "styles", None)
     if not names:
         return None
-    from functools import partial
-
     from ..prompts.styles import read_styles
 
-    book = read_styles(styles_file(args))
-    book.find(names, field="--style")
-    return partial(book.apply, tuple(names), field="--style")
+    return read_styles(styles_file(args)).styler(names, field="--style")
 
 
 def _read_text(name: str, field: str) -> str:

@@ -154,13 +154,9 @@ def _with_interrogator(params: GenerationParams, model) -> GenerationParams:
 
     from ..errors import ModelNotFound
     from ..models import interrogate as it
-    from ..models.registry import ModelsDir, default_models_dir
 
-    folder = getattr(model, "models_dir", None)
-    if not isinstance(folder, ModelsDir):
-        folder = ModelsDir(folder if folder is not None else default_models_dir())
     try:
-        files = it.interrogate_files(folder)
+        files = it.interrogate_files(models_dir_of(model))
     except ModelNotFound as exc:
         raise InvalidParameter("loopback_interrogate", "CLIP", f"None, or a models folder with Interrogate CLIP's "
                                                                f"files ({exc.message})") from None

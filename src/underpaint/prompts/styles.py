@@ -102,6 +102,14 @@ class StyleBook:
                 apply_style_texts(negative_prompt, (s.negative_prompt for s in chosen), max_chars=max_chars,
                                   field=field))
 
+    def styler(self, names: Sequence[str], *, field: str, max_chars: int | None = None):
+        """The named styles as a function ``(prompt, negative_prompt) -> (prompt, negative_prompt)``, for
+        prompts made later (a script's); every name is checked now, naming ``field``."""
+        from functools import partial
+
+        self.find(names, field=field)
+        return partial(self.apply, tuple(names), field=field, max_chars=max_chars)
+
     def _expected(self) -> str:
         if self.missing:
             return f"a style from {self.source}, which does not exist"

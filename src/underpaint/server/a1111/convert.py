@@ -475,11 +475,7 @@ def _styler(req: GenerationRequest, ctx: ConvertContext):
         return None
     if ctx.styles is None:
         raise InvalidParameter("styles", req.styles[0], "no styles (this server has no styles file)")
-    from functools import partial
-
-    book = ctx.styles()
-    book.find(req.styles, field="styles")
-    return partial(book.apply, tuple(req.styles), field="styles", max_chars=ctx.limits.max_prompt_chars)
+    return ctx.styles().styler(req.styles, field="styles", max_chars=ctx.limits.max_prompt_chars)
 
 
 def _checked_prompt_script(params: GenerationParams, ctx: ConvertContext) -> GenerationParams:
