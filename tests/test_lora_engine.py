@@ -126,8 +126,8 @@ def test_unknown_lora_lists_what_exists(engine, folder):
 
 
 def test_other_extra_networks_are_ignored_with_a_warning():
-    with pytest.warns(ExtraNetworkWarning, match="hypernet:anime"):
-        requests = lora_requests("x <hypernet:anime:1> <lyco:style:0.5>")
+    with pytest.warns(ExtraNetworkWarning, match="wildcard:anime"):
+        requests = lora_requests("x <wildcard:anime:1> <hypernet:paint:1> <lyco:style:0.5>")
     assert [(r.name, r.te) for r in requests] == [("style", 0.5)]
 
 

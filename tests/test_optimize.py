@@ -59,8 +59,23 @@ def models_dir(tmp_path_factory, sd1_file):
     grows to a different picture, with or without any switch."""
     root = tmp_path_factory.mktemp("speed-models")
     (root / "loras").mkdir()
-    write_attention_lora(_load(sd1_file).model.unet, root / "loras" / "strong.safetensors")
+    unet = _load(sd1_file).model.unet
+    write_attention_lora(unet, root / "loras" / "strong.safetensors")
+    write_attention_hypernetwork(unet, root / "hypernetworks" / "soft.pt")
     return root
+
+
+def write_attention_hypernetwork(unet: torch.nn.Module, path) -> None:
+    """A hypernetwork (A1111's [1, 2, 1] ReLU layout, random) for every attention width of ``unet``."""
+    gen = torch.Generator().manual_seed(8)
+    widths = {m.in_features for name, m in unet.named_modules() if name.endswith(".to_k")}
+
+    def branch(w):
+        return {"linear.0.weight": torch.randn(2 * w, w, generator=gen) * 0.2, "linear.0.bias": torch.zeros(2 * w),
+                "linear.2.weight": torch.randn(w, 2 * w, generator=gen) * 0.2, "linear.2.bias": torch.zeros(w)}
+
+    path.parent.mkdir(parents=True)
+    torch.save({**{w: [branch(w), branch(w)] for w in widths}, "activation_func": "relu"}, path)
 
 
 def write_attention_lora(unet: torch.nn.Module, path) -> None:
@@ -86,7 +101,8 @@ def plain(sd1_file, models_dir):
 @pytest.fixture(scope="module")
 def reference(plain, photo):
     return {"plain": _pixels(plain.generate(_request(photo))),
-            "lora": _pixels(plain.generate(_request(photo, prompt="a red house by the sea <lora:strong:0.3>")))}
+            "lora": _pixels(plain.generate(_request(photo, prompt="a red house by the sea <lora:strong:0.3>"))),
+            "hypernet": _pixels(plain.generate(_request(photo, prompt="a red house by the sea <hypernet:soft:0.5>")))}
 
 
 # --- names and refusals -----------------------------------------------------------------------
@@ -192,6 +208,14 @@ def test_all_switches_together_then_undo(sd1_file, models_dir, photo, reference)
                                                        attention="math"))
     _assert_close(_pixels(engine.generate(_request(photo, prompt="a red house by the sea <lora:strong:0.3>"))),
                   reference["lora"])
+    # Hypernetworks hook the projections: the fused ones run unfused and the UNet uncompiled meanwhile.
+    hypernet = _pixels(engine.generate(_request(photo, prompt="a red house by the sea <hypernet:soft:0.5>")))
+    _assert_close(hypernet, reference["hypernet"])
+    assert np.abs(hypernet - reference["plain"]).max() > 10
+    assert optimize.is_compiled(engine.model.unet)
+    assert {type(m.processor).__name__ for m in engine.model.unet.modules()
+            if getattr(m, "fused_projections", False)} == {"FusedAttnProcessor2_0"}
+    _assert_close(_pixels(engine.generate(_request(photo))), reference["plain"])
     optimize.undo(engine.model)
     unet = engine.model.unet
     assert engine.model.speed is None and not optimize.is_compiled(unet)

@@ -100,6 +100,15 @@ def test_img2img_fields_reach_generation_params(tmp_path, photo):
     assert p.inpaint.full_res_padding == 12 and p.inpaint.invert is True
     assert p.inpaint.mask_weight == 0.25  # A1111's "Conditional mask weight" setting
     assert p.sampler_options.eta == 0.5 and p.sampler_options.s_tmax == float("inf")
+    assert p.extra_networks is True
+
+
+def test_disable_extra_networks_reaches_generation_params(client, backend):
+    r = client.post("/sdapi/v1/txt2img", json={"prompt": "a barn <lora:ink:1> <hypernet:anime:0.5>", "steps": 2,
+                                               "width": 64, "height": 64, "disable_extra_networks": True})
+    assert r.status_code == 200, r.text
+    p = backend.params[-1]
+    assert p.extra_networks is False and p.prompt == "a barn <lora:ink:1> <hypernet:anime:0.5>"
 
 
 def test_infotext_field_fills_unset_fields(client):
@@ -604,6 +613,12 @@ def test_embeddings_and_loras_are_listed_from_the_models_folder(client, tmp_path
     assert set(after["skipped"]) == {"xl-style"}
     assert client.get("/sdapi/v1/loras").json() == [
         {"name": "ink", "alias": "ink", "path": "loras/styles/ink.safetensors", "metadata": {}}]
+    assert client.get("/sdapi/v1/hypernetworks").json() == []
+    (tmp_path / "hypernetworks" / "anime").mkdir(parents=True)
+    for name in ("anime/v2.pt", "zz.pt", "notes.txt", ".hidden.pt"):
+        (tmp_path / "hypernetworks" / name).write_bytes(b"x")
+    assert client.get("/sdapi/v1/hypernetworks").json() == [
+        {"name": "v2", "path": "hypernetworks/anime/v2.pt"}, {"name": "zz", "path": "hypernetworks/zz.pt"}]
 
 
 def test_options_can_be_posted_back_as_read(client, backend):

@@ -390,8 +390,9 @@ def test_prompt_text_styles_and_lora_tags_are_bounded(tmp_path):
         ok = c.post("/sdapi/v1/txt2img", json={**SMALL, "prompt": "a cat", "negative_prompt": "y" * 100,
                                                "styles": ["twice", "plain", "twice"]})
         assert ok.status_code == 200 and backend.calls == ["a cat a cat, film grain a cat a cat, film grain"]
-        assert c.post("/sdapi/v1/txt2img", json={**SMALL, "prompt": "<lora:a:1> <hypernet:b:1> <lora:c:1>"}
-                      ).status_code == 200  # only LoRA tags count
+        refused({"prompt": "<lora:a:1> <hypernet:b:1> <lora:c:1>"}, "prompt", "at most 2")
+        assert c.post("/sdapi/v1/txt2img", json={**SMALL, "prompt": "<lora:a:1> <embedding:b:1> <hypernet:c:1>"}
+                      ).status_code == 200  # only LoRA and hypernetwork tags count
     with TestClient(_app(tmp_path), base_url="http://127.0.0.1") as c:  # the default limit: 32768 characters
         r = c.post("/sdapi/v1/txt2img", json={**SMALL, "prompt": "[cat|dog] " * 100_000})
         assert r.status_code == 422 and r.json()["field"] == "prompt" and "32768" in r.json()["detail"]

@@ -739,6 +739,9 @@ class GenerationParams:
     prompts_from_file: PromptsFromFileOptions | None = None
     #: ADetailer's tabs (pipeline/detailer.py): each finished picture's faces inpainted again; () off.
     detailer: tuple = ()
+    #: False: the prompt's ``<lora:...>``/``<hypernet:...>`` tags are taken out of the text but not applied
+    #: (A1111's ``disable_extra_networks``). Embeddings still apply.
+    extra_networks: bool = True
 
     def __post_init__(self) -> None:
         from .sampling.names import resolve_sampler  # torch-free table
@@ -771,7 +774,7 @@ class GenerationParams:
         if self.color_reference is not None:
             _check_image("color_reference", self.color_reference)
         for name in ("s_min_uncond_all", "tiling", "img2img_color_correction", "sgm_noise_multiplier",
-                     "restore_faces"):
+                     "restore_faces", "extra_networks"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidParameter(name, getattr(self, name), "true or false")
         _check_range("skip_early_cond", self.skip_early_cond, 0.0, 1.0)
@@ -979,16 +982,16 @@ def check_hires_size(hires: HiresOptions, width: int, height: int, *, multiple: 
 
 
 def _check_hires_loras(prompt: str, hires_prompt: str) -> None:
-    """A hires prompt may not ask for other LoRAs: the weights are merged once for the request."""
+    """A hires prompt may not ask for other LoRAs or hypernetworks: they are applied once for the request."""
     from .prompts.parser import extract_extra_networks
 
-    def loras(text: str) -> list:
-        return [tag for tag in extract_extra_networks(text)[1] if tag.is_lora]
+    def networks(text: str) -> list:
+        return [tag for tag in extract_extra_networks(text)[1] if tag.is_lora or tag.kind == "hypernet"]
 
-    if loras(hires_prompt) != loras(prompt):
+    if networks(hires_prompt) != networks(prompt):
         raise InvalidParameter("hires_prompt", hires_prompt,
-                               "the same <lora:...> tags as the prompt (other LoRAs for the second pass are "
-                               "not available)")
+                               "the same <lora:...> and <hypernet:...> tags as the prompt (other networks for the "
+                               "second pass are not available)")
 
 
 def _first_pass_schedule(raw_sampler: str, raw_schedule: str | None, sampler: str, schedule: str) -> str:

@@ -66,6 +66,9 @@ def _add_generation_args(p: argparse.ArgumentParser, *, img2img: bool) -> None:
     g.add_argument("--lora", action="append", metavar="NAME:WEIGHT", default=None,
                    help="apply a LoRA from the models folder's loras/ (repeatable); the same as <lora:NAME:WEIGHT> "
                         "in the prompt, also NAME:TE_WEIGHT:UNET_WEIGHT")
+    g.add_argument("--hypernet", action="append", metavar="NAME:STRENGTH", default=None,
+                   help="apply a hypernetwork (.pt) from the models folder's hypernetworks/ (repeatable); the same "
+                        "as <hypernet:NAME:STRENGTH> in the prompt (strength 1 when left out)")
     g.add_argument("--style", dest="styles", action="append", metavar="NAME", default=None,
                    help="apply a prompt style from styles.csv (repeatable, applied in order): its text is added "
                         "to the prompt after ', ', or the prompt goes where it says {prompt}; likewise its "
@@ -765,7 +768,7 @@ def params_from_args(args: argparse.Namespace, init_images: tuple = (), *, model
     params = _with_freeu(params, getattr(args, "freeu", None))
     params = _with_detailer(params, args)
     params = _with_refiner(params, args)
-    params = _with_loras(params, getattr(args, "lora", None))
+    params = _with_loras(params, getattr(args, "lora", None), getattr(args, "hypernet", None))
     return _with_styles(params, args)
 
 
@@ -834,13 +837,18 @@ def _with_infotext(params: GenerationParams, args: argparse.Namespace, given: se
     return params.replace(**fields)
 
 
-def _with_loras(params: GenerationParams, loras: list[str] | None) -> GenerationParams:
-    """``--lora NAME:WEIGHT`` as A1111 adds a LoRA chosen outside the prompt: its tag appended to the prompt."""
-    if not loras:
+def _with_loras(params: GenerationParams, loras: list[str] | None, hypernets: list[str] | None = None
+                ) -> GenerationParams:
+    """``--lora NAME:WEIGHT`` and ``--hypernet NAME:STRENGTH`` as A1111 adds a network chosen outside the
+    prompt: its tag appended to the prompt."""
+    if not loras and not hypernets:
         return params
+    from ..models.hypernetwork import HypernetworkRequest
     from ..models.lora import LoraRequest
 
-    return params.replace(prompt=params.prompt + "".join(LoraRequest.parse(text).tag() for text in loras))
+    tags = [LoraRequest.parse(text).tag() for text in loras or ()]
+    tags += [HypernetworkRequest.parse(text).tag() for text in hypernets or ()]
+    return params.replace(prompt=params.prompt + "".join(tags))
 
 
 def _load_engine(args: argparse.Namespace, checkpoint: Path | None = None, vae: "str | Path | None" = None):

@@ -54,6 +54,7 @@ _FOLDERS = {
     "vae": ("vae", ("models/VAE",)),
     "loras": ("loras", ("models/Lora", "models/LyCORIS")),
     "embeddings": ("embeddings", ("embeddings",)),
+    "hypernetworks": ("hypernetworks", ("models/hypernetworks",)),
     "controlnet": ("controlnet", ("models/ControlNet",)),
     "text_encoders": ("text_encoders", ("models/text_encoder",)),
     # Tiny preview decoders (TAESD); A1111 keeps them in models/VAE-approx.

@@ -1,9 +1,10 @@
-"""Extra networks for one request: LoRAs merged into the weights and restored, textual-inversion
-embeddings from the models folder, and the ``Lora hashes`` / ``TI hashes`` A1111 records for them.
+"""Extra networks for one request: LoRAs merged into the weights and restored, hypernetworks hooked
+into the UNet's attention and unhooked, textual-inversion embeddings from the models folder, and
+the ``Lora hashes`` / ``TI hashes`` A1111 records for them.
 
-A1111 takes ``<lora:name:te:unet>`` tags (and their ``<lyco:...>`` alias) out of the positive
-prompt, merges the named networks into the model for the request, and finds embeddings by
-name in the prompt text. The per-model caches (module index, networks read, embeddings read)
+A1111 takes ``<lora:name:te:unet>`` tags (and their ``<lyco:...>`` alias) and
+``<hypernet:name:strength>`` tags out of the positive prompt, applies the named networks for the
+request, and finds embeddings by name in the prompt text. The per-model caches (module index, networks read, embeddings read)
 live on the loaded model object, as its other caches do, so they last as long as its engine.
 """
 
@@ -12,19 +13,23 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..models.hypernetwork import (Hypernetwork, HypernetworkCache, HypernetworkRequest, attention_layers,
+                                   hypernetworks_applied, resolve_hypernetwork)
 from ..models.lora import (LoraCache, LoraNetwork, LoraPatcher, LoraRequest, ModuleIndex, lora_short_hash,
                            resolve_lora)
+from ..errors import InvalidParameter
 from ..models.optimize import weights_changed
 from ..models.registry import listable
 from ..params import GenerationParams
 from ..prompts.embeddings import EMBEDDING_SUFFIXES, Embedding, load_embedding
 from ..prompts.parser import extract_extra_networks, prompt_schedule, split_and
 
-#: Extra-network kinds that name a LoRA (A1111 accepts ``lyco`` as an alias of ``lora``).
+#: The extra-network tag kind of a hypernetwork.
+HYPERNET = "hypernet"
 
 
 class ExtraNetworkWarning(UserWarning):
@@ -38,6 +43,7 @@ class NetworkState:
     index: ModuleIndex | None = None
     loras: LoraCache = field(default_factory=LoraCache)
     patcher: LoraPatcher = field(default_factory=LoraPatcher)
+    hypernetworks: HypernetworkCache = field(default_factory=HypernetworkCache)
     #: path → ((size, mtime), Embedding or None when the file could not be read)
     embeddings: dict[Path, tuple[tuple[int, int], Embedding | None]] = field(default_factory=dict)
 
@@ -70,17 +76,26 @@ def models_dir_of(model):
 
 
 def lora_requests(prompt: str) -> list[LoraRequest]:
-    """The LoRAs the prompt's tags ask for, in order; other tag kinds are ignored with a warning."""
+    """The LoRAs the prompt's tags ask for, in order; kinds other than LoRAs and hypernetworks are
+    ignored with a warning."""
+    return network_requests(prompt)[0]
+
+
+def network_requests(prompt: str) -> tuple[list[LoraRequest], list[HypernetworkRequest]]:
+    """The LoRAs and the hypernetworks the prompt's tags ask for, each in prompt order; other tag
+    kinds are ignored with a warning (as A1111 ignores kinds no extension handles)."""
     _, tags = extract_extra_networks(prompt)
-    requests, ignored = [], []
+    loras, hypernets, ignored = [], [], []
     for tag in tags:
         if tag.is_lora:
-            requests.append(LoraRequest.from_args(tag.name, tag.positional, tag.named))
+            loras.append(LoraRequest.from_args(tag.name, tag.positional, tag.named))
+        elif tag.kind == HYPERNET:
+            hypernets.append(HypernetworkRequest.from_args(tag.name, tag.positional))
         else:
             ignored.append(f"<{tag.kind}:{tag.name}>")
     if ignored:
         warnings.warn(f"extra networks not supported, ignored: {', '.join(ignored)}", ExtraNetworkWarning, stacklevel=3)
-    return requests
+    return loras, hypernets
 
 
 def load_requested(model, requests: Sequence[LoraRequest]) -> list[tuple[LoraNetwork, LoraRequest]]:
@@ -91,6 +106,37 @@ def load_requested(model, requests: Sequence[LoraRequest]) -> list[tuple[LoraNet
     folders = models_dir_of(model).folders("loras")
     index = state.module_index(model)
     return [(state.loras.get(resolve_lora(r.name, folders), index, name=r.name), r) for r in requests]
+
+
+def load_hypernetworks(model, requests: Sequence[HypernetworkRequest]) -> list[tuple[Hypernetwork, float]]:
+    """Each request's hypernetwork from the models folder (cached per model) with its strength.
+
+    FLUX models have no UNet attention of the widths hypernetworks are made for: a tag is refused.
+    A hypernetwork with no layer of the model's attention widths changes nothing (as in A1111),
+    with a warning.
+    """
+    if not requests:
+        return []
+    from .flux import is_flux
+
+    if is_flux(model):
+        raise InvalidParameter("prompt", requests[0].tag(), "no <hypernet:...> tags with a FLUX model "
+                                                            "(hypernetworks are made for SD 1.x/2.x/SDXL UNets)")
+    state = network_state(model)
+    folders = models_dir_of(model).folders("hypernetworks")
+    loaded = [(state.hypernetworks.get(resolve_hypernetwork(r.name, folders), name=r.name), r.strength)
+              for r in requests]
+    widths = {w for w in (_key_width(layer) for layer in attention_layers(model.unet)) if w}
+    for network, _ in loaded:
+        if not widths & set(network.layers):
+            warnings.warn(f"hypernetwork {network.name!r} changes nothing in this model: it has layers for "
+                          f"attention widths {list(network.widths)}, the model's are {sorted(widths)}",
+                          ExtraNetworkWarning, stacklevel=3)
+    return loaded
+
+
+def _key_width(layer) -> int | None:
+    return getattr(layer.to_k, "in_features", None)
 
 
 def lora_hashes(loaded: Sequence[tuple[LoraNetwork, LoraRequest]]) -> str | None:
@@ -214,7 +260,9 @@ def request_networks(model, params: GenerationParams, *, encoder=None) -> Iterat
     ``encoder`` (a PromptEncoder with the model's embeddings) finds the embeddings in use for
     the ``TI hashes`` entry.
     """
-    loaded = load_requested(model, lora_requests(params.prompt))
+    lora_asks, hypernet_asks = network_requests(params.prompt) if params.extra_networks else ([], [])
+    loaded = load_requested(model, lora_asks)
+    hypernets = load_hypernetworks(model, hypernet_asks)
     entries = []
     if (value := lora_hashes(loaded)) is not None:
         entries.append(("Lora hashes", value))
@@ -226,7 +274,8 @@ def request_networks(model, params: GenerationParams, *, encoder=None) -> Iterat
         patcher.apply(loaded)
         if patcher.active:
             weights_changed(model)
-        yield ActiveNetworks(tuple(r for _, r in loaded), tuple(entries))
+        with hypernetworks_applied(model.unet, hypernets) if hypernets else nullcontext():
+            yield ActiveNetworks(tuple(r for _, r in loaded), tuple(entries))
     finally:
         merged = patcher.active
         patcher.restore()

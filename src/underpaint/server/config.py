@@ -38,7 +38,8 @@ class Limits:
     max_prompt_chars: int = 32768
     #: Names in a request's ``styles``.
     max_styles: int = 32
-    #: ``<lora:...>``/``<lyco:...>`` tags in a prompt (each one is merged into the weights).
+    #: ``<lora:...>``/``<lyco:...>``/``<hypernet:...>`` tags in a prompt (each LoRA is merged into the weights,
+    #: each hypernetwork runs in the attention layers).
     max_lora_tags: int = 32
     #: Pictures decoded from one request: init images, mask, ControlNet unit images and masks,
     #: /controlnet/detect inputs (counted before decoding; each may have up to max_image_pixels).

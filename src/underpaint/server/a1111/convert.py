@@ -956,6 +956,7 @@ def _common_fields(req: GenerationRequest, ctx: ConvertContext, pictures: Pictur
                                            ctx.options.sdxl_refiner_high_aesthetic_score),
         "negative_aesthetic_score": overrides.float("sdxl_refiner_low_aesthetic_score",
                                                     ctx.options.sdxl_refiner_low_aesthetic_score),
+        "extra_networks": not req.disable_extra_networks,
         "freeu": _freeu(req.alwayson_scripts),
         "detailer": _detailer(req.alwayson_scripts),
         "refiner": _refiner(req, ctx, overrides),
@@ -1056,12 +1057,14 @@ def _check_limits(req: GenerationRequest, limits: Limits) -> None:
 
 
 def _check_lora_tags(prompt: str, limits: Limits) -> None:
-    """At most ``max_lora_tags`` LoRA tags in the (styled) prompt: each one is merged into the weights."""
+    """At most ``max_lora_tags`` LoRA and hypernetwork tags in the (styled) prompt: each LoRA is merged
+    into the weights, each hypernetwork runs in every attention layer of its widths."""
     from ...prompts.parser import extract_extra_networks
 
-    count = sum(tag.is_lora for tag in extract_extra_networks(prompt)[1])
+    count = sum(tag.is_lora or tag.kind == "hypernet" for tag in extract_extra_networks(prompt)[1])
     if count > limits.max_lora_tags:
-        raise InvalidParameter("prompt", f"{count} <lora:...> tags", f"at most {limits.max_lora_tags} (this server's limit)")
+        raise InvalidParameter("prompt", f"{count} <lora:...>/<hypernet:...> tags",
+                               f"at most {limits.max_lora_tags} (this server's limit)")
 
 
 def _sampler_name(req: GenerationRequest) -> str:

@@ -1,6 +1,6 @@
-"""A1111's read-only lists (samplers, schedulers, LoRAs, ...), /memory and /png-info.
+"""A1111's read-only lists (samplers, schedulers, LoRAs, hypernetworks, ...), /memory and /png-info.
 
-Lists for things underpaint does not have (hypernetworks, ...) answer with empty lists, so
+Lists for things underpaint does not have (extensions) answer with empty lists, so
 clients that read them at start-up keep working. /interrogate captions with the "clip" model
 (models/interrogate.py); "deepdanbooru" is refused naming ``model``. Prompt styles come from the
 server's styles.csv. The upscalers are the hires. fix ones: A1111's built-in picture
@@ -88,6 +88,20 @@ def loras(request: Request) -> list[LoraItem]:
             if path.suffix.lower() in LORA_EXTENSIONS and path.is_file() and path.stem not in items and listable(path):
                 rel = Path(os.path.relpath(path, folder.root)).as_posix()
                 items[path.stem] = LoraItem(name=path.stem, alias=path.stem, path=rel, metadata={})
+    return list(items.values())
+
+
+@router.get("/hypernetworks", response_model=list[HypernetworkItem], summary="Hypernetworks in the models folder")
+def hypernetworks(request: Request) -> list[HypernetworkItem]:
+    """Each ``.pt`` file in ``hypernetworks/`` (A1111's ``models/hypernetworks``); ``path`` is relative
+    to the models folder."""
+    from ...models.hypernetwork import list_hypernetworks
+
+    folder = server_state(request).catalog.folder
+    items: dict[str, HypernetworkItem] = {}
+    for entry in list_hypernetworks(folder.folders("hypernetworks")):
+        items.setdefault(entry.name, HypernetworkItem(
+            name=entry.name, path=Path(os.path.relpath(entry.path, folder.root)).as_posix()))
     return list(items.values())
 
 
@@ -188,7 +202,6 @@ def face_restorers(request: Request) -> list[FaceRestorerItem]:
 
 
 for _path, _model, _summary in (
-    ("/hypernetworks", HypernetworkItem, "Hypernetworks (none)"),
     ("/extensions", ExtensionItem, "Installed extensions (none)"),
 ):
     _empty(_path, _model, _summary)

@@ -172,7 +172,8 @@ class GenerationRequest(RequestModel):
         "sampling; \"None\" or absent: no refiner."))
     refiner_switch_at: float | None = Field(None, description=(
         "When the refiner takes over: once this share of the noise schedule is passed, 0-1 (default 0.8)."))
-    disable_extra_networks: bool = Field(False, description="Leave <lora:...> tags in the prompt unapplied.")
+    disable_extra_networks: bool = Field(False, description=(
+        "true: <lora:...> and <hypernet:...> tags are taken out of the prompt but not applied."))
     firstpass_image: str | None = Field(None, description="Not available here: must be absent.")
     comments: dict[str, Any] | None = Field(None, description="Ignored.")
     sampler_index: str | int = Field("Euler", description="Legacy sampler field, used when sampler_name is empty.")
