@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from flux_fixtures import flux_files  # noqa: F401 - a session fixture
+from tiny_models import write_hypernetwork
 from underpaint.errors import InvalidParameter
 from underpaint.models import optimize
 from underpaint.models.optimize import SpeedOptions
@@ -61,21 +62,9 @@ def models_dir(tmp_path_factory, sd1_file):
     (root / "loras").mkdir()
     unet = _load(sd1_file).model.unet
     write_attention_lora(unet, root / "loras" / "strong.safetensors")
-    write_attention_hypernetwork(unet, root / "hypernetworks" / "soft.pt")
+    write_hypernetwork(root / "hypernetworks" / "soft.pt",
+                       sorted({m.in_features for name, m in unet.named_modules() if name.endswith(".to_k")}))
     return root
-
-
-def write_attention_hypernetwork(unet: torch.nn.Module, path) -> None:
-    """A hypernetwork (A1111's [1, 2, 1] ReLU layout, random) for every attention width of ``unet``."""
-    gen = torch.Generator().manual_seed(8)
-    widths = {m.in_features for name, m in unet.named_modules() if name.endswith(".to_k")}
-
-    def branch(w):
-        return {"linear.0.weight": torch.randn(2 * w, w, generator=gen) * 0.2, "linear.0.bias": torch.zeros(2 * w),
-                "linear.2.weight": torch.randn(w, 2 * w, generator=gen) * 0.2, "linear.2.bias": torch.zeros(w)}
-
-    path.parent.mkdir(parents=True)
-    torch.save({**{w: [branch(w), branch(w)] for w in widths}, "activation_func": "relu"}, path)
 
 
 def write_attention_lora(unet: torch.nn.Module, path) -> None:

@@ -78,6 +78,17 @@ def server(tmp_path_factory, sd1_file):
     from test_interrogate import write_blip
 
     write_blip(models / "BLIP")  # Interrogate CLIP's captioner (no CLIP model: the caption alone)
+    # Extra networks' cards: a hypernetwork for the tiny model's widths, a LoRA file (listed, never applied
+    # here), an embedding that fits the tiny model (16 wide) and one made for SD 1.x (768 wide).
+    from safetensors.torch import save_file
+    from tiny_models import write_hypernetwork
+
+    write_hypernetwork(models / "hypernetworks" / "soft.pt")
+    (models / "loras").mkdir()
+    (models / "loras" / "ink-style.safetensors").write_bytes(b"x")
+    (models / "embeddings").mkdir()
+    save_file({"emb_params": torch.ones(1, 16)}, str(models / "embeddings" / "inkblot.safetensors"))
+    save_file({"emb_params": torch.ones(1, 768)}, str(models / "embeddings" / "sd15-only.safetensors"))
     yield from serve(models)
 
 
@@ -2102,6 +2113,70 @@ def test_adetailer_section_sends_a_face_tab(page):
     assert answer.value.status == 404, answer.value.text()
     expect(page.locator("#general-error")).to_contain_text("detection_Resnet50_Final.pth")
     page.uncheck("#ad_enable")
+
+
+def test_extra_networks_cards_add_and_remove_prompt_text(page):
+    """A1111's Extra networks: a card adds its tag (an embedding its name) to the prompt and takes it out
+    again; the hypernetwork tag reaches the server and changes the picture; a checkpoint card switches."""
+    page.click("#tab-txt2img")
+    toggle = page.locator("#extra-networks-toggle")
+    expect(page.locator("#extra-networks")).to_be_hidden()
+    toggle.click()
+    expect(toggle).to_have_attribute("aria-expanded", "true")
+    cards = page.locator("#extra-networks-cards")
+    lora = cards.get_by_role("button", name="ink-style", exact=True)
+    expect(lora).to_be_visible()  # the Lora cards show first
+    page.fill("#prompt", "a cat")
+    lora.click()
+    expect(page.locator("#prompt")).to_have_value("a cat <lora:ink-style:1>")
+    expect(lora).to_have_attribute("aria-pressed", "true")
+    page.fill("#prompt", "a <lora:ink-style:0.4> cat")  # a tag typed by hand, with its own weight, goes too
+    expect(lora).to_have_attribute("aria-pressed", "true")
+    lora.click()
+    expect(page.locator("#prompt")).to_have_value("a cat")
+
+    page.click('.en-tabs button[data-kind="hypernetworks"]')
+    fast_settings(page, seed=77, steps=2)
+    pictures = []
+    for expected in ("a cat", "a cat <hypernet:soft:1>"):
+        if expected != "a cat":
+            cards.get_by_role("button", name="soft").click()
+        expect(page.locator("#prompt")).to_have_value(expected)
+        with page.expect_response("**/sdapi/v1/txt2img", timeout=GENERATION_TIMEOUT) as answer:
+            page.click("#generate")
+        assert answer.value.ok, answer.value.text()
+        body = answer.value.json()
+        assert json.loads(body["info"])["prompt"] == expected
+        pictures.append(np.asarray(decode(body["images"][0]), dtype=np.int16))
+    assert np.abs(pictures[0] - pictures[1]).mean() > 1  # the hypernetwork ran
+    cards.get_by_role("button", name="soft").click()
+    expect(page.locator("#prompt")).to_have_value("a cat")
+
+    page.click('.en-tabs button[data-kind="embeddings"]')
+    page.click("#extra-networks-refresh")  # the model is loaded now: which embeddings fit it is known
+    expect(cards.get_by_role("button", name="sd15-only")).to_be_disabled()  # 768 wide: not for this model
+    page.click("#negative_prompt")
+    cards.get_by_role("button", name="inkblot").click()  # the prompt box used last: the negative prompt
+    expect(page.locator("#negative_prompt")).to_have_value("inkblot")
+    expect(page.locator("#prompt")).to_have_value("a cat")
+    page.fill("#extra-networks-search", "zzz")
+    expect(cards.get_by_role("button")).to_have_count(0)
+    expect(page.locator("#extra-networks-empty")).to_have_text("Nothing matches the search.")
+    page.fill("#extra-networks-search", "")
+    cards.get_by_role("button", name="inkblot").click()
+    expect(page.locator("#negative_prompt")).to_have_value("")
+
+    page.click('.en-tabs button[data-kind="checkpoints"]')
+    current = page.input_value("#checkpoint").split(" [")[0]
+    titles = cards.get_by_role("button").evaluate_all("(buttons) => buttons.map((b) => b.title.split(' [')[0])")
+    assert sorted(titles) == ["tiny-sd1-copy.safetensors", "tiny-sd1.safetensors"] and current in titles
+    expect(cards.locator('button[aria-pressed="true"]')).to_have_count(1)
+    other = next(t for t in titles if t != current)
+    with page.expect_response("**/sdapi/v1/options", timeout=GENERATION_TIMEOUT) as answer:
+        cards.locator(f'button[title^="{other}"]').click()
+    assert json.loads(answer.value.request.post_data)["sd_model_checkpoint"].startswith(other)
+    expect(page.locator("#checkpoint")).to_be_enabled(timeout=GENERATION_TIMEOUT)
+    screenshot(page, "extra-networks")
 
 
 def test_interrogate_clip_writes_the_prompt(page, photo_file):

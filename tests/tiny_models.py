@@ -472,3 +472,20 @@ def write_diffusers_folder(folder, family: str, *, seed: int = 5, prediction: st
             cls = CLIPTextModelWithProjection if sub.endswith("_2") else CLIPTextModel
             cls(cfg).save_pretrained(str(folder / sub))
     return folder
+
+
+def write_hypernetwork(path, widths=(SD1_TEXT.hidden, *SD1_UNET.channels), *, seed: int = 8,
+                       scale: float = 0.2) -> Path:
+    """A hypernetwork as A1111 saves it (layer structure [1, 2, 1], ReLU; random weights) for the given
+    attention widths; by default every width of the tiny SD1 model (its text embedding's and its levels')."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def branch(w: int) -> dict:
+        return {"linear.0.weight": torch.randn(2 * w, w, generator=gen) * scale, "linear.0.bias": torch.zeros(2 * w),
+                "linear.2.weight": torch.randn(w, 2 * w, generator=gen) * scale, "linear.2.bias": torch.zeros(w)}
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({**{w: [branch(w), branch(w)] for w in widths}, "activation_func": "relu", "layer_structure": [1, 2, 1],
+                "name": path.stem}, path)
+    return path

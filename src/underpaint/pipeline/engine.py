@@ -199,6 +199,7 @@ class Engine:
             vae_name=Path(vae_path).name if vae_path else None,
             vae_hash=getattr(m, "vae_hash", None) if vae_path and Path(vae_path).is_file() else None,
             edit_model=m.spec.is_edit,
+            text_widths=_text_widths(m),
         )
 
     def generate(
@@ -400,3 +401,12 @@ def _flux_companions(path: Path, folder, *, given: dict) -> dict[str, Path]:
             raise ModelError(f"{path.name} needs a separate {part} file and the models folder has several "
                              f"({names}): pass {flag} NAME to choose", field=part)
     return found
+
+
+def _text_widths(model: "LoadedModel") -> tuple[int, ...]:
+    """The token-embedding width of each text encoder of an SD model (FLUX: ())."""
+    from .flux import is_flux
+
+    if is_flux(model):
+        return ()
+    return tuple(int(t.config.hidden_size) for t in getattr(model, "text_encoders", ()))

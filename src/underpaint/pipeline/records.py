@@ -95,6 +95,9 @@ class ModelInfo:
     vae_hash: str | None = None
     #: An InstructPix2Pix edit model (its infotext records the Image CFG scale).
     edit_model: bool = False
+    #: The widths of its text encoders' token embeddings, in order: what a textual-inversion
+    #: embedding must have to apply (() when not known, and for FLUX).
+    text_widths: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -105,7 +105,8 @@ def hypernetworks(request: Request) -> list[HypernetworkItem]:
     return list(items.values())
 
 
-#: Text encoder widths per family: an embedding fits a model when it has one tensor of each width.
+#: Text encoder widths per family, where the model does not say: an embedding fits a model when it
+#: has one tensor of each width.
 _TEXT_WIDTHS = {"sd1": (768,), "sd2": (1024,), "sdxl": (768, 1280), "sdxl_refiner": (1280,)}
 
 
@@ -117,7 +118,7 @@ def embeddings(request: Request) -> EmbeddingsResponse:
 
     state = server_state(request)
     info = state.slot.info
-    widths = _TEXT_WIDTHS.get(info.family) if info else None
+    widths = (info.text_widths or _TEXT_WIDTHS.get(info.family)) if info else None
     answer = EmbeddingsResponse()
     for base in state.catalog.folder.folders("embeddings"):
         for path in sorted(base.rglob("*")):

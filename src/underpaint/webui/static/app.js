@@ -22,6 +22,7 @@ import { SettingsStore } from "./persist.js";
 import { parametersIn, setupPngInfo } from "./pnginfo.js";
 import { ProgressView, formatSeconds } from "./progress.js";
 import { setupScripts } from "./scripts.js";
+import { ExtraNetworks, checkpointName } from "./extranetworks.js";
 
 const panel = $("#panel-generate");
 const generalBox = $("#general-error");
@@ -29,9 +30,19 @@ const notice = $("#notice");
 const form = new GenerationForm(panel);
 const state = { tab: "img2img", busy: false, interrupted: false, again: false, lastSeed: null, outdirs: {} };
 const store = new SettingsStore(panel, { family: () => form.family });
+const extraNetworks = new ExtraNetworks({
+  onCheckpoint: (title) => {  // a checkpoint card: as if chosen in the checkpoint drop-down
+    const select = $("#checkpoint");
+    const option = [...select.options].find((o) => checkpointName(o.value) === checkpointName(title));
+    if (!option || select.disabled || select.value === option.value) return;
+    select.value = option.value;
+    select.dispatchEvent(new Event("change"));
+  },
+});
 onFamily((family, edit) => {
   form.applyFamily(family);
   form.setEditModel(edit);  // InstructPix2Pix: A1111's Image CFG Scale appears
+  extraNetworks.stale();  // which embeddings fit depends on the checkpoint
 });
 
 // -- tabs ------------------------------------------------------------------------------------
