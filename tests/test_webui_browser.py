@@ -89,18 +89,22 @@ def server(tmp_path_factory, sd1_file):
     (models / "embeddings").mkdir()
     save_file({"emb_params": torch.ones(1, 16)}, str(models / "embeddings" / "inkblot.safetensors"))
     save_file({"emb_params": torch.ones(1, 768)}, str(models / "embeddings" / "sd15-only.safetensors"))
-    yield from serve(models)
+    styles = models / "styles.csv"
+    styles.write_text('name,prompt,negative_prompt\n"Oil paint","oil painting of {prompt}, impasto","photo"\n'
+                      '"Film","35mm film grain","digital, cgi"\n', encoding="utf-8")
+    yield from serve(models, styles_file=styles)
 
 
-def serve(models: Path):
-    """Run the real app with uvicorn on a free port over ``models``; yields its base URL."""
+def serve(models: Path, **settings):
+    """Run the real app with uvicorn on a free port over ``models`` (``settings``: more ServerConfig fields);
+    yields its base URL."""
     import uvicorn
 
     from underpaint.server.app import create_app
     from underpaint.server.config import ServerConfig
 
     port = free_port()
-    config = ServerConfig(models_dir=models, device="cpu", dtype="fp32", port=port)
+    config = ServerConfig(models_dir=models, device="cpu", dtype="fp32", port=port, **settings)
     app = create_app(config)
     mount_ui(app)
     uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
@@ -2177,6 +2181,40 @@ def test_extra_networks_cards_add_and_remove_prompt_text(page):
     assert json.loads(answer.value.request.post_data)["sd_model_checkpoint"].startswith(other)
     expect(page.locator("#checkpoint")).to_be_enabled(timeout=GENERATION_TIMEOUT)
     screenshot(page, "extra-networks")
+
+
+def test_styles_are_sent_in_the_order_chosen_and_applied_to_the_prompts(page):
+    """A1111's Styles: the chosen styles go with the request (the server writes them into the prompts it
+    runs and records); "Apply styles" writes them into the prompt boxes by the same rule and clears them."""
+    page.click("#tab-txt2img")
+    page.click("#styles-picker > summary")
+    expect(page.locator("#styles-list input")).to_have_count(2)
+    page.check('input[data-style="Film"]')
+    page.check('input[data-style="Oil paint"]')
+    expect(page.locator("#styles-summary")).to_have_text("Film, Oil paint")
+    page.fill("#prompt", "a harbour")
+    page.fill("#negative_prompt", "blurry")
+    fast_settings(page, seed=5, steps=1)
+    with page.expect_response("**/sdapi/v1/txt2img", timeout=GENERATION_TIMEOUT) as answer:
+        page.click("#generate")
+    assert answer.value.ok, answer.value.text()
+    assert json.loads(answer.value.request.post_data)["styles"] == ["Film", "Oil paint"]
+    info = json.loads(answer.value.json()["info"])
+    assert info["prompt"] == "oil painting of a harbour, 35mm film grain, impasto"
+    assert info["negative_prompt"] == "blurry, digital, cgi, photo"
+
+    page.reload()  # the choice is kept with the other settings
+    page.wait_for_selector("body[data-ready=true]")
+    expect(page.locator("#styles-summary")).to_have_text("Film, Oil paint")
+    page.click("#styles-picker > summary")
+    page.click("#apply-styles")
+    expect(page.locator("#prompt")).to_have_value(info["prompt"])
+    expect(page.locator("#negative_prompt")).to_have_value(info["negative_prompt"])
+    expect(page.locator("#styles-summary")).to_have_text("None")
+    with page.expect_response("**/sdapi/v1/txt2img", timeout=GENERATION_TIMEOUT) as answer:
+        page.click("#generate")
+    assert "styles" not in json.loads(answer.value.request.post_data)
+    assert json.loads(answer.value.json()["info"])["prompt"] == info["prompt"]
 
 
 def test_interrogate_clip_writes_the_prompt(page, photo_file):

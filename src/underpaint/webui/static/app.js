@@ -23,6 +23,7 @@ import { parametersIn, setupPngInfo } from "./pnginfo.js";
 import { ProgressView, formatSeconds } from "./progress.js";
 import { setupScripts } from "./scripts.js";
 import { ExtraNetworks, checkpointName } from "./extranetworks.js";
+import { StylesPicker } from "./styles.js";
 
 const panel = $("#panel-generate");
 const generalBox = $("#general-error");
@@ -30,6 +31,7 @@ const notice = $("#notice");
 const form = new GenerationForm(panel);
 const state = { tab: "img2img", busy: false, interrupted: false, again: false, lastSeed: null, outdirs: {} };
 const store = new SettingsStore(panel, { family: () => form.family });
+const styles = new StylesPicker();
 const extraNetworks = new ExtraNetworks({
   onCheckpoint: (title) => {  // a checkpoint card: as if chosen in the checkpoint drop-down
     const select = $("#checkpoint");
@@ -253,6 +255,7 @@ async function loadLists() {
     attempt("token merging setting", loadTokenMerging(options)),
     attempt("img2img upscaler setting", loadImg2imgUpscaler(options)),
     attempt("ControlNet", controlnet.load()),
+    attempt("styles", styles.load()),
   ]);
   if (failures.length) {
     generalBox.textContent = `Could not load ${failures.join("; ")}`;
@@ -339,7 +342,7 @@ function buildRequest() {
   const txt2img = state.tab === "txt2img";
   const request = txt2img ? { ...form.values("txt2img"), ...scripts.values("txt2img") } : img2imgRequest();
   if (!request) return null;
-  Object.assign(request, { send_images: true, save_images: $("#save_images").checked });
+  Object.assign(request, styles.values(), { send_images: true, save_images: $("#save_images").checked });
   const cn = controlnet.payload();
   const alwaysOn = form.alwaysOnScripts();
   if (cn.args.length) alwaysOn.controlnet = { args: cn.args };

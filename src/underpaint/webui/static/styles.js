@@ -1,0 +1,79 @@
+// A1111's "Styles" under Generate: the styles of the server's styles.csv (GET /prompt-styles) sent with
+// each request as `styles`, in the order they were chosen, and "Apply styles", which writes them into
+// the prompts (A1111's rule: a style's `{prompt}` is replaced by the prompt, else the two are joined
+// with ", ") and clears the choice. The choice is kept with the page's other settings.
+
+import { getOptional } from "./api.js";
+import { $, $$, el } from "./dom.js";
+
+const PROMPT_MARK = "{prompt}";
+
+/** One style's text applied to a prompt, as the server (and A1111) applies it. */
+export function mergeStyle(styleText, prompt) {
+  if (styleText.includes(PROMPT_MARK)) return styleText.replaceAll(PROMPT_MARK, prompt);
+  return [prompt.trim(), styleText.trim()].filter(Boolean).join(", ");
+}
+
+export class StylesPicker {
+  constructor() {
+    this.list = $("#styles-list");
+    this.summary = $("#styles-summary");
+    this.value = $("#styles-value");  // the chosen names as JSON: a hidden field the settings store keeps
+    this.styles = new Map();
+    this.value.addEventListener("input", () => this.show());
+    this.list.addEventListener("change", (event) => {
+      const name = event.target.dataset.style;
+      const names = this.chosen().filter((n) => n !== name);
+      this.choose(event.target.checked ? [...names, name] : names);
+    });
+    $("#apply-styles").addEventListener("click", () => this.applyToPrompts());
+  }
+
+  async load() {
+    const styles = await getOptional("/sdapi/v1/prompt-styles", []);
+    this.styles = new Map((styles ?? []).map((s) => [s.name, s]));
+    this.list.replaceChildren(...[...this.styles.keys()].map((name) => el("li", {},
+      el("label", { class: "check-field" }, el("input", { type: "checkbox", "data-style": name }), name))));
+    $("#styles-empty").hidden = this.styles.size > 0;
+    this.show();
+  }
+
+  /** The chosen style names that the server lists, in the order they were chosen. */
+  chosen() {
+    let names;
+    try {
+      names = JSON.parse(this.value.value || "[]");
+    } catch {
+      names = [];
+    }
+    return Array.isArray(names) ? names.filter((n) => this.styles.has(n)) : [];
+  }
+
+  choose(names) {
+    this.value.value = JSON.stringify(names);
+    this.value.dispatchEvent(new Event("input", { bubbles: true }));
+  }
+
+  show() {
+    const names = this.chosen();
+    $$("input[data-style]", this.list).forEach((box) => { box.checked = names.includes(box.dataset.style); });
+    this.summary.textContent = names.length ? names.join(", ") : "None";
+  }
+
+  /** The request's `styles`, when any are chosen. */
+  values() {
+    const names = this.chosen();
+    return names.length ? { styles: names } : {};
+  }
+
+  applyToPrompts() {
+    const names = this.chosen();
+    if (!names.length) return;
+    for (const [id, key] of [["#prompt", "prompt"], ["#negative_prompt", "negative_prompt"]]) {
+      const box = $(id);
+      box.value = names.reduce((text, name) => mergeStyle(this.styles.get(name)[key] ?? "", text), box.value);
+      box.dispatchEvent(new Event("input", { bubbles: true }));
+    }
+    this.choose([]);
+  }
+}
