@@ -137,3 +137,87 @@ def test_cli(three, tmp_path):
     assert done.returncode != 0 and "already exists" in done.stderr
     done = run_cli("merge", str(three["a"]), str(three["b"]), str(three["c"]), "-o", str(tmp_path / "y.safetensors"))
     assert done.returncode != 0 and "add-difference" in done.stderr
+
+
+def test_a_pattern_that_never_ends_is_refused_in_time(three, tmp_path, monkeypatch):
+    from underpaint.models import merge as merge_module
+
+    monkeypatch.setattr(merge_module, "DISCARD_SECONDS", 0.2)
+    with pytest.raises(InvalidParameter) as err:  # catastrophic backtracking on every tensor name
+        merge(MergeRecipe(three["a"], three["b"], discard=r"^(\w|\w\w|\.)+[0-9]$"), tmp_path / "slow.safetensors")
+    assert err.value.field == "discard" and "within" in str(err.value)
+    assert not (tmp_path / "slow.safetensors").exists()
+
+
+# --------------------------------------------------------------------------- over HTTP
+
+
+@pytest.fixture()
+def merger(three, tmp_path):
+    """The app over a models folder holding the tiny checkpoints (and a VAE), with a fake engine (merging loads none)."""
+    import shutil
+
+    from fastapi.testclient import TestClient
+    from test_server_support import FakeBackend
+    from tiny_models import write_vae
+    from underpaint.server.app import create_app
+    from underpaint.server.config import ServerConfig
+
+    (tmp_path / "checkpoints" / "sub").mkdir(parents=True)
+    for name in ("a", "b", "c", "inpaint"):
+        shutil.copy(three[name], tmp_path / "checkpoints" / ("sub" if name == "c" else "") / f"{name}.safetensors")
+    write_vae(tmp_path / "vae" / "other-vae.safetensors", seed=9)
+    app = create_app(ServerConfig(models_dir=tmp_path, preload=False), loader=FakeBackend())
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        yield client, tmp_path
+
+
+def test_http_merge_writes_a_new_listed_checkpoint(merger, three):
+    client, root = merger
+    r = client.post("/underpaint/v1/merge-checkpoints", json={
+        "primary_model_name": "a", "secondary_model_name": "b.safetensors", "tertiary_model_name": "sub/c",
+        "interp_method": "Add difference", "multiplier": 0.5, "save_as_half": True, "bake_in_vae": "other-vae"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    name = "a + 0.5(b - sub_c).safetensors"  # A1111's name for the recipe, folders flattened
+    assert body["path"] == f"checkpoints/{name}" and body["info"] == f"Checkpoint saved to checkpoints/{name}"
+    assert body["checkpoint"].startswith(name)
+    assert any(m["title"] == body["checkpoint"] for m in client.get("/sdapi/v1/sd-models").json())
+    a, b, c, vae = (load_file(p) for p in (three["a"], three["b"], three["c"], root / "vae" / "other-vae.safetensors"))
+    merged = load_file(root / body["path"])
+    key = combined_keys(a)[0]
+    assert torch.equal(merged[key], (a[key].float() + (b[key].float() - c[key].float()) * 0.5).half())
+    vae_key = next(k for k in vae if k.startswith("decoder."))
+    assert torch.equal(merged["first_stage_model." + vae_key], vae[vae_key].half())
+
+    r = client.post("/underpaint/v1/merge-checkpoints", json={"primary_model_name": "inpaint",
+                                                              "secondary_model_name": "b", "multiplier": 0.25})
+    assert r.json()["path"] == "checkpoints/0.75(inpaint) + 0.25(b).inpainting.safetensors"
+    r = client.post("/underpaint/v1/merge-checkpoints", json={"primary_model_name": "a", "custom_name": "mine",
+                                                              "interp_method": "No interpolation"})
+    assert r.json()["path"] == "checkpoints/mine.safetensors"
+    assert torch.equal(load_file(root / "checkpoints" / "mine.safetensors")[key], a[key])
+
+
+@pytest.mark.parametrize("payload, status, field, words", [
+    ({"interp_method": "Sum"}, 422, "interp_method", "Weighted sum"),
+    ({"secondary_model_name": "None"}, 422, "secondary_model_name", "Weighted sum"),
+    ({"interp_method": "Add difference"}, 422, "tertiary_model_name", "Add difference"),
+    ({"secondary_model_name": "../../etc/passwd"}, 404, "secondary_model_name", "not a checkpoint"),
+    ({"custom_name": "../evil"}, 422, "custom_name", "plain file name"),
+    ({"custom_name": ".hidden"}, 422, "custom_name", "plain file name"),
+    ({"custom_name": "b"}, 409, "custom_name", "already a file"),
+    ({"checkpoint_format": "ckpt"}, 422, "checkpoint_format", "safetensors"),
+    ({"bake_in_vae": "zzzz"}, 422, "bake_in_vae", "other-vae"),
+    ({"discard_weights": "("}, 422, "discard_weights", "regular expression"),
+    ({"multiplier": 11}, 422, "multiplier", "-10 to 10"),
+])
+def test_http_merge_refusals_name_the_field(merger, payload, status, field, words):
+    client, root = merger
+    before = sorted(p.name for p in (root / "checkpoints").iterdir())
+    r = client.post("/underpaint/v1/merge-checkpoints",
+                    json={"primary_model_name": "a", "secondary_model_name": "b", **payload})
+    assert r.status_code == status, r.text
+    assert r.json()["field"] == field and words in r.json()["detail"], r.json()
+    assert str(root) not in r.text
+    assert sorted(p.name for p in (root / "checkpoints").iterdir()) == before

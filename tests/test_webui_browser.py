@@ -59,11 +59,16 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, sd1_file):
-    """``underpaint serve`` in a thread: the real app, uvicorn, a models folder with a tiny checkpoint (twice),
-    a tiny VAE file (named unlike the checkpoints, so "Automatic" keeps their own) and an upscaling model
-    whose weights are all zero (a Real-ESRGAN compact network: exactly a nearest-neighbour 4x enlargement,
-    see test_upscalers.py)."""
+def server(webui_models):
+    """``underpaint serve`` in a thread: the real app and uvicorn over :func:`webui_models`."""
+    yield from serve(webui_models, styles_file=webui_models / "styles.csv")
+
+
+@pytest.fixture(scope="module")
+def webui_models(tmp_path_factory, sd1_file):
+    """The UI tests' models folder: a tiny checkpoint (twice), a tiny VAE file (named unlike the checkpoints, so
+    "Automatic" keeps their own), an upscaling model whose weights are all zero (a Real-ESRGAN compact network:
+    exactly a nearest-neighbour 4x enlargement, see test_upscalers.py), and a styles.csv."""
     import torch
     from test_upscalers import compact_state_dict
     from tiny_models import write_vae
@@ -89,10 +94,10 @@ def server(tmp_path_factory, sd1_file):
     (models / "embeddings").mkdir()
     save_file({"emb_params": torch.ones(1, 16)}, str(models / "embeddings" / "inkblot.safetensors"))
     save_file({"emb_params": torch.ones(1, 768)}, str(models / "embeddings" / "sd15-only.safetensors"))
-    styles = models / "styles.csv"
-    styles.write_text('name,prompt,negative_prompt\n"Oil paint","oil painting of {prompt}, impasto","photo"\n'
-                      '"Film","35mm film grain","digital, cgi"\n', encoding="utf-8")
-    yield from serve(models, styles_file=styles)
+    (models / "styles.csv").write_text('name,prompt,negative_prompt\n'
+                                       '"Oil paint","oil painting of {prompt}, impasto","photo"\n'
+                                       '"Film","35mm film grain","digital, cgi"\n', encoding="utf-8")
+    return models
 
 
 def serve(models: Path, **settings):
@@ -2173,9 +2178,9 @@ def test_extra_networks_cards_add_and_remove_prompt_text(page):
     page.click('.en-tabs button[data-kind="checkpoints"]')
     current = page.input_value("#checkpoint").split(" [")[0]
     titles = cards.get_by_role("button").evaluate_all("(buttons) => buttons.map((b) => b.title.split(' [')[0])")
-    assert sorted(titles) == ["tiny-sd1-copy.safetensors", "tiny-sd1.safetensors"] and current in titles
+    assert {"tiny-sd1-copy.safetensors", "tiny-sd1.safetensors"} <= set(titles) and current in titles
     expect(cards.locator('button[aria-pressed="true"]')).to_have_count(1)
-    other = next(t for t in titles if t != current)
+    other = next(t for t in titles if t != current and t.startswith("tiny-sd1"))
     with page.expect_response("**/sdapi/v1/options", timeout=GENERATION_TIMEOUT) as answer:
         cards.locator(f'button[title^="{other}"]').click()
     assert json.loads(answer.value.request.post_data)["sd_model_checkpoint"].startswith(other)
@@ -2589,6 +2594,50 @@ def flux_server(tmp_path_factory, sd1_file):
     shutil.copy(files["spiece_dir"] / "spiece.model", models / "text_encoders" / "spiece.model")
     shutil.copy(files["ae"], models / "vae" / "ae.safetensors")
     yield from serve(models)
+
+
+def test_checkpoint_merger_tab_writes_a_checkpoint_that_joins_the_lists(page, webui_models):
+    """A1111's Checkpoint Merger: a weighted sum of the two tiny checkpoints with a custom name is written to the
+    models folder, listed in the checkpoint select; a name already taken is refused beside Custom Name."""
+    import torch
+    from safetensors.torch import load_file
+
+    page.click("#tab-merger")
+    expect(page.locator("#panel-merger")).to_be_visible()
+    expect(page.locator("#panel-generate")).to_be_hidden()
+    expect(page.locator("#merge_tertiary")).to_be_disabled()  # Weighted sum takes two
+    expect(page.locator("#merge-formula")).to_have_text("Result = A · (1 − M) + B · M")
+    page.wait_for_function("document.querySelectorAll('#merge_primary option').length >= 2")
+    titles = page.locator("#merge_primary option").all_inner_texts()
+    primary = next(t for t in titles if t.startswith("tiny-sd1.safetensors"))
+    secondary = next(t for t in titles if t.startswith("tiny-sd1-copy.safetensors"))
+    page.select_option("#merge_primary", primary)
+    page.select_option("#merge_secondary", secondary)
+    set_value(page, "merge_multiplier", 0.25)
+    page.fill("#merge_custom_name", "blend")
+    page.check("#merge_save_as_half")
+    with page.expect_response("**/underpaint/v1/merge-checkpoints", timeout=GENERATION_TIMEOUT) as answer:
+        page.click("#merge-run")
+    assert answer.value.ok, answer.value.text()
+    sent = json.loads(answer.value.request.post_data)
+    assert sent["interp_method"] == "Weighted sum" and sent["multiplier"] == 0.25 and sent["tertiary_model_name"] is None
+    expect(page.locator("#merge-status")).to_have_text("Checkpoint saved to checkpoints/blend.safetensors")
+    models = page.request.get(page.url.split("#")[0] + "sdapi/v1/sd-models").json()
+    path = webui_models / next(m["filename"] for m in models if m["model_name"] == "blend")
+    try:
+        merged = load_file(path)
+        assert all(t.dtype == torch.float16 for t in merged.values() if t.is_floating_point())
+        expect(page.locator("#checkpoint option", has_text="blend")).to_have_count(1)
+        expect(page.locator("#merge_primary")).to_have_value(re.compile(r"^tiny-sd1\.safetensors"))  # kept
+        expect(page.locator("#merge_primary option", has_text="blend")).to_have_count(1)
+
+        with page.expect_response("**/underpaint/v1/merge-checkpoints", timeout=GENERATION_TIMEOUT):
+            page.click("#merge-run")  # the same name again
+        expect(page.locator("#merge_custom_name")).to_have_attribute("aria-invalid", "true")
+        expect(page.locator("#panel-merger .field-error")).to_contain_text("already a file")
+        screenshot(page, "merger")
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def test_flux_checkpoint_switches_to_flux_settings_and_back(context, flux_server, photo_file):

@@ -26,19 +26,22 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import secrets
+import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
+import regex
 import torch
 
 from ..errors import InvalidParameter, ModelError, OutputExists
 from .hashes import model_hash
 
 METHODS = ("weighted-sum", "add-difference", "no-interpolation")
+#: The time ``discard`` may take to match all of a checkpoint's tensor names.
+DISCARD_SECONDS = 5.0
 #: A1111's key of CLIP's position ids, never combined.
 _POSITION_IDS = "cond_stage_model.transformer.text_model.embeddings.position_ids"
 _VAE_PREFIX = "first_stage_model."
@@ -56,6 +59,8 @@ class MergeRecipe:
     fp16: bool = False
     bake_vae: Path | None = None
     discard: str | None = None
+    #: The name errors give the ``discard`` field (the HTTP merger's is ``discard_weights``).
+    discard_field: str = "discard"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -69,9 +74,9 @@ class MergeRecipe:
             raise InvalidParameter("c", None, "a checkpoint C for add-difference")
         if self.discard is not None:
             try:
-                re.compile(self.discard)
-            except re.error as exc:
-                raise InvalidParameter("discard", self.discard, f"a regular expression ({exc})") from None
+                regex.compile(self.discard)
+            except (regex.error, ValueError) as exc:
+                raise InvalidParameter(self.discard_field, self.discard, f"a regular expression ({exc})") from None
 
 
 def _open(path: Path, role: str):
@@ -139,13 +144,13 @@ def _publish(temp: Path, output: Path, overwrite: bool) -> None:
 
 def _merged(recipe: MergeRecipe, a, b, c, progress) -> dict[str, torch.Tensor]:
     vae = _vae_tensors(recipe.bake_vae) if recipe.bake_vae is not None else None
-    discard = re.compile(recipe.discard) if recipe.discard else None
+    discard = _Discard(recipe.discard, recipe.discard_field) if recipe.discard else None
     b_keys = set(b.keys()) if b is not None else set()
     c_keys = set(c.keys()) if c is not None else set()
     keys = list(a.keys())
     merged: dict[str, torch.Tensor] = {}
     for i, key in enumerate(keys):
-        if discard is not None and discard.search(key):
+        if discard is not None and discard(key):
             continue
         tensor = a.get_tensor(key)
         combine = b is not None and "model" in key and key in b_keys and key != _POSITION_IDS and \
@@ -190,6 +195,33 @@ def _combine(key: str, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | None,
             raise ModelError(f"merging an {kind} model with a normal one: the {kind} model must be A", field="a")
     raise ModelError(f"{key}: A's shape {tuple(a.shape)} and B's {tuple(b.shape)} differ (checkpoints of different "
                      "architectures cannot be merged)", field="b")
+
+
+class _Discard:
+    """``discard`` matched against tensor names (``search``, as A1111), within :data:`DISCARD_SECONDS` in all:
+    a pattern that backtracks without end is refused instead of holding the merge (and a server's queue)."""
+
+    def __init__(self, pattern: str, field: str):
+        self.pattern, self.field = regex.compile(pattern), field
+        self.deadline = time.monotonic() + DISCARD_SECONDS
+
+    def __call__(self, key: str) -> bool:
+        try:
+            return self.pattern.search(key, timeout=max(0.001, self.deadline - time.monotonic())) is not None
+        except TimeoutError:
+            raise InvalidParameter(self.field, self.pattern.pattern, f"a regular expression that matches the "
+                                   f"tensor names within {DISCARD_SECONDS:g} s") from None
+
+
+def is_inpainting(path: Path) -> bool:
+    """A checkpoint whose UNet takes 9 input channels (a safetensors file's header is read, nothing else)."""
+    from .header import read_header
+
+    try:
+        info = read_header(path).tensors.get(_INPUT_CONV)
+    except ModelError:
+        return False
+    return info is not None and len(info.shape) == 4 and info.shape[1] == 9
 
 
 def _vae_tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -24,6 +24,7 @@ import { ProgressView, formatSeconds } from "./progress.js";
 import { setupScripts } from "./scripts.js";
 import { ExtraNetworks, checkpointName } from "./extranetworks.js";
 import { StylesPicker } from "./styles.js";
+import { setupMerger } from "./merger.js";
 
 const panel = $("#panel-generate");
 const generalBox = $("#general-error");
@@ -32,6 +33,12 @@ const form = new GenerationForm(panel);
 const state = { tab: "img2img", busy: false, interrupted: false, again: false, lastSeed: null, outdirs: {} };
 const store = new SettingsStore(panel, { family: () => form.family });
 const styles = new StylesPicker();
+const merger = setupMerger({
+  onMerged: async () => {  // the new checkpoint joins the lists
+    await loadCheckpoints().catch(() => {});
+    extraNetworks.stale();
+  },
+});
 const extraNetworks = new ExtraNetworks({
   onCheckpoint: (title) => {  // a checkpoint card: as if chosen in the checkpoint drop-down
     const select = $("#checkpoint");
@@ -58,12 +65,14 @@ function selectTab(name, focus = false) {
     tab.tabIndex = on ? 0 : -1;
     if (on && focus) tab.focus();
   }
-  const generating = !["pnginfo", "extras"].includes(name);
+  const generating = !["pnginfo", "extras", "merger"].includes(name);
   tokenMergingFor(name);
   img2imgUpscalerFor(name);
   panel.hidden = !generating;
   $("#panel-pnginfo").hidden = name !== "pnginfo";
   $("#panel-extras").hidden = name !== "extras";
+  $("#panel-merger").hidden = name !== "merger";
+  if (name === "merger") merger.load().catch((err) => { $("#merge-status").textContent = err.message; });
   if (generating) {
     panel.dataset.mode = name;
     panel.setAttribute("aria-labelledby", `tab-${name}`);
@@ -201,6 +210,7 @@ function takeImage(file, focused) {
   else if (state.tab === "inpaint") setInpaintImage(file);
   else if (state.tab === "pnginfo") pngInput.setFile(file);
   else if (state.tab === "extras") extras.input.setFile(file);
+  else if (state.tab === "merger") return;
   else if (state.tab !== "txt2img") img2img.setFile(file);
   else notice.textContent = "txt2img takes no picture: drop it on the prompt to read its parameters, or on img2img, Inpaint, Extras or PNG Info.";
 }
@@ -418,7 +428,7 @@ $("#skip").addEventListener("click", () => post("/sdapi/v1/skip").catch(() => {}
 // again), Alt+Enter skips the current picture, Escape interrupts.
 document.addEventListener("keydown", (e) => {
   if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) {
-    if (state.tab === "pnginfo") return;
+    if (state.tab === "pnginfo" || state.tab === "merger") return;
     e.preventDefault();
     if (state.tab === "extras") {  // Extras' own Generate (an upscale is not interrupted)
       extras.run();
