@@ -613,6 +613,17 @@ def test_embeddings_and_loras_are_listed_from_the_models_folder(client, tmp_path
     assert set(after["skipped"]) == {"xl-style"}
     assert client.get("/sdapi/v1/loras").json() == [
         {"name": "ink", "alias": "ink", "path": "loras/styles/ink.safetensors", "metadata": {}}]
+    # A trainer's metadata comes back as A1111 sends it (JSON objects decoded); its ss_output_name is the
+    # alias unless another LoRA already goes by that name.
+    frequency = {"img": {"red barn": 3}}
+    for file, output_name in (("barn-v2", "barn"), ("other", "ink")):
+        save_file({"x": torch.zeros(1)}, str(tmp_path / "loras" / f"{file}.safetensors"),
+                  metadata={"ss_output_name": output_name, "ss_tag_frequency": json.dumps(frequency),
+                            "ss_network_dim": "16"})
+    listed = {item["name"]: item for item in client.get("/sdapi/v1/loras").json()}
+    assert listed["barn-v2"]["alias"] == "barn" and listed["other"]["alias"] == "other"
+    assert listed["barn-v2"]["metadata"] == {"ss_output_name": "barn", "ss_tag_frequency": frequency,
+                                             "ss_network_dim": "16"}
     assert client.get("/sdapi/v1/hypernetworks").json() == []
     (tmp_path / "hypernetworks" / "anime").mkdir(parents=True)
     for name in ("anime/v2.pt", "zz.pt", "notes.txt", ".hidden.pt"):

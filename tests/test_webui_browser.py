@@ -735,6 +735,9 @@ def test_layout_labels_and_keyboard(page):
     page.keyboard.press("ArrowRight")
     expect(page.locator("#panel-pnginfo")).to_be_visible()
     expect(page.locator("#panel-extras")).to_be_hidden()
+    page.keyboard.press("ArrowRight")
+    expect(page.locator("#panel-merger")).to_be_visible()
+    expect(page.locator("#panel-pnginfo")).to_be_hidden()
     page.keyboard.press("ArrowRight")  # wraps round to the first tab, txt2img
     expect(page.locator("#tab-txt2img")).to_have_attribute("aria-selected", "true")
     expect(page.locator("#tab-txt2img")).to_be_focused()
@@ -1426,6 +1429,54 @@ def test_tiling_is_sent_recorded_and_pasted(page, photo_file, tmp_path):
     expect(tiling).not_to_be_checked()
 
 
+def test_variation_seed_is_sent_recorded_reused_and_pasted(page, tmp_path):
+    """A1111's Extra under the seed: off by default (nothing sent); on, the variation seed, its strength and
+    the seed resize go with the request and into the infotext; ♻ takes the result's variation seed, and a
+    pasted picture sets them, or turns Extra off when its infotext has none."""
+    page.click("#tab-txt2img")
+    expect(page.locator("#subseed")).to_be_hidden()
+    fast_settings(page, seed=11, steps=2)
+    with page.expect_response("**/sdapi/v1/txt2img", timeout=GENERATION_TIMEOUT) as answer:
+        page.click("#generate")
+    sent = json.loads(answer.value.request.post_data)
+    assert not {"subseed", "subseed_strength", "seed_resize_from_w"} & set(sent)
+
+    page.check("#seed_extra")
+    expect(page.locator("#subseed")).to_be_visible()
+    set_value(page, "subseed_strength", 0.3)
+    set_value(page, "seed_resize_from_w", 96)
+    set_value(page, "seed_resize_from_h", 64)
+    with page.expect_response("**/sdapi/v1/txt2img", timeout=GENERATION_TIMEOUT) as answer:
+        page.click("#generate")
+    assert answer.value.ok, answer.value.text()
+    sent = json.loads(answer.value.request.post_data)
+    assert (sent["subseed"], sent["subseed_strength"], sent["seed_resize_from_w"], sent["seed_resize_from_h"]) == \
+           (-1, 0.3, 96, 64)
+    chosen = json.loads(answer.value.json()["info"])["subseed"]
+    infotext = page.input_value("#result-infotext")
+    assert f"Variation seed: {chosen}, Variation seed strength: 0.3" in infotext and "Seed resize from: 96x64" in infotext
+    page.click("#subseed-reuse")
+    expect(page.locator("#subseed")).to_have_value(str(chosen))
+
+    pictures = infotext_pngs(tmp_path, {
+        "varied": "a pond\nSteps: 4, Sampler: Euler a, Seed: 11, Variation seed: 5, Variation seed strength: 0.25, "
+                  "Size: 64x64",
+        "plain": "a pond\nSteps: 4, Sampler: Euler a, Seed: 11, Size: 64x64"}, (64, 64))
+    page.uncheck("#seed_extra")
+    page.click("#tab-pnginfo")
+    page.set_input_files("#pnginfo-file", str(pictures["varied"]))
+    page.click("#pnginfo-send-txt2img")
+    expect(page.locator("#seed_extra")).to_be_checked()
+    expect(page.locator("#subseed")).to_have_value("5")
+    expect(page.locator('input[data-sync="subseed_strength"]')).to_have_value("0.25")
+    expect(page.locator('input[data-sync="seed_resize_from_w"]')).to_have_value("0")
+    page.click("#tab-pnginfo")
+    page.set_input_files("#pnginfo-file", str(pictures["plain"]))
+    page.click("#pnginfo-send-txt2img")
+    expect(page.locator("#seed_extra")).not_to_be_checked()
+    expect(page.locator("#subseed")).to_be_hidden()
+
+
 # --------------------------------------------------------------------------- txt2img and Hires. fix
 
 
@@ -1708,10 +1759,10 @@ def upscale_in_page(page, **fields) -> dict:
 
 
 def test_extras_tab_sits_where_a1111_has_it(page, server):
-    """txt2img, img2img, (Inpaint,) Extras, PNG Info; the panel opens at A1111's defaults, its upscaler
+    """txt2img, img2img, (Inpaint,) Extras, PNG Info, Checkpoint Merger; the panel opens at A1111's defaults, its upscaler
     lists are the server's /upscalers, models included, and "Scale to" shows the size instead of the factor."""
     names = page.locator('.tabs [role="tab"]').all_inner_texts()
-    assert names == ["txt2img", "img2img", "Inpaint", "Extras", "PNG Info"]
+    assert names == ["txt2img", "img2img", "Inpaint", "Extras", "PNG Info", "Checkpoint Merger"]
     page.click("#tab-extras")
     expect(page.locator("#tab-extras")).to_have_attribute("aria-selected", "true")
     expect(page.locator("#panel-extras")).to_be_visible()

@@ -81,14 +81,50 @@ async def schedulers() -> list[SchedulerItem]:
 
 @router.get("/loras", response_model=list[LoraItem], summary="LoRA files in the models folder")
 def loras(request: Request) -> list[LoraItem]:
+    """A1111's list: each file's name, its alias (the trainer's ``ss_output_name`` when no other LoRA has
+    that name or alias, as A1111's default "Alias from file"), its path relative to the models folder and
+    the trainer's safetensors metadata (values holding a JSON object decoded, as A1111 sends them)."""
     folder = server_state(request).catalog.folder
     items: dict[str, LoraItem] = {}
     for base in folder.folders("loras"):
         for path in sorted(base.rglob("*")):
             if path.suffix.lower() in LORA_EXTENSIONS and path.is_file() and path.stem not in items and listable(path):
                 rel = Path(os.path.relpath(path, folder.root)).as_posix()
-                items[path.stem] = LoraItem(name=path.stem, alias=path.stem, path=rel, metadata={})
+                metadata = _lora_metadata(path)
+                items[path.stem] = LoraItem(name=path.stem, alias=str(metadata.get("ss_output_name") or path.stem),
+                                            path=rel, metadata=metadata)
+    taken: dict[str, int] = {}
+    for item in items.values():
+        for name in {item.name, item.alias}:
+            taken[name] = taken.get(name, 0) + 1
+    for item in items.values():
+        if item.alias != item.name and taken[item.alias] > 1:
+            item.alias = item.name
     return list(items.values())
+
+
+def _lora_metadata(path: Path) -> dict[str, Any]:
+    """A safetensors LoRA's metadata (only its header is read); {} for other files and unreadable ones."""
+    import json
+
+    from ...errors import ModelError
+    from ...models.header import read_header, sniff_format
+
+    try:
+        if sniff_format(path) != "safetensors":
+            return {}
+        metadata = read_header(path).metadata
+    except (ModelError, OSError):
+        return {}
+    decoded: dict[str, Any] = {}
+    for key, value in metadata.items():
+        if isinstance(value, str) and value.startswith("{"):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                pass
+        decoded[key] = value
+    return decoded
 
 
 @router.get("/hypernetworks", response_model=list[HypernetworkItem], summary="Hypernetworks in the models folder")

@@ -475,6 +475,12 @@ setupAttentionKeys(["#prompt", "#negative_prompt", "#hr_prompt", "#hr_negative_p
 
 // -- seed and size helpers ------------------------------------------------------------------------
 $("#seed-random").addEventListener("click", () => setNumber($("#seed"), -1));
+$("#subseed-random").addEventListener("click", () => setNumber($("#subseed"), -1));
+$("#subseed-reuse").addEventListener("click", () => {
+  const subseed = gallery.selected?.subseed;
+  if (subseed !== null && subseed !== undefined) setNumber($("#subseed"), subseed);
+  else notice.textContent = "No result yet whose variation seed could be reused.";
+});
 $("#seed-reuse").addEventListener("click", () => {
   const seed = gallery.selected?.seed ?? state.lastSeed;
   if (seed !== null && seed !== undefined) setNumber($("#seed"), seed);

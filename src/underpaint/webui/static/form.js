@@ -94,6 +94,7 @@ export class GenerationForm {
     this.controls = {};
     for (const name of ["prompt", "negative_prompt", "sampler_name", "scheduler", "steps", "width", "height",
       "n_iter", "batch_size", "cfg_scale", "distilled_cfg_scale", "image_cfg_scale", "denoising_strength", "seed", "mask_blur",
+      "seed_extra", "subseed", "subseed_strength", "seed_resize_from_w", "seed_resize_from_h",
       "inpaint_full_res_padding", "deepcache_interval", "deepcache_branch", "first_block_cache", "s_min_uncond",
       "s_min_uncond_all", "skip_early_cond", "sd_vae_decode_method", "sd_vae_encode_method", "tiling", "restore_faces", "face_restoration_model", "code_former_weight",
       "img2img_color_correction", "initial_noise_multiplier", "img2img_extra_noise", "freeu_enabled", ...FREEU_FACTORS,
@@ -112,6 +113,8 @@ export class GenerationForm {
     this.updateDeepCache();
     this.controls.s_min_uncond.addEventListener("input", () => this.updateGuidanceSkip());
     this.updateGuidanceSkip();
+    this.controls.seed_extra.addEventListener("change", () => this.updateSeedExtra());
+    this.updateSeedExtra();
     this.controls.enable_hr.addEventListener("change", () => this.updateHires());
     const sizeInputs = ["width", "height", "hr_scale", "hr_resize_x", "hr_resize_y"]
       .flatMap((name) => [this.controls[name], $(`input[data-sync="${name}"]`, root)]);
@@ -148,6 +151,22 @@ export class GenerationForm {
   }
 
   /** "All steps" only means something while NGMS is on. */
+  /** A1111's "Extra" shows the variation seed's controls; they are sent only while it is on. */
+  updateSeedExtra() {
+    $("#seed-extra", this.root).hidden = !this.controls.seed_extra.checked;
+  }
+
+  variationValues() {
+    const c = this.controls;
+    if (!c.seed_extra.checked) return {};
+    return {
+      subseed: numberValue(c.subseed) ?? -1,
+      subseed_strength: numberValue(c.subseed_strength) ?? 0,
+      seed_resize_from_w: numberValue(c.seed_resize_from_w) || undefined,
+      seed_resize_from_h: numberValue(c.seed_resize_from_h) || undefined,
+    };
+  }
+
   updateGuidanceSkip() {
     this.controls.s_min_uncond_all.disabled = !numberValue(this.controls.s_min_uncond);
   }
@@ -295,6 +314,7 @@ export class GenerationForm {
       cfg_scale: numberValue(c.cfg_scale),
       distilled_cfg_scale: this.family === "flux" ? numberValue(c.distilled_cfg_scale) : undefined,
       seed: numberValue(c.seed) ?? -1,
+      ...this.variationValues(),
       width: numberValue(c.width),
       height: numberValue(c.height),
       batch_size: numberValue(c.batch_size),
@@ -381,6 +401,13 @@ export class GenerationForm {
       "s_min_uncond", "skip_early_cond", "initial_noise_multiplier", "img2img_extra_noise", "hr_extra_noise",
       ...HIRES_NUMBERS]) {
       if (typeof numbers[name] === "number") setNumber(c[name], numbers[name]);
+    }
+    if (typeof fields.seed_extra === "boolean") {
+      c.seed_extra.checked = fields.seed_extra;
+      for (const name of ["subseed", "subseed_strength", "seed_resize_from_w", "seed_resize_from_h"]) {
+        setNumber(c[name], typeof fields[name] === "number" ? fields[name] : Number(c[name].defaultValue));
+      }
+      this.updateSeedExtra();
     }
     if (typeof fields.s_min_uncond_all === "boolean") c.s_min_uncond_all.checked = fields.s_min_uncond_all;
     for (const name of ["sd_vae_decode_method", "sd_vae_encode_method"]) {

@@ -22,10 +22,12 @@ export function entriesFromResponse(response) {
   const stamp = new Date().toISOString().replace(/[-:]/g, "").replace("T", "-").slice(0, 15);
   return (response.images ?? []).map((b64, i) => {
     const seed = info.all_seeds?.[i] ?? (i === 0 ? info.seed : undefined);
+    const subseed = info.all_subseeds?.[i] ?? (i === 0 ? info.subseed : undefined);
     return {
       dataUrl: pngDataUrl(b64),
       infotext: info.infotexts?.[i] ?? (i === 0 ? response.infotext ?? "" : ""),
       seed: Number.isInteger(seed) ? seed : null,
+      subseed: Number.isInteger(subseed) ? subseed : null,
       fileName: `underpaint-${stamp}-${i}${seed !== undefined ? `-${seed}` : ""}.png`,
     };
   });

@@ -83,6 +83,15 @@ export function infotextToFields({ prompt, negativePrompt, params }) {
   set("cfg_scale", number(params["CFG scale"]));
   set("distilled_cfg_scale", number(params["Distilled CFG Scale"]));
   set("seed", number(params.Seed));
+  // A1111's "Extra": on with a variation seed or a seed resize, off (and back to its defaults) without.
+  const resizeFrom = /^(\d+)\s*x\s*(\d+)$/.exec(params["Seed resize from"] ?? "");
+  fields.seed_extra = params["Variation seed"] !== undefined || resizeFrom !== null;
+  set("subseed", number(params["Variation seed"]));
+  set("subseed_strength", number(params["Variation seed strength"]));
+  if (resizeFrom) {
+    fields.seed_resize_from_w = Number(resizeFrom[1]);
+    fields.seed_resize_from_h = Number(resizeFrom[2]);
+  }
   if (size) {
     fields.width = Number(size[1]);
     fields.height = Number(size[2]);
