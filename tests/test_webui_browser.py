@@ -203,6 +203,14 @@ def fast_settings(page, *, seed: int, steps: int = 3, size: int = 64) -> None:
     set_value(page, "seed", seed)
 
 
+def generate(page, mode: str = "txt2img") -> tuple[dict, dict]:
+    """Press Generate and wait for the server's answer on ``/sdapi/v1/{mode}``: (what the page sent, the answer)."""
+    with page.expect_response(f"**/sdapi/v1/{mode}", timeout=GENERATION_TIMEOUT) as answer:
+        page.click("#generate")
+    assert answer.value.ok, answer.value.text()
+    return json.loads(answer.value.request.post_data), answer.value.json()
+
+
 def decode(b64: str) -> Image.Image:
     return Image.open(io.BytesIO(base64.b64decode(b64)))
 
@@ -228,10 +236,7 @@ def test_img2img_generate_shows_result_and_parameters(page, server, photo_file):
     expect(page.locator("#denoise-hint")).to_contain_text("balanced")
     expect(page.locator("#distilled-field")).to_be_hidden()  # FLUX only
     fast_settings(page, seed=1234)
-    with page.expect_response("**/sdapi/v1/img2img", timeout=GENERATION_TIMEOUT) as answer:
-        page.click("#generate")
-    assert answer.value.ok, answer.value.text()
-    sent = json.loads(answer.value.request.post_data)
+    sent, _ = generate(page, "img2img")
     assert sent["denoising_strength"] == 0.5 and sent["seed"] == 1234 and sent["steps"] == 3
     assert "distilled_cfg_scale" not in sent  # FLUX's guidance, not sent for an SD checkpoint
     assert decode(sent["init_images"][0]).size == (64, 64)
@@ -362,10 +367,7 @@ def test_inpaint_sketch_paints_the_picture_and_masks_the_strokes(page, photo_fil
     assert page.evaluate(MASK_COVERAGE) == 0  # the mask layer itself is untouched
     page.fill("#prompt", "a red ribbon")
     fast_settings(page, seed=3, steps=1)
-    with page.expect_response("**/sdapi/v1/img2img", timeout=GENERATION_TIMEOUT) as answer:
-        page.click("#generate")
-    assert answer.value.ok, answer.value.text()
-    sent = json.loads(answer.value.request.post_data)
+    sent, _ = generate(page, "img2img")
     picture = np.asarray(decode(sent["init_images"][0]).convert("RGB")).astype(int)
     original = np.asarray(Image.open(photo_file).convert("RGB")).astype(int)
     mask = np.asarray(decode(sent["mask"]).convert("L"))
@@ -1202,10 +1204,7 @@ def test_img2img_noise_settings_are_sent_recorded_and_pasted(page, photo_file, t
     fast_settings(page, seed=17, steps=2)
     set_value(page, "initial_noise_multiplier", 0.9)
     set_value(page, "img2img_extra_noise", 0.2)
-    with page.expect_response("**/sdapi/v1/img2img", timeout=GENERATION_TIMEOUT) as answer:
-        page.click("#generate")
-    assert answer.value.ok, answer.value.text()
-    sent = json.loads(answer.value.request.post_data)
+    sent, _ = generate(page, "img2img")
     assert sent["initial_noise_multiplier"] == 0.9 and sent["override_settings"] == {"img2img_extra_noise": 0.2}
     expect(page.locator("#result-infotext")).to_have_value(re.compile(r"Noise multiplier: 0.9, Extra noise: 0.2"))
 
@@ -1239,10 +1238,7 @@ def test_refiner_is_sent_recorded_and_pasted(page, photo_file, tmp_path):
     enabled.check()
     choice.select_option(copy)
     set_value(page, "refiner_switch_at", 0.6)
-    with page.expect_response("**/sdapi/v1/img2img", timeout=GENERATION_TIMEOUT) as answer:
-        page.click("#generate")
-    assert answer.value.ok, answer.value.text()
-    sent = json.loads(answer.value.request.post_data)
+    sent, _ = generate(page, "img2img")
     assert (sent["refiner_checkpoint"], sent["refiner_switch_at"]) == (copy, 0.6)
     expect(page.locator("#result-infotext")).to_have_value(re.compile(r"Refiner: tiny-sd1-copy \[\w+\], Refiner switch at: 0.6"))
     infotext = page.input_value("#result-infotext")
@@ -1429,6 +1425,37 @@ def test_tiling_is_sent_recorded_and_pasted(page, photo_file, tmp_path):
     expect(tiling).not_to_be_checked()
 
 
+def test_img2img_batch_runs_each_picture_with_the_same_settings(page, photo_file, tmp_path):
+    """A1111's img2img Batch from the browser: "Batch…" takes several pictures, Generate sends one img2img request
+    per picture (the same settings, each its own picture) and every result joins the gallery; a single picture
+    picked afterwards ends the batch."""
+    other = tmp_path / "other.png"
+    Image.new("RGB", (48, 80), (30, 120, 200)).save(other)
+    page.set_input_files("#img2img-batch-file", [str(photo_file), str(other)])
+    expect(page.locator("#img2img-batch-count")).to_have_text("Batch: 2 pictures; Generate runs img2img on each in turn.")
+    expect(page.locator("#img2img-size")).to_have_text("64×64 px")  # the first picture shows
+    fast_settings(page, seed=21, steps=1)
+    answers = []
+    page.on("response", lambda r: answers.append(r) if r.url.endswith("/sdapi/v1/img2img") else None)
+    thumbs = page.locator("#gallery-thumbs button").count()
+    page.click("#generate")
+    expect(page.locator("#generate")).to_have_text("Generate", timeout=GENERATION_TIMEOUT)
+    expect(page.locator("#progress-text")).to_contain_text("2 images")
+    assert [a.ok for a in answers] == [True, True]
+    sent = [json.loads(a.request.post_data) for a in answers]
+    assert [decode(s["init_images"][0]).size for s in sent] == [(64, 64), (48, 80)]
+    assert {json.dumps({k: v for k, v in s.items() if k != "init_images"}, sort_keys=True) for s in sent} == \
+           {json.dumps({k: v for k, v in sent[0].items() if k != "init_images"}, sort_keys=True)}
+    assert sent[0]["seed"] == 21 and page.locator("#gallery-thumbs button").count() == thumbs + 2
+
+    page.set_input_files("#img2img-file", str(other))  # one picture: no batch any more
+    expect(page.locator("#img2img-batch")).to_be_hidden()
+    answers.clear()
+    generate(page, "img2img")
+    expect(page.locator("#generate")).to_have_text("Generate")
+    assert len(answers) == 1
+
+
 def test_variation_seed_is_sent_recorded_reused_and_pasted(page, tmp_path):
     """A1111's Extra under the seed: off by default (nothing sent); on, the variation seed, its strength and
     the seed resize go with the request and into the infotext; ♻ takes the result's variation seed, and a
@@ -1436,9 +1463,7 @@ def test_variation_seed_is_sent_recorded_reused_and_pasted(page, tmp_path):
     page.click("#tab-txt2img")
     expect(page.locator("#subseed")).to_be_hidden()
     fast_settings(page, seed=11, steps=2)
-    with page.expect_response("**/sdapi/v1/txt2img", timeout=GENERATION_TIMEOUT) as answer:
-        page.click("#generate")
-    sent = json.loads(answer.value.request.post_data)
+    sent, _ = generate(page)
     assert not {"subseed", "subseed_strength", "seed_resize_from_w"} & set(sent)
 
     page.check("#seed_extra")
@@ -1446,13 +1471,10 @@ def test_variation_seed_is_sent_recorded_reused_and_pasted(page, tmp_path):
     set_value(page, "subseed_strength", 0.3)
     set_value(page, "seed_resize_from_w", 96)
     set_value(page, "seed_resize_from_h", 64)
-    with page.expect_response("**/sdapi/v1/txt2img", timeout=GENERATION_TIMEOUT) as answer:
-        page.click("#generate")
-    assert answer.value.ok, answer.value.text()
-    sent = json.loads(answer.value.request.post_data)
+    sent, body = generate(page)
     assert (sent["subseed"], sent["subseed_strength"], sent["seed_resize_from_w"], sent["seed_resize_from_h"]) == \
            (-1, 0.3, 96, 64)
-    chosen = json.loads(answer.value.json()["info"])["subseed"]
+    chosen = json.loads(body["info"])["subseed"]
     infotext = page.input_value("#result-infotext")
     assert f"Variation seed: {chosen}, Variation seed strength: 0.3" in infotext and "Seed resize from: 96x64" in infotext
     page.click("#subseed-reuse")
@@ -1501,10 +1523,7 @@ def test_txt2img_and_hires_fix(page):
     page.fill("#prompt", "a lighthouse on a cliff")
     fast_settings(page, seed=4242, steps=2)
     set_value(page, "height", 96)
-    with page.expect_response("**/sdapi/v1/txt2img", timeout=GENERATION_TIMEOUT) as answer:
-        page.click("#generate")
-    assert answer.value.ok, answer.value.text()
-    sent = json.loads(answer.value.request.post_data)
+    sent, _ = generate(page)
     assert sent["width"] == 64 and sent["height"] == 96 and sent["seed"] == 4242 and sent["steps"] == 2
     for absent in ("init_images", "enable_hr", "denoising_strength", "resize_mode", "hr_scale"):
         assert absent not in sent
@@ -2005,10 +2024,7 @@ def test_sd_upscale_script_enlarges_as_the_server_does(page, server, photo_file)
     set_value(page, "sd_upscale_overlap", 16)
     expect(page.locator("#sd-upscale-size")).to_have_text(
         "64×64 → 128×128 px, in tiles of 64×64 overlapping by 16 px")
-    with page.expect_response("**/sdapi/v1/img2img", timeout=GENERATION_TIMEOUT) as answer:
-        page.click("#generate")
-    assert answer.value.ok, answer.value.text()
-    sent = json.loads(answer.value.request.post_data)
+    sent, _ = generate(page, "img2img")
     assert sent["script_name"] == "sd upscale" and sent["script_args"] == ["", 16, "Lanczos", 2]
     assert {k: v for k, v in sent.items() if k not in SCRIPT_FIELDS} == plain  # the rest as without the script
     expect(page.locator("#gallery-thumbs img")).to_have_count(2)
@@ -2202,10 +2218,7 @@ def test_extra_networks_cards_add_and_remove_prompt_text(page):
         if expected != "a cat":
             cards.get_by_role("button", name="soft").click()
         expect(page.locator("#prompt")).to_have_value(expected)
-        with page.expect_response("**/sdapi/v1/txt2img", timeout=GENERATION_TIMEOUT) as answer:
-            page.click("#generate")
-        assert answer.value.ok, answer.value.text()
-        body = answer.value.json()
+        _, body = generate(page)
         assert json.loads(body["info"])["prompt"] == expected
         pictures.append(np.asarray(decode(body["images"][0]), dtype=np.int16))
     assert np.abs(pictures[0] - pictures[1]).mean() > 1  # the hypernetwork ran
@@ -2251,11 +2264,9 @@ def test_styles_are_sent_in_the_order_chosen_and_applied_to_the_prompts(page):
     page.fill("#prompt", "a harbour")
     page.fill("#negative_prompt", "blurry")
     fast_settings(page, seed=5, steps=1)
-    with page.expect_response("**/sdapi/v1/txt2img", timeout=GENERATION_TIMEOUT) as answer:
-        page.click("#generate")
-    assert answer.value.ok, answer.value.text()
-    assert json.loads(answer.value.request.post_data)["styles"] == ["Film", "Oil paint"]
-    info = json.loads(answer.value.json()["info"])
+    sent, body = generate(page)
+    assert sent["styles"] == ["Film", "Oil paint"]
+    info = json.loads(body["info"])
     assert info["prompt"] == "oil painting of a harbour, 35mm film grain, impasto"
     assert info["negative_prompt"] == "blurry, digital, cgi, photo"
 
@@ -2267,10 +2278,8 @@ def test_styles_are_sent_in_the_order_chosen_and_applied_to_the_prompts(page):
     expect(page.locator("#prompt")).to_have_value(info["prompt"])
     expect(page.locator("#negative_prompt")).to_have_value(info["negative_prompt"])
     expect(page.locator("#styles-summary")).to_have_text("None")
-    with page.expect_response("**/sdapi/v1/txt2img", timeout=GENERATION_TIMEOUT) as answer:
-        page.click("#generate")
-    assert "styles" not in json.loads(answer.value.request.post_data)
-    assert json.loads(answer.value.json()["info"])["prompt"] == info["prompt"]
+    sent, body = generate(page)
+    assert "styles" not in sent and json.loads(body["info"])["prompt"] == info["prompt"]
 
 
 def test_interrogate_clip_writes_the_prompt(page, photo_file):
@@ -2409,10 +2418,7 @@ def test_xyz_plot_script_on_txt2img_matches_the_server(page, server):
     assert [page.get_attribute("#xyz_margin_size", a) for a in ("min", "max", "step", "value")] == ["0", "500", "2", "0"]
     page.select_option("#xyz_x_type", "CFG Scale")
     page.fill("#xyz_x_values", "3,7")
-    with page.expect_response("**/sdapi/v1/txt2img", timeout=GENERATION_TIMEOUT) as answer:
-        page.click("#generate")
-    assert answer.value.ok, answer.value.text()
-    sent = json.loads(answer.value.request.post_data)
+    sent, _ = generate(page)
     assert sent["script_name"] == "x/y/z plot"
     assert sent["script_args"] == ["CFG Scale", "3,7", [], "Nothing", "", [], "Nothing", "", [],
                                    True, False, False, False, False, False, False, 0, True]
@@ -2725,10 +2731,7 @@ def test_flux_checkpoint_switches_to_flux_settings_and_back(context, flux_server
     set_value(page, "distilled_cfg_scale", "2.5")
     set_value(page, "first_block_cache", "0.5")
     fast_settings(page, seed=5, steps=2)
-    with page.expect_response("**/sdapi/v1/img2img", timeout=GENERATION_TIMEOUT) as answer:
-        page.click("#generate")
-    assert answer.value.ok, answer.value.text()
-    sent = json.loads(answer.value.request.post_data)
+    sent, _ = generate(page, "img2img")
     assert sent["distilled_cfg_scale"] == 2.5 and sent["override_settings"] == {"first_block_cache_threshold": 0.5}
     assert "tiling" not in sent
     expect(page.locator("#result-image")).to_be_visible()

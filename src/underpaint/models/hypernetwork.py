@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InvalidParameter, ModelError, UnknownName
-from .registry import listable
+from .registry import NamedFile, find_named_file, list_named_files
 
 #: A1111 lists ``.pt`` files in ``models/hypernetworks``.
 HYPERNETWORK_EXTENSIONS = (".pt",)
@@ -66,39 +66,18 @@ _NAME = re.compile(r"^linear\.(\d+)\.(weight|bias)$")
 # --------------------------------------------------------------------------- files on disk
 
 
-@dataclass(frozen=True)
-class HypernetworkFile:
-    """A hypernetwork in the models folder; ``name`` is the file name without suffix (A1111's name)."""
-
-    name: str
-    path: Path
-    #: Path relative to its folder, '/'-separated, without the suffix.
-    relative: str
-
-
-def list_hypernetworks(folders: Iterable[Path]) -> list[HypernetworkFile]:
+def list_hypernetworks(folders: Iterable[Path]) -> list[NamedFile]:
     """Every hypernetwork file under ``folders`` (recursively, as A1111 does), sorted by relative name."""
-    seen: dict[str, HypernetworkFile] = {}
-    for base in folders:
-        for dirpath, dirnames, filenames in os.walk(base, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for f in sorted(filenames):
-                path = Path(dirpath) / f
-                if f.lower().endswith(HYPERNETWORK_EXTENSIONS) and not f.startswith(".") and listable(path):
-                    relative = path.relative_to(base).with_suffix("").as_posix()
-                    seen.setdefault(relative, HypernetworkFile(path.stem, path, relative))
-    return sorted(seen.values(), key=lambda e: e.relative.lower())
+    return list_named_files(folders, HYPERNETWORK_EXTENSIONS)
 
 
 def resolve_hypernetwork(name: str, folders: Iterable[Path]) -> Path:
-    """The file a tag names, by file name or relative path; an unknown name lists those there are."""
+    """The file a tag names, by relative path or file name; an unknown name lists those there are."""
     entries = list_hypernetworks(folders)
-    wanted = name.strip().replace("\\", "/")
-    for matches in ([e for e in entries if e.relative == wanted],
-                    [e for e in entries if e.name == wanted or e.path.name == wanted]):
-        if matches:
-            return matches[0].path
-    raise UnknownName("hypernet", name, [e.name for e in entries])
+    found = find_named_file(entries, name)
+    if found is None:
+        raise UnknownName("hypernet", name, [e.name for e in entries])
+    return found
 
 
 # --------------------------------------------------------------------------- requests

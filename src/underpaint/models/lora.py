@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InvalidParameter, ModelError, UnknownName
-from .registry import listable
+from .registry import NamedFile, find_named_file, list_named_files
 
 #: File suffixes A1111 lists in its Lora folder.
 LORA_EXTENSIONS = (".safetensors", ".ckpt", ".pt")
@@ -161,43 +161,23 @@ def _short(value: float) -> str:
 # --------------------------------------------------------------------------- files on disk
 
 
-@dataclass(frozen=True)
-class LoraFile:
-    """A LoRA file in the models folder; ``name`` is the file name without suffix (A1111's name)."""
-
-    name: str
-    path: Path
-    #: Path relative to its folder, '/'-separated, without the suffix.
-    relative: str
-
-
-def list_loras(folders: Iterable[Path]) -> list[LoraFile]:
+def list_loras(folders: Iterable[Path]) -> list[NamedFile]:
     """Every LoRA file under ``folders`` (recursively, as A1111 does), sorted by relative name."""
-    seen: dict[str, LoraFile] = {}
-    for base in folders:
-        for dirpath, dirnames, filenames in os.walk(base, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for f in sorted(filenames):
-                path = Path(dirpath) / f
-                if f.lower().endswith(LORA_EXTENSIONS) and not f.startswith(".") and listable(path):
-                    relative = path.relative_to(base).with_suffix("").as_posix()
-                    seen.setdefault(relative, LoraFile(path.stem, path, relative))
-    return sorted(seen.values(), key=lambda e: e.relative.lower())
+    return list_named_files(folders, LORA_EXTENSIONS)
 
 
 def resolve_lora(name: str, folders: Iterable[Path]) -> Path:
-    """The file a tag names: by file name (A1111), relative path, or the ``ss_output_name`` alias.
+    """The file a tag names: by relative path, file name (A1111), or the ``ss_output_name`` alias.
 
     An unknown name is an :class:`UnknownName` error that lists the LoRAs there are.
     """
     entries = list_loras(folders)
-    wanted = name.strip().replace("\\", "/")
-    for matches in ([e for e in entries if e.relative == wanted],
-                    [e for e in entries if e.name == wanted or e.path.name == wanted],
-                    [e for e in entries if _alias(e.path) == wanted]):
-        if matches:
-            return matches[0].path
-    raise UnknownName("lora", name, [e.name for e in entries])
+    found = find_named_file(entries, name)
+    if found is None:
+        found = next((e.path for e in entries if _alias(e.path) == name.strip()), None)
+    if found is None:
+        raise UnknownName("lora", name, [e.name for e in entries])
+    return found
 
 
 def _alias(path: Path) -> str | None:

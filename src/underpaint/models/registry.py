@@ -41,6 +41,41 @@ def listable(path: Path) -> bool:
         return False
     return True
 
+@dataclass(frozen=True)
+class NamedFile:
+    """A network file (LoRA, hypernetwork) in the models folder; ``name`` is the file name without suffix
+    (A1111's name for it), ``relative`` its path relative to its folder, '/'-separated, without the suffix."""
+
+    name: str
+    path: Path
+    relative: str
+
+
+def list_named_files(folders, extensions: tuple[str, ...]) -> list[NamedFile]:
+    """Every file with one of ``extensions`` under ``folders`` (recursively, hidden ones left out, the first
+    folder's file winning a relative name), sorted by relative name."""
+    seen: dict[str, NamedFile] = {}
+    for base in folders:
+        for dirpath, dirnames, filenames in os.walk(base, followlinks=True):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for f in sorted(filenames):
+                path = Path(dirpath) / f
+                if f.lower().endswith(extensions) and not f.startswith(".") and listable(path):
+                    relative = path.relative_to(base).with_suffix("").as_posix()
+                    seen.setdefault(relative, NamedFile(path.stem, path, relative))
+    return sorted(seen.values(), key=lambda e: e.relative.lower())
+
+
+def find_named_file(entries: list[NamedFile], name: str) -> Path | None:
+    """The entry a tag names: by relative path first, then by file name (with or without its suffix)."""
+    wanted = name.strip().replace("\\", "/")
+    for matches in ([e for e in entries if e.relative == wanted],
+                    [e for e in entries if e.name == wanted or e.path.name == wanted]):
+        if matches:
+            return matches[0].path
+    return None
+
+
 CHECKPOINT_EXTENSIONS = (".safetensors", ".ckpt", ".gguf")
 VAE_EXTENSIONS = (".safetensors", ".ckpt", ".pt")
 #: FLUX.1's CLIP-L and T5 files (and T5's spiece.model beside them).

@@ -15,7 +15,7 @@ import { setupExtras } from "./extras.js";
 import { clearFieldErrors, showFieldErrors } from "./fielderrors.js";
 import { GenerationForm } from "./form.js";
 import { Gallery, entriesFromResponse, parseInfo } from "./gallery.js";
-import { ImageInput, imageFileFrom, stripDataUrl } from "./images.js";
+import { ImageInput, imageFileFrom, readFileAsDataURL, stripDataUrl } from "./images.js";
 import { setupInpaint } from "./inpaint.js";
 import { infotextToFields, parseInfotext } from "./infotext.js";
 import { SettingsStore } from "./persist.js";
@@ -103,9 +103,39 @@ const img2img = new ImageInput({
   onChange: (input) => {
     $("#img2img-size").textContent = input.width ? `${input.width}×${input.height} px` : "";
     scripts.update();  // SD upscale's line says what the picture becomes
+    setBatch([]);  // another picture (picked, dropped, pasted, sent) or none ends a batch; a new batch sets it after
   },
 });
 $("#img2img-clear").addEventListener("click", () => img2img.clear());
+
+// A1111's img2img "Batch", from the browser: several pictures, each an img2img request of its own with the
+// same settings (the first one shows as the image).
+const batch = { files: [] };
+function setBatch(files) {
+  batch.files = files;
+  $("#img2img-batch").hidden = files.length === 0;
+  $("#img2img-batch-count").textContent = files.length
+    ? `Batch: ${files.length} pictures; Generate runs img2img on each in turn.` : "";
+}
+$("#img2img-batch-file").addEventListener("change", async (event) => {
+  const files = [...event.target.files].filter((f) => f.type.startsWith("image/") || f.type === "");
+  event.target.value = "";
+  if (!files.length) return;
+  await img2img.setFile(files[0]);
+  setBatch(files.length > 1 ? files : []);
+});
+$("#img2img-batch-clear").addEventListener("click", () => setBatch([]));
+
+/** The requests one Generate sends: the built one, or in an img2img batch one per picture (with its file name). */
+async function requestsFor(built) {
+  if (state.tab !== "img2img" || batch.files.length < 2) return [{ request: built.request, label: "" }];
+  const requests = [];
+  for (const file of batch.files) {
+    const picture = stripDataUrl(await readFileAsDataURL(file));
+    requests.push({ request: { ...built.request, init_images: [picture] }, label: file.name });
+  }
+  return requests;
+}
 
 const { editor, setImageFile: setInpaintImage } = setupInpaint({ active: () => state.tab === "inpaint" });
 
@@ -381,18 +411,29 @@ async function generate() {
   state.interrupted = false;
   progress.start();
   const started = performance.now();
+  let current = "";
   try {
-    const response = await post(built.path, built.request);
-    const entries = entriesFromResponse(response);
-    gallery.add(entries);
-    if (entries.length && $("#gallery-main").getBoundingClientRect().top > window.innerHeight) {
-      $("#gallery-main").scrollIntoView({ block: "nearest" });  // one-column layout: results are below
+    const requests = await requestsFor(built);
+    let count = 0;
+    let saveError = null;
+    for (const [i, { request, label }] of requests.entries()) {
+      if (state.interrupted) break;
+      current = label;
+      if (requests.length > 1) notice.textContent = `Batch: picture ${i + 1} of ${requests.length} (${label})`;
+      const response = await post(built.path, request);
+      const entries = entriesFromResponse(response);
+      gallery.add(entries);
+      count += entries.length;
+      saveError ??= parseInfo(response.info).save_error;
+      if (entries.length && $("#gallery-main").getBoundingClientRect().top > window.innerHeight) {
+        $("#gallery-main").scrollIntoView({ block: "nearest" });  // one-column layout: results are below
+      }
     }
+    if (requests.length > 1) notice.textContent = "";
     const seconds = formatSeconds((performance.now() - started) / 1000);
-    const what = entries.length === 1 ? "1 image" : `${entries.length} images`;
-    const saveError = parseInfo(response.info).save_error;
+    const what = count === 1 ? "1 image" : `${count} images`;
     const kind = built.path.endsWith("txt2img") ? "txt2img" : "img2img";
-    const saved = built.request.save_images && entries.length && !saveError
+    const saved = built.request.save_images && count && !saveError
       ? `, saved in ${state.outdirs[kind] || "the server's outputs folder"}` : "";
     progress.stop(state.interrupted ? `Interrupted after ${seconds}: ${what} returned` : `Done in ${seconds}: ${what}${saved}`);
     if (saveError) {
@@ -401,6 +442,7 @@ async function generate() {
     }
   } catch (err) {
     progress.stop(state.interrupted ? "Interrupted" : "");
+    if (current) notice.textContent = `Batch stopped at ${current}.`;
     if (err instanceof ApiError) {
       showFieldErrors(err, { root: panel, generalBox, rename: built.rename })?.focus();
     } else {
