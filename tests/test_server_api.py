@@ -624,6 +624,26 @@ def test_embeddings_and_loras_are_listed_from_the_models_folder(client, tmp_path
     assert listed["barn-v2"]["alias"] == "barn" and listed["other"]["alias"] == "other"
     assert listed["barn-v2"]["metadata"] == {"ss_output_name": "barn", "ss_tag_frequency": frequency,
                                              "ss_network_dim": "16"}
+
+    # The UI's cards: A1111's preview picture and card metadata beside the file.
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "loras" / "barn-v2.png")
+    (tmp_path / "loras" / "barn-v2.json").write_text(json.dumps({"activation text": "red barn", "preferred weight": 0.6,
+                                                                 "description": "barns", "negative text": 7}))
+    cards = client.get("/underpaint/v1/extra-networks").json()
+    barn = next(c for c in cards["loras"] if c["name"] == "barn-v2")
+    assert barn == {"name": "barn-v2", "path": "loras/barn-v2.safetensors", "description": "barns",
+                    "activation_text": "red barn", "preferred_weight": 0.6, "negative_text": "", "fits": True,
+                    "preview": "/underpaint/v1/extra-networks/preview?kind=loras&file=loras%2Fbarn-v2.safetensors"}
+    assert [c["name"] for c in cards["checkpoints"]] == [m["title"] for m in client.get("/sdapi/v1/sd-models").json()]
+    assert {c["name"]: c["fits"] for c in cards["embeddings"]} == {"easynegative": True, "xl-style": False}
+    picture = client.get(barn["preview"])
+    assert picture.status_code == 200 and picture.headers["content-type"] == "image/png"
+    for query in ("kind=loras&file=loras/other.safetensors", "kind=loras&file=../../etc/passwd",
+                  "kind=../loras&file=loras/barn-v2.safetensors", "kind=loras&file=loras/barn-v2.png"):
+        r = client.get("/underpaint/v1/extra-networks/preview?" + query)
+        assert r.status_code == 404 and r.json()["error"], query
     assert client.get("/sdapi/v1/hypernetworks").json() == []
     (tmp_path / "hypernetworks" / "anime").mkdir(parents=True)
     for name in ("anime/v2.pt", "zz.pt", "notes.txt", ".hidden.pt"):

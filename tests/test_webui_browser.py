@@ -91,6 +91,9 @@ def webui_models(tmp_path_factory, sd1_file):
     write_hypernetwork(models / "hypernetworks" / "soft.pt")
     (models / "loras").mkdir()
     (models / "loras" / "ink-style.safetensors").write_bytes(b"x")
+    Image.new("RGB", (32, 32), (20, 20, 20)).save(models / "loras" / "ink-style.preview.png")  # A1111's card files
+    (models / "loras" / "ink-style.json").write_text(json.dumps(
+        {"activation text": "inky lines", "preferred weight": 0.7, "negative text": "smudges"}))
     (models / "embeddings").mkdir()
     save_file({"emb_params": torch.ones(1, 16)}, str(models / "embeddings" / "inkblot.safetensors"))
     save_file({"emb_params": torch.ones(1, 768)}, str(models / "embeddings" / "sd15-only.safetensors"))
@@ -2201,11 +2204,17 @@ def test_extra_networks_cards_add_and_remove_prompt_text(page):
     expect(toggle).to_have_attribute("aria-expanded", "true")
     cards = page.locator("#extra-networks-cards")
     lora = cards.get_by_role("button", name="ink-style", exact=True)
-    expect(lora).to_be_visible()  # the Lora cards show first
+    expect(lora).to_be_visible()  # the Lora cards show first, with the picture beside the file
+    assert lora.locator("img").evaluate("(img) => img.complete && img.naturalWidth") == 32
     page.fill("#prompt", "a cat")
-    lora.click()
-    expect(page.locator("#prompt")).to_have_value("a cat <lora:ink-style:1>")
+    page.fill("#negative_prompt", "")
+    lora.click()  # the card's preferred weight, activation text and negative text (its .json)
+    expect(page.locator("#prompt")).to_have_value("a cat <lora:ink-style:0.7> inky lines")
+    expect(page.locator("#negative_prompt")).to_have_value("smudges")
     expect(lora).to_have_attribute("aria-pressed", "true")
+    lora.click()
+    expect(page.locator("#prompt")).to_have_value("a cat")
+    expect(page.locator("#negative_prompt")).to_have_value("")
     page.fill("#prompt", "a <lora:ink-style:0.4> cat")  # a tag typed by hand, with its own weight, goes too
     expect(lora).to_have_attribute("aria-pressed", "true")
     lora.click()

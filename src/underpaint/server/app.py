@@ -19,6 +19,7 @@ from .a1111 import adetailer, controlnet, extras, generation, lists, settings
 from .config import LOOPBACK_NAMES, ServerConfig
 from .engine_slot import EngineLoader
 from .errors import install_handlers
+from .extra_networks import router as extra_networks_router
 from .merger import router as merger_router
 from .native import router as native_router
 from .security import BasicAuth, BodyLimit, HostGuard, OriginGuard
@@ -56,7 +57,7 @@ def create_app(config: ServerConfig | None = None, *, loader: EngineLoader | Non
     app.state.underpaint = state
     install_handlers(app)
     for router in (generation.router, settings.router, lists.router, extras.router, controlnet.router,
-                   adetailer.router, native_router, merger_router):
+                   adetailer.router, native_router, merger_router, extra_networks_router):
         app.include_router(router)
     _add_docs(app)
     if config.webui:

@@ -1,9 +1,11 @@
 // A1111's "Extra networks" panel: cards for the models folder's embeddings, hypernetworks, checkpoints
-// and LoRAs. A card adds its prompt text (`<lora:name:1>`, `<hypernet:name:1>`, an embedding's name)
-// to the prompt, or takes it out again when it is there; a checkpoint card selects that checkpoint.
-// Embeddings go to the prompt box used last (the negative prompt too), the others to the prompt.
+// and LoRAs (GET /underpaint/v1/extra-networks), with the preview pictures and card metadata A1111 keeps
+// beside the files. A card adds its prompt text (`<lora:name:weight>` and its activation text,
+// `<hypernet:name:weight>`, an embedding's name; its negative text to the negative prompt), or takes it
+// out again when it is there; a checkpoint card selects that checkpoint. Embeddings go to the prompt box
+// used last (the negative prompt too), the others to the prompt.
 
-import { get, getOptional } from "./api.js";
+import { get } from "./api.js";
 import { $, $$, el } from "./dom.js";
 
 /** The strength a LoRA or hypernetwork card writes (A1111's "Default multiplier for extra networks"). */
@@ -34,17 +36,34 @@ function wordPattern(name) {
   return new RegExp(`(^|[\\s,(\\[{])${escapeRegExp(name)}(?=$|[\\s,:)\\]}])`, "g");
 }
 
-/** ``text`` with ``name`` added at the end, or taken out when it is already there; [new text, added?]. */
-export function toggleInPrompt(text, { tag, name, insert }) {
+/** ``text`` with ``words`` added at the end (after the separator). */
+export function withText(text, words) {
+  if (!words) return text;
+  return text + (text === "" || /\s$/.test(text) ? "" : SEPARATOR) + words;
+}
+
+/** ``text`` without the first occurrence of ``words`` (and the separator in front of it). */
+export function withoutText(text, words) {
+  const at = words ? text.indexOf(words) : -1;
+  if (at < 0) return text;
+  const start = at > 0 && text[at - 1] === SEPARATOR ? at - 1 : at;
+  return text.slice(0, start) + text.slice(at + words.length);
+}
+
+/**
+ * ``text`` with a card's ``insert`` (and its ``extra`` words) added at the end, or, when its tag (whatever
+ * its weight) or name is already there, with both taken out; [new text, added?].
+ */
+export function toggleInPrompt(text, { tag, name, insert, extra = "" }) {
   const pattern = tag ? tagPattern(tag, name) : wordPattern(name);
   if (pattern.test(text)) {
     // the separator in front goes with it; other punctuation in front (a comma, a bracket) stays
     let removed = tag ? text.replace(pattern, "") : text.replace(pattern, (_, before) => (before === SEPARATOR ? "" : before));
+    removed = withoutText(removed, extra);
     if (!/^\s/.test(text)) removed = removed.replace(/^\s+/, "");
     return [removed, false];
   }
-  const joiner = text === "" || /\s$/.test(text) ? "" : SEPARATOR;
-  return [text + joiner + insert, true];
+  return [withText(withText(text, insert), extra), true];
 }
 
 export class ExtraNetworks {
@@ -87,22 +106,21 @@ export class ExtraNetworks {
   }
 
   async load() {
-    const [loras, hypernets, embeddings, models] = await Promise.all([
-      getOptional("/sdapi/v1/loras", []), getOptional("/sdapi/v1/hypernetworks", []),
-      getOptional("/sdapi/v1/embeddings", { loaded: {}, skipped: {} }), get("/sdapi/v1/sd-models"),
-    ]);
-    const tagged = (items, tag) => (items ?? []).map((item) => ({
-      name: item.name, title: item.path ?? item.name, tag, insert: `<${tag}:${item.name}:${MULTIPLIER}>`,
-    }));
-    const fitting = Object.keys(embeddings?.loaded ?? {}).map((name) => ({ name, title: name, insert: name }));
-    const other = Object.keys(embeddings?.skipped ?? {}).map((name) => ({
-      name, title: `${name}: made for another model family`, insert: name, disabled: true,
-    }));
+    const cards = await get("/underpaint/v1/extra-networks");
+    const item = (card, tag) => ({
+      name: card.name, tag, preview: card.preview, extra: card.activation_text, negative: card.negative_text,
+      insert: tag ? `<${tag}:${card.name}:${card.preferred_weight ?? MULTIPLIER}>` : card.name,
+      title: card.fits ? (card.description || card.path) : `${card.name}: made for another model family`,
+      disabled: !card.fits,
+    });
     this.lists = {
-      loras: tagged(loras, "lora"),
-      hypernetworks: tagged(hypernets, "hypernet"),
-      embeddings: [...fitting, ...other].sort((a, b) => a.name.localeCompare(b.name)),
-      checkpoints: (models ?? []).map((m) => ({ name: m.model_name, title: m.title, checkpoint: m.title })),
+      loras: cards.loras.map((card) => item(card, "lora")),
+      hypernetworks: cards.hypernetworks.map((card) => item(card, "hypernet")),
+      embeddings: cards.embeddings.map((card) => item(card, null)),
+      checkpoints: cards.checkpoints.map((card) => ({
+        name: checkpointName(card.name).replace(/\.[^.]+$/, ""), title: card.description || card.name,
+        preview: card.preview, checkpoint: card.name,
+      })),
     };
     this.render();
   }
@@ -113,7 +131,8 @@ export class ExtraNetworks {
     const items = this.lists[this.kind].filter((i) => !wanted || `${i.name} ${i.title}`.toLowerCase().includes(wanted));
     this.cards.replaceChildren(...items.map((item) => el("li", {},
       el("button", { type: "button", class: "en-card", title: item.title, disabled: item.disabled,
-                     "data-name": item.name, onclick: () => this.use(item) }, item.name))));
+                     "data-name": item.name, "data-checkpoint": item.checkpoint, onclick: () => this.use(item) },
+      item.preview ? el("img", { src: item.preview, alt: "", loading: "lazy" }) : null, el("span", {}, item.name)))));
     this.empty.textContent = items.length ? "" : (wanted ? "Nothing matches the search." : EMPTY[this.kind]);
     this.empty.hidden = items.length > 0;
     this.markActive();
@@ -126,8 +145,14 @@ export class ExtraNetworks {
     }
     // Embeddings may go to the negative prompt (the box used last); networks belong in the prompt.
     const box = item.tag ? $("#prompt") : this.lastPrompt;
-    [box.value] = toggleInPrompt(box.value, item);
+    let added;
+    [box.value, added] = toggleInPrompt(box.value, item);
     box.dispatchEvent(new Event("input", { bubbles: true }));
+    if (item.negative) {  // the card's negative text comes and goes with it
+      const negative = $("#negative_prompt");
+      negative.value = added ? withText(negative.value, item.negative) : withoutText(negative.value, item.negative);
+      negative.dispatchEvent(new Event("input", { bubbles: true }));
+    }
   }
 
   /** Cards whose text is in the prompt (either prompt, for embeddings) show as pressed. */
