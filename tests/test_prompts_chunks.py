@@ -139,3 +139,27 @@ def test_comma_id_is_none_without_a_comma_token():
             return self.unk_token_id
 
     assert _comma_id(NoComma()) is None
+
+
+def test_token_counter_counts_as_a1111_shows_it(sd1_file):
+    """A1111's "n/75": tags out, the largest AND part and scheduled text, BREAK's padding, embeddings by vectors,
+    and the count the prompt encoder itself reports for the same text."""
+    from underpaint.prompts.counter import TokenCounter
+
+    counter = TokenCounter({"easyneg": 3})
+    assert counter.count("") == (0, 75)
+    assert counter.count("a photo of a cat <lora:film:0.8>") == counter.count("a photo of a cat") == (5, 75)
+    assert counter.count("a cat AND a very big red dog") == (5, 75)  # the larger part
+    assert counter.count("a cat AND a very big red dog", negative=True) == (8, 75)
+    assert counter.count("[cat:a very big red dog:0.5]") == (5, 75)
+    assert counter.count("(cat:1.3) easyneg") == (4, 75)
+    assert counter.count("x BREAK y") == (76, 150)
+    assert counter.count("a, " * 50) == (100, 150)
+    assert counter.count("[cat:dog:0.5") == counter.count("cat:dog:0.5")  # not a schedule: counted as written
+    # the prompt encoder of a loaded model, which chunks what it encodes, counts the same
+    from underpaint.models.loader import load_model
+    from underpaint.pipeline.conditioning import prompt_encoder
+
+    encoder = prompt_encoder(load_model(sd1_file), 1)
+    for text in ("a, " * 50, "x BREAK y", "(a red:1.2) barn, [dusk] sky " * 9):
+        assert TokenCounter().count(text)[0] == encoder.count_tokens(text), text

@@ -625,6 +625,13 @@ def test_embeddings_and_loras_are_listed_from_the_models_folder(client, tmp_path
     assert listed["barn-v2"]["metadata"] == {"ss_output_name": "barn", "ss_tag_frequency": frequency,
                                              "ss_network_dim": "16"}
 
+    # The UI's token counter: embeddings count one token per vector (no model loaded: all of them listed).
+    count = client.post("/underpaint/v1/token-count", json={"prompt": "a photo of a cat, easynegative"}).json()
+    assert count == {"tokens": 8, "limit": 75}
+    assert client.post("/underpaint/v1/token-count", json={"prompt": "a AND b", "negative": True}).json()["tokens"] == 3
+    r = client.post("/underpaint/v1/token-count", json={"prompt": "x", "steps": 0})
+    assert r.status_code == 422 and r.json()["field"] == "steps"
+
     # The UI's cards: A1111's preview picture and card metadata beside the file.
     from PIL import Image
 

@@ -2261,6 +2261,16 @@ def test_extra_networks_cards_add_and_remove_prompt_text(page):
     screenshot(page, "extra-networks")
 
 
+def test_token_counters_follow_the_prompts(page):
+    """A1111's "n/75" at each prompt box, counted by the server a moment after typing stops."""
+    page.fill("#prompt", "a photo of a cat <lora:ink-style:1>")
+    expect(page.locator("#prompt-tokens")).to_have_text("5/75")
+    page.fill("#prompt", "a, " * 50)
+    expect(page.locator("#prompt-tokens")).to_have_text("100/150")
+    page.fill("#negative_prompt", "blurry AND dark")
+    expect(page.locator("#negative_prompt-tokens")).to_have_text("3/75")
+
+
 def test_styles_are_sent_in_the_order_chosen_and_applied_to_the_prompts(page):
     """A1111's Styles: the chosen styles go with the request (the server writes them into the prompts it
     runs and records); "Apply styles" writes them into the prompt boxes by the same rule and clears them."""

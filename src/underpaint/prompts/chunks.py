@@ -119,6 +119,16 @@ class _Builder:
         self.tokens, self.weights = tokens, weights
 
 
+def run_segments(runs: Sequence[tuple[str, float]], ids: Sequence[Sequence[int]]
+                 ) -> list[tuple[Sequence[int] | None, float]]:
+    """:func:`~underpaint.prompts.parser.parse_attention`'s runs with their token ids, as
+    :func:`chunk_prompt` takes them (a ``BREAK`` run becomes ``None``)."""
+    from .parser import BREAK_WEIGHT
+
+    return [(None if (run == "BREAK" and weight == BREAK_WEIGHT) else tokens, weight)
+            for tokens, (run, weight) in zip(ids, runs)]
+
+
 def chunk_prompt(segments: Sequence[tuple[Sequence[int] | None, float]], *, bos: int, eos: int,
                  comma: int | None, embeddings: EmbeddingIndex | None = None,
                  backtrack: int = COMMA_BACKTRACK) -> tuple[list[PromptChunk], int]:

@@ -40,9 +40,9 @@ from typing import Any
 import torch
 
 from ..errors import InvalidParameter, UnknownName
-from .chunks import EmbeddingIndex, EmbeddingWord, PromptChunk, chunk_prompt
+from .chunks import EmbeddingIndex, EmbeddingWord, PromptChunk, chunk_prompt, run_segments
 from .embeddings import Embedding, load_embedding
-from .parser import BREAK_WEIGHT, parse_attention
+from .parser import parse_attention
 
 __all__ = ["Conditioning", "PromptEncoder", "Embedding", "load_embedding", "pad_to_match",
            "EMPHASIS_MODES", "FAMILIES"]
@@ -237,9 +237,7 @@ class PromptEncoder:
     def _chunks(self, tower: _Tower, text: str) -> tuple[list[PromptChunk], int]:
         runs = [(text, 1.0)] if self.emphasis == "None" else parse_attention(text)
         ids = tower.tokenize([run for run, _ in runs])
-        segments = [(None if (run == "BREAK" and weight == BREAK_WEIGHT) else tokens, weight)
-                    for tokens, (run, weight) in zip(ids, runs)]
-        return chunk_prompt(segments, bos=tower.bos, eos=tower.eos, comma=tower.comma,
+        return chunk_prompt(run_segments(runs, ids), bos=tower.bos, eos=tower.eos, comma=tower.comma,
                             embeddings=tower.vocabulary)
 
     def _encode_tower(self, tower: _Tower, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -1,4 +1,5 @@
-"""underpaint's own thin JSON API beside A1111's: the queue, one job's progress, per-job cancel.
+"""underpaint's own thin JSON API beside A1111's: the queue, one job's progress, per-job cancel, and the
+prompt token counter the browser UI shows.
 
 A1111's /progress and /interrupt only know "the running job"; with a queue, a client also
 wants its position and a way to cancel its own job. Every generation response carries its
@@ -6,6 +7,8 @@ job id in the ``X-Underpaint-Job`` header (or use ``force_task_id``).
 """
 
 from __future__ import annotations
+
+from functools import lru_cache
 
 from fastapi import APIRouter, Request
 from pydantic import Field
@@ -62,6 +65,42 @@ def _view(job: Job, position: int | None) -> JobView:
     return JobView(id=s.id, kind=s.kind, state=s.state, position=s.position, job_no=s.job_no, job_count=s.job_count,
                    step=s.step, steps=s.steps, progress=s.fraction, eta_seconds=s.eta_seconds,
                    submitted_at=s.submitted_at, started_at=s.started_at, finished_at=s.finished_at)
+
+
+class TokenCountRequest(WireModel):
+    prompt: str = Field("", description="The prompt (or negative prompt) as typed.")
+    steps: int = Field(20, description="Sampling steps: a [from:to:when] schedule's texts are counted per step.")
+    negative: bool = Field(False, description="A negative prompt (AND is plain text there).")
+
+
+class TokenCount(WireModel):
+    tokens: int = Field(description="A1111's count: 75 per full chunk, then the last chunk's tokens.")
+    limit: int = Field(description="75 per chunk begun: A1111's \"n/75\", \"n/150\", ...")
+
+
+@lru_cache(maxsize=4)
+def _counter(embeddings: tuple[tuple[str, int], ...]):
+    from ..prompts.counter import TokenCounter
+
+    return TokenCounter(dict(embeddings))
+
+
+@router.post("/token-count", response_model=TokenCount, summary="A1111's prompt token counter (n/75)")
+def token_count(body: TokenCountRequest, request: Request) -> TokenCount:
+    """The count A1111 shows at the corner of its prompt boxes (prompts/counter.py), embeddings that fit the
+    loaded model counted one token per vector."""
+    from ..errors import InvalidParameter
+    from .a1111.lists import embeddings
+
+    limits = server_state(request).config.limits
+    if len(body.prompt) > limits.max_prompt_chars:
+        raise InvalidParameter("prompt", f"{len(body.prompt)} characters",
+                               f"at most {limits.max_prompt_chars} (this server's limit)")
+    if not 1 <= body.steps <= limits.max_steps:
+        raise InvalidParameter("steps", body.steps, f"1 to {limits.max_steps}")
+    vectors = tuple(sorted((name, item.vectors or 1) for name, item in embeddings(request).loaded.items()))
+    tokens, limit = _counter(vectors).count(body.prompt, body.steps, negative=body.negative)
+    return TokenCount(tokens=tokens, limit=limit)
 
 
 @router.get("/info", response_model=ServerInfo, summary="Server version and loaded model")

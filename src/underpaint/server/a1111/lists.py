@@ -146,11 +146,38 @@ def hypernetworks(request: Request) -> list[HypernetworkItem]:
 _TEXT_WIDTHS = {"sd1": (768,), "sd2": (1024,), "sdxl": (768, 1280), "sdxl_refiner": (1280,)}
 
 
+#: Embedding files read, by path: ((size, mtime), the embedding or None) — each file is read again only
+#: when it changes (the UI's token counter asks on every pause in typing).
+_EMBEDDINGS: dict[Path, tuple[tuple[int, int], Any]] = {}
+_MAX_CACHED_EMBEDDINGS = 4096
+
+
+def _read_embedding(path: Path):
+    from ...errors import UnderpaintError
+    from ...prompts.embeddings import load_embedding
+
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    stamp = (stat.st_size, stat.st_mtime_ns)
+    cached = _EMBEDDINGS.get(path)
+    if cached is not None and cached[0] == stamp:
+        return cached[1]
+    try:
+        embedding = load_embedding(path)
+    except UnderpaintError:
+        embedding = None
+    if len(_EMBEDDINGS) >= _MAX_CACHED_EMBEDDINGS:
+        _EMBEDDINGS.clear()
+    _EMBEDDINGS[path] = (stamp, embedding)
+    return embedding
+
+
 @router.get("/embeddings", response_model=EmbeddingsResponse, summary="Textual-inversion embeddings")
 def embeddings(request: Request) -> EmbeddingsResponse:
     """Embedding files, split as A1111 does: those that fit the loaded model, and the others."""
-    from ...errors import UnderpaintError
-    from ...prompts.embeddings import EMBEDDING_SUFFIXES, load_embedding
+    from ...prompts.embeddings import EMBEDDING_SUFFIXES
 
     state = server_state(request)
     info = state.slot.info
@@ -160,9 +187,8 @@ def embeddings(request: Request) -> EmbeddingsResponse:
         for path in sorted(base.rglob("*")):
             if path.suffix.lower() not in EMBEDDING_SUFFIXES or not path.is_file() or not listable(path):
                 continue
-            try:
-                embedding = load_embedding(path)
-            except UnderpaintError:  # unreadable or unsafe files are left out, as A1111 leaves them out
+            embedding = _read_embedding(path)
+            if embedding is None:  # unreadable or unsafe files are left out, as A1111 leaves them out
                 continue
             item = EmbeddingItem(shape=int(embedding.vectors[0].shape[-1]), vectors=embedding.count)
             fits = widths is None or embedding.fits(widths)

@@ -25,6 +25,7 @@ import { setupScripts } from "./scripts.js";
 import { ExtraNetworks, checkpointName } from "./extranetworks.js";
 import { StylesPicker } from "./styles.js";
 import { setupMerger } from "./merger.js";
+import { setupTokenCounters } from "./tokencount.js";
 
 const panel = $("#panel-generate");
 const generalBox = $("#general-error");
@@ -170,6 +171,7 @@ const scripts = setupScripts({ root: panel, sourceSize: () => [img2img.width, im
 /** Set the controls from a picture's parameters for the `target` tab, and say what could not be set. */
 async function applyFields(fields, target) {
   const notes = form.apply(fields, target);
+  countTokens();
   showControlNetHiresOption();  // Hires. fix may have been turned on or off
   if (fields.sd_model_name && $("#checkpoint").value && !$("#checkpoint").value.includes(fields.sd_model_name)) {
     notes.push(`made with the model "${fields.sd_model_name}"`);
@@ -514,6 +516,7 @@ $("#send-pnginfo").addEventListener("click", async () => {
 $("#result-seed").addEventListener("click", () => setNumber($("#seed"), gallery.selected.seed));
 
 setupAttentionKeys(["#prompt", "#negative_prompt", "#hr_prompt", "#hr_negative_prompt"].map((id) => $(id)));
+const countTokens = setupTokenCounters(() => Math.min(150, Math.max(1, Math.round(numberValue($("#steps")) || 20))));
 
 // -- seed and size helpers ------------------------------------------------------------------------
 $("#seed-random").addEventListener("click", () => setNumber($("#seed"), -1));
