@@ -133,6 +133,33 @@ def test_the_file_is_read_again_when_it_changes(tmp_path):
     assert live.book().names == []
 
 
+def test_saving_and_deleting_keep_the_rest_of_the_file(tmp_path):
+    """A style saved replaces the row of its name in place (a later duplicate goes), or is added at the end;
+    comment rows, other columns and the older "text" header stay; the file before is kept as .bak."""
+    path = tmp_path / "styles.csv"
+    original = ('name,text,negative_prompt,notes\n"# comment",,,\ncinematic,"{prompt}, film",blurry,mine\n'
+                'ink,"ink, lines",,\ncinematic,older,,\n')
+    path.write_text(original, encoding="utf-8")
+    live = StylesFile(path)
+    live.save(PromptStyle("cinematic", "movie still of {prompt}", "cartoon, \"flat\""))
+    assert (tmp_path / "styles.csv.bak").read_text(encoding="utf-8") == original
+    rows = list(csv.reader(path.read_text(encoding="utf-8").splitlines()))
+    assert rows == [["name", "text", "negative_prompt", "notes"], ["# comment", "", "", ""],
+                    ["cinematic", "movie still of {prompt}", 'cartoon, "flat"', ""], ["ink", "ink, lines", "", ""]]
+    live.save(PromptStyle("new one", "b", ""))
+    assert live.book().names == ["cinematic", "ink", "new one"]
+    assert read_styles(path).styles["cinematic"].negative_prompt == 'cartoon, "flat"'
+    assert live.delete("ink") and not live.delete("ink")
+    assert live.book().names == ["cinematic", "new one"]
+    for bad in ("", " padded ", "#hidden", "two\nlines", "x" * 201):
+        with pytest.raises(InvalidParameter) as err:
+            live.save(PromptStyle(bad, "p", ""))
+        assert err.value.field == "name"
+    fresh = StylesFile(tmp_path / "none" / "styles.csv")  # no file yet: A1111's header is written
+    fresh.save(PromptStyle("first", "a", "b"))
+    assert (tmp_path / "none" / "styles.csv").read_text(encoding="utf-8") == "name,prompt,negative_prompt\nfirst,a,b\n"
+
+
 # --------------------------------------------------------------------------- the API
 
 
@@ -151,6 +178,20 @@ def test_prompt_styles_lists_the_file(served):
     client, _ = served
     listed = client.get("/sdapi/v1/prompt-styles").json()
     assert listed == [{"name": s.name, "prompt": s.prompt, "negative_prompt": s.negative_prompt} for s in STYLES]
+
+
+def test_styles_are_saved_and_deleted_over_http(served, tmp_path):
+    client, _ = served
+    r = client.post("/underpaint/v1/prompt-styles", json={"name": "dusk", "prompt": "{prompt} at dusk"})
+    assert r.status_code == 200 and r.json()["styles"][-1] == "dusk"
+    assert client.get("/sdapi/v1/prompt-styles").json()[-1] == {"name": "dusk", "prompt": "{prompt} at dusk",
+                                                               "negative_prompt": ""}
+    r = client.post("/underpaint/v1/prompt-styles", json={"name": "", "prompt": "x"})
+    assert r.status_code == 422 and r.json()["field"] == "name"
+    assert client.delete("/underpaint/v1/prompt-styles", params={"name": "dusk"}).json()["styles"] == \
+        [s.name for s in STYLES]
+    r = client.delete("/underpaint/v1/prompt-styles", params={"name": "dusk"})
+    assert r.status_code == 404 and r.json()["field"] == "name" and str(tmp_path) not in r.text
 
 
 def test_request_styles_reach_the_prompts_and_the_infotext(served):

@@ -2300,6 +2300,21 @@ def test_styles_are_sent_in_the_order_chosen_and_applied_to_the_prompts(page):
     sent, body = generate(page)
     assert "styles" not in sent and json.loads(body["info"])["prompt"] == info["prompt"]
 
+    # A1111's style editor: the prompts saved as a new style (in the server's styles.csv), then deleted.
+    page.fill("#prompt", "{prompt}, at night")
+    page.fill("#negative_prompt", "daylight")
+    page.fill("#style-name", "Night")
+    page.click("#style-save")
+    expect(page.locator("#style-status")).to_have_text("Saved the style “Night”.")
+    expect(page.locator('input[data-style="Night"]')).to_have_count(1)
+    styles = page.request.get(page.url.split("#")[0] + "sdapi/v1/prompt-styles").json()
+    assert styles[-1] == {"name": "Night", "prompt": "{prompt}, at night", "negative_prompt": "daylight"}
+    page.click("#style-delete")
+    expect(page.locator("#style-status")).to_have_text("Deleted the style “Night”.")
+    expect(page.locator('input[data-style="Night"]')).to_have_count(0)
+    page.click("#style-delete")  # not there any more: the server's answer says so
+    expect(page.locator("#style-status")).to_contain_text("no style 'Night'")
+
 
 def test_interrogate_clip_writes_the_prompt(page, photo_file):
     """img2img's "Interrogate CLIP" posts the picture to /interrogate and puts the caption in the prompt; without

@@ -25,6 +25,8 @@ from __future__ import annotations
 import csv
 import io
 import os
+import secrets
+import shutil
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -183,3 +185,87 @@ class StylesFile:
                 self._book = read_styles(self.path, source=self.source)
                 self._stamp = stamp
             return self._book
+
+    # -- writing (the browser UI's "Save prompts as style" and "Delete") ----------------------------
+
+    def save(self, style: PromptStyle) -> None:
+        """Add ``style`` at the end of the file, or put it in place of the row of that name (a later row
+        of the same name is dropped: it would replace this one). The other rows, comments and columns
+        stay as they are; the file before the change is kept as ``styles.csv.bak``, as A1111 keeps it."""
+        _check_style(style)
+
+        def change(rows: list[list[str]], columns: list[str]) -> list[list[str]]:
+            index = columns.index("name")
+            row = [""] * len(columns)
+            row[index] = style.name
+            row[columns.index("prompt") if "prompt" in columns else columns.index("text")] = style.prompt
+            row[columns.index("negative_prompt")] = style.negative_prompt
+            kept = [row if old[index] == style.name else old for old in rows]
+            first = next((i for i, old in enumerate(rows) if old[index] == style.name), None)
+            if first is None:
+                return rows + [row]
+            return kept[:first + 1] + [old for old in kept[first + 1:] if old[index] != style.name]
+
+        self._rewrite(change)
+
+    def delete(self, name: str) -> bool:
+        """Take out the rows named ``name``; False when there were none (the file is left alone)."""
+
+        def change(rows: list[list[str]], columns: list[str]) -> list[list[str]] | None:
+            index = columns.index("name")
+            kept = [row for row in rows if row[index] != name]
+            return kept if len(kept) != len(rows) else None
+
+        return self._rewrite(change)
+
+    def _rewrite(self, change) -> bool:
+        """Write the file's rows as ``change(rows, columns)`` returns them (None: leave it); True if written."""
+        with self._lock:
+            try:
+                text = self.path.read_bytes().decode("utf-8-sig")
+            except FileNotFoundError:
+                text = ""
+            except (OSError, UnicodeDecodeError) as exc:
+                raise InvalidParameter("styles_file", self.source, f"a readable UTF-8 file ({exc})") from None
+            parse_styles(text, source=self.source)  # a file that does not parse is not written over
+            rows = list(csv.reader(io.StringIO(text, newline="")))
+            header = [c.strip() for c in rows[0]] if rows else []
+            if "negative_prompt" not in header and header:
+                header.append("negative_prompt")
+            columns = header or ["name", "prompt", "negative_prompt"]
+            body = [row + [""] * (len(columns) - len(row)) for row in rows[1:] if row]
+            new_body = change(body, columns)
+            if new_body is None:
+                return False
+            out = io.StringIO(newline="")
+            csv.writer(out, lineterminator="\n").writerows([columns, *new_body])
+            data = out.getvalue().encode("utf-8")
+            if len(data) > MAX_STYLES_FILE_BYTES:
+                raise InvalidParameter("styles", f"{len(data)} bytes of styles",
+                                       f"at most {MAX_STYLES_FILE_BYTES // 2**20} MiB in {self.source}")
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if self.path.exists():
+                shutil.copyfile(self.path, self.path.with_name(self.path.name + ".bak"))
+            temp = self.path.with_name(f".{self.path.name}.{secrets.token_hex(6)}.tmp")
+            try:
+                temp.write_bytes(data)
+                os.replace(temp, self.path)
+            finally:
+                temp.unlink(missing_ok=True)
+            self._book = None
+            return True
+
+
+#: The longest style name taken.
+MAX_STYLE_NAME = 200
+
+
+def _check_style(style: PromptStyle) -> None:
+    name = style.name
+    if not isinstance(name, str) or not name.strip() or name != name.strip() or len(name) > MAX_STYLE_NAME \
+            or name.startswith("#") or any(ord(c) < 32 for c in name):
+        raise InvalidParameter("name", name, f"a style name of 1 to {MAX_STYLE_NAME} characters, without line breaks "
+                                             "or spaces around it, not starting with #")
+    for field, text in (("prompt", style.prompt), ("negative_prompt", style.negative_prompt)):
+        if not isinstance(text, str):
+            raise InvalidParameter(field, text, "text")

@@ -8,8 +8,6 @@ job id in the ``X-Underpaint-Job`` header (or use ``force_task_id``).
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 from fastapi import APIRouter, Request
 from pydantic import Field
 
@@ -78,13 +76,6 @@ class TokenCount(WireModel):
     limit: int = Field(description="75 per chunk begun: A1111's \"n/75\", \"n/150\", ...")
 
 
-@lru_cache(maxsize=4)
-def _counter(embeddings: tuple[tuple[str, int], ...]):
-    from ..prompts.counter import TokenCounter
-
-    return TokenCounter(dict(embeddings))
-
-
 @router.post("/token-count", response_model=TokenCount, summary="A1111's prompt token counter (n/75)")
 def token_count(body: TokenCountRequest, request: Request) -> TokenCount:
     """The count A1111 shows at the corner of its prompt boxes (prompts/counter.py), embeddings that fit the
@@ -98,9 +89,56 @@ def token_count(body: TokenCountRequest, request: Request) -> TokenCount:
                                f"at most {limits.max_prompt_chars} (this server's limit)")
     if not 1 <= body.steps <= limits.max_steps:
         raise InvalidParameter("steps", body.steps, f"1 to {limits.max_steps}")
+    state = server_state(request)
     vectors = tuple(sorted((name, item.vectors or 1) for name, item in embeddings(request).loaded.items()))
-    tokens, limit = _counter(vectors).count(body.prompt, body.steps, negative=body.negative)
+    made_with, counter = state.token_counter
+    if counter is None or made_with != vectors:
+        from ..prompts.counter import TokenCounter
+
+        counter = TokenCounter(dict(vectors))
+        state.token_counter = (vectors, counter)
+    tokens, limit = counter.count(body.prompt, body.steps, negative=body.negative)
     return TokenCount(tokens=tokens, limit=limit)
+
+
+class StyleRequest(WireModel):
+    name: str = Field(description="The style's name (a style of that name is replaced).")
+    prompt: str = Field("", description="Its prompt text ({prompt} stands for the prompt it is applied to).")
+    negative_prompt: str = Field("", description="Its negative prompt text.")
+
+
+class StyleChange(WireModel):
+    styles: list[str] = Field(description="The style names in the file now, in order.")
+
+
+@router.post("/prompt-styles", response_model=StyleChange,
+             summary="Save a prompt style in styles.csv (A1111's style editor)")
+def save_style(body: StyleRequest, request: Request) -> StyleChange:
+    """The browser UI's "Save prompts as style": added at the end of the server's styles.csv, or in place of
+    the style of that name; the file before is kept as styles.csv.bak."""
+    from ..errors import InvalidParameter
+    from ..prompts.styles import PromptStyle
+
+    state = server_state(request)
+    limit = state.config.limits.max_prompt_chars
+    for field, text in (("prompt", body.prompt), ("negative_prompt", body.negative_prompt)):
+        if len(text) > limit:
+            raise InvalidParameter(field, f"{len(text)} characters", f"at most {limit} (this server's limit)")
+    state.styles.save(PromptStyle(body.name, body.prompt, body.negative_prompt))
+    return StyleChange(styles=state.styles.book().names)
+
+
+@router.delete("/prompt-styles", response_model=StyleChange, summary="Delete a prompt style from styles.csv")
+def delete_style(request: Request, name: str) -> StyleChange:
+    state = server_state(request)
+    if not state.styles.delete(name):
+        raise StyleNotFound(f"name: no style {name[:120]!r} in styles.csv", field="name")
+    return StyleChange(styles=state.styles.book().names)
+
+
+class StyleNotFound(UnderpaintError):
+    http_status = 404
+    kind = "style_not_found"
 
 
 @router.get("/info", response_model=ServerInfo, summary="Server version and loaded model")

@@ -105,6 +105,10 @@ class ServerState:
         self.styles = _styles_file(config.resolved_styles_file)
         #: Annotator networks for /controlnet/detect, made on first use by the worker thread.
         self.annotators = None
+        #: Embedding files read for the lists, by path: ((size, mtime), embedding or None), read again on change.
+        self.embedding_files: dict[Path, tuple] = {}
+        #: The token counter (prompts/counter.py) and the embeddings it was made with.
+        self.token_counter: tuple = ((), None)
 
     def default_model(self) -> Path | None:
         """The checkpoint loaded when nothing else was asked for: --model, else the first listed."""

@@ -146,13 +146,12 @@ def hypernetworks(request: Request) -> list[HypernetworkItem]:
 _TEXT_WIDTHS = {"sd1": (768,), "sd2": (1024,), "sdxl": (768, 1280), "sdxl_refiner": (1280,)}
 
 
-#: Embedding files read, by path: ((size, mtime), the embedding or None) — each file is read again only
-#: when it changes (the UI's token counter asks on every pause in typing).
-_EMBEDDINGS: dict[Path, tuple[tuple[int, int], Any]] = {}
+#: Embedding files kept read (ServerState.embedding_files): the UI's token counter lists them on every
+#: pause in typing, and each file is read again only when it changes.
 _MAX_CACHED_EMBEDDINGS = 4096
 
 
-def _read_embedding(path: Path):
+def _read_embedding(cache: dict, path: Path):
     from ...errors import UnderpaintError
     from ...prompts.embeddings import load_embedding
 
@@ -161,16 +160,16 @@ def _read_embedding(path: Path):
     except OSError:
         return None
     stamp = (stat.st_size, stat.st_mtime_ns)
-    cached = _EMBEDDINGS.get(path)
+    cached = cache.get(path)
     if cached is not None and cached[0] == stamp:
         return cached[1]
     try:
         embedding = load_embedding(path)
     except UnderpaintError:
         embedding = None
-    if len(_EMBEDDINGS) >= _MAX_CACHED_EMBEDDINGS:
-        _EMBEDDINGS.clear()
-    _EMBEDDINGS[path] = (stamp, embedding)
+    if len(cache) >= _MAX_CACHED_EMBEDDINGS:
+        cache.clear()
+    cache[path] = (stamp, embedding)
     return embedding
 
 
@@ -187,7 +186,7 @@ def embeddings(request: Request) -> EmbeddingsResponse:
         for path in sorted(base.rglob("*")):
             if path.suffix.lower() not in EMBEDDING_SUFFIXES or not path.is_file() or not listable(path):
                 continue
-            embedding = _read_embedding(path)
+            embedding = _read_embedding(state.embedding_files, path)
             if embedding is None:  # unreadable or unsafe files are left out, as A1111 leaves them out
                 continue
             item = EmbeddingItem(shape=int(embedding.vectors[0].shape[-1]), vectors=embedding.count)

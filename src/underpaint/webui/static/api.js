@@ -69,6 +69,7 @@ export async function request(method, path, body, { signal } = {}) {
 
 export const get = (path, options) => request("GET", path, undefined, options);
 export const post = (path, body, options) => request("POST", path, body ?? {}, options);
+export const del = (path, options) => request("DELETE", path, undefined, options);
 
 /** GET that answers `fallback` when the route does not exist (e.g. no ControlNet support). */
 export async function getOptional(path, fallback) {

@@ -3,7 +3,7 @@
 // the prompts (A1111's rule: a style's `{prompt}` is replaced by the prompt, else the two are joined
 // with ", ") and clears the choice. The choice is kept with the page's other settings.
 
-import { getOptional } from "./api.js";
+import { del, getOptional, post } from "./api.js";
 import { $, $$, el } from "./dom.js";
 
 const PROMPT_MARK = "{prompt}";
@@ -27,6 +27,30 @@ export class StylesPicker {
       this.choose(event.target.checked ? [...names, name] : names);
     });
     $("#apply-styles").addEventListener("click", () => this.applyToPrompts());
+    $("#style-save").addEventListener("click", () => this.edit("save"));
+    $("#style-delete").addEventListener("click", () => this.edit("delete"));
+  }
+
+  /** A1111's style editor: the prompts saved as a style of the typed name, or that style deleted. */
+  async edit(action) {
+    const name = $("#style-name").value.trim();
+    const status = $("#style-status");
+    if (!name) {
+      status.textContent = "Type the style's name first.";
+      return;
+    }
+    try {
+      if (action === "save") {
+        await post("/underpaint/v1/prompt-styles", { name, prompt: $("#prompt").value,
+                                                     negative_prompt: $("#negative_prompt").value });
+      } else {
+        await del(`/underpaint/v1/prompt-styles?name=${encodeURIComponent(name)}`);
+      }
+      await this.load();
+      status.textContent = action === "save" ? `Saved the style “${name}”.` : `Deleted the style “${name}”.`;
+    } catch (err) {
+      status.textContent = err.message;
+    }
   }
 
   async load() {
@@ -35,6 +59,7 @@ export class StylesPicker {
     this.list.replaceChildren(...[...this.styles.keys()].map((name) => el("li", {},
       el("label", { class: "check-field" }, el("input", { type: "checkbox", "data-style": name }), name))));
     $("#styles-empty").hidden = this.styles.size > 0;
+    $("#style-names").replaceChildren(...[...this.styles.keys()].map((name) => el("option", { value: name })));
     this.show();
   }
 
