@@ -2300,6 +2300,17 @@ def test_styles_are_sent_in_the_order_chosen_and_applied_to_the_prompts(page):
     sent, body = generate(page)
     assert "styles" not in sent and json.loads(body["info"])["prompt"] == info["prompt"]
 
+    # Pasted parameters made with styles: the styles are read out of the prompts and chosen again (A1111's
+    # "Apply if any"), so that Generate makes the same prompts.
+    page.fill("#prompt", f"{info['prompt']}\nNegative prompt: {info['negative_prompt']}\nSteps: 1, Seed: 5, Size: 64x64")
+    page.click("#paste-parameters")
+    expect(page.locator("#prompt")).to_have_value("a harbour")
+    expect(page.locator("#negative_prompt")).to_have_value("blurry")
+    expect(page.locator("#styles-summary")).to_have_text("Film, Oil paint")
+    sent, body = generate(page)
+    assert sent["styles"] == ["Film", "Oil paint"] and json.loads(body["info"])["prompt"] == info["prompt"]
+    page.click("#apply-styles")
+
     # A1111's style editor: the prompts saved as a new style (in the server's styles.csv), then deleted.
     page.fill("#prompt", "{prompt}, at night")
     page.fill("#negative_prompt", "daylight")

@@ -170,6 +170,10 @@ const scripts = setupScripts({ root: panel, sourceSize: () => [img2img.width, im
 
 /** Set the controls from a picture's parameters for the `target` tab, and say what could not be set. */
 async function applyFields(fields, target) {
+  if (typeof fields.prompt === "string" && typeof fields.negative_prompt === "string") {
+    const { prompt, negative } = styles.takeFrom(fields.prompt, fields.negative_prompt);
+    fields = { ...fields, prompt, negative_prompt: negative };
+  }
   const notes = form.apply(fields, target);
   countTokens();
   showControlNetHiresOption();  // Hires. fix may have been turned on or off

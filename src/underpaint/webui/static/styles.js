@@ -14,6 +14,47 @@ export function mergeStyle(styleText, prompt) {
   return [prompt.trim(), styleText.trim()].filter(Boolean).join(", ");
 }
 
+/** ``prompt`` without one style's text, as applying it would have added it: [matched?, what is left]. */
+function withoutStyle(styleText, prompt) {
+  const text = styleText.trim();
+  const typed = prompt.trim();
+  if (text.includes(PROMPT_MARK)) {
+    const at = text.indexOf(PROMPT_MARK);
+    const [left, right] = [text.slice(0, at), text.slice(at + PROMPT_MARK.length)];
+    if (typed.length >= left.length + right.length && typed.startsWith(left) && typed.endsWith(right)) {
+      return [true, typed.slice(left.length, typed.length - right.length)];
+    }
+    return [false, prompt];
+  }
+  if (!typed.endsWith(text)) return [false, prompt];
+  const rest = typed.slice(0, typed.length - text.length);
+  return [true, rest.endsWith(", ") ? rest.slice(0, -2) : rest];
+}
+
+/**
+ * A1111's reading of styles out of pasted parameters ("Apply if any"): styles whose texts the prompt and
+ * the negative prompt end with (or are wrapped in, for a `{prompt}` style) are taken out, again and
+ * again; returns the styles in the order they were applied and the prompts as typed before them.
+ */
+export function extractStyles(prompt, negative, styles) {
+  const found = [];
+  const left = [...styles];
+  for (;;) {
+    const index = left.findIndex((style) => {
+      if (!style.prompt && !style.negative_prompt) return false;
+      const [inPrompt] = withoutStyle(style.prompt ?? "", prompt);
+      const [inNegative] = withoutStyle(style.negative_prompt ?? "", negative);
+      return inPrompt && inNegative;
+    });
+    if (index < 0) break;
+    const [style] = left.splice(index, 1);
+    prompt = withoutStyle(style.prompt ?? "", prompt)[1];
+    negative = withoutStyle(style.negative_prompt ?? "", negative)[1];
+    found.push(style.name);
+  }
+  return { styles: found.reverse(), prompt, negative };
+}
+
 export class StylesPicker {
   constructor() {
     this.list = $("#styles-list");
@@ -83,6 +124,17 @@ export class StylesPicker {
     const names = this.chosen();
     $$("input[data-style]", this.list).forEach((box) => { box.checked = names.includes(box.dataset.style); });
     this.summary.textContent = names.length ? names.join(", ") : "None";
+  }
+
+  /**
+   * Pasted prompts: the styles they were made with, taken out and chosen (A1111's default for pasted
+   * parameters); returns the prompts to show.
+   */
+  takeFrom(prompt, negative) {
+    const found = extractStyles(prompt, negative, [...this.styles.values()]);
+    if (!found.styles.length) return { prompt, negative };
+    this.choose(found.styles);
+    return found;
   }
 
   /** The request's `styles`, when any are chosen. */
