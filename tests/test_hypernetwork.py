@@ -96,6 +96,15 @@ def test_file_layouts_compute_what_a1111_computes(tmp_path, layout):
         torch.testing.assert_close(got, want)
 
 
+def test_other_devices_get_copies_made_once(tmp_path):
+    _write(tmp_path / "net.pt", (16,))
+    network = load_hypernetwork(tmp_path / "net.pt")
+    elsewhere = network.pair(16, torch.device("meta"))
+    assert all(p.device.type == "meta" for mlp in elsewhere for p in mlp.parameters())
+    assert all(p.device.type == "cpu" for mlp in network.layers[16] for p in mlp.parameters())
+    assert network.pair(16, torch.device("meta"))[0] is elsewhere[0] and network.pair(24, torch.device("meta")) is None
+
+
 def test_the_oldest_files_name_two_linear_layers(tmp_path):
     gen = torch.Generator().manual_seed(3)
     pair = [{"linear1.weight": torch.randn(32, 16, generator=gen), "linear1.bias": torch.randn(32, generator=gen),

@@ -32,6 +32,8 @@ serves fp16 GPUs and CPUs.
 
 from __future__ import annotations
 
+import copy
+import math
 import os
 import re
 from collections import OrderedDict
@@ -100,8 +102,8 @@ class HypernetworkRequest:
         try:
             strength = float(text)
         except ValueError:
-            strength = float("nan")
-        if not (strength == strength and abs(strength) != float("inf")):
+            strength = math.nan
+        if not math.isfinite(strength):
             raise InvalidParameter("prompt", f"<hypernet:{name}:{text}>", "a number as the hypernetwork's strength, "
                                                                          "e.g. <hypernet:name:0.8>")
         return cls(name.strip(), strength)
@@ -144,15 +146,9 @@ class Hypernetwork:
             return self.layers[width]
         placed = self._placed.get(str(device))
         if placed is None:
-            placed = self._placed[str(device)] = {
-                w: (k.to(device), v.to(device)) for w, (k, v) in ((w, _copies(p)) for w, p in self.layers.items())}
+            placed = {w: tuple(copy.deepcopy(mlp).to(device) for mlp in pair) for w, pair in self.layers.items()}
+            self._placed[str(device)] = placed
         return placed[width]
-
-
-def _copies(pair):
-    import copy
-
-    return copy.deepcopy(pair[0]), copy.deepcopy(pair[1])
 
 
 def load_hypernetwork(path: str | os.PathLike, *, name: str | None = None) -> Hypernetwork:
