@@ -1428,6 +1428,29 @@ def test_tiling_is_sent_recorded_and_pasted(page, photo_file, tmp_path):
     expect(tiling).not_to_be_checked()
 
 
+def test_resize_by_sends_the_pictures_size_times_the_scale(page, photo_file):
+    """A1111's "Resize to" / "Resize by" on img2img: by a scale, the width and height sent are the picture's times
+    the scale (the line under the slider says so) and the sliders give way; txt2img has only the sliders."""
+    page.set_input_files("#img2img-file", str(photo_file))
+    fast_settings(page, seed=5, steps=1)
+    expect(page.locator("#resize-by")).to_be_hidden()
+    page.check('input[name="resize_tab"][value="by"]')
+    expect(page.locator("#size-row")).to_be_hidden()  # its width and height are not what is sent now
+    set_value(page, "scale_by", 1.5)
+    expect(page.locator("#resize-by-size")).to_have_text("Resize: from 64×64 to 96×96")
+    sent, body = generate(page, "img2img")
+    assert (sent["width"], sent["height"]) == (96, 96) and decode(body["images"][0]).size == (96, 96)
+    page.click("#tab-txt2img")
+    expect(page.locator("#size-row")).to_be_visible()
+    expect(page.locator("#resize-by")).to_be_hidden()
+    page.click("#tab-img2img")
+    expect(page.locator("#resize-by")).to_be_visible()
+    page.check('input[name="resize_tab"][value="to"]')
+    expect(page.locator("#size-row")).to_be_visible()
+    sent, _ = generate(page, "img2img")
+    assert (sent["width"], sent["height"]) == (64, 64)
+
+
 def test_img2img_batch_runs_each_picture_with_the_same_settings(page, photo_file, tmp_path):
     """A1111's img2img Batch from the browser: "Batch…" takes several pictures, Generate sends one img2img request
     per picture (the same settings, each its own picture) and every result joins the gallery; a single picture

@@ -9,7 +9,7 @@ import { loadVae, setupVae } from "./vae.js";
 import { loadPreviewSetting, setupPreviewSetting } from "./previewsetting.js";
 import { loadTokenMerging, setupTokenMerging, tokenMergingFor } from "./tomesetting.js";
 import { img2imgUpscalerFor, loadImg2imgUpscaler, setupImg2imgUpscaler } from "./upscalersetting.js";
-import { $, $$, numberValue, setNumber, syncSliders } from "./dom.js";
+import { $, $$, numberValue, radioValue, setNumber, syncSliders } from "./dom.js";
 import { ControlNetSection } from "./controlnet.js";
 import { setupExtras } from "./extras.js";
 import { clearFieldErrors, showFieldErrors } from "./fielderrors.js";
@@ -80,6 +80,7 @@ function selectTab(name, focus = false) {
     // data-show lists the tabs a part belongs to ("img2img inpaint").
     $$("[data-show]", panel).forEach((node) => { node.hidden = !node.dataset.show.split(" ").includes(name); });
     if (name === "inpaint" && editor.hasImage) editor.fit();
+    updateResizeBy();
     showControlNetHiresOption();
   }
   scripts.setTab(name);  // each tab's own Script choice (Inpaint, Extras and PNG Info: none)
@@ -104,6 +105,7 @@ const img2img = new ImageInput({
   onChange: (input) => {
     $("#img2img-size").textContent = input.width ? `${input.width}×${input.height} px` : "";
     scripts.update();  // SD upscale's line says what the picture becomes
+    updateResizeBy();
     setBatch([]);  // another picture (picked, dropped, pasted, sent) or none ends a batch; a new batch sets it after
   },
 });
@@ -138,7 +140,10 @@ async function requestsFor(built) {
   return requests;
 }
 
-const { editor, setImageFile: setInpaintImage } = setupInpaint({ active: () => state.tab === "inpaint" });
+const { editor, setImageFile: setInpaintImage } = setupInpaint({
+  active: () => state.tab === "inpaint",
+  onChange: () => updateResizeBy(),  // "Resize by" says what the picture becomes
+});
 
 /** The picture the current tab works on (none in txt2img). */
 function sourceImage() {
@@ -148,6 +153,27 @@ function sourceImage() {
 function sourceSize() {
   return state.tab === "inpaint" ? [editor.width, editor.height] : [img2img.width, img2img.height];
 }
+
+// A1111's "Resize to" / "Resize by" (img2img and Inpaint): by a scale, the size sent is the picture's
+// times the scale (whole pixels, as A1111 takes them), shown under the slider.
+const resizingBy = () => state.tab !== "txt2img" && radioValue(panel, "resize_tab") === "by";
+
+function scaledSize() {
+  const [w, h] = sourceSize();
+  const scale = numberValue($("#scale_by")) ?? 1;
+  return w ? [Math.floor(w * scale), Math.floor(h * scale)] : null;
+}
+
+function updateResizeBy() {
+  const by = resizingBy();
+  $("#resize-by").hidden = !by;
+  $("#size-row").hidden = by;
+  const size = scaledSize();
+  const [w, h] = sourceSize();
+  $("#resize-by-size").textContent = size ? `Resize: from ${w}×${h} to ${size[0]}×${size[1]}` : "No picture yet.";
+}
+$$('input[name="resize_tab"]', panel).forEach((radio) => radio.addEventListener("change", updateResizeBy));
+for (const control of [$("#scale_by"), $('input[data-sync="scale_by"]')]) control.addEventListener("input", updateResizeBy);
 
 // -- ControlNet, PNG Info and Extras --------------------------------------------------------------
 const controlnet = new ControlNetSection({
@@ -342,6 +368,7 @@ function img2imgRequest() {
   const source = sourceImage();
   if (!source) return inputError("init_images", "Drop, paste or pick an image first.");
   const request = { ...form.values(state.tab), init_images: [stripDataUrl(source)] };
+  if (resizingBy()) [request.width, request.height] = scaledSize();
   if (state.tab === "inpaint") {
     const inpaint = form.inpaintValues();
     if (editor.coverage() === 0 && !inpaint.inpainting_mask_invert) {

@@ -5,7 +5,7 @@ import { acceptDrops, openPickerOnKey, readFileAsDataURL } from "./images.js";
 import { MaskEditor } from "./maskcanvas.js";
 
 /** Build the mask editor from the page and wire its controls; `active()` says whether its tab is shown. */
-export function setupInpaint({ active }) {
+export function setupInpaint({ active, onChange = () => {} }) {
   const editor = new MaskEditor({
     stage: $("#mask-stage"),
     layer: $("#mask-layer"),
@@ -14,7 +14,10 @@ export function setupInpaint({ active }) {
     maskCanvas: $("#inpaint-mask"),
     cursor: $("#brush-cursor"),
     hint: $("#mask-hint"),
-    onChange: (ed) => { $("#inpaint-size").textContent = ed.width ? `${ed.width}×${ed.height} px` : ""; },
+    onChange: (ed) => {
+      $("#inpaint-size").textContent = ed.width ? `${ed.width}×${ed.height} px` : "";
+      onChange(ed);
+    },
     onZoom: (zoom) => { $("#zoom-value").textContent = `${Math.round(zoom * 100)}%`; },
   });
   const loadInto = (target) => async (file) => target(await readFileAsDataURL(file));
