@@ -1887,6 +1887,33 @@ def test_extras_lanczos_by_2(page, server, photo_file):
     screenshot(page, "extras-result")
 
 
+def test_extras_batch_upscales_every_picture(page, photo_file, tmp_path):
+    """A1111's Batch Process: several pictures go to /extra-batch-images with the settings, each comes back
+    upscaled (Pillow's Lanczos exactly) in a row of results; picking one shows it."""
+    other = tmp_path / "tall.png"
+    Image.new("RGB", (48, 80), (200, 60, 30)).save(other)
+    page.click("#tab-extras")
+    page.set_input_files("#extras-batch-file", [str(photo_file), str(other)])
+    expect(page.locator("#extras-batch-count")).to_have_text("Batch: 2 pictures to upscale.")
+    page.select_option("#upscaler_1", "Lanczos")
+    set_value(page, "upscaling_resize", 2)
+    with page.expect_response("**/sdapi/v1/extra-batch-images", timeout=GENERATION_TIMEOUT) as answer:
+        page.click("#extras-generate")
+    assert answer.value.ok, answer.value.text()
+    sent = json.loads(answer.value.request.post_data)
+    assert [item["name"] for item in sent["imageList"]] == ["photo.png", "tall.png"] and sent["upscaling_resize"] == 2
+    expect(page.locator("#extras-status")).to_contain_text("2 pictures")
+    thumbs = page.locator("#extras-batch-results button")
+    expect(thumbs).to_have_count(2)
+    assert extras_result(page).size == (128, 128)
+    thumbs.nth(1).click()
+    result = extras_result(page)
+    want = Image.open(other).convert("RGB").resize((96, 160), Image.Resampling.LANCZOS)
+    assert np.array_equal(np.asarray(result.convert("RGB")), np.asarray(want))
+    page.set_input_files("#extras-file", str(photo_file))  # one picture: the batch ends
+    expect(page.locator("#extras-batch")).to_be_hidden()
+
+
 def test_extras_scale_to_with_crop_gives_the_size_asked(page, photo_file):
     """64x64 "Scale to" 100x72: Lanczos by 1.5625 to 100x100, then to 96x96 (rounded down to a multiple of 8),
     then, with "Crop to fit", centred on a black canvas of exactly 100x72 (A1111's rules); without it the

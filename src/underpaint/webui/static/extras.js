@@ -5,11 +5,13 @@
 import { ApiError, post } from "./api.js";
 import { $, $$, el, fillSelect, numberValue, radioValue, setNumber } from "./dom.js";
 import { clearFieldErrors, showFieldErrors } from "./fielderrors.js";
-import { ImageInput, dataUrlToBlob, pngDataUrl, stripDataUrl } from "./images.js";
+import { ImageInput, dataUrlToBlob, pngDataUrl, readFileAsDataURL, stripDataUrl } from "./images.js";
 import { formatSeconds } from "./progress.js";
 import { SettingsStore } from "./persist.js";
 
 const BREAK = "\u0000";
+/** Pictures sent in one /extra-batch-images request (the server takes at most 16 pictures a request). */
+const BATCH_REQUEST = 8;
 
 /** The server's html_info ("<p>line<br>\nline</p>") as plain lines of text, read without running it as HTML. */
 export function htmlInfoText(html) {
@@ -44,10 +46,47 @@ export function setupExtras() {
     preview: $("#extras-preview"),
     onChange: (picture) => {
       $("#extras-size").textContent = picture.width ? `${picture.width}×${picture.height} px` : "";
+      setBatch([]);  // another picture, or none, ends a batch; a new batch sets it after
       clearFieldErrors($("#extras-drop").closest(".field"));
     },
   });
   $("#extras-clear").addEventListener("click", () => input.clear());
+
+  // A1111's "Batch Process": several pictures upscaled with the same settings through
+  // /sdapi/v1/extra-batch-images (BATCH_REQUEST of them to a request), every result in a row to pick from.
+  let batch = [];
+  function setBatch(files) {
+    batch = files;
+    $("#extras-batch").hidden = files.length === 0;
+    $("#extras-batch-count").textContent = files.length ? `Batch: ${files.length} pictures to upscale.` : "";
+  }
+  $("#extras-batch-file").addEventListener("change", async (event) => {
+    const files = [...event.target.files].filter((f) => f.type.startsWith("image/") || f.type === "");
+    event.target.value = "";
+    if (!files.length) return;
+    await input.setFile(files[0]);
+    setBatch(files.length > 1 ? files : []);
+  });
+  $("#extras-batch-clear").addEventListener("click", () => setBatch([]));
+
+  async function runBatch(settings) {
+    const pictures = [];
+    for (let i = 0; i < batch.length; i += BATCH_REQUEST) {
+      const imageList = await Promise.all(batch.slice(i, i + BATCH_REQUEST).map(async (file) => ({
+        name: file.name, data: stripDataUrl(await readFileAsDataURL(file)),
+      })));
+      status.textContent = `Upscaling pictures ${i + 1} to ${i + imageList.length} of ${batch.length}…`;
+      const answer = await post("/sdapi/v1/extra-batch-images", { ...settings, imageList });
+      answer.images.forEach((b64, j) => pictures.push({ b64, name: imageList[j]?.name ?? "", info: answer.html_info }));
+    }
+    const row = $("#extras-batch-results");
+    row.replaceChildren(...pictures.map((picture, i) => el("button", {
+      type: "button", title: picture.name, "aria-label": `Upscaled ${picture.name || `picture ${i + 1}`}`,
+      onclick: () => showResult(picture.b64, picture.info),
+    }, el("img", { src: pngDataUrl(picture.b64), alt: "" }))));
+    row.hidden = false;
+    return pictures;
+  }
 
   // "Scale by" shows the factor, "Scale to" the size; only the shown one's fields are sent.
   const mode = () => (radioValue(panel, "extras_resize_mode") === "1" ? 1 : 0);
@@ -121,6 +160,13 @@ export function setupExtras() {
     setBusy(true);
     const started = performance.now();
     try {
+      if (batch.length > 1) {
+        const pictures = await runBatch(values());
+        showResult(pictures[0].b64, pictures[0].info);
+        status.textContent = `Done in ${formatSeconds((performance.now() - started) / 1000)}: ${pictures.length} pictures`;
+        return;
+      }
+      $("#extras-batch-results").hidden = true;
       const answer = await post("/sdapi/v1/extra-single-image", body);
       const image = showResult(answer.image, answer.html_info);
       await image.decode().catch(() => {});
