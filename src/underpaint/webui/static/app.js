@@ -15,7 +15,7 @@ import { setupExtras } from "./extras.js";
 import { clearFieldErrors, showFieldErrors } from "./fielderrors.js";
 import { GenerationForm } from "./form.js";
 import { Gallery, entriesFromResponse, parseInfo } from "./gallery.js";
-import { ImageInput, imageFileFrom, readFileAsDataURL, stripDataUrl } from "./images.js";
+import { ImageInput, PictureBatch, imageFileFrom, readFileAsDataURL, stripDataUrl } from "./images.js";
 import { setupInpaint } from "./inpaint.js";
 import { infotextToFields, parseInfotext } from "./infotext.js";
 import { SettingsStore } from "./persist.js";
@@ -106,28 +106,17 @@ const img2img = new ImageInput({
     $("#img2img-size").textContent = input.width ? `${input.width}×${input.height} px` : "";
     scripts.update();  // SD upscale's line says what the picture becomes
     updateResizeBy();
-    setBatch([]);  // another picture (picked, dropped, pasted, sent) or none ends a batch; a new batch sets it after
+    batch.end();  // another picture (picked, dropped, pasted, sent) or none ends a batch; a new batch sets it after
   },
 });
 $("#img2img-clear").addEventListener("click", () => img2img.clear());
 
 // A1111's img2img "Batch", from the browser: several pictures, each an img2img request of its own with the
 // same settings (the first one shows as the image).
-const batch = { files: [] };
-function setBatch(files) {
-  batch.files = files;
-  $("#img2img-batch").hidden = files.length === 0;
-  $("#img2img-batch-count").textContent = files.length
-    ? `Batch: ${files.length} pictures; Generate runs img2img on each in turn.` : "";
-}
-$("#img2img-batch-file").addEventListener("change", async (event) => {
-  const files = [...event.target.files].filter((f) => f.type.startsWith("image/") || f.type === "");
-  event.target.value = "";
-  if (!files.length) return;
-  await img2img.setFile(files[0]);
-  setBatch(files.length > 1 ? files : []);
+const batch = new PictureBatch({
+  input: img2img, fileInput: $("#img2img-batch-file"), box: $("#img2img-batch"), text: $("#img2img-batch-count"),
+  endButton: $("#img2img-batch-clear"), describe: (n) => `Batch: ${n} pictures; Generate runs img2img on each in turn.`,
 });
-$("#img2img-batch-clear").addEventListener("click", () => setBatch([]));
 
 /** The requests one Generate sends: the built one, or in an img2img batch one per picture (with its file name). */
 async function requestsFor(built) {

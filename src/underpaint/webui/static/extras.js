@@ -5,7 +5,7 @@
 import { ApiError, post } from "./api.js";
 import { $, $$, el, fillSelect, numberValue, radioValue, setNumber } from "./dom.js";
 import { clearFieldErrors, showFieldErrors } from "./fielderrors.js";
-import { ImageInput, dataUrlToBlob, pngDataUrl, readFileAsDataURL, stripDataUrl } from "./images.js";
+import { ImageInput, PictureBatch, dataUrlToBlob, pngDataUrl, readFileAsDataURL, stripDataUrl } from "./images.js";
 import { formatSeconds } from "./progress.js";
 import { SettingsStore } from "./persist.js";
 
@@ -46,7 +46,7 @@ export function setupExtras() {
     preview: $("#extras-preview"),
     onChange: (picture) => {
       $("#extras-size").textContent = picture.width ? `${picture.width}×${picture.height} px` : "";
-      setBatch([]);  // another picture, or none, ends a batch; a new batch sets it after
+      batch.end();  // another picture, or none, ends a batch; a new batch sets it after
       clearFieldErrors($("#extras-drop").closest(".field"));
     },
   });
@@ -54,28 +54,19 @@ export function setupExtras() {
 
   // A1111's "Batch Process": several pictures upscaled with the same settings through
   // /sdapi/v1/extra-batch-images (BATCH_REQUEST of them to a request), every result in a row to pick from.
-  let batch = [];
-  function setBatch(files) {
-    batch = files;
-    $("#extras-batch").hidden = files.length === 0;
-    $("#extras-batch-count").textContent = files.length ? `Batch: ${files.length} pictures to upscale.` : "";
-  }
-  $("#extras-batch-file").addEventListener("change", async (event) => {
-    const files = [...event.target.files].filter((f) => f.type.startsWith("image/") || f.type === "");
-    event.target.value = "";
-    if (!files.length) return;
-    await input.setFile(files[0]);
-    setBatch(files.length > 1 ? files : []);
+  const batch = new PictureBatch({
+    input, fileInput: $("#extras-batch-file"), box: $("#extras-batch"), text: $("#extras-batch-count"),
+    endButton: $("#extras-batch-clear"), describe: (n) => `Batch: ${n} pictures to upscale.`,
   });
-  $("#extras-batch-clear").addEventListener("click", () => setBatch([]));
 
   async function runBatch(settings) {
     const pictures = [];
-    for (let i = 0; i < batch.length; i += BATCH_REQUEST) {
-      const imageList = await Promise.all(batch.slice(i, i + BATCH_REQUEST).map(async (file) => ({
+    const files = batch.files;
+    for (let i = 0; i < files.length; i += BATCH_REQUEST) {
+      const imageList = await Promise.all(files.slice(i, i + BATCH_REQUEST).map(async (file) => ({
         name: file.name, data: stripDataUrl(await readFileAsDataURL(file)),
       })));
-      status.textContent = `Upscaling pictures ${i + 1} to ${i + imageList.length} of ${batch.length}…`;
+      status.textContent = `Upscaling pictures ${i + 1} to ${i + imageList.length} of ${files.length}…`;
       const answer = await post("/sdapi/v1/extra-batch-images", { ...settings, imageList });
       answer.images.forEach((b64, j) => pictures.push({ b64, name: imageList[j]?.name ?? "", info: answer.html_info }));
     }
@@ -160,7 +151,7 @@ export function setupExtras() {
     setBusy(true);
     const started = performance.now();
     try {
-      if (batch.length > 1) {
+      if (batch.files.length > 1) {
         const pictures = await runBatch(values());
         showResult(pictures[0].b64, pictures[0].info);
         status.textContent = `Done in ${formatSeconds((performance.now() - started) / 1000)}: ${pictures.length} pictures`;

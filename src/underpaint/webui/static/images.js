@@ -117,3 +117,33 @@ export class ImageInput {
     this.onChange(this);
   }
 }
+
+/**
+ * A1111's batch of pictures beside one image slot: `fileInput` (multiple) picks them and the first shows in
+ * `input`; while two or more are chosen, `box` shows and `text` says `describe(count)`; `endButton` ends the
+ * batch. Any other picture put in the slot ends it too: the slot's onChange calls `end()`.
+ */
+export class PictureBatch {
+  constructor({ input, fileInput, box, text, endButton, describe }) {
+    Object.assign(this, { box, text, describe });
+    this.files = [];
+    fileInput.addEventListener("change", async () => {
+      const files = [...fileInput.files].filter((f) => f.type.startsWith("image/") || f.type === "");
+      fileInput.value = "";
+      if (!files.length) return;
+      await input.setFile(files[0]);  // its onChange ends any batch before this one starts
+      this.set(files.length > 1 ? files : []);
+    });
+    endButton.addEventListener("click", () => this.end());
+  }
+
+  set(files) {
+    this.files = files;
+    this.box.hidden = files.length === 0;
+    this.text.textContent = files.length ? this.describe(files.length) : "";
+  }
+
+  end() {
+    this.set([]);
+  }
+}
