@@ -62,3 +62,63 @@ def test_refusals_name_the_argument(api, args, field):
     r = api.post("/sdapi/v1/img2img", json={"init_images": [png_b64(_picture())], "mask": png_b64(_picture()),
                                             "steps": 1, "script_name": "poor man's outpainting"})
     assert r.status_code == 422 and r.json()["field"] == "mask", r.text
+
+
+def test_mk2_outpaints_with_noise_matched_to_the_picture(api, sd1_engine):
+    """"Outpainting mk2": the margins start from the blur fill with noise of the picture's colour spread, are
+    inpainted over that start, and the picture stays as it was; the same as the Python API's "matched" fill."""
+    import json
+
+    from test_server_support import decode_b64, png_b64
+
+    picture = _picture()
+    body = {"init_images": [png_b64(picture)], "prompt": "a wide landscape", "steps": 2, "sampler_name": "Euler",
+            "seed": 6, "denoising_strength": 0.8, "override_settings": {"randn_source": "CPU"},
+            "script_name": "Outpainting mk2", "script_args": ["", 24, 4, ["right", "down"], 0.5, 0.2]}
+    r = api.post("/sdapi/v1/img2img", json=body)
+    assert r.status_code == 200, r.text
+    got = decode_b64(r.json()["images"][0]).convert("RGB")
+    assert got.size == (64 + 24, 48 + 24)
+    base = GenerationParams(init_images=(picture,), prompt="a wide landscape", steps=2, sampler="Euler", seed=6,
+                            rng="cpu", strength=0.8,
+                            inpaint=InpaintOptions(mask_blur_x=4, mask_blur_y=4, masked_content="original"))
+    options = OutpaintOptions(right=24, down=24, fill="matched", falloff=0.5, color_variation=0.2)
+    want = sd1_engine.generate(outpaint_params(base, options)).images[0]
+    assert np.array_equal(np.asarray(got), np.asarray(want))
+    assert np.array_equal(np.asarray(got)[:48, :64], np.asarray(picture))
+    assert ('Outpaint: "left 0, right 24, up 0, down 24, fill matched, falloff 0.5, color variation 0.2"'
+            in json.loads(r.json()["info"])["infotexts"][0])
+    for args, field in (([None, 4], "script_args[1]"), ([None, 128, 8, ["left"], 5], "script_args[4]"),
+                        ([None, 128, 8, ["left"], 1, -0.1], "script_args[5]")):
+        r = api.post("/sdapi/v1/img2img", json={**body, "script_args": args})
+        assert r.status_code == 422 and r.json()["field"] == field, r.text
+
+
+def test_matched_noise_follows_the_pictures_colours_and_falloff():
+    """The matched start: the picture untouched, the margins' mean colour the blur fill's and their spread the
+    picture's; a lower fall-off exponent gives finer (less correlated) noise; the seed decides it."""
+    from underpaint.pipeline.inpaint import Margins, outpaint_canvas
+
+    rng = np.random.default_rng(0)
+    picture = Image.fromarray((rng.normal(128, 30, (64, 64, 3))).clip(0, 255).astype(np.uint8))
+    margins = Margins(left=0, right=64, up=0, down=0)
+    blur, mask = outpaint_canvas(picture, margins, "blur")
+    rough, _ = outpaint_canvas(picture, margins, "matched", seed=1, falloff=0.0, color_variation=0.0)
+    smooth, _ = outpaint_canvas(picture, margins, "matched", seed=1, falloff=2.0, color_variation=0.0)
+    again, _ = outpaint_canvas(picture, margins, "matched", seed=1, falloff=2.0, color_variation=0.0)
+    assert np.array_equal(np.asarray(smooth), np.asarray(again))
+    for canvas in (rough, smooth):
+        values = np.asarray(canvas, dtype=float)
+        assert np.array_equal(values[:, :64], np.asarray(picture))
+        margin = values[:, 64:] - np.asarray(blur, dtype=float)[:, 64:]
+        assert abs(margin.mean()) < 6 and 15 < margin.std() < 45  # the picture's spread (30), a little clipped
+
+    def neighbour_correlation(canvas):
+        m = np.asarray(canvas, dtype=float)[:, 64:, 0] - np.asarray(blur, dtype=float)[:, 64:, 0]
+        return np.corrcoef(m[:, :-1].ravel(), m[:, 1:].ravel())[0, 1]
+
+    assert neighbour_correlation(rough) < 0.2 < 0.8 < neighbour_correlation(smooth)
+    grey, _ = outpaint_canvas(picture, margins, "matched", seed=1, falloff=1.0, color_variation=0.0)
+    tinted, _ = outpaint_canvas(picture, margins, "matched", seed=1, falloff=1.0, color_variation=1.0)
+    channel_spread = lambda c: np.asarray(c, dtype=float)[:, 64:].std(axis=-1).mean()  # noqa: E731
+    assert channel_spread(tinted) > channel_spread(grey) + 5

@@ -239,7 +239,7 @@ def _post(client, path="/sdapi/v1/txt2img", **body):
 def test_api_lists_the_scripts_with_their_arguments(api):
     scripts = api.get("/sdapi/v1/scripts").json()
     assert scripts["txt2img"][:3] == ["prompt matrix", "prompts from file or textbox", "x/y/z plot"]
-    assert scripts["img2img"][:6] == ["loopback", "poor man's outpainting", "prompt matrix",
+    assert scripts["img2img"][:7] == ["loopback", "outpainting mk2", "poor man's outpainting", "prompt matrix",
                                       "prompts from file or textbox", "sd upscale", "x/y/z plot"]
     info = {(s["name"], s["is_img2img"]): s for s in api.get("/sdapi/v1/script-info").json()}
     assert [a["label"] for a in info["prompt matrix", False]["args"]][2:4] == ["Select prompt", "Select joining char"]

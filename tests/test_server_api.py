@@ -783,8 +783,8 @@ def test_scripts_list_the_scripts_requests_may_use(client):
     assert client.get("/sdapi/v1/scripts").json() == {
         "txt2img": ["prompt matrix", "prompts from file or textbox", "x/y/z plot", "controlnet", "freeu integrated",
                     "adetailer"],
-        "img2img": ["loopback", "poor man's outpainting", "prompt matrix", "prompts from file or textbox", "sd upscale",
-                    "x/y/z plot",
+        "img2img": ["loopback", "outpainting mk2", "poor man's outpainting", "prompt matrix",
+                    "prompts from file or textbox", "sd upscale", "x/y/z plot",
                     "controlnet", "freeu integrated", "adetailer", "soft inpainting"]}
     info = {(s["name"], s["is_img2img"]): s for s in client.get("/sdapi/v1/script-info").json()}
     assert set(info) == {("controlnet", False), ("controlnet", True), ("soft inpainting", True), ("sd upscale", True),
@@ -792,7 +792,7 @@ def test_scripts_list_the_scripts_requests_may_use(client):
                          ("freeu integrated", True), ("loopback", True), ("prompt matrix", False),
                          ("prompt matrix", True), ("prompts from file or textbox", False),
                          ("prompts from file or textbox", True), ("adetailer", False), ("adetailer", True),
-                         ("poor man's outpainting", True)}
+                         ("poor man's outpainting", True), ("outpainting mk2", True)}
     assert len(info[("x/y/z plot", True)]["args"]) == 18
     assert not info[("sd upscale", True)]["is_alwayson"]
     soft = info[("soft inpainting", True)]["args"]

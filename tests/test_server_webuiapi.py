@@ -89,8 +89,8 @@ def test_lists_options_and_png_info(server):
     assert server.get_scripts() == {
         "txt2img": ["prompt matrix", "prompts from file or textbox", "x/y/z plot", "controlnet", "freeu integrated",
                     "adetailer"],
-        "img2img": ["loopback", "poor man's outpainting", "prompt matrix", "prompts from file or textbox", "sd upscale",
-                    "x/y/z plot",
+        "img2img": ["loopback", "outpainting mk2", "poor man's outpainting", "prompt matrix",
+                    "prompts from file or textbox", "sd upscale", "x/y/z plot",
                     "controlnet", "freeu integrated", "adetailer", "soft inpainting"]}
     assert "ram" in server.get_memory()
     assert server.controlnet_version() == 2

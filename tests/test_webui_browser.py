@@ -2044,7 +2044,7 @@ def test_sd_upscale_script_enlarges_as_the_server_does(page, server, photo_file)
     fields are sent only while it is chosen, and only from img2img; the choice is kept over a reload."""
     script = page.locator("#script_name")
     expect(script).to_be_visible()
-    assert script.locator("option").all_inner_texts() == ["None", "Loopback", "Poor man's outpainting", "Prompt matrix",
+    assert script.locator("option").all_inner_texts() == ["None", "Loopback", "Outpainting mk2", "Poor man's outpainting", "Prompt matrix",
                                                           "Prompts from file or textbox", "SD upscale", "X/Y/Z plot"]
     expect(script).to_have_value("")
     expect(page.locator("#sd-upscale")).to_be_hidden()
@@ -2216,6 +2216,28 @@ def test_poor_mans_outpainting_script_extends_the_canvas(page, photo_file):
     assert (sent["script_name"], sent["script_args"]) == ("poor man's outpainting", [16, 4, 0, ["left", "right"]])
     width, height = Image.open(photo_file).size
     assert decode(answer.value.json()["images"][0]).size == (width + 32, height)
+    page.locator("#script_name").select_option("")
+
+
+def test_outpainting_mk2_script_sends_its_six_arguments(page, photo_file):
+    """img2img's Outpainting mk2 sends A1111's six arguments (its description first) and grows the canvas."""
+    page.set_input_files("#img2img-file", str(photo_file))
+    fast_settings(page, seed=3, steps=1)
+    page.locator("#script_name").select_option("Outpainting mk2")
+    expect(page.locator("#outpainting-mk2")).to_be_visible()
+    expect(page.locator("#outpainting")).to_be_hidden()
+    set_value(page, "mk2_pixels", 8)
+    set_value(page, "mk2_falloff", 0.5)
+    for side in ("left", "right", "up"):
+        page.uncheck(f'input[name="mk2_direction"][value="{side}"]')
+    sent, body = generate(page, "img2img")
+    assert (sent["script_name"], sent["script_args"]) == ("outpainting mk2", ["", 8, 8, ["down"], 0.5, 0.05])
+    width, height = Image.open(photo_file).size
+    assert decode(body["images"][0]).size == (width, height + 8)
+    set_value(page, "mk2_color_variation", 3)
+    page.click("#generate")
+    expect(page.locator("#outpainting-mk2 .field-error")).to_contain_text("a number from 0 to 1")
+    set_value(page, "mk2_color_variation", 0.05)
     page.locator("#script_name").select_option("")
 
 
@@ -2478,9 +2500,9 @@ def test_xyz_plot_script_on_txt2img_matches_the_server(page, server):
         page.click(f"#tab-{tab}")
         expect(script).to_be_hidden()
     page.click("#tab-img2img")
-    assert page.locator("#script_name option").all_inner_texts() == ["None", "Loopback", "Poor man's outpainting", "Prompt matrix",
-                                                                      "Prompts from file or textbox", "SD upscale",
-                                                                      "X/Y/Z plot"]
+    assert page.locator("#script_name option").all_inner_texts() == [
+        "None", "Loopback", "Outpainting mk2", "Poor man's outpainting", "Prompt matrix", "Prompts from file or textbox",
+        "SD upscale", "X/Y/Z plot"]
     page.select_option("#script_name", "X/Y/Z plot")
     expect(page.locator("#xyz-plot")).to_be_visible()
     img2img_axes = [a.name for a in AXES.values() if a.tab in (None, "img2img")]

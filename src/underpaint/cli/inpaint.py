@@ -43,9 +43,14 @@ def add_commands(sub) -> None:
     for side in ("left", "right", "up", "down"):
         sides.add_argument(f"--{side}", type=int, default=0, metavar="N",
                            help=f"pixels to add on the {side} side (rounded up to a multiple of 8)")
-    sides.add_argument("--fill", choices=("blur", "edge", "noise"), default="blur",
+    sides.add_argument("--fill", choices=("blur", "edge", "noise", "matched"), default="blur",
                        help="how the new area starts: blurred surrounding colours (default), stretched edge "
-                            "pixels, or colour noise")
+                            "pixels, colour noise, or noise matched to the picture (A1111's Outpainting mk2)")
+    sides.add_argument("--falloff", type=float, default=1.0, metavar="Q",
+                       help="--fill matched: the noise's detail falls off as 1/f^Q (0 to 4; lower is finer; "
+                            "A1111's fall-off exponent, default 1)")
+    sides.add_argument("--color-variation", type=float, default=0.05, metavar="V",
+                       help="--fill matched: how much the noise's colours vary, 0 to 1 (default 0.05)")
     _add_inpaint_args(out, outpaint=True)
     _add_generation_args(out, img2img=True)
     out.set_defaults(func=run_outpaint)
@@ -128,7 +133,8 @@ def run_outpaint(args: argparse.Namespace) -> int:
     from ..pipeline.inpaint import OutpaintOptions, outpaint_params
 
     image = load_image(args.input, field="IMAGE")
-    sides = OutpaintOptions(left=args.left, right=args.right, up=args.up, down=args.down, fill=args.fill)
+    sides = OutpaintOptions(left=args.left, right=args.right, up=args.up, down=args.down, fill=args.fill,
+                            falloff=args.falloff, color_variation=args.color_variation)
     def make(model=None) -> GenerationParams:
         return outpaint_params(params_from_args(args, (image,), model=model).replace(inpaint=inpaint_options(args)),
                                sides)

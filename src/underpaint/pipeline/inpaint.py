@@ -37,7 +37,7 @@ from ..params import GenerationParams, InpaintOptions
 #: the colour of the nearest kept pixels, smoothed more the further away they are.
 FILL_PASSES = ((256, 1), (64, 1), (16, 2), (4, 4), (2, 2), (0, 1))
 #: How outpainting paints the new margins before they are inpainted.
-OUTPAINT_FILLS = ("blur", "edge", "noise")
+OUTPAINT_FILLS = ("blur", "edge", "noise", "matched")
 #: Outpainting margins are whole latent cells: multiples of 8 pixels.
 MARGIN_MULTIPLE = 8
 
@@ -475,6 +475,10 @@ class OutpaintOptions:
     up: int = 0
     down: int = 0
     fill: str = "blur"
+    #: "matched" only (A1111's Outpainting mk2): how fast the noise's detail falls off with frequency
+    #: (the noise spectrum goes as 1/f^falloff: lower is finer detail) and how much its colours vary.
+    falloff: float = 1.0
+    color_variation: float = 0.05
 
     def __post_init__(self) -> None:
         for name in ("left", "right", "up", "down"):
@@ -485,6 +489,10 @@ class OutpaintOptions:
             raise InvalidParameter("outpaint", 0, "at least one side to extend (left, right, up or down > 0)")
         if self.fill not in OUTPAINT_FILLS:
             raise InvalidParameter("fill", self.fill, "one of " + ", ".join(OUTPAINT_FILLS))
+        for name, high in (("falloff", 4.0), ("color_variation", 1.0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= high:
+                raise InvalidParameter(name, value, f"a number from 0 to {high:g}")
 
 
 @dataclass(frozen=True)
@@ -522,11 +530,13 @@ def _round_up(value: int) -> int:
     return -(-value // MARGIN_MULTIPLE) * MARGIN_MULTIPLE
 
 
-def outpaint_canvas(image: Image.Image, margins: Margins, fill: str = "blur", *, seed: int = 0) -> tuple[Image.Image, Image.Image]:
+def outpaint_canvas(image: Image.Image, margins: Margins, fill: str = "blur", *, seed: int = 0,
+                    falloff: float = 1.0, color_variation: float = 0.05) -> tuple[Image.Image, Image.Image]:
     """The larger canvas with the picture in place and its margins painted, and the margins' mask.
 
     "edge" stretches the outermost pixels outwards, "blur" is A1111's fill (surrounding colours
-    blurred), "noise" is uniform colour noise from ``seed``.
+    blurred), "noise" is uniform colour noise from ``seed``, "matched" is the blur fill with noise
+    that matches the picture laid over it (:func:`matched_noise`, for A1111's Outpainting mk2).
     """
     rgb = image.convert("RGB")
     w, h = rgb.size
@@ -540,11 +550,46 @@ def outpaint_canvas(image: Image.Image, margins: Margins, fill: str = "blur", *,
         noise = np.random.default_rng(seed).integers(0, 256, size=mask.shape + (3,), dtype=np.uint8)
         noise[margins.up:margins.up + h, margins.left:margins.left + w] = np.asarray(rgb)
         canvas = Image.fromarray(noise, "RGB")
-    elif fill == "blur":
+    elif fill in ("blur", "matched"):
         canvas = fill_masked(Image.fromarray(np.pad(np.asarray(rgb), pad), "RGB"), mask_image)
+        if fill == "matched":
+            canvas = matched_noise(canvas, mask_image, falloff=falloff, color_variation=color_variation, seed=seed)
     else:
         raise InvalidParameter("fill", fill, "one of " + ", ".join(OUTPAINT_FILLS))
     return canvas, mask_image
+
+
+def matched_noise(canvas: Image.Image, mask: Image.Image, *, falloff: float = 1.0, color_variation: float = 0.05,
+                  seed: int = 0) -> Image.Image:
+    """``canvas`` with noise that matches its unmasked pixels laid over the masked ones.
+
+    The noise is Gaussian noise whose spectrum falls off as 1/f^``falloff`` (1: "pink" noise, 0: white),
+    scaled, channel by channel, to the spread of the unmasked pixels' colours: one field shared by the
+    three channels (light and dark) plus ``color_variation`` times a field of each channel's own (hue).
+    The masked pixels keep their colour underneath (the blur fill's) as the mean. Unmasked pixels are
+    left exactly as they are.
+    """
+    values = np.asarray(canvas.convert("RGB"), dtype=np.float64) / 255.0
+    inside = np.asarray(mask.convert("L")) > 127
+    if not inside.any() or inside.all():
+        return canvas
+    rng = np.random.default_rng(seed)
+    h, w = inside.shape
+    fy, fx = np.fft.fftfreq(h)[:, None], np.fft.rfftfreq(w)[None, :]
+    frequency = np.hypot(fx, fy)
+    frequency[0, 0] = 1.0 / max(h, w)
+    envelope = frequency ** -float(falloff)
+
+    def field() -> np.ndarray:  # mean 0 and spread 1 over the masked pixels
+        shaped = np.fft.irfft2(np.fft.rfft2(rng.standard_normal((h, w))) * envelope, s=(h, w))
+        return (shaped - shaped[inside].mean()) / (shaped[inside].std() + 1e-12)
+
+    spread = values[~inside].std(axis=0)  # (3,)
+    shared = field()[..., None]
+    own = np.stack([field() for _ in range(3)], axis=-1)
+    noise = (shared + color_variation * own) * spread
+    values[inside] = np.clip(values[inside] + noise[inside], 0.0, 1.0)
+    return Image.fromarray(np.round(values * 255.0).astype(np.uint8), "RGB")
 
 
 def feather_mask(mask: Image.Image, margins: Margins, image_size: tuple[int, int], blur_x: float, blur_y: float) -> Image.Image:
@@ -567,6 +612,12 @@ def feather_mask(mask: Image.Image, margins: Margins, image_size: tuple[int, int
     return Image.fromarray(values, "L")
 
 
+def _matched_settings(options: OutpaintOptions) -> str:
+    if options.fill != "matched":
+        return ""
+    return f", falloff {options.falloff:g}, color variation {options.color_variation:g}"
+
+
 def outpaint_params(params: GenerationParams, options: OutpaintOptions) -> GenerationParams:
     """The inpainting request that outpaints ``params.init_images[0]``: canvas, mask and size.
 
@@ -579,13 +630,15 @@ def outpaint_params(params: GenerationParams, options: OutpaintOptions) -> Gener
     params = params.with_seed()  # the noise fill follows the recorded seed
     image = params.init_images[0]
     margins = outpaint_margins(options, image.size)
-    canvas, mask = outpaint_canvas(image, margins, options.fill, seed=params.seed)
+    canvas, mask = outpaint_canvas(image, margins, options.fill, seed=params.seed, falloff=options.falloff,
+                                   color_variation=options.color_variation)
     opts = params.inpaint
     mask = feather_mask(mask, margins, image.size, opts.mask_blur_x, opts.mask_blur_y)
     return params.replace(
         init_images=(canvas,), mask=mask, inpaint=replace(opts, mask_blur_x=0, mask_blur_y=0),
         width=params.width or canvas.width, height=params.height or canvas.height,
         extra_infotext=params.extra_infotext + (("Outpaint", f"left {margins.left}, right {margins.right}, "
-                                                              f"up {margins.up}, down {margins.down}, fill {options.fill}"),),
+                                                              f"up {margins.up}, down {margins.down}, fill {options.fill}"
+                                                              + _matched_settings(options)),),
     )
 

@@ -45,10 +45,11 @@ LOOPBACK_SCRIPT = "loopback"
 PROMPT_MATRIX_SCRIPT = "prompt matrix"
 PROMPTS_FILE_SCRIPT = "prompts from file or textbox"
 OUTPAINT_SCRIPT = "poor man's outpainting"
+OUTPAINT_MK2_SCRIPT = "outpainting mk2"
 #: The scripts of each tab, in A1111's order of its Script list.
 TXT2IMG_SCRIPTS = (PROMPT_MATRIX_SCRIPT, PROMPTS_FILE_SCRIPT, XYZ_PLOT_SCRIPT)
-IMG2IMG_SCRIPTS = (LOOPBACK_SCRIPT, OUTPAINT_SCRIPT, PROMPT_MATRIX_SCRIPT, PROMPTS_FILE_SCRIPT, SD_UPSCALE_SCRIPT,
-                   XYZ_PLOT_SCRIPT)
+IMG2IMG_SCRIPTS = (LOOPBACK_SCRIPT, OUTPAINT_MK2_SCRIPT, OUTPAINT_SCRIPT, PROMPT_MATRIX_SCRIPT, PROMPTS_FILE_SCRIPT,
+                   SD_UPSCALE_SCRIPT, XYZ_PLOT_SCRIPT)
 #: Scripts that make the prompts themselves: the request's styles go to each prompt they make.
 _PROMPT_SCRIPTS = (PROMPT_MATRIX_SCRIPT, PROMPTS_FILE_SCRIPT)
 #: The script options' own field names → the ``script_args`` item each comes from (errors found
@@ -235,10 +236,12 @@ def prepare_img2img(req: Img2ImgRequest, ctx: ConvertContext) -> PreparedJob:
         fields.update(_prompt_script(req, ctx))
     elif _script(req) == OUTPAINT_SCRIPT:
         outpaint = _outpaint(req, fields)
+    elif _script(req) == OUTPAINT_MK2_SCRIPT:
+        outpaint = _outpaint_mk2(req, fields)
     elif req.script_name:
         fields["xyz_plot"] = _xyz_plot(req.script_args, ctx, img2img=True)
     params = _checked_plot(_build_params(fields, strength=strength), ctx)
-    if _script(req) == OUTPAINT_SCRIPT:
+    if _script(req) in (OUTPAINT_SCRIPT, OUTPAINT_MK2_SCRIPT):
         params = _outpainted(params, outpaint, ctx)
     echo = req.model_dump(mode="json", exclude={"include_init_images"})
     if not req.include_init_images:
@@ -608,23 +611,14 @@ def _outpaint(req: GenerationRequest, fields: dict[str, Any]):
         raise InvalidParameter("mask", "<image>", "no mask with Poor man's outpainting (it makes its own)")
     args = list(req.script_args) + [None] * (4 - len(req.script_args))
     pixels, blur, content, directions = args[:4]
-    pixels = 128 if pixels is None else pixels
-    blur = 4 if blur is None else blur
-    for index, value, low, high in ((0, pixels, 8, 1024), (1, blur, 0, 64)):
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise InvalidParameter(f"script_args[{index}]", value, f"a whole number from {low} to {high}")
-    pixels, blur = int(pixels), int(blur)
+    pixels, blur = _whole(pixels, 0, 128, 8, 1024), _whole(blur, 1, 4, 0, 64)
     if content is None:
         content = 0
     if isinstance(content, int) and not isinstance(content, bool) and 0 <= content < len(MASKED_CONTENT):
         content = MASKED_CONTENT[content]
     if content not in MASKED_CONTENT:
         raise InvalidParameter("script_args[2]", content, "0 fill, 1 original, 2 latent noise or 3 latent nothing")
-    directions = list(_OUTPAINT_DIRECTIONS) if directions is None else directions
-    if not isinstance(directions, list) or not directions or any(d not in _OUTPAINT_DIRECTIONS for d in directions):
-        raise InvalidParameter("script_args[3]", directions, "a list of directions among left, right, up and down")
+    directions = _directions(directions, 3)
     options = OutpaintOptions(**{side: pixels if side in directions else 0 for side in _OUTPAINT_DIRECTIONS},
                               fill="blur")
     inpaint = fields["inpaint"]
@@ -632,6 +626,53 @@ def _outpaint(req: GenerationRequest, fields: dict[str, Any]):
                                 full_res=False)
     fields["width"] = fields["height"] = None  # the canvas's own size
     return options
+
+
+def _outpaint_mk2(req: GenerationRequest, fields: dict[str, Any]):
+    """A1111's "Outpainting mk2" ``script_args``: [its description (ignored), pixels to expand (128), mask blur
+    (8), outpainting directions, fall-off exponent (1.0), color variation (0.05)], run as underpaint's
+    outpainting with the "matched" fill (pipeline/inpaint.py's matched_noise: the blur fill with noise of
+    the picture's colour spread, its detail falling off as 1/f^exponent), the margins inpainted over their
+    painted start (masked content "original"), the seam feathered by the mask blur. A1111 shapes its noise
+    from the picture's own spectrum; the pictures are alike in kind, not in pixels."""
+    from ...pipeline.inpaint import OutpaintOptions
+
+    if req.mask:
+        raise InvalidParameter("mask", "<image>", "no mask with Outpainting mk2 (it makes its own)")
+    args = list(req.script_args) + [None] * (6 - len(req.script_args))
+    _, pixels, blur, directions, falloff, variation = args[:6]
+    pixels, blur = _whole(pixels, 1, 128, 8, 1024), _whole(blur, 2, 8, 0, 64)
+    numbers = []
+    for index, value, default, high in ((4, falloff, 1.0, 4.0), (5, variation, 0.05, 1.0)):
+        value = default if value is None else value
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= high:
+            raise InvalidParameter(f"script_args[{index}]", value, f"a number from 0 to {high:g}")
+        numbers.append(float(value))
+    directions = _directions(directions, 3)
+    options = OutpaintOptions(**{side: pixels if side in directions else 0 for side in _OUTPAINT_DIRECTIONS},
+                              fill="matched", falloff=numbers[0], color_variation=numbers[1])
+    fields["inpaint"] = replace(fields["inpaint"], masked_content="original", mask_blur_x=blur, mask_blur_y=blur,
+                                full_res=False)
+    fields["width"] = fields["height"] = None  # the canvas's own size
+    return options
+
+
+def _whole(value, index: int, default: int, low: int, high: int) -> int:
+    """A script argument that is a whole number from ``low`` to ``high`` (``default`` when left out)."""
+    value = default if value is None else value
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise InvalidParameter(f"script_args[{index}]", value, f"a whole number from {low} to {high}")
+    return value
+
+
+def _directions(directions, index: int) -> list[str]:
+    """Outpainting directions (all four when left out)."""
+    directions = list(_OUTPAINT_DIRECTIONS) if directions is None else directions
+    if not isinstance(directions, list) or not directions or any(d not in _OUTPAINT_DIRECTIONS for d in directions):
+        raise InvalidParameter(f"script_args[{index}]", directions, "a list of directions among left, right, up and down")
+    return directions
 
 
 def _outpainted(params: GenerationParams, options, ctx: ConvertContext) -> GenerationParams:

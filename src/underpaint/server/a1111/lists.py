@@ -312,8 +312,8 @@ async def script_info() -> list[ScriptInfo]:
     """Each always-on script per tab, as A1111 lists them. ControlNet's arguments are unit objects
     (see the ControlNet API), so none are described."""
     from ...pipeline.xyz_plot import axis_names
-    from .convert import (FREEU_SCRIPT, LOOPBACK_SCRIPT, OUTPAINT_SCRIPT, PROMPT_MATRIX_SCRIPT, PROMPTS_FILE_SCRIPT,
-                          SD_UPSCALE_SCRIPT, SOFT_INPAINTING_SCRIPT, XYZ_PLOT_SCRIPT)
+    from .convert import (FREEU_SCRIPT, LOOPBACK_SCRIPT, OUTPAINT_MK2_SCRIPT, OUTPAINT_SCRIPT, PROMPT_MATRIX_SCRIPT,
+                          PROMPTS_FILE_SCRIPT, SD_UPSCALE_SCRIPT, SOFT_INPAINTING_SCRIPT, XYZ_PLOT_SCRIPT)
     from ...params import MASKED_CONTENT
     from ...params import LOOPBACK_CURVES, PROMPT_MATRIX_JOINERS, PROMPT_MATRIX_TYPES, PROMPT_POSITIONS
 
@@ -345,10 +345,20 @@ async def script_info() -> list[ScriptInfo]:
         ScriptArg(label="Masked content", value=0, choices=list(MASKED_CONTENT)),
         ScriptArg(label="Outpainting direction", value=["left", "right", "up", "down"],
                   choices=["left", "right", "up", "down"])])
+    outpaint_mk2 = ScriptInfo(name=OUTPAINT_MK2_SCRIPT, is_alwayson=False, is_img2img=True, args=[
+        ScriptArg(label="Recommended settings: Sampling Steps: 80-100, Sampler: Euler a, Denoising strength: 0.8",
+                  value=None),
+        ScriptArg(label="Pixels to expand", value=128, minimum=8, maximum=256, step=8),
+        ScriptArg(label="Mask blur", value=8, minimum=0, maximum=64, step=1),
+        ScriptArg(label="Outpainting direction", value=["left", "right", "up", "down"],
+                  choices=["left", "right", "up", "down"]),
+        ScriptArg(label="Fall-off exponent (lower=higher detail)", value=1.0, minimum=0.0, maximum=4.0, step=0.01),
+        ScriptArg(label="Color variation", value=0.05, minimum=0.0, maximum=1.0, step=0.01)])
     own_args = {SOFT_INPAINTING_SCRIPT: _soft_inpainting_args, FREEU_SCRIPT: _freeu_args}
     return [ScriptInfo(name=name, is_alwayson=True, is_img2img=img2img,
                        args=own_args[name]() if name in own_args else [])
-            for img2img in (False, True) for name in _always_on(img2img)] + [sd_upscale, loopback, outpaint] + [
+            for img2img in (False, True) for name in _always_on(img2img)] + [sd_upscale, loopback, outpaint,
+                                                                            outpaint_mk2] + [
         ScriptInfo(name=name, is_alwayson=False, is_img2img=img2img, args=args)
         for img2img in (False, True) for name, args in ((PROMPT_MATRIX_SCRIPT, matrix), (PROMPTS_FILE_SCRIPT, from_file))
     ] + [ScriptInfo(name=XYZ_PLOT_SCRIPT, is_alwayson=False, is_img2img=img2img, args=_xyz_args(axis_names(img2img)))

@@ -11,6 +11,7 @@ export const XYZ_PLOT = "x/y/z plot";
 export const LOOPBACK = "loopback";
 export const PROMPT_MATRIX = "prompt matrix";
 export const OUTPAINTING = "poor man's outpainting";
+export const OUTPAINTING_MK2 = "outpainting mk2";
 export const PROMPTS_FROM_FILE = "prompts from file or textbox";
 
 /**
@@ -115,6 +116,9 @@ export function setupScripts({ root, sourceSize }) {
   const outpaintGroup = $("#outpainting", root);
   const [outpaintPixels, outpaintBlur, outpaintFill] = ["#outpaint_pixels", "#outpaint_mask_blur", "#outpaint_fill"]
     .map((id) => $(id, root));
+  const mk2Group = $("#outpainting-mk2", root);
+  const [mk2Pixels, mk2Blur, mk2Falloff, mk2Variation] = ["#mk2_pixels", "#mk2_mask_blur", "#mk2_falloff",
+    "#mk2_color_variation"].map((id) => $(id, root));
   const matrixGroup = $("#prompt-matrix", root);
   const [atStart, differentSeeds, promptType, joiner, matrixMargin] = ["#matrix_put_at_start",
     "#matrix_different_seeds", "#matrix_prompt_type", "#matrix_joiner", "#matrix_margin_size"].map((id) => $(id, root));
@@ -134,6 +138,7 @@ export function setupScripts({ root, sourceSize }) {
   function update() {
     matrixGroup.hidden = chosen(tab) !== PROMPT_MATRIX;
     outpaintGroup.hidden = tab !== "img2img" || select.value !== OUTPAINTING;
+    mk2Group.hidden = tab !== "img2img" || select.value !== OUTPAINTING_MK2;
     linesGroup.hidden = chosen(tab) !== PROMPTS_FROM_FILE;
     xyzGroup.hidden = chosen(tab) !== XYZ_PLOT;
     if (!xyzGroup.hidden) showAxes();
@@ -186,6 +191,11 @@ export function setupScripts({ root, sourceSize }) {
         const directions = Array.from(root.querySelectorAll('input[name="outpaint_direction"]:checked'), (box) => box.value);
         return { script_name: OUTPAINTING, script_args: [numberValue(outpaintPixels), numberValue(outpaintBlur),
           Number(outpaintFill.value), directions] };
+      }
+      if (script === OUTPAINTING_MK2 && name === "img2img") {
+        const directions = Array.from(root.querySelectorAll('input[name="mk2_direction"]:checked'), (box) => box.value);
+        return { script_name: OUTPAINTING_MK2, script_args: ["", numberValue(mk2Pixels), numberValue(mk2Blur), directions,
+          numberValue(mk2Falloff), numberValue(mk2Variation)] };
       }
       if (script === PROMPT_MATRIX) {
         return { script_name: PROMPT_MATRIX, script_args: [atStart.checked, differentSeeds.checked, promptType.value,
