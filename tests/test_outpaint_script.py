@@ -27,22 +27,30 @@ def _picture():
     return Image.fromarray(np.stack([x * 4, y * 5, 255 - x * 3], -1).astype(np.uint8))
 
 
-def test_script_outpaints_as_the_python_api(api, sd1_engine):
+def _script_and_python(api, engine, script: str, args: list, options: OutpaintOptions, *, seed: int):
+    """The API's answer to the script (its request body too), the picture, and the Python API's outpainting of the
+    same picture with ``options`` (mask blur 4, masked content "original")."""
     from test_server_support import decode_b64, png_b64
 
     picture = _picture()
     body = {"init_images": [png_b64(picture)], "prompt": "a wide landscape", "steps": 2, "sampler_name": "Euler",
-            "seed": 4, "denoising_strength": 0.8, "override_settings": {"randn_source": "CPU"},
-            "script_name": "Poor man's outpainting", "script_args": [16, 2, 1, ["left", "up"]]}
+            "seed": seed, "denoising_strength": 0.8, "override_settings": {"randn_source": "CPU"},
+            "script_name": script, "script_args": args}
     r = api.post("/sdapi/v1/img2img", json=body)
     assert r.status_code == 200, r.text
     got = decode_b64(r.json()["images"][0]).convert("RGB")
-    assert got.size == (64 + 16, 48 + 16)
-    base = GenerationParams(init_images=(picture,), prompt="a wide landscape", steps=2, sampler="Euler", seed=4,
+    base = GenerationParams(init_images=(picture,), prompt="a wide landscape", steps=2, sampler="Euler", seed=seed,
                             rng="cpu", strength=0.8,
                             inpaint=InpaintOptions(mask_blur_x=4, mask_blur_y=4, masked_content="original"))
-    want = sd1_engine.generate(outpaint_params(base, OutpaintOptions(left=16, up=16, fill="blur"))).images[0]
+    want = engine.generate(outpaint_params(base, options)).images[0]
     assert np.array_equal(np.asarray(got), np.asarray(want))
+    return r, body, picture, got
+
+
+def test_script_outpaints_as_the_python_api(api, sd1_engine):
+    r, _, picture, got = _script_and_python(api, sd1_engine, "Poor man's outpainting", [16, 2, 1, ["left", "up"]],
+                                            OutpaintOptions(left=16, up=16, fill="blur"), seed=4)
+    assert got.size == (64 + 16, 48 + 16)
     assert np.array_equal(np.asarray(got)[16:, 16:], np.asarray(picture))  # the picture is kept as it was
     import json
 
@@ -69,22 +77,10 @@ def test_mk2_outpaints_with_noise_matched_to_the_picture(api, sd1_engine):
     inpainted over that start, and the picture stays as it was; the same as the Python API's "matched" fill."""
     import json
 
-    from test_server_support import decode_b64, png_b64
-
-    picture = _picture()
-    body = {"init_images": [png_b64(picture)], "prompt": "a wide landscape", "steps": 2, "sampler_name": "Euler",
-            "seed": 6, "denoising_strength": 0.8, "override_settings": {"randn_source": "CPU"},
-            "script_name": "Outpainting mk2", "script_args": ["", 24, 4, ["right", "down"], 0.5, 0.2]}
-    r = api.post("/sdapi/v1/img2img", json=body)
-    assert r.status_code == 200, r.text
-    got = decode_b64(r.json()["images"][0]).convert("RGB")
+    r, body, picture, got = _script_and_python(
+        api, sd1_engine, "Outpainting mk2", ["", 24, 4, ["right", "down"], 0.5, 0.2],
+        OutpaintOptions(right=24, down=24, fill="matched", falloff=0.5, color_variation=0.2), seed=6)
     assert got.size == (64 + 24, 48 + 24)
-    base = GenerationParams(init_images=(picture,), prompt="a wide landscape", steps=2, sampler="Euler", seed=6,
-                            rng="cpu", strength=0.8,
-                            inpaint=InpaintOptions(mask_blur_x=4, mask_blur_y=4, masked_content="original"))
-    options = OutpaintOptions(right=24, down=24, fill="matched", falloff=0.5, color_variation=0.2)
-    want = sd1_engine.generate(outpaint_params(base, options)).images[0]
-    assert np.array_equal(np.asarray(got), np.asarray(want))
     assert np.array_equal(np.asarray(got)[:48, :64], np.asarray(picture))
     assert ('Outpaint: "left 0, right 24, up 0, down 24, fill matched, falloff 0.5, color variation 0.2"'
             in json.loads(r.json()["info"])["infotexts"][0])
