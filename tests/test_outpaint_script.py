@@ -4,7 +4,6 @@ outpainting request made through the Python API."""
 
 from __future__ import annotations
 
-from dataclasses import replace
 
 import numpy as np
 import pytest
