@@ -743,6 +743,8 @@ def test_layout_labels_and_keyboard(page):
     page.keyboard.press("ArrowRight")
     expect(page.locator("#panel-merger")).to_be_visible()
     expect(page.locator("#panel-pnginfo")).to_be_hidden()
+    page.keyboard.press("ArrowRight")
+    expect(page.locator("#panel-settings")).to_be_visible()
     page.keyboard.press("ArrowRight")  # wraps round to the first tab, txt2img
     expect(page.locator("#tab-txt2img")).to_have_attribute("aria-selected", "true")
     expect(page.locator("#tab-txt2img")).to_be_focused()
@@ -756,7 +758,7 @@ def test_layout_labels_and_keyboard(page):
     page.set_viewport_size({"width": 390, "height": 844})
     page.click("#tab-txt2img")
     page.check("#enable_hr")  # the open Hires. fix section must fit as well
-    for tab in ("txt2img", "img2img", "inpaint", "extras", "pnginfo"):
+    for tab in ("txt2img", "img2img", "inpaint", "extras", "pnginfo", "merger", "settings"):
         page.click(f"#tab-{tab}")
         overflow = page.evaluate("() => document.documentElement.scrollWidth - document.documentElement.clientWidth")
         assert overflow <= 0, f"{tab} scrolls sideways on a narrow window"
@@ -1807,7 +1809,7 @@ def test_extras_tab_sits_where_a1111_has_it(page, server):
     """txt2img, img2img, (Inpaint,) Extras, PNG Info, Checkpoint Merger; the panel opens at A1111's defaults, its upscaler
     lists are the server's /upscalers, models included, and "Scale to" shows the size instead of the factor."""
     names = page.locator('.tabs [role="tab"]').all_inner_texts()
-    assert names == ["txt2img", "img2img", "Inpaint", "Extras", "PNG Info", "Checkpoint Merger"]
+    assert names == ["txt2img", "img2img", "Inpaint", "Extras", "PNG Info", "Checkpoint Merger", "Settings"]
     page.click("#tab-extras")
     expect(page.locator("#tab-extras")).to_have_attribute("aria-selected", "true")
     expect(page.locator("#panel-extras")).to_be_visible()
@@ -2768,6 +2770,37 @@ def flux_server(tmp_path_factory, sd1_file):
     shutil.copy(files["spiece_dir"] / "spiece.model", models / "text_encoders" / "spiece.model")
     shutil.copy(files["ae"], models / "vae" / "ae.safetensors")
     yield from serve(models)
+
+
+def test_settings_tab_applies_what_changed(page, server):
+    """A1111's Settings tab: the server's settings in their sections; Apply posts only the ones changed, the top
+    bar follows, and a refused value is shown beside its field (nothing is changed then)."""
+    options_url = f"{server}/sdapi/v1/options"
+    page.click("#tab-settings")
+    expect(page.locator("#panel-settings")).to_be_visible()
+    expect(page.locator("#panel-generate")).to_be_hidden()
+    before = page.request.get(options_url).json()
+    expect(page.locator("#setting_eta_noise_seed_delta")).to_have_value(str(before["eta_noise_seed_delta"]))
+    page.fill("#setting_eta_noise_seed_delta", "31337")
+    page.fill("#setting_CLIP_stop_at_last_layers", "2")
+    page.select_option("#setting_randn_source", "CPU")
+    with page.expect_request("**/sdapi/v1/options") as sent:
+        page.click("#settings-apply")
+    assert json.loads(sent.value.post_data) == {"eta_noise_seed_delta": 31337, "CLIP_stop_at_last_layers": 2,
+                                                "randn_source": "CPU"}
+    expect(page.locator("#settings-status")).to_have_text("3 settings changed.")
+    after = page.request.get(options_url).json()
+    assert (after["eta_noise_seed_delta"], after["CLIP_stop_at_last_layers"], after["randn_source"]) == (31337, 2, "CPU")
+    expect(page.locator("#clip-skip")).to_have_value("2")  # the quick setting in the top bar
+    try:
+        page.fill("#setting_code_former_weight", "3")
+        page.click("#settings-apply")
+        expect(page.locator("#setting_code_former_weight")).to_have_attribute("aria-invalid", "true")
+        expect(page.locator("#panel-settings .field-error")).to_contain_text("from 0 to 1")
+        assert page.request.get(options_url).json()["code_former_weight"] == before["code_former_weight"]
+    finally:
+        page.request.post(options_url, data={key: before[key] for key in
+                                             ("eta_noise_seed_delta", "CLIP_stop_at_last_layers", "randn_source")})
 
 
 def test_checkpoint_merger_tab_writes_a_checkpoint_that_joins_the_lists(page, webui_models):

@@ -25,6 +25,7 @@ import { setupScripts } from "./scripts.js";
 import { ExtraNetworks, checkpointName } from "./extranetworks.js";
 import { StylesPicker } from "./styles.js";
 import { setupMerger } from "./merger.js";
+import { setupSettings } from "./settings.js";
 import { setupTokenCounters } from "./tokencount.js";
 
 const panel = $("#panel-generate");
@@ -34,6 +35,13 @@ const form = new GenerationForm(panel);
 const state = { tab: "img2img", busy: false, interrupted: false, again: false, lastSeed: null, outdirs: {} };
 const store = new SettingsStore(panel, { family: () => form.family });
 const styles = new StylesPicker();
+const settings = setupSettings({
+  onApplied: () => {  // the top bar's quick settings show the settings as they are now
+    const options = get("/sdapi/v1/options");
+    return Promise.all([loadClipSkip(options), loadPreviewSetting(options), loadTokenMerging(options), loadVae(options),
+      loadImg2imgUpscaler(options)]).catch(() => {});
+  },
+});
 const merger = setupMerger({
   onMerged: async () => {  // the new checkpoint joins the lists
     await loadCheckpoints().catch(() => {});
@@ -66,13 +74,15 @@ function selectTab(name, focus = false) {
     tab.tabIndex = on ? 0 : -1;
     if (on && focus) tab.focus();
   }
-  const generating = !["pnginfo", "extras", "merger"].includes(name);
+  const generating = !["pnginfo", "extras", "merger", "settings"].includes(name);
   tokenMergingFor(name);
   img2imgUpscalerFor(name);
   panel.hidden = !generating;
   $("#panel-pnginfo").hidden = name !== "pnginfo";
   $("#panel-extras").hidden = name !== "extras";
   $("#panel-merger").hidden = name !== "merger";
+  $("#panel-settings").hidden = name !== "settings";
+  if (name === "settings") settings.load().catch((err) => { $("#settings-status").textContent = err.message; });
   if (name === "merger") merger.load().catch((err) => { $("#merge-status").textContent = err.message; });
   if (generating) {
     panel.dataset.mode = name;
@@ -261,7 +271,7 @@ function takeImage(file, focused) {
   else if (state.tab === "inpaint") setInpaintImage(file);
   else if (state.tab === "pnginfo") pngInput.setFile(file);
   else if (state.tab === "extras") extras.input.setFile(file);
-  else if (state.tab === "merger") return;
+  else if (state.tab === "merger" || state.tab === "settings") return;
   else if (state.tab !== "txt2img") img2img.setFile(file);
   else notice.textContent = "txt2img takes no picture: drop it on the prompt to read its parameters, or on img2img, Inpaint, Extras or PNG Info.";
 }
@@ -492,7 +502,7 @@ $("#skip").addEventListener("click", () => post("/sdapi/v1/skip").catch(() => {}
 // again), Alt+Enter skips the current picture, Escape interrupts.
 document.addEventListener("keydown", (e) => {
   if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) {
-    if (state.tab === "pnginfo" || state.tab === "merger") return;
+    if (["pnginfo", "merger", "settings"].includes(state.tab)) return;
     e.preventDefault();
     if (state.tab === "extras") {  // Extras' own Generate (an upscale is not interrupted)
       extras.run();

@@ -1,0 +1,135 @@
+// A1111's "Settings" tab: the server's settings (GET /sdapi/v1/options) that change pictures, in A1111's
+// sections and words; "Apply settings" posts the ones changed (POST /sdapi/v1/options), and the server's
+// refusals show beside their fields. The top bar's quick settings are the same settings.
+
+import { get, post } from "./api.js";
+import { $, $$, el } from "./dom.js";
+import { clearFieldErrors, showFieldErrors } from "./fielderrors.js";
+
+// [key, label, kind, ...]: "int"/"float" with min, max and step; "bool"; "select" with its choices.
+const SECTIONS = [
+  ["Stable Diffusion", [
+    ["CLIP_stop_at_last_layers", "Clip skip", "int", 1, 12, 1],
+    ["eta_noise_seed_delta", "Eta noise seed delta (ENSD)", "int", 0, 4294967295, 1],
+    ["randn_source", "Random number generator source", "select", ["GPU", "CPU", "NV"]],
+    ["tiling", "Tiling", "bool"],
+    ["sgm_noise_multiplier", "SGM noise multiplier (match Stability's SGM code for SDXL)", "bool"],
+  ]],
+  ["img2img", [
+    ["img2img_fix_steps", "With img2img, do exactly the amount of steps the slider specifies", "bool"],
+    ["initial_noise_multiplier", "Noise multiplier for img2img", "float", 0, 4, 0.01],
+    ["img2img_extra_noise", "Extra noise multiplier for img2img and hires fix", "float", 0, 1, 0.01],
+    ["img2img_color_correction", "Apply color correction to img2img results to match original colors", "bool"],
+  ]],
+  ["Sampler parameters", [
+    ["uni_pc_order", "UniPC order", "int", 1, 50, 1],
+    ["beta_dist_alpha", "Beta scheduler - alpha", "float", 0.01, 10, 0.01],
+    ["beta_dist_beta", "Beta scheduler - beta", "float", 0.01, 10, 0.01],
+    ["s_min_uncond", "Negative Guidance minimum sigma", "float", 0, 1000, 0.01],
+    ["s_min_uncond_all", "NGMS: skip every step", "bool"],
+    ["skip_early_cond", "Ignore negative prompt during early sampling", "float", 0, 1, 0.01],
+  ]],
+  ["Optimizations", [
+    ["token_merging_ratio", "Token merging ratio", "float", 0, 0.9, 0.1],
+    ["token_merging_ratio_img2img", "Token merging ratio for img2img (0: the one above)", "float", 0, 0.9, 0.1],
+    ["token_merging_ratio_hr", "Token merging ratio for high-res pass (0: the ones above)", "float", 0, 0.9, 0.1],
+  ]],
+  ["SDXL", [
+    ["sdxl_crop_top", "Crop top coordinate", "int", 0, 8192, 1],
+    ["sdxl_crop_left", "Crop left coordinate", "int", 0, 8192, 1],
+    ["sdxl_refiner_high_aesthetic_score", "SDXL high aesthetic score", "float", 0, 10, 0.5],
+    ["sdxl_refiner_low_aesthetic_score", "SDXL low aesthetic score", "float", 0, 10, 0.5],
+    ["hires_fix_refiner_pass", "Hires fix: which pass to enable refiner for", "select",
+      ["first pass", "second pass", "both passes"]],
+  ]],
+  ["VAE", [
+    ["sd_vae_encode_method", "VAE type for encode", "select", ["Full", "TAESD"]],
+    ["sd_vae_decode_method", "VAE type for decode", "select", ["Full", "TAESD"]],
+  ]],
+  ["Face restoration", [
+    ["face_restoration", "Restore faces", "bool"],
+    ["face_restoration_model", "Face restoration model", "select", ["CodeFormer", "GFPGAN"]],
+    ["code_former_weight", "CodeFormer weight (0 = maximum effect, 1 = minimum effect)", "float", 0, 1, 0.01],
+  ]],
+  ["Interrogate", [
+    ["interrogate_return_ranks", "Include ranks of model tags matches in results", "bool"],
+    ["interrogate_clip_num_beams", "BLIP: num_beams", "int", 1, 16, 1],
+    ["interrogate_clip_min_length", "BLIP: minimum description length", "int", 1, 128, 1],
+    ["interrogate_clip_max_length", "BLIP: maximum description length", "int", 1, 256, 1],
+    ["interrogate_clip_dict_limit", "CLIP: maximum number of lines in text file (0 = no limit)", "int", 0, 100000, 1],
+  ]],
+  ["Live previews", [
+    ["live_previews_enable", "Show live previews of the created image", "bool"],
+    ["show_progress_type", "Live preview method", "select", ["Full", "Approx NN", "Approx cheap", "TAESD"]],
+  ]],
+];
+
+function control([key, label, kind, ...rest]) {
+  const id = `setting_${key}`;
+  if (kind === "bool") {
+    return el("label", { class: "check-field" }, el("input", { type: "checkbox", id, "data-field": key, "data-key": key }),
+      label);
+  }
+  let input;
+  if (kind === "select") {
+    input = el("select", { id, "data-field": key, "data-key": key }, ...rest[0].map((v) => el("option", { value: v }, v)));
+  } else {
+    const [min, max, step] = rest;
+    input = el("input", { type: "number", id, "data-field": key, "data-key": key, min: String(min), max: String(max),
+                          step: String(step), "data-kind": kind });
+  }
+  return el("div", { class: "field" }, el("label", { for: id }, label), input);
+}
+
+/** What a control holds, typed as the server's options are. */
+function valueOf(input) {
+  if (input.type === "checkbox") return input.checked;
+  if (input.type === "number") return input.value === "" ? null : Number(input.value);
+  return input.value;
+}
+
+/** Wire the tab; `onApplied()` runs after settings changed (the top bar's quick settings read them again). */
+export function setupSettings({ onApplied }) {
+  const panel = $("#panel-settings");
+  const form = $("#settings-form");
+  const status = $("#settings-status");
+  const errorBox = $("#settings-error");
+  form.replaceChildren(...SECTIONS.map(([title, items]) => el("fieldset", { class: "group" },
+    el("legend", {}, title), ...items.map(control))));
+  let loaded = {};
+
+  async function load() {
+    loaded = await get("/sdapi/v1/options");
+    for (const input of $$("[data-key]", form)) {
+      const value = loaded[input.dataset.key];
+      if (value === undefined || value === null) continue;
+      if (input.type === "checkbox") input.checked = Boolean(value);
+      else input.value = String(value);
+    }
+  }
+
+  $("#settings-apply").addEventListener("click", async () => {
+    clearFieldErrors(panel);
+    errorBox.hidden = true;
+    const changed = {};
+    for (const input of $$("[data-key]", form)) {
+      const value = valueOf(input);
+      if (value !== null && value !== loaded[input.dataset.key]) changed[input.dataset.key] = value;
+    }
+    const count = Object.keys(changed).length;
+    if (!count) {
+      status.textContent = "Nothing changed.";
+      return;
+    }
+    try {
+      await post("/sdapi/v1/options", changed);
+      status.textContent = count === 1 ? "1 setting changed." : `${count} settings changed.`;
+      await Promise.all([load(), onApplied()]);
+    } catch (err) {
+      status.textContent = "";
+      showFieldErrors(err, { root: panel, generalBox: errorBox })?.focus();
+    }
+  });
+  $("#settings-reload").addEventListener("click", () => load().then(() => { status.textContent = ""; }));
+  return { load };
+}
