@@ -176,6 +176,33 @@ def test_img2img_without_images_names_init_images(client):
     assert r.status_code == 422 and r.json()["field"] == "init_images"
 
 
+def test_sampler_parameter_settings_fill_what_requests_leave_out(client, backend):
+    """A1111's Settings → Sampler parameters: where a request and its override_settings say nothing, the settings
+    decide; their defaults leave each sampler its own eta and the schedule its own sigmas."""
+    small = {"steps": 2, "width": 64, "height": 64}
+
+    def sampler_options(**body):
+        r = client.post("/sdapi/v1/txt2img", json={**small, **body})
+        assert r.status_code == 200, r.text
+        return backend.params[-1].sampler_options
+
+    plain = sampler_options(sampler_name="Euler a")
+    assert (plain.eta, plain.s_churn, plain.s_tmax, plain.s_noise, plain.rho, plain.discard_penultimate_sigma) == \
+           (None, 0.0, float("inf"), 1.0, None, None)
+    settings = {"eta_ancestral": 0.7, "eta_ddim": 0.0, "s_churn": 0.3, "s_tmax": 10, "rho": 5,
+                "always_discard_next_to_last_sigma": True}
+    assert client.post("/sdapi/v1/options", json=settings).status_code == 200
+    assert {k: client.get("/sdapi/v1/options").json()[k] for k in settings} == settings
+    chosen = sampler_options(sampler_name="Euler a")
+    assert (chosen.eta, chosen.s_churn, chosen.s_tmax, chosen.rho, chosen.discard_penultimate_sigma) == \
+           (0.7, 0.3, 10.0, 5.0, True)
+    assert sampler_options(sampler_name="DDIM").eta is None  # eta for DDIM is at its default, 0
+    assert sampler_options(sampler_name="Euler a", override_settings={"eta_ancestral": 0.2}).eta == 0.2
+    assert sampler_options(sampler_name="Euler a", eta=0.5).eta == 0.5
+    r = client.post("/sdapi/v1/options", json={"s_noise": -1})
+    assert r.status_code == 422 and r.json()["field"] == "s_noise"
+
+
 def test_sampler_index_as_legacy_integer(client):
     r = client.post("/sdapi/v1/txt2img", json={"sampler_index": 0, "steps": 2, "width": 64, "height": 64})
     assert json.loads(r.json()["info"])["sampler_name"] == "DPM++ 2M"

@@ -72,6 +72,19 @@ class ServerOptions:
     beta_dist_alpha: float = 0.6
     beta_dist_beta: float = 0.6
     sgm_noise_multiplier: bool = False
+    #: A1111's Settings → Sampler parameters, for requests that set none of their own: eta for DDIM and for
+    #: the ancestral and SDE samplers, sigma churn/tmin/tmax/noise (tmax 0: no upper bound), the schedule's
+    #: sigma min/max and rho (0: the model's and the schedule's own), "Always discard next-to-last sigma".
+    eta_ddim: float = 0.0
+    eta_ancestral: float = 1.0
+    s_churn: float = 0.0
+    s_tmin: float = 0.0
+    s_tmax: float = 0.0
+    s_noise: float = 1.0
+    sigma_min: float = 0.0
+    sigma_max: float = 0.0
+    rho: float = 0.0
+    always_discard_next_to_last_sigma: bool = False
     #: A1111's "Hires fix: which pass to enable refiner for": first pass, second pass or both passes.
     hires_fix_refiner_pass: str = "second pass"
     sdxl_refiner_low_aesthetic_score: float = 2.5

@@ -1155,27 +1155,30 @@ def _first_block_cache(overrides: "_Overrides") -> float:
 def _sampler_options(req: GenerationRequest, overrides: "_Overrides", sampler: str,
                      options: ServerOptions) -> SamplerOptions:
     eta = req.eta
-    if eta is None:
-        eta = overrides.float("eta_ddim" if sampler.strip().upper() == "DDIM" else "eta_ancestral", None)
+    if eta is None:  # the setting only where it is not A1111's default (the sampler's own eta then)
+        key = "eta_ddim" if sampler.strip().upper() == "DDIM" else "eta_ancestral"
+        setting = getattr(options, key)
+        eta = overrides.float(key, None if setting == getattr(ServerOptions, key) else setting)
     values = {
         "eta": eta,
-        "s_churn": _first(req.s_churn, overrides.float("s_churn", None), 0.0),
-        "s_tmin": _first(req.s_tmin, overrides.float("s_tmin", None), 0.0),
-        "s_tmax": _first(req.s_tmax, overrides.float("s_tmax", None), 0.0) or math.inf,  # A1111: 0 means no upper bound
-        "s_noise": _first(req.s_noise, overrides.float("s_noise", None), 1.0),
+        "s_churn": _first(req.s_churn, overrides.float("s_churn", options.s_churn)),
+        "s_tmin": _first(req.s_tmin, overrides.float("s_tmin", options.s_tmin)),
+        "s_tmax": _first(req.s_tmax, overrides.float("s_tmax", options.s_tmax)) or math.inf,  # A1111: 0 means no bound
+        "s_noise": _first(req.s_noise, overrides.float("s_noise", options.s_noise)),
     }
     for name, value in values.items():
         if value is not None and value < 0:
             raise InvalidParameter(name, value, "a number of 0 or more")
     extra: dict[str, Any] = {}
     for key, name in (("sigma_min", "sigma_min"), ("sigma_max", "sigma_max"), ("rho", "rho")):
-        value = overrides.float(key, None)
+        value = overrides.float(key, getattr(options, key))
         if value:
             if value < 0:
                 raise InvalidParameter(f"override_settings.{key}", value, "a number of 0 or more")
             extra[name] = value
-    if overrides.has("always_discard_next_to_last_sigma"):
-        extra["discard_penultimate_sigma"] = overrides.bool("always_discard_next_to_last_sigma", False)
+    if overrides.has("always_discard_next_to_last_sigma") or options.always_discard_next_to_last_sigma:
+        extra["discard_penultimate_sigma"] = overrides.bool("always_discard_next_to_last_sigma",
+                                                            options.always_discard_next_to_last_sigma)
     extra["unipc_order"] = overrides.int("uni_pc_order", options.uni_pc_order)
     extra["beta_alpha"] = overrides.float("beta_dist_alpha", options.beta_dist_alpha)
     extra["beta_beta"] = overrides.float("beta_dist_beta", options.beta_dist_beta)

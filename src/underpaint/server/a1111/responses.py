@@ -258,6 +258,16 @@ class Options(WireModel):
     interrogate_clip_max_length: int = Field(48, ge=1, le=256, description="Interrogate: maximum caption length (tokens).")
     interrogate_clip_dict_limit: int = Field(1500, ge=0, le=100000, description=(
         "CLIP: maximum number of lines in a word list file (0: no limit)."))
+    eta_ddim: float = Field(0.0, description="Eta for DDIM (0: deterministic) where a request sets no eta.")
+    eta_ancestral: float = Field(1.0, description="Eta for the ancestral and SDE samplers where a request sets no eta.")
+    s_churn: float = Field(0.0, description="Sigma churn (Euler, Heun, DPM2) where a request sets none.")
+    s_tmin: float = Field(0.0, description="Sigma tmin: churn only above this sigma.")
+    s_tmax: float = Field(0.0, description="Sigma tmax: churn only below this sigma (0: no upper bound).")
+    s_noise: float = Field(1.0, description="Sigma noise: the churn noise's scale.")
+    sigma_min: float = Field(0.0, description="The schedule's smallest sigma (0: the model's own).")
+    sigma_max: float = Field(0.0, description="The schedule's largest sigma (0: the model's own).")
+    rho: float = Field(0.0, description="The Karras/polyexponential schedule's rho (0: the schedule's own).")
+    always_discard_next_to_last_sigma: bool = Field(False, description="Always discard next-to-last sigma.")
     sdxl_crop_top: int = Field(0, ge=0, le=8192, description="SDXL crop top coordinate: the crop SDXL is conditioned on.")
     sdxl_crop_left: int = Field(0, ge=0, le=8192, description="SDXL crop left coordinate.")
     sdxl_refiner_high_aesthetic_score: float = Field(6.0, ge=0, le=10, description=(

@@ -90,6 +90,9 @@ def get_options(request: Request) -> Options:
         interrogate_clip_min_length=opts.interrogate_clip_min_length,
         interrogate_clip_max_length=opts.interrogate_clip_max_length,
         interrogate_clip_dict_limit=opts.interrogate_clip_dict_limit,
+        eta_ddim=opts.eta_ddim, eta_ancestral=opts.eta_ancestral, s_churn=opts.s_churn, s_tmin=opts.s_tmin,
+        s_tmax=opts.s_tmax, s_noise=opts.s_noise, sigma_min=opts.sigma_min, sigma_max=opts.sigma_max, rho=opts.rho,
+        always_discard_next_to_last_sigma=opts.always_discard_next_to_last_sigma,
         sd_vae=opts.sd_vae,
         upscaler_for_img2img=opts.upscaler_for_img2img,
         **state.outputs.options(),
@@ -131,7 +134,7 @@ def _option_changes(body: dict[str, Any], state: ServerState) -> dict[str, Any]:
     if "face_restoration_model" in body:
         changes["face_restoration_model"] = restorer_name(body["face_restoration_model"])
     for key in ("s_min_uncond_all", "img2img_color_correction", "tiling", "sgm_noise_multiplier", "face_restoration",
-                "interrogate_return_ranks"):
+                "interrogate_return_ranks", "always_discard_next_to_last_sigma"):
         if key in body:
             if not isinstance(body[key], bool):
                 raise InvalidParameter(key, body[key], "true or false")
@@ -167,6 +170,10 @@ _FLOAT_SETTINGS = {
     "initial_noise_multiplier": (0.0, MAX_NOISE_MULTIPLIER), "img2img_extra_noise": (0.0, 1.0),
     "beta_dist_alpha": (0.01, 10.0), "beta_dist_beta": (0.01, 10.0), "code_former_weight": (0.0, 1.0),
     "sdxl_refiner_high_aesthetic_score": (0.0, 10.0), "sdxl_refiner_low_aesthetic_score": (0.0, 10.0),
+    # Sampler parameters (A1111's sliders reach 1 for eta, 100 for churn and noise; larger values are taken)
+    "eta_ddim": (0.0, 10.0), "eta_ancestral": (0.0, 10.0), "s_churn": (0.0, 100.0), "s_tmin": (0.0, 1000.0),
+    "s_tmax": (0.0, 1000.0), "s_noise": (0.0, 100.0), "sigma_min": (0.0, 1000.0), "sigma_max": (0.0, 1000.0),
+    "rho": (0.0, 100.0),
 }
 
 
