@@ -2792,6 +2792,7 @@ def test_settings_tab_applies_what_changed(page, server):
     after = page.request.get(options_url).json()
     assert (after["eta_noise_seed_delta"], after["CLIP_stop_at_last_layers"], after["randn_source"]) == (31337, 2, "CPU")
     expect(page.locator("#clip-skip")).to_have_value("2")  # the quick setting in the top bar
+    screenshot(page, "settings")
     try:
         page.fill("#setting_code_former_weight", "3")
         page.click("#settings-apply")
