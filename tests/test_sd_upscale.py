@@ -175,7 +175,7 @@ def test_api_script(api):
 
 
 @pytest.mark.parametrize(("changes", "field"), [
-    ({"script_name": "outpainting mk2"}, "script_name"),
+    ({"script_name": "img2img alternative test"}, "script_name"),
     ({"script_args": ["", 64, "Lanczos", 2]}, "script_args[1]"),  # not below the 64 px tile
     ({"script_args": ["", 16, "4x-Missing", 2]}, "script_args[2]"),
     ({"script_args": ["", 16, 99, 2]}, "script_args[2]"),
