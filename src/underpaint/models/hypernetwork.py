@@ -256,7 +256,8 @@ def attention_layers(unet: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in unet.modules() if isinstance(m, Attention)]
 
 
-def _input_width(projection: torch.nn.Module) -> int | None:
+def input_width(projection: torch.nn.Module) -> int | None:
+    """The width of a projection's input (a Linear layer's, or a compressed one's weight's last dimension)."""
     width = getattr(projection, "in_features", None)
     if width is None and isinstance(getattr(projection, "weight", None), torch.Tensor):
         width = projection.weight.shape[-1]
@@ -292,7 +293,7 @@ def hypernetworks_applied(unet: torch.nn.Module, networks: Sequence[tuple[Hypern
     handles, unfused = [], []
     try:
         for layer in attention_layers(unet) if networks else ():
-            width = _input_width(layer.to_k)
+            width = input_width(layer.to_k)
             chosen = [(n, s) for n, s in networks if width in n.layers]
             if not chosen:
                 continue

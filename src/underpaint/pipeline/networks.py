@@ -4,8 +4,9 @@ the ``Lora hashes`` / ``TI hashes`` A1111 records for them.
 
 A1111 takes ``<lora:name:te:unet>`` tags (and their ``<lyco:...>`` alias) and
 ``<hypernet:name:strength>`` tags out of the positive prompt, applies the named networks for the
-request, and finds embeddings by name in the prompt text. The per-model caches (module index, networks read, embeddings read)
-live on the loaded model object, as its other caches do, so they last as long as its engine.
+request, and finds embeddings by name in the prompt text. The per-model caches (module index,
+networks read, embeddings read) live on the loaded model object, as its other caches do, so they
+last as long as its engine.
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import InvalidParameter
 from ..models.hypernetwork import (Hypernetwork, HypernetworkCache, HypernetworkRequest, attention_layers,
-                                   hypernetworks_applied, resolve_hypernetwork)
+                                   hypernetworks_applied, input_width, resolve_hypernetwork)
 from ..models.lora import (LoraCache, LoraNetwork, LoraPatcher, LoraRequest, ModuleIndex, lora_short_hash,
                            resolve_lora)
-from ..errors import InvalidParameter
 from ..models.optimize import weights_changed
 from ..models.registry import listable
 from ..params import GenerationParams
@@ -126,17 +127,13 @@ def load_hypernetworks(model, requests: Sequence[HypernetworkRequest]) -> list[t
     folders = models_dir_of(model).folders("hypernetworks")
     loaded = [(state.hypernetworks.get(resolve_hypernetwork(r.name, folders), name=r.name), r.strength)
               for r in requests]
-    widths = {w for w in (_key_width(layer) for layer in attention_layers(model.unet)) if w}
+    widths = {w for w in (input_width(layer.to_k) for layer in attention_layers(model.unet)) if w}
     for network, _ in loaded:
         if not widths & set(network.layers):
             warnings.warn(f"hypernetwork {network.name!r} changes nothing in this model: it has layers for "
                           f"attention widths {list(network.widths)}, the model's are {sorted(widths)}",
                           ExtraNetworkWarning, stacklevel=3)
     return loaded
-
-
-def _key_width(layer) -> int | None:
-    return getattr(layer.to_k, "in_features", None)
 
 
 def lora_hashes(loaded: Sequence[tuple[LoraNetwork, LoraRequest]]) -> str | None:
