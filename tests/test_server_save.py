@@ -26,7 +26,7 @@ from underpaint.server.app import create_app
 from underpaint.server.config import ServerConfig
 from underpaint.server.saving import PATH_OPTIONS
 
-NAME = re.compile(r"^\d{5}-\d+\.png$")
+NAME = re.compile(r"^(\d{5}-\d+|grid-\d{4})\.png$")
 SMALL = {"steps": 2, "width": 64, "height": 64}
 
 
@@ -63,12 +63,19 @@ def test_saved_files_have_a1111_names_and_infotext(tmp_path, photo):
         assert "save_error" not in info
         folder = _today_folder(outdir, "txt2img-images")
         assert sorted(p.name for p in folder.iterdir()) == ["00000-100.png", "00001-101.png"]
-        for i, name in enumerate(["00000-100.png", "00001-101.png"]):
+        # A1111 with save_images: the batch's grid first (saved with the grids), then the pictures.
+        assert info["index_of_first_image"] == 1 and len(body["images"]) == len(info["infotexts"]) == 3
+        for i, name in enumerate(["00000-100.png", "00001-101.png"], start=1):
             saved = Image.open(folder / name)
             assert saved.format == "PNG"
             assert saved.text["parameters"] == info["infotexts"][i]
             returned = decode_b64(body["images"][i])
             assert np.array_equal(np.asarray(saved.convert("RGB")), np.asarray(returned.convert("RGB")))
+        grid = Image.open(_today_folder(outdir, "txt2img-grids") / "grid-0000.png")
+        assert grid.size == (128, 64) and grid.text["parameters"] == info["infotexts"][0] == info["infotexts"][1]
+        pictures = [np.asarray(decode_b64(b).convert("RGB")) for b in body["images"]]
+        assert np.array_equal(pictures[0], np.concatenate(pictures[1:], axis=1))
+        assert np.array_equal(np.asarray(grid.convert("RGB")), pictures[0])
 
         r = c.post("/sdapi/v1/img2img", json={"init_images": [png_b64(photo.resize((64, 64)))], "seed": 7,
                                               "save_images": True, **SMALL})
@@ -185,7 +192,7 @@ def test_a_failed_save_still_returns_the_pictures(tmp_path, caplog):
     with _client(tmp_path, blocker / "out") as c, caplog.at_level(logging.WARNING, "underpaint.server"):
         r = c.post("/sdapi/v1/txt2img", json={"seed": 2, "batch_size": 2, "save_images": True, **SMALL})
     assert r.status_code == 200, r.text
-    assert len(r.json()["images"]) == 2
+    assert len(r.json()["images"]) == 3  # the grid, then the two pictures
     error = json.loads(r.json()["info"])["save_error"]
     assert error.startswith("saved 0 of 2 pictures in txt2img-images/") and "Not a directory" in error
     assert str(tmp_path) not in error  # the server's own paths stay in its log
@@ -209,7 +216,7 @@ def test_a_disk_that_fills_up_part_way(tmp_path, monkeypatch):
     outdir = tmp_path / "out"
     with _client(tmp_path, outdir) as c:
         r = c.post("/sdapi/v1/txt2img", json={"seed": 20, "batch_size": 3, "save_images": True, **SMALL})
-    assert r.status_code == 200 and len(r.json()["images"]) == 3
+    assert r.status_code == 200 and len(r.json()["images"]) == 4
     error = json.loads(r.json()["info"])["save_error"]
     assert error.startswith("saved 1 of 3 pictures") and "No space left on device" in error
     assert [p.name for p in _files(outdir)] == ["00000-20.png"]
@@ -287,3 +294,19 @@ def test_real_engine_saves_what_it_returns(tmp_path, sd1_engine):
     assert saved.text["parameters"] == returned.info["parameters"] == json.loads(r.json()["info"])["infotexts"][0]
     assert saved.text["parameters"].startswith("a lighthouse\nSteps: 2, Sampler: Euler")
     assert np.array_equal(np.asarray(saved.convert("RGB")), np.asarray(returned.convert("RGB")))
+
+
+def test_batch_grids_as_a1111_lays_them_out(tmp_path):
+    """round(√n) rows: 3 pictures in 2 x 2 (the last cell black), 5 in 2 rows of 3; grid numbers run on; a single
+    picture and a request without save_images get none."""
+    outdir = tmp_path / "out"
+    with _client(tmp_path, outdir) as c:
+        for count, size in ((3, (128, 128)), (5, (192, 128))):
+            r = c.post("/sdapi/v1/txt2img", json={"seed": 1, "batch_size": count, "save_images": True, **SMALL})
+            assert decode_b64(r.json()["images"][0]).size == size
+        single = c.post("/sdapi/v1/txt2img", json={"seed": 1, "save_images": True, **SMALL}).json()
+        unsaved = c.post("/sdapi/v1/txt2img", json={"seed": 1, "batch_size": 2, **SMALL}).json()
+    assert len(single["images"]) == 1 and json.loads(single["info"])["index_of_first_image"] == 0
+    assert len(unsaved["images"]) == 2 and json.loads(unsaved["info"])["index_of_first_image"] == 0
+    assert sorted(p.name for p in _today_folder(outdir, "txt2img-grids").iterdir()) == ["grid-0000.png",
+                                                                                        "grid-0001.png"]

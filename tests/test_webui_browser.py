@@ -1484,6 +1484,27 @@ def test_img2img_batch_runs_each_picture_with_the_same_settings(page, photo_file
     assert len(answers) == 1
 
 
+def test_a_saved_batch_shows_its_grid_first(page):
+    """As in A1111, a batch saved on the server comes back with its grid first: the gallery shows the grid, then
+    the pictures with their seeds; the grid is not counted as a picture."""
+    page.click("#tab-txt2img")
+    fast_settings(page, seed=61, steps=1)
+    set_value(page, "batch_size", 2)
+    try:
+        thumbs = page.locator("#gallery-thumbs button").count()
+        sent, body = generate(page)
+        assert sent["save_images"] is True and json.loads(body["info"])["index_of_first_image"] == 1
+        expect(page.locator("#progress-text")).to_contain_text("2 images")
+        expect(page.locator("#gallery-thumbs button")).to_have_count(thumbs + 3)
+        assert result_size(page) == [128, 64]  # the grid, selected first
+        expect(page.locator("#result-seed")).to_be_disabled()
+        page.locator("#gallery-thumbs button").nth(2).click()
+        expect(page.locator("#gallery-thumbs button").nth(2)).to_have_attribute("aria-label", "Result 3, seed 62")
+        assert result_size(page) == [64, 64]
+    finally:
+        set_value(page, "batch_size", 1)
+
+
 def test_variation_seed_is_sent_recorded_reused_and_pasted(page, tmp_path):
     """A1111's Extra under the seed: off by default (nothing sent); on, the variation seed, its strength and
     the seed resize go with the request and into the infotext; ♻ takes the result's variation seed, and a

@@ -37,7 +37,6 @@ naming the line, before any line runs (A1111 runs such a line with the whole lin
 
 from __future__ import annotations
 
-import math
 import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -241,7 +240,7 @@ def run(generate: Callable[[Job, Callable], "Result"], params: "GenerationParams
         progress: Callable[["Progress"], None] | None = None, cancel=None, models=None) -> "Result":
     """The request ``params``: ``generate(job, report)`` runs one line's request on its checkpoint."""
     from .records import Progress, Result
-    from .xyz_plot import draw_grid
+    from .xyz_plot import batch_grid
 
     options = params.prompts_from_file
     assert options is not None
@@ -268,8 +267,7 @@ def run(generate: Callable[[Job, Callable], "Result"], params: "GenerationParams
                       else [result.params.negative_prompt] * count)
     model = results[0].model if results else info
     if options.combined and images:
-        rows = min(len(images), max(1, round(math.sqrt(len(images)))))
-        grid = draw_grid(images, math.ceil(len(images) / rows), [], [], legend=False)
+        grid = batch_grid(images)
         unfinished = ([0] if unfinished else []) + [i + 1 for i in unfinished]
         images, infotexts = [grid] + images, ["\n".join(infotexts)] + infotexts
         seeds, subseeds = seeds[:1] + seeds, subseeds[:1] + subseeds

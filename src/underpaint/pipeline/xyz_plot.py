@@ -669,6 +669,13 @@ def _draw_lines(draw, lines: list[Annotation], centre_x: float, top: float, font
         top += height + spacing
 
 
+def batch_grid(pictures: list["Image"]) -> "Image":
+    """A1111's grid of a batch's pictures (its default "rows: -1"): round(√n) rows, as many columns as
+    they need, side by side on black in order, row by row."""
+    rows = min(len(pictures), max(1, round(math.sqrt(len(pictures)))))
+    return draw_grid(pictures, math.ceil(len(pictures) / rows), [], [], legend=False)
+
+
 def draw_grid(pictures: list["Image"], columns: int, column_labels: list[Label], row_labels: list[Label], *,
               margin: int = 0, legend: bool = True) -> "Image":
     """``pictures`` (row by row, all the first one's size) in a grid of ``columns`` columns.

@@ -4,7 +4,8 @@ The layout is A1111 1.10's default one: ``<outdir>/txt2img-images/`` and
 ``<outdir>/img2img-images/``, a subfolder per day named by the ISO date (its "Directory name
 pattern" ``[date]``), and files named ``<number>-<seed>.png``: a five-digit running number, one
 more than the highest number that starts a name in that day's folder, and the picture's seed.
-Each PNG carries its infotext in the ``parameters`` chunk.
+Each PNG carries its infotext in the ``parameters`` chunk. A batch of two or more pictures also
+gets A1111's grid of them, ``<outdir>/txt2img-grids/<date>/grid-NNNN.png`` (or ``img2img-grids``).
 
 Every path is made from the server's ``--outdir``, the job's kind, the date, the running number
 and the seed (an integer), so nothing a request sends can choose where a file goes; the A1111
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +37,8 @@ log = logging.getLogger("underpaint.server")
 
 #: The folder under ``--outdir`` for each kind of job (A1111's outdir_txt2img/img2img_samples defaults).
 SAMPLE_FOLDERS = {"txt2img": "txt2img-images", "img2img": "img2img-images"}
+#: Where a saved batch's grid goes (A1111's ``outdir_txt2img_grids`` / ``outdir_img2img_grids``).
+GRID_FOLDERS = {"txt2img": "txt2img-grids", "img2img": "img2img-grids"}
 #: A1111's settings that decide where, or under what names, pictures are written (its
 #: ``restricted_opts``). A client may read the folders but never change any of these.
 PATH_OPTIONS = frozenset({
@@ -102,6 +106,33 @@ class SampleFolders:
             log.warning("%s job: %s (under %s)", kind, message, self.root, exc_info=None if expected else exc)
             return SaveReport(tuple(saved), message)
         return SaveReport(tuple(saved))
+
+
+    def save_grid(self, kind: str, grid: "Image", infotext: str | None, *,
+                  today: datetime.date | None = None) -> SaveReport:
+        """Write a batch's grid as A1111 names it, ``grid-NNNN.png`` in today's grids folder for ``kind``."""
+        from ..imageio.metadata import save_image
+
+        folder = self.root / GRID_FOLDERS[kind] / (today or datetime.date.today()).isoformat()
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            numbers = [int(m.group(1)) for m in (_GRID_NAME.match(p.name) for p in folder.iterdir()) if m]
+            number = max(numbers, default=-1) + 1
+            for _ in range(MAX_NAME_TRIES):
+                try:
+                    return SaveReport((save_image(grid, folder / f"grid-{number:04}.png", infotext=infotext,
+                                                  overwrite=False),))
+                except OutputExists:
+                    number += 1
+            raise OutputExists(f"{MAX_NAME_TRIES} names in a row were taken", field="output")
+        except Exception as exc:  # noqa: BLE001 - the job keeps its pictures whatever stops the save
+            where = folder.relative_to(self.root).as_posix()
+            message = f"the grid could not be written in {where} ({_reason(exc, self.root)})"
+            log.warning("%s job: %s (under %s)", kind, message, self.root)
+            return SaveReport((), message)
+
+
+_GRID_NAME = re.compile(r"^grid-(\d+)\.png$")
 
 
 def _save_numbered(folder: Path, number: int, image: "Image", infotext: str | None, seed: int) -> tuple[Path, int]:

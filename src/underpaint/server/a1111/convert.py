@@ -1496,9 +1496,11 @@ def extra_generation_params(infotext: str | None, *, keep: frozenset[str] = froz
     return {k: v for k, v in parse_infotext(infotext).params.items() if k not in top}
 
 
-def info_json(job: PreparedJob, result, *, job_timestamp: str, save_error: str | None = None) -> str:
+def info_json(job: PreparedJob, result, *, job_timestamp: str, save_error: str | None = None,
+              grid_infotext: str | None = None) -> str:
     """The ``info`` string of A1111's response: ``Processed.js()``'s keys, as JSON text; with
-    ``save_error`` when ``save_images`` could not write every picture (not an A1111 key)."""
+    ``save_error`` when ``save_images`` could not write every picture (not an A1111 key). With a batch's
+    grid first among the images (``grid_infotext``), its infotext comes first and the pictures' index is 1."""
     from ...pipeline.infotext import VERSION
 
     p = result.params
@@ -1538,8 +1540,8 @@ def info_json(job: PreparedJob, result, *, job_timestamp: str, save_error: str |
         "extra_generation_params": extra_generation_params(
             result.infotexts[0] if result.infotexts else None,
             keep=frozenset({"Denoising strength"}) if p.hires is not None else frozenset()),
-        "index_of_first_image": 0,
-        "infotexts": list(result.infotexts),
+        "index_of_first_image": 0 if grid_infotext is None else 1,
+        "infotexts": ([] if grid_infotext is None else [grid_infotext]) + list(result.infotexts),
         "styles": list(job.styles),
         "job_timestamp": job_timestamp,
         "clip_skip": p.clip_skip,

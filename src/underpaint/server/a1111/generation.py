@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import APIRouter, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
@@ -49,6 +50,9 @@ class Finished:
 
     result: Result
     saved: SaveReport | None = None
+    #: A1111's grid of a saved batch, returned before the pictures (``index_of_first_image`` 1), with its infotext.
+    grid: Any = None
+    grid_infotext: str | None = None
 
 
 @router.post("/txt2img", response_model=TextToImageResponse, summary="Make images from a prompt")
@@ -97,10 +101,24 @@ def _work(state: ServerState, prepared: PreparedJob):
         if not prepared.save_images:
             return Finished(result)
         keep = result.finished()
-        return Finished(result, state.outputs.save(prepared.kind, [result.images[i] for i in keep],
-                                                   [result.infotexts[i] for i in keep], [result.seeds[i] for i in keep]))
+        saved = state.outputs.save(prepared.kind, [result.images[i] for i in keep],
+                                   [result.infotexts[i] for i in keep], [result.seeds[i] for i in keep])
+        if len(keep) < 2 or not _plain(params):
+            return Finished(result, saved)
+        # As A1111 with save_images (its API's "do not save grid" is off then): a grid of the batch's
+        # finished pictures, saved and returned first, with the first picture's infotext.
+        grid, text = xyz_plot.batch_grid([result.images[i] for i in keep]), result.infotexts[keep[0]]
+        grid_saved = state.outputs.save_grid(prepared.kind, grid, text)
+        error = saved.error or grid_saved.error
+        return Finished(result, SaveReport(saved.paths + grid_saved.paths, error), grid, text)
 
     return work
+
+
+def _plain(params) -> bool:
+    """A request without a script of its own (those lay out their pictures, or grids, themselves)."""
+    return all(getattr(params, name) is None for name in ("xyz_plot", "prompt_matrix", "prompts_from_file",
+                                                            "loopback", "sd_upscale"))
 
 
 def _plot_switching_models(state: ServerState, prepared: PreparedJob, params, job: Job) -> Result:
@@ -208,9 +226,12 @@ def _response_fields(prepared: PreparedJob, finished: Finished, job: Job) -> dic
     if prepared.send_images:
         texts = list(result.infotexts) + [None] * (len(result.images) - len(result.infotexts))
         images = [encode_image(image, text) for image, text in zip(result.images, texts)]
+        if finished.grid is not None:
+            images.insert(0, encode_image(finished.grid, finished.grid_infotext))
     save_error = finished.saved.error if finished.saved is not None else None
     return {"images": images, "parameters": prepared.parameters,
-            "info": info_json(prepared, result, job_timestamp=job.timestamp, save_error=save_error)}
+            "info": info_json(prepared, result, job_timestamp=job.timestamp, save_error=save_error,
+                              grid_infotext=finished.grid_infotext if finished.grid is not None else None)}
 
 
 # --------------------------------------------------------------------------- progress

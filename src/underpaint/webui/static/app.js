@@ -455,7 +455,7 @@ async function generate() {
       const response = await post(built.path, request);
       const entries = entriesFromResponse(response);
       gallery.add(entries);
-      count += entries.length;
+      count += entries.filter((entry) => !entry.grid).length;  // a batch's grid is not one of its pictures
       saveError ??= parseInfo(response.info).save_error;
       if (entries.length && $("#gallery-main").getBoundingClientRect().top > window.innerHeight) {
         $("#gallery-main").scrollIntoView({ block: "nearest" });  // one-column layout: results are below

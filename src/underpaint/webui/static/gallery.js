@@ -16,19 +16,25 @@ export function parseInfo(info) {
   }
 }
 
-/** One entry per returned image; extra images (e.g. ControlNet maps) get no seed or infotext. */
+/**
+ * One entry per returned image; extra images (e.g. ControlNet maps) get no seed or infotext, and neither
+ * does a batch's grid, which comes before the pictures (`index_of_first_image`).
+ */
 export function entriesFromResponse(response) {
   const info = parseInfo(response.info);
   const stamp = new Date().toISOString().replace(/[-:]/g, "").replace("T", "-").slice(0, 15);
+  const first = Number.isInteger(info.index_of_first_image) ? info.index_of_first_image : 0;
   return (response.images ?? []).map((b64, i) => {
-    const seed = info.all_seeds?.[i] ?? (i === 0 ? info.seed : undefined);
-    const subseed = info.all_subseeds?.[i] ?? (i === 0 ? info.subseed : undefined);
+    const n = i - first;  // the picture's place among the seeds (a grid: before them)
+    const seed = n < 0 ? undefined : info.all_seeds?.[n] ?? (n === 0 ? info.seed : undefined);
+    const subseed = n < 0 ? undefined : info.all_subseeds?.[n] ?? (n === 0 ? info.subseed : undefined);
     return {
       dataUrl: pngDataUrl(b64),
       infotext: info.infotexts?.[i] ?? (i === 0 ? response.infotext ?? "" : ""),
       seed: Number.isInteger(seed) ? seed : null,
+      grid: n < 0,
       subseed: Number.isInteger(subseed) ? subseed : null,
-      fileName: `underpaint-${stamp}-${i}${seed !== undefined ? `-${seed}` : ""}.png`,
+      fileName: `underpaint-${stamp}-${n < 0 ? "grid" : n}${seed !== undefined ? `-${seed}` : ""}.png`,
     };
   });
 }
