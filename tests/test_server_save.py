@@ -310,3 +310,26 @@ def test_batch_grids_as_a1111_lays_them_out(tmp_path):
     assert len(unsaved["images"]) == 2 and json.loads(unsaved["info"])["index_of_first_image"] == 0
     assert sorted(p.name for p in _today_folder(outdir, "txt2img-grids").iterdir()) == ["grid-0000.png",
                                                                                         "grid-0001.png"]
+
+
+def test_grid_settings_choose_returning_and_saving(tmp_path):
+    """A1111's "Show grid in gallery" (return_grid) and "Always save all generated image grids" (grid_save), as
+    settings and per request in override_settings."""
+    outdir = tmp_path / "out"
+    job = {"seed": 3, "batch_size": 2, "save_images": True, **SMALL}
+
+    def grids():
+        folder = outdir / "txt2img-grids"
+        return sorted(p.name for p in folder.rglob("*.png")) if folder.exists() else []
+
+    with _client(tmp_path, outdir) as c:
+        assert c.post("/sdapi/v1/options", json={"return_grid": False}).status_code == 200
+        assert c.get("/sdapi/v1/options").json()["return_grid"] is False
+        body = c.post("/sdapi/v1/txt2img", json=job).json()
+        assert len(body["images"]) == 2 and json.loads(body["info"])["index_of_first_image"] == 0
+        assert grids() == ["grid-0000.png"]  # saved all the same
+        body = c.post("/sdapi/v1/txt2img", json={**job, "override_settings": {"return_grid": True,
+                                                                             "grid_save": False}}).json()
+        assert len(body["images"]) == 3 and grids() == ["grid-0000.png"]  # returned, not saved
+        r = c.post("/sdapi/v1/txt2img", json={**job, "override_settings": {"grid_save": "yes"}})
+        assert r.status_code == 422 and r.json()["field"] == "override_settings.grid_save"

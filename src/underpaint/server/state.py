@@ -99,6 +99,10 @@ class ServerOptions:
     sd_vae: str = "Automatic"
     #: A1111's "Upscaler for img2img": "None" (Lanczos) or an upscaler's name as /upscalers lists it.
     upscaler_for_img2img: str = "None"
+    #: A1111's "Show grid in gallery" and "Always save all generated image grids": a saved batch's grid
+    #: is returned first / saved in the grids folder (saving.py).
+    return_grid: bool = True
+    grid_save: bool = True
 
     def replace(self, **changes) -> "ServerOptions":
         return replace(self, **changes)

@@ -121,6 +121,10 @@ class PreparedJob:
     kept_options: tuple[tuple[str, Any], ...] = ()
     #: ``override_settings.sd_vae`` for this job only, as the server keeps sd_vae; None: the option's.
     vae: str | None = None
+    #: ``override_settings``' A1111 grid settings for this job ("Show grid in gallery", "Always save all
+    #: generated image grids"); None: the server's options.
+    return_grid: bool | None = None
+    grid_save: bool | None = None
 
 
 # --------------------------------------------------------------------------- request → params
@@ -259,7 +263,7 @@ def _prepared(kind: str, req: GenerationRequest, params: GenerationParams, field
         denoising_strength=req.denoising_strength, task_id=req.force_task_id,
         control_fields=_control_unit_fields(req), save_images=req.save_images,
         kept_options=tuple(kept_options.items()),
-        **_preview_overrides(req),
+        **_preview_overrides(req), **_grid_overrides(req),
     )
 
 
@@ -328,6 +332,18 @@ def _preview_overrides(req: GenerationRequest) -> dict[str, Any]:
             raise InvalidParameter("override_settings.live_previews_enable", values["live_previews_enable"],
                                    "true or false")
         out["live_previews"] = values["live_previews_enable"]
+    return out
+
+
+def _grid_overrides(req: GenerationRequest) -> dict[str, bool]:
+    """``return_grid`` / ``grid_save`` in ``override_settings``, for this job only."""
+    values = req.override_settings or {}
+    out: dict[str, bool] = {}
+    for key in ("return_grid", "grid_save"):
+        if values.get(key) is not None:
+            if not isinstance(values[key], bool):
+                raise InvalidParameter(f"override_settings.{key}", values[key], "true or false")
+            out[key] = values[key]
     return out
 
 

@@ -103,14 +103,19 @@ def _work(state: ServerState, prepared: PreparedJob):
         keep = result.finished()
         saved = state.outputs.save(prepared.kind, [result.images[i] for i in keep],
                                    [result.infotexts[i] for i in keep], [result.seeds[i] for i in keep])
-        if len(keep) < 2 or not _plain(params):
+        options = state.options
+        returned = options.return_grid if prepared.return_grid is None else prepared.return_grid
+        kept = options.grid_save if prepared.grid_save is None else prepared.grid_save
+        if len(keep) < 2 or not _plain(params) or not (returned or kept):
             return Finished(result, saved)
         # As A1111 with save_images (its API's "do not save grid" is off then): a grid of the batch's
-        # finished pictures, saved and returned first, with the first picture's infotext.
+        # finished pictures, saved ("Always save all generated image grids") and returned first ("Show
+        # grid in gallery"), with the first picture's infotext.
         grid, text = xyz_plot.batch_grid([result.images[i] for i in keep]), result.infotexts[keep[0]]
-        grid_saved = state.outputs.save_grid(prepared.kind, grid, text)
-        error = saved.error or grid_saved.error
-        return Finished(result, SaveReport(saved.paths + grid_saved.paths, error), grid, text)
+        if kept:
+            grid_saved = state.outputs.save_grid(prepared.kind, grid, text)
+            saved = SaveReport(saved.paths + grid_saved.paths, saved.error or grid_saved.error)
+        return Finished(result, saved, grid, text) if returned else Finished(result, saved)
 
     return work
 

@@ -268,6 +268,8 @@ class Options(WireModel):
     sigma_max: float = Field(0.0, description="The schedule's largest sigma (0: the model's own).")
     rho: float = Field(0.0, description="The Karras/polyexponential schedule's rho (0: the schedule's own).")
     always_discard_next_to_last_sigma: bool = Field(False, description="Always discard next-to-last sigma.")
+    return_grid: bool = Field(True, description="Show grid in gallery: a saved batch's grid comes first among the images.")
+    grid_save: bool = Field(True, description="Always save all generated image grids (with save_images).")
     sdxl_crop_top: int = Field(0, ge=0, le=8192, description="SDXL crop top coordinate: the crop SDXL is conditioned on.")
     sdxl_crop_left: int = Field(0, ge=0, le=8192, description="SDXL crop left coordinate.")
     sdxl_refiner_high_aesthetic_score: float = Field(6.0, ge=0, le=10, description=(

@@ -93,6 +93,7 @@ def get_options(request: Request) -> Options:
         eta_ddim=opts.eta_ddim, eta_ancestral=opts.eta_ancestral, s_churn=opts.s_churn, s_tmin=opts.s_tmin,
         s_tmax=opts.s_tmax, s_noise=opts.s_noise, sigma_min=opts.sigma_min, sigma_max=opts.sigma_max, rho=opts.rho,
         always_discard_next_to_last_sigma=opts.always_discard_next_to_last_sigma,
+        return_grid=opts.return_grid, grid_save=opts.grid_save,
         sd_vae=opts.sd_vae,
         upscaler_for_img2img=opts.upscaler_for_img2img,
         **state.outputs.options(),
@@ -134,7 +135,7 @@ def _option_changes(body: dict[str, Any], state: ServerState) -> dict[str, Any]:
     if "face_restoration_model" in body:
         changes["face_restoration_model"] = restorer_name(body["face_restoration_model"])
     for key in ("s_min_uncond_all", "img2img_color_correction", "tiling", "sgm_noise_multiplier", "face_restoration",
-                "interrogate_return_ranks", "always_discard_next_to_last_sigma"):
+                "interrogate_return_ranks", "always_discard_next_to_last_sigma", "return_grid", "grid_save"):
         if key in body:
             if not isinstance(body[key], bool):
                 raise InvalidParameter(key, body[key], "true or false")

@@ -68,6 +68,10 @@ const SECTIONS = [
     ["interrogate_clip_max_length", "BLIP: maximum description length", "int", 1, 256, 1],
     ["interrogate_clip_dict_limit", "CLIP: maximum number of lines in text file (0 = no limit)", "int", 0, 100000, 1],
   ]],
+  ["Saving images/grids", [
+    ["return_grid", "Show grid in gallery (a saved batch's grid, first)", "bool"],
+    ["grid_save", "Always save all generated image grids", "bool"],
+  ]],
   ["Live previews", [
     ["live_previews_enable", "Show live previews of the created image", "bool"],
     ["show_progress_type", "Live preview method", "select", ["Full", "Approx NN", "Approx cheap", "TAESD"]],
