@@ -36,7 +36,6 @@ import copy
 import math
 import os
 import re
-from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -223,27 +222,6 @@ def _mlp(path: Path, label: str, width: int, state: dict, activation: str, activ
     if features != width:
         raise ModelError(f"{path}: {label}: the last layer gives {features} features, expected {width}")
     return torch.nn.Sequential(*layers).eval().requires_grad_(False)
-
-
-@dataclass
-class HypernetworkCache:
-    """Hypernetworks already read, by path (read again when the file changes), newest last."""
-
-    limit: int = 8
-    _entries: OrderedDict = field(default_factory=OrderedDict)
-
-    def get(self, path: Path, *, name: str | None = None) -> Hypernetwork:
-        path = Path(path)
-        stat = path.stat()
-        stamp = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, name)
-        found = self._entries.get(stamp)
-        if found is None:
-            found = load_hypernetwork(path, name=name)
-            self._entries[stamp] = found
-            while len(self._entries) > self.limit:
-                self._entries.popitem(last=False)
-        self._entries.move_to_end(stamp)
-        return found
 
 
 # --------------------------------------------------------------------------- applying them

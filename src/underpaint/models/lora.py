@@ -795,24 +795,3 @@ class LoraPatcher:
             while self._stored:
                 _, module = self._stored.popitem()
                 module.clear_updates()
-
-
-@dataclass
-class LoraCache:
-    """Networks already read for one model, by path (re-read when the file changes), newest last."""
-
-    limit: int = 8
-    _entries: OrderedDict = field(default_factory=OrderedDict)
-
-    def get(self, path: Path, index: ModuleIndex, *, name: str | None = None) -> LoraNetwork:
-        path = Path(path)
-        stat = path.stat()
-        stamp = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, name)
-        found = self._entries.get(stamp)
-        if found is None:
-            found = load_lora(path, index, name=name)
-            self._entries[stamp] = found
-            while len(self._entries) > self.limit:
-                self._entries.popitem(last=False)
-        self._entries.move_to_end(stamp)
-        return found

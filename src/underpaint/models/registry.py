@@ -16,8 +16,11 @@ import difflib
 import logging
 import os
 import re
-from dataclasses import dataclass
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..errors import ModelNotFound
 from .hashes import cached_model_hash
@@ -64,6 +67,29 @@ def list_named_files(folders, extensions: tuple[str, ...]) -> list[NamedFile]:
                     relative = path.relative_to(base).with_suffix("").as_posix()
                     seen.setdefault(relative, NamedFile(path.stem, path, relative))
     return sorted(seen.values(), key=lambda e: e.relative.lower())
+
+
+@dataclass
+class FileCache:
+    """What was read from files, by path and ``key`` (read again when the file changes), the newest
+    ``limit`` kept, the one used last newest."""
+
+    limit: int = 8
+    _entries: OrderedDict = field(default_factory=OrderedDict)
+
+    def get(self, path: Path, load: Callable[[Path], Any], *, key: object = None) -> Any:
+        """``load(path)``, or what it gave for this path and ``key`` while the file is unchanged."""
+        path = Path(path)
+        stat = path.stat()
+        stamp = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, key)
+        found = self._entries.get(stamp)
+        if found is None:
+            found = load(path)
+            self._entries[stamp] = found
+            while len(self._entries) > self.limit:
+                self._entries.popitem(last=False)
+        self._entries.move_to_end(stamp)
+        return found
 
 
 def find_named_file(entries: list[NamedFile], name: str) -> Path | None:

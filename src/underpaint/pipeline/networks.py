@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InvalidParameter
-from ..models.hypernetwork import (Hypernetwork, HypernetworkCache, HypernetworkRequest, attention_layers,
-                                   hypernetworks_applied, input_width, resolve_hypernetwork)
-from ..models.lora import (LoraCache, LoraNetwork, LoraPatcher, LoraRequest, ModuleIndex, lora_short_hash,
+from ..models.hypernetwork import (Hypernetwork, HypernetworkRequest, attention_layers, hypernetworks_applied,
+                                   input_width, load_hypernetwork, resolve_hypernetwork)
+from ..models.lora import (LoraNetwork, LoraPatcher, LoraRequest, ModuleIndex, load_lora, lora_short_hash,
                            resolve_lora)
 from ..models.optimize import weights_changed
-from ..models.registry import listable
+from ..models.registry import FileCache, listable
 from ..params import GenerationParams
 from ..prompts.embeddings import EMBEDDING_SUFFIXES, Embedding, load_embedding
 from ..prompts.parser import extract_extra_networks, prompt_schedule, split_and
@@ -42,9 +42,10 @@ class NetworkState:
     """One loaded model's extra-network caches and the patcher holding its weight backups."""
 
     index: ModuleIndex | None = None
-    loras: LoraCache = field(default_factory=LoraCache)
+    #: LoRA and hypernetwork files read (LoraNetwork, Hypernetwork), each by path and the name it was asked by.
+    loras: FileCache = field(default_factory=FileCache)
     patcher: LoraPatcher = field(default_factory=LoraPatcher)
-    hypernetworks: HypernetworkCache = field(default_factory=HypernetworkCache)
+    hypernetworks: FileCache = field(default_factory=FileCache)
     #: path → ((size, mtime), Embedding or None when the file could not be read)
     embeddings: dict[Path, tuple[tuple[int, int], Embedding | None]] = field(default_factory=dict)
 
@@ -106,7 +107,8 @@ def load_requested(model, requests: Sequence[LoraRequest]) -> list[tuple[LoraNet
     state = network_state(model)
     folders = models_dir_of(model).folders("loras")
     index = state.module_index(model)
-    return [(state.loras.get(resolve_lora(r.name, folders), index, name=r.name), r) for r in requests]
+    return [(state.loras.get(resolve_lora(r.name, folders), lambda path: load_lora(path, index, name=r.name),
+                             key=r.name), r) for r in requests]
 
 
 def load_hypernetworks(model, requests: Sequence[HypernetworkRequest]) -> list[tuple[Hypernetwork, float]]:
@@ -125,7 +127,8 @@ def load_hypernetworks(model, requests: Sequence[HypernetworkRequest]) -> list[t
                                                             "(hypernetworks are made for SD 1.x/2.x/SDXL UNets)")
     state = network_state(model)
     folders = models_dir_of(model).folders("hypernetworks")
-    loaded = [(state.hypernetworks.get(resolve_hypernetwork(r.name, folders), name=r.name), r.strength)
+    loaded = [(state.hypernetworks.get(resolve_hypernetwork(r.name, folders),
+                                       lambda path: load_hypernetwork(path, name=r.name), key=r.name), r.strength)
               for r in requests]
     widths = {w for w in (input_width(layer.to_k) for layer in attention_layers(model.unet)) if w}
     for network, _ in loaded:
