@@ -26,7 +26,7 @@ from ..models.lora import (LoraNetwork, LoraPatcher, LoraRequest, ModuleIndex, l
 from ..models.optimize import weights_changed
 from ..models.registry import FileCache, listable
 from ..params import GenerationParams
-from ..prompts.embeddings import EMBEDDING_SUFFIXES, Embedding, load_embedding
+from ..prompts.embeddings import EMBEDDING_SUFFIXES, Embedding, read_changed
 from ..prompts.parser import extract_extra_networks, prompt_schedule, split_and
 
 #: The extra-network tag kind of a hypernetwork.
@@ -198,20 +198,8 @@ def _embedding_files(folders: Sequence[Path]) -> Iterator[Path]:
 
 
 def _read_embedding(state: NetworkState, path: Path) -> Embedding | None:
-    from ..errors import ModelError
-
-    stat = path.stat()
-    stamp = (stat.st_size, stat.st_mtime_ns)
-    cached = state.embeddings.get(path)
-    if cached is not None and cached[0] == stamp:
-        return cached[1]
-    try:
-        embedding = load_embedding(path)
-    except ModelError as exc:
-        warnings.warn(f"embedding skipped: {exc}", ExtraNetworkWarning, stacklevel=4)
-        embedding = None
-    state.embeddings[path] = (stamp, embedding)
-    return embedding
+    return read_changed(state.embeddings, path, on_error=lambda exc: warnings.warn(
+        f"embedding skipped: {exc}", ExtraNetworkWarning, stacklevel=5))
 
 
 def ti_hashes(encoder, paths: dict[str, Path], params: GenerationParams) -> str | None:

@@ -44,6 +44,25 @@ class Embedding:
         return len(self.vectors) == len(dims) and all(v.shape[-1] == d for v, d in zip(self.vectors, dims))
 
 
+def read_changed(cache: dict, path: Path, *, on_error=None) -> Embedding | None:
+    """``path``'s embedding, read again only when its size or modification time changed since ``cache``
+    (path → ((size, mtime), embedding or None)) kept it; None for a file that cannot be read, with
+    ``on_error(exc)`` told when it is read."""
+    stat = path.stat()
+    stamp = (stat.st_size, stat.st_mtime_ns)
+    cached = cache.get(path)
+    if cached is not None and cached[0] == stamp:
+        return cached[1]
+    try:
+        embedding = load_embedding(path)
+    except ModelError as exc:
+        if on_error is not None:
+            on_error(exc)
+        embedding = None
+    cache[path] = (stamp, embedding)
+    return embedding
+
+
 def load_embedding(path: str | Path) -> Embedding:
     """Read an embedding file; the name is the file name without its suffix."""
     path = Path(path)

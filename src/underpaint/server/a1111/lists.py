@@ -152,25 +152,15 @@ _MAX_CACHED_EMBEDDINGS = 4096
 
 
 def _read_embedding(cache: dict, path: Path):
-    from ...errors import UnderpaintError
-    from ...prompts.embeddings import load_embedding
+    """The embedding in ``path`` (None: unreadable, or gone since the folder was listed)."""
+    from ...prompts.embeddings import read_changed
 
+    if len(cache) >= _MAX_CACHED_EMBEDDINGS and path not in cache:
+        cache.clear()
     try:
-        stat = path.stat()
+        return read_changed(cache, path)
     except OSError:
         return None
-    stamp = (stat.st_size, stat.st_mtime_ns)
-    cached = cache.get(path)
-    if cached is not None and cached[0] == stamp:
-        return cached[1]
-    try:
-        embedding = load_embedding(path)
-    except UnderpaintError:
-        embedding = None
-    if len(cache) >= _MAX_CACHED_EMBEDDINGS:
-        cache.clear()
-    cache[path] = (stamp, embedding)
-    return embedding
 
 
 @router.get("/embeddings", response_model=EmbeddingsResponse, summary="Textual-inversion embeddings")
