@@ -25,8 +25,6 @@ from __future__ import annotations
 import csv
 import io
 import os
-import secrets
-import shutil
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -200,11 +198,14 @@ class StylesFile:
             row[index] = style.name
             row[columns.index("prompt") if "prompt" in columns else columns.index("text")] = style.prompt
             row[columns.index("negative_prompt")] = style.negative_prompt
-            kept = [row if old[index] == style.name else old for old in rows]
-            first = next((i for i, old in enumerate(rows) if old[index] == style.name), None)
-            if first is None:
-                return rows + [row]
-            return kept[:first + 1] + [old for old in kept[first + 1:] if old[index] != style.name]
+            kept, placed = [], False
+            for old in rows:
+                if old[index] != style.name:
+                    kept.append(old)
+                elif not placed:  # the first row of that name is replaced, later ones dropped
+                    kept.append(row)
+                    placed = True
+            return kept if placed else kept + [row]
 
         self._rewrite(change)
 
@@ -220,11 +221,14 @@ class StylesFile:
 
     def _rewrite(self, change) -> bool:
         """Write the file's rows as ``change(rows, columns)`` returns them (None: leave it); True if written."""
+        from ..imageio.metadata import write_atomic
+
         with self._lock:
             try:
-                text = self.path.read_bytes().decode("utf-8-sig")
+                raw = self.path.read_bytes()
+                text = raw.decode("utf-8-sig")
             except FileNotFoundError:
-                text = ""
+                raw, text = None, ""
             except (OSError, UnicodeDecodeError) as exc:
                 raise InvalidParameter("styles_file", self.source, f"a readable UTF-8 file ({exc})") from None
             parse_styles(text, source=self.source)  # a file that does not parse is not written over
@@ -244,14 +248,9 @@ class StylesFile:
                 raise InvalidParameter("styles", f"{len(data)} bytes of styles",
                                        f"at most {MAX_STYLES_FILE_BYTES // 2**20} MiB in {self.source}")
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            if self.path.exists():
-                shutil.copyfile(self.path, self.path.with_name(self.path.name + ".bak"))
-            temp = self.path.with_name(f".{self.path.name}.{secrets.token_hex(6)}.tmp")
-            try:
-                temp.write_bytes(data)
-                os.replace(temp, self.path)
-            finally:
-                temp.unlink(missing_ok=True)
+            if raw is not None:
+                write_atomic(self.path.with_name(self.path.name + ".bak"), raw, overwrite=True)
+            write_atomic(self.path, data, overwrite=True)
             self._book = None
             return True
 
