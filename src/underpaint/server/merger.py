@@ -130,8 +130,9 @@ async def merge_checkpoints(body: MergeRequest, request: Request) -> MergeRespon
                          method=method, multiplier=body.multiplier, fp16=body.save_as_half, bake_vae=vae,
                          discard=body.discard_weights or None, discard_field="discard_weights")
     folder = catalog.folder
+    model_names = {entry.path: entry.model_name for entry in folder.list_checkpoints()}
     name = custom_file_name(body.custom_name) or recipe_file_name(
-        method, body.multiplier, [_model_name(catalog, p) for p in paths], inpainting=is_inpainting(paths[0]))
+        method, body.multiplier, [model_names.get(p, p.stem) for p in paths], inpainting=is_inpainting(paths[0]))
     output = folder.checkpoints_dir / name
     if output.exists():
         raise OutputExists(f"custom_name: {name!r} is already a file in the checkpoints folder; choose another name",
@@ -168,13 +169,6 @@ def _for_client(exc: UnderpaintError, root: Path) -> UnderpaintError:
     exc.args = (message, *exc.args[1:])
     exc.field = _FIELDS.get(exc.field, exc.field)
     return exc
-
-
-def _model_name(catalog, path: Path) -> str:
-    for view in catalog.checkpoints():
-        if view.path == path:
-            return view.model_name
-    return path.stem
 
 
 class MergeInterrupted(UnderpaintError):

@@ -83,13 +83,11 @@ def token_count(body: TokenCountRequest, request: Request) -> TokenCount:
     from ..errors import InvalidParameter
     from .a1111.lists import embeddings
 
-    limits = server_state(request).config.limits
-    if len(body.prompt) > limits.max_prompt_chars:
-        raise InvalidParameter("prompt", f"{len(body.prompt)} characters",
-                               f"at most {limits.max_prompt_chars} (this server's limit)")
+    state = server_state(request)
+    limits = state.config.limits
+    _check_length("prompt", body.prompt, limits.max_prompt_chars)
     if not 1 <= body.steps <= limits.max_steps:
         raise InvalidParameter("steps", body.steps, f"1 to {limits.max_steps}")
-    state = server_state(request)
     vectors = tuple(sorted((name, item.vectors or 1) for name, item in embeddings(request).loaded.items()))
     made_with, counter = state.token_counter
     if counter is None or made_with != vectors:
@@ -99,6 +97,14 @@ def token_count(body: TokenCountRequest, request: Request) -> TokenCount:
         state.token_counter = (vectors, counter)
     tokens, limit = counter.count(body.prompt, body.steps, negative=body.negative)
     return TokenCount(tokens=tokens, limit=limit)
+
+
+def _check_length(field: str, text: str, limit: int) -> None:
+    """A prompt text within the server's ``max_prompt_chars``."""
+    if len(text) > limit:
+        from ..errors import InvalidParameter
+
+        raise InvalidParameter(field, f"{len(text)} characters", f"at most {limit} (this server's limit)")
 
 
 class StyleRequest(WireModel):
@@ -116,14 +122,11 @@ class StyleChange(WireModel):
 def save_style(body: StyleRequest, request: Request) -> StyleChange:
     """The browser UI's "Save prompts as style": added at the end of the server's styles.csv, or in place of
     the style of that name; the file before is kept as styles.csv.bak."""
-    from ..errors import InvalidParameter
     from ..prompts.styles import PromptStyle
 
     state = server_state(request)
-    limit = state.config.limits.max_prompt_chars
     for field, text in (("prompt", body.prompt), ("negative_prompt", body.negative_prompt)):
-        if len(text) > limit:
-            raise InvalidParameter(field, f"{len(text)} characters", f"at most {limit} (this server's limit)")
+        _check_length(field, text, state.config.limits.max_prompt_chars)
     state.styles.save(PromptStyle(body.name, body.prompt, body.negative_prompt))
     return StyleChange(styles=state.styles.book().names)
 

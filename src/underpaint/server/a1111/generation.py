@@ -50,7 +50,8 @@ class Finished:
 
     result: Result
     saved: SaveReport | None = None
-    #: A1111's grid of a saved batch, returned before the pictures (``index_of_first_image`` 1), with its infotext.
+    #: A1111's grid of a saved batch, returned before the pictures (``index_of_first_image`` 1), with its
+    #: infotext (both None when no grid is returned).
     grid: Any = None
     grid_infotext: str | None = None
 
@@ -236,7 +237,7 @@ def _response_fields(prepared: PreparedJob, finished: Finished, job: Job) -> dic
     save_error = finished.saved.error if finished.saved is not None else None
     return {"images": images, "parameters": prepared.parameters,
             "info": info_json(prepared, result, job_timestamp=job.timestamp, save_error=save_error,
-                              grid_infotext=finished.grid_infotext if finished.grid is not None else None)}
+                              grid_infotext=finished.grid_infotext)}
 
 
 # --------------------------------------------------------------------------- progress
