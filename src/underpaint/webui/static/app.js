@@ -37,9 +37,8 @@ const store = new SettingsStore(panel, { family: () => form.family });
 const styles = new StylesPicker();
 const settings = setupSettings({
   onApplied: () => {  // the top bar's quick settings show the settings as they are now
-    const options = get("/sdapi/v1/options");
-    return Promise.all([loadClipSkip(options), loadPreviewSetting(options), loadTokenMerging(options), loadVae(options),
-      loadImg2imgUpscaler(options)]).catch(() => {});
+    const loading = loadQuickSettings(get("/sdapi/v1/options"));
+    return Promise.all(loading.map(([, promise]) => promise)).catch(() => {});
   },
 });
 const merger = setupMerger({
@@ -306,6 +305,13 @@ async function loadUpscalers() {
   scripts.fillUpscalers(names);  // SD upscale enlarges with the same picture upscalers
 }
 
+/** The top bar's quick settings, each from the same pending GET /options: [what, its loading] pairs. */
+function loadQuickSettings(options) {
+  return [["VAEs", loadVae(options)], ["live preview setting", loadPreviewSetting(options)],
+    ["clip skip setting", loadClipSkip(options)], ["token merging setting", loadTokenMerging(options)],
+    ["img2img upscaler setting", loadImg2imgUpscaler(options)]];
+}
+
 async function loadLists() {
   generalBox.hidden = true;
   const failures = [];
@@ -320,11 +326,7 @@ async function loadLists() {
     attempt("schedules", getOptional("/sdapi/v1/schedulers", []).then((s) => form.fillSchedulers(s ?? []))),
     attempt("upscalers", loadUpscalers()),
     attempt("checkpoints", loadCheckpoints(options)),
-    attempt("VAEs", loadVae(options)),
-    attempt("live preview setting", loadPreviewSetting(options)),
-    attempt("clip skip setting", loadClipSkip(options)),
-    attempt("token merging setting", loadTokenMerging(options)),
-    attempt("img2img upscaler setting", loadImg2imgUpscaler(options)),
+    ...loadQuickSettings(options).map(([what, promise]) => attempt(what, promise)),
     attempt("ControlNet", controlnet.load()),
     attempt("styles", styles.load()),
   ]);
