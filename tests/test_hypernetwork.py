@@ -18,7 +18,7 @@ from underpaint.models.hypernetwork import (HypernetworkRequest, attention_layer
                                             list_hypernetworks, load_hypernetwork)
 from underpaint.models.loader import load_model
 from underpaint.models.registry import ModelsDir
-from underpaint.params import GenerationParams
+from underpaint.params import GenerationParams, HiresOptions, RefinerOptions
 from underpaint.pipeline.engine import Engine
 from underpaint.pipeline.networks import ExtraNetworkWarning
 
@@ -249,6 +249,24 @@ def test_a_request_applies_the_tag_and_leaves_the_model_as_it_was(engine):
     assert np.array_equal(_pixels(engine, "a red barn <hypernet:anime:1>", extra_networks=False), plain)
     assert np.array_equal(_pixels(engine, "a red barn"), plain)
     assert not any(hook for layer in attention_layers(engine.model.unet)
+                   for hook in (layer.to_k._forward_pre_hooks, layer.to_v._forward_pre_hooks))
+
+
+@pytest.mark.parametrize("second", ["refiner", "hires checkpoint"])
+def test_a_refiner_or_hires_checkpoint_runs_the_hypernetwork_too(engine, sd1_file, second):
+    """A1111 runs a hypernetwork in whichever model is sampling: with the model's own file as the refiner
+    or the hires checkpoint, the picture is the model's alone, hypernetwork and all."""
+    hires = dict(scale=1.5, upscaler="Lanczos", steps=2, strength=0.5)
+    if second == "refiner":
+        other, alone = dict(refiner=RefinerOptions(str(sd1_file), 0.5)), {}
+    else:
+        other, alone = dict(hires=HiresOptions(**hires, checkpoint=str(sd1_file))), dict(hires=HiresOptions(**hires))
+    styled = _pixels(engine, "a red barn <hypernet:anime:1>", **other)
+    assert np.array_equal(styled, _pixels(engine, "a red barn <hypernet:anime:1>", **alone))
+    assert np.abs(styled - _pixels(engine, "a red barn", **other)).mean() > 2
+    second_model = engine.refiner_model(str(sd1_file))
+    assert second_model is not engine.model
+    assert not any(hook for layer in attention_layers(second_model.unet)
                    for hook in (layer.to_k._forward_pre_hooks, layer.to_v._forward_pre_hooks))
 
 

@@ -120,7 +120,8 @@ def generate(model, params: GenerationParams, *, info: ModelInfo, progress, canc
         params = _without_token_merging(params)
     # 0. Extra networks: the prompt's LoRAs are merged into the weights for this request only.
     encoder = None if flux.is_flux(model) else prompt_encoder(model, params.clip_skip)
-    with request_networks(model, params, encoder=encoder) as networks, seamless(model, params.tiling), \
+    with request_networks(model, params, encoder=encoder, others=(refiner, hires_model)) as networks, \
+            seamless(model, params.tiling), \
             seamless(refiner, params.tiling and refiner is not None), \
             seamless(hires_model, params.tiling and hires_model is not None):
         if params.loopback is not None:  # A1111's "Loopback" script: img2img on its own result, again and again

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -111,12 +111,14 @@ def load_requested(model, requests: Sequence[LoraRequest]) -> list[tuple[LoraNet
                              key=r.name), r) for r in requests]
 
 
-def load_hypernetworks(model, requests: Sequence[HypernetworkRequest]) -> list[tuple[Hypernetwork, float]]:
+def load_hypernetworks(model, requests: Sequence[HypernetworkRequest], others: Sequence = ()
+                       ) -> list[tuple[Hypernetwork, float]]:
     """Each request's hypernetwork from the models folder (cached per model) with its strength.
 
     FLUX models have no UNet attention of the widths hypernetworks are made for: a tag is refused.
-    A hypernetwork with no layer of the model's attention widths changes nothing (as in A1111),
-    with a warning.
+    A hypernetwork with no layer of the attention widths of the model or of ``others`` (the
+    request's refiner or hires checkpoint, which run it too) changes nothing (as in A1111), with a
+    warning.
     """
     if not requests:
         return []
@@ -130,10 +132,12 @@ def load_hypernetworks(model, requests: Sequence[HypernetworkRequest]) -> list[t
     loaded = [(state.hypernetworks.get(resolve_hypernetwork(r.name, folders),
                                        lambda path: load_hypernetwork(path, name=r.name), key=r.name), r.strength)
               for r in requests]
-    widths = {w for w in (input_width(layer.to_k) for layer in attention_layers(model.unet)) if w}
+    widths = {w for unet in [model.unet, *(other.unet for other in others)]
+              for w in (input_width(layer.to_k) for layer in attention_layers(unet)) if w}
     for network, _ in loaded:
         if not widths & set(network.layers):
-            warnings.warn(f"hypernetwork {network.name!r} changes nothing in this model: it has layers for "
+            models = "this model" if not others else "these models"
+            warnings.warn(f"hypernetwork {network.name!r} changes nothing in {models}: it has layers for "
                           f"attention widths {list(network.widths)}, the model's are {sorted(widths)}",
                           ExtraNetworkWarning, stacklevel=3)
     return loaded
@@ -241,16 +245,22 @@ class ActiveNetworks:
 
 
 @contextmanager
-def request_networks(model, params: GenerationParams, *, encoder=None) -> Iterator[ActiveNetworks]:
-    """Merge the prompt's LoRAs into ``model`` for the duration of the block.
+def request_networks(model, params: GenerationParams, *, encoder=None, others: Sequence = ()
+                     ) -> Iterator[ActiveNetworks]:
+    """Merge the prompt's LoRAs into ``model`` and hook its hypernetworks into the attention of
+    ``model`` and of ``others`` (the request's refiner or hires checkpoint, None where it has none)
+    for the duration of the block.
 
+    A1111 runs a hypernetwork in every attention layer of whichever model is sampling, so the
+    second checkpoints run it too; LoRAs stay with the model (their module names are the model's).
     The original weights come back when the block ends, also on an error or an interrupt.
     ``encoder`` (a PromptEncoder with the model's embeddings) finds the embeddings in use for
     the ``TI hashes`` entry.
     """
+    others = [other for other in others if other is not None and other is not model]
     lora_asks, hypernet_asks = network_requests(params.prompt) if params.extra_networks else ([], [])
     loaded = load_requested(model, lora_asks)
-    hypernets = load_hypernetworks(model, hypernet_asks)
+    hypernets = load_hypernetworks(model, hypernet_asks, others)
     entries = []
     if (value := lora_hashes(loaded)) is not None:
         entries.append(("Lora hashes", value))
@@ -262,7 +272,9 @@ def request_networks(model, params: GenerationParams, *, encoder=None) -> Iterat
         patcher.apply(loaded)
         if patcher.active:
             weights_changed(model)
-        with hypernetworks_applied(model.unet, hypernets) if hypernets else nullcontext():
+        with ExitStack() as hooks:
+            for unet in [model.unet, *(other.unet for other in others)] if hypernets else ():
+                hooks.enter_context(hypernetworks_applied(unet, hypernets))
             yield ActiveNetworks(tuple(r for _, r in loaded), tuple(entries))
     finally:
         merged = patcher.active

@@ -17,7 +17,7 @@ side, an SDXL checkpoint with an SD 1.x/2.x one (their latents differ), inpainti
 checkpoints, ControlNet units, DeepCache and a Hires checkpoint with a refiner. Where it differs: the
 picture is decoded by the request's VAE (A1111 decodes with the refiner's, the same VAE for the
 SDXL base and refiner); a prompt's LoRAs and the speed/quality switches that hook the UNet (token
-merging, FreeU) stay with the base model, and the refiner runs without the base's ``--optimize``
+merging, FreeU) stay with the base model (its hypernetworks run in the refiner too, as in A1111), and the refiner runs without the base's ``--optimize``
 switches. Stability's SDXL refiner (its own architecture: OpenCLIP bigG alone, a UNet conditioned on
 an aesthetic score) refines an SDXL base, as it was made to, or any SDXL checkpoint.
 """
