@@ -197,6 +197,23 @@ def test_line_styles_and_combined_grid(sd1_engine, tmp_path):
     assert np.array_equal(_pixels(result.images[0])[:, 64:], _pixels(result.images[2]))
 
 
+def test_each_prompt_made_gets_the_added_text_last():
+    """``add_to_prompt`` (a server's "Add hypernetwork to prompt") goes after the styles, line styles too."""
+    from underpaint.pipeline import prompt_matrix, prompts_file
+    from underpaint.prompts.styles import PromptStyle, StyleBook
+
+    def add(prompt):
+        return prompt + "<hypernet:anime:1.0>"
+
+    matrix = PromptMatrixOptions(styles=lambda p, n: (p + ", oil", n), add_to_prompt=add)
+    made = prompt_matrix.requests(GenerationParams(**BASE, prompt="a cat|red", prompt_matrix=matrix))
+    assert [p.prompt for p in made] == ["a cat, oil<hypernet:anime:1.0>", "a cat, red, oil<hypernet:anime:1.0>"]
+    book = StyleBook({"ink": PromptStyle("ink", "{prompt}, ink")})
+    lines = PromptsFromFileOptions(text="--prompt cat --styles ink\ndog", style_book=book, add_to_prompt=add)
+    jobs = prompts_file.plan(GenerationParams(**BASE, prompts_from_file=lines))
+    assert [job.params.prompt for job in jobs] == ["cat, ink<hypernet:anime:1.0>", "dog<hypernet:anime:1.0>"]
+
+
 def test_line_values_a_request_cannot_take_are_refused_before_any_runs(sd1_engine):
     ran = []
     with pytest.raises(InvalidParameter) as err:

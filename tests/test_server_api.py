@@ -111,6 +111,42 @@ def test_disable_extra_networks_reaches_generation_params(client, backend):
     assert p.extra_networks is False and p.prompt == "a barn <lora:ink:1> <hypernet:anime:0.5>"
 
 
+def test_add_hypernetwork_to_prompt_setting(client, backend, tmp_path):
+    """A1111's "Add hypernetwork to prompt" (sd_hypernetwork) ends each prompt with the network's tag at the
+    "Default multiplier for extra networks", unless the prompt has a tag of it; also in scripts' prompts and
+    a hires prompt of its own; not with disable_extra_networks; unknown names are refused naming the field."""
+    (tmp_path / "hypernetworks" / "styles").mkdir(parents=True)
+    (tmp_path / "hypernetworks" / "styles" / "anime.pt").write_bytes(b"x")
+    base = {"steps": 1, "width": 64, "height": 64}
+    options = client.get("/sdapi/v1/options").json()
+    assert (options["sd_hypernetwork"], options["extra_networks_default_multiplier"]) == ("None", 1.0)
+    r = client.post("/sdapi/v1/options", json={"sd_hypernetwork": "animu", "eta_noise_seed_delta": 5})
+    assert r.status_code == 422 and r.json()["field"] == "sd_hypernetwork" and "'anime'" in r.json()["detail"]
+    assert client.get("/sdapi/v1/options").json()["eta_noise_seed_delta"] == 0  # nothing changed
+    assert client.post("/sdapi/v1/options", json={"sd_hypernetwork": "anime"}).status_code == 200
+
+    def prompts(**body):
+        r = client.post("/sdapi/v1/txt2img", json={**base, **body})
+        assert r.status_code == 200, r.text
+        return backend.params[-1]
+
+    assert prompts(prompt="a barn").prompt == "a barn<hypernet:anime:1.0>"
+    assert prompts(prompt="a barn <hypernet:anime:0.3>").prompt == "a barn <hypernet:anime:0.3>"
+    assert prompts(prompt="a barn", disable_extra_networks=True).prompt == "a barn"
+    p = prompts(prompt="a barn", enable_hr=True, hr_prompt="a red barn", hr_scale=1.5, denoising_strength=0.5)
+    assert (p.prompt, p.hires.prompt) == ("a barn<hypernet:anime:1.0>", "a red barn<hypernet:anime:1.0>")
+    matrix = prompts(prompt="a barn|red|blue", script_name="prompt matrix", script_args=[])
+    assert matrix.prompt_matrix.add_to_prompt("a barn, red") == "a barn, red<hypernet:anime:1.0>"
+    p = prompts(prompt="a barn", override_settings={"sd_hypernetwork": "None"})
+    assert p.prompt == "a barn"
+    p = prompts(prompt="a barn", override_settings={"extra_networks_default_multiplier": 0.6})
+    assert p.prompt == "a barn<hypernet:anime:0.6>"
+    r = client.post("/sdapi/v1/txt2img", json={**base, "override_settings": {"sd_hypernetwork": "../x"}})
+    assert r.status_code == 422 and r.json()["field"] == "override_settings.sd_hypernetwork"
+    client.post("/sdapi/v1/options", json={"sd_hypernetwork": "None"})
+    assert prompts(prompt="a barn").prompt == "a barn"
+
+
 def test_infotext_field_fills_unset_fields(client):
     infotext = ("a lighthouse\nNegative prompt: people\nSteps: 4, Sampler: Euler, CFG scale: 5, Seed: 123, "
                 "Size: 64x128, Clip skip: 2")

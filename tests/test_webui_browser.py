@@ -2815,14 +2815,23 @@ def test_settings_tab_applies_what_changed(page, server):
     expect(page.locator("#clip-skip")).to_have_value("2")  # the quick setting in the top bar
     screenshot(page, "settings")
     try:
+        # "Add hypernetwork to prompt": the choices are the models folder's hypernetworks
+        expect(page.locator("#setting_sd_hypernetwork option")).to_have_text(["None", "soft"])
+        page.select_option("#setting_sd_hypernetwork", "soft")
+        page.fill("#setting_extra_networks_default_multiplier", "0.5")
+        page.click("#settings-apply")
+        expect(page.locator("#settings-status")).to_have_text("2 settings changed.")
+        after = page.request.get(options_url).json()
+        assert (after["sd_hypernetwork"], after["extra_networks_default_multiplier"]) == ("soft", 0.5)
         page.fill("#setting_code_former_weight", "3")
         page.click("#settings-apply")
         expect(page.locator("#setting_code_former_weight")).to_have_attribute("aria-invalid", "true")
         expect(page.locator("#panel-settings .field-error")).to_contain_text("from 0 to 1")
         assert page.request.get(options_url).json()["code_former_weight"] == before["code_former_weight"]
     finally:
-        page.request.post(options_url, data={key: before[key] for key in
-                                             ("eta_noise_seed_delta", "CLIP_stop_at_last_layers", "randn_source")})
+        page.request.post(options_url, data={key: before[key] for key in (
+            "eta_noise_seed_delta", "CLIP_stop_at_last_layers", "randn_source", "sd_hypernetwork",
+            "extra_networks_default_multiplier")})
 
 
 def test_checkpoint_merger_tab_writes_a_checkpoint_that_joins_the_lists(page, webui_models):

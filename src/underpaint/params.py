@@ -395,6 +395,9 @@ class PromptMatrixOptions:
     #: The request's prompt styles, applied to each combination's prompts (A1111 styles each picture's
     #: prompt after the script made it): ``styles(prompt, negative_prompt) -> (prompt, negative_prompt)``.
     styles: Any = field(default=None, compare=False, repr=False)
+    #: What each prompt made gets last (a server's "Add hypernetwork to prompt" setting):
+    #: ``add_to_prompt(prompt) -> prompt``; None: nothing.
+    add_to_prompt: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         for name in ("put_at_start", "different_seeds"):
@@ -502,6 +505,8 @@ class PromptsFromFileOptions:
     combined: bool = False
     #: The request's prompt styles, applied to each line's prompts (see PromptMatrixOptions.styles).
     styles: Any = field(default=None, compare=False, repr=False)
+    #: What each line's prompt gets last (see PromptMatrixOptions.add_to_prompt).
+    add_to_prompt: Any = field(default=None, compare=False, repr=False)
     #: The styles file a line's ``--styles`` names styles of (a StyleBook); None: no styles file.
     style_book: Any = field(default=None, compare=False, repr=False)
 

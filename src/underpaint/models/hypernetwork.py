@@ -119,6 +119,22 @@ class HypernetworkRequest:
         return f"<hypernet:{self.name}:{self.strength:g}>"
 
 
+def with_hypernetwork_tag(prompt: str, name: str, strength: float) -> str:
+    """A1111's "Add hypernetwork to prompt" setting: ``prompt`` with ``<hypernet:name:strength>`` at its
+    end (no space, as A1111 appends it), unless one of its tags names that network already.
+
+    >>> with_hypernetwork_tag("a barn", "anime", 1.0)
+    'a barn<hypernet:anime:1.0>'
+    >>> with_hypernetwork_tag("a barn <hypernet:anime:0.4>", "anime", 1.0)
+    'a barn <hypernet:anime:0.4>'
+    """
+    from ..prompts.parser import extract_extra_networks
+
+    if any(tag.kind == "hypernet" and tag.name == name for tag in extract_extra_networks(prompt)[1]):
+        return prompt
+    return f"{prompt}<hypernet:{name}:{float(strength)}>"
+
+
 # --------------------------------------------------------------------------- the networks
 
 

@@ -55,6 +55,8 @@ def requests(params: "GenerationParams") -> list["GenerationParams"]:
         prompt, negative = (text, base.negative_prompt) if positive else (base.prompt, text)
         if options.styles is not None:
             prompt, negative = options.styles(prompt, negative)
+        if options.add_to_prompt is not None:
+            prompt = options.add_to_prompt(prompt)
         out.append(base.replace(prompt=prompt, negative_prompt=negative,
                                 seed=(base.seed + (i if options.different_seeds else 0)) % 2**32,
                                 subseed=(base.subseed + i) % 2**32))

@@ -213,6 +213,8 @@ def plan(params: "GenerationParams", models=None) -> list[Job]:
             prompt, negative = options.style_book.apply(line.styles, prompt, negative, field=FIELD)
         elif options.styles is not None:
             prompt, negative = options.styles(prompt, negative)
+        if options.add_to_prompt is not None:
+            prompt = options.add_to_prompt(prompt)
         try:
             job = base.replace(**{"seed": seed, "prompt": prompt, "negative_prompt": negative, **line.changes})
         except UnderpaintError as exc:

@@ -99,6 +99,10 @@ class ServerOptions:
     sd_vae: str = "Automatic"
     #: A1111's "Upscaler for img2img": "None" (Lanczos) or an upscaler's name as /upscalers lists it.
     upscaler_for_img2img: str = "None"
+    #: A1111's "Add hypernetwork to prompt" ("None" or a name as /hypernetworks lists it: its tag ends every
+    #: prompt that has none of it) and "Default multiplier for extra networks" (that tag's strength).
+    sd_hypernetwork: str = "None"
+    extra_networks_default_multiplier: float = 1.0
     #: A1111's "Show grid in gallery" and "Always save all generated image grids": a saved batch's grid
     #: is returned first / saved in the grids folder (saving.py).
     return_grid: bool = True

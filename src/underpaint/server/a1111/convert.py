@@ -304,6 +304,9 @@ def _kept_options(req: GenerationRequest, ctx: ConvertContext) -> dict[str, Any]
         "hires_fix_refiner_pass": ("hires_fix_refiner_pass",
                                    lambda key: overrides.hires_refiner_pass(options.hires_fix_refiner_pass)),
         "skip_early_cond": ("skip_early_cond", lambda key: overrides.float(key, options.skip_early_cond)),
+        "sd_hypernetwork": ("sd_hypernetwork", lambda key: overrides.hypernetwork(options.sd_hypernetwork)),
+        "extra_networks_default_multiplier": ("extra_networks_default_multiplier", lambda key: overrides.float(
+            key, options.extra_networks_default_multiplier)),
         **{key: (key, lambda key: overrides.vae_method(key, "Full")) for key in
            ("sd_vae_encode_method", "sd_vae_decode_method")},
     }
@@ -483,7 +486,8 @@ def _prompt_script(req: GenerationRequest, ctx: ConvertContext) -> dict[str, Any
     if isinstance(given.get("margin_size"), float) and given["margin_size"].is_integer():
         given["margin_size"] = int(given["margin_size"])  # a slider's 4.0
     try:
-        return {key: kind(**given, styles=styles, **extra)}
+        return {key: kind(**given, styles=styles, add_to_prompt=_hypernetwork_adder(
+            req, _Overrides(req.override_settings or {}, ctx), ctx.options), **extra)}
     except InvalidParameter as exc:
         raise _renamed(exc, SCRIPT_ARG_FIELDS) from None
 
@@ -975,6 +979,8 @@ def _common_fields(req: GenerationRequest, ctx: ConvertContext, pictures: Pictur
         prompt, negative_prompt = req.prompt or "", req.negative_prompt or ""
     else:
         prompt, negative_prompt = _styled(req, ctx, req.prompt or "", req.negative_prompt or "")
+        if (add := _hypernetwork_adder(req, overrides, ctx.options)) is not None:
+            prompt = add(prompt)
         _check_lora_tags(prompt, limits)
     return {
         "prompt": prompt,
@@ -1083,9 +1089,12 @@ def _styled(req: GenerationRequest, ctx: ConvertContext, prompt: str, negative_p
 
 
 def _styled_hires_prompts(req: Txt2ImgRequest, ctx: ConvertContext) -> dict[str, str]:
-    """``hr_prompt``/``hr_negative_prompt`` styled when given; empty ones stay empty (they follow the main prompts)."""
+    """``hr_prompt``/``hr_negative_prompt`` styled (and given the setting's hypernetwork tag, as the prompt is)
+    when given; empty ones stay empty (they follow the main prompts)."""
     prompt, negative_prompt = req.hr_prompt or "", req.hr_negative_prompt or ""
     styled_prompt, styled_negative = _styled(req, ctx, prompt, negative_prompt)
+    if prompt and (add := _hypernetwork_adder(req, _Overrides(req.override_settings or {}, ctx), ctx.options)):
+        styled_prompt = add(styled_prompt)
     return {"prompt": styled_prompt if prompt else "", "negative_prompt": styled_negative if negative_prompt else ""}
 
 
@@ -1366,6 +1375,14 @@ class _Overrides:
         return img2img_upscaler_setting(value, self.ctx.models_folder() if self.ctx.models_folder else None,
                                         "override_settings.upscaler_for_img2img")
 
+    def hypernetwork(self, default: str) -> str:
+        """``sd_hypernetwork`` for this job (:func:`hypernetwork_setting`), else ``default``."""
+        if self.values.get("sd_hypernetwork") is None:
+            return default
+        return hypernetwork_setting(self.values["sd_hypernetwork"],
+                                    self.ctx.models_folder() if self.ctx.models_folder else None,
+                                    "override_settings.sd_hypernetwork")
+
     def model(self) -> Path | None:
         value = self.values.get("sd_model_checkpoint")
         if value is None or value == "":
@@ -1387,6 +1404,34 @@ def img2img_upscaler_setting(value: Any, folder, field: str = "upscaler_for_img2
         raise InvalidParameter(field, value, "an upscaler's name from /sdapi/v1/upscalers, or None")
     found = upscale.resolve(folder, value, field)
     return found if isinstance(found, str) else found.name
+
+
+def hypernetwork_setting(value: Any, folder, field: str = "sd_hypernetwork") -> str:
+    """A1111's "Add hypernetwork to prompt" setting: "None" (or empty) or a hypernetwork's name as
+    /sdapi/v1/hypernetworks lists it; else a 422 naming ``field`` with the names there are."""
+    from ...models.hypernetwork import list_hypernetworks
+
+    if value in (None, "", "None"):
+        return "None"
+    entries = list_hypernetworks(folder.folders("hypernetworks")) if folder is not None else []
+    if isinstance(value, str) and any(entry.name == value for entry in entries):
+        return value
+    names = ", ".join(repr(entry.name) for entry in entries[:20]) or "none in the models folder's hypernetworks/"
+    raise InvalidParameter(field, value, f"'None' or a name from /sdapi/v1/hypernetworks ({names})")
+
+
+def _hypernetwork_adder(req: GenerationRequest, overrides: "_Overrides", options: ServerOptions):
+    """``prompt -> prompt`` adding the "Add hypernetwork to prompt" setting's tag (its override, else the
+    server's), None when it is "None" or the request disables extra networks (A1111 then adds nothing)."""
+    from functools import partial
+
+    from ...models.hypernetwork import with_hypernetwork_tag
+
+    name = overrides.hypernetwork(options.sd_hypernetwork)
+    if name == "None" or req.disable_extra_networks:
+        return None
+    strength = overrides.float("extra_networks_default_multiplier", options.extra_networks_default_multiplier)
+    return partial(with_hypernetwork_tag, name=name, strength=strength)
 
 
 # --------------------------------------------------------------------------- infotext

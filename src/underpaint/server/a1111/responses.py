@@ -268,6 +268,11 @@ class Options(WireModel):
     sigma_max: float = Field(0.0, description="The schedule's largest sigma (0: the model's own).")
     rho: float = Field(0.0, description="The Karras/polyexponential schedule's rho (0: the schedule's own).")
     always_discard_next_to_last_sigma: bool = Field(False, description="Always discard next-to-last sigma.")
+    sd_hypernetwork: str = Field("None", description=(
+        "Add hypernetwork to prompt: 'None' or a name from /sdapi/v1/hypernetworks, whose <hypernet:name:m> tag "
+        "(m: extra_networks_default_multiplier) ends every prompt that has no tag of it."))
+    extra_networks_default_multiplier: float = Field(1.0, description=(
+        "Default multiplier for extra networks: the strength of the sd_hypernetwork tag."))
     return_grid: bool = Field(True, description="Show grid in gallery: a saved batch's grid comes first among the images.")
     grid_save: bool = Field(True, description="Always save all generated image grids (with save_images).")
     sdxl_crop_top: int = Field(0, ge=0, le=8192, description="SDXL crop top coordinate: the crop SDXL is conditioned on.")

@@ -21,7 +21,7 @@ from ...params import (MAX_NOISE_MULTIPLIER, MAX_S_MIN_UNCOND, MAX_TOKEN_MERGING
 from ..jobs import Job
 from ..security import JSONValueLimitRoute
 from ..state import ServerState, server_state
-from .convert import img2img_upscaler_setting
+from .convert import hypernetwork_setting, img2img_upscaler_setting
 from .generation import await_job
 from .responses import CommandFlags, Options, SDModelItem, SDModuleItem, SDVaeItem
 
@@ -96,6 +96,8 @@ def get_options(request: Request) -> Options:
         return_grid=opts.return_grid, grid_save=opts.grid_save,
         sd_vae=opts.sd_vae,
         upscaler_for_img2img=opts.upscaler_for_img2img,
+        sd_hypernetwork=opts.sd_hypernetwork,
+        extra_networks_default_multiplier=opts.extra_networks_default_multiplier,
         **state.outputs.options(),
     )
 
@@ -149,6 +151,8 @@ def _option_changes(body: dict[str, Any], state: ServerState) -> dict[str, Any]:
         changes["sd_vae"] = state.catalog.vae_choice(body["sd_vae"])
     if "upscaler_for_img2img" in body:
         changes["upscaler_for_img2img"] = img2img_upscaler_setting(body["upscaler_for_img2img"], state.catalog.folder)
+    if "sd_hypernetwork" in body:
+        changes["sd_hypernetwork"] = hypernetwork_setting(body["sd_hypernetwork"], state.catalog.folder)
     if body.get("samples_format") not in (None, "png", "PNG"):
         raise InvalidParameter("samples_format", body["samples_format"], "'png'")
     return changes
@@ -175,6 +179,7 @@ _FLOAT_SETTINGS = {
     "eta_ddim": (0.0, 10.0), "eta_ancestral": (0.0, 10.0), "s_churn": (0.0, 100.0), "s_tmin": (0.0, 1000.0),
     "s_tmax": (0.0, 1000.0), "s_noise": (0.0, 100.0), "sigma_min": (0.0, 1000.0), "sigma_max": (0.0, 1000.0),
     "rho": (0.0, 100.0),
+    "extra_networks_default_multiplier": (-10.0, 10.0),
 }
 
 

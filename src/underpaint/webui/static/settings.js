@@ -6,7 +6,8 @@ import { get, post } from "./api.js";
 import { $, $$, el } from "./dom.js";
 import { clearFieldErrors, showFieldErrors } from "./fielderrors.js";
 
-// [key, label, kind, ...]: "int"/"float" with min, max and step; "bool"; "select" with its choices.
+// [key, label, kind, ...]: "int"/"float" with min, max and step; "bool"; "select" with its choices, or the
+// list URL whose entries' names follow "None".
 const SECTIONS = [
   ["Stable Diffusion", [
     ["CLIP_stop_at_last_layers", "Clip skip", "int", 1, 12, 1],
@@ -56,6 +57,10 @@ const SECTIONS = [
     ["sd_vae_encode_method", "VAE type for encode", "select", ["Full", "TAESD"]],
     ["sd_vae_decode_method", "VAE type for decode", "select", ["Full", "TAESD"]],
   ]],
+  ["Extra Networks", [
+    ["extra_networks_default_multiplier", "Default multiplier for extra networks", "float", 0, 2, 0.01],
+    ["sd_hypernetwork", "Add hypernetwork to prompt", "select", "/sdapi/v1/hypernetworks"],
+  ]],
   ["Face restoration", [
     ["face_restoration", "Restore faces", "bool"],
     ["face_restoration_model", "Face restoration model", "select", ["CodeFormer", "GFPGAN"]],
@@ -85,7 +90,9 @@ function control([key, label, kind, ...rest]) {
       label);
   }
   let input;
-  if (kind === "select") {
+  if (kind === "select" && typeof rest[0] === "string") {
+    input = el("select", { id, "data-field": key, "data-key": key, "data-choices": rest[0] });
+  } else if (kind === "select") {
     input = el("select", { id, "data-field": key, "data-key": key }, ...rest[0].map((v) => el("option", { value: v }, v)));
   } else {
     const [min, max, step] = rest;
@@ -113,7 +120,14 @@ export function setupSettings({ onApplied }) {
   let loaded = {};
 
   async function load() {
-    loaded = await get("/sdapi/v1/options");
+    const listed = $$("select[data-choices]", form);
+    const [options, ...lists] = await Promise.all([get("/sdapi/v1/options"),
+                                                   ...listed.map((select) => get(select.dataset.choices))]);
+    loaded = options;
+    listed.forEach((select, i) => {
+      const names = ["None", ...lists[i].map((entry) => entry.name)];
+      select.replaceChildren(...names.map((name) => el("option", { value: name }, name)));
+    });
     for (const input of $$("[data-key]", form)) {
       const value = loaded[input.dataset.key];
       if (value === undefined || value === null) continue;
