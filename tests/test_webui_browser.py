@@ -2328,6 +2328,15 @@ def test_extra_networks_cards_add_and_remove_prompt_text(page):
     assert np.abs(pictures[0] - pictures[1]).mean() > 1  # the hypernetwork ran
     cards.get_by_role("button", name="soft").click()
     expect(page.locator("#prompt")).to_have_value("a cat")
+    options_url = page.url.split("#")[0] + "sdapi/v1/options"
+    page.request.post(options_url, data={"extra_networks_default_multiplier": 0.5})
+    try:  # the server's "Default multiplier for extra networks"
+        page.click("#extra-networks-refresh")
+        cards.get_by_role("button", name="soft").click()
+        expect(page.locator("#prompt")).to_have_value("a cat <hypernet:soft:0.5>")
+        cards.get_by_role("button", name="soft").click()
+    finally:
+        page.request.post(options_url, data={"extra_networks_default_multiplier": 1.0})
 
     page.click('.en-tabs button[data-kind="embeddings"]')
     page.click("#extra-networks-refresh")  # the model is loaded now: which embeddings fit it is known

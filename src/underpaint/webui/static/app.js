@@ -38,6 +38,7 @@ const styles = new StylesPicker();
 const settings = setupSettings({
   onApplied: () => {  // the top bar's quick settings show the settings as they are now
     const loading = loadQuickSettings(get("/sdapi/v1/options"));
+    extraNetworks.stale();  // the cards' default multiplier
     return Promise.all(loading.map(([, promise]) => promise)).catch(() => {});
   },
 });

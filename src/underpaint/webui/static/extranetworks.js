@@ -8,7 +8,8 @@
 import { get } from "./api.js";
 import { $, $$, el } from "./dom.js";
 
-/** The strength a LoRA or hypernetwork card writes (A1111's "Default multiplier for extra networks"). */
+/** The strength a LoRA or hypernetwork card writes without a preferred weight, unless the server's
+ * "Default multiplier for extra networks" setting says otherwise. */
 const MULTIPLIER = 1;
 /** Put between the prompt and added text (A1111's "Extra networks separator"). */
 const SEPARATOR = " ";
@@ -106,10 +107,12 @@ export class ExtraNetworks {
   }
 
   async load() {
-    const cards = await get("/underpaint/v1/extra-networks");
+    const [cards, options] = await Promise.all([get("/underpaint/v1/extra-networks"),
+                                                get("/sdapi/v1/options").catch(() => ({}))]);
+    const multiplier = options.extra_networks_default_multiplier ?? MULTIPLIER;
     const item = (card, tag) => ({
       name: card.name, tag, preview: card.preview, extra: card.activation_text, negative: card.negative_text,
-      insert: tag ? `<${tag}:${card.name}:${card.preferred_weight ?? MULTIPLIER}>` : card.name,
+      insert: tag ? `<${tag}:${card.name}:${card.preferred_weight ?? multiplier}>` : card.name,
       title: card.fits ? (card.description || card.path) : `${card.name}: made for another model family`,
       disabled: !card.fits,
     });
