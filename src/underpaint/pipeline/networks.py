@@ -11,7 +11,6 @@ last as long as its engine.
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -24,7 +23,7 @@ from ..models.hypernetwork import (Hypernetwork, HypernetworkRequest, attention_
 from ..models.lora import (LoraNetwork, LoraPatcher, LoraRequest, ModuleIndex, load_lora, lora_short_hash,
                            resolve_lora)
 from ..models.optimize import weights_changed
-from ..models.registry import FileCache, listable
+from ..models.registry import FileCache, list_named_files
 from ..params import GenerationParams
 from ..prompts.embeddings import EMBEDDING_SUFFIXES, Embedding, read_changed
 from ..prompts.parser import extract_extra_networks, prompt_schedule, split_and
@@ -171,7 +170,8 @@ def available_embeddings(model) -> dict[str, Embedding]:
     state = network_state(model)
     found: dict[str, Embedding] = {}
     seen: set[Path] = set()
-    for path in _embedding_files(models_dir_of(model).folders("embeddings")):
+    for entry in list_named_files(models_dir_of(model).folders("embeddings"), EMBEDDING_SUFFIXES):
+        path = entry.path
         seen.add(path)
         embedding = _read_embedding(state, path)
         if embedding is not None:
@@ -189,16 +189,6 @@ def embedding_paths(model) -> dict[str, Path]:
         if embedding is not None:
             paths.setdefault(embedding.name, path)
     return paths
-
-
-def _embedding_files(folders: Sequence[Path]) -> Iterator[Path]:
-    for base in folders:
-        for dirpath, dirnames, filenames in os.walk(base, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for name in sorted(filenames):
-                if name.lower().endswith(EMBEDDING_SUFFIXES) and not name.startswith(".") \
-                        and listable(Path(dirpath) / name):
-                    yield Path(dirpath) / name
 
 
 def _read_embedding(state: NetworkState, path: Path) -> Embedding | None:

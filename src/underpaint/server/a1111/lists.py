@@ -22,7 +22,7 @@ from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
 from ...errors import ImageError, InvalidParameter
-from ...models.registry import listable
+from ...models.registry import list_named_files
 from ..security import JSONValueLimitRoute
 from ..state import server_state
 from .requests import InterrogateRequest, PNGInfoRequest
@@ -33,8 +33,6 @@ from .responses import (
 )
 
 router = APIRouter(prefix="/sdapi/v1", tags=["lists"], route_class=JSONValueLimitRoute)
-
-LORA_EXTENSIONS = (".safetensors", ".pt", ".ckpt")
 
 
 def sampler_items() -> list[SamplerItem]:
@@ -84,15 +82,16 @@ def loras(request: Request) -> list[LoraItem]:
     """A1111's list: each file's name, its alias (the trainer's ``ss_output_name`` when no other LoRA has
     that name or alias, as A1111's default "Alias from file"), its path relative to the models folder and
     the trainer's safetensors metadata (values holding a JSON object decoded, as A1111 sends them)."""
+    from ...models.lora import list_loras
+
     folder = server_state(request).catalog.folder
     items: dict[str, LoraItem] = {}
-    for base in folder.folders("loras"):
-        for path in sorted(base.rglob("*")):
-            if path.suffix.lower() in LORA_EXTENSIONS and path.is_file() and path.stem not in items and listable(path):
-                rel = Path(os.path.relpath(path, folder.root)).as_posix()
-                metadata = _lora_metadata(path)
-                items[path.stem] = LoraItem(name=path.stem, alias=str(metadata.get("ss_output_name") or path.stem),
-                                            path=rel, metadata=metadata)
+    for entry in list_loras(folder.folders("loras")):
+        if entry.name not in items:
+            metadata = _lora_metadata(entry.path)
+            items[entry.name] = LoraItem(name=entry.name, alias=str(metadata.get("ss_output_name") or entry.name),
+                                         path=Path(os.path.relpath(entry.path, folder.root)).as_posix(),
+                                         metadata=metadata)
     taken: dict[str, int] = {}
     for item in items.values():
         for name in {item.name, item.alias}:
@@ -172,16 +171,13 @@ def embeddings(request: Request) -> EmbeddingsResponse:
     info = state.slot.info
     widths = (info.text_widths or _TEXT_WIDTHS.get(info.family)) if info else None
     answer = EmbeddingsResponse()
-    for base in state.catalog.folder.folders("embeddings"):
-        for path in sorted(base.rglob("*")):
-            if path.suffix.lower() not in EMBEDDING_SUFFIXES or not path.is_file() or not listable(path):
-                continue
-            embedding = _read_embedding(state.embedding_files, path)
-            if embedding is None:  # unreadable or unsafe files are left out, as A1111 leaves them out
-                continue
-            item = EmbeddingItem(shape=int(embedding.vectors[0].shape[-1]), vectors=embedding.count)
-            fits = widths is None or embedding.fits(widths)
-            (answer.loaded if fits else answer.skipped).setdefault(embedding.name, item)
+    for entry in list_named_files(state.catalog.folder.folders("embeddings"), EMBEDDING_SUFFIXES):
+        embedding = _read_embedding(state.embedding_files, entry.path)
+        if embedding is None:  # unreadable or unsafe files are left out, as A1111 leaves them out
+            continue
+        item = EmbeddingItem(shape=int(embedding.vectors[0].shape[-1]), vectors=embedding.count)
+        fits = widths is None or embedding.fits(widths)
+        (answer.loaded if fits else answer.skipped).setdefault(embedding.name, item)
     return answer
 
 
