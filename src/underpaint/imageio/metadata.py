@@ -138,7 +138,7 @@ def save_image(
     path = Path(path)
     fmt = output_format(path)
     if not overwrite and os.path.lexists(path):
-        raise _exists(path)
+        raise output_exists(path)
     try:
         data = encode_image(image, fmt, infotext=infotext, quality=quality, extra=extra)
     except (OSError, ValueError, KeyError) as exc:
@@ -161,16 +161,42 @@ def write_atomic(path: Path, data: bytes, *, overwrite: bool = False) -> None:
     are not available, an exclusive create (``O_EXCL``) of the target is used instead: still
     never a replacement, but readers can see the file while it is being written.
     """
-    temp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    temp = temp_beside(path)
     try:
         _write_new_file(temp, data)
-        if overwrite:
-            os.replace(temp, path)
-        else:
-            _publish_no_clobber(temp, path, data)
-        _sync_directory(path.parent)
+        publish(temp, path, overwrite=overwrite)
     finally:
         temp.unlink(missing_ok=True)
+
+
+def temp_beside(path: Path) -> Path:
+    """A hidden, unused name in ``path``'s folder to write a file under before :func:`publish` names it."""
+    return path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+
+
+def publish(temp: Path, path: Path, *, overwrite: bool = False) -> None:
+    """Give the finished file ``temp`` (in ``path``'s folder) the name ``path``.
+
+    With ``overwrite`` that is ``os.replace``; otherwise ``os.link``, which fails with
+    :class:`OutputExists` if the name exists, so another writer's file is never replaced. Where hard
+    links are not available (FAT, some network shares) the name is claimed by an exclusive create
+    first and then replaced by ``temp``: still never another's file, though readers may see an
+    empty file for a moment. The directory entry is synced.
+    """
+    if overwrite:
+        os.replace(temp, path)
+    else:
+        try:
+            os.link(temp, path)
+        except FileExistsError:
+            raise output_exists(path) from None
+        except OSError:
+            try:
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            except FileExistsError:
+                raise output_exists(path) from None
+            os.replace(temp, path)
+    _sync_directory(path.parent)
 
 
 def _write_new_file(path: Path, data: bytes) -> None:
@@ -184,19 +210,6 @@ def _write_new_file(path: Path, data: bytes) -> None:
     except BaseException:
         path.unlink(missing_ok=True)
         raise
-
-
-def _publish_no_clobber(temp: Path, path: Path, data: bytes) -> None:
-    try:
-        os.link(temp, path)
-    except FileExistsError:
-        raise _exists(path) from None
-    except OSError:
-        # No hard links on this filesystem (FAT, some network shares): create exclusively.
-        try:
-            _write_new_file(path, data)
-        except FileExistsError:
-            raise _exists(path) from None
 
 
 def _sync_directory(directory: Path) -> None:
@@ -216,7 +229,8 @@ def _sync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def _exists(path: Path) -> OutputExists:
+def output_exists(path: Path) -> OutputExists:
+    """The error for an output name that is taken (the CLI exits non-zero, the API answers 409)."""
     return OutputExists(f"{path}: already exists; choose another name or allow overwriting", field="output")
 
 

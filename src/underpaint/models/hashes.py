@@ -108,10 +108,10 @@ def _load(cache_path: Path) -> dict:
 
 def _save(cache_path: Path, entries: dict) -> None:
     """Write atomically; an unwritable cache only costs a rehash next time."""
+    from ..imageio.metadata import write_atomic
+
     try:
         cache_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_path.with_name(f".{cache_path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(entries, indent=0, sort_keys=True), encoding="utf-8")
-        os.replace(tmp, cache_path)
+        write_atomic(cache_path, json.dumps(entries, indent=0, sort_keys=True).encode("utf-8"), overwrite=True)
     except OSError:
         pass

@@ -25,8 +25,6 @@ file is written atomically, never over an existing one unless asked.
 from __future__ import annotations
 
 import json
-import os
-import secrets
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -36,7 +34,8 @@ from pathlib import Path
 import regex
 import torch
 
-from ..errors import InvalidParameter, ModelError, OutputExists
+from ..errors import InvalidParameter, ModelError
+from ..imageio.metadata import output_exists, publish, temp_beside
 from .hashes import model_hash
 
 METHODS = ("weighted-sum", "add-difference", "no-interpolation")
@@ -103,7 +102,7 @@ def merge(recipe: MergeRecipe, output: Path, *, overwrite: bool = False,
     if output.suffix.lower() != ".safetensors":
         raise InvalidParameter("output", str(output), "a .safetensors file name")
     if output.exists() and not overwrite:
-        raise _exists(output)
+        raise output_exists(output)
     with ExitStack() as files:
         a = files.enter_context(_open(recipe.a, "A"))
         b = files.enter_context(_open(recipe.b, "B")) if recipe.method != "no-interpolation" else None
@@ -113,33 +112,13 @@ def merge(recipe: MergeRecipe, output: Path, *, overwrite: bool = False,
     hashes = {p: model_hash(p) for p in models}  # each file read once for its hash
     metadata = {"format": "pt", "sd_merge_recipe": json.dumps(_recipe_record(recipe, hashes)),
                 "sd_merge_models": json.dumps({hashes[p]: {"name": p.stem} for p in models})}
-    temp = output.with_name(f".{output.name}.{secrets.token_hex(8)}.tmp")
+    temp = temp_beside(output)
     try:
         save_file(merged, str(temp), metadata=metadata)
-        _publish(temp, output, overwrite)
+        publish(temp, output, overwrite=overwrite)
     finally:
         temp.unlink(missing_ok=True)
     return output
-
-
-def _exists(path: Path) -> OutputExists:
-    return OutputExists(f"{path}: already exists; choose another name or allow overwriting", field="output")
-
-
-def _publish(temp: Path, output: Path, overwrite: bool) -> None:
-    """``temp`` under the name ``output``: replacing it only with ``overwrite``; otherwise a hard link,
-    which fails if the name exists (where hard links are not available, a rename after a check)."""
-    if overwrite:
-        os.replace(temp, output)
-        return
-    try:
-        os.link(temp, output)
-    except FileExistsError:
-        raise _exists(output) from None
-    except OSError:
-        if output.exists():
-            raise _exists(output) from None
-        os.rename(temp, output)
 
 
 def _merged(recipe: MergeRecipe, a, b, c, progress) -> dict[str, torch.Tensor]:

@@ -134,6 +134,6 @@ def _complete(folder: Path) -> bool:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    from ..imageio.metadata import write_atomic
+
+    write_atomic(path, text.encode("utf-8"), overwrite=True)
