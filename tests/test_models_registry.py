@@ -241,8 +241,9 @@ def test_interrogate_models_go_to_their_folders(tmp_path, no_network):
 def test_known_model_table():
     assert {"sd15", "sd21", "sdxl", "sd-turbo", "sdxl-turbo"} <= set(KNOWN_MODELS)
     assert all(name == m.name for name, m in KNOWN_MODELS.items())
-    assert all((m.folder or m.filename.endswith(".safetensors")) and "/" in m.repo_id and m.description
-               for m in KNOWN_MODELS.values())
+    assert all((m.folder or m.filename.endswith(".safetensors") or (m.kind, m.filename[-3:]) == ("adetailer", ".pt"))
+               and "/" in m.repo_id and m.description for m in KNOWN_MODELS.values())
+    assert {m.filename for m in KNOWN_MODELS.values() if m.kind == "adetailer"} >= {"face_yolov8n.pt", "hand_yolov8n.pt"}
     assert {"flux-dev", "flux-schnell"} <= {name for name, m in KNOWN_MODELS.items() if m.folder}
     with pytest.raises(TypeError):
         KNOWN_MODELS["mine"] = KNOWN_MODELS["sd15"]  # read-only table

@@ -680,7 +680,7 @@ def _with_detailer(params: GenerationParams, args: argparse.Namespace) -> Genera
     except InvalidParameter as exc:
         flag = next((f for f, name in _DETAILER_FLAGS.items() if f"ad_{name}" == exc.field), "adetailer")
         raise InvalidParameter(flag, exc.value, exc.expected) from None
-    check_unit(unit, field="adetailer")
+    check_unit(unit, field="adetailer", folder=models_folder(args) if hasattr(args, "models_dir") else None)
     return params.replace(detailer=(unit,))
 
 

@@ -23,7 +23,7 @@ class KnownModel:
     name: str
     repo_id: str
     filename: str
-    #: Which models-folder kind it goes into ("checkpoints", "vae", "blip" or "clip").
+    #: Which models-folder kind it goes into ("checkpoints", "vae", "blip", "clip" or "adetailer").
     kind: str
     description: str
     #: A whole folder (``filename`` is then the folder's name): a diffusers folder's subfolders and
@@ -74,6 +74,13 @@ _TABLE = (
                folder=True, transformers=True),
     KnownModel("clip-vit-l", "openai/clip-vit-large-patch14", "clip-vit-large-patch14", "clip",
                "OpenAI CLIP ViT-L/14, which ranks Interrogate CLIP's word lists", folder=True, transformers=True),
+    # ADetailer's detection models, from the repository ADetailer itself downloads them from.
+    KnownModel("adetailer-face", "Bingsu/adetailer", "face_yolov8n.pt", "adetailer",
+               "ADetailer's face_yolov8n.pt (YOLOv8n faces) for --adetailer / ADetailer tabs"),
+    KnownModel("adetailer-hand", "Bingsu/adetailer", "hand_yolov8n.pt", "adetailer",
+               "ADetailer's hand_yolov8n.pt (YOLOv8n hands)"),
+    KnownModel("adetailer-person", "Bingsu/adetailer", "person_yolov8n-seg.pt", "adetailer",
+               "ADetailer's person_yolov8n-seg.pt (YOLOv8n-seg people, with their outlines)"),
 )
 
 #: name → KnownModel, read-only (the CLI lists it and the API validates against it).

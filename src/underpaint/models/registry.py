@@ -125,6 +125,8 @@ _FOLDERS = {
                                      "models/HAT")),
     # Face restoration (GFPGAN) with its face detector and parser, where A1111 keeps them.
     "gfpgan": ("GFPGAN", ("models/GFPGAN",)),
+    # ADetailer's detection models (ultralytics YOLO files: face_yolov8n.pt, hand_yolov8n.pt, ...).
+    "adetailer": ("adetailer", ("models/adetailer",)),
     "codeformer": ("Codeformer", ("models/Codeformer",)),
     # "Interrogate CLIP": the BLIP captioner, a CLIP model, and the word lists (an A1111 install's interrogate/).
     "blip": ("BLIP", ("models/BLIP",)),

@@ -1,18 +1,18 @@
-"""ADetailer's face detailing, as its users know it from A1111: after a picture is made, the faces
-in it are found and each is inpainted again, "only masked" at the request's size, so that a small
-face gets the whole resolution.
+"""ADetailer's detailing, as its users know it from A1111: after a picture is made, the faces (hands,
+people) in it are found and each is inpainted again, "only masked" at the request's size, so that a
+small face gets the whole resolution.
 
 For each tab (:class:`~underpaint.params.DetailerUnit`), in order, on the picture the tab before
 left:
 
-1. Faces are found with the RetinaFace detector that face restoration uses
-   (``detection_Resnet50_Final.pth`` in the models folder's ``GFPGAN/`` or ``Codeformer/``), scored
-   at least the tab's confidence; whatever detection model the tab names (ADetailer's YOLO and
-   MediaPipe face models), that detector finds the faces. The names of hand and person models are
-   refused.
-2. Each face's box, cut to the picture, becomes a mask (a filled rectangle); boxes whose area is outside the tab's
-   ratios of the picture are dropped, then only the k largest are kept (0: all, largest first); the
-   masks are dilated (a positive "dilate erode", with a square kernel of that many pixels) or
+1. The tab's model finds things scored above its confidence: ADetailer's YOLO file of that name in
+   the models folder's ``adetailer/`` (models/yolo.py: boxes, and a segmentation model's masks);
+   without the file, a face model's name (and ADetailer's MediaPipe names) finds faces with the
+   RetinaFace detector that face restoration uses (``detection_Resnet50_Final.pth`` in the models
+   folder's ``GFPGAN/`` or ``Codeformer/``); other names are refused.
+2. Each find gets a mask: a segmentation model's own, else its box (cut to the picture) filled. Finds
+   whose box's area is outside the tab's ratios of the picture are dropped, then only the k largest
+   boxes are kept (0: all, largest first); the masks are dilated (a positive "dilate erode", with a square kernel of that many pixels) or
    eroded (negative), moved by the offsets (x to the right, y upwards; wrapping around) and, with
    "Merge", made one (and inverted with "Merge and Invert"); empty masks are dropped.
 3. Mask j is inpainted on the picture so far: masked content "original", the tab's mask blur,
@@ -24,9 +24,9 @@ left:
 
 The pictures' infotext records the tabs as ADetailer writes them ("ADetailer model",
 "ADetailer confidence", ..., a second tab's keys ending in " 2nd"), and "ADetailer version".
-Where underpaint differs: the faces come from RetinaFace, not from the YOLO model named; the
-detailing runs after inpainting's overlay and colour correction (ADetailer runs before them), so an
-img2img picture's faces outside the mask are detailed too.
+Where underpaint differs: without the model's file, faces come from RetinaFace; the detailing runs
+after inpainting's overlay and colour correction (ADetailer runs before them), so an img2img
+picture's faces outside the mask are detailed too.
 """
 
 from __future__ import annotations
@@ -68,12 +68,41 @@ def is_face_model(name: str) -> bool:
     return bool(_FACE.match(name.strip()))
 
 
-def check_unit(unit: "DetailerUnit", field: str = "ad_model") -> None:
-    """A tab this detailer can run: a face detection model's name."""
-    if not is_face_model(unit.model):
-        raise InvalidParameter(field, unit.model, "a face detection model (face_yolov8n.pt, face_yolov8s.pt, "
-                                                  "mediapipe_face_full, ...): underpaint details faces, found by "
-                                                  "RetinaFace; hand and person models are not available")
+def yolo_file(folder, name: str) -> Path | None:
+    """The file in the models folder's ``adetailer/`` (A1111's ``models/adetailer``) that a tab's model
+    names by its file name, as ADetailer lists them; None when there is none."""
+    from ..models.registry import list_named_files
+    from ..models.yolo import YOLO_EXTENSIONS
+
+    name = name.strip()
+    if folder is None or not name or "/" in name or "\\" in name:
+        return None
+    return next((entry.path for entry in list_named_files(folder.folders("adetailer"), YOLO_EXTENSIONS)
+                 if entry.path.name == name), None)
+
+
+def yolo_files(folder) -> list[str]:
+    """The detection model files in the models folder's ``adetailer/``, by the names a tab gives them."""
+    from ..models.registry import list_named_files
+    from ..models.yolo import YOLO_EXTENSIONS
+
+    if folder is None:
+        return []
+    return list(dict.fromkeys(e.path.name for e in list_named_files(folder.folders("adetailer"), YOLO_EXTENSIONS)))
+
+
+def check_unit(unit: "DetailerUnit", field: str = "ad_model", folder=None) -> None:
+    """A tab this detailer can run: a model file in the models folder's ``adetailer/``, or a face model's
+    name (RetinaFace finds the faces when its file is not there). Without ``folder`` only the name is
+    looked at (the models folder is checked before the work begins)."""
+    if is_face_model(unit.model) or folder is None or yolo_file(folder, unit.model) is not None:
+        return
+    where = folder.folder("adetailer")
+    there = ", ".join(yolo_files(folder)[:12]) or "none there now"
+    raise InvalidParameter(field, unit.model, f"a detection model file in {where} ({there}; ADetailer's "
+                                              f"hand_yolov8n.pt, person_yolov8n-seg.pt, ... go there) or a face "
+                                              f"model's name (face_yolov8n.pt, mediapipe_face_full, ...: RetinaFace "
+                                              f"finds the faces when the file is not there)")
 
 
 def suffix(n: int) -> str:
@@ -168,21 +197,28 @@ def prompts(text: str, default: str) -> list[str]:
     return out
 
 
-def masks(boxes: np.ndarray, size: tuple[int, int], unit: "DetailerUnit") -> list["Image"]:
-    """The tab's masks from face boxes (rows x1, y1, x2, y2, ...), as ADetailer makes and shapes them."""
+def masks(found, size: tuple[int, int], unit: "DetailerUnit") -> list["Image"]:
+    """The tab's masks from what was found (:class:`~underpaint.models.yolo.Detection`, or rows x1, y1, x2,
+    y2, ... of face boxes), as ADetailer makes and shapes them: a segmentation model's own mask, else the
+    filled box; kept and ordered by their boxes' areas."""
     import cv2
     from PIL import Image, ImageChops, ImageDraw
 
     w, h = size
     area = float(w * h)
-    boxes = [np.clip(b[:4], 0, [w, h, w, h]) for b in boxes]  # within the picture, as YOLO's boxes are
-    kept = [b for b in boxes if unit.mask_min_ratio <= (b[2] - b[0]) * (b[3] - b[1]) / area <= unit.mask_max_ratio]
+    shapes = [(np.clip(np.asarray(getattr(f, "box", f)[:4], np.float64), 0, [w, h, w, h]), getattr(f, "mask", None))
+              for f in found]  # boxes within the picture, as YOLO's are
+    kept = [(b, m) for b, m in shapes
+            if unit.mask_min_ratio <= (b[2] - b[0]) * (b[3] - b[1]) / area <= unit.mask_max_ratio]
     if unit.mask_k_largest > 0:
-        kept = sorted(kept, key=lambda b: -(b[2] - b[0]) * (b[3] - b[1]))[:unit.mask_k_largest]
+        kept = sorted(kept, key=lambda s: -(s[0][2] - s[0][0]) * (s[0][3] - s[0][1]))[:unit.mask_k_largest]
     out = []
-    for box in kept:
-        mask = Image.new("L", size, 0)
-        ImageDraw.Draw(mask).rectangle([float(v) for v in box[:4]], fill=255)
+    for box, shape in kept:
+        if shape is not None:
+            mask = Image.fromarray(np.where(shape, 255, 0).astype(np.uint8), "L")
+        else:
+            mask = Image.new("L", size, 0)
+            ImageDraw.Draw(mask).rectangle([float(v) for v in box], fill=255)
         k = unit.dilate_erode
         if k:
             kernel = np.ones((abs(k), abs(k)), np.uint8)
@@ -202,8 +238,9 @@ def masks(boxes: np.ndarray, size: tuple[int, int], unit: "DetailerUnit") -> lis
 def detail(picture: "Image", seed: int, subseed: int, params: "GenerationParams", find: Callable,
            inpaint: Callable[["GenerationParams"], "Image"], *, size: tuple[int, int],
            interrupted: Callable[[], bool] = lambda: False) -> "Image":
-    """``picture`` with every tab's faces inpainted again. ``find(picture, confidence)`` gives face boxes;
-    ``inpaint(request)`` runs one inpainting request and gives its picture; ``size`` is the request's."""
+    """``picture`` with every tab's finds inpainted again. ``find(unit, picture)`` gives what the tab's model
+    finds (detections or face boxes); ``inpaint(request)`` runs one inpainting request and gives its
+    picture; ``size`` is the request's."""
     from ..params import InpaintOptions
 
     base = params.replace(detailer=(), hires=None, refiner=None, xyz_plot=None, prompt_matrix=None,
@@ -213,7 +250,7 @@ def detail(picture: "Image", seed: int, subseed: int, params: "GenerationParams"
     for unit in params.detailer:
         if interrupted():
             break
-        found = masks(find(picture, unit.confidence), picture.size, unit)
+        found = masks(find(unit, picture), picture.size, unit)
         ad_prompts = prompts(unit.prompt, params.prompt)
         ad_negatives = prompts(unit.negative_prompt, params.negative_prompt)
         width, height = (unit.inpaint_width, unit.inpaint_height) if unit.inpaint_width and unit.inpaint_height \
@@ -255,7 +292,40 @@ def detector_file(folder, field: str = "alwayson_scripts.ADetailer") -> Path:
 
 
 _lock = threading.Lock()
+#: Detectors kept loaded (RetinaFace and YOLO models), by file, its change time and device; the newest few.
 _kept: dict = {}
+_KEEP = 4
+
+
+def _keep(key, load: Callable):
+    with _lock:
+        if key not in _kept:
+            while len(_kept) >= _KEEP:
+                _kept.pop(next(iter(_kept)))
+            _kept[key] = load()
+        return _kept[key]
+
+
+def finder(folder, device, name: str, field: str = "ad_model") -> Callable:
+    """``find(picture, confidence)``: what the tab's model ``name`` finds in a picture: the YOLO file of that
+    name in the models folder's ``adetailer/`` (models/yolo.py), else, for a face model's name, the faces
+    RetinaFace finds (as boxes). Anything else is refused naming ``field``."""
+    from ..params import DetailerUnit
+
+    path = yolo_file(folder, name)
+    if path is None:
+        check_unit(DetailerUnit(model=name), field=field, folder=folder)
+        return face_finder(folder, device)
+    from ..models.yolo import detect, load_yolo
+
+    key = (str(path), path.stat().st_mtime_ns, str(device))
+    model = _keep(key, lambda: load_yolo(path).to(device))
+
+    def find(picture: "Image", confidence: float):
+        with _lock:
+            return detect(model, picture, confidence)
+
+    return find
 
 
 def face_finder(folder, device) -> Callable:
@@ -267,11 +337,7 @@ def face_finder(folder, device) -> Callable:
 
     path = detector_file(folder)
     key = (str(path), path.stat().st_mtime_ns, str(device))
-    with _lock:
-        if key not in _kept:
-            _kept.clear()
-            _kept[key] = load_retinaface(unwrap_weights(read_weights(path)), str(path)).to(device).eval()
-        net = _kept[key]
+    net = _keep(key, lambda: load_retinaface(unwrap_weights(read_weights(path)), str(path)).to(device).eval())
 
     def find(picture: "Image", confidence: float) -> np.ndarray:
         bgr = np.asarray(picture.convert("RGB"))[:, :, ::-1]

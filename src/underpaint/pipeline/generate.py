@@ -322,9 +322,14 @@ def _detailer(model, params: GenerationParams, plan: Plan, networks, info: Model
         return None
     from . import detailer
 
+    folder = models_dir_of(model)
+    finders = {}
     for n, unit in enumerate(params.detailer):
-        detailer.check_unit(unit, field=f"detailer[{n}].model")
-    find = detailer.face_finder(models_dir_of(model), model.device)
+        if unit.model not in finders:
+            finders[unit.model] = detailer.finder(folder, model.device, unit.model, field=f"detailer[{n}].model")
+
+    def find(unit, picture):
+        return finders[unit.model](picture, unit.confidence)
 
     def inpaint(request: GenerationParams):
         done = _generate(model, request, networks, info=info, progress=None, cancel=cancel)

@@ -1,13 +1,14 @@
 """The ADetailer extension's own routes (``/adetailer/v1``), which its API clients read to learn that it is
-there and which detection models it offers. underpaint details faces (pipeline/detailer.py): the face
-models' names are offered, and every one of them finds faces with the face restorer's RetinaFace."""
+there and which detection models it offers (pipeline/detailer.py): the YOLO files in the models folder's
+``adetailer/``, then ADetailer's face models' names (RetinaFace finds the faces for those not there)."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
-from ...pipeline.detailer import VERSION
+from ...pipeline.detailer import VERSION, yolo_files
 from ..security import JSONValueLimitRoute
+from ..state import server_state
 
 router = APIRouter(prefix="/adetailer/v1", tags=["adetailer"], route_class=JSONValueLimitRoute)
 
@@ -22,6 +23,7 @@ async def version() -> dict[str, str]:
     return {"version": VERSION}
 
 
-@router.get("/ad_model", summary="The detection models an ADetailer tab may name (all find faces)")
-async def ad_model() -> dict[str, list[str]]:
-    return {"ad_model": list(FACE_MODELS)}
+@router.get("/ad_model", summary="The detection models an ADetailer tab may name")
+def ad_model(request: Request) -> dict[str, list[str]]:
+    files = yolo_files(server_state(request).catalog.folder)
+    return {"ad_model": list(dict.fromkeys(["None", *files, *FACE_MODELS[1:]]))}

@@ -849,7 +849,7 @@ _AD_IGNORED = ("ad_model_classes", "ad_checkpoint", "ad_vae", "ad_noise_multipli
                "ad_controlnet_guidance_end", "is_api", "ad_tab_enable")
 
 
-def _detailer(scripts: Mapping[str, Any]) -> tuple:
+def _detailer(scripts: Mapping[str, Any], folder=None) -> tuple:
     """The ADetailer extension's ``args``: ``[enabled, skip img2img, {ad_* settings}, ...]`` (the two
     switches may be left out: its older clients send the tabs alone), a tab per object; a tab whose
     ``ad_model`` is "None" or with ``ad_tap_enable`` false is off. () when off."""
@@ -874,7 +874,7 @@ def _detailer(scripts: Mapping[str, Any]) -> tuple:
             tab = args[index]
             if not isinstance(tab, Mapping):
                 raise InvalidParameter(f"{field}[{index}]", tab, "an object of ADetailer settings (ad_model, ...)")
-            unit = _detailer_unit(tab, f"{field}[{index}]", DetailerUnit)
+            unit = _detailer_unit(tab, f"{field}[{index}]", DetailerUnit, folder)
             if unit is not None:
                 units.append(unit)
         return tuple(units)
@@ -895,7 +895,7 @@ def _ad_settings(unit) -> dict[str, Any]:
     return tab
 
 
-def _detailer_unit(tab: Mapping[str, Any], field: str, kind):
+def _detailer_unit(tab: Mapping[str, Any], field: str, kind, folder=None):
     known = set(_AD_FIELDS) | set(_AD_SWITCHED) | {k for v in _AD_SWITCHED.values() for k in v} | set(_AD_OFF) \
         | set(_AD_IGNORED) | {"ad_tap_enable"}
     for key, value in tab.items():
@@ -924,7 +924,7 @@ def _detailer_unit(tab: Mapping[str, Any], field: str, kind):
         raise InvalidParameter(f"{field}.{exc.field}", exc.value, exc.expected) from None
     from ...pipeline.detailer import check_unit
 
-    check_unit(unit, field=f"{field}.ad_model")
+    check_unit(unit, field=f"{field}.ad_model", folder=folder)
     return unit
 
 
@@ -1021,7 +1021,7 @@ def _common_fields(req: GenerationRequest, ctx: ConvertContext, pictures: Pictur
                                                     ctx.options.sdxl_refiner_low_aesthetic_score),
         "extra_networks": not req.disable_extra_networks,
         "freeu": _freeu(req.alwayson_scripts),
-        "detailer": _detailer(req.alwayson_scripts),
+        "detailer": _detailer(req.alwayson_scripts, ctx.models_folder() if ctx.models_folder else None),
         "refiner": _refiner(req, ctx, overrides),
         "sampler_options": _sampler_options(req, overrides, sampler, ctx.options),
         "sgm_noise_multiplier": overrides.bool("sgm_noise_multiplier", ctx.options.sgm_noise_multiplier),

@@ -1,0 +1,315 @@
+"""ADetailer's YOLO models (models/yolo.py) against ultralytics itself: tiny YOLOv8 detection and segmentation
+models built by ultralytics from its own YAML files (random weights, saved in half precision as its
+checkpoints are), read back without running code from the file; the network's outputs, the predictor's
+boxes after letterbox, NMS and scaling, and the segmentation masks equal ultralytics'. Files that name
+code are refused or inert; architectures underpaint does not run are refused naming the layer."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from underpaint.errors import ModelError, UnsafeModelFile
+from underpaint.models.yolo import detect, load_yolo
+
+
+def _picture(width: int, height: int, seed: int) -> Image.Image:
+    """Smooth colour blobs (something for random convolutions to respond to)."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (height // 16 + 1, width // 16 + 1, 3), dtype=np.uint8)
+    return Image.fromarray(small).resize((width, height), Image.BICUBIC)
+
+
+#: The test pictures: wide (enlarged), tall (odd sizes, made smaller: padding on both sides) and square (no
+#: padding), fitted to 320 pixels rather than ADetailer's 640 to keep the CPU time short.
+PICTURES = (_picture(300, 200, seed=1), _picture(181, 397, seed=2), _picture(320, 320, seed=3))
+IMAGE_SIZE = 320
+
+
+@pytest.fixture(scope="module")
+def ultralytics():
+    from ultralytics_ref import reference
+
+    try:
+        return reference()
+    except ImportError:
+        pytest.skip("ultralytics is not installed")
+
+
+def _build(ultralytics, cfg: str, names: tuple[str, ...], seed: int):
+    """A model ultralytics builds from its YAML, in eval mode: its batch-norm statistics those of the test
+    pictures (so that its features follow the picture), its box branches peaked at a few bins (boxes a
+    few cells wide), its class logits spread by about 1.5 at most (scores far from 0 and 1, each anchor's
+    its own)."""
+    torch.manual_seed(seed)
+    kind = ultralytics.tasks.SegmentationModel if "-seg" in cfg else ultralytics.tasks.DetectionModel
+    model = kind(cfg, nc=len(names), verbose=False)
+    model.names = dict(enumerate(names))
+    inputs = [_letterboxed(ultralytics, picture) for picture in PICTURES]
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.reset_running_stats()
+                module.momentum = None
+        model.train()
+        for x in inputs:
+            model(x)
+        model.eval()
+        head = model.model[-1]
+        bins = torch.arange(head.reg_max, dtype=torch.float32)
+        for branch in head.cv2:
+            branch[-1].weight.mul_(0.2)
+            branch[-1].bias.copy_((-0.5 * (bins - 2.5) ** 2).repeat(4) + torch.randn(4 * head.reg_max) * 0.3)
+        for branch in head.cv3:
+            branch[-1].bias.zero_()
+        spread = torch.zeros(len(names))
+        for x in inputs:
+            out = model(x)[0]
+            scores = (out[0] if isinstance(out, tuple) else out)[0, 4:4 + len(names)]
+            spread = torch.maximum(spread, torch.logit(scores.clamp(1e-6, 1 - 1e-6)).std(dim=1))
+        for branch in head.cv3:
+            branch[-1].weight.div_(spread[:, None, None, None] / 1.5)
+    return model
+
+
+def _letterboxed(ultralytics, picture: Image.Image) -> torch.Tensor:
+    """The network's input for ``picture`` as ultralytics' predictor makes it (BGR array, letterbox, RGB, /255)."""
+    boxed = ultralytics.LetterBox(IMAGE_SIZE, auto=True, stride=32)(image=np.asarray(picture)[:, :, ::-1])
+    return torch.from_numpy(np.ascontiguousarray(boxed[:, :, ::-1])).permute(2, 0, 1)[None].float() / 255
+
+
+def _save(model, path):
+    """As ultralytics leaves a trained model: the model object in half precision, the rest bookkeeping."""
+    torch.save({"date": "2024-01-01T00:00:00", "version": "8.0.196", "epoch": -1, "best_fitness": None,
+                "model": copy.deepcopy(model).half(), "ema": None, "updates": None, "optimizer": None,
+                "train_args": {"task": "segment" if hasattr(model.model[-1], "proto") else "detect", "imgsz": 640}},
+               path)
+    # the weights as the file holds them, batch norms folded into the convolutions as ultralytics' predictor does
+    return copy.deepcopy(model).half().float().fuse(verbose=False).eval()
+
+
+@pytest.fixture(scope="module")
+def detector(ultralytics, tmp_path_factory):
+    path = tmp_path_factory.mktemp("adetailer") / "hand_yolov8n.pt"
+    reference = _save(_build(ultralytics, "yolov8n.yaml", ("hand", "glove"), seed=3), path)
+    return path, reference
+
+
+@pytest.fixture(scope="module")
+def segmenter(ultralytics, tmp_path_factory):
+    path = tmp_path_factory.mktemp("adetailer") / "person_yolov8n-seg.pt"
+    reference = _save(_build(ultralytics, "yolov8n-seg.yaml", ("person",), seed=4), path)
+    return path, reference
+
+
+def _xyxy(xywh: torch.Tensor) -> torch.Tensor:
+    return torch.cat((xywh[:, :2] - xywh[:, 2:] / 2, xywh[:, :2] + xywh[:, 2:] / 2), 1)
+
+
+@pytest.mark.parametrize("which", ["detector", "segmenter"])
+def test_the_network_gives_ultralytics_outputs(which, request):
+    path, reference = request.getfixturevalue(which)
+    ours = load_yolo(path)
+    assert ours.names == reference.names and ours.stride == 32 and ours.segments == (which == "segmenter")
+    x = torch.rand(2, 3, 128, 160, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        theirs, out = reference(x), ours(x)
+    decoded, protos = (theirs[0] if which == "detector" else theirs[0][0]), (None if which == "detector" else theirs[0][1])
+    nc = len(reference.names)
+    for b in range(2):
+        torch.testing.assert_close(out.boxes[b], _xyxy(decoded[b, :4].T), rtol=1e-4, atol=1e-2)  # pixels
+        torch.testing.assert_close(out.scores[b], decoded[b, 4:4 + nc].T, rtol=1e-3, atol=1e-4)
+    if protos is not None:
+        torch.testing.assert_close(out.coefficients, decoded[:, 4 + nc:].transpose(1, 2), rtol=1e-3, atol=2e-3)
+        torch.testing.assert_close(out.protos, protos, rtol=1e-3, atol=2e-3)
+
+
+def _ultralytics_predict(ultralytics, reference, picture: Image.Image, count: int = 40):
+    """ultralytics' predictor for a PIL picture, step by step: BGR array, letterbox (auto), RGB, /255, the model,
+    NMS at IoU 0.7, boxes scaled back; a segmentation model's masks at the letterboxed size. The confidence
+    is chosen so that ``count`` anchors pass it (random weights score each picture differently)."""
+    bgr = np.asarray(picture)[:, :, ::-1]
+    x = _letterboxed(ultralytics, picture)
+    with torch.no_grad():
+        out = reference(x)
+    segments = isinstance(out[0], tuple)
+    preds, protos = (out[0][0], out[0][1]) if segments else (out[0], None)
+    best = preds[0, 4:4 + len(reference.names)].amax(0).sort(descending=True).values
+    confidence = float(best[count - 1] + best[count]) / 2
+    found = ultralytics.non_max_suppression(preds, confidence, 0.7, max_det=300, nc=len(reference.names))[0]
+    masks = None
+    if segments and len(found):
+        masks = ultralytics.ops.process_mask(protos[0], found[:, 6:], found[:, :4], x.shape[2:], upsample=True)
+    boxes = ultralytics.ops.scale_boxes(x.shape[2:], found[:, :4].clone(), bgr.shape)
+    return found, boxes, masks, x.shape[2:], confidence
+
+
+def _order(found) -> tuple:
+    score, box = (found.score, found.box) if hasattr(found, "score") else (found[0], found[2])
+    return (-round(score, 4), *(round(v, 1) for v in box))
+
+
+@pytest.mark.parametrize("picture", PICTURES, ids=["wide", "tall", "square"])
+def test_detections_are_ultralytics_predictions(ultralytics, detector, picture):
+    path, reference = detector
+    found, boxes, _, _, confidence = _ultralytics_predict(ultralytics, reference, picture)
+    ours = detect(load_yolo(path), picture, confidence, size=IMAGE_SIZE)
+    assert len(found) >= 10 and len(ours) == len(found)
+    theirs = [(float(s), reference.names[int(c)], tuple(b)) for s, c, b in zip(found[:, 4], found[:, 5], boxes.tolist())]
+    assert [d.score for d in ours] == sorted((d.score for d in ours), reverse=True)
+    # the same finds; those of equal scores (alike anchors) may come in another order
+    for mine, want in zip(sorted(ours, key=_order), sorted(theirs, key=_order)):
+        assert (mine.label, mine.mask) == (want[1], None)
+        np.testing.assert_allclose(mine.score, want[0], atol=1e-5)
+        np.testing.assert_allclose(mine.box, want[2], atol=2e-3)
+    assert len(detect(load_yolo(path), picture, 0.9999, size=IMAGE_SIZE)) == 0
+
+
+def test_segmentation_masks_are_ultralytics_masks_without_the_padding(ultralytics, segmenter):
+    import cv2
+
+    path, reference = segmenter
+    picture = PICTURES[0]
+    found, boxes, masks, shape, confidence = _ultralytics_predict(ultralytics, reference, picture, 20)
+    keep = masks.flatten(1).amax(1) > 0
+    ours = detect(load_yolo(path), picture, confidence, size=IMAGE_SIZE)
+    assert int(keep.sum()) >= 1 and len(ours) == int(keep.sum())
+    np.testing.assert_allclose([d.box for d in ours], boxes[keep].numpy(), atol=2e-3)
+    # ultralytics' masks are at the letterboxed size: cut the padding off, scale to the picture
+    gain = min(shape[0] / 200, shape[1] / 300)
+    new_w, new_h = round(300 * gain), round(200 * gain)
+    left, top = round((shape[1] - new_w) / 2 - 0.1), round((shape[0] - new_h) / 2 - 0.1)
+    for detection, mask in zip(ours, masks[keep].numpy()):
+        cut = mask[top:top + new_h, left:left + new_w].astype(np.uint8) * 255
+        want = cv2.resize(cut, (300, 200), interpolation=cv2.INTER_LINEAR) > 127
+        assert detection.mask.shape == (200, 300) and detection.mask.any()
+        assert np.array_equal(detection.mask, want)
+
+
+class _Runs:
+    """A pickled object that asks the unpickler to call ``exec`` with code that writes a file."""
+
+    def __init__(self, target):
+        self.target = str(target)
+
+    def __reduce__(self):
+        return exec, (f"open({self.target!r}, 'w').write('ran')",)
+
+
+class _System:
+    def __reduce__(self):
+        import os
+
+        return os.system, ("echo ran",)
+
+
+def test_files_never_run_code(tmp_path):
+    marker = tmp_path / "marker"
+    torch.save({"model": _Runs(marker)}, tmp_path / "exec.pt")
+    with pytest.raises(ModelError, match="not an ultralytics YOLO detection model"):
+        load_yolo(tmp_path / "exec.pt")
+    assert not marker.exists()
+    torch.save({"model": _System()}, tmp_path / "system.pt")
+    with pytest.raises(UnsafeModelFile):
+        load_yolo(tmp_path / "system.pt")
+    (tmp_path / "plain.pt").write_bytes(pickle.dumps({"model": 1}))
+    with pytest.raises(ModelError):
+        load_yolo(tmp_path / "plain.pt")
+    (tmp_path / "text.pt").write_text("not a model")
+    with pytest.raises(ModelError, match="text.pt"):
+        load_yolo(tmp_path / "text.pt")
+
+
+def test_other_architectures_are_refused_naming_the_layer(ultralytics, tmp_path):
+    torch.manual_seed(0)
+    model = ultralytics.tasks.DetectionModel("yolo11n.yaml", nc=1, verbose=False).eval()
+    torch.save({"model": model.half()}, tmp_path / "face_yolo11n.pt")
+    with pytest.raises(ModelError, match="C3k2"):
+        load_yolo(tmp_path / "face_yolo11n.pt")
+
+
+# --------------------------------------------------------------------------- in ADetailer's tabs
+
+
+@pytest.fixture(scope="module")
+def detailing(segmenter, sd1_file, tmp_path_factory):
+    """An engine whose models folder's adetailer/ holds the segmentation model."""
+    import shutil
+
+    from underpaint.models.loader import load_model
+    from underpaint.models.registry import ModelsDir
+    from underpaint.pipeline.engine import Engine
+
+    root = tmp_path_factory.mktemp("models")
+    (root / "adetailer").mkdir()
+    shutil.copy(segmenter[0], root / "adetailer" / "person_yolov8n-seg.pt")
+    return Engine(load_model(sd1_file), models_dir=ModelsDir(root)), root / "adetailer" / "person_yolov8n-seg.pt"
+
+
+def test_a_tab_naming_a_file_in_adetailer_inpaints_what_it_finds(detailing):
+    """A tab whose model is a file in the models folder's adetailer/ inpaints that model's finds, each its own
+    request with its mask (a segmentation model's own shape); the same request by hand gives the same picture."""
+    from underpaint.params import DetailerUnit, GenerationParams, InpaintOptions
+    from underpaint.pipeline import detailer
+
+    engine, path = detailing
+    base = dict(prompt="a person", steps=2, sampler="Euler", rng="cpu", width=64, height=64, seed=8, subseed=3)
+    unit = DetailerUnit(model="person_yolov8n-seg.pt", mask_k_largest=2, dilate_erode=0, denoising_strength=0.5)
+    result = engine.generate(GenerationParams(**base, detailer=(unit,)))
+    picture = engine.generate(GenerationParams(**base)).images[0]
+    found = detect(load_yolo(path), picture, unit.confidence)
+    masks = detailer.masks(found, picture.size, unit)
+    assert len(masks) == 2 and any(d.mask is not None for d in found)
+    for j, mask in enumerate(masks):
+        picture = engine.generate(GenerationParams(**{**base, "seed": 8 + j, "subseed": 3 + j}, init_images=(picture,),
+                                                   mask=mask, strength=0.5, inpaint=InpaintOptions(full_res=True))
+                                  ).images[0]
+    assert np.array_equal(np.asarray(result.images[0]), np.asarray(picture))
+    assert "ADetailer model: person_yolov8n-seg.pt" in result.infotexts[0]
+    assert detailer.yolo_files(engine.model.models_dir) == ["person_yolov8n-seg.pt"]
+
+
+def test_a_tab_naming_a_missing_file_is_refused_with_the_folder(detailing):
+    from underpaint.errors import InvalidParameter
+    from underpaint.params import DetailerUnit, GenerationParams
+
+    engine, path = detailing
+    with pytest.raises(InvalidParameter) as err:
+        engine.generate(GenerationParams(prompt="x", steps=1, width=64, height=64,
+                                         detailer=(DetailerUnit(model="hand_yolov8n.pt"),)))
+    assert err.value.field == "detailer[0].model"
+    assert str(path.parent) in err.value.expected and "person_yolov8n-seg.pt" in err.value.expected
+
+
+def test_the_api_lists_the_files_and_runs_a_tab_with_one(segmenter, sd1_file, tmp_path_factory, detailing):
+    import json
+    import shutil
+
+    from test_server_support import decode_b64, real_api, tiny_models_dir
+
+    from underpaint.params import DetailerUnit, GenerationParams
+
+    root = tiny_models_dir(tmp_path_factory.mktemp("api-models"), sd1_file)
+    (root / "adetailer").mkdir()
+    shutil.copy(segmenter[0], root / "adetailer" / "person_yolov8n-seg.pt")
+    base = dict(prompt="a person", steps=2, width=64, height=64, seed=8, subseed=3)
+    with real_api(root) as api:
+        models = api.get("/adetailer/v1/ad_model").json()["ad_model"]
+        assert models[:3] == ["None", "person_yolov8n-seg.pt", "face_yolov8n.pt"]
+        tab = {"ad_model": "person_yolov8n-seg.pt", "ad_mask_k_largest": 1, "ad_denoising_strength": 0.5}
+        r = api.post("/sdapi/v1/txt2img", json={**base, "sampler_name": "Euler", "override_settings": {"randn_source": "CPU"},
+                                                "alwayson_scripts": {"ADetailer": {"args": [True, False, tab]}}})
+        assert r.status_code == 200, r.text
+        missing = api.post("/sdapi/v1/txt2img", json={**base, "alwayson_scripts": {"ADetailer": {"args": [
+            True, False, {"ad_model": "hand_yolov8n.pt"}]}}})
+        assert missing.status_code == 422 and "adetailer" in missing.json()["detail"]
+    assert "ADetailer model: person_yolov8n-seg.pt" in json.loads(r.json()["info"])["infotexts"][0]
+    engine, _ = detailing
+    want = engine.generate(GenerationParams(**base, sampler="Euler", rng="cpu", detailer=(
+        DetailerUnit(model="person_yolov8n-seg.pt", mask_k_largest=1, denoising_strength=0.5),)))
+    assert np.array_equal(np.asarray(decode_b64(r.json()["images"][0]).convert("RGB")), np.asarray(want.images[0]))
