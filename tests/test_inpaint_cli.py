@@ -46,6 +46,31 @@ def test_inpaint_keeps_unmasked_pixels_and_records_settings(files, sd1_file):
     assert "Mask blur" not in text
 
 
+def test_inpaint_from_infotext_takes_its_inpaint_settings(files, sd1_file, tmp_path, photo):
+    """--from-infotext brings the inpaint keys back (Inpaint area, Masked content, padding, mask blur, mask
+    mode): the same picture again; a flag given beside it wins over the infotext."""
+    photo.crop((16, 16, 80, 80)).save(files["photo"])  # 64x64: a size an infotext can give back
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (12, 6, 40, 30))
+    mask.save(files["mask"])
+    common = ("inpaint", str(files["photo"]), "--mask", str(files["mask"]), "--steps", "2", "--model", str(sd1_file))
+    first = run_cli(*common, "-p", "a golden necklace", "--mask-blur", "2", "--masked-content", "latent noise",
+                    "--inpaint-area", "Only masked", "--padding", "8", "--invert-mask", "--seed", "9",
+                    "-o", str(files["out"]))
+    assert first.returncode == 0, first.stderr
+    again = run_cli(*common, "--from-infotext", str(files["out"]), "-o", str(tmp_path / "again.png"))
+    assert again.returncode == 0, again.stderr
+    assert np.array_equal(np.asarray(Image.open(files["out"])), np.asarray(Image.open(tmp_path / "again.png")))
+    text = Image.open(tmp_path / "again.png").info["parameters"]
+    assert "Mask mode: Inpaint not masked, Mask blur: 2, Inpaint area: Only masked, Masked area padding: 8" in text
+    assert "Masked content: latent noise" in text
+    other = run_cli(*common, "--from-infotext", str(files["out"]), "--inpaint-area", "whole", "-o",
+                    str(tmp_path / "other.png"))
+    assert other.returncode == 0, other.stderr
+    text = Image.open(tmp_path / "other.png").info["parameters"]
+    assert "Inpaint area" not in text and "Masked content: latent noise" in text
+
+
 def test_inpaint_from_alpha(tmp_path, photo, sd1_file):
     rgba = photo.crop((24, 16, 72, 48)).convert("RGBA")
     alpha = np.full((32, 48), 255, np.uint8)

@@ -58,46 +58,50 @@ def add_commands(sub) -> None:
 
 def _add_inpaint_args(p: argparse.ArgumentParser, *, outpaint: bool) -> None:
     g = p.add_argument_group("inpainting (A1111's names)")
-    g.add_argument("--mask-blur", type=int, default=4, metavar="N",
+    # Defaults None: an infotext's values (--from-infotext) hold unless a flag is given; InpaintOptions' otherwise.
+    g.add_argument("--mask-blur", type=int, default=None, metavar="N",
                    help="Gaussian blur of the mask edge in pixels; 0 keeps unmasked pixels exact (default 4)")
     g.add_argument("--mask-blur-x", type=int, default=None, metavar="N", help="horizontal mask blur (default --mask-blur)")
     g.add_argument("--mask-blur-y", type=int, default=None, metavar="N", help="vertical mask blur (default --mask-blur)")
-    g.add_argument("--masked-content", choices=sorted(MASKED_CONTENT), default="original",
+    g.add_argument("--masked-content", choices=sorted(MASKED_CONTENT), default=None,
                    type=a1111_choice(MASKED_CONTENT),
                    help="what the masked area starts from: the original pixels (default), fill (surrounding "
                         "colours), latent-noise or latent-nothing (A1111's spellings, \"latent noise\", work too)")
-    g.add_argument("--inpaint-area", choices=sorted(INPAINT_AREAS), default="whole",
+    g.add_argument("--inpaint-area", choices=sorted(INPAINT_AREAS), default=None,
                    type=a1111_choice(INPAINT_AREAS, _AREA_LABELS),
                    help="work on the whole picture (default) or only the masked region, enlarged to the output "
                         "size (A1111's \"Whole picture\" and \"Only masked\" work too)")
-    g.add_argument("--padding", "--only-masked-padding", dest="padding", type=int, default=32, metavar="N",
+    g.add_argument("--padding", "--only-masked-padding", dest="padding", type=int, default=None, metavar="N",
                    help="A1111's Only masked padding: pixels of context around the mask for --inpaint-area "
                         "only-masked (default 32)")
     if not outpaint:
-        g.add_argument("--invert-mask", action="store_true", help="repaint everything except the masked area")
-    g.add_argument("--mask-weight", type=float, default=1.0, metavar="W",
+        g.add_argument("--invert-mask", action="store_true", default=None,
+                       help="repaint everything except the masked area")
+    g.add_argument("--mask-weight", type=float, default=None, metavar="W",
                    help="conditional mask weight for inpainting checkpoints, 0-1 (default 1)")
-    g.add_argument("--soft", action="store_true",
+    g.add_argument("--soft", action="store_true", default=None,
                    help="soft inpainting: grey mask levels mean partial change")
-    g.add_argument("--color-correction", action="store_true",
+    g.add_argument("--color-correction", action="store_true", default=None,
                    help="match the repainted colours to the original where nothing was masked (an affine "
                         "correction measured outside the mask; A1111's own is --img2img-color-correction)")
 
 
-def inpaint_options(args: argparse.Namespace) -> InpaintOptions:
-    blur_x = args.mask_blur if args.mask_blur_x is None else args.mask_blur_x
-    blur_y = args.mask_blur if args.mask_blur_y is None else args.mask_blur_y
-    return InpaintOptions(
-        mask_blur_x=blur_x,
-        mask_blur_y=blur_y,
-        masked_content=MASKED_CONTENT[args.masked_content],
-        full_res=INPAINT_AREAS[args.inpaint_area],
-        full_res_padding=args.padding,
-        invert=getattr(args, "invert_mask", False),
-        mask_weight=args.mask_weight,
-        soft=args.soft,
-        color_correction=args.color_correction,
-    )
+def inpaint_options(args: argparse.Namespace, base: InpaintOptions | None = None) -> InpaintOptions:
+    """The inpainting flags given, over ``base`` (what ``--from-infotext`` read, else the defaults)."""
+    from dataclasses import replace
+
+    changes = {
+        "mask_blur_x": args.mask_blur if args.mask_blur_x is None else args.mask_blur_x,
+        "mask_blur_y": args.mask_blur if args.mask_blur_y is None else args.mask_blur_y,
+        "masked_content": None if args.masked_content is None else MASKED_CONTENT[args.masked_content],
+        "full_res": None if args.inpaint_area is None else INPAINT_AREAS[args.inpaint_area],
+        "full_res_padding": args.padding,
+        "invert": getattr(args, "invert_mask", None),
+        "mask_weight": args.mask_weight,
+        "soft": args.soft,
+        "color_correction": args.color_correction,
+    }
+    return replace(base or InpaintOptions(), **{k: v for k, v in changes.items() if v is not None})
 
 
 @contextlib.contextmanager
@@ -123,7 +127,8 @@ def run_inpaint(args: argparse.Namespace) -> int:
     image = load_image(args.input, field="IMAGE")
     mask = mask_from_alpha(image, field="IMAGE") if args.mask_from_alpha else load_image(args.mask, field="--mask")
     def make(model=None) -> GenerationParams:
-        return params_from_args(args, (image,), model=model).replace(mask=mask, inpaint=inpaint_options(args))
+        params = params_from_args(args, (image,), model=model)
+        return params.replace(mask=mask, inpaint=inpaint_options(args, params.inpaint))
 
     return _run(args, make, "inpaint")
 
@@ -136,8 +141,8 @@ def run_outpaint(args: argparse.Namespace) -> int:
     sides = OutpaintOptions(left=args.left, right=args.right, up=args.up, down=args.down, fill=args.fill,
                             falloff=args.falloff, color_variation=args.color_variation)
     def make(model=None) -> GenerationParams:
-        return outpaint_params(params_from_args(args, (image,), model=model).replace(inpaint=inpaint_options(args)),
-                               sides)
+        params = params_from_args(args, (image,), model=model)
+        return outpaint_params(params.replace(inpaint=inpaint_options(args, params.inpaint)), sides)
 
     return _run(args, make, "outpaint")
 
