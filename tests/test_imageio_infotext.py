@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -432,3 +433,33 @@ def test_keys_need_two_characters_to_be_read():
     # A1111's reader takes a key as a word character followed by at least one more.
     params = parse_infotext("p\nSteps: 1, Seed: 2, X: 3, CFG scale: 7").params
     assert params == {"Steps": "1", "Seed": "2", "CFG scale": "7"}
+
+
+# A1111's reader's expression for the parameter line's pairs, the reference for the one-pass reader.
+_A1111_PAIR = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+def test_the_parameter_line_is_read_as_a1111s_expression_reads_it():
+    """The one-pass reader finds the pairs A1111's regular expression finds, on real lines and on random
+    lines made of the characters that matter (quotes, escapes, colons, commas, spaces, dashes)."""
+    import random
+
+    from underpaint.imageio.infotext import _param_pairs
+
+    lines = ['Steps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 512x512, Model hash: abc',
+             'Lora hashes: "a: 1, b: 2", TI hashes: "x: 3", Hires prompt: "say \\"hi\\", ok", Version: v1.10.0',
+             'ADetailer prompt: "a, b", ADetailer model: face_yolov8n.pt, Template: "x"y, Size-1: 3',
+             'a: b, : c, x:, -k: 1, k-/ x: "", q: "unterminated, r: 2\n', '"a": 1, é-ü: ü, _x: 2']
+    rng = random.Random(0)
+    alphabet = 'ab_1é :,"\\-/\n\t'
+    lines += ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40))) for _ in range(3000)]
+    for line in lines:
+        assert _param_pairs(line) == _A1111_PAIR.findall(line), repr(line)
+
+
+def test_a_long_line_without_colons_is_read_in_one_pass():
+    """A1111's expression needs minutes for this line (its time grows with the square of the length)."""
+    from underpaint.imageio.infotext import _param_pairs, parse_infotext
+
+    assert _param_pairs("A" * 2_000_000) == []
+    assert parse_infotext("a cat\n" + "x y" * 300_000).params == {}

@@ -66,21 +66,11 @@ TRAILING_KEYS: tuple[str, ...] = ("Version", "User")
 
 NEGATIVE_PROMPT_PREFIX = "Negative prompt:"
 
-# One ``key: value`` pair of the parameter line, with the same reach as A1111's reader: a key
-# starts with a word character and has at least two characters of words, spaces, dashes and
-# slashes; a value is either a JSON string (escapes allowed) or everything up to the next comma.
-_PARAM_PAIR = re.compile(
-    r"""
-    \s*
-    (\w[\w \-/]+)               # key
-    :\s*
-    ( "(?:\\.|[^\\"])+"         # JSON-quoted value
-    | [^,]*                     # or a plain value up to the next comma
-    )
-    (?:,|$)
-    """,
-    re.VERBOSE,
-)
+# The parameter line is read as A1111's reader reads it: pairs ``key: value``, a key starting with a
+# word character and having at least two characters of words, spaces, dashes and slashes, a value
+# either a JSON string (escapes allowed) followed by a comma or the end, or everything up to the next
+# comma. A1111 finds them with one regular expression; :func:`_param_pairs` finds the same pairs in
+# one pass (that expression takes time growing with the square of a line without colons).
 # ``WxH`` values are split into ``key-1`` / ``key-2``; ``$`` also accepts a trailing newline,
 # as A1111's pattern does.
 _SIZE_VALUE = re.compile(r"(\d+)x(\d+)$")
@@ -178,7 +168,7 @@ def parse_infotext(text: str) -> ParsedInfotext:
     rest form the negative prompt.
     """
     *lines, last_line = text.strip().split("\n")
-    if len(_PARAM_PAIR.findall(last_line)) < 3:
+    if len(_param_pairs(last_line)) < 3:
         lines.append(last_line)
         last_line = ""
     prompt, negative_prompt = _split_prompts(lines)
@@ -204,7 +194,7 @@ def _split_prompts(lines: list[str]) -> tuple[str, str]:
 def _parse_param_line(line: str) -> dict[str, str]:
     """``key: value`` pairs; quoted values unquoted; ``WxH`` split; empty values dropped (A1111)."""
     params: dict[str, str] = {}
-    for key, value in _PARAM_PAIR.findall(line):
+    for key, value in _param_pairs(line):
         if not value:
             continue
         if value[0] == '"' and value[-1] == '"':
@@ -216,6 +206,51 @@ def _parse_param_line(line: str) -> dict[str, str]:
         else:
             params[key] = value
     return params
+
+
+def _is_key_char(c: str) -> bool:
+    return c.isalnum() or c in "_ -/"
+
+
+def _quoted_end(line: str, start: int) -> int | None:
+    """Where a JSON-quoted value starting at ``line[start] == '"'`` ends (after its closing quote), when it
+    has at least one character and a comma or the line's end follows; else None."""
+    i, n = start + 1, len(line)
+    while i < n and line[i] != '"':
+        i += 2 if line[i] == "\\" else 1
+    if i >= n or i == start + 1:
+        return None
+    end = i + 1
+    return end if end == n or line[end] == "," or (line[end] == "\n" and end == n - 1) else None
+
+
+def _param_pairs(line: str) -> list[tuple[str, str]]:
+    """The ``(key, value)`` pairs of a parameter line, values as written (see the note above)."""
+    pairs: list[tuple[str, str]] = []
+    i, n = 0, len(line)
+    while i < n:
+        j = i
+        while j < n and line[j].isspace():
+            j += 1
+        if j >= n or not (line[j].isalnum() or line[j] == "_"):
+            i = j + 1  # no key can start anywhere up to here
+            continue
+        k = j + 1
+        while k < n and _is_key_char(line[k]):
+            k += 1
+        if k >= n or line[k] != ":" or k - j < 2:
+            i = max(k, i + 1)  # every start inside this run ends at the same place
+            continue
+        v = k + 1
+        while v < n and line[v].isspace():
+            v += 1
+        end = _quoted_end(line, v) if v < n and line[v] == '"' else None
+        if end is None:
+            end = line.find(",", v)
+            end = n if end < 0 else end
+        pairs.append((line[j:k], line[v:end]))
+        i = end + 1 if end < n and line[end] == "," else end
+    return pairs
 
 
 def unquote(text: str) -> str:
