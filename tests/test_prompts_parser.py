@@ -248,3 +248,22 @@ def test_text_without_square_brackets_is_never_scheduled(text, steps):
 def test_text_without_syntax_has_weight_one(text):
     if "BREAK" not in text:
         assert parse_attention(text) == [(text, 1.0)]
+
+
+def test_extra_network_tags_are_found_as_a1111s_expression_finds_them():
+    """The one-pass tag reader takes out what A1111's ``<(\\w+):([^>]+)>`` substitution takes out, on random
+    prompts of the characters that matter; a long prompt of open tags is read in one pass."""
+    import random
+    import re
+
+    from underpaint.prompts.parser import extract_extra_networks
+
+    a1111 = re.compile(r"<(\w+):([^>]+)>")
+    rng = random.Random(1)
+    alphabet = "<>:a_é1 \n,="
+    for _ in range(3000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30)))
+        rest, found = extract_extra_networks(text)
+        assert rest == a1111.sub("", text), repr(text)
+        assert [(t.kind, ":".join((t.name, *t.args))) for t in found] == a1111.findall(text), repr(text)
+    assert extract_extra_networks("<a:" * 30000) == ("<a:" * 30000, [])

@@ -98,7 +98,8 @@ MAX_NESTING = 100
 # Extra networks: <kind:name:arg:...>
 # ---------------------------------------------------------------------------------------------
 
-_EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")
+# A1111 finds tags with ``<(\w+):([^>]+)>``; :func:`_tag_spans` finds the same ones in one pass (that
+# expression's time grows with the square of a prompt full of ``<a:`` and no ``>``).
 #: Extra-network tag kinds that name a LoRA (A1111's ``lyco`` is the LyCORIS extension's spelling).
 LORA_KINDS = ("lora", "lyco")
 
@@ -147,13 +148,39 @@ def extract_extra_networks(prompt: str) -> tuple[str, list[ExtraNetwork]]:
     """
     _check_text("prompt", prompt)
     found: list[ExtraNetwork] = []
+    kept: list[str] = []
+    last = 0
+    for start, colon, end in _tag_spans(prompt):
+        name, *args = prompt[colon + 1:end - 1].split(":")
+        found.append(ExtraNetwork(prompt[start + 1:colon], name, tuple(args)))
+        kept.append(prompt[last:start])
+        last = end
+    kept.append(prompt[last:])
+    return "".join(kept), found
 
-    def take(match: re.Match) -> str:
-        name, *args = match.group(2).split(":")
-        found.append(ExtraNetwork(match.group(1), name, tuple(args)))
-        return ""
 
-    return _EXTRA_NETWORK.sub(take, prompt), found
+def _tag_spans(text: str) -> list[tuple[int, int, int]]:
+    """``(start, colon, end)`` of each ``<kind:body>`` tag, left to right: ``<``, a run of word characters,
+    ``:``, at least one character that is not ``>``, then the first ``>``."""
+    spans: list[tuple[int, int, int]] = []
+    pos, close = 0, -1
+    while (start := text.find("<", pos)) >= 0:
+        colon = start + 1
+        while colon < len(text) and (text[colon].isalnum() or text[colon] == "_"):
+            colon += 1
+        if colon == start + 1 or colon >= len(text) or text[colon] != ":":
+            pos = start + 1
+            continue
+        if close <= colon:
+            close = text.find(">", colon + 1)
+            if close < 0:
+                break  # no tag can close after here
+        if close == colon + 1:
+            pos = start + 1
+            continue
+        spans.append((start, colon, close + 1))
+        pos = close + 1
+    return spans
 
 
 # ---------------------------------------------------------------------------------------------
