@@ -256,3 +256,19 @@ def test_vae_folder_path_resolves(tmp_path):
     assert ModelsDir(tmp_path / "m").resolve_vae(folder) == folder
     with pytest.raises(ModelNotFound):
         ModelsDir(tmp_path / "m").resolve_checkpoint(folder)  # a checkpoint folder needs model_index.json
+
+
+def test_titles_split_from_their_hash_as_a1111s_expression_splits_them():
+    import random
+    import re
+
+    from underpaint.models.registry import split_hash
+
+    title = re.compile(r"^(.*?)\s*\[([0-9a-fA-F]{8,64})\]$")
+    rng = random.Random(3)
+    pieces = ["a", " ", "[", "]", "abcdef12", "0", "\n", ".safetensors", "x y"]
+    for _ in range(3000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 8))).strip()
+        found = title.match(text)
+        assert split_hash(text) == ((found.group(1), found.group(2)) if found else (text, None)), repr(text)
+    assert split_hash(" " * 100_000 + "x") == (" " * 100_000 + "x", None)

@@ -267,3 +267,33 @@ def test_extra_network_tags_are_found_as_a1111s_expression_finds_them():
         assert rest == a1111.sub("", text), repr(text)
         assert [(t.kind, ":".join((t.name, *t.args))) for t in found] == a1111.findall(text), repr(text)
     assert extract_extra_networks("<a:" * 30000) == ("<a:" * 30000, [])
+
+
+def test_and_weights_and_break_are_read_as_a1111s_expressions_read_them():
+    """``split_and`` and the ``BREAK`` / ``[SEP]`` splits give what A1111's expressions with ``\\s*`` around
+    them give, on random prompts; long runs of spaces are read in one pass (those expressions backtrack)."""
+    import random
+    import re
+
+    from underpaint.prompts.parser import split_and, split_trimmed
+
+    weight = re.compile(r"\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+))\s*\Z")
+
+    def a1111_and(prompt):
+        out = []
+        for part in re.split(r"\bAND\b", prompt):
+            found = weight.search(part)
+            out.append((re.sub(r"\s+\Z", "", part), 1.0) if found is None else (part[:found.start()],
+                                                                                 float(found.group(1))))
+        return out
+
+    rng = random.Random(2)
+    alphabet = ["AND", "BREAK", "[SEP]", " ", "\n", ":", "1", ".", "-", "a", "x "]
+    for _ in range(3000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 14)))
+        assert split_and(text) == a1111_and(text), repr(text)
+        assert split_trimmed(text, re.compile(r"\bBREAK\b")) == re.split(r"\s*\bBREAK\b\s*", text), repr(text)
+        assert split_trimmed(text, "[SEP]") == re.split(r"\s*\[SEP\]\s*", text), repr(text)
+    spaces = " " * 200_000 + "x"
+    assert split_and(spaces) == [(spaces, 1.0)]
+    assert split_trimmed(spaces, re.compile(r"\bBREAK\b")) == [spaces]

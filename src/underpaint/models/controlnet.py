@@ -40,7 +40,7 @@ import torch
 from ..errors import ModelError, ModelNotFound
 from .configs import UNetLayout
 from .detect import Family
-from .registry import listable
+from .registry import listable, split_hash
 from .header import CheckpointHeader, header_from_state_dict, load_state_dict, read_header, sniff_format
 
 #: File name endings of ControlNet weights in a models folder (A1111's list).
@@ -505,7 +505,7 @@ def resolve_controlnet(name: str | None, folders, *, kind: str | None, family: F
     """The ControlNet to use: a path, a file name in ``folders`` (with or without extension or the
     ``[hash]`` A1111 appends), or, with no name, the file whose name mentions ``kind`` and the family."""
     if name:
-        cleaned = re.sub(r"\s*\[[0-9a-fA-F]{8,10}\]$", "", name.strip())
+        cleaned = split_hash(name.strip(), (8, 10))[0]
         direct = Path(cleaned).expanduser()
         if direct.exists():
             return direct

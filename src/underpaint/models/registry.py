@@ -134,7 +134,16 @@ _FOLDERS = {
     "interrogate": ("interrogate", ("interrogate",)),
 }
 
-_TITLE_HASH = re.compile(r"^(.*?)\s*\[([0-9a-fA-F]{8,64})\]$")
+_HASH_AT_END = re.compile(r"\[([0-9a-fA-F]+)\]\Z")
+
+
+def split_hash(title: str, digits: tuple[int, int] = (8, 64)) -> tuple[str, str | None]:
+    """A1111's ``name [hash]`` title as (name, hash), the hash ``digits`` hex digits long; (title, None)
+    without one. (Found from the end: no backtracking over long runs of spaces.)"""
+    found = _HASH_AT_END.search(title)
+    if found is None or not digits[0] <= len(found.group(1)) <= digits[1] or "\n" in title[:found.start()]:
+        return title, None
+    return title[:found.start()].rstrip(), found.group(1)
 
 
 def default_models_dir() -> Path:
@@ -348,8 +357,9 @@ def match_entry(entries: list[CheckpointEntry], name: str) -> CheckpointEntry | 
     that fits several entries is a :class:`ModelNotFound`."""
     text = name.strip()
     wanted_hash = None
-    if m := _TITLE_HASH.match(text):
-        text, wanted_hash = m.group(1), m.group(2).lower()
+    text, found = split_hash(text)
+    if found is not None:
+        wanted_hash = found.lower()
     return _find(entries, text, wanted_hash)
 
 

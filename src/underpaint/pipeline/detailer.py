@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import InvalidParameter, ModelNotFound
+from ..prompts.parser import split_trimmed
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -188,7 +189,7 @@ def prompts(text: str, default: str) -> list[str]:
     """A tab's prompts, one per mask (the last serving the rest): ``[SEP]`` separates them, an empty one is
     ``default``, and ``[PROMPT]`` in one stands for ``default``."""
     out = []
-    for part in re.split(r"\s*\[SEP\]\s*", text):
+    for part in split_trimmed(text, "[SEP]"):
         if not part:
             part = default
         elif "[PROMPT]" in part:

@@ -188,8 +188,7 @@ def _tag_spans(text: str) -> list[tuple[int, int, int]]:
 # ---------------------------------------------------------------------------------------------
 
 _AND = re.compile(r"\bAND\b")
-_AND_WEIGHT = re.compile(r"\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+))\s*\Z")
-_TRAILING_SPACE = re.compile(r"\s+\Z")
+_AND_NUMBER = re.compile(r"[-+]?(?:\d+\.?|\d*\.\d+)")
 
 
 def split_and(prompt: str) -> list[tuple[str, float]]:
@@ -209,12 +208,29 @@ def split_and(prompt: str) -> list[tuple[str, float]]:
     _check_text("prompt", prompt)
     pairs = []
     for part in _AND.split(prompt):
-        match = _AND_WEIGHT.search(part)
-        if match is None:
-            pairs.append((_TRAILING_SPACE.sub("", part), 1.0))
+        # A1111's ``\s*:\s*(number)\s*$``, read from the end (that expression backtracks over spaces)
+        part = part.rstrip()
+        head, colon, number = part.rpartition(":")
+        if colon and _AND_NUMBER.fullmatch(number.lstrip()):
+            pairs.append((head.rstrip(), float(number)))
         else:
-            pairs.append((part[: match.start()], float(match.group(1))))
+            pairs.append((part, 1.0))
     return pairs
+
+
+def split_trimmed(text: str, separator: "re.Pattern | str") -> list[str]:
+    """``text`` split at ``separator`` (a pattern or a plain string) with the white space on both sides of
+    each separator dropped: what splitting at ``\s*separator\s*`` gives, without that expression's
+    backtracking over long runs of spaces."""
+    parts = separator.split(text) if isinstance(separator, re.Pattern) else text.split(separator)
+    trimmed = []
+    for i, part in enumerate(parts):
+        if i > 0:
+            part = part.lstrip()
+        if i < len(parts) - 1:
+            part = part.rstrip()
+        trimmed.append(part)
+    return trimmed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -473,7 +489,7 @@ _ATTENTION = re.compile(r"""
     | (?P<close>[)\]])
     | (?P<text>[^\\()\[\]:]+|:)
 """, re.VERBOSE)
-_BREAK = re.compile(r"\s*\bBREAK\b\s*")
+_BREAK = re.compile(r"\bBREAK\b")  # white space around it goes too (split_trimmed)
 _ROUND = 1.1
 _SQUARE = 1 / 1.1
 #: Weight of the marker that :func:`parse_attention` emits for ``BREAK``.
@@ -565,7 +581,7 @@ def _weight_value(match: re.Match) -> float:
 
 
 def _add_text(runs: list[list], text: str) -> None:
-    for i, part in enumerate(_BREAK.split(text)):
+    for i, part in enumerate(split_trimmed(text, _BREAK)):
         if i:
             runs.append(["BREAK", BREAK_WEIGHT])
         runs.append([part, 1.0])

@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import InvalidParameter, UnknownName
+from ...models.registry import split_hash
 from ..config import Limits
 from ..images import PictureBudget
 
-_HASH_SUFFIX = re.compile(r"\s*\[[0-9a-fA-F]{8,10}\]$")
 _NO_MODEL = ("", "none", "None")
 
 
@@ -38,7 +38,7 @@ def resolve_model(name: str, files: Sequence[Path], *, field: str) -> Path:
     Failing an exact name (then one in any case), a part of a name picks the shortest file name
     that holds it ("canny" → ``control_v11p_sd15_canny``), the extension's closest-name rule.
     """
-    cleaned = _HASH_SUFFIX.sub("", name.strip())
+    cleaned = split_hash(name.strip(), (8, 10))[0]
     for exact in (True, False):
         for path in files:
             names = (path.name, path.stem)
