@@ -622,6 +622,16 @@ def test_controlnet_routes(client, photo):
     edges = decode_b64(r.json()["images"][0])
     assert edges.mode == "RGB" and min(edges.size) == 64
     assert set(np.unique(np.asarray(edges))) <= {0, 255}  # an edge map
+    # thresholds beyond the extension's sliders (a blur's sigma sets its work and memory) are refused
+    for module, key, value in (("blur_gaussian", "controlnet_threshold_a", 3e8), ("canny", "controlnet_threshold_b", 900),
+                               ("tile_resample", "controlnet_threshold_a", 0.5)):
+        r = client.post("/controlnet/detect", json={"controlnet_module": module, key: value,
+                                                    "controlnet_input_images": [png_b64(photo)]})
+        assert r.status_code == 422 and r.json()["field"] == key, r.text
+    unit = {"enabled": True, "module": "blur_gaussian", "threshold_a": 1e9, "image": png_b64(photo)}
+    r = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 1, "width": 64, "height": 64,
+                                               "alwayson_scripts": {"controlnet": {"args": [unit]}}})
+    assert r.status_code == 422 and r.json()["field"].endswith("threshold_a") and "64" in r.json()["detail"], r.text
 
 
 def test_openapi_documents_the_hand_written_models(client):

@@ -150,6 +150,7 @@ class ControlUnit:
             raise InvalidParameter("guidance_start", self.guidance_start,
                                    f"at most guidance_end ({self.guidance_end})")
         _check_range("processor_res", self.processor_res, 64, 4096, integer=True)
+        self.preprocessor.check_thresholds(self.threshold_a, self.threshold_b)
         if self.image is not None and not hasattr(self.image, "size"):
             raise ImageError(f"control image: expected a picture, got {type(self.image).__name__}")
 

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..errors import UnknownName
+from ..errors import InvalidParameter, UnknownName
 
 if TYPE_CHECKING:
     import numpy as np
@@ -35,6 +35,23 @@ class Preprocessor:
     uses_resolution: bool = True
     #: Annotator weight files it reads from models/annotators/ (for messages and listings).
     weights: tuple[str, ...] = ()
+    #: The ranges of threshold A and B (the extension's sliders) where a value outside one is refused.
+    a_range: tuple[float, float] | None = None
+    b_range: tuple[float, float] | None = None
+
+    def check_thresholds(self, a: float | None, b: float | None,
+                         fields: tuple[str, str] = ("threshold_a", "threshold_b")) -> None:
+        """Refuse a threshold outside its range (or not a finite number), naming its field."""
+        import math
+
+        for value, bounds, field, label in ((a, self.a_range, fields[0], "A"), (b, self.b_range, fields[1], "B")):
+            if value is None:
+                continue
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise InvalidParameter(field, value, f"a number (threshold {label} of {self.name})")
+            if bounds is not None and not bounds[0] <= value <= bounds[1]:
+                raise InvalidParameter(field, value, f"a number from {bounds[0]:g} to {bounds[1]:g} (threshold "
+                                                     f"{label} of {self.name})")
 
     def function(self) -> "Callable[[np.ndarray, Params], np.ndarray]":
         import importlib
@@ -52,15 +69,16 @@ _M = "underpaint.preprocess.mlsd."
 
 PREPROCESSORS: tuple[Preprocessor, ...] = (
     Preprocessor("none", _B + "none", ("ready", "map"), uses_resolution=False),
-    Preprocessor("canny", _B + "canny", (), "canny", a=100, b=200),
+    Preprocessor("canny", _B + "canny", (), "canny", a=100, b=200, a_range=(1, 255), b_range=(1, 255)),
     Preprocessor("invert (from white bg & black line)", _B + "invert", ("invert",), "lineart", uses_resolution=False),
-    Preprocessor("threshold", _B + "threshold", ("binary",), "scribble", a=127),
+    Preprocessor("threshold", _B + "threshold", ("binary",), "scribble", a=127, a_range=(0, 255)),
     Preprocessor("scribble_threshold", _B + "scribble_threshold", ("scribble",), "scribble"),
-    Preprocessor("scribble_xdog", _B + "scribble_xdog", ("xdog",), "scribble", a=32),
+    Preprocessor("scribble_xdog", _B + "scribble_xdog", ("xdog",), "scribble", a=32, a_range=(1, 64)),
     Preprocessor("lineart_standard (from white bg & black line)", _B + "lineart_standard",
                  ("lineart_standard",), "lineart"),
-    Preprocessor("blur_gaussian", _B + "blur_gaussian", ("blur",), "tile", a=9),
-    Preprocessor("tile_resample", _B + "tile_resample", ("tile",), "tile", a=1.0, uses_resolution=False),
+    Preprocessor("blur_gaussian", _B + "blur_gaussian", ("blur",), "tile", a=9, a_range=(0.01, 64)),
+    Preprocessor("tile_resample", _B + "tile_resample", ("tile",), "tile", a=1.0, uses_resolution=False,
+                 a_range=(1, 8)),
     Preprocessor("shuffle", _B + "shuffle", ("content_shuffle",), "shuffle"),
     Preprocessor("inpaint_global_harmonious", _B + "inpaint", ("inpaint",), "inpaint", uses_resolution=False),
     Preprocessor("inpaint_only", _B + "inpaint", (), "inpaint", uses_resolution=False),
@@ -68,7 +86,7 @@ PREPROCESSORS: tuple[Preprocessor, ...] = (
                  weights=("dpt-hybrid-midas/ (transformers DPT folder)",)),
     Preprocessor("depth_anything", _D + "depth_anything", ("depth_anything_v2",), "depth",
                  weights=("depth-anything-small-hf/ (transformers folder)",)),
-    Preprocessor("normal_midas", _D + "normal_midas", ("normal", "normal_map"), "normal", a=0.4,
+    Preprocessor("normal_midas", _D + "normal_midas", ("normal", "normal_map"), "normal", a=0.4, a_range=(0, 1),
                  weights=("dpt-hybrid-midas/ (transformers DPT folder)",)),
     Preprocessor("openpose", _P + "openpose", ("pose", "openpose_body"), "openpose",
                  weights=("body_pose_model.pth",)),
@@ -90,7 +108,8 @@ PREPROCESSORS: tuple[Preprocessor, ...] = (
                  weights=("table5_pidinet.pth",)),
     Preprocessor("scribble_pidinet", _PI + "scribble_pidinet", ("pidinet_scribble",), "scribble",
                  weights=("table5_pidinet.pth",)),
-    Preprocessor("mlsd", _M + "mlsd", ("straight_lines",), "mlsd", a=0.1, b=0.1, weights=("mlsd_large_512_fp32.pth",)),
+    Preprocessor("mlsd", _M + "mlsd", ("straight_lines",), "mlsd", a=0.1, b=0.1, weights=("mlsd_large_512_fp32.pth",),
+                 a_range=(0.01, 2), b_range=(0.01, 20)),
     Preprocessor("lineart_realistic", _N + "lineart_realistic", ("lineart",), "lineart", weights=("sk_model.pth",)),
     Preprocessor("lineart_coarse", _N + "lineart_coarse", (), "lineart", weights=("sk_model2.pth",)),
 )
@@ -132,6 +151,7 @@ def run_preprocessor(name: str, image, *, res: int = 512, a: float | None = None
     from .common import AnnotatorContext, check_finite_resolution
 
     pre = get_preprocessor(name)
+    pre.check_thresholds(a, b)
     arr = np.asarray(image) if not isinstance(image, np.ndarray) else image
     if arr.dtype != np.uint8:
         arr = arr.astype(np.uint8)

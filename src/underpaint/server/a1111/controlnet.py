@@ -166,6 +166,7 @@ def prepare_detect(body: ControlNetDetectRequest, state: ServerState) -> DetectJ
     # The extension sends -1 (older clients 64) for "the module's default".
     a = body.controlnet_threshold_a if body.controlnet_threshold_a >= 0 else None
     b = body.controlnet_threshold_b if body.controlnet_threshold_b >= 0 else None
+    get_preprocessor(module).check_thresholds(a, b, ("controlnet_threshold_a", "controlnet_threshold_b"))
     return DetectJob(module, images, res, a, b, masks)
 
 
