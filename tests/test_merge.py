@@ -98,6 +98,17 @@ def test_refusals_and_atomic_output(three, tmp_path):
     with pytest.raises(InvalidParameter) as err:
         MergeRecipe(three["a"], three["b"], discard="(")
     assert err.value.field == "discard"
+    for pattern in ("a{1000000000}", "(a{1000}){1000}", "((x{30}){30}){30}"):  # gigabytes to compile
+        with pytest.raises(InvalidParameter, match="repeats") as err:
+            MergeRecipe(three["a"], three["b"], discard=pattern)
+        assert err.value.field == "discard"
+    MergeRecipe(three["a"], three["b"], discard=r"^(model_ema|first_stage_model)\.[a-z_]{1,50}")
+    for pattern in (".", "diffusion_model"):  # nothing of the UNet left: no checkpoint is written
+        with pytest.raises(InvalidParameter, match="UNet") as err:
+            merge(MergeRecipe(three["a"], three["b"], discard=pattern), tmp_path / "empty.safetensors")
+        assert err.value.field == "discard" and not (tmp_path / "empty.safetensors").exists()
+    made = merge(MergeRecipe(three["a"], three["b"]), tmp_path / "new" / "folder" / "m.safetensors")
+    assert made.is_file()
     pickle = tmp_path / "old.ckpt"
     pickle.write_bytes(b"not read")
     with pytest.raises(ModelError, match="safetensors"):
@@ -210,6 +221,9 @@ def test_http_merge_writes_a_new_listed_checkpoint(merger, three):
     ({"checkpoint_format": "ckpt"}, 422, "checkpoint_format", "safetensors"),
     ({"bake_in_vae": "zzzz"}, 422, "bake_in_vae", "other-vae"),
     ({"discard_weights": "("}, 422, "discard_weights", "regular expression"),
+    ({"discard_weights": "a{1000000000}"}, 422, "discard_weights", "repeats"),
+    ({"discard_weights": "."}, 422, "discard_weights", "UNet"),
+    ({"custom_name": "\U0001F600" * 60}, 422, "custom_name", "bytes"),
     ({"multiplier": 11}, 422, "multiplier", "-10 to 10"),
 ])
 def test_http_merge_refusals_name_the_field(merger, payload, status, field, words):

@@ -411,6 +411,12 @@ def test_text_must_be_valid_unicode(tmp_path):
             r = c.post("/sdapi/v1/txt2img", content=body, headers={"Content-Type": "application/json"})
             assert r.status_code == 422 and r.json()["field"] == field, (field, r.text[:300])
             assert "lone surrogate" in r.json()["detail"]
+        for path, body, field in (("/underpaint/v1/token-count", '{"prompt": "\\ud800 cat"}', "prompt"),
+                                  ("/underpaint/v1/prompt-styles", '{"name": "s\\ud800"}', "name"),
+                                  ("/underpaint/v1/merge-checkpoints",
+                                   '{"primary_model_name": "a", "custom_name": "x\\ud800"}', "custom_name")):
+            r = c.post(path, content=body, headers={"Content-Type": "application/json"})
+            assert r.status_code == 422 and r.json()["field"] == field, (path, r.text[:300])
         assert backend.calls == []
         ok = c.post("/sdapi/v1/txt2img", json={**SMALL, "prompt": "a cat \U0001f431 é"})  # a real emoji is fine
         assert ok.status_code == 200 and backend.calls == ["a cat \U0001f431 é"]

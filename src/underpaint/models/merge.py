@@ -72,6 +72,10 @@ class MergeRecipe:
         if self.method == "add-difference" and self.c is None:
             raise InvalidParameter("c", None, "a checkpoint C for add-difference")
         if self.discard is not None:
+            if _repeated_size(self.discard) > MAX_PATTERN_SIZE:
+                raise InvalidParameter(self.discard_field, self.discard, f"a regular expression whose repeats "
+                                       f"({{m,n}}, nested ones multiplied) come to at most {MAX_PATTERN_SIZE} "
+                                       f"(compiling a larger one takes memory in proportion)")
             try:
                 regex.compile(self.discard)
             except (regex.error, ValueError) as exc:
@@ -103,6 +107,7 @@ def merge(recipe: MergeRecipe, output: Path, *, overwrite: bool = False,
         raise InvalidParameter("output", str(output), "a .safetensors file name")
     if output.exists() and not overwrite:
         raise output_exists(output)
+    output.parent.mkdir(parents=True, exist_ok=True)  # as the other commands make their output's folder
     with ExitStack() as files:
         a = files.enter_context(_open(recipe.a, "A"))
         b = files.enter_context(_open(recipe.b, "B")) if recipe.method != "no-interpolation" else None
@@ -143,6 +148,10 @@ def _merged(recipe: MergeRecipe, a, b, c, progress) -> dict[str, torch.Tensor]:
         merged[key] = tensor.contiguous()
         if progress is not None:
             progress(i + 1, len(keys))
+    unet = [key for key in keys if key.startswith("model.diffusion_model.")]
+    if discard is not None and (not merged or (unet and not any(key in merged for key in unet))):
+        raise InvalidParameter(recipe.discard_field, recipe.discard, "a pattern that leaves the UNet's weights "
+                                                                      "(this one matches all of them: no checkpoint)")
     if vae is not None:
         for key, tensor in vae.items():  # a VAE A lacked
             merged.setdefault(key, tensor.to(torch.float16) if recipe.fp16 else tensor)
@@ -174,6 +183,49 @@ def _combine(key: str, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | None,
             raise ModelError(f"merging an {kind} model with a normal one: the {kind} model must be A", field="a")
     raise ModelError(f"{key}: A's shape {tuple(a.shape)} and B's {tuple(b.shape)} differ (checkpoints of different "
                      "architectures cannot be merged)", field="b")
+
+
+#: The most a discard pattern may spell out once its ``{m,n}`` repeats are expanded (``(a{1000}){1000}``
+#: compiles to hundreds of MB, ``a{1000000000}`` to more than a machine has).
+MAX_PATTERN_SIZE = 10_000
+_REPEAT = regex.compile(r"\{(\d*)(?:,(\d*))?\}")
+
+
+def _repeated_size(pattern: str) -> int:
+    """An upper bound on the atoms a pattern spells out with its counted repeats expanded: each atom 1, a
+    group the sum of its contents, ``{m,n}`` multiplying what it follows by its larger number."""
+    totals, last, i = [0], 0, 0
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\":
+            i, last = i + 2, 1
+        elif c == "[":  # a class: one atom, to its closing bracket
+            j = i + 1 + (pattern[i + 1:i + 2] == "^")
+            j += pattern[j:j + 1] == "]"
+            while j < len(pattern) and pattern[j] != "]":
+                j += 2 if pattern[j] == "\\" else 1
+            i, last = j + 1, 1
+        elif c == "(":
+            totals.append(0)
+            i, last = i + 1, 0
+            continue
+        elif c == ")" and len(totals) > 1:
+            last = totals.pop()
+            i += 1
+        elif c == "{" and (found := _REPEAT.match(pattern, i)) and (found.group(1) or found.group(2)):
+            count = max(int(n) for n in found.groups() if n)
+            if count > MAX_PATTERN_SIZE:
+                return count
+            totals[-1] += last * (count - 1)
+            last *= count
+            i = found.end()
+            if totals[-1] > MAX_PATTERN_SIZE:
+                return totals[-1]
+            continue
+        else:
+            i, last = i + 1, 1
+        totals[-1] += last
+    return sum(totals)
 
 
 class _Discard:

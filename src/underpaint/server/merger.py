@@ -26,7 +26,7 @@ from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import InvalidParameter, OutputExists, UnderpaintError
-from .a1111.requests import WireModel
+from .a1111.requests import RequestModel, WireModel
 from .security import JSONValueLimitRoute
 from .state import server_state
 
@@ -39,7 +39,7 @@ MAX_DISCARD = 256
 _BAD_NAME = re.compile(r"[/\\\x00-\x1f]")
 
 
-class MergeRequest(WireModel):
+class MergeRequest(RequestModel):
     primary_model_name: str = Field(description="Primary model (A): a checkpoint from /sdapi/v1/sd-models.")
     secondary_model_name: str | None = Field(None, description="Secondary model (B); not for No interpolation.")
     tertiary_model_name: str | None = Field(None, description="Tertiary model (C); Add difference only.")
@@ -89,9 +89,9 @@ def custom_file_name(name: str) -> str | None:
         name = name[: -len(".safetensors")]
     if not name:
         return None
-    if _BAD_NAME.search(name) or name.startswith(".") or len(name) > MAX_NAME:
+    if _BAD_NAME.search(name) or name.startswith(".") or len(name.encode("utf-8")) > MAX_NAME:
         raise InvalidParameter("custom_name", name, f"a plain file name: no folders, no leading dot, at most "
-                                                    f"{MAX_NAME} characters")
+                                                    f"{MAX_NAME} bytes in UTF-8")
     return name + ".safetensors"
 
 
@@ -151,6 +151,9 @@ async def merge_checkpoints(body: MergeRequest, request: Request) -> MergeRespon
                                "choose another name", field="custom_name") from None
         except UnderpaintError as exc:
             raise _for_client(exc, folder.root) from None
+        except OSError as exc:  # a full disk, a name the file system refuses: said without the server's paths
+            raise MergeNotWritten(f"custom_name: the checkpoint could not be written ({exc.strerror or exc})",
+                                  field="custom_name") from None
 
     written = await await_job(state, state.queue.submit("merge", work))
     title = await run_in_threadpool(catalog.title_of, written)
@@ -169,6 +172,11 @@ def _for_client(exc: UnderpaintError, root: Path) -> UnderpaintError:
     exc.args = (message, *exc.args[1:])
     exc.field = _FIELDS.get(exc.field, exc.field)
     return exc
+
+
+class MergeNotWritten(UnderpaintError):
+    http_status = 507
+    kind = "not_written"
 
 
 class MergeInterrupted(UnderpaintError):

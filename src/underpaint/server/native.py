@@ -13,7 +13,7 @@ from pydantic import Field
 
 from .. import __version__
 from ..errors import UnderpaintError
-from .a1111.requests import WireModel
+from .a1111.requests import RequestModel, WireModel
 from .jobs import Job
 from .security import JSONValueLimitRoute
 from .state import server_state
@@ -65,7 +65,7 @@ def _view(job: Job, position: int | None) -> JobView:
                    submitted_at=s.submitted_at, started_at=s.started_at, finished_at=s.finished_at)
 
 
-class TokenCountRequest(WireModel):
+class TokenCountRequest(RequestModel):
     prompt: str = Field("", description="The prompt (or negative prompt) as typed.")
     steps: int = Field(20, description="Sampling steps: a [from:to:when] schedule's texts are counted per step.")
     negative: bool = Field(False, description="A negative prompt (AND is plain text there).")
@@ -107,7 +107,7 @@ def _check_length(field: str, text: str, limit: int) -> None:
         raise InvalidParameter(field, f"{len(text)} characters", f"at most {limit} (this server's limit)")
 
 
-class StyleRequest(WireModel):
+class StyleRequest(RequestModel):
     name: str = Field(description="The style's name (a style of that name is replaced).")
     prompt: str = Field("", description="Its prompt text ({prompt} stands for the prompt it is applied to).")
     negative_prompt: str = Field("", description="Its negative prompt text.")
