@@ -750,3 +750,40 @@ def test_styles_axis_reads_the_styles_file_of_the_cli_and_the_server(tmp_path, a
     r = api.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 1, "script_name": "x/y/z plot",
                                                "script_args": _api_args(axis_names(False).index("Styles"), "oil")})
     assert r.status_code == 422 and r.json()["field"] == "script_args[1]", r.text
+
+
+def test_huge_plots_are_refused_before_they_are_made():
+    """A range is cut without being listed whole, a plot of too many cells is refused before any cell is made,
+    and Prompt S/R replacements that would multiply a prompt's length are refused by their length alone."""
+    values = xyz_plot._expand("1-1000000000", int)
+    assert values[:3] == [1, 2, 3] and len(values) == xyz_plot.MAX_AXIS_VALUES + 1
+    big = ",".join(str(n) for n in range(1, 101))
+    params = GenerationParams(prompt="a cat", steps=2, xyz_plot=XYZPlotOptions(
+        x_type="Seed", x_values=big, y_type="Steps", y_values=big.replace("101", "1"), z_type="Seed", z_values=big))
+    with pytest.raises(xyz_plot.TooManyCells) as err:
+        xyz_plot.plan(params)
+    assert err.value.cells == 1_000_000
+    grow = "a," + "a" * 400  # "a" becomes 400 a's on each axis: 400³ times the prompt
+    params = GenerationParams(prompt="a cat", steps=2, xyz_plot=XYZPlotOptions(
+        x_type="Prompt S/R", x_values=grow, y_type="Prompt S/R", y_values=grow, z_type="Prompt S/R", z_values=grow))
+    with pytest.raises(InvalidParameter, match="within 100000 characters"):
+        xyz_plot.plan(params)
+
+
+def test_the_server_counts_cells_and_prompt_lengths_before_queueing(tmp_path):
+    from test_server_support import fake_api
+
+    with fake_api(tmp_path) as (client, backend):
+        _refusals(client, backend)
+
+
+def _refusals(client, backend):
+    base = {"prompt": "a cat", "steps": 1, "width": 64, "height": 64, "script_name": "x/y/z plot"}
+    for seeds in ("1-1000000000", "1-900"):  # too many values; too many pictures (refused before cells are made)
+        r = client.post("/sdapi/v1/txt2img", json={**base, "script_args": ["Seed", seeds, "", "Seed", "1-900", "",
+                                                                             "Nothing", "", ""]})
+        assert r.status_code == 422 and ("1000 values" in r.json()["detail"] or "810000 cells" in r.json()["detail"])
+    r = client.post("/sdapi/v1/txt2img", json={**base, "prompt": "a " * 2000, "script_args": [
+        "Prompt S/R", "a," + "a" * 40, "", "Nothing", "", "", "Nothing", "", ""]})
+    assert r.status_code == 422 and "32768" in r.json()["detail"], r.text
+    assert backend.params == []

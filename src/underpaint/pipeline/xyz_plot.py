@@ -120,6 +120,12 @@ def _same(p: "GenerationParams", value, first) -> "GenerationParams":
 
 
 def _prompt_sr(p: "GenerationParams", value: str, first: str) -> "GenerationParams":
+    for name, text in (("prompt", p.prompt), ("negative prompt", p.negative_prompt)):
+        # the length is known before the text is made: axes of replacements each longer than what they
+        # replace multiply a prompt's length
+        if first and len(text) + text.count(first) * (len(value) - len(first)) > MAX_PROMPT_CHARS:
+            raise InvalidParameter("prompt", f"{value[:40]!r} for {first[:40]!r}",
+                                   f"replacements that keep the {name} within {MAX_PROMPT_CHARS} characters")
     return p.replace(prompt=p.prompt.replace(first, value), negative_prompt=p.negative_prompt.replace(first, value))
 
 
@@ -294,6 +300,10 @@ _FLOAT_COUNT = re.compile(rf"\s*({_DECIMAL})\s*-\s*({_DECIMAL})\s*\[\s*(\d+)\s*\
 
 #: The most values one axis may expand to (a range such as 1-100000 is refused, not run).
 MAX_AXIS_VALUES = 1000
+#: The most cells a plot may have (x values times y values times z values), checked before any is made.
+MAX_CELLS = 10_000
+#: The longest prompt Prompt S/R may make.
+MAX_PROMPT_CHARS = 100_000
 
 
 def split_values(text: str) -> list[str]:
@@ -315,7 +325,7 @@ def _expand(value: str, kind: type) -> list | None:
             by = int(step[3]) if step[3] else 1
             if by == 0:
                 return None
-            return list(range(start, end + 1, by))[:MAX_AXIS_VALUES + 1]
+            return list(range(start, end + 1, by)[:MAX_AXIS_VALUES + 1])  # a range is sliced without making it
         if count:
             start, end, n = int(_number(count[1])), int(_number(count[2])), int(count[3])
             return [int(v) for v in _linspace(start, end, min(n, MAX_AXIS_VALUES + 1))]
@@ -474,9 +484,10 @@ def loading_axes(options: "XYZPlotOptions") -> list[tuple[str, Axis]]:
     return found
 
 
-def plan(params: "GenerationParams", models: ModelNames | None = None) -> Plan:
+def plan(params: "GenerationParams", models: ModelNames | None = None, *, max_cells: int = MAX_CELLS) -> Plan:
     """Check the plot against its request and make each cell's request (seeds fixed unless
-    ``no_fixed_seeds``). Every refusal comes here, before any cell runs, naming the axis's field.
+    ``no_fixed_seeds``). Every refusal comes here, before any cell runs, naming the axis's field;
+    more than ``max_cells`` cells are refused before any cell's request is made.
 
     ``models`` looks up the "Checkpoint name" and "VAE" values; without it (``Engine.generate``,
     which holds one model) those axes are refused."""
@@ -498,6 +509,8 @@ def plan(params: "GenerationParams", models: ModelNames | None = None) -> Plan:
         values.append(vals)
         looked_up.append(_look_up(kind, vals, letter, models))
     xs, ys, zs = values
+    if len(xs) * len(ys) * len(zs) > max_cells:
+        raise TooManyCells(len(xs) * len(ys) * len(zs), max_cells)
     cells = []
     for iz, z in enumerate(zs):
         for iy, y in enumerate(ys):
@@ -514,6 +527,14 @@ def plan(params: "GenerationParams", models: ModelNames | None = None) -> Plan:
                         refiner=None if refiner is None else RefinerOptions(str(refiner), switch_at))
                 cells.append(Cell(ix, iy, iz, cell_params, checkpoint=found.get(CHECKPOINT), vae=found.get(VAE)))
     return Plan(xs, ys, zs, cells, _run_order(axes, (len(xs), len(ys), len(zs))))
+
+
+class TooManyCells(InvalidParameter):
+    """A plot of more cells than allowed (``cells``), refused before any cell is made."""
+
+    def __init__(self, cells: int, most: int):
+        super().__init__("xyz_x_values", f"{cells} cells", f"at most {most} cells in all")
+        self.cells = cells
 
 
 def _look_up(kind: Axis, values: list, letter: str, models: ModelNames | None) -> list | None:

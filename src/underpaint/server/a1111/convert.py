@@ -544,16 +544,24 @@ def _checked_plot(params: GenerationParams, ctx: ConvertContext) -> GenerationPa
         return params
     from ...pipeline import xyz_plot
 
+    most = max(1, ctx.limits.max_images // (params.batch_size * params.n_iter))  # cells, before any is made
     try:
-        cells = len(xyz_plot.plan(params, plot_models(ctx)).cells)
+        plot = xyz_plot.plan(params, plot_models(ctx), max_cells=most)
+        cells = len(plot.cells)
+    except xyz_plot.TooManyCells as exc:
+        cells, plot = exc.cells, None
     except InvalidParameter as exc:
         raise _renamed(exc, SCRIPT_ARG_FIELDS) from None
     pictures = cells * params.batch_size * params.n_iter
-    if pictures > ctx.limits.max_images:
+    if plot is None or pictures > ctx.limits.max_images:
         raise InvalidParameter("script_args", f"{cells} cells", f"at most {ctx.limits.max_images} pictures in all "
                                                                 f"(this server's limit; {cells} cells x batch size "
                                                                 f"{params.batch_size} x batch count {params.n_iter} "
                                                                 f"makes {pictures})")
+    longest = max((max(len(c.params.prompt), len(c.params.negative_prompt)) for c in plot.cells), default=0)
+    if longest > ctx.limits.max_prompt_chars:  # Prompt S/R may lengthen the prompts
+        raise InvalidParameter("script_args", f"a cell's prompt of {longest} characters",
+                               f"at most {ctx.limits.max_prompt_chars} characters (this server's limit)")
     return params
 
 
