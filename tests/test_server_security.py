@@ -371,7 +371,7 @@ def test_prompt_text_styles_and_lora_tags_are_bounded(tmp_path):
     prompt each time they apply, or thousands of LoRA merges would hold the engine for hours."""
     styles = tmp_path / "styles.csv"
     styles.write_text("name,prompt,negative_prompt\nplain,film grain,\ntwice,{prompt} {prompt},\n")
-    limits = Limits(max_prompt_chars=100, max_styles=3, max_lora_tags=2)
+    limits = Limits(max_prompt_chars=100, max_styles=3, max_lora_tags=2, max_prompt_parts=3)
     backend = FakeBackend()
     app = create_app(ServerConfig(models_dir=make_models_dir(tmp_path), preload=False, styles_file=styles,
                                   limits=limits), loader=backend)
@@ -386,6 +386,7 @@ def test_prompt_text_styles_and_lora_tags_are_bounded(tmp_path):
         refused({"styles": ["plain"] * 4}, "styles", "at most 3")
         refused({"prompt": "a cat " * 5, "styles": ["twice"] * 3}, "styles", "within 100 characters")
         refused({"prompt": "<lora:a:1> <lyco:b:1> <lora:a:0.5>"}, "prompt", "at most 2")
+        refused({"prompt": "a AND b AND c AND d"}, "prompt", "at most 3")  # AND parts: each a UNet input
         assert backend.calls == []
         ok = c.post("/sdapi/v1/txt2img", json={**SMALL, "prompt": "a cat", "negative_prompt": "y" * 100,
                                                "styles": ["twice", "plain", "twice"]})

@@ -41,6 +41,8 @@ class Limits:
     #: ``<lora:...>``/``<lyco:...>``/``<hypernet:...>`` tags in a prompt (each LoRA is merged into the weights,
     #: each hypernetwork runs in the attention layers).
     max_lora_tags: int = 32
+    #: ``AND`` parts of a prompt (Composable Diffusion): each is one more UNet input per picture and step.
+    max_prompt_parts: int = 16
     #: Pictures decoded from one request: init images, mask, ControlNet unit images and masks,
     #: /controlnet/detect inputs (counted before decoding; each may have up to max_image_pixels).
     max_input_images: int = 16

@@ -1131,14 +1131,19 @@ def _check_limits(req: GenerationRequest, limits: Limits) -> None:
 
 
 def _check_lora_tags(prompt: str, limits: Limits) -> None:
-    """At most ``max_lora_tags`` LoRA and hypernetwork tags in the (styled) prompt: each LoRA is merged
-    into the weights, each hypernetwork runs in every attention layer of its widths."""
-    from ...prompts.parser import extract_extra_networks
+    """At most ``max_lora_tags`` LoRA and hypernetwork tags in the (styled) prompt (each LoRA is merged
+    into the weights, each hypernetwork runs in every attention layer of its widths) and at most
+    ``max_prompt_parts`` AND parts."""
+    from ...prompts.parser import extract_extra_networks, split_and
 
     count = sum(tag.is_lora or tag.kind == "hypernet" for tag in extract_extra_networks(prompt)[1])
     if count > limits.max_lora_tags:
         raise InvalidParameter("prompt", f"{count} <lora:...>/<hypernet:...> tags",
                                f"at most {limits.max_lora_tags} (this server's limit)")
+    parts = len(split_and(prompt))
+    if parts > limits.max_prompt_parts:
+        raise InvalidParameter("prompt", f"{parts} AND parts", f"at most {limits.max_prompt_parts} (this server's "
+                                                               f"limit: each part is one more UNet input per step)")
 
 
 def _sampler_name(req: GenerationRequest) -> str:
