@@ -149,3 +149,26 @@ def test_output_size():
     assert output_size((1000, 500), height=300) == (600, 300)
     assert output_size((1000, 750), width=512) == (512, 384)
     assert output_size((1000, 500), 640, 480) == (640, 480)
+
+
+def test_pictures_of_extreme_shape_are_refused_naming_the_field():
+    """A 4096 x 1 strip has no "Resize and fill" into 512 x 512 (a side of 0 pixels), a 1 x 4096 one a "Crop
+    and resize" of 512 x 2097152 pixels: refused naming the resize mode (A1111 fails or fills the memory);
+    ControlNet maps likewise; Just resize still stretches them."""
+    import numpy as np
+
+    from underpaint.errors import InvalidParameter
+    from underpaint.preprocess.common import fit_map, resize_with_pad
+
+    strip, column = Image.new("RGB", (4096, 1), "red"), Image.new("RGB", (1, 4096), "red")
+    for picture, mode in ((strip, 2), (column, 1), (column, 2)):
+        with pytest.raises(InvalidParameter) as err:
+            resize_image(picture, 512, 512, mode)
+        assert err.value.field == "resize_mode" and "4096" in str(err.value)
+    assert resize_image(strip, 512, 512, 0).size == (512, 512)
+    for mode in ("Resize and Fill", "Crop and Resize"):
+        with pytest.raises(InvalidParameter):
+            fit_map(np.zeros((1, 4096, 3), np.uint8), 512, 512, mode)
+    with pytest.raises(InvalidParameter) as err:
+        resize_with_pad(np.zeros((1, 4096, 3), np.uint8), 512)
+    assert err.value.field == "processor_res"

@@ -646,3 +646,4 @@ def test_extras_requests_run_one_at_a_time(tmp_path, monkeypatch):
         answers = list(pool.map(lambda _: httpx.post(base + "/sdapi/v1/extra-single-image", timeout=30,
                                                      json={"image": tiny, "upscaler_1": "Nearest"}), range(3)))
     assert [r.status_code for r in answers] == [200, 200, 200] and most[0] == 1
+

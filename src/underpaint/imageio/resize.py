@@ -31,6 +31,19 @@ RESIZE_MODE_NAMES = {
 }
 #: Sizes are multiples of this: the VAE works on 8x8 pixel blocks.
 SIZE_MULTIPLE = 8
+#: The largest picture a resize step may make on its way (a 4096 x 1 strip covering 512 x 512 would be
+#: 512 x 2097152 before its crop): 2^26 pixels, 192 MiB as RGB.
+MAX_SCALED_PIXELS = 2**26
+
+
+def check_scaled(size: tuple[int, int], source: tuple[int, int], target: tuple[int, int],
+                 field: str = "resize_mode") -> None:
+    """Refuse a scaling step to ``size`` that has an empty side or more than :data:`MAX_SCALED_PIXELS`:
+    a ``source`` picture whose shape is too far from the ``target``'s for the resize mode."""
+    if min(size) < 1 or size[0] * size[1] > MAX_SCALED_PIXELS:
+        raise InvalidParameter(field, f"a {source[0]}x{source[1]} picture for {target[0]}x{target[1]}",
+                               "a picture whose shape is closer to the output's (scaled for this resize mode it "
+                               f"would be {size[0]}x{size[1]}); or Just resize")
 
 
 def resize_image(image: Image.Image, width: int, height: int, mode: int, *,
@@ -73,6 +86,7 @@ def _crop_and_resize(image: Image.Image, width: int, height: int, enlarge: Enlar
         scaled = (width, ih * width // iw)
     else:  # match heights
         scaled = (iw * height // ih, height)
+    check_scaled(scaled, (iw, ih), (width, height))
     return _paste_centred(scale_to(image, *scaled, enlarge), width, height)
 
 
@@ -83,6 +97,7 @@ def _resize_and_fill(image: Image.Image, width: int, height: int, enlarge: Enlar
         scaled = (width, ih * width // iw)
     else:  # match heights, bars left and right (none when the aspect ratios are equal)
         scaled = (iw * height // ih, height)
+    check_scaled(scaled, (iw, ih), (width, height))
     resized = scale_to(image, *scaled, enlarge)
     result = _paste_centred(resized, width, height)
     if width * ih < iw * height:

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ImageError, InvalidParameter, ModelError
+from ..imageio.resize import check_scaled
 
 JUST_RESIZE = "Just Resize"
 CROP_AND_RESIZE = "Crop and Resize"
@@ -108,6 +109,7 @@ def resize_with_pad(image: np.ndarray, resolution: int) -> Padded:
     h, w = img.shape[:2]
     k = float(resolution) / float(min(h, w))
     th, tw = int(round(h * k)), int(round(w * k))
+    check_scaled((tw, th), (w, h), (resolution, resolution), "processor_res")
     interpolation = cv2.INTER_CUBIC if k > 1 else cv2.INTER_AREA
     img = cv2.resize(img, (tw, th), interpolation=interpolation)
     ph, pw = -th % 64, -tw % 64
@@ -140,13 +142,17 @@ def fit_map(detected: np.ndarray, width: int, height: int, resize_mode: str) -> 
         border = np.concatenate([detected[0], detected[-1], detected[:, 0], detected[:, -1]], axis=0)
         colour = np.median(border, axis=0).astype(detected.dtype)
         canvas = np.tile(colour[None, None], [height, width, 1])
-        scaled = resize_map(detected, int(round(old_w * k)), int(round(old_h * k)))
+        size = (int(round(old_w * k)), int(round(old_h * k)))
+        check_scaled(size, (old_w, old_h), (width, height))
+        scaled = resize_map(detected, *size)
         nh, nw = scaled.shape[:2]
         top, left = max(0, (height - nh) // 2), max(0, (width - nw) // 2)
         canvas[top : top + nh, left : left + nw] = scaled[:height, :width]
         return canvas
     k = max(k0, k1)
-    scaled = resize_map(detected, int(round(old_w * k)), int(round(old_h * k)))
+    size = (int(round(old_w * k)), int(round(old_h * k)))
+    check_scaled(size, (old_w, old_h), (width, height))
+    scaled = resize_map(detected, *size)
     nh, nw = scaled.shape[:2]
     top, left = max(0, (nh - height) // 2), max(0, (nw - width) // 2)
     return np.ascontiguousarray(scaled[top : top + height, left : left + width])
