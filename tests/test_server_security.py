@@ -154,6 +154,11 @@ def test_foreign_host_names_are_refused_on_loopback(tmp_path):
             assert c.get("/sdapi/v1/options").status_code == 200, base
     with TestClient(_app(tmp_path, allowed_hosts=("sd.example",)), base_url="http://sd.example") as c:
         assert c.get("/sdapi/v1/options").status_code == 200
+    with TestClient(_app(tmp_path), base_url="http://127.0.0.1") as c:  # malformed IPv6 literals: refused, no 500
+        r = c.get("/sdapi/v1/options", headers={"Host": "[::1"})
+        assert r.status_code == 403 and r.json()["error"] == "forbidden_host"
+        r = c.post("/sdapi/v1/options", json={}, headers={"Origin": "http://[::1", "Sec-Fetch-Site": "cross-site"})
+        assert r.status_code == 403 and r.json()["error"] == "cross_origin"
 
 
 # --------------------------------------------------------------------------- body size

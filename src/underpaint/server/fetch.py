@@ -53,10 +53,13 @@ def fetch_image_bytes(url: str, *, field: str, max_bytes: int, timeout: float = 
     ``timeout`` bounds each network operation, ``deadline`` the whole fetch: when it passes the
     connection is shut down, which ends any read in progress.
     """
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    try:
+        parts = urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:  # a malformed IPv6 literal or port
+        parts, port = None, 0
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
         raise ImageError(f"{field}: expected an http(s) URL, got {url[:80]!r}", field=field)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
     address = _public_addresses(parts.hostname, port, field)[0]
     cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
     conn = _pinned(cls(parts.hostname, port, timeout=timeout), address)

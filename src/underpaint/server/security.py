@@ -31,11 +31,11 @@ _DEFAULT_PORTS = {"http": "80", "https": "443", "ws": "80", "wss": "443"}
 
 def _host_port(netloc: str, scheme: str) -> tuple[str, str]:
     """Split ``host[:port]`` (IPv6 in brackets) and fill in the scheme's default port."""
-    parts = urlsplit(f"//{netloc}")
-    try:
+    try:  # a malformed IPv6 literal ("[::1") is a ValueError: no host, never ours
+        parts = urlsplit(f"//{netloc}")
         port = parts.port
     except ValueError:
-        port = None
+        return "", ""
     host = (parts.hostname or "").lower()
     return host, str(port) if port is not None else _DEFAULT_PORTS.get(scheme, "")
 
@@ -132,7 +132,10 @@ class OriginGuard:
     def _same_origin(origin: str, host_header: str | None, scheme: str) -> bool:
         if not host_header or origin == "null":
             return False
-        parts = urlsplit(origin)
+        try:
+            parts = urlsplit(origin)
+        except ValueError:  # a malformed IPv6 literal
+            return False
         if not parts.netloc:
             return False
         # Compare host and port only: behind a TLS proxy the server sees http while the page is https.
