@@ -308,6 +308,7 @@ def test_the_api_lists_the_files_and_runs_a_tab_with_one(segmenter, sd1_file, tm
         missing = api.post("/sdapi/v1/txt2img", json={**base, "alwayson_scripts": {"ADetailer": {"args": [
             True, False, {"ad_model": "hand_yolov8n.pt"}]}}})
         assert missing.status_code == 422 and "adetailer" in missing.json()["detail"]
+        assert str(root) not in missing.text and str(root.resolve()) not in missing.text  # no server paths
     assert "ADetailer model: person_yolov8n-seg.pt" in json.loads(r.json()["info"])["infotexts"][0]
     engine, _ = detailing
     want = engine.generate(GenerationParams(**base, sampler="Euler", rng="cpu", detailer=(

@@ -53,11 +53,6 @@ def error_response(status: int, kind: str, detail: str, field: str | None = None
     return JSONResponse(error_body(kind, detail, field, **extra), status_code=status, headers=dict(headers or {}))
 
 
-def from_underpaint_error(exc: UnderpaintError) -> JSONResponse:
-    status = exc.http_status if 400 <= exc.http_status <= 599 else 400
-    return error_response(status, exc.kind, exc.message, exc.field, getattr(exc, "headers", None))
-
-
 def field_from_loc(loc: Sequence[Any]) -> str | None:
     """``("body", "init_images", 0)`` → ``"init_images[0]"``: the name a client knows the field by."""
     parts = [p for p in loc if p not in ("body", "query", "path", "header")]
@@ -79,12 +74,30 @@ def from_validation_error(exc: RequestValidationError) -> JSONResponse:
     return error_response(422, "invalid_parameter", detail, first["field"], errors=errors)
 
 
+def without_paths(request: Request, text: str) -> str:
+    """``text`` with the server's models folder left out of the paths in it: answers say where a file goes
+    relative to the models folder, never where that folder is on the server's disk."""
+    import os
+    from pathlib import Path
+
+    state = getattr(request.app.state, "underpaint", None)
+    catalog = getattr(state, "catalog", None)
+    root = getattr(getattr(catalog, "folder", None), "root", None)
+    if root is None:
+        return text
+    for form in dict.fromkeys((str(Path(root).resolve()), str(Path(root).absolute()), str(root))):
+        text = text.replace(form + os.sep, "").replace(form, "the models folder")
+    return text
+
+
 def install_handlers(app: FastAPI) -> None:
     """Route every exception type to a JSON body; unexpected ones are logged with their traceback."""
 
     @app.exception_handler(UnderpaintError)
     async def _underpaint(request: Request, exc: UnderpaintError) -> JSONResponse:
-        return from_underpaint_error(exc)
+        status = exc.http_status if 400 <= exc.http_status <= 599 else 400
+        return error_response(status, exc.kind, without_paths(request, exc.message), exc.field,
+                              getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -98,4 +111,4 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-        return error_response(500, "internal_error", f"{type(exc).__name__}: {exc}")
+        return error_response(500, "internal_error", without_paths(request, f"{type(exc).__name__}: {exc}"))
