@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from test_server_support import FakeBackend, live_server, make_models_dir, png_b64
-from underpaint.errors import UnderpaintError
+from underpaint.errors import InvalidParameter, UnderpaintError
 from underpaint.server.app import create_app
 from underpaint.server.config import Limits, ServerConfig, parse_api_auth
 
@@ -652,3 +652,21 @@ def test_extras_requests_run_one_at_a_time(tmp_path, monkeypatch):
                                                      json={"image": tiny, "upscaler_1": "Nearest"}), range(3)))
     assert [r.status_code for r in answers] == [200, 200, 200] and most[0] == 1
 
+
+
+def test_override_settings_and_unit_switches_are_checked_for_every_request(client):
+    """override_settings' upscaler and samples_format are checked on txt2img too (as /options checks them),
+    a ControlNet unit's pixel_perfect must be a boolean, and a LoRA multiplier of 1e30 is refused by name."""
+    from underpaint.models.lora import LoraRequest
+
+    base = {"prompt": "x", "steps": 1, "width": 64, "height": 64}
+    for overrides, field in (({"upscaler_for_img2img": "../../x"}, "override_settings.upscaler_for_img2img"),
+                             ({"samples_format": "../../x"}, "override_settings.samples_format")):
+        r = client.post("/sdapi/v1/txt2img", json={**base, "override_settings": overrides})
+        assert r.status_code == 422 and r.json()["field"] == field, r.text
+    unit = {"enabled": True, "module": "canny", "image": png_b64(Image.new("RGB", (64, 64))), "pixel_perfect": "yes"}
+    r = client.post("/sdapi/v1/txt2img", json={**base, "alwayson_scripts": {"controlnet": {"args": [unit]}}})
+    assert r.status_code == 422 and r.json()["field"].endswith("pixel_perfect"), r.text
+    with pytest.raises(InvalidParameter, match="-100 to 100"):
+        LoraRequest.from_args("style", ("1e30",))
+    assert LoraRequest.from_args("style", ("-2.5",)).te == -2.5

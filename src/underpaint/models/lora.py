@@ -148,10 +148,17 @@ def _number(name: str, value: object, *, whole: bool = False) -> float:
         number = float(value)
     except (TypeError, ValueError):
         number = math.nan
-    if not math.isfinite(number) or (whole and (number != int(number) or number < 1)):
-        kind = "a whole number of ranks (dyn)" if whole else "a number (the multiplier)"
+    if not math.isfinite(number) or (whole and (number != int(number) or number < 1)) or \
+            (not whole and abs(number) > MAX_MULTIPLIER):
+        kind = "a whole number of ranks (dyn)" if whole else \
+            f"a number from -{MAX_MULTIPLIER} to {MAX_MULTIPLIER} (the multiplier)"
         raise InvalidParameter("lora", f"{name}:{value}", kind) from None
     return number
+
+
+#: The largest LoRA multiplier taken (far past what changes a picture usefully; 1e30 overflowed every
+#: weight it touched).
+MAX_MULTIPLIER = 100
 
 
 def _short(value: float) -> str:

@@ -96,7 +96,7 @@ def _unit(raw: Mapping[str, Any], field: str, *, pictures: PictureBudget, allow_
         "processor_res": int(_number(raw, "processor_res", -1, field)),
         "threshold_a": _number(raw, "threshold_a", -1, field),
         "threshold_b": _number(raw, "threshold_b", -1, field),
-        "pixel_perfect": bool(raw.get("pixel_perfect", False)),
+        "pixel_perfect": _switch(raw, "pixel_perfect", field),
         "union_control_type": raw.get("union_control_type"),
         "hr_option": "Both" if raw.get("hr_option") is None else raw["hr_option"],
     }
@@ -142,6 +142,15 @@ def _number(raw: Mapping[str, Any], key: str, default: float, field: str) -> flo
         raise InvalidParameter(f"{field}.{key}", value, "a number")
     if not math.isfinite(value):  # JSON from Python clients may hold NaN or Infinity here
         raise InvalidParameter(f"{field}.{key}", value, "a finite number")
+    return value
+
+
+def _switch(raw: Mapping[str, Any], key: str, field: str) -> bool:
+    value = raw.get(key, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise InvalidParameter(f"{field}.{key}", value, "true or false")
     return value
 
 

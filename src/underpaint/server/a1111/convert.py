@@ -982,6 +982,9 @@ def _common_fields(req: GenerationRequest, ctx: ConvertContext, pictures: Pictur
     if ctx.outputs is not None:  # a request may not point the server's writes elsewhere either
         ctx.outputs.refuse_changes(req.override_settings or {}, prefix="override_settings.")
     overrides = _Overrides(req.override_settings or {}, ctx)
+    upscaler = overrides.upscaler(ctx.options.upscaler_for_img2img)  # checked for txt2img too (as /options)
+    if overrides.values.get("samples_format") not in (None, "png", "PNG"):
+        raise overrides._bad("samples_format", "'png'")
     sampler = _sampler_name(req)
     if _script(req) in _PROMPT_SCRIPTS:  # the script styles each prompt it makes
         prompt, negative_prompt = req.prompt or "", req.negative_prompt or ""
@@ -1011,7 +1014,7 @@ def _common_fields(req: GenerationRequest, ctx: ConvertContext, pictures: Pictur
         "eta_noise_seed_delta": overrides.int("eta_noise_seed_delta", ctx.options.eta_noise_seed_delta),
         "rng": overrides.rng(ctx.options.rng),
         "fix_steps": overrides.bool("img2img_fix_steps", ctx.options.img2img_fix_steps) if img2img else False,
-        "img2img_upscaler": overrides.upscaler(ctx.options.upscaler_for_img2img) if img2img else None,
+        "img2img_upscaler": upscaler if img2img else None,
         "token_merging_ratio": _token_merging_ratio(overrides, ctx.options, img2img=img2img),
         **_uncond_skip(req, overrides, ctx.options),
         "vae_encode_method": overrides.vae_method("sd_vae_encode_method", ctx.options.sd_vae_encode_method),
