@@ -289,6 +289,9 @@ def test_ctrl_c_saves_the_finished_batches(tmp_path, photo_file, sd1_file, monke
     assert code == 130, captured.err
     assert "finished pictures will be saved" in captured.err and "underpaint: interrupted" in captured.err
     assert sorted(p.name for p in out.iterdir()) == ["00000-7.png", "00001-8.png"]  # no temporary files either
+    # -o as a file: the pictures keep the names a whole run gives them
+    code = main(["img2img", *common, "--seed", "7", "--count", "3", "-o", str(tmp_path / "named.png")])
+    assert code == 130 and sorted(p.name for p in tmp_path.glob("named*")) == ["named-1.png"]
 
     monkeypatch.undo()
     single = tmp_path / "single.png"

@@ -1110,8 +1110,10 @@ def _run_and_save(engine, params: GenerationParams, args: argparse.Namespace, co
     with ProgressBar(label=source.name if source else command) as bar, _ctrl_c_interrupts(cancel):
         result = engine.generate(params, progress=bar.update, cancel=cancel)
     finished = result.finished()
-    paths = plan_outputs(args.output, command, len(finished), overwrite=args.overwrite, source=source,
-                         seeds=[result.seeds[i] for i in finished])
+    # -o a.png for several pictures names them a-1.png, a-2.png, ... as planned, also when Ctrl-C left fewer
+    planned = max(len(finished), _output_count(params)) if result.interrupted else len(finished)
+    paths = plan_outputs(args.output, command, planned, overwrite=args.overwrite, source=source,
+                         seeds=[result.seeds[i] for i in finished])[:len(finished)]
     for i, path in zip(finished, paths):
         print(save_image(result.images[i], path, infotext=result.infotexts[i], overwrite=args.overwrite))
     if result.interrupted:

@@ -57,7 +57,8 @@ def _in_folder(folder: Path, count: int, source: Path | None, seeds: Sequence[in
             return [_free(folder / f"{source.stem}.png")]
         return [_free(folder / f"{source.stem}-{i}.png") for i in range(1, count + 1)]
     start = _next_number(folder)
-    seeds = list(seeds) if seeds is not None else [0] * count
+    seeds = list(seeds or ())
+    seeds += [0] * (count - len(seeds))
     return [folder / f"{start + i:05d}-{seeds[i]}.png" for i in range(count)]
 
 
