@@ -77,9 +77,13 @@ def test_folder_input_skips_unreadable_files(tmp_path, photo, sd1_file):
     photo.resize((64, 64)).save(src / "c.jpg")
     out = tmp_path / "out"
     proc = run_cli("img2img", str(src), "-p", "x", "--steps", "2", "--model", str(sd1_file), "-o", str(out))
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 1, proc.stderr  # the others are made, and the exit status says one was not
     assert sorted(p.name for p in out.iterdir()) == ["a.png", "c.png"]
-    assert "broken.png" in proc.stderr
+    assert "broken.png" in proc.stderr and "1 of 3 inputs were skipped" in proc.stderr
+    proc = run_cli("img2img", str(src), "-p", "x", "--steps", "2", "--model", str(sd1_file), "-o",
+                   str(tmp_path / "results.png"))
+    assert proc.returncode == 2 and "a folder for a folder of inputs" in proc.stderr, proc.stderr
+    assert not (tmp_path / "results.png").exists()
 
 
 def test_txt2img(tmp_path, sd1_file):

@@ -1049,15 +1049,17 @@ def run_img2img(args: argparse.Namespace) -> int:
     plan_outputs(args.output, "img2img", _output_count(probe), overwrite=args.overwrite,
                  source=sources[0] if batch_mode else None)
     engine = _engine_for(args, probe)
-    for source, image in read_inputs(sources, batch_mode, first):
+    skipped: list[Path] = []
+    for source, image in read_inputs(sources, batch_mode, first, skipped=skipped):
         params = params_from_args(args, (image,), model=engine.model)
         _run_and_save(engine, params, args, "img2img", source if batch_mode else None)
-    return 0
+    return 1 if skipped else 0
 
 
-def read_inputs(sources: list[Path], batch_mode: bool, first=None):
+def read_inputs(sources: list[Path], batch_mode: bool, first=None, *, skipped: list[Path] | None = None):
     """(path, picture) for each input (``first``: the first one, already read). In a folder run an
-    unreadable picture is skipped with a line on standard error, and a count at the end."""
+    unreadable picture is skipped with a line on standard error (and added to ``skipped``), and a count
+    at the end; the command then exits 1, so that scripts notice."""
     from ..imageio.load import load_image
 
     failures = 0
@@ -1069,6 +1071,8 @@ def read_inputs(sources: list[Path], batch_mode: bool, first=None):
                 raise
             print(f"underpaint: skipping {source}: {exc}", file=sys.stderr)
             failures += 1
+            if skipped is not None:
+                skipped.append(source)
             continue
         yield source, image
     if failures:

@@ -20,6 +20,10 @@ def plan_outputs(output: str | None, command: str, count: int, *, overwrite: boo
     own name when processing a folder of inputs. Folder names are never reused, so only file
     targets can collide.
     """
+    if source is not None and output and not output.endswith(("/", "\\")) and not Path(output).is_dir() \
+            and Path(output).suffix:
+        raise InvalidParameter("output", output, "a folder for a folder of inputs (each result is named after its "
+                                                 "input), e.g. -o results/")
     if output is None or output.endswith(("/", "\\")) or Path(output).is_dir() or source is not None:
         folder = Path(output or Path("outputs") / command).expanduser()
         _check_folder(folder, output)

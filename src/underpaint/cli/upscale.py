@@ -99,7 +99,8 @@ def run_upscale(args: argparse.Namespace) -> int:
     sources = _inputs(args.input)
     batch_mode = len(sources) > 1 or Path(args.input).is_dir()
     to_folder = args.output is None or args.output.endswith(("/", "\\")) or Path(args.output).is_dir()
-    for source, image in read_inputs(sources, batch_mode):  # into a folder, each named after its input
+    skipped: list[Path] = []
+    for source, image in read_inputs(sources, batch_mode, skipped=skipped):  # into a folder, each by its input
         out = plan_outputs(args.output, "extras-images", 1, overwrite=args.overwrite,
                            source=source if batch_mode or to_folder else None)[0]
         result, text = upscale.postprocess(job, image, args.device)
@@ -107,4 +108,4 @@ def run_upscale(args: argparse.Namespace) -> int:
         saved = save_image(result, out, infotext=parameters if isinstance(parameters, str) else None,
                            overwrite=args.overwrite, extra={"postprocessing": text} if text else None)
         print(saved, file=sys.stdout)
-    return 0
+    return 1 if skipped else 0
