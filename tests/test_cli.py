@@ -302,3 +302,16 @@ def test_ctrl_c_saves_the_finished_batches(tmp_path, photo_file, sd1_file, monke
     assert main(["img2img", *common, "--seed", "8", "-o", str(single)]) == 0
     diff = np.abs(np.asarray(Image.open(single), np.int16) - np.asarray(Image.open(out / "00001-8.png"), np.int16))
     assert diff.max() <= 1
+
+
+def test_rng_takes_the_infotexts_spelling_and_sampler_knobs_their_ranges():
+    from underpaint.cli.generate import params_from_args
+    from underpaint.cli.main import build_parser
+    from underpaint.errors import InvalidParameter
+
+    args = build_parser().parse_args(["txt2img", "-p", "x", "--rng", "NV"])  # infotexts write "RNG: NV"
+    assert params_from_args(args).rng == "nv"
+    for flag, value in (("--eta", "-1"), ("--eta", "50"), ("--s-noise", "-0.5")):
+        with pytest.raises(InvalidParameter) as err:
+            params_from_args(build_parser().parse_args(["txt2img", "-p", "x", flag, value]))
+        assert err.value.field == flag.lstrip("-").replace("-", "_")

@@ -130,6 +130,10 @@ class SamplerOptions:
         _check_range("unipc_order", self.unipc_order, 1, 50, integer=True)
         for name in ("beta_alpha", "beta_beta"):
             _check_range(name, getattr(self, name), 0.01, 10.0)
+        if self.eta is not None:  # A1111's sliders: eta 0-1, churn and noise 0-100 (larger etas are taken)
+            _check_range("eta", self.eta, 0.0, 10.0)
+        _check_range("s_churn", self.s_churn, 0.0, 100.0)
+        _check_range("s_noise", self.s_noise, 0.0, 100.0)
 
 
 @dataclass(frozen=True)

@@ -204,7 +204,7 @@ def _add_generation_args(p: argparse.ArgumentParser, *, img2img: bool) -> None:
     r.add_argument("--subseed-strength", "--variation-strength", dest="subseed_strength", type=float, default=0.0,
                    help="A1111's Variation strength, 0-1: how much of the variation seed's noise (default 0: off)")
     r.add_argument("--seed-resize-from", metavar="WxH", default=None, help="make the noise at this size (A1111)")
-    r.add_argument("--rng", choices=("gpu", "cpu", "nv"), default="gpu",
+    r.add_argument("--rng", choices=("gpu", "cpu", "nv"), default="gpu", type=str.lower,
                    help="noise source: gpu (torch on the device), cpu, or nv (NVIDIA's numbers on any device)")
     r.add_argument("--ensd", "--eta-noise-seed-delta", dest="ensd", type=int, default=0,
                    help="A1111's Eta noise seed delta (ENSD): added to the seed of ancestral/SDE samplers' "
