@@ -42,7 +42,7 @@ class InvalidParameter(UnderpaintError):
 class UnknownName(InvalidParameter):
     """A name (sampler, schedule, model, ...) that is not in a known list; suggests the nearest."""
 
-    def __init__(self, field: str, value: str, choices: Iterable[str]):
+    def __init__(self, field: str, value: str, choices: Iterable[str], hint: str = ""):
         choices = list(choices)
         close = nearest_names(str(value), choices)
         if close:
@@ -51,7 +51,7 @@ class UnknownName(InvalidParameter):
             expected = "one of " + ", ".join(repr(c) for c in choices) if choices else "a known name (none are available)"
         else:
             expected = f"one of {len(choices)} known names"
-        super().__init__(field, value, expected)
+        super().__init__(field, value, f"{expected} ({hint})" if hint else expected)
         self.choices = choices
 
 

@@ -130,7 +130,9 @@ def resolve(folder: "ModelsDir | None", name: str, field: str, *, hires: bool = 
         return builtin
     entry = find_model(folder, name)
     if entry is None:
-        raise UnknownName(field, name, (*(HIRES_LATENT_MODES if hires else ()), *names(folder)))
+        where = folder.folder("upscalers") if folder is not None else "the models folder's upscale_models/"
+        raise UnknownName(field, name, (*(HIRES_LATENT_MODES if hires else ()), *names(folder)),
+                          hint=f"upscaling models, e.g. 4x-UltraSharp.pth, go in {where}")
     return entry
 
 
