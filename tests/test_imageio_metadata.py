@@ -318,3 +318,13 @@ def test_numbered_paths_for_a_new_directory_with_trailing_slash(tmp_path):
     assert numbered_paths(target, 1, seeds=[42]) == [tmp_path / "fresh" / "00000-42.png"]
     fresh = tmp_path / "fresh"
     assert numbered_paths(target, 2, extension=".jpg") == [fresh / "00000.jpg", fresh / "00001.jpg"]
+
+
+def test_a_user_comment_that_is_not_text_is_no_infotext(tmp_path):
+    """An EXIF UserComment stored as a number (odd writers) reads as no infotext, not as an error."""
+    picture = Image.new("RGB", (16, 16))
+    exif = picture.getexif()
+    exif[0x8769] = {0x9286: 12345}
+    path = tmp_path / "odd.jpg"
+    picture.save(path, format="JPEG", exif=exif)
+    assert read_metadata(path).infotext in (None, "")

@@ -437,6 +437,8 @@ def _read_exif(exif: bytes, label: str) -> tuple[str | None, dict[str, str]]:
     except (ValueError, struct.error, KeyError, IndexError) as exc:
         raise ImageError(f"{label}: unreadable EXIF data: {exc}", field="image") from exc
     raw = data.get("Exif", {}).get(piexif.ExifIFD.UserComment, b"")
+    if not isinstance(raw, bytes):  # a UserComment stored as a number (or another type): no text
+        raw = b""
     try:
         comment = piexif.helper.UserComment.load(raw) if raw else None
     except ValueError:
