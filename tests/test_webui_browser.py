@@ -89,6 +89,8 @@ def webui_models(tmp_path_factory, sd1_file):
     from tiny_models import write_hypernetwork
 
     write_hypernetwork(models / "hypernetworks" / "soft.pt")
+    (models / "adetailer").mkdir()
+    (models / "adetailer" / "hand_yolov8n.pt").write_bytes(b"x")  # listed (not read unless a tab runs it)
     (models / "loras").mkdir()
     (models / "loras" / "ink-style.safetensors").write_bytes(b"x")
     Image.new("RGB", (32, 32), (20, 20, 20)).save(models / "loras" / "ink-style.preview.png")  # A1111's card files
@@ -2264,12 +2266,15 @@ def test_outpainting_mk2_script_sends_its_six_arguments(page, photo_file):
     page.locator("#script_name").select_option("")
 
 
-def test_adetailer_section_sends_a_face_tab(page):
+def test_adetailer_section_sends_a_face_tab(page, tmp_path):
     """The ADetailer section sends the extension's args (a face tab); a refused setting is marked beside its box,
-    and a server without the face detector's file says which file to put where."""
+    and a server without the face detector's file says which file to put where. The model select lists the
+    models folder's adetailer/ files first; pasted parameters with ADetailer's keys fill the section."""
     page.click("#tab-txt2img")
     fast_settings(page, seed=2, steps=1)
     page.locator("#adetailer-section summary").click()
+    expect(page.locator("#ad_model option").first).to_have_text("hand_yolov8n.pt")
+    expect(page.locator("#ad_model")).to_have_value("face_yolov8n.pt")
     page.check("#ad_enable")
     page.fill("#ad_prompt", "a smiling face")
     page.fill("#ad_confidence", "2")
@@ -2287,6 +2292,26 @@ def test_adetailer_section_sends_a_face_tab(page):
     assert answer.value.status == 404, answer.value.text()
     expect(page.locator("#general-error")).to_contain_text("detection_Resnet50_Final.pth")
     page.uncheck("#ad_enable")
+
+    text = ("a portrait\nSteps: 4, Sampler: Euler a, CFG scale: 5, Seed: 11, Size: 64x64, ADetailer model: "
+            "hand_yolov8n.pt, ADetailer prompt: \"good hands, detailed\", ADetailer confidence: 0.45, "
+            "ADetailer denoising strength: 0.35, ADetailer version: 24.9.0")
+    picture = infotext_pngs(tmp_path, {"hands": text}, (64, 64))["hands"]
+    page.click("#tab-pnginfo")
+    page.evaluate("""(bytes) => {
+      const dt = new DataTransfer();
+      dt.items.add(new File([new Uint8Array(bytes)], 'pasted.png', { type: 'image/png' }));
+      document.dispatchEvent(new ClipboardEvent('paste', { clipboardData: dt, bubbles: true, cancelable: true }));
+    }""", list(picture.read_bytes()))
+    expect(page.locator("#pnginfo-parameters")).to_have_value(text)
+    page.click("#pnginfo-send-txt2img")
+    expect(page.locator("#ad_enable")).to_be_checked()
+    expect(page.locator("#ad_model")).to_have_value("hand_yolov8n.pt")
+    expect(page.locator("#ad_prompt")).to_have_value("good hands, detailed")
+    expect(page.locator("#ad_confidence")).to_have_value("0.45")
+    expect(page.locator("#ad_denoising_strength")).to_have_value("0.35")
+    page.uncheck("#ad_enable")
+    page.select_option("#ad_model", "face_yolov8n.pt")
 
 
 def test_extra_networks_cards_add_and_remove_prompt_text(page):

@@ -326,6 +326,8 @@ async function loadLists() {
     attempt("samplers", get("/sdapi/v1/samplers").then((s) => form.fillSamplers(s ?? []))),
     attempt("schedules", getOptional("/sdapi/v1/schedulers", []).then((s) => form.fillSchedulers(s ?? []))),
     attempt("upscalers", loadUpscalers()),
+    attempt("ADetailer models", getOptional("/adetailer/v1/ad_model", { ad_model: [] })
+      .then((m) => form.fillDetailerModels(m?.ad_model ?? []))),
     attempt("checkpoints", loadCheckpoints(options)),
     ...loadQuickSettings(options).map(([what, promise]) => attempt(what, promise)),
     attempt("ControlNet", controlnet.load()),

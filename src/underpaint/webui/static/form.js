@@ -98,7 +98,7 @@ export class GenerationForm {
       "inpaint_full_res_padding", "deepcache_interval", "deepcache_branch", "first_block_cache", "s_min_uncond",
       "s_min_uncond_all", "skip_early_cond", "sd_vae_decode_method", "sd_vae_encode_method", "tiling", "restore_faces", "face_restoration_model", "code_former_weight",
       "img2img_color_correction", "initial_noise_multiplier", "img2img_extra_noise", "freeu_enabled", ...FREEU_FACTORS,
-      "ad_enable", "ad_prompt", "ad_negative_prompt", "ad_confidence", "ad_denoising_strength",
+      "ad_enable", "ad_model", "ad_prompt", "ad_negative_prompt", "ad_confidence", "ad_denoising_strength",
       "ad_inpaint_only_masked_padding", "refiner_enabled", "refiner_checkpoint", "refiner_switch_at", "aesthetic_score", "negative_aesthetic_score", "enable_hr", "hr_upscaler",
       ...HIRES_NUMBERS, "hr_extra_noise", "hires_fix_refiner_pass", "hr_checkpoint_name", "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt"]) {
       this.controls[name] = $(`#${name}`, root);
@@ -195,6 +195,13 @@ export class GenerationForm {
   }
 
   /** The Hires. fix upscalers: the latent modes first, then the picture upscalers (A1111's order). */
+  /** ADetailer's models as /adetailer/v1/ad_model lists them (its files first, then the face models' names). */
+  fillDetailerModels(names) {
+    const models = names.filter((name) => name !== "None");
+    if (!models.length) return;
+    fillSelect(this.controls.ad_model, models.map((name) => ({ value: name, label: name })), "face_yolov8n.pt");
+  }
+
   fillUpscalers(names) {
     if (!names.length) return;  // keep the built-in list the page starts with
     fillSelect(this.controls.hr_upscaler, names.map((name) => ({ value: name, label: name })), "Latent");
@@ -294,7 +301,8 @@ export class GenerationForm {
     }
     if (this.family !== "flux" && c.ad_enable.checked) {  // ADetailer's face tab
       scripts.ADetailer = { args: [true, false, {
-        ad_model: "face_yolov8n.pt", ad_prompt: c.ad_prompt.value, ad_negative_prompt: c.ad_negative_prompt.value,
+        ad_model: c.ad_model.value || "face_yolov8n.pt", ad_prompt: c.ad_prompt.value,
+        ad_negative_prompt: c.ad_negative_prompt.value,
         ad_confidence: numberValue(c.ad_confidence), ad_denoising_strength: numberValue(c.ad_denoising_strength),
         ad_inpaint_only_masked_padding: numberValue(c.ad_inpaint_only_masked_padding),
       }] };
@@ -385,7 +393,8 @@ export class GenerationForm {
   apply(fields, target = "img2img") {
     const c = this.controls;
     const notes = [];
-    for (const name of ["prompt", "negative_prompt", "hr_prompt", "hr_negative_prompt"]) {
+    for (const name of ["prompt", "negative_prompt", "hr_prompt", "hr_negative_prompt", "ad_prompt",
+      "ad_negative_prompt"]) {
       if (fields[name] !== undefined) c[name].value = fields[name];
     }
     const numbers = { ...fields };
@@ -399,7 +408,7 @@ export class GenerationForm {
       "batch_size",
       "mask_blur", "inpaint_full_res_padding", "deepcache_interval", "deepcache_branch", "first_block_cache",
       "s_min_uncond", "skip_early_cond", "initial_noise_multiplier", "img2img_extra_noise", "hr_extra_noise",
-      ...HIRES_NUMBERS]) {
+      "ad_confidence", "ad_denoising_strength", "ad_inpaint_only_masked_padding", ...HIRES_NUMBERS]) {
       if (typeof numbers[name] === "number") setNumber(c[name], numbers[name]);
     }
     if (typeof fields.seed_extra === "boolean") {
@@ -444,6 +453,12 @@ export class GenerationForm {
       else c.face_restoration_model.value = option;
     }
     if (typeof fields.freeu_enabled === "boolean") c.freeu_enabled.checked = fields.freeu_enabled;
+    if (typeof fields.ad_enable === "boolean") c.ad_enable.checked = fields.ad_enable;
+    if (typeof fields.ad_model === "string") {
+      const option = matchOption(c.ad_model, fields.ad_model);
+      if (option === null) notes.push(`ADetailer model ${fields.ad_model} is not on this server`);
+      else c.ad_model.value = option;
+    }
     if (typeof fields.refiner_enabled === "boolean") c.refiner_enabled.checked = fields.refiner_enabled;
     if (typeof fields.refiner_switch_at === "number") setNumber(c.refiner_switch_at, fields.refiner_switch_at);
     if (typeof fields.hires_fix_refiner_pass === "string") {

@@ -129,6 +129,16 @@ export function infotextToFields({ prompt, negativePrompt, params }) {
   // Forge's FreeU keys; a picture without them was made with FreeU off.
   fields.freeu_enabled = params.freeu_enabled === "True";
   for (const name of ["freeu_b1", "freeu_b2", "freeu_s1", "freeu_s2"]) set(name, number(params[name]));
+  // ADetailer's first tab, as its own paste reads it; a picture without its keys was made with it off.
+  fields.ad_enable = params["ADetailer model"] !== undefined;
+  if (fields.ad_enable) {
+    fields.ad_model = params["ADetailer model"];
+    fields.ad_prompt = params["ADetailer prompt"] ?? "";
+    fields.ad_negative_prompt = params["ADetailer negative prompt"] ?? "";
+    set("ad_confidence", number(params["ADetailer confidence"]));
+    set("ad_denoising_strength", number(params["ADetailer denoising strength"]));
+    set("ad_inpaint_only_masked_padding", number(params["ADetailer inpaint padding"]));
+  }
   Object.assign(fields, hiresFields(params));
   set("sd_model_hash", params["Model hash"]);
   set("sd_model_name", params.Model);
