@@ -47,6 +47,18 @@ def test_masks_follow_adetailers_rules():
     inverted = detailer.masks(BOXES[:2], size, DetailerUnit(dilate_erode=0, mask_merge_invert="merge and invert"))[0]
     assert np.array_equal(np.asarray(inverted), 255 - np.asarray(merged[0]))
     assert detailer.masks(np.zeros((0, 5), np.float32), size, DetailerUnit()) == []
+    # ADetailer's order: moved, then dilated or eroded, the empty ones dropped, then merged and inverted: finds
+    # that erode away leave nothing to invert (not the whole picture)
+    tiny = np.array([[8, 8, 10, 10, 0.9], [30, 30, 32, 32, 0.8]], np.float32)
+    assert detailer.masks(tiny, size, DetailerUnit(dilate_erode=-4, mask_merge_invert="Merge and Invert")) == []
+    edge = detailer.masks(BOXES[:1], size, DetailerUnit(dilate_erode=4, x_offset=-8))[0]
+    want = cv2.dilate(np.asarray(ImageChops.offset(_rect(size, BOXES[0]), -8, 0)), np.ones((4, 4), np.uint8))
+    assert np.array_equal(np.asarray(edge), want)  # moved first (wrapping round the edge), then dilated
+    # equal areas: NumPy's argsort order, reversed (which find gets seed + j follows from it)
+    same = np.array([[0, 0, 10, 10, 0.9], [20, 20, 30, 30, 0.8], [40, 40, 50, 50, 0.7]], np.float32)
+    order = [m.getbbox() for m in detailer.masks(same, size, DetailerUnit(dilate_erode=0, mask_k_largest=3))]
+    assert order == [tuple(int(v) + (1 if i >= 2 else 0) for i, v in enumerate(same[j, :4]))
+                     for j in np.argsort([100, 100, 100])[-3:][::-1]]
 
 
 def test_prompts_sep_prompt_and_infotext_names():

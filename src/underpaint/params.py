@@ -421,9 +421,10 @@ DETAILER_MERGES = ("None", "Merge", "Merge and Invert")
 
 @dataclass(frozen=True)
 class DetailerUnit:
-    """One of ADetailer's tabs (pipeline/detailer.py), in its own names less the ``ad_`` prefix: faces
-    found in each finished picture are inpainted again, one by one, at the request's size. ``model``
-    is recorded as given; faces are found by the face restorer's RetinaFace detector. ``prompt`` and
+    """One of ADetailer's tabs (pipeline/detailer.py), in its own names less the ``ad_`` prefix: what
+    ``model`` finds in each finished picture (faces, hands, people) is inpainted again, one by one, at
+    the request's size. ``model`` is ADetailer's file of that name in the models folder's adetailer/
+    (a face model's name without its file: the face restorer's RetinaFace detector finds faces). ``prompt`` and
     ``negative_prompt`` "" take the request's; ``[PROMPT]`` in them stands for it, ``[SEP]`` gives
     each face its own, ``[SKIP]`` leaves a face alone. ``steps``, ``cfg_scale``, ``sampler`` None: the
     request's."""

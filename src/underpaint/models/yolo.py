@@ -1,28 +1,37 @@
-"""ADetailer's YOLO detection models (``face_yolov8n.pt``, ``hand_yolov8s.pt``, ``person_yolov8n-seg.pt``, ...),
-read without running code from them and run by underpaint's own layers.
+"""ADetailer's YOLO detection models (``face_yolov8n.pt``, ``hand_yolov8s.pt``, ``person_yolov8n-seg.pt``,
+``face_yolov9c.pt``, ...), read without running code from them and run by underpaint's own layers.
 
-The files are ultralytics checkpoints: a pickled ``DetectionModel`` (or ``SegmentationModel``) object,
-whose loading through ultralytics runs whatever code the pickle names. Here the pickle is read by
-PyTorch's ``weights_only`` unpickler with every class and function it names replaced by an inert
-stand-in (:class:`_Stub`): it records its arguments and state and does nothing else, so nothing the
-file names is imported or called; modules ``os``, ``sys``, ``posix`` and ``nt`` are refused outright.
-From the stand-ins' recorded state (each module's ``_parameters``, ``_buffers``, ``_modules`` and
-attributes) the network is rebuilt from underpaint's own layers, each layer's kind taken from the
-class name the file records, its inputs from ultralytics' ``f`` ("from") indices.
+The files are ultralytics checkpoints: a zip archive whose pickle holds a ``DetectionModel`` (or
+``SegmentationModel``) object, and ultralytics loads it by running whatever code that pickle names.
+Here the pickle is read by an unpickler of underpaint's own (:class:`_Unpickler`): every class and
+function it names becomes an inert stand-in (:class:`_Stub`) that records its arguments and state and
+does nothing else, except PyTorch's tensor rebuilding, done here over the archive's stored (never
+compressed) tensor data within a size budget, refusing views larger than their data; modules such as
+``os``, ``sys`` and ``subprocess`` are refused outright. Nothing else in the process changes (PyTorch's
+own allowlists are left alone). From the stand-ins' recorded state (each module's ``_parameters``,
+``_buffers``, ``_modules`` and attributes) the network is rebuilt from underpaint's own layers, each
+layer's kind taken from the class name the file records, its inputs from ultralytics' ``f`` ("from")
+indices, its work bounded (pools, upsampling factors, kernels, module count). Batch norms are folded
+into the convolutions in float64, as ultralytics fuses them to predict.
 
-The YOLOv8 family runs (Conv, C2f, SPPF, Upsample, Concat, and the Detect and Segment heads with
-their DFL box decoding), as ultralytics' predictor runs it for ADetailer: the picture letterboxed to
-640 (resized with OpenCV's bilinear filter, padded with grey 114 to a multiple of the stride,
-centred), class-aware non-maximum suppression at IoU 0.7 over the boxes above the confidence, at
-most 300, the boxes mapped back to the picture; a segmentation model's masks from its prototypes
-(``coefficients · protos``, upsampled bilinearly, positive inside the box). Where underpaint differs:
-the masks are mapped back to the picture without the letterbox's padding (ADetailer stretches the
-padded mask over the picture, shifting it by up to half the padding).
+YOLOv8 (Conv, C2f, SPPF) and YOLOv9 (RepNCSPELAN4, RepCSP, RepConv, ADown, SPPELAN) layers run, with the
+Detect and Segment heads and their DFL box decoding, as ultralytics' predictor runs them for ADetailer:
+the EMA weights where a file has them, the picture letterboxed to the size the model was trained at
+(640 for ADetailer's files; resized with OpenCV's bilinear filter, padded with grey 114 to a multiple
+of the stride, at least 32, centred), class-aware non-maximum suppression at IoU 0.7 over the boxes
+scored above the confidence, at most 300, the boxes mapped back to the picture; a segmentation model's
+masks from its prototypes (``coefficients · protos``, upsampled bilinearly, positive inside the box).
+Where underpaint differs: the masks are mapped back to the picture without the letterbox's padding and
+scaled with Pillow's filter (ADetailer stretches the padded mask over the picture).
 """
 
 from __future__ import annotations
 
-import threading
+import collections
+import io
+import math
+import pickle
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,8 +43,8 @@ from torch import nn
 
 from ..errors import ModelError, UnsafeModelFile
 
-#: ADetailer's folder for its models (A1111's models/adetailer).
-YOLO_EXTENSIONS = (".pt", ".pth")
+#: The files ADetailer lists in its models folder (A1111's models/adetailer).
+YOLO_EXTENSIONS = (".pt",)
 #: The predictor's settings ADetailer leaves as they are.
 IMAGE_SIZE, IOU, MAX_DETECTIONS, MAX_CANDIDATES = 640, 0.7, 300, 30000
 #: Stand-ins a file may name; more is not a model file.
@@ -47,7 +56,7 @@ _MAX_GLOBALS = 512
 
 class _Stub:
     """An inert stand-in for a class or function a pickle names: calling or instantiating it records
-    the arguments; pickle state is kept as attributes. ``_name`` is the name the file used."""
+    the arguments; pickle state is kept as attributes. The name the file used is the class's ``_name``."""
 
     _name = "?"
 
@@ -69,38 +78,140 @@ class _Stub:
             self.__dict__["_state"] = state
 
     def __repr__(self) -> str:
-        return f"<{self._name}>"
+        return f"<{type(self)._name}>"
 
 
-_load_lock = threading.Lock()
+@dataclass(frozen=True)
+class _StorageKind:
+    """What ``torch.HalfStorage`` and its kin stand for in a pickle: the element type of a storage."""
+
+    dtype: torch.dtype
+
+
+_STORAGE_KINDS = {name: _StorageKind(dtype) for name, dtype in (
+    ("HalfStorage", torch.float16), ("FloatStorage", torch.float32), ("DoubleStorage", torch.float64),
+    ("BFloat16Storage", torch.bfloat16), ("LongStorage", torch.int64), ("IntStorage", torch.int32),
+    ("ShortStorage", torch.int16), ("CharStorage", torch.int8), ("ByteStorage", torch.uint8),
+    ("BoolStorage", torch.bool))}
+#: Modules whose names a model file has no business with: refused rather than stood in for.
+_REFUSED_MODULES = ("os", "sys", "posix", "nt", "subprocess", "shutil", "socket", "importlib", "runpy")
+#: The most bytes of tensor data a file may hold (YOLOv8x is about 140 MB in half precision).
+MAX_DATA_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class _Data:
+    """One tensor storage read from the archive: its bytes and element type."""
+
+    bytes: torch.UntypedStorage
+    dtype: torch.dtype
+    size: int  # elements
+
+
+def _tensor_view(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None) -> torch.Tensor:
+    """PyTorch's ``_rebuild_tensor_v2`` for plain tensors, refusing views larger than their data (a stride-0
+    "expanded" tensor would turn a few bytes into gigabytes when copied)."""
+    if not isinstance(storage, _Data) or not isinstance(offset, int) or not isinstance(size, tuple) \
+            or not isinstance(stride, tuple) or len(size) != len(stride) \
+            or not all(isinstance(n, int) and n >= 0 for n in (offset, *size, *stride)):
+        raise ModelError("a tensor of unexpected form")
+    numel = math.prod(size)
+    if numel and (offset + sum((n - 1) * st for n, st in zip(size, stride)) >= storage.size or
+                  numel > storage.size - offset or (numel > 1 and 0 in [st for n, st in zip(size, stride) if n > 1])):
+        raise ModelError("a tensor whose view reaches past, or repeats, its data")
+    return torch.empty((0,), dtype=storage.dtype).set_(storage.bytes, offset, size, stride)
+
+
+def _parameter(data, requires_grad=False, hooks=None) -> torch.Tensor:
+    if not isinstance(data, torch.Tensor):
+        raise ModelError("a parameter that is not a tensor")
+    return data
+
+
+class _Unpickler(pickle.Unpickler):
+    """The pickle inside a model file, read with every class and function it names an inert :class:`_Stub`
+    (except the few that rebuild tensors, done here) and tensor data read from the archive within a budget."""
+
+    def __init__(self, data: bytes, archive: zipfile.ZipFile, prefix: str):
+        super().__init__(io.BytesIO(data))
+        self.archive, self.prefix = archive, prefix
+        self.stubs: dict[str, type] = {}
+        self.storages: dict[str, _Data] = {}
+        self.budget = MAX_DATA_BYTES
+
+    def find_class(self, module: str, name: str):
+        full = f"{module}.{name}"
+        if module.split(".")[0] in _REFUSED_MODULES or full in ("builtins.eval", "builtins.exec", "builtins.open",
+                                                                  "builtins.__import__", "builtins.compile"):
+            raise UnsafeModelFile(f"the file asks to run {full}")
+        if full == "torch._utils._rebuild_tensor_v2":
+            return _tensor_view
+        if full == "torch._utils._rebuild_parameter":
+            return _parameter
+        if full == "collections.OrderedDict":
+            return collections.OrderedDict
+        if module == "torch" and name in _STORAGE_KINDS:
+            return _STORAGE_KINDS[name]
+        if full not in self.stubs:
+            if len(self.stubs) >= _MAX_GLOBALS:
+                raise ModelError(f"names more than {_MAX_GLOBALS} classes and functions; a YOLO model names far fewer")
+            self.stubs[full] = type(name[:64], (_Stub,), {"_name": full})
+        return self.stubs[full]
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], _StorageKind)
+                and isinstance(pid[2], str) and isinstance(pid[4], int)):
+            raise ModelError("a tensor storage of unexpected form")
+        _, kind, key, _, numel = pid
+        if key not in self.storages:
+            try:
+                info = self.archive.getinfo(f"{self.prefix}data/{key}")
+            except KeyError:
+                raise ModelError(f"tensor data {key!r} is missing") from None
+            itemsize = torch.empty((), dtype=kind.dtype).element_size()
+            if info.compress_type != zipfile.ZIP_STORED or info.file_size != numel * itemsize:
+                raise ModelError(f"tensor data {key!r} is compressed or not its stated size")
+            self.budget -= info.file_size
+            if self.budget < 0:
+                raise ModelError(f"holds more than {MAX_DATA_BYTES >> 20} MiB of tensors")
+            raw = bytearray(self.archive.read(info))
+            untyped = torch.UntypedStorage.from_buffer(raw, dtype=torch.uint8) if raw else torch.UntypedStorage(0)
+            self.storages[key] = _Data(untyped, kind.dtype, numel)
+        return self.storages[key]
 
 
 def read_checkpoint(path: Path) -> Any:
-    """The file's pickled objects, every global it names an inert :class:`_Stub` (see the module docstring)."""
+    """The file's pickled objects, every global it names an inert :class:`_Stub` (see the module docstring).
+
+    Only PyTorch's zip format is read (what ultralytics has saved since 2020), little-endian, its tensor
+    data stored uncompressed within :data:`MAX_DATA_BYTES`; nothing else in the process changes.
+    """
     path = Path(path)
     try:
-        names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-    except Exception as exc:  # not a torch file, truncated, ...
-        raise ModelError(f"{path}: not a readable PyTorch file ({type(exc).__name__}: {exc})") from None
-    if len(names) > _MAX_GLOBALS:
-        raise ModelError(f"{path}: names {len(names)} classes and functions; a YOLO model names far fewer")
-    stubs = [(type(name.rsplit(".", 1)[-1], (_Stub,), {"_name": name}), name) for name in names]
-    try:
-        with _load_lock, torch.serialization.safe_globals(stubs):
-            return torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:
-        import re
-
-        text = str(exc) or type(exc).__name__
-        blocked = re.search(r"GLOBAL (\S+) whose module \S+ is blocked", text)
-        if blocked:
-            raise UnsafeModelFile(f"{path}: refused: the file asks to run {blocked.group(1)}") from None
-        raise ModelError(f"{path}: not a YOLO model file ({text.splitlines()[0]})") from None
+        archive = zipfile.ZipFile(path)
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise ModelError(f"{path}: not a PyTorch model file in the zip format ({exc})") from None
+    with archive:
+        pickles = [n for n in archive.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
+        if len(pickles) != 1:
+            raise ModelError(f"{path}: not a PyTorch model file (no single data.pkl inside)")
+        prefix = pickles[0][: -len("data.pkl")]
+        names = set(archive.namelist())
+        if f"{prefix}byteorder" in names and archive.read(f"{prefix}byteorder").strip() != b"little":
+            raise ModelError(f"{path}: a big-endian file")
+        try:
+            return _Unpickler(archive.read(pickles[0]), archive, prefix).load()
+        except UnsafeModelFile as exc:
+            raise UnsafeModelFile(f"{path}: refused: {exc.message}") from None
+        except ModelError as exc:
+            raise ModelError(f"{path}: {exc.message}") from None
+        except Exception as exc:  # a damaged or crafted pickle: whatever it breaks is the file's fault
+            raise ModelError(f"{path}: not a readable model file ({type(exc).__name__}: {exc})") from None
 
 
 def _kind(obj: Any) -> str:
     """The class name a stand-in was recorded under (its last part), else the object's own type name."""
-    name = obj._name if isinstance(obj, _Stub) else type(obj).__name__
+    name = type(obj)._name if isinstance(obj, _Stub) else type(obj).__name__
     return name.rsplit(".", 1)[-1]
 
 
@@ -109,10 +220,12 @@ def _children(obj: Any) -> dict[str, Any]:
 
 
 def _tensor(obj: Any, name: str) -> torch.Tensor | None:
+    """A module's parameter or buffer ``name`` in float64 (the builder's precision), None without one."""
     for store in ("_parameters", "_buffers"):
-        value = (getattr(obj, store, None) or {}).get(name)
+        values = getattr(obj, store, None)
+        value = values.get(name) if isinstance(values, dict) else None
         if value is not None:
-            return value.detach().float() if isinstance(value, torch.Tensor) else None
+            return value.detach().double() if isinstance(value, torch.Tensor) and value.is_floating_point() else None
     return None
 
 
@@ -174,6 +287,72 @@ class _SPPF(nn.Module):
         return x + y if self.add else y
 
 
+class _C3(nn.Module):
+    """CSP block (C3, and YOLOv9's RepCSP): the bottlenecks on one projection, concatenated with another."""
+
+    def __init__(self, cv1, cv2, cv3, m):
+        super().__init__()
+        self.cv1, self.cv2, self.cv3, self.m = cv1, cv2, cv3, m
+
+    def forward(self, x):
+        return self.cv3(torch.cat((self.m(self.cv1(x)), self.cv2(x)), 1))
+
+
+class _RepConv(nn.Module):
+    """YOLOv9's re-parameterisable convolution before fusing: a 3x3 and a 1x1 branch (and an identity batch
+    norm where it has one) added, then the activation."""
+
+    def __init__(self, conv1, conv2, bn, act):
+        super().__init__()
+        self.conv1, self.conv2, self.bn, self.act = conv1, conv2, bn, act
+
+    def forward(self, x):
+        y = self.conv1(x) + self.conv2(x)
+        return self.act(y + self.bn(x) if self.bn is not None else y)
+
+
+class _ELAN(nn.Module):
+    """YOLOv9's RepNCSPELAN4: the first projection split in two, two more stages on the last part in a chain,
+    everything concatenated and projected."""
+
+    def __init__(self, cv1, cv2, cv3, cv4):
+        super().__init__()
+        self.cv1, self.cv2, self.cv3, self.cv4 = cv1, cv2, cv3, cv4
+
+    def forward(self, x):
+        parts = list(self.cv1(x).chunk(2, 1))
+        for stage in (self.cv2, self.cv3):
+            parts.append(stage(parts[-1]))
+        return self.cv4(torch.cat(parts, 1))
+
+
+class _ADown(nn.Module):
+    """YOLOv9's downsampling: a 2x2 average pool (stride 1), half the channels through a strided 3x3
+    convolution, the other half through a 3x3 max pool (stride 2) and a 1x1 convolution."""
+
+    def __init__(self, cv1, cv2):
+        super().__init__()
+        self.cv1, self.cv2 = cv1, cv2
+
+    def forward(self, x):
+        a, b = F.avg_pool2d(x, 2, 1, 0, False, True).chunk(2, 1)
+        return torch.cat((self.cv1(a), self.cv2(F.max_pool2d(b, 3, 2, 1))), 1)
+
+
+class _SPPELAN(nn.Module):
+    """YOLOv9's pyramid pooling: a projection, three max pools in a row, every stage concatenated."""
+
+    def __init__(self, cv1, pools, cv5):
+        super().__init__()
+        self.cv1, self.pools, self.cv5 = cv1, nn.ModuleList(pools), cv5
+
+    def forward(self, x):
+        stages = [self.cv1(x)]
+        for pool in self.pools:
+            stages.append(pool(stages[-1]))
+        return self.cv5(torch.cat(stages, 1))
+
+
 class _Concat(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
@@ -231,7 +410,10 @@ class _Detect(nn.Module):
             anchors.append(torch.stack((grid_x, grid_y), -1).reshape(-1, 2))
             strides.append(torch.full((h * w, 1), float(stride), device=x.device, dtype=x.dtype))
         anchor, stride = torch.cat(anchors), torch.cat(strides)
-        sides = (dist.reshape(b, 4, reg, -1).softmax(2) * self.bins.reshape(1, 1, reg, 1)).sum(2)  # (B, 4, N)
+        if reg == 1:  # no DFL: the branch gives the distances themselves
+            sides = dist.reshape(b, 4, -1)
+        else:
+            sides = (dist.reshape(b, 4, reg, -1).softmax(2) * self.bins.reshape(1, 1, reg, 1)).sum(2)  # (B, 4, N)
         sides = sides.transpose(1, 2)
         boxes = torch.cat((anchor - sides[..., :2], anchor + sides[..., 2:]), -1) * stride
         out = HeadOutput(boxes, logits.sigmoid().transpose(1, 2))
@@ -245,10 +427,13 @@ class _Detect(nn.Module):
 class YoloModel(nn.Module):
     """The rebuilt network: ``layers`` in order, each taking the previous output or those its ``froms`` name."""
 
-    def __init__(self, layers: list[nn.Module], froms: list[Any], names: dict[int, str], stride: int):
+    def __init__(self, layers: list[nn.Module], froms: list[Any], names: dict[int, str], stride: int,
+                 image_size: int = 640):
         super().__init__()
         self.layers = nn.ModuleList(layers)
         self.froms, self.names, self.stride = froms, names, stride
+        #: The size pictures are letterboxed to: the one the model was trained at, as ultralytics predicts.
+        self.image_size = image_size
 
     @property
     def segments(self) -> bool:
@@ -270,9 +455,23 @@ _ACTIVATIONS = {"SiLU": nn.SiLU, "ReLU": nn.ReLU, "Identity": nn.Identity, "Sigm
                 "Hardswish": nn.Hardswish, "GELU": nn.GELU, "Tanh": nn.Tanh}
 
 
+#: The layer kinds the builder knows (its ``_Kind`` methods), the file's class names looked up only here.
+_LAYER_KINDS = frozenset({
+    "LeakyReLU", "Conv2d", "ConvTranspose2d", "BatchNorm2d", "Conv", "DWConv", "Sequential", "ModuleList",
+    "Bottleneck", "C2f", "SPPF", "C3", "RepCSP", "RepBottleneck", "RepConv", "RepConvN", "RepNCSPELAN4", "ADown",
+    "SPPELAN", "MaxPool2d", "Upsample", "Concat", "Proto", "Detect", "Segment"})
+#: Bounds on what a file may ask of the runner: modules in all, their nesting, and the settings that set
+#: the work of a layer (SPPF's pools, an upsampling factor, a pooling kernel).
+_MAX_MODULES, _MAX_DEPTH, _MAX_POOLS, _MAX_UPSAMPLE, _MAX_KERNEL = 5000, 32, 8, 4, 15
+
+
 class _Builder:
+    """Rebuilds the network from the stand-ins' recorded state, in float64 (batch norms folded exactly)."""
+
     def __init__(self, path: Path):
         self.path = path
+        self.modules = 0
+        self.depth = 0
 
     def bad(self, what: str) -> ModelError:
         return ModelError(f"{self.path}: {what}")
@@ -291,16 +490,20 @@ class _Builder:
 
     def build(self, obj: Any) -> nn.Module:
         kind = _kind(obj)
-        method = getattr(self, f"_{kind}", None)
-        if method is None:
-            if kind in _ACTIVATIONS:
-                return self._activation(obj, kind)
-            raise self.bad(f"holds a {kind} layer, which underpaint's YOLO runner does not have (YOLOv8 detection "
-                           f"and segmentation models run: Conv, C2f, SPPF, Upsample, Concat, Detect, Segment)")
-        return method(obj)
-
-    def _activation(self, obj: Any, kind: str) -> nn.Module:
-        return _ACTIVATIONS[kind]()
+        self.modules += 1
+        if self.modules > _MAX_MODULES or self.depth >= _MAX_DEPTH:
+            raise self.bad(f"more than {_MAX_MODULES} modules or nested more than {_MAX_DEPTH} deep")
+        if kind in _ACTIVATIONS:
+            return _ACTIVATIONS[kind]()
+        if kind in _LAYER_KINDS:
+            self.depth += 1
+            try:
+                return getattr(self, f"_{kind}")(obj)
+            finally:
+                self.depth -= 1
+        raise self.bad(f"holds a {kind} layer, which underpaint's YOLO runner does not have (YOLOv8 and YOLOv9 "
+                           f"detection and segmentation models run: Conv, C2f, C3, SPPF, RepNCSPELAN4, ADown, "
+                           f"SPPELAN, Upsample, Concat, Detect, Segment)")
 
     def _LeakyReLU(self, obj):
         return nn.LeakyReLU(float(getattr(obj, "negative_slope", 0.01)))
@@ -312,11 +515,15 @@ class _Builder:
                        dilation=_pair(getattr(obj, "dilation", 1)), groups=groups, bias=bias is not None)
         if getattr(obj, "padding_mode", "zeros") != "zeros":
             raise self.bad(f"a convolution padded in {obj.padding_mode!r} mode")
+        if weight.ndim != 4 or max(weight.shape[2:]) > _MAX_KERNEL:
+            raise self.bad(f"a convolution weight of shape {tuple(weight.shape)}")
         if transposed:
             conv = nn.ConvTranspose2d(weight.shape[0], weight.shape[1] * groups, tuple(weight.shape[2:]),
-                                      output_padding=_pair(getattr(obj, "output_padding", 0)), **options)
+                                      output_padding=_pair(getattr(obj, "output_padding", 0)), dtype=weight.dtype,
+                                      **options)
         else:
-            conv = nn.Conv2d(weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]), **options)
+            conv = nn.Conv2d(weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]), dtype=weight.dtype,
+                             **options)
         with torch.no_grad():
             conv.weight.copy_(weight)
             if bias is not None:
@@ -328,7 +535,7 @@ class _Builder:
 
     def _BatchNorm2d(self, obj):
         mean, var = self.weight(obj, "running_mean"), self.weight(obj, "running_var")
-        bn = nn.BatchNorm2d(mean.shape[0], eps=float(getattr(obj, "eps", 1e-5)))
+        bn = nn.BatchNorm2d(mean.shape[0], eps=float(getattr(obj, "eps", 1e-5)), dtype=mean.dtype)
         with torch.no_grad():
             bn.running_mean.copy_(mean)
             bn.running_var.copy_(var)
@@ -346,7 +553,7 @@ class _Builder:
             bn = self._BatchNorm2d(parts["bn"])
             scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
             folded = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                               conv.dilation, conv.groups, bias=True)
+                               conv.dilation, conv.groups, bias=True, dtype=conv.weight.dtype)
             with torch.no_grad():
                 folded.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
                 bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
@@ -371,17 +578,55 @@ class _Builder:
                     self._ModuleList(self.child(obj, "m")))
 
     def _SPPF(self, obj):
+        pools = getattr(obj, "n", 3)
+        if not isinstance(pools, int) or not 1 <= pools <= _MAX_POOLS:
+            raise self.bad(f"an SPPF layer of {pools!r} pools")
         return _SPPF(self.build(self.child(obj, "cv1")), self.build(self.child(obj, "cv2")),
-                     self.build(self.child(obj, "m")), int(getattr(obj, "n", 3)), bool(getattr(obj, "add", False)))
+                     self.build(self.child(obj, "m")), pools, bool(getattr(obj, "add", False)))
+
+    def _C3(self, obj):
+        return _C3(*(self.build(self.child(obj, name)) for name in ("cv1", "cv2", "cv3", "m")))
+
+    _RepCSP = _C3
+    _RepBottleneck = _Bottleneck
+
+    def _RepConv(self, obj):
+        parts = _children(obj)
+        act = self.build(parts["act"]) if parts.get("act") is not None else nn.Identity()
+        if parts.get("conv") is not None and parts.get("conv1") is None:  # fused already
+            return _ConvAct(self._Conv2d(parts["conv"]), act)
+        bn = parts.get("bn")
+        return _RepConv(self._Conv(self.child(obj, "conv1")), self._Conv(self.child(obj, "conv2")),
+                        None if bn is None else self._BatchNorm2d(bn), act)
+
+    _RepConvN = _RepConv  # its name in the ultralytics releases that brought YOLOv9
+
+    def _RepNCSPELAN4(self, obj):
+        return _ELAN(*(self.build(self.child(obj, name)) for name in ("cv1", "cv2", "cv3", "cv4")))
+
+    def _ADown(self, obj):
+        return _ADown(self.build(self.child(obj, "cv1")), self.build(self.child(obj, "cv2")))
+
+    def _SPPELAN(self, obj):
+        return _SPPELAN(self.build(self.child(obj, "cv1")),
+                        [self.build(self.child(obj, name)) for name in ("cv2", "cv3", "cv4")],
+                        self.build(self.child(obj, "cv5")))
 
     def _MaxPool2d(self, obj):
-        return nn.MaxPool2d(_pair(obj.kernel_size), _pair(getattr(obj, "stride", None) or obj.kernel_size),
+        kernel = getattr(obj, "kernel_size", None)
+        if not isinstance(kernel, int) or not 1 <= kernel <= _MAX_KERNEL:
+            raise self.bad(f"a max pool of kernel {kernel!r}")
+        return nn.MaxPool2d(kernel, _pair(getattr(obj, "stride", None) or kernel),
                             _pair(getattr(obj, "padding", 0)), _pair(getattr(obj, "dilation", 1)),
                             ceil_mode=bool(getattr(obj, "ceil_mode", False)))
 
     def _Upsample(self, obj):
-        return nn.Upsample(size=getattr(obj, "size", None), scale_factor=getattr(obj, "scale_factor", None),
-                           mode=getattr(obj, "mode", "nearest"), align_corners=getattr(obj, "align_corners", None))
+        factor = getattr(obj, "scale_factor", None)
+        if getattr(obj, "size", None) is not None or not isinstance(factor, (int, float)) \
+                or not 1 <= factor <= _MAX_UPSAMPLE:
+            raise self.bad(f"an upsampling by {factor!r} (size {getattr(obj, 'size', None)!r})")
+        return nn.Upsample(scale_factor=factor, mode=getattr(obj, "mode", "nearest"),
+                           align_corners=getattr(obj, "align_corners", None))
 
     def _Concat(self, obj):
         return _Concat(int(getattr(obj, "d", 1)))
@@ -390,16 +635,21 @@ class _Builder:
         return _Proto(*(self.build(self.child(obj, name)) for name in ("cv1", "upsample", "cv2", "cv3")))
 
     def _Detect(self, obj):
-        if getattr(obj, "end2end", False) or ("cv2" not in _children(obj) and "one2one_cv2" in _children(obj)):
+        if getattr(obj, "end2end", False) is True or getattr(obj, "_end2end", False) is True or \
+                ("cv2" not in _children(obj) and "one2one_cv2" in _children(obj)):
             raise self.bad("an end-to-end (NMS-free) detection head, which underpaint's YOLO runner does not have")
         stride = getattr(obj, "stride", None)
         if not isinstance(stride, torch.Tensor) or stride.numel() == 0 or not bool((stride > 0).all()):
             raise self.bad("a detection head without its strides")
-        reg_max = int(getattr(obj, "reg_max", 16))
+        reg_max = getattr(obj, "reg_max", 16)
+        if not isinstance(reg_max, int) or not 1 <= reg_max <= 64:
+            raise self.bad(f"a detection head of {reg_max!r} distance bins")
         dfl = _children(obj).get("dfl")
         bins = _tensor(self.child(dfl, "conv"), "weight") if dfl is not None and _kind(dfl) == "DFL" else None
-        if bins is None:
-            bins = torch.arange(reg_max, dtype=torch.float32)
+        if bins is None:  # DFL's fixed weights are 0, 1, ..., reg_max - 1; one bin (no DFL) is the distance itself
+            bins = torch.arange(reg_max, dtype=torch.float64) if reg_max > 1 else torch.ones(1, dtype=torch.float64)
+        elif bins.numel() != reg_max:
+            raise self.bad(f"a DFL of {bins.numel()} bins for {reg_max}")
         masks = proto = None
         if _kind(obj) == "Segment":
             masks, proto = self._ModuleList(self.child(obj, "cv4")), self.build(self.child(obj, "proto"))
@@ -409,16 +659,31 @@ class _Builder:
     _Segment = _Detect
 
 
-def load_yolo(path: Path) -> YoloModel:
-    """A YOLO detection or segmentation model file, rebuilt (float32, on the CPU, in eval mode)."""
+def load_yolo(path: Path, dtype: torch.dtype = torch.float32) -> YoloModel:
+    """A YOLO detection or segmentation model file, rebuilt (in ``dtype``, on the CPU, in eval mode).
+
+    As ultralytics loads it: the EMA weights where the file has them, else the model's; the stride at
+    least 32; the picture size it was trained at (``train_args.imgsz``) as the size it predicts at.
+    Whatever a damaged or crafted file breaks is a :class:`ModelError` naming the file.
+    """
     path = Path(path)
     data = read_checkpoint(path)
+    try:
+        return _rebuild(path, data).to(dtype)
+    except ModelError:
+        raise
+    except Exception as exc:  # a crafted file's shapes, types or values that no layer takes
+        raise ModelError(f"{path}: not a YOLO model this runner can rebuild ({type(exc).__name__}: {exc})") from None
+
+
+def _rebuild(path: Path, data: Any) -> YoloModel:
     model = None
     if isinstance(data, dict):
-        model = data.get("model") if data.get("model") is not None else data.get("ema")
-    if model is None or _kind(model) not in ("DetectionModel", "SegmentationModel", "WorldModel"):
-        found = _kind(model) if model is not None else (sorted(data)[:8] if isinstance(data, dict) else _kind(data))
-        raise ModelError(f"{path}: not an ultralytics YOLO detection model (found {found})")
+        model = data.get("ema") if data.get("ema") is not None else data.get("model")
+    if model is None or _kind(model) not in ("DetectionModel", "SegmentationModel"):
+        found = _kind(model) if model is not None else (sorted(map(str, data))[:8] if isinstance(data, dict)
+                                                        else _kind(data))
+        raise ModelError(f"{path}: not an ultralytics YOLO detection or segmentation model (found {found})")
     layers = list(_children(_children(model).get("model") or {}).values()) if _children(model) else []
     if not layers or _kind(layers[-1]) not in ("Detect", "Segment"):
         head = _kind(layers[-1]) if layers else "no layers"
@@ -440,7 +705,19 @@ def load_yolo(path: Path) -> YoloModel:
     names = {int(k): str(v) for k, v in names.items()} if isinstance(names, dict) else {}
     stride = getattr(model, "stride", None)
     stride = int(stride.max()) if isinstance(stride, torch.Tensor) and stride.numel() else 32
-    return YoloModel(built, froms, names, stride).eval().requires_grad_(False)
+    if not 1 <= stride <= 128:
+        raise ModelError(f"{path}: a model of stride {stride}")
+    return YoloModel(built, froms, names, max(stride, 32), _trained_size(data)).eval().requires_grad_(False)
+
+
+def _trained_size(data: dict) -> int:
+    """``train_args.imgsz`` (a dict, or ultralytics' namespace object), when it is a sensible square size."""
+    args = data.get("train_args")
+    args = args if isinstance(args, dict) else getattr(args, "__dict__", {})
+    size = args.get("imgsz") if isinstance(args, dict) else None
+    if isinstance(size, (list, tuple)) and size and all(s == size[0] for s in size):
+        size = size[0]
+    return size if isinstance(size, int) and not isinstance(size, bool) and 32 <= size <= 2048 else IMAGE_SIZE
 
 
 # --------------------------------------------------------------------------- finding things in a picture
@@ -503,10 +780,11 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou: float) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def detect(model: YoloModel, picture, confidence: float, *, size: int = IMAGE_SIZE, iou: float = IOU,
+def detect(model: YoloModel, picture, confidence: float, *, size: int | None = None, iou: float = IOU,
            max_detections: int = MAX_DETECTIONS) -> list[Detection]:
-    """What ``model`` finds in ``picture`` (a PIL image) scored above ``confidence``, best first."""
-    pixels, box = letterbox(np.asarray(picture.convert("RGB")), size, model.stride)
+    """What ``model`` finds in ``picture`` (a PIL image) scored above ``confidence``, best first; ``size``:
+    the letterbox's (None: the size the model was trained at, as ultralytics predicts)."""
+    pixels, box = letterbox(np.asarray(picture.convert("RGB")), size or model.image_size, model.stride)
     device = next(model.parameters()).device
     x = torch.from_numpy(np.ascontiguousarray(pixels)).to(device).permute(2, 0, 1)[None].float() / 255
     out = model(x)
@@ -516,24 +794,25 @@ def detect(model: YoloModel, picture, confidence: float, *, size: int = IMAGE_SI
     chosen = chosen[best[chosen].argsort(descending=True)][:MAX_CANDIDATES]
     offset = label[chosen, None].float() * 7680  # class-aware: boxes of other classes never overlap
     kept = chosen[nms(boxes[chosen] + offset, best[chosen], iou)][:max_detections]
-    masks = _masks(out, kept, boxes, box) if out.protos is not None and len(kept) else [None] * len(kept)
+    masks = _masks(out, kept, boxes, box) if out.protos is not None and len(kept) else [(None, True)] * len(kept)
     (w, h), (new_w, new_h), (left, top) = box.size, box.scaled, box.pad
     found = []
-    for index, mask in zip(kept.tolist(), masks):
+    for index, (mask, shown) in zip(kept.tolist(), masks):
+        if not shown:
+            continue  # ultralytics keeps only the found things whose mask has a pixel (at the input's size)
         x1, y1, x2, y2 = boxes[index].tolist()
         mapped = (min(max((x1 - left) * w / new_w, 0.0), w), min(max((y1 - top) * h / new_h, 0.0), h),
                   min(max((x2 - left) * w / new_w, 0.0), w), min(max((y2 - top) * h / new_h, 0.0), h))
-        if mask is not None and not mask.any():
-            continue  # ultralytics keeps only the found things that have a mask
         found.append(Detection(mapped, float(best[index]), model.names.get(int(label[index]), str(int(label[index]))),
                                mask))
     return found
 
 
-def _masks(out: HeadOutput, kept: torch.Tensor, boxes: torch.Tensor, box: Letterbox) -> list[np.ndarray]:
-    """Each kept thing's mask in the picture: its coefficients times the prototypes, upsampled to the input,
-    positive inside its box, the padding cut off and scaled to the picture."""
-    import cv2
+def _masks(out: HeadOutput, kept: torch.Tensor, boxes: torch.Tensor, box: Letterbox) -> list[tuple[np.ndarray, bool]]:
+    """Each kept thing's mask in the picture (its coefficients times the prototypes, upsampled to the input,
+    positive inside its box, the padding cut off and scaled to the picture with Pillow's filter) and whether
+    it had a pixel at the input's size."""
+    from PIL import Image
 
     protos = out.protos[0].float()
     coefficients = out.coefficients[0].float()[kept.to(protos.device)]
@@ -546,6 +825,6 @@ def _masks(out: HeadOutput, kept: torch.Tensor, boxes: torch.Tensor, box: Letter
     (w, h), (new_w, new_h), (left, top) = box.size, box.scaled, box.pad
     out_masks = []
     for mask in inside.numpy():
-        cut = mask[top:top + new_h, left:left + new_w].astype(np.uint8) * 255
-        out_masks.append(cv2.resize(cut, (w, h), interpolation=cv2.INTER_LINEAR) > 127)
+        cut = Image.fromarray(mask[top:top + new_h, left:left + new_w].astype(np.uint8) * 255, "L")
+        out_masks.append((np.asarray(cut.resize((w, h), Image.Resampling.BILINEAR)) > 127, bool(mask.any())))
     return out_masks

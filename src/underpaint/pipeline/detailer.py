@@ -94,8 +94,8 @@ def yolo_files(folder) -> list[str]:
 
 def check_unit(unit: "DetailerUnit", field: str = "ad_model", folder=None) -> None:
     """A tab this detailer can run: a model file in the models folder's ``adetailer/``, or a face model's
-    name (RetinaFace finds the faces when its file is not there). Without ``folder`` only the name is
-    looked at (the models folder is checked before the work begins)."""
+    name (RetinaFace finds the faces when its file is not there). Without ``folder`` nothing can be
+    checked yet: the generation checks it against its models folder before the work begins."""
     if is_face_model(unit.model) or folder is None or yolo_file(folder, unit.model) is not None:
         return
     where = folder.folder("adetailer")
@@ -201,7 +201,9 @@ def prompts(text: str, default: str) -> list[str]:
 def masks(found, size: tuple[int, int], unit: "DetailerUnit") -> list["Image"]:
     """The tab's masks from what was found (:class:`~underpaint.models.yolo.Detection`, or rows x1, y1, x2,
     y2, ... of face boxes), as ADetailer makes and shapes them: a segmentation model's own mask, else the
-    filled box; kept and ordered by their boxes' areas."""
+    filled box; finds kept by their boxes' area ratio, the k largest boxes first (ties as NumPy's argsort
+    leaves them, reversed); then each mask moved, dilated or eroded (those left empty dropped), and the
+    rest merged (and inverted) when asked."""
     import cv2
     from PIL import Image, ImageChops, ImageDraw
 
@@ -211,8 +213,9 @@ def masks(found, size: tuple[int, int], unit: "DetailerUnit") -> list["Image"]:
               for f in found]  # boxes within the picture, as YOLO's are
     kept = [(b, m) for b, m in shapes
             if unit.mask_min_ratio <= (b[2] - b[0]) * (b[3] - b[1]) / area <= unit.mask_max_ratio]
-    if unit.mask_k_largest > 0:
-        kept = sorted(kept, key=lambda s: -(s[0][2] - s[0][0]) * (s[0][3] - s[0][1]))[:unit.mask_k_largest]
+    if unit.mask_k_largest > 0 and kept:
+        areas = [(b[2] - b[0]) * (b[3] - b[1]) for b, _ in kept]
+        kept = [kept[i] for i in np.argsort(areas)[-unit.mask_k_largest:][::-1]]
     out = []
     for box, shape in kept:
         if shape is not None:
@@ -220,20 +223,21 @@ def masks(found, size: tuple[int, int], unit: "DetailerUnit") -> list["Image"]:
         else:
             mask = Image.new("L", size, 0)
             ImageDraw.Draw(mask).rectangle([float(v) for v in box], fill=255)
-        k = unit.dilate_erode
-        if k:
-            kernel = np.ones((abs(k), abs(k)), np.uint8)
-            shaped = (cv2.dilate if k > 0 else cv2.erode)(np.asarray(mask), kernel, iterations=1)
-            mask = Image.fromarray(shaped, "L")
         if unit.x_offset or unit.y_offset:
             mask = ImageChops.offset(mask, unit.x_offset, -unit.y_offset)
         out.append(mask)
+    k = unit.dilate_erode
+    if k:
+        kernel = np.ones((abs(k), abs(k)), np.uint8)
+        out = [Image.fromarray((cv2.dilate if k > 0 else cv2.erode)(np.asarray(mask), kernel, iterations=1), "L")
+               for mask in out]
+        out = [mask for mask in out if mask.getbbox() is not None]
     if out and unit.mask_merge_invert != "None":
         merged = out[0]
         for mask in out[1:]:
             merged = ImageChops.lighter(merged, mask)
         out = [ImageChops.invert(merged) if unit.mask_merge_invert == "Merge and Invert" else merged]
-    return [mask for mask in out if mask.getbbox() is not None]
+    return out
 
 
 def detail(picture: "Image", seed: int, subseed: int, params: "GenerationParams", find: Callable,
