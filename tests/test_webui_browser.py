@@ -1444,6 +1444,13 @@ def test_resize_by_sends_the_pictures_size_times_the_scale(page, photo_file):
     expect(page.locator("#resize-by-size")).to_have_text("Resize: from 64×64 to 96×96")
     sent, body = generate(page, "img2img")
     assert (sent["width"], sent["height"]) == (96, 96) and decode(body["images"][0]).size == (96, 96)
+    set_value(page, "scale_by", 0.5)  # 32 x 32: refused for the width, which is hidden: said in the general box
+    with page.expect_response("**/sdapi/v1/img2img") as answer:
+        page.click("#generate")
+    assert answer.value.status == 422
+    expect(page.locator("#general-error")).to_be_visible()
+    expect(page.locator("#general-error")).to_contain_text("width")
+    set_value(page, "scale_by", 1.5)
     page.click("#tab-txt2img")
     expect(page.locator("#size-row")).to_be_visible()
     expect(page.locator("#resize-by")).to_be_hidden()
@@ -1453,6 +1460,27 @@ def test_resize_by_sends_the_pictures_size_times_the_scale(page, photo_file):
     expect(page.locator("#size-row")).to_be_visible()
     sent, _ = generate(page, "img2img")
     assert (sent["width"], sent["height"]) == (64, 64)
+
+
+def test_a_file_the_browser_cannot_read_is_said_so_in_every_slot(page, tmp_path):
+    """A picked file that is no picture empties the slot and says so beside it (img2img, PNG Info, Inpaint),
+    with no script error; times over a minute read as A1111's (no "4 min 60 s")."""
+    bogus = tmp_path / "notes.png"
+    bogus.write_bytes(b"hello")
+    page.set_input_files("#img2img-file", str(bogus))
+    expect(page.locator("#img2img-drop + .image-error")).to_contain_text("notes.png")
+    page.click("#tab-pnginfo")
+    page.set_input_files("#pnginfo-file", str(bogus))
+    expect(page.locator("#pnginfo-drop + .image-error")).to_contain_text("cannot decode")
+    expect(page.locator("#pnginfo-send-img2img")).to_be_disabled()
+    page.click("#tab-inpaint")
+    page.set_input_files("#inpaint-file", str(bogus))
+    expect(page.locator("#mask-stage + .image-error")).to_contain_text("notes.png")
+    times = page.evaluate("""async () => {
+      const { formatSeconds } = await import('./progress.js');
+      return [formatSeconds(299.6), formatSeconds(59.6), formatSeconds(125)];
+    }""")
+    assert times == ["5 min 0 s", "1 min 0 s", "2 min 5 s"]
 
 
 def test_img2img_batch_runs_each_picture_with_the_same_settings(page, photo_file, tmp_path):

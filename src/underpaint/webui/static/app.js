@@ -258,8 +258,10 @@ $(".prompts").addEventListener("drop", async (event) => {
 async function sendImage(dataUrl, target) {
   selectTab(target);
   if (target === "txt2img") return;  // the parameters only: txt2img starts from noise
-  if (target === "inpaint") await editor.setImage(dataUrl);
-  else if (target === "extras") await extras.input.set(dataUrl, "result.png");
+  if (target === "inpaint") {
+    await editor.setImage(dataUrl);
+    $("#mask-stage").scrollIntoView({ block: "nearest" });  // the editor grows the column: keep it in sight
+  } else if (target === "extras") await extras.input.set(dataUrl, "result.png");
   else await img2img.set(dataUrl, "result.png");
 }
 

@@ -143,7 +143,7 @@ export function showFieldErrors(error, { root = document, generalBox = null, ren
   let first = null;
   for (const { field, message } of error.errors ?? [{ field: error.field, message: error.message }]) {
     const control = controlFor(field ? rename(field) : null, root);
-    if (control) {
+    if (control && isAvailable(control)) {  // a control hidden by the mode chosen (Width under "Resize by"): below
       // Beside the field its name is redundant: "steps: got 1000, ..." reads "got 1000, ...".
       const text = message || error.message;
       attachMessage(control, field && text.startsWith(`${field}: `) ? text.slice(field.length + 2) : text);

@@ -43,6 +43,22 @@ export function imageFileFrom(dataTransfer) {
   return null;
 }
 
+/** Say beside `zone` (right after it) that a picture could not be read; `message` null takes it back. */
+export function imageError(zone, message) {
+  let note = zone.parentElement.querySelector(":scope > .image-error");
+  if (message === null) {
+    note?.remove();
+    return;
+  }
+  if (!note) {
+    note = document.createElement("p");
+    note.className = "image-error field-error";
+    note.setAttribute("role", "alert");
+    zone.after(note);
+  }
+  note.textContent = message;
+}
+
 /** Make `zone` accept dropped image files; `onFile(file)` gets the first one. */
 export function acceptDrops(zone, onFile) {
   zone.addEventListener("dragover", (event) => {
@@ -89,13 +105,20 @@ export class ImageInput {
     });
   }
 
+  /** Take a picked, dropped or pasted file; one the browser cannot read empties the slot and says so. */
   async setFile(file) {
-    await this.set(await readFileAsDataURL(file), file.name, file);
+    try {
+      await this.set(await readFileAsDataURL(file), file.name, file);
+    } catch (err) {
+      this.clear();
+      imageError(this.zone, `${file.name || "This file"}: ${err.message || err}`);
+    }
   }
 
   /** Show `dataUrl`; `file`, when given, is the original file (its bytes keep all metadata). */
   async set(dataUrl, name = "", file = null) {
     const img = await loadImage(dataUrl);
+    imageError(this.zone, null);
     this.dataUrl = dataUrl;
     this.file = file;
     this.width = img.naturalWidth;

@@ -1,7 +1,7 @@
 // The Inpaint tab's picture and mask: file pickers, drop, tool bar and keyboard shortcuts.
 
 import { $, $$ } from "./dom.js";
-import { acceptDrops, openPickerOnKey, readFileAsDataURL } from "./images.js";
+import { acceptDrops, imageError, openPickerOnKey, readFileAsDataURL } from "./images.js";
 import { MaskEditor } from "./maskcanvas.js";
 
 /** Build the mask editor from the page and wire its controls; `active()` says whether its tab is shown. */
@@ -20,7 +20,14 @@ export function setupInpaint({ active, onChange = () => {} }) {
     },
     onZoom: (zoom) => { $("#zoom-value").textContent = `${Math.round(zoom * 100)}%`; },
   });
-  const loadInto = (target) => async (file) => target(await readFileAsDataURL(file));
+  const loadInto = (target) => async (file) => {
+    try {
+      await target(await readFileAsDataURL(file));
+      imageError($("#mask-stage"), null);
+    } catch (err) {  // a file the browser cannot decode: said under the canvas
+      imageError($("#mask-stage"), `${file.name || "This file"}: ${err.message || err}`);
+    }
+  };
   const setImageFile = loadInto((url) => editor.setImage(url));
   acceptDrops($("#mask-stage"), setImageFile);
   openPickerOnKey($("#mask-stage"), $("#inpaint-file"));

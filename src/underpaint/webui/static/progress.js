@@ -19,9 +19,9 @@ export function describeProgress(p) {
 }
 
 export function formatSeconds(s) {
-  if (s < 60) return `${Math.max(1, Math.round(s))} s`;
-  const m = Math.floor(s / 60);
-  return `${m} min ${Math.round(s - m * 60)} s`;
+  const whole = Math.max(1, Math.round(s));  // rounded first: 299.6 s is "5 min 0 s", not "4 min 60 s"
+  if (whole < 60) return `${whole} s`;
+  return `${Math.floor(whole / 60)} min ${whole % 60} s`;
 }
 
 export class ProgressView {
