@@ -95,8 +95,9 @@ _STORAGE_KINDS = {name: _StorageKind(dtype) for name, dtype in (
     ("BoolStorage", torch.bool))}
 #: Modules whose names a model file has no business with: refused rather than stood in for.
 _REFUSED_MODULES = ("os", "sys", "posix", "nt", "subprocess", "shutil", "socket", "importlib", "runpy")
-#: The most bytes of tensor data a file may hold (YOLOv8x is about 140 MB in half precision).
-MAX_DATA_BYTES = 1 << 30
+#: The most bytes of tensor data a file may hold (YOLOv8x is about 140 MB in half precision), and of its
+#: pickle (a few hundred kB in ADetailer's files).
+MAX_DATA_BYTES, MAX_PICKLE_BYTES = 1 << 30, 64 << 20
 
 
 @dataclass(frozen=True)
@@ -196,6 +197,8 @@ def read_checkpoint(path: Path) -> Any:
         if len(pickles) != 1:
             raise ModelError(f"{path}: not a PyTorch model file (no single data.pkl inside)")
         prefix = pickles[0][: -len("data.pkl")]
+        if archive.getinfo(pickles[0]).file_size > MAX_PICKLE_BYTES:
+            raise ModelError(f"{path}: a pickle of more than {MAX_PICKLE_BYTES >> 20} MiB")
         names = set(archive.namelist())
         if f"{prefix}byteorder" in names and archive.read(f"{prefix}byteorder").strip() != b"little":
             raise ModelError(f"{path}: a big-endian file")
