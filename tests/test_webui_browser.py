@@ -2353,7 +2353,9 @@ def test_extra_networks_cards_add_and_remove_prompt_text(page):
     cards = page.locator("#extra-networks-cards")
     lora = cards.get_by_role("button", name="ink-style", exact=True)
     expect(lora).to_be_visible()  # the Lora cards show first, with the picture beside the file
-    assert lora.locator("img").evaluate("(img) => img.complete && img.naturalWidth") == 32
+    assert lora.locator("img").evaluate(  # its picture's width, once it has come (the cards load it lazily)
+        "(img) => img.complete && img.naturalWidth ? img.naturalWidth : new Promise((done) => "
+        "img.addEventListener('load', () => done(img.naturalWidth), { once: true }))") == 32
     page.fill("#prompt", "a cat")
     page.fill("#negative_prompt", "")
     lora.click()  # the card's preferred weight, activation text and negative text (its .json)
@@ -2385,6 +2387,7 @@ def test_extra_networks_cards_add_and_remove_prompt_text(page):
     page.request.post(options_url, data={"extra_networks_default_multiplier": 0.5})
     try:  # the server's "Default multiplier for extra networks"
         page.click("#extra-networks-refresh")
+        expect(page.locator("#extra-networks")).not_to_have_attribute("aria-busy", "true")
         cards.get_by_role("button", name="soft").click()
         expect(page.locator("#prompt")).to_have_value("a cat <hypernet:soft:0.5>")
         cards.get_by_role("button", name="soft").click()

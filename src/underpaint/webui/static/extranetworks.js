@@ -107,6 +107,15 @@ export class ExtraNetworks {
   }
 
   async load() {
+    this.box.setAttribute("aria-busy", "true");  // until the cards are drawn again
+    try {
+      await this.fill();
+    } finally {
+      this.box.removeAttribute("aria-busy");
+    }
+  }
+
+  async fill() {
     const [cards, options] = await Promise.all([get("/underpaint/v1/extra-networks"),
                                                 get("/sdapi/v1/options").catch(() => ({}))]);
     const multiplier = options.extra_networks_default_multiplier ?? MULTIPLIER;
