@@ -1462,6 +1462,17 @@ def test_resize_by_sends_the_pictures_size_times_the_scale(page, photo_file):
     assert (sent["width"], sent["height"]) == (64, 64)
 
 
+def test_whole_number_fields_send_whole_numbers(page):
+    """A seed or step count typed with a fraction goes out rounded, as A1111's whole-number fields send it; CFG
+    keeps its fraction."""
+    page.click("#tab-txt2img")
+    fast_settings(page, seed=3, steps=1)
+    page.fill("#seed", "7.6")
+    set_value(page, "cfg_scale", 6.5)
+    sent, _ = generate(page)
+    assert (sent["seed"], sent["steps"], sent["cfg_scale"]) == (8, 1, 6.5)
+
+
 def test_a_file_the_browser_cannot_read_is_said_so_in_every_slot(page, tmp_path):
     """A picked file that is no picture empties the slot and says so beside it (img2img, PNG Info, Inpaint),
     with no script error; times over a minute read as A1111's (no "4 min 60 s")."""

@@ -51,11 +51,16 @@ export function syncSliders(root = document) {
   }
 }
 
-/** Read a number control; the number box wins over its slider (it can go past the slider's range). */
+/**
+ * Read a number control; the number box wins over its slider (it can go past the slider's range). A control
+ * of whole steps (step 1, 8, 64, or none given) gives a whole number, as A1111's do (a typed 1.5 seed is 2).
+ */
 export function numberValue(control) {
-  const box = document.querySelector(`input[data-sync="${control.id}"]`);
-  const raw = (box ?? control).value;
-  return raw === "" ? null : Number(raw);
+  const input = document.querySelector(`input[data-sync="${control.id}"]`) ?? control;
+  if (input.value === "") return null;
+  const value = Number(input.value);
+  const step = input.getAttribute("step") ?? "1";
+  return step !== "any" && Number.isInteger(Number(step)) && Number(step) >= 1 ? Math.round(value) : value;
 }
 
 export function setNumber(control, value) {
