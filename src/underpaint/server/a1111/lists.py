@@ -383,10 +383,10 @@ async def interrogate(body: InterrogateRequest, request: Request) -> Interrogate
         raise InvalidParameter("model", body.model, "'clip' (or A1111's 'deepdanbooru', not available here)")
     if not body.image:
         raise InvalidParameter("image", body.image, "a picture (base64, or a data URL)")
-    files = await run_in_threadpool(it.interrogate_files, state.catalog.folder)
     limits, allow_urls = state.config.limits, state.config.allow_image_urls
     image = await run_in_threadpool(lambda: decode_image(body.image, field="image", limits=limits,
-                                                         allow_urls=allow_urls))
+                                                         allow_urls=allow_urls))  # the request's fault first
+    files = await run_in_threadpool(it.interrogate_files, state.catalog.folder)
     state.queue.check_room()
     opts, device = state.options, state.config.device or "cpu"
     queued = state.queue.submit("interrogate", lambda _: it.interrogate(
