@@ -148,6 +148,9 @@ def test_cli(three, tmp_path):
     assert done.returncode != 0 and "already exists" in done.stderr
     done = run_cli("merge", str(three["a"]), str(three["b"]), str(three["c"]), "-o", str(tmp_path / "y.safetensors"))
     assert done.returncode != 0 and "add-difference" in done.stderr
+    done = run_cli("merge", str(three["a"]), str(three["b"]), "--method", "add-difference", "-o",
+                   str(tmp_path / "z.safetensors"))
+    assert done.returncode == 2 and "error: C: got None, expected a checkpoint C" in done.stderr, done.stderr
 
 
 def test_a_pattern_that_never_ends_is_refused_in_time(three, tmp_path, monkeypatch):

@@ -156,6 +156,7 @@ _SAME_NAME = frozenset({
     "masked_content", "mask_weight", "deepcache_branch", "deepcache_start", "deepcache_end",
     "first_block_cache", "output", "from_infotext", "styles_file", "vram", "optimize", "attention",
     "vae_precision", "device", "dtype", "prediction", "fill", "img2img_upscaler",
+    "a", "b", "c",  # `underpaint merge`'s checkpoints A, B, C
 })
 
 
