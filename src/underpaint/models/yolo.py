@@ -14,13 +14,16 @@ layer's kind taken from the class name the file records, its inputs from ultraly
 indices, its work bounded (pools, upsampling factors, kernels, module count). Batch norms are folded
 into the convolutions in float64, as ultralytics fuses them to predict.
 
-YOLOv8 (Conv, C2f, SPPF) and YOLOv9 (RepNCSPELAN4, RepCSP, RepConv, ADown, SPPELAN) layers run, with the
-Detect and Segment heads and their DFL box decoding, as ultralytics' predictor runs them for ADetailer:
+YOLOv8 (Conv, C2f, SPPF), YOLOv9 (RepNCSPELAN4, RepCSP, RepConv, ADown, SPPELAN), YOLO11 and YOLO26 (C3k2,
+C3k, C2PSA and its attention blocks) layers run, with the Detect and Segment heads (YOLO26's Segment26 and
+its multi-level prototypes too) and their DFL box decoding, as ultralytics' predictor runs them for ADetailer:
 the EMA weights where a file has them, the picture letterboxed to the size the model was trained at
 (640 for ADetailer's files; resized with OpenCV's bilinear filter, padded with grey 114 to a multiple
 of the stride, at least 32, centred), class-aware non-maximum suppression at IoU 0.7 over the boxes
 scored above the confidence, at most 300, the boxes mapped back to the picture; a segmentation model's
 masks from its prototypes (``coefficients · protos``, upsampled bilinearly, positive inside the box).
+A head saved in end-to-end mode (YOLO26's NMS-free one-to-one branches) is read as ultralytics reads it:
+the 300 best (anchor, class) pairs, those scored above the confidence, no suppression.
 Where underpaint differs: the masks are mapped back to the picture without the letterbox's padding and
 scaled with Pillow's filter (ADetailer stretches the padded mask over the picture).
 """
@@ -356,6 +359,58 @@ class _SPPELAN(nn.Module):
         return self.cv5(torch.cat(stages, 1))
 
 
+#: The most attention scores one attention layer may hold at once (heads × positions²): 2 GiB of float64.
+_MAX_ATTENTION = 2 ** 28
+
+
+class _Attention(nn.Module):
+    """YOLO11's position-sensitive attention: one 1x1 projection gives each head's queries, keys (``key_dim``
+    channels each) and values (``head_dim``); attention over every position, plus a depthwise 3x3
+    convolution of the values (positional encoding), projected."""
+
+    def __init__(self, qkv, proj, pe, heads: int, key_dim: int, head_dim: int, scale: float):
+        super().__init__()
+        self.qkv, self.proj, self.pe = qkv, proj, pe
+        self.heads, self.key_dim, self.head_dim, self.scale = heads, key_dim, head_dim, scale
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        n = h * w
+        if self.heads * n * n > _MAX_ATTENTION:
+            raise ModelError(f"an attention layer over {h}x{w} positions ({self.heads} heads): more than this "
+                             f"runner holds at once")
+        q, k, v = self.qkv(x).reshape(b, self.heads, 2 * self.key_dim + self.head_dim, n).split(
+            (self.key_dim, self.key_dim, self.head_dim), 2)
+        weights = ((q * self.scale).transpose(-2, -1) @ k).softmax(-1)  # (B, heads, queries, keys)
+        y = (v @ weights.transpose(-2, -1)).reshape(b, c, h, w) + self.pe(v.reshape(b, c, h, w))
+        return self.proj(y)
+
+
+class _PSABlock(nn.Module):
+    """Attention then a two-layer feed-forward, each added to its input where ``add``."""
+
+    def __init__(self, attn, ffn, add: bool):
+        super().__init__()
+        self.attn, self.ffn, self.add = attn, ffn, add
+
+    def forward(self, x):
+        x = x + self.attn(x) if self.add else self.attn(x)
+        return x + self.ffn(x) if self.add else self.ffn(x)
+
+
+class _C2PSA(nn.Module):
+    """YOLO11's C2PSA: the projection split in two halves, the attention blocks on the second, both
+    concatenated and projected."""
+
+    def __init__(self, cv1, cv2, m):
+        super().__init__()
+        self.cv1, self.cv2, self.m = cv1, cv2, m
+
+    def forward(self, x):
+        a, b = self.cv1(x).chunk(2, 1)
+        return self.cv2(torch.cat((a, self.m(b)), 1))
+
+
 class _Concat(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
@@ -366,38 +421,60 @@ class _Concat(nn.Module):
 
 
 class _Proto(nn.Module):
-    """A segmentation head's mask prototypes: conv, ×2 transposed conv, conv, conv."""
+    """A segmentation head's mask prototypes from the finest level: conv, ×2 transposed conv, conv, conv."""
 
     def __init__(self, cv1, upsample, cv2, cv3):
         super().__init__()
         self.cv1, self.upsample, self.cv2, self.cv3 = cv1, upsample, cv2, cv3
 
-    def forward(self, x):
+    def prototypes(self, x):
         return self.cv3(self.cv2(self.upsample(self.cv1(x))))
+
+    def forward(self, xs):
+        return self.prototypes(xs[0])
+
+
+class _Proto26(_Proto):
+    """YOLO26's prototypes from every level: each coarser level projected to the finest's channels, enlarged
+    (nearest) by 2, 4, ... and added to it, a 3x3 convolution, then :class:`_Proto`'s layers. (Its semantic
+    segmentation branch only trains.)"""
+
+    def __init__(self, cv1, upsample, cv2, cv3, refine: nn.ModuleList, fuse):
+        super().__init__(cv1, upsample, cv2, cv3)
+        self.refine, self.fuse = refine, fuse
+
+    def forward(self, xs):
+        feature = xs[0]
+        for i, project in enumerate(self.refine):
+            feature = feature + F.interpolate(project(xs[i + 1]), scale_factor=2 ** (i + 1), mode="nearest")
+        return self.prototypes(self.fuse(feature))
 
 
 @dataclass
 class HeadOutput:
     """Per anchor: boxes (B, N, 4; x1 y1 x2 y2 in input pixels), class scores (B, N, classes, after the
-    sigmoid), mask coefficients (B, N, masks) and prototypes (B, masks, h/4, w/4) of a segmentation head."""
+    sigmoid), mask coefficients (B, N, masks) and prototypes (B, masks, h/4, w/4) of a segmentation head;
+    ``end2end``: from a head's one-to-one branches, whose best pairs are kept without suppression."""
 
     boxes: torch.Tensor
     scores: torch.Tensor
     coefficients: torch.Tensor | None = None
     protos: torch.Tensor | None = None
+    end2end: bool = False
 
 
 class _Detect(nn.Module):
     """The Detect head: per level a box branch (4 × ``reg_max`` bins per side) and a class branch; the
     bins' softmax expectation (DFL) gives each side's distance from the anchor (cell centres), times the
-    level's stride. A Segment head adds mask coefficients and the prototypes."""
+    level's stride. A Segment head adds mask coefficients and the prototypes. ``end2end``: the branches are
+    an end-to-end head's one-to-one ones."""
 
     def __init__(self, box: nn.ModuleList, cls: nn.ModuleList, bins: torch.Tensor, strides: list[float],
-                 masks: nn.ModuleList | None = None, proto: nn.Module | None = None):
+                 masks: nn.ModuleList | None = None, proto: nn.Module | None = None, end2end: bool = False):
         super().__init__()
         self.box, self.cls, self.masks, self.proto = box, cls, masks, proto
         self.register_buffer("bins", bins.reshape(-1), persistent=False)
-        self.strides = strides
+        self.strides, self.end2end = strides, end2end
 
     def forward(self, xs) -> HeadOutput:
         b = xs[0].shape[0]
@@ -419,11 +496,11 @@ class _Detect(nn.Module):
             sides = (dist.reshape(b, 4, reg, -1).softmax(2) * self.bins.reshape(1, 1, reg, 1)).sum(2)  # (B, 4, N)
         sides = sides.transpose(1, 2)
         boxes = torch.cat((anchor - sides[..., :2], anchor + sides[..., 2:]), -1) * stride
-        out = HeadOutput(boxes, logits.sigmoid().transpose(1, 2))
+        out = HeadOutput(boxes, logits.sigmoid().transpose(1, 2), end2end=self.end2end)
         if self.masks is not None:
             out.coefficients = torch.cat([branch(x).reshape(b, -1, x.shape[2] * x.shape[3])
                                           for branch, x in zip(self.masks, xs)], -1).transpose(1, 2)
-            out.protos = self.proto(xs[0])
+            out.protos = self.proto(xs)
         return out
 
 
@@ -431,12 +508,14 @@ class YoloModel(nn.Module):
     """The rebuilt network: ``layers`` in order, each taking the previous output or those its ``froms`` name."""
 
     def __init__(self, layers: list[nn.Module], froms: list[Any], names: dict[int, str], stride: int,
-                 image_size: int = 640):
+                 image_size: int = 640, source: str = "the YOLO model"):
         super().__init__()
         self.layers = nn.ModuleList(layers)
         self.froms, self.names, self.stride = froms, names, stride
         #: The size pictures are letterboxed to: the one the model was trained at, as ultralytics predicts.
         self.image_size = image_size
+        #: The file it was read from, for errors.
+        self.source = source
 
     @property
     def segments(self) -> bool:
@@ -462,7 +541,8 @@ _ACTIVATIONS = {"SiLU": nn.SiLU, "ReLU": nn.ReLU, "Identity": nn.Identity, "Sigm
 _LAYER_KINDS = frozenset({
     "LeakyReLU", "Conv2d", "ConvTranspose2d", "BatchNorm2d", "Conv", "DWConv", "Sequential", "ModuleList",
     "Bottleneck", "C2f", "SPPF", "C3", "RepCSP", "RepBottleneck", "RepConv", "RepConvN", "RepNCSPELAN4", "ADown",
-    "SPPELAN", "MaxPool2d", "Upsample", "Concat", "Proto", "Detect", "Segment"})
+    "SPPELAN", "MaxPool2d", "Upsample", "Concat", "Proto", "Detect", "Segment", "C3k2", "C3k", "C2PSA", "PSABlock",
+    "Attention", "Proto26", "Segment26"})
 #: Bounds on what a file may ask of the runner: modules in all, their nesting, and the settings that set
 #: the work of a layer (SPPF's pools, an upsampling factor, a pooling kernel).
 _MAX_MODULES, _MAX_DEPTH, _MAX_POOLS, _MAX_UPSAMPLE, _MAX_KERNEL = 5000, 32, 8, 4, 15
@@ -504,9 +584,9 @@ class _Builder:
                 return getattr(self, f"_{kind}")(obj)
             finally:
                 self.depth -= 1
-        raise self.bad(f"holds a {kind} layer, which underpaint's YOLO runner does not have (YOLOv8 and YOLOv9 "
-                           f"detection and segmentation models run: Conv, C2f, C3, SPPF, RepNCSPELAN4, ADown, "
-                           f"SPPELAN, Upsample, Concat, Detect, Segment)")
+        raise self.bad(f"holds a {kind} layer, which underpaint's YOLO runner does not have (YOLOv8, YOLOv9, "
+                       f"YOLO11 and YOLO26 detection and segmentation models run: Conv, C2f, C3, C3k2, SPPF, "
+                       f"C2PSA, RepNCSPELAN4, ADown, SPPELAN, Upsample, Concat, Detect, Segment)")
 
     def _LeakyReLU(self, obj):
         return nn.LeakyReLU(float(getattr(obj, "negative_slope", 0.01)))
@@ -592,6 +672,30 @@ class _Builder:
 
     _RepCSP = _C3
     _RepBottleneck = _Bottleneck
+    _C3k2 = _C2f  # YOLO11's: its blocks Bottlenecks, C3ks or Bottleneck + PSABlock pairs
+    _C3k = _C3
+
+    def _C2PSA(self, obj):
+        return _C2PSA(*(self.build(self.child(obj, name)) for name in ("cv1", "cv2", "m")))
+
+    def _PSABlock(self, obj):
+        return _PSABlock(self.build(self.child(obj, "attn")), self.build(self.child(obj, "ffn")),
+                         bool(getattr(obj, "add", True)))
+
+    def _Attention(self, obj):
+        heads, key_dim, head_dim = (getattr(obj, name, None) for name in ("num_heads", "key_dim", "head_dim"))
+        if not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 4096
+                   for v in (heads, key_dim, head_dim)):
+            raise self.bad(f"an attention layer of {heads!r} heads, key size {key_dim!r}, head size {head_dim!r}")
+        qkv, proj, pe = (self.build(self.child(obj, name)) for name in ("qkv", "proj", "pe"))
+        width = heads * head_dim
+        widths = [(qkv.conv.in_channels, width), (qkv.conv.out_channels, heads * (2 * key_dim + head_dim)),
+                  (proj.conv.in_channels, width), (pe.conv.in_channels, width), (pe.conv.out_channels, width)]
+        if not all(isinstance(m, _ConvAct) for m in (qkv, proj, pe)) or any(a != b for a, b in widths):
+            raise self.bad(f"an attention layer whose projections do not fit {heads} heads of {head_dim} channels")
+        scale = getattr(obj, "scale", None)
+        scale = float(scale) if isinstance(scale, float) and math.isfinite(scale) else key_dim ** -0.5
+        return _Attention(qkv, proj, pe, heads, key_dim, head_dim, scale)
 
     def _RepConv(self, obj):
         parts = _children(obj)
@@ -637,10 +741,21 @@ class _Builder:
     def _Proto(self, obj):
         return _Proto(*(self.build(self.child(obj, name)) for name in ("cv1", "upsample", "cv2", "cv3")))
 
+    def _Proto26(self, obj):
+        refine = self._ModuleList(self.child(obj, "feat_refine"))
+        if len(refine) > 4:
+            raise self.bad(f"prototypes from {len(refine) + 1} levels")
+        return _Proto26(*(self.build(self.child(obj, name)) for name in ("cv1", "upsample", "cv2", "cv3")), refine,
+                        self.build(self.child(obj, "feat_fuse")))
+
     def _Detect(self, obj):
-        if getattr(obj, "end2end", False) is True or getattr(obj, "_end2end", False) is True or \
-                ("cv2" not in _children(obj) and "one2one_cv2" in _children(obj)):
-            raise self.bad("an end-to-end (NMS-free) detection head, which underpaint's YOLO runner does not have")
+        parts = _children(obj)
+        # ultralytics reads the one-to-one branches where the head was saved in end-to-end mode or fusing has
+        # left only them; else the one-to-many ones, with suppression
+        end2end = parts.get("one2one_cv2") is not None and (
+            getattr(obj, "end2end", False) is True or getattr(obj, "_end2end", False) is True
+            or parts.get("cv2") is None)
+        branch = "one2one_" if end2end else ""
         stride = getattr(obj, "stride", None)
         if not isinstance(stride, torch.Tensor) or stride.numel() == 0 or not bool((stride > 0).all()):
             raise self.bad("a detection head without its strides")
@@ -654,12 +769,12 @@ class _Builder:
         elif bins.numel() != reg_max:
             raise self.bad(f"a DFL of {bins.numel()} bins for {reg_max}")
         masks = proto = None
-        if _kind(obj) == "Segment":
-            masks, proto = self._ModuleList(self.child(obj, "cv4")), self.build(self.child(obj, "proto"))
-        return _Detect(self._ModuleList(self.child(obj, "cv2")), self._ModuleList(self.child(obj, "cv3")),
-                       bins, [float(s) for s in stride.tolist()], masks, proto)
+        if _kind(obj) in ("Segment", "Segment26"):
+            masks, proto = self._ModuleList(self.child(obj, branch + "cv4")), self.build(self.child(obj, "proto"))
+        return _Detect(self._ModuleList(self.child(obj, branch + "cv2")), self._ModuleList(self.child(obj, branch + "cv3")),
+                       bins, [float(s) for s in stride.tolist()], masks, proto, end2end)
 
-    _Segment = _Detect
+    _Segment = _Segment26 = _Detect
 
 
 def load_yolo(path: Path, dtype: torch.dtype = torch.float32) -> YoloModel:
@@ -667,14 +782,20 @@ def load_yolo(path: Path, dtype: torch.dtype = torch.float32) -> YoloModel:
 
     As ultralytics loads it: the EMA weights where the file has them, else the model's; the stride at
     least 32; the picture size it was trained at (``train_args.imgsz``) as the size it predicts at.
-    Whatever a damaged or crafted file breaks is a :class:`ModelError` naming the file.
+    Whatever a damaged or crafted file breaks is a :class:`ModelError` naming the file: the rebuilt network
+    runs once on a small blank picture, so that layers whose sizes do not fit together fail here.
     """
     path = Path(path)
     data = read_checkpoint(path)
     try:
-        return _rebuild(path, data).to(dtype)
-    except ModelError:
-        raise
+        model = _rebuild(path, data).to(dtype)
+        with torch.inference_mode():
+            model(torch.zeros(1, 3, 2 * model.stride, 2 * model.stride, dtype=dtype))
+        return model
+    except ModelError as exc:
+        if str(path) in str(exc):
+            raise
+        raise ModelError(f"{path}: {exc}") from None
     except Exception as exc:  # a crafted file's shapes, types or values that no layer takes
         raise ModelError(f"{path}: not a YOLO model this runner can rebuild ({type(exc).__name__}: {exc})") from None
 
@@ -688,7 +809,7 @@ def _rebuild(path: Path, data: Any) -> YoloModel:
                                                         else _kind(data))
         raise ModelError(f"{path}: not an ultralytics YOLO detection or segmentation model (found {found})")
     layers = list(_children(_children(model).get("model") or {}).values()) if _children(model) else []
-    if not layers or _kind(layers[-1]) not in ("Detect", "Segment"):
+    if not layers or _kind(layers[-1]) not in ("Detect", "Segment", "Segment26"):
         head = _kind(layers[-1]) if layers else "no layers"
         raise ModelError(f"{path}: a YOLO model ending in {head}; detection (Detect) and segmentation (Segment) "
                          f"models run")
@@ -710,7 +831,7 @@ def _rebuild(path: Path, data: Any) -> YoloModel:
     stride = int(stride.max()) if isinstance(stride, torch.Tensor) and stride.numel() else 32
     if not 1 <= stride <= 128:
         raise ModelError(f"{path}: a model of stride {stride}")
-    return YoloModel(built, froms, names, max(stride, 32), _trained_size(data)).eval().requires_grad_(False)
+    return YoloModel(built, froms, names, max(stride, 32), _trained_size(data), str(path)).eval().requires_grad_(False)
 
 
 def _trained_size(data: dict) -> int:
@@ -790,25 +911,43 @@ def detect(model: YoloModel, picture, confidence: float, *, size: int | None = N
     pixels, box = letterbox(np.asarray(picture.convert("RGB")), size or model.image_size, model.stride)
     device = next(model.parameters()).device
     x = torch.from_numpy(np.ascontiguousarray(pixels)).to(device).permute(2, 0, 1)[None].float() / 255
-    out = model(x)
+    try:
+        out = model(x.to(next(model.parameters()).dtype))
+    except ModelError as exc:
+        raise ModelError(f"{model.source}: {exc}") from None
     boxes, scores = out.boxes[0].float().cpu(), out.scores[0].float().cpu()
-    best, label = scores.max(1)
-    chosen = (best > confidence).nonzero().flatten()
-    chosen = chosen[best[chosen].argsort(descending=True)][:MAX_CANDIDATES]
-    offset = label[chosen, None].float() * 7680  # class-aware: boxes of other classes never overlap
-    kept = chosen[nms(boxes[chosen] + offset, best[chosen], iou)][:max_detections]
+    if out.end2end:
+        kept, best, label = best_pairs(scores, max_detections)
+        chosen = best > confidence
+        kept, best, label = kept[chosen], best[chosen], label[chosen]
+    else:
+        best, label = scores.max(1)
+        chosen = (best > confidence).nonzero().flatten()
+        chosen = chosen[best[chosen].argsort(descending=True)][:MAX_CANDIDATES]
+        offset = label[chosen, None].float() * 7680  # class-aware: boxes of other classes never overlap
+        kept = chosen[nms(boxes[chosen] + offset, best[chosen], iou)][:max_detections]
+        best, label = best[kept], label[kept]
     masks = _masks(out, kept, boxes, box) if out.protos is not None and len(kept) else [(None, True)] * len(kept)
     (w, h), (new_w, new_h), (left, top) = box.size, box.scaled, box.pad
     found = []
-    for index, (mask, shown) in zip(kept.tolist(), masks):
+    for index, score, cls, (mask, shown) in zip(kept.tolist(), best.tolist(), label.tolist(), masks):
         if not shown:
             continue  # ultralytics keeps only the found things whose mask has a pixel (at the input's size)
         x1, y1, x2, y2 = boxes[index].tolist()
         mapped = (min(max((x1 - left) * w / new_w, 0.0), w), min(max((y1 - top) * h / new_h, 0.0), h),
                   min(max((x2 - left) * w / new_w, 0.0), w), min(max((y2 - top) * h / new_h, 0.0), h))
-        found.append(Detection(mapped, float(best[index]), model.names.get(int(label[index]), str(int(label[index]))),
-                               mask))
+        found.append(Detection(mapped, score, model.names.get(cls, str(cls)), mask))
     return found
+
+
+def best_pairs(scores: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """An end-to-end head's finds among ``scores`` (anchors, classes), as ultralytics selects them: the
+    ``count`` anchors of highest best score, then the ``count`` highest (anchor, class) scores among those;
+    their anchors, scores and classes, best first (an anchor may come once per class)."""
+    count = min(count, scores.shape[0])
+    anchors = scores.amax(1).topk(count).indices
+    best, pairs = scores[anchors].flatten().topk(count)
+    return anchors[pairs // scores.shape[1]], best, pairs % scores.shape[1]
 
 
 def _masks(out: HeadOutput, kept: torch.Tensor, boxes: torch.Tensor, box: Letterbox) -> list[tuple[np.ndarray, bool]]:
