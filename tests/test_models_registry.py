@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import socket
 import struct
@@ -229,6 +230,60 @@ def test_downloaded_diffusers_folder_is_returned_and_offline_names_the_repositor
         download("flux-dev", tmp_path / "m")
 
 
+class _Response(io.BytesIO):
+    """What urlopen gives: a readable body with its headers; ``length`` the Content-Length it claims."""
+
+    def __init__(self, body: bytes, length: int | None = None):
+        super().__init__(body)
+        self.headers = {"Content-Length": str(len(body) if length is None else length)}
+
+
+def test_face_restorers_come_from_their_releases_with_the_detector_and_parser(tmp_path, monkeypatch):
+    """GFPGAN and CodeFormer come from their GitHub releases, as A1111 fetches them, under the names face
+    restoration looks for; the detector and parser they need come first; files already there are kept."""
+    import urllib.request
+
+    from underpaint.pipeline.face_restore import face_model_files
+
+    asked = []
+
+    def urlopen(url, timeout):
+        asked.append(url)
+        return _Response(url.encode())
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    folder = ModelsDir(tmp_path / "m")
+    with pytest.raises(ModelNotFound, match="underpaint download gfpgan"):
+        face_model_files(folder)
+    done = download("gfpgan", folder, progress=False)
+    assert done == tmp_path / "m" / "GFPGAN" / "GFPGANv1.4.pth"
+    assert asked == [KNOWN_MODELS[name].source for name in ("face-detector", "face-parser", "gfpgan")]
+    assert asked[-1] == "https://github.com/TencentARC/GFPGAN/releases/download/v1.3.0/GFPGANv1.4.pth"
+    assert face_model_files(folder) == (done, tmp_path / "m" / "GFPGAN" / "detection_Resnet50_Final.pth",
+                                        tmp_path / "m" / "GFPGAN" / "parsing_parsenet.pth")
+    assert done.read_bytes() == asked[-1].encode()
+    assert download("codeformer", folder, progress=False) == tmp_path / "m" / "Codeformer" / "codeformer-v0.1.0.pth"
+    assert asked[3:] == ["https://github.com/sczhou/CodeFormer/releases/download/v0.1.0/codeformer.pth"]
+    assert face_model_files(folder, restorer="CodeFormer")[0].name == "codeformer-v0.1.0.pth"
+    assert sorted(p.name for p in (tmp_path / "m" / "GFPGAN").iterdir()) == [
+        "GFPGANv1.4.pth", "detection_Resnet50_Final.pth", "parsing_parsenet.pth"]  # no temporary files left
+
+
+def test_a_cut_off_download_leaves_no_file_and_offline_names_the_release(tmp_path, monkeypatch, no_network):
+    import urllib.request
+
+    with pytest.raises(DownloadError) as err:
+        download("face-parser", tmp_path / "m", progress=False)
+    assert "https://github.com/xinntao/facexlib/releases/download/v0.2.2/parsing_parsenet.pth" in str(err.value)
+    assert str(tmp_path / "m" / "GFPGAN") in str(err.value) and "HF_HUB_OFFLINE" in str(err.value)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: _Response(b"half", length=1000))
+    with pytest.raises(DownloadError, match="closed after 4 of 1000 bytes"):
+        download("face-parser", tmp_path / "m", progress=False)
+    assert list((tmp_path / "m" / "GFPGAN").iterdir()) == []
+
+
 def test_interrogate_models_go_to_their_folders(tmp_path, no_network):
     done = _touch(tmp_path / "m" / "CLIP" / "clip-vit-large-patch14" / "config.json", b"{}").parent
     assert download("clip-vit-l", tmp_path / "m") == done
@@ -241,8 +296,10 @@ def test_interrogate_models_go_to_their_folders(tmp_path, no_network):
 def test_known_model_table():
     assert {"sd15", "sd21", "sdxl", "sd-turbo", "sdxl-turbo"} <= set(KNOWN_MODELS)
     assert all(name == m.name for name, m in KNOWN_MODELS.items())
-    assert all((m.folder or m.filename.endswith(".safetensors") or (m.kind, m.filename[-3:]) == ("adetailer", ".pt"))
-               and "/" in m.repo_id and m.description for m in KNOWN_MODELS.values())
+    assert all((m.folder or m.filename.endswith(".safetensors") or (m.kind, m.filename[-3:]) == ("adetailer", ".pt")
+                or (m.kind in ("gfpgan", "codeformer") and m.source.startswith("https://github.com/")))
+               and "/" in m.repo_id and m.description and set(m.needs) <= set(KNOWN_MODELS)
+               for m in KNOWN_MODELS.values())
     assert {m.filename for m in KNOWN_MODELS.values() if m.kind == "adetailer"} >= {"face_yolov8n.pt", "hand_yolov8n.pt"}
     assert {"flux-dev", "flux-schnell"} <= {name for name, m in KNOWN_MODELS.items() if m.folder}
     with pytest.raises(TypeError):

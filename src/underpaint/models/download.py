@@ -1,5 +1,7 @@
 """The explicit ``underpaint download NAME`` command: a few well-known models from the Hugging Face Hub
-(checkpoints, a VAE, and Interrogate CLIP's BLIP captioner and CLIP model).
+(checkpoints, a VAE, Interrogate CLIP's BLIP captioner and CLIP model, ADetailer's detectors) and the face
+restorers from their authors' GitHub releases (GFPGAN, CodeFormer, and the face detector and parser both
+need), where A1111 fetches them.
 
 Nothing else in underpaint touches the network. When the download cannot happen (offline,
 ``HF_HUB_OFFLINE=1``, a gated repository, a moved file), the error says in one line which file
@@ -9,6 +11,7 @@ to fetch by hand and where to put it.
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +34,10 @@ class KnownModel:
     #: model's configuration, tokenizer and safetensors weights.
     folder: bool = False
     transformers: bool = False
+    #: Where the file is when it is not on the hub (``repo_id`` is then its GitHub repository), and the
+    #: known models it needs beside it (fetched first).
+    source: str = ""
+    needs: tuple[str, ...] = ()
 
     @property
     def marker(self) -> str:
@@ -43,10 +50,14 @@ class KnownModel:
 
     @property
     def url(self) -> str:
+        if self.source:
+            return self.source
         if self.folder:
             return f"https://huggingface.co/{self.repo_id}/tree/main"
         return f"https://huggingface.co/{self.repo_id}/resolve/main/{self.filename}"
 
+
+_GITHUB = "https://github.com"
 
 _TABLE = (
     KnownModel("sd15", "stable-diffusion-v1-5/stable-diffusion-v1-5", "v1-5-pruned-emaonly.safetensors",
@@ -81,6 +92,21 @@ _TABLE = (
                "ADetailer's hand_yolov8n.pt (YOLOv8n hands)"),
     KnownModel("adetailer-person", "Bingsu/adetailer", "person_yolov8n-seg.pt", "adetailer",
                "ADetailer's person_yolov8n-seg.pt (YOLOv8n-seg people, with their outlines)"),
+    # Face restoration, from the releases A1111 downloads them from, under the names it gives them.
+    KnownModel("gfpgan", "TencentARC/GFPGAN", "GFPGANv1.4.pth", "gfpgan",
+               "GFPGAN v1.4 face restorer, with the face detector and parser (--restore-faces, A1111's "
+               "\"Restore faces\")", source=f"{_GITHUB}/TencentARC/GFPGAN/releases/download/v1.3.0/GFPGANv1.4.pth",
+               needs=("face-detector", "face-parser")),
+    KnownModel("codeformer", "sczhou/CodeFormer", "codeformer-v0.1.0.pth", "codeformer",
+               "CodeFormer face restorer, with the face detector and parser (--face-restorer CodeFormer)",
+               source=f"{_GITHUB}/sczhou/CodeFormer/releases/download/v0.1.0/codeformer.pth",
+               needs=("face-detector", "face-parser")),
+    KnownModel("face-detector", "xinntao/facexlib", "detection_Resnet50_Final.pth", "gfpgan",
+               "RetinaFace face detector (face restoration; ADetailer's face tabs without a YOLO file)",
+               source=f"{_GITHUB}/xinntao/facexlib/releases/download/v0.1.0/detection_Resnet50_Final.pth"),
+    KnownModel("face-parser", "xinntao/facexlib", "parsing_parsenet.pth", "gfpgan",
+               "ParseNet face parser (face restoration's blend mask)",
+               source=f"{_GITHUB}/xinntao/facexlib/releases/download/v0.2.2/parsing_parsenet.pth"),
 )
 
 #: name → KnownModel, read-only (the CLI lists it and the API validates against it).
@@ -94,14 +120,19 @@ def known_model(name: str) -> KnownModel:
 
 
 def download(name: str, models_dir: ModelsDir | str | os.PathLike, *, progress: bool = True) -> Path:
-    """Fetch a known model into the models folder (``checkpoints/`` or ``vae/``) and return its path."""
+    """Fetch a known model (and those it needs) into its models-folder kind's folder and return its path;
+    one already there is returned as it is."""
     model = known_model(name)
     folders = models_dir if isinstance(models_dir, ModelsDir) else ModelsDir(Path(models_dir))
+    for other in model.needs:
+        download(other, folders, progress=progress)
     target = folders.folder(model.kind)
     done = target / model.filename
     if done.is_file() or (model.folder and (done / model.marker).is_file()):
         return done
     try:
+        if model.source:
+            return _fetch(model.source, done, progress)
         from huggingface_hub import hf_hub_download, snapshot_download
 
         kwargs = {}
@@ -118,6 +149,41 @@ def download(name: str, models_dir: ModelsDir | str | os.PathLike, *, progress: 
         where = (f"put its {model.marker} and the rest in {done}" if model.folder else f"put it in {target}")
         raise DownloadError(f"could not download {model.name} ({exc.__class__.__name__}: {clipped(reason)}); "
                             f"get {model.url} and {where}") from None
+
+
+def _fetch(url: str, done: Path, progress: bool) -> Path:
+    """``url`` (https) saved as ``done``: written beside it under a temporary name, synced and then named, so
+    an interrupted download leaves no half file under the real name. ``HF_HUB_OFFLINE`` stops it too."""
+    import urllib.request
+
+    from ..imageio.metadata import publish, temp_beside
+
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        raise ConnectionError("offline: HF_HUB_OFFLINE is set")
+    if not url.startswith("https://"):
+        raise ValueError(f"not an https address: {url}")
+    done.parent.mkdir(parents=True, exist_ok=True)
+    temp = temp_beside(done)
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(temp, "xb") as out:
+            total = int(response.headers.get("Content-Length") or 0)
+            if progress:
+                from tqdm.auto import tqdm
+
+                with tqdm(total=total or None, unit="B", unit_scale=True, desc=done.name) as bar:
+                    while chunk := response.read(1 << 20):
+                        out.write(chunk)
+                        bar.update(len(chunk))
+            else:
+                shutil.copyfileobj(response, out, 1 << 20)
+            if total and out.tell() != total:
+                raise ConnectionError(f"the connection closed after {out.tell()} of {total} bytes")
+            out.flush()
+            os.fsync(out.fileno())
+        publish(temp, done)
+    finally:
+        temp.unlink(missing_ok=True)
+    return done
 
 
 def clipped(text: str, limit: int = 160) -> str:

@@ -232,7 +232,8 @@ def face_model_files(folder, field: str = "restore_faces", restorer: str = "GFPG
         where = folder.root if folder is not None else Path(".")
         folder_name = "Codeformer" if restorer == "CodeFormer" else "GFPGAN"
         raise ModelNotFound(f"face restoration with {restorer} needs {', '.join(missing)} in {where / folder_name} "
-                            f"(A1111's models/{folder_name} holds the same files)", field=field)
+                            f"(A1111's models/{folder_name} holds the same files; `underpaint download "
+                            f"{restorer.lower()}` fetches them)", field=field)
     return net, detector, parser
 
 
