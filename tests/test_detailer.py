@@ -103,6 +103,43 @@ def test_skip_and_no_faces_leave_the_picture(sd1_engine, monkeypatch):
     assert np.array_equal(np.asarray(skipped), np.asarray(plain))
 
 
+#: Faces as RetinaFace gives them: box, score, then the landmarks (left eye, right eye, nose, mouth corners).
+FACES = np.array([[10, 8, 54, 56, 0.99, 22, 28, 42, 28, 32, 38, 24, 46, 40, 46],
+                  [60, 60, 100, 100, 0.9, 70, 70, 90, 90, 80, 80, 70, 92, 92, 70]], dtype=np.float32)
+
+
+def test_mesh_eye_masks_are_both_eyes_of_each_face():
+    """mediapipe_face_mesh_eyes_only: per face one mask of two ellipses at the eye landmarks, along the line
+    between them (a quarter of the distance across long each way, an eighth high), its box the mask's."""
+    found = detailer.eye_shapes(FACES, (128, 128))
+    assert [d.label for d in found] == ["eyes", "eyes"] and [d.score for d in found] == pytest.approx([0.99, 0.9])
+    level = found[0].mask
+    ys, xs = np.nonzero(level)
+    assert level[28, 22] and level[28, 42] and not level[28, 32]  # both eyes, not the bridge of the nose
+    assert abs(ys - 28).max() <= 0.12 * 20 + 1 and {xs.min(), xs.max() + 1} == {17, 48}  # 5 px each side
+    assert found[0].box == (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
+    tilted = found[1].mask  # eyes on a diagonal: the ellipses lie along it
+    assert tilted[70, 70] and tilted[90, 90] and tilted[74, 74] and not tilted[66, 74] and not tilted[80, 80]
+    ovals = detailer.oval_shapes(FACES[:1], (128, 128))
+    assert ovals[0].mask[32, 32] and not ovals[0].mask[9, 11] and ovals[0].box == (10.0, 8.0, 55.0, 57.0)
+
+
+def test_mesh_models_inpaint_their_shapes(sd1_engine, monkeypatch):
+    """A tab on mediapipe_face_mesh_eyes_only inpaints the eye masks (as a mask-shaped find: ADetailer's
+    dilation and the rest apply), the same as the request by hand."""
+    faces = FACES[:1] * 0.5
+    monkeypatch.setattr(detailer, "face_finder", lambda folder, device: lambda picture, confidence: faces)
+    unit = DetailerUnit(model="mediapipe_face_mesh_eyes_only", denoising_strength=0.5)
+    result = sd1_engine.generate(GenerationParams(**BASE, detailer=(unit,)))
+    picture = sd1_engine.generate(GenerationParams(**BASE)).images[0]
+    (mask,) = detailer.masks(detailer.eye_shapes(faces, (64, 64)), (64, 64), unit)
+    x1, y1, x2, y2 = mask.getbbox()  # the eyes (11 and 21 across, 14 down), dilated by 4: not the face's box
+    assert x1 <= 9 and y1 <= 12 and x2 >= 24 and y2 >= 17 and x2 - x1 < 22 and y2 - y1 < 10
+    want = sd1_engine.generate(GenerationParams(**BASE, init_images=(picture,), mask=mask, strength=0.5,
+                                                inpaint=InpaintOptions(full_res=True))).images[0]
+    assert np.array_equal(np.asarray(result.images[0]), np.asarray(want))
+
+
 @pytest.mark.parametrize("unit, field", [
     (dict(model="hand_yolov8n.pt"), "detailer[0].model"),
 ])

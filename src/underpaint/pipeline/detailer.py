@@ -320,7 +320,9 @@ def finder(folder, device, name: str, field: str = "ad_model") -> Callable:
     path = yolo_file(folder, name)
     if path is None:
         check_unit(DetailerUnit(model=name), field=field, folder=folder)
-        return face_finder(folder, device)
+        faces = face_finder(folder, device)
+        shape = _MESH_SHAPES.get(name.strip().lower())
+        return faces if shape is None else lambda picture, confidence: shape(faces(picture, confidence), picture.size)
     from ..models.yolo import detect, load_yolo
 
     key = (str(path), path.stat().st_mtime_ns, str(device))
@@ -331,6 +333,60 @@ def finder(folder, device, name: str, field: str = "ad_model") -> Callable:
             return detect(model, picture, confidence)
 
     return find
+
+
+def eye_shapes(rows, size: tuple[int, int], *, length: float = 0.25, height: float = 0.12) -> list:
+    """ADetailer's ``mediapipe_face_mesh_eyes_only`` made from RetinaFace's finds: per face one mask of both
+    eyes, each an ellipse at its landmark along the line between them, ``length`` and ``height`` times the
+    eyes' distance across (half-axes; an eye's opening is about half that distance long and a fifth of it
+    high), its box the mask's. Faces without landmarks keep their boxes. (MediaPipe's mesh traces the
+    eyelids themselves; this is the shape of an average eye where the detector puts it.)"""
+    from PIL import Image, ImageDraw
+
+    from ..models.yolo import Detection
+
+    out: list = []
+    turns = np.linspace(0, 2 * np.pi, 48, endpoint=False)
+    for row in rows:
+        row = np.asarray(row, np.float64)
+        if len(row) < 9:
+            out.append(row)
+            continue
+        (lx, ly), (rx, ry) = row[5:7], row[7:9]
+        across = float(np.hypot(rx - lx, ry - ly))
+        cos, sin = (rx - lx) / across if across else 1.0, (ry - ly) / across if across else 0.0
+        a, b = length * across, height * across
+        mask = Image.new("L", size, 0)
+        draw = ImageDraw.Draw(mask)
+        for cx, cy in ((lx, ly), (rx, ry)):
+            draw.polygon([(cx + a * np.cos(t) * cos - b * np.sin(t) * sin, cy + a * np.cos(t) * sin + b * np.sin(t) * cos)
+                          for t in turns], fill=255)
+        box = mask.getbbox()
+        if box is not None:
+            out.append(Detection(tuple(float(v) for v in box), float(row[4]), "eyes", np.asarray(mask) > 0))
+    return out
+
+
+def oval_shapes(rows, size: tuple[int, int]) -> list:
+    """ADetailer's ``mediapipe_face_mesh`` (a mask of the face's outline) made from RetinaFace's finds: the
+    ellipse within each face's box."""
+    from PIL import Image, ImageDraw
+
+    from ..models.yolo import Detection
+
+    out = []
+    for row in rows:
+        mask = Image.new("L", size, 0)
+        ImageDraw.Draw(mask).ellipse([float(v) for v in row[:4]], fill=255)
+        box = mask.getbbox()
+        if box is not None:
+            out.append(Detection(tuple(float(v) for v in box), float(row[4]), "face", np.asarray(mask) > 0))
+    return out
+
+
+#: ADetailer's MediaPipe face-mesh models, whose masks are shapes rather than boxes (without MediaPipe: the
+#: shapes made from RetinaFace's boxes and landmarks).
+_MESH_SHAPES = {"mediapipe_face_mesh_eyes_only": eye_shapes, "mediapipe_face_mesh": oval_shapes}
 
 
 def face_finder(folder, device) -> Callable:
