@@ -388,6 +388,71 @@ def test_dora_and_full_difference(tmp_path, sd1):
     assert torch.equal(module.weight, w) and torch.equal(proj_module.bias, b_proj)
 
 
+@pytest.fixture(scope="module")
+def lycoris():
+    """LyCORIS' functional OFT and BOFT and its IA3 arithmetic (the library that trains them)."""
+    pytest.importorskip("lycoris")
+    import lycoris.functional.boft as boft
+    import lycoris.functional.diag_oft as diag_oft
+    from lycoris.modules import ia3
+
+    return diag_oft, boft, ia3
+
+
+def test_oft_boft_and_ia3_merge_as_lycoris_computes_them(tmp_path, sd1, lycoris):
+    """OFT blocks (Cayley-made rotations, the norm clamped to alpha × outputs when alpha is set), with a
+    rescale; a three-stage butterfly (BOFT); an older file's rotations as stored (``oft_diag``); IA³ on a
+    layer's outputs and on a convolution's inputs: each ΔW as LyCORIS makes it, times the multiplier (an
+    OFT's alpha is no scale), undone exactly."""
+    diag_oft, boft, ia3 = lycoris
+    gen = torch.Generator().manual_seed(13)
+    names = {"oft": "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k",  # 32x32
+             "oft_conv": "down_blocks.0.resnets.1.conv2",  # 32x32x3x3
+             "boft": "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_v",
+             "diag": "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+             "ia3": "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0",  # 32x32
+             "ia3_conv": "down_blocks.0.resnets.0.conv1"}
+    w = {key: sd1.unet.get_submodule(path).weight.detach().clone() for key, path in names.items()}
+    kohya = {key: "lora_unet_" + path.replace(".", "_") for key, path in names.items()}
+    blocks = torch.randn(4, 8, 8, generator=gen) * 0.3
+    conv_blocks, rescale = torch.randn(2, 16, 16, generator=gen) * 0.05, 1 + torch.randn(32, 1, 1, 1, generator=gen) * 0.1
+    butterfly = torch.randn(3, 4, 8, 8, generator=gen) * 0.1
+    rotation = torch.linalg.qr(torch.randn(4, 8, 8, generator=gen)).Q
+    outputs, inputs = torch.randn(32, generator=gen) * 0.2, torch.randn(1, 32, 1, 1, generator=gen) * 0.2
+    sd = {f"{kohya['oft']}.oft_blocks": blocks, f"{kohya['oft']}.alpha": torch.tensor(0.01),  # clamped
+          f"{kohya['oft_conv']}.oft_blocks": conv_blocks, f"{kohya['oft_conv']}.rescale": rescale,
+          f"{kohya['boft']}.oft_blocks": butterfly, f"{kohya['boft']}.alpha": torch.tensor(0.0),
+          f"{kohya['diag']}.oft_diag": rotation,
+          f"{kohya['ia3']}.weight": outputs, f"{kohya['ia3']}.on_input": torch.tensor(0),
+          f"{kohya['ia3_conv']}.weight": inputs, f"{kohya['ia3_conv']}.on_input": torch.tensor(1)}
+    expected = {
+        "oft": diag_oft.diff_weight(w["oft"], blocks, None, constraint=0.01 * 32, backend="torch"),
+        "oft_conv": diag_oft.diff_weight(w["oft_conv"], conv_blocks, rescale, constraint=0, backend="torch"),
+        "boft": boft.diff_weight(w["boft"], butterfly, None, constraint=0, backend="torch"),
+        "diag": torch.einsum("knm,kn...->km...", rotation, w["diag"].reshape(4, 8, -1)).reshape(32, -1) - w["diag"],
+        "ia3": ia3._ia3_weight(w["ia3"], outputs, False, 1.0, True),
+        "ia3_conv": ia3._ia3_weight(w["ia3_conv"], inputs, True, 1.0, True)}
+    q = blocks - blocks.transpose(1, 2)
+    assert torch.linalg.vector_norm(q) > 0.32  # the constraint does clamp this one
+    before = _snapshot(sd1)
+    patcher, network = _apply(sd1, _save(tmp_path, "oft", sd), LoraRequest("oft", unet=0.6))
+    assert sorted(p.kind for p in network.patches) == ["ia3", "ia3", "oft", "oft", "oft", "oft"]
+    assert not network.unsupported
+    for key, path in names.items():
+        torch.testing.assert_close(sd1.unet.get_submodule(path).weight, w[key] + 0.6 * expected[key].reshape(w[key].shape),
+                                   rtol=0, atol=2e-6, msg=key)
+    patcher.restore()
+    _assert_unchanged(sd1, before)
+
+
+def test_rotations_that_do_not_fit_are_skipped(tmp_path, sd1):
+    to_k = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_k"  # 32 outputs
+    before = _snapshot(sd1)
+    with pytest.warns(LoraWarning, match="do not fit"):
+        patcher, _ = _apply(sd1, _save(tmp_path, "bad", {f"{to_k}.oft_blocks": torch.zeros(5, 6, 6)}))
+    _assert_unchanged(sd1, before)
+
+
 # --- what goes wrong, and how it is reported -------------------------------------------------------------------
 
 
@@ -420,9 +485,10 @@ def test_not_a_lora(tmp_path, sd1, sd1_file):
 
 
 def test_unsupported_kind_warns(tmp_path, sd1):
-    sd = {"lora_unet_down_blocks_0_attentions_0_proj_in.oft_blocks": torch.zeros(4, 8, 8)}
+    sd = {f"lora_unet_down_blocks_0_attentions_0_proj_in.{part}": torch.zeros(4, 32)
+          for part in ("a1.weight", "a2.weight", "b1.weight", "b2.weight")}  # GLoRA
     with pytest.warns(LoraWarning, match="does not merge"):
-        network = load_lora(_save(tmp_path, "oft", sd), ModuleIndex(sd1))
+        network = load_lora(_save(tmp_path, "glora", sd), ModuleIndex(sd1))
     assert not network.patches
 
 

@@ -6,7 +6,9 @@ Files read (safetensors, or torch files opened with ``weights_only``):
   (SDXL's two encoders), each with ``.lora_down.weight``, ``.lora_up.weight`` and ``.alpha``;
   LoCon convolutions (a k×k down and a 1×1 up), LyCORIS ``lora_mid`` (CP decomposition),
   LoHa (``hada_w1_a`` …, ``hada_t1``), LoKr (``lokr_w1`` or ``lokr_w1_a``/``_b``, ``lokr_w2`` …),
-  full differences (``diff``, ``diff_b``) and DoRA magnitudes (``dora_scale``);
+  full differences (``diff``, ``diff_b``), DoRA magnitudes (``dora_scale``), OFT rotations (kohya's and
+  LyCORIS' ``oft_blocks`` with an ``alpha`` constraint and ``rescale``, LyCORIS' butterfly BOFT, the older
+  ``oft_diag``) and IA³ scalings (``weight``, ``on_input``);
 - diffusers / PEFT: ``unet.<module>.lora_A.weight`` / ``lora_B.weight`` (also ``text_encoder.``,
   ``text_encoder_2.``, the older ``lora.down``/``lora.up`` and attention-processor names);
 - FLUX.1: diffusers' ``transformer.<module>`` names, and the original (BFL) module names as kohya
@@ -66,8 +68,10 @@ _PARTS = frozenset({
     "lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha", "scale", "dora_scale", "diff", "diff_b",
     "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
     "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2",
+    "oft_blocks", "oft_diag", "rescale",
 })
-# Other LyCORIS kinds A1111 knows but underpaint does not merge (reported, not guessed at).
+# Other LyCORIS kinds A1111 knows but underpaint does not merge (reported, not guessed at), and IA³'s
+# parts (``weight``, ``on_input``: read from kohya-style names only, where they cannot be a model's own).
 _OTHER_PARTS = ("oft_", "weight", "bias", "w_norm", "b_norm", "on_input", "a1.weight", "a2.weight",
                 "b1.weight", "b2.weight", "oft_blocks", "oft_diag")
 # kohya prefix → index of the text encoder (None: the UNet), by how many encoders the model has.
@@ -434,7 +438,7 @@ def _split_dotted(key: str) -> NetworkKey | None:
 
 @dataclass(frozen=True, eq=False)
 class ModulePatch:
-    """One module's stored update: its kind (lora, loha, lokr, full) and tensors by part name."""
+    """One module's stored update: its kind (lora, loha, lokr, full, oft, ia3) and tensors by part name."""
 
     target: Target
     kind: str
@@ -456,7 +460,10 @@ class ModulePatch:
 
     @property
     def scale(self) -> float:
-        """A stored ``scale``, else alpha / rank, else 1 (A1111's ``calc_scale``)."""
+        """A stored ``scale``, else alpha / rank, else 1 (A1111's ``calc_scale``; an OFT's alpha is its
+        constraint, its scale always 1)."""
+        if self.kind == "oft":
+            return 1.0
         if "scale" in self.tensors:
             return float(self.tensors["scale"])
         alpha, rank = self.tensors.get("alpha"), self.rank
@@ -476,6 +483,10 @@ class ModulePatch:
             updown, shape = _loha_updown(t)
         elif self.kind == "lokr":
             updown, shape = _lokr_updown(t, weight.shape)
+        elif self.kind == "oft":
+            updown, shape = _oft_updown(t, weight), list(weight.shape)
+        elif self.kind == "ia3":
+            updown, shape = _ia3_updown(t, weight), list(weight.shape)
         else:
             updown, shape = t["diff"], list(t["diff"].shape)
         updown = _fit(updown.reshape(shape) if len(shape) == 4 else updown, weight.shape)
@@ -500,6 +511,10 @@ def _kind(parts: Mapping[str, torch.Tensor]) -> str | None:
         return "lokr"
     if "diff" in parts:
         return "full"
+    if "oft_blocks" in parts or "oft_diag" in parts:
+        return "oft"
+    if "weight" in parts:
+        return "ia3"
     return None
 
 
@@ -552,6 +567,70 @@ def _lokr_updown(t: dict[str, torch.Tensor], weight_shape: torch.Size) -> tuple[
     if w2.ndim == 4:
         w1 = w1[:, :, None, None]
     return torch.kron(w1, w2.contiguous()).reshape(shape), shape
+
+
+def _cayley(blocks: torch.Tensor, constraint: float) -> torch.Tensor:
+    """Orthogonal blocks from free ones: Q = B − Bᵀ (skew-symmetric), its norm clamped to ``constraint``
+    (0: not clamped), R = (I + Q)(I − Q)⁻¹."""
+    q = blocks - blocks.transpose(-1, -2)
+    if constraint:
+        norm = torch.linalg.vector_norm(q)
+        q = q * ((norm.clamp(max=constraint) + 1e-8) / (norm + 1e-8))
+    eye = torch.eye(blocks.shape[-1], dtype=blocks.dtype, device=blocks.device)
+    return (eye + q) @ torch.linalg.inv(eye - q)
+
+
+def _oft_updown(t: dict[str, torch.Tensor], weight: torch.Tensor) -> torch.Tensor:
+    """OFT (Qiu et al. 2023): the weight's output rows turned by a block-diagonal orthogonal matrix, as
+    A1111 1.10 merges it: R·W − W. ``oft_blocks`` (kohya, LyCORIS) are made orthogonal by the Cayley
+    transform with the constraint ``alpha`` × outputs; the older LyCORIS ``oft_diag`` are the rotations
+    themselves; four-dimensional blocks are LyCORIS' BOFT, a butterfly of such rotations (stage i mixing
+    rows 2^i·b/2 apart). A ``rescale`` scales each output row after."""
+    out, rest = weight.shape[0], weight.shape[1:]
+    if "oft_diag" in t and "oft_blocks" not in t:
+        rotations = t["oft_diag"]
+    else:
+        blocks = t["oft_blocks"]
+        alpha = float(t["alpha"]) if "alpha" in t else 0.0
+        rotations = _cayley(blocks, alpha * out)
+    if rotations.ndim == 3:  # one stage: row block k becomes Σ_n R[k, n, m] · W[k, n]
+        count, size = rotations.shape[0], rotations.shape[-1]
+        if count * size != out or rotations.shape[1] != size:
+            raise ValueError(f"rotation blocks {tuple(rotations.shape)} do not fit {out} outputs")
+        merged = torch.einsum("knm,kn...->km...", rotations, weight.reshape(count, size, *rest)).reshape(weight.shape)
+    elif rotations.ndim == 4:
+        stages, count, size = rotations.shape[:3]
+        half = size // 2
+        if count * size != out or size % 2 or any(out % (2 ** (i + 1) * half) for i in range(stages)):
+            raise ValueError(f"butterfly blocks {tuple(rotations.shape)} do not fit {out} outputs")
+        merged = weight
+        for i in range(stages):
+            span = 2 ** i * half  # rows paired across 2 · span, then mixed in blocks of ``size``
+            merged = merged.reshape(-1, 2, span, *rest).transpose(1, 2).reshape(count, size, *rest)
+            merged = torch.einsum("bij,bj...->bi...", rotations[i], merged)
+            merged = merged.reshape(-1, span, 2, *rest).transpose(1, 2).reshape(weight.shape)
+    else:
+        raise ValueError(f"rotation blocks of shape {tuple(rotations.shape)}")
+    if "rescale" in t:
+        rescale = t["rescale"].reshape(-1)
+        if rescale.numel() != out:
+            raise ValueError(f"a rescale of {rescale.numel()} for {out} outputs")
+        merged = merged * rescale.reshape(-1, *[1] * len(rest))
+    return merged - weight
+
+
+def _ia3_updown(t: dict[str, torch.Tensor], weight: torch.Tensor) -> torch.Tensor:
+    """IA³ (Liu et al. 2022): each output (or, ``on_input``, each input) channel of the weight scaled by
+    1 + w; the update is W·w along that axis."""
+    on_input = bool(float(t["on_input"])) if "on_input" in t else False
+    axis = 1 if on_input else 0
+    scales = t["weight"].reshape(-1)
+    if weight.ndim < 2 or scales.numel() != weight.shape[axis]:
+        raise ValueError(f"{scales.numel()} scales for {'inputs' if on_input else 'outputs'} of a "
+                         f"{tuple(weight.shape)} weight")
+    shape = [1] * weight.ndim
+    shape[axis] = -1
+    return weight * scales.reshape(shape)
 
 
 def _fit(updown: torch.Tensor, weight_shape: torch.Size) -> torch.Tensor:
