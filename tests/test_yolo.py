@@ -8,6 +8,7 @@ underpaint does not run are refused naming the layer."""
 from __future__ import annotations
 
 import copy
+import math
 import pickle
 
 import numpy as np
@@ -49,8 +50,9 @@ def _build(ultralytics, cfg, names: tuple[str, ...], seed: int, end2end: bool = 
     most (scores far from 0 and 1, each anchor's its own). An end-to-end head's one-to-one branches are the
     one-to-many ones changed a little (so that which ones run shows), and it is left in end-to-end mode."""
     torch.manual_seed(seed)
+    world = "world" in str(cfg)
     kind = ultralytics.tasks.SegmentationModel if "-seg" in str(cfg) else ultralytics.tasks.DetectionModel
-    model = kind(cfg, nc=len(names), verbose=False)
+    model = (ultralytics.tasks.WorldModel if world else kind)(cfg, nc=len(names), verbose=False)
     model.names = dict(enumerate(names))
     model.end2end = False
     inputs = [_letterboxed(ultralytics, picture) for picture in PICTURES]
@@ -69,6 +71,18 @@ def _build(ultralytics, cfg, names: tuple[str, ...], seed: int, end2end: bool = 
             branch[-1].weight.mul_(0.2)
             peaked = (-0.5 * (bins - 2.5) ** 2) if head.reg_max > 1 else torch.full((1,), 2.5)
             branch[-1].bias.copy_(peaked.repeat(4) + torch.randn(4 * head.reg_max) * 0.3)
+        if world:  # class scores are embeddings against the texts: their scale and bias set the spread
+            for score in head.cv4:  # small enough that no score rounds to 0 or 1
+                score.logit_scale.fill_(math.log(1e-3))
+                score.bias.zero_()
+            logits = torch.cat([torch.logit(model(x)[0][0, 4:].double()).flatten() for x in inputs])
+            middle = logits.median()
+            gain = 4e-3 / float((logits - middle).abs().max())  # every logit of the test pictures within ±4
+            middle = middle / 1e-3
+            for score in head.cv4:
+                score.logit_scale.fill_(math.log(gain))
+                score.bias.fill_(-gain * float(middle))
+            return model
         for branch in head.cv3:
             branch[-1].bias.zero_()
         spread = torch.zeros(len(names))
@@ -153,6 +167,15 @@ def v26_segmenter(ultralytics, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def world_detector(ultralytics, tmp_path_factory):
+    """YOLOv8-Worldv2 (C2fAttn's text-guided attention, WorldDetect's contrastive heads) with the text
+    embeddings of three classes, as ultralytics saves a world model after ``set_classes``."""
+    path = tmp_path_factory.mktemp("adetailer") / "yolov8n-worldv2.pt"
+    reference = _save(_build(ultralytics, "yolov8n-worldv2.yaml", ("person", "cat", "dog"), seed=9), path)
+    return path, reference
+
+
+@pytest.fixture(scope="module")
 def segmenter(ultralytics, tmp_path_factory):
     path = tmp_path_factory.mktemp("adetailer") / "person_yolov8n-seg.pt"
     reference = _save(_build(ultralytics, "yolov8n-seg.yaml", ("person",), seed=4), path)
@@ -168,7 +191,7 @@ def _xywh(xyxy: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("which", ["detector", "segmenter", "v9_detector", "v11_detector", "v26_detector",
-                                   "v26_segmenter"])
+                                   "v26_segmenter", "world_detector"])
 def test_the_network_gives_ultralytics_outputs(which, request):
     """Rebuilt in float64 (where folding batch norms changes nothing that shows) the outputs are ultralytics'
     own, run in float64 (an end-to-end head's: its one-to-one branches decoded); the float32 model's boxes
@@ -224,14 +247,22 @@ def _ultralytics_predict(ultralytics, reference, picture: Image.Image, count: in
     return found, boxes, masks, x.shape[2:], confidence
 
 
-def _order(found) -> tuple:
-    score, box = (found.score, found.box) if hasattr(found, "score") else (found[0], found[2])
-    return (-round(score, 4), *(round(v, 1) for v in box))
+def _assert_same_finds(ours, theirs):
+    """Each of ours is one of theirs (score, label, box): the same finds, those of nearly equal scores
+    perhaps in another order. Scores within 1e-4 and boxes within 0.02 pixel (float32: each side folds its
+    batch norms its own way)."""
+    left = list(theirs)
+    for mine in ours:
+        match = next((want for want in left if want[1] == mine.label and abs(want[0] - mine.score) <= 1e-4
+                      and np.allclose(mine.box, want[2], atol=0.02)), None)
+        assert match is not None, (mine, sorted(left, key=lambda w: abs(w[0] - mine.score))[:2])
+        left.remove(match)
+    assert not left
 
 
 @pytest.mark.parametrize("which, picture", [("detector", p) for p in PICTURES] + [
-    ("v11_detector", PICTURES[1]), ("v26_detector", PICTURES[0])],
-    ids=["wide", "tall", "square", "yolo11", "yolo26"])
+    ("v11_detector", PICTURES[1]), ("v26_detector", PICTURES[0]), ("world_detector", PICTURES[2])],
+    ids=["wide", "tall", "square", "yolo11", "yolo26", "world"])
 def test_detections_are_ultralytics_predictions(ultralytics, which, picture, request):
     path, reference = request.getfixturevalue(which)
     found, boxes, _, _, confidence = _ultralytics_predict(ultralytics, _fused(reference), picture)
@@ -239,11 +270,8 @@ def test_detections_are_ultralytics_predictions(ultralytics, which, picture, req
     assert len(found) >= 10 and len(ours) == len(found)
     theirs = [(float(s), reference.names[int(c)], tuple(b)) for s, c, b in zip(found[:, 4], found[:, 5], boxes.tolist())]
     assert [d.score for d in ours] == sorted((d.score for d in ours), reverse=True)
-    # the same finds; those of equal scores (alike anchors) may come in another order
-    for mine, want in zip(sorted(ours, key=_order), sorted(theirs, key=_order)):
-        assert (mine.label, mine.mask) == (want[1], None)
-        np.testing.assert_allclose(mine.score, want[0], atol=1e-4)
-        np.testing.assert_allclose(mine.box, want[2], atol=0.02)  # float32: each side folds its own
+    assert all(d.mask is None for d in ours)
+    _assert_same_finds(ours, theirs)
     assert len(detect(load_yolo(path), picture, 0.9999, size=IMAGE_SIZE)) == 0
 
 
@@ -310,6 +338,25 @@ def test_other_architectures_are_refused_naming_the_layer(ultralytics, tmp_path)
     torch.save({"model": model.half()}, tmp_path / "face_yolov10n.pt")
     with pytest.raises(ModelError, match="face_yolov10n.pt: a YOLO model ending in v10Detect"):
         load_yolo(tmp_path / "face_yolov10n.pt")
+
+
+def test_a_world_model_looks_for_the_classes_asked(ultralytics, world_detector):
+    """ADetailer's ``ad_model_classes`` on a YOLO-World model: the classes asked, in that order, as
+    ultralytics' ``set_classes`` leaves the model (their text embeddings, the head's class count), each
+    from the embeddings the file holds; a class it holds none for is refused naming it."""
+    path, reference = world_detector
+    twin = _fused(reference)
+    twin.txt_feats = reference.txt_feats[:, [2, 0]].clone()
+    twin.model[-1].nc = 2
+    twin.names = {0: "dog", 1: "person"}
+    found, boxes, _, _, confidence = _ultralytics_predict(ultralytics, twin, PICTURES[0])
+    ours = detect(load_yolo(path), PICTURES[0], confidence, size=IMAGE_SIZE, classes=["dog", "person"])
+    assert len(ours) == len(found) >= 10
+    theirs = [(float(s), twin.names[int(c)], tuple(b)) for s, c, b in zip(found[:, 4], found[:, 5], boxes.tolist())]
+    _assert_same_finds(ours, theirs)
+    assert {d.label for d in ours} <= {"dog", "person"}
+    with pytest.raises(ModelError, match="yolov8n-worldv2.pt: no text embeddings for 'hand'.*person, cat, dog"):
+        detect(load_yolo(path), PICTURES[0], 0.5, classes=["person", "hand"])
 
 
 def test_a_fused_end_to_end_head_runs_its_one_to_one_branches(v26_segmenter, tmp_path):

@@ -411,6 +411,59 @@ class _C2PSA(nn.Module):
         return self.cv2(torch.cat((a, self.m(b)), 1))
 
 
+class _MaxSigmoidAttn(nn.Module):
+    """YOLO-World's text-guided attention: per head, each position's embedding against every class's text
+    embedding, the best match (scaled, biased, through a sigmoid) weighting that head's channels of a 3x3
+    projection."""
+
+    def __init__(self, ec, gl: nn.Linear, bias: torch.Tensor, proj, heads: int, scale: torch.Tensor):
+        super().__init__()
+        self.ec, self.gl, self.proj, self.heads = ec, gl, proj, heads
+        self.register_buffer("bias", bias.reshape(1, -1, 1, 1), persistent=False)
+        self.register_buffer("scale", scale.reshape(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x, text):
+        b, _, h, w = x.shape
+        guide = self.gl(text)
+        per_head = guide.shape[-1] // self.heads
+        guide = guide.reshape(b, guide.shape[1], self.heads, per_head).permute(0, 2, 3, 1)  # (B, heads, hc, classes)
+        embed = (self.ec(x) if self.ec is not None else x).reshape(b, self.heads, per_head, h * w)
+        weights = (embed.transpose(2, 3) @ guide).amax(-1).reshape(b, self.heads, h, w)
+        weights = (weights / per_head ** 0.5 + self.bias).sigmoid() * self.scale
+        y = self.proj(x)
+        return (y.reshape(b, self.heads, -1, h, w) * weights.unsqueeze(2)).reshape(y.shape)
+
+
+class _C2fAttn(_C2f):
+    """YOLO-World's C2f with the text-guided attention on the last part as one more part."""
+
+    def __init__(self, cv1, cv2, m: nn.ModuleList, attn: _MaxSigmoidAttn):
+        super().__init__(cv1, cv2, m)
+        self.attn = attn
+
+    def forward(self, x, text):
+        parts = list(self.cv1(x).chunk(2, 1))
+        for block in self.m:
+            parts.append(block(parts[-1]))
+        parts.append(self.attn(parts[-1], text))
+        return self.cv2(torch.cat(parts, 1))
+
+
+class _Contrastive(nn.Module):
+    """YOLO-World's class scores: each position's embedding (batch-normalised, or L2-normalised) against
+    each class's L2-normalised text embedding, times e^logit_scale, plus a bias."""
+
+    def __init__(self, norm: nn.Module | None, logit_scale: float, bias: float):
+        super().__init__()
+        self.norm, self.logit_scale, self.bias = norm, logit_scale, bias
+
+    def forward(self, x, text):
+        x = self.norm(x) if self.norm is not None else F.normalize(x, dim=1, p=2)
+        text = F.normalize(text, dim=-1, p=2)
+        y = (text @ x.flatten(2)).reshape(x.shape[0], text.shape[1], *x.shape[2:])
+        return y * math.exp(self.logit_scale) + self.bias
+
+
 class _Concat(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
@@ -470,17 +523,23 @@ class _Detect(nn.Module):
     an end-to-end head's one-to-one ones."""
 
     def __init__(self, box: nn.ModuleList, cls: nn.ModuleList, bins: torch.Tensor, strides: list[float],
-                 masks: nn.ModuleList | None = None, proto: nn.Module | None = None, end2end: bool = False):
+                 masks: nn.ModuleList | None = None, proto: nn.Module | None = None, end2end: bool = False,
+                 contrast: nn.ModuleList | None = None):
         super().__init__()
-        self.box, self.cls, self.masks, self.proto = box, cls, masks, proto
+        self.box, self.cls, self.masks, self.proto, self.contrast = box, cls, masks, proto, contrast
         self.register_buffer("bins", bins.reshape(-1), persistent=False)
         self.strides, self.end2end = strides, end2end
 
-    def forward(self, xs) -> HeadOutput:
+    def forward(self, xs, text: torch.Tensor | None = None) -> HeadOutput:
         b = xs[0].shape[0]
         reg = self.bins.numel()
         dist = torch.cat([branch(x).reshape(b, 4 * reg, -1) for branch, x in zip(self.box, xs)], -1)
-        logits = torch.cat([branch(x).reshape(b, -1, x.shape[2] * x.shape[3]) for branch, x in zip(self.cls, xs)], -1)
+        if self.contrast is not None:  # YOLO-World: the class branch gives embeddings, scored against the texts
+            logits = torch.cat([score(branch(x), text).reshape(b, text.shape[1], -1)
+                                for branch, score, x in zip(self.cls, self.contrast, xs)], -1)
+        else:
+            logits = torch.cat([branch(x).reshape(b, -1, x.shape[2] * x.shape[3]) for branch, x in zip(self.cls, xs)],
+                               -1)
         anchors, strides = [], []
         for x, stride in zip(xs, self.strides):
             h, w = x.shape[2:]
@@ -508,7 +567,7 @@ class YoloModel(nn.Module):
     """The rebuilt network: ``layers`` in order, each taking the previous output or those its ``froms`` name."""
 
     def __init__(self, layers: list[nn.Module], froms: list[Any], names: dict[int, str], stride: int,
-                 image_size: int = 640, source: str = "the YOLO model"):
+                 image_size: int = 640, source: str = "the YOLO model", text: torch.Tensor | None = None):
         super().__init__()
         self.layers = nn.ModuleList(layers)
         self.froms, self.names, self.stride = froms, names, stride
@@ -516,17 +575,39 @@ class YoloModel(nn.Module):
         self.image_size = image_size
         #: The file it was read from, for errors.
         self.source = source
+        #: A YOLO-World model's class text embeddings (1, classes, width), as the file stores them.
+        self.register_buffer("text", text, persistent=False)
+
+    def classes(self, wanted: list[str]) -> tuple[torch.Tensor, dict[int, str]]:
+        """A YOLO-World model's text embeddings and names for the classes ``wanted`` (ADetailer's
+        ``ad_model_classes``), in that order; each must be one the file holds embeddings for (new words
+        would need CLIP's text encoder)."""
+        index = {name: i for i, name in self.names.items()}
+        missing = [name for name in wanted if name not in index]
+        if missing:
+            known = ", ".join(list(self.names.values())[:30])
+            raise ModelError(f"{self.source}: no text embeddings for {', '.join(map(repr, missing))} (underpaint "
+                             f"runs a YOLO-World model on the classes its file holds: {known})")
+        rows = torch.tensor([index[name] for name in wanted], device=self.text.device)
+        return self.text[:, rows], dict(enumerate(wanted))
 
     @property
     def segments(self) -> bool:
         return getattr(self.layers[-1], "masks", None) is not None
 
-    def forward(self, x: torch.Tensor) -> HeadOutput:
+    def forward(self, x: torch.Tensor, text: torch.Tensor | None = None) -> HeadOutput:
+        """The head's outputs for pictures ``x``; a YOLO-World model scores ``text`` embeddings (1 or B,
+        classes, width; default: its own)."""
+        if self.text is not None:
+            text = (self.text if text is None else text).to(x.dtype).expand(x.shape[0], -1, -1)
         outputs: list[Any] = []
         for layer, source in zip(self.layers, self.froms):
             if source != -1:
                 x = outputs[source] if isinstance(source, int) else [x if j == -1 else outputs[j] for j in source]
-            x = layer(x)
+            if isinstance(layer, _C2fAttn) or (isinstance(layer, _Detect) and layer.contrast is not None):
+                x = layer(x, text)
+            else:
+                x = layer(x)
             outputs.append(x)
         return x
 
@@ -542,7 +623,8 @@ _LAYER_KINDS = frozenset({
     "LeakyReLU", "Conv2d", "ConvTranspose2d", "BatchNorm2d", "Conv", "DWConv", "Sequential", "ModuleList",
     "Bottleneck", "C2f", "SPPF", "C3", "RepCSP", "RepBottleneck", "RepConv", "RepConvN", "RepNCSPELAN4", "ADown",
     "SPPELAN", "MaxPool2d", "Upsample", "Concat", "Proto", "Detect", "Segment", "C3k2", "C3k", "C2PSA", "PSABlock",
-    "Attention", "Proto26", "Segment26"})
+    "Attention", "Proto26", "Segment26", "C2fAttn", "MaxSigmoidAttnBlock", "Linear", "BNContrastiveHead",
+    "ContrastiveHead", "WorldDetect"})
 #: Bounds on what a file may ask of the runner: modules in all, their nesting, and the settings that set
 #: the work of a layer (SPPF's pools, an upsampling factor, a pooling kernel).
 _MAX_MODULES, _MAX_DEPTH, _MAX_POOLS, _MAX_UPSAMPLE, _MAX_KERNEL = 5000, 32, 8, 4, 15
@@ -741,6 +823,54 @@ class _Builder:
     def _Proto(self, obj):
         return _Proto(*(self.build(self.child(obj, name)) for name in ("cv1", "upsample", "cv2", "cv3")))
 
+    def _Linear(self, obj):
+        weight, bias = self.weight(obj), _tensor(obj, "bias")
+        if weight.ndim != 2:
+            raise self.bad(f"a linear layer weight of shape {tuple(weight.shape)}")
+        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+            if bias is not None:
+                linear.bias.copy_(bias)
+        return linear
+
+    def _C2fAttn(self, obj):
+        attn = self.build(self.child(obj, "attn"))
+        if not isinstance(attn, _MaxSigmoidAttn):
+            raise self.bad("a C2fAttn layer without its attention block")
+        return _C2fAttn(self.build(self.child(obj, "cv1")), self.build(self.child(obj, "cv2")),
+                        self._ModuleList(self.child(obj, "m")), attn)
+
+    def _MaxSigmoidAttnBlock(self, obj):
+        heads = getattr(obj, "nh", None)
+        parts = _children(obj)
+        ec = self.build(parts["ec"]) if parts.get("ec") is not None else None
+        gl, proj = self.build(self.child(obj, "gl")), self.build(self.child(obj, "proj_conv"))
+        bias = self.weight(obj, "bias")
+        scale = _tensor(obj, "scale")
+        if scale is None:
+            scale = torch.ones(1, dtype=torch.float64) * float(getattr(obj, "scale", 1.0))
+        if not isinstance(heads, int) or isinstance(heads, bool) or not 1 <= heads <= 64 or \
+                not isinstance(gl, nn.Linear) or not isinstance(proj, _ConvAct) or gl.out_features % heads or \
+                proj.conv.out_channels % heads or bias.numel() != heads or scale.numel() not in (1, heads) or \
+                (ec is not None and (not isinstance(ec, _ConvAct) or ec.conv.out_channels != gl.out_features)):
+            raise self.bad(f"a text-guided attention block whose parts do not fit {heads!r} heads")
+        return _MaxSigmoidAttn(ec, gl, bias, proj, heads, scale)
+
+    def _BNContrastiveHead(self, obj):
+        if _children(obj).get("norm") is None:
+            raise self.bad("a fused contrastive head (its batch norm taken out), which scores no classes")
+        return self._contrastive(obj, self._BatchNorm2d(self.child(obj, "norm")))
+
+    def _ContrastiveHead(self, obj):
+        return self._contrastive(obj, None)
+
+    def _contrastive(self, obj, norm):
+        scale, bias = self.weight(obj, "logit_scale"), self.weight(obj, "bias")
+        if scale.numel() != 1 or bias.numel() != 1 or not -20 <= float(scale) <= 20:
+            raise self.bad(f"a contrastive head of logit scale {scale.flatten()[:2].tolist()}")
+        return _Contrastive(norm, float(scale), float(bias))
+
     def _Proto26(self, obj):
         refine = self._ModuleList(self.child(obj, "feat_refine"))
         if len(refine) > 4:
@@ -768,13 +898,17 @@ class _Builder:
             bins = torch.arange(reg_max, dtype=torch.float64) if reg_max > 1 else torch.ones(1, dtype=torch.float64)
         elif bins.numel() != reg_max:
             raise self.bad(f"a DFL of {bins.numel()} bins for {reg_max}")
-        masks = proto = None
+        masks = proto = contrast = None
         if _kind(obj) in ("Segment", "Segment26"):
             masks, proto = self._ModuleList(self.child(obj, branch + "cv4")), self.build(self.child(obj, "proto"))
+        elif _kind(obj) == "WorldDetect":  # its cv4: each level's scoring against the class texts
+            contrast = self._ModuleList(self.child(obj, branch + "cv4"))
+            if not all(isinstance(m, _Contrastive) for m in contrast):
+                raise self.bad("a WorldDetect head without its contrastive heads")
         return _Detect(self._ModuleList(self.child(obj, branch + "cv2")), self._ModuleList(self.child(obj, branch + "cv3")),
-                       bins, [float(s) for s in stride.tolist()], masks, proto, end2end)
+                       bins, [float(s) for s in stride.tolist()], masks, proto, end2end, contrast)
 
-    _Segment = _Segment26 = _Detect
+    _Segment = _Segment26 = _WorldDetect = _Detect
 
 
 def load_yolo(path: Path, dtype: torch.dtype = torch.float32) -> YoloModel:
@@ -804,12 +938,12 @@ def _rebuild(path: Path, data: Any) -> YoloModel:
     model = None
     if isinstance(data, dict):
         model = data.get("ema") if data.get("ema") is not None else data.get("model")
-    if model is None or _kind(model) not in ("DetectionModel", "SegmentationModel"):
+    if model is None or _kind(model) not in ("DetectionModel", "SegmentationModel", "WorldModel"):
         found = _kind(model) if model is not None else (sorted(map(str, data))[:8] if isinstance(data, dict)
                                                         else _kind(data))
         raise ModelError(f"{path}: not an ultralytics YOLO detection or segmentation model (found {found})")
     layers = list(_children(_children(model).get("model") or {}).values()) if _children(model) else []
-    if not layers or _kind(layers[-1]) not in ("Detect", "Segment", "Segment26"):
+    if not layers or _kind(layers[-1]) not in ("Detect", "Segment", "Segment26", "WorldDetect"):
         head = _kind(layers[-1]) if layers else "no layers"
         raise ModelError(f"{path}: a YOLO model ending in {head}; detection (Detect) and segmentation (Segment) "
                          f"models run")
@@ -831,7 +965,15 @@ def _rebuild(path: Path, data: Any) -> YoloModel:
     stride = int(stride.max()) if isinstance(stride, torch.Tensor) and stride.numel() else 32
     if not 1 <= stride <= 128:
         raise ModelError(f"{path}: a model of stride {stride}")
-    return YoloModel(built, froms, names, max(stride, 32), _trained_size(data), str(path)).eval().requires_grad_(False)
+    text = None
+    if _kind(model) == "WorldModel":  # the class texts' embeddings, as the file was saved with them
+        text = getattr(model, "txt_feats", None)
+        if not isinstance(text, torch.Tensor) or text.ndim != 3 or text.shape[0] != 1 or \
+                text.shape[1] != len(names) or not text.is_floating_point():
+            raise ModelError(f"{path}: a YOLO-World model without text embeddings for its {len(names)} classes")
+        text = text.detach().double()
+    return YoloModel(built, froms, names, max(stride, 32), _trained_size(data), str(path),
+                     text).eval().requires_grad_(False)
 
 
 def _trained_size(data: dict) -> int:
@@ -905,14 +1047,17 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou: float) -> torch.Tensor:
 
 @torch.inference_mode()
 def detect(model: YoloModel, picture, confidence: float, *, size: int | None = None, iou: float = IOU,
-           max_detections: int = MAX_DETECTIONS) -> list[Detection]:
+           max_detections: int = MAX_DETECTIONS, classes: list[str] | None = None) -> list[Detection]:
     """What ``model`` finds in ``picture`` (a PIL image) scored above ``confidence``, best first; ``size``:
-    the letterbox's (None: the size the model was trained at, as ultralytics predicts)."""
+    the letterbox's (None: the size the model was trained at, as ultralytics predicts). ``classes``: the
+    classes a YOLO-World model looks for (None or empty: all it holds; other models find their own, as
+    ADetailer leaves them)."""
+    text, names = (model.classes(classes) if classes and model.text is not None else (None, model.names))
     pixels, box = letterbox(np.asarray(picture.convert("RGB")), size or model.image_size, model.stride)
     device = next(model.parameters()).device
     x = torch.from_numpy(np.ascontiguousarray(pixels)).to(device).permute(2, 0, 1)[None].float() / 255
     try:
-        out = model(x.to(next(model.parameters()).dtype))
+        out = model(x.to(next(model.parameters()).dtype), text)
     except ModelError as exc:
         raise ModelError(f"{model.source}: {exc}") from None
     boxes, scores = out.boxes[0].float().cpu(), out.scores[0].float().cpu()
@@ -936,7 +1081,7 @@ def detect(model: YoloModel, picture, confidence: float, *, size: int | None = N
         x1, y1, x2, y2 = boxes[index].tolist()
         mapped = (min(max((x1 - left) * w / new_w, 0.0), w), min(max((y1 - top) * h / new_h, 0.0), h),
                   min(max((x2 - left) * w / new_w, 0.0), w), min(max((y2 - top) * h / new_h, 0.0), h))
-        found.append(Detection(mapped, score, model.names.get(cls, str(cls)), mask))
+        found.append(Detection(mapped, score, names.get(cls, str(cls)), mask))
     return found
 
 
