@@ -38,6 +38,10 @@ def test_masks_follow_adetailers_rules():
     largest = detailer.masks(BOXES, size, DetailerUnit(dilate_erode=0, mask_k_largest=2))
     assert [m.getbbox() for m in largest] == [(36, 30, 61, 59), (8, 10, 25, 31)]
     assert len(detailer.masks(BOXES, size, DetailerUnit(dilate_erode=0, mask_min_ratio=0.02))) == 2
+    # ADetailer's "Confidence" filter: the most confident first (the first box, not the largest)
+    confident = detailer.masks(BOXES, size, DetailerUnit(dilate_erode=0, mask_k_largest=1,
+                                                         mask_filter_method="confidence"))
+    assert [m.getbbox() for m in confident] == [(8, 10, 25, 31)]
     # offsets: x to the right, y upwards
     moved = detailer.masks(BOXES[:1], size, DetailerUnit(dilate_erode=0, x_offset=3, y_offset=2))[0]
     assert moved.getbbox() == (11, 8, 28, 29)
@@ -225,6 +229,60 @@ def test_api_takes_adetailers_args(api, monkeypatch, sd1_engine):
     assert off.status_code == 200 and "ADetailer" not in off.json()["info"]
 
 
+def test_api_takes_current_and_older_adetailer_clients(api, monkeypatch, sd1_engine):
+    """ADetailer's current names (``ad_mask_k``, ``ad_mask_filter_method``) and the older
+    ``ad_mask_k_largest``; whole numbers sent as 2.0 (webuiapi does); A1111's built-in Seed, Sampler and
+    Refiner scripts in ``alwayson_scripts``, whose args its API ignores (the request's fields count)."""
+    import json
+
+    from test_server_support import decode_b64
+
+    monkeypatch.setattr(detailer, "face_finder", lambda folder, device: lambda picture, confidence: BOXES)
+    assert api.get("/adetailer/v1/version").json()["version"] >= "24.9"
+    body = {**{k: v for k, v in BASE.items() if k not in ("sampler", "rng")}, "sampler_name": "Euler",
+            "override_settings": {"randn_source": "CPU"}}
+    unit = DetailerUnit(denoising_strength=0.5, mask_k_largest=1, mask_filter_method="Confidence", dilate_erode=2)
+    want = np.asarray(sd1_engine.generate(GenerationParams(**BASE, detailer=(unit,))).images[0])
+    builtins = {"Seed": {"args": [-1, False, -1, 0, 0, 0]}, "Sampler": {"args": [20, "DPM++ 2M", "Karras"]},
+                "Refiner": {"args": [True, "sd_xl_refiner_1.0.safetensors", 0.8]}, "Comments": {"args": []}}
+    for tab in ({"ad_model": "face_yolov8n.pt", "ad_mask_k": 1.0, "ad_mask_filter_method": "Confidence",
+                 "ad_dilate_erode": 2.0, "ad_denoising_strength": 0.5, "ad_model_classes": ""},
+                {"ad_model": "face_yolov8n.pt", "ad_mask_k_largest": 1, "ad_mask_filter_method": "Confidence",
+                 "ad_dilate_erode": 2, "ad_denoising_strength": 0.5}):
+        r = api.post("/sdapi/v1/txt2img", json={**body, "alwayson_scripts": {**builtins,
+                                                                              "ADetailer": {"args": [True, False, tab]}}})
+        assert r.status_code == 200, r.text
+        assert np.array_equal(np.asarray(decode_b64(r.json()["images"][0]).convert("RGB")), want)
+        text = json.loads(r.json()["info"])["infotexts"][0]
+        assert "ADetailer method to decide top k masks: Confidence, ADetailer mask only top k: 1," in text
+    r = api.post("/sdapi/v1/txt2img", json={**body, "alwayson_scripts": {"ADetailer": {"args": [
+        True, False, {"ad_model": "face_yolov8n.pt", "ad_mask_k": 1.5}]}}})
+    assert r.status_code == 422 and r.json()["field"] == "alwayson_scripts.ADetailer.args[2].ad_mask_k", r.text
+
+
+def test_a_tab_restoring_faces_needs_the_restorer_and_restores_each_pass(sd1_engine, monkeypatch):
+    """ADetailer's "Restore faces after ADetailer" (``ad_restore_face``): each find's inpainting request
+    restores faces, as A1111's own would; without the restorer's files the request is refused before any
+    work, naming the tab's setting."""
+    from underpaint.errors import ModelNotFound
+
+    monkeypatch.setattr(detailer, "face_finder", lambda folder, device: lambda picture, confidence: BOXES[:1])
+    with pytest.raises(ModelNotFound) as err:
+        sd1_engine.generate(GenerationParams(**BASE, detailer=(DetailerUnit(restore_face=True),)))
+    assert err.value.field == "detailer[0].restore_face"
+    monkeypatch.setattr(detailer, "masks", lambda found, size, unit: [Image.new("L", size, 255)])
+    from underpaint.pipeline import face_restore
+
+    monkeypatch.setattr(face_restore, "face_model_files", lambda *a, **k: None)
+    monkeypatch.setattr(face_restore, "restore_pictures", lambda model, folder, images, params, cancelled: [
+        Image.new("RGB", images[0].size, (255, 0, 0)) for _ in images])
+    result = sd1_engine.generate(GenerationParams(**BASE, detailer=(DetailerUnit(restore_face=True),)))
+    assert np.asarray(result.images[0])[..., 0].min() == 255  # the inpainted picture was restored (here: red)
+    plain = sd1_engine.generate(GenerationParams(**BASE, detailer=(DetailerUnit(),)))
+    assert np.asarray(plain.images[0])[..., 0].min() < 255
+    assert "ADetailer restore face: True" in result.infotexts[0]
+
+
 @pytest.mark.parametrize("args, field", [
     ([True, False, {"ad_model": "hand_yolov8n.pt"}], "alwayson_scripts.ADetailer.args[2].ad_model"),
     ([True, False, {"ad_modle": "face_yolov8n.pt"}], "alwayson_scripts.ADetailer.args[2].ad_modle"),
@@ -269,9 +327,14 @@ def test_infotext_reads_back_the_tabs():
     from underpaint.pipeline.reproduce import params_from_infotext
 
     units = (DetailerUnit(prompt="a smile, happy", denoising_strength=0.5, steps=9, mask_k_largest=2),
-             DetailerUnit(model="mediapipe_face_full", inpaint_only_masked=False, sampler="Euler a"))
+             DetailerUnit(model="mediapipe_face_full", inpaint_only_masked=False, sampler="Euler a"),
+             DetailerUnit(model="yolov8x-worldv2.pt", model_classes="person, dog", mask_k_largest=1,
+                          mask_filter_method="Confidence", restore_face=True))
     text = format_infotext("a portrait", "", {"Steps": 20, **dict(detailer.infotext_entries(units))})
     assert params_from_infotext(parse_infotext(text))["detailer"] == units
+    assert "ADetailer mask only top k: 2," in text and 'ADetailer model classes 3rd: "person, dog"' in text
+    older = text.replace("ADetailer mask only top k:", "ADetailer mask only top k largest:")  # before ADetailer 24.9
+    assert params_from_infotext(parse_infotext(older))["detailer"] == units
     assert "detailer" not in params_from_infotext(parse_infotext(format_infotext("x", "", {"Steps": 20})))
     with pytest.raises(InvalidParameter) as err:
         detailer.units_from_infotext({"ADetailer model": "face_yolov8n.pt", "ADetailer confidence": "high"})

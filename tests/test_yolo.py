@@ -359,6 +359,27 @@ def test_a_world_model_looks_for_the_classes_asked(ultralytics, world_detector):
         detect(load_yolo(path), PICTURES[0], 0.5, classes=["person", "hand"])
 
 
+def test_a_tabs_classes_reach_a_world_model_and_unknown_ones_are_refused_first(world_detector, tmp_path):
+    """A tab's ``model_classes`` (ADetailer's ``ad_model_classes``) go to its YOLO-World model; names its
+    file holds no text for are refused when the tab's model is set up, naming the setting."""
+    import shutil
+
+    from underpaint.errors import InvalidParameter
+    from underpaint.models.registry import ModelsDir
+    from underpaint.pipeline import detailer
+
+    path, _ = world_detector
+    (tmp_path / "adetailer").mkdir()
+    shutil.copy(path, tmp_path / "adetailer" / path.name)
+    folder = ModelsDir(tmp_path)
+    find = detailer.finder(folder, "cpu", path.name, field="detailer[0].model", classes=" dog ,, ")
+    assert {d.label for d in find(PICTURES[0], 0.05)} == {"dog"}
+    assert {d.label for d in detailer.finder(folder, "cpu", path.name)(PICTURES[0], 0.05)} > {"dog"}
+    with pytest.raises(InvalidParameter) as err:
+        detailer.finder(folder, "cpu", path.name, field="detailer[0].model", classes="dog, hand")
+    assert err.value.field == "detailer[0].model_classes" and "'hand'" in err.value.expected
+
+
 def test_a_fused_end_to_end_head_runs_its_one_to_one_branches(v26_segmenter, tmp_path):
     """A file whose head was saved with only its one-to-one branches (ultralytics' fusing drops the others)
     gives the end-to-end file's outputs; the same file in one-to-many mode gives other scores."""

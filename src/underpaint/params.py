@@ -417,6 +417,8 @@ class PromptMatrixOptions:
 
 #: ADetailer's mask merge choices.
 DETAILER_MERGES = ("None", "Merge", "Merge and Invert")
+#: ADetailer's "Method to filter top k masks by": the largest boxes, or the most confident finds.
+DETAILER_TOP_K = ("Area", "Confidence")
 
 
 @dataclass(frozen=True)
@@ -427,13 +429,19 @@ class DetailerUnit:
     (a face model's name without its file: the face restorer's RetinaFace detector finds faces). ``prompt`` and
     ``negative_prompt`` "" take the request's; ``[PROMPT]`` in them stands for it, ``[SEP]`` gives
     each face its own, ``[SKIP]`` leaves a face alone. ``steps``, ``cfg_scale``, ``sampler`` None: the
-    request's."""
+    request's. ``mask_k_largest`` (ADetailer's ``ad_mask_k``) keeps the k finds first by
+    ``mask_filter_method``: "Area" (the largest boxes) or "Confidence". ``model_classes``: the classes a
+    YOLO-World model looks for, comma-separated ("" all it holds). ``restore_face``: each inpainted
+    picture's faces restored (the request's face restorer)."""
 
     model: str = "face_yolov8n.pt"
     prompt: str = ""
     negative_prompt: str = ""
     confidence: float = 0.3
     mask_k_largest: int = 0
+    mask_filter_method: str = "Area"
+    model_classes: str = ""
+    restore_face: bool = False
     mask_min_ratio: float = 0.0
     mask_max_ratio: float = 1.0
     x_offset: int = 0
@@ -460,13 +468,21 @@ class DetailerUnit:
                 raise InvalidParameter(f"ad_{name}", getattr(self, name), "text")
         for name in ("confidence", "mask_min_ratio", "mask_max_ratio", "denoising_strength"):
             _check_range(f"ad_{name}", getattr(self, name), 0.0, 1.0)
-        _check_range("ad_mask_k_largest", self.mask_k_largest, 0, 1000, integer=True)
+        _check_range("ad_mask_k", self.mask_k_largest, 0, 1000, integer=True)
         for name in ("x_offset", "y_offset", "dilate_erode"):
             _check_range(f"ad_{name}", getattr(self, name), -1024, 1024, integer=True)
         _check_range("ad_mask_blur", self.mask_blur, 0, 256, integer=True)
         _check_range("ad_inpaint_only_masked_padding", self.inpaint_only_masked_padding, 0, 1024, integer=True)
         if not isinstance(self.inpaint_only_masked, bool):
             raise InvalidParameter("ad_inpaint_only_masked", self.inpaint_only_masked, "true or false")
+        method = _spelled(self.mask_filter_method, DETAILER_TOP_K)
+        if method is None:
+            raise InvalidParameter("ad_mask_filter_method", self.mask_filter_method, "one of " + ", ".join(DETAILER_TOP_K))
+        object.__setattr__(self, "mask_filter_method", method)
+        if not isinstance(self.model_classes, str) or len(self.model_classes) > 4096:
+            raise InvalidParameter("ad_model_classes", self.model_classes, "class names separated by commas")
+        if not isinstance(self.restore_face, bool):
+            raise InvalidParameter("ad_restore_face", self.restore_face, "true or false")
         merge = _spelled(self.mask_merge_invert, DETAILER_MERGES)
         if merge is None:
             raise InvalidParameter("ad_mask_merge_invert", self.mask_merge_invert, "one of " + ", ".join(DETAILER_MERGES))

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..errors import InvalidParameter, ModelNotFound
+from ..errors import InvalidParameter, ModelError, ModelNotFound
 from ..prompts.parser import split_trimmed
 
 if TYPE_CHECKING:
@@ -53,16 +53,21 @@ VERSION = "underpaint"
 _FACE = re.compile(r"^(face_|mediapipe_face|yolov8n-face|retinaface)", re.IGNORECASE)
 #: ADetailer's infotext names of the tab's fields, in its order, with each value's default (not written).
 INFOTEXT: tuple[tuple[str, str, object], ...] = (
-    ("model", "ADetailer model", None), ("prompt", "ADetailer prompt", ""),
+    ("model", "ADetailer model", None), ("model_classes", "ADetailer model classes", ""),
+    ("prompt", "ADetailer prompt", ""),
     ("negative_prompt", "ADetailer negative prompt", ""), ("confidence", "ADetailer confidence", None),
-    ("mask_k_largest", "ADetailer mask only top k largest", 0), ("mask_min_ratio", "ADetailer mask min ratio", 0.0),
+    ("mask_filter_method", "ADetailer method to decide top k masks", None),
+    ("mask_k_largest", "ADetailer mask only top k", 0), ("mask_min_ratio", "ADetailer mask min ratio", 0.0),
     ("mask_max_ratio", "ADetailer mask max ratio", 1.0), ("x_offset", "ADetailer x offset", 0),
     ("y_offset", "ADetailer y offset", 0), ("dilate_erode", "ADetailer dilate erode", None),
     ("mask_merge_invert", "ADetailer mask merge invert", "None"), ("mask_blur", "ADetailer mask blur", None),
     ("denoising_strength", "ADetailer denoising strength", None),
     ("inpaint_only_masked", "ADetailer inpaint only masked", None),
     ("inpaint_only_masked_padding", "ADetailer inpaint padding", None),
+    ("restore_face", "ADetailer restore face", False),
 )
+#: The key ADetailer wrote for ``mask_k_largest`` before its "Confidence" filter (still read).
+_OLD_TOP_K = "ADetailer mask only top k largest"
 
 
 def is_face_model(name: str) -> bool:
@@ -125,6 +130,8 @@ def infotext_entries(units: tuple) -> tuple[tuple[str, object], ...]:
                 continue
             if attr == "inpaint_only_masked_padding" and not unit.inpaint_only_masked:
                 continue
+            if attr == "mask_filter_method" and not unit.mask_k_largest:
+                continue  # says something only with a top k
             entries.append((name + suffix(n), value))
         if unit.inpaint_width is not None and unit.inpaint_height is not None:
             entries += [("ADetailer use inpaint width height" + suffix(n), True),
@@ -146,7 +153,7 @@ def units_from_infotext(params) -> tuple:
 
     kinds = {"confidence": float, "mask_k_largest": int, "mask_min_ratio": float, "mask_max_ratio": float,
              "x_offset": int, "y_offset": int, "dilate_erode": int, "mask_blur": int, "denoising_strength": float,
-             "inpaint_only_masked": bool, "inpaint_only_masked_padding": int}
+             "inpaint_only_masked": bool, "inpaint_only_masked_padding": int, "restore_face": bool}
     units = []
     for n in range(10):
         end = suffix(n)
@@ -155,6 +162,8 @@ def units_from_infotext(params) -> tuple:
         fields: dict = {}
         for attr, name, _ in INFOTEXT:
             key = name + end
+            if attr == "mask_k_largest" and key not in params and _OLD_TOP_K + end in params:
+                key = _OLD_TOP_K + end
             if key in params:
                 fields[attr] = _typed(params[key], kinds.get(attr, str), key)
         for attr, name, kind in (("steps", "steps", int), ("cfg_scale", "CFG scale", float), ("sampler", "sampler", str)):
@@ -200,24 +209,25 @@ def prompts(text: str, default: str) -> list[str]:
 
 def masks(found, size: tuple[int, int], unit: "DetailerUnit") -> list["Image"]:
     """The tab's masks from what was found (:class:`~underpaint.models.yolo.Detection`, or rows x1, y1, x2,
-    y2, ... of face boxes), as ADetailer makes and shapes them: a segmentation model's own mask, else the
-    filled box; finds kept by their boxes' area ratio, the k largest boxes first (ties as NumPy's argsort
-    leaves them, reversed); then each mask moved, dilated or eroded (those left empty dropped), and the
-    rest merged (and inverted) when asked."""
+    y2, score, ... of face boxes), as ADetailer makes and shapes them: a segmentation model's own mask, else
+    the filled box; finds kept by their boxes' area ratio, the k largest boxes (or, by "Confidence", the k
+    most confident finds) first (ties as NumPy's argsort leaves them, reversed); then each mask moved,
+    dilated or eroded (those left empty dropped), and the rest merged (and inverted) when asked."""
     import cv2
     from PIL import Image, ImageChops, ImageDraw
 
     w, h = size
     area = float(w * h)
-    shapes = [(np.clip(np.asarray(getattr(f, "box", f)[:4], np.float64), 0, [w, h, w, h]), getattr(f, "mask", None))
+    shapes = [(np.clip(np.asarray(getattr(f, "box", f)[:4], np.float64), 0, [w, h, w, h]), getattr(f, "mask", None),
+               float(f.score if hasattr(f, "score") else (f[4] if len(f) > 4 else 1.0)))
               for f in found]  # boxes within the picture, as YOLO's are
-    kept = [(b, m) for b, m in shapes
+    kept = [(b, m, s) for b, m, s in shapes
             if unit.mask_min_ratio <= (b[2] - b[0]) * (b[3] - b[1]) / area <= unit.mask_max_ratio]
     if unit.mask_k_largest > 0 and kept:
-        areas = [(b[2] - b[0]) * (b[3] - b[1]) for b, _ in kept]
-        kept = [kept[i] for i in np.argsort(areas)[-unit.mask_k_largest:][::-1]]
+        keys = [s if unit.mask_filter_method == "Confidence" else (b[2] - b[0]) * (b[3] - b[1]) for b, _, s in kept]
+        kept = [kept[i] for i in np.argsort(keys)[-unit.mask_k_largest:][::-1]]
     out = []
-    for box, shape in kept:
+    for box, shape, _ in kept:
         if shape is not None:
             mask = Image.fromarray(np.where(shape, 255, 0).astype(np.uint8), "L")
         else:
@@ -271,7 +281,7 @@ def detail(picture: "Image", seed: int, subseed: int, params: "GenerationParams"
                 prompt=prompt, negative_prompt=ad_negatives[min(j, len(ad_negatives) - 1)],
                 seed=(seed + j) % 2**32, subseed=(subseed + j) % 2**32, width=width, height=height, resize_mode=0,
                 steps=unit.steps or params.steps, cfg_scale=params.cfg_scale if unit.cfg_scale is None else unit.cfg_scale,
-                sampler=unit.sampler or params.sampler,
+                sampler=unit.sampler or params.sampler, restore_faces=unit.restore_face,
                 scheduler=params.scheduler if unit.sampler is None else (unit.scheduler or "Automatic"),
                 inpaint=InpaintOptions(mask_blur_x=unit.mask_blur, mask_blur_y=unit.mask_blur, masked_content="original",
                                        full_res=unit.inpaint_only_masked,
@@ -311,10 +321,17 @@ def _keep(key, load: Callable):
         return _kept[key]
 
 
-def finder(folder, device, name: str, field: str = "ad_model") -> Callable:
+def class_names(text: str) -> list[str]:
+    """``ad_model_classes`` as ADetailer splits it: comma-separated names, trimmed, empty ones left out."""
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def finder(folder, device, name: str, field: str = "ad_model", classes: str = "") -> Callable:
     """``find(picture, confidence)``: what the tab's model ``name`` finds in a picture: the YOLO file of that
-    name in the models folder's ``adetailer/`` (models/yolo.py), else, for a face model's name, the faces
-    RetinaFace finds (as boxes). Anything else is refused naming ``field``."""
+    name in the models folder's ``adetailer/`` (models/yolo.py; a YOLO-World model looks for ``classes``,
+    ADetailer's ``ad_model_classes``), else, for a face model's name, the faces RetinaFace finds (as
+    boxes). Anything else is refused naming ``field``, classes a YOLO-World file holds no text for naming
+    its ``model_classes`` beside it."""
     from ..params import DetailerUnit
 
     path = yolo_file(folder, name)
@@ -327,10 +344,17 @@ def finder(folder, device, name: str, field: str = "ad_model") -> Callable:
 
     key = (str(path), path.stat().st_mtime_ns, str(device))
     model = _keep(key, lambda: load_yolo(path).to(device))
+    wanted = class_names(classes) if model.text is not None else []
+    if wanted:
+        try:
+            model.classes(wanted)
+        except ModelError as exc:
+            raise InvalidParameter(field.rsplit(".", 1)[0] + ".model_classes" if "." in field else "ad_model_classes",
+                                   classes, exc.message.removeprefix(f"{path}: ")) from None
 
     def find(picture: "Image", confidence: float):
         with _lock:
-            return detect(model, picture, confidence)
+            return detect(model, picture, confidence, classes=wanted or None)
 
     return find
 

@@ -258,6 +258,12 @@ def _generate(model, params: GenerationParams, networks: ActiveNetworks, *, info
         from .face_restore import face_model_files
 
         face_model_files(models_dir_of(model), restorer=params.face_restoration_model)
+    for n, unit in enumerate(params.detailer):  # an ADetailer tab's too
+        if unit.restore_face:
+            from .face_restore import face_model_files
+
+            face_model_files(models_dir_of(model), f"detailer[{n}].restore_face", params.face_restoration_model)
+            break
     # 2d. LoRA and embedding hashes, after the inpaint and ControlNet keys as A1111 orders them.
     plan = replace(plan, params=networks.with_infotext(plan.params))
     if refiner is not None:  # A1111 records the refiner when the switch comes, while sampling
@@ -325,11 +331,12 @@ def _detailer(model, params: GenerationParams, plan: Plan, networks, info: Model
     folder = models_dir_of(model)
     finders = {}
     for n, unit in enumerate(params.detailer):
-        if unit.model not in finders:
-            finders[unit.model] = detailer.finder(folder, model.device, unit.model, field=f"detailer[{n}].model")
+        if (unit.model, unit.model_classes) not in finders:
+            finders[unit.model, unit.model_classes] = detailer.finder(
+                folder, model.device, unit.model, field=f"detailer[{n}].model", classes=unit.model_classes)
 
     def find(unit, picture):
-        return finders[unit.model](picture, unit.confidence)
+        return finders[unit.model, unit.model_classes](picture, unit.confidence)
 
     def inpaint(request: GenerationParams):
         done = _generate(model, request, networks, info=info, progress=None, cancel=cancel)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from ...pipeline.detailer import VERSION, yolo_files
+from ...pipeline.detailer import yolo_files
 from ..security import JSONValueLimitRoute
 from ..state import server_state
 
@@ -18,9 +18,14 @@ FACE_MODELS = ("None", "face_yolov8n.pt", "face_yolov8s.pt", "face_yolov8m.pt", 
                "mediapipe_face_mesh_eyes_only")
 
 
-@router.get("/version", summary="ADetailer's version (underpaint's face detailing)")
+#: The ADetailer release whose API the tabs follow (``ad_mask_k`` and ``ad_mask_filter_method``, with the
+#: older ``ad_mask_k_largest`` still read): clients compare it to pick the settings' names they send.
+API_VERSION = "25.3.0"
+
+
+@router.get("/version", summary="The ADetailer release whose API underpaint's face detailing follows")
 async def version() -> dict[str, str]:
-    return {"version": VERSION}
+    return {"version": API_VERSION}
 
 
 @router.get("/ad_model", summary="The detection models an ADetailer tab may name")

@@ -803,8 +803,15 @@ def _script_args(name: str, value: Any) -> list:
     return args
 
 
+#: A1111's own always-on scripts whose settings its API takes from the request's fields, not from their
+#: args (it skips their setup for API requests: Seed, Sampler, Refiner), or that have none (Comments,
+#: Hypertile): listed in clients' payloads, read and ignored as A1111 does.
+_BUILTIN_SCRIPTS = ("seed", "sampler", "refiner", "comments", "hypertile")
+
+
 def _check_alwayson(scripts: Mapping[str, Any]) -> None:
-    """Always-on scripts understood here are ControlNet, Soft Inpainting and FreeU; others only if disabled."""
+    """Always-on scripts understood here are ControlNet, Soft Inpainting, FreeU and ADetailer, and A1111's
+    built-in ones its API ignores; others only if disabled."""
     from .control_units import controlnet_available, enabled_units
 
     for name, value in scripts.items():
@@ -815,7 +822,7 @@ def _check_alwayson(scripts: Mapping[str, Any]) -> None:
                 raise InvalidParameter(f"alwayson_scripts.{name}.args[{on[0]}]", "an enabled unit",
                                        "no enabled units (ControlNet is not available in this version)")
             continue
-        if name.lower() in (SOFT_INPAINTING_SCRIPT, FREEU_SCRIPT, ADETAILER_SCRIPT):
+        if name.lower() in (SOFT_INPAINTING_SCRIPT, FREEU_SCRIPT, ADETAILER_SCRIPT, *_BUILTIN_SCRIPTS):
             continue
         # A disabled extension does nothing, so clients that always send e.g. {"args": [false]} still work.
         if args and not (args[0] is False or args[0] is None):
@@ -838,21 +845,27 @@ def _refiner(req: GenerationRequest, ctx: ConvertContext, overrides: "_Overrides
 
 
 #: ADetailer's settings → DetailerUnit's fields (the ``ad_use_*`` switches are read with their values).
-_AD_FIELDS = {"ad_model": "model", "ad_prompt": "prompt", "ad_negative_prompt": "negative_prompt",
-              "ad_confidence": "confidence", "ad_mask_k_largest": "mask_k_largest",
+_AD_FIELDS = {"ad_model": "model", "ad_model_classes": "model_classes", "ad_prompt": "prompt",
+              "ad_negative_prompt": "negative_prompt", "ad_confidence": "confidence",
+              "ad_mask_filter_method": "mask_filter_method", "ad_mask_k": "mask_k_largest",
               "ad_mask_min_ratio": "mask_min_ratio", "ad_mask_max_ratio": "mask_max_ratio",
               "ad_x_offset": "x_offset", "ad_y_offset": "y_offset", "ad_dilate_erode": "dilate_erode",
               "ad_mask_merge_invert": "mask_merge_invert", "ad_mask_blur": "mask_blur",
               "ad_denoising_strength": "denoising_strength", "ad_inpaint_only_masked": "inpaint_only_masked",
-              "ad_inpaint_only_masked_padding": "inpaint_only_masked_padding"}
+              "ad_inpaint_only_masked_padding": "inpaint_only_masked_padding", "ad_restore_face": "restore_face"}
+#: Names ADetailer's older releases gave settings above (read when the current name is not given).
+_AD_OLD_NAMES = {"ad_mask_k_largest": "ad_mask_k"}
+#: The settings that hold whole numbers (a client's 4.0 is taken as 4, as ADetailer's own checks take it).
+_AD_WHOLE = ("ad_mask_k", "ad_mask_k_largest", "ad_x_offset", "ad_y_offset", "ad_dilate_erode", "ad_mask_blur",
+             "ad_inpaint_only_masked_padding", "ad_inpaint_width", "ad_inpaint_height", "ad_steps")
 _AD_SWITCHED = {"ad_use_inpaint_width_height": ("ad_inpaint_width", "ad_inpaint_height"),
                 "ad_use_steps": ("ad_steps",), "ad_use_cfg_scale": ("ad_cfg_scale",),
                 "ad_use_sampler": ("ad_sampler", "ad_scheduler")}
 #: ADetailer settings underpaint takes at their "off" value only (what each turns on is not available here).
 _AD_OFF = {"ad_use_checkpoint": False, "ad_use_vae": False, "ad_use_noise_multiplier": False,
-           "ad_use_clip_skip": False, "ad_restore_face": False, "ad_controlnet_model": "None"}
+           "ad_use_clip_skip": False, "ad_controlnet_model": "None"}
 #: ADetailer settings read and ignored: their values matter only with a switch above, or say nothing here.
-_AD_IGNORED = ("ad_model_classes", "ad_checkpoint", "ad_vae", "ad_noise_multiplier", "ad_clip_skip",
+_AD_IGNORED = ("ad_checkpoint", "ad_vae", "ad_noise_multiplier", "ad_clip_skip",
                "ad_controlnet_module", "ad_controlnet_weight", "ad_controlnet_guidance_start",
                "ad_controlnet_guidance_end", "is_api", "ad_tab_enable")
 
@@ -905,7 +918,12 @@ def _ad_settings(unit) -> dict[str, Any]:
 
 def _detailer_unit(tab: Mapping[str, Any], field: str, kind, folder=None):
     known = set(_AD_FIELDS) | set(_AD_SWITCHED) | {k for v in _AD_SWITCHED.values() for k in v} | set(_AD_OFF) \
-        | set(_AD_IGNORED) | {"ad_tap_enable"}
+        | set(_AD_IGNORED) | set(_AD_OLD_NAMES) | {"ad_tap_enable"}
+    tab = {key: int(value) if key in _AD_WHOLE and isinstance(value, float) and value.is_integer() else value
+           for key, value in tab.items()}
+    for old, new in _AD_OLD_NAMES.items():
+        if tab.get(new) is None and tab.get(old) is not None:
+            tab[new] = tab[old]
     for key, value in tab.items():
         if key not in known:
             raise UnknownName(f"{field}.{key}", key, sorted(known))
