@@ -310,6 +310,23 @@ def test_options_switch_model_through_the_queue(client, backend):
     assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == "beta.safetensors"
 
 
+def test_clip_skip_zero_is_one_and_whole_numbers_may_come_as_floats(client, backend):
+    """Clients send 0 for "the default" clip skip (A1111 stops at the last layer for anything below 2) and
+    numbers as 2.0; negative values are still refused."""
+    assert client.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 2.0,
+                                                   "eta_noise_seed_delta": 31337.0}).status_code == 200
+    assert client.get("/sdapi/v1/options").json()["CLIP_stop_at_last_layers"] == 2
+    assert client.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 0}).status_code == 200
+    assert client.get("/sdapi/v1/options").json()["CLIP_stop_at_last_layers"] == 1
+    r = client.post("/sdapi/v1/txt2img", json={"steps": 1, "width": 64, "height": 64,
+                                               "override_settings": {"CLIP_stop_at_last_layers": 0}})
+    assert r.status_code == 200 and backend.params[-1].clip_skip == 1
+    r = client.post("/sdapi/v1/txt2img", json={"steps": 1, "width": 64, "height": 64,
+                                               "override_settings": {"CLIP_stop_at_last_layers": -1}})
+    assert r.status_code == 422 and r.json()["field"] == "override_settings.CLIP_stop_at_last_layers"
+    assert client.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 1.5}).status_code == 422
+
+
 def test_options_refuse_bad_values_without_changing_anything(client):
     r = client.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 3, "randn_source": "quantum"})
     assert r.status_code == 422 and r.json()["field"] == "randn_source"

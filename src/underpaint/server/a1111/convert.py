@@ -277,7 +277,7 @@ def _kept_options(req: GenerationRequest, ctx: ConvertContext) -> dict[str, Any]
     options = ctx.options
     kept: dict[str, Any] = {}
     readers = {
-        "CLIP_stop_at_last_layers": ("clip_skip", lambda key: overrides.int(key, options.clip_skip)),
+        "CLIP_stop_at_last_layers": ("clip_skip", lambda key: overrides.int(key, options.clip_skip) or 1),
         "eta_noise_seed_delta": ("eta_noise_seed_delta", lambda key: overrides.int(key, options.eta_noise_seed_delta)),
         "randn_source": ("rng", lambda key: overrides.rng(options.rng)),
         "img2img_fix_steps": ("img2img_fix_steps", lambda key: overrides.bool(key, options.img2img_fix_steps)),
@@ -1028,7 +1028,7 @@ def _common_fields(req: GenerationRequest, ctx: ConvertContext, pictures: Pictur
         "height": req.height,
         "batch_size": req.batch_size,
         "n_iter": req.n_iter,
-        "clip_skip": overrides.int("CLIP_stop_at_last_layers", ctx.options.clip_skip),
+        "clip_skip": overrides.int("CLIP_stop_at_last_layers", ctx.options.clip_skip) or 1,  # 0 is 1 (A1111)
         "eta_noise_seed_delta": overrides.int("eta_noise_seed_delta", ctx.options.eta_noise_seed_delta),
         "rng": overrides.rng(ctx.options.rng),
         "fix_steps": overrides.bool("img2img_fix_steps", ctx.options.img2img_fix_steps) if img2img else False,

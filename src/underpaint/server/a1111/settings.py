@@ -107,7 +107,8 @@ def _option_changes(body: dict[str, Any], state: ServerState) -> dict[str, Any]:
     (It lists the VAE folder for ``sd_vae``: call it off the event loop.)"""
     changes: dict[str, Any] = {}
     if "CLIP_stop_at_last_layers" in body:
-        changes["clip_skip"] = _int_option(body, "CLIP_stop_at_last_layers", 1, 12)
+        # 0 stops at the last layer, as 1 does (A1111 changes nothing below 2)
+        changes["clip_skip"] = max(_int_option(body, "CLIP_stop_at_last_layers", 0, 12), 1)
     if "eta_noise_seed_delta" in body:
         changes["eta_noise_seed_delta"] = _int_option(body, "eta_noise_seed_delta", 0, 2**32 - 1)
     if "randn_source" in body:
@@ -192,7 +193,10 @@ def _float_option(body: dict[str, Any], key: str, lo: float, hi: float) -> float
 
 
 def _int_option(body: dict[str, Any], key: str, lo: int, hi: int) -> int:
+    """A whole-number setting (sent as 2 or 2.0) from ``lo`` to ``hi``."""
     value = body[key]
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
         raise InvalidParameter(key, value, f"an integer from {lo} to {hi}")
     return value
