@@ -270,6 +270,24 @@ def test_face_restorers_come_from_their_releases_with_the_detector_and_parser(tm
         "GFPGANv1.4.pth", "detection_Resnet50_Final.pth", "parsing_parsenet.pth"]  # no temporary files left
 
 
+def test_a1111s_upscaler_names_say_which_download_brings_them(tmp_path):
+    """A1111 lists R-ESRGAN 4x+, SwinIR 4x ... and fetches them on first use; here the refusal names the
+    download that brings the file, and the file, once there, goes by that name."""
+    from underpaint.pipeline.upscale import resolve
+
+    folder = ModelsDir(tmp_path / "m")
+    for name, download_name, file in (("R-ESRGAN 4x+", "realesrgan-x4plus", "RealESRGAN_x4plus.pth"),
+                                      ("swinir 4x", "swinir-4x", "003_realSR_BSRGAN_DFOWMFC_s64w8_SwinIR-L_x4_GAN.pth")):
+        with pytest.raises(UnknownName) as err:
+            resolve(folder, name, "hr_upscaler")
+        assert f"underpaint download {download_name}" in str(err.value) and file in str(err.value)
+        assert KNOWN_MODELS[download_name].filename == file and KNOWN_MODELS[download_name].kind == "upscalers"
+        _touch(tmp_path / "m" / "upscale_models" / file)
+        assert resolve(folder, name, "hr_upscaler").path.name == file
+    with pytest.raises(UnknownName, match="4x-UltraSharp.pth, go in"):
+        resolve(folder, "4x-Nothing", "hr_upscaler")
+
+
 def test_a_cut_off_download_leaves_no_file_and_offline_names_the_release(tmp_path, monkeypatch, no_network):
     import urllib.request
 
@@ -297,7 +315,7 @@ def test_known_model_table():
     assert {"sd15", "sd21", "sdxl", "sd-turbo", "sdxl-turbo"} <= set(KNOWN_MODELS)
     assert all(name == m.name for name, m in KNOWN_MODELS.items())
     assert all((m.folder or m.filename.endswith(".safetensors") or (m.kind, m.filename[-3:]) == ("adetailer", ".pt")
-                or (m.kind in ("gfpgan", "codeformer") and m.source.startswith("https://github.com/")))
+                or (m.kind in ("gfpgan", "codeformer", "upscalers") and m.source.startswith("https://github.com/")))
                and "/" in m.repo_id and m.description and set(m.needs) <= set(KNOWN_MODELS)
                for m in KNOWN_MODELS.values())
     assert {m.filename for m in KNOWN_MODELS.values() if m.kind == "adetailer"} >= {"face_yolov8n.pt", "hand_yolov8n.pt"}

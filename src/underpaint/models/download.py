@@ -107,10 +107,29 @@ _TABLE = (
     KnownModel("face-parser", "xinntao/facexlib", "parsing_parsenet.pth", "gfpgan",
                "ParseNet face parser (face restoration's blend mask)",
                source=f"{_GITHUB}/xinntao/facexlib/releases/download/v0.2.2/parsing_parsenet.pth"),
+    # The upscalers A1111 lists by name and fetches on first use, from the same releases.
+    *(KnownModel(name, repo, file, "upscalers", f"{a1111} upscaler ({file}) for hires. fix and Extras",
+                 source=f"{_GITHUB}/{repo}/releases/download/{release}/{file}")
+      for name, a1111, repo, release, file in (
+          ("realesrgan-x4plus", "R-ESRGAN 4x+", "xinntao/Real-ESRGAN", "v0.1.0", "RealESRGAN_x4plus.pth"),
+          ("realesrgan-x4plus-anime", "R-ESRGAN 4x+ Anime6B", "xinntao/Real-ESRGAN", "v0.2.2.4",
+           "RealESRGAN_x4plus_anime_6B.pth"),
+          ("realesrgan-x2plus", "R-ESRGAN 2x+", "xinntao/Real-ESRGAN", "v0.2.1", "RealESRGAN_x2plus.pth"),
+          ("realesrgan-general", "R-ESRGAN General 4xV3", "xinntao/Real-ESRGAN", "v0.2.5.0",
+           "realesr-general-x4v3.pth"),
+          ("realesrgan-animevideo", "R-ESRGAN AnimeVideo", "xinntao/Real-ESRGAN", "v0.2.5.0",
+           "realesr-animevideov3.pth"),
+          ("swinir-4x", "SwinIR 4x", "JingyunLiang/SwinIR", "v0.0",
+           "003_realSR_BSRGAN_DFOWMFC_s64w8_SwinIR-L_x4_GAN.pth"))),
 )
 
 #: name → KnownModel, read-only (the CLI lists it and the API validates against it).
 KNOWN_MODELS: Mapping[str, KnownModel] = MappingProxyType({m.name: m for m in _TABLE})
+
+
+def known_for_file(stem: str) -> KnownModel | None:
+    """The known model whose file is named ``stem`` (without its extension), if there is one."""
+    return next((m for m in _TABLE if not m.folder and m.filename.rsplit(".", 1)[0] == stem), None)
 
 
 def known_model(name: str) -> KnownModel:

@@ -130,9 +130,14 @@ def resolve(folder: "ModelsDir | None", name: str, field: str, *, hires: bool = 
         return builtin
     entry = find_model(folder, name)
     if entry is None:
+        from ..models.download import known_for_file
+
         where = folder.folder("upscalers") if folder is not None else "the models folder's upscale_models/"
-        raise UnknownName(field, name, (*(HIRES_LATENT_MODES if hires else ()), *names(folder)),
-                          hint=f"upscaling models, e.g. 4x-UltraSharp.pth, go in {where}")
+        known = next((k for stem, listed in A1111_NAMES.items()
+                      if listed.lower() == name.strip().lower() and (k := known_for_file(stem))), None)
+        hint = (f"{name.strip()} is A1111's name for {known.filename}; `underpaint download {known.name}` "
+                f"puts it in {where}" if known else f"upscaling models, e.g. 4x-UltraSharp.pth, go in {where}")
+        raise UnknownName(field, name, (*(HIRES_LATENT_MODES if hires else ()), *names(folder)), hint=hint)
     return entry
 
 
