@@ -116,6 +116,17 @@ def test_batch_image_i_equals_single_run_seed_plus_i(sd1_engine, photo, sampler)
         assert diff.max() <= 1
 
 
+def test_a_batch_from_the_top_64_bit_seed_counts_on_round_to_zero(sd1_engine, photo):
+    """64-bit seeds (A1111 takes any; the NV source uses all 64 bits): a batch's seeds wrap round at 2**64,
+    and the image after 2**64 - 1 is seed 0's."""
+    params = GenerationParams(init_images=(photo,), prompt="a tree", steps=2, strength=0.7, seed=2**64 - 1,
+                              sampler="Euler", rng="nv", batch_size=2)
+    result = sd1_engine.generate(params)
+    assert result.seeds == (2**64 - 1, 0) and f"Seed: {2**64 - 1}," in result.infotexts[0]
+    single = sd1_engine.generate(params.replace(seed=0, batch_size=1)).images[0]
+    assert np.abs(_pixels(result.images[1]) - _pixels(single)).max() <= 1
+
+
 def test_output_size_defaults_to_input_rounded_to_8(sd1_engine):
     image = Image.new("RGB", (77, 70), (120, 30, 200))
     result = sd1_engine.generate(GenerationParams(init_images=(image,), steps=2, strength=0.5, seed=1))

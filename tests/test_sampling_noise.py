@@ -85,6 +85,20 @@ def test_batch_image_equals_single_run(rng):
         assert torch.equal(batch[i], single[0])
 
 
+@pytest.mark.parametrize("rng", ["cpu", "gpu", "nv"])
+def test_64_bit_seeds_seed_every_source_whole(rng):
+    """A1111 seeds PyTorch's generators (and the NV source's Philox) with any 64-bit number: on the CPU
+    the noise is PyTorch's for that seed (its Mersenne twister keeps the low 32 bits), the NV source's is
+    the seed's own, not that of its low 32 bits."""
+    big = 2**64 - 1 - 2**40
+    noise = N.image_noise([big], SHAPE, rng=rng)[0]
+    assert torch.equal(noise, N.image_noise([big], SHAPE, rng=rng)[0])
+    if rng == "nv":
+        assert not torch.equal(noise, N.image_noise([big & 0xFFFFFFFF], SHAPE, rng=rng)[0])
+    else:
+        assert torch.equal(noise, torch.randn(SHAPE, generator=torch.Generator().manual_seed(big)))
+
+
 def _float64_slerp(val, low, high):
     low, high = low.double(), high.double()
     dot = (low / low.norm(dim=1, keepdim=True) * high / high.norm(dim=1, keepdim=True)).sum(1)

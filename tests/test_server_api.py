@@ -310,6 +310,18 @@ def test_options_switch_model_through_the_queue(client, backend):
     assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == "beta.safetensors"
 
 
+def test_seeds_take_64_bits_as_a1111s_and_a_batch_counts_on_round_the_top(client):
+    """ComfyUI's seeds and clients' large random ones: any 64-bit number (the engine's batches wrap round
+    at 2**64: tests/test_engine_img2img.py); beyond that the request is refused naming the field."""
+    r = client.post("/sdapi/v1/txt2img", json={"steps": 1, "width": 64, "height": 64, "batch_size": 2,
+                                               "seed": 2**64 - 1, "subseed": 2**40})
+    assert r.status_code == 200, r.text
+    info = json.loads(r.json()["info"])
+    assert info["seed"] == 2**64 - 1 and info["subseed"] == 2**40
+    r = client.post("/sdapi/v1/txt2img", json={"steps": 1, "width": 64, "height": 64, "seed": 2**64})
+    assert r.status_code == 422 and r.json()["field"] == "seed"
+
+
 def test_clip_skip_zero_is_one_and_whole_numbers_may_come_as_floats(client, backend):
     """Clients send 0 for "the default" clip skip (A1111 stops at the last layer for anything below 2) and
     numbers as 2.0; negative values are still refused."""

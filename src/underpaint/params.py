@@ -21,6 +21,9 @@ if TYPE_CHECKING:  # PIL is only needed for type hints here
 
 #: A1111's random seeds are drawn from [0, 4294967294).
 MAX_SEED = 4294967294
+#: The largest seed taken (A1111 seeds PyTorch's generators with any 64-bit number; ComfyUI's seeds go
+#: this high); a batch's seeds count on from it, wrapping round at 2**64.
+SEED_LIMIT = 2**64 - 1
 RESIZE_MODES = {0: "Just resize", 1: "Crop and resize", 2: "Resize and fill", 3: "Just resize (latent upscale)"}
 RNG_SOURCES = ("gpu", "cpu", "nv")
 MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")
@@ -787,8 +790,8 @@ class GenerationParams:
         if self.distilled_cfg_scale is not None:
             _check_range("distilled_cfg_scale", self.distilled_cfg_scale, 0.0, 100.0)
         _check_range("image_cfg_scale", self.image_cfg_scale, 0.0, 100.0)
-        _check_range("seed", self.seed, -1, 2**32 - 1, integer=True)
-        _check_range("subseed", self.subseed, -1, 2**32 - 1, integer=True)
+        _check_range("seed", self.seed, -1, SEED_LIMIT, integer=True)
+        _check_range("subseed", self.subseed, -1, SEED_LIMIT, integer=True)
         _check_range("subseed_strength", self.subseed_strength, 0.0, 1.0)
         _check_range("batch_size", self.batch_size, 1, 64, integer=True)
         _check_range("n_iter", self.n_iter, 1, 10000, integer=True)

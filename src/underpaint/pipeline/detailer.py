@@ -279,7 +279,7 @@ def detail(picture: "Image", seed: int, subseed: int, params: "GenerationParams"
             request = base.replace(
                 init_images=(picture.convert("RGB"),), mask=mask, strength=unit.denoising_strength,
                 prompt=prompt, negative_prompt=ad_negatives[min(j, len(ad_negatives) - 1)],
-                seed=(seed + j) % 2**32, subseed=(subseed + j) % 2**32, width=width, height=height, resize_mode=0,
+                seed=(seed + j) % 2**64, subseed=(subseed + j) % 2**64, width=width, height=height, resize_mode=0,
                 steps=unit.steps or params.steps, cfg_scale=params.cfg_scale if unit.cfg_scale is None else unit.cfg_scale,
                 sampler=unit.sampler or params.sampler, restore_faces=unit.restore_face,
                 scheduler=params.scheduler if unit.sampler is None else (unit.scheduler or "Automatic"),

@@ -363,8 +363,8 @@ def _plan(model, params: GenerationParams) -> Plan:
                                    "at least 16 pixels for a FLUX model")
     sigmas, full = _schedule(model, params, width, height, img2img=params.is_img2img)
     total = params.batch_size * params.n_iter
-    seeds = tuple((params.seed + i) % 2**32 for i in range(total))
-    subseeds = tuple((params.subseed + i) % 2**32 for i in range(total))
+    seeds = tuple((params.seed + i) % 2**64 for i in range(total))
+    subseeds = tuple((params.subseed + i) % 2**64 for i in range(total))
     return Plan(params, width, height, sigmas, full, len(sigmas) - 1, seeds, subseeds, enlarge=_enlarger(model, params))
 
 

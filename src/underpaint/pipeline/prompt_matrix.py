@@ -58,8 +58,8 @@ def requests(params: "GenerationParams") -> list["GenerationParams"]:
         if options.add_to_prompt is not None:
             prompt = options.add_to_prompt(prompt)
         out.append(base.replace(prompt=prompt, negative_prompt=negative,
-                                seed=(base.seed + (i if options.different_seeds else 0)) % 2**32,
-                                subseed=(base.subseed + i) % 2**32))
+                                seed=(base.seed + (i if options.different_seeds else 0)) % 2**64,
+                                subseed=(base.subseed + i) % 2**64))
     return out
 
 

@@ -229,7 +229,7 @@ def plan(params: "GenerationParams", models=None) -> list[Job]:
             checkpoint = models.checkpoint(line.checkpoint, FIELD)
         jobs.append(Job(job, checkpoint))
         if options.iterate_seed:
-            seed = (seed + base.batch_size * base.n_iter) % 2**32
+            seed = (seed + base.batch_size * base.n_iter) % 2**64
     return jobs
 
 

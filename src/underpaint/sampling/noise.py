@@ -136,7 +136,7 @@ def ancestral_noise(
     """
     shape = tuple(int(s) for s in shape)
     if eta_noise_seed_delta:
-        generators = [_generator(seed + eta_noise_seed_delta, rng, device) for seed in seeds]
+        generators = [_generator((seed + eta_noise_seed_delta) % 2**64, rng, device) for seed in seeds]
     else:
         generators = [_generator(seed, rng, device) for seed in seeds]
         for generator in generators:
