@@ -164,7 +164,7 @@ def test_infotext_field_fills_unset_fields(client):
     ({"steps": 0}, "steps"),
     ({"steps": "many"}, "steps"),
     ({"cfg_scale": "NaN"}, "cfg_scale"),
-    ({"seed": 2**40}, "seed"),
+    ({"seed": 2**64}, "seed"),
     ({"width": 10}, "width"),
     ({"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, "hr_upscaler"),
     ({"enable_hr": True, "hr_scale": 300}, "hr_scale"),
@@ -320,6 +320,40 @@ def test_seeds_take_64_bits_as_a1111s_and_a_batch_counts_on_round_the_top(client
     assert info["seed"] == 2**64 - 1 and info["subseed"] == 2**40
     r = client.post("/sdapi/v1/txt2img", json={"steps": 1, "width": 64, "height": 64, "seed": 2**64})
     assert r.status_code == 422 and r.json()["field"] == "seed"
+
+
+def test_images_come_back_in_the_file_format_setting(client):
+    """A1111's "File format for images" (/options samples_format, jpeg_quality) decides how the API returns
+    pictures: JPEG or WebP with the infotext in an EXIF UserComment. A request's override is checked but,
+    as A1111 restores overrides before it encodes the answer, counts only when it is kept."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from underpaint.imageio.metadata import read_metadata
+
+    body = {"prompt": "a barn", "steps": 1, "width": 64, "height": 64}
+    assert client.post("/sdapi/v1/options", json={"samples_format": "JPG", "jpeg_quality": 90.0}).status_code == 200
+    assert {k: client.get("/sdapi/v1/options").json()[k] for k in ("samples_format", "jpeg_quality")} == \
+        {"samples_format": "jpg", "jpeg_quality": 90}
+    r = client.post("/sdapi/v1/txt2img", json={**body, "override_settings": {"samples_format": "webp"}})
+    raw = base64.b64decode(r.json()["images"][0])
+    assert Image.open(io.BytesIO(raw)).format == "JPEG"
+    assert read_metadata(raw).infotext == json.loads(r.json()["info"])["infotexts"][0]
+    r = client.post("/sdapi/v1/txt2img", json={**body, "override_settings": {"samples_format": "webp"},
+                                               "override_settings_restore_afterwards": False})
+    raw = base64.b64decode(r.json()["images"][0])
+    assert Image.open(io.BytesIO(raw)).format == "WEBP" and read_metadata(raw).infotext.startswith("a barn")
+    assert client.get("/sdapi/v1/options").json()["samples_format"] == "webp"
+    for bad, field in (({"samples_format": "gif"}, "samples_format"), ({"jpeg_quality": 0}, "jpeg_quality")):
+        r = client.post("/sdapi/v1/options", json=bad)
+        assert r.status_code == 422 and r.json()["field"] == field
+    r = client.post("/sdapi/v1/txt2img", json={**body, "override_settings": {"samples_format": "tiff"}})
+    assert r.status_code == 422 and r.json()["field"] == "override_settings.samples_format"
+    assert client.post("/sdapi/v1/options", json={"samples_format": "png"}).status_code == 200
+    raw = base64.b64decode(client.post("/sdapi/v1/txt2img", json=body).json()["images"][0])
+    assert Image.open(io.BytesIO(raw)).format == "PNG"
 
 
 def test_clip_skip_zero_is_one_and_whole_numbers_may_come_as_floats(client, backend):

@@ -6,6 +6,7 @@ upload never holds the engine; a pixel bomb is refused from its header, before d
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import threading
 from collections.abc import Iterator
@@ -74,11 +75,19 @@ class PictureBudget:
         return decode_image(data, field=field, limits=self.limits, allow_urls=allow_urls)
 
 
-def encode_image(image: "Image", infotext: str | None = None) -> str:
-    """A PNG with its infotext in the ``parameters`` chunk, base64 without a ``data:`` prefix (A1111)."""
+def encode_image(image: "Image", infotext: str | None = None, samples_format: str = "png",
+                 quality: int = 80) -> str:
+    """A picture as A1111's API returns it, base64 without a ``data:`` prefix: a PNG with its infotext in
+    the ``parameters`` chunk, or (``samples_format`` jpg, jpeg, webp) a JPEG or WebP of ``quality`` with
+    it in an EXIF UserComment (an empty one when there is none, as A1111 writes it)."""
     from ..imageio.load import encode_png_base64
 
-    return encode_png_base64(image, infotext)
+    if samples_format == "png":
+        return encode_png_base64(image, infotext)
+    from ..imageio.metadata import encode_image as encode_file
+
+    fmt = "WEBP" if samples_format == "webp" else "JPEG"
+    return base64.b64encode(encode_file(image, fmt, infotext=infotext or "", quality=quality)).decode("ascii")
 
 
 def picture_pixels(value: object) -> int:

@@ -31,6 +31,10 @@ class ServerOptions:
     clip_skip: int = 1
     eta_noise_seed_delta: int = 0
     rng: str = "gpu"
+    #: A1111's "File format for images" and "Quality for saved jpeg and webp images": how the API returns
+    #: pictures (png, jpg, jpeg or webp; the infotext in a PNG chunk or an EXIF UserComment).
+    samples_format: str = "png"
+    jpeg_quality: int = 80
     img2img_fix_steps: bool = False
     #: A1111's "Live preview method": Full, Approx NN, Approx cheap or TAESD (pipeline/preview.py).
     show_progress_type: str = "Approx NN"

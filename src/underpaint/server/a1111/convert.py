@@ -304,6 +304,9 @@ def _kept_options(req: GenerationRequest, ctx: ConvertContext) -> dict[str, Any]
         "hires_fix_refiner_pass": ("hires_fix_refiner_pass",
                                    lambda key: overrides.hires_refiner_pass(options.hires_fix_refiner_pass)),
         "skip_early_cond": ("skip_early_cond", lambda key: overrides.float(key, options.skip_early_cond)),
+        "samples_format": ("samples_format", lambda key: samples_format_setting(
+            overrides.values[key], "override_settings.samples_format")),
+        "jpeg_quality": ("jpeg_quality", lambda key: _quality(overrides.int(key, options.jpeg_quality))),
         "sd_hypernetwork": ("sd_hypernetwork", lambda key: overrides.hypernetwork(options.sd_hypernetwork)),
         "extra_networks_default_multiplier": ("extra_networks_default_multiplier", lambda key: overrides.float(
             key, options.extra_networks_default_multiplier)),
@@ -1001,8 +1004,8 @@ def _common_fields(req: GenerationRequest, ctx: ConvertContext, pictures: Pictur
         ctx.outputs.refuse_changes(req.override_settings or {}, prefix="override_settings.")
     overrides = _Overrides(req.override_settings or {}, ctx)
     upscaler = overrides.upscaler(ctx.options.upscaler_for_img2img)  # checked for txt2img too (as /options)
-    if overrides.values.get("samples_format") not in (None, "png", "PNG"):
-        raise overrides._bad("samples_format", "'png'")
+    if overrides.values.get("samples_format") is not None:  # checked; A1111 encodes the answer with /options'
+        samples_format_setting(overrides.values["samples_format"], "override_settings.samples_format")
     sampler = _sampler_name(req)
     if _script(req) in _PROMPT_SCRIPTS:  # the script styles each prompt it makes
         prompt, negative_prompt = req.prompt or "", req.negative_prompt or ""
@@ -1438,6 +1441,23 @@ def img2img_upscaler_setting(value: Any, folder, field: str = "upscaler_for_img2
         raise InvalidParameter(field, value, "an upscaler's name from /sdapi/v1/upscalers, or None")
     found = upscale.resolve(folder, value, field)
     return found if isinstance(found, str) else found.name
+
+
+def _quality(value: int) -> int:
+    if not 1 <= value <= 100:
+        raise InvalidParameter("override_settings.jpeg_quality", value, "an integer from 1 to 100")
+    return value
+
+
+#: A1111's "File format for images" values an API answer can be encoded in.
+SAMPLES_FORMATS = ("png", "jpg", "jpeg", "webp")
+
+
+def samples_format_setting(value: Any, field: str = "samples_format") -> str:
+    """A1111's "File format for images" (png, jpg, jpeg, webp; any case), in lower case."""
+    if not isinstance(value, str) or value.strip().lower() not in SAMPLES_FORMATS:
+        raise InvalidParameter(field, value, "one of " + ", ".join(SAMPLES_FORMATS))
+    return value.strip().lower()
 
 
 def hypernetwork_setting(value: Any, folder, field: str = "sd_hypernetwork") -> str:

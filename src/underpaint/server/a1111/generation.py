@@ -191,7 +191,7 @@ async def _run_queued(state: ServerState, prepared: PreparedJob, response: Respo
         if renamed is exc:
             raise
         raise renamed from None
-    return await run_in_threadpool(_response_fields, prepared, finished, job)
+    return await run_in_threadpool(_response_fields, prepared, finished, job, state.options)
 
 
 async def await_job(state: ServerState, job: Job):
@@ -226,14 +226,17 @@ def job_failure(exc: BaseException, job: Job) -> ServerError:
                        headers={JOB_HEADER: job.id})
 
 
-def _response_fields(prepared: PreparedJob, finished: Finished, job: Job) -> dict:
+def _response_fields(prepared: PreparedJob, finished: Finished, job: Job, options=None) -> dict:
+    """A1111's answer: the pictures encoded as its "File format for images" setting says (/options', as
+    A1111 restores a request's overrides before it encodes), the echoed request and the info."""
     result = finished.result
     images = []
+    fmt = {"samples_format": options.samples_format, "quality": options.jpeg_quality} if options else {}
     if prepared.send_images:
         texts = list(result.infotexts) + [None] * (len(result.images) - len(result.infotexts))
-        images = [encode_image(image, text) for image, text in zip(result.images, texts)]
+        images = [encode_image(image, text, **fmt) for image, text in zip(result.images, texts)]
         if finished.grid is not None:
-            images.insert(0, encode_image(finished.grid, finished.grid_infotext))
+            images.insert(0, encode_image(finished.grid, finished.grid_infotext, **fmt))
     save_error = finished.saved.error if finished.saved is not None else None
     return {"images": images, "parameters": prepared.parameters,
             "info": info_json(prepared, result, job_timestamp=job.timestamp, save_error=save_error,

@@ -211,7 +211,10 @@ class Options(WireModel):
     eta_noise_seed_delta: int = Field(0, ge=0, le=2**32 - 1, description="ENSD used when a request does not say.")
     randn_source: str = Field("GPU", description="Noise source: GPU, CPU or NV.")
     img2img_fix_steps: bool = Field(False, description="img2img runs exactly `steps` whatever the strength.")
-    samples_format: str = Field("png", description="Format of returned images (png only).")
+    samples_format: str = Field("png", description=(
+        "Format of returned images: png, jpg, jpeg or webp (the infotext in a PNG chunk, else an EXIF "
+        "UserComment, as A1111 writes them)."))
+    jpeg_quality: int = Field(80, ge=1, le=100, description="Quality of returned jpg and webp images.")
     show_progress_type: str = Field("Approx NN", description=(
         "Live preview method: Full (the VAE), Approx cheap (a linear map, 1/8 size), TAESD (the tiny "
         "decoder in the models folder's VAE-approx/), or Approx NN (TAESD when its file is there, else "

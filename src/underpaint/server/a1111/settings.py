@@ -21,7 +21,7 @@ from ...params import (MAX_NOISE_MULTIPLIER, MAX_S_MIN_UNCOND, MAX_TOKEN_MERGING
 from ..jobs import Job
 from ..security import JSONValueLimitRoute
 from ..state import ServerState, server_state
-from .convert import hypernetwork_setting, img2img_upscaler_setting
+from .convert import hypernetwork_setting, img2img_upscaler_setting, samples_format_setting
 from .generation import await_job
 from .responses import CommandFlags, Options, SDModelItem, SDModuleItem, SDVaeItem
 
@@ -59,6 +59,8 @@ def get_options(request: Request) -> Options:
         eta_noise_seed_delta=opts.eta_noise_seed_delta,
         randn_source=_RNG_LABELS[opts.rng],
         img2img_fix_steps=opts.img2img_fix_steps,
+        samples_format=opts.samples_format,
+        jpeg_quality=opts.jpeg_quality,
         show_progress_type=opts.show_progress_type,
         live_previews_enable=opts.live_previews_enable,
         token_merging_ratio=opts.token_merging_ratio,
@@ -154,8 +156,10 @@ def _option_changes(body: dict[str, Any], state: ServerState) -> dict[str, Any]:
         changes["upscaler_for_img2img"] = img2img_upscaler_setting(body["upscaler_for_img2img"], state.catalog.folder)
     if "sd_hypernetwork" in body:
         changes["sd_hypernetwork"] = hypernetwork_setting(body["sd_hypernetwork"], state.catalog.folder)
-    if body.get("samples_format") not in (None, "png", "PNG"):
-        raise InvalidParameter("samples_format", body["samples_format"], "'png'")
+    if body.get("samples_format") is not None:
+        changes["samples_format"] = samples_format_setting(body["samples_format"], "samples_format")
+    if body.get("jpeg_quality") is not None:
+        changes["jpeg_quality"] = _int_option(body, "jpeg_quality", 1, 100)
     return changes
 
 

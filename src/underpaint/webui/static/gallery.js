@@ -1,7 +1,7 @@
 // The results: every image the API returned, with its infotext and seed; newest first.
 
 import { el } from "./dom.js";
-import { dataUrlToBlob, pngDataUrl } from "./images.js";
+import { dataUrlToBlob, imageType, pngDataUrl } from "./images.js";
 
 const MAX_KEPT = 48;
 
@@ -34,7 +34,8 @@ export function entriesFromResponse(response) {
       seed: Number.isInteger(seed) ? seed : null,
       grid: n < 0,
       subseed: Number.isInteger(subseed) ? subseed : null,
-      fileName: `underpaint-${stamp}-${n < 0 ? "grid" : n}${seed !== undefined ? `-${seed}` : ""}.png`,
+      fileName: `underpaint-${stamp}-${n < 0 ? "grid" : n}${seed !== undefined ? `-${seed}` : ""}.${
+        imageType(b64).replace("jpeg", "jpg")}`,
     };
   });
 }

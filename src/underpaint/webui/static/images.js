@@ -21,8 +21,12 @@ export function loadImage(src) {
 /** The API takes plain base64; strip a "data:image/...;base64," prefix. */
 export const stripDataUrl = (url) => (url ? url.replace(/^data:[^,]*,/, "") : url);
 
-/** The API answers plain base64 PNG; make it displayable. */
-export const pngDataUrl = (b64) => (b64.startsWith("data:") ? b64 : `data:image/png;base64,${b64}`);
+/** The picture type of plain base64 image data, from its first bytes (the API answers PNG, or JPEG or
+ * WebP when the server's "File format for images" setting says so). */
+export const imageType = (b64) => (b64.startsWith("/9j/") ? "jpeg" : b64.startsWith("UklGR") ? "webp" : "png");
+
+/** The API answers plain base64; make it displayable. */
+export const pngDataUrl = (b64) => (b64.startsWith("data:") ? b64 : `data:image/${imageType(b64)};base64,${b64}`);
 
 export function dataUrlToBlob(url) {
   const [head, body] = url.split(",", 2);
