@@ -333,3 +333,28 @@ def test_grid_settings_choose_returning_and_saving(tmp_path):
         assert len(body["images"]) == 3 and grids() == ["grid-0000.png"]  # returned, not saved
         r = c.post("/sdapi/v1/txt2img", json={**job, "override_settings": {"grid_save": "yes"}})
         assert r.status_code == 422 and r.json()["field"] == "override_settings.grid_save"
+
+
+def test_saved_files_take_the_file_format_setting(tmp_path):
+    """A1111's "File format for images": a request's override (A1111 saves while it is set) or /options'
+    samples_format names the files' type, their infotext in an EXIF UserComment; the running number goes on
+    across types, and the grids follow."""
+    from underpaint.imageio.metadata import read_metadata
+
+    outdir = tmp_path / "out"
+    job = {"seed": 100, "batch_size": 2, "save_images": True, **SMALL}
+    with _client(tmp_path, outdir) as c:
+        r = c.post("/sdapi/v1/txt2img", json={**job, "override_settings": {"samples_format": "jpg",
+                                                                           "jpeg_quality": 95}})
+        assert r.status_code == 200, r.text
+        texts = json.loads(r.json()["info"])["infotexts"]
+        assert c.post("/sdapi/v1/options", json={"samples_format": "webp"}).status_code == 200
+        assert c.post("/sdapi/v1/txt2img", json={**job, "seed": 7}).status_code == 200
+    folder = _today_folder(outdir, "txt2img-images")
+    assert sorted(p.name for p in folder.iterdir()) == ["00000-100.jpg", "00001-101.jpg", "00002-7.webp",
+                                                        "00003-8.webp"]
+    assert Image.open(folder / "00000-100.jpg").format == "JPEG"
+    assert read_metadata(folder / "00001-101.jpg").infotext == texts[2]
+    assert Image.open(folder / "00002-7.webp").format == "WEBP"
+    assert sorted(p.name for p in _today_folder(outdir, "txt2img-grids").iterdir()) == ["grid-0000.jpg",
+                                                                                        "grid-0001.webp"]

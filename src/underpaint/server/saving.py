@@ -4,8 +4,9 @@ The layout is A1111 1.10's default one: ``<outdir>/txt2img-images/`` and
 ``<outdir>/img2img-images/``, a subfolder per day named by the ISO date (its "Directory name
 pattern" ``[date]``), and files named ``<number>-<seed>.png``: a five-digit running number, one
 more than the highest number that starts a name in that day's folder, and the picture's seed.
-Each PNG carries its infotext in the ``parameters`` chunk. A batch of two or more pictures also
-gets A1111's grid of them, ``<outdir>/txt2img-grids/<date>/grid-NNNN.png`` (or ``img2img-grids``).
+Each PNG carries its infotext in the ``parameters`` chunk (a ``.jpg`` or ``.webp``, in A1111's "File
+format for images", in an EXIF UserComment). A batch of two or more pictures also gets A1111's grid
+of them, ``<outdir>/txt2img-grids/<date>/grid-NNNN.png`` (or ``img2img-grids``).
 
 Every path is made from the server's ``--outdir``, the job's kind, the date, the running number
 and the seed (an integer), so nothing a request sends can choose where a file goes; the A1111
@@ -85,8 +86,9 @@ class SampleFolders:
             raise InvalidParameter(f"{prefix}{key}", values[key], expected)
 
     def save(self, kind: str, images: Sequence["Image"], infotexts: Sequence[str | None], seeds: Sequence[int],
-             *, today: datetime.date | None = None) -> SaveReport:
-        """Write the pictures into today's folder for ``kind``; a failure stops the save and is reported."""
+             *, today: datetime.date | None = None, extension: str = "png", quality: int = 80) -> SaveReport:
+        """Write the pictures into today's folder for ``kind`` as ``extension`` files (png, jpg, jpeg,
+        webp; ``quality`` for the last three); a failure stops the save and is reported."""
         from ..imageio.metadata import next_sequence_number
 
         folder = self.folder(kind) / (today or datetime.date.today()).isoformat()
@@ -95,7 +97,7 @@ class SampleFolders:
             folder.mkdir(parents=True, exist_ok=True)
             number = next_sequence_number(folder)
             for image, infotext, seed in zip(images, infotexts, seeds):
-                path, number = _save_numbered(folder, number, image, infotext, int(seed))
+                path, number = _save_numbered(folder, number, image, infotext, int(seed), extension, quality)
                 saved.append(path)
                 number += 1
         except Exception as exc:  # noqa: BLE001 - whatever stops the save, the job keeps its pictures
@@ -109,8 +111,9 @@ class SampleFolders:
 
 
     def save_grid(self, kind: str, grid: "Image", infotext: str | None, *,
-                  today: datetime.date | None = None) -> SaveReport:
-        """Write a batch's grid as A1111 names it, ``grid-NNNN.png`` in today's grids folder for ``kind``."""
+                  today: datetime.date | None = None, extension: str = "png", quality: int = 80) -> SaveReport:
+        """Write a batch's grid as A1111 names it, ``grid-NNNN.png`` (or ``extension``) in today's grids
+        folder for ``kind``."""
         from ..imageio.metadata import save_image
 
         folder = self.root / GRID_FOLDERS[kind] / (today or datetime.date.today()).isoformat()
@@ -120,8 +123,8 @@ class SampleFolders:
             number = max(numbers, default=-1) + 1
             for _ in range(MAX_NAME_TRIES):
                 try:
-                    return SaveReport((save_image(grid, folder / f"grid-{number:04}.png", infotext=infotext,
-                                                  overwrite=False),))
+                    return SaveReport((save_image(grid, folder / f"grid-{number:04}.{extension}",
+                                                  infotext=infotext, overwrite=False, quality=quality),))
                 except OutputExists:
                     number += 1
             raise OutputExists(f"{MAX_NAME_TRIES} names in a row were taken", field="output")
@@ -132,17 +135,19 @@ class SampleFolders:
             return SaveReport((), message)
 
 
-_GRID_NAME = re.compile(r"^grid-(\d+)\.png$")
+_GRID_NAME = re.compile(r"^grid-(\d+)\.(?:png|jpg|jpeg|webp)$")
 
 
-def _save_numbered(folder: Path, number: int, image: "Image", infotext: str | None, seed: int) -> tuple[Path, int]:
-    """Save under the first free ``<number>-<seed>.png`` from ``number`` on; returns the path and number used."""
+def _save_numbered(folder: Path, number: int, image: "Image", infotext: str | None, seed: int,
+                   extension: str = "png", quality: int = 80) -> tuple[Path, int]:
+    """Save under the first free ``<number>-<seed>.<extension>`` from ``number`` on; returns the path and
+    number used."""
     from ..imageio.metadata import save_image
 
     for _ in range(MAX_NAME_TRIES):
-        path = folder / f"{number:05}-{seed}.png"
+        path = folder / f"{number:05}-{seed}.{extension}"
         try:
-            return save_image(image, path, infotext=infotext, overwrite=False), number
+            return save_image(image, path, infotext=infotext, overwrite=False, quality=quality), number
         except OutputExists:
             number += 1
     raise OutputExists(f"{MAX_NAME_TRIES} names in a row were taken", field="output")

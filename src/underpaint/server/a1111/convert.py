@@ -125,6 +125,10 @@ class PreparedJob:
     #: generated image grids"); None: the server's options.
     return_grid: bool | None = None
     grid_save: bool | None = None
+    #: ``override_settings``' "File format for images" and its quality for the pictures this job saves
+    #: (None: the server's options; the answer's pictures follow /options, as A1111 encodes them).
+    samples_format: str | None = None
+    jpeg_quality: int | None = None
 
 
 # --------------------------------------------------------------------------- request → params
@@ -263,8 +267,24 @@ def _prepared(kind: str, req: GenerationRequest, params: GenerationParams, field
         denoising_strength=req.denoising_strength, task_id=req.force_task_id,
         control_fields=_control_unit_fields(req), save_images=req.save_images,
         kept_options=tuple(kept_options.items()),
-        **_preview_overrides(req), **_grid_overrides(req),
+        **_preview_overrides(req), **_grid_overrides(req), **_format_overrides(req),
     )
+
+
+def _format_overrides(req: GenerationRequest) -> dict[str, Any]:
+    """``override_settings``' samples_format and jpeg_quality (checked when the request was read)."""
+    values = req.override_settings or {}
+    out: dict[str, Any] = {}
+    if values.get("samples_format") is not None:
+        out["samples_format"] = samples_format_setting(values["samples_format"], "override_settings.samples_format")
+    if values.get("jpeg_quality") is not None:
+        quality = values["jpeg_quality"]
+        if isinstance(quality, float) and quality.is_integer():
+            quality = int(quality)
+        if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
+            raise InvalidParameter("override_settings.jpeg_quality", quality, "an integer from 1 to 100")
+        out["jpeg_quality"] = quality
+    return out
 
 
 def _kept_options(req: GenerationRequest, ctx: ConvertContext) -> dict[str, Any]:

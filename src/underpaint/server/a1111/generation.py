@@ -102,9 +102,12 @@ def _work(state: ServerState, prepared: PreparedJob):
         if not prepared.save_images:
             return Finished(result)
         keep = result.finished()
-        saved = state.outputs.save(prepared.kind, [result.images[i] for i in keep],
-                                   [result.infotexts[i] for i in keep], [result.seeds[i] for i in keep])
         options = state.options
+        # A1111 saves while the request's overrides are set: its format, else the setting's
+        fmt = {"extension": prepared.samples_format or options.samples_format,
+               "quality": prepared.jpeg_quality or options.jpeg_quality}
+        saved = state.outputs.save(prepared.kind, [result.images[i] for i in keep],
+                                   [result.infotexts[i] for i in keep], [result.seeds[i] for i in keep], **fmt)
         returned = options.return_grid if prepared.return_grid is None else prepared.return_grid
         kept = options.grid_save if prepared.grid_save is None else prepared.grid_save
         if len(keep) < 2 or not _plain(params) or not (returned or kept):
@@ -114,7 +117,7 @@ def _work(state: ServerState, prepared: PreparedJob):
         # grid in gallery"), with the first picture's infotext.
         grid, text = xyz_plot.batch_grid([result.images[i] for i in keep]), result.infotexts[keep[0]]
         if kept:
-            grid_saved = state.outputs.save_grid(prepared.kind, grid, text)
+            grid_saved = state.outputs.save_grid(prepared.kind, grid, text, **fmt)
             saved = SaveReport(saved.paths + grid_saved.paths, saved.error or grid_saved.error)
         return Finished(result, saved, grid, text) if returned else Finished(result, saved)
 

@@ -9,6 +9,10 @@ import { clearFieldErrors, showFieldErrors } from "./fielderrors.js";
 // [key, label, kind, ...]: "int"/"float" with min, max and step; "bool"; "select" with its choices, or the
 // list URL whose entries' names follow "None".
 const SECTIONS = [
+  ["Saving images/grids", [
+    ["samples_format", "File format for images", "select", ["png", "jpg", "jpeg", "webp"]],
+    ["jpeg_quality", "Quality for saved jpeg and webp images", "int", 1, 100, 1],
+  ]],
   ["Stable Diffusion", [
     ["CLIP_stop_at_last_layers", "Clip skip", "int", 1, 12, 1],
     ["eta_noise_seed_delta", "Eta noise seed delta (ENSD)", "int", 0, 4294967295, 1],
