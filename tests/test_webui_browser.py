@@ -3008,3 +3008,25 @@ def test_flux_checkpoint_switches_to_flux_settings_and_back(context, flux_server
     page.uncheck("#tiling")
     page.close()
     assert not errors, errors
+
+
+def test_pictures_in_another_file_format_show_and_download_as_that_type(page, server):
+    """With the server's "File format for images" at webp (the Settings tab's first section), the answer's
+    pictures are WebP: the gallery shows them and the Download button names the file .webp."""
+    options_url = f"{server}/sdapi/v1/options"
+    page.click("#tab-settings")
+    expect(page.locator("#setting_jpeg_quality")).to_have_value("80")  # the settings are read
+    page.select_option("#setting_samples_format", "webp")
+    page.click("#settings-apply")
+    expect(page.locator("#settings-status")).to_have_text("1 setting changed.")
+    try:
+        page.click("#tab-txt2img")
+        fast_settings(page, seed=31)
+        _, answer = generate(page)
+        assert decode(answer["images"][0]).format == "WEBP"
+        expect(page.locator("#result-image")).to_be_visible()
+        assert page.get_attribute("#result-image", "src").startswith("data:image/webp;base64,")
+        assert page.eval_on_selector("#result-image", "img => img.naturalWidth") == 64
+        assert page.get_attribute("#result-download", "download").endswith("-31.webp")
+    finally:
+        page.request.post(options_url, data={"samples_format": "png"})
