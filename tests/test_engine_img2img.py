@@ -116,6 +116,20 @@ def test_batch_image_i_equals_single_run_seed_plus_i(sd1_engine, photo, sampler)
         assert diff.max() <= 1
 
 
+def test_ddim_cfgpp_steps_along_the_negative_prompts_noise(sd1_engine, photo):
+    """DDIM CFG++ on the model: at CFG 0 the guided prediction is the negative prompt's, so its steps are
+    plain DDIM's to the bit (which shows the denoiser leaves the negative prompt's noise, not the prompt's);
+    at CFG 7 (λ = 0.56) it is a picture of its own; the infotext names it."""
+    params = GenerationParams(init_images=(photo,), prompt="a tree", negative_prompt="fog", steps=4, strength=0.7,
+                              seed=5, cfg_scale=0.0, sampler="DDIM")
+    plain = sd1_engine.generate(params).images[0]
+    cfgpp = sd1_engine.generate(params.replace(sampler="ddim_cfgpp"))
+    assert cfgpp.images[0].tobytes() == plain.tobytes() and "Sampler: DDIM CFG++," in cfgpp.infotexts[0]
+    guided = sd1_engine.generate(params.replace(sampler="DDIM CFG++", cfg_scale=7.0)).images[0]
+    ddim = sd1_engine.generate(params.replace(cfg_scale=7.0)).images[0]
+    assert guided.tobytes() != ddim.tobytes() and guided.tobytes() != plain.tobytes()
+
+
 def test_a_batch_from_the_top_64_bit_seed_counts_on_round_to_zero(sd1_engine, photo):
     """64-bit seeds (A1111 takes any; the NV source uses all 64 bits): a batch's seeds wrap round at 2**64,
     and the image after 2**64 - 1 is seed 0's."""

@@ -24,7 +24,8 @@ A1111_SAMPLERS = {
     "DPM++ 2M SDE Heun": ["k_dpmpp_2m_sde_heun"], "DPM++ 2S a": ["k_dpmpp_2s_a"], "DPM++ 3M SDE": ["k_dpmpp_3m_sde"],
     "Euler a": ["k_euler_a", "k_euler_ancestral"], "Euler": ["k_euler"], "LMS": ["k_lms"], "Heun": ["k_heun"],
     "DPM2": ["k_dpm_2"], "DPM2 a": ["k_dpm_2_a"], "DPM fast": ["k_dpm_fast"], "DPM adaptive": ["k_dpm_ad"],
-    "Restart": ["restart"], "DDIM": ["ddim"], "PLMS": ["plms"], "UniPC": ["unipc"], "LCM": ["k_lcm"],
+    "Restart": ["restart"], "DDIM": ["ddim"], "DDIM CFG++": ["ddim_cfgpp"], "PLMS": ["plms"], "UniPC": ["unipc"],
+    "LCM": ["k_lcm"],
 }
 A1111_SCHEDULES = {
     "Automatic": "automatic", "Uniform": "uniform", "Karras": "karras", "Exponential": "exponential",

@@ -192,7 +192,10 @@ _W = torch.linspace(-0.5, 0.5, 16).reshape(4, 4)
 
 
 def _toy(x, sigma):
+    from underpaint.sampling._common import LAST_UNCOND_NOISE
+
     s = sigma.reshape(-1, 1, 1, 1)
+    LAST_UNCOND_NOISE.value = (x - torch.tanh(x) * 0.5) / s  # a negative prompt's noise, for DDIM CFG++
     return torch.tanh((_W @ x.flatten(2)).view_as(x) / (1 + s)) + 0.05 * x / (1 + s**2)
 
 

@@ -310,6 +310,64 @@ def test_ddim_with_eta_matches_diffusers():
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=2e-5)
 
 
+def _toy_uncond_eps(x_in, t, cond=None):
+    """A second toy ε network: the negative prompt's prediction beside :func:`toy_eps`."""
+    return 0.7 * toy_eps(x_in, t) - 0.2 * torch.tanh(x_in)
+
+
+@pytest.mark.parametrize("cfg, eta", [(7.0, 0.0), (12.5, 0.0), (5.0, 0.6)])
+def test_ddim_cfgpp_is_the_papers_update_on_a1111s_grid(cfg, eta):
+    """DDIM CFG++ (Chung et al. 2024) in DDPM terms on diffusers' DDIM grid (A1111's): x0 from the guided ε
+    with λ = CFG / 12.5, then x_prev = sqrt(ᾱ_prev)·x0 + sqrt(1 − ᾱ_prev − σ²)·ε_∅ + σ·z. Ours runs in σ
+    space with the guided denoiser and ε_∅ left by it for the sampler."""
+    from underpaint.sampling._common import LAST_UNCOND_NOISE
+
+    steps = 10
+    scheduler = DDIMScheduler(**_ddpm(), clip_sample=False, timestep_spacing="leading")
+    scheduler.set_timesteps(steps)
+    schedule = SC.ModelSchedule.from_alphas_cumprod(scheduler.alphas_cumprod)
+    lam = cfg / 12.5
+    on_cond, on_uncond = eps_denoiser(toy_eps, schedule), eps_denoiser(_toy_uncond_eps, schedule)
+
+    def guided(x, sigma):
+        c, u = on_cond(x, sigma, None), on_uncond(x, sigma, None)
+        LAST_UNCOND_NOISE.value = (x - u) / sigma.reshape(-1, 1, 1, 1)
+        return u + (c - u) * lam
+
+    full = SC.build_sigmas("DDIM CFG++", "Automatic", steps, schedule)
+    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3))
+    x, sigmas = S.prepare_start("DDIM CFG++", noise, full, model_schedule=schedule)
+    got = S.run_sampler("DDIM CFG++", guided, x, sigmas, noise_sampler=noise_source(),
+                        options=SamplerOptions(eta=eta), model_schedule=schedule)
+    # the reference: A1111's loop in DDPM scale, down to timestep 1
+    alphas, sample, draw = scheduler.alphas_cumprod.double(), noise.clone().double(), noise_source()
+    ts = [int(t) for t in scheduler.timesteps]
+    for k, t in enumerate(ts):
+        if t == 1:
+            break
+        prev = ts[k + 1]
+        tt = torch.full((SHAPE[0],), float(t))
+        e_c, e_u = toy_eps(sample.float(), tt).double(), _toy_uncond_eps(sample.float(), tt).double()
+        e = e_u + lam * (e_c - e_u)
+        a, a_prev = alphas[t], alphas[prev]
+        x0 = (sample - (1 - a).sqrt() * e) / a.sqrt()
+        sig = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).sqrt()
+        z = draw(None, None).double() if eta else 0
+        sample = a_prev.sqrt() * x0 + (1 - a_prev - sig**2).sqrt() * e_u + sig * z
+    torch.testing.assert_close(got.double(), sample, rtol=1e-4, atol=2e-5)
+    assert not torch.allclose(got, S.run_sampler("DDIM", guided, x, sigmas, noise_sampler=noise_source(),
+                                                 options=SamplerOptions(eta=eta), model_schedule=schedule))
+
+
+def test_ddim_cfgpp_refuses_a_denoiser_that_leaves_no_uncond_noise():
+    from underpaint.sampling._common import LAST_UNCOND_NOISE
+
+    LAST_UNCOND_NOISE.value = None
+    sigmas = SC.build_sigmas("DDIM CFG++", "Automatic", 4, MS)
+    with pytest.raises(RuntimeError, match="unconditional noise"):
+        S.run_sampler("DDIM CFG++", toy_denoiser, start(sigmas), sigmas, model_schedule=MS)
+
+
 @pytest.mark.parametrize("steps", [10, 20])
 def test_plms_matches_diffusers_pndm(steps):
     scheduler = PNDMScheduler(**{k: v for k, v in _ddpm().items() if k != "set_alpha_to_one"},

@@ -8,6 +8,7 @@ import torch
 
 from ..models.optimize import attention_for, begin_call, owned
 from ..prompts.encoder import Conditioning
+from ..sampling._common import LAST_UNCOND_NOISE
 from ..sampling.denoisers import cfg_denoiser, eps_denoiser, lcm_denoiser, v_denoiser
 from ..sampling.names import sampler_info
 from ..sampling.schedules import ModelSchedule
@@ -59,7 +60,8 @@ def make_denoiser(model, conds: CondSchedule, cfg_scale: float, schedule: ModelS
     says which evaluations run the prompt alone (pipeline/guidance.py). ``image_cfg_scale`` (edit
     models) guides against the picture too, as A1111 and diffusers do (:func:`edit_cfg`), unless 1.
     """
-    if "lcm" in sampler_info(sampler).flags:
+    flags = sampler_info(sampler).flags
+    if "lcm" in flags:
         wrap = lcm_denoiser
     else:
         wrap = v_denoiser if model.spec.prediction == "v" else eps_denoiser
@@ -73,8 +75,15 @@ def make_denoiser(model, conds: CondSchedule, cfg_scale: float, schedule: ModelS
         rows = torch.cat([image_conditioning, image_conditioning, torch.zeros_like(image_conditioning)])
         three = wrap(concat_channels(plain_fn, rows), schedule)  # [cond, uncond] on the picture, uncond on none
         without = wrap(concat_channels(plain_fn, torch.zeros_like(image_conditioning)), schedule)
+    cfgpp = "cfgpp" in flags
+    if cfgpp:  # DDIM CFG++: A1111 divides the scale by 12.5, and the sampler steps along the uncond noise
+        cfg_scale = cfg_scale / CFGPP_SCALE_DIVISOR
+        last: list[torch.Tensor] = []
+        base = _keeping_last(base, last)
+        if edit:
+            three, without = _keeping_last(three, last), _keeping_last(without, last)
 
-    def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    def guide(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         cond, uncond = conds.current()
         if conds.parts:  # composable diffusion: every AND part, stacked
             cond, weights = stack_parts(conds.current_parts())
@@ -92,7 +101,34 @@ def make_denoiser(model, conds: CondSchedule, cfg_scale: float, schedule: ModelS
                             joint=control is None)(x, sigma)
         return cfg_denoiser(base, cond, uncond, cfg_scale)(x, sigma)
 
-    return denoise
+    if not cfgpp:
+        return guide
+
+    def recording(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """The guided prediction; ε_∅ of the evaluation left for the sampler. Every guidance runs the
+        negative prompt last (or alone), so the last model call's last rows are it; an evaluation that
+        ran the prompt alone leaves the prompt's own, as A1111's does."""
+        last.clear()
+        out = guide(x, sigma)
+        uncond = last[-1][-x.shape[0]:]
+        LAST_UNCOND_NOISE.value = (x - uncond) / sigma.reshape(-1, *[1] * (x.ndim - 1)).to(x.dtype)
+        return out
+
+    return recording
+
+
+#: A1111's DDIM CFG++ divides the CFG scale by this (CFG 7 guides with 0.56): the paper's λ in [0, 1].
+CFGPP_SCALE_DIVISOR = 12.5
+
+
+def _keeping_last(fn: Callable, last: list) -> Callable:
+    """``fn(x, sigma, cond)`` that also appends each output to ``last``."""
+    def call(x, sigma, cond):
+        out = fn(x, sigma, cond)
+        last.append(out)
+        return out
+
+    return call
 
 
 def edit_cfg(three: Callable, on_picture: Callable, without: Callable, cond: Conditioning, uncond: Conditioning,

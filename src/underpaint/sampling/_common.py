@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +17,19 @@ Callback = Callable[[int, int, torch.Tensor, torch.Tensor], Any]
 
 class Signal(enum.Enum):
     STOP = "stop"
+
+
+class _UncondNoise(threading.local):
+    """The unconditional noise prediction ε_∅ of this thread's latest guided model evaluation, in σ space
+    ((x − denoised_∅)/σ; the prompt's own where the evaluation ran the prompt alone). Recorded by denoisers
+    built for samplers that guide with it (DDIM CFG++); None otherwise."""
+
+    value: torch.Tensor | None = None
+
+
+#: Where a CFG++ denoiser leaves ε_∅ for its sampler, read right after each call (wrappers between the
+#: two never need to pass it on).
+LAST_UNCOND_NOISE = _UncondNoise()
 
 
 #: Return this from a sampler callback to stop: the sampler then returns its latest ``denoised``.

@@ -19,13 +19,14 @@ from ..errors import UnknownName, nearest_names
 #:  sde / brownian       draws its noise from a per-image Brownian tree (seeded with the image seed)
 #:  second_order         two model calls per step
 #:  discard_penultimate  A1111 builds n+1 sigmas and drops the next-to-last one
-#:  timestep             A1111 runs it on the DDPM timestep grid (DDIM, PLMS, UniPC)
+#:  timestep             A1111 runs it on the DDPM timestep grid (DDIM, DDIM CFG++, PLMS, UniPC)
 #:  adaptive             chooses its own steps (the step count is an estimate)
 #:  lcm                  needs the latent-consistency denoiser (``denoisers.lcm_denoiser``)
 #:  ensd                 A1111 marks it as using "eta noise seed delta" (infotext "ENSD")
+#:  cfgpp                guides with CFG++: the scale ÷ 12.5, stepping along the negative prompt's noise
 FLAGS = frozenset(
     {"ancestral", "stochastic", "churn", "sde", "brownian", "second_order", "discard_penultimate",
-     "timestep", "adaptive", "lcm", "ensd"}
+     "timestep", "adaptive", "lcm", "ensd", "cfgpp"}
 )
 
 
@@ -104,6 +105,8 @@ SAMPLERS: tuple[SamplerInfo, ...] = (
              flags={"ancestral", "stochastic", "adaptive", "ensd"}, params=("eta",)),
     _sampler("Restart", ["restart"], "sample_restart", "Karras", {"stochastic", "second_order"}),
     _sampler("DDIM", ["ddim"], "sample_ddim", flags={"timestep", "stochastic"}, params=("eta",)),
+    _sampler("DDIM CFG++", ["ddim_cfgpp"], "sample_ddim_cfgpp", flags={"timestep", "stochastic", "cfgpp"},
+             params=("eta",)),
     _sampler("PLMS", ["plms"], "sample_plms", flags={"timestep"}),
     _sampler("UniPC", ["unipc", "uni_pc"], "sample_unipc", flags={"timestep"}),
     _sampler("LCM", ["k_lcm", "lcm"], "sample_lcm", flags={"ancestral", "stochastic", "lcm"}),

@@ -28,7 +28,7 @@ from .k_samplers import (
 )
 from .names import SamplerInfo, sampler_info
 from .schedules import ModelSchedule
-from .timestep_samplers import sample_ddim, sample_plms
+from .timestep_samplers import sample_ddim, sample_ddim_cfgpp, sample_plms
 from .unipc import sample_unipc
 
 __all__ = [
@@ -36,7 +36,7 @@ __all__ = [
     "sample_euler", "sample_euler_ancestral", "sample_heun", "sample_dpm_2", "sample_dpm_2_ancestral",
     "sample_lms", "sample_dpmpp_2s_ancestral", "sample_dpmpp_sde", "sample_dpmpp_2m", "sample_dpmpp_2m_sde",
     "sample_dpmpp_3m_sde", "sample_dpm_fast", "sample_dpm_adaptive", "sample_restart", "sample_lcm",
-    "sample_ddim", "sample_plms", "sample_unipc",
+    "sample_ddim", "sample_ddim_cfgpp", "sample_plms", "sample_unipc",
 ]
 
 #: ``SamplerInfo.function`` → implementation (read-only).
@@ -45,7 +45,7 @@ _FUNCTIONS = MappingProxyType({
     for f in (
         sample_euler, sample_euler_ancestral, sample_heun, sample_dpm_2, sample_dpm_2_ancestral, sample_lms,
         sample_dpmpp_2s_ancestral, sample_dpmpp_sde, sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_dpmpp_3m_sde,
-        sample_dpm_fast, sample_dpm_adaptive, sample_restart, sample_lcm, sample_ddim, sample_plms, sample_unipc,
+        sample_dpm_fast, sample_dpm_adaptive, sample_restart, sample_lcm, sample_ddim, sample_ddim_cfgpp, sample_plms, sample_unipc,
     )
 })
 

@@ -1,4 +1,4 @@
-"""DDIM, PLMS and UniPC as A1111 1.10 runs them, written in σ space.
+"""DDIM, DDIM CFG++, PLMS and UniPC as A1111 1.10 runs them, written in σ space.
 
 A1111 runs these on the DDPM timestep grid t_k = 1 + k·(T//n) with the model's ε output, and
 stops at the first grid timestep (t = 1), returning that slightly noisy latent. Here the
@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from ._common import Callback, NoiseSampler, batch_sigma, host_copy, require_noise, stopped
+from ._common import LAST_UNCOND_NOISE, Callback, NoiseSampler, batch_sigma, host_copy, require_noise, stopped
 
 
 def _eps(denoiser, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -54,6 +54,30 @@ def sample_ddim(denoiser, x, sigmas, *, noise: NoiseSampler | None = None, callb
             return denoised
         eps = (x - denoised) / sigmas[i]
         x = _ddim_update(denoised, eps, host[i], host[i + 1], eta, noise)
+    return x
+
+
+def sample_ddim_cfgpp(denoiser, x, sigmas, *, noise: NoiseSampler | None = None, callback: Callback | None = None,
+                      eta=0.0):
+    """DDIM CFG++ (Chung et al., 2024, "CFG++: manifold-constrained classifier free guidance"), as A1111 1.10
+    runs it: the guided prediction (its CFG scale ÷ 12.5, applied by the denoiser) gives x0, and the step
+    renoises along the unconditional noise ε_∅ rather than the guided one. ``denoiser`` must record ε_∅
+    (``LAST_UNCOND_NOISE``; pipeline/denoise.py does for this sampler)."""
+    total, host = len(sigmas) - 1, host_copy(sigmas)
+    denoised = x
+    for i in range(total):
+        if host[i + 1] == 0:
+            if stopped(callback, i, total, x, denoised):
+                return denoised
+            return _finish(x, sigmas[i])
+        LAST_UNCOND_NOISE.value = None
+        denoised = denoiser(x, batch_sigma(sigmas[i], x))
+        uncond = LAST_UNCOND_NOISE.value
+        if uncond is None:
+            raise RuntimeError("DDIM CFG++ needs a denoiser that records the unconditional noise prediction")
+        if stopped(callback, i, total, x, denoised):
+            return denoised
+        x = _ddim_update(denoised, uncond, host[i], host[i + 1], eta, noise)
     return x
 
 

@@ -1234,11 +1234,21 @@ def _first_block_cache(overrides: "_Overrides") -> float:
     return value
 
 
+def _timestep_sampler(name: str) -> bool:
+    """DDIM, DDIM CFG++, PLMS, UniPC: the samplers whose eta is A1111's "Eta for DDIM" setting."""
+    from ...sampling.names import sampler_info
+
+    try:
+        return "timestep" in sampler_info(name).flags
+    except UnknownName:  # refused where the sampler is read
+        return False
+
+
 def _sampler_options(req: GenerationRequest, overrides: "_Overrides", sampler: str,
                      options: ServerOptions) -> SamplerOptions:
     eta = req.eta
     if eta is None:  # the setting only where it is not A1111's default (the sampler's own eta then)
-        key = "eta_ddim" if sampler.strip().upper() == "DDIM" else "eta_ancestral"
+        key = "eta_ddim" if _timestep_sampler(sampler) else "eta_ancestral"
         setting = getattr(options, key)
         eta = overrides.float(key, None if setting == getattr(ServerOptions, key) else setting)
     values = {
