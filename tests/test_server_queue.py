@@ -262,6 +262,8 @@ def test_duplicate_task_id_is_a_conflict(tmp_path):
         bad = _post(base, "/sdapi/v1/txt2img", {"force_task_id": "../../etc", "steps": 1, **SMALL})
         backend.gate.set()
         first.result()
+        ui = _post(base, "/sdapi/v1/txt2img", {"force_task_id": "task(9xk2p0a8q3)", "steps": 1, **SMALL})
+        assert ui.status_code == 200 and ui.headers["X-Underpaint-Job"] == "task(9xk2p0a8q3)"  # A1111's UI's ids
     assert r.status_code == 409 and r.json()["field"] == "force_task_id"
     assert bad.status_code == 422 and bad.json()["field"] == "force_task_id"
 

@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("underpaint.server")
 
-JOB_ID = re.compile(r"^[A-Za-z0-9_.:\-]{1,64}$")
+#: A job id a client may choose: letters, digits and ``_.:-()`` (A1111's own UI sends ``task(…)`` ids).
+JOB_ID = re.compile(r"^[A-Za-z0-9_.:()\-]{1,64}$")
 
 
 class QueueFull(ServerError):
@@ -176,7 +177,7 @@ class JobQueue:
         if requested is None or requested == "":
             return uuid.uuid4().hex
         if not JOB_ID.match(requested):
-            raise ServerError(f"force_task_id: got {requested!r}, expected 1-64 letters, digits or _.:-",
+            raise ServerError(f"force_task_id: got {requested!r}, expected 1-64 letters, digits or _.:-()",
                               status=422, kind="invalid_parameter", field="force_task_id")
         if self.get(requested) is not None:
             raise ServerError(f"force_task_id: job {requested!r} already exists", status=409,
