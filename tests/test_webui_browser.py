@@ -2317,6 +2317,8 @@ def test_adetailer_section_sends_a_face_tab(page, tmp_path):
     page.check("#ad_enable")
     page.fill("#ad_prompt", "a smiling face")
     page.fill("#ad_confidence", "2")
+    page.fill("#ad_mask_k", "2")
+    page.select_option("#ad_mask_filter_method", "Confidence")
     with page.expect_response("**/sdapi/v1/txt2img") as answer:
         page.click("#generate")
     assert answer.value.status == 422
@@ -2324,6 +2326,7 @@ def test_adetailer_section_sends_a_face_tab(page, tmp_path):
     args = sent["alwayson_scripts"]["ADetailer"]["args"]
     assert args[:2] == [True, False] and args[2]["ad_model"] == "face_yolov8n.pt"
     assert args[2]["ad_prompt"] == "a smiling face" and args[2]["ad_denoising_strength"] == 0.4
+    assert (args[2]["ad_mask_k"], args[2]["ad_mask_filter_method"], args[2]["ad_model_classes"]) == (2, "Confidence", "")
     expect(page.locator(".field:has(#ad_confidence) .field-error")).to_be_visible()
     page.fill("#ad_confidence", "0.3")
     with page.expect_response("**/sdapi/v1/txt2img", timeout=GENERATION_TIMEOUT) as answer:
@@ -2334,6 +2337,7 @@ def test_adetailer_section_sends_a_face_tab(page, tmp_path):
 
     text = ("a portrait\nSteps: 4, Sampler: Euler a, CFG scale: 5, Seed: 11, Size: 64x64, ADetailer model: "
             "hand_yolov8n.pt, ADetailer prompt: \"good hands, detailed\", ADetailer confidence: 0.45, "
+            "ADetailer method to decide top k masks: Confidence, ADetailer mask only top k: 1, "
             "ADetailer denoising strength: 0.35, ADetailer version: 24.9.0")
     picture = infotext_pngs(tmp_path, {"hands": text}, (64, 64))["hands"]
     page.click("#tab-pnginfo")
@@ -2349,8 +2353,12 @@ def test_adetailer_section_sends_a_face_tab(page, tmp_path):
     expect(page.locator("#ad_prompt")).to_have_value("good hands, detailed")
     expect(page.locator("#ad_confidence")).to_have_value("0.45")
     expect(page.locator("#ad_denoising_strength")).to_have_value("0.35")
+    expect(page.locator("#ad_mask_k")).to_have_value("1")
+    expect(page.locator("#ad_mask_filter_method")).to_have_value("Confidence")
     page.uncheck("#ad_enable")
     page.select_option("#ad_model", "face_yolov8n.pt")
+    page.fill("#ad_mask_k", "0")
+    page.select_option("#ad_mask_filter_method", "Area")
 
 
 def test_extra_networks_cards_add_and_remove_prompt_text(page):

@@ -99,7 +99,7 @@ export class GenerationForm {
       "s_min_uncond_all", "skip_early_cond", "sd_vae_decode_method", "sd_vae_encode_method", "tiling", "restore_faces", "face_restoration_model", "code_former_weight",
       "img2img_color_correction", "initial_noise_multiplier", "img2img_extra_noise", "freeu_enabled", ...FREEU_FACTORS,
       "ad_enable", "ad_model", "ad_prompt", "ad_negative_prompt", "ad_confidence", "ad_denoising_strength",
-      "ad_inpaint_only_masked_padding", "refiner_enabled", "refiner_checkpoint", "refiner_switch_at", "aesthetic_score", "negative_aesthetic_score", "enable_hr", "hr_upscaler",
+      "ad_inpaint_only_masked_padding", "ad_mask_k", "ad_mask_filter_method", "ad_model_classes", "refiner_enabled", "refiner_checkpoint", "refiner_switch_at", "aesthetic_score", "negative_aesthetic_score", "enable_hr", "hr_upscaler",
       ...HIRES_NUMBERS, "hr_extra_noise", "hires_fix_refiner_pass", "hr_checkpoint_name", "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt"]) {
       this.controls[name] = $(`#${name}`, root);
     }
@@ -305,6 +305,8 @@ export class GenerationForm {
         ad_negative_prompt: c.ad_negative_prompt.value,
         ad_confidence: numberValue(c.ad_confidence), ad_denoising_strength: numberValue(c.ad_denoising_strength),
         ad_inpaint_only_masked_padding: numberValue(c.ad_inpaint_only_masked_padding),
+        ad_mask_k: numberValue(c.ad_mask_k), ad_mask_filter_method: c.ad_mask_filter_method.value,
+        ad_model_classes: c.ad_model_classes.value,
       }] };
     }
     return scripts;
@@ -394,7 +396,7 @@ export class GenerationForm {
     const c = this.controls;
     const notes = [];
     for (const name of ["prompt", "negative_prompt", "hr_prompt", "hr_negative_prompt", "ad_prompt",
-      "ad_negative_prompt"]) {
+      "ad_negative_prompt", "ad_model_classes"]) {
       if (fields[name] !== undefined) c[name].value = fields[name];
     }
     const numbers = { ...fields };
@@ -408,7 +410,7 @@ export class GenerationForm {
       "batch_size",
       "mask_blur", "inpaint_full_res_padding", "deepcache_interval", "deepcache_branch", "first_block_cache",
       "s_min_uncond", "skip_early_cond", "initial_noise_multiplier", "img2img_extra_noise", "hr_extra_noise",
-      "ad_confidence", "ad_denoising_strength", "ad_inpaint_only_masked_padding", ...HIRES_NUMBERS]) {
+      "ad_confidence", "ad_denoising_strength", "ad_inpaint_only_masked_padding", "ad_mask_k", ...HIRES_NUMBERS]) {
       if (typeof numbers[name] === "number") setNumber(c[name], numbers[name]);
     }
     if (typeof fields.seed_extra === "boolean") {
@@ -458,6 +460,10 @@ export class GenerationForm {
       const option = matchOption(c.ad_model, fields.ad_model);
       if (option === null) notes.push(`ADetailer model ${fields.ad_model} is not on this server`);
       else c.ad_model.value = option;
+    }
+    if (typeof fields.ad_mask_filter_method === "string") {
+      const option = matchOption(c.ad_mask_filter_method, fields.ad_mask_filter_method);
+      if (option !== null) c.ad_mask_filter_method.value = option;
     }
     if (typeof fields.refiner_enabled === "boolean") c.refiner_enabled.checked = fields.refiner_enabled;
     if (typeof fields.refiner_switch_at === "number") setNumber(c.refiner_switch_at, fields.refiner_switch_at);

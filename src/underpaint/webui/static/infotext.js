@@ -138,6 +138,10 @@ export function infotextToFields({ prompt, negativePrompt, params }) {
     set("ad_confidence", number(params["ADetailer confidence"]));
     set("ad_denoising_strength", number(params["ADetailer denoising strength"]));
     set("ad_inpaint_only_masked_padding", number(params["ADetailer inpaint padding"]));
+    // ADetailer's key since its "Confidence" filter, and the one before it
+    fields.ad_mask_k = number(params["ADetailer mask only top k"] ?? params["ADetailer mask only top k largest"]) ?? 0;
+    fields.ad_mask_filter_method = params["ADetailer method to decide top k masks"] ?? "Area";
+    fields.ad_model_classes = params["ADetailer model classes"] ?? "";
   }
   Object.assign(fields, hiresFields(params));
   set("sd_model_hash", params["Model hash"]);
