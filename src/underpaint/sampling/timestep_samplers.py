@@ -42,19 +42,7 @@ def _ddim_update(x0, eps, sigma, sigma_next, eta, noise):
 
 def sample_ddim(denoiser, x, sigmas, *, noise: NoiseSampler | None = None, callback: Callback | None = None, eta=0.0):
     """DDIM on A1111's timestep grid (sigmas from ``schedules.sigmas_timesteps``)."""
-    total, host = len(sigmas) - 1, host_copy(sigmas)
-    denoised = x
-    for i in range(total):
-        if host[i + 1] == 0:
-            if stopped(callback, i, total, x, denoised):
-                return denoised
-            return _finish(x, sigmas[i])
-        denoised = denoiser(x, batch_sigma(sigmas[i], x))
-        if stopped(callback, i, total, x, denoised):
-            return denoised
-        eps = (x - denoised) / sigmas[i]
-        x = _ddim_update(denoised, eps, host[i], host[i + 1], eta, noise)
-    return x
+    return _ddim(denoiser, x, sigmas, noise, callback, eta, along_uncond=False)
 
 
 def sample_ddim_cfgpp(denoiser, x, sigmas, *, noise: NoiseSampler | None = None, callback: Callback | None = None,
@@ -63,6 +51,10 @@ def sample_ddim_cfgpp(denoiser, x, sigmas, *, noise: NoiseSampler | None = None,
     runs it: the guided prediction (its CFG scale ÷ 12.5, applied by the denoiser) gives x0, and the step
     renoises along the unconditional noise ε_∅ rather than the guided one. ``denoiser`` must record ε_∅
     (``LAST_UNCOND_NOISE``; pipeline/denoise.py does for this sampler)."""
+    return _ddim(denoiser, x, sigmas, noise, callback, eta, along_uncond=True)
+
+
+def _ddim(denoiser, x, sigmas, noise, callback, eta, *, along_uncond: bool):
     total, host = len(sigmas) - 1, host_copy(sigmas)
     denoised = x
     for i in range(total):
@@ -72,12 +64,15 @@ def sample_ddim_cfgpp(denoiser, x, sigmas, *, noise: NoiseSampler | None = None,
             return _finish(x, sigmas[i])
         LAST_UNCOND_NOISE.value = None
         denoised = denoiser(x, batch_sigma(sigmas[i], x))
-        uncond = LAST_UNCOND_NOISE.value
-        if uncond is None:
-            raise RuntimeError("DDIM CFG++ needs a denoiser that records the unconditional noise prediction")
+        if along_uncond:
+            eps = LAST_UNCOND_NOISE.value
+            if eps is None:
+                raise RuntimeError("DDIM CFG++ needs a denoiser that records the unconditional noise prediction")
+        else:
+            eps = (x - denoised) / sigmas[i]
         if stopped(callback, i, total, x, denoised):
             return denoised
-        x = _ddim_update(denoised, uncond, host[i], host[i + 1], eta, noise)
+        x = _ddim_update(denoised, eps, host[i], host[i + 1], eta, noise)
     return x
 
 
