@@ -771,6 +771,8 @@ class GenerationParams:
     #: False: the prompt's ``<lora:...>``/``<hypernet:...>`` tags are taken out of the text but not applied
     #: (A1111's ``disable_extra_networks``). Embeddings still apply.
     extra_networks: bool = True
+    #: A1111's "Enable comments": ``#`` hides the rest of its line of a prompt (prompts/comments.py).
+    prompt_comments: bool = True
 
     def __post_init__(self) -> None:
         from .sampling.names import resolve_sampler  # torch-free table

@@ -266,8 +266,8 @@ def detail(picture: "Image", seed: int, subseed: int, params: "GenerationParams"
         if interrupted():
             break
         found = masks(find(unit, picture), picture.size, unit)
-        ad_prompts = prompts(unit.prompt, params.prompt)
-        ad_negatives = prompts(unit.negative_prompt, params.negative_prompt)
+        ad_prompts = prompts(_uncommented(unit.prompt, params), params.prompt)
+        ad_negatives = prompts(_uncommented(unit.negative_prompt, params), params.negative_prompt)
         width, height = (unit.inpaint_width, unit.inpaint_height) if unit.inpaint_width and unit.inpaint_height \
             else size
         for j, mask in enumerate(found):
@@ -288,6 +288,12 @@ def detail(picture: "Image", seed: int, subseed: int, params: "GenerationParams"
                                        full_res_padding=unit.inpaint_only_masked_padding))
             picture = inpaint(request)
     return picture
+
+
+def _uncommented(text: str, params: "GenerationParams") -> str:
+    from ..prompts.comments import strip_comments
+
+    return strip_comments(text) if params.prompt_comments else text
 
 
 # --- the face detector ------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from ..models.freeu import request_freeu
 from ..models.seamless import seamless
 from ..models.tome import request_token_merging
 from ..params import GenerationParams, check_hires_size
+from ..prompts.comments import without_comments
 from ..sampling import noise as noise_mod
 from ..sampling.names import sampler_info
 from ..sampling.samplers import STOP, prepare_start, run_sampler
@@ -111,6 +112,7 @@ def generate(model, params: GenerationParams, *, info: ModelInfo, progress, canc
 
         script = prompt_matrix if params.prompt_matrix is not None else prompts_file
         return script.run(one, params, info=info, progress=progress, cancel=cancel)
+    params = without_comments(params)  # before anything reads the prompts (a script's cells get here too)
     refiner = _second_model(model, refiner, params, params.refiner and params.refiner.checkpoint,
                             "refiner_checkpoint", refiner_mod.check)
     hires_model = _second_model(model, hires_model, params, params.hires and params.hires.checkpoint,

@@ -95,7 +95,12 @@ def token_count(body: TokenCountRequest, request: Request) -> TokenCount:
 
         counter = TokenCounter(dict(vectors))
         state.token_counter = (vectors, counter)
-    tokens, limit = counter.count(body.prompt, body.steps, negative=body.negative)
+    prompt = body.prompt
+    if state.options.enable_prompt_comments:  # A1111 counts the prompt its comments leave
+        from ..prompts.comments import strip_comments
+
+        prompt = strip_comments(prompt)
+    tokens, limit = counter.count(prompt, body.steps, negative=body.negative)
     return TokenCount(tokens=tokens, limit=limit)
 
 

@@ -35,6 +35,8 @@ class ServerOptions:
     #: pictures (png, jpg, jpeg or webp; the infotext in a PNG chunk or an EXIF UserComment).
     samples_format: str = "png"
     jpeg_quality: int = 80
+    #: A1111's "Enable comments": ``#`` hides the rest of a prompt's line (prompts/comments.py).
+    enable_prompt_comments: bool = True
     img2img_fix_steps: bool = False
     #: A1111's "Live preview method": Full, Approx NN, Approx cheap or TAESD (pipeline/preview.py).
     show_progress_type: str = "Approx NN"

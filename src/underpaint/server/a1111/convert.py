@@ -324,6 +324,8 @@ def _kept_options(req: GenerationRequest, ctx: ConvertContext) -> dict[str, Any]
         "hires_fix_refiner_pass": ("hires_fix_refiner_pass",
                                    lambda key: overrides.hires_refiner_pass(options.hires_fix_refiner_pass)),
         "skip_early_cond": ("skip_early_cond", lambda key: overrides.float(key, options.skip_early_cond)),
+        "enable_prompt_comments": ("enable_prompt_comments",
+                                   lambda key: overrides.bool(key, options.enable_prompt_comments)),
         "samples_format": ("samples_format", lambda key: samples_format_setting(
             overrides.values[key], "override_settings.samples_format")),
         "jpeg_quality": ("jpeg_quality", lambda key: _quality(overrides.int(key, options.jpeg_quality))),
@@ -1072,6 +1074,7 @@ def _common_fields(req: GenerationRequest, ctx: ConvertContext, pictures: Pictur
         "negative_aesthetic_score": overrides.float("sdxl_refiner_low_aesthetic_score",
                                                     ctx.options.sdxl_refiner_low_aesthetic_score),
         "extra_networks": not req.disable_extra_networks,
+        "prompt_comments": overrides.bool("enable_prompt_comments", ctx.options.enable_prompt_comments),
         "freeu": _freeu(req.alwayson_scripts),
         "detailer": _detailer(req.alwayson_scripts, ctx.models_folder() if ctx.models_folder else None),
         "refiner": _refiner(req, ctx, overrides),

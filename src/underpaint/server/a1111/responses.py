@@ -215,6 +215,8 @@ class Options(WireModel):
         "Format of returned images: png, jpg, jpeg or webp (the infotext in a PNG chunk, else an EXIF "
         "UserComment, as A1111 writes them)."))
     jpeg_quality: int = Field(80, ge=1, le=100, description="Quality of returned jpg and webp images.")
+    enable_prompt_comments: bool = Field(True, description=(
+        "Enable comments: # hides the rest of its line of a prompt from the generation (and the token counter)."))
     show_progress_type: str = Field("Approx NN", description=(
         "Live preview method: Full (the VAE), Approx cheap (a linear map, 1/8 size), TAESD (the tiny "
         "decoder in the models folder's VAE-approx/), or Approx NN (TAESD when its file is there, else "

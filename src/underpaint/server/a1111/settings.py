@@ -61,6 +61,7 @@ def get_options(request: Request) -> Options:
         img2img_fix_steps=opts.img2img_fix_steps,
         samples_format=opts.samples_format,
         jpeg_quality=opts.jpeg_quality,
+        enable_prompt_comments=opts.enable_prompt_comments,
         show_progress_type=opts.show_progress_type,
         live_previews_enable=opts.live_previews_enable,
         token_merging_ratio=opts.token_merging_ratio,
@@ -140,7 +141,8 @@ def _option_changes(body: dict[str, Any], state: ServerState) -> dict[str, Any]:
     if "face_restoration_model" in body:
         changes["face_restoration_model"] = restorer_name(body["face_restoration_model"])
     for key in ("s_min_uncond_all", "img2img_color_correction", "tiling", "sgm_noise_multiplier", "face_restoration",
-                "interrogate_return_ranks", "always_discard_next_to_last_sigma", "return_grid", "grid_save"):
+                "interrogate_return_ranks", "always_discard_next_to_last_sigma", "return_grid", "grid_save",
+                "enable_prompt_comments"):
         if key in body:
             if not isinstance(body[key], bool):
                 raise InvalidParameter(key, body[key], "true or false")

@@ -17,6 +17,7 @@ const SECTIONS = [
     ["CLIP_stop_at_last_layers", "Clip skip", "int", 1, 12, 1],
     ["eta_noise_seed_delta", "Eta noise seed delta (ENSD)", "int", 0, 4294967295, 1],
     ["randn_source", "Random number generator source", "select", ["GPU", "CPU", "NV"]],
+    ["enable_prompt_comments", "Enable comments (# hides the rest of its line of a prompt)", "bool"],
     ["tiling", "Tiling", "bool"],
     ["sgm_noise_multiplier", "SGM noise multiplier (match Stability's SGM code for SDXL)", "bool"],
   ]],
