@@ -66,3 +66,16 @@ def test_the_api_setting_and_the_token_counter(tmp_path):
         assert more["tokens"] > count["tokens"]
         info = json.loads(client.post("/sdapi/v1/txt2img", json=body).json()["info"])
         assert backend.params[-1].prompt_comments is False and info["prompt"] == "a barn # note"
+
+
+def test_the_cli_strips_comments_unless_told_not_to(tmp_path, sd1_file):
+    from PIL import Image
+
+    from cli_runner import run_cli
+
+    common = ["txt2img", "-p", "a barn # note", "--steps", "1", "-W", "64", "-H", "64", "--seed", "2",
+              "--model", str(sd1_file)]
+    assert run_cli(*common, "-o", str(tmp_path / "a.png")).returncode == 0
+    assert run_cli(*common, "--no-prompt-comments", "-o", str(tmp_path / "b.png")).returncode == 0
+    assert Image.open(tmp_path / "a.png").text["parameters"].startswith("a barn \nSteps: 1")
+    assert Image.open(tmp_path / "b.png").text["parameters"].startswith("a barn # note\nSteps: 1")

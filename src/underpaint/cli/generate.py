@@ -60,6 +60,9 @@ def _add_generation_args(p: argparse.ArgumentParser, *, img2img: bool) -> None:
     g = p.add_argument_group("prompt")
     g.add_argument("-p", "--prompt", default="", help="what the picture should show")
     g.add_argument("-n", "--negative-prompt", default="", help="what it should not show")
+    g.add_argument("--no-prompt-comments", dest="prompt_comments", action="store_false", default=True,
+                   help="keep # and what follows it in the prompts (by default, as in A1111, # hides the rest "
+                        "of its line)")
     g.add_argument("--from-infotext", "--params-from", dest="from_infotext", metavar="IMAGE_OR_TXT", default=None,
                    help="take prompt, seed, sampler, size, ... (and the checkpoint, without --model) from the A1111 "
                         "parameters in a PNG, JPEG or WebP file or a text file; flags given here override them")
@@ -740,6 +743,7 @@ def params_from_args(args: argparse.Namespace, init_images: tuple = (), *, model
         vae_encode_method=args.vae_encode_method,
         vae_decode_method=args.vae_decode_method,
         tiling=args.tiling,
+        prompt_comments=args.prompt_comments,
         fix_steps=getattr(args, "fix_steps", False),
         img2img_upscaler=getattr(args, "img2img_upscaler", None),
         img2img_color_correction=getattr(args, "img2img_color_correction", False),
