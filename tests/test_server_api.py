@@ -322,6 +322,12 @@ def test_seeds_take_64_bits_as_a1111s_and_a_batch_counts_on_round_the_top(client
     assert r.status_code == 422 and r.json()["field"] == "seed"
 
 
+def test_internal_ping_answers_as_a1111s(client):
+    r = client.get("/internal/ping")
+    assert r.status_code == 200 and r.json() == {}
+    assert client.get("/internal/nothing").status_code == 404
+
+
 def test_images_come_back_in_the_file_format_setting(client):
     """A1111's "File format for images" (/options samples_format, jpeg_quality) decides how the API returns
     pictures: JPEG or WebP with the infotext in an EXIF UserComment. A request's override is checked but,

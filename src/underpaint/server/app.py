@@ -60,6 +60,11 @@ def create_app(config: ServerConfig | None = None, *, loader: EngineLoader | Non
                    adetailer.router, native_router, merger_router, extra_networks_router):
         app.include_router(router)
     _add_docs(app)
+
+    @app.get("/internal/ping", summary="A1111's liveness check (launchers and health checks call it)")
+    def ping() -> dict:
+        return {}
+
     if config.webui:
         _mount_webui(app)
     _add_guards(app, config)
@@ -83,7 +88,7 @@ def _add_docs(app: FastAPI) -> None:
 
 
 #: Paths that are the API's alone: the browser UI's files never answer for them.
-API_PREFIXES = ("/sdapi/", "/controlnet/", "/adetailer/", "/underpaint/")
+API_PREFIXES = ("/sdapi/", "/controlnet/", "/adetailer/", "/underpaint/", "/internal/")
 
 
 def _mount_webui(app: FastAPI) -> None:
