@@ -97,6 +97,31 @@ def test_each_face_is_a_plain_inpainting_request(sd1_engine, monkeypatch):
     assert text.startswith("a portrait\nNegative prompt: blurry\n")
 
 
+def test_a_tabs_own_noise_multiplier_and_clip_skip_go_to_its_passes(sd1_engine, monkeypatch):
+    """ADetailer's "separate noise multiplier" and "separate CLIP skip": each find's request has them; the
+    API's switches set them, and the infotext records them under ADetailer's keys."""
+    boxes = BOXES[:1]
+    monkeypatch.setattr(detailer, "face_finder", lambda folder, device: lambda picture, confidence: boxes)
+    unit = DetailerUnit(denoising_strength=0.5, noise_multiplier=0.8, clip_skip=2)
+    result = sd1_engine.generate(GenerationParams(**BASE, detailer=(unit,)))
+    picture = sd1_engine.generate(GenerationParams(**BASE)).images[0]
+    (mask,) = detailer.masks(boxes, (64, 64), unit)
+    want = sd1_engine.generate(GenerationParams(**{**BASE, "seed": 21, "subseed": 5}, init_images=(picture,), mask=mask,
+                                                strength=0.5, noise_multiplier=0.8, clip_skip=2,
+                                                inpaint=InpaintOptions(full_res=True))).images[0]
+    assert np.array_equal(np.asarray(result.images[0]), np.asarray(want))
+    plain = sd1_engine.generate(GenerationParams(**BASE, detailer=(DetailerUnit(denoising_strength=0.5),))).images[0]
+    assert not np.array_equal(np.asarray(plain), np.asarray(want))
+    text = result.infotexts[0]
+    assert "ADetailer use separate noise multiplier: True, ADetailer noise multiplier: 0.8" in text
+    assert "ADetailer use separate CLIP skip: True, ADetailer CLIP skip: 2" in text
+    from underpaint.server.a1111.convert import _detailer_unit
+
+    tab = {"ad_model": "face_yolov8n.pt", "ad_denoising_strength": 0.5, "ad_use_noise_multiplier": True,
+           "ad_noise_multiplier": 0.8, "ad_use_clip_skip": True, "ad_clip_skip": 2.0}
+    assert _detailer_unit(tab, "args[2]", DetailerUnit) == unit  # the switches as ADetailer's clients send them
+
+
 def test_skip_and_no_faces_leave_the_picture(sd1_engine, monkeypatch):
     plain = sd1_engine.generate(GenerationParams(**BASE)).images[0]
     monkeypatch.setattr(detailer, "face_finder", lambda folder, device: lambda picture, confidence: BOXES[:0])
@@ -329,7 +354,7 @@ def test_infotext_reads_back_the_tabs():
     units = (DetailerUnit(prompt="a smile, happy", denoising_strength=0.5, steps=9, mask_k_largest=2),
              DetailerUnit(model="mediapipe_face_full", inpaint_only_masked=False, sampler="Euler a"),
              DetailerUnit(model="yolov8x-worldv2.pt", model_classes="person, dog", mask_k_largest=1,
-                          mask_filter_method="Confidence", restore_face=True))
+                          mask_filter_method="Confidence", restore_face=True, noise_multiplier=0.9, clip_skip=2))
     text = format_infotext("a portrait", "", {"Steps": 20, **dict(detailer.infotext_entries(units))})
     assert params_from_infotext(parse_infotext(text))["detailer"] == units
     assert "ADetailer mask only top k: 2," in text and 'ADetailer model classes 3rd: "person, dog"' in text

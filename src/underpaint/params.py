@@ -462,6 +462,9 @@ class DetailerUnit:
     sampler: str | None = None
     #: With ``sampler``: its schedule type (None: the sampler's own, "Automatic").
     scheduler: str | None = None
+    #: ADetailer's separate noise multiplier and CLIP skip for the finds' passes (None: the request's).
+    noise_multiplier: float | None = None
+    clip_skip: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model.strip():
@@ -495,6 +498,10 @@ class DetailerUnit:
                 _check_range(f"ad_{name}", getattr(self, name), 64, 8192, integer=True)
         if self.steps is not None:
             _check_range("ad_steps", self.steps, 1, 1000, integer=True)
+        if self.noise_multiplier is not None:
+            _check_range("ad_noise_multiplier", self.noise_multiplier, 0.0, MAX_NOISE_MULTIPLIER)
+        if self.clip_skip is not None:
+            _check_range("ad_clip_skip", self.clip_skip, 1, 12, integer=True)
         if self.cfg_scale is not None:
             _check_range("ad_cfg_scale", self.cfg_scale, 0.0, 100.0)
         if self.sampler is not None:

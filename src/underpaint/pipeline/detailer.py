@@ -137,7 +137,8 @@ def infotext_entries(units: tuple) -> tuple[tuple[str, object], ...]:
             entries += [("ADetailer use inpaint width height" + suffix(n), True),
                         ("ADetailer inpaint width" + suffix(n), unit.inpaint_width),
                         ("ADetailer inpaint height" + suffix(n), unit.inpaint_height)]
-        for attr, name in (("steps", "steps"), ("cfg_scale", "CFG scale"), ("sampler", "sampler")):
+        for attr, name in (("steps", "steps"), ("cfg_scale", "CFG scale"), ("sampler", "sampler"),
+                           ("noise_multiplier", "noise multiplier"), ("clip_skip", "CLIP skip")):
             if getattr(unit, attr) is not None:
                 entries += [(f"ADetailer use separate {name}" + suffix(n), True),
                             (f"ADetailer {name}" + suffix(n), getattr(unit, attr))]
@@ -166,7 +167,8 @@ def units_from_infotext(params) -> tuple:
                 key = _OLD_TOP_K + end
             if key in params:
                 fields[attr] = _typed(params[key], kinds.get(attr, str), key)
-        for attr, name, kind in (("steps", "steps", int), ("cfg_scale", "CFG scale", float), ("sampler", "sampler", str)):
+        for attr, name, kind in (("steps", "steps", int), ("cfg_scale", "CFG scale", float), ("sampler", "sampler", str),
+                                 ("noise_multiplier", "noise multiplier", float), ("clip_skip", "CLIP skip", int)):
             if str(params.get(f"ADetailer use separate {name}{end}", "")).lower() == "true" \
                     and f"ADetailer {name}{end}" in params:
                 fields[attr] = _typed(params[f"ADetailer {name}{end}"], kind, f"ADetailer {name}{end}")
@@ -282,6 +284,8 @@ def detail(picture: "Image", seed: int, subseed: int, params: "GenerationParams"
                 seed=(seed + j) % 2**64, subseed=(subseed + j) % 2**64, width=width, height=height, resize_mode=0,
                 steps=unit.steps or params.steps, cfg_scale=params.cfg_scale if unit.cfg_scale is None else unit.cfg_scale,
                 sampler=unit.sampler or params.sampler, restore_faces=unit.restore_face,
+                noise_multiplier=params.noise_multiplier if unit.noise_multiplier is None else unit.noise_multiplier,
+                clip_skip=unit.clip_skip or params.clip_skip,
                 scheduler=params.scheduler if unit.sampler is None else (unit.scheduler or "Automatic"),
                 inpaint=InpaintOptions(mask_blur_x=unit.mask_blur, mask_blur_y=unit.mask_blur, masked_content="original",
                                        full_res=unit.inpaint_only_masked,

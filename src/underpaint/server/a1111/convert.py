@@ -882,15 +882,15 @@ _AD_FIELDS = {"ad_model": "model", "ad_model_classes": "model_classes", "ad_prom
 _AD_OLD_NAMES = {"ad_mask_k_largest": "ad_mask_k"}
 #: The settings that hold whole numbers (a client's 4.0 is taken as 4, as ADetailer's own checks take it).
 _AD_WHOLE = ("ad_mask_k", "ad_mask_k_largest", "ad_x_offset", "ad_y_offset", "ad_dilate_erode", "ad_mask_blur",
-             "ad_inpaint_only_masked_padding", "ad_inpaint_width", "ad_inpaint_height", "ad_steps")
+             "ad_inpaint_only_masked_padding", "ad_inpaint_width", "ad_inpaint_height", "ad_steps", "ad_clip_skip")
 _AD_SWITCHED = {"ad_use_inpaint_width_height": ("ad_inpaint_width", "ad_inpaint_height"),
                 "ad_use_steps": ("ad_steps",), "ad_use_cfg_scale": ("ad_cfg_scale",),
-                "ad_use_sampler": ("ad_sampler", "ad_scheduler")}
+                "ad_use_sampler": ("ad_sampler", "ad_scheduler"), "ad_use_noise_multiplier": ("ad_noise_multiplier",),
+                "ad_use_clip_skip": ("ad_clip_skip",)}
 #: ADetailer settings underpaint takes at their "off" value only (what each turns on is not available here).
-_AD_OFF = {"ad_use_checkpoint": False, "ad_use_vae": False, "ad_use_noise_multiplier": False,
-           "ad_use_clip_skip": False, "ad_controlnet_model": "None"}
+_AD_OFF = {"ad_use_checkpoint": False, "ad_use_vae": False, "ad_controlnet_model": "None"}
 #: ADetailer settings read and ignored: their values matter only with a switch above, or say nothing here.
-_AD_IGNORED = ("ad_checkpoint", "ad_vae", "ad_noise_multiplier", "ad_clip_skip",
+_AD_IGNORED = ("ad_checkpoint", "ad_vae",
                "ad_controlnet_module", "ad_controlnet_weight", "ad_controlnet_guidance_start",
                "ad_controlnet_guidance_end", "is_api", "ad_tab_enable")
 
@@ -933,7 +933,8 @@ def _ad_settings(unit) -> dict[str, Any]:
     if unit.inpaint_width is not None and unit.inpaint_height is not None:
         tab.update(ad_use_inpaint_width_height=True, ad_inpaint_width=unit.inpaint_width,
                    ad_inpaint_height=unit.inpaint_height)
-    for switch, attr in (("ad_use_steps", "steps"), ("ad_use_cfg_scale", "cfg_scale"), ("ad_use_sampler", "sampler")):
+    for switch, attr in (("ad_use_steps", "steps"), ("ad_use_cfg_scale", "cfg_scale"), ("ad_use_sampler", "sampler"),
+                         ("ad_use_noise_multiplier", "noise_multiplier"), ("ad_use_clip_skip", "clip_skip")):
         if getattr(unit, attr) is not None:
             tab.update({switch: True, f"ad_{attr}": getattr(unit, attr)})
     if unit.sampler is not None and unit.scheduler is not None:
@@ -964,6 +965,10 @@ def _detailer_unit(tab: Mapping[str, Any], field: str, kind, folder=None):
         fields["steps"] = tab.get("ad_steps", 28)
     if tab.get("ad_use_cfg_scale"):
         fields["cfg_scale"] = tab.get("ad_cfg_scale", 7.0)
+    if tab.get("ad_use_noise_multiplier"):
+        fields["noise_multiplier"] = tab.get("ad_noise_multiplier", 1.0)
+    if tab.get("ad_use_clip_skip"):
+        fields["clip_skip"] = tab.get("ad_clip_skip", 1)
     if tab.get("ad_use_sampler"):
         fields["sampler"] = tab.get("ad_sampler", "DPM++ 2M Karras")
         scheduler = tab.get("ad_scheduler", "Use same scheduler")
