@@ -378,6 +378,52 @@ def test_a_tabs_classes_reach_a_world_model_and_unknown_ones_are_refused_first(w
     with pytest.raises(InvalidParameter) as err:
         detailer.finder(folder, "cpu", path.name, field="detailer[0].model", classes="dog, hand")
     assert err.value.field == "detailer[0].model_classes" and "'hand'" in err.value.expected
+    assert "underpaint download clip-vit-b32" in err.value.expected
+
+
+def test_new_classes_come_from_clip_vit_b32s_text_encoder(ultralytics, world_detector, tmp_path):
+    """Classes the file holds no embeddings for get CLIP ViT-B/32's normalised text features (as ultralytics'
+    set_classes makes them), from the models folder's CLIP/; the finds equal ultralytics' world model given
+    the same features. Interrogate CLIP leaves that model to YOLO-World (A1111 ranks with ViT-L/14)."""
+    import shutil
+
+    from safetensors.torch import save_file
+    from transformers import CLIPConfig, CLIPModel
+
+    from underpaint.models import interrogate
+    from underpaint.models.registry import ModelsDir
+    from underpaint.pipeline import detailer
+
+    path, reference = world_detector
+    (tmp_path / "adetailer").mkdir()
+    shutil.copy(path, tmp_path / "adetailer" / path.name)
+    (tmp_path / "CLIP").mkdir()
+    config = CLIPConfig(text_config=dict(vocab_size=49408, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=1, max_position_embeddings=77),
+                        vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                           num_attention_heads=1, image_size=32, patch_size=32),
+                        projection_dim=512)
+    torch.manual_seed(2)
+    clip = CLIPModel(config).eval()
+    save_file({k: v.contiguous() for k, v in clip.state_dict().items()},
+              tmp_path / "CLIP" / "clip-vit-base-patch32.safetensors")
+    folder = ModelsDir(tmp_path)
+    detailer.finder(folder, "cpu", path.name, field="detailer[0].model", classes="zebra, dog")  # taken now
+    zebra = interrogate.load_ranker(tmp_path / "CLIP" / "clip-vit-base-patch32.safetensors").text_features(["zebra"])
+    assert torch.allclose(zebra.norm(dim=-1), torch.ones(1))
+    twin = _fused(reference)
+    twin.txt_feats = torch.cat([zebra[None].float(), reference.txt_feats[:, [2]].float()], 1)
+    twin.model[-1].nc = 2
+    twin.names = {0: "zebra", 1: "dog"}
+    found, boxes, _, _, confidence = _ultralytics_predict(ultralytics, twin, PICTURES[2])
+    ours = detect(load_yolo(path), PICTURES[2], confidence, size=IMAGE_SIZE, classes=["zebra", "dog"],
+                  encode=detailer.world_text_encoder(folder, "cpu"))
+    assert len(ours) == len(found) >= 10 and {d.label for d in ours} <= {"zebra", "dog"}
+    _assert_same_finds(ours, [(float(s), twin.names[int(c)], tuple(b))
+                              for s, c, b in zip(found[:, 4], found[:, 5], boxes.tolist())])
+    (tmp_path / "BLIP" / "blip").mkdir(parents=True)
+    (tmp_path / "BLIP" / "blip" / "config.json").write_text("{}")
+    assert interrogate.interrogate_files(folder).clip is None  # Interrogate CLIP does not rank with ViT-B/32
 
 
 def test_a_fused_end_to_end_head_runs_its_one_to_one_branches(v26_segmenter, tmp_path):

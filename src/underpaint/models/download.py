@@ -85,6 +85,9 @@ _TABLE = (
                folder=True, transformers=True),
     KnownModel("clip-vit-l", "openai/clip-vit-large-patch14", "clip-vit-large-patch14", "clip",
                "OpenAI CLIP ViT-L/14, which ranks Interrogate CLIP's word lists", folder=True, transformers=True),
+    KnownModel("clip-vit-b32", "openai/clip-vit-base-patch32", "clip-vit-base-patch32", "clip",
+               "OpenAI CLIP ViT-B/32, whose text encoder gives a YOLO-World model new classes (ad_model_classes)",
+               folder=True, transformers=True),
     # ADetailer's detection models, from the repository ADetailer itself downloads them from.
     KnownModel("adetailer-face", "Bingsu/adetailer", "face_yolov8n.pt", "adetailer",
                "ADetailer's face_yolov8n.pt (YOLOv8n faces) for --adetailer / ADetailer tabs"),

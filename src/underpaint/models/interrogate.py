@@ -269,14 +269,19 @@ class Ranker:
     def rank(self, features: torch.Tensor, texts: tuple[str, ...], top: int) -> list[tuple[str, float]]:
         """The ``top`` best of ``texts`` with their scores (0-100), A1111's softmax over the list."""
         top = min(top, len(texts))
-        ids = self.tokenizer(list(texts), padding="max_length", truncation=True, max_length=77,
-                             return_tensors="pt").input_ids.to(self._device)
-        text = self.model.get_text_features(input_ids=ids)
-        text = getattr(text, "pooler_output", text)
-        text = text / text.norm(dim=-1, keepdim=True)
+        text = self.text_features(list(texts))
         similarity = (100.0 * features.float() @ text.float().T).softmax(dim=-1).mean(dim=0)
         scores, order = similarity.cpu().topk(top)
         return [(texts[int(i)], float(s) * 100) for s, i in zip(scores, order)]
+
+    @torch.inference_mode()
+    def text_features(self, texts: list[str]) -> torch.Tensor:
+        """The texts' CLIP features, L2-normalised (as ultralytics' YOLO-World classes are made)."""
+        ids = self.tokenizer(list(texts), padding="max_length", truncation=True, max_length=77,
+                             return_tensors="pt").input_ids.to(self._device)
+        text = self.model.get_text_features(input_ids=ids)
+        text = getattr(text, "pooler_output", text).float()
+        return text / text.norm(dim=-1, keepdim=True)
 
     @property
     def _device(self):
@@ -348,6 +353,16 @@ class InterrogateFiles:
     lists: Path | None
 
 
+#: The names CLIP ViT-B/32 (the text encoder ultralytics gives YOLO-World's classes) goes by in the models
+#: folder's CLIP/: ``underpaint download clip-vit-b32``'s folder, or a file of that name. Interrogate CLIP
+#: ranks with the other CLIP model there (A1111's is ViT-L/14).
+WORLD_CLIP_NAMES = ("clip-vit-base-patch32", "clip-vit-b-32", "vit-b-32")
+
+
+def is_world_clip(path: Path) -> bool:
+    return path.name.lower().removesuffix(".safetensors") in WORLD_CLIP_NAMES
+
+
 def _candidates(folders) -> list[Path]:
     found = []
     for folder in folders:
@@ -367,7 +382,7 @@ def interrogate_files(models) -> InterrogateFiles:
         raise ModelNotFound(f"Interrogate CLIP needs a BLIP captioner in {models.folder('blip')} (A1111's "
                             "model_base_caption_capfilt_large.pth, or a transformers BLIP captioning folder)",
                             field="model")
-    clips = _candidates(models.folders("clip"))
+    clips = [path for path in _candidates(models.folders("clip")) if not is_world_clip(path)]
     lists = models.folders("interrogate")
     return InterrogateFiles(blips[0], clips[0] if clips else None, lists[0] if lists else None)
 

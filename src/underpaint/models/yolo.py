@@ -37,6 +37,7 @@ import pickle
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -578,18 +579,28 @@ class YoloModel(nn.Module):
         #: A YOLO-World model's class text embeddings (1, classes, width), as the file stores them.
         self.register_buffer("text", text, persistent=False)
 
-    def classes(self, wanted: list[str]) -> tuple[torch.Tensor, dict[int, str]]:
+    def classes(self, wanted: list[str], encode: Callable[[list[str]], torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, dict[int, str]]:
         """A YOLO-World model's text embeddings and names for the classes ``wanted`` (ADetailer's
-        ``ad_model_classes``), in that order; each must be one the file holds embeddings for (new words
-        would need CLIP's text encoder)."""
+        ``ad_model_classes``), in that order: those the file holds embeddings for as it holds them, others
+        from ``encode(names) -> (n, width)`` (CLIP ViT-B/32's text features, as ultralytics' ``set_classes``
+        makes them); without ``encode`` those are refused naming them."""
         index = {name: i for i, name in self.names.items()}
-        missing = [name for name in wanted if name not in index]
-        if missing:
+        missing = list(dict.fromkeys(name for name in wanted if name not in index))
+        if missing and encode is None:
             known = ", ".join(list(self.names.values())[:30])
-            raise ModelError(f"{self.source}: no text embeddings for {', '.join(map(repr, missing))} (underpaint "
-                             f"runs a YOLO-World model on the classes its file holds: {known})")
-        rows = torch.tensor([index[name] for name in wanted], device=self.text.device)
-        return self.text[:, rows], dict(enumerate(wanted))
+            raise ModelError(f"{self.source}: no text embeddings for {', '.join(map(repr, missing))} (its file "
+                             f"holds {known}; other words need CLIP ViT-B/32's text encoder: `underpaint "
+                             f"download clip-vit-b32`)")
+        new = {}
+        if missing:
+            features = encode(missing).to(self.text.device, self.text.dtype)
+            if features.shape != (len(missing), self.text.shape[-1]):
+                raise ModelError(f"{self.source}: text features of shape {tuple(features.shape)} for "
+                                 f"{len(missing)} classes of width {self.text.shape[-1]}")
+            new = dict(zip(missing, features))
+        rows = [self.text[0, index[name]] if name in index else new[name] for name in wanted]
+        return torch.stack(rows)[None], dict(enumerate(wanted))
 
     @property
     def segments(self) -> bool:
@@ -1047,12 +1058,13 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou: float) -> torch.Tensor:
 
 @torch.inference_mode()
 def detect(model: YoloModel, picture, confidence: float, *, size: int | None = None, iou: float = IOU,
-           max_detections: int = MAX_DETECTIONS, classes: list[str] | None = None) -> list[Detection]:
+           max_detections: int = MAX_DETECTIONS, classes: list[str] | None = None,
+           encode: Callable[[list[str]], torch.Tensor] | None = None) -> list[Detection]:
     """What ``model`` finds in ``picture`` (a PIL image) scored above ``confidence``, best first; ``size``:
     the letterbox's (None: the size the model was trained at, as ultralytics predicts). ``classes``: the
     classes a YOLO-World model looks for (None or empty: all it holds; other models find their own, as
-    ADetailer leaves them)."""
-    text, names = (model.classes(classes) if classes and model.text is not None else (None, model.names))
+    ADetailer leaves them), ``encode`` the text encoder for those its file holds no embeddings for."""
+    text, names = (model.classes(classes, encode) if classes and model.text is not None else (None, model.names))
     pixels, box = letterbox(np.asarray(picture.convert("RGB")), size or model.image_size, model.stride)
     device = next(model.parameters()).device
     x = torch.from_numpy(np.ascontiguousarray(pixels)).to(device).permute(2, 0, 1)[None].float() / 255

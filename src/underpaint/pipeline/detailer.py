@@ -355,16 +355,19 @@ def finder(folder, device, name: str, field: str = "ad_model", classes: str = ""
     key = (str(path), path.stat().st_mtime_ns, str(device))
     model = _keep(key, lambda: load_yolo(path).to(device))
     wanted = class_names(classes) if model.text is not None else []
+    encode = None
     if wanted:
+        if not set(wanted) <= set(model.names.values()):
+            encode = world_text_encoder(folder, device)
         try:
-            model.classes(wanted)
+            model.classes(wanted, encode)
         except ModelError as exc:
             raise InvalidParameter(field.rsplit(".", 1)[0] + ".model_classes" if "." in field else "ad_model_classes",
                                    classes, exc.message.removeprefix(f"{path}: ")) from None
 
     def find(picture: "Image", confidence: float):
         with _lock:
-            return detect(model, picture, confidence, classes=wanted or None)
+            return detect(model, picture, confidence, classes=wanted or None, encode=encode)
 
     return find
 
@@ -421,6 +424,18 @@ def oval_shapes(rows, size: tuple[int, int]) -> list:
 #: ADetailer's MediaPipe face-mesh models, whose masks are shapes rather than boxes (without MediaPipe: the
 #: shapes made from RetinaFace's boxes and landmarks).
 _MESH_SHAPES = {"mediapipe_face_mesh_eyes_only": eye_shapes, "mediapipe_face_mesh": oval_shapes}
+
+
+def world_text_encoder(folder, device) -> Callable | None:
+    """``encode(names) -> (n, 512)``: CLIP ViT-B/32's normalised text features, from the models folder's
+    CLIP/ (``models.interrogate.WORLD_CLIP_NAMES``; kept loaded); None when it is not there."""
+    from ..models.interrogate import _candidates, is_world_clip, load_ranker
+
+    for path in _candidates(folder.folders("clip")) if folder is not None else ():
+        if is_world_clip(path):
+            key = ("world-clip", str(path), path.stat().st_mtime_ns, str(device))
+            return _keep(key, lambda: load_ranker(path, str(device))).text_features
+    return None
 
 
 def face_finder(folder, device) -> Callable:
