@@ -120,6 +120,8 @@ def test_a_tabs_own_noise_multiplier_and_clip_skip_go_to_its_passes(sd1_engine, 
     tab = {"ad_model": "face_yolov8n.pt", "ad_denoising_strength": 0.5, "ad_use_noise_multiplier": True,
            "ad_noise_multiplier": 0.8, "ad_use_clip_skip": True, "ad_clip_skip": 2.0}
     assert _detailer_unit(tab, "args[2]", DetailerUnit) == unit  # the switches as ADetailer's clients send them
+    same = {**tab, "ad_use_sampler": True, "ad_sampler": "Use same sampler", "ad_scheduler": "Use same scheduler"}
+    assert _detailer_unit(same, "args[2]", DetailerUnit) == unit  # ADetailer's "Use same sampler" choice
 
 
 def test_skip_and_no_faces_leave_the_picture(sd1_engine, monkeypatch):

@@ -969,7 +969,7 @@ def _detailer_unit(tab: Mapping[str, Any], field: str, kind, folder=None):
         fields["noise_multiplier"] = tab.get("ad_noise_multiplier", 1.0)
     if tab.get("ad_use_clip_skip"):
         fields["clip_skip"] = tab.get("ad_clip_skip", 1)
-    if tab.get("ad_use_sampler"):
+    if tab.get("ad_use_sampler") and tab.get("ad_sampler") != "Use same sampler":  # ADetailer's own choice
         fields["sampler"] = tab.get("ad_sampler", "DPM++ 2M Karras")
         scheduler = tab.get("ad_scheduler", "Use same scheduler")
         if scheduler not in (None, "Use same scheduler"):
