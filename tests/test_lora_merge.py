@@ -445,6 +445,32 @@ def test_oft_boft_and_ia3_merge_as_lycoris_computes_them(tmp_path, sd1, lycoris)
     _assert_unchanged(sd1, before)
 
 
+def test_norm_networks_add_to_the_norm_layers(tmp_path, sd1):
+    """LyCORIS' norm networks (``w_norm``, ``b_norm``, its "train norm" option): a norm layer's weight and
+    bias plus the stored differences times the multiplier (the UNet's group norms and the text encoder's
+    layer norms, kohya and LDM names), as A1111 and LyCORIS add them; undone exactly."""
+    gen = torch.Generator().manual_seed(14)
+    encoder = sd1.text_encoders[0]
+    inner = "encoder.layers.0.layer_norm1"
+    modules = {"unet": sd1.unet.get_submodule("down_blocks.0.resnets.0.norm1"),
+               "te0": encoder.get_submodule(inner if hasattr(encoder, "encoder") else "text_model." + inner)}
+    names = {"unet": "lora_unet_input_blocks_1_0_in_layers_0",  # the LDM name of down_blocks.0.resnets.0.norm1
+             "te0": "lora_te_text_model_" + inner.replace(".", "_")}
+    sd, want = {}, {}
+    for key, module in modules.items():
+        w, b = torch.randn(module.weight.shape, generator=gen) * 0.1, torch.randn(module.bias.shape, generator=gen) * 0.1
+        sd[f"{names[key]}.w_norm"], sd[f"{names[key]}.b_norm"] = w, b
+        want[key] = (module.weight.detach() + 0.5 * w, module.bias.detach() + 0.5 * b)
+    before = _snapshot(sd1)
+    patcher, network = _apply(sd1, _save(tmp_path, "norms", sd), LoraRequest("norms", te=0.5, unet=0.5))
+    assert [p.kind for p in network.patches] == ["norm", "norm"] and not network.unmatched
+    for key, module in modules.items():
+        torch.testing.assert_close(module.weight, want[key][0], rtol=0, atol=1e-6)
+        torch.testing.assert_close(module.bias, want[key][1], rtol=0, atol=1e-6)
+    patcher.restore()
+    _assert_unchanged(sd1, before)
+
+
 def test_rotations_that_do_not_fit_are_skipped(tmp_path, sd1):
     to_k = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_k"  # 32 outputs
     before = _snapshot(sd1)

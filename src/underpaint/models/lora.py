@@ -8,7 +8,7 @@ Files read (safetensors, or torch files opened with ``weights_only``):
   LoHa (``hada_w1_a`` …, ``hada_t1``), LoKr (``lokr_w1`` or ``lokr_w1_a``/``_b``, ``lokr_w2`` …),
   full differences (``diff``, ``diff_b``), DoRA magnitudes (``dora_scale``), OFT rotations (kohya's and
   LyCORIS' ``oft_blocks`` with an ``alpha`` constraint and ``rescale``, LyCORIS' butterfly BOFT, the older
-  ``oft_diag``) and IA³ scalings (``weight``, ``on_input``);
+  ``oft_diag``), IA³ scalings (``weight``, ``on_input``) and norm-layer differences (``w_norm``, ``b_norm``);
 - diffusers / PEFT: ``unet.<module>.lora_A.weight`` / ``lora_B.weight`` (also ``text_encoder.``,
   ``text_encoder_2.``, the older ``lora.down``/``lora.up`` and attention-processor names);
 - FLUX.1: diffusers' ``transformer.<module>`` names, and the original (BFL) module names as kohya
@@ -68,7 +68,7 @@ _PARTS = frozenset({
     "lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha", "scale", "dora_scale", "diff", "diff_b",
     "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
     "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2",
-    "oft_blocks", "oft_diag", "rescale",
+    "oft_blocks", "oft_diag", "rescale", "w_norm", "b_norm",
 })
 # Other LyCORIS kinds A1111 knows but underpaint does not merge (reported, not guessed at), and IA³'s
 # parts (``weight``, ``on_input``: read from kohya-style names only, where they cannot be a model's own).
@@ -316,9 +316,13 @@ def _is_flux(unet: torch.nn.Module) -> bool:
     return hasattr(getattr(unet, "config", None), "num_single_layers")
 
 
+#: The layers a network may change: projections and convolutions, and the norms (a norm network's).
+_PATCHABLE = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.GroupNorm, torch.nn.LayerNorm)
+
+
 def _patchable(module: torch.nn.Module):
     for path, child in module.named_modules():
-        if isinstance(child, (torch.nn.Linear, torch.nn.Conv2d)) or _is_stored(child):
+        if (isinstance(child, _PATCHABLE) and getattr(child, "weight", None) is not None) or _is_stored(child):
             yield path, child
 
 
@@ -438,7 +442,7 @@ def _split_dotted(key: str) -> NetworkKey | None:
 
 @dataclass(frozen=True, eq=False)
 class ModulePatch:
-    """One module's stored update: its kind (lora, loha, lokr, full, oft, ia3) and tensors by part name."""
+    """One module's stored update: its kind (lora, loha, lokr, full, oft, ia3, norm) and tensors by part name."""
 
     target: Target
     kind: str
@@ -487,6 +491,8 @@ class ModulePatch:
             updown, shape = _oft_updown(t, weight), list(weight.shape)
         elif self.kind == "ia3":
             updown, shape = _ia3_updown(t, weight), list(weight.shape)
+        elif self.kind == "norm":
+            updown, shape = t["w_norm"], list(t["w_norm"].shape)
         else:
             updown, shape = t["diff"], list(t["diff"].shape)
         updown = _fit(updown.reshape(shape) if len(shape) == 4 else updown, weight.shape)
@@ -496,8 +502,8 @@ class ModulePatch:
         return updown
 
     def bias_delta(self) -> torch.Tensor | None:
-        """A full-difference network's bias change (``diff_b``), before the multiplier."""
-        return self.tensors.get("diff_b")
+        """A full-difference (``diff_b``) or norm network's (``b_norm``) bias change, before the multiplier."""
+        return self.tensors.get("diff_b", self.tensors.get("b_norm"))
 
 
 def _kind(parts: Mapping[str, torch.Tensor]) -> str | None:
@@ -511,6 +517,8 @@ def _kind(parts: Mapping[str, torch.Tensor]) -> str | None:
         return "lokr"
     if "diff" in parts:
         return "full"
+    if "w_norm" in parts and "b_norm" in parts:
+        return "norm"
     if "oft_blocks" in parts or "oft_diag" in parts:
         return "oft"
     if "weight" in parts:
