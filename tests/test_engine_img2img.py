@@ -130,6 +130,19 @@ def test_ddim_cfgpp_steps_along_the_negative_prompts_noise(sd1_engine, photo):
     assert guided.tobytes() != ddim.tobytes() and guided.tobytes() != plain.tobytes()
 
 
+def test_comfyuis_euler_cfgpp_takes_the_scale_as_given(sd1_engine, photo):
+    """ComfyUI's Euler CFG++ at CFG 0 steps along the negative prompt's noise from its own prediction, which is
+    Euler's step at CFG 0 written another way (the same picture up to rounding); the infotext names it, and
+    its ancestral twin runs."""
+    params = GenerationParams(init_images=(photo,), prompt="a tree", negative_prompt="fog", steps=4, strength=0.7,
+                              seed=5, cfg_scale=0.0, sampler="Euler")
+    euler = _pixels(sd1_engine.generate(params).images[0])
+    cfgpp = sd1_engine.generate(params.replace(sampler="euler_cfg_pp"))
+    assert np.abs(_pixels(cfgpp.images[0]) - euler).max() <= 1 and "Sampler: Euler CFG++," in cfgpp.infotexts[0]
+    a = sd1_engine.generate(params.replace(sampler="Euler a CFG++", cfg_scale=1.0)).images[0]
+    assert a.size == cfgpp.images[0].size
+
+
 def test_a_batch_from_the_top_64_bit_seed_counts_on_round_to_zero(sd1_engine, photo):
     """64-bit seeds (A1111 takes any; the NV source uses all 64 bits): a batch's seeds wrap round at 2**64,
     and the image after 2**64 - 1 is seed 0's."""

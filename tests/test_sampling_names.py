@@ -33,6 +33,7 @@ A1111_SCHEDULES = {
     "Align Your Steps": "align_your_steps", "Simple": "simple", "Normal": "normal", "DDIM": "ddim", "Beta": "beta",
 }
 COMFY_SAMPLERS = {
+    "euler_cfg_pp": "Euler CFG++", "euler_ancestral_cfg_pp": "Euler a CFG++",
     "euler": "Euler", "euler_ancestral": "Euler a", "heun": "Heun", "dpm_2": "DPM2", "dpm_2_ancestral": "DPM2 a",
     "lms": "LMS", "dpm_fast": "DPM fast", "dpm_adaptive": "DPM adaptive", "dpmpp_2s_ancestral": "DPM++ 2S a",
     "dpmpp_sde": "DPM++ SDE", "dpmpp_2m": "DPM++ 2M", "dpmpp_2m_sde": "DPM++ 2M SDE",
@@ -104,7 +105,7 @@ def test_a1111_default_schedules():
     assert {s.label for s in SAMPLERS if "brownian" in s.flags} == {"DPM++ SDE", "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ 3M SDE"}
     assert dict(sampler_info("DPM++ 2M SDE Heun").options)["solver_type"] == "heun"
     assert {s.label for s in SAMPLERS if "ensd" in s.flags} == {"Euler a", "DPM++ 2S a", "DPM2 a", "DPM fast",
-                                                                "DPM adaptive"}
+                                                                "DPM adaptive", "Euler a CFG++"}
     assert infotext_writes_ensd("Euler a", None) and not infotext_writes_ensd("Euler a", 0.0)
     assert not infotext_writes_ensd("Euler", None)
 

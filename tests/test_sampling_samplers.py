@@ -359,6 +359,43 @@ def test_ddim_cfgpp_is_the_papers_update_on_a1111s_grid(cfg, eta):
                                                  options=SamplerOptions(eta=eta), model_schedule=schedule))
 
 
+@pytest.mark.parametrize("label, eta", [("Euler CFG++", None), ("Euler a CFG++", 1.0), ("Euler a CFG++", 0.5)])
+def test_comfyuis_euler_cfgpp_samplers(label, eta):
+    """ComfyUI's euler_cfg_pp / euler_ancestral_cfg_pp: x0 from the guided prediction (the scale as given),
+    then x_next = x0 + σ_down·ε_∅ (σ_down = σ_next without ancestral noise), plus σ_up of fresh noise; the
+    ancestral split is k-diffusion's."""
+    from underpaint.sampling._common import LAST_UNCOND_NOISE
+
+    scale = 1.5
+    cond = toy_denoiser
+
+    def uncond(x, sigma):
+        return 0.6 * toy_denoiser(x, sigma) + 0.1 * torch.tanh(x)
+
+    def guided(x, sigma):
+        c, u = cond(x, sigma), uncond(x, sigma)
+        LAST_UNCOND_NOISE.value = (x - u) / sigma.reshape(-1, 1, 1, 1)
+        return u + (c - u) * scale
+
+    sigmas = KARRAS
+    x = start(sigmas)
+    got = S.run_sampler(label, guided, x, sigmas, noise_sampler=noise_source(),
+                        options=SamplerOptions(eta=eta))
+    draw, want = noise_source(), x.clone()
+    for i in range(len(sigmas) - 1):
+        s = torch.full((SHAPE[0],), float(sigmas[i]))
+        c, u = cond(want, s), uncond(want, s)
+        denoised, d = u + (c - u) * scale, (want - u) / sigmas[i]
+        if label == "Euler CFG++":
+            want = denoised + d * sigmas[i + 1]
+        else:
+            down, up = K.get_ancestral_step(sigmas[i], sigmas[i + 1], eta=eta)
+            want = denoised + d * down
+            if sigmas[i + 1] > 0:
+                want = want + draw(None, None) * up
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_ddim_cfgpp_refuses_a_denoiser_that_leaves_no_uncond_noise():
     from underpaint.sampling._common import LAST_UNCOND_NOISE
 

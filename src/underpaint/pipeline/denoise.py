@@ -76,8 +76,9 @@ def make_denoiser(model, conds: CondSchedule, cfg_scale: float, schedule: ModelS
         three = wrap(concat_channels(plain_fn, rows), schedule)  # [cond, uncond] on the picture, uncond on none
         without = wrap(concat_channels(plain_fn, torch.zeros_like(image_conditioning)), schedule)
     cfgpp = "cfgpp" in flags
-    if cfgpp:  # DDIM CFG++: A1111 divides the scale by 12.5, and the sampler steps along the uncond noise
-        cfg_scale = cfg_scale / CFGPP_SCALE_DIVISOR
+    if cfgpp:  # CFG++: the sampler steps along the uncond noise; A1111's DDIM CFG++ divides the scale by 12.5
+        if "cfgpp_scaled" in flags:
+            cfg_scale = cfg_scale / CFGPP_SCALE_DIVISOR
         last: list[torch.Tensor] = []
         base = _keeping_last(base, last)
         if edit:

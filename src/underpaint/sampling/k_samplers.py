@@ -13,7 +13,9 @@ import math
 import numpy as np
 import torch
 
-from ._common import Callback, NoiseSampler, ancestral_step, batch_sigma, host_copy, require_noise, stopped
+from ._common import (
+    LAST_UNCOND_NOISE, Callback, NoiseSampler, ancestral_step, batch_sigma, host_copy, require_noise, stopped,
+)
 from ..models.device import to_device
 from .schedules import sigmas_karras
 
@@ -60,6 +62,46 @@ def sample_euler_ancestral(denoiser, x, sigmas, *, noise: NoiseSampler | None = 
         x = x + (x - denoised) / sigmas[i] * (sigma_down - sigmas[i])
         if host[i + 1] > 0:
             x = x + require_noise(noise, "Euler a")(host[i], host[i + 1]) * s_noise * sigma_up
+    return x
+
+
+def _uncond_noise(sampler: str) -> torch.Tensor:
+    """ε_∅ the denoiser left for a CFG++ sampler (pipeline/denoise.py records it for these samplers)."""
+    eps = LAST_UNCOND_NOISE.value
+    if eps is None:
+        raise RuntimeError(f"{sampler} needs a denoiser that records the unconditional noise prediction")
+    return eps
+
+
+def sample_euler_cfgpp(denoiser, x, sigmas, *, noise: NoiseSampler | None = None, callback: Callback | None = None):
+    """ComfyUI's Euler CFG++ (``euler_cfg_pp``; Chung et al. 2024): x0 from the guided prediction, the step
+    along the negative prompt's noise: x_next = denoised + σ_next·ε_∅ (the CFG scale as given)."""
+    total = len(sigmas) - 1
+    for i in range(total):
+        LAST_UNCOND_NOISE.value = None
+        denoised = denoiser(x, batch_sigma(sigmas[i], x))
+        eps = _uncond_noise("Euler CFG++")
+        if stopped(callback, i, total, x, denoised):
+            return denoised
+        x = denoised + eps * sigmas[i + 1]
+    return x
+
+
+def sample_euler_ancestral_cfgpp(denoiser, x, sigmas, *, noise: NoiseSampler | None = None,
+                                 callback: Callback | None = None, eta=1.0, s_noise=1.0):
+    """ComfyUI's Euler a CFG++ (``euler_ancestral_cfg_pp``): as Euler CFG++ down to σ_down, then fresh noise
+    σ_up back up to the next level."""
+    total, host = len(sigmas) - 1, host_copy(sigmas)
+    for i in range(total):
+        LAST_UNCOND_NOISE.value = None
+        denoised = denoiser(x, batch_sigma(sigmas[i], x))
+        eps = _uncond_noise("Euler a CFG++")
+        sigma_down, sigma_up = ancestral_step(sigmas[i], sigmas[i + 1], eta)
+        if stopped(callback, i, total, x, denoised):
+            return denoised
+        x = denoised + eps * sigma_down
+        if host[i + 1] > 0:
+            x = x + require_noise(noise, "Euler a CFG++")(host[i], host[i + 1]) * s_noise * sigma_up
     return x
 
 

@@ -23,10 +23,11 @@ from ..errors import UnknownName, nearest_names
 #:  adaptive             chooses its own steps (the step count is an estimate)
 #:  lcm                  needs the latent-consistency denoiser (``denoisers.lcm_denoiser``)
 #:  ensd                 A1111 marks it as using "eta noise seed delta" (infotext "ENSD")
-#:  cfgpp                guides with CFG++: the scale ÷ 12.5, stepping along the negative prompt's noise
+#:  cfgpp                CFG++: steps along the negative prompt's noise (the denoiser records it)
+#:  cfgpp_scaled         A1111's CFG++: the CFG scale ÷ 12.5 (ComfyUI's take the scale as given)
 FLAGS = frozenset(
     {"ancestral", "stochastic", "churn", "sde", "brownian", "second_order", "discard_penultimate",
-     "timestep", "adaptive", "lcm", "ensd", "cfgpp"}
+     "timestep", "adaptive", "lcm", "ensd", "cfgpp", "cfgpp_scaled"}
 )
 
 
@@ -105,11 +106,15 @@ SAMPLERS: tuple[SamplerInfo, ...] = (
              flags={"ancestral", "stochastic", "adaptive", "ensd"}, params=("eta",)),
     _sampler("Restart", ["restart"], "sample_restart", "Karras", {"stochastic", "second_order"}),
     _sampler("DDIM", ["ddim"], "sample_ddim", flags={"timestep", "stochastic"}, params=("eta",)),
-    _sampler("DDIM CFG++", ["ddim_cfgpp"], "sample_ddim_cfgpp", flags={"timestep", "stochastic", "cfgpp"},
-             params=("eta",)),
+    _sampler("DDIM CFG++", ["ddim_cfgpp"], "sample_ddim_cfgpp",
+             flags={"timestep", "stochastic", "cfgpp", "cfgpp_scaled"}, params=("eta",)),
     _sampler("PLMS", ["plms"], "sample_plms", flags={"timestep"}),
     _sampler("UniPC", ["unipc", "uni_pc"], "sample_unipc", flags={"timestep"}),
     _sampler("LCM", ["k_lcm", "lcm"], "sample_lcm", flags={"ancestral", "stochastic", "lcm"}),
+    # ComfyUI's CFG++ samplers (not A1111's; Forge lists them under these names)
+    _sampler("Euler CFG++", ["euler_cfg_pp"], "sample_euler_cfgpp", flags={"cfgpp"}),
+    _sampler("Euler a CFG++", ["euler_ancestral_cfg_pp"], "sample_euler_ancestral_cfgpp",
+             flags={"ancestral", "stochastic", "ensd", "cfgpp"}, params=("eta",)),
 )
 
 #: A1111 1.10's schedule types in its order; trailing aliases are ComfyUI's scheduler names.

@@ -21,6 +21,8 @@ from .k_samplers import (
     sample_dpm_2_ancestral,
     sample_euler,
     sample_euler_ancestral,
+    sample_euler_ancestral_cfgpp,
+    sample_euler_cfgpp,
     sample_heun,
     sample_lcm,
     sample_lms,
@@ -36,7 +38,8 @@ __all__ = [
     "sample_euler", "sample_euler_ancestral", "sample_heun", "sample_dpm_2", "sample_dpm_2_ancestral",
     "sample_lms", "sample_dpmpp_2s_ancestral", "sample_dpmpp_sde", "sample_dpmpp_2m", "sample_dpmpp_2m_sde",
     "sample_dpmpp_3m_sde", "sample_dpm_fast", "sample_dpm_adaptive", "sample_restart", "sample_lcm",
-    "sample_ddim", "sample_ddim_cfgpp", "sample_plms", "sample_unipc",
+    "sample_ddim", "sample_ddim_cfgpp", "sample_plms", "sample_unipc", "sample_euler_cfgpp",
+    "sample_euler_ancestral_cfgpp",
 ]
 
 #: ``SamplerInfo.function`` → implementation (read-only).
@@ -46,6 +49,7 @@ _FUNCTIONS = MappingProxyType({
         sample_euler, sample_euler_ancestral, sample_heun, sample_dpm_2, sample_dpm_2_ancestral, sample_lms,
         sample_dpmpp_2s_ancestral, sample_dpmpp_sde, sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_dpmpp_3m_sde,
         sample_dpm_fast, sample_dpm_adaptive, sample_restart, sample_lcm, sample_ddim, sample_ddim_cfgpp, sample_plms, sample_unipc,
+        sample_euler_cfgpp, sample_euler_ancestral_cfgpp,
     )
 })
 
