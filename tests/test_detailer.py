@@ -4,6 +4,8 @@ requests made by hand."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image, ImageChops, ImageDraw
@@ -122,6 +124,53 @@ def test_a_tabs_own_noise_multiplier_and_clip_skip_go_to_its_passes(sd1_engine, 
     assert _detailer_unit(tab, "args[2]", DetailerUnit) == unit  # the switches as ADetailer's clients send them
     same = {**tab, "ad_use_sampler": True, "ad_sampler": "Use same sampler", "ad_scheduler": "Use same scheduler"}
     assert _detailer_unit(same, "args[2]", DetailerUnit) == unit  # ADetailer's "Use same sampler" choice
+
+
+def test_a_tabs_controlnet_guides_its_passes(sd1_engine, monkeypatch, tmp_path):
+    """ADetailer's ControlNet for a tab: the model reads the picture being fixed, with the preprocessor ADetailer
+    picks from the model's name (tile_resample for a tile model), pixel perfect; each find's pass equals the
+    same inpainting request with that unit made by hand. A missing model is refused before any work, an API
+    tab's model must be a listed one (never a path), and a model ADetailer picks no preprocessor for needs one."""
+    from tiny_controlnet import write_controlnet
+
+    from underpaint.errors import UnknownName
+    from underpaint.models.registry import ModelsDir
+    from underpaint.pipeline.control import ControlUnit
+    from underpaint.server.a1111.convert import _detailer_unit
+
+    (tmp_path / "controlnet").mkdir()
+    write_controlnet(tmp_path / "controlnet" / "control_v11f1e_sd15_tile.safetensors", "sd1")
+    boxes = BOXES[1:2]
+    monkeypatch.setattr(detailer, "face_finder", lambda folder, device: lambda picture, confidence: boxes)
+    monkeypatch.setattr(sd1_engine.model, "models_dir", ModelsDir(tmp_path), raising=False)
+    unit = DetailerUnit(denoising_strength=0.6, controlnet_model="control_v11f1e_sd15_tile", controlnet_weight=0.8)
+    assert unit.controlnet_module == "tile_resample"
+    result = sd1_engine.generate(GenerationParams(**BASE, detailer=(unit,)))
+    picture = sd1_engine.generate(GenerationParams(**BASE)).images[0]
+    (mask,) = detailer.masks(boxes, (64, 64), unit)
+    control = ControlUnit(module="tile_resample", model="control_v11f1e_sd15_tile", weight=0.8, pixel_perfect=True)
+    want = sd1_engine.generate(GenerationParams(**BASE, init_images=(picture,), mask=mask, strength=0.6,
+                                                inpaint=InpaintOptions(full_res=True), control_units=(control,)))
+    assert np.array_equal(np.asarray(result.images[0]), np.asarray(want.images[0]))
+    plain = sd1_engine.generate(GenerationParams(**BASE, detailer=(DetailerUnit(denoising_strength=0.6),))).images[0]
+    assert not np.array_equal(np.asarray(plain), np.asarray(want.images[0]))
+    text = result.infotexts[0]
+    assert "ADetailer ControlNet model: control_v11f1e_sd15_tile, ADetailer ControlNet module: tile_resample, " \
+           "ADetailer ControlNet weight: 0.8" in text
+    with pytest.raises(UnknownName) as err:
+        sd1_engine.generate(GenerationParams(**BASE, detailer=(DetailerUnit(controlnet_model="control_v11p_sd15_openpose"),)))
+    assert err.value.field == "detailer[0].controlnet_model"
+    folder = ModelsDir(tmp_path)
+    tab = {"ad_model": "face_yolov8n.pt", "ad_controlnet_model": "control_v11f1e_sd15_tile [0123abcd]",
+           "ad_controlnet_module": "None", "ad_controlnet_weight": 0.8}
+    taken = _detailer_unit(tab, "args[2]", DetailerUnit, folder)
+    assert Path(taken.controlnet_model) == tmp_path / "controlnet" / "control_v11f1e_sd15_tile.safetensors"
+    with pytest.raises(UnknownName) as err:
+        _detailer_unit({**tab, "ad_controlnet_model": "/etc/passwd"}, "args[2]", DetailerUnit, folder)
+    assert err.value.field == "args[2].ad_controlnet_model"
+    with pytest.raises(InvalidParameter) as err:
+        DetailerUnit(controlnet_model="control_v11p_sd15_scribble")
+    assert err.value.field == "ad_controlnet_module"
 
 
 def test_skip_and_no_faces_leave_the_picture(sd1_engine, monkeypatch):

@@ -10,6 +10,7 @@ import math
 import random
 from dataclasses import dataclass, field, fields, replace
 from os import PathLike
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import InvalidParameter, UnknownName
@@ -422,6 +423,29 @@ class PromptMatrixOptions:
 DETAILER_MERGES = ("None", "Merge", "Merge and Invert")
 #: ADetailer's "Method to filter top k masks by": the largest boxes, or the most confident finds.
 DETAILER_TOP_K = ("Area", "Confidence")
+#: ADetailer's ControlNet model that keeps the request's own ControlNet units for the finds' passes.
+DETAILER_PASSTHROUGH = "Passthrough"
+#: The preprocessor ADetailer gives a ControlNet model by a word in its name, when a tab names none.
+DETAILER_CONTROL_MODULES = (("inpaint", "inpaint_global_harmonious"), ("lineart", "lineart_coarse"),
+                            ("openpose", "openpose_full"), ("tile", "tile_resample"), ("depth", "depth_midas"))
+
+
+def detailer_control_module(model: str, module: str | None) -> str:
+    """An ADetailer tab's ControlNet preprocessor: ``module`` when named (checked), else ADetailer's choice
+    for ``model``'s name; InvalidParameter naming ``ad_controlnet_module`` when there is neither."""
+    from .preprocess.registry import get_preprocessor
+
+    if module is None:
+        name = Path(model).name.lower()
+        module = next((pre for word, pre in DETAILER_CONTROL_MODULES if word in name), None)
+        if module is None:
+            raise InvalidParameter("ad_controlnet_module", None, f"a preprocessor for {model!r} (ADetailer picks one "
+                                                                 "only for inpaint, lineart, openpose, tile and depth "
+                                                                 "models)")
+    try:
+        return get_preprocessor(module).name
+    except UnknownName as exc:
+        raise UnknownName("ad_controlnet_module", exc.value, exc.choices) from None
 
 
 @dataclass(frozen=True)
@@ -465,6 +489,14 @@ class DetailerUnit:
     #: ADetailer's separate noise multiplier and CLIP skip for the finds' passes (None: the request's).
     noise_multiplier: float | None = None
     clip_skip: int | None = None
+    #: ADetailer's ControlNet for the finds' passes: a model's name or file (None: none; "Passthrough": the
+    #: request's own units), its preprocessor (None: the one ADetailer picks from the model's name), weight
+    #: and guidance range; the unit reads the picture being fixed (and the find's mask), pixel perfect.
+    controlnet_model: str | None = None
+    controlnet_module: str | None = None
+    controlnet_weight: float = 1.0
+    controlnet_guidance_start: float = 0.0
+    controlnet_guidance_end: float = 1.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model.strip():
@@ -500,6 +532,22 @@ class DetailerUnit:
             _check_range("ad_steps", self.steps, 1, 1000, integer=True)
         if self.noise_multiplier is not None:
             _check_range("ad_noise_multiplier", self.noise_multiplier, 0.0, MAX_NOISE_MULTIPLIER)
+        if self.controlnet_model in ("", "None"):
+            object.__setattr__(self, "controlnet_model", None)
+        if self.controlnet_module in ("", "None"):
+            object.__setattr__(self, "controlnet_module", None)
+        if self.controlnet_model is not None:
+            if not isinstance(self.controlnet_model, str):
+                raise InvalidParameter("ad_controlnet_model", self.controlnet_model, "a ControlNet model's name")
+            _check_range("ad_controlnet_weight", self.controlnet_weight, 0.0, 2.0)
+            _check_range("ad_controlnet_guidance_start", self.controlnet_guidance_start, 0.0, 1.0)
+            _check_range("ad_controlnet_guidance_end", self.controlnet_guidance_end, 0.0, 1.0)
+            if self.controlnet_guidance_start > self.controlnet_guidance_end:
+                raise InvalidParameter("ad_controlnet_guidance_start", self.controlnet_guidance_start,
+                                       f"at most ad_controlnet_guidance_end ({self.controlnet_guidance_end})")
+            if self.controlnet_model != DETAILER_PASSTHROUGH:
+                object.__setattr__(self, "controlnet_module", detailer_control_module(self.controlnet_model,
+                                                                                      self.controlnet_module))
         if self.clip_skip is not None:
             _check_range("ad_clip_skip", self.clip_skip, 1, 12, integer=True)
         if self.cfg_scale is not None:

@@ -65,6 +65,10 @@ INFOTEXT: tuple[tuple[str, str, object], ...] = (
     ("inpaint_only_masked", "ADetailer inpaint only masked", None),
     ("inpaint_only_masked_padding", "ADetailer inpaint padding", None),
     ("restore_face", "ADetailer restore face", False),
+    ("controlnet_model", "ADetailer ControlNet model", None), ("controlnet_module", "ADetailer ControlNet module", None),
+    ("controlnet_weight", "ADetailer ControlNet weight", 1.0),
+    ("controlnet_guidance_start", "ADetailer ControlNet guidance start", 0.0),
+    ("controlnet_guidance_end", "ADetailer ControlNet guidance end", 1.0),
 )
 #: The key ADetailer wrote for ``mask_k_largest`` before its "Confidence" filter (still read).
 _OLD_TOP_K = "ADetailer mask only top k largest"
@@ -132,6 +136,11 @@ def infotext_entries(units: tuple) -> tuple[tuple[str, object], ...]:
                 continue
             if attr == "mask_filter_method" and not unit.mask_k_largest:
                 continue  # says something only with a top k
+            if attr.startswith("controlnet_"):
+                if unit.controlnet_model is None or (attr != "controlnet_model" and value is None):
+                    continue
+                if attr == "controlnet_model":
+                    value = _model_name(value)  # a file's name, never where it is
             entries.append((name + suffix(n), value))
         if unit.inpaint_width is not None and unit.inpaint_height is not None:
             entries += [("ADetailer use inpaint width height" + suffix(n), True),
@@ -154,7 +163,8 @@ def units_from_infotext(params) -> tuple:
 
     kinds = {"confidence": float, "mask_k_largest": int, "mask_min_ratio": float, "mask_max_ratio": float,
              "x_offset": int, "y_offset": int, "dilate_erode": int, "mask_blur": int, "denoising_strength": float,
-             "inpaint_only_masked": bool, "inpaint_only_masked_padding": int, "restore_face": bool}
+             "inpaint_only_masked": bool, "inpaint_only_masked_padding": int, "restore_face": bool,
+             "controlnet_weight": float, "controlnet_guidance_start": float, "controlnet_guidance_end": float}
     units = []
     for n in range(10):
         end = suffix(n)
@@ -183,6 +193,12 @@ def units_from_infotext(params) -> tuple:
         except InvalidParameter as exc:
             raise InvalidParameter(f"ADetailer {exc.field.removeprefix('ad_')}{end}", exc.value, exc.expected) from None
     return tuple(units)
+
+
+def _model_name(value: str) -> str:
+    """A ControlNet model as the infotext names it: a file's name without its folder or extension."""
+    path = Path(value)
+    return path.stem if path.suffix.lower() in (".safetensors", ".pth", ".pt", ".ckpt", ".bin") else path.name
 
 
 def _typed(text, kind, key: str):
@@ -285,13 +301,27 @@ def detail(picture: "Image", seed: int, subseed: int, params: "GenerationParams"
                 steps=unit.steps or params.steps, cfg_scale=params.cfg_scale if unit.cfg_scale is None else unit.cfg_scale,
                 sampler=unit.sampler or params.sampler, restore_faces=unit.restore_face,
                 noise_multiplier=params.noise_multiplier if unit.noise_multiplier is None else unit.noise_multiplier,
-                clip_skip=unit.clip_skip or params.clip_skip,
+                clip_skip=unit.clip_skip or params.clip_skip, control_units=_control(unit, params),
                 scheduler=params.scheduler if unit.sampler is None else (unit.scheduler or "Automatic"),
                 inpaint=InpaintOptions(mask_blur_x=unit.mask_blur, mask_blur_y=unit.mask_blur, masked_content="original",
                                        full_res=unit.inpaint_only_masked,
                                        full_res_padding=unit.inpaint_only_masked_padding))
             picture = inpaint(request)
     return picture
+
+
+def _control(unit: "DetailerUnit", params: "GenerationParams") -> tuple:
+    """A find's ControlNet units, as ADetailer sets them: none, the request's own ("Passthrough"), or the
+    tab's model reading the picture being fixed (and, for inpaint models, the find's mask), pixel perfect."""
+    if unit.controlnet_model is None:
+        return ()
+    if unit.controlnet_model == "Passthrough":
+        return params.control_units
+    from .control import ControlUnit
+
+    return (ControlUnit(module=unit.controlnet_module, model=unit.controlnet_model, weight=unit.controlnet_weight,
+                        guidance_start=unit.controlnet_guidance_start, guidance_end=unit.controlnet_guidance_end,
+                        pixel_perfect=True),)
 
 
 def _uncommented(text: str, params: "GenerationParams") -> str:

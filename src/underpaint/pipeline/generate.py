@@ -25,7 +25,7 @@ from ..sampling import noise as noise_mod
 from ..sampling.names import sampler_info
 from ..sampling.samplers import STOP, prepare_start, run_sampler
 from ..sampling.schedules import ModelSchedule, build_sigmas, img2img_sigmas
-from ..errors import InvalidParameter
+from ..errors import InvalidParameter, ModelError, ModelNotFound, UnknownName
 from ..sampling.flow import flow_sigmas, flow_start, image_seq_len, shift_mu
 from . import flux
 from . import deepcache
@@ -333,6 +333,17 @@ def _detailer(model, params: GenerationParams, plan: Plan, networks, info: Model
     folder = models_dir_of(model)
     finders = {}
     for n, unit in enumerate(params.detailer):
+        if unit.controlnet_model not in (None, "Passthrough"):  # its file, before any work
+            from ..models.controlnet import resolve_controlnet
+            from .control import control_resources
+
+            try:
+                resolve_controlnet(unit.controlnet_model, control_resources(model)[1], kind=None,
+                                   family=model.spec.family)
+            except UnknownName as exc:
+                raise UnknownName(f"detailer[{n}].controlnet_model", exc.value, exc.choices) from None
+            except ModelError as exc:
+                raise ModelNotFound(exc.message, field=f"detailer[{n}].controlnet_model") from None
         if (unit.model, unit.model_classes) not in finders:
             finders[unit.model, unit.model_classes] = detailer.finder(
                 folder, model.device, unit.model, field=f"detailer[{n}].model", classes=unit.model_classes)

@@ -877,7 +877,10 @@ _AD_FIELDS = {"ad_model": "model", "ad_model_classes": "model_classes", "ad_prom
               "ad_x_offset": "x_offset", "ad_y_offset": "y_offset", "ad_dilate_erode": "dilate_erode",
               "ad_mask_merge_invert": "mask_merge_invert", "ad_mask_blur": "mask_blur",
               "ad_denoising_strength": "denoising_strength", "ad_inpaint_only_masked": "inpaint_only_masked",
-              "ad_inpaint_only_masked_padding": "inpaint_only_masked_padding", "ad_restore_face": "restore_face"}
+              "ad_inpaint_only_masked_padding": "inpaint_only_masked_padding", "ad_restore_face": "restore_face",
+              "ad_controlnet_model": "controlnet_model", "ad_controlnet_module": "controlnet_module",
+              "ad_controlnet_weight": "controlnet_weight", "ad_controlnet_guidance_start": "controlnet_guidance_start",
+              "ad_controlnet_guidance_end": "controlnet_guidance_end"}
 #: Names ADetailer's older releases gave settings above (read when the current name is not given).
 _AD_OLD_NAMES = {"ad_mask_k_largest": "ad_mask_k"}
 #: The settings that hold whole numbers (a client's 4.0 is taken as 4, as ADetailer's own checks take it).
@@ -888,11 +891,9 @@ _AD_SWITCHED = {"ad_use_inpaint_width_height": ("ad_inpaint_width", "ad_inpaint_
                 "ad_use_sampler": ("ad_sampler", "ad_scheduler"), "ad_use_noise_multiplier": ("ad_noise_multiplier",),
                 "ad_use_clip_skip": ("ad_clip_skip",)}
 #: ADetailer settings underpaint takes at their "off" value only (what each turns on is not available here).
-_AD_OFF = {"ad_use_checkpoint": False, "ad_use_vae": False, "ad_controlnet_model": "None"}
+_AD_OFF = {"ad_use_checkpoint": False, "ad_use_vae": False}
 #: ADetailer settings read and ignored: their values matter only with a switch above, or say nothing here.
-_AD_IGNORED = ("ad_checkpoint", "ad_vae",
-               "ad_controlnet_module", "ad_controlnet_weight", "ad_controlnet_guidance_start",
-               "ad_controlnet_guidance_end", "is_api", "ad_tab_enable")
+_AD_IGNORED = ("ad_checkpoint", "ad_vae", "is_api", "ad_tab_enable")
 
 
 def _detailer(scripts: Mapping[str, Any], folder=None) -> tuple:
@@ -930,6 +931,10 @@ def _detailer(scripts: Mapping[str, Any], folder=None) -> tuple:
 def _ad_settings(unit) -> dict[str, Any]:
     """A tab's ADetailer settings (the inverse of :func:`_detailer_unit`)."""
     tab = {key: getattr(unit, attr) for key, attr in _AD_FIELDS.items()}
+    if unit.controlnet_model is not None:  # its name, not the server's path
+        from ...pipeline.detailer import _model_name
+
+        tab["ad_controlnet_model"] = _model_name(unit.controlnet_model)
     if unit.inpaint_width is not None and unit.inpaint_height is not None:
         tab.update(ad_use_inpaint_width_height=True, ad_inpaint_width=unit.inpaint_width,
                    ad_inpaint_height=unit.inpaint_height)
@@ -974,6 +979,13 @@ def _detailer_unit(tab: Mapping[str, Any], field: str, kind, folder=None):
         scheduler = tab.get("ad_scheduler", "Use same scheduler")
         if scheduler not in (None, "Use same scheduler"):
             fields["scheduler"] = scheduler
+    cn = fields.get("controlnet_model")
+    if isinstance(cn, str) and cn not in ("", "None", "Passthrough"):  # a listed model, never a path
+        from ...models.controlnet import list_controlnets
+        from .control_units import resolve_model
+
+        files = list_controlnets(folder.folders("controlnet")) if folder is not None else []
+        fields["controlnet_model"] = str(resolve_model(cn, files, field=f"{field}.ad_controlnet_model"))
     try:
         unit = kind(**fields)
     except InvalidParameter as exc:
