@@ -175,6 +175,14 @@ def test_lcm_jumps_to_the_estimate_and_renoises():
     torch.testing.assert_close(got, y)
 
 
+def _recording_toy(x, sigma):
+    """:func:`toy_denoiser` leaving a negative prompt's noise for the CFG++ samplers, as the pipeline's does."""
+    from underpaint.sampling._common import LAST_UNCOND_NOISE
+
+    LAST_UNCOND_NOISE.value = (x - 0.5 * torch.tanh(x)) / sigma.reshape(-1, 1, 1, 1)
+    return toy_denoiser(x, sigma)
+
+
 def test_callback_sees_every_step_and_can_stop():
     seen = []
 
@@ -194,7 +202,8 @@ def test_callback_sees_every_step_and_can_stop():
                 return S.STOP
             return None
 
-        out = S.run_sampler(info.label, toy_denoiser, start(KARRAS), KARRAS, noise_sampler=noise_source(),
+        denoiser = _recording_toy if "cfgpp" in info.flags else toy_denoiser
+        out = S.run_sampler(info.label, denoiser, start(KARRAS), KARRAS, noise_sampler=noise_source(),
                             callback=stop_at_two, options=SamplerOptions(), model_schedule=MS)
         assert out is stopped_at["denoised"], info.label
 
