@@ -644,6 +644,21 @@ def test_controlnet_units_preview_and_errors(context, server, photo_file):
     assert args[0]["weight"] == 2 and args[0]["control_mode"] == "My prompt is more important"
     assert decode(args[0]["image"]).size == (64, 64)
     screenshot(page, "controlnet")
+
+    # ADetailer's ControlNet for its passes: None, Passthrough (the request's own units), then the models
+    page.locator("#adetailer-section summary").click()
+    options = page.locator("#ad_controlnet_model option")
+    expect(options).to_have_text(["None", "Passthrough", "control_canny [abc12345]"])
+    page.check("#ad_enable")
+    page.select_option("#ad_controlnet_model", "control_canny [abc12345]")
+    page.fill("#ad_controlnet_weight", "0.7")
+    page.click("#generate")
+    expect(page.locator("#generate")).to_have_text("Generate")
+    tab = sent[-1]["alwayson_scripts"]["ADetailer"]["args"][2]
+    assert (tab["ad_controlnet_model"], tab["ad_controlnet_weight"]) == ("control_canny [abc12345]", 0.7)
+    page.select_option("#ad_controlnet_model", "None")
+    page.fill("#ad_controlnet_weight", "1")
+    page.uncheck("#ad_enable")
     page.close()
 
 
@@ -2355,6 +2370,7 @@ def test_adetailer_section_sends_a_face_tab(page, tmp_path):
     expect(page.locator("#ad_denoising_strength")).to_have_value("0.35")
     expect(page.locator("#ad_mask_k")).to_have_value("1")
     expect(page.locator("#ad_mask_filter_method")).to_have_value("Confidence")
+    expect(page.locator("#ad_controlnet_model")).to_have_value("None")  # the pasted text names none
     page.uncheck("#ad_enable")
     page.select_option("#ad_model", "face_yolov8n.pt")
     page.fill("#ad_mask_k", "0")

@@ -332,7 +332,7 @@ async function loadLists() {
       .then((m) => form.fillDetailerModels(m?.ad_model ?? []))),
     attempt("checkpoints", loadCheckpoints(options)),
     ...loadQuickSettings(options).map(([what, promise]) => attempt(what, promise)),
-    attempt("ControlNet", controlnet.load()),
+    attempt("ControlNet", controlnet.load().then(() => form.fillDetailerControlNets(controlnet.models))),
     attempt("styles", styles.load()),
   ]);
   if (failures.length) {

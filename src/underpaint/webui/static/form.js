@@ -99,7 +99,8 @@ export class GenerationForm {
       "s_min_uncond_all", "skip_early_cond", "sd_vae_decode_method", "sd_vae_encode_method", "tiling", "restore_faces", "face_restoration_model", "code_former_weight",
       "img2img_color_correction", "initial_noise_multiplier", "img2img_extra_noise", "freeu_enabled", ...FREEU_FACTORS,
       "ad_enable", "ad_model", "ad_prompt", "ad_negative_prompt", "ad_confidence", "ad_denoising_strength",
-      "ad_inpaint_only_masked_padding", "ad_mask_k", "ad_mask_filter_method", "ad_model_classes", "refiner_enabled", "refiner_checkpoint", "refiner_switch_at", "aesthetic_score", "negative_aesthetic_score", "enable_hr", "hr_upscaler",
+      "ad_inpaint_only_masked_padding", "ad_mask_k", "ad_mask_filter_method", "ad_model_classes",
+      "ad_controlnet_model", "ad_controlnet_weight", "refiner_enabled", "refiner_checkpoint", "refiner_switch_at", "aesthetic_score", "negative_aesthetic_score", "enable_hr", "hr_upscaler",
       ...HIRES_NUMBERS, "hr_extra_noise", "hires_fix_refiner_pass", "hr_checkpoint_name", "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt"]) {
       this.controls[name] = $(`#${name}`, root);
     }
@@ -200,6 +201,13 @@ export class GenerationForm {
     const models = names.filter((name) => name !== "None");
     if (!models.length) return;
     fillSelect(this.controls.ad_model, models.map((name) => ({ value: name, label: name })), "face_yolov8n.pt");
+  }
+
+  /** ADetailer's ControlNet choices: None, Passthrough (the request's own units), then the ControlNet models. */
+  fillDetailerControlNets(models) {
+    const names = models.filter((name) => name !== "None");
+    fillSelect(this.controls.ad_controlnet_model,
+      ["None", "Passthrough", ...names].map((name) => ({ value: name, label: name })), "None");
   }
 
   fillUpscalers(names) {
@@ -307,6 +315,8 @@ export class GenerationForm {
         ad_inpaint_only_masked_padding: numberValue(c.ad_inpaint_only_masked_padding),
         ad_mask_k: numberValue(c.ad_mask_k), ad_mask_filter_method: c.ad_mask_filter_method.value,
         ad_model_classes: c.ad_model_classes.value,
+        ad_controlnet_model: c.ad_controlnet_model.value || "None",
+        ad_controlnet_weight: numberValue(c.ad_controlnet_weight),
       }] };
     }
     return scripts;
@@ -410,7 +420,8 @@ export class GenerationForm {
       "batch_size",
       "mask_blur", "inpaint_full_res_padding", "deepcache_interval", "deepcache_branch", "first_block_cache",
       "s_min_uncond", "skip_early_cond", "initial_noise_multiplier", "img2img_extra_noise", "hr_extra_noise",
-      "ad_confidence", "ad_denoising_strength", "ad_inpaint_only_masked_padding", "ad_mask_k", ...HIRES_NUMBERS]) {
+      "ad_confidence", "ad_denoising_strength", "ad_inpaint_only_masked_padding", "ad_mask_k", "ad_controlnet_weight",
+      ...HIRES_NUMBERS]) {
       if (typeof numbers[name] === "number") setNumber(c[name], numbers[name]);
     }
     if (typeof fields.seed_extra === "boolean") {
@@ -460,6 +471,13 @@ export class GenerationForm {
       const option = matchOption(c.ad_model, fields.ad_model);
       if (option === null) notes.push(`ADetailer model ${fields.ad_model} is not on this server`);
       else c.ad_model.value = option;
+    }
+    if (typeof fields.ad_controlnet_model === "string") {  // "name" or "name [hash]", as either lists it
+      const bare = (text) => text.replace(/\s*\[[0-9a-fA-F]{8,10}\]$/, "");
+      const option = [...c.ad_controlnet_model.options].map((o) => o.value)
+        .find((value) => bare(value) === bare(fields.ad_controlnet_model)) ?? null;
+      if (option === null) notes.push(`ADetailer ControlNet model ${fields.ad_controlnet_model} is not on this server`);
+      else c.ad_controlnet_model.value = option;
     }
     if (typeof fields.ad_mask_filter_method === "string") {
       const option = matchOption(c.ad_mask_filter_method, fields.ad_mask_filter_method);

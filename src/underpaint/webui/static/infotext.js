@@ -142,6 +142,8 @@ export function infotextToFields({ prompt, negativePrompt, params }) {
     fields.ad_mask_k = number(params["ADetailer mask only top k"] ?? params["ADetailer mask only top k largest"]) ?? 0;
     fields.ad_mask_filter_method = params["ADetailer method to decide top k masks"] ?? "Area";
     fields.ad_model_classes = params["ADetailer model classes"] ?? "";
+    fields.ad_controlnet_model = params["ADetailer ControlNet model"] ?? "None";
+    fields.ad_controlnet_weight = number(params["ADetailer ControlNet weight"]) ?? 1;
   }
   Object.assign(fields, hiresFields(params));
   set("sd_model_hash", params["Model hash"]);
