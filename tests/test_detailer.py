@@ -396,6 +396,15 @@ def test_cli_adetailer_flags(tmp_path, sd1_file, sd1_engine, monkeypatch):
                        "--adetailer-strength")
     assert_clean_error(run_cli(*common, "-o", str(tmp_path / "d.png"), "--adetailer", "hand_yolov8n.pt"),
                        "--adetailer", "hand")
+    # ADetailer's top k, its method and classes; a value out of range names its flag
+    proc = run_cli(*common, "-o", str(tmp_path / "e.png"), "--adetailer", "--adetailer-strength", "0.5",
+                   "--adetailer-top-k", "1", "--adetailer-top-k-by", "Confidence", "--adetailer-classes", "face")
+    assert proc.returncode == 0, proc.stderr
+    text = Image.open(tmp_path / "e.png").text["parameters"]
+    assert "ADetailer model classes: face," in text
+    assert "ADetailer method to decide top k masks: Confidence, ADetailer mask only top k: 1," in text
+    assert_clean_error(run_cli(*common, "-o", str(tmp_path / "f.png"), "--adetailer", "--adetailer-top-k", "-1"),
+                       "--adetailer-top-k")
 
 
 def test_infotext_reads_back_the_tabs():

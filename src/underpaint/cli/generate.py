@@ -197,6 +197,22 @@ def _add_generation_args(p: argparse.ArgumentParser, *, img2img: bool) -> None:
     a.add_argument("--adetailer-padding", type=int, default=None, metavar="PX",
                    help="pixels around each face inpainted with it (default 32)")
     a.add_argument("--adetailer-steps", type=int, default=None, metavar="N", help="the faces' steps (default: --steps)")
+    a.add_argument("--adetailer-top-k", type=int, default=None, metavar="K",
+                   help="inpaint only the first K finds (ADetailer's ad_mask_k; default 0: all)")
+    a.add_argument("--adetailer-top-k-by", choices=("area", "confidence"), type=str.lower, default=None,
+                   help="what puts a find first for --adetailer-top-k: the largest boxes (default) or the most "
+                        "confident finds")
+    a.add_argument("--adetailer-classes", default=None, metavar="NAMES",
+                   help="a YOLO-World model's classes, separated by commas (ad_model_classes)")
+    a.add_argument("--adetailer-restore-face", action="store_const", const=True, default=None,
+                   help="restore faces after each find's pass (ad_restore_face)")
+    a.add_argument("--adetailer-controlnet", default=None, metavar="MODEL",
+                   help="a ControlNet for each find's pass, reading the picture being fixed (Passthrough: the "
+                        "run's own --control units)")
+    a.add_argument("--adetailer-controlnet-module", default=None, metavar="PREPROCESSOR",
+                   help="its preprocessor (default: ADetailer's pick from the model's name)")
+    a.add_argument("--adetailer-controlnet-weight", type=float, default=None, metavar="W",
+                   help="its weight (default 1)")
 
     r = p.add_argument_group("seed")
     r.add_argument("--seed", type=int, default=-1,
@@ -664,7 +680,13 @@ def _with_refiner(params: GenerationParams, args: argparse.Namespace) -> Generat
 
 _DETAILER_FLAGS = {"adetailer_prompt": "prompt", "adetailer_negative_prompt": "negative_prompt",
                    "adetailer_strength": "denoising_strength", "adetailer_confidence": "confidence",
-                   "adetailer_padding": "inpaint_only_masked_padding", "adetailer_steps": "steps"}
+                   "adetailer_padding": "inpaint_only_masked_padding", "adetailer_steps": "steps",
+                   "adetailer_top_k": "mask_k_largest", "adetailer_top_k_by": "mask_filter_method",
+                   "adetailer_classes": "model_classes", "adetailer_restore_face": "restore_face",
+                   "adetailer_controlnet": "controlnet_model", "adetailer_controlnet_module": "controlnet_module",
+                   "adetailer_controlnet_weight": "controlnet_weight"}
+#: A tab's field → the name DetailerUnit's errors give it, where that is not ``ad_<field>``.
+_DETAILER_ERROR_NAMES = {"mask_k_largest": "ad_mask_k"}
 
 
 def _with_detailer(params: GenerationParams, args: argparse.Namespace) -> GenerationParams:
@@ -681,7 +703,8 @@ def _with_detailer(params: GenerationParams, args: argparse.Namespace) -> Genera
     try:
         unit = DetailerUnit(model=args.adetailer, **fields)
     except InvalidParameter as exc:
-        flag = next((f for f, name in _DETAILER_FLAGS.items() if f"ad_{name}" == exc.field), "adetailer")
+        flag = next((f for f, name in _DETAILER_FLAGS.items()
+                     if _DETAILER_ERROR_NAMES.get(name, f"ad_{name}") == exc.field), "adetailer")
         raise InvalidParameter(flag, exc.value, exc.expected) from None
     check_unit(unit, field="adetailer", folder=models_folder(args) if hasattr(args, "models_dir") else None)
     return params.replace(detailer=(unit,))
