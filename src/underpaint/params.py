@@ -101,6 +101,16 @@ def _check_image(name: str, value: object) -> None:
                                             "underpaint.imageio.load.load_image; Engine.img2img takes paths)")
 
 
+def check_control_strength(weight: float, start: float, end: float, *,
+                           names: tuple[str, str, str] = ("control weight", "guidance_start", "guidance_end")) -> None:
+    """A ControlNet unit's weight (0 to 2) and guidance range (0 to 1, start at most end), refused by ``names``."""
+    _check_range(names[0], weight, 0.0, 2.0)
+    _check_range(names[1], start, 0.0, 1.0)
+    _check_range(names[2], end, 0.0, 1.0)
+    if start > end:
+        raise InvalidParameter(names[1], start, f"at most {names[2]} ({end})")
+
+
 def _check_range(name: str, value: float, lo: float, hi: float, *, integer: bool = False) -> None:
     kind = "an integer" if integer else "a number"
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
@@ -539,12 +549,10 @@ class DetailerUnit:
         if self.controlnet_model is not None:
             if not isinstance(self.controlnet_model, str):
                 raise InvalidParameter("ad_controlnet_model", self.controlnet_model, "a ControlNet model's name")
-            _check_range("ad_controlnet_weight", self.controlnet_weight, 0.0, 2.0)
-            _check_range("ad_controlnet_guidance_start", self.controlnet_guidance_start, 0.0, 1.0)
-            _check_range("ad_controlnet_guidance_end", self.controlnet_guidance_end, 0.0, 1.0)
-            if self.controlnet_guidance_start > self.controlnet_guidance_end:
-                raise InvalidParameter("ad_controlnet_guidance_start", self.controlnet_guidance_start,
-                                       f"at most ad_controlnet_guidance_end ({self.controlnet_guidance_end})")
+            check_control_strength(self.controlnet_weight, self.controlnet_guidance_start,
+                                   self.controlnet_guidance_end, names=("ad_controlnet_weight",
+                                                                        "ad_controlnet_guidance_start",
+                                                                        "ad_controlnet_guidance_end"))
             if self.controlnet_model != DETAILER_PASSTHROUGH:
                 object.__setattr__(self, "controlnet_module", detailer_control_module(self.controlnet_model,
                                                                                       self.controlnet_module))

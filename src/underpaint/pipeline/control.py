@@ -135,7 +135,7 @@ class ControlUnit:
 
     def __post_init__(self) -> None:
         from ..models.union_types import union_type_name
-        from ..params import _check_range
+        from ..params import _check_range, check_control_strength
         from ..preprocess.registry import get_preprocessor
 
         object.__setattr__(self, "module", get_preprocessor(self.module).name)
@@ -143,12 +143,7 @@ class ControlUnit:
         object.__setattr__(self, "control_mode", control_mode_name(self.control_mode))
         object.__setattr__(self, "resize_mode", resize_mode_name(self.resize_mode))
         object.__setattr__(self, "hr_option", hr_option_name(self.hr_option))
-        _check_range("control weight", self.weight, 0.0, 2.0)
-        _check_range("guidance_start", self.guidance_start, 0.0, 1.0)
-        _check_range("guidance_end", self.guidance_end, 0.0, 1.0)
-        if self.guidance_start > self.guidance_end:
-            raise InvalidParameter("guidance_start", self.guidance_start,
-                                   f"at most guidance_end ({self.guidance_end})")
+        check_control_strength(self.weight, self.guidance_start, self.guidance_end)
         _check_range("processor_res", self.processor_res, 64, 4096, integer=True)
         self.preprocessor.check_thresholds(self.threshold_a, self.threshold_b)
         if self.image is not None and not hasattr(self.image, "size"):
