@@ -37,11 +37,11 @@ def test_masks_follow_adetailers_rules():
     eroded = detailer.masks(BOXES[:1], size, DetailerUnit(dilate_erode=-2))[0]
     assert np.asarray(eroded).sum() < np.asarray(_rect(size, BOXES[0])).sum()
     # the two largest, largest first; the smallest area ratio filtered out
-    largest = detailer.masks(BOXES, size, DetailerUnit(dilate_erode=0, mask_k_largest=2))
+    largest = detailer.masks(BOXES, size, DetailerUnit(dilate_erode=0, mask_k=2))
     assert [m.getbbox() for m in largest] == [(36, 30, 61, 59), (8, 10, 25, 31)]
     assert len(detailer.masks(BOXES, size, DetailerUnit(dilate_erode=0, mask_min_ratio=0.02))) == 2
     # ADetailer's "Confidence" filter: the most confident first (the first box, not the largest)
-    confident = detailer.masks(BOXES, size, DetailerUnit(dilate_erode=0, mask_k_largest=1,
+    confident = detailer.masks(BOXES, size, DetailerUnit(dilate_erode=0, mask_k=1,
                                                          mask_filter_method="confidence"))
     assert [m.getbbox() for m in confident] == [(8, 10, 25, 31)]
     # offsets: x to the right, y upwards
@@ -62,7 +62,7 @@ def test_masks_follow_adetailers_rules():
     assert np.array_equal(np.asarray(edge), want)  # moved first (wrapping round the edge), then dilated
     # equal areas: NumPy's argsort order, reversed (which find gets seed + j follows from it)
     same = np.array([[0, 0, 10, 10, 0.9], [20, 20, 30, 30, 0.8], [40, 40, 50, 50, 0.7]], np.float32)
-    order = [m.getbbox() for m in detailer.masks(same, size, DetailerUnit(dilate_erode=0, mask_k_largest=3))]
+    order = [m.getbbox() for m in detailer.masks(same, size, DetailerUnit(dilate_erode=0, mask_k=3))]
     assert order == [tuple(int(v) + (1 if i >= 2 else 0) for i, v in enumerate(same[j, :4]))
                      for j in np.argsort([100, 100, 100])[-3:][::-1]]
 
@@ -317,7 +317,7 @@ def test_api_takes_current_and_older_adetailer_clients(api, monkeypatch, sd1_eng
     assert api.get("/adetailer/v1/version").json()["version"] >= "24.9"
     body = {**{k: v for k, v in BASE.items() if k not in ("sampler", "rng")}, "sampler_name": "Euler",
             "override_settings": {"randn_source": "CPU"}}
-    unit = DetailerUnit(denoising_strength=0.5, mask_k_largest=1, mask_filter_method="Confidence", dilate_erode=2)
+    unit = DetailerUnit(denoising_strength=0.5, mask_k=1, mask_filter_method="Confidence", dilate_erode=2)
     want = np.asarray(sd1_engine.generate(GenerationParams(**BASE, detailer=(unit,))).images[0])
     builtins = {"Seed": {"args": [-1, False, -1, 0, 0, 0]}, "Sampler": {"args": [20, "DPM++ 2M", "Karras"]},
                 "Refiner": {"args": [True, "sd_xl_refiner_1.0.safetensors", 0.8]}, "Comments": {"args": []}}
@@ -411,9 +411,9 @@ def test_infotext_reads_back_the_tabs():
     from underpaint.imageio.infotext import format_infotext, parse_infotext
     from underpaint.pipeline.reproduce import params_from_infotext
 
-    units = (DetailerUnit(prompt="a smile, happy", denoising_strength=0.5, steps=9, mask_k_largest=2),
+    units = (DetailerUnit(prompt="a smile, happy", denoising_strength=0.5, steps=9, mask_k=2),
              DetailerUnit(model="mediapipe_face_full", inpaint_only_masked=False, sampler="Euler a"),
-             DetailerUnit(model="yolov8x-worldv2.pt", model_classes="person, dog", mask_k_largest=1,
+             DetailerUnit(model="yolov8x-worldv2.pt", model_classes="person, dog", mask_k=1,
                           mask_filter_method="Confidence", restore_face=True, noise_multiplier=0.9, clip_skip=2))
     text = format_infotext("a portrait", "", {"Steps": 20, **dict(detailer.infotext_entries(units))})
     assert params_from_infotext(parse_infotext(text))["detailer"] == units

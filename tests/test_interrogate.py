@@ -138,19 +138,11 @@ def test_bad_blip_files_are_refused(blip, tmp_path):
 @pytest.fixture(scope="module")
 def clip(blip):
     """A tiny transformers CLIP saved as one safetensors file in models/CLIP, and word lists in models/interrogate."""
-    from safetensors.torch import save_file
-    from transformers import CLIPConfig, CLIPModel
+    from tiny_models import write_clip
 
     root = blip[2].parent.parent
-    config = CLIPConfig(text_config=dict(vocab_size=49408, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                         num_attention_heads=1, max_position_embeddings=77),
-                        vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                           num_attention_heads=1, image_size=32, patch_size=16),
-                        projection_dim=32)
-    torch.manual_seed(1)
-    model = CLIPModel(config).eval()
-    (root / "CLIP").mkdir()
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, root / "CLIP" / "clip-vit-tiny.safetensors")
+    model = write_clip(root / "CLIP" / "clip-vit-tiny.safetensors", projection_dim=32, patch_size=16,
+                       vision_layers=2, seed=1)
     lists = root / "interrogate"
     lists.mkdir()
     (lists / "artists.txt").write_text("by Alice Example\nby Bob Sample\n\nby Carol Test\n")

@@ -119,6 +119,12 @@ def _save(model, path):
     return copy.deepcopy(model).half().float().eval()  # the weights as the file holds them
 
 
+def _model_file(ultralytics, tmp_path_factory, name: str, cfg, names: tuple[str, ...], **build):
+    """(the file ``name``, the model as it holds it): :func:`_build`'s model saved as ultralytics saves one."""
+    path = tmp_path_factory.mktemp("adetailer") / name
+    return path, _save(_build(ultralytics, cfg, names, **build), path)
+
+
 def _fused(reference):
     """The model as ultralytics' predictor runs it: batch norms folded into the convolutions."""
     return copy.deepcopy(reference).fuse(verbose=False).eval()
@@ -126,9 +132,7 @@ def _fused(reference):
 
 @pytest.fixture(scope="module")
 def detector(ultralytics, tmp_path_factory):
-    path = tmp_path_factory.mktemp("adetailer") / "hand_yolov8n.pt"
-    reference = _save(_build(ultralytics, "yolov8n.yaml", ("hand", "glove"), seed=3), path)
-    return path, reference
+    return _model_file(ultralytics, tmp_path_factory, "hand_yolov8n.pt", "yolov8n.yaml", ("hand", "glove"), seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -137,49 +141,37 @@ def v9_detector(ultralytics, tmp_path_factory):
     from ultralytics.nn.tasks import yaml_model_load
 
     cfg = {**yaml_model_load("yolov9c.yaml"), "width_multiple": 0.125, "depth_multiple": 0.34}
-    path = tmp_path_factory.mktemp("adetailer") / "face_yolov9c.pt"
-    reference = _save(_build(ultralytics, cfg, ("face",), seed=5), path)
-    return path, reference
+    return _model_file(ultralytics, tmp_path_factory, "face_yolov9c.pt", cfg, ("face",), seed=5)
 
 
 @pytest.fixture(scope="module")
 def v11_detector(ultralytics, tmp_path_factory):
     """YOLO11n (C3k2, C3k, C2PSA's attention, the depthwise class branch)."""
-    path = tmp_path_factory.mktemp("adetailer") / "face_yolo11n.pt"
-    reference = _save(_build(ultralytics, "yolo11n.yaml", ("face", "mask"), seed=6), path)
-    return path, reference
+    return _model_file(ultralytics, tmp_path_factory, "face_yolo11n.pt", "yolo11n.yaml", ("face", "mask"), seed=6)
 
 
 @pytest.fixture(scope="module")
 def v26_detector(ultralytics, tmp_path_factory):
     """YOLO26n as ultralytics builds it: no distance bins, its one-to-many branches with suppression."""
-    path = tmp_path_factory.mktemp("adetailer") / "hand_yolo26n.pt"
-    reference = _save(_build(ultralytics, "yolo26n.yaml", ("hand",), seed=7), path)
-    return path, reference
+    return _model_file(ultralytics, tmp_path_factory, "hand_yolo26n.pt", "yolo26n.yaml", ("hand",), seed=7)
 
 
 @pytest.fixture(scope="module")
 def v26_segmenter(ultralytics, tmp_path_factory):
     """YOLO26n-seg in end-to-end mode: its one-to-one branches, no suppression, prototypes from every level."""
-    path = tmp_path_factory.mktemp("adetailer") / "person_yolo26n-seg.pt"
-    reference = _save(_build(ultralytics, "yolo26n-seg.yaml", ("person", "dog"), seed=8, end2end=True), path)
-    return path, reference
+    return _model_file(ultralytics, tmp_path_factory, "person_yolo26n-seg.pt", "yolo26n-seg.yaml", ("person", "dog"), seed=8, end2end=True)
 
 
 @pytest.fixture(scope="module")
 def world_detector(ultralytics, tmp_path_factory):
     """YOLOv8-Worldv2 (C2fAttn's text-guided attention, WorldDetect's contrastive heads) with the text
     embeddings of three classes, as ultralytics saves a world model after ``set_classes``."""
-    path = tmp_path_factory.mktemp("adetailer") / "yolov8n-worldv2.pt"
-    reference = _save(_build(ultralytics, "yolov8n-worldv2.yaml", ("person", "cat", "dog"), seed=9), path)
-    return path, reference
+    return _model_file(ultralytics, tmp_path_factory, "yolov8n-worldv2.pt", "yolov8n-worldv2.yaml", ("person", "cat", "dog"), seed=9)
 
 
 @pytest.fixture(scope="module")
 def segmenter(ultralytics, tmp_path_factory):
-    path = tmp_path_factory.mktemp("adetailer") / "person_yolov8n-seg.pt"
-    reference = _save(_build(ultralytics, "yolov8n-seg.yaml", ("person",), seed=4), path)
-    return path, reference
+    return _model_file(ultralytics, tmp_path_factory, "person_yolov8n-seg.pt", "yolov8n-seg.yaml", ("person",), seed=4)
 
 
 def _xyxy(xywh: torch.Tensor) -> torch.Tensor:
@@ -350,13 +342,14 @@ def test_a_world_model_looks_for_the_classes_asked(ultralytics, world_detector):
     twin.model[-1].nc = 2
     twin.names = {0: "dog", 1: "person"}
     found, boxes, _, _, confidence = _ultralytics_predict(ultralytics, twin, PICTURES[0])
-    ours = detect(load_yolo(path), PICTURES[0], confidence, size=IMAGE_SIZE, classes=["dog", "person"])
+    model = load_yolo(path)
+    ours = detect(model, PICTURES[0], confidence, size=IMAGE_SIZE, classes=model.classes(["dog", "person"]))
     assert len(ours) == len(found) >= 10
     theirs = [(float(s), twin.names[int(c)], tuple(b)) for s, c, b in zip(found[:, 4], found[:, 5], boxes.tolist())]
     _assert_same_finds(ours, theirs)
     assert {d.label for d in ours} <= {"dog", "person"}
     with pytest.raises(ModelError, match="yolov8n-worldv2.pt: no text embeddings for 'hand'.*person, cat, dog"):
-        detect(load_yolo(path), PICTURES[0], 0.5, classes=["person", "hand"])
+        model.classes(["person", "hand"])
 
 
 def test_a_tabs_classes_reach_a_world_model_and_unknown_ones_are_refused_first(world_detector, tmp_path):
@@ -387,8 +380,7 @@ def test_new_classes_come_from_clip_vit_b32s_text_encoder(ultralytics, world_det
     the same features. Interrogate CLIP leaves that model to YOLO-World (A1111 ranks with ViT-L/14)."""
     import shutil
 
-    from safetensors.torch import save_file
-    from transformers import CLIPConfig, CLIPModel
+    from tiny_models import write_clip
 
     from underpaint.models import interrogate
     from underpaint.models.registry import ModelsDir
@@ -397,16 +389,8 @@ def test_new_classes_come_from_clip_vit_b32s_text_encoder(ultralytics, world_det
     path, reference = world_detector
     (tmp_path / "adetailer").mkdir()
     shutil.copy(path, tmp_path / "adetailer" / path.name)
-    (tmp_path / "CLIP").mkdir()
-    config = CLIPConfig(text_config=dict(vocab_size=49408, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                         num_attention_heads=1, max_position_embeddings=77),
-                        vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                                           num_attention_heads=1, image_size=32, patch_size=32),
-                        projection_dim=512)
-    torch.manual_seed(2)
-    clip = CLIPModel(config).eval()
-    save_file({k: v.contiguous() for k, v in clip.state_dict().items()},
-              tmp_path / "CLIP" / "clip-vit-base-patch32.safetensors")
+    write_clip(tmp_path / "CLIP" / "clip-vit-base-patch32.safetensors", projection_dim=512, patch_size=32,
+               vision_layers=1, seed=2)
     folder = ModelsDir(tmp_path)
     detailer.finder(folder, "cpu", path.name, field="detailer[0].model", classes="zebra, dog")  # taken now
     zebra = interrogate.load_ranker(tmp_path / "CLIP" / "clip-vit-base-patch32.safetensors").text_features(["zebra"])
@@ -416,8 +400,9 @@ def test_new_classes_come_from_clip_vit_b32s_text_encoder(ultralytics, world_det
     twin.model[-1].nc = 2
     twin.names = {0: "zebra", 1: "dog"}
     found, boxes, _, _, confidence = _ultralytics_predict(ultralytics, twin, PICTURES[2])
-    ours = detect(load_yolo(path), PICTURES[2], confidence, size=IMAGE_SIZE, classes=["zebra", "dog"],
-                  encode=detailer.world_text_encoder(folder, "cpu"))
+    model = load_yolo(path)
+    ours = detect(model, PICTURES[2], confidence, size=IMAGE_SIZE,
+                  classes=model.classes(["zebra", "dog"], detailer.world_text_encoder(folder, "cpu")))
     assert len(ours) == len(found) >= 10 and {d.label for d in ours} <= {"zebra", "dog"}
     _assert_same_finds(ours, [(float(s), twin.names[int(c)], tuple(b))
                               for s, c, b in zip(found[:, 4], found[:, 5], boxes.tolist())])
@@ -489,7 +474,7 @@ def test_a_tab_naming_a_file_in_adetailer_inpaints_what_it_finds(detailing):
 
     engine, path = detailing
     base = dict(prompt="a person", steps=2, sampler="Euler", rng="cpu", width=64, height=64, seed=8, subseed=3)
-    unit = DetailerUnit(model="person_yolov8n-seg.pt", mask_k_largest=2, dilate_erode=0, denoising_strength=0.5)
+    unit = DetailerUnit(model="person_yolov8n-seg.pt", mask_k=2, dilate_erode=0, denoising_strength=0.5)
     result = engine.generate(GenerationParams(**base, detailer=(unit,)))
     picture = engine.generate(GenerationParams(**base)).images[0]
     found = detect(load_yolo(path), picture, unit.confidence)
@@ -542,7 +527,7 @@ def test_the_api_lists_the_files_and_runs_a_tab_with_one(segmenter, sd1_file, tm
     assert "ADetailer model: person_yolov8n-seg.pt" in json.loads(r.json()["info"])["infotexts"][0]
     engine, _ = detailing
     want = engine.generate(GenerationParams(**base, sampler="Euler", rng="cpu", detailer=(
-        DetailerUnit(model="person_yolov8n-seg.pt", mask_k_largest=1, denoising_strength=0.5),)))
+        DetailerUnit(model="person_yolov8n-seg.pt", mask_k=1, denoising_strength=0.5),)))
     assert np.array_equal(np.asarray(decode_b64(r.json()["images"][0]).convert("RGB")), np.asarray(want.images[0]))
 
 

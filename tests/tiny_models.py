@@ -489,3 +489,20 @@ def write_hypernetwork(path, widths=(SD1_TEXT.hidden, *SD1_UNET.channels), *, se
     torch.save({**{w: [branch(w), branch(w)] for w in widths}, "activation_func": "relu", "layer_structure": [1, 2, 1],
                 "name": path.stem}, path)
     return path
+
+
+def write_clip(path: Path, *, projection_dim: int, patch_size: int, vision_layers: int, seed: int):
+    """A tiny transformers CLIP (OpenAI's vocabulary and 77 positions, 32-pixel pictures) saved as one
+    safetensors file in transformers' layout; returns the model."""
+    from transformers import CLIPConfig, CLIPModel
+
+    config = CLIPConfig(text_config=dict(vocab_size=49408, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=1, max_position_embeddings=77),
+                        vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=vision_layers,
+                                           num_attention_heads=1, image_size=32, patch_size=patch_size),
+                        projection_dim=projection_dim)
+    torch.manual_seed(seed)
+    model = CLIPModel(config).eval()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return model

@@ -466,7 +466,7 @@ class DetailerUnit:
     (a face model's name without its file: the face restorer's RetinaFace detector finds faces). ``prompt`` and
     ``negative_prompt`` "" take the request's; ``[PROMPT]`` in them stands for it, ``[SEP]`` gives
     each face its own, ``[SKIP]`` leaves a face alone. ``steps``, ``cfg_scale``, ``sampler`` None: the
-    request's. ``mask_k_largest`` (ADetailer's ``ad_mask_k``) keeps the k finds first by
+    request's. ``mask_k`` keeps the k finds first by
     ``mask_filter_method``: "Area" (the largest boxes) or "Confidence". ``model_classes``: the classes a
     YOLO-World model looks for, comma-separated ("" all it holds). ``restore_face``: each inpainted
     picture's faces restored (the request's face restorer)."""
@@ -475,7 +475,7 @@ class DetailerUnit:
     prompt: str = ""
     negative_prompt: str = ""
     confidence: float = 0.3
-    mask_k_largest: int = 0
+    mask_k: int = 0
     mask_filter_method: str = "Area"
     model_classes: str = ""
     restore_face: bool = False
@@ -516,7 +516,7 @@ class DetailerUnit:
                 raise InvalidParameter(f"ad_{name}", getattr(self, name), "text")
         for name in ("confidence", "mask_min_ratio", "mask_max_ratio", "denoising_strength"):
             _check_range(f"ad_{name}", getattr(self, name), 0.0, 1.0)
-        _check_range("ad_mask_k", self.mask_k_largest, 0, 1000, integer=True)
+        _check_range("ad_mask_k", self.mask_k, 0, 1000, integer=True)
         for name in ("x_offset", "y_offset", "dilate_erode"):
             _check_range(f"ad_{name}", getattr(self, name), -1024, 1024, integer=True)
         _check_range("ad_mask_blur", self.mask_blur, 0, 256, integer=True)

@@ -681,12 +681,10 @@ def _with_refiner(params: GenerationParams, args: argparse.Namespace) -> Generat
 _DETAILER_FLAGS = {"adetailer_prompt": "prompt", "adetailer_negative_prompt": "negative_prompt",
                    "adetailer_strength": "denoising_strength", "adetailer_confidence": "confidence",
                    "adetailer_padding": "inpaint_only_masked_padding", "adetailer_steps": "steps",
-                   "adetailer_top_k": "mask_k_largest", "adetailer_top_k_by": "mask_filter_method",
+                   "adetailer_top_k": "mask_k", "adetailer_top_k_by": "mask_filter_method",
                    "adetailer_classes": "model_classes", "adetailer_restore_face": "restore_face",
                    "adetailer_controlnet": "controlnet_model", "adetailer_controlnet_module": "controlnet_module",
                    "adetailer_controlnet_weight": "controlnet_weight"}
-#: A tab's field → the name DetailerUnit's errors give it, where that is not ``ad_<field>``.
-_DETAILER_ERROR_NAMES = {"mask_k_largest": "ad_mask_k"}
 
 
 def _with_detailer(params: GenerationParams, args: argparse.Namespace) -> GenerationParams:
@@ -703,8 +701,7 @@ def _with_detailer(params: GenerationParams, args: argparse.Namespace) -> Genera
     try:
         unit = DetailerUnit(model=args.adetailer, **fields)
     except InvalidParameter as exc:
-        flag = next((f for f, name in _DETAILER_FLAGS.items()
-                     if _DETAILER_ERROR_NAMES.get(name, f"ad_{name}") == exc.field), "adetailer")
+        flag = next((f for f, name in _DETAILER_FLAGS.items() if f"ad_{name}" == exc.field), "adetailer")
         raise InvalidParameter(flag, exc.value, exc.expected) from None
     check_unit(unit, field="adetailer", folder=models_folder(args) if hasattr(args, "models_dir") else None)
     return params.replace(detailer=(unit,))

@@ -641,6 +641,15 @@ _LAYER_KINDS = frozenset({
 _MAX_MODULES, _MAX_DEPTH, _MAX_POOLS, _MAX_UPSAMPLE, _MAX_KERNEL = 5000, 32, 8, 4, 15
 
 
+@torch.no_grad()
+def _filled(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    """``layer`` with the file's ``weight`` (and ``bias``) copied into it."""
+    layer.weight.copy_(weight)
+    if bias is not None:
+        layer.bias.copy_(bias)
+    return layer
+
+
 class _Builder:
     """Rebuilds the network from the stand-ins' recorded state, in float64 (batch norms folded exactly)."""
 
@@ -700,11 +709,7 @@ class _Builder:
         else:
             conv = nn.Conv2d(weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]), dtype=weight.dtype,
                              **options)
-        with torch.no_grad():
-            conv.weight.copy_(weight)
-            if bias is not None:
-                conv.bias.copy_(bias)
-        return conv
+        return _filled(conv, weight, bias)
 
     def _ConvTranspose2d(self, obj):
         return self._Conv2d(obj, transposed=True)
@@ -731,10 +736,9 @@ class _Builder:
             folded = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                                conv.dilation, conv.groups, bias=True, dtype=conv.weight.dtype)
             with torch.no_grad():
-                folded.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
                 bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-                folded.bias.copy_(bn.bias + (bias - bn.running_mean) * scale)
-            conv = folded
+                conv = _filled(folded, conv.weight * scale.reshape(-1, 1, 1, 1),
+                               bn.bias + (bias - bn.running_mean) * scale)
         return _ConvAct(conv, self.build(parts["act"]) if "act" in parts else nn.Identity())
 
     _DWConv = _Conv
@@ -838,12 +842,8 @@ class _Builder:
         weight, bias = self.weight(obj), _tensor(obj, "bias")
         if weight.ndim != 2:
             raise self.bad(f"a linear layer weight of shape {tuple(weight.shape)}")
-        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype)
-        with torch.no_grad():
-            linear.weight.copy_(weight)
-            if bias is not None:
-                linear.bias.copy_(bias)
-        return linear
+        return _filled(nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype),
+                       weight, bias)
 
     def _C2fAttn(self, obj):
         attn = self.build(self.child(obj, "attn"))
@@ -1058,18 +1058,18 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou: float) -> torch.Tensor:
 
 @torch.inference_mode()
 def detect(model: YoloModel, picture, confidence: float, *, size: int | None = None, iou: float = IOU,
-           max_detections: int = MAX_DETECTIONS, classes: list[str] | None = None,
-           encode: Callable[[list[str]], torch.Tensor] | None = None) -> list[Detection]:
+           max_detections: int = MAX_DETECTIONS,
+           classes: tuple[torch.Tensor, dict[int, str]] | None = None) -> list[Detection]:
     """What ``model`` finds in ``picture`` (a PIL image) scored above ``confidence``, best first; ``size``:
     the letterbox's (None: the size the model was trained at, as ultralytics predicts). ``classes``: the
-    classes a YOLO-World model looks for (None or empty: all it holds; other models find their own, as
-    ADetailer leaves them), ``encode`` the text encoder for those its file holds no embeddings for."""
-    text, names = (model.classes(classes, encode) if classes and model.text is not None else (None, model.names))
+    classes a YOLO-World model looks for, as :meth:`YoloModel.classes` gives them (None: all it holds)."""
+    text, names = classes if classes is not None else (None, model.names)
     pixels, box = letterbox(np.asarray(picture.convert("RGB")), size or model.image_size, model.stride)
-    device = next(model.parameters()).device
-    x = torch.from_numpy(np.ascontiguousarray(pixels)).to(device).permute(2, 0, 1)[None].float() / 255
+    weight = next(model.parameters())
+    x = (torch.from_numpy(np.ascontiguousarray(pixels)).to(weight.device).permute(2, 0, 1)[None].float() / 255
+         ).to(weight.dtype)
     try:
-        out = model(x.to(next(model.parameters()).dtype), text)
+        out = model(x, text)
     except ModelError as exc:
         raise ModelError(f"{model.source}: {exc}") from None
     boxes, scores = out.boxes[0].float().cpu(), out.scores[0].float().cpu()

@@ -57,7 +57,7 @@ INFOTEXT: tuple[tuple[str, str, object], ...] = (
     ("prompt", "ADetailer prompt", ""),
     ("negative_prompt", "ADetailer negative prompt", ""), ("confidence", "ADetailer confidence", None),
     ("mask_filter_method", "ADetailer method to decide top k masks", None),
-    ("mask_k_largest", "ADetailer mask only top k", 0), ("mask_min_ratio", "ADetailer mask min ratio", 0.0),
+    ("mask_k", "ADetailer mask only top k", 0), ("mask_min_ratio", "ADetailer mask min ratio", 0.0),
     ("mask_max_ratio", "ADetailer mask max ratio", 1.0), ("x_offset", "ADetailer x offset", 0),
     ("y_offset", "ADetailer y offset", 0), ("dilate_erode", "ADetailer dilate erode", None),
     ("mask_merge_invert", "ADetailer mask merge invert", "None"), ("mask_blur", "ADetailer mask blur", None),
@@ -70,7 +70,7 @@ INFOTEXT: tuple[tuple[str, str, object], ...] = (
     ("controlnet_guidance_start", "ADetailer ControlNet guidance start", 0.0),
     ("controlnet_guidance_end", "ADetailer ControlNet guidance end", 1.0),
 )
-#: The key ADetailer wrote for ``mask_k_largest`` before its "Confidence" filter (still read).
+#: The key ADetailer wrote for ``mask_k`` before its "Confidence" filter (still read).
 _OLD_TOP_K = "ADetailer mask only top k largest"
 
 
@@ -134,7 +134,7 @@ def infotext_entries(units: tuple) -> tuple[tuple[str, object], ...]:
                 continue
             if attr == "inpaint_only_masked_padding" and not unit.inpaint_only_masked:
                 continue
-            if attr == "mask_filter_method" and not unit.mask_k_largest:
+            if attr == "mask_filter_method" and not unit.mask_k:
                 continue  # says something only with a top k
             if attr.startswith("controlnet_"):
                 if unit.controlnet_model is None or (attr != "controlnet_model" and value is None):
@@ -161,7 +161,7 @@ def units_from_infotext(params) -> tuple:
     paste reads them back; () when it records none. A value that does not parse is refused naming its key."""
     from ..params import DetailerUnit
 
-    kinds = {"confidence": float, "mask_k_largest": int, "mask_min_ratio": float, "mask_max_ratio": float,
+    kinds = {"confidence": float, "mask_k": int, "mask_min_ratio": float, "mask_max_ratio": float,
              "x_offset": int, "y_offset": int, "dilate_erode": int, "mask_blur": int, "denoising_strength": float,
              "inpaint_only_masked": bool, "inpaint_only_masked_padding": int, "restore_face": bool,
              "controlnet_weight": float, "controlnet_guidance_start": float, "controlnet_guidance_end": float}
@@ -173,7 +173,7 @@ def units_from_infotext(params) -> tuple:
         fields: dict = {}
         for attr, name, _ in INFOTEXT:
             key = name + end
-            if attr == "mask_k_largest" and key not in params and _OLD_TOP_K + end in params:
+            if attr == "mask_k" and key not in params and _OLD_TOP_K + end in params:
                 key = _OLD_TOP_K + end
             if key in params:
                 fields[attr] = _typed(params[key], kinds.get(attr, str), key)
@@ -241,9 +241,9 @@ def masks(found, size: tuple[int, int], unit: "DetailerUnit") -> list["Image"]:
               for f in found]  # boxes within the picture, as YOLO's are
     kept = [(b, m, s) for b, m, s in shapes
             if unit.mask_min_ratio <= (b[2] - b[0]) * (b[3] - b[1]) / area <= unit.mask_max_ratio]
-    if unit.mask_k_largest > 0 and kept:
+    if unit.mask_k > 0 and kept:
         keys = [s if unit.mask_filter_method == "Confidence" else (b[2] - b[0]) * (b[3] - b[1]) for b, _, s in kept]
-        kept = [kept[i] for i in np.argsort(keys)[-unit.mask_k_largest:][::-1]]
+        kept = [kept[i] for i in np.argsort(keys)[-unit.mask_k:][::-1]]
     out = []
     for box, shape, _ in kept:
         if shape is not None:
@@ -385,19 +385,18 @@ def finder(folder, device, name: str, field: str = "ad_model", classes: str = ""
     key = (str(path), path.stat().st_mtime_ns, str(device))
     model = _keep(key, lambda: load_yolo(path).to(device))
     wanted = class_names(classes) if model.text is not None else []
-    encode = None
-    if wanted:
-        if not set(wanted) <= set(model.names.values()):
-            encode = world_text_encoder(folder, device)
+    chosen = None
+    if wanted:  # their text features made once, here
+        encode = None if set(wanted) <= set(model.names.values()) else world_text_encoder(folder, device)
         try:
-            model.classes(wanted, encode)
+            chosen = model.classes(wanted, encode)
         except ModelError as exc:
             raise InvalidParameter(field.rsplit(".", 1)[0] + ".model_classes" if "." in field else "ad_model_classes",
                                    classes, exc.message.removeprefix(f"{path}: ")) from None
 
     def find(picture: "Image", confidence: float):
         with _lock:
-            return detect(model, picture, confidence, classes=wanted or None, encode=encode)
+            return detect(model, picture, confidence, classes=chosen)
 
     return find
 

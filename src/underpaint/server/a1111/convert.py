@@ -870,17 +870,11 @@ def _refiner(req: GenerationRequest, ctx: ConvertContext, overrides: "_Overrides
 
 
 #: ADetailer's settings → DetailerUnit's fields (the ``ad_use_*`` switches are read with their values).
-_AD_FIELDS = {"ad_model": "model", "ad_model_classes": "model_classes", "ad_prompt": "prompt",
-              "ad_negative_prompt": "negative_prompt", "ad_confidence": "confidence",
-              "ad_mask_filter_method": "mask_filter_method", "ad_mask_k": "mask_k_largest",
-              "ad_mask_min_ratio": "mask_min_ratio", "ad_mask_max_ratio": "mask_max_ratio",
-              "ad_x_offset": "x_offset", "ad_y_offset": "y_offset", "ad_dilate_erode": "dilate_erode",
-              "ad_mask_merge_invert": "mask_merge_invert", "ad_mask_blur": "mask_blur",
-              "ad_denoising_strength": "denoising_strength", "ad_inpaint_only_masked": "inpaint_only_masked",
-              "ad_inpaint_only_masked_padding": "inpaint_only_masked_padding", "ad_restore_face": "restore_face",
-              "ad_controlnet_model": "controlnet_model", "ad_controlnet_module": "controlnet_module",
-              "ad_controlnet_weight": "controlnet_weight", "ad_controlnet_guidance_start": "controlnet_guidance_start",
-              "ad_controlnet_guidance_end": "controlnet_guidance_end"}
+_AD_FIELDS = {f"ad_{name}": name for name in (
+    "model", "model_classes", "prompt", "negative_prompt", "confidence", "mask_filter_method", "mask_k",
+    "mask_min_ratio", "mask_max_ratio", "x_offset", "y_offset", "dilate_erode", "mask_merge_invert", "mask_blur",
+    "denoising_strength", "inpaint_only_masked", "inpaint_only_masked_padding", "restore_face", "controlnet_model",
+    "controlnet_module", "controlnet_weight", "controlnet_guidance_start", "controlnet_guidance_end")}
 #: Names ADetailer's older releases gave settings above (read when the current name is not given).
 _AD_OLD_NAMES = {"ad_mask_k_largest": "ad_mask_k"}
 #: The settings that hold whole numbers (a client's 4.0 is taken as 4, as ADetailer's own checks take it).
