@@ -1,7 +1,7 @@
 """The explicit ``underpaint download NAME`` command: a few well-known models from the Hugging Face Hub
-(checkpoints, a VAE, Interrogate CLIP's BLIP captioner and CLIP model, ADetailer's detectors) and the face
-restorers from their authors' GitHub releases (GFPGAN, CodeFormer, and the face detector and parser both
-need), where A1111 fetches them.
+(checkpoints, a VAE, Interrogate CLIP's BLIP captioner and CLIP models, ADetailer's detectors), and the face
+restorers (GFPGAN, CodeFormer, and the face detector and parser both need) and A1111's named upscalers from
+their authors' GitHub releases, where A1111 fetches them.
 
 Nothing else in underpaint touches the network. When the download cannot happen (offline,
 ``HF_HUB_OFFLINE=1``, a gated repository, a moved file), the error says in one line which file

@@ -256,16 +256,12 @@ def _generate(model, params: GenerationParams, networks: ActiveNetworks, *, info
         plan = replace(plan, params=control.with_infotext(plan.params))
     first_block_cache.for_request(model, params.first_block_cache, control=control)  # refused before any work
     vae_type.check(model, params)  # a TAESD file that is not there: refused before any work
-    if params.restore_faces:  # so are face restoration's missing files
+    restoring = ["restore_faces"] * params.restore_faces + [
+        f"detailer[{n}].restore_face" for n, unit in enumerate(params.detailer) if unit.restore_face]
+    if restoring:  # so are face restoration's missing files (the request's, or an ADetailer tab's)
         from .face_restore import face_model_files
 
-        face_model_files(models_dir_of(model), restorer=params.face_restoration_model)
-    for n, unit in enumerate(params.detailer):  # an ADetailer tab's too
-        if unit.restore_face:
-            from .face_restore import face_model_files
-
-            face_model_files(models_dir_of(model), f"detailer[{n}].restore_face", params.face_restoration_model)
-            break
+        face_model_files(models_dir_of(model), restoring[0], params.face_restoration_model)
     # 2d. LoRA and embedding hashes, after the inpaint and ControlNet keys as A1111 orders them.
     plan = replace(plan, params=networks.with_infotext(plan.params))
     if refiner is not None:  # A1111 records the refiner when the switch comes, while sampling

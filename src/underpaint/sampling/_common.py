@@ -32,6 +32,14 @@ class _UncondNoise(threading.local):
 LAST_UNCOND_NOISE = _UncondNoise()
 
 
+def uncond_noise(sampler: str) -> torch.Tensor:
+    """ε_∅ the denoiser left for a CFG++ sampler (pipeline/denoise.py records it for these samplers)."""
+    eps = LAST_UNCOND_NOISE.value
+    if eps is None:
+        raise RuntimeError(f"{sampler} needs a denoiser that records the unconditional noise prediction")
+    return eps
+
+
 #: Return this from a sampler callback to stop: the sampler then returns its latest ``denoised``.
 STOP = Signal.STOP
 

@@ -15,6 +15,7 @@ import torch
 
 from ._common import (
     LAST_UNCOND_NOISE, Callback, NoiseSampler, ancestral_step, batch_sigma, host_copy, require_noise, stopped,
+    uncond_noise,
 )
 from ..models.device import to_device
 from .schedules import sigmas_karras
@@ -65,14 +66,6 @@ def sample_euler_ancestral(denoiser, x, sigmas, *, noise: NoiseSampler | None = 
     return x
 
 
-def _uncond_noise(sampler: str) -> torch.Tensor:
-    """ε_∅ the denoiser left for a CFG++ sampler (pipeline/denoise.py records it for these samplers)."""
-    eps = LAST_UNCOND_NOISE.value
-    if eps is None:
-        raise RuntimeError(f"{sampler} needs a denoiser that records the unconditional noise prediction")
-    return eps
-
-
 def sample_euler_cfgpp(denoiser, x, sigmas, *, noise: NoiseSampler | None = None, callback: Callback | None = None):
     """ComfyUI's Euler CFG++ (``euler_cfg_pp``; Chung et al. 2024): x0 from the guided prediction, the step
     along the negative prompt's noise: x_next = denoised + σ_next·ε_∅ (the CFG scale as given)."""
@@ -80,7 +73,7 @@ def sample_euler_cfgpp(denoiser, x, sigmas, *, noise: NoiseSampler | None = None
     for i in range(total):
         LAST_UNCOND_NOISE.value = None
         denoised = denoiser(x, batch_sigma(sigmas[i], x))
-        eps = _uncond_noise("Euler CFG++")
+        eps = uncond_noise("Euler CFG++")
         if stopped(callback, i, total, x, denoised):
             return denoised
         x = denoised + eps * sigmas[i + 1]
@@ -95,7 +88,7 @@ def sample_euler_ancestral_cfgpp(denoiser, x, sigmas, *, noise: NoiseSampler | N
     for i in range(total):
         LAST_UNCOND_NOISE.value = None
         denoised = denoiser(x, batch_sigma(sigmas[i], x))
-        eps = _uncond_noise("Euler a CFG++")
+        eps = uncond_noise("Euler a CFG++")
         sigma_down, sigma_up = ancestral_step(sigmas[i], sigmas[i + 1], eta)
         if stopped(callback, i, total, x, denoised):
             return denoised

@@ -13,7 +13,9 @@ import math
 
 import torch
 
-from ._common import LAST_UNCOND_NOISE, Callback, NoiseSampler, batch_sigma, host_copy, require_noise, stopped
+from ._common import (
+    LAST_UNCOND_NOISE, Callback, NoiseSampler, batch_sigma, host_copy, require_noise, stopped, uncond_noise,
+)
 
 
 def _eps(denoiser, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -64,12 +66,7 @@ def _ddim(denoiser, x, sigmas, noise, callback, eta, *, along_uncond: bool):
             return _finish(x, sigmas[i])
         LAST_UNCOND_NOISE.value = None
         denoised = denoiser(x, batch_sigma(sigmas[i], x))
-        if along_uncond:
-            eps = LAST_UNCOND_NOISE.value
-            if eps is None:
-                raise RuntimeError("DDIM CFG++ needs a denoiser that records the unconditional noise prediction")
-        else:
-            eps = (x - denoised) / sigmas[i]
+        eps = uncond_noise("DDIM CFG++") if along_uncond else (x - denoised) / sigmas[i]
         if stopped(callback, i, total, x, denoised):
             return denoised
         x = _ddim_update(denoised, eps, host[i], host[i + 1], eta, noise)

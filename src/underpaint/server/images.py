@@ -80,14 +80,12 @@ def encode_image(image: "Image", infotext: str | None = None, samples_format: st
     """A picture as A1111's API returns it, base64 without a ``data:`` prefix: a PNG with its infotext in
     the ``parameters`` chunk, or (``samples_format`` jpg, jpeg, webp) a JPEG or WebP of ``quality`` with
     it in an EXIF UserComment (an empty one when there is none, as A1111 writes it)."""
-    from ..imageio.load import encode_png_base64
-
-    if samples_format == "png":
-        return encode_png_base64(image, infotext)
+    from ..imageio.metadata import OUTPUT_FORMATS
     from ..imageio.metadata import encode_image as encode_file
 
-    fmt = "WEBP" if samples_format == "webp" else "JPEG"
-    return base64.b64encode(encode_file(image, fmt, infotext=infotext or "", quality=quality)).decode("ascii")
+    fmt = OUTPUT_FORMATS["." + samples_format]
+    text = infotext if fmt == "PNG" else infotext or ""
+    return base64.b64encode(encode_file(image, fmt, infotext=text, quality=quality)).decode("ascii")
 
 
 def picture_pixels(value: object) -> int:

@@ -25,7 +25,7 @@ from ..images import encode_image, picture_pixels
 from ..jobs import Job, JobCancelled
 from ..saving import SaveReport
 from ..security import JSONValueLimitRoute
-from ..state import ServerState, server_state
+from ..state import ServerOptions, ServerState, server_state
 from .convert import ConvertContext, PreparedJob, info_json, plot_models, prepare_img2img, prepare_txt2img
 from .requests import Img2ImgRequest, Txt2ImgRequest
 from .responses import ImageToImageResponse, ProgressResponse, ProgressState, TextToImageResponse
@@ -229,12 +229,12 @@ def job_failure(exc: BaseException, job: Job) -> ServerError:
                        headers={JOB_HEADER: job.id})
 
 
-def _response_fields(prepared: PreparedJob, finished: Finished, job: Job, options=None) -> dict:
+def _response_fields(prepared: PreparedJob, finished: Finished, job: Job, options: ServerOptions) -> dict:
     """A1111's answer: the pictures encoded as its "File format for images" setting says (/options', as
     A1111 restores a request's overrides before it encodes), the echoed request and the info."""
     result = finished.result
     images = []
-    fmt = {"samples_format": options.samples_format, "quality": options.jpeg_quality} if options else {}
+    fmt = {"samples_format": options.samples_format, "quality": options.jpeg_quality}
     if prepared.send_images:
         texts = list(result.infotexts) + [None] * (len(result.images) - len(result.infotexts))
         images = [encode_image(image, text, **fmt) for image, text in zip(result.images, texts)]
