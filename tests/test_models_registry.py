@@ -277,7 +277,9 @@ def test_a1111s_upscaler_names_say_which_download_brings_them(tmp_path):
 
     folder = ModelsDir(tmp_path / "m")
     for name, download_name, file in (("R-ESRGAN 4x+", "realesrgan-x4plus", "RealESRGAN_x4plus.pth"),
-                                      ("swinir 4x", "swinir-4x", "003_realSR_BSRGAN_DFOWMFC_s64w8_SwinIR-L_x4_GAN.pth")):
+                                      ("swinir 4x", "swinir-4x", "003_realSR_BSRGAN_DFOWMFC_s64w8_SwinIR-L_x4_GAN.pth"),
+                                      ("DAT x3", "dat-x3", "DAT_x3.pth"),
+                                      ("ScuNET PSNR", "scunet-psnr", "scunet_color_real_psnr.pth")):
         with pytest.raises(UnknownName) as err:
             resolve(folder, name, "hr_upscaler")
         assert f"underpaint download {download_name}" in str(err.value) and file in str(err.value)
@@ -302,6 +304,38 @@ def test_a_cut_off_download_leaves_no_file_and_offline_names_the_release(tmp_pat
     assert list((tmp_path / "m" / "GFPGAN").iterdir()) == []
 
 
+def test_a_download_whose_hash_differs_from_the_published_one_is_not_kept(tmp_path, monkeypatch):
+    """DAT's files come with the SHA-256 A1111 checks: other bytes are refused and leave nothing behind;
+    the published bytes are kept under the file's name."""
+    import hashlib
+    import urllib.request
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    asked = []
+
+    def urlopen(url, timeout):
+        asked.append(url)
+        return _Response(b"not the weights")
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    with pytest.raises(DownloadError) as err:
+        download("dat-x4", tmp_path / "m", progress=False)
+    assert "SHA-256" in str(err.value) and KNOWN_MODELS["dat-x4"].sha256 in str(err.value)
+    assert asked == ["https://huggingface.co/w-e-w/DAT/resolve/main/experiments/pretrained_models/DAT/DAT_x4.pth"]
+    assert list((tmp_path / "m" / "upscale_models").iterdir()) == []
+
+    import dataclasses
+
+    import underpaint.models.download as download_module
+
+    body = b"published bytes"
+    published = dataclasses.replace(KNOWN_MODELS["dat-x4"], sha256=hashlib.sha256(body).hexdigest().upper())
+    monkeypatch.setattr(download_module, "KNOWN_MODELS", {**KNOWN_MODELS, "dat-x4": published})
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: _Response(body))
+    done = download("dat-x4", tmp_path / "m", progress=False)
+    assert done == tmp_path / "m" / "upscale_models" / "DAT_x4.pth" and done.read_bytes() == body
+
+
 def test_interrogate_models_go_to_their_folders(tmp_path, no_network):
     done = _touch(tmp_path / "m" / "CLIP" / "clip-vit-large-patch14" / "config.json", b"{}").parent
     assert download("clip-vit-l", tmp_path / "m") == done
@@ -315,7 +349,9 @@ def test_known_model_table():
     assert {"sd15", "sd21", "sdxl", "sd-turbo", "sdxl-turbo"} <= set(KNOWN_MODELS)
     assert all(name == m.name for name, m in KNOWN_MODELS.items())
     assert all((m.folder or m.filename.endswith(".safetensors") or (m.kind, m.filename[-3:]) == ("adetailer", ".pt")
-                or (m.kind in ("gfpgan", "codeformer", "upscalers") and m.source.startswith("https://github.com/")))
+                or (m.kind in ("gfpgan", "codeformer", "upscalers") and m.source.startswith("https://github.com/"))
+                or (m.kind == "upscalers" and m.source.startswith(f"https://huggingface.co/{m.repo_id}/resolve/")
+                    and len(m.sha256) == 64))
                and "/" in m.repo_id and m.description and set(m.needs) <= set(KNOWN_MODELS)
                for m in KNOWN_MODELS.values())
     assert {m.filename for m in KNOWN_MODELS.values() if m.kind == "adetailer"} >= {"face_yolov8n.pt", "hand_yolov8n.pt"}

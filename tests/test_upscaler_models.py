@@ -1,4 +1,4 @@
-"""Upscaling models (ESRGAN / Real-ESRGAN RRDBNet, Real-ESRGAN Compact, SwinIR and HAT) read from the
+"""Upscaling models (ESRGAN / Real-ESRGAN RRDBNet, Real-ESRGAN Compact, SwinIR, HAT, DAT and SCUNet) read from the
 files people download, checked against spandrel 0.4.2 (what ComfyUI and Forge load these files with).
 
 The state dicts are random, small (nf 8-16, nb 1-2) and written in the released files' key layouts:
@@ -7,8 +7,8 @@ old ESRGAN (``model.N``), Real-ESRGAN / BasicSR (``conv_first``, ``body.N.rdbM``
 spandrel builds its RRDB with 32 growth channels whatever the file says, so the spandrel
 comparisons use gc 32; other widths are checked against a functional re-statement of the network
 written from the layout description (plain ``F.conv2d`` over the file's own tensor names).
-SwinIR and HAT networks are built with spandrel's own classes and compared on pictures that are
-not multiples of the window.
+SwinIR, HAT, DAT and SCUNet networks are built with spandrel's own classes and compared on pictures
+that are not multiples of the window.
 """
 
 from __future__ import annotations
@@ -25,8 +25,10 @@ from safetensors.torch import save_file
 from underpaint.errors import InvalidParameter, ModelError, UnsafeModelFile
 from underpaint.models.upscaler import (
     ARCH_COMPACT,
+    ARCH_DAT,
     ARCH_ESRGAN,
     ARCH_HAT,
+    ARCH_SCUNET,
     ARCH_SWINIR,
     UPSCALER_EXTENSIONS,
     _axis_weights,
@@ -472,11 +474,6 @@ def _swin2sr() -> dict[str, torch.Tensor]:
             "layers.0.residual_group.blocks.0.attn.cpb_mlp.0.weight": torch.zeros(16, 2)}
 
 
-def _dat() -> dict[str, torch.Tensor]:
-    return {"conv_first.weight": torch.zeros(8, 3, 3, 3), "before_RG.1.weight": torch.zeros(8),
-            "layers.0.blocks.0.attn.attns.0.pos.pos_proj.weight": torch.zeros(4, 2), "norm.weight": torch.zeros(8)}
-
-
 def _swinir_unshuffled() -> dict[str, torch.Tensor]:
     sd = _swin_start()
     sd["conv_first.1.weight"] = torch.zeros(8, 12, 3, 3)
@@ -490,7 +487,6 @@ def _esrgan_plus() -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("make,hint", [(_sd_checkpoint, "Stable Diffusion checkpoint"),
                                        (_esrgan_plus, "ESRGAN+"),
                                        (_swin2sr, "Swin2SR"),
-                                       (_dat, "DAT"),
                                        (_swinir_unshuffled, "pixel-unshuffled"),
                                        (lambda: {"foo.weight": torch.zeros(2)}, "foo.weight")])
 def test_other_architectures_name_the_file_and_what_is_supported(tmp_path, make, hint):
@@ -500,7 +496,7 @@ def test_other_architectures_name_the_file_and_what_is_supported(tmp_path, make,
         load_upscaler(path)
     message = str(info.value)
     assert str(path) in message and hint in message
-    assert "supported: " in message and "ESRGAN" in message and "Compact" in message
+    assert "supported: " in message and "ESRGAN" in message and "Compact" in message and "SCUNet" in message
     assert "\n" not in message
     with pytest.raises(ModelError, match="^upscale.pth: .*supported"):
         detect_upscaler(make(), source="upscale.pth")
@@ -735,3 +731,159 @@ def test_a_tensor_the_module_refuses_is_a_model_error_naming_the_file():
     sd = {name: t.clone() for name, t in module.state_dict().items()}
     with pytest.raises(ModelError, match=r"x\.pth: cannot load the tiny net: cannot copy this tensor$"):
         _load_strict(module, sd, lambda name: name, "x.pth", "tiny net")
+
+
+# --------------------------------------------------------------------------------------------- DAT
+
+
+def _randomised_with_statistics(module: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    """:func:`_randomised`, and the batch norms' saved statistics moved off 0 and 1 too."""
+    gen = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for name, buffer in module.named_buffers():
+            if name.endswith("running_mean"):
+                buffer.copy_(torch.randn(buffer.shape, generator=gen) * 0.1)
+            elif name.endswith("running_var"):
+                buffer.copy_(torch.rand(buffer.shape, generator=gen) + 0.5)
+    return _randomised(module, seed)
+
+
+def dat_reference(**kwargs) -> torch.nn.Module:
+    """spandrel's DAT class (spandrel must already be imported: see ``spandrel_loader``)."""
+    from spandrel.architectures.DAT import DAT
+
+    return DAT(**kwargs)
+
+
+#: name → (spandrel DAT arguments, input size (w, h), scale). img_size sizes the shifted blocks' saved
+#: masks; the pictures are not multiples of the window, so the padded keys take part.
+DAT_CASES = {
+    # A1111's "DAT x4" frame in small: 1conv, pixel shuffle, rectangular windows, shifted blocks 2 (and 0 in group 1)
+    "4x": (dict(upscale=4, embed_dim=32, depth=[4, 2], num_heads=[4, 2], split_size=[4, 8], img_size=16,
+                expansion_factor=2.0), (21, 18), 4),
+    "2x-3conv": (dict(upscale=2, embed_dim=32, depth=[6], num_heads=[2], split_size=[2, 4], img_size=16,
+                      resi_connection="3conv"), (17, 22), 2),
+    "3x": (dict(upscale=3, embed_dim=48, depth=[3, 2], num_heads=[6, 4], split_size=[4, 4], img_size=8,
+                qkv_bias=False), (13, 11), 3),
+    # DAT-light's frame: one conv and pixel shuffle at the end
+    "light-2x": (dict(upscale=2, embed_dim=32, depth=[3, 2], num_heads=[2, 2], split_size=[2, 8], img_size=16,
+                      upsampler="pixelshuffledirect", resi_connection="3conv"), (19, 10), 2),
+}
+
+
+@pytest.mark.parametrize("case", list(DAT_CASES))
+def test_dat_loads_like_spandrel(case, tmp_path, spandrel_loader):
+    kwargs, (w, h), scale = DAT_CASES[case]
+    tensors = _randomised_with_statistics(dat_reference(**kwargs), seed=len(case))
+    assert any(n.endswith(".attn_mask_0") for n in tensors) and any(n.endswith(".num_batches_tracked") for n in tensors)
+    x, expected, atol = _loads_like_spandrel(tmp_path, case, tensors, spandrel_loader, "DAT", ARCH_DAT, scale, (w, h))
+    # the derived buffers and the batch-norm counters are not needed
+    bare = {k: v for k, v in tensors.items()
+            if not k.endswith(("attn_mask_0", "attn_mask_1", "rpe_biases", "relative_position_index",
+                               "num_batches_tracked")) or k.endswith("attns.0.rpe_biases")}
+    torch.testing.assert_close(_forward(upscaler_from_state_dict(bare).module, x), expected, atol=atol, rtol=1e-5)
+
+
+def test_dat_shapes_spandrel_does_not_infer(spandrel_loader):
+    """A first group of one block (spandrel reads the window masks' size from group 0's block 2, so it
+    builds this one differently) checked against its class built with the same arguments; pictures
+    smaller than the window, and a picture in a batch of two."""
+    reference = dat_reference(upscale=2, embed_dim=32, depth=[1, 5], num_heads=[2, 4], split_size=[2, 4],
+                              img_size=8, expansion_factor=1.5)
+    model = upscaler_from_state_dict(_randomised_with_statistics(reference, seed=5))
+    for h, w in ((9, 14), (3, 2), (1, 1)):
+        x = torch.rand(2, 3, h, w, generator=torch.Generator().manual_seed(h))
+        expected = _forward(reference, x)
+        torch.testing.assert_close(_forward(model.module, x), expected, atol=2e-6 * float(expected.abs().max()),
+                                   rtol=1e-5)
+
+
+def _dat_file() -> dict[str, torch.Tensor]:
+    """A complete DAT state dict without spandrel: our own module's tensors plus the first branch's offsets."""
+    from underpaint.models.upscaler_dat import DAT
+
+    module = DAT(dim=16, depths=[2], spatial_heads=[1], channel_heads=[2], split=(2, 4), hidden=32, pos_width=2,
+                 upsampler="pixelshuffle", factors=[2], num_feat=8)
+    sd = dict(module.state_dict())
+    sd["layers.0.blocks.0.attn.attns.0.rpe_biases"] = module.layers[0].blocks[0].attn.attns[0].offsets
+    return sd
+
+
+@pytest.mark.parametrize("make,named", [
+    (lambda: _without(_dat_file(), "layers.0.blocks.0.attn.attns.0.rpe_biases"),
+     "DAT model without a 2-D 'layers.0.blocks.0.attn.attns.0.rpe_biases'"),
+    (lambda: {**_dat_file(), "layers.0.blocks.0.attn.attns.0.rpe_biases": torch.zeros(21, 2)},
+     "rpe_biases does not describe a window"),
+    (lambda: {**_dat_file(), "layers.0.blocks.0.attn.attns.0.rpe_biases": torch.full((3, 2), 1e9)},
+     "rpe_biases does not describe a window"),
+    (lambda: _without(_dat_file(), "layers.0.blocks.1.attn.dwconv.1.running_var"),
+     "missing layers.0.blocks.1.attn.dwconv.1.running_var"),
+    (lambda: _without(_dat_file(), "conv_after_body.weight"), "DAT model without 'conv_after_body'"),
+    (lambda: {**_dat_file(), "layers.2.blocks.0.norm1.weight": torch.zeros(16)}, "DAT groups numbered [0, 2]"),
+])
+def test_incomplete_or_odd_dat_files(tmp_path, make, named):
+    path = tmp_path / "4xBroken-DAT.safetensors"
+    save_file(make(), str(path))
+    with pytest.raises(ModelError) as info:
+        load_upscaler(path)
+    message = str(info.value)
+    assert message.startswith(str(path)) and named in message and "\n" not in message
+
+
+def test_a_complete_dat_file_loads():
+    """The file :func:`_dat_file` makes is whole (so each broken variant above is broken by one change)."""
+    model = upscaler_from_state_dict(_dat_file())
+    assert (model.arch, model.scale) == (ARCH_DAT, 2)
+    assert upscale_image(model, _image(9, 7), tile=0).size == (18, 14)
+
+
+# --------------------------------------------------------------------------------------------- SCUNet
+
+
+def scunet_reference(**kwargs) -> torch.nn.Module:
+    """spandrel's SCUNet class (spandrel must already be imported: see ``spandrel_loader``)."""
+    from spandrel.architectures.SCUNet import SCUNet
+
+    return SCUNet(**kwargs)
+
+
+def _scunet_tensors(config: list[int], seed: int) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """A small-noise random SCUNet (64 channels, its narrowest; larger noise sends the U-Net's values to 1e13)."""
+    reference = scunet_reference(dim=64, config=config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.03)
+    return reference.eval(), reference.state_dict()
+
+
+def test_scunet_loads_like_spandrel(tmp_path, spandrel_loader):
+    """A1111's ScuNET GAN / PSNR frame with fewer blocks per level: the picture is padded to 64 (by reflection,
+    as the original) and cropped back, scale 1."""
+    _, tensors = _scunet_tensors([2, 1, 2, 2, 1, 2, 2], seed=0)
+    _loads_like_spandrel(tmp_path, "scunet", tensors, spandrel_loader, "SCUNet", ARCH_SCUNET, 1, (70, 41))
+
+
+def test_scunet_pictures_smaller_than_its_padding(spandrel_loader):
+    """Sides too short to reflect to 64 are replicated (the original fails there): the size comes back."""
+    _, tensors = _scunet_tensors([1, 1, 1, 1, 1, 1, 1], seed=1)
+    model = upscaler_from_state_dict(tensors)
+    for size in ((3, 2), (20, 31)):
+        assert upscale_image(model, _image(*size), tile=0).size == size
+
+
+@pytest.mark.parametrize("make,named", [
+    (lambda: {**_scunet_tensors([1, 1, 1, 1, 1, 1, 1], 0)[1], "m_down2.3.conv1_1.weight": torch.zeros(1)},
+     "SCUNet m_down2 entries numbered [0, 1, 3]"),
+    (lambda: _without(_scunet_tensors([1, 1, 1, 1, 1, 1, 1], 0)[1], "m_up1.0.weight"),
+     "SCUNet m_up1 entries numbered [1]"),
+    (lambda: {"m_head.0.weight": torch.zeros(48, 3, 3, 3), "m_tail.0.weight": torch.zeros(3, 48, 3, 3)},
+     "SCUNet of width 48; expected a multiple of 64"),
+])
+def test_broken_scunet_files(tmp_path, make, named, spandrel_loader):
+    path = tmp_path / "scunet_broken.pth"
+    torch.save(make(), path)
+    with pytest.raises(ModelError) as info:
+        load_upscaler(path)
+    message = str(info.value)
+    assert message.startswith(str(path)) and named in message and "\n" not in message

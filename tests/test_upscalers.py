@@ -90,13 +90,19 @@ def test_a1111_install_folders(tmp_path):
     for sub, name in (("ESRGAN", "4x-UltraSharp.pth"), ("RealESRGAN", "RealESRGAN_x4plus.pth"),
                       ("RealESRGAN", "RealESRGAN_x2plus.pth"), ("SwinIR", "SwinIR_4x.pth"),
                       ("SwinIR", "001_classicalSR_DF2K_s64w8_SwinIR-M_x2.pth"), ("DAT", "4xNomos8kDAT.pth"),
-                      ("HAT", "4xNomos8kSCHAT-L.safetensors")):
+                      ("DAT", "DAT_x3.pth"), ("HAT", "4xNomos8kSCHAT-L.safetensors"), ("ScuNET", "ScuNET.pth"),
+                      ("ScuNET", "scunet_color_real_psnr.pth")):
         (tmp_path / "models" / sub).mkdir(exist_ok=True)
         (tmp_path / "models" / sub / name).write_bytes(b"")
     folder = ModelsDir(tmp_path)
     entries = {e.name: e for e in upscale.model_entries(folder)}
     assert set(entries) == {"4x-UltraSharp", "R-ESRGAN 4x+", "R-ESRGAN 2x+", "SwinIR 4x",
-                            "001_classicalSR_DF2K_s64w8_SwinIR-M_x2", "4xNomos8kDAT", "4xNomos8kSCHAT-L"}
+                            "001_classicalSR_DF2K_s64w8_SwinIR-M_x2", "4xNomos8kDAT", "4xNomos8kSCHAT-L", "DAT x3",
+                            "ScuNET GAN", "ScuNET PSNR"}
+    assert upscale.nominal_scale(entries["DAT x3"]) == 3
+    # the GAN model is the file A1111 saves as ScuNET.pth, and goes by that name too
+    assert upscale.resolve(folder, "ScuNET", "f") == entries["ScuNET GAN"]
+    assert entries["ScuNET PSNR"].filename == "scunet_color_real_psnr.pth"
     assert [upscale.nominal_scale(entries[n]) for n in ("4x-UltraSharp", "R-ESRGAN 4x+", "R-ESRGAN 2x+")] == [4, 4, 2]
     assert upscale.nominal_scale(entries["001_classicalSR_DF2K_s64w8_SwinIR-M_x2"]) == 2
     assert entries["SwinIR 4x"].filename == "SwinIR_4x.pth" and not entries["SwinIR 4x"].is_realesrgan
@@ -130,6 +136,40 @@ def test_model_pass_is_nearest_for_a_zero_network(models, photo):
     for image in (photo, big):
         out = upscale.picture_pass(entry)(image, 4)
         assert np.array_equal(np.asarray(out), np.asarray(nearest(image, 4)))
+
+
+def test_scunet_cleans_the_picture_in_its_own_tiles_then_lanczos_makes_the_size(tmp_path, monkeypatch):
+    """A1111's ScuNET: the 1x denoiser runs once (in 256 px tiles, its SCUNET_tile), and a Lanczos resize
+    brings the result to the scale asked."""
+    from underpaint.models import upscaler
+    from underpaint.models.registry import ModelsDir
+    from underpaint.models.upscaler_scunet import SCUNet
+    from underpaint.pipeline import upscale
+
+    network = SCUNet(dim=64, config=[1] * 7)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in network.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.02)
+    (tmp_path / "models" / "Stable-diffusion").mkdir(parents=True)
+    path = tmp_path / "models" / "ScuNET" / "scunet_color_real_gan.pth"
+    path.parent.mkdir()
+    torch.save(network.state_dict(), path)
+    tiles = []
+    real = upscaler.upscale_image
+
+    def recording(model, image, **kwargs):
+        tiles.append(kwargs["tile"])
+        return real(model, image, **kwargs)
+
+    monkeypatch.setattr(upscaler, "upscale_image", recording)
+    entry = upscale.resolve(ModelsDir(tmp_path), "ScuNET GAN", "hr_upscaler")
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 44, 3), dtype=np.uint8))
+    out = upscale.upscale(picture, entry, 1.5)
+    assert out.size == (64, 40) and tiles == [256]  # 66 x 45 rounded down to multiples of 8
+    cleaned = real(upscaler.load_upscaler(path), picture, tile=0)
+    assert cleaned.size == picture.size and not np.array_equal(np.asarray(cleaned), np.asarray(picture))
+    assert np.array_equal(np.asarray(out), np.asarray(cleaned.resize((64, 40), Image.Resampling.LANCZOS)))
 
 
 def test_hires_with_a_model_equals_nearest_at_its_scale(engine):

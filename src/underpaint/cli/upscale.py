@@ -23,8 +23,9 @@ def add_command(sub) -> None:
     p = sub.add_parser("upscale", help="upscale pictures with Lanczos or an upscaling model (A1111's Extras)",
                        description="Upscale pictures as A1111's Extras tab does: with a built-in upscaler "
                                    "(Lanczos, Nearest) or an upscaling model from the models folder "
-                                   "(ESRGAN, Real-ESRGAN, SwinIR, HAT: upscale_models/, or an A1111 install's "
-                                   "models/ESRGAN, models/RealESRGAN, models/SwinIR and models/HAT).")
+                                   "(ESRGAN, Real-ESRGAN, SwinIR, HAT, DAT, SCUNet: upscale_models/, or an A1111 "
+                                   "install's models/ESRGAN, models/RealESRGAN, models/SwinIR, models/DAT, "
+                                   "models/HAT and models/ScuNET).")
     p.add_argument("input", metavar="INPUT", help="a picture, or a folder of pictures")
     p.add_argument("--upscaler", "--upscaler-1", dest="upscaler", required=True, metavar="NAME",
                    help="Lanczos, Nearest, or an upscaling model by name (e.g. 4x-UltraSharp, 'R-ESRGAN 4x+')")

@@ -1,7 +1,8 @@
 """The explicit ``underpaint download NAME`` command: a few well-known models from the Hugging Face Hub
 (checkpoints, a VAE, Interrogate CLIP's BLIP captioner and CLIP models, ADetailer's detectors), and the face
 restorers (GFPGAN, CodeFormer, and the face detector and parser both need) and A1111's named upscalers from
-their authors' GitHub releases, where A1111 fetches them.
+where A1111 fetches them (their authors' GitHub releases; DAT's from a Hugging Face copy, checked against
+the SHA-256 A1111 checks).
 
 Nothing else in underpaint touches the network. When the download cannot happen (offline,
 ``HF_HUB_OFFLINE=1``, a gated repository, a moved file), the error says in one line which file
@@ -11,7 +12,6 @@ to fetch by hand and where to put it.
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +38,9 @@ class KnownModel:
     #: known models it needs beside it (fetched first).
     source: str = ""
     needs: tuple[str, ...] = ()
+    #: The file's SHA-256 where its publisher (or A1111, which checks it) states one: a download that
+    #: differs is not kept.
+    sha256: str = ""
 
     @property
     def marker(self) -> str:
@@ -123,7 +126,17 @@ _TABLE = (
           ("realesrgan-animevideo", "R-ESRGAN AnimeVideo", "xinntao/Real-ESRGAN", "v0.2.5.0",
            "realesr-animevideov3.pth"),
           ("swinir-4x", "SwinIR 4x", "JingyunLiang/SwinIR", "v0.0",
-           "003_realSR_BSRGAN_DFOWMFC_s64w8_SwinIR-L_x4_GAN.pth"))),
+           "003_realSR_BSRGAN_DFOWMFC_s64w8_SwinIR-L_x4_GAN.pth"),
+          ("scunet-gan", "ScuNET GAN", "cszn/KAIR", "v1.0", "scunet_color_real_gan.pth"),
+          ("scunet-psnr", "ScuNET PSNR", "cszn/KAIR", "v1.0", "scunet_color_real_psnr.pth"))),
+    # DAT's authors' models, from the copy A1111 fetches them from, with the hashes it checks.
+    *(KnownModel(f"dat-x{n}", "w-e-w/DAT", f"DAT_x{n}.pth", "upscalers",
+                 f"DAT x{n} upscaler (DAT_x{n}.pth) for hires. fix and Extras",
+                 source=f"https://huggingface.co/w-e-w/DAT/resolve/main/experiments/pretrained_models/DAT/DAT_x{n}.pth",
+                 sha256=digest)
+      for n, digest in ((2, "7760aa96e4ee77e29d4f89c3a4486200042e019461fdb8aa286f49aa00b89b51"),
+                        (3, "581973e02c06f90d4eb90acf743ec9604f56f3c2c6f9e1e2c2b38ded1f80d197"),
+                        (4, "391a6ce69899dff5ea3214557e9d585608254579217169faf3d4c353caff049e"))),
 )
 
 #: name → KnownModel, read-only (the CLI lists it and the API validates against it).
@@ -154,7 +167,7 @@ def download(name: str, models_dir: ModelsDir | str | os.PathLike, *, progress: 
         return done
     try:
         if model.source:
-            return _fetch(model.source, done, progress)
+            return _fetch(model.source, done, progress, sha256=model.sha256)
         from huggingface_hub import hf_hub_download, snapshot_download
 
         kwargs = {}
@@ -173,9 +186,11 @@ def download(name: str, models_dir: ModelsDir | str | os.PathLike, *, progress: 
                             f"get {model.url} and {where}") from None
 
 
-def _fetch(url: str, done: Path, progress: bool) -> Path:
+def _fetch(url: str, done: Path, progress: bool, *, sha256: str = "") -> Path:
     """``url`` (https) saved as ``done``: written beside it under a temporary name, synced and then named, so
-    an interrupted download leaves no half file under the real name. ``HF_HUB_OFFLINE`` stops it too."""
+    an interrupted download (or one whose SHA-256 is not ``sha256``, when given) leaves no file under the
+    real name. ``HF_HUB_OFFLINE`` stops it too."""
+    import hashlib
     import urllib.request
 
     from ..imageio.metadata import publish, temp_beside
@@ -187,19 +202,27 @@ def _fetch(url: str, done: Path, progress: bool) -> Path:
     done.parent.mkdir(parents=True, exist_ok=True)
     temp = temp_beside(done)
     try:
+        digest = hashlib.sha256()
         with urllib.request.urlopen(url, timeout=60) as response, open(temp, "xb") as out:
             total = int(response.headers.get("Content-Length") or 0)
+            bar = None
             if progress:
                 from tqdm.auto import tqdm
 
-                with tqdm(total=total or None, unit="B", unit_scale=True, desc=done.name) as bar:
-                    while chunk := response.read(1 << 20):
-                        out.write(chunk)
+                bar = tqdm(total=total or None, unit="B", unit_scale=True, desc=done.name)
+            try:
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    if bar is not None:
                         bar.update(len(chunk))
-            else:
-                shutil.copyfileobj(response, out, 1 << 20)
+            finally:
+                if bar is not None:
+                    bar.close()
             if total and out.tell() != total:
                 raise ConnectionError(f"the connection closed after {out.tell()} of {total} bytes")
+            if sha256 and digest.hexdigest() != sha256.lower():
+                raise ValueError(f"the file is not the published one (SHA-256 {sha256.lower()})")
             out.flush()
             os.fsync(out.fileno())
         publish(temp, done)

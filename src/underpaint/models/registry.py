@@ -3,7 +3,7 @@
 Two layouts are read. underpaint's own (``checkpoints/ vae/ loras/ embeddings/ controlnet/
 VAE-approx/ upscale_models/ GFPGAN/ Codeformer/``) and an existing AUTOMATIC1111 install's (``models/Stable-diffusion``,
 ``models/VAE``, ``models/Lora``, ``embeddings/``, ``models/ControlNet``, ``models/VAE-approx``,
-``models/ESRGAN``, ``models/RealESRGAN``, ``models/SwinIR``, ``models/DAT``, ``models/HAT``,
+``models/ESRGAN``, ``models/RealESRGAN``, ``models/SwinIR``, ``models/DAT``, ``models/HAT``, ``models/ScuNET``,
 ``models/GFPGAN`` and ``models/Codeformer``),
 given either the install's root or its ``models/`` folder, so people can point underpaint at the
 files they already have. Names follow A1111: a checkpoint's name is its path relative to the checkpoints folder
@@ -122,7 +122,7 @@ _FOLDERS = {
     "vae_approx": ("VAE-approx", ("models/VAE-approx",)),
     # Upscaling models (ESRGAN, Real-ESRGAN, SwinIR, ...): ComfyUI's folder name; A1111 keeps them by kind.
     "upscalers": ("upscale_models", ("models/ESRGAN", "models/RealESRGAN", "models/SwinIR", "models/DAT",
-                                     "models/HAT")),
+                                     "models/HAT", "models/ScuNET")),
     # Face restoration (GFPGAN) with its face detector and parser, where A1111 keeps them.
     "gfpgan": ("GFPGAN", ("models/GFPGAN",)),
     # ADetailer's detection models (ultralytics YOLO files: face_yolov8n.pt, hand_yolov8n.pt, ...).

@@ -1,4 +1,5 @@
-"""Upscaling models people download for hires. fix and Extras: ESRGAN (RRDBNet), Real-ESRGAN Compact, SwinIR, HAT.
+"""Upscaling models people download for hires. fix and Extras: ESRGAN (RRDBNet), Real-ESRGAN Compact, SwinIR,
+HAT, DAT and SCUNet.
 
 These are the files A1111 users keep in ``models/ESRGAN`` / ``models/RealESRGAN`` (ComfyUI:
 ``models/upscale_models``): "4x-UltraSharp", RealESRGAN_x4plus(_anime_6B), RealESRGAN_x2plus,
@@ -34,13 +35,20 @@ Architectures (written here as plain modules; the key layouts are those of the r
   of Swin blocks at ``layers.N.residual_group.blocks.M``, ``conv_after_body`` and one of four
   upsamplers. Its width, depths, heads, window, MLP width, residual convs and upsampler (so its
   scale) come from the tensors; the saved ``relative_position_index`` and ``attn_mask`` buffers
-  are derived, not read. A pixel-unshuffled input (``conv_first.1``) is refused, as are Swin2SR
-  and DAT, by name.
+  are derived, not read. A pixel-unshuffled input (``conv_first.1``) is refused, as is Swin2SR,
+  by name.
 - **HAT** (``upscaler_swin.py``; ``models/HAT``): SwinIR's frame with a channel-attention conv
   branch in every block (``conv_block.cab``) and an overlapping cross-attention block
   (``overlap_attn``) closing every group; pixel-shuffle upsampling. Widths, depths, heads, window,
   overlapping window (from its bias table) and scale come from the tensors; the saved
   ``relative_position_index_SA``/``_OCA`` buffers are derived.
+- **DAT** (``upscaler_dat.py``; ``models/DAT``, A1111's "DAT x2/x3/x4"): residual groups of blocks
+  alternating window attention over two transposed rectangular windows and attention between
+  channels, each beside a depthwise-conv branch, with spatial-gate feed-forwards. Widths, depths,
+  heads, window (from the first branch's saved offsets), upsampler and scale come from the tensors.
+- **SCUNet** (``upscaler_scunet.py``; ``models/ScuNET``, A1111's "ScuNET GAN/PSNR"): a four-level
+  U-Net of blocks that are half residual convs, half Swin blocks; a denoiser of scale 1. Its width
+  and the blocks of each level come from the tensors.
 
 Every module maps a float (N, 3, H, W) RGB tensor in [0, 1] to (N, 3, H*scale, W*scale), the
 convention these models were trained with (and spandrel's). :func:`upscale_image` runs one on a
@@ -71,10 +79,12 @@ ARCH_ESRGAN = "ESRGAN"
 ARCH_COMPACT = "Real-ESRGAN Compact"
 ARCH_SWINIR = "SwinIR"
 ARCH_HAT = "HAT"
+ARCH_DAT = "DAT"
+ARCH_SCUNET = "SCUNet"
 
 #: What the error for an unknown file says is supported.
 SUPPORTED_ARCHITECTURES = ("ESRGAN / Real-ESRGAN RRDBNet (old ESRGAN, Real-ESRGAN and BSRGAN key layouts), "
-                           "Real-ESRGAN Compact (SRVGGNetCompact, PReLU), SwinIR and HAT")
+                           "Real-ESRGAN Compact (SRVGGNetCompact, PReLU), SwinIR, HAT, DAT and SCUNet")
 
 #: Nestings of released .pth files: BasicSR saves the EMA weights (the ones to use) next to the raw ones.
 _NESTED_KEYS = ("params_ema", "params", "state_dict")
@@ -267,6 +277,10 @@ def _plan(sd: dict[str, torch.Tensor], source: str) -> _Plan:
         return _swinir_plan(sd, source)
     if _is_hat(sd):
         return _hat_plan(sd, source)
+    if _is_dat(sd):
+        return _dat_plan(sd, source)
+    if "m_head.0.weight" in sd and "m_tail.0.weight" in sd:
+        return _scunet_plan(sd, source)
     raise ModelError(f"{source}: not a supported upscaling model ({_what_else(sd)}supported: {SUPPORTED_ARCHITECTURES})")
 
 
@@ -280,8 +294,6 @@ def _what_else(sd: Mapping[str, torch.Tensor]) -> str:
         return "it looks like a Stable Diffusion checkpoint; "
     if any(".attn.logit_scale" in n or ".cpb_mlp." in n for n in names):
         return "it looks like a Swin2SR model, which is not supported; "
-    if any(n.startswith("before_RG.") or ".attn.attns." in n for n in names):
-        return "it looks like a DAT model, which is not supported; "
     if any(".residual_group." in n or "relative_position" in n or n.startswith("patch_embed.") for n in names):
         return "it looks like a transformer upscaler that is not one of these, or an incomplete one; "
     if "body.0.weight" in sd and "body.1.weight" not in sd:
@@ -485,6 +497,124 @@ def _hat_plan(sd: Mapping[str, torch.Tensor], source: str) -> _Plan:
     )
 
 
+def _is_dat(sd: Mapping[str, torch.Tensor]) -> bool:
+    return "conv_first.weight" in sd and "before_RG.1.weight" in sd
+
+
+#: Saved buffers DAT derives from its window (and PyTorch's batch-norm counters, which it does not use).
+_DAT_DERIVED = re.compile(r".*\.attns\.[01]\.(?:rpe_biases|relative_position_index)|.*\.attn_mask_[01]"
+                          r"|.*\.num_batches_tracked")
+_DAT_BLOCK = re.compile(r"layers\.(\d+)\.blocks\.(\d+)\.")
+#: The largest window side DAT's files are read with (the released ones use 8 x 32; 64 bounds the work).
+_DAT_MAX_SPLIT = 64
+
+
+def _dat_split(sd: Mapping[str, torch.Tensor], source: str, tensor: Callable[[str, int], torch.Tensor]
+               ) -> tuple[int, int]:
+    """DAT's (height, width) window: one more than the largest offset, the last row of the first
+    branch's ``rpe_biases`` (the offsets grid, (2h - 1)(2w - 1) rows of (dy, dx))."""
+    name = "layers.0.blocks.0.attn.attns.0.rpe_biases"
+    offsets = tensor(name, 2)
+    if offsets.shape[1] != 2 or not offsets.is_floating_point() or not torch.isfinite(offsets[-1]).all():
+        raise ModelError(f"{source}: DAT {name} is {tuple(offsets.shape)} {offsets.dtype}; expected (rows, 2) "
+                         "offsets")
+    last = offsets[-1].float()
+    split = (int(last[0]) + 1, int(last[1]) + 1)
+    if (not torch.equal(last, last.round()) or not all(1 <= s <= _DAT_MAX_SPLIT for s in split)
+            or offsets.shape[0] != (2 * split[0] - 1) * (2 * split[1] - 1) or max(split) % min(split)):
+        raise ModelError(f"{source}: DAT {name} does not describe a window of 1 to {_DAT_MAX_SPLIT} pixels a side, "
+                         "one side a multiple of the other")
+    return split
+
+
+def _dat_plan(sd: Mapping[str, torch.Tensor], source: str) -> _Plan:
+    """DAT's hyper-parameters from its tensors: the width from the first conv; per group the depth
+    (blocks under ``layers.N.blocks.M``), the window branches' heads (their bias MLPs' outputs) and
+    the channel attention's (its ``temperature``); the window (:func:`_dat_split`), feed-forward and
+    bias-MLP widths; the residual convs and upsampler (so the scale)."""
+    from .upscaler_dat import DAT
+
+    tensor = _tensor_getter(sd, source, ARCH_DAT)
+    dim, in_ch = tensor("conv_first.weight", 4).shape[:2]
+    blocks: dict[int, set[int]] = {}
+    for name in sd:
+        if m := _DAT_BLOCK.match(name):
+            blocks.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+    if not blocks or sorted(blocks) != list(range(len(blocks))):
+        raise ModelError(f"{source}: DAT groups numbered {sorted(blocks)}; expected 0, 1, ... in a row")
+    depths = [1 + max(blocks[g]) for g in range(len(blocks))]
+    spatial = [tensor(f"layers.{g}.blocks.0.attn.attns.0.pos.pos3.2.weight", 2).shape[0] for g in range(len(depths))]
+    channel = [tensor(f"layers.{g}.blocks.1.attn.temperature", 3).shape[0] if depths[g] > 1 else 2 * spatial[g]
+               for g in range(len(depths))]
+    if dim % 2 or dim < 16 or any((dim // 2) % h for h in spatial) or any(dim % h for h in channel):
+        raise ModelError(f"{source}: DAT of width {dim} with heads {spatial} (window) and {channel} (channel); "
+                         "expected an even width of at least 16 that the heads divide")
+    split = _dat_split(sd, source, tensor)
+    hidden = tensor("layers.0.blocks.0.ffn.fc1.weight", 2).shape[0]
+    pos_width = tensor("layers.0.blocks.0.attn.attns.0.pos.pos_proj.weight", 2).shape[0]
+    if "conv_after_body.weight" in sd:
+        three_conv = False
+    elif "conv_after_body.0.weight" in sd:
+        three_conv = True
+    else:
+        raise ModelError(f"{source}: DAT model without 'conv_after_body': incomplete or damaged file")
+    num_feat = 64
+    if "conv_last.weight" in sd:
+        upsampler = "pixelshuffle"
+        num_feat = tensor("conv_before_upsample.0.weight", 4).shape[0]
+        factors = _pixelshuffle_factors(sd, source, ARCH_DAT, num_feat, tensor)
+        out_ch = tensor("conv_last.weight", 4).shape[0]
+    else:
+        upsampler = "pixelshuffledirect"
+        shuffled = tensor("upsample.0.weight", 4).shape[0]
+        out_ch = in_ch
+        factor = round((shuffled / out_ch) ** 0.5)
+        if factor < 1 or factor * factor * out_ch != shuffled:
+            raise ModelError(f"{source}: DAT upsample.0 gives {shuffled} channels; expected {out_ch} x scale²")
+        factors = [factor]
+    _rgb_only(source, ARCH_DAT, in_ch, out_ch)
+    scale = math.prod(factors)
+    return _Plan(
+        arch=ARCH_DAT, scale=scale, derived=_DAT_DERIVED.fullmatch,
+        describe=f"DAT {scale}x (dim {dim}, depths {depths}, heads {channel}, window {split[0]}x{split[1]})",
+        build=lambda: DAT(dim=dim, depths=depths, spatial_heads=spatial, channel_heads=channel, split=split,
+                          hidden=hidden, pos_width=pos_width, upsampler=upsampler, factors=factors,
+                          num_feat=num_feat, three_conv=three_conv,
+                          qkv_bias="layers.0.blocks.0.attn.qkv.bias" in sd),
+    )
+
+
+#: SCUNet's levels, top to bottom and back, and how many of each one's entries are (strided or
+#: transposed) convs rather than blocks.
+_SCUNET_LEVELS = (("m_down1", 1), ("m_down2", 1), ("m_down3", 1), ("m_body", 0), ("m_up3", 1), ("m_up2", 1),
+                  ("m_up1", 1))
+
+
+def _scunet_plan(sd: Mapping[str, torch.Tensor], source: str) -> _Plan:
+    """SCUNet's width from its first conv and each level's block count from the entries under it
+    (the down levels end with their strided conv, the up levels start with their transposed one)."""
+    from .upscaler_scunet import HEAD_DIM, SCUNet
+
+    tensor = _tensor_getter(sd, source, ARCH_SCUNET)
+    dim, in_ch = tensor("m_head.0.weight", 4).shape[:2]
+    out_ch = tensor("m_tail.0.weight", 4).shape[0]
+    _rgb_only(source, ARCH_SCUNET, in_ch, out_ch)
+    if dim % (2 * HEAD_DIM):
+        raise ModelError(f"{source}: SCUNet of width {dim}; expected a multiple of {2 * HEAD_DIM} (its blocks' "
+                         f"halves are heads of {HEAD_DIM} channels)")
+    config = []
+    for level, others in _SCUNET_LEVELS:
+        entries = {int(m.group(1)) for name in sd if (m := re.match(rf"{level}\.(\d+)\.", name))}
+        if entries != set(range(len(entries))) or len(entries) < others:
+            raise ModelError(f"{source}: SCUNet {level} entries numbered {sorted(entries)}; expected 0, 1, ... "
+                             "in a row")
+        config.append(len(entries) - others)
+    return _Plan(
+        arch=ARCH_SCUNET, scale=1, describe=f"SCUNet (dim {dim}, blocks {config})",
+        build=lambda: SCUNet(dim=dim, config=config),
+    )
+
+
 def _swinir_plan(sd: Mapping[str, torch.Tensor], source: str) -> _Plan:
     """SwinIR's hyper-parameters from its tensors: widths from the first conv and the MLPs, depth
     and heads per RSTB from the blocks and their bias tables, the window from the table's size
@@ -586,7 +716,7 @@ class UpscalerModel:
     """A loaded upscaling model: its module maps (N, 3, H, W) RGB in [0, 1] to (N, 3, H*scale, W*scale)."""
 
     module: torch.nn.Module
-    #: ARCH_ESRGAN, ARCH_COMPACT, ARCH_SWINIR or ARCH_HAT.
+    #: ARCH_ESRGAN, ARCH_COMPACT, ARCH_SWINIR, ARCH_HAT, ARCH_DAT or ARCH_SCUNET.
     arch: str
     #: Output size / input size.
     scale: int

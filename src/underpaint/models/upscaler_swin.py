@@ -46,43 +46,56 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     return F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
 
 
-def relative_position_index(window: int) -> torch.Tensor:
-    """(window², window²): for each pair of tokens in a window, the row of the bias table that holds
-    their offset ((dy + window - 1) * (2 * window - 1) + dx + window - 1)."""
-    ys, xs = torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")
+def _pair(value: int | tuple[int, int]) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+def relative_position_index(window: int | tuple[int, int]) -> torch.Tensor:
+    """(N, N) for a window of N = height x width tokens (an int: a square one): for each pair of
+    tokens, the row of the bias table that holds their offset,
+    (dy + height - 1) * (2 * width - 1) + dx + width - 1."""
+    wh, ww = _pair(window)
+    ys, xs = torch.meshgrid(torch.arange(wh), torch.arange(ww), indexing="ij")
     ys, xs = ys.flatten(), xs.flatten()
-    dy = ys[:, None] - ys[None, :] + window - 1
-    dx = xs[:, None] - xs[None, :] + window - 1
-    return dy * (2 * window - 1) + dx
+    dy = ys[:, None] - ys[None, :] + wh - 1
+    dx = xs[:, None] - xs[None, :] + ww - 1
+    return dy * (2 * ww - 1) + dx
 
 
-def to_windows(x: torch.Tensor, window: int) -> torch.Tensor:
-    """(B, H, W, C) → (B * windows, window², C), windows in row-major order."""
+def to_windows(x: torch.Tensor, window: int | tuple[int, int]) -> torch.Tensor:
+    """(B, H, W, C) → (B * windows, N, C), windows (of N = height x width tokens; an int: square)
+    in row-major order."""
+    wh, ww = _pair(window)
     b, h, w, c = x.shape
-    x = x.view(b, h // window, window, w // window, window, c).permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(-1, window * window, c)
+    x = x.view(b, h // wh, wh, w // ww, ww, c).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, wh * ww, c)
 
 
-def from_windows(windows: torch.Tensor, window: int, h: int, w: int) -> torch.Tensor:
-    """The inverse of :func:`to_windows`: (B * windows, window², C) → (B, H, W, C)."""
+def from_windows(windows: torch.Tensor, window: int | tuple[int, int], h: int, w: int) -> torch.Tensor:
+    """The inverse of :func:`to_windows`: (B * windows, N, C) → (B, H, W, C)."""
+    wh, ww = _pair(window)
     c = windows.shape[-1]
-    x = windows.view(-1, h // window, w // window, window, window, c).permute(0, 1, 3, 2, 4, 5)
+    x = windows.view(-1, h // wh, w // ww, wh, ww, c).permute(0, 1, 3, 2, 4, 5)
     return x.reshape(-1, h, w, c)
 
 
-def shift_mask(h: int, w: int, window: int, shift: int, device: torch.device) -> torch.Tensor:
-    """(windows, window², window²) additive mask for shifted windows: 0 between tokens of the same
-    region of the rolled picture, -100 between tokens the cyclic roll brought together. Along each
-    side the regions are [0, side - window), [side - window, side - shift) and [side - shift, side)."""
-    def bands(side: int) -> torch.Tensor:
+def shift_mask(h: int, w: int, window: int | tuple[int, int], shift: int | tuple[int, int],
+               device: torch.device, *, fill: float = _MASKED) -> torch.Tensor:
+    """(windows, N, N) additive mask for shifted windows (window and shift: an int, or (height,
+    width)): 0 between tokens of the same region of the rolled picture, ``fill`` (-100, as Swin's
+    models were trained with) between tokens the cyclic roll brought together. Along each side the
+    regions are [0, side - window), [side - window, side - shift) and [side - shift, side)."""
+    (wh, ww), (sh, sw) = _pair(window), _pair(shift)
+
+    def bands(side: int, window: int, shift: int) -> torch.Tensor:
         band = torch.zeros(side, dtype=torch.float32)
         band[side - window:side - shift] = 1
         band[side - shift:] = 2
         return band
 
-    region = (bands(h)[:, None] * 3 + bands(w)[None, :]).view(1, h, w, 1)
-    ids = to_windows(region, window).squeeze(-1)  # (windows, window²)
-    mask = torch.where(ids[:, :, None] == ids[:, None, :], 0.0, _MASKED)
+    region = (bands(h, wh, sh)[:, None] * 3 + bands(w, ww, sw)[None, :]).view(1, h, w, 1)
+    ids = to_windows(region, (wh, ww)).squeeze(-1)  # (windows, N)
+    mask = torch.where(ids[:, :, None] == ids[:, None, :], 0.0, fill)
     return mask.to(device)
 
 

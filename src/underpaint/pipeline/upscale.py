@@ -4,18 +4,20 @@ Two kinds:
 
 - **built-in** ("None", "Lanczos", "Nearest"): a Pillow resize;
 - **upscaling models** from the models folder's ``upscale_models/`` (an A1111 install's
-  ``models/ESRGAN``, ``models/RealESRGAN``, ``models/SwinIR``, ``models/DAT`` and ``models/HAT``):
-  ESRGAN, Real-ESRGAN, SwinIR and HAT networks (``models/upscaler.py``), each pass multiplying the size
-  by the model's own scale (4 for most). A model is named by its path without the extension
-  (``4x-UltraSharp``), and the files A1111 knows by its names for them (``RealESRGAN_x4plus.pth`` is
-  "R-ESRGAN 4x+", its SwinIR download "SwinIR 4x"), so the names in A1111 infotexts and API
-  requests find the same files.
+  ``models/ESRGAN``, ``models/RealESRGAN``, ``models/SwinIR``, ``models/DAT``, ``models/HAT`` and
+  ``models/ScuNET``): ESRGAN, Real-ESRGAN, SwinIR, HAT, DAT and SCUNet networks
+  (``models/upscaler.py``), each pass multiplying the size by the model's own scale (4 for most; 1 for
+  SCUNet, a denoiser). A model is named by its path without the extension (``4x-UltraSharp``), and the
+  files A1111 knows by its names for them (``RealESRGAN_x4plus.pth`` is "R-ESRGAN 4x+", its SwinIR
+  download "SwinIR 4x", ``DAT_x4.pth`` "DAT x4", ``scunet_color_real_gan.pth`` "ScuNET GAN"), so the
+  names in A1111 infotexts and API requests find the same files.
 
 Either kind enlarges a picture by a scale the way A1111's upscaler step does (:func:`upscale_by`):
 the target is the scaled size rounded down to a multiple of 8; a model runs up to three passes
 until the picture covers it (a 4x model reaches 2x in one pass, 8x in two); then one Lanczos
 resize brings the result to the target exactly. A model runs on the picture in overlapping tiles of
-192 pixels (8 overlapping, A1111's defaults), so its memory stays bounded at any picture size.
+192 pixels (256 for SCUNet; 8 overlapping: A1111's defaults), so its memory stays bounded at any
+picture size.
 """
 
 from __future__ import annotations
@@ -53,11 +55,21 @@ SWINIR_NAMES = {
     "SwinIR_4x": "SwinIR 4x",
     "003_realSR_BSRGAN_DFOWMFC_s64w8_SwinIR-L_x4_GAN": "SwinIR 4x",
 }
+#: A1111's names for the DAT files it downloads (``dat_enabled_models``).
+DAT_NAMES = {"DAT_x2": "DAT x2", "DAT_x3": "DAT x3", "DAT_x4": "DAT x4"}
+#: A1111's names for SCUNet's two models: their release files, and the name A1111 saves the GAN one under.
+SCUNET_NAMES = {
+    "scunet_color_real_gan": "ScuNET GAN",
+    "ScuNET": "ScuNET GAN",
+    "scunet_color_real_psnr": "ScuNET PSNR",
+}
 #: Every file A1111 lists under a name of its own (file name without extension → name).
-A1111_NAMES = {**REALESRGAN_NAMES, **SWINIR_NAMES}
-#: A1111's tile size and overlap for ESRGAN-type models (its ``ESRGAN_tile`` settings), in pixels.
+A1111_NAMES = {**REALESRGAN_NAMES, **SWINIR_NAMES, **DAT_NAMES, **SCUNET_NAMES}
+#: A1111's tile size and overlap for ESRGAN-type models (its ``ESRGAN_tile`` and ``DAT_tile``
+#: settings), in pixels, and for SCUNet (``SCUNET_tile``).
 TILE = 192
 TILE_OVERLAP = 8
+SCUNET_TILE = 256
 #: The most passes of a model for one upscale (A1111's limit): a 2x model reaches 8x.
 MAX_PASSES = 3
 
@@ -204,9 +216,12 @@ def model_pass(entry: UpscalerModelEntry, *, device: str = "cpu",
     the scale asked). float32, on ``device``."""
     from ..models.upscaler import upscale_image
 
+    from ..models.upscaler import ARCH_SCUNET
+
     def run(image: "Image", scale: float) -> "Image":
         model = MODEL_CACHE.get(entry.path, device)
-        return upscale_image(model, image, tile=TILE, overlap=TILE_OVERLAP, cancel=cancel)
+        tile = SCUNET_TILE if model.arch == ARCH_SCUNET else TILE
+        return upscale_image(model, image, tile=tile, overlap=TILE_OVERLAP, cancel=cancel)
 
     return run
 
