@@ -1,4 +1,5 @@
-"""Upscaling models (ESRGAN / Real-ESRGAN RRDBNet, Real-ESRGAN Compact, SwinIR, HAT, DAT and SCUNet) read from the
+"""Upscaling models (ESRGAN / Real-ESRGAN RRDBNet, Real-ESRGAN Compact, SwinIR, HAT, DAT, SCUNet, SPAN and
+PLKSR) read from the
 files people download, checked against spandrel 0.4.2 (what ComfyUI and Forge load these files with).
 
 The state dicts are random, small (nf 8-16, nb 1-2) and written in the released files' key layouts:
@@ -7,7 +8,7 @@ old ESRGAN (``model.N``), Real-ESRGAN / BasicSR (``conv_first``, ``body.N.rdbM``
 spandrel builds its RRDB with 32 growth channels whatever the file says, so the spandrel
 comparisons use gc 32; other widths are checked against a functional re-statement of the network
 written from the layout description (plain ``F.conv2d`` over the file's own tensor names).
-SwinIR, HAT, DAT and SCUNet networks are built with spandrel's own classes and compared on pictures
+SwinIR, HAT, DAT, SCUNet, SPAN and PLKSR networks are built with spandrel's own classes and compared on pictures
 that are not multiples of the window.
 """
 
@@ -28,7 +29,9 @@ from underpaint.models.upscaler import (
     ARCH_DAT,
     ARCH_ESRGAN,
     ARCH_HAT,
+    ARCH_PLKSR,
     ARCH_SCUNET,
+    ARCH_SPAN,
     ARCH_SWINIR,
     UPSCALER_EXTENSIONS,
     _axis_weights,
@@ -883,6 +886,90 @@ def test_scunet_pictures_smaller_than_its_padding(spandrel_loader):
 def test_broken_scunet_files(tmp_path, make, named, spandrel_loader):
     path = tmp_path / "scunet_broken.pth"
     torch.save(make(), path)
+    with pytest.raises(ModelError) as info:
+        load_upscaler(path)
+    message = str(info.value)
+    assert message.startswith(str(path)) and named in message and "\n" not in message
+
+
+# --------------------------------------------------------------------------------------------- SPAN, PLKSR
+
+
+def _spandrel_class(name: str):
+    """A class of spandrel's SPAN or PLKSR architecture (spandrel must already be imported)."""
+    if name == "SPAN":
+        from spandrel.architectures.SPAN import SPAN
+
+        return SPAN
+    from spandrel.architectures import PLKSR
+
+    return getattr(PLKSR, name)
+
+
+#: name → (spandrel class, its arguments, weight noise, expected arch, scale)
+CONV_CASES = {
+    "span-4x": ("SPAN", dict(num_in_ch=3, num_out_ch=3, feature_channels=8, upscale=4), 0.03, ARCH_SPAN, 4),
+    "span-2x-no-norm": ("SPAN", dict(num_in_ch=3, num_out_ch=3, feature_channels=12, upscale=2, norm=False), 0.1,
+                        ARCH_SPAN, 2),
+    "plksr-ccm-2x": ("PLKSR", dict(dim=16, n_blocks=2, upscaling_factor=2, ccm_type="CCM", kernel_size=7), 0.1,
+                     ARCH_PLKSR, 2),
+    "plksr-iccm-3x-no-attention": ("PLKSR", dict(dim=16, n_blocks=2, upscaling_factor=3, ccm_type="ICCM",
+                                                 kernel_size=9, split_ratio=0.5, use_ea=False), 0.1, ARCH_PLKSR, 3),
+    "plksr-dccm-rect-4x": ("PLKSR", dict(dim=16, n_blocks=1, upscaling_factor=4, ccm_type="DCCM", kernel_size=9,
+                                         lk_type="RectSparsePLK"), 0.1, ARCH_PLKSR, 4),
+    "realplksr-2x": ("RealPLKSR", dict(dim=16, n_blocks=2, upscaling_factor=2, kernel_size=7), 0.1, ARCH_PLKSR, 2),
+    # 4xNomos2_realplksr_dysample's frame: DySample upsampling, here with the layer-norm variant
+    "realplksr-dysample-layernorm-4x": ("RealPLKSR", dict(dim=16, n_blocks=2, upscaling_factor=4, kernel_size=7,
+                                                          dysample=True, layer_norm=True), 0.1, ARCH_PLKSR, 4),
+    "realplksr-dysample-3x": ("RealPLKSR", dict(dim=16, n_blocks=1, upscaling_factor=3, kernel_size=5,
+                                                dysample=True), 0.1, ARCH_PLKSR, 3),
+}
+
+
+@pytest.mark.parametrize("case", list(CONV_CASES))
+def test_span_and_plksr_load_like_spandrel(case, tmp_path, spandrel_loader):
+    name, kwargs, noise, arch, scale = CONV_CASES[case]
+    reference = _spandrel_class(name)(**kwargs)
+    gen = torch.Generator().manual_seed(len(case))
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * noise)
+    tensors = reference.eval().state_dict()
+    _loads_like_spandrel(tmp_path, case, tensors, spandrel_loader, name if name == "SPAN" else "PLKSR", arch, scale,
+                         (17, 13))
+
+
+def test_span_recomputes_its_fused_convs_from_the_branches(spandrel_loader):
+    """A file whose saved ``eval_conv`` is stale (or zero) gives the same picture: the original recomputes
+    that conv from the branches on every call, and so does the module."""
+    name, kwargs, noise, _, _ = CONV_CASES["span-2x-no-norm"]
+    reference = _spandrel_class(name)(**kwargs)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)) * noise)
+    tensors = dict(reference.eval().state_dict())
+    x = torch.rand(1, 3, 9, 11, generator=torch.Generator().manual_seed(4))
+    expected = _forward(reference, x)
+    stale = {k: torch.zeros_like(v) if ".eval_conv." in k else v for k, v in tensors.items()}
+    torch.testing.assert_close(_forward(upscaler_from_state_dict(stale).module, x), expected, atol=1e-5, rtol=1e-5)
+
+
+def _plksr(**kwargs) -> dict[str, torch.Tensor]:
+    from underpaint.models.upscaler_conv import PLKSR
+
+    return dict(PLKSR(**{**dict(dim=16, blocks=1, scale=2, mixer="CCM", part=4, kernel=7), **kwargs}).state_dict())
+
+
+@pytest.mark.parametrize("make,named", [
+    (lambda: {**_plksr(), "feats.1.lk.convs.0.weight": torch.zeros(4, 4, 5, 5)}, "sparse large kernels"),
+    (lambda: {**_plksr(), "feats.1.lk.conv.weight": torch.zeros(4, 4, 6, 6)}, "large kernel of 6 over 4 of 16"),
+    (lambda: {**_plksr(), "feats.1.channe_mixer.2.weight": torch.zeros(16, 32, 5, 5)}, "3x3 and 5x5 convs"),
+    (lambda: {**_plksr(), "feats.2.weight": torch.zeros(10, 16, 3, 3)}, "feats.2 gives 10 channels"),
+    (lambda: _without(_plksr(mixer="Real", norm="group"), "feats.1.norm.weight"), "missing feats.1.norm.weight"),
+])
+def test_broken_plksr_files(tmp_path, make, named):
+    path = tmp_path / "4x_broken_plksr.safetensors"
+    save_file(make(), str(path))
     with pytest.raises(ModelError) as info:
         load_upscaler(path)
     message = str(info.value)

@@ -1,5 +1,5 @@
 """Upscaling models people download for hires. fix and Extras: ESRGAN (RRDBNet), Real-ESRGAN Compact, SwinIR,
-HAT, DAT and SCUNet.
+HAT, DAT, SCUNet, SPAN and PLKSR.
 
 These are the files A1111 users keep in ``models/ESRGAN`` / ``models/RealESRGAN`` (ComfyUI:
 ``models/upscale_models``): "4x-UltraSharp", RealESRGAN_x4plus(_anime_6B), RealESRGAN_x2plus,
@@ -49,6 +49,9 @@ Architectures (written here as plain modules; the key layouts are those of the r
 - **SCUNet** (``upscaler_scunet.py``; ``models/ScuNET``, A1111's "ScuNET GAN/PSNR"): a four-level
   U-Net of blocks that are half residual convs, half Swin blocks; a denoiser of scale 1. Its width
   and the blocks of each level come from the tensors.
+- **SPAN**, **PLKSR** and **RealPLKSR** (``upscaler_conv.py``): the all-convolution networks of recent
+  community models. Widths, block counts, kernels, mixers, norms, DySample and scale come from the
+  tensors; PLKSR's sparse (dilated) large kernels are refused, their dilations not being in the files.
 
 Every module maps a float (N, 3, H, W) RGB tensor in [0, 1] to (N, 3, H*scale, W*scale), the
 convention these models were trained with (and spandrel's). :func:`upscale_image` runs one on a
@@ -81,10 +84,13 @@ ARCH_SWINIR = "SwinIR"
 ARCH_HAT = "HAT"
 ARCH_DAT = "DAT"
 ARCH_SCUNET = "SCUNet"
+ARCH_SPAN = "SPAN"
+ARCH_PLKSR = "PLKSR"
 
 #: What the error for an unknown file says is supported.
 SUPPORTED_ARCHITECTURES = ("ESRGAN / Real-ESRGAN RRDBNet (old ESRGAN, Real-ESRGAN and BSRGAN key layouts), "
-                           "Real-ESRGAN Compact (SRVGGNetCompact, PReLU), SwinIR, HAT, DAT and SCUNet")
+                           "Real-ESRGAN Compact (SRVGGNetCompact, PReLU), SwinIR, HAT, DAT, SCUNet, SPAN, "
+                           "PLKSR and RealPLKSR")
 
 #: Nestings of released .pth files: BasicSR saves the EMA weights (the ones to use) next to the raw ones.
 _NESTED_KEYS = ("params_ema", "params", "state_dict")
@@ -281,6 +287,10 @@ def _plan(sd: dict[str, torch.Tensor], source: str) -> _Plan:
         return _dat_plan(sd, source)
     if "m_head.0.weight" in sd and "m_tail.0.weight" in sd:
         return _scunet_plan(sd, source)
+    if "conv_1.sk.weight" in sd and "block_1.c1_r.sk.weight" in sd:
+        return _span_plan(sd, source)
+    if "feats.0.weight" in sd and ("feats.1.channe_mixer.0.weight" in sd or "feats.1.channel_mixer.0.weight" in sd):
+        return _plksr_plan(sd, source)
     raise ModelError(f"{source}: not a supported upscaling model ({_what_else(sd)}supported: {SUPPORTED_ARCHITECTURES})")
 
 
@@ -615,6 +625,78 @@ def _scunet_plan(sd: Mapping[str, torch.Tensor], source: str) -> _Plan:
     )
 
 
+def _span_plan(sd: Mapping[str, torch.Tensor], source: str) -> _Plan:
+    """SPAN's width from its first layer's shortcut, its scale from the last conv; a ``no_norm`` entry
+    marks a model fed plain 0-1 values."""
+    from .upscaler_conv import SPAN
+
+    tensor = _tensor_getter(sd, source, ARCH_SPAN)
+    dim, in_ch = tensor("conv_1.sk.weight", 4).shape[:2]
+    shuffled = tensor("upsampler.0.weight", 4).shape[0]
+    scale = round((shuffled / 3) ** 0.5)
+    if scale < 1 or 3 * scale * scale != shuffled:
+        raise ModelError(f"{source}: SPAN upsampler.0 gives {shuffled} channels; expected 3 x scale²")
+    _rgb_only(source, ARCH_SPAN, in_ch, 3)
+    norm = "no_norm" not in sd
+    return _Plan(arch=ARCH_SPAN, scale=scale, derived=lambda name: name == "no_norm",
+                 describe=f"SPAN {scale}x (dim {dim}{'' if norm else ', no norm'})",
+                 build=lambda: SPAN(dim=dim, upscale=scale, norm=norm))
+
+
+#: The largest large-kernel side PLKSR files are read with (the released ones use 17).
+_PLKSR_MAX_KERNEL = 63
+
+
+def _plksr_plan(sd: Mapping[str, torch.Tensor], source: str) -> _Plan:
+    """PLKSR's or RealPLKSR's hyper-parameters from the tensors: the width from the first conv, the
+    blocks from the entries of ``feats``, the scale from the last conv; the mixer from its kernels
+    (PLKSR, which spells it ``channe_mixer``), the large kernel and the part it covers from ``lk``,
+    the attention, norms and DySample from their tensors. SparsePLK blocks are refused: their
+    dilations are not in the file."""
+    from .upscaler_conv import PLKSR
+
+    tensor = _tensor_getter(sd, source, ARCH_PLKSR)
+    real = "feats.1.channel_mixer.0.weight" in sd
+    dim, in_ch = tensor("feats.0.weight", 4).shape[:2]
+    entries = sorted({int(m.group(1)) for name in sd if (m := re.match(r"feats\.(\d+)\.", name))})
+    last = entries[-1]
+    blocks = last - 2 if real else last - 1
+    shuffled = tensor(f"feats.{last}.weight", 4).shape[0]
+    scale = round((shuffled / 3) ** 0.5)
+    if scale < 1 or 3 * scale * scale != shuffled:
+        raise ModelError(f"{source}: PLKSR feats.{last} gives {shuffled} channels; expected 3 x scale²")
+    _rgb_only(source, ARCH_PLKSR, in_ch, 3)
+    if real:
+        mixer = "Real"
+    else:
+        kernels = (tensor("feats.1.channe_mixer.0.weight", 4).shape[2],
+                   tensor("feats.1.channe_mixer.2.weight", 4).shape[2])
+        mixer = {(3, 1): "CCM", (1, 3): "ICCM", (3, 3): "DCCM"}.get(kernels, "")
+        if not mixer:
+            raise ModelError(f"{source}: PLKSR channel mixer with {kernels[0]}x{kernels[0]} and "
+                             f"{kernels[1]}x{kernels[1]} convs; expected 3+1, 1+3 or 3+3")
+    if "feats.1.lk.convs.0.weight" in sd:
+        raise ModelError(f"{source}: PLKSR with sparse large kernels (lk.convs) is not supported: their dilations "
+                         "are not recorded in the file")
+    rect = "feats.1.lk.mn_conv.weight" in sd
+    lk = tensor("feats.1.lk.mn_conv.weight" if rect else "feats.1.lk.conv.weight", 4)
+    part, kernel = lk.shape[0], lk.shape[2]
+    if kernel % 2 == 0 or not 1 <= kernel <= _PLKSR_MAX_KERNEL or part > dim:
+        raise ModelError(f"{source}: PLKSR large kernel of {kernel} over {part} of {dim} channels; expected an odd "
+                         f"size up to {_PLKSR_MAX_KERNEL} over at most all of them")
+    norm = ("layer" if "feats.1.layer_norm.weight" in sd else "group") if real else ""
+    if norm == "group" and dim % 4:
+        raise ModelError(f"{source}: RealPLKSR of width {dim}; its group norms need a multiple of 4")
+    dysample = real and "to_img.offset.weight" in sd
+    kind = "RealPLKSR" if real else f"PLKSR ({mixer})"
+    return _Plan(
+        arch=ARCH_PLKSR, scale=scale, derived=lambda name: name == "to_img.init_pos",
+        describe=f"{kind} {scale}x (dim {dim}, {blocks} blocks, kernel {kernel}{', DySample' if dysample else ''})",
+        build=lambda: PLKSR(dim=dim, blocks=blocks, scale=scale, mixer=mixer, part=part, kernel=kernel, rect=rect,
+                            attention="feats.1.attn.f.0.weight" in sd, norm=norm, dysample=dysample),
+    )
+
+
 def _swinir_plan(sd: Mapping[str, torch.Tensor], source: str) -> _Plan:
     """SwinIR's hyper-parameters from its tensors: widths from the first conv and the MLPs, depth
     and heads per RSTB from the blocks and their bias tables, the window from the table's size
@@ -716,7 +798,7 @@ class UpscalerModel:
     """A loaded upscaling model: its module maps (N, 3, H, W) RGB in [0, 1] to (N, 3, H*scale, W*scale)."""
 
     module: torch.nn.Module
-    #: ARCH_ESRGAN, ARCH_COMPACT, ARCH_SWINIR, ARCH_HAT, ARCH_DAT or ARCH_SCUNET.
+    #: ARCH_ESRGAN, ARCH_COMPACT, ARCH_SWINIR, ARCH_HAT, ARCH_DAT, ARCH_SCUNET, ARCH_SPAN or ARCH_PLKSR.
     arch: str
     #: Output size / input size.
     scale: int
