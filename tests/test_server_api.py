@@ -945,7 +945,7 @@ def test_scripts_list_the_scripts_requests_may_use(client):
 def test_refresh_embeddings_and_interrogate(client, photo):
     assert client.post("/sdapi/v1/refresh-embeddings").status_code == 200
     r = client.post("/sdapi/v1/interrogate", json={"image": png_b64(photo), "model": "deepdanbooru"})
-    assert r.status_code == 422 and r.json()["field"] == "model" and "not available" in r.json()["detail"]
+    assert r.status_code == 404 and r.json()["field"] == "model" and "underpaint download deepbooru" in r.json()["detail"]
 
 
 def _extras(client, picture, **fields):

@@ -83,6 +83,11 @@ def webui_models(tmp_path_factory, sd1_file):
     from test_interrogate import write_blip
 
     write_blip(models / "BLIP")  # Interrogate CLIP's captioner (no CLIP model: the caption alone)
+    from deepbooru_support import tiny_tagger_state
+
+    (models / "torch_deepdanbooru").mkdir()  # Interrogate DeepBooru's tagger, at small widths
+    torch.save(tiny_tagger_state(["1girl", "blue_sky", "hat_(object)"], seed=4, scale=1.0),
+               models / "torch_deepdanbooru" / "model-resnet_custom_v3.pt")
     # Extra networks' cards: a hypernetwork for the tiny model's widths, a LoRA file (listed, never applied
     # here), an embedding that fits the tiny model (16 wide) and one made for SD 1.x (768 wide).
     from safetensors.torch import save_file
@@ -2542,6 +2547,34 @@ def test_interrogate_clip_writes_the_prompt(page, photo_file):
     assert caption
     expect(page.locator("#prompt")).to_have_value(caption)
     expect(page.locator("#notice")).to_contain_text("Prompt written")
+
+
+def test_interrogate_deepbooru_writes_the_tags_and_its_settings_apply(page, photo_file):
+    """img2img's "Interrogate DeepBooru" asks /interrogate for model deepdanbooru and puts the tags in the
+    prompt; the Settings tab's deepbooru fields change what it writes."""
+    page.set_input_files("#img2img-file", str(photo_file))
+    with page.expect_response("**/sdapi/v1/interrogate", timeout=GENERATION_TIMEOUT) as answer:
+        page.click("#interrogate-deepbooru")
+    assert answer.value.ok, answer.value.text()
+    assert json.loads(answer.value.request.post_data)["model"] == "deepdanbooru"
+    expect(page.locator("#prompt")).to_have_value(answer.value.json()["caption"])
+    page.click("#tab-settings")
+    page.fill("#setting_interrogate_deepbooru_score_threshold", "0")
+    page.uncheck("#setting_deepbooru_use_spaces")
+    page.fill("#setting_deepbooru_filter_tags", "1girl")
+    page.click("#settings-apply")
+    expect(page.locator("#settings-status")).to_contain_text("3 settings changed")
+    page.click("#tab-img2img")
+    with page.expect_response("**/sdapi/v1/interrogate", timeout=GENERATION_TIMEOUT) as answer:
+        page.click("#interrogate-deepbooru")
+    expect(page.locator("#prompt")).to_have_value(r"blue_sky, hat_\(object\)")  # by name, escaped
+    page.click("#tab-settings")
+    page.fill("#setting_interrogate_deepbooru_score_threshold", "0.5")
+    page.check("#setting_deepbooru_use_spaces")
+    page.fill("#setting_deepbooru_filter_tags", "")
+    page.click("#settings-apply")
+    expect(page.locator("#settings-status")).to_contain_text("3 settings changed")
+    page.click("#tab-img2img")
 
 
 def test_sd_upscale_size_line_matches_the_package(page):

@@ -308,8 +308,8 @@ class SDUpscaleOptions:
 #: The denoising strength curves of A1111's Loopback script: how the strength moves from the request's
 #: to the final one over the loops (pipeline/loopback.py).
 LOOPBACK_CURVES = ("Aggressive", "Linear", "Lazy")
-#: What Loopback may append to each pass's prompt (A1111 also offers DeepBooru).
-LOOPBACK_INTERROGATIONS = ("None", "CLIP")
+#: What Loopback may append to each pass's prompt.
+LOOPBACK_INTERROGATIONS = ("None", "CLIP", "DeepBooru")
 #: The most loops one Loopback request may ask for.
 MAX_LOOPBACK_LOOPS = 100
 
@@ -323,11 +323,12 @@ class LoopbackOptions:
     loops: int = 4
     final_strength: float = 0.5
     curve: str = "Linear"
-    #: A1111's "Append interrogated prompt at each iteration": "None", or "CLIP" (each pass's prompt is
-    #: the request's, then ", ", then Interrogate CLIP's reading of the pass's picture; models/interrogate.py).
+    #: A1111's "Append interrogated prompt at each iteration": "None", "CLIP" or "DeepBooru" (each pass's
+    #: prompt is the request's, then ", ", then Interrogate CLIP's reading of the pass's picture,
+    #: models/interrogate.py, or DeepBooru's tags, models/deepbooru.py).
     interrogate: str = "None"
-    #: What reads a picture for "CLIP" (``interrogator(picture) -> text``), given by whoever holds the
-    #: settings; None: Interrogate CLIP with A1111's defaults on the models folder's files.
+    #: What reads a picture (``interrogator(picture) -> text``), given by whoever holds the settings;
+    #: None: the interrogation with A1111's defaults on the models folder's files.
     interrogator: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -339,9 +340,7 @@ class LoopbackOptions:
         object.__setattr__(self, "curve", curve)
         interrogate = _spelled(self.interrogate, LOOPBACK_INTERROGATIONS)
         if interrogate is None:
-            expected = "None or CLIP" + (" (DeepBooru's tagger is not available)"
-                                         if str(self.interrogate).strip().lower() == "deepbooru" else "")
-            raise InvalidParameter("loopback_interrogate", self.interrogate, expected)
+            raise InvalidParameter("loopback_interrogate", self.interrogate, "None, CLIP or DeepBooru")
         object.__setattr__(self, "interrogate", interrogate)
 
 

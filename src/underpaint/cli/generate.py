@@ -317,8 +317,8 @@ def _add_loopback_args(p: argparse.ArgumentParser) -> None:
                    help="how the strength moves from --strength to the final one: Linear (default), Aggressive "
                         "(most of the change early) or Lazy (late)")
     g.add_argument("--loopback-interrogate", default=None, metavar="WHAT",
-                   help="append a reading of each pass's picture to its prompt: None (default) or CLIP (A1111's "
-                        "Append interrogated prompt at each iteration; see underpaint interrogate)")
+                   help="append a reading of each pass's picture to its prompt: None (default), CLIP or DeepBooru "
+                        "(A1111's Append interrogated prompt at each iteration; see underpaint interrogate)")
 
 
 def _with_loopback(params: GenerationParams, args: argparse.Namespace) -> GenerationParams:

@@ -91,6 +91,9 @@ _TABLE = (
     KnownModel("clip-vit-b32", "openai/clip-vit-base-patch32", "clip-vit-base-patch32", "clip",
                "OpenAI CLIP ViT-B/32, whose text encoder gives a YOLO-World model new classes (ad_model_classes)",
                folder=True, transformers=True),
+    KnownModel("deepbooru", "AUTOMATIC1111/TorchDeepDanbooru", "model-resnet_custom_v3.pt", "deepbooru",
+               "DeepDanbooru's tagger for Interrogate DeepBooru (underpaint interrogate --model deepdanbooru)",
+               source=f"{_GITHUB}/AUTOMATIC1111/TorchDeepDanbooru/releases/download/v1/model-resnet_custom_v3.pt"),
     # ADetailer's detection models, from the repository ADetailer itself downloads them from.
     KnownModel("adetailer-face", "Bingsu/adetailer", "face_yolov8n.pt", "adetailer",
                "ADetailer's face_yolov8n.pt (YOLOv8n faces) for --adetailer / ADetailer tabs"),

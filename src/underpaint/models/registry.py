@@ -132,6 +132,8 @@ _FOLDERS = {
     "blip": ("BLIP", ("models/BLIP",)),
     "clip": ("CLIP", ("models/CLIP",)),
     "interrogate": ("interrogate", ("interrogate",)),
+    # "Interrogate DeepBooru": DeepDanbooru's tagger (model-resnet_custom_v3.pt), where A1111 keeps it.
+    "deepbooru": ("torch_deepdanbooru", ("models/torch_deepdanbooru",)),
 }
 
 _HASH_AT_END = re.compile(r"\[([0-9a-fA-F]+)\]\Z")

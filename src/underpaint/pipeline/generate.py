@@ -148,22 +148,30 @@ def generate(model, params: GenerationParams, *, info: ModelInfo, progress, canc
 
 
 def _with_interrogator(params: GenerationParams, model) -> GenerationParams:
-    """A Loopback request that appends Interrogate CLIP's reading, given one on the model's models
-    folder (A1111's default settings) when it names none; no captioner there is refused naming the field."""
+    """A Loopback request that appends Interrogate CLIP's reading or DeepBooru's tags, given the reader
+    on the model's models folder (A1111's default settings) when it names none; the files not there are
+    refused naming the field."""
     options = params.loopback
-    if options.interrogate != "CLIP" or options.interrogator is not None:
+    if options.interrogate == "None" or options.interrogator is not None:
         return params
     from functools import partial
 
     from ..errors import ModelNotFound
-    from ..models import interrogate as it
 
+    folder, device = models_dir_of(model), str(model.device)
     try:
-        files = it.interrogate_files(models_dir_of(model))
+        if options.interrogate == "DeepBooru":
+            from ..models import deepbooru as db
+
+            reader = partial(db.deepbooru, path=db.tagger_file(folder), device=device)
+        else:
+            from ..models import interrogate as it
+
+            reader = partial(it.interrogate, files=it.interrogate_files(folder), device=device)
     except ModelNotFound as exc:
-        raise InvalidParameter("loopback_interrogate", "CLIP", f"None, or a models folder with Interrogate CLIP's "
-                                                               f"files ({exc.message})") from None
-    reader = partial(it.interrogate, files=files, device=str(model.device))
+        what = "DeepBooru's tagger" if options.interrogate == "DeepBooru" else "Interrogate CLIP's files"
+        raise InvalidParameter("loopback_interrogate", options.interrogate,
+                               f"None, or a models folder with {what} ({exc.message})") from None
     return params.replace(loopback=replace(options, interrogator=reader))
 
 

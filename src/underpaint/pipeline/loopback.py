@@ -18,9 +18,10 @@ As A1111 1.10 runs it:
   Each picture carries the infotext of the pass that made it (A1111 gives every one the first
   pass's), with "Final denoising strength" and "Denoising curve"; the grid carries the first one's.
 
-With "Append interrogated prompt at each iteration" set to CLIP, each pass's prompt is the request's
-prompt, ", ", and what Interrogate CLIP (models/interrogate.py) reads in the picture the pass starts
-from (the reading alone when the request has no prompt), as A1111 does; DeepBooru is not available.
+With "Append interrogated prompt at each iteration" set to CLIP or DeepBooru, each pass's prompt is the
+request's prompt, ", ", and what Interrogate CLIP (models/interrogate.py) or DeepBooru
+(models/deepbooru.py) reads in the picture the pass starts from (the reading alone when the request
+has no prompt), as A1111 does.
 
 An interrupt ends the loops (the pass it stopped is left out); a skip ends the current batch's.
 """
@@ -67,7 +68,7 @@ def run(params: "GenerationParams", img2img: Callable[["GenerationParams", Calla
             if cancel is not None and cancel.interrupted:
                 break
             prompt = params.prompt
-            if opts.interrogate == "CLIP":
+            if opts.interrogate != "None":
                 prompt = (f"{params.prompt}, " if params.prompt else "") + opts.interrogator(picture[0])
             pass_params = params.replace(
                 prompt=prompt, init_images=picture, inpaint=inpaint, seed=seed, batch_size=1, n_iter=1, loopback=None,

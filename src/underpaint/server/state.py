@@ -101,6 +101,13 @@ class ServerOptions:
     interrogate_clip_min_length: int = 24
     interrogate_clip_max_length: int = 48
     interrogate_clip_dict_limit: int = 1500
+    #: A1111's deepbooru settings (models/deepbooru.py): the least probability a tag needs, tags by name
+    #: (else by probability), underscores as spaces, brackets escaped, and tags left out (comma-separated).
+    interrogate_deepbooru_score_threshold: float = 0.5
+    deepbooru_sort_alpha: bool = True
+    deepbooru_use_spaces: bool = True
+    deepbooru_escape: bool = True
+    deepbooru_filter_tags: str = ""
     #: A1111's "SD VAE": "Automatic", "None" or a VAE file's name as /sd-vae lists it (catalog.py).
     sd_vae: str = "Automatic"
     #: A1111's "Upscaler for img2img": "None" (Lanczos) or an upscaler's name as /upscalers lists it.

@@ -618,8 +618,8 @@ def plot_models(ctx: ConvertContext):
 
 def _loopback(args: list, n_iter: int, ctx: ConvertContext):
     """A1111's "Loopback" ``script_args``: [loops (4), final denoising strength (0.5), denoising strength
-    curve ("Linear"; "Aggressive", "Lazy"), append interrogated prompt ("None"; "CLIP": the server's
-    Interrogate CLIP with its /options settings)], within the server's picture limit: loops x batch count
+    curve ("Linear"; "Aggressive", "Lazy"), append interrogated prompt ("None"; "CLIP" or "DeepBooru": the
+    server's Interrogate CLIP or DeepBooru with its /options settings)], within the server's picture limit: loops x batch count
     passes."""
     from ...params import LoopbackOptions
 
@@ -636,8 +636,8 @@ def _loopback(args: list, n_iter: int, ctx: ConvertContext):
                                   interrogate="None" if interrogate is None else interrogate)
     except InvalidParameter as exc:
         raise _renamed(exc, SCRIPT_ARG_FIELDS) from None
-    if options.interrogate == "CLIP":
-        options = replace(options, interrogator=_interrogator(ctx))
+    if options.interrogate != "None":
+        options = replace(options, interrogator=_interrogator(ctx, options.interrogate))
     passes = options.loops * n_iter
     if passes > ctx.limits.max_images:
         raise InvalidParameter("script_args[0]", options.loops, f"at most {ctx.limits.max_images} passes in all (this "
@@ -743,24 +743,38 @@ def _outpainted(params: GenerationParams, options, ctx: ConvertContext) -> Gener
     return params
 
 
-def _interrogator(ctx: ConvertContext):
-    """The server's Interrogate CLIP with its settings, its files found now (a 422 naming the argument when
-    there is no captioner)."""
+def interrogator(model: str, folder, opts, device: str):
+    """The reader of a picture "clip" (Interrogate CLIP) or "deepdanbooru" (Interrogate DeepBooru) names,
+    its files found now in ``folder`` (none: :class:`ModelNotFound` naming ``model``), with the settings
+    of ``opts`` (the server's options)."""
     from functools import partial
 
-    from ...errors import ModelNotFound
+    if model == "deepdanbooru":
+        from ...models import deepbooru as db
+
+        return partial(db.deepbooru, path=db.tagger_file(folder), device=device,
+                       threshold=opts.interrogate_deepbooru_score_threshold, sort_alpha=opts.deepbooru_sort_alpha,
+                       use_spaces=opts.deepbooru_use_spaces, escape=opts.deepbooru_escape,
+                       filter_tags=opts.deepbooru_filter_tags, ranks=opts.interrogate_return_ranks)
     from ...models import interrogate as it
 
+    return partial(it.interrogate, files=it.interrogate_files(folder), device=device,
+                   ranks=opts.interrogate_return_ranks, num_beams=opts.interrogate_clip_num_beams,
+                   min_length=opts.interrogate_clip_min_length, max_length=opts.interrogate_clip_max_length,
+                   dict_limit=opts.interrogate_clip_dict_limit)
+
+
+def _interrogator(ctx: ConvertContext, kind: str):
+    """Loopback's interrogation ``kind`` ("CLIP" or "DeepBooru") with the server's settings, its files found
+    now (a 422 naming the argument when they are not there)."""
+    from ...errors import ModelNotFound
+
     try:
-        files = it.interrogate_files(ctx.models_folder())
+        return interrogator("clip" if kind == "CLIP" else "deepdanbooru", ctx.models_folder(), ctx.options, ctx.device)
     except (ModelNotFound, TypeError) as exc:
         detail = exc.message if isinstance(exc, ModelNotFound) else "this server has no models folder"
-        raise InvalidParameter("script_args[3]", "CLIP", f"None, or a server with Interrogate CLIP's files ({detail})"
-                               ) from None
-    opts = ctx.options
-    return partial(it.interrogate, files=files, device=ctx.device, ranks=opts.interrogate_return_ranks,
-                   num_beams=opts.interrogate_clip_num_beams, min_length=opts.interrogate_clip_min_length,
-                   max_length=opts.interrogate_clip_max_length, dict_limit=opts.interrogate_clip_dict_limit)
+        what = "Interrogate CLIP's files" if kind == "CLIP" else "DeepBooru's tagger"
+        raise InvalidParameter("script_args[3]", kind, f"None, or a server with {what} ({detail})") from None
 
 
 def _sd_upscale(args: list, picture, ctx: ConvertContext, tile_size: tuple[int, int], n_iter: int):

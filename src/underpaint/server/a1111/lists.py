@@ -366,34 +366,32 @@ def _xyz_args(axes: list[str]) -> list[ScriptArg]:
 
 
 @router.post("/interrogate", response_model=InterrogateResponse,
-             summary="Caption a picture: BLIP's caption, then CLIP's word-list matches (model 'clip')")
+             summary="A prompt read from a picture: model 'clip' (BLIP and CLIP) or 'deepdanbooru' (tags)")
 async def interrogate(body: InterrogateRequest, request: Request) -> InterrogateResponse:
-    """A1111's "Interrogate CLIP" (models/interrogate.py), run on the generation queue so that it
-    never shares the device with a generation. DeepDanbooru's tagger is not available: "deepdanbooru"
-    is a 422 naming ``model``; a server without a BLIP captioner answers 404 naming ``model``."""
-    from ...models import interrogate as it
+    """A1111's "Interrogate CLIP" (models/interrogate.py) and "Interrogate DeepBooru"
+    (models/deepbooru.py), run on the generation queue so that they never share the device with a
+    generation, with the settings of /options. A server without the model's files answers 404
+    naming ``model``."""
     from ..images import decode_image
     from .generation import await_job
 
     state = server_state(request)
     model = body.model.strip().lower() if isinstance(body.model, str) else body.model
-    if model == "deepdanbooru":
-        raise InvalidParameter("model", body.model, "'clip' (DeepDanbooru's tagger is not available in underpaint)")
-    if model != "clip":
-        raise InvalidParameter("model", body.model, "'clip' (or A1111's 'deepdanbooru', not available here)")
+    if model not in ("clip", "deepdanbooru"):
+        raise InvalidParameter("model", body.model, "'clip' or 'deepdanbooru'")
     if not body.image:
         raise InvalidParameter("image", body.image, "a picture (base64, or a data URL)")
     limits, allow_urls = state.config.limits, state.config.allow_image_urls
     image = await run_in_threadpool(lambda: decode_image(body.image, field="image", limits=limits,
                                                          allow_urls=allow_urls))  # the request's fault first
-    files = await run_in_threadpool(it.interrogate_files, state.catalog.folder)
+    from .convert import interrogator
+
+    read = await run_in_threadpool(interrogator, model, state.catalog.folder, state.options,
+                                   state.config.device or "cpu")
     state.queue.check_room()
-    opts, device = state.options, state.config.device or "cpu"
-    queued = state.queue.submit("interrogate", lambda _: it.interrogate(
-        image, files, device=device, ranks=opts.interrogate_return_ranks, num_beams=opts.interrogate_clip_num_beams,
-        min_length=opts.interrogate_clip_min_length, max_length=opts.interrogate_clip_max_length,
-        dict_limit=opts.interrogate_clip_dict_limit))
+    queued = state.queue.submit("interrogate", lambda _: read(image))
     return InterrogateResponse(caption=await await_job(state, queued))
+
 
 
 @router.get("/memory", response_model=MemoryResponse, summary="System and GPU memory")

@@ -293,12 +293,12 @@ class ExtrasBatchImagesRequest(ExtrasRequest):
 
 
 class InterrogateRequest(RequestModel):
-    """POST /sdapi/v1/interrogate: A1111's "Interrogate CLIP"."""
+    """POST /sdapi/v1/interrogate: A1111's "Interrogate CLIP" and "Interrogate DeepBooru"."""
 
     image: str = Field("", description="A base64 image.")
     model: str = Field("clip", description=(
-        "'clip': BLIP's caption, then CLIP's best matches from the word lists (A1111's 'deepdanbooru' is not "
-        "available)."))
+        "'clip': BLIP's caption, then CLIP's best matches from the word lists; 'deepdanbooru': the Danbooru "
+        "tags DeepDanbooru's tagger finds, with the deepbooru settings of /options."))
 
 
 class ProgressQuery(WireModel):

@@ -263,6 +263,12 @@ class Options(WireModel):
     interrogate_clip_max_length: int = Field(48, ge=1, le=256, description="Interrogate: maximum caption length (tokens).")
     interrogate_clip_dict_limit: int = Field(1500, ge=0, le=100000, description=(
         "CLIP: maximum number of lines in a word list file (0: no limit)."))
+    interrogate_deepbooru_score_threshold: float = Field(0.5, ge=0, le=1, description=(
+        "deepbooru: the least probability a tag needs to be in the prompt."))
+    deepbooru_sort_alpha: bool = Field(True, description="deepbooru: tags by name (else by probability, highest first).")
+    deepbooru_use_spaces: bool = Field(True, description="deepbooru: spaces instead of underscores in tags.")
+    deepbooru_escape: bool = Field(True, description="deepbooru: backslash before brackets (and backslashes) in tags.")
+    deepbooru_filter_tags: str = Field("", description="deepbooru: tags left out, comma-separated.")
     eta_ddim: float = Field(0.0, description="Eta for DDIM (0: deterministic) where a request sets no eta.")
     eta_ancestral: float = Field(1.0, description="Eta for the ancestral and SDE samplers where a request sets no eta.")
     s_churn: float = Field(0.0, description="Sigma churn (Euler, Heun, DPM2) where a request sets none.")

@@ -93,6 +93,9 @@ def get_options(request: Request) -> Options:
         interrogate_clip_min_length=opts.interrogate_clip_min_length,
         interrogate_clip_max_length=opts.interrogate_clip_max_length,
         interrogate_clip_dict_limit=opts.interrogate_clip_dict_limit,
+        interrogate_deepbooru_score_threshold=opts.interrogate_deepbooru_score_threshold,
+        deepbooru_sort_alpha=opts.deepbooru_sort_alpha, deepbooru_use_spaces=opts.deepbooru_use_spaces,
+        deepbooru_escape=opts.deepbooru_escape, deepbooru_filter_tags=opts.deepbooru_filter_tags,
         eta_ddim=opts.eta_ddim, eta_ancestral=opts.eta_ancestral, s_churn=opts.s_churn, s_tmin=opts.s_tmin,
         s_tmax=opts.s_tmax, s_noise=opts.s_noise, sigma_min=opts.sigma_min, sigma_max=opts.sigma_max, rho=opts.rho,
         always_discard_next_to_last_sigma=opts.always_discard_next_to_last_sigma,
@@ -142,7 +145,7 @@ def _option_changes(body: dict[str, Any], state: ServerState) -> dict[str, Any]:
         changes["face_restoration_model"] = restorer_name(body["face_restoration_model"])
     for key in ("s_min_uncond_all", "img2img_color_correction", "tiling", "sgm_noise_multiplier", "face_restoration",
                 "interrogate_return_ranks", "always_discard_next_to_last_sigma", "return_grid", "grid_save",
-                "enable_prompt_comments"):
+                "enable_prompt_comments", "deepbooru_sort_alpha", "deepbooru_use_spaces", "deepbooru_escape"):
         if key in body:
             if not isinstance(body[key], bool):
                 raise InvalidParameter(key, body[key], "true or false")
@@ -158,6 +161,12 @@ def _option_changes(body: dict[str, Any], state: ServerState) -> dict[str, Any]:
         changes["upscaler_for_img2img"] = img2img_upscaler_setting(body["upscaler_for_img2img"], state.catalog.folder)
     if "sd_hypernetwork" in body:
         changes["sd_hypernetwork"] = hypernetwork_setting(body["sd_hypernetwork"], state.catalog.folder)
+    if "deepbooru_filter_tags" in body:
+        value = body["deepbooru_filter_tags"]
+        if not isinstance(value, str) or len(value) > MAX_FILTER_TAGS:
+            raise InvalidParameter("deepbooru_filter_tags", value, f"comma-separated tags (text of at most "
+                                                                   f"{MAX_FILTER_TAGS} characters)")
+        changes["deepbooru_filter_tags"] = value
     if body.get("samples_format") is not None:
         changes["samples_format"] = samples_format_setting(body["samples_format"], "samples_format")
     if body.get("jpeg_quality") is not None:
@@ -187,7 +196,10 @@ _FLOAT_SETTINGS = {
     "s_tmax": (0.0, 1000.0), "s_noise": (0.0, 100.0), "sigma_min": (0.0, 1000.0), "sigma_max": (0.0, 1000.0),
     "rho": (0.0, 100.0),
     "extra_networks_default_multiplier": (-10.0, 10.0),
+    "interrogate_deepbooru_score_threshold": (0.0, 1.0),
 }
+#: The longest list of tags ``deepbooru_filter_tags`` takes.
+MAX_FILTER_TAGS = 10_000
 
 
 def _float_option(body: dict[str, Any], key: str, lo: float, hi: float) -> float:

@@ -387,8 +387,9 @@ function img2imgRequest() {
   return request;
 }
 
-// A1111's "Interrogate CLIP": the picture's caption (BLIP, then CLIP's word-list matches) becomes the prompt.
-$("#interrogate").addEventListener("click", async () => {
+// A1111's "Interrogate CLIP" (the picture's caption: BLIP, then CLIP's word-list matches) and "Interrogate
+// DeepBooru" (its Danbooru tags): the reading becomes the prompt.
+async function interrogateInto(button, model) {
   if (state.busy) return;
   clearFieldErrors(panel);
   generalBox.hidden = true;
@@ -397,11 +398,10 @@ $("#interrogate").addEventListener("click", async () => {
     inputError("init_images", "Drop, paste or pick an image first.");
     return;
   }
-  const button = $("#interrogate");
   button.disabled = true;
   notice.textContent = "Reading the picture…";
   try {
-    const { caption } = await post("/sdapi/v1/interrogate", { image: stripDataUrl(source), model: "clip" });
+    const { caption } = await post("/sdapi/v1/interrogate", { image: stripDataUrl(source), model });
     const prompt = $("#prompt");
     prompt.value = caption ?? "";
     prompt.dispatchEvent(new Event("input", { bubbles: true }));
@@ -414,7 +414,9 @@ $("#interrogate").addEventListener("click", async () => {
   } finally {
     button.disabled = false;
   }
-});
+}
+$("#interrogate").addEventListener("click", (event) => interrogateInto(event.currentTarget, "clip"));
+$("#interrogate-deepbooru").addEventListener("click", (event) => interrogateInto(event.currentTarget, "deepdanbooru"));
 
 /** The A1111 request for the current tab and the route it goes to, or null after marking what is missing. */
 function buildRequest() {

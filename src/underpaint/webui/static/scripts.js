@@ -174,7 +174,7 @@ export function setupScripts({ root, sourceSize }) {
     /**
      * The `tab`'s script_name and script_args while a script is chosen there, else none. SD upscale's:
      * [info, tile overlap, upscaler, scale factor]; Loopback's: [loops, final denoising strength, curve,
-     * append interrogated prompt ("None" or "CLIP")]; Prompt matrix's: [put at start, different seeds, prompt, joining char,
+     * append interrogated prompt ("None", "CLIP" or "DeepBooru")]; Prompt matrix's: [put at start, different seeds, prompt, joining char,
      * margins]; Prompts from file's: [iterate seed, same seed, position, the lines, combined]; X/Y/Z plot's: A1111's 18, with the axis types by
      * name and csv_mode on, so that each axis's text is its values (the dropdown lists stay empty).
      */

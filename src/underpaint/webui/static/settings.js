@@ -77,6 +77,11 @@ const SECTIONS = [
     ["interrogate_clip_min_length", "BLIP: minimum description length", "int", 1, 128, 1],
     ["interrogate_clip_max_length", "BLIP: maximum description length", "int", 1, 256, 1],
     ["interrogate_clip_dict_limit", "CLIP: maximum number of lines in text file (0 = no limit)", "int", 0, 100000, 1],
+    ["interrogate_deepbooru_score_threshold", "deepbooru: score threshold", "float", 0, 1, 0.01],
+    ["deepbooru_sort_alpha", "deepbooru: sort tags alphabetically", "bool"],
+    ["deepbooru_use_spaces", "deepbooru: use spaces in tags", "bool"],
+    ["deepbooru_escape", "deepbooru: escape brackets with a backslash", "bool"],
+    ["deepbooru_filter_tags", "deepbooru: filter out those tags (comma-separated)", "text"],
   ]],
   ["Saving images/grids", [
     ["return_grid", "Show grid in gallery (a saved batch's grid, first)", "bool"],
@@ -99,6 +104,8 @@ function control([key, label, kind, ...rest]) {
     input = el("select", { id, "data-field": key, "data-key": key, "data-choices": rest[0] });
   } else if (kind === "select") {
     input = el("select", { id, "data-field": key, "data-key": key }, ...rest[0].map((v) => el("option", { value: v }, v)));
+  } else if (kind === "text") {
+    input = el("input", { type: "text", id, "data-field": key, "data-key": key });
   } else {
     const [min, max, step] = rest;
     input = el("input", { type: "number", id, "data-field": key, "data-key": key, min: String(min), max: String(max),
