@@ -819,6 +819,9 @@ def _dat_file() -> dict[str, torch.Tensor]:
      "rpe_biases does not describe a window"),
     (lambda: {**_dat_file(), "layers.0.blocks.0.attn.attns.0.rpe_biases": torch.full((3, 2), 1e9)},
      "rpe_biases does not describe a window"),
+    (lambda: {**_dat_file(), "layers.0.blocks.0.attn.attns.0.rpe_biases": torch.zeros(0, 2)}, "expected (rows, 2)"),
+    (lambda: {**_dat_file(), "layers.0.blocks.0.attn.attns.0.rpe_biases": torch.zeros(21, 2, dtype=torch.int64)},
+     "expected (rows, 2)"),
     (lambda: _without(_dat_file(), "layers.0.blocks.1.attn.dwconv.1.running_var"),
      "missing layers.0.blocks.1.attn.dwconv.1.running_var"),
     (lambda: _without(_dat_file(), "conv_after_body.weight"), "DAT model without 'conv_after_body'"),
@@ -963,6 +966,7 @@ def _plksr(**kwargs) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("make,named", [
     (lambda: {**_plksr(), "feats.1.lk.convs.0.weight": torch.zeros(4, 4, 5, 5)}, "sparse large kernels"),
     (lambda: {**_plksr(), "feats.1.lk.conv.weight": torch.zeros(4, 4, 6, 6)}, "large kernel of 6 over 4 of 16"),
+    (lambda: _plksr(rect=True, kernel=7), "large kernel of 7 over 4 of 16"),  # its k/3 side (2) would grow the picture
     (lambda: {**_plksr(), "feats.1.channe_mixer.2.weight": torch.zeros(16, 32, 5, 5)}, "3x3 and 5x5 convs"),
     (lambda: {**_plksr(), "feats.2.weight": torch.zeros(10, 16, 3, 3)}, "feats.2 gives 10 channels"),
     (lambda: _without(_plksr(mixer="Real", norm="group"), "feats.1.norm.weight"), "missing feats.1.norm.weight"),

@@ -525,7 +525,8 @@ def _dat_split(sd: Mapping[str, torch.Tensor], source: str, tensor: Callable[[st
     branch's ``rpe_biases`` (the offsets grid, (2h - 1)(2w - 1) rows of (dy, dx))."""
     name = "layers.0.blocks.0.attn.attns.0.rpe_biases"
     offsets = tensor(name, 2)
-    if offsets.shape[1] != 2 or not offsets.is_floating_point() or not torch.isfinite(offsets[-1]).all():
+    if (offsets.shape[0] < 1 or offsets.shape[1] != 2 or not offsets.is_floating_point()
+            or not torch.isfinite(offsets[-1]).all()):
         raise ModelError(f"{source}: DAT {name} is {tuple(offsets.shape)} {offsets.dtype}; expected (rows, 2) "
                          "offsets")
     last = offsets[-1].float()
@@ -681,9 +682,10 @@ def _plksr_plan(sd: Mapping[str, torch.Tensor], source: str) -> _Plan:
     rect = "feats.1.lk.mn_conv.weight" in sd
     lk = tensor("feats.1.lk.mn_conv.weight" if rect else "feats.1.lk.conv.weight", 4)
     part, kernel = lk.shape[0], lk.shape[2]
-    if kernel % 2 == 0 or not 1 <= kernel <= _PLKSR_MAX_KERNEL or part > dim:
+    if kernel % 2 == 0 or not 1 <= kernel <= _PLKSR_MAX_KERNEL or not 1 <= part <= dim or (rect and kernel // 3 % 2 == 0):
         raise ModelError(f"{source}: PLKSR large kernel of {kernel} over {part} of {dim} channels; expected an odd "
-                         f"size up to {_PLKSR_MAX_KERNEL} over at most all of them")
+                         f"size up to {_PLKSR_MAX_KERNEL} (a third of it odd too, for rectangular ones) over 1 to "
+                         "all of them")
     norm = ("layer" if "feats.1.layer_norm.weight" in sd else "group") if real else ""
     if norm == "group" and dim % 4:
         raise ModelError(f"{source}: RealPLKSR of width {dim}; its group norms need a multiple of 4")
