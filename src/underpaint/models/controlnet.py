@@ -80,7 +80,7 @@ class ControlNetInfo:
     prefix: str = ""
     #: ``ControlNetModel`` keyword arguments (for a folder: its config.json); for an adapter ``T2IAdapter``'s.
     config: dict = field(default_factory=dict, compare=False, hash=False)
-    #: "controlnet", "union" (xinsir's union models), "t2i-adapter" or "control-lora".
+    #: "controlnet", "union" (xinsir's union models), "t2i-adapter", "control-lora" or "ip-adapter".
     kind: str = "controlnet"
 
     @property
@@ -124,9 +124,11 @@ def inspect_controlnet(path: str | os.PathLike, *, time_embed_dim: int | None = 
 
 
 def info_from_header(path: Path, header: CheckpointHeader, *, time_embed_dim: int | None = None) -> ControlNetInfo:
-    from . import control_lora, t2i_adapter
+    from . import control_lora, ip_adapter, t2i_adapter
 
     names = header.tensors
+    if ip_adapter.is_ip_adapter(names):
+        return ControlNetInfo(path, ip_adapter_family(header), "ip-adapter", "", {}, kind="ip-adapter")
     try:
         adapter = t2i_adapter.adapter_layout(names)
     except ModelError as exc:
@@ -190,6 +192,15 @@ def _inspect_folder(folder: Path) -> ControlNetInfo:
         raise ModelError(f"{folder}: unsupported: config.json describes a {cls}; expected a ControlNetModel, "
                          "a ControlNetUnionModel or a T2IAdapter")
     return ControlNetInfo(folder, _family_of(config), "diffusers-folder", "", config)
+
+
+def ip_adapter_family(header: CheckpointHeader) -> Family:
+    """An IP-Adapter's family from the text width its projection makes: 2048 SDXL, 1024 SD2, else SD1
+    (whether it fits a checkpoint is checked on the UNet itself when it runs)."""
+    shape = header.tensors.get("image_proj.norm.weight") or header.tensors.get("image_proj.norm_out.weight") \
+        or header.tensors.get("image_proj.proj.3.weight")
+    width = shape.shape[0] if shape is not None else 0
+    return {2048: Family.SDXL, 1024: Family.SD2}.get(width, Family.SD1)
 
 
 def _family_of(config: dict) -> Family:
@@ -375,6 +386,11 @@ def load_controlnet(path: str | os.PathLike, *, device: str | torch.device = "cp
             module = build_control_lora(info.name, header, sd, base_unet, device, dtype)
             info = ControlNetInfo(p, info.family, info.layout, "", dict(module.config), kind="control-lora")
             return LoadedControlNet(info=info, module=module, device=device, dtype=dtype)
+        if info.kind == "ip-adapter":
+            from .ip_adapter import build_ip_adapter
+
+            module = build_ip_adapter(sd, f"IP-Adapter {p}", device, dtype)
+            return LoadedControlNet(info=info, module=module, device=device, dtype=dtype)
         if info.is_adapter:
             from .t2i_adapter import original_to_diffusers as adapter_names
 
@@ -425,6 +441,8 @@ def _build(info: ControlNetInfo, weights: dict[str, torch.Tensor], device: torch
 def check_compatible(control: LoadedControlNet | ControlNetInfo, unet_config) -> None:
     """A ControlNet feeds the UNet's skip connections: widths, levels and text width must match."""
     info = control.info if isinstance(control, LoadedControlNet) else control
+    if info.kind == "ip-adapter":  # checked against the UNet's layers themselves (models/ip_adapter.check_fits)
+        return
     if info.is_adapter:
         from .t2i_adapter import check_adapter_compatible
 
@@ -495,7 +513,7 @@ MODEL_KEYWORDS: dict[str, tuple[str, ...]] = {
     "canny": ("canny",), "depth": ("depth",), "openpose": ("openpose", "pose"), "lineart": ("lineart",),
     "softedge": ("softedge", "hed", "pidi"), "scribble": ("scribble", "sketch"), "mlsd": ("mlsd",),
     "normal": ("normal",), "tile": ("tile",), "inpaint": ("inpaint",), "shuffle": ("shuffle",),
-    "seg": ("seg",), "ip2p": ("ip2p",),
+    "seg": ("seg",), "ip2p": ("ip2p",), "ip-adapter": ("ip-adapter", "ip_adapter"),
 }
 _FAMILY_WORDS = {Family.SD1: ("sd15", "sd1.5", "v11", "sd14", "v1"), Family.SD2: ("sd21", "sd2"),
                  Family.SDXL: ("sdxl", "xl"), Family.FLUX: ("flux",)}

@@ -245,6 +245,10 @@ def _tensors_of(p: Path, obj: object) -> dict[str, torch.Tensor]:
 
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
+    if isinstance(obj, dict):
+        from .ip_adapter import flatten_nested
+
+        obj = flatten_nested(obj) or obj  # an IP-Adapter .bin: {"image_proj": {...}, "ip_adapter": {...}}
     if not isinstance(obj, dict):
         raise ModelError(f"{p}: torch file holds a {type(obj).__name__}, expected a dict of tensors")
     tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}

@@ -116,7 +116,11 @@ _FOLDERS = {
     "loras": ("loras", ("models/Lora", "models/LyCORIS")),
     "embeddings": ("embeddings", ("embeddings",)),
     "hypernetworks": ("hypernetworks", ("models/hypernetworks",)),
-    "controlnet": ("controlnet", ("models/ControlNet",)),
+    "controlnet": ("controlnet", ("models/ControlNet", "models/ipadapter")),
+    # IP-Adapter's CLIP vision encoders (ComfyUI's folder name; A1111's ControlNet extension keeps them in
+    # its annotator downloads).
+    "clip_vision": ("clip_vision", ("models/clip_vision", "extensions/sd-webui-controlnet/annotator/downloads/"
+                                                          "clip_vision")),
     "text_encoders": ("text_encoders", ("models/text_encoder",)),
     # Tiny preview decoders (TAESD); A1111 keeps them in models/VAE-approx.
     "vae_approx": ("VAE-approx", ("models/VAE-approx",)),

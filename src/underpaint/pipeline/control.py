@@ -261,6 +261,9 @@ class ActiveUnit:
     control_type: int | None = None
     #: The preprocessed map before fitting, which a hires. fix second pass fits to its own size.
     detected: np.ndarray | None = field(default=None, repr=False)
+    #: For an IP-Adapter unit: the picture's tokens and no picture's (for the negative prompt's rows),
+    #: each (1, tokens, text width); ``net.module`` is the adapter and ``hint`` is empty.
+    ip: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -301,6 +304,9 @@ class ControlStack:
         for active in self.units:
             if not active.unit.in_second_pass:
                 continue
+            if active.ip is not None:  # the picture's tokens do not depend on the size
+                units.append(active)
+                continue
             if active.detected is None:
                 raise ValueError("a ControlNet unit without its preprocessed map cannot run a second pass")
             fitted = fit_map(active.detected, width, height, active.unit.resize_mode)
@@ -337,12 +343,30 @@ class ControlStack:
         down: list[torch.Tensor] | None = None
         mid: torch.Tensor | None = None
         for active in self.units:
-            if active.features is not None or not unit_active(active.unit, self.step, self.steps):
+            if active.features is not None or active.ip is not None or \
+                    not unit_active(active.unit, self.step, self.steps):
                 continue
             d, m = run_unit(active, x_in, t, context, added_cond_kwargs, cond_rows, soft=self.high_res)
             down = d if down is None else [a + b for a, b in zip(down, d)]
             mid = m if mid is None else mid + m
         return down, mid
+
+    def image_prompts(self, n: int, cond_rows: torch.Tensor | None = None) -> list[tuple]:
+        """(adapter, tokens for the ``n`` rows, weight) of each IP-Adapter unit in its guidance window: the
+        picture's tokens on the prompt's rows, no picture's on the negative prompt's (``cond_rows`` 1 and
+        0; None: all prompt rows)."""
+        out = []
+        for active in self.units:
+            if active.ip is None or not unit_active(active.unit, self.step, self.steps):
+                continue
+            cond, uncond = active.ip
+            if cond_rows is None:
+                tokens = cond.expand(n, -1, -1)
+            else:
+                keep = cond_rows.to(device=cond.device, dtype=cond.dtype).view(-1, 1, 1)
+                tokens = cond * keep + uncond * (1 - keep)
+            out.append((active.net.module, tokens, float(active.unit.weight)))
+        return out
 
     def intrablock(self, n: int, cond_rows: torch.Tensor | None = None) -> list[torch.Tensor] | None:
         """The T2I-Adapter features for a batch of ``n`` rows (a new list at every call: the UNet
@@ -510,6 +534,11 @@ def prepare_control(model, units, *, width: int, height: int, steps: int, cache,
             # A Control-LoRA is built on the checkpoint's own UNet weights, not on this request's LoRAs.
             with network_state(model).patcher.suspended():
                 net = cache.get(path, **where)
+        if net.info.kind == "ip-adapter" or unit.preprocessor.kind == "ip-adapter":
+            active.append(image_prompt_unit(model, unit, net, index, init_image, width, height))
+            maps.append(np.asarray(active[-1].unit.image.convert("RGB").resize((width, height))))
+            names.append(infotext_name(path))
+            continue
         check_compatible(net, unet_config)
         control_type = None
         if net.info.kind == "union":  # before the preprocessor runs: a type without a slot is refused
@@ -529,6 +558,82 @@ def prepare_control(model, units, *, width: int, height: int, steps: int, cache,
         maps.append(detected)
         names.append(infotext_name(path))
     return ControlSetup(ControlStack(active, steps), tuple(maps), tuple(names))
+
+
+def image_prompt_unit(model, unit: ControlUnit, net, index: int, init_image, width: int, height: int) -> ActiveUnit:
+    """An IP-Adapter unit ready to run: the adapter checked against the UNet's cross-attention layers,
+    the unit's picture (else the img2img input) read by the CLIP vision model the adapter needs, and
+    the tokens of that reading and of no picture."""
+    from dataclasses import replace
+
+    from ..models.ip_adapter import check_fits, picture_states
+
+    field = f"control_units[{index}]"
+    if net.info.kind != "ip-adapter":
+        raise InvalidParameter(f"{field}.model", net.name, f"an IP-Adapter model for module {unit.module}")
+    if unit.preprocessor.kind != "ip-adapter":
+        raise InvalidParameter(f"{field}.module", unit.module, f"an ip-adapter module for the IP-Adapter {net.name} "
+                                                               "(ip-adapter-auto, ip-adapter_clip_h, ...)")
+    check_fits(net.module, model.unet, net.name)
+    image = unit.image if unit.image is not None else init_image
+    if image is None:
+        raise InvalidParameter(f"{field}.image", None, "a picture for the IP-Adapter (or an img2img input)")
+    encoder = clip_vision_for(model, net.module, unit.module)
+    states, empty = picture_states(encoder, net.module, image)
+    with torch.inference_mode():
+        cond, uncond = net.module.tokens(states), net.module.tokens(empty)
+    return ActiveUnit(replace(unit, image=image), net, torch.empty(0), ip=(cond.to(model.dtype), uncond.to(model.dtype)))
+
+
+def clip_vision_for(model, adapter, module: str):
+    """The CLIP vision model in the models folder's clip_vision/ whose widths the adapter reads (the
+    image embedding's for a base adapter, the hidden states' for Plus and full-face), loaded once per
+    checkpoint object and kept. The module's encoder name (``ip-adapter_clip_h``, ``_g``) is not
+    needed: the adapter's widths say which encoder it was trained with."""
+    from ..errors import ModelNotFound
+    from ..models.header import read_header
+    from ..models.ip_adapter import clip_vision_config, load_clip_vision
+    from .networks import models_dir_of
+
+    shape = adapter.shape
+    folders = models_dir_of(model).folders("clip_vision")
+    kept = getattr(model, "_clip_vision", None)
+    if kept is None:
+        kept = {}
+        try:
+            model._clip_vision = kept
+        except AttributeError:
+            pass
+    for folder in folders:
+        for path in sorted(folder.iterdir()):
+            is_file = path.is_file() and path.suffix.lower() in (".safetensors", ".bin", ".pth", ".pt")
+            is_folder = path.is_dir() and (path / "config.json").is_file()
+            if not (is_file or is_folder):
+                continue
+            try:
+                if is_folder:
+                    from transformers import CLIPVisionConfig
+
+                    config = CLIPVisionConfig.from_pretrained(str(path), local_files_only=True)
+                else:
+                    header = read_header(path)
+                    config = clip_vision_config({k: torch.empty(0).new_empty(v.shape, device="meta")
+                                                 for k, v in header.tensors.items()}, str(path))
+            except Exception:  # not a CLIP vision model: look at the next file
+                continue
+            width = config.projection_dim if not shape.uses_hidden_states else config.hidden_size
+            if width != shape.clip_dim:
+                continue
+            key = (str(path), str(model.device), str(model.dtype))
+            if key not in kept:
+                kept.clear()
+                kept[key] = load_clip_vision(path, device=model.device, dtype=model.dtype)
+            return kept[key]
+    what = "image embedding" if not shape.uses_hidden_states else "hidden states"
+    where = models_dir_of(model).folder("clip_vision")
+    raise ModelNotFound(f"the IP-Adapter needs a CLIP vision model whose {what} are {shape.clip_dim} wide (ViT-H/14 "
+                        f"for most; ViT-bigG/14 for ip-adapter_sdxl) in {where}: e.g. "
+                        "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors", field="model")
 
 
 # --- infotext ---------------------------------------------------------------------------------------------------

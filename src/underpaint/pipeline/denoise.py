@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from ..models.ip_adapter import adapters_applied
 from ..models.optimize import attention_for, begin_call, owned
 from ..prompts.encoder import Conditioning
 from ..sampling._common import LAST_UNCOND_NOISE
@@ -28,12 +29,14 @@ def unet_fn(model, control=None) -> Callable[[torch.Tensor, torch.Tensor, Condit
         if cond.time_ids is not None:  # SDXL: each row's pooled text and size ids (made with the text)
             extra = {"text_embeds": cond.pooled.to(dtype), "time_ids": cond.time_ids.to(dtype)}
         down = mid = intra = None
+        pictures = []
         if control is not None:
             is_prompt = control.prompt_rows(cond, x_in.shape[0], device=x_in.device)
             down, mid = control.residuals(x_in.to(dtype), t.to(x_in.device), cond.cross_attn.to(dtype), extra, is_prompt)
             intra = control.intrablock(x_in.shape[0], is_prompt)  # T2I-Adapter features
+            pictures = control.image_prompts(x_in.shape[0], is_prompt)  # IP-Adapter tokens
         begin_call(model)
-        with attention_for(model):
+        with attention_for(model), adapters_applied(unet, pictures):
             out = unet(
                 x_in.to(dtype),
                 t.to(x_in.device),

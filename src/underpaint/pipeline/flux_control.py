@@ -112,6 +112,9 @@ def prepare(model, params, *, width: int, height: int, steps: int, encode, crop=
         units, init, mask = crop_to_region(units, init, mask, *crop)
     active, maps, names = [], [], []
     for index, unit in enumerate(units):
+        if unit.preprocessor.kind == "ip-adapter":
+            raise InvalidParameter(f"control_units[{index}].module", unit.module,
+                                   "a ControlNet preprocessor (IP-Adapters are for SD 1.x/2.x and SDXL models)")
         path = resolve_controlnet(unit.model, folders, kind=unit.preprocessor.kind, family=model.spec.family)
         key = (str(path), str(model.device), str(model.dtype))
         if key not in cache:

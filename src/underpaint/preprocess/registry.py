@@ -112,6 +112,15 @@ PREPROCESSORS: tuple[Preprocessor, ...] = (
                  a_range=(0.01, 2), b_range=(0.01, 20)),
     Preprocessor("lineart_realistic", _N + "lineart_realistic", ("lineart",), "lineart", weights=("sk_model.pth",)),
     Preprocessor("lineart_coarse", _N + "lineart_coarse", (), "lineart", weights=("sk_model2.pth",)),
+    # IP-Adapter units: the picture goes to a CLIP vision model, not to a map (models/ip_adapter.py); the
+    # extension names the encoder in the module (ViT-H/14, or ViT-bigG/14 for ip-adapter_sdxl), "auto"
+    # takes the one the adapter's widths call for.
+    Preprocessor("ip-adapter-auto", _B + "none", ("ip-adapter",), "ip-adapter", uses_resolution=False,
+                 weights=("clip_vision/ (a CLIP vision model: CLIP-ViT-H-14 or CLIP-ViT-bigG-14)",)),
+    Preprocessor("ip-adapter_clip_h", _B + "none", ("ip-adapter_clip_sd15", "ip-adapter_clip_sdxl_plus_vith"),
+                 "ip-adapter", uses_resolution=False, weights=("clip_vision/ (CLIP-ViT-H-14)",)),
+    Preprocessor("ip-adapter_clip_g", _B + "none", ("ip-adapter_clip_sdxl", "ip-adapter_clip_bigg"), "ip-adapter",
+                 uses_resolution=False, weights=("clip_vision/ (CLIP-ViT-bigG-14)",)),
 )
 
 
