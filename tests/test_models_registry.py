@@ -352,7 +352,9 @@ def test_known_model_table():
                 or (m.kind in ("gfpgan", "codeformer", "upscalers", "deepbooru")
                     and m.source.startswith("https://github.com/"))
                 or (m.kind == "upscalers" and m.source.startswith(f"https://huggingface.co/{m.repo_id}/resolve/")
-                    and len(m.sha256) == 64))
+                    and len(m.sha256) == 64)
+                or (m.kind in ("controlnet", "clip_vision")
+                    and m.source.startswith(f"https://huggingface.co/{m.repo_id}/resolve/main/")))
                and "/" in m.repo_id and m.description and set(m.needs) <= set(KNOWN_MODELS)
                for m in KNOWN_MODELS.values())
     assert {m.filename for m in KNOWN_MODELS.values() if m.kind == "adetailer"} >= {"face_yolov8n.pt", "hand_yolov8n.pt"}

@@ -26,7 +26,7 @@ class KnownModel:
     name: str
     repo_id: str
     filename: str
-    #: Which models-folder kind it goes into ("checkpoints", "vae", "blip", "clip" or "adetailer").
+    #: Which models-folder kind it goes into (registry.py's kinds: "checkpoints", "vae", "upscalers", ...).
     kind: str
     description: str
     #: A whole folder (``filename`` is then the folder's name): a diffusers folder's subfolders and
@@ -94,6 +94,28 @@ _TABLE = (
     KnownModel("deepbooru", "AUTOMATIC1111/TorchDeepDanbooru", "model-resnet_custom_v3.pt", "deepbooru",
                "DeepDanbooru's tagger for Interrogate DeepBooru (underpaint interrogate --model deepdanbooru)",
                source=f"{_GITHUB}/AUTOMATIC1111/TorchDeepDanbooru/releases/download/v1/model-resnet_custom_v3.pt"),
+    # IP-Adapters and the CLIP vision models that read their pictures, from Tencent's repository.
+    *(KnownModel(name, "h94/IP-Adapter", file.rsplit("/", 1)[1], "controlnet", description,
+                 source=f"https://huggingface.co/h94/IP-Adapter/resolve/main/{file}")
+      for name, file, description in (
+          ("ip-adapter-sd15", "models/ip-adapter_sd15.safetensors",
+           "IP-Adapter for SD 1.5 (a picture as a prompt; needs clip-vision-h)"),
+          ("ip-adapter-plus-sd15", "models/ip-adapter-plus_sd15.safetensors",
+           "IP-Adapter Plus for SD 1.5 (closer to the picture; needs clip-vision-h)"),
+          ("ip-adapter-plus-face-sd15", "models/ip-adapter-plus-face_sd15.safetensors",
+           "IP-Adapter Plus Face for SD 1.5 (a face picture; needs clip-vision-h)"),
+          ("ip-adapter-sdxl-vit-h", "sdxl_models/ip-adapter_sdxl_vit-h.safetensors",
+           "IP-Adapter for SDXL (needs clip-vision-h)"),
+          ("ip-adapter-plus-sdxl-vit-h", "sdxl_models/ip-adapter-plus_sdxl_vit-h.safetensors",
+           "IP-Adapter Plus for SDXL (needs clip-vision-h)"),
+          ("ip-adapter-sdxl", "sdxl_models/ip-adapter_sdxl.safetensors",
+           "IP-Adapter for SDXL read by ViT-bigG (needs clip-vision-g)"))),
+    KnownModel("clip-vision-h", "h94/IP-Adapter", "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors", "clip_vision",
+               "CLIP ViT-H/14 vision model, which reads the pictures of most IP-Adapters",
+               source="https://huggingface.co/h94/IP-Adapter/resolve/main/models/image_encoder/model.safetensors"),
+    KnownModel("clip-vision-g", "h94/IP-Adapter", "CLIP-ViT-bigG-14-laion2B-39B-b160k.safetensors", "clip_vision",
+               "CLIP ViT-bigG/14 vision model, which reads ip-adapter_sdxl's pictures",
+               source="https://huggingface.co/h94/IP-Adapter/resolve/main/sdxl_models/image_encoder/model.safetensors"),
     # ADetailer's detection models, from the repository ADetailer itself downloads them from.
     KnownModel("adetailer-face", "Bingsu/adetailer", "face_yolov8n.pt", "adetailer",
                "ADetailer's face_yolov8n.pt (YOLOv8n faces) for --adetailer / ADetailer tabs"),

@@ -632,8 +632,8 @@ def clip_vision_for(model, adapter, module: str):
     what = "image embedding" if not shape.uses_hidden_states else "hidden states"
     where = models_dir_of(model).folder("clip_vision")
     raise ModelNotFound(f"the IP-Adapter needs a CLIP vision model whose {what} are {shape.clip_dim} wide (ViT-H/14 "
-                        f"for most; ViT-bigG/14 for ip-adapter_sdxl) in {where}: e.g. "
-                        "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors", field="model")
+                        f"for most: `underpaint download clip-vision-h`; ViT-bigG/14 for ip-adapter_sdxl: "
+                        f"`underpaint download clip-vision-g`) in {where}", field="model")
 
 
 # --- infotext ---------------------------------------------------------------------------------------------------
