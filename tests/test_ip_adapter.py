@@ -323,6 +323,9 @@ def test_api_unit_as_the_extension_sends_it(engine, models):
     with real_api(root) as api:
         assert "ip-adapter_clip_h" in api.get("/controlnet/module_list").json()["module_list"]
         assert "ip-adapter-base_sd15" in " ".join(api.get("/controlnet/model_list").json()["model_list"])
+        kind = api.get("/controlnet/control_types").json()["control_types"]["IP-Adapter"]
+        assert kind["module_list"][0] == kind["default_option"] == "ip-adapter-auto" and "none" not in kind["module_list"]
+        assert len(kind["model_list"]) == 5 and all("ip-adapter" in m for m in kind["model_list"][1:])
         r = api.post("/sdapi/v1/txt2img", json=body)
         assert r.status_code == 200, r.text
         got = decode_b64(r.json()["images"][0])

@@ -82,7 +82,10 @@ CONTROL_TYPES: tuple[tuple[str, tuple[str, ...], tuple[str, ...], str | None], .
     ("Shuffle", ("shuffle",), ("shuffle",), "shuffle"),
     ("Tile/Blur", ("tile",), ("tile", "blur"), "tile_resample"),
     ("Inpaint", ("inpaint",), ("inpaint",), "inpaint_only"),
+    ("IP-Adapter", ("ip-adapter",), ("ip-adapter", "ip_adapter"), "ip-adapter-auto"),
 )
+#: Types whose units read the picture itself, not a map: no "none" preprocessor, and no union models.
+_PICTURE_TYPES = ("IP-Adapter",)
 #: Types whose list also offers the "invert" preprocessor (line drawings on white), as the extension's does.
 _WITH_INVERT = ("Canny", "Lineart", "Scribble/Sketch", "MLSD")
 
@@ -97,10 +100,11 @@ def control_type_table(models: list[str]) -> dict[str, dict]:
     table = {"All": {"module_list": names, "model_list": ["None", *models], "default_option": "none",
                      "default_model": "None"}}
     for label, kinds, words, default in CONTROL_TYPES:
-        modules = ["none", *(p.name for p in PREPROCESSORS if p.kind in kinds)]
+        picture = label in _PICTURE_TYPES
+        modules = [*(() if picture else ("none",)), *(p.name for p in PREPROCESSORS if p.kind in kinds)]
         if label in _WITH_INVERT:
             modules += [p.name for p in PREPROCESSORS if p.name.startswith("invert") and p.name not in modules]
-        matched = [m for m in models if any(w in m.lower() for w in (*words, "union"))]
+        matched = [m for m in models if any(w in m.lower() for w in (*words, *(() if picture else ("union",))))]
         table[label] = {"module_list": modules, "model_list": ["None", *(matched or models)],
                         "default_option": default if default in modules else modules[1],
                         "default_model": matched[0] if matched else "None"}
