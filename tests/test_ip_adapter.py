@@ -392,3 +392,21 @@ def test_sdxl_unet_with_an_adapter_equals_diffusers(sdxl_file, kind):
     assert len(ipa.cross_attention_layers(unet)) == len(adapter.shape.layers) > 4
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
     assert (ours - plain).abs().max() > 1e-3
+
+
+def test_only_masked_inpainting_keeps_the_reference_whole(engine):
+    """"Only masked" crops the other units' maps to the region it paints; an IP-Adapter's picture is a
+    reference, not a map, so it stays whole (and a unit without one reads the whole input picture)."""
+    from underpaint.params import InpaintOptions
+
+    photo = _picture(11, (64, 64))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (24, 24, 40, 40))
+    base = dict(prompt="a lighthouse", steps=3, sampler="Euler", seed=5, rng="cpu", strength=0.8,
+                init_images=(photo,), mask=mask, inpaint=InpaintOptions(full_res=True, full_res_padding=4))
+    whole = ControlUnit(image=photo, module="ip-adapter-auto", model="ip-adapter-plus_sd15")
+    none = ControlUnit(module="ip-adapter-auto", model="ip-adapter-plus_sd15")
+    cropped = ControlUnit(image=photo.crop((20, 20, 44, 44)), module="ip-adapter-auto", model="ip-adapter-plus_sd15")
+    a, b, c = (_pixels(engine.generate(GenerationParams(**base, control_units=(u,))).images[0])
+               for u in (whole, none, cropped))
+    assert np.array_equal(a, b) and np.abs(a - c).max() > 0

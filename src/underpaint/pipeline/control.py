@@ -470,7 +470,9 @@ def request_control(model, params, *, width: int, height: int, steps: int, crop=
 
 
 def crop_to_region(units, init: "Image | None", mask: "Image | None", box, size: tuple[int, int]):
-    """The units' images, the init picture and the mask, each stretched to ``size`` and cropped to ``box``."""
+    """The units' images, the init picture and the mask, each stretched to ``size`` and cropped to ``box``.
+    An IP-Adapter unit's picture is a reference, not a map of the canvas: it stays whole (the whole
+    input picture for a unit without one)."""
     from dataclasses import replace
 
     from PIL import Image as PILImage
@@ -484,8 +486,12 @@ def crop_to_region(units, init: "Image | None", mask: "Image | None", box, size:
             image = image.resize(size, PILImage.Resampling.LANCZOS)
         return image.crop(region)
 
-    cropped = tuple(replace(u, image=cut(u.image)) if u.image is not None else u for u in units)
-    return cropped, cut(init), cut(mask)
+    def unit_cut(u):
+        if u.preprocessor.kind == "ip-adapter":
+            return u if u.image is not None or init is None else replace(u, image=init)
+        return replace(u, image=cut(u.image)) if u.image is not None else u
+
+    return tuple(unit_cut(u) for u in units), cut(init), cut(mask)
 
 
 def control_resources(model) -> tuple:
