@@ -103,9 +103,10 @@ def test_each_preprocessor_makes_a_map(name, cat, annotators):
     assert fitted.shape[:2] == (64, 96)
 
 
-#: Rows whose maps are made in test_control_preprocess_more.py.
+#: Rows whose maps are made in test_control_preprocess_more.py, and the IP-Adapter modules (no map: the
+#: picture goes to a CLIP vision model; test_ip_adapter.py).
 TESTED_ELSEWHERE = {"softedge_pidinet", "softedge_pidisafe", "scribble_pidinet", "mlsd", "openpose_face",
-                    "openpose_faceonly", "openpose_full"}
+                    "openpose_faceonly", "openpose_full", "ip-adapter-auto", "ip-adapter_clip_h", "ip-adapter_clip_g"}
 
 
 def test_every_table_row_is_tested():
