@@ -218,23 +218,14 @@ def test_loopback_appends_deepboorus_tags_each_pass(tagged_models):
     """A1111's Loopback with "DeepBooru": each pass's prompt is the request's, then the tags of the picture
     the pass starts from; through the engine (A1111's defaults) and the API (the server's settings)."""
     from test_server_support import png_b64, real_api
-    from underpaint.params import GenerationParams, LoopbackOptions
     from underpaint.pipeline.engine import Engine
+
+    from test_interrogate import assert_loopback_appends
 
     root, path = tagged_models
     engine = Engine.load(root / "checkpoints" / "tiny-sd1.safetensors", device="cpu", dtype="fp32", models_dir=root)
-    base = dict(prompt="a lighthouse", seed=4, rng="cpu", steps=2, sampler="Euler", strength=0.6)
+    assert_loopback_appends(engine, "deepbooru", lambda picture: db.deepbooru(picture, path), _photo())
     photo = _photo().resize((64, 64))
-    result = engine.generate(GenerationParams(**base, init_images=(photo,), loopback=LoopbackOptions(
-        loops=2, final_strength=0.6, interrogate="deepbooru")))
-    picture, prompts = photo, []
-    for seed in (4, 5):
-        prompt = "a lighthouse, " + db.deepbooru(picture, path)
-        made = engine.generate(GenerationParams(**{**base, "seed": seed, "prompt": prompt}, init_images=(picture,)))
-        picture = made.images[0]
-        prompts.append(prompt)
-        assert np.array_equal(np.asarray(result.images[len(prompts)]), np.asarray(made.images[0]))
-    assert result.prompts[1:] == tuple(prompts)
     with real_api(root) as api:
         api.post("/sdapi/v1/options", json={"interrogate_deepbooru_score_threshold": 0.0, "deepbooru_use_spaces": False})
         r = api.post("/sdapi/v1/img2img", json={"init_images": [png_b64(photo)], "steps": 1, "prompt": "",

@@ -273,26 +273,33 @@ def test_cli_interrogate_prints_the_caption(blip, clip, tmp_path):
 # --------------------------------------------------------------------------- Loopback's appended reading
 
 
-def test_loopback_appends_each_pass_reading(blip, clip, sd1_file):
+def assert_loopback_appends(engine, kind: str, read, photo) -> None:
+    """Loopback with ``interrogate=kind`` (2 loops) makes the pictures and prompts of running each pass by
+    hand with the request's prompt, ", " and ``read(picture)`` of the picture the pass starts from."""
     from underpaint.params import GenerationParams, LoopbackOptions
+
+    base = dict(prompt="a lighthouse", seed=4, rng="cpu", steps=2, sampler="Euler", strength=0.6)
+    picture = photo.resize((64, 64))
+    result = engine.generate(GenerationParams(**base, init_images=(picture,), loopback=LoopbackOptions(
+        loops=2, final_strength=0.6, interrogate=kind)))
+    prompts = []
+    for seed in (4, 5):
+        prompt = "a lighthouse, " + read(picture)
+        made = engine.generate(GenerationParams(**{**base, "seed": seed, "prompt": prompt}, init_images=(picture,)))
+        picture = made.images[0]
+        prompts.append(prompt)
+        assert np.array_equal(np.asarray(result.images[len(prompts)]), np.asarray(made.images[0]))
+    assert result.prompts[1:] == tuple(prompts)
+
+
+def test_loopback_appends_each_pass_reading(blip, clip, sd1_file):
+    from underpaint.params import LoopbackOptions
     from underpaint.pipeline.engine import Engine
 
     root = clip[1]
     engine = Engine.load(sd1_file, device="cpu", dtype="fp32", models_dir=root)
     files = it.interrogate_files(ModelsDir(root))
-    base = dict(prompt="a lighthouse", seed=4, rng="cpu", steps=2, sampler="Euler", strength=0.6)
-    photo = _photo().resize((64, 64))
-    result = engine.generate(GenerationParams(**base, init_images=(photo,), loopback=LoopbackOptions(
-        loops=2, final_strength=0.6, interrogate="clip")))
-    picture, by_hand = photo, []
-    for seed in (4, 5):
-        prompt = "a lighthouse, " + it.interrogate(picture, files)
-        made = engine.generate(GenerationParams(**{**base, "seed": seed, "prompt": prompt}, init_images=(picture,)))
-        picture = made.images[0]
-        by_hand.append((prompt, made))
-    assert result.prompts[1:] == tuple(prompt for prompt, _ in by_hand)
-    for got, (_, made) in zip(result.images[1:], by_hand):
-        assert np.array_equal(np.asarray(got), np.asarray(made.images[0]))
+    assert_loopback_appends(engine, "clip", lambda picture: it.interrogate(picture, files), _photo())
     with pytest.raises(Exception) as err:
         LoopbackOptions(interrogate="BLIP2")
     assert err.value.field == "loopback_interrogate" and err.value.expected == "None, CLIP or DeepBooru"

@@ -542,12 +542,20 @@ def _without(sd: dict, name: str) -> dict:
               torch.zeros(25, 4)}, "relative_position_bias_table is (25, 4)"),
 ])
 def test_incomplete_or_mismatched_tensors(tmp_path, make, named):
-    path = tmp_path / "4x-broken.safetensors"
-    save_file(make(), str(path))
+    assert_refused(tmp_path / "4x-broken.safetensors", make(), named)
+
+
+def assert_refused(path, tensors: dict, named: str) -> None:
+    """``tensors`` saved at ``path`` (safetensors, or a torch pickle for other names) are refused with one
+    line that starts with the file and says ``named``."""
+    if path.suffix == ".safetensors":
+        save_file(tensors, str(path))
+    else:
+        torch.save(tensors, path)
     with pytest.raises(ModelError) as info:
         load_upscaler(path)
     message = str(info.value)
-    assert message.startswith(str(path)) and named in message and "\n" not in message
+    assert message.startswith(str(path)) and named in message and "\n" not in message, message
 
 
 def test_pickle_with_nested_ema_and_prefix(tmp_path):
@@ -828,12 +836,7 @@ def _dat_file() -> dict[str, torch.Tensor]:
     (lambda: {**_dat_file(), "layers.2.blocks.0.norm1.weight": torch.zeros(16)}, "DAT groups numbered [0, 2]"),
 ])
 def test_incomplete_or_odd_dat_files(tmp_path, make, named):
-    path = tmp_path / "4xBroken-DAT.safetensors"
-    save_file(make(), str(path))
-    with pytest.raises(ModelError) as info:
-        load_upscaler(path)
-    message = str(info.value)
-    assert message.startswith(str(path)) and named in message and "\n" not in message
+    assert_refused(tmp_path / "4xBroken-DAT.safetensors", make(), named)
 
 
 def test_a_complete_dat_file_loads():
@@ -887,12 +890,7 @@ def test_scunet_pictures_smaller_than_its_padding(spandrel_loader):
      "SCUNet of width 48; expected a multiple of 64"),
 ])
 def test_broken_scunet_files(tmp_path, make, named, spandrel_loader):
-    path = tmp_path / "scunet_broken.pth"
-    torch.save(make(), path)
-    with pytest.raises(ModelError) as info:
-        load_upscaler(path)
-    message = str(info.value)
-    assert message.startswith(str(path)) and named in message and "\n" not in message
+    assert_refused(tmp_path / "scunet_broken.pth", make(), named)
 
 
 # --------------------------------------------------------------------------------------------- SPAN, PLKSR
@@ -972,9 +970,4 @@ def _plksr(**kwargs) -> dict[str, torch.Tensor]:
     (lambda: _without(_plksr(mixer="Real", norm="group"), "feats.1.norm.weight"), "missing feats.1.norm.weight"),
 ])
 def test_broken_plksr_files(tmp_path, make, named):
-    path = tmp_path / "4x_broken_plksr.safetensors"
-    save_file(make(), str(path))
-    with pytest.raises(ModelError) as info:
-        load_upscaler(path)
-    message = str(info.value)
-    assert message.startswith(str(path)) and named in message and "\n" not in message
+    assert_refused(tmp_path / "4x_broken_plksr.safetensors", make(), named)

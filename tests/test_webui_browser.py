@@ -2558,23 +2558,21 @@ def test_interrogate_deepbooru_writes_the_tags_and_its_settings_apply(page, phot
     assert answer.value.ok, answer.value.text()
     assert json.loads(answer.value.request.post_data)["model"] == "deepdanbooru"
     expect(page.locator("#prompt")).to_have_value(answer.value.json()["caption"])
-    page.click("#tab-settings")
-    page.fill("#setting_interrogate_deepbooru_score_threshold", "0")
-    page.uncheck("#setting_deepbooru_use_spaces")
-    page.fill("#setting_deepbooru_filter_tags", "1girl")
-    page.click("#settings-apply")
-    expect(page.locator("#settings-status")).to_contain_text("3 settings changed")
-    page.click("#tab-img2img")
-    with page.expect_response("**/sdapi/v1/interrogate", timeout=GENERATION_TIMEOUT) as answer:
+
+    def settings(threshold: str, spaces: bool, dropped: str) -> None:
+        page.click("#tab-settings")
+        page.fill("#setting_interrogate_deepbooru_score_threshold", threshold)
+        page.set_checked("#setting_deepbooru_use_spaces", spaces)
+        page.fill("#setting_deepbooru_filter_tags", dropped)
+        page.click("#settings-apply")
+        expect(page.locator("#settings-status")).to_contain_text("3 settings changed")
+        page.click("#tab-img2img")
+
+    settings("0", False, "1girl")
+    with page.expect_response("**/sdapi/v1/interrogate", timeout=GENERATION_TIMEOUT):
         page.click("#interrogate-deepbooru")
     expect(page.locator("#prompt")).to_have_value(r"blue_sky, hat_\(object\)")  # by name, escaped
-    page.click("#tab-settings")
-    page.fill("#setting_interrogate_deepbooru_score_threshold", "0.5")
-    page.check("#setting_deepbooru_use_spaces")
-    page.fill("#setting_deepbooru_filter_tags", "")
-    page.click("#settings-apply")
-    expect(page.locator("#settings-status")).to_contain_text("3 settings changed")
-    page.click("#tab-img2img")
+    settings("0.5", True, "")  # A1111's defaults again for the other tests
 
 
 def test_sd_upscale_size_line_matches_the_package(page):

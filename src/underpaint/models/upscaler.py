@@ -563,12 +563,7 @@ def _dat_plan(sd: Mapping[str, torch.Tensor], source: str) -> _Plan:
     split = _dat_split(sd, source, tensor)
     hidden = tensor("layers.0.blocks.0.ffn.fc1.weight", 2).shape[0]
     pos_width = tensor("layers.0.blocks.0.attn.attns.0.pos.pos_proj.weight", 2).shape[0]
-    if "conv_after_body.weight" in sd:
-        three_conv = False
-    elif "conv_after_body.0.weight" in sd:
-        three_conv = True
-    else:
-        raise ModelError(f"{source}: DAT model without 'conv_after_body': incomplete or damaged file")
+    three_conv = _three_conv(sd, source, ARCH_DAT)
     num_feat = 64
     if "conv_last.weight" in sd:
         upsampler = "pixelshuffle"
@@ -576,13 +571,8 @@ def _dat_plan(sd: Mapping[str, torch.Tensor], source: str) -> _Plan:
         factors = _pixelshuffle_factors(sd, source, ARCH_DAT, num_feat, tensor)
         out_ch = tensor("conv_last.weight", 4).shape[0]
     else:
-        upsampler = "pixelshuffledirect"
-        shuffled = tensor("upsample.0.weight", 4).shape[0]
-        out_ch = in_ch
-        factor = round((shuffled / out_ch) ** 0.5)
-        if factor < 1 or factor * factor * out_ch != shuffled:
-            raise ModelError(f"{source}: DAT upsample.0 gives {shuffled} channels; expected {out_ch} x scale²")
-        factors = [factor]
+        upsampler, out_ch = "pixelshuffledirect", in_ch
+        factors = [_direct_scale(source, ARCH_DAT, out_ch, tensor)]
     _rgb_only(source, ARCH_DAT, in_ch, out_ch)
     scale = math.prod(factors)
     return _Plan(
@@ -712,12 +702,7 @@ def _swinir_plan(sd: Mapping[str, torch.Tensor], source: str) -> _Plan:
     embed_dim, in_ch = tensor("conv_first.weight", 4).shape[:2]
     depths, heads, window = _swin_layers(sd, source, ARCH_SWINIR, tensor)
     mlp_hidden = tensor("layers.0.residual_group.blocks.0.mlp.fc1.weight", 2).shape[0]
-    if "conv_after_body.weight" in sd:
-        three_conv = False
-    elif "conv_after_body.0.weight" in sd:
-        three_conv = True
-    else:
-        raise ModelError(f"{source}: SwinIR model without 'conv_after_body': incomplete or damaged file")
+    three_conv = _three_conv(sd, source, ARCH_SWINIR)
 
     num_feat, factors = 64, []
     if "conv_before_upsample.0.weight" in sd and "conv_up1.weight" in sd:
@@ -731,13 +716,8 @@ def _swinir_plan(sd: Mapping[str, torch.Tensor], source: str) -> _Plan:
         factors = _pixelshuffle_factors(sd, source, ARCH_SWINIR, num_feat, tensor)
         out_ch = tensor("conv_last.weight", 4).shape[0]
     elif "upsample.0.weight" in sd:
-        upsampler = "pixelshuffledirect"
-        shuffled = tensor("upsample.0.weight", 4).shape[0]
-        out_ch = in_ch
-        scale = round((shuffled / out_ch) ** 0.5)
-        if scale < 1 or scale * scale * out_ch != shuffled:
-            raise ModelError(f"{source}: SwinIR upsample.0 gives {shuffled} channels; expected {out_ch} x scale²")
-        factors = [scale]
+        upsampler, out_ch = "pixelshuffledirect", in_ch
+        factors = [_direct_scale(source, ARCH_SWINIR, out_ch, tensor)]
     else:
         upsampler = ""
         out_ch = tensor("conv_last.weight", 4).shape[0]
@@ -755,6 +735,24 @@ def _swinir_plan(sd: Mapping[str, torch.Tensor], source: str) -> _Plan:
                              patch_norm="patch_embed.norm.weight" in sd,
                              qkv_bias="layers.0.residual_group.blocks.0.attn.qkv.bias" in sd, img_range=img_range),
     )
+
+
+def _direct_scale(source: str, arch: str, out_ch: int, tensor: Callable[[str, int], torch.Tensor]) -> int:
+    """The scale of a one-step pixel shuffle (``upsample.0`` gives ``out_ch`` x scale² channels)."""
+    shuffled = tensor("upsample.0.weight", 4).shape[0]
+    scale = round((shuffled / out_ch) ** 0.5)
+    if scale < 1 or scale * scale * out_ch != shuffled:
+        raise ModelError(f"{source}: {arch} upsample.0 gives {shuffled} channels; expected {out_ch} x scale²")
+    return scale
+
+
+def _three_conv(sd: Mapping[str, torch.Tensor], source: str, arch: str) -> bool:
+    """Whether SwinIR's or DAT's residual convs are "3conv" (``conv_after_body.0``) rather than one conv."""
+    if "conv_after_body.weight" in sd:
+        return False
+    if "conv_after_body.0.weight" in sd:
+        return True
+    raise ModelError(f"{source}: {arch} model without 'conv_after_body': incomplete or damaged file")
 
 
 def _rgb_only(source: str, arch: str, in_ch: int, out_ch: int) -> None:

@@ -36,11 +36,14 @@ windows, not read; the window comes from the last row of a file's ``rpe_biases``
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .upscaler_swin import SWINIR_MEAN, from_windows, relative_position_index, residual_conv, shift_mask, to_windows
+from .upscaler_swin import (SWINIR_MEAN, add_shuffle_tail, from_windows, relative_position_index, residual_conv,
+                             shift_mask, to_windows)
 
 
 def shifted(group: int, block: int) -> bool:
@@ -293,9 +296,7 @@ class DAT(nn.Module):
                  num_feat: int = 64, three_conv: bool = False, qkv_bias: bool = True):
         super().__init__()
         self.upsampler = upsampler
-        self.scale = 1
-        for f in factors:
-            self.scale *= f
+        self.scale = math.prod(factors)
         self.register_buffer("mean", torch.tensor(SWINIR_MEAN).view(1, 3, 1, 1), persistent=False)
         self.conv_first = nn.Conv2d(3, dim, 3, 1, 1)
         self.before_RG = _TokenNorm(dim)
@@ -313,16 +314,7 @@ class DAT(nn.Module):
         self.layers = nn.ModuleList(groups)
         self.norm = nn.LayerNorm(dim)
         self.conv_after_body = residual_conv(dim, three_conv)
-        if upsampler == "pixelshuffle":
-            self.conv_before_upsample = nn.Sequential(nn.Conv2d(dim, num_feat, 3, 1, 1), nn.LeakyReLU(0.01))
-            stages: list[nn.Module] = []
-            for f in factors:
-                stages += [nn.Conv2d(num_feat, f * f * num_feat, 3, 1, 1), nn.PixelShuffle(f)]
-            self.upsample = nn.Sequential(*stages)
-            self.conv_last = nn.Conv2d(num_feat, 3, 3, 1, 1)
-        elif upsampler == "pixelshuffledirect":
-            self.upsample = nn.Sequential(nn.Conv2d(dim, self.scale ** 2 * 3, 3, 1, 1), nn.PixelShuffle(self.scale))
-        else:
+        if not add_shuffle_tail(self, upsampler, dim, num_feat, factors, self.scale):
             raise ValueError(f"unknown DAT upsampler {upsampler!r}")
 
     def features(self, x: torch.Tensor) -> torch.Tensor:

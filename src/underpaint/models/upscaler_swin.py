@@ -165,6 +165,26 @@ class SwinBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def add_shuffle_tail(module: nn.Module, upsampler: str, dim: int, num_feat: int, factors: list[int],
+                     scale: int) -> bool:
+    """Give ``module`` SwinIR's "pixelshuffle" tail (``conv_before_upsample``: conv + LeakyReLU to
+    ``num_feat``; ``upsample``: a conv and pixel shuffle per factor; ``conv_last``) or its
+    "pixelshuffledirect" one (``upsample``: one conv to 3·scale² and a pixel shuffle), which DAT shares;
+    False for another upsampler."""
+    if upsampler == "pixelshuffle":
+        module.conv_before_upsample = nn.Sequential(nn.Conv2d(dim, num_feat, 3, 1, 1), nn.LeakyReLU(0.01))
+        stages: list[nn.Module] = []
+        for f in factors:
+            stages += [nn.Conv2d(num_feat, f * f * num_feat, 3, 1, 1), nn.PixelShuffle(f)]
+        module.upsample = nn.Sequential(*stages)
+        module.conv_last = nn.Conv2d(num_feat, 3, 3, 1, 1)
+        return True
+    if upsampler == "pixelshuffledirect":
+        module.upsample = nn.Sequential(nn.Conv2d(dim, scale ** 2 * 3, 3, 1, 1), nn.PixelShuffle(scale))
+        return True
+    return False
+
+
 def residual_conv(dim: int, three: bool) -> nn.Module:
     """The conv closing an RSTB and the body: one 3x3, or "3conv" (3x3 to dim/4, 1x1, 3x3 back)."""
     if not three:
@@ -225,16 +245,8 @@ class SwinIR(nn.Module):
                                          qkv_bias=qkv_bias) for depth, h in zip(depths, heads))
         self.norm = nn.LayerNorm(embed_dim)
         self.conv_after_body = residual_conv(embed_dim, three_conv)
-        if upsampler == "pixelshuffle":
-            self.conv_before_upsample = nn.Sequential(nn.Conv2d(embed_dim, num_feat, 3, 1, 1), nn.LeakyReLU(0.01))
-            stages: list[nn.Module] = []
-            for f in factors:
-                stages += [nn.Conv2d(num_feat, f * f * num_feat, 3, 1, 1), nn.PixelShuffle(f)]
-            self.upsample = nn.Sequential(*stages)
-            self.conv_last = nn.Conv2d(num_feat, 3, 3, 1, 1)
-        elif upsampler == "pixelshuffledirect":
-            self.upsample = nn.Sequential(nn.Conv2d(embed_dim, self.scale ** 2 * 3, 3, 1, 1),
-                                          nn.PixelShuffle(self.scale))
+        if add_shuffle_tail(self, upsampler, embed_dim, num_feat, factors, self.scale):
+            pass  # "pixelshuffle" or "pixelshuffledirect"
         elif upsampler == "nearest+conv":
             self.conv_before_upsample = nn.Sequential(nn.Conv2d(embed_dim, num_feat, 3, 1, 1), nn.LeakyReLU(0.01))
             for k in range(1, len(factors) + 1):
