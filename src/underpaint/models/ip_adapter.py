@@ -412,6 +412,38 @@ def clip_vision_config(state: Mapping[str, torch.Tensor], source: str):
                             patch_size=patch, hidden_act=act, layer_norm_eps=1e-5)
 
 
+_ENCODER_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
+#: What each file of a clip_vision folder is, by (path, mtime, size): its config, or None when it is not a
+#: CLIP vision model (a pickle's tensors must be read to tell, so each file is read once).
+_CONFIGS: dict[tuple, object] = {}
+
+
+def encoder_config(path: Path):
+    """The ``CLIPVisionConfig`` of a CLIP vision file or folder, None when it is not one (remembered per
+    file version)."""
+    is_folder = path.is_dir() and (path / "config.json").is_file()
+    if not is_folder and not (path.is_file() and path.suffix.lower() in _ENCODER_SUFFIXES):
+        return None
+    stat = (path / "config.json" if is_folder else path).stat()
+    key = (str(path), stat.st_mtime_ns, stat.st_size)
+    if key not in _CONFIGS:
+        if len(_CONFIGS) > 64:
+            _CONFIGS.clear()
+        try:
+            if is_folder:
+                from transformers import CLIPVisionConfig
+
+                _CONFIGS[key] = CLIPVisionConfig.from_pretrained(str(path), local_files_only=True)
+            else:
+                from .header import read_header
+
+                shapes = {k: torch.empty(v.shape, device="meta") for k, v in read_header(path).tensors.items()}
+                _CONFIGS[key] = clip_vision_config(shapes, str(path))
+        except Exception:  # not a CLIP vision model (or not readable): the caller looks at the next file
+            _CONFIGS[key] = None
+    return _CONFIGS[key]
+
+
 def load_clip_vision(path: Path, device="cpu", dtype=torch.float32):
     """A ``CLIPVisionModelWithProjection`` from a transformers folder (config.json and weights) or one
     weights file (``.safetensors``; ``.bin``/``.pth``/``.pt`` read with ``weights_only``), its config

@@ -597,8 +597,7 @@ def clip_vision_for(model, adapter, module: str):
     checkpoint object and kept. The module's encoder name (``ip-adapter_clip_h``, ``_g``) is not
     needed: the adapter's widths say which encoder it was trained with."""
     from ..errors import ModelNotFound
-    from ..models.header import read_header
-    from ..models.ip_adapter import clip_vision_config, load_clip_vision
+    from ..models.ip_adapter import encoder_config, load_clip_vision
     from .networks import models_dir_of
 
     shape = adapter.shape
@@ -612,25 +611,13 @@ def clip_vision_for(model, adapter, module: str):
             pass
     for folder in folders:
         for path in sorted(folder.iterdir()):
-            is_file = path.is_file() and path.suffix.lower() in (".safetensors", ".bin", ".pth", ".pt")
-            is_folder = path.is_dir() and (path / "config.json").is_file()
-            if not (is_file or is_folder):
-                continue
-            try:
-                if is_folder:
-                    from transformers import CLIPVisionConfig
-
-                    config = CLIPVisionConfig.from_pretrained(str(path), local_files_only=True)
-                else:
-                    header = read_header(path)
-                    config = clip_vision_config({k: torch.empty(0).new_empty(v.shape, device="meta")
-                                                 for k, v in header.tensors.items()}, str(path))
-            except Exception:  # not a CLIP vision model: look at the next file
+            config = encoder_config(path)
+            if config is None:
                 continue
             width = config.projection_dim if not shape.uses_hidden_states else config.hidden_size
             if width != shape.clip_dim:
                 continue
-            key = (str(path), str(model.device), str(model.dtype))
+            key = (str(path), path.stat().st_mtime_ns, str(model.device), str(model.dtype))
             if key not in kept:
                 kept.clear()
                 kept[key] = load_clip_vision(path, device=model.device, dtype=model.dtype)
