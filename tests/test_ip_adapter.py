@@ -410,3 +410,20 @@ def test_only_masked_inpainting_keeps_the_reference_whole(engine):
     a, b, c = (_pixels(engine.generate(GenerationParams(**base, control_units=(u,))).images[0])
                for u in (whole, none, cropped))
     assert np.array_equal(a, b) and np.abs(a - c).max() > 0
+
+
+def test_sdxl_generation_with_an_adapter(sdxl_file, models, tmp_path):
+    """Through the engine on an SDXL checkpoint: the adapter steers the picture, and at weight 0 it is
+    the plain picture exactly."""
+    from underpaint.pipeline.engine import Engine
+
+    root, _ = models
+    sdxl = Engine.load(sdxl_file, device="cpu", dtype="fp32", models_dir=root)
+    path = tmp_path / "ip-adapter-plus_sdxl_vit-h.safetensors"
+    save_file(adapter_tensors(sdxl.model.unet, "plus", seed=8), str(path))
+    base = dict(prompt="a lighthouse", width=64, height=64, steps=3, sampler="Euler", seed=2, rng="cpu")
+    plain = _pixels(sdxl.generate(GenerationParams(**base)).images[0])
+    for weight, changed in ((0.0, False), (1.0, True)):
+        unit = ControlUnit(image=_picture(), module="ip-adapter_clip_sdxl_plus_vith", model=str(path), weight=weight)
+        out = _pixels(sdxl.generate(GenerationParams(**base, control_units=(unit,))).images[0])
+        assert (np.abs(out - plain).max() > 0) == changed
