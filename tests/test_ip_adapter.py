@@ -147,6 +147,8 @@ def test_clip_pixels_equal_transformers_processor():
         picture = _picture(size=size)
         expected = _processor()(picture, return_tensors="pt").pixel_values
         torch.testing.assert_close(ipa.clip_pixels(picture, CLIP_SIZE), expected, atol=1e-5, rtol=0)
+    strip = _picture(size=(3, 20000))  # a strip is cut to its middle 8:1 first: no 32 x 213333 resize
+    assert ipa.clip_pixels(strip, CLIP_SIZE).shape == (1, 3, CLIP_SIZE, CLIP_SIZE)
 
 
 def test_encoder_from_one_file_or_a_folder_equals_transformers(models, tmp_path):

@@ -352,12 +352,19 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 def clip_pixels(image, size: int) -> torch.Tensor:
     """(1, 3, size, size): CLIP's preprocessing as transformers' ``CLIPImageProcessor`` does it: the
     shortest side resized to ``size`` (bicubic, the other side rounded as it rounds it), a centre crop,
-    values / 255 normalised with CLIP's mean and deviation."""
+    values / 255 normalised with CLIP's mean and deviation. A picture more than 8 times longer than wide
+    (or the other way round) is first cut to its middle 8:1, so that a strip cannot make a huge resize
+    (only the middle square is kept anyway)."""
     import numpy as np
     from PIL import Image
 
     picture = image.convert("RGB")
     w, h = picture.size
+    if max(w, h) > 8 * min(w, h):
+        keep = 8 * min(w, h)
+        picture = picture.crop(((w - keep) // 2, 0, (w - keep) // 2 + keep, h) if w > h
+                               else (0, (h - keep) // 2, w, (h - keep) // 2 + keep))
+        w, h = picture.size
     short, long = (w, h) if w <= h else (h, w)
     other = int(size * long / short)
     new = (size, other) if w <= h else (other, size)
