@@ -126,6 +126,57 @@ def test_a_tabs_own_noise_multiplier_and_clip_skip_go_to_its_passes(sd1_engine, 
     assert _detailer_unit(same, "args[2]", DetailerUnit) == unit  # ADetailer's "Use same sampler" choice
 
 
+def test_a_tabs_own_checkpoint_runs_its_passes(tmp_path, sd1_file, monkeypatch):
+    """ADetailer's "separate checkpoint": each find is inpainted by the checkpoint the tab names (loaded by the
+    engine as a second checkpoint), exactly as that checkpoint inpaints it on its own; the infotext records its
+    title under ADetailer's keys, which read back; a name that is not there is refused before any work."""
+    from tiny_models import write_sd1
+    from underpaint.pipeline.engine import Engine
+
+    (tmp_path / "checkpoints").mkdir()
+    base_file = tmp_path / "checkpoints" / "tiny-sd1.safetensors"
+    base_file.write_bytes(sd1_file.read_bytes())
+    write_sd1(tmp_path / "checkpoints" / "face-model.safetensors", seed=7)
+    engine = Engine.load(base_file, device="cpu", dtype="fp32", models_dir=tmp_path)
+    boxes = BOXES[:1]
+    monkeypatch.setattr(detailer, "face_finder", lambda folder, device: lambda picture, confidence: boxes)
+    unit = DetailerUnit(denoising_strength=0.6, checkpoint="face-model")
+    result = engine.generate(GenerationParams(**BASE, detailer=(unit,)))
+    picture = engine.generate(GenerationParams(**BASE)).images[0]
+    (mask,) = detailer.masks(boxes, (64, 64), unit)
+    face_engine = Engine.load(tmp_path / "checkpoints" / "face-model.safetensors", device="cpu", dtype="fp32",
+                              models_dir=tmp_path)
+    request = GenerationParams(**{**BASE, "seed": 21, "subseed": 5}, init_images=(picture,), mask=mask,
+                               strength=0.6, inpaint=InpaintOptions(full_res=True))
+    assert np.array_equal(np.asarray(result.images[0]), np.asarray(face_engine.generate(request).images[0]))
+    own = engine.generate(GenerationParams(**BASE, detailer=(DetailerUnit(denoising_strength=0.6),))).images[0]
+    assert not np.array_equal(np.asarray(own), np.asarray(result.images[0]))
+    text = result.infotexts[0]
+    title = engine.refiner_model("face-model").short_title
+    assert f"ADetailer use separate checkpoint: True, ADetailer checkpoint: {title}," in text
+    from underpaint.imageio.infotext import parse_infotext
+    from underpaint.pipeline.reproduce import params_from_infotext
+
+    (back,) = params_from_infotext(parse_infotext(text))["detailer"]
+    assert back.checkpoint == title
+    with pytest.raises(ModelNotFound) as err:
+        engine.generate(GenerationParams(**BASE, detailer=(DetailerUnit(checkpoint="no-such-model"),)))
+    assert err.value.field == "detailer[0].checkpoint" and "face-model" in str(err.value)
+
+    from cli_runner import run_cli
+
+    from test_cli import assert_clean_error
+
+    common = ["txt2img", "-p", "a portrait", "-n", "blurry", "--steps", "2", "--sampler", "Euler", "--rng", "cpu",
+              "-W", "64", "-H", "64", "--seed", "21", "--subseed", "5", "--models-dir", str(tmp_path),
+              "--model", "tiny-sd1", "--adetailer", "--adetailer-strength", "0.6"]
+    proc = run_cli(*common, "--adetailer-checkpoint", "face-model", "-o", str(tmp_path / "a.png"))
+    assert proc.returncode == 0, proc.stderr
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png").convert("RGB")), np.asarray(result.images[0]))
+    assert_clean_error(run_cli(*common, "--adetailer-checkpoint", "nothing", "-o", str(tmp_path / "b.png")),
+                       "--adetailer-checkpoint")
+
+
 def test_a_tabs_controlnet_guides_its_passes(sd1_engine, monkeypatch, tmp_path):
     """ADetailer's ControlNet for a tab: the model reads the picture being fixed, with the preprocessor ADetailer
     picks from the model's name (tile_resample for a tile model), pixel perfect; each find's pass equals the
@@ -363,8 +414,8 @@ def test_a_tab_restoring_faces_needs_the_restorer_and_restores_each_pass(sd1_eng
     ([True, False, {"ad_model": "hand_yolov8n.pt"}], "alwayson_scripts.ADetailer.args[2].ad_model"),
     ([True, False, {"ad_modle": "face_yolov8n.pt"}], "alwayson_scripts.ADetailer.args[2].ad_modle"),
     ([True, False, {"ad_model": "face_yolov8n.pt", "ad_confidence": 3}], "alwayson_scripts.ADetailer.args[2].ad_confidence"),
-    ([True, False, {"ad_model": "face_yolov8n.pt", "ad_use_checkpoint": True}],
-     "alwayson_scripts.ADetailer.args[2].ad_use_checkpoint"),
+    ([True, False, {"ad_model": "face_yolov8n.pt", "ad_use_vae": True}],
+     "alwayson_scripts.ADetailer.args[2].ad_use_vae"),
     ([True, True, {"ad_model": "face_yolov8n.pt"}], "alwayson_scripts.ADetailer.args[1]"),
     ([True, False, "face"], "alwayson_scripts.ADetailer.args[2]"),
 ])
@@ -372,6 +423,28 @@ def test_api_refusals_name_the_setting(api, args, field):
     r = api.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 1, "width": 64, "height": 64,
                                             "alwayson_scripts": {"ADetailer": {"args": args}}})
     assert r.status_code == 422 and r.json()["field"] == field, r.text
+
+
+def test_api_tab_with_its_own_checkpoint(api, monkeypatch):
+    """``ad_use_checkpoint`` with a listed checkpoint runs the tab's passes on it and records its title; a name
+    that is not listed is a 404 naming ``ad_checkpoint`` (never read as a path)."""
+    import json
+
+    monkeypatch.setattr(detailer, "face_finder", lambda folder, device: lambda picture, confidence: BOXES[:1])
+    tab = {"ad_model": "face_yolov8n.pt", "ad_use_checkpoint": True, "ad_checkpoint": "tiny-sd1"}
+    body = {"prompt": "x", "steps": 1, "width": 64, "height": 64,
+            "alwayson_scripts": {"ADetailer": {"args": [True, False, tab]}}}
+    r = api.post("/sdapi/v1/txt2img", json=body)
+    assert r.status_code == 200, r.text
+    info = json.loads(r.json()["info"])["infotexts"][0]
+    assert "ADetailer use separate checkpoint: True, ADetailer checkpoint: tiny-sd1 [" in info
+    for name in ("no-such-model", "../checkpoints/tiny-sd1.safetensors"):
+        r = api.post("/sdapi/v1/txt2img", json={**body, "alwayson_scripts": {"ADetailer": {"args": [
+            True, False, {**tab, "ad_checkpoint": name}]}}})
+        assert r.status_code == 404 and r.json()["field"] == "alwayson_scripts.ADetailer.args[2].ad_checkpoint", r.text
+    same = {**tab, "ad_checkpoint": "Use same checkpoint"}
+    r = api.post("/sdapi/v1/txt2img", json={**body, "alwayson_scripts": {"ADetailer": {"args": [True, False, same]}}})
+    assert r.status_code == 200 and "separate checkpoint" not in json.loads(r.json()["info"])["infotexts"][0]
 
 
 def test_cli_adetailer_flags(tmp_path, sd1_file, sd1_engine, monkeypatch):

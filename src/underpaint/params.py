@@ -434,6 +434,8 @@ DETAILER_MERGES = ("None", "Merge", "Merge and Invert")
 DETAILER_TOP_K = ("Area", "Confidence")
 #: ADetailer's ControlNet model that keeps the request's own ControlNet units for the finds' passes.
 DETAILER_PASSTHROUGH = "Passthrough"
+#: ADetailer's value of its separate-checkpoint setting that means the request's own model.
+DETAILER_SAME_CHECKPOINT = "Use same checkpoint"
 #: The preprocessor ADetailer gives a ControlNet model by a word in its name, when a tab names none.
 DETAILER_CONTROL_MODULES = (("inpaint", "inpaint_global_harmonious"), ("lineart", "lineart_coarse"),
                             ("openpose", "openpose_full"), ("tile", "tile_resample"), ("depth", "depth_midas"))
@@ -506,10 +508,18 @@ class DetailerUnit:
     controlnet_weight: float = 1.0
     controlnet_guidance_start: float = 0.0
     controlnet_guidance_end: float = 1.0
+    #: ADetailer's separate checkpoint for the finds' passes (a checkpoint's name, title or path; None, ""
+    #: or "Use same checkpoint": the request's model). ``checkpoint_title`` is what the infotext records.
+    checkpoint: str | None = None
+    checkpoint_title: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model.strip():
             raise InvalidParameter("ad_model", self.model, "a detection model's name, e.g. face_yolov8n.pt")
+        if self.checkpoint is not None and (not isinstance(self.checkpoint, str) or len(self.checkpoint) > 1024):
+            raise InvalidParameter("ad_checkpoint", self.checkpoint, "a checkpoint's name or title")
+        if isinstance(self.checkpoint, str) and self.checkpoint.strip() in ("", "None", DETAILER_SAME_CHECKPOINT):
+            object.__setattr__(self, "checkpoint", None)
         for name in ("prompt", "negative_prompt"):
             if not isinstance(getattr(self, name), str):
                 raise InvalidParameter(f"ad_{name}", getattr(self, name), "text")

@@ -213,6 +213,9 @@ def _add_generation_args(p: argparse.ArgumentParser, *, img2img: bool) -> None:
                    help="its preprocessor (default: ADetailer's pick from the model's name)")
     a.add_argument("--adetailer-controlnet-weight", type=float, default=None, metavar="W",
                    help="its weight (default 1)")
+    a.add_argument("--adetailer-checkpoint", default=None, metavar="CHECKPOINT",
+                   help="another checkpoint for the finds' passes, named as --model takes it (ADetailer's separate "
+                        "checkpoint; default: --model)")
 
     r = p.add_argument_group("seed")
     r.add_argument("--seed", type=int, default=-1,
@@ -684,7 +687,7 @@ _DETAILER_FLAGS = {"adetailer_prompt": "prompt", "adetailer_negative_prompt": "n
                    "adetailer_top_k": "mask_k", "adetailer_top_k_by": "mask_filter_method",
                    "adetailer_classes": "model_classes", "adetailer_restore_face": "restore_face",
                    "adetailer_controlnet": "controlnet_model", "adetailer_controlnet_module": "controlnet_module",
-                   "adetailer_controlnet_weight": "controlnet_weight"}
+                   "adetailer_controlnet_weight": "controlnet_weight", "adetailer_checkpoint": "checkpoint"}
 
 
 def _with_detailer(params: GenerationParams, args: argparse.Namespace) -> GenerationParams:

@@ -147,10 +147,14 @@ def infotext_entries(units: tuple) -> tuple[tuple[str, object], ...]:
                         ("ADetailer inpaint width" + suffix(n), unit.inpaint_width),
                         ("ADetailer inpaint height" + suffix(n), unit.inpaint_height)]
         for attr, name in (("steps", "steps"), ("cfg_scale", "CFG scale"), ("sampler", "sampler"),
-                           ("noise_multiplier", "noise multiplier"), ("clip_skip", "CLIP skip")):
+                           ("noise_multiplier", "noise multiplier"), ("clip_skip", "CLIP skip"),
+                           ("checkpoint", "checkpoint")):
             if getattr(unit, attr) is not None:
+                value = getattr(unit, attr)
+                if attr == "checkpoint":  # the loaded checkpoint's title, never where its file is
+                    value = unit.checkpoint_title or Path(value).stem
                 entries += [(f"ADetailer use separate {name}" + suffix(n), True),
-                            (f"ADetailer {name}" + suffix(n), getattr(unit, attr))]
+                            (f"ADetailer {name}" + suffix(n), value)]
                 if attr == "sampler" and unit.scheduler is not None:
                     entries.append(("ADetailer scheduler" + suffix(n), unit.scheduler))
     return (*entries, ("ADetailer version", VERSION)) if entries else ()
@@ -178,7 +182,8 @@ def units_from_infotext(params) -> tuple:
             if key in params:
                 fields[attr] = _typed(params[key], kinds.get(attr, str), key)
         for attr, name, kind in (("steps", "steps", int), ("cfg_scale", "CFG scale", float), ("sampler", "sampler", str),
-                                 ("noise_multiplier", "noise multiplier", float), ("clip_skip", "CLIP skip", int)):
+                                 ("noise_multiplier", "noise multiplier", float), ("clip_skip", "CLIP skip", int),
+                                 ("checkpoint", "checkpoint", str)):
             if str(params.get(f"ADetailer use separate {name}{end}", "")).lower() == "true" \
                     and f"ADetailer {name}{end}" in params:
                 fields[attr] = _typed(params[f"ADetailer {name}{end}"], kind, f"ADetailer {name}{end}")
@@ -269,11 +274,11 @@ def masks(found, size: tuple[int, int], unit: "DetailerUnit") -> list["Image"]:
 
 
 def detail(picture: "Image", seed: int, subseed: int, params: "GenerationParams", find: Callable,
-           inpaint: Callable[["GenerationParams"], "Image"], *, size: tuple[int, int],
+           inpaint: Callable[["GenerationParams", "DetailerUnit"], "Image"], *, size: tuple[int, int],
            interrupted: Callable[[], bool] = lambda: False) -> "Image":
     """``picture`` with every tab's finds inpainted again. ``find(unit, picture)`` gives what the tab's model
-    finds (detections or face boxes); ``inpaint(request)`` runs one inpainting request and gives its
-    picture; ``size`` is the request's."""
+    finds (detections or face boxes); ``inpaint(request, unit)`` runs one inpainting request for the tab
+    (on its own checkpoint when it names one) and gives its picture; ``size`` is the request's."""
     from ..params import InpaintOptions
 
     base = params.replace(detailer=(), hires=None, refiner=None, xyz_plot=None, prompt_matrix=None,
@@ -306,7 +311,7 @@ def detail(picture: "Image", seed: int, subseed: int, params: "GenerationParams"
                 inpaint=InpaintOptions(mask_blur_x=unit.mask_blur, mask_blur_y=unit.mask_blur, masked_content="original",
                                        full_res=unit.inpaint_only_masked,
                                        full_res_padding=unit.inpaint_only_masked_padding))
-            picture = inpaint(request)
+            picture = inpaint(request, unit)
     return picture
 
 

@@ -113,6 +113,7 @@ def generate(model, params: GenerationParams, *, info: ModelInfo, progress, canc
         script = prompt_matrix if params.prompt_matrix is not None else prompts_file
         return script.run(one, params, info=info, progress=progress, cancel=cancel)
     params = without_comments(params)  # before anything reads the prompts (a script's cells get here too)
+    params, detailer_models = _detailer_checkpoints(params, load)
     refiner = _second_model(model, refiner, params, params.refiner and params.refiner.checkpoint,
                             "refiner_checkpoint", refiner_mod.check)
     hires_model = _second_model(model, hires_model, params, params.hires and params.hires.checkpoint,
@@ -132,7 +133,7 @@ def generate(model, params: GenerationParams, *, info: ModelInfo, progress, canc
             return loopback.run(
                 _with_interrogator(params.with_seed(), model),
                 lambda pass_params, report: _generate(model, pass_params, networks, info=info, progress=report,
-                                                      cancel=cancel, refiner=refiner),
+                                                      cancel=cancel, refiner=refiner, detailer_models=detailer_models),
                 info=info, progress=progress, cancel=cancel)
         if params.sd_upscale is not None:  # A1111's "SD upscale" script: img2img tile by tile
             from . import sd_upscale
@@ -140,11 +141,36 @@ def generate(model, params: GenerationParams, *, info: ModelInfo, progress, canc
             return sd_upscale.run(
                 params.with_seed(),
                 lambda tile_params, report: _generate(model, tile_params, networks, info=info, progress=report,
-                                                      cancel=cancel, refiner=refiner),
+                                                      cancel=cancel, refiner=refiner, detailer_models=detailer_models),
                 info=info, folder=getattr(model, "models_dir", None), device=str(model.device), progress=progress,
                 cancel=cancel)
         return _generate(model, params, networks, info=info, progress=progress, cancel=cancel, refiner=refiner,
-                         hires_model=hires_model)
+                         hires_model=hires_model, detailer_models=detailer_models)
+
+
+def _detailer_checkpoints(params: GenerationParams, load: Callable | None) -> tuple[GenerationParams, dict]:
+    """The checkpoints ADetailer tabs name for their passes, loaded by ``load`` (the engine's loader of a
+    second checkpoint) before any work, by the name the tab gives; the tabs then record the loaded
+    checkpoints' titles. A name with no ``load`` (a bare pipeline call) is refused naming the tab's field."""
+    named = [(n, unit) for n, unit in enumerate(params.detailer) if unit.checkpoint is not None]
+    if not named:
+        return params, {}
+    models: dict = {}
+    for n, unit in named:
+        if load is None:
+            raise InvalidParameter(f"detailer[{n}].checkpoint", unit.checkpoint,
+                                   "the request's own checkpoint (a separate one is loaded by the engine)")
+        if unit.checkpoint not in models:
+            try:
+                models[unit.checkpoint] = load(unit.checkpoint)
+            except UnknownName as exc:
+                raise UnknownName(f"detailer[{n}].checkpoint", exc.value, exc.choices) from None
+            except ModelNotFound as exc:
+                field = f"detailer[{n}].checkpoint"
+                raise ModelNotFound(f"{field}: {exc.message}", field=field) from None
+    units = tuple(replace(unit, checkpoint_title=models[unit.checkpoint].short_title) if unit.checkpoint else unit
+                  for unit in params.detailer)
+    return params.replace(detailer=units), models
 
 
 def _with_interrogator(params: GenerationParams, model) -> GenerationParams:
@@ -221,7 +247,7 @@ def _without_token_merging(params: GenerationParams) -> GenerationParams:
 
 
 def _generate(model, params: GenerationParams, networks: ActiveNetworks, *, info: ModelInfo, progress,
-              cancel: Cancellation, refiner=None, hires_model=None) -> Result:
+              cancel: Cancellation, refiner=None, hires_model=None, detailer_models=None) -> Result:
     # 1. Check inputs and fix the random seeds so they can be recorded.
     params = params.with_seed()
     plan = _plan(model, params)
@@ -276,7 +302,7 @@ def _generate(model, params: GenerationParams, networks: ActiveNetworks, *, info
         entries = refiner_mod.infotext_for_plan(refiner, params.refiner, model_schedule(model).sigmas, plan.sigmas,
                                                 None if hires is None else hires.plan.sigmas)
         plan = replace(plan, params=plan.params.replace(extra_infotext=plan.params.extra_infotext + entries))
-    detail = _detailer(model, params, plan, networks, info, cancel)  # ADetailer: faces inpainted again
+    detail = _detailer(model, params, plan, networks, info, cancel, detailer_models)  # ADetailer: faces again
     if detail is not None:
         from . import detailer
 
@@ -326,10 +352,12 @@ def _generate(model, params: GenerationParams, networks: ActiveNetworks, *, info
     )
 
 
-def _detailer(model, params: GenerationParams, plan: Plan, networks, info: ModelInfo, cancel: Cancellation):
+def _detailer(model, params: GenerationParams, plan: Plan, networks, info: ModelInfo, cancel: Cancellation,
+              others: dict | None = None):
     """``detail(picture, seed, subseed)`` for a request with ADetailer tabs (pipeline/detailer.py), each
-    face an inpainting request of its own on this model; None without tabs. Checked before any work:
-    the tabs' models and the face detector's file."""
+    face an inpainting request of its own on this model, or on the checkpoint its tab names (``others``:
+    those loaded, by name; the request's LoRAs then apply to it as to any request); None without tabs.
+    Checked before any work: the tabs' models and the face detector's file."""
     if not params.detailer:
         return None
     from . import detailer
@@ -355,8 +383,11 @@ def _detailer(model, params: GenerationParams, plan: Plan, networks, info: Model
     def find(unit, picture):
         return finders[unit.model, unit.model_classes](picture, unit.confidence)
 
-    def inpaint(request: GenerationParams):
-        done = _generate(model, request, networks, info=info, progress=None, cancel=cancel)
+    def inpaint(request: GenerationParams, unit):
+        if unit.checkpoint is not None and others and unit.checkpoint in others:
+            done = generate(others[unit.checkpoint], request, info=info, progress=None, cancel=cancel)
+        else:
+            done = _generate(model, request, networks, info=info, progress=None, cancel=cancel)
         return done.images[0] if done.images and not done.unfinished else request.init_images[0]
 
     def detail(picture, seed: int, subseed: int):
