@@ -2339,12 +2339,17 @@ def test_adetailer_section_sends_a_face_tab(page, tmp_path):
     page.fill("#ad_confidence", "2")
     page.fill("#ad_mask_k", "2")
     page.select_option("#ad_mask_filter_method", "Confidence")
+    expect(page.locator("#ad_checkpoint")).to_have_value("")  # "Use same checkpoint"
+    copy = page.locator("#ad_checkpoint option", has_text="tiny-sd1-copy").get_attribute("value")
+    page.select_option("#ad_checkpoint", copy)
     with page.expect_response("**/sdapi/v1/txt2img") as answer:
         page.click("#generate")
     assert answer.value.status == 422
     sent = json.loads(answer.value.request.post_data)
     args = sent["alwayson_scripts"]["ADetailer"]["args"]
     assert args[:2] == [True, False] and args[2]["ad_model"] == "face_yolov8n.pt"
+    assert (args[2]["ad_use_checkpoint"], args[2]["ad_checkpoint"]) == (True, copy)
+    page.select_option("#ad_checkpoint", "")
     assert args[2]["ad_prompt"] == "a smiling face" and args[2]["ad_denoising_strength"] == 0.4
     assert (args[2]["ad_mask_k"], args[2]["ad_mask_filter_method"], args[2]["ad_model_classes"]) == (2, "Confidence", "")
     expect(page.locator(".field:has(#ad_confidence) .field-error")).to_be_visible()
@@ -2358,7 +2363,8 @@ def test_adetailer_section_sends_a_face_tab(page, tmp_path):
     text = ("a portrait\nSteps: 4, Sampler: Euler a, CFG scale: 5, Seed: 11, Size: 64x64, ADetailer model: "
             "hand_yolov8n.pt, ADetailer prompt: \"good hands, detailed\", ADetailer confidence: 0.45, "
             "ADetailer method to decide top k masks: Confidence, ADetailer mask only top k: 1, "
-            "ADetailer denoising strength: 0.35, ADetailer version: 24.9.0")
+            "ADetailer denoising strength: 0.35, ADetailer use separate checkpoint: True, "
+            "ADetailer checkpoint: tiny-sd1-copy.safetensors, ADetailer version: 24.9.0")
     picture = infotext_pngs(tmp_path, {"hands": text}, (64, 64))["hands"]
     page.click("#tab-pnginfo")
     page.evaluate("""(bytes) => {
@@ -2376,7 +2382,9 @@ def test_adetailer_section_sends_a_face_tab(page, tmp_path):
     expect(page.locator("#ad_mask_k")).to_have_value("1")
     expect(page.locator("#ad_mask_filter_method")).to_have_value("Confidence")
     expect(page.locator("#ad_controlnet_model")).to_have_value("None")  # the pasted text names none
+    expect(page.locator("#ad_checkpoint")).to_have_value(copy)
     page.uncheck("#ad_enable")
+    page.select_option("#ad_checkpoint", "")
     page.select_option("#ad_model", "face_yolov8n.pt")
     page.fill("#ad_mask_k", "0")
     page.select_option("#ad_mask_filter_method", "Area")

@@ -36,6 +36,7 @@ export async function loadCheckpoints(options = get("/sdapi/v1/options")) {
   const sd = items.filter((i) => families.get(i.value) !== "flux");
   fillSelect($("#refiner_checkpoint"), sd);
   fillSelect($("#hr_checkpoint_name"), [{ value: "", label: "Use same checkpoint" }, ...sd], "");
+  fillSelect($("#ad_checkpoint"), [{ value: "", label: "Use same checkpoint" }, ...sd], "");
   $("#checkpoint-status").textContent = items.length ? "" : "No checkpoints found in the models folder.";
   announceFamily();
 }

@@ -100,7 +100,7 @@ export class GenerationForm {
       "img2img_color_correction", "initial_noise_multiplier", "img2img_extra_noise", "freeu_enabled", ...FREEU_FACTORS,
       "ad_enable", "ad_model", "ad_prompt", "ad_negative_prompt", "ad_confidence", "ad_denoising_strength",
       "ad_inpaint_only_masked_padding", "ad_mask_k", "ad_mask_filter_method", "ad_model_classes",
-      "ad_controlnet_model", "ad_controlnet_weight", "refiner_enabled", "refiner_checkpoint", "refiner_switch_at", "aesthetic_score", "negative_aesthetic_score", "enable_hr", "hr_upscaler",
+      "ad_controlnet_model", "ad_controlnet_weight", "ad_checkpoint", "refiner_enabled", "refiner_checkpoint", "refiner_switch_at", "aesthetic_score", "negative_aesthetic_score", "enable_hr", "hr_upscaler",
       ...HIRES_NUMBERS, "hr_extra_noise", "hires_fix_refiner_pass", "hr_checkpoint_name", "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt"]) {
       this.controls[name] = $(`#${name}`, root);
     }
@@ -317,6 +317,7 @@ export class GenerationForm {
         ad_model_classes: c.ad_model_classes.value,
         ad_controlnet_model: c.ad_controlnet_model.value || "None",
         ad_controlnet_weight: numberValue(c.ad_controlnet_weight),
+        ...(c.ad_checkpoint.value ? { ad_use_checkpoint: true, ad_checkpoint: c.ad_checkpoint.value } : {}),
       }] };
     }
     return scripts;
@@ -478,6 +479,12 @@ export class GenerationForm {
         .find((value) => bare(value) === bare(fields.ad_controlnet_model)) ?? null;
       if (option === null) notes.push(`ADetailer ControlNet model ${fields.ad_controlnet_model} is not on this server`);
       else c.ad_controlnet_model.value = option;
+    }
+    if (typeof fields.ad_checkpoint === "string") {  // a title as the infotext writes it, or "": the same checkpoint
+      const option = fields.ad_checkpoint ? matchOption(c.ad_checkpoint, fields.ad_checkpoint)
+        ?? matchCheckpoint(c.ad_checkpoint, fields.ad_checkpoint) : "";
+      if (option === null) notes.push(`ADetailer checkpoint ${fields.ad_checkpoint} is not on this server`);
+      else c.ad_checkpoint.value = option;
     }
     if (typeof fields.ad_mask_filter_method === "string") {
       const option = matchOption(c.ad_mask_filter_method, fields.ad_mask_filter_method);

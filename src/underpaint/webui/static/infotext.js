@@ -144,6 +144,8 @@ export function infotextToFields({ prompt, negativePrompt, params }) {
     fields.ad_model_classes = params["ADetailer model classes"] ?? "";
     fields.ad_controlnet_model = params["ADetailer ControlNet model"] ?? "None";
     fields.ad_controlnet_weight = number(params["ADetailer ControlNet weight"]) ?? 1;
+    fields.ad_checkpoint = String(params["ADetailer use separate checkpoint"]).toLowerCase() === "true"
+      ? params["ADetailer checkpoint"] ?? "" : "";
   }
   Object.assign(fields, hiresFields(params));
   set("sd_model_hash", params["Model hash"]);
