@@ -177,6 +177,50 @@ def test_a_tabs_own_checkpoint_runs_its_passes(tmp_path, sd1_file, monkeypatch):
                        "--adetailer-checkpoint")
 
 
+def test_a_tabs_own_vae_runs_its_passes_and_the_model_gets_its_own_back(tmp_path, sd1_file, monkeypatch):
+    """ADetailer's "separate VAE": the finds' passes encode and decode with the tab's VAE (as that inpainting
+    request makes it with the VAE loaded), the picture before them and every request after keep the model's
+    own; a VAE that is not there is refused naming the tab's field."""
+    from tiny_models import write_vae
+    from underpaint.pipeline.engine import Engine
+
+    (tmp_path / "checkpoints").mkdir()
+    base_file = tmp_path / "checkpoints" / "tiny-sd1.safetensors"
+    base_file.write_bytes(sd1_file.read_bytes())
+    write_vae(tmp_path / "vae" / "sharp-vae.safetensors", seed=3)
+    engine = Engine.load(base_file, device="cpu", dtype="fp32", models_dir=tmp_path)
+    boxes = BOXES[:1]
+    monkeypatch.setattr(detailer, "face_finder", lambda folder, device: lambda picture, confidence: boxes)
+    before = engine.generate(GenerationParams(**BASE)).images[0]
+    unit = DetailerUnit(denoising_strength=0.6, vae="sharp-vae.safetensors")
+    result = engine.generate(GenerationParams(**BASE, detailer=(unit,)))
+    after = engine.generate(GenerationParams(**BASE)).images[0]
+    assert np.array_equal(np.asarray(before), np.asarray(after))  # the model's own VAE is back
+    (mask,) = detailer.masks(boxes, (64, 64), unit)
+    with_vae = Engine.load(base_file, device="cpu", dtype="fp32", models_dir=tmp_path,
+                           vae=tmp_path / "vae" / "sharp-vae.safetensors")
+    request = GenerationParams(**{**BASE, "seed": 21, "subseed": 5}, init_images=(before,), mask=mask,
+                               strength=0.6, inpaint=InpaintOptions(full_res=True))
+    assert np.array_equal(np.asarray(result.images[0]), np.asarray(with_vae.generate(request).images[0]))
+    assert "ADetailer use separate VAE: True, ADetailer VAE: sharp-vae.safetensors" in result.infotexts[0]
+    with pytest.raises(ModelNotFound) as err:
+        engine.generate(GenerationParams(**BASE, detailer=(DetailerUnit(vae="nothing.safetensors"),)))
+    assert err.value.field == "detailer[0].vae" and "sharp-vae.safetensors" in str(err.value)
+
+    from cli_runner import run_cli
+
+    from test_cli import assert_clean_error
+
+    common = ["txt2img", "-p", "a portrait", "-n", "blurry", "--steps", "2", "--sampler", "Euler", "--rng", "cpu",
+              "-W", "64", "-H", "64", "--seed", "21", "--subseed", "5", "--models-dir", str(tmp_path),
+              "--model", "tiny-sd1", "--adetailer", "--adetailer-strength", "0.6"]
+    proc = run_cli(*common, "--adetailer-vae", "sharp-vae", "-o", str(tmp_path / "a.png"))
+    assert proc.returncode == 0, proc.stderr
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png").convert("RGB")), np.asarray(result.images[0]))
+    assert_clean_error(run_cli(*common, "--adetailer-vae", "nothing", "-o", str(tmp_path / "b.png")),
+                       "--adetailer-vae")
+
+
 def test_a_tabs_controlnet_guides_its_passes(sd1_engine, monkeypatch, tmp_path):
     """ADetailer's ControlNet for a tab: the model reads the picture being fixed, with the preprocessor ADetailer
     picks from the model's name (tile_resample for a tile model), pixel perfect; each find's pass equals the
@@ -414,8 +458,8 @@ def test_a_tab_restoring_faces_needs_the_restorer_and_restores_each_pass(sd1_eng
     ([True, False, {"ad_model": "hand_yolov8n.pt"}], "alwayson_scripts.ADetailer.args[2].ad_model"),
     ([True, False, {"ad_modle": "face_yolov8n.pt"}], "alwayson_scripts.ADetailer.args[2].ad_modle"),
     ([True, False, {"ad_model": "face_yolov8n.pt", "ad_confidence": 3}], "alwayson_scripts.ADetailer.args[2].ad_confidence"),
-    ([True, False, {"ad_model": "face_yolov8n.pt", "ad_use_vae": True}],
-     "alwayson_scripts.ADetailer.args[2].ad_use_vae"),
+    ([True, False, {"ad_model": "face_yolov8n.pt", "ad_use_vae": True, "ad_vae": "no-such-vae.safetensors"}],
+     "alwayson_scripts.ADetailer.args[2].ad_vae"),
     ([True, True, {"ad_model": "face_yolov8n.pt"}], "alwayson_scripts.ADetailer.args[1]"),
     ([True, False, "face"], "alwayson_scripts.ADetailer.args[2]"),
 ])

@@ -2349,6 +2349,7 @@ def test_adetailer_section_sends_a_face_tab(page, tmp_path):
     args = sent["alwayson_scripts"]["ADetailer"]["args"]
     assert args[:2] == [True, False] and args[2]["ad_model"] == "face_yolov8n.pt"
     assert (args[2]["ad_use_checkpoint"], args[2]["ad_checkpoint"]) == (True, copy)
+    assert "ad_use_vae" not in args[2]  # "Use same VAE"
     page.select_option("#ad_checkpoint", "")
     assert args[2]["ad_prompt"] == "a smiling face" and args[2]["ad_denoising_strength"] == 0.4
     assert (args[2]["ad_mask_k"], args[2]["ad_mask_filter_method"], args[2]["ad_model_classes"]) == (2, "Confidence", "")
@@ -2364,7 +2365,8 @@ def test_adetailer_section_sends_a_face_tab(page, tmp_path):
             "hand_yolov8n.pt, ADetailer prompt: \"good hands, detailed\", ADetailer confidence: 0.45, "
             "ADetailer method to decide top k masks: Confidence, ADetailer mask only top k: 1, "
             "ADetailer denoising strength: 0.35, ADetailer use separate checkpoint: True, "
-            "ADetailer checkpoint: tiny-sd1-copy.safetensors, ADetailer version: 24.9.0")
+            "ADetailer checkpoint: tiny-sd1-copy.safetensors, ADetailer use separate VAE: True, "
+            "ADetailer VAE: tiny-vae.safetensors, ADetailer version: 24.9.0")
     picture = infotext_pngs(tmp_path, {"hands": text}, (64, 64))["hands"]
     page.click("#tab-pnginfo")
     page.evaluate("""(bytes) => {
@@ -2383,8 +2385,10 @@ def test_adetailer_section_sends_a_face_tab(page, tmp_path):
     expect(page.locator("#ad_mask_filter_method")).to_have_value("Confidence")
     expect(page.locator("#ad_controlnet_model")).to_have_value("None")  # the pasted text names none
     expect(page.locator("#ad_checkpoint")).to_have_value(copy)
+    expect(page.locator("#ad_vae")).to_have_value("tiny-vae.safetensors")
     page.uncheck("#ad_enable")
     page.select_option("#ad_checkpoint", "")
+    page.select_option("#ad_vae", "")
     page.select_option("#ad_model", "face_yolov8n.pt")
     page.fill("#ad_mask_k", "0")
     page.select_option("#ad_mask_filter_method", "Area")

@@ -436,6 +436,7 @@ DETAILER_TOP_K = ("Area", "Confidence")
 DETAILER_PASSTHROUGH = "Passthrough"
 #: ADetailer's value of its separate-checkpoint setting that means the request's own model.
 DETAILER_SAME_CHECKPOINT = "Use same checkpoint"
+DETAILER_SAME_VAE = "Use same VAE"
 #: The preprocessor ADetailer gives a ControlNet model by a word in its name, when a tab names none.
 DETAILER_CONTROL_MODULES = (("inpaint", "inpaint_global_harmonious"), ("lineart", "lineart_coarse"),
                             ("openpose", "openpose_full"), ("tile", "tile_resample"), ("depth", "depth_midas"))
@@ -512,6 +513,9 @@ class DetailerUnit:
     #: or "Use same checkpoint": the request's model). ``checkpoint_title`` is what the infotext records.
     checkpoint: str | None = None
     checkpoint_title: str | None = field(default=None, compare=False)
+    #: ADetailer's separate VAE for the finds' passes: a VAE's name in the models folder, or "None" (the
+    #: checkpoint's own); None, "", "Automatic" or "Use same VAE": the one the picture was made with.
+    vae: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model.strip():
@@ -520,6 +524,10 @@ class DetailerUnit:
             raise InvalidParameter("ad_checkpoint", self.checkpoint, "a checkpoint's name or title")
         if isinstance(self.checkpoint, str) and self.checkpoint.strip() in ("", "None", DETAILER_SAME_CHECKPOINT):
             object.__setattr__(self, "checkpoint", None)
+        if self.vae is not None and (not isinstance(self.vae, str) or len(self.vae) > 1024):
+            raise InvalidParameter("ad_vae", self.vae, "a VAE's name, or None (the checkpoint's own)")
+        if isinstance(self.vae, str) and self.vae.strip() in ("", "Automatic", DETAILER_SAME_VAE):
+            object.__setattr__(self, "vae", None)
         for name in ("prompt", "negative_prompt"):
             if not isinstance(getattr(self, name), str):
                 raise InvalidParameter(f"ad_{name}", getattr(self, name), "text")

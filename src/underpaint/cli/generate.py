@@ -216,6 +216,9 @@ def _add_generation_args(p: argparse.ArgumentParser, *, img2img: bool) -> None:
     a.add_argument("--adetailer-checkpoint", default=None, metavar="CHECKPOINT",
                    help="another checkpoint for the finds' passes, named as --model takes it (ADetailer's separate "
                         "checkpoint; default: --model)")
+    a.add_argument("--adetailer-vae", default=None, metavar="VAE",
+                   help="another VAE for the finds' passes, named as --vae takes it, or None for the checkpoint's "
+                        "own (ADetailer's separate VAE; default: the picture's)")
 
     r = p.add_argument_group("seed")
     r.add_argument("--seed", type=int, default=-1,
@@ -687,7 +690,8 @@ _DETAILER_FLAGS = {"adetailer_prompt": "prompt", "adetailer_negative_prompt": "n
                    "adetailer_top_k": "mask_k", "adetailer_top_k_by": "mask_filter_method",
                    "adetailer_classes": "model_classes", "adetailer_restore_face": "restore_face",
                    "adetailer_controlnet": "controlnet_model", "adetailer_controlnet_module": "controlnet_module",
-                   "adetailer_controlnet_weight": "controlnet_weight", "adetailer_checkpoint": "checkpoint"}
+                   "adetailer_controlnet_weight": "controlnet_weight", "adetailer_checkpoint": "checkpoint",
+                   "adetailer_vae": "vae"}
 
 
 def _with_detailer(params: GenerationParams, args: argparse.Namespace) -> GenerationParams:

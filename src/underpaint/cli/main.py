@@ -140,6 +140,7 @@ _FIELD_FLAGS: dict[str, tuple[str, ...]] = {
     "adetailer_controlnet_module": ("--adetailer-controlnet-module",),
     "adetailer_controlnet_weight": ("--adetailer-controlnet-weight",),
     "adetailer_checkpoint": ("--adetailer-checkpoint",), "detailer[0].checkpoint": ("--adetailer-checkpoint",),
+    "adetailer_vae": ("--adetailer-vae",), "detailer[0].vae": ("--adetailer-vae",),
     "num_beams": ("--num-beams",), "min_length": ("--min-length",), "max_length": ("--max-length",),
     "prompt_matrix": ("--prompt-matrix",), "prompt_matrix_negative": ("--prompt-matrix-negative",),
     "prompt_matrix_prompt_type": ("--prompt-matrix-negative",), "prompt_matrix_at_start": ("--prompt-matrix-at-start",),

@@ -86,6 +86,18 @@ def copy_into(running: torch.nn.Module, new: torch.nn.Module) -> None:
             tensor.data.copy_(source[name])
 
 
+def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A host copy of every parameter and buffer of ``module``, for :func:`restore`."""
+    return {name: tensor.detach().to("cpu", copy=True) for name, tensor in _tensors(module).items()}
+
+
+def restore(module: torch.nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    """Put :func:`snapshot`'s tensors back into ``module``'s, in place (as :func:`copy_into` does)."""
+    with torch.inference_mode(False), torch.no_grad():
+        for name, tensor in _tensors(module).items():
+            tensor.data.copy_(saved[name])
+
+
 def _public_config(module: torch.nn.Module) -> dict:
     """The module's diffusers config without the bookkeeping keys (``_class_name``,
     ``_use_default_values``, ``_name_or_path`` ...), which differ between a file and a folder."""

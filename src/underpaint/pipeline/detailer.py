@@ -148,11 +148,13 @@ def infotext_entries(units: tuple) -> tuple[tuple[str, object], ...]:
                         ("ADetailer inpaint height" + suffix(n), unit.inpaint_height)]
         for attr, name in (("steps", "steps"), ("cfg_scale", "CFG scale"), ("sampler", "sampler"),
                            ("noise_multiplier", "noise multiplier"), ("clip_skip", "CLIP skip"),
-                           ("checkpoint", "checkpoint")):
+                           ("checkpoint", "checkpoint"), ("vae", "VAE")):
             if getattr(unit, attr) is not None:
                 value = getattr(unit, attr)
                 if attr == "checkpoint":  # the loaded checkpoint's title, never where its file is
                     value = unit.checkpoint_title or Path(value).stem
+                elif attr == "vae" and value != "None":  # a file's name, never where it is
+                    value = Path(value).name
                 entries += [(f"ADetailer use separate {name}" + suffix(n), True),
                             (f"ADetailer {name}" + suffix(n), value)]
                 if attr == "sampler" and unit.scheduler is not None:
@@ -183,7 +185,7 @@ def units_from_infotext(params) -> tuple:
                 fields[attr] = _typed(params[key], kinds.get(attr, str), key)
         for attr, name, kind in (("steps", "steps", int), ("cfg_scale", "CFG scale", float), ("sampler", "sampler", str),
                                  ("noise_multiplier", "noise multiplier", float), ("clip_skip", "CLIP skip", int),
-                                 ("checkpoint", "checkpoint", str)):
+                                 ("checkpoint", "checkpoint", str), ("vae", "VAE", str)):
             if str(params.get(f"ADetailer use separate {name}{end}", "")).lower() == "true" \
                     and f"ADetailer {name}{end}" in params:
                 fields[attr] = _typed(params[f"ADetailer {name}{end}"], kind, f"ADetailer {name}{end}")

@@ -383,18 +383,81 @@ def _detailer(model, params: GenerationParams, plan: Plan, networks, info: Model
     def find(unit, picture):
         return finders[unit.model, unit.model_classes](picture, unit.confidence)
 
+    vaes = _tab_vaes(model, params, others or {})
+    saved: dict[int, tuple] = {}  # a model whose VAE a tab changed: (model, its own tensors, the VAE in use)
+
+    def use_vae(target, unit) -> None:
+        """``target`` runs with the tab's VAE (its own again for a tab naming none), changed only when needed."""
+        from ..models.vae_swap import copy_into, restore, snapshot
+
+        wanted = (id(target), unit.vae) if unit.vae is not None else None
+        current = saved[id(target)][2] if id(target) in saved else None
+        if wanted == current:
+            return
+        if id(target) not in saved:
+            saved[id(target)] = (target, snapshot(target.vae), None)
+        if wanted is None:
+            restore(target.vae, saved[id(target)][1])
+        else:
+            copy_into(target.vae, vaes[wanted])
+        saved[id(target)] = (*saved[id(target)][:2], wanted)
+
     def inpaint(request: GenerationParams, unit):
-        if unit.checkpoint is not None and others and unit.checkpoint in others:
+        other = unit.checkpoint is not None and others and unit.checkpoint in others
+        use_vae(others[unit.checkpoint] if other else model, unit)
+        if other:
             done = generate(others[unit.checkpoint], request, info=info, progress=None, cancel=cancel)
         else:
             done = _generate(model, request, networks, info=info, progress=None, cancel=cancel)
         return done.images[0] if done.images and not done.unfinished else request.init_images[0]
 
     def detail(picture, seed: int, subseed: int):
-        return detailer.detail(picture, seed, subseed, params, find, inpaint, size=(plan.width, plan.height),
-                               interrupted=lambda: cancel.interrupted)
+        from ..models.vae_swap import restore
+
+        try:
+            return detailer.detail(picture, seed, subseed, params, find, inpaint, size=(plan.width, plan.height),
+                                   interrupted=lambda: cancel.interrupted)
+        finally:  # every VAE a tab changed is the model's own again
+            for target, own, current in saved.values():
+                if current is not None:
+                    restore(target.vae, own)
+            saved.clear()
 
     return detail
+
+
+def _tab_vaes(model, params: GenerationParams, others: dict) -> dict:
+    """The VAEs ADetailer tabs name, by (the model the tab runs on, the name): each built and checked
+    against that model's running VAE before any work (refused naming the tab's field where it does
+    not fit); "None" is the checkpoint's own."""
+    from ..models.loader import load_own_vae, load_vae
+    from ..models.vae_swap import mismatch
+
+    found: dict = {}
+    for n, unit in enumerate(params.detailer):
+        if unit.vae is None:
+            continue
+        target = others.get(unit.checkpoint, model) if unit.checkpoint else model
+        key, field = (id(target), unit.vae), f"detailer[{n}].vae"
+        if key in found:
+            continue
+        if unit.vae == "None":
+            new = load_own_vae(target.path, target.spec, device="cpu", dtype=target.dtype)
+            if new is None:
+                raise InvalidParameter(field, unit.vae, "a VAE file (this checkpoint's own VAE cannot be read alone)")
+        else:
+            try:
+                path = models_dir_of(target).resolve_vae(unit.vae)
+            except UnknownName as exc:
+                raise UnknownName(field, exc.value, exc.choices) from None
+            except ModelNotFound as exc:
+                raise ModelNotFound(f"{field}: {exc.message}", field=field) from None
+            new = load_vae(path, target.spec, device="cpu", dtype=target.dtype)
+        problem = mismatch(target.vae, new)
+        if problem is not None:
+            raise InvalidParameter(field, unit.vae, f"a VAE that fits the checkpoint's ({problem})")
+        found[key] = new
+    return found
 
 
 def _plan(model, params: GenerationParams) -> Plan:

@@ -897,18 +897,18 @@ _AD_WHOLE = ("ad_mask_k", "ad_mask_k_largest", "ad_x_offset", "ad_y_offset", "ad
 _AD_SWITCHED = {"ad_use_inpaint_width_height": ("ad_inpaint_width", "ad_inpaint_height"),
                 "ad_use_steps": ("ad_steps",), "ad_use_cfg_scale": ("ad_cfg_scale",),
                 "ad_use_sampler": ("ad_sampler", "ad_scheduler"), "ad_use_noise_multiplier": ("ad_noise_multiplier",),
-                "ad_use_clip_skip": ("ad_clip_skip",), "ad_use_checkpoint": ("ad_checkpoint",)}
-#: ADetailer settings underpaint takes at their "off" value only (what each turns on is not available here).
-_AD_OFF = {"ad_use_vae": False}
-#: ADetailer settings read and ignored: their values matter only with a switch above, or say nothing here.
-_AD_IGNORED = ("ad_vae", "is_api", "ad_tab_enable")
+                "ad_use_clip_skip": ("ad_clip_skip",), "ad_use_checkpoint": ("ad_checkpoint",),
+                "ad_use_vae": ("ad_vae",)}
+#: ADetailer settings read and ignored: they say nothing here.
+_AD_IGNORED = ("is_api", "ad_tab_enable")
 
 
-def _detailer(scripts: Mapping[str, Any], folder=None, resolve_checkpoint=None) -> tuple:
+def _detailer(scripts: Mapping[str, Any], folder=None, resolve_checkpoint=None, vae_choice=None) -> tuple:
     """The ADetailer extension's ``args``: ``[enabled, skip img2img, {ad_* settings}, ...]`` (the two
     switches may be left out: its older clients send the tabs alone), a tab per object; a tab whose
     ``ad_model`` is "None" or with ``ad_tap_enable`` false is off. () when off. ``resolve_checkpoint(name,
-    field=...)`` finds a tab's separate checkpoint among the listed ones (never a path)."""
+    field=...)`` and ``vae_choice(name, field=...)`` find a tab's separate checkpoint and VAE among the
+    listed ones (never a path)."""
     from ...params import DetailerUnit
 
     for name, value in scripts.items():
@@ -930,7 +930,7 @@ def _detailer(scripts: Mapping[str, Any], folder=None, resolve_checkpoint=None) 
             tab = args[index]
             if not isinstance(tab, Mapping):
                 raise InvalidParameter(f"{field}[{index}]", tab, "an object of ADetailer settings (ad_model, ...)")
-            unit = _detailer_unit(tab, f"{field}[{index}]", DetailerUnit, folder, resolve_checkpoint)
+            unit = _detailer_unit(tab, f"{field}[{index}]", DetailerUnit, folder, resolve_checkpoint, vae_choice)
             if unit is not None:
                 units.append(unit)
         return tuple(units)
@@ -955,23 +955,22 @@ def _ad_settings(unit) -> dict[str, Any]:
         tab["ad_scheduler"] = unit.scheduler
     if unit.checkpoint is not None:  # its title, not the server's path
         tab.update(ad_use_checkpoint=True, ad_checkpoint=unit.checkpoint_title or Path(unit.checkpoint).stem)
+    if unit.vae is not None:
+        tab.update(ad_use_vae=True, ad_vae=unit.vae if unit.vae == "None" else Path(unit.vae).name)
     return tab
 
 
-def _detailer_unit(tab: Mapping[str, Any], field: str, kind, folder=None, resolve_checkpoint=None):
-    known = set(_AD_FIELDS) | set(_AD_SWITCHED) | {k for v in _AD_SWITCHED.values() for k in v} | set(_AD_OFF) \
+def _detailer_unit(tab: Mapping[str, Any], field: str, kind, folder=None, resolve_checkpoint=None, vae_choice=None):
+    known = set(_AD_FIELDS) | set(_AD_SWITCHED) | {k for v in _AD_SWITCHED.values() for k in v} \
         | set(_AD_IGNORED) | set(_AD_OLD_NAMES) | {"ad_tap_enable"}
     tab = {key: int(value) if key in _AD_WHOLE and isinstance(value, float) and value.is_integer() else value
            for key, value in tab.items()}
     for old, new in _AD_OLD_NAMES.items():
         if tab.get(new) is None and tab.get(old) is not None:
             tab[new] = tab[old]
-    for key, value in tab.items():
+    for key in tab:
         if key not in known:
             raise UnknownName(f"{field}.{key}", key, sorted(known))
-        if key in _AD_OFF and value not in (None, _AD_OFF[key]):
-            raise InvalidParameter(f"{field}.{key}", value, f"{_AD_OFF[key]!r} (not available in underpaint's "
-                                                            "face detailing)")
     if tab.get("ad_model", "None") in (None, "None") or tab.get("ad_tap_enable", tab.get("ad_tab_enable", True)) is False:
         return None
     fields = {target: tab[key] for key, target in _AD_FIELDS.items() if tab.get(key) is not None}
@@ -992,6 +991,13 @@ def _detailer_unit(tab: Mapping[str, Any], field: str, kind, folder=None, resolv
                                                                          "/sdapi/v1/sd-models")
         fields["checkpoint"] = str(resolve_checkpoint(checkpoint, field=f"{field}.ad_checkpoint")) \
             if resolve_checkpoint is not None else checkpoint
+    vae = tab.get("ad_vae")
+    if tab.get("ad_use_vae") and vae not in (None, "", "Use same VAE", "Automatic"):
+        if vae_choice is not None:
+            vae = vae_choice(vae, field=f"{field}.ad_vae")
+        elif not isinstance(vae, str):
+            raise InvalidParameter(f"{field}.ad_vae", vae, "a VAE's name from /sdapi/v1/sd-vae, or None")
+        fields["vae"] = vae
     if tab.get("ad_use_sampler") and tab.get("ad_sampler") != "Use same sampler":  # ADetailer's own choice
         fields["sampler"] = tab.get("ad_sampler", "DPM++ 2M Karras")
         scheduler = tab.get("ad_scheduler", "Use same scheduler")
@@ -1112,7 +1118,7 @@ def _common_fields(req: GenerationRequest, ctx: ConvertContext, pictures: Pictur
         "prompt_comments": overrides.bool("enable_prompt_comments", ctx.options.enable_prompt_comments),
         "freeu": _freeu(req.alwayson_scripts),
         "detailer": _detailer(req.alwayson_scripts, ctx.models_folder() if ctx.models_folder else None,
-                              ctx.resolve_model),
+                              ctx.resolve_model, ctx.vae_choice),
         "refiner": _refiner(req, ctx, overrides),
         "sampler_options": _sampler_options(req, overrides, sampler, ctx.options),
         "sgm_noise_multiplier": overrides.bool("sgm_noise_multiplier", ctx.options.sgm_noise_multiplier),

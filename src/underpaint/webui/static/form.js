@@ -100,7 +100,7 @@ export class GenerationForm {
       "img2img_color_correction", "initial_noise_multiplier", "img2img_extra_noise", "freeu_enabled", ...FREEU_FACTORS,
       "ad_enable", "ad_model", "ad_prompt", "ad_negative_prompt", "ad_confidence", "ad_denoising_strength",
       "ad_inpaint_only_masked_padding", "ad_mask_k", "ad_mask_filter_method", "ad_model_classes",
-      "ad_controlnet_model", "ad_controlnet_weight", "ad_checkpoint", "refiner_enabled", "refiner_checkpoint", "refiner_switch_at", "aesthetic_score", "negative_aesthetic_score", "enable_hr", "hr_upscaler",
+      "ad_controlnet_model", "ad_controlnet_weight", "ad_checkpoint", "ad_vae", "refiner_enabled", "refiner_checkpoint", "refiner_switch_at", "aesthetic_score", "negative_aesthetic_score", "enable_hr", "hr_upscaler",
       ...HIRES_NUMBERS, "hr_extra_noise", "hires_fix_refiner_pass", "hr_checkpoint_name", "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt"]) {
       this.controls[name] = $(`#${name}`, root);
     }
@@ -318,6 +318,7 @@ export class GenerationForm {
         ad_controlnet_model: c.ad_controlnet_model.value || "None",
         ad_controlnet_weight: numberValue(c.ad_controlnet_weight),
         ...(c.ad_checkpoint.value ? { ad_use_checkpoint: true, ad_checkpoint: c.ad_checkpoint.value } : {}),
+        ...(c.ad_vae.value ? { ad_use_vae: true, ad_vae: c.ad_vae.value } : {}),
       }] };
     }
     return scripts;
@@ -485,6 +486,11 @@ export class GenerationForm {
         ?? matchCheckpoint(c.ad_checkpoint, fields.ad_checkpoint) : "";
       if (option === null) notes.push(`ADetailer checkpoint ${fields.ad_checkpoint} is not on this server`);
       else c.ad_checkpoint.value = option;
+    }
+    if (typeof fields.ad_vae === "string") {  // a VAE's name, "None" (the checkpoint's own) or "": the same
+      const option = fields.ad_vae ? matchOption(c.ad_vae, fields.ad_vae) : "";
+      if (option === null) notes.push(`ADetailer VAE ${fields.ad_vae} is not on this server`);
+      else c.ad_vae.value = option;
     }
     if (typeof fields.ad_mask_filter_method === "string") {
       const option = matchOption(c.ad_mask_filter_method, fields.ad_mask_filter_method);

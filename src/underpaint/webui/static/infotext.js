@@ -146,6 +146,8 @@ export function infotextToFields({ prompt, negativePrompt, params }) {
     fields.ad_controlnet_weight = number(params["ADetailer ControlNet weight"]) ?? 1;
     fields.ad_checkpoint = String(params["ADetailer use separate checkpoint"]).toLowerCase() === "true"
       ? params["ADetailer checkpoint"] ?? "" : "";
+    fields.ad_vae = String(params["ADetailer use separate VAE"]).toLowerCase() === "true"
+      ? params["ADetailer VAE"] ?? "" : "";
   }
   Object.assign(fields, hiresFields(params));
   set("sd_model_hash", params["Model hash"]);

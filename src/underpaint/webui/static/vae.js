@@ -22,6 +22,11 @@ export async function loadVae(options = get("/sdapi/v1/options")) {
   const select = $("#sd-vae");
   fillSelect(select, items, current);
   select.value = current;  // the server's value, not what the select showed before
+  // ADetailer's separate VAE for its passes: the same one, the checkpoint's own (None) or a file
+  const detailer = $("#ad_vae");
+  const chosen = detailer.value;
+  fillSelect(detailer, [{ value: "", label: "Use same VAE" }, ...items.slice(1)], "");
+  if ([...detailer.options].some((o) => o.value === chosen)) detailer.value = chosen;
 }
 
 export function setupVae() {
