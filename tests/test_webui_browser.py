@@ -2571,8 +2571,10 @@ def test_interrogate_deepbooru_writes_the_tags_and_its_settings_apply(page, phot
     assert json.loads(answer.value.request.post_data)["model"] == "deepdanbooru"
     expect(page.locator("#prompt")).to_have_value(answer.value.json()["caption"])
 
-    def settings(threshold: str, spaces: bool, dropped: str) -> None:
+    def settings(threshold: str, spaces: bool, dropped: str, *, now: str) -> None:
         page.click("#tab-settings")
+        box = page.locator("#setting_interrogate_deepbooru_score_threshold")
+        expect(box).to_have_value(now)  # the tab has read the server's settings (else they overwrite ours)
         page.fill("#setting_interrogate_deepbooru_score_threshold", threshold)
         page.set_checked("#setting_deepbooru_use_spaces", spaces)
         page.fill("#setting_deepbooru_filter_tags", dropped)
@@ -2580,11 +2582,31 @@ def test_interrogate_deepbooru_writes_the_tags_and_its_settings_apply(page, phot
         expect(page.locator("#settings-status")).to_contain_text("3 settings changed")
         page.click("#tab-img2img")
 
-    settings("0", False, "1girl")
+    settings("0", False, "1girl", now="0.5")
     with page.expect_response("**/sdapi/v1/interrogate", timeout=GENERATION_TIMEOUT):
         page.click("#interrogate-deepbooru")
     expect(page.locator("#prompt")).to_have_value(r"blue_sky, hat_\(object\)")  # by name, escaped
-    settings("0.5", True, "")  # A1111's defaults again for the other tests
+    settings("0.5", True, "", now="0")  # A1111's defaults again for the other tests
+
+
+def test_settings_typed_while_the_tab_loads_are_kept(page):
+    """A setting changed before the tab's load of the server's settings comes back keeps what was typed
+    (the load fills the others)."""
+    held = []
+    page.route("**/sdapi/v1/options", lambda route: held.append(route))
+    page.click("#tab-settings")
+    for _ in range(100):
+        if held:
+            break
+        page.wait_for_timeout(50)
+    assert held, "the tab did not ask for the settings"
+    page.fill("#setting_interrogate_clip_max_length", "30")
+    for route in held:
+        route.continue_()
+    page.unroute("**/sdapi/v1/options")
+    expect(page.locator("#setting_interrogate_clip_min_length")).to_have_value("24")  # the load came back
+    expect(page.locator("#setting_interrogate_clip_max_length")).to_have_value("30")
+    page.click("#tab-img2img")
 
 
 def test_sd_upscale_size_line_matches_the_package(page):

@@ -130,19 +130,26 @@ export function setupSettings({ onApplied }) {
   form.replaceChildren(...SECTIONS.map(([title, items]) => el("fieldset", { class: "group" },
     el("legend", {}, title), ...items.map(control))));
   let loaded = {};
+  // Settings edited while a load is on its way keep the user's values (a load starts at every visit of the tab).
+  const editedDuringLoad = new Set();
+  form.addEventListener("input", (event) => editedDuringLoad.add(event.target.dataset?.key));
+  form.addEventListener("change", (event) => editedDuringLoad.add(event.target.dataset?.key));
 
   async function load() {
+    editedDuringLoad.clear();
     const listed = $$("select[data-choices]", form);
     const [options, ...lists] = await Promise.all([get("/sdapi/v1/options"),
                                                    ...listed.map((select) => get(select.dataset.choices))]);
     loaded = options;
     listed.forEach((select, i) => {
+      const chosen = select.value;
       const names = ["None", ...lists[i].map((entry) => entry.name)];
       select.replaceChildren(...names.map((name) => el("option", { value: name }, name)));
+      if (editedDuringLoad.has(select.dataset.key) && names.includes(chosen)) select.value = chosen;
     });
     for (const input of $$("[data-key]", form)) {
       const value = loaded[input.dataset.key];
-      if (value === undefined || value === null) continue;
+      if (value === undefined || value === null || editedDuringLoad.has(input.dataset.key)) continue;
       if (input.type === "checkbox") input.checked = Boolean(value);
       else input.value = String(value);
     }
