@@ -30,6 +30,7 @@ from underpaint.models.upscaler import (
     ARCH_ESRGAN,
     ARCH_HAT,
     ARCH_PLKSR,
+    ARCH_RCAN,
     ARCH_SCUNET,
     ARCH_SPAN,
     ARCH_SWINIR,
@@ -626,7 +627,7 @@ def _loads_like_spandrel(tmp_path, case, tensors, spandrel_loader, spandrel_id, 
     assert detect_upscaler(tensors, source=case) == (arch, scale)
     w, h = size
     x = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(1))
-    expected = _forward(reference.model.eval(), x)
+    expected = _forward(reference.model.eval(), x.clone())  # spandrel's RCAN scales its input in place
     assert expected.shape == (1, 3, h * scale, w * scale) and expected.std() > 0.05
     # random weights give outputs far outside [0, 1] (up to ~50 here): float32 rounding scales with them
     atol = 2e-6 * float(expected.abs().max())
@@ -897,11 +898,15 @@ def test_broken_scunet_files(tmp_path, make, named, spandrel_loader):
 
 
 def _spandrel_class(name: str):
-    """A class of spandrel's SPAN or PLKSR architecture (spandrel must already be imported)."""
+    """A class of spandrel's SPAN, RCAN or PLKSR architecture (spandrel must already be imported)."""
     if name == "SPAN":
         from spandrel.architectures.SPAN import SPAN
 
         return SPAN
+    if name == "RCAN":
+        from spandrel.architectures.RCAN import RCAN
+
+        return RCAN
     from spandrel.architectures import PLKSR
 
     return getattr(PLKSR, name)
@@ -924,20 +929,29 @@ CONV_CASES = {
                                                           dysample=True, layer_norm=True), 0.1, ARCH_PLKSR, 4),
     "realplksr-dysample-3x": ("RealPLKSR", dict(dim=16, n_blocks=1, upscaling_factor=3, kernel_size=5,
                                                 dysample=True), 0.1, ARCH_PLKSR, 3),
+    # Kim2091's AnimeSharpV4 frame in small: RCAN at 0-255 with its mean shifts, and the unshuffled 2x / 1x ones
+    "rcan-4x": ("RCAN", dict(scale=4, n_resgroups=2, n_resblocks=2, n_feats=16, reduction=4), 0.05, ARCH_RCAN, 4),
+    "rcan-3x-kernel5-no-norm": ("RCAN", dict(scale=3, n_resgroups=1, n_resblocks=1, n_feats=16, reduction=8,
+                                             kernel_size=5, norm=False), 0.05, ARCH_RCAN, 3),
+    "rcan-unshuffle-2x": ("RCAN", dict(scale=2, n_resgroups=1, n_resblocks=2, n_feats=16, reduction=4,
+                                       unshuffle_mod=True), 0.05, ARCH_RCAN, 2),
+    "rcan-unshuffle-1x": ("RCAN", dict(scale=1, n_resgroups=1, n_resblocks=1, n_feats=16, reduction=4,
+                                       unshuffle_mod=True), 0.05, ARCH_RCAN, 1),
 }
 
 
 @pytest.mark.parametrize("case", list(CONV_CASES))
-def test_span_and_plksr_load_like_spandrel(case, tmp_path, spandrel_loader):
+def test_span_plksr_and_rcan_load_like_spandrel(case, tmp_path, spandrel_loader):
     name, kwargs, noise, arch, scale = CONV_CASES[case]
     reference = _spandrel_class(name)(**kwargs)
     gen = torch.Generator().manual_seed(len(case))
     with torch.no_grad():
-        for p in reference.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * noise)
+        for p_name, p in reference.named_parameters():
+            if "_mean." not in p_name:  # RCAN's mean shifts are fixed, as trained
+                p.add_(torch.randn(p.shape, generator=gen) * noise)
     tensors = reference.eval().state_dict()
-    _loads_like_spandrel(tmp_path, case, tensors, spandrel_loader, name if name == "SPAN" else "PLKSR", arch, scale,
-                         (17, 13))
+    _loads_like_spandrel(tmp_path, case, tensors, spandrel_loader, name if name in ("SPAN", "RCAN") else "PLKSR", arch,
+                         scale, (17, 13))
 
 
 def test_span_recomputes_its_fused_convs_from_the_branches(spandrel_loader):

@@ -1,5 +1,5 @@
 """Upscaling models people download for hires. fix and Extras: ESRGAN (RRDBNet), Real-ESRGAN Compact, SwinIR,
-HAT, DAT, SCUNet, SPAN and PLKSR.
+HAT, DAT, SCUNet, SPAN, PLKSR and RCAN.
 
 These are the files A1111 users keep in ``models/ESRGAN`` / ``models/RealESRGAN`` (ComfyUI:
 ``models/upscale_models``): "4x-UltraSharp", RealESRGAN_x4plus(_anime_6B), RealESRGAN_x2plus,
@@ -52,6 +52,8 @@ Architectures (written here as plain modules; the key layouts are those of the r
 - **SPAN**, **PLKSR** and **RealPLKSR** (``upscaler_conv.py``): the all-convolution networks of recent
   community models. Widths, block counts, kernels, mixers, norms, DySample and scale come from the
   tensors; PLKSR's sparse (dilated) large kernels are refused, their dilations not being in the files.
+- **RCAN** (``upscaler_conv.py``): residual groups of channel-attention blocks; groups, blocks, width, kernel,
+  reduction, upsampling, mean shifts and the pixel-unshuffled variants come from the tensors.
 
 Every module maps a float (N, 3, H, W) RGB tensor in [0, 1] to (N, 3, H*scale, W*scale), the
 convention these models were trained with (and spandrel's). :func:`upscale_image` runs one on a
@@ -86,11 +88,12 @@ ARCH_DAT = "DAT"
 ARCH_SCUNET = "SCUNet"
 ARCH_SPAN = "SPAN"
 ARCH_PLKSR = "PLKSR"
+ARCH_RCAN = "RCAN"
 
 #: What the error for an unknown file says is supported.
 SUPPORTED_ARCHITECTURES = ("ESRGAN / Real-ESRGAN RRDBNet (old ESRGAN, Real-ESRGAN and BSRGAN key layouts), "
                            "Real-ESRGAN Compact (SRVGGNetCompact, PReLU), SwinIR, HAT, DAT, SCUNet, SPAN, "
-                           "PLKSR and RealPLKSR")
+                           "PLKSR, RealPLKSR and RCAN")
 
 #: Nestings of released .pth files: BasicSR saves the EMA weights (the ones to use) next to the raw ones.
 _NESTED_KEYS = ("params_ema", "params", "state_dict")
@@ -291,6 +294,8 @@ def _plan(sd: dict[str, torch.Tensor], source: str) -> _Plan:
         return _span_plan(sd, source)
     if "feats.0.weight" in sd and ("feats.1.channe_mixer.0.weight" in sd or "feats.1.channel_mixer.0.weight" in sd):
         return _plksr_plan(sd, source)
+    if "tail.1.weight" in sd and "body.0.body.0.body.3.conv_du.0.weight" in sd:
+        return _rcan_plan(sd, source)
     raise ModelError(f"{source}: not a supported upscaling model ({_what_else(sd)}supported: {SUPPORTED_ARCHITECTURES})")
 
 
@@ -689,6 +694,48 @@ def _plksr_plan(sd: Mapping[str, torch.Tensor], source: str) -> _Plan:
     )
 
 
+def _rcan_plan(sd: Mapping[str, torch.Tensor], source: str) -> _Plan:
+    """RCAN's groups and blocks from the entries of ``body``, its width and kernel from the first conv (``head.1``
+    after a pixel unshuffle), the channel attention's reduction, the upsampler's factors; ``sub_mean`` marks the
+    0-255 models."""
+    from .upscaler_conv import RCAN
+
+    tensor = _tensor_getter(sd, source, ARCH_RCAN)
+    unshuffled = "head.1.weight" in sd
+    head = tensor("head.1.weight" if unshuffled else "head.0.weight", 4)
+    dim, in_ch, kernel = head.shape[0], head.shape[1], head.shape[2]
+    # the last entry of the body (and of each group's) is its closing conv
+    groups = max(int(m.group(1)) for n in sd if (m := re.match(r"body\.(\d+)\.", n)))
+    blocks = max(int(m.group(1)) for n in sd if (m := re.match(r"body\.0\.body\.(\d+)\.", n)))
+    reduced = tensor("body.0.body.0.body.3.conv_du.0.weight", 4).shape[0]
+    factors = []
+    while f"tail.0.{2 * len(factors)}.weight" in sd:
+        grown = tensor(f"tail.0.{2 * len(factors)}.weight", 4).shape[0]
+        factor = round((grown / dim) ** 0.5)
+        if factor not in (2, 3) or factor * factor * dim != grown:
+            raise ModelError(f"{source}: RCAN upsampling conv tail.0.{2 * len(factors)} gives {grown} channels from "
+                             f"{dim}; expected 4x or 9x")
+        factors.append(factor)
+    out_ch = tensor("tail.1.weight", 4).shape[0]
+    unshuffle = 1
+    if unshuffled:
+        unshuffle = math.isqrt(in_ch // 3)
+        if 3 * unshuffle * unshuffle != in_ch or math.prod(factors) % unshuffle:
+            raise ModelError(f"{source}: RCAN head.1 takes {in_ch} channels; expected 3 x a square dividing the "
+                             f"upsampling ({math.prod(factors)}x)")
+        in_ch = 3
+    _rgb_only(source, ARCH_RCAN, in_ch, out_ch)
+    if kernel % 2 == 0 or groups < 1 or blocks < 0:
+        raise ModelError(f"{source}: RCAN of kernel {kernel}, {groups} groups of {blocks} blocks: not a usable model")
+    scale = math.prod(factors) // unshuffle
+    return _Plan(
+        arch=ARCH_RCAN, scale=scale,
+        describe=f"RCAN {scale}x (dim {dim}, {groups} groups of {blocks} blocks{', unshuffle' if unshuffled else ''})",
+        build=lambda: RCAN(dim=dim, groups=groups, blocks=blocks, kernel=kernel, reduced=reduced, factors=factors,
+                           norm="sub_mean.weight" in sd, unshuffle=unshuffle),
+    )
+
+
 def _swinir_plan(sd: Mapping[str, torch.Tensor], source: str) -> _Plan:
     """SwinIR's hyper-parameters from its tensors: widths from the first conv and the MLPs, depth
     and heads per RSTB from the blocks and their bias tables, the window from the table's size
@@ -798,7 +845,7 @@ class UpscalerModel:
     """A loaded upscaling model: its module maps (N, 3, H, W) RGB in [0, 1] to (N, 3, H*scale, W*scale)."""
 
     module: torch.nn.Module
-    #: ARCH_ESRGAN, ARCH_COMPACT, ARCH_SWINIR, ARCH_HAT, ARCH_DAT, ARCH_SCUNET, ARCH_SPAN or ARCH_PLKSR.
+    #: ARCH_ESRGAN, ARCH_COMPACT, ARCH_SWINIR, ARCH_HAT, ARCH_DAT, ARCH_SCUNET, ARCH_SPAN, ARCH_PLKSR or ARCH_RCAN.
     arch: str
     #: Output size / input size.
     scale: int

@@ -1,4 +1,4 @@
-"""The fast convolutional upscalers of the community's recent models: SPAN and PLKSR / RealPLKSR.
+"""The convolutional upscalers of the community's recent models: SPAN, PLKSR / RealPLKSR and RCAN.
 
 These are what OpenModelDB's quick models are (2xHFA2kSPAN, 4xNomos8k_span_otf, 4xNomos2_realplksr_dysample,
 ...): all-convolution networks, a fraction of ESRGAN's cost. A1111 runs any file spandrel reads from its
@@ -29,9 +29,13 @@ files' own, so they load unchanged.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .upscaler_swin import pad_to_multiple
 
 #: SwinIR's RGB mean, which SPAN's input is centred on (with values scaled to 0-255).
 SPAN_MEAN = (0.4488, 0.4371, 0.4040)
@@ -257,3 +261,81 @@ class PLKSR(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.to_img(self.feats(x) + torch.repeat_interleave(x, self.scale * self.scale, dim=1))
+
+
+# --------------------------------------------------------------------------------------------- RCAN
+
+
+class _ChannelAttention(nn.Module):
+    """``conv_du``: global average, 1x1 to dim/reduction, ReLU, 1x1 back, sigmoid; the features times it."""
+
+    def __init__(self, dim: int, reduced: int):
+        super().__init__()
+        self.conv_du = nn.Sequential(nn.Conv2d(dim, reduced, 1), nn.ReLU(), nn.Conv2d(reduced, dim, 1), nn.Sigmoid())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.conv_du(x.mean(dim=(2, 3), keepdim=True))
+
+
+class _RCAB(nn.Module):
+    """Residual channel-attention block: conv, ReLU, conv, channel attention, plus the input."""
+
+    def __init__(self, dim: int, kernel: int, reduced: int):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(dim, dim, kernel, 1, kernel // 2), nn.ReLU(),
+                                  nn.Conv2d(dim, dim, kernel, 1, kernel // 2), _ChannelAttention(dim, reduced))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x) + x
+
+
+class _ResidualGroup(nn.Module):
+    """Blocks then a conv, plus the group's input."""
+
+    def __init__(self, dim: int, kernel: int, reduced: int, blocks: int):
+        super().__init__()
+        self.body = nn.Sequential(*(_RCAB(dim, kernel, reduced) for _ in range(blocks)),
+                                  nn.Conv2d(dim, dim, kernel, 1, kernel // 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x) + x
+
+
+class RCAN(nn.Module):
+    """RCAN (Zhang et al. 2018, "Residual Channel Attention Networks"): a conv (after a pixel unshuffle in the
+    "unshuffle" 1x/2x variant), residual groups and a conv plus that conv's output, a pixel-shuffle upsampler
+    (``factors``) and a last conv. With ``norm`` the picture is scaled to 0-255 and the files' own 1x1 mean
+    shifts (``sub_mean``, ``add_mean``) run around the network, as the original's; without it, 0-1 values go
+    through. The unshuffled input is padded to the factor by reflection and the output cropped back."""
+
+    def __init__(self, *, dim: int, groups: int, blocks: int, kernel: int, reduced: int, factors: list[int],
+                 norm: bool, unshuffle: int = 1):
+        super().__init__()
+        self.unshuffle = unshuffle
+        self.scale = math.prod(factors) // unshuffle
+        self.range = 255.0 if norm else 1.0
+        if norm:
+            self.sub_mean = nn.Conv2d(3, 3, 1)
+            self.add_mean = nn.Conv2d(3, 3, 1)
+        head: list[nn.Module] = [nn.PixelUnshuffle(unshuffle)] if unshuffle > 1 else []
+        head.append(nn.Conv2d(3 * unshuffle * unshuffle, dim, kernel, 1, kernel // 2))
+        self.head = nn.Sequential(*head)
+        self.body = nn.Sequential(*(_ResidualGroup(dim, kernel, reduced, blocks) for _ in range(groups)),
+                                  nn.Conv2d(dim, dim, kernel, 1, kernel // 2))
+        stages: list[nn.Module] = []
+        for f in factors:
+            stages += [nn.Conv2d(dim, f * f * dim, 3, 1, 1), nn.PixelShuffle(f)]
+        self.tail = nn.Sequential(nn.Sequential(*stages), nn.Conv2d(dim, 3, kernel, 1, kernel // 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        if self.unshuffle > 1:
+            x = pad_to_multiple(x, self.unshuffle)
+        x = x * self.range
+        if self.range != 1.0:
+            x = self.sub_mean(x)
+        feat = self.head(x)
+        out = self.tail(self.body(feat) + feat)
+        if self.range != 1.0:
+            out = self.add_mean(out)
+        return (out / self.range)[..., : h * self.scale, : w * self.scale]
