@@ -25,6 +25,8 @@ files' own, so they load unchanged.
   channel LayerNorm before the mixer, and either a pixel shuffle or a learned **DySample** upsampler
   (per output sub-pixel, offsets predicted by two 1x1 convs move bilinear samples of the features,
   then a 1x1 conv to RGB).
+- **RCAN** (Zhang et al. 2018): residual groups of conv-ReLU-conv blocks, each block's output weighted per
+  channel by a squeeze-and-excitation branch (``conv_du``); Kim2091's AnimeSharpV4 models among others.
 """
 
 from __future__ import annotations
