@@ -29,6 +29,7 @@ from underpaint.models.upscaler import (
     ARCH_DAT,
     ARCH_ESRGAN,
     ARCH_HAT,
+    ARCH_MOSR,
     ARCH_PLKSR,
     ARCH_RCAN,
     ARCH_SCUNET,
@@ -907,6 +908,10 @@ def _spandrel_class(name: str):
         from spandrel.architectures.RCAN import RCAN
 
         return RCAN
+    if name == "MoSR":
+        from spandrel.architectures.MoSR import MoSR
+
+        return MoSR
     from spandrel.architectures import PLKSR
 
     return getattr(PLKSR, name)
@@ -937,11 +942,16 @@ CONV_CASES = {
                                        unshuffle_mod=True), 0.05, ARCH_RCAN, 2),
     "rcan-unshuffle-1x": ("RCAN", dict(scale=1, n_resgroups=1, n_resblocks=1, n_feats=16, reduction=4,
                                        unshuffle_mod=True), 0.05, ARCH_RCAN, 1),
+    # MoSR with each of its upsamplers: pixel shuffle, "geo ensemble" shuffle, DySample
+    "mosr-ps-4x": ("MoSR", dict(upscale=4, n_block=2, dim=16, upsampler="ps"), 0.05, ARCH_MOSR, 4),
+    "mosr-gps-2x": ("MoSR", dict(upscale=2, n_block=3, dim=16, upsampler="gps", kernel_size=5, expansion_ratio=2.0,
+                                 conv_ratio=0.5), 0.05, ARCH_MOSR, 2),
+    "mosr-dysample-3x": ("MoSR", dict(upscale=3, n_block=1, dim=16, upsampler="dys"), 0.05, ARCH_MOSR, 3),
 }
 
 
 @pytest.mark.parametrize("case", list(CONV_CASES))
-def test_span_plksr_and_rcan_load_like_spandrel(case, tmp_path, spandrel_loader):
+def test_span_plksr_rcan_and_mosr_load_like_spandrel(case, tmp_path, spandrel_loader):
     name, kwargs, noise, arch, scale = CONV_CASES[case]
     reference = _spandrel_class(name)(**kwargs)
     gen = torch.Generator().manual_seed(len(case))
@@ -950,8 +960,8 @@ def test_span_plksr_and_rcan_load_like_spandrel(case, tmp_path, spandrel_loader)
             if "_mean." not in p_name:  # RCAN's mean shifts are fixed, as trained
                 p.add_(torch.randn(p.shape, generator=gen) * noise)
     tensors = reference.eval().state_dict()
-    _loads_like_spandrel(tmp_path, case, tensors, spandrel_loader, name if name in ("SPAN", "RCAN") else "PLKSR", arch,
-                         scale, (17, 13))
+    spandrel_id = name if name in ("SPAN", "RCAN", "MoSR") else "PLKSR"
+    _loads_like_spandrel(tmp_path, case, tensors, spandrel_loader, spandrel_id, arch, scale, (17, 13))
 
 
 def test_span_recomputes_its_fused_convs_from_the_branches(spandrel_loader):

@@ -1,5 +1,5 @@
 """Upscaling models people download for hires. fix and Extras: ESRGAN (RRDBNet), Real-ESRGAN Compact, SwinIR,
-HAT, DAT, SCUNet, SPAN, PLKSR and RCAN.
+HAT, DAT, SCUNet, SPAN, PLKSR, RCAN and MoSR.
 
 These are the files A1111 users keep in ``models/ESRGAN`` / ``models/RealESRGAN`` (ComfyUI:
 ``models/upscale_models``): "4x-UltraSharp", RealESRGAN_x4plus(_anime_6B), RealESRGAN_x2plus,
@@ -54,6 +54,8 @@ Architectures (written here as plain modules; the key layouts are those of the r
   tensors; PLKSR's sparse (dilated) large kernels are refused, their dilations not being in the files.
 - **RCAN** (``upscaler_conv.py``): residual groups of channel-attention blocks; groups, blocks, width, kernel,
   reduction, upsampling, mean shifts and the pixel-unshuffled variants come from the tensors.
+- **MoSR** (``upscaler_conv.py``): MambaOut-style gated conv blocks and a conv shortcut; width, blocks, gate
+  widths, kernel and upsampler (pixel shuffle, "geo ensemble" shuffle, DySample) come from the tensors.
 
 Every module maps a float (N, 3, H, W) RGB tensor in [0, 1] to (N, 3, H*scale, W*scale), the
 convention these models were trained with (and spandrel's). :func:`upscale_image` runs one on a
@@ -89,11 +91,12 @@ ARCH_SCUNET = "SCUNet"
 ARCH_SPAN = "SPAN"
 ARCH_PLKSR = "PLKSR"
 ARCH_RCAN = "RCAN"
+ARCH_MOSR = "MoSR"
 
 #: What the error for an unknown file says is supported.
 SUPPORTED_ARCHITECTURES = ("ESRGAN / Real-ESRGAN RRDBNet (old ESRGAN, Real-ESRGAN and BSRGAN key layouts), "
                            "Real-ESRGAN Compact (SRVGGNetCompact, PReLU), SwinIR, HAT, DAT, SCUNet, SPAN, "
-                           "PLKSR, RealPLKSR and RCAN")
+                           "PLKSR, RealPLKSR, RCAN and MoSR")
 
 #: Nestings of released .pth files: BasicSR saves the EMA weights (the ones to use) next to the raw ones.
 _NESTED_KEYS = ("params_ema", "params", "state_dict")
@@ -296,6 +299,8 @@ def _plan(sd: dict[str, torch.Tensor], source: str) -> _Plan:
         return _plksr_plan(sd, source)
     if "tail.1.weight" in sd and "body.0.body.0.body.3.conv_du.0.weight" in sd:
         return _rcan_plan(sd, source)
+    if "gblocks.0.weight" in sd and "gblocks.1.fc1.weight" in sd:
+        return _mosr_plan(sd, source)
     raise ModelError(f"{source}: not a supported upscaling model ({_what_else(sd)}supported: {SUPPORTED_ARCHITECTURES})")
 
 
@@ -736,6 +741,43 @@ def _rcan_plan(sd: Mapping[str, torch.Tensor], source: str) -> _Plan:
     )
 
 
+def _mosr_plan(sd: Mapping[str, torch.Tensor], source: str) -> _Plan:
+    """MoSR's width from its first conv, its blocks from the entries of ``gblocks`` (five closing layers after
+    them), the gated blocks' widths and kernel from the first one, the upsampler and scale from its tensors."""
+    from .upscaler_conv import MoSR
+
+    tensor = _tensor_getter(sd, source, ARCH_MOSR)
+    dim, in_ch = tensor("gblocks.0.weight", 4).shape[:2]
+    _rgb_only(source, ARCH_MOSR, in_ch, 3)
+    entries = max(int(m.group(1)) for n in sd if (m := re.match(r"gblocks\.(\d+)\.", n))) + 1
+    blocks = entries - 6
+    hidden = tensor("gblocks.1.fc1.weight", 4).shape[0] // 2
+    conv = tensor("gblocks.1.conv.weight", 4)
+    conv_channels, kernel = conv.shape[0], conv.shape[2]
+    if blocks < 1 or kernel % 2 == 0 or not 1 <= conv_channels <= hidden:
+        raise ModelError(f"{source}: MoSR with {blocks} blocks, a {kernel}-wide depthwise conv over {conv_channels} "
+                         f"of {hidden} channels: not a usable model")
+    gps_kernel = 3
+    if "upsampler.offset.weight" in sd:
+        upsampler, shuffled = "dys", tensor("upsampler.offset.weight", 4).shape[0] // 8
+    elif "upsampler.in_to_k.weight" in sd:
+        weight = tensor("upsampler.in_to_k.weight", 4)
+        upsampler, shuffled, gps_kernel = "gps", weight.shape[0] // 8 // 3, weight.shape[2]
+    else:
+        upsampler, shuffled = "ps", tensor("upsampler.0.weight", 4).shape[0] // 3
+    scale = math.isqrt(shuffled)
+    if scale < 1 or scale * scale != shuffled:
+        raise ModelError(f"{source}: MoSR upsampler ({upsampler}) for {shuffled} sub-pixels; expected a square")
+    if upsampler == "dys" and dim % 4:
+        raise ModelError(f"{source}: MoSR of width {dim} with DySample; expected a multiple of its 4 groups")
+    return _Plan(
+        arch=ARCH_MOSR, scale=scale, derived=lambda name: name == "upsampler.init_pos",
+        describe=f"MoSR {scale}x (dim {dim}, {blocks} blocks, {upsampler})",
+        build=lambda: MoSR(dim=dim, blocks=blocks, hidden=hidden, conv_channels=conv_channels, kernel=kernel,
+                           scale=scale, upsampler=upsampler, gps_kernel=gps_kernel),
+    )
+
+
 def _swinir_plan(sd: Mapping[str, torch.Tensor], source: str) -> _Plan:
     """SwinIR's hyper-parameters from its tensors: widths from the first conv and the MLPs, depth
     and heads per RSTB from the blocks and their bias tables, the window from the table's size
@@ -845,7 +887,7 @@ class UpscalerModel:
     """A loaded upscaling model: its module maps (N, 3, H, W) RGB in [0, 1] to (N, 3, H*scale, W*scale)."""
 
     module: torch.nn.Module
-    #: ARCH_ESRGAN, ARCH_COMPACT, ARCH_SWINIR, ARCH_HAT, ARCH_DAT, ARCH_SCUNET, ARCH_SPAN, ARCH_PLKSR or ARCH_RCAN.
+    #: The architecture: one of the ARCH_* names above.
     arch: str
     #: Output size / input size.
     scale: int

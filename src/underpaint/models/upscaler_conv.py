@@ -1,4 +1,4 @@
-"""The convolutional upscalers of the community's recent models: SPAN, PLKSR / RealPLKSR and RCAN.
+"""The convolutional upscalers of the community's recent models: SPAN, PLKSR / RealPLKSR, RCAN and MoSR.
 
 These are what OpenModelDB's quick models are (2xHFA2kSPAN, 4xNomos8k_span_otf, 4xNomos2_realplksr_dysample,
 ...): all-convolution networks, a fraction of ESRGAN's cost. A1111 runs any file spandrel reads from its
@@ -27,6 +27,8 @@ files' own, so they load unchanged.
   then a 1x1 conv to RGB).
 - **RCAN** (Zhang et al. 2018): residual groups of conv-ReLU-conv blocks, each block's output weighted per
   channel by a squeeze-and-excitation branch (``conv_du``); Kim2091's AnimeSharpV4 models among others.
+- **MoSR** ("Mamba Out Super-Resolution"): MambaOut-style gated conv blocks beside a conv shortcut, and a pixel
+  shuffle, an 8-fold "geo ensemble" shuffle or DySample.
 """
 
 from __future__ import annotations
@@ -341,3 +343,77 @@ class RCAN(nn.Module):
         if self.range != 1.0:
             out = self.add_mean(out)
         return (out / self.range)[..., : h * self.scale, : w * self.scale]
+
+
+# --------------------------------------------------------------------------------------------- MoSR
+
+
+class _GatedBlock(nn.Module):
+    """MoSR's block (MambaOut's gated CNN): a channel LayerNorm, a 3x3 conv to two halves of ``hidden``;
+    the second half's last ``conv_channels`` through a depthwise conv; Mish(first) x that second half,
+    a 3x3 conv back, Mish; plus the block input minus 0.5 (as the original adds it)."""
+
+    def __init__(self, dim: int, hidden: int, conv_channels: int, kernel: int):
+        super().__init__()
+        self.split = (hidden, hidden - conv_channels, conv_channels)
+        self.norm = ChannelLayerNorm(dim)
+        self.fc1 = nn.Conv2d(dim, 2 * hidden, 3, 1, 1)
+        self.conv = nn.Conv2d(conv_channels, conv_channels, kernel, 1, kernel // 2, groups=conv_channels)
+        self.fc2 = nn.Conv2d(hidden, dim, 3, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g, i, c = torch.split(self.fc1(self.norm(x)), self.split, dim=1)
+        y = F.mish(self.fc2(F.mish(g) * torch.cat((i, self.conv(c)), dim=1)))
+        return y + (x - 0.5)
+
+
+class _ShortcutBlock(nn.Module):
+    """MoSR's ``shortcut``: conv, Mish, conv, Mish, plus a 1x1 conv of the input."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(3, dim, 3, 1, 1), nn.Mish(), nn.Conv2d(dim, dim, 3, 1, 1), nn.Mish())
+        self.conv11 = nn.Conv2d(3, dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(x) + self.conv11(x)
+
+
+class _GeoShuffle(nn.Module):
+    """MoSR's "gps" upsampler: a conv to 8 versions of every sub-pixel, their mean, a pixel shuffle."""
+
+    def __init__(self, dim: int, scale: int, kernel: int):
+        super().__init__()
+        self.scale = scale
+        self.in_to_k = nn.Conv2d(dim, scale * scale * 3 * 8, kernel, 1, kernel // 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.in_to_k(x)
+        y = y.reshape(y.shape[0], 8, -1, *y.shape[-2:]).mean(dim=1)
+        return F.pixel_shuffle(y, self.scale)
+
+
+class MoSR(nn.Module):
+    """MoSR ("Mamba Out Super-Resolution"): ``gblocks`` (a 3x3 conv, gated blocks, then conv-Mish-conv-Mish and a
+    1x1 conv) plus the shortcut branch minus 0.5, then the upsampler: "ps" (conv and pixel shuffle), "gps"
+    (:class:`_GeoShuffle`) or "dys" (:class:`DySample` with 4 groups)."""
+
+    def __init__(self, *, dim: int, blocks: int, hidden: int, conv_channels: int, kernel: int, scale: int,
+                 upsampler: str, gps_kernel: int = 3):
+        super().__init__()
+        self.scale = scale
+        self.gblocks = nn.Sequential(
+            nn.Conv2d(3, dim, 3, 1, 1), *(_GatedBlock(dim, hidden, conv_channels, kernel) for _ in range(blocks)),
+            nn.Conv2d(dim, 2 * dim, 3, 1, 1), nn.Mish(), nn.Conv2d(2 * dim, dim, 3, 1, 1), nn.Mish(),
+            nn.Conv2d(dim, dim, 1))
+        self.shortcut = _ShortcutBlock(dim)
+        if upsampler == "ps":
+            self.upsampler: nn.Module = nn.Sequential(nn.Conv2d(dim, 3 * scale * scale, 3, 1, 1),
+                                                      nn.PixelShuffle(scale))
+        elif upsampler == "gps":
+            self.upsampler = _GeoShuffle(dim, scale, gps_kernel)
+        else:
+            self.upsampler = DySample(dim, scale, 4, end_conv=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.upsampler(self.gblocks(x) + (self.shortcut(x) - 0.5))
