@@ -34,6 +34,7 @@ from underpaint.models.upscaler import (
     ARCH_RCAN,
     ARCH_SCUNET,
     ARCH_SPAN,
+    ARCH_SWIN2SR,
     ARCH_SWINIR,
     UPSCALER_EXTENSIONS,
     _axis_weights,
@@ -491,7 +492,6 @@ def _esrgan_plus() -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("make,hint", [(_sd_checkpoint, "Stable Diffusion checkpoint"),
                                        (_esrgan_plus, "ESRGAN+"),
-                                       (_swin2sr, "Swin2SR"),
                                        (_swinir_unshuffled, "pixel-unshuffled"),
                                        (lambda: {"foo.weight": torch.zeros(2)}, "foo.weight")])
 def test_other_architectures_name_the_file_and_what_is_supported(tmp_path, make, hint):
@@ -536,6 +536,7 @@ def _without(sd: dict, name: str) -> dict:
     (lambda: {**real_esrgan(), "conv_body.weight": torch.zeros(8, 9, 3, 3)}, "conv_body.weight is (8, 9, 3, 3)"),
     (_swin_start, "SwinIR model without a 2-D 'layers.0.residual_group.blocks.0.mlp.fc1.weight'"),
     (_hat, "HAT model without a 2-D 'layers.0.residual_group.overlap_attn.relative_position_bias_table'"),
+    (_swin2sr, "Swin2SR model without a 4-D 'patch_embed.proj.weight'"),
     (lambda: _without(_swinir_file(), "layers.0.residual_group.blocks.1.attn.qkv.weight"),
      "missing layers.0.residual_group.blocks.1.attn.qkv.weight"),
     (lambda: _without(_swinir_file(), "layers.0.conv.0.bias"), "missing layers.0.conv.0.bias"),
@@ -995,3 +996,44 @@ def _plksr(**kwargs) -> dict[str, torch.Tensor]:
 ])
 def test_broken_plksr_files(tmp_path, make, named):
     assert_refused(tmp_path / "4x_broken_plksr.safetensors", make(), named)
+
+
+# --------------------------------------------------------------------------------------------- Swin2SR
+
+
+#: name → (spandrel Swin2SR arguments, input size (w, h), scale): the released models' upsamplers in small.
+SWIN2SR_CASES = {
+    "classical-2x": (dict(upscale=2, upsampler="pixelshuffle", embed_dim=12, depths=[2], num_heads=[3], window_size=4,
+                          img_size=16), (21, 18), 2),
+    "compressed-4x-aux-3conv": (dict(upscale=4, upsampler="pixelshuffle_aux", embed_dim=16, depths=[2, 2],
+                                     num_heads=[2, 4], window_size=4, img_size=16, resi_connection="3conv"), (17, 13), 4),
+    "lightweight-3x": (dict(upscale=3, upsampler="pixelshuffledirect", embed_dim=12, depths=[2], num_heads=[2],
+                            window_size=4, img_size=16), (19, 14), 3),
+    "realworld-4x": (dict(upscale=4, upsampler="nearest+conv", embed_dim=12, depths=[2], num_heads=[3], window_size=4,
+                          img_size=16), (15, 18), 4),
+    "jpeg-1x-window7": (dict(upscale=1, upsampler="", embed_dim=12, depths=[2], num_heads=[2], window_size=7,
+                             img_size=28, img_range=255.0), (23, 20), 1),
+}
+
+
+@pytest.mark.parametrize("case", list(SWIN2SR_CASES))
+def test_swin2sr_loads_like_spandrel(case, tmp_path, spandrel_loader):
+    from spandrel.architectures.Swin2SR import Swin2SR
+
+    kwargs, size, scale = SWIN2SR_CASES[case]
+    tensors = _randomised(Swin2SR(**kwargs), seed=len(case))
+    assert any(n.endswith(".relative_coords_table") for n in tensors)
+    x, expected, atol = _loads_like_spandrel(tmp_path, case, tensors, spandrel_loader, "Swin2SR", ARCH_SWIN2SR, scale,
+                                             size)
+    # the saved buffers are derived from the window: a file keeping one of them is the same model
+    lean = {k: v for k, v in tensors.items() if not k.endswith((".attn_mask", ".relative_position_index"))}
+    torch.testing.assert_close(_forward(upscaler_from_state_dict(lean).module, x), expected, atol=atol, rtol=1e-5)
+
+
+@pytest.mark.parametrize("extra,named", [({"conv_after_body_hf.weight": torch.zeros(12, 12, 3, 3)}, "pixelshuffle_hf"),
+                                         ({"absolute_pos_embed": torch.zeros(1, 256, 12)}, "absolute position")])
+def test_swin2sr_variants_we_do_not_run_are_refused(tmp_path, extra, named, spandrel_loader):
+    from spandrel.architectures.Swin2SR import Swin2SR
+
+    kwargs, _, _ = SWIN2SR_CASES["classical-2x"]
+    assert_refused(tmp_path / "Swin2SR_odd.safetensors", {**Swin2SR(**kwargs).state_dict(), **extra}, named)

@@ -1,5 +1,5 @@
 """Upscaling models people download for hires. fix and Extras: ESRGAN (RRDBNet), Real-ESRGAN Compact, SwinIR,
-HAT, DAT, SCUNet, SPAN, PLKSR, RCAN and MoSR.
+HAT, DAT, SCUNet, SPAN, PLKSR, RCAN, MoSR and Swin2SR.
 
 These are the files A1111 users keep in ``models/ESRGAN`` / ``models/RealESRGAN`` (ComfyUI:
 ``models/upscale_models``): "4x-UltraSharp", RealESRGAN_x4plus(_anime_6B), RealESRGAN_x2plus,
@@ -35,8 +35,7 @@ Architectures (written here as plain modules; the key layouts are those of the r
   of Swin blocks at ``layers.N.residual_group.blocks.M``, ``conv_after_body`` and one of four
   upsamplers. Its width, depths, heads, window, MLP width, residual convs and upsampler (so its
   scale) come from the tensors; the saved ``relative_position_index`` and ``attn_mask`` buffers
-  are derived, not read. A pixel-unshuffled input (``conv_first.1``) is refused, as is Swin2SR,
-  by name.
+  are derived, not read. A pixel-unshuffled input (``conv_first.1``) is refused by name.
 - **HAT** (``upscaler_swin.py``; ``models/HAT``): SwinIR's frame with a channel-attention conv
   branch in every block (``conv_block.cab``) and an overlapping cross-attention block
   (``overlap_attn``) closing every group; pixel-shuffle upsampling. Widths, depths, heads, window,
@@ -54,6 +53,8 @@ Architectures (written here as plain modules; the key layouts are those of the r
   tensors; PLKSR's sparse (dilated) large kernels are refused, their dilations not being in the files.
 - **RCAN** (``upscaler_conv.py``): residual groups of channel-attention blocks; groups, blocks, width, kernel,
   reduction, upsampling, mean shifts and the pixel-unshuffled variants come from the tensors.
+- **Swin2SR** (``upscaler_swin2.py``): SwinIR with Swin V2's post-norm cosine-attention blocks; as SwinIR's,
+  plus the compressed-input models' "pixelshuffle_aux" upsampler, from the tensors.
 - **MoSR** (``upscaler_conv.py``): MambaOut-style gated conv blocks and a conv shortcut; width, blocks, gate
   widths, kernel and upsampler (pixel shuffle, "geo ensemble" shuffle, DySample) come from the tensors.
 
@@ -92,11 +93,12 @@ ARCH_SPAN = "SPAN"
 ARCH_PLKSR = "PLKSR"
 ARCH_RCAN = "RCAN"
 ARCH_MOSR = "MoSR"
+ARCH_SWIN2SR = "Swin2SR"
 
 #: What the error for an unknown file says is supported.
 SUPPORTED_ARCHITECTURES = ("ESRGAN / Real-ESRGAN RRDBNet (old ESRGAN, Real-ESRGAN and BSRGAN key layouts), "
                            "Real-ESRGAN Compact (SRVGGNetCompact, PReLU), SwinIR, HAT, DAT, SCUNet, SPAN, "
-                           "PLKSR, RealPLKSR, RCAN and MoSR")
+                           "PLKSR, RealPLKSR, RCAN, MoSR and Swin2SR")
 
 #: Nestings of released .pth files: BasicSR saves the EMA weights (the ones to use) next to the raw ones.
 _NESTED_KEYS = ("params_ema", "params", "state_dict")
@@ -289,6 +291,8 @@ def _plan(sd: dict[str, torch.Tensor], source: str) -> _Plan:
         return _swinir_plan(sd, source)
     if _is_hat(sd):
         return _hat_plan(sd, source)
+    if "conv_first.weight" in sd and "layers.0.residual_group.blocks.0.attn.logit_scale" in sd:
+        return _swin2sr_plan(sd, source)
     if _is_dat(sd):
         return _dat_plan(sd, source)
     if "m_head.0.weight" in sd and "m_tail.0.weight" in sd:
@@ -312,8 +316,6 @@ def _what_else(sd: Mapping[str, torch.Tensor]) -> str:
     if any(n.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner."))
            for n in names):
         return "it looks like a Stable Diffusion checkpoint; "
-    if any(".attn.logit_scale" in n or ".cpb_mlp." in n for n in names):
-        return "it looks like a Swin2SR model, which is not supported; "
     if any(".residual_group." in n or "relative_position" in n or n.startswith("patch_embed.") for n in names):
         return "it looks like a transformer upscaler that is not one of these, or an incomplete one; "
     if "body.0.weight" in sd and "body.1.weight" not in sd:
@@ -775,6 +777,72 @@ def _mosr_plan(sd: Mapping[str, torch.Tensor], source: str) -> _Plan:
         describe=f"MoSR {scale}x (dim {dim}, {blocks} blocks, {upsampler})",
         build=lambda: MoSR(dim=dim, blocks=blocks, hidden=hidden, conv_channels=conv_channels, kernel=kernel,
                            scale=scale, upsampler=upsampler, gps_kernel=gps_kernel),
+    )
+
+
+#: Saved buffers Swin2SR derives from its window.
+_SWIN2_DERIVED = re.compile(r".*\.attn\.(?:relative_coords_table|relative_position_index)|.*\.attn_mask")
+
+
+def _swin2sr_plan(sd: Mapping[str, torch.Tensor], source: str) -> _Plan:
+    """Swin2SR's hyper-parameters: as SwinIR's, the heads from each group's ``logit_scale`` and the window
+    from the saved coordinates table ((2w - 1)² offsets); the "pixelshuffle_aux" upsampler from its
+    ``conv_bicubic``. Its two-branch "pixelshuffle_hf" variant, absolute position embeddings and patches
+    larger than a pixel are refused."""
+    from .upscaler_swin2 import Swin2SR
+
+    tensor = _tensor_getter(sd, source, ARCH_SWIN2SR)
+    embed_dim, in_ch = tensor("conv_first.weight", 4).shape[:2]
+    for name, what in (("conv_after_body_hf.weight", "its two-branch \"pixelshuffle_hf\" upsampler"),
+                       ("absolute_pos_embed", "absolute position embeddings")):
+        if name in sd:
+            raise ModelError(f"{source}: Swin2SR with {what} is not supported")
+    if tensor("patch_embed.proj.weight", 4).shape[-1] != 1:
+        raise ModelError(f"{source}: Swin2SR with patches larger than one pixel is not supported")
+    blocks: dict[int, set[int]] = {}
+    for name in sd:
+        if m := _SWIN_BLOCK.match(name):
+            blocks.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+    if sorted(blocks) != list(range(len(blocks))):
+        raise ModelError(f"{source}: Swin2SR layers numbered {sorted(blocks)}; expected 0, 1, ... in a row")
+    depths = [1 + max(blocks[i]) for i in range(len(blocks))]
+    heads = [tensor(f"layers.{i}.residual_group.blocks.0.attn.logit_scale", 3).shape[0] for i in range(len(depths))]
+    table = sd.get("layers.0.residual_group.blocks.0.attn.relative_coords_table")
+    index = sd.get("layers.0.residual_group.blocks.0.attn.relative_position_index")
+    if isinstance(table, torch.Tensor) and table.ndim == 4:
+        window = (table.shape[1] + 1) // 2
+    elif isinstance(index, torch.Tensor) and index.ndim == 2:
+        window = math.isqrt(index.shape[0])
+    else:
+        raise ModelError(f"{source}: Swin2SR model without its window's coordinates table: incomplete or damaged file")
+    if not 1 <= window <= 64:
+        raise ModelError(f"{source}: Swin2SR window of {window}; expected 1 to 64")
+    mlp_hidden = tensor("layers.0.residual_group.blocks.0.mlp.fc1.weight", 2).shape[0]
+    three_conv = _three_conv(sd, source, ARCH_SWIN2SR)
+    num_feat, out_ch = 64, in_ch
+    if "conv_bicubic.weight" in sd or "conv_before_upsample.0.weight" in sd:
+        upsampler = "pixelshuffle_aux" if "conv_bicubic.weight" in sd else "pixelshuffle"
+        num_feat = tensor("conv_before_upsample.0.weight", 4).shape[0]
+        factors = _pixelshuffle_factors(sd, source, ARCH_SWIN2SR, num_feat, tensor)
+        out_ch = tensor("conv_last.weight", 4).shape[0]
+        if "conv_hr.weight" in sd:
+            upsampler, factors = "nearest+conv", [2, 2]
+    elif "upsample.0.weight" in sd:
+        upsampler, factors = "pixelshuffledirect", [_direct_scale(source, ARCH_SWIN2SR, in_ch, tensor)]
+    else:
+        upsampler, factors = "", []
+        out_ch = tensor("conv_last.weight", 4).shape[0]
+    _rgb_only(source, ARCH_SWIN2SR, in_ch, out_ch)
+    scale = math.prod(factors)
+    img_range = 255.0 if window == 7 else 1.0  # the JPEG models (spandrel's rule, as for SwinIR)
+    return _Plan(
+        arch=ARCH_SWIN2SR, scale=scale, derived=_SWIN2_DERIVED.fullmatch,
+        describe=(f"Swin2SR {scale}x (embed {embed_dim}, depths {depths}, heads {heads}, window {window}, "
+                  f"{upsampler or 'no upsampler'})"),
+        build=lambda: Swin2SR(embed_dim=embed_dim, depths=depths, heads=heads, window=window, mlp_hidden=mlp_hidden,
+                              upsampler=upsampler, factors=factors, num_feat=num_feat, three_conv=three_conv,
+                              patch_norm="patch_embed.norm.weight" in sd,
+                              qkv_bias="layers.0.residual_group.blocks.0.attn.q_bias" in sd, img_range=img_range),
     )
 
 
