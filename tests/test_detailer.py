@@ -126,6 +126,31 @@ def test_a_tabs_own_noise_multiplier_and_clip_skip_go_to_its_passes(sd1_engine, 
     assert _detailer_unit(same, "args[2]", DetailerUnit) == unit  # ADetailer's "Use same sampler" choice
 
 
+def _models_with_tiny_sd1(root, sd1_file):
+    """A models folder at ``root`` holding the tiny checkpoint as tiny-sd1; its path."""
+    (root / "checkpoints").mkdir()
+    path = root / "checkpoints" / "tiny-sd1.safetensors"
+    path.write_bytes(sd1_file.read_bytes())
+    return path
+
+
+def _assert_cli_flag(root, flag: str, good: str, want) -> None:
+    """``--adetailer-FLAG good`` makes ``want`` on the command line; ``--adetailer-FLAG nothing`` is a clean
+    error naming the flag."""
+    from cli_runner import run_cli
+
+    from test_cli import assert_clean_error
+
+    common = ["txt2img", "-p", "a portrait", "-n", "blurry", "--steps", "2", "--sampler", "Euler", "--rng", "cpu",
+              "-W", "64", "-H", "64", "--seed", "21", "--subseed", "5", "--models-dir", str(root),
+              "--model", "tiny-sd1", "--adetailer", "--adetailer-strength", "0.6"]
+    proc = run_cli(*common, f"--adetailer-{flag}", good, "-o", str(root / f"{flag}-a.png"))
+    assert proc.returncode == 0, proc.stderr
+    assert np.array_equal(np.asarray(Image.open(root / f"{flag}-a.png").convert("RGB")), np.asarray(want))
+    assert_clean_error(run_cli(*common, f"--adetailer-{flag}", "nothing", "-o", str(root / f"{flag}-b.png")),
+                       f"--adetailer-{flag}")
+
+
 def test_a_tabs_own_checkpoint_runs_its_passes(tmp_path, sd1_file, monkeypatch):
     """ADetailer's "separate checkpoint": each find is inpainted by the checkpoint the tab names (loaded by the
     engine as a second checkpoint), exactly as that checkpoint inpaints it on its own; the infotext records its
@@ -133,9 +158,7 @@ def test_a_tabs_own_checkpoint_runs_its_passes(tmp_path, sd1_file, monkeypatch):
     from tiny_models import write_sd1
     from underpaint.pipeline.engine import Engine
 
-    (tmp_path / "checkpoints").mkdir()
-    base_file = tmp_path / "checkpoints" / "tiny-sd1.safetensors"
-    base_file.write_bytes(sd1_file.read_bytes())
+    base_file = _models_with_tiny_sd1(tmp_path, sd1_file)
     write_sd1(tmp_path / "checkpoints" / "face-model.safetensors", seed=7)
     engine = Engine.load(base_file, device="cpu", dtype="fp32", models_dir=tmp_path)
     boxes = BOXES[:1]
@@ -162,19 +185,7 @@ def test_a_tabs_own_checkpoint_runs_its_passes(tmp_path, sd1_file, monkeypatch):
     with pytest.raises(ModelNotFound) as err:
         engine.generate(GenerationParams(**BASE, detailer=(DetailerUnit(checkpoint="no-such-model"),)))
     assert err.value.field == "detailer[0].checkpoint" and "face-model" in str(err.value)
-
-    from cli_runner import run_cli
-
-    from test_cli import assert_clean_error
-
-    common = ["txt2img", "-p", "a portrait", "-n", "blurry", "--steps", "2", "--sampler", "Euler", "--rng", "cpu",
-              "-W", "64", "-H", "64", "--seed", "21", "--subseed", "5", "--models-dir", str(tmp_path),
-              "--model", "tiny-sd1", "--adetailer", "--adetailer-strength", "0.6"]
-    proc = run_cli(*common, "--adetailer-checkpoint", "face-model", "-o", str(tmp_path / "a.png"))
-    assert proc.returncode == 0, proc.stderr
-    assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png").convert("RGB")), np.asarray(result.images[0]))
-    assert_clean_error(run_cli(*common, "--adetailer-checkpoint", "nothing", "-o", str(tmp_path / "b.png")),
-                       "--adetailer-checkpoint")
+    _assert_cli_flag(tmp_path, "checkpoint", "face-model", result.images[0])
 
 
 def test_a_tabs_own_vae_runs_its_passes_and_the_model_gets_its_own_back(tmp_path, sd1_file, monkeypatch):
@@ -184,9 +195,7 @@ def test_a_tabs_own_vae_runs_its_passes_and_the_model_gets_its_own_back(tmp_path
     from tiny_models import write_vae
     from underpaint.pipeline.engine import Engine
 
-    (tmp_path / "checkpoints").mkdir()
-    base_file = tmp_path / "checkpoints" / "tiny-sd1.safetensors"
-    base_file.write_bytes(sd1_file.read_bytes())
+    base_file = _models_with_tiny_sd1(tmp_path, sd1_file)
     write_vae(tmp_path / "vae" / "sharp-vae.safetensors", seed=3)
     engine = Engine.load(base_file, device="cpu", dtype="fp32", models_dir=tmp_path)
     boxes = BOXES[:1]
@@ -206,19 +215,7 @@ def test_a_tabs_own_vae_runs_its_passes_and_the_model_gets_its_own_back(tmp_path
     with pytest.raises(ModelNotFound) as err:
         engine.generate(GenerationParams(**BASE, detailer=(DetailerUnit(vae="nothing.safetensors"),)))
     assert err.value.field == "detailer[0].vae" and "sharp-vae.safetensors" in str(err.value)
-
-    from cli_runner import run_cli
-
-    from test_cli import assert_clean_error
-
-    common = ["txt2img", "-p", "a portrait", "-n", "blurry", "--steps", "2", "--sampler", "Euler", "--rng", "cpu",
-              "-W", "64", "-H", "64", "--seed", "21", "--subseed", "5", "--models-dir", str(tmp_path),
-              "--model", "tiny-sd1", "--adetailer", "--adetailer-strength", "0.6"]
-    proc = run_cli(*common, "--adetailer-vae", "sharp-vae", "-o", str(tmp_path / "a.png"))
-    assert proc.returncode == 0, proc.stderr
-    assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png").convert("RGB")), np.asarray(result.images[0]))
-    assert_clean_error(run_cli(*common, "--adetailer-vae", "nothing", "-o", str(tmp_path / "b.png")),
-                       "--adetailer-vae")
+    _assert_cli_flag(tmp_path, "vae", "sharp-vae", result.images[0])
 
 
 def test_a_tabs_controlnet_guides_its_passes(sd1_engine, monkeypatch, tmp_path):

@@ -42,8 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .upscaler_swin import (SWINIR_MEAN, add_shuffle_tail, from_windows, relative_position_index, residual_conv,
-                             shift_mask, to_windows)
+from .upscaler_swin import (SWINIR_MEAN, add_shuffle_tail, cached_mask, from_windows, relative_position_index,
+                             residual_conv, to_windows)
 
 
 def shifted(group: int, block: int) -> bool:
@@ -145,17 +145,12 @@ class SpatialAttention(nn.Module):
         self.dwconv = _conv_branch(dim)
         self.channel_interaction = _channel_map(dim)
         self.spatial_interaction = _spatial_map(dim)
-        self._masks: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._masks: dict[tuple, torch.Tensor] = {}
 
     def _masks_for(self, h: int, w: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (h, w, str(device))
-        if key not in self._masks:
-            if len(self._masks) >= 4:
-                self._masks.clear()
-            (sh, sw) = self.split
-            self._masks[key] = (shift_mask(h, w, (sh, sw), (sh // 2, sw // 2), device),
-                                shift_mask(h, w, (sw, sh), (sw // 2, sh // 2), device))
-        return self._masks[key]
+        sh, sw = self.split
+        return (cached_mask(self._masks, h, w, (sh, sw), (sh // 2, sw // 2), device, key=0),
+                cached_mask(self._masks, h, w, (sw, sh), (sw // 2, sh // 2), device, key=1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` (B, H, W, C) normalised tokens."""

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .upscaler_swin import from_windows, pad_to_multiple, relative_position_index, shift_mask, to_windows
+from .upscaler_swin import cached_mask, from_windows, pad_to_multiple, relative_position_index, to_windows
 
 #: SCUNet's fixed window and head width (constants of the architecture, not in the files).
 WINDOW = 8
@@ -51,13 +51,8 @@ class WindowSelfAttention(nn.Module):
         self._masks: dict[tuple, torch.Tensor] = {}
 
     def _mask(self, h: int, w: int, device: torch.device) -> torch.Tensor:
-        key = (h, w, str(device))
-        if key not in self._masks:
-            if len(self._masks) >= 4:
-                self._masks.clear()
-            # the original fills with -inf: a token never loses its own region, so no row is all -inf
-            self._masks[key] = shift_mask(h, w, WINDOW, WINDOW // 2, device, fill=float("-inf"))
-        return self._masks[key]
+        # the original fills with -inf: a token never loses its own region, so no row is all -inf
+        return cached_mask(self._masks, h, w, WINDOW, WINDOW // 2, device, fill=float("-inf"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` (B, H, W, C), H and W multiples of the window."""

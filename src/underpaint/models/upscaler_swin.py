@@ -99,6 +99,17 @@ def shift_mask(h: int, w: int, window: int | tuple[int, int], shift: int | tuple
     return mask.to(device)
 
 
+def cached_mask(cache: dict, h: int, w: int, window, shift, device: torch.device, *, fill: float = _MASKED,
+                key: object = None) -> torch.Tensor:
+    """:func:`shift_mask` for an (h, w) feature map, kept in ``cache`` for the last few sizes seen."""
+    name = (h, w, str(device), key)
+    if name not in cache:
+        if len(cache) >= 4:
+            cache.clear()
+        cache[name] = shift_mask(h, w, window, shift, device, fill=fill)
+    return cache[name]
+
+
 class WindowAttention(nn.Module):
     """Multi-head self-attention within each window, with a learned bias per relative position."""
 
@@ -141,11 +152,14 @@ class Mlp(nn.Module):
 class SwinBlock(nn.Module):
     """Pre-norm window attention (windows shifted by ``shift``) and MLP, each added to its input."""
 
+    #: The attention's class (Swin V2's blocks use another).
+    attention: type = WindowAttention
+
     def __init__(self, dim: int, heads: int, window: int, shift: int, hidden: int, *, qkv_bias: bool = True):
         super().__init__()
         self.window, self.shift = window, shift
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = WindowAttention(dim, window, heads, qkv_bias=qkv_bias)
+        self.attn = self.attention(dim, window, heads, qkv_bias=qkv_bias)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, hidden)
 
@@ -227,6 +241,9 @@ class SwinIR(nn.Module):
     ``num_feat``, per factor of two a nearest x2 and a conv with LeakyReLU 0.2, an HR conv with
     LeakyReLU 0.2 and a last conv) or "" (1x: the input plus a last conv of the features)."""
 
+    #: The residual group's class (Swin2SR's adds a 1x1 conv).
+    group: type = RSTB
+
     def __init__(self, *, embed_dim: int, depths: list[int], heads: list[int], window: int, mlp_hidden: int,
                  upsampler: str, factors: list[int], num_feat: int = 64, three_conv: bool = False,
                  patch_norm: bool = True, qkv_bias: bool = True, img_range: float = 1.0):
@@ -241,7 +258,7 @@ class SwinIR(nn.Module):
         self.register_buffer("mean", torch.tensor(SWINIR_MEAN).view(1, 3, 1, 1), persistent=False)
         self.conv_first = nn.Conv2d(3, embed_dim, 3, 1, 1)
         self.patch_embed = _PatchNorm(embed_dim) if patch_norm else None
-        self.layers = nn.ModuleList(RSTB(embed_dim, depth, h, window, mlp_hidden, three_conv=three_conv,
+        self.layers = nn.ModuleList(self.group(embed_dim, depth, h, window, mlp_hidden, three_conv=three_conv,
                                          qkv_bias=qkv_bias) for depth, h in zip(depths, heads))
         self.norm = nn.LayerNorm(embed_dim)
         self.conv_after_body = residual_conv(embed_dim, three_conv)
@@ -261,21 +278,14 @@ class SwinIR(nn.Module):
 
     def _mask(self, h: int, w: int, device: torch.device) -> torch.Tensor | None:
         """The shifted windows' mask for an (h, w) feature map, kept for the last few sizes seen."""
-        if not self.shift:
-            return None
-        key = (h, w, str(device))
-        mask = self._masks.get(key)
-        if mask is None:
-            if len(self._masks) >= 4:
-                self._masks.clear()
-            mask = self._masks[key] = shift_mask(h, w, self.window, self.shift, device)
-        return mask
+        return cached_mask(self._masks, h, w, self.window, self.shift, device) if self.shift else None
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The transformer body on (B, C, H, W) features; the same shape back."""
         tokens = x.permute(0, 2, 3, 1)
-        if self.patch_embed is not None:
-            tokens = self.patch_embed.norm(tokens)
+        norm = getattr(self.patch_embed, "norm", None)
+        if norm is not None:
+            tokens = norm(tokens)
         mask = self._mask(x.shape[-2], x.shape[-1], x.device)
         for layer in self.layers:
             tokens = layer(tokens, mask)

@@ -29,8 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .upscaler_swin import (SWINIR_MEAN, add_shuffle_tail, from_windows, pad_to_multiple, relative_position_index,
-                            residual_conv, shift_mask, to_windows)
+from .upscaler_swin import SwinBlock, SwinIR, _Blocks, pad_to_multiple, relative_position_index, residual_conv
 
 #: The most a logit scale may reach (the original clamps at log 100).
 _MAX_LOGIT = math.log(100.0)
@@ -79,42 +78,16 @@ class CosineWindowAttention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(bw, n, c))
 
 
-class _Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
+class Swin2Block(SwinBlock):
+    """SwinIR's block made post-norm, with cosine window attention: ``x + norm1(attention(x))``, then
+    ``x + norm2(mlp(x))``."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
-
-
-class Swin2Block(nn.Module):
-    """Post-norm cosine window attention (shifted by ``shift``) and MLP, each added to its input."""
-
-    def __init__(self, dim: int, heads: int, window: int, shift: int, hidden: int, *, qkv_bias: bool = True):
-        super().__init__()
-        self.window, self.shift = window, shift
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn = CosineWindowAttention(dim, window, heads, qkv_bias=qkv_bias)
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = _Mlp(dim, hidden)
+    attention = CosineWindowAttention
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """``x`` (B, H, W, C), H and W multiples of the window."""
-        _, h, w, _ = x.shape
-        y = torch.roll(x, (-self.shift, -self.shift), dims=(1, 2)) if self.shift else x
-        y = from_windows(self.attn(to_windows(y, self.window), mask if self.shift else None), self.window, h, w)
-        if self.shift:
-            y = torch.roll(y, (self.shift, self.shift), dims=(1, 2))
-        x = x + self.norm1(y)
+        x = x + self.norm1(self.attend(x, mask))
         return x + self.norm2(self.mlp(x))
-
-
-class _Blocks(nn.Module):
-    def __init__(self, blocks: list[Swin2Block]):
-        super().__init__()
-        self.blocks = nn.ModuleList(blocks)
 
 
 class _Proj(nn.Module):
@@ -144,84 +117,38 @@ class RSTB2(nn.Module):
         return y.permute(0, 2, 3, 1) + x
 
 
-class Swin2SR(nn.Module):
-    """Swin2SR for RGB pictures. ``upsampler``: "pixelshuffle", "pixelshuffle_aux", "pixelshuffledirect",
-    "nearest+conv" (4x) or "" (1x: the input plus a last conv of the features)."""
+class Swin2SR(SwinIR):
+    """Swin2SR for RGB pictures: SwinIR's frame (:class:`~.upscaler_swin.SwinIR`) with Swin V2's blocks, the
+    1x1 convs after the first conv and each group's conv, and besides SwinIR's upsamplers
+    "pixelshuffle_aux" (the compressed-input models)."""
 
-    def __init__(self, *, embed_dim: int, depths: list[int], heads: list[int], window: int, mlp_hidden: int,
-                 upsampler: str, factors: list[int], num_feat: int = 64, three_conv: bool = False,
-                 patch_norm: bool = True, qkv_bias: bool = True, img_range: float = 1.0):
-        super().__init__()
-        self.window, self.shift = window, window // 2
-        self.upsampler, self.img_range = upsampler, img_range
-        self.scale = math.prod(factors)
-        self.register_buffer("mean", torch.tensor(SWINIR_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.conv_first = nn.Conv2d(3, embed_dim, 3, 1, 1)
+    group = RSTB2
+
+    def __init__(self, *, embed_dim: int, upsampler: str, patch_norm: bool = True, num_feat: int = 64, **kwargs):
+        aux = upsampler == "pixelshuffle_aux"
+        super().__init__(embed_dim=embed_dim, upsampler="pixelshuffle" if aux else upsampler, num_feat=num_feat,
+                         patch_norm=patch_norm, **kwargs)
+        self.upsampler = upsampler
         self.patch_embed = _Proj(embed_dim, norm=patch_norm)
-        self.layers = nn.ModuleList(RSTB2(embed_dim, depth, h, window, mlp_hidden, three_conv=three_conv,
-                                          qkv_bias=qkv_bias) for depth, h in zip(depths, heads))
-        self.norm = nn.LayerNorm(embed_dim)
-        self.conv_after_body = residual_conv(embed_dim, three_conv)
-        if upsampler == "pixelshuffle_aux":
-            add_shuffle_tail(self, "pixelshuffle", embed_dim, num_feat, factors, self.scale)
+        if aux:
             self.conv_bicubic = nn.Conv2d(3, num_feat, 3, 1, 1)
             self.conv_aux = nn.Conv2d(num_feat, 3, 3, 1, 1)
             self.conv_after_aux = nn.Sequential(nn.Conv2d(3, num_feat, 3, 1, 1), nn.LeakyReLU(0.01))
-        elif add_shuffle_tail(self, upsampler, embed_dim, num_feat, factors, self.scale):
-            pass  # "pixelshuffle" or "pixelshuffledirect"
-        elif upsampler == "nearest+conv":
-            self.conv_before_upsample = nn.Sequential(nn.Conv2d(embed_dim, num_feat, 3, 1, 1), nn.LeakyReLU(0.01))
-            self.conv_up1 = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
-            self.conv_up2 = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
-            self.conv_hr = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
-            self.conv_last = nn.Conv2d(num_feat, 3, 3, 1, 1)
-        elif upsampler == "":
-            self.conv_last = nn.Conv2d(embed_dim, 3, 3, 1, 1)
-        else:
-            raise ValueError(f"unknown Swin2SR upsampler {upsampler!r}")
-        self._masks: dict[tuple, torch.Tensor] = {}
-
-    def _mask(self, h: int, w: int, device: torch.device) -> torch.Tensor:
-        key = (h, w, str(device))
-        if key not in self._masks:
-            if len(self._masks) >= 4:
-                self._masks.clear()
-            self._masks[key] = shift_mask(h, w, self.window, self.shift, device)
-        return self._masks[key]
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = self.patch_embed.proj(x).permute(0, 2, 3, 1)
-        if self.patch_embed.norm is not None:
-            tokens = self.patch_embed.norm(tokens)
-        mask = self._mask(x.shape[-2], x.shape[-1], x.device) if self.shift else None
-        for layer in self.layers:
-            tokens = layer(tokens, mask)
-        return self.norm(tokens).permute(0, 3, 1, 2)
+        return super().features(self.patch_embed.proj(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.upsampler != "pixelshuffle_aux":
+            return super().forward(x)
         h, w = x.shape[-2:]
         mean = self.mean.to(x.dtype)
         x = (pad_to_multiple(x, self.window) - mean) * self.img_range
-        if self.upsampler == "":
-            feat = self.conv_first(x)
-            out = x + self.conv_last(self.conv_after_body(self.features(feat)) + feat)
-        else:
-            feat = self.conv_first(x)
-            feat = self.conv_after_body(self.features(feat)) + feat
-            if self.upsampler == "pixelshuffle":
-                out = self.conv_last(self.upsample(self.conv_before_upsample(feat)))
-            elif self.upsampler == "pixelshuffle_aux":
-                size = (h * self.scale, w * self.scale)  # the padded input stretched to the unpadded output's size
-                bicubic = self.conv_bicubic(F.interpolate(x, size=size, mode="bicubic", align_corners=False))
-                aux = self.conv_aux(self.conv_before_upsample(feat))
-                up = self.upsample(self.conv_after_aux(aux))[..., : size[0], : size[1]]
-                out = self.conv_last(up + bicubic)
-            elif self.upsampler == "pixelshuffledirect":
-                out = self.upsample(feat)
-            else:  # nearest+conv
-                y = self.conv_before_upsample(feat)
-                y = F.leaky_relu(self.conv_up1(F.interpolate(y, scale_factor=2, mode="nearest")), 0.2)
-                y = F.leaky_relu(self.conv_up2(F.interpolate(y, scale_factor=2, mode="nearest")), 0.2)
-                out = self.conv_last(F.leaky_relu(self.conv_hr(y), 0.2))
-        out = out / self.img_range + mean
-        return out[..., : h * self.scale, : w * self.scale]
+        feat = self.conv_first(x)
+        feat = self.conv_after_body(self.features(feat)) + feat
+        size = (h * self.scale, w * self.scale)  # the padded input stretched to the unpadded output's size
+        bicubic = self.conv_bicubic(F.interpolate(x, size=size, mode="bicubic", align_corners=False))
+        aux = self.conv_aux(self.conv_before_upsample(feat))
+        up = self.upsample(self.conv_after_aux(aux))[..., : size[0], : size[1]]
+        out = self.conv_last(up + bicubic) / self.img_range + mean
+        return out[..., : size[0], : size[1]]
