@@ -253,6 +253,58 @@ def test_img2img_unit_without_a_picture_reads_the_input(engine):
     assert np.array_equal(_pixels(a), _pixels(b))
 
 
+@pytest.mark.parametrize("kind", ["base", "plus"])
+def test_several_pictures_average_their_tokens(engine, models, kind):
+    """Multi-Inputs: the unit's image tokens are the mean of each picture's, each read as diffusers reads one
+    (transformers' processor and encoder, diffusers' projection of the same adapter tensors)."""
+    from underpaint.models.controlnet import load_controlnet
+    from underpaint.pipeline.control import image_prompt_unit
+
+    root, encoder = models
+    pictures = [_picture(11), _picture(12, (70, 30)), _picture(13, (33, 33))]
+    net = load_controlnet(root / "controlnet" / f"ip-adapter-{kind}_sd15.safetensors")
+    unit = ControlUnit(image=pictures[0], extra_images=pictures[1:], module="ip-adapter-auto",
+                       model=f"ip-adapter-{kind}_sd15")
+    cond, uncond = image_prompt_unit(engine.model, unit, net, 0, None, 64, 64).ip
+
+    unet = copy.deepcopy(engine.model.unet)
+    unet._load_ip_adapter_weights([nested(adapter_tensors(engine.model.unet, kind))])
+    project = unet.encoder_hid_proj.image_projection_layers[0]
+    with torch.no_grad():
+        out = encoder(_processor()(pictures, return_tensors="pt").pixel_values, output_hidden_states=True)
+        states = out.image_embeds if kind == "base" else out.hidden_states[-2]
+        want = torch.stack([project(states[i:i + 1]) for i in range(3)]).mean(0)
+    torch.testing.assert_close(cond, want, atol=1e-5, rtol=1e-5)
+    alone = image_prompt_unit(engine.model, ControlUnit(image=pictures[0], module="ip-adapter-auto",
+                                                        model=f"ip-adapter-{kind}_sd15"), net, 0, None, 64, 64).ip
+    assert torch.equal(uncond, alone[1]) and not torch.allclose(cond, alone[0], atol=1e-3)
+
+
+def test_several_pictures_in_a_generation(engine):
+    """The same picture twice is that picture once; the order of the pictures does not matter."""
+    a, b = _picture(21), _picture(22)
+    base = dict(prompt="a lighthouse", width=64, height=64, steps=3, sampler="Euler", seed=4, rng="cpu")
+
+    def run(first, *more):
+        unit = ControlUnit(image=first, extra_images=more, module="ip-adapter-auto", model="ip-adapter-plus_sd15")
+        return _pixels(engine.generate(GenerationParams(**base, control_units=(unit,))).images[0])
+
+    once, twice, ab, ba = run(a), run(a, a), run(a, b), run(b, a)
+    assert np.array_equal(once, twice) and np.array_equal(ab, ba)
+    assert np.abs(ab - once).max() > 0 and np.abs(ab - run(b)).max() > 0
+
+
+def test_several_pictures_only_for_ip_adapter_units():
+    from underpaint.errors import InvalidParameter
+
+    with pytest.raises(InvalidParameter) as err:
+        ControlUnit(image=_picture(), extra_images=(_picture(2),), module="canny")
+    assert err.value.field == "extra_images" and "only IP-Adapter units" in str(err.value)
+    with pytest.raises(InvalidParameter) as err:
+        ControlUnit(extra_images=(_picture(2),), module="ip-adapter-auto")
+    assert err.value.field == "extra_images" and "first picture" in str(err.value)
+
+
 def test_refusals_name_the_field(engine, models, tmp_path, sd1_file):
     from underpaint.errors import InvalidParameter
     from underpaint.pipeline.engine import Engine
@@ -345,6 +397,39 @@ def test_api_unit_as_the_extension_sends_it(engine, models):
     assert np.array_equal(_pixels(got), _pixels(want))
 
 
+def test_api_unit_with_several_pictures(engine, models):
+    """The extension's Multi-Inputs form (``image`` a list of {"image", "mask"} entries) and its refusals."""
+    from test_server_support import decode_b64, png_b64, real_api
+
+    root, _ = models
+    a, b = _picture(31), _picture(32)
+    unit = {"image": [{"image": png_b64(a), "mask": None}, {"image": png_b64(b)}], "module": "ip-adapter-auto",
+            "model": "ip-adapter-plus_sd15", "enabled": True}
+    body = {"prompt": "a lighthouse", "steps": 2, "width": 64, "height": 64, "sampler_name": "Euler", "seed": 6}
+
+    def with_unit(**change):
+        return {**body, "alwayson_scripts": {"controlnet": {"args": [{**unit, **change}]}}}
+
+    with real_api(root) as api:
+        r = api.post("/sdapi/v1/txt2img", json=with_unit())
+        assert r.status_code == 200, r.text
+        got = decode_b64(r.json()["images"][0])
+        refusals = [(with_unit(module="canny"), "image", "only IP-Adapter units"),
+                    (with_unit(mask=png_b64(a)), "mask", "each entry's"),
+                    (with_unit(image=[{"image": png_b64(a)}, {"mask": png_b64(b)}]), "image[1].mask", "no mask"),
+                    (with_unit(image=[png_b64(a)]), "image", "a list of")]
+        for request, field, words in refusals:
+            bad = api.post("/sdapi/v1/txt2img", json=request)
+            assert bad.status_code == 422, bad.text
+            assert bad.json()["field"] == f"alwayson_scripts.controlnet.args[0].{field}", bad.text
+            assert words in bad.text, bad.text
+    want = engine.generate(GenerationParams(prompt="a lighthouse", steps=2, width=64, height=64, sampler="Euler",
+                                            seed=6, control_units=(ControlUnit(
+                                                image=a, extra_images=(b,), module="ip-adapter-auto",
+                                                model="ip-adapter-plus_sd15"),))).images[0]
+    assert np.array_equal(_pixels(got), _pixels(want))
+
+
 def test_command_line_unit(engine, models, tmp_path, capsys):
     """``--control ip-adapter:REF[:WEIGHT] --control-model NAME`` as any unit: the picture the engine makes."""
     from underpaint.cli.main import main
@@ -362,6 +447,23 @@ def test_command_line_unit(engine, models, tmp_path, capsys):
                                                 image=Image.open(reference), module="ip-adapter-auto",
                                                 model="ip-adapter-plus_sd15", weight=0.9),))).images[0]
     assert np.array_equal(_pixels(Image.open(out)), _pixels(want))
+
+    second = tmp_path / "second.png"  # --control-add-image: Multi-Inputs
+    _picture(10).save(second)
+    out2 = tmp_path / "out2.png"
+    assert main(["txt2img", *common, "--control-add-image", str(second), "-o", str(out2)]) == 0, capsys.readouterr().err
+    want = engine.generate(GenerationParams(prompt="a lighthouse", steps=2, width=64, height=64, sampler="Euler",
+                                            seed=3, control_units=(ControlUnit(
+                                                image=Image.open(reference), extra_images=(Image.open(second),),
+                                                module="ip-adapter-auto", model="ip-adapter-plus_sd15",
+                                                weight=0.9),))).images[0]
+    assert np.array_equal(_pixels(Image.open(out2)), _pixels(want))
+    with pytest.raises(SystemExit):
+        main(["txt2img", *common[:-4], "--control-add-image", str(second), "-o", str(tmp_path / "x.png")])
+    assert "--control-add-image must come after the --control" in capsys.readouterr().err
+    assert main(["txt2img", *common, "--control", "canny:" + str(reference), "--control-add-image", str(second),
+                 "-o", str(tmp_path / "y.png")]) != 0
+    assert "only IP-Adapter units" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("kind", ["base", "plus"])

@@ -708,6 +708,57 @@ def test_controlnet_union_control_type(context, server, photo_file):
     page.close()
 
 
+def test_controlnet_ip_adapter_more_pictures(context, server, photo_file, tmp_path):
+    """An IP-Adapter unit offers more reference pictures (the extension's Multi-Inputs), sent as its list of
+    {image} entries after the unit's first picture (its own, else the img2img one); other modules hide the
+    choice and send one picture; Clear empties it."""
+    page = context.new_page()
+    sent: list[dict] = []
+    page.route("**/controlnet/module_list*", lambda r: r.fulfill(
+        json={"module_list": ["none", "canny", "ip-adapter-auto"], "module_detail": {"none": {"sliders": []}}}))
+    page.route("**/controlnet/model_list*", lambda r: r.fulfill(json={"model_list": ["ip-adapter-plus_sd15 [abc12345]"]}))
+
+    def answer(route):
+        sent.append(json.loads(route.request.post_data))
+        route.fulfill(json={"images": [], "parameters": {}, "info": "{}"})
+
+    page.route("**/sdapi/v1/img2img", answer)
+    page.goto(server + "/")
+    page.wait_for_selector("body[data-ready=true]")
+    page.locator("#controlnet-section summary").click()
+    unit = page.locator(".cn-unit").nth(0)
+    more = unit.locator(".cn-more-field")
+    expect(more).to_be_hidden()
+    unit.get_by_label("Preprocessor").select_option("ip-adapter-auto")
+    expect(more).to_be_visible()
+    others = [tmp_path / "second.png", tmp_path / "third.png"]
+    for i, path in enumerate(others):
+        Image.new("RGB", (24, 24), (40 * i, 200, 90)).save(path)
+    unit.locator(".cn-more-file").set_input_files([str(p) for p in others])
+    expect(unit.locator(".cn-more-preview")).to_have_count(2)
+    expect(unit.locator(".cn-enabled")).to_be_checked()
+    page.set_input_files("#img2img-file", str(photo_file))
+    fast_settings(page, seed=8, steps=2)
+
+    def pictures(request):
+        image = request["alwayson_scripts"]["controlnet"]["args"][0]["image"]
+        return [Image.open(io.BytesIO(base64.b64decode(e["image"]))).size for e in image] if isinstance(image, list) \
+            else image
+
+    assert pictures(generate_and_wait(page, "/sdapi/v1/img2img")) == [(64, 64), (24, 24), (24, 24)]  # img2img's first
+    unit.locator(".cn-file").set_input_files(str(others[0]))
+    assert pictures(generate_and_wait(page, "/sdapi/v1/img2img")) == [(24, 24)] * 3  # the unit's own first
+    unit.get_by_label("Preprocessor").select_option("canny")
+    expect(more).to_be_hidden()
+    assert isinstance(pictures(generate_and_wait(page, "/sdapi/v1/img2img")), str)
+    unit.get_by_label("Preprocessor").select_option("ip-adapter-auto")
+    unit.locator(".cn-more-clear").click()
+    expect(unit.locator(".cn-more-preview")).to_have_count(0)
+    assert isinstance(pictures(generate_and_wait(page, "/sdapi/v1/img2img")), str)
+    assert len(sent) == 4
+    page.close()
+
+
 def test_controlnet_hidden_without_models(page):
     expect(page.locator("#controlnet-section")).to_be_hidden()
 

@@ -87,6 +87,19 @@ class _Modify(argparse.Action):
         setattr(namespace, _DEST, drafts)
 
 
+class _AddImage(argparse.Action):
+    """Another reference picture for the unit before it (A1111's Multi-Inputs), kept in order."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        drafts = list(getattr(namespace, _DEST, None) or [])
+        if not drafts:
+            parser.error(f"{option_string} must come after the --control it applies to")
+        if "image" not in drafts[-1]:
+            parser.error(f"{option_string} needs the unit's first picture in --control TYPE:IMAGE")
+        drafts[-1] = {**drafts[-1], "extra_images": [*drafts[-1].get("extra_images", ()), values]}
+        setattr(namespace, _DEST, drafts)
+
+
 def add_control_arguments(parser: argparse.ArgumentParser) -> None:
     """The ControlNet flags of img2img and txt2img."""
     g = parser.add_argument_group("ControlNet", "each --control adds a unit; the flags after it set that unit")
@@ -96,6 +109,9 @@ def add_control_arguments(parser: argparse.ArgumentParser) -> None:
     for flag, (field, convert, text) in _MODIFIERS.items():
         g.add_argument(flag, action=_Modify, field=field, convert=convert, dest=_DEST, help=text,
                        metavar=flag.removeprefix("--control-").replace("-", "_").upper())
+    g.add_argument("--control-add-image", action=_AddImage, dest=_DEST, metavar="IMAGE",
+                   help="another reference picture for the IP-Adapter unit before it (repeat for more): the "
+                        "adapter reads each and averages them, as A1111's Multi-Inputs")
     g.add_argument("--pixel-perfect", action=_Modify, field="pixel_perfect", convert=bool, nargs=0, dest=_DEST,
                    help="choose the preprocessor resolution from the output size (the unit before it)")
     g.add_argument("--annotators-dir", default=None,
@@ -132,7 +148,14 @@ def control_units_from_args(args: argparse.Namespace, *, load=None) -> tuple:
         fields = dict(draft)
         if "image" in fields:
             fields["image"] = load(fields["image"], field=f"--control #{i + 1} image")
-        units.append(ControlUnit(**fields))
+        fields["extra_images"] = tuple(load(path, field=f"--control #{i + 1} --control-add-image {path}")
+                                       for path in fields.get("extra_images", ()))
+        try:
+            units.append(ControlUnit(**fields))
+        except InvalidParameter as exc:
+            if exc.field != "extra_images":
+                raise
+            raise InvalidParameter(f"--control #{i + 1} --control-add-image", exc.value, exc.expected) from None
     return tuple(units)
 
 

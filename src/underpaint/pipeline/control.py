@@ -115,7 +115,9 @@ class ControlUnit:
     the control type a union model runs as (the extension's names, "Hard Edge", "Depth", ...;
     None or "Unknown": the preprocessor's type), ignored by other models; ``hr_option`` the passes
     of a hires. fix run the unit runs in ("Both", "Low res only", "High res only"; without hires.
-    fix it always runs).
+    fix it always runs). ``extra_images``: more reference pictures for an IP-Adapter unit besides
+    ``image`` (the extension's Multi-Inputs): the adapter reads each, and the image tokens it makes
+    of them are averaged, as the extension does.
     """
 
     image: "Image | None" = None
@@ -132,6 +134,7 @@ class ControlUnit:
     pixel_perfect: bool = False
     union_control_type: str | None = None
     hr_option: str = HR_BOTH
+    extra_images: tuple = ()
 
     def __post_init__(self) -> None:
         from ..models.union_types import union_type_name
@@ -148,6 +151,20 @@ class ControlUnit:
         self.preprocessor.check_thresholds(self.threshold_a, self.threshold_b)
         if self.image is not None and not hasattr(self.image, "size"):
             raise ImageError(f"control image: expected a picture, got {type(self.image).__name__}")
+        object.__setattr__(self, "extra_images", tuple(self.extra_images or ()))
+        if self.extra_images:
+            self._check_extra_images()
+
+    def _check_extra_images(self) -> None:
+        count = f"{len(self.extra_images)} more picture(s)"
+        if self.preprocessor.kind != "ip-adapter":
+            raise InvalidParameter("extra_images", count, f"one picture for module {self.module} (only IP-Adapter "
+                                                          "units take several)")
+        if self.image is None:
+            raise InvalidParameter("extra_images", count, "a first picture in image (the others go with it)")
+        for i, picture in enumerate(self.extra_images):
+            if not hasattr(picture, "size"):
+                raise ImageError(f"control image {i + 2}: expected a picture, got {type(picture).__name__}")
 
     @property
     def preprocessor(self):
@@ -588,6 +605,9 @@ def image_prompt_unit(model, unit: ControlUnit, net, index: int, init_image, wid
     states, empty = picture_states(encoder, net.module, image)
     with torch.inference_mode():
         cond, uncond = net.module.tokens(states), net.module.tokens(empty)
+        for more in unit.extra_images:  # Multi-Inputs: the mean of the pictures' image tokens
+            cond = cond + net.module.tokens(picture_states(encoder, net.module, more)[0])
+        cond = cond / (1 + len(unit.extra_images)) if unit.extra_images else cond
     return ActiveUnit(replace(unit, image=image), net, torch.empty(0), ip=(cond.to(model.dtype), uncond.to(model.dtype)))
 
 

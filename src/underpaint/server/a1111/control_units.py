@@ -81,7 +81,7 @@ def _unit(raw: Mapping[str, Any], field: str, *, pictures: PictureBudget, allow_
     from ...pipeline.control import ControlUnit
 
     module = str(raw.get("module") or "none")
-    image = _unit_image(raw, field, module, pictures=pictures, allow_urls=allow_urls)
+    image, extra_images = _unit_images(raw, field, module, pictures=pictures, allow_urls=allow_urls)
     model = raw.get("model")
     model_path = None if model in _NO_MODEL or model is None else resolve_model(str(model), files(), field=f"{field}.model")
     values = {
@@ -99,6 +99,7 @@ def _unit(raw: Mapping[str, Any], field: str, *, pictures: PictureBudget, allow_
         "pixel_perfect": _switch(raw, "pixel_perfect", field),
         "union_control_type": raw.get("union_control_type"),
         "hr_option": "Both" if raw.get("hr_option") is None else raw["hr_option"],
+        "extra_images": extra_images,
     }
     if values["processor_res"] < 0:
         values["processor_res"] = 512
@@ -109,7 +110,7 @@ def _unit(raw: Mapping[str, Any], field: str, *, pictures: PictureBudget, allow_
         return ControlUnit(**values)
     except InvalidParameter as exc:
         inner = "weight" if exc.field == "control weight" else exc.field or "unit"
-        inner = {"control_model": "model"}.get(inner, inner)
+        inner = {"control_model": "model", "extra_images": "image"}.get(inner, inner)
         if isinstance(exc, UnknownName):
             raise UnknownName(f"{field}.{inner}", exc.value, exc.choices) from None
         raise InvalidParameter(f"{field}.{inner}", exc.value, exc.expected) from None
@@ -154,23 +155,48 @@ def _switch(raw: Mapping[str, Any], key: str, field: str) -> bool:
     return value
 
 
-def _unit_image(raw: Mapping[str, Any], field: str, module: str, *, pictures: PictureBudget, allow_urls: bool):
-    """The unit's picture (None: the img2img input); a unit mask becomes transparency for inpaint modules."""
+def _unit_images(raw: Mapping[str, Any], field: str, module: str, *, pictures: PictureBudget, allow_urls: bool):
+    """(the unit's picture, None for the img2img input; more pictures) from the forms the extension takes:
+    a picture, ``{"image": ..., "mask": ...}``, ``[image, mask]``, or a list of ``{"image": ..., "mask": ...}``
+    (Multi-Inputs: several reference pictures for an IP-Adapter unit, which the unit checks)."""
     source = raw.get("image", raw.get("input_image"))
     mask_data = raw.get("mask") or raw.get("mask_image")
+    if isinstance(source, (list, tuple)) and source and all(isinstance(s, Mapping) for s in source):
+        if mask_data:
+            raise InvalidParameter(f"{field}.mask", "<image>", "no mask beside a list of pictures (each entry's "
+                                                               "\"mask\" goes with its picture)")
+        images = [_unit_image(entry.get("image"), entry.get("mask"), f"{field}.image[{k}]", module,
+                              pictures=pictures, allow_urls=allow_urls, mask_field=f"{field}.image[{k}].mask")
+                  for k, entry in enumerate(source)]
+        if any(image is None for image in images):
+            raise InvalidParameter(f"{field}.image[{images.index(None)}]", None, "a base64 image")
+        return images[0], tuple(images[1:])
+    if isinstance(source, (list, tuple)):  # the extension's [image, mask] pair
+        if len(source) != 2 or mask_data:
+            raise InvalidParameter(f"{field}.image", f"a list of {len(source)}",
+                                   "a picture, {\"image\": ..., \"mask\": ...}, [image, mask], or a list of "
+                                   "{\"image\": ..., \"mask\": ...} for several IP-Adapter pictures")
+        source, mask_data = source
     if isinstance(source, Mapping):  # the extension's {"image": ..., "mask": ...} form
         mask_data = mask_data or source.get("mask")
         source = source.get("image")
+    return _unit_image(source, mask_data, f"{field}.image", module, pictures=pictures, allow_urls=allow_urls,
+                       mask_field=f"{field}.mask"), ()
+
+
+def _unit_image(source: Any, mask_data: Any, field: str, module: str, *, pictures: PictureBudget, allow_urls: bool,
+                mask_field: str):
+    """One picture of a unit (None: the img2img input); its mask becomes transparency for inpaint modules."""
     if not source:
         if mask_data:
-            raise InvalidParameter(f"{field}.mask", "<image>", "no mask without a unit image")
+            raise InvalidParameter(mask_field, "<image>", "no mask without a unit image")
         return None
-    image = pictures.decode(source, field=f"{field}.image", allow_urls=allow_urls)
+    image = pictures.decode(source, field=field, allow_urls=allow_urls)
     if not mask_data:
         return image
     if not module.lower().startswith("inpaint"):
-        raise InvalidParameter(f"{field}.mask", "<image>", "no mask (only inpaint units take one)")
-    mask = pictures.decode(mask_data, field=f"{field}.mask", allow_urls=allow_urls)
+        raise InvalidParameter(mask_field, "<image>", "no mask (only inpaint units take one)")
+    mask = pictures.decode(mask_data, field=mask_field, allow_urls=allow_urls)
     from PIL import ImageOps
 
     alpha = ImageOps.invert(mask.convert("L").resize(image.size))  # white = repaint = transparent

@@ -3,7 +3,7 @@
 import { ApiError, getOptional, post } from "./api.js";
 import { $, $$, el, fillSelect, radioValue } from "./dom.js";
 import { clearFieldErrors, showFieldErrors } from "./fielderrors.js";
-import { ImageInput, pngDataUrl, stripDataUrl } from "./images.js";
+import { ImageInput, pngDataUrl, readFileAsDataURL, stripDataUrl } from "./images.js";
 
 const CONTROL_MODES = ["Balanced", "My prompt is more important", "ControlNet is more important"];
 const RESIZE_MODES = ["Just Resize", "Crop and Resize", "Resize and Fill"];
@@ -68,7 +68,32 @@ class Unit {
     $(".cn-remove", r).addEventListener("click", () => section.remove(this));
     $(".cn-detect", r).addEventListener("click", () => this.detect());
     $(".cn-module", r).addEventListener("change", () => this.moduleSliders());
+    // IP-Adapter units take more reference pictures (the extension's Multi-Inputs), kept as data URLs.
+    this.more = [];
+    const moreFile = $(".cn-more-file", r);
+    moreFile.addEventListener("change", async () => {
+      const files = [...moreFile.files];
+      moreFile.value = "";
+      for (const file of files) this.more.push(await readFileAsDataURL(file));
+      if (files.length) $(".cn-enabled", r).checked = true;
+      this.showMore();
+    });
+    $(".cn-more-clear", r).addEventListener("click", () => { this.more = []; this.showMore(); });
     this.fillLists();
+  }
+
+  /** Whether the chosen preprocessor is an IP-Adapter one (the units that take several pictures). */
+  get isImagePrompt() {
+    return $(".cn-module", this.root).value.startsWith("ip-adapter");
+  }
+
+  showMore() {
+    const r = this.root;
+    $(".cn-more-field", r).hidden = !this.isImagePrompt;
+    $(".cn-more-clear", r).hidden = this.more.length === 0;
+    $(".cn-more-count", r).textContent = this.more.length ? `${this.more.length} more` : "";
+    $(".cn-more-previews", r).replaceChildren(...this.more.map((src, i) => el("img",
+      { src, class: "cn-more-preview", alt: `Reference picture ${i + 2}` })));
   }
 
   fillLists() {
@@ -89,6 +114,7 @@ class Unit {
         step: s.step ?? 1, value: s.value ?? s.min ?? 0,
       }));
     });
+    this.showMore();
     this.section.renumber();
   }
 
@@ -111,11 +137,20 @@ class Unit {
     return this.image.dataUrl ?? this.section.sourceImage();
   }
 
+  /** The unit's picture, or with more reference pictures the extension's list of {image} entries (the first
+   * being the unit's own picture, else the img2img / inpaint one where there is one). */
+  imageArg() {
+    const own = this.image.dataUrl ? stripDataUrl(this.image.dataUrl) : null;
+    if (!this.isImagePrompt || !this.more.length) return own;
+    const first = this.image.dataUrl ?? this.section.sourceImage();
+    return [first, ...this.more].filter(Boolean).map((picture) => ({ image: stripDataUrl(picture) }));
+  }
+
   toArg() {
     const unionType = $(".cn-union-type", this.root).value;
     return {
       enabled: true,
-      image: this.image.dataUrl ? stripDataUrl(this.image.dataUrl) : null,
+      image: this.imageArg(),
       module: $(".cn-module", this.root).value,
       model: $(".cn-model", this.root).value,
       weight: this.number("weight", 1),
