@@ -195,8 +195,12 @@ def _inspect_folder(folder: Path) -> ControlNetInfo:
 
 
 def ip_adapter_family(header: CheckpointHeader) -> Family:
-    """An IP-Adapter's family from the text width its projection makes: 2048 SDXL, 1024 SD2, else SD1
-    (whether it fits a checkpoint is checked on the UNet itself when it runs)."""
+    """An IP-Adapter's family: FLUX for XLabs' layout, else from the text width its projection makes: 2048
+    SDXL, 1024 SD2, else SD1 (whether it fits a checkpoint is checked on the model itself when it runs)."""
+    from .ip_adapter import is_flux_ip_adapter
+
+    if is_flux_ip_adapter(header.tensors):
+        return Family.FLUX
     shape = header.tensors.get("image_proj.norm.weight") or header.tensors.get("image_proj.norm_out.weight") \
         or header.tensors.get("image_proj.proj.3.weight")
     width = shape.shape[0] if shape is not None else 0

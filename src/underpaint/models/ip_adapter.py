@@ -46,12 +46,23 @@ from ..errors import ModelError
 #: The Resampler's width per head (a constant of Tencent's code and diffusers', not in the files).
 RESAMPLER_HEAD_DIM = 64
 _LAYER_KEY = re.compile(r"ip_adapter\.(\d+)\.to_([kv])_ip\.weight")
+#: XLabs' FLUX IP-Adapter: the image projection, and a key and value projection (with biases) per double block.
+_XLABS_PROJ = "ip_adapter_proj_model."
+_XLABS_LAYER = re.compile(r"double_blocks\.(\d+)\.processor\.ip_adapter_double_stream_([kv])_proj\.(weight|bias)")
 
 
 def is_ip_adapter(names) -> bool:
-    """Whether tensor names are an IP-Adapter's (``image_proj.*`` and ``ip_adapter.*``)."""
+    """Whether tensor names are an IP-Adapter's (``image_proj.*`` and ``ip_adapter.*``, or XLabs' FLUX layout)."""
     names = list(names)
-    return any(n.startswith("image_proj.") for n in names) and any(n.startswith("ip_adapter.") for n in names)
+    return (any(n.startswith("image_proj.") for n in names) and any(n.startswith("ip_adapter.") for n in names)) \
+        or is_flux_ip_adapter(names)
+
+
+def is_flux_ip_adapter(names) -> bool:
+    """Whether tensor names are XLabs' FLUX IP-Adapter's (``ip_adapter_proj_model.*`` and, per double block,
+    ``double_blocks.N.processor.ip_adapter_double_stream_{k,v}_proj``)."""
+    names = list(names)
+    return any(n.startswith(_XLABS_PROJ) for n in names) and any(_XLABS_LAYER.fullmatch(n) for n in names)
 
 
 def flatten_nested(obj: Mapping) -> dict[str, torch.Tensor] | None:
@@ -160,9 +171,10 @@ class Resampler(nn.Module):
 
 @dataclass(frozen=True)
 class AdapterShape:
-    """What an IP-Adapter file is: its projection ("base", "plus" or "full"), the CLIP width it reads
-    (the image embedding's for "base", the hidden states' otherwise), the text width of the UNet it
-    fits, its token count and its cross-attention layers' widths (in the file's order)."""
+    """What an IP-Adapter file is: its projection ("base", "plus" or "full"; "flux": XLabs' FLUX adapter, a
+    base projection whose layers are the transformer's double blocks), the CLIP width it reads (the image
+    embedding's for "base" and "flux", the hidden states' otherwise), the text width of the model it fits,
+    its token count and its layers' widths (in the file's order)."""
 
     kind: str
     clip_dim: int
@@ -172,7 +184,7 @@ class AdapterShape:
 
     @property
     def uses_hidden_states(self) -> bool:
-        return self.kind != "base"
+        return self.kind in ("plus", "full")
 
 
 class IPAdapter(nn.Module):
@@ -182,20 +194,51 @@ class IPAdapter(nn.Module):
         super().__init__()
         self.shape = shape
         self.image_proj = image_proj
-        self.to_k_ip = nn.ModuleList(nn.Linear(width, out, bias=False) for width, out in shape.layers)
-        self.to_v_ip = nn.ModuleList(nn.Linear(width, out, bias=False) for width, out in shape.layers)
+        bias = shape.kind == "flux"
+        self.to_k_ip = nn.ModuleList(nn.Linear(width, out, bias=bias) for width, out in shape.layers)
+        self.to_v_ip = nn.ModuleList(nn.Linear(width, out, bias=bias) for width, out in shape.layers)
 
     def tokens(self, clip_states: torch.Tensor) -> torch.Tensor:
         return self.image_proj(clip_states.to(self.to_k_ip[0].weight.dtype))
 
 
+def _tensor(sd: Mapping[str, torch.Tensor], name: str, ndim: int, source: str) -> torch.Tensor:
+    t = sd.get(name)
+    if not isinstance(t, torch.Tensor) or t.ndim != ndim:
+        raise ModelError(f"{source}: IP-Adapter without a {ndim}-D {name!r}: incomplete or damaged file")
+    return t
+
+
+def _projection_tokens(proj: torch.Tensor, cross: int, source: str) -> int:
+    if proj.shape[0] % cross:
+        raise ModelError(f"{source}: IP-Adapter projection to {proj.shape[0]} values, not a whole number of "
+                         f"{cross}-wide tokens")
+    return proj.shape[0] // cross
+
+
+def _flux_shape(sd: Mapping[str, torch.Tensor], source: str) -> AdapterShape:
+    blocks = sorted({int(m.group(1)) for name in sd if (m := _XLABS_LAYER.fullmatch(name))})
+    if blocks != list(range(len(blocks))):
+        raise ModelError(f"{source}: FLUX IP-Adapter double blocks numbered {blocks[:6]}...; expected 0, 1, 2, ...")
+    widths = []
+    for n in blocks:
+        k, v = (_tensor(sd, f"double_blocks.{n}.processor.ip_adapter_double_stream_{kv}_proj.weight", 2, source)
+                for kv in "kv")
+        if k.shape != v.shape:
+            raise ModelError(f"{source}: FLUX IP-Adapter block {n}'s key and value projections differ in shape")
+        widths.append((k.shape[1], k.shape[0]))
+    proj = _tensor(sd, _XLABS_PROJ + "proj.weight", 2, source)
+    cross = _tensor(sd, _XLABS_PROJ + "norm.weight", 1, source).shape[0]
+    return AdapterShape("flux", proj.shape[1], cross, _projection_tokens(proj, cross, source), tuple(widths))
+
+
 def adapter_shape(sd: Mapping[str, torch.Tensor], source: str) -> AdapterShape:
     """The shape of an IP-Adapter from its tensors (flat names); :class:`ModelError` naming ``source``."""
+    if is_flux_ip_adapter(sd):
+        return _flux_shape(sd, source)
+
     def tensor(name: str, ndim: int) -> torch.Tensor:
-        t = sd.get(name)
-        if not isinstance(t, torch.Tensor) or t.ndim != ndim:
-            raise ModelError(f"{source}: IP-Adapter without a {ndim}-D {name!r}: incomplete or damaged file")
-        return t
+        return _tensor(sd, name, ndim, source)
 
     layers: dict[int, dict[str, torch.Tensor]] = {}
     for name, t in sd.items():
@@ -224,10 +267,7 @@ def adapter_shape(sd: Mapping[str, torch.Tensor], source: str) -> AdapterShape:
         return AdapterShape("full", first.shape[1], last.shape[0], 0, tuple(widths))
     proj = tensor("image_proj.proj.weight", 2)
     cross = tensor("image_proj.norm.weight", 1).shape[0]
-    if proj.shape[0] % cross:
-        raise ModelError(f"{source}: IP-Adapter projection to {proj.shape[0]} values, not a whole number of "
-                         f"{cross}-wide tokens")
-    return AdapterShape("base", proj.shape[1], cross, proj.shape[0] // cross, tuple(widths))
+    return AdapterShape("base", proj.shape[1], cross, _projection_tokens(proj, cross, source), tuple(widths))
 
 
 def build_ip_adapter(sd: Mapping[str, torch.Tensor], source: str, device, dtype) -> IPAdapter:
@@ -248,10 +288,18 @@ def build_ip_adapter(sd: Mapping[str, torch.Tensor], source: str, device, dtype)
     else:
         image_proj = ImageProjection(shape.clip_dim, shape.cross_dim, shape.tokens)
     module = IPAdapter(shape, image_proj)
-    names = {f"image_proj.{k}": f"image_proj.{k}" for k in module.image_proj.state_dict()}  # file name → ours
-    for i, n in enumerate(range(1, 2 * len(shape.layers), 2)):
-        names[f"ip_adapter.{n}.to_k_ip.weight"] = f"to_k_ip.{i}.weight"
-        names[f"ip_adapter.{n}.to_v_ip.weight"] = f"to_v_ip.{i}.weight"
+    if shape.kind == "flux":  # file name → ours
+        names = {_XLABS_PROJ + k: f"image_proj.{k}" for k in module.image_proj.state_dict()}
+        for i in range(len(shape.layers)):
+            for kv in "kv":
+                for part in ("weight", "bias"):
+                    names[f"double_blocks.{i}.processor.ip_adapter_double_stream_{kv}_proj.{part}"] = \
+                        f"to_{kv}_ip.{i}.{part}"
+    else:
+        names = {f"image_proj.{k}": f"image_proj.{k}" for k in module.image_proj.state_dict()}
+        for i, n in enumerate(range(1, 2 * len(shape.layers), 2)):
+            names[f"ip_adapter.{n}.to_k_ip.weight"] = f"to_k_ip.{i}.weight"
+            names[f"ip_adapter.{n}.to_v_ip.weight"] = f"to_v_ip.{i}.weight"
     missing = sorted(set(names) - set(sd))
     extra = sorted(set(sd) - set(names))
     own = module.state_dict()
@@ -278,12 +326,22 @@ def cross_attention_layers(unet: nn.Module) -> list[nn.Module]:
 
 
 def check_fits(adapter: IPAdapter, unet: nn.Module, name: str) -> None:
-    """The adapter's layers must be the UNet's cross-attention layers, width for width."""
-    layers = cross_attention_layers(unet)
-    widths = [(layer.to_k.in_features, layer.to_k.out_features) for layer in layers]
+    """The adapter's layers must be the UNet's cross-attention layers, width for width (a FLUX adapter's:
+    the transformer's double blocks, from its text width to its attention width)."""
+    flux_model = hasattr(unet, "transformer_blocks") and hasattr(unet, "single_transformer_blocks")
+    if (adapter.shape.kind == "flux") != flux_model:
+        made, model = ("FLUX", "an SD/SDXL UNet") if adapter.shape.kind == "flux" else ("SD/SDXL", "FLUX")
+        raise ModelError(f"IP-Adapter {name} is made for {made}; this checkpoint is {model}: use an IP-Adapter "
+                         "made for the checkpoint's family")
+    if flux_model:
+        widths = [(unet.config.joint_attention_dim, block.attn.inner_dim) for block in unet.transformer_blocks]
+        what = "double blocks"
+    else:
+        widths = [(layer.to_k.in_features, layer.to_k.out_features) for layer in cross_attention_layers(unet)]
+        what = "cross-attention layers"
     if list(adapter.shape.layers) != widths:
-        raise ModelError(f"IP-Adapter {name} has {len(adapter.shape.layers)} cross-attention layers "
-                         f"{_widths(adapter.shape.layers)}, this checkpoint's UNet {len(widths)} {_widths(widths)}: "
+        raise ModelError(f"IP-Adapter {name} has {len(adapter.shape.layers)} {what} "
+                         f"{_widths(adapter.shape.layers)}, this checkpoint's model {len(widths)} {_widths(widths)}: "
                          "use an IP-Adapter made for the checkpoint's family")
 
 
@@ -341,6 +399,53 @@ def adapters_applied(unet: nn.Module, active: list[tuple[IPAdapter, torch.Tensor
             layer.processor = processor
 
 
+class _FluxImageAttention:
+    """A FLUX double block's attention processor: the block's own, plus, for each active adapter, ``scale`` x
+    attention of the picture stream's queries (normalised, before the rotary embedding) to the picture's
+    tokens, as XLabs' adapter and diffusers' ``FluxIPAdapterAttnProcessor`` do; the block adds that third
+    output to its picture stream after its feed-forward, ungated."""
+
+    def __init__(self, original, extras: list[tuple[torch.Tensor, nn.Linear, nn.Linear, float]]):
+        self.original, self.extras = original, extras
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        out = self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        b = hidden_states.shape[0]
+        query = attn.norm_q(attn.to_q(hidden_states).unflatten(-1, (-1, attn.head_dim))).transpose(1, 2)
+        added = None
+        for tokens, to_k, to_v, scale in self.extras:
+            key, value = (proj(tokens).view(b, -1, query.shape[1], attn.head_dim).transpose(1, 2)
+                          for proj in (to_k, to_v))
+            ip = F.scaled_dot_product_attention(query, key, value).transpose(1, 2).reshape(b, -1, query.shape[1]
+                                                                                          * attn.head_dim)
+            added = ip * scale if added is None else added + ip * scale
+        return (*out, added.to(out[0].dtype))
+
+
+@contextmanager
+def flux_adapters_applied(transformer: nn.Module, active: list[tuple[IPAdapter, torch.Tensor, float]]
+                          ) -> Iterator[None]:
+    """Inside the block, the FLUX transformer's double blocks also attend to each adapter's tokens (rows
+    matching the call's batch) times its scale; nothing changes when ``active`` is empty."""
+    if not active:
+        yield
+        return
+    from .optimize import eager
+
+    layers = [block.attn for block in transformer.transformer_blocks]
+    saved = [(layer, layer.processor) for layer in layers]
+    try:
+        for i, layer in enumerate(layers):
+            extras = [(tokens.to(adapter.to_k_ip[i].weight.dtype), adapter.to_k_ip[i], adapter.to_v_ip[i], scale)
+                      for adapter, tokens, scale in active]
+            layer.processor = _FluxImageAttention(layer.processor, extras)
+        with eager(transformer):
+            yield
+    finally:
+        for layer, processor in saved:
+            layer.processor = processor
+
+
 # --------------------------------------------------------------------------- CLIP's reading of the picture
 
 
@@ -379,15 +484,25 @@ def clip_pixels(image, size: int) -> torch.Tensor:
 def picture_states(encoder, adapter: IPAdapter, image) -> tuple[torch.Tensor, torch.Tensor]:
     """(the picture's CLIP states, no picture's) as the adapter reads them: the projected image
     embedding and zeros (base), or the penultimate hidden states of the picture and of an all-zero
-    input (Plus, full-face)."""
+    input (Plus, full-face); FLUX: the projected image embeddings of the picture and of a black one."""
     param = next(encoder.parameters())
     pixels = clip_pixels(image, encoder.config.image_size).to(device=param.device, dtype=param.dtype)
     with torch.inference_mode():
+        if adapter.shape.kind == "flux":  # diffusers' FLUX pipeline reads a black picture for the negative rows
+            black = clip_pixels(_black(), encoder.config.image_size).to(pixels)
+            embeds = encoder(torch.cat([pixels, black])).image_embeds
+            return embeds[:1], embeds[1:]
         if not adapter.shape.uses_hidden_states:
             embeds = encoder(pixels).image_embeds
             return embeds, torch.zeros_like(embeds)
         both = encoder(torch.cat([pixels, torch.zeros_like(pixels)]), output_hidden_states=True).hidden_states[-2]
         return both[:1], both[1:]
+
+
+def _black():
+    from PIL import Image
+
+    return Image.new("RGB", (64, 64))
 
 
 def clip_vision_config(state: Mapping[str, torch.Tensor], source: str):
@@ -438,9 +553,7 @@ def encoder_config(path: Path):
             _CONFIGS.clear()
         try:
             if is_folder:
-                from transformers import CLIPVisionConfig
-
-                _CONFIGS[key] = CLIPVisionConfig.from_pretrained(str(path), local_files_only=True)
+                _CONFIGS[key] = _folder_config(path)
             else:
                 from .header import read_header
 
@@ -451,16 +564,38 @@ def encoder_config(path: Path):
     return _CONFIGS[key]
 
 
+def _folder_config(path: Path):
+    """The vision config of a transformers folder: a CLIP vision model's, or a whole CLIP model's vision half
+    (whose projection width is the whole model's)."""
+    import json
+
+    from transformers import CLIPConfig, CLIPVisionConfig
+
+    kind = json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type")
+    if kind == "clip":
+        whole = CLIPConfig.from_pretrained(str(path), local_files_only=True)
+        vision = whole.vision_config
+        vision.projection_dim = whole.projection_dim
+        return vision
+    if kind != "clip_vision_model":
+        raise ModelError(f"{path}: a {kind} model, not a CLIP vision model")
+    return CLIPVisionConfig.from_pretrained(str(path), local_files_only=True)
+
+
+#: The text half of a whole CLIP model's weights (openai/clip-vit-large-patch14's model.safetensors), left out.
+_TEXT_HALF = ("text_model.", "text_projection.", "logit_scale")
+
+
 def load_clip_vision(path: Path, device="cpu", dtype=torch.float32):
     """A ``CLIPVisionModelWithProjection`` from a transformers folder (config.json and weights) or one
     weights file (``.safetensors``; ``.bin``/``.pth``/``.pt`` read with ``weights_only``), its config
-    worked out from the tensors."""
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+    worked out from the tensors. A whole CLIP model (vision and text) gives its vision half."""
+    from transformers import CLIPVisionModelWithProjection
 
     from .header import load_state_dict
 
     if path.is_dir():
-        config = CLIPVisionConfig.from_pretrained(str(path), local_files_only=True)
+        config = _folder_config(path)
         weights = next((path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()), None)
         if weights is None:
             raise ModelError(f"{path}: CLIP vision folder without model.safetensors or pytorch_model.bin")
@@ -468,7 +603,7 @@ def load_clip_vision(path: Path, device="cpu", dtype=torch.float32):
     else:
         state = load_state_dict(path)
         config = clip_vision_config(state, str(path))
-    state = {k: v for k, v in state.items() if not k.endswith("position_ids")}
+    state = {k: v for k, v in state.items() if not k.endswith("position_ids") and not k.startswith(_TEXT_HALF)}
     with torch.device("meta"):
         model = CLIPVisionModelWithProjection(config)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)

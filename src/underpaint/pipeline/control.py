@@ -621,7 +621,8 @@ def clip_vision_for(model, adapter, module: str):
     from .networks import models_dir_of
 
     shape = adapter.shape
-    folders = models_dir_of(model).folders("clip_vision")
+    # a whole CLIP model for Interrogate CLIP (models/CLIP) serves too: FLUX's adapter reads ViT-L/14's pictures
+    folders = (*models_dir_of(model).folders("clip_vision"), *models_dir_of(model).folders("clip"))
     kept = getattr(model, "_clip_vision", None)
     if kept is None:
         kept = {}
@@ -646,7 +647,8 @@ def clip_vision_for(model, adapter, module: str):
     where = models_dir_of(model).folder("clip_vision")
     raise ModelNotFound(f"the IP-Adapter needs a CLIP vision model whose {what} are {shape.clip_dim} wide (ViT-H/14 "
                         f"for most: `underpaint download clip-vision-h`; ViT-bigG/14 for ip-adapter_sdxl: "
-                        f"`underpaint download clip-vision-g`) in {where}", field="model")
+                        f"`underpaint download clip-vision-g`; ViT-L/14 for FLUX's: `underpaint download "
+                        f"clip-vit-l`) in {where}", field="model")
 
 
 # --- infotext ---------------------------------------------------------------------------------------------------

@@ -237,7 +237,7 @@ def for_request(model: Any, threshold: float, *, control: Any = None) -> FirstBl
                                "(SD/SDXL: deepcache, --deepcache INTERVAL)")
     if control is not None:
         raise InvalidParameter("first_block_cache", threshold,
-                               "0 (off) with a FLUX ControlNet (its residuals join after every block, which a "
+                               "0 (off) with FLUX ControlNet or IP-Adapter units (they join every block, which a "
                                "cached call would count twice)")
     from ..models.optimize import speed_of
 

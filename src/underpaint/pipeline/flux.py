@@ -20,8 +20,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 import torch
 
-from ..models.optimize import attention_for, begin_call, owned
 from ..models.device import to_device
+from ..models.ip_adapter import flux_adapters_applied
+from ..models.optimize import attention_for, begin_call, owned
 from ..params import GenerationParams
 from ..prompts.parser import extract_extra_networks, parse_attention, prompt_schedule
 from ..sampling.denoisers import cfg_denoiser
@@ -216,10 +217,12 @@ def transformer_fn(model, guidance: float | None, *, extra_channels: torch.Tenso
         if guidance is not None:
             g = ids_for(("g", b, x.device), lambda: torch.full((b,), guidance, device=x.device, dtype=torch.float32))
         blocks = singles = None
+        pictures = []
         if control is not None:
             blocks, singles = control.residuals(latent_tokens, sigma, cond, img_ids, txt_ids, guidance, dtype)
+            pictures = control.image_prompts(b, cond, x.device)
         begin_call(model)
-        with attention_for(model):
+        with attention_for(model), flux_adapters_applied(transformer, pictures):
             out = transformer(
                 hidden_states=tokens.to(dtype),
                 encoder_hidden_states=cond.t5.to(x.device, dtype),
@@ -248,6 +251,8 @@ def make_denoiser(model, conds: CondSchedule, params: GenerationParams, *,
 
     def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         cond, uncond = conds.current()
+        if control is not None:  # IP-Adapter units tell the prompt's rows by these objects
+            control.set_conds(cond, uncond)
         evaluation = conds.step
         conds.step += 1
         if scale == 1 or (skip is not None and skip.skips(evaluation, sigma)):

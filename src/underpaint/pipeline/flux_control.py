@@ -10,6 +10,11 @@ preprocessor's, as for SDXL's union models; a ready-made map (module "none") nee
 type (models/union_types.py). The control modes of SD's extension (prompt /
 ControlNet more important) weigh CFG's two halves and have no counterpart here: FLUX runs
 without CFG by default, so the weight alone applies.
+
+IP-Adapter units (XLabs' FLUX IP-Adapters) read their picture with a CLIP vision model as for SD
+(pipeline/control.image_prompt_unit) and add attention to its tokens in the double blocks
+(models/ip_adapter.flux_adapters_applied); with true CFG the negative prompt's rows read a black
+picture's tokens, as diffusers' FLUX pipeline does.
 """
 
 from __future__ import annotations
@@ -41,9 +46,24 @@ class FluxControl:
     maps: tuple[np.ndarray, ...]
     model_names: tuple[str, ...]
     step: int = field(default=0)
+    #: The IP-Adapter units, as SD's ControlStack keeps them (it tells the prompt's rows from the negative's).
+    images: object = None
 
     def on_step(self, step: int) -> None:
         self.step = step
+        if self.images is not None:
+            self.images.on_step(step)
+
+    def set_conds(self, prompt, negative) -> None:
+        if self.images is not None:
+            self.images.set_conds(prompt, negative)
+
+    def image_prompts(self, n: int, cond, device) -> list[tuple]:
+        """(adapter, tokens for the ``n`` rows of a call with ``cond``, weight) of each IP-Adapter unit in its
+        guidance window."""
+        if self.images is None:
+            return []
+        return self.images.image_prompts(n, self.images.prompt_rows(cond, n, device))
 
     def with_infotext(self, params):
         from .control import control_infotext
@@ -101,7 +121,7 @@ def prepare(model, params, *, width: int, height: int, steps: int, encode, crop=
     from ..models.flux_controlnet import load_flux_controlnet
     from ..models.union_types import flux_slots, union_slot
     from ..imageio.convert import images_to_tensor
-    from .control import control_map, control_resources, crop_to_region
+    from .control import ControlStack, control_map, control_resources, crop_to_region, image_prompt_unit
     from .flux import pack
 
     _, folders, ctx = control_resources(model)
@@ -110,12 +130,15 @@ def prepare(model, params, *, width: int, height: int, steps: int, encode, crop=
     units, mask = params.control_units, params.mask
     if crop is not None:
         units, init, mask = crop_to_region(units, init, mask, *crop)
-    active, maps, names = [], [], []
+    active, maps, names, pictures = [], [], [], []
     for index, unit in enumerate(units):
-        if unit.preprocessor.kind == "ip-adapter":
-            raise InvalidParameter(f"control_units[{index}].module", unit.module,
-                                   "a ControlNet preprocessor (IP-Adapters are for SD 1.x/2.x and SDXL models)")
         path = resolve_controlnet(unit.model, folders, kind=unit.preprocessor.kind, family=model.spec.family)
+        if unit.preprocessor.kind == "ip-adapter":
+            pictures.append(image_prompt_unit(model, unit, _ip_adapter(model, path, index), index, init, width,
+                                              height))
+            maps.append(np.asarray(pictures[-1].unit.image.convert("RGB").resize((width, height))))
+            names.append(infotext_name(path))
+            continue
         key = (str(path), str(model.device), str(model.dtype))
         if key not in cache:
             cache[key] = load_flux_controlnet(path, device=model.device, dtype=model.dtype)
@@ -135,7 +158,23 @@ def prepare(model, params, *, width: int, height: int, steps: int, encode, crop=
         active.append(FluxUnit(unit, net, pack(latent), mode))
         maps.append(detected)
         names.append(infotext_name(path))
-    return FluxControl(active, steps, tuple(maps), tuple(names))
+    images = ControlStack(pictures, steps) if pictures else None
+    return FluxControl(active, steps, tuple(maps), tuple(names), images=images)
+
+
+def _ip_adapter(model, path, index: int):
+    """The IP-Adapter file at ``path`` loaded (kept with the model's other control models); another kind of
+    file is refused naming the unit's model."""
+    from ..models.controlnet import inspect_controlnet, load_controlnet
+
+    cache = _cache(model)
+    key = (str(path), "ip-adapter", str(model.device), str(model.dtype))
+    if key not in cache:
+        if inspect_controlnet(path).kind != "ip-adapter":
+            raise InvalidParameter(f"control_units[{index}].model", path.stem,
+                                   "an IP-Adapter model for an ip-adapter module")
+        cache[key] = load_controlnet(path, device=model.device, dtype=model.dtype)
+    return cache[key]
 
 
 def _cache(model) -> dict:
