@@ -632,7 +632,7 @@ def _loads_like_spandrel(tmp_path, case, tensors, spandrel_loader, spandrel_id, 
     expected = _forward(reference.model.eval(), x.clone())  # spandrel's RCAN scales its input in place
     assert expected.shape == (1, 3, h * scale, w * scale) and expected.std() > 0.05
     # random weights give outputs far outside [0, 1] (up to ~50 here): float32 rounding scales with them
-    atol = 2e-6 * float(expected.abs().max())
+    atol = 4e-6 * float(expected.abs().max())
     for path in (pth, st):
         model = load_upscaler(path)
         assert (model.arch, model.scale) == (arch, scale)

@@ -1,5 +1,5 @@
 """Upscaling models people download for hires. fix and Extras: ESRGAN (RRDBNet), Real-ESRGAN Compact, SwinIR,
-HAT, DAT, SCUNet, SPAN, PLKSR, RCAN, MoSR and Swin2SR.
+HAT, DAT, SCUNet, SPAN, PLKSR, RCAN, MoSR, Swin2SR, ATD, DRCT, RGT, Real-CUGAN, OmniSR and SAFMN.
 
 These are the files A1111 users keep in ``models/ESRGAN`` / ``models/RealESRGAN`` (ComfyUI:
 ``models/upscale_models``): "4x-UltraSharp", RealESRGAN_x4plus(_anime_6B), RealESRGAN_x2plus,
@@ -57,6 +57,16 @@ Architectures (written here as plain modules; the key layouts are those of the r
   plus the compressed-input models' "pixelshuffle_aux" upsampler, from the tensors.
 - **MoSR** (``upscaler_conv.py``): MambaOut-style gated conv blocks and a conv shortcut; width, blocks, gate
   widths, kernel and upsampler (pixel shuffle, "geo ensemble" shuffle, DySample) come from the tensors.
+- **ATD** and **DRCT** (``upscaler_atd.py``): SwinIR's frame with, for ATD, a learned token dictionary and
+  grouped category attention beside the window attention, and for DRCT, densely connected Swin blocks.
+- **RGT** (``upscaler_rgt.py``): DAT's frame with blocks alternating rectangular-window attention and
+  attention to a recursively shrunk summary of the picture (RGT and RGT-S).
+- **Real-CUGAN** (``upscaler_cugan.py``): bilibili's anime upscalers, two or three cascaded U-Nets (2x, 3x,
+  4x, the "pro" models and the fast 2x network).
+- **OmniSR** and **SAFMN** (``upscaler_light.py``): light networks of omni-scale (window and grid) attention,
+  and of feature modulation over several scales.
+
+The last six are detected and planned in their own modules (:func:`_module_plans`).
 
 Every module maps a float (N, 3, H, W) RGB tensor in [0, 1] to (N, 3, H*scale, W*scale), the
 convention these models were trained with (and spandrel's). :func:`upscale_image` runs one on a
@@ -98,7 +108,7 @@ ARCH_SWIN2SR = "Swin2SR"
 #: What the error for an unknown file says is supported.
 SUPPORTED_ARCHITECTURES = ("ESRGAN / Real-ESRGAN RRDBNet (old ESRGAN, Real-ESRGAN and BSRGAN key layouts), "
                            "Real-ESRGAN Compact (SRVGGNetCompact, PReLU), SwinIR, HAT, DAT, SCUNet, SPAN, "
-                           "PLKSR, RealPLKSR, RCAN, MoSR and Swin2SR")
+                           "PLKSR, RealPLKSR, RCAN, MoSR, Swin2SR, ATD, DRCT, RGT, Real-CUGAN, OmniSR and SAFMN")
 
 #: Nestings of released .pth files: BasicSR saves the EMA weights (the ones to use) next to the raw ones.
 _NESTED_KEYS = ("params_ema", "params", "state_dict")
@@ -305,7 +315,22 @@ def _plan(sd: dict[str, torch.Tensor], source: str) -> _Plan:
         return _rcan_plan(sd, source)
     if "gblocks.0.weight" in sd and "gblocks.1.fc1.weight" in sd:
         return _mosr_plan(sd, source)
+    for plan in _module_plans():
+        found = plan(sd, source)
+        if found is not None:
+            return found
     raise ModelError(f"{source}: not a supported upscaling model ({_what_else(sd)}supported: {SUPPORTED_ARCHITECTURES})")
+
+
+def _module_plans() -> tuple[Callable[[dict[str, torch.Tensor], str], "_Plan | None"], ...]:
+    """The architectures whose detection and plan live in their own modules: each plan returns None for a
+    state dict that is not of its architecture."""
+    from .upscaler_atd import atd_plan, drct_plan
+    from .upscaler_cugan import cugan_plan
+    from .upscaler_light import omnisr_plan, safmn_plan
+    from .upscaler_rgt import rgt_plan
+
+    return (atd_plan, drct_plan, cugan_plan, omnisr_plan, safmn_plan, rgt_plan)
 
 
 def _what_else(sd: Mapping[str, torch.Tensor]) -> str:
@@ -520,7 +545,10 @@ def _hat_plan(sd: Mapping[str, torch.Tensor], source: str) -> _Plan:
 
 
 def _is_dat(sd: Mapping[str, torch.Tensor]) -> bool:
-    return "conv_first.weight" in sd and "before_RG.1.weight" in sd
+    """DAT's frame (``before_RG``); RGT shares it and is told apart by its own layers."""
+    from .upscaler_rgt import is_rgt
+
+    return "conv_first.weight" in sd and "before_RG.1.weight" in sd and not is_rgt(sd)
 
 
 #: Saved buffers DAT derives from its window (and PyTorch's batch-norm counters, which it does not use).
