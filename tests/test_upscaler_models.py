@@ -540,7 +540,7 @@ def _without(sd: dict, name: str) -> dict:
     (lambda: _without(_swinir_file(), "layers.0.residual_group.blocks.1.attn.qkv.weight"),
      "missing layers.0.residual_group.blocks.1.attn.qkv.weight"),
     (lambda: _without(_swinir_file(), "layers.0.conv.0.bias"), "missing layers.0.conv.0.bias"),
-    (lambda: _without(_swinir_file(), "conv_up2.weight"), "unexpected conv_up2.bias"),
+    (lambda: _without(_swinir_file(), "conv_up2.weight"), "missing conv_up2.weight"),
     (lambda: {**_swinir_file(), "layers.1.residual_group.blocks.0.attn.relative_position_bias_table":
               torch.zeros(25, 4)}, "relative_position_bias_table is (25, 4)"),
 ])

@@ -667,14 +667,24 @@ def test_controlnet_units_preview_and_errors(context, server, photo_file):
     page.close()
 
 
+def controlnet_page(context, server: str, model: str, path: str, answer, modules=("none", "canny")):
+    """A new page whose ControlNet lists offer ``modules`` and ``model``, whose generation requests to ``path``
+    go to ``answer``, with the ControlNet section open."""
+    page = context.new_page()
+    page.route("**/controlnet/module_list*", lambda r: r.fulfill(
+        json={"module_list": list(modules), "module_detail": {"none": {"sliders": []}}}))
+    page.route("**/controlnet/model_list*", lambda r: r.fulfill(json={"model_list": [model]}))
+    page.route(f"**{path}", answer)
+    page.goto(server + "/")
+    page.wait_for_selector("body[data-ready=true]")
+    page.locator("#controlnet-section summary").click()
+    return page
+
+
 def test_controlnet_union_control_type(context, server, photo_file):
     """Each unit offers the union control type ("Automatic" first, then the extension's values); a chosen one
     is sent as union_control_type, and an error on that field lands on the unit's select."""
-    page = context.new_page()
     sent: list[dict] = []
-    page.route("**/controlnet/module_list*", lambda r: r.fulfill(
-        json={"module_list": ["none", "canny"], "module_detail": {"none": {"sliders": []}}}))
-    page.route("**/controlnet/model_list*", lambda r: r.fulfill(json={"model_list": ["union-promax [abc12345]"]}))
 
     def refuse_type(route):
         sent.append(json.loads(route.request.post_data))
@@ -682,10 +692,7 @@ def test_controlnet_union_control_type(context, server, photo_file):
         route.fulfill(status=422, json={"error": "invalid_parameter", "field": field,
                                          "detail": f"{field}: got None, expected the control type of the ready-made map"})
 
-    page.route("**/sdapi/v1/img2img", refuse_type)
-    page.goto(server + "/")
-    page.wait_for_selector("body[data-ready=true]")
-    page.locator("#controlnet-section summary").click()
+    page = controlnet_page(context, server, "union-promax [abc12345]", "/sdapi/v1/img2img", refuse_type)
     unit = page.locator(".cn-unit").nth(0)
     expect(unit.locator(".cn-enabled")).not_to_be_checked()
     unit.locator(".cn-file").set_input_files(str(photo_file))  # its own control image turns the unit on
@@ -712,20 +719,14 @@ def test_controlnet_ip_adapter_more_pictures(context, server, photo_file, tmp_pa
     """An IP-Adapter unit offers more reference pictures (the extension's Multi-Inputs), sent as its list of
     {image} entries after the unit's first picture (its own, else the img2img one); other modules hide the
     choice and send one picture; Clear empties it."""
-    page = context.new_page()
     sent: list[dict] = []
-    page.route("**/controlnet/module_list*", lambda r: r.fulfill(
-        json={"module_list": ["none", "canny", "ip-adapter-auto"], "module_detail": {"none": {"sliders": []}}}))
-    page.route("**/controlnet/model_list*", lambda r: r.fulfill(json={"model_list": ["ip-adapter-plus_sd15 [abc12345]"]}))
 
     def answer(route):
         sent.append(json.loads(route.request.post_data))
         route.fulfill(json={"images": [], "parameters": {}, "info": "{}"})
 
-    page.route("**/sdapi/v1/img2img", answer)
-    page.goto(server + "/")
-    page.wait_for_selector("body[data-ready=true]")
-    page.locator("#controlnet-section summary").click()
+    page = controlnet_page(context, server, "ip-adapter-plus_sd15 [abc12345]", "/sdapi/v1/img2img", answer,
+                           modules=("none", "canny", "ip-adapter-auto"))
     unit = page.locator(".cn-unit").nth(0)
     more = unit.locator(".cn-more-field")
     expect(more).to_be_hidden()
@@ -2907,11 +2908,7 @@ def test_controlnet_hires_fix_option(context, server, photo_file):
     """Each ControlNet unit has the extension's "Hires-fix option" (Both, Low res only, High res only), shown
     where the extension shows it (txt2img with Hires. fix on) and sent as the unit's hr_option; an error on
     it lands beside it."""
-    page = context.new_page()
     sent: list[dict] = []
-    page.route("**/controlnet/module_list*", lambda r: r.fulfill(
-        json={"module_list": ["none", "canny"], "module_detail": {"none": {"sliders": []}}}))
-    page.route("**/controlnet/model_list*", lambda r: r.fulfill(json={"model_list": ["control_canny [abc12345]"]}))
 
     def answer(route):
         body = json.loads(route.request.post_data)
@@ -2923,10 +2920,7 @@ def test_controlnet_hires_fix_option(context, server, photo_file):
         else:
             route.fulfill(json={"images": [], "parameters": {}, "info": "{}"})
 
-    page.route("**/sdapi/v1/txt2img", answer)
-    page.goto(server + "/")
-    page.wait_for_selector("body[data-ready=true]")
-    page.locator("#controlnet-section summary").click()
+    page = controlnet_page(context, server, "control_canny [abc12345]", "/sdapi/v1/txt2img", answer)
     first = page.locator(".cn-unit").nth(0)
     option = first.get_by_label("Hires-fix option")
     expect(option).to_be_hidden()  # img2img has no Hires. fix

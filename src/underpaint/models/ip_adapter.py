@@ -380,19 +380,29 @@ class _DecoupledAttention:
 def adapters_applied(unet: nn.Module, active: list[tuple[IPAdapter, torch.Tensor, float]]) -> Iterator[None]:
     """Inside the block, ``unet``'s cross-attention layers also attend to each adapter's tokens (rows
     matching the call's batch) times its scale; nothing changes when ``active`` is empty."""
+    with _processors_wrapped(unet, cross_attention_layers, _DecoupledAttention, active):
+        yield
+
+
+@contextmanager
+def _processors_wrapped(model: nn.Module, layers_of, wrapper, active: list[tuple[IPAdapter, torch.Tensor, float]]
+                        ) -> Iterator[None]:
+    """Each of ``layers_of(model)`` with its processor wrapped in ``wrapper`` (given, per active adapter, the
+    tokens and the adapter's projections for that layer, and its scale), the model's own uncompiled forward
+    running inside the block; the processors put back after. Nothing changes when ``active`` is empty."""
     if not active:
         yield
         return
     from .optimize import eager
 
-    layers = cross_attention_layers(unet)
+    layers = layers_of(model)
     saved = [(layer, layer.processor) for layer in layers]
     try:
         for i, layer in enumerate(layers):
-            extras = [(tokens.to(layer.to_k.weight.dtype), adapter.to_k_ip[i], adapter.to_v_ip[i], scale)
+            extras = [(tokens.to(adapter.to_k_ip[i].weight.dtype), adapter.to_k_ip[i], adapter.to_v_ip[i], scale)
                       for adapter, tokens, scale in active]
-            layer.processor = _DecoupledAttention(layer.processor, extras)
-        with eager(unet):
+            layer.processor = wrapper(layer.processor, extras)
+        with eager(model):
             yield
     finally:
         for layer, processor in saved:
@@ -427,23 +437,9 @@ def flux_adapters_applied(transformer: nn.Module, active: list[tuple[IPAdapter, 
                           ) -> Iterator[None]:
     """Inside the block, the FLUX transformer's double blocks also attend to each adapter's tokens (rows
     matching the call's batch) times its scale; nothing changes when ``active`` is empty."""
-    if not active:
+    with _processors_wrapped(transformer, lambda t: [block.attn for block in t.transformer_blocks],
+                             _FluxImageAttention, active):
         yield
-        return
-    from .optimize import eager
-
-    layers = [block.attn for block in transformer.transformer_blocks]
-    saved = [(layer, layer.processor) for layer in layers]
-    try:
-        for i, layer in enumerate(layers):
-            extras = [(tokens.to(adapter.to_k_ip[i].weight.dtype), adapter.to_k_ip[i], adapter.to_v_ip[i], scale)
-                      for adapter, tokens, scale in active]
-            layer.processor = _FluxImageAttention(layer.processor, extras)
-        with eager(transformer):
-            yield
-    finally:
-        for layer, processor in saved:
-            layer.processor = processor
 
 
 # --------------------------------------------------------------------------- CLIP's reading of the picture

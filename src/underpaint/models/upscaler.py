@@ -888,24 +888,7 @@ def _swinir_plan(sd: Mapping[str, torch.Tensor], source: str) -> _Plan:
     depths, heads, window = _swin_layers(sd, source, ARCH_SWINIR, tensor)
     mlp_hidden = tensor("layers.0.residual_group.blocks.0.mlp.fc1.weight", 2).shape[0]
     three_conv = _three_conv(sd, source, ARCH_SWINIR)
-
-    num_feat, factors = 64, []
-    if "conv_before_upsample.0.weight" in sd and "conv_up1.weight" in sd:
-        upsampler = "nearest+conv"
-        num_feat = tensor("conv_before_upsample.0.weight", 4).shape[0]
-        factors = [2] * sum(1 for n in sd if re.fullmatch(r"conv_up\d+\.weight", n))
-        out_ch = tensor("conv_last.weight", 4).shape[0]
-    elif "conv_before_upsample.0.weight" in sd:
-        upsampler = "pixelshuffle"
-        num_feat = tensor("conv_before_upsample.0.weight", 4).shape[0]
-        factors = _pixelshuffle_factors(sd, source, ARCH_SWINIR, num_feat, tensor)
-        out_ch = tensor("conv_last.weight", 4).shape[0]
-    elif "upsample.0.weight" in sd:
-        upsampler, out_ch = "pixelshuffledirect", in_ch
-        factors = [_direct_scale(source, ARCH_SWINIR, out_ch, tensor)]
-    else:
-        upsampler = ""
-        out_ch = tensor("conv_last.weight", 4).shape[0]
+    upsampler, num_feat, factors, out_ch = swin_tail(sd, source, ARCH_SWINIR, in_ch, tensor)
     _rgb_only(source, ARCH_SWINIR, in_ch, out_ch)
     scale = math.prod(factors)
     # SwinIR's JPEG artefact models are the ones with window 7 and work on 0-255 values (spandrel's rule too)
@@ -920,6 +903,23 @@ def _swinir_plan(sd: Mapping[str, torch.Tensor], source: str) -> _Plan:
                              patch_norm="patch_embed.norm.weight" in sd,
                              qkv_bias="layers.0.residual_group.blocks.0.attn.qkv.bias" in sd, img_range=img_range),
     )
+
+
+def swin_tail(sd: Mapping[str, torch.Tensor], source: str, arch: str, in_ch: int,
+              tensor: Callable[[str, int], torch.Tensor]) -> tuple[str, int, list[int], int]:
+    """(upsampler, its width, factors, output channels) of SwinIR's four tails, which ATD shares: nearest
+    upsampling and convs (``conv_up1``, ``conv_up2`` ...), convs and pixel shuffles, one conv and one pixel
+    shuffle (``upsample.0``), or none (a 1x model's ``conv_last``)."""
+    if "conv_before_upsample.0.weight" in sd:
+        num_feat = tensor("conv_before_upsample.0.weight", 4).shape[0]
+        out_ch = tensor("conv_last.weight", 4).shape[0]
+        if "conv_up1.weight" in sd:  # one x2 stage per conv_upN (a damaged one is named by the strict load)
+            stages = {m.group(1) for n in sd if (m := re.fullmatch(r"conv_up(\d+)\.\w+", n))}
+            return "nearest+conv", num_feat, [2] * len(stages), out_ch
+        return "pixelshuffle", num_feat, _pixelshuffle_factors(sd, source, arch, num_feat, tensor), out_ch
+    if "upsample.0.weight" in sd:
+        return "pixelshuffledirect", 64, [_direct_scale(source, arch, in_ch, tensor)], in_ch
+    return "", 64, [], tensor("conv_last.weight", 4).shape[0]
 
 
 def _direct_scale(source: str, arch: str, out_ch: int, tensor: Callable[[str, int], torch.Tensor]) -> int:

@@ -65,8 +65,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ModelError
-from .upscaler_light import pad_edges
-from .upscaler_swin import SwinBlock, SwinIR, WindowAttention, from_windows, residual_conv, to_windows
+from .upscaler_swin import SwinBlock, SwinIR, WindowAttention, from_windows, pad_edges, residual_conv, to_windows
 
 if TYPE_CHECKING:
     from .upscaler import _Plan
@@ -404,7 +403,7 @@ def atd_plan(sd: dict[str, torch.Tensor], source: str) -> _Plan | None:
     and heads (the first layer's bias table); the window from that table ((2w - 1)² rows); the
     dictionary's size (``attn_atd.scale``), the reduced width (``attn_atd.wq``), the feed-forward's width
     and kernel, the upsampler and scale from their tensors; the category size by spandrel's rule."""
-    from .upscaler import _direct_scale, _pixelshuffle_factors, _Plan, _rgb_only, _tensor_getter, _three_conv
+    from .upscaler import _Plan, _rgb_only, _tensor_getter, _three_conv, swin_tail
 
     if "layers.0.residual_group.td" not in sd and not any(".attn_atd." in n for n in sd):
         return None
@@ -435,23 +434,7 @@ def atd_plan(sd: dict[str, torch.Tensor], source: str) -> _Plan | None:
                          f"{reduced} reduced channels and a {kernel}-wide feed-forward conv; expected heads that "
                          "divide the width and an odd kernel")
     three_conv = _three_conv(sd, source, ARCH_ATD)
-
-    num_feat = 64
-    if "conv_up1.weight" in sd:
-        upsampler, factors = "nearest+conv", [2, 2]  # the original's real-world models are 4x only
-        num_feat = tensor("conv_before_upsample.0.weight", 4).shape[0]
-        out_ch = tensor("conv_last.weight", 4).shape[0]
-    elif "conv_before_upsample.0.weight" in sd:
-        upsampler = "pixelshuffle"
-        num_feat = tensor("conv_before_upsample.0.weight", 4).shape[0]
-        factors = _pixelshuffle_factors(sd, source, ARCH_ATD, num_feat, tensor)
-        out_ch = tensor("conv_last.weight", 4).shape[0]
-    elif "conv_last.weight" in sd:
-        upsampler, factors = "", []
-        out_ch = tensor("conv_last.weight", 4).shape[0]
-    else:
-        upsampler, out_ch = "pixelshuffledirect", in_ch
-        factors = [_direct_scale(source, ARCH_ATD, out_ch, tensor)]
+    upsampler, num_feat, factors, out_ch = swin_tail(sd, source, ARCH_ATD, in_ch, tensor)
     _rgb_only(source, ARCH_ATD, in_ch, out_ch)
     scale = math.prod(factors)
     light = upsampler == "pixelshuffledirect" and dim == ATD_LIGHT_DIM

@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ModelError
+from .upscaler_swin import pad_edges
 
 if TYPE_CHECKING:
     from .upscaler import _Plan
@@ -82,16 +83,7 @@ def _fit(x: torch.Tensor, minimum: int, multiple: int) -> torch.Tensor:
     """Pad right and bottom to at least ``minimum`` px a side and a multiple of ``multiple``: by
     reflection up to one pixel less than the side (as far as reflection reaches), then by replication."""
     h, w = x.shape[-2:]
-    pad_h = -(-max(h, minimum) // multiple) * multiple - h
-    pad_w = -(-max(w, minimum) // multiple) * multiple - w
-    if not (pad_h or pad_w):
-        return x
-    reflect_h, reflect_w = min(pad_h, h - 1), min(pad_w, w - 1)
-    if reflect_h or reflect_w:
-        x = F.pad(x, (0, reflect_w, 0, reflect_h), mode="reflect")
-    if pad_h > reflect_h or pad_w > reflect_w:
-        x = F.pad(x, (0, pad_w - reflect_w, 0, pad_h - reflect_h), mode="replicate")
-    return x
+    return pad_edges(x, -(-max(h, minimum) // multiple) * multiple, -(-max(w, minimum) // multiple) * multiple)
 
 
 # --------------------------------------------------------------------------------------------- modules

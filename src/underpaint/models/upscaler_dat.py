@@ -129,9 +129,10 @@ class WindowBranch(nn.Module):
         return from_windows(out.transpose(1, 2).reshape(-1, n, c), self.window, h, w)
 
 
-class SpatialAttention(nn.Module):
-    """The even blocks' attention (``Adaptive_Spatial_Attention`` in the files' code): two window
-    branches, one per channel half, beside the depthwise conv branch."""
+class WindowPairAttention(nn.Module):
+    """The two window branches of DAT's (and RGT's) even blocks: one per channel half, the second with the
+    transposed window, each shifted by half its window in shifted blocks. Subclasses add the branch beside
+    them and call :meth:`windows`."""
 
     def __init__(self, dim: int, heads: int, split: tuple[int, int], *, shift: bool, qkv_bias: bool,
                  pos_width: int):
@@ -142,9 +143,6 @@ class SpatialAttention(nn.Module):
         half = dim // 2
         self.attns = nn.ModuleList([WindowBranch(half, heads, split, pos_width),
                                     WindowBranch(half, heads, (split[1], split[0]), pos_width)])
-        self.dwconv = _conv_branch(dim)
-        self.channel_interaction = _channel_map(dim)
-        self.spatial_interaction = _spatial_map(dim)
         self._masks: dict[tuple, torch.Tensor] = {}
 
     def _masks_for(self, h: int, w: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,9 +150,9 @@ class SpatialAttention(nn.Module):
         return (cached_mask(self._masks, h, w, (sh, sw), (sh // 2, sw // 2), device, key=0),
                 cached_mask(self._masks, h, w, (sw, sh), (sw // 2, sh // 2), device, key=1))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` (B, H, W, C) normalised tokens."""
-        b, h, w, c = x.shape
+    def windows(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the two branches' attention (B, H, W, C), the projections q|k|v (B, H, W, 3C)) for ``x`` (B, H, W, C)."""
+        _, h, w, c = x.shape
         qkv = self.qkv(x)
         side = max(self.split)
         pad_h, pad_w = -h % side, -w % side
@@ -174,8 +172,24 @@ class SpatialAttention(nn.Module):
             if self.shift:
                 out = torch.roll(out, roll, dims=(1, 2))
             halves.append(out[:, :h, :w])
-        attended = torch.cat(halves, dim=-1)
+        return torch.cat(halves, dim=-1), qkv
 
+
+class SpatialAttention(WindowPairAttention):
+    """The even blocks' attention (``Adaptive_Spatial_Attention`` in the files' code): the two window
+    branches beside the depthwise conv branch."""
+
+    def __init__(self, dim: int, heads: int, split: tuple[int, int], *, shift: bool, qkv_bias: bool,
+                 pos_width: int):
+        super().__init__(dim, heads, split, shift=shift, qkv_bias=qkv_bias, pos_width=pos_width)
+        self.dwconv = _conv_branch(dim)
+        self.channel_interaction = _channel_map(dim)
+        self.spatial_interaction = _spatial_map(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (B, H, W, C) normalised tokens."""
+        c = x.shape[-1]
+        attended, qkv = self.windows(x)
         conv = self.dwconv(qkv[..., 2 * c:].permute(0, 3, 1, 2))  # the values, unpadded
         channel = self.channel_interaction(conv).permute(0, 2, 3, 1)  # (B, 1, 1, C)
         spatial = self.spatial_interaction(attended.permute(0, 3, 1, 2))  # (B, 1, H, W)

@@ -49,7 +49,7 @@ from torch import nn
 
 from ..errors import ModelError
 from .upscaler_conv import ChannelLayerNorm
-from .upscaler_swin import relative_position_index
+from .upscaler_swin import pad_edges, relative_position_index
 
 if TYPE_CHECKING:
     from .upscaler import _Plan
@@ -70,21 +70,6 @@ SAFMN_LEVELS = 4
 
 #: Names of the operation counts a profiler (thop) leaves in some OmniSR files.
 _PROFILER_NAMES = ("total_ops", "total_params")
-
-
-def pad_edges(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Pad (N, C, H, W) on the right and bottom to ``height`` x ``width`` (not smaller than it is): by
-    reflection as far as a side allows (up to its length - 1), by repeating the edge for the rest."""
-    h, w = x.shape[-2:]
-    pad_h, pad_w = max(height - h, 0), max(width - w, 0)
-    if not (pad_h or pad_w):
-        return x
-    reflect_h, reflect_w = min(pad_h, h - 1), min(pad_w, w - 1)
-    if reflect_h or reflect_w:
-        x = F.pad(x, (0, reflect_w, 0, reflect_h), mode="reflect")
-    if pad_h > reflect_h or pad_w > reflect_w:
-        x = F.pad(x, (0, pad_w - reflect_w, 0, pad_h - reflect_h), mode="replicate")
-    return x
 
 
 # --------------------------------------------------------------------------------------------- OmniSR

@@ -56,9 +56,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ModelError
-from .upscaler_dat import DAT, GatedFeedForward, ResidualGroup, WindowBranch, shifted
-from .upscaler_light import pad_edges
-from .upscaler_swin import cached_mask
+from .upscaler_dat import DAT, GatedFeedForward, ResidualGroup, WindowPairAttention, shifted
+from .upscaler_swin import pad_edges
 
 if TYPE_CHECKING:
     from .upscaler import _Plan
@@ -81,45 +80,21 @@ def recursions(h: int, w: int) -> int:
     return max(log4(h // 16), log4(w // 16), _MIN_RECURSIONS)
 
 
-class LocalAttention(nn.Module):
+class LocalAttention(WindowPairAttention):
     """The even blocks' attention (``L_SA``): DAT's two window branches (one per channel half, the
     second with the transposed window), beside a depthwise 3x3 conv of the unpadded values."""
 
     def __init__(self, dim: int, heads: int, split: tuple[int, int], *, shift: bool, qkv_bias: bool,
                  pos_width: int):
-        super().__init__()
-        self.split, self.shift = split, shift
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-        half = dim // 2
-        self.attns = nn.ModuleList([WindowBranch(half, heads, split, pos_width),
-                                    WindowBranch(half, heads, (split[1], split[0]), pos_width)])
+        super().__init__(dim, heads, split, shift=shift, qkv_bias=qkv_bias, pos_width=pos_width)
         self.get_v = nn.Conv2d(dim, dim, 3, 1, 1, groups=dim)
-        self._masks: dict[tuple, torch.Tensor] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` (B, H, W, C) normalised tokens."""
-        _, h, w, c = x.shape
-        qkv = self.qkv(x)
-        side = max(self.split)
-        pad_h, pad_w = -h % side, -w % side
-        padded = F.pad(qkv, (0, 0, 0, pad_w, 0, pad_h)) if pad_h or pad_w else qkv
-        q, k, v = padded.split(c, dim=-1)
-        half = c // 2
-        halves = []
-        for n, (branch, (lo, hi)) in enumerate(zip(self.attns, ((0, half), (half, c)))):
-            wh, ww = branch.window
-            parts = [t[..., lo:hi] for t in (q, k, v)]
-            mask = None
-            if self.shift:
-                mask = cached_mask(self._masks, h + pad_h, w + pad_w, (wh, ww), (wh // 2, ww // 2), x.device, key=n)
-                parts = [torch.roll(t, (-(wh // 2), -(ww // 2)), dims=(1, 2)) for t in parts]
-            out = branch(*parts, mask)
-            if self.shift:
-                out = torch.roll(out, (wh // 2, ww // 2), dims=(1, 2))
-            halves.append(out[:, :h, :w])
+        c = x.shape[-1]
+        attended, qkv = self.windows(x)
         local = self.get_v(qkv[..., 2 * c:].permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        return self.proj(torch.cat(halves, dim=-1) + local)
+        return self.proj(attended + local)
 
 
 class RecursiveAttention(nn.Module):
