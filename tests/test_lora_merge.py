@@ -510,9 +510,47 @@ def test_not_a_lora(tmp_path, sd1, sd1_file):
         load_lora(junk, ModuleIndex(sd1))
 
 
+def test_glora_merges_as_lycoris_computes_it(tmp_path, sd1):
+    """GLoRA (W·A + B) in LyCORIS' current layout on a linear layer and on a 3x3 convolution, each ΔW as
+    LyCORIS' own GLoRA module computes it (alpha / rank included), times the multiplier; the first layout's
+    files (A = a2·a1, B = b2·b1, as A1111 and ComfyUI read them) on another layer; all undone exactly."""
+    import copy
+
+    pytest.importorskip("lycoris")
+    from lycoris.modules.glora import GLoRAModule
+
+    gen = torch.Generator().manual_seed(15)
+    names = {"linear": "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",  # 32x32
+             "conv": "down_blocks.0.resnets.1.conv2",  # 32x32x3x3
+             "old": "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_v"}
+    kohya = {key: "lora_unet_" + path.replace(".", "_") for key, path in names.items()}
+    w = {key: sd1.unet.get_submodule(path).weight.detach().clone() for key, path in names.items()}
+    sd, expected = {}, {}
+    for key, alpha in (("linear", 2.0), ("conv", 8.0)):
+        module = GLoRAModule(key, copy.deepcopy(sd1.unet.get_submodule(names[key])), lora_dim=4, alpha=alpha)
+        with torch.no_grad():
+            for part in (module.a1, module.a2, module.b1, module.b2):
+                part.weight.copy_(torch.randn(part.weight.shape, generator=gen) * 0.2)
+        expected[key] = module.get_diff_weight(multiplier=1.0)[0]
+        sd.update({f"{kohya[key]}.{name}": value for name, value in module.state_dict().items()})
+    a1, a2, b1, b2 = (torch.randn(shape, generator=gen) * 0.2 for shape in ((4, 32), (32, 4), (4, 32), (32, 4)))
+    sd.update({f"{kohya['old']}.a1.weight": a1, f"{kohya['old']}.a2.weight": a2, f"{kohya['old']}.b1.weight": b1,
+               f"{kohya['old']}.b2.weight": b2, f"{kohya['old']}.alpha": torch.tensor(4.0)})
+    expected["old"] = b2 @ b1 + w["old"] @ a2 @ a1
+    assert sd[f"{kohya['conv']}.b2.weight"].shape == (4, 32, 3, 3)  # LyCORIS' layout: B's first factor has the kernel
+
+    before = _snapshot(sd1)
+    patcher, network = _apply(sd1, _save(tmp_path, "glora", sd), LoraRequest("glora", unet=0.7))
+    assert [p.kind for p in network.patches] == ["glora"] * 3 and not network.unsupported
+    for key, path in names.items():
+        torch.testing.assert_close(sd1.unet.get_submodule(path).weight, w[key] + 0.7 * expected[key],
+                                   rtol=0, atol=2e-6, msg=key)
+    patcher.restore()
+    _assert_unchanged(sd1, before)
+
+
 def test_unsupported_kind_warns(tmp_path, sd1):
-    sd = {f"lora_unet_down_blocks_0_attentions_0_proj_in.{part}": torch.zeros(4, 32)
-          for part in ("a1.weight", "a2.weight", "b1.weight", "b2.weight")}  # GLoRA
+    sd = {"lora_unet_down_blocks_0_attentions_0_proj_in.lokr_w1": torch.zeros(4, 4)}  # a LoKr without its w2
     with pytest.warns(LoraWarning, match="does not merge"):
         network = load_lora(_save(tmp_path, "glora", sd), ModuleIndex(sd1))
     assert not network.patches

@@ -68,12 +68,11 @@ _PARTS = frozenset({
     "lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha", "scale", "dora_scale", "diff", "diff_b",
     "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
     "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2",
-    "oft_blocks", "oft_diag", "rescale", "w_norm", "b_norm",
+    "oft_blocks", "oft_diag", "rescale", "w_norm", "b_norm", "a1.weight", "a2.weight", "b1.weight", "b2.weight",
 })
 # Other LyCORIS kinds A1111 knows but underpaint does not merge (reported, not guessed at), and IA³'s
 # parts (``weight``, ``on_input``: read from kohya-style names only, where they cannot be a model's own).
-_OTHER_PARTS = ("oft_", "weight", "bias", "w_norm", "b_norm", "on_input", "a1.weight", "a2.weight",
-                "b1.weight", "b2.weight", "oft_blocks", "oft_diag")
+_OTHER_PARTS = ("oft_", "weight", "bias", "w_norm", "b_norm", "on_input", "oft_blocks", "oft_diag")
 # kohya prefix → index of the text encoder (None: the UNet), by how many encoders the model has.
 _KOHYA_PREFIXES = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te_")
 # The attention-processor LoRA of older diffusers files: ``attn1.processor.to_q_lora.down.weight``
@@ -442,7 +441,8 @@ def _split_dotted(key: str) -> NetworkKey | None:
 
 @dataclass(frozen=True, eq=False)
 class ModulePatch:
-    """One module's stored update: its kind (lora, loha, lokr, full, oft, ia3, norm) and tensors by part name."""
+    """One module's stored update: its kind (lora, loha, lokr, full, oft, ia3, glora, norm) and tensors by part
+    name."""
 
     target: Target
     kind: str
@@ -460,6 +460,8 @@ class ModulePatch:
             for name in ("lokr_w2_b", "lokr_w1_b"):
                 if name in t:
                     return int(t[name].shape[0])
+        if self.kind == "glora":
+            return int(t["a1.weight"].shape[0] if _glora_is_old(t) else t["a2.weight"].shape[0])
         return None
 
     @property
@@ -491,6 +493,8 @@ class ModulePatch:
             updown, shape = _oft_updown(t, weight), list(weight.shape)
         elif self.kind == "ia3":
             updown, shape = _ia3_updown(t, weight), list(weight.shape)
+        elif self.kind == "glora":
+            updown, shape = _glora_updown(t, weight), list(weight.shape)
         elif self.kind == "norm":
             updown, shape = t["w_norm"], list(t["w_norm"].shape)
         else:
@@ -521,6 +525,8 @@ def _kind(parts: Mapping[str, torch.Tensor]) -> str | None:
         return "norm"
     if "oft_blocks" in parts or "oft_diag" in parts:
         return "oft"
+    if all(f"{p}.weight" in parts for p in ("a1", "a2", "b1", "b2")):
+        return "glora"
     if "weight" in parts:
         return "ia3"
     return None
@@ -641,6 +647,32 @@ def _ia3_updown(t: dict[str, torch.Tensor], weight: torch.Tensor) -> torch.Tenso
     return weight * scales.reshape(shape)
 
 
+def _glora_is_old(t: Mapping[str, torch.Tensor]) -> bool:
+    """Whether a GLoRA module is in LyCORIS's first layout (``a1`` r x in, ``a2`` in x r, ``b1`` r x in, ``b2``
+    out x r) rather than its current one (``a1`` in x r, ``a2`` r x in, ``b1`` out x r, ``b2`` r x in): the one
+    whose rank dimensions agree; on a square layer both do, and the rank is the smaller side."""
+    a1, a2, b1, b2 = (t[f"{p}.weight"].shape for p in ("a1", "a2", "b1", "b2"))
+    old = b2[1] == b1[0] == a1[0] == a2[1]
+    current = b2[0] == b1[1] == a1[1] == a2[0]
+    return a1[0] < a2[0] if old and current else old
+
+
+def _glora_updown(t: dict[str, torch.Tensor], weight: torch.Tensor) -> torch.Tensor:
+    """GLoRA (Chavan et al. 2023, LyCORIS): W·A + B, A and B each a low-rank product. The current layout
+    reads A = a1·a2 on the input side (a convolution's A mixes its input channels) and B = b1·b2; the first
+    layout A = a2·a1 and B = b2·b1 on the flattened weight."""
+    a1, a2, b1, b2 = (t[f"{p}.weight"].flatten(1) for p in ("a1", "a2", "b1", "b2"))
+    if _glora_is_old(t):
+        flat = weight.flatten(1)
+        if a2.shape[0] != flat.shape[1] or b2.shape[0] != flat.shape[0] or b1.shape[1] != flat.shape[1]:
+            raise ValueError(f"a GLoRA of {tuple(b2.shape[:1]) + tuple(b1.shape[1:])} for a {tuple(weight.shape)} weight")
+        return (b2 @ b1 + flat @ a2 @ a1).reshape(weight.shape)
+    if a1.shape[0] != weight.shape[1] or a2.shape[1] != weight.shape[1] or b1.shape[0] != weight.shape[0]:
+        raise ValueError(f"a GLoRA of {b1.shape[0]} outputs and {a1.shape[0]} inputs for a {tuple(weight.shape)} weight")
+    mixed = torch.einsum("oi...,ij->oj...", weight, a1 @ a2)
+    return mixed + (b1 @ b2).reshape(weight.shape)
+
+
 def _fit(updown: torch.Tensor, weight_shape: torch.Size) -> torch.Tensor:
     """Reshape to the weight (1×1 convs vs linear); a 4-channel update on a 9-channel inpainting
     input is zero-padded, as A1111 does."""
@@ -674,7 +706,7 @@ class LoraNetwork:
     patches: tuple[ModulePatch, ...]
     #: Network tensor names that name no module of this model.
     unmatched: tuple[str, ...] = ()
-    #: Modules whose tensors make no update kind underpaint merges (OFT, IA3, GLoRA, norm).
+    #: Modules whose tensors make no update kind underpaint merges.
     unsupported: tuple[str, ...] = ()
 
 
