@@ -16,7 +16,8 @@ from __future__ import annotations
 import pytest
 import torch
 import test_upscaler_models
-from test_upscaler_models import _forward, _image, _loads_like_spandrel, _randomised, _without, assert_refused
+from test_upscaler_models import _forward, _image, _loads_like_spandrel, _randomised, _without, assert_refused, \
+    like_spandrels_call as _like_spandrels_call, close_to_spandrel as _close
 
 from underpaint.models.upscaler import detect_upscaler, upscale_image, upscaler_from_state_dict
 from underpaint.models.upscaler_atd import ARCH_ATD, ARCH_DRCT, ATD, DRCT, atd_plan, drct_plan
@@ -33,19 +34,6 @@ def _reference(name: str, **kwargs) -> torch.nn.Module:
     else:
         from spandrel.architectures.DRCT import DRCT as reference
     return reference(**kwargs)
-
-
-def _like_spandrels_call(descriptor, x: torch.Tensor) -> torch.Tensor:
-    """What spandrel's call gives before it clamps: ``x`` padded to the size requirement, the model, the crop."""
-    from spandrel.__helpers.size_req import pad_tensor
-
-    h, w = x.shape[-2:]
-    _, padded = pad_tensor(x, descriptor.size_requirements)
-    return _forward(descriptor.model.eval(), padded)[..., : h * descriptor.scale, : w * descriptor.scale]
-
-
-def _close(got: torch.Tensor, expected: torch.Tensor) -> None:
-    torch.testing.assert_close(got, expected, atol=4e-6 * float(expected.abs().max()), rtol=1e-5)
 
 
 # --------------------------------------------------------------------------------------------- ATD

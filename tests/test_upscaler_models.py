@@ -619,6 +619,20 @@ SWINIR_CASES = {
 }
 
 
+def like_spandrels_call(descriptor, x: torch.Tensor) -> torch.Tensor:
+    """What spandrel's call gives before it clamps: ``x`` padded to the size requirement, the model, the crop."""
+    from spandrel.__helpers.size_req import pad_tensor
+
+    h, w = x.shape[-2:]
+    _, padded = pad_tensor(x, descriptor.size_requirements)
+    return _forward(descriptor.model.eval(), padded)[..., : h * descriptor.scale, : w * descriptor.scale]
+
+
+def close_to_spandrel(got: torch.Tensor, expected: torch.Tensor, tolerance: float = 4e-6) -> None:
+    """Equal within float32 rounding, which scales with the outputs (far outside [0, 1] with random weights)."""
+    torch.testing.assert_close(got, expected, atol=tolerance * float(expected.abs().max()), rtol=1e-5)
+
+
 def _loads_like_spandrel(tmp_path, case, tensors, spandrel_loader, spandrel_id, arch, scale, size):
     """``tensors`` saved as .pth (under params_ema) and .safetensors: spandrel and our loader agree on the
     architecture and scale, and our network's output equals spandrel's within float32 rounding on a

@@ -1,5 +1,6 @@
 """Upscaling models people download for hires. fix and Extras: ESRGAN (RRDBNet), Real-ESRGAN Compact, SwinIR,
-HAT, DAT, SCUNet, SPAN, PLKSR, RCAN, MoSR, Swin2SR, ATD, DRCT, RGT, Real-CUGAN, OmniSR and SAFMN.
+HAT, DAT, SCUNet, SPAN, PLKSR, RCAN, MoSR, Swin2SR, ATD, DRCT, RGT, Real-CUGAN, OmniSR, SAFMN, CRAFT, SeemoRe,
+FDAT and MoESR.
 
 These are the files A1111 users keep in ``models/ESRGAN`` / ``models/RealESRGAN`` (ComfyUI:
 ``models/upscale_models``): "4x-UltraSharp", RealESRGAN_x4plus(_anime_6B), RealESRGAN_x2plus,
@@ -65,8 +66,11 @@ Architectures (written here as plain modules; the key layouts are those of the r
   4x, the "pro" models and the fast 2x network).
 - **OmniSR** and **SAFMN** (``upscaler_light.py``): light networks of omni-scale (window and grid) attention,
   and of feature modulation over several scales.
+- **CRAFT** and **SeemoRe** (``upscaler_craft.py``): CRAFT's rectangular-window attention beside its
+  high-frequency convolution blocks; SeemoRe's mixture of low-rank experts routed per picture.
+- **FDAT** and **MoESR** (``upscaler_fdat.py``).
 
-The last six are detected and planned in their own modules (:func:`_module_plans`).
+The last ten are detected and planned in their own modules (:func:`_module_plans`).
 
 Every module maps a float (N, 3, H, W) RGB tensor in [0, 1] to (N, 3, H*scale, W*scale), the
 convention these models were trained with (and spandrel's). :func:`upscale_image` runs one on a
@@ -108,7 +112,8 @@ ARCH_SWIN2SR = "Swin2SR"
 #: What the error for an unknown file says is supported.
 SUPPORTED_ARCHITECTURES = ("ESRGAN / Real-ESRGAN RRDBNet (old ESRGAN, Real-ESRGAN and BSRGAN key layouts), "
                            "Real-ESRGAN Compact (SRVGGNetCompact, PReLU), SwinIR, HAT, DAT, SCUNet, SPAN, "
-                           "PLKSR, RealPLKSR, RCAN, MoSR, Swin2SR, ATD, DRCT, RGT, Real-CUGAN, OmniSR and SAFMN")
+                           "PLKSR, RealPLKSR, RCAN, MoSR, Swin2SR, ATD, DRCT, RGT, Real-CUGAN, OmniSR, SAFMN, "
+                           "CRAFT, SeemoRe, FDAT and MoESR")
 
 #: Nestings of released .pth files: BasicSR saves the EMA weights (the ones to use) next to the raw ones.
 _NESTED_KEYS = ("params_ema", "params", "state_dict")
@@ -326,11 +331,14 @@ def _module_plans() -> tuple[Callable[[dict[str, torch.Tensor], str], "_Plan | N
     """The architectures whose detection and plan live in their own modules: each plan returns None for a
     state dict that is not of its architecture."""
     from .upscaler_atd import atd_plan, drct_plan
+    from .upscaler_craft import craft_plan, seemore_plan
     from .upscaler_cugan import cugan_plan
+    from .upscaler_fdat import fdat_plan, moesr_plan
     from .upscaler_light import omnisr_plan, safmn_plan
     from .upscaler_rgt import rgt_plan
 
-    return (atd_plan, drct_plan, cugan_plan, omnisr_plan, safmn_plan, rgt_plan)
+    return (atd_plan, drct_plan, cugan_plan, omnisr_plan, safmn_plan, rgt_plan, craft_plan, seemore_plan,
+            fdat_plan, moesr_plan)
 
 
 def _what_else(sd: Mapping[str, torch.Tensor]) -> str:
