@@ -77,7 +77,7 @@ from torch import nn
 from ..errors import ModelError
 from .upscaler_conv import ChannelLayerNorm
 from .upscaler_dat import WindowPairAttention
-from .upscaler_light import _entries, _in_a_row, _shuffle_scale
+from .upscaler_light import GatedFeedForward, _entries, _in_a_row, _shuffle_scale
 from .upscaler_swin import SWINIR_MEAN, Mlp, pad_edges, relative_position_index
 
 if TYPE_CHECKING:
@@ -184,21 +184,6 @@ class _FusionAttention(nn.Module):
         return self.project_out((weights @ v).reshape(b, c, h, w))
 
 
-class _FusionFeedForward(nn.Module):
-    """The fusion block's ``ffn``: a 1x1 conv to 2 x ``hidden``, a depthwise 3x3 conv, GELU of the first half times
-    the second, a 1x1 conv back (no biases)."""
-
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.project_in = nn.Conv2d(dim, 2 * hidden, 1, bias=False)
-        self.dwconv = nn.Conv2d(2 * hidden, 2 * hidden, 3, 1, 1, groups=2 * hidden, bias=False)
-        self.project_out = nn.Conv2d(hidden, dim, 1, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, value = self.dwconv(self.project_in(x)).chunk(2, dim=1)
-        return self.project_out(F.gelu(gate) * value)
-
-
 class _FusionBlock(nn.Module):
     """``hf_blocks.N``: the window-attention output plus the fusion attention of its norm and the high-frequency
     features; then norm and feed-forward, plus its input."""
@@ -208,7 +193,7 @@ class _FusionBlock(nn.Module):
         self.norm1 = _ChannelNorm(dim)
         self.attn = _FusionAttention(dim, heads)
         self.norm2 = _ChannelNorm(dim)
-        self.ffn = _FusionFeedForward(dim, int(dim * CRAFT_FFN_EXPANSION))
+        self.ffn = GatedFeedForward(dim, int(dim * CRAFT_FFN_EXPANSION))
 
     def forward(self, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
         x = low + self.attn(self.norm1(low), high)

@@ -165,15 +165,16 @@ class _WindowResidual(nn.Module):
         return _from_windows(t + self.fn(self.norm(t)), self.window, self.grid, x.shape)
 
 
-class _GatedFeedForward(nn.Module):
-    """Slots 4, 6, 10 and 12: a 1x1 conv to twice the width, a depthwise 3x3 conv, GELU of the first half
-    times the second, a 1x1 conv back (no biases)."""
+class GatedFeedForward(nn.Module):
+    """Slots 4, 6, 10 and 12 (``hidden`` the width; CRAFT's fusion feed-forward too): a 1x1 conv to twice
+    ``hidden``, a depthwise 3x3 conv, GELU of the first half times the second, a 1x1 conv back (no biases)."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, hidden: int | None = None):
         super().__init__()
-        self.project_in = nn.Conv2d(dim, 2 * dim, 1, bias=False)
-        self.dwconv = nn.Conv2d(2 * dim, 2 * dim, 3, 1, 1, groups=2 * dim, bias=False)
-        self.project_out = nn.Conv2d(dim, dim, 1, bias=False)
+        hidden = dim if hidden is None else hidden
+        self.project_in = nn.Conv2d(dim, 2 * hidden, 1, bias=False)
+        self.dwconv = nn.Conv2d(2 * hidden, 2 * hidden, 3, 1, 1, groups=2 * hidden, bias=False)
+        self.project_out = nn.Conv2d(hidden, dim, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, value = self.dwconv(self.project_in(x)).chunk(2, dim=1)
@@ -243,15 +244,15 @@ class _OSABlock(nn.Module):
             nn.Identity(),  # into windows of neighbours
             _WindowResidual(dim, window, pe, grid=False),
             nn.Identity(),  # back
-            _ConvResidual(dim, _GatedFeedForward(dim)),
+            _ConvResidual(dim, GatedFeedForward(dim)),
             _ConvResidual(dim, _ChannelAttention(dim, window, grid=False)),
-            _ConvResidual(dim, _GatedFeedForward(dim)),
+            _ConvResidual(dim, GatedFeedForward(dim)),
             nn.Identity(),  # into grid windows
             _WindowResidual(dim, window, pe, grid=True),
             nn.Identity(),  # back
-            _ConvResidual(dim, _GatedFeedForward(dim)),
+            _ConvResidual(dim, GatedFeedForward(dim)),
             _ConvResidual(dim, _ChannelAttention(dim, window, grid=True)),
-            _ConvResidual(dim, _GatedFeedForward(dim)),
+            _ConvResidual(dim, GatedFeedForward(dim)),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
